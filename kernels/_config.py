@@ -1,0 +1,23 @@
+"""Compilation settings shared by every Numba kernel, in one place.
+
+``MEMOA_FAST_CACHE=0`` turns Numba's on-disk cache off (it is on by default:
+import plus first call then costs milliseconds instead of seconds). For a
+read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder.
+"""
+import os
+
+CACHE = os.environ.get("MEMOA_FAST_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+# No blanket fastmath: 'nnan'/'ninf' would let LLVM delete the isfinite checks
+# that keep a bad signal out of the mean field. 'reassoc' is left out so each
+# kernel sums in the order the code says (bitwise reproducible, see CHUNK).
+FASTMATH = {"nsz", "arcp", "contract"}
+
+# Rows per reduction chunk. Every reduction sums each chunk serially, then the
+# chunk partials serially in chunk order, so results do not depend on how many
+# threads ran the chunks.
+CHUNK = 4096
+
+# Partial sums of different chunks sit in different 64-byte cache lines
+# (8 doubles), so two threads never write the same line (no false sharing).
+PAD = 8

@@ -1,0 +1,38 @@
+"""Backend selection: which kernel module runs a population or a server.
+
+Modules are imported on first use, so ``import memoa_fast`` pays neither
+Numba's import nor any JIT, and the Cython backend never touches Numba.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ._validation import check_backend, check_threads
+
+_MODULES = {"numba": "memoa_fast.kernels._numba", "cython": "memoa_fast.kernels._cython", "numpy": "memoa_fast.kernels._reference"}
+
+# Below this many agents one thread beats two: a parallel region costs about
+# 10 us of fork/join per call (measured in bench/, see bench/README.md).
+PARALLEL_THRESHOLD = 32_768
+
+
+def load(backend: str) -> ModuleType:
+    """Return the kernel module of ``backend`` ("numba", "cython" or "numpy")."""
+    backend = check_backend(backend)
+    try:
+        return importlib.import_module(_MODULES[backend])
+    except ImportError as exc:
+        if backend == "cython":
+            raise ImportError(
+                "backend='cython' needs the compiled extension memoa_fast.kernels._cython, which is missing: "
+                "install memoa-fast with `pip install .` from a checkout (a C compiler is needed), "
+                f"or use backend='numba'. ({exc})"
+            ) from exc
+        raise
+
+
+def resolve_threads(threads, n_agents: int, parallel_threshold: int = PARALLEL_THRESHOLD) -> tuple[int, int]:
+    """Return ``(threads_requested, threads_used)``; small populations run on one thread."""
+    requested = check_threads(threads)
+    return requested, (1 if n_agents < parallel_threshold else requested)

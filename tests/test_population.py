@@ -1,0 +1,233 @@
+"""Population: the policy's dynamics, cost accounting, bad signals, bad input."""
+import numba
+import numpy as np
+import pytest
+
+from memoa_fast import Game, Population
+
+from .conftest import available_backends
+
+BACKENDS = available_backends()
+GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+
+
+def naive_run(game, x0, signals):
+    """Textbook loop of MODEL.md sections 1-2 (per agent, per coordinate), for cross-checks."""
+    g, (n, d) = game.gains, x0.shape
+    x, J, disc = x0.copy(), np.zeros(n), 1.0
+    w = game.w
+    for s in signals:
+        ok = [bool(np.all(np.isfinite(s[i]))) for i in range(n)]
+        m = x.mean(axis=0)
+        sbar = np.mean([s[i] for i in range(n) if ok[i]], axis=0)
+        x_new = x.copy()
+        for i in range(n):
+            cost = 0.0
+            for j in range(d):
+                if ok[i]:
+                    if game.policy == "memoa":
+                        u = -g.k * (x[i, j] - (game.q * s[i, j] + game.kappa * sbar[j]) / w - g.c * (m[j] - sbar[j]))
+                    elif game.policy == "greedy":
+                        u = (game.q * s[i, j] + game.kappa * m[j] - w * x[i, j]) / (w + game.r)
+                    elif game.policy == "local":
+                        u = -g.k * (x[i, j] - s[i, j])
+                    else:
+                        u = -g.k * (x[i, j] - sbar[j])
+                    cost += game.q * (x[i, j] - s[i, j]) ** 2 + game.kappa * (x[i, j] - m[j]) ** 2 + game.r * u**2
+                    x_new[i, j] = x[i, j] + u
+                else:
+                    cost += game.kappa * (x[i, j] - m[j]) ** 2
+            J[i] += 0.5 * disc * cost
+        x, disc = x_new, disc * game.gamma
+    return x, J
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", ["memoa", "greedy", "local", "consensus"])
+def test_matches_textbook_loop(backend, policy, rng):
+    game = GAME.with_policy(policy)
+    n, d, T = 37, 3, 6
+    x0 = rng.normal(size=(n, d))
+    signals = rng.normal(size=(T, n, d))
+    signals[2, 5, 1] = np.nan
+    signals[4, 7, :] = np.inf
+    pop = Population(game, initial_states=x0, backend=backend)
+    pop.run(signals)
+    x_ref, J_ref = naive_run(game, x0, signals)
+    np.testing.assert_allclose(pop.states, x_ref, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(pop.costs, J_ref, rtol=1e-12, atol=1e-13)
+    assert pop.regret == pytest.approx(J_ref.max(), rel=1e-12)
+    assert pop.worst_agent == int(np.argmax(J_ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_field_relaxes_at_rho_for_any_n(backend, rng):
+    # Averaging the policy over agents: m(t+1) - sbar = (1 - k + k c)(m(t) - sbar) = rho (m(t) - sbar).
+    n, d = 501, 2
+    pop = Population(GAME, initial_states=rng.normal(3.0, 1.0, size=(n, d)), backend=backend)
+    s = rng.normal(size=(n, d))
+    sbar = s.mean(axis=0)
+    gap = pop.states.mean(axis=0) - sbar
+    for _ in range(8):
+        pop.step(s)
+        gap = GAME.gains.rho * gap
+        np.testing.assert_allclose(pop.states.mean(axis=0) - sbar, gap, rtol=1e-9, atol=1e-13)
+
+
+def test_kappa_zero_agents_track_their_own_signal(rng):
+    game = Game(q=1.0, kappa=0.0, r=0.5, gamma=0.95)
+    pop = Population(game, 100, 2)
+    s = rng.normal(size=(100, 2))
+    for _ in range(200):
+        pop.step(s)
+    np.testing.assert_allclose(pop.states, s, atol=1e-12)
+
+
+def test_common_signal_is_a_rest_point(rng):
+    s = np.full((50, 3), 0.7)
+    pop = Population(GAME, initial_states=s.copy())
+    pop.step(s)
+    np.testing.assert_allclose(pop.states, s, atol=1e-15)
+    assert pop.regret < 1e-28  # zero up to the rounding of the mean
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_signal_holds_the_agent_and_skips_the_mean(backend, rng):
+    n, d = 64, 2
+    x0 = rng.normal(size=(n, d))
+    s = rng.normal(size=(n, d))
+    s[3, 0], s[10, 1], s[20] = np.nan, np.inf, -np.inf
+    pop = Population(GAME, initial_states=x0, backend=backend)
+    pop.step(s)
+    bad = [3, 10, 20]
+    np.testing.assert_array_equal(pop.states[bad], x0[bad])
+    ok = np.isfinite(s).all(axis=1)
+    np.testing.assert_allclose(pop.mean_signal, s[ok].mean(axis=0), rtol=1e-13)
+    assert pop.n_finite_signals == n - 3
+    assert np.isfinite(pop.costs).all() and np.isfinite(pop.states).all()
+    m = x0.mean(axis=0)
+    np.testing.assert_allclose(pop.costs[bad], 0.5 * GAME.kappa * ((x0[bad] - m) ** 2).sum(axis=1), rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_signals_missing_nobody_moves(backend, rng):
+    x0 = rng.normal(size=(10, 2))
+    pop = Population(GAME, initial_states=x0, backend=backend)
+    pop.step(rng.normal(size=(10, 2)))
+    sbar_before, x_before = pop.mean_signal, pop.states.copy()
+    pop.step(np.full((10, 2), np.nan))
+    assert pop.n_finite_signals == 0
+    np.testing.assert_array_equal(pop.states, x_before)
+    np.testing.assert_array_equal(pop.mean_signal, sbar_before)
+
+
+def test_discounting_and_reset(rng):
+    pop = Population(GAME, 5, 1)
+    s = rng.normal(size=(5, 1))
+    pop.step(s)
+    assert pop.t == 1 and pop.discount == pytest.approx(GAME.gamma)
+    pop.reset()
+    assert pop.t == 0 and pop.discount == 1.0 and not pop.costs.any() and not pop.states.any()
+
+
+def test_states_view_is_read_only_and_live(rng):
+    pop = Population(GAME, 8, 2)
+    out = pop.step(rng.normal(size=(8, 2)))
+    assert out is pop.states
+    with pytest.raises(ValueError):
+        out[0, 0] = 1.0
+    before = out.copy()
+    pop.step(rng.normal(size=(8, 2)))
+    assert not np.array_equal(out, before)  # live: the next step updates it
+
+
+def test_one_dimensional_signals_are_accepted_for_d1(rng):
+    pop = Population(GAME, 6)
+    pop.step(rng.normal(size=6))
+    assert pop.states.shape == (6, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_reproducible_and_thread_count_invariant(threads, rng):
+    n, d = 50_000, 3
+    x0, signals = rng.normal(size=(n, d)), rng.normal(size=(3, n, d))
+    runs = []
+    for t in (threads, 1):
+        pop = Population(GAME, initial_states=x0, threads=t, parallel_threshold=1)
+        pop.run(signals)
+        runs.append((pop.states.copy(), pop.costs.copy(), pop.mean_state, pop.mean_signal))
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_numba_thread_count_is_restored():
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        pop = Population(GAME, 40_000, 1, threads=2, parallel_threshold=1)
+        pop.step(np.ones((40_000, 1)))
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_state_dict_round_trip(rng):
+    pop = Population(GAME, 20, 2)
+    signals = rng.normal(size=(6, 20, 2))
+    pop.run(signals[:3])
+    saved = pop.state_dict()
+    pop.run(signals[3:])
+    other = Population(GAME, 20, 2)
+    other.load_state_dict(saved)
+    other.run(signals[3:])
+    np.testing.assert_array_equal(other.states, pop.states)
+    np.testing.assert_array_equal(other.costs, pop.costs)
+    with pytest.raises(ValueError, match="game"):
+        Population(GAME.with_policy("greedy"), 20, 2).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(n_agents=0), ValueError, ["n_agents", "0", ">= 1"]),
+        (dict(n_agents=2.5), TypeError, ["n_agents", "2.5"]),
+        (dict(n_agents=3, dim=0), ValueError, ["dim", "0"]),
+        (dict(n_agents=3, backend="cuda"), ValueError, ["backend", "'cuda'", "numba"]),
+        (dict(n_agents=3, threads=0), ValueError, ["threads", "0"]),
+        (dict(n_agents=3, threads=10_000), ValueError, ["threads", "10000"]),
+        (dict(initial_states=np.zeros((2, 2, 2))), ValueError, ["initial_states", "ndim 3"]),
+        (dict(initial_states=[[1.0, np.nan]]), ValueError, ["initial_states", "finite"]),
+        (dict(n_agents=2, initial_states=np.zeros((3, 1))), ValueError, ["initial_states", "(2, 1)", "(3, 1)"]),
+        (dict(), TypeError, ["n_agents"]),
+    ],
+)
+def test_bad_construction_has_clear_errors(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        Population(GAME, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bad_game_type():
+    with pytest.raises(TypeError, match="game must be a memoa_fast.Game"):
+        Population({"q": 1}, 3)
+
+
+@pytest.mark.parametrize(
+    "signals, exc, words",
+    [
+        (np.zeros((4, 3)), ValueError, ["signals", "(5, 2)", "(4, 3)"]),
+        (np.zeros((5, 2, 1)), ValueError, ["signals", "ndim 3"]),
+        (np.array([["a", "b"]] * 5), TypeError, ["signals", "real numbers"]),
+        ([[object(), 1.0]] * 5, TypeError, ["signals"]),
+    ],
+)
+def test_bad_signals_have_clear_errors_and_leave_state_alone(signals, exc, words, rng):
+    pop = Population(GAME, initial_states=rng.normal(size=(5, 2)))
+    before = pop.state_dict()
+    with pytest.raises(exc) as info:
+        pop.step(signals)
+    for word in words:
+        assert word in str(info.value)
+    np.testing.assert_array_equal(pop.states, before["states"])
+    assert pop.t == 0

@@ -1,0 +1,118 @@
+"""Server mixture: closed forms for hedge, a plain-weights oracle for eg, underflow safety."""
+import numpy as np
+import pytest
+
+from memoa_fast import Server
+
+from .conftest import available_backends
+
+BACKENDS = available_backends()
+
+
+def plain_weights_run(rule, eta, alpha, states, targets):
+    """MODEL.md section 5 with plain (not log) weights: fine at small N, the oracle."""
+    n = states.shape[1]
+    p = np.full(n, 1.0 / n)
+    preds = []
+    for x, y in zip(states, targets):
+        yhat = p @ x
+        preds.append(yhat)
+        g = 2 * x @ (yhat - y) if rule == "eg" else ((x - y) ** 2).sum(axis=1)
+        p = p * np.exp(-eta * g)
+        p /= p.sum()
+        p = (1 - alpha) * p + alpha / n
+    return p, np.array(preds)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["eg", "hedge"])
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 1.0])
+def test_matches_plain_weight_oracle(backend, rule, alpha, rng):
+    T, n, d = 30, 25, 2
+    states = rng.normal(size=(T, n, d))
+    targets = rng.normal(size=(T, d))
+    srv = Server(n, d, rule=rule, eta=0.3, alpha=alpha, backend=backend)
+    preds = []
+    for x, y in zip(states, targets):
+        preds.append(srv.predict(x).copy())
+        srv.update(x, y)
+    p_ref, preds_ref = plain_weights_run(rule, 0.3, alpha, states, targets)
+    np.testing.assert_allclose(srv.weights, p_ref, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(np.array(preds), preds_ref, rtol=1e-11, atol=1e-14)
+    assert srv.n_updates == T
+
+
+def test_hedge_closed_form(rng):
+    # Without fixed share, hedge's weights are the softmax of -eta * cumulative loss.
+    n, T, eta = 40, 12, 0.7
+    states, targets = rng.normal(size=(T, n, 1)), rng.normal(size=(T, 1))
+    srv = Server(n, 1, rule="hedge", eta=eta)
+    for x, y in zip(states, targets):
+        srv.update(x, y)
+    cum = ((states - targets[:, None, :]) ** 2).sum(axis=(0, 2))
+    z = -eta * cum
+    np.testing.assert_allclose(srv.weights, np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_weights_do_not_underflow_at_huge_losses(backend):
+    # Plain weights would all be exp(-1e4) = 0 here; the log domain keeps a proper law.
+    n = 1000
+    x = np.linspace(0.0, 100.0, n)[:, None]
+    srv = Server(n, 1, rule="hedge", eta=1.0, backend=backend)
+    srv.update(x, np.array([150.0]))
+    p = srv.weights
+    assert np.isfinite(srv.log_weights).all()
+    assert p.sum() == pytest.approx(1.0, abs=1e-12)
+    assert int(np.argmax(p)) == n - 1
+    assert srv.predict(x)[0] == pytest.approx(100.0, rel=1e-6)
+
+
+def test_fixed_share_keeps_every_client_alive():
+    n, alpha = 100, 0.01
+    x = np.arange(n, dtype=float)[:, None]
+    srv = Server(n, 1, rule="hedge", eta=10.0, alpha=alpha)
+    for _ in range(20):
+        srv.update(x, np.array([0.0]))
+    assert srv.weights.min() >= alpha / n * (1 - 1e-12)
+
+
+def test_state_dict_round_trip(rng):
+    srv = Server(10, 1, rule="eg", eta=0.5, alpha=0.01)
+    x = rng.normal(size=(10, 1))
+    srv.update(x, [0.3])
+    other = Server(10, 1, rule="eg", eta=0.5, alpha=0.01)
+    other.load_state_dict(srv.state_dict())
+    np.testing.assert_array_equal(other.log_weights, srv.log_weights)
+    with pytest.raises(ValueError, match="rule"):
+        Server(10, 1, rule="hedge", eta=0.5, alpha=0.01).load_state_dict(srv.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(n_agents=0), ValueError, ["n_agents", "0"]),
+        (dict(n_agents=3, rule="adam"), ValueError, ["rule", "'adam'", "'eg'", "'hedge'"]),
+        (dict(n_agents=3, eta=-1.0), ValueError, ["eta", "-1.0"]),
+        (dict(n_agents=3, alpha=1.5), ValueError, ["alpha", "1.5", "[0, 1]"]),
+        (dict(n_agents=3, alpha="x"), TypeError, ["alpha", "'x'"]),
+    ],
+)
+def test_bad_construction(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        Server(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bad_update_input_leaves_weights_alone(rng):
+    srv = Server(4, 2)
+    x = rng.normal(size=(4, 2))
+    before = srv.log_weights.copy()
+    with pytest.raises(ValueError, match="target must be finite"):
+        srv.update(x, [np.nan, 0.0])
+    with pytest.raises(ValueError, match=r"target must have shape \(2,\)"):
+        srv.update(x, [0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="states must be finite"):
+        srv.update(np.full((4, 2), np.inf), [0.0, 0.0])
+    np.testing.assert_array_equal(srv.log_weights, before)
