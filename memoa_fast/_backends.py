@@ -17,12 +17,22 @@ _MODULES = {"numba": "memoa_fast.kernels._numba", "cython": "memoa_fast.kernels.
 PARALLEL_THRESHOLD = 32_768
 
 
+SOURCE_TREE_HINT = (
+    "memoa_fast.kernels is missing: this memoa_fast was imported from a source checkout, where the "
+    "kernels live in the top-level kernels/ folder and only become memoa_fast.kernels once installed. "
+    "Install with `python3 -m pip install .` and run outside the checkout, or with `python3 -P` "
+    "(which keeps the current folder off sys.path)."
+)
+
+
 def load(backend: str) -> ModuleType:
     """Return the kernel module of ``backend`` ("numba", "cython" or "numpy")."""
     backend = check_backend(backend)
     try:
         return importlib.import_module(_MODULES[backend])
     except ImportError as exc:
+        if getattr(exc, "name", None) == "memoa_fast.kernels":
+            raise ImportError(SOURCE_TREE_HINT) from exc
         if backend == "cython":
             raise ImportError(
                 "backend='cython' needs the compiled extension memoa_fast.kernels._cython, which is missing: "

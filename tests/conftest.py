@@ -4,7 +4,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+import memoa_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+if Path(memoa_fast.__file__).resolve().parents[1] == ROOT:
+    pytest.exit(
+        "memoa_fast was imported from the source tree, not the installed package; "
+        "install it (python3 -m pip install '.[test]') and run `python3 -P -m pytest` from the repository root.",
+        returncode=4,
+    )
 DATASETS = SHARED / "datasets"
 
 

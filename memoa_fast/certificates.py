@@ -1,0 +1,869 @@
+"""Certificates of the MEMOA policy against the exact finite-N game.
+
+``MODEL.md`` section 3. Two independent checks that the decentralized
+mean-field policy is (almost) a Nash equilibrium of the N-agent game:
+
+* :func:`epsilon_nash` -- for any N, the exact gain an agent could obtain by
+  deviating alone while every other agent keeps the policy (the epsilon of an
+  epsilon-Nash equilibrium);
+* :func:`nash_equilibrium` -- for small N (<= 50), the exact N-player feedback
+  Nash equilibrium, the "centralized" object whose direct computation does not
+  scale (O(N^4) per iteration).
+
+:func:`policy_costs` and :func:`policy_gain_matrix` give the costs and the gains
+of a :class:`~memoa_fast.game.Game`'s policy in the same finite-N setting, so
+that the two can be compared.
+
+Setting (all functions). Signals are constant (deterministic), ``s_i`` in R^d;
+``x_i(0)`` are given. Every agent's control is
+``u_i = -g (x_i - alpha s_i - beta sbar - mu m)`` with ``(g, alpha, beta, mu)``
+the game's :class:`~memoa_fast.game.PolicyCoefficients` and ``m`` the *true*
+finite-N mean of the states (it contains ``x_i`` with weight 1/N). Agent i's
+cost is ``J_i = sum_{t>=0} gamma^t l_i(t)`` with
+
+.. math::
+
+    l_i = \\tfrac12\\left(q (x_i - s_i)^2 + \\kappa (x_i - m)^2 + r u_i^2\\right),
+
+summed over the d coordinates, which decouple (scalar weights). Everything
+below is per coordinate.
+
+Only NumPy/SciPy; the problems are tiny (3x3 per agent for the certificate,
+(N+1)x(N+1) per player for the equilibrium).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validation import check_int, check_real
+from .game import Game
+
+__all__ = [
+    "EpsilonNashResult",
+    "NashEquilibrium",
+    "epsilon_nash",
+    "nash_equilibrium",
+    "policy_costs",
+    "policy_gain_matrix",
+]
+
+#: Largest population :func:`nash_equilibrium` accepts (cost O(N^4) per iteration).
+NASH_MAX_AGENTS = 50
+#: Default number of agents :func:`epsilon_nash` certifies (the worst under the policy).
+DEFAULT_WORST_AGENTS = 8
+#: Longest horizon chosen automatically (gamma = 1).
+MAX_AUTO_HORIZON = 1_000_000
+_EPS = np.finfo(np.float64).eps
+_CHUNK = 32768  # batch size of the 3x3 problems (bounds the memory of the 9x9 solves)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class EpsilonNashResult:
+    """Exact unilateral-deviation gains of agents under a policy.
+
+    Attributes
+    ----------
+    agents : ndarray of int, shape (k,)
+        The certified agents (indices into the population).
+    cost_policy : ndarray, shape (k,)
+        ``J_i`` when agent i follows the policy like everybody else.
+    cost_best_response : ndarray, shape (k,)
+        ``J_i`` under agent i's exact best response to the others' policy.
+    epsilon : ndarray, shape (k,)
+        ``cost_policy - cost_best_response >= 0`` (computed without
+        cancellation, see :func:`epsilon_nash`).
+    relative_epsilon : ndarray, shape (k,)
+        ``epsilon / cost_policy`` (0 where ``cost_policy`` is zero up to
+        rounding, below 1e-12 times the size of its terms; ``epsilon`` is then
+        zero too since ``0 <= epsilon <= cost_policy``).
+    max_relative : float
+        ``relative_epsilon.max()``.
+    n_agents : int
+        Population size N.
+    horizon : int or None
+        Horizon T of the costs, ``None`` for the exact infinite discounted sum.
+    """
+
+    agents: np.ndarray
+    cost_policy: np.ndarray
+    cost_best_response: np.ndarray
+    epsilon: np.ndarray
+    relative_epsilon: np.ndarray
+    max_relative: float
+    n_agents: int
+    horizon: int | None
+
+    @property
+    def max_epsilon(self) -> float:
+        """Largest absolute gain of a deviation, ``epsilon.max()``."""
+        return float(self.epsilon.max())
+
+
+@dataclass(frozen=True)
+class NashEquilibrium:
+    """Exact stationary feedback Nash equilibrium of the N-agent game.
+
+    Per coordinate c the joint state is ``z = (x_1(c), ..., x_N(c), 1)`` and
+    player i plays ``u_i = -gains[c, i] @ z``.
+
+    Attributes
+    ----------
+    gains : ndarray, shape (d, N, N + 1)
+        Feedback gains; ``gains[c, i, :N]`` acts on the states (identical for
+        every coordinate: signals only enter the affine column
+        ``gains[c, i, N]``).
+    values : ndarray, shape (d, N, N + 1, N + 1)
+        Player i's value matrix: its cost from ``z`` is ``z' values[c, i] z / 2``.
+    own_gain : ndarray, shape (N,)
+        ``gains[0, i, i]``, the weight of a player's own state (the mean-field
+        policy has ``k (1 - c / N)`` here).
+    signals : ndarray, shape (N, d)
+    iterations : int
+        Best-response rounds until the fixed point.
+    residual : float
+        Last change of the gains, ``max |K^{n+1} - K^n|``.
+    q, kappa, r, gamma : float
+        The game's weights.
+    """
+
+    gains: np.ndarray
+    values: np.ndarray
+    own_gain: np.ndarray
+    signals: np.ndarray
+    iterations: int
+    residual: float
+    q: float
+    kappa: float
+    r: float
+    gamma: float
+    n_agents: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "n_agents", int(self.signals.shape[0]))
+
+    @property
+    def cross_gain(self) -> np.ndarray:
+        """Mean weight of the other players' states, ``mean_{j != i} gains[0, i, j]``, shape (N,)."""
+        n = self.n_agents
+        kx = self.gains[0, :, :n]
+        return (kx.sum(axis=1) - np.diagonal(kx)) / (n - 1)
+
+    def costs(self, initial_states) -> np.ndarray:
+        """Stationary discounted costs ``J_i = sum_c z_c' P_i z_c / 2`` from ``initial_states``.
+
+        Parameters
+        ----------
+        initial_states : array_like, shape (N, d) (or (N,) when d = 1)
+
+        Returns
+        -------
+        ndarray, shape (N,)
+        """
+        n, d = self.signals.shape
+        x0 = _as_states("initial_states", initial_states, n, d)
+        z0 = np.concatenate([x0.T, np.ones((d, 1))], axis=1)  # (d, n+1)
+        return 0.5 * np.einsum("ck,cikl,cl->i", z0, self.values, z0)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_game(game) -> Game:
+    if not isinstance(game, Game):
+        raise TypeError(f"game must be a memoa_fast.game.Game, got {type(game).__name__}")
+    return game
+
+
+def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
+    """Signals as a float (N, d) array; (N,) means d = 1."""
+    try:
+        s = np.array(signals, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        kind = getattr(signals, "dtype", type(signals).__name__)
+        raise TypeError(f"signals must be an array of real numbers, got {kind}: {exc}") from None
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.ndim != 2 or s.shape[1] < 1:
+        raise ValueError(f"signals must have shape (N, d) or (N,), got shape {np.shape(signals)}")
+    if n_agents is not None and s.shape[0] != n_agents:
+        raise ValueError(f"signals must have shape ({n_agents}, d) (one row per agent, n_agents={n_agents}), got shape {s.shape}")
+    if not np.isfinite(s).all():
+        bad = tuple(int(b) for b in np.argwhere(~np.isfinite(s))[0])
+        raise ValueError(f"signals must be finite; first non-finite entry at index {bad}: {s[bad]!r}")
+    return np.ascontiguousarray(s)
+
+
+def _as_states(name: str, value, n: int, d: int) -> np.ndarray:
+    try:
+        x = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        kind = getattr(value, "dtype", type(value).__name__)
+        raise TypeError(f"{name} must be an array of real numbers, got {kind}: {exc}") from None
+    if x.shape == (n,) and d == 1:
+        x = x[:, None]
+    if x.shape != (n, d):
+        raise ValueError(f"{name} must have shape ({n}, {d}) like signals, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = tuple(int(b) for b in np.argwhere(~np.isfinite(x))[0])
+        raise ValueError(f"{name} must be finite; first non-finite entry at index {bad}: {x[bad]!r}")
+    return np.ascontiguousarray(x)
+
+
+def _check_tol(tol) -> float:
+    return check_real("tol", tol, low=0.0, high=1e-3, low_open=True)
+
+
+def _check_agents(agents, n: int):
+    if agents is None or (isinstance(agents, str) and agents == "all"):
+        return agents
+    if isinstance(agents, str):
+        raise ValueError(f"agents must be None, 'all' or a sequence of indices in [0, {n - 1}], got {agents!r}")
+    arr = np.asarray(agents)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"agents must be a non-empty 1-d sequence of indices in [0, {n - 1}], got shape {arr.shape}")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"agents must hold integers in [0, {n - 1}], got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= n:
+        bad = int(arr[(arr < 0) | (arr >= n)][0])
+        raise ValueError(f"agents must hold indices in [0, {n - 1}] (n_agents={n}), got {bad}")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"agents must not repeat an index, got {arr.tolist()}")
+    return arr.astype(np.intp)
+
+
+def _check_horizon(horizon):
+    if horizon is None:
+        return None
+    return check_int("horizon", horizon, low=1)
+
+
+# --------------------------------------------------------------------------- horizon
+
+
+def _closed_loop_radius(g: float, mu: float) -> float:
+    """Spectral radius of the population under the policy: eigenvalues 1-g and 1-g(1-mu)."""
+    return max(abs(1.0 - g), abs(1.0 - g * (1.0 - mu)))
+
+
+def _auto_horizon(game: Game, tol: float) -> int:
+    """Horizon for gamma = 1: the policy's transient ``radius^T`` has fallen below ``tol``."""
+    co = game.coefficients
+    lam = _closed_loop_radius(co.gain, co.state_mean)
+    if lam >= 1.0:
+        raise ValueError(f"the {game.policy!r} policy does not converge (closed-loop radius {lam:g} >= 1); pass a finite horizon")
+    if lam == 0.0:
+        return 2
+    t = int(math.ceil(math.log(tol) / math.log(lam))) + 1
+    if t > MAX_AUTO_HORIZON:
+        raise ValueError(f"gamma = 1 needs a horizon of {t} steps for the transient to fall below tol={tol:g} (more than {MAX_AUTO_HORIZON}); pass horizon explicitly")
+    return max(t, 2)
+
+
+def _resolve_horizon(game: Game, horizon, tol: float):
+    horizon = _check_horizon(horizon)
+    if horizon is None and game.gamma >= 1.0:
+        return _auto_horizon(game, tol)
+    return horizon
+
+
+# --------------------------------------------------------------------------- policy costs
+
+
+def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13) -> np.ndarray:
+    """Exact costs of every agent when all follow ``game``'s policy (finite N).
+
+    With all agents on ``u_j = -g(x_j - alpha s_j - beta sbar - mu m)`` the
+    mean obeys ``m(t+1) - sbar = (1 - g(1 - mu)) (m(t) - sbar)`` and agent i's
+    deviation from its rest point ``x_i^inf = alpha s_i + (beta + mu) sbar``
+    obeys, with ``y = (x_i - x_i^inf, m - sbar)``,
+
+    .. math::
+
+        y(t+1) = A y(t), \\qquad A = \\begin{pmatrix} 1-g & g\\mu \\\\ 0 & 1 - g(1-\\mu)\\end{pmatrix},
+
+    the same A for every agent. The stage cost is
+    ``y'Q y / 2 + c_i' y + e_i / 2`` with
+    ``Q = q e_1 e_1' + kappa (1,-1)(1,-1)' + r g^2 (1,-mu)(1,-mu)'``,
+    ``c_i = q delta_i e_1 + kappa eps_i (1,-1)``, ``e_i = q delta_i^2 + kappa eps_i^2``,
+    ``delta_i = x_i^inf - s_i``, ``eps_i = x_i^inf - sbar``. Hence, exactly,
+
+    .. math::
+
+        J_i = \\tfrac12 y_0'(L - \\gamma^T A^{T\\prime} L A^T) y_0
+              + c_i'(I - (\\gamma A)^T)(I - \\gamma A)^{-1} y_0
+              + \\tfrac12 e_i \\sum_{t<T}\\gamma^t,
+        \\qquad L = Q + \\gamma A' L A,
+
+    with ``T = infinity`` (``gamma < 1``, ``horizon=None``) dropping the
+    ``gamma^T`` terms. O(N d).
+
+    Parameters
+    ----------
+    game : Game
+        Weights and policy (``"memoa"`` gives the mean-field policy's costs).
+    signals : array_like, shape (N, d) or (N,)
+        Constant signals.
+    initial_states : array_like, same shape as ``signals``
+        ``x_i(0)``.
+    horizon : int, optional
+        Finite horizon T (sum over t = 0..T-1). Default: infinite for
+        ``gamma < 1``; for ``gamma = 1`` (the infinite sum diverges as soon as
+        the rest point has a positive cost) the T at which the closed loop's
+        transient ``radius^T`` falls below ``tol``.
+    tol : float, default 1e-13
+        Only used to choose T when ``gamma = 1``.
+
+    Returns
+    -------
+    ndarray, shape (N,)
+        ``J_i`` summed over the d coordinates.
+    """
+    game = _check_game(game)
+    s = _as_signals(signals)
+    n, d = s.shape
+    x0 = _as_states("initial_states", initial_states, n, d)
+    tol = _check_tol(tol)
+    horizon = _resolve_horizon(game, horizon, tol)
+    co = game.coefficients
+    g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
+    q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
+
+    A = np.array([[1.0 - g, g * mu], [0.0, 1.0 - g * (1.0 - mu)]])
+    v = np.array([1.0, -mu])
+    Q = q * np.diag([1.0, 0.0]) + kappa * np.array([[1.0, -1.0], [-1.0, 1.0]]) + r * g * g * np.outer(v, v)
+    L = _lyapunov_dense(A, Q, gamma)
+    W = np.linalg.inv(np.eye(2) - gamma * A)  # sum_t (gamma A)^t
+    if horizon is None:
+        LT, WT, ST = L, W, 1.0 / (1.0 - gamma)
+    else:
+        AT = np.linalg.matrix_power(A, horizon)
+        gT = gamma**horizon
+        LT = L - gT * AT.T @ L @ AT
+        WT = (np.eye(2) - gT * AT) @ W
+        ST = float(horizon) if gamma == 1.0 else (1.0 - gT) / (1.0 - gamma)
+
+    sbar = s.mean(axis=0)  # (d,)
+    m0 = x0.mean(axis=0)
+    xinf = al * s + (be + mu) * sbar
+    delta = xinf - s
+    eps = xinf - sbar
+    y1 = x0 - xinf
+    y2 = np.broadcast_to(m0 - sbar, y1.shape)
+    quad = LT[0, 0] * y1 * y1 + 2.0 * LT[0, 1] * y1 * y2 + LT[1, 1] * y2 * y2
+    # c' WT y0 with c = (q delta + kappa eps, -kappa eps)
+    c1 = q * delta + kappa * eps
+    c2 = -kappa * eps
+    lin = c1 * (WT[0, 0] * y1 + WT[0, 1] * y2) + c2 * (WT[1, 0] * y1 + WT[1, 1] * y2)
+    const = q * delta * delta + kappa * eps * eps
+    return (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
+
+
+def _lyapunov_dense(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
+    """Solve ``P = C + gamma A' P A`` (small dense A) through its Kronecker form."""
+    n = A.shape[0]
+    M = np.eye(n * n) - gamma * np.kron(A.T, A.T)
+    P = np.linalg.solve(M, C.reshape(-1)).reshape(n, n)
+    return 0.5 * (P + P.T)
+
+
+def policy_gain_matrix(game, signals) -> np.ndarray:
+    """The policy's gains in the joint-state form of :class:`NashEquilibrium`.
+
+    ``u_i = -g(x_i - alpha s_i - beta sbar - mu m)`` with ``m = mean_j x_j`` is
+    ``u_i = -K_i z``, ``z = (x_1, ..., x_N, 1)``, with
+
+    .. math::
+
+        K_{ij} = g(\\delta_{ij} - \\mu / N), \\qquad K_{i,N+1} = -g(\\alpha s_i + \\beta \\bar s).
+
+    Parameters
+    ----------
+    game : Game
+    signals : array_like, shape (N, d) or (N,)
+
+    Returns
+    -------
+    ndarray, shape (d, N, N + 1)
+    """
+    game = _check_game(game)
+    s = _as_signals(signals)
+    co = game.coefficients
+    return _gain_matrix(co.gain, co.signal, co.signal_mean, co.state_mean, s)
+
+
+def _gain_matrix(g, al, be, mu, s):
+    n, d = s.shape
+    K = np.empty((d, n, n + 1))
+    K[:, :, :n] = g * (np.eye(n) - mu / n)
+    K[:, :, n] = -g * (al * s + be * s.mean(axis=0)).T
+    return K
+
+
+# --------------------------------------------------------------------------- epsilon-Nash
+
+
+def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=None, tol: float = 1e-13, max_iter: int = 100) -> EpsilonNashResult:
+    """Exact gain of a unilateral deviation from ``game``'s policy (epsilon-Nash certificate).
+
+    All agents but i follow the policy ``u_j = -g(x_j - alpha s_j - beta sbar - mu m)``
+    with ``m`` the true mean. Per coordinate, agent i faces a linear-quadratic
+    problem in ``z = (x_i, M, 1)``, ``M`` the mean of the others
+    (``m = (x_i + (N-1) M) / N``):
+
+    .. math::
+
+        z(t+1) = A z(t) + B u_i(t),\\qquad
+        A = \\begin{pmatrix} 1 & 0 & 0 \\\\
+                             g\\mu/N & 1 - g + g\\mu(N-1)/N & g(\\alpha S_{-i} + \\beta\\bar s) \\\\
+                             0 & 0 & 1\\end{pmatrix},\\qquad B = e_1,
+
+    ``S_{-i}`` the mean of the others' signals, and stage cost
+    ``(z'Qz + r u^2)/2``, ``Q = q h h' + kappa f f'``, ``h = (1, 0, -s_i)``,
+    ``f = ((N-1)/N)(1, -1, 0)`` (because ``x_i - m = (N-1)(x_i - M)/N``). The
+    policy itself is ``u_i = F z``, ``F = -g(1 - mu/N, -mu(N-1)/N, -(alpha s_i + beta sbar))``.
+
+    *Infinite horizon* (``gamma < 1``, ``horizon=None``): the best response
+    solves the discounted Riccati equation
+
+    .. math::
+
+        P = Q + \\gamma A'PA - \\gamma^2 A'PB\\,(r + \\gamma B'PB)^{-1} B'PA,
+
+    by policy iteration (Hewer) started at the policy's own gain ``F``, each
+    step an exact discounted Lyapunov solve (Kronecker form, 9x9); it
+    converges quadratically and is the ``T -> infinity`` limit of the backward
+    recursion of ``MODEL.md``. ``J_i(BR) = z_0'Pz_0/2`` (the affine term is the
+    constant coordinate of z, so ``P`` holds the linear and constant parts),
+    ``J_i(policy) = z_0'L_F z_0/2`` with ``L_F = Q + rF'F + gamma A_F'L_F A_F``,
+    ``A_F = A + BF``. The gap is computed without cancellation from the
+    performance-difference identity
+
+    .. math::
+
+        \\epsilon_i = J_i(\\text{policy}) - J_i(\\text{BR})
+        = \\sum_t \\gamma^t \\tfrac12 (r + \\gamma B'PB)\\,((F - G) z(t))^2
+        = \\tfrac12 z_0' E z_0,\\quad E = (r + \\gamma B'PB)(F-G)'(F-G) + \\gamma A_F' E A_F,
+
+    ``G = -gamma B'PA/(r + gamma B'PB)`` the optimal gain and ``z(t)`` the
+    policy's trajectory: it is >= 0 by construction and accurate even when
+    ``epsilon / J`` is 1e-12. It is checked against
+    ``J_i(policy) - J_i(BR)`` (a mismatch beyond rounding raises).
+
+    *Finite horizon* T (``horizon`` given, or ``gamma = 1``): the backward
+    recursion ``P_T = 0``, ``P_t = Q + gamma A'P_{t+1}A - H_t G_t'G_t``,
+    ``H_t = r + gamma B'P_{t+1}B``, ``G_t = -gamma B'P_{t+1}A / H_t``; the costs
+    are sums over ``t = 0..T-1``, the policy's by simulation, and
+    ``epsilon = sum_{t<T} gamma^t H_t ((F - G_t) z(t))^2 / 2``. With
+    ``gamma = 1`` and no horizon, T is where the policy's closed-loop transient
+    ``radius^T`` falls below ``tol`` (the rest point has a positive cost, so the
+    infinite sums diverge; the deviation gain then also grows about linearly in
+    T, by the O(1/N^2) per-step gain of a better rest point).
+
+    The d coordinates decouple and are summed.
+
+    Parameters
+    ----------
+    game : Game
+        Weights and policy (the certificate is meant for ``"memoa"``, but any
+        policy of :class:`Game` works: it only uses ``game.coefficients``).
+    n_agents : int
+        Population size N >= 2.
+    signals : array_like, shape (N, d) or (N,)
+        Constant signals ``s_i``.
+    initial_states : array_like, same shape as ``signals``
+        ``x_i(0)``.
+    agents : None, 'all' or sequence of int, optional
+        Agents to certify. ``None`` (default): the ``min(8, N)`` agents with the
+        largest cost under the policy (the under-performers, ranked by
+        :func:`policy_costs`); ``'all'``: every agent (O(N d), fine up to
+        N ~ 10^6).
+    horizon : int, optional
+        Finite horizon T; default infinite (``gamma < 1``) or automatic
+        (``gamma = 1``, see above).
+    tol : float, default 1e-13
+        Relative tolerance of the policy iteration on the gains (and of the
+        transient when choosing T for ``gamma = 1``), in (0, 1e-3].
+    max_iter : int, default 100
+        Policy-iteration steps before giving up (``ValueError``).
+
+    Returns
+    -------
+    EpsilonNashResult
+
+    Raises
+    ------
+    ValueError
+        On bad inputs, on non-convergence, or if the identity
+        ``epsilon = J(policy) - J(BR)`` fails beyond rounding.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from memoa_fast.game import Game
+    >>> rng = np.random.default_rng(0)
+    >>> res = epsilon_nash(Game(1.0, 2.0, 0.5, 0.95), 100, rng.normal(size=(100, 1)), rng.normal(size=(100, 1)))
+    >>> bool(res.max_relative < 1e-3)
+    True
+    """
+    game = _check_game(game)
+    n = check_int("n_agents", n_agents, low=2)
+    s = _as_signals(signals, n)
+    d = s.shape[1]
+    x0 = _as_states("initial_states", initial_states, n, d)
+    agents = _check_agents(agents, n)
+    tol = _check_tol(tol)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    horizon = _resolve_horizon(game, horizon, tol)
+
+    if agents is None:
+        costs = policy_costs(game, s, x0, horizon=horizon, tol=tol)
+        k = min(DEFAULT_WORST_AGENTS, n)
+        agents = np.sort(np.argsort(-costs, kind="stable")[:k]).astype(np.intp)
+    elif isinstance(agents, str):
+        agents = np.arange(n, dtype=np.intp)
+
+    A, F, Q, z0 = _deviation_problem(game, s, x0, agents)
+    if horizon is None:
+        out = _stationary_deviation(A, F, Q, z0, game.r, game.gamma, tol, max_iter)
+    else:
+        out = _finite_deviation(A, F, Q, z0, game.r, game.gamma, horizon)
+    k = agents.size
+    # mag: size of the terms the costs are sums of (|z|'|P||z|/2), the scale of their rounding.
+    cp, cb, ep, mag, mag_e = (v.reshape(k, d).sum(axis=1) for v in out)
+
+    # epsilon is a PSD quadratic form: only rounding can make it negative.
+    floor = 1e3 * _EPS * mag_e
+    if (ep < -floor).any():
+        i = int(np.argmin(ep + floor))
+        raise ValueError(f"negative deviation gain {ep[i]!r} for agent {int(agents[i])} (cost {cp[i]!r}): the certificate failed")
+    ep = np.maximum(ep, 0.0)
+    # Cross-check against the plain difference (which has cancellation of size eps*J).
+    scale = np.maximum(np.maximum(cp, np.abs(cb)), mag)
+    mismatch = np.abs((cp - cb) - ep)
+    allowed = 1e-9 * scale + 1e-300
+    if (mismatch > allowed).any():
+        i = int(np.argmax(mismatch / allowed))
+        raise ValueError(
+            f"inconsistent certificate for agent {int(agents[i])}: J(policy) - J(BR) = {cp[i] - cb[i]!r} but "
+            f"the advantage sum gives {ep[i]!r} (relative mismatch {mismatch[i] / scale[i]:.3g})"
+        )
+    # A cost at the rounding level of its own terms is zero (then so is epsilon).
+    rel = np.divide(ep, cp, out=np.zeros_like(ep), where=cp > 1e-12 * mag)
+    for arr in (agents, cp, cb, ep, rel):
+        arr.setflags(write=False)
+    return EpsilonNashResult(
+        agents=agents,
+        cost_policy=cp,
+        cost_best_response=cb,
+        epsilon=ep,
+        relative_epsilon=rel,
+        max_relative=float(rel.max()),
+        n_agents=n,
+        horizon=horizon,
+    )
+
+
+def _deviation_problem(game: Game, s: np.ndarray, x0: np.ndarray, agents: np.ndarray):
+    """Batched (agent, coordinate) 3x3 problems: A (b,3,3), F (b,3), Q (b,3,3), z0 (b,3)."""
+    n, d = s.shape
+    co = game.coefficients
+    g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
+    q, kappa = game.q, game.kappa
+    sbar = s.mean(axis=0)
+    si = s[agents].reshape(-1)  # (k*d,), agent-major
+    xi = x0[agents].reshape(-1)
+    sb = np.tile(sbar, agents.size)
+    s_others = (n * sb - si) / (n - 1)
+    m0 = np.tile(x0.mean(axis=0), agents.size)
+    M0 = (n * m0 - xi) / (n - 1)
+    b = si.size
+    nf = (n - 1) / n
+
+    A = np.zeros((b, 3, 3))
+    A[:, 0, 0] = 1.0
+    A[:, 1, 0] = g * mu / n
+    A[:, 1, 1] = 1.0 - g + g * mu * nf
+    A[:, 1, 2] = g * (al * s_others + be * sb)
+    A[:, 2, 2] = 1.0
+    F = np.empty((b, 3))
+    F[:, 0] = -g * (1.0 - mu / n)
+    F[:, 1] = g * mu * nf
+    F[:, 2] = g * (al * si + be * sb)
+    h = np.stack([np.ones(b), np.zeros(b), -si], axis=1)
+    f = np.array([nf, -nf, 0.0])
+    Q = q * h[:, :, None] * h[:, None, :] + kappa * np.outer(f, f)
+    z0 = np.stack([xi, M0, np.ones(b)], axis=1)
+    return A, F, Q, z0
+
+
+def _lyap3(Acl: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
+    """Batched ``P = C + gamma Acl' P Acl`` for 3x3 blocks, exact via the 9x9 Kronecker system."""
+    out = np.empty_like(C)
+    eye = np.eye(9)
+    for lo in range(0, Acl.shape[0], _CHUNK):
+        a = Acl[lo : lo + _CHUNK]
+        at = np.swapaxes(a, 1, 2)
+        kron = np.einsum("bij,bkl->bikjl", at, at).reshape(-1, 9, 9)
+        vec = np.linalg.solve(eye - gamma * kron, C[lo : lo + _CHUNK].reshape(-1, 9, 1))
+        P = vec.reshape(-1, 3, 3)
+        out[lo : lo + _CHUNK] = 0.5 * (P + np.swapaxes(P, 1, 2))
+    return out
+
+
+def _quad(z, P):
+    return np.einsum("bi,bij,bj->b", z, P, z)
+
+
+def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
+    """Infinite-horizon discounted best response by policy iteration from F."""
+    def closed(G):  # A + B G with B = e_1: G is added to the first row
+        Acl = A.copy()
+        Acl[:, 0, :] += G
+        return Acl
+
+    def evaluate(G):
+        return _lyap3(closed(G), Q + r * G[:, :, None] * G[:, None, :], gamma)
+
+    def improve(P):
+        H = r + gamma * P[:, 0, 0]  # B'PB with B = e_1
+        PA = np.einsum("bj,bjk->bk", P[:, 0, :], A)  # B'PA
+        return -gamma * PA / H[:, None], H
+
+    G = F.copy()
+    prev = np.inf
+    for it in range(1, max_iter + 1):
+        P = evaluate(G)
+        G_new, _ = improve(P)
+        diff = float(np.max(np.abs(G_new - G)))
+        scale = 1.0 + float(np.max(np.abs(G_new)))
+        G = G_new
+        # Quadratic convergence; stagnation far below sqrt(eps) is the rounding floor.
+        if diff <= tol * scale or (it > 2 and diff >= 0.5 * prev and diff <= 1e-9 * scale):
+            break
+        prev = diff
+    else:
+        raise ValueError(f"best-response policy iteration did not converge in max_iter={max_iter} steps (last change {diff:.3g}, tol={tol:g})")
+    P = evaluate(G)
+    G, H = improve(P)
+    AF = closed(F)
+    LF = _lyap3(AF, Q + r * F[:, :, None] * F[:, None, :], gamma)
+    D = F - G
+    E = _lyap3(AF, H[:, None, None] * D[:, :, None] * D[:, None, :], gamma)
+    az = np.abs(z0)
+    mag = 0.5 * np.maximum(_quad(az, np.abs(LF)), _quad(az, np.abs(P)))
+    return 0.5 * _quad(z0, LF), 0.5 * _quad(z0, P), 0.5 * _quad(z0, E), mag, 0.5 * _quad(az, np.abs(E))
+
+
+def _finite_deviation(A, F, Q, z0, r, gamma, T):
+    """Finite-horizon best response by the backward Riccati recursion (P_T = 0)."""
+    b = A.shape[0]
+    Gs = np.empty((T, b, 3))
+    Hs = np.empty((T, b))
+    P = np.zeros((b, 3, 3))
+    At = np.swapaxes(A, 1, 2)
+    for t in range(T - 1, -1, -1):
+        H = r + gamma * P[:, 0, 0]
+        PA_row = np.einsum("bj,bjk->bk", P[:, 0, :], A)  # B'P A
+        G = -gamma * PA_row / H[:, None]
+        Gs[t], Hs[t] = G, H
+        # P_t = Q + gamma A'PA - H G'G
+        P = Q + gamma * (At @ P @ A) - H[:, None, None] * G[:, :, None] * G[:, None, :]
+        P = 0.5 * (P + np.swapaxes(P, 1, 2))
+    cost_br = 0.5 * _quad(z0, P)
+
+    AF = A.copy()
+    AF[:, 0, :] += F
+    z = z0.copy()
+    cost_pol = np.zeros(b)
+    mag_pol = np.zeros(b)
+    eps = np.zeros(b)
+    absQ = np.abs(Q)
+    disc = 1.0
+    for t in range(T):
+        u = np.einsum("bi,bi->b", F, z)
+        cost_pol += disc * 0.5 * (_quad(z, Q) + r * u * u)
+        mag_pol += disc * 0.5 * (_quad(np.abs(z), absQ) + r * u * u)
+        du = np.einsum("bi,bi->b", F - Gs[t], z)
+        eps += disc * 0.5 * Hs[t] * du * du
+        z = np.einsum("bij,bj->bi", AF, z)
+        disc *= gamma
+    mag = np.maximum(mag_pol, 0.5 * _quad(np.abs(z0), np.abs(P)))
+    return cost_pol, cost_br, eps, mag, eps  # eps is a sum of squares: no cancellation
+
+
+# --------------------------------------------------------------------------- exact Nash
+
+
+def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int = 10000) -> NashEquilibrium:
+    """Exact stationary feedback Nash equilibrium of the N-agent game (N <= 50).
+
+    Per coordinate, joint state ``z = (x_1, ..., x_N, 1)`` (dimension N+1),
+    ``z(t+1) = z(t) + sum_j e_j u_j(t)`` and player i's stage cost
+    ``(z'Q_i z + r u_i^2)/2`` with
+
+    .. math::
+
+        Q_i = q\\, h_i h_i' + \\kappa\\, f_i f_i',\\qquad
+        h_i = e_i - s_i e_{N+1},\\qquad f_i = e_i - \\tfrac1N (1, \\dots, 1, 0).
+
+    Given the others' gains ``u_j = -K_j z``, player i's best response solves
+    the discounted Riccati equation of ``A_{-i} = I - sum_{j != i} e_j K_j``,
+    ``B_i = e_i``:
+
+    .. math::
+
+        P_i = Q_i + \\gamma A_{-i}' P_i A_{-i}
+              - \\gamma^2 A_{-i}'P_i e_i (r + \\gamma e_i'P_i e_i)^{-1} e_i' P_i A_{-i},
+        \\qquad K_i = \\gamma\\,\\frac{e_i' P_i A_{-i}}{r + \\gamma e_i' P_i e_i}.
+
+    (This is the undiscounted Riccati equation of ``sqrt(gamma) A_{-i}``,
+    ``sqrt(gamma) e_i``.) Each best response is computed exactly by policy
+    iteration warm-started at the player's current gain, each evaluation a
+    discounted Lyapunov equation solved by Smith doubling, all players at once
+    (Jacobi best-response rounds). The rounds start at the mean-field (MEMOA)
+    gains and stop when ``max |K^{n+1} - K^n| <= tol (1 + max |K|)``. Cost
+    O(N^4 log(1/(1-gamma))) per round.
+
+    Signals only enter the affine column of the gains (the state block of the
+    game does not see them), so the state gains are the same in every
+    coordinate; the d coordinates are solved together as a batch.
+
+    Parameters
+    ----------
+    game : Game
+        Only the weights q, kappa, r, gamma are used (``gamma < 1``: with
+        ``gamma = 1`` the stationary costs are infinite).
+    n_agents : int
+        N, in [2, 50].
+    signals : array_like, shape (N, d) or (N,)
+        Constant signals.
+    tol : float, default 1e-12
+        Relative tolerance on the gains, in (0, 1e-3].
+    max_iter : int, default 10000
+        Best-response rounds before giving up (``ValueError``).
+
+    Returns
+    -------
+    NashEquilibrium
+        Its :meth:`NashEquilibrium.costs` gives the players' costs from given
+        initial states; compare with :func:`policy_costs` and
+        :func:`policy_gain_matrix`.
+    """
+    game = _check_game(game)
+    n = check_int("n_agents", n_agents, low=2)
+    if n > NASH_MAX_AGENTS:
+        raise ValueError(f"n_agents must be in [2, {NASH_MAX_AGENTS}] for the exact Nash equilibrium (cost O(N^4) per round), got {n}; use epsilon_nash for large populations")
+    s = _as_signals(signals, n)
+    tol = _check_tol(tol)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    if game.gamma >= 1.0:
+        raise ValueError(f"nash_equilibrium needs gamma < 1 (with gamma = 1 the stationary costs are infinite), got gamma={game.gamma!r}")
+    q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
+    d = s.shape[1]
+    dim = n + 1
+    idx = np.arange(n)
+
+    # Player cost matrices Q[c, i] (d, n, dim, dim).
+    h = np.zeros((d, n, dim))
+    h[:, idx, idx] = 1.0
+    h[:, :, n] = -s.T
+    f = np.zeros((n, dim))
+    f[:, :n] = -1.0 / n
+    f[idx, idx] += 1.0
+    Qm = q * h[..., :, None] * h[..., None, :] + kappa * (f[:, :, None] * f[:, None, :])[None]
+
+    gains = game.gains
+    w = q + kappa
+    K = _gain_matrix(gains.k, q / w, kappa / w - gains.c, gains.c, s)  # mean-field start
+
+    diff = np.inf
+    P = None
+    for it in range(1, max_iter + 1):
+        K_new, P = _best_responses(K, Qm, r, gamma, tol)
+        diff = float(np.max(np.abs(K_new - K)))
+        K = K_new
+        if diff <= tol * (1.0 + float(np.max(np.abs(K)))):
+            break
+    else:
+        raise ValueError(f"best-response iteration did not reach a Nash equilibrium in max_iter={max_iter} rounds (last change {diff:.3g}, tol={tol:g})")
+    # Values of the equilibrium itself (P above belongs to the last best responses, = K).
+    Acl = _joint_closed_loop(K)
+    C = Qm + r * K[..., :, None] * K[..., None, :]
+    P = _stein(np.sqrt(gamma) * np.broadcast_to(Acl[:, None], C.shape), C)
+    for arr in (K, P):
+        arr.setflags(write=False)
+    return NashEquilibrium(
+        gains=K,
+        values=P,
+        own_gain=np.diagonal(K[0, :, :n]).copy(),
+        signals=s,
+        iterations=it,
+        residual=diff,
+        q=q,
+        kappa=kappa,
+        r=r,
+        gamma=gamma,
+    )
+
+
+def _joint_closed_loop(K: np.ndarray) -> np.ndarray:
+    """``I - sum_j e_j K_j`` per coordinate, shape (d, N+1, N+1)."""
+    d, n, dim = K.shape
+    Acl = np.broadcast_to(np.eye(dim), (d, dim, dim)).copy()
+    Acl[:, :n, :] -= K
+    return Acl
+
+
+def _stein(M: np.ndarray, C: np.ndarray, max_steps: int = 64) -> np.ndarray:
+    """Batched ``P = C + M' P M`` by Smith doubling (spectral radius of M < 1)."""
+    S = C.copy()
+    Mk = np.array(M)
+    for _ in range(max_steps):
+        inc = np.swapaxes(Mk, -1, -2) @ S @ Mk
+        S += inc
+        big = float(np.max(np.abs(S)))
+        if not np.isfinite(big):
+            break
+        if float(np.max(np.abs(inc))) <= _EPS * big and float(np.max(np.abs(Mk))) <= 1e-3:
+            return 0.5 * (S + np.swapaxes(S, -1, -2))
+        Mk = Mk @ Mk
+    raise ValueError("discounted Lyapunov equation did not converge: the joint closed loop is not stable under the discount (gains not stabilizing)")
+
+
+def _best_responses(K: np.ndarray, Qm: np.ndarray, r: float, gamma: float, tol: float, max_inner: int = 100):
+    """Every player's exact best response to the others' gains K (all players at once).
+
+    Returns the new gains (d, N, N+1) and the players' value matrices.
+    """
+    d, n, dim = K.shape
+    idx = np.arange(n)
+    Acl = _joint_closed_loop(K)
+    # A_{-i} = Acl + e_i K_i (player i's own row restored to the identity).
+    Ami = np.broadcast_to(Acl[:, None], (d, n, dim, dim)).copy()
+    Ami[:, idx, idx, :] += K
+    sg = math.sqrt(gamma)
+    L = K.copy()
+    prev = np.inf
+    for it in range(1, max_inner + 1):
+        Mcl = Ami.copy()
+        Mcl[:, idx, idx, :] -= L
+        C = Qm + r * L[..., :, None] * L[..., None, :]
+        P = _stein(sg * Mcl, C)
+        Prow = P[:, idx, idx, :]  # (d, n, dim): e_i' P_i
+        H = r + gamma * Prow[:, idx, idx]  # r + gamma e_i' P_i e_i, (d, n)
+        L_new = gamma * np.einsum("cnj,cnjk->cnk", Prow, Ami) / H[..., None]
+        change = float(np.max(np.abs(L_new - L)))
+        scale = 1.0 + float(np.max(np.abs(L_new)))
+        L = L_new
+        if change <= 0.1 * tol * scale or (it > 2 and change >= 0.5 * prev and change <= 1e-9 * scale):
+            return L, P
+        prev = change
+    raise ValueError(f"a player's best response (policy iteration) did not converge in {max_inner} steps (last change {change:.3g})")

@@ -1,0 +1,305 @@
+"""Certificates of the MEMOA policy against the exact finite-N game (MODEL.md section 3).
+
+Independent checks: brute-force population simulations, an open-loop
+numerical minimisation (scipy.optimize) of the deviating agent's cost, and
+scipy.linalg.solve_discrete_are for each player at the Nash fixed point.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+from scipy.optimize import least_squares
+
+from memoa_fast.certificates import (
+    NASH_MAX_AGENTS,
+    epsilon_nash,
+    nash_equilibrium,
+    policy_costs,
+    policy_gain_matrix,
+)
+from memoa_fast.game import Game
+
+GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)  # the weights MODEL.md quotes
+
+
+def population(n, d=1, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.normal(size=(n, d))
+
+
+# --------------------------------------------------------------------------- brute force
+
+
+def simulate(game, s, x0, T, deviant=None, u_dev=None):
+    """Every agent on the policy with the true mean, except ``deviant`` playing ``u_dev`` (open loop).
+
+    Returns the discounted costs of all agents over t = 0..T-1 (summed over coordinates)
+    and, if there is a deviant, its least-squares residuals (0.5 * sum(res^2) = its cost).
+    """
+    co = game.coefficients
+    q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
+    x = x0.astype(float).copy()
+    sbar = s.mean(axis=0)
+    costs = np.zeros(x.shape[0])
+    res = []
+    for t in range(T):
+        m = x.mean(axis=0)
+        u = -co.gain * (x - co.signal * s - co.signal_mean * sbar - co.state_mean * m)
+        if deviant is not None:
+            u[deviant] = u_dev[t]
+            w = gamma**t
+            res += [np.sqrt(w * q) * (x[deviant] - s[deviant]), np.sqrt(w * kappa) * (x[deviant] - m), np.sqrt(w * r) * u[deviant]]
+        costs += gamma**t * 0.5 * (q * ((x - s) ** 2).sum(1) + kappa * ((x - m) ** 2).sum(1) + r * (u**2).sum(1))
+        x = x + u
+    return costs, (np.concatenate(res) if res else None)
+
+
+@pytest.mark.parametrize("policy", ["memoa", "greedy"])
+@pytest.mark.parametrize("horizon", [40, None])
+def test_policy_costs_match_population_simulation(policy, horizon):
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.9, policy=policy)
+    s, x0 = population(7, d=2, seed=1)
+    T = horizon if horizon is not None else 450  # 0.9^450 ~ 3e-21
+    brute, _ = simulate(game, s, x0, T)
+    np.testing.assert_allclose(policy_costs(game, s, x0, horizon=horizon), brute, rtol=1e-12)
+
+
+@pytest.mark.parametrize("gamma,horizon,T", [(0.9, 30, 30), (0.5, None, 60)])
+def test_best_response_matches_open_loop_minimisation(gamma, horizon, T):
+    """N = 3: the Riccati best-response cost equals a brute-force minimisation over
+    the deviant's open-loop controls in the full 3-agent simulation (deterministic
+    problem: open-loop optimum = feedback optimum). horizon=None is compared at
+    T = 60 with gamma = 0.5 (tail gamma^60 ~ 1e-18)."""
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=gamma)
+    s, x0 = population(3, d=1, seed=7)
+    res = epsilon_nash(game, 3, s, x0, agents="all", horizon=horizon)
+    for k, i in enumerate(res.agents):
+        def residuals(u, i=i):
+            return simulate(game, s, x0, T, i, u[:, None])[1]
+
+        # The residuals are affine in u: their Jacobian, by exact differences of
+        # full simulations, is constant (saves least_squares T+1 simulations a step).
+        r0 = residuals(np.zeros(T))
+        jac = np.stack([residuals(e) - r0 for e in np.eye(T)], axis=1)
+        fit = least_squares(residuals, np.zeros(T), jac=lambda u: jac, xtol=1e-15, ftol=1e-15, gtol=1e-15)
+        brute_br = float(simulate(game, s, x0, T, i, fit.x[:, None])[0][i])
+        brute_policy = simulate(game, s, x0, T)[0][i]
+        np.testing.assert_allclose(res.cost_policy[k], brute_policy, rtol=1e-11)
+        np.testing.assert_allclose(res.cost_best_response[k], brute_br, rtol=1e-9)
+        # The gap is real at N = 3 (not a rounding artefact) and correctly signed.
+        assert brute_policy - brute_br > 1e-5 * brute_policy
+        np.testing.assert_allclose(res.epsilon[k], brute_policy - brute_br, rtol=1e-6, atol=1e-10 * brute_policy)
+    assert res.max_relative > 1e-3  # measured 1.9e-2 (gamma 0.9, T 30), 3.5e-3 (gamma 0.5)
+
+
+# --------------------------------------------------------------------------- epsilon-Nash
+
+
+@pytest.mark.parametrize("policy", ["memoa", "local"])
+def test_kappa_zero_policy_is_exact_nash(policy):
+    """kappa = 0: the mean does not enter the cost, the policy is the single-agent
+    LQ tracker, so no agent can gain anything (MODEL.md section 2)."""
+    game = Game(q=1.0, kappa=0.0, r=0.5, gamma=0.95, policy=policy)
+    s, x0 = population(20, d=2, seed=3)
+    res = epsilon_nash(game, 20, s, x0, agents="all")
+    assert res.max_relative <= 1e-12
+    np.testing.assert_allclose(res.cost_best_response, res.cost_policy, rtol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["memoa", "greedy", "local", "consensus"])
+@pytest.mark.parametrize("gamma", [0.5, 0.95, 1.0])
+def test_epsilon_nonnegative_and_consistent(policy, gamma):
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=gamma, policy=policy)
+    s, x0 = population(30, d=2, seed=4)
+    res = epsilon_nash(game, 30, s, x0, agents="all")
+    assert (res.epsilon >= 0).all()
+    assert (res.cost_best_response <= res.cost_policy * (1 + 1e-12)).all()
+    np.testing.assert_allclose(res.epsilon, res.cost_policy - res.cost_best_response, rtol=1e-8, atol=1e-12 * res.cost_policy.max())
+    np.testing.assert_allclose(res.relative_epsilon, res.epsilon / res.cost_policy)
+    assert res.max_relative == res.relative_epsilon.max()
+    if gamma == 1.0:
+        assert isinstance(res.horizon, int) and res.horizon >= 2
+    else:
+        assert res.horizon is None
+    if policy != "memoa":  # baselines are not Nash: a deviation pays clearly
+        assert res.max_relative > 1e-3
+
+
+def test_population_at_rest_has_zero_cost_and_zero_epsilon():
+    """Common signal, everybody on it: every cost is zero up to rounding; no 0/0."""
+    s = np.full((4, 2), 1.5)
+    for game in (GAME, Game(q=1.0, kappa=2.0, r=0.5, gamma=1.0)):
+        for horizon in (None, 50):
+            res = epsilon_nash(game, 4, s, s.copy(), agents="all", horizon=horizon)
+            assert np.abs(res.cost_policy).max() < 1e-12
+            assert res.max_relative == 0.0 and res.epsilon.max() < 1e-15
+
+
+def test_epsilon_decays_like_one_over_n_squared():
+    """MODEL.md: epsilon shrinks about like 1/N^2 for constant signals."""
+    ns = [10, 100, 1000, 10_000]
+    rel = []
+    for n in ns:
+        s, x0 = population(n, seed=11)
+        rel.append(epsilon_nash(GAME, n, s, x0).max_relative)
+    rel = np.array(rel)
+    # Measured 3.4e-3, 3.0e-5, 3.0e-7, 2.9e-9: a factor ~100 per decade.
+    assert (rel[:-1] / rel[1:] >= 10).all(), rel
+    scaled = rel * np.array(ns, float) ** 2
+    assert scaled.max() / scaled.min() < 2.0, scaled
+    assert 1e-6 < rel[1] < 1e-4  # N = 100 (MODEL.md quotes ~1e-5; 3e-5 here)
+
+
+def test_stationary_certificate_is_the_long_horizon_limit():
+    s, x0 = population(50, seed=5)
+    inf = epsilon_nash(GAME, 50, s, x0)
+    fin = epsilon_nash(GAME, 50, s, x0, agents=inf.agents, horizon=1200)  # 0.95^1200 ~ 1e-27
+    np.testing.assert_allclose(fin.cost_policy, inf.cost_policy, rtol=1e-12)
+    np.testing.assert_allclose(fin.cost_best_response, inf.cost_best_response, rtol=1e-12)
+    np.testing.assert_allclose(fin.epsilon, inf.epsilon, rtol=1e-9)
+    assert fin.horizon == 1200
+
+
+def test_default_agents_are_the_worst_under_the_policy():
+    s, x0 = population(200, seed=6)
+    costs = policy_costs(GAME, s, x0)
+    res = epsilon_nash(GAME, 200, s, x0)
+    assert res.agents.size == 8
+    assert set(res.agents.tolist()) == set(np.argsort(costs)[-8:].tolist())
+    np.testing.assert_allclose(res.cost_policy, costs[res.agents], rtol=1e-12)
+    every = epsilon_nash(GAME, 200, s, x0, agents="all")
+    np.testing.assert_allclose(every.epsilon[res.agents], res.epsilon, rtol=1e-12)
+    assert every.max_relative >= res.max_relative
+    assert not res.epsilon.flags.writeable
+    small = epsilon_nash(GAME, 3, *population(3, seed=1))
+    assert small.agents.tolist() == [0, 1, 2]
+
+
+def test_gamma_one_uses_an_automatic_horizon():
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=1.0)
+    s, x0 = population(40, seed=8)
+    auto = epsilon_nash(game, 40, s, x0)
+    explicit = epsilon_nash(game, 40, s, x0, horizon=auto.horizon)
+    np.testing.assert_array_equal(auto.epsilon, explicit.epsilon)
+    brute, _ = simulate(game, s, x0, auto.horizon)
+    np.testing.assert_allclose(auto.cost_policy, brute[auto.agents], rtol=1e-12)
+    np.testing.assert_allclose(policy_costs(game, s, x0), brute, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- exact Nash
+
+
+def test_nash_fixed_point_solves_every_players_riccati():
+    """At the equilibrium, each player's gain is its exact best response to the
+    others' gains, checked with scipy.linalg.solve_discrete_are."""
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+    n, d = 5, 2
+    s, _ = population(n, d=d, seed=9)
+    ne = nash_equilibrium(game, n, s)
+    sg = np.sqrt(game.gamma)
+    for c in range(d):
+        K = ne.gains[c]
+        Acl = np.eye(n + 1)
+        Acl[:n] -= K
+        for i in range(n):
+            Ami = Acl.copy()
+            Ami[i] += K[i]
+            e = np.zeros((n + 1, 1))
+            e[i] = 1.0
+            h = np.zeros(n + 1)
+            h[i], h[n] = 1.0, -s[i, c]
+            f = np.zeros(n + 1)
+            f[:n] = -1.0 / n
+            f[i] += 1.0
+            Q = game.q * np.outer(h, h) + game.kappa * np.outer(f, f)
+            P = sla.solve_discrete_are(sg * Ami, sg * e, Q, np.array([[game.r]]))
+            Ki = game.gamma * (P[i] @ Ami) / (game.r + game.gamma * P[i, i])
+            np.testing.assert_allclose(Ki, K[i], atol=1e-10)
+            np.testing.assert_allclose(ne.values[c, i], P, rtol=1e-9, atol=1e-9 * np.abs(P).max())
+    # Signals only enter the affine column.
+    np.testing.assert_allclose(ne.gains[0, :, :n], ne.gains[1, :, :n], rtol=0, atol=1e-14)
+
+
+def test_nash_with_kappa_zero_is_the_single_agent_tracker():
+    game = Game(q=1.0, kappa=0.0, r=0.5, gamma=0.95)
+    n = 6
+    s, x0 = population(n, d=2, seed=10)
+    ne = nash_equilibrium(game, n, s)
+    k = game.gains.k
+    np.testing.assert_allclose(ne.own_gain, k, rtol=1e-14)
+    np.testing.assert_allclose(ne.gains[:, :, :n], np.broadcast_to(k * np.eye(n), (2, n, n)), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(ne.gains[:, :, n], -k * s.T, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ne.costs(x0), policy_costs(game, s, x0), rtol=1e-12)
+
+
+def test_nash_approaches_the_mean_field_policy():
+    """Gains differ by O(1/N), costs by O(1/N^2). Measured (seed 2): max gain gap
+    0.098, 0.052, 0.025, 0.013 and max relative cost gap 1.4e-2, 3.4e-3, 8.0e-4,
+    1.9e-4 at N = 5, 10, 20, 40."""
+    gain_gap, own_gap, cost_gap = [], [], []
+    for n in (5, 10, 20, 40):
+        s, x0 = population(n, seed=2)
+        ne = nash_equilibrium(GAME, n, s)
+        mf = policy_gain_matrix(GAME, s)
+        gain_gap.append(np.abs(ne.gains - mf).max())
+        own_gap.append(np.abs(ne.own_gain - np.diagonal(mf[0, :, :n])).max())
+        mf_costs = policy_costs(GAME, s, x0)
+        cost_gap.append(np.max(np.abs(ne.costs(x0) - mf_costs) / mf_costs))
+        # -> k like 1/N: measured k - own = 0.215/N (the policy's own gain is k - k c/N = k - 0.146/N)
+        assert 0.1 / n < GAME.gains.k - ne.own_gain.mean() < 0.3 / n
+    gain_gap, own_gap, cost_gap = map(np.array, (gain_gap, own_gap, cost_gap))
+    assert (np.diff(gain_gap) < 0).all(), gain_gap
+    assert (np.diff(own_gap) < 0).all(), own_gap
+    assert (np.diff(cost_gap) < 0).all(), cost_gap
+    assert gain_gap[-1] < gain_gap[0] / 4, gain_gap  # measured / 7.7
+    assert cost_gap[-1] < cost_gap[0] / 20, cost_gap  # measured / 71
+    assert cost_gap[-1] < 1e-3
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_raise_clear_errors():
+    s, x0 = population(5, d=2)
+    with pytest.raises(TypeError, match="game must be"):
+        epsilon_nash("memoa", 5, s, x0)
+    with pytest.raises(ValueError, match=r"n_agents must be an integer >= 2, got 1"):
+        epsilon_nash(GAME, 1, s[:1], x0[:1])
+    with pytest.raises(TypeError, match="n_agents must be an integer"):
+        epsilon_nash(GAME, 5.0, s, x0)
+    with pytest.raises(ValueError, match=r"signals must have shape \(6, d\).*got shape \(5, 2\)"):
+        epsilon_nash(GAME, 6, s, x0)
+    with pytest.raises(ValueError, match=r"signals must have shape \(N, d\) or \(N,\)"):
+        epsilon_nash(GAME, 5, np.zeros((5, 2, 1)), x0)
+    with pytest.raises(ValueError, match=r"initial_states must have shape \(5, 2\)"):
+        epsilon_nash(GAME, 5, s, x0[:, :1])
+    with pytest.raises(ValueError, match="signals must be finite"):
+        epsilon_nash(GAME, 5, np.where(s > 0, np.nan, s), x0)
+    with pytest.raises(ValueError, match=r"agents must hold indices in \[0, 4\].*got 5"):
+        epsilon_nash(GAME, 5, s, x0, agents=[0, 5])
+    with pytest.raises(ValueError, match="must not repeat"):
+        epsilon_nash(GAME, 5, s, x0, agents=[1, 1])
+    with pytest.raises(TypeError, match="agents must hold integers"):
+        epsilon_nash(GAME, 5, s, x0, agents=[0.0, 1.0])
+    with pytest.raises(ValueError, match="agents must be None, 'all'"):
+        epsilon_nash(GAME, 5, s, x0, agents="worst")
+    with pytest.raises(ValueError, match="horizon must be an integer >= 1, got 0"):
+        epsilon_nash(GAME, 5, s, x0, horizon=0)
+    with pytest.raises(ValueError, match=r"tol must be in \(0, 0.001\]"):
+        epsilon_nash(GAME, 5, s, x0, tol=0.0)
+    with pytest.raises(ValueError, match="did not converge in max_iter=1"):
+        epsilon_nash(GAME, 5, s, x0, max_iter=1)
+    with pytest.raises(ValueError, match=r"n_agents must be in \[2, 50\].*got 51"):
+        nash_equilibrium(GAME, NASH_MAX_AGENTS + 1, np.zeros(NASH_MAX_AGENTS + 1))
+    with pytest.raises(ValueError, match="needs gamma < 1"):
+        nash_equilibrium(Game(1.0, 2.0, 0.5, 1.0), 5, s)
+    with pytest.raises(ValueError, match="did not reach a Nash equilibrium in max_iter=1"):
+        nash_equilibrium(GAME, 5, s, max_iter=1)
+    with pytest.raises(ValueError, match=r"signals must have shape \(4, d\)"):
+        nash_equilibrium(GAME, 4, s)
+    ne = nash_equilibrium(GAME, 5, s)
+    with pytest.raises(ValueError, match=r"initial_states must have shape \(5, 2\)"):
+        ne.costs(np.zeros(5))
+    with pytest.raises(TypeError, match="signals must be an array of real numbers"):
+        policy_costs(GAME, [["a", "b"]], [[0.0, 0.0]])
