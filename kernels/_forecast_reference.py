@@ -1,0 +1,57 @@
+"""Slow, obviously correct NumPy references of the time-series kernels.
+
+Same signatures as :mod:`._forecast_numba` (``work`` and ``threads`` are
+accepted and ignored, apart from the shape helper), so either can run the
+pipeline; the tests compare the compiled kernels against these.
+"""
+import numpy as np
+
+from ._config import CHUNK, PAD
+
+
+def features(lags):
+    """Feature map of the lag buffer ``(n, d, p)``: ``[lags, lags**2, 1]``, shape ``(n, d, 2p + 1)``."""
+    ones = np.ones(lags.shape[:-1] + (1,))
+    return np.concatenate([lags, lags**2, ones], axis=-1)
+
+
+def forecast_step(y, eps, sigma, weights, lags, out, mu, update, threads):
+    """One round of every client's normalised-LMS forecaster, in place.
+
+    Client ``i`` observes ``z_i = y + sigma_i * eps_i`` (``eps`` are standard
+    normal draws, shape at least ``(n, d)``; rows beyond ``n`` are ignored).
+    With ``phi`` the features of its lag buffer before this observation
+    (:func:`features`), and only if ``update``:
+
+    .. math::
+
+        e_i = z_i - w_i^\\top \\phi_i, \\qquad
+        w_i \\leftarrow w_i + \\mu\\, e_i\\, \\phi_i / |\\phi_i|^2 ,
+
+    (``|phi|^2 >= 1`` thanks to the constant feature). Then the buffer shifts
+    in ``z_i`` (newest first) and ``out_i = w_i^T phi(new buffer)`` is the
+    forecast of the next value. Each coordinate of ``y`` has its own weights.
+    """
+    n = weights.shape[0]
+    z = y[None, :] + sigma[:, None] * eps[:n]
+    if update:
+        phi = features(lags)
+        err = z - np.einsum("ndf,ndf->nd", weights, phi)
+        weights += (mu * err / (phi**2).sum(axis=-1))[..., None] * phi
+    lags[..., 1:] = lags[..., :-1].copy()
+    lags[..., 0] = z
+    out[...] = np.einsum("ndf,ndf->nd", weights, features(lags))
+
+
+def score_work_shape(n, d):
+    """Same shape as the compiled kernel's work array (unused here)."""
+    return -(-n // CHUNK), -(-(d + 1) // PAD) * PAD
+
+
+def score_step(x, y, record, sq_err, work, out_mean, threads):
+    """``out_mean = mean_i x_i``; if ``record``: ``sq_err_i += |x_i - y|^2``. Returns ``sum_i |x_i - y|^2``."""
+    out_mean[:] = x.mean(axis=0)
+    e2 = ((x - y[None, :]) ** 2).sum(axis=1)
+    if record:
+        sq_err += e2
+    return float(e2.sum())

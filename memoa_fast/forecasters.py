@@ -1,0 +1,309 @@
+"""Online client forecasters: the private signals of a time-series population.
+
+MODEL.md section 6: client ``i`` sees the stream plus its own noise,
+``z_i(t) = y(t) + sigma_i eps_i(t)``, with a noise scale ``sigma_i`` drawn
+once, log-uniform over a range (so some clients are weak), and runs a
+normalised-LMS forecaster on the feature map of its last ``p`` noisy values
+
+.. math::
+
+    \\phi_i(t) = \\left(z_i(t), \\dots, z_i(t-p+1),\\; z_i(t)^2, \\dots, z_i(t-p+1)^2,\\; 1\\right),
+    \\qquad s_i(t) = w_i^\\top \\phi_i(t),
+
+(a linear-only AR model cannot learn the logistic map; the squares can).
+``s_i(t)``, its forecast of ``y(t+1)``, is the client's signal.
+
+One :class:`ClientForecasters` object holds every client of a population (or
+of a shard of it): preallocated arrays, a compiled per-client kernel, no
+Python loop over clients.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import _backends
+from ._validation import as_float_array, check_choice, check_int, check_real
+
+#: Clients per random-number block (see :class:`ClientForecasters`).
+BLOCK_SIZE = 4096
+
+FORECAST_BACKENDS = ("numba", "numpy")
+_MODULES = {"numba": "memoa_fast.kernels._forecast_numba", "numpy": "memoa_fast.kernels._forecast_reference"}
+
+
+def load_kernels(backend: str):
+    """The forecaster/scoring kernel module: ``numba`` (compiled) or ``numpy`` (reference).
+
+    ``cython`` is accepted and runs the Numba kernels (there is no Cython
+    forecaster), so a pipeline can use one backend name throughout.
+    """
+    import importlib
+
+    if backend == "cython":
+        backend = "numba"
+    backend = check_choice("backend", backend, FORECAST_BACKENDS + ("cython",))
+    return importlib.import_module(_MODULES[backend])
+
+
+class ClientForecasters:
+    """The normalised-LMS forecasters of clients ``[first_client, first_client + n_clients)``.
+
+    Parameters
+    ----------
+    n_clients : int
+        Number of clients this object covers, ``>= 1``.
+    dim : int, default 1
+        Dimension d of the stream; each coordinate has its own weights and
+        noise draws (a client's noise scale is shared by its coordinates).
+    lags : int, default 2
+        ``p``, how many past noisy values enter the features; the weight
+        vector has ``2 p + 1`` entries per coordinate.
+    noise_range : (float, float), default (0.02, 1.0)
+        ``(low, high)``, ``0 < low <= high``: ``sigma_i`` is log-uniform on it.
+    mu : float, default 0.1
+        NLMS step size, in (0, 2) (the stable range of NLMS).
+    seed : int, default 0
+        Seed of every random draw (noise scales and noise), ``>= 0``.
+    first_client : int, default 0
+        Global index of the first client covered; a multiple of ``block_size``.
+    block_size : int, default 4096
+        Clients per random-number block (see Notes). Every shard of one
+        population must use the same value.
+    backend : {"numba", "numpy", "cython"}, default "numba"
+        ``numpy`` runs the NumPy reference; ``cython`` runs the Numba kernel.
+    threads : int, optional
+        Threads for the kernel and the noise draws; default every core. Fewer
+        than ``parallel_threshold`` clients run on one thread.
+    parallel_threshold : int, default 32768
+        As for :class:`~memoa_fast.Population`.
+
+    Notes
+    -----
+    **Contract of** :meth:`observe`. At call number ``t`` (0, 1, ...) with the
+    stream value ``y(t)``:
+
+    1. every client draws ``eps_i(t) ~ N(0, I_d)`` and observes
+       ``z_i(t) = y(t) + sigma_i eps_i(t)``;
+    2. if ``t >= 1``, it updates its weights on the a-priori error of the
+       forecast it published at ``t - 1``:
+       ``w_i += mu e_i phi_i(t-1) / |phi_i(t-1)|^2`` with
+       ``e_i = z_i(t) - w_i^T phi_i(t-1)`` (the forecaster learns from its
+       noisy view only; it never sees the clean ``y``);
+    3. ``z_i(t)`` enters the lag buffer, and ``s_i(t) = w_i^T phi_i(t)``,
+       the forecast of ``y(t+1)``, is returned.
+
+    Before the first call the lag buffer holds zeros (the mean of a z-scored
+    stream) and the weights are persistence (``1`` on the newest lag, ``0``
+    elsewhere), so the first forecast is the first noisy observation.
+
+    **Shard reproducibility.** Global client ``g`` belongs to block
+    ``b = g // block_size``. Block ``b`` owns one bit generator,
+    ``PCG64(SeedSequence(seed, spawn_key=(b,)))`` (the ``b``-th child of
+    ``SeedSequence(seed).spawn``), whose stream is addressed by position:
+
+    - position 0: ``block_size`` uniforms ``u``, ``sigma = exp(log low + u
+      (log high - log low))`` for the block's clients in order;
+    - position ``(t + 1) * 2**64``: the standard normals of call ``t``, the
+      block's clients in order (``d`` per client), drawn with
+      ``Generator.standard_normal`` after ``PCG64.advance`` to that position.
+
+    An object draws only the normals of the clients it covers (a prefix of the
+    block's), so a client's noise scale, noise and forecasts are a function
+    of ``(seed, block_size, g, t)`` alone: an object covering ``[lo, hi)``
+    (``lo`` a multiple of ``block_size``) produces bitwise the same arrays as
+    rows ``[lo, hi)`` of the whole-population object, on any thread count.
+    """
+
+    def __init__(
+        self,
+        n_clients: int,
+        dim: int = 1,
+        *,
+        lags: int = 2,
+        noise_range: tuple[float, float] = (0.02, 1.0),
+        mu: float = 0.1,
+        seed: int = 0,
+        first_client: int = 0,
+        block_size: int = BLOCK_SIZE,
+        backend: str = "numba",
+        threads: int | None = None,
+        parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
+    ):
+        self.n_clients = check_int("n_clients", n_clients, low=1)
+        self.dim = check_int("dim", dim, low=1)
+        self.lags = check_int("lags", lags, low=1)
+        self.noise_range = _check_noise_range(noise_range)
+        self.mu = check_real("mu", mu, low=0.0, high=2.0, low_open=True, high_open=True)
+        self.seed = check_int("seed", seed, low=0)
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.first_client = check_int("first_client", first_client, low=0)
+        if self.first_client % self.block_size:
+            raise ValueError(
+                f"first_client must be a multiple of block_size={self.block_size} (shards start on a block), "
+                f"got {self.first_client}"
+            )
+        self.backend = backend
+        self._kernels = load_kernels(backend)
+        self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
+        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
+
+        B = self.block_size
+        self._first_block = self.first_client // B
+        self._n_blocks = -(-self.n_clients // B)
+        n, d, p = self.n_clients, self.dim, self.lags
+        self._sigma = np.empty(n)
+        self._weights = np.zeros((n, d, 2 * p + 1))
+        self._lags = np.zeros((n, d, p))
+        self._out = np.zeros((n, d))
+        self._eps = np.zeros((n, d))
+        self._y = np.zeros(d)
+        self._blocks: list = []
+        self._pool = None
+        self._sigma_view = _readonly(self._sigma)
+        self._out_view = _readonly(self._out)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to before the first observation: same noise scales, same noise sequence."""
+        B = self.block_size
+        lo, hi = self.noise_range
+        log_lo, log_span = math.log(lo), math.log(hi) - math.log(lo)
+        self._blocks = []
+        for k in range(self._n_blocks):
+            b = self._first_block + k
+            bitgen = np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(b,)))
+            base = bitgen.state
+            start, stop = k * B, min((k + 1) * B, self.n_clients)
+            # The whole block's scales, computed the same way whatever this object covers.
+            sigma = np.exp(log_lo + log_span * np.random.Generator(bitgen).random(B))
+            self._sigma[start:stop] = sigma[: stop - start]
+            self._blocks.append((bitgen, np.random.Generator(bitgen), base, self._eps[start:stop]))
+        self._weights[...] = 0.0
+        self._weights[:, :, 0] = 1.0  # persistence
+        self._lags[...] = 0.0
+        self._out[...] = 0.0
+        self.t = 0
+
+    @property
+    def noise_scales(self) -> np.ndarray:
+        """``sigma_i``, shape (n_clients,): a read-only view."""
+        return self._sigma_view
+
+    @property
+    def signals(self) -> np.ndarray:
+        """The last forecasts ``s_i(t)``, shape (n_clients, d): the read-only live buffer."""
+        return self._out_view
+
+    @property
+    def weights(self) -> np.ndarray:
+        """NLMS weights, shape (n_clients, d, 2 p + 1), ordered ``[lags, lags**2, 1]``; a copy."""
+        return self._weights.copy()
+
+    # ------------------------------------------------------------------ step
+    def observe(self, y) -> np.ndarray:
+        """Every client observes ``y(t)`` with its noise, learns, and forecasts ``y(t+1)``.
+
+        Parameters
+        ----------
+        y : float or array_like, shape (d,)
+            The stream's value at this round; finite.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``s(t)``, shape (n_clients, d): the read-only live buffer
+            :attr:`signals`, overwritten by the next call (copy it to keep it).
+        """
+        self._y[...] = as_float_array("y", y, (self.dim,))
+        self._draw_noise()
+        self._kernels.forecast_step(
+            self._y, self._eps, self._sigma, self._weights, self._lags, self._out, self.mu, self.t > 0,
+            self._threads_used,
+        )
+        self.t += 1
+        return self._out_view
+
+    def _draw_noise(self) -> None:
+        # Round t of block b: the block's PCG64 stream from position (t + 1) * 2**64 (an O(log) jump).
+        offset = (self.t + 1) << 64
+        if self._threads_used > 1 and len(self._blocks) > 1:
+            # Generator fills release the GIL; each block has its own generator and rows.
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._threads_used, thread_name_prefix="memoa-noise")
+            list(self._pool.map(lambda blk: _draw_block(blk, offset), self._blocks))
+        else:
+            for blk in self._blocks:
+                _draw_block(blk, offset)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly (copies), split per client and shared.
+
+        ``{"agents": {"weights": (n, d, 2p+1), "lags": (n, d, p), "signals": (n, d)},
+        "shared": {"t": int64 scalar array, "y": (d,)}}``. The noise scales and
+        the noise are functions of ``(seed, client, t)``: they need no saving.
+        Per-client arrays of shards concatenate into the whole population's.
+        """
+        return {
+            "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
+            "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first."""
+        agents, shared = state["agents"], state["shared"]
+        n, d, p = self.n_clients, self.dim, self.lags
+        weights = as_float_array("state['agents']['weights']", agents["weights"], (n, d, 2 * p + 1))
+        lags = as_float_array("state['agents']['lags']", agents["lags"], (n, d, p))
+        signals = as_float_array("state['agents']['signals']", agents["signals"], (n, d))
+        y = as_float_array("state['shared']['y']", shared["y"], (d,))
+        t = check_int("state['shared']['t']", int(shared["t"]), low=0)
+        self._weights[...], self._lags[...], self._out[...], self._y[...] = weights, lags, signals, y
+        self.t = t
+
+    def close(self) -> None:
+        """Stop the noise-drawing threads (if any); the object stays usable."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientForecasters(n_clients={self.n_clients}, dim={self.dim}, lags={self.lags}, "
+            f"noise_range={self.noise_range}, mu={self.mu}, seed={self.seed}, first_client={self.first_client}, "
+            f"block_size={self.block_size}, backend={self.backend!r}, t={self.t})"
+        )
+
+
+def _draw_block(block, offset: int) -> None:
+    bitgen, gen, base, rows = block
+    bitgen.state = base
+    bitgen.advance(offset)
+    gen.standard_normal(out=rows)
+
+
+def _check_noise_range(noise_range) -> tuple[float, float]:
+    try:
+        lo, hi = noise_range
+    except (TypeError, ValueError):
+        raise TypeError(f"noise_range must be a pair (low, high) of positive numbers, got {noise_range!r}") from None
+    lo = check_real("noise_range low", lo, low=0.0, low_open=True)
+    hi = check_real("noise_range high", hi, low=0.0, low_open=True)
+    if hi < lo:
+        raise ValueError(f"noise_range must have low <= high, got ({lo!r}, {hi!r})")
+    return lo, hi
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view

@@ -1,0 +1,158 @@
+"""The experiment runner: semantics of a round, the claims of MODEL.md section 6, reproducibility."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from memoa_fast import Game, Population, Server
+from memoa_fast.experiment import ExperimentResult, plot_result, run_experiment
+from memoa_fast.forecasters import ClientForecasters
+from memoa_fast.streams import load_csv_series, make_stream
+
+SMALL = dict(n_clients=200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def logistic_result():
+    return run_experiment(make_stream("logistic", 1501, seed=0), stream="logistic", **SMALL)
+
+
+def test_round_semantics_against_a_hand_written_loop():
+    """x_i(t+1) = step(s(t)) is scored against y(t+1); servers predict before and update after y(t+1)."""
+    y = make_stream("concept", 80, seed=3)
+    n, burn = 6, 10
+    res = run_experiment(y, n_clients=n, seed=4, burn_in=burn, policies=("memoa", "local"), rules=("eg", "hedge"),
+                         eta=0.7, alpha=0.05, kappa=2.0)
+    for policy in ("memoa", "local"):
+        fc = ClientForecasters(n, seed=4)
+        pop = Population(Game(1.0, 2.0, 0.1, 0.9, policy), n, 1)
+        servers = {r: Server(n, 1, rule=r, eta=0.7, alpha=0.05) for r in ("eg", "hedge")}
+        sq = np.zeros(n)
+        mix = {r: [] for r in servers}
+        uni = []
+        for t in range(len(y) - 1):
+            x = pop.step(fc.observe(y[t])).copy()
+            preds = {r: float(s.predict(x)[0]) for r, s in servers.items()}
+            if t >= burn:
+                sq += (x[:, 0] - y[t + 1]) ** 2
+                uni.append((x.mean() - y[t + 1]) ** 2)
+                for r in servers:
+                    mix[r].append((preds[r] - y[t + 1]) ** 2)
+            for s in servers.values():
+                s.update(x, y[t + 1])
+        got = res.scores[policy]
+        rmse_i = np.sqrt(sq / (len(y) - 1 - burn))
+        np.testing.assert_allclose(res.client_rmse[policy], rmse_i, rtol=1e-12)
+        assert got.worst_client_rmse == pytest.approx(rmse_i.max(), rel=1e-12)
+        assert got.average_client_rmse == pytest.approx(rmse_i.mean(), rel=1e-12)
+        assert got.uniform_rmse == pytest.approx(math.sqrt(np.mean(uni)), rel=1e-12)
+        for r in servers:
+            assert got.mixture_rmse[r] == pytest.approx(math.sqrt(np.mean(mix[r])), rel=1e-12)
+        assert got.max_cost == pytest.approx(pop.regret, rel=1e-12)
+    assert res.n_rounds == 79 and res.n_scored == 69
+
+
+@pytest.mark.parametrize("name", ["logistic", "periodic", "concept", "concept-drift"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_memoa_worst_client_beats_local(name, seed):
+    y = make_stream(name, 1201, seed=seed)
+    res = run_experiment(y, stream=name, n_clients=200, seed=seed, policies=("memoa", "local"), rules=("hedge",))
+    memoa, local = res.scores["memoa"].worst_client_rmse, res.scores["local"].worst_client_rmse
+    assert memoa < 0.8 * local, (memoa, local)
+    # the under-performer regret (max_i J_i) is smaller too
+    assert res.scores["memoa"].max_cost < res.scores["local"].max_cost
+
+
+def test_hedge_mixture_at_most_uniform_mean_when_clients_differ(logistic_result):
+    res = logistic_result
+    noise = ClientForecasters(200, seed=0).noise_scales
+    assert noise.max() / noise.min() > 10  # clients differ in quality
+    for policy in ("memoa", "greedy", "local"):
+        s = res.scores[policy]
+        assert s.mixture_rmse["hedge"] <= s.uniform_rmse, (policy, s)
+    # and clearly so for MEMOA
+    assert res.scores["memoa"].mixture_rmse["hedge"] < 0.9 * res.scores["memoa"].uniform_rmse
+
+
+def test_consensus_clients_all_agree(logistic_result):
+    s = logistic_result.scores["consensus"]
+    assert s.worst_client_rmse == pytest.approx(s.average_client_rmse, rel=1e-9)
+    assert s.uniform_rmse == pytest.approx(s.worst_client_rmse, rel=1e-9)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    y = make_stream("concept-drift", 400, seed=5)
+    a = run_experiment(y, n_clients=100, seed=3)
+    b = run_experiment(y, n_clients=100, seed=3)
+    c = run_experiment(y, n_clients=100, seed=4)
+    da, db, dc = a.to_dict(), b.to_dict(), c.to_dict()
+    for d in (da, db, dc):
+        d.pop("elapsed_s")
+    assert da == db
+    for p in a.client_rmse:
+        np.testing.assert_array_equal(a.client_rmse[p], b.client_rmse[p])
+    assert da["policies"] != dc["policies"]
+
+
+def test_numpy_backend_agrees_with_numba():
+    y = make_stream("logistic", 300, seed=0)
+    a = run_experiment(y, n_clients=50, seed=1, backend="numba")
+    b = run_experiment(y, n_clients=50, seed=1, backend="numpy")
+    for p in a.scores:
+        np.testing.assert_allclose(a.client_rmse[p], b.client_rmse[p], rtol=1e-9)
+        for r in ("eg", "hedge"):
+            assert a.scores[p].mixture_rmse[r] == pytest.approx(b.scores[p].mixture_rmse[r], rel=1e-9)
+
+
+def test_result_serialisation_and_table(logistic_result, tmp_path):
+    res = logistic_result
+    assert isinstance(res, ExperimentResult)
+    d = json.loads(res.to_json())
+    assert d["stream"] == "logistic" and d["config"]["n_clients"] == 200 and d["n_rounds"] == 1500
+    assert set(d["policies"]) == {"memoa", "greedy", "local", "consensus"}
+    m = d["policies"]["memoa"]
+    assert set(m["mixture_rmse"]) == {"eg", "hedge"}
+    assert m["worst_client_rmse"] == pytest.approx(res.scores["memoa"].worst_client_rmse)
+    assert m["client_rmse_quantiles"]["1"] == pytest.approx(m["worst_client_rmse"])
+    table = res.table()
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| policy"))
+    for col in ("mixture eg", "mixture hedge", "uniform mean", "worst client", "average client", "max_i J_i"):
+        assert col in header
+    row = next(line for line in lines if line.startswith("| memoa"))
+    assert f"{res.scores['memoa'].worst_client_rmse:.4f}" in row
+    png = tmp_path / "fig.png"
+    plot_result(res, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(burn_in=99), "burn_in must be smaller than the number of rounds 99"),
+    (dict(policies=("memoa", "smart")), "policy must be one of"),
+    (dict(rules=("hedge", "hedge")), "must not repeat"),
+    (dict(n_clients=0), "n_clients must be an integer >= 1"),
+    (dict(kappa=-1.0), "kappa must be in"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run_experiment(np.zeros(100) + np.arange(100) * 0.01, **kwargs)
+
+
+def test_bad_series():
+    with pytest.raises(ValueError, match="T >= 2"):
+        run_experiment([1.0])
+    with pytest.raises(ValueError, match="finite; first bad value at round 3"):
+        run_experiment([0.0, 1.0, 2.0, np.inf, 1.0])
+
+
+@pytest.mark.parametrize("folder,name,column", [("ett", "ETTh1.csv", "OT"), ("exchange_rate", "exchange_rate.csv", "CAD")])
+def test_short_run_on_real_data(datasets_dir, folder, name, column):
+    y = load_csv_series(datasets_dir / folder / name, column, warmup=500, max_rows=1500)
+    res = run_experiment(y, stream=f"{name}:{column}", n_clients=100, seed=0)
+    for s in res.scores.values():
+        assert all(np.isfinite(v) for v in (*s.mixture_rmse.values(), s.uniform_rmse, s.worst_client_rmse, s.max_cost))
+    # the server's hedge mixture is a sensible forecast: within a factor of persistence (y(t+1) ~ y(t))
+    persistence = np.sqrt(np.mean(np.diff(y[res.config["burn_in"]:]) ** 2))
+    assert res.scores["memoa"].mixture_rmse["hedge"] < 3 * persistence
+    assert res.scores["memoa"].worst_client_rmse < res.scores["local"].worst_client_rmse

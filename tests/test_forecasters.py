@@ -1,0 +1,201 @@
+"""Client forecasters: kernel against its NumPy reference, shard reproducibility, learning, checks."""
+import numba
+import numpy as np
+import pytest
+
+from memoa_fast.forecasters import BLOCK_SIZE, ClientForecasters
+from memoa_fast.kernels import CHUNK, _forecast_numba, _forecast_reference
+from memoa_fast.streams import make_stream
+
+RTOL = 1e-12
+TWO_THREADS = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba was started with one thread")
+
+
+def _random_state(rng, n, d, p):
+    w = rng.normal(0.0, 0.5, (n, d, 2 * p + 1))
+    lags = rng.normal(0.0, 1.5, (n, d, p))
+    eps = rng.standard_normal((n + 3, d))  # extra rows are ignored
+    sigma = np.exp(rng.uniform(np.log(0.02), 0.0, n))
+    return w, lags, eps, sigma
+
+
+@pytest.mark.parametrize("n,d,p", [(1, 1, 1), (7, 1, 2), (CHUNK + 5, 1, 2), (300, 3, 3), (2 * CHUNK + 1, 2, 1)])
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=TWO_THREADS)])
+def test_forecast_kernel_matches_reference(n, d, p, threads):
+    rng = np.random.default_rng(n * 31 + d * 7 + p)
+    w, lags, eps, sigma = _random_state(rng, n, d, p)
+    w_ref, lags_ref = w.copy(), lags.copy()
+    out, out_ref = np.zeros((n, d)), np.zeros((n, d))
+    for step in range(6):
+        y = rng.normal(size=d)
+        eps = rng.standard_normal((n + 3, d))
+        update = step > 0
+        _forecast_numba.forecast_step(y, eps, sigma, w, lags, out, 0.3, update, threads)
+        _forecast_reference.forecast_step(y, eps, sigma, w_ref, lags_ref, out_ref, 0.3, update, threads)
+        # z = y + sigma eps may be one fused multiply-add in the kernel: not bitwise, within a few ulps
+        np.testing.assert_allclose(lags, lags_ref, rtol=RTOL, atol=RTOL * np.abs(lags_ref).max())
+        np.testing.assert_allclose(w, w_ref, rtol=RTOL, atol=RTOL * np.abs(w_ref).max())
+        np.testing.assert_allclose(out, out_ref, rtol=RTOL, atol=RTOL * np.abs(out_ref).max())
+    assert not np.allclose(out, 0.0)
+
+
+def test_forecast_reference_is_the_formula():
+    """One client, one step, written out by hand."""
+    y, eps, sigma = np.array([0.5]), np.array([[2.0]]), np.array([0.1])
+    w = np.array([[[0.9, -0.2, 0.05, 0.1, 0.3]]])  # lags (z1, z2), squares, constant
+    lags = np.array([[[0.4, -1.0]]])
+    out = np.zeros((1, 1))
+    z = 0.5 + 0.1 * 2.0
+    phi = np.array([0.4, -1.0, 0.16, 1.0, 1.0])
+    e = z - w[0, 0] @ phi
+    w_new = w[0, 0] + 0.25 * e * phi / (phi @ phi)
+    phi_new = np.array([z, 0.4, z * z, 0.16, 1.0])
+    for kern in (_forecast_reference, _forecast_numba):
+        ww, ll, oo = w.copy(), lags.copy(), out.copy()
+        kern.forecast_step(y, eps, sigma, ww, ll, oo, 0.25, True, 1)
+        np.testing.assert_allclose(ww[0, 0], w_new, rtol=1e-14)
+        np.testing.assert_array_equal(ll[0, 0], [z, 0.4])
+        assert oo[0, 0] == pytest.approx(w_new @ phi_new, rel=1e-14)
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (CHUNK + 3, 2), (2 * CHUNK + 1, 1)])
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=TWO_THREADS)])
+def test_score_kernel_matches_reference(n, d, threads):
+    rng = np.random.default_rng(n + d)
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=d)
+    sq, sq_ref = rng.uniform(size=n), None
+    sq_ref = sq.copy()
+    mean, mean_ref = np.zeros(d), np.zeros(d)
+    work = np.zeros(_forecast_numba.score_work_shape(n, d))
+    total = _forecast_numba.score_step(x, y, True, sq, work, mean, threads)
+    total_ref = _forecast_reference.score_step(x, y, True, sq_ref, work, mean_ref, threads)
+    assert total == pytest.approx(total_ref, rel=RTOL)
+    np.testing.assert_allclose(sq, sq_ref, rtol=RTOL)
+    np.testing.assert_allclose(mean, mean_ref, rtol=RTOL, atol=RTOL * np.abs(x).mean())
+    before = sq.copy()
+    _forecast_numba.score_step(x, y, False, sq, work, mean, threads)
+    np.testing.assert_array_equal(sq, before)  # record=False leaves the errors alone
+
+
+def _run(fc, ys):
+    return np.stack([fc.observe(v).copy() for v in ys])
+
+
+@pytest.mark.parametrize("block_size,n_total,lo,hi", [
+    (64, 1000, 128, 1000 - 37),  # a shard ending inside a block
+    (64, 1000, 0, 64),           # exactly the first block
+    (100, 350, 300, 350),        # the last, partial block
+    (BLOCK_SIZE, BLOCK_SIZE + 500, BLOCK_SIZE, BLOCK_SIZE + 500),  # the default block size
+])
+def test_shard_reproducibility(block_size, n_total, lo, hi):
+    ys = make_stream("logistic", 60, seed=4)
+    kw = dict(seed=11, block_size=block_size, lags=2, threads=1)
+    full = ClientForecasters(n_total, **kw)
+    shard = ClientForecasters(hi - lo, first_client=lo, **kw)
+    np.testing.assert_array_equal(shard.noise_scales, full.noise_scales[lo:hi])
+    s_full, s_shard = _run(full, ys), _run(shard, ys)
+    np.testing.assert_array_equal(s_shard, s_full[:, lo:hi])
+    np.testing.assert_array_equal(shard.weights, full.weights[lo:hi])
+
+
+@TWO_THREADS
+def test_threads_do_not_change_forecasts():
+    ys = make_stream("concept", 30, seed=0)
+    kw = dict(seed=5, block_size=512, parallel_threshold=1)
+    one = ClientForecasters(3000, threads=1, **kw)
+    two = ClientForecasters(3000, threads=2, **kw)
+    np.testing.assert_array_equal(_run(one, ys), _run(two, ys))
+    two.close()
+
+
+def test_same_seed_same_forecasts_other_seed_other_noise():
+    ys = make_stream("periodic", 40, seed=0)
+    a, b, c = (ClientForecasters(500, seed=s) for s in (1, 1, 2))
+    ra, rb, rc = _run(a, ys), _run(b, ys), _run(c, ys)
+    np.testing.assert_array_equal(ra, rb)
+    assert not np.allclose(ra, rc)
+    a.reset()
+    np.testing.assert_array_equal(_run(a, ys), ra)  # reset replays the same noise
+
+
+def test_noise_scales_are_log_uniform_on_the_range():
+    fc = ClientForecasters(20000, noise_range=(0.01, 1.0), seed=0)
+    s = fc.noise_scales
+    assert s.min() >= 0.01 and s.max() <= 1.0
+    logs = np.log10(s)  # uniform on [-2, 0]: mean -1, quartiles -1.5 and -0.5
+    assert abs(logs.mean() + 1.0) < 0.02
+    np.testing.assert_allclose(np.quantile(logs, [0.25, 0.75]), [-1.5, -0.5], atol=0.03)
+    with pytest.raises(ValueError):
+        s[0] = 1.0  # read-only view
+
+
+def test_noise_is_the_contract():
+    """Client observations are y + sigma * eps with eps standard normal: check the forecaster's first step."""
+    fc = ClientForecasters(5000, seed=3)
+    s0 = fc.observe(0.7)  # persistence weights, empty lags: first forecast = first noisy observation
+    noise = (s0[:, 0] - 0.7) / fc.noise_scales
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.05
+
+
+def test_forecasters_learn_the_logistic_map():
+    y = make_stream("logistic", 3000, seed=1)
+    fc = ClientForecasters(8, noise_range=(1e-4, 1e-4), mu=0.5, seed=0)
+    s = _run(fc, y[:-1])[:, :, 0]
+    err = s[-500:] - y[-500:, None]
+    persistence = np.sqrt(np.mean(np.diff(y[-501:]) ** 2))
+    assert np.sqrt(np.mean(err**2)) < 0.01 * persistence
+    # the learned map is y' = a + b y + c y^2 with c != 0 (squares are needed)
+    w = fc.weights[:, 0]
+    assert np.all(np.abs(w[:, 2]) > 0.1)
+
+
+def test_numpy_backend_matches_numba():
+    ys = make_stream("concept-drift", 50, seed=2)
+    a = ClientForecasters(300, dim=1, seed=9, backend="numba")
+    b = ClientForecasters(300, dim=1, seed=9, backend="numpy")
+    ra, rb = _run(a, ys), _run(b, ys)
+    np.testing.assert_allclose(ra, rb, rtol=RTOL, atol=RTOL * np.abs(rb).max())
+
+
+def test_vector_stream():
+    fc = ClientForecasters(10, dim=3, seed=0)
+    s = fc.observe([0.1, -0.2, 0.3])
+    assert s.shape == (10, 3)
+    with pytest.raises(ValueError, match=r"y must have shape \(3,\)"):
+        fc.observe([0.1, 0.2])
+    with pytest.raises(ValueError, match="y must be finite"):
+        fc.observe([0.1, np.nan, 0.3])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(first_client=100), "first_client must be a multiple of block_size=4096"),
+    (dict(noise_range=(0.5, 0.1)), "low <= high"),
+    (dict(noise_range=(0.0, 0.1)), "noise_range low must be in"),
+    (dict(noise_range=0.3), "pair"),
+    (dict(mu=2.0), "mu must be in"),
+    (dict(lags=0), "lags must be an integer >= 1"),
+    (dict(backend="fortran"), "backend must be one of"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ClientForecasters(10, **kwargs)
+
+
+def test_state_dict_resumes_exactly():
+    ys = make_stream("logistic", 40, seed=0)
+    a = ClientForecasters(300, seed=2, block_size=128)
+    _run(a, ys[:20])
+    state = a.state_dict()
+    rest_a = _run(a, ys[20:])
+    b = ClientForecasters(300, seed=2, block_size=128)
+    b.load_state_dict(state)
+    assert b.t == 20
+    np.testing.assert_array_equal(_run(b, ys[20:]), rest_a)
+    # shards' per-client arrays are slices of the whole population's
+    c = ClientForecasters(300 - 128, seed=2, block_size=128, first_client=128)
+    c.load_state_dict({"agents": {k: v[128:] for k, v in state["agents"].items()}, "shared": state["shared"]})
+    np.testing.assert_array_equal(_run(c, ys[20:]), rest_a[:, 128:])
+    with pytest.raises(ValueError, match=r"state\['agents'\]\['lags'\] must have shape \(300, 1, 2\)"):
+        b.load_state_dict({"agents": dict(state["agents"], lags=np.zeros((300, 1, 3))), "shared": state["shared"]})
