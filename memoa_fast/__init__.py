@@ -6,12 +6,34 @@ The public API is small:
   gains (:func:`solve_gains`) and the policy (``memoa`` or a baseline);
 - :class:`Population` owns N agents' states and costs and steps them in place;
 - :class:`Server` mixes the agents' predictions with online weights;
-- :mod:`memoa_fast.certificates` checks the policy against the Nash optimum.
+- :class:`ClientForecasters`, :func:`make_stream`, :func:`load_csv_series` and
+  :func:`run_experiment` make the time-series job (``memoa run``);
+- submodules :mod:`memoa_fast.certificates` (epsilon-Nash, exact Nash),
+  :mod:`memoa_fast.checkpoint` and :mod:`memoa_fast.distributed` (Dask) are
+  imported on demand.
 """
+from .experiment import ExperimentResult, run_experiment
+from .forecasters import ClientForecasters
 from .game import POLICIES, Game, Gains, PolicyCoefficients, solve_gains
 from .population import Population
 from .server import RULES, Server
+from .streams import load_csv_series, make_stream
 
 __version__ = "0.1.0"
 
-__all__ = ["Game", "Gains", "PolicyCoefficients", "Population", "Server", "solve_gains", "POLICIES", "RULES", "__version__"]
+__all__ = [
+    "Game",
+    "Gains",
+    "PolicyCoefficients",
+    "Population",
+    "Server",
+    "ClientForecasters",
+    "ExperimentResult",
+    "run_experiment",
+    "make_stream",
+    "load_csv_series",
+    "solve_gains",
+    "POLICIES",
+    "RULES",
+    "__version__",
+]
