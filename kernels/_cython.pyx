@@ -404,3 +404,167 @@ def mixture_update(
             lse = _log_sum_exp_merge(work, x.shape[1])
             for c in prange(n_chunks, schedule="static", num_threads=threads):
                 _share_chunk(log_p, lse, alpha, c)
+
+
+# --------------------------------------------------------------------------- fused step
+# Appended by the performance work (issue 4): mirrors ``_numba.fused_step``
+# (same signature and semantics; see ``_reference.fused_step``), written in
+# this module's row-by-row style. Two passes over memory: the signals (their
+# mean is needed before any state moves), then the states and costs, with
+# the next step's partial sums taken while the chunk is in cache.
+cdef void _fused_signal_chunk(
+    const double[:, ::1] x,   # IN  (n, d) states
+    const double[:, ::1] s,   # IN  (n, d) signals, may hold NaN/inf
+    double[:, ::1] work,      # OUT row c: [0, d) state sums (if want_x), [dp, dp + d) finite-signal sums, [2 dp] count
+    bint want_x,
+    Py_ssize_t c,
+) noexcept nogil:
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
+    cdef Py_ssize_t dp = _padded(d)
+    cdef Py_ssize_t i, j
+    cdef Py_ssize_t lo = c * _CHUNK
+    cdef Py_ssize_t hi = lo + _CHUNK
+    cdef Py_ssize_t count = 0
+    cdef bint finite
+    cdef double* row = &work[c, 0]
+    if hi > n:
+        hi = n
+    for j in range(work.shape[1]):
+        row[j] = 0.0
+    for i in range(lo, hi):
+        finite = True
+        for j in range(d):
+            if not isfinite(s[i, j]):
+                finite = False
+        if want_x:
+            for j in range(d):
+                row[j] += x[i, j]
+        if finite:
+            count += 1
+            for j in range(d):
+                row[dp + j] += s[i, j]
+    row[2 * dp] = <double>count
+
+
+cdef void _fused_move_chunk(
+    double[:, ::1] x,               # IN/OUT (n, d) states, moved by u
+    const double[:, ::1] s,         # IN  (n, d) signals
+    double[::1] J,                  # IN/OUT (n,) online costs
+    double[:, ::1] work,            # OUT row c: [0, d) sums of x(t+1), [dp, dp + d) mixture partials, [2 dp + 1, 2 dp + 2] max cost, its index
+    double gain,
+    double c_signal,
+    double c_signal_mean,
+    double c_state_mean,
+    const double[::1] mean_s,       # IN  (d,)
+    double q,
+    double kappa,
+    double r,
+    const double[::1] mean_x,       # IN  (d,)
+    double half_discount,
+    const double[::1] log_p,        # IN  (n,) log-weights, or (0,)
+    bint predict,
+    Py_ssize_t c,
+) noexcept nogil:
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
+    cdef Py_ssize_t dp = _padded(d)
+    cdef Py_ssize_t i, j
+    cdef Py_ssize_t lo = c * _CHUNK
+    cdef Py_ssize_t hi = lo + _CHUNK
+    cdef Py_ssize_t jarg = -1
+    cdef double jmax = -INFINITY, p
+    cdef double* row = &work[c, 0]
+    if hi > n:
+        hi = n
+    _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, c)
+    for j in range(d):
+        row[j] = 0.0
+        row[dp + j] = 0.0
+    for i in range(lo, hi):  # the chunk is in cache now
+        for j in range(d):
+            row[j] += x[i, j]
+        if predict:
+            p = exp(log_p[i])
+            for j in range(d):
+                row[dp + j] += p * x[i, j]
+        if J[i] > jmax:
+            jmax = J[i]
+            jarg = i
+    row[2 * dp + 1] = jmax
+    row[2 * dp + 2] = <double>jarg
+
+
+def fused_step(
+    double[:, ::1] x,               # IN/OUT (n, d)
+    const double[:, ::1] s,         # IN  (n, d)
+    double[::1] J,                  # IN/OUT (n,)
+    double[:, ::1] work,            # OUT work_shape(n, d)
+    double gain,
+    double c_signal,
+    double c_signal_mean,
+    double c_state_mean,
+    double q,
+    double kappa,
+    double r,
+    double discount,
+    double[::1] mean_x,             # IN m(t) if have_mean_x, else OUT
+    double[::1] mean_s,             # OUT (d,), untouched when no signal is finite
+    double[::1] next_mean_x,        # OUT (d,) m(t+1)
+    bint have_mean_x,
+    const double[::1] log_p,        # IN  (n,) log-weights, or (0,): no mixture
+    double[::1] yhat,               # OUT (d,) sum_i exp(log_p_i) x_i(t+1), when log_p has n entries
+    int threads,
+):
+    """One whole population step in two passes; see ``_reference.fused_step``.
+
+    Returns ``(n_finite, max_J, argmax_J)`` of the updated costs (first index on ties).
+    """
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
+    cdef Py_ssize_t dp = _padded(d)
+    cdef Py_ssize_t c, j, n_chunks = work.shape[0]
+    cdef double half_discount = 0.5 * discount
+    cdef double count = 0.0, total, jmax = -INFINITY, jarg = -1.0
+    cdef bint predict = log_p.shape[0] == n
+    with nogil:
+        if threads <= 1:
+            for c in range(n_chunks):
+                _fused_signal_chunk(x, s, work, not have_mean_x, c)
+        else:
+            for c in prange(n_chunks, schedule="static", num_threads=threads):
+                _fused_signal_chunk(x, s, work, not have_mean_x, c)
+        for c in range(n_chunks):
+            count += work[c, 2 * dp]
+        if count > 0:
+            for j in range(d):
+                total = 0.0
+                for c in range(n_chunks):
+                    total += work[c, dp + j]
+                mean_s[j] = total / count
+        if not have_mean_x:
+            for j in range(d):
+                total = 0.0
+                for c in range(n_chunks):
+                    total += work[c, j]
+                mean_x[j] = total / n
+        if threads <= 1:
+            for c in range(n_chunks):
+                _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r,
+                                  mean_x, half_discount, log_p, predict, c)
+        else:
+            for c in prange(n_chunks, schedule="static", num_threads=threads):
+                _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r,
+                                  mean_x, half_discount, log_p, predict, c)
+        for j in range(d):
+            total = 0.0
+            for c in range(n_chunks):
+                total += work[c, j]
+            next_mean_x[j] = total / n
+            if predict:
+                total = 0.0
+                for c in range(n_chunks):
+                    total += work[c, dp + j]
+                yhat[j] = total
+        for c in range(n_chunks):
+            if work[c, 2 * dp + 1] > jmax:
+                jmax = work[c, 2 * dp + 1]
+                jarg = work[c, 2 * dp + 2]
+    return int(count), float(jmax), int(jarg)

@@ -19,10 +19,10 @@ never enters a kernel: the caller passes standard normal draws in.
 
 The NumPy reference of each kernel is in :mod:`._forecast_reference`.
 """
-import numba
 from numba import njit, prange
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
+from ._numba import _Threads  # one thread-count guard for every Numba kernel
 
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
 
@@ -174,24 +174,6 @@ def _score_parallel(x, y, record, sq_err, work, out_mean):
 
 
 # --------------------------------------------------------------------------- dispatch
-class _Threads:
-    """Run a parallel kernel on exactly ``threads`` threads, restoring the global setting."""
-
-    __slots__ = ("threads", "previous")
-
-    def __init__(self, threads):
-        self.threads = threads
-
-    def __enter__(self):
-        self.previous = numba.get_num_threads()
-        if self.previous != self.threads:
-            numba.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        if self.previous != self.threads:
-            numba.set_num_threads(self.previous)
-
-
 def score_work_shape(n, d):
     """Shape of :func:`score_step`'s work array: one padded row per chunk (sums, then the total)."""
     return -(-n // CHUNK), -(-(d + 1) // PAD) * PAD

@@ -69,3 +69,39 @@ def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, threads):
         log_p[:] = -np.log(log_p.shape[0])
     elif alpha > 0.0:
         log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, np.log(alpha / log_p.shape[0]))
+
+
+def fused_step(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, discount,
+               mean_x, mean_s, next_mean_x, have_mean_x, log_p, yhat, threads):
+    """One whole population step: the mean field, the policy, and what step t+1 needs.
+
+    Equivalent to :func:`mean_field` then :func:`policy_update` (with
+    ``mean_x`` as the mean state), then :func:`mixture_predict` on the moved
+    states. In detail:
+
+    - ``mean_x`` (IN/OUT, ``(d,)``): ``m(t)``. If ``have_mean_x`` is true it is
+      taken as given (the previous step's ``next_mean_x``); otherwise it is
+      computed from ``x`` and written.
+    - ``mean_s`` (OUT, ``(d,)``): the mean of the finite signals; left as it
+      was when no signal is finite.
+    - ``next_mean_x`` (OUT, ``(d,)``): ``m(t+1)``, the mean of the moved states.
+    - ``log_p`` (IN, ``(N,)`` or ``(0,)``) and ``yhat`` (OUT, ``(d,)``): when
+      ``log_p`` has N entries, ``yhat = sum_i exp(log_p_i) x_i(t+1)``, the
+      server's prediction of the new states; with an empty ``log_p``,
+      ``yhat`` is not touched.
+
+    Returns ``(n_finite, max_J, argmax_J)`` of the *updated* costs (the worst
+    client after this step; first index on ties).
+    """
+    if not have_mean_x:
+        mean_x[:] = x.mean(axis=0)
+    ok = finite_rows(s)
+    n_finite = int(ok.sum())
+    if n_finite:
+        mean_s[:] = s[ok].mean(axis=0)
+    policy_update(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, discount, threads)
+    next_mean_x[:] = x.mean(axis=0)
+    if log_p.shape[0] == x.shape[0]:
+        mixture_predict(log_p, x, work, yhat, threads)
+    worst = int(np.argmax(J))
+    return n_finite, float(J[worst]), worst

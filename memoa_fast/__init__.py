@@ -21,6 +21,26 @@ from .streams import load_csv_series, make_stream
 
 __version__ = "0.1.0"
 
+# Imported on first use: dask is optional and heavy, checkpoints need neither.
+_LAZY = {
+    "DaskPopulation": "distributed",
+    "DaskServer": "distributed",
+    "make_population": "distributed",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "restore_checkpoint": "checkpoint",
+    "epsilon_nash": "certificates",
+    "nash_equilibrium": "certificates",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'memoa_fast' has no attribute {name!r}")
+
 __all__ = [
     "Game",
     "Gains",
@@ -36,4 +56,5 @@ __all__ = [
     "POLICIES",
     "RULES",
     "__version__",
+    *_LAZY,
 ]

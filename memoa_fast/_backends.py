@@ -13,8 +13,10 @@ from ._validation import check_backend, check_threads
 _MODULES = {"numba": "memoa_fast.kernels._numba", "cython": "memoa_fast.kernels._cython", "numpy": "memoa_fast.kernels._reference"}
 
 # Below this many agents one thread beats two: a parallel region costs about
-# 10 us of fork/join per call (measured in bench/, see bench/README.md).
-PARALLEL_THRESHOLD = 32_768
+# 10 us of fork/join per call, and a population of fewer than two CHUNKs has
+# only one chunk to give. Measured crossover of the fused step on 2 cores:
+# between 4096 and 8192 agents (bench/README.md, "Parallel threshold").
+PARALLEL_THRESHOLD = 8_192
 
 
 SOURCE_TREE_HINT = (

@@ -1,6 +1,8 @@
 """A population of online agents stepped by the compiled kernels."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _backends
@@ -31,7 +33,7 @@ class Population:
         Threads for populations of at least ``parallel_threshold`` agents;
         default: every core. The global Numba thread count is restored after
         each call.
-    parallel_threshold : int, default 32768
+    parallel_threshold : int, default 8192
         Smaller populations run on one thread (a parallel region costs more
         than it saves there).
 
@@ -52,6 +54,13 @@ class Population:
     mean-field term ``gamma^t kappa |x_i - m|^2 / 2``: a bad signal never
     reaches the mean field, and its cost stays finite. If no agent has a
     finite signal, nobody moves and :attr:`mean_signal` keeps its last value.
+
+    A step is one fused kernel (``fused_step``: ``numba`` and ``cython``,
+    with a NumPy mirror for ``numpy``) making two passes over memory, the
+    signals then the states and costs, which also leaves ``m(t+1)`` and the
+    worst client ready for the next step; a backend without it runs the mean
+    field and the policy as two kernels. Both give the same result to
+    rounding (``1e-12`` relative; bitwise for a given compiled backend).
     """
 
     def __init__(
@@ -93,6 +102,15 @@ class Population:
         self._mean_x = np.zeros(self.dim)
         self._mean_s = np.zeros(self.dim)
         self._n_finite = 0
+        # Fused path (backends with ``fused_step``): the kernel returns m(t+1)
+        # in _next_mean_x and the worst agent, so the next step skips a pass.
+        self._fused = hasattr(self._kernels, "fused_step")
+        self._next_mean_x = np.zeros(self.dim)
+        self._mean_ready = False  # _next_mean_x holds the kernels' mean of the current states
+        self._worst = -1  # argmax of the costs after the last fused step; -1: unknown
+        self._yhat = np.zeros(self.dim)
+        self._yhat_view = _readonly(self._yhat)
+        self._no_weights = _readonly(np.empty(0))
         self._x_view = _readonly(self._x)
         self._J_view = _readonly(self._J)
         self.reset(initial_states)
@@ -108,6 +126,8 @@ class Population:
         self._mean_s[...] = 0.0
         self._mean_x[...] = self._x.mean(axis=0)
         self._n_finite = 0
+        self._mean_ready = False
+        self._worst = -1
         self.t = 0
         self._discount = 1.0
 
@@ -144,6 +164,8 @@ class Population:
     @property
     def worst_agent(self) -> int:
         """Index of the agent with the largest online cost (first one on ties)."""
+        if self._worst >= 0:  # tracked by the fused step
+            return self._worst
         return int(np.argmax(self._J))
 
     @property
@@ -166,6 +188,9 @@ class Population:
             The new states ``x(t+1)``, the read-only live view :attr:`states`.
         """
         s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
+        if self._fused:
+            self._fused_step(s, self._no_weights)
+            return self._x_view
         kern, threads = self._kernels, self._threads_used
         n_finite, _, _ = kern.mean_field(self._x, s, self._J, self._work, self._mean_x, self._mean_s, threads)
         self._n_finite = n_finite
@@ -178,6 +203,62 @@ class Population:
         self.t += 1
         self._discount *= g.gamma
         return self._x_view
+
+    def step_predict(self, signals, server) -> np.ndarray:
+        """:meth:`step`, then the mixture ``server`` would publish for the new states.
+
+        The same as ``step(signals)`` followed by ``server.predict(states)``
+        (to ``1e-12`` relative), but the fused step sums the mixture
+        ``sum_i p_i x_i(t+1)`` inside its pass over the states, while they
+        are in cache, instead of in a third pass over memory.
+
+        Parameters
+        ----------
+        signals : array_like, shape (N, d) (or (N,) when d = 1)
+            As for :meth:`step`.
+        server : Server
+            A server over the same N agents and dimension d; only read.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``yhat(t+1)``, shape (d,): a read-only view of a buffer that the
+            next call overwrites (copy it to keep it).
+        """
+        from .server import Server
+
+        if not isinstance(server, Server):
+            raise TypeError(f"server must be a memoa_fast.Server, got {type(server).__name__}")
+        if (server.n_agents, server.dim) != (self.n_agents, self.dim):
+            raise ValueError(
+                f"server mixes {server.n_agents} agents of dimension {server.dim}, this population has "
+                f"{self.n_agents} of dimension {self.dim}: build the Server with the same n_agents and dim"
+            )
+        s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
+        if not self._fused:  # a third pass; the states are ours, so finite and already checked
+            self.step(s)
+            self._kernels.mixture_predict(server.log_weights, self._x, self._work, self._yhat, self._threads_used)
+            return self._yhat_view
+        self._fused_step(s, server.log_weights)
+        return self._yhat_view
+
+    def _fused_step(self, s, log_p) -> None:
+        """One step with the backend's ``fused_step`` (two passes over memory; see ``kernels``)."""
+        g = self.game
+        coef = g.coefficients
+        # m(t) is last step's m(t+1) when it is ready; the kernel computes it otherwise.
+        used, following = self._next_mean_x, self._mean_x
+        n_finite, max_cost, worst = self._kernels.fused_step(
+            self._x, s, self._J, self._work, coef.gain, coef.signal, coef.signal_mean, coef.state_mean,
+            g.q, g.kappa, g.r, self._discount, used, self._mean_s, following, self._mean_ready,
+            log_p, self._yhat, self._threads_used,
+        )
+        self._mean_x, self._next_mean_x = used, following
+        self._mean_ready = True
+        self._n_finite = n_finite
+        self._worst = worst if math.isfinite(max_cost) else -1
+        self.t += 1
+        self._discount *= g.gamma
 
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d); returns the last states."""
@@ -225,6 +306,8 @@ class Population:
         self._mean_x[...] = mean_x
         self._mean_s[...] = mean_s
         self._n_finite = int(state.get("n_finite_signals", 0))
+        self._mean_ready = False  # the next step recomputes m from the restored states
+        self._worst = -1
         self.t = t
         self._discount = discount
 
