@@ -718,7 +718,7 @@ class DaskPopulation:
         Passed to the signal factory.
     threads : int, optional
         Kernel threads per shard; default: the worker's thread count.
-    parallel_threshold : int, default 32768
+    parallel_threshold : int, default 8192 (``memoa_fast._backends.PARALLEL_THRESHOLD``)
         Shards smaller than this run on one thread.
     exact : bool, default False
         Gather one partial row per chunk instead of per shard, which makes

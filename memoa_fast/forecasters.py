@@ -77,7 +77,7 @@ class ClientForecasters:
     threads : int, optional
         Threads for the kernel and the noise draws; default every core. Fewer
         than ``parallel_threshold`` clients run on one thread.
-    parallel_threshold : int, default 32768
+    parallel_threshold : int, default 8192 (``memoa_fast._backends.PARALLEL_THRESHOLD``)
         As for :class:`~memoa_fast.Population`.
 
     Notes

@@ -36,6 +36,11 @@ class Population:
     parallel_threshold : int, default 8192
         Smaller populations run on one thread (a parallel region costs more
         than it saves there).
+    client : dask.distributed.Client, optional
+        Shard the population over this Dask cluster instead: the call then
+        returns a :class:`memoa_fast.distributed.DaskPopulation` (same API,
+        states resident on the workers; further keywords such as ``n_shards``
+        and ``signals`` go to it). Needs the ``dask`` extra.
 
     Notes
     -----
@@ -63,6 +68,18 @@ class Population:
     rounding (``1e-12`` relative; bitwise for a given compiled backend).
     """
 
+    def __new__(cls, *args, client=None, **kwargs):
+        if client is None:
+            return super().__new__(cls)
+        # One argument switches engines: a DaskPopulation is returned (and
+        # Python then skips this class's __init__, the object not being one).
+        backend = kwargs.pop("backend", "numba")
+        if backend != "numba":
+            raise ValueError(f"backend must be 'numba' when client is given (shards run the Numba kernels), got {backend!r}")
+        from .distributed import DaskPopulation
+
+        return DaskPopulation(*args, client=client, **kwargs)
+
     def __init__(
         self,
         game: Game,
@@ -73,6 +90,7 @@ class Population:
         backend: str = "numba",
         threads: int | None = None,
         parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
+        client=None,
     ):
         if not isinstance(game, Game):
             raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")

@@ -113,6 +113,16 @@ def test_make_population_without_client_is_single_process():
     assert isinstance(pop, Population) and pop.states.shape == (10, 2)
 
 
+def test_population_switches_engine_with_one_argument(client):
+    dpop = Population(GAME, 2 * CHUNK, 2, client=client, timeout=TIMEOUT)
+    try:
+        assert isinstance(dpop, DaskPopulation) and dpop.n_shards == 2
+        with pytest.raises(ValueError, match="backend must be 'numba' when client is given"):
+            Population(GAME, 10, 2, client=client, backend="cython")
+    finally:
+        dpop.close()
+
+
 # --------------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("rule", ["eg", "hedge"])
 def test_client_signals_match_single_process(client, rng, rule):
