@@ -24,7 +24,7 @@ Run from the repository root (with the package installed)::
     python -P bench/bench_dask.py                 # N = 10^7, about 5 minutes here
     python -P bench/bench_dask.py --n 1000000 --steps 5 --json out.json
 
-Results and their reading: ``bench/dask_notes.md``.
+Results and their reading: ``bench/README.md``, section "Sharded on Dask".
 """
 from __future__ import annotations
 
