@@ -63,7 +63,7 @@ from numba import njit, prange
 from . import _backends
 from ._validation import as_float_array, check_choice, check_int, check_real
 from .game import Game
-from .population import Population, _readonly
+from .population import MeanFieldSummary, Population, _readonly
 from .kernels import CACHE, CHUNK, FASTMATH, padded, work_shape
 from .server import _RULE_CODES, RULES
 
@@ -689,7 +689,7 @@ def _direct_client(client, timeout):
     )
 
 
-class DaskPopulation:
+class DaskPopulation(MeanFieldSummary):
     """N online agents sharded over the workers of a Dask cluster.
 
     Same model, API and results as :class:`~memoa_fast.Population` (see its
@@ -1015,26 +1015,6 @@ class DaskPopulation:
     def costs(self) -> np.ndarray:
         """Discounted online costs ``J_i``, gathered (a read-only copy)."""
         return _readonly(self._gather_agents("costs", (self.n_agents,)))
-
-    @property
-    def mean_state(self) -> np.ndarray:
-        """The mean field ``m`` the last step used (``m(0)`` before any step); a copy."""
-        return self._mean_x.copy()
-
-    @property
-    def mean_signal(self) -> np.ndarray:
-        """The signal mean ``sbar`` the last step used; a copy."""
-        return self._mean_s.copy()
-
-    @property
-    def n_finite_signals(self) -> int:
-        """How many agents had a finite signal in the last step."""
-        return self._n_finite
-
-    @property
-    def discount(self) -> float:
-        """``gamma**t``, the weight of the next step's cost."""
-        return self._discount
 
     def _worst(self) -> tuple[float, int]:
         best, arg = -np.inf, -1

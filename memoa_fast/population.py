@@ -10,7 +10,35 @@ from ._validation import as_float_array, check_int
 from .game import Game
 
 
-class Population:
+class MeanFieldSummary:
+    """The small per-step summary every population engine keeps on the client side.
+
+    Shared by :class:`Population` and :class:`~memoa_fast.distributed.DaskPopulation`,
+    which both hold ``_mean_x``, ``_mean_s``, ``_n_finite`` and ``_discount``.
+    """
+
+    @property
+    def mean_state(self) -> np.ndarray:
+        """The mean field ``m`` the last step used (``m(0)`` before any step); a copy."""
+        return self._mean_x.copy()
+
+    @property
+    def mean_signal(self) -> np.ndarray:
+        """The signal mean ``sbar`` the last step used; a copy."""
+        return self._mean_s.copy()
+
+    @property
+    def n_finite_signals(self) -> int:
+        """How many agents had a finite signal in the last step."""
+        return self._n_finite
+
+    @property
+    def discount(self) -> float:
+        """``gamma**t``, the weight of the next step's cost."""
+        return self._discount
+
+
+class Population(MeanFieldSummary):
     """N online agents sharing one :class:`Game`, stepped in place.
 
     One object per population (never one per agent). States, signals' mean,
@@ -158,26 +186,6 @@ class Population:
     def costs(self) -> np.ndarray:
         """Discounted online costs ``J_i = sum_t gamma^t l_i(t)``: a read-only view."""
         return self._J_view
-
-    @property
-    def mean_state(self) -> np.ndarray:
-        """The mean field ``m`` the last step used (``m(0)`` before any step); a copy."""
-        return self._mean_x.copy()
-
-    @property
-    def mean_signal(self) -> np.ndarray:
-        """The signal mean ``sbar`` the last step used; a copy."""
-        return self._mean_s.copy()
-
-    @property
-    def n_finite_signals(self) -> int:
-        """How many agents had a finite signal in the last step."""
-        return self._n_finite
-
-    @property
-    def discount(self) -> float:
-        """``gamma**t``, the weight of the next step's cost."""
-        return self._discount
 
     @property
     def worst_agent(self) -> int:
