@@ -24,6 +24,11 @@ Run from the repository root (with the package installed)::
     python -P bench/bench_dask.py                 # N = 10^7, about 5 minutes here
     python -P bench/bench_dask.py --n 1000000 --steps 5 --json out.json
 
+or as a pytest-benchmark suite (N = 10^6, noisy worker-side signals; agent-steps
+per second and payload bytes per round in ``extra_info``)::
+
+    python -P -m pytest bench/bench_dask.py -p no:cacheprovider
+
 Results and their reading: ``bench/README.md``, section "Sharded on Dask".
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from memoa_fast import Game, Population, Server
 from memoa_fast.distributed import DaskPopulation, DaskServer, NoisyLastValueSignals
@@ -183,6 +189,51 @@ def throughput(client, n, dim, steps, repeats, sources):
             rows.append(dict(source=source, engine=label, seconds_per_round=med, agent_steps_per_s=n / med,
                              vs_single_2_threads=base / med, all_seconds=ts))
     return rows
+
+
+# --------------------------------------------------------------------------- pytest-benchmark
+@pytest.fixture(scope="module")
+def cluster_client():
+    pytest.importorskip("distributed", reason="the Dask benchmark needs the 'dask' extra")
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0", timeout=60)
+    client = Client(cluster, timeout=60)
+    try:
+        yield client
+    finally:
+        client.close(timeout=60)
+        cluster.close(timeout=60)
+
+
+@pytest.mark.parametrize("engine", ["single process, 2 threads", "dask, 2 workers x 1 thread"])
+def test_round_throughput(benchmark, cluster_client, engine):
+    """One time-series round (observe, step, predict, update) at N = 10^6, signals drawn where the agents live."""
+    n, dim, steps = 10**6, 1, 5
+    ys = _stream(steps + 1, dim)
+    sharded = engine.startswith("dask")
+    runner = Sharded(n, dim, cluster_client, "noisy", exact=False) if sharded else Single(n, dim, 2, "noisy")
+    try:
+        runner.round(ys[0], ys[1])  # JIT and first touch
+        runner.sync()
+        if sharded:
+            runner.pop.comm.reset()
+
+        def rounds():
+            for t in range(steps):
+                runner.round(ys[t], ys[t + 1])
+            runner.sync()
+
+        benchmark.pedantic(rounds, rounds=3, iterations=1)
+        benchmark.extra_info["agent_steps_per_s"] = n * steps / benchmark.stats["median"]
+        if sharded:
+            comm, total = runner.pop.comm, 3 * steps
+            benchmark.extra_info["payload_bytes_out_per_round"] = comm.bytes_sent / total
+            benchmark.extra_info["payload_bytes_in_per_round"] = comm.bytes_received / total
+            assert comm.bytes_sent / total < 4096  # O(d) per step, not O(N)
+    finally:
+        runner.close()
 
 
 def bytes_per_round(client, sizes, dim, steps):
