@@ -630,25 +630,33 @@ def _log_sum_exp_merge(work, d):
 
 
 @njit(**_jit)
-def _share_chunk(log_p, lse, alpha, c):
-    """Normalise and mix with the uniform law: ``p <- (1-alpha) p + alpha/N``."""
-    n = log_p.shape[0]
-    lo, hi = _chunk_bounds(n, c)
-    seg = log_p[lo:hi]
+def _share_range(log_p, lse, alpha, n_total, lo, hi):
+    """Normalise rows ``[lo, hi)`` and mix with the uniform law over ``n_total`` agents.
+
+    ``p <- (1-alpha) p + alpha/N`` in the log domain. ``n_total`` is the
+    whole population's N, which a Dask shard (holding a slice) passes in.
+    """
     if alpha == 0.0:
-        for i in range(seg.shape[0]):
-            seg[i] -= lse
+        for i in range(lo, hi):
+            log_p[i] -= lse
     elif alpha == 1.0:
-        uniform = -math.log(n)
-        for i in range(seg.shape[0]):
-            seg[i] = uniform
+        uniform = -math.log(n_total)
+        for i in range(lo, hi):
+            log_p[i] = uniform
     else:
         keep = math.log1p(-alpha)
-        spread = math.log(alpha / n)
-        for i in range(seg.shape[0]):
-            a = keep + seg[i] - lse
+        spread = math.log(alpha / n_total)
+        for i in range(lo, hi):
+            a = keep + log_p[i] - lse
             top = max(a, spread)
-            seg[i] = top + math.log1p(math.exp(-abs(a - spread)))
+            log_p[i] = top + math.log1p(math.exp(-abs(a - spread)))
+
+
+@njit(**_jit)
+def _share_chunk(log_p, lse, alpha, c):
+    n = log_p.shape[0]
+    lo, hi = _chunk_bounds(n, c)
+    _share_range(log_p, lse, alpha, n, lo, hi)
 
 
 @njit(**_jit)

@@ -74,12 +74,14 @@ from .server import _RULE_CODES, RULES
 #   the correctly rounded quotient a NumPy division would give);
 # - the sharded mixture needs the global log-sum-exp between its two passes,
 #   so a shard drives the chunk-level reweighting itself (the public
-#   ``mixture_update`` normalises with a local one).
+#   ``mixture_update`` normalises with a local one), and fixed share spreads
+#   alpha over the whole population (``_share_range`` with N, not the shard size).
 from .kernels._numba import (
     _log_sum_exp_merge,
     _mean_field_merge,
     _predict_merge,
     _reweight_chunk,
+    _share_range,
     _Threads,
 )
 
@@ -181,36 +183,17 @@ def _reweight_parallel(log_p, x, y, yhat, rule, eta, work):
 
 
 @njit(**_jit)
-def _share_block(log_p, lse, alpha, n_total, lo, hi):
-    # The kernel's _share_chunk with the population's N, not the shard's: a
-    # shard's log_p is a slice, and fixed share spreads alpha over all N.
-    if alpha == 0.0:
-        for i in range(lo, hi):
-            log_p[i] -= lse
-    elif alpha == 1.0:
-        for i in range(lo, hi):
-            log_p[i] = -math.log(n_total)
-    else:
-        keep = math.log1p(-alpha)
-        spread = math.log(alpha / n_total)
-        for i in range(lo, hi):
-            a = keep + log_p[i] - lse
-            top = max(a, spread)
-            log_p[i] = top + math.log1p(math.exp(-abs(a - spread)))
-
-
-@njit(**_jit)
 def _share_serial(log_p, lse, alpha, n_total):
     n = log_p.shape[0]
     for c in range((n + CHUNK - 1) // CHUNK):
-        _share_block(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
+        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
 
 
 @njit(parallel=True, **_jit)
 def _share_parallel(log_p, lse, alpha, n_total):
     n = log_p.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
-        _share_block(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
+        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
 
 
 # =========================================================================== a worker-side signal source
