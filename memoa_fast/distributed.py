@@ -63,7 +63,7 @@ from numba import njit, prange
 from . import _backends
 from ._validation import as_float_array, check_choice, check_int, check_real
 from .game import Game
-from .population import MeanFieldSummary, Population, _readonly
+from .population import MeanFieldSummary, Population, _readonly, population_shape
 from .kernels import CACHE, CHUNK, FASTMATH, padded, work_shape
 from .server import _RULE_CODES, RULES
 
@@ -746,21 +746,8 @@ class DaskPopulation(MeanFieldSummary):
         timeout: float = DEFAULT_TIMEOUT,
         direct: bool = True,
     ):
-        if not isinstance(game, Game):
-            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
+        self.n_agents, self.dim = population_shape(game, n_agents, dim, initial_states)
         x0 = None
-        if initial_states is not None:
-            arr = np.asarray(initial_states)
-            if arr.ndim == 1:
-                arr = arr[:, None]
-            if arr.ndim != 2:
-                raise ValueError(f"initial_states must have shape (n_agents, dim), got ndim {arr.ndim}")
-            n_agents = arr.shape[0] if n_agents is None else n_agents
-            dim = arr.shape[1] if dim is None else dim
-        if n_agents is None:
-            raise TypeError("give n_agents (an integer >= 1) or initial_states of shape (n_agents, dim)")
-        self.n_agents = check_int("n_agents", n_agents, low=1)
-        self.dim = check_int("dim", 1 if dim is None else dim, low=1)
         if initial_states is not None:
             x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
         if signals is not None and not callable(signals):

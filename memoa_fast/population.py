@@ -10,6 +10,23 @@ from ._validation import as_float_array, check_int
 from .game import Game
 
 
+def population_shape(game, n_agents, dim, initial_states) -> tuple[int, int]:
+    """Check ``game`` and return ``(N, d)`` from the arguments or from ``initial_states``."""
+    if not isinstance(game, Game):
+        raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
+    if initial_states is not None:
+        shape = np.shape(initial_states)
+        if len(shape) == 1:
+            shape = (shape[0], 1)
+        if len(shape) != 2:
+            raise ValueError(f"initial_states must have shape (n_agents, dim), got ndim {len(shape)}")
+        n_agents = shape[0] if n_agents is None else n_agents
+        dim = shape[1] if dim is None else dim
+    if n_agents is None:
+        raise TypeError("give n_agents (an integer >= 1) or initial_states of shape (n_agents, dim)")
+    return check_int("n_agents", n_agents, low=1), check_int("dim", 1 if dim is None else dim, low=1)
+
+
 class MeanFieldSummary:
     """The small per-step summary every population engine keeps on the client side.
 
@@ -120,20 +137,7 @@ class Population(MeanFieldSummary):
         parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
         client=None,
     ):
-        if not isinstance(game, Game):
-            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
-        if initial_states is not None:
-            arr = np.asarray(initial_states)
-            if arr.ndim == 1:
-                arr = arr[:, None]
-            if arr.ndim != 2:
-                raise ValueError(f"initial_states must have shape (n_agents, dim), got ndim {arr.ndim}")
-            n_agents = arr.shape[0] if n_agents is None else n_agents
-            dim = arr.shape[1] if dim is None else dim
-        if n_agents is None:
-            raise TypeError("give n_agents (an integer >= 1) or initial_states of shape (n_agents, dim)")
-        self.n_agents = check_int("n_agents", n_agents, low=1)
-        self.dim = check_int("dim", 1 if dim is None else dim, low=1)
+        self.n_agents, self.dim = population_shape(game, n_agents, dim, initial_states)
         self.game = game
         self.backend = backend
         self._kernels = _backends.load(backend)
