@@ -71,6 +71,24 @@ _SHIFT_BITS = int(np.float64(_SHIFT).view(np.int64))
 _LN2_HI = 6.93147180369123816490e-01
 _LN2_LO = 1.90821492927058770002e-10
 
+# log(x) = k ln 2 + log(z), z = x / 2^k in [sqrt(1/2), sqrt(2)) (musl's bit split), log(z) = log(1 + f) with
+# s = f / (2 + f) and fdlibm's minimax R(s^2) (|error| < 2^-58.45 on |s| <= 0.1716).
+_LOG_OFF = 0x3FE6A09E667F3BCD          # bits of sqrt(1/2) (rounded down)
+_EXP_FIELD = -(1 << 52)                # 0xFFF0000000000000: sign + exponent bits
+_LG1 = 6.666666666666735130e-01
+_LG2 = 3.999999999940941908e-01
+_LG3 = 2.857142874366239149e-01
+_LG4 = 2.222219843214978396e-01
+_LG5 = 1.818357216161805012e-01
+_LG6 = 1.531383769920937332e-01
+_LG7 = 1.479819860511658591e-01
+_TINY = 2.2250738585072014e-308        # smallest normal double
+_HUGE = 1.7976931348623157e308         # largest finite double
+# Rows per vectorised sweep of the fixed-share pass (scratch: 4 x 4 KiB).
+SHARE_ROWS = 512
+# Below this alpha / N the share pass keeps its scalar log1p(exp(.)) form (subnormal sums would lose bits).
+_SHARE_FLOOR_MIN = 1e-290
+
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
 
 
@@ -239,6 +257,49 @@ def _exp_into(src, dst, tmp):
         si[k] = (n - half + 1023) << 52
     for k in range(m):
         dst[k] = dst[k] * tb[k] * sb[k]
+
+
+@njit(**_jit)
+def _log_into(src, dst, tmp):
+    """``dst[k] = log(src[k])`` for ``k < len(src)``, vectorised (``tmp``: scratch of ``2 len(src)``).
+
+    ``src`` must be C-contiguous (its bits are read through an int64 view). For
+    positive normal finite inputs: the exponent/mantissa split is integer work
+    (musl's: ``x = 2^k z``, ``z`` in ``[sqrt(1/2), sqrt(2))``), then fdlibm's
+    ``log(1 + f) = f - (hfsq - s (hfsq + R(s^2)))``, ``s = f / (2 + f)``, plus
+    ``k ln 2`` in Cody-Waite halves: within 1 ulp of ``numpy.log``. Any other
+    input (0, subnormal, negative, inf, NaN) is redone with ``math.log`` in a
+    scalar fix-up loop, run only when a vectorised count finds one, so each
+    ``dst[k]`` depends on ``src[k]`` alone (not on its neighbours).
+    """
+    m = src.shape[0]
+    zb = tmp[:m]
+    eb = tmp[m:2 * m]
+    xi = src.view(np.int64)
+    zi = zb.view(np.int64)
+    ei = eb.view(np.int64)
+    for k in range(m):
+        ix = xi[k]
+        t = ix - _LOG_OFF
+        zi[k] = ix - (t & _EXP_FIELD)
+        ei[k] = (t >> 52) + _SHIFT_BITS
+    bad = 0
+    for k in range(m):
+        x = src[k]
+        bad += 0 if (x >= _TINY and x <= _HUGE) else 1
+        e = eb[k] - _SHIFT
+        f = zb[k] - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+        hfsq = 0.5 * f * f
+        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+    if bad:
+        for k in range(m):
+            x = src[k]
+            if not (x >= _TINY and x <= _HUGE):
+                dst[k] = math.log(x)
 
 
 @njit(**_jit)
@@ -635,6 +696,14 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
 
     ``p <- (1-alpha) p + alpha/N`` in the log domain. ``n_total`` is the
     whole population's N, which a Dask shard (holding a slice) passes in.
+
+    For ``0 < alpha < 1``: ``log((1-alpha) exp(log_p - lse) + alpha/N)``, in
+    sweeps of ``SHARE_ROWS`` rows through the vectorised :func:`_exp_into`
+    and :func:`_log_into`. Both are element-wise, so each result depends on
+    its own input alone, not on ``lo``/``hi`` or the sweep boundaries (the
+    Dask backend's exact mode relies on this). The sum is at least
+    ``alpha/N``, a normal number unless ``alpha/N < _SHARE_FLOOR_MIN``, where
+    the scalar ``max + log1p(exp(-|.|))`` form is used instead.
     """
     if alpha == 0.0:
         for i in range(lo, hi):
@@ -643,13 +712,32 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
         uniform = -math.log(n_total)
         for i in range(lo, hi):
             log_p[i] = uniform
-    else:
+    elif alpha / n_total < _SHARE_FLOOR_MIN:
         keep = math.log1p(-alpha)
         spread = math.log(alpha / n_total)
         for i in range(lo, hi):
             a = keep + log_p[i] - lse
             top = max(a, spread)
             log_p[i] = top + math.log1p(math.exp(-abs(a - spread)))
+    else:
+        keep = 1.0 - alpha
+        floor = alpha / n_total
+        B = SHARE_ROWS
+        scratch = np.empty(4 * B)
+        shifted = scratch[:B]
+        w = scratch[B:2 * B]
+        tmp = scratch[2 * B:4 * B]
+        for b in range(lo, hi, B):
+            m = min(B, hi - b)
+            lp = log_p[b:b + m]
+            sb = shifted[:m]
+            for k in range(m):
+                sb[k] = lp[k] - lse
+            wb = w[:m]
+            _exp_into(sb, wb, tmp[:2 * m])
+            for k in range(m):
+                wb[k] = keep * wb[k] + floor
+            _log_into(wb, lp, tmp[:2 * m])
 
 
 @njit(**_jit)
@@ -755,6 +843,48 @@ def mixture_predict(log_p, x, work, out, threads):
         return _predict_serial(log_p, x, work, out)
     with _Threads(threads):
         return _predict_parallel(log_p, x, work, out)
+
+
+@njit(**_jit)
+def _reweight_serial(log_p, x, y, yhat, rule, eta, work):
+    for c in range(work.shape[0]):
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
+
+
+@njit(parallel=True, **_jit)
+def _reweight_parallel(log_p, x, y, yhat, rule, eta, work):
+    for c in prange(work.shape[0]):
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
+
+
+@njit(**_jit)
+def _share_serial(log_p, lse, alpha, n_total):
+    n = log_p.shape[0]
+    for c in range((n + CHUNK - 1) // CHUNK):
+        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
+
+
+@njit(parallel=True, **_jit)
+def _share_parallel(log_p, lse, alpha, n_total):
+    n = log_p.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
+
+
+def mixture_reweight(log_p, x, y, yhat, rule, eta, work, threads):
+    """First half of :func:`mixture_update` for a shard: the gradient step and per-chunk log-sum-exp pieces."""
+    if threads == 1:
+        return _reweight_serial(log_p, x, y, yhat, rule, eta, work)
+    with _Threads(threads):
+        return _reweight_parallel(log_p, x, y, yhat, rule, eta, work)
+
+
+def mixture_share(log_p, lse, alpha, n_total, threads):
+    """Second half of :func:`mixture_update` for a shard of a population of ``n_total`` agents."""
+    if threads == 1:
+        return _share_serial(log_p, lse, alpha, n_total)
+    with _Threads(threads):
+        return _share_parallel(log_p, lse, alpha, n_total)
 
 
 def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, threads):

@@ -75,14 +75,16 @@ from .server import _RULE_CODES, RULES
 # - the sharded mixture needs the global log-sum-exp between its two passes,
 #   so a shard drives the chunk-level reweighting itself (the public
 #   ``mixture_update`` normalises with a local one), and fixed share spreads
-#   alpha over the whole population (``_share_range`` with N, not the shard size).
+#   alpha over the whole population (``mixture_share`` with N, not the shard size).
+#   Jitted code that calls into _numba lives in _numba: Numba's cache checks
+#   only the caller's file, so a driver here would keep stale inlined kernels.
 from .kernels._numba import (
     _log_sum_exp_merge,
     _mean_field_merge,
     _predict_merge,
-    _reweight_chunk,
-    _share_range,
     _Threads,
+    mixture_reweight,
+    mixture_share,
 )
 
 __all__ = [
@@ -168,32 +170,6 @@ def _lse_pieces(tops, scaled):
     for c in range(tops.shape[0]):
         total += scaled[c] * math.exp(tops[c] - top)
     return top, total
-
-
-@njit(**_jit)
-def _reweight_serial(log_p, x, y, yhat, rule, eta, work):
-    for c in range(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-
-
-@njit(parallel=True, **_jit)
-def _reweight_parallel(log_p, x, y, yhat, rule, eta, work):
-    for c in prange(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-
-
-@njit(**_jit)
-def _share_serial(log_p, lse, alpha, n_total):
-    n = log_p.shape[0]
-    for c in range((n + CHUNK - 1) // CHUNK):
-        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
-
-
-@njit(parallel=True, **_jit)
-def _share_parallel(log_p, lse, alpha, n_total):
-    n = log_p.shape[0]
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
 
 
 # =========================================================================== a worker-side signal source
@@ -519,12 +495,7 @@ class _Shard:
     def _reweight(self, sid, y, yhat, rule, eta):
         """Gradient step on the log-weights; returns log-sum-exp pieces ``(top, scaled)`` per chunk or shard."""
         y, yhat = np.array(y, dtype=np.float64), np.array(yhat, dtype=np.float64)
-        args = (self.log_p[sid], self.x, y, yhat, rule, eta, self.work)
-        if self._threads_used == 1:
-            _reweight_serial(*args)
-        else:
-            with _Threads(self._threads_used):
-                _reweight_parallel(*args)
+        mixture_reweight(self.log_p[sid], self.x, y, yhat, rule, eta, self.work, self._threads_used)
         col = 2 * padded(self.dim)
         tops, scaled = self.work[:, col + 1].copy(), self.work[:, col + 2].copy()
         if self.exact:
@@ -533,12 +504,7 @@ class _Shard:
         return np.array([top]), np.array([total])
 
     def _share(self, sid, lse, alpha):
-        args = (self.log_p[sid], lse, alpha, self.n_agents)
-        if self._threads_used == 1:
-            _share_serial(*args)
-        else:
-            with _Threads(self._threads_used):
-                _share_parallel(*args)
+        mixture_share(self.log_p[sid], lse, alpha, self.n_agents, self._threads_used)
 
     # ------------------------------------------------------------------ bulk state
     def _load(self, states, costs, log_p, source_state):
