@@ -6,6 +6,11 @@ read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder.
 """
 import os
 
+# Numba's cache checks only each kernel's own source file: a kernel compiled
+# with an old value of a constant below (or with an old version of a jitted
+# function from another file) is not recompiled by itself. After changing
+# this file, clear the caches (``__pycache__/*.nbi``, ``*.nbc``) or touch the
+# kernel files; and keep every cached jitted call inside one file (_numba.py).
 CACHE = os.environ.get("MEMOA_FAST_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 # No blanket fastmath: 'nnan'/'ninf' would let LLVM delete the isfinite checks
