@@ -741,28 +741,29 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
 
 
 @njit(**_jit)
-def _share_chunk(log_p, lse, alpha, c):
-    n = log_p.shape[0]
-    lo, hi = _chunk_bounds(n, c)
-    _share_range(log_p, lse, alpha, n, lo, hi)
-
-
-@njit(**_jit)
-def _update_serial(log_p, x, y, yhat, rule, eta, alpha, work):
+def _reweight_serial(log_p, x, y, yhat, rule, eta, work):
     for c in range(work.shape[0]):
         _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-    lse = _log_sum_exp_merge(work, x.shape[1])
-    for c in range(work.shape[0]):
-        _share_chunk(log_p, lse, alpha, c)
 
 
 @njit(parallel=True, **_jit)
-def _update_parallel(log_p, x, y, yhat, rule, eta, alpha, work):
+def _reweight_parallel(log_p, x, y, yhat, rule, eta, work):
     for c in prange(work.shape[0]):
         _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-    lse = _log_sum_exp_merge(work, x.shape[1])
-    for c in prange(work.shape[0]):
-        _share_chunk(log_p, lse, alpha, c)
+
+
+@njit(**_jit)
+def _share_serial(log_p, lse, alpha, n_total):
+    for c in range(-(-log_p.shape[0] // CHUNK)):
+        lo, hi = _chunk_bounds(log_p.shape[0], c)
+        _share_range(log_p, lse, alpha, n_total, lo, hi)
+
+
+@njit(parallel=True, **_jit)
+def _share_parallel(log_p, lse, alpha, n_total):
+    for c in prange(-(-log_p.shape[0] // CHUNK)):
+        lo, hi = _chunk_bounds(log_p.shape[0], c)
+        _share_range(log_p, lse, alpha, n_total, lo, hi)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -845,32 +846,6 @@ def mixture_predict(log_p, x, work, out, threads):
         return _predict_parallel(log_p, x, work, out)
 
 
-@njit(**_jit)
-def _reweight_serial(log_p, x, y, yhat, rule, eta, work):
-    for c in range(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-
-
-@njit(parallel=True, **_jit)
-def _reweight_parallel(log_p, x, y, yhat, rule, eta, work):
-    for c in prange(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-
-
-@njit(**_jit)
-def _share_serial(log_p, lse, alpha, n_total):
-    n = log_p.shape[0]
-    for c in range((n + CHUNK - 1) // CHUNK):
-        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
-
-
-@njit(parallel=True, **_jit)
-def _share_parallel(log_p, lse, alpha, n_total):
-    n = log_p.shape[0]
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        _share_range(log_p, lse, alpha, n_total, c * CHUNK, min(c * CHUNK + CHUNK, n))
-
-
 def mixture_reweight(log_p, x, y, yhat, rule, eta, work, threads):
     """First half of :func:`mixture_update` for a shard: the gradient step and per-chunk log-sum-exp pieces."""
     if threads == 1:
@@ -888,7 +863,6 @@ def mixture_share(log_p, lse, alpha, n_total, threads):
 
 
 def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, threads):
-    if threads == 1:
-        return _update_serial(log_p, x, y, yhat, rule, eta, alpha, work)
-    with _Threads(threads):
-        return _update_parallel(log_p, x, y, yhat, rule, eta, alpha, work)
+    """Both passes of the reweighting: :func:`mixture_reweight`, the log-sum-exp, :func:`mixture_share`."""
+    mixture_reweight(log_p, x, y, yhat, rule, eta, work, threads)
+    mixture_share(log_p, _log_sum_exp_merge(work, x.shape[1]), alpha, log_p.shape[0], threads)

@@ -362,31 +362,13 @@ class ForecasterSignals:
     def next(self) -> np.ndarray:
         return self.forecasters.signals
 
-    # The forecasters' state: NLMS weights, lag buffers, last forecasts (per
-    # client) and the round counter and last value (shared); the noise is a
-    # function of (seed, client, round), so nothing else is needed.
+    # The forecasters' state (NLMS weights, lag buffers, last forecasts, round
+    # counter, last value); the noise is a function of (seed, client, round).
     def state_dict(self) -> dict:
-        f = self.forecasters
-        if hasattr(f, "state_dict"):
-            return f.state_dict()
-        return {
-            "agents": {"weights": f._weights.copy(), "lags": f._lags.copy(), "signals": f._out.copy()},
-            "shared": {"t": np.array(f.t, dtype=np.int64), "y": f._y.copy()},
-        }
+        return self.forecasters.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        f = self.forecasters
-        if hasattr(f, "load_state_dict"):
-            return f.load_state_dict(state)
-        agents, shared = state["agents"], state["shared"]
-        n, d, p = f.n_clients, f.dim, f.lags
-        weights = as_float_array("forecaster weights", agents["weights"], (n, d, 2 * p + 1))
-        lags = as_float_array("forecaster lags", agents["lags"], (n, d, p))
-        signals = as_float_array("forecaster signals", agents["signals"], (n, d))
-        y = as_float_array("forecaster y", shared["y"], (d,))
-        t = check_int("forecaster t", int(shared["t"]), low=0)
-        f._weights[...], f._lags[...], f._out[...], f._y[...] = weights, lags, signals, y
-        f.t = t
+        self.forecasters.load_state_dict(state)
 
 
 # =========================================================================== the shard (a Dask actor)
