@@ -1,107 +1,238 @@
-"""Slow, obviously correct NumPy references of every kernel.
+"""Slow, obviously correct NumPy references of every kernel: the specification.
 
-Same signatures as the compiled kernels (``work`` and ``threads`` are
-accepted and ignored) so each can stand in for the others; the tests compare
-the compiled kernels against these, and ``backend="numpy"`` runs them.
+Every backend module (``_numba``, ``_cython``, this one) has the same public
+functions with the same signatures and the same semantics; the compiled
+ones are tested against these, and ``backend="numpy"`` runs them. ``work``
+and ``threads`` are accepted (and ``work`` is written where the semantics
+say so, so a sharded run can merge this backend's partials too). The names
+of the small arrays' rows and columns are in :mod:`._layout`.
+
+The population step is two passes over the agents with a merge between
+them, the same for one machine (:func:`fused_step`) and for a Dask shard
+(:func:`signal_pass`, then the client's :func:`merge_signals`, then
+:func:`move_pass` and :func:`merge_move`):
+
+1. signal pass: per class, the sum and count of the *valid* signals (every
+   entry finite and ``|s| <= SIGNAL_LIMIT``) and, when the mean state is not
+   known yet, the sum of the states;
+2. merge: class means, the global means and the policy offset of each class,
+   ``offset_j = sum_l mix[0, j, l] sbar_l + mix[1, j, l] m_l``;
+3. move pass: ``u_i = -gain_j (x_i - signal_j s_i - offset_j)`` for an agent
+   of class ``j`` with a valid signal (others hold, ``u_i = 0``), the cost
+   ``J_i += gamma^t/2 (q_j |x_i - s_i|^2 + kappa_j |x_i - m|^2 + r_j |u_i|^2)``
+   (an agent without a valid signal pays the ``kappa_j`` term only), then
+   ``x_i += u_i``; and, on the moved states, the per-class state sums (the
+   next step's mean field), the largest cost and its first agent, and the
+   server's mixture ``sum_i p_i x_i`` when log-weights are given.
 """
 import numpy as np
 
-RULE_EG, RULE_HEDGE = 0, 1
+from ._config import CHUNK
+from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, padded
+
+__all__ = [
+    "RULE_EG", "RULE_HEDGE", "valid_rows", "signal_pass", "merge_signals", "move_pass", "merge_move", "fold_rows",
+    "fused_step", "mixture_predict", "mixture_reweight", "merge_log_sum_exp", "mixture_share", "mixture_update",
+    "max_threads",
+]
+
+# The largest |eta * loss| one server update applies: a larger (or overflowing)
+# step is clipped to it, which still sends that client's weight to 0 next to
+# any client with an ordinary loss, and keeps every log-weight finite or -inf.
+STEP_LIMIT = 1e300
 
 
-def finite_rows(s):
-    """Agents whose whole signal row is finite."""
-    return np.isfinite(s).all(axis=1)
+def max_threads():
+    """The reference runs on one thread."""
+    return 1
 
 
-def mean_field(x, s, J, work, out_mean_x, out_mean_s, threads):
-    """Mean state, mean of the finite signals and the worst agent.
+def valid_rows(s):
+    """Agents whose whole signal row is finite and at most ``SIGNAL_LIMIT`` in magnitude."""
+    return (np.abs(s) <= SIGNAL_LIMIT).all(axis=1)
 
-    Returns ``(n_finite, max_J, argmax_J)``; ``out_mean_s`` is left as it was
-    when no signal is finite.
+
+def _classes(labels, n):
+    return np.zeros(n, dtype=np.int64) if labels.shape[0] == 0 else labels
+
+
+def signal_pass(x, s, labels, work, lay, want_states, threads):
+    """Pass 1: write each chunk's class signal sums and counts (and state sums if ``want_states``) to ``work``."""
+    n, d = x.shape
+    K, dp = lay.n_classes, padded(d)
+    cls = _classes(labels, n)
+    ok = valid_rows(s)
+    for c in range(work.shape[0]):
+        lo, hi = c * CHUNK, min((c + 1) * CHUNK, n)
+        for l in range(K):
+            mine = cls[lo:hi] == l
+            good = mine & ok[lo:hi]
+            work[c, lay.signal + l * dp:lay.signal + l * dp + d] = s[lo:hi][good].sum(axis=0)
+            work[c, lay.count + l] = good.sum()
+            if want_states:
+                work[c, lay.state + l * dp:lay.state + l * dp + d] = x[lo:hi][mine].sum(axis=0)
+
+
+def merge_signals(work, lay, coef, mix, field, want_states):
+    """Merge pass 1's rows: class and global means into ``field``, then the class offsets; returns the valid count.
+
+    Reads ``work`` rows in chunk order. Writes ``field[class_signal + l]``
+    (left as it was for a class with no valid signal) and
+    ``field[field_signal]`` (left as it was when no signal is valid); with
+    ``want_states``, ``field[class_state + l]`` (``0`` for an empty class) and
+    ``field[field_state]``; always ``field[offset + j]``.
     """
-    ok = finite_rows(s)
-    out_mean_x[:] = x.mean(axis=0)
-    n_finite = int(ok.sum())
-    if n_finite:
-        out_mean_s[:] = s[ok].mean(axis=0)
-    worst = int(np.argmax(J))
-    return n_finite, float(J[worst]), worst
+    K, d = lay.n_classes, lay.dim
+    dp = padded(d)
+    counts = work[:, lay.count:lay.count + K].sum(axis=0)
+    total = counts.sum()
+    for l in range(K):
+        if counts[l] > 0:
+            field[lay.class_signal + l] = work[:, lay.signal + l * dp:lay.signal + l * dp + d].sum(axis=0) / counts[l]
+    if total > 0:
+        sums = sum(work[:, lay.signal + l * dp:lay.signal + l * dp + d].sum(axis=0) for l in range(K))
+        field[lay.field_signal] = sums / total
+    if want_states:
+        _merge_states(work, lay, coef, field, lay.class_state, lay.field_state)
+    sbar = field[lay.class_signal:lay.class_signal + K]
+    m = field[lay.class_state:lay.class_state + K]
+    field[lay.offset:lay.offset + K] = mix[MIX_SIGNAL] @ sbar + mix[MIX_STATE] @ m
+    return int(total)
 
 
-def policy_update(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, discount, threads):
-    """One step of ``u = -gain (x - c_signal s - c_signal_mean sbar - c_state_mean m)``, in place.
+def _merge_states(work, lay, coef, field, class_row, global_row):
+    K, d = lay.n_classes, lay.dim
+    dp = padded(d)
+    sums = np.array([work[:, lay.state + l * dp:lay.state + l * dp + d].sum(axis=0) for l in range(K)])
+    size = coef[:, SIZE]
+    field[class_row:class_row + K] = np.where(size[:, None] > 0, sums / np.where(size > 0, size, 1.0)[:, None], 0.0)
+    field[global_row] = sums.sum(axis=0) / size.sum()
 
-    ``J_i += discount/2 (q|x_i - s_i|^2 + kappa|x_i - m|^2 + r|u_i|^2)`` evaluated
-    before the move, then ``x_i += u_i``. An agent whose signal has a
-    non-finite entry holds (``u_i = 0``) and pays only the mean-field term.
+
+def move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads):
+    """Pass 2, in place: move and pay every agent, then write each chunk's state sums, worst cost and mixture.
+
+    ``discount`` is ``gamma^t``. ``field[offset + j]`` and ``field[field_state]``
+    (``m(t)``) are read. Per chunk, ``work`` gets the class sums of the moved
+    states, the largest updated cost and its first agent, and (when ``log_p``
+    has one entry per agent) ``sum_i exp(log_p_i) x_i(t+1)``.
     """
-    ok = finite_rows(s)
+    n, d = x.shape
+    K = lay.n_classes
+    dp = padded(d)
+    cls = _classes(labels, n)
+    ok = valid_rows(s)
+    table = coef[cls]
+    offset = field[lay.offset:lay.offset + K][cls]
+    m = field[lay.field_state]
     s_ok = np.where(ok[:, None], s, 0.0)
-    offset = c_signal_mean * mean_s + c_state_mean * mean_x
-    u = np.where(ok[:, None], -gain * (x - c_signal * s_ok - offset), 0.0)
+    gain = table[:, GAIN:GAIN + 1]
+    u = np.where(ok[:, None], -gain * (x - table[:, SIGNAL:SIGNAL + 1] * s_ok - offset), 0.0)
     track = np.where(ok, ((x - s_ok) ** 2).sum(axis=1), 0.0)
-    cost = q * track + kappa * ((x - mean_x) ** 2).sum(axis=1) + r * (u**2).sum(axis=1)
+    cost = table[:, Q] * track + table[:, KAPPA] * ((x - m) ** 2).sum(axis=1) + table[:, R] * (u**2).sum(axis=1)
     J += 0.5 * discount * cost
     x += u
+    predict = log_p.shape[0] == n
+    for c in range(work.shape[0]):
+        lo, hi = c * CHUNK, min((c + 1) * CHUNK, n)
+        for l in range(K):
+            work[c, lay.state + l * dp:lay.state + l * dp + d] = x[lo:hi][cls[lo:hi] == l].sum(axis=0)
+        worst = lo + int(np.argmax(J[lo:hi]))
+        work[c, lay.max_cost] = J[worst]
+        work[c, lay.arg_cost] = worst
+        if predict:
+            work[c, lay.mixture:lay.mixture + d] = np.exp(log_p[lo:hi]) @ x[lo:hi]
 
 
-def mixture_predict(log_p, x, work, out, threads):
-    """``out = sum_i p_i x_i`` with ``p = exp(log_p)``."""
+def merge_move(work, lay, coef, field, predict, yhat):
+    """Merge pass 2's rows: ``m_l(t+1)``, ``m(t+1)`` into ``field``, the mixture into ``yhat``; returns ``(max_J, argmax_J)``."""
+    _merge_states(work, lay, coef, field, lay.class_next, lay.field_next)
+    if predict:
+        yhat[:] = work[:, lay.mixture:lay.mixture + lay.dim].sum(axis=0)
+    c = int(np.argmax(work[:, lay.max_cost]))  # first chunk on ties, and each row holds its first agent
+    return float(work[c, lay.max_cost]), int(work[c, lay.arg_cost])
+
+
+def fold_rows(work, lay, out):
+    """Fold every row of ``work`` into the single row ``out`` (sums in row order; the worst over rows)."""
+    out[:] = work.sum(axis=0)
+    c = int(np.argmax(work[:, lay.max_cost]))
+    out[lay.max_cost] = work[c, lay.max_cost]
+    out[lay.arg_cost] = work[c, lay.arg_cost]
+
+
+def fused_step(x, s, labels, J, work, lay, coef, mix, field, have_mean, discount, log_p, yhat, threads):
+    """One whole population step on one machine: :func:`signal_pass`, :func:`merge_signals`, :func:`move_pass`, :func:`merge_move`.
+
+    ``field[class_state]``/``field[field_state]`` hold ``m(t)`` when
+    ``have_mean`` (the previous step's ``class_next``/``field_next``, copied
+    there by the caller); otherwise they are computed from ``x``. Returns
+    ``(n_valid, max_J, argmax_J)`` of the updated costs (first agent on ties).
+    """
+    signal_pass(x, s, labels, work, lay, not have_mean, threads)
+    n_valid = merge_signals(work, lay, coef, mix, field, not have_mean)
+    move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads)
+    max_j, arg = merge_move(work, lay, coef, field, log_p.shape[0] == x.shape[0], yhat)
+    return n_valid, max_j, arg
+
+
+# --------------------------------------------------------------------------- server
+def mixture_predict(log_p, x, work, lay, out, threads):
+    """``out = sum_i exp(log_p_i) x_i``."""
     out[:] = np.exp(log_p) @ x
 
 
-def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, threads):
-    """Online reweighting of the mixture in the log domain, in place.
+def _steps(log_p, x, y, yhat, rule, eta):
+    if eta == 0.0:
+        return np.zeros(log_p.shape[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss = 2.0 * (x @ (yhat - y)) if rule == RULE_EG else ((x - y) ** 2).sum(axis=1)
+        step = eta * loss
+    step = np.where(np.isnan(step), STEP_LIMIT, step)  # inf - inf in a dot product: an overflow too
+    return np.clip(step, -STEP_LIMIT, STEP_LIMIT)
 
-    ``eg``: ``log p_i -= eta * 2 <yhat - y, x_i>``; ``hedge``:
-    ``log p_i -= eta |x_i - y|^2``; then normalise by log-sum-exp and apply
-    fixed share ``p <- (1 - alpha) p + alpha / N``.
+
+def mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads):
+    """``log_p_i -= clip(eta loss_i)`` in place; each chunk's log-sum-exp pieces go to ``work``.
+
+    ``eg``: ``loss_i = 2 <yhat - y, x_i>``; ``hedge``: ``loss_i = |x_i - y|^2``.
+    Row ``c`` gets ``lse_top`` = the chunk's largest stepped log-weight and
+    ``lse_sum`` = ``sum exp(log_p_i - lse_top)`` over the chunk (``-inf`` and 0
+    when every weight of the chunk is 0).
     """
-    if rule == RULE_EG:
-        loss = 2.0 * (x @ (yhat - y))
-    else:
-        loss = ((x - y) ** 2).sum(axis=1)
-    log_p -= eta * loss
-    top = log_p.max()
-    log_p -= top + np.log(np.exp(log_p - top).sum())
+    log_p -= _steps(log_p, x, y, yhat, rule, eta)
+    n = log_p.shape[0]
+    for c in range(work.shape[0]):
+        seg = log_p[c * CHUNK:min((c + 1) * CHUNK, n)]
+        top = seg.max()
+        work[c, lay.lse_top] = top
+        work[c, lay.lse_sum] = np.exp(seg - top).sum() if np.isfinite(top) else 0.0
+
+
+def merge_log_sum_exp(work, lay):
+    """``(top, log_total)`` with ``log sum_i exp(log_p_i) = top + log_total``, from the chunk pieces."""
+    top = work[:, lay.lse_top].max()
+    total = (work[:, lay.lse_sum] * np.exp(work[:, lay.lse_top] - top)).sum()
+    return float(top), float(np.log(total))
+
+
+def mixture_share(log_p, top, log_total, alpha, n_total, threads):
+    """Normalise, ``log p <- (log p - top) - log_total``, then fixed share ``p <- (1 - alpha) p + alpha / n_total``.
+
+    Subtracting ``top`` first keeps the normalisation exact when the
+    log-weights are large and nearly tied. ``n_total`` is the whole
+    population's N (a Dask shard holds a slice of it).
+    """
+    log_p -= top
+    log_p -= log_total
     if alpha == 1.0:
-        log_p[:] = -np.log(log_p.shape[0])
+        log_p[:] = -np.log(n_total)
     elif alpha > 0.0:
-        log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, np.log(alpha / log_p.shape[0]))
+        log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, np.log(alpha / n_total))
 
 
-def fused_step(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, discount,
-               mean_x, mean_s, next_mean_x, have_mean_x, log_p, yhat, threads):
-    """One whole population step: the mean field, the policy, and what step t+1 needs.
-
-    Equivalent to :func:`mean_field` then :func:`policy_update` (with
-    ``mean_x`` as the mean state), then :func:`mixture_predict` on the moved
-    states. In detail:
-
-    - ``mean_x`` (IN/OUT, ``(d,)``): ``m(t)``. If ``have_mean_x`` is true it is
-      taken as given (the previous step's ``next_mean_x``); otherwise it is
-      computed from ``x`` and written.
-    - ``mean_s`` (OUT, ``(d,)``): the mean of the finite signals; left as it
-      was when no signal is finite.
-    - ``next_mean_x`` (OUT, ``(d,)``): ``m(t+1)``, the mean of the moved states.
-    - ``log_p`` (IN, ``(N,)`` or ``(0,)``) and ``yhat`` (OUT, ``(d,)``): when
-      ``log_p`` has N entries, ``yhat = sum_i exp(log_p_i) x_i(t+1)``, the
-      server's prediction of the new states; with an empty ``log_p``,
-      ``yhat`` is not touched.
-
-    Returns ``(n_finite, max_J, argmax_J)`` of the *updated* costs (the worst
-    client after this step; first index on ties).
-    """
-    if not have_mean_x:
-        mean_x[:] = x.mean(axis=0)
-    ok = finite_rows(s)
-    n_finite = int(ok.sum())
-    if n_finite:
-        mean_s[:] = s[ok].mean(axis=0)
-    policy_update(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, discount, threads)
-    next_mean_x[:] = x.mean(axis=0)
-    if log_p.shape[0] == x.shape[0]:
-        mixture_predict(log_p, x, work, yhat, threads)
-    worst = int(np.argmax(J))
-    return n_finite, float(J[worst]), worst
+def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):
+    """One server update: :func:`mixture_reweight`, :func:`merge_log_sum_exp`, :func:`mixture_share`."""
+    mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads)
+    top, log_total = merge_log_sum_exp(work, lay)
+    mixture_share(log_p, top, log_total, alpha, log_p.shape[0], threads)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._validation import check_choice, check_real
+from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, Q, R, SIGNAL, SIZE
 
 POLICIES = ("memoa", "greedy", "local", "consensus")
 
@@ -59,6 +62,38 @@ class PolicyCoefficients:
     signal: float
     signal_mean: float
     state_mean: float
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyTable:
+    """The policy of every class as the kernels read it.
+
+    An agent of class ``j`` plays
+
+    .. math::
+
+        u_i = -g_j\\left(x_i - c_j s_i - \\sum_l M^s_{jl} \\bar s_l - \\sum_l M^m_{jl} m_l\\right)
+
+    and pays ``1/2 (q_j |x_i - s_i|^2 + kappa_j |x_i - m|^2 + r_j |u_i|^2)``, with
+    ``m_l``, ``sbar_l`` the class means of states and valid signals and ``m``
+    the mean of all states.
+
+    Attributes
+    ----------
+    coef : numpy.ndarray, shape (K, N_COEF)
+        Columns ``GAIN, SIGNAL, Q, KAPPA, R, SIZE`` (:mod:`memoa_fast.kernels`);
+        ``SIZE`` holds the class share ``pi_j`` (a population replaces it by its
+        class sizes). Read-only.
+    mix : numpy.ndarray, shape (2, K, K)
+        ``mix[MIX_SIGNAL] = M^s``, ``mix[MIX_STATE] = M^m``. Read-only.
+    """
+
+    coef: np.ndarray
+    mix: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        return self.coef.shape[0]
 
 
 def solve_gains(q: float, kappa: float, r: float, gamma: float) -> Gains:
@@ -143,13 +178,19 @@ class Game:
     >>> round(game.gains.k, 6), round(game.gains.rho, 6)  # doctest: +SKIP
     """
 
-    __slots__ = ("q", "kappa", "r", "gamma", "policy", "gains", "coefficients")
+    __slots__ = ("q", "kappa", "r", "gamma", "policy", "gains", "coefficients", "table")
 
     def __init__(self, q: float = 1.0, kappa: float = 1.0, r: float = 0.1, gamma: float = 0.9, policy: str = "memoa"):
         self.q, self.kappa, self.r, self.gamma = _check_weights(q, kappa, r, gamma)
         self.policy = check_choice("policy", policy, POLICIES)
         self.gains = solve_gains(self.q, self.kappa, self.r, self.gamma)
         self.coefficients = _policy_coefficients(self.policy, self.q, self.kappa, self.r, self.gains)
+        self.table = _single_class_table(self.coefficients, self.q, self.kappa, self.r)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes K (1 here)."""
+        return 1
 
     @property
     def w(self) -> float:
@@ -184,3 +225,13 @@ def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: G
     if policy == "local":
         return PolicyCoefficients(gains.k, 1.0, 0.0, 0.0)
     return PolicyCoefficients(gains.k, 0.0, 1.0, 0.0)  # consensus
+
+
+def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: float) -> PolicyTable:
+    row = np.zeros((1, N_COEF))
+    row[0, GAIN], row[0, SIGNAL], row[0, Q], row[0, KAPPA], row[0, R], row[0, SIZE] = coef.gain, coef.signal, q, kappa, r, 1.0
+    mix = np.zeros((2, 1, 1))
+    mix[MIX_SIGNAL, 0, 0], mix[MIX_STATE, 0, 0] = coef.signal_mean, coef.state_mean
+    row.flags.writeable = False
+    mix.flags.writeable = False
+    return PolicyTable(row, mix)
