@@ -22,7 +22,7 @@ The NumPy reference of each kernel is in :mod:`._forecast_reference`.
 from numba import njit, prange
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
-from ._numba import _Threads  # one thread-count guard for every Numba kernel
+from ._threads import Threads as _Threads
 
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
 

@@ -9,10 +9,13 @@ import memoa_fast
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-if Path(memoa_fast.__file__).resolve().parents[1] == ROOT:
+try:  # kernels/ becomes memoa_fast.kernels only through an install (editable or not)
+    import memoa_fast.kernels  # noqa: F401
+except ImportError:
     pytest.exit(
-        "memoa_fast was imported from the source tree, not the installed package; "
-        "install it (python3 -m pip install '.[test]') and run `python3 -P -m pytest` from the repository root.",
+        "memoa_fast.kernels is not importable: install the package first, for development "
+        "`python3 -m pip install -e '.[test]'` (then edits to .py files need no reinstall), and run "
+        "`python3 -m pytest` from the repository root.",
         returncode=4,
     )
 DATASETS = SHARED / "datasets"
