@@ -55,6 +55,12 @@ RULE_EG, RULE_HEDGE = 0, 1
 # is finite for every float64 input.
 SIGNAL_LIMIT = 1e50
 
+# The largest |eta * loss| one server update applies: a larger (or
+# overflowing) step is clipped to it, which still sends that client's weight
+# to 0 next to any client with an ordinary loss, and keeps every log-weight
+# finite or -inf (never NaN).
+STEP_LIMIT = 1e300
+
 
 def padded(d: int) -> int:
     """``d`` rounded up to a whole number of cache lines of doubles."""

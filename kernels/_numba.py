@@ -52,8 +52,9 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
-
-RULE_EG, RULE_HEDGE = 0, 1
+from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, STEP_LIMIT
+from ._layout import R as R_
+from ._threads import Threads, max_threads
 
 # Values per block (a block is R = max(1, LANES // d) whole rows): small
 # enough that the block's lanes and patterns sit in L1, long enough that the
@@ -320,150 +321,295 @@ def _sum4(a):
     return (s0 + s1) + (s2 + s3)
 
 
-# --------------------------------------------------------------------------- mean field
+# --------------------------------------------------------------------------- signal pass
 @njit(**_jit)
-def _signal_chunk(x, s, J, work, c, want_x, want_J):
-    """Chunk ``c``'s partials: finite-signal sums and count, and optionally state sums and max cost.
+def _signal_chunk(x, s, labels, work, lay, c, want_states):
+    """Pass 1 on chunk ``c``: class sums and counts of the valid signals, and the class state sums if asked.
 
-    Row ``c`` of ``work``: ``[0, d)`` state sums (if ``want_x``), ``[dp, dp + d)``
-    finite-signal sums, ``2 dp`` the finite count, ``2 dp + 1, 2 dp + 2`` the
-    largest cost and its index (if ``want_J``).
+    Parameters
+    ----------
+    x, s : ndarray (N, d)
+        States and signals; only read.
+    labels : ndarray (N,) int64 or (0,)
+        Class of each agent; empty means every agent is class 0.
+    work : ndarray (chunks, lay.width)
+        Row ``c`` is written: ``signal + l dp`` (sums of valid signals of class
+        ``l``), ``count + l`` (their count) and, with ``want_states``,
+        ``state + l dp`` (sums of the states of class ``l``).
+    lay : Layout
+        Offsets (:mod:`._layout`).
+    c : int
+        The chunk.
+    want_states : bool
+        Also sum the states (the first step after a reset or a restore).
+
+    Notes
+    -----
+    One class: the signals are summed in lanes (vectorised) while the lanes
+    also keep the largest ``|s|``; the chunk is all valid when every lane sum
+    is finite and every lane maximum is at most ``SIGNAL_LIMIT``, the common
+    case; otherwise the chunk is summed again row by row, skipping invalid
+    rows. Several classes: one row-by-row pass that adds each valid row to its
+    class (the order of additions is fixed by the agents' order).
     """
     n, d = x.shape
+    K = lay.n_classes
     dp = _padded(d)
-    R = _block_rows(d)
-    L = R * d
     lo, hi = _chunk_bounds(n, c)
     row = work[c]
-    scratch = np.empty(L + 2 * MAX_LANES)
-    lanes = scratch[:L]
-    sf = s.reshape(-1)
-    # Lanes of the signal sums. A NaN or an infinity anywhere leaves its lane
-    # non-finite (and a finite overflow merely takes the exact path below).
-    _lane_sums(sf, lo * d, hi * d, L, lanes)
-    if _count_nonfinite(lanes, 0, L) == 0:
-        count = hi - lo
-        _lane_columns(lanes, d, R, row[dp:dp + d])
-    else:  # row-by-row over this chunk only (it sits in cache now)
-        count = 0
+    if K == 1 and labels.shape[0] == 0:
+        R = _block_rows(d)
+        L = R * d
+        scratch = np.empty(2 * L)
+        lanes = scratch[:L]
+        top = scratch[L:]
+        _lane_sums_max(s.reshape(-1), lo * d, hi * d, L, lanes, top)
+        if _count_nonfinite(lanes, 0, L) == 0 and _count_over(top, 0, L) == 0:
+            count = hi - lo
+            _lane_columns(lanes, d, R, row[lay.signal:lay.signal + d])
+        else:
+            count = 0
+            for j in range(d):
+                lanes[j] = 0.0
+            for i in range(lo, hi):
+                if _row_valid(s, i, d):
+                    count += 1
+                    for j in range(d):
+                        lanes[j] += s[i, j]
+            for j in range(d):
+                row[lay.signal + j] = lanes[j]
+        row[lay.count] = count
+        if want_states:
+            _lane_sums(x.reshape(-1), lo * d, hi * d, L, lanes)
+            _lane_columns(lanes, d, R, row[lay.state:lay.state + d])
+        return
+    for l in range(K):
+        row[lay.count + l] = 0.0
         for j in range(d):
-            lanes[j] = 0.0
-        for i in range(lo, hi):
-            if _row_finite(s, i, d):
-                count += 1
-                for j in range(d):
-                    lanes[j] += s[i, j]
-        for j in range(d):
-            row[dp + j] = lanes[j]
-    row[2 * dp] = count
-    if want_x:
-        _lane_sums(x.reshape(-1), lo * d, hi * d, L, lanes)
-        _lane_columns(lanes, d, R, row[:d])
-    if want_J:
-        jmax, jarg = _max_arg(J, lo, hi, scratch[L:L + MAX_LANES], scratch[L + MAX_LANES:])
-        row[2 * dp + 1] = jmax
-        row[2 * dp + 2] = jarg
+            row[lay.signal + l * dp + j] = 0.0
+            if want_states:
+                row[lay.state + l * dp + j] = 0.0
+    for i in range(lo, hi):
+        l = labels[i] if labels.shape[0] else 0
+        if want_states:
+            base = lay.state + l * dp
+            for j in range(d):
+                row[base + j] += x[i, j]
+        if _row_valid(s, i, d):
+            row[lay.count + l] += 1.0
+            base = lay.signal + l * dp
+            for j in range(d):
+                row[base + j] += s[i, j]
 
 
 @njit(**_jit)
-def _signal_merge(work, d, out_mean_s):
-    """Mean of the finite signals into ``out_mean_s`` (untouched if none); returns the count."""
+def _lane_sums_max(flat, lo, hi, L, lanes, top):
+    """:func:`_lane_sums` of ``flat[lo:hi]``, and ``top[l]`` the largest ``|value|`` of each lane (NaN ignored)."""
+    for l in range(L):
+        lanes[l] = 0.0
+        top[l] = 0.0
+    for b in range(lo, hi, L):
+        seg = flat[b:min(b + L, hi)]
+        for l in range(seg.shape[0]):
+            v = seg[l]
+            lanes[l] += v
+            a = abs(v)
+            top[l] = a if a > top[l] else top[l]
+
+
+@njit(**_jit)
+def _count_over(flat, lo, hi):
+    """How many of ``flat[lo:hi]`` are not at most ``SIGNAL_LIMIT`` in magnitude (NaN counts)."""
+    bad = 0
+    seg = flat[lo:hi]
+    for k in range(seg.shape[0]):
+        bad += 0 if abs(seg[k]) <= SIGNAL_LIMIT else 1
+    return bad
+
+
+@njit(**_jit)
+def _row_valid(s, i, d):
+    """Row ``i`` of ``s`` is valid: every entry finite and at most ``SIGNAL_LIMIT`` in magnitude."""
+    ok = True
+    for j in range(d):
+        if not abs(s[i, j]) <= SIGNAL_LIMIT:
+            ok = False
+    return ok
+
+
+@njit(**_jit)
+def _signal_serial(x, s, labels, work, lay, want_states):
+    for c in range(work.shape[0]):
+        _signal_chunk(x, s, labels, work, lay, c, want_states)
+
+
+@njit(parallel=True, **_jit)
+def _signal_parallel(x, s, labels, work, lay, want_states):
+    for c in prange(work.shape[0]):
+        _signal_chunk(x, s, labels, work, lay, c, want_states)
+
+
+# --------------------------------------------------------------------------- merges
+@njit(**_jit)
+def _merge_class_states(work, lay, coef, field, class_row, global_row):
+    """Class means ``field[class_row + l] = sum_c state sums / size_l`` (0 for an empty class) and ``field[global_row]``.
+
+    Reads the ``state`` columns of every ``work`` row in chunk order and
+    ``coef[:, SIZE]``; the global mean is the sum over classes of the class
+    sums divided by ``N = sum_l size_l``.
+    """
+    K, d = lay.n_classes, lay.dim
     dp = _padded(d)
-    n_chunks = work.shape[0]
-    count = 0.0
-    for c in range(n_chunks):
-        count += work[c, 2 * dp]
-    if count > 0:
+    n_total = 0.0
+    for l in range(K):
+        n_total += coef[l, SIZE]
+    for j in range(d):
+        field[global_row, j] = 0.0
+    for l in range(K):
+        size = coef[l, SIZE]
         for j in range(d):
             total = 0.0
-            for c in range(n_chunks):
-                total += work[c, dp + j]
-            out_mean_s[j] = total / count
-    return int(count)
-
-
-@njit(**_jit)
-def _columns_merge(work, col, d, out):
-    """``out[j] = sum_c work[c, col + j]`` in chunk order."""
+            for c in range(work.shape[0]):
+                total += work[c, lay.state + l * dp + j]
+            field[class_row + l, j] = total / size if size > 0 else 0.0
+            field[global_row, j] += total
     for j in range(d):
-        total = 0.0
-        for c in range(work.shape[0]):
-            total += work[c, col + j]
-        out[j] = total
+        field[global_row, j] /= n_total
 
 
 @njit(**_jit)
-def _max_merge(work, col):
-    """Largest cost over the chunks (first chunk on ties) and its agent."""
+def _merge_signals(work, lay, coef, mix, field, want_states):
+    """Merge pass 1 (see :func:`merge_signals`); returns the number of valid signals."""
+    K, d = lay.n_classes, lay.dim
+    dp = _padded(d)
+    total_count = 0.0
+    for l in range(K):
+        total_count += _column_sum(work, lay.count + l)
+    for j in range(d):
+        acc = 0.0
+        for l in range(K):
+            count = _column_sum(work, lay.count + l)
+            total = _column_sum(work, lay.signal + l * dp + j)
+            if count > 0:
+                field[lay.class_signal + l, j] = total / count
+            acc += total
+        if total_count > 0:
+            field[lay.field_signal, j] = acc / total_count
+    if want_states:
+        _merge_class_states(work, lay, coef, field, lay.class_state, lay.field_state)
+    for k in range(K):
+        for j in range(d):
+            acc = 0.0
+            for l in range(K):
+                acc += mix[MIX_SIGNAL, k, l] * field[lay.class_signal + l, j] + mix[MIX_STATE, k, l] * field[lay.class_state + l, j]
+            field[lay.offset + k, j] = acc
+    return int(total_count)
+
+
+@njit(**_jit)
+def _column_sum(work, col):
+    """``sum_c work[c, col]`` in chunk order."""
+    total = 0.0
+    for c in range(work.shape[0]):
+        total += work[c, col]
+    return total
+
+
+@njit(**_jit)
+def _merge_move(work, lay, coef, field, predict, yhat):
+    """Merge pass 2 (see :func:`merge_move`); returns ``(max_J, argmax_J)``."""
+    _merge_class_states(work, lay, coef, field, lay.class_next, lay.field_next)
+    if predict:
+        for j in range(lay.dim):
+            yhat[j] = _column_sum(work, lay.mixture + j)
     jmax = -np.inf
     jarg = -1.0
     for c in range(work.shape[0]):
-        if work[c, col] > jmax:
-            jmax = work[c, col]
-            jarg = work[c, col + 1]
+        if work[c, lay.max_cost] > jmax:
+            jmax = work[c, lay.max_cost]
+            jarg = work[c, lay.arg_cost]
     return jmax, int(jarg)
 
 
 @njit(**_jit)
-def _mean_field_merge(work, n, d, out_mean_x, out_mean_s):
-    dp = _padded(d)
-    count = _signal_merge(work, d, out_mean_s)
-    _columns_merge(work, 0, d, out_mean_x)
-    for j in range(d):
-        out_mean_x[j] /= n
-    jmax, jarg = _max_merge(work, 2 * dp + 1)
-    return count, jmax, jarg
-
-
-@njit(**_jit)
-def _mean_field_serial(x, s, J, work, out_mean_x, out_mean_s):
+def _fold_rows(work, lay, out):
+    """Fold every row of ``work`` into ``out`` (sums in row order; the worst cost over rows, first on ties)."""
+    for k in range(out.shape[0]):
+        out[k] = _column_sum(work, k)
+    jmax = -np.inf
+    jarg = -1.0
     for c in range(work.shape[0]):
-        _signal_chunk(x, s, J, work, c, True, True)
-    return _mean_field_merge(work, x.shape[0], x.shape[1], out_mean_x, out_mean_s)
+        if work[c, lay.max_cost] > jmax:
+            jmax = work[c, lay.max_cost]
+            jarg = work[c, lay.arg_cost]
+    out[lay.max_cost] = jmax
+    out[lay.arg_cost] = jarg
 
 
-@njit(parallel=True, **_jit)
-def _mean_field_parallel(x, s, J, work, out_mean_x, out_mean_s):
-    for c in prange(work.shape[0]):
-        _signal_chunk(x, s, J, work, c, True, True)
-    return _mean_field_merge(work, x.shape[0], x.shape[1], out_mean_x, out_mean_s)
-
-
-# --------------------------------------------------------------------------- policy
+# --------------------------------------------------------------------------- move pass
 @njit(**_jit)
-def _move_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, lo, hi, all_finite):
-    """Policy step and stage cost of rows ``[lo, hi)``, in place.
+def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_valid):
+    """Policy step and stage cost of rows ``[lo, hi)``, in place (``x`` and ``J`` written).
 
-    ``all_finite``: true if every signal of these rows is known to be finite;
-    otherwise each block is checked (in L1, vectorised) and a block holding a
-    non-finite signal is done row by row.
+    Reads ``coef`` (per-class gain, signal weight, q, kappa, r),
+    ``field[offset + j]`` (the class offsets) and ``field[field_state]``
+    (``m(t)``, the centre of the kappa term). ``all_valid``: every signal of
+    these rows is known to be valid; otherwise each block is checked (in L1,
+    vectorised) and a block holding an invalid row is done row by row.
+
+    The block loop is element-wise over ``L = R d`` contiguous values with
+    per-value constants in short patterns: with one class the patterns are
+    filled once, with several they are gathered per block from the labels.
     """
     n, d = x.shape
+    K = lay.n_classes
+    one_class = K == 1 and labels.shape[0] == 0
     R = _block_rows(d)
     L = R * d
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(3 * L)
-    offset = scratch[:L]       # c_signal_mean * sbar_j + c_state_mean * m_j, replicated
-    centre = scratch[L:2 * L]  # m_j, replicated
-    terms = scratch[2 * L:]    # per-coordinate stage costs of the current block
+    scratch = np.empty(8 * L)
+    offset = scratch[:L]
+    centre = scratch[L:2 * L]
+    terms = scratch[2 * L:3 * L]
+    gain = scratch[3 * L:4 * L]
+    weight = scratch[4 * L:5 * L]
+    qv = scratch[5 * L:6 * L]
+    kv = scratch[6 * L:7 * L]
+    rv = scratch[7 * L:]
     for k in range(R):
         for j in range(d):
-            offset[k * d + j] = c_signal_mean * mean_s[j] + c_state_mean * mean_x[j]
-            centre[k * d + j] = mean_x[j]
+            centre[k * d + j] = field[lay.field_state, j]
+            if one_class:
+                offset[k * d + j] = field[lay.offset, j]
+                gain[k * d + j] = coef[0, GAIN]
+                weight[k * d + j] = coef[0, SIGNAL]
+                qv[k * d + j] = coef[0, Q]
+                kv[k * d + j] = coef[0, KAPPA]
+                rv[k * d + j] = coef[0, R_]
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
         xb = xf[rb * d:(rb + rows) * d]
         sb = sf[rb * d:(rb + rows) * d]
-        if all_finite or _count_nonfinite(sb, 0, sb.shape[0]) == 0:
-            for l in range(xb.shape[0]):
-                xi = xb[l]
-                si = sb[l]
-                u = -gain * (xi - c_signal * si - offset[l])
+        if not one_class:
+            for k in range(rows):
+                l = labels[rb + k] if labels.shape[0] else 0
+                for j in range(d):
+                    offset[k * d + j] = field[lay.offset + l, j]
+                    gain[k * d + j] = coef[l, GAIN]
+                    weight[k * d + j] = coef[l, SIGNAL]
+                    qv[k * d + j] = coef[l, Q]
+                    kv[k * d + j] = coef[l, KAPPA]
+                    rv[k * d + j] = coef[l, R_]
+        if all_valid or _count_over(sb, 0, sb.shape[0]) == 0:
+            for v in range(xb.shape[0]):
+                xi = xb[v]
+                si = sb[v]
+                u = -gain[v] * (xi - weight[v] * si - offset[v])
                 e_s = xi - si
-                e_m = xi - centre[l]
-                terms[l] = q * e_s * e_s + kappa * e_m * e_m + r * u * u
-                xb[l] = xi + u
+                e_m = xi - centre[v]
+                terms[v] = qv[v] * e_s * e_s + kv[v] * e_m * e_m + rv[v] * u * u
+                xb[v] = xi + u
             Jb = J[rb:rb + rows]
             if d == 1:
                 for k in range(rows):
@@ -474,157 +620,156 @@ def _move_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q,
                     for j in range(d):
                         cost += terms[k * d + j]
                     Jb[k] += half_discount * cost
-        else:  # an agent with a non-finite signal holds and pays only the kappa term
-            for i in range(rb, rb + rows):
+        else:  # an agent without a valid signal holds and pays only the kappa term
+            for k in range(rows):
+                i = rb + k
                 cost = 0.0
-                if _row_finite(s, i, d):
+                if _row_valid(s, i, d):
                     for j in range(d):
+                        v = k * d + j
                         xi = x[i, j]
                         si = s[i, j]
-                        u = -gain * (xi - c_signal * si - offset[j])
+                        u = -gain[v] * (xi - weight[v] * si - offset[v])
                         e_s = xi - si
-                        e_m = xi - centre[j]
-                        cost += q * e_s * e_s + kappa * e_m * e_m + r * u * u
+                        e_m = xi - centre[v]
+                        cost += qv[v] * e_s * e_s + kv[v] * e_m * e_m + rv[v] * u * u
                         x[i, j] = xi + u
                 else:
                     for j in range(d):
-                        e_m = x[i, j] - centre[j]
-                        cost += kappa * e_m * e_m
+                        e_m = x[i, j] - centre[k * d + j]
+                        cost += kv[k * d + j] * e_m * e_m
                 J[i] += half_discount * cost
 
 
 @njit(**_jit)
-def _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, c):
-    lo, hi = _chunk_bounds(x.shape[0], c)
-    _move_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, lo, hi, False)
+def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c):
+    """Pass 2 on chunk ``c``: :func:`_move_rows`, then (chunk in cache) its partials for step t+1.
 
-
-@njit(**_jit)
-def _policy_serial(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount):
-    for c in range((x.shape[0] + CHUNK - 1) // CHUNK):
-        _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, c)
-
-
-@njit(parallel=True, **_jit)
-def _policy_parallel(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount):
-    for c in prange((x.shape[0] + CHUNK - 1) // CHUNK):
-        _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, c)
-
-
-# --------------------------------------------------------------------------- fused step
-@njit(**_jit)
-def _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, log_p, c):
-    """Pass 2 of :func:`fused_step` on chunk ``c``: move, pay, then (chunk in cache) the partials of step t+1."""
+    Writes row ``c`` of ``work``: ``state + l dp`` (class sums of the moved
+    states), ``max_cost``/``arg_cost`` (largest updated cost, first agent)
+    and, when ``log_p`` has one entry per agent, ``mixture`` (``sum_i
+    exp(log_p_i) x_i(t+1)``). Reads ``count`` (left by pass 1) to know whether
+    the whole chunk's signals are valid.
+    """
     n, d = x.shape
+    K = lay.n_classes
     dp = _padded(d)
     R = _block_rows(d)
     L = R * d
     lo, hi = _chunk_bounds(n, c)
     row = work[c]
-    all_finite = row[2 * dp] == hi - lo  # the signal pass left the chunk's finite count there
-    _move_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, lo, hi, all_finite)
+    valid = 0.0
+    for l in range(K):
+        valid += row[lay.count + l]
+    _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, valid == hi - lo)
     predict = log_p.shape[0] == n
     extra = 3 * _exp_rows(R) if predict else 0
     scratch = np.empty(L + 2 * MAX_LANES + extra)
     lanes = scratch[:L]
     xf = x.reshape(-1)
-    _lane_sums(xf, lo * d, hi * d, L, lanes)
-    _lane_columns(lanes, d, R, row[:d])
+    if K == 1 and labels.shape[0] == 0:
+        _lane_sums(xf, lo * d, hi * d, L, lanes)
+        _lane_columns(lanes, d, R, row[lay.state:lay.state + d])
+    else:
+        for l in range(K):
+            for j in range(d):
+                row[lay.state + l * dp + j] = 0.0
+        for i in range(lo, hi):
+            base = lay.state + (labels[i] if labels.shape[0] else 0) * dp
+            for j in range(d):
+                row[base + j] += x[i, j]
     jmax, jarg = _max_arg(J, lo, hi, scratch[L:L + MAX_LANES], scratch[L + MAX_LANES:L + 2 * MAX_LANES])
-    row[2 * dp + 1] = jmax
-    row[2 * dp + 2] = jarg
+    row[lay.max_cost] = jmax
+    row[lay.arg_cost] = jarg
     if predict:
         _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch[L + 2 * MAX_LANES:])
-        _lane_columns(lanes, d, R, row[dp:dp + d])
+        _lane_columns(lanes, d, R, row[lay.mixture:lay.mixture + d])
 
 
 @njit(**_jit)
-def _fused_merge(work, n, d, log_p, out_next_mean_x, out_yhat):
-    dp = _padded(d)
-    _columns_merge(work, 0, d, out_next_mean_x)
-    for j in range(d):
-        out_next_mean_x[j] /= n
-    if log_p.shape[0] == n:
-        _columns_merge(work, dp, d, out_yhat)
-    return _max_merge(work, 2 * dp + 1)
-
-
-@njit(**_jit)
-def _fused_serial(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, half_discount,
-                  mean_x, mean_s, next_mean_x, have_mean_x, log_p, yhat):
-    n, d = x.shape
+def _move_serial(x, s, labels, J, work, lay, coef, field, half_discount, log_p):
     for c in range(work.shape[0]):
-        _signal_chunk(x, s, J, work, c, not have_mean_x, False)
-    n_finite = _signal_merge(work, d, mean_s)
-    if not have_mean_x:
-        _columns_merge(work, 0, d, mean_x)
-        for j in range(d):
-            mean_x[j] /= n
-    for c in range(work.shape[0]):
-        _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, log_p, c)
-    jmax, jarg = _fused_merge(work, n, d, log_p, next_mean_x, yhat)
-    return n_finite, jmax, jarg
+        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
 
 
 @njit(parallel=True, **_jit)
-def _fused_parallel(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, half_discount,
-                    mean_x, mean_s, next_mean_x, have_mean_x, log_p, yhat):
-    n, d = x.shape
+def _move_parallel(x, s, labels, J, work, lay, coef, field, half_discount, log_p):
     for c in prange(work.shape[0]):
-        _signal_chunk(x, s, J, work, c, not have_mean_x, False)
-    n_finite = _signal_merge(work, d, mean_s)
-    if not have_mean_x:
-        _columns_merge(work, 0, d, mean_x)
-        for j in range(d):
-            mean_x[j] /= n
+        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
+
+
+@njit(**_jit)
+def _fused_serial(x, s, labels, J, work, lay, coef, mix, field, have_mean, half_discount, log_p, yhat):
+    """Both passes and both merges on one thread (the same functions the two-pass API runs)."""
+    for c in range(work.shape[0]):
+        _signal_chunk(x, s, labels, work, lay, c, not have_mean)
+    n_valid = _merge_signals(work, lay, coef, mix, field, not have_mean)
+    for c in range(work.shape[0]):
+        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
+    jmax, jarg = _merge_move(work, lay, coef, field, log_p.shape[0] == x.shape[0], yhat)
+    return n_valid, jmax, jarg
+
+
+@njit(parallel=True, **_jit)
+def _fused_parallel(x, s, labels, J, work, lay, coef, mix, field, have_mean, half_discount, log_p, yhat):
+    """:func:`_fused_serial` with each pass's chunks spread over the threads."""
     for c in prange(work.shape[0]):
-        _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, log_p, c)
-    jmax, jarg = _fused_merge(work, n, d, log_p, next_mean_x, yhat)
-    return n_finite, jmax, jarg
+        _signal_chunk(x, s, labels, work, lay, c, not have_mean)
+    n_valid = _merge_signals(work, lay, coef, mix, field, not have_mean)
+    for c in prange(work.shape[0]):
+        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
+    jmax, jarg = _merge_move(work, lay, coef, field, log_p.shape[0] == x.shape[0], yhat)
+    return n_valid, jmax, jarg
 
 
 # --------------------------------------------------------------------------- server
 @njit(**_jit)
-def _predict_chunk(log_p, x, work, c):
+def _predict_chunk(log_p, x, work, lay, c):
+    """Row ``c`` of ``work`` at ``mixture``: ``sum_i exp(log_p_i) x_i`` over chunk ``c`` (lanes, vectorised exp)."""
     n, d = x.shape
     R = _block_rows(d)
     L = R * d
     lo, hi = _chunk_bounds(n, c)
     scratch = np.empty(L + 3 * _exp_rows(R))
     _weighted_lane_sums(log_p, x.reshape(-1), lo, hi, d, R, scratch[:L], scratch[L:])
-    _lane_columns(scratch[:L], d, R, work[c, :d])
+    _lane_columns(scratch[:L], d, R, work[c, lay.mixture:lay.mixture + d])
 
 
 @njit(**_jit)
-def _predict_merge(work, d, out):
-    _columns_merge(work, 0, d, out)
-
-
-@njit(**_jit)
-def _predict_serial(log_p, x, work, out):
+def _predict_serial(log_p, x, work, lay, out):
     for c in range(work.shape[0]):
-        _predict_chunk(log_p, x, work, c)
-    _predict_merge(work, x.shape[1], out)
+        _predict_chunk(log_p, x, work, lay, c)
+    for j in range(x.shape[1]):
+        out[j] = _column_sum(work, lay.mixture + j)
 
 
 @njit(parallel=True, **_jit)
-def _predict_parallel(log_p, x, work, out):
+def _predict_parallel(log_p, x, work, lay, out):
     for c in prange(work.shape[0]):
-        _predict_chunk(log_p, x, work, c)
-    _predict_merge(work, x.shape[1], out)
+        _predict_chunk(log_p, x, work, lay, c)
+    for j in range(x.shape[1]):
+        out[j] = _column_sum(work, lay.mixture + j)
 
 
 @njit(**_jit)
-def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c):
-    """Gradient step on the log-weights of one chunk, and the chunk's log-sum-exp pieces.
+def _clip_step(v):
+    """``eta * loss`` clipped to ``[-STEP_LIMIT, STEP_LIMIT]``; NaN (an overflow, inf - inf) becomes ``STEP_LIMIT``."""
+    if v > STEP_LIMIT or v != v:
+        return STEP_LIMIT
+    return -STEP_LIMIT if v < -STEP_LIMIT else v
 
-    ``work[c, 2 dp + 1]`` gets ``top``, the largest stepped log-weight of the
-    chunk, and ``work[c, 2 dp + 2]`` the sum of ``exp(v_i - top)``: per block
-    of rows, the block's maximum, then its exponentials (vectorised), folded
-    into the chunk's running pair in block order.
+
+@njit(**_jit)
+def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c):
+    """Gradient step on the log-weights of chunk ``c`` (in place), and the chunk's log-sum-exp pieces.
+
+    ``log_p_i -= clip(eta loss_i)`` (see :func:`_clip_step`; no step when
+    ``eta == 0``). ``work[c, lse_top]`` gets the largest stepped log-weight of
+    the chunk and ``work[c, lse_sum]`` the sum of ``exp(log_p_i - top)``: per
+    block of rows, the block's maximum, then its exponentials (vectorised),
+    folded into the chunk's running pair in block order.
     """
     n, d = x.shape
-    col = 2 * _padded(d)
     R = _block_rows(d)
     L = R * d
     lo, hi = _chunk_bounds(n, c)
@@ -641,24 +786,25 @@ def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c):
     scaled = 0.0
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
-        xb = xf[rb * d:(rb + rows) * d]
-        if rule == RULE_EG:
-            for l in range(xb.shape[0]):
-                terms[l] = ref[l] * xb[l]
-        else:
-            for l in range(xb.shape[0]):
-                e = xb[l] - ref[l]
-                terms[l] = e * e
         lp = log_p[rb:rb + rows]
-        if d == 1:
-            for k in range(rows):
-                lp[k] -= eta * terms[k]
-        else:
-            for k in range(rows):
-                loss = 0.0
-                for j in range(d):
-                    loss += terms[k * d + j]
-                lp[k] -= eta * loss
+        if eta != 0.0:
+            xb = xf[rb * d:(rb + rows) * d]
+            if rule == RULE_EG:
+                for v in range(xb.shape[0]):
+                    terms[v] = ref[v] * xb[v]
+            else:
+                for v in range(xb.shape[0]):
+                    e = xb[v] - ref[v]
+                    terms[v] = e * e
+            if d == 1:
+                for k in range(rows):
+                    lp[k] -= _clip_step(eta * terms[k])
+            else:
+                for k in range(rows):
+                    loss = 0.0
+                    for j in range(d):
+                        loss += terms[k * d + j]
+                    lp[k] -= _clip_step(eta * loss)
         block_top = -np.inf
         for k in range(rows):
             block_top = max(block_top, lp[k])
@@ -674,30 +820,35 @@ def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c):
             top = block_top
         else:
             scaled += block_sum * math.exp(block_top - top)
-    work[c, col + 1] = top
-    work[c, col + 2] = scaled
+    work[c, lay.lse_top] = top
+    work[c, lay.lse_sum] = scaled
 
 
 @njit(**_jit)
-def _log_sum_exp_merge(work, d):
-    col = 2 * _padded(d)
+def _merge_log_sum_exp(work, lay):
+    """``(top, log_total)``: ``log sum_i p_i = top + log_total`` from the chunks' pieces, in chunk order."""
     top = -np.inf
     for c in range(work.shape[0]):
-        top = max(top, work[c, col + 1])
+        top = max(top, work[c, lay.lse_top])
     total = 0.0
+    if top == -np.inf:
+        return top, 0.0
     for c in range(work.shape[0]):
-        total += work[c, col + 2] * math.exp(work[c, col + 1] - top)
-    return top + math.log(total)
+        if work[c, lay.lse_top] != -np.inf:
+            total += work[c, lay.lse_sum] * math.exp(work[c, lay.lse_top] - top)
+    return top, math.log(total)
 
 
 @njit(**_jit)
-def _share_range(log_p, lse, alpha, n_total, lo, hi):
-    """Normalise rows ``[lo, hi)`` and mix with the uniform law over ``n_total`` agents.
+def _share_range(log_p, top, log_total, alpha, n_total, lo, hi):
+    """Normalise rows ``[lo, hi)`` and mix with the uniform law over ``n_total`` agents, in place.
 
-    ``p <- (1-alpha) p + alpha/N`` in the log domain. ``n_total`` is the
-    whole population's N, which a Dask shard (holding a slice) passes in.
+    ``log p <- (log p - top) - log_total`` (``top`` first: exact when the
+    log-weights are large and nearly tied), then ``p <- (1-alpha) p + alpha/N``
+    in the log domain. ``n_total`` is the whole population's N, which a Dask
+    shard (holding a slice) passes in.
 
-    For ``0 < alpha < 1``: ``log((1-alpha) exp(log_p - lse) + alpha/N)``, in
+    For ``0 < alpha < 1``: ``log((1-alpha) exp(log_p) + alpha/N)``, in
     sweeps of ``SHARE_ROWS`` rows through the vectorised :func:`_exp_into`
     and :func:`_log_into`. Both are element-wise, so each result depends on
     its own input alone, not on ``lo``/``hi`` or the sweep boundaries (the
@@ -705,9 +856,11 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
     ``alpha/N``, a normal number unless ``alpha/N < _SHARE_FLOOR_MIN``, where
     the scalar ``max + log1p(exp(-|.|))`` form is used instead.
     """
+    if top == -np.inf:  # every weight was 0: nothing to normalise (cannot happen from normalised weights)
+        top, log_total = 0.0, 0.0
     if alpha == 0.0:
         for i in range(lo, hi):
-            log_p[i] -= lse
+            log_p[i] = (log_p[i] - top) - log_total
     elif alpha == 1.0:
         uniform = -math.log(n_total)
         for i in range(lo, hi):
@@ -716,9 +869,9 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
         keep = math.log1p(-alpha)
         spread = math.log(alpha / n_total)
         for i in range(lo, hi):
-            a = keep + log_p[i] - lse
-            top = max(a, spread)
-            log_p[i] = top + math.log1p(math.exp(-abs(a - spread)))
+            a = keep + ((log_p[i] - top) - log_total)
+            hi_ = max(a, spread)
+            log_p[i] = hi_ + math.log1p(math.exp(-abs(a - spread)))
     else:
         keep = 1.0 - alpha
         floor = alpha / n_total
@@ -732,7 +885,7 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
             lp = log_p[b:b + m]
             sb = shifted[:m]
             for k in range(m):
-                sb[k] = lp[k] - lse
+                sb[k] = (lp[k] - top) - log_total
             wb = w[:m]
             _exp_into(sb, wb, tmp[:2 * m])
             for k in range(m):
@@ -741,128 +894,117 @@ def _share_range(log_p, lse, alpha, n_total, lo, hi):
 
 
 @njit(**_jit)
-def _reweight_serial(log_p, x, y, yhat, rule, eta, work):
+def _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay):
     for c in range(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
 
 
 @njit(parallel=True, **_jit)
-def _reweight_parallel(log_p, x, y, yhat, rule, eta, work):
+def _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay):
     for c in prange(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
 
 
 @njit(**_jit)
-def _share_serial(log_p, lse, alpha, n_total):
+def _share_serial(log_p, top, log_total, alpha, n_total):
     for c in range(-(-log_p.shape[0] // CHUNK)):
         lo, hi = _chunk_bounds(log_p.shape[0], c)
-        _share_range(log_p, lse, alpha, n_total, lo, hi)
+        _share_range(log_p, top, log_total, alpha, n_total, lo, hi)
 
 
 @njit(parallel=True, **_jit)
-def _share_parallel(log_p, lse, alpha, n_total):
+def _share_parallel(log_p, top, log_total, alpha, n_total):
     for c in prange(-(-log_p.shape[0] // CHUNK)):
         lo, hi = _chunk_bounds(log_p.shape[0], c)
-        _share_range(log_p, lse, alpha, n_total, lo, hi)
+        _share_range(log_p, top, log_total, alpha, n_total, lo, hi)
 
 
-# --------------------------------------------------------------------------- dispatch
-class _Threads:
-    """Run a parallel kernel on exactly ``threads`` threads, restoring the global setting."""
-
-    __slots__ = ("threads", "previous")
-
-    def __init__(self, threads):
-        self.threads = threads
-
-    def __enter__(self):
-        self.previous = numba.get_num_threads()
-        if self.previous != self.threads:
-            numba.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        if self.previous != self.threads:
-            numba.set_num_threads(self.previous)
-
-
-def max_threads():
-    return numba.config.NUMBA_NUM_THREADS
-
-
-def mean_field(x, s, J, work, out_mean_x, out_mean_s, threads):
+# --------------------------------------------------------------------------- public (see _reference for semantics)
+def signal_pass(x, s, labels, work, lay, want_states, threads):
+    """Pass 1 of the population step; semantics: :func:`memoa_fast.kernels._reference.signal_pass`."""
     if threads == 1:
-        return _mean_field_serial(x, s, J, work, out_mean_x, out_mean_s)
-    with _Threads(threads):
-        return _mean_field_parallel(x, s, J, work, out_mean_x, out_mean_s)
+        return _signal_serial(x, s, labels, work, lay, bool(want_states))
+    with Threads(threads):
+        return _signal_parallel(x, s, labels, work, lay, bool(want_states))
 
 
-def policy_update(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, discount, threads):
+def merge_signals(work, lay, coef, mix, field, want_states):
+    """Merge of pass 1; semantics: :func:`memoa_fast.kernels._reference.merge_signals`."""
+    return _merge_signals(work, lay, coef, mix, field, bool(want_states))
+
+
+def move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads):
+    """Pass 2 of the population step; semantics: :func:`memoa_fast.kernels._reference.move_pass`."""
     if threads == 1:
-        return _policy_serial(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, 0.5 * discount)
-    with _Threads(threads):
-        return _policy_parallel(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, 0.5 * discount)
+        return _move_serial(x, s, labels, J, work, lay, coef, field, 0.5 * discount, log_p)
+    with Threads(threads):
+        return _move_parallel(x, s, labels, J, work, lay, coef, field, 0.5 * discount, log_p)
 
 
-def fused_step(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, discount,
-               mean_x, mean_s, next_mean_x, have_mean_x, log_p, yhat, threads):
-    """One whole population step (policy, costs, next mean field, worst agent, mixture) in two passes.
+def merge_move(work, lay, coef, field, predict, yhat):
+    """Merge of pass 2; semantics: :func:`memoa_fast.kernels._reference.merge_move`."""
+    return _merge_move(work, lay, coef, field, bool(predict), yhat)
 
-    Semantics: :func:`memoa_fast.kernels._reference.fused_step`. Returns
-    ``(n_finite, max_J, argmax_J)`` of the updated costs.
 
-    Pass 1 reads the signals: per chunk the sums of the finite signals and
-    the finite count (plus the state sums when ``have_mean_x`` is false,
-    i.e. on the first step after a reset or a restore). Pass 2 reads and
-    writes the states and costs: per chunk, the policy and the stage cost
-    in one streaming sweep, then, while the chunk is still in L2, the partial
-    sums of ``x(t+1)`` (the next step's ``m``), of ``exp(log_p_i) x_i(t+1)``
-    (the server's mixture, when ``log_p`` is not empty) and the largest
-    cost with its first index (the worst client).
+def fold_rows(work, lay, out):
+    """Fold a shard's chunk rows into one; semantics: :func:`memoa_fast.kernels._reference.fold_rows`."""
+    _fold_rows(work, lay, out)
+
+
+def fused_step(x, s, labels, J, work, lay, coef, mix, field, have_mean, discount, log_p, yhat, threads):
+    """One whole population step in two passes over memory; returns ``(n_valid, max_J, argmax_J)``.
+
+    Semantics: :func:`memoa_fast.kernels._reference.fused_step`. The same
+    chunk and merge functions as :func:`signal_pass`, :func:`merge_signals`,
+    :func:`move_pass` and :func:`merge_move` (which a Dask shard and its client
+    run), in one compiled call.
 
     Why two passes and not one: every ``u_i`` needs ``sbar(t)``, the mean of
     all this step's signals, which arrive with the step, so all signals are
     read once before any state may move. ``m(t)`` costs no pass: it was
     summed by the previous step's pass 2. The server's reweighting cannot
     join pass 2: it needs the target ``y(t+1)``, which arrives after the
-    step, and its log-sum-exp normalisation needs the total over all agents
-    before any weight can be written, hence its own two passes
-    (:func:`mixture_update`). Bytes moved per agent: ``8 d`` (pass 1) +
-    ``24 d + 16`` (pass 2) + ``8`` with the mixture, against ``40 d + 24``
-    for :func:`mean_field` + :func:`policy_update` (+ ``8 d + 8`` for
-    :func:`mixture_predict`).
+    step, and its normalisation needs the total over all agents before any
+    weight can be written. Bytes moved per agent: ``8 d`` (pass 1) +
+    ``24 d + 16`` (pass 2) + ``8`` with the mixture.
     """
     if threads == 1:
-        return _fused_serial(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, 0.5 * discount,
-                             mean_x, mean_s, next_mean_x, bool(have_mean_x), log_p, yhat)
-    with _Threads(threads):
-        return _fused_parallel(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, q, kappa, r, 0.5 * discount,
-                               mean_x, mean_s, next_mean_x, bool(have_mean_x), log_p, yhat)
+        return _fused_serial(x, s, labels, J, work, lay, coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
+    with Threads(threads):
+        return _fused_parallel(x, s, labels, J, work, lay, coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
 
 
-def mixture_predict(log_p, x, work, out, threads):
+def mixture_predict(log_p, x, work, lay, out, threads):
+    """``out = sum_i exp(log_p_i) x_i``; semantics: :func:`memoa_fast.kernels._reference.mixture_predict`."""
     if threads == 1:
-        return _predict_serial(log_p, x, work, out)
-    with _Threads(threads):
-        return _predict_parallel(log_p, x, work, out)
+        return _predict_serial(log_p, x, work, lay, out)
+    with Threads(threads):
+        return _predict_parallel(log_p, x, work, lay, out)
 
 
-def mixture_reweight(log_p, x, y, yhat, rule, eta, work, threads):
-    """First half of :func:`mixture_update` for a shard: the gradient step and per-chunk log-sum-exp pieces."""
+def mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads):
+    """First pass of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_reweight`."""
     if threads == 1:
-        return _reweight_serial(log_p, x, y, yhat, rule, eta, work)
-    with _Threads(threads):
-        return _reweight_parallel(log_p, x, y, yhat, rule, eta, work)
+        return _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay)
+    with Threads(threads):
+        return _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay)
 
 
-def mixture_share(log_p, lse, alpha, n_total, threads):
-    """Second half of :func:`mixture_update` for a shard of a population of ``n_total`` agents."""
+def merge_log_sum_exp(work, lay):
+    """``(top, log_total)``; semantics: :func:`memoa_fast.kernels._reference.merge_log_sum_exp`."""
+    return _merge_log_sum_exp(work, lay)
+
+
+def mixture_share(log_p, top, log_total, alpha, n_total, threads):
+    """Second pass of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_share`."""
     if threads == 1:
-        return _share_serial(log_p, lse, alpha, n_total)
-    with _Threads(threads):
-        return _share_parallel(log_p, lse, alpha, n_total)
+        return _share_serial(log_p, top, log_total, alpha, n_total)
+    with Threads(threads):
+        return _share_parallel(log_p, top, log_total, alpha, n_total)
 
 
-def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, threads):
-    """Both passes of the reweighting: :func:`mixture_reweight`, the log-sum-exp, :func:`mixture_share`."""
-    mixture_reweight(log_p, x, y, yhat, rule, eta, work, threads)
-    mixture_share(log_p, _log_sum_exp_merge(work, x.shape[1]), alpha, log_p.shape[0], threads)
+def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):
+    """Both passes of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_update`."""
+    mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads)
+    top, log_total = _merge_log_sum_exp(work, lay)
+    mixture_share(log_p, top, log_total, alpha, log_p.shape[0], threads)

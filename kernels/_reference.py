@@ -28,7 +28,7 @@ them, the same for one machine (:func:`fused_step`) and for a Dask shard
 import numpy as np
 
 from ._config import CHUNK
-from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, padded
+from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, STEP_LIMIT, padded
 
 __all__ = [
     "RULE_EG", "RULE_HEDGE", "valid_rows", "signal_pass", "merge_signals", "move_pass", "merge_move", "fold_rows",
@@ -36,10 +36,6 @@ __all__ = [
     "max_threads",
 ]
 
-# The largest |eta * loss| one server update applies: a larger (or overflowing)
-# step is clipped to it, which still sends that client's weight to 0 next to
-# any client with an ordinary loss, and keeps every log-weight finite or -inf.
-STEP_LIMIT = 1e300
 
 
 def max_threads():
