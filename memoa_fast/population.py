@@ -1,13 +1,17 @@
-"""A population of online agents stepped by the compiled kernels."""
+"""A population of online agents stepped in place by the compiled kernels (the one-machine engine)."""
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
 from . import _backends
 from ._validation import as_float_array, check_int
+from ._state import check_population_state
 from .game import Game
+from .kernels import N_COEF, SIZE, layout, work_shape
+from .server import Server, _check_out
 
 
 def population_shape(game, n_agents, dim, initial_states) -> tuple[int, int]:
@@ -27,27 +31,65 @@ def population_shape(game, n_agents, dim, initial_states) -> tuple[int, int]:
     return check_int("n_agents", n_agents, low=1), check_int("dim", 1 if dim is None else dim, low=1)
 
 
+def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
+    """Return ``labels`` as an int64 array of shape (N,) with values in ``[0, K)``; an empty array when K = 1."""
+    if n_classes == 1:
+        if labels is None:
+            return np.empty(0, dtype=np.int64)
+    elif labels is None:
+        raise TypeError(f"the game has {n_classes} classes: give labels, an integer array of shape ({n_agents},)")
+    arr = np.asarray(labels)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array of class indices, got dtype {arr.dtype}")
+    if arr.shape != (n_agents,):
+        raise ValueError(f"labels must have shape ({n_agents},), got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        bad = int(np.flatnonzero((arr < 0) | (arr >= n_classes))[0])
+        raise ValueError(f"labels must be in [0, {n_classes}) (the game's classes), got {int(arr[bad])} at index {bad}")
+    if n_classes == 1:
+        return np.empty(0, dtype=np.int64)
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
 class MeanFieldSummary:
-    """The small per-step summary every population engine keeps on the client side.
+    """The small mean-field summary every population engine keeps beside its agents.
 
     Shared by :class:`Population` and :class:`~memoa_fast.distributed.DaskPopulation`,
-    which both hold ``_mean_x``, ``_mean_s``, ``_n_finite`` and ``_discount``.
+    which both hold ``_field`` (rows named by ``_lay``, see
+    :mod:`memoa_fast.kernels`), ``_n_valid`` and ``_discount``.
     """
 
     @property
     def mean_state(self) -> np.ndarray:
-        """The mean field ``m`` the last step used (``m(0)`` before any step); a copy."""
-        return self._mean_x.copy()
+        """``m(t)``, the mean of the current states; a copy."""
+        return self._field[self._lay.field_state].copy()
 
     @property
     def mean_signal(self) -> np.ndarray:
-        """The signal mean ``sbar`` the last step used; a copy."""
-        return self._mean_s.copy()
+        """``sbar``, the mean of the last step's valid signals (kept when none was valid); a copy."""
+        return self._field[self._lay.field_signal].copy()
+
+    @property
+    def class_mean_state(self) -> np.ndarray:
+        """``m_l(t)``, the mean state of each class, shape (K, d); a copy."""
+        lay = self._lay
+        return self._field[lay.class_state:lay.class_state + lay.n_classes].copy()
+
+    @property
+    def class_mean_signal(self) -> np.ndarray:
+        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy."""
+        lay = self._lay
+        return self._field[lay.class_signal:lay.class_signal + lay.n_classes].copy()
+
+    @property
+    def n_valid_signals(self) -> int:
+        """How many agents had a valid signal in the last step."""
+        return self._n_valid
 
     @property
     def n_finite_signals(self) -> int:
-        """How many agents had a finite signal in the last step."""
-        return self._n_finite
+        """Alias of :attr:`n_valid_signals` (its name before invalid meant more than non-finite)."""
+        return self._n_valid
 
     @property
     def discount(self) -> float:
@@ -56,74 +98,69 @@ class MeanFieldSummary:
 
 
 class Population(MeanFieldSummary):
-    """N online agents sharing one :class:`Game`, stepped in place.
+    """N online agents sharing one :class:`Game`, stepped in place on this machine.
 
-    One object per population (never one per agent). States, signals' mean,
-    costs and work buffers are allocated once; :meth:`step` allocates nothing
-    when the signals are already a C-contiguous float64 ``(N, d)`` array.
+    One object per population (never one per agent). States, costs, the
+    mean field and the work buffers are allocated once; :meth:`step`
+    allocates nothing when the signals are already a C-contiguous float64
+    ``(N, d)`` array. For a population sharded over a Dask cluster, build a
+    :class:`memoa_fast.distributed.DaskPopulation` instead (same API).
 
     Parameters
     ----------
     game : Game
-        Weights, gains and policy.
+        Weights, gains and policy; a K-class game needs ``labels``.
     n_agents : int, optional
         Number of agents N >= 1 (taken from ``initial_states`` if given).
     dim : int, default 1
         State dimension d >= 1 (taken from ``initial_states`` if given).
     initial_states : array_like, shape (N, d), optional
         ``x_i(0)``; zeros by default. Copied.
+    labels : array_like of int, shape (N,), optional
+        The class of each agent, in ``[0, K)``; needed when the game has K > 1
+        classes (see :meth:`set_labels` to change them between steps).
     backend : {"numba", "cython", "numpy"}, default "numba"
         Which kernels run the step; ``numpy`` is the slow reference.
     threads : int, optional
         Threads for populations of at least ``parallel_threshold`` agents;
-        default: every core. The global Numba thread count is restored after
-        each call.
+        default: the cores this process may use. Numba's global thread count
+        is restored after each call.
     parallel_threshold : int, default 8192
         Smaller populations run on one thread (a parallel region costs more
         than it saves there).
-    client : dask.distributed.Client, optional
-        Shard the population over this Dask cluster instead: the call then
-        returns a :class:`memoa_fast.distributed.DaskPopulation` (same API,
-        states resident on the workers; further keywords such as ``n_shards``
-        and ``signals`` go to it). Needs the ``dask`` extra.
 
     Notes
     -----
-    One :meth:`step` at round t, with the policy's coefficients
-    ``(g, c_s, c_sbar, c_m)`` from :attr:`Game.coefficients`:
+    One :meth:`step` at round t, for an agent of class ``j`` with the game's
+    table (:attr:`Game.table`: gain ``g_j``, signal weight ``c_j`` and the
+    mixing matrices ``M^s``, ``M^m``):
 
     .. math::
 
-        m &= \\frac1N \\sum_i x_i, \\qquad \\bar s = \\text{mean of the finite } s_i \\\\
-        u_i &= -g\\,(x_i - c_s s_i - c_{\\bar s} \\bar s - c_m m) \\\\
-        J_i &\\mathrel{+}= \\tfrac{\\gamma^t}{2}\\left(q|x_i - s_i|^2 + \\kappa|x_i - m|^2 + r|u_i|^2\\right),
-        \\qquad x_i \\leftarrow x_i + u_i .
+        u_i &= -g_j\\left(x_i - c_j s_i - \\sum_l M^s_{jl} \\bar s_l - \\sum_l M^m_{jl} m_l\\right) \\\\
+        J_i &\\mathrel{+}= \\tfrac{\\gamma^t}{2}\\left(q_j|x_i - s_i|^2 + \\kappa_j|x_i - m|^2 + r_j|u_i|^2\\right),
+        \\qquad x_i \\leftarrow x_i + u_i ,
 
-    An agent whose signal row has a NaN or an infinity holds its state that
-    round (``u_i = 0``), is left out of the signal mean and pays only the
-    mean-field term ``gamma^t kappa |x_i - m|^2 / 2``: a bad signal never
-    reaches the mean field, and its cost stays finite. If no agent has a
-    finite signal, nobody moves and :attr:`mean_signal` keeps its last value.
+    with ``m_l``, ``sbar_l`` the class means of the states and of the valid
+    signals and ``m`` the mean of all states (one class: the policies of
+    ``MODEL.md`` sections 2 and 4).
 
-    A step is one fused kernel (``fused_step``: ``numba`` and ``cython``,
-    with a NumPy mirror for ``numpy``) making two passes over memory, the
-    signals then the states and costs, which also leaves ``m(t+1)`` and the
-    worst client ready for the next step; a backend without it runs the mean
-    field and the policy as two kernels. Both give the same result to
-    rounding (``1e-12`` relative; bitwise for a given compiled backend).
+    A signal row is valid when every entry is finite and at most
+    ``memoa_fast.kernels.SIGNAL_LIMIT`` (1e50) in magnitude. An agent whose
+    signal is not valid holds its state that round (``u_i = 0``), is left out
+    of the signal means and pays only the mean-field term: a bad signal,
+    NaN, infinite or merely huge, never reaches the mean field, and every
+    cost stays finite. If a class has no valid signal, its signal mean keeps
+    its last value.
+
+    A step is one kernel call making two passes over memory (the signals,
+    then the states and costs), which also leaves ``m(t+1)``, the worst
+    client and, in :meth:`step_predict`, the server's mixture ready. The
+    same two passes run on each Dask shard.
+
+    A Population is not thread-safe: stepping one object from two threads at
+    once raises ``RuntimeError``. It can be pickled and deep-copied.
     """
-
-    def __new__(cls, *args, client=None, **kwargs):
-        if client is None:
-            return super().__new__(cls)
-        # One argument switches engines: a DaskPopulation is returned (and
-        # Python then skips this class's __init__, the object not being one).
-        backend = kwargs.pop("backend", "numba")
-        if backend != "numba":
-            raise ValueError(f"backend must be 'numba' when client is given (shards run the Numba kernels), got {backend!r}")
-        from .distributed import DaskPopulation
-
-        return DaskPopulation(*args, client=client, **kwargs)
 
     def __init__(
         self,
@@ -132,54 +169,119 @@ class Population(MeanFieldSummary):
         dim: int | None = None,
         *,
         initial_states=None,
+        labels=None,
         backend: str = "numba",
         threads: int | None = None,
         parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
-        client=None,
     ):
         self.n_agents, self.dim = population_shape(game, n_agents, dim, initial_states)
-        self.game = game
-        self.backend = backend
         self._kernels = _backends.load(backend)
+        self.backend = backend
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_agents, self.parallel_threshold)
-        from .kernels import work_shape
-
+        self._lay = layout(game.n_classes, self.dim)
+        self._labels = check_labels(labels, self.n_agents, game.n_classes)
+        self._coef = np.zeros((game.n_classes, N_COEF))
+        self._set_game(game)
+        self._set_sizes()
         shape = (self.n_agents, self.dim)
         self._x = np.zeros(shape)
         self._J = np.zeros(self.n_agents)
-        self._work = np.zeros(work_shape(*shape))
-        self._mean_x = np.zeros(self.dim)
-        self._mean_s = np.zeros(self.dim)
-        self._n_finite = 0
-        # Fused path (backends with ``fused_step``): the kernel returns m(t+1)
-        # in _next_mean_x and the worst agent, so the next step skips a pass.
-        self._fused = hasattr(self._kernels, "fused_step")
-        self._next_mean_x = np.zeros(self.dim)
-        self._mean_ready = False  # _next_mean_x holds the kernels' mean of the current states
-        self._worst = -1  # argmax of the costs after the last fused step; -1: unknown
+        self._work = np.zeros(work_shape(self.n_agents, self._lay))
+        self._field = np.zeros((self._lay.field_rows, self.dim))
         self._yhat = np.zeros(self.dim)
-        self._yhat_view = _readonly(self._yhat)
-        self._no_weights = _readonly(np.empty(0))
+        self._no_weights = np.empty(0)
         self._x_view = _readonly(self._x)
         self._J_view = _readonly(self._J)
+        self._lock = threading.Lock()
+        self._fresh = True  # the arrays are still np.zeros: reset() need not write N x d zeros again
         self.reset(initial_states)
+
+    def _set_game(self, game: Game) -> None:
+        table = game.table
+        sizes = self._coef[:, SIZE].copy()
+        self._coef[...] = table.coef
+        self._coef[:, SIZE] = sizes
+        self._mix = np.ascontiguousarray(table.mix)
+        self.game = game
+
+    def _set_sizes(self) -> None:
+        K = self._lay.n_classes
+        self._coef[:, SIZE] = np.bincount(self._labels, minlength=K) if K > 1 else self.n_agents
 
     # ------------------------------------------------------------------ state
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0."""
         if initial_states is None:
-            self._x[...] = 0.0
+            if not self._fresh:
+                self._x[...] = 0.0
         else:
-            self._x[...] = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
-        self._J[...] = 0.0
-        self._mean_s[...] = 0.0
-        self._mean_x[...] = self._x.mean(axis=0)
-        self._n_finite = 0
-        self._mean_ready = False
+            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
+            _check_magnitude("initial_states", x0)
+            self._x[...] = x0
+        if not self._fresh:
+            self._J[...] = 0.0
+        self._fresh = False
+        self._field[...] = 0.0
+        self._mean_ready = False  # m(t) is computed by the next step's signal pass
+        if initial_states is not None:
+            self._refresh_means()
+        self._n_valid = 0
         self._worst = -1
         self.t = 0
         self._discount = 1.0
+
+    def _refresh_means(self) -> None:
+        """``m_l(t)`` and ``m(t)`` of the current states into the field (a cheap NumPy pass; reset/restore only)."""
+        lay, K = self._lay, self._lay.n_classes
+        if K == 1:
+            self._field[lay.class_state] = self._x.mean(axis=0)
+        else:
+            sums = np.zeros((K, self.dim))
+            np.add.at(sums, self._labels, self._x)
+            sizes = self._coef[:, SIZE]
+            self._field[lay.class_state:lay.class_state + K] = np.where(
+                sizes[:, None] > 0, sums / np.maximum(sizes, 1.0)[:, None], 0.0)
+        self._field[lay.field_state] = self._x.mean(axis=0)
+
+    def set_labels(self, labels) -> None:
+        """Move agents between classes (K-class games); takes effect at the next step.
+
+        Parameters
+        ----------
+        labels : array_like of int, shape (N,)
+            The new class of every agent, in ``[0, K)``.
+        """
+        self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        self._set_sizes()
+        self._mean_ready = False
+        self._refresh_means()
+
+    def set_game(self, game: Game) -> None:
+        """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
+
+        Costs already paid are kept; later stage costs use the new weights.
+        """
+        if not isinstance(game, Game):
+            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
+        if game.n_classes != self._lay.n_classes or game.gamma != self.game.gamma:
+            raise ValueError(
+                f"the new game must have the same classes and discount: it has n_classes={game.n_classes}, "
+                f"gamma={game.gamma!r}; this population has n_classes={self._lay.n_classes}, gamma={self.game.gamma!r}"
+            )
+        self._set_game(game)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes K of the game."""
+        return self._lay.n_classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The class of every agent, shape (N,), read-only (zeros when K = 1)."""
+        if self._labels.shape[0] == 0:
+            return _readonly(np.zeros(self.n_agents, dtype=np.int64))
+        return _readonly(self._labels)
 
     @property
     def states(self) -> np.ndarray:
@@ -194,7 +296,7 @@ class Population(MeanFieldSummary):
     @property
     def worst_agent(self) -> int:
         """Index of the agent with the largest online cost (first one on ties)."""
-        if self._worst >= 0:  # tracked by the fused step
+        if self._worst >= 0:  # tracked by the step
             return self._worst
         return int(np.argmax(self._J))
 
@@ -210,7 +312,8 @@ class Population(MeanFieldSummary):
         Parameters
         ----------
         signals : array_like, shape (N, d) (or (N,) when d = 1)
-            ``s_i(t)``. Non-finite rows are allowed: those agents hold.
+            ``s_i(t)``. Invalid rows (NaN, infinite, or beyond ``SIGNAL_LIMIT``)
+            are allowed: those agents hold.
 
         Returns
         -------
@@ -218,29 +321,15 @@ class Population(MeanFieldSummary):
             The new states ``x(t+1)``, the read-only live view :attr:`states`.
         """
         s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
-        if self._fused:
-            self._fused_step(s, self._no_weights)
-            return self._x_view
-        kern, threads = self._kernels, self._threads_used
-        n_finite, _, _ = kern.mean_field(self._x, s, self._J, self._work, self._mean_x, self._mean_s, threads)
-        self._n_finite = n_finite
-        g = self.game
-        coef = g.coefficients
-        kern.policy_update(
-            self._x, s, self._J, coef.gain, coef.signal, coef.signal_mean, coef.state_mean,
-            self._mean_s, g.q, g.kappa, g.r, self._mean_x, self._discount, threads,
-        )
-        self.t += 1
-        self._discount *= g.gamma
+        self._step(s, self._no_weights)
         return self._x_view
 
-    def step_predict(self, signals, server) -> np.ndarray:
+    def step_predict(self, signals, server: Server, out: np.ndarray | None = None) -> np.ndarray:
         """:meth:`step`, then the mixture ``server`` would publish for the new states.
 
         The same as ``step(signals)`` followed by ``server.predict(states)``
-        (to ``1e-12`` relative), but the fused step sums the mixture
-        ``sum_i p_i x_i(t+1)`` inside its pass over the states, while they
-        are in cache, instead of in a third pass over memory.
+        (to ``1e-12`` relative), but the step sums ``sum_i p_i x_i(t+1)``
+        inside its pass over the states, while they are in cache.
 
         Parameters
         ----------
@@ -248,15 +337,14 @@ class Population(MeanFieldSummary):
             As for :meth:`step`.
         server : Server
             A server over the same N agents and dimension d; only read.
+        out : numpy.ndarray, shape (d,), optional
+            Where to write ``yhat(t+1)`` (no allocation); a new array otherwise.
 
         Returns
         -------
         numpy.ndarray
-            ``yhat(t+1)``, shape (d,): a read-only view of a buffer that the
-            next call overwrites (copy it to keep it).
+            ``yhat(t+1)``, shape (d,).
         """
-        from .server import Server
-
         if not isinstance(server, Server):
             raise TypeError(f"server must be a memoa_fast.Server, got {type(server).__name__}")
         if (server.n_agents, server.dim) != (self.n_agents, self.dim):
@@ -264,31 +352,32 @@ class Population(MeanFieldSummary):
                 f"server mixes {server.n_agents} agents of dimension {server.dim}, this population has "
                 f"{self.n_agents} of dimension {self.dim}: build the Server with the same n_agents and dim"
             )
+        out = _check_out(out, self.dim)
         s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
-        if not self._fused:  # a third pass; the states are ours, so finite and already checked
-            self.step(s)
-            self._kernels.mixture_predict(server.log_weights, self._x, self._work, self._yhat, self._threads_used)
-            return self._yhat_view
-        self._fused_step(s, server.log_weights)
-        return self._yhat_view
+        self._step(s, server.log_weights)
+        out[...] = self._yhat
+        return out
 
-    def _fused_step(self, s, log_p) -> None:
-        """One step with the backend's ``fused_step`` (two passes over memory; see ``kernels``)."""
-        g = self.game
-        coef = g.coefficients
-        # m(t) is last step's m(t+1) when it is ready; the kernel computes it otherwise.
-        used, following = self._next_mean_x, self._mean_x
-        n_finite, max_cost, worst = self._kernels.fused_step(
-            self._x, s, self._J, self._work, coef.gain, coef.signal, coef.signal_mean, coef.state_mean,
-            g.q, g.kappa, g.r, self._discount, used, self._mean_s, following, self._mean_ready,
-            log_p, self._yhat, self._threads_used,
-        )
-        self._mean_x, self._next_mean_x = used, following
-        self._mean_ready = True
-        self._n_finite = n_finite
-        self._worst = worst if math.isfinite(max_cost) else -1
-        self.t += 1
-        self._discount *= g.gamma
+    def _step(self, s, log_p) -> None:
+        """One step: the backend's ``fused_step`` (two passes over memory; see :mod:`memoa_fast.kernels`)."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this Population is being stepped by another thread: a Population is not thread-safe")
+        try:
+            n_valid, max_cost, worst = self._kernels.fused_step(
+                self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
+                self._mean_ready, self._discount, log_p, self._yhat, self._threads_used,
+            )
+            # m(t+1) becomes the next step's m(t): no pass over the states needed for it.
+            lay, K = self._lay, self._lay.n_classes
+            self._field[lay.class_state:lay.class_state + K] = self._field[lay.class_next:lay.class_next + K]
+            self._field[lay.field_state] = self._field[lay.field_next]
+            self._mean_ready = True
+            self._n_valid = n_valid
+            self._worst = worst if math.isfinite(max_cost) else -1
+            self.t += 1
+            self._discount *= self.game.gamma
+        finally:
+            self._lock.release()
 
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d); returns the last states."""
@@ -303,49 +392,73 @@ class Population(MeanFieldSummary):
     def state_dict(self) -> dict:
         """Everything needed to resume this population exactly (copies).
 
-        Keys: ``states``, ``costs``, ``mean_state``, ``mean_signal`` (arrays),
-        ``t``, ``discount``, ``n_finite_signals`` and ``game`` (a dict of weights and policy).
+        Keys: ``states``, ``costs``, ``labels`` (K > 1 only), ``mean_state``,
+        ``mean_signal``, ``class_mean_signal`` (arrays), ``t``, ``discount``,
+        ``n_valid_signals`` and ``game`` (a dict of weights and policy).
         """
-        return {
+        state = {
             "states": self._x.copy(),
             "costs": self._J.copy(),
-            "mean_state": self._mean_x.copy(),
-            "mean_signal": self._mean_s.copy(),
+            "mean_state": self.mean_state,
+            "mean_signal": self.mean_signal,
+            "class_mean_signal": self.class_mean_signal,
             "t": self.t,
             "discount": self._discount,
-            "n_finite_signals": self._n_finite,
+            "n_valid_signals": self._n_valid,
             "game": self.game.to_dict(),
         }
+        if self._lay.n_classes > 1:
+            state["labels"] = self._labels.copy()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
-        game = state.get("game")
-        if game != self.game.to_dict():
-            raise ValueError(f"state was saved for game {game!r}, this population plays {self.game.to_dict()!r}")
-        shape = (self.n_agents, self.dim)
-        states = as_float_array("state['states']", state["states"], shape)
-        costs = as_float_array("state['costs']", state["costs"], (self.n_agents,))
-        mean_x = as_float_array("state['mean_state']", state["mean_state"], (self.dim,))
-        mean_s = as_float_array("state['mean_signal']", state["mean_signal"], (self.dim,))
-        t = check_int("state['t']", int(state["t"]), low=0)
-        discount = float(state["discount"])
-        if not (0.0 <= discount <= 1.0):
-            raise ValueError(f"state['discount'] must be in [0, 1], got {discount!r}")
-        self._x[...] = states
-        self._J[...] = costs
-        self._mean_x[...] = mean_x
-        self._mean_s[...] = mean_s
-        self._n_finite = int(state.get("n_finite_signals", 0))
-        self._mean_ready = False  # the next step recomputes m from the restored states
+        clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
+        self._apply_state(clean)
+
+    def _apply_state(self, clean: dict) -> None:
+        lay, K = self._lay, self._lay.n_classes
+        self._x[...] = clean["states"]
+        self._J[...] = clean["costs"]
+        if K > 1:
+            self._labels = clean["labels"]
+            self._set_sizes()
+        self._field[...] = 0.0
+        self._field[lay.field_signal] = clean["mean_signal"]
+        self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
+        self._refresh_means()
+        self._mean_ready = False  # the next step sums m(t) from the restored states, as a fresh run would
+        self._n_valid = clean["n_valid_signals"]
         self._worst = -1
-        self.t = t
-        self._discount = discount
+        self._fresh = False
+        self.t = clean["t"]
+        self._discount = clean["discount"]
+
+    def __reduce__(self):
+        config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
+        return (_rebuild, (Population, (self.game, self.n_agents, self.dim), config, self.state_dict()))
 
     def __repr__(self) -> str:
         return (
             f"Population({self.game!r}, n_agents={self.n_agents}, dim={self.dim}, backend={self.backend!r}, "
             f"threads={self.threads}, t={self.t})"
         )
+
+
+def _rebuild(cls, args, config, state):
+    """Unpickle an engine: build it, then load its state (validated like any other)."""
+    labels = state.get("labels")
+    obj = cls(*args, labels=labels, **config)
+    obj.load_state_dict(state)
+    return obj
+
+
+def _check_magnitude(name: str, arr: np.ndarray) -> None:
+    from .kernels import SIGNAL_LIMIT
+
+    top = float(np.max(np.abs(arr))) if arr.size else 0.0
+    if top > SIGNAL_LIMIT:
+        raise ValueError(f"{name} must be at most {SIGNAL_LIMIT:g} in magnitude (so that no cost can overflow), got {top!r}")
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
 from . import _backends
+from ._state import check_server_state
 from ._validation import as_float_array, check_choice, check_int, check_real
+from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 
 RULES = ("eg", "hedge")
-_RULE_CODES = {"eg": 0, "hedge": 1}
+RULE_CODES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
 
 
 class Server:
@@ -44,7 +47,16 @@ class Server:
         \\qquad p \\leftarrow (1-\\alpha) p + \\alpha/N,
 
     with the normalisation by log-sum-exp, so that weights never underflow
-    (plain weights do at N = 10^7).
+    (plain weights do at N = 10^7), computed as ``(log p - top) - log total``
+    so that it stays exact when the log-weights are huge and nearly tied.
+    A step ``eta g_i`` beyond ``1e300`` in magnitude (or one that overflows)
+    is clipped to it: that client's weight becomes 0 beside any client with
+    an ordinary loss. So the weights always sum to 1 (within rounding) and
+    are never NaN, whatever finite states and targets arrive; a weight may
+    be exactly 0 (log-weight ``-inf``) when ``alpha = 0``.
+
+    A Server is not thread-safe (concurrent calls raise ``RuntimeError``); it
+    can be pickled and deep-copied.
     """
 
     def __init__(
@@ -68,16 +80,14 @@ class Server:
         self._kernels = _backends.load(backend)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_agents, self.parallel_threshold)
-        from .kernels import work_shape
-
+        self._lay = layout(1, self.dim)
         self._log_p = np.empty(self.n_agents)
-        self._work = np.zeros(work_shape(self.n_agents, self.dim))
+        self._work = np.zeros(work_shape(self.n_agents, self._lay))
         self._yhat = np.zeros(self.dim)
         self._y = np.zeros(self.dim)
-        self._yhat_view = self._yhat.view()
-        self._yhat_view.flags.writeable = False
         self._log_p_view = self._log_p.view()
         self._log_p_view.flags.writeable = False
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
@@ -95,14 +105,21 @@ class Server:
         """``p = exp(log p)`` (a new array; they sum to 1)."""
         return np.exp(self._log_p)
 
-    def predict(self, states) -> np.ndarray:
+    def predict(self, states, out: np.ndarray | None = None) -> np.ndarray:
         """The mixture ``yhat = sum_i p_i x_i`` of ``states`` (N, d).
 
-        Returns a read-only view of an internal buffer that the next call overwrites.
+        Parameters
+        ----------
+        states : array_like, shape (N, d)
+            Finite predictions of the clients.
+        out : numpy.ndarray, shape (d,), optional
+            Where to write the mixture (no allocation); a new array otherwise.
         """
+        out = _check_out(out, self.dim)
         x = as_float_array("states", states, (self.n_agents, self.dim))
-        self._kernels.mixture_predict(self._log_p, x, self._work, self._yhat, self._threads_used)
-        return self._yhat_view
+        with self._guard():
+            self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, out, self._threads_used)
+        return out
 
     def update(self, states, target) -> None:
         """Reweight the clients once the target ``y`` of ``states`` (N, d) is known.
@@ -111,12 +128,19 @@ class Server:
         """
         x = as_float_array("states", states, (self.n_agents, self.dim))
         y = as_float_array("target", target, (self.dim,))
-        kern, threads = self._kernels, self._threads_used
-        if self.rule == "eg":  # the gradient needs the mixture of these very states
-            kern.mixture_predict(self._log_p, x, self._work, self._yhat, threads)
-        self._y[...] = y
-        kern.mixture_update(self._log_p, x, self._y, self._yhat, _RULE_CODES[self.rule], self.eta, self.alpha, self._work, threads)
-        self.n_updates += 1
+        kern, threads, lay = self._kernels, self._threads_used, self._lay
+        with self._guard():
+            if self.rule == "eg":  # the gradient needs the mixture of these very states
+                kern.mixture_predict(self._log_p, x, self._work, lay, self._yhat, threads)
+            self._y[...] = y
+            kern.mixture_update(self._log_p, x, self._y, self._yhat, RULE_CODES[self.rule], self.eta, self.alpha,
+                                self._work, lay, threads)
+            self.n_updates += 1
+
+    def _guard(self):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this Server is being used by another thread: a Server is not thread-safe")
+        return _Release(self._lock)
 
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (copies)."""
@@ -130,18 +154,47 @@ class Server:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
-        for key in ("rule", "eta", "alpha"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"state was saved with {key}={state.get(key)!r}, this server has {key}={getattr(self, key)!r}")
-        log_p = as_float_array("state['log_weights']", state["log_weights"], (self.n_agents,))
-        total = float(np.logaddexp.reduce(log_p))
-        if abs(total) > 1e-9:
-            raise ValueError(f"state['log_weights'] must be normalised (log-sum-exp 0), got {total!r}")
-        self._log_p[...] = log_p
-        self.n_updates = check_int("state['n_updates']", int(state["n_updates"]), low=0)
+        clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
+        self._log_p[...] = clean["log_weights"]
+        self.n_updates = clean["n_updates"]
+
+    def __reduce__(self):
+        config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        return (_rebuild_server, (self.n_agents, self.dim, config, self.state_dict()))
 
     def __repr__(self) -> str:
         return (
             f"Server(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, "
             f"alpha={self.alpha!r}, backend={self.backend!r})"
         )
+
+
+class _Release:
+    """Context manager releasing an already acquired lock."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _rebuild_server(n_agents, dim, config, state):
+    server = Server(n_agents, dim, **config)
+    server.load_state_dict(state)
+    return server
+
+
+def _check_out(out, dim: int) -> np.ndarray:
+    if out is None:
+        return np.empty(dim)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (dim,) and out.flags.writeable):
+        got = f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}".strip()
+        raise TypeError(f"out must be a writable float64 numpy array of shape ({dim},), got {got}")
+    return out

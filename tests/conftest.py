@@ -40,7 +40,7 @@ def available_backends():
     try:
         import memoa_fast.kernels._cython as cy  # noqa: F401
 
-        if hasattr(cy, "mean_field"):
+        if hasattr(cy, "signal_pass"):  # the current kernel contract
             names.append("cython")
     except ImportError:
         pass
