@@ -28,10 +28,11 @@ from ._layout import (
     layout,
     n_chunks,
     padded,
+    used_columns,
     work_shape,
 )
 
 __all__ = [
     "CACHE", "CHUNK", "FASTMATH", "PAD", "GAIN", "SIGNAL", "Q", "KAPPA", "R", "SIZE", "N_COEF", "MIX_SIGNAL",
-    "MIX_STATE", "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "Layout", "layout", "n_chunks", "padded", "work_shape",
+    "MIX_STATE", "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "Layout", "layout", "n_chunks", "padded", "used_columns", "work_shape",
 ]

@@ -107,6 +107,29 @@ def layout(n_classes: int, dim: int) -> Layout:
     )
 
 
+def used_columns(lay: Layout, part: str):
+    """The ``work`` columns a part of a step fills, without the cache-line padding (what a shard sends).
+
+    ``part`` is ``"step"`` (class sums of states and valid signals, counts, the
+    worst cost: what the signal and move passes leave), ``"mixture"`` or
+    ``"lse"``. A Dask shard sends ``work[:, cols]`` and the client scatters it
+    back into a zeroed ``work`` of the full width, ``O(K d)`` numbers per row.
+    """
+    import numpy as np
+
+    dp = padded(lay.dim)
+    d, K = lay.dim, lay.n_classes
+    if part == "step":
+        blocks = [np.arange(start + l * dp, start + l * dp + d) for start in (lay.state, lay.signal) for l in range(K)]
+        extra = [np.arange(lay.count, lay.count + K), np.array([lay.max_cost, lay.arg_cost])]
+        return np.concatenate(blocks + extra)
+    if part == "mixture":
+        return np.arange(lay.mixture, lay.mixture + d)
+    if part == "lse":
+        return np.array([lay.lse_top, lay.lse_sum])
+    raise ValueError(f"part must be 'step', 'mixture' or 'lse', got {part!r}")
+
+
 def n_chunks(n_agents: int) -> int:
     """Chunks of ``CHUNK`` agents (the last one may be short)."""
     return -(-n_agents // CHUNK)

@@ -25,7 +25,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "DaskPopulation": "distributed",
     "DaskServer": "distributed",
-    "make_population": "distributed",
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "restore_checkpoint": "checkpoint",

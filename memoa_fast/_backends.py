@@ -44,6 +44,16 @@ def load(backend: str) -> ModuleType:
         raise
 
 
+def load_noise() -> ModuleType:
+    """The counter-based noise kernels of worker-side signal sources (Numba)."""
+    return importlib.import_module("memoa_fast.kernels._noise")
+
+
+def available_threads() -> int:
+    """Threads this process may use by default (see :func:`memoa_fast._validation.check_threads`)."""
+    return check_threads(None)
+
+
 def resolve_threads(threads, n_agents: int, parallel_threshold: int = PARALLEL_THRESHOLD) -> tuple[int, int]:
     """Return ``(threads_requested, threads_used)``; small populations run on one thread."""
     requested = check_threads(threads)

@@ -20,7 +20,6 @@ from memoa_fast.distributed import (  # noqa: E402
     ForecasterSignals,
     NoisyLastValueSignals,
     ShardLostError,
-    make_population,
     shard_bounds,
 )
 from memoa_fast.kernels import CHUNK  # noqa: E402
@@ -75,7 +74,7 @@ def _assert_close(dpop, dserver, pop, server, **tol):
     np.testing.assert_allclose(dpop.costs, pop.costs, **tol)
     np.testing.assert_allclose(dpop.mean_state, pop.mean_state, **tol)
     np.testing.assert_allclose(dpop.mean_signal, pop.mean_signal, **tol)
-    assert dpop.n_finite_signals == pop.n_finite_signals
+    assert dpop.n_valid_signals == pop.n_valid_signals
     assert (dpop.t, dpop.discount) == (pop.t, pop.discount)
     assert dpop.worst_agent == pop.worst_agent
     assert dpop.regret == pytest.approx(pop.regret, rel=1e-12)
@@ -108,17 +107,35 @@ def test_noisy_source_slices_reproduce_the_whole():
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01  # standard normal draws
 
 
-def test_make_population_without_client_is_single_process():
-    pop = make_population(GAME, 10, 2, threads=1)
-    assert isinstance(pop, Population) and pop.states.shape == (10, 2)
+def test_one_way_to_make_each_engine():
+    """Population is the one-machine engine only; DaskPopulation is built by its own constructor."""
+    with pytest.raises(TypeError, match="client"):
+        Population(GAME, 10, 2, client=object())
+    assert not hasattr(__import__("memoa_fast.distributed", fromlist=["x"]), "make_population")
 
 
-def test_population_switches_engine_with_one_argument(client):
-    dpop = Population(GAME, 2 * CHUNK, 2, client=client, timeout=TIMEOUT)
+def test_k_class_population_on_shards_matches_one_machine(client, rng):
+    """Three classes with their own weights, labels changed between steps: the same results as one machine."""
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+    if getattr(game, "n_classes", 1) == 1 and not hasattr(Game, "with_weights"):
+        pytest.skip("the K-class Game is not in this build")
+    game = Game(q=[1.0, 0.3, 2.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.2, 1.0], gamma=0.95, shares=[0.5, 0.3, 0.2])
+    labels = rng.integers(0, 3, N)
+    x0 = rng.normal(size=(N, 2))
+    pop = Population(game, initial_states=x0, labels=labels, threads=1)
+    dpop = DaskPopulation(game, initial_states=x0, labels=labels, client=client, n_shards=3, timeout=TIMEOUT)
     try:
-        assert isinstance(dpop, DaskPopulation) and dpop.n_shards == 2
-        with pytest.raises(ValueError, match="backend must be 'numba' when client is given"):
-            Population(GAME, 10, 2, client=client, backend="cython")
+        for t in range(4):
+            s = rng.normal(size=(N, 2))
+            s[t * 7, 0] = np.nan
+            pop.step(s)
+            dpop.step(s)
+            if t == 1:
+                labels = rng.integers(0, 3, N)
+                pop.set_labels(labels)
+                dpop.set_labels(labels)
+        _assert_close(dpop, None, pop, None, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(dpop.class_mean_state, pop.class_mean_state, rtol=1e-12, atol=1e-13)
     finally:
         dpop.close()
 
@@ -182,10 +199,9 @@ def test_forecasters_on_the_workers_match_the_single_process_pipeline(client):
     y = logistic_map(T + 1, seed=2)
     pop, server = _single(rule="hedge")
     forecasters = ClientForecasters(N, 1, lags=2, seed=9, threads=1)
-    dpop = make_population(
+    dpop = DaskPopulation(
         GAME, N, 1, client=client, signals=functools.partial(ForecasterSignals, lags=2), seed=9, timeout=TIMEOUT
     )
-    assert isinstance(dpop, DaskPopulation)
     dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
     dpop.comm.reset()
     for t in range(T):
@@ -280,7 +296,8 @@ def test_checkpoint_round_trip_across_engines_and_shard_counts(client, tmp_path)
 
     ckpt = load_checkpoint(path)
     assert ckpt.source["shared"]["t"] == cut
-    pop, server = ckpt.make_population(threads=1), ckpt.make_server(threads=1)
+    pop = Population(ckpt.game, ckpt.n_agents, ckpt.dim, threads=1)
+    server = Server(ckpt.n_agents, ckpt.dim, rule="eg", eta=0.5, alpha=0.01, threads=1)
     source = NoisyLastValueSignals(0, N, 4, low=0.1)
     restore_checkpoint(ckpt, pop, server, source=source)
     advance(pop, server, range(cut, T), source)

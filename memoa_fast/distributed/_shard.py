@@ -1,0 +1,172 @@
+"""The shard: agents ``[lo, hi)`` of a population, resident on one worker as a Dask actor.
+
+The client drives it with lists of ``(op, args)``; each op is a method
+``_<op>`` below. A step runs the same two kernel passes as one machine's
+``fused_step`` (:mod:`memoa_fast.kernels`): ``signal_pass`` (answered with the
+chunks' partial rows, which the client merges with the kernels' own
+``merge_signals``), then ``move``, which travels with the next message.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .. import _backends
+from .._validation import as_float_array
+from ..kernels import used_columns, work_shape
+from ..population import check_labels
+
+
+def shard_threads(threads):
+    """Kernel threads of a shard: ``threads``, or the worker's thread count (at most the cores it may use)."""
+    if threads is not None:
+        return threads
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        return max(1, min(getattr(worker, "state", worker).nthreads, _backends.available_threads()))
+    except (ImportError, ValueError):
+        return 1
+
+
+class Shard:
+    """Agents ``[lo, hi)`` of a population of ``n_agents`` (see the module docstring).
+
+    Holds states, costs, labels, the signal buffer, a work array, the
+    server log-weights of each :class:`DaskServer` (by id) and, optionally,
+    its own signal source.
+    """
+
+    _OPS = frozenset(
+        ["signal_pass", "move", "rows", "observe", "predict", "reweight", "share", "add_server", "drop_server", "load",
+         "gather", "worst", "info"]
+    )
+
+    def __init__(self, index, lo, hi, n_agents, lay, threads, parallel_threshold, exact, factory, seed):
+        self.index, self.lo, self.hi, self.n_agents, self.exact = index, lo, hi, n_agents, exact
+        n, d = hi - lo, lay.dim
+        self.lay = lay
+        self.threads, self._threads_used = _backends.resolve_threads(shard_threads(threads), n, parallel_threshold)
+        self.kern = _backends.load("numba")
+        self.x = np.zeros((n, d))
+        self.J = np.zeros(n)
+        self.s = np.zeros((n, d))
+        self.labels = np.empty(0, dtype=np.int64)
+        self.work = np.zeros(work_shape(n, lay))
+        self.mean_ready = False  # the work array's state columns hold the sums of the current states
+        self.columns = {part: used_columns(lay, part) for part in ("step", "mixture", "lse")}
+        self.log_p: dict[str, np.ndarray] = {}
+        self.source = None if factory is None else factory(lo, hi, seed)
+
+    def run(self, ops):
+        """Execute ``ops`` in order; returns the last op's result."""
+        result = None
+        for name, args in ops:
+            if name not in self._OPS:
+                raise ValueError(f"unknown shard op {name!r}")
+            result = getattr(self, "_" + name)(*args)
+        return result
+
+    def _partials(self, work, part="step"):
+        """The used columns of the chunks' partial rows (exact mode), or of their fold into one row."""
+        cols = self.columns[part]
+        if self.exact:
+            return work[:, cols]
+        out = np.empty((1, work.shape[1]))
+        self.kern.fold_rows(work, self.lay, out[0])
+        return out[:, cols]
+
+    # ------------------------------------------------------------------ population
+    def _signal_pass(self, signals):
+        """Pass 1 on this step's signals; returns the partial rows (states sums included)."""
+        n, d = self.x.shape
+        if signals is None:
+            if self.source is None:
+                raise ValueError("this population has no worker-side signal source: pass signals to step()")
+            signals = as_float_array(f"signals of shard {self.index} (agents [{self.lo}, {self.hi}))",
+                                     self.source.next(), (n, d), allow_nonfinite=True)
+        self.s[...] = signals
+        self.kern.signal_pass(self.x, self.s, self.labels, self.work, self.lay, not self.mean_ready, self._threads_used)
+        return self._partials(self.work)
+
+    def _move(self, coef, field, discount):
+        """Pass 2 with the client's merged mean field (offsets and ``m(t)``)."""
+        # Arrays arrive as read-only buffers; writable copies keep one compiled signature.
+        coef, field = np.array(coef, dtype=np.float64), np.array(field, dtype=np.float64)
+        self.kern.move_pass(self.x, self.s, self.labels, self.J, self.work, self.lay, coef, field, discount,
+                            np.empty(0), self._threads_used)
+        self.mean_ready = True
+
+    def _rows(self):
+        """The partial rows left by the last move pass (sums of the moved states, worst cost)."""
+        return self._partials(self.work)
+
+    def _observe(self, y):
+        if self.source is not None and hasattr(self.source, "observe"):
+            self.source.observe(y)
+
+    def _worst(self):
+        i = int(np.argmax(self.J))
+        return float(self.J[i]), self.lo + i
+
+    # ------------------------------------------------------------------ server
+    def _add_server(self, sid):
+        self.log_p[sid] = np.full(self.hi - self.lo, -math.log(self.n_agents))
+
+    def _drop_server(self, sid):
+        self.log_p.pop(sid, None)
+
+    def _predict(self, sid):
+        out = np.empty(self.lay.dim)
+        self.kern.mixture_predict(self.log_p[sid], self.x, self.work, self.lay, out, self._threads_used)
+        return self._partials(self.work, "mixture")
+
+    def _reweight(self, sid, y, yhat, rule, eta):
+        """Gradient step on the log-weights; returns the rows holding the log-sum-exp pieces."""
+        y, yhat = np.array(y, dtype=np.float64), np.array(yhat, dtype=np.float64)
+        self.kern.mixture_reweight(self.log_p[sid], self.x, y, yhat, rule, eta, self.work, self.lay, self._threads_used)
+        if self.exact:
+            return self.work[:, self.columns["lse"]]
+        top, log_total = self.kern.merge_log_sum_exp(self.work, self.lay)
+        return np.array([[top, math.exp(log_total)]])
+
+    def _share(self, sid, top, log_total, alpha):
+        self.kern.mixture_share(self.log_p[sid], top, log_total, alpha, self.n_agents, self._threads_used)
+
+    # ------------------------------------------------------------------ bulk state
+    def _load(self, states, costs, labels, log_p, source_state):
+        """Replace what is given (all checked by the client); the mean field is re-summed at the next step."""
+        if states is not None:
+            self.x[...] = states
+        if costs is not None:
+            self.J[...] = costs
+        if labels is not None:
+            self.labels = check_labels(labels, self.hi - self.lo, self.lay.n_classes) if len(labels) else labels
+        for sid, value in log_p.items():
+            if value is None:
+                self._add_server(sid)
+            else:
+                self.log_p[sid] = np.array(value, dtype=np.float64)
+        if source_state is not None:
+            self.source.load_state_dict(source_state)
+        if states is not None or labels is not None:
+            self.mean_ready = False
+
+    def _gather(self, what, sid=None):
+        if what == "states":
+            return self.x
+        if what == "costs":
+            return self.J
+        if what == "log_p":
+            return self.log_p[sid]
+        if what == "source":
+            if self.source is None or not hasattr(self.source, "state_dict"):
+                return None
+            return self.source.state_dict()
+        raise ValueError(f"cannot gather {what!r}")
+
+    def _info(self):
+        return {"pid": os.getpid(), "lo": self.lo, "hi": self.hi, "threads": self._threads_used}

@@ -1,0 +1,682 @@
+"""The Dask engine's population: N agents sharded over the workers of a cluster."""
+from __future__ import annotations
+
+import time
+import uuid
+import weakref
+
+import numpy as np
+
+from .. import _backends
+from .._state import check_population_state
+from .._validation import as_float_array, check_int, check_real
+from ..checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from ..game import Game
+from ..kernels import CHUNK, N_COEF, SIZE, layout, used_columns
+from ..population import MeanFieldSummary, _check_magnitude, _readonly, check_labels, population_shape
+from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
+from ._shard import Shard
+
+
+def shard_bounds(n_agents: int, n_shards: int) -> list[tuple[int, int]]:
+    """Split ``[0, n_agents)`` into ``n_shards`` ranges of whole ``CHUNK``-agent blocks.
+
+    Blocks are spread as evenly as possible (shard sizes differ by at most one
+    block); every boundary but the last is a multiple of ``CHUNK``, which keeps
+    each shard's chunk partials identical to the single-process ones.
+    """
+    n_agents = check_int("n_agents", n_agents, low=1)
+    n_chunks = -(-n_agents // CHUNK)
+    n_shards = check_int("n_shards", n_shards, low=1)
+    if n_shards > n_chunks:
+        raise ValueError(
+            f"n_shards={n_shards} is more than the {n_chunks} blocks of {CHUNK} agents in a population of "
+            f"{n_agents}: a shard holds whole blocks, so use n_shards <= {n_chunks}"
+        )
+    edges = [(k * n_chunks) // n_shards for k in range(n_shards + 1)]
+    return [(a * CHUNK, min(b * CHUNK, n_agents)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class ShardedStates:
+    """A handle on a :class:`DaskPopulation`'s states, which stay on the workers.
+
+    What :meth:`DaskPopulation.step` returns (the live states, like
+    :attr:`Population.states`). A :class:`DaskServer` mixes them where they
+    are; ``np.asarray(handle)`` (or :meth:`gather`) copies them to the client.
+    """
+
+    def __init__(self, population: "DaskPopulation"):
+        self.population = population
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.population.n_agents, self.population.dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float64)
+
+    def __len__(self) -> int:
+        return self.population.n_agents
+
+    def gather(self) -> np.ndarray:
+        """The states, copied to the client (N x d x 8 bytes)."""
+        return self.population._gather_agents("states", (self.population.n_agents, self.population.dim))
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.gather()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"<ShardedStates shape={self.shape} on {self.population.n_shards} shards>"
+
+
+class DaskPopulation(MeanFieldSummary):
+    """N online agents sharded over the workers of a Dask cluster.
+
+    Same model, API and results as :class:`~memoa_fast.Population` (see its
+    Notes for the step); the states live on the workers, in shards of whole
+    ``CHUNK``-agent blocks, each a Dask actor.
+
+    Parameters
+    ----------
+    game : Game
+        Weights, gains and policy; a K-class game needs ``labels``.
+    n_agents : int, optional
+        Number of agents N (taken from ``initial_states`` if given).
+    dim : int, default 1
+        State dimension d (taken from ``initial_states`` if given).
+    client : dask.distributed.Client, optional
+        The cluster to run on; default: the current default client.
+    labels : array_like of int, shape (N,), optional
+        The class of each agent (K-class games).
+    n_shards : int, optional
+        Number of shards, placed round-robin on the workers; default: one per
+        worker (at most one per block).
+    initial_states : array_like, shape (N, d), optional
+        ``x_i(0)``; zeros by default (then nothing of size N is sent).
+    signals : callable, optional
+        A picklable factory ``signals(lo, hi, seed)`` run on each worker to
+        make the shard's signal source (:mod:`memoa_fast.distributed.signals`);
+        then ``step()`` takes no signals.
+    seed : int, default 0
+        Passed to the signal factory.
+    threads : int, optional
+        Kernel threads per shard; default: the worker's thread count.
+    parallel_threshold : int, default 8192
+        Shards smaller than this run on one thread.
+    exact : bool, default False
+        Gather one partial row per chunk instead of one per shard, which
+        makes the run bitwise identical to the single-process Numba one.
+    timeout : float, default 600
+        Seconds to wait for a shard's answer before declaring it lost.
+    direct : bool, default True
+        Talk to the shards' workers directly rather than through the
+        scheduler (Dask's ``direct_to_workers``): when ``client`` does not
+        already, the population opens its own client on the same scheduler
+        (closed by :meth:`close`). Use False where the client cannot reach
+        the workers.
+
+    Notes
+    -----
+    A step runs the same two kernel passes as :class:`~memoa_fast.Population`
+    and costs one round trip: the client sends each shard its signals (or
+    nothing, with a worker-side source); each shard runs the signal pass and
+    answers with its partial rows (class sums of the valid signals and of
+    the states, counts: ``O(K d)`` numbers per shard, whatever N); the client
+    merges them with the kernels' own ``merge_signals`` into the mean field
+    and the class offsets, and queues the move pass (the per-class
+    coefficients and the mean field, ``O(K d)`` numbers), which travels with
+    the next message.
+
+    Faults: a shard whose worker is lost (or silent for ``timeout``) raises
+    :class:`ShardLostError` naming the shard, its agents, its worker, the
+    step and the last checkpoint; the population then refuses to step until
+    :meth:`restore` rebuilds the shards on the live workers.
+    """
+
+    backend = "numba"
+
+    def __init__(
+        self,
+        game: Game,
+        n_agents: int | None = None,
+        dim: int | None = None,
+        *,
+        client=None,
+        labels=None,
+        n_shards: int | None = None,
+        initial_states=None,
+        signals=None,
+        seed: int = 0,
+        threads: int | None = None,
+        parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
+        exact: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        direct: bool = True,
+    ):
+        self.n_agents, self.dim = population_shape(game, n_agents, dim, initial_states)
+        x0 = None
+        if initial_states is not None:
+            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
+            _check_magnitude("initial_states", x0)
+        if signals is not None and not callable(signals):
+            raise TypeError(f"signals must be a factory signals(lo, hi, seed) returning a signal source, got {signals!r}")
+        self._lay = layout(game.n_classes, self.dim)
+        self._labels = check_labels(labels, self.n_agents, game.n_classes)
+        self._coef = np.zeros((game.n_classes, N_COEF))
+        self._set_game(game)
+        self._set_sizes()
+        self.signal_factory = signals
+        self.seed = check_int("seed", seed, low=0)
+        self.threads = None if threads is None else check_int("threads", threads, low=1)
+        self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
+        if not isinstance(exact, bool):
+            raise TypeError(f"exact must be True or False, got {exact!r}")
+        self.exact = exact
+        self.timeout = check_real("timeout", timeout, low=0.0, low_open=True)
+        self._kernels = _backends.load("numba")  # the client merges with the kernels' own merges
+        self.client = default_client(client)
+        self._own_client = None
+        if direct and not self.client.direct_to_workers:
+            self._own_client = direct_client(self.client, self.timeout)
+        self.comm = CommStats()
+        self.last_checkpoint: str | None = None
+        self.last_checkpoint_step: int | None = None
+        self._servers: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
+        self._pending: list = []
+        self._broken: str | None = None
+        self._lost_shard: int | None = None
+        self._handle = ShardedStates(self)
+        self._field = np.zeros((self._lay.field_rows, self.dim))
+        self._stale_means = False
+        self._n_valid = 0
+        self.t = 0
+        self._discount = 1.0
+        self._version = 0
+        self._actors: list = []
+        try:
+            self._build(n_shards, x0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _unpack(self, parts, part) -> np.ndarray:
+        """The shards' compact rows (:func:`memoa_fast.kernels.used_columns`) back in a full-width work array."""
+        rows = np.concatenate(parts)
+        work = np.zeros((rows.shape[0], self._lay.width))
+        work[:, used_columns(self._lay, part)] = rows
+        return work
+
+    def _set_game(self, game: Game) -> None:
+        table = game.table
+        sizes = self._coef[:, SIZE].copy()
+        self._coef[...] = table.coef
+        self._coef[:, SIZE] = sizes
+        self._mix = np.ascontiguousarray(table.mix)
+        self.game = game
+
+    def _set_sizes(self) -> None:
+        K = self._lay.n_classes
+        self._coef[:, SIZE] = np.bincount(self._labels, minlength=K) if K > 1 else self.n_agents
+
+    def _refresh_means(self, states) -> None:
+        self._stale_means = False
+        lay, K = self._lay, self._lay.n_classes
+        if K == 1:
+            self._field[lay.class_state] = states.mean(axis=0)
+        else:
+            sums = np.zeros((K, self.dim))
+            np.add.at(sums, self._labels, states)
+            sizes = self._coef[:, SIZE]
+            self._field[lay.class_state:lay.class_state + K] = np.where(
+                sizes[:, None] > 0, sums / np.maximum(sizes, 1.0)[:, None], 0.0)
+        self._field[lay.field_state] = states.mean(axis=0)
+
+    # ------------------------------------------------------------------ shards
+    def _workers(self) -> list[str]:
+        workers = sorted(self._client.nthreads())
+        if not workers:
+            raise RuntimeError("the Dask cluster has no workers")
+        return workers
+
+    def _build(self, n_shards, x0) -> None:
+        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources."""
+        workers = self._workers()
+        n_chunks = -(-self.n_agents // CHUNK)
+        n_shards = min(len(workers), n_chunks) if n_shards is None else check_int("n_shards", n_shards, low=1)
+        bounds = shard_bounds(self.n_agents, n_shards)
+        self._release_shards()
+        futures = []
+        for k, (lo, hi) in enumerate(bounds):
+            worker = workers[k % len(workers)]
+            futures.append(
+                self._client.submit(
+                    Shard, k, lo, hi, self.n_agents, self._lay, self.threads, self.parallel_threshold, self.exact,
+                    self.signal_factory, self.seed,
+                    actor=True, workers=[worker], allow_other_workers=False, pure=False,
+                    key=f"memoa-shard-{k}-{uuid.uuid4().hex}",
+                )
+            )
+        self.bounds, self.shard_workers = bounds, [workers[k % len(workers)] for k in range(len(bounds))]
+        self._futures = futures
+        try:
+            # An actor handle binds to the current client when it is made: ours.
+            with self._client.as_current():
+                self._actors = [f.result(timeout=self.timeout) for f in futures]
+        except Exception as exc:
+            self._broken = f"shards could not be created: {exc}"
+            raise
+        self._broken = self._lost_shard = None
+        self._pending = []
+        labels = self._labels
+        args = [(None if x0 is None else x0[lo:hi], None, labels[lo:hi] if labels.shape[0] else None, {}, None)
+                for lo, hi in self.bounds]
+        self._call(("load", None), per_shard_args=args)
+        for sid in list(self._servers):
+            self._queue(("add_server", (sid,)))
+        self._field[...] = 0.0
+        if x0 is not None:
+            self._refresh_means(x0)
+
+    @property
+    def n_shards(self) -> int:
+        """How many shards hold the agents."""
+        return len(self.bounds)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes K of the game."""
+        return self._lay.n_classes
+
+    @property
+    def _client(self):
+        """The client that holds the shards: our direct one if we opened it."""
+        return self.client if self._own_client is None else self._own_client
+
+    def _release_shards(self) -> None:
+        self._actors = []
+        self._futures = []
+
+    def close(self) -> None:
+        """Release the shards (the workers drop their arrays) and our own client, if any. Safe to call twice."""
+        self._release_shards()
+        if self._own_client is not None:
+            self._own_client.close(timeout=self.timeout)
+            self._own_client = None
+        self._broken = self._broken or "closed"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ messaging
+    def _queue(self, op) -> None:
+        """An op for every shard that needs no answer: it travels with the next message."""
+        self._pending.append(op)
+
+    def _call(self, op, per_shard_args=None) -> list:
+        """Send the queued ops plus ``op`` to every shard and return each shard's answer, in shard order.
+
+        ``per_shard_args[k]`` replaces ``op``'s arguments for shard k.
+        """
+        self._check_usable()
+        ops, self._pending = self._pending, []
+        messages = []
+        for k in range(len(self._actors)):
+            last = op if per_shard_args is None else (op[0], per_shard_args[k])
+            messages.append(ops + [last])
+        self.comm.bytes_sent += sum(payload_nbytes(m) for m in messages)
+        try:
+            futures = [actor.run(msg) for actor, msg in zip(self._actors, messages)]
+        except RuntimeError as exc:  # the proxy refuses calls once its worker is known lost
+            self._lost(0, exc, find_lost=True)
+        results, failure = [], None
+        deadline = time.monotonic() + self.timeout
+        for k, fut in enumerate(futures):
+            try:
+                results.append(fut.result(timeout=max(deadline - time.monotonic(), 0.001)))
+            except BaseException as exc:  # noqa: BLE001 - every failure makes the shards inconsistent
+                if failure is None:
+                    failure = (k, exc)
+                results.append(None)
+        if failure is not None:
+            k, exc = failure
+            if is_loss(exc, self.shard_workers[k] in self._workers_or_empty()):
+                self._lost(k, exc)
+            self._broken = f"shard {k} failed: {type(exc).__name__}: {exc}"
+            if isinstance(exc, Exception):
+                lo, hi = self.bounds[k]
+                exc.add_note(f"in shard {k} (agents [{lo}, {hi})) on worker {self.shard_workers[k]}, step {self.t}")
+            raise exc
+        self.comm.round_trips += 1
+        self.comm.bytes_received += sum(payload_nbytes(r) for r in results)
+        return results
+
+    def flush(self) -> None:
+        """Send the queued ops now (they are sent with the next call anyway)."""
+        if self._pending:
+            self._call(("info", ()))
+
+    def _check_usable(self) -> None:
+        if self._lost_shard is not None:
+            k = self._lost_shard
+            lo, hi = self.bounds[k]
+            raise ShardLostError(
+                f"this DaskPopulation is unusable: {self._broken}; {self._resume_hint()}",
+                shard=k, lo=lo, hi=hi, worker=self.shard_workers[k], step=self.t, checkpoint=self.last_checkpoint,
+            )
+        if self._broken is not None:
+            raise RuntimeError(f"this DaskPopulation is unusable ({self._broken}); {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was saved by this population, so the run must start over"
+        return (
+            f"the last good checkpoint is {self.last_checkpoint!r} (step {self.last_checkpoint_step}): "
+            f"resume with population.restore({self.last_checkpoint!r}, server=...)"
+        )
+
+    def _lost(self, k, exc, find_lost=False):
+        if find_lost:
+            alive = set(self._workers_or_empty())
+            k = next((i for i, w in enumerate(self.shard_workers) if w not in alive), k)
+        lo, hi = self.bounds[k]
+        worker = self.shard_workers[k]
+        self._broken = f"shard {k} (agents [{lo}, {hi})) on worker {worker} was lost at step {self.t}"
+        self._lost_shard = k
+        message = (
+            f"shard {k} (agents [{lo}, {hi})) on worker {worker} was lost at step {self.t} "
+            f"({type(exc).__name__}: {exc}); {self._resume_hint()}"
+        )
+        raise ShardLostError(
+            message, shard=k, lo=lo, hi=hi, worker=worker, step=self.t, checkpoint=self.last_checkpoint
+        ) from exc
+
+    def _workers_or_empty(self) -> list[str]:
+        try:
+            return list(self._client.nthreads())
+        except Exception:  # noqa: BLE001 - only used to improve an error message
+            return []
+
+
+    # ------------------------------------------------------------------ state
+    def reset(self, initial_states=None) -> None:
+        """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0 (servers are left alone)."""
+        if initial_states is None:
+            x0 = np.zeros((self.n_agents, self.dim))
+        else:
+            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
+            _check_magnitude("initial_states", x0)
+        self._load_all(x0, np.zeros(self.n_agents))
+        self._field[...] = 0.0
+        self._refresh_means(x0)
+        self._n_valid = 0
+        self.t = 0
+        self._discount = 1.0
+
+    def _load_all(self, states, costs, labels=None, source=None) -> None:
+        """Scatter full arrays (checked by the caller) to the shards."""
+        args = [
+            (states[lo:hi], costs[lo:hi], None if labels is None else labels[lo:hi], {},
+             None if source is None else _slice_source(source, lo, hi))
+            for lo, hi in self.bounds
+        ]
+        self._version += 1
+        self._call(("load", None), per_shard_args=args)
+
+    def set_labels(self, labels) -> None:
+        """Move agents between classes (K-class games); takes effect at the next step (N labels are sent)."""
+        self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        self._set_sizes()
+        self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None) for lo, hi in self.bounds])
+        self._refresh_means(self._handle.gather())
+
+    def set_game(self, game: Game) -> None:
+        """Play ``game`` from the next step on; same classes and discount (see :meth:`Population.set_game`)."""
+        if not isinstance(game, Game):
+            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
+        if game.n_classes != self._lay.n_classes or game.gamma != self.game.gamma:
+            raise ValueError(
+                f"the new game must have the same classes and discount: it has n_classes={game.n_classes}, "
+                f"gamma={game.gamma!r}; this population has n_classes={self._lay.n_classes}, gamma={self.game.gamma!r}"
+            )
+        self._set_game(game)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The class of every agent, shape (N,), read-only (zeros when K = 1)."""
+        if self._labels.shape[0] == 0:
+            return _readonly(np.zeros(self.n_agents, dtype=np.int64))
+        return _readonly(self._labels)
+
+    @property
+    def states(self) -> np.ndarray:
+        """``x(t)``, shape (N, d), gathered from the workers (a read-only copy: N x d x 8 bytes cross the network)."""
+        return _readonly(self._handle.gather())
+
+    @property
+    def resident_states(self) -> "ShardedStates":
+        """The live states as a handle that stays on the workers (what :meth:`step` returns)."""
+        return self._handle
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Discounted online costs ``J_i``, gathered (a read-only copy)."""
+        return _readonly(self._gather_agents("costs", (self.n_agents,)))
+
+    def _worst(self) -> tuple[float, int]:
+        best, arg = -np.inf, -1
+        for value, index in self._call(("worst", ())):
+            if value > best:
+                best, arg = value, index
+        return best, arg
+
+    @property
+    def worst_agent(self) -> int:
+        """Index of the agent with the largest online cost (first one on ties); 2 numbers per shard."""
+        return self._worst()[1]
+
+    @property
+    def regret(self) -> float:
+        """Under-performer regret ``max_i J_i``: the worst client's online cost; 2 numbers per shard."""
+        return float(self._worst()[0])
+
+    def _gather_agents(self, what, shape, sid=None) -> np.ndarray:
+        out = np.empty(shape)
+        for (lo, hi), part in zip(self.bounds, self._call(("gather", (what, sid)))):
+            out[lo:hi] = part
+        return out
+
+    # ------------------------------------------------------------------ step
+    def step(self, signals=None) -> "ShardedStates":
+        """Advance every agent one round.
+
+        Parameters
+        ----------
+        signals : array_like, shape (N, d), optional
+            ``s_i(t)`` from the client (N x d numbers are then sent); None
+            when the shards generate them (``signals=`` factory at construction).
+
+        Returns
+        -------
+        ShardedStates
+            The live states, a handle on the workers.
+        """
+        self._check_usable()
+        if signals is None:
+            if self.signal_factory is None:
+                raise ValueError(
+                    "step() without signals needs a worker-side signal source: create the population with "
+                    "signals=factory (called on each worker as factory(lo, hi, seed)), or pass signals of shape (N, d)"
+                )
+            rows = self._call(("signal_pass", (None,)))
+        else:
+            s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
+            rows = self._call(("signal_pass", None), per_shard_args=[(s[lo:hi],) for lo, hi in self.bounds])
+        work = self._unpack(rows, "step")
+        # The state columns hold the sums of the current states (the shards' last move pass, or a fresh
+        # sum after a load): the same numbers one machine's merge_move turns into m(t).
+        self._n_valid = self._kernels.merge_signals(work, self._lay, self._coef, self._mix, self._field, True)
+        self._queue(("move", (self._coef.copy(), self._field.copy(), self._discount)))
+        self._stale_means = True
+        self.t += 1
+        self._discount *= self.game.gamma
+        self._version += 1
+        return self._handle
+
+    def observe(self, target) -> None:
+        """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message)."""
+        y = as_float_array("target", target, (self.dim,))
+        self._check_usable()
+        self._queue(("observe", (y.copy(),)))
+
+    def run(self, signals=None, *, steps: int | None = None) -> "ShardedStates":
+        """Step through ``signals`` of shape (T, N, d), or ``steps`` times on worker-side signals."""
+        if signals is not None:
+            signals = np.asarray(signals)
+            if signals.ndim not in (2, 3):
+                raise ValueError(f"signals must have shape (T, n_agents, dim), got shape {signals.shape}")
+            for s in signals:
+                self.step(s)
+        else:
+            for _ in range(check_int("steps", steps if steps is not None else 0, low=0)):
+                self.step()
+        return self._handle
+
+    @property
+    def mean_state(self) -> np.ndarray:
+        """``m(t)``, the mean of the current states; after a step, one round trip of ``O(K d)`` numbers per shard."""
+        if self._stale_means:
+            # The shards' last move pass left the sums of the moved states in their rows: the kernels'
+            # merge_move turns them into m(t+1), as on one machine.
+            rows = self._unpack(self._call(("rows", ())), "step")
+            lay, K = self._lay, self._lay.n_classes
+            self._kernels.merge_move(rows, lay, self._coef, self._field, False, np.empty(self.dim))
+            self._field[lay.class_state:lay.class_state + K] = self._field[lay.class_next:lay.class_next + K]
+            self._field[lay.field_state] = self._field[lay.field_next]
+            self._stale_means = False
+        return self._field[self._lay.field_state].copy()
+
+    @property
+    def class_mean_state(self) -> np.ndarray:
+        """``m_l(t)``, the mean state of each class, shape (K, d) (see :attr:`mean_state`)."""
+        self.mean_state
+        lay = self._lay
+        return self._field[lay.class_state:lay.class_state + lay.n_classes].copy()
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: :meth:`Population.state_dict`'s keys, gathered.
+
+        With a worker-side source that has ``state_dict``, also ``source``:
+        ``{"agents": {...}, "shared": {...}}`` concatenated over the shards.
+        """
+        states = self._gather_agents("states", (self.n_agents, self.dim))
+        self._refresh_means(states)
+        state = {
+            "states": states,
+            "costs": self._gather_agents("costs", (self.n_agents,)),
+            "mean_state": self._field[self._lay.field_state].copy(),
+            "mean_signal": self.mean_signal,
+            "class_mean_signal": self.class_mean_signal,
+            "t": self.t,
+            "discount": self._discount,
+            "n_valid_signals": self._n_valid,
+            "game": self.game.to_dict(),
+        }
+        if self._lay.n_classes > 1:
+            state["labels"] = self._labels.copy()
+        source = self._gather_source()
+        if source is not None:
+            state["source"] = source
+        return state
+
+    def _gather_source(self):
+        parts = self._call(("gather", ("source", None)))
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts):
+            raise RuntimeError("some shards' signal sources have no state_dict(): cannot checkpoint them")
+        agents = {name: np.concatenate([p["agents"][name] for p in parts]) for name in parts[0]["agents"]}
+        shared = {name: np.asarray(v) for name, v in parts[0]["shared"].items()}
+        for k, p in enumerate(parts[1:], start=1):
+            for name, v in shared.items():
+                if not np.array_equal(np.asarray(p["shared"][name]), v):
+                    raise RuntimeError(f"signal sources disagree on shared state {name!r} (shard 0 vs shard {k})")
+        return {"agents": agents, "shared": shared}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (of this class or of :class:`Population`); checks everything first."""
+        clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
+        source = state.get("source")
+        if source is not None:
+            source = _check_source_state(source, self.n_agents)
+            if self.signal_factory is None:
+                raise ValueError("state has a signal source's state but this population has no signals= factory")
+        labels = clean.get("labels") if self._lay.n_classes > 1 else None
+        self._load_all(clean["states"], clean["costs"], labels, source)
+        if labels is not None:
+            self._labels = labels
+            self._set_sizes()
+        lay, K = self._lay, self._lay.n_classes
+        self._field[...] = 0.0
+        self._field[lay.field_signal] = clean["mean_signal"]
+        self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
+        self._refresh_means(clean["states"])
+        self._n_valid = clean["n_valid_signals"]
+        self.t = clean["t"]
+        self._discount = clean["discount"]
+
+    def restore(self, path, server=None, *, n_shards: int | None = None):
+        """Rebuild the shards on the live workers and load the checkpoint at ``path``.
+
+        This is how a run resumes after :class:`ShardLostError`, on any number
+        of workers (``n_shards`` defaults to one per live worker). The
+        checkpoint is read and checked completely before anything changes.
+        Servers of this population other than ``server`` restart from uniform
+        weights. Returns the :class:`~memoa_fast.checkpoint.Checkpoint`.
+        """
+        ckpt = load_checkpoint(path)
+        ckpt.check_compatible(self, server)
+        self._build(n_shards, None)
+        return restore_checkpoint(ckpt, self, server)
+
+    def save(self, path, server=None):
+        """Write a checkpoint of this population (and ``server``) atomically; see :func:`~memoa_fast.checkpoint.save_checkpoint`."""
+        return save_checkpoint(path, self, server)
+
+    def _record_checkpoint(self, path, t) -> None:
+        self.last_checkpoint, self.last_checkpoint_step = str(path), int(t)
+
+    def info(self) -> list[dict]:
+        """Per shard: agents ``[lo, hi)``, worker address, process id and kernel threads."""
+        return [dict(shard=k, worker=w, **i) for k, (w, i) in enumerate(zip(self.shard_workers, self._call(("info", ()))))]
+
+    def __repr__(self) -> str:
+        return (
+            f"DaskPopulation({self.game!r}, n_agents={self.n_agents}, dim={self.dim}, n_shards={self.n_shards}, "
+            f"exact={self.exact}, t={self.t})"
+        )
+
+
+def _slice_source(source, lo, hi):
+    return {"agents": {k: v[lo:hi] for k, v in source["agents"].items()}, "shared": dict(source["shared"])}
+
+
+def _check_source_state(source, n_agents) -> dict:
+    if not isinstance(source, dict) or set(source) != {"agents", "shared"}:
+        raise ValueError("a signal source's state must be {'agents': {...}, 'shared': {...}}")
+    agents = {}
+    for name, value in source["agents"].items():
+        arr = np.asarray(value)
+        if arr.ndim < 1 or arr.shape[0] != n_agents:
+            raise ValueError(f"source state 'agents/{name}' must have {n_agents} rows, got shape {arr.shape}")
+        agents[name] = arr
+    return {"agents": agents, "shared": {k: np.asarray(v) for k, v in source["shared"].items()}}

@@ -1,0 +1,133 @@
+"""The Dask engine's server: the mixture's log-weights live on the shards, beside the states."""
+from __future__ import annotations
+
+import math
+import uuid
+import weakref
+
+import numpy as np
+
+from .._state import check_server_state
+from .._validation import as_float_array, check_choice, check_real
+from ..population import _readonly
+from ..server import RULE_CODES, RULES
+from .population import DaskPopulation, ShardedStates
+
+
+class DaskServer:
+    """:class:`~memoa_fast.Server` for a :class:`DaskPopulation`: log-weights live on the shards.
+
+    Parameters
+    ----------
+    population : DaskPopulation
+        Whose resident states this server mixes.
+    rule, eta, alpha
+        As for :class:`~memoa_fast.Server`.
+
+    Notes
+    -----
+    :meth:`predict` gathers the shards' partial rows of ``sum_i p_i x_i``
+    (d numbers each) and sums them in order; :meth:`update` runs the
+    kernels' ``mixture_reweight`` on every shard, gathers the log-sum-exp
+    pieces ``(top_k, sum_{i in k} exp(v_i - top_k))``, merges them with the
+    kernels' ``merge_log_sum_exp`` into ``(top, log_total)`` and queues the
+    normalisation and fixed share (``mixture_share`` over the whole
+    population's N) for the next message. Rule ``eg`` needs ``yhat`` of the
+    states being scored: it reuses the last :meth:`predict` when nothing
+    changed since, else costs one more round trip.
+    """
+
+    def __init__(self, population: DaskPopulation, *, rule: str = "hedge", eta: float = 1.0, alpha: float = 0.0):
+        if not isinstance(population, DaskPopulation):
+            raise TypeError(f"population must be a DaskPopulation, got {type(population).__name__}")
+        self.population = population
+        self.n_agents, self.dim = population.n_agents, population.dim
+        self.rule = check_choice("rule", rule, RULES)
+        self.eta = check_real("eta", eta, low=0.0)
+        self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
+        self.sid = uuid.uuid4().hex
+        self.n_updates = 0
+        self._lay = population._lay
+        self._yhat = np.zeros(self.dim)
+        self._yhat_version = None
+        self._weights_version = 0
+        population._servers[self.sid] = self
+        population._queue(("add_server", (self.sid,)))
+        # When this object goes, its weights leave the workers with the next message.
+        weakref.finalize(self, population._queue, ("drop_server", (self.sid,)))
+
+    def reset(self) -> None:
+        """Uniform weights ``p = 1/N``; the update counter back to 0."""
+        self.population._queue(("add_server", (self.sid,)))
+        self.n_updates = 0
+        self._weights_version += 1
+
+    def _states(self, states) -> None:
+        pop = self.population
+        if states is None or states is pop or (isinstance(states, ShardedStates) and states.population is pop):
+            return
+        raise TypeError(
+            "a DaskServer mixes the states resident on its population's workers: pass population.step()'s result, "
+            f"population.resident_states or None, not {type(states).__name__}"
+        )
+
+    @property
+    def log_weights(self) -> np.ndarray:
+        """``log p``, gathered from the workers (a read-only copy)."""
+        return _readonly(self.population._gather_agents("log_p", (self.n_agents,), sid=self.sid))
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``p = exp(log p)`` (a new array)."""
+        return np.exp(self.log_weights)
+
+    def predict(self, states=None, out: np.ndarray | None = None) -> np.ndarray:
+        """The mixture ``yhat = sum_i p_i x_i`` of the population's current states, shape (d,)."""
+        self._states(states)
+        pop = self.population
+        rows = pop._unpack(pop._call(("predict", (self.sid,))), "mixture")
+        folded = np.empty(rows.shape[1])
+        pop._kernels.fold_rows(rows, self._lay, folded)  # the chunk sums, in chunk order
+        self._yhat[...] = folded[self._lay.mixture:self._lay.mixture + self.dim]
+        self._yhat_version = (pop._version, self._weights_version)
+        if out is None:
+            return self._yhat.copy()
+        out[...] = self._yhat
+        return out
+
+    def update(self, states, target) -> None:
+        """Reweight the clients once the target ``y`` of the current states is known (shape (d,))."""
+        self._states(states)
+        y = as_float_array("target", target, (self.dim,))
+        pop = self.population
+        if self.rule == "eg" and self._yhat_version != (pop._version, self._weights_version):
+            self.predict()
+        parts = pop._call(("reweight", (self.sid, y.copy(), self._yhat.copy(), RULE_CODES[self.rule], self.eta)))
+        top, log_total = pop._kernels.merge_log_sum_exp(pop._unpack(parts, "lse"), self._lay)
+        if top == -math.inf:  # cannot happen from normalised weights; keep them rather than divide by 0
+            top, log_total = 0.0, 0.0
+        pop._queue(("share", (self.sid, top, log_total, self.alpha)))
+        self.n_updates += 1
+        self._weights_version += 1
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume this server exactly (:meth:`Server.state_dict`'s keys, gathered)."""
+        return {
+            "log_weights": self.log_weights.copy(),
+            "n_updates": self.n_updates,
+            "rule": self.rule,
+            "eta": self.eta,
+            "alpha": self.alpha,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output; checks everything before changing anything."""
+        clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
+        pop = self.population
+        args = [(None, None, None, {self.sid: clean["log_weights"][lo:hi]}, None) for lo, hi in pop.bounds]
+        pop._call(("load", None), per_shard_args=args)
+        self.n_updates = clean["n_updates"]
+        self._weights_version += 1
+
+    def __repr__(self) -> str:
+        return f"DaskServer(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, alpha={self.alpha!r})"

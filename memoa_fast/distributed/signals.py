@@ -1,0 +1,164 @@
+"""Signal sources that run on the workers, beside their shard (no N-sized traffic per step).
+
+A source serves the agents ``[lo, hi)``; it is made on each worker by a picklable
+factory ``factory(lo, hi, seed)`` and must reproduce the slice ``[lo, hi)`` of
+the full population's source, so that results do not depend on the sharding.
+It has
+
+- ``next() -> ndarray (hi - lo, d)``: the signals of the step about to be
+  taken (valid until the next call);
+- ``observe(y)`` (optional): the newly revealed target, sent by
+  :meth:`DaskPopulation.observe` (O(d) numbers);
+- ``state_dict()`` / ``load_state_dict(state)`` (optional, for checkpoints):
+  ``{"agents": {name: array (hi - lo, ...)}, "shared": {name: array}}``; per-agent
+  arrays are concatenated across shards in a checkpoint and re-split on
+  restore, shared ones must agree across shards.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _backends
+from .._validation import as_float_array, check_int, check_real
+from ..forecasters import ClientForecasters
+
+
+class NoisyLastValueSignals:
+    """Clients that forecast ``y(t+1)`` by their own noisy view of ``y(t)``.
+
+    Client i observes ``y(t) + sigma_i z_i(t)``, with ``sigma_i`` log-uniform
+    in ``[low, high]`` and ``z_i(t)`` standard normal, and publishes it as its
+    signal: the martingale forecast of MODEL.md's planning model. Draws come
+    from a counter-based hash of ``(seed, i, t, coordinate)``, so the source
+    for clients ``[lo, hi)`` reproduces that slice of the full population's
+    source exactly, whatever the sharding, at a few ns per draw.
+
+    Parameters
+    ----------
+    lo, hi : int
+        The clients ``[lo, hi)`` this object serves.
+    seed : int
+        Seed in ``[0, 2**63)``.
+    dim : int, default 1
+        Dimension d of the stream.
+    low, high : float, default 0.02, 1.0
+        Range of the noise scales.
+    threads : int, default 1
+        Threads drawing the signals (the draws do not depend on it).
+
+    Examples
+    --------
+    Worker-side signals for a sharded population (a factory called on each
+    worker as ``factory(lo, hi, seed)``)::
+
+        factory = functools.partial(NoisyLastValueSignals, dim=2)
+        pop = DaskPopulation(game, 10**7, 2, client=client, signals=factory, seed=7)
+    """
+
+    def __init__(
+        self, lo: int, hi: int, seed: int = 0, *, dim: int = 1, low: float = 0.02, high: float = 1.0, threads: int = 1
+    ):
+        self.lo = check_int("lo", lo, low=0)
+        self.hi = check_int("hi", hi, low=self.lo + 1)
+        self.seed = check_int("seed", seed, low=0)
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed!r}")
+        self.dim = check_int("dim", dim, low=1)
+        self.threads = check_int("threads", threads, low=1)
+        low = check_real("low", low, low=0.0, low_open=True)
+        high = check_real("high", high, low=low)
+        self._noise = _backends.load_noise()
+        self._key, scale_key = self._noise.seed_keys(self.seed)
+        self.sigma = np.empty(self.hi - self.lo)
+        self._noise.log_uniform_scales(self.lo, self.hi, scale_key, math.log(low), math.log(high), self.sigma)
+        self._out = np.empty((self.hi - self.lo, self.dim))
+        self._y = np.zeros(self.dim)
+        self.t = 0
+
+    def next(self) -> np.ndarray:
+        """The signals of this round, shape (hi - lo, d); the buffer is reused by the next call."""
+        self._noise.noisy_last_value(self.lo, self._key, self.t, self._y, self.sigma, self._out, self.threads)
+        self.t += 1
+        return self._out
+
+    def observe(self, y) -> None:
+        """The stream's newest value ``y``, shape (d,)."""
+        self._y[...] = as_float_array("y", y, (self.dim,))
+
+    def state_dict(self) -> dict:
+        """The round counter and the last value (the draws are a function of them)."""
+        return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()}}
+
+    def validate_state_dict(self, state: dict) -> dict:
+        """Check ``state`` without changing anything; returns the clean values."""
+        shared = state["shared"]
+        y = as_float_array("source state 'y'", shared["y"], (self.dim,))
+        t = np.asarray(shared["t"])
+        if t.shape != () or not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"source state 't' must be an integer scalar, got {t!r}")
+        return {"t": check_int("source state 't'", int(t), low=0), "y": y}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (all checked first)."""
+        clean = self.validate_state_dict(state)
+        self._y[...] = clean["y"]
+        self.t = clean["t"]
+
+
+class ForecasterSignals:
+    """Worker-side signals from :class:`~memoa_fast.forecasters.ClientForecasters` (MODEL.md section 6).
+
+    The clients ``[lo, hi)`` of a time-series population: :meth:`observe`
+    feeds them the stream's value ``y(t)`` (each adds its own noise, learns
+    and forecasts ``y(t+1)``), :meth:`next` returns those forecasts. The
+    forecasters draw their noise per block of 4096 clients, addressed by
+    position, so a shard reproduces its slice of the full population exactly.
+
+    Parameters
+    ----------
+    lo, hi : int
+        The clients served; ``lo`` a multiple of 4096 (shards always are).
+    seed : int
+        Seed of every draw.
+    dim : int, default 1
+        Dimension d of the stream.
+    threads : int, default 1
+        Threads of the forecaster kernel on the worker.
+    **kwargs
+        ``lags``, ``noise_range``, ``mu``, ``backend``: as for ``ClientForecasters``.
+
+    Examples
+    --------
+    ::
+
+        factory = functools.partial(ForecasterSignals, dim=1, lags=2)
+        pop = DaskPopulation(game, 10**7, client=client, signals=factory, seed=1)
+        for t in range(T - 1):
+            pop.observe(y[t])          # d numbers to each shard
+            x = pop.step()             # the shards forecast, then step
+            yhat = server.predict(x)
+            server.update(x, y[t + 1])
+    """
+
+    def __init__(self, lo: int, hi: int, seed: int = 0, *, dim: int = 1, threads: int = 1, **kwargs):
+        self.forecasters = ClientForecasters(hi - lo, dim, seed=seed, first_client=lo, threads=threads, **kwargs)
+
+    def observe(self, y) -> None:
+        """Feed the stream's newest value to every client's forecaster."""
+        self.forecasters.observe(y)
+
+    def next(self) -> np.ndarray:
+        """The clients' forecasts of the next value: this round's signals."""
+        return self.forecasters.signals
+
+    # The forecasters' state (NLMS weights, lag buffers, last forecasts, round
+    # counter, last value); the noise is a function of (seed, client, round).
+    def state_dict(self) -> dict:
+        """The forecasters' state."""
+        return self.forecasters.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the forecasters' state."""
+        self.forecasters.load_state_dict(state)
