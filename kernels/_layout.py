@@ -93,6 +93,14 @@ class Layout(NamedTuple):
     field_rows: int
 
 
+# Positions of the Layout's fields. Compiled code receives the layout as a plain
+# tuple (``lay[:]``: Numba dispatches a plain tuple in 0.6 us, a NamedTuple in
+# 2.4 us) and reads ``lay[LAY_STATE]`` where Python reads ``lay.state``.
+(LAY_N_CLASSES, LAY_DIM, LAY_STATE, LAY_SIGNAL, LAY_MIXTURE, LAY_COUNT, LAY_MAX_COST, LAY_ARG_COST, LAY_LSE_TOP,
+ LAY_LSE_SUM, LAY_WIDTH, LAY_CLASS_STATE, LAY_CLASS_SIGNAL, LAY_CLASS_NEXT, LAY_OFFSET, LAY_FIELD_STATE,
+ LAY_FIELD_SIGNAL, LAY_FIELD_NEXT, LAY_FIELD_ROWS) = range(19)
+
+
 def layout(n_classes: int, dim: int) -> Layout:
     """The :class:`Layout` of a population with ``n_classes`` classes in dimension ``dim``."""
     K, dp = n_classes, padded(dim)

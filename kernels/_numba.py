@@ -54,6 +54,10 @@ from numba import njit, prange
 from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, STEP_LIMIT
 from ._layout import R as R_
+from ._layout import (
+    LAY_ARG_COST, LAY_CLASS_NEXT, LAY_CLASS_SIGNAL, LAY_CLASS_STATE, LAY_COUNT, LAY_DIM, LAY_FIELD_NEXT, LAY_FIELD_SIGNAL,
+    LAY_FIELD_STATE, LAY_LSE_SUM, LAY_LSE_TOP, LAY_MAX_COST, LAY_MIXTURE, LAY_N_CLASSES, LAY_OFFSET, LAY_SIGNAL, LAY_STATE,
+)
 from ._threads import Threads, max_threads
 
 # Values per block (a block is R = max(1, LANES // d) whole rows): small
@@ -332,7 +336,7 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
         States and signals; only read.
     labels : ndarray (N,) int64 or (0,)
         Class of each agent; empty means every agent is class 0.
-    work : ndarray (chunks, lay.width)
+    work : ndarray (chunks, lay[LAY_WIDTH])
         Row ``c`` is written: ``signal + l dp`` (sums of valid signals of class
         ``l``), ``count + l`` (their count) and, with ``want_states``,
         ``state + l dp`` (sums of the states of class ``l``).
@@ -353,7 +357,7 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
     class (the order of additions is fixed by the agents' order).
     """
     n, d = x.shape
-    K = lay.n_classes
+    K = lay[LAY_N_CLASSES]
     dp = _padded(d)
     lo, hi = _chunk_bounds(n, c)
     row = work[c]
@@ -366,7 +370,7 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
         _lane_sums_max(s.reshape(-1), lo * d, hi * d, L, lanes, top)
         if _count_nonfinite(lanes, 0, L) == 0 and _count_over(top, 0, L) == 0:
             count = hi - lo
-            _lane_columns(lanes, d, R, row[lay.signal:lay.signal + d])
+            _lane_columns(lanes, d, R, row[lay[LAY_SIGNAL]:lay[LAY_SIGNAL] + d])
         else:
             count = 0
             for j in range(d):
@@ -377,27 +381,27 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
                     for j in range(d):
                         lanes[j] += s[i, j]
             for j in range(d):
-                row[lay.signal + j] = lanes[j]
-        row[lay.count] = count
+                row[lay[LAY_SIGNAL] + j] = lanes[j]
+        row[lay[LAY_COUNT]] = count
         if want_states:
             _lane_sums(x.reshape(-1), lo * d, hi * d, L, lanes)
-            _lane_columns(lanes, d, R, row[lay.state:lay.state + d])
+            _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
         return
     for l in range(K):
-        row[lay.count + l] = 0.0
+        row[lay[LAY_COUNT] + l] = 0.0
         for j in range(d):
-            row[lay.signal + l * dp + j] = 0.0
+            row[lay[LAY_SIGNAL] + l * dp + j] = 0.0
             if want_states:
-                row[lay.state + l * dp + j] = 0.0
+                row[lay[LAY_STATE] + l * dp + j] = 0.0
     for i in range(lo, hi):
         l = labels[i] if labels.shape[0] else 0
         if want_states:
-            base = lay.state + l * dp
+            base = lay[LAY_STATE] + l * dp
             for j in range(d):
                 row[base + j] += x[i, j]
         if _row_valid(s, i, d):
-            row[lay.count + l] += 1.0
-            base = lay.signal + l * dp
+            row[lay[LAY_COUNT] + l] += 1.0
+            base = lay[LAY_SIGNAL] + l * dp
             for j in range(d):
                 row[base + j] += s[i, j]
 
@@ -458,7 +462,7 @@ def _merge_class_states(work, lay, coef, field, class_row, global_row):
     ``coef[:, SIZE]``; the global mean is the sum over classes of the class
     sums divided by ``N = sum_l size_l``.
     """
-    K, d = lay.n_classes, lay.dim
+    K, d = lay[LAY_N_CLASSES], lay[LAY_DIM]
     dp = _padded(d)
     n_total = 0.0
     for l in range(K):
@@ -470,7 +474,7 @@ def _merge_class_states(work, lay, coef, field, class_row, global_row):
         for j in range(d):
             total = 0.0
             for c in range(work.shape[0]):
-                total += work[c, lay.state + l * dp + j]
+                total += work[c, lay[LAY_STATE] + l * dp + j]
             field[class_row + l, j] = total / size if size > 0 else 0.0
             field[global_row, j] += total
     for j in range(d):
@@ -480,29 +484,29 @@ def _merge_class_states(work, lay, coef, field, class_row, global_row):
 @njit(**_jit)
 def _merge_signals(work, lay, coef, mix, field, want_states):
     """Merge pass 1 (see :func:`merge_signals`); returns the number of valid signals."""
-    K, d = lay.n_classes, lay.dim
+    K, d = lay[LAY_N_CLASSES], lay[LAY_DIM]
     dp = _padded(d)
     total_count = 0.0
     for l in range(K):
-        total_count += _column_sum(work, lay.count + l)
+        total_count += _column_sum(work, lay[LAY_COUNT] + l)
     for j in range(d):
         acc = 0.0
         for l in range(K):
-            count = _column_sum(work, lay.count + l)
-            total = _column_sum(work, lay.signal + l * dp + j)
+            count = _column_sum(work, lay[LAY_COUNT] + l)
+            total = _column_sum(work, lay[LAY_SIGNAL] + l * dp + j)
             if count > 0:
-                field[lay.class_signal + l, j] = total / count
+                field[lay[LAY_CLASS_SIGNAL] + l, j] = total / count
             acc += total
         if total_count > 0:
-            field[lay.field_signal, j] = acc / total_count
+            field[lay[LAY_FIELD_SIGNAL], j] = acc / total_count
     if want_states:
-        _merge_class_states(work, lay, coef, field, lay.class_state, lay.field_state)
+        _merge_class_states(work, lay, coef, field, lay[LAY_CLASS_STATE], lay[LAY_FIELD_STATE])
     for k in range(K):
         for j in range(d):
             acc = 0.0
             for l in range(K):
-                acc += mix[MIX_SIGNAL, k, l] * field[lay.class_signal + l, j] + mix[MIX_STATE, k, l] * field[lay.class_state + l, j]
-            field[lay.offset + k, j] = acc
+                acc += mix[MIX_SIGNAL, k, l] * field[lay[LAY_CLASS_SIGNAL] + l, j] + mix[MIX_STATE, k, l] * field[lay[LAY_CLASS_STATE] + l, j]
+            field[lay[LAY_OFFSET] + k, j] = acc
     return int(total_count)
 
 
@@ -518,16 +522,16 @@ def _column_sum(work, col):
 @njit(**_jit)
 def _merge_move(work, lay, coef, field, predict, yhat):
     """Merge pass 2 (see :func:`merge_move`); returns ``(max_J, argmax_J)``."""
-    _merge_class_states(work, lay, coef, field, lay.class_next, lay.field_next)
+    _merge_class_states(work, lay, coef, field, lay[LAY_CLASS_NEXT], lay[LAY_FIELD_NEXT])
     if predict:
-        for j in range(lay.dim):
-            yhat[j] = _column_sum(work, lay.mixture + j)
+        for j in range(lay[LAY_DIM]):
+            yhat[j] = _column_sum(work, lay[LAY_MIXTURE] + j)
     jmax = -np.inf
     jarg = -1.0
     for c in range(work.shape[0]):
-        if work[c, lay.max_cost] > jmax:
-            jmax = work[c, lay.max_cost]
-            jarg = work[c, lay.arg_cost]
+        if work[c, lay[LAY_MAX_COST]] > jmax:
+            jmax = work[c, lay[LAY_MAX_COST]]
+            jarg = work[c, lay[LAY_ARG_COST]]
     return jmax, int(jarg)
 
 
@@ -539,11 +543,11 @@ def _fold_rows(work, lay, out):
     jmax = -np.inf
     jarg = -1.0
     for c in range(work.shape[0]):
-        if work[c, lay.max_cost] > jmax:
-            jmax = work[c, lay.max_cost]
-            jarg = work[c, lay.arg_cost]
-    out[lay.max_cost] = jmax
-    out[lay.arg_cost] = jarg
+        if work[c, lay[LAY_MAX_COST]] > jmax:
+            jmax = work[c, lay[LAY_MAX_COST]]
+            jarg = work[c, lay[LAY_ARG_COST]]
+    out[lay[LAY_MAX_COST]] = jmax
+    out[lay[LAY_ARG_COST]] = jarg
 
 
 # --------------------------------------------------------------------------- move pass
@@ -562,7 +566,7 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
     filled once, with several they are gathered per block from the labels.
     """
     n, d = x.shape
-    K = lay.n_classes
+    K = lay[LAY_N_CLASSES]
     one_class = K == 1 and labels.shape[0] == 0
     R = _block_rows(d)
     L = R * d
@@ -579,9 +583,9 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
     rv = scratch[7 * L:]
     for k in range(R):
         for j in range(d):
-            centre[k * d + j] = field[lay.field_state, j]
+            centre[k * d + j] = field[lay[LAY_FIELD_STATE], j]
             if one_class:
-                offset[k * d + j] = field[lay.offset, j]
+                offset[k * d + j] = field[lay[LAY_OFFSET], j]
                 gain[k * d + j] = coef[0, GAIN]
                 weight[k * d + j] = coef[0, SIGNAL]
                 qv[k * d + j] = coef[0, Q]
@@ -595,7 +599,7 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
             for k in range(rows):
                 l = labels[rb + k] if labels.shape[0] else 0
                 for j in range(d):
-                    offset[k * d + j] = field[lay.offset + l, j]
+                    offset[k * d + j] = field[lay[LAY_OFFSET] + l, j]
                     gain[k * d + j] = coef[l, GAIN]
                     weight[k * d + j] = coef[l, SIGNAL]
                     qv[k * d + j] = coef[l, Q]
@@ -652,7 +656,7 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     the whole chunk's signals are valid.
     """
     n, d = x.shape
-    K = lay.n_classes
+    K = lay[LAY_N_CLASSES]
     dp = _padded(d)
     R = _block_rows(d)
     L = R * d
@@ -660,7 +664,7 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     row = work[c]
     valid = 0.0
     for l in range(K):
-        valid += row[lay.count + l]
+        valid += row[lay[LAY_COUNT] + l]
     _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, valid == hi - lo)
     predict = log_p.shape[0] == n
     extra = 3 * _exp_rows(R) if predict else 0
@@ -669,21 +673,21 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     xf = x.reshape(-1)
     if K == 1 and labels.shape[0] == 0:
         _lane_sums(xf, lo * d, hi * d, L, lanes)
-        _lane_columns(lanes, d, R, row[lay.state:lay.state + d])
+        _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
     else:
         for l in range(K):
             for j in range(d):
-                row[lay.state + l * dp + j] = 0.0
+                row[lay[LAY_STATE] + l * dp + j] = 0.0
         for i in range(lo, hi):
-            base = lay.state + (labels[i] if labels.shape[0] else 0) * dp
+            base = lay[LAY_STATE] + (labels[i] if labels.shape[0] else 0) * dp
             for j in range(d):
                 row[base + j] += x[i, j]
     jmax, jarg = _max_arg(J, lo, hi, scratch[L:L + MAX_LANES], scratch[L + MAX_LANES:L + 2 * MAX_LANES])
-    row[lay.max_cost] = jmax
-    row[lay.arg_cost] = jarg
+    row[lay[LAY_MAX_COST]] = jmax
+    row[lay[LAY_ARG_COST]] = jarg
     if predict:
         _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch[L + 2 * MAX_LANES:])
-        _lane_columns(lanes, d, R, row[lay.mixture:lay.mixture + d])
+        _lane_columns(lanes, d, R, row[lay[LAY_MIXTURE]:lay[LAY_MIXTURE] + d])
 
 
 @njit(**_jit)
@@ -732,7 +736,7 @@ def _predict_chunk(log_p, x, work, lay, c):
     lo, hi = _chunk_bounds(n, c)
     scratch = np.empty(L + 3 * _exp_rows(R))
     _weighted_lane_sums(log_p, x.reshape(-1), lo, hi, d, R, scratch[:L], scratch[L:])
-    _lane_columns(scratch[:L], d, R, work[c, lay.mixture:lay.mixture + d])
+    _lane_columns(scratch[:L], d, R, work[c, lay[LAY_MIXTURE]:lay[LAY_MIXTURE] + d])
 
 
 @njit(**_jit)
@@ -740,7 +744,7 @@ def _predict_serial(log_p, x, work, lay, out):
     for c in range(work.shape[0]):
         _predict_chunk(log_p, x, work, lay, c)
     for j in range(x.shape[1]):
-        out[j] = _column_sum(work, lay.mixture + j)
+        out[j] = _column_sum(work, lay[LAY_MIXTURE] + j)
 
 
 @njit(parallel=True, **_jit)
@@ -748,7 +752,7 @@ def _predict_parallel(log_p, x, work, lay, out):
     for c in prange(work.shape[0]):
         _predict_chunk(log_p, x, work, lay, c)
     for j in range(x.shape[1]):
-        out[j] = _column_sum(work, lay.mixture + j)
+        out[j] = _column_sum(work, lay[LAY_MIXTURE] + j)
 
 
 @njit(**_jit)
@@ -820,8 +824,8 @@ def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c):
             top = block_top
         else:
             scaled += block_sum * math.exp(block_top - top)
-    work[c, lay.lse_top] = top
-    work[c, lay.lse_sum] = scaled
+    work[c, lay[LAY_LSE_TOP]] = top
+    work[c, lay[LAY_LSE_SUM]] = scaled
 
 
 @njit(**_jit)
@@ -829,13 +833,13 @@ def _merge_log_sum_exp(work, lay):
     """``(top, log_total)``: ``log sum_i p_i = top + log_total`` from the chunks' pieces, in chunk order."""
     top = -np.inf
     for c in range(work.shape[0]):
-        top = max(top, work[c, lay.lse_top])
+        top = max(top, work[c, lay[LAY_LSE_TOP]])
     total = 0.0
     if top == -np.inf:
         return top, 0.0
     for c in range(work.shape[0]):
-        if work[c, lay.lse_top] != -np.inf:
-            total += work[c, lay.lse_sum] * math.exp(work[c, lay.lse_top] - top)
+        if work[c, lay[LAY_LSE_TOP]] != -np.inf:
+            total += work[c, lay[LAY_LSE_SUM]] * math.exp(work[c, lay[LAY_LSE_TOP]] - top)
     return top, math.log(total)
 
 
@@ -923,32 +927,32 @@ def _share_parallel(log_p, top, log_total, alpha, n_total):
 def signal_pass(x, s, labels, work, lay, want_states, threads):
     """Pass 1 of the population step; semantics: :func:`memoa_fast.kernels._reference.signal_pass`."""
     if threads == 1:
-        return _signal_serial(x, s, labels, work, lay, bool(want_states))
+        return _signal_serial(x, s, labels, work, lay[:], bool(want_states))
     with Threads(threads):
-        return _signal_parallel(x, s, labels, work, lay, bool(want_states))
+        return _signal_parallel(x, s, labels, work, lay[:], bool(want_states))
 
 
 def merge_signals(work, lay, coef, mix, field, want_states):
     """Merge of pass 1; semantics: :func:`memoa_fast.kernels._reference.merge_signals`."""
-    return _merge_signals(work, lay, coef, mix, field, bool(want_states))
+    return _merge_signals(work, lay[:], coef, mix, field, bool(want_states))
 
 
 def move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads):
     """Pass 2 of the population step; semantics: :func:`memoa_fast.kernels._reference.move_pass`."""
     if threads == 1:
-        return _move_serial(x, s, labels, J, work, lay, coef, field, 0.5 * discount, log_p)
+        return _move_serial(x, s, labels, J, work, lay[:], coef, field, 0.5 * discount, log_p)
     with Threads(threads):
-        return _move_parallel(x, s, labels, J, work, lay, coef, field, 0.5 * discount, log_p)
+        return _move_parallel(x, s, labels, J, work, lay[:], coef, field, 0.5 * discount, log_p)
 
 
 def merge_move(work, lay, coef, field, predict, yhat):
     """Merge of pass 2; semantics: :func:`memoa_fast.kernels._reference.merge_move`."""
-    return _merge_move(work, lay, coef, field, bool(predict), yhat)
+    return _merge_move(work, lay[:], coef, field, bool(predict), yhat)
 
 
 def fold_rows(work, lay, out):
     """Fold a shard's chunk rows into one; semantics: :func:`memoa_fast.kernels._reference.fold_rows`."""
-    _fold_rows(work, lay, out)
+    _fold_rows(work, lay[:], out)
 
 
 def fused_step(x, s, labels, J, work, lay, coef, mix, field, have_mean, discount, log_p, yhat, threads):
@@ -969,30 +973,30 @@ def fused_step(x, s, labels, J, work, lay, coef, mix, field, have_mean, discount
     ``24 d + 16`` (pass 2) + ``8`` with the mixture.
     """
     if threads == 1:
-        return _fused_serial(x, s, labels, J, work, lay, coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
+        return _fused_serial(x, s, labels, J, work, lay[:], coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
     with Threads(threads):
-        return _fused_parallel(x, s, labels, J, work, lay, coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
+        return _fused_parallel(x, s, labels, J, work, lay[:], coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
 
 
 def mixture_predict(log_p, x, work, lay, out, threads):
     """``out = sum_i exp(log_p_i) x_i``; semantics: :func:`memoa_fast.kernels._reference.mixture_predict`."""
     if threads == 1:
-        return _predict_serial(log_p, x, work, lay, out)
+        return _predict_serial(log_p, x, work, lay[:], out)
     with Threads(threads):
-        return _predict_parallel(log_p, x, work, lay, out)
+        return _predict_parallel(log_p, x, work, lay[:], out)
 
 
 def mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads):
     """First pass of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_reweight`."""
     if threads == 1:
-        return _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay)
+        return _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay[:])
     with Threads(threads):
-        return _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay)
+        return _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay[:])
 
 
 def merge_log_sum_exp(work, lay):
     """``(top, log_total)``; semantics: :func:`memoa_fast.kernels._reference.merge_log_sum_exp`."""
-    return _merge_log_sum_exp(work, lay)
+    return _merge_log_sum_exp(work, lay[:])
 
 
 def mixture_share(log_p, top, log_total, alpha, n_total, threads):
@@ -1006,5 +1010,5 @@ def mixture_share(log_p, top, log_total, alpha, n_total, threads):
 def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):
     """Both passes of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_update`."""
     mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads)
-    top, log_total = _merge_log_sum_exp(work, lay)
+    top, log_total = _merge_log_sum_exp(work, lay[:])
     mixture_share(log_p, top, log_total, alpha, log_p.shape[0], threads)
