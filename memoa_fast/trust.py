@@ -1,0 +1,108 @@
+"""Trust classes from measured error (``MODEL.md`` section 7, the time-series use).
+
+Each client measures the squared error of its own forecast online, once the
+target arrives, as an exponentially weighted mean ``v_i``. Every ``reclass``
+rounds the clients are ranked by ``v_i`` into ``K`` quantile classes (class 0
+holds the most accurate clients) and class ``j`` gets the tracking weight
+
+.. math:: q_j = q \\, \\frac{\\operatorname{median}_i v_i}{\\operatorname{mean}_{i \\in j} v_i},
+
+so a poor client leans on the population and a good one keeps its own
+forecast. The K-class game is then re-solved for the new weights and shares
+(:meth:`memoa_fast.Game.with_weights`), which costs microseconds, nothing
+per agent.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._validation import as_float_array, check_int, check_real
+
+
+class TrustClasses:
+    """Online error of every client and its quantile trust class.
+
+    Parameters
+    ----------
+    n_clients : int
+        Clients N >= 1.
+    n_classes : int, default 8
+        Classes K, ``1 <= K <= N``.
+    reclass : int, default 50
+        Rounds between two re-rankings, ``>= 1``.
+    half_life : float, default 35.0
+        Half-life in rounds of the exponentially weighted squared error
+        (weight ``1 - 2**(-1/half_life)`` on the newest error).
+    q : float, default 1.0
+        The tracking weight of a client of median error.
+    q_range : (float, float), default (1e-3, 1e3)
+        ``q_j / q`` is clipped to this range, so that no class is given an
+        infinite or a vanishing weight by a single lucky or unlucky round.
+
+    Notes
+    -----
+    An invalid forecast (NaN, infinite, or beyond ``1e50`` in magnitude) leaves
+    that client's ``v_i`` as it was; the next valid one updates it as usual.
+    """
+
+    def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
+                 q: float = 1.0, q_range: tuple[float, float] = (1e-3, 1e3)):
+        self.n_clients = check_int("n_clients", n_clients, low=1)
+        self.n_classes = check_int("n_classes", n_classes, low=1)
+        if self.n_classes > self.n_clients:
+            raise ValueError(f"n_classes must be at most n_clients={self.n_clients}, got {n_classes}")
+        self.reclass = check_int("reclass", reclass, low=1)
+        self.half_life = check_real("half_life", half_life, low=0.0, low_open=True)
+        self.q = check_real("q", q, low=0.0, low_open=True)
+        low, high = (check_real("q_range[0]", q_range[0], low=0.0, low_open=True),
+                     check_real("q_range[1]", q_range[1], low=0.0, low_open=True))
+        if low > 1.0 or high < 1.0:
+            raise ValueError(f"q_range must contain 1 (the median client keeps q), got {q_range!r}")
+        self.q_range = (low, high)
+        self.weight = 1.0 - 2.0 ** (-1.0 / self.half_life)
+        self.errors = np.zeros(self.n_clients)
+        self._sq = np.empty(self.n_clients)
+        self.n_observed = 0
+
+    def observe(self, forecasts, target) -> None:
+        """Fold in each client's squared error ``|forecast_i - target|^2`` (forecasts shape (N, d), target (d,))."""
+        target = np.atleast_1d(np.asarray(target, dtype=np.float64))
+        f = as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = ((f - target) ** 2).sum(axis=1)
+        ok = np.isfinite(sq) & (np.abs(f) <= 1e50).all(axis=1)
+        w = self.weight
+        self.errors[ok] += w * (sq[ok] - self.errors[ok])
+        self.n_observed += 1
+
+    def due(self, t: int) -> bool:
+        """Whether round ``t`` (counted from 0) re-forms the classes: every ``reclass`` rounds, from ``reclass`` on."""
+        return t > 0 and t % self.reclass == 0
+
+    def classes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(labels, q, shares)``: each client's class (0 = most accurate), the class weights ``q_j`` and shares.
+
+        Ties are broken by client index (a stable sort), so the classes are a
+        deterministic function of the errors.
+        """
+        K, n = self.n_classes, self.n_clients
+        order = np.argsort(self.errors, kind="stable")
+        labels = np.empty(n, dtype=np.int64)
+        bounds = [(j * n) // K for j in range(K + 1)]
+        q = np.empty(K)
+        median = float(np.median(self.errors))
+        low, high = self.q_range
+        for j in range(K):
+            members = order[bounds[j]:bounds[j + 1]]
+            labels[members] = j
+            mean = float(self.errors[members].mean())
+            ratio = median / mean if mean > 0 and math.isfinite(mean) else 1.0
+            q[j] = self.q * min(max(ratio, low), high)
+        shares = np.diff(bounds) / n
+        return labels, q, shares
+
+    def __repr__(self) -> str:
+        return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
+                f"half_life={self.half_life!r}, q={self.q!r})")
