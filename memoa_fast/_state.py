@@ -97,17 +97,17 @@ def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True
         bad = ~np.isfinite(out)
         if bad.any():
             at = tuple(int(i) for i in np.argwhere(bad)[0])
-            _fail(key, f"must be finite; entry {at} is {out[at]!r}")
+            _fail(key, f"must be finite; entry {at} is {out[at].item()!r}")
     if limit is not None:
         over = np.abs(out) > limit
         if over.any():
             at = tuple(int(i) for i in np.argwhere(over)[0])
-            _fail(key, f"must be at most {limit:g} in magnitude (SIGNAL_LIMIT); entry {at} is {out[at]!r}")
+            _fail(key, f"must be at most {limit:g} in magnitude (SIGNAL_LIMIT); entry {at} is {out[at].item()!r}")
     if nonnegative:
         neg = out < 0
         if neg.any():
             at = tuple(int(i) for i in np.argwhere(neg)[0])
-            _fail(key, f"must be >= 0; entry {at} is {out[at]!r}")
+            _fail(key, f"must be >= 0; entry {at} is {out[at].item()!r}")
     return out
 
 
@@ -154,7 +154,7 @@ def _labels(value, n, K) -> np.ndarray:
     bad = (arr < 0) | (arr >= K)
     if bad.any():
         at = int(np.argmax(bad))
-        _fail("labels", f"must be class numbers in [0, {K}); labels[{at}] is {arr[at]!r}")
+        _fail("labels", f"must be class numbers in [0, {K}); labels[{at}] is {arr[at].item()!r}")
     return np.array(arr, dtype=np.int64, order="C", copy=True)
 
 

@@ -79,6 +79,10 @@ _ARRAYS = {
     "class_mean_signal": ("K", "d"), "server_log_weights": ("N",),
 }
 _STR_CHARS = 1024
+# A signal source keeps small shared arrays and a few numbers per agent: these
+# bounds (in values) refuse a source member before it is inflated.
+_SOURCE_SHARED_MAX = 1 << 20
+_SOURCE_PER_AGENT_MAX = 1 << 16
 _GAME_CHARS = 1 << 24
 _MAX_MEMBERS = 4096
 _TMP_NAME = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
@@ -353,7 +357,9 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
     deflated, at most 4096 of them. Then each member's ``.npy`` header (a
     few hundred bytes at its start): its dtype must be the one its name
     needs, its shape must agree with ``(N, d, K)`` (from the ``states``
-    header, or from ``n_agents``/``dim`` when given, and from the game), and
+    header, or from ``n_agents``/``dim`` when given, and from the game; a
+    signal source's members may hold at most 2**16 values per agent and
+    2**20 shared values), and
     its uncompressed size in the zip directory must be exactly header plus
     ``prod(shape) x itemsize``. The sum of the sizes must fit in the memory
     this process may use. Only then is the data read, exactly that many
@@ -494,9 +500,16 @@ def _read_members(fh, where, n_agents, dim) -> dict:
                 shape, dtype = header(key)
                 if dtype.kind not in "iuf":
                     _fail(where, f"signal-source entry {key!r} must hold numbers, got dtype {dtype}")
-                if key.startswith(_SOURCE_AGENTS) and (len(shape) < 1 or shape[0] != sizes["N"]):
+                if key.startswith(_SOURCE_AGENTS):
                     name = key[len(_SOURCE_AGENTS):]
-                    _fail(where, f"signal-source entry 'agents/{name}' must have {sizes['N']} rows, got shape {shape}")
+                    if len(shape) < 1 or shape[0] != sizes["N"]:
+                        _fail(where, f"signal-source entry 'agents/{name}' must have {sizes['N']} rows, got shape {shape}")
+                    if math.prod(shape[1:]) > _SOURCE_PER_AGENT_MAX:
+                        _fail(where, f"signal-source entry 'agents/{name}' has shape {shape}: more than "
+                                     f"{_SOURCE_PER_AGENT_MAX} values per agent")
+                elif math.prod(shape) > _SOURCE_SHARED_MAX:
+                    name = key[len(_SOURCE_SHARED):]
+                    _fail(where, f"signal-source entry 'shared/{name}' has shape {shape}: more than {_SOURCE_SHARED_MAX} values")
                 total += members[key].file_size
         available = available_memory()
         if available is not None and total > available:
