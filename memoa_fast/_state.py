@@ -49,6 +49,7 @@ POPULATION_KEYS = (
 SERVER_KEYS = ("log_weights", "n_updates", "rule", "eta", "alpha")
 
 _LSE_TOL = 1e-9
+_MAX_INT64 = 2**63 - 1
 _DISCOUNT_TOL = 1e-9
 
 
@@ -115,7 +116,8 @@ def _int(key, value, *, low=0, high=None) -> int:
     """A Python int: Python or NumPy integers and 0-d integer arrays; never bool, float or str."""
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
         value = value[()]
-    accepted = f"an integer in [{low}, {'inf' if high is None else high}]"
+    top = "inf" if high is None else "2**63 - 1" if high == _MAX_INT64 else str(high)
+    accepted = f"an integer in [{low}, {top}]"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         _fail(key, f"must be {accepted}, got {_short(value)} of type {type(value).__name__}")
     value = int(value)
@@ -203,11 +205,11 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
         - ``states``, ``mean_state``, ``mean_signal``, ``class_mean_signal``:
           ``|x| <= SIGNAL_LIMIT``; ``costs >= 0``;
         - ``labels``: an integer dtype, shape (N,) (or (0,) when K = 1), values in [0, K);
-        - ``t``: an integer >= 0 (``1.7``, ``True``, ``"3"`` and ``3.0`` are
-          refused; NumPy integers are accepted);
+        - ``t``: an integer in [0, 2**63) (``1.7``, ``True``, ``"3"`` and
+          ``3.0`` are refused; NumPy integers are accepted);
         - ``discount``: equal to ``gamma**t`` within
-          ``1e-9 + t 2**-52`` relative (the engines keep it as a running
-          product, whose rounding grows with t), or within ``1e-300``
+          ``min(1e-9 + t 2**-52, 1e-6)`` relative (the engines keep it as a
+          running product, whose rounding grows with t), or within ``1e-300``
           absolute (where ``gamma**t`` underflows); in [0, 1];
         - ``n_valid_signals``: an integer in [0, N];
         - ``game``: equal to ``game.to_dict()``.
@@ -237,11 +239,11 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
     else:
         class_mean_signal = mean_signal.reshape(1, d).copy()
 
-    t = _int("t", state["t"], low=0)
+    t = _int("t", state["t"], low=0, high=_MAX_INT64)
     discount = _real("discount", state["discount"])
     gamma = float(game.gamma)
     expected = gamma**t
-    rel = _DISCOUNT_TOL + t * 2.0**-52
+    rel = min(_DISCOUNT_TOL + t * 2.0**-52, 1e-6)
     if not (0.0 <= discount <= 1.0) or not math.isclose(discount, expected, rel_tol=rel, abs_tol=1e-300):
         _fail("discount", f"is {discount!r}, but it must be gamma**t = {gamma!r}**{t} = {expected!r} (relative tolerance {rel:.3g})")
 
@@ -306,7 +308,7 @@ def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: fl
 
           computed as ``top + log(sum(exp(log p - top)))`` with ``top`` the
           largest entry;
-        - ``n_updates``: an integer >= 0.
+        - ``n_updates``: an integer in [0, 2**63).
     """
     _mapping(state, "a server state")
     _keys(state, SERVER_KEYS, SERVER_KEYS, "a server state")
@@ -327,7 +329,7 @@ def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: fl
     total = top + math.log(float(np.exp(log_p - top).sum()))
     if not abs(total) <= _LSE_TOL:
         _fail("log_weights", f"are not normalised: log-sum-exp is {total!r}, accepted: within {_LSE_TOL:g} of 0")
-    n_updates = _int("n_updates", state["n_updates"], low=0)
+    n_updates = _int("n_updates", state["n_updates"], low=0, high=_MAX_INT64)
     return {"log_weights": log_p, "n_updates": n_updates, "rule": rule, "eta": float(eta), "alpha": float(alpha)}
 
 
