@@ -274,7 +274,7 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
 
 # =========================================================================== server
 def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: float) -> dict:
-    """Check a server state against a server of ``n_agents`` clients with this ``rule``, ``eta`` and ``alpha``.
+    r"""Check a server state against a server of ``n_agents`` clients with this ``rule``, ``eta`` and ``alpha``.
 
     Parameters
     ----------
@@ -304,7 +304,7 @@ def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: fl
           reaches after an overflowing loss), not all ``-inf``, and
           normalised:
 
-          .. math:: \\left|\\log \\sum_i e^{\\log p_i}\\right| \\le 10^{-9},
+          .. math:: \left|\log \sum_i e^{\log p_i}\right| \le 10^{-9},
 
           computed as ``top + log(sum(exp(log p - top)))`` with ``top`` the
           largest entry;

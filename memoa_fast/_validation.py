@@ -168,13 +168,13 @@ def available_memory() -> int | None:
 
 
 def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population") -> tuple[int, int]:
-    """Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
+    r"""Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
 
     The arrays are ``per_agent_vectors`` float64 arrays of shape (N, d) and
     ``per_agent_scalars`` of shape (N,) (for a population: the states, the
     costs and, with several classes, the labels), that is
 
-    .. math:: \\text{bytes} = 8 N (v d + s).
+    .. math:: \text{bytes} = 8 N (v d + s).
 
     Parameters
     ----------

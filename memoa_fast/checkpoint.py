@@ -11,7 +11,9 @@ Writes are atomic: the file is written to a temporary file
 ``.<name>.XXXXXXXX.tmp`` in the same folder, flushed and ``fsync``-ed, then
 renamed over the target with ``os.replace``; a crash at any point leaves the
 previous checkpoint whole. Temporary files that a killed save left behind
-are removed by the next successful save to the same path.
+are removed by the next successful save to the same path. A checkpoint path
+that is a symbolic link is followed, on writing as on reading: the file it
+points to is replaced and the link is kept.
 
 Reads never inflate a member before checking it. The zip's directory is read
 first; a member with an unknown name, a compression other than stored or
@@ -123,14 +125,17 @@ class Checkpoint:
 
     @property
     def n_agents(self) -> int:
+        """N, the number of agents saved."""
         return self.population["states"].shape[0]
 
     @property
     def dim(self) -> int:
+        """d, the state dimension saved."""
         return self.population["states"].shape[1]
 
     @property
     def t(self) -> int:
+        """The step counter saved: the number of steps taken before the save."""
         return self.population["t"]
 
     def check_compatible(self, population, server=None, source=None) -> tuple[dict, dict | None, dict | None]:

@@ -161,7 +161,7 @@ def _snapshot(*objects):
 
 def _assert_same(a, b):
     assert len(a) == len(b)
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=True):
         if sa is None or sb is None:
             assert sa is sb
             continue
