@@ -223,8 +223,9 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
     _keys(state, POPULATION_KEYS, required, "a population state")
 
     expected_game = game.to_dict()
-    if state["game"] != expected_game:
-        _fail("game", f"is {_short(state['game'])}, but this population plays {expected_game!r}")
+    saved_game = state["game"]
+    if not isinstance(saved_game, Mapping) or dict(saved_game) != expected_game:
+        _fail("game", f"is {_short(saved_game)}, but this population plays {expected_game!r}")
 
     states = _real_array("states", state["states"], (n, d), limit=SIGNAL_LIMIT)
     costs = _real_array("costs", state["costs"], (n,), nonnegative=True)

@@ -123,6 +123,13 @@ def test_a_single_class_state_without_labels_or_class_means():
     check_population_state({**state, "n_valid_signals": 3}, game=GAME, n_agents=3, dim=1)  # both names, equal
     with pytest.raises(ValueError, match="is 2, but n_valid_signals is 3"):
         check_population_state({**state, "n_valid_signals": 3, "n_finite_signals": 2}, game=GAME, n_agents=3, dim=1)
+    for bad_game in (np.array([1.0, 2.0]), None, GAME.with_policy("greedy").to_dict(), list(GAME.to_dict().items())):
+        with pytest.raises(ValueError, match=r"state\['game'\] is .*, but this population plays"):
+            check_population_state({**state, "game": bad_game}, game=GAME, n_agents=3, dim=1)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'stats'; accepted keys: states, costs"):
+        check_population_state({**state, "stats": 1}, game=GAME, n_agents=3, dim=1)
+    with pytest.raises(ValueError, match="a population state must be a dict, got list"):
+        check_population_state([state], game=GAME, n_agents=3, dim=1)
 
 
 # =========================================================================== corruptions
@@ -162,7 +169,8 @@ def corrupted_population_states(draw):
     elif key == "discount":
         state[key] = draw(st.sampled_from(BAD_REALS + [state["discount"] * (1 + 1e-6) + 1e-200, 1.5, -0.0 - 1e-3]))
     elif key == "game":
-        state[key] = draw(st.sampled_from([{**GAME.to_dict(), "q": 1.5}, GAME.to_dict() | {"policy": "greedy"}, None, "memoa"]))
+        state[key] = draw(st.sampled_from([{**GAME.to_dict(), "q": 1.5}, GAME.to_dict() | {"policy": "greedy"}, None, "memoa",
+                                           np.array([1.0, 2.0]), list(GAME.to_dict().items())]))
     elif key == "labels":
         kind = draw(st.sampled_from(["dtype", "shape", "value"]))
         if kind == "value":
