@@ -94,6 +94,12 @@ def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True
     if arr.shape != shape:
         _fail(key, f"must have shape {shape}, got shape {arr.shape}")
     out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    if out.size == 0:
+        return out
+    # Fast path, one pass: the largest magnitude is NaN if any entry is.
+    top = float(np.max(np.abs(out)))
+    if finite and math.isfinite(top) and (limit is None or top <= limit) and (not nonnegative or float(out.min()) >= 0):
+        return out
     if finite:
         bad = ~np.isfinite(out)
         if bad.any():
