@@ -1,38 +1,407 @@
-"""Validators of saved states (temporary minimal version; the full one lands from the persist branch)."""
+"""One validator per saved state: what ``load_state_dict``, the checkpoint reader and Dask all call.
+
+Each validator is a pure function: it reads a state dict, checks every key
+against the object that will take it, and returns a clean copy (C-contiguous
+float64 arrays, int64 labels, Python ints and floats) that the caller can
+install without another check. It changes nothing, not even its input, and
+either returns everything or raises :class:`ValueError` naming the key, the
+value and what is accepted. A loader therefore checks first and writes
+second, and an object is never left half-changed.
+
+- :func:`check_population_state`: a population's state (the states, costs,
+  labels and mean fields of the last step, the step counter and discount);
+- :func:`check_server_state`: a server's log-weights and update counter;
+- :func:`check_source_layout`: the generic ``{"agents": ..., "shared": ...}``
+  form of a signal source's state, and :func:`check_source_state`, the
+  same against a declared list of arrays (what a source's own
+  ``validate_state_dict`` calls).
+
+Only the core is imported here (no engine, no population or server class),
+so that every engine can import this module.
+"""
 from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import as_float_array, check_int
+from .kernels import SIGNAL_LIMIT
+
+__all__ = [
+    "RULES", "POPULATION_KEYS", "SERVER_KEYS", "check_population_state", "check_server_state",
+    "check_source_layout", "check_source_state", "n_classes_of",
+]
+
+#: Server rules (the names; the kernels' codes are ``RULE_EG``, ``RULE_HEDGE``).
+RULES = ("eg", "hedge")
+
+#: Keys of a population state. ``labels`` and ``class_mean_signal`` may be
+#: absent for a single-class game; ``n_finite_signals`` is the older name of
+#: ``n_valid_signals`` (either is read, one is required); ``source`` (a signal
+#: source's state, see :func:`check_source_layout`) is passed over here.
+POPULATION_KEYS = (
+    "states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal", "t", "discount",
+    "n_valid_signals", "n_finite_signals", "game", "source",
+)
+#: Keys of a server state.
+SERVER_KEYS = ("log_weights", "n_updates", "rule", "eta", "alpha")
+
+_LSE_TOL = 1e-9
+_MAX_INT64 = 2**63 - 1
+_DISCOUNT_TOL = 1e-9
 
 
-def check_population_state(state: dict, *, game, n_agents: int, dim: int) -> dict:
-    if state.get("game") != game.to_dict():
-        raise ValueError(f"state was saved for game {state.get('game')!r}, this population plays {game.to_dict()!r}")
-    K = game.n_classes
-    out = {
-        "states": as_float_array("state['states']", state["states"], (n_agents, dim)),
-        "costs": as_float_array("state['costs']", state["costs"], (n_agents,)),
-        "mean_signal": as_float_array("state['mean_signal']", state["mean_signal"], (dim,)),
-        "t": check_int("state['t']", state["t"], low=0),
-        "discount": float(state["discount"]),
-        "n_valid_signals": check_int("state['n_valid_signals']", state.get("n_valid_signals", state.get("n_finite_signals", 0)), low=0),
-    }
-    cms = state.get("class_mean_signal")
-    out["class_mean_signal"] = out["mean_signal"][None, :].copy() if cms is None else as_float_array(
-        "state['class_mean_signal']", cms, (K, dim))
-    out["labels"] = np.asarray(state["labels"], dtype=np.int64) if K > 1 else None
+# =========================================================================== small checks
+def _fail(key, message):
+    raise ValueError(f"state[{key!r}] {message}")
+
+
+def _mapping(state, what):
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(state).__name__}")
+
+
+def _keys(state, allowed, required, what):
+    unknown = sorted(map(repr, set(state) - set(allowed)))
+    if unknown:
+        raise ValueError(f"{what} has unknown key(s) {', '.join(unknown)}; accepted keys: {', '.join(allowed)}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{what} is missing key(s) {', '.join(map(repr, missing))}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True) -> np.ndarray:
+    """A float64 C-contiguous *copy* of ``value`` after checking dtype class, shape, finiteness and range."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        if isinstance(value, (str, bytes, Mapping)) or value is None:
+            _fail(key, f"must be an array of real numbers of shape {shape}, got {type(value).__name__} {_short(value)}")
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            _fail(key, f"must be an array of real numbers of shape {shape}, got {type(value).__name__}: {exc}")
+        dtype = value.dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "iuf":
+        _fail(key, f"must hold real numbers (an integer or floating dtype), got dtype {dtype}")
+    arr = np.asarray(value)
+    if arr.shape != shape:
+        _fail(key, f"must have shape {shape}, got shape {arr.shape}")
+    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    if out.size == 0:
+        return out
+    # Fast path, one pass: the largest magnitude is NaN if any entry is.
+    top = float(np.max(np.abs(out)))
+    if finite and math.isfinite(top) and (limit is None or top <= limit) and (not nonnegative or float(out.min()) >= 0):
+        return out
+    if finite:
+        bad = ~np.isfinite(out)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            _fail(key, f"must be finite; entry {at} is {out[at].item()!r}")
+    if limit is not None:
+        over = np.abs(out) > limit
+        if over.any():
+            at = tuple(int(i) for i in np.argwhere(over)[0])
+            _fail(key, f"must be at most {limit:g} in magnitude (SIGNAL_LIMIT); entry {at} is {out[at].item()!r}")
+    if nonnegative:
+        neg = out < 0
+        if neg.any():
+            at = tuple(int(i) for i in np.argwhere(neg)[0])
+            _fail(key, f"must be >= 0; entry {at} is {out[at].item()!r}")
     return out
 
 
-def check_server_state(state: dict, *, n_agents: int, rule: str, eta: float, alpha: float) -> dict:
-    for key, value in (("rule", rule), ("eta", eta), ("alpha", alpha)):
-        if state.get(key) != value:
-            raise ValueError(f"state was saved with {key}={state.get(key)!r}, this server has {key}={value!r}")
-    log_p = as_float_array("state['log_weights']", state["log_weights"], (n_agents,), allow_nonfinite=True)
-    if np.isnan(log_p).any() or (log_p == np.inf).any():
-        raise ValueError("state['log_weights'] must not hold NaN or +inf")
-    total = float(np.logaddexp.reduce(log_p))
-    if not abs(total) <= 1e-9:
-        raise ValueError(f"state['log_weights'] must be normalised (log-sum-exp 0), got {total!r}")
-    return {"log_weights": log_p, "n_updates": check_int("state['n_updates']", state["n_updates"], low=0)}
+def _int(key, value, *, low=0, high=None) -> int:
+    """A Python int: Python or NumPy integers and 0-d integer arrays; never bool, float or str."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value[()]
+    top = "inf" if high is None else "2**63 - 1" if high == _MAX_INT64 else str(high)
+    accepted = f"an integer in [{low}, {top}]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        _fail(key, f"must be {accepted}, got {_short(value)} of type {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        _fail(key, f"must be {accepted}, got {value}")
+    return value
+
+
+def _real(key, value) -> float:
+    """A finite Python float: Python or NumPy reals and 0-d real arrays; never bool or str."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        _fail(key, f"must be a finite real number, got {_short(value)} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        _fail(key, f"must be finite, got {value!r}")
+    return value
+
+
+def _labels(value, n, K) -> np.ndarray:
+    """An int64 copy of class labels: shape (N,) with values in [0, K), or (0,) ("all class 0") when K = 1."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None and not isinstance(value, (str, bytes, Mapping)) and value is not None:
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError):
+            pass
+        dtype = getattr(value, "dtype", None)
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "iu":
+        _fail("labels", f"must be an integer array of shape ({n},) with values in [0, {K}), got {_short(value)} (dtype {dtype})")
+    arr = np.asarray(value)
+    if arr.shape != (n,) and not (K == 1 and arr.shape == (0,)):
+        accepted = f"({n},)" + (" or (0,) (every agent in class 0)" if K == 1 else "")
+        _fail("labels", f"must have shape {accepted}, got shape {arr.shape}")
+    bad = (arr < 0) | (arr >= K)
+    if bad.any():
+        at = int(np.argmax(bad))
+        _fail("labels", f"must be class numbers in [0, {K}); labels[{at}] is {arr[at].item()!r}")
+    return np.array(arr, dtype=np.int64, order="C", copy=True)
+
+
+def n_classes_of(game) -> int:
+    """K, the number of classes of ``game`` (``game.n_classes``, 1 for a game without the attribute)."""
+    return int(game.n_classes) if hasattr(game, "n_classes") else 1
+
+
+# =========================================================================== population
+def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
+    """Check a population state against a population of ``game`` with ``n_agents`` agents in dimension ``dim``.
+
+    Parameters
+    ----------
+    state : dict
+        As written by a population's ``state_dict()`` (any engine) or read
+        from a checkpoint.
+    game : Game
+        The target's game: ``state["game"]`` must equal ``game.to_dict()``;
+        K = ``game.n_classes`` (1 if the game has no such attribute).
+    n_agents, dim : int
+        The target's N and d.
+
+    Returns
+    -------
+    dict
+        A clean copy with the keys ``states`` (N, d), ``costs`` (N,),
+        ``labels`` (int64; shape (N,), or (0,) meaning "every agent in
+        class 0", the kernels' convention, when K = 1 and the state had none
+        or had (0,)), ``mean_state`` (d,),
+        ``mean_signal`` (d,), ``class_mean_signal`` (K, d), ``t`` (int),
+        ``discount`` (float), ``n_valid_signals`` (int) and ``game`` (dict).
+        Arrays are float64, C-contiguous and owned by the copy.
+
+    Raises
+    ------
+    ValueError
+        Naming the key, the value and what is accepted, when any of these
+        fails:
+
+        - the keys: only :data:`POPULATION_KEYS` (``source`` is passed over);
+          ``labels`` and ``class_mean_signal`` may be absent only when K = 1;
+          one of ``n_valid_signals``/``n_finite_signals`` (equal if both);
+        - every array: a real integer or floating dtype (no bool, complex,
+          string, datetime or object), the exact shape, finite;
+        - ``states``, ``mean_state``, ``mean_signal``, ``class_mean_signal``:
+          ``|x| <= SIGNAL_LIMIT``; ``costs >= 0``;
+        - ``labels``: an integer dtype, shape (N,) (or (0,) when K = 1), values in [0, K);
+        - ``t``: an integer in [0, 2**63) (``1.7``, ``True``, ``"3"`` and
+          ``3.0`` are refused; NumPy integers are accepted);
+        - ``discount``: equal to ``gamma**t`` within
+          ``min(1e-9 + t 2**-52, 1e-6)`` relative (the engines keep it as a
+          running product, whose rounding grows with t), or within ``1e-300``
+          absolute (where ``gamma**t`` underflows); in [0, 1];
+        - ``n_valid_signals``: an integer in [0, N];
+        - ``game``: equal to ``game.to_dict()``.
+    """
+    _mapping(state, "a population state")
+    n, d = int(n_agents), int(dim)
+    K = n_classes_of(game)
+    required = ["states", "costs", "mean_state", "mean_signal", "t", "discount", "game"]
+    if K > 1:
+        required += ["labels", "class_mean_signal"]
+    _keys(state, POPULATION_KEYS, required, "a population state")
+
+    expected_game = game.to_dict()
+    saved_game = state["game"]
+    if not isinstance(saved_game, Mapping) or dict(saved_game) != expected_game:
+        _fail("game", f"is {_short(saved_game)}, but this population plays {expected_game!r}")
+
+    states = _real_array("states", state["states"], (n, d), limit=SIGNAL_LIMIT)
+    costs = _real_array("costs", state["costs"], (n,), nonnegative=True)
+    if "labels" in state:
+        labels = _labels(state["labels"], n, K)
+    else:
+        labels = np.empty(0, dtype=np.int64)
+    mean_state = _real_array("mean_state", state["mean_state"], (d,), limit=SIGNAL_LIMIT)
+    mean_signal = _real_array("mean_signal", state["mean_signal"], (d,), limit=SIGNAL_LIMIT)
+    if "class_mean_signal" in state:
+        class_mean_signal = _real_array("class_mean_signal", state["class_mean_signal"], (K, d), limit=SIGNAL_LIMIT)
+    else:
+        class_mean_signal = mean_signal.reshape(1, d).copy()
+
+    t = _int("t", state["t"], low=0, high=_MAX_INT64)
+    discount = _real("discount", state["discount"])
+    gamma = float(game.gamma)
+    expected = gamma**t
+    rel = min(_DISCOUNT_TOL + t * 2.0**-52, 1e-6)
+    if not (0.0 <= discount <= 1.0) or not math.isclose(discount, expected, rel_tol=rel, abs_tol=1e-300):
+        _fail("discount", f"is {discount!r}, but it must be gamma**t = {gamma!r}**{t} = {expected!r} (relative tolerance {rel:.3g})")
+
+    if "n_valid_signals" in state:
+        n_valid = _int("n_valid_signals", state["n_valid_signals"], low=0, high=n)
+        if "n_finite_signals" in state:
+            old = _int("n_finite_signals", state["n_finite_signals"], low=0, high=n)
+            if old != n_valid:
+                _fail("n_finite_signals", f"is {old}, but n_valid_signals is {n_valid}: the two names must agree")
+    elif "n_finite_signals" in state:
+        n_valid = _int("n_finite_signals", state["n_finite_signals"], low=0, high=n)
+    else:
+        raise ValueError("a population state is missing key 'n_valid_signals' (older states: 'n_finite_signals')")
+
+    return {
+        "states": states,
+        "costs": costs,
+        "labels": labels,
+        "mean_state": mean_state,
+        "mean_signal": mean_signal,
+        "class_mean_signal": class_mean_signal,
+        "t": t,
+        "discount": discount,
+        "n_valid_signals": n_valid,
+        "game": dict(expected_game),
+    }
+
+
+# =========================================================================== server
+def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: float) -> dict:
+    r"""Check a server state against a server of ``n_agents`` clients with this ``rule``, ``eta`` and ``alpha``.
+
+    Parameters
+    ----------
+    state : dict
+        As written by a server's ``state_dict()`` or read from a checkpoint.
+    n_agents : int
+        The target's N.
+    rule, eta, alpha
+        The target's parameters; the state's must be equal.
+
+    Returns
+    -------
+    dict
+        A clean copy: ``log_weights`` (float64 (N,), owned), ``n_updates``
+        (int), ``rule`` (str), ``eta`` and ``alpha`` (float).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, the value and what is accepted, when any of these fails:
+
+        - the keys are exactly :data:`SERVER_KEYS`;
+        - ``rule``, ``eta``, ``alpha`` equal the target's (``eta``, ``alpha``
+          real numbers, not bool or str);
+        - ``log_weights``: a real dtype, shape (N,), no NaN and no ``+inf``
+          (``-inf`` is a zero weight, which a server without fixed share
+          reaches after an overflowing loss), not all ``-inf``, and
+          normalised:
+
+          .. math:: \left|\log \sum_i e^{\log p_i}\right| \le 10^{-9},
+
+          computed as ``top + log(sum(exp(log p - top)))`` with ``top`` the
+          largest entry;
+        - ``n_updates``: an integer in [0, 2**63).
+    """
+    _mapping(state, "a server state")
+    _keys(state, SERVER_KEYS, SERVER_KEYS, "a server state")
+    if not isinstance(state["rule"], str) or state["rule"] != rule:
+        _fail("rule", f"is {_short(state['rule'])}, but this server has rule={rule!r}")
+    for key, want in (("eta", eta), ("alpha", alpha)):
+        got = _real(key, state[key])
+        if got != float(want):
+            _fail(key, f"is {got!r}, but this server has {key}={float(want)!r}")
+    log_p = _real_array("log_weights", state["log_weights"], (int(n_agents),), finite=False)
+    if np.isnan(log_p).any():
+        _fail("log_weights", f"must not be NaN; entry {int(np.argmax(np.isnan(log_p)))} is nan")
+    if (log_p == np.inf).any():
+        _fail("log_weights", f"must not be +inf; entry {int(np.argmax(log_p == np.inf))} is inf")
+    top = float(log_p.max())
+    if top == -np.inf:
+        _fail("log_weights", "are all -inf (every weight zero); accepted: log-weights whose weights sum to 1")
+    total = top + math.log(float(np.exp(log_p - top).sum()))
+    if not abs(total) <= _LSE_TOL:
+        _fail("log_weights", f"are not normalised: log-sum-exp is {total!r}, accepted: within {_LSE_TOL:g} of 0")
+    n_updates = _int("n_updates", state["n_updates"], low=0, high=_MAX_INT64)
+    return {"log_weights": log_p, "n_updates": n_updates, "rule": rule, "eta": float(eta), "alpha": float(alpha)}
+
+
+# =========================================================================== signal sources
+def check_source_layout(state, *, n_agents: int) -> dict:
+    """Check the generic form of a signal source's state; return a clean copy.
+
+    ``{"agents": {name: array (N, ...)}, "shared": {name: array}}``: string
+    names without ``/``, arrays of a real integer or floating dtype (numbers
+    only: no object, string or bool arrays), per-agent arrays with one row per
+    agent. The meaning of each array is the source's business: a source checks
+    it with its own ``validate_state_dict`` (see :func:`check_source_state`).
+    """
+    if not isinstance(state, Mapping) or set(state) != {"agents", "shared"}:
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"a signal source's state must be {{'agents': {{...}}, 'shared': {{...}}}}, got {got}")
+    out = {}
+    for part in ("agents", "shared"):
+        if not isinstance(state[part], Mapping):
+            raise ValueError(f"source state[{part!r}] must be a dict of arrays, got {type(state[part]).__name__}")
+        out[part] = {}
+        for name, value in state[part].items():
+            key = f"source/{part}/{name}"
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(f"source state[{part!r}] has an invalid name {name!r}; accepted: non-empty strings without '/'")
+            arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+            if arr is None or arr.dtype.kind not in "iuf":
+                _fail(key, f"must hold real numbers (an integer or floating dtype), got {_short(value)}")
+            if part == "agents" and (arr.ndim < 1 or arr.shape[0] != int(n_agents)):
+                _fail(key, f"must have {int(n_agents)} rows (one per agent), got shape {arr.shape}")
+            out[part][name] = np.array(arr, order="C", copy=True)
+    return out
+
+
+def check_source_state(state, *, n_agents: int, agents: Mapping, shared: Mapping) -> dict:
+    """Check a signal source's state against its declared arrays; return a clean copy.
+
+    For a source's ``validate_state_dict``. ``agents`` maps each per-agent
+    array's name to its shape without the leading N; ``shared`` maps each
+    shared array's name to its shape, or to ``"count"`` for an integer
+    >= 0 (a 0-d integer array or a Python/NumPy integer). Float arrays must
+    be finite. The names must match exactly.
+
+    Examples
+    --------
+    :class:`~memoa_fast.ClientForecasters` with N clients, dimension d and
+    p lags::
+
+        check_source_state(state, n_agents=N, agents={"weights": (d, 2 * p + 1), "lags": (d, p),
+                           "signals": (d,)}, shared={"y": (d,), "t": "count"})
+    """
+    layout = check_source_layout(state, n_agents=n_agents)
+    out = {"agents": {}, "shared": {}}
+    for part, spec in (("agents", agents), ("shared", shared)):
+        got = layout[part]
+        if set(got) != set(spec):
+            raise ValueError(
+                f"source state[{part!r}] must hold exactly {sorted(spec)}, got {sorted(got)}"
+            )
+        for name, shape in spec.items():
+            key = f"source/{part}/{name}"
+            if shape == "count":
+                out[part][name] = np.array(_int(key, got[name], low=0), dtype=np.int64)
+                continue
+            full = ((int(n_agents),) if part == "agents" else ()) + tuple(shape)
+            out[part][name] = _real_array(key, got[name], full)
+    return out
+

@@ -2,11 +2,24 @@
 
 Every error names the argument, shows the value it got and says what is
 accepted, so that the caller can fix the input without reading the source.
+
+Besides the scalar and array checks, two questions about the process itself
+live here, both answered from what *this process may use*, never from what
+the machine has:
+
+- :func:`available_threads`: the CPUs in the affinity mask (``taskset``, a
+  batch scheduler, a container's cpuset), capped by Numba's thread limit
+  ``NUMBA_NUM_THREADS``;
+- :func:`available_memory`: physical memory, capped by the cgroup limit and
+  by ``RLIMIT_AS`` when they are set; :func:`check_sizes` refuses a
+  population whose arrays would not fit before anything is allocated.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
+import sys
 
 import numpy as np
 
@@ -49,31 +62,197 @@ def check_backend(backend) -> str:
     return check_choice("backend", backend, BACKENDS)
 
 
+def numba_thread_limit() -> int | None:
+    """Numba's thread limit ``NUMBA_NUM_THREADS``, without importing Numba; ``None`` if not set.
+
+    When Numba is already imported its own ``numba.config.NUMBA_NUM_THREADS``
+    is read (it is fixed at import); otherwise the environment variable, which
+    Numba will read when it is imported. An unset (or unreadable) variable
+    means Numba will start one thread per CPU of the machine, which is never
+    fewer than the affinity mask holds, so it is no extra cap.
+    """
+    numba = sys.modules.get("numba")
+    config = getattr(numba, "config", None)
+    if config is not None and hasattr(config, "NUMBA_NUM_THREADS"):
+        return int(config.NUMBA_NUM_THREADS)
+    raw = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
+def affinity_cpus() -> int:
+    """CPUs this process may run on: ``len(os.sched_getaffinity(0))`` where it exists, else ``os.cpu_count()``."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    if getaffinity is not None:
+        try:
+            return max(1, len(getaffinity(0)))
+        except OSError:
+            pass
+    return os.cpu_count() or 1
+
+
+def available_threads() -> int:
+    """The default and largest thread count: :func:`affinity_cpus`, capped by :func:`numba_thread_limit`."""
+    n = affinity_cpus()
+    limit = numba_thread_limit()
+    return n if limit is None else max(1, min(n, limit))
+
+
 def check_threads(threads) -> int:
-    """``None`` means every core Numba sees; otherwise an int in [1, os.cpu_count()]."""
-    n_cpu = os.cpu_count() or 1
+    """``None`` means every CPU this process may use; otherwise an int in [1, :func:`available_threads`].
+
+    The limit is the affinity mask (``taskset``, cgroup cpusets, batch
+    schedulers) capped by Numba's ``NUMBA_NUM_THREADS``; ``os.cpu_count()``,
+    the machine's CPUs, is never used where the mask is known.
+    """
+    limit = available_threads()
     if threads is None:
-        return n_cpu
+        return limit
     threads = check_int("threads", threads, low=1)
-    if threads > n_cpu:
-        raise ValueError(f"threads must be in [1, {n_cpu}] (the cores this machine has), got {threads}")
+    if threads > limit:
+        raise ValueError(
+            f"threads must be in [1, {limit}], got {threads}: this process may use {affinity_cpus()} CPU(s) "
+            f"(affinity mask) and Numba's limit NUMBA_NUM_THREADS is {numba_thread_limit() or 'unset'}"
+        )
     return threads
+
+
+# --------------------------------------------------------------------------- sizes and memory
+#: The largest count any size argument may take (NumPy's index type is int64).
+MAX_COUNT = 2**63 - 1
+
+
+def _read_limit(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    if not text.isdigit():  # "max" (cgroup v2): no limit
+        return None
+    value = int(text)
+    return value if value < 2**60 else None  # cgroup v1 writes ~2**63 for "no limit"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may use, or ``None`` if nothing is known.
+
+    The smallest of: physical memory (``SC_PHYS_PAGES x SC_PAGE_SIZE``), the
+    cgroup limit (``/sys/fs/cgroup/memory.max``, v2, or
+    ``/sys/fs/cgroup/memory/memory.limit_in_bytes``, v1) when one is set, and
+    the address-space limit ``RLIMIT_AS`` when it is finite. These are limits,
+    not the memory free right now (which changes from moment to moment).
+    """
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        value = _read_limit(path)
+        if value is not None:
+            limits.append(value)
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append(soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    limits = [v for v in limits if v > 0]
+    return min(limits) if limits else None
+
+
+def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population") -> tuple[int, int]:
+    r"""Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
+
+    The arrays are ``per_agent_vectors`` float64 arrays of shape (N, d) and
+    ``per_agent_scalars`` of shape (N,) (for a population: the states, the
+    costs and, with several classes, the labels), that is
+
+    .. math:: \text{bytes} = 8 N (v d + s).
+
+    Parameters
+    ----------
+    n_agents, dim : int
+        ``N >= 1`` and ``d >= 1``, each below ``2**63`` and with ``N d < 2**63``.
+    per_agent_vectors, per_agent_scalars : int
+        How many (N, d) and (N,) 8-byte arrays the object allocates.
+    what : str
+        What is being built, for the message.
+
+    Raises
+    ------
+    TypeError
+        ``n_agents`` or ``dim`` is not an integer (bool included).
+    ValueError
+        A count out of range, or arrays that would need more bytes than
+        :func:`available_memory` (the message gives both numbers): refused
+        before anything is allocated, instead of NumPy's ``MemoryError`` or
+        the kernel's out-of-memory killer.
+    """
+    for name, value in (("n_agents", n_agents), ("dim", dim)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")
+        if value < 1 or value > MAX_COUNT:
+            raise ValueError(f"{name} must be an integer in [1, 2**63 - 1], got {value!r}")
+    n, d = int(n_agents), int(dim)
+    if n * d > MAX_COUNT:
+        raise ValueError(f"n_agents * dim must be < 2**63 (NumPy's largest array), got n_agents={n}, dim={d}")
+    needed = 8 * n * (per_agent_vectors * d + per_agent_scalars)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"n_agents={n}, dim={d}: the {what}'s arrays need {needed:,} bytes ({needed / 2**30:.3g} GiB), more than "
+            f"the {available:,} bytes ({available / 2**30:.3g} GiB) this process may use (physical memory, cgroup "
+            f"and RLIMIT_AS limits); use fewer agents, or shard the population over several machines"
+        )
+    return n, d
+
+
+def check_real_dtype(name: str, dtype) -> None:
+    """Raise ``TypeError`` unless ``dtype`` is a real integer or floating dtype.
+
+    Refused: bool, complex (an imaginary part would be dropped), strings and
+    bytes (numeric strings are not numbers), datetime64/timedelta64, object
+    (``None`` would become NaN), void and structured dtypes.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        raise TypeError(
+            f"{name} must hold real numbers (an integer or floating dtype), got dtype {dtype} ({_KIND_NAMES.get(dtype.kind, 'other')})"
+        )
+
+
+_KIND_NAMES = {
+    "b": "bool", "c": "complex", "U": "string", "S": "bytes", "O": "object: Python objects, e.g. None",
+    "M": "datetime64", "m": "timedelta64", "V": "void/structured",
+}
 
 
 def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite: bool = False) -> np.ndarray:
     """Return ``value`` as a C-contiguous float64 array of exactly ``shape``.
 
     No copy is made when ``value`` already is one; ``(N,)`` is accepted for
-    ``(N, 1)`` so scalar streams need no reshaping.
+    ``(N, 1)`` so scalar streams need no reshaping. Only real integer and
+    floating data is accepted (NumPy arrays of those dtypes, Python numbers
+    and nested lists of them); bool, complex, strings, datetimes and object
+    arrays raise ``TypeError`` naming ``name`` and the dtype, instead of being
+    cast.
     """
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and value.flags.c_contiguous:
         arr = value
     else:
         try:
-            arr = np.ascontiguousarray(value, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            kind = getattr(value, "dtype", type(value).__name__)
-            raise TypeError(f"{name} must be an array of real numbers, got {kind}: {exc}") from None
+            raw = np.asarray(value)
+        except (TypeError, ValueError) as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
+        check_real_dtype(name, raw.dtype)
+        arr = np.ascontiguousarray(raw, dtype=np.float64)
     if arr.shape != shape:
         if len(shape) == 2 and shape[1] == 1 and arr.shape == shape[:1]:
             arr = arr.reshape(shape)
@@ -87,3 +266,33 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite; first non-finite entry at index {tuple(int(b) for b in bad)}: {arr[tuple(bad)]!r}")
     return arr
+
+
+def as_int_scalar(name: str, value, *, low: int = 0, high: int | None = None) -> int:
+    """Return ``value`` as an int after checking it is an integer in ``[low, high]``.
+
+    Python and NumPy integers (also 0-d integer arrays, as read from a file)
+    are accepted; bool, floats (even ``3.0``), strings and anything else raise
+    ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        accepted = f"an integer in [{low}, {'inf' if high is None else high}]"
+        raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer in [{low}, {'inf' if high is None else high}], got {value!r}")
+    return value
+
+
+def as_real_scalar(name: str, value) -> float:
+    """Return ``value`` as a float: a finite real number (Python, NumPy, or a 0-d real array); bool refused."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite real number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value

@@ -1,16 +1,29 @@
-"""Checkpoints: exact resume, atomic writes under crashes, clear errors and no half-loaded state."""
+"""Checkpoints: exact resume, atomic writes under crashes, clear errors, no half-loaded state, no bombs.
+
+Persistence depends only on the core (game, state validators), so these
+tests drive it with small reference engines defined here: a population and a
+server reduced to their state, loading it through the same validators as the
+real engines (``memoa_fast._state``). Every engine that keeps that contract
+checkpoints the same way.
+"""
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from memoa_fast import Game, Population, Server
+from memoa_fast import Game
+from memoa_fast._state import check_population_state, check_server_state, check_source_state
 from memoa_fast.checkpoint import (
+    FORMAT,
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
@@ -18,35 +31,158 @@ from memoa_fast.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from memoa_fast.distributed import NoisyLastValueSignals
+from memoa_fast.kernels import SIGNAL_LIMIT
 
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
 N, D = 300, 2
 
 
-def _make(rule="eg"):
-    return Population(GAME, N, D, threads=1), Server(N, D, rule=rule, eta=0.5, alpha=0.01, threads=1)
+# =========================================================================== reference engines
+class StatePopulation:
+    """A population engine reduced to what persistence sees; loads through ``check_population_state``."""
+
+    def __init__(self, game, n_agents, dim):
+        self.game, self.n_agents, self.dim = game, n_agents, dim
+        self.states = np.zeros((n_agents, dim))
+        self.costs = np.zeros(n_agents)
+        self.mean_state, self.mean_signal = np.zeros(dim), np.zeros(dim)
+        self.t, self.discount, self.n_valid = 0, 1.0, 0
+
+    def step(self, s):
+        valid = (np.abs(s) <= SIGNAL_LIMIT).all(axis=1)
+        m = self.states.mean(axis=0)
+        if valid.any():
+            self.mean_signal = s[valid].mean(axis=0)
+        u = np.where(valid[:, None], 0.5 * (np.where(valid[:, None], s, 0.0) - self.states), 0.0)
+        self.costs += self.discount / 2 * (((self.states - m) ** 2).sum(axis=1) + (u**2).sum(axis=1))
+        self.states += u
+        self.mean_state, self.n_valid = m, int(valid.sum())
+        self.t += 1
+        self.discount *= self.game.gamma
+
+    def state_dict(self):
+        return {
+            "states": self.states.copy(), "costs": self.costs.copy(), "mean_state": self.mean_state.copy(),
+            "mean_signal": self.mean_signal.copy(), "t": self.t, "discount": self.discount,
+            "n_valid_signals": self.n_valid, "game": self.game.to_dict(),
+        }
+
+    def load_state_dict(self, state):
+        clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
+        self.states[...], self.costs[...] = clean["states"], clean["costs"]
+        self.mean_state, self.mean_signal = clean["mean_state"], clean["mean_signal"]
+        self.t, self.discount, self.n_valid = clean["t"], clean["discount"], clean["n_valid_signals"]
+
+
+class StateServer:
+    """A log-domain hedge server reduced to its state; loads through ``check_server_state``."""
+
+    def __init__(self, n_agents, dim, *, rule="hedge", eta=0.5, alpha=0.01):
+        self.n_agents, self.dim, self.rule, self.eta, self.alpha = n_agents, dim, rule, float(eta), float(alpha)
+        self.log_weights = np.full(n_agents, -np.log(n_agents))
+        self.n_updates = 0
+
+    def update(self, x, y):
+        log_p = self.log_weights - self.eta * ((x - y) ** 2).sum(axis=1)
+        top = log_p.max()
+        log_p = (log_p - top) - np.log(np.exp(log_p - top).sum())
+        if self.alpha > 0:
+            log_p = np.logaddexp(np.log1p(-self.alpha) + log_p, np.log(self.alpha / self.n_agents))
+        self.log_weights = log_p
+        self.n_updates += 1
+
+    def state_dict(self):
+        return {"log_weights": self.log_weights.copy(), "n_updates": self.n_updates, "rule": self.rule, "eta": self.eta, "alpha": self.alpha}
+
+    def load_state_dict(self, state):
+        clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
+        self.log_weights, self.n_updates = clean["log_weights"], clean["n_updates"]
+
+
+class UncheckedSource:
+    """Noisy copies of the last value, per-agent offsets; no ``validate_state_dict``.
+
+    Its ``load_state_dict`` changes the source first and refuses a round
+    counter above 10**6 after: the worst case for a checkpoint reader.
+    """
+
+    def __init__(self, n_agents, dim, seed=7):
+        self.n_agents, self.dim = n_agents, dim
+        self.offsets = np.random.default_rng(seed).normal(size=(n_agents, dim))
+        self.y, self.t = np.zeros(dim), 0
+
+    def observe(self, y):
+        self.y = np.asarray(y, dtype=float).copy()
+
+    def next(self):
+        self.t += 1
+        return self.y + self.offsets / self.t
+
+    def state_dict(self):
+        return {"agents": {"offsets": self.offsets.copy()}, "shared": {"y": self.y.copy(), "t": np.array(self.t)}}
+
+    def load_state_dict(self, state):
+        self.y = np.asarray(state["shared"]["y"], dtype=float).copy()  # changes first...
+        self.offsets[...] = state["agents"]["offsets"]
+        self.t = int(state["shared"]["t"])
+        if self.t > 10**6:  # ...then refuses
+            raise ValueError(f"source state 't' must be at most 10**6, got {self.t}")
+
+
+class CheckedSource(UncheckedSource):
+    """The same source with ``validate_state_dict`` (which its ``load_state_dict`` uses)."""
+
+    def validate_state_dict(self, state):
+        clean = check_source_state(state, n_agents=self.n_agents, agents={"offsets": (self.dim,)}, shared={"y": (self.dim,), "t": "count"})
+        if clean["shared"]["t"] > 10**6:
+            raise ValueError(f"source state 't' must be at most 10**6, got {int(clean['shared']['t'])}")
+        return clean
+
+    def load_state_dict(self, state):
+        clean = self.validate_state_dict(state)
+        self.offsets[...] = clean["agents"]["offsets"]
+        self.y, self.t = clean["shared"]["y"], int(clean["shared"]["t"])
+
+
+def _make(rule="hedge"):
+    return StatePopulation(GAME, N, D), StateServer(N, D, rule=rule)
 
 
 def _advance(pop, server, source, targets):
     for y in targets:
         source.observe(y)
-        x = pop.step(source.next())
-        server.predict(x)
-        server.update(x, y + 0.1)
+        pop.step(source.next())
+        server.update(pop.states, y + 0.1)
 
 
-def _snapshot(pop, server):
-    return pop.state_dict(), server.state_dict()
+def _snapshot(*objects):
+    return [o.state_dict() for o in objects]
 
 
-def _assert_same_state(a, b):
-    (pa, sa), (pb, sb) = a, b
-    for key in ("states", "costs", "mean_state", "mean_signal"):
-        np.testing.assert_array_equal(pa[key], pb[key])
-    assert (pa["t"], pa["discount"], pa["n_finite_signals"]) == (pb["t"], pb["discount"], pb["n_finite_signals"])
-    np.testing.assert_array_equal(sa["log_weights"], sb["log_weights"])
-    assert sa["n_updates"] == sb["n_updates"]
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for sa, sb in zip(a, b, strict=True):
+        if sa is None or sb is None:
+            assert sa is sb
+            continue
+        assert _flat(sa).keys() == _flat(sb).keys()
+        for key, value in _flat(sa).items():
+            other = _flat(sb)[key]
+            if isinstance(value, np.ndarray):
+                assert value.dtype == np.asarray(other).dtype, key
+                np.testing.assert_array_equal(value, other, err_msg=key)
+            else:
+                assert value == other and type(value) is type(other), key
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "game":
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 @pytest.fixture
@@ -54,94 +190,196 @@ def run(tmp_path, rng):
     """A population, a server and a source after 8 rounds, checkpointed at ``path``."""
     targets = rng.normal(size=(20, D))
     pop, server = _make()
-    source = NoisyLastValueSignals(0, N, 7, dim=D)
+    source = CheckedSource(N, D)
     _advance(pop, server, source, targets[:8])
     path = tmp_path / "run.npz"
     save_checkpoint(path, pop, server, source=source)
     return pop, server, source, targets, path
 
 
+# =========================================================================== round trips
 def test_resume_is_bitwise_the_uninterrupted_run(run):
     pop, server, source, targets, path = run
     _advance(pop, server, source, targets[8:])
     pop2, server2 = _make()
-    source2 = NoisyLastValueSignals(0, N, 7, dim=D)
+    source2 = CheckedSource(N, D, seed=99)
     ckpt = restore_checkpoint(path, pop2, server2, source=source2)
     assert isinstance(ckpt, Checkpoint) and ckpt.t == 8 and ckpt.format_version == FORMAT_VERSION
-    _advance(pop2, server2, source2, targets[8:])
-    _assert_same_state(_snapshot(pop, server), _snapshot(pop2, server2))
-
-
-def test_make_population_and_server_from_a_checkpoint(run):
-    pop, server, _, _, path = run
-    ckpt = load_checkpoint(path)
     assert (ckpt.n_agents, ckpt.dim, ckpt.game) == (N, D, GAME)
-    pop2 = ckpt.make_population(backend="numpy")
-    server2 = ckpt.make_server(backend="numpy")
-    assert isinstance(pop2, Population) and pop2.backend == "numpy"
-    _assert_same_state(_snapshot(pop, server), _snapshot(pop2, server2))
+    _advance(pop2, server2, source2, targets[8:])
+    _assert_same(_snapshot(pop, server, source), _snapshot(pop2, server2, source2))
+
+
+def test_a_real_signal_source_round_trips(tmp_path, rng):
+    """The Numba counter-based source of the Dask engine (no ``validate_state_dict``) resumes exactly."""
+    from memoa_fast.distributed import NoisyLastValueSignals
+
+    pop, server = _make()
+    source = NoisyLastValueSignals(0, N, 7, dim=D)
+    targets = rng.normal(size=(6, D))
+    _advance(pop, server, source, targets[:3])
+    path = save_checkpoint(tmp_path / "c.npz", pop, server, source=source)
+    src2 = NoisyLastValueSignals(0, N, 7, dim=D)
+    restore_checkpoint(path, StatePopulation(GAME, N, D), source=src2)
+    assert src2.t == source.t
+    np.testing.assert_array_equal(src2.next(), source.next())
 
 
 def test_file_is_plain_npz_without_pickles(run):
     *_, path = run
     with np.load(path, allow_pickle=False) as npz:
         names = set(npz.files)
-        assert str(npz["format"]) == "memoa-fast checkpoint"
+        assert str(npz["format"]) == FORMAT
         assert int(npz["format_version"]) == FORMAT_VERSION
         assert all(npz[name].dtype != object for name in names)
-    assert {"states", "costs", "server_log_weights", "t", "discount", "game_kappa", "source_shared__t"} <= names
+        assert json.loads(str(npz["game"])) == GAME.to_dict()
+    assert {"states", "costs", "server_log_weights", "t", "discount", "game", "n_valid_signals", "source_shared__t"} <= names
+    assert not names & {"labels", "class_mean_signal", "n_finite_signals"}  # single class: not written
 
 
 def test_population_only_checkpoint(tmp_path, rng):
-    pop = Population(GAME, initial_states=rng.normal(size=(50, 1)), threads=1)
-    pop.step(rng.normal(size=50))
+    pop = StatePopulation(GAME, 50, 1)
+    pop.step(rng.normal(size=(50, 1)))
     path = save_checkpoint(tmp_path / "p.npz", pop)
     ckpt = load_checkpoint(path)
     assert ckpt.server is None and ckpt.source is None
     with pytest.raises(CheckpointError, match="no server state"):
-        restore_checkpoint(path, Population(GAME, 50, 1), Server(50, 1))
-    with pytest.raises(CheckpointError, match="no server state"):
-        ckpt.make_server()
+        restore_checkpoint(path, StatePopulation(GAME, 50, 1), StateServer(50, 1))
 
 
-# --------------------------------------------------------------------------- mismatches change nothing
+def test_zero_weights_save_and_restore(tmp_path):
+    """Issue 8 item 8: log p = -inf (a zero weight, alpha = 0 after an overflowing loss) round-trips."""
+    pop, server = StatePopulation(GAME, 4, 1), StateServer(4, 1, alpha=0.0)
+    server.log_weights = np.array([0.0, -np.inf, -np.inf, -np.inf])
+    path = save_checkpoint(tmp_path / "z.npz", pop, server)
+    server2 = StateServer(4, 1, alpha=0.0)
+    restore_checkpoint(path, StatePopulation(GAME, 4, 1), server2)
+    np.testing.assert_array_equal(server2.log_weights, server.log_weights)
+
+
+def test_version_1_files_are_read(tmp_path, run):
+    """Files of format version 1 (game_* scalars, n_finite_signals) still restore."""
+    pop, server, _, _, path = run
+    with np.load(path, allow_pickle=False) as npz:
+        data = {k: npz[k] for k in npz.files}
+    game = json.loads(str(data.pop("game")))
+    data.update({f"game_{k}": np.array(v) for k, v in game.items()})
+    data["n_finite_signals"] = data.pop("n_valid_signals")
+    data["format_version"] = np.array(1)
+    np.savez(path, **data)
+    pop2, server2 = _make()
+    ckpt = restore_checkpoint(path, pop2, server2)
+    assert ckpt.format_version == 1
+    _assert_same(_snapshot(pop, server), _snapshot(pop2, server2))
+
+
+class ClassGame:
+    """A stand-in for a game of K classes (the checkpoint reads any game with to_dict/from_dict/n_classes)."""
+
+    def __init__(self, gamma=0.9, n_classes=3, policy="memoa"):
+        self.gamma, self.n_classes, self.policy = gamma, n_classes, policy
+
+    @classmethod
+    def from_dict(cls, spec):
+        return cls(**spec)
+
+    def to_dict(self):
+        return {"gamma": self.gamma, "n_classes": self.n_classes, "policy": self.policy}
+
+    def __eq__(self, other):
+        return isinstance(other, ClassGame) and self.to_dict() == other.to_dict()
+
+
+def test_several_classes_write_and_read_labels(tmp_path, monkeypatch, rng):
+    import memoa_fast.checkpoint as ckpt_module
+
+    monkeypatch.setattr(ckpt_module, "Game", ClassGame)
+    game = ClassGame()
+    pop = StatePopulation(game, 20, 2)
+    pop.step(rng.normal(size=(20, 2)))
+    labels = rng.integers(0, 3, size=20)
+    state = pop.state_dict()
+    pop.state_dict = lambda: {**state, "labels": labels, "class_mean_signal": np.ones((3, 2))}
+    path = save_checkpoint(tmp_path / "k.npz", pop)
+    ckpt = load_checkpoint(path)
+    np.testing.assert_array_equal(ckpt.population["labels"], labels)
+    assert ckpt.population["labels"].dtype == np.int64
+    np.testing.assert_array_equal(ckpt.population["class_mean_signal"], np.ones((3, 2)))
+    with np.load(path) as npz:
+        npz_labels = npz["labels"]
+    bad = labels.copy()
+    bad[5] = 3
+    _rewrite(path, labels=bad)
+    with pytest.raises(CheckpointError, match=r"class numbers in \[0, 3\); labels\[5\] is 3"):
+        load_checkpoint(path)
+    _rewrite(path, labels=npz_labels, class_mean_signal=None)
+    with pytest.raises(CheckpointError, match="missing key.*'class_mean_signal'"):
+        load_checkpoint(path)
+
+
+# =========================================================================== refused, nothing changed
+def _fingerprint(*objects):
+    return [o.state_dict() if o is not None else None for o in objects]
+
+
 @pytest.mark.parametrize(
     "target, match",
     [
-        (lambda: (Population(GAME, N + 1, D), None), "holds 300 agents"),
-        (lambda: (Population(GAME, N, D + 1), None), "of dimension 2"),
-        (lambda: (Population(GAME.with_policy("greedy"), N, D), None), "was saved for Game"),
-        (lambda: (Population(Game(q=1.0, kappa=2.0, r=0.5, gamma=0.9), N, D), None), "was saved for Game"),
-        (lambda: (Population(GAME, N, D), Server(N, D, rule="hedge", eta=0.5, alpha=0.01)), "rule='eg'"),
-        (lambda: (Population(GAME, N, D), Server(N, D, rule="eg", eta=0.4, alpha=0.01)), "eta=0.5"),
-        (lambda: (Population(GAME, N, D), Server(N + 1, D, rule="eg", eta=0.5, alpha=0.01)), "the server mixes"),
+        (lambda: (StatePopulation(GAME, N + 1, D), None), "holds 300 agents"),
+        (lambda: (StatePopulation(GAME, N, D + 1), None), "of dimension 2"),
+        (lambda: (StatePopulation(GAME.with_policy("greedy"), N, D), None), "was saved for Game"),
+        (lambda: (StatePopulation(Game(q=1.0, kappa=2.0, r=0.5, gamma=0.9), N, D), None), "was saved for Game"),
+        (lambda: (StatePopulation(GAME, N, D), StateServer(N, D, rule="eg")), "rule='hedge'"),
+        (lambda: (StatePopulation(GAME, N, D), StateServer(N, D, eta=0.4)), "eta=0.5"),
+        (lambda: (StatePopulation(GAME, N, D), StateServer(N + 1, D)), "the server mixes"),
     ],
 )
 def test_mismatched_checkpoint_is_refused_and_changes_nothing(run, target, match):
     *_, path = run
     pop, server = target()
-    before = (pop.states.copy(), pop.costs.copy(), pop.t, None if server is None else server.log_weights.copy())
+    before = _fingerprint(pop, server)
     with pytest.raises(CheckpointError, match=match):
         restore_checkpoint(path, pop, server)
-    np.testing.assert_array_equal(pop.states, before[0])
-    np.testing.assert_array_equal(pop.costs, before[1])
-    assert pop.t == before[2]
-    if server is not None:
-        np.testing.assert_array_equal(server.log_weights, before[3])
+    _assert_same(_fingerprint(pop, server), before)
 
 
-def test_source_state_round_trip_and_mismatch(run):
-    pop, server, source, _, path = run
-    src = NoisyLastValueSignals(0, N, 7, dim=D)
-    restore_checkpoint(path, Population(GAME, N, D), source=src)
-    assert src.t == source.t
-    np.testing.assert_array_equal(src.next(), source.next())
+def test_source_mismatch(run):
+    pop, *_, path = run
     bare = save_checkpoint(path.with_name("bare.npz"), pop)
     with pytest.raises(CheckpointError, match="no signal-source state"):
-        restore_checkpoint(bare, Population(GAME, N, D), source=NoisyLastValueSignals(0, N, 7, dim=D))
+        restore_checkpoint(bare, StatePopulation(GAME, N, D), source=CheckedSource(N, D))
 
 
-# --------------------------------------------------------------------------- corrupt files
+@pytest.mark.parametrize("source_cls", [CheckedSource, UncheckedSource])
+def test_bad_source_state_changes_nothing(run, source_cls):
+    """Issue 8 item 6: a source state the source refuses is a CheckpointError, and no target changes."""
+    *_, path = run
+    _rewrite(path, source_shared__t=np.array(10**7))
+    pop, server = _make()
+    source = source_cls(N, D, seed=3)
+    source.observe(np.ones(D))
+    before = _fingerprint(pop, server, source)
+    with pytest.raises(CheckpointError, match="the signal source refuses the saved state") as info:
+        restore_checkpoint(path, pop, server, source=source)
+    assert str(path) in str(info.value)
+    _assert_same(_fingerprint(pop, server, source), before)
+
+
+def test_source_state_of_the_wrong_form_changes_nothing(run):
+    *_, path = run
+    _rewrite(path, source_agents__offsets=np.zeros((N, D + 1)))
+    pop, server = _make()
+    source = CheckedSource(N, D)
+    before = _fingerprint(pop, server, source)
+    with pytest.raises(CheckpointError, match=r"source/agents/offsets'\] must have shape \(300, 2\)"):
+        restore_checkpoint(path, pop, server, source=source)
+    _assert_same(_fingerprint(pop, server, source), before)
+
+
+def _game_json(**changes):
+    return np.array(json.dumps({**GAME.to_dict(), **changes}))
+
+
 def _rewrite(path, **changes):
     """Rewrite the checkpoint at ``path`` with some entries replaced (None deletes)."""
     with np.load(path, allow_pickle=False) as npz:
@@ -159,31 +397,109 @@ def _rewrite(path, **changes):
     [
         (dict(format=np.array("something else")), "not a memoa-fast checkpoint"),
         (dict(format_version=np.array(FORMAT_VERSION + 1)), "newer memoa-fast"),
-        (dict(costs=None), "'costs' is missing"),
+        (dict(costs=None), "missing key.*'costs'"),
         (dict(states=np.zeros((N, D), dtype=np.float32)), "must be float64"),
+        (dict(states=np.full((N, D), 1e51)), r"'states'\] must be at most 1e\+50 in magnitude"),
         (dict(costs=np.zeros(N + 1)), r"must have shape \(300,\)"),
-        (dict(costs=np.full(N, -1.0)), "negative online cost"),
-        (dict(mean_state=np.array([np.nan, 0.0])), "non-finite value at index"),
-        (dict(t=np.array(9)), "does not match gamma"),
-        (dict(game_policy=np.array("telepathy")), "unknown policy"),
-        (dict(game_r=np.array(-1.0)), "invalid game weights"),
+        (dict(costs=np.full(N, -1.0)), r"'costs'\] must be >= 0"),
+        (dict(mean_state=np.array([np.nan, 0.0])), r"'mean_state'\] must be finite"),
+        (dict(t=np.array(9)), r"must be gamma\*\*t"),
+        (dict(t=np.array(8.0)), "'t' must be an integer scalar"),
+        (dict(t=np.array(-1)), r"'t'\] must be an integer in \[0, 2\*\*63 - 1\]"),
+        (dict(discount=np.array(2.0)), r"'discount'\] is 2.0"),
+        (dict(game=_game_json(policy="telepathy")), "unknown policy"),
+        (dict(game=_game_json(r=-1.0)), "invalid game weights"),
+        (dict(game=np.array("{not json")), "not valid JSON"),
+        (dict(game_r=np.array(0.5)), "holds the game twice"),
         (dict(server_log_weights=np.zeros(N)), "not normalised"),
+        (dict(server_log_weights=np.full(N, np.nan)), "must not be NaN"),
+        (dict(server_log_weights=np.full(N, -np.inf)), "all -inf"),
         (dict(server_rule=np.array("vote")), "unknown server rule"),
         (dict(server_alpha=np.array(2.0)), "alpha in"),
+        (dict(server_n_updates=np.array(-1)), r"'n_updates'\] must be an integer in \[0, 2\*\*63 - 1\]"),
+        (dict(server_eta=None), "server state is incomplete"),
         (dict(source_agents__extra=np.zeros(N - 1)), "must have 300 rows"),
+        (dict(source_shared__bad=np.array([True])), "has dtype bool; a checkpoint holds only numbers"),
         (dict(n_finite_signals=np.array(N + 1)), "n_finite_signals"),
+        (dict(n_valid_signals=np.array(-5)), r"'n_valid_signals'\] must be an integer in \[0, 300\]"),
+        (dict(n_valid_signals=None), "missing key 'n_valid_signals'"),
+        (dict(labels=np.ones(N, dtype=np.int64)), r"class numbers in \[0, 1\)"),
+        (dict(labels=np.zeros(N)), "'labels' must be an integer array"),
+        (dict(extra=np.zeros(3)), "unknown member 'extra.npy'"),
     ],
 )
 def test_invalid_content_is_refused_and_changes_nothing(run, changes, match):
     *_, path = run
     _rewrite(path, **changes)
     pop, server = _make()
+    source = CheckedSource(N, D)
+    before = _fingerprint(pop, server, source)
     with pytest.raises(CheckpointError, match=match) as info:
-        restore_checkpoint(path, pop, server)
+        restore_checkpoint(path, pop, server, source=source)
     assert str(path) in str(info.value)
-    assert pop.t == 0 and not pop.costs.any() and server.n_updates == 0
+    _assert_same(_fingerprint(pop, server, source), before)
 
 
+_ENTRIES = ["states", "costs", "mean_state", "mean_signal", "t", "discount", "n_valid_signals", "server_log_weights",
+            "server_n_updates", "server_eta", "server_alpha", "source_agents__offsets", "source_shared__y", "source_shared__t"]
+
+
+def _corruptions():
+    """A random bad value for an entry: wrong dtype class, shape, or range."""
+    bad_values = st.sampled_from([np.nan, np.inf, -np.inf, -1.0, 1e51, -1e300, 0.5, 1e308])
+    return st.one_of(
+        st.tuples(st.just("dtype"), st.sampled_from(["bool", "complex128", "<U3", "datetime64[s]", "float32", "int8"])),
+        st.tuples(st.just("shape"), st.sampled_from(["drop", "add", "longer", "shorter", "scalar"])),
+        st.tuples(st.just("value"), bad_values, st.integers(0, 10**6)),
+    )
+
+
+def _corrupt(value, how):
+    kind = how[0]
+    if kind == "dtype":
+        return value.astype(how[1]) if how[1] != "datetime64[s]" else np.zeros(value.shape, dtype=how[1])
+    if kind == "shape":
+        if how[1] == "drop":
+            return value.reshape(-1)[:1].reshape(()) if value.ndim else np.zeros(1)
+        if how[1] == "add":
+            return value[..., None]
+        if how[1] == "scalar":
+            return np.array(value.reshape(-1)[0]) if value.ndim else value.reshape(1, 1)
+        n = value.shape[0] if value.ndim else 1
+        flat = np.resize(value, ((n + 1) if how[1] == "longer" else max(n - 1, 0),) + value.shape[1:])
+        return flat if value.ndim else flat
+    out = np.array(value, dtype=np.float64)
+    out.reshape(-1)[how[2] % max(out.size, 1)] = how[1]
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entry=st.sampled_from(_ENTRIES), how=_corruptions())
+def test_any_corruption_of_any_entry_is_refused_or_harmless(run, entry, how):
+    """Every corruption of every entry is a CheckpointError that changes nothing, or leaves a state that passes every check."""
+    *_, path = run
+    with np.load(path, allow_pickle=False) as npz:
+        data = {k: npz[k] for k in npz.files}
+    data[entry] = _corrupt(data[entry], how)
+    bad = path.with_name("corrupt.npz")
+    np.savez(bad, **data)
+    pop, server = _make()
+    source = CheckedSource(N, D)
+    before = _fingerprint(pop, server, source)
+    try:
+        restore_checkpoint(bad, pop, server, source=source)
+    except CheckpointError as exc:
+        assert str(bad) in str(exc)
+        _assert_same(_fingerprint(pop, server, source), before)
+        return
+    # Accepted: then the value was one the validators allow (e.g. an int8 t, a float32 that was whole);
+    # whatever was loaded passes the validators again.
+    check_population_state(pop.state_dict(), game=GAME, n_agents=N, dim=D)
+    check_server_state(server.state_dict(), n_agents=N, rule="hedge", eta=0.5, alpha=0.01)
+    source.validate_state_dict(source.state_dict())
+
+
+# =========================================================================== corrupt files
 def test_truncated_and_garbage_files(run, tmp_path):
     *_, path = run
     raw = path.read_bytes()
@@ -228,7 +544,171 @@ def test_any_flipped_byte_is_caught_or_harmless(run, tmp_path):
     assert caught > 0.9 * len(positions)
 
 
-# --------------------------------------------------------------------------- atomic writes
+# =========================================================================== decompression bombs
+def _npy_header(shape, dtype="<f8") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _write_zero_member(zf, name, header, nbytes):
+    """A member of ``header`` then ``nbytes`` zeros, deflated while streaming (never held in memory)."""
+    chunk = bytes(64 << 20)
+    with zf.open(name, "w", force_zip64=True) as f:
+        f.write(header)
+        left = nbytes
+        while left > 0:
+            f.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+
+
+def _bombed_copy(path, out, *, extra=None, states_rows=None):
+    """``path`` rewritten with an extra 1.6 GB member of zeros, or with ``states`` of ``states_rows`` rows."""
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as dst:
+        for info in src.infolist():
+            if states_rows is not None and info.filename == "states.npy":
+                _write_zero_member(dst, "states.npy", _npy_header((states_rows, D)), states_rows * D * 8)
+            else:
+                dst.writestr(info.filename, src.read(info))
+        if extra is not None:
+            _write_zero_member(dst, extra, _npy_header((200_000_000,)), 1_600_000_000)
+    return out
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import resource, sys, time
+    from memoa_fast.checkpoint import CheckpointError, load_checkpoint, restore_checkpoint
+    start = time.perf_counter()
+    try:
+        load_checkpoint(sys.argv[1])
+    except CheckpointError as exc:
+        message = str(exc)
+    else:
+        message = "accepted"
+    elapsed = time.perf_counter() - start
+    print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, message, sep="\\n")
+    """
+)
+
+
+def _measure(path):
+    """``(seconds, peak RSS bytes, message)`` of ``load_checkpoint(path)`` in a fresh process."""
+    out = subprocess.run([sys.executable, "-P", "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seconds, rss, message = out.stdout.split("\n", 2)
+    return float(seconds), int(rss), message.strip()
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bombs")
+    pop, server = StatePopulation(GAME, N, D), StateServer(N, D)
+    path = save_checkpoint(folder / "ok.npz", pop, server, source=CheckedSource(N, D))
+    return {
+        "ok": path,
+        "extra": _bombed_copy(path, folder / "extra.npz", extra="evil.npy"),
+        "extra_known_prefix": _bombed_copy(path, folder / "extra2.npz", extra="source_shared__evil.npy"),
+        "states": _bombed_copy(path, folder / "states.npz", states_rows=100_000_000),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("extra", "unknown member 'evil.npy'"),
+        ("extra_known_prefix", r"'shared/evil' has shape \(200000000,\): more than 1048576 values"),
+        ("states", r"entry 'costs' must have shape \(100000000,\)"),
+    ],
+)
+def test_decompression_bomb_is_refused_fast_in_little_memory(bombs, case, match):
+    """Issue 8 item 7: a small file that inflates to 1.6 GB is refused before it is inflated."""
+    assert bombs[case].stat().st_size < 20e6  # the bomb is small on disk...
+    base_seconds, base_rss, message = _measure(bombs["ok"])
+    assert message == "accepted"
+    seconds, rss, message = _measure(bombs[case])
+    assert re_search(match, message), message
+    assert rss - base_rss < 64 << 20, (rss, base_rss)  # ...and never inflated: < 64 MiB above a good load
+    assert seconds < 2.0, seconds
+
+
+def re_search(pattern, text):
+    import re
+
+    return re.search(pattern, text) is not None
+
+
+def test_restore_refuses_a_bombed_states_member_from_its_header(tmp_path, monkeypatch):
+    """restore_checkpoint knows N and d: a ``states`` header for another size is refused, its data never read."""
+    pop = StatePopulation(GAME, N, D)
+    path = save_checkpoint(tmp_path / "ok.npz", pop)
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename == "states.npy":
+                _write_zero_member(dst, "states.npy", _npy_header((10**6, D)), 10**6 * D * 8)
+            else:
+                dst.writestr(info.filename, src.read(info))
+    reads = []
+    real_open = zipfile.ZipFile.open
+
+    def counting_open(self, name, *args, **kwargs):
+        f = real_open(self, name, *args, **kwargs)
+        real_read = f.read
+
+        def read(n=-1):
+            reads.append(n)
+            return real_read(n)
+
+        f.read = read
+        return f
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
+    with pytest.raises(CheckpointError, match="holds 1000000 agents of dimension 2, the population has 300"):
+        restore_checkpoint(bad, StatePopulation(GAME, N, D))
+    assert all(0 <= n < 4096 for n in reads), reads  # only headers were read
+
+
+def test_member_whose_size_disagrees_with_its_header(tmp_path):
+    """A header that claims fewer bytes than the zip directory says (or more) is refused before reading data."""
+    pop = StatePopulation(GAME, N, D)
+    path = save_checkpoint(tmp_path / "ok.npz", pop)
+    for extra_bytes in (8, -8):
+        bad = tmp_path / f"bad{extra_bytes}.npz"
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                if info.filename == "costs.npy":
+                    data = data + bytes(extra_bytes) if extra_bytes > 0 else data[:extra_bytes]
+                dst.writestr(info.filename, data)
+        with pytest.raises(CheckpointError, match="'costs' is .* bytes in the zip directory, but its header"):
+            load_checkpoint(bad)
+
+
+def test_unknown_compression_and_object_dtype_are_refused(tmp_path):
+    pop = StatePopulation(GAME, N, D)
+    path = save_checkpoint(tmp_path / "ok.npz", pop)
+    bad = tmp_path / "bz.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_BZIP2 if info.filename == "costs.npy" else zipfile.ZIP_STORED)
+    with pytest.raises(CheckpointError, match="compression method 12; accepted: stored or deflate"):
+        load_checkpoint(bad)
+    obj = tmp_path / "obj.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(obj, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "costs.npy":
+                data = _npy_header((N,), "|O") + bytes(8 * N)
+            dst.writestr(info.filename, data)
+    with pytest.raises(CheckpointError, match="'costs' has dtype object"):
+        load_checkpoint(obj)
+
+
+# =========================================================================== atomic writes
 def _tmp_files(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
@@ -267,17 +747,37 @@ def test_failed_write_keeps_the_previous_checkpoint(run, monkeypatch):
     assert _tmp_files(path.parent) == []
 
 
+def test_unsaveable_state_writes_nothing(run):
+    """A state that could not be restored (here: unnormalised weights) is refused at save time."""
+    pop, server, _, _, path = run
+    before = path.read_bytes()
+    server.log_weights = server.log_weights + 1.0
+    with pytest.raises(ValueError, match="cannot save a checkpoint of this server: .*not normalised"):
+        save_checkpoint(path, pop, server)
+    pop.states[0, 0] = 1e60
+    with pytest.raises(ValueError, match="cannot save a checkpoint of this population: .*SIGNAL_LIMIT"):
+        save_checkpoint(path, pop)
+    assert path.read_bytes() == before
+    assert _tmp_files(path.parent) == []
+
+
 _WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from memoa_fast import Game, Population
+    from memoa_fast import Game
     from memoa_fast.checkpoint import save_checkpoint
 
+    class Pop:  # the population state, nothing else
+        game, n_agents, dim = Game(), 200_000, 2
+        def __init__(self, value):
+            self.value = value
+        def state_dict(self):
+            return {"states": np.full((200_000, 2), self.value), "costs": np.zeros(200_000), "mean_state": np.zeros(2),
+                    "mean_signal": np.zeros(2), "t": 0, "discount": 1.0, "n_valid_signals": 0, "game": Game().to_dict()}
+
     path, mode = sys.argv[1], sys.argv[2]
-    pop = Population(Game(), 200_000, 2, threads=1)
-    save_checkpoint(path, pop)
-    pop.reset(np.ones((200_000, 2)))
+    save_checkpoint(path, Pop(0.0))
     if mode == "midwrite":
         real = np.lib.format.write_array
         def slow(fp, array, *a, **k):
@@ -296,22 +796,19 @@ _WRITER = textwrap.dedent(
             print("stalled", flush=True)
             time.sleep(120)
         os.fsync = stall
-    save_checkpoint(path, pop)
+    save_checkpoint(path, Pop(1.0))
     """
 )
 
 
-@pytest.mark.parametrize("mode", ["midwrite", "before-rename"])
-def test_killed_writer_leaves_the_previous_checkpoint(tmp_path, mode):
-    """SIGKILL a process in the middle of writing a checkpoint: the old file is still whole."""
-    path = tmp_path / "ckpt.npz"
+def _kill_a_writer(path, mode):
     proc = subprocess.Popen(
         [sys.executable, "-P", "-c", _WRITER, str(path), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "stalled", proc.stderr.read()
-        assert len(_tmp_files(tmp_path)) == 1  # the half-written file exists...
+        assert len(_tmp_files(path.parent)) == 1  # the half-written file exists...
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -320,11 +817,61 @@ def test_killed_writer_leaves_the_previous_checkpoint(tmp_path, mode):
             proc.wait(timeout=30)
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("mode", ["midwrite", "before-rename"])
+def test_killed_writer_leaves_the_previous_checkpoint_and_the_next_save_cleans_up(tmp_path, mode):
+    """SIGKILL a process in the middle of writing a checkpoint: the old file is whole; the next save removes the debris."""
+    path = tmp_path / "ckpt.npz"
+    _kill_a_writer(path, mode)
     ckpt = load_checkpoint(path)  # ...and the checkpoint is the previous one, whole
     assert not ckpt.population["states"].any()
     assert zipfile.is_zipfile(path)
+    assert len(_tmp_files(tmp_path)) == 1
+    save_checkpoint(path, StatePopulation(Game(), 200_000, 2))
+    assert _tmp_files(tmp_path) == []
+
+
+def test_only_stale_temporaries_of_this_checkpoint_are_removed(run):
+    pop, server, _, _, path = run
+    folder = path.parent
+    old = time.time() - 3600
+    names = {
+        ".run.npz.ab12cd_9.tmp": True,          # a killed save of run.npz: removed
+        ".run.npz.future01.tmp": False,         # newer than this save (another save in progress): kept
+        ".run.npz.bak.ab12cd_9.tmp": False,     # a temporary of run.npz.bak: kept
+        ".other.npz.ab12cd_9.tmp": False,       # another checkpoint's: kept
+        "run.npz.ab12cd_9.tmp": False,          # not ours (no leading dot): kept
+    }
+    for name in names:
+        (folder / name).write_bytes(b"debris")
+        when = time.time() + 3600 if "future" in name else old
+        os.utime(folder / name, (when, when))
+    save_checkpoint(path, pop, server)
+    for name, removed in names.items():
+        assert (folder / name).exists() is not removed, name
+
+
+def test_symlinked_checkpoint_path_is_followed(run, tmp_path):
+    """Saving through a symlink replaces the file it points to and keeps the link; loading follows it too."""
+    pop, server, _, _, path = run
+    real_dir = tmp_path / "store"
+    real_dir.mkdir()
+    real = real_dir / "data.npz"
+    link = tmp_path / "latest.npz"
+    link.symlink_to(real)  # dangling at first: the save creates the target
+    assert save_checkpoint(link, pop, server) == link
+    assert link.is_symlink() and os.readlink(link) == str(real) and real.is_file()
+    first = real.read_bytes()
+    pop.states[...] += 1.0
+    save_checkpoint(link, pop, server)
+    assert link.is_symlink() and real.read_bytes() != first
+    assert _tmp_files(tmp_path) == [] and _tmp_files(real_dir) == []
+    pop2, server2 = _make()
+    restore_checkpoint(link, pop2, server2)
+    np.testing.assert_array_equal(pop2.states, pop.states)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        save_checkpoint(tmp_path / "nowhere" / "c.npz", Population(GAME, 3, 1))
+        save_checkpoint(tmp_path / "nowhere" / "c.npz", StatePopulation(GAME, 3, 1))
