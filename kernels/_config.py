@@ -26,3 +26,12 @@ CHUNK = 4096
 # Partial sums of different chunks sit in different 64-byte cache lines
 # (8 doubles), so two threads never write the same line (no false sharing).
 PAD = 8
+
+# OpenMP threads that finish a parallel region sleep at once instead of
+# spinning (GNU libgomp spins first by default). On a shared machine a
+# spinning thread steals the core another process's thread needs, and a
+# parallel region then waits for a descheduled thread: 50-390x slower steps
+# with two processes at once (bench/concurrent_threads.py), 2-4x with the
+# passive policy. Read by libgomp when it loads (Numba's omp layer, the Cython
+# extension), so it is set here, before any backend; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

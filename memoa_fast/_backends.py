@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ._validation import check_backend, check_threads
+from ._validation import available_threads, check_backend, check_threads
 
 _MODULES = {"numba": "memoa_fast.kernels._numba", "cython": "memoa_fast.kernels._cython", "numpy": "memoa_fast.kernels._reference"}
 
@@ -18,6 +18,18 @@ _MODULES = {"numba": "memoa_fast.kernels._numba", "cython": "memoa_fast.kernels.
 # between 4096 and 8192 agents (bench/README.md, "Parallel threshold").
 PARALLEL_THRESHOLD = 8_192
 
+# The default thread choice (threads=None) uses more than one thread only when
+# one parallel region has at least this many values (N x d) to go through.
+# Below it, on a shared machine, two threads lose: a region then takes well
+# under a millisecond, and waiting for a second thread that another process
+# holds costs more than the region itself. Measured with
+# bench/concurrent_threads.py (two processes at once, each stepping N = 1e4 and
+# 1e5 agents with d = 1 and 4): with two threads by default, each step was
+# 2-4x slower than on one thread even with OMP_WAIT_POLICY=PASSIVE, and 50-390x
+# slower with libgomp's default spin-then-sleep wait. An explicit threads=k is
+# always honoured (above parallel_threshold agents).
+DEFAULT_PARALLEL_WORK = 1 << 20
+
 
 SOURCE_TREE_HINT = (
     "memoa_fast.kernels is missing: this memoa_fast was imported from a source checkout, where the "
@@ -25,6 +37,9 @@ SOURCE_TREE_HINT = (
     "Install with `python3 -m pip install .` and run outside the checkout, or with `python3 -P` "
     "(which keeps the current folder off sys.path)."
 )
+
+
+__all__ = ["DEFAULT_PARALLEL_WORK", "PARALLEL_THRESHOLD", "available_threads", "load", "load_noise", "resolve_threads"]
 
 
 def load(backend: str) -> ModuleType:
@@ -49,12 +64,19 @@ def load_noise() -> ModuleType:
     return importlib.import_module("memoa_fast.kernels._noise")
 
 
-def available_threads() -> int:
-    """Threads this process may use by default (see :func:`memoa_fast._validation.check_threads`)."""
-    return check_threads(None)
+def resolve_threads(threads, n_agents: int, parallel_threshold: int = PARALLEL_THRESHOLD,
+                    dim: int = 1) -> tuple[int, int]:
+    """Return ``(threads_requested, threads_used)`` for kernels over ``n_agents`` x ``dim`` values.
 
-
-def resolve_threads(threads, n_agents: int, parallel_threshold: int = PARALLEL_THRESHOLD) -> tuple[int, int]:
-    """Return ``(threads_requested, threads_used)``; small populations run on one thread."""
+    ``threads=None`` (the default) asks for every thread this process may use
+    (its CPU affinity, capped by Numba's limit) but uses them only for a
+    region of at least :data:`DEFAULT_PARALLEL_WORK` values; an explicit
+    ``threads`` is used as given for at least ``parallel_threshold`` agents.
+    Fewer agents than ``parallel_threshold`` always run on one thread.
+    """
     requested = check_threads(threads)
-    return requested, (1 if n_agents < parallel_threshold else requested)
+    if n_agents < parallel_threshold:
+        return requested, 1
+    if threads is None and n_agents * dim < DEFAULT_PARALLEL_WORK:
+        return requested, 1
+    return requested, requested

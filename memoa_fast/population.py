@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from . import _backends
-from ._validation import as_float_array, check_int
+from ._validation import as_float_array, check_int, check_sizes
 from ._state import check_population_state
 from .game import Game
 from .kernels import N_COEF, SIZE, layout, work_shape
@@ -122,9 +122,12 @@ class Population(MeanFieldSummary):
     backend : {"numba", "cython", "numpy"}, default "numba"
         Which kernels run the step; ``numpy`` is the slow reference.
     threads : int, optional
-        Threads for populations of at least ``parallel_threshold`` agents;
-        default: the cores this process may use. Numba's global thread count
-        is restored after each call.
+        Kernel threads, used for populations of at least ``parallel_threshold``
+        agents. Default: the cores this process may use (its CPU affinity,
+        capped by ``NUMBA_NUM_THREADS``), but only for steps of at least
+        ``2**20`` values (N x d); smaller steps run on one thread, which never
+        loses on a shared machine (see ``bench/concurrent_threads.py``).
+        Numba's global thread count is restored after each call.
     parallel_threshold : int, default 8192
         Smaller populations run on one thread (a parallel region costs more
         than it saves there).
@@ -175,10 +178,12 @@ class Population(MeanFieldSummary):
         parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
     ):
         self.n_agents, self.dim = population_shape(game, n_agents, dim, initial_states)
+        check_sizes(self.n_agents, self.dim, per_agent_vectors=1, per_agent_scalars=1 + (game.n_classes > 1))
         self._kernels = _backends.load(backend)
         self.backend = backend
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_agents, self.parallel_threshold)
+        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_agents, self.parallel_threshold,
+                                                                     self.dim)
         self._lay = layout(game.n_classes, self.dim)
         self._labels = check_labels(labels, self.n_agents, game.n_classes)
         self._coef = np.zeros((game.n_classes, N_COEF))

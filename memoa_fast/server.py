@@ -7,11 +7,10 @@ import threading
 import numpy as np
 
 from . import _backends
-from ._state import check_server_state
-from ._validation import as_float_array, check_choice, check_int, check_real
+from ._state import RULES, check_server_state
+from ._validation import as_float_array, check_choice, check_int, check_real, check_sizes
 from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 
-RULES = ("eg", "hedge")
 RULE_CODES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
 
 
@@ -71,15 +70,15 @@ class Server:
         threads: int | None = None,
         parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
     ):
-        self.n_agents = check_int("n_agents", n_agents, low=1)
-        self.dim = check_int("dim", dim, low=1)
+        self.n_agents, self.dim = check_sizes(n_agents, dim, per_agent_vectors=0, per_agent_scalars=1, what="server")
         self.rule = check_choice("rule", rule, RULES)
         self.eta = check_real("eta", eta, low=0.0)
         self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
         self.backend = backend
         self._kernels = _backends.load(backend)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_agents, self.parallel_threshold)
+        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_agents, self.parallel_threshold,
+                                                                     self.dim)
         self._lay = layout(1, self.dim)
         self._log_p = np.empty(self.n_agents)
         self._work = np.zeros(work_shape(self.n_agents, self._lay))

@@ -49,7 +49,7 @@ class Shard:
         self.index, self.lo, self.hi, self.n_agents, self.exact = index, lo, hi, n_agents, exact
         n, d = hi - lo, lay.dim
         self.lay = lay
-        self.threads, self._threads_used = _backends.resolve_threads(shard_threads(threads), n, parallel_threshold)
+        self.threads, self._threads_used = _backends.resolve_threads(shard_threads(threads), n, parallel_threshold, d)
         self.kern = _backends.load("numba")
         self.x = np.zeros((n, d))
         self.J = np.zeros(n)

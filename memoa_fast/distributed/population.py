@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 
 from .. import _backends
-from .._state import check_population_state
+from .._state import check_population_state, check_source_layout
 from .._validation import as_float_array, check_int, check_real
 from ..checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from ..game import Game
@@ -617,7 +617,7 @@ class DaskPopulation(MeanFieldSummary):
         clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
         source = state.get("source")
         if source is not None:
-            source = _check_source_state(source, self.n_agents)
+            source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
         labels = clean.get("labels") if self._lay.n_classes > 1 else None
@@ -668,15 +668,3 @@ class DaskPopulation(MeanFieldSummary):
 
 def _slice_source(source, lo, hi):
     return {"agents": {k: v[lo:hi] for k, v in source["agents"].items()}, "shared": dict(source["shared"])}
-
-
-def _check_source_state(source, n_agents) -> dict:
-    if not isinstance(source, dict) or set(source) != {"agents", "shared"}:
-        raise ValueError("a signal source's state must be {'agents': {...}, 'shared': {...}}")
-    agents = {}
-    for name, value in source["agents"].items():
-        arr = np.asarray(value)
-        if arr.ndim < 1 or arr.shape[0] != n_agents:
-            raise ValueError(f"source state 'agents/{name}' must have {n_agents} rows, got shape {arr.shape}")
-        agents[name] = arr
-    return {"agents": agents, "shared": {k: np.asarray(v) for k, v in source["shared"].items()}}

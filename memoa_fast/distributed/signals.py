@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from .. import _backends
+from .._state import check_source_state
 from .._validation import as_float_array, check_int, check_real
 from ..forecasters import ClientForecasters
 
@@ -92,19 +93,14 @@ class NoisyLastValueSignals:
         return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()}}
 
     def validate_state_dict(self, state: dict) -> dict:
-        """Check ``state`` without changing anything; returns the clean values."""
-        shared = state["shared"]
-        y = as_float_array("source state 'y'", shared["y"], (self.dim,))
-        t = np.asarray(shared["t"])
-        if t.shape != () or not np.issubdtype(t.dtype, np.integer):
-            raise ValueError(f"source state 't' must be an integer scalar, got {t!r}")
-        return {"t": check_int("source state 't'", int(t), low=0), "y": y}
+        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
+        return check_source_state(state, n_agents=self.hi - self.lo, agents={}, shared={"t": "count", "y": (self.dim,)})
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (all checked first)."""
-        clean = self.validate_state_dict(state)
+        clean = self.validate_state_dict(state)["shared"]
         self._y[...] = clean["y"]
-        self.t = clean["t"]
+        self.t = int(clean["t"])
 
 
 class ForecasterSignals:
