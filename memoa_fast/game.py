@@ -379,13 +379,13 @@ def _check_class_weights(q, kappa, r, gamma, shares):
     w = q + kappa
     if (w <= 0.0).any():
         j = int(np.argmax(w <= 0.0))
-        raise ValueError(f"q + kappa must be > 0 in every class (an agent must care about something), got q[{j}]={q[j]!r}, kappa[{j}]={kappa[j]!r}")
+        raise ValueError(f"q + kappa must be > 0 in every class (an agent must care about something), got q[{j}]={float(q[j])!r}, kappa[{j}]={float(kappa[j])!r}")
     if shares is None:
         sh = np.full(K, 1.0 / K)
     else:
         if not np.isfinite(sh).all() or (sh <= 0.0).any():
             j = int(np.argmax(~np.isfinite(sh) | (sh <= 0.0)))
-            raise ValueError(f"shares must be positive and finite, got shares[{j}]={sh[j]!r} in {sh.tolist()!r}")
+            raise ValueError(f"shares must be positive and finite, got shares[{j}]={float(sh[j])!r} in {sh.tolist()!r}")
         total = float(sh.sum())
         if not abs(total - 1.0) <= SHARES_TOL:
             raise ValueError(f"shares must sum to 1 (within {SHARES_TOL:g}), got sum {total!r} for {sh.tolist()!r}")
@@ -449,7 +449,10 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
         K is the common length of the sequences among ``q, kappa, r, shares``.
     method : {"qz", "iterate"}
     tol : float, default 1e-14
-        ``method="iterate"``: stop when ``max |A^{n+1} - A^n| <= tol``.
+        ``method="iterate"``: stop when the estimated error left,
+        ``change * ratio / (1 - ratio)`` (``change = max |A^{n+1} - A^n|``,
+        ``ratio`` its last contraction), is at most ``tol``, or when ``change``
+        reaches the rounding floor (4 eps).
     max_iter : int, default 10000
         ``method="iterate"``: steps before giving up.
 
@@ -509,15 +512,19 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
         residual = float(np.max(np.abs(FA - A)))
     else:
         A = np.diag(e)
-        change = np.inf
+        change = prev = np.inf
+        floor = 4.0 * np.finfo(np.float64).eps
         for iterations in range(1, max_iter + 1):
             FA, V = _fixed_point_map(A, e, a, beta, shares)
             change = float(np.max(np.abs(FA - A)))
             A = FA
             if not np.isfinite(change):
                 break
-            if change <= tol:
+            # Linear convergence: the error left is about change * ratio / (1 - ratio).
+            ratio = change / prev if 0.0 < prev < np.inf else 1.0
+            if change <= floor or (ratio < 1.0 and change * ratio / (1.0 - ratio) <= tol):
                 break
+            prev = change
         else:
             raise ValueError(
                 f"the K-class fixed point did not converge in max_iter={max_iter} steps (last change {change:.3g}, "
