@@ -236,11 +236,14 @@ def _gains_arrays(q, kappa, r, gamma):
     return P, k, e, a, rho, c
 
 
-def _check_representable(gains, q, kappa, r, gamma, index=None):
-    """Raise ``ValueError`` naming the weights when a gain is not a normal, finite float64."""
-    P, k, e, a, rho, c = gains
+def _check_representable(gains, q, kappa, r, gamma, index=None, n_checked=6):
+    """Raise ``ValueError`` naming the weights when a gain is not a normal, finite float64.
+
+    Checks the first ``n_checked`` of ``(P, k, 1 - k, a, rho, c)`` (the K-class
+    solver uses only the first four; ``c`` may be exactly 0 when ``kappa = 0``).
+    """
     names = ("P", "k", "1 - k", "a", "rho", "c")
-    for name, value, may_be_zero in zip(names, (P, k, e, a, rho, c), (False,) * 5 + (True,)):
+    for name, value, may_be_zero in list(zip(names, gains, (False,) * 5 + (True,)))[:n_checked]:
         v = np.asarray(value, dtype=np.float64).reshape(-1)
         zero_ok = (np.asarray(kappa).reshape(-1) == 0.0) if may_be_zero else np.zeros(v.shape, bool)
         bad = ~np.isfinite(v) | (v > np.finfo(np.float64).max) | ((v < _TINY) & ~(zero_ok & (v == 0.0)))
@@ -336,8 +339,11 @@ def _as_weight_vector(name, value, low_open):
         raise TypeError(f"{name} must be {accepted}, got {value!r}")
     if raw.dtype == bool:
         raise TypeError(f"{name} must be {accepted}, got booleans {value!r}")
-    for j, v in enumerate(arr):
-        check_real(f"{name}[{j}]", float(v), low=0.0, low_open=low_open)
+    with np.errstate(invalid="ignore"):
+        fine = np.isfinite(arr) & ((arr > 0.0) if low_open else (arr >= 0.0))
+    if not fine.all():
+        j = int(np.argmin(fine))
+        check_real(f"{name}[{j}]", float(arr[j]), low=0.0, low_open=low_open)  # raises, naming the entry
     arr.flags.writeable = False
     return arr
 
@@ -494,7 +500,7 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
         return ClassEquilibrium(P=P, k=k, a=a, one_minus_k=e, A=A, C=C, lam=lam, shares=pi,
                                 spectral_radius=abs(float(rho[0])), residual=0.0, iterations=0, method="closed-form")
     gains = _gains_arrays(q, kappa, r, gamma)
-    _check_representable(gains, q, kappa, r, gamma, index=True)
+    _check_representable(gains, q, kappa, r, gamma, index=True, n_checked=4)
     P, k, e, a, _, _ = gains
     w = q + kappa
     qw, kw = q / w, kappa / w
@@ -551,12 +557,18 @@ def _solve_qz(e, a, beta, pi, q, kappa, r, gamma):
     from scipy.linalg import ordqz
 
     K = e.shape[0]
-    eye, zero = np.eye(K), np.zeros((K, K))
-    E = np.block([[eye, zero], [np.outer(np.ones(K), pi), np.diag(a)]])
-    M = np.block([[np.diag(e), np.diag(beta)], [zero, eye]])
+    diag = np.arange(K)
+    E = np.zeros((2 * K, 2 * K))
+    M = np.zeros((2 * K, 2 * K))
+    E[diag, diag] = 1.0
+    E[K:, :K] = pi[None, :]
+    E[K + diag, K + diag] = a
+    M[diag, diag] = e
+    M[diag, K + diag] = beta
+    M[K + diag, K + diag] = 1.0
     _, _, alpha, bet, _, Z = ordqz(M, E, sort="iuc", output="real")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mod = np.abs(alpha) / np.abs(bet)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mod = np.abs(alpha) / np.abs(bet)  # infinite eigenvalues (beta = 0) are unstable
     stable = int((mod < 1.0).sum())
     if stable != K:
         raise ValueError(
@@ -833,7 +845,7 @@ def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> Po
         k = classes.k
     else:
         gains = _gains_arrays(q, kappa, r, gamma)
-        _check_representable(gains, q, kappa, r, gamma, index=True)
+        _check_representable(gains, q, kappa, r, gamma, index=True, n_checked=4)
         k = gains[1]
     coef = np.zeros((K, N_COEF))
     mix = np.zeros((2, K, K))

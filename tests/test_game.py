@@ -236,3 +236,38 @@ def test_extreme_weight_reproducers(q, kappa, r, gamma):
 def test_unrepresentable_gains_name_the_weights():
     with pytest.raises(ValueError, match=r"not representable.*q=1e\+300, kappa=0.0, r=1e-300.*1 - k"):
         Game(q=1e300, kappa=0.0, r=1e-300, gamma=0.5)
+
+
+# --------------------------------------------------------------------------- value semantics (issue 8 item 16)
+
+
+def test_game_is_immutable_hashable_and_equal_by_value():
+    import copy
+    import pickle
+
+    game = Game(1.0, 2.0, 0.5, 0.95)
+    for name in ("q", "kappa", "r", "gamma", "policy", "gains", "coefficients", "table", "shares", "classes", "feedforward"):
+        with pytest.raises(AttributeError, match=f"Game is immutable: cannot set '{name}'"):
+            setattr(game, name, 1.0)
+    with pytest.raises(AttributeError, match="immutable"):
+        game.extra = 1  # no new attributes either
+    with pytest.raises(AttributeError, match="immutable"):
+        del game.q
+    with pytest.raises(ValueError, match="read-only"):
+        game.table.coef[0, 0] = 0.0
+    twin = Game(1.0, 2.0, 0.5, 0.95)
+    assert twin == game and hash(twin) == hash(game) and len({game, twin}) == 1
+    assert game != Game(1.0, 2.0, 0.5, 0.95, "greedy") and game != Game(1.0, 2.0, 0.5, 0.95, feedforward=False)
+    assert game != game.to_dict()  # a dict is not a Game
+    assert pickle.loads(pickle.dumps(game)) == game and copy.copy(game) is game
+    assert {game: 1}[Game(**game.to_dict())] == 1
+    assert game.with_policy("local") == Game(1.0, 2.0, 0.5, 0.95, "local")
+    assert game.with_weights(kappa=3.0) == Game(1.0, 3.0, 0.5, 0.95)
+
+
+def test_feedforward_false_single_class():
+    game = Game(1.0, 2.0, 0.5, 0.95, feedforward=False)
+    c = game.coefficients
+    assert (c.gain, c.signal, c.signal_mean, c.state_mean) == (game.gains.k, 1 / 3, 2 / 3, 0.0)
+    assert repr(game) == "Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95, policy='memoa', feedforward=False)"
+    assert Game(**game.to_dict()) == game
