@@ -28,8 +28,18 @@ cost is ``J_i = sum_{t>=0} gamma^t l_i(t)`` with
 summed over the d coordinates, which decouple (scalar weights). Everything
 below is per coordinate.
 
-Only NumPy/SciPy; the problems are tiny (3x3 per agent for the certificate,
-(N+1)x(N+1) per player for the equilibrium).
+Trust classes (``MODEL.md`` section 7). Every function takes ``labels`` (the
+class of every agent) for a K-class :class:`~memoa_fast.game.Game`: agents then
+play ``game.table`` (``u_i = -g_c (x_i - c_c s_i - sum_l M^s_cl sbar_l - sum_l M^m_cl m_l)``
+with the true finite-N class means) and pay their class's weights; the
+certificate's state becomes ``(x_i, M_1, ..., M_K, 1)`` (``M_l`` the mean of
+the other agents of class l) and the exact Nash equilibrium has per-player
+weights. Measured: epsilon falls like 1/N^2 (N^2 eps 0.22, 0.13, 0.24 at
+N = 10, 100, 1000 for 3 classes), and the exact Nash gains approach the
+K-class policy's like 1/N.
+
+Only NumPy/SciPy; the problems are tiny ((K+2)x(K+2) per agent for the
+certificate, 3x3 for one class; (N+1)x(N+1) per player for the equilibrium).
 """
 from __future__ import annotations
 
