@@ -28,8 +28,18 @@ cost is ``J_i = sum_{t>=0} gamma^t l_i(t)`` with
 summed over the d coordinates, which decouple (scalar weights). Everything
 below is per coordinate.
 
-Only NumPy/SciPy; the problems are tiny (3x3 per agent for the certificate,
-(N+1)x(N+1) per player for the equilibrium).
+Trust classes (``MODEL.md`` section 7). Every function takes ``labels`` (the
+class of every agent) for a K-class :class:`~memoa_fast.game.Game`: agents then
+play ``game.table`` (``u_i = -g_c (x_i - c_c s_i - sum_l M^s_cl sbar_l - sum_l M^m_cl m_l)``
+with the true finite-N class means) and pay their class's weights; the
+certificate's state becomes ``(x_i, M_1, ..., M_K, 1)`` (``M_l`` the mean of
+the other agents of class l) and the exact Nash equilibrium has per-player
+weights. Measured: epsilon falls like 1/N^2 (N^2 eps 0.22, 0.13, 0.24 at
+N = 10, 100, 1000 for 3 classes), and the exact Nash gains approach the
+K-class policy's like 1/N.
+
+Only NumPy/SciPy; the problems are tiny ((K+2)x(K+2) per agent for the
+certificate, 3x3 for one class; (N+1)x(N+1) per player for the equilibrium).
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ import numpy as np
 
 from ._validation import check_int, check_real
 from .game import Game
+from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, SIGNAL
 
 __all__ = [
     "EpsilonNashResult",
@@ -57,7 +68,7 @@ DEFAULT_WORST_AGENTS = 8
 #: Longest horizon chosen automatically (gamma = 1).
 MAX_AUTO_HORIZON = 1_000_000
 _EPS = np.finfo(np.float64).eps
-_CHUNK = 32768  # batch size of the 3x3 problems (bounds the memory of the 9x9 solves)
+_CHUNK = 32768  # batch size of the 3x3 problems (bounds the memory of the 9x9 solves; scaled for n x n)
 
 
 # --------------------------------------------------------------------------- results
@@ -129,7 +140,10 @@ class NashEquilibrium:
     residual : float
         Last change of the gains, ``max |K^{n+1} - K^n|``.
     q, kappa, r, gamma : float
-        The game's weights.
+        The game's weights (``q, kappa, r``: arrays of shape (N,), one per
+        player, when the game has classes).
+    labels : ndarray of int or None
+        The players' classes (None for the single-class game).
     """
 
     gains: np.ndarray
@@ -142,6 +156,7 @@ class NashEquilibrium:
     kappa: float
     r: float
     gamma: float
+    labels: np.ndarray | None = None
     n_agents: int = field(init=False)
 
     def __post_init__(self):
@@ -277,7 +292,7 @@ def _resolve_horizon(game: Game, horizon, tol: float):
 # --------------------------------------------------------------------------- policy costs
 
 
-def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13) -> np.ndarray:
+def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13, labels=None) -> np.ndarray:
     """Exact costs of every agent when all follow ``game``'s policy (finite N).
 
     With all agents on ``u_j = -g(x_j - alpha s_j - beta sbar - mu m)`` the
@@ -320,6 +335,12 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         transient ``radius^T`` falls below ``tol``.
     tol : float, default 1e-13
         Only used to choose T when ``gamma = 1``.
+    labels : array_like of int, shape (N,), optional
+        Class of every agent (required when ``game.n_classes > 1``). Then
+        every agent plays ``game.table`` with the true class means and the
+        costs are summed by simulating the whole population (O(N d T));
+        with ``horizon=None`` and ``gamma < 1`` over the T steps with
+        ``gamma^T <= 1e-17`` (the tail is below 1e-17 of the cost).
 
     Returns
     -------
@@ -331,6 +352,12 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     n, d = s.shape
     x0 = _as_states("initial_states", initial_states, n, d)
     tol = _check_tol(tol)
+    labels, sizes = _check_labels(game, labels, n)
+    if labels is not None:
+        horizon = _resolve_class_horizon(game, sizes, horizon, tol)
+        if horizon is None:
+            horizon = _tail_horizon(game.gamma)
+        return _simulate_class_costs(game, labels, sizes, s, x0, horizon)
     horizon = _resolve_horizon(game, horizon, tol)
     co = game.coefficients
     g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
@@ -374,7 +401,7 @@ def _lyapunov_dense(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
     return 0.5 * (P + P.T)
 
 
-def policy_gain_matrix(game, signals) -> np.ndarray:
+def policy_gain_matrix(game, signals, labels=None) -> np.ndarray:
     """The policy's gains in the joint-state form of :class:`NashEquilibrium`.
 
     ``u_i = -g(x_i - alpha s_i - beta sbar - mu m)`` with ``m = mean_j x_j`` is
@@ -384,10 +411,17 @@ def policy_gain_matrix(game, signals) -> np.ndarray:
 
         K_{ij} = g(\\delta_{ij} - \\mu / N), \\qquad K_{i,N+1} = -g(\\alpha s_i + \\beta \\bar s).
 
+    With ``labels`` (K classes, ``game.table``), for player i of class c:
+    ``K_ij = g_c (delta_ij - M^m_{c, l_j} / n_{l_j})`` and
+    ``K_{i,N+1} = -g_c (c_c s_i + sum_p M^s_cp sbar_p)``, ``sbar_p`` the class
+    signal means.
+
     Parameters
     ----------
     game : Game
     signals : array_like, shape (N, d) or (N,)
+    labels : array_like of int, shape (N,), optional
+        Class of every agent (required when ``game.n_classes > 1``).
 
     Returns
     -------
@@ -395,6 +429,9 @@ def policy_gain_matrix(game, signals) -> np.ndarray:
     """
     game = _check_game(game)
     s = _as_signals(signals)
+    labels, sizes = _check_labels(game, labels, s.shape[0])
+    if labels is not None:
+        return _class_gain_matrix(game, labels, sizes, s)
     co = game.coefficients
     return _gain_matrix(co.gain, co.signal, co.signal_mean, co.state_mean, s)
 
@@ -410,7 +447,7 @@ def _gain_matrix(g, al, be, mu, s):
 # --------------------------------------------------------------------------- epsilon-Nash
 
 
-def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=None, tol: float = 1e-13, max_iter: int = 100) -> EpsilonNashResult:
+def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=None, tol: float = 1e-13, max_iter: int = 100, labels=None) -> EpsilonNashResult:
     """Exact gain of a unilateral deviation from ``game``'s policy (epsilon-Nash certificate).
 
     All agents but i follow the policy ``u_j = -g(x_j - alpha s_j - beta sbar - mu m)``
@@ -493,6 +530,22 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
         transient when choosing T for ``gamma = 1``), in (0, 1e-3].
     max_iter : int, default 100
         Policy-iteration steps before giving up (``ValueError``).
+    labels : array_like of int, shape (N,), optional
+        Class of every agent, in ``[0, K)`` (required when
+        ``game.n_classes > 1``; every class must have an agent). Then the
+        K-class game of ``MODEL.md`` section 7 is certified: every agent plays
+        ``game.table`` with the true finite-N class means ``m_l`` (which
+        contain ``x_i`` with weight ``1/n_l``) and class signal means ``sbar_l``,
+        and pays its class's weights. The deviating agent i of class c faces
+        an LQ problem in ``z = (x_i, M_1, ..., M_K, 1)``, ``M_l`` the mean of
+        the *other* agents of class l (``m_l = (delta_lc x_i + (n_l - delta_lc) M_l) / n_l``);
+        under the table
+        ``M_l(t+1) = (1 - g_l) M_l + g_l (c_l S_l + sum_p M^s_lp sbar_p + sum_p M^m_lp m_p)``
+        with ``S_l`` the others' mean signal in class l, which is linear in z;
+        the cost is ``(q_c (x_i - s_i)^2 + kappa_c (x_i - m)^2 + r_c u^2)/2`` with
+        ``m = x_i/N + sum_l (n_l - delta_lc) M_l / N``. The same Riccati solutions
+        as above, in dimension K + 2. Given for a single-class game, labels
+        (all 0) select this general code path (a cross-check of the 3 x 3 one).
 
     Returns
     -------
@@ -521,20 +574,28 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     agents = _check_agents(agents, n)
     tol = _check_tol(tol)
     max_iter = check_int("max_iter", max_iter, low=1)
-    horizon = _resolve_horizon(game, horizon, tol)
+    labels, sizes = _check_labels(game, labels, n)
+    if labels is None:
+        horizon = _resolve_horizon(game, horizon, tol)
+    else:
+        horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
     if agents is None:
-        costs = policy_costs(game, s, x0, horizon=horizon, tol=tol)
+        costs = policy_costs(game, s, x0, horizon=horizon, tol=tol, labels=labels)
         k = min(DEFAULT_WORST_AGENTS, n)
         agents = np.sort(np.argsort(-costs, kind="stable")[:k]).astype(np.intp)
     elif isinstance(agents, str):
         agents = np.arange(n, dtype=np.intp)
 
-    A, F, Q, z0 = _deviation_problem(game, s, x0, agents)
-    if horizon is None:
-        out = _stationary_deviation(A, F, Q, z0, game.r, game.gamma, tol, max_iter)
+    if labels is None:
+        A, F, Q, z0 = _deviation_problem(game, s, x0, agents)
+        r = game.r
     else:
-        out = _finite_deviation(A, F, Q, z0, game.r, game.gamma, horizon)
+        A, F, Q, z0, r = _class_deviation_problem(game, labels, sizes, s, x0, agents)
+    if horizon is None:
+        out = _stationary_deviation(A, F, Q, z0, r, game.gamma, tol, max_iter)
+    else:
+        out = _finite_deviation(A, F, Q, z0, r, game.gamma, horizon)
     k = agents.size
     # mag: size of the terms the costs are sums of (|z|'|P||z|/2), the scale of their rounding.
     cp, cb, ep, mag, mag_e = (v.reshape(k, d).sum(axis=1) for v in out)
@@ -604,18 +665,25 @@ def _deviation_problem(game: Game, s: np.ndarray, x0: np.ndarray, agents: np.nda
     return A, F, Q, z0
 
 
-def _lyap3(Acl: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
-    """Batched ``P = C + gamma Acl' P Acl`` for 3x3 blocks, exact via the 9x9 Kronecker system."""
+def _lyap_batch(Acl: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
+    """Batched ``P = C + gamma Acl' P Acl`` for n x n blocks, exact via the n^2 x n^2 Kronecker system."""
     out = np.empty_like(C)
-    eye = np.eye(9)
-    for lo in range(0, Acl.shape[0], _CHUNK):
-        a = Acl[lo : lo + _CHUNK]
+    n = Acl.shape[1]
+    eye = np.eye(n * n)
+    chunk = max(1, (_CHUNK * 81) // (n**4))
+    for lo in range(0, Acl.shape[0], chunk):
+        a = Acl[lo : lo + chunk]
         at = np.swapaxes(a, 1, 2)
-        kron = np.einsum("bij,bkl->bikjl", at, at).reshape(-1, 9, 9)
-        vec = np.linalg.solve(eye - gamma * kron, C[lo : lo + _CHUNK].reshape(-1, 9, 1))
-        P = vec.reshape(-1, 3, 3)
-        out[lo : lo + _CHUNK] = 0.5 * (P + np.swapaxes(P, 1, 2))
+        kron = np.einsum("bij,bkl->bikjl", at, at).reshape(-1, n * n, n * n)
+        vec = np.linalg.solve(eye - gamma * kron, C[lo : lo + chunk].reshape(-1, n * n, 1))
+        P = vec.reshape(-1, n, n)
+        out[lo : lo + chunk] = 0.5 * (P + np.swapaxes(P, 1, 2))
     return out
+
+
+def _r_matrix(r):
+    """A control weight (scalar, or one per batch item) shaped to scale (b, n, n) blocks."""
+    return r if np.ndim(r) == 0 else np.asarray(r)[:, None, None]
 
 
 def _quad(z, P):
@@ -630,7 +698,7 @@ def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
         return Acl
 
     def evaluate(G):
-        return _lyap3(closed(G), Q + r * G[:, :, None] * G[:, None, :], gamma)
+        return _lyap_batch(closed(G), Q + _r_matrix(r) * G[:, :, None] * G[:, None, :], gamma)
 
     def improve(P):
         H = r + gamma * P[:, 0, 0]  # B'PB with B = e_1
@@ -654,9 +722,9 @@ def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
     P = evaluate(G)
     G, H = improve(P)
     AF = closed(F)
-    LF = _lyap3(AF, Q + r * F[:, :, None] * F[:, None, :], gamma)
+    LF = _lyap_batch(AF, Q + _r_matrix(r) * F[:, :, None] * F[:, None, :], gamma)
     D = F - G
-    E = _lyap3(AF, H[:, None, None] * D[:, :, None] * D[:, None, :], gamma)
+    E = _lyap_batch(AF, H[:, None, None] * D[:, :, None] * D[:, None, :], gamma)
     az = np.abs(z0)
     mag = 0.5 * np.maximum(_quad(az, np.abs(LF)), _quad(az, np.abs(P)))
     return 0.5 * _quad(z0, LF), 0.5 * _quad(z0, P), 0.5 * _quad(z0, E), mag, 0.5 * _quad(az, np.abs(E))
@@ -664,10 +732,10 @@ def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
 
 def _finite_deviation(A, F, Q, z0, r, gamma, T):
     """Finite-horizon best response by the backward Riccati recursion (P_T = 0)."""
-    b = A.shape[0]
-    Gs = np.empty((T, b, 3))
+    b, n = A.shape[0], A.shape[1]
+    Gs = np.empty((T, b, n))
     Hs = np.empty((T, b))
-    P = np.zeros((b, 3, 3))
+    P = np.zeros((b, n, n))
     At = np.swapaxes(A, 1, 2)
     for t in range(T - 1, -1, -1):
         H = r + gamma * P[:, 0, 0]
@@ -699,10 +767,176 @@ def _finite_deviation(A, F, Q, z0, r, gamma, T):
     return cost_pol, cost_br, eps, mag, eps  # eps is a sum of squares: no cancellation
 
 
+# --------------------------------------------------------------------------- K classes
+
+
+def _check_labels(game: Game, labels, n: int):
+    """``(labels, sizes)`` as int arrays, or ``(None, None)`` for the single-class path."""
+    K = game.n_classes
+    if labels is None:
+        if K > 1:
+            raise ValueError(f"labels (the class of every agent, ints in [0, {K - 1}]) are required for a game with {K} classes")
+        return None, None
+    try:
+        arr = np.asarray(labels)
+    except (TypeError, ValueError):
+        raise TypeError(f"labels must be an array of ints in [0, {K - 1}], got {labels!r}") from None
+    if arr.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) (one class per agent), got shape {arr.shape}")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels must hold integers in [0, {K - 1}], got dtype {arr.dtype}")
+    if n and (arr.min() < 0 or arr.max() >= K):
+        bad = int(arr[(arr < 0) | (arr >= K)][0])
+        raise ValueError(f"labels must hold class indices in [0, {K - 1}] (the game has {K} classes), got {bad}")
+    sizes = np.bincount(arr, minlength=K)
+    if (sizes == 0).any():
+        raise ValueError(f"every class needs at least one agent; class {int(np.argmin(sizes))} has none (class sizes {sizes.tolist()})")
+    return arr.astype(np.intp), sizes
+
+
+def _class_closed_loop(game: Game) -> np.ndarray:
+    """Class means under the table: ``m(t+1) = diag(1-g) m + diag(g) M^m m + const`` (exact for any N)."""
+    coef, mix = game.table.coef, game.table.mix
+    g = coef[:, GAIN]
+    return np.diag(1.0 - g) + g[:, None] * mix[MIX_STATE]
+
+
+def _resolve_class_horizon(game: Game, sizes, horizon, tol: float):
+    horizon = _check_horizon(horizon)
+    if horizon is not None or game.gamma < 1.0:
+        return horizon
+    g = game.table.coef[:, GAIN]
+    lam = max(float(np.max(np.abs(np.linalg.eigvals(_class_closed_loop(game))))), float(np.max(np.abs(1.0 - g))))
+    if lam >= 1.0:
+        raise ValueError(f"the {game.policy!r} policy does not converge (closed-loop radius {lam:g} >= 1); pass a finite horizon")
+    t = 2 if lam == 0.0 else int(math.ceil(math.log(tol) / math.log(lam))) + 1
+    if t > MAX_AUTO_HORIZON:
+        raise ValueError(f"gamma = 1 needs a horizon of {t} steps for the transient to fall below tol={tol:g} (more than {MAX_AUTO_HORIZON}); pass horizon explicitly")
+    return max(t, 2)
+
+
+def _tail_horizon(gamma: float) -> int:
+    """Steps T with ``gamma^T <= 1e-17``: the discounted tail of a bounded cost is below 1e-17 of the whole."""
+    t = int(math.ceil(math.log(1e-17) / math.log(gamma))) + 1
+    if t > MAX_AUTO_HORIZON:
+        raise ValueError(f"gamma={gamma!r} needs {t} steps for the discounted tail to fall below 1e-17 (more than {MAX_AUTO_HORIZON}); pass horizon explicitly")
+    return t
+
+
+def _class_signal_means(labels, sizes, s):
+    K = sizes.shape[0]
+    onehot = np.zeros((K, labels.shape[0]))
+    onehot[labels, np.arange(labels.shape[0])] = 1.0
+    return onehot, (onehot @ s) / sizes[:, None]
+
+
+def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
+    """Every agent on ``game.table`` with the true class means, costs summed over t < T."""
+    coef, mix = game.table.coef, game.table.mix
+    onehot, sbar = _class_signal_means(labels, sizes, s)
+    weights = sizes / sizes.sum()
+    g = coef[labels, GAIN][:, None]
+    sig = coef[labels, SIGNAL][:, None]
+    q, kappa, r = coef[labels, Q], coef[labels, KAPPA], coef[labels, R]
+    fixed = mix[MIX_SIGNAL] @ sbar  # (K, d)
+    target = sig * s
+    x = x0.copy()
+    J = np.zeros(x.shape[0])
+    disc = 1.0
+    for _ in range(T):
+        mcls = (onehot @ x) / sizes[:, None]
+        m = weights @ mcls
+        u = -g * (x - target - (fixed + mix[MIX_STATE] @ mcls)[labels])
+        track = ((x - s) ** 2).sum(axis=1)
+        J += disc * 0.5 * (q * track + kappa * ((x - m) ** 2).sum(axis=1) + r * (u**2).sum(axis=1))
+        x += u
+        disc *= game.gamma
+    return J
+
+
+def _class_deviation_problem(game: Game, labels, sizes, s, x0, agents):
+    """Batched (agent, coordinate) problems in z = (x_i, M_1..M_K, 1): A, F, Q, z0 and r (one per item)."""
+    coef, mix = game.table.coef, game.table.mix
+    Mm, Ms = mix[MIX_STATE], mix[MIX_SIGNAL]
+    K = coef.shape[0]
+    n, d = s.shape
+    dim = K + 2
+    onehot, sbar = _class_signal_means(labels, sizes, s)
+    mcls0 = (onehot @ x0) / sizes[:, None]
+    g, sig = coef[:, GAIN], coef[:, SIGNAL]
+    fixed = Ms @ sbar  # (K, d): signal part of every class's offset
+    nf = float(n)
+    k = agents.size
+    cls = labels[agents]
+    own = np.zeros((k, K))
+    own[np.arange(k), cls] = 1.0
+    others = sizes[None, :] - own  # (k, K)
+    omega = others / sizes[None, :]  # weight of M_l in m_l
+    has = others > 0
+
+    # Per agent (independent of the coordinate).
+    A1 = np.zeros((k, dim, dim))
+    A1[:, 0, 0] = 1.0
+    A1[:, dim - 1, dim - 1] = 1.0
+    F1 = np.zeros((k, dim))
+    gc = g[cls]
+    for l in range(K):
+        A1[:, 1 + l, 0] = g[l] * Mm[l, cls] / sizes[cls]
+        A1[:, 1 + l, 1:1 + K] = g[l] * Mm[l][None, :] * omega
+        A1[:, 1 + l, 1 + l] += 1.0 - g[l]
+        A1[~has[:, l], 1 + l, :] = 0.0  # no other agent in this class: M_l is unused
+    F1[:, 0] = -gc * (1.0 - Mm[cls, cls] / sizes[cls])
+    F1[:, 1:1 + K] = gc[:, None] * Mm[cls] * omega
+    f1 = np.zeros((k, dim))
+    f1[:, 0] = 1.0 - 1.0 / nf
+    f1[:, 1:1 + K] = -others / nf
+
+    # Per (agent, coordinate), agent-major.
+    b = k * d
+    rep = lambda v: np.repeat(v, d, axis=0)  # noqa: E731
+    A = rep(A1)
+    F = rep(F1)
+    f = rep(f1)
+    si = s[agents].reshape(-1)
+    xi = x0[agents].reshape(-1)
+    cb = rep(cls)
+    coord = np.tile(np.arange(d), k)
+    for l in range(K):
+        o_l = rep(others[:, l])
+        own_l = (cb == l).astype(float)
+        S_l = np.where(o_l > 0, (sizes[l] * sbar[l, coord] - own_l * si) / np.where(o_l > 0, o_l, 1.0), 0.0)
+        A[:, 1 + l, dim - 1] = np.where(o_l > 0, g[l] * (sig[l] * S_l + fixed[l, coord]), 0.0)
+    F[:, dim - 1] = g[cb] * (sig[cb] * si + fixed[cb, coord])
+    h = np.zeros((b, dim))
+    h[:, 0] = 1.0
+    h[:, dim - 1] = -si
+    qv, kv, rv = coef[cb, Q], coef[cb, KAPPA], coef[cb, R]
+    Qm = qv[:, None, None] * h[:, :, None] * h[:, None, :] + kv[:, None, None] * f[:, :, None] * f[:, None, :]
+    z0 = np.zeros((b, dim))
+    z0[:, 0] = xi
+    for l in range(K):
+        o_l = rep(others[:, l])
+        own_l = (cb == l).astype(float)
+        z0[:, 1 + l] = np.where(o_l > 0, (sizes[l] * mcls0[l, coord] - own_l * xi) / np.where(o_l > 0, o_l, 1.0), 0.0)
+    z0[:, dim - 1] = 1.0
+    return A, F, Qm, z0, rv
+
+
+def _class_gain_matrix(game: Game, labels, sizes, s) -> np.ndarray:
+    coef, mix = game.table.coef, game.table.mix
+    n, d = s.shape
+    _, sbar = _class_signal_means(labels, sizes, s)
+    g = coef[labels, GAIN]
+    K = np.empty((d, n, n + 1))
+    K[:, :, :n] = g[:, None] * (np.eye(n) - mix[MIX_STATE][labels][:, labels] / sizes[labels][None, :])
+    K[:, :, n] = (-g[:, None] * (coef[labels, SIGNAL][:, None] * s + (mix[MIX_SIGNAL] @ sbar)[labels])).T
+    return K
+
+
 # --------------------------------------------------------------------------- exact Nash
 
 
-def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int = 10000) -> NashEquilibrium:
+def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int = 10000, labels=None) -> NashEquilibrium:
     """Exact stationary feedback Nash equilibrium of the N-agent game (N <= 50).
 
     Per coordinate, joint state ``z = (x_1, ..., x_N, 1)`` (dimension N+1),
@@ -749,6 +983,11 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
         Relative tolerance on the gains, in (0, 1e-3].
     max_iter : int, default 10000
         Best-response rounds before giving up (``ValueError``).
+    labels : array_like of int, shape (N,), optional
+        Class of every player (required when ``game.n_classes > 1``): player i
+        then has its class's weights ``q_i, kappa_i, r_i`` (``Q_i`` and ``r``
+        above become per player), and the rounds start at the K-class
+        policy's gains (:func:`policy_gain_matrix` with ``labels``).
 
     Returns
     -------
@@ -766,7 +1005,16 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
     max_iter = check_int("max_iter", max_iter, low=1)
     if game.gamma >= 1.0:
         raise ValueError(f"nash_equilibrium needs gamma < 1 (with gamma = 1 the stationary costs are infinite), got gamma={game.gamma!r}")
-    q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
+    labels, sizes = _check_labels(game, labels, n)
+    gamma = game.gamma
+    if labels is None:
+        q, kappa, r = game.q, game.kappa, game.r
+        qp, kp, rp = q, kappa, r
+    else:
+        coef = game.table.coef
+        q, kappa, r = (coef[labels, col] for col in (Q, KAPPA, R))
+        qp, kp = q[None, :, None, None], kappa[None, :, None, None]
+        rp = r
     d = s.shape[1]
     dim = n + 1
     idx = np.arange(n)
@@ -778,16 +1026,19 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
     f = np.zeros((n, dim))
     f[:, :n] = -1.0 / n
     f[idx, idx] += 1.0
-    Qm = q * h[..., :, None] * h[..., None, :] + kappa * (f[:, :, None] * f[:, None, :])[None]
+    Qm = qp * h[..., :, None] * h[..., None, :] + kp * (f[:, :, None] * f[:, None, :])[None]
 
-    gains = game.gains
-    w = q + kappa
-    K = _gain_matrix(gains.k, q / w, kappa / w - gains.c, gains.c, s)  # mean-field start
+    if labels is None:
+        gains = game.gains
+        w = q + kappa
+        K = _gain_matrix(gains.k, q / w, kappa / w - gains.c, gains.c, s)  # mean-field start
+    else:
+        K = _class_gain_matrix(game.with_policy("memoa"), labels, sizes, s)  # K-class mean-field start
 
     diff = np.inf
     P = None
     for it in range(1, max_iter + 1):
-        K_new, P = _best_responses(K, Qm, r, gamma, tol)
+        K_new, P = _best_responses(K, Qm, rp, gamma, tol)
         diff = float(np.max(np.abs(K_new - K)))
         K = K_new
         if diff <= tol * (1.0 + float(np.max(np.abs(K)))):
@@ -796,7 +1047,7 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
         raise ValueError(f"best-response iteration did not reach a Nash equilibrium in max_iter={max_iter} rounds (last change {diff:.3g}, tol={tol:g})")
     # Values of the equilibrium itself (P above belongs to the last best responses, = K).
     Acl = _joint_closed_loop(K)
-    C = Qm + r * K[..., :, None] * K[..., None, :]
+    C = Qm + _r_players(rp) * K[..., :, None] * K[..., None, :]
     P = _stein(np.sqrt(gamma) * np.broadcast_to(Acl[:, None], C.shape), C)
     for arr in (K, P):
         arr.setflags(write=False)
@@ -811,7 +1062,13 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
         kappa=kappa,
         r=r,
         gamma=gamma,
+        labels=labels,
     )
+
+
+def _r_players(r):
+    """Control weights (scalar, or one per player) shaped to scale (d, N, dim, dim) blocks."""
+    return r if np.ndim(r) == 0 else np.asarray(r)[None, :, None, None]
 
 
 def _joint_closed_loop(K: np.ndarray) -> np.ndarray:
@@ -855,7 +1112,7 @@ def _best_responses(K: np.ndarray, Qm: np.ndarray, r: float, gamma: float, tol: 
     for it in range(1, max_inner + 1):
         Mcl = Ami.copy()
         Mcl[:, idx, idx, :] -= L
-        C = Qm + r * L[..., :, None] * L[..., None, :]
+        C = Qm + _r_players(r) * L[..., :, None] * L[..., None, :]
         P = _stein(sg * Mcl, C)
         Prow = P[:, idx, idx, :]  # (d, n, dim): e_i' P_i
         H = r + gamma * Prow[:, idx, idx]  # r + gamma e_i' P_i e_i, (d, n)

@@ -10,10 +10,17 @@ agents with states ``x_i`` in R^d, private signals ``s_i``, dynamics
 
 with ``m`` the mean state. Weights are scalars, so the d coordinates decouple
 and every gain is a scalar.
+
+Trust classes (``MODEL.md`` section 7): the agents may come in K classes,
+class ``j`` holding the share ``pi_j`` of the population with its own weights
+``q_j, kappa_j, r_j`` (``gamma`` shared). :func:`solve_classes` computes the
+exact K-class mean-field equilibrium and :class:`Game` turns it into the
+:class:`PolicyTable` the kernels read.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +29,11 @@ from ._validation import check_choice, check_real
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, Q, R, SIGNAL, SIZE
 
 POLICIES = ("memoa", "greedy", "local", "consensus")
+
+#: Smallest positive normal float64: a gain below it would lose relative accuracy (subnormal) or vanish.
+_TINY = np.finfo(np.float64).tiny
+#: Tolerance on ``sum(shares) == 1``.
+SHARES_TOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,10 @@ class Gains:
     k : float
         Feedback gain ``gamma P / (r + gamma P)``, in (0, 1).
     a : float
-        Closed-loop discount ``gamma (1 - k)``; ``P (1 - a) = w``.
+        Closed-loop discount ``gamma (1 - k)``; ``P (1 - a) = w``. It is
+        computed as ``gamma r / (r + gamma P)``, never from ``1 - k``, so
+        ``a / gamma`` is ``1 - k`` to full relative accuracy even when ``k``
+        rounds to 1.
     rho : float
         Relaxation rate of the mean field, the root in [0, 1) of the
         consistency quadratic.
@@ -96,6 +111,154 @@ class PolicyTable:
         return self.coef.shape[0]
 
 
+@dataclass(frozen=True, eq=False)
+class ClassEquilibrium:
+    """The exact K-class mean-field equilibrium (``MODEL.md`` section 7).
+
+    Class ``j`` (share ``pi_j``, weights ``q_j, kappa_j, r_j``, ``w_j = q_j + kappa_j``)
+    has the single-agent gains ``P_j, k_j, a_j = gamma (1 - k_j)``. With
+    constant signals the class-mean deviations ``D = M - M*`` obey
+    ``D(t+1) = A D(t)``, ``A`` the stable solution of
+
+    .. math::
+
+        e_j' A = (1 - k_j) e_j' + \\beta_j \\pi' A (I - a_j A)^{-1},\\qquad
+        \\beta_j = k_j (1 - a_j) \\kappa_j / w_j,
+
+    and the agent of class ``j`` plays
+    ``u_i = -k_j (x_i - (q_j s_i + kappa_j m*)/w_j - sum_l C_jl (m_l - m_l*))`` with
+    ``C_j. = (kappa_j/w_j)(1 - a_j) pi' A (I - a_j A)^{-1}``, ``m* = sum_l lam_l sbar_l``
+    and ``m_l* = (q_l sbar_l + kappa_l m*)/w_l``. Note ``A = diag(1 - k) + diag(k) C``.
+
+    Every array is read-only.
+
+    Attributes
+    ----------
+    P, k, a : numpy.ndarray, shape (K,)
+        Per-class gains (as :func:`solve_gains`).
+    one_minus_k : numpy.ndarray, shape (K,)
+        ``1 - k_j = r_j / (r_j + gamma P_j)``, computed without cancellation.
+    A : numpy.ndarray, shape (K, K)
+        Transition of the class-mean deviations; spectral radius < 1.
+    C : numpy.ndarray, shape (K, K)
+        Feed-forward gains on the class-mean deviations.
+    lam : numpy.ndarray, shape (K,)
+        Weights of the rest point ``m* = sum_l lam_l sbar_l``,
+        ``lam_l = pi_l (q_l/w_l) / sum_j pi_j q_j/w_j``.
+    shares : numpy.ndarray, shape (K,)
+        The class shares ``pi``.
+    spectral_radius : float
+        Largest ``|eigenvalue|`` of ``A``.
+    residual : float
+        ``max |F(A) - A|``, ``F`` the right-hand side of the fixed point above.
+    iterations : int
+        Fixed-point steps taken (0 for the direct solution, ``method="qz"``,
+        and for the closed form at K = 1).
+    method : str
+        ``"closed-form"`` (K = 1), ``"qz"`` or ``"iterate"``.
+    """
+
+    P: np.ndarray
+    k: np.ndarray
+    a: np.ndarray
+    one_minus_k: np.ndarray
+    A: np.ndarray
+    C: np.ndarray
+    lam: np.ndarray
+    shares: np.ndarray
+    spectral_radius: float
+    residual: float
+    iterations: int
+    method: str
+
+    @property
+    def n_classes(self) -> int:
+        return self.A.shape[0]
+
+
+# --------------------------------------------------------------------------- single-class gains
+
+
+def _gains_arrays(q, kappa, r, gamma):
+    """Gains of every class, vectorised and free of cancellation; no checks of representability.
+
+    The gains depend on the weights only through ``w / r`` and ``q / w``: with
+    ``zeta = sqrt(gamma w / r)`` and ``theta = gamma P / r`` the Riccati equation
+    ``P (1 - gamma r / (r + gamma P)) = w`` reads ``theta^2 - (zeta^2 - (1-gamma)) theta - zeta^2 = 0``,
+    i.e. ``theta = zeta u`` with ``u`` the positive root of
+    ``u^2 - delta u - 1 = 0``, ``delta = zeta - (1 - gamma)/zeta``:
+
+    .. math::
+
+        u = (\\delta + \\sqrt{\\delta^2 + 4})/2 \\ (\\delta \\ge 0), \\quad
+        u = 2 / (\\sqrt{\\delta^2 + 4} - \\delta) \\ (\\delta < 0);
+
+    then ``k = theta/(1+theta)``, ``1 - k = 1/(1+theta)``, ``a = gamma (1-k)``,
+    ``1 - a = (1 - gamma) + gamma k`` and ``P = w / (1 - a)``. The mean-field
+    quadratic ``a rho^2 - B rho + (1-k) = 0`` is rewritten with positive terms only:
+    ``c0 = k (1-a) q/w`` (``= -f(1)``), ``D1 = (1-a)((1-gamma)(1-k) + k q/w) + gamma (1-gamma)(1-k)^2``
+    (``= B - 2a``), ``B = D1 + 2a``, ``S = sqrt(B^2 - 4a(1-k)) = hypot(D1, 2 sqrt(a c0))``, so
+
+    .. math::
+
+        \\rho = \\frac{2(1-k)}{B + S}, \\qquad 1 - \\rho = \\frac{2 c_0}{D_1 + S},
+        \\qquad c = \\frac{\\kappa}{w}\\,\\frac{\\rho (1-a)}{(1-a) + a(1-\\rho)}.
+
+    Returns ``(P, k, e, a, rho, c)`` with ``e = 1 - k``.
+    """
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        w = q + kappa
+        qw = q / w
+        kw = kappa / w
+        omg = 1.0 - gamma
+        zeta = math.sqrt(gamma) * np.sqrt(w) / np.sqrt(r)
+        delta = zeta - omg / zeta
+        h = np.hypot(delta, 2.0)
+        u = np.where(delta >= 0.0, 0.5 * (delta + h), 2.0 / (h - delta))
+        theta = u * zeta
+        inv = 1.0 / theta
+        k = np.where(theta >= 1.0, 1.0 / (1.0 + inv), theta / (1.0 + theta))
+        e = np.where(theta <= 1.0, 1.0 / (1.0 + theta), inv / (1.0 + inv))
+        a = gamma * e
+        oma = omg + gamma * k
+        P = w / oma
+        c0 = k * oma * qw
+        D1 = oma * (omg * e + k * qw) + (gamma * omg) * e * e
+        S = np.hypot(D1, 2.0 * np.sqrt(a) * np.sqrt(c0))
+        rho = 2.0 * e / (D1 + 2.0 * a + S)
+        y = np.where(c0 > 0.0, 2.0 * c0 / (D1 + S), 0.0)  # 1 - rho
+        c = kw * rho * oma / (oma + a * y)
+        # q = 0: nothing anchors the mean, rho = 1 is an exact root (the
+        # quadratic's roots are 1 and 1/gamma), and then c = 1. Exact, not rounded.
+        anchorless = q == 0.0
+        rho = np.where(anchorless, 1.0, rho)
+        c = np.where(anchorless, 1.0, c)
+    return P, k, e, a, rho, c
+
+
+def _check_representable(gains, q, kappa, r, gamma, index=None, n_checked=6):
+    """Raise ``ValueError`` naming the weights when a gain is not a normal, finite float64.
+
+    Checks the first ``n_checked`` of ``(P, k, 1 - k, a, rho, c)`` (the K-class
+    solver uses only the first four; ``c`` may be exactly 0 when ``kappa = 0``).
+    """
+    names = ("P", "k", "1 - k", "a", "rho", "c")
+    for name, value, may_be_zero in list(zip(names, gains, (False,) * 5 + (True,)))[:n_checked]:
+        v = np.asarray(value, dtype=np.float64).reshape(-1)
+        zero_ok = (np.asarray(kappa).reshape(-1) == 0.0) if may_be_zero else np.zeros(v.shape, bool)
+        bad = ~np.isfinite(v) | (v > np.finfo(np.float64).max) | ((v < _TINY) & ~(zero_ok & (v == 0.0)))
+        if bad.any():
+            j = int(np.argmax(bad))
+            qj, kj, rj = (float(np.asarray(x).reshape(-1)[j if np.size(x) > 1 else 0]) for x in (q, kappa, r))
+            where = "" if index is None else f" of class {j}"
+            raise ValueError(
+                f"the gains{where} are not representable as float64 for q={qj!r}, kappa={kj!r}, r={rj!r}, "
+                f"gamma={gamma!r}: {name} = {float(v[j])!r} is outside the normal range "
+                f"[{_TINY:.4g}, {np.finfo(np.float64).max:.4g}] (the gains depend on (q+kappa)/r, q/(q+kappa) "
+                f"and gamma; bring these ratios closer to 1)"
+            )
+
+
 def solve_gains(q: float, kappa: float, r: float, gamma: float) -> Gains:
     """Closed-form stationary gains of the MEMOA policy.
 
@@ -103,10 +266,16 @@ def solve_gains(q: float, kappa: float, r: float, gamma: float) -> Gains:
 
         b &= w\\gamma - r(1-\\gamma), \\qquad w = q + \\kappa \\\\
         P &= \\frac{b + \\sqrt{b^2 + 4\\gamma w r}}{2\\gamma}, \\qquad
-        k = \\frac{\\gamma P}{r + \\gamma P}, \\qquad a = \\gamma (1-k) \\\\
+        k = \\frac{\\gamma P}{r + \\gamma P}, \\qquad a = \\gamma (1-k) = \\frac{\\gamma r}{r + \\gamma P} \\\\
         0 &= a\\rho^2 - \\left(1 + a(1-k) - k\\tfrac{\\kappa}{w}(1-a)\\right)\\rho + (1-k),
         \\quad \\rho \\in [0, 1) \\\\
         c &= \\frac{\\kappa \\rho (1-a)}{w (1 - a\\rho)}
+
+    Evaluated in rescaled, cancellation-free forms (the gains depend only on
+    ``w/r``, ``q/w`` and ``gamma``; see ``_gains_arrays``): every gain, and
+    ``1 - k = a / gamma``, has a relative error of a few ulps for any weights,
+    including ratios of 1e-300 and 1e300 (checked against 50+-digit arithmetic
+    in the tests).
 
     Parameters
     ----------
@@ -120,23 +289,22 @@ def solve_gains(q: float, kappa: float, r: float, gamma: float) -> Gains:
     Returns
     -------
     Gains
+
+    Raises
+    ------
+    ValueError
+        On bad weights, and when a gain is not representable as a normal
+        float64 (e.g. ``1 - k`` below 2.2e-308 when ``(q + kappa)/r`` exceeds
+        about 1e308); the message names the weights and the gain.
     """
     q, kappa, r, gamma = _check_weights(q, kappa, r, gamma)
-    w = q + kappa
-    b = w * gamma - r * (1.0 - gamma)
-    # For b < 0 the textbook root cancels; the equivalent product form does not.
-    disc = math.sqrt(b * b + 4.0 * gamma * w * r)
-    P = (b + disc) / (2.0 * gamma) if b >= 0 else 2.0 * w * r / (disc - b)
-    k = gamma * P / (r + gamma * P)
-    a = gamma * (1.0 - k)
-    if q == 0.0:
-        # Nothing anchors the mean: rho = 1 is an exact root (the quadratic's
-        # roots are 1 and 1/gamma), and then c = 1. Exact, not rounded.
-        return Gains(P=P, k=k, a=a, rho=1.0, c=1.0)
-    B = 1.0 + a * (1.0 - k) - k * (kappa / w) * (1.0 - a)
-    # Small root of a rho^2 - B rho + (1-k), in the cancellation-free form.
-    rho = 2.0 * (1.0 - k) / (B + math.sqrt(max(B * B - 4.0 * a * (1.0 - k), 0.0)))
-    c = kappa * rho * (1.0 - a) / (w * (1.0 - a * rho))
+    return _scalar_gains(q, kappa, r, gamma)
+
+
+def _scalar_gains(q, kappa, r, gamma) -> Gains:
+    arrs = _gains_arrays(np.array([q]), np.array([kappa]), np.array([r]), gamma)
+    _check_representable(arrs, q, kappa, r, gamma)
+    P, k, _, a, rho, c = (float(x[0]) for x in arrs)
     return Gains(P=P, k=k, a=a, rho=rho, c=c)
 
 
@@ -150,19 +318,291 @@ def _check_weights(q, kappa, r, gamma):
     return q, kappa, r, gamma
 
 
-class Game:
-    """Weights, gains and the chosen policy of one MEMOA population.
+# --------------------------------------------------------------------------- K classes: input checks
+
+
+def _as_weight_vector(name, value, low_open):
+    """A scalar weight (returned as a float) or a 1-D sequence of them (a read-only float64 array)."""
+    accepted = f"a real number {'> 0' if low_open else '>= 0'} or a 1-D sequence of them (one per class)"
+    if isinstance(value, (str, bytes)) or value is None or isinstance(value, bool):
+        raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
+    if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return check_real(name, float(value) if isinstance(value, np.ndarray) else value, low=0.0, low_open=low_open)
+    try:
+        arr = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}") from None
+    raw = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be {accepted}, got shape {arr.shape}")
+    if raw.dtype == object and any(isinstance(v, (bool, np.bool_, str, bytes)) for v in raw.reshape(-1)):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    if raw.dtype == bool:
+        raise TypeError(f"{name} must be {accepted}, got booleans {value!r}")
+    with np.errstate(invalid="ignore"):
+        fine = np.isfinite(arr) & ((arr > 0.0) if low_open else (arr >= 0.0))
+    if not fine.all():
+        j = int(np.argmin(fine))
+        check_real(f"{name}[{j}]", float(arr[j]), low=0.0, low_open=low_open)  # raises, naming the entry
+    arr.flags.writeable = False
+    return arr
+
+
+def _check_class_weights(q, kappa, r, gamma, shares):
+    """Validated ``(K, q, kappa, r, gamma, shares)``; K = 1 gives floats and ``shares=None``."""
+    q = _as_weight_vector("q", q, False)
+    kappa = _as_weight_vector("kappa", kappa, False)
+    r = _as_weight_vector("r", r, True)
+    gamma = check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    lengths = {name: len(v) for name, v in (("q", q), ("kappa", kappa), ("r", r)) if isinstance(v, np.ndarray)}
+    if shares is not None:
+        if isinstance(shares, (str, bytes, numbers.Real)) or isinstance(shares, bool):
+            raise TypeError(f"shares must be None or a 1-D sequence of K positive reals summing to 1, got {shares!r}")
+        try:
+            sh = np.array(shares, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"shares must be None or a 1-D sequence of K positive reals summing to 1, got {shares!r}") from None
+        if sh.ndim != 1 or sh.size == 0:
+            raise ValueError(f"shares must be a 1-D sequence of K positive reals summing to 1, got shape {sh.shape}")
+        if np.asarray(shares).dtype == bool:
+            raise TypeError(f"shares must be a 1-D sequence of K positive reals summing to 1, got booleans {shares!r}")
+        lengths["shares"] = len(sh)
+    sizes = set(lengths.values())
+    if len(sizes) > 1:
+        detail = ", ".join(f"{k} has length {v}" for k, v in lengths.items())
+        raise ValueError(f"per-class sequences must all have the same length K (scalars broadcast): {detail}")
+    K = sizes.pop() if sizes else 1
+    if K == 1:
+        q, kappa, r = (float(x[0]) if isinstance(x, np.ndarray) else x for x in (q, kappa, r))
+        if shares is not None and not (abs(float(sh[0]) - 1.0) <= SHARES_TOL):
+            raise ValueError(f"shares must be positive and sum to 1 (within {SHARES_TOL:g}), got {sh.tolist()!r}")
+        if q + kappa <= 0.0:
+            raise ValueError(f"q + kappa must be > 0 (an agent must care about something), got q={q!r}, kappa={kappa!r}")
+        return 1, q, kappa, r, gamma, None
+    q, kappa, r = (np.broadcast_to(np.asarray(x, dtype=np.float64), (K,)).copy() for x in (q, kappa, r))
+    for x in (q, kappa, r):
+        x.flags.writeable = False
+    w = q + kappa
+    if (w <= 0.0).any():
+        j = int(np.argmax(w <= 0.0))
+        raise ValueError(f"q + kappa must be > 0 in every class (an agent must care about something), got q[{j}]={float(q[j])!r}, kappa[{j}]={float(kappa[j])!r}")
+    if shares is None:
+        sh = np.full(K, 1.0 / K)
+    else:
+        if not np.isfinite(sh).all() or (sh <= 0.0).any():
+            j = int(np.argmax(~np.isfinite(sh) | (sh <= 0.0)))
+            raise ValueError(f"shares must be positive and finite, got shares[{j}]={float(sh[j])!r} in {sh.tolist()!r}")
+        total = float(sh.sum())
+        if not abs(total - 1.0) <= SHARES_TOL:
+            raise ValueError(f"shares must sum to 1 (within {SHARES_TOL:g}), got sum {total!r} for {sh.tolist()!r}")
+    sh.flags.writeable = False
+    return K, q, kappa, r, gamma, sh
+
+
+# --------------------------------------------------------------------------- K classes: the solver
+
+
+def _fixed_point_map(A, e, a, beta, pi):
+    """``F(A)``: rows ``(1-k_j) e_j' + beta_j pi'A (I - a_j A)^{-1}``; returns ``(F(A), V)`` with ``V_j. = pi'A(I - a_jA)^{-1}``."""
+    K = A.shape[0]
+    g = pi @ A
+    # V_j (I - a_j A) = g  <=>  (I - a_j A)' V_j' = g'
+    lhs = np.eye(K)[None] - a[:, None, None] * A.T[None]
+    V = np.linalg.solve(lhs, np.broadcast_to(g, (K, K))[..., None])[..., 0]
+    return np.diag(e) + beta[:, None] * V, V
+
+
+def _weights_text(q, kappa, r, gamma, shares):
+    lst = lambda x: np.asarray(x).tolist()  # noqa: E731
+    return f"q={lst(q)!r}, kappa={lst(kappa)!r}, r={lst(r)!r}, gamma={gamma!r}, shares={lst(shares)!r}"
+
+
+def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: float = 1e-14, max_iter: int = 10_000) -> ClassEquilibrium:
+    """The exact K-class mean-field equilibrium (``MODEL.md`` section 7).
+
+    Solves the fixed point of :class:`ClassEquilibrium` for ``A`` and returns
+    ``A``, ``C`` and ``lam``.
+
+    ``method="qz"`` (default, direct, O(K^3)): the equilibrium is the stable
+    solution of a saddle-path system. With ``Phi_j(t) = sum_tau a_j^tau mu(t+1+tau)``
+    (class j's discounted forecast of the mean deviation ``mu = pi'D``), the
+    rows of the fixed point say ``Phi = V D`` with
+
+    .. math::
+
+        D(t+1) = \\operatorname{diag}(1-k) D(t) + \\operatorname{diag}(\\beta)\\Phi(t),\\qquad
+        \\mathbf 1\\pi' D(t+1) + \\operatorname{diag}(a)\\Phi(t+1) = \\Phi(t),
+
+    a 2K-dimensional pencil with exactly K generalized eigenvalues in the unit
+    disk (they are the roots in (0, 1) of
+    ``sum_j pi_j beta_j lam / ((lam - 1 + k_j)(1 - a_j lam)) = 1``). The ordered
+    QZ decomposition gives an orthonormal basis ``[Z11; Z21]`` of the stable
+    deflating subspace, ``V = Z21 Z11^{-1}`` and ``A = diag(1-k) + diag(beta) V``
+    (backward stable; residual ``|F(A) - A|`` about 1e-16 for K up to 64).
+    ``method="iterate"``: the plain iteration ``A <- F(A)`` from
+    ``diag(1 - k_j)`` (linear convergence; 30-60 steps to 1e-15 for ordinary
+    weights, slower when ``q_j/w_j`` is small and gamma near 1).
 
     Parameters
     ----------
-    q : float, default 1.0
-        Weight on tracking the agent's own signal, ``q >= 0``.
-    kappa : float, default 1.0
+    q, kappa, r : float or sequence of float
+        Per-class weights (scalars broadcast to the K classes), ``q_j, kappa_j >= 0``,
+        ``q_j + kappa_j > 0``, ``r_j > 0``.
+    gamma : float
+        Shared discount in (0, 1].
+    shares : sequence of float, optional
+        Class shares ``pi_j > 0`` summing to 1 (within 1e-12); default equal.
+        K is the common length of the sequences among ``q, kappa, r, shares``.
+    method : {"qz", "iterate"}
+    tol : float, default 1e-14
+        ``method="iterate"``: stop when the estimated error left,
+        ``change * ratio / (1 - ratio)`` (``change = max |A^{n+1} - A^n|``,
+        ``ratio`` its last contraction), is at most ``tol``, or when ``change``
+        reaches the rounding floor (4 eps).
+    max_iter : int, default 10000
+        ``method="iterate"``: steps before giving up.
+
+    Returns
+    -------
+    ClassEquilibrium
+        K = 1 (all scalars): the closed form of :func:`solve_gains`, bitwise:
+        ``A = [[rho]]``, ``C = [[c]]``, ``lam = [1]`` (``m* = sbar``, also for
+        ``q = 0``, where ``rho = 1``).
+
+    Raises
+    ------
+    ValueError
+        On bad weights, or when there is no stable equilibrium (every
+        ``q_j = 0`` with K > 1: nothing anchors the mean, ``A`` has the
+        eigenvalue 1 and ``m*`` is undefined), naming the weights.
+    """
+    method = check_choice("method", method, ("qz", "iterate"))
+    tol = check_real("tol", tol, low=0.0, low_open=True)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    K, q, kappa, r, gamma, shares = _check_class_weights(q, kappa, r, gamma, shares)
+    return _solve_checked(K, q, kappa, r, gamma, shares, method, tol, int(max_iter))
+
+
+def _readonly(*arrays):
+    for x in arrays:
+        x.flags.writeable = False
+    return arrays
+
+
+def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_iter=10_000) -> ClassEquilibrium:
+    if K == 1:
+        # The closed form of solve_gains (the same function, so bitwise the same numbers).
+        arrs = _gains_arrays(np.array([q]), np.array([kappa]), np.array([r]), gamma)
+        _check_representable(arrs, q, kappa, r, gamma)
+        P, k, e, a, rho, c = arrs
+        P, k, a, e, A, C, lam, pi = _readonly(P, k, a, e, rho.reshape(1, 1), c.reshape(1, 1), np.array([1.0]), np.array([1.0]))
+        return ClassEquilibrium(P=P, k=k, a=a, one_minus_k=e, A=A, C=C, lam=lam, shares=pi,
+                                spectral_radius=abs(float(rho[0])), residual=0.0, iterations=0, method="closed-form")
+    gains = _gains_arrays(q, kappa, r, gamma)
+    _check_representable(gains, q, kappa, r, gamma, index=True, n_checked=4)
+    P, k, e, a, _, _ = gains
+    w = q + kappa
+    qw, kw = q / w, kappa / w
+    if not (qw > 0.0).any():
+        raise ValueError(
+            f"no stable K-class equilibrium: every q_j is 0, so nothing anchors the mean (A has the eigenvalue 1 "
+            f"and m* is undefined); give at least one class q_j > 0. Got {_weights_text(q, kappa, r, gamma, shares)}"
+        )
+    oma = (1.0 - gamma) + gamma * k  # 1 - a without cancellation
+    beta = k * oma * kw
+    iterations = 0
+    if method == "qz":
+        A, radius = _solve_qz(e, a, beta, shares, q, kappa, r, gamma)
+        FA, V = _fixed_point_map(A, e, a, beta, shares)
+        residual = float(np.max(np.abs(FA - A)))
+    else:
+        A = np.diag(e)
+        change = prev = np.inf
+        floor = 4.0 * np.finfo(np.float64).eps
+        for iterations in range(1, max_iter + 1):
+            FA, V = _fixed_point_map(A, e, a, beta, shares)
+            change = float(np.max(np.abs(FA - A)))
+            A = FA
+            if not np.isfinite(change):
+                break
+            # Linear convergence: the error left is about change * ratio / (1 - ratio).
+            ratio = change / prev if 0.0 < prev < np.inf else 1.0
+            if change <= floor or (ratio < 1.0 and change * ratio / (1.0 - ratio) <= tol):
+                break
+            prev = change
+        else:
+            raise ValueError(
+                f"the K-class fixed point did not converge in max_iter={max_iter} steps (last change {change:.3g}, "
+                f"tol={tol:g}) for {_weights_text(q, kappa, r, gamma, shares)}; try method='qz'"
+            )
+        FA, V = _fixed_point_map(A, e, a, beta, shares)
+        residual = float(np.max(np.abs(FA - A)))
+        radius = float(np.max(np.abs(np.linalg.eigvals(A)))) if np.isfinite(A).all() else np.inf
+    if not (np.isfinite(A).all() and radius < 1.0 and residual <= 1e-10):
+        raise ValueError(
+            f"no stable K-class equilibrium (spectral radius {radius:.6g}, fixed-point residual {residual:.3g}) "
+            f"for {_weights_text(q, kappa, r, gamma, shares)}"
+        )
+    C = (kw * oma)[:, None] * V
+    lam = shares * qw
+    lam = lam / lam.sum()
+    P, k, a, e, A, C, lam = _readonly(*(np.array(x, dtype=np.float64) for x in (P, k, a, e, A, C, lam)))
+    return ClassEquilibrium(P=P, k=k, a=a, one_minus_k=e, A=A, C=C, lam=lam, shares=shares,
+                            spectral_radius=float(radius), residual=residual, iterations=iterations, method=method)
+
+
+def _solve_qz(e, a, beta, pi, q, kappa, r, gamma):
+    """Stable deflating subspace of the saddle-path pencil ``M - lambda E`` (see :func:`solve_classes`)."""
+    from scipy.linalg import ordqz
+
+    K = e.shape[0]
+    diag = np.arange(K)
+    E = np.zeros((2 * K, 2 * K))
+    M = np.zeros((2 * K, 2 * K))
+    E[diag, diag] = 1.0
+    E[K:, :K] = pi[None, :]
+    E[K + diag, K + diag] = a
+    M[diag, diag] = e
+    M[diag, K + diag] = beta
+    M[K + diag, K + diag] = 1.0
+    _, _, alpha, bet, _, Z = ordqz(M, E, sort="iuc", output="real")
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mod = np.abs(alpha) / np.abs(bet)  # infinite eigenvalues (beta = 0) are unstable
+    stable = int((mod < 1.0).sum())
+    if stable != K:
+        raise ValueError(
+            f"no unique stable K-class equilibrium: the saddle-path pencil has {stable} stable eigenvalues, "
+            f"{K} needed, for {_weights_text(q, kappa, r, gamma, pi)}"
+        )
+    Z11, Z21 = Z[:K, :K], Z[K:, :K]
+    V = np.linalg.solve(Z11.T, Z21.T).T
+    A = np.diag(e) + beta[:, None] * V
+    return A, float(np.max(mod[:K]))
+
+
+# --------------------------------------------------------------------------- the game
+
+
+_SLOTS = ("q", "kappa", "r", "gamma", "policy", "gains", "coefficients", "table", "shares", "feedforward", "classes")
+
+
+class Game:
+    """Weights, gains and the chosen policy of one MEMOA population (1 or K trust classes).
+
+    Immutable (assigning an attribute raises ``AttributeError``), hashable and
+    equal by value.
+
+    Parameters
+    ----------
+    q : float or sequence of float, default 1.0
+        Weight on tracking the agent's own signal, ``q >= 0`` (per class).
+    kappa : float or sequence of float, default 1.0
         Weight on staying near the mean state, ``kappa >= 0``; ``q + kappa > 0``.
-    r : float, default 0.1
+    r : float or sequence of float, default 0.1
         Weight on the control effort, ``r > 0``.
     gamma : float, default 0.9
-        Discount factor, ``0 < gamma <= 1``.
+        Discount factor, ``0 < gamma <= 1`` (shared by all classes).
     policy : {"memoa", "greedy", "local", "consensus"}
         ``memoa`` is the decentralized mean-field Nash policy
 
@@ -171,52 +611,211 @@ class Game:
         the others are the greedy baselines of ``MODEL.md`` section 4:
         ``greedy`` ``u_i = (q s_i + kappa m - w x_i)/(w + r)``,
         ``local`` ``u_i = -k (x_i - s_i)``, ``consensus`` ``u_i = -k (x_i - sbar)``.
+    shares : sequence of float, optional (keyword)
+        Class shares ``pi_j > 0`` summing to 1 within 1e-12 (default equal).
+        K is the common length of the sequences among ``q, kappa, r, shares``;
+        scalars broadcast. All scalars and ``shares=None`` is the single-class
+        game (K = 1), exactly as before.
+    feedforward : bool, default True (keyword)
+        ``memoa`` only. ``False`` drops the feed-forward term on the
+        (class-)mean deviations: ``u_i = -k_j (x_i - (q_j s_i + kappa_j m*)/w_j)``
+        (``MODEL.md`` section 7, last paragraph: may do better on time series,
+        where ``m - sbar`` measures the series' own change).
+
+    Attributes
+    ----------
+    q, kappa, r : float (K = 1) or read-only numpy.ndarray of shape (K,)
+    gamma : float
+    policy : str
+    shares : None (K = 1) or read-only numpy.ndarray of shape (K,)
+    feedforward : bool
+    gains : Gains or None
+        The single-class gains (K = 1); ``None`` for K > 1 (see ``classes``).
+    coefficients : PolicyCoefficients or None
+        The single-class policy's four numbers (K = 1); ``None`` for K > 1.
+    classes : ClassEquilibrium or None
+        The K-class equilibrium (:func:`solve_classes`). For K = 1 its closed-form
+        equivalent (``A = [[rho]]``, ``C = [[c]]``). ``None`` only for a baseline
+        policy whose weights admit no stable equilibrium (all ``q_j = 0``, K > 1).
+    table : PolicyTable
+        The policy as the kernels read it (K = 1: built from ``coefficients``).
+        For ``memoa`` and K classes, with ``m* = sum_l lam_l sbar_l``,
+        ``m_l* = (q_l sbar_l + kappa_l m*)/w_l``:
+        ``u = -k_j (x - (q_j s + kappa_j m*)/w_j - sum_l C_jl (m_l - m_l*))``, i.e.
+        ``GAIN = k_j``, ``SIGNAL = q_j/w_j``, ``mix[MIX_STATE] = C`` and
+        ``mix[MIX_SIGNAL]_jl = (kappa_j/w_j) lam_l - C_jl q_l/w_l - (sum_i C_ji kappa_i/w_i) lam_l``.
+        Baselines: greedy ``GAIN = w_j/(w_j+r_j)``, ``SIGNAL = q_j/w_j``,
+        ``mix[MIX_STATE]_jl = (kappa_j/w_j) pi_l`` (``m = sum_l pi_l m_l``); local
+        ``GAIN = k_j``, ``SIGNAL = 1``; consensus ``GAIN = k_j``,
+        ``mix[MIX_SIGNAL]_jl = pi_l``.
 
     Examples
     --------
     >>> game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
     >>> round(game.gains.k, 6), round(game.gains.rho, 6)  # doctest: +SKIP
+    >>> trust = Game(q=[2.0, 1.0, 0.25], kappa=3.0, r=0.1, gamma=0.9, shares=[0.2, 0.5, 0.3])
+    >>> trust.n_classes, trust.table.mix.shape
+    (3, (2, 3, 3))
     """
 
-    __slots__ = ("q", "kappa", "r", "gamma", "policy", "gains", "coefficients", "table")
+    __slots__ = _SLOTS
 
-    def __init__(self, q: float = 1.0, kappa: float = 1.0, r: float = 0.1, gamma: float = 0.9, policy: str = "memoa"):
-        self.q, self.kappa, self.r, self.gamma = _check_weights(q, kappa, r, gamma)
-        self.policy = check_choice("policy", policy, POLICIES)
-        self.gains = solve_gains(self.q, self.kappa, self.r, self.gamma)
-        self.coefficients = _policy_coefficients(self.policy, self.q, self.kappa, self.r, self.gains)
-        self.table = _single_class_table(self.coefficients, self.q, self.kappa, self.r)
+    def __init__(self, q=1.0, kappa=1.0, r=0.1, gamma: float = 0.9, policy: str = "memoa", *, shares=None, feedforward: bool = True):
+        K, q, kappa, r, gamma, shares = _check_class_weights(q, kappa, r, gamma, shares)
+        policy = check_choice("policy", policy, POLICIES)
+        if not isinstance(feedforward, (bool, np.bool_)):
+            raise TypeError(f"feedforward must be True or False, got {feedforward!r} of type {type(feedforward).__name__}")
+        feedforward = bool(feedforward)
+        if not feedforward and policy != "memoa":
+            raise ValueError(f"feedforward=False applies to the 'memoa' policy only, got policy={policy!r}")
+        self._assign(K, q, kappa, r, gamma, policy, shares, feedforward, None)
+
+    def _assign(self, K, q, kappa, r, gamma, policy, shares, feedforward, classes):
+        put = object.__setattr__
+        put(self, "q", q)
+        put(self, "kappa", kappa)
+        put(self, "r", r)
+        put(self, "gamma", gamma)
+        put(self, "policy", policy)
+        put(self, "shares", shares)
+        put(self, "feedforward", feedforward)
+        if K == 1:
+            gains = solve_gains(q, kappa, r, gamma)
+            coefficients = _policy_coefficients(policy, q, kappa, r, gains, feedforward)
+            put(self, "gains", gains)
+            put(self, "coefficients", coefficients)
+            put(self, "classes", classes if classes is not None else _solve_checked(1, q, kappa, r, gamma, None))
+            put(self, "table", _single_class_table(coefficients, q, kappa, r))
+            return
+        if classes is None:
+            try:
+                classes = _solve_checked(K, q, kappa, r, gamma, shares)
+            except ValueError:
+                if policy == "memoa":
+                    raise
+                # Baselines need only the per-class gains; check them alone.
+                classes = None
+        put(self, "gains", None)
+        put(self, "coefficients", None)
+        put(self, "classes", classes)
+        put(self, "table", _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward))
+
+    # ----------------------------------------------------------------- immutability
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Game is immutable: cannot set {name!r}; build a new Game (see with_policy, with_weights)")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"Game is immutable: cannot delete {name!r}")
+
+    def __reduce__(self):
+        return (_restore_game, (self.to_dict(),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # ----------------------------------------------------------------- derived
 
     @property
     def n_classes(self) -> int:
-        """Number of classes K (1 here)."""
-        return 1
+        """Number of classes K."""
+        return 1 if self.shares is None else int(self.shares.shape[0])
 
     @property
-    def w(self) -> float:
-        """Total state weight ``q + kappa``."""
+    def w(self):
+        """Total state weight ``q + kappa`` (per class for K > 1)."""
         return self.q + self.kappa
 
     def with_policy(self, policy: str) -> "Game":
-        """The same weights under another policy (for baselines on the same stream)."""
-        return Game(self.q, self.kappa, self.r, self.gamma, policy)
+        """The same weights under another policy (for baselines on the same stream).
+
+        ``feedforward`` is kept for ``"memoa"`` and reset to True for a
+        baseline (it only applies to ``memoa``). The equilibrium is not
+        re-solved.
+        """
+        policy = check_choice("policy", policy, POLICIES)
+        feedforward = self.feedforward if policy == "memoa" else True
+        if policy == "memoa" and self.n_classes > 1 and self.classes is None:
+            return Game(self.q, self.kappa, self.r, self.gamma, policy, shares=self.shares, feedforward=feedforward)
+        new = object.__new__(Game)
+        new._assign(self.n_classes, self.q, self.kappa, self.r, self.gamma, policy, self.shares, feedforward, self.classes)
+        return new
+
+    def with_weights(self, q=None, kappa=None, r=None, shares=None) -> "Game":
+        """A new game with some per-class weights (or shares) replaced, re-solved.
+
+        Arguments left ``None`` keep this game's values; ``gamma``, ``policy``
+        and ``feedforward`` are kept. Replacing ``q`` by a sequence of length K
+        turns a single-class game into a K-class one (other weights broadcast).
+        Re-solving costs about 0.1-0.5 ms for K <= 16 (one 2K x 2K ordered QZ).
+
+        Examples
+        --------
+        >>> g = Game(q=[1.0, 1.0], kappa=3.0, r=0.1, gamma=0.9)
+        >>> g.with_weights(q=[2.0, 0.5]).q.tolist()
+        [2.0, 0.5]
+        """
+        K_new = max((len(x) for x in (q, kappa, r, shares) if x is not None and not isinstance(x, numbers.Real)), default=None)
+
+        def keep(mine):
+            # A per-class array of this game must not clash in length with a new K.
+            if isinstance(mine, np.ndarray) and K_new is not None and len(mine) != K_new and np.all(mine == mine[0]):
+                return float(mine[0])
+            return mine
+
+        new_shares = shares if shares is not None else (self.shares if K_new in (None, self.n_classes) else None)
+        return Game(
+            keep(self.q) if q is None else q,
+            keep(self.kappa) if kappa is None else kappa,
+            keep(self.r) if r is None else r,
+            self.gamma,
+            self.policy,
+            shares=new_shares,
+            feedforward=self.feedforward,
+        )
+
+    # ----------------------------------------------------------------- value semantics
 
     def to_dict(self) -> dict:
-        return {"q": self.q, "kappa": self.kappa, "r": self.r, "gamma": self.gamma, "policy": self.policy}
+        """Plain values (lists for per-class weights): ``Game(**game.to_dict()) == game``."""
+        if self.n_classes == 1:
+            d = {"q": self.q, "kappa": self.kappa, "r": self.r, "gamma": self.gamma, "policy": self.policy}
+        else:
+            d = {"q": self.q.tolist(), "kappa": self.kappa.tolist(), "r": self.r.tolist(), "gamma": self.gamma,
+                 "policy": self.policy, "shares": self.shares.tolist()}
+        if not self.feedforward:
+            d["feedforward"] = False
+        return d
 
     def __repr__(self) -> str:
-        return f"Game(q={self.q!r}, kappa={self.kappa!r}, r={self.r!r}, gamma={self.gamma!r}, policy={self.policy!r})"
+        d = self.to_dict()
+        return "Game(" + ", ".join(f"{k}={v!r}" for k, v in d.items()) + ")"
+
+    def _key(self) -> tuple:
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.to_dict().items())
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Game) and self.to_dict() == other.to_dict()
+        return isinstance(other, Game) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.to_dict().values()))
+        if self.n_classes == 1 and self.feedforward:
+            return hash(tuple(self.to_dict().values()))
+        return hash(self._key())
 
 
-def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: Gains) -> PolicyCoefficients:
+def _restore_game(d: dict) -> Game:
+    return Game(**d)
+
+
+def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: Gains, feedforward: bool = True) -> PolicyCoefficients:
     w = q + kappa
     if policy == "memoa":
+        if not feedforward:
+            # target = (q s + kappa sbar)/w
+            return PolicyCoefficients(gains.k, q / w, kappa / w, 0.0)
         # target = (q s + kappa sbar)/w + c (m - sbar)
         return PolicyCoefficients(gains.k, q / w, kappa / w - gains.c, gains.c)
     if policy == "greedy":
@@ -235,3 +834,40 @@ def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: flo
     row.flags.writeable = False
     mix.flags.writeable = False
     return PolicyTable(row, mix)
+
+
+def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> PolicyTable:
+    """The K-class :class:`PolicyTable` (see :class:`Game`, attribute ``table``)."""
+    K = shares.shape[0]
+    w = q + kappa
+    qw, kw = q / w, kappa / w
+    if classes is not None:
+        k = classes.k
+    else:
+        gains = _gains_arrays(q, kappa, r, gamma)
+        _check_representable(gains, q, kappa, r, gamma, index=True, n_checked=4)
+        k = gains[1]
+    coef = np.zeros((K, N_COEF))
+    mix = np.zeros((2, K, K))
+    coef[:, Q], coef[:, KAPPA], coef[:, R], coef[:, SIZE] = q, kappa, r, shares
+    coef[:, GAIN] = k
+    if policy == "memoa":
+        coef[:, SIGNAL] = qw
+        lam = classes.lam
+        if feedforward:
+            C = classes.C
+            mix[MIX_STATE] = C
+            mix[MIX_SIGNAL] = np.outer(kw - C @ kw, lam) - C * qw[None, :]
+        else:
+            mix[MIX_SIGNAL] = np.outer(kw, lam)
+    elif policy == "greedy":
+        coef[:, GAIN] = w / (w + r)
+        coef[:, SIGNAL] = qw
+        mix[MIX_STATE] = np.outer(kw, shares)
+    elif policy == "local":
+        coef[:, SIGNAL] = 1.0
+    else:  # consensus
+        mix[MIX_SIGNAL] = np.outer(np.ones(K), shares)
+    coef.flags.writeable = False
+    mix.flags.writeable = False
+    return PolicyTable(coef, mix)

@@ -118,3 +118,156 @@ def test_bad_weights_have_clear_errors(kwargs, exc, words):
         Game(**kwargs)
     for word in words:
         assert word in str(info.value)
+
+
+# --------------------------------------------------------------------------- extreme weights (issue 8 item 5)
+from decimal import Decimal, localcontext  # noqa: E402
+
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TINY = np.finfo(np.float64).tiny
+HUGE = np.finfo(np.float64).max
+
+
+def reference_gains(q, kappa, r, gamma):
+    """Textbook formulas of MODEL.md section 2 in exact-input decimal arithmetic.
+
+    Independent of the library's rescaled forms. The precision (4000 digits) is
+    far beyond 50 because the textbook roots cancel: with ratios up to 1e600
+    the quadratics lose up to ~2400 digits, and every kept digit must be right.
+    Returns P, k, 1 - k, a, rho, c as Decimals.
+    """
+    with localcontext() as ctx:
+        ctx.prec = 4000
+        q, kappa, r, gamma = (Decimal(float(v)) for v in (q, kappa, r, gamma))
+        w = q + kappa
+        b = w * gamma - r * (1 - gamma)
+        P = (b + (b * b + 4 * gamma * w * r).sqrt()) / (2 * gamma)
+        k = gamma * P / (r + gamma * P)
+        e = r / (r + gamma * P)
+        a = gamma * e
+        B = 1 + a * e - k * (kappa / w) * (1 - a)
+        # q = 0: the roots are exactly 1 and 1/gamma (a double root at gamma = 1).
+        rho = Decimal(1) if q == 0 else (B - (B * B - 4 * a * e).sqrt()) / (2 * a)
+        c = kappa * rho * (1 - a) / (w * (1 - a * rho))
+        return P, k, e, a, rho, c
+
+
+def representable(ref, kappa):
+    """None if some gain sits within 1e-9 of the float64 normal range's edges (either outcome is fine)."""
+    ok = True
+    for i, v in enumerate(ref):
+        if i == 5 and kappa == 0:
+            continue
+        f = float(v)
+        if TINY * (1 - 1e-9) <= f <= TINY * (1 + 1e-9) or HUGE * (1 - 1e-9) <= f:
+            return None
+        ok &= bool(TINY <= f < HUGE)
+    return ok
+
+
+def assert_gains_accurate(q, kappa, r, gamma, rtol=1e-12):
+    ref = reference_gains(q, kappa, r, gamma)
+    expect = representable(ref, kappa)
+    if expect is None:
+        return
+    if not expect:
+        with pytest.raises(ValueError) as info:
+            solve_gains(q, kappa, r, gamma)
+        for word in ("not representable", f"q={float(q)!r}", f"r={float(r)!r}"):
+            assert word in str(info.value)
+        return
+    g = solve_gains(q, kappa, r, gamma)
+    got = (g.P, g.k, g.a / gamma, g.a, g.rho, g.c)
+    for name, value, exact in zip(("P", "k", "1-k", "a", "rho", "c"), got, ref):
+        if exact == 0:
+            assert value == 0.0, (name, value)
+            continue
+        err = abs((Decimal(value) - exact) / exact)
+        assert err <= rtol, f"{name}: got {value!r}, exact {float(exact)!r}, relative error {float(err):.3g} for q={q!r}, kappa={kappa!r}, r={r!r}, gamma={gamma!r}"
+
+
+log_weight = st.floats(-300.0, 300.0).map(lambda t: 10.0**t)
+weight_or_zero = st.one_of(st.just(0.0), log_weight, log_weight, log_weight)
+discount = st.one_of(
+    st.just(1.0),
+    st.floats(-300.0, 0.0).map(lambda t: 10.0**t),  # log-uniform in [1e-300, 1]
+    st.floats(-16.0, -0.1).map(lambda t: 1.0 - 10.0**t),  # close to 1
+)
+
+
+@seed(20261129)
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much])
+@given(q=weight_or_zero, kappa=weight_or_zero, r=log_weight, gamma=discount)
+def test_gains_are_accurate_for_any_weights(q, kappa, r, gamma):
+    """Relative error <= 1e-12 on P, k, 1-k, a, rho, c, or a ValueError exactly
+    where a gain is outside float64's normal range (log-uniform weights in
+    [1e-300, 1e300], so ratios reach 1e600)."""
+    if q + kappa == 0:
+        return
+    assert_gains_accurate(q, kappa, r, gamma)
+
+
+@pytest.mark.parametrize(
+    "q,kappa,r,gamma",
+    [
+        (1.0, 1e16, 0.1, 0.9),  # used to raise ZeroDivisionError
+        (1e155, 1.0, 0.1, 0.9),  # used to give NaN/inf (b^2 overflowed)
+        (1.0, 1e155, 0.1, 0.9),
+        (1e155, 1e155, 0.1, 0.9),
+        (1.0, 1.0, 1e308, 0.9),
+        (1.0, 1e8, 0.1, 0.9),  # rho was off by 9e-8
+        (1.0, 1e12, 0.1, 0.9),  # rho was off by 1.8e-4
+        (1.0, 1.0, 1e-8, 0.9),  # a was off by 1e-4 relative
+        (1.0, 2.0, 0.5, 0.95),
+        (1e-300, 1e300, 1.0, 0.5),
+        (1e300, 1e-300, 1e-300, 1.0),  # 1 - k ~ 1e-600: not representable
+        (1e-300, 0.0, 1e300, 1.0),  # k ~ 1e-300
+        (1e-300, 0.0, 1e300, 0.5),  # k ~ 1e-600: not representable
+        (1.0, 1.0, 1.0, 1e-300),
+        (0.0, 1e300, 1e-300, 0.9),
+    ],
+)
+def test_extreme_weight_reproducers(q, kappa, r, gamma):
+    assert_gains_accurate(q, kappa, r, gamma)
+
+
+def test_unrepresentable_gains_name_the_weights():
+    with pytest.raises(ValueError, match=r"not representable.*q=1e\+300, kappa=0.0, r=1e-300.*1 - k"):
+        Game(q=1e300, kappa=0.0, r=1e-300, gamma=0.5)
+
+
+# --------------------------------------------------------------------------- value semantics (issue 8 item 16)
+
+
+def test_game_is_immutable_hashable_and_equal_by_value():
+    import copy
+    import pickle
+
+    game = Game(1.0, 2.0, 0.5, 0.95)
+    for name in ("q", "kappa", "r", "gamma", "policy", "gains", "coefficients", "table", "shares", "classes", "feedforward"):
+        with pytest.raises(AttributeError, match=f"Game is immutable: cannot set '{name}'"):
+            setattr(game, name, 1.0)
+    with pytest.raises(AttributeError, match="immutable"):
+        game.extra = 1  # no new attributes either
+    with pytest.raises(AttributeError, match="immutable"):
+        del game.q
+    with pytest.raises(ValueError, match="read-only"):
+        game.table.coef[0, 0] = 0.0
+    twin = Game(1.0, 2.0, 0.5, 0.95)
+    assert twin == game and hash(twin) == hash(game) and len({game, twin}) == 1
+    assert game != Game(1.0, 2.0, 0.5, 0.95, "greedy") and game != Game(1.0, 2.0, 0.5, 0.95, feedforward=False)
+    assert game != game.to_dict()  # a dict is not a Game
+    assert pickle.loads(pickle.dumps(game)) == game and copy.copy(game) is game
+    assert {game: 1}[Game(**game.to_dict())] == 1
+    assert game.with_policy("local") == Game(1.0, 2.0, 0.5, 0.95, "local")
+    assert game.with_weights(kappa=3.0) == Game(1.0, 3.0, 0.5, 0.95)
+
+
+def test_feedforward_false_single_class():
+    game = Game(1.0, 2.0, 0.5, 0.95, feedforward=False)
+    c = game.coefficients
+    assert (c.gain, c.signal, c.signal_mean, c.state_mean) == (game.gains.k, 1 / 3, 2 / 3, 0.0)
+    assert repr(game) == "Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95, policy='memoa', feedforward=False)"
+    assert Game(**game.to_dict()) == game
