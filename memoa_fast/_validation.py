@@ -234,6 +234,12 @@ _KIND_NAMES = {
 }
 
 
+def _sum_is_finite(arr: np.ndarray) -> bool:
+    """The sum is finite when every entry is (one pass, no N-sized mask); an overflow just takes the exact check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.add.reduce(arr, axis=None)))
+
+
 def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite: bool = False) -> np.ndarray:
     """Return ``value`` as a C-contiguous float64 array of exactly ``shape``.
 
@@ -262,7 +268,7 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
             raise ValueError(f"{name} must have shape {shape} (ndim {len(shape)}), got shape {arr.shape} (ndim {arr.ndim})")
     # The sum is finite when every entry is (bar overflow, checked exactly
     # below): one pass and no N-sized mask in the common case.
-    if not allow_nonfinite and not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
+    if not allow_nonfinite and not _sum_is_finite(arr) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite; first non-finite entry at index {tuple(int(b) for b in bad)}: {arr[tuple(bad)]!r}")
     return arr

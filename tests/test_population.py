@@ -231,3 +231,146 @@ def test_bad_signals_have_clear_errors_and_leave_state_alone(signals, exc, words
         assert word in str(info.value)
     np.testing.assert_array_equal(pop.states, before["states"])
     assert pop.t == 0
+
+
+# --------------------------------------------------------------------------- K classes, copies, threads
+K_GAME = Game(q=[1.0, 0.2, 3.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.1, 1.0], gamma=0.95, shares=[0.5, 0.25, 0.25])
+
+
+def naive_k_step(game, x, s, labels, discount):
+    """One step of the K-class policy from Game.table, per agent (the table's meaning, spelled out)."""
+    coef, mix = game.table.coef, game.table.mix
+    K, (n, d) = game.n_classes, x.shape
+    ok = np.isfinite(s).all(axis=1) & (np.abs(s) <= 1e50).all(axis=1)
+    m = x.mean(axis=0)
+    m_l = np.array([x[labels == l].mean(axis=0) if (labels == l).any() else np.zeros(d) for l in range(K)])
+    sbar_l = np.array([s[(labels == l) & ok].mean(axis=0) for l in range(K)])
+    x_new, cost = x.copy(), np.zeros(n)
+    for i in range(n):
+        j = labels[i]
+        gain, c_s, q, kappa, r = coef[j, :5]
+        offset = mix[0, j] @ sbar_l + mix[1, j] @ m_l
+        if ok[i]:
+            u = -gain * (x[i] - c_s * s[i] - offset)
+            cost[i] = q * ((x[i] - s[i]) ** 2).sum() + kappa * ((x[i] - m) ** 2).sum() + r * (u**2).sum()
+            x_new[i] = x[i] + u
+        else:
+            cost[i] = kappa * ((x[i] - m) ** 2).sum()
+    return x_new, 0.5 * discount * cost
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_class_population_matches_the_table_spelled_out(backend, rng):
+    n, d = 60, 2
+    labels = rng.integers(0, 3, n)
+    x0 = rng.normal(size=(n, d))
+    pop = Population(K_GAME, initial_states=x0, labels=labels, backend=backend)
+    x, J, disc = x0.copy(), np.zeros(n), 1.0
+    for t in range(5):
+        s = rng.normal(size=(n, d))
+        s[t, 0] = [np.nan, np.inf, 1e60, -1e300, 2.0][t]
+        if t == 3:
+            labels = rng.integers(0, 3, n)
+            pop.set_labels(labels)
+        pop.step(s)
+        x, cost = naive_k_step(K_GAME, x, s, labels, disc)
+        J += cost
+        disc *= K_GAME.gamma
+    np.testing.assert_allclose(pop.states, x, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(pop.costs, J, rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(pop.labels, labels)
+
+
+def test_k_class_needs_labels_in_range(rng):
+    with pytest.raises(TypeError, match="labels"):
+        Population(K_GAME, 10, 1)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        Population(K_GAME, 3, 1, labels=[0, 1, 3])
+    with pytest.raises(TypeError, match="integer"):
+        Population(K_GAME, 3, 1, labels=[0.0, 1.0, 2.0])
+    pop = Population(K_GAME, 3, 1, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="same classes"):
+        pop.set_game(GAME)
+
+
+def test_state_round_trip_pickle_and_deepcopy_for_k_classes(rng):
+    import copy
+    import pickle
+
+    n, d = 50, 2
+    pop = Population(K_GAME, n, d, labels=rng.integers(0, 3, n), threads=1)
+    signals = rng.normal(size=(6, n, d))
+    for s in signals[:3]:
+        pop.step(s)
+    clones = [pickle.loads(pickle.dumps(pop)), copy.deepcopy(pop)]
+    other = Population(K_GAME, n, d, labels=np.zeros(n, dtype=int), threads=1)
+    other.load_state_dict(pop.state_dict())
+    for s in signals[3:]:
+        for p in [pop, other, *clones]:
+            p.step(s)
+    for p in [other, *clones]:
+        assert p.states.tobytes() == pop.states.tobytes() and p.costs.tobytes() == pop.costs.tobytes()
+        np.testing.assert_array_equal(p.labels, pop.labels)
+
+
+def test_concurrent_steps_from_two_threads_raise(rng):
+    import threading
+
+    pop = Population(GAME, 200_000, 1, threads=1)
+    s = rng.normal(size=(200_000, 1))
+    errors = []
+
+    def go():
+        try:
+            for _ in range(30):
+                pop.step(s)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors and "not thread-safe" in str(errors[0])
+    assert np.isfinite(pop.states).all()
+
+
+def test_default_threads_depend_on_the_work_size():
+    from memoa_fast import _backends
+
+    assert Population(GAME, 100_000, 4)._threads_used == 1  # 4e5 values: one thread by default
+    big = _backends.DEFAULT_PARALLEL_WORK
+    requested, used = _backends.resolve_threads(None, big, dim=1)
+    assert used == requested  # every available thread for a large enough step
+    assert _backends.resolve_threads(1, big)[1] == 1
+    assert _backends.resolve_threads(None, 100)[1] == 1
+
+
+def test_step_predict_out_is_written_and_returned(rng):
+    from memoa_fast import Server
+
+    pop, server = Population(GAME, 30, 2), Server(30, 2)
+    out = np.full(2, np.nan)
+    got = pop.step_predict(rng.normal(size=(30, 2)), server, out=out)
+    assert got is out and np.isfinite(out).all()
+    np.testing.assert_allclose(out, server.predict(pop.states), rtol=1e-12)
+    with pytest.raises(TypeError, match="out must be"):
+        pop.step_predict(rng.normal(size=(30, 2)), server, out=np.zeros(3))
+
+
+@pytest.mark.parametrize("magnitude", [1e51, 1e200, 1e308])
+def test_huge_signals_never_reach_the_mean_field(magnitude, rng):
+    """Issue 8 item 4: a finite signal whose use could overflow is treated like a missing one."""
+    pop = Population(GAME, 40, 2)
+    s = rng.normal(size=(40, 2))
+    s[:3, 1] = magnitude
+    s[3, 0] = -magnitude
+    before = pop.states.copy()
+    pop.step(s)
+    assert pop.n_valid_signals == 36
+    assert np.isfinite(pop.mean_signal).all() and np.isfinite(pop.costs).all() and np.isfinite(pop.states).all()
+    np.testing.assert_array_equal(pop.states[:4], before[:4])
+    np.testing.assert_allclose(pop.mean_signal, s[4:].mean(axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="initial_states must be at most"):
+        Population(GAME, initial_states=np.full((2, 1), 1e200))

@@ -1,6 +1,8 @@
 """Server mixture: closed forms for hedge, a plain-weights oracle for eg, underflow safety."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memoa_fast import Server
 
@@ -116,3 +118,76 @@ def test_bad_update_input_leaves_weights_alone(rng):
     with pytest.raises(ValueError, match="states must be finite"):
         srv.update(np.full((4, 2), np.inf), [0.0, 0.0])
     np.testing.assert_array_equal(srv.log_weights, before)
+
+
+# --------------------------------------------------------------------------- issue 8: any loss, any size
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(log_scale=st.floats(-300, 307), n=st.integers(1, 300), rule=st.sampled_from(["hedge", "eg"]),
+       alpha=st.sampled_from([0.0, 1e-3, 0.125, 1.0]), eta=st.sampled_from([0.0, 1e-3, 1.0, 10.0, 1e308]),
+       seed=st.integers(0, 2**32 - 1))
+def test_weights_always_sum_to_one_and_never_nan(backend, log_scale, n, rule, alpha, eta, seed):
+    rng = np.random.default_rng(seed)
+    server = Server(n, 2, rule=rule, eta=eta, alpha=alpha, backend=backend)
+    for _ in range(3):
+        states = rng.uniform(-1.0, 1.0, size=(n, 2)) * 10.0**log_scale
+        if rng.random() < 0.5:
+            states[:] = states[0]  # large and tied
+        server.update(states, rng.normal(size=2))
+        lp = server.log_weights
+        assert not np.isnan(lp).any() and not (lp == np.inf).any()
+        assert abs(np.exp(lp).sum() - 1.0) <= 1e-12
+    yhat = server.predict(np.ones((n, 2)))
+    np.testing.assert_allclose(yhat, 1.0, rtol=1e-12)
+
+
+def test_issue_8_reproducers():
+    s = Server(3, 1, rule="hedge", eta=1.0)
+    s.update(np.full((3, 1), 1e9), np.zeros(1))
+    np.testing.assert_allclose(s.weights, 1 / 3, rtol=1e-14)
+    np.testing.assert_allclose(s.predict(np.ones((3, 1))), [1.0], rtol=1e-14)
+    s = Server(2, 1, eta=1.0, alpha=0.01)
+    s.update(np.array([[1e200], [2e200]]), np.zeros(1))
+    s.update(np.ones((2, 1)), np.zeros(1))
+    assert np.isfinite(s.weights).all() and abs(s.weights.sum() - 1) < 1e-12
+    s = Server(1000, 1, rule="hedge", eta=1.0)
+    s.update(np.full((1000, 1), 1e4) + np.arange(1000)[:, None] * 1e-12, np.zeros(1))
+    assert abs(np.logaddexp.reduce(s.log_weights)) < 1e-12
+    Server(1000, 1, rule="hedge", eta=1.0).load_state_dict(s.state_dict())  # restorable
+
+
+def test_zero_weights_can_be_saved_and_restored():
+    s = Server(2, 1, rule="hedge", eta=1.0, alpha=0.0)
+    for _ in range(3):
+        s.update(np.array([[0.0], [1e150]]), np.zeros(1))
+    assert s.weights[1] == 0.0 and s.weights[0] == 1.0  # the step was clipped to 1e300: exp underflows to 0
+    state = s.state_dict()
+    state["log_weights"] = np.array([0.0, -np.inf])  # an exactly zero weight
+    other = Server(2, 1, rule="hedge", eta=1.0, alpha=0.0)
+    other.load_state_dict(state)
+    assert other.log_weights[1] == -np.inf
+    other.update(np.ones((2, 1)), np.zeros(1))
+    assert other.log_weights[1] == -np.inf and other.log_weights[0] == 0.0
+
+
+def test_predict_returns_fresh_arrays_or_writes_out(rng):
+    s = Server(5, 2)
+    a = s.predict(rng.normal(size=(5, 2)))
+    b = s.predict(rng.normal(size=(5, 2)))
+    assert a is not b and not np.shares_memory(a, b)
+    out = np.empty(2)
+    assert s.predict(np.ones((5, 2)), out=out) is out
+    np.testing.assert_allclose(out, 1.0)
+
+
+def test_pickle_and_deepcopy(rng):
+    import copy
+    import pickle
+
+    s = Server(50, 2, rule="eg", eta=0.3, alpha=0.02)
+    s.update(rng.normal(size=(50, 2)), np.zeros(2))
+    for clone in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert clone.log_weights.tobytes() == s.log_weights.tobytes() and clone.n_updates == 1
+        x = rng.normal(size=(50, 2))
+        clone.update(x, np.ones(2))
+    assert s.n_updates == 1  # the clones are independent
