@@ -19,6 +19,8 @@ import math
 import numpy as np
 
 from ._validation import as_float_array, check_int, check_real
+from .game import Game
+from .population import Population
 
 
 class TrustClasses:
@@ -106,3 +108,71 @@ class TrustClasses:
     def __repr__(self) -> str:
         return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
                 f"half_life={self.half_life!r}, q={self.q!r})")
+
+
+class TrustPopulation:
+    """The ``memoa-trust`` policy: a K-class MEMOA population whose classes follow the clients' measured error.
+
+    Every round: :meth:`step` moves the clients on their signals (each
+    client's own forecast of the next value); when the target arrives,
+    :meth:`observe` folds each client's squared forecast error into its
+    :class:`TrustClasses` record, and every ``reclass`` rounds re-forms the K
+    quantile classes, gives class ``j`` the weight ``q_j`` and re-solves the
+    exact K-class equilibrium (:meth:`memoa_fast.Game.with_weights`).
+
+    Parameters
+    ----------
+    n_clients, dim : int
+        Clients N and the dimension d of the stream.
+    n_classes, reclass, half_life : int, int, float
+        See :class:`TrustClasses`.
+    q, kappa, r, gamma : float
+        The game's weights; ``q`` is the weight of a client of median error.
+    feedforward : bool
+        Keep the K-class feed-forward term ``C (m_l - m_l*)`` (``MODEL.md``
+        section 7); see the README for which variant the time-series job uses.
+    backend, threads
+        As for :class:`~memoa_fast.Population`.
+    """
+
+    def __init__(self, n_clients: int, dim: int = 1, *, n_classes: int = 8, reclass: int = 50,
+                 half_life: float = 35.0, q: float = 1.0, kappa: float = 1.0, r: float = 0.1, gamma: float = 0.9,
+                 feedforward: bool = True, backend: str = "numba", threads: int | None = None):
+        self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q)
+        K = self.trust.n_classes
+        labels, q_j, shares = self.trust.classes()  # no error measured yet: every class at q
+        self.game = Game(q=q_j, kappa=[kappa] * K, r=[r] * K, gamma=gamma, shares=shares, feedforward=feedforward)
+        self.population = Population(self.game, n_clients, dim, labels=labels, backend=backend, threads=threads)
+        self._signals = np.zeros((n_clients, dim))
+        self.t = 0
+        self.n_reclassed = 0
+
+    def step(self, signals) -> np.ndarray:
+        """Move every client one round; returns the live read-only states (see :meth:`Population.step`)."""
+        states = self.population.step(signals)
+        self._signals[...] = signals if np.ndim(signals) == 2 else np.reshape(signals, self._signals.shape)
+        return states
+
+    def observe(self, target) -> None:
+        """The target of the last step's forecasts arrived: measure, and re-form the classes when due."""
+        self.trust.observe(self._signals, target)
+        self.t += 1
+        if self.trust.due(self.t):
+            labels, q_j, shares = self.trust.classes()
+            self.game = self.game.with_weights(q=q_j, shares=shares)
+            self.population.set_game(self.game)
+            self.population.set_labels(labels)
+            self.n_reclassed += 1
+
+    @property
+    def regret(self) -> float:
+        """``max_i J_i`` of the population."""
+        return self.population.regret
+
+    @property
+    def worst_agent(self) -> int:
+        """The client with the largest online cost."""
+        return self.population.worst_agent
+
+    def __repr__(self) -> str:
+        return f"TrustPopulation({self.trust!r}, {self.game!r})"

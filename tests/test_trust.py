@@ -62,3 +62,24 @@ def test_due_every_reclass_rounds():
 def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         TrustClasses(**kwargs)
+
+
+def test_trust_population_reclasses_and_starts_as_memoa(rng):
+    from memoa_fast import Game, Population
+    from memoa_fast.trust import TrustPopulation
+
+    n, d, R = 64, 1, 5
+    trust = TrustPopulation(n, d, n_classes=4, reclass=R, kappa=2.0, q=1.0, r=0.1, gamma=0.9)
+    plain = Population(Game(q=1.0, kappa=2.0, r=0.1, gamma=0.9), n, d)
+    noise = np.exp(rng.uniform(-4, 0, n))[:, None]
+    y = np.sin(np.arange(30) / 3.0)
+    for t in range(R):  # identical classes before the first re-forming: the single-class MEMOA policy
+        s = y[t + 1] + noise * rng.normal(size=(n, d))
+        np.testing.assert_allclose(trust.step(s), plain.step(s), rtol=1e-12, atol=1e-13)
+        trust.observe([y[t + 1]])
+    assert trust.n_reclassed == 1
+    labels, q, shares = trust.trust.classes()
+    np.testing.assert_array_equal(trust.population.labels, labels)
+    np.testing.assert_allclose(trust.game.q, q)
+    # the noisiest clients sit in the last class, which leans most on the population
+    assert np.corrcoef(noise[:, 0], labels)[0, 1] > 0.5 and q[0] > q[-1]
