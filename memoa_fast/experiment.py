@@ -438,8 +438,8 @@ def plot_format(path) -> str:
     return suffix
 
 
-def plot_result(result: ExperimentResult, path, *, window: int | None = None) -> None:
-    """Write a figure of one run (any :data:`PLOT_FORMATS` type, from ``path``'s extension).
+def plot_result(result: ExperimentResult, path, *, window: int | None = None, format: str | None = None) -> None:
+    """Write a figure of one run (any :data:`PLOT_FORMATS` type, from ``path``'s extension or ``format``).
 
     Four panels, one colour per policy, one shared legend row below them,
     and the run's parameters above them:
@@ -457,7 +457,7 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None) ->
     The burn-in is shaded. matplotlib is needed (the ``plot`` extra); no
     global pyplot state is touched.
     """
-    fmt = plot_format(path)
+    fmt = plot_format(path) if format is None else plot_format(f"figure.{format}")
     Figure = require_matplotlib()
 
     c = result.config
