@@ -294,7 +294,8 @@ def load_csv_series(
         )
     head = arr[:warmup]
     largest = float(np.max(np.abs(head)))
-    scale = math.ldexp(1.0, math.frexp(largest)[1]) if largest > 0 else 1.0  # a power of two > largest
+    # a power of two >= largest / 2 (2**1023 at most): scaled values are at most 2 in magnitude
+    scale = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
     head_u = head / scale
     mean_u, std_u = float(head_u.mean()), float(head_u.std())
     if not std_u > 0.0:
