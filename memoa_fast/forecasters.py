@@ -374,6 +374,7 @@ class SquaredErrors:
 
     @property
     def totals(self) -> np.ndarray:
+        """``E_i``, shape (n_clients,): a read-only view of the live buffer."""
         return self._totals_view
 
     def add(self, states, target, record: bool = True):

@@ -207,7 +207,7 @@ class CsvSeriesError(ValueError):
 
 
 #: Bytes read per block by :func:`load_csv_series`.
-CSV_BLOCK_BYTES = 1 << 21
+CSV_BLOCK_BYTES = 1 << 20
 # A strict decimal number: what a CSV cell must hold (no underscores, no hex, no
 # non-ASCII digits, no words). Python's float() alone accepts "1_001" and "١".
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
