@@ -383,7 +383,9 @@ class SquaredErrors:
         Parameters
         ----------
         states : array_like, shape (n_clients, d)
-            The published forecasts ``x``; finite.
+            The published forecasts ``x`` (a non-finite entry makes this
+            round's sum, that client's total and the mean non-finite; nothing
+            else is affected).
         target : float or array_like, shape (d,)
             ``y``; finite.
         record : bool, default True
@@ -397,7 +399,8 @@ class SquaredErrors:
             (d,)) and the totals (shape (n,)); both arrays are read-only live
             buffers, overwritten by the next call.
         """
-        x = as_float_array("states", states, (self.n_clients, self.dim))
+        # Not checked for finiteness (one pass saved per round): a non-finite state gives non-finite scores only.
+        x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
         y = as_float_array("target", target, (self.dim,))
         total, self.max_total = self._kernels.score_step(x, y, bool(record), self._totals, self._work, self._mean,
                                                          self.threads_used)

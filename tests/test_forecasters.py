@@ -225,6 +225,11 @@ def test_squared_errors_is_the_formula(backend, n, d, threads):
         scorer.add(np.zeros((n + 1, d)), np.zeros(d))
     with pytest.raises(ValueError, match="target must be finite"):
         scorer.add(np.zeros((n, d)), np.full(d, np.nan))
+    bad = np.zeros((n, d))
+    bad[0, 0] = np.nan
+    before = scorer.totals.copy()
+    scorer.add(bad, np.zeros(d), True)  # a non-finite state poisons only its own client's total
+    assert np.isnan(scorer.totals[0]) and np.array_equal(scorer.totals[1:], before[1:])
     scorer.reset()
     assert scorer.max_total == 0.0 and not scorer.totals.any()
 
