@@ -522,6 +522,8 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
     for axis in (ax_cdf.xaxis, ax_mix.yaxis, ax_cost.xaxis):  # 0.2 rather than 2 x 10^-1 on the log axes
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(FuncFormatter(minor))
+    if n_rounds > 300:  # many decades of rounds: decade labels only, or they collide
+        ax_cost.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     handles, labels = ax_cdf.get_legend_handles_labels()
     h2, l2 = ax_mix.get_legend_handles_labels()
     fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=min(8, len(labels) + len(l2)), fontsize=9,
