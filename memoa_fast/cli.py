@@ -443,7 +443,12 @@ def main(argv: list[str] | None = None) -> int:
             f.discard()
         option = pending[-1][0] if pending else "--json"
         run.error(f"argument {option}: cannot write the result: {exc}")
-    print(text if args.json == "-" else result.table())
+    try:
+        print(text if args.json == "-" else result.table(), flush=True)
+    except BrokenPipeError:  # `memoa run | head`: the reader left; the files are already in place
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return 0
 
 
