@@ -220,7 +220,7 @@ def test_csv_non_utf8_byte_is_reported_at_its_line(tmp_path, monkeypatch):
     lines[398] = "caf\xe9,3"
     path = tmp_path / "latin1.csv"
     path.write_bytes(("date,value\n" + "\n".join(lines) + "\n").encode("latin-1"))
-    with pytest.raises(CsvSeriesError, match=rf"latin1.csv, line 400: not UTF-8 text \(byte 0xe9 at character 4"):
+    with pytest.raises(CsvSeriesError, match=r"latin1.csv, line 400: not UTF-8 text \(byte 0xe9 at character 4"):
         load_csv_series(path, "value", warmup=5)
     # an earlier problem is reported first
     lines[100] = "x,oops"
