@@ -23,7 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, experiment
+from .experiment import PLOT_FORMATS, require_matplotlib
+from .game import POLICIES
+from .streams import CsvSeriesError, load_csv_series, make_stream
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=1.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
@@ -264,10 +267,6 @@ def _check_output(run, option: str, target) -> Path:
 
 def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     """Check every option and combination and load the stream; ``run.error`` (exit 2) on bad input."""
-    from .experiment import PLOT_FORMATS, require_matplotlib
-    from .game import POLICIES
-    from .streams import CsvSeriesError, load_csv_series, make_stream
-
     stream = args.stream or ("csv" if args.csv is not None else DEFAULTS["stream"])
     if stream == "csv":
         if args.csv is None:
@@ -406,11 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     run = parser.run_parser
     series, name, policies, rules = _resolve(run, args)
 
-    from .experiment import plot_result, run_experiment
-
     progress = not args.quiet and sys.stderr.isatty()
     try:
-        result = run_experiment(
+        result = experiment.run_experiment(
             series, stream=name, n_clients=args.clients, q=args.q, kappa=args.kappa, r=args.r, gamma=args.gamma,
             policies=policies, rules=rules, eta=args.eta, alpha=args.alpha, seed=args.seed, lags=args.lags,
             noise_range=tuple(args.noise), mu=args.mu, burn_in=args.burn_in, backend=args.backend,
@@ -435,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             pending[-1][1].tmp.write_text(text + "\n")
         if args.plot is not None:
             pending.append(("--plot", _PendingFile(args.plot)))
-            plot_result(result, pending[-1][1].tmp, format=args.plot.suffix.lower().lstrip("."))
+            experiment.plot_result(result, pending[-1][1].tmp, format=args.plot.suffix.lower().lstrip("."))
         for _, f in pending:
             f.commit()
     except (OSError, ValueError, ImportError) as exc:

@@ -35,6 +35,7 @@ Cython forecaster, and the Cython path never imports Numba).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,8 +63,6 @@ _MODULES = {
 
 def _load_kernels(backend: str):
     """The forecaster/scoring kernel module of ``backend`` (numba: compiled; numpy, cython: reference)."""
-    import importlib
-
     backend = check_choice("backend", backend, FORECAST_BACKENDS)
     try:
         return importlib.import_module(_MODULES[backend])

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ._validation import check_int, check_real
+from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
 
@@ -274,8 +275,6 @@ def load_csv_series(
         would z-score beyond ``1e30`` (for example ``1e200`` after a warm-up
         of ordinary values).
     """
-    from .forecasters import TARGET_LIMIT
-
     path = Path(path)
     warmup = check_int("warmup", warmup, low=2)
     if max_rows is not None:
