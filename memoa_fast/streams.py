@@ -209,6 +209,8 @@ class CsvSeriesError(ValueError):
 
 #: Bytes read per block by :func:`load_csv_series`.
 CSV_BLOCK_BYTES = 1 << 20
+#: Longest accepted line (header included), so memory stays bounded whatever the file holds.
+CSV_MAX_LINE_BYTES = 1 << 20
 # A strict decimal number: what a CSV cell must hold (no underscores, no hex, no
 # non-ASCII digits, no words). Python's float() alone accepts "1_001" and "١".
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -270,7 +272,8 @@ def load_csv_series(
         that is empty or missing, or a blank line inside the data (a gap); a
         cell that is not a plain decimal number (``1_001``, ``0x10``, words);
         a cell that is not finite (``nan``, ``inf``, ``1e400``); a byte that
-        is not UTF-8 (at its line); a quoted field not closed on its line;
+        is not UTF-8 (at its line); a quoted field not closed on its line; a
+        line longer than :data:`CSV_MAX_LINE_BYTES` (1 MiB);
         fewer than ``warmup + 2`` data rows; a constant warm-up; a value that
         would z-score beyond ``1e30`` (for example ``1e200`` after a warm-up
         of ordinary values).
@@ -346,7 +349,10 @@ class _ColumnReader:
     def read(self) -> np.ndarray:
         size = self.path.stat().st_size
         with self.path.open("rb") as fh:
-            self._header(fh.readline())
+            raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
+            if len(raw) > CSV_MAX_LINE_BYTES:
+                self._too_long(1)
+            self._header(raw)
             line = 2
             pending = b""
             while not self._full():
@@ -358,8 +364,12 @@ class _ColumnReader:
                 data = pending + block
                 cut = data.rfind(b"\n")
                 if cut < 0:
+                    if len(data) > CSV_MAX_LINE_BYTES:
+                        self._too_long(line)
                     pending = data
                     continue
+                if len(data) - cut - 1 > CSV_MAX_LINE_BYTES:
+                    self._too_long(line + data.count(b"\n", 0, cut) + 1)
                 chunk, pending = data[:cut], data[cut + 1:]
                 lines = chunk.split(b"\n")
                 if self.buf.shape[0] == 0:  # size the array from the first block's line length
@@ -367,6 +377,12 @@ class _ColumnReader:
                 self._block(chunk, lines, line)
                 line += len(lines)
         return self.buf[: self.n] if self.n * 5 >= self.buf.shape[0] * 4 else self.buf[: self.n].copy()
+
+    def _too_long(self, line: int):
+        raise CsvSeriesError(
+            f"{self.path}, line {line}: longer than {CSV_MAX_LINE_BYTES} bytes without a line end; "
+            "this is not a CSV series (or its line ends are not \\n or \\r\\n)"
+        )
 
     def _full(self) -> bool:
         return self.max_rows is not None and self.n >= self.max_rows

@@ -317,8 +317,8 @@ def _check_block_reader(tmp_path_factory, values, crlf, quote, final_newline, ma
 
 def test_csv_is_streamed_into_a_float64_array(tmp_path, monkeypatch):
     """Memory: about 8 bytes per row plus one block (a list of Python floats would need over 32 bytes per row)."""
-    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 1 << 16)
-    n = 200_000
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 1 << 14)
+    n = 100_000
     rng = np.random.default_rng(0)
     v = np.cumsum(rng.normal(size=n))
     path = tmp_path / "big.csv"
@@ -332,3 +332,15 @@ def test_csv_is_streamed_into_a_float64_array(tmp_path, monkeypatch):
     assert y.shape == (n,) and y.dtype == np.float64
     np.testing.assert_allclose(y, (v - v[:500].mean()) / v[:500].std(), rtol=1e-10, atol=1e-10)
     assert peak < 16 * n + 20 * streams.CSV_BLOCK_BYTES, peak / n
+
+
+@pytest.mark.parametrize("where", ["header", "data", "last"])
+def test_csv_overlong_line_is_refused_without_reading_it_all(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(streams, "CSV_MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 32)
+    lines = ["date,value"] + [f"2020-{i},{i % 7}" for i in range(30)]
+    at = {"header": 0, "data": 10, "last": 30}[where]
+    lines[at] += "9" * 500
+    path = _write(tmp_path, "\n".join(lines) + ("\n" if where != "last" else ""))
+    with pytest.raises(CsvSeriesError, match=rf"line {at + 1}: longer than 100 bytes without a line end"):
+        load_csv_series(path, "value", warmup=5)
