@@ -4,8 +4,9 @@ Two hot loops of ``memoa run`` besides the core's three:
 
 - :func:`forecast_step`: every client's noisy observation, normalised-LMS
   update and next forecast (MODEL.md section 6), in place;
-- :func:`score_step`: the uniform mean of the published forecasts and every
-  client's squared error against the target, in place.
+- :func:`score_step`: the uniform mean of the published forecasts, every
+  client's squared error against the target (accumulated in place) and the
+  largest accumulated total.
 
 Same conventions as :mod:`memoa_fast.kernels._numba`: the kernels trust their
 inputs (C-contiguous float64, shapes checked by :mod:`memoa_fast.forecasters`
@@ -125,6 +126,14 @@ def _forecast_parallel(y, eps, sigma, weights, lags, out, mu, update):
 # --------------------------------------------------------------------------- scoring
 @njit(**_jit)
 def _score_chunk(x, y, record, sq_err, work, c):
+    """Partials of chunk ``c``: column sums of ``x``, ``sum_i |x_i - y|^2`` and ``max_i sq_err_i``.
+
+    Reads ``x`` (n, d), ``y`` (d,); adds ``|x_i - y|^2`` to ``sq_err_i`` if
+    ``record`` (modified in place); writes row ``c`` of ``work``: columns
+    ``[0, d)`` the sums of the chunk's states, ``W - 2`` the chunk's summed
+    squared error, ``W - 1`` the largest ``sq_err_i`` of the chunk after the
+    update (``W = work.shape[1]``).
+    """
     n, d = x.shape
     row = work[c]
     for j in range(row.shape[0]):
@@ -132,6 +141,7 @@ def _score_chunk(x, y, record, sq_err, work, c):
     lo = c * CHUNK
     hi = min(lo + CHUNK, n)
     total = 0.0
+    top = 0.0
     for i in range(lo, hi):
         e2 = 0.0
         for j in range(d):
@@ -141,22 +151,30 @@ def _score_chunk(x, y, record, sq_err, work, c):
             e2 += e * e
         if record:
             sq_err[i] += e2
+        if sq_err[i] > top:
+            top = sq_err[i]
         total += e2
-    row[work.shape[1] - 1] = total
+    row[work.shape[1] - 2] = total
+    row[work.shape[1] - 1] = top
 
 
 @njit(**_jit)
 def _score_merge(work, n, d, out_mean):
+    """Merge the chunk rows in chunk order: ``out_mean = sum / n``; returns (total, largest sq_err)."""
     total = 0.0
+    top = 0.0
+    W = work.shape[1]
     for j in range(d):
         out_mean[j] = 0.0
     for c in range(work.shape[0]):
         for j in range(d):
             out_mean[j] += work[c, j]
-        total += work[c, work.shape[1] - 1]
+        total += work[c, W - 2]
+        if work[c, W - 1] > top:
+            top = work[c, W - 1]
     for j in range(d):
         out_mean[j] /= n
-    return total
+    return total, top
 
 
 @njit(**_jit)
@@ -175,8 +193,8 @@ def _score_parallel(x, y, record, sq_err, work, out_mean):
 
 # --------------------------------------------------------------------------- dispatch
 def score_work_shape(n, d):
-    """Shape of :func:`score_step`'s work array: one padded row per chunk (sums, then the total)."""
-    return -(-n // CHUNK), -(-(d + 1) // PAD) * PAD
+    """Shape of :func:`score_step`'s work array: one padded row per chunk (sums, total, largest)."""
+    return -(-n // CHUNK), -(-(d + 2) // PAD) * PAD
 
 
 def forecast_step(y, eps, sigma, weights, lags, out, mu, update, threads):
@@ -188,7 +206,11 @@ def forecast_step(y, eps, sigma, weights, lags, out, mu, update, threads):
 
 
 def score_step(x, y, record, sq_err, work, out_mean, threads):
-    """Mean of ``x`` into ``out_mean``; ``sq_err += |x_i - y|^2`` if ``record``; returns the sum of those."""
+    """Mean of ``x`` into ``out_mean``; ``sq_err += |x_i - y|^2`` if ``record``.
+
+    Returns ``(sum_i |x_i - y|^2, max_i sq_err_i)`` (the largest total after
+    the update). See ``_forecast_reference.score_step``.
+    """
     if threads == 1:
         return _score_serial(x, y, record, sq_err, work, out_mean)
     with _Threads(threads):

@@ -45,13 +45,23 @@ def forecast_step(y, eps, sigma, weights, lags, out, mu, update, threads):
 
 def score_work_shape(n, d):
     """Same shape as the compiled kernel's work array (unused here)."""
-    return -(-n // CHUNK), -(-(d + 1) // PAD) * PAD
+    return -(-n // CHUNK), -(-(d + 2) // PAD) * PAD
 
 
 def score_step(x, y, record, sq_err, work, out_mean, threads):
-    """``out_mean = mean_i x_i``; if ``record``: ``sq_err_i += |x_i - y|^2``. Returns ``sum_i |x_i - y|^2``."""
+    """Score the published forecasts ``x`` (n, d) against the target ``y`` (d,).
+
+    .. math::
+
+        \\bar x = \\frac1n \\sum_i x_i, \\qquad
+        e_i = |x_i - y|^2, \\qquad
+        \\text{if record: } E_i \\leftarrow E_i + e_i
+
+    ``out_mean`` receives ``xbar``; ``sq_err`` (``E``) is modified in place.
+    Returns ``(sum_i e_i, max_i E_i)``, the latter after the update.
+    """
     out_mean[:] = x.mean(axis=0)
     e2 = ((x - y[None, :]) ** 2).sum(axis=1)
     if record:
         sq_err += e2
-    return float(e2.sum())
+    return float(e2.sum()), float(max(sq_err.max(), 0.0))

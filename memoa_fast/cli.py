@@ -2,22 +2,34 @@
 
 ``memoa run`` with no options runs the built-in default (logistic map,
 4000 clients, 3000 rounds) and prints the table; ``memoa run --help``
-explains every option. Bad options exit with status 2 and a message naming
-the option, never a traceback.
+explains every option and its accepted range (:data:`RANGES`).
+
+Guarantees: every bad option, option combination, input file or output
+path exits with status 2 and one line on stderr naming the option, the value
+and what is accepted, never a traceback, and **before** the run starts.
+Output files (``--json PATH``, ``--plot PATH``) are written to a temporary
+file in the same folder and renamed into place only when the run and every
+output succeeded, so a failure leaves no partial file. JSON output is strict
+(no ``NaN``/``Infinity``; a non-finite score would be ``null``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, experiment
+from .experiment import PLOT_FORMATS, require_matplotlib
+from .game import POLICIES
+from .streams import CsvSeriesError, load_csv_series, make_stream
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
-DEFAULTS = dict(stream="logistic", clients=4000, steps=3000, q=1.0, kappa=1.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
+DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=1.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
                 seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500)
 
 DESCRIPTION = """\
@@ -42,42 +54,85 @@ Table columns (root-mean-square errors after the burn-in, lower is better):
 EPILOG = """\
 examples:
   memoa run                                  # default: logistic map, 4000 clients, 3000 rounds
-  memoa run --stream concept-drift --clients 1000 --steps 5000 --kappa 3
-  memoa run --csv ../shared/datasets/ett/ETTh1.csv --column OT --clients 1000
+  memoa run --stream concept-drift --clients 1000 --rounds 5000 --kappa 3
+  memoa run --csv ETTh1.csv --column OT --clients 1000   # a downloaded copy of the ETT data
   memoa run --json results.json --plot results.png
   memoa run --json | python -m json.tool     # JSON on stdout instead of the table
 """
 
 
+#: Accepted range of every numeric option: (low, high, low_open, high_open). Checked before the run.
+RANGES = {
+    "--clients": (1, 10**7, False, False),
+    "--rounds": (1, 10**7, False, False),
+    "--warmup": (2, 10**6, False, False),
+    "--noise": (1e-6, 1e3, False, False),
+    "--lags": (1, 64, False, False),
+    "--mu": (0.0, 2.0, True, True),
+    "--q": (0.0, 1e4, False, False),
+    "--kappa": (0.0, 1e4, False, False),
+    "--r": (1e-4, 1e4, False, False),
+    "--gamma": (0.0, 1.0, True, False),
+    "--eta": (0.0, 1e3, False, False),
+    "--alpha": (0.0, 1.0, False, False),
+    "--seed": (0, 2**63 - 1, False, False),
+    "--burn-in": (0, 10**7, False, False),
+    "--threads": (1, 1024, False, False),  # and at most the CPUs this process may use
+}
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _interval(option: str) -> str:
+    low, high, low_open, high_open = RANGES[option]
+    text = [str(v) if isinstance(v, int) else f"{v:g}" for v in (low, high)]
+    return f"{'(' if low_open else '['}{text[0]}, {text[1]}{')' if high_open else ']'}"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as ``memoa run: error: ...`` with exit status 2."""
+    """argparse whose errors are one line, ``memoa run: error: ...``, with exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _number(kind, *, low=None, high=None, low_open=False, high_open=False):
-    """An argparse ``type`` checking a number's range; the message says what is accepted."""
+def _number(kind, option: str):
+    """An argparse ``type`` accepting a plain decimal number in ``RANGES[option]``; the message says what is."""
+    low, high, low_open, high_open = RANGES[option]
+    pattern = _INT if kind is int else _FLOAT
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if kind is float and value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        ok_lo = low is None or (value > low if low_open else value >= low)
-        ok_hi = high is None or (value < high if high_open else value <= high)
+        word = "an integer" if kind is int else "a number"
+        if not pattern.fullmatch(text.strip()):
+            if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                raise argparse.ArgumentTypeError(f"must be finite, got {_short(text)}; accepted: {_interval(option)}")
+            raise argparse.ArgumentTypeError(f"expected {word} in {_interval(option)}, got {_short(text)}")
+        value = kind(text)
+        ok_lo = value > low if low_open else value >= low
+        ok_hi = value < high if high_open else value <= high
         if not (ok_lo and ok_hi):
-            if high is None:
-                need = f"{'>' if low_open else '>='} {low:g}"
-            else:
-                need = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be in {_interval(option)}, got {_short(text)}")
         return value
 
     parse.__name__ = "integer" if kind is int else "number"
     return parse
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``memoa`` argument parser (``run`` is its one command)."""
     parser = _Parser(prog="memoa", description="memoa-fast: massive mixtures of online agents (MEMOA).",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Run `memoa run --help` for the experiment's options.")
@@ -86,40 +141,46 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the time-series experiment and print the table",
                          description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     D = DEFAULTS
-    pos_int = _number(int, low=1)
+    iv = _interval
 
     g = run.add_argument_group("stream")
     g.add_argument("--stream", choices=STREAMS, default=None,
                    help=f"which series to forecast (default {D['stream']}; 'csv' needs --csv and --column). "
                         "Synthetic streams are seeded by --seed and z-scored.")
-    g.add_argument("--csv", metavar="PATH", type=Path, help="a CSV file with a header row (implies --stream csv)")
+    g.add_argument("--csv", metavar="PATH", type=Path,
+                   help="a UTF-8 CSV file with a header row (implies --stream csv); see the README for the "
+                        "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
-    g.add_argument("--warmup", type=_number(int, low=2), default=D["warmup"], metavar="ROWS",
-                   help=f"CSV only: rows the z-score is fitted on, no look-ahead (default {D['warmup']})")
-    g.add_argument("--steps", type=pos_int, default=None, metavar="T",
-                   help=f"rounds to run: forecasts of y(1)..y(T), from a stream of T + 1 values "
-                        f"(default {D['steps']} for synthetic streams; for CSV every row: rows - 1)")
+    g.add_argument("--warmup", type=_number(int, "--warmup"), default=D["warmup"], metavar="ROWS",
+                   help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "
+                        f"(default {D['warmup']})")
+    g.add_argument("--rounds", "--steps", dest="rounds", type=_number(int, "--rounds"), default=None, metavar="T",
+                   help=f"rounds to run, in {iv('--rounds')}: forecasts of y(1)..y(T), from a stream of T + 1 "
+                        f"values (default {D['rounds']} for synthetic streams; for CSV every row: rows - 1). "
+                        "--steps is an alias")
 
     g = run.add_argument_group("clients")
-    g.add_argument("--clients", type=pos_int, default=D["clients"], metavar="N",
-                   help=f"number of clients (default {D['clients']})")
-    g.add_argument("--noise", type=_number(float, low=0.0, low_open=True), nargs=2, metavar=("LOW", "HIGH"),
+    g.add_argument("--clients", type=_number(int, "--clients"), default=D["clients"], metavar="N",
+                   help=f"number of clients, in {iv('--clients')} (default {D['clients']})")
+    g.add_argument("--noise", type=_number(float, "--noise"), nargs=2, metavar=("LOW", "HIGH"),
                    default=D["noise"], help="range of the clients' noise scales, log-uniform, in units of the "
-                                            f"stream's standard deviation (default {D['noise'][0]} {D['noise'][1]})")
-    g.add_argument("--lags", type=pos_int, default=D["lags"], metavar="P",
-                   help=f"past values in each client's forecaster: features lags, lags^2, 1 (default {D['lags']})")
-    g.add_argument("--mu", type=_number(float, low=0.0, high=2.0, low_open=True, high_open=True), default=D["mu"],
-                   help=f"step size of the clients' normalised LMS, in (0, 2) (default {D['mu']})")
+                                            f"stream's standard deviation, each in {iv('--noise')} "
+                                            f"(default {D['noise'][0]:g} {D['noise'][1]:g})")
+    g.add_argument("--lags", type=_number(int, "--lags"), default=D["lags"], metavar="P",
+                   help=f"past values in each client's forecaster: features lags, lags^2, 1; in {iv('--lags')} "
+                        f"(default {D['lags']})")
+    g.add_argument("--mu", type=_number(float, "--mu"), default=D["mu"],
+                   help=f"step size of the clients' normalised LMS, in {iv('--mu')} (default {D['mu']:g})")
 
     g = run.add_argument_group("game (cost q|x-s|^2 + kappa|x-m|^2 + r|u|^2, discount gamma)")
-    g.add_argument("--q", type=_number(float, low=0.0), default=D["q"],
-                   help=f"weight on following the client's own forecast, >= 0 (default {D['q']:g})")
-    g.add_argument("--kappa", type=_number(float, low=0.0), default=D["kappa"],
-                   help=f"weight on staying near the population mean, >= 0 (default {D['kappa']:g})")
-    g.add_argument("--r", type=_number(float, low=0.0, low_open=True), default=D["r"],
-                   help=f"weight on the size of each move, > 0 (default {D['r']:g})")
-    g.add_argument("--gamma", type=_number(float, low=0.0, high=1.0, low_open=True), default=D["gamma"],
-                   help=f"discount factor, in (0, 1] (default {D['gamma']:g})")
+    g.add_argument("--q", type=_number(float, "--q"), default=D["q"],
+                   help=f"weight on following the client's own forecast, in {iv('--q')} (default {D['q']:g})")
+    g.add_argument("--kappa", type=_number(float, "--kappa"), default=D["kappa"],
+                   help=f"weight on staying near the population mean, in {iv('--kappa')} (default {D['kappa']:g})")
+    g.add_argument("--r", type=_number(float, "--r"), default=D["r"],
+                   help=f"weight on the size of each move, in {iv('--r')} (default {D['r']:g})")
+    g.add_argument("--gamma", type=_number(float, "--gamma"), default=D["gamma"],
+                   help=f"discount factor, in {iv('--gamma')} (default {D['gamma']:g})")
     g.add_argument("--policies", default="memoa,greedy,local,consensus", metavar="LIST",
                    help="comma-separated policies to compare (default memoa,greedy,local,consensus)")
 
@@ -127,40 +188,93 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rule", choices=("both", "eg", "hedge"), default="both",
                    help="mixture rule(s) to score: 'eg' (exponentiated gradient on the mixture's loss), "
                         "'hedge' (weights by each client's own loss) or both (default)")
-    g.add_argument("--eta", type=_number(float, low=0.0), default=D["eta"],
-                   help=f"server learning rate, >= 0 (default {D['eta']:g})")
-    g.add_argument("--alpha", type=_number(float, low=0.0, high=1.0), default=D["alpha"],
-                   help=f"fixed share in [0, 1], lets the weights follow drift (default {D['alpha']:g})")
+    g.add_argument("--eta", type=_number(float, "--eta"), default=D["eta"],
+                   help=f"server learning rate, in {iv('--eta')} (default {D['eta']:g})")
+    g.add_argument("--alpha", type=_number(float, "--alpha"), default=D["alpha"],
+                   help=f"fixed share, in {iv('--alpha')}; lets the weights follow drift (default {D['alpha']:g})")
 
     g = run.add_argument_group("run")
-    g.add_argument("--seed", type=_number(int, low=0), default=D["seed"], help="seed of the stream and the clients' noise (default 0)")
-    g.add_argument("--burn-in", type=_number(int, low=0), default=None, metavar="ROUNDS",
-                   help="rounds left out of the scores (default min(500, rounds/5))")
-    g.add_argument("--threads", type=pos_int, default=None,
-                   help=f"threads for the kernels, 1..{os.cpu_count()} (default all; small populations use one)")
+    g.add_argument("--seed", type=_number(int, "--seed"), default=D["seed"],
+                   help="seed of the stream and the clients' noise, an integer >= 0 (default 0)")
+    g.add_argument("--burn-in", type=_number(int, "--burn-in"), default=None, metavar="ROUNDS",
+                   help="rounds left out of the scores, smaller than the rounds (default min(500, rounds/5))")
+    g.add_argument("--threads", type=_number(int, "--threads"), default=None,
+                   help=f"threads for the kernels, 1..{usable_cpus()} (the CPUs this process may use; "
+                        "default all; small populations use one)")
     g.add_argument("--backend", choices=("numba", "cython", "numpy"), default="numba",
-                   help="kernels: numba (default), cython (needs the compiled extension), numpy (slow reference)")
+                   help="kernels: numba (default), cython (needs the compiled extension; never imports Numba), "
+                        "numpy (slow reference)")
     g.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="also write the results as JSON to PATH; without PATH, print JSON instead of the table")
-    g.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                   help="write a figure: per-client RMSE distribution per policy, rolling error over time")
-    g.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+                   help="also write the results as strict JSON to PATH; without PATH, print JSON instead of the table")
+    g.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="write a figure (.png, .pdf, .svg, ...; needs the plot extra: pip install \"memoa-fast[plot]\"): "
+                        "per-client RMSE distribution, rolling mixture error, worst client and max_i J_i over time")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is off anyway when stderr is not a terminal or tqdm is not installed)")
     parser.run_parser = run
     return parser
 
 
-def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
-    """Check option combinations and load the stream; calls ``run.error`` (exit 2) on bad input."""
-    from .game import POLICIES
-    from .streams import CsvSeriesError, load_csv_series, make_stream
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
+
+def memory_estimate(n_clients: int, n_rounds: int, n_policies: int, n_rules: int, lags: int, dim: int = 1) -> tuple[int, int]:
+    """Rough bytes the run holds: ``(per-client part, per-round part)``.
+
+    Per client: forecasters ``8 d (3 p + 4)``; per policy a population, its
+    servers and its scorer, ``8 d (8 + 2 rules)``. Per round: the stream and
+    ``rules + 4`` recorded numbers per policy.
+    """
+    per_client = 8 * dim * ((3 * lags + 4) + n_policies * (8 + 2 * n_rules))
+    per_round = 8 * dim + 8 * n_policies * (n_rules + 4)
+    return n_clients * per_client, (n_rounds + 1) * per_round
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _check_output(run, option: str, target) -> Path:
+    """Check an output path before the run: its folder exists and takes a new file; returns it."""
+    path = Path(target)
+    if path.is_dir():
+        run.error(f"argument {option}: {str(path)!r} is a folder, give a file name")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        run.error(f"argument {option}: folder {str(folder)!r} does not exist (for {str(path)!r})")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".memoa-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        run.error(f"argument {option}: cannot create a file in folder {str(folder)!r}: {exc.strerror or exc}")
+    if path.exists() and not os.access(path, os.W_OK):
+        run.error(f"argument {option}: {str(path)!r} exists and is not writable")
+    return path
+
+
+def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
+    """Check every option and combination and load the stream; ``run.error`` (exit 2) on bad input."""
     stream = args.stream or ("csv" if args.csv is not None else DEFAULTS["stream"])
     if stream == "csv":
         if args.csv is None:
             run.error("--stream csv needs --csv PATH (a CSV file with a header row) and --column NAME")
         if args.column is None:
             columns = _header(args.csv)
-            run.error("--csv needs --column NAME, the column to forecast" + (f"; {args.csv} has columns {columns}" if columns else ""))
+            run.error("--csv needs --column NAME, the column to forecast"
+                      + (f"; {args.csv} has columns {columns}" if columns else ""))
     else:
         if args.csv is not None:
             run.error(f"--csv is only for --stream csv, not --stream {stream}")
@@ -169,56 +283,115 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
-        run.error(f"argument --policies: expected distinct names among {', '.join(POLICIES)}, got {args.policies!r}")
+        run.error(f"argument --policies: expected distinct names among {', '.join(POLICIES)}, got {_short(args.policies)}")
     if args.q + args.kappa <= 0:
         run.error("arguments --q and --kappa: q + kappa must be > 0 (a client must care about something)")
     lo, hi = args.noise
     if hi < lo:
         run.error(f"argument --noise: LOW must be <= HIGH, got {lo:g} {hi:g}")
-    if args.threads is not None and args.threads > (os.cpu_count() or 1):
-        run.error(f"argument --threads: must be in [1, {os.cpu_count()}] (the cores this machine has), got {args.threads}")
-    for option, target in (("--json", args.json), ("--plot", args.plot)):
-        if target not in (None, "-"):
-            folder = Path(target).resolve().parent
-            if not folder.is_dir():
-                run.error(f"argument {option}: folder {folder} does not exist (for {target})")
-            if Path(target).is_dir():
-                run.error(f"argument {option}: {target} is a folder, give a file name")
+    cpus = usable_cpus()
+    if args.threads is not None and args.threads > cpus:
+        run.error(f"argument --threads: must be in [1, {cpus}] (the CPUs this process may use), got {args.threads}")
+    rules = ("eg", "hedge") if args.rule == "both" else (args.rule,)
+
+    # Outputs first: nothing runs if a result could not be written.
+    if args.json not in (None, "-"):
+        _check_output(run, "--json", args.json)
+    if args.plot is not None:
+        suffix = args.plot.suffix.lower().lstrip(".")
+        if suffix not in PLOT_FORMATS:
+            run.error(f"argument --plot: the file name must end in one of {', '.join('.' + f for f in PLOT_FORMATS)}, "
+                      f"got {_short(str(args.plot))}")
+        _check_output(run, "--plot", args.plot)
+        if args.json not in (None, "-") and Path(args.json).resolve() == args.plot.resolve():
+            run.error(f"arguments --json and --plot: give two different files, got {str(args.plot)!r} for both")
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            run.error(f"argument --plot: {exc}")
     if args.backend == "cython":
         try:
             import memoa_fast.kernels._cython as cy  # noqa: F401
         except ImportError as exc:
             run.error(f"argument --backend: cython needs the compiled extension, which is missing ({exc}); use --backend numba")
+
+    # Sizes: the largest run that fits in memory, checked before anything is allocated.
+    planned_rounds = args.rounds or DEFAULTS["rounds"]
+    if stream == "csv" and args.rounds is None:
+        planned_rounds = 0  # the file decides; checked again once it is read
+    _check_memory(run, args, planned_rounds, len(policies), len(rules))
+
     if stream == "csv":
-        if args.steps is not None and args.steps < args.warmup + 1:
-            run.error(f"argument --steps: a CSV stream needs more rounds than the z-score warm-up "
-                      f"(--warmup {args.warmup}), got --steps {args.steps}; lower --warmup or raise --steps")
+        if args.rounds is not None and args.rounds < args.warmup + 1:
+            run.error(f"argument --rounds: a CSV stream needs more rounds than the z-score warm-up "
+                      f"(--warmup {args.warmup}), got --rounds {args.rounds}; lower --warmup or raise --rounds")
+        limit = RANGES["--rounds"][1]
         try:
             series = load_csv_series(args.csv, args.column, warmup=args.warmup,
-                                     max_rows=None if args.steps is None else args.steps + 1)
+                                     max_rows=(limit if args.rounds is None else args.rounds) + 1)
         except FileNotFoundError as exc:
             run.error(f"argument --csv: {exc}")
-        except (CsvSeriesError, UnicodeDecodeError, OSError) as exc:
+        except (CsvSeriesError, OSError) as exc:
             run.error(f"argument --csv/--column: {exc}")
-        if args.steps is not None and len(series) < args.steps + 1:
-            run.error(f"argument --steps: {args.csv} has {len(series)} rows in column {args.column!r}, "
-                      f"enough for {len(series) - 1} rounds, asked for {args.steps}")
+        if args.rounds is not None and len(series) < args.rounds + 1:
+            run.error(f"argument --rounds: {args.csv} has {len(series)} rows in column {args.column!r}, "
+                      f"enough for {len(series) - 1} rounds, asked for {args.rounds}")
+        if args.rounds is None and len(series) == limit + 1:
+            print(f"memoa: note: --csv has more rows than the largest run; using the first {limit + 1} "
+                  f"({limit} rounds)", file=sys.stderr)
         name = f"{args.csv.name}:{args.column}"
     else:
-        series = make_stream(stream, (args.steps or DEFAULTS["steps"]) + 1, seed=args.seed)
+        series = make_stream(stream, planned_rounds + 1, seed=args.seed)
         name = stream
     n_rounds = len(series) - 1
+    _check_memory(run, args, n_rounds, len(policies), len(rules))
     if args.burn_in is not None and args.burn_in >= n_rounds:
         run.error(f"argument --burn-in: must be smaller than the number of rounds ({n_rounds}), got {args.burn_in}")
-    return series, name, policies
+    return series, name, policies, rules
+
+
+def _check_memory(run, args, n_rounds: int, n_policies: int, n_rules: int) -> None:
+    available = _available_memory()
+    if available is None:
+        return
+    clients_b, rounds_b = memory_estimate(args.clients, n_rounds, n_policies, n_rules, args.lags)
+    if clients_b + rounds_b > 0.8 * available:
+        if clients_b >= rounds_b:
+            run.error(f"argument --clients: {args.clients} clients need about {_gib(clients_b + rounds_b)} of memory "
+                      f"with {n_policies} policies, {_gib(available)} is available; use fewer clients or --policies")
+        run.error(f"argument --rounds: {n_rounds} rounds need about {_gib(clients_b + rounds_b)} of memory "
+                  f"with {n_policies} policies, {_gib(available)} is available; use fewer rounds or --policies")
 
 
 def _header(path: Path):
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return fh.readline().strip()
+        with open(path, "rb") as fh:
+            line = fh.readline(4096).decode("utf-8-sig", errors="replace").strip()
     except OSError:
         return None
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
+class _PendingFile:
+    """A result file written to a temporary file in its folder, renamed into place by :meth:`commit`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.resolve().parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,14 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmemoa: error: choose a command (run)", file=sys.stderr)
         return 2
     run = parser.run_parser
-    series, name, policies = _resolve(run, args)
+    series, name, policies, rules = _resolve(run, args)
 
-    from .experiment import plot_result, run_experiment
-
-    rules = ("eg", "hedge") if args.rule == "both" else (args.rule,)
     progress = not args.quiet and sys.stderr.isatty()
     try:
-        result = run_experiment(
+        result = experiment.run_experiment(
             series, stream=name, n_clients=args.clients, q=args.q, kappa=args.kappa, r=args.r, gamma=args.gamma,
             policies=policies, rules=rules, eta=args.eta, alpha=args.alpha, seed=args.seed, lags=args.lags,
             noise_range=tuple(args.noise), mu=args.mu, burn_in=args.burn_in, backend=args.backend,
@@ -247,25 +417,35 @@ def main(argv: list[str] | None = None) -> int:
         print("memoa: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        run.error(f"argument --clients: not enough memory for {args.clients} clients; use fewer clients or fewer --policies")
+        run.error(f"argument --clients: not enough memory for {args.clients} clients and {len(series) - 1} rounds; "
+                  "use fewer clients, rounds or --policies")
+    except (ValueError, TypeError, ImportError) as exc:
+        run.error(str(exc))
     payload = result.to_dict()
     payload["command"] = shlex.join(["memoa", *(sys.argv[1:] if argv is None else argv)])
-    if args.json == "-":
-        print(json.dumps(payload, indent=2))
-    else:
-        print(result.table())
-        if args.json is not None:
-            try:
-                Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-            except OSError as exc:
-                print(f"memoa: error: argument --json: cannot write {args.json}: {exc}", file=sys.stderr)
-                return 2
-    if args.plot is not None:
-        try:
-            plot_result(result, args.plot)
-        except OSError as exc:
-            print(f"memoa: error: argument --plot: cannot write {args.plot}: {exc}", file=sys.stderr)
-            return 2
+    text = json.dumps(payload, indent=2, allow_nan=False)
+
+    pending = []
+    try:
+        if args.json not in (None, "-"):
+            pending.append(("--json", _PendingFile(args.json)))
+            pending[-1][1].tmp.write_text(text + "\n")
+        if args.plot is not None:
+            pending.append(("--plot", _PendingFile(args.plot)))
+            experiment.plot_result(result, pending[-1][1].tmp, format=args.plot.suffix.lower().lstrip("."))
+        for _, f in pending:
+            f.commit()
+    except (OSError, ValueError, ImportError) as exc:
+        for _, f in pending:
+            f.discard()
+        option = pending[-1][0] if pending else "--json"
+        run.error(f"argument {option}: cannot write the result: {exc}")
+    try:
+        print(text if args.json == "-" else result.table(), flush=True)
+    except BrokenPipeError:  # `memoa run | head`: the reader left; the files are already in place
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return 0
 
 

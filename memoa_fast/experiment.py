@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._validation import check_choice, check_int
-from .forecasters import ClientForecasters, load_kernels
+from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
 from .game import POLICIES, Game
 from .population import Population
 from .server import RULES, Server
@@ -69,16 +70,32 @@ class PolicyScores:
     client_rmse_quantiles: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(repr=False)
 class ExperimentResult:
     """Everything one run measured.
 
     ``scores`` maps policy -> :class:`PolicyScores`; ``client_rmse`` maps
     policy -> per-client RMSE array; ``round_errors`` maps policy -> a dict of
-    per-round squared errors (keys ``"uniform"``, each server rule, and
-    ``"clients"``: the mean over clients), over all ``n_rounds`` rounds
-    including the burn-in; ``signal_rmse`` is the per-client RMSE of the raw
-    forecasts ``s_i`` (no game) as a reference.
+    per-round arrays over all ``n_rounds`` rounds including the burn-in:
+
+    - ``"uniform"``, and each server rule: the squared error of that forecast
+      of ``y(t+1)``;
+    - ``"clients"``: the mean over clients of the clients' squared errors;
+    - ``"worst_client"``: the worst client's RMSE over the scored rounds so
+      far, ``max_i sqrt(E_i(t) / (t + 1 - burn_in))`` (NaN during the
+      burn-in); its last value is ``scores[policy].worst_client_rmse``;
+    - ``"max_cost"``: ``max_i J_i`` after the round (the population's
+      :attr:`~memoa_fast.Population.regret`); its last value is
+      ``scores[policy].max_cost``.
+
+    ``signal_rmse`` is the per-client RMSE of the raw forecasts ``s_i`` (no
+    game) as a reference.
+
+    Non-finite numbers: every score is finite for the documented option
+    ranges. Should one overflow (for example a server learning rate so large
+    that the weights degenerate), :meth:`table` prints it as ``n/a`` and
+    :meth:`to_dict`/:meth:`to_json` give ``null``: JSON output is always
+    strict JSON (no ``NaN`` or ``Infinity`` tokens).
     """
 
     stream: str
@@ -92,8 +109,8 @@ class ExperimentResult:
     elapsed_s: float
 
     def to_dict(self) -> dict:
-        """A JSON-ready summary (no per-client or per-round arrays)."""
-        return {
+        """A JSON-ready summary (no per-client or per-round arrays); non-finite numbers become ``None``."""
+        return _finite_or_none({
             "stream": self.stream,
             "config": dict(self.config),
             "n_rounds": self.n_rounds,
@@ -104,10 +121,50 @@ class ExperimentResult:
                 "average_client_rmse": float(self.signal_rmse.mean()),
             },
             "elapsed_s": self.elapsed_s,
-        }
+        })
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        """:meth:`to_dict` as strict JSON (``allow_nan=False``: non-finite numbers are ``null``)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def best(self) -> dict:
+        """The best policy per column.
+
+        ``{"mixture": (policy, rule, rmse), "worst_client": (policy, rmse),
+        "max_cost": (policy, J)}``; non-finite values are never best, and a
+        column with none is left out.
+        """
+        out = {}
+        mix = [(v, p, r) for p, s in self.scores.items() for r, v in s.mixture_rmse.items() if math.isfinite(v)]
+        if mix:
+            v, p, r = min(mix)
+            out["mixture"] = (p, r, v)
+        for key, attr in (("worst_client", "worst_client_rmse"), ("max_cost", "max_cost")):
+            vals = [(getattr(s, attr), p) for p, s in self.scores.items() if math.isfinite(getattr(s, attr))]
+            if vals:
+                v, p = min(vals)
+                out[key] = (p, v)
+        return out
+
+    def __repr__(self) -> str:
+        c = self.config
+        best = self.best()
+        parts = []
+        if "mixture" in best:
+            p, r, v = best["mixture"]
+            parts.append(f"mixture {_fmt(v)} ({p}, {r})")
+        if "worst_client" in best:
+            p, v = best["worst_client"]
+            parts.append(f"worst client {_fmt(v)} ({p})")
+        if "max_cost" in best:
+            p, v = best["max_cost"]
+            parts.append(f"max_i J_i {_fmt_cost(v)} ({p})")
+        return (
+            f"ExperimentResult(stream={self.stream!r}, n_clients={c['n_clients']}, n_rounds={self.n_rounds} "
+            f"({self.n_scored} scored), policies={', '.join(self.scores)},\n"
+            f"    best: {'; '.join(parts) or 'none finite'};\n"
+            f"    elapsed {self.elapsed_s:.3g} s; .table() for every score)"
+        )
 
     def table(self) -> str:
         """The scores as a Markdown table (readable as plain text), with a one-line heading."""
@@ -117,30 +174,57 @@ class ExperimentResult:
         rows = []
         for name, s in self.scores.items():
             rows.append(
-                [name, *(f"{s.mixture_rmse[r]:.4f}" for r in rules), f"{s.uniform_rmse:.4f}",
-                 f"{s.worst_client_rmse:.4f}", f"{s.average_client_rmse:.4f}", _fmt_cost(s.max_cost)]
+                [name, *(_fmt(s.mixture_rmse[r]) for r in rules), _fmt(s.uniform_rmse),
+                 _fmt(s.worst_client_rmse), _fmt(s.average_client_rmse), _fmt_cost(s.max_cost)]
             )
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         line = lambda cells: "| " + " | ".join(  # noqa: E731
             cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))
         ) + " |"
         rule = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
-        noise = c["noise_range"]
-        title = (
-            f"RMSE on stream {self.stream}: {c['n_clients']} clients, {self.n_rounds} rounds "
-            f"({self.n_scored} scored after a burn-in of {c['burn_in']}), seed {c['seed']}; "
-            f"q={c['q']:g} kappa={c['kappa']:g} r={c['r']:g} gamma={c['gamma']:g}, "
-            f"eta={c['eta']:g} alpha={c['alpha']:g}; client noise {noise[0]:g}..{noise[1]:g}, lags {c['lags']}"
-        )
+        title = f"RMSE on stream {self.stream}: " + describe_config(c, self.n_rounds, self.n_scored)
         foot = (
-            f"raw client forecasts s_i (no game): worst client {self.signal_rmse.max():.4f}, "
-            f"average client {self.signal_rmse.mean():.4f}; {self.elapsed_s:.1f} s"
+            f"raw client forecasts s_i (no game): worst client {_fmt(float(self.signal_rmse.max()))}, "
+            f"average client {_fmt(float(self.signal_rmse.mean()))}; {self.elapsed_s:.1f} s"
         )
-        return "\n".join([title, "", line(head), rule, *map(line, rows), "", foot])
+        lines = [title, "", line(head), rule, *map(line, rows), "", foot]
+        if any("n/a" in cell for row in rows for cell in row):
+            lines.append("n/a: not a finite number (the score overflowed float64; lower --eta or check the stream)")
+        return "\n".join(lines)
+
+
+def describe_config(c: dict, n_rounds: int, n_scored: int) -> str:
+    """One line with the run's size and parameters (numbers in %g style)."""
+    noise = c["noise_range"]
+    return (
+        f"{c['n_clients']} clients, {n_rounds} rounds ({n_scored} scored after a burn-in of {c['burn_in']}), "
+        f"seed {c['seed']}; q={c['q']:g} kappa={c['kappa']:g} r={c['r']:g} gamma={c['gamma']:g}, "
+        f"eta={c['eta']:g} alpha={c['alpha']:g}; client noise {noise[0]:g}..{noise[1]:g}, lags {c['lags']}, mu={c['mu']:g}"
+    )
+
+
+def _fmt(v: float) -> str:
+    """An RMSE for the table: 4 decimals in [1e-3, 1e5), else 4 significant digits; ``n/a`` if not finite."""
+    if not math.isfinite(v):
+        return "n/a"
+    return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.4g}"
 
 
 def _fmt_cost(v: float) -> str:
+    if not math.isfinite(v):
+        return "n/a"
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _finite_or_none(obj):
+    """Copy of ``obj`` (dicts, lists, numbers) with every non-finite float replaced by ``None``."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
 
 
 def run_experiment(
@@ -170,8 +254,9 @@ def run_experiment(
     Parameters
     ----------
     series : array_like, shape (T,) or (T, d)
-        The stream ``y(0..T-1)``, finite, ``T >= 2`` (z-scored streams from
-        :mod:`memoa_fast.streams` are the intended input).
+        The stream ``y(0..T-1)``, finite with ``|y| <= 1e30``, ``T >= 2``
+        (z-scored streams from :mod:`memoa_fast.streams` are the intended
+        input; see :data:`memoa_fast.forecasters.TARGET_LIMIT`).
     stream : str
         A name for the tables.
     n_clients : int
@@ -191,12 +276,13 @@ def run_experiment(
     burn_in : int, optional
         Rounds left out of the RMSEs; default ``min(500, (T-1) // 5)``.
     backend : {"numba", "cython", "numpy"}
-        Kernels of the populations and servers; the forecasters run the Numba
-        kernel unless ``"numpy"`` (there is no Cython forecaster).
+        Kernels of the populations, servers, forecasters and scoring. The
+        forecasters and the scoring have no Cython kernel: with ``"cython"``
+        they run the NumPy reference, so the whole run never imports Numba.
     threads : int, optional
         Threads for every kernel (default: every core).
     progress : bool
-        Show a tqdm progress bar on stderr.
+        Show a tqdm progress bar on stderr (none if tqdm is not installed).
 
     Returns
     -------
@@ -209,8 +295,13 @@ def run_experiment(
         y = y[:, None]
     if y.ndim != 2 or y.shape[0] < 2:
         raise ValueError(f"series must have shape (T,) or (T, d) with T >= 2, got shape {np.shape(series)}")
-    if not np.isfinite(y).all():
-        raise ValueError(f"series must be finite; first bad value at round {int(np.argwhere(~np.isfinite(y))[0, 0])}")
+    bad = ~(np.abs(y) <= TARGET_LIMIT)  # catches NaN too
+    if bad.any():
+        t_bad = int(np.argwhere(bad)[0, 0])
+        raise ValueError(
+            f"series must be finite with |y| <= {TARGET_LIMIT:g} (z-score it first); first bad value at round {t_bad}: "
+            f"{float(y[bad][0]):g}"
+        )
     y = np.ascontiguousarray(y)
     T, d = y.shape
     n_rounds = T - 1
@@ -229,44 +320,47 @@ def run_experiment(
     forecasters = ClientForecasters(
         n_clients, d, lags=lags, noise_range=noise_range, mu=mu, seed=seed, backend=backend, threads=threads
     )
-    kern = load_kernels(backend)
     pops = {p: Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads) for p in policies}
     servers = {
         p: {rr: Server(n_clients, d, rule=rr, eta=eta, alpha=alpha, backend=backend, threads=threads) for rr in rules}
         for p in policies
     }
-    score_threads = forecasters._threads_used
-    work = np.zeros(kern.score_work_shape(n_clients, d))
-    mean_buf = np.zeros(d)
-    sq_err = {p: np.zeros(n_clients) for p in policies}
-    sq_sig = np.zeros(n_clients)
-    errs = {p: {k: np.zeros(n_rounds) for k in ("uniform", *rules, "clients")} for p in policies}
+    score_signals = SquaredErrors(n_clients, d, backend=backend, threads=threads)
+    scorers = {p: SquaredErrors(n_clients, d, backend=backend, threads=threads) for p in policies}
+    errs = {p: {k: np.zeros(n_rounds) for k in ("uniform", *rules, "clients", "worst_client", "max_cost")}
+            for p in policies}
+    for p in policies:
+        errs[p]["worst_client"][:burn_in] = np.nan
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_rounds, desc=f"memoa {stream}", unit="round", file=sys.stderr, disable=not progress,
-               mininterval=0.5, dynamic_ncols=True, leave=False)
+    bar = _progress_bar(n_rounds, f"memoa {stream}", progress)
     start = time.perf_counter()
     try:
         for t in range(n_rounds):
             s = forecasters.observe(y[t])
             target = y[t + 1]
             record = t >= burn_in
-            kern.score_step(s, target, record, sq_sig, work, mean_buf, score_threads)
+            score_signals.add(s, target, record)
             for p in policies:
                 x = pops[p].step(s)
                 e = errs[p]
                 for rr, server in servers[p].items():
                     diff = server.predict(x) - target
                     e[rr][t] = float(diff @ diff)
-                e["clients"][t] = kern.score_step(x, target, record, sq_err[p], work, mean_buf, score_threads) / n_clients
-                diff = mean_buf - target
+                scorer = scorers[p]
+                total, mean, _ = scorer.add(x, target, record)
+                e["clients"][t] = total / n_clients
+                diff = mean - target
                 e["uniform"][t] = float(diff @ diff)
+                if record:
+                    e["worst_client"][t] = math.sqrt(scorer.max_total / (t + 1 - burn_in))
+                e["max_cost"][t] = pops[p].regret
                 for server in servers[p].values():
                     server.update(x, target)
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         forecasters.close()
     elapsed = time.perf_counter() - start
 
@@ -274,7 +368,7 @@ def run_experiment(
     scored = slice(burn_in, n_rounds)
     scores, client_rmse = {}, {}
     for p in policies:
-        rmse_i = np.sqrt(sq_err[p] / n_scored)
+        rmse_i = np.sqrt(scorers[p].totals / n_scored)
         client_rmse[p] = rmse_i
         worst = int(np.argmax(rmse_i))
         e = errs[p]
@@ -287,7 +381,7 @@ def run_experiment(
             average_client_rmse=float(rmse_i.mean()),
             max_cost=pops[p].regret,
             max_cost_client=pops[p].worst_agent,
-            client_rmse_quantiles={str(qq): float(v) for qq, v in zip((0, 0.1, 0.5, 0.9, 1), np.quantile(rmse_i, [0, 0.1, 0.5, 0.9, 1]))},
+            client_rmse_quantiles={str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(rmse_i, QUANTILES))},
         )
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
@@ -297,50 +391,141 @@ def run_experiment(
     }
     return ExperimentResult(
         stream=stream, config=config, n_rounds=n_rounds, n_scored=n_scored, scores=scores, client_rmse=client_rmse,
-        round_errors=errs, signal_rmse=np.sqrt(sq_sig / n_scored), elapsed_s=elapsed,
+        round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored), elapsed_s=elapsed,
     )
+
+
+QUANTILES = (0, 0.1, 0.5, 0.9, 1)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, or ``None`` when disabled or when tqdm is not installed (it is optional)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="round", file=sys.stderr, mininterval=0.5, dynamic_ncols=True, leave=False)
 
 
 def _rmse(sq: np.ndarray) -> float:
     return math.sqrt(float(sq.mean()))
 
 
-def plot_result(result: ExperimentResult, path, *, window: int | None = None) -> None:
-    """Write a PNG: per-client RMSE distribution per policy, and rolling errors over time.
+#: File types :func:`plot_result` writes (matplotlib's Agg, PDF, PS and SVG canvases).
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "webp", "tif", "tiff")
+PLOT_EXTRA_HINT = 'the plot needs matplotlib, an optional dependency: pip install "memoa-fast[plot]"'
 
-    Left: the empirical distribution (CDF) of the per-client RMSE of each
-    policy, log-scaled, with the raw forecasts for reference. Right: rolling
-    RMSE over ``window`` rounds (default ``n_rounds // 50``, at least 10) of
-    each policy's hedge (else eg) mixture and of MEMOA's uniform mean; the
-    burn-in is shaded.
+
+def require_matplotlib():
+    """Import matplotlib's ``Figure`` or raise ImportError naming the ``plot`` extra."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(f"{PLOT_EXTRA_HINT} ({exc})") from None
+    return Figure
+
+
+def plot_format(path) -> str:
+    """The file type of ``path`` from its extension; ValueError naming the accepted ones."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise ValueError(
+            f"plot path must end in one of {', '.join('.' + f for f in PLOT_FORMATS)}; got {os.fspath(path)!r}"
+        )
+    return suffix
+
+
+def plot_result(result: ExperimentResult, path, *, window: int | None = None, format: str | None = None) -> None:
+    """Write a figure of one run (any :data:`PLOT_FORMATS` type, from ``path``'s extension or ``format``).
+
+    Four panels, one colour per policy, one shared legend row below them,
+    and the run's parameters above them:
+
+    - the distribution (CDF) of the per-client RMSE, log-scaled, with the raw
+      forecasts ``s_i`` (no game) for reference;
+    - the rolling RMSE over ``window`` rounds (default ``n_rounds // 50``, at
+      least 10) of each policy's hedge (else eg) mixture, and of the first
+      policy's uniform mean;
+    - the worst client's RMSE over the scored rounds so far,
+      ``max_i RMSE_i(t)`` (it ends at the table's "worst client");
+    - the under-performer's cost ``max_i J_i`` after each round (it ends at
+      the table's ``max_i J_i``).
+
+    The burn-in is shaded. matplotlib is needed (the ``plot`` extra); no
+    global pyplot state is touched.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
+    fmt = plot_format(path) if format is None else plot_format(f"figure.{format}")
+    Figure = require_matplotlib()
 
-    window = window or max(10, result.n_rounds // 50)
-    rule = "hedge" if "hedge" in result.config["rules"] else result.config["rules"][0]
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    n = result.config["n_clients"]
+    c = result.config
+    n, n_rounds, burn = c["n_clients"], result.n_rounds, c["burn_in"]
+    window = window or max(10, n_rounds // 50)
+    window = min(window, n_rounds)
+    rule = "hedge" if "hedge" in c["rules"] else c["rules"][0]
+    colours = {p: f"C{i}" for i, p in enumerate(POLICIES)}
+
+    fig = Figure(figsize=(12, 8.6), layout="constrained")
+    fig.suptitle(f"MEMOA on stream {result.stream}\n" + describe_config(c, n_rounds, result.n_scored), fontsize=10)
+    (ax_cdf, ax_mix), (ax_worst, ax_cost) = fig.subplots(2, 2)
+
     frac = (np.arange(n) + 1) / n
     for p, rmse_i in result.client_rmse.items():
-        ax1.plot(np.sort(rmse_i), frac, label=f"{p} (worst {rmse_i.max():.3f})")
-    ax1.plot(np.sort(result.signal_rmse), frac, "k:", label=f"raw forecasts (worst {result.signal_rmse.max():.3f})")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("per-client RMSE")
-    ax1.set_ylabel("fraction of clients")
-    ax1.set_title("per-client RMSE distribution")
-    ax1.legend(fontsize=8)
+        ax_cdf.plot(np.sort(rmse_i), frac, color=colours[p], label=p)
+    ax_cdf.plot(np.sort(result.signal_rmse), frac, "k:", label="raw forecasts $s_i$ (no game)")
+    ax_cdf.set_xscale("log")
+    ax_cdf.set_xlabel("per-client RMSE (scored rounds)")
+    ax_cdf.set_ylabel("fraction of clients")
+    ax_cdf.set_title("per-client RMSE distribution")
+
     kernel = np.ones(window) / window
-    rounds = np.arange(window - 1, result.n_rounds) + 1
+    rounds = np.arange(window - 1, n_rounds) + 1
     for p, e in result.round_errors.items():
-        ax2.plot(rounds, np.sqrt(np.convolve(e[rule], kernel, mode="valid")), lw=1, label=f"{p}: mixture {rule}")
+        ax_mix.plot(rounds, np.sqrt(np.convolve(e[rule], kernel, mode="valid")), color=colours[p], lw=1)
     first = next(iter(result.round_errors))
-    ax2.plot(rounds, np.sqrt(np.convolve(result.round_errors[first]["uniform"], kernel, mode="valid")), "k--", lw=1,
-             label=f"{first}: uniform mean")
-    ax2.axvspan(0, result.config["burn_in"], color="0.9", label="burn-in")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("round")
-    ax2.set_ylabel(f"rolling RMSE ({window} rounds)")
-    ax2.set_title(f"stream {result.stream}, {n} clients")
-    ax2.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    ax_mix.plot(rounds, np.sqrt(np.convolve(result.round_errors[first]["uniform"], kernel, mode="valid")), "k--", lw=1,
+                label=f"uniform mean of {first}'s clients")
+    ax_mix.set_yscale("log")
+    ax_mix.set_ylabel(f"rolling RMSE ({window} rounds)")
+    ax_mix.set_title(f"server's mixture ({rule}), rolling RMSE")
+
+    t_axis = np.arange(1, n_rounds + 1)
+    final = []
+    for p, e in result.round_errors.items():
+        ax_worst.plot(t_axis[burn:], e["worst_client"][burn:], color=colours[p], lw=1.2)
+        final.append(e["worst_client"][-1])
+    top = max((v for v in final if math.isfinite(v)), default=0.0)
+    if top > 0:  # the first scored rounds are noisy: keep the settled values readable
+        ax_worst.set_ylim(0, 2 * top)
+    ax_worst.set_ylabel("max$_i$ RMSE$_i$ so far")
+    ax_worst.set_title("worst client's RMSE over the scored rounds so far")
+
+    for p, e in result.round_errors.items():
+        ax_cost.plot(t_axis, e["max_cost"], color=colours[p], lw=1.2)
+    ax_cost.set_xscale("log")  # the discounted cost is made in the first ~1 / (1 - gamma) rounds
+    ax_cost.set_xlim(1, n_rounds)
+    ax_cost.set_ylabel("max$_i$ J$_i$")
+    ax_cost.set_title(f"under-performer cost max$_i$ J$_i$ (discount {c['gamma']:g}, from round 1)")
+
+    for ax in (ax_mix, ax_worst, ax_cost):
+        ax.set_xlabel("round")
+    for ax in (ax_mix, ax_worst):
+        ax.axvspan(0, burn, color="0.92", zorder=0, label="burn-in (not scored)" if ax is ax_mix else None)
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):  # label 2 and 5 of each decade only, so labels never overlap
+        lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 5) else ""
+
+    for axis in (ax_cdf.xaxis, ax_mix.yaxis, ax_cost.xaxis):  # 0.2 rather than 2 x 10^-1 on the log axes
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(minor))
+    if n_rounds > 300:  # many decades of rounds: decade labels only, or they collide
+        ax_cost.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    handles, labels = ax_cdf.get_legend_handles_labels()
+    h2, l2 = ax_mix.get_legend_handles_labels()
+    fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=min(8, len(labels) + len(l2)), fontsize=9,
+               frameon=False)
+    fig.savefig(path, dpi=110, format=fmt)

@@ -15,10 +15,27 @@ normalised-LMS forecaster on the feature map of its last ``p`` noisy values
 
 One :class:`ClientForecasters` object holds every client of a population (or
 of a shard of it): preallocated arrays, a compiled per-client kernel, no
-Python loop over clients.
+Python loop over clients. :class:`SquaredErrors` scores published forecasts
+against the stream in one pass (used by :func:`memoa_fast.run_experiment`).
+
+**Magnitudes.** Every value a client uses stays finite: a target ``y(t)``
+must be finite with ``|y(t)| <= TARGET_LIMIT = 1e30`` (z-scored streams are
+of order 1; :func:`memoa_fast.streams.load_csv_series` refuses cells that
+would z-score beyond it), and the noise scales are at most ``1e30``. With
+these limits a noisy observation is below about ``1e31``, its features
+below ``1e63``, the NLMS weights below ``1 + 2 mu t max|z|`` (the NLMS update
+never increases the distance to any fixed weight vector by more than
+``mu |z|/|phi|``), so every forecast stays below about ``1e107`` and its
+square below ``1e214`` for up to ``10**12`` rounds: no overflow anywhere.
+
+**Backends.** ``numba`` (the default) runs the compiled kernels of
+``memoa_fast.kernels._forecast_numba``; ``numpy`` and ``cython`` run the
+NumPy reference ``memoa_fast.kernels._forecast_reference`` (there is no
+Cython forecaster, and the Cython path never imports Numba).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,22 +47,29 @@ from ._validation import as_float_array, check_choice, check_int, check_real
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
 
-FORECAST_BACKENDS = ("numba", "numpy")
-_MODULES = {"numba": "memoa_fast.kernels._forecast_numba", "numpy": "memoa_fast.kernels._forecast_reference"}
+#: Largest accepted ``|y(t)|`` of a target (see the module docstring, "Magnitudes").
+TARGET_LIMIT = 1e30
+#: Largest accepted noise scale.
+NOISE_LIMIT = 1e30
+
+FORECAST_BACKENDS = ("numba", "numpy", "cython")
+_MODULES = {
+    "numba": "memoa_fast.kernels._forecast_numba",
+    "numpy": "memoa_fast.kernels._forecast_reference",
+    # No Cython forecaster: the NumPy reference keeps the Cython path free of Numba.
+    "cython": "memoa_fast.kernels._forecast_reference",
+}
 
 
-def load_kernels(backend: str):
-    """The forecaster/scoring kernel module: ``numba`` (compiled) or ``numpy`` (reference).
-
-    ``cython`` is accepted and runs the Numba kernels (there is no Cython
-    forecaster), so a pipeline can use one backend name throughout.
-    """
-    import importlib
-
-    if backend == "cython":
-        backend = "numba"
-    backend = check_choice("backend", backend, FORECAST_BACKENDS + ("cython",))
-    return importlib.import_module(_MODULES[backend])
+def _load_kernels(backend: str):
+    """The forecaster/scoring kernel module of ``backend`` (numba: compiled; numpy, cython: reference)."""
+    backend = check_choice("backend", backend, FORECAST_BACKENDS)
+    try:
+        return importlib.import_module(_MODULES[backend])
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "memoa_fast.kernels":
+            raise ImportError(_backends.SOURCE_TREE_HINT) from exc
+        raise
 
 
 class ClientForecasters:
@@ -62,7 +86,7 @@ class ClientForecasters:
         ``p``, how many past noisy values enter the features; the weight
         vector has ``2 p + 1`` entries per coordinate.
     noise_range : (float, float), default (0.02, 1.0)
-        ``(low, high)``, ``0 < low <= high``: ``sigma_i`` is log-uniform on it.
+        ``(low, high)``, ``0 < low <= high <= 1e30``: ``sigma_i`` is log-uniform on it.
     mu : float, default 0.1
         NLMS step size, in (0, 2) (the stable range of NLMS).
     seed : int, default 0
@@ -73,7 +97,8 @@ class ClientForecasters:
         Clients per random-number block (see Notes). Every shard of one
         population must use the same value.
     backend : {"numba", "numpy", "cython"}, default "numba"
-        ``numpy`` runs the NumPy reference; ``cython`` runs the Numba kernel.
+        ``numba`` runs the compiled kernel; ``numpy`` and ``cython`` run the
+        NumPy reference (there is no Cython forecaster; Numba is not imported).
     threads : int, optional
         Threads for the kernel and the noise draws; default every core. Fewer
         than ``parallel_threshold`` clients run on one thread.
@@ -145,10 +170,10 @@ class ClientForecasters:
                 f"first_client must be a multiple of block_size={self.block_size} (shards start on a block), "
                 f"got {self.first_client}"
             )
-        self.backend = backend
-        self._kernels = load_kernels(backend)
+        self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
+        self._kernels = _load_kernels(backend)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
+        self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
 
         B = self.block_size
         self._first_block = self.first_client // B
@@ -210,19 +235,28 @@ class ClientForecasters:
         Parameters
         ----------
         y : float or array_like, shape (d,)
-            The stream's value at this round; finite.
+            The stream's value at this round: finite, ``|y| <= TARGET_LIMIT``
+            (``1e30``) in every coordinate.
 
         Returns
         -------
         numpy.ndarray
             ``s(t)``, shape (n_clients, d): the read-only live buffer
             :attr:`signals`, overwritten by the next call (copy it to keep it).
+
+        Raises
+        ------
+        ValueError
+            ``y`` is not finite or ``|y| > 1e30`` somewhere; nothing is
+            changed (no noise drawn, no weight learned, the round counter
+            stays), so the caller may skip the value or stop.
         """
-        self._y[...] = as_float_array("y", y, (self.dim,))
+        y = check_target("y", y, self.dim)
+        self._y[...] = y
         self._draw_noise()
         self._kernels.forecast_step(
             self._y, self._eps, self._sigma, self._weights, self._lags, self._out, self.mu, self.t > 0,
-            self._threads_used,
+            self.threads_used,
         )
         self.t += 1
         return self._out_view
@@ -230,10 +264,10 @@ class ClientForecasters:
     def _draw_noise(self) -> None:
         # Round t of block b: the block's PCG64 stream from position (t + 1) * 2**64 (an O(log) jump).
         offset = (self.t + 1) << 64
-        if self._threads_used > 1 and len(self._blocks) > 1:
+        if self.threads_used > 1 and len(self._blocks) > 1:
             # Generator fills release the GIL; each block has its own generator and rows.
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self._threads_used, thread_name_prefix="memoa-noise")
+                self._pool = ThreadPoolExecutor(max_workers=self.threads_used, thread_name_prefix="memoa-noise")
             list(self._pool.map(lambda blk: _draw_block(blk, offset), self._blocks))
         else:
             for blk in self._blocks:
@@ -284,6 +318,116 @@ class ClientForecasters:
         )
 
 
+class SquaredErrors:
+    """Running squared errors of ``n_clients`` published forecasts against a stream.
+
+    Each call of :meth:`add` with states ``x`` (n, d) and the target ``y``
+    (d,) makes one pass over ``x``:
+
+    .. math::
+
+        e_i = |x_i - y|^2, \\qquad \\bar x = \\frac1n \\sum_i x_i, \\qquad
+        E_i \\leftarrow E_i + e_i \\ \\text{(only if record)},
+
+    and returns ``sum_i e_i``, the mean state ``xbar`` and the totals ``E``.
+    The per-chunk partials are merged in chunk order, so the results do not
+    depend on the thread count.
+
+    Parameters
+    ----------
+    n_clients : int
+        Clients n, ``>= 1``.
+    dim : int, default 1
+        Dimension d.
+    backend : {"numba", "numpy", "cython"}, default "numba"
+        As for :class:`ClientForecasters` (``cython`` runs the NumPy reference).
+    threads : int, optional
+        Threads of the compiled kernel; default every core. Fewer than
+        ``parallel_threshold`` clients run on one thread.
+    parallel_threshold : int, default 8192
+
+    Attributes
+    ----------
+    totals : numpy.ndarray, shape (n_clients,)
+        ``E_i``, a read-only view of the live buffer.
+    max_total : float
+        ``max_i E_i`` after the last :meth:`add` (0 before).
+    threads_used : int
+        Threads the kernel runs on.
+    """
+
+    def __init__(self, n_clients: int, dim: int = 1, *, backend: str = "numba", threads: int | None = None,
+                 parallel_threshold: int = _backends.PARALLEL_THRESHOLD):
+        self.n_clients = check_int("n_clients", n_clients, low=1)
+        self.dim = check_int("dim", dim, low=1)
+        self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
+        self._kernels = _load_kernels(backend)
+        parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
+        self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, parallel_threshold)
+        self._totals = np.zeros(self.n_clients)
+        self._mean = np.zeros(self.dim)
+        self._work = np.zeros(self._kernels.score_work_shape(self.n_clients, self.dim))
+        self._totals_view = _readonly(self._totals)
+        self._mean_view = _readonly(self._mean)
+        self.max_total = 0.0
+
+    @property
+    def totals(self) -> np.ndarray:
+        """``E_i``, shape (n_clients,): a read-only view of the live buffer."""
+        return self._totals_view
+
+    def add(self, states, target, record: bool = True):
+        """Score one round: returns ``(sum_i |x_i - y|^2, mean state, totals)``.
+
+        Parameters
+        ----------
+        states : array_like, shape (n_clients, d)
+            The published forecasts ``x`` (a non-finite entry makes this
+            round's sum, that client's total and the mean non-finite; nothing
+            else is affected).
+        target : float or array_like, shape (d,)
+            ``y``; finite.
+        record : bool, default True
+            Add ``|x_i - y|^2`` to the totals (False: burn-in rounds, scored
+            for the round's sum and mean only).
+
+        Returns
+        -------
+        (float, numpy.ndarray, numpy.ndarray)
+            The summed squared error of this round, the mean state (shape
+            (d,)) and the totals (shape (n,)); both arrays are read-only live
+            buffers, overwritten by the next call.
+        """
+        # Not checked for finiteness (one pass saved per round): a non-finite state gives non-finite scores only.
+        x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
+        y = as_float_array("target", target, (self.dim,))
+        total, self.max_total = self._kernels.score_step(x, y, bool(record), self._totals, self._work, self._mean,
+                                                         self.threads_used)
+        return total, self._mean_view, self._totals_view
+
+    def reset(self) -> None:
+        """Totals back to zero."""
+        self._totals[...] = 0.0
+        self._mean[...] = 0.0
+        self.max_total = 0.0
+
+    def __repr__(self) -> str:
+        return f"SquaredErrors(n_clients={self.n_clients}, dim={self.dim}, backend={self.backend!r})"
+
+
+def check_target(name: str, value, dim: int) -> np.ndarray:
+    """``value`` as a (dim,) float64 array, finite with every ``|entry| <= TARGET_LIMIT``, else ValueError."""
+    y = as_float_array(name, value, (dim,))
+    big = np.abs(y) > TARGET_LIMIT
+    if big.any():
+        j = int(np.argmax(big))
+        raise ValueError(
+            f"{name} must have |{name}| <= {TARGET_LIMIT:g} in every coordinate (larger values would overflow the "
+            f"clients' squared features); got {float(y[j]):g} at coordinate {j}. Z-score the stream first."
+        )
+    return y
+
+
 def _draw_block(block, offset: int) -> None:
     bitgen, gen, base, rows = block
     bitgen.state = base
@@ -296,8 +440,8 @@ def _check_noise_range(noise_range) -> tuple[float, float]:
         lo, hi = noise_range
     except (TypeError, ValueError):
         raise TypeError(f"noise_range must be a pair (low, high) of positive numbers, got {noise_range!r}") from None
-    lo = check_real("noise_range low", lo, low=0.0, low_open=True)
-    hi = check_real("noise_range high", hi, low=0.0, low_open=True)
+    lo = check_real("noise_range low", lo, low=0.0, high=NOISE_LIMIT, low_open=True)
+    hi = check_real("noise_range high", hi, low=0.0, high=NOISE_LIMIT, low_open=True)
     if hi < lo:
         raise ValueError(f"noise_range must have low <= high, got ({lo!r}, {hi!r})")
     return lo, hi

@@ -22,11 +22,13 @@ import csv
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ._validation import check_int, check_real
+from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
 
@@ -205,6 +207,16 @@ class CsvSeriesError(ValueError):
     """A CSV file cannot give a clean numeric series; the message names file, line and column."""
 
 
+#: Bytes read per block by :func:`load_csv_series`.
+CSV_BLOCK_BYTES = 1 << 20
+#: Longest accepted line (header included), so memory stays bounded whatever the file holds.
+CSV_MAX_LINE_BYTES = 1 << 20
+# A strict decimal number: what a CSV cell must hold (no underscores, no hex, no
+# non-ASCII digits, no words). Python's float() alone accepts "1_001" and "١".
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "infinity"))
+
+
 def load_csv_series(
     path: str | os.PathLike,
     column: str,
@@ -219,10 +231,17 @@ def load_csv_series(
         \\mu_W, \\sigma_W = \\text{mean, std of } v(0), \\dots, v(W-1)
 
     Only the first ``W = warmup`` values are used to fit the scaling, so no
-    statistic of the future leaks into the stream. Works on the ETT files
-    (``OT``), on ``exchange_rate.csv`` (``CAD``) and on any comma-separated
-    file with one header row (a UTF-8 byte-order mark, quoted fields and
-    CRLF line ends are fine).
+    statistic of the future leaks into the stream. ``mu_W`` and ``sigma_W``
+    are computed on the warm-up divided by a power of two at least its
+    largest magnitude (exact, and no square can overflow), so any finite
+    float64 cells give a finite scaling. Works on the ETT files (``OT``), on
+    ``exchange_rate.csv`` (``CAD``) and on any comma-separated UTF-8 file with
+    one header row (a byte-order mark, quoted fields and CRLF line ends are
+    fine).
+
+    The file is read in blocks of :data:`CSV_BLOCK_BYTES` into a growing
+    float64 array (no Python list of floats): memory is about 8 bytes per row
+    plus one block.
 
     Parameters
     ----------
@@ -240,17 +259,24 @@ def load_csv_series(
     Returns
     -------
     numpy.ndarray, shape (n_rows,)
-        (or ``(values, mean, std)`` with ``return_scaling``)
+        (or ``(values, mean, std)`` with ``return_scaling``); every value is
+        finite with ``|y| <= 1e30`` (:data:`memoa_fast.forecasters.TARGET_LIMIT`).
 
     Raises
     ------
     FileNotFoundError
         No such file.
     CsvSeriesError (a ValueError)
-        Empty file, no such column (the message lists the columns), a cell
-        that is empty or missing (a gap), not a number or not finite (the
-        message gives the line number in the file and the column), fewer
-        than ``warmup + 2`` data rows, or a constant warm-up prefix.
+        The message names the file, the line and the column. Raised for: an
+        empty file; no such column (the message lists the columns); a cell
+        that is empty or missing, or a blank line inside the data (a gap); a
+        cell that is not a plain decimal number (``1_001``, ``0x10``, words);
+        a cell that is not finite (``nan``, ``inf``, ``1e400``); a byte that
+        is not UTF-8 (at its line); a quoted field not closed on its line; a
+        line longer than :data:`CSV_MAX_LINE_BYTES` (1 MiB);
+        fewer than ``warmup + 2`` data rows; a constant warm-up; a value that
+        would z-score beyond ``1e30`` (for example ``1e200`` after a warm-up
+        of ordinary values).
     """
     path = Path(path)
     warmup = check_int("warmup", warmup, low=2)
@@ -258,71 +284,238 @@ def load_csv_series(
         max_rows = check_int("max_rows", max_rows, low=1)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
-    values = []
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise CsvSeriesError(f"{path}, line 1: cannot read the header row as CSV text: {exc}") from None
-        names = [h.strip() for h in header]
-        if column not in names:
-            hint = difflib.get_close_matches(column, names, n=1)
-            raise CsvSeriesError(
-                f"{path}: no column {column!r} in the header row; the columns are {', '.join(map(repr, names))}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            )
-        col = names.index(column)
-        blank_at = None
-        try:
-            for row in reader:
-                if not row or all(not cell.strip() for cell in row):
-                    blank_at = blank_at or reader.line_num
-                    continue
-                line = reader.line_num
-                if blank_at is not None:
-                    raise CsvSeriesError(
-                        f"{path}, line {blank_at}, column {column!r}: empty line inside the data (a gap in the series); "
-                        "remove it or fill in the missing row"
-                    )
-                where = f"{path}, line {line} (data row {len(values) + 1}), column {column!r}"
-                if col >= len(row):
-                    raise CsvSeriesError(
-                        f"{where}: missing cell (the row has {len(row)} fields, the header {len(names)}); "
-                        "the series has a gap there"
-                    )
-                cell = row[col].strip()
-                if not cell:
-                    raise CsvSeriesError(f"{where}: empty cell (a gap in the series); fill it or drop the row")
-                try:
-                    v = float(cell)
-                except ValueError:
-                    raise CsvSeriesError(f"{where}: {cell!r} is not a number") from None
-                if not math.isfinite(v):
-                    raise CsvSeriesError(f"{where}: {cell!r} is not a finite number (treat it as a gap: fill it or drop the row)")
-                values.append(v)
-                if max_rows is not None and len(values) >= max_rows:
-                    break
-        except csv.Error as exc:
-            raise CsvSeriesError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise CsvSeriesError(f"{path}: not UTF-8 text near data row {len(values) + 1}: {exc}") from None
+    reader = _ColumnReader(path, column, max_rows)
+    arr = reader.read()
+    n = arr.shape[0]
     need = warmup + 2
-    if len(values) < need:
+    if n < need:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: {len(values)} data rows, too few: need at least {need} "
+            f"{path}, column {column!r}: {n} data rows, too few: need at least {need} "
             f"(a warm-up of {warmup} rows to fit the z-score, then at least 2 to forecast); "
             "use a longer file or a shorter warm-up"
         )
-    arr = np.asarray(values, dtype=np.float64)
     head = arr[:warmup]
-    mean, std = float(head.mean()), float(head.std())
-    if not std > 0.0:
+    largest = float(np.max(np.abs(head)))
+    # a power of two >= largest / 2 (2**1023 at most): scaled values are at most 2 in magnitude
+    scale = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    head_u = head / scale
+    mean_u, std_u = float(head_u.mean()), float(head_u.std())
+    if not std_u > 0.0:
         raise CsvSeriesError(
             f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {head[0]!r}); "
             "the z-score needs spread, use a longer warm-up"
         )
-    out = (arr - mean) / std
-    return (out, mean, std) if return_scaling else out
+    mean, std = mean_u * scale, std_u * scale
+    # Refuse a value that would z-score beyond the limit, naming it (checked on the raw values).
+    reach = TARGET_LIMIT * std_u * scale  # may be inf: then nothing is out of reach
+    lo, hi = mean - reach, mean + reach
+    if float(arr.min()) < lo or float(arr.max()) > hi:
+        i = int(np.argmax((arr < lo) | (arr > hi)))
+        reader.refuse_scale(i, float(arr[i]), (float(arr[i]) / scale - mean_u) / std_u, mean, std, TARGET_LIMIT)
+    arr /= scale
+    arr -= mean_u
+    arr /= std_u
+    if not max(-float(arr.min()), float(arr.max())) <= TARGET_LIMIT:  # rounding at the very edge of the limit
+        i = int(np.argmax(~(np.abs(arr) <= TARGET_LIMIT)))
+        reader.refuse_scale(i, float(arr[i]) * std + mean, float(arr[i]), mean, std, TARGET_LIMIT)
+    return (arr, mean, std) if return_scaling else arr
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``repr`` of a cell, cut to ``limit`` characters (a message never echoes a file)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+class _ColumnReader:
+    """Streams one column of a CSV file into a float64 array, block by block.
+
+    Fast path (a block with no quote, no underscore and no earlier blank
+    line): the block's lines are split in C and converted with ``float``
+    straight into the array. Any failure in a block (a bad cell, a gap, a
+    quote) re-reads that block line by line with the strict checks, which
+    find the exact line and say what is wrong. Fields are split on commas; a
+    quoted field must close on the line where it opens.
+    """
+
+    def __init__(self, path: Path, column: str, max_rows: int | None):
+        self.path, self.column, self.max_rows = path, column, max_rows
+        self.col = 0
+        self.n_fields = 0
+        self.n = 0
+        self.buf = np.empty(0)
+        self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
+
+    # ------------------------------------------------------------------ driver
+    def read(self) -> np.ndarray:
+        size = self.path.stat().st_size
+        with self.path.open("rb") as fh:
+            raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
+            if len(raw) > CSV_MAX_LINE_BYTES:
+                self._too_long(1)
+            self._header(raw)
+            line = 2
+            pending = b""
+            while not self._full():
+                block = fh.read(CSV_BLOCK_BYTES)
+                if not block:
+                    if pending:
+                        self._block(pending, [pending], line)
+                    break
+                data = pending + block
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    if len(data) > CSV_MAX_LINE_BYTES:
+                        self._too_long(line)
+                    pending = data
+                    continue
+                if len(data) - cut - 1 > CSV_MAX_LINE_BYTES:
+                    self._too_long(line + data.count(b"\n", 0, cut) + 1)
+                chunk, pending = data[:cut], data[cut + 1:]
+                lines = chunk.split(b"\n")
+                if self.buf.shape[0] == 0:  # size the array from the first block's line length
+                    self._grow(int(size / max(1.0, len(chunk) / len(lines)) * 1.05) + 16)
+                self._block(chunk, lines, line)
+                line += len(lines)
+        return self.buf[: self.n] if self.n * 5 >= self.buf.shape[0] * 4 else self.buf[: self.n].copy()
+
+    def _too_long(self, line: int):
+        raise CsvSeriesError(
+            f"{self.path}, line {line}: longer than {CSV_MAX_LINE_BYTES} bytes without a line end; "
+            "this is not a CSV series (or its line ends are not \\n or \\r\\n)"
+        )
+
+    def _full(self) -> bool:
+        return self.max_rows is not None and self.n >= self.max_rows
+
+    def _grow(self, need: int) -> None:
+        if self.max_rows is not None:
+            need = min(need, self.max_rows)
+        if need <= self.buf.shape[0]:
+            return
+        new = np.empty(max(need, self.buf.shape[0] + self.buf.shape[0] // 2))
+        new[: self.n] = self.buf[: self.n]
+        self.buf = new
+
+    def _append(self, values: np.ndarray) -> None:
+        if self.max_rows is not None:
+            values = values[: self.max_rows - self.n]
+        self._grow(self.n + values.shape[0])
+        self.buf[self.n : self.n + values.shape[0]] = values
+        self.n += values.shape[0]
+
+    # ------------------------------------------------------------------ header
+    def _header(self, raw: bytes) -> None:
+        path = self.path
+        if not raw:
+            raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)")
+        try:
+            text = raw.decode("utf-8-sig").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise CsvSeriesError(f"{path}, line 1: the header row is not UTF-8 text ({_byte(raw, exc)})") from None
+        names = [h.strip() for h in self._fields(text, 1)]
+        if self.column not in names:
+            hint = difflib.get_close_matches(self.column, names, n=1)
+            shown = ", ".join(_short(nm, 30) for nm in names[:50]) + (f", ... ({len(names)} columns)" if len(names) > 50 else "")
+            raise CsvSeriesError(
+                f"{path}: no column {self.column!r} in the header row; the columns are {shown}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        self.col = names.index(self.column)
+        self.n_fields = len(names)
+
+    def _fields(self, text: str, line: int) -> list[str]:
+        if '"' not in text:
+            return text.split(",")
+        try:
+            return next(csv.reader([text], strict=True))
+        except csv.Error as exc:
+            what = "a quoted field is not closed on this line" if "end of data" in str(exc) else f"malformed quoting ({exc})"
+            raise CsvSeriesError(
+                f"{self.path}, line {line}: {what}; quoted fields must open and close on one line"
+            ) from None
+        except StopIteration:  # pragma: no cover - a non-empty line always gives a row
+            return [""]
+
+    # ------------------------------------------------------------------ data
+    def _block(self, chunk: bytes, lines: list[bytes], first_line: int) -> None:
+        try:
+            chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = first_line + chunk.count(b"\n", 0, exc.start)
+            self._slow(lines[: line - first_line], first_line)  # any earlier problem is reported first
+            if self._full():
+                return
+            raise CsvSeriesError(
+                f"{self.path}, line {line}: not UTF-8 text ({_byte(chunk, exc)}); save the file as UTF-8"
+            ) from None
+        if self.blank_at is None and b'"' not in chunk and b"_" not in chunk:
+            try:
+                if self.n_fields == 1:
+                    cells = lines
+                else:
+                    col = self.col
+                    cells = [ln.split(b",", col + 1)[col] for ln in lines]
+                values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+            except (ValueError, IndexError):
+                values = None
+            if values is not None and np.isfinite(values).all():
+                self._append(values)
+                return
+        self._slow(lines, first_line)
+
+    def _slow(self, lines: list[bytes], first_line: int) -> None:
+        """Line by line, with the strict checks; raises at the first bad line."""
+        path, column = self.path, self.column
+        out = []
+        for k, raw in enumerate(lines):
+            if self.max_rows is not None and self.n + len(out) >= self.max_rows:
+                break
+            line = first_line + k
+            text = raw.decode("utf-8", errors="replace").rstrip("\r")
+            row = self._fields(text, line)
+            if all(not cell.strip() for cell in row):
+                if self.blank_at is None:
+                    self.blank_at = line
+                continue
+            if self.blank_at is not None:
+                raise CsvSeriesError(
+                    f"{path}, line {self.blank_at}, column {column!r}: empty line inside the data (a gap in the series); "
+                    "remove it or fill in the missing row"
+                )
+            where = f"{path}, line {line} (data row {self.n + len(out) + 1}), column {column!r}"
+            if self.col >= len(row):
+                raise CsvSeriesError(
+                    f"{where}: missing cell (the row has {len(row)} fields, the header {self.n_fields}); "
+                    "the series has a gap there"
+                )
+            cell = row[self.col].strip()
+            if not cell:
+                raise CsvSeriesError(f"{where}: empty cell (a gap in the series); fill it or drop the row")
+            if cell.lower() in _NON_FINITE:
+                raise CsvSeriesError(
+                    f"{where}: {_short(cell)} is not a finite number (treat it as a gap: fill it or drop the row)"
+                )
+            if not _NUMBER.fullmatch(cell):
+                raise CsvSeriesError(
+                    f"{where}: {_short(cell)} is not a number (a plain decimal such as 12.5 or -3e-4 is expected; "
+                    "no digit separators, no hexadecimal)"
+                )
+            v = float(cell)
+            if not math.isfinite(v):
+                raise CsvSeriesError(f"{where}: {_short(cell)} is too large for a float64 (it overflows to infinity)")
+            out.append(v)
+        if out:
+            self._append(np.asarray(out, dtype=np.float64))
+
+    def refuse_scale(self, i: int, raw: float, z: float, mean: float, std: float, limit: float):
+        far = f"{z:.3g}" if math.isfinite(z) else "more than 1e308"
+        raise CsvSeriesError(
+            f"{self.path}, line {i + 2} (data row {i + 1}), column {self.column!r}: {raw:g} is {far} warm-up standard "
+            f"deviations from the warm-up mean (mean {mean:g}, std {std:g}); a z-scored value must stay within "
+            f"+-{limit:g}. Check that cell, or fit the z-score on a longer warm-up"
+        )
+
+
+def _byte(data: bytes, exc: UnicodeDecodeError) -> str:
+    start = data.rfind(b"\n", 0, exc.start) + 1
+    return f"byte 0x{data[exc.start]:02x} at character {exc.start - start + 1} of the line"

@@ -1,15 +1,22 @@
-"""The ``memoa`` command: default run, JSON, plot, and clear errors (exit 2, no traceback) on bad options."""
+"""The ``memoa`` command: default run, JSON, plot, and clear errors (exit 2, one line, no traceback) on bad options."""
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from memoa_fast.cli import main
+import memoa_fast.experiment as experiment
+from memoa_fast import cli
+from memoa_fast.cli import RANGES, build_parser, main
 
-FAST = ["--clients", "60", "--steps", "300", "--quiet"]
+FAST = ["--clients", "60", "--rounds", "300", "--quiet"]
 
 
 def _run(argv, capsys):
@@ -35,6 +42,16 @@ def test_json_on_stdout_parses(capsys):
     assert d["stream"] == "concept-drift" and d["config"]["rules"] == ["hedge"] and d["n_rounds"] == 300
     assert set(d["policies"]["memoa"]["mixture_rmse"]) == {"hedge"}
     assert d["command"].startswith("memoa run --clients 60")
+
+
+def test_steps_is_an_alias_of_rounds(capsys):
+    runs = []
+    for opt in ("--rounds", "--steps"):
+        _, out, _ = _run(["run", "--clients", "20", opt, "120", "--quiet", "--policies", "memoa", "--json"], capsys)
+        d = json.loads(out)
+        d.pop("elapsed_s"), d.pop("command")
+        runs.append(d)
+    assert runs[0] == runs[1] and runs[0]["n_rounds"] == 120
 
 
 def test_json_file_and_plot(tmp_path, capsys):
@@ -65,36 +82,158 @@ def test_csv_run(tmp_path, capsys):
     assert code == 0 and "RMSE on stream s.csv:value: 60 clients, 399 rounds" in out
 
 
+def _one_line_error(err: str, needle: str) -> None:
+    assert needle in err, err
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+
+
 @pytest.mark.parametrize("argv,needle", [
-    (["--clients", "0"], "argument --clients: must be >= 1, got '0'"),
-    (["--clients", "many"], "argument --clients: expected an integer, got 'many'"),
-    (["--steps", "-5"], "argument --steps"),
+    (["--clients", "0"], "argument --clients: must be in [1, 10000000], got '0'"),
+    (["--clients", "many"], "argument --clients: expected an integer in [1, 10000000], got 'many'"),
+    (["--clients", "1_000"], "argument --clients: expected an integer"),  # int() would accept it
+    (["--clients", str(10**25)], "argument --clients: must be in [1, 10000000]"),
+    (["--steps", "-5"], "argument --rounds/--steps: must be in [1, 10000000]"),
+    (["--steps", str(10**12)], "argument --rounds/--steps: must be in [1, 10000000]"),
+    (["--steps", str(10**8)], "argument --rounds/--steps"),  # the rounds, not the clients
     (["--stream", "sunspots"], "argument --stream: invalid choice: 'sunspots'"),
-    (["--kappa", "-1"], "argument --kappa: must be >= 0"),
-    (["--r", "0"], "argument --r: must be > 0"),
+    (["--kappa", "-1"], "argument --kappa: must be in [0, 10000]"),
+    (["--r", "0"], "argument --r: must be in [0.0001, 10000]"),
     (["--gamma", "1.5"], "argument --gamma: must be in (0, 1]"),
     (["--alpha", "nan"], "argument --alpha: must be finite"),
+    (["--eta", "1e308"], "argument --eta: must be in [0, 1000], got '1e308'"),
+    (["--noise", "1e-300", "1e300"], "argument --noise: must be in [1e-06, 1000], got '1e-300'"),
+    (["--noise", "0.1", "1e300"], "argument --noise: must be in [1e-06, 1000], got '1e300'"),
+    (["--lags", "1000"], "argument --lags: must be in [1, 64]"),
     (["--q", "0", "--kappa", "0"], "--q and --kappa: q + kappa must be > 0"),
     (["--rule", "median"], "argument --rule: invalid choice"),
     (["--noise", "0.5", "0.1"], "argument --noise: LOW must be <= HIGH"),
     (["--mu", "2"], "argument --mu: must be in (0, 2)"),
-    (["--threads", "100000"], "argument --threads: must be in [1,"),
+    (["--threads", "100000"], "argument --threads: must be in [1, 1024]"),
+    (["--threads", "1000"], "argument --threads: must be in [1, "),
     (["--backend", "cuda"], "argument --backend: invalid choice"),
     (["--policies", "memoa,best"], "argument --policies"),
     (["--stream", "csv"], "--stream csv needs --csv PATH"),
     (["--csv", "x.csv", "--stream", "logistic"], "--csv is only for --stream csv"),
     (["--column", "OT"], "--column is only for CSV streams"),
     (["--burn-in", "300"], "argument --burn-in: must be smaller than the number of rounds (300)"),
-    (["--json", "/nonexistent/dir/r.json"], "argument --json: folder /nonexistent/dir does not exist"),
+    (["--json", "/nonexistent/dir/r.json"], "argument --json: folder '/nonexistent/dir' does not exist"),
+    (["--json", "/proc/x.json"], "argument --json: cannot create a file in folder '/proc'"),
+    (["--plot", "out.xyz"], "argument --plot: the file name must end in one of .png"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
-def test_bad_options_exit_2_with_a_message(argv, needle, capsys):
+def test_bad_options_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", *FAST, *argv])
     assert exc.value.code == 2
-    _, err = capsys.readouterr()
-    assert needle in err, err
-    assert "Traceback" not in err
+    _one_line_error(capsys.readouterr().err, needle)
+
+
+NUMERIC = [opt for opt in RANGES if opt not in ("--noise",)]
+TEXTS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.sampled_from(["1_000", "0x10", "1e400", "-0", "", " 3", "1.5e3", "\u0661", "inf", "NaN", "2**10"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(option=st.sampled_from(NUMERIC), text=TEXTS)
+def test_every_numeric_option_is_in_range_or_a_one_line_error(option, text):
+    """Property: any text for any numeric option parses to a value in its documented range, or exits 2 naming it."""
+    low, high, low_open, high_open = RANGES[option]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(["run", option, text])
+    except SystemExit as exc:
+        assert exc.code == 2
+        _one_line_error(err.getvalue(), f"argument {option}")
+        return
+    value = getattr(args, option.lstrip("-").replace("-", "_") if option != "--steps" else "rounds")
+    assert np.isfinite(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    assert "_" not in text and "x" not in text.lower()
+
+
+def test_outputs_are_checked_before_the_run(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: calls.append(1))
+    js = tmp_path / "r.json"
+    for argv, needle in [
+        (["--json", str(js), "--plot", str(tmp_path / "fig.xyz")], "argument --plot: the file name must end in"),
+        (["--json", str(js), "--plot", str(tmp_path / "no" / "fig.png")], "argument --plot: folder"),
+        (["--plot", str(tmp_path / "same.png"), "--json", str(tmp_path / "same.png")], "arguments --json and --plot"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["run", *FAST, *argv])
+        assert exc.value.code == 2
+        _one_line_error(capsys.readouterr().err, needle)
+    assert calls == [] and list(tmp_path.iterdir()) == []  # no run, nothing written
+
+
+def test_a_failing_output_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """The plot fails after the run: neither the JSON nor a temporary file is left behind, exit 2, one line."""
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(experiment, "plot_result", broken)
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--clients", "10", "--rounds", "50", "--quiet", "--policies", "memoa", "--json", str(js),
+              "--plot", str(png)])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    _one_line_error(err, "argument --plot: cannot write the result")
+    assert out == "" and list(tmp_path.iterdir()) == []
+    # an existing result is left whole
+    js.write_text("old")
+    with pytest.raises(SystemExit):
+        main(["run", "--clients", "10", "--rounds", "50", "--quiet", "--policies", "memoa", "--json", str(js),
+              "--plot", str(png)])
+    assert js.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", *FAST, "--plot", str(tmp_path / "f.png")])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, 'pip install "memoa-fast[plot]"')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_is_checked_up_front_naming_the_right_option(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_available_memory", lambda: 50 * 2**20)  # 50 MiB
+    for argv, needle in [(["--clients", "1000000", "--rounds", "10"], "argument --clients: 1000000 clients need about"),
+                         (["--clients", "10", "--rounds", "1000000"], "argument --rounds: 1000000 rounds need about")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "--quiet", *argv])
+        assert exc.value.code == 2
+        _one_line_error(capsys.readouterr().err, needle)
+
+
+def test_json_is_strict_and_non_finite_is_null(capsys, monkeypatch):
+    """A score that overflowed prints as n/a and is null in the JSON, never a bare NaN/Infinity token."""
+    real = experiment.run_experiment
+
+    def overflowing(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.scores["memoa"].mixture_rmse["eg"] = float("nan")
+        res.scores["memoa"].max_cost = float("inf")
+        return res
+
+    monkeypatch.setattr(experiment, "run_experiment", overflowing)
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    code, out, _ = _run(["run", "--clients", "10", "--rounds", "50", "--quiet", "--json"], capsys)
+    d = json.loads(out, parse_constant=refuse)
+    assert code == 0 and d["policies"]["memoa"]["mixture_rmse"]["eg"] is None and d["policies"]["memoa"]["max_cost"] is None
+    code, out, _ = _run(["run", "--clients", "10", "--rounds", "50", "--quiet"], capsys)
+    assert code == 0 and "nan" not in out.lower().replace("n/a", "") and "inf" not in out
+    assert "n/a: not a finite number" in out
 
 
 def test_csv_errors_exit_2_naming_file_line_and_column(tmp_path, capsys):
@@ -105,15 +244,13 @@ def test_csv_errors_exit_2_naming_file_line_and_column(tmp_path, capsys):
         (["--csv", str(path), "--column", "Value", "--warmup", "5"], "no column 'Value'"),
         (["--csv", str(path), "--warmup", "5"], "--csv needs --column NAME, the column to forecast; " + f"{path} has columns t,value"),
         (["--csv", str(tmp_path / "missing.csv"), "--column", "v"], "argument --csv: CSV file not found"),
-        (["--csv", str(path), "--column", "value", "--steps", "10"], "needs more rounds than the z-score warm-up"),
+        (["--csv", str(path), "--column", "value", "--rounds", "10"], "needs more rounds than the z-score warm-up"),
     ]
     for argv, needle in cases:
         with pytest.raises(SystemExit) as exc:
             main(["run", "--quiet", *argv])
         assert exc.value.code == 2
-        err = capsys.readouterr().err
-        assert needle in err, err
-        assert "Traceback" not in err
+        _one_line_error(capsys.readouterr().err, needle)
 
 
 def test_no_command_prints_help_and_exits_2(capsys):
@@ -127,8 +264,9 @@ def test_help_is_for_newcomers(capsys):
         main(["run", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for words in ("worst client", "--clients N", "--csv PATH", "examples:", "log-uniformly", "--json [PATH]"):
-        assert words in out
+    for words in ("worst client", "--clients N", "--csv PATH", "examples:", "log-uniformly", "--json [PATH]",
+                  "--rounds T, --steps T", "[1, 10000000]", "memoa-fast[plot]"):
+        assert words in " ".join(out.split()) or words in out
 
 
 def test_module_entry_point_in_a_subprocess():
@@ -145,7 +283,7 @@ def test_module_entry_point_in_a_subprocess():
 @pytest.mark.skipif(shutil.which("memoa") is None, reason="the memoa console script is not on PATH (package not installed)")
 def test_console_script():
     env = dict(os.environ, PYTHONSAFEPATH="1")
-    proc = subprocess.run(["memoa", "run", "--clients", "30", "--steps", "100"], capture_output=True, text=True,
+    proc = subprocess.run(["memoa", "run", "--clients", "30", "--rounds", "100"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "RMSE on stream logistic: 30 clients, 100 rounds" in proc.stdout
@@ -153,8 +291,18 @@ def test_console_script():
 
 def test_real_data_through_the_command(datasets_dir, capsys):
     path = datasets_dir / "ett" / "ETTh1.csv"
-    code, out, _ = _run(["run", "--csv", str(path), "--column", "OT", "--clients", "50", "--steps", "800", "--quiet",
+    code, out, _ = _run(["run", "--csv", str(path), "--column", "OT", "--clients", "50", "--rounds", "800", "--quiet",
                          "--json"], capsys)
     assert code == 0
     d = json.loads(out)
     assert d["stream"] == "ETTh1.csv:OT" and d["n_rounds"] == 800
+
+
+def test_closed_stdout_is_not_a_traceback():
+    """`memoa run | head -0`: the reader is gone before the table is printed; no traceback."""
+    pytest.importorskip("memoa_fast.kernels._cython")
+    with subprocess.Popen([sys.executable, "-P", "-m", "memoa_fast.cli", "run", "--clients", "10", "--rounds", "40",
+                           "--backend", "cython", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "Error" not in err, err

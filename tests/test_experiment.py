@@ -1,6 +1,8 @@
 """The experiment runner: semantics of a round, the claims of MODEL.md section 6, reproducibility."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,6 +127,84 @@ def test_result_serialisation_and_table(logistic_result, tmp_path):
     png = tmp_path / "fig.png"
     plot_result(res, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    svg = tmp_path / "fig.svg"
+    plot_result(res, svg)
+    text = svg.read_text()
+    for words in ("worst client", "under-performer cost", "kappa=1", "burn-in"):  # panels, parameters, legend
+        assert words in text, words
+    with pytest.raises(ValueError, match="plot path must end in one of .png"):
+        plot_result(res, tmp_path / "fig.xyz")
+
+
+def test_short_repr(logistic_result):
+    text = repr(logistic_result)
+    assert len(text) < 500 and text.count("\n") <= 3, text
+    best = logistic_result.best()
+    p, rule, v = best["mixture"]
+    assert v == min(s.mixture_rmse[r] for s in logistic_result.scores.values() for r in s.mixture_rmse)
+    for words in ("stream='logistic'", "n_clients=200", "n_rounds=1500", "memoa, greedy, local, consensus",
+                  f"{v:.4f} ({p}, {rule})", f"({best['worst_client'][0]})"):
+        assert words in text, (words, text)
+
+
+def test_round_records_end_at_the_scores(logistic_result):
+    """The per-round worst client and max_i J_i (the plot's panels) end at the table's values."""
+    res = logistic_result
+    burn = res.config["burn_in"]
+    for p, s in res.scores.items():
+        e = res.round_errors[p]
+        assert np.isnan(e["worst_client"][:burn]).all() and np.isfinite(e["worst_client"][burn:]).all()
+        assert e["worst_client"][-1] == pytest.approx(s.worst_client_rmse, rel=1e-12)
+        assert e["max_cost"][-1] == s.max_cost
+        assert np.all(np.diff(e["max_cost"]) >= 0)  # costs only accumulate
+
+
+def test_non_finite_scores_are_null_in_json_and_na_in_the_table(logistic_result):
+    import copy
+
+    res = copy.deepcopy(logistic_result)
+    res.scores["memoa"].mixture_rmse["hedge"] = float("nan")
+    res.scores["greedy"].worst_client_rmse = float("inf")
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    d = json.loads(res.to_json(), parse_constant=refuse)
+    assert d["policies"]["memoa"]["mixture_rmse"]["hedge"] is None
+    assert d["policies"]["greedy"]["worst_client_rmse"] is None
+    table = res.table()
+    assert "n/a" in table and "nan" not in table and "inf " not in table
+    assert res.best()["mixture"][0] != "memoa" or res.best()["mixture"][1] != "hedge"
+
+
+def test_cython_path_never_imports_numba():
+    pytest.importorskip("memoa_fast.kernels._cython")
+    code = (
+        "import sys, numpy as np\n"
+        "from memoa_fast import run_experiment\n"
+        "from memoa_fast.streams import make_stream\n"
+        "res = run_experiment(make_stream('logistic', 60), n_clients=10, backend='cython', progress=True)\n"
+        "assert np.isfinite(res.scores['memoa'].worst_client_rmse)\n"
+        "print('numba' in sys.modules, sorted(m for m in sys.modules if m.startswith('numba'))[:3])\n"
+    )
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False"), proc.stdout
+
+
+def test_progress_bar_is_optional(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    res = run_experiment(make_stream("logistic", 40), n_clients=5, policies=("memoa",), progress=True)
+    assert res.n_rounds == 39
+
+
+def test_plot_without_matplotlib_names_the_extra(logistic_result, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r'pip install "memoa-fast\[plot\]"'):
+        plot_result(logistic_result, tmp_path / "f.png")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -142,8 +222,10 @@ def test_bad_arguments(kwargs, match):
 def test_bad_series():
     with pytest.raises(ValueError, match="T >= 2"):
         run_experiment([1.0])
-    with pytest.raises(ValueError, match="finite; first bad value at round 3"):
+    with pytest.raises(ValueError, match=r"finite with \|y\| <= 1e\+30 \(z-score it first\); first bad value at round 3: inf"):
         run_experiment([0.0, 1.0, 2.0, np.inf, 1.0])
+    with pytest.raises(ValueError, match="first bad value at round 1: 1e\\+200"):
+        run_experiment([0.0, 1e200, 2.0, 1.0])
 
 
 @pytest.mark.parametrize("folder,name,column", [("ett", "ETTh1.csv", "OT"), ("exchange_rate", "exchange_rate.csv", "CAD")])

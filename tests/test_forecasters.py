@@ -2,8 +2,10 @@
 import numba
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from memoa_fast.forecasters import BLOCK_SIZE, ClientForecasters
+from memoa_fast.forecasters import BLOCK_SIZE, TARGET_LIMIT, ClientForecasters, SquaredErrors
 from memoa_fast.kernels import CHUNK, _forecast_numba, _forecast_reference
 from memoa_fast.streams import make_stream
 
@@ -68,9 +70,10 @@ def test_score_kernel_matches_reference(n, d, threads):
     sq_ref = sq.copy()
     mean, mean_ref = np.zeros(d), np.zeros(d)
     work = np.zeros(_forecast_numba.score_work_shape(n, d))
-    total = _forecast_numba.score_step(x, y, True, sq, work, mean, threads)
-    total_ref = _forecast_reference.score_step(x, y, True, sq_ref, work, mean_ref, threads)
+    total, top = _forecast_numba.score_step(x, y, True, sq, work, mean, threads)
+    total_ref, top_ref = _forecast_reference.score_step(x, y, True, sq_ref, work, mean_ref, threads)
     assert total == pytest.approx(total_ref, rel=RTOL)
+    assert top == top_ref == sq.max()
     np.testing.assert_allclose(sq, sq_ref, rtol=RTOL)
     np.testing.assert_allclose(mean, mean_ref, rtol=RTOL, atol=RTOL * np.abs(x).mean())
     before = sq.copy()
@@ -199,3 +202,89 @@ def test_state_dict_resumes_exactly():
     np.testing.assert_array_equal(_run(c, ys[20:]), rest_a[:, 128:])
     with pytest.raises(ValueError, match=r"state\['agents'\]\['lags'\] must have shape \(300, 1, 2\)"):
         b.load_state_dict({"agents": dict(state["agents"], lags=np.zeros((300, 1, 3))), "shared": state["shared"]})
+
+
+# --------------------------------------------------------------------------- SquaredErrors
+@pytest.mark.parametrize("backend", ["numba", "numpy", "cython"])
+@pytest.mark.parametrize("n,d,threads", [(5, 1, 1), (CHUNK + 3, 2, 1), pytest.param(2 * CHUNK + 1, 1, 2, marks=TWO_THREADS)])
+def test_squared_errors_is_the_formula(backend, n, d, threads):
+    """add(): sum_i |x_i - y|^2, the mean state, and E_i += |x_i - y|^2 only when recording."""
+    rng = np.random.default_rng(n + d)
+    scorer = SquaredErrors(n, d, backend=backend, threads=threads, parallel_threshold=1)
+    expected = np.zeros(n)
+    for record in (False, True, True):
+        x, y = rng.normal(size=(n, d)), rng.normal(size=d)
+        e2 = ((x - y) ** 2).sum(axis=1)
+        total, mean, totals = scorer.add(x, y, record)
+        expected += e2 if record else 0.0
+        assert total == pytest.approx(e2.sum(), rel=RTOL)
+        np.testing.assert_allclose(mean, x.mean(axis=0), rtol=RTOL, atol=RTOL)
+        np.testing.assert_allclose(totals, expected, rtol=RTOL)
+        assert scorer.max_total == pytest.approx(expected.max(), rel=RTOL)
+    with pytest.raises(ValueError, match=r"states must have shape"):
+        scorer.add(np.zeros((n + 1, d)), np.zeros(d))
+    with pytest.raises(ValueError, match="target must be finite"):
+        scorer.add(np.zeros((n, d)), np.full(d, np.nan))
+    bad = np.zeros((n, d))
+    bad[0, 0] = np.nan
+    before = scorer.totals.copy()
+    scorer.add(bad, np.zeros(d), True)  # a non-finite state poisons only its own client's total
+    assert np.isnan(scorer.totals[0]) and np.array_equal(scorer.totals[1:], before[1:])
+    scorer.reset()
+    assert scorer.max_total == 0.0 and not scorer.totals.any()
+
+
+# --------------------------------------------------------------------------- magnitudes
+MAGNITUDES = st.one_of(
+    st.floats(min_value=-TARGET_LIMIT, max_value=TARGET_LIMIT, allow_nan=False),
+    st.sampled_from([TARGET_LIMIT, -TARGET_LIMIT, 1e-300, 5e-324, 0.0, 1e15, -1e29]),
+)
+TOO_BIG = st.one_of(
+    st.floats(min_value=TARGET_LIMIT, exclude_min=True, allow_infinity=True),
+    st.floats(max_value=-TARGET_LIMIT, exclude_max=True, allow_infinity=True),
+    st.just(float("nan")),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ys=st.lists(MAGNITUDES, min_size=1, max_size=12), high=st.sampled_from([1.0, 1e10, 1e30]),
+       backend=st.sampled_from(["numba", "numpy"]))
+def test_any_target_within_the_limit_keeps_every_signal_finite(ys, high, backend):
+    """Property: for every float64 sequence with |y| <= 1e30 (and noise up to 1e30) the forecasts stay finite."""
+    fc = ClientForecasters(6, noise_range=(1e-3, high), seed=1, backend=backend, threads=1)
+    scorer = SquaredErrors(6, backend=backend, threads=1)
+    for y in ys:
+        s = fc.observe(y)
+        assert np.isfinite(s).all(), (y, s)
+        total, mean, totals = scorer.add(s, np.array([y]))
+        assert np.isfinite(total) and np.isfinite(mean).all() and np.isfinite(totals).all()
+    assert np.isfinite(fc.weights).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(before=st.lists(MAGNITUDES, max_size=4), bad=TOO_BIG, where=st.integers(0, 2))
+def test_a_target_beyond_the_limit_is_refused_and_changes_nothing(before, bad, where):
+    """Property: a non-finite or |y| > 1e30 target raises ValueError naming y, and the forecasters are unchanged."""
+    fc = ClientForecasters(5, dim=3, seed=2, threads=1)
+    for y in before:
+        fc.observe([y, 0.0, -y])
+    state = fc.state_dict()
+    y = [0.5, 0.5, 0.5]
+    y[where] = bad
+    with pytest.raises(ValueError, match=r"^y must"):
+        fc.observe(y)
+    after = fc.state_dict()
+    assert fc.t == len(before)
+    for part in ("agents", "shared"):
+        for key in state[part]:
+            np.testing.assert_array_equal(after[part][key], state[part][key])
+    # and it goes on exactly as if the bad value had never been offered
+    ref = ClientForecasters(5, dim=3, seed=2, threads=1)
+    for v in before:
+        ref.observe([v, 0.0, -v])
+    np.testing.assert_array_equal(fc.observe([0.1, 0.2, 0.3]), ref.observe([0.1, 0.2, 0.3]))
+
+
+def test_noise_scales_are_bounded():
+    with pytest.raises(ValueError, match=r"noise_range high must be in \(0, 1e\+30\]"):
+        ClientForecasters(3, noise_range=(0.1, 1e31))

@@ -183,3 +183,164 @@ def test_exchange_rate_cad_loads_as_is(datasets_dir):
     assert y[0] * std + mean == pytest.approx(0.861698, rel=1e-12)
     raw = y * std + mean
     assert math.isclose(raw.min(), 0.618582, rel_tol=1e-9) and math.isclose(raw.max(), 1.091524, rel_tol=1e-9)
+
+
+# --------------------------------------------------------------------------- CSV: hard inputs (issue 8, items 4 and 13)
+import csv as _csv_module  # noqa: E402
+import tracemalloc  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import memoa_fast.streams as streams  # noqa: E402
+from memoa_fast.forecasters import TARGET_LIMIT  # noqa: E402
+
+
+def _reference_column(path, column):
+    """The obviously correct reader: the csv module and float(), whole file in memory."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in _csv_module.reader(fh) if r and any(c.strip() for c in r)]
+    col = [h.strip() for h in rows[0]].index(column)
+    return np.array([float(r[col]) for r in rows[1:]])
+
+
+@pytest.mark.parametrize("cell", ["1_001", "0x10", "1e5e5", "\u0661\u0662", "12abc", "--1", "1,5"])
+def test_csv_cell_must_be_a_plain_decimal(tmp_path, cell):
+    vals = [str(i % 7) for i in range(20)]
+    vals[9] = f'"{cell}"' if "," in cell else cell
+    path = _write(tmp_path, _csv(vals))
+    with pytest.raises(CsvSeriesError) as err:
+        load_csv_series(path, "value", warmup=5)
+    assert f"{path}, line 11 (data row 10), column 'value'" in str(err.value) and "is not a number" in str(err.value)
+
+
+def test_csv_non_utf8_byte_is_reported_at_its_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 256)  # the bad byte sits many blocks in
+    lines = [f"2020-{i},{i % 9}" for i in range(600)]
+    lines[398] = "caf\xe9,3"
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(("date,value\n" + "\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(CsvSeriesError, match=r"latin1.csv, line 400: not UTF-8 text \(byte 0xe9 at character 4"):
+        load_csv_series(path, "value", warmup=5)
+    # an earlier problem is reported first
+    lines[100] = "x,oops"
+    path.write_bytes(("date,value\n" + "\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(CsvSeriesError, match="line 102 .* 'oops' is not a number"):
+        load_csv_series(path, "value", warmup=5)
+    # and a byte beyond max_rows is never read
+    assert load_csv_series(path, "value", warmup=5, max_rows=50).shape == (50,)
+
+
+def test_csv_unterminated_quote_is_short_and_names_the_line(tmp_path):
+    lines = [f"2020-{i},{i % 9}" for i in range(2000)]
+    lines[700] = '"2020-700,5'
+    path = _write(tmp_path, "date,value\n" + "\n".join(lines) + "\n")
+    with pytest.raises(CsvSeriesError) as err:
+        load_csv_series(path, "value", warmup=5)
+    msg = str(err.value)
+    assert f"{path}, line 702: a quoted field is not closed on this line" in msg
+    assert len(msg) < 300 and "2020-701" not in msg  # no echo of the file
+
+
+@pytest.mark.parametrize("where,ok", [(800, False), (10, True)])
+def test_csv_huge_cells(tmp_path, where, ok):
+    """1e200 after the warm-up would z-score beyond 1e30: refused, naming it; inside the warm-up the scaling copes."""
+    vals = [str((i * 37 % 101) / 10) for i in range(1000)]
+    vals[where] = "1e200"
+    path = _write(tmp_path, _csv(vals))
+    if ok:
+        y, mean, std = load_csv_series(path, "value", warmup=100, return_scaling=True)
+        assert np.isfinite(y).all() and np.isfinite([mean, std]).all() and np.ptp(y) > 1
+        assert abs(y[:100].mean()) < 1e-12 and abs(y[:100].std() - 1) < 1e-12
+    else:
+        with pytest.raises(CsvSeriesError, match=rf"{path}, line 802 \(data row 801\), column 'value': 1e\+200 is 3.4\de\+199"):
+            load_csv_series(path, "value", warmup=100)
+    vals[where] = "1e400"
+    with pytest.raises(CsvSeriesError, match=rf"line {where + 2} .* '1e400' is too large for a float64"):
+        load_csv_series(_write(tmp_path, _csv(vals), "inf.csv"), "value", warmup=100)
+
+
+FINITE = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(min_value=-1e3, max_value=1e3, allow_nan=False),
+    st.sampled_from([1e-300, -1e-300, 5e-324, 1e308, -1.7976931348623157e308, 0.0]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(FINITE, min_size=6, max_size=40), warmup=st.integers(2, 4))
+def test_csv_any_finite_values_give_a_clean_series_or_a_named_error(tmp_path_factory, values, warmup):
+    """Property: any finite float64 cells load to a finite series within 1e30, z-scored on the warm-up, or raise
+    CsvSeriesError naming the file; never a silently constant or non-finite series."""
+    path = tmp_path_factory.mktemp("p") / "v.csv"
+    path.write_text("value\n" + "\n".join(map(repr, values)) + "\n")
+    try:
+        y, mean, std = load_csv_series(path, "value", warmup=warmup, return_scaling=True)
+    except CsvSeriesError as exc:
+        assert str(path) in str(exc)
+        return
+    v = np.array(values)
+    assert np.isfinite(y).all() and np.abs(y).max() <= TARGET_LIMIT
+    assert np.isfinite(mean) and std > 0 and np.isfinite(std)
+    # an increasing affine map: order is never reversed and ties stay ties (rounding may merge near values)
+    i, j = np.triu_indices(len(v), 1)
+    dy = (y[i] > y[j]).astype(int) - (y[i] < y[j])
+    dv = (v[i] > v[j]).astype(int) - (v[i] < v[j])
+    assert np.all(dy * dv >= 0) and np.all(dy[dv == 0] == 0)
+    assert abs(y[:warmup].mean()) < 1e-9 and abs(y[:warmup].std() - 1) < 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=8, max_size=60),
+       block=st.integers(8, 200), crlf=st.booleans(), quote=st.booleans(), final_newline=st.booleans(),
+       max_rows=st.one_of(st.none(), st.integers(7, 70)))
+def test_csv_block_reader_matches_the_csv_module(tmp_path_factory, values, block, crlf, quote, final_newline, max_rows):
+    """Property: every block size, line end, quoting and max_rows give the same numbers as the csv module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(streams, "CSV_BLOCK_BYTES", block)
+        _check_block_reader(tmp_path_factory, values, crlf, quote, final_newline, max_rows)
+
+
+def _check_block_reader(tmp_path_factory, values, crlf, quote, final_newline, max_rows):
+    end = "\r\n" if crlf else "\n"
+    rows = [(f'"2020-{i}"' if quote and i % 3 == 0 else f"2020-{i}") + f",{v!r},x" for i, v in enumerate(values)]
+    text = "\ufeffdate,value,other" + end + end.join(rows) + (end if final_newline else "")
+    path = tmp_path_factory.mktemp("b") / "b.csv"
+    path.write_bytes(text.encode("utf-8"))
+    ref = _reference_column(path, "value")[:max_rows]
+    if np.ptp(ref[:5]) == 0:
+        return
+    y, mean, std = load_csv_series(path, "value", warmup=5, max_rows=max_rows, return_scaling=True)
+    np.testing.assert_allclose(y * std + mean, ref, rtol=1e-12, atol=1e-9 * np.abs(ref).max())
+    assert y.shape == ref.shape
+
+
+def test_csv_is_streamed_into_a_float64_array(tmp_path, monkeypatch):
+    """Memory: about 8 bytes per row plus one block (a list of Python floats would need over 32 bytes per row)."""
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 1 << 14)
+    n = 100_000
+    rng = np.random.default_rng(0)
+    v = np.cumsum(rng.normal(size=n))
+    path = tmp_path / "big.csv"
+    path.write_text("value\n" + "\n".join(map(repr, v.tolist())) + "\n")
+    tracemalloc.start()
+    try:
+        y = load_csv_series(path, "value", warmup=500)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert y.shape == (n,) and y.dtype == np.float64
+    np.testing.assert_allclose(y, (v - v[:500].mean()) / v[:500].std(), rtol=1e-10, atol=1e-10)
+    assert peak < 16 * n + 20 * streams.CSV_BLOCK_BYTES, peak / n
+
+
+@pytest.mark.parametrize("where", ["header", "data", "last"])
+def test_csv_overlong_line_is_refused_without_reading_it_all(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(streams, "CSV_MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 32)
+    lines = ["date,value"] + [f"2020-{i},{i % 7}" for i in range(30)]
+    at = {"header": 0, "data": 10, "last": 30}[where]
+    lines[at] += "9" * 500
+    path = _write(tmp_path, "\n".join(lines) + ("\n" if where != "last" else ""))
+    with pytest.raises(CsvSeriesError, match=rf"line {at + 1}: longer than 100 bytes without a line end"):
+        load_csv_series(path, "value", warmup=5)
