@@ -19,7 +19,7 @@ from .population import Population
 from .server import RULES, Server
 from .streams import load_csv_series, make_stream
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Imported on first use: dask is optional and heavy, checkpoints need neither.
 _LAZY = {
