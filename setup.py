@@ -124,6 +124,7 @@ class BuildExt(build_ext):
         return True
 
     def build_extensions(self):
+        """Choose the OpenMP flags (or the serial build), then cythonize and compile every extension."""
         import numpy as np
         from Cython.Build import cythonize
 
