@@ -32,6 +32,12 @@ if _PROFILE not in ("ci", "random"):
     raise pytest.UsageError(f"MEMOA_HYPOTHESIS={_PROFILE!r}: expected 'ci' (fixed seed, the default) or 'random'")
 settings.load_profile(_PROFILE)
 
+
+def pytest_report_header(config):
+    """Name the hypothesis profile in the run's header (``--hypothesis-profile`` overrides the default)."""
+    name = config.getoption("hypothesis_profile", default=None) or _PROFILE
+    return f"hypothesis profile: {name} (select with --hypothesis-profile=ci|random or MEMOA_HYPOTHESIS)"
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
