@@ -1,7 +1,9 @@
-"""Declare the Cython extensions and build them with the compiler's OpenMP flags.
+"""Declare the packages and the Cython extensions, and build them with the compiler's OpenMP flags.
 
-All metadata lives in ``pyproject.toml``. Every ``kernels/<stem>.pyx`` becomes
-the extension ``memoa_fast.kernels.<stem>``.
+All metadata lives in ``pyproject.toml``. The packages are ``memoa_fast``, every
+subpackage of it, and ``kernels/`` installed as ``memoa_fast.kernels`` (the
+mapping is ``package-dir`` in ``pyproject.toml``). Every ``kernels/<stem>.pyx``
+becomes the extension ``memoa_fast.kernels.<stem>``.
 
 OpenMP: the build tries, with the compiler in use, to compile and link a tiny
 OpenMP program with each candidate set of flags, and keeps the first that works:
@@ -26,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = Path("kernels")
@@ -167,4 +169,8 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+setup(
+    packages=[*find_packages(include=["memoa_fast", "memoa_fast.*"]), "memoa_fast.kernels"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExt},
+)
