@@ -173,8 +173,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if _machine is not None:
         tr.write_line(
             "STREAM triad (384 MB), start / end of run: "
-            + ", ".join(f"{t} thread{'s' if t > 1 else ''} {_machine.triad[t]:.1f} / {_machine.triad_end.get(t, float('nan')):.1f} GB/s"
-                        for t in _machine.threads)
+            + ", ".join(f"{t} thread{'s' if t > 1 else ''} {_machine.triad[t]:.1f} / "
+                        f"{_machine.triad_end.get(t, float('nan')):.1f} GB/s" for t in _machine.threads)
         )
     head = f"{'kernel':<19}{'N':>9}{'d':>4} " + "".join(f"{b:>10}" for b in backends)
     head += f"{'x numba-2':>10}{'GB/s':>7}{'%triad2':>8}{'%match':>7}"

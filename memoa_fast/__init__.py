@@ -12,14 +12,13 @@ The public API is small:
   :mod:`memoa_fast.checkpoint` and :mod:`memoa_fast.distributed` (Dask) are
   imported on demand.
 """
+from ._version import __version__
 from .experiment import ExperimentResult, run_experiment
 from .forecasters import ClientForecasters
 from .game import POLICIES, Game, Gains, PolicyCoefficients, solve_gains
 from .population import Population
 from .server import RULES, Server
 from .streams import load_csv_series, make_stream
-
-__version__ = "0.1.0"
 
 # Imported on first use: dask is optional and heavy, checkpoints need neither.
 _LAZY = {

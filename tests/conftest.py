@@ -1,10 +1,42 @@
-"""Shared fixtures. The tests run against the installed package (see README)."""
+"""Shared fixtures and the hypothesis profiles. The tests run against the installed package (see README).
+
+Hypothesis profiles
+-------------------
+``ci`` (the default, and what CI runs)
+    Derandomized: every run draws the same examples from a fixed seed, with no
+    example database, so a failure in CI fails the same way on any machine.
+    No deadline (the first call of a kernel JIT-compiles). A failure prints
+    the blob that ``@reproduce_failure`` replays.
+``random``
+    Fresh random examples on every run (with the local ``.hypothesis/``
+    example database, which replays earlier failures first): for hunting.
+
+Choose one with ``python3 -m pytest --hypothesis-profile=random`` (hypothesis'
+own pytest option, which wins) or ``MEMOA_HYPOTHESIS=random python3 -m pytest``.
+Example counts stay per test (``@settings(max_examples=...)``); a profile sets
+only how examples are drawn.
+"""
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import memoa_fast
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("random", derandomize=False, deadline=None, print_blob=True)
+_PROFILE = os.environ.get("MEMOA_HYPOTHESIS", "ci")
+if _PROFILE not in ("ci", "random"):
+    raise pytest.UsageError(f"MEMOA_HYPOTHESIS={_PROFILE!r}: expected 'ci' (fixed seed, the default) or 'random'")
+settings.load_profile(_PROFILE)
+
+
+def pytest_report_header(config):
+    """Name the hypothesis profile in the run's header (``--hypothesis-profile`` overrides the default)."""
+    name = config.getoption("hypothesis_profile", default=None) or _PROFILE
+    return f"hypothesis profile: {name} (select with --hypothesis-profile=ci|random or MEMOA_HYPOTHESIS)"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -23,6 +55,7 @@ DATASETS = SHARED / "datasets"
 
 @pytest.fixture
 def rng():
+    """A NumPy generator with a fixed seed, fresh for each test."""
     return np.random.default_rng(20261121)
 
 
