@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 
 from memoa_fast import Game, Population, Server
-from memoa_fast.forecasters import ClientForecasters
-from memoa_fast.streams import make_stream
+from memoa_fast.timeseries.forecasters import ClientForecasters
+from memoa_fast.timeseries.streams import make_stream
 
 SIZES = {"ci": (10_000, 100), "full": (100_000, 1_000)}
 PIPELINES = ("compiled", "numpy")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from memoa_fast import ClientForecasters, Game, Population, Server, load_csv_series, make_stream
-from memoa_fast.trust import TrustPopulation
+from memoa_fast.timeseries.trust import TrustPopulation
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BASELINES = ("memoa", "greedy", "local", "consensus")

@@ -13,12 +13,13 @@ The public API is small:
   imported on demand.
 """
 from ._version import __version__
-from .experiment import ExperimentResult, run_experiment
-from .forecasters import ClientForecasters
-from .game import POLICIES, Game, Gains, PolicyCoefficients, solve_gains
+from .game import POLICIES, Game, Gains, PolicyCoefficients, PolicyTable, solve_classes, solve_gains
 from .population import Population
 from .server import RULES, Server
-from .streams import load_csv_series, make_stream
+from .timeseries.experiment import ExperimentResult, run_experiment
+from .timeseries.forecasters import ClientForecasters
+from .timeseries.streams import load_csv_series, make_stream
+from .timeseries.trust import TrustClasses, TrustPopulation
 
 # Imported on first use: dask is optional and heavy, checkpoints need neither.
 _LAZY = {

@@ -1,4 +1,4 @@
 """``python -m memoa_fast`` is the ``memoa`` command."""
-from .cli import main
+from .timeseries.cli import main
 
 raise SystemExit(main())

@@ -443,6 +443,11 @@ class Population(MeanFieldSummary):
         config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
         return (_rebuild, (Population, (self.game, self.n_agents, self.dim), config, self.state_dict()))
 
+    @property
+    def threads_used(self) -> int:
+        """Threads the kernels run on (1 below the work-size threshold; see ``threads``)."""
+        return self._threads_used
+
     def __repr__(self) -> str:
         return (
             f"Population({self.game!r}, n_agents={self.n_agents}, dim={self.dim}, backend={self.backend!r}, "

@@ -162,6 +162,11 @@ class Server:
                       parallel_threshold=self.parallel_threshold)
         return (_rebuild_server, (self.n_agents, self.dim, config, self.state_dict()))
 
+    @property
+    def threads_used(self) -> int:
+        """Threads the kernels run on (1 below the work-size threshold; see ``threads``)."""
+        return self._threads_used
+
     def __repr__(self) -> str:
         return (
             f"Server(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, "

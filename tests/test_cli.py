@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import memoa_fast.experiment as experiment
-from memoa_fast import cli
-from memoa_fast.cli import RANGES, build_parser, main
+import memoa_fast.timeseries.experiment as experiment
+from memoa_fast.timeseries import cli
+from memoa_fast.timeseries.cli import RANGES, build_parser, main
 
 FAST = ["--clients", "60", "--rounds", "300", "--quiet"]
 
@@ -270,12 +270,12 @@ def test_help_is_for_newcomers(capsys):
 
 
 def test_module_entry_point_in_a_subprocess():
-    proc = subprocess.run([sys.executable, "-P", "-m", "memoa_fast.cli", "run", *FAST, "--stream", "concept"],
+    proc = subprocess.run([sys.executable, "-P", "-m", "memoa_fast.timeseries.cli", "run", *FAST, "--stream", "concept"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| memoa" in proc.stdout
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
-    proc = subprocess.run([sys.executable, "-P", "-m", "memoa_fast.cli", "run", "--gamma", "2"],
+    proc = subprocess.run([sys.executable, "-P", "-m", "memoa_fast.timeseries.cli", "run", "--gamma", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "argument --gamma" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -301,7 +301,7 @@ def test_real_data_through_the_command(datasets_dir, capsys):
 def test_closed_stdout_is_not_a_traceback():
     """`memoa run | head -0`: the reader is gone before the table is printed; no traceback."""
     pytest.importorskip("memoa_fast.kernels._cython")
-    with subprocess.Popen([sys.executable, "-P", "-m", "memoa_fast.cli", "run", "--clients", "10", "--rounds", "40",
+    with subprocess.Popen([sys.executable, "-P", "-m", "memoa_fast.timeseries.cli", "run", "--clients", "10", "--rounds", "40",
                            "--backend", "cython", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         proc.stdout.close()
         err = proc.stderr.read().decode()

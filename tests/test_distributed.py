@@ -17,12 +17,12 @@ from memoa_fast.checkpoint import CheckpointError, load_checkpoint, restore_chec
 from memoa_fast.distributed import (  # noqa: E402
     DaskPopulation,
     DaskServer,
-    ForecasterSignals,
     NoisyLastValueSignals,
     ShardLostError,
     shard_bounds,
 )
 from memoa_fast.kernels import CHUNK  # noqa: E402
+from memoa_fast.timeseries.forecasters import ForecasterSignals  # noqa: E402
 
 pytestmark = pytest.mark.dask
 
@@ -192,8 +192,8 @@ def test_exact_mode_is_bitwise_single_process(client):
 
 def test_forecasters_on_the_workers_match_the_single_process_pipeline(client):
     """MODEL.md section 6 with the client forecasters running on the workers, fed d numbers per round."""
-    from memoa_fast.forecasters import ClientForecasters
-    from memoa_fast.streams import logistic_map
+    from memoa_fast.timeseries.forecasters import ClientForecasters
+    from memoa_fast.timeseries.streams import logistic_map
 
     T = 15
     y = logistic_map(T + 1, seed=2)
@@ -378,7 +378,7 @@ def test_killed_worker_names_shard_and_checkpoint_and_the_run_resumes(own_cluste
     assert dpop.t == cut and dpop.n_shards == 3 and dserver.n_updates == cut
     advance(range(cut, T))
 
-    from memoa_fast.forecasters import ClientForecasters
+    from memoa_fast.timeseries.forecasters import ClientForecasters
 
     pop, server = _single(rule="hedge")
     server = Server(N, 1, rule="hedge", eta=1.0, alpha=0.01, threads=1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from memoa_fast import Game, Population, Server
-from memoa_fast.experiment import ExperimentResult, plot_result, run_experiment
-from memoa_fast.forecasters import ClientForecasters
-from memoa_fast.streams import load_csv_series, make_stream
+from memoa_fast.timeseries.experiment import ExperimentResult, plot_result, run_experiment
+from memoa_fast.timeseries.forecasters import ClientForecasters
+from memoa_fast.timeseries.streams import load_csv_series, make_stream
 
 SMALL = dict(n_clients=200, seed=0)
 
@@ -182,7 +182,7 @@ def test_cython_path_never_imports_numba():
     code = (
         "import sys, numpy as np\n"
         "from memoa_fast import run_experiment\n"
-        "from memoa_fast.streams import make_stream\n"
+        "from memoa_fast.timeseries.streams import make_stream\n"
         "res = run_experiment(make_stream('logistic', 60), n_clients=10, backend='cython', progress=True)\n"
         "assert np.isfinite(res.scores['memoa'].worst_client_rmse)\n"
         "print('numba' in sys.modules, sorted(m for m in sys.modules if m.startswith('numba'))[:3])\n"

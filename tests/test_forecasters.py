@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memoa_fast.forecasters import BLOCK_SIZE, TARGET_LIMIT, ClientForecasters, SquaredErrors
+from memoa_fast.timeseries.forecasters import BLOCK_SIZE, TARGET_LIMIT, ClientForecasters, SquaredErrors
 from memoa_fast.kernels import CHUNK, _forecast_numba, _forecast_reference
-from memoa_fast.streams import make_stream
+from memoa_fast.timeseries.streams import make_stream
 
 RTOL = 1e-12
 TWO_THREADS = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba was started with one thread")

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from memoa_fast.streams import (
+from memoa_fast.timeseries.streams import (
     SYNTHETIC_STREAMS,
     CsvSeriesError,
     concept,
@@ -192,8 +192,8 @@ import tracemalloc  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import memoa_fast.streams as streams  # noqa: E402
-from memoa_fast.forecasters import TARGET_LIMIT  # noqa: E402
+import memoa_fast.timeseries.streams as streams  # noqa: E402
+from memoa_fast.timeseries.forecasters import TARGET_LIMIT  # noqa: E402
 
 
 def _reference_column(path, column):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memoa_fast.trust import TrustClasses
+from memoa_fast.timeseries.trust import TrustClasses
 
 
 @settings(max_examples=30, deadline=None)
@@ -66,7 +66,7 @@ def test_bad_arguments(kwargs, words):
 
 def test_trust_population_reclasses_and_starts_as_memoa(rng):
     from memoa_fast import Game, Population
-    from memoa_fast.trust import TrustPopulation
+    from memoa_fast.timeseries.trust import TrustPopulation
 
     n, d, R = 64, 1, 5
     trust = TrustPopulation(n, d, n_classes=4, reclass=R, kappa=2.0, q=1.0, r=0.1, gamma=0.9)

@@ -177,12 +177,12 @@ _PROBE = textwrap.dedent(
     from memoa_fast import ClientForecasters
     f = ClientForecasters(20_000, seed=1)
     f.observe(0.5)
-    report["forecasters"] = [f.threads, f._threads_used, bool(np.isfinite(f.signals).all())]
+    report["forecasters"] = [f.threads, f.threads_used, bool(np.isfinite(f.signals).all())]
     if sys.argv[1] == "population":
         from memoa_fast import Game, Population
         pop = Population(Game(), 20_000, 1)
         pop.step(np.random.default_rng(0).normal(size=20_000))
-        report["population"] = [pop.threads, pop._threads_used, bool(np.isfinite(pop.states).all())]
+        report["population"] = [pop.threads, pop.threads_used, bool(np.isfinite(pop.states).all())]
     print(json.dumps(report))
     """
 )

@@ -30,13 +30,12 @@ protocol), :mod:`._shard` (the actor), :mod:`.server` (the sharded mixture),
 from ._comm import CommStats, ShardLostError
 from .population import DaskPopulation, ShardedStates, shard_bounds
 from .server import DaskServer
-from .signals import ForecasterSignals, NoisyLastValueSignals
+from .signals import NoisyLastValueSignals
 
 __all__ = [
     "CommStats",
     "DaskPopulation",
     "DaskServer",
-    "ForecasterSignals",
     "NoisyLastValueSignals",
     "ShardLostError",
     "ShardedStates",

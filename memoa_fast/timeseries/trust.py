@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 
-from ._validation import as_float_array, check_int, check_real
-from .game import Game
-from .population import Population
+from .._validation import as_float_array, check_int, check_real
+from ..game import Game
+from ..population import Population
 
 
 class TrustClasses:

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._validation import check_choice, check_int
+from .._validation import check_choice, check_int
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .game import POLICIES, Game
-from .population import Population
-from .server import RULES, Server
+from ..game import POLICIES, Game
+from ..population import Population
+from ..server import RULES, Server
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import check_int, check_real
+from .._validation import check_int, check_real
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")

@@ -41,8 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _backends
-from ._validation import as_float_array, check_choice, check_int, check_real
+from .. import _backends
+from .._validation import as_float_array, check_choice, check_int, check_real
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -451,3 +451,60 @@ def _readonly(arr: np.ndarray) -> np.ndarray:
     view = arr.view()
     view.flags.writeable = False
     return view
+
+
+class ForecasterSignals:
+    """Worker-side signals from :class:`~memoa_fast.forecasters.ClientForecasters` (MODEL.md section 6).
+
+    The clients ``[lo, hi)`` of a time-series population: :meth:`observe`
+    feeds them the stream's value ``y(t)`` (each adds its own noise, learns
+    and forecasts ``y(t+1)``), :meth:`next` returns those forecasts. The
+    forecasters draw their noise per block of 4096 clients, addressed by
+    position, so a shard reproduces its slice of the full population exactly.
+
+    Parameters
+    ----------
+    lo, hi : int
+        The clients served; ``lo`` a multiple of 4096 (shards always are).
+    seed : int
+        Seed of every draw.
+    dim : int, default 1
+        Dimension d of the stream.
+    threads : int, default 1
+        Threads of the forecaster kernel on the worker.
+    **kwargs
+        ``lags``, ``noise_range``, ``mu``, ``backend``: as for ``ClientForecasters``.
+
+    Examples
+    --------
+    ::
+
+        factory = functools.partial(ForecasterSignals, dim=1, lags=2)
+        pop = DaskPopulation(game, 10**7, client=client, signals=factory, seed=1)
+        for t in range(T - 1):
+            pop.observe(y[t])          # d numbers to each shard
+            x = pop.step()             # the shards forecast, then step
+            yhat = server.predict(x)
+            server.update(x, y[t + 1])
+    """
+
+    def __init__(self, lo: int, hi: int, seed: int = 0, *, dim: int = 1, threads: int = 1, **kwargs):
+        self.forecasters = ClientForecasters(hi - lo, dim, seed=seed, first_client=lo, threads=threads, **kwargs)
+
+    def observe(self, y) -> None:
+        """Feed the stream's newest value to every client's forecaster."""
+        self.forecasters.observe(y)
+
+    def next(self) -> np.ndarray:
+        """The clients' forecasts of the next value: this round's signals."""
+        return self.forecasters.signals
+
+    # The forecasters' state (NLMS weights, lag buffers, last forecasts, round
+    # counter, last value); the noise is a function of (seed, client, round).
+    def state_dict(self) -> dict:
+        """The forecasters' state."""
+        return self.forecasters.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the forecasters' state."""
+        self.forecasters.load_state_dict(state)

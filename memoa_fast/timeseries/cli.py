@@ -23,9 +23,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, experiment
+from .. import _backends
+from .._version import __version__
+from . import experiment
 from .experiment import PLOT_FORMATS, require_matplotlib
-from .game import POLICIES
+from ..game import POLICIES
 from .streams import CsvSeriesError, load_csv_series, make_stream
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
@@ -311,7 +313,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
             run.error(f"argument --plot: {exc}")
     if args.backend == "cython":
         try:
-            import memoa_fast.kernels._cython as cy  # noqa: F401
+            _backends.load("cython")
         except ImportError as exc:
             run.error(f"argument --backend: cython needs the compiled extension, which is missing ({exc}); use --backend numba")
 
