@@ -50,6 +50,12 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 cimport openmp
 
+cdef extern from *:
+    # C99 restrict pointers: the arrays a hot loop reads and writes do not overlap, so gcc vectorises it
+    # without run-time alias checks (it gives up when a loop would need more than ten).
+    ctypedef double* dptr "double * __restrict__"
+    ctypedef const double* cdptr "const double * __restrict__"
+
 import numpy as np
 
 from ._config import CHUNK as _CONFIG_CHUNK, PAD as _CONFIG_PAD
@@ -199,7 +205,7 @@ cdef Py_ssize_t _step_scratch(Py_ssize_t d, Py_ssize_t K):
     """Doubles of scratch one thread needs for a population pass."""
     cdef Py_ssize_t R = _block_rows(d)
     cdef Py_ssize_t L = R * d
-    return 8 * L + 2 * _MAX_LANES + _exp_rows(R) + 2 * K * d + K + 8
+    return 8 * L + 3 * _MAX_LANES + 3 * R + _exp_rows(R) + 2 * K * d + K + 8
 
 
 cdef Py_ssize_t _server_scratch(Py_ssize_t d):
@@ -268,11 +274,16 @@ cdef void _lane_columns(const double* lanes, Py_ssize_t d, Py_ssize_t R, double*
 
 
 cdef inline Py_ssize_t _count_invalid(const double* v, Py_ssize_t m) noexcept nogil:
-    """Number of entries of ``v[0:m]`` that are not valid (NaN, inf, or ``|v| > SIGNAL_LIMIT``); vectorised."""
-    cdef Py_ssize_t k, bad = 0
+    """Number of entries of ``v[0:m]`` that are not valid (NaN, inf, or ``|v| > SIGNAL_LIMIT``); vectorised.
+
+    The count is a float64 sum of 0/1 selects (exact below 2^53), which gcc
+    vectorises in order; an integer count of a double comparison it does not.
+    """
+    cdef Py_ssize_t k
+    cdef double bad = 0.0
     for k in range(m):
-        bad += not (fabs(v[k]) <= _SIGNAL_LIMIT)
-    return bad
+        bad += 0.0 if fabs(v[k]) <= _SIGNAL_LIMIT else 1.0
+    return <Py_ssize_t>bad
 
 
 cdef inline bint _row_valid(const double* row, Py_ssize_t d) noexcept nogil:
@@ -280,31 +291,45 @@ cdef inline bint _row_valid(const double* row, Py_ssize_t d) noexcept nogil:
     return _count_invalid(row, d) == 0
 
 
+cdef inline void _max_lanes(Py_ssize_t m, cdptr J, dptr vmax, dptr varg, dptr index) noexcept nogil:
+    """One block of :c:func:`_max_arg`: lane ``k`` takes ``J[k]`` (and ``index[k]``) when ``J[k] > vmax[k]``; ``index += MAX_LANES``.
+
+    The index lane is blended arithmetically (``varg + up (index - varg)``,
+    exact for integers below 2^53): gcc if-converts one select per loop, not two.
+    """
+    cdef Py_ssize_t k
+    cdef double v, old, up
+    for k in range(m):
+        v = J[k]
+        old = vmax[k]
+        up = 1.0 if v > old else 0.0
+        vmax[k] = v if v > old else old
+        varg[k] = varg[k] + up * (index[k] - varg[k])
+        index[k] = index[k] + _MAX_LANES
+
+
 cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes, double* out_max,
                    double* out_arg) noexcept nogil:
     """Largest ``J[i]`` over ``[lo, hi)`` and its first index (as ``numpy.argmax``), written to ``out_max``/``out_arg``.
 
-    Reads ``J[lo:hi]``; uses ``lanes[0:2 MAX_LANES]`` as scratch: lane ``k``
+    Reads ``J[lo:hi]``; uses ``lanes[0:3 MAX_LANES]`` as scratch: lane ``k``
     keeps the largest value seen at positions ``k mod MAX_LANES`` and its
-    first index (element-wise selects, vectorised). An all ``-inf`` (or NaN)
-    range gives ``(J[lo], lo)``.
+    first index (element-wise, vectorised: :c:func:`_max_lanes`). An all
+    ``-inf`` (or NaN) range gives ``(J[lo], lo)``.
     """
     cdef double* vmax = lanes
     cdef double* varg = lanes + _MAX_LANES
+    cdef double* index = lanes + 2 * _MAX_LANES
     cdef Py_ssize_t b, k, m
-    cdef double v, best = -INFINITY, arg = -1.0
-    cdef bint up
+    cdef double best = -INFINITY, arg = -1.0
     for k in range(_MAX_LANES):
         vmax[k] = -INFINITY
         varg[k] = -1.0
+        index[k] = <double>(lo + k)
     b = lo
     while b < hi:
         m = hi - b if hi - b < _MAX_LANES else _MAX_LANES
-        for k in range(m):
-            v = J[b + k]
-            up = v > vmax[k]
-            vmax[k] = v if up else vmax[k]
-            varg[k] = <double>(b + k) if up else varg[k]
+        _max_lanes(m, J + b, vmax, varg, index)
         b += _MAX_LANES
     for k in range(_MAX_LANES):
         if vmax[k] > best or (vmax[k] == best and varg[k] < arg and varg[k] >= 0.0):
@@ -370,12 +395,12 @@ cdef void _log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
     only when the vectorised count finds one, so ``dst[k]`` depends on
     ``src[k]`` alone.
     """
-    cdef Py_ssize_t k, bad = 0
+    cdef Py_ssize_t k
     cdef uint64_t ix, t
-    cdef double x, z, e, f, s, zz, w, r, hfsq
+    cdef double x, z, e, f, s, zz, w, r, hfsq, bad = 0.0
     for k in range(m):
         x = src[k]
-        bad += not (x >= _TINY and x <= _HUGE)
+        bad += 0.0 if (x >= _TINY) & (x <= _HUGE) else 1.0
         ix = <uint64_t>_bits(x)
         t = ix - _LOG_OFF
         z = _from_bits(<int64_t>(ix - (t & _EXP_FIELD)))
@@ -388,7 +413,7 @@ cdef void _log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
         r = zz * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
         hfsq = 0.5 * f * f
         dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
-    if bad:
+    if bad != 0.0:
         for k in range(m):
             x = src[k]
             if not (x >= _TINY and x <= _HUGE):
@@ -619,6 +644,51 @@ cdef void _merge_move(const Lay* L, const double* work, Py_ssize_t n_chunks, con
 
 
 # --------------------------------------------------------------------------- pass 2: move
+cdef inline void _policy_block(Py_ssize_t m, dptr xb, cdptr sb, cdptr offset, cdptr centre, dptr tt, dptr tf, dptr tu,
+                               double gain, double weight) noexcept nogil:
+    """The element-wise policy of one block of ``m`` values whose signals are all valid (vectorised).
+
+    Reads ``sb``, the patterns ``offset`` and ``centre``; writes
+    ``tt = (x - s)^2``, ``tf = (x - m)^2``, ``tu = u^2`` and ``xb += u``,
+    ``u = -gain (x - weight s - offset)``, each at its own position.
+    """
+    cdef Py_ssize_t l
+    cdef double xi, si, u, es, em
+    for l in range(m):
+        xi = xb[l]
+        si = sb[l]
+        u = -gain * (xi - weight * si - offset[l])
+        es = xi - si
+        em = xi - centre[l]
+        tt[l] = es * es
+        tf[l] = em * em
+        tu[l] = u * u
+        xb[l] = xi + u
+
+
+cdef inline void _row_sums(Py_ssize_t nr, Py_ssize_t d, cdptr terms, dptr out) noexcept nogil:
+    """``out[k] = terms[k d] + terms[k d + 1] + ... + terms[k d + d - 1]`` (in that order) for ``k < nr``.
+
+    The loops are interchanged (``j`` outer, rows inner) so the ``nr`` sums
+    are independent chains the CPU overlaps; the order within each sum is
+    unchanged.
+    """
+    cdef Py_ssize_t j, k
+    for k in range(nr):
+        out[k] = terms[k * d]
+    for j in range(1, d):
+        for k in range(nr):
+            out[k] = out[k] + terms[k * d + j]
+
+
+cdef inline void _pay(Py_ssize_t nr, dptr J, cdptr a, cdptr b, cdptr e, double q, double kappa, double r,
+                      double hd) noexcept nogil:
+    """``J[k] += hd (q a[k] + kappa b[k] + r e[k])`` for ``k < nr`` (vectorised)."""
+    cdef Py_ssize_t k
+    for k in range(nr):
+        J[k] += hd * (q * a[k] + kappa * b[k] + r * e[k])
+
+
 cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* scratch) noexcept nogil:
     """Policy and stage cost of rows ``[lo, hi)`` of a one-class population, in place.
 
@@ -627,8 +697,10 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
     ``u_i = -gain (x_i - signal s_i - offset)`` for a valid row (else 0), then
     ``J_i += gamma^t/2 (q |x_i - s_i|^2 + kappa |x_i - m|^2 + r |u_i|^2)``
     (the first and last terms 0 for an invalid row), ``x_i += u_i``. Per
-    block of ``R`` rows: one element-wise loop (patterns ``offset``,
-    ``centre``), then per row the three sums over ``j`` in order.
+    block of ``R`` rows: one element-wise loop (:c:func:`_policy_block`,
+    patterns ``offset`` and ``centre``), the three sums over ``j`` per row
+    (:c:func:`_row_sums`), then :c:func:`_pay`. Scratch: ``5 L`` values from
+    ``scratch`` and ``3 R`` from ``scratch + 6 L``.
     """
     cdef Py_ssize_t d = P.lay.d, R = _block_rows(d), Lb = R * d, rb, nr, m, k, j, l
     cdef double* offset = scratch
@@ -636,12 +708,14 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
     cdef double* tt = scratch + 2 * Lb
     cdef double* tf = scratch + 3 * Lb
     cdef double* tu = scratch + 4 * Lb
+    cdef double* a = scratch + 6 * Lb
+    cdef double* b = a + R
+    cdef double* e = b + R
     cdef double gain = P.coef[_GAIN], weight = P.coef[_SIGNAL]
     cdef double q = P.coef[_Q], kappa = P.coef[_KAPPA], r = P.coef[_R], hd = P.half_discount
-    cdef double xi, si, u, es, em, a, b, e
+    cdef double xi, si, u, es, em
     cdef double* xb
     cdef const double* sb
-    cdef double* Jb
     for k in range(R):
         for j in range(d):
             offset[k * d + j] = P.field[P.lay.offset * d + j]
@@ -652,32 +726,13 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
         m = nr * d
         xb = P.x + rb * d
         sb = P.s + rb * d
-        Jb = P.J + rb
         if _count_invalid(sb, m) == 0:
-            for l in range(m):
-                xi = xb[l]
-                si = sb[l]
-                u = -gain * (xi - weight * si - offset[l])
-                es = xi - si
-                em = xi - centre[l]
-                tt[l] = es * es
-                tf[l] = em * em
-                tu[l] = u * u
-                xb[l] = xi + u
+            _policy_block(m, xb, sb, offset, centre, tt, tf, tu, gain, weight)
         else:  # a row without a valid signal holds and pays the kappa term only
             for k in range(nr):
                 if _row_valid(sb + k * d, d):
-                    for j in range(d):
-                        l = k * d + j
-                        xi = xb[l]
-                        si = sb[l]
-                        u = -gain * (xi - weight * si - offset[l])
-                        es = xi - si
-                        em = xi - centre[l]
-                        tt[l] = es * es
-                        tf[l] = em * em
-                        tu[l] = u * u
-                        xb[l] = xi + u
+                    _policy_block(d, xb + k * d, sb + k * d, offset, centre, tt + k * d, tf + k * d, tu + k * d,
+                                  gain, weight)
                 else:
                     for j in range(d):
                         l = k * d + j
@@ -686,18 +741,12 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
                         tf[l] = em * em
                         tu[l] = 0.0
         if d == 1:
-            for k in range(nr):
-                Jb[k] += hd * (q * tt[k] + kappa * tf[k] + r * tu[k])
+            _pay(nr, P.J + rb, tt, tf, tu, q, kappa, r, hd)
         else:
-            for k in range(nr):
-                a = 0.0
-                b = 0.0
-                e = 0.0
-                for j in range(d):
-                    a += tt[k * d + j]
-                    b += tf[k * d + j]
-                    e += tu[k * d + j]
-                Jb[k] += hd * (q * a + kappa * b + r * e)
+            _row_sums(nr, d, tt, a)
+            _row_sums(nr, d, tf, b)
+            _row_sums(nr, d, tu, e)
+            _pay(nr, P.J + rb, a, b, e, q, kappa, r, hd)
         rb += R
 
 
@@ -962,15 +1011,7 @@ cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept 
                 for l in range(nr * d):
                     e = xb[l] - ref[l]
                     terms[l] = e * e
-            if d == 1:
-                for k in range(nr):
-                    loss[k] = terms[k]
-            else:
-                for k in range(nr):
-                    tot = 0.0
-                    for j in range(d):
-                        tot += terms[k * d + j]
-                    loss[k] = tot
+            _row_sums(nr, d, terms, loss)
             for k in range(nr):
                 v = lp[k] - _clip_step(eta * (scale * loss[k]))
                 lp[k] = v
