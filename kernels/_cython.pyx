@@ -644,13 +644,13 @@ cdef void _merge_move(const Lay* L, const double* work, Py_ssize_t n_chunks, con
 
 
 # --------------------------------------------------------------------------- pass 2: move
-cdef inline void _policy_block(Py_ssize_t m, dptr xb, cdptr sb, cdptr offset, cdptr centre, dptr tt, dptr tf, dptr tu,
-                               double gain, double weight) noexcept nogil:
+cdef inline void _policy_block(Py_ssize_t m, dptr xb, cdptr sb, cdptr offset, cdptr centre, dptr terms,
+                               double gain, double weight, double q, double kappa, double r) noexcept nogil:
     """The element-wise policy of one block of ``m`` values whose signals are all valid (vectorised).
 
-    Reads ``sb``, the patterns ``offset`` and ``centre``; writes
-    ``tt = (x - s)^2``, ``tf = (x - m)^2``, ``tu = u^2`` and ``xb += u``,
-    ``u = -gain (x - weight s - offset)``, each at its own position.
+    Reads ``sb`` and the patterns ``offset`` and ``centre``; writes ``xb += u``
+    with ``u = -gain (x - weight s - offset)``, and the stage-cost term of
+    each coordinate, ``terms = q (x - s)^2 + kappa (x - m)^2 + r u^2``.
     """
     cdef Py_ssize_t l
     cdef double xi, si, u, es, em
@@ -660,9 +660,7 @@ cdef inline void _policy_block(Py_ssize_t m, dptr xb, cdptr sb, cdptr offset, cd
         u = -gain * (xi - weight * si - offset[l])
         es = xi - si
         em = xi - centre[l]
-        tt[l] = es * es
-        tf[l] = em * em
-        tu[l] = u * u
+        terms[l] = q * es * es + kappa * em * em + r * u * u
         xb[l] = xi + u
 
 
@@ -681,12 +679,11 @@ cdef inline void _row_sums(Py_ssize_t nr, Py_ssize_t d, cdptr terms, dptr out) n
             out[k] = out[k] + terms[k * d + j]
 
 
-cdef inline void _pay(Py_ssize_t nr, dptr J, cdptr a, cdptr b, cdptr e, double q, double kappa, double r,
-                      double hd) noexcept nogil:
-    """``J[k] += hd (q a[k] + kappa b[k] + r e[k])`` for ``k < nr`` (vectorised)."""
+cdef inline void _pay(Py_ssize_t nr, dptr J, cdptr cost, double hd) noexcept nogil:
+    """``J[k] += hd cost[k]`` for ``k < nr`` (vectorised)."""
     cdef Py_ssize_t k
     for k in range(nr):
-        J[k] += hd * (q * a[k] + kappa * b[k] + r * e[k])
+        J[k] += hd * cost[k]
 
 
 cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* scratch) noexcept nogil:
@@ -695,25 +692,21 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
     Reads ``coef[0]``, ``field[offset]`` (the policy offset) and
     ``field[field_state]`` (``m(t)``), ``s``; writes ``x`` and ``J`` of the rows.
     ``u_i = -gain (x_i - signal s_i - offset)`` for a valid row (else 0), then
-    ``J_i += gamma^t/2 (q |x_i - s_i|^2 + kappa |x_i - m|^2 + r |u_i|^2)``
-    (the first and last terms 0 for an invalid row), ``x_i += u_i``. Per
-    block of ``R`` rows: one element-wise loop (:c:func:`_policy_block`,
-    patterns ``offset`` and ``centre``), the three sums over ``j`` per row
-    (:c:func:`_row_sums`), then :c:func:`_pay`. Scratch: ``5 L`` values from
-    ``scratch`` and ``3 R`` from ``scratch + 6 L``.
+    ``J_i += gamma^t/2 sum_j (q (x_ij - s_ij)^2 + kappa (x_ij - m_j)^2 + r u_ij^2)``
+    (only the kappa terms for an invalid row), ``x_i += u_i``. Per block of
+    ``R`` rows: one element-wise loop (:c:func:`_policy_block`, patterns
+    ``offset`` and ``centre``), the per-row sums over ``j`` in order
+    (:c:func:`_row_sums`), then :c:func:`_pay`. Scratch: ``3 L`` values from
+    ``scratch`` and ``R`` from ``scratch + 6 L``.
     """
     cdef Py_ssize_t d = P.lay.d, R = _block_rows(d), Lb = R * d, rb, nr, m, k, j, l
     cdef double* offset = scratch
     cdef double* centre = scratch + Lb
-    cdef double* tt = scratch + 2 * Lb
-    cdef double* tf = scratch + 3 * Lb
-    cdef double* tu = scratch + 4 * Lb
-    cdef double* a = scratch + 6 * Lb
-    cdef double* b = a + R
-    cdef double* e = b + R
+    cdef double* terms = scratch + 2 * Lb
+    cdef double* cost = scratch + 6 * Lb
     cdef double gain = P.coef[_GAIN], weight = P.coef[_SIGNAL]
     cdef double q = P.coef[_Q], kappa = P.coef[_KAPPA], r = P.coef[_R], hd = P.half_discount
-    cdef double xi, si, u, es, em
+    cdef double em
     cdef double* xb
     cdef const double* sb
     for k in range(R):
@@ -727,26 +720,21 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
         xb = P.x + rb * d
         sb = P.s + rb * d
         if _count_invalid(sb, m) == 0:
-            _policy_block(m, xb, sb, offset, centre, tt, tf, tu, gain, weight)
+            _policy_block(m, xb, sb, offset, centre, terms, gain, weight, q, kappa, r)
         else:  # a row without a valid signal holds and pays the kappa term only
             for k in range(nr):
                 if _row_valid(sb + k * d, d):
-                    _policy_block(d, xb + k * d, sb + k * d, offset, centre, tt + k * d, tf + k * d, tu + k * d,
-                                  gain, weight)
+                    _policy_block(d, xb + k * d, sb + k * d, offset, centre, terms + k * d, gain, weight, q, kappa, r)
                 else:
                     for j in range(d):
                         l = k * d + j
                         em = xb[l] - centre[l]
-                        tt[l] = 0.0
-                        tf[l] = em * em
-                        tu[l] = 0.0
+                        terms[l] = kappa * em * em
         if d == 1:
-            _pay(nr, P.J + rb, tt, tf, tu, q, kappa, r, hd)
+            _pay(nr, P.J + rb, terms, hd)
         else:
-            _row_sums(nr, d, tt, a)
-            _row_sums(nr, d, tf, b)
-            _row_sums(nr, d, tu, e)
-            _pay(nr, P.J + rb, a, b, e, q, kappa, r, hd)
+            _row_sums(nr, d, terms, cost)
+            _pay(nr, P.J + rb, cost, hd)
         rb += R
 
 
@@ -763,7 +751,7 @@ cdef void _move_class_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* x
     cdef const double* centre = P.field + P.lay.field_state * d
     cdef double* xi
     cdef const double* si
-    cdef double u, es, em, v, a, b, e
+    cdef double u, es, em, v, a
     _zero(xsums, K * d)
     for i in range(lo, hi):
         l = P.labels[i]
@@ -772,23 +760,19 @@ cdef void _move_class_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* x
         xi = P.x + i * d
         si = P.s + i * d
         a = 0.0
-        b = 0.0
-        e = 0.0
         if _row_valid(si, d):
             for j in range(d):
                 v = xi[j]
                 u = -cf[_GAIN] * (v - cf[_SIGNAL] * si[j] - off[j])
                 es = v - si[j]
                 em = v - centre[j]
-                a += es * es
-                b += em * em
-                e += u * u
+                a += cf[_Q] * es * es + cf[_KAPPA] * em * em + cf[_R] * u * u
                 xi[j] = v + u
         else:
             for j in range(d):
                 em = xi[j] - centre[j]
-                b += em * em
-        P.J[i] += P.half_discount * (cf[_Q] * a + cf[_KAPPA] * b + cf[_R] * e)
+                a += cf[_KAPPA] * em * em
+        P.J[i] += P.half_discount * a
         for j in range(d):
             xsums[l * d + j] += xi[j]
 
