@@ -51,10 +51,210 @@ from libc.string cimport memcpy
 cimport openmp
 
 cdef extern from *:
-    # C99 restrict pointers: the arrays a hot loop reads and writes do not overlap, so gcc vectorises it
-    # without run-time alias checks (it gives up when a loop would need more than ten).
-    ctypedef double* dptr "double * __restrict__"
-    ctypedef const double* cdptr "const double * __restrict__"
+    """
+    /* memoa-fast: the innermost loops, in C so that each is compiled three times (AVX-512, AVX2 + FMA and the
+       baseline x86-64 SSE2) and the CPU picks the widest at load time (GCC's target_clones, an ifunc on Linux).
+       Elsewhere (other compilers, other CPUs) they are plain C99 compiled for the build's target. Every loop is
+       element-wise and unit stride (vectorised without reassociating a sum); the argument pointers are restrict. */
+    #include <stdint.h>
+    #include <string.h>
+    #include <math.h>
+    #include <stddef.h>
+    #if defined(_MSC_VER)
+    #define MEMOA_RESTRICT __restrict
+    #define MEMOA_INLINE __inline
+    #else
+    #define MEMOA_RESTRICT __restrict__
+    #define MEMOA_INLINE inline
+    #endif
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12 \
+        && !defined(MEMOA_FAST_NO_CLONES)
+    #define MEMOA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    #else
+    #define MEMOA_CLONES
+    #endif
+    #define MEMOA_R MEMOA_RESTRICT
+
+    static MEMOA_INLINE int64_t memoa_bits(double v) { int64_t i; memcpy(&i, &v, 8); return i; }
+    static MEMOA_INLINE double memoa_from_bits(int64_t i) { double v; memcpy(&v, &i, 8); return v; }
+
+    /* Number of entries of v[0:m] with !(|v| <= limit) (NaN, inf, too large), as a float64 sum of 0/1. */
+    MEMOA_CLONES static double memoa_count_invalid(const double *MEMOA_R v, ptrdiff_t m, double limit) {
+        double bad = 0.0;
+        for (ptrdiff_t k = 0; k < m; k++) bad += fabs(v[k]) <= limit ? 0.0 : 1.0;
+        return bad;
+    }
+
+    /* lanes[l] += v[b L + l] for every block b of L values of v[0:m], block after block. */
+    MEMOA_CLONES static void memoa_lane_add(const double *MEMOA_R v, ptrdiff_t m, ptrdiff_t L, double *MEMOA_R lanes) {
+        ptrdiff_t b = 0;
+        for (; b + L <= m; b += L)
+            for (ptrdiff_t l = 0; l < L; l++) lanes[l] += v[b + l];
+        for (ptrdiff_t l = 0; l < m - b; l++) lanes[l] += v[b + l];
+    }
+
+    /* lanes[l] += w[l] x[l] for l < m. */
+    MEMOA_CLONES static void memoa_weighted_add(ptrdiff_t m, const double *MEMOA_R w, const double *MEMOA_R x,
+                                                double *MEMOA_R lanes) {
+        for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * x[l];
+    }
+
+    /* One block of the (max, first index) tracker: lane k takes J[k] and index[k] when J[k] > vmax[k];
+       index[k] += step. The index is blended arithmetically (exact for integers below 2^53). */
+    MEMOA_CLONES static void memoa_max_lanes(ptrdiff_t m, const double *MEMOA_R J, double *MEMOA_R vmax,
+                                             double *MEMOA_R varg, double *MEMOA_R index, double step) {
+        for (ptrdiff_t k = 0; k < m; k++) {
+            double v = J[k], old = vmax[k], up = v > old ? 1.0 : 0.0;
+            vmax[k] = v > old ? v : old;
+            varg[k] = varg[k] + up * (index[k] - varg[k]);
+            index[k] = index[k] + step;
+        }
+    }
+
+    /* The policy on m values whose signals are all valid: u = -gain (x - weight s - offset), x += u,
+       terms = q (x - s)^2 + kappa (x - centre)^2 + r u^2 (x before the move). */
+    MEMOA_CLONES static void memoa_policy_block(ptrdiff_t m, double *MEMOA_R xb, const double *MEMOA_R sb,
+                                                const double *MEMOA_R offset, const double *MEMOA_R centre,
+                                                double *MEMOA_R terms, double gain, double weight, double q,
+                                                double kappa, double r) {
+        for (ptrdiff_t l = 0; l < m; l++) {
+            double xi = xb[l], si = sb[l];
+            double u = -gain * (xi - weight * si - offset[l]);
+            double es = xi - si, em = xi - centre[l];
+            terms[l] = q * es * es + kappa * em * em + r * u * u;
+            xb[l] = xi + u;
+        }
+    }
+
+    /* out[k] = terms[k d] + ... + terms[k d + d - 1] in that order, k < nr (rows as independent chains). */
+    MEMOA_CLONES static void memoa_row_sums(ptrdiff_t nr, ptrdiff_t d, const double *MEMOA_R terms,
+                                            double *MEMOA_R out) {
+        for (ptrdiff_t k = 0; k < nr; k++) out[k] = terms[k * d];
+        for (ptrdiff_t j = 1; j < d; j++)
+            for (ptrdiff_t k = 0; k < nr; k++) out[k] = out[k] + terms[k * d + j];
+    }
+
+    /* J[k] += hd cost[k], k < nr. */
+    MEMOA_CLONES static void memoa_pay(ptrdiff_t nr, double *MEMOA_R J, const double *MEMOA_R cost, double hd) {
+        for (ptrdiff_t k = 0; k < nr; k++) J[k] += hd * cost[k];
+    }
+
+    /* The server's per-coordinate loss terms: (x - ref)^2 (hedge) or x ref (eg). */
+    MEMOA_CLONES static void memoa_loss_terms(ptrdiff_t m, int hedge, const double *MEMOA_R x,
+                                              const double *MEMOA_R ref, double *MEMOA_R terms) {
+        if (hedge) {
+            for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - ref[l]; terms[l] = e * e; }
+        } else {
+            for (ptrdiff_t l = 0; l < m; l++) terms[l] = x[l] * ref[l];
+        }
+    }
+
+    /* log_p[k] -= clip(eta (scale loss[k])) (NaN or over limit -> limit, under -limit -> -limit) when eta != 0;
+       then mx[k] = max(mx[k], log_p[k]). */
+    MEMOA_CLONES static void memoa_step(ptrdiff_t nr, double *MEMOA_R lp, const double *MEMOA_R loss, double eta,
+                                        double scale, double limit, double *MEMOA_R mx) {
+        if (eta != 0.0) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                double st = eta * (scale * loss[k]);
+                st = st <= limit ? st : limit;
+                st = st < -limit ? -limit : st;
+                lp[k] = lp[k] - st;
+            }
+        }
+        for (ptrdiff_t k = 0; k < nr; k++) mx[k] = lp[k] > mx[k] ? lp[k] : mx[k];
+    }
+
+    /* dst[k] = (src[k] - a) - b. */
+    MEMOA_CLONES static void memoa_shift(ptrdiff_t m, const double *src, double a, double b, double *dst) {
+        for (ptrdiff_t k = 0; k < m; k++) dst[k] = (src[k] - a) - b;
+    }
+
+    /* w[k] = keep w[k] + floor. */
+    MEMOA_CLONES static void memoa_affine(ptrdiff_t m, double *MEMOA_R w, double keep, double floor_) {
+        for (ptrdiff_t k = 0; k < m; k++) w[k] = keep * w[k] + floor_;
+    }
+
+    /* dst[k] = exp(src[k]) (dst may be src): Cody-Waite reduction x = n ln2 + r, |r| <= ln(2)/2, the degree-13
+       Taylor polynomial of exp(r), and the scale 2^n built from its bits in two halves 2^n1 2^n2,
+       n1 = round(n / 2), both found with the 1.5 2^52 shift trick (so the integer work is adds and left
+       shifts), so that a subnormal result rounds once. Inputs clamped to [-745.5, 710]. */
+    MEMOA_CLONES static void memoa_exp_into(const double *src, double *dst, ptrdiff_t m) {
+        const double log2e = 1.4426950408889634, shift = 6755399441055744.0;
+        const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+        const int64_t shift_bits = 0x4338000000000000LL;
+        for (ptrdiff_t k = 0; k < m; k++) {
+            double x = src[k];
+            x = x < -745.5 ? -745.5 : x;
+            x = x > 710.0 ? 710.0 : x;
+            double t = x * log2e + shift, nf = t - shift, h = nf * 0.5 + shift;
+            double r = (x - nf * ln2_hi) - nf * ln2_lo;
+            double p = 1.0 / 6227020800.0;
+            p = p * r + 1.0 / 479001600.0;
+            p = p * r + 1.0 / 39916800.0;
+            p = p * r + 1.0 / 3628800.0;
+            p = p * r + 1.0 / 362880.0;
+            p = p * r + 1.0 / 40320.0;
+            p = p * r + 1.0 / 5040.0;
+            p = p * r + 1.0 / 720.0;
+            p = p * r + 1.0 / 120.0;
+            p = p * r + 1.0 / 24.0;
+            p = p * r + 1.0 / 6.0;
+            p = p * r + 0.5;
+            p = p * r + 1.0;
+            p = p * r + 1.0;
+            int64_t n = memoa_bits(t) - shift_bits, n1 = memoa_bits(h) - shift_bits;
+            dst[k] = p * memoa_from_bits((n1 + 1023) << 52) * memoa_from_bits((n - n1 + 1023) << 52);
+        }
+    }
+
+    /* dst[k] = log(src[k]) (dst may be src). Positive normal finite inputs: musl's bit split x = 2^k z,
+       z in [sqrt(1/2), sqrt(2)), fdlibm's log(1 + f) = f - (hfsq - s (hfsq + R(s^2))), s = f / (2 + f),
+       plus k ln 2 in Cody-Waite halves; the exponent shift is made logical by a 2^62 bias. Every other input
+       (0, subnormal, negative, inf, NaN) is redone by libm's log in a scalar loop, run only when the vectorised
+       count finds one, so dst[k] depends on src[k] alone. */
+    MEMOA_CLONES static void memoa_log_into(const double *src, double *dst, ptrdiff_t m) {
+        const uint64_t off = 0x3FE6A09E667F3BCDULL, field = 0xFFF0000000000000ULL, bias = 0x4000000000000000ULL;
+        const uint64_t ebits = 0x4338000000000000ULL - 1024;
+        const double shift = 6755399441055744.0, tiny = 2.2250738585072014e-308, huge = 1.7976931348623157e308;
+        const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+        const double lg1 = 6.666666666666735130e-01, lg2 = 3.999999999940941908e-01, lg3 = 2.857142874366239149e-01;
+        const double lg4 = 2.222219843214978396e-01, lg5 = 1.818357216161805012e-01, lg6 = 1.531383769920937332e-01;
+        const double lg7 = 1.479819860511658591e-01;
+        double bad = 0.0;
+        for (ptrdiff_t k = 0; k < m; k++) {
+            double x = src[k];
+            bad += ((x >= tiny) & (x <= huge)) ? 0.0 : 1.0;
+            uint64_t ix = (uint64_t)memoa_bits(x), t = ix - off;
+            double z = memoa_from_bits((int64_t)(ix - (t & field)));
+            double e = memoa_from_bits((int64_t)(((t + bias) >> 52) + ebits)) - shift;
+            double f = z - 1.0, s = f / (2.0 + f), zz = s * s, w = zz * zz;
+            double r = zz * (lg1 + w * (lg3 + w * (lg5 + w * lg7))) + w * (lg2 + w * (lg4 + w * lg6));
+            double hfsq = 0.5 * f * f;
+            dst[k] = e * ln2_hi - ((hfsq - (s * (hfsq + r) + e * ln2_lo)) - f);
+        }
+        if (bad != 0.0)
+            for (ptrdiff_t k = 0; k < m; k++) {
+                double x = src[k];
+                if (!(x >= tiny && x <= huge)) dst[k] = log(x);
+            }
+    }
+    """
+    double memoa_count_invalid(const double* v, Py_ssize_t m, double limit) noexcept nogil
+    void memoa_lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil
+    void memoa_weighted_add(Py_ssize_t m, const double* w, const double* x, double* lanes) noexcept nogil
+    void memoa_max_lanes(Py_ssize_t m, const double* J, double* vmax, double* varg, double* index,
+                         double step) noexcept nogil
+    void memoa_policy_block(Py_ssize_t m, double* xb, const double* sb, const double* offset, const double* centre,
+                            double* terms, double gain, double weight, double q, double kappa, double r) noexcept nogil
+    void memoa_row_sums(Py_ssize_t nr, Py_ssize_t d, const double* terms, double* out) noexcept nogil
+    void memoa_pay(Py_ssize_t nr, double* J, const double* cost, double hd) noexcept nogil
+    void memoa_loss_terms(Py_ssize_t m, int hedge, const double* x, const double* ref, double* terms) noexcept nogil
+    void memoa_step(Py_ssize_t nr, double* lp, const double* loss, double eta, double scale, double limit,
+                    double* mx) noexcept nogil
+    void memoa_shift(Py_ssize_t m, const double* src, double a, double b, double* dst) noexcept nogil
+    void memoa_affine(Py_ssize_t m, double* w, double keep, double floor_) noexcept nogil
+    void memoa_exp_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
+    void memoa_log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
 
 import numpy as np
 
@@ -237,20 +437,13 @@ cdef inline double _from_bits(int64_t i) noexcept nogil:
 
 
 # --------------------------------------------------------------------------- building blocks
-cdef void _lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil:
+cdef inline void _lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil:
     """Add ``v[b L + l]`` to ``lanes[l]`` for every block ``b``, block after block.
 
-    Reads ``v[0:m]``; updates ``lanes[0:L]`` in place. The inner loop is
-    element-wise and unit stride, so it vectorises without reassociation.
+    Reads ``v[0:m]``; updates ``lanes[0:L]`` in place (C: ``memoa_lane_add``,
+    element-wise and unit stride, so it vectorises without reassociation).
     """
-    cdef Py_ssize_t b = 0, l
-    while b + L <= m:
-        for l in range(L):
-            lanes[l] += v[b + l]
-        b += L
-    for l in range(m - b):
-        lanes[l] += v[b + l]
-
+    memoa_lane_add(v, m, L, lanes)
 
 cdef void _zero(double* a, Py_ssize_t m) noexcept nogil:
     """Write ``a[0:m] = 0``."""
@@ -276,36 +469,17 @@ cdef void _lane_columns(const double* lanes, Py_ssize_t d, Py_ssize_t R, double*
 cdef inline Py_ssize_t _count_invalid(const double* v, Py_ssize_t m) noexcept nogil:
     """Number of entries of ``v[0:m]`` that are not valid (NaN, inf, or ``|v| > SIGNAL_LIMIT``); vectorised.
 
-    The count is a float64 sum of 0/1 selects (exact below 2^53), which gcc
-    vectorises in order; an integer count of a double comparison it does not.
+    Reads ``v[0:m]``. The count is a float64 sum of 0/1 selects (exact below
+    2^53), which gcc vectorises in order; an integer count of a double
+    comparison it does not (on SSE2).
     """
-    cdef Py_ssize_t k
-    cdef double bad = 0.0
-    for k in range(m):
-        bad += 0.0 if fabs(v[k]) <= _SIGNAL_LIMIT else 1.0
-    return <Py_ssize_t>bad
-
+    return <Py_ssize_t>memoa_count_invalid(v, m, _SIGNAL_LIMIT)
 
 cdef inline bint _row_valid(const double* row, Py_ssize_t d) noexcept nogil:
     """True when every entry of ``row[0:d]`` is finite and at most ``SIGNAL_LIMIT`` in magnitude."""
     return _count_invalid(row, d) == 0
 
 
-cdef inline void _max_lanes(Py_ssize_t m, cdptr J, dptr vmax, dptr varg, dptr index) noexcept nogil:
-    """One block of :c:func:`_max_arg`: lane ``k`` takes ``J[k]`` (and ``index[k]``) when ``J[k] > vmax[k]``; ``index += MAX_LANES``.
-
-    The index lane is blended arithmetically (``varg + up (index - varg)``,
-    exact for integers below 2^53): gcc if-converts one select per loop, not two.
-    """
-    cdef Py_ssize_t k
-    cdef double v, old, up
-    for k in range(m):
-        v = J[k]
-        old = vmax[k]
-        up = 1.0 if v > old else 0.0
-        vmax[k] = v if v > old else old
-        varg[k] = varg[k] + up * (index[k] - varg[k])
-        index[k] = index[k] + _MAX_LANES
 
 
 cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes, double* out_max,
@@ -314,7 +488,7 @@ cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes,
 
     Reads ``J[lo:hi]``; uses ``lanes[0:3 MAX_LANES]`` as scratch: lane ``k``
     keeps the largest value seen at positions ``k mod MAX_LANES`` and its
-    first index (element-wise, vectorised: :c:func:`_max_lanes`). An all
+    first index (element-wise, vectorised: C ``memoa_max_lanes``). An all
     ``-inf`` (or NaN) range gives ``(J[lo], lo)``.
     """
     cdef double* vmax = lanes
@@ -329,7 +503,7 @@ cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes,
     b = lo
     while b < hi:
         m = hi - b if hi - b < _MAX_LANES else _MAX_LANES
-        _max_lanes(m, J + b, vmax, varg, index)
+        memoa_max_lanes(m, J + b, vmax, varg, index, _MAX_LANES)
         b += _MAX_LANES
     for k in range(_MAX_LANES):
         if vmax[k] > best or (vmax[k] == best and varg[k] < arg and varg[k] >= 0.0):
@@ -342,50 +516,23 @@ cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes,
     out_arg[0] = arg
 
 
-cdef void _exp_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil:
-    """Write ``dst[k] = exp(src[k])`` for ``k < m`` (``dst`` may be ``src``); one vectorised loop.
+cdef inline void _exp_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil:
+    """Write ``dst[k] = exp(src[k])`` for ``k < m`` (``dst`` may be ``src``); one vectorised loop (C: ``memoa_exp_into``).
 
     Cody-Waite reduction ``x = n ln 2 + r``, ``|r| <= ln(2)/2``, and the
     degree-13 Taylor polynomial of ``exp(r)`` (as :mod:`._numba`); the scale
     ``2^n`` is built from its bits in two halves ``2^n1 2^n2``, ``n1 =
     round(n / 2)`` (both found with the ``1.5 2^52`` shift trick, so every
-    integer operation is an add or a left shift), so a subnormal result
-    rounds once. Inputs are clamped to ``[-745.5, 710]``: 0 below (and at
-    ``-inf``), ``inf`` above 709.79, NaN for NaN. Accuracy: see the tests
-    (within 1 ulp of ``numpy.exp`` plus a rounding, over ``[-745, 709]``).
+    integer operation is an add or a left shift, which SSE2 has), so a
+    subnormal result rounds once. Inputs are clamped to ``[-745.5, 710]``: 0
+    below (and at ``-inf``), ``inf`` above 709.79, NaN for NaN. Accuracy
+    (measured, and tested): within 1 ulp of ``numpy.exp`` where the result is
+    normal, within one subnormal step (4.9e-324) below.
     """
-    cdef Py_ssize_t k
-    cdef double x, t, nf, h, r, p
-    cdef int64_t n, n1
-    for k in range(m):
-        x = src[k]
-        x = -745.5 if x < -745.5 else x
-        x = 710.0 if x > 710.0 else x
-        t = x * _LOG2E + _SHIFT
-        nf = t - _SHIFT
-        h = nf * 0.5 + _SHIFT
-        r = (x - nf * _LN2_HI) - nf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        p = p * r + 1.0
-        n = _bits(t) - _SHIFT_BITS
-        n1 = _bits(h) - _SHIFT_BITS
-        dst[k] = p * _from_bits((n1 + 1023) << 52) * _from_bits((n - n1 + 1023) << 52)
+    memoa_exp_into(src, dst, m)
 
-
-cdef void _log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil:
-    """Write ``dst[k] = log(src[k])`` for ``k < m`` (``dst`` may be ``src``); vectorised.
+cdef inline void _log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil:
+    """Write ``dst[k] = log(src[k])`` for ``k < m`` (``dst`` may be ``src``); vectorised (C: ``memoa_log_into``).
 
     For positive normal finite inputs: the exponent/mantissa split is integer
     work (musl's: ``x = 2^k z``, ``z`` in ``[sqrt(1/2), sqrt(2))``), then
@@ -393,32 +540,10 @@ cdef void _log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
     plus ``k ln 2`` in Cody-Waite halves. Every other input (0, subnormal,
     negative, inf, NaN) is redone with libm's ``log`` in a scalar loop, run
     only when the vectorised count finds one, so ``dst[k]`` depends on
-    ``src[k]`` alone.
+    ``src[k]`` alone. Accuracy (measured, and tested): within 1 ulp of
+    ``numpy.log``.
     """
-    cdef Py_ssize_t k
-    cdef uint64_t ix, t
-    cdef double x, z, e, f, s, zz, w, r, hfsq, bad = 0.0
-    for k in range(m):
-        x = src[k]
-        bad += 0.0 if (x >= _TINY) & (x <= _HUGE) else 1.0
-        ix = <uint64_t>_bits(x)
-        t = ix - _LOG_OFF
-        z = _from_bits(<int64_t>(ix - (t & _EXP_FIELD)))
-        # (t >> 52) as a signed shift = ((t + 2^62) >> 52) - 1024 as a logical one, for every valid input
-        e = _from_bits(<int64_t>(((t + _BIAS62) >> 52) + <uint64_t>(_SHIFT_BITS - 1024))) - _SHIFT
-        f = z - 1.0
-        s = f / (2.0 + f)
-        zz = s * s
-        w = zz * zz
-        r = zz * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
-        hfsq = 0.5 * f * f
-        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
-    if bad != 0.0:
-        for k in range(m):
-            x = src[k]
-            if not (x >= _TINY and x <= _HUGE):
-                dst[k] = log(x)
-
+    memoa_log_into(src, dst, m)
 
 cdef void _weighted_lanes(const double* log_p, const double* x, Py_ssize_t rows, Py_ssize_t d,
                           double* lanes, double* pattern, double* p) noexcept nogil:
@@ -447,14 +572,12 @@ cdef void _weighted_lanes(const double* log_p, const double* x, Py_ssize_t rows,
             xb = x + (eb + rb) * d
             pb = p + rb
             if d == 1:
-                for k in range(nr):
-                    lanes[k] += pb[k] * xb[k]
+                memoa_weighted_add(nr, pb, xb, lanes)
             else:
                 for k in range(nr):
                     for j in range(d):
                         pattern[k * d + j] = pb[k]
-                for l in range(nr * d):
-                    lanes[l] += pattern[l] * xb[l]
+                memoa_weighted_add(nr * d, pattern, xb, lanes)
             rb += R
         eb += E
 
@@ -494,8 +617,7 @@ cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept no
             nr = hi - rb if hi - rb < R else R
             sb = P.s + rb * d
             if _count_invalid(sb, nr * d) == 0:
-                for l in range(nr * d):
-                    lanes[l] += sb[l]
+                memoa_lane_add(sb, nr * d, R * d, lanes)
                 count += nr
             else:
                 for k in range(nr):
@@ -644,46 +766,10 @@ cdef void _merge_move(const Lay* L, const double* work, Py_ssize_t n_chunks, con
 
 
 # --------------------------------------------------------------------------- pass 2: move
-cdef inline void _policy_block(Py_ssize_t m, dptr xb, cdptr sb, cdptr offset, cdptr centre, dptr terms,
-                               double gain, double weight, double q, double kappa, double r) noexcept nogil:
-    """The element-wise policy of one block of ``m`` values whose signals are all valid (vectorised).
-
-    Reads ``sb`` and the patterns ``offset`` and ``centre``; writes ``xb += u``
-    with ``u = -gain (x - weight s - offset)``, and the stage-cost term of
-    each coordinate, ``terms = q (x - s)^2 + kappa (x - m)^2 + r u^2``.
-    """
-    cdef Py_ssize_t l
-    cdef double xi, si, u, es, em
-    for l in range(m):
-        xi = xb[l]
-        si = sb[l]
-        u = -gain * (xi - weight * si - offset[l])
-        es = xi - si
-        em = xi - centre[l]
-        terms[l] = q * es * es + kappa * em * em + r * u * u
-        xb[l] = xi + u
 
 
-cdef inline void _row_sums(Py_ssize_t nr, Py_ssize_t d, cdptr terms, dptr out) noexcept nogil:
-    """``out[k] = terms[k d] + terms[k d + 1] + ... + terms[k d + d - 1]`` (in that order) for ``k < nr``.
-
-    The loops are interchanged (``j`` outer, rows inner) so the ``nr`` sums
-    are independent chains the CPU overlaps; the order within each sum is
-    unchanged.
-    """
-    cdef Py_ssize_t j, k
-    for k in range(nr):
-        out[k] = terms[k * d]
-    for j in range(1, d):
-        for k in range(nr):
-            out[k] = out[k] + terms[k * d + j]
 
 
-cdef inline void _pay(Py_ssize_t nr, dptr J, cdptr cost, double hd) noexcept nogil:
-    """``J[k] += hd cost[k]`` for ``k < nr`` (vectorised)."""
-    cdef Py_ssize_t k
-    for k in range(nr):
-        J[k] += hd * cost[k]
 
 
 cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* scratch) noexcept nogil:
@@ -694,9 +780,9 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
     ``u_i = -gain (x_i - signal s_i - offset)`` for a valid row (else 0), then
     ``J_i += gamma^t/2 sum_j (q (x_ij - s_ij)^2 + kappa (x_ij - m_j)^2 + r u_ij^2)``
     (only the kappa terms for an invalid row), ``x_i += u_i``. Per block of
-    ``R`` rows: one element-wise loop (:c:func:`_policy_block`, patterns
+    ``R`` rows: one element-wise loop (``memoa_policy_block``, patterns
     ``offset`` and ``centre``), the per-row sums over ``j`` in order
-    (:c:func:`_row_sums`), then :c:func:`_pay`. Scratch: ``3 L`` values from
+    (``memoa_row_sums``), then ``memoa_pay``. Scratch: ``3 L`` values from
     ``scratch`` and ``R`` from ``scratch + 6 L``.
     """
     cdef Py_ssize_t d = P.lay.d, R = _block_rows(d), Lb = R * d, rb, nr, m, k, j, l
@@ -720,21 +806,22 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
         xb = P.x + rb * d
         sb = P.s + rb * d
         if _count_invalid(sb, m) == 0:
-            _policy_block(m, xb, sb, offset, centre, terms, gain, weight, q, kappa, r)
+            memoa_policy_block(m, xb, sb, offset, centre, terms, gain, weight, q, kappa, r)
         else:  # a row without a valid signal holds and pays the kappa term only
             for k in range(nr):
                 if _row_valid(sb + k * d, d):
-                    _policy_block(d, xb + k * d, sb + k * d, offset, centre, terms + k * d, gain, weight, q, kappa, r)
+                    memoa_policy_block(d, xb + k * d, sb + k * d, offset, centre, terms + k * d, gain, weight, q, kappa,
+                                       r)
                 else:
                     for j in range(d):
                         l = k * d + j
                         em = xb[l] - centre[l]
                         terms[l] = kappa * em * em
         if d == 1:
-            _pay(nr, P.J + rb, terms, hd)
+            memoa_pay(nr, P.J + rb, terms, hd)
         else:
-            _row_sums(nr, d, terms, cost)
-            _pay(nr, P.J + rb, cost, hd)
+            memoa_row_sums(nr, d, terms, cost)
+            memoa_pay(nr, P.J + rb, cost, hd)
         rb += R
 
 
@@ -950,12 +1037,6 @@ cdef void _predict_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept n
     _lane_columns(scratch, d, R, M.work + c * M.lay.width + M.lay.mixture)
 
 
-cdef inline double _clip_step(double v) noexcept nogil:
-    """``v`` clipped to ``[-STEP_LIMIT, STEP_LIMIT]``; NaN (an overflow, ``inf - inf``) becomes ``STEP_LIMIT``."""
-    v = _STEP_LIMIT if not (v <= _STEP_LIMIT) else v
-    return -_STEP_LIMIT if v < -_STEP_LIMIT else v
-
-
 cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept nogil:
     """Gradient step on chunk ``c``'s log-weights, in place, and the chunk's log-sum-exp pieces.
 
@@ -975,8 +1056,7 @@ cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept 
     cdef double* ex = scratch + 2 * Lb + 2 * R
     cdef double* acc = ex + _EXP_ROWS
     cdef double* lp
-    cdef const double* xb
-    cdef double top = -INFINITY, v, e, tot, eta = M.eta, scale = 2.0 if M.rule == 0 else 1.0
+    cdef double top = -INFINITY, eta = M.eta, scale = 2.0 if M.rule == 0 else 1.0
     _bounds(M.n, c, &lo, &hi)
     for k in range(R):
         for j in range(d):
@@ -987,23 +1067,9 @@ cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept 
         nr = hi - rb if hi - rb < R else R
         lp = M.log_p + rb
         if eta != 0.0:
-            xb = M.x + rb * d
-            if M.rule == 0:
-                for l in range(nr * d):
-                    terms[l] = xb[l] * ref[l]
-            else:
-                for l in range(nr * d):
-                    e = xb[l] - ref[l]
-                    terms[l] = e * e
-            _row_sums(nr, d, terms, loss)
-            for k in range(nr):
-                v = lp[k] - _clip_step(eta * (scale * loss[k]))
-                lp[k] = v
-                mx[k] = v if v > mx[k] else mx[k]
-        else:
-            for k in range(nr):
-                v = lp[k]
-                mx[k] = v if v > mx[k] else mx[k]
+            memoa_loss_terms(nr * d, M.rule, M.x + rb * d, ref, terms)
+            memoa_row_sums(nr, d, terms, loss)
+        memoa_step(nr, lp, loss, eta, scale, _STEP_LIMIT, mx)  # no step when eta == 0
         rb += R
     for k in range(R):
         top = mx[k] if mx[k] > top else top
@@ -1013,8 +1079,7 @@ cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept 
         eb = lo
         while eb < hi:
             em = hi - eb if hi - eb < _EXP_ROWS else _EXP_ROWS
-            for k in range(em):
-                ex[k] = M.log_p[eb + k] - top
+            memoa_shift(em, M.log_p + eb, top, 0.0, ex)
             _exp_into(ex, ex, em)
             _lane_add(ex, em, _SUM_LANES, acc)
             eb += _EXP_ROWS
@@ -1049,8 +1114,7 @@ cdef void _share_rows(double* log_p, Py_ssize_t lo, Py_ssize_t hi, double top, d
     """
     cdef Py_ssize_t i, b, m
     cdef double keep, floor, a, spread, hi_v, uniform
-    for i in range(lo, hi):
-        log_p[i] = (log_p[i] - top) - log_total
+    memoa_shift(hi - lo, log_p + lo, top, log_total, log_p + lo)
     if alpha == 0.0:
         return
     if alpha == 1.0:
@@ -1071,8 +1135,7 @@ cdef void _share_rows(double* log_p, Py_ssize_t lo, Py_ssize_t hi, double top, d
         while b < hi:
             m = hi - b if hi - b < _EXP_ROWS else _EXP_ROWS
             _exp_into(log_p + b, scratch, m)
-            for i in range(m):
-                scratch[i] = keep * scratch[i] + floor
+            memoa_affine(m, scratch, keep, floor)
             _log_into(scratch, log_p + b, m)
             b += _EXP_ROWS
 
