@@ -37,6 +37,18 @@ whole rows (``L = R d`` values, in L1):
   (:c:func:`_exp_into`, :c:func:`_log_into`) that vectorise, where libm's
   scalar calls do not.
 
+The innermost element-wise loops (``memoa_*``, about 15 short functions)
+are written in C in the ``cdef extern`` block below, with ``restrict``
+pointers, so that GCC can compile each three times (``target_clones``:
+AVX-512, AVX2 + FMA, and the baseline SSE2 of any x86-64) and the CPU
+picks the widest at load time: a wheel built for any x86-64 runs at the
+speed of the machine, as Numba's host-compiled code does. Other compilers
+and CPUs get the same C compiled once for the build's target
+(``-DMEMOA_FAST_NO_CLONES`` forces that). The clones with FMA contract
+``a * b + c``, so results agree across machines to rounding (as Numba's
+do), and bitwise on one machine whatever the thread count. Everything else
+(chunking, merges, the validity checks, the class path) is Cython.
+
 With K > 1 classes the per-agent class lookup makes the row loop scalar over
 agents (its inner loop over the ``d`` coordinates is unit stride); K = 1 (or
 an empty ``labels``) takes the block path and never reads ``labels``.
@@ -46,8 +58,7 @@ The kernels trust their inputs: C-contiguous float64 arrays, int64 labels in
 """
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, fabs, isfinite, log, log1p, exp
-from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.stdint cimport int64_t
 cimport openmp
 
 cdef extern from *:
@@ -308,28 +319,6 @@ if (_CONFIG_CHUNK, _CONFIG_PAD) != (_CHUNK, _PAD) or (_L_GAIN, _L_SIGNAL, _L_Q, 
         "rebuild with `pip install -e .`"
     )
 
-# exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2: Cody-Waite split of ln 2 (fdlibm's constants).
-cdef double _LOG2E = 1.4426950408889634
-cdef double _SHIFT = 6755399441055744.0          # 1.5 * 2^52: v + _SHIFT holds round(v) in its low mantissa bits
-cdef int64_t _SHIFT_BITS = 0x4338000000000000     # the bits of _SHIFT
-cdef double _LN2_HI = 6.93147180369123816490e-01
-cdef double _LN2_LO = 1.90821492927058770002e-10
-# log(x) = k ln 2 + log(z), z = x / 2^k in [sqrt(1/2), sqrt(2)) (musl's bit split), log(1 + f) with
-# s = f / (2 + f) and fdlibm's minimax R(s^2) (|error| < 2^-58.45 on |s| <= 0.1716).
-cdef uint64_t _LOG_OFF = 0x3FE6A09E667F3BCD      # bits of sqrt(1/2), rounded down
-cdef uint64_t _EXP_FIELD = 0xFFF0000000000000    # sign and exponent bits
-cdef uint64_t _BIAS62 = 0x4000000000000000       # 2^62: makes the exponent shift a logical one
-cdef double _LG1 = 6.666666666666735130e-01
-cdef double _LG2 = 3.999999999940941908e-01
-cdef double _LG3 = 2.857142874366239149e-01
-cdef double _LG4 = 2.222219843214978396e-01
-cdef double _LG5 = 1.818357216161805012e-01
-cdef double _LG6 = 1.531383769920937332e-01
-cdef double _LG7 = 1.479819860511658591e-01
-cdef double _TINY = 2.2250738585072014e-308     # smallest normal double
-cdef double _HUGE = 1.7976931348623157e308      # largest finite double
-
-
 def max_threads():
     """Threads an OpenMP parallel region may use (``omp_get_max_threads()``)."""
     return openmp.omp_get_max_threads()
@@ -425,24 +414,14 @@ cdef Py_ssize_t _server_scratch(Py_ssize_t d):
 
 
 cdef inline void _bounds(Py_ssize_t n, Py_ssize_t c, Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """Write chunk ``c``'s rows ``[lo, hi)`` of ``n`` agents (the last chunk may be short)."""
     lo[0] = c * _CHUNK
     hi[0] = lo[0] + _CHUNK if lo[0] + _CHUNK < n else n
 
 
 cdef inline double* _thread_scratch(double* scratch, Py_ssize_t size) noexcept nogil:
+    """The calling OpenMP thread's ``size`` doubles of ``scratch`` (thread ``t`` owns ``[t size, (t + 1) size)``)."""
     return scratch + openmp.omp_get_thread_num() * size
-
-
-cdef inline int64_t _bits(double v) noexcept nogil:
-    cdef int64_t i
-    memcpy(&i, &v, 8)
-    return i
-
-
-cdef inline double _from_bits(int64_t i) noexcept nogil:
-    cdef double v
-    memcpy(&v, &i, 8)
-    return v
 
 
 # --------------------------------------------------------------------------- building blocks
