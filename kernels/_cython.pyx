@@ -95,11 +95,16 @@ cdef extern from *:
     static MEMOA_INLINE int64_t memoa_bits(double v) { int64_t i; memcpy(&i, &v, 8); return i; }
     static MEMOA_INLINE double memoa_from_bits(int64_t i) { double v; memcpy(&v, &i, 8); return v; }
 
-    /* Number of entries of v[0:m] with !(|v| <= limit) (NaN, inf, too large), as a float64 sum of 0/1. */
+    /* Number of entries of v[0:m] with !(|v| <= limit) (NaN, inf, too large): float64 sums of 0/1 selects in
+       8 lanes (exact below 2^53). One running sum would be a chain of dependent adds, one value per add latency;
+       8 lanes are one vector add per 8 values. */
     MEMOA_CLONES static double memoa_count_invalid(const double *MEMOA_R v, ptrdiff_t m, double limit) {
-        double bad = 0.0;
-        for (ptrdiff_t k = 0; k < m; k++) bad += fabs(v[k]) <= limit ? 0.0 : 1.0;
-        return bad;
+        double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        ptrdiff_t k = 0;
+        for (; k + 8 <= m; k += 8)
+            for (int l = 0; l < 8; l++) lane[l] += fabs(v[k + l]) <= limit ? 0.0 : 1.0;
+        for (; k < m; k++) lane[0] += fabs(v[k]) <= limit ? 0.0 : 1.0;
+        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
 
     /* lanes[l] += v[b L + l] for every block b of L values of v[0:m], block after block. */
