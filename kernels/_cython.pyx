@@ -148,9 +148,28 @@ cdef extern from *:
         }
     }
 
-    /* out[k] = terms[k d] + ... + terms[k d + d - 1] in that order, k < nr (rows as independent chains). */
+    /* out[k] = terms[k d] + ... + terms[k d + d - 1] in that order, k < nr. For d in {2, 3, 4, 8, 16} the row
+       length is a compile-time constant, so gcc vectorises across rows (grouped loads); otherwise the loops are
+       interchanged so the rows are independent chains. The order of the adds within a row is the same in every
+       branch, so the result does not depend on which one runs. */
+    #define MEMOA_ROW_SUMS_FIXED(D) \
+        for (ptrdiff_t k = 0; k < nr; k++) { \
+            const double *row = terms + k * (D); \
+            double s = row[0]; \
+            for (int j = 1; j < (D); j++) s = s + row[j]; \
+            out[k] = s; \
+        } \
+        return;
     MEMOA_CLONES static void memoa_row_sums(ptrdiff_t nr, ptrdiff_t d, const double *MEMOA_R terms,
                                             double *MEMOA_R out) {
+        switch (d) {
+            case 2: MEMOA_ROW_SUMS_FIXED(2)
+            case 3: MEMOA_ROW_SUMS_FIXED(3)
+            case 4: MEMOA_ROW_SUMS_FIXED(4)
+            case 8: MEMOA_ROW_SUMS_FIXED(8)
+            case 16: MEMOA_ROW_SUMS_FIXED(16)
+            default: break;
+        }
         for (ptrdiff_t k = 0; k < nr; k++) out[k] = terms[k * d];
         for (ptrdiff_t j = 1; j < d; j++)
             for (ptrdiff_t k = 0; k < nr; k++) out[k] = out[k] + terms[k * d + j];
