@@ -78,8 +78,9 @@ cdef extern from *:
     #define MEMOA_RESTRICT __restrict__
     #define MEMOA_INLINE inline
     #endif
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12 \
-        && !defined(MEMOA_FAST_NO_CLONES)
+    /* target_clones needs GCC >= 12 (the x86-64-v3/v4 names) and glibc's ifunc (musl has none). */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) \
+        && __GNUC__ >= 12 && !defined(MEMOA_FAST_NO_CLONES)
     #define MEMOA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
     #else
     #define MEMOA_CLONES
