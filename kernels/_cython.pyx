@@ -1,570 +1,1280 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Cython kernels: same functions, signatures and chunking as :mod:`._numba`.
+"""Cython kernels: the same functions, signatures and semantics as :mod:`._reference`.
 
-Each reduction runs over fixed chunks of ``CHUNK`` agents, one partial row per
-chunk in ``work`` (same column layout as the Numba backend, see
-:func:`memoa_fast.kernels.work_shape`), merged serially in chunk order: the
-same input gives bitwise the same result whatever the thread count. The serial
-(``threads == 1``, no OpenMP team) and ``prange`` drivers call the same
-``nogil`` chunk function, so they agree bitwise too.
+The NumPy module :mod:`._reference` is the specification of every public
+function here; the names of the rows and columns of the small arrays
+(``coef``, ``mix``, ``field``, ``work``) are in :mod:`._layout`. Each public
+function reads the :class:`~._layout.Layout` named tuple once, at the Python
+level, into a C struct (:c:type:`Lay`), then runs without the GIL.
 
-The kernels trust their inputs: C-contiguous float64, shapes checked by the
-caller. Arguments marked IN are read only; OUT are written; IN/OUT are updated
-in place.
+Determinism
+-----------
+Every reduction runs over fixed chunks of ``CHUNK`` agents, one partial row
+per chunk in ``work``, merged serially in chunk order by one merge function
+(the same one for the two-pass API a Dask shard uses and for
+:func:`fused_step`). The order of every floating-point addition is fixed by
+the code, ``d`` and ``K`` alone, never by the thread count: the same input
+gives the same bytes on one thread and on many. No ``-ffast-math``: the C
+compiler may not reassociate a sum.
+
+Speed: loops the C compiler vectorises
+--------------------------------------
+As in :mod:`._numba` (see its module docstring), a chunk is walked as a flat
+run of ``rows * d`` contiguous doubles in *blocks* of ``R = max(1, LANES // d)``
+whole rows (``L = R d`` values, in L1):
+
+- element-wise work (the policy, the stage-cost terms, the server's losses)
+  is one unit-stride loop over the block, with the per-coordinate constants
+  (the class offset, ``m(t)``, the target) replicated once per chunk into a
+  length-``L`` *pattern*;
+- sums over agents go into ``L`` *lanes* (``lane[l] += v[l]``, block after
+  block: element-wise, so it vectorises without reassociation); column ``j``
+  is then ``lane[j] + lane[d + j] + ... + lane[(R-1) d + j]`` in that order;
+- the largest cost is tracked in ``MAX_LANES`` lanes of (value, first index);
+- a block's signals are checked for validity by a vectorised count first;
+  only a block holding an invalid row is done row by row;
+- ``exp`` and ``log`` of the server are element-wise polynomial kernels
+  (:c:func:`_exp_into`, :c:func:`_log_into`) that vectorise, where libm's
+  scalar calls do not.
+
+The innermost element-wise loops (``memoa_*``, about 15 short functions)
+are written in C in the ``cdef extern`` block below, with ``restrict``
+pointers, so that GCC can compile each three times (``target_clones``:
+AVX-512, AVX2 + FMA, and the baseline SSE2 of any x86-64) and the CPU
+picks the widest at load time: a wheel built for any x86-64 runs at the
+speed of the machine, as Numba's host-compiled code does. Other compilers
+and CPUs get the same C compiled once for the build's target
+(``-DMEMOA_FAST_NO_CLONES`` forces that). The clones with FMA contract
+``a * b + c``, so results agree across machines to rounding (as Numba's
+do), and bitwise on one machine whatever the thread count. Everything else
+(chunking, merges, the validity checks, the class path) is Cython.
+
+With K > 1 classes the per-agent class lookup makes the row loop scalar over
+agents (its inner loop over the ``d`` coordinates is unit stride); K = 1 (or
+an empty ``labels``) takes the block path and never reads ``labels``.
+
+The kernels trust their inputs: C-contiguous float64 arrays, int64 labels in
+``[0, K)``, shapes as the reference documents (checked by the caller).
 """
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, exp, fabs, isfinite, log, log1p
+from libc.math cimport INFINITY, fabs, isfinite, log, log1p, exp
+from libc.stdint cimport int64_t
 cimport openmp
+
+cdef extern from *:
+    """
+    /* memoa-fast: the innermost loops, in C so that each is compiled three times (AVX-512, AVX2 + FMA and the
+       baseline x86-64 SSE2) and the CPU picks the widest at load time (GCC's target_clones, an ifunc on Linux).
+       Elsewhere (other compilers, other CPUs) they are plain C99 compiled for the build's target. Every loop is
+       element-wise and unit stride (vectorised without reassociating a sum); the argument pointers are restrict. */
+    #include <stdint.h>
+    #include <string.h>
+    #include <math.h>
+    #include <stddef.h>
+    #if defined(_MSC_VER)
+    #define MEMOA_RESTRICT __restrict
+    #define MEMOA_INLINE __inline
+    #else
+    #define MEMOA_RESTRICT __restrict__
+    #define MEMOA_INLINE inline
+    #endif
+    /* target_clones needs GCC >= 12 (the x86-64-v3/v4 names) and glibc's ifunc (musl has none). */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) \
+        && __GNUC__ >= 12 && !defined(MEMOA_FAST_NO_CLONES)
+    #define MEMOA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    #else
+    #define MEMOA_CLONES
+    #endif
+    #define MEMOA_R MEMOA_RESTRICT
+    /* No FP trap is ever enabled here, so GCC may if-convert a comparison (the clamps, the selects): without
+       this the baseline SSE2 clone of a loop with a select is not vectorised. Values are unchanged. */
+    #if defined(__GNUC__) && !defined(__clang__)
+    #pragma GCC push_options
+    #pragma GCC optimize ("no-trapping-math")
+    #endif
+
+    static MEMOA_INLINE int64_t memoa_bits(double v) { int64_t i; memcpy(&i, &v, 8); return i; }
+    static MEMOA_INLINE double memoa_from_bits(int64_t i) { double v; memcpy(&v, &i, 8); return v; }
+
+    /* Number of entries of v[0:m] with !(|v| <= limit) (NaN, inf, too large): float64 sums of 0/1 selects in
+       8 lanes (exact below 2^53). One running sum would be a chain of dependent adds, one value per add latency;
+       8 lanes are one vector add per 8 values. */
+    MEMOA_CLONES static double memoa_count_invalid(const double *MEMOA_R v, ptrdiff_t m, double limit) {
+        double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        ptrdiff_t k = 0;
+        for (; k + 8 <= m; k += 8)
+            for (int l = 0; l < 8; l++) lane[l] += fabs(v[k + l]) <= limit ? 0.0 : 1.0;
+        for (; k < m; k++) lane[0] += fabs(v[k]) <= limit ? 0.0 : 1.0;
+        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    }
+
+    /* lanes[l] += v[b L + l] for every block b of L values of v[0:m], block after block. */
+    MEMOA_CLONES static void memoa_lane_add(const double *MEMOA_R v, ptrdiff_t m, ptrdiff_t L, double *MEMOA_R lanes) {
+        ptrdiff_t b = 0;
+        for (; b + L <= m; b += L)
+            for (ptrdiff_t l = 0; l < L; l++) lanes[l] += v[b + l];
+        for (ptrdiff_t l = 0; l < m - b; l++) lanes[l] += v[b + l];
+    }
+
+    /* lanes[l] += w[l] x[l] for l < m. */
+    MEMOA_CLONES static void memoa_weighted_add(ptrdiff_t m, const double *MEMOA_R w, const double *MEMOA_R x,
+                                                double *MEMOA_R lanes) {
+        for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * x[l];
+    }
+
+    /* One block of the (max, first index) tracker: lane k takes J[k] and index[k] when J[k] > vmax[k];
+       index[k] += step. The index is blended arithmetically (exact for integers below 2^53). */
+    MEMOA_CLONES static void memoa_max_lanes(ptrdiff_t m, const double *MEMOA_R J, double *MEMOA_R vmax,
+                                             double *MEMOA_R varg, double *MEMOA_R index, double step) {
+        for (ptrdiff_t k = 0; k < m; k++) {
+            double v = J[k], old = vmax[k], up = v > old ? 1.0 : 0.0;
+            vmax[k] = v > old ? v : old;
+            varg[k] = varg[k] + up * (index[k] - varg[k]);
+            index[k] = index[k] + step;
+        }
+    }
+
+    /* The policy on m values whose signals are all valid: u = -gain (x - weight s - offset), x += u,
+       terms = q (x - s)^2 + kappa (x - centre)^2 + r u^2 (x before the move). */
+    MEMOA_CLONES static void memoa_policy_block(ptrdiff_t m, double *MEMOA_R xb, const double *MEMOA_R sb,
+                                                const double *MEMOA_R offset, const double *MEMOA_R centre,
+                                                double *MEMOA_R terms, double gain, double weight, double q,
+                                                double kappa, double r) {
+        for (ptrdiff_t l = 0; l < m; l++) {
+            double xi = xb[l], si = sb[l];
+            double u = -gain * (xi - weight * si - offset[l]);
+            double es = xi - si, em = xi - centre[l];
+            terms[l] = q * es * es + kappa * em * em + r * u * u;
+            xb[l] = xi + u;
+        }
+    }
+
+    /* out[k] = terms[k d] + ... + terms[k d + d - 1] in that order, k < nr. For d in {2, 3, 4, 8, 16} the row
+       length is a compile-time constant, so gcc vectorises across rows (grouped loads); otherwise the loops are
+       interchanged so the rows are independent chains. The order of the adds within a row is the same in every
+       branch, so the result does not depend on which one runs. */
+    #define MEMOA_ROW_SUMS_FIXED(D) \
+        for (ptrdiff_t k = 0; k < nr; k++) { \
+            const double *row = terms + k * (D); \
+            double s = row[0]; \
+            for (int j = 1; j < (D); j++) s = s + row[j]; \
+            out[k] = s; \
+        } \
+        return;
+    MEMOA_CLONES static void memoa_row_sums(ptrdiff_t nr, ptrdiff_t d, const double *MEMOA_R terms,
+                                            double *MEMOA_R out) {
+        switch (d) {
+            case 2: MEMOA_ROW_SUMS_FIXED(2)
+            case 3: MEMOA_ROW_SUMS_FIXED(3)
+            case 4: MEMOA_ROW_SUMS_FIXED(4)
+            case 8: MEMOA_ROW_SUMS_FIXED(8)
+            case 16: MEMOA_ROW_SUMS_FIXED(16)
+            default: break;
+        }
+        for (ptrdiff_t k = 0; k < nr; k++) out[k] = terms[k * d];
+        for (ptrdiff_t j = 1; j < d; j++)
+            for (ptrdiff_t k = 0; k < nr; k++) out[k] = out[k] + terms[k * d + j];
+    }
+
+    /* J[k] += hd cost[k], k < nr. */
+    MEMOA_CLONES static void memoa_pay(ptrdiff_t nr, double *MEMOA_R J, const double *MEMOA_R cost, double hd) {
+        for (ptrdiff_t k = 0; k < nr; k++) J[k] += hd * cost[k];
+    }
+
+    /* The server's per-coordinate loss terms: (x - ref)^2 (hedge) or x ref (eg). */
+    MEMOA_CLONES static void memoa_loss_terms(ptrdiff_t m, int hedge, const double *MEMOA_R x,
+                                              const double *MEMOA_R ref, double *MEMOA_R terms) {
+        if (hedge) {
+            for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - ref[l]; terms[l] = e * e; }
+        } else {
+            for (ptrdiff_t l = 0; l < m; l++) terms[l] = x[l] * ref[l];
+        }
+    }
+
+    /* log_p[k] -= clip(eta (scale loss[k])) (NaN or over limit -> limit, under -limit -> -limit) when eta != 0;
+       then mx[k] = max(mx[k], log_p[k]). */
+    MEMOA_CLONES static void memoa_step(ptrdiff_t nr, double *MEMOA_R lp, const double *MEMOA_R loss, double eta,
+                                        double scale, double limit, double *MEMOA_R mx) {
+        if (eta != 0.0) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                double st = eta * (scale * loss[k]);
+                st = st <= limit ? st : limit;
+                st = st < -limit ? -limit : st;
+                lp[k] = lp[k] - st;
+            }
+        }
+        for (ptrdiff_t k = 0; k < nr; k++) mx[k] = lp[k] > mx[k] ? lp[k] : mx[k];
+    }
+
+    /* dst[k] = (src[k] - a) - b. */
+    MEMOA_CLONES static void memoa_shift(ptrdiff_t m, const double *src, double a, double b, double *dst) {
+        for (ptrdiff_t k = 0; k < m; k++) dst[k] = (src[k] - a) - b;
+    }
+
+    /* w[k] = keep w[k] + floor. */
+    MEMOA_CLONES static void memoa_affine(ptrdiff_t m, double *MEMOA_R w, double keep, double floor_) {
+        for (ptrdiff_t k = 0; k < m; k++) w[k] = keep * w[k] + floor_;
+    }
+
+    /* dst[k] = exp(src[k]) (dst may be src): Cody-Waite reduction x = n ln2 + r, |r| <= ln(2)/2, the degree-13
+       Taylor polynomial of exp(r), and the scale 2^n built from its bits in two halves 2^n1 2^n2,
+       n1 = round(n / 2), both found with the 1.5 2^52 shift trick (so the integer work is adds and left
+       shifts), so that a subnormal result rounds once. Inputs clamped to [-745.5, 710]. */
+    MEMOA_CLONES static void memoa_exp_into(const double *src, double *dst, ptrdiff_t m) {
+        const double log2e = 1.4426950408889634, shift = 6755399441055744.0;
+        const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+        const int64_t shift_bits = 0x4338000000000000LL;
+        for (ptrdiff_t k = 0; k < m; k++) {
+            double x = src[k];
+            x = x < -745.5 ? -745.5 : x;
+            x = x > 710.0 ? 710.0 : x;
+            double t = x * log2e + shift, nf = t - shift, h = nf * 0.5 + shift;
+            double r = (x - nf * ln2_hi) - nf * ln2_lo;
+            double p = 1.0 / 6227020800.0;
+            p = p * r + 1.0 / 479001600.0;
+            p = p * r + 1.0 / 39916800.0;
+            p = p * r + 1.0 / 3628800.0;
+            p = p * r + 1.0 / 362880.0;
+            p = p * r + 1.0 / 40320.0;
+            p = p * r + 1.0 / 5040.0;
+            p = p * r + 1.0 / 720.0;
+            p = p * r + 1.0 / 120.0;
+            p = p * r + 1.0 / 24.0;
+            p = p * r + 1.0 / 6.0;
+            p = p * r + 0.5;
+            p = p * r + 1.0;
+            p = p * r + 1.0;
+            int64_t n = memoa_bits(t) - shift_bits, n1 = memoa_bits(h) - shift_bits;
+            dst[k] = p * memoa_from_bits((n1 + 1023) << 52) * memoa_from_bits((n - n1 + 1023) << 52);
+        }
+    }
+
+    /* dst[k] = log(src[k]) (dst may be src). Positive normal finite inputs: musl's bit split x = 2^k z,
+       z in [sqrt(1/2), sqrt(2)), fdlibm's log(1 + f) = f - (hfsq - s (hfsq + R(s^2))), s = f / (2 + f),
+       plus k ln 2 in Cody-Waite halves; the exponent shift is made logical by a 2^62 bias. Every other input
+       (0, subnormal, negative, inf, NaN) is redone by libm's log in a scalar loop, run only when the vectorised
+       count finds one, so dst[k] depends on src[k] alone. */
+    MEMOA_CLONES static void memoa_log_into(const double *src, double *dst, ptrdiff_t m) {
+        const uint64_t off = 0x3FE6A09E667F3BCDULL, field = 0xFFF0000000000000ULL, bias = 0x4000000000000000ULL;
+        const uint64_t ebits = 0x4338000000000000ULL - 1024;
+        const double shift = 6755399441055744.0, tiny = 2.2250738585072014e-308, huge = 1.7976931348623157e308;
+        const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+        const double lg1 = 6.666666666666735130e-01, lg2 = 3.999999999940941908e-01, lg3 = 2.857142874366239149e-01;
+        const double lg4 = 2.222219843214978396e-01, lg5 = 1.818357216161805012e-01, lg6 = 1.531383769920937332e-01;
+        const double lg7 = 1.479819860511658591e-01;
+        double bad = 0.0;
+        for (ptrdiff_t k = 0; k < m; k++) {
+            double x = src[k];
+            bad += ((x >= tiny) & (x <= huge)) ? 0.0 : 1.0;
+            uint64_t ix = (uint64_t)memoa_bits(x), t = ix - off;
+            double z = memoa_from_bits((int64_t)(ix - (t & field)));
+            double e = memoa_from_bits((int64_t)(((t + bias) >> 52) + ebits)) - shift;
+            double f = z - 1.0, s = f / (2.0 + f), zz = s * s, w = zz * zz;
+            double r = zz * (lg1 + w * (lg3 + w * (lg5 + w * lg7))) + w * (lg2 + w * (lg4 + w * lg6));
+            double hfsq = 0.5 * f * f;
+            dst[k] = e * ln2_hi - ((hfsq - (s * (hfsq + r) + e * ln2_lo)) - f);
+        }
+        if (bad != 0.0)
+            for (ptrdiff_t k = 0; k < m; k++) {
+                double x = src[k];
+                if (!(x >= tiny && x <= huge)) dst[k] = log(x);
+            }
+    }
+    #if defined(__GNUC__) && !defined(__clang__)
+    #pragma GCC pop_options
+    #endif
+    """
+    double memoa_count_invalid(const double* v, Py_ssize_t m, double limit) noexcept nogil
+    void memoa_lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil
+    void memoa_weighted_add(Py_ssize_t m, const double* w, const double* x, double* lanes) noexcept nogil
+    void memoa_max_lanes(Py_ssize_t m, const double* J, double* vmax, double* varg, double* index,
+                         double step) noexcept nogil
+    void memoa_policy_block(Py_ssize_t m, double* xb, const double* sb, const double* offset, const double* centre,
+                            double* terms, double gain, double weight, double q, double kappa, double r) noexcept nogil
+    void memoa_row_sums(Py_ssize_t nr, Py_ssize_t d, const double* terms, double* out) noexcept nogil
+    void memoa_pay(Py_ssize_t nr, double* J, const double* cost, double hd) noexcept nogil
+    void memoa_loss_terms(Py_ssize_t m, int hedge, const double* x, const double* ref, double* terms) noexcept nogil
+    void memoa_step(Py_ssize_t nr, double* lp, const double* loss, double eta, double scale, double limit,
+                    double* mx) noexcept nogil
+    void memoa_shift(Py_ssize_t m, const double* src, double a, double b, double* dst) noexcept nogil
+    void memoa_affine(Py_ssize_t m, double* w, double keep, double floor_) noexcept nogil
+    void memoa_exp_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
+    void memoa_log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
+
+import numpy as np
+
+from ._config import CHUNK as _CONFIG_CHUNK, PAD as _CONFIG_PAD
+from ._layout import GAIN as _L_GAIN, KAPPA as _L_KAPPA, MIX_SIGNAL as _L_MIX_SIGNAL, MIX_STATE as _L_MIX_STATE
+from ._layout import N_COEF as _L_N_COEF, Q as _L_Q, R as _L_R, SIGNAL as _L_SIGNAL, SIZE as _L_SIZE
+from ._layout import SIGNAL_LIMIT as _L_SIGNAL_LIMIT
+from ._reference import STEP_LIMIT as _REF_STEP_LIMIT
 
 RULE_EG = 0
 RULE_HEDGE = 1
 
-# Mirrors ._config.CHUNK and ._config.PAD (compile-time constants here); checked at import below.
+# Compile-time mirrors of ._config and ._layout, checked at import below.
 cdef enum:
     _CHUNK = 4096
     _PAD = 8
+    _GAIN = 0
+    _SIGNAL = 1
+    _Q = 2
+    _KAPPA = 3
+    _R = 4
+    _SIZE = 5
+    _N_COEF = 6
+    # Values per block of whole rows, (max, first index) lanes, rows per exp sweep.
+    _LANES = 256
+    _MAX_LANES = 32
+    _EXP_ROWS = 1024
+    # Lanes of the sum of exponentials in the server's log-sum-exp.
+    _SUM_LANES = 8
 
-from ._config import CHUNK as _CONFIG_CHUNK, PAD as _CONFIG_PAD
+cdef double _SIGNAL_LIMIT = 1e50
+cdef double _STEP_LIMIT = 1e300
+# Below this alpha / N the fixed share keeps the scalar logaddexp form (subnormal sums would lose bits).
+cdef double _SHARE_FLOOR_MIN = 1e-290
 
-if _CONFIG_CHUNK != _CHUNK or _CONFIG_PAD != _PAD:  # pragma: no cover
+if (_CONFIG_CHUNK, _CONFIG_PAD) != (_CHUNK, _PAD) or (_L_GAIN, _L_SIGNAL, _L_Q, _L_KAPPA, _L_R, _L_SIZE, _L_N_COEF) != (
+    0, 1, 2, 3, 4, 5, 6
+) or (_L_MIX_SIGNAL, _L_MIX_STATE) != (0, 1) or _L_SIGNAL_LIMIT != _SIGNAL_LIMIT or _REF_STEP_LIMIT != _STEP_LIMIT:  # pragma: no cover
     raise ImportError(
-        f"memoa_fast.kernels._cython was compiled with CHUNK={_CHUNK}, PAD={_PAD} but _config says "
-        f"CHUNK={_CONFIG_CHUNK}, PAD={_CONFIG_PAD}: rebuild with `pip install .`"
+        "memoa_fast.kernels._cython was compiled against other constants than _config/_layout now hold "
+        f"(CHUNK={_CONFIG_CHUNK}, PAD={_CONFIG_PAD}, SIGNAL_LIMIT={_L_SIGNAL_LIMIT}, STEP_LIMIT={_REF_STEP_LIMIT}): "
+        "rebuild with `pip install -e .`"
     )
-
-
-cdef inline Py_ssize_t _padded(Py_ssize_t d) noexcept nogil:
-    return ((d + _PAD - 1) // _PAD) * _PAD
-
-
-cdef inline Py_ssize_t _n_chunks(Py_ssize_t n) noexcept nogil:
-    return (n + _CHUNK - 1) // _CHUNK
-
 
 def max_threads():
     """Threads an OpenMP parallel region may use (``omp_get_max_threads()``)."""
     return openmp.omp_get_max_threads()
 
 
-# --------------------------------------------------------------------------- mean field
-cdef void _mean_field_chunk(
-    const double[:, ::1] x,   # IN  (n, d) states
-    const double[:, ::1] s,   # IN  (n, d) signals, may hold NaN/inf
-    const double[::1] J,      # IN  (n,) online costs
-    double[:, ::1] work,      # OUT row c: chunk partials
-    Py_ssize_t c,
-) noexcept nogil:
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t dp = _padded(d)
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef Py_ssize_t count = 0, jarg = -1
-    cdef double jmax = -INFINITY
-    cdef bint finite
-    cdef double* row = &work[c, 0]
-    if hi > n:
-        hi = n
-    for j in range(work.shape[1]):
-        row[j] = 0.0
-    for i in range(lo, hi):
-        finite = True
-        for j in range(d):
-            if not isfinite(s[i, j]):
-                finite = False
-        for j in range(d):
-            row[j] += x[i, j]
-        if finite:
-            count += 1
-            for j in range(d):
-                row[dp + j] += s[i, j]
-        if J[i] > jmax:
-            jmax = J[i]
-            jarg = i
-    row[2 * dp] = <double>count
-    row[2 * dp + 1] = jmax
-    row[2 * dp + 2] = <double>jarg
+# --------------------------------------------------------------------------- plumbing
+cdef struct Lay:
+    # The Layout named tuple as C integers (``dp``: ``d`` padded to a cache line).
+    Py_ssize_t K, d, dp, width
+    Py_ssize_t state, signal, mixture, count, max_cost, arg_cost, lse_top, lse_sum
+    Py_ssize_t class_state, class_signal, class_next, offset, field_state, field_signal, field_next
 
 
-cdef void _mean_field_merge(
-    const double[:, ::1] work,  # IN  chunk partials
-    Py_ssize_t n,
-    Py_ssize_t d,
-    double[::1] out_mean_x,     # OUT (d,)
-    double[::1] out_mean_s,     # OUT (d,), untouched when no signal is finite
-    double* count_out,
-    double* jmax_out,
-    double* jarg_out,
-) noexcept nogil:
-    cdef Py_ssize_t dp = _padded(d)
-    cdef Py_ssize_t n_chunks = work.shape[0]
-    cdef Py_ssize_t c, j
-    cdef double count = 0.0, jmax = -INFINITY, jarg = -1.0, total
-    for j in range(d):
-        out_mean_x[j] = 0.0
-    for c in range(n_chunks):
-        for j in range(d):
-            out_mean_x[j] += work[c, j]
-        count += work[c, 2 * dp]
-        if work[c, 2 * dp + 1] > jmax:
-            jmax = work[c, 2 * dp + 1]
-            jarg = work[c, 2 * dp + 2]
-    for j in range(d):
-        out_mean_x[j] /= n
-    if count > 0:
-        for j in range(d):
-            total = 0.0
-            for c in range(n_chunks):
-                total += work[c, dp + j]
-            out_mean_s[j] = total / count
-    count_out[0] = count
-    jmax_out[0] = jmax
-    jarg_out[0] = jarg
+cdef struct Pop:
+    # One population step's arrays (raw pointers into C-contiguous arrays) and scalars.
+    Lay lay
+    Py_ssize_t n, n_chunks
+    double* x              # (n, d) states
+    double* s              # (n, d) signals (read only)
+    int64_t* labels        # (n,) classes, or NULL (every agent in class 0)
+    double* J              # (n,) costs
+    double* work           # (n_chunks, lay.width) chunk partials
+    double* coef           # (K, N_COEF)
+    double* field          # (field_rows, d)
+    double* log_p          # (n,) log-weights, or NULL (no mixture)
+    double half_discount   # gamma^t / 2
+    bint want_states       # pass 1 also sums the states
+    double* scratch        # threads * scratch_size doubles
+    Py_ssize_t scratch_size
 
 
-def mean_field(
-    const double[:, ::1] x,   # IN  (n, d)
-    const double[:, ::1] s,   # IN  (n, d)
-    const double[::1] J,      # IN  (n,)
-    double[:, ::1] work,      # OUT work_shape(n, d)
-    double[::1] out_mean_x,   # OUT (d,)
-    double[::1] out_mean_s,   # OUT (d,)
-    int threads,
-):
-    """Mean state, mean of the finite signals and the worst agent.
+cdef struct Mix:
+    # One server pass: log-weights, client states, the replicated target, and the work rows.
+    Lay lay
+    Py_ssize_t n, n_chunks
+    double* log_p          # (n,)
+    double* x              # (n, d) (read only)
+    double* ref            # (d,): y (hedge) or yhat - y (eg)
+    int rule
+    double eta
+    double* work
+    double* scratch
+    Py_ssize_t scratch_size
 
-    Returns ``(n_finite, max_J, argmax_J)``; ``out_mean_s`` is left as it was
-    when no signal is finite; ties in ``J`` go to the first index.
+
+cdef Lay _read_layout(lay) except *:
+    """The Layout named tuple's fields as C integers (read once, before any nogil region)."""
+    cdef Lay L
+    L.K = lay.n_classes
+    L.d = lay.dim
+    L.dp = ((L.d + _PAD - 1) // _PAD) * _PAD
+    L.width = lay.width
+    L.state = lay.state
+    L.signal = lay.signal
+    L.mixture = lay.mixture
+    L.count = lay.count
+    L.max_cost = lay.max_cost
+    L.arg_cost = lay.arg_cost
+    L.lse_top = lay.lse_top
+    L.lse_sum = lay.lse_sum
+    L.class_state = lay.class_state
+    L.class_signal = lay.class_signal
+    L.class_next = lay.class_next
+    L.offset = lay.offset
+    L.field_state = lay.field_state
+    L.field_signal = lay.field_signal
+    L.field_next = lay.field_next
+    return L
+
+
+cdef inline Py_ssize_t _block_rows(Py_ssize_t d) noexcept nogil:
+    """Rows per block: ``R = max(1, LANES // d)``."""
+    return 1 if d >= _LANES else _LANES // d
+
+
+cdef inline Py_ssize_t _exp_rows(Py_ssize_t R) noexcept nogil:
+    """Rows exponentiated per sweep: a whole number of blocks, about ``EXP_ROWS``."""
+    return R if R >= _EXP_ROWS else R * (_EXP_ROWS // R)
+
+
+cdef Py_ssize_t _step_scratch(Py_ssize_t d, Py_ssize_t K):
+    """Doubles of scratch one thread needs for a population pass."""
+    cdef Py_ssize_t R = _block_rows(d)
+    cdef Py_ssize_t L = R * d
+    return 8 * L + 3 * _MAX_LANES + 3 * R + _exp_rows(R) + 2 * K * d + K + 8
+
+
+cdef Py_ssize_t _server_scratch(Py_ssize_t d):
+    """Doubles of scratch one thread needs for a server pass."""
+    cdef Py_ssize_t R = _block_rows(d)
+    cdef Py_ssize_t L = R * d
+    return 3 * L + 2 * R + _exp_rows(R) + _EXP_ROWS + _SUM_LANES + 8
+
+
+cdef inline void _bounds(Py_ssize_t n, Py_ssize_t c, Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """Write chunk ``c``'s rows ``[lo, hi)`` of ``n`` agents (the last chunk may be short)."""
+    lo[0] = c * _CHUNK
+    hi[0] = lo[0] + _CHUNK if lo[0] + _CHUNK < n else n
+
+
+cdef inline double* _thread_scratch(double* scratch, Py_ssize_t size) noexcept nogil:
+    """The calling OpenMP thread's ``size`` doubles of ``scratch`` (thread ``t`` owns ``[t size, (t + 1) size)``)."""
+    return scratch + openmp.omp_get_thread_num() * size
+
+
+# --------------------------------------------------------------------------- building blocks
+cdef inline void _lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil:
+    """Add ``v[b L + l]`` to ``lanes[l]`` for every block ``b``, block after block.
+
+    Reads ``v[0:m]``; updates ``lanes[0:L]`` in place (C: ``memoa_lane_add``,
+    element-wise and unit stride, so it vectorises without reassociation).
     """
-    cdef Py_ssize_t c, n_chunks = work.shape[0]
-    cdef double count, jmax, jarg
-    with nogil:
-        if threads <= 1:
-            for c in range(n_chunks):
-                _mean_field_chunk(x, s, J, work, c)
-        else:
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _mean_field_chunk(x, s, J, work, c)
-        _mean_field_merge(work, x.shape[0], x.shape[1], out_mean_x, out_mean_s, &count, &jmax, &jarg)
-    return int(count), float(jmax), int(jarg)
+    memoa_lane_add(v, m, L, lanes)
 
 
-# --------------------------------------------------------------------------- policy
-cdef void _policy_chunk(
-    double[:, ::1] x,               # IN/OUT (n, d) states, moved by u
-    const double[:, ::1] s,         # IN  (n, d) signals
-    double[::1] J,                  # IN/OUT (n,) online costs
-    double gain,
-    double c_signal,
-    double c_signal_mean,
-    double c_state_mean,
-    const double[::1] mean_s,       # IN  (d,)
-    double q,
-    double kappa,
-    double r,
-    const double[::1] mean_x,       # IN  (d,)
-    double half_discount,
-    Py_ssize_t c,
-) noexcept nogil:
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef bint finite
-    cdef double cost, xi, si, u, e_s, e_m
-    if hi > n:
-        hi = n
-    for i in range(lo, hi):
-        finite = True
-        for j in range(d):
-            if not isfinite(s[i, j]):
-                finite = False
-        cost = 0.0
-        if finite:
-            for j in range(d):
-                xi = x[i, j]
-                si = s[i, j]
-                u = -gain * (xi - c_signal * si - c_signal_mean * mean_s[j] - c_state_mean * mean_x[j])
-                e_s = xi - si
-                e_m = xi - mean_x[j]
-                cost += q * e_s * e_s + kappa * e_m * e_m + r * u * u
-                x[i, j] = xi + u
-        else:
-            for j in range(d):
-                e_m = x[i, j] - mean_x[j]
-                cost += kappa * e_m * e_m
-        J[i] += half_discount * cost
+cdef void _zero(double* a, Py_ssize_t m) noexcept nogil:
+    """Write ``a[0:m] = 0``."""
+    cdef Py_ssize_t l
+    for l in range(m):
+        a[l] = 0.0
 
 
-def policy_update(
-    double[:, ::1] x,           # IN/OUT (n, d)
-    const double[:, ::1] s,     # IN  (n, d)
-    double[::1] J,              # IN/OUT (n,)
-    double gain,
-    double c_signal,
-    double c_signal_mean,
-    double c_state_mean,
-    const double[::1] mean_s,   # IN  (d,)
-    double q,
-    double kappa,
-    double r,
-    const double[::1] mean_x,   # IN  (d,)
-    double discount,
-    int threads,
-):
-    """One policy step in place: ``J_i`` pays the stage cost (before the move), then ``x_i += u_i``.
+cdef void _lane_columns(const double* lanes, Py_ssize_t d, Py_ssize_t R, double* out) noexcept nogil:
+    """Write ``out[j] = lanes[j] + lanes[d + j] + ... + lanes[(R-1) d + j]`` (in that order) for ``j < d``.
 
-    An agent whose signal has a non-finite entry holds and pays only the kappa term.
+    Reads ``lanes[0:R d]``.
     """
-    cdef Py_ssize_t c, n_chunks = _n_chunks(x.shape[0])
-    cdef double half_discount = 0.5 * discount
-    with nogil:
-        if threads <= 1:
-            for c in range(n_chunks):
-                _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s,
-                              q, kappa, r, mean_x, half_discount, c)
-        else:
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s,
-                              q, kappa, r, mean_x, half_discount, c)
-
-
-# --------------------------------------------------------------------------- server
-cdef void _predict_chunk(
-    const double[::1] log_p,    # IN  (n,) log-weights
-    const double[:, ::1] x,     # IN  (n, d)
-    double[:, ::1] work,        # OUT row c, columns [0, d)
-    Py_ssize_t c,
-) noexcept nogil:
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef double p
-    cdef double* row = &work[c, 0]
-    if hi > n:
-        hi = n
-    for j in range(d):
-        row[j] = 0.0
-    for i in range(lo, hi):
-        p = exp(log_p[i])
-        for j in range(d):
-            row[j] += p * x[i, j]
-
-
-cdef void _predict_merge(
-    const double[:, ::1] work,  # IN  chunk partials
-    Py_ssize_t d,
-    double[::1] out,            # OUT (d,)
-) noexcept nogil:
-    cdef Py_ssize_t c, j
+    cdef Py_ssize_t j, k
     cdef double total
     for j in range(d):
         total = 0.0
-        for c in range(work.shape[0]):
-            total += work[c, j]
+        for k in range(R):
+            total += lanes[k * d + j]
         out[j] = total
 
 
-def mixture_predict(
-    const double[::1] log_p,    # IN  (n,)
-    const double[:, ::1] x,     # IN  (n, d)
-    double[:, ::1] work,        # OUT work_shape(n, d)
-    double[::1] out,            # OUT (d,)
-    int threads,
-):
-    """``out = sum_i p_i x_i`` with ``p = exp(log_p)``."""
-    cdef Py_ssize_t c, n_chunks = work.shape[0]
-    with nogil:
-        if threads <= 1:
-            for c in range(n_chunks):
-                _predict_chunk(log_p, x, work, c)
-        else:
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _predict_chunk(log_p, x, work, c)
-        _predict_merge(work, x.shape[1], out)
+cdef inline Py_ssize_t _count_invalid(const double* v, Py_ssize_t m) noexcept nogil:
+    """Number of entries of ``v[0:m]`` that are not valid (NaN, inf, or ``|v| > SIGNAL_LIMIT``); vectorised.
+
+    Reads ``v[0:m]``. The count is float64 sums of 0/1 selects in 8 lanes
+    (exact below 2^53; C ``memoa_count_invalid``): gcc vectorises that, but
+    not an integer count of a double comparison (on SSE2), and one running
+    float sum would cost an add latency per value.
+    """
+    return <Py_ssize_t>memoa_count_invalid(v, m, _SIGNAL_LIMIT)
 
 
-cdef void _reweight_chunk(
-    double[::1] log_p,          # IN/OUT (n,) log-weights, stepped (not yet normalised)
-    const double[:, ::1] x,     # IN  (n, d)
-    const double[::1] y,        # IN  (d,) target
-    const double[::1] yhat,     # IN  (d,) mixture prediction
-    int rule,
-    double eta,
-    double[:, ::1] work,        # OUT row c: [2 dp + 1] chunk max, [2 dp + 2] scaled sum
-    Py_ssize_t c,
-) noexcept nogil:
-    """Gradient step on the log-weights of one chunk and its online log-sum-exp."""
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t col = 2 * _padded(d)
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef double top = -INFINITY, scaled = 0.0, loss, e, v
-    if hi > n:
-        hi = n
+cdef inline bint _row_valid(const double* row, Py_ssize_t d) noexcept nogil:
+    """True when every entry of ``row[0:d]`` is finite and at most ``SIGNAL_LIMIT`` in magnitude."""
+    return _count_invalid(row, d) == 0
+
+
+cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes, double* out_max,
+                   double* out_arg) noexcept nogil:
+    """Largest ``J[i]`` over ``[lo, hi)`` and its first index (as ``numpy.argmax``), written to ``out_max``/``out_arg``.
+
+    Reads ``J[lo:hi]``; uses ``lanes[0:3 MAX_LANES]`` as scratch: lane ``k``
+    keeps the largest value seen at positions ``k mod MAX_LANES`` and its
+    first index (element-wise, vectorised: C ``memoa_max_lanes``). An all
+    ``-inf`` (or NaN) range gives ``(J[lo], lo)``.
+    """
+    cdef double* vmax = lanes
+    cdef double* varg = lanes + _MAX_LANES
+    cdef double* index = lanes + 2 * _MAX_LANES
+    cdef Py_ssize_t b, k, m
+    cdef double best = -INFINITY, arg = -1.0
+    for k in range(_MAX_LANES):
+        vmax[k] = -INFINITY
+        varg[k] = -1.0
+        index[k] = <double>(lo + k)
+    b = lo
+    while b < hi:
+        m = hi - b if hi - b < _MAX_LANES else _MAX_LANES
+        memoa_max_lanes(m, J + b, vmax, varg, index, _MAX_LANES)
+        b += _MAX_LANES
+    for k in range(_MAX_LANES):
+        if vmax[k] > best or (vmax[k] == best and varg[k] < arg and varg[k] >= 0.0):
+            best = vmax[k]
+            arg = varg[k]
+    if arg < 0.0:
+        best = J[lo]
+        arg = <double>lo
+    out_max[0] = best
+    out_arg[0] = arg
+
+
+cdef inline void _exp_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil:
+    """Write ``dst[k] = exp(src[k])`` for ``k < m`` (``dst`` may be ``src``); one vectorised loop (C: ``memoa_exp_into``).
+
+    Cody-Waite reduction ``x = n ln 2 + r``, ``|r| <= ln(2)/2``, and the
+    degree-13 Taylor polynomial of ``exp(r)`` (as :mod:`._numba`); the scale
+    ``2^n`` is built from its bits in two halves ``2^n1 2^n2``, ``n1 =
+    round(n / 2)`` (both found with the ``1.5 2^52`` shift trick, so every
+    integer operation is an add or a left shift, which SSE2 has), so a
+    subnormal result rounds once. Inputs are clamped to ``[-745.5, 710]``: 0
+    below (and at ``-inf``), ``inf`` above 709.79, NaN for NaN. Accuracy
+    (measured, and tested): within 1 ulp of ``numpy.exp`` where the result is
+    normal, within one subnormal step (4.9e-324) below.
+    """
+    memoa_exp_into(src, dst, m)
+
+cdef inline void _log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil:
+    """Write ``dst[k] = log(src[k])`` for ``k < m`` (``dst`` may be ``src``); vectorised (C: ``memoa_log_into``).
+
+    For positive normal finite inputs: the exponent/mantissa split is integer
+    work (musl's: ``x = 2^k z``, ``z`` in ``[sqrt(1/2), sqrt(2))``), then
+    fdlibm's ``log(1 + f) = f - (hfsq - s (hfsq + R(s^2)))``, ``s = f / (2 + f)``,
+    plus ``k ln 2`` in Cody-Waite halves. Every other input (0, subnormal,
+    negative, inf, NaN) is redone with libm's ``log`` in a scalar loop, run
+    only when the vectorised count finds one, so ``dst[k]`` depends on
+    ``src[k]`` alone. Accuracy (measured, and tested): within 1 ulp of
+    ``numpy.log``.
+    """
+    memoa_log_into(src, dst, m)
+
+cdef void _weighted_lanes(const double* log_p, const double* x, Py_ssize_t rows, Py_ssize_t d,
+                          double* lanes, double* pattern, double* p) noexcept nogil:
+    """Lanes (``L = R d``) of ``sum_i exp(log_p[i]) x[i, :]`` over ``rows`` rows.
+
+    Reads ``log_p[0:rows]`` and ``x[0:rows d]``; writes ``lanes[0:L]``, and uses
+    ``pattern`` (``L``) and ``p`` (``_exp_rows(R)``) as scratch. The weights
+    are exponentiated a sweep at a time (:c:func:`_exp_into`), then each
+    block's weights are replicated ``d`` times into ``pattern`` so the
+    multiply-add is one element-wise loop.
+    """
+    cdef Py_ssize_t R = _block_rows(d)
+    cdef Py_ssize_t L = R * d
+    cdef Py_ssize_t E = _exp_rows(R)
+    cdef Py_ssize_t eb, em, rb, nr, k, j, l
+    cdef const double* xb
+    cdef const double* pb
+    _zero(lanes, L)
+    eb = 0
+    while eb < rows:
+        em = rows - eb if rows - eb < E else E
+        _exp_into(log_p + eb, p, em)
+        rb = 0
+        while rb < em:
+            nr = em - rb if em - rb < R else R
+            xb = x + (eb + rb) * d
+            pb = p + rb
+            if d == 1:
+                memoa_weighted_add(nr, pb, xb, lanes)
+            else:
+                for k in range(nr):
+                    for j in range(d):
+                        pattern[k * d + j] = pb[k]
+                memoa_weighted_add(nr * d, pattern, xb, lanes)
+            rb += R
+        eb += E
+
+
+# --------------------------------------------------------------------------- pass 1: signals
+cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogil:
+    """Pass 1 on chunk ``c``.
+
+    Reads ``s`` (and ``x`` when ``want_states``, ``labels`` when K > 1) over
+    the chunk's rows. Writes row ``c`` of ``work``: ``signal + l dp`` (sums of
+    the class-``l`` valid signal rows, ``d`` values), ``count + l`` (their
+    number) and, when ``want_states``, ``state + l dp`` (sums of the class-``l``
+    states), for every class ``l``.
+    """
+    cdef Lay L = P.lay
+    cdef Py_ssize_t d = L.d, K = L.K, lo, hi, R, rb, nr, k, j, l, i, count
+    cdef double* row = P.work + c * L.width
+    cdef double* lanes = scratch
+    cdef double* sums
+    cdef double* xsums
+    cdef double* counts
+    cdef const double* sb
+    cdef const double* si
+    _bounds(P.n, c, &lo, &hi)
+    if P.labels == NULL:
+        for l in range(1, K):  # classes 1.. are empty
+            row[L.count + l] = 0.0
+            for j in range(d):
+                row[L.signal + l * L.dp + j] = 0.0
+                if P.want_states:
+                    row[L.state + l * L.dp + j] = 0.0
+        R = _block_rows(d)
+        _zero(lanes, R * d)
+        count = 0
+        rb = lo
+        while rb < hi:
+            nr = hi - rb if hi - rb < R else R
+            sb = P.s + rb * d
+            if _count_invalid(sb, nr * d) == 0:
+                memoa_lane_add(sb, nr * d, R * d, lanes)
+                count += nr
+            else:
+                for k in range(nr):
+                    if _row_valid(sb + k * d, d):
+                        count += 1
+                        for j in range(d):
+                            lanes[k * d + j] += sb[k * d + j]
+            rb += R
+        _lane_columns(lanes, d, R, row + L.signal)
+        row[L.count] = <double>count
+        if P.want_states:
+            _zero(lanes, R * d)
+            _lane_add(P.x + lo * d, (hi - lo) * d, R * d, lanes)
+            _lane_columns(lanes, d, R, row + L.state)
+        return
+    sums = scratch
+    xsums = scratch + K * d
+    counts = scratch + 2 * K * d
+    _zero(scratch, 2 * K * d + K)
     for i in range(lo, hi):
-        loss = 0.0
-        if rule == 0:
+        l = P.labels[i]
+        si = P.s + i * d
+        if P.want_states:
             for j in range(d):
-                loss += (yhat[j] - y[j]) * x[i, j]
-            loss *= 2.0
+                xsums[l * d + j] += P.x[i * d + j]
+        if _row_valid(si, d):
+            counts[l] += 1.0
+            for j in range(d):
+                sums[l * d + j] += si[j]
+    for l in range(K):
+        row[L.count + l] = counts[l]
+        for j in range(d):
+            row[L.signal + l * L.dp + j] = sums[l * d + j]
+            if P.want_states:
+                row[L.state + l * L.dp + j] = xsums[l * d + j]
+
+
+cdef void _signal_sweep(const Pop* P, int threads) noexcept nogil:
+    """:c:func:`_signal_chunk` on every chunk: serially, or on ``threads`` OpenMP threads (static schedule)."""
+    cdef Py_ssize_t c
+    if threads <= 1:
+        for c in range(P.n_chunks):
+            _signal_chunk(P, c, P.scratch)
+    else:
+        for c in prange(P.n_chunks, schedule="static", num_threads=threads):
+            _signal_chunk(P, c, _thread_scratch(P.scratch, P.scratch_size))
+
+
+# --------------------------------------------------------------------------- merges (serial, chunk order)
+cdef inline double _column_sum(const double* work, Py_ssize_t n_chunks, Py_ssize_t width, Py_ssize_t col) noexcept nogil:
+    """``sum_c work[c, col]`` in chunk order."""
+    cdef Py_ssize_t c
+    cdef double total = 0.0
+    for c in range(n_chunks):
+        total += work[c * width + col]
+    return total
+
+
+cdef void _merge_states(const Lay* L, const double* work, Py_ssize_t n_chunks, const double* coef, double* field,
+                        Py_ssize_t class_row, Py_ssize_t global_row) noexcept nogil:
+    """Class means and the global mean of the states from the ``state`` columns of ``work``.
+
+    Reads ``work[:, state + l dp + j]`` and ``coef[l, SIZE]``. Writes
+    ``field[class_row + l] = sums_l / size_l`` (0 for an empty class) and
+    ``field[global_row] = sum_l sums_l / sum_l size_l``.
+    """
+    cdef Py_ssize_t K = L.K, d = L.d, l, j
+    cdef double size, total_size = 0.0, s, g
+    for l in range(K):
+        total_size += coef[l * _N_COEF + _SIZE]
+    for j in range(d):
+        g = 0.0
+        for l in range(K):
+            s = _column_sum(work, n_chunks, L.width, L.state + l * L.dp + j)
+            size = coef[l * _N_COEF + _SIZE]
+            field[(class_row + l) * d + j] = s / size if size > 0 else 0.0
+            g = s if l == 0 else g + s
+        field[global_row * d + j] = g / total_size
+
+
+cdef Py_ssize_t _merge_signals(const Lay* L, const double* work, Py_ssize_t n_chunks, const double* coef,
+                               const double* mix, double* field, bint want_states) noexcept nogil:
+    """Merge pass 1's rows; returns the number of valid signal rows.
+
+    Reads ``work[:, count + l]``, ``work[:, signal + l dp + j]`` (and
+    ``state`` columns with ``want_states``), ``coef[:, SIZE]``, ``mix``.
+    Writes ``field[class_signal + l]`` (left alone for a class with no valid
+    signal), ``field[field_signal]`` (left alone when none is valid), with
+    ``want_states`` ``field[class_state + l]`` and ``field[field_state]``
+    (:c:func:`_merge_states`), and always the offsets ``field[offset + j] =
+    sum_l mix[0, j, l] sbar_l + mix[1, j, l] m_l``.
+    """
+    cdef Py_ssize_t K = L.K, d = L.d, l, j, col
+    cdef double total = 0.0, count, s, g, a, b
+    for l in range(K):
+        total += _column_sum(work, n_chunks, L.width, L.count + l)
+    for j in range(d):
+        g = 0.0
+        for l in range(K):
+            s = _column_sum(work, n_chunks, L.width, L.signal + l * L.dp + j)
+            count = _column_sum(work, n_chunks, L.width, L.count + l)
+            if count > 0:
+                field[(L.class_signal + l) * d + j] = s / count
+            g = g + s
+        if total > 0:
+            field[L.field_signal * d + j] = g / total
+    if want_states:
+        _merge_states(L, work, n_chunks, coef, field, L.class_state, L.field_state)
+    for j in range(K):
+        for col in range(d):
+            a = 0.0
+            b = 0.0
+            for l in range(K):
+                a += mix[j * K + l] * field[(L.class_signal + l) * d + col]
+                b += mix[K * K + j * K + l] * field[(L.class_state + l) * d + col]
+            field[(L.offset + j) * d + col] = a + b
+    return <Py_ssize_t>total
+
+
+cdef void _worst(const Lay* L, const double* work, Py_ssize_t n_chunks, double* max_j, double* arg_j) noexcept nogil:
+    """Largest ``work[c, max_cost]`` (first chunk on ties) and that row's ``arg_cost``."""
+    cdef Py_ssize_t c
+    max_j[0] = work[L.max_cost]
+    arg_j[0] = work[L.arg_cost]
+    for c in range(1, n_chunks):
+        if work[c * L.width + L.max_cost] > max_j[0]:
+            max_j[0] = work[c * L.width + L.max_cost]
+            arg_j[0] = work[c * L.width + L.arg_cost]
+
+
+cdef void _merge_move(const Lay* L, const double* work, Py_ssize_t n_chunks, const double* coef, double* field,
+                      bint predict, double* yhat, double* max_j, double* arg_j) noexcept nogil:
+    """Merge pass 2's rows.
+
+    Reads ``work``'s ``state``, ``mixture``, ``max_cost``, ``arg_cost`` columns
+    and ``coef[:, SIZE]``. Writes ``field[class_next + l]`` and
+    ``field[field_next]`` (:c:func:`_merge_states`), ``yhat[j] = sum_c
+    work[c, mixture + j]`` when ``predict``, and the worst cost and agent.
+    """
+    cdef Py_ssize_t j
+    _merge_states(L, work, n_chunks, coef, field, L.class_next, L.field_next)
+    if predict:
+        for j in range(L.d):
+            yhat[j] = _column_sum(work, n_chunks, L.width, L.mixture + j)
+    _worst(L, work, n_chunks, max_j, arg_j)
+
+
+# --------------------------------------------------------------------------- pass 2: move
+
+
+cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* scratch) noexcept nogil:
+    """Policy and stage cost of rows ``[lo, hi)`` of a one-class population, in place.
+
+    Reads ``coef[0]``, ``field[offset]`` (the policy offset) and
+    ``field[field_state]`` (``m(t)``), ``s``; writes ``x`` and ``J`` of the rows.
+    ``u_i = -gain (x_i - signal s_i - offset)`` for a valid row (else 0), then
+    ``J_i += gamma^t/2 sum_j (q (x_ij - s_ij)^2 + kappa (x_ij - m_j)^2 + r u_ij^2)``
+    (only the kappa terms for an invalid row), ``x_i += u_i``. Per block of
+    ``R`` rows: one element-wise loop (``memoa_policy_block``, patterns
+    ``offset`` and ``centre``), the per-row sums over ``j`` in order
+    (``memoa_row_sums``), then ``memoa_pay``. Scratch: ``3 L`` values from
+    ``scratch`` and ``R`` from ``scratch + 6 L``.
+    """
+    cdef Py_ssize_t d = P.lay.d, R = _block_rows(d), Lb = R * d, rb, nr, m, k, j, l
+    cdef double* offset = scratch
+    cdef double* centre = scratch + Lb
+    cdef double* terms = scratch + 2 * Lb
+    cdef double* cost = scratch + 6 * Lb
+    cdef double gain = P.coef[_GAIN], weight = P.coef[_SIGNAL]
+    cdef double q = P.coef[_Q], kappa = P.coef[_KAPPA], r = P.coef[_R], hd = P.half_discount
+    cdef double em
+    cdef double* xb
+    cdef const double* sb
+    for k in range(R):
+        for j in range(d):
+            offset[k * d + j] = P.field[P.lay.offset * d + j]
+            centre[k * d + j] = P.field[P.lay.field_state * d + j]
+    rb = lo
+    while rb < hi:
+        nr = hi - rb if hi - rb < R else R
+        m = nr * d
+        xb = P.x + rb * d
+        sb = P.s + rb * d
+        if _count_invalid(sb, m) == 0:
+            memoa_policy_block(m, xb, sb, offset, centre, terms, gain, weight, q, kappa, r)
+        else:  # a row without a valid signal holds and pays the kappa term only
+            for k in range(nr):
+                if _row_valid(sb + k * d, d):
+                    memoa_policy_block(d, xb + k * d, sb + k * d, offset, centre, terms + k * d, gain, weight, q, kappa,
+                                       r)
+                else:
+                    for j in range(d):
+                        l = k * d + j
+                        em = xb[l] - centre[l]
+                        terms[l] = kappa * em * em
+        if d == 1:
+            memoa_pay(nr, P.J + rb, terms, hd)
+        else:
+            memoa_row_sums(nr, d, terms, cost)
+            memoa_pay(nr, P.J + rb, cost, hd)
+        rb += R
+
+
+cdef void _move_class_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* xsums) noexcept nogil:
+    """Policy and stage cost of rows ``[lo, hi)`` with K classes, in place, and the class sums of the moved states.
+
+    Reads ``labels``, ``coef[l]``, ``field[offset + l]``, ``field[field_state]``,
+    ``s``; writes ``x``, ``J`` of the rows and ``xsums[l d + j]`` (zeroed here).
+    Same formulas as :c:func:`_move_block_rows`, row by row.
+    """
+    cdef Py_ssize_t d = P.lay.d, K = P.lay.K, i, j, l
+    cdef const double* cf
+    cdef const double* off
+    cdef const double* centre = P.field + P.lay.field_state * d
+    cdef double* xi
+    cdef const double* si
+    cdef double u, es, em, v, a
+    _zero(xsums, K * d)
+    for i in range(lo, hi):
+        l = P.labels[i]
+        cf = P.coef + l * _N_COEF
+        off = P.field + (P.lay.offset + l) * d
+        xi = P.x + i * d
+        si = P.s + i * d
+        a = 0.0
+        if _row_valid(si, d):
+            for j in range(d):
+                v = xi[j]
+                u = -cf[_GAIN] * (v - cf[_SIGNAL] * si[j] - off[j])
+                es = v - si[j]
+                em = v - centre[j]
+                a += cf[_Q] * es * es + cf[_KAPPA] * em * em + cf[_R] * u * u
+                xi[j] = v + u
         else:
             for j in range(d):
-                e = x[i, j] - y[j]
-                loss += e * e
-        v = log_p[i] - eta * loss
-        log_p[i] = v
-        if v > top:
-            scaled = scaled * exp(top - v) + 1.0
-            top = v
-        elif v != -INFINITY:
-            # A zero weight (v = -inf) adds nothing; without this test a chunk
-            # starting with zero weights would add exp(-inf - -inf) = NaN.
-            scaled += exp(v - top)
-    work[c, col + 1] = top
-    work[c, col + 2] = scaled
+                em = xi[j] - centre[j]
+                a += cf[_KAPPA] * em * em
+        P.J[i] += P.half_discount * a
+        for j in range(d):
+            xsums[l * d + j] += xi[j]
 
 
-cdef double _log_sum_exp_merge(
-    const double[:, ::1] work,  # IN  chunk (max, scaled sum) pairs
-    Py_ssize_t d,
-) noexcept nogil:
-    cdef Py_ssize_t col = 2 * _padded(d)
+cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogil:
+    """Pass 2 on chunk ``c``: move and pay its agents, then (chunk in cache) its partials for step t+1.
+
+    Reads and writes ``x``, ``J`` over the chunk's rows (see
+    :c:func:`_move_block_rows`, :c:func:`_move_class_rows`); reads ``s``,
+    ``labels``, ``coef``, ``field``, ``log_p``. Writes row ``c`` of ``work``:
+    ``state + l dp`` (class sums of the moved states), ``max_cost`` and
+    ``arg_cost`` (largest updated cost, its first agent) and, when ``log_p``
+    is given, ``mixture`` (``sum_i exp(log_p_i) x_i(t+1)``).
+    """
+    cdef Lay L = P.lay
+    cdef Py_ssize_t d = L.d, K = L.K, R = _block_rows(d), Lb = R * d, lo, hi, l, j
+    cdef double* row = P.work + c * L.width
+    cdef double* lanes = scratch + 5 * Lb
+    cdef double* tail = scratch + 6 * Lb
+    _bounds(P.n, c, &lo, &hi)
+    if P.labels == NULL:
+        for l in range(1, K):  # classes 1.. are empty
+            for j in range(d):
+                row[L.state + l * L.dp + j] = 0.0
+        _move_block_rows(P, lo, hi, scratch)
+        _zero(lanes, Lb)
+        _lane_add(P.x + lo * d, (hi - lo) * d, Lb, lanes)
+        _lane_columns(lanes, d, R, row + L.state)
+    else:
+        _move_class_rows(P, lo, hi, tail)
+        for l in range(K):
+            for j in range(d):
+                row[L.state + l * L.dp + j] = tail[l * d + j]
+    _max_arg(P.J, lo, hi, tail, row + L.max_cost, row + L.arg_cost)
+    if P.log_p != NULL:
+        _weighted_lanes(P.log_p + lo, P.x + lo * d, hi - lo, d, lanes, scratch, tail)
+        _lane_columns(lanes, d, R, row + L.mixture)
+
+
+cdef void _move_sweep(const Pop* P, int threads) noexcept nogil:
+    """:c:func:`_move_chunk` on every chunk: serially, or on ``threads`` OpenMP threads (static schedule)."""
     cdef Py_ssize_t c
-    cdef double top = -INFINITY, total = 0.0
-    for c in range(work.shape[0]):
-        if work[c, col + 1] > top:
-            top = work[c, col + 1]
-    for c in range(work.shape[0]):
-        total += work[c, col + 2] * exp(work[c, col + 1] - top)
-    return top + log(total)
+    if threads <= 1:
+        for c in range(P.n_chunks):
+            _move_chunk(P, c, P.scratch)
+    else:
+        for c in prange(P.n_chunks, schedule="static", num_threads=threads):
+            _move_chunk(P, c, _thread_scratch(P.scratch, P.scratch_size))
 
 
-cdef void _share_chunk(
-    double[::1] log_p,  # IN/OUT (n,) log-weights: normalised, then mixed with the uniform law
-    double lse,
-    double alpha,
-    Py_ssize_t c,
-) noexcept nogil:
-    """Normalise and mix with the uniform law: ``p <- (1-alpha) p + alpha/N``."""
-    cdef Py_ssize_t n = log_p.shape[0]
-    cdef Py_ssize_t i
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef double keep, spread, a, top, uniform
-    if hi > n:
-        hi = n
+# --------------------------------------------------------------------------- population API
+cdef object _population(Pop* P, const double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] labels,
+                        double[:, ::1] work, lay, int threads):
+    """Fill ``P`` with the pointers and layout of one call; returns the scratch array (keep it alive)."""
+    P.lay = _read_layout(lay)
+    P.n = x.shape[0]
+    P.n_chunks = work.shape[0]
+    P.lay.width = work.shape[1]
+    P.x = <double*>&x[0, 0] if x.shape[0] > 0 else NULL
+    P.s = <double*>&s[0, 0] if s.shape[0] > 0 else NULL
+    # NULL: every agent is in class 0 (K == 1, or an empty labels array), the block path
+    P.labels = <int64_t*>&labels[0] if (labels.shape[0] > 0 and P.lay.K > 1) else NULL
+    P.work = &work[0, 0] if work.shape[0] > 0 else NULL
+    P.J = NULL
+    P.coef = NULL
+    P.field = NULL
+    P.log_p = NULL
+    P.want_states = False
+    P.half_discount = 0.0
+    P.scratch_size = _step_scratch(P.lay.d, P.lay.K)
+    scratch = np.empty(max(threads, 1) * P.scratch_size)
+    cdef double[::1] view = scratch
+    P.scratch = &view[0]
+    return scratch
+
+
+def signal_pass(const double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] labels, double[:, ::1] work, lay,
+                bint want_states, int threads):
+    """Pass 1: write each chunk's class signal sums and counts (and state sums if ``want_states``) to ``work``."""
+    cdef Pop P
+    keep = _population(&P, x, s, labels, work, lay, threads)
+    P.want_states = want_states
+    with nogil:
+        _signal_sweep(&P, threads)
+
+
+def merge_signals(const double[:, ::1] work, lay, const double[:, ::1] coef, const double[:, :, ::1] mix,
+                  double[:, ::1] field, bint want_states):
+    """Merge pass 1's rows: class and global means into ``field``, then the class offsets; returns the valid count."""
+    cdef Lay L = _read_layout(lay)
+    cdef Py_ssize_t total
+    L.width = work.shape[1]
+    with nogil:
+        total = _merge_signals(&L, &work[0, 0], work.shape[0], &coef[0, 0], &mix[0, 0, 0], &field[0, 0], want_states)
+    return int(total)
+
+
+def move_pass(double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] labels, double[::1] J, double[:, ::1] work,
+              lay, const double[:, ::1] coef, const double[:, ::1] field, double discount, const double[::1] log_p,
+              int threads):
+    """Pass 2, in place: move and pay every agent, then write each chunk's state sums, worst cost and mixture."""
+    cdef Pop P
+    keep = _population(&P, x, s, labels, work, lay, threads)
+    P.J = &J[0]
+    P.coef = <double*>&coef[0, 0]
+    P.field = <double*>&field[0, 0]
+    P.half_discount = 0.5 * discount
+    P.log_p = <double*>&log_p[0] if (log_p.shape[0] == x.shape[0] and x.shape[0] > 0) else NULL
+    with nogil:
+        _move_sweep(&P, threads)
+
+
+def merge_move(const double[:, ::1] work, lay, const double[:, ::1] coef, double[:, ::1] field, bint predict,
+               double[::1] yhat):
+    """Merge pass 2's rows: ``m_l(t+1)``, ``m(t+1)`` into ``field``, the mixture into ``yhat``; returns ``(max_J, argmax_J)``."""
+    cdef Lay L = _read_layout(lay)
+    cdef double max_j, arg_j
+    cdef double* out = &yhat[0] if (predict and yhat.shape[0] > 0) else NULL
+    L.width = work.shape[1]
+    with nogil:
+        _merge_move(&L, &work[0, 0], work.shape[0], &coef[0, 0], &field[0, 0], out != NULL, out, &max_j, &arg_j)
+    return float(max_j), int(arg_j)
+
+
+def fold_rows(const double[:, ::1] work, lay, double[::1] out):
+    """Fold every row of ``work`` into the single row ``out`` (sums in row order; the worst over rows)."""
+    cdef Lay L = _read_layout(lay)
+    cdef Py_ssize_t c, k, n_chunks = work.shape[0], width = work.shape[1]
+    cdef double max_j, arg_j
+    L.width = width
+    with nogil:
+        for k in range(width):
+            out[k] = work[0, k]
+        for c in range(1, n_chunks):
+            for k in range(width):
+                out[k] += work[c, k]
+        _worst(&L, &work[0, 0], n_chunks, &max_j, &arg_j)
+        out[L.max_cost] = max_j
+        out[L.arg_cost] = arg_j
+
+
+def fused_step(double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] labels, double[::1] J,
+               double[:, ::1] work, lay, const double[:, ::1] coef, const double[:, :, ::1] mix, double[:, ::1] field,
+               bint have_mean, double discount, const double[::1] log_p, double[::1] yhat, int threads):
+    """One whole population step: :func:`signal_pass`, :func:`merge_signals`, :func:`move_pass`, :func:`merge_move`.
+
+    The same chunk functions and merge functions as the two-pass API, in one
+    nogil region. Returns ``(n_valid, max_J, argmax_J)``.
+    """
+    cdef Pop P
+    cdef Py_ssize_t n_valid
+    cdef double max_j, arg_j
+    keep = _population(&P, x, s, labels, work, lay, threads)
+    P.J = &J[0]
+    P.coef = <double*>&coef[0, 0]
+    P.field = &field[0, 0]
+    P.half_discount = 0.5 * discount
+    P.want_states = not have_mean
+    P.log_p = <double*>&log_p[0] if (log_p.shape[0] == x.shape[0] and x.shape[0] > 0) else NULL
+    cdef double* out = &yhat[0] if (P.log_p != NULL and yhat.shape[0] > 0) else NULL
+    with nogil:
+        _signal_sweep(&P, threads)
+        n_valid = _merge_signals(&P.lay, P.work, P.n_chunks, P.coef, &mix[0, 0, 0], P.field, P.want_states)
+        _move_sweep(&P, threads)
+        _merge_move(&P.lay, P.work, P.n_chunks, P.coef, P.field, out != NULL, out, &max_j, &arg_j)
+    return int(n_valid), float(max_j), int(arg_j)
+
+
+# --------------------------------------------------------------------------- server
+cdef void _predict_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept nogil:
+    """Chunk ``c``'s mixture: reads ``log_p``, ``x`` over the chunk; writes ``work[c, mixture + j]``."""
+    cdef Py_ssize_t d = M.lay.d, R = _block_rows(d), Lb = R * d, lo, hi
+    _bounds(M.n, c, &lo, &hi)
+    _weighted_lanes(M.log_p + lo, M.x + lo * d, hi - lo, d, scratch, scratch + Lb, scratch + 2 * Lb)
+    _lane_columns(scratch, d, R, M.work + c * M.lay.width + M.lay.mixture)
+
+
+cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept nogil:
+    """Gradient step on chunk ``c``'s log-weights, in place, and the chunk's log-sum-exp pieces.
+
+    Reads ``x`` over the chunk and ``ref`` (``y`` for hedge, ``yhat - y`` for
+    eg). Updates ``log_p_i -= clip(eta loss_i)`` (no step when ``eta == 0``;
+    eg: ``loss_i = 2 <x_i, yhat - y>``, hedge: ``|x_i - y|^2``). Writes
+    ``work[c, lse_top]`` = the chunk's largest stepped log-weight and
+    ``work[c, lse_sum]`` = ``sum exp(log_p_i - top)`` over the chunk (``-inf``
+    and 0 when every weight is 0): the exponentials in vectorised sweeps,
+    summed into ``SUM_LANES`` lanes combined in a fixed order.
+    """
+    cdef Py_ssize_t d = M.lay.d, R = _block_rows(d), Lb = R * d, lo, hi, rb, nr, k, j, l, eb, em
+    cdef double* ref = scratch
+    cdef double* terms = scratch + Lb
+    cdef double* loss = scratch + 2 * Lb
+    cdef double* mx = scratch + 2 * Lb + R
+    cdef double* ex = scratch + 2 * Lb + 2 * R
+    cdef double* acc = ex + _EXP_ROWS
+    cdef double* lp
+    cdef double top = -INFINITY, eta = M.eta, scale = 2.0 if M.rule == 0 else 1.0
+    _bounds(M.n, c, &lo, &hi)
+    for k in range(R):
+        for j in range(d):
+            ref[k * d + j] = M.ref[j]
+        mx[k] = -INFINITY
+    rb = lo
+    while rb < hi:
+        nr = hi - rb if hi - rb < R else R
+        lp = M.log_p + rb
+        if eta != 0.0:
+            memoa_loss_terms(nr * d, M.rule, M.x + rb * d, ref, terms)
+            memoa_row_sums(nr, d, terms, loss)
+        memoa_step(nr, lp, loss, eta, scale, _STEP_LIMIT, mx)  # no step when eta == 0
+        rb += R
+    for k in range(R):
+        top = mx[k] if mx[k] > top else top
+    for l in range(_SUM_LANES):
+        acc[l] = 0.0
+    if top > -INFINITY:
+        eb = lo
+        while eb < hi:
+            em = hi - eb if hi - eb < _EXP_ROWS else _EXP_ROWS
+            memoa_shift(em, M.log_p + eb, top, 0.0, ex)
+            _exp_into(ex, ex, em)
+            _lane_add(ex, em, _SUM_LANES, acc)
+            eb += _EXP_ROWS
+    M.work[c * M.lay.width + M.lay.lse_top] = top
+    M.work[c * M.lay.width + M.lay.lse_sum] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+cdef void _merge_log_sum_exp(const Lay* L, const double* work, Py_ssize_t n_chunks, double* top,
+                             double* log_total) noexcept nogil:
+    """``top`` = the largest ``work[c, lse_top]``; ``log_total = log sum_c work[c, lse_sum] exp(work[c, lse_top] - top)``."""
+    cdef Py_ssize_t c
+    cdef double t = -INFINITY, total = 0.0
+    for c in range(n_chunks):
+        t = work[c * L.width + L.lse_top] if work[c * L.width + L.lse_top] > t else t
+    for c in range(n_chunks):
+        total += work[c * L.width + L.lse_sum] * exp(work[c * L.width + L.lse_top] - t)
+    top[0] = t
+    log_total[0] = log(total)
+
+
+cdef void _share_rows(double* log_p, Py_ssize_t lo, Py_ssize_t hi, double top, double log_total, double alpha,
+                      double n_total, double* scratch) noexcept nogil:
+    """Normalise rows ``[lo, hi)`` of ``log_p`` in place, then apply fixed share.
+
+    ``log p <- (log p - top) - log_total`` (``top`` first: exact when the
+    log-weights are large and nearly tied), then ``p <- (1 - alpha) p + alpha /
+    n_total`` in the log domain: ``log((1 - alpha) exp(log p) + alpha / N)``
+    through the vectorised :c:func:`_exp_into`/:c:func:`_log_into` in sweeps
+    of ``EXP_ROWS`` (each result depends on its own input only); when ``alpha
+    / N < 1e-290`` the scalar ``logaddexp(log1p(-alpha) + log p, log(alpha / N))``.
+    ``scratch``: ``EXP_ROWS`` doubles.
+    """
+    cdef Py_ssize_t i, b, m
+    cdef double keep, floor, a, spread, hi_v, uniform
+    memoa_shift(hi - lo, log_p + lo, top, log_total, log_p + lo)
     if alpha == 0.0:
-        for i in range(lo, hi):
-            log_p[i] -= lse
-    elif alpha == 1.0:
-        uniform = -log(<double>n)
+        return
+    if alpha == 1.0:
+        uniform = -log(n_total)
         for i in range(lo, hi):
             log_p[i] = uniform
-    else:
+    elif alpha / n_total < _SHARE_FLOOR_MIN:
         keep = log1p(-alpha)
-        spread = log(alpha / n)
+        spread = log(alpha / n_total)
         for i in range(lo, hi):
-            a = keep + log_p[i] - lse
-            top = a if a > spread else spread
-            log_p[i] = top + log1p(exp(-fabs(a - spread)))
+            a = keep + log_p[i]
+            hi_v = a if a > spread else spread
+            log_p[i] = hi_v + log1p(exp(-fabs(a - spread))) if a != spread else a + 0.6931471805599453
+    else:
+        keep = 1.0 - alpha
+        floor = alpha / n_total
+        b = lo
+        while b < hi:
+            m = hi - b if hi - b < _EXP_ROWS else _EXP_ROWS
+            _exp_into(log_p + b, scratch, m)
+            memoa_affine(m, scratch, keep, floor)
+            _log_into(scratch, log_p + b, m)
+            b += _EXP_ROWS
 
 
-def mixture_update(
-    double[::1] log_p,          # IN/OUT (n,)
-    const double[:, ::1] x,     # IN  (n, d)
-    const double[::1] y,        # IN  (d,)
-    const double[::1] yhat,     # IN  (d,)
-    int rule,
-    double eta,
-    double alpha,
-    double[:, ::1] work,        # OUT work_shape(n, d)
-    int threads,
-):
-    """Online reweighting of the mixture in the log domain, in place.
+cdef object _server(Mix* M, const double[::1] log_p, const double[:, ::1] x, double[:, ::1] work, lay, int threads):
+    """Fill ``M`` with the pointers and layout of one server call; returns the scratch array (keep it alive)."""
+    M.lay = _read_layout(lay)
+    M.lay.width = work.shape[1]
+    M.n = log_p.shape[0]
+    M.n_chunks = work.shape[0]
+    M.log_p = <double*>&log_p[0] if log_p.shape[0] > 0 else NULL
+    M.x = <double*>&x[0, 0] if x.shape[0] > 0 else NULL
+    M.work = &work[0, 0] if work.shape[0] > 0 else NULL
+    M.ref = NULL
+    M.rule = 0
+    M.eta = 0.0
+    M.scratch_size = _server_scratch(M.lay.d)
+    scratch = np.empty(max(threads, 1) * M.scratch_size + M.lay.d)
+    cdef double[::1] view = scratch
+    M.scratch = &view[0]
+    return scratch
 
-    ``rule`` 0 (eg): ``log p_i -= eta * 2 <yhat - y, x_i>``; 1 (hedge):
-    ``log p_i -= eta |x_i - y|^2``; then normalise by log-sum-exp and apply
-    fixed share ``p <- (1 - alpha) p + alpha / N``.
-    """
-    cdef Py_ssize_t c, n_chunks = work.shape[0]
-    cdef double lse
+
+def mixture_predict(const double[::1] log_p, const double[:, ::1] x, double[:, ::1] work, lay, double[::1] out,
+                    int threads):
+    """``out = sum_i exp(log_p_i) x_i``; each chunk's partial sums go to ``work[c, mixture:mixture + d]``."""
+    cdef Mix M
+    cdef Py_ssize_t c
+    keep = _server(&M, log_p, x, work, lay, threads)
+    cdef Lay* L = &M.lay
     with nogil:
         if threads <= 1:
-            for c in range(n_chunks):
-                _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-            lse = _log_sum_exp_merge(work, x.shape[1])
-            for c in range(n_chunks):
-                _share_chunk(log_p, lse, alpha, c)
+            for c in range(M.n_chunks):
+                _predict_chunk(&M, c, M.scratch)
         else:
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _reweight_chunk(log_p, x, y, yhat, rule, eta, work, c)
-            lse = _log_sum_exp_merge(work, x.shape[1])
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _share_chunk(log_p, lse, alpha, c)
+            for c in prange(M.n_chunks, schedule="static", num_threads=threads):
+                _predict_chunk(&M, c, _thread_scratch(M.scratch, M.scratch_size))
+        for c in range(L.d):
+            out[c] = _column_sum(M.work, M.n_chunks, L.width, L.mixture + c)
 
 
-# --------------------------------------------------------------------------- fused step
-# Appended by the performance work (issue 4): mirrors ``_numba.fused_step``
-# (same signature and semantics; see ``_reference.fused_step``), written in
-# this module's row-by-row style. Two passes over memory: the signals (their
-# mean is needed before any state moves), then the states and costs, with
-# the next step's partial sums taken while the chunk is in cache.
-cdef void _fused_signal_chunk(
-    const double[:, ::1] x,   # IN  (n, d) states
-    const double[:, ::1] s,   # IN  (n, d) signals, may hold NaN/inf
-    double[:, ::1] work,      # OUT row c: [0, d) state sums (if want_x), [dp, dp + d) finite-signal sums, [2 dp] count
-    bint want_x,
-    Py_ssize_t c,
-) noexcept nogil:
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t dp = _padded(d)
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef Py_ssize_t count = 0
-    cdef bint finite
-    cdef double* row = &work[c, 0]
-    if hi > n:
-        hi = n
-    for j in range(work.shape[1]):
-        row[j] = 0.0
-    for i in range(lo, hi):
-        finite = True
-        for j in range(d):
-            if not isfinite(s[i, j]):
-                finite = False
-        if want_x:
-            for j in range(d):
-                row[j] += x[i, j]
-        if finite:
-            count += 1
-            for j in range(d):
-                row[dp + j] += s[i, j]
-    row[2 * dp] = <double>count
+cdef void _reweight_sweep(const Mix* M, int threads) noexcept nogil:
+    """:c:func:`_reweight_chunk` on every chunk: serially, or on ``threads`` OpenMP threads (static schedule)."""
+    cdef Py_ssize_t c
+    if threads <= 1:
+        for c in range(M.n_chunks):
+            _reweight_chunk(M, c, M.scratch)
+    else:
+        for c in prange(M.n_chunks, schedule="static", num_threads=threads):
+            _reweight_chunk(M, c, _thread_scratch(M.scratch, M.scratch_size))
 
 
-cdef void _fused_move_chunk(
-    double[:, ::1] x,               # IN/OUT (n, d) states, moved by u
-    const double[:, ::1] s,         # IN  (n, d) signals
-    double[::1] J,                  # IN/OUT (n,) online costs
-    double[:, ::1] work,            # OUT row c: [0, d) sums of x(t+1), [dp, dp + d) mixture partials, [2 dp + 1, 2 dp + 2] max cost, its index
-    double gain,
-    double c_signal,
-    double c_signal_mean,
-    double c_state_mean,
-    const double[::1] mean_s,       # IN  (d,)
-    double q,
-    double kappa,
-    double r,
-    const double[::1] mean_x,       # IN  (d,)
-    double half_discount,
-    const double[::1] log_p,        # IN  (n,) log-weights, or (0,)
-    bint predict,
-    Py_ssize_t c,
-) noexcept nogil:
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t dp = _padded(d)
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t lo = c * _CHUNK
-    cdef Py_ssize_t hi = lo + _CHUNK
-    cdef Py_ssize_t jarg = -1
-    cdef double jmax = -INFINITY, p
-    cdef double* row = &work[c, 0]
-    if hi > n:
-        hi = n
-    _policy_chunk(x, s, J, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r, mean_x, half_discount, c)
+cdef void _share_sweep(double* log_p, Py_ssize_t n, double top, double log_total, double alpha, double n_total,
+                       double* scratch, Py_ssize_t scratch_size, int threads) noexcept nogil:
+    """:c:func:`_share_rows` on every chunk of ``log_p``: serially, or on ``threads`` OpenMP threads."""
+    cdef Py_ssize_t c, n_chunks = (n + _CHUNK - 1) // _CHUNK
+    if threads <= 1:
+        for c in range(n_chunks):
+            _share_rows(log_p, c * _CHUNK, min(n, (c + 1) * _CHUNK), top, log_total, alpha, n_total, scratch)
+    else:
+        for c in prange(n_chunks, schedule="static", num_threads=threads):
+            _share_rows(log_p, c * _CHUNK, min(n, (c + 1) * _CHUNK), top, log_total, alpha, n_total,
+                        _thread_scratch(scratch, scratch_size))
+
+
+def mixture_reweight(double[::1] log_p, const double[:, ::1] x, const double[::1] y, const double[::1] yhat, int rule,
+                     double eta, double[:, ::1] work, lay, int threads):
+    """``log_p_i -= clip(eta loss_i)`` in place; each chunk's log-sum-exp pieces go to ``work``."""
+    cdef Mix M
+    keep = _server(&M, log_p, x, work, lay, threads)
+    _prepare_ref(&M, keep, y, yhat, rule, eta, threads)
+    with nogil:
+        _reweight_sweep(&M, threads)
+
+
+cdef void _prepare_ref(Mix* M, scratch, const double[::1] y, const double[::1] yhat, int rule, double eta,
+                       int threads) except *:
+    """Write the per-coordinate target (``y``, or ``yhat - y`` for eg) after the threads' scratch; set rule and eta."""
+    cdef Py_ssize_t j, d = M.lay.d
+    M.ref = M.scratch + max(threads, 1) * M.scratch_size
     for j in range(d):
-        row[j] = 0.0
-        row[dp + j] = 0.0
-    for i in range(lo, hi):  # the chunk is in cache now
-        for j in range(d):
-            row[j] += x[i, j]
-        if predict:
-            p = exp(log_p[i])
-            for j in range(d):
-                row[dp + j] += p * x[i, j]
-        if J[i] > jmax:
-            jmax = J[i]
-            jarg = i
-    row[2 * dp + 1] = jmax
-    row[2 * dp + 2] = <double>jarg
+        M.ref[j] = (yhat[j] - y[j]) if rule == 0 else y[j]
+    M.rule = 0 if rule == 0 else 1
+    M.eta = eta
 
 
-def fused_step(
-    double[:, ::1] x,               # IN/OUT (n, d)
-    const double[:, ::1] s,         # IN  (n, d)
-    double[::1] J,                  # IN/OUT (n,)
-    double[:, ::1] work,            # OUT work_shape(n, d)
-    double gain,
-    double c_signal,
-    double c_signal_mean,
-    double c_state_mean,
-    double q,
-    double kappa,
-    double r,
-    double discount,
-    double[::1] mean_x,             # IN m(t) if have_mean_x, else OUT
-    double[::1] mean_s,             # OUT (d,), untouched when no signal is finite
-    double[::1] next_mean_x,        # OUT (d,) m(t+1)
-    bint have_mean_x,
-    const double[::1] log_p,        # IN  (n,) log-weights, or (0,): no mixture
-    double[::1] yhat,               # OUT (d,) sum_i exp(log_p_i) x_i(t+1), when log_p has n entries
-    int threads,
-):
-    """One whole population step in two passes; see ``_reference.fused_step``.
-
-    Returns ``(n_finite, max_J, argmax_J)`` of the updated costs (first index on ties).
-    """
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t dp = _padded(d)
-    cdef Py_ssize_t c, j, n_chunks = work.shape[0]
-    cdef double half_discount = 0.5 * discount
-    cdef double count = 0.0, total, jmax = -INFINITY, jarg = -1.0
-    cdef bint predict = log_p.shape[0] == n
+def merge_log_sum_exp(const double[:, ::1] work, lay):
+    """``(top, log_total)`` with ``log sum_i exp(log_p_i) = top + log_total``, from the chunk pieces."""
+    cdef Lay L = _read_layout(lay)
+    cdef double top, log_total
+    L.width = work.shape[1]
     with nogil:
-        if threads <= 1:
-            for c in range(n_chunks):
-                _fused_signal_chunk(x, s, work, not have_mean_x, c)
-        else:
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _fused_signal_chunk(x, s, work, not have_mean_x, c)
-        for c in range(n_chunks):
-            count += work[c, 2 * dp]
-        if count > 0:
-            for j in range(d):
-                total = 0.0
-                for c in range(n_chunks):
-                    total += work[c, dp + j]
-                mean_s[j] = total / count
-        if not have_mean_x:
-            for j in range(d):
-                total = 0.0
-                for c in range(n_chunks):
-                    total += work[c, j]
-                mean_x[j] = total / n
-        if threads <= 1:
-            for c in range(n_chunks):
-                _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r,
-                                  mean_x, half_discount, log_p, predict, c)
-        else:
-            for c in prange(n_chunks, schedule="static", num_threads=threads):
-                _fused_move_chunk(x, s, J, work, gain, c_signal, c_signal_mean, c_state_mean, mean_s, q, kappa, r,
-                                  mean_x, half_discount, log_p, predict, c)
-        for j in range(d):
-            total = 0.0
-            for c in range(n_chunks):
-                total += work[c, j]
-            next_mean_x[j] = total / n
-            if predict:
-                total = 0.0
-                for c in range(n_chunks):
-                    total += work[c, dp + j]
-                yhat[j] = total
-        for c in range(n_chunks):
-            if work[c, 2 * dp + 1] > jmax:
-                jmax = work[c, 2 * dp + 1]
-                jarg = work[c, 2 * dp + 2]
-    return int(count), float(jmax), int(jarg)
+        _merge_log_sum_exp(&L, &work[0, 0], work.shape[0], &top, &log_total)
+    return float(top), float(log_total)
+
+
+def mixture_share(double[::1] log_p, double top, double log_total, double alpha, n_total, int threads):
+    """Normalise, ``log p <- (log p - top) - log_total``, then fixed share ``p <- (1 - alpha) p + alpha / n_total``."""
+    cdef double n = float(n_total)
+    cdef Py_ssize_t size = _EXP_ROWS + 8
+    scratch = np.empty(max(threads, 1) * size)
+    cdef double[::1] view = scratch
+    if log_p.shape[0] == 0:
+        return
+    with nogil:
+        _share_sweep(&log_p[0], log_p.shape[0], top, log_total, alpha, n, &view[0], size, threads)
+
+
+def mixture_update(double[::1] log_p, const double[:, ::1] x, const double[::1] y, const double[::1] yhat, int rule,
+                   double eta, double alpha, double[:, ::1] work, lay, int threads):
+    """One server update: :func:`mixture_reweight`, :func:`merge_log_sum_exp`, :func:`mixture_share` in one nogil region."""
+    cdef Mix M
+    cdef double top, log_total
+    keep = _server(&M, log_p, x, work, lay, threads)
+    _prepare_ref(&M, keep, y, yhat, rule, eta, threads)
+    with nogil:
+        _reweight_sweep(&M, threads)
+        _merge_log_sum_exp(&M.lay, M.work, M.n_chunks, &top, &log_total)
+        _share_sweep(M.log_p, M.n, top, log_total, alpha, <double>M.n, M.scratch, M.scratch_size, threads)
+
+
+# --------------------------------------------------------------------------- test hooks
+def _exp_array(const double[::1] src, double[::1] out):
+    """``out = exp(src)`` through the vectorised :c:func:`_exp_into` (for the accuracy tests)."""
+    with nogil:
+        _exp_into(&src[0], &out[0], src.shape[0])
+
+
+def _log_array(const double[::1] src, double[::1] out):
+    """``out = log(src)`` through the vectorised :c:func:`_log_into` (for the accuracy tests)."""
+    with nogil:
+        _log_into(&src[0], &out[0], src.shape[0])

@@ -1,0 +1,164 @@
+"""The one module of test helpers: backend discovery, population and weight generators, tolerant comparison.
+
+Import it from a test module as ``from helpers import ...`` (``tests/`` is put
+on ``sys.path`` by the importing module: pytest's ``importlib`` import mode
+does not do it).
+
+Tolerance
+---------
+:func:`assert_close` checks ``|actual - expected| <= rtol (|expected| + scale)``
+elementwise, where ``rtol`` depends on the dtype (:data:`RTOL`: ``1e-12`` for
+float64, about 4500 ulps) and ``scale`` is the magnitude of the terms that
+were summed to make the value (for example ``mean |x_i|`` for a mean). The
+backends sum in other orders than NumPy (chunks, lanes, BLAS), so a sum that
+cancels can only be compared relative to its terms; no real bug hides under
+4500 ulps of the terms.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from memoa_fast.kernels import CHUNK, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
+
+# Relative tolerance per dtype of the expected value.
+RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+
+# Entries that make a signal row invalid: non-finite, or finite but larger than SIGNAL_LIMIT.
+INVALID_VALUES = (np.nan, np.inf, -np.inf, 2 * SIGNAL_LIMIT, -1e200, 1e308)
+
+# Population sizes at the chunk boundaries, and one large population.
+EDGE_N = (1, 2, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 1)
+LARGE_N = 100_003
+DIMS = (1, 3, 4, 16)
+CLASSES = (1, 3, 16)
+
+
+# --------------------------------------------------------------------------- backends
+def kernel_backends(names=("numba", "cython")):
+    """``{name: module}`` of the compiled kernel modules that implement the current contract.
+
+    A module qualifies when it imports and has ``signal_pass`` (the two-pass
+    API of :mod:`memoa_fast.kernels._reference`); an older module, or a
+    missing extension, is left out.
+    """
+    found = {}
+    for name in names:
+        try:
+            mod = importlib.import_module(f"memoa_fast.kernels._{name}")
+        except ImportError:
+            continue
+        if hasattr(mod, "signal_pass"):
+            found[name] = mod
+    return found
+
+
+def thread_counts(name, mod):
+    """Thread counts a test may ask of a backend: ``(1, 2)``, or ``(1,)`` where 2 cannot run.
+
+    Numba refuses more threads than it was started with; an OpenMP region
+    (Cython) accepts an explicit ``num_threads`` above the default.
+    """
+    return (1, 2) if name == "cython" or mod.max_threads() >= 2 else (1,)
+
+
+# --------------------------------------------------------------------------- comparison
+def assert_close(actual, expected, scale=0.0, what="value", rtol=None):
+    """``|actual - expected| <= rtol (|expected| + scale)`` elementwise; equal values (and infinities, NaN) pass.
+
+    ``rtol`` defaults to :data:`RTOL` of ``expected``'s dtype. ``scale`` (a
+    scalar or an array broadcast against ``expected``) is the magnitude of the
+    terms that were summed. The message names the worst entry.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    if rtol is None:
+        rtol = RTOL[expected.dtype]
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(actual - expected)
+        tol = rtol * (np.abs(expected) + scale)
+        ok = (actual == expected) | (err <= tol) | (np.isnan(actual) & np.isnan(expected))
+    if not ok.all():
+        with np.errstate(all="ignore"):
+            ratio = np.where(ok, 0.0, np.nan_to_num(err / np.maximum(tol, 1e-300), nan=np.inf))
+        worst = np.unravel_index(np.argmax(ratio), ratio.shape) if ratio.ndim else ()
+        raise AssertionError(
+            f"{what}: {np.count_nonzero(~ok)} of {ok.size} entries off; worst at {worst}: "
+            f"actual={actual[worst]!r} expected={expected[worst]!r} tol={np.broadcast_to(tol, ok.shape)[worst]!r}"
+        )
+
+
+def ulps(actual, expected):
+    """Distance in units in the last place of ``expected`` (float64), elementwise; 0 where both are equal."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(actual == expected, 0.0, np.abs(actual - expected) / np.spacing(np.abs(expected)))
+
+
+# --------------------------------------------------------------------------- generators
+def new_work(n, lay):
+    """A ``work`` array full of NaN: a kernel that reads a cell it did not write fails loudly."""
+    return np.full(work_shape(n, lay), np.nan)
+
+
+def invalidate_rows(rng, s, fraction, values=INVALID_VALUES):
+    """Make about ``fraction`` of the rows of ``s`` invalid, in place: one entry each, drawn from ``values``."""
+    n, d = s.shape
+    bad = np.flatnonzero(rng.random(n) < fraction) if fraction < 1.0 else np.arange(n)
+    s[bad, rng.integers(0, d, bad.size)] = rng.choice(np.array(values), bad.size)
+    return bad
+
+
+def population(seed, n, d, K, bad_fraction, empty_labels=False):
+    """A random K-class population: a dict of every argument of the population kernels.
+
+    States around a per-coordinate centre at a scale ``10^U(-3, 3)``, signals
+    near the states with ``bad_fraction`` invalid rows, costs (with exact ties
+    in about a third of the draws), labels (an empty array when
+    ``empty_labels`` or K = 1 half the time), per-class coefficients with the
+    true class sizes, a mixing matrix, and a ``field`` of sentinel values.
+    """
+    rng = np.random.default_rng(seed)
+    scale = 10.0 ** rng.uniform(-3, 3)
+    x = rng.normal(rng.normal(size=d) * scale, scale, size=(n, d))
+    s = x + rng.normal(0.0, scale, size=(n, d))
+    invalidate_rows(rng, s, bad_fraction)
+    if rng.random() < 0.3:
+        J = rng.integers(0, 4, n).astype(np.float64)  # many agents share the largest cost
+    else:
+        J = rng.exponential(scale * scale, n)
+    if empty_labels or (K == 1 and rng.random() < 0.5):
+        labels = np.empty(0, np.int64)
+        sizes = np.zeros(K)
+        sizes[0] = n
+    else:
+        labels = rng.integers(0, K, n).astype(np.int64)
+        sizes = np.bincount(labels, minlength=K).astype(np.float64)
+    coef = np.empty((K, N_COEF))
+    coef[:, :SIZE] = rng.uniform(0.0, 1.0, (K, SIZE))
+    coef[:, 1] = rng.uniform(-1.0, 1.0, K)  # the signal weight may be negative
+    coef[:, SIZE] = sizes
+    mix = rng.normal(0.0, 0.5, (2, K, K))
+    lay = layout(K, d)
+    field = np.full((lay.field_rows, d), 123.25)
+    field[lay.class_state:lay.class_state + K] = rng.normal(size=(K, d)) * scale
+    field[lay.field_state] = rng.normal(size=d) * scale
+    log_p = rng.normal(0.0, 3.0, n)
+    log_p -= np.log(np.exp(log_p - log_p.max()).sum()) + log_p.max()
+    return dict(rng=rng, x=x, s=s, J=J, labels=labels, coef=coef, mix=mix, lay=lay, field=field, log_p=log_p,
+                scale=scale)
+
+
+def log_weights(rng, n, spread):
+    """Normalised log-weights spread over about ``spread`` nats."""
+    log_p = rng.normal(0.0, spread, n)
+    top = log_p.max()
+    return log_p - (top + np.log(np.exp(log_p - top).sum()))
+
+
+def classes(labels, n):
+    """Every agent's class: ``labels``, or zeros when it is empty."""
+    return np.zeros(n, np.int64) if labels.shape[0] == 0 else labels
