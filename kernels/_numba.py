@@ -387,23 +387,26 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
             _lane_sums(x.reshape(-1), lo * d, hi * d, L, lanes)
             _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
         return
-    for l in range(K):
-        row[lay[LAY_COUNT] + l] = 0.0
-        for j in range(d):
-            row[lay[LAY_SIGNAL] + l * dp + j] = 0.0
-            if want_states:
-                row[lay[LAY_STATE] + l * dp + j] = 0.0
+    acc_s = np.zeros(K * d)
+    acc_x = np.zeros(K * d if want_states else 0)
+    count = np.zeros(K)
+    all_valid = _count_over(s.reshape(-1), lo * d, hi * d) == 0  # vectorised; then no per-row check
     for i in range(lo, hi):
         l = labels[i] if labels.shape[0] else 0
+        a = l * d
         if want_states:
-            base = lay[LAY_STATE] + l * dp
             for j in range(d):
-                row[base + j] += x[i, j]
-        if _row_valid(s, i, d):
-            row[lay[LAY_COUNT] + l] += 1.0
-            base = lay[LAY_SIGNAL] + l * dp
+                acc_x[a + j] += x[i, j]
+        if all_valid or _row_valid(s, i, d):
+            count[l] += 1.0
             for j in range(d):
-                row[base + j] += s[i, j]
+                acc_s[a + j] += s[i, j]
+    for l in range(K):
+        row[lay[LAY_COUNT] + l] = count[l]
+        for j in range(d):
+            row[lay[LAY_SIGNAL] + l * dp + j] = acc_s[l * d + j]
+            if want_states:
+                row[lay[LAY_STATE] + l * dp + j] = acc_x[l * d + j]
 
 
 @njit(**_jit)
@@ -646,6 +649,51 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
 
 
 @njit(**_jit)
+def _move_rows_classes(x, s, labels, J, lay, coef, field, half_discount, lo, hi, acc, all_valid):
+    """:func:`_move_rows` for several classes, agent by agent, also summing the moved states per class.
+
+    Reads ``labels[i]`` (the class ``l`` of agent ``i``), row ``l`` of ``coef``
+    and ``field[offset + l]``; writes ``x`` and ``J`` in place and adds each
+    moved state to ``acc[l d : (l + 1) d]`` (agent order: deterministic). One
+    loop over the rows, so the class sums cost no second read of the chunk.
+    ``all_valid``: pass 1 found every signal of these rows valid (no per-row check).
+    """
+    d = x.shape[1]
+    off0 = lay[LAY_OFFSET]
+    fs = lay[LAY_FIELD_STATE]
+    # Scalars and 2-D indexing only inside the loop: a row view per agent would cost
+    # a reference-count update (an atomic) per agent.
+    for i in range(lo, hi):
+        l = labels[i]
+        gain = coef[l, GAIN]
+        weight = coef[l, SIGNAL]
+        q = coef[l, Q]
+        kappa = coef[l, KAPPA]
+        r = coef[l, R_]
+        ol = off0 + l
+        a = l * d
+        cost = 0.0
+        if all_valid or _row_valid(s, i, d):
+            for j in range(d):
+                xi = x[i, j]
+                si = s[i, j]
+                u = -gain * (xi - weight * si - field[ol, j])
+                e_s = xi - si
+                e_m = xi - field[fs, j]
+                cost += q * e_s * e_s + kappa * e_m * e_m + r * u * u
+                xi += u
+                x[i, j] = xi
+                acc[a + j] += xi
+        else:  # an agent without a valid signal holds and pays only the kappa term
+            for j in range(d):
+                xi = x[i, j]
+                e_m = xi - field[fs, j]
+                cost += kappa * e_m * e_m
+                acc[a + j] += xi
+        J[i] += half_discount * cost
+
+
+@njit(**_jit)
 def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c):
     """Pass 2 on chunk ``c``: :func:`_move_rows`, then (chunk in cache) its partials for step t+1.
 
@@ -662,10 +710,17 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     L = R * d
     lo, hi = _chunk_bounds(n, c)
     row = work[c]
-    valid = 0.0
-    for l in range(K):
-        valid += row[lay[LAY_COUNT] + l]
-    _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, valid == hi - lo)
+    if K == 1 and labels.shape[0] == 0:
+        _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, row[lay[LAY_COUNT]] == hi - lo)
+    else:
+        acc = np.zeros(K * d)
+        valid = 0.0
+        for l in range(K):
+            valid += row[lay[LAY_COUNT] + l]
+        _move_rows_classes(x, s, labels, J, lay, coef, field, half_discount, lo, hi, acc, valid == hi - lo)
+        for l in range(K):
+            for j in range(d):
+                row[lay[LAY_STATE] + l * dp + j] = acc[l * d + j]
     predict = log_p.shape[0] == n
     extra = 3 * _exp_rows(R) if predict else 0
     scratch = np.empty(L + 2 * MAX_LANES + extra)
@@ -674,14 +729,6 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     if K == 1 and labels.shape[0] == 0:
         _lane_sums(xf, lo * d, hi * d, L, lanes)
         _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
-    else:
-        for l in range(K):
-            for j in range(d):
-                row[lay[LAY_STATE] + l * dp + j] = 0.0
-        for i in range(lo, hi):
-            base = lay[LAY_STATE] + (labels[i] if labels.shape[0] else 0) * dp
-            for j in range(d):
-                row[base + j] += x[i, j]
     jmax, jarg = _max_arg(J, lo, hi, scratch[L:L + MAX_LANES], scratch[L + MAX_LANES:L + 2 * MAX_LANES])
     row[lay[LAY_MAX_COST]] = jmax
     row[lay[LAY_ARG_COST]] = jarg
