@@ -663,8 +663,9 @@ def _move_rows_classes(x, s, labels, J, lay, coef, field, half_discount, lo, hi,
     fs = lay[LAY_FIELD_STATE]
     # Scalars and 2-D indexing only inside the loop: a row view per agent would cost
     # a reference-count update (an atomic) per agent.
+    has_labels = labels.shape[0] > 0  # empty labels: every agent is class 0
     for i in range(lo, hi):
-        l = labels[i]
+        l = labels[i] if has_labels else 0
         gain = coef[l, GAIN]
         weight = coef[l, SIGNAL]
         q = coef[l, Q]
