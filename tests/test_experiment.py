@@ -112,7 +112,7 @@ def test_result_serialisation_and_table(logistic_result, tmp_path):
     assert isinstance(res, ExperimentResult)
     d = json.loads(res.to_json())
     assert d["stream"] == "logistic" and d["config"]["n_clients"] == 200 and d["n_rounds"] == 1500
-    assert set(d["policies"]) == {"memoa", "greedy", "local", "consensus"}
+    assert set(d["policies"]) == {"memoa", "greedy", "local", "consensus", "memoa-trust"}
     m = d["policies"]["memoa"]
     assert set(m["mixture_rmse"]) == {"eg", "hedge"}
     assert m["worst_client_rmse"] == pytest.approx(res.scores["memoa"].worst_client_rmse)
@@ -130,7 +130,7 @@ def test_result_serialisation_and_table(logistic_result, tmp_path):
     svg = tmp_path / "fig.svg"
     plot_result(res, svg)
     text = svg.read_text()
-    for words in ("worst client", "under-performer cost", "kappa=1", "burn-in"):  # panels, parameters, legend
+    for words in ("worst client", "under-performer cost", "kappa=3", "burn-in"):  # panels, parameters, legend
         assert words in text, words
     with pytest.raises(ValueError, match="plot path must end in one of .png"):
         plot_result(res, tmp_path / "fig.xyz")
@@ -238,3 +238,23 @@ def test_short_run_on_real_data(datasets_dir, folder, name, column):
     persistence = np.sqrt(np.mean(np.diff(y[res.config["burn_in"]:]) ** 2))
     assert res.scores["memoa"].mixture_rmse["hedge"] < 3 * persistence
     assert res.scores["memoa"].worst_client_rmse < res.scores["local"].worst_client_rmse
+
+
+def test_memoa_trust_beats_memoa_on_the_worst_client(logistic_result):
+    """Issue 10: memoa-trust's worst client at most 0.75x MEMOA's; near the best policy on all three columns."""
+    s = logistic_result.scores
+    trust = s["memoa-trust"]
+    assert trust.worst_client_rmse <= 0.75 * s["memoa"].worst_client_rmse
+    best = {c: min(getattr(s[p], c) for p in ("memoa", "greedy", "local", "consensus"))
+            for c in ("worst_client_rmse", "average_client_rmse")}
+    assert trust.worst_client_rmse <= 1.1 * best["worst_client_rmse"]
+    assert trust.average_client_rmse <= 1.1 * best["average_client_rmse"]
+    assert logistic_result.config["classes"] == 8 and logistic_result.config["reclass"] == 50
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(classes=0), "classes"), (dict(reclass=0), "reclass"),
+                                           (dict(classes=11, n_clients=10), "classes must be at most")])
+def test_memoa_trust_arguments_are_checked(kwargs, words):
+    y = np.sin(np.arange(50) / 3.0)
+    with pytest.raises(ValueError, match=words):
+        run_experiment(y, **{"n_clients": 20, **kwargs})

@@ -26,12 +26,11 @@ from pathlib import Path
 from .. import _backends
 from .._version import __version__
 from . import experiment
-from .experiment import PLOT_FORMATS, require_matplotlib
-from ..game import POLICIES
+from .experiment import PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, load_csv_series, make_stream
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
-DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=1.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
+DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
                 seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500)
 
 DESCRIPTION = """\
@@ -80,6 +79,8 @@ RANGES = {
     "--seed": (0, 2**63 - 1, False, False),
     "--burn-in": (0, 10**7, False, False),
     "--threads": (1, 1024, False, False),  # and at most the CPUs this process may use
+    "--classes": (1, 1024, False, False),  # and at most --clients
+    "--reclass": (1, 10**7, False, False),
 }
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -183,8 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight on the size of each move, in {iv('--r')} (default {D['r']:g})")
     g.add_argument("--gamma", type=_number(float, "--gamma"), default=D["gamma"],
                    help=f"discount factor, in {iv('--gamma')} (default {D['gamma']:g})")
-    g.add_argument("--policies", default="memoa,greedy,local,consensus", metavar="LIST",
-                   help="comma-separated policies to compare (default memoa,greedy,local,consensus)")
+    g.add_argument("--policies", default=",".join(POLICIES), metavar="LIST",
+                   help=f"comma-separated policies to compare (default {','.join(POLICIES)})")
+
+    g = run.add_argument_group("memoa-trust (K quantile classes by each client's measured error, MODEL.md section 7)")
+    g.add_argument("--classes", type=_number(int, "--classes"), default=8, metavar="K",
+                   help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8)")
+    g.add_argument("--reclass", type=_number(int, "--reclass"), default=50, metavar="R",
+                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default 50)")
+    g.add_argument("--trust-feedforward", action="store_true",
+                   help="keep memoa-trust's feed-forward term C (m_l - m_l*) (off by default: see the README)")
 
     g = run.add_argument_group("server")
     g.add_argument("--rule", choices=("both", "eg", "hedge"), default="both",
@@ -286,6 +295,8 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
         run.error(f"argument --policies: expected distinct names among {', '.join(POLICIES)}, got {_short(args.policies)}")
+    if "memoa-trust" in policies and args.classes > args.clients:
+        run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
     if args.q + args.kappa <= 0:
         run.error("arguments --q and --kappa: q + kappa must be > 0 (a client must care about something)")
     lo, hi = args.noise
@@ -411,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = experiment.run_experiment(
             series, stream=name, n_clients=args.clients, q=args.q, kappa=args.kappa, r=args.r, gamma=args.gamma,
-            policies=policies, rules=rules, eta=args.eta, alpha=args.alpha, seed=args.seed, lags=args.lags,
+            policies=policies, classes=args.classes, reclass=args.reclass, trust_feedforward=args.trust_feedforward,
+            rules=rules, eta=args.eta, alpha=args.alpha, seed=args.seed, lags=args.lags,
             noise_range=tuple(args.noise), mu=args.mu, burn_in=args.burn_in, backend=args.backend,
             threads=args.threads, progress=progress,
         )

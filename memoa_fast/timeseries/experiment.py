@@ -28,7 +28,9 @@ import numpy as np
 
 from .._validation import check_choice, check_int
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from ..game import POLICIES, Game
+from .trust import TrustPopulation
+from ..game import POLICIES as GAME_POLICIES
+from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 
@@ -227,16 +229,23 @@ def _finite_or_none(obj):
     return obj
 
 
+# The policies of an experiment: the game's four, and memoa-trust (MODEL.md section 7, trust.py).
+POLICIES = (*GAME_POLICIES, "memoa-trust")
+
+
 def run_experiment(
     series,
     *,
     stream: str = "custom",
     n_clients: int = 1000,
     q: float = 1.0,
-    kappa: float = 1.0,
+    kappa: float = 3.0,
     r: float = 0.1,
     gamma: float = 0.9,
     policies=POLICIES,
+    classes: int = 8,
+    reclass: int = 50,
+    trust_feedforward: bool = False,
     rules=RULES,
     eta: float = 0.5,
     alpha: float = 0.01,
@@ -264,7 +273,17 @@ def run_experiment(
     q, kappa, r, gamma : float
         Weights of the game (see :class:`~memoa_fast.Game`).
     policies : sequence of str
-        Subset of ``("memoa", "greedy", "local", "consensus")``, in table order.
+        Subset of ``("memoa", "greedy", "local", "consensus", "memoa-trust")``,
+        in table order. ``memoa-trust`` is the K-class MEMOA policy whose
+        classes follow each client's measured forecast error
+        (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
+    classes, reclass : int
+        memoa-trust's number of quantile classes K (default 8) and the rounds
+        between two re-formings R (default 50).
+    trust_feedforward : bool
+        Keep memoa-trust's feed-forward term ``C (m_l - m_l*)``; off by default
+        (lower worst, average and mixture RMSE on the mean over 20 series:
+        ``bench/trust_study.py``).
     rules : sequence of str
         Server rules to score, subset of ``("eg", "hedge")``.
     eta, alpha : float
@@ -320,7 +339,18 @@ def run_experiment(
     forecasters = ClientForecasters(
         n_clients, d, lags=lags, noise_range=noise_range, mu=mu, seed=seed, backend=backend, threads=threads
     )
-    pops = {p: Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads) for p in policies}
+    classes = check_int("classes", classes, low=1)
+    reclass = check_int("reclass", reclass, low=1)
+    if "memoa-trust" in policies and classes > n_clients:
+        raise ValueError(f"classes must be at most n_clients={n_clients}, got {classes}")
+
+    def make(p):
+        if p == "memoa-trust":
+            return TrustPopulation(n_clients, d, n_classes=classes, reclass=reclass, q=q, kappa=kappa, r=r, gamma=gamma,
+                                   feedforward=bool(trust_feedforward), backend=backend, threads=threads)
+        return Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads)
+
+    pops = {p: make(p) for p in policies}
     servers = {
         p: {rr: Server(n_clients, d, rule=rr, eta=eta, alpha=alpha, backend=backend, threads=threads) for rr in rules}
         for p in policies
@@ -356,6 +386,8 @@ def run_experiment(
                 e["max_cost"][t] = pops[p].regret
                 for server in servers[p].values():
                     server.update(x, target)
+                if p == "memoa-trust":  # each client measures its own forecast error, classes re-formed every R rounds
+                    pops[p].observe(target)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -385,7 +417,8 @@ def run_experiment(
         )
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
-        "policies": list(policies), "rules": list(rules), "eta": float(eta), "alpha": float(alpha), "seed": seed,
+        "policies": list(policies), "classes": classes, "reclass": reclass,
+        "trust_feedforward": bool(trust_feedforward), "rules": list(rules), "eta": float(eta), "alpha": float(alpha), "seed": seed,
         "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
         "backend": backend, "threads": forecasters.threads,
     }
