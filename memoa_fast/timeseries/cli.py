@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a UTF-8 CSV file with a header row (implies --stream csv); see the README for the "
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
+    g.add_argument("--missing", choices=("error", "drop"), default="error",
+                   help="CSV only: an empty cell is an error (default) or a row to drop (FRED's holidays)")
     g.add_argument("--warmup", type=_number(int, "--warmup"), default=D["warmup"], metavar="ROWS",
                    help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "
                         f"(default {D['warmup']})")
@@ -340,7 +342,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                       f"(--warmup {args.warmup}), got --rounds {args.rounds}; lower --warmup or raise --rounds")
         limit = RANGES["--rounds"][1]
         try:
-            series = load_csv_series(args.csv, args.column, warmup=args.warmup,
+            series = load_csv_series(args.csv, args.column, warmup=args.warmup, missing=args.missing,
                                      max_rows=(limit if args.rounds is None else args.rounds) + 1)
         except FileNotFoundError as exc:
             run.error(f"argument --csv: {exc}")

@@ -224,6 +224,7 @@ def load_csv_series(
     warmup: int = 500,
     max_rows: int | None = None,
     return_scaling: bool = False,
+    missing: str = "error",
 ):
     """One numeric column of a CSV file with a header row, z-scored on a warm-up prefix.
 
@@ -255,6 +256,11 @@ def load_csv_series(
         Read only the first ``max_rows`` data rows.
     return_scaling : bool, default False
         Also return ``(mean, std)`` of the warm-up prefix.
+    missing : {"error", "drop"}, default "error"
+        What an empty or missing cell, or a blank line, means: an error (a
+        gap in the series), or a row to drop, so that the series is the
+        column's values in order with the gaps closed (FRED's H.10 file has
+        market holidays and columns that start late).
 
     Returns
     -------
@@ -280,11 +286,13 @@ def load_csv_series(
     """
     path = Path(path)
     warmup = check_int("warmup", warmup, low=2)
+    if missing not in ("error", "drop"):
+        raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
     if max_rows is not None:
         max_rows = check_int("max_rows", max_rows, low=1)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
-    reader = _ColumnReader(path, column, max_rows)
+    reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop")
     arr = reader.read()
     n = arr.shape[0]
     need = warmup + 2
@@ -337,8 +345,9 @@ class _ColumnReader:
     quoted field must close on the line where it opens.
     """
 
-    def __init__(self, path: Path, column: str, max_rows: int | None):
+    def __init__(self, path: Path, column: str, max_rows: int | None, drop_missing: bool = False):
         self.path, self.column, self.max_rows = path, column, max_rows
+        self.drop_missing = drop_missing  # empty/missing cells and blank lines are rows to skip
         self.col = 0
         self.n_fields = 0
         self.n = 0
@@ -473,6 +482,8 @@ class _ColumnReader:
             line = first_line + k
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
             row = self._fields(text, line)
+            if self.drop_missing and (self.col >= len(row) or not row[self.col].strip()):
+                continue
             if all(not cell.strip() for cell in row):
                 if self.blank_at is None:
                     self.blank_at = line
