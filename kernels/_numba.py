@@ -556,66 +556,50 @@ def _fold_rows(work, lay, out):
 # --------------------------------------------------------------------------- move pass
 @njit(**_jit)
 def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_valid):
-    """Policy step and stage cost of rows ``[lo, hi)``, in place (``x`` and ``J`` written).
+    """One class: policy step and stage cost of rows ``[lo, hi)``, in place (``x`` and ``J`` written).
 
-    Reads ``coef`` (per-class gain, signal weight, q, kappa, r),
-    ``field[offset + j]`` (the class offsets) and ``field[field_state]``
-    (``m(t)``, the centre of the kappa term). ``all_valid``: every signal of
-    these rows is known to be valid; otherwise each block is checked (in L1,
-    vectorised) and a block holding an invalid row is done row by row.
+    Reads row 0 of ``coef`` (gain, signal weight, q, kappa, r), ``field[offset]``
+    (the policy offset) and ``field[field_state]`` (``m(t)``, the centre of the
+    kappa term). ``all_valid``: every signal of these rows is known to be
+    valid; otherwise each block is checked (in L1, vectorised) and a block
+    holding an invalid row is done row by row.
 
-    The block loop is element-wise over ``L = R d`` contiguous values with
-    per-value constants in short patterns: with one class the patterns are
-    filled once, with several they are gathered per block from the labels.
+    The block loop is element-wise over ``L = R d`` contiguous values; the
+    per-coordinate offset and centre are replicated once into length-``L``
+    patterns and the five coefficients stay scalars, so LLVM vectorises it
+    (per-value coefficient patterns, as a K-class version would need, stop
+    that: several classes take :func:`_move_rows_classes`).
     """
     n, d = x.shape
-    K = lay[LAY_N_CLASSES]
-    one_class = K == 1 and labels.shape[0] == 0
     R = _block_rows(d)
     L = R * d
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(8 * L)
-    offset = scratch[:L]
-    centre = scratch[L:2 * L]
-    terms = scratch[2 * L:3 * L]
-    gain = scratch[3 * L:4 * L]
-    weight = scratch[4 * L:5 * L]
-    qv = scratch[5 * L:6 * L]
-    kv = scratch[6 * L:7 * L]
-    rv = scratch[7 * L:]
+    gain = coef[0, GAIN]
+    weight = coef[0, SIGNAL]
+    q = coef[0, Q]
+    kappa = coef[0, KAPPA]
+    r = coef[0, R_]
+    scratch = np.empty(3 * L)
+    offset = scratch[:L]       # the policy offset of coordinate j, replicated
+    centre = scratch[L:2 * L]  # m_j, replicated
+    terms = scratch[2 * L:]    # per-coordinate stage costs of the current block
     for k in range(R):
         for j in range(d):
+            offset[k * d + j] = field[lay[LAY_OFFSET], j]
             centre[k * d + j] = field[lay[LAY_FIELD_STATE], j]
-            if one_class:
-                offset[k * d + j] = field[lay[LAY_OFFSET], j]
-                gain[k * d + j] = coef[0, GAIN]
-                weight[k * d + j] = coef[0, SIGNAL]
-                qv[k * d + j] = coef[0, Q]
-                kv[k * d + j] = coef[0, KAPPA]
-                rv[k * d + j] = coef[0, R_]
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
         xb = xf[rb * d:(rb + rows) * d]
         sb = sf[rb * d:(rb + rows) * d]
-        if not one_class:
-            for k in range(rows):
-                l = labels[rb + k] if labels.shape[0] else 0
-                for j in range(d):
-                    offset[k * d + j] = field[lay[LAY_OFFSET] + l, j]
-                    gain[k * d + j] = coef[l, GAIN]
-                    weight[k * d + j] = coef[l, SIGNAL]
-                    qv[k * d + j] = coef[l, Q]
-                    kv[k * d + j] = coef[l, KAPPA]
-                    rv[k * d + j] = coef[l, R_]
         if all_valid or _count_over(sb, 0, sb.shape[0]) == 0:
             for v in range(xb.shape[0]):
                 xi = xb[v]
                 si = sb[v]
-                u = -gain[v] * (xi - weight[v] * si - offset[v])
+                u = -gain * (xi - weight * si - offset[v])
                 e_s = xi - si
                 e_m = xi - centre[v]
-                terms[v] = qv[v] * e_s * e_s + kv[v] * e_m * e_m + rv[v] * u * u
+                terms[v] = q * e_s * e_s + kappa * e_m * e_m + r * u * u
                 xb[v] = xi + u
             Jb = J[rb:rb + rows]
             if d == 1:
@@ -633,18 +617,17 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
                 cost = 0.0
                 if _row_valid(s, i, d):
                     for j in range(d):
-                        v = k * d + j
                         xi = x[i, j]
                         si = s[i, j]
-                        u = -gain[v] * (xi - weight[v] * si - offset[v])
+                        u = -gain * (xi - weight * si - offset[j])
                         e_s = xi - si
-                        e_m = xi - centre[v]
-                        cost += qv[v] * e_s * e_s + kv[v] * e_m * e_m + rv[v] * u * u
+                        e_m = xi - centre[j]
+                        cost += q * e_s * e_s + kappa * e_m * e_m + r * u * u
                         x[i, j] = xi + u
                 else:
                     for j in range(d):
-                        e_m = x[i, j] - centre[k * d + j]
-                        cost += kv[k * d + j] * e_m * e_m
+                        e_m = x[i, j] - centre[j]
+                        cost += kappa * e_m * e_m
                 J[i] += half_discount * cost
 
 
