@@ -204,8 +204,11 @@ class NumpyForecasters:
     a-priori error of its last forecast (from the second call on), shifts
     ``z_i`` into its lags and forecasts ``s_i = w_i . phi_i`` with
     ``phi = [lags, lags^2, 1]`` (newest lag first; persistence weights and
-    zero lags at start). Each coordinate is an independent row (the
-    ``(n d, 2p + 1)`` arrays), sharing its client's ``sigma``.
+    zero lags at start). Each (client, coordinate) pair is an independent
+    row, sharing its client's ``sigma``. The arrays are stored feature-major,
+    ``(2p + 1, n d)``, so every operation runs over long contiguous rows
+    (``einsum("fr,fr->r")`` is about 4x faster here than the row-major
+    ``einsum("rf,rf->r")``).
     """
 
     def __init__(self, n, d=1, *, lags=2, noise_range=(0.02, 1.0), mu=0.1, seed=0, sigma=None):
@@ -216,11 +219,11 @@ class NumpyForecasters:
             sigma = np.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * self.rng.random(n))
         self.sigma = np.repeat(np.asarray(sigma, dtype=np.float64), d)  # one per (client, coordinate) row
         rows, f = n * d, 2 * lags + 1
-        self.w = np.zeros((rows, f))
-        self.w[:, 0] = 1.0
-        self.phi = np.zeros((rows, f))
-        self.phi[:, 2 * lags] = 1.0
-        self.tmp = np.empty((rows, f))
+        self.w = np.zeros((f, rows))
+        self.w[0] = 1.0
+        self.phi = np.zeros((f, rows))
+        self.phi[2 * lags] = 1.0
+        self.tmp = np.empty((f, rows))
         self.eps = np.empty(rows)
         self.z = np.empty(rows)
         self.err = np.empty(rows)
@@ -235,19 +238,19 @@ class NumpyForecasters:
         np.multiply(self.eps, self.sigma, out=z)
         z.reshape(self.n, self.d)[...] += y
         if self.t > 0:
-            np.einsum("rf,rf->r", self.w, phi, out=self.err)
+            np.einsum("fr,fr->r", self.w, phi, out=self.err)
             np.subtract(z, self.err, out=self.err)
-            np.einsum("rf,rf->r", phi, phi, out=self.norm)
+            np.einsum("fr,fr->r", phi, phi, out=self.norm)
             np.divide(self.err, self.norm, out=self.err)
             self.err *= self.mu
-            np.multiply(phi, self.err[:, None], out=self.tmp)
+            np.multiply(phi, self.err, out=self.tmp)
             self.w += self.tmp
         if p > 1:
-            phi[:, 1:p] = phi[:, 0:p - 1]
-            phi[:, p + 1:2 * p] = phi[:, p:2 * p - 1]
-        phi[:, 0] = z
-        np.multiply(z, z, out=phi[:, p])
-        np.einsum("rf,rf->r", self.w, phi, out=self.out)
+            phi[1:p] = phi[0:p - 1]
+            phi[p + 1:2 * p] = phi[p:2 * p - 1]
+        phi[0] = z
+        np.multiply(z, z, out=phi[p])
+        np.einsum("fr,fr->r", self.w, phi, out=self.out)
         self.t += 1
         return self.out.reshape(self.n, self.d)
 
