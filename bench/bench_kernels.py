@@ -59,13 +59,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from memoa_fast.kernels import RULE_HEDGE, SIZE, layout, work_shape
+
+from memoa_fast import Game
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import peers  # noqa: E402
-
-from memoa_fast import Game  # noqa: E402
-from memoa_fast.kernels import RULE_HEDGE, SIZE, layout, work_shape  # noqa: E402
+import peers  # bench/ is not a package: found through sys.path
 
 SIZES = [10**4, 10**5, 10**6, 10**7]
 DIMS = [1, 4, 16]

@@ -45,12 +45,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
+from memoa_fast import Game, Population, Server
+from memoa_fast.forecasters import ClientForecasters
+from memoa_fast.streams import make_stream
 
-from memoa_fast import Game, Population, Server  # noqa: E402
-from memoa_fast.forecasters import ClientForecasters  # noqa: E402
-from memoa_fast.streams import make_stream  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # bench/ is not a package: found through sys.path
 
 SIZES = {"ci": (10_000, 100), "short": (100_000, 100), "full": (100_000, 1_000)}
 STAGES = ("forecast", "step", "server")
@@ -132,8 +132,8 @@ def measure(n: int, rounds: int, kinds=("memoa-1", "memoa-2", "numpy"), repeats:
 
 
 def format_result(res: dict) -> str:
-    lines = [f"{res['n']} clients x {res['rounds']} rounds, medians of {res['repeats']} interleaved runs, "
-             f"load average {res['load']:.2f}",
+    lines = [(f"{res['n']} clients x {res['rounds']} rounds, medians of {res['repeats']} interleaved runs, "
+              f"load average {res['load']:.2f}"),
              f"{'pipeline':<9} {'seconds':>8} {'client-steps/s':>15} {'x numpy':>8}   "
              + "  ".join(f"{s:>8}" for s in STAGES)]
     for kind, r in res["kinds"].items():

@@ -63,14 +63,14 @@ def coefficients(game) -> dict:
     Returns ``gain, signal, signal_mean, state_mean, q, kappa, r, gamma`` with
     ``u_i = -gain (x_i - signal s_i - signal_mean sbar - state_mean m)``.
     """
-    from memoa_fast.kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, SIGNAL
+    from memoa_fast.kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
 
     if game.n_classes != 1:
         raise ValueError(f"the peers play single-class games, got n_classes={game.n_classes}")
     coef, mix = game.table.coef[0], game.table.mix
-    return dict(gain=float(coef[GAIN]), signal=float(coef[SIGNAL]), signal_mean=float(mix[MIX_SIGNAL, 0, 0]),
-                state_mean=float(mix[MIX_STATE, 0, 0]), q=float(coef[Q]), kappa=float(coef[KAPPA]),
-                r=float(coef[R]), gamma=float(game.gamma))
+    return {"gain": float(coef[GAIN]), "signal": float(coef[SIGNAL]), "signal_mean": float(mix[MIX_SIGNAL, 0, 0]),
+            "state_mean": float(mix[MIX_STATE, 0, 0]), "q": float(coef[Q]), "kappa": float(coef[KAPPA]),
+            "r": float(coef[R]), "gamma": float(game.gamma)}
 
 
 def _row_dot(a, b, out):
@@ -291,7 +291,7 @@ def have_jax() -> bool:
     """True when JAX can be imported (a benchmark-only extra)."""
     try:
         import jax  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return True
 
@@ -463,7 +463,7 @@ def check_pipeline(n: int = 5000, rounds: int = 30) -> float:
     fc = ClientForecasters(n, noise_range=(1e-300, 1e-300), threads=1)
     pop = Population(game, n, 1, threads=1)
     server = Server(n, 1, rule="hedge", eta=0.5, alpha=0.01, threads=1)
-    mine = NumpyPipeline(n, game, forecaster_kwargs=dict(noise_range=(1e-300, 1e-300)))
+    mine = NumpyPipeline(n, game, forecaster_kwargs={"noise_range": (1e-300, 1e-300)})
     worst_err = 0.0
     for t in range(rounds):
         s_ref = fc.observe(y[t])
