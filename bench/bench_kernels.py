@@ -30,9 +30,11 @@ marked ``big`` (run with ``-m big``; skip it with ``-m "not big"``). The
 NumPy and JAX peers get every thread they want (NumPy's ``dot`` may use BLAS
 threads; XLA its own pool): they are what a user would run.
 
-``test_ratios`` measures the two ratios of issue 10 interleaved (A, B, A, B,
-...), which is more robust on a loaded machine than separate cases: K = 16
-over K = 1 at N = 10^6, d = 4, and the new K = 1 step over the old kernel.
+``test_interleaved`` gives the headline figures at N = 10^6: every contender
+and the STREAM triad called in turn (A, B, C, ..., A, B, C, ...), medians,
+which is more robust on a loaded machine than separate cases; it also gives
+the two ratios of issue 10 (K = 16 over K = 1 at d = 4, and the new K = 1
+step over the old kernel).
 
 The session ends with a table (medians in ms; every speed-up is over the
 *best peer of the same run*, the faster of ``numpy`` and ``jax``), and
@@ -41,7 +43,7 @@ The session ends with a table (medians in ms; every speed-up is over the
 Run (repository root, package installed; a few minutes)::
 
     python -P -m pytest bench/bench_kernels.py -m "not big" -p no:cacheprovider
-    python -P -m pytest bench/bench_kernels.py -m "not big" -k "N1e+06 or ratios or self_check" -p no:cacheprovider
+    python -P -m pytest bench/bench_kernels.py -k "interleaved or self_check or drivers" -p no:cacheprovider  # headline, ~3 min
     python -P -m pytest bench/bench_kernels.py -m big -p no:cacheprovider   # N = 10^7 only
 """
 from __future__ import annotations
@@ -404,29 +406,88 @@ def _interleaved(calls: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-RATIOS: dict = {}
+INTERLEAVED: dict = {}
+INTERLEAVED_N = 10**6
+_triad_arrays: dict = {}
+
+
+def _triad_calls(machine):
+    """The STREAM triad (384 MB) on 1 and 2 threads as contenders of an interleaved round."""
+    if not _triad_arrays:
+        n = machine.TRIAD_DOUBLES
+        _triad_arrays.update(a=np.zeros(n), b=np.ones(n), c=np.ones(n))
+    a, b, c = _triad_arrays["a"], _triad_arrays["b"], _triad_arrays["c"]
+    calls = {}
+    for threads in sorted({1, TWO}):
+        kern = machine.triad_kernel(threads)
+
+        def call(kern=kern, threads=threads):
+            if threads == 1:
+                return kern(a, b, c, 3.0)
+            import numba
+
+            previous = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                return kern(a, b, c, 3.0)
+            finally:
+                numba.set_num_threads(previous)
+
+        calls[f"triad-{threads}"] = call
+    return calls
 
 
 @pytest.mark.parametrize("d", DIMS)
-def test_ratios(summary, d):
-    """Interleaved at N = 10^6: K = 16 over K = 1 (d = 4; issue 10: <= 1.5x) and K = 1 over the old kernel (<= 1.1x)."""
-    n = 10**6
+@pytest.mark.parametrize("group", ["step", "server"])
+def test_interleaved(summary, machine, group, d):
+    """Every contender at N = 10^6 called in turn (a, b, c, ..., a, b, c, ...), medians: the headline ratios.
+
+    ``step``: the peers, Numba K = 1 and K = 16 (issue 10: K = 16 <= 1.5x K = 1
+    at d = 4) and the old K = 1 kernel (issue 10: new <= 1.1x old), 1 and 2
+    threads; ``server``: the peers and Numba. The STREAM triad is one more
+    contender, so every %triad compares calls made under the same load.
+    """
+    n = INTERLEAVED_N
     data = Data(n, d)
-    kern = numba_kernels()
-    old = old_kernels()
+    none = np.empty(0, dtype=np.int64)
+    calls = {"numpy": make_call(group, "numpy", data)}
+    if peers.have_jax():
+        calls["jax"] = make_call(group, "jax", data)
     for threads in sorted({1, TWO}):
-        calls = {"k1": KernelStep(kern, data, GAME, np.empty(0, dtype=np.int64), threads)}
-        if d == 4:
-            calls["k16"] = KernelStep(kern, data, GAME16, data.labels, threads)
-        if old is not None:
-            calls["old"] = OldStep(old, data, threads)
-        med = _interleaved(calls, repeats=15)
-        row = {"n": n, "d": d, "threads": threads, "load": os.getloadavg()[0], **{f"{k}_s": v for k, v in med.items()}}
-        if "k16" in med:
-            row["k16_over_k1"] = med["k16"] / med["k1"]
-        if "old" in med:
-            row["k1_over_old"] = med["k1"] / med["old"]
-        RATIOS[(d, threads)] = row
+        if group == "server":
+            calls[f"numba-{threads}"] = KernelServer(numba_kernels(), data, threads)
+            if cython_kernels() is not None:
+                calls[f"cython-{threads}"] = KernelServer(cython_kernels(), data, threads)
+            continue
+        calls[f"numba-{threads}"] = KernelStep(numba_kernels(), data, GAME, none, threads)
+        calls[f"numba-k16-{threads}"] = KernelStep(numba_kernels(), data, GAME16, data.labels, threads)
+        if cython_kernels() is not None:
+            calls[f"cython-{threads}"] = KernelStep(cython_kernels(), data, GAME, none, threads)
+        if old_kernels() is not None:
+            calls[f"old-numba-{threads}"] = OldStep(old_kernels(), data, threads)
+    calls.update(_triad_calls(machine))
+    probe = sum(median_seconds(fn, 1, warmup=2) for fn in calls.values())  # warms every JIT too
+    repeats = int(min(21, max(5, math.ceil(10.0 / probe))))
+    load_before = os.getloadavg()[0]
+    med = _interleaved(calls, repeats)
+    row = {"group": group, "n": n, "d": d, "repeats": repeats, "load": 0.5 * (load_before + os.getloadavg()[0]),
+           "median_s": med}
+    triad_gbs = {t: 24.0 * machine.TRIAD_DOUBLES / med[f"triad-{t}"] / 1e9 for t in sorted({1, TWO})}
+    row["triad_gbs"] = triad_gbs
+    best = min((p for p in PEERS if p in med), key=med.get)
+    row["best_peer"] = best
+    row["x_best_peer"] = {k: med[best] / v for k, v in med.items() if not k.startswith("triad") and k not in PEERS}
+    row["triad_fraction"] = {}
+    for k, v in med.items():
+        if k.startswith(("numba", "cython", "old")):
+            kernel = "step_k16" if "k16" in k else group
+            row["triad_fraction"][k] = bytes_per_call(kernel, n, d) / v / 1e9 / triad_gbs[int(k.rsplit("-", 1)[1])]
+    for threads in sorted({1, TWO}):
+        if f"numba-k16-{threads}" in med:
+            row[f"k16_over_k1-{threads}"] = med[f"numba-k16-{threads}"] / med[f"numba-{threads}"]
+        if f"old-numba-{threads}" in med:
+            row[f"new_over_old-{threads}"] = med[f"numba-{threads}"] / med[f"old-numba-{threads}"]
+    INTERLEAVED[(group, d)] = row
 
 
 # --------------------------------------------------------------------------- summary
@@ -468,7 +529,7 @@ class _Summary:
         self.machine = machine
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
-        if not RESULTS and not RATIOS:
+        if not RESULTS and not INTERLEAVED:
             return
         tr, m = terminalreporter, self.machine
         m.finish()
@@ -494,13 +555,26 @@ class _Summary:
                 v = row.get(f"triad_{w}")
                 line += f"{100 * v:>9.0f}%" if v else f"{'-':>10}"
             tr.write_line(line)
-        for (d, threads), r in sorted(RATIOS.items()):
-            parts = [f"N=1e6 d={d} threads={threads}: K=1 {1e3 * r['k1_s']:.3g} ms"]
-            if "k16_over_k1" in r:
-                parts.append(f"K=16 {1e3 * r['k16_s']:.3g} ms = {r['k16_over_k1']:.2f}x K=1 (issue 10: <= 1.5x)")
-            if "k1_over_old" in r:
-                parts.append(f"old kernel {1e3 * r['old_s']:.3g} ms: new/old {r['k1_over_old']:.2f} (issue 10: <= 1.10)")
-            tr.write_line("; ".join(parts) + f" [load {r['load']:.1f}]")
+        if INTERLEAVED:
+            tr.write_sep("-", f"interleaved at N = {INTERLEAVED_N:.0e}: medians (ms), x = best peer / contender, "
+                              "%triad = bandwidth / same-round triad")
+        for (group, d), r in sorted(INTERLEAVED.items()):
+            med = r["median_s"]
+            tr.write_line(f"{group} d={d} ({r['repeats']} rounds, load {r['load']:.1f}, triad "
+                          + ", ".join(f"{t}T {g:.1f} GB/s" for t, g in r["triad_gbs"].items()) + f"), best peer {r['best_peer']}:")
+            parts = []
+            for k, v in med.items():
+                if k.startswith("triad"):
+                    continue
+                text = f"{k} {1e3 * v:.3g}"
+                if k in r["x_best_peer"]:
+                    text += f" ({r['x_best_peer'][k]:.1f}x, {100 * r['triad_fraction'][k]:.0f}%)"
+                parts.append(text)
+            tr.write_line("    " + "; ".join(parts))
+            extra = [f"K=16/K=1 {r[k]:.2f} ({k.rsplit('-', 1)[1]}T)" for k in r if k.startswith("k16_over")]
+            extra += [f"new/old {r[k]:.2f} ({k.rsplit('-', 1)[1]}T)" for k in r if k.startswith("new_over")]
+            if extra:
+                tr.write_line("    " + "; ".join(extra) + "   (issue 10: K=16/K=1 <= 1.5 at d = 4, new/old <= 1.10)")
         path = None
         try:
             path = config.getoption("--bench-summary")
@@ -508,7 +582,7 @@ class _Summary:
             path = None
         if path:
             payload = {"triad_start": m.triad, "triad_end": m.triad_end, "results": RESULTS, "rows": rows,
-                       "ratios": [dict(d=d, **r) if "d" not in r else r for (d, _), r in sorted(RATIOS.items())],
+                       "interleaved": [r for _, r in sorted(INTERLEAVED.items())],
                        "load_end": os.getloadavg()}
             Path(path).write_text(json.dumps(payload, indent=1, default=float))
             tr.write_line(f"summary written to {path}")
