@@ -7,6 +7,8 @@ Studies (each can be run alone with ``--only``):
               10^4..10^7; the one-versus-two-thread crossover; PNG plot.
 ``rss``       peak RSS at N = 10^7, d = 4 per backend, in fresh processes,
               against the bare arrays (states, signals, costs, log-weights).
+``peers_rss`` the same for 5 steps of memoa and of the NumPy and JAX peers
+              (``peers.py``), the peak reset after the set-up.
 ``alloc``     tracemalloc over 100 steps (and 100 server rounds).
 ``latency``   import + first step in a fresh process: Numba with a cold cache
               (``NUMBA_CACHE_DIR`` pointing at an empty folder), with a warm
@@ -37,6 +39,20 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 TWO = 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _backends():
+    """The backends to study: Cython only once its extension has the kernel API of this tree (``signal_pass``)."""
+    out = ["numba"]
+    try:
+        from memoa_fast.kernels import _cython
+    except ImportError:
+        _cython = None
+    if _cython is not None and hasattr(_cython, "signal_pass"):
+        out.append("cython")
+    else:
+        print("cython: skipped (extension missing, or still built with the old kernel API)")
+    return out + ["numpy"]
 
 
 def _median_time(fn, min_reps=3, budget=1.0, warmup=2):
@@ -180,7 +196,7 @@ _RSS_CHILD = textwrap.dedent(
 
 def study_rss(n=10**7, d=4):
     out = []
-    for backend in ("numba", "cython", "numpy"):
+    for backend in _backends():
         for mode in ("step", "round"):
             res = subprocess.run([sys.executable, "-P", "-c", _RSS_CHILD, backend, str(n), str(d), mode],
                                  capture_output=True, text=True, check=False)
@@ -196,6 +212,80 @@ def study_rss(n=10**7, d=4):
     return out
 
 
+# --------------------------------------------------------------------------- peak RSS of the peers
+_PEER_RSS_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    sys.path.insert(0, sys.argv[4])
+    import peers
+    from memoa_fast import Game, Population
+    who, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    def make(x0):
+        if who == "memoa":
+            return Population(game, initial_states=x0, threads=1)
+        if who == "numpy":
+            return peers.NumpyPopulation(x0, **peers.coefficients(game))
+        return peers.jax_population(x0, **peers.coefficients(game))
+
+    small = make(np.zeros((4096, d)))  # JIT or cache load outside the peak (XLA compiles per shape: not all)
+    for _ in range(2):
+        small.step(np.ones((4096, d)))
+    base = status("VmRSS")
+    signals = np.random.default_rng(0).standard_normal((n, d))
+    x0 = np.zeros((n, d))
+    pop = make(x0)
+    del x0
+    bare = signals.nbytes + n * d * 8 + n * 8  # signals, states, costs
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) after the set-up copies
+    t0 = time.perf_counter()
+    for _ in range(5):
+        pop.step(signals)
+    seconds = (time.perf_counter() - t0) / 5
+    peak = status("VmHWM")
+    print(json.dumps({"base": base, "bare": bare, "peak": peak, "seconds": seconds}))
+    """
+)
+
+
+def study_peers_rss(n=10**7, d=4):
+    """Peak RSS of 5 population steps at N = 10^7, d = 4: memoa (Numba, 1 thread), the NumPy and JAX peers.
+
+    Fresh process each; the peak is reset (``/proc/self/clear_refs``) after the
+    set-up, so it covers the steps only; ``excess = peak - RSS before allocating
+    - bare arrays`` (signals, states, costs). The signals are NumPy arrays, as a
+    user has them (JAX copies them in).
+    """
+    out = []
+    for who in ("memoa", "numpy", "jax"):
+        if who == "jax":
+            sys.path.insert(0, str(HERE))
+            import peers
+
+            if not peers.have_jax():
+                print("peers_rss jax: skipped (JAX not installed)")
+                continue
+        res = subprocess.run([sys.executable, "-P", "-c", _PEER_RSS_CHILD, who, str(n), str(d), str(HERE)],
+                             capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            print(f"peers_rss {who}: failed\n{res.stderr[-2000:]}")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        r.update(who=who, n=n, d=d, excess=r["peak"] - r["base"] - r["bare"])
+        out.append(r)
+        mib = 2.0**20
+        print(f"peers_rss {who:<6} bare arrays {r['bare'] / mib:6.0f} MiB, peak {r['peak'] / mib:6.0f} MiB, "
+              f"excess {r['excess'] / mib:6.0f} MiB, {r['seconds'] * 1e3:.0f} ms per step", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- tracemalloc
 def study_alloc(n=10**5, d=4, steps=100):
     import gc
@@ -206,7 +296,7 @@ def study_alloc(n=10**5, d=4, steps=100):
     game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
     signals = np.random.default_rng(1).standard_normal((2, n, d))
     out = []
-    for backend in ("numba", "cython", "numpy"):
+    for backend in _backends():
         pop = Population(game, n, d, backend=backend)
         server = Server(n, d, backend=backend, alpha=0.01)
         cases = {
@@ -264,7 +354,8 @@ def study_latency(repeats=5):
     out = []
     warm = Path(tempfile.mkdtemp(prefix="memoa-warm-"))
     for n in (1000, 100_000):
-        for kind in ("numba cold cache", "numba warm cache", "cython"):
+        kinds = ("numba cold cache", "numba warm cache") + (("cython",) if "cython" in _backends() else ())
+        for kind in kinds:
             runs = []
             for _ in range(repeats if kind != "numba cold cache" else 3):
                 env = dict(os.environ)
@@ -313,11 +404,11 @@ def study_nash():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", default=None, choices=["scaling", "rss", "alloc", "latency", "nash"])
+    parser.add_argument("--only", nargs="*", default=None, choices=["scaling", "rss", "peers_rss", "alloc", "latency", "nash"])
     parser.add_argument("--json", type=Path, default=HERE / "studies.json")
     parser.add_argument("--plot", type=Path, default=HERE / "scaling.png")
     args = parser.parse_args(argv)
-    chosen = args.only or ["latency", "alloc", "nash", "rss", "scaling"]
+    chosen = args.only or ["latency", "alloc", "nash", "rss", "peers_rss", "scaling"]
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     for name in chosen:
         if name == "scaling":
