@@ -411,7 +411,12 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
 
 @njit(**_jit)
 def _lane_sums_max(flat, lo, hi, L, lanes, top):
-    """:func:`_lane_sums` of ``flat[lo:hi]``, and ``top[l]`` the largest ``|value|`` of each lane (NaN ignored)."""
+    """:func:`_lane_sums` of ``flat[lo:hi]``, and ``top[l]`` the sum of ``|value|`` of each lane.
+
+    Every value is valid when every ``top`` is at most ``SIGNAL_LIMIT`` (a
+    sufficient test: a sum of magnitudes bounds each one; NaN and infinities
+    make it fail too). Sums vectorise where a running maximum does not.
+    """
     for l in range(L):
         lanes[l] = 0.0
         top[l] = 0.0
@@ -420,8 +425,7 @@ def _lane_sums_max(flat, lo, hi, L, lanes, top):
         for l in range(seg.shape[0]):
             v = seg[l]
             lanes[l] += v
-            a = abs(v)
-            top[l] = a if a > top[l] else top[l]
+            top[l] += abs(v)
 
 
 @njit(**_jit)
