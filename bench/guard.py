@@ -69,13 +69,10 @@ REPEAT = 3  # runs per case whose medians make the stored median
 # Everything that knows the kernels' API is in this section. To port the guard
 # to a new kernel API, rewrite make_call (and KERNELS/backends if names change).
 #
-# TODO(lead): port to the new contract (kernels/_layout.py, kernels/_reference.py):
-# the work array is ``np.zeros(work_shape(n, layout(1, d)))`` from
-# ``memoa_fast.kernels``, coefficients come as the ``coef``/``mix`` arrays, and
-# the reference takes the same arguments as the compiled kernels. The calls
-# below are the previous API (commit 61dd50b), on which bench/floors.json was measured.
+# The kernels' contract: kernels/_layout.py (named offsets, grouped coefficients) and
+# kernels/_reference.py (the NumPy reference, same arguments as the compiled kernels).
 
-KERNELS = ("mean_field", "policy_update", "fused_step", "fused_step+mixture", "mixture_predict", "mixture_update")
+KERNELS = ("fused_step", "fused_step+mixture", "fused_step_k16", "mixture_predict", "mixture_update")
 DIMS = (1, 4, 16)
 
 # Cases that the compiled code need not beat NumPy on, by case-name prefix
@@ -111,34 +108,57 @@ def reference_module():
 def make_call(kernel, kern, n, d, threads, seed=0):
     """Return a zero-argument call of ``kernel`` from module ``kern`` on a fresh population.
 
-    ``None`` if the backend lacks the kernel.
+    ``None`` if the backend lacks the kernel (a Cython extension built before the current contract).
     """
     from memoa_fast import Game
-    from memoa_fast.kernels import work_shape
+    from memoa_fast.kernels import SIZE, layout, work_shape
 
-    if kernel.startswith("fused_step") and not hasattr(kern, "fused_step"):
+    if not hasattr(kern, "signal_pass"):
         return None
     rng = np.random.default_rng(seed)
     x, s = rng.standard_normal((n, d)), rng.standard_normal((n, d))
-    J, work = np.zeros(n), np.zeros(work_shape(n, d))
-    mx, ms, nx, yhat, y = x.mean(axis=0), np.zeros(d), np.zeros(d), np.zeros(d), rng.standard_normal(d)
+    J, yhat, y = np.zeros(n), np.zeros(d), rng.standard_normal(d)
     log_p, empty = np.full(n, -math.log(n)), np.empty(0)
-    g = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
-    c = g.coefficients
-    if kernel == "mean_field":
-        return lambda: kern.mean_field(x, s, J, work, mx, ms, threads)
-    if kernel == "policy_update":
-        return lambda: kern.policy_update(x, s, J, c.gain, c.signal, c.signal_mean, c.state_mean, ms,
-                                          g.q, g.kappa, g.r, mx, 0.5, threads)
+    if kernel == "fused_step_k16":
+        K = 16
+        game = Game(q=list(np.linspace(0.5, 2.0, K)), kappa=2.0, r=0.5, gamma=0.95)
+        labels = rng.integers(0, K, n).astype(np.int64)
+        sizes = np.bincount(labels, minlength=K)
+    else:
+        K = 1
+        game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+        labels, sizes = np.empty(0, dtype=np.int64), np.array([n])
+    lay = layout(K, d)
+    coef = np.array(game.table.coef)
+    coef[:, SIZE] = sizes
+    mix = np.ascontiguousarray(game.table.mix)
+    field = np.zeros((lay.field_rows, d))
+    work = np.zeros(work_shape(n, lay))
     if kernel.startswith("fused_step"):
         lp = log_p if kernel.endswith("mixture") else empty
-        return lambda: kern.fused_step(x, s, J, work, c.gain, c.signal, c.signal_mean, c.state_mean, g.q, g.kappa,
-                                       g.r, 0.5, mx, ms, nx, True, lp, yhat, threads)
+        return lambda: kern.fused_step(x, s, labels, J, work, lay, coef, mix, field, True, 0.5, lp, yhat, threads)
     if kernel == "mixture_predict":
-        return lambda: kern.mixture_predict(log_p, x, work, yhat, threads)
+        return lambda: kern.mixture_predict(log_p, x, work, lay, yhat, threads)
     if kernel == "mixture_update":
-        return lambda: kern.mixture_update(log_p, x, y, yhat, 1, 0.5, 0.01, work, threads)
+        return lambda: kern.mixture_update(log_p, x, y, yhat, 1, 0.5, 0.01, work, lay, threads)
     raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+
+
+# The default thread choice must never be more than this much slower than threads=1, alone or with a
+# second process stepping at the same time (issue 9): bench/concurrent_threads.py measures both.
+THREADS_LIMIT = 1.5
+
+
+def check_default_threads(seconds: float) -> float:
+    """Worst ``default / threads=1`` step time over bench/concurrent_threads.py's cases, alone and two at once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import concurrent_threads
+
+    worst = 0.0
+    for n_procs in (1, 2):
+        for res in concurrent_threads.run(n_procs, seconds):
+            worst = max([worst, *(r["default_over_one"] for r in res.values())])
+    return worst
 
 
 # =============================================================================== timing and policy
@@ -382,6 +402,16 @@ def main(argv=None):
             verdict = f"  ok after {tries} re-measurement(s)" if tries else ""
         shown = f"{floor:>8.2f}" if floor is not None else f"{'-':>8}"
         print(f"{k:<46}{ref_med * 1e3:>10.3f}{comp_med * 1e3:>13.4f}{ratio:>8.2f}x{shown}{verdict}")
+    if args.only is None or "threads" in args.only:
+        worst = check_default_threads(seconds=1.0)
+        if worst > THREADS_LIMIT:  # a load spike? once more
+            worst = min(worst, check_default_threads(seconds=2.0))
+        verdict = "ok" if worst <= THREADS_LIMIT else "REGRESSION"
+        print(f"{'threads/default-vs-1 (alone, two at once)':<46}{'':>10}{'':>13}{worst:>8.2f}x"
+              f"{THREADS_LIMIT:>8.2f}  (must stay below) {verdict}")
+        if worst > THREADS_LIMIT:
+            failures.append(("threads/default-vs-1", worst, THREADS_LIMIT, 1))
+            floors.setdefault("threads/default-vs-1", {"median": "-", "date": "-"})
     elapsed = time.perf_counter() - started
     print(f"guard: {checked} cases in {elapsed:.1f} s; {len(failures)} below their floor; "
           f"{len(missing)} without a floor")
