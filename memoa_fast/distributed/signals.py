@@ -155,6 +155,15 @@ class ForecasterSignals:
         """The forecasters' state."""
         return self.forecasters.state_dict()
 
+    def validate_state_dict(self, state: dict) -> dict:
+        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
+        f = self.forecasters
+        d, p = f.dim, f.lags
+        return check_source_state(
+            state, n_agents=f.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
+            shared={"t": "count", "y": (d,)},
+        )
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore the forecasters' state."""
-        self.forecasters.load_state_dict(state)
+        """Restore the forecasters' state (all checked first)."""
+        self.forecasters.load_state_dict(self.validate_state_dict(state))
