@@ -343,6 +343,35 @@ def test_sharded_checkpoint_round_trip_is_bitwise_on_any_shard_count_and_one_mac
     dpop.close()
 
 
+def test_sharded_checkpoint_of_a_k_class_population(client, tmp_path, rng):
+    """Labels travel in the shard files; class means and sizes come back; one machine reads the set too."""
+    if not hasattr(Game(), "n_classes"):
+        pytest.skip("the K-class Game is not in this build")
+    game = Game(q=[1.0, 0.3, 2.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.2, 1.0], gamma=0.95, shares=[0.5, 0.3, 0.2])
+    labels = rng.integers(0, 3, N)
+    signals = rng.normal(size=(4, N, 2))
+    dpop = DaskPopulation(game, N, 2, labels=labels, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    for s in signals[:2]:
+        dpop.step(s)
+    path = dpop.save(tmp_path / "k.ckpt")
+    for s in signals[2:]:
+        dpop.step(s)
+    other = DaskPopulation(game, N, 2, labels=np.zeros(N, dtype=np.int64), client=client, exact=True, timeout=TIMEOUT)
+    other.restore(path, n_shards=3)
+    np.testing.assert_array_equal(other.labels, labels)
+    pop = Population(game, N, 2, labels=np.zeros(N, dtype=np.int64), threads=1)
+    restore_checkpoint(path, pop)
+    np.testing.assert_array_equal(pop.labels, labels)
+    for engine in (other, pop):
+        for s in signals[2:]:
+            engine.step(s)
+        np.testing.assert_array_equal(engine.states, dpop.states)
+        np.testing.assert_array_equal(engine.costs, dpop.costs)
+        np.testing.assert_array_equal(engine.class_mean_state, dpop.class_mean_state)
+    other.close()
+    dpop.close()
+
+
 def test_single_file_checkpoint_of_a_sharded_population_still_works(client, tmp_path):
     dpop = DaskPopulation(GAME, N, 1, client=client, signals=NoisyLastValueSignals, seed=4, timeout=TIMEOUT)
     dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
