@@ -30,6 +30,26 @@ population, the server and the signal source are left as they were.
 A checkpoint does not depend on how the population was run: any engine whose
 ``state_dict`` has the population keys restores any other's checkpoint.
 
+Sharded checkpoints (what a :class:`~memoa_fast.distributed.DaskPopulation`
+writes by default) keep the agents out of the client: each shard writes its
+rows (states, costs, labels, server log-weights, its signal source's per-agent
+arrays) to its own file ``<path>.shards/<token>.<shard>.npz`` on its worker,
+and the client then writes the manifest at ``path`` (format version 3): the
+game, N, d, the step counter, discount, mean fields and count of valid
+signals, the server's rule, parameters and update count, the sources' shared
+state, and the list of shard files with their ``[lo, hi)`` ranges, sizes and
+the SHA-256 of their zip directories. Every file of a save carries the save's
+token in its name, so a save never touches the files the current manifest
+names; the manifest, replaced atomically and last, switches from one
+complete set to the next, and only then are the previous set's files (and
+the debris of killed saves) deleted. A set without its manifest, or whose
+files do not match it (missing, truncated, another save's, corrupt: every
+member's CRC-32 is checked by streaming it to its end), is never loaded.
+:func:`load_checkpoint` reads a whole set on one machine;
+:func:`restore_checkpoint` onto a ``DaskPopulation`` lets each shard read the
+rows it needs, from as many files as hold them, whatever the shard counts.
+The folder must be visible at the same path to the client and every worker.
+
 Examples
 --------
 >>> save_checkpoint("run.npz", population, server)          # doctest: +SKIP
@@ -312,6 +332,7 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
             arrays[_SOURCE_SHARED + name] = value
     _atomic_savez(target, arrays)
     _remove_stale_temporaries(target, started)
+    remove_shard_files(shard_folder(target), before=started)  # a sharded set this file replaced
     record = getattr(population, "_record_checkpoint", None)
     if record is not None:
         record(given, pop["t"])
