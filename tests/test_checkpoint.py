@@ -967,3 +967,10 @@ def test_a_set_that_does_not_match_its_manifest_is_refused(tmp_path, rng, damage
                 zf.writestr(name, data)
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(target)
+
+
+def test_sharded_needs_a_population_that_writes_its_own_files(run, tmp_path):
+    pop, server, _, _, path = run
+    with pytest.raises(ValueError, match="sharded=True needs a population whose shards write their own files"):
+        save_checkpoint(tmp_path / "x.ckpt", pop, server, sharded=True)
+    assert not (tmp_path / "x.ckpt").exists()
