@@ -712,7 +712,11 @@ def _zip_digest(path) -> str:
     The data bytes are tied to it by the members' CRC-32s, which the reader
     checks while streaming every member to its end.
     """
-    size = os.stat(path).st_size
+    if hasattr(path, "fileno"):  # an open file: the digest of what this handle reads
+        size = os.fstat(path.fileno()).st_size
+        path.seek(0)
+    else:
+        size = os.stat(path).st_size
     h = hashlib.sha256(f"{size}\n".encode())
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
@@ -1142,12 +1146,13 @@ def read_shard_rows(manifest: Manifest, lo: int, hi: int, members: dict | None =
 
 def _read_one_shard_file(path, where, manifest, entry, lo, hi, outputs, out) -> None:
     stale = f"does not match the manifest {manifest.path} (the manifest is stale, or the file was replaced)"
-    size = os.stat(path).st_size
-    if size != entry["size"]:
-        _fail(where, f"is {size} bytes, the manifest says {entry['size']}: truncated, or it {stale}")
     with open(path, "rb") as fh:
-        if _zip_digest(path) != entry["digest"]:
+        size = os.fstat(fh.fileno()).st_size
+        if size != entry["size"]:
+            _fail(where, f"is {size} bytes, the manifest says {entry['size']}: truncated, or it {stale}")
+        if _zip_digest(fh) != entry["digest"]:
             _fail(where, f"has a zip directory that {stale}")
+        fh.seek(0)
         with zipfile.ZipFile(fh) as zf:
             members = {}
             for info in zf.infolist():
