@@ -1310,6 +1310,12 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     mismatched checkpoint raises :class:`CheckpointError` and changes
     nothing. Returns the checkpoint.
 
+    A sharded checkpoint (a manifest) restored onto a population that reads
+    its own shards (a ``DaskPopulation``) is read by the shards themselves,
+    each its own rows, whatever the shard counts; every shard checks its rows
+    before any shard installs them, and the :class:`Manifest` is returned.
+    Onto any other population it is read whole here.
+
     A source without ``validate_state_dict`` cannot be checked in advance: its
     ``load_state_dict`` then runs first, and if it fails the source gets its
     previous state back (from its ``state_dict()``), the population and the
