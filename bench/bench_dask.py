@@ -17,12 +17,16 @@ Measures, in one run:
    TCP comms really wrote and read (every frame, all of Dask's traffic
    included: framing, heartbeats; see ``WireCounter``);
 3. the latency floor: one empty round trip to every shard;
-4. for contrast, signals sent from the client (N x d numbers per round).
+4. for contrast, signals sent from the client (N x d numbers per round);
+5. (``--checkpoint-only``) checkpoint save and restore at N: each shard
+   writing and reading its own file against everything gathered through the
+   client into one file (wall time, client payload and socket bytes).
 
 Run from the repository root (with the package installed)::
 
     python -P bench/bench_dask.py                 # N = 10^7, about 5 minutes here
     python -P bench/bench_dask.py --n 1000000 --steps 5 --json out.json
+    python -P bench/bench_dask.py --checkpoint-only --repeats 3   # 5. below, about a minute
 
 or as a pytest-benchmark suite (N = 10^6, noisy worker-side signals; agent-steps
 per second and payload bytes per round in ``extra_info``)::
@@ -291,6 +295,67 @@ def client_signals(client, n, dim, steps):
     return out
 
 
+def checkpoint_io(client, n, dim, repeats, folder):
+    """Save and restore at N: worker-written (sharded) against client-gathered (one file), interleaved.
+
+    A population on the cluster's two workers with worker-side noisy signals and
+    a hedge server, after two rounds. Per repeat, in this order: sharded save,
+    one-file save (``sharded=False``), sharded restore in place
+    (``restore_checkpoint``), one-file restore in place, sharded restore onto
+    new shards (``DaskPopulation.restore``). Wall time, the client's payload
+    bytes (``DaskPopulation.comm``) and its socket bytes (``WireCounter``).
+    """
+    from memoa_fast.checkpoint import restore_checkpoint, save_checkpoint
+
+    pop = DaskPopulation(GAME, n, dim, client=client, signals=functools.partial(NoisyLastValueSignals, dim=dim), seed=1,
+                         threads=1)
+    server = DaskServer(pop, rule="hedge", eta=2.0, alpha=0.01)
+    ys = _stream(3, dim)
+    for t in range(2):
+        pop.observe(ys[t])
+        x = pop.step()
+        server.predict(x)
+        server.update(x, ys[t + 1])
+    pop.flush()
+    sharded, single = os.path.join(folder, "bench.ckpt"), os.path.join(folder, "bench.npz")
+    ops = {
+        "save, worker-written (sharded)": lambda: pop.save(sharded, server),
+        "save, client-gathered (one file)": lambda: save_checkpoint(single, pop, server, sharded=False),
+        "restore in place, worker-read (sharded)": lambda: restore_checkpoint(sharded, pop, server),
+        "restore in place, client-read (one file)": lambda: restore_checkpoint(single, pop, server),
+        "restore onto new shards, worker-read (sharded)": lambda: pop.restore(sharded, server),
+    }
+    samples = {label: [] for label in ops}
+    for _ in range(repeats):  # interleaved: each op sees the same load
+        for label, op in ops.items():
+            pop.flush()
+            pop.comm.reset()
+            w0, r0 = _io()
+            t0 = time.perf_counter()
+            op()
+            seconds = time.perf_counter() - t0
+            w1, r1 = _io()
+            samples[label].append((seconds, pop.comm.bytes_sent + pop.comm.bytes_received, (w1 - w0) + (r1 - r0)))
+    on_disk = {"sharded": os.path.getsize(sharded) + sum(
+        os.path.getsize(os.path.join(sharded + ".shards", f)) for f in os.listdir(sharded + ".shards")),
+        "one file": os.path.getsize(single)}
+    pop.close()
+    rows = []
+    for label, s in samples.items():
+        rows.append(dict(op=label, seconds=statistics.median(x[0] for x in s), payload_bytes=statistics.median(x[1] for x in s),
+                         wire_bytes=statistics.median(x[2] for x in s), all_seconds=[x[0] for x in s]))
+    return dict(n=n, dim=dim, repeats=repeats, bytes_on_disk=on_disk, rows=rows)
+
+
+def _print_checkpoint(ck):
+    print(f"\ncheckpoints at N = {ck['n']:.0e}, d = {ck['dim']} (states, costs, log-weights: "
+          f"{ck['bytes_on_disk']['one file'] / 1e6:.0f} MB in one file, {ck['bytes_on_disk']['sharded'] / 1e6:.0f} MB "
+          f"sharded), medians of {ck['repeats']}")
+    print(f"{'operation':<48} {'seconds':>8} {'client payload B':>17} {'client wire B':>14}")
+    for r in ck["rows"]:
+        print(f"{r['op']:<48} {r['seconds']:>8.2f} {r['payload_bytes']:>17,.0f} {r['wire_bytes']:>14,.0f}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=float, default=1e7, help="agents for the throughput runs (default 1e7)")
@@ -300,6 +365,9 @@ def main(argv=None):
     parser.add_argument("--sources", default="held,noisy", help="signal sources to run (default held,noisy)")
     parser.add_argument("--bytes-sizes", default="1e5,1e6,1e7", help="N values for the bytes-per-round table")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="only measure checkpoint save and restore at N (worker-written against client-gathered)")
+    parser.add_argument("--folder", default=None, help="where the checkpoint runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
 
     from distributed import Client, LocalCluster
@@ -314,6 +382,15 @@ def main(argv=None):
                        load_before=os.getloadavg())
         print(f"N = {n:.0e}, d = {args.dim}, {args.steps} rounds x {args.repeats} interleaved repeats; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        if args.checkpoint_only:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(dir=args.folder) as folder:
+                results["checkpoint"] = ck = checkpoint_io(client, n, args.dim, args.repeats, folder)
+            _print_checkpoint(ck)
+            results["load_after"] = os.getloadavg()
+            print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+            return _finish(results, args)
         results["latency_floor"] = lat = latency_floor(client)
         print(f"\nempty round trip to both shards: median {lat['median_ms']:.2f} ms "
               f"(p10 {lat['p10_ms']:.2f}, p90 {lat['p90_ms']:.2f})", flush=True)
@@ -341,6 +418,10 @@ def main(argv=None):
     finally:
         client.close()
         cluster.close()
+    return _finish(results, args)
+
+
+def _finish(results, args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

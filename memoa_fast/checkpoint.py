@@ -30,6 +30,26 @@ population, the server and the signal source are left as they were.
 A checkpoint does not depend on how the population was run: any engine whose
 ``state_dict`` has the population keys restores any other's checkpoint.
 
+Sharded checkpoints (what a :class:`~memoa_fast.distributed.DaskPopulation`
+writes by default) keep the agents out of the client: each shard writes its
+rows (states, costs, labels, server log-weights, its signal source's per-agent
+arrays) to its own file ``<path>.shards/<token>.<shard>.npz`` on its worker,
+and the client then writes the manifest at ``path`` (format version 3): the
+game, N, d, the step counter, discount, mean fields and count of valid
+signals, the server's rule, parameters and update count, the sources' shared
+state, and the list of shard files with their ``[lo, hi)`` ranges, sizes and
+the SHA-256 of their zip directories. Every file of a save carries the save's
+token in its name, so a save never touches the files the current manifest
+names; the manifest, replaced atomically and last, switches from one
+complete set to the next, and only then are the previous set's files (and
+the debris of killed saves) deleted. A set without its manifest, or whose
+files do not match it (missing, truncated, another save's, corrupt: every
+member's CRC-32 is checked by streaming it to its end), is never loaded.
+:func:`load_checkpoint` reads a whole set on one machine;
+:func:`restore_checkpoint` onto a ``DaskPopulation`` lets each shard read the
+rows it needs, from as many files as hold them, whatever the shard counts.
+The folder must be visible at the same path to the client and every worker.
+
 Examples
 --------
 >>> save_checkpoint("run.npz", population, server)          # doctest: +SKIP
@@ -39,6 +59,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -56,7 +77,10 @@ from ._state import RULES, check_population_state, check_server_state, check_sou
 from ._validation import available_memory
 from .game import POLICIES, Game
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "load_checkpoint", "restore_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "MANIFEST_VERSION", "Checkpoint", "CheckpointError", "Manifest", "load_checkpoint",
+    "read_manifest", "restore_checkpoint", "save_checkpoint",
+]
 
 FORMAT = "memoa-fast checkpoint"
 #: 2: the game as one JSON member ``game``, ``n_valid_signals``, and ``labels`` and
@@ -198,7 +222,7 @@ class Checkpoint:
 
 
 # =========================================================================== save
-def save_checkpoint(path, population, server=None, *, source=None) -> Path:
+def save_checkpoint(path, population, server=None, *, source=None, sharded: bool | None = None) -> Path:
     """Write ``population`` (and ``server``, ``source``) to ``path`` atomically; return the path written.
 
     Parameters
@@ -219,6 +243,13 @@ def save_checkpoint(path, population, server=None, *, source=None) -> Path:
         A signal source with ``state_dict()`` in the ``{"agents", "shared"}``
         form (a population with worker-side sources puts theirs in its own
         state under ``"source"``).
+    sharded : bool, optional
+        Write a sharded checkpoint: each shard of the population writes its
+        own file and ``path`` becomes the manifest (see
+        :meth:`memoa_fast.distributed.DaskPopulation.save`). Default: True for
+        a population whose shards can write their own files (a
+        ``DaskPopulation``), False otherwise; False gathers every array here
+        and writes one file.
 
     Raises
     ------
@@ -235,6 +266,18 @@ def save_checkpoint(path, population, server=None, *, source=None) -> Path:
     deleted. Two processes saving to the same path at the same time are not
     supported.
     """
+    writer = getattr(population, "_save_shards", None)
+    if sharded is None:
+        sharded = writer is not None
+    if sharded:
+        if writer is None:
+            raise ValueError(
+                f"sharded=True needs a population whose shards write their own files (a DaskPopulation), "
+                f"got {type(population).__name__}"
+            )
+        if source is not None:
+            raise ValueError("a sharded checkpoint saves the shards' own signal sources: pass source=None (or sharded=False)")
+        return writer(path, server)
     given = Path(path)
     target = Path(os.path.realpath(given))  # follow a symlink: replace the file, keep the link
     started = time.time()
@@ -289,6 +332,7 @@ def save_checkpoint(path, population, server=None, *, source=None) -> Path:
             arrays[_SOURCE_SHARED + name] = value
     _atomic_savez(target, arrays)
     _remove_stale_temporaries(target, started)
+    remove_shard_files(shard_folder(target), before=started)  # a sharded set this file replaced
     record = getattr(population, "_record_checkpoint", None)
     if record is not None:
         record(given, pop["t"])
@@ -373,6 +417,8 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if is_manifest(path):
+        return _load_manifest_checkpoint(path, n_agents, dim)
     where = str(path)
     try:
         with open(path, "rb") as fh:
@@ -619,6 +665,641 @@ def _parse(data: dict, where: str) -> Checkpoint:
     )
 
 
+# =========================================================================== sharded checkpoints
+# A sharded checkpoint is a manifest (one small .npz at the checkpoint's path)
+# and one .npz per shard in the folder <name>.shards beside it. Every file of
+# one save carries the save's token in its name, so a save never overwrites a
+# file that the current manifest names: the manifest, replaced atomically and
+# last, switches from one complete set to the next, and only then are the
+# previous set's files deleted.
+
+#: Version of the manifest of a sharded checkpoint (single files are version 2).
+MANIFEST_VERSION = 3
+SHARD_FORMAT = "memoa-fast checkpoint shard"
+SHARD_FORMAT_VERSION = 1
+_TOKEN = re.compile(r"[0-9a-f]{16}\Z")
+_SHARD_FILE = re.compile(r"(?P<token>[0-9a-f]{16})\.(?P<index>[0-9]{5,})\.npz\Z")
+_SHARD_TMP = re.compile(r"\.[0-9a-f]{16}\.[0-9]{5,}\.npz\.[A-Za-z0-9_]{8}\.tmp\Z")
+_SHARD_SCALARS = {
+    "format": "str", "format_version": "int", "token": "str", "shard": "int", "lo": "int", "hi": "int",
+    "n_agents": "int", "dim": "int",
+}
+_MANIFEST_EXTRA = {"n_agents": "int", "dim": "int", "token": "str", "shards": "str", "source_agents": "str"}
+_MANIFEST_ARRAYS = ("mean_state", "mean_signal", "class_mean_signal", "class_mean_state")
+_MANIFEST_MAX_BYTES = 1 << 28
+_BLOCK_BYTES = 1 << 23
+
+
+def shard_folder(path) -> Path:
+    """The folder holding the shard files of the sharded checkpoint at ``path``: ``<name>.shards`` beside it."""
+    path = Path(os.path.realpath(path))
+    return path.parent / (path.name + ".shards")
+
+
+def new_token() -> str:
+    """A fresh save token: 16 hex digits (time-ordered prefix, random suffix)."""
+    return f"{time.time_ns() // 1000 & 0xFFFFFFFFFF:010x}{os.urandom(3).hex()}"
+
+
+def shard_file_name(token: str, index: int) -> str:
+    """The name of shard ``index``'s file in the save ``token``."""
+    return f"{token}.{index:05d}.npz"
+
+
+def _zip_digest(path) -> str:
+    """SHA-256 of a zip's central directory (names, CRC-32s, sizes, offsets) and of the file's size.
+
+    The data bytes are tied to it by the members' CRC-32s, which the reader
+    checks while streaming every member to its end.
+    """
+    if hasattr(path, "fileno"):  # an open file: the digest of what this handle reads
+        size = os.fstat(path.fileno()).st_size
+        path.seek(0)
+    else:
+        size = os.stat(path).st_size
+    h = hashlib.sha256(f"{size}\n".encode())
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            h.update(
+                f"{info.filename}\0{info.CRC:08x}\0{info.compress_type}\0{info.file_size}\0{info.compress_size}"
+                f"\0{info.header_offset}\n".encode()
+            )
+    return h.hexdigest()
+
+
+def write_shard_file(folder, token: str, index: int, lo: int, hi: int, n_agents: int, arrays: dict) -> dict:
+    """Write one shard's file atomically (temporary file, fsync, ``os.replace``); runs on the shard's worker.
+
+    ``arrays`` maps member names (``states``, ``costs``, ``labels``,
+    ``server_log_weights``, ``source_agents__<name>``) to arrays of
+    ``hi - lo`` rows. Returns ``{"file", "lo", "hi", "size", "digest"}``, what
+    the manifest records.
+    """
+    folder = Path(folder)
+    name = shard_file_name(token, index)
+    members = {
+        "format": np.array(SHARD_FORMAT), "format_version": np.array(SHARD_FORMAT_VERSION, dtype=np.int64),
+        "token": np.array(token), "shard": np.array(index, dtype=np.int64), "lo": np.array(lo, dtype=np.int64),
+        "hi": np.array(hi, dtype=np.int64), "n_agents": np.array(n_agents, dtype=np.int64),
+        "dim": np.array(arrays["states"].shape[1], dtype=np.int64),
+    }
+    for key, value in arrays.items():
+        members[key] = np.ascontiguousarray(value)
+    _atomic_savez(folder / name, members)
+    path = folder / name
+    return {"file": name, "lo": int(lo), "hi": int(hi), "size": os.stat(path).st_size, "digest": _zip_digest(path)}
+
+
+def remove_shard_files(folder, *, keep: str | None = None, token: str | None = None, before: float | None = None) -> list[str]:
+    """Delete shard files (and their temporaries) in ``folder``; return the names deleted.
+
+    Deletes the files of save ``token`` if given, else those of every save
+    but ``keep`` last modified before ``before``.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                m = _SHARD_FILE.match(entry.name)
+                name_token = m.group("token") if m else entry.name[1:17] if _SHARD_TMP.match(entry.name) else None
+                if name_token is None:
+                    continue
+                if token is not None:
+                    doomed = name_token == token
+                else:
+                    doomed = name_token != keep
+                    with contextlib.suppress(OSError):
+                        doomed = doomed and (before is None or entry.stat(follow_symlinks=False).st_mtime < before)
+                if doomed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+    return removed
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """The checked manifest of a sharded checkpoint (no agent array: those are in the shard files).
+
+    Attributes
+    ----------
+    path : str
+        The manifest file.
+    folder : Path
+        The folder of the shard files.
+    token : str
+        The save's token (in every shard file's name and contents).
+    game : Game
+    n_agents, dim : int
+    population : dict
+        ``mean_state``, ``mean_signal``, ``class_mean_signal``,
+        ``class_mean_state``, ``t``, ``discount``, ``n_valid_signals`` and ``game`` (dict).
+    server : dict or None
+        ``rule``, ``eta``, ``alpha``, ``n_updates``.
+    source_shared : dict or None
+        The signal sources' shared arrays.
+    source_agents : dict or None
+        ``{name: (dtype, trailing shape)}`` of the sources' per-agent arrays.
+    shards : list of dict
+        ``{"file", "lo", "hi", "size", "digest"}`` covering ``[0, N)`` in order.
+    created_by : str
+    """
+
+    path: str
+    folder: Path
+    token: str
+    game: Game
+    n_agents: int
+    dim: int
+    population: dict
+    server: dict | None
+    source_shared: dict | None
+    source_agents: dict | None
+    shards: list
+    created_by: str
+
+    @property
+    def t(self) -> int:
+        return self.population["t"]
+
+    def members(self) -> dict:
+        """``{member: (trailing shape, dtype rule)}`` each shard file must hold (see :func:`read_shard_rows`)."""
+        spec = {"states": ((self.dim,), "float64"), "costs": ((), "float64")}
+        if n_classes_of(self.game) > 1:
+            spec["labels"] = ((), "int")
+        if self.server is not None:
+            spec["server_log_weights"] = ((), "float64")
+        for name, (dtype, trail) in (self.source_agents or {}).items():
+            spec[_SOURCE_AGENTS + name] = (tuple(trail), dtype)
+        return spec
+
+    def files_for(self, lo: int, hi: int) -> list:
+        """The shard files holding rows of ``[lo, hi)``, in order."""
+        return [f for f in self.shards if f["lo"] < hi and f["hi"] > lo]
+
+
+def write_manifest(target: Path, *, game, n_agents, dim, population: dict, server: dict | None, source_shared: dict | None,
+                   source_agents: dict | None, token: str, shards: list) -> None:
+    """Write the manifest of a sharded checkpoint atomically (the save's last write)."""
+    arrays = {
+        "format": np.array(FORMAT),
+        "format_version": np.array(MANIFEST_VERSION, dtype=np.int64),
+        "created_by": np.array(_created_by()),
+        "game": np.array(json.dumps(game.to_dict(), allow_nan=False, sort_keys=True)),
+        "n_agents": np.array(n_agents, dtype=np.int64),
+        "dim": np.array(dim, dtype=np.int64),
+        "t": np.array(population["t"], dtype=np.int64),
+        "discount": np.array(population["discount"], dtype=np.float64),
+        "n_valid_signals": np.array(population["n_valid_signals"], dtype=np.int64),
+        "token": np.array(token),
+        "shards": np.array(json.dumps(shards, sort_keys=True)),
+    }
+    for key in _MANIFEST_ARRAYS:
+        arrays[key] = np.asarray(population[key], dtype=np.float64)
+    if server is not None:
+        arrays.update(
+            server_rule=np.array(server["rule"]), server_eta=np.array(server["eta"], dtype=np.float64),
+            server_alpha=np.array(server["alpha"], dtype=np.float64),
+            server_n_updates=np.array(server["n_updates"], dtype=np.int64),
+        )
+    if source_agents is not None:
+        arrays["source_agents"] = np.array(json.dumps({k: [v[0], list(v[1])] for k, v in source_agents.items()}, sort_keys=True))
+        for name, value in source_shared.items():
+            arrays[_SOURCE_SHARED + name] = np.asarray(value)
+    _atomic_savez(target, arrays)
+
+
+def is_manifest(path) -> bool:
+    """Is ``path`` the manifest of a sharded checkpoint (a zip with a ``shards`` member)? Never raises."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "shards.npy" in zf.namelist()
+    except Exception:  # noqa: BLE001 - anything unreadable is not a manifest
+        return False
+
+
+def _read_small_npz(fh, where, allowed, max_bytes) -> dict:
+    """Every member of a small .npz: names by ``allowed(key)``, headers and declared sizes checked before reading."""
+    with zipfile.ZipFile(fh) as zf:
+        infos = zf.infolist()
+        if len(infos) > _MAX_MEMBERS:
+            _fail(where, f"holds {len(infos)} members, more than {_MAX_MEMBERS}")
+        members = {}
+        for info in infos:
+            name = info.filename
+            key = name[:-4] if name.endswith(".npy") else None
+            if key is None or not allowed(key):
+                _fail(where, f"has an unknown member {name[:100]!r}: not a memoa-fast checkpoint, or tampered with")
+            if key in members:
+                _fail(where, f"has the member {name!r} twice")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                _fail(where, f"member {name!r} uses zip compression method {info.compress_type}; accepted: stored or deflate")
+            members[key] = info
+        if sum(i.file_size for i in members.values()) > max_bytes:
+            _fail(where, f"its members declare more than {max_bytes:,} bytes: not a manifest, or tampered with")
+        data = {}
+        for key, info in members.items():
+            shape, dtype, fortran, offset = _member_header(zf, info)
+            if dtype.hasobject or dtype.kind not in "iufU" or dtype.fields is not None or dtype.subdtype is not None:
+                _fail(where, f"member {key!r} has dtype {dtype}; a checkpoint holds only numbers and strings")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if info.file_size != offset + nbytes:
+                _fail(where, f"member {key!r} is {info.file_size} bytes in the zip directory, but its header ({dtype}, "
+                             f"shape {shape}) needs {offset + nbytes}: truncated or tampered with")
+            with zf.open(info) as f:
+                f.read(offset)
+                raw = f.read(nbytes)
+                if len(raw) != nbytes or f.read(1):
+                    _fail(where, f"member {key!r} has {len(raw)} data bytes, its header needs {nbytes}")
+            arr = np.frombuffer(raw, dtype=dtype) if nbytes else np.empty(0, dtype=dtype)
+            data[key] = arr.reshape(shape, order="F" if fortran else "C")
+        return data
+
+
+def _scalar(data, key, kind, where, *, required=True):
+    if key not in data:
+        if required:
+            _fail(where, f"entry {key!r} is missing (truncated or not a memoa-fast checkpoint)")
+        return None
+    value = data[key]
+    ok = value.shape == () and {"str": value.dtype.kind == "U", "int": value.dtype.kind in "iu",
+                                "float": value.dtype == np.float64}[kind]
+    if not ok:
+        want = {"str": "a string", "int": "an integer", "float": "a float64"}[kind]
+        _fail(where, f"entry {key!r} must be {want} scalar, got dtype {value.dtype} shape {value.shape}")
+    return {"str": str, "int": int, "float": float}[kind](value[()])
+
+
+def _json(text, where, key):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        _fail(where, f"entry {key!r} is not valid JSON: {exc}")
+
+
+def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) -> Manifest:
+    """Read and check the manifest of a sharded checkpoint (not its shard files); raise :class:`CheckpointError`.
+
+    Checks the format and version, the game, N and d (against ``n_agents``
+    and ``dim`` when given), the mean fields, step counter, discount and
+    count of valid signals (with :func:`~memoa_fast._state.check_population_state`
+    on a one-agent stand-in: the agents are in the shard files), the
+    server's parameters, the sources' shared state, and the list of shard
+    files: names of this save, ``[lo, hi)`` ranges covering ``[0, N)`` in order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    where = str(path)
+
+    def allowed(key):
+        return (key in _SCALARS or key in _MANIFEST_EXTRA or key in _MANIFEST_ARRAYS
+                or (key.startswith(_SOURCE_SHARED) and key != _SOURCE_SHARED))
+
+    try:
+        with open(path, "rb") as fh:
+            data = _read_small_npz(fh, where, allowed, _MANIFEST_MAX_BYTES)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - see load_checkpoint
+        raise CheckpointError(
+            f"{path} is not a readable memoa-fast checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}. "
+            "Use an earlier checkpoint."
+        ) from exc
+    if "format" not in data or _scalar(data, "format", "str", where) != FORMAT:
+        _fail(where, f"not a memoa-fast checkpoint (no format marker {FORMAT!r})")
+    version = _scalar(data, "format_version", "int", where)
+    if version != MANIFEST_VERSION:
+        _fail(where, f"manifest format version {version}: this memoa-fast reads version {MANIFEST_VERSION}")
+    for key in data:
+        if key in _SCALARS and _SCALARS[key] == "str" or key in ("token", "shards", "source_agents"):
+            limit = _GAME_CHARS if key in ("game", "shards", "source_agents") else _STR_CHARS
+            if data[key].dtype.kind == "U" and data[key].dtype.itemsize > 4 * limit:
+                _fail(where, f"entry {key!r} is a string of {data[key].dtype.itemsize // 4} characters, longer than {limit}")
+    game = _make_game(_game_dict({"game": _scalar(data, "game", "str", where)}, where), where)
+    K = n_classes_of(game)
+    n, d = _scalar(data, "n_agents", "int", where), _scalar(data, "dim", "int", where)
+    if n < 1 or d < 1:
+        _fail(where, f"entries 'n_agents' and 'dim' must be >= 1, got {n} and {d}")
+    if n_agents is not None and dim is not None and (n, d) != (n_agents, dim):
+        raise CheckpointError(f"{where} holds {n} agents of dimension {d}, the population has {n_agents} of dimension {dim}")
+    shapes = {"mean_state": (d,), "mean_signal": (d,), "class_mean_signal": (K, d), "class_mean_state": (K, d)}
+    for key, shape in shapes.items():
+        if key not in data:
+            _fail(where, f"entry {key!r} is missing (truncated or not a memoa-fast checkpoint)")
+        if data[key].shape != shape or data[key].dtype != np.float64:
+            _fail(where, f"entry {key!r} must be float64 of shape {shape}, got {data[key].dtype} {data[key].shape}")
+    n_valid = _scalar(data, "n_valid_signals", "int", where)
+    if not 0 <= n_valid <= n:
+        _fail(where, f"entry 'n_valid_signals' must be an integer in [0, {n}], got {n_valid}")
+    stand_in = {
+        "states": np.zeros((1, d)), "costs": np.zeros(1), "mean_state": data["mean_state"],
+        "mean_signal": data["mean_signal"], "class_mean_signal": data["class_mean_signal"],
+        "t": _scalar(data, "t", "int", where), "discount": _scalar(data, "discount", "float", where),
+        "n_valid_signals": 0, "game": game.to_dict(),
+    }
+    if K > 1:
+        stand_in["labels"] = np.zeros(1, dtype=np.int64)
+    try:
+        clean = check_population_state(stand_in, game=game, n_agents=1, dim=d)
+        check_population_state(dict(stand_in, mean_state=data["class_mean_state"][0]), game=game, n_agents=1, dim=d)
+    except ValueError as exc:
+        _fail(where, str(exc))
+    if not np.isfinite(data["class_mean_state"]).all():
+        _fail(where, "entry 'class_mean_state' must be finite")
+    population = {key: clean[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "t", "discount", "game")}
+    population.update(class_mean_state=np.array(data["class_mean_state"]), n_valid_signals=n_valid)
+
+    server = None
+    if any(k.startswith("server_") for k in data):
+        rule = _scalar(data, "server_rule", "str", where)
+        eta, alpha = _scalar(data, "server_eta", "float", where), _scalar(data, "server_alpha", "float", where)
+        n_updates = _scalar(data, "server_n_updates", "int", where)
+        if rule not in RULES:
+            _fail(where, f"unknown server rule {rule!r}; accepted: {', '.join(RULES)}")
+        if not (math.isfinite(eta) and eta >= 0 and 0.0 <= alpha <= 1.0) or n_updates < 0:
+            _fail(where, f"server eta must be finite and >= 0, alpha in [0, 1] and n_updates >= 0, got eta={eta!r}, "
+                         f"alpha={alpha!r}, n_updates={n_updates}")
+        server = {"rule": rule, "eta": eta, "alpha": alpha, "n_updates": n_updates}
+
+    source_shared = source_agents = None
+    shared = {k[len(_SOURCE_SHARED):]: v for k, v in data.items() if k.startswith(_SOURCE_SHARED)}
+    if "source_agents" in data:
+        spec = _json(_scalar(data, "source_agents", "str", where), where, "source_agents")
+        if not isinstance(spec, dict):
+            _fail(where, "entry 'source_agents' must be a JSON object")
+        source_agents = {}
+        for name, value in spec.items():
+            ok = (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], list)
+                  and all(isinstance(s, int) and s >= 0 for s in value[1]))
+            if not ok or not name or "/" in name:
+                _fail(where, f"entry 'source_agents' has an invalid entry {name!r}: {value!r}")
+            try:
+                dtype = np.dtype(value[0])
+            except TypeError:
+                _fail(where, f"entry 'source_agents' names an unknown dtype {value[0]!r}")
+            if dtype.kind not in "iuf" or math.prod(value[1]) > _SOURCE_PER_AGENT_MAX:
+                _fail(where, f"signal-source entry 'agents/{name}' must hold at most {_SOURCE_PER_AGENT_MAX} numbers per "
+                             f"agent, got dtype {dtype} and shape {value[1]}")
+            source_agents[name] = (dtype.str, tuple(value[1]))
+        for name, value in shared.items():
+            if value.dtype.kind not in "iuf" or value.size > _SOURCE_SHARED_MAX:
+                _fail(where, f"signal-source entry 'shared/{name}' must hold at most {_SOURCE_SHARED_MAX} numbers, "
+                             f"got dtype {value.dtype} shape {value.shape}")
+        try:
+            source_shared = check_source_layout({"agents": {}, "shared": shared}, n_agents=n)["shared"]
+        except ValueError as exc:
+            _fail(where, str(exc))
+    elif shared:
+        _fail(where, "holds a signal source's shared state without 'source_agents'")
+
+    token = _scalar(data, "token", "str", where)
+    if not _TOKEN.match(token):
+        _fail(where, f"entry 'token' must be 16 hex digits, got {token[:40]!r}")
+    shards = _json(_scalar(data, "shards", "str", where), where, "shards")
+    if not isinstance(shards, list) or not shards:
+        _fail(where, "entry 'shards' must be a non-empty JSON list of shard files")
+    clean_shards, edge = [], 0
+    for k, entry in enumerate(shards):
+        ok = isinstance(entry, dict) and set(entry) == {"file", "lo", "hi", "size", "digest"}
+        ok = ok and isinstance(entry["file"], str) and isinstance(entry["digest"], str)
+        ok = ok and all(isinstance(entry[x], int) and not isinstance(entry[x], bool) for x in ("lo", "hi", "size"))
+        if not ok:
+            _fail(where, f"shard entry {k} must be {{'file', 'lo', 'hi', 'size', 'digest'}}, got {str(entry)[:200]}")
+        m = _SHARD_FILE.match(entry["file"])
+        if m is None or m.group("token") != token or int(m.group("index")) != k:
+            _fail(where, f"shard entry {k} names the file {entry['file'][:100]!r}, not shard {k} of save {token}")
+        if entry["lo"] != edge or entry["hi"] <= entry["lo"] or entry["hi"] > n:
+            _fail(where, f"shard entry {k} holds agents [{entry['lo']}, {entry['hi']}), but the shards must cover "
+                         f"[0, {n}) in order (this one must start at {edge})")
+        if not re.fullmatch(r"[0-9a-f]{64}", entry["digest"]) or entry["size"] < 1:
+            _fail(where, f"shard entry {k} has an invalid size or digest")
+        edge = entry["hi"]
+        clean_shards.append(dict(entry))
+    if edge != n:
+        _fail(where, f"the shard files hold agents [0, {edge}), the checkpoint has {n}")
+    return Manifest(
+        path=where, folder=shard_folder(path), token=token, game=game, n_agents=n, dim=d, population=population,
+        server=server, source_shared=source_shared, source_agents=source_agents, shards=clean_shards,
+        created_by=_scalar(data, "created_by", "str", where),
+    )
+
+
+def read_shard_rows(manifest: Manifest, lo: int, hi: int, members: dict | None = None) -> dict:
+    """Rows ``[lo, hi)`` of the members of a sharded checkpoint, read from the shard files that hold them.
+
+    Runs on the worker of the shard that needs the rows (or on the client,
+    for a one-machine restore). Each file is checked against the manifest
+    before its data is read: its size and the digest of its zip directory,
+    its members (names, compression, ``.npy`` headers: dtype, shape
+    ``(hi_f - lo_f, ...)``, declared size) and its token, index, range, N and
+    d. Every member is then streamed to its end in blocks of 8 MiB, so that
+    its CRC-32 is checked, and the rows in ``[lo, hi)`` are kept.
+
+    Parameters
+    ----------
+    manifest : Manifest
+    lo, hi : int
+        The rows wanted.
+    members : dict, optional
+        ``{member: (trailing shape, dtype rule)}``, a subset of
+        :meth:`Manifest.members` (default: all of them); the rule is
+        ``"float64"``, ``"int"`` (any integer dtype, returned as int64) or a
+        dtype string that must match exactly.
+
+    Returns
+    -------
+    dict
+        ``{member: array of hi - lo rows}``.
+    """
+    spec = manifest.members() if members is None else members
+    outputs = {}
+    total = 0
+    for key, (trail, rule) in spec.items():
+        dtype = np.dtype(np.float64 if rule == "float64" else np.int64 if rule == "int" else rule)
+        total += (hi - lo) * math.prod(trail) * dtype.itemsize
+        outputs[key] = (trail, rule, dtype)
+    available = available_memory()
+    if available is not None and total > available:
+        raise CheckpointError(f"{manifest.path}: rows [{lo}, {hi}) need {total:,} bytes, more than the {available:,} "
+                              "bytes this process may use")
+    out = {key: np.empty((hi - lo,) + tuple(trail), dtype=dtype) for key, (trail, _, dtype) in outputs.items()}
+    for entry in manifest.files_for(lo, hi):
+        path = manifest.folder / entry["file"]
+        where = str(path)
+        try:
+            _read_one_shard_file(path, where, manifest, entry, lo, hi, outputs, out)
+        except (CheckpointError, MemoryError):
+            raise
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{manifest.path}: its shard file {where} is missing (deleted, or the manifest is stale). "
+                "Use an earlier checkpoint."
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises almost anything, see load_checkpoint
+            raise CheckpointError(
+                f"{manifest.path}: its shard file {where} is not readable (truncated or corrupt?): "
+                f"{type(exc).__name__}: {exc}. Use an earlier checkpoint."
+            ) from exc
+    return out
+
+
+def _read_one_shard_file(path, where, manifest, entry, lo, hi, outputs, out) -> None:
+    stale = f"does not match the manifest {manifest.path} (the manifest is stale, or the file was replaced)"
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size != entry["size"]:
+            _fail(where, f"is {size} bytes, the manifest says {entry['size']}: truncated, or it {stale}")
+        if _zip_digest(fh) != entry["digest"]:
+            _fail(where, f"has a zip directory that {stale}")
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as zf:
+            members = {}
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else None
+                known = key in _SHARD_SCALARS or key in ("states", "costs", "labels", "server_log_weights")
+                if key is None or not (known or (key.startswith(_SOURCE_AGENTS) and key != _SOURCE_AGENTS)):
+                    _fail(where, f"has an unknown member {info.filename[:100]!r}")
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    _fail(where, f"member {info.filename!r} uses zip compression method {info.compress_type}")
+                members[key] = info
+            rows_f = entry["hi"] - entry["lo"]
+            headers = {}
+            for key in list(_SHARD_SCALARS) + list(outputs):
+                if key not in members:
+                    _fail(where, f"member {key!r} is missing")
+                shape, dtype, fortran, offset = _member_header(zf, members[key])
+                if dtype.hasobject or dtype.kind not in "iufU" or dtype.fields is not None or dtype.subdtype is not None:
+                    _fail(where, f"member {key!r} has dtype {dtype}; a checkpoint holds only numbers and strings")
+                if members[key].file_size != offset + math.prod(shape) * dtype.itemsize:
+                    _fail(where, f"member {key!r} has a size that disagrees with its header: truncated or tampered with")
+                headers[key] = (shape, dtype, fortran, offset)
+            scalars = {}
+            for key, kind in _SHARD_SCALARS.items():
+                shape, dtype, _, offset = headers[key]
+                if shape != () or dtype.itemsize > 4 * _STR_CHARS:
+                    _fail(where, f"entry {key!r} must be a short scalar, got dtype {dtype} shape {shape}")
+                with zf.open(members[key]) as f:
+                    f.read(offset)
+                    raw = f.read(dtype.itemsize)
+                    if f.read(1):
+                        _fail(where, f"entry {key!r} is longer than its header says")
+                scalars[key] = np.frombuffer(raw, dtype=dtype).reshape(())[()]
+            want = {"format": SHARD_FORMAT, "format_version": SHARD_FORMAT_VERSION, "token": manifest.token,
+                    "shard": int(_SHARD_FILE.match(entry["file"]).group("index")), "lo": entry["lo"], "hi": entry["hi"],
+                    "n_agents": manifest.n_agents, "dim": manifest.dim}
+            for key, value in want.items():
+                got = str(scalars[key]) if isinstance(value, str) else scalars[key]
+                if got != value:
+                    _fail(where, f"holds {key}={got!r}, the manifest needs {value!r}: it {stale}")
+            for key, (trail, rule, dtype) in outputs.items():
+                shape, got, fortran, offset = headers[key]
+                ok = got == np.float64 if rule == "float64" else got.kind in "iu" and got.itemsize <= 8 if rule == "int" else got == dtype
+                if shape != (rows_f,) + tuple(trail) or not ok or (fortran and len(shape) > 1):
+                    _fail(where, f"member {key!r} must be {rule} of shape {(rows_f,) + tuple(trail)} in C order, "
+                                 f"got {got} {shape}")
+                row_bytes = math.prod(trail) * got.itemsize
+                block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+                a, b = max(lo, entry["lo"]), min(hi, entry["hi"])
+                with zf.open(members[key]) as f:
+                    f.read(offset)
+                    r = 0
+                    while r < rows_f:
+                        count = min(block, rows_f - r)
+                        raw = f.read(count * row_bytes)
+                        if len(raw) != count * row_bytes:
+                            _fail(where, f"member {key!r} ends early: truncated")
+                        first, last = max(a, entry["lo"] + r), min(b, entry["lo"] + r + count)
+                        if first < last:
+                            rows = np.frombuffer(raw, dtype=got).reshape((count,) + tuple(trail))
+                            out[key][first - lo:last - lo] = rows[first - entry["lo"] - r:last - entry["lo"] - r]
+                        r += count
+                    if f.read(1):  # reading to the end checks the member's CRC-32
+                        _fail(where, f"member {key!r} is longer than its header says")
+
+
+def check_log_weight_rows(log_p: np.ndarray, key: str = "log_weights") -> tuple[float, float]:
+    """The checks of :func:`~memoa_fast._state.check_server_state` that hold row by row, and the log-sum-exp pieces.
+
+    Refuses NaN and ``+inf`` (``ValueError``); returns ``(top, sum(exp(log_p - top)))``
+    (``(-inf, 0)`` for no rows or all ``-inf``), which :func:`merged_log_weights`
+    merges across shards.
+    """
+    if np.isnan(log_p).any():
+        raise ValueError(f"state[{key!r}] must not be NaN; entry {int(np.argmax(np.isnan(log_p)))} (of this shard) is nan")
+    if (log_p == np.inf).any():
+        raise ValueError(f"state[{key!r}] must not be +inf; entry {int(np.argmax(log_p == np.inf))} (of this shard) is inf")
+    top = float(log_p.max()) if log_p.size else -math.inf
+    if top == -math.inf:
+        return -math.inf, 0.0
+    return top, float(np.exp(log_p - top).sum())
+
+
+def check_merged_server(pieces, server: dict, *, rule, eta, alpha) -> dict:
+    """The whole population's server check from the shards' log-sum-exp pieces, with :func:`~memoa_fast._state.check_server_state`.
+
+    The pieces merge into ``log sum_i p_i``; that one number, as the log-weight
+    of a one-agent stand-in, goes through the server validator (normalised,
+    not all ``-inf``), with the saved rule, ``eta``, ``alpha`` and update count.
+    """
+    top = max((t for t, _ in pieces), default=-math.inf)
+    if top == -math.inf:
+        lse = -math.inf
+    else:
+        lse = top + math.log(sum(s * math.exp(t - top) for t, s in pieces if t != -math.inf))
+    stand_in = dict(server, log_weights=np.array([lse]))
+    return check_server_state(stand_in, n_agents=1, rule=rule, eta=eta, alpha=alpha)
+
+
+def check_rows_state(rows: dict, globals_: dict, game, dim: int) -> dict:
+    """Check a shard's rows (``states``, ``costs``, ``labels``) with :func:`~memoa_fast._state.check_population_state`.
+
+    The rows are checked as a population of ``len(rows["states"])`` agents
+    with the checkpoint's mean fields, step counter and discount; the count
+    of valid signals, a whole-population number, is checked by the manifest.
+    Returns the clean copy.
+    """
+    state = {"states": rows["states"], "costs": rows["costs"], "t": globals_["t"], "discount": globals_["discount"],
+             "mean_state": globals_["mean_state"], "mean_signal": globals_["mean_signal"],
+             "class_mean_signal": globals_["class_mean_signal"], "n_valid_signals": 0, "game": game.to_dict()}
+    if "labels" in rows:
+        state["labels"] = rows["labels"]
+    return check_population_state(state, game=game, n_agents=len(rows["states"]), dim=dim)
+
+
+def _load_manifest_checkpoint(path, n_agents, dim) -> Checkpoint:
+    """A sharded checkpoint read whole on this machine (for a one-machine restore)."""
+    manifest = read_manifest(path, n_agents=n_agents, dim=dim)
+    rows = read_shard_rows(manifest, 0, manifest.n_agents)
+    where, n, d = manifest.path, manifest.n_agents, manifest.dim
+    population = {key: manifest.population[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "t",
+                                                            "discount", "n_valid_signals", "game")}
+    population.update(states=rows["states"], costs=rows["costs"])
+    if "labels" in rows:
+        population["labels"] = rows["labels"]
+    try:
+        population = check_population_state(population, game=manifest.game, n_agents=n, dim=d)
+    except ValueError as exc:
+        _fail(where, str(exc))
+    server = None
+    if manifest.server is not None:
+        s = manifest.server
+        try:
+            server = check_server_state(dict(s, log_weights=rows["server_log_weights"]), n_agents=n, rule=s["rule"],
+                                        eta=s["eta"], alpha=s["alpha"])
+        except ValueError as exc:
+            _fail(where, f"server {exc}")
+    source = None
+    if manifest.source_agents is not None:
+        agents = {name: rows[_SOURCE_AGENTS + name] for name in manifest.source_agents}
+        try:
+            source = check_source_layout({"agents": agents, "shared": manifest.source_shared}, n_agents=n)
+        except ValueError as exc:
+            _fail(where, str(exc))
+    return Checkpoint(path=where, format_version=MANIFEST_VERSION, game=manifest.game, population=population,
+                      server=server, source=source, created_by=manifest.created_by)
+
+
 # =========================================================================== restore
 def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> Checkpoint:
     """Load a checkpoint (a path or a :class:`Checkpoint`) into ``population`` (and ``server``, ``source``).
@@ -629,6 +1310,12 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     mismatched checkpoint raises :class:`CheckpointError` and changes
     nothing. Returns the checkpoint.
 
+    A sharded checkpoint (a manifest) restored onto a population that reads
+    its own shards (a ``DaskPopulation``) is read by the shards themselves,
+    each its own rows, whatever the shard counts; every shard checks its rows
+    before any shard installs them, and the :class:`Manifest` is returned.
+    Onto any other population it is read whole here.
+
     A source without ``validate_state_dict`` cannot be checked in advance: its
     ``load_state_dict`` then runs first, and if it fails the source gets its
     previous state back (from its ``state_dict()``), the population and the
@@ -636,6 +1323,11 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     """
     if isinstance(checkpoint, Checkpoint):
         ckpt = checkpoint
+    elif getattr(population, "_restore_shards", None) is not None and is_manifest(checkpoint):
+        # A sharded checkpoint onto a sharded population: the shards read their own rows.
+        if source is not None:
+            raise CheckpointError("a sharded population restores its own signal sources: pass source=None")
+        return population._restore_shards(checkpoint, server)
     else:
         ckpt = load_checkpoint(checkpoint, n_agents=population.n_agents, dim=population.dim)
     where = ckpt.path or "checkpoint"

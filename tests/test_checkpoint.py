@@ -875,3 +875,102 @@ def test_symlinked_checkpoint_path_is_followed(run, tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_checkpoint(tmp_path / "nowhere" / "c.npz", StatePopulation(GAME, 3, 1))
+
+
+# =========================================================================== sharded sets (no cluster needed)
+def _write_set(tmp_path, bounds, rng, *, server=True):
+    """A sharded set written with the same functions the shards and the client use."""
+    from memoa_fast import checkpoint as ck
+
+    n = bounds[-1][1]
+    states, costs = rng.normal(size=(n, D)), rng.random(n)
+    log_p = rng.normal(size=n)
+    log_p -= np.log(np.exp(log_p).sum())
+    offsets = rng.normal(size=(n, D))
+    target = tmp_path / "set.ckpt"
+    folder = ck.shard_folder(target)
+    folder.mkdir()
+    token = ck.new_token()
+    shards = []
+    for k, (lo, hi) in enumerate(bounds):
+        arrays = {"states": states[lo:hi], "costs": costs[lo:hi], ck._SOURCE_AGENTS + "offsets": offsets[lo:hi]}
+        if server:
+            arrays["server_log_weights"] = log_p[lo:hi]
+        shards.append(ck.write_shard_file(folder, token, k, lo, hi, n, arrays))
+    population = {"mean_state": states.mean(axis=0), "mean_signal": np.zeros(D), "class_mean_signal": np.zeros((1, D)),
+                  "class_mean_state": states.mean(axis=0)[None], "t": 3, "discount": GAME.gamma**3, "n_valid_signals": n}
+    ck.write_manifest(
+        target, game=GAME, n_agents=n, dim=D, population=population,
+        server={"rule": "hedge", "eta": 0.5, "alpha": 0.01, "n_updates": 3} if server else None,
+        source_shared={"t": np.array(3), "y": np.zeros(D)}, source_agents={"offsets": (offsets.dtype.str, (D,))}, token=token, shards=shards,
+    )
+    return target, folder, dict(states=states, costs=costs, log_p=log_p, offsets=offsets)
+
+
+def test_shard_rows_come_from_every_file_that_holds_them(tmp_path, rng, monkeypatch):
+    """Any [lo, hi), across file boundaries, streamed in small blocks: the same rows as the whole arrays."""
+    from memoa_fast import checkpoint as ck
+
+    monkeypatch.setattr(ck, "_BLOCK_BYTES", 40)  # a few rows per block
+    target, _, whole = _write_set(tmp_path, [(0, 123), (123, 124), (124, 300)], rng)
+    manifest = ck.read_manifest(target)
+    assert [f["lo"] for f in manifest.shards] == [0, 123, 124]
+    for lo, hi in [(0, 300), (5, 123), (100, 200), (123, 124), (122, 125), (299, 300)]:
+        rows = ck.read_shard_rows(manifest, lo, hi)
+        np.testing.assert_array_equal(rows["states"], whole["states"][lo:hi])
+        np.testing.assert_array_equal(rows["costs"], whole["costs"][lo:hi])
+        np.testing.assert_array_equal(rows["server_log_weights"], whole["log_p"][lo:hi])
+        np.testing.assert_array_equal(rows["source_agents__offsets"], whole["offsets"][lo:hi])
+    ckpt = load_checkpoint(target)  # one machine: the whole set
+    assert ckpt.format_version == 3 and ckpt.t == 3 and ckpt.server["n_updates"] == 3
+    np.testing.assert_array_equal(ckpt.population["states"], whole["states"])
+    np.testing.assert_array_equal(ckpt.source["agents"]["offsets"], whole["offsets"])
+    pop, server = _make()
+    source = CheckedSource(N, D)
+    restore_checkpoint(target, pop, server, source=source)
+    np.testing.assert_array_equal(pop.states, whole["states"])
+    np.testing.assert_array_equal(server.log_weights, whole["log_p"])
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("gap", r"must cover \[0, 300\) in order"),
+    ("other token", "not shard 1 of save"),
+    ("flipped data", "Bad CRC"),
+    ("bigger header", "does not match the manifest|disagrees with its header"),
+])
+def test_a_set_that_does_not_match_its_manifest_is_refused(tmp_path, rng, damage, match):
+    from memoa_fast import checkpoint as ck
+
+    target, folder, _ = _write_set(tmp_path, [(0, 100), (100, 300)], rng)
+    manifest = ck.read_manifest(target)
+    if damage in ("gap", "other token"):
+        shards = [dict(s) for s in manifest.shards]
+        if damage == "gap":
+            shards[1]["lo"] = 101
+        else:
+            shards[1]["file"] = ck.shard_file_name("0" * 16, 1)
+        ck.write_manifest(target, game=GAME, n_agents=300, dim=D, population=manifest.population, server=manifest.server,
+                          source_shared=manifest.source_shared, source_agents=manifest.source_agents,
+                          token=manifest.token, shards=shards)
+    elif damage == "flipped data":
+        path = folder / manifest.shards[1]["file"]
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 3] ^= 0x01
+        path.write_bytes(bytes(raw))
+    else:  # the same file rewritten with one row more: size, digest and header all disagree
+        path = folder / manifest.shards[1]["file"]
+        with zipfile.ZipFile(path) as zf:
+            members = {i.filename: zf.read(i) for i in zf.infolist()}
+        members["costs.npy"] = _npy_header((201,), "<f8") + bytes(8 * 201)
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(target)
+
+
+def test_sharded_needs_a_population_that_writes_its_own_files(run, tmp_path):
+    pop, server, _, _, path = run
+    with pytest.raises(ValueError, match="sharded=True needs a population whose shards write their own files"):
+        save_checkpoint(tmp_path / "x.ckpt", pop, server, sharded=True)
+    assert not (tmp_path / "x.ckpt").exists()

@@ -272,54 +272,233 @@ def test_a_failing_shard_names_itself_and_blocks_the_population(client):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip_across_engines_and_shard_counts(client, tmp_path):
-    """Save sharded, resume single-process and on 1 and 3 shards: each equals the run that never stopped."""
+_TARGETS = np.sin(np.arange(13))[:, None]
+
+
+def _advance(pop, server, ts, source=None):
+    for t in ts:
+        if source is None:
+            pop.observe(_TARGETS[t])
+            _round(pop, server, None, _TARGETS[t + 1])
+        else:
+            source.observe(_TARGETS[t])
+            _round(pop, server, source.next(), _TARGETS[t + 1])
+
+
+def _assert_bitwise(a, a_server, b, b_server):
+    for name in ("states", "costs", "mean_state", "mean_signal"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert (a.t, a.discount, a.n_valid_signals, a.regret, a.worst_agent) == (b.t, b.discount, b.n_valid_signals,
+                                                                                b.regret, b.worst_agent)
+    np.testing.assert_array_equal(a_server.log_weights, b_server.log_weights)
+    assert a_server.n_updates == b_server.n_updates
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_sharded_checkpoint_round_trip_is_bitwise_on_any_shard_count_and_one_machine(client, tmp_path):
+    """Save on 2 shards (each writes its file); resume on 1, 2 and 3 shards and on one machine: bitwise the run that never stopped."""
     T, cut = 12, 5
-    targets = np.sin(np.arange(T + 1))[:, None]
     factory = functools.partial(NoisyLastValueSignals, low=0.1)
-
-    def advance(pop, server, ts, source=None):
-        for t in ts:
-            if source is None:
-                pop.observe(targets[t])
-                _round(pop, server, None, targets[t + 1])
-            else:
-                source.observe(targets[t])
-                _round(pop, server, source.next(), targets[t + 1])
-
-    dpop = DaskPopulation(GAME, N, 1, client=client, signals=factory, seed=4, timeout=TIMEOUT)
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, exact=True, signals=factory, seed=4, timeout=TIMEOUT)
     dserver = DaskServer(dpop, rule="eg", eta=0.5, alpha=0.01)
-    advance(dpop, dserver, range(cut))
-    path = dpop.save(tmp_path / "sharded.npz", dserver)
+    _advance(dpop, dserver, range(cut))
+    path = dpop.save(tmp_path / "run.ckpt", dserver)
     assert dpop.last_checkpoint == str(path) and dpop.last_checkpoint_step == cut
-    advance(dpop, dserver, range(cut, T))
+    shard_files = _files(tmp_path / "run.ckpt.shards")
+    assert len(shard_files) == 2 and all(name.endswith(".npz") for name in shard_files)
+    assert path.stat().st_size < 20_000  # the manifest holds no agent array
+    _advance(dpop, dserver, range(cut, T))  # the run that never stopped
 
-    ckpt = load_checkpoint(path)
-    assert ckpt.source["shared"]["t"] == cut
-    pop = Population(ckpt.game, ckpt.n_agents, ckpt.dim, threads=1)
-    server = Server(ckpt.n_agents, ckpt.dim, rule="eg", eta=0.5, alpha=0.01, threads=1)
+    ckpt = load_checkpoint(path)  # one machine reads the whole set
+    assert ckpt.t == cut and ckpt.source["shared"]["t"] == cut
+    pop = Population(GAME, N, 1, threads=1)
+    server = Server(N, 1, rule="eg", eta=0.5, alpha=0.01, threads=1)
     source = NoisyLastValueSignals(0, N, 4, low=0.1)
-    restore_checkpoint(ckpt, pop, server, source=source)
-    advance(pop, server, range(cut, T), source)
-    _assert_close(dpop, dserver, pop, server, rtol=1e-12, atol=1e-13)
+    restore_checkpoint(path, pop, server, source=source)
+    _advance(pop, server, range(cut, T), source)
+    _assert_bitwise(pop, server, dpop, dserver)
 
-    for n_shards in (1, 3):
-        other = DaskPopulation(GAME, N, 1, client=client, n_shards=n_shards, signals=factory, seed=4, timeout=TIMEOUT)
+    for n_shards in (1, 2, 3):
+        other = DaskPopulation(GAME, N, 1, client=client, n_shards=n_shards, exact=True, signals=factory, seed=4,
+                               timeout=TIMEOUT)
         other_server = DaskServer(other, rule="eg", eta=0.5, alpha=0.01)
-        restore_checkpoint(path, other, other_server)
-        advance(other, other_server, range(cut, T))
-        _assert_close(other, other_server, pop, server, rtol=1e-12, atol=1e-13)
+        other.step()
+        restore_checkpoint(path, other, other_server)  # in place, on the live shards
+        assert other.t == cut and other_server.n_updates == cut
+        _advance(other, other_server, range(cut, T))
+        _assert_bitwise(other, other_server, dpop, dserver)
+        if n_shards == 3:
+            other.restore(path, other_server, n_shards=2)  # new shards read their rows
+            assert other.n_shards == 2
+            _advance(other, other_server, range(cut, T))
+            _assert_bitwise(other, other_server, dpop, dserver)
         other.close()
+    # The next save switches to a new set and deletes the previous one.
+    dpop.save(path, dserver)
+    assert len(set(_files(tmp_path / "run.ckpt.shards")) - set(shard_files)) == 2
+    assert not set(_files(tmp_path / "run.ckpt.shards")) & set(shard_files)
+    dpop.close()
+
+
+def test_sharded_checkpoint_of_a_k_class_population(client, tmp_path, rng):
+    """Labels travel in the shard files; class means and sizes come back; one machine reads the set too."""
+    if not hasattr(Game(), "n_classes"):
+        pytest.skip("the K-class Game is not in this build")
+    game = Game(q=[1.0, 0.3, 2.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.2, 1.0], gamma=0.95, shares=[0.5, 0.3, 0.2])
+    labels = rng.integers(0, 3, N)
+    signals = rng.normal(size=(4, N, 2))
+    dpop = DaskPopulation(game, N, 2, labels=labels, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    for s in signals[:2]:
+        dpop.step(s)
+    path = dpop.save(tmp_path / "k.ckpt")
+    for s in signals[2:]:
+        dpop.step(s)
+    other = DaskPopulation(game, N, 2, labels=np.zeros(N, dtype=np.int64), client=client, exact=True, timeout=TIMEOUT)
+    other.restore(path, n_shards=3)
+    np.testing.assert_array_equal(other.labels, labels)
+    pop = Population(game, N, 2, labels=np.zeros(N, dtype=np.int64), threads=1)
+    restore_checkpoint(path, pop)
+    np.testing.assert_array_equal(pop.labels, labels)
+    for engine in (other, pop):
+        for s in signals[2:]:
+            engine.step(s)
+        np.testing.assert_array_equal(engine.states, dpop.states)
+        np.testing.assert_array_equal(engine.costs, dpop.costs)
+        np.testing.assert_array_equal(engine.class_mean_state, dpop.class_mean_state)
+    other.close()
+    dpop.close()
+
+
+def test_single_file_checkpoint_of_a_sharded_population_still_works(client, tmp_path):
+    dpop = DaskPopulation(GAME, N, 1, client=client, signals=NoisyLastValueSignals, seed=4, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+    _advance(dpop, dserver, range(3))
+    path = dpop.save(tmp_path / "one.npz", dserver, sharded=False)
+    assert not (tmp_path / "one.npz.shards").exists()
+    states, weights = dpop.states, dserver.log_weights
+    _advance(dpop, dserver, range(3, 5))
+    dpop.restore(path, dserver, n_shards=3)
+    np.testing.assert_array_equal(dpop.states, states)
+    np.testing.assert_array_equal(dserver.log_weights, weights)
+    dpop.close()
+
+
+def test_save_and_restore_move_bytes_that_do_not_grow_with_n(client, tmp_path):
+    used = []
+    for n, name in ((2 * CHUNK, "a"), (40 * CHUNK, "b")):
+        dpop = DaskPopulation(GAME, n, 2, client=client, n_shards=2, timeout=TIMEOUT,
+                              signals=functools.partial(ForecasterSignals, dim=2, lags=2))
+        dserver = DaskServer(dpop, rule="hedge", eta=0.5)
+        for t in range(2):
+            dpop.observe(np.full(2, 0.5 * t))
+            dserver.update(dpop.step(), np.ones(2))
+        dpop.flush()
+        counts = []
+        for action in (lambda: dpop.save(tmp_path / name, dserver), lambda: dpop.restore(tmp_path / name, dserver),
+                       lambda: restore_checkpoint(tmp_path / name, dpop, dserver)):
+            dpop.comm.reset()
+            action()
+            counts.append((dpop.comm.bytes_sent, dpop.comm.bytes_received, dpop.comm.round_trips))
+        used.append(counts)
+        dpop.close()
+    assert used[0] == used[1]  # N x 20: the same bytes
+    assert all(sent + received < 10_000 for sent, received, _ in used[0])
+
+
+def _population_and_checkpoint(client, tmp_path, rng):
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    path = dpop.save(tmp_path / "c.ckpt", dserver)
+    dserver.update(dpop.step(rng.normal(size=N)), np.zeros(1))
+    return dpop, dserver, path
+
+
+def _flip(path, where=0.5):
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * where)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("flip shard data", "shard file .* not readable .*Bad CRC"),
+    ("truncate shard", "bytes, the manifest says"),
+    ("delete shard", "shard file .* is missing"),
+    ("stale manifest", "shard file .* is missing"),
+    ("swapped set", "does not match the manifest"),
+    ("flip manifest", "not a readable memoa-fast checkpoint"),
+])
+def test_damaged_sharded_checkpoint_is_refused_and_changes_nothing(client, tmp_path, rng, damage, match):
+    dpop, dserver, path = _population_and_checkpoint(client, tmp_path, rng)
+    folder = tmp_path / "c.ckpt.shards"
+    first = folder / _files(folder)[1]
+    if damage == "flip shard data":
+        _flip(first, 0.6)
+    elif damage == "truncate shard":
+        first.write_bytes(first.read_bytes()[:-100])
+    elif damage == "delete shard":
+        first.unlink()
+    elif damage in ("stale manifest", "swapped set"):
+        old = path.read_bytes()
+        old_files = {name: (folder / name).read_bytes() for name in _files(folder)}
+        dpop.save(path, dserver)  # a newer set replaces the old one
+        if damage == "stale manifest":
+            path.write_bytes(old)  # the old manifest is back, its files are gone
+        else:  # the new files under the old names
+            for old_name, new_name in zip(sorted(old_files), _files(folder)):
+                os.replace(folder / new_name, folder / old_name)
+            path.write_bytes(old)
+    else:
+        _flip(path, 0.5)
+    states, costs, weights, t = dpop.states, dpop.costs, dserver.log_weights, dpop.t
+    for load in (lambda: restore_checkpoint(path, dpop, dserver), lambda: dpop.restore(path, dserver, n_shards=3),
+                 lambda: load_checkpoint(path)):
+        with pytest.raises(CheckpointError, match=match):
+            load()
+        np.testing.assert_array_equal(dpop.states, states)
+        np.testing.assert_array_equal(dpop.costs, costs)
+        np.testing.assert_array_equal(dserver.log_weights, weights)
+        assert dpop.t == t and dpop.n_shards == 2 and dserver.n_updates == 2
+    dserver.update(dpop.step(rng.normal(size=N)), np.zeros(1))  # still usable: nothing was half-loaded
+    assert dpop.t == t + 1
+    dpop.close()
+
+
+def test_unsaveable_state_writes_no_set(client, tmp_path, rng):
+    """A state that could not be restored is refused at save time: the manifest and its set stay, nothing new is left."""
+    dpop, dserver, path = _population_and_checkpoint(client, tmp_path, rng)
+    folder = tmp_path / "c.ckpt.shards"
+    before = (path.read_bytes(), _files(folder))
+    lo, hi = dpop.bounds[1]
+    # Damage the live arrays behind the validators' back (what a bug or a bit flip in memory would do).
+    log_p = dserver.log_weights.copy()
+    dpop._call(("load", None), per_shard_args=[(None, None, None, {dserver.sid: log_p[a:b] + (a == lo)}, None)
+                                               for a, b in dpop.bounds])
+    with pytest.raises(ValueError, match="cannot save a checkpoint of this server: .*not normalised"):
+        dpop.save(path, dserver)
+    assert (path.read_bytes(), _files(folder)) == before
+    states = dpop.states.copy()
+    states[lo + 3, 0] = 1e60
+    dpop._call(("load", None), per_shard_args=[(states[a:b], None, None, {}, None) for a, b in dpop.bounds])
+    with pytest.raises(ValueError, match=rf"this population: shard 1 \(agents \[{lo}, {hi}\)\): .*SIGNAL_LIMIT"):
+        dpop.save(path)
+    assert (path.read_bytes(), _files(folder)) == before
+    other = DaskServer(DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT))
+    with pytest.raises(TypeError, match="DaskServer of this population"):
+        dpop.save(path, other)
+    other.population.close()
     dpop.close()
 
 
 def test_bad_checkpoint_leaves_a_sharded_population_untouched(client, tmp_path, rng):
+    """A corrupt single-file checkpoint (sharded=False) is refused too, before anything changes."""
     dpop = DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT)
     dpop.step(rng.normal(size=N))
-    path = save_checkpoint(tmp_path / "c.npz", dpop)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    path = save_checkpoint(tmp_path / "c.npz", dpop, sharded=False)
+    _flip(path)
     before = dpop.states.copy()
     dpop.step(rng.normal(size=N))
     after = dpop.states.copy()
@@ -329,6 +508,93 @@ def test_bad_checkpoint_leaves_a_sharded_population_untouched(client, tmp_path, 
         dpop.restore(path)
     np.testing.assert_array_equal(dpop.states, after)
     assert not np.array_equal(before, after) and dpop.t == 2
+    dpop.close()
+
+
+_KILLED_SAVER = r"""
+import os, sys, time
+import numpy as np
+from distributed import Client, LocalCluster
+from memoa_fast import Game
+from memoa_fast.distributed import DaskPopulation, DaskServer
+import memoa_fast.distributed.population as dpm
+
+path, mode = sys.argv[1], sys.argv[2]
+cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+client = Client(cluster)
+pop = DaskPopulation(Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95), 3 * 4096, 1, client=client, n_shards=2)
+server = DaskServer(pop, rule="hedge", eta=0.5)
+server.update(pop.step(np.ones(3 * 4096)), np.ones(1))
+pop.save(path, server)
+
+
+import threading
+lock = threading.Lock()
+
+
+def stall(*args, **kwargs):
+    if lock.acquire(blocking=False):  # several shard threads may get here: one says so
+        print("stalled", flush=True)
+    time.sleep(120)
+
+
+if mode == "midfile":  # a shard's file half written (the workers are threads of this process)
+    real = np.lib.format.write_array
+
+    def half(fp, array, *a, **k):
+        if array.size >= 4096:
+            fp.write(array.tobytes()[: array.nbytes // 2])
+            fp.flush()
+            stall()
+        return real(fp, array, *a, **k)
+
+    np.lib.format.write_array = half
+elif mode == "before-manifest":  # every shard file written, the manifest not switched
+    dpm.write_manifest = stall
+else:  # "before-cleanup": the manifest switched, the previous set not deleted yet
+    real_remove = dpm.remove_shard_files
+
+    def remove(folder, **kw):
+        if "keep" in kw:
+            stall()
+        return real_remove(folder, **kw)
+
+    dpm.remove_shard_files = remove
+server.update(pop.step(np.full(3 * 4096, 2.0)), np.ones(1))
+pop.save(path, server)
+"""
+
+
+@pytest.mark.parametrize("mode, survivor", [("midfile", 1), ("before-manifest", 1), ("before-cleanup", 2)])
+def test_killed_sharded_save_leaves_a_loadable_checkpoint(client, tmp_path, mode, survivor):
+    """SIGKILL the whole job during a sharded save: the manifest names a complete set (the previous one until it
+    switches); restoring works, and the next save removes the debris."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "job.ckpt"
+    proc = subprocess.Popen([sys.executable, "-P", "-c", _KILLED_SAVER, str(path), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert line.strip() == "stalled", proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    folder = tmp_path / "job.ckpt.shards"
+    assert len(_files(folder)) > 2  # debris of the killed save (or the previous set) is there
+    assert load_checkpoint(path).t == survivor
+    dpop = DaskPopulation(GAME, 3 * CHUNK, 1, client=client, n_shards=3, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5)
+    dpop.restore(path, dserver)
+    assert dpop.t == survivor and dserver.n_updates == survivor
+    dpop.save(path, dserver)
+    assert len(_files(folder)) == dpop.n_shards and not [n for n in _files(folder) if n.endswith(".tmp")]
     dpop.close()
 
 

@@ -23,6 +23,13 @@ is bitwise the single-process Numba one. By default each shard folds its
 chunks into one row: sums then round differently in the last bit (results
 agree to about ``1e-15`` relative; the tests require ``1e-12``).
 
+Checkpoints are written by the workers: :meth:`DaskPopulation.save` has
+each shard write its own file and the client write a small manifest last,
+which makes the set atomic; a restore onto any shard count (or onto a
+one-machine :class:`~memoa_fast.Population`) reads the rows each shard needs
+from the files that hold them. The client moves ``O(shards)`` bytes
+(:mod:`memoa_fast.checkpoint`).
+
 Modules: :mod:`.population` (the client side of a population and its
 protocol), :mod:`._shard` (the actor), :mod:`.server` (the sharded mixture),
 :mod:`.signals` (worker-side signal sources), :mod:`._comm` (client plumbing).

@@ -1,6 +1,8 @@
 """Client-side plumbing of the Dask engine: the client, message sizes, lost-worker detection."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +61,10 @@ def payload_nbytes(obj) -> int:
         return sum(payload_nbytes(k) + payload_nbytes(v) for k, v in obj.items())
     if isinstance(obj, (str, bytes)):
         return len(obj)
+    if isinstance(obj, os.PathLike):
+        return len(os.fspath(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(payload_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if obj is None:
         return 0
     return 8

@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 from .. import _backends
+from .. import checkpoint as _ckpt
+from .._state import check_source_layout
 from .._validation import as_float_array
 from ..kernels import used_columns, work_shape
 from ..population import check_labels
@@ -42,7 +44,7 @@ class Shard:
 
     _OPS = frozenset(
         ["signal_pass", "move", "rows", "observe", "predict", "reweight", "share", "add_server", "drop_server", "load",
-         "gather", "worst", "info"]
+         "gather", "worst", "info", "save_file", "stage", "commit", "discard"]
     )
 
     def __init__(self, index, lo, hi, n_agents, lay, threads, parallel_threshold, exact, factory, seed):
@@ -60,6 +62,7 @@ class Shard:
         self.columns = {part: used_columns(lay, part) for part in ("step", "mixture", "lse")}
         self.log_p: dict[str, np.ndarray] = {}
         self.source = None if factory is None else factory(lo, hi, seed)
+        self._staged = None  # a checkpoint's rows, checked, waiting for "commit"
 
     def run(self, ops):
         """Execute ``ops`` in order; returns the last op's result."""
@@ -170,3 +173,83 @@ class Shard:
 
     def _info(self):
         return {"pid": os.getpid(), "lo": self.lo, "hi": self.hi, "threads": self._threads_used}
+
+    # ------------------------------------------------------------------ checkpoints written by the shards
+    def _where(self):
+        return f"shard {self.index} (agents [{self.lo}, {self.hi}))"
+
+    def _save_file(self, folder, token, globals_, game, sid):
+        """Check this shard's rows, then write them to its own file; returns what the manifest needs.
+
+        A state that could not be restored is refused before anything is
+        written, and answered (not raised: the population stays usable) as
+        ``{"error": message}``; so is a failed write (``"os_error"``).
+        """
+        n, d = self.x.shape
+        arrays = {"states": self.x, "costs": self.J}
+        if self.lay.n_classes > 1:
+            arrays["labels"] = self.labels
+        answer = {"lse": None, "source_shared": None, "source_agents": None}
+        try:
+            _ckpt.check_rows_state(arrays, globals_, game, d)
+            if sid is not None:
+                answer["lse"] = _ckpt.check_log_weight_rows(self.log_p[sid])
+                arrays["server_log_weights"] = self.log_p[sid]
+            if self.source is not None and hasattr(self.source, "state_dict"):
+                state = check_source_layout(self.source.state_dict(), n_agents=n)
+                for name, value in state["agents"].items():
+                    arrays[_ckpt._SOURCE_AGENTS + name] = value
+                answer["source_agents"] = {name: (v.dtype.str, v.shape[1:]) for name, v in state["agents"].items()}
+                answer["source_shared"] = state["shared"]
+        except ValueError as exc:
+            return {"error": f"{self._where()}: {exc}"}
+        try:
+            answer.update(_ckpt.write_shard_file(folder, token, self.index, self.lo, self.hi, self.n_agents, arrays))
+        except OSError as exc:
+            return {"os_error": f"{self._where()} could not write its file in {folder}: {exc}"}
+        return answer
+
+    def _stage(self, manifest, sid):
+        """Read this shard's rows of a sharded checkpoint and check them; keep them for :meth:`_commit`.
+
+        Nothing live changes. Answers ``{"lse": pieces or None}``, or
+        ``{"error": message}`` when a file or a row does not pass.
+        """
+        self._staged = None
+        n, d = self.x.shape
+        try:
+            rows = _ckpt.read_shard_rows(manifest, self.lo, self.hi)
+            clean = _ckpt.check_rows_state(rows, manifest.population, manifest.game, d)
+            staged = {"states": clean["states"], "costs": clean["costs"],
+                      "labels": clean["labels"] if "labels" in rows else None, "log_p": None, "source": None}
+            answer = {"lse": None}
+            if sid is not None:
+                answer["lse"] = _ckpt.check_log_weight_rows(rows["server_log_weights"])
+                staged["log_p"] = rows["server_log_weights"]
+            if manifest.source_agents is not None and self.source is not None:
+                agents = {name: rows[_ckpt._SOURCE_AGENTS + name] for name in manifest.source_agents}
+                state = check_source_layout({"agents": agents, "shared": manifest.source_shared}, n_agents=n)
+                validate = getattr(self.source, "validate_state_dict", None)
+                staged["source"] = validate(state) if validate is not None else state
+        except (ValueError, KeyError, TypeError) as exc:  # CheckpointError is a ValueError
+            return {"error": f"{self._where()}: {exc}"}
+        self._staged = staged
+        return answer
+
+    def _commit(self, sid):
+        """Install the staged checkpoint rows (the client checked every shard's first)."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise RuntimeError(f"{self._where()} has no staged checkpoint to commit")
+        self.x[...] = staged["states"]
+        self.J[...] = staged["costs"]
+        if staged["labels"] is not None:
+            self.labels = staged["labels"]
+        if sid is not None:
+            self.log_p[sid] = staged["log_p"]
+        if staged["source"] is not None:
+            self.source.load_state_dict(staged["source"])
+        self.mean_ready = False
+
+    def _discard(self):
+        self._staged = None

@@ -1,16 +1,34 @@
 """The Dask engine's population: N agents sharded over the workers of a cluster."""
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import uuid
 import weakref
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
 from .._validation import as_float_array, check_int, check_real
-from ..checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    _remove_stale_temporaries,
+    check_merged_server,
+    is_manifest,
+    load_checkpoint,
+    new_token,
+    read_manifest,
+    read_shard_rows,
+    remove_shard_files,
+    restore_checkpoint,
+    save_checkpoint,
+    shard_folder,
+    write_manifest,
+)
 from ..game import Game
 from ..kernels import CHUNK, N_COEF, SIZE, layout, used_columns
 from ..population import MeanFieldSummary, _check_magnitude, _readonly, check_labels, population_shape
@@ -244,13 +262,12 @@ class DaskPopulation(MeanFieldSummary):
             raise RuntimeError("the Dask cluster has no workers")
         return workers
 
-    def _build(self, n_shards, x0) -> None:
-        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources."""
+    def _spawn(self, n_shards):
+        """New shards on the live workers (not installed): ``(bounds, workers, futures, actors)``."""
         workers = self._workers()
         n_chunks = -(-self.n_agents // CHUNK)
         n_shards = min(len(workers), n_chunks) if n_shards is None else check_int("n_shards", n_shards, low=1)
         bounds = shard_bounds(self.n_agents, n_shards)
-        self._release_shards()
         futures = []
         for k, (lo, hi) in enumerate(bounds):
             worker = workers[k % len(workers)]
@@ -262,17 +279,26 @@ class DaskPopulation(MeanFieldSummary):
                     key=f"memoa-shard-{k}-{uuid.uuid4().hex}",
                 )
             )
-        self.bounds, self.shard_workers = bounds, [workers[k % len(workers)] for k in range(len(bounds))]
-        self._futures = futures
+        shard_workers = [workers[k % len(workers)] for k in range(len(bounds))]
+        # An actor handle binds to the current client when it is made: ours.
+        with self._client.as_current():
+            actors = [f.result(timeout=self.timeout) for f in futures]
+        return bounds, shard_workers, futures, actors
+
+    def _install(self, spawned) -> None:
+        self.bounds, self.shard_workers, self._futures, self._actors = spawned
+        self._broken = self._lost_shard = None
+        self._pending = []
+
+    def _build(self, n_shards, x0) -> None:
+        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources."""
+        self._release_shards()
         try:
-            # An actor handle binds to the current client when it is made: ours.
-            with self._client.as_current():
-                self._actors = [f.result(timeout=self.timeout) for f in futures]
+            spawned = self._spawn(n_shards)
         except Exception as exc:
             self._broken = f"shards could not be created: {exc}"
             raise
-        self._broken = self._lost_shard = None
-        self._pending = []
+        self._install(spawned)
         labels = self._labels
         args = [(None if x0 is None else x0[lo:hi], None, labels[lo:hi] if labels.shape[0] else None, {}, None)
                 for lo, hi in self.bounds]
@@ -639,18 +665,213 @@ class DaskPopulation(MeanFieldSummary):
 
         This is how a run resumes after :class:`ShardLostError`, on any number
         of workers (``n_shards`` defaults to one per live worker). The
-        checkpoint is read and checked completely before anything changes.
-        Servers of this population other than ``server`` restart from uniform
-        weights. Returns the :class:`~memoa_fast.checkpoint.Checkpoint`.
+        checkpoint is read and checked completely before anything changes: a
+        sharded checkpoint (:meth:`save`) by the new shards, each reading its
+        own rows from the shard files, while the old shards are still in
+        place; a single-file one on the client. Servers of this population
+        other than ``server`` restart from uniform weights. Returns the
+        :class:`~memoa_fast.checkpoint.Manifest` of a sharded checkpoint, the
+        :class:`~memoa_fast.checkpoint.Checkpoint` of a single file.
         """
+        if is_manifest(path):
+            return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
         self._build(n_shards, None)
         return restore_checkpoint(ckpt, self, server)
 
-    def save(self, path, server=None):
-        """Write a checkpoint of this population (and ``server``) atomically; see :func:`~memoa_fast.checkpoint.save_checkpoint`."""
-        return save_checkpoint(path, self, server)
+    def save(self, path, server=None, *, sharded: bool = True):
+        """Write a checkpoint of this population (and ``server``, a :class:`DaskServer` of it) atomically.
+
+        Sharded (the default): every shard writes its own rows to its own
+        file, in the folder ``<path>.shards`` beside ``path``, and the client
+        writes the manifest at ``path`` last; the client moves ``O(shards)``
+        bytes, whatever N. The folder must be on a file system that the
+        client and every worker see at the same path. ``sharded=False``
+        gathers everything to the client and writes one file
+        (:func:`~memoa_fast.checkpoint.save_checkpoint`). Returns ``path``.
+
+        Notes
+        -----
+        A save writes new files (their names carry the save's token), never
+        one that the current manifest names; each by a temporary file,
+        ``fsync`` and ``os.replace``. The manifest, written the same way and
+        last, switches atomically from the previous complete set to the new
+        one; only then are the previous set's files, and any debris of saves
+        that were killed, deleted. A crash at any point therefore leaves a
+        manifest whose files are all present: the previous checkpoint before
+        the switch, the new one after. A state that could not be restored is
+        refused (``ValueError``) before the manifest is written, and the
+        files already written for it are deleted.
+        """
+        return save_checkpoint(path, self, server, sharded=sharded)
+
+    def _check_own_server(self, server) -> None:
+        if server is not None and getattr(server, "population", None) is not self:
+            raise TypeError(
+                f"server must be a DaskServer of this population for a sharded checkpoint, got {type(server).__name__}"
+            )
+
+    def _save_shards(self, path, server=None):
+        """The sharded save (see :meth:`save`)."""
+        self._check_own_server(server)
+        given = Path(path)
+        target = Path(os.path.realpath(given))
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"cannot write checkpoint {target}: folder {target.parent} does not exist")
+        folder = shard_folder(target)
+        folder.mkdir(exist_ok=True)
+        started = time.time()
+        token = new_token()
+        self.mean_state  # the mean fields of the current states (O(K d) per shard, if stale)
+        lay, K = self._lay, self._lay.n_classes
+        population = {
+            "mean_state": self._field[lay.field_state].copy(),
+            "mean_signal": self._field[lay.field_signal].copy(),
+            "class_mean_signal": self._field[lay.class_signal:lay.class_signal + K].copy(),
+            "class_mean_state": self._field[lay.class_state:lay.class_state + K].copy(),
+            "t": self.t, "discount": self._discount, "n_valid_signals": self._n_valid,
+        }
+        sid = None if server is None else server.sid
+        args = [(str(folder), token, population, self.game, sid) for _ in self.bounds]
+        try:
+            answers = self._call(("save_file", None), per_shard_args=args)
+            for kind, raise_as in (("error", ValueError), ("os_error", OSError)):
+                failed = [a[kind] for a in answers if kind in a]
+                if failed:
+                    what = "population" if kind == "error" else "population's shards"
+                    raise raise_as(f"cannot save a checkpoint of this {what}: {failed[0]}")
+            server_state = None
+            if server is not None:
+                saved = {"n_updates": server.n_updates, "rule": server.rule, "eta": server.eta, "alpha": server.alpha}
+                try:
+                    check_merged_server([a["lse"] for a in answers], saved, rule=server.rule, eta=server.eta,
+                                        alpha=server.alpha)
+                except ValueError as exc:
+                    raise ValueError(f"cannot save a checkpoint of this server: {exc}") from None
+                server_state = saved
+            source_shared, source_agents = self._merge_sources(answers)
+            shards = [{key: a[key] for key in ("file", "lo", "hi", "size", "digest")} for a in answers]
+            write_manifest(
+                target, game=self.game, n_agents=self.n_agents, dim=self.dim, population=population,
+                server=server_state, source_shared=source_shared, source_agents=source_agents, token=token,
+                shards=shards,
+            )
+        except BaseException:
+            remove_shard_files(folder, token=token)
+            raise
+        remove_shard_files(folder, keep=token, before=started)
+        _remove_stale_temporaries(target, started)
+        self._record_checkpoint(given, self.t)
+        return given
+
+    @staticmethod
+    def _merge_sources(answers):
+        """The sources' shared state (which every shard must agree on) and the per-agent arrays' layout."""
+        if all(a["source_agents"] is None for a in answers):
+            return None, None
+        if any(a["source_agents"] is None for a in answers):
+            raise RuntimeError("some shards' signal sources have no state_dict(): cannot checkpoint them")
+        first = answers[0]
+        for k, a in enumerate(answers[1:], start=1):
+            if a["source_agents"] != first["source_agents"]:
+                raise RuntimeError(f"signal sources disagree on their per-agent arrays (shard 0 vs shard {k})")
+            if set(a["source_shared"]) != set(first["source_shared"]) or any(
+                not np.array_equal(np.asarray(a["source_shared"][n]), np.asarray(v))
+                for n, v in first["source_shared"].items()
+            ):
+                raise RuntimeError(f"signal sources disagree on their shared state (shard 0 vs shard {k})")
+        return first["source_shared"], first["source_agents"]
+
+    def _restore_shards(self, path, server=None, *, rebuild: bool = False, n_shards: int | None = None):
+        """Load a sharded checkpoint: every shard reads and checks its own rows, then all install them.
+
+        Phase 1 changes nothing: the client reads the manifest and checks it
+        against this population and ``server``; each target shard (the
+        current ones, or new ones when ``rebuild``) reads its rows from the
+        shard files that hold them, checks them and keeps them aside; the
+        client checks the server's normalisation from the shards'
+        log-sum-exp pieces. Any failure discards the staged rows (and the new
+        shards) and raises :class:`CheckpointError`. Phase 2 installs them.
+        """
+        self._check_own_server(server)
+        manifest = read_manifest(path, n_agents=self.n_agents, dim=self.dim)
+        where = manifest.path
+        if manifest.game != self.game:
+            raise CheckpointError(f"{where} was saved for {manifest.game!r}, the population plays {self.game!r}")
+        if server is not None:
+            if manifest.server is None:
+                raise CheckpointError(f"{where} holds no server state; restore without server=")
+            for key in ("rule", "eta", "alpha"):
+                if manifest.server[key] != getattr(server, key):
+                    raise CheckpointError(
+                        f"{where} was saved with server {key}={manifest.server[key]!r}, this server has "
+                        f"{key}={getattr(server, key)!r}"
+                    )
+        if manifest.source_agents is not None and self.signal_factory is None:
+            raise CheckpointError(f"{where} holds the state of worker-side signal sources, but this population has no "
+                                  "signals= factory")
+        labels = None
+        if self._lay.n_classes > 1:  # the client keeps the labels (K-class games): read from the files, not the shards
+            labels = read_shard_rows(manifest, 0, self.n_agents, {"labels": ((), "int")})["labels"]
+        sid = None if server is None else server.sid
+        spawned = self._spawn(n_shards) if rebuild else None
+        bounds = spawned[0] if rebuild else self.bounds
+        args = [(replace(manifest, shards=manifest.files_for(lo, hi)), sid) for lo, hi in bounds]
+        try:
+            answers = self._run_on(spawned, "stage", args) if rebuild else self._call(("stage", None), per_shard_args=args)
+            failed = [a["error"] for a in answers if "error" in a]
+            if failed:
+                raise CheckpointError(f"{where}: {failed[0]}")
+            if server is not None:
+                try:
+                    check_merged_server([a["lse"] for a in answers], manifest.server, rule=server.rule, eta=server.eta,
+                                        alpha=server.alpha)
+                except ValueError as exc:
+                    raise CheckpointError(f"{where}: server {exc}") from None
+        except BaseException:
+            if not rebuild:
+                with contextlib.suppress(Exception):
+                    self._call(("discard", ()))
+            raise
+        if rebuild:
+            self._release_shards()
+            self._install(spawned)
+            for other in list(self._servers):
+                self._queue(("add_server", (other,)))
+        self._call(("commit", (sid,)))
+        if labels is not None:
+            self._labels = labels
+            self._set_sizes()
+        lay, K = self._lay, self._lay.n_classes
+        pop = manifest.population
+        self._field[...] = 0.0
+        self._field[lay.field_signal] = pop["mean_signal"]
+        self._field[lay.class_signal:lay.class_signal + K] = pop["class_mean_signal"]
+        self._field[lay.field_state] = pop["mean_state"]
+        self._field[lay.class_state:lay.class_state + K] = pop["class_mean_state"]
+        self._stale_means = False
+        self._n_valid = pop["n_valid_signals"]
+        self.t = pop["t"]
+        self._discount = pop["discount"]
+        self._version += 1
+        if server is not None:
+            server.n_updates = manifest.server["n_updates"]
+            server._weights_version += 1
+        self._record_checkpoint(path, manifest.t)
+        return manifest
+
+    def _run_on(self, spawned, op, per_shard_args) -> list:
+        """``op`` on shards that are not installed yet (a restore's new shards); raises on any failure."""
+        bounds, workers, _, actors = spawned
+        messages = [[(op, args)] for args in per_shard_args]
+        self.comm.bytes_sent += sum(payload_nbytes(m) for m in messages)
+        futures = [actor.run(msg) for actor, msg in zip(actors, messages)]
+        deadline = time.monotonic() + self.timeout
+        results = [f.result(timeout=max(deadline - time.monotonic(), 0.001)) for f in futures]
+        self.comm.round_trips += 1
+        self.comm.bytes_received += sum(payload_nbytes(r) for r in results)
+        return results
 
     def _record_checkpoint(self, path, t) -> None:
         self.last_checkpoint, self.last_checkpoint_step = str(path), int(t)

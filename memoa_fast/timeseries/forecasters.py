@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import _backends
+from .._state import check_source_state
 from .._validation import as_float_array, check_choice, check_int, check_real
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
@@ -505,6 +506,15 @@ class ForecasterSignals:
         """The forecasters' state."""
         return self.forecasters.state_dict()
 
+    def validate_state_dict(self, state: dict) -> dict:
+        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
+        f = self.forecasters
+        d, p = f.dim, f.lags
+        return check_source_state(
+            state, n_agents=f.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
+            shared={"t": "count", "y": (d,)},
+        )
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore the forecasters' state."""
-        self.forecasters.load_state_dict(state)
+        """Restore the forecasters' state (all checked first)."""
+        self.forecasters.load_state_dict(self.validate_state_dict(state))
