@@ -61,9 +61,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from memoa_fast.kernels import RULE_HEDGE, SIZE, layout, work_shape
 
 from memoa_fast import Game
+from memoa_fast.kernels import RULE_HEDGE, SIZE, layout, work_shape
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -1,4 +1,4 @@
-"""Two runs at once on one machine: does the default thread choice ever lose to ``threads=1``?
+"""Two runs at once on one machine: the default thread choice must never lose to ``threads=1``.
 
 A parameter sweep runs several ``memoa`` processes side by side. Each process
 here times the population step (N agents, dimension d) with the default

@@ -208,7 +208,8 @@ def study_rss(n=10**7, d=4):
             out.append(r)
             mib = 2.0**20
             print(f"rss {backend:<7}{mode:<6} base {r['base'] / mib:7.0f} MiB, bare arrays {r['bare'] / mib:7.0f} MiB, "
-                  f"peak {r['peak'] / mib:7.0f} MiB, excess {r['excess'] / mib:7.0f} MiB, {r['seconds'] * 1e3:.0f} ms per round", flush=True)
+                  f"peak {r['peak'] / mib:7.0f} MiB, excess {r['excess'] / mib:7.0f} MiB, "
+                  f"{r['seconds'] * 1e3:.0f} ms per round", flush=True)
     return out
 
 

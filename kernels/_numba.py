@@ -47,18 +47,41 @@ instead of four (see its docstring for why two is the minimum).
 """
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
-from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, STEP_LIMIT
-from ._layout import R as R_
 from ._layout import (
-    LAY_ARG_COST, LAY_CLASS_NEXT, LAY_CLASS_SIGNAL, LAY_CLASS_STATE, LAY_COUNT, LAY_DIM, LAY_FIELD_NEXT, LAY_FIELD_SIGNAL,
-    LAY_FIELD_STATE, LAY_LSE_SUM, LAY_LSE_TOP, LAY_MAX_COST, LAY_MIXTURE, LAY_N_CLASSES, LAY_OFFSET, LAY_SIGNAL, LAY_STATE,
+    GAIN,
+    KAPPA,
+    LAY_ARG_COST,
+    LAY_CLASS_NEXT,
+    LAY_CLASS_SIGNAL,
+    LAY_CLASS_STATE,
+    LAY_COUNT,
+    LAY_DIM,
+    LAY_FIELD_NEXT,
+    LAY_FIELD_SIGNAL,
+    LAY_FIELD_STATE,
+    LAY_LSE_SUM,
+    LAY_LSE_TOP,
+    LAY_MAX_COST,
+    LAY_MIXTURE,
+    LAY_N_CLASSES,
+    LAY_OFFSET,
+    LAY_SIGNAL,
+    LAY_STATE,
+    MIX_SIGNAL,
+    MIX_STATE,
+    RULE_EG,
+    SIGNAL,
+    SIGNAL_LIMIT,
+    SIZE,
+    STEP_LIMIT,
+    Q,
 )
-from ._threads import Threads, max_threads
+from ._layout import R as R_
+from ._threads import Threads
 
 # Values per block (a block is R = max(1, LANES // d) whole rows): small
 # enough that the block's lanes and patterns sit in L1, long enough that the
@@ -512,7 +535,9 @@ def _merge_signals(work, lay, coef, mix, field, want_states):
         for j in range(d):
             acc = 0.0
             for l in range(K):
-                acc += mix[MIX_SIGNAL, k, l] * field[lay[LAY_CLASS_SIGNAL] + l, j] + mix[MIX_STATE, k, l] * field[lay[LAY_CLASS_STATE] + l, j]
+                sbar_l = field[lay[LAY_CLASS_SIGNAL] + l, j]
+                m_l = field[lay[LAY_CLASS_STATE] + l, j]
+                acc += mix[MIX_SIGNAL, k, l] * sbar_l + mix[MIX_STATE, k, l] * m_l
             field[lay[LAY_OFFSET] + k, j] = acc
     return int(total_count)
 

@@ -28,7 +28,7 @@ them, the same for one machine (:func:`fused_step`) and for a Dask shard
 import numpy as np
 
 from ._config import CHUNK
-from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, STEP_LIMIT, padded
+from ._layout import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, SIGNAL_LIMIT, SIZE, STEP_LIMIT, Q, R, padded
 
 __all__ = [
     "RULE_EG", "RULE_HEDGE", "valid_rows", "signal_pass", "merge_signals", "move_pass", "merge_move", "fold_rows",

@@ -13,7 +13,7 @@ The public API is small:
   imported on demand.
 """
 from ._version import __version__
-from .game import POLICIES, Game, Gains, PolicyCoefficients, PolicyTable, solve_classes, solve_gains
+from .game import POLICIES, Gains, Game, PolicyCoefficients, PolicyTable, solve_classes, solve_gains
 from .population import Population
 from .server import RULES, Server
 from .timeseries.experiment import ExperimentResult, run_experiment
@@ -52,6 +52,10 @@ __all__ = [
     "make_stream",
     "load_csv_series",
     "solve_gains",
+    "solve_classes",
+    "PolicyTable",
+    "TrustClasses",
+    "TrustPopulation",
     "POLICIES",
     "RULES",
     "__version__",

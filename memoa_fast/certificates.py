@@ -50,7 +50,7 @@ import numpy as np
 
 from ._validation import check_int, check_real
 from .game import Game
-from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, SIGNAL
+from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
 
 __all__ = [
     "EpsilonNashResult",
@@ -278,7 +278,10 @@ def _auto_horizon(game: Game, tol: float) -> int:
         return 2
     t = int(math.ceil(math.log(tol) / math.log(lam))) + 1
     if t > MAX_AUTO_HORIZON:
-        raise ValueError(f"gamma = 1 needs a horizon of {t} steps for the transient to fall below tol={tol:g} (more than {MAX_AUTO_HORIZON}); pass horizon explicitly")
+        raise ValueError(
+            f"gamma = 1 needs a horizon of {t} steps for the transient to fall below tol={tol:g}"
+            f" (more than {MAX_AUTO_HORIZON}); pass horizon explicitly"
+        )
     return max(t, 2)
 
 
@@ -447,7 +450,8 @@ def _gain_matrix(g, al, be, mu, s):
 # --------------------------------------------------------------------------- epsilon-Nash
 
 
-def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=None, tol: float = 1e-13, max_iter: int = 100, labels=None) -> EpsilonNashResult:
+def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=None, tol: float = 1e-13,
+                 max_iter: int = 100, labels=None) -> EpsilonNashResult:
     """Exact gain of a unilateral deviation from ``game``'s policy (epsilon-Nash certificate).
 
     All agents but i follow the policy ``u_j = -g(x_j - alpha s_j - beta sbar - mu m)``
@@ -718,7 +722,10 @@ def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
             break
         prev = diff
     else:
-        raise ValueError(f"best-response policy iteration did not converge in max_iter={max_iter} steps (last change {diff:.3g}, tol={tol:g})")
+        raise ValueError(
+            f"best-response policy iteration did not converge in max_iter={max_iter} steps"
+            f" (last change {diff:.3g}, tol={tol:g})"
+        )
     P = evaluate(G)
     G, H = improve(P)
     AF = closed(F)
@@ -811,7 +818,10 @@ def _resolve_class_horizon(game: Game, sizes, horizon, tol: float):
         raise ValueError(f"the {game.policy!r} policy does not converge (closed-loop radius {lam:g} >= 1); pass a finite horizon")
     t = 2 if lam == 0.0 else int(math.ceil(math.log(tol) / math.log(lam))) + 1
     if t > MAX_AUTO_HORIZON:
-        raise ValueError(f"gamma = 1 needs a horizon of {t} steps for the transient to fall below tol={tol:g} (more than {MAX_AUTO_HORIZON}); pass horizon explicitly")
+        raise ValueError(
+            f"gamma = 1 needs a horizon of {t} steps for the transient to fall below tol={tol:g}"
+            f" (more than {MAX_AUTO_HORIZON}); pass horizon explicitly"
+        )
     return max(t, 2)
 
 
@@ -819,7 +829,10 @@ def _tail_horizon(gamma: float) -> int:
     """Steps T with ``gamma^T <= 1e-17``: the discounted tail of a bounded cost is below 1e-17 of the whole."""
     t = int(math.ceil(math.log(1e-17) / math.log(gamma))) + 1
     if t > MAX_AUTO_HORIZON:
-        raise ValueError(f"gamma={gamma!r} needs {t} steps for the discounted tail to fall below 1e-17 (more than {MAX_AUTO_HORIZON}); pass horizon explicitly")
+        raise ValueError(
+            f"gamma={gamma!r} needs {t} steps for the discounted tail to fall below 1e-17"
+            f" (more than {MAX_AUTO_HORIZON}); pass horizon explicitly"
+        )
     return t
 
 
@@ -999,7 +1012,10 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
     game = _check_game(game)
     n = check_int("n_agents", n_agents, low=2)
     if n > NASH_MAX_AGENTS:
-        raise ValueError(f"n_agents must be in [2, {NASH_MAX_AGENTS}] for the exact Nash equilibrium (cost O(N^4) per round), got {n}; use epsilon_nash for large populations")
+        raise ValueError(
+            f"n_agents must be in [2, {NASH_MAX_AGENTS}] for the exact Nash equilibrium"
+            f" (cost O(N^4) per round), got {n}; use epsilon_nash for large populations"
+        )
     s = _as_signals(signals, n)
     tol = _check_tol(tol)
     max_iter = check_int("max_iter", max_iter, low=1)
@@ -1044,7 +1060,10 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
         if diff <= tol * (1.0 + float(np.max(np.abs(K)))):
             break
     else:
-        raise ValueError(f"best-response iteration did not reach a Nash equilibrium in max_iter={max_iter} rounds (last change {diff:.3g}, tol={tol:g})")
+        raise ValueError(
+            f"best-response iteration did not reach a Nash equilibrium in max_iter={max_iter} rounds"
+            f" (last change {diff:.3g}, tol={tol:g})"
+        )
     # Values of the equilibrium itself (P above belongs to the last best responses, = K).
     Acl = _joint_closed_loop(K)
     C = Qm + _r_players(rp) * K[..., :, None] * K[..., None, :]
@@ -1092,7 +1111,10 @@ def _stein(M: np.ndarray, C: np.ndarray, max_steps: int = 64) -> np.ndarray:
         if float(np.max(np.abs(inc))) <= _EPS * big and float(np.max(np.abs(Mk))) <= 1e-3:
             return 0.5 * (S + np.swapaxes(S, -1, -2))
         Mk = Mk @ Mk
-    raise ValueError("discounted Lyapunov equation did not converge: the joint closed loop is not stable under the discount (gains not stabilizing)")
+    raise ValueError(
+        "discounted Lyapunov equation did not converge"
+        ": the joint closed loop is not stable under the discount (gains not stabilizing)"
+    )
 
 
 def _best_responses(K: np.ndarray, Qm: np.ndarray, r: float, gamma: float, tol: float, max_inner: int = 100):

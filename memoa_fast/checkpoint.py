@@ -820,6 +820,7 @@ class Manifest:
 
     @property
     def t(self) -> int:
+        """The step counter the checkpoint was taken at."""
         return self.population["t"]
 
     def members(self) -> dict:

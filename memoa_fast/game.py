@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._validation import check_choice, check_real
-from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, Q, R, SIGNAL, SIZE
+from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL, SIZE, Q, R
 
 POLICIES = ("memoa", "greedy", "local", "consensus")
 
@@ -108,6 +108,7 @@ class PolicyTable:
 
     @property
     def n_classes(self) -> int:
+        """Number of classes K (rows of ``coef``)."""
         return self.coef.shape[0]
 
 
@@ -173,6 +174,7 @@ class ClassEquilibrium:
 
     @property
     def n_classes(self) -> int:
+        """Number of classes K."""
         return self.A.shape[0]
 
 
@@ -385,7 +387,10 @@ def _check_class_weights(q, kappa, r, gamma, shares):
     w = q + kappa
     if (w <= 0.0).any():
         j = int(np.argmax(w <= 0.0))
-        raise ValueError(f"q + kappa must be > 0 in every class (an agent must care about something), got q[{j}]={float(q[j])!r}, kappa[{j}]={float(kappa[j])!r}")
+        raise ValueError(
+            f"q + kappa must be > 0 in every class (an agent must care about something), "
+            f"got q[{j}]={float(q[j])!r}, kappa[{j}]={float(kappa[j])!r}"
+        )
     if shares is None:
         sh = np.full(K, 1.0 / K)
     else:

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 
 from . import _backends
-from ._validation import as_float_array, check_int, check_sizes
 from ._state import check_population_state
+from ._validation import as_float_array, check_int, check_sizes
 from .game import Game
 from .kernels import N_COEF, SIZE, layout, work_shape
 from .server import Server, _check_out

@@ -70,7 +70,8 @@ def test_best_response_matches_open_loop_minimisation(gamma, horizon, T):
     """N = 3: the Riccati best-response cost equals a brute-force minimisation over
     the deviant's open-loop controls in the full 3-agent simulation (deterministic
     problem: open-loop optimum = feedback optimum). horizon=None is compared at
-    T = 60 with gamma = 0.5 (tail gamma^60 ~ 1e-18)."""
+    T = 60 with gamma = 0.5 (tail gamma^60 ~ 1e-18).
+    """
     game = Game(q=1.0, kappa=2.0, r=0.5, gamma=gamma)
     s, x0 = population(3, d=1, seed=7)
     res = epsilon_nash(game, 3, s, x0, agents="all", horizon=horizon)
@@ -98,8 +99,9 @@ def test_best_response_matches_open_loop_minimisation(gamma, horizon, T):
 
 @pytest.mark.parametrize("policy", ["memoa", "local"])
 def test_kappa_zero_policy_is_exact_nash(policy):
-    """kappa = 0: the mean does not enter the cost, the policy is the single-agent
-    LQ tracker, so no agent can gain anything (MODEL.md section 2)."""
+    """Kappa = 0: the mean does not enter the cost, the policy is the single-agent
+    LQ tracker, so no agent can gain anything (MODEL.md section 2).
+    """
     game = Game(q=1.0, kappa=0.0, r=0.5, gamma=0.95, policy=policy)
     s, x0 = population(20, d=2, seed=3)
     res = epsilon_nash(game, 20, s, x0, agents="all")
@@ -192,7 +194,8 @@ def test_gamma_one_uses_an_automatic_horizon():
 
 def test_nash_fixed_point_solves_every_players_riccati():
     """At the equilibrium, each player's gain is its exact best response to the
-    others' gains, checked with scipy.linalg.solve_discrete_are."""
+    others' gains, checked with scipy.linalg.solve_discrete_are.
+    """
     game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
     n, d = 5, 2
     s, _ = population(n, d=d, seed=9)
@@ -236,7 +239,8 @@ def test_nash_with_kappa_zero_is_the_single_agent_tracker():
 def test_nash_approaches_the_mean_field_policy():
     """Gains differ by O(1/N), costs by O(1/N^2). Measured (seed 2): max gain gap
     0.098, 0.052, 0.025, 0.013 and max relative cost gap 1.4e-2, 3.4e-3, 8.0e-4,
-    1.9e-4 at N = 5, 10, 20, 40."""
+    1.9e-4 at N = 5, 10, 20, 40.
+    """
     gain_gap, own_gap, cost_gap = [], [], []
     for n in (5, 10, 20, 40):
         s, x0 = population(n, seed=2)
@@ -309,7 +313,8 @@ def test_model_md_epsilon_figures_are_reproduced():
     """MODEL.md section 3(a): one generator default_rng(0) drawn in turn for N = 5,
     20, 100, 1000, 10^4 as s = normal(N), x0 = 2 normal(N); certified agents = the
     3 largest J_i under the policy plus agent 0. The quoted max relative epsilons
-    are reproduced to 3 significant digits (N = 10^4 included: 2 ms)."""
+    are reproduced to 3 significant digits (N = 10^4 included: 2 ms).
+    """
     quoted = {5: 6.37e-3, 20: 7.21e-4, 100: 1.51e-5, 1000: 2.95e-7, 10_000: 2.31e-9}
     rng = np.random.default_rng(0)
     for n, expected in quoted.items():
@@ -369,7 +374,8 @@ def simulate_classes(game, labels, s, x0, T, deviant=None, u_dev=None):
 def test_class_certificate_matches_open_loop_minimisation():
     """N = 6 agents in 3 classes (one of them alone in its class), finite horizon:
     the (K+2)-dimensional Riccati best response equals a brute-force minimisation
-    over the deviant's open-loop controls in the full simulation."""
+    over the deviant's open-loop controls in the full simulation.
+    """
     labels, s, x0 = class_population(TRUST, 6, seed=3)
     T = 30
     res = epsilon_nash(TRUST, 6, s, x0, agents="all", horizon=T, labels=labels)
@@ -407,7 +413,8 @@ def test_class_epsilon_decays_like_one_over_n_squared(feedforward):
     from one default_rng(0) as in MODEL.md 3(a): N^2 eps within a factor 3
     (measured 0.22, 0.13, 0.24; over seeds 0-7 the factor is 1.1-3.9, set by
     the N = 10 draw, while N = 100 and 1000 stay within about 2). Without the
-    feed-forward term the policy is not the equilibrium: eps does not fall."""
+    feed-forward term the policy is not the equilibrium: eps does not fall.
+    """
     game = Game(**{**TRUST.to_dict(), "shares": [0.2, 0.3, 0.5], "feedforward": feedforward})
     rng = np.random.default_rng(0)
     rel = []
@@ -465,7 +472,8 @@ def test_class_nash_approaches_the_class_policy():
     """Exact N-player Nash with per-player weights, N = 6, 12, 24, 48: the state gains
     approach the K-class policy's like 1/N (measured 0.026, 0.0048, 0.0027, 0.0014 for
     3 classes) and so do the costs (max gap / max cost 7.4e-2, 3.8e-3, 2.3e-3, 1.1e-3;
-    2 classes: 1.7e-3, 2.7e-3, 1.1e-3, 5.9e-4)."""
+    2 classes: 1.7e-3, 2.7e-3, 1.1e-3, 5.9e-4).
+    """
     for game in (TRUST, Game(q=[2.0, 0.25], kappa=[3.0, 4.0], r=[0.1, 0.2], gamma=0.9)):
         gain_gap, cost_gap = [], []
         for n in (6, 12, 24, 48):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from memoa_fast.game import ClassEquilibrium, Game, _single_class_table, _solve_qz, solve_classes, solve_gains
-from memoa_fast.kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, SIGNAL, SIZE, layout, work_shape
+from memoa_fast.kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, SIZE, Q, R, layout, work_shape
 from memoa_fast.kernels import _reference as ref
 
 THREE = dict(q=[2.0, 1.0, 0.25], kappa=[3.0, 1.0, 4.0], r=[0.1, 0.5, 0.2], gamma=0.9, shares=[0.2, 0.5, 0.3])
@@ -225,7 +225,8 @@ def test_baseline_tables(policy, rng):
 @pytest.mark.parametrize("n_agents,steps", [(10**5, 12), (10**6, 3)])
 def test_simulated_class_means_follow_A(n_agents, steps):
     """The NumPy reference kernel steps N agents under game.table; the class-mean
-    deviations from M* follow D(t+1) = A D(t) (measured to ~1e-15 relative)."""
+    deviations from M* follow D(t+1) = A D(t) (measured to ~1e-15 relative).
+    """
     game = Game(**THREE)
     eq, table = game.classes, game.table
     K, d = 3, 2

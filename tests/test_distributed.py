@@ -568,7 +568,8 @@ pop.save(path, server)
 @pytest.mark.parametrize("mode, survivor", [("midfile", 1), ("before-manifest", 1), ("before-cleanup", 2)])
 def test_killed_sharded_save_leaves_a_loadable_checkpoint(client, tmp_path, mode, survivor):
     """SIGKILL the whole job during a sharded save: the manifest names a complete set (the previous one until it
-    switches); restoring works, and the next save removes the debris."""
+    switches); restoring works, and the next save removes the debris.
+    """
     import subprocess
     import sys
 

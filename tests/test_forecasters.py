@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memoa_fast.timeseries.forecasters import BLOCK_SIZE, TARGET_LIMIT, ClientForecasters, SquaredErrors
 from memoa_fast.kernels import CHUNK, _forecast_numba, _forecast_reference
+from memoa_fast.timeseries.forecasters import BLOCK_SIZE, TARGET_LIMIT, ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.streams import make_stream
 
 RTOL = 1e-12

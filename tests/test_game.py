@@ -203,7 +203,8 @@ discount = st.one_of(
 def test_gains_are_accurate_for_any_weights(q, kappa, r, gamma):
     """Relative error <= 1e-12 on P, k, 1-k, a, rho, c, or a ValueError exactly
     where a gain is outside float64's normal range (log-uniform weights in
-    [1e-300, 1e300], so ratios reach 1e600)."""
+    [1e-300, 1e300], so ratios reach 1e600).
+    """
     if q + kappa == 0:
         return
     assert_gains_accurate(q, kappa, r, gamma)

@@ -271,7 +271,8 @@ FINITE = st.one_of(
 @given(values=st.lists(FINITE, min_size=6, max_size=40), warmup=st.integers(2, 4))
 def test_csv_any_finite_values_give_a_clean_series_or_a_named_error(tmp_path_factory, values, warmup):
     """Property: any finite float64 cells load to a finite series within 1e30, z-scored on the warm-up, or raise
-    CsvSeriesError naming the file; never a silently constant or non-finite series."""
+    CsvSeriesError naming the file; never a silently constant or non-finite series.
+    """
     path = tmp_path_factory.mktemp("p") / "v.csv"
     path.write_text("value\n" + "\n".join(map(repr, values)) + "\n")
     try:

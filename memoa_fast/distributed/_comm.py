@@ -102,7 +102,7 @@ def direct_client(client, timeout):
 
 
 def is_loss(exc, worker_alive: bool) -> bool:
-    """Did this failure come from a lost or silent worker (rather than from the shard's own code)?"""
+    """Whether this failure came from a lost or silent worker (rather than from the shard's own code)."""
     from distributed.comm.core import CommClosedError
 
     if isinstance(exc, (CommClosedError, TimeoutError)):

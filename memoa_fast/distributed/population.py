@@ -68,14 +68,17 @@ class ShardedStates:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(N, d)``."""
         return (self.population.n_agents, self.population.dim)
 
     @property
     def ndim(self) -> int:
+        """2."""
         return 2
 
     @property
     def dtype(self):
+        """float64."""
         return np.dtype(np.float64)
 
     def __len__(self) -> int:

@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .._validation import check_choice, check_int
-from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .trust import TrustPopulation
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
+from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
+from .trust import TrustPopulation
 
 
 @dataclass
