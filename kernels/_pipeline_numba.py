@@ -203,14 +203,13 @@ def _log_into(src, dst, tmp):
 def _sincos_2pi(u):
     """``(cos(2 pi u), sin(2 pi u))`` for ``u`` in ``[0, 1)`` a multiple of ``2^-53`` (branch-free).
 
-    ``v = u - [u >= 1/2]`` in ``[-1/2, 1/2)``, quadrant ``k = round(4 v)`` in
-    ``{-2, ..., 2}``, ``r = v - k/4`` in ``[-1/8, 1/8]`` (both exact), ``a = 2 pi r``;
-    Taylor polynomials of ``sin a`` (to ``a^17``) and ``cos a`` (to ``a^18``),
-    then the quadrant's swap and signs.
+    ``k = round(4 u)`` in ``{0, ..., 4}``, ``r = u - k/4`` in ``[-1/8, 1/8]``
+    (exact), ``a = 2 pi r``; Taylor polynomials of ``sin a`` (to ``a^17``) and
+    ``cos a`` (to ``a^18``), then the swap and signs of quadrant ``k mod 4``
+    (selects, no branch, so the loops that call it vectorise).
     """
-    v = u - 1.0 if u >= 0.5 else u
-    k = math.floor(4.0 * v + 0.5)
-    a = (v - 0.25 * k) * _TWO_PI
+    kf = (4.0 * u + _SHIFT) - _SHIFT  # round(4 u), in {0, ..., 4}
+    a = (u - 0.25 * kf) * _TWO_PI
     z = a * a
     sp = 1.0 / 355687428096000.0
     sp = sp * z - 1.0 / 1307674368000.0
@@ -230,12 +229,12 @@ def _sincos_2pi(u):
     cp = cp * z + 1.0 / 720.0
     cp = cp * z - 1.0 / 24.0
     cs = 1.0 - 0.5 * z + (z * z) * (-cp)
-    odd = k == 1.0 or k == -1.0
-    c = sn if odd else cs
-    s = cs if odd else sn
-    neg_c = k == 1.0 or k == 2.0 or k == -2.0
-    neg_s = k == -1.0 or k == 2.0 or k == -2.0
-    return (-c if neg_c else c), (-s if neg_s else s)
+    quadrant = np.int64(kf) & 3
+    c = sn if (quadrant & 1) != 0 else cs
+    s = cs if (quadrant & 1) != 0 else sn
+    c = -c if ((quadrant + 1) & 2) != 0 else c
+    s = -s if (quadrant & 2) != 0 else s
+    return c, s
 
 
 @njit(**_jit)
@@ -464,15 +463,21 @@ def _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm):
 
 
 @njit(**_jit)
-def _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c):
+def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c):
     """Pass A on chunk ``c``: server step and log-sum-exp pieces, errors, noise, forecasters, signal sums.
 
     Reads ``x`` (the states ``x(t)``), ``y``, ``yhat`` (``yhat(t)``, eg only),
     ``sigma``, ``params`` and ``flags``. Modified in place on the chunk's rows:
-    ``log_p`` (stepped, not normalised), ``W`` and ``A`` (planes ``(2p+1, N d)``
-    and ``(p, N d)``), ``s`` (``s(t)``), ``sq_err``/``sq_sig`` (when recording).
-    Row ``c`` of ``work`` gets the signal sums (valid rows) and their count,
-    ``(top, sum exp(log_p - top))`` and the two error totals.
+    ``log_p`` (stepped, not normalised), ``ebuf`` (``exp(log_p_i - top_c)``,
+    ``top_c`` the chunk's largest stepped log-weight, for pass B), ``W`` and
+    ``A`` (planes ``(2p+1, N d)`` and ``(p, N d)``), ``s`` (``s(t)``),
+    ``sq_err``/``sq_sig`` (when recording). Row ``c`` of ``work`` gets the
+    signal sums (valid rows) and their count, ``(top_c, sum_i exp(log_p_i -
+    top_c))`` and the two error totals.
+
+    Three sweeps over the chunk (its rows stay in L2): the server's step and
+    the errors, block by block, with a lane-wise running maximum; the
+    exponentials against the chunk's maximum; the forecasters, block by block.
     """
     n, d = x.shape
     p = A.shape[0]
@@ -490,7 +495,7 @@ def _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, param
     step_server = reweight and eta != 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(9 * L + 7 * H + 4 * R)
+    scratch = np.empty(9 * L + 7 * H + 5 * R)
     yr = scratch[:L]
     gr = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
@@ -508,66 +513,80 @@ def _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, param
     rowerr = scratch[base:base + R]
     shifted = scratch[base + R:base + 2 * R]
     etmp = scratch[base + 2 * R:base + 4 * R]
-    ex = scratch[8 * L:8 * L + R]
+    tmax = scratch[base + 4 * R:base + 5 * R]
     for k in range(R):
+        tmax[k] = -np.inf
         for j in range(d):
             yr[k * d + j] = y[j]
             gr[k * d + j] = 2.0 * (yhat[j] - y[j])
     for v in range(L):
         lanes[v] = 0.0
-    top = -np.inf
-    scaled = 0.0
     err_total = 0.0
     sig_total = 0.0
+    # sweep 1: the clients' errors against y(t), the server's step on x(t), the running maximum
+    if record or reweight:
+        for rb in range(lo, hi, R):
+            rows = min(R, hi - rb)
+            v0 = rb * d
+            nv = rows * d
+            xb = xf[v0:v0 + nv]
+            if record or (step_server and rule != RULE_EG):
+                for v in range(nv):
+                    e = xb[v] - yr[v]
+                    terms[v] = e * e
+                _row_sums(terms, rows, d, rowerr)
+            if record:
+                sb = sf[v0:v0 + nv]
+                eb = sq_err[rb:rb + rows]
+                for k in range(rows):
+                    eb[k] += rowerr[k]
+                err_total += _sum4(rowerr[:rows])
+                for v in range(nv):
+                    e = sb[v] - yr[v]
+                    terms[v] = e * e
+                _row_sums(terms, rows, d, shifted)
+                eb = sq_sig[rb:rb + rows]
+                for k in range(rows):
+                    eb[k] += shifted[k]
+                sig_total += _sum4(shifted[:rows])
+            if reweight:
+                lp = log_p[rb:rb + rows]
+                if step_server:
+                    if rule == RULE_EG:
+                        for v in range(nv):
+                            terms[v] = gr[v] * xb[v]
+                        _row_sums(terms, rows, d, rowerr)
+                    for k in range(rows):
+                        lp[k] -= _clip_step(eta * rowerr[k])
+                for k in range(rows):
+                    v = lp[k]
+                    m = tmax[k]
+                    tmax[k] = v if v > m else m
+    # sweep 2: exp(log_p - top_c) and their sum
+    top = -np.inf
+    scaled = 0.0
+    if reweight:
+        for k in range(R):
+            top = tmax[k] if tmax[k] > top else top
+        for rb in range(lo, hi, R):
+            rows = min(R, hi - rb)
+            lp = log_p[rb:rb + rows]
+            ex = ebuf[rb:rb + rows]
+            if top == -np.inf:
+                for k in range(rows):
+                    ex[k] = 0.0
+                continue
+            for k in range(rows):
+                shifted[k] = lp[k] - top
+            _exp_into(shifted[:rows], ex, etmp[:2 * rows])
+            scaled += _sum4(ex)
+    # sweep 3: noise, the forecasters, the signal sums
     bad = 0
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
         v0 = rb * d
         nv = rows * d
-        xb = xf[v0:v0 + nv]
         sb = sf[v0:v0 + nv]
-        # 1-2. the clients' errors against y(t), the server's step on x(t)
-        if record or (step_server and rule != RULE_EG):
-            for v in range(nv):
-                e = xb[v] - yr[v]
-                terms[v] = e * e
-            _row_sums(terms, rows, d, rowerr)
-        if record:
-            eb = sq_err[rb:rb + rows]
-            for k in range(rows):
-                eb[k] += rowerr[k]
-            err_total += _sum4(rowerr[:rows])
-            for v in range(nv):
-                e = sb[v] - yr[v]
-                terms[v] = e * e
-            _row_sums(terms, rows, d, shifted)
-            eb = sq_sig[rb:rb + rows]
-            for k in range(rows):
-                eb[k] += shifted[k]
-            sig_total += _sum4(shifted[:rows])
-        if reweight:
-            lp = log_p[rb:rb + rows]
-            if step_server:
-                if rule == RULE_EG:
-                    for v in range(nv):
-                        terms[v] = gr[v] * xb[v]
-                    _row_sums(terms, rows, d, rowerr)
-                for k in range(rows):
-                    lp[k] -= _clip_step(eta * rowerr[k])
-            block_top = -np.inf
-            for k in range(rows):
-                block_top = max(block_top, lp[k])
-            if block_top != -np.inf:
-                for k in range(rows):
-                    shifted[k] = lp[k] - block_top
-                _exp_into(shifted[:rows], ex[:rows], etmp[:2 * rows])
-                block_sum = _sum4(ex[:rows])
-                if block_top > top:
-                    scaled = scaled * math.exp(top - block_top) + block_sum
-                    top = block_top
-                else:
-                    scaled += block_sum * math.exp(block_top - top)
-        # 3. noise, then the forecasters
         g0 = (first + rb) * d
         q0 = g0 >> 1
         m = ((g0 + nv + 1) >> 1) - q0
@@ -585,7 +604,6 @@ def _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, param
             _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb)
         else:
             _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm)
-        # 4. signal sums (all rows; redone row by row below if one is invalid)
         for v in range(nv):
             val = sb[v]
             lanes[v] += val
@@ -653,11 +671,13 @@ def _merge_a(work, field, params, flags, stats, d):
 
 # --------------------------------------------------------------------------- pass B
 @njit(**_jit)
-def _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, n_total, c):
+def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, n_total, c):
     """Pass B on chunk ``c``: share the log-weights, move and pay, then the chunk's sums for ``t + 1``.
 
     Modified in place on the chunk's rows: ``log_p`` (normalised and shared
     when ``flags[F_REWEIGHT]``), ``x`` (``x(t+1)``), ``J``. Reads ``s``,
+    ``ebuf`` and the chunk's ``top_c`` (pass A's exponentials: the normalised
+    weight is ``ebuf_i exp((top_c - top) - log_total)``, no ``exp`` per client),
     ``field[FIELD_OFFSET]``, ``field[FIELD_STATE]`` and the chunk's valid
     count from ``work``. Row ``c`` of ``work`` gets the sums of the moved
     states, ``sum_i p_i x_i(t+1)`` (``p`` the new weights) and the largest
@@ -705,11 +725,14 @@ def _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, n_
     keep = 1.0 - alpha
     floor = alpha / n_total
     uniform = -math.log(n_total)
+    top_c = row[scal + W_TOP]
+    scale = math.exp((top_c - top) - log_total) if top_c != -np.inf else 0.0
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
         v0 = rb * d
         nv = rows * d
         lp = log_p[rb:rb + rows]
+        eb = ebuf[rb:rb + rows]
         wb = w[:rows]
         # 5. normalise and share the weights; wb = the new p
         if not reweight:
@@ -717,7 +740,7 @@ def _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, n_
         elif alpha == 0.0:
             for k in range(rows):
                 lp[k] = (lp[k] - top) - log_total
-            _exp_into(lp, wb, tmp[:2 * rows])
+                wb[k] = eb[k] * scale
         elif alpha == 1.0:
             for k in range(rows):
                 lp[k] = uniform
@@ -731,12 +754,8 @@ def _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, n_
                 lp[k] = big + math.log1p(math.exp(-abs(a - spread)))
             _exp_into(lp, wb, tmp[:2 * rows])
         else:
-            sb_ = sh[:rows]
             for k in range(rows):
-                sb_[k] = (lp[k] - top) - log_total
-            _exp_into(sb_, wb, tmp[:2 * rows])
-            for k in range(rows):
-                wb[k] = keep * wb[k] + floor
+                wb[k] = keep * (eb[k] * scale) + floor
             _log_into(wb, lp, tmp[:2 * rows])
         # 6. move and pay
         xb = xf[v0:v0 + nv]
@@ -822,55 +841,56 @@ def _merge_b(work, field, yhat, stats, n, d):
 
 # --------------------------------------------------------------------------- drivers
 @njit(**_jit)
-def _pass_a_serial(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
     kt = _round_key(key, flags[F_T])
     for c in range(work.shape[0]):
-        _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
     _merge_a(work, field, params, flags, stats, x.shape[1])
 
 
 @njit(parallel=True, **_jit)
-def _pass_a_parallel(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+def _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
     kt = _round_key(key, flags[F_T])
     for c in prange(work.shape[0]):
-        _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
     _merge_a(work, field, params, flags, stats, x.shape[1])
 
 
 @njit(**_jit)
-def _pass_b_serial(x, s, J, log_p, yhat, field, work, params, flags, stats):
+def _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for c in range(work.shape[0]):
-        _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, float(n), c)
+    chunks = work.shape[0]
+    for k in range(chunks):  # last chunk first: pass A's last chunks are still in cache
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), chunks - 1 - k)
     _merge_b(work, field, yhat, stats, n, x.shape[1])
 
 
 @njit(parallel=True, **_jit)
-def _pass_b_parallel(x, s, J, log_p, yhat, field, work, params, flags, stats):
+def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for c in prange(work.shape[0]):
-        _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, float(n), c)
+    for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), c)
     _merge_b(work, field, yhat, stats, n, x.shape[1])
 
 
 @njit(**_jit)
-def _round_serial(x, s, J, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
-    _pass_a_serial(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
-    _pass_b_serial(x, s, J, log_p, yhat, field, work, params, flags, stats)
+def _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+    _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
 
 
 @njit(parallel=True, **_jit)
-def _round_parallel(x, s, J, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
     kt = _round_key(key, flags[F_T])
     n, d = x.shape
     for c in prange(work.shape[0]):
-        _pass_a_chunk(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
     _merge_a(work, field, params, flags, stats, d)
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for c in prange(work.shape[0]):
-        _pass_b_chunk(x, s, J, log_p, work, field, params, flags, top, log_total, float(n), c)
+    for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), c)
     _merge_b(work, field, yhat, stats, n, d)
 
 
@@ -906,35 +926,36 @@ def _flat(weights, lags):
     return weights.reshape(F, n * d), lags.reshape(lags.shape[0], n * d)
 
 
-def pass_a(x, s, log_p, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
+def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+           threads):
     """Pass A and its merge; semantics: :func:`memoa_fast.kernels._pipeline_reference.pass_a`."""
     W, A = _flat(weights, lags)
     key = np.uint64(key)
     if threads == 1:
-        return _pass_a_serial(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+        return _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
     with Threads(threads):
-        return _pass_a_parallel(x, s, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
+        return _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
                                 stats)
 
 
-def pass_b(x, s, J, log_p, y, yhat, field, work, params, flags, stats, threads):
+def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
     """Pass B and its merge; semantics: :func:`memoa_fast.kernels._pipeline_reference.pass_b`."""
     if threads == 1:
-        return _pass_b_serial(x, s, J, log_p, yhat, field, work, params, flags, stats)
+        return _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
     with Threads(threads):
-        return _pass_b_parallel(x, s, J, log_p, yhat, field, work, params, flags, stats)
+        return _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
 
 
-def round_step(x, s, J, log_p, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
                threads):
     """One whole round in one compiled call; semantics: :func:`memoa_fast.kernels._pipeline_reference.round_step`."""
     W, A = _flat(weights, lags)
     key = np.uint64(key)
     if threads == 1:
-        return _round_serial(x, s, J, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
+        return _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
                              stats)
     with Threads(threads):
-        return _round_parallel(x, s, J, log_p, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
+        return _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
                                stats)
 
 

@@ -34,7 +34,8 @@ Pass B
    mixture ``yhat(t+1) = sum_i p_i x_i(t+1)`` with the new weights.
 
 Arrays (C-contiguous float64 unless said; the caller checks shapes):
-``x``, ``s`` (N, d); ``J``, ``log_p``, ``sigma``, ``sq_err``, ``sq_sig`` (N,);
+``x``, ``s`` (N, d); ``J``, ``log_p``, ``ebuf`` (scratch kept from pass A to pass
+B), ``sigma``, ``sq_err``, ``sq_sig`` (N,);
 ``weights`` (2p + 1, N, d) and ``lags`` (p, N, d), *structure of arrays*
 (feature ``f`` of every client is one contiguous plane, so the compiled loops
 run unit-stride): features ordered ``[lags, lags^2, 1]``, lags newest first;
@@ -170,8 +171,8 @@ def _valid(s):
     return (np.abs(s) <= SIGNAL_LIMIT).all(axis=1)
 
 
-def pass_a(x, s, log_p, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
-    """Steps 1-4 and the merge (see the module docstring); ``threads`` is ignored."""
+def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
+    """Steps 1-4 and the merge (see the module docstring); ``ebuf`` (a compiled kernel's scratch) and ``threads`` are ignored."""
     n, d = x.shape
     t, rule = int(flags[F_T]), int(flags[F_RULE])
     eta = params[P_ETA]
@@ -213,7 +214,7 @@ def pass_a(x, s, log_p, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, wo
     work[...] = 0.0
 
 
-def pass_b(x, s, J, log_p, y, yhat, field, work, params, flags, stats, threads):
+def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
     """Steps 5-7 (see the module docstring); writes ``yhat`` and ``field[FIELD_NEXT]``; ``threads`` is ignored."""
     n, d = x.shape
     if flags[F_REWEIGHT]:
@@ -242,8 +243,9 @@ def pass_b(x, s, J, log_p, y, yhat, field, work, params, flags, stats, threads):
     yhat[:] = np.exp(log_p) @ x
 
 
-def round_step(x, s, J, log_p, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
                threads):
     """One whole round: :func:`pass_a` then :func:`pass_b`."""
-    pass_a(x, s, log_p, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads)
-    pass_b(x, s, J, log_p, y, yhat, field, work, params, flags, stats, threads)
+    pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+           threads)
+    pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads)

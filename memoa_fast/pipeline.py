@@ -151,6 +151,7 @@ class Pipeline:
         self._s = np.zeros((n, d))
         self._J = np.zeros(n)
         self._log_p = np.zeros(n)
+        self._ebuf = np.zeros(n)
         self._weights = np.zeros((2 * p + 1, n, d))
         self._lag_buf = np.zeros((p, n, d))
         self._sq_err = np.zeros(n)
@@ -221,7 +222,7 @@ class Pipeline:
         flags[k.F_UPDATE] = not first_round
         flags[k.F_RECORD] = bool(record) and not first_round
         self._params[k.P_HALF_DISCOUNT] = 0.5 * self._discount
-        k.round_step(self._x, self._s, self._J, self._log_p, self._sigma, self._weights, self._lag_buf, self._sq_err,
+        k.round_step(self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
                      self._sq_sig, self._y, self._yhat, self._field, self._work, self._params, self._key, flags,
                      self._stats, self._threads_used)
         self._field[k.FIELD_STATE] = self._field[k.FIELD_NEXT]
