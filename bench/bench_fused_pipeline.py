@@ -302,10 +302,13 @@ def main(argv=None):
     print(f"{n} clients x {rounds} rounds (numpy: {numpy_rounds}), {args.reps} interleaved repetitions, "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after ({os.cpu_count()} cores)")
     med = {name: statistics.median(v) for name, v in rates.items()}
-    print(f"{'contender':<9} {'median client-steps/s':>22} {'ns/client-step':>15} {'vs today':>9} {'vs numpy':>9}   all runs")
+    top = {name: max(v) for name, v in rates.items()}
+    print(f"{'contender':<9} {'median client-steps/s':>22} {'ns/client-step':>15} {'vs today':>9} {'vs numpy':>9} "
+          f"{'best run':>10} {'best vs today':>14}   all runs")
     for name, v in rates.items():
         print(f"{name:<9} {med[name]:22.4g} {1e9 / med[name]:15.2f} {med[name] / med['today']:9.2f} "
-              f"{med[name] / med['numpy']:9.2f}   " + " ".join(f"{r:.3g}" for r in v))
+              f"{med[name] / med['numpy']:9.2f} {top[name]:10.3g} {top[name] / top['today']:14.2f}   "
+              + " ".join(f"{r:.3g}" for r in v))
     best = max(med["fused-1"], med["fused-2"])
     print(f"fused (best of 1 and 2 threads) / today: {best / med['today']:.2f}x; / numpy: {best / med['numpy']:.2f}x; "
           f"2 threads: {med['fused-2']:.3g} client-steps/s = {med['fused-2'] / 1e8:.2f} of 1e8")
