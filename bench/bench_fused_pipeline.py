@@ -17,9 +17,11 @@ the per-client squared errors recorded every round, three ways:
     ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``.
 
 The contenders run interleaved (one timed run of each per repetition, a fresh
-object each time, JIT warmed before); the table gives medians in
-client-steps per second and the ratios of the medians; the load average is
-printed before and after. On this shared 2-core machine, compare ratios.
+object each time, JIT warmed before); the table gives the medians of whole
+runs in client-steps per second and the ratios of the medians, then the
+median *round* of each contender over all its runs (robust to the
+preemptions of a shared machine, which inflate whole runs); the load average
+is printed before and after. On this shared 2-core machine, compare ratios.
 
 Where the fused round's time goes: ``--passes`` times pass A (server step,
 errors, noise, forecasters, signal sums) and pass B (share, move, mixture)
@@ -69,10 +71,12 @@ class Today:
         self.sq_sig = np.zeros(n)
         self.threads = self.forecasters._threads_used
 
-    def run(self, y: np.ndarray) -> float:
+    def run(self, y: np.ndarray, times: list | None = None) -> float:
         fc, pop, server, kern = self.forecasters, self.population, self.server, self.kern
         err = 0.0
+        clock = time.perf_counter
         for t in range(len(y) - 1):
+            t0 = clock()
             s = fc.observe(y[t])
             target = y[t + 1]
             kern.score_step(s, target, True, self.sq_sig, self.work, self.mean, self.threads)
@@ -81,6 +85,8 @@ class Today:
             err += float(diff @ diff)
             kern.score_step(x, target, True, self.sq_err, self.work, self.mean, self.threads)
             server.update(x, target)
+            if times is not None:
+                times.append(clock() - t0)
         fc.close()
         return err
 
@@ -93,13 +99,17 @@ class Fused:
         self.pipe = Pipeline(n, 1, game=GAME, rule="hedge", eta=ETA, alpha=ALPHA, lags=LAGS, noise_range=NOISE, mu=MU,
                              seed=seed, threads=threads)
 
-    def run(self, y: np.ndarray) -> float:
+    def run(self, y: np.ndarray, times: list | None = None) -> float:
         pipe = self.pipe
         err = 0.0
+        clock = time.perf_counter
         for t in range(len(y) - 1):  # as many rounds as the others
+            t0 = clock()
             yhat = pipe.round(y[t])
             diff = yhat[0] - y[t + 1, 0]
             err += diff * diff
+            if times is not None:
+                times.append(clock() - t0)
         return err
 
 
@@ -130,8 +140,9 @@ class NumpyPipeline:
         self.t = 0
         self.discount = 1.0
 
-    def run(self, y: np.ndarray) -> float:
+    def run(self, y: np.ndarray, times: list | None = None) -> float:
         yv = y[:, 0]
+        clock = time.perf_counter
         w0, w1, w2, w3, w4 = self.w
         A0, A1 = self.lag
         x, J, lp, s, z, eps = self.x, self.J, self.log_p, self.s, self.z, self.eps
@@ -140,6 +151,7 @@ class NumpyPipeline:
         keep, spread = math.log1p(-ALPHA), math.log(ALPHA / self.n)
         err = 0.0
         for t in range(len(yv) - 1):
+            t_start = clock()
             # forecasters
             self.rng.standard_normal(out=eps)
             np.multiply(self.sigma, eps, out=z)
@@ -207,6 +219,8 @@ class NumpyPipeline:
             np.logaddexp(lp, spread, out=lp)
             self.t += 1
             self.discount *= GAME.gamma
+            if times is not None:
+                times.append(clock() - t_start)
         return err
 
 
@@ -231,24 +245,31 @@ def warm():
                 build(name, n).run(y)
 
 
-def time_once(name: str, n: int, y: np.ndarray) -> float:
+def time_once(name: str, n: int, y: np.ndarray, times: list | None = None) -> float:
     obj = build(name, n)
     t0 = time.perf_counter()
-    obj.run(y)
+    obj.run(y, times)
     return time.perf_counter() - t0
 
 
 def compare(n: int, rounds: int, reps: int, numpy_rounds: int, contenders=CONTENDERS):
-    """Interleaved repetitions; returns ``{name: [client-steps/s, ...]}``."""
+    """Interleaved repetitions.
+
+    Returns ``({name: [client-steps/s of each whole run]}, {name: client-steps/s
+    of the median round over all runs})``. The median round is robust to the
+    preemptions of a shared machine, which a whole run's time is not.
+    """
     y = make_stream("logistic", rounds + 1, seed=0)[:, None]
     y_np = y[: numpy_rounds + 1]
     rates = {name: [] for name in contenders}
+    rounds_s = {name: [] for name in contenders}
     for _ in range(reps):
         for name in contenders:
             series = y_np if name == "numpy" else y
-            sec = time_once(name, n, series)
+            sec = time_once(name, n, series, rounds_s[name])
             rates[name].append(n * (len(series) - 1) / sec)
-    return rates
+    per_round = {name: n / statistics.median(v) for name, v in rounds_s.items()}
+    return rates, per_round
 
 
 def time_passes(n: int, rounds: int, threads: int):
@@ -297,7 +318,7 @@ def main(argv=None):
     numpy_rounds = args.numpy_rounds or rounds
     warm()
     load0 = os.getloadavg()
-    rates = compare(n, rounds, args.reps, numpy_rounds)
+    rates, per_round = compare(n, rounds, args.reps, numpy_rounds)
     load1 = os.getloadavg()
     print(f"{n} clients x {rounds} rounds (numpy: {numpy_rounds}), {args.reps} interleaved repetitions, "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after ({os.cpu_count()} cores)")
@@ -309,6 +330,11 @@ def main(argv=None):
         print(f"{name:<9} {med[name]:22.4g} {1e9 / med[name]:15.2f} {med[name] / med['today']:9.2f} "
               f"{med[name] / med['numpy']:9.2f} {top[name]:10.3g} {top[name] / top['today']:14.2f}   "
               + " ".join(f"{r:.3g}" for r in v))
+    print("median round (robust to preemption): " + ", ".join(
+        f"{name} {r:.3g} client-steps/s ({1e9 / r:.2f} ns)" for name, r in per_round.items()))
+    print("  ratios of median rounds: " + ", ".join(
+        f"{name}/today {r / per_round['today']:.2f}, {name}/numpy {r / per_round['numpy']:.2f}"
+        for name, r in per_round.items() if name.startswith("fused")))
     best = max(med["fused-1"], med["fused-2"])
     print(f"fused (best of 1 and 2 threads) / today: {best / med['today']:.2f}x; / numpy: {best / med['numpy']:.2f}x; "
           f"2 threads: {med['fused-2']:.3g} client-steps/s = {med['fused-2'] / 1e8:.2f} of 1e8")
@@ -330,7 +356,7 @@ def warmed():
 
 def test_fused_beats_today_and_numpy(warmed):
     """Guard by ratios measured in this run, at 10^4 clients x 100 rounds (seconds)."""
-    rates = compare(10_000, 100, 3, 100)
+    rates, _ = compare(10_000, 100, 3, 100)
     med = {name: statistics.median(v) for name, v in rates.items()}
     print({k: f"{v:.3g}" for k, v in med.items()})
     assert med["fused-1"] > 1.5 * med["today"], med

@@ -495,7 +495,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     step_server = reweight and eta != 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(9 * L + 7 * H + 5 * R)
+    scratch = np.empty(9 * L + 7 * H + 8 * R)
     yr = scratch[:L]
     gr = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
@@ -521,8 +521,14 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
             gr[k * d + j] = 2.0 * (yhat[j] - y[j])
     for v in range(L):
         lanes[v] = 0.0
-    err_total = 0.0
-    sig_total = 0.0
+    # per-row lanes of the chunk's totals (element-wise adds vectorise; a running scalar sum would not)
+    err_l = scratch[base + 5 * R:base + 6 * R]
+    sig_l = scratch[base + 6 * R:base + 7 * R]
+    exp_l = scratch[base + 7 * R:base + 8 * R]
+    for k in range(R):
+        err_l[k] = 0.0
+        sig_l[k] = 0.0
+        exp_l[k] = 0.0
     # sweep 1: the clients' errors against y(t), the server's step on x(t), the running maximum
     if record or reweight:
         for rb in range(lo, hi, R):
@@ -530,41 +536,50 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
             v0 = rb * d
             nv = rows * d
             xb = xf[v0:v0 + nv]
+            err = rowerr[:rows]
             if record or (step_server and rule != RULE_EG):
                 for v in range(nv):
                     e = xb[v] - yr[v]
                     terms[v] = e * e
-                _row_sums(terms, rows, d, rowerr)
+                if d == 1:
+                    err = terms[:rows]
+                else:
+                    _row_sums(terms, rows, d, rowerr)
             if record:
-                sb = sf[v0:v0 + nv]
                 eb = sq_err[rb:rb + rows]
                 for k in range(rows):
-                    eb[k] += rowerr[k]
-                err_total += _sum4(rowerr[:rows])
+                    eb[k] += err[k]
+                for k in range(rows):
+                    err_l[k] += err[k]
+                sb = sf[v0:v0 + nv]
                 for v in range(nv):
                     e = sb[v] - yr[v]
-                    terms[v] = e * e
-                _row_sums(terms, rows, d, shifted)
+                    pred[v] = e * e
+                sig = pred[:rows]
+                if d != 1:
+                    _row_sums(pred, rows, d, shifted)
+                    sig = shifted[:rows]
                 eb = sq_sig[rb:rb + rows]
                 for k in range(rows):
-                    eb[k] += shifted[k]
-                sig_total += _sum4(shifted[:rows])
+                    eb[k] += sig[k]
+                for k in range(rows):
+                    sig_l[k] += sig[k]
             if reweight:
                 lp = log_p[rb:rb + rows]
                 if step_server:
                     if rule == RULE_EG:
                         for v in range(nv):
-                            terms[v] = gr[v] * xb[v]
-                        _row_sums(terms, rows, d, rowerr)
+                            pred[v] = gr[v] * xb[v]
+                        _row_sums(pred, rows, d, rowerr)
+                        err = rowerr[:rows]
                     for k in range(rows):
-                        lp[k] -= _clip_step(eta * rowerr[k])
+                        lp[k] -= _clip_step(eta * err[k])
                 for k in range(rows):
                     v = lp[k]
                     m = tmax[k]
                     tmax[k] = v if v > m else m
     # sweep 2: exp(log_p - top_c) and their sum
     top = -np.inf
-    scaled = 0.0
     if reweight:
         for k in range(R):
             top = tmax[k] if tmax[k] > top else top
@@ -579,7 +594,11 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
             for k in range(rows):
                 shifted[k] = lp[k] - top
             _exp_into(shifted[:rows], ex, etmp[:2 * rows])
-            scaled += _sum4(ex)
+            for k in range(rows):
+                exp_l[k] += ex[k]
+    err_total = _sum4(err_l)
+    sig_total = _sum4(sig_l)
+    scaled = _sum4(exp_l)
     # sweep 3: noise, the forecasters, the signal sums
     bad = 0
     for rb in range(lo, hi, R):
@@ -776,9 +795,12 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                 e_m = xi - centre[v]
                 terms[v] = q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
                 xb[v] = xi + u
-            _row_sums(terms, rows, d, cost_row)
+            cost = terms[:rows]
+            if d != 1:
+                _row_sums(terms, rows, d, cost_row)
+                cost = cost_row[:rows]
             for k in range(rows):
-                Jb[k] += half * cost_row[k]
+                Jb[k] += half * cost[k]
         else:
             for k in range(rows):
                 i = rb + k
