@@ -68,8 +68,6 @@ _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", bou
 
 # Values per block: R = max(1, LANES // d) whole clients.
 LANES = 512
-# Lanes of the (max, argmax) tracker.
-MAX_LANES = 32
 # Below this alpha / N the share keeps its scalar log1p(exp(.)) form (subnormal sums would lose bits).
 _SHARE_FLOOR_MIN = 1e-290
 
@@ -329,29 +327,14 @@ def _lane_columns(lanes, d, R, out):
 
 
 @njit(**_jit)
-def _max_arg(J, lo, hi, vmax, varg):
-    """Largest ``J[i]`` over ``[lo, hi)`` and its first index, in ``MAX_LANES`` lanes."""
-    W = vmax.shape[0]
-    for k in range(W):
-        vmax[k] = -np.inf
-        varg[k] = -1.0
-    for b in range(lo, hi, W):
-        seg = J[b:min(b + W, hi)]
-        for k in range(seg.shape[0]):
-            v = seg[k]
-            m = vmax[k]
-            up = v > m
-            vmax[k] = v if up else m
-            varg[k] = float(b + k) if up else varg[k]
-    best = -np.inf
-    arg = -1.0
-    for k in range(W):
-        if vmax[k] > best:
-            best = vmax[k]
-            arg = varg[k]
-        elif vmax[k] == best and varg[k] < arg:
-            arg = varg[k]
-    return best, arg
+def _track_max(Jb, first, rows, vmax, varg):
+    """Lane ``k`` keeps the largest of ``Jb[k]`` and its own, with its row ``first + k`` (first on ties)."""
+    for k in range(rows):
+        v = Jb[k]
+        m = vmax[k]
+        up = v > m
+        vmax[k] = v if up else m
+        varg[k] = float(first + k) if up else varg[k]
 
 
 @njit(**_jit)
@@ -612,17 +595,16 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         _normals_into(kt, q0, m, u1, u2, lu, ltmp, noise)
         off = g0 - 2 * q0
         eps = noise[off:off + nv]
-        if d == 1:
-            for k in range(rows):
-                sv[k] = sigma[rb + k]
-        else:
+        scales = sigma[rb:rb + rows]  # d = 1: the clients' scales as they are
+        if d != 1:
             for k in range(rows):
                 for j in range(d):
                     sv[k * d + j] = sigma[rb + k]
+            scales = sv[:nv]
         if p == 2:
-            _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb)
+            _forecast_block_p2(yr, scales, eps, W, A, nv, v0, mu, update, sb)
         else:
-            _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm)
+            _forecast_block(yr, scales, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm)
         for v in range(nv):
             val = sb[v]
             lanes[v] += val
@@ -722,7 +704,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         top, log_total = 0.0, 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(5 * L + 5 * R + 2 * MAX_LANES)
+    scratch = np.empty(5 * L + 7 * R)
     offset = scratch[:L]
     centre = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
@@ -732,8 +714,11 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     sh = scratch[5 * L + R:5 * L + 2 * R]
     tmp = scratch[5 * L + 2 * R:5 * L + 4 * R]
     cost_row = scratch[5 * L + 4 * R:5 * L + 5 * R]
-    vmax = scratch[5 * L + 5 * R:5 * L + 5 * R + MAX_LANES]
-    varg = scratch[5 * L + 5 * R + MAX_LANES:]
+    jmax_l = scratch[5 * L + 5 * R:5 * L + 6 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
+    jarg_l = scratch[5 * L + 6 * R:5 * L + 7 * R]
+    for k in range(R):
+        jmax_l[k] = -np.inf
+        jarg_l[k] = -1.0
     for k in range(R):
         for j in range(d):
             offset[k * d + j] = field[FIELD_OFFSET, j]
@@ -801,6 +786,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                 cost = cost_row[:rows]
             for k in range(rows):
                 Jb[k] += half * cost[k]
+            _track_max(Jb, rb, rows, jmax_l, jarg_l)
         else:
             for k in range(rows):
                 i = rb + k
@@ -819,6 +805,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                         e_m = x[i, j] - centre[k * d + j]
                         cost += kappa * (e_m * e_m)
                 J[i] += half * cost
+            _track_max(Jb, rb, rows, jmax_l, jarg_l)
         # 7. sums of the moved states and the mixture
         for v in range(nv):
             lane_x[v] += xb[v]
@@ -832,7 +819,12 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                     lane_m[k * d + j] += pk * xb[k * d + j]
     _lane_columns(lane_x, d, R, row[dp:dp + d])
     _lane_columns(lane_m, d, R, row[2 * dp:2 * dp + d])
-    jmax, jarg = _max_arg(J, lo, hi, vmax, varg)
+    jmax = -np.inf
+    jarg = -1.0
+    for k in range(R):  # the largest lane, the first client among equal lanes
+        if jmax_l[k] > jmax or (jmax_l[k] == jmax and jarg_l[k] < jarg):
+            jmax = jmax_l[k]
+            jarg = jarg_l[k]
     row[scal + W_MAX] = jmax
     row[scal + W_ARG] = jarg
 
