@@ -29,7 +29,7 @@ transcendental functions are written out as polynomials in such loops:
   quadrant (``u`` is a multiple of ``2^-53``, so ``u - round(4u)/4`` is
   exact), ``a = 2 pi r`` (one rounding), and Taylor polynomials of degree
   17 (sin) and 18 (cos) on ``|a| <= pi/4`` (truncation below ``1e-19``):
-  within 1.5 ulp of the true values, tested against ``numpy.longdouble``.
+  below 2 ulp of the true values (measured 1.77), tested against ``numpy.longdouble``.
 
 Noise: SplitMix64 of ``(key, round, pair of flat indices)``, two uniforms
 per pair and Box-Muller with both outputs, so each normal depends on
@@ -161,6 +161,70 @@ def _exp_into(src, dst, tmp):
 
 
 @njit(**_jit)
+def _exp_shifted_into(src, shift, dst, tmp):
+    """``dst[k] = exp(src[k] - shift)``: :func:`_exp_into` with the subtraction in its first loop."""
+    m = src.shape[0]
+    tb = tmp[:m]
+    sb = tmp[m:2 * m]
+    for k in range(m):
+        x = src[k] - shift
+        x = -745.5 if x < -745.5 else x
+        x = 710.0 if x > 710.0 else x
+        t = x * _LOG2E + _SHIFT
+        nf = t - _SHIFT
+        r = (x - nf * _LN2_HI) - nf * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        dst[k] = p * r + 1.0
+        tb[k] = t
+    ti = tb.view(np.int64)
+    si = sb.view(np.int64)
+    for k in range(m):
+        n = ti[k] - _SHIFT_BITS
+        half = n >> 1
+        ti[k] = (half + 1023) << 52
+        si[k] = (n - half + 1023) << 52
+    for k in range(m):
+        dst[k] = dst[k] * tb[k] * sb[k]
+
+
+@njit(**_jit)
+def _log_unit_into(src, dst, tmp):
+    """:func:`_log_into` for inputs known to be positive normal numbers (the uniforms in ``[2^-53, 1]``): no fix-up."""
+    m = src.shape[0]
+    zb = tmp[:m]
+    eb = tmp[m:2 * m]
+    xi = src.view(np.int64)
+    zi = zb.view(np.int64)
+    ei = eb.view(np.int64)
+    for k in range(m):
+        ix = xi[k]
+        t = ix - _LOG_OFF
+        zi[k] = ix - (t & _EXP_FIELD)
+        ei[k] = (t >> 52) + _SHIFT_BITS
+    for k in range(m):
+        e = eb[k] - _SHIFT
+        f = zb[k] - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+        hfsq = 0.5 * f * f
+        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+
+
+@njit(**_jit)
 def _log_into(src, dst, tmp):
     """``dst[k] = log(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s.
 
@@ -268,7 +332,7 @@ def _normals_into(kt, q0, m, u1, u2, lu, tmp, out):
         h2 = _mix64(h1 + _GOLDEN)
         u1[k] = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
         u2[k] = np.float64(h2 >> _S11) * _TWO_M53
-    _log_into(u1[:m], lu[:m], tmp[:2 * m])
+    _log_unit_into(u1[:m], lu[:m], tmp[:2 * m])
     for k in range(m):
         radius = math.sqrt(-2.0 * lu[k])
         c, s = _sincos_2pi(u2[k])
@@ -574,9 +638,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                 for k in range(rows):
                     ex[k] = 0.0
                 continue
-            for k in range(rows):
-                shifted[k] = lp[k] - top
-            _exp_into(shifted[:rows], ex, etmp[:2 * rows])
+            _exp_shifted_into(lp, top, ex, etmp[:2 * rows])
             for k in range(rows):
                 exp_l[k] += ex[k]
     err_total = _sum4(err_l)
