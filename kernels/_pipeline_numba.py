@@ -23,7 +23,10 @@ contiguous values (the forecaster's weights and lags are stored as planes,
 transcendental functions are written out as polynomials in such loops:
 
 - :func:`_exp_into`, :func:`_log_into`: copies of ``kernels/_numba.py``'s
-  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``);
+  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``),
+  with two variants, :func:`_exp_shifted_into` (``exp(x - shift)``, the
+  subtraction in the first loop) and :func:`_log_unit_into` (no fix-up loop,
+  for the uniforms, always positive normal numbers);
 - :func:`_sincos_2pi`: ``cos`` and ``sin`` of ``2 pi u`` for ``u`` in
   ``[0, 1)``: an exact reduction of ``u`` to ``r`` in ``[-1/8, 1/8]`` plus a
   quadrant (``u`` is a multiple of ``2^-53``, so ``u - round(4u)/4`` is
