@@ -1,0 +1,367 @@
+"""The fused pipeline round against today's pipeline and an idiomatic NumPy one, in the same run.
+
+One round of the time-series pipeline for one policy (MEMOA) and one server
+rule (hedge, eta = 0.5, alpha = 0.01), N clients, d = 1, lags p = 2, with
+the per-client squared errors recorded every round, three ways:
+
+``today``
+    the public API exactly as ``memoa_fast/experiment.py`` runs it:
+    ``ClientForecasters.observe`` (NumPy PCG64 draws passed into the Numba
+    kernel), the signal score, ``Population.step``, ``Server.predict``, the
+    state score, ``Server.update``;
+``fused-1``, ``fused-2``
+    :class:`memoa_fast.pipeline.Pipeline` on 1 and 2 threads (two passes
+    over the clients per round, the noise drawn inside the kernel);
+``numpy``
+    an idiomatic NumPy-only pipeline: preallocated arrays, in-place ufuncs,
+    ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``.
+
+The contenders run interleaved (one timed run of each per repetition, a fresh
+object each time, JIT warmed before); the table gives the medians of whole
+runs in client-steps per second and the ratios of the medians, then the
+median *round* of each contender over all its runs (robust to the
+preemptions of a shared machine, which inflate whole runs); the load average
+is printed before and after. On this shared 2-core machine, compare ratios.
+
+Where the fused round's time goes: ``--passes`` times pass A (server step,
+errors, noise, forecasters, signal sums) and pass B (share, move, mixture)
+separately, and the in-kernel normals alone.
+
+Run from the repository root, against the installed package::
+
+    python -P bench/bench_fused_pipeline.py                          # 10^5 clients x 1000 rounds
+    python -P bench/bench_fused_pipeline.py --rounds 100 --reps 5    # the short variant
+    python -P -m pytest bench/bench_fused_pipeline.py -p no:cacheprovider   # the ratio guard, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from memoa_fast import Game, Population, Server
+from memoa_fast.forecasters import ClientForecasters, load_kernels
+from memoa_fast.pipeline import Pipeline
+from memoa_fast.streams import make_stream
+
+GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
+ETA, ALPHA, MU, LAGS, NOISE = 0.5, 0.01, 0.1, 2, (0.02, 1.0)
+CONTENDERS = ("today", "fused-1", "fused-2", "numpy")
+
+
+# --------------------------------------------------------------------------- today (experiment.py, one policy)
+class Today:
+    """``experiment.run_experiment``'s loop for one policy and one rule (same calls, same order)."""
+
+    def __init__(self, n: int, threads: int | None = 1, seed: int = 0):
+        self.n = n
+        self.forecasters = ClientForecasters(n, 1, lags=LAGS, noise_range=NOISE, mu=MU, seed=seed, threads=threads)
+        self.kern = load_kernels("numba")
+        self.population = Population(GAME, n, 1, threads=threads)
+        self.server = Server(n, 1, rule="hedge", eta=ETA, alpha=ALPHA, threads=threads)
+        self.work = np.zeros(self.kern.score_work_shape(n, 1))
+        self.mean = np.zeros(1)
+        self.sq_err = np.zeros(n)
+        self.sq_sig = np.zeros(n)
+        self.threads = self.forecasters._threads_used
+
+    def run(self, y: np.ndarray, times: list | None = None) -> float:
+        fc, pop, server, kern = self.forecasters, self.population, self.server, self.kern
+        err = 0.0
+        clock = time.perf_counter
+        for t in range(len(y) - 1):
+            t0 = clock()
+            s = fc.observe(y[t])
+            target = y[t + 1]
+            kern.score_step(s, target, True, self.sq_sig, self.work, self.mean, self.threads)
+            x = pop.step(s)
+            diff = server.predict(x) - target
+            err += float(diff @ diff)
+            kern.score_step(x, target, True, self.sq_err, self.work, self.mean, self.threads)
+            server.update(x, target)
+            if times is not None:
+                times.append(clock() - t0)
+        fc.close()
+        return err
+
+
+# --------------------------------------------------------------------------- fused
+class Fused:
+    """:class:`Pipeline` over the same rounds (its round t scores ``x(t)`` on ``y(t)`` and reweights)."""
+
+    def __init__(self, n: int, threads: int, seed: int = 0):
+        self.pipe = Pipeline(n, 1, game=GAME, rule="hedge", eta=ETA, alpha=ALPHA, lags=LAGS, noise_range=NOISE, mu=MU,
+                             seed=seed, threads=threads)
+
+    def run(self, y: np.ndarray, times: list | None = None) -> float:
+        pipe = self.pipe
+        err = 0.0
+        clock = time.perf_counter
+        for t in range(len(y) - 1):  # as many rounds as the others
+            t0 = clock()
+            yhat = pipe.round(y[t])
+            diff = yhat[0] - y[t + 1, 0]
+            err += diff * diff
+            if times is not None:
+                times.append(clock() - t0)
+        return err
+
+
+# --------------------------------------------------------------------------- NumPy only
+class NumpyPipeline:
+    """The same round in idiomatic NumPy (d = 1, p = 2): in-place ufuncs on preallocated arrays."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        lo, hi = NOISE
+        self.sigma = np.exp(self.rng.uniform(math.log(lo), math.log(hi), n))
+        self.w = np.zeros((5, n))
+        self.w[0] = 1.0
+        self.lag = np.zeros((2, n))
+        self.x = np.zeros(n)
+        self.J = np.zeros(n)
+        self.log_p = np.full(n, -math.log(n))
+        self.sq_err = np.zeros(n)
+        self.sq_sig = np.zeros(n)
+        self.eps = np.empty(n)
+        self.z = np.empty(n)
+        self.s = np.empty(n)
+        self.a = [np.empty(n) for _ in range(6)]
+        g = GAME.table
+        self.gain, self.csig = g.coef[0, 0], g.coef[0, 1]
+        self.mix_s, self.mix_m = g.mix[0, 0, 0], g.mix[1, 0, 0]
+        self.t = 0
+        self.discount = 1.0
+
+    def run(self, y: np.ndarray, times: list | None = None) -> float:
+        yv = y[:, 0]
+        clock = time.perf_counter
+        w0, w1, w2, w3, w4 = self.w
+        A0, A1 = self.lag
+        x, J, lp, s, z, eps = self.x, self.J, self.log_p, self.s, self.z, self.eps
+        t0, t1, t2, t3, t4, t5 = self.a
+        q, kappa, r = GAME.q, GAME.kappa, GAME.r
+        keep, spread = math.log1p(-ALPHA), math.log(ALPHA / self.n)
+        err = 0.0
+        for t in range(len(yv) - 1):
+            t_start = clock()
+            # forecasters
+            self.rng.standard_normal(out=eps)
+            np.multiply(self.sigma, eps, out=z)
+            z += yv[t]
+            np.multiply(A0, A0, out=t0)  # a^2
+            np.multiply(A1, A1, out=t1)  # b^2
+            if self.t > 0:
+                np.multiply(w0, A0, out=t2)
+                t2 += w4
+                t2 += w2 * t0
+                t2 += w1 * A1
+                t2 += w3 * t1
+                np.subtract(z, t2, out=t2)  # error
+                np.multiply(t0, t0, out=t3)
+                t3 += t0
+                t3 += t1
+                t3 += t1 * t1
+                t3 += 1.0
+                np.divide(t2, t3, out=t2)
+                t2 *= MU  # step
+                w0 += t2 * A0
+                w1 += t2 * A1
+                w2 += t2 * t0
+                w3 += t2 * t1
+                w4 += t2
+            A1[:] = A0
+            A0[:] = z
+            np.multiply(w0, z, out=s)
+            s += w4
+            s += w2 * (z * z)
+            s += w1 * A1
+            s += w3 * (A1 * A1)
+            target = yv[t + 1]
+            np.subtract(s, target, out=t4)
+            np.square(t4, out=t4)
+            self.sq_sig += t4
+            # population step (MEMOA policy, one class)
+            sbar, m = s.mean(), x.mean()
+            offset = self.mix_s * sbar + self.mix_m * m
+            np.multiply(s, self.csig, out=t5)
+            np.subtract(x, t5, out=t5)
+            t5 -= offset
+            t5 *= -self.gain  # u
+            np.subtract(x, s, out=t4)
+            np.square(t4, out=t4)
+            t4 *= q
+            np.subtract(x, m, out=t3)
+            np.square(t3, out=t3)
+            t4 += kappa * t3
+            t4 += r * (t5 * t5)
+            t4 *= 0.5 * self.discount
+            J += t4
+            x += t5
+            # server: predict, score, hedge update with fixed share
+            np.exp(lp, out=t0)
+            yhat = float(t0 @ x)
+            err += (yhat - target) ** 2
+            np.subtract(x, target, out=t1)
+            np.square(t1, out=t1)
+            self.sq_err += t1
+            t1 *= ETA
+            lp -= t1
+            lp -= logsumexp(lp)
+            lp += keep
+            np.logaddexp(lp, spread, out=lp)
+            self.t += 1
+            self.discount *= GAME.gamma
+            if times is not None:
+                times.append(clock() - t_start)
+        return err
+
+
+# --------------------------------------------------------------------------- running
+def build(name: str, n: int):
+    if name == "today":
+        return Today(n, threads=1)
+    if name == "fused-1":
+        return Fused(n, threads=1)
+    if name == "fused-2":
+        return Fused(n, threads=2)
+    if name == "numpy":
+        return NumpyPipeline(n)
+    raise ValueError(name)
+
+
+def warm():
+    y = make_stream("logistic", 4, seed=0)[:, None]
+    for n in (10, 20_000):
+        for name in CONTENDERS:
+            if name != "numpy":
+                build(name, n).run(y)
+
+
+def time_once(name: str, n: int, y: np.ndarray, times: list | None = None) -> float:
+    obj = build(name, n)
+    t0 = time.perf_counter()
+    obj.run(y, times)
+    return time.perf_counter() - t0
+
+
+def compare(n: int, rounds: int, reps: int, numpy_rounds: int, contenders=CONTENDERS):
+    """Interleaved repetitions.
+
+    Returns ``({name: [client-steps/s of each whole run]}, {name: client-steps/s
+    of the median round over all runs})``. The median round is robust to the
+    preemptions of a shared machine, which a whole run's time is not.
+    """
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
+    y_np = y[: numpy_rounds + 1]
+    rates = {name: [] for name in contenders}
+    rounds_s = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name in contenders:
+            series = y_np if name == "numpy" else y
+            sec = time_once(name, n, series, rounds_s[name])
+            rates[name].append(n * (len(series) - 1) / sec)
+    per_round = {name: n / statistics.median(v) for name, v in rounds_s.items()}
+    return rates, per_round
+
+
+def time_passes(n: int, rounds: int, threads: int):
+    """Seconds per round of pass A and pass B (medians), and of the in-kernel normals alone."""
+    pipe = Pipeline(n, 1, game=GAME, rule="hedge", eta=ETA, alpha=ALPHA, lags=LAGS, noise_range=NOISE, mu=MU,
+                    threads=threads)
+    k = pipe._kern
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
+    pipe.round(y[0])
+    ta, tb, tn = [], [], []
+    clock = time.perf_counter
+    for t in range(1, rounds + 1):
+        pipe._y[...] = y[t]
+        f = pipe._flags
+        f[k.F_T], f[k.F_REWEIGHT], f[k.F_UPDATE], f[k.F_RECORD] = pipe.t, 1, 1, 1
+        pipe._params[k.P_HALF_DISCOUNT] = 0.5 * pipe._discount
+        t0 = clock()
+        k.pass_a(pipe._x, pipe._s, pipe._log_p, pipe._ebuf, pipe._sigma, pipe._weights, pipe._lag_buf, pipe._sq_err,
+                 pipe._sq_sig, pipe._y, pipe._yhat, pipe._field, pipe._work, pipe._params, pipe._key, f, pipe._stats,
+                 pipe._threads_used)
+        t1 = clock()
+        k.pass_b(pipe._x, pipe._s, pipe._J, pipe._log_p, pipe._ebuf, pipe._y, pipe._yhat, pipe._field, pipe._work,
+                 pipe._params, f, pipe._stats, pipe._threads_used)
+        t2 = clock()
+        pipe._field[k.FIELD_STATE] = pipe._field[k.FIELD_NEXT]
+        pipe.t += 1
+        pipe._discount *= GAME.gamma
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    for t in range(min(rounds, 50)):
+        t0 = clock()
+        k.normals(pipe._key, 0, t, n, 1)
+        tn.append(clock() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median(tn)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=1000)
+    parser.add_argument("--numpy-rounds", type=int, default=None, help="rounds of the NumPy pipeline (default: --rounds)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--passes", action="store_true", help="also time pass A and pass B separately")
+    args = parser.parse_args(argv)
+    n, rounds = args.clients, args.rounds
+    numpy_rounds = args.numpy_rounds or rounds
+    warm()
+    load0 = os.getloadavg()
+    rates, per_round = compare(n, rounds, args.reps, numpy_rounds)
+    load1 = os.getloadavg()
+    print(f"{n} clients x {rounds} rounds (numpy: {numpy_rounds}), {args.reps} interleaved repetitions, "
+          f"load average {load0[0]:.2f} before, {load1[0]:.2f} after ({os.cpu_count()} cores)")
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    top = {name: max(v) for name, v in rates.items()}
+    print(f"{'contender':<9} {'median client-steps/s':>22} {'ns/client-step':>15} {'vs today':>9} {'vs numpy':>9} "
+          f"{'best run':>10} {'best vs today':>14}   all runs")
+    for name, v in rates.items():
+        print(f"{name:<9} {med[name]:22.4g} {1e9 / med[name]:15.2f} {med[name] / med['today']:9.2f} "
+              f"{med[name] / med['numpy']:9.2f} {top[name]:10.3g} {top[name] / top['today']:14.2f}   "
+              + " ".join(f"{r:.3g}" for r in v))
+    print("median round (robust to preemption): " + ", ".join(
+        f"{name} {r:.3g} client-steps/s ({1e9 / r:.2f} ns)" for name, r in per_round.items()))
+    print("  ratios of median rounds: " + ", ".join(
+        f"{name}/today {r / per_round['today']:.2f}, {name}/numpy {r / per_round['numpy']:.2f}"
+        for name, r in per_round.items() if name.startswith("fused")))
+    best = max(med["fused-1"], med["fused-2"])
+    print(f"fused (best of 1 and 2 threads) / today: {best / med['today']:.2f}x; / numpy: {best / med['numpy']:.2f}x; "
+          f"2 threads: {med['fused-2']:.3g} client-steps/s = {med['fused-2'] / 1e8:.2f} of 1e8")
+    if args.passes:
+        for threads in (1, 2):
+            ta, tb, tn = time_passes(n, min(rounds, 200), threads)
+            total = ta + tb
+            print(f"fused-{threads} per round: pass A {ta * 1e3:.3f} ms ({1e9 * ta / n:.2f} ns/client, {100 * ta / total:.0f}%), "
+                  f"pass B {tb * 1e3:.3f} ms ({1e9 * tb / n:.2f} ns/client, {100 * tb / total:.0f}%); "
+                  f"normals alone (1 thread) {1e9 * tn / n:.2f} ns/client")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+# --------------------------------------------------------------------------- pytest
+@pytest.fixture(scope="module")
+def warmed():
+    warm()
+
+
+def test_fused_beats_today_and_numpy(warmed):
+    """Guard by ratios measured in this run, at 10^4 clients x 100 rounds (seconds)."""
+    rates, _ = compare(10_000, 100, 3, 100)
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    print({k: f"{v:.3g}" for k, v in med.items()})
+    assert med["fused-1"] > 1.5 * med["today"], med
+    assert med["fused-1"] > 5.0 * med["numpy"], med
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1069 @@
+"""Numba kernel of the fused pipeline round: forecasters, server and population in two passes.
+
+Semantics: :mod:`._pipeline_reference` (the specification, whose docstring
+lists the arrays). One round is two passes over the clients, in chunks of
+``CHUNK`` clients with one ``work`` row of partials per chunk, merged serially
+in chunk order, so every result is bitwise the same on any thread count:
+
+- pass A (:func:`_pass_a_chunk`): the server's step on the previous states
+  and its log-sum-exp pieces, the clients' squared errors, the counter-based
+  normals, the NLMS update and forecast, the valid-signal sums;
+- merge A (:func:`_merge_a`): ``(top, log_total)``, ``sbar``, the policy offset;
+- pass B (:func:`_pass_b_chunk`): normalisation and fixed share of the
+  log-weights, the population move and costs, the sums of the moved states,
+  the worst client and the mixture ``sum_i p_i x_i(t+1)`` with the new weights;
+- merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i``.
+
+Speed
+-----
+Each chunk is walked in blocks of ``R = max(1, LANES // d)`` whole clients
+(``R d`` values, in L1). Every loop over a block is element-wise over
+contiguous values (the forecaster's weights and lags are stored as planes,
+``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it; the
+transcendental functions are written out as polynomials in such loops:
+
+- :func:`_exp_into`, :func:`_log_into`: copies of ``kernels/_numba.py``'s
+  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``),
+  with two variants, :func:`_exp_shifted_into` (``exp(x - shift)``, the
+  subtraction in the first loop) and :func:`_log_unit_into` (no fix-up loop,
+  for the uniforms, always positive normal numbers);
+- :func:`_sincos_2pi`: ``cos`` and ``sin`` of ``2 pi u`` for ``u`` in
+  ``[0, 1)``: an exact reduction of ``u`` to ``r`` in ``[-1/8, 1/8]`` plus a
+  quadrant (``u`` is a multiple of ``2^-53``, so ``u - round(4u)/4`` is
+  exact), ``a = 2 pi r`` (one rounding), and Taylor polynomials of degree
+  17 (sin) and 18 (cos) on ``|a| <= pi/4`` (truncation below ``1e-19``):
+  below 2 ulp of the true values (measured 1.77), tested against ``numpy.longdouble``.
+
+Noise: SplitMix64 of ``(key, round, pair of flat indices)``, two uniforms
+per pair and Box-Muller with both outputs, so each normal depends on
+``(seed, client, round, coordinate)`` only (see :func:`_normals_into`).
+
+Every jitted helper used here is defined in this file (Numba's cache checks
+only the file of the function it compiles). The index constants come from
+:mod:`._pipeline_reference` (plain Python): after changing them there, clear
+this module's cache (``__pycache__/_pipeline_numba*.nb*``).
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import CACHE, CHUNK, FASTMATH, PAD
+from ._layout import RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
+from ._pipeline_reference import (
+    F_FIRST, F_RECORD, F_REWEIGHT, F_RULE, F_T, F_UPDATE, FIELD_NEXT, FIELD_OFFSET, FIELD_ROWS, FIELD_SIGNAL,
+    FIELD_STATE, N_FLAGS, N_PARAMS, N_STATS, P_ALPHA, P_ETA, P_GAIN, P_HALF_DISCOUNT, P_KAPPA, P_MIX_SIGNAL,
+    P_MIX_STATE, P_MU, P_Q, P_R, P_SIGNAL, S_ARG_COST, S_ERR, S_LOG_TOTAL, S_MAX_COST, S_SIG_ERR, S_TOP, S_VALID,
+    noise_scales, round_key, seed_keys, work_shape, work_width,
+)
+from ._threads import Threads, max_threads
+
+__all__ = [
+    "F_FIRST", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_NEXT", "FIELD_OFFSET", "FIELD_ROWS",
+    "FIELD_SIGNAL", "FIELD_STATE", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
+    "P_HALF_DISCOUNT", "P_KAPPA", "P_MIX_SIGNAL", "P_MIX_STATE", "P_MU", "P_Q", "P_R", "P_SIGNAL", "S_ARG_COST",
+    "S_ERR", "S_LOG_TOTAL", "S_MAX_COST", "S_SIG_ERR", "S_TOP", "S_VALID", "noise_scales", "round_key", "seed_keys",
+    "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "round_step", "normals", "exp", "log",
+    "sincos_2pi",
+]
+
+_jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
+
+# Values per block: R = max(1, LANES // d) whole clients.
+LANES = 512
+# Below this alpha / N the share keeps its scalar log1p(exp(.)) form (subnormal sums would lose bits).
+_SHARE_FLOOR_MIN = 1e-290
+
+# ``work`` columns, for dp = d rounded up to PAD: signal sums [0, dp), state sums [dp, 2dp), mixture [2dp, 3dp),
+# then the scalars at 3 dp + (COUNT, TOP, SUM, MAX, ARG, ERR, SIG_ERR).
+W_COUNT, W_TOP, W_SUM, W_MAX, W_ARG, W_ERR, W_SIG_ERR = range(7)
+
+# ---- SplitMix64 (kernels/_noise.py)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S1, _S30, _S27, _S31, _S11 = np.uint64(1), np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_TWO_M53 = 1.0 / 9007199254740992.0
+
+# ---- exp (kernels/_numba.py): Cody-Waite, degree-13 Taylor on |r| <= ln(2)/2
+_LOG2E = 1.4426950408889634
+_SHIFT = 6755399441055744.0  # 1.5 * 2^52
+_SHIFT_BITS = int(np.float64(_SHIFT).view(np.int64))
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+# ---- log (kernels/_numba.py): musl's split, fdlibm's R(s^2)
+_LOG_OFF = 0x3FE6A09E667F3BCD
+_EXP_FIELD = -(1 << 52)
+_LG1 = 6.666666666666735130e-01
+_LG2 = 3.999999999940941908e-01
+_LG3 = 2.857142874366239149e-01
+_LG4 = 2.222219843214978396e-01
+_LG5 = 1.818357216161805012e-01
+_LG6 = 1.531383769920937332e-01
+_LG7 = 1.479819860511658591e-01
+_TINY = 2.2250738585072014e-308
+_HUGE = 1.7976931348623157e308
+# ---- sin/cos of 2 pi u
+_TWO_PI = 6.283185307179586
+
+
+@njit(**_jit)
+def _pad(d):
+    return -(-d // PAD) * PAD
+
+
+@njit(**_jit)
+def _block_rows(d):
+    return max(1, LANES // d)
+
+
+@njit(**_jit)
+def _chunk_bounds(n, c):
+    lo = c * CHUNK
+    return lo, min(lo + CHUNK, n)
+
+
+# --------------------------------------------------------------------------- vector math
+@njit(**_jit)
+def _exp_into(src, dst, tmp):
+    """``dst[k] = exp(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s."""
+    m = src.shape[0]
+    tb = tmp[:m]
+    sb = tmp[m:2 * m]
+    for k in range(m):
+        x = src[k]
+        x = -745.5 if x < -745.5 else x
+        x = 710.0 if x > 710.0 else x
+        t = x * _LOG2E + _SHIFT
+        nf = t - _SHIFT
+        r = (x - nf * _LN2_HI) - nf * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        dst[k] = p * r + 1.0
+        tb[k] = t
+    ti = tb.view(np.int64)
+    si = sb.view(np.int64)
+    for k in range(m):
+        n = ti[k] - _SHIFT_BITS
+        half = n >> 1
+        ti[k] = (half + 1023) << 52
+        si[k] = (n - half + 1023) << 52
+    for k in range(m):
+        dst[k] = dst[k] * tb[k] * sb[k]
+
+
+@njit(**_jit)
+def _exp_shifted_into(src, shift, dst, tmp):
+    """``dst[k] = exp(src[k] - shift)``: :func:`_exp_into` with the subtraction in its first loop."""
+    m = src.shape[0]
+    tb = tmp[:m]
+    sb = tmp[m:2 * m]
+    for k in range(m):
+        x = src[k] - shift
+        x = -745.5 if x < -745.5 else x
+        x = 710.0 if x > 710.0 else x
+        t = x * _LOG2E + _SHIFT
+        nf = t - _SHIFT
+        r = (x - nf * _LN2_HI) - nf * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        dst[k] = p * r + 1.0
+        tb[k] = t
+    ti = tb.view(np.int64)
+    si = sb.view(np.int64)
+    for k in range(m):
+        n = ti[k] - _SHIFT_BITS
+        half = n >> 1
+        ti[k] = (half + 1023) << 52
+        si[k] = (n - half + 1023) << 52
+    for k in range(m):
+        dst[k] = dst[k] * tb[k] * sb[k]
+
+
+@njit(**_jit)
+def _log_unit_into(src, dst, tmp):
+    """:func:`_log_into` for inputs known to be positive normal numbers (the uniforms in ``[2^-53, 1]``): no fix-up."""
+    m = src.shape[0]
+    zb = tmp[:m]
+    eb = tmp[m:2 * m]
+    xi = src.view(np.int64)
+    zi = zb.view(np.int64)
+    ei = eb.view(np.int64)
+    for k in range(m):
+        ix = xi[k]
+        t = ix - _LOG_OFF
+        zi[k] = ix - (t & _EXP_FIELD)
+        ei[k] = (t >> 52) + _SHIFT_BITS
+    for k in range(m):
+        e = eb[k] - _SHIFT
+        f = zb[k] - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+        hfsq = 0.5 * f * f
+        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+
+
+@njit(**_jit)
+def _log_into(src, dst, tmp):
+    """``dst[k] = log(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s.
+
+    Positive normal finite inputs take the polynomial path (within 1 ulp of
+    ``numpy.log``); any other input is redone with ``math.log``.
+    """
+    m = src.shape[0]
+    zb = tmp[:m]
+    eb = tmp[m:2 * m]
+    xi = src.view(np.int64)
+    zi = zb.view(np.int64)
+    ei = eb.view(np.int64)
+    for k in range(m):
+        ix = xi[k]
+        t = ix - _LOG_OFF
+        zi[k] = ix - (t & _EXP_FIELD)
+        ei[k] = (t >> 52) + _SHIFT_BITS
+    bad = 0
+    for k in range(m):
+        x = src[k]
+        bad += 0 if (x >= _TINY and x <= _HUGE) else 1
+        e = eb[k] - _SHIFT
+        f = zb[k] - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+        hfsq = 0.5 * f * f
+        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+    if bad:
+        for k in range(m):
+            x = src[k]
+            if not (x >= _TINY and x <= _HUGE):
+                dst[k] = math.log(x)
+
+
+@njit(**_jit)
+def _sincos_2pi(u):
+    """``(cos(2 pi u), sin(2 pi u))`` for ``u`` in ``[0, 1)`` a multiple of ``2^-53`` (branch-free).
+
+    ``k = round(4 u)`` in ``{0, ..., 4}``, ``r = u - k/4`` in ``[-1/8, 1/8]``
+    (exact), ``a = 2 pi r``; Taylor polynomials of ``sin a`` (to ``a^17``) and
+    ``cos a`` (to ``a^18``), then the swap and signs of quadrant ``k mod 4``
+    (selects, no branch, so the loops that call it vectorise).
+    """
+    kf = (4.0 * u + _SHIFT) - _SHIFT  # round(4 u), in {0, ..., 4}
+    a = (u - 0.25 * kf) * _TWO_PI
+    z = a * a
+    sp = 1.0 / 355687428096000.0
+    sp = sp * z - 1.0 / 1307674368000.0
+    sp = sp * z + 1.0 / 6227020800.0
+    sp = sp * z - 1.0 / 39916800.0
+    sp = sp * z + 1.0 / 362880.0
+    sp = sp * z - 1.0 / 5040.0
+    sp = sp * z + 1.0 / 120.0
+    sp = sp * z - 1.0 / 6.0
+    sn = a + (a * z) * sp
+    cp = 1.0 / 6402373705728000.0
+    cp = cp * z - 1.0 / 20922789888000.0
+    cp = cp * z + 1.0 / 87178291200.0
+    cp = cp * z - 1.0 / 479001600.0
+    cp = cp * z + 1.0 / 3628800.0
+    cp = cp * z - 1.0 / 40320.0
+    cp = cp * z + 1.0 / 720.0
+    cp = cp * z - 1.0 / 24.0
+    cs = 1.0 - 0.5 * z + (z * z) * (-cp)
+    quadrant = np.int64(kf) & 3
+    c = sn if (quadrant & 1) != 0 else cs
+    s = cs if (quadrant & 1) != 0 else sn
+    c = -c if ((quadrant + 1) & 2) != 0 else c
+    s = -s if (quadrant & 2) != 0 else s
+    return c, s
+
+
+@njit(**_jit)
+def _sincos_into(u, c_out, s_out):
+    for k in range(u.shape[0]):
+        c, s = _sincos_2pi(u[k])
+        c_out[k] = c
+        s_out[k] = s
+
+
+@njit(**_jit)
+def _mix64(z):
+    """SplitMix64's finaliser: a bijective hash of a 64-bit word."""
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@njit(**_jit)
+def _round_key(key, t):
+    return _mix64(key ^ (_GOLDEN * np.uint64(t + 1)))
+
+
+@njit(**_jit)
+def _normals_into(kt, q0, m, u1, u2, lu, tmp, out):
+    """Normals of the pairs ``q0 .. q0 + m - 1`` of round key ``kt`` into ``out[0:2m]`` (even, odd flat index).
+
+    Scratch: ``u1``, ``u2``, ``lu`` (``m`` each), ``tmp`` (``2 m``).
+    """
+    base = np.uint64(q0 + 1)
+    for k in range(m):
+        h1 = _mix64(kt + _GOLDEN * (base + np.uint64(k)))
+        h2 = _mix64(h1 + _GOLDEN)
+        u1[k] = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
+        u2[k] = np.float64(h2 >> _S11) * _TWO_M53
+    _log_unit_into(u1[:m], lu[:m], tmp[:2 * m])
+    for k in range(m):
+        radius = math.sqrt(-2.0 * lu[k])
+        c, s = _sincos_2pi(u2[k])
+        out[2 * k] = radius * c
+        out[2 * k + 1] = radius * s
+
+
+@njit(**_jit)
+def _clip_step(v):
+    """``eta * loss`` clipped to ``[-STEP_LIMIT, STEP_LIMIT]``; NaN (an overflow) becomes ``STEP_LIMIT``."""
+    if v > STEP_LIMIT or v != v:
+        return STEP_LIMIT
+    return -STEP_LIMIT if v < -STEP_LIMIT else v
+
+
+@njit(**_jit)
+def _sum4(a):
+    """``sum(a)`` with four interleaved accumulators, ``(s0 + s1) + (s2 + s3)``."""
+    s0 = s1 = s2 = s3 = 0.0
+    m = a.shape[0]
+    k = 0
+    while k + 4 <= m:
+        s0 += a[k]
+        s1 += a[k + 1]
+        s2 += a[k + 2]
+        s3 += a[k + 3]
+        k += 4
+    while k < m:
+        s0 += a[k]
+        k += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(**_jit)
+def _row_sums(terms, rows, d, out):
+    """``out[k] = sum_j terms[k d + j]`` in order ``j = 0 .. d-1``."""
+    if d == 1:
+        for k in range(rows):
+            out[k] = terms[k]
+    else:
+        for k in range(rows):
+            acc = 0.0
+            for j in range(d):
+                acc += terms[k * d + j]
+            out[k] = acc
+
+
+@njit(**_jit)
+def _lane_columns(lanes, d, R, out):
+    """``out[j] = lanes[j] + lanes[d + j] + ... + lanes[(R-1) d + j]``, in that order."""
+    for j in range(d):
+        total = 0.0
+        for k in range(R):
+            total += lanes[k * d + j]
+        out[j] = total
+
+
+@njit(**_jit)
+def _track_max(Jb, first, rows, vmax, varg):
+    """Lane ``k`` keeps the largest of ``Jb[k]`` and its own, with its row ``first + k`` (first on ties)."""
+    for k in range(rows):
+        v = Jb[k]
+        m = vmax[k]
+        up = v > m
+        vmax[k] = v if up else m
+        varg[k] = float(first + k) if up else varg[k]
+
+
+@njit(**_jit)
+def _row_valid(s, i, d):
+    ok = True
+    for j in range(d):
+        if not abs(s[i, j]) <= SIGNAL_LIMIT:
+            ok = False
+    return ok
+
+
+# --------------------------------------------------------------------------- pass A
+@njit(**_jit)
+def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
+    """NLMS with ``p = 2`` on values ``[v0, v0 + nv)`` (planes ``W[f]``, ``A[k]``); ``sb`` gets the forecasts."""
+    W0 = W[0, v0:v0 + nv]
+    W1 = W[1, v0:v0 + nv]
+    W2 = W[2, v0:v0 + nv]
+    W3 = W[3, v0:v0 + nv]
+    W4 = W[4, v0:v0 + nv]
+    A0 = A[0, v0:v0 + nv]
+    A1 = A[1, v0:v0 + nv]
+    if update:
+        for v in range(nv):
+            z = yr[v] + sv[v] * eps[v]
+            a = A0[v]
+            b = A1[v]
+            a2 = a * a
+            b2 = b * b
+            w0 = W0[v]
+            w1 = W1[v]
+            w2 = W2[v]
+            w3 = W3[v]
+            w4 = W4[v]
+            pred = w4 + w0 * a + w2 * a2 + w1 * b + w3 * b2
+            norm = 1.0 + (a2 + a2 * a2) + (b2 + b2 * b2)
+            step = mu * (z - pred) / norm
+            w0 += step * a
+            w1 += step * b
+            w2 += step * a2
+            w3 += step * b2
+            w4 += step
+            W0[v] = w0
+            W1[v] = w1
+            W2[v] = w2
+            W3[v] = w3
+            W4[v] = w4
+            A1[v] = a
+            A0[v] = z
+            sb[v] = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+    else:
+        for v in range(nv):
+            z = yr[v] + sv[v] * eps[v]
+            a = A0[v]
+            A1[v] = a
+            A0[v] = z
+            sb[v] = W4[v] + W0[v] * z + W2[v] * (z * z) + W1[v] * a + W3[v] * (a * a)
+
+
+@njit(**_jit)
+def _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm):
+    """NLMS with any ``p`` on values ``[v0, v0 + nv)``, one loop per feature plane (scratch ``zb``, ``pred``, ``norm``)."""
+    p = A.shape[0]
+    F = 2 * p + 1
+    for v in range(nv):
+        zb[v] = yr[v] + sv[v] * eps[v]
+    Wc = W[F - 1, v0:v0 + nv]
+    if update:
+        for v in range(nv):
+            pred[v] = Wc[v]
+            norm[v] = 1.0
+        for k in range(p):
+            Ak = A[k, v0:v0 + nv]
+            Wk = W[k, v0:v0 + nv]
+            Wq = W[p + k, v0:v0 + nv]
+            for v in range(nv):
+                a = Ak[v]
+                a2 = a * a
+                pred[v] += Wk[v] * a + Wq[v] * a2
+                norm[v] += a2 + a2 * a2
+        for v in range(nv):
+            pred[v] = mu * (zb[v] - pred[v]) / norm[v]  # the step
+        for k in range(p):
+            Ak = A[k, v0:v0 + nv]
+            Wk = W[k, v0:v0 + nv]
+            Wq = W[p + k, v0:v0 + nv]
+            for v in range(nv):
+                a = Ak[v]
+                Wk[v] += pred[v] * a
+                Wq[v] += pred[v] * (a * a)
+        for v in range(nv):
+            Wc[v] += pred[v]
+    for k in range(p - 1, 0, -1):
+        Ak = A[k, v0:v0 + nv]
+        Ap = A[k - 1, v0:v0 + nv]
+        for v in range(nv):
+            Ak[v] = Ap[v]
+    A0 = A[0, v0:v0 + nv]
+    for v in range(nv):
+        A0[v] = zb[v]
+        sb[v] = Wc[v]
+    for k in range(p):
+        Ak = A[k, v0:v0 + nv]
+        Wk = W[k, v0:v0 + nv]
+        Wq = W[p + k, v0:v0 + nv]
+        for v in range(nv):
+            a = Ak[v]
+            sb[v] += Wk[v] * a + Wq[v] * (a * a)
+
+
+@njit(**_jit)
+def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c):
+    """Pass A on chunk ``c``: server step and log-sum-exp pieces, errors, noise, forecasters, signal sums.
+
+    Reads ``x`` (the states ``x(t)``), ``y``, ``yhat`` (``yhat(t)``, eg only),
+    ``sigma``, ``params`` and ``flags``. Modified in place on the chunk's rows:
+    ``log_p`` (stepped, not normalised), ``ebuf`` (``exp(log_p_i - top_c)``,
+    ``top_c`` the chunk's largest stepped log-weight, for pass B), ``W`` and
+    ``A`` (planes ``(2p+1, N d)`` and ``(p, N d)``), ``s`` (``s(t)``),
+    ``sq_err``/``sq_sig`` (when recording). Row ``c`` of ``work`` gets the
+    signal sums (valid rows) and their count, ``(top_c, sum_i exp(log_p_i -
+    top_c))`` and the two error totals.
+
+    Three sweeps over the chunk (its rows stay in L2): the server's step and
+    the errors, block by block, with a lane-wise running maximum; the
+    exponentials against the chunk's maximum; the forecasters, block by block.
+    """
+    n, d = x.shape
+    p = A.shape[0]
+    R = _block_rows(d)
+    L = R * d
+    H = L // 2 + 2
+    lo, hi = _chunk_bounds(n, c)
+    rule = flags[F_RULE]
+    reweight = flags[F_REWEIGHT] != 0
+    record = flags[F_RECORD] != 0
+    update = flags[F_UPDATE] != 0
+    first = flags[F_FIRST]
+    eta = params[P_ETA]
+    mu = params[P_MU]
+    step_server = reweight and eta != 0.0
+    xf = x.reshape(-1)
+    sf = s.reshape(-1)
+    scratch = np.empty(9 * L + 7 * H + 8 * R)
+    yr = scratch[:L]
+    gr = scratch[L:2 * L]
+    terms = scratch[2 * L:3 * L]
+    sv = scratch[3 * L:4 * L]
+    lanes = scratch[4 * L:5 * L]
+    zb = scratch[5 * L:6 * L]
+    pred = scratch[6 * L:7 * L]
+    norm = scratch[7 * L:8 * L]
+    u1 = scratch[9 * L:9 * L + H]
+    u2 = scratch[9 * L + H:9 * L + 2 * H]
+    lu = scratch[9 * L + 2 * H:9 * L + 3 * H]
+    ltmp = scratch[9 * L + 3 * H:9 * L + 5 * H]
+    noise = scratch[9 * L + 5 * H:9 * L + 7 * H]
+    base = 9 * L + 7 * H
+    rowerr = scratch[base:base + R]
+    shifted = scratch[base + R:base + 2 * R]
+    etmp = scratch[base + 2 * R:base + 4 * R]
+    tmax = scratch[base + 4 * R:base + 5 * R]
+    for k in range(R):
+        tmax[k] = -np.inf
+        for j in range(d):
+            yr[k * d + j] = y[j]
+            gr[k * d + j] = 2.0 * (yhat[j] - y[j])
+    for v in range(L):
+        lanes[v] = 0.0
+    # per-row lanes of the chunk's totals (element-wise adds vectorise; a running scalar sum would not)
+    err_l = scratch[base + 5 * R:base + 6 * R]
+    sig_l = scratch[base + 6 * R:base + 7 * R]
+    exp_l = scratch[base + 7 * R:base + 8 * R]
+    for k in range(R):
+        err_l[k] = 0.0
+        sig_l[k] = 0.0
+        exp_l[k] = 0.0
+    # sweep 1: the clients' errors against y(t), the server's step on x(t), the running maximum
+    if record or reweight:
+        for rb in range(lo, hi, R):
+            rows = min(R, hi - rb)
+            v0 = rb * d
+            nv = rows * d
+            xb = xf[v0:v0 + nv]
+            err = rowerr[:rows]
+            if record or (step_server and rule != RULE_EG):
+                for v in range(nv):
+                    e = xb[v] - yr[v]
+                    terms[v] = e * e
+                if d == 1:
+                    err = terms[:rows]
+                else:
+                    _row_sums(terms, rows, d, rowerr)
+            if record:
+                eb = sq_err[rb:rb + rows]
+                for k in range(rows):
+                    eb[k] += err[k]
+                for k in range(rows):
+                    err_l[k] += err[k]
+                sb = sf[v0:v0 + nv]
+                for v in range(nv):
+                    e = sb[v] - yr[v]
+                    pred[v] = e * e
+                sig = pred[:rows]
+                if d != 1:
+                    _row_sums(pred, rows, d, shifted)
+                    sig = shifted[:rows]
+                eb = sq_sig[rb:rb + rows]
+                for k in range(rows):
+                    eb[k] += sig[k]
+                for k in range(rows):
+                    sig_l[k] += sig[k]
+            if reweight:
+                lp = log_p[rb:rb + rows]
+                if step_server:
+                    if rule == RULE_EG:
+                        for v in range(nv):
+                            pred[v] = gr[v] * xb[v]
+                        _row_sums(pred, rows, d, rowerr)
+                        err = rowerr[:rows]
+                    for k in range(rows):
+                        lp[k] -= _clip_step(eta * err[k])
+                for k in range(rows):
+                    v = lp[k]
+                    m = tmax[k]
+                    tmax[k] = v if v > m else m
+    # sweep 2: exp(log_p - top_c) and their sum
+    top = -np.inf
+    if reweight:
+        for k in range(R):
+            top = tmax[k] if tmax[k] > top else top
+        for rb in range(lo, hi, R):
+            rows = min(R, hi - rb)
+            lp = log_p[rb:rb + rows]
+            ex = ebuf[rb:rb + rows]
+            if top == -np.inf:
+                for k in range(rows):
+                    ex[k] = 0.0
+                continue
+            _exp_shifted_into(lp, top, ex, etmp[:2 * rows])
+            for k in range(rows):
+                exp_l[k] += ex[k]
+    err_total = _sum4(err_l)
+    sig_total = _sum4(sig_l)
+    scaled = _sum4(exp_l)
+    # sweep 3: noise, the forecasters, the signal sums
+    bad = 0
+    for rb in range(lo, hi, R):
+        rows = min(R, hi - rb)
+        v0 = rb * d
+        nv = rows * d
+        sb = sf[v0:v0 + nv]
+        g0 = (first + rb) * d
+        q0 = g0 >> 1
+        m = ((g0 + nv + 1) >> 1) - q0
+        _normals_into(kt, q0, m, u1, u2, lu, ltmp, noise)
+        off = g0 - 2 * q0
+        eps = noise[off:off + nv]
+        scales = sigma[rb:rb + rows]  # d = 1: the clients' scales as they are
+        if d != 1:
+            for k in range(rows):
+                for j in range(d):
+                    sv[k * d + j] = sigma[rb + k]
+            scales = sv[:nv]
+        if p == 2:
+            _forecast_block_p2(yr, scales, eps, W, A, nv, v0, mu, update, sb)
+        else:
+            _forecast_block(yr, scales, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm)
+        for v in range(nv):
+            val = sb[v]
+            lanes[v] += val
+            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
+    dp = _pad(d)
+    row = work[c]
+    scal = 3 * dp
+    if bad == 0:
+        _lane_columns(lanes, d, R, row[0:d])
+        row[scal + W_COUNT] = hi - lo
+    else:
+        count = 0
+        for j in range(d):
+            row[j] = 0.0
+        for i in range(lo, hi):
+            if _row_valid(s, i, d):
+                count += 1
+                for j in range(d):
+                    row[j] += s[i, j]
+        row[scal + W_COUNT] = count
+    row[scal + W_TOP] = top
+    row[scal + W_SUM] = scaled
+    row[scal + W_ERR] = err_total
+    row[scal + W_SIG_ERR] = sig_total
+
+
+@njit(**_jit)
+def _merge_a(work, field, params, flags, stats, d):
+    """Merge pass A's rows in chunk order: ``(top, log_total)``, ``sbar``, the offset, the error totals."""
+    dp = _pad(d)
+    scal = 3 * dp
+    chunks = work.shape[0]
+    count = 0.0
+    err = 0.0
+    sig = 0.0
+    top = -np.inf
+    for c in range(chunks):
+        count += work[c, scal + W_COUNT]
+        err += work[c, scal + W_ERR]
+        sig += work[c, scal + W_SIG_ERR]
+        top = max(top, work[c, scal + W_TOP])
+    log_total = 0.0
+    if flags[F_REWEIGHT] != 0 and top != -np.inf:
+        total = 0.0
+        for c in range(chunks):
+            if work[c, scal + W_TOP] != -np.inf:
+                total += work[c, scal + W_SUM] * math.exp(work[c, scal + W_TOP] - top)
+        log_total = math.log(total)
+    if flags[F_REWEIGHT] == 0:
+        top = 0.0
+    if count > 0:
+        for j in range(d):
+            acc = 0.0
+            for c in range(chunks):
+                acc += work[c, j]
+            field[FIELD_SIGNAL, j] = acc / count
+    for j in range(d):
+        field[FIELD_OFFSET, j] = params[P_MIX_SIGNAL] * field[FIELD_SIGNAL, j] + params[P_MIX_STATE] * field[FIELD_STATE, j]
+    stats[S_VALID] = count
+    stats[S_ERR] = err
+    stats[S_SIG_ERR] = sig
+    stats[S_TOP] = top
+    stats[S_LOG_TOTAL] = log_total
+
+
+# --------------------------------------------------------------------------- pass B
+@njit(**_jit)
+def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, n_total, c):
+    """Pass B on chunk ``c``: share the log-weights, move and pay, then the chunk's sums for ``t + 1``.
+
+    Modified in place on the chunk's rows: ``log_p`` (normalised and shared
+    when ``flags[F_REWEIGHT]``), ``x`` (``x(t+1)``), ``J``. Reads ``s``,
+    ``ebuf`` and the chunk's ``top_c`` (pass A's exponentials: the normalised
+    weight is ``ebuf_i exp((top_c - top) - log_total)``, no ``exp`` per client),
+    ``field[FIELD_OFFSET]``, ``field[FIELD_STATE]`` and the chunk's valid
+    count from ``work``. Row ``c`` of ``work`` gets the sums of the moved
+    states, ``sum_i p_i x_i(t+1)`` (``p`` the new weights) and the largest
+    cost with its first client.
+    """
+    n, d = x.shape
+    R = _block_rows(d)
+    L = R * d
+    lo, hi = _chunk_bounds(n, c)
+    dp = _pad(d)
+    scal = 3 * dp
+    row = work[c]
+    all_valid = row[scal + W_COUNT] == hi - lo
+    reweight = flags[F_REWEIGHT] != 0
+    alpha = params[P_ALPHA]
+    gain = params[P_GAIN]
+    weight = params[P_SIGNAL]
+    q = params[P_Q]
+    kappa = params[P_KAPPA]
+    r = params[P_R]
+    half = params[P_HALF_DISCOUNT]
+    if top == -np.inf:
+        top, log_total = 0.0, 0.0
+    xf = x.reshape(-1)
+    sf = s.reshape(-1)
+    scratch = np.empty(5 * L + 7 * R)
+    offset = scratch[:L]
+    centre = scratch[L:2 * L]
+    terms = scratch[2 * L:3 * L]
+    lane_x = scratch[3 * L:4 * L]
+    lane_m = scratch[4 * L:5 * L]
+    w = scratch[5 * L:5 * L + R]
+    sh = scratch[5 * L + R:5 * L + 2 * R]
+    tmp = scratch[5 * L + 2 * R:5 * L + 4 * R]
+    cost_row = scratch[5 * L + 4 * R:5 * L + 5 * R]
+    jmax_l = scratch[5 * L + 5 * R:5 * L + 6 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
+    jarg_l = scratch[5 * L + 6 * R:5 * L + 7 * R]
+    for k in range(R):
+        jmax_l[k] = -np.inf
+        jarg_l[k] = -1.0
+    for k in range(R):
+        for j in range(d):
+            offset[k * d + j] = field[FIELD_OFFSET, j]
+            centre[k * d + j] = field[FIELD_STATE, j]
+    for v in range(L):
+        lane_x[v] = 0.0
+        lane_m[v] = 0.0
+    keep = 1.0 - alpha
+    floor = alpha / n_total
+    uniform = -math.log(n_total)
+    top_c = row[scal + W_TOP]
+    scale = math.exp((top_c - top) - log_total) if top_c != -np.inf else 0.0
+    for rb in range(lo, hi, R):
+        rows = min(R, hi - rb)
+        v0 = rb * d
+        nv = rows * d
+        lp = log_p[rb:rb + rows]
+        eb = ebuf[rb:rb + rows]
+        wb = w[:rows]
+        # 5. normalise and share the weights; wb = the new p
+        if not reweight:
+            _exp_into(lp, wb, tmp[:2 * rows])
+        elif alpha == 0.0:
+            for k in range(rows):
+                lp[k] = (lp[k] - top) - log_total
+                wb[k] = eb[k] * scale
+        elif alpha == 1.0:
+            for k in range(rows):
+                lp[k] = uniform
+            _exp_into(lp, wb, tmp[:2 * rows])
+        elif floor < _SHARE_FLOOR_MIN:
+            lkeep = math.log1p(-alpha)
+            spread = math.log(floor)
+            for k in range(rows):
+                a = lkeep + ((lp[k] - top) - log_total)
+                big = max(a, spread)
+                lp[k] = big + math.log1p(math.exp(-abs(a - spread)))
+            _exp_into(lp, wb, tmp[:2 * rows])
+        else:
+            for k in range(rows):
+                wb[k] = keep * (eb[k] * scale) + floor
+            _log_into(wb, lp, tmp[:2 * rows])
+        # 6. move and pay
+        xb = xf[v0:v0 + nv]
+        sb = sf[v0:v0 + nv]
+        Jb = J[rb:rb + rows]
+        block_ok = all_valid
+        if not block_ok:
+            block_ok = True
+            for v in range(nv):
+                if not abs(sb[v]) <= SIGNAL_LIMIT:
+                    block_ok = False
+        if block_ok:
+            for v in range(nv):
+                xi = xb[v]
+                si = sb[v]
+                u = -gain * (xi - weight * si - offset[v])
+                e_s = xi - si
+                e_m = xi - centre[v]
+                terms[v] = q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
+                xb[v] = xi + u
+            cost = terms[:rows]
+            if d != 1:
+                _row_sums(terms, rows, d, cost_row)
+                cost = cost_row[:rows]
+            for k in range(rows):
+                Jb[k] += half * cost[k]
+            _track_max(Jb, rb, rows, jmax_l, jarg_l)
+        else:
+            for k in range(rows):
+                i = rb + k
+                cost = 0.0
+                if _row_valid(s, i, d):
+                    for j in range(d):
+                        xi = x[i, j]
+                        si = s[i, j]
+                        u = -gain * (xi - weight * si - offset[k * d + j])
+                        e_s = xi - si
+                        e_m = xi - centre[k * d + j]
+                        cost += q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
+                        x[i, j] = xi + u
+                else:
+                    for j in range(d):
+                        e_m = x[i, j] - centre[k * d + j]
+                        cost += kappa * (e_m * e_m)
+                J[i] += half * cost
+            _track_max(Jb, rb, rows, jmax_l, jarg_l)
+        # 7. sums of the moved states and the mixture
+        for v in range(nv):
+            lane_x[v] += xb[v]
+        if d == 1:
+            for k in range(rows):
+                lane_m[k] += wb[k] * xb[k]
+        else:
+            for k in range(rows):
+                pk = wb[k]
+                for j in range(d):
+                    lane_m[k * d + j] += pk * xb[k * d + j]
+    _lane_columns(lane_x, d, R, row[dp:dp + d])
+    _lane_columns(lane_m, d, R, row[2 * dp:2 * dp + d])
+    jmax = -np.inf
+    jarg = -1.0
+    for k in range(R):  # the largest lane, the first client among equal lanes
+        if jmax_l[k] > jmax or (jmax_l[k] == jmax and jarg_l[k] < jarg):
+            jmax = jmax_l[k]
+            jarg = jarg_l[k]
+    row[scal + W_MAX] = jmax
+    row[scal + W_ARG] = jarg
+
+
+@njit(**_jit)
+def _merge_b(work, field, yhat, stats, n, d):
+    """Merge pass B's rows in chunk order: ``m(t+1)`` into ``field[FIELD_NEXT]``, ``yhat(t+1)``, the worst client."""
+    dp = _pad(d)
+    scal = 3 * dp
+    chunks = work.shape[0]
+    for j in range(d):
+        acc = 0.0
+        mix = 0.0
+        for c in range(chunks):
+            acc += work[c, dp + j]
+            mix += work[c, 2 * dp + j]
+        field[FIELD_NEXT, j] = acc / n
+        yhat[j] = mix
+    jmax = -np.inf
+    jarg = -1.0
+    for c in range(chunks):
+        if work[c, scal + W_MAX] > jmax:
+            jmax = work[c, scal + W_MAX]
+            jarg = work[c, scal + W_ARG]
+    stats[S_MAX_COST] = jmax
+    stats[S_ARG_COST] = jarg
+
+
+# --------------------------------------------------------------------------- drivers
+@njit(**_jit)
+def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    kt = _round_key(key, flags[F_T])
+    for c in range(work.shape[0]):
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+    _merge_a(work, field, params, flags, stats, x.shape[1])
+
+
+@njit(parallel=True, **_jit)
+def _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    kt = _round_key(key, flags[F_T])
+    for c in prange(work.shape[0]):
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+    _merge_a(work, field, params, flags, stats, x.shape[1])
+
+
+@njit(**_jit)
+def _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
+    n = x.shape[0]
+    top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
+    chunks = work.shape[0]
+    for k in range(chunks):  # last chunk first: pass A's last chunks are still in cache
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), chunks - 1 - k)
+    _merge_b(work, field, yhat, stats, n, x.shape[1])
+
+
+@njit(parallel=True, **_jit)
+def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
+    n = x.shape[0]
+    top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
+    for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), c)
+    _merge_b(work, field, yhat, stats, n, x.shape[1])
+
+
+@njit(**_jit)
+def _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+    _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
+
+
+@njit(parallel=True, **_jit)
+def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    kt = _round_key(key, flags[F_T])
+    n, d = x.shape
+    for c in prange(work.shape[0]):
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+    _merge_a(work, field, params, flags, stats, d)
+    top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
+    for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), c)
+    _merge_b(work, field, yhat, stats, n, d)
+
+
+@njit(**_jit)
+def _normals_rows(key, first, t, out):
+    """``out[r, j]`` = the normal of client ``first + r``, coordinate ``j``, round ``t``."""
+    n, d = out.shape
+    kt = _round_key(key, t)
+    g0 = first * d
+    q0 = g0 >> 1
+    m = ((g0 + n * d + 1) >> 1) - q0
+    buf = np.empty(7 * m)
+    _normals_into(kt, q0, m, buf[:m], buf[m:2 * m], buf[2 * m:3 * m], buf[3 * m:5 * m], buf[5 * m:])
+    flat = out.reshape(-1)
+    off = g0 - 2 * q0
+    for k in range(n * d):
+        flat[k] = buf[5 * m + off + k]
+
+
+@njit(**_jit)
+def _exp_public(src, dst):
+    _exp_into(src, dst, np.empty(2 * src.shape[0]))
+
+
+@njit(**_jit)
+def _log_public(src, dst):
+    _log_into(src, dst, np.empty(2 * src.shape[0]))
+
+
+# --------------------------------------------------------------------------- public (semantics: _pipeline_reference)
+def _flat(weights, lags):
+    F, n, d = weights.shape
+    return weights.reshape(F, n * d), lags.reshape(lags.shape[0], n * d)
+
+
+def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+           threads):
+    """Pass A and its merge; semantics: :func:`memoa_fast.kernels._pipeline_reference.pass_a`."""
+    W, A = _flat(weights, lags)
+    key = np.uint64(key)
+    if threads == 1:
+        return _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+    with Threads(threads):
+        return _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
+                                stats)
+
+
+def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
+    """Pass B and its merge; semantics: :func:`memoa_fast.kernels._pipeline_reference.pass_b`."""
+    if threads == 1:
+        return _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
+    with Threads(threads):
+        return _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
+
+
+def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+               threads):
+    """One whole round in one compiled call; semantics: :func:`memoa_fast.kernels._pipeline_reference.round_step`."""
+    W, A = _flat(weights, lags)
+    key = np.uint64(key)
+    if threads == 1:
+        return _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
+                             stats)
+    with Threads(threads):
+        return _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
+                               stats)
+
+
+def normals(key, first, t, n, d):
+    """The normals of clients ``[first, first + n)`` at round ``t``, shape ``(n, d)`` (the kernel's own stream)."""
+    out = np.empty((n, d))
+    _normals_rows(np.uint64(key), first, t, out)
+    return out
+
+
+def exp(src):
+    """The kernel's vectorised ``exp`` of a 1-D float64 array (for the accuracy tests)."""
+    src = np.ascontiguousarray(src, dtype=np.float64)
+    out = np.empty_like(src)
+    _exp_public(src, out)
+    return out
+
+
+def log(src):
+    """The kernel's vectorised ``log`` of a 1-D float64 array (for the accuracy tests)."""
+    src = np.ascontiguousarray(src, dtype=np.float64)
+    out = np.empty_like(src)
+    _log_public(src, out)
+    return out
+
+
+def sincos_2pi(u):
+    """The kernel's ``(cos(2 pi u), sin(2 pi u))`` of a 1-D float64 array in ``[0, 1)`` (for the accuracy tests)."""
+    u = np.ascontiguousarray(u, dtype=np.float64)
+    c, s = np.empty_like(u), np.empty_like(u)
+    _sincos_into(u, c, s)
+    return c, s

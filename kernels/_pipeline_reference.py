@@ -1,0 +1,251 @@
+"""Slow, obviously correct NumPy reference of the fused pipeline round: the specification.
+
+One round of the time-series pipeline (MODEL.md sections 5 and 6) for N
+clients in dimension d, called when the target ``y(t)`` arrives. With
+``x(t)`` the states published last round (each client's forecast of ``y(t)``),
+``log p`` the server's log-weights and ``yhat(t) = sum_i p_i x_i(t)``:
+
+Pass A (needs ``y(t)``)
+
+1. if ``reweight``: the server's update on ``x(t)``, ``log p_i -= clip(eta
+   loss_i)`` with ``loss_i = |x_i(t) - y(t)|^2`` (hedge) or
+   ``2 <yhat(t) - y(t), x_i(t)>`` (eg), the clip of :data:`STEP_LIMIT` as in
+   :func:`memoa_fast.kernels._reference.mixture_reweight`;
+2. if ``record``: ``sq_err_i += |x_i(t) - y(t)|^2`` and ``sq_sig_i +=
+   |s_i(t-1) - y(t)|^2`` (the raw forecasts' errors), with their totals;
+3. every client observes ``z_i = y(t) + sigma_i eps_i(t)`` with the
+   counter-based normals of :func:`normals`, updates its normalised-LMS
+   weights on the a-priori error (if ``update``) and forecasts ``s_i(t)``
+   (exactly :func:`memoa_fast.kernels._forecast_reference.forecast_step`);
+4. the count and the sum of the valid signals (finite, ``|s| <= SIGNAL_LIMIT``).
+
+Merge: ``log sum_i p_i = top + log_total``; ``sbar(t)`` (kept when no signal
+is valid); the policy offset ``mix_s sbar + mix_m m(t)``.
+
+Pass B
+
+5. if ``reweight``: ``log p <- (log p - top) - log_total`` then fixed share
+   ``p <- (1 - alpha) p + alpha / N``;
+6. the population step of :func:`memoa_fast.kernels._reference.move_pass`
+   (one class): ``u_i = -g (x_i - c s_i - offset)`` for a valid signal (else
+   ``u_i = 0``), ``J_i += gamma^t / 2 (q |x_i - s_i|^2 + kappa |x_i - m|^2 +
+   r |u_i|^2)`` (``q`` term only with a valid signal), ``x_i += u_i``;
+7. ``m(t+1)``, the worst client ``max_i J_i`` (first on ties) and the
+   mixture ``yhat(t+1) = sum_i p_i x_i(t+1)`` with the new weights.
+
+Arrays (C-contiguous float64 unless said; the caller checks shapes):
+``x``, ``s`` (N, d); ``J``, ``log_p``, ``ebuf`` (scratch kept from pass A to pass
+B), ``sigma``, ``sq_err``, ``sq_sig`` (N,);
+``weights`` (2p + 1, N, d) and ``lags`` (p, N, d), *structure of arrays*
+(feature ``f`` of every client is one contiguous plane, so the compiled loops
+run unit-stride): features ordered ``[lags, lags^2, 1]``, lags newest first;
+``y`` (d,), the target; ``yhat`` (d,), ``yhat(t)`` in and ``yhat(t+1)`` out;
+``field`` (:data:`FIELD_ROWS`, d); ``work`` (chunks, :func:`work_width`);
+``params`` (:data:`N_PARAMS`,) float64; ``flags`` (:data:`N_FLAGS`,) int64;
+``stats`` (:data:`N_STATS`,) float64, written.
+"""
+import numpy as np
+
+from ._config import CHUNK, PAD
+from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT
+
+# ``params``: the float settings of a round.
+P_ETA, P_ALPHA, P_MU, P_HALF_DISCOUNT, P_GAIN, P_SIGNAL, P_Q, P_KAPPA, P_R, P_MIX_SIGNAL, P_MIX_STATE = range(11)
+N_PARAMS = 11
+# ``flags``: the integer settings of a round. FIRST is the global index of row 0 (a shard's offset).
+F_T, F_RULE, F_REWEIGHT, F_RECORD, F_UPDATE, F_FIRST = range(6)
+N_FLAGS = 6
+# ``field`` rows: m(t) (read), sbar (kept when no signal is valid), the policy offset, m(t+1) (written).
+FIELD_STATE, FIELD_SIGNAL, FIELD_OFFSET, FIELD_NEXT = range(4)
+FIELD_ROWS = 4
+# ``stats``: what a round reports besides the arrays.
+(S_VALID, S_MAX_COST, S_ARG_COST, S_ERR, S_SIG_ERR, S_TOP, S_LOG_TOTAL) = range(7)
+N_STATS = 7
+
+# SplitMix64 (see kernels/_noise.py): every normal is a function of (key, round, flat index g = client * d + j).
+GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+_MASK = (1 << 64) - 1
+
+__all__ = [
+    "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "STEP_LIMIT", "CHUNK", "P_ETA", "P_ALPHA", "P_MU", "P_HALF_DISCOUNT",
+    "P_GAIN", "P_SIGNAL", "P_Q", "P_KAPPA", "P_R", "P_MIX_SIGNAL", "P_MIX_STATE", "N_PARAMS", "F_T", "F_RULE",
+    "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "N_FLAGS", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
+    "FIELD_NEXT", "FIELD_ROWS", "S_VALID", "S_MAX_COST", "S_ARG_COST", "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
+    "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b", "round_step", "max_threads",
+]
+
+
+def max_threads():
+    """The reference runs on one thread."""
+    return 1
+
+
+def work_width(d):
+    """Columns of ``work``: signal sums, state sums and mixture (``d`` each, padded), then 8 scalars."""
+    return 3 * (-(-d // PAD) * PAD) + PAD
+
+
+def work_shape(n, d):
+    """``(chunks, work_width(d))``: one row of partials per chunk of ``CHUNK`` clients."""
+    return -(-n // CHUNK), work_width(d)
+
+
+def _mix64_int(z):
+    """SplitMix64's finaliser on a Python int (mod 2^64)."""
+    z &= _MASK
+    z = ((z ^ (z >> 30)) * _M1) & _MASK
+    z = ((z ^ (z >> 27)) * _M2) & _MASK
+    return z ^ (z >> 31)
+
+
+def _mix64(z):
+    """SplitMix64's finaliser on a uint64 array (NumPy wraps array arithmetic modulo 2^64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def seed_keys(seed):
+    """``(noise key, scale key)`` of a seed in ``[0, 2^63)``: ``k = mix64(seed)``, ``mix64(k + golden)``.
+
+    The same keys as :func:`memoa_fast.kernels._noise.seed_keys`, so a
+    pipeline's noise scales are those of ``NoisyLastValueSignals``.
+    """
+    key = _mix64_int(int(seed))
+    return key, _mix64_int(key + GOLDEN)
+
+
+def noise_scales(scale_key, first, n, low, high):
+    """``sigma_i = exp(log low + u_i (log high - log low))`` of clients ``[first, first + n)``.
+
+    ``u_i = 2^{-53} floor(mix64(scale_key + golden (i + 1)) / 2^11)``: log-uniform
+    on ``[low, high]``, a function of ``(scale_key, i)`` alone.
+    """
+    i = np.arange(first, first + n, dtype=np.uint64)
+    u = (_mix64(np.uint64(scale_key) + np.uint64(GOLDEN) * (i + np.uint64(1))) >> np.uint64(11)).astype(np.float64)
+    log_low, log_high = np.log(low), np.log(high)
+    return np.exp(log_low + u * 2.0**-53 * (log_high - log_low))
+
+
+def round_key(key, t):
+    """The key of round ``t``: ``mix64(key ^ (golden (t + 1)))``."""
+    return _mix64_int(int(key) ^ ((GOLDEN * (t + 1)) & _MASK))
+
+
+def normals(key, first, t, n, d):
+    """The standard normals ``eps_i(t)`` of clients ``[first, first + n)``, shape ``(n, d)``.
+
+    Flat index ``g = i d + j`` of client ``i``, coordinate ``j``; pair
+    ``q = g // 2``. With ``k_t`` = :func:`round_key`,
+
+    .. math::
+
+        h_1 = \\mathrm{mix64}(k_t + \\phi (q + 1)), \\quad h_2 = \\mathrm{mix64}(h_1 + \\phi),\\quad
+        u_1 = 1 - 2^{-53} \\lfloor h_1 / 2^{11} \\rfloor \\in (0, 1], \\quad u_2 = 2^{-53} \\lfloor h_2 / 2^{11} \\rfloor,
+
+    and Box-Muller with both outputs: ``eps = sqrt(-2 log u1) cos(2 pi u2)`` for
+    even ``g``, ``sqrt(-2 log u1) sin(2 pi u2)`` for odd ``g`` (``phi`` the
+    golden-ratio constant). A function of ``(key, i, t, j)`` alone.
+    """
+    g = np.arange(first * d, (first + n) * d, dtype=np.uint64)
+    q = g >> np.uint64(1)
+    kt = np.uint64(round_key(key, t))
+    h1 = _mix64(kt + np.uint64(GOLDEN) * (q + np.uint64(1)))
+    h2 = _mix64(h1 + np.uint64(GOLDEN))
+    u1 = 1.0 - (h1 >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    u2 = (h2 >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * np.pi * u2
+    z = np.where((g & np.uint64(1)) == 1, radius * np.sin(angle), radius * np.cos(angle))
+    return z.reshape(n, d)
+
+
+def _features(lags):
+    """``[lags, lags^2, 1]`` of a lag buffer ``(p, N, d)``, shape ``(2p + 1, N, d)``."""
+    return np.concatenate([lags, lags**2, np.ones((1,) + lags.shape[1:])], axis=0)
+
+
+def _valid(s):
+    return (np.abs(s) <= SIGNAL_LIMIT).all(axis=1)
+
+
+def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
+    """Steps 1-4 and the merge (see the module docstring); ``ebuf`` (a compiled kernel's scratch) and ``threads`` are ignored."""
+    n, d = x.shape
+    t, rule = int(flags[F_T]), int(flags[F_RULE])
+    eta = params[P_ETA]
+    err = ((x - y[None, :]) ** 2).sum(axis=1)
+    stats[S_ERR] = stats[S_SIG_ERR] = 0.0
+    if flags[F_RECORD]:
+        sig_err = ((s - y[None, :]) ** 2).sum(axis=1)
+        sq_err += err
+        sq_sig += sig_err
+        stats[S_ERR] = err.sum()
+        stats[S_SIG_ERR] = sig_err.sum()
+    stats[S_TOP], stats[S_LOG_TOTAL] = 0.0, 0.0
+    if flags[F_REWEIGHT]:
+        if eta != 0.0:
+            with np.errstate(over="ignore", invalid="ignore"):
+                loss = 2.0 * (x @ (yhat - y)) if rule == RULE_EG else err
+                step = eta * loss
+            step = np.where(np.isnan(step), STEP_LIMIT, step)
+            log_p -= np.clip(step, -STEP_LIMIT, STEP_LIMIT)
+        top = log_p.max()
+        stats[S_TOP] = top
+        stats[S_LOG_TOTAL] = np.log(np.exp(log_p - top).sum()) if np.isfinite(top) else 0.0
+    # the forecasters: forecast_step on structure-of-arrays buffers
+    eps = normals(key, int(flags[F_FIRST]), t, n, d)
+    z = y[None, :] + sigma[:, None] * eps
+    if flags[F_UPDATE]:
+        phi = _features(lags)
+        e = z - (weights * phi).sum(axis=0)
+        weights += (params[P_MU] * e / (phi**2).sum(axis=0))[None] * phi
+    lags[1:] = lags[:-1].copy()
+    lags[0] = z
+    s[...] = (weights * _features(lags)).sum(axis=0)
+    ok = _valid(s)
+    count = int(ok.sum())
+    stats[S_VALID] = count
+    if count:
+        field[FIELD_SIGNAL] = s[ok].sum(axis=0) / count
+    field[FIELD_OFFSET] = params[P_MIX_SIGNAL] * field[FIELD_SIGNAL] + params[P_MIX_STATE] * field[FIELD_STATE]
+    work[...] = 0.0
+
+
+def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
+    """Steps 5-7 (see the module docstring); writes ``yhat`` and ``field[FIELD_NEXT]``; ``threads`` is ignored."""
+    n, d = x.shape
+    if flags[F_REWEIGHT]:
+        top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
+        if not np.isfinite(top):
+            top, log_total = 0.0, 0.0
+        log_p -= top
+        log_p -= log_total
+        alpha = params[P_ALPHA]
+        if alpha == 1.0:
+            log_p[:] = -np.log(n)
+        elif alpha > 0.0:
+            log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, np.log(alpha / n))
+    ok = _valid(s)
+    s_ok = np.where(ok[:, None], s, 0.0)
+    m = field[FIELD_STATE]
+    u = np.where(ok[:, None], -params[P_GAIN] * (x - params[P_SIGNAL] * s_ok - field[FIELD_OFFSET]), 0.0)
+    track = np.where(ok, ((x - s_ok) ** 2).sum(axis=1), 0.0)
+    cost = params[P_Q] * track + params[P_KAPPA] * ((x - m) ** 2).sum(axis=1) + params[P_R] * (u**2).sum(axis=1)
+    J += params[P_HALF_DISCOUNT] * cost
+    x += u
+    field[FIELD_NEXT] = x.sum(axis=0) / n
+    worst = int(np.argmax(J))
+    stats[S_MAX_COST] = J[worst]
+    stats[S_ARG_COST] = worst
+    yhat[:] = np.exp(log_p) @ x
+
+
+def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+               threads):
+    """One whole round: :func:`pass_a` then :func:`pass_b`."""
+    pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+           threads)
+    pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads)

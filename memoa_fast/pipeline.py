@@ -1,0 +1,349 @@
+"""The fused time-series pipeline: forecasters, population and server in one compiled round.
+
+MODEL.md sections 5 and 6 for one policy and one server rule, with every
+client's noise drawn inside the kernel. :meth:`Pipeline.round` does in two
+passes over the clients what ``ClientForecasters.observe``,
+``Population.step``, ``Server.predict`` and ``Server.update`` do in six or
+more (see :mod:`memoa_fast.kernels` ``_pipeline_reference`` for the exact
+semantics, and ``bench/bench_fused_pipeline.py`` for the speed).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+
+from . import _backends
+from ._validation import as_float_array, check_choice, check_int, check_real
+from .game import Game
+from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, RULE_EG, RULE_HEDGE, SIGNAL
+
+__all__ = ["Pipeline", "PIPELINE_BACKENDS"]
+
+PIPELINE_BACKENDS = ("numba", "numpy")
+_MODULES = {"numba": "memoa_fast.kernels._pipeline_numba", "numpy": "memoa_fast.kernels._pipeline_reference"}
+_RULES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
+
+
+def load_pipeline_kernels(backend: str):
+    """The fused-round kernel module: ``numba`` (compiled) or ``numpy`` (the reference)."""
+    backend = check_choice("backend", backend, PIPELINE_BACKENDS)
+    return importlib.import_module(_MODULES[backend])
+
+
+class Pipeline:
+    """N forecasting clients, their single-class population and a server, stepped one round per call.
+
+    Parameters
+    ----------
+    n_clients : int
+        Clients N >= 1.
+    dim : int, default 1
+        Dimension d of the stream.
+    game : Game, optional
+        A single-class game (any policy); default ``Game(q=1, kappa=1, r=0.1,
+        gamma=0.9)``, the experiment's.
+    rule : {"hedge", "eg"}, default "hedge"
+        The server's rule (see :class:`~memoa_fast.Server`).
+    eta : float, default 0.5
+        Server learning rate, ``>= 0``.
+    alpha : float, default 0.01
+        Fixed share, in ``[0, 1]``.
+    lags : int, default 2
+        ``p``, the past noisy values in each forecaster's features
+        ``[lags, lags^2, 1]``; ``p = 2`` runs a written-out loop.
+    noise_range : (float, float), default (0.02, 1.0)
+        ``sigma_i`` is log-uniform on ``[low, high]``, ``0 < low <= high``.
+    mu : float, default 0.1
+        NLMS step size, in ``(0, 2)``.
+    seed : int, default 0
+        Seed of the noise scales and of the noise, ``>= 0``.
+    backend : {"numba", "numpy"}, default "numba"
+        ``numpy`` runs the slow reference.
+    threads : int, optional
+        Kernel threads (as for :class:`~memoa_fast.Population`): the default
+        uses every core for rounds of at least ``2**20`` values (N x d).
+    parallel_threshold : int, default 8192
+        Fewer clients always run on one thread.
+
+    Notes
+    -----
+    Round ``t`` (:meth:`round` with the target ``y(t)``), with ``x(t)`` the
+    states published last round:
+
+    1. (``t >= 1``) the server reweights on ``x(t)`` against ``y(t)``:
+       ``log p_i -= eta loss_i`` (hedge: ``|x_i - y|^2``; eg:
+       ``2 <yhat(t) - y(t), x_i>``); each client's squared error is recorded;
+    2. client ``i`` observes ``z_i = y(t) + sigma_i eps_i(t)`` and runs
+       normalised LMS (``w_i += mu e_i phi_i / |phi_i|^2``, ``t >= 1``), then
+       forecasts ``s_i(t)``;
+    3. the log-weights are normalised (log-sum-exp) and shared,
+       ``p <- (1 - alpha) p + alpha / N``; the population steps on ``s(t)``
+       (``x(t+1)``, the costs, the worst client);
+    4. it returns ``yhat(t+1) = sum_i p_i x_i(t+1)``.
+
+    This is exactly ``observe``, ``step``, ``predict`` and ``update`` of the
+    unfused objects, with the server's update on ``y(t)`` done at the start
+    of round ``t`` instead of the end of round ``t - 1``. The noise
+    ``eps_i(t)`` is a counter-based Box-Muller normal of ``(seed, i, t, j)``
+    (SplitMix64): the same on any thread count, and any slice of clients
+    reproduces those clients' draws. It differs from
+    :class:`~memoa_fast.forecasters.ClientForecasters`' PCG64 stream.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from memoa_fast.pipeline import Pipeline
+    >>> pipe = Pipeline(1000, seed=1, backend="numpy")
+    >>> y = np.sin(np.arange(50) / 3.0)
+    >>> for value in y:
+    ...     yhat = pipe.round(value)
+    >>> pipe.t, yhat.shape
+    (50, (1,))
+    """
+
+    def __init__(
+        self,
+        n_clients: int,
+        dim: int = 1,
+        *,
+        game: Game | None = None,
+        rule: str = "hedge",
+        eta: float = 0.5,
+        alpha: float = 0.01,
+        lags: int = 2,
+        noise_range: tuple[float, float] = (0.02, 1.0),
+        mu: float = 0.1,
+        seed: int = 0,
+        backend: str = "numba",
+        threads: int | None = None,
+        parallel_threshold: int = _backends.PARALLEL_THRESHOLD,
+    ):
+        self.n_clients = check_int("n_clients", n_clients, low=1)
+        self.dim = check_int("dim", dim, low=1)
+        if game is None:
+            game = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
+        if not isinstance(game, Game):
+            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
+        if game.n_classes != 1:
+            raise ValueError(f"game must have one class (a Pipeline runs a single-class population), got n_classes={game.n_classes}")
+        self.game = game
+        self.rule = check_choice("rule", rule, tuple(_RULES))
+        self.eta = check_real("eta", eta, low=0.0)
+        self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
+        self.lags = check_int("lags", lags, low=1)
+        self.noise_range = _check_noise_range(noise_range)
+        self.mu = check_real("mu", mu, low=0.0, high=2.0, low_open=True, high_open=True)
+        self.seed = check_int("seed", seed, low=0)
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        self.backend = check_choice("backend", backend, PIPELINE_BACKENDS)
+        self._kern = load_pipeline_kernels(self.backend)
+        self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
+        self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold,
+                                                                     self.dim)
+        k = self._kern
+        n, d, p = self.n_clients, self.dim, self.lags
+        self._key, scale_key = k.seed_keys(self.seed)
+        self._sigma = np.ascontiguousarray(k.noise_scales(scale_key, 0, n, *self.noise_range))
+        self._x = np.zeros((n, d))
+        self._s = np.zeros((n, d))
+        self._J = np.zeros(n)
+        self._log_p = np.zeros(n)
+        self._ebuf = np.zeros(n)
+        self._weights = np.zeros((2 * p + 1, n, d))
+        self._lag_buf = np.zeros((p, n, d))
+        self._sq_err = np.zeros(n)
+        self._sq_sig = np.zeros(n)
+        self._y = np.zeros(d)
+        self._yhat = np.zeros(d)
+        self._field = np.zeros((k.FIELD_ROWS, d))
+        self._work = np.zeros(k.work_shape(n, d))
+        self._params = np.zeros(k.N_PARAMS)
+        self._flags = np.zeros(k.N_FLAGS, dtype=np.int64)
+        self._stats = np.zeros(k.N_STATS)
+        table = game.table
+        prm = self._params
+        prm[k.P_ETA], prm[k.P_ALPHA], prm[k.P_MU] = self.eta, self.alpha, self.mu
+        prm[k.P_GAIN], prm[k.P_SIGNAL] = table.coef[0, GAIN], table.coef[0, SIGNAL]
+        prm[k.P_Q], prm[k.P_KAPPA], prm[k.P_R] = table.coef[0, Q], table.coef[0, KAPPA], table.coef[0, R]
+        prm[k.P_MIX_SIGNAL], prm[k.P_MIX_STATE] = table.mix[MIX_SIGNAL, 0, 0], table.mix[MIX_STATE, 0, 0]
+        self._flags[k.F_RULE] = _RULES[self.rule]
+        self._views = {name: _readonly(getattr(self, name)) for name in ("_x", "_s", "_J", "_log_p", "_sq_err",
+                                                                          "_sq_sig", "_sigma", "_yhat")}
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to round 0: states, costs, errors and forecasters zeroed, uniform weights; same noise."""
+        self._x[...] = 0.0
+        self._s[...] = 0.0
+        self._J[...] = 0.0
+        self._log_p[...] = -math.log(self.n_clients)
+        self._weights[...] = 0.0
+        self._weights[0] = 1.0  # persistence: the first forecast is the first noisy observation
+        self._lag_buf[...] = 0.0
+        self._sq_err[...] = 0.0
+        self._sq_sig[...] = 0.0
+        self._yhat[...] = 0.0
+        self._field[...] = 0.0  # m(0) = mean of the zero states
+        self._stats[...] = 0.0
+        self._stats[self._kern.S_ARG_COST] = -1.0
+        self.t = 0
+        self.n_recorded = 0
+        self._discount = 1.0
+
+    def round(self, y, record: bool = True) -> np.ndarray:
+        """One round on the target ``y(t)``; returns ``yhat(t+1)``.
+
+        Parameters
+        ----------
+        y : float or array_like, shape (d,)
+            The stream's value at this round; finite.
+        record : bool, default True
+            Add this round's squared errors of the states ``x(t)`` and of the
+            raw forecasts ``s(t-1)`` against ``y(t)`` to :attr:`squared_errors`
+            and :attr:`signal_squared_errors` (from round 1 on; round 0 has no
+            forecast of ``y(0)``). Pass ``False`` during a burn-in.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``yhat(t+1)``, shape (d,): the read-only live buffer, overwritten
+            by the next round (copy it to keep it).
+        """
+        k = self._kern
+        self._y[...] = as_float_array("y", y, (self.dim,))
+        flags, t = self._flags, self.t
+        first_round = t == 0
+        flags[k.F_T] = t
+        flags[k.F_REWEIGHT] = not first_round
+        flags[k.F_UPDATE] = not first_round
+        flags[k.F_RECORD] = bool(record) and not first_round
+        self._params[k.P_HALF_DISCOUNT] = 0.5 * self._discount
+        k.round_step(self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
+                     self._sq_sig, self._y, self._yhat, self._field, self._work, self._params, self._key, flags,
+                     self._stats, self._threads_used)
+        self._field[k.FIELD_STATE] = self._field[k.FIELD_NEXT]
+        self.n_recorded += int(flags[k.F_RECORD])
+        self.t = t + 1
+        self._discount *= self.game.gamma
+        return self._views["_yhat"]
+
+    def run(self, series) -> np.ndarray:
+        """:meth:`round` on every value of ``series`` (shape (T,) or (T, d)); returns the last ``yhat``."""
+        y = np.asarray(series, dtype=np.float64)
+        if y.ndim == 1 and self.dim == 1:
+            y = y[:, None]
+        if y.ndim != 2 or y.shape[1] != self.dim:
+            raise ValueError(f"series must have shape (T, {self.dim}), got shape {np.shape(series)}")
+        for value in y:
+            self.round(value)
+        return self._views["_yhat"]
+
+    # ------------------------------------------------------------------ views
+    @property
+    def states(self) -> np.ndarray:
+        """``x(t)``, shape (N, d), each client's published forecast of the next value: read-only live view."""
+        return self._views["_x"]
+
+    @property
+    def signals(self) -> np.ndarray:
+        """``s(t-1)``, the forecasters' last outputs, shape (N, d): read-only live view."""
+        return self._views["_s"]
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Discounted online costs ``J_i``, shape (N,): read-only live view."""
+        return self._views["_J"]
+
+    @property
+    def log_weights(self) -> np.ndarray:
+        """The server's ``log p``, shape (N,): read-only live view."""
+        return self._views["_log_p"]
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``p = exp(log p)`` (a new array)."""
+        return np.exp(self._log_p)
+
+    @property
+    def mixture(self) -> np.ndarray:
+        """``yhat(t)``, the last mixture returned: read-only live view."""
+        return self._views["_yhat"]
+
+    @property
+    def squared_errors(self) -> np.ndarray:
+        """``sum_t |x_i(t) - y(t)|^2`` over the recorded rounds, shape (N,): read-only live view."""
+        return self._views["_sq_err"]
+
+    @property
+    def signal_squared_errors(self) -> np.ndarray:
+        """``sum_t |s_i(t-1) - y(t)|^2`` over the recorded rounds (the raw forecasts), shape (N,): read-only."""
+        return self._views["_sq_sig"]
+
+    @property
+    def last_error_sum(self) -> float:
+        """``sum_i |x_i(t) - y(t)|^2`` of the last recorded round (0 when it was not recorded)."""
+        return float(self._stats[self._kern.S_ERR])
+
+    @property
+    def noise_scales(self) -> np.ndarray:
+        """``sigma_i``, shape (N,): read-only."""
+        return self._views["_sigma"]
+
+    @property
+    def forecaster_weights(self) -> np.ndarray:
+        """NLMS weights, shape (N, d, 2p + 1), ordered ``[lags, lags^2, 1]`` (a copy)."""
+        return np.ascontiguousarray(np.moveaxis(self._weights, 0, -1))
+
+    @property
+    def mean_state(self) -> np.ndarray:
+        """``m(t)``, the mean state; a copy."""
+        return self._field[self._kern.FIELD_STATE].copy()
+
+    @property
+    def mean_signal(self) -> np.ndarray:
+        """``sbar``, the mean valid signal of the last round; a copy."""
+        return self._field[self._kern.FIELD_SIGNAL].copy()
+
+    @property
+    def n_valid_signals(self) -> int:
+        """How many clients had a valid signal in the last round."""
+        return int(self._stats[self._kern.S_VALID])
+
+    @property
+    def worst_client(self) -> int:
+        """The client with the largest online cost (first on ties; -1 before the first round)."""
+        return int(self._stats[self._kern.S_ARG_COST])
+
+    @property
+    def regret(self) -> float:
+        """Under-performer regret ``max_i J_i``."""
+        return float(self._J.max())
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline(n_clients={self.n_clients}, dim={self.dim}, game={self.game!r}, rule={self.rule!r}, "
+            f"eta={self.eta!r}, alpha={self.alpha!r}, lags={self.lags}, noise_range={self.noise_range}, mu={self.mu!r}, "
+            f"seed={self.seed}, backend={self.backend!r}, threads={self.threads}, t={self.t})"
+        )
+
+
+def _check_noise_range(noise_range) -> tuple[float, float]:
+    try:
+        lo, hi = noise_range
+    except (TypeError, ValueError):
+        raise TypeError(f"noise_range must be a pair (low, high) of positive numbers, got {noise_range!r}") from None
+    lo = check_real("noise_range low", lo, low=0.0, low_open=True)
+    hi = check_real("noise_range high", hi, low=0.0, low_open=True)
+    if hi < lo:
+        raise ValueError(f"noise_range must have low <= high, got ({lo!r}, {hi!r})")
+    return lo, hi
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view

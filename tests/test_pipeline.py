@@ -1,0 +1,278 @@
+"""The fused pipeline round (``memoa_fast.pipeline``) against its NumPy reference and the unfused objects.
+
+- the Numba kernel against ``_pipeline_reference`` to ``RTOL = 1e-12`` (relative
+  to each array's largest entry) over N around ``CHUNK``, d in {1, 3},
+  p in {1, 2, 3}, both rules, alpha 0 and > 0, 1 and 2 threads;
+- bitwise the same on 1 and 2 threads;
+- the noise: a function of (seed, client, round, coordinate) only (any slice
+  of clients reproduces those rows bitwise), standard normal, and the very
+  draws the forecasters see;
+- one fused round is ``observe``, ``Population.step``, ``Server.predict`` and
+  ``Server.update`` on the same signals, to ``1e-12``;
+- the accuracy of the kernel's vectorised ``exp``, ``log`` and ``sin``/``cos``.
+"""
+import math
+
+import numba
+import numpy as np
+import pytest
+from scipy import stats
+
+from memoa_fast import Game, Population, Server
+from memoa_fast.kernels import CHUNK, _forecast_reference
+from memoa_fast.kernels import _pipeline_numba as kern
+from memoa_fast.kernels import _pipeline_reference as ref
+from memoa_fast.pipeline import Pipeline
+
+RTOL = 1e-12
+TWO_THREADS = 2 if numba.config.NUMBA_NUM_THREADS >= 2 else 1
+GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+ARRAYS = ("states", "costs", "log_weights", "signals", "squared_errors", "signal_squared_errors", "mixture")
+
+
+def series(T, d, seed=0):
+    t = np.arange(T)[:, None]
+    phase = np.arange(d)[None, :]
+    noise = np.random.default_rng(seed).normal(scale=0.1, size=(T, d))
+    return np.sin(0.3 * t + phase) + 0.5 * np.cos(0.11 * t * (1 + phase)) + noise
+
+
+def close(a, b, rtol=RTOL):
+    scale = max(float(np.max(np.abs(b))), 1e-300) if np.size(b) else 1.0
+    return float(np.max(np.abs(a - b))) <= rtol * scale if np.size(b) else True
+
+
+def run_pair(n, d, p, rule, alpha, threads, rounds=6, **kw):
+    y = series(rounds, d)
+    args = dict(game=GAME, rule=rule, eta=0.7, alpha=alpha, lags=p, seed=3, **kw)
+    fast = Pipeline(n, d, backend="numba", threads=threads, parallel_threshold=1, **args)
+    slow = Pipeline(n, d, backend="numpy", **args)
+    for t in range(rounds):
+        a = fast.round(y[t], record=t != 2).copy()
+        b = slow.round(y[t], record=t != 2).copy()
+        assert close(a, b), (t, a, b)
+    return fast, slow
+
+
+# --------------------------------------------------------------------------- against the reference
+CASES = [
+    # n, d, p, rule, alpha, threads
+    (1, 1, 2, "hedge", 0.01, 1),
+    (CHUNK - 1, 1, 2, "hedge", 0.0, 1),
+    (CHUNK + 1, 3, 2, "eg", 0.05, TWO_THREADS),
+    (2 * CHUNK + 7, 1, 1, "eg", 0.0, TWO_THREADS),
+    (CHUNK, 3, 3, "hedge", 0.05, 1),
+    (CHUNK + 513, 1, 3, "hedge", 1.0, TWO_THREADS),
+    (700, 3, 1, "eg", 0.01, 1),
+]
+
+
+@pytest.mark.parametrize("n,d,p,rule,alpha,threads", CASES)
+def test_compiled_round_matches_reference(n, d, p, rule, alpha, threads):
+    fast, slow = run_pair(n, d, p, rule, alpha, threads)
+    for name in ARRAYS:
+        assert close(getattr(fast, name), getattr(slow, name)), name
+    assert close(fast.forecaster_weights, slow.forecaster_weights)
+    assert close(fast.mean_state, slow.mean_state) and close(fast.mean_signal, slow.mean_signal)
+    assert fast.worst_client == slow.worst_client == int(np.argmax(slow.costs))
+    assert fast.n_valid_signals == slow.n_valid_signals == n
+    assert math.isclose(fast.last_error_sum, slow.last_error_sum, rel_tol=RTOL)
+    assert math.isclose(float(np.exp(fast.log_weights).sum()), 1.0, rel_tol=1e-12)
+
+
+def test_eta_zero_and_a_huge_step_keep_weights_normalised():
+    # 1e60: eta * loss overflows (the step is clipped: weights stay finite or -inf, never NaN), and the
+    # forecasts pass SIGNAL_LIMIT (those clients hold)
+    y = series(5, 1) * 1e60
+    for eta in (0.0, 1e200):
+        a = Pipeline(CHUNK + 3, game=GAME, eta=eta, alpha=0.0, backend="numba", threads=1)
+        b = Pipeline(CHUNK + 3, game=GAME, eta=eta, alpha=0.0, backend="numpy")
+        for v in y:
+            a.round(v)
+            b.round(v)
+        assert not np.isnan(a.log_weights).any()
+        assert np.array_equal(np.isneginf(a.log_weights), np.isneginf(b.log_weights))
+        finite = np.isfinite(b.log_weights)
+        assert close(a.log_weights[finite], b.log_weights[finite])
+        assert math.isclose(float(a.weights.sum()), 1.0, rel_tol=1e-12)
+        assert close(a.states, b.states) and close(a.costs, b.costs) and a.n_valid_signals == b.n_valid_signals
+
+
+def test_thread_count_does_not_change_a_bit():
+    if TWO_THREADS == 1:
+        pytest.skip("Numba has one thread here")
+    n, d = 3 * CHUNK + 11, 2
+    y = series(5, d)
+    one = Pipeline(n, d, game=GAME, rule="eg", alpha=0.02, threads=1)
+    two = Pipeline(n, d, game=GAME, rule="eg", alpha=0.02, threads=2, parallel_threshold=1)
+    for v in y:
+        a, b = one.round(v).copy(), two.round(v).copy()
+        assert np.array_equal(a, b)
+    for name in ARRAYS:
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+    assert np.array_equal(one.mean_state, two.mean_state) and one.worst_client == two.worst_client
+
+
+# --------------------------------------------------------------------------- the noise
+@pytest.mark.parametrize("d", [1, 3])
+def test_noise_depends_on_client_round_coordinate_only(d):
+    key, _ = kern.seed_keys(7)
+    n = 2 * CHUNK + 5
+    whole = kern.normals(key, 0, 4, n, d)
+    for lo, hi in [(0, 1), (1, 2), (3, 4100), (CHUNK - 1, n), (777, 778)]:  # odd and even starts, any shard layout
+        assert np.array_equal(kern.normals(key, lo, 4, hi - lo, d), whole[lo:hi])
+    assert not np.array_equal(kern.normals(key, 0, 5, n, d), whole)  # another round, other draws
+    # the reference's definition, evaluated with NumPy's sin/cos/log (a few ulps apart)
+    assert np.max(np.abs(ref.normals(key, 0, 4, n, d) - whole)) <= 4e-15 * max(1.0, np.max(np.abs(whole)))
+
+
+def test_the_forecasters_see_that_noise():
+    """Round 0 with persistence weights: ``s_i(0) = z_i(0) = y(0) + sigma_i eps_i(0)``."""
+    n, d = CHUNK + 9, 2
+    pipe = Pipeline(n, d, game=GAME, seed=11, threads=TWO_THREADS, parallel_threshold=1)
+    y0 = np.array([0.3, -1.2])
+    pipe.round(y0)
+    key, scale_key = kern.seed_keys(11)
+    expected = y0 + pipe.noise_scales[:, None] * kern.normals(key, 0, 0, n, d)
+    assert close(pipe.signals, expected, rtol=4e-16)  # the kernel may fuse y + sigma * eps into one FMA
+    assert np.array_equal(pipe.noise_scales, ref.noise_scales(scale_key, 0, n, 0.02, 1.0))
+    assert pipe.noise_scales.min() >= 0.02 and pipe.noise_scales.max() <= 1.0
+
+
+def test_noise_is_standard_normal():
+    key, _ = kern.seed_keys(2026)
+    z = kern.normals(key, 0, 3, 100_000, 2)
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1.0) < 5 * math.sqrt(2 / n)
+    assert stats.kstest(z.ravel(), "norm").pvalue > 1e-4
+    # the two outputs of one Box-Muller pair (coordinates 0 and 1) and consecutive rounds are uncorrelated
+    assert abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1]) < 5 / math.sqrt(z.shape[0])
+    z2 = kern.normals(key, 0, 4, 100_000, 2)
+    assert abs(np.corrcoef(z.ravel(), z2.ravel())[0, 1]) < 5 / math.sqrt(n)
+    assert abs(stats.kurtosis(z.ravel())) < 0.1
+
+
+# --------------------------------------------------------------------------- fused = unfused
+@pytest.mark.parametrize("rule,alpha,d", [("hedge", 0.01, 1), ("eg", 0.0, 2), ("hedge", 0.0, 3)])
+def test_fused_round_is_the_unfused_composition(rule, alpha, d):
+    """The reference forecasters' signals fed to a Population and a Server give the fused round's numbers."""
+    n, p, mu, eta, T = CHUNK + 100, 2, 0.1, 0.6, 6
+    y = series(T, d, seed=5)
+    pipe = Pipeline(n, d, game=GAME, rule=rule, eta=eta, alpha=alpha, lags=p, mu=mu, seed=9, threads=1)
+    pop = Population(GAME, n, d, backend="numpy")
+    server = Server(n, d, rule=rule, eta=eta, alpha=alpha, backend="numpy")
+    key, _ = kern.seed_keys(9)
+    sigma = pipe.noise_scales.copy()
+    weights = np.zeros((n, d, 2 * p + 1))
+    weights[:, :, 0] = 1.0
+    lags = np.zeros((n, d, p))
+    s = np.zeros((n, d))
+    x = pop.states
+    for t in range(T):
+        yhat = pipe.round(y[t]).copy()
+        eps = kern.normals(key, 0, t, n, d)
+        _forecast_reference.forecast_step(y[t], eps, sigma, weights, lags, s, mu, t > 0, 1)
+        if t > 0:
+            server.update(x, y[t])
+        x = pop.step(s)
+        expected = server.predict(x)
+        assert close(pipe.signals, s)
+        assert close(pipe.states, pop.states)
+        assert close(pipe.costs, pop.costs)
+        assert close(pipe.log_weights, server.log_weights)
+        assert close(yhat, expected), (t, yhat, expected)
+    assert pipe.worst_client == pop.worst_agent
+    assert close(pipe.mean_state, pop.states.mean(axis=0))
+
+
+# --------------------------------------------------------------------------- vector math accuracy
+def ulps(got, truth):
+    """``|got - truth|`` in units of the float64 spacing at ``truth`` (truth may be longdouble)."""
+    spacing = np.spacing(np.abs(truth.astype(np.float64))).astype(np.longdouble)
+    return np.abs((got.astype(np.longdouble) - truth) / spacing).astype(np.float64)
+
+
+def test_exp_within_one_ulp_of_numpy(rng):
+    x = np.concatenate([rng.uniform(-745.0, 709.7, 200_000), rng.uniform(-1.0, 1.0, 50_000), [0.0, -745.0, 709.7]])
+    got, want = kern.exp(x), np.exp(x)
+    normal = want >= np.finfo(np.float64).tiny
+    assert ulps(got[normal], want[normal]).max() <= 1.0
+    assert np.array_equal(kern.exp(np.array([-np.inf, -800.0, 800.0])), [0.0, 0.0, np.inf])
+
+
+def test_log_within_one_ulp_of_numpy(rng):
+    x = np.concatenate([np.exp(rng.uniform(-708.0, 709.0, 200_000)), rng.uniform(0.5, 2.0, 50_000), [1.0, 2.0**-53]])
+    got, want = kern.log(x), np.log(x)
+    assert ulps(got, want).max() <= 1.0
+    assert got[-2] == 0.0
+
+
+def test_sincos_2pi_within_two_ulps(rng):
+    """Against ``numpy.longdouble`` on the exactly reduced argument (cos(2 pi u) = cos(2 pi r) etc., r = u - k/4)."""
+    u = np.floor(rng.random(300_000) * 2.0**53) / 2.0**53  # the kernel's uniforms: multiples of 2^-53
+    u = np.concatenate([u, np.arange(4096) / 4096, [2.0**-53, 0.25 - 2.0**-53, 0.25 + 2.0**-53, 1 - 2.0**-53]])
+    c, s = kern.sincos_2pi(u)
+    k = np.rint(4 * u)
+    a = (u - k / 4).astype(np.longdouble) * np.longdouble("6.283185307179586476925286766559")
+    ca, sa = np.cos(a), np.sin(a)
+    quadrant = k.astype(np.int64) % 4
+    true_c = np.choose(quadrant, [ca, -sa, -ca, sa])
+    true_s = np.choose(quadrant, [sa, ca, -sa, -ca])
+    exact = a == 0  # 4u an integer: the kernel returns exact 0 and +-1
+    assert np.array_equal(c[exact], true_c[exact].astype(np.float64))
+    assert np.array_equal(s[exact], true_s[exact].astype(np.float64))
+    assert ulps(c[~exact], true_c[~exact]).max() < 2.0
+    assert ulps(s[~exact], true_s[~exact]).max() < 2.0
+    # against NumPy's own sin/cos of the rounded 2 pi u: a few 1e-16 apart in absolute terms
+    assert np.max(np.abs(c - np.cos(2 * np.pi * u))) < 1e-15
+    assert np.max(np.abs(s - np.sin(2 * np.pi * u))) < 1e-15
+
+
+# --------------------------------------------------------------------------- the public class
+def test_round_returns_a_live_read_only_buffer_and_run_steps_a_series():
+    pipe = Pipeline(50, 2, game=GAME, backend="numpy")
+    out = pipe.round([0.1, 0.2])
+    assert out.shape == (2,) and not out.flags.writeable
+    assert pipe.run(series(4, 2)) is pipe.mixture and pipe.t == 5
+    assert not pipe.states.flags.writeable and pipe.forecaster_weights.shape == (50, 2, 5)
+    pipe.reset()
+    assert pipe.t == 0 and not pipe.costs.any() and math.isclose(pipe.weights.sum(), 1.0)
+
+
+def test_record_false_leaves_the_scores_alone():
+    pipe = Pipeline(100, game=GAME, backend="numpy")
+    for v in series(4, 1):
+        pipe.round(v, record=False)
+    assert not pipe.squared_errors.any() and pipe.n_recorded == 0
+    pipe.round(0.5)
+    assert pipe.squared_errors.any() and pipe.n_recorded == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_clients=0), "n_clients"),
+    (dict(n_clients=10, dim=0), "dim"),
+    (dict(n_clients=10, rule="sgd"), "rule"),
+    (dict(n_clients=10, eta=-1.0), "eta"),
+    (dict(n_clients=10, alpha=1.5), "alpha"),
+    (dict(n_clients=10, lags=0), "lags"),
+    (dict(n_clients=10, mu=2.0), "mu"),
+    (dict(n_clients=10, noise_range=(1.0, 0.1)), "noise_range"),
+    (dict(n_clients=10, noise_range=(0.0, 1.0)), "noise_range"),
+    (dict(n_clients=10, seed=-1), "seed"),
+    (dict(n_clients=10, backend="cython"), "backend"),
+    (dict(n_clients=10, game=Game(shares=[0.5, 0.5])), "one class"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Pipeline(**kwargs)
+
+
+def test_bad_targets_are_named():
+    pipe = Pipeline(10, 2, game=GAME, backend="numpy")
+    with pytest.raises(ValueError, match="y must have shape"):
+        pipe.round([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="y must be finite"):
+        pipe.round([1.0, np.nan])
+    with pytest.raises(TypeError, match="game"):
+        Pipeline(10, game="memoa")
