@@ -10,7 +10,7 @@ the per-client squared errors recorded every round, three ways:
     kernel), the signal score, ``Population.step``, ``Server.predict``, the
     state score, ``Server.update``;
 ``fused-1``, ``fused-2``
-    :class:`memoa_fast.pipeline.Pipeline` on 1 and 2 threads (two passes
+    :class:`memoa_fast.timeseries.pipeline.Pipeline` on 1 and 2 threads (two passes
     over the clients per round, the noise drawn inside the kernel);
 ``numpy``
     an idiomatic NumPy-only pipeline: preallocated arrays, in-place ufuncs,
@@ -46,9 +46,9 @@ import pytest
 from scipy.special import logsumexp
 
 from memoa_fast import Game, Population, Server
-from memoa_fast.forecasters import ClientForecasters, load_kernels
-from memoa_fast.pipeline import Pipeline
-from memoa_fast.streams import make_stream
+from memoa_fast.timeseries.forecasters import ClientForecasters, load_kernels
+from memoa_fast.timeseries.pipeline import Pipeline
+from memoa_fast.timeseries.streams import make_stream
 
 GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
 ETA, ALPHA, MU, LAGS, NOISE = 0.5, 0.01, 0.1, 2, (0.02, 1.0)

@@ -51,10 +51,43 @@ from numba import njit, prange
 from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
 from ._pipeline_reference import (
-    F_FIRST, F_RECORD, F_REWEIGHT, F_RULE, F_T, F_UPDATE, FIELD_NEXT, FIELD_OFFSET, FIELD_ROWS, FIELD_SIGNAL,
-    FIELD_STATE, N_FLAGS, N_PARAMS, N_STATS, P_ALPHA, P_ETA, P_GAIN, P_HALF_DISCOUNT, P_KAPPA, P_MIX_SIGNAL,
-    P_MIX_STATE, P_MU, P_Q, P_R, P_SIGNAL, S_ARG_COST, S_ERR, S_LOG_TOTAL, S_MAX_COST, S_SIG_ERR, S_TOP, S_VALID,
-    noise_scales, round_key, seed_keys, work_shape, work_width,
+    F_FIRST,
+    F_RECORD,
+    F_REWEIGHT,
+    F_RULE,
+    F_T,
+    F_UPDATE,
+    FIELD_NEXT,
+    FIELD_OFFSET,
+    FIELD_ROWS,
+    FIELD_SIGNAL,
+    FIELD_STATE,
+    N_FLAGS,
+    N_PARAMS,
+    N_STATS,
+    P_ALPHA,
+    P_ETA,
+    P_GAIN,
+    P_HALF_DISCOUNT,
+    P_KAPPA,
+    P_MIX_SIGNAL,
+    P_MIX_STATE,
+    P_MU,
+    P_Q,
+    P_R,
+    P_SIGNAL,
+    S_ARG_COST,
+    S_ERR,
+    S_LOG_TOTAL,
+    S_MAX_COST,
+    S_SIG_ERR,
+    S_TOP,
+    S_VALID,
+    noise_scales,
+    round_key,
+    seed_keys,
+    work_shape,
+    work_width,
 )
 from ._threads import Threads, max_threads
 
@@ -776,7 +809,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     lane_x = scratch[3 * L:4 * L]
     lane_m = scratch[4 * L:5 * L]
     w = scratch[5 * L:5 * L + R]
-    sh = scratch[5 * L + R:5 * L + 2 * R]
+    # scratch[5 L + R : 5 L + 2 R] is unused (kept so the offsets below stay as documented)
     tmp = scratch[5 * L + 2 * R:5 * L + 4 * R]
     cost_row = scratch[5 * L + 4 * R:5 * L + 5 * R]
     jmax_l = scratch[5 * L + 5 * R:5 * L + 6 * R]  # lane k: the largest cost among rows lo + k + R i, and its row

@@ -73,7 +73,8 @@ __all__ = [
     "P_GAIN", "P_SIGNAL", "P_Q", "P_KAPPA", "P_R", "P_MIX_SIGNAL", "P_MIX_STATE", "N_PARAMS", "F_T", "F_RULE",
     "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "N_FLAGS", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
     "FIELD_NEXT", "FIELD_ROWS", "S_VALID", "S_MAX_COST", "S_ARG_COST", "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
-    "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b", "round_step", "max_threads",
+    "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b",
+    "round_step", "max_threads",
 ]
 
 

@@ -18,6 +18,7 @@ from .population import Population
 from .server import RULES, Server
 from .timeseries.experiment import ExperimentResult, run_experiment
 from .timeseries.forecasters import ClientForecasters
+from .timeseries.pipeline import Pipeline
 from .timeseries.streams import load_csv_series, make_stream
 from .timeseries.trust import TrustClasses, TrustPopulation
 
@@ -56,6 +57,7 @@ __all__ = [
     "PolicyTable",
     "TrustClasses",
     "TrustPopulation",
+    "Pipeline",
     "POLICIES",
     "RULES",
     "__version__",

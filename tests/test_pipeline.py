@@ -1,4 +1,4 @@
-"""The fused pipeline round (``memoa_fast.pipeline``) against its NumPy reference and the unfused objects.
+"""The fused pipeline round (``memoa_fast.timeseries.pipeline``) against its NumPy reference and the unfused objects.
 
 - the Numba kernel against ``_pipeline_reference`` to ``RTOL = 1e-12`` (relative
   to each array's largest entry) over N around ``CHUNK``, d in {1, 3},
@@ -22,7 +22,7 @@ from memoa_fast import Game, Population, Server
 from memoa_fast.kernels import CHUNK, _forecast_reference
 from memoa_fast.kernels import _pipeline_numba as kern
 from memoa_fast.kernels import _pipeline_reference as ref
-from memoa_fast.pipeline import Pipeline
+from memoa_fast.timeseries.pipeline import Pipeline
 
 RTOL = 1e-12
 TWO_THREADS = 2 if numba.config.NUMBA_NUM_THREADS >= 2 else 1

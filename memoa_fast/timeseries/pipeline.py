@@ -14,10 +14,10 @@ import math
 
 import numpy as np
 
-from . import _backends
-from ._validation import as_float_array, check_choice, check_int, check_real
-from .game import Game
-from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, Q, R, RULE_EG, RULE_HEDGE, SIGNAL
+from .. import _backends
+from .._validation import as_float_array, check_choice, check_int, check_real
+from ..game import Game
+from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
 
 __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
 
