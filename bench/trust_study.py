@@ -11,13 +11,12 @@ over all series of each column's ratio to the best of the four baselines.
     python3 bench/trust_study.py --json bench/trust_study.json
 
 Real series are read from ``../shared/datasets`` (skipped where absent). FRED
-columns have empty cells (holidays, later starts): those rows are dropped,
-as ``memoa run --csv ... --missing drop`` does.
+columns have empty cells (holidays, later starts): those rows are dropped
+(``load_csv_series(..., missing="drop")``, ``memoa run --missing drop``).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -34,16 +33,6 @@ BASELINES = ("memoa", "greedy", "local", "consensus")
 COLUMNS = ("worst", "average", "hedge")
 
 
-def fred_series(column: str, warmup: int = 500) -> np.ndarray:
-    """A FRED H.10 column with its empty cells dropped, z-scored on the first ``warmup`` values."""
-    with open(DATA / "exchange_rate" / "fred_h10_daily_1971_2017.csv", newline="") as fh:
-        reader = csv.reader(fh)
-        k = next(reader).index(column)
-        values = np.array([float(r[k]) for r in reader if k < len(r) and r[k].strip()])
-    head = values[:warmup]
-    return (values - head.mean()) / head.std()
-
-
 def all_series(quick: bool, rounds: int) -> dict[str, np.ndarray]:
     out = {name: make_stream(name, rounds + 1, seed=0) for name in ("logistic", "periodic", "concept", "concept-drift")}
     if quick or not DATA.is_dir():
@@ -54,7 +43,7 @@ def all_series(quick: bool, rounds: int) -> dict[str, np.ndarray]:
         out[f"exchange/{col}"] = load_csv_series(DATA / "exchange_rate" / "exchange_rate.csv", col)
     out["airline"] = load_csv_series(DATA / "airline_passengers" / "airline-passengers.csv", "Passengers", warmup=24)
     for col in ("Canada", "Japan", "United Kingdom", "Switzerland"):
-        out[f"FRED/{col}"] = fred_series(col)
+        out[f"FRED/{col}"] = load_csv_series(DATA / "exchange_rate" / "fred_h10_daily_1971_2017.csv", col, missing="drop")
     return out
 
 
@@ -91,13 +80,15 @@ def run_one(y: np.ndarray, variants: dict, n_clients: int, eta: float, alpha: fl
 
 
 def variants(kappa: float, q: float, r: float, gamma: float, n_clients: int, classes: int, reclass: int,
-             trust_kappas=(1.0, 3.0), feedforwards=(True, False)) -> dict:
+             trust_kappas=(1.0, 3.0), feedforwards=(True, False), powers=(1.0,)) -> dict:
     out = {p: (lambda p=p: Population(Game(q, kappa, r, gamma, p), n_clients, 1, threads=1)) for p in BASELINES}
     for tk in trust_kappas:
         for ff in feedforwards:
-            out[f"trust k{tk:g} {'ff' if ff else 'noff'}"] = (
-                lambda tk=tk, ff=ff: TrustPopulation(n_clients, 1, n_classes=classes, reclass=reclass, q=q, kappa=tk,
-                                                     r=r, gamma=gamma, feedforward=ff, threads=1))
+            for pw in powers:
+                out[f"trust k{tk:g} {'ff' if ff else 'noff'} p{pw:g}"] = (
+                    lambda tk=tk, ff=ff, pw=pw: TrustPopulation(
+                        n_clients, 1, n_classes=classes, reclass=reclass, q=q, kappa=tk, r=r, gamma=gamma,
+                        feedforward=ff, power=pw, threads=1))
     return out
 
 
@@ -113,6 +104,7 @@ def main() -> int:
     ap.add_argument("--kappa", type=float, default=1.0, help="kappa of the four baselines")
     ap.add_argument("--trust-kappas", default="1,3", help="kappas of the memoa-trust variants")
     ap.add_argument("--feedforward", default="on,off", help="memoa-trust variants: on, off or both")
+    ap.add_argument("--powers", default="1", help="memoa-trust variants: exponents of median(v)/mean_j(v)")
     ap.add_argument("--json")
     args = ap.parse_args()
     series = all_series(args.quick, args.rounds)
@@ -121,7 +113,8 @@ def main() -> int:
         t0 = time.perf_counter()
         made = variants(args.kappa, 1.0, 0.1, 0.9, args.clients, args.classes, args.reclass,
                         tuple(float(k) for k in args.trust_kappas.split(",")),
-                        tuple({"on": True, "off": False}[f] for f in args.feedforward.split(",")))
+                        tuple({"on": True, "off": False}[f] for f in args.feedforward.split(",")),
+                        tuple(float(p) for p in args.powers.split(",")))
         table[name] = run_one(y, made, args.clients, args.eta, args.alpha)
         best = {c: min(table[name][p][c] for p in BASELINES) for c in COLUMNS}
         row = "  ".join(f"{v}: " + "/".join(f"{table[name][v][c]:.3f}" for c in COLUMNS) for v in table[name])

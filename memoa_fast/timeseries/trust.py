@@ -50,7 +50,7 @@ class TrustClasses:
     """
 
     def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
-                 q: float = 1.0, q_range: tuple[float, float] = (1e-3, 1e3)):
+                 q: float = 1.0, q_range: tuple[float, float] = (1e-3, 1e3), power: float = 1.0):
         self.n_clients = check_int("n_clients", n_clients, low=1)
         self.n_classes = check_int("n_classes", n_classes, low=1)
         if self.n_classes > self.n_clients:
@@ -63,6 +63,7 @@ class TrustClasses:
         if low > 1.0 or high < 1.0:
             raise ValueError(f"q_range must contain 1 (the median client keeps q), got {q_range!r}")
         self.q_range = (low, high)
+        self.power = check_real("power", power, low=0.0)
         self.weight = 1.0 - 2.0 ** (-1.0 / self.half_life)
         self.errors = np.zeros(self.n_clients)
         self._sq = np.empty(self.n_clients)
@@ -100,7 +101,7 @@ class TrustClasses:
             members = order[bounds[j]:bounds[j + 1]]
             labels[members] = j
             mean = float(self.errors[members].mean())
-            ratio = median / mean if mean > 0 and math.isfinite(mean) else 1.0
+            ratio = (median / mean) ** self.power if mean > 0 and math.isfinite(mean) else 1.0
             q[j] = self.q * min(max(ratio, low), high)
         shares = np.diff(bounds) / n
         return labels, q, shares
@@ -137,8 +138,8 @@ class TrustPopulation:
 
     def __init__(self, n_clients: int, dim: int = 1, *, n_classes: int = 8, reclass: int = 50,
                  half_life: float = 35.0, q: float = 1.0, kappa: float = 1.0, r: float = 0.1, gamma: float = 0.9,
-                 feedforward: bool = True, backend: str = "numba", threads: int | None = None):
-        self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q)
+                 feedforward: bool = True, power: float = 1.0, backend: str = "numba", threads: int | None = None):
+        self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q, power=power)
         K = self.trust.n_classes
         labels, q_j, shares = self.trust.classes()  # no error measured yet: every class at q
         self.game = Game(q=q_j, kappa=[kappa] * K, r=[r] * K, gamma=gamma, shares=shares, feedforward=feedforward)
