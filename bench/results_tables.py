@@ -42,7 +42,7 @@ def series_list():
     path = DATA / "airline_passengers" / "airline-passengers.csv"
     out.append(("airline", f"memoa run --csv {D}/airline_passengers/airline-passengers.csv --column Passengers "
                            "--warmup 24 --clients 1000",
-                lambda: load_csv_series(path, "Passengers", warmup=24)))
+                lambda path=path: load_csv_series(path, "Passengers", warmup=24)))
     for col in ("Australia", "Canada", "Japan", "Switzerland", "United Kingdom"):
         path = DATA / "exchange_rate" / "fred_h10_daily_1971_2017.csv"
         out.append((f"FRED/{col}", f"memoa run --csv {D}/exchange_rate/fred_h10_daily_1971_2017.csv "

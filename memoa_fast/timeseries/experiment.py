@@ -246,6 +246,7 @@ def run_experiment(
     classes: int = 8,
     reclass: int = 50,
     trust_feedforward: bool = False,
+    trust_power: float = 1.5,
     rules=RULES,
     eta: float = 0.5,
     alpha: float = 0.01,
@@ -284,6 +285,9 @@ def run_experiment(
         Keep memoa-trust's feed-forward term ``C (m_l - m_l*)``; off by default
         (lower worst, average and mixture RMSE on the mean over 20 series:
         ``bench/trust_study.py``).
+    trust_power : float
+        memoa-trust's exponent ``beta`` in ``q_j = q (median v / mean_j v)^beta``
+        (default 1.5, chosen the same way; ``MODEL.md``'s rule is 1).
     rules : sequence of str
         Server rules to score, subset of ``("eg", "hedge")``.
     eta, alpha : float
@@ -347,7 +351,8 @@ def run_experiment(
     def make(p):
         if p == "memoa-trust":
             return TrustPopulation(n_clients, d, n_classes=classes, reclass=reclass, q=q, kappa=kappa, r=r, gamma=gamma,
-                                   feedforward=bool(trust_feedforward), backend=backend, threads=threads)
+                                   feedforward=bool(trust_feedforward), power=trust_power, backend=backend,
+                                   threads=threads)
         return Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads)
 
     pops = {p: make(p) for p in policies}
@@ -418,7 +423,8 @@ def run_experiment(
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
-        "trust_feedforward": bool(trust_feedforward), "rules": list(rules), "eta": float(eta), "alpha": float(alpha), "seed": seed,
+        "trust_feedforward": bool(trust_feedforward), "trust_power": float(trust_power), "rules": list(rules),
+        "eta": float(eta), "alpha": float(alpha), "seed": seed,
         "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
         "backend": backend, "threads": forecasters.threads,
     }
