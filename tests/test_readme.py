@@ -18,6 +18,13 @@ def test_readme_has_the_examples():
     assert len(python_blocks()) >= 3
 
 
+def test_trust_example_runs():
+    block = next(b for b in python_blocks() if "shares=" in b)
+    namespace = {}
+    exec(block, namespace)
+    assert namespace["pop"].n_classes == 3 and namespace["game"].classes.spectral_radius < 1
+
+
 def test_api_example_runs():
     namespace = {}
     exec(python_blocks()[0], namespace)
@@ -37,7 +44,7 @@ def test_certificates_example_runs(rng):
 def test_checkpoint_example_runs_without_a_cluster(tmp_path, monkeypatch, rng):
     # The same lines with a single-process population: restore goes to any engine.
     block = next(b for b in python_blocks() if "save_checkpoint" in b)
-    block = "\n".join(line for line in block.splitlines() if "Client" not in line)
+    block = "\n".join(line for line in block.splitlines() if "Client" not in line and "Dask" not in line)
     monkeypatch.chdir(tmp_path)
     game = mf.Game()
     pop, server = mf.Population(game, 100, 1), mf.Server(100, 1)
