@@ -2,6 +2,8 @@
 import numba
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memoa_fast import Game, Population
 
@@ -374,3 +376,28 @@ def test_huge_signals_never_reach_the_mean_field(magnitude, rng):
     np.testing.assert_allclose(pop.mean_signal, s[4:].mean(axis=0), rtol=1e-12)
     with pytest.raises(ValueError, match="initial_states must be at most"):
         Population(GAME, initial_states=np.full((2, 1), 1e200))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), log_low=st.floats(-300, 0), log_high=st.floats(0, 308),
+       n=st.integers(1, 200), d=st.sampled_from([1, 3]), k_classes=st.sampled_from([1, 3]))
+def test_any_float64_signal_keeps_mean_field_and_costs_finite(backend, seed, log_low, log_high, n, d, k_classes):
+    """Issue 8: for every float64 signal the mean field and every cost stay finite, and every backend agrees."""
+    rng = np.random.default_rng(seed)
+    game = GAME if k_classes == 1 else K_GAME
+    labels = None if k_classes == 1 else rng.integers(0, 3, n)
+    pops = [Population(game, n, d, labels=labels, backend=b) for b in (backend, "numpy")]
+    for _ in range(3):
+        mags = 10.0 ** rng.uniform(log_low, log_high, size=(n, d))
+        s = np.where(rng.random((n, d)) < 0.5, -mags, mags)
+        s[rng.random((n, d)) < 0.05] = np.nan
+        for p in pops:
+            p.step(s)
+    got, ref = pops
+    for p in pops:
+        assert np.isfinite(p.mean_signal).all() and np.isfinite(p.mean_state).all()
+        assert np.isfinite(p.costs).all() and np.isfinite(p.states).all()
+    scale = 1.0 + np.abs(ref.states)
+    assert np.all(np.abs(got.states - ref.states) <= 1e-12 * scale * 10)
+    np.testing.assert_allclose(got.costs, ref.costs, rtol=1e-11, atol=1e-300)
