@@ -56,7 +56,9 @@ class MeanFieldSummary:
 
     Shared by :class:`Population` and :class:`~memoa_fast.distributed.DaskPopulation`,
     which both hold ``_field`` (rows named by ``_lay``, see
-    :mod:`memoa_fast.kernels`), ``_n_valid`` and ``_discount``.
+    :mod:`memoa_fast.kernels`), ``_coef``, ``_mix``, ``_labels``, ``_n_valid``
+    and ``_discount``: the summary's properties, the game and the classes are
+    handled here, once for both engines.
     """
 
     @property
@@ -95,6 +97,58 @@ class MeanFieldSummary:
     def discount(self) -> float:
         """``gamma**t``, the weight of the next step's cost."""
         return self._discount
+
+    def _set_game(self, game: Game) -> None:
+        table = game.table
+        sizes = self._coef[:, SIZE].copy()
+        self._coef[...] = table.coef
+        self._coef[:, SIZE] = sizes
+        self._mix = np.ascontiguousarray(table.mix)
+        self.game = game
+
+    def _set_sizes(self) -> None:
+        K = self._lay.n_classes
+        self._coef[:, SIZE] = np.bincount(self._labels, minlength=K) if K > 1 else self.n_agents
+
+    def set_game(self, game: Game) -> None:
+        """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
+
+        Costs already paid are kept; later stage costs use the new weights.
+        """
+        if not isinstance(game, Game):
+            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
+        if game.n_classes != self._lay.n_classes or game.gamma != self.game.gamma:
+            raise ValueError(
+                f"the new game must have the same classes and discount: it has n_classes={game.n_classes}, "
+                f"gamma={game.gamma!r}; this population has n_classes={self._lay.n_classes}, gamma={self.game.gamma!r}"
+            )
+        self._set_game(game)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes K of the game."""
+        return self._lay.n_classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The class of every agent, shape (N,), read-only (zeros when K = 1)."""
+        if self._labels.shape[0] == 0:
+            return _readonly(np.zeros(self.n_agents, dtype=np.int64))
+        return _readonly(self._labels)
+
+    def _refresh_means(self, states) -> None:
+        """``m_l(t)`` and ``m(t)`` of ``states`` into the field (a cheap NumPy pass: construction, labels, restore)."""
+        lay, K = self._lay, self._lay.n_classes
+        if K == 1:
+            self._field[lay.class_state] = states.mean(axis=0)
+        else:
+            sums = np.zeros((K, states.shape[1]))
+            np.add.at(sums, self._labels, states)
+            sizes = self._coef[:, SIZE]
+            self._field[lay.class_state:lay.class_state + K] = np.where(
+                sizes[:, None] > 0, sums / np.maximum(sizes, 1.0)[:, None], 0.0)
+        self._field[lay.field_state] = states.mean(axis=0)
+        self._stale_means = False
 
 
 class Population(MeanFieldSummary):
@@ -202,18 +256,6 @@ class Population(MeanFieldSummary):
         self._fresh = True  # the arrays are still np.zeros: reset() need not write N x d zeros again
         self.reset(initial_states)
 
-    def _set_game(self, game: Game) -> None:
-        table = game.table
-        sizes = self._coef[:, SIZE].copy()
-        self._coef[...] = table.coef
-        self._coef[:, SIZE] = sizes
-        self._mix = np.ascontiguousarray(table.mix)
-        self.game = game
-
-    def _set_sizes(self) -> None:
-        K = self._lay.n_classes
-        self._coef[:, SIZE] = np.bincount(self._labels, minlength=K) if K > 1 else self.n_agents
-
     # ------------------------------------------------------------------ state
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0."""
@@ -230,24 +272,11 @@ class Population(MeanFieldSummary):
         self._field[...] = 0.0
         self._mean_ready = False  # m(t) is computed by the next step's signal pass
         if initial_states is not None:
-            self._refresh_means()
+            self._refresh_means(self._x)
         self._n_valid = 0
         self._worst = -1
         self.t = 0
         self._discount = 1.0
-
-    def _refresh_means(self) -> None:
-        """``m_l(t)`` and ``m(t)`` of the current states into the field (a cheap NumPy pass; reset/restore only)."""
-        lay, K = self._lay, self._lay.n_classes
-        if K == 1:
-            self._field[lay.class_state] = self._x.mean(axis=0)
-        else:
-            sums = np.zeros((K, self.dim))
-            np.add.at(sums, self._labels, self._x)
-            sizes = self._coef[:, SIZE]
-            self._field[lay.class_state:lay.class_state + K] = np.where(
-                sizes[:, None] > 0, sums / np.maximum(sizes, 1.0)[:, None], 0.0)
-        self._field[lay.field_state] = self._x.mean(axis=0)
 
     def set_labels(self, labels) -> None:
         """Move agents between classes (K-class games); takes effect at the next step.
@@ -260,33 +289,7 @@ class Population(MeanFieldSummary):
         self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
         self._set_sizes()
         self._mean_ready = False
-        self._refresh_means()
-
-    def set_game(self, game: Game) -> None:
-        """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
-
-        Costs already paid are kept; later stage costs use the new weights.
-        """
-        if not isinstance(game, Game):
-            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
-        if game.n_classes != self._lay.n_classes or game.gamma != self.game.gamma:
-            raise ValueError(
-                f"the new game must have the same classes and discount: it has n_classes={game.n_classes}, "
-                f"gamma={game.gamma!r}; this population has n_classes={self._lay.n_classes}, gamma={self.game.gamma!r}"
-            )
-        self._set_game(game)
-
-    @property
-    def n_classes(self) -> int:
-        """Number of classes K of the game."""
-        return self._lay.n_classes
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The class of every agent, shape (N,), read-only (zeros when K = 1)."""
-        if self._labels.shape[0] == 0:
-            return _readonly(np.zeros(self.n_agents, dtype=np.int64))
-        return _readonly(self._labels)
+        self._refresh_means(self._x)
 
     @property
     def states(self) -> np.ndarray:
@@ -431,7 +434,7 @@ class Population(MeanFieldSummary):
         self._field[...] = 0.0
         self._field[lay.field_signal] = clean["mean_signal"]
         self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
-        self._refresh_means()
+        self._refresh_means(self._x)
         self._mean_ready = False  # the next step sums m(t) from the restored states, as a fresh run would
         self._n_valid = clean["n_valid_signals"]
         self._worst = -1

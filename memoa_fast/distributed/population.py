@@ -30,7 +30,7 @@ from ..checkpoint import (
     write_manifest,
 )
 from ..game import Game
-from ..kernels import CHUNK, N_COEF, SIZE, layout, used_columns
+from ..kernels import CHUNK, N_COEF, layout, used_columns
 from ..population import MeanFieldSummary, _check_magnitude, _readonly, check_labels, population_shape
 from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
 from ._shard import Shard
@@ -233,31 +233,6 @@ class DaskPopulation(MeanFieldSummary):
         work[:, used_columns(self._lay, part)] = rows
         return work
 
-    def _set_game(self, game: Game) -> None:
-        table = game.table
-        sizes = self._coef[:, SIZE].copy()
-        self._coef[...] = table.coef
-        self._coef[:, SIZE] = sizes
-        self._mix = np.ascontiguousarray(table.mix)
-        self.game = game
-
-    def _set_sizes(self) -> None:
-        K = self._lay.n_classes
-        self._coef[:, SIZE] = np.bincount(self._labels, minlength=K) if K > 1 else self.n_agents
-
-    def _refresh_means(self, states) -> None:
-        self._stale_means = False
-        lay, K = self._lay, self._lay.n_classes
-        if K == 1:
-            self._field[lay.class_state] = states.mean(axis=0)
-        else:
-            sums = np.zeros((K, self.dim))
-            np.add.at(sums, self._labels, states)
-            sizes = self._coef[:, SIZE]
-            self._field[lay.class_state:lay.class_state + K] = np.where(
-                sizes[:, None] > 0, sums / np.maximum(sizes, 1.0)[:, None], 0.0)
-        self._field[lay.field_state] = states.mean(axis=0)
-
     # ------------------------------------------------------------------ shards
     def _workers(self) -> list[str]:
         workers = sorted(self._client.nthreads())
@@ -316,11 +291,6 @@ class DaskPopulation(MeanFieldSummary):
     def n_shards(self) -> int:
         """How many shards hold the agents."""
         return len(self.bounds)
-
-    @property
-    def n_classes(self) -> int:
-        """Number of classes K of the game."""
-        return self._lay.n_classes
 
     @property
     def _client(self):
@@ -466,24 +436,6 @@ class DaskPopulation(MeanFieldSummary):
         self._set_sizes()
         self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None) for lo, hi in self.bounds])
         self._refresh_means(self._handle.gather())
-
-    def set_game(self, game: Game) -> None:
-        """Play ``game`` from the next step on; same classes and discount (see :meth:`Population.set_game`)."""
-        if not isinstance(game, Game):
-            raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
-        if game.n_classes != self._lay.n_classes or game.gamma != self.game.gamma:
-            raise ValueError(
-                f"the new game must have the same classes and discount: it has n_classes={game.n_classes}, "
-                f"gamma={game.gamma!r}; this population has n_classes={self._lay.n_classes}, gamma={self.game.gamma!r}"
-            )
-        self._set_game(game)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The class of every agent, shape (N,), read-only (zeros when K = 1)."""
-        if self._labels.shape[0] == 0:
-            return _readonly(np.zeros(self.n_agents, dtype=np.int64))
-        return _readonly(self._labels)
 
     @property
     def states(self) -> np.ndarray:
