@@ -74,6 +74,7 @@ from ._layout import (
     MIX_SIGNAL,
     MIX_STATE,
     RULE_EG,
+    RULE_HEDGE,
     SIGNAL,
     SIGNAL_LIMIT,
     SIZE,
@@ -81,7 +82,13 @@ from ._layout import (
     Q,
 )
 from ._layout import R as R_
-from ._threads import Threads
+from ._threads import Threads, max_threads
+
+# The kernel API, the same in every backend module (see _reference.py).
+__all__ = [
+    "RULE_EG", "RULE_HEDGE", "signal_pass", "merge_signals", "move_pass", "merge_move", "fold_rows", "fused_step",
+    "mixture_predict", "mixture_reweight", "merge_log_sum_exp", "mixture_share", "mixture_update", "max_threads",
+]
 
 # Values per block (a block is R = max(1, LANES // d) whole rows): small
 # enough that the block's lanes and patterns sit in L1, long enough that the
