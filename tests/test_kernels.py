@@ -478,19 +478,3 @@ def test_invalidate_rows_helper_makes_rows_invalid():
     ok = _reference.valid_rows(s)
     assert 0 < bad.size < 200 and not ok[bad].any() and ok.sum() == 1000 - bad.size
 
-
-def test_every_backend_module_has_the_whole_kernel_api():
-    """The reference's public names (its ``__all__``, bar the reference-only helper) exist in every backend."""
-    from memoa_fast.kernels import _numba, _reference
-
-    api = [name for name in _reference.__all__ if name != "valid_rows"]
-    modules = [_numba]
-    try:
-        from memoa_fast.kernels import _cython
-
-        modules.append(_cython)
-    except ImportError:
-        pass
-    for mod in modules:
-        missing = [name for name in api if not hasattr(mod, name)]
-        assert not missing, f"{mod.__name__} lacks {missing}"
