@@ -31,6 +31,7 @@ _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", bou
 # --------------------------------------------------------------------------- forecasters
 @njit(**_jit)
 def _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, c):
+    """One chunk of :func:`forecast_step`: the p = 2 fast path or the general one (writes ``weights``, ``lags``, ``out``)."""
     n = weights.shape[0]
     lo = c * CHUNK
     hi = min(lo + CHUNK, n)
@@ -78,6 +79,7 @@ def _forecast_rows_p2(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
 
 @njit(**_jit)
 def _forecast_rows(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
+    """General p: every client's NLMS update and next forecast for rows ``[lo, hi)``, in place."""
     d, F = weights.shape[1], weights.shape[2]
     p = lags.shape[2]
     for i in range(lo, hi):
@@ -113,12 +115,14 @@ def _forecast_rows(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
 
 @njit(**_jit)
 def _forecast_serial(y, eps, sigma, weights, lags, out, mu, update):
+    """Every chunk of :func:`forecast_step` on one thread."""
     for c in range((weights.shape[0] + CHUNK - 1) // CHUNK):
         _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, c)
 
 
 @njit(parallel=True, **_jit)
 def _forecast_parallel(y, eps, sigma, weights, lags, out, mu, update):
+    """Every chunk of :func:`forecast_step` spread over the threads (the same bits)."""
     for c in prange((weights.shape[0] + CHUNK - 1) // CHUNK):
         _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, c)
 
@@ -179,6 +183,7 @@ def _score_merge(work, n, d, out_mean):
 
 @njit(**_jit)
 def _score_serial(x, y, record, sq_err, work, out_mean):
+    """Every chunk of :func:`score_step` on one thread, then the chunk partials merged in order."""
     for c in range(work.shape[0]):
         _score_chunk(x, y, record, sq_err, work, c)
     return _score_merge(work, x.shape[0], x.shape[1], out_mean)
@@ -186,6 +191,7 @@ def _score_serial(x, y, record, sq_err, work, out_mean):
 
 @njit(parallel=True, **_jit)
 def _score_parallel(x, y, record, sq_err, work, out_mean):
+    """:func:`_score_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
         _score_chunk(x, y, record, sq_err, work, c)
     return _score_merge(work, x.shape[0], x.shape[1], out_mean)

@@ -45,6 +45,7 @@ def _unit(h):
 
 @njit(**_jit)
 def _log_uniform_scales(lo, hi, key, log_low, log_high, out):
+    """``out[i - lo]`` log-uniform in ``[exp(log_low), exp(log_high)]`` from the hash of ``(key, i)``."""
     key = np.uint64(key)  # a key below 2**63 arrives as int64, and int64 ^ uint64 would be float64
     for i in range(lo, hi):
         u = _unit(_mix64(key + _GOLDEN * np.uint64(i + 1)))
@@ -66,6 +67,7 @@ def _noisy_row(r, lo, kt, y, sigma, out):
 
 @njit(**_jit)
 def _noisy_last_value(lo, key, t, y, sigma, out):
+    """Every row of ``out``: ``y + sigma_r z(key, lo + r, t, j)`` (one thread)."""
     key = np.uint64(key)  # a key below 2**63 arrives as int64, and int64 ^ uint64 would be float64
     kt = _mix64(key ^ (_GOLDEN * np.uint64(t + 1)))
     for r in range(out.shape[0]):
@@ -74,6 +76,7 @@ def _noisy_last_value(lo, key, t, y, sigma, out):
 
 @njit(parallel=True, **_jit)
 def _noisy_last_value_parallel(lo, key, t, y, sigma, out):
+    """:func:`_noisy_last_value` with the rows spread over the threads (the same draws)."""
     key = np.uint64(key)
     kt = _mix64(key ^ (_GOLDEN * np.uint64(t + 1)))
     for r in prange(out.shape[0]):

@@ -129,16 +129,19 @@ _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", bou
 
 @njit(**_jit)
 def _padded(d):
+    """``d`` rounded up to whole cache lines of doubles (``PAD``): the stride of a class block in ``work``."""
     return -(-d // PAD) * PAD
 
 
 @njit(**_jit)
 def _block_rows(d):
+    """Rows per block, ``R = max(1, LANES // d)``: a block of ``R d`` values sits in L1."""
     return max(1, LANES // d)
 
 
 @njit(**_jit)
 def _chunk_bounds(n, c):
+    """Agents ``[lo, hi)`` of chunk ``c`` in a population of ``n``."""
     lo = c * CHUNK
     return lo, min(lo + CHUNK, n)
 
@@ -230,20 +233,12 @@ def _max_arg(J, lo, hi, vmax, varg):
 
 @njit(**_jit)
 def _count_nonfinite(flat, lo, hi):
+    """How many of ``flat[lo:hi]`` are NaN or infinite (a vectorised count; reads only)."""
     bad = 0
     seg = flat[lo:hi]
     for k in range(seg.shape[0]):
         bad += not math.isfinite(seg[k])
     return bad
-
-
-@njit(**_jit)
-def _row_finite(s, i, d):
-    finite = True
-    for j in range(d):
-        if not math.isfinite(s[i, j]):
-            finite = False
-    return finite
 
 
 @njit(**_jit)
@@ -480,12 +475,14 @@ def _row_valid(s, i, d):
 
 @njit(**_jit)
 def _signal_serial(x, s, labels, work, lay, want_states):
+    """Pass 1 on one thread: :func:`_signal_chunk` for every chunk, in order (writes ``work``)."""
     for c in range(work.shape[0]):
         _signal_chunk(x, s, labels, work, lay, c, want_states)
 
 
 @njit(parallel=True, **_jit)
 def _signal_parallel(x, s, labels, work, lay, want_states):
+    """Pass 1 with the chunks spread over the threads (``prange``); the same rows as :func:`_signal_serial`."""
     for c in prange(work.shape[0]):
         _signal_chunk(x, s, labels, work, lay, c, want_states)
 
@@ -759,12 +756,14 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
 
 @njit(**_jit)
 def _move_serial(x, s, labels, J, work, lay, coef, field, half_discount, log_p):
+    """Pass 2 on one thread: :func:`_move_chunk` for every chunk (writes ``x``, ``J``, ``work``)."""
     for c in range(work.shape[0]):
         _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
 
 
 @njit(parallel=True, **_jit)
 def _move_parallel(x, s, labels, J, work, lay, coef, field, half_discount, log_p):
+    """Pass 2 with the chunks spread over the threads; bitwise the same as :func:`_move_serial`."""
     for c in prange(work.shape[0]):
         _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
 
@@ -808,6 +807,7 @@ def _predict_chunk(log_p, x, work, lay, c):
 
 @njit(**_jit)
 def _predict_serial(log_p, x, work, lay, out):
+    """``out = sum_i exp(log_p_i) x_i``: each chunk's partial into ``work``, then summed in chunk order."""
     for c in range(work.shape[0]):
         _predict_chunk(log_p, x, work, lay, c)
     for j in range(x.shape[1]):
@@ -816,6 +816,7 @@ def _predict_serial(log_p, x, work, lay, out):
 
 @njit(parallel=True, **_jit)
 def _predict_parallel(log_p, x, work, lay, out):
+    """:func:`_predict_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
         _predict_chunk(log_p, x, work, lay, c)
     for j in range(x.shape[1]):
@@ -966,18 +967,21 @@ def _share_range(log_p, top, log_total, alpha, n_total, lo, hi):
 
 @njit(**_jit)
 def _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay):
+    """The server's gradient step on every chunk (:func:`_reweight_chunk`): writes ``log_p`` and ``work``."""
     for c in range(work.shape[0]):
         _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
 
 
 @njit(parallel=True, **_jit)
 def _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay):
+    """:func:`_reweight_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
         _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
 
 
 @njit(**_jit)
 def _share_serial(log_p, top, log_total, alpha, n_total):
+    """Normalise and fixed-share every chunk of ``log_p`` in place (:func:`_share_range`)."""
     for c in range(-(-log_p.shape[0] // CHUNK)):
         lo, hi = _chunk_bounds(log_p.shape[0], c)
         _share_range(log_p, top, log_total, alpha, n_total, lo, hi)
@@ -985,6 +989,7 @@ def _share_serial(log_p, top, log_total, alpha, n_total):
 
 @njit(parallel=True, **_jit)
 def _share_parallel(log_p, top, log_total, alpha, n_total):
+    """:func:`_share_serial` with the chunks spread over the threads (element-wise: the same bits)."""
     for c in prange(-(-log_p.shape[0] // CHUNK)):
         lo, hi = _chunk_bounds(log_p.shape[0], c)
         _share_range(log_p, top, log_total, alpha, n_total, lo, hi)

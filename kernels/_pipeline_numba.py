@@ -142,16 +142,19 @@ _TWO_PI = 6.283185307179586
 
 @njit(**_jit)
 def _pad(d):
+    """``d`` rounded up to whole cache lines of doubles."""
     return -(-d // PAD) * PAD
 
 
 @njit(**_jit)
 def _block_rows(d):
+    """Rows per block, ``R = max(1, LANES // d)``."""
     return max(1, LANES // d)
 
 
 @njit(**_jit)
 def _chunk_bounds(n, c):
+    """Clients ``[lo, hi)`` of chunk ``c`` among ``n``."""
     lo = c * CHUNK
     return lo, min(lo + CHUNK, n)
 
@@ -337,6 +340,7 @@ def _sincos_2pi(u):
 
 @njit(**_jit)
 def _sincos_into(u, c_out, s_out):
+    """``sin`` and ``cos`` of ``2 pi u`` for every ``u`` of ``src`` into ``s`` and ``c`` (vectorised; bound in the module docstring)."""
     for k in range(u.shape[0]):
         c, s = _sincos_2pi(u[k])
         c_out[k] = c
@@ -353,6 +357,7 @@ def _mix64(z):
 
 @njit(**_jit)
 def _round_key(key, t):
+    """The 64-bit key of round ``t`` (hash of the seed key and the round)."""
     return _mix64(key ^ (_GOLDEN * np.uint64(t + 1)))
 
 
@@ -439,6 +444,7 @@ def _track_max(Jb, first, rows, vmax, varg):
 
 @njit(**_jit)
 def _row_valid(s, i, d):
+    """Whether row ``i`` of ``s`` is a valid signal (finite, at most ``SIGNAL_LIMIT``)."""
     ok = True
     for j in range(d):
         if not abs(s[i, j]) <= SIGNAL_LIMIT:
@@ -954,6 +960,7 @@ def _merge_b(work, field, yhat, stats, n, d):
 # --------------------------------------------------------------------------- drivers
 @njit(**_jit)
 def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    """Pass A on every chunk, one thread (see :func:`pass_a`)."""
     kt = _round_key(key, flags[F_T])
     for c in range(work.shape[0]):
         _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
@@ -962,6 +969,7 @@ def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, fiel
 
 @njit(parallel=True, **_jit)
 def _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    """Pass A with the chunks spread over the threads (the same bits)."""
     kt = _round_key(key, flags[F_T])
     for c in prange(work.shape[0]):
         _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
@@ -970,6 +978,7 @@ def _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, fi
 
 @njit(**_jit)
 def _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
+    """Pass B on every chunk, one thread (see :func:`pass_b`)."""
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
     chunks = work.shape[0]
@@ -980,6 +989,7 @@ def _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats
 
 @njit(parallel=True, **_jit)
 def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
+    """Pass B with the chunks spread over the threads (the same bits)."""
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
     for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
@@ -989,12 +999,14 @@ def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, sta
 
 @njit(**_jit)
 def _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    """A whole round (pass A, merge, pass B, merge) on one thread."""
     _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
     _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
 
 
 @njit(parallel=True, **_jit)
 def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
+    """A whole round with each pass's chunks spread over the threads."""
     kt = _round_key(key, flags[F_T])
     n, d = x.shape
     for c in prange(work.shape[0]):
@@ -1024,16 +1036,19 @@ def _normals_rows(key, first, t, out):
 
 @njit(**_jit)
 def _exp_public(src, dst):
+    """Jitted entry to the vectorised exp, for the accuracy tests."""
     _exp_into(src, dst, np.empty(2 * src.shape[0]))
 
 
 @njit(**_jit)
 def _log_public(src, dst):
+    """Jitted entry to the vectorised log, for the accuracy tests."""
     _log_into(src, dst, np.empty(2 * src.shape[0]))
 
 
 # --------------------------------------------------------------------------- public (semantics: _pipeline_reference)
 def _flat(weights, lags):
+    """A 1-D view of a C-contiguous array."""
     F, n, d = weights.shape
     return weights.reshape(F, n * d), lags.reshape(lags.shape[0], n * d)
 
