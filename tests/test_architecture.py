@@ -106,3 +106,10 @@ def test_no_import_cycle_between_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_every_package_folder_is_a_regular_package():
+    """A folder without __init__.py imports from a checkout (a namespace package) but is left out of wheels."""
+    missing = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"
+               and any(p.glob("*.py")) and not (p / "__init__.py").is_file()]
+    assert not missing, f"package folders without __init__.py: {missing}"
