@@ -565,6 +565,7 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
         ax_cost.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     handles, labels = ax_cdf.get_legend_handles_labels()
     h2, l2 = ax_mix.get_legend_handles_labels()
-    fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=min(8, len(labels) + len(l2)), fontsize=9,
-               frameon=False)
+    n_items = len(labels) + len(l2)
+    # At most 5 entries a row: with the five policies and the three reference lines, two rows that fit the width.
+    fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=min(5, n_items), fontsize=9, frameon=False)
     fig.savefig(path, dpi=110, format=fmt)
