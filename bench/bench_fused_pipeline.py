@@ -46,7 +46,7 @@ import pytest
 from scipy.special import logsumexp
 
 from memoa_fast import Game, Population, Server
-from memoa_fast.timeseries.forecasters import ClientForecasters, load_kernels
+from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
 from memoa_fast.timeseries.streams import make_stream
 
@@ -62,28 +62,24 @@ class Today:
     def __init__(self, n: int, threads: int | None = 1, seed: int = 0):
         self.n = n
         self.forecasters = ClientForecasters(n, 1, lags=LAGS, noise_range=NOISE, mu=MU, seed=seed, threads=threads)
-        self.kern = load_kernels("numba")
         self.population = Population(GAME, n, 1, threads=threads)
         self.server = Server(n, 1, rule="hedge", eta=ETA, alpha=ALPHA, threads=threads)
-        self.work = np.zeros(self.kern.score_work_shape(n, 1))
-        self.mean = np.zeros(1)
-        self.sq_err = np.zeros(n)
-        self.sq_sig = np.zeros(n)
-        self.threads = self.forecasters._threads_used
+        self.score_signals = SquaredErrors(n, 1, threads=threads)
+        self.score_states = SquaredErrors(n, 1, threads=threads)
 
     def run(self, y: np.ndarray, times: list | None = None) -> float:
-        fc, pop, server, kern = self.forecasters, self.population, self.server, self.kern
+        fc, pop, server = self.forecasters, self.population, self.server
         err = 0.0
         clock = time.perf_counter
         for t in range(len(y) - 1):
             t0 = clock()
             s = fc.observe(y[t])
             target = y[t + 1]
-            kern.score_step(s, target, True, self.sq_sig, self.work, self.mean, self.threads)
+            self.score_signals.add(s, target, True)
             x = pop.step(s)
             diff = server.predict(x) - target
             err += float(diff @ diff)
-            kern.score_step(x, target, True, self.sq_err, self.work, self.mean, self.threads)
+            self.score_states.add(x, target, True)
             server.update(x, target)
             if times is not None:
                 times.append(clock() - t0)

@@ -467,8 +467,8 @@ def check_pipeline(n: int = 5000, rounds: int = 30) -> float:
     value itself): forecasts, states and the mixture must agree to 1e-10.
     """
     from memoa_fast import Game, Population, Server
-    from memoa_fast.forecasters import ClientForecasters
-    from memoa_fast.streams import make_stream
+    from memoa_fast.timeseries.forecasters import ClientForecasters
+    from memoa_fast.timeseries.streams import make_stream
 
     game = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
     y = make_stream("logistic", rounds + 1, seed=0)
