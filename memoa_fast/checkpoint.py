@@ -458,32 +458,13 @@ def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
 
 def _read_members(fh, where, n_agents, dim) -> dict:
     """The members' data, each checked by name, header and size before it is read (see :func:`load_checkpoint`)."""
-    with zipfile.ZipFile(fh) as zf:
-        infos = zf.infolist()
-        if len(infos) > _MAX_MEMBERS:
-            _fail(where, f"holds {len(infos)} members, more than a checkpoint ever has ({_MAX_MEMBERS})")
-        members = {}
-        for info in infos:
-            name = info.filename
-            key = name[:-4] if name.endswith(".npy") else None
-            known = key is not None and (key in _SCALARS or key in _ARRAYS or key.startswith((_SOURCE_AGENTS, _SOURCE_SHARED)))
-            if not known or key in (_SOURCE_AGENTS, _SOURCE_SHARED):
-                _fail(where, f"has an unknown member {name[:100]!r}: not a memoa-fast checkpoint, or tampered with")
-            if key in members:
-                _fail(where, f"has the member {name!r} twice")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                _fail(where, f"member {name!r} uses zip compression method {info.compress_type}; accepted: stored or deflate")
-            members[key] = info
+    def known(key):
+        return key not in (_SOURCE_AGENTS, _SOURCE_SHARED) and (
+            key in _SCALARS or key in _ARRAYS or key.startswith((_SOURCE_AGENTS, _SOURCE_SHARED)))
 
-        headers = {key: _member_header(zf, info) for key, info in members.items()}
-        for key, (shape, dtype, _, offset) in headers.items():
-            if dtype.hasobject or dtype.kind not in "iufU" or dtype.fields is not None or dtype.subdtype is not None:
-                _fail(where, f"member {key!r} has dtype {dtype}; a checkpoint holds only numbers and strings")
-            declared = members[key].file_size
-            needed = offset + math.prod(shape) * dtype.itemsize
-            if declared != needed:
-                _fail(where, f"member {key!r} is {declared} bytes in the zip directory, but its header ({dtype}, "
-                             f"shape {shape}) needs {needed}: truncated or tampered with")
+    with zipfile.ZipFile(fh) as zf:
+        members = _zip_members(zf, where, known)
+        headers = {key: _checked_header(zf, info, key, where) for key, info in members.items()}
 
         def header(key):
             return headers[key][:2]
@@ -517,15 +498,7 @@ def _read_members(fh, where, n_agents, dim) -> dict:
 
         def read(key):
             if key not in data:
-                shape, dtype, fortran, offset = headers[key]
-                with zf.open(members[key]) as f:
-                    f.read(offset)
-                    nbytes = math.prod(shape) * dtype.itemsize
-                    raw = f.read(nbytes)
-                    if len(raw) != nbytes or f.read(1):  # the last read also checks the CRC
-                        _fail(where, f"member {key!r} has {len(raw)} data bytes, its header needs {nbytes}")
-                arr = np.frombuffer(raw, dtype=dtype) if nbytes else np.empty(0, dtype=dtype)
-                data[key] = arr.reshape(shape, order="F" if fortran else "C")
+                data[key] = _read_member(zf, members[key], headers[key], key, where)
             return data[key]
 
         # The game fixes K: read the (small, checked) scalars first.
@@ -882,39 +855,62 @@ def is_manifest(path) -> bool:
 def _read_small_npz(fh, where, allowed, max_bytes) -> dict:
     """Every member of a small .npz: names by ``allowed(key)``, headers and declared sizes checked before reading."""
     with zipfile.ZipFile(fh) as zf:
-        infos = zf.infolist()
-        if len(infos) > _MAX_MEMBERS:
-            _fail(where, f"holds {len(infos)} members, more than {_MAX_MEMBERS}")
-        members = {}
-        for info in infos:
-            name = info.filename
-            key = name[:-4] if name.endswith(".npy") else None
-            if key is None or not allowed(key):
-                _fail(where, f"has an unknown member {name[:100]!r}: not a memoa-fast checkpoint, or tampered with")
-            if key in members:
-                _fail(where, f"has the member {name!r} twice")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                _fail(where, f"member {name!r} uses zip compression method {info.compress_type}; accepted: stored or deflate")
-            members[key] = info
+        members = _zip_members(zf, where, allowed)
         if sum(i.file_size for i in members.values()) > max_bytes:
             _fail(where, f"its members declare more than {max_bytes:,} bytes: not a manifest, or tampered with")
-        data = {}
-        for key, info in members.items():
-            shape, dtype, fortran, offset = _member_header(zf, info)
-            if dtype.hasobject or dtype.kind not in "iufU" or dtype.fields is not None or dtype.subdtype is not None:
-                _fail(where, f"member {key!r} has dtype {dtype}; a checkpoint holds only numbers and strings")
-            nbytes = math.prod(shape) * dtype.itemsize
-            if info.file_size != offset + nbytes:
-                _fail(where, f"member {key!r} is {info.file_size} bytes in the zip directory, but its header ({dtype}, "
-                             f"shape {shape}) needs {offset + nbytes}: truncated or tampered with")
-            with zf.open(info) as f:
-                f.read(offset)
-                raw = f.read(nbytes)
-                if len(raw) != nbytes or f.read(1):
-                    _fail(where, f"member {key!r} has {len(raw)} data bytes, its header needs {nbytes}")
-            arr = np.frombuffer(raw, dtype=dtype) if nbytes else np.empty(0, dtype=dtype)
-            data[key] = arr.reshape(shape, order="F" if fortran else "C")
-        return data
+        return {key: _read_member(zf, info, _checked_header(zf, info, key, where), key, where)
+                for key, info in members.items()}
+
+
+def _zip_members(zf, where, allowed) -> dict:
+    """``{key: ZipInfo}`` of every ``<key>.npy`` member: known names only (``allowed(key)``), once each, stored or deflated.
+
+    Reads only the zip directory: nothing is inflated.
+    """
+    infos = zf.infolist()
+    if len(infos) > _MAX_MEMBERS:
+        _fail(where, f"holds {len(infos)} members, more than a checkpoint ever has ({_MAX_MEMBERS})")
+    members = {}
+    for info in infos:
+        name = info.filename
+        key = name[:-4] if name.endswith(".npy") else None
+        if key is None or not allowed(key):
+            _fail(where, f"has an unknown member {name[:100]!r}: not a memoa-fast checkpoint, or tampered with")
+        if key in members:
+            _fail(where, f"has the member {name!r} twice")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            _fail(where, f"member {name!r} uses zip compression method {info.compress_type}; accepted: stored or deflate")
+        members[key] = info
+    return members
+
+
+def _checked_header(zf, info, key, where) -> tuple:
+    """The member's ``.npy`` header ``(shape, dtype, fortran, offset)``, checked.
+
+    Numbers or strings only, and a declared uncompressed size that is exactly
+    header + data, so a bomb is refused before it is inflated.
+    """
+    shape, dtype, fortran, offset = _member_header(zf, info)
+    if dtype.hasobject or dtype.kind not in "iufU" or dtype.fields is not None or dtype.subdtype is not None:
+        _fail(where, f"member {key!r} has dtype {dtype}; a checkpoint holds only numbers and strings")
+    needed = offset + math.prod(shape) * dtype.itemsize
+    if info.file_size != needed:
+        _fail(where, f"member {key!r} is {info.file_size} bytes in the zip directory, but its header ({dtype}, "
+                     f"shape {shape}) needs {needed}: truncated or tampered with")
+    return shape, dtype, fortran, offset
+
+
+def _read_member(zf, info, header, key, where) -> np.ndarray:
+    """The member's data as an array of its header's shape; the read to the end also checks the CRC."""
+    shape, dtype, fortran, offset = header
+    nbytes = math.prod(shape) * dtype.itemsize
+    with zf.open(info) as f:
+        f.read(offset)
+        raw = f.read(nbytes)
+        if len(raw) != nbytes or f.read(1):
+            _fail(where, f"member {key!r} has {len(raw)} data bytes, its header needs {nbytes}")
+    arr = np.frombuffer(raw, dtype=dtype) if nbytes else np.empty(0, dtype=dtype)
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def _scalar(data, key, kind, where, *, required=True):
