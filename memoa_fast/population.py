@@ -136,6 +136,37 @@ class MeanFieldSummary:
             return _readonly(np.zeros(self.n_agents, dtype=np.int64))
         return _readonly(self._labels)
 
+    def _summary_state(self, states: np.ndarray, costs: np.ndarray) -> dict:
+        """The state dict of either engine around its (copied or gathered) ``states`` and ``costs``."""
+        state = {
+            "states": states,
+            "costs": costs,
+            "mean_state": self.mean_state,
+            "mean_signal": self.mean_signal,
+            "class_mean_signal": self.class_mean_signal,
+            "t": self.t,
+            "discount": self._discount,
+            "n_valid_signals": self._n_valid,
+            "game": self.game.to_dict(),
+        }
+        if self._lay.n_classes > 1:
+            state["labels"] = self._labels.copy()
+        return state
+
+    def _apply_summary(self, clean: dict) -> None:
+        """Everything but the agent arrays from a checked state: classes, mean field, counters."""
+        lay, K = self._lay, self._lay.n_classes
+        if K > 1:
+            self._labels = clean["labels"]
+            self._set_sizes()
+        self._field[...] = 0.0
+        self._field[lay.field_signal] = clean["mean_signal"]
+        self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
+        self._refresh_means(clean["states"])
+        self._n_valid = clean["n_valid_signals"]
+        self.t = clean["t"]
+        self._discount = clean["discount"]
+
     def _refresh_means(self, states) -> None:
         """``m_l(t)`` and ``m(t)`` of ``states`` into the field (a cheap NumPy pass: construction, labels, restore)."""
         lay, K = self._lay, self._lay.n_classes
@@ -404,20 +435,7 @@ class Population(MeanFieldSummary):
         ``mean_signal``, ``class_mean_signal`` (arrays), ``t``, ``discount``,
         ``n_valid_signals`` and ``game`` (a dict of weights and policy).
         """
-        state = {
-            "states": self._x.copy(),
-            "costs": self._J.copy(),
-            "mean_state": self.mean_state,
-            "mean_signal": self.mean_signal,
-            "class_mean_signal": self.class_mean_signal,
-            "t": self.t,
-            "discount": self._discount,
-            "n_valid_signals": self._n_valid,
-            "game": self.game.to_dict(),
-        }
-        if self._lay.n_classes > 1:
-            state["labels"] = self._labels.copy()
-        return state
+        return self._summary_state(self._x.copy(), self._J.copy())
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
@@ -425,22 +443,12 @@ class Population(MeanFieldSummary):
         self._apply_state(clean)
 
     def _apply_state(self, clean: dict) -> None:
-        lay, K = self._lay, self._lay.n_classes
         self._x[...] = clean["states"]
         self._J[...] = clean["costs"]
-        if K > 1:
-            self._labels = clean["labels"]
-            self._set_sizes()
-        self._field[...] = 0.0
-        self._field[lay.field_signal] = clean["mean_signal"]
-        self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
-        self._refresh_means(self._x)
+        self._apply_summary(clean)
         self._mean_ready = False  # the next step sums m(t) from the restored states, as a fresh run would
-        self._n_valid = clean["n_valid_signals"]
         self._worst = -1
         self._fresh = False
-        self.t = clean["t"]
-        self._discount = clean["discount"]
 
     def __reduce__(self):
         config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)

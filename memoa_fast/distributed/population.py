@@ -561,19 +561,7 @@ class DaskPopulation(MeanFieldSummary):
         """
         states = self._gather_agents("states", (self.n_agents, self.dim))
         self._refresh_means(states)
-        state = {
-            "states": states,
-            "costs": self._gather_agents("costs", (self.n_agents,)),
-            "mean_state": self._field[self._lay.field_state].copy(),
-            "mean_signal": self.mean_signal,
-            "class_mean_signal": self.class_mean_signal,
-            "t": self.t,
-            "discount": self._discount,
-            "n_valid_signals": self._n_valid,
-            "game": self.game.to_dict(),
-        }
-        if self._lay.n_classes > 1:
-            state["labels"] = self._labels.copy()
+        state = self._summary_state(states, self._gather_agents("costs", (self.n_agents,)))
         source = self._gather_source()
         if source is not None:
             state["source"] = source
@@ -601,19 +589,9 @@ class DaskPopulation(MeanFieldSummary):
             source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
-        labels = clean.get("labels") if self._lay.n_classes > 1 else None
+        labels = clean["labels"] if self._lay.n_classes > 1 else None
         self._load_all(clean["states"], clean["costs"], labels, source)
-        if labels is not None:
-            self._labels = labels
-            self._set_sizes()
-        lay, K = self._lay, self._lay.n_classes
-        self._field[...] = 0.0
-        self._field[lay.field_signal] = clean["mean_signal"]
-        self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
-        self._refresh_means(clean["states"])
-        self._n_valid = clean["n_valid_signals"]
-        self.t = clean["t"]
-        self._discount = clean["discount"]
+        self._apply_summary(clean)
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
