@@ -391,9 +391,9 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
         L = R * d
         scratch = np.empty(2 * L)
         lanes = scratch[:L]
-        top = scratch[L:]
-        _lane_sums_max(s.reshape(-1), lo * d, hi * d, L, lanes, top)
-        if _count_nonfinite(lanes, 0, L) == 0 and _count_over(top, 0, L) == 0:
+        magnitude = scratch[L:]
+        _lane_sums_abs(s.reshape(-1), lo * d, hi * d, L, lanes, magnitude)
+        if _count_nonfinite(lanes, 0, L) == 0 and _count_over(magnitude, 0, L) == 0:
             count = hi - lo
             _lane_columns(lanes, d, R, row[lay[LAY_SIGNAL]:lay[LAY_SIGNAL] + d])
         else:
@@ -435,22 +435,22 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
 
 
 @njit(**_jit)
-def _lane_sums_max(flat, lo, hi, L, lanes, top):
-    """:func:`_lane_sums` of ``flat[lo:hi]``, and ``top[l]`` the sum of ``|value|`` of each lane.
+def _lane_sums_abs(flat, lo, hi, L, lanes, magnitude):
+    """:func:`_lane_sums` of ``flat[lo:hi]``, and ``magnitude[l]`` the sum of ``|value|`` of each lane.
 
-    Every value is valid when every ``top`` is at most ``SIGNAL_LIMIT`` (a
+    Every value is valid when every ``magnitude`` is at most ``SIGNAL_LIMIT`` (a
     sufficient test: a sum of magnitudes bounds each one; NaN and infinities
     make it fail too). Sums vectorise where a running maximum does not.
     """
     for l in range(L):
         lanes[l] = 0.0
-        top[l] = 0.0
+        magnitude[l] = 0.0
     for b in range(lo, hi, L):
         seg = flat[b:min(b + L, hi)]
         for l in range(seg.shape[0]):
             v = seg[l]
             lanes[l] += v
-            top[l] += abs(v)
+            magnitude[l] += abs(v)
 
 
 @njit(**_jit)

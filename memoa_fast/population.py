@@ -10,7 +10,7 @@ from . import _backends
 from ._state import check_population_state
 from ._validation import as_float_array, check_int, check_sizes
 from .game import Game
-from .kernels import N_COEF, SIZE, layout, work_shape
+from .kernels import N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server, _check_out
 
 
@@ -475,8 +475,7 @@ def _rebuild(cls, args, config, state):
 
 
 def _check_magnitude(name: str, arr: np.ndarray) -> None:
-    from .kernels import SIGNAL_LIMIT
-
+    """Refuse states beyond ``SIGNAL_LIMIT``: a cost built from them could overflow (and a checkpoint refuses them)."""
     top = float(np.max(np.abs(arr))) if arr.size else 0.0
     if top > SIGNAL_LIMIT:
         raise ValueError(f"{name} must be at most {SIGNAL_LIMIT:g} in magnitude (so that no cost can overflow), got {top!r}")
