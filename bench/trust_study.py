@@ -80,7 +80,7 @@ def run_one(y: np.ndarray, variants: dict, n_clients: int, eta: float, alpha: fl
 
 
 def variants(kappa: float, q: float, r: float, gamma: float, n_clients: int, classes: int, reclass: int,
-             trust_kappas=(1.0, 3.0), feedforwards=(True, False), powers=(1.0,)) -> dict:
+             trust_kappas=(1.0, 3.0), feedforwards=(True, False), powers=(1.0,), minimax: bool = False) -> dict:
     out = {p: (lambda p=p: Population(Game(q, kappa, r, gamma, p), n_clients, 1, threads=1)) for p in BASELINES}
     for tk in trust_kappas:
         for ff in feedforwards:
@@ -88,7 +88,12 @@ def variants(kappa: float, q: float, r: float, gamma: float, n_clients: int, cla
                 out[f"trust k{tk:g} {'ff' if ff else 'noff'} p{pw:g}"] = (
                     lambda tk=tk, ff=ff, pw=pw: TrustPopulation(
                         n_clients, 1, n_classes=classes, reclass=reclass, q=q, kappa=tk, r=r, gamma=gamma,
-                        feedforward=ff, power=pw, threads=1))
+                        feedforward=ff, power=pw, rule="error", threads=1))
+            if minimax:  # the second rule: beta tuned online to lower the worst class's measured cost
+                out[f"trust k{tk:g} {'ff' if ff else 'noff'} minimax"] = (
+                    lambda tk=tk, ff=ff: TrustPopulation(
+                        n_clients, 1, n_classes=classes, reclass=reclass, q=q, kappa=tk, r=r, gamma=gamma,
+                        feedforward=ff, power=1.5, rule="minimax", threads=1))
     return out
 
 
@@ -105,6 +110,7 @@ def main() -> int:
     ap.add_argument("--trust-kappas", default="1,3", help="kappas of the memoa-trust variants")
     ap.add_argument("--feedforward", default="on,off", help="memoa-trust variants: on, off or both")
     ap.add_argument("--powers", default="1", help="memoa-trust variants: exponents of median(v)/mean_j(v)")
+    ap.add_argument("--minimax", action="store_true", help="add memoa-trust with rule='minimax' (beta chosen online)")
     ap.add_argument("--json")
     args = ap.parse_args()
     series = all_series(args.quick, args.rounds)
@@ -114,7 +120,7 @@ def main() -> int:
         made = variants(args.kappa, 1.0, 0.1, 0.9, args.clients, args.classes, args.reclass,
                         tuple(float(k) for k in args.trust_kappas.split(",")),
                         tuple({"on": True, "off": False}[f] for f in args.feedforward.split(",")),
-                        tuple(float(p) for p in args.powers.split(",")))
+                        tuple(float(p) for p in args.powers.split(",")), args.minimax)
         table[name] = run_one(y, made, args.clients, args.eta, args.alpha)
         best = {c: min(table[name][p][c] for p in BASELINES) for c in COLUMNS}
         row = "  ".join(f"{v}: " + "/".join(f"{table[name][v][c]:.3f}" for c in COLUMNS) for v in table[name])

@@ -54,6 +54,20 @@ def test_steps_is_an_alias_of_rounds(capsys):
     assert runs[0] == runs[1] and runs[0]["n_rounds"] == 120
 
 
+def test_trust_rule_reaches_memoa_trust(capsys):
+    """--trust-rule error is memoa-trust with one exponent; minimax (the default) may differ from it, nothing else does."""
+    runs = {}
+    for rule in ("error", "minimax", None):
+        argv = ["run", "--clients", "40", "--rounds", "400", "--quiet", "--policies", "memoa,memoa-trust", "--json",
+                *(["--trust-rule", rule] if rule else [])]
+        _, out, _ = _run(argv, capsys)
+        runs[rule] = json.loads(out)
+    assert runs[None]["config"]["trust_rule"] == "minimax" and runs["error"]["config"]["trust_rule"] == "error"
+    assert runs[None]["policies"] == runs["minimax"]["policies"]
+    assert runs["error"]["policies"]["memoa"] == runs["minimax"]["policies"]["memoa"]
+    assert runs["error"]["policies"]["memoa-trust"] != runs["minimax"]["policies"]["memoa-trust"]
+
+
 def test_json_file_and_plot(tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     code, out, _ = _run(["run", *FAST, "--stream", "periodic", "--policies", "memoa,local", "--kappa", "3",
@@ -107,6 +121,7 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--lags", "1000"], "argument --lags: must be in [1, 64]"),
     (["--q", "0", "--kappa", "0"], "--q and --kappa: q + kappa must be > 0"),
     (["--rule", "median"], "argument --rule: invalid choice"),
+    (["--trust-rule", "best"], "argument --trust-rule: invalid choice: 'best' (choose from 'error', 'minimax')"),
     (["--noise", "0.5", "0.1"], "argument --noise: LOW must be <= HIGH"),
     (["--mu", "2"], "argument --mu: must be in (0, 2)"),
     (["--threads", "100000"], "argument --threads: must be in [1, 1024]"),

@@ -69,7 +69,7 @@ def test_trust_population_reclasses_and_starts_as_memoa(rng):
     from memoa_fast.timeseries.trust import TrustPopulation
 
     n, d, R = 64, 1, 5
-    trust = TrustPopulation(n, d, n_classes=4, reclass=R, kappa=2.0, q=1.0, r=0.1, gamma=0.9)
+    trust = TrustPopulation(n, d, n_classes=4, reclass=R, kappa=2.0, q=1.0, r=0.1, gamma=0.9, rule="error")
     plain = Population(Game(q=1.0, kappa=2.0, r=0.1, gamma=0.9), n, d)
     noise = np.exp(rng.uniform(-4, 0, n))[:, None]
     y = np.sin(np.arange(30) / 3.0)
@@ -83,3 +83,92 @@ def test_trust_population_reclasses_and_starts_as_memoa(rng):
     np.testing.assert_allclose(trust.game.q, q)
     # the noisiest clients sit in the last class, which leans most on the population
     assert np.corrcoef(noise[:, 0], labels)[0, 1] > 0.5 and q[0] > q[-1]
+
+
+def _noisy_run(trust_pops, n, d, rounds, seed):
+    """Step every population on the same noisy signals of a sine and let each observe the target."""
+    rng = np.random.default_rng(seed)
+    noise = np.exp(rng.uniform(-4, 0, n))[:, None]
+    y = np.sin(np.arange(rounds + 1) / 3.0)
+    published = []
+    for t in range(rounds):
+        s = y[t + 1] + noise * rng.normal(size=(n, d))
+        published.append([pop.step(s).copy() for pop in trust_pops])
+        for pop in trust_pops:
+            pop.observe(np.full(d, y[t + 1]))
+    return published
+
+
+def test_minimax_candidates_are_the_error_rule_populations_and_the_leader_has_the_lowest_class_cost():
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    n, d, R, powers = 60, 2, 7, (0.5, 1.5, 4.0)
+    kw = dict(n_classes=4, reclass=R, kappa=3.0, feedforward=False, cost_half_life=5.0)
+    minimax = TrustPopulation(n, d, rule="minimax", powers=powers, power=1.5, **kw)
+    singles = [TrustPopulation(n, d, rule="error", power=p, **kw) for p in powers]
+    assert minimax.power == 1.5 and minimax.population is minimax.populations[1]
+    rng = np.random.default_rng(3)
+    noise = np.exp(rng.uniform(-4, 0, n))[:, None]
+    y = np.sin(np.arange(60) / 3.0)
+    w = 1.0 - 2.0 ** (-1.0 / 5.0)
+    costs = np.zeros(len(powers))  # the rule's class costs, computed here independently
+    expected_leader, leaders = 1, set()
+    published_cost = np.zeros(n)
+    for t in range(59):
+        s = y[t + 1] + noise * rng.normal(size=(n, d))
+        leader_before = singles[minimax.leader].costs.copy()
+        published = minimax.step(s).copy()
+        single_states = [pop.step(s).copy() for pop in singles]
+        # each candidate is exactly the error rule with its exponent, and the published states are the leader's
+        for c in range(len(powers)):
+            np.testing.assert_array_equal(minimax.populations[c].states, single_states[c])
+        np.testing.assert_array_equal(published, single_states[minimax.leader])
+        # the published path's cost: this round's loss of the leader, added to what was there
+        leader_round = singles[minimax.leader].costs - leader_before
+        np.testing.assert_allclose(minimax.costs, published_cost + leader_round, rtol=1e-13, atol=0)
+        published_cost = minimax.costs.copy()
+        assert minimax.regret == published_cost.max() and minimax.worst_agent == int(np.argmax(published_cost))
+        labels = minimax.population.labels
+        for c in range(len(powers)):
+            sq = ((single_states[c] - y[t + 1]) ** 2).sum(axis=1)
+            worst_class = max(sq[labels == j].mean() for j in range(4))
+            costs[c] += w * (worst_class - costs[c])
+        minimax.observe(np.full(d, y[t + 1]))
+        for pop in singles:
+            pop.observe(np.full(d, y[t + 1]))
+        np.testing.assert_allclose(minimax.class_costs, costs, rtol=1e-12)
+        if (t + 1) % R == 0:  # the leader changes only when the classes are re-formed
+            expected_leader = int(np.argmin(costs))
+            leaders.add(expected_leader)
+        assert minimax.leader == expected_leader
+    assert minimax.n_reclassed == 59 // R
+    assert len(leaders) >= 1
+
+
+def test_minimax_with_one_exponent_is_the_error_rule():
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    kw = dict(n_classes=3, reclass=4, kappa=2.0, power=2.0)
+    a = TrustPopulation(40, 1, rule="minimax", powers=[2.0], **kw)
+    b = TrustPopulation(40, 1, rule="error", **kw)
+    out_a = _noisy_run([a], 40, 1, 30, seed=5)
+    out_b = _noisy_run([b], 40, 1, 30, seed=5)
+    for xa, xb in zip(out_a, out_b):
+        np.testing.assert_array_equal(xa[0], xb[0])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(rule="best"), "rule must be one of 'error', 'minimax'; got 'best'"),
+    (dict(rule="minimax", powers=[]), "powers must be distinct finite numbers"),
+    (dict(rule="minimax", powers=[1.0, 1.0, 1.5]), "powers must be distinct"),
+    (dict(rule="minimax", powers=[1.5, -1.0]), "powers must be distinct finite numbers >= 0"),
+    (dict(rule="minimax", powers=[1.5, float("nan")]), "powers must be distinct finite numbers >= 0"),
+    (dict(rule="minimax", powers="abc"), "powers must be a sequence of numbers"),
+    (dict(rule="minimax", powers=[1.0, 2.0], power=1.5), r"power must be one of powers=\(1.0, 2.0\)"),
+    (dict(cost_half_life=0.0), "cost_half_life"),
+])
+def test_trust_population_bad_arguments(kwargs, words):
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    with pytest.raises(ValueError, match=words):
+        TrustPopulation(20, 1, n_classes=2, **kwargs)

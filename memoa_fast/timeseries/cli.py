@@ -28,6 +28,7 @@ from .._version import __version__
 from . import experiment
 from .experiment import PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, load_csv_series, make_stream
+from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
@@ -194,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8)")
     g.add_argument("--reclass", type=_number(int, "--reclass"), default=50, metavar="R",
                    help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default 50)")
+    betas = ", ".join(f"{p:g}" for p in MINIMAX_POWERS)
+    g.add_argument("--trust-rule", choices=TRUST_RULES, default="minimax",
+                   help="memoa-trust's class weights q_j = q (median v / mean_j v)^beta: 'error' uses beta = 1.5; "
+                        f"'minimax' (default) runs one population per beta in {betas} and publishes the one whose "
+                        "worst class has the lowest measured cost, chosen again at every re-forming (see the README)")
     g.add_argument("--trust-feedforward", action="store_true",
                    help="keep memoa-trust's feed-forward term C (m_l - m_l*) (off by default: see the README)")
 
@@ -425,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         result = experiment.run_experiment(
             series, stream=name, n_clients=args.clients, q=args.q, kappa=args.kappa, r=args.r, gamma=args.gamma,
             policies=policies, classes=args.classes, reclass=args.reclass, trust_feedforward=args.trust_feedforward,
+            trust_rule=args.trust_rule,
             rules=rules, eta=args.eta, alpha=args.alpha, seed=args.seed, lags=args.lags,
             noise_range=tuple(args.noise), mu=args.mu, burn_in=args.burn_in, backend=args.backend,
             threads=args.threads, progress=progress,

@@ -32,7 +32,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .trust import TrustPopulation
+from .trust import TRUST_RULES, TrustPopulation
 
 
 @dataclass
@@ -202,6 +202,7 @@ def describe_config(c: dict, n_rounds: int, n_scored: int) -> str:
         f"{c['n_clients']} clients, {n_rounds} rounds ({n_scored} scored after a burn-in of {c['burn_in']}), "
         f"seed {c['seed']}; q={c['q']:g} kappa={c['kappa']:g} r={c['r']:g} gamma={c['gamma']:g}, "
         f"eta={c['eta']:g} alpha={c['alpha']:g}; client noise {noise[0]:g}..{noise[1]:g}, lags {c['lags']}, mu={c['mu']:g}"
+        + (f"; memoa-trust K={c['classes']} R={c['reclass']} rule {c['trust_rule']}" if "memoa-trust" in c["policies"] else "")
     )
 
 
@@ -247,6 +248,7 @@ def run_experiment(
     reclass: int = 50,
     trust_feedforward: bool = False,
     trust_power: float = 1.5,
+    trust_rule: str = "minimax",
     rules=RULES,
     eta: float = 0.5,
     alpha: float = 0.01,
@@ -288,6 +290,12 @@ def run_experiment(
     trust_power : float
         memoa-trust's exponent ``beta`` in ``q_j = q (median v / mean_j v)^beta``
         (default 1.5, chosen the same way; ``MODEL.md``'s rule is 1).
+    trust_rule : {"minimax", "error"}
+        memoa-trust's class weights: the exponent tuned online to lower the
+        worst class's measured cost (default; lower worst, average and
+        mixture RMSE on the mean over 20 series: ``bench/trust_minimax.txt``),
+        or the one exponent ``trust_power``
+        (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
     rules : sequence of str
         Server rules to score, subset of ``("eg", "hedge")``.
     eta, alpha : float
@@ -330,6 +338,7 @@ def run_experiment(
     n_rounds = T - 1
     policies = tuple(check_choice("policy", p, POLICIES) for p in policies)
     rules = tuple(check_choice("rule", rr, RULES) for rr in rules)
+    trust_rule = check_choice("trust_rule", trust_rule, TRUST_RULES)
     if not policies or not rules:
         raise ValueError("give at least one policy and one server rule")
     if len(set(policies)) != len(policies) or len(set(rules)) != len(rules):
@@ -351,8 +360,8 @@ def run_experiment(
     def make(p):
         if p == "memoa-trust":
             return TrustPopulation(n_clients, d, n_classes=classes, reclass=reclass, q=q, kappa=kappa, r=r, gamma=gamma,
-                                   feedforward=bool(trust_feedforward), power=trust_power, backend=backend,
-                                   threads=threads)
+                                   feedforward=bool(trust_feedforward), power=trust_power, rule=trust_rule,
+                                   backend=backend, threads=threads)
         return Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads)
 
     pops = {p: make(p) for p in policies}
@@ -423,7 +432,8 @@ def run_experiment(
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
-        "trust_feedforward": bool(trust_feedforward), "trust_power": float(trust_power), "rules": list(rules),
+        "trust_feedforward": bool(trust_feedforward), "trust_power": float(trust_power), "trust_rule": trust_rule,
+        "rules": list(rules),
         "eta": float(eta), "alpha": float(alpha), "seed": seed,
         "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
         "backend": backend, "threads": forecasters.threads,

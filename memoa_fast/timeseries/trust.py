@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .._validation import as_float_array, check_int, check_real
+from .._validation import as_float_array, check_choice, check_int, check_real
 from ..game import Game
 from ..population import Population
 
@@ -89,12 +89,14 @@ class TrustClasses:
         """Whether round ``t`` (counted from 0) re-forms the classes: every ``reclass`` rounds, from ``reclass`` on."""
         return t > 0 and t % self.reclass == 0
 
-    def classes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def classes(self, power: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(labels, q, shares)``: each client's class (0 = most accurate), the class weights ``q_j`` and shares.
 
-        Ties are broken by client index (a stable sort), so the classes are a
-        deterministic function of the errors.
+        ``power`` overrides :attr:`power` (the exponent ``beta``) for this
+        call. Ties are broken by client index (a stable sort), so the classes
+        are a deterministic function of the errors.
         """
+        power = self.power if power is None else check_real("power", power, low=0.0)
         K, n = self.n_classes, self.n_clients
         order = np.argsort(self.errors, kind="stable")
         labels = np.empty(n, dtype=np.int64)
@@ -106,7 +108,7 @@ class TrustClasses:
             members = order[bounds[j]:bounds[j + 1]]
             labels[members] = j
             mean = float(self.errors[members].mean())
-            ratio = (median / mean) ** self.power if mean > 0 and math.isfinite(mean) else 1.0
+            ratio = (median / mean) ** power if mean > 0 and math.isfinite(mean) else 1.0
             q[j] = self.q * min(max(ratio, low), high)
         shares = np.diff(bounds) / n
         return labels, q, shares
@@ -114,6 +116,12 @@ class TrustClasses:
     def __repr__(self) -> str:
         return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
                 f"half_life={self.half_life!r}, q={self.q!r})")
+
+
+#: memoa-trust's rules for the class weights: ``"error"`` (one exponent ``beta``) and ``"minimax"`` (``beta`` chosen online).
+TRUST_RULES = ("error", "minimax")
+#: The exponents the ``"minimax"`` rule chooses among.
+MINIMAX_POWERS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 class TrustPopulation:
@@ -125,6 +133,22 @@ class TrustPopulation:
     :class:`TrustClasses` record, and every ``reclass`` rounds re-forms the K
     quantile classes, gives class ``j`` the weight ``q_j`` and re-solves the
     exact K-class equilibrium (:meth:`memoa_fast.Game.with_weights`).
+
+    Two rules set the class weights ``q_j = q (median v / mean_j v)^beta``:
+
+    ``rule="error"``
+        one exponent, ``beta = power``;
+    ``rule="minimax"``
+        ``beta`` is tuned online to lower the worst class's measured cost,
+        the paper's minimax reading. One K-class population runs for each
+        exponent in ``powers`` (the same clients, signals and classes; only
+        the class weights differ), and each measures the largest class mean
+        of its clients' squared errors ``max_j mean_{i in j} |x_i - y|^2``,
+        exponentially weighted with half-life ``cost_half_life`` rounds.
+        Every ``reclass`` rounds the population with the lowest such cost
+        becomes the one whose states :meth:`step` publishes (follow the
+        leader; it starts at ``power``). It costs one population step per
+        exponent.
 
     Parameters
     ----------
@@ -138,49 +162,146 @@ class TrustPopulation:
         Keep the K-class feed-forward term ``C (m_l - m_l*)`` (``MODEL.md``
         section 7); see the README for which variant the time-series job uses.
     power : float, default 1.5
-        The exponent ``beta`` of :class:`TrustClasses` (see the module docstring).
+        The exponent ``beta`` of :class:`TrustClasses` (see the module
+        docstring); with ``rule="minimax"`` the first leader, and it must be
+        one of ``powers``.
+    rule : {"minimax", "error"}, default "minimax"
+        ``"minimax"`` is the time-series job's default: on the mean over 20
+        series its worst client, average client and hedge mixture were all
+        lower than with one exponent (``bench/trust_minimax.txt``); ``"error"``
+        runs one population instead of ``len(powers)``.
+    powers : sequence of float, default :data:`MINIMAX_POWERS`
+        The exponents ``"minimax"`` chooses among (distinct, ``>= 0``).
+    cost_half_life : float, default 200.0
+        Half-life in rounds of ``"minimax"``'s measured class costs.
     backend, threads
         As for :class:`~memoa_fast.Population`.
     """
 
     def __init__(self, n_clients: int, dim: int = 1, *, n_classes: int = 8, reclass: int = 50,
                  half_life: float = 35.0, q: float = 1.0, kappa: float = 1.0, r: float = 0.1, gamma: float = 0.9,
-                 feedforward: bool = True, power: float = 1.5, backend: str = "numba", threads: int | None = None):
+                 feedforward: bool = True, power: float = 1.5, rule: str = "minimax", powers=MINIMAX_POWERS,
+                 cost_half_life: float = 200.0, backend: str = "numba", threads: int | None = None):
+        self.rule = check_choice("rule", rule, TRUST_RULES)
         self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q, power=power)
+        if self.rule == "error":
+            self.powers = (self.trust.power,)
+        else:
+            self.powers = _check_powers(powers)
+            if self.trust.power not in self.powers:
+                raise ValueError(f"power must be one of powers={self.powers} with rule='minimax', got {power!r}")
+        self.cost_half_life = check_real("cost_half_life", cost_half_life, low=0.0, low_open=True)
+        self._cost_weight = 1.0 - 2.0 ** (-1.0 / self.cost_half_life)
         K = self.trust.n_classes
-        labels, q_j, shares = self.trust.classes()  # no error measured yet: every class at q
-        self.game = Game(q=q_j, kappa=[kappa] * K, r=[r] * K, gamma=gamma, shares=shares, feedforward=feedforward)
-        self.population = Population(self.game, n_clients, dim, labels=labels, backend=backend, threads=threads)
+        labels, q_j, shares = self.trust.classes()  # no error measured yet: every class at q, whatever beta
+        game = Game(q=q_j, kappa=[kappa] * K, r=[r] * K, gamma=gamma, shares=shares, feedforward=feedforward)
+        self.games = [game] * len(self.powers)
+        self.populations = [Population(game, n_clients, dim, labels=labels, backend=backend, threads=threads)
+                            for _ in self.powers]
+        #: Each candidate's exponentially weighted worst-class cost (``"minimax"``; zeros for ``"error"``).
+        self.class_costs = np.zeros(len(self.powers))
+        self.leader = self.powers.index(self.trust.power)
         self._signals = np.zeros((n_clients, dim))
+        self._diff = np.empty((n_clients, dim))  # scratch of the class costs: no allocation per round
+        self._sq = np.empty(n_clients)
+        self._published_costs = np.zeros(n_clients)  # "minimax": J_i along the published path
+        self._round_cost = np.empty(n_clients)
         self.t = 0
         self.n_reclassed = 0
 
+    @property
+    def population(self) -> Population:
+        """The population whose states :meth:`step` publishes (the leader's, for ``"minimax"``)."""
+        return self.populations[self.leader]
+
+    @property
+    def game(self) -> Game:
+        """The published population's K-class game."""
+        return self.games[self.leader]
+
+    @property
+    def power(self) -> float:
+        """The exponent ``beta`` of the published population."""
+        return self.powers[self.leader]
+
     def step(self, signals) -> np.ndarray:
-        """Move every client one round; returns the live read-only states (see :meth:`Population.step`)."""
-        states = self.population.step(signals)
+        """Move every client one round; returns the published live read-only states (see :meth:`Population.step`)."""
+        if self.rule == "minimax":
+            np.copyto(self._round_cost, self.population.costs)
+        states = [pop.step(signals) for pop in self.populations]
+        if self.rule == "minimax":  # the published path's cost: this round's loss in the leader's game
+            np.subtract(self.population.costs, self._round_cost, out=self._round_cost)
+            self._published_costs += self._round_cost
         self._signals[...] = signals if np.ndim(signals) == 2 else np.reshape(signals, self._signals.shape)
-        return states
+        return states[self.leader]
 
     def observe(self, target) -> None:
         """The target of the last step's forecasts arrived: measure, and re-form the classes when due."""
         self.trust.observe(self._signals, target)
+        if self.rule == "minimax":
+            self._measure_class_costs(target)
         self.t += 1
         if self.trust.due(self.t):
-            labels, q_j, shares = self.trust.classes()
-            self.game = self.game.with_weights(q=q_j, shares=shares)
-            self.population.set_game(self.game)
-            self.population.set_labels(labels)
+            for c, power in enumerate(self.powers):
+                labels, q_j, shares = self.trust.classes(power)
+                self.games[c] = self.games[c].with_weights(q=q_j, shares=shares)
+                self.populations[c].set_game(self.games[c])
+                self.populations[c].set_labels(labels)
+            # Follow the leader; ties keep the lower index (np.argmin); an infinite cost never leads.
+            if self.rule == "minimax" and np.isfinite(self.class_costs).any():
+                self.leader = int(np.argmin(self.class_costs))
             self.n_reclassed += 1
+
+    def _measure_class_costs(self, target) -> None:
+        """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost."""
+        target = np.atleast_1d(np.asarray(target, dtype=np.float64))
+        K = self.trust.n_classes
+        labels = self.population.labels  # the same classes in every candidate
+        sizes = np.maximum(np.bincount(labels, minlength=K), 1)
+        for c, pop in enumerate(self.populations):
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.subtract(pop.states, target, out=self._diff)
+                np.square(self._diff, out=self._diff).sum(axis=1, out=self._sq)
+                worst_class = float((np.bincount(labels, weights=self._sq, minlength=K) / sizes).max())
+            # A non-finite cost (an overflowed forecast) disqualifies the candidate for good.
+            cost = self.class_costs[c] + self._cost_weight * (worst_class - self.class_costs[c])
+            self.class_costs[c] = cost if math.isfinite(cost) else math.inf
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Each client's discounted online cost ``J_i`` along the published path (read-only).
+
+        For ``"error"`` this is the population's :attr:`~memoa_fast.Population.costs`.
+        For ``"minimax"`` each round adds that round's discounted loss of the
+        leader of that round (in the leader's game), so ``J_i`` only grows.
+        """
+        if self.rule == "error":
+            return self.population.costs
+        view = self._published_costs.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def regret(self) -> float:
-        """``max_i J_i`` of the population."""
-        return self.population.regret
+        """``max_i J_i`` along the published path (the under-performer regret)."""
+        return self.population.regret if self.rule == "error" else float(self._published_costs.max())
 
     @property
     def worst_agent(self) -> int:
-        """The client with the largest online cost."""
-        return self.population.worst_agent
+        """The client with the largest online cost along the published path."""
+        return self.population.worst_agent if self.rule == "error" else int(np.argmax(self._published_costs))
 
     def __repr__(self) -> str:
-        return f"TrustPopulation({self.trust!r}, {self.game!r})"
+        rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"
+        return f"TrustPopulation({self.trust!r}, {self.game!r}{rule})"
+
+
+def _check_powers(powers) -> tuple[float, ...]:
+    """``powers`` as a tuple of distinct finite floats ``>= 0``, at least one."""
+    try:
+        values = tuple(float(v) for v in powers)
+    except (TypeError, ValueError):
+        raise ValueError(f"powers must be a sequence of numbers >= 0, got {powers!r}") from None
+    if not values or len(set(values)) != len(values) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"powers must be distinct finite numbers >= 0, at least one; got {powers!r}")
+    return values
