@@ -228,6 +228,19 @@ def test_memory_is_checked_up_front_naming_the_right_option(capsys, monkeypatch)
         _one_line_error(capsys.readouterr().err, needle)
 
 
+def test_memory_estimate_counts_the_minimax_populations(capsys, monkeypatch):
+    """memoa-trust's minimax rule holds one population per exponent: the up-front check counts them."""
+    n = 60_000
+    base, _ = cli.memory_estimate(n, 100, 5, 2, 2)
+    extra, _ = cli.memory_estimate(n, 100, 5, 2, 2, extra_populations=5)
+    assert extra == base + n * 8 * 6 * 5
+    monkeypatch.setattr(cli, "_available_memory", lambda: int((base + 0.1 * (extra - base)) / 0.8))
+    with pytest.raises(SystemExit) as exc:  # fits with one population per policy, not with the minimax candidates
+        main(["run", "--quiet", "--clients", str(n), "--rounds", "100"])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, "use fewer clients or --policies or --trust-rule error")
+
+
 def test_json_is_strict_and_non_finite_is_null(capsys, monkeypatch):
     """A score that overflowed prints as n/a and is null in the JSON, never a bare NaN/Infinity token."""
     real = experiment.run_experiment

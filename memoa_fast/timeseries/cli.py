@@ -249,14 +249,16 @@ def _available_memory() -> int | None:
         return None
 
 
-def memory_estimate(n_clients: int, n_rounds: int, n_policies: int, n_rules: int, lags: int, dim: int = 1) -> tuple[int, int]:
+def memory_estimate(n_clients: int, n_rounds: int, n_policies: int, n_rules: int, lags: int, dim: int = 1,
+                    extra_populations: int = 0) -> tuple[int, int]:
     """Rough bytes the run holds: ``(per-client part, per-round part)``.
 
     Per client: forecasters ``8 d (3 p + 4)``; per policy a population, its
-    servers and its scorer, ``8 d (8 + 2 rules)``. Per round: the stream and
-    ``rules + 4`` recorded numbers per policy.
+    servers and its scorer, ``8 d (8 + 2 rules)``; ``8 d 6`` for each extra
+    population (memoa-trust's minimax rule runs one per exponent). Per
+    round: the stream and ``rules + 4`` recorded numbers per policy.
     """
-    per_client = 8 * dim * ((3 * lags + 4) + n_policies * (8 + 2 * n_rules))
+    per_client = 8 * dim * ((3 * lags + 4) + n_policies * (8 + 2 * n_rules) + 6 * extra_populations)
     per_round = 8 * dim + 8 * n_policies * (n_rules + 4)
     return n_clients * per_client, (n_rounds + 1) * per_round
 
@@ -375,13 +377,16 @@ def _check_memory(run, args, n_rounds: int, n_policies: int, n_rules: int) -> No
     available = _available_memory()
     if available is None:
         return
-    clients_b, rounds_b = memory_estimate(args.clients, n_rounds, n_policies, n_rules, args.lags)
+    trust = "memoa-trust" in (p.strip() for p in args.policies.split(","))
+    extra = len(MINIMAX_POWERS) - 1 if args.trust_rule == "minimax" and trust else 0
+    fewer = "--policies or --trust-rule error" if extra else "--policies"
+    clients_b, rounds_b = memory_estimate(args.clients, n_rounds, n_policies, n_rules, args.lags, extra_populations=extra)
     if clients_b + rounds_b > 0.8 * available:
         if clients_b >= rounds_b:
             run.error(f"argument --clients: {args.clients} clients need about {_gib(clients_b + rounds_b)} of memory "
-                      f"with {n_policies} policies, {_gib(available)} is available; use fewer clients or --policies")
+                      f"with {n_policies} policies, {_gib(available)} is available; use fewer clients or {fewer}")
         run.error(f"argument --rounds: {n_rounds} rounds need about {_gib(clients_b + rounds_b)} of memory "
-                  f"with {n_policies} policies, {_gib(available)} is available; use fewer rounds or --policies")
+                  f"with {n_policies} policies, {_gib(available)} is available; use fewer rounds or {fewer}")
 
 
 def _header(path: Path):
