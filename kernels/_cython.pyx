@@ -292,8 +292,8 @@ cdef extern from *:
     }
     /* Class sums of nr rows of v (d values each) in P interleaved copies (P a power of two): row k, of class
        l = labels[k], adds v[k d + j] to acc[(p K + l) d + j] and 1 to count[p K + l], p = k mod P. The copies break
-       the store-to-load chains of consecutive rows of one class; the order of the adds is fixed by the rows. d = 4
-       is unrolled (the row is one short vector). */
+       the store-to-load chains of consecutive rows of one class; the order of the adds is fixed by the rows. d = 1
+       and d = 4 have their own loops. */
     MEMOA_CLONES static void memoa_class_sums(ptrdiff_t nr, ptrdiff_t d, ptrdiff_t K, ptrdiff_t P,
                                               const int64_t *MEMOA_R labels, const double *MEMOA_R v,
                                               double *MEMOA_R acc, double *MEMOA_R count) {
@@ -305,6 +305,14 @@ cdef extern from *:
                 const double *row = v + 4 * k;
                 count[c] += 1.0;
                 for (int j = 0; j < 4; j++) a[j] += row[j];
+            }
+            return;
+        }
+        if (d == 1) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                ptrdiff_t c = (k & mask) * K + labels[k];
+                count[c] += 1.0;
+                acc[c] += v[k];
             }
             return;
         }
@@ -340,6 +348,16 @@ cdef extern from *:
             return;
         }
     #endif
+        if (d == 1) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                double v = s[k];
+                if (!(fabs(v) <= limit)) continue;
+                ptrdiff_t c = (k & mask) * K + labels[k];
+                count[c] += 1.0;
+                acc[c] += v;
+            }
+            return;
+        }
         for (ptrdiff_t k = 0; k < nr; k++) {
             const double *row = s + d * k;
             double mag = 0.0;
@@ -387,6 +405,20 @@ cdef extern from *:
             return;
         }
     #endif
+        if (d == 1) {
+            const double m = centre[0];
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                ptrdiff_t l = labels[k];
+                const double *t = table + 6 * l;
+                double v = x[k], sv = s[k];
+                double u = -t[0] * (v - t[1] * sv - t[5]), e = v - sv, f = v - m;
+                J[k] += hd * (t[2] * (e * e) + t[3] * (f * f) + t[4] * (u * u));
+                v += u;
+                x[k] = v;
+                acc[(k & mask) * K + l] += v;
+            }
+            return;
+        }
         for (ptrdiff_t k = 0; k < nr; k++) {
             ptrdiff_t l = labels[k];
             const double *t = table + (5 + d) * l;

@@ -477,7 +477,8 @@ def _class_signal_sums(s, labels, lo, hi, K, P, acc, count):
     cache; measured 0.6-1 ms per 10^6 rows more): ``sum_j |s_ij| <= SIGNAL_LIMIT``
     (false for NaN and infinities) proves a row valid; a row that fails it is
     checked exactly (:func:`_row_valid`), so rows whose entries are each at
-    most the limit but sum over it still count. ``d = 4`` is unrolled.
+    most the limit but sum over it still count. ``d = 1`` and ``d = 4`` have
+    their own loops (unsigned indices, see :func:`_move_rows_classes4`).
     """
     d = s.shape[1]
     sf = s.reshape(-1)
@@ -500,6 +501,17 @@ def _class_signal_sums(s, labels, lo, hi, K, P, acc, count):
                 acc[a + _U1] += s1
                 acc[a + _U2] += s2
                 acc[a + _U3] += s3
+        return
+    if d == 1 and labels.shape[0] > 0:
+        base = np.uint64(lo)
+        mask = np.uint64(m)
+        k = np.uint64(K)
+        for i in range(base, np.uint64(hi)):
+            v = sf[i]
+            if abs(v) <= SIGNAL_LIMIT:
+                c = ((i - base) & mask) * k + np.uint64(labels[i])
+                count[c] += 1.0
+                acc[c] += v
         return
     has_labels = labels.shape[0] > 0  # empty labels: every agent is class 0
     for i in range(lo, hi):
@@ -830,13 +842,17 @@ def _move_rows_classes(x, s, labels, J, lay, field, half_discount, lo, hi, table
     The stage cost is summed per kind, ``J_i += gamma^t/2 (q_l E + kappa_l F + r_l U)``
     with ``E = sum_j (x_ij - s_ij)^2``, ``F = sum_j (x_ij - m_j)^2``,
     ``U = sum_j u_ij^2``: three multiplications by the class's weights per
-    agent instead of three per coordinate. ``d = 4`` with labels and every
-    signal valid is unrolled (:func:`_move_rows_classes4`).
+    agent instead of three per coordinate. ``d = 1`` and ``d = 4`` with labels
+    and every signal valid have their own loops (:func:`_move_rows_classes1`,
+    :func:`_move_rows_classes4`).
     """
     d = x.shape[1]
     K = lay[LAY_N_CLASSES]
     fs = lay[LAY_FIELD_STATE]
     has_labels = labels.shape[0] > 0  # empty labels: every agent is class 0
+    if d == 1 and has_labels and all_valid:
+        _move_rows_classes1(x.reshape(-1), s.reshape(-1), labels, J, field[fs, 0], half_discount, lo, hi, table, K, P, acc)
+        return
     if d == 4 and has_labels and all_valid:
         _move_rows_classes4(x.reshape(-1), s.reshape(-1), labels, J, field[fs], half_discount, lo, hi, table, K, P, acc)
         return
@@ -878,6 +894,29 @@ def _move_rows_classes(x, s, labels, J, lay, field, half_discount, lo, hi, table
                 F += e_m * e_m
                 acc[a + j] += xi
             J[i] += half_discount * (table[t + 3] * F)
+
+
+@njit(**_jit)
+def _move_rows_classes1(xf, sf, labels, J, centre, half_discount, lo, hi, table, K, P, acc):
+    """:func:`_move_rows_classes` for ``d = 1``, every signal valid (``centre``: ``m(t)``, a number).
+
+    No coordinate loop; unsigned indices (see :func:`_move_rows_classes4`).
+    """
+    base = np.uint64(lo)
+    mask = np.uint64(P - 1)
+    k = np.uint64(K)
+    for i in range(base, np.uint64(hi)):
+        l = np.uint64(labels[i])
+        t = l * _U6
+        x0 = xf[i]
+        s0 = sf[i]
+        u = -table[t] * (x0 - table[t + _U1] * s0 - table[t + _U5])
+        e = x0 - s0
+        f = x0 - centre
+        J[i] += half_discount * (table[t + _U2] * (e * e) + table[t + _U3] * (f * f) + table[t + _U4] * (u * u))
+        x0 += u
+        xf[i] = x0
+        acc[((i - base) & mask) * k + l] += x0
 
 
 @njit(**_jit)
