@@ -99,7 +99,7 @@ MAX_LANES = 32
 # Interleaved copies of the class accumulators (K > 1; see _copies).
 COPIES = 4
 # Unsigned index constants (see _move_rows_classes4).
-_U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8, _U9 = (np.uint64(v) for v in range(1, 10))
+_U0, _U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8, _U9 = (np.uint64(v) for v in range(10))
 # Log-weights exponentiated per vectorised sweep (scratch: 3 x 8 KiB).
 EXP_ROWS = 1024
 
@@ -474,10 +474,12 @@ def _class_signal_sums(s, labels, lo, hi, K, P, acc, count):
     and 1 to ``count[p K + l]``, ``p = (i - lo) mod P``. The validity test is
     folded into the same loop (a separate vectorised pass over the chunk, or
     over each block, would serialise a stream from memory and a loop from
-    cache; measured 0.6-1 ms per 10^6 rows more): ``sum_j |s_ij| <= SIGNAL_LIMIT``
-    (false for NaN and infinities) proves a row valid; a row that fails it is
-    checked exactly (:func:`_row_valid`), so rows whose entries are each at
-    most the limit but sum over it still count. ``d = 1`` and ``d = 4`` have
+    cache; measured 0.6-1 ms per 10^6 rows more): at ``d = 4``,
+    ``sum_j |s_ij| <= SIGNAL_LIMIT`` (false for NaN and infinities) proves a
+    row valid, and a row that fails it is checked exactly (:func:`_row_valid`),
+    so rows whose entries are each at most the limit but sum over it still
+    count; other ``d`` count the row's invalid entries (:func:`_flat_row_bad`, no
+    chain of dependent additions). ``d = 1`` and ``d = 4`` have
     their own loops (unsigned indices, see :func:`_move_rows_classes4`).
     """
     d = s.shape[1]
@@ -514,17 +516,18 @@ def _class_signal_sums(s, labels, lo, hi, K, P, acc, count):
                 acc[c] += v
         return
     has_labels = labels.shape[0] > 0  # empty labels: every agent is class 0
-    for i in range(lo, hi):
-        b = i * d
-        magnitude = 0.0
-        for j in range(d):
-            magnitude += abs(sf[b + j])
-        if magnitude <= SIGNAL_LIMIT or _row_valid(s, i, d):
-            l = labels[i] if has_labels else 0
-            c = ((i - lo) & m) * K + l
+    base = np.uint64(lo)
+    mask = np.uint64(m)
+    k = np.uint64(K)
+    ud = np.uint64(d)
+    for i in range(base, np.uint64(hi)):
+        b = i * ud
+        if _flat_row_bad(sf, b, ud) == 0:
+            l = np.uint64(labels[i]) if has_labels else _U0
+            c = ((i - base) & mask) * k + l
             count[c] += 1.0
-            a = c * d
-            for j in range(d):
+            a = c * ud
+            for j in range(ud):
                 acc[a + j] += sf[b + j]
 
 
@@ -605,6 +608,19 @@ def _count_over(flat, lo, hi):
     seg = flat[lo:hi]
     for k in range(seg.shape[0]):
         bad += 0 if abs(seg[k]) <= SIGNAL_LIMIT else 1
+    return bad
+
+
+@njit(**_jit)
+def _flat_row_bad(sf, b, d):
+    """How many of ``sf[b:b + d]`` are not at most ``SIGNAL_LIMIT`` in magnitude (NaN counts).
+
+    Indexes the flat array instead of slicing it: a slice per agent would cost
+    a reference-count update (an atomic) per agent.
+    """
+    bad = 0
+    for j in range(d):
+        bad += 0 if abs(sf[b + j]) <= SIGNAL_LIMIT else 1
     return bad
 
 
@@ -858,42 +874,84 @@ def _move_rows_classes(x, s, labels, J, lay, field, half_discount, lo, hi, table
         return
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    w = 5 + d
-    m = P - 1
-    # Scalars and flat indexing only inside the loop: a row view per agent would cost
-    # a reference-count update (an atomic) per agent.
-    for i in range(lo, hi):
-        l = labels[i] if has_labels else 0
+    centre = field[fs]
+    # Unsigned indices (see _move_rows_classes4); scalars and flat indexing only inside the
+    # loop: a row view per agent would cost a reference-count update (an atomic) per agent.
+    base = np.uint64(lo)
+    mask = np.uint64(P - 1)
+    k = np.uint64(K)
+    ud = np.uint64(d)
+    w = np.uint64(5 + d)
+    for i in range(base, np.uint64(hi)):
+        l = np.uint64(labels[i]) if has_labels else _U0
         t = l * w
-        a = (((i - lo) & m) * K + l) * d
-        b = i * d
-        if all_valid or _row_valid(s, i, d):
+        a = (((i - base) & mask) * k + l) * ud
+        b = i * ud
+        if all_valid or _flat_row_bad(sf, b, ud) == 0:
             gain = table[t]
-            weight = table[t + 1]
-            E = 0.0
-            F = 0.0
-            U = 0.0
-            for j in range(d):
-                xi = xf[b + j]
-                si = sf[b + j]
-                u = -gain * (xi - weight * si - table[t + 5 + j])
-                e_s = xi - si
-                e_m = xi - field[fs, j]
-                E += e_s * e_s
-                F += e_m * e_m
-                U += u * u
-                xi += u
-                xf[b + j] = xi
-                acc[a + j] += xi
-            J[i] += half_discount * (table[t + 2] * E + table[t + 3] * F + table[t + 4] * U)
+            weight = table[t + _U1]
+            o = t + _U5
+            # four partial sums per kind (coordinates j mod 4), added as (p0 + p1) + (p2 + p3): one running sum
+            # per kind would chain d dependent additions per agent
+            E0 = F0 = U0 = E1 = F1 = U1 = E2 = F2 = U2 = E3 = F3 = U3 = 0.0
+            j = _U0
+            while j + _U4 <= ud:
+                e, f, u = _class_coordinate(xf, sf, b + j, table[o + j], centre[j], gain, weight, acc, a + j)
+                E0 += e
+                F0 += f
+                U0 += u
+                e, f, u = _class_coordinate(xf, sf, b + j + _U1, table[o + j + _U1], centre[j + _U1], gain, weight, acc,
+                                            a + j + _U1)
+                E1 += e
+                F1 += f
+                U1 += u
+                e, f, u = _class_coordinate(xf, sf, b + j + _U2, table[o + j + _U2], centre[j + _U2], gain, weight, acc,
+                                            a + j + _U2)
+                E2 += e
+                F2 += f
+                U2 += u
+                e, f, u = _class_coordinate(xf, sf, b + j + _U3, table[o + j + _U3], centre[j + _U3], gain, weight, acc,
+                                            a + j + _U3)
+                E3 += e
+                F3 += f
+                U3 += u
+                j += _U4
+            while j < ud:
+                e, f, u = _class_coordinate(xf, sf, b + j, table[o + j], centre[j], gain, weight, acc, a + j)
+                E0 += e
+                F0 += f
+                U0 += u
+                j += _U1
+            E = (E0 + E1) + (E2 + E3)
+            F = (F0 + F1) + (F2 + F3)
+            U = (U0 + U1) + (U2 + U3)
+            J[i] += half_discount * (table[t + _U2] * E + table[t + _U3] * F + table[t + _U4] * U)
         else:  # an agent without a valid signal holds and pays only the kappa term
             F = 0.0
-            for j in range(d):
+            for j in range(ud):
                 xi = xf[b + j]
-                e_m = xi - field[fs, j]
+                e_m = xi - centre[j]
                 F += e_m * e_m
                 acc[a + j] += xi
-            J[i] += half_discount * (table[t + 3] * F)
+            J[i] += half_discount * (table[t + _U3] * F)
+
+
+@njit(**_jit)
+def _class_coordinate(xf, sf, v, offset, centre, gain, weight, acc, a):
+    """Coordinate ``v`` of the flat states: move it, add it to ``acc[a]``; returns ``(e^2, f^2, u^2)``.
+
+    ``u = -gain (x - weight s - offset)``, ``e = x - s``, ``f = x - centre``
+    (``x`` before the move), then ``x += u``.
+    """
+    xi = xf[v]
+    si = sf[v]
+    u = -gain * (xi - weight * si - offset)
+    e = xi - si
+    f = xi - centre
+    xi += u
+    xf[v] = xi
+    acc[a] += xi
+    return e * e, f * f, u * u
 
 
 @njit(**_jit)
