@@ -334,10 +334,28 @@ cdef extern from *:
                                                      double limit, double *MEMOA_R acc, double *MEMOA_R count) {
         ptrdiff_t mask = P - 1;
     #ifdef MEMOA_V4
-        if (d == 4) {  /* the exact test on the whole row at once: |s_j| <= limit in every lane */
+        if (d == 4) {  /* the exact test on whole rows: |s_j| <= limit in every lane, four rows per test */
             const memoa_i4 magnitude = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
             const memoa_v4 lim = {limit, limit, limit, limit};
-            for (ptrdiff_t k = 0; k < nr; k++) {
+            ptrdiff_t k = 0;
+            for (; k + 4 <= nr; k += 4) {
+                memoa_v4 v0 = memoa_load4(s + 4 * k), v1 = memoa_load4(s + 4 * k + 4);
+                memoa_v4 v2 = memoa_load4(s + 4 * k + 8), v3 = memoa_load4(s + 4 * k + 12);
+                memoa_i4 ok = ((memoa_v4)((memoa_i4)v0 & magnitude) <= lim) & ((memoa_v4)((memoa_i4)v1 & magnitude) <= lim)
+                              & ((memoa_v4)((memoa_i4)v2 & magnitude) <= lim) & ((memoa_v4)((memoa_i4)v3 & magnitude) <= lim);
+                int all = (ok[0] & ok[1]) & (ok[2] & ok[3]) ? 1 : 0;
+                memoa_v4 v[4] = {v0, v1, v2, v3};
+                for (int r = 0; r < 4; r++) {
+                    if (!all) {  /* an invalid row among these four: test each */
+                        memoa_i4 okr = (memoa_v4)((memoa_i4)v[r] & magnitude) <= lim;
+                        if (!((okr[0] & okr[1]) & (okr[2] & okr[3]))) continue;
+                    }
+                    ptrdiff_t c = ((k + r) & mask) * K + labels[k + r];
+                    count[c] += 1.0;
+                    memoa_store4(acc + 4 * c, memoa_load4(acc + 4 * c) + v[r]);
+                }
+            }
+            for (; k < nr; k++) {
                 memoa_v4 v = memoa_load4(s + 4 * k);
                 memoa_i4 ok = (memoa_v4)((memoa_i4)v & magnitude) <= lim;
                 if (!((ok[0] & ok[1]) & (ok[2] & ok[3]))) continue;
