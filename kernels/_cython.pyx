@@ -49,9 +49,16 @@ and CPUs get the same C compiled once for the build's target
 do), and bitwise on one machine whatever the thread count. Everything else
 (chunking, merges, the validity checks, the class path) is Cython.
 
-With K > 1 classes the per-agent class lookup makes the row loop scalar over
-agents (its inner loop over the ``d`` coordinates is unit stride); K = 1 (or
-an empty ``labels``) takes the block path and never reads ``labels``.
+With K > 1 classes the per-agent class lookup makes the row loop go agent by
+agent (C ``memoa_class_signal_sums``, ``memoa_class_move``): each class's
+coefficients and policy offset sit in one row of a per-chunk table, the class
+sums go into ``P = 4`` interleaved copies (row ``k`` of a chunk into copy
+``k mod 4``, folded at the end: consecutive agents of one class no longer
+chain their additions through memory), the signal pass tests validity in the
+loop that adds the row, and at ``d = 4`` a row is one vector (GCC/Clang
+vector extensions: the whole-row arithmetic is a few vector instructions);
+``d = 1`` has its own scalar loops. K = 1 (or an empty ``labels``) takes the
+block path and never reads ``labels``.
 
 The kernels trust their inputs: C-contiguous float64 arrays, int64 labels in
 ``[0, K)``, shapes as the reference documents (checked by the caller).

@@ -40,6 +40,29 @@ NaN or an infinity takes the row-by-row path with per-agent checks.
 The public functions take ``threads``: 1 runs the serial driver, more runs
 the parallel one under ``numba.set_num_threads(threads)``, restored after.
 
+K classes
+---------
+With labels the class of each agent picks its coefficients, so the passes go
+agent by agent (a class-dependent pattern per block, as the one-class loops
+use, costs more to build than the arithmetic it saves). What keeps them
+within 1.5x of the one-class step (bench/bench_kernels.py, issue 10):
+
+- each class's coefficients and policy offset sit in one short row of a
+  per-chunk table (:func:`_class_table`);
+- the class sums go into ``P = 4`` interleaved copies (row ``k`` of a chunk
+  into copy ``k mod 4``, :func:`_copies`), folded at the end of the chunk:
+  consecutive agents of one class (sorted labels) no longer chain their
+  additions through memory; the scratch starts on a cache line
+  (:func:`_zeros_aligned`);
+- the signal pass tests each row's validity in the same loop that adds it
+  (a separate vectorised check would serialise a stream from memory and a
+  loop from cache);
+- the stage cost is summed per kind, ``q E + kappa F + r U``;
+- ``d = 1`` and ``d = 4`` have unrolled loops, and every index in these loops
+  is unsigned: Numba then leaves out the negative-index wrap-around (a sign
+  test and a select per access), which kept the generic coordinate loops
+  scalar and was a fifth of the ``d = 4`` loop's instructions.
+
 Fused step
 ----------
 :func:`fused_step` is the whole population step in two passes over memory
@@ -382,8 +405,11 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
     also keep the largest ``|s|``; the chunk is all valid when every lane sum
     is finite and every lane maximum is at most ``SIGNAL_LIMIT``, the common
     case; otherwise the chunk is summed again row by row, skipping invalid
-    rows. Several classes: one row-by-row pass that adds each valid row to its
-    class (the order of additions is fixed by the agents' order).
+    rows. Several classes: one row-by-row pass (:func:`_class_signal_sums`)
+    that tests each row and adds a valid one to its class, in ``P``
+    interleaved copies of the class sums (:func:`_copies`) folded at the end
+    (:func:`_fold_copies`); the order of additions is fixed by the agents'
+    order and ``K``, never by the thread count.
     """
     n, d = x.shape
     K = lay[LAY_N_CLASSES]
@@ -761,8 +787,8 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
     The block loop is element-wise over ``L = R d`` contiguous values; the
     per-coordinate offset and centre are replicated once into length-``L``
     patterns and the five coefficients stay scalars, so LLVM vectorises it
-    (per-value coefficient patterns, as a K-class version would need, stop
-    that: several classes take :func:`_move_rows_classes`).
+    (per-value coefficient patterns, as a K-class version would need, cost
+    more to fill than they save: several classes take :func:`_move_rows_classes`).
     """
     n, d = x.shape
     R = _block_rows(d)
