@@ -49,9 +49,16 @@ and CPUs get the same C compiled once for the build's target
 do), and bitwise on one machine whatever the thread count. Everything else
 (chunking, merges, the validity checks, the class path) is Cython.
 
-With K > 1 classes the per-agent class lookup makes the row loop scalar over
-agents (its inner loop over the ``d`` coordinates is unit stride); K = 1 (or
-an empty ``labels``) takes the block path and never reads ``labels``.
+With K > 1 classes the per-agent class lookup makes the row loop go agent by
+agent (C ``memoa_class_signal_sums``, ``memoa_class_move``): each class's
+coefficients and policy offset sit in one row of a per-chunk table, the class
+sums go into ``P = 4`` interleaved copies (row ``k`` of a chunk into copy
+``k mod 4``, folded at the end: consecutive agents of one class no longer
+chain their additions through memory), the signal pass tests validity in the
+loop that adds the row, and at ``d = 4`` a row is one vector (GCC/Clang
+vector extensions: the whole-row arithmetic is a few vector instructions);
+``d = 1`` has its own scalar loops. K = 1 (or an empty ``labels``) takes the
+block path and never reads ``labels``.
 
 The kernels trust their inputs: C-contiguous float64 arrays, int64 labels in
 ``[0, K)``, shapes as the reference documents (checked by the caller).
@@ -95,6 +102,16 @@ cdef extern from *:
 
     static MEMOA_INLINE int64_t memoa_bits(double v) { int64_t i; memcpy(&i, &v, 8); return i; }
     static MEMOA_INLINE double memoa_from_bits(int64_t i) { double v; memcpy(&v, &i, 8); return v; }
+
+    /* A row of d = 4 doubles as one vector (GCC and Clang vector extensions; the baseline clone splits it in two
+       SSE2 halves): the class paths' d = 4 loops add, subtract and multiply whole rows. Elsewhere: scalar loops. */
+    #if defined(__GNUC__) || defined(__clang__)
+    #define MEMOA_V4 1
+    typedef double memoa_v4 __attribute__((vector_size(32)));
+    typedef int64_t memoa_i4 __attribute__((vector_size(32)));
+    static MEMOA_INLINE memoa_v4 memoa_load4(const double *p) { memoa_v4 v; memcpy(&v, p, 32); return v; }
+    static MEMOA_INLINE void memoa_store4(double *p, memoa_v4 v) { memcpy(p, &v, 32); }
+    #endif
 
     /* Number of entries of v[0:m] with !(|v| <= limit) (NaN, inf, too large): float64 sums of 0/1 selects in
        8 lanes (exact below 2^53). One running sum would be a chain of dependent adds, one value per add latency;
@@ -280,6 +297,173 @@ cdef extern from *:
                 if (!(x >= tiny && x <= huge)) dst[k] = log(x);
             }
     }
+    /* Class sums of nr rows of v (d values each) in P interleaved copies (P a power of two): row k, of class
+       l = labels[k], adds v[k d + j] to acc[(p K + l) d + j] and 1 to count[p K + l], p = k mod P. The copies break
+       the store-to-load chains of consecutive rows of one class; the order of the adds is fixed by the rows. d = 1
+       and d = 4 have their own loops. */
+    MEMOA_CLONES static void memoa_class_sums(ptrdiff_t nr, ptrdiff_t d, ptrdiff_t K, ptrdiff_t P,
+                                              const int64_t *MEMOA_R labels, const double *MEMOA_R v,
+                                              double *MEMOA_R acc, double *MEMOA_R count) {
+        ptrdiff_t mask = P - 1;
+        if (d == 4) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                ptrdiff_t c = (k & mask) * K + labels[k];
+                double *a = acc + 4 * c;
+                const double *row = v + 4 * k;
+                count[c] += 1.0;
+                for (int j = 0; j < 4; j++) a[j] += row[j];
+            }
+            return;
+        }
+        if (d == 1) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                ptrdiff_t c = (k & mask) * K + labels[k];
+                count[c] += 1.0;
+                acc[c] += v[k];
+            }
+            return;
+        }
+        for (ptrdiff_t k = 0; k < nr; k++) {
+            ptrdiff_t c = (k & mask) * K + labels[k];
+            double *a = acc + d * c;
+            const double *row = v + d * k;
+            count[c] += 1.0;
+            for (ptrdiff_t j = 0; j < d; j++) a[j] += row[j];
+        }
+    }
+
+    /* memoa_class_sums of the valid signal rows only (every entry finite and at most limit in magnitude). The test
+       is folded into the loop (a separate vectorised pass would serialise a stream from memory and a loop from
+       cache): (|s_0| + |s_1|) + ... <= limit (false for NaN and infinities) proves a row valid; a row that fails it
+       is checked entry by entry, so a row whose entries are each within the limit but sum over it still counts. */
+    MEMOA_CLONES static void memoa_class_signal_sums(ptrdiff_t nr, ptrdiff_t d, ptrdiff_t K, ptrdiff_t P,
+                                                     const int64_t *MEMOA_R labels, const double *MEMOA_R s,
+                                                     double limit, double *MEMOA_R acc, double *MEMOA_R count) {
+        ptrdiff_t mask = P - 1;
+    #ifdef MEMOA_V4
+        if (d == 4) {  /* the exact test on whole rows: |s_j| <= limit in every lane, four rows per test */
+            const memoa_i4 magnitude = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+            const memoa_v4 lim = {limit, limit, limit, limit};
+            ptrdiff_t k = 0;
+            for (; k + 4 <= nr; k += 4) {
+                memoa_v4 v0 = memoa_load4(s + 4 * k), v1 = memoa_load4(s + 4 * k + 4);
+                memoa_v4 v2 = memoa_load4(s + 4 * k + 8), v3 = memoa_load4(s + 4 * k + 12);
+                memoa_i4 ok = ((memoa_v4)((memoa_i4)v0 & magnitude) <= lim) & ((memoa_v4)((memoa_i4)v1 & magnitude) <= lim)
+                              & ((memoa_v4)((memoa_i4)v2 & magnitude) <= lim) & ((memoa_v4)((memoa_i4)v3 & magnitude) <= lim);
+                int all = (ok[0] & ok[1]) & (ok[2] & ok[3]) ? 1 : 0;
+                memoa_v4 v[4] = {v0, v1, v2, v3};
+                for (int r = 0; r < 4; r++) {
+                    if (!all) {  /* an invalid row among these four: test each */
+                        memoa_i4 okr = (memoa_v4)((memoa_i4)v[r] & magnitude) <= lim;
+                        if (!((okr[0] & okr[1]) & (okr[2] & okr[3]))) continue;
+                    }
+                    ptrdiff_t c = ((k + r) & mask) * K + labels[k + r];
+                    count[c] += 1.0;
+                    memoa_store4(acc + 4 * c, memoa_load4(acc + 4 * c) + v[r]);
+                }
+            }
+            for (; k < nr; k++) {
+                memoa_v4 v = memoa_load4(s + 4 * k);
+                memoa_i4 ok = (memoa_v4)((memoa_i4)v & magnitude) <= lim;
+                if (!((ok[0] & ok[1]) & (ok[2] & ok[3]))) continue;
+                ptrdiff_t c = (k & mask) * K + labels[k];
+                count[c] += 1.0;
+                memoa_store4(acc + 4 * c, memoa_load4(acc + 4 * c) + v);
+            }
+            return;
+        }
+    #endif
+        if (d == 1) {
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                double v = s[k];
+                if (!(fabs(v) <= limit)) continue;
+                ptrdiff_t c = (k & mask) * K + labels[k];
+                count[c] += 1.0;
+                acc[c] += v;
+            }
+            return;
+        }
+        for (ptrdiff_t k = 0; k < nr; k++) {
+            const double *row = s + d * k;
+            double mag = 0.0;
+            for (ptrdiff_t j = 0; j < d; j++) mag += fabs(row[j]);
+            if (!(mag <= limit)) {
+                int ok = 1;
+                for (ptrdiff_t j = 0; j < d; j++) ok &= fabs(row[j]) <= limit;
+                if (!ok) continue;
+            }
+            ptrdiff_t c = (k & mask) * K + labels[k];
+            double *a = acc + d * c;
+            count[c] += 1.0;
+            for (ptrdiff_t j = 0; j < d; j++) a[j] += row[j];
+        }
+    }
+
+    /* The policy and stage cost of nr agents of K classes, every signal valid, and the class sums of the moved states.
+       Row l of table (5 + d values): gain, signal weight, q, kappa, r, then the class's policy offset o_l. For agent k
+       of class l: u = -gain (x - weight s - o_l), J[k] += hd (q E + kappa F + r U) with E = sum_j (x_j - s_j)^2,
+       F = sum_j (x_j - centre_j)^2, U = sum_j u_j^2 (x before the move), x += u, acc[(p K + l) d + j] += x_j,
+       p = k mod P. d = 4 works on whole rows as vectors (MEMOA_V4) and sums its per-coordinate cost terms
+       q e_j^2 + kappa f_j^2 + r u_j^2 instead, as (j0 + j2) + (j1 + j3). */
+    MEMOA_CLONES static void memoa_class_move(ptrdiff_t nr, ptrdiff_t d, ptrdiff_t K, ptrdiff_t P,
+                                              const int64_t *MEMOA_R labels, double *MEMOA_R x,
+                                              const double *MEMOA_R s, double *MEMOA_R J,
+                                              const double *MEMOA_R table, const double *MEMOA_R centre, double hd,
+                                              double *MEMOA_R acc) {
+        ptrdiff_t mask = P - 1;
+    #ifdef MEMOA_V4
+        if (d == 4) {  /* a row is one vector; the cost is sum_j (q e_j^2 + kappa f_j^2 + r u_j^2), (j0 + j2) + (j1 + j3) */
+            const memoa_v4 m = memoa_load4(centre);
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                ptrdiff_t l = labels[k];
+                const double *t = table + 9 * l;
+                memoa_v4 xv = memoa_load4(x + 4 * k), sv = memoa_load4(s + 4 * k);
+                memoa_v4 u = -t[0] * (xv - t[1] * sv - memoa_load4(t + 5));
+                memoa_v4 e = xv - sv, f = xv - m;
+                memoa_v4 c = t[2] * e * e + t[3] * f * f + t[4] * u * u;
+                J[k] += hd * ((c[0] + c[2]) + (c[1] + c[3]));
+                xv += u;
+                memoa_store4(x + 4 * k, xv);
+                double *a = acc + 4 * ((k & mask) * K + l);
+                memoa_store4(a, memoa_load4(a) + xv);
+            }
+            return;
+        }
+    #endif
+        if (d == 1) {
+            const double m = centre[0];
+            for (ptrdiff_t k = 0; k < nr; k++) {
+                ptrdiff_t l = labels[k];
+                const double *t = table + 6 * l;
+                double v = x[k], sv = s[k];
+                double u = -t[0] * (v - t[1] * sv - t[5]), e = v - sv, f = v - m;
+                J[k] += hd * (t[2] * (e * e) + t[3] * (f * f) + t[4] * (u * u));
+                v += u;
+                x[k] = v;
+                acc[(k & mask) * K + l] += v;
+            }
+            return;
+        }
+        for (ptrdiff_t k = 0; k < nr; k++) {
+            ptrdiff_t l = labels[k];
+            const double *t = table + (5 + d) * l;
+            double *xr = x + d * k;
+            const double *sr = s + d * k;
+            double *a = acc + d * ((k & mask) * K + l);
+            double g = t[0], w = t[1], E = 0.0, F = 0.0, U = 0.0;
+            for (ptrdiff_t j = 0; j < d; j++) {
+                double v = xr[j], sv = sr[j];
+                double u = -g * (v - w * sv - t[5 + j]), e = v - sv, f = v - centre[j];
+                E += e * e;
+                F += f * f;
+                U += u * u;
+                v += u;
+                xr[j] = v;
+                a[j] += v;
+            }
+            J[k] += hd * (t[2] * E + t[3] * F + t[4] * U);
+        }
+    }
     #if defined(__GNUC__) && !defined(__clang__)
     #pragma GCC pop_options
     #endif
@@ -300,6 +484,13 @@ cdef extern from *:
     void memoa_affine(Py_ssize_t m, double* w, double keep, double floor_) noexcept nogil
     void memoa_exp_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
     void memoa_log_into(const double* src, double* dst, Py_ssize_t m) noexcept nogil
+    void memoa_class_sums(Py_ssize_t nr, Py_ssize_t d, Py_ssize_t K, Py_ssize_t P, const int64_t* labels,
+                          const double* v, double* acc, double* count) noexcept nogil
+    void memoa_class_signal_sums(Py_ssize_t nr, Py_ssize_t d, Py_ssize_t K, Py_ssize_t P, const int64_t* labels,
+                                 const double* s, double limit, double* acc, double* count) noexcept nogil
+    void memoa_class_move(Py_ssize_t nr, Py_ssize_t d, Py_ssize_t K, Py_ssize_t P, const int64_t* labels, double* x,
+                          const double* s, double* J, const double* table, const double* centre, double hd,
+                          double* acc) noexcept nogil
 
 import numpy as np
 
@@ -329,6 +520,9 @@ cdef enum:
     _EXP_ROWS = 1024
     # Lanes of the sum of exponentials in the server's log-sum-exp.
     _SUM_LANES = 8
+    # Interleaved copies of the class accumulators (K > 1, at most _COPIES_MAX_K classes; see _copies).
+    _COPIES = 4
+    _COPIES_MAX_K = 64
 
 cdef double _SIGNAL_LIMIT = 1e50
 cdef double _STEP_LIMIT = 1e300
@@ -424,11 +618,24 @@ cdef inline Py_ssize_t _exp_rows(Py_ssize_t R) noexcept nogil:
     return R if R >= _EXP_ROWS else R * (_EXP_ROWS // R)
 
 
+cdef inline Py_ssize_t _copies(Py_ssize_t K) noexcept nogil:
+    """Interleaved copies ``P`` of the class accumulators: row ``k`` of a chunk adds to copy ``k mod P``.
+
+    Four copies break the store-to-load chains of consecutive rows of one
+    class (sorted labels); more than ``_COPIES_MAX_K`` classes take one (the
+    copies would cost more to clear and fold than they save). Depends on
+    ``K`` alone, never on the thread count.
+    """
+    return _COPIES if K <= _COPIES_MAX_K else 1
+
+
 cdef Py_ssize_t _step_scratch(Py_ssize_t d, Py_ssize_t K):
     """Doubles of scratch one thread needs for a population pass."""
     cdef Py_ssize_t R = _block_rows(d)
     cdef Py_ssize_t L = R * d
-    return 8 * L + 3 * _MAX_LANES + 3 * R + _exp_rows(R) + 2 * K * d + K + 8
+    cdef Py_ssize_t P = _copies(K)
+    cdef Py_ssize_t classes = 2 * P * K * d + 2 * P * K + K * (5 + d)
+    return 8 * L + 3 * _MAX_LANES + 3 * R + _exp_rows(R) + (classes if classes > 3 * _MAX_LANES else 3 * _MAX_LANES) + 8
 
 
 cdef Py_ssize_t _server_scratch(Py_ssize_t d):
@@ -607,7 +814,8 @@ cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept no
     states), for every class ``l``.
     """
     cdef Lay L = P.lay
-    cdef Py_ssize_t d = L.d, K = L.K, lo, hi, R, rb, nr, k, j, l, i, count
+    cdef Py_ssize_t d = L.d, K = L.K, lo, hi, R, rb, nr, k, j, l, i, count, Pc
+    cdef double total
     cdef double* row = P.work + c * L.width
     cdef double* lanes = scratch
     cdef double* sums
@@ -647,26 +855,42 @@ cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept no
             _lane_add(P.x + lo * d, (hi - lo) * d, R * d, lanes)
             _lane_columns(lanes, d, R, row + L.state)
         return
+    # K classes: each row adds to its class in P interleaved copies (memoa_class_sums), folded at the end.
+    Pc = _copies(K)
     sums = scratch
-    xsums = scratch + K * d
-    counts = scratch + 2 * K * d
-    _zero(scratch, 2 * K * d + K)
-    for i in range(lo, hi):
-        l = P.labels[i]
-        si = P.s + i * d
-        if P.want_states:
-            for j in range(d):
-                xsums[l * d + j] += P.x[i * d + j]
-        if _row_valid(si, d):
-            counts[l] += 1.0
-            for j in range(d):
-                sums[l * d + j] += si[j]
+    xsums = scratch + Pc * K * d
+    counts = scratch + 2 * Pc * K * d
+    _zero(scratch, 2 * Pc * K * d + 2 * Pc * K)
+    memoa_class_signal_sums(hi - lo, d, K, Pc, P.labels + lo, P.s + lo * d, _SIGNAL_LIMIT, sums, counts)
+    if P.want_states:
+        memoa_class_sums(hi - lo, d, K, Pc, P.labels + lo, P.x + lo * d, xsums, counts + Pc * K)
     for l in range(K):
-        row[L.count + l] = counts[l]
+        total = 0.0
+        for k in range(Pc):
+            total = total + counts[k * K + l]
+        row[L.count + l] = total
+    _fold_copies(sums, K, d, Pc, row + L.signal, L.dp)
+    if P.want_states:
+        _fold_copies(xsums, K, d, Pc, row + L.state, L.dp)
+
+
+cdef void _fold_copies(const double* acc, Py_ssize_t K, Py_ssize_t d, Py_ssize_t Pc, double* out,
+                       Py_ssize_t dp) noexcept nogil:
+    """Write ``out[l dp + j] = sum_p acc[(p K + l) d + j]``: the copies of each class sum, folded.
+
+    Four copies are folded as ``(c0 + c1) + (c2 + c3)``, otherwise in copy order.
+    """
+    cdef Py_ssize_t l, j, k
+    cdef double v
+    for l in range(K):
         for j in range(d):
-            row[L.signal + l * L.dp + j] = sums[l * d + j]
-            if P.want_states:
-                row[L.state + l * L.dp + j] = xsums[l * d + j]
+            if Pc == 4:
+                v = (acc[l * d + j] + acc[(K + l) * d + j]) + (acc[(2 * K + l) * d + j] + acc[(3 * K + l) * d + j])
+            else:
+                v = 0.0
+                for k in range(Pc):
+                    v = v + acc[(k * K + l) * d + j]
+            out[l * dp + j] = v
 
 
 cdef void _signal_sweep(const Pop* P, int threads) noexcept nogil:
@@ -835,43 +1059,73 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
         rb += R
 
 
-cdef void _move_class_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* xsums) noexcept nogil:
+cdef void _move_class_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, bint all_valid, double* acc) noexcept nogil:
     """Policy and stage cost of rows ``[lo, hi)`` with K classes, in place, and the class sums of the moved states.
 
     Reads ``labels``, ``coef[l]``, ``field[offset + l]``, ``field[field_state]``,
-    ``s``; writes ``x``, ``J`` of the rows and ``xsums[l d + j]`` (zeroed here).
-    Same formulas as :c:func:`_move_block_rows`, row by row.
+    ``s``; writes ``x``, ``J`` of the rows and ``acc[(p K + l) d + j]`` (zeroed
+    here; ``P`` interleaved copies, :c:func:`_copies`, row ``k`` of the chunk
+    in copy ``k mod P``), then ``K (5 + d)`` values after it: each class's
+    coefficients and offset in one row (``gain, signal, q, kappa, r, o_l``).
+    ``u_i = -gain_l (x_i - signal_l s_i - o_l)`` for a valid row (else 0),
+    ``J_i += gamma^t/2 (q_l E + kappa_l F + r_l U)`` with ``E = sum_j (x_ij - s_ij)^2``,
+    ``F = sum_j (x_ij - m_j)^2``, ``U = sum_j u_ij^2`` (only ``kappa_l F`` for
+    an invalid row), ``x_i += u_i``. ``all_valid`` (pass 1's counts): every
+    signal of the rows is valid, and the rows go to C ``memoa_class_move``
+    without a per-row check.
     """
-    cdef Py_ssize_t d = P.lay.d, K = P.lay.K, i, j, l
-    cdef const double* cf
-    cdef const double* off
+    cdef Py_ssize_t d = P.lay.d, K = P.lay.K, Pc = _copies(K), i, j, l, w = 5 + d
+    cdef double* table = acc + Pc * K * d
+    cdef const double* t
     cdef const double* centre = P.field + P.lay.field_state * d
     cdef double* xi
+    cdef double* a
     cdef const double* si
-    cdef double u, es, em, v, a
-    _zero(xsums, K * d)
+    cdef double u, es, em, v, g, wt, E, F, U
+    _zero(acc, Pc * K * d)
+    for l in range(K):
+        table[l * w + 0] = P.coef[l * _N_COEF + _GAIN]
+        table[l * w + 1] = P.coef[l * _N_COEF + _SIGNAL]
+        table[l * w + 2] = P.coef[l * _N_COEF + _Q]
+        table[l * w + 3] = P.coef[l * _N_COEF + _KAPPA]
+        table[l * w + 4] = P.coef[l * _N_COEF + _R]
+        for j in range(d):
+            table[l * w + 5 + j] = P.field[(P.lay.offset + l) * d + j]
+    if all_valid:
+        memoa_class_move(hi - lo, d, K, Pc, P.labels + lo, P.x + lo * d, P.s + lo * d, P.J + lo, table, centre,
+                         P.half_discount, acc)
+        return
     for i in range(lo, hi):
         l = P.labels[i]
-        cf = P.coef + l * _N_COEF
-        off = P.field + (P.lay.offset + l) * d
+        t = table + l * w
+        a = acc + (((i - lo) & (Pc - 1)) * K + l) * d
         xi = P.x + i * d
         si = P.s + i * d
-        a = 0.0
         if _row_valid(si, d):
+            g = t[0]
+            wt = t[1]
+            E = 0.0
+            F = 0.0
+            U = 0.0
             for j in range(d):
                 v = xi[j]
-                u = -cf[_GAIN] * (v - cf[_SIGNAL] * si[j] - off[j])
+                u = -g * (v - wt * si[j] - t[5 + j])
                 es = v - si[j]
                 em = v - centre[j]
-                a += cf[_Q] * es * es + cf[_KAPPA] * em * em + cf[_R] * u * u
-                xi[j] = v + u
-        else:
+                E += es * es
+                F += em * em
+                U += u * u
+                v = v + u
+                xi[j] = v
+                a[j] += v
+            P.J[i] += P.half_discount * (t[2] * E + t[3] * F + t[4] * U)
+        else:  # holds, pays the kappa term only
+            F = 0.0
             for j in range(d):
                 em = xi[j] - centre[j]
-                a += cf[_KAPPA] * em * em
-        P.J[i] += P.half_discount * a
-        for j in range(d):
-            xsums[l * d + j] += xi[j]
+                F += em * em
+                a[j] += xi[j]
+            P.J[i] += P.half_discount * (t[3] * F)
 
 
 cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogil:
@@ -886,6 +1140,7 @@ cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogi
     """
     cdef Lay L = P.lay
     cdef Py_ssize_t d = L.d, K = L.K, R = _block_rows(d), Lb = R * d, lo, hi, l, j
+    cdef double valid
     cdef double* row = P.work + c * L.width
     cdef double* lanes = scratch + 5 * Lb
     cdef double* tail = scratch + 6 * Lb
@@ -899,10 +1154,11 @@ cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogi
         _lane_add(P.x + lo * d, (hi - lo) * d, Lb, lanes)
         _lane_columns(lanes, d, R, row + L.state)
     else:
-        _move_class_rows(P, lo, hi, tail)
+        valid = 0.0
         for l in range(K):
-            for j in range(d):
-                row[L.state + l * L.dp + j] = tail[l * d + j]
+            valid = valid + row[L.count + l]
+        _move_class_rows(P, lo, hi, valid == <double>(hi - lo), tail)
+        _fold_copies(tail, K, d, _copies(K), row + L.state, L.dp)
     _max_arg(P.J, lo, hi, tail, row + L.max_cost, row + L.arg_cost)
     if P.log_p != NULL:
         _weighted_lanes(P.log_p + lo, P.x + lo * d, hi - lo, d, lanes, scratch, tail)

@@ -40,6 +40,29 @@ NaN or an infinity takes the row-by-row path with per-agent checks.
 The public functions take ``threads``: 1 runs the serial driver, more runs
 the parallel one under ``numba.set_num_threads(threads)``, restored after.
 
+K classes
+---------
+With labels the class of each agent picks its coefficients, so the passes go
+agent by agent (a class-dependent pattern per block, as the one-class loops
+use, costs more to build than the arithmetic it saves). What keeps them
+within 1.5x of the one-class step (bench/bench_kernels.py, issue 10):
+
+- each class's coefficients and policy offset sit in one short row of a
+  per-chunk table (:func:`_class_table`);
+- the class sums go into ``P = 4`` interleaved copies (row ``k`` of a chunk
+  into copy ``k mod 4``, :func:`_copies`), folded at the end of the chunk:
+  consecutive agents of one class (sorted labels) no longer chain their
+  additions through memory; the scratch starts on a cache line
+  (:func:`_zeros_aligned`);
+- the signal pass tests each row's validity in the same loop that adds it
+  (a separate vectorised check would serialise a stream from memory and a
+  loop from cache);
+- the stage cost is summed per kind, ``q E + kappa F + r U``;
+- ``d = 1`` and ``d = 4`` have unrolled loops, and every index in these loops
+  is unsigned: Numba then leaves out the negative-index wrap-around (a sign
+  test and a select per access), which kept the generic coordinate loops
+  scalar and was a fifth of the ``d = 4`` loop's instructions.
+
 Fused step
 ----------
 :func:`fused_step` is the whole population step in two passes over memory
@@ -96,6 +119,10 @@ __all__ = [
 LANES = 256
 # Lanes of the (max, argmax) tracker.
 MAX_LANES = 32
+# Interleaved copies of the class accumulators (K > 1; see _copies).
+COPIES = 4
+# Unsigned index constants (see _move_rows_classes4).
+_U0, _U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8, _U9 = (np.uint64(v) for v in range(10))
 # Log-weights exponentiated per vectorised sweep (scratch: 3 x 8 KiB).
 EXP_ROWS = 1024
 
@@ -378,12 +405,14 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
     also keep the largest ``|s|``; the chunk is all valid when every lane sum
     is finite and every lane maximum is at most ``SIGNAL_LIMIT``, the common
     case; otherwise the chunk is summed again row by row, skipping invalid
-    rows. Several classes: one row-by-row pass that adds each valid row to its
-    class (the order of additions is fixed by the agents' order).
+    rows. Several classes: one row-by-row pass (:func:`_class_signal_sums`)
+    that tests each row and adds a valid one to its class, in ``P``
+    interleaved copies of the class sums (:func:`_copies`) folded at the end
+    (:func:`_fold_copies`); the order of additions is fixed by the agents'
+    order and ``K``, never by the thread count.
     """
     n, d = x.shape
     K = lay[LAY_N_CLASSES]
-    dp = _padded(d)
     lo, hi = _chunk_bounds(n, c)
     row = work[c]
     if K == 1 and labels.shape[0] == 0:
@@ -412,26 +441,171 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
             _lane_sums(x.reshape(-1), lo * d, hi * d, L, lanes)
             _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
         return
-    acc_s = np.zeros(K * d)
-    acc_x = np.zeros(K * d if want_states else 0)
-    count = np.zeros(K)
-    all_valid = _count_over(s.reshape(-1), lo * d, hi * d) == 0  # vectorised; then no per-row check
-    for i in range(lo, hi):
-        l = labels[i] if labels.shape[0] else 0
-        a = l * d
-        if want_states:
-            for j in range(d):
-                acc_x[a + j] += x[i, j]
-        if all_valid or _row_valid(s, i, d):
-            count[l] += 1.0
-            for j in range(d):
-                acc_s[a + j] += s[i, j]
+    P = _copies(K)
+    width = P * K * d
+    scratch = _zeros_aligned(2 * width + 2 * P * K)
+    acc_s = scratch[:width]
+    acc_x = scratch[width:2 * width]
+    count = scratch[2 * width:2 * width + P * K]
+    spare = scratch[2 * width + P * K:]  # the state pass's counts (not used)
+    _class_signal_sums(s, labels, lo, hi, K, P, acc_s, count)
+    if want_states:
+        if labels.shape[0] > 0:
+            _class_row_sums(x.reshape(-1), labels, lo, hi, lo, d, K, P, acc_x, spare)
+        else:
+            for i in range(lo, hi):
+                a = ((i - lo) & (P - 1)) * K * d
+                for j in range(d):
+                    acc_x[a + j] += x[i, j]
     for l in range(K):
-        row[lay[LAY_COUNT] + l] = count[l]
+        total = 0.0
+        for p in range(P):
+            total += count[p * K + l]
+        row[lay[LAY_COUNT] + l] = total
+    _fold_copies(acc_s, K, d, P, row[lay[LAY_SIGNAL]:])
+    if want_states:
+        _fold_copies(acc_x, K, d, P, row[lay[LAY_STATE]:])
+
+
+@njit(**_jit)
+def _zeros_aligned(n):
+    """``n`` zeros starting on a cache line (64 bytes): the class accumulators' rows never straddle two lines.
+
+    A 32-byte row of ``d = 4`` sums that crosses a line costs split loads and
+    stores, and measured up to 2x on the class signal sums.
+    """
+    big = np.zeros(n + PAD)
+    start = (-(big.ctypes.data // 8)) % PAD
+    return big[start:start + n]
+
+
+@njit(**_jit)
+def _copies(K):
+    """Interleaved copies ``P`` of the class accumulators: row ``i`` of a chunk adds to copy ``i mod P``.
+
+    Four copies break the store-to-load chains of consecutive rows of the same
+    class (sorted labels); more than 64 classes take one (the copies would
+    cost more to clear and fold than they save). Depends on ``K`` alone, so
+    the order of additions does not depend on the thread count.
+    """
+    return COPIES if K <= 64 else 1
+
+
+@njit(**_jit)
+def _class_signal_sums(s, labels, lo, hi, K, P, acc, count):
+    """Class sums and counts of the valid signal rows ``[lo, hi)`` (a chunk), in ``P`` interleaved copies.
+
+    Row ``i`` of class ``l`` (``labels[i]``, or 0 when ``labels`` is empty)
+    with a valid signal adds ``s[i]`` to ``acc[(p K + l) d : (p K + l + 1) d]``
+    and 1 to ``count[p K + l]``, ``p = (i - lo) mod P``. The validity test is
+    folded into the same loop (a separate vectorised pass over the chunk, or
+    over each block, would serialise a stream from memory and a loop from
+    cache; measured 0.6-1 ms per 10^6 rows more): at ``d = 4``,
+    ``sum_j |s_ij| <= SIGNAL_LIMIT`` (false for NaN and infinities) proves a
+    row valid, and a row that fails it is checked exactly (:func:`_row_valid`),
+    so rows whose entries are each at most the limit but sum over it still
+    count; other ``d`` count the row's invalid entries (:func:`_flat_row_bad`, no
+    chain of dependent additions). ``d = 1`` and ``d = 4`` have
+    their own loops (unsigned indices, see :func:`_move_rows_classes4`).
+    """
+    d = s.shape[1]
+    sf = s.reshape(-1)
+    m = P - 1
+    if d == 4 and labels.shape[0] > 0:  # unsigned indices: see _move_rows_classes4
+        base = np.uint64(lo)
+        mask = np.uint64(m)
+        k = np.uint64(K)
+        for i in range(base, np.uint64(hi)):
+            b = i * _U4
+            s0 = sf[b]
+            s1 = sf[b + _U1]
+            s2 = sf[b + _U2]
+            s3 = sf[b + _U3]
+            if (abs(s0) + abs(s1)) + (abs(s2) + abs(s3)) <= SIGNAL_LIMIT or _row_valid(s, i, 4):
+                c = ((i - base) & mask) * k + np.uint64(labels[i])
+                count[c] += 1.0
+                a = c * _U4
+                acc[a] += s0
+                acc[a + _U1] += s1
+                acc[a + _U2] += s2
+                acc[a + _U3] += s3
+        return
+    if d == 1 and labels.shape[0] > 0:
+        base = np.uint64(lo)
+        mask = np.uint64(m)
+        k = np.uint64(K)
+        for i in range(base, np.uint64(hi)):
+            v = sf[i]
+            if abs(v) <= SIGNAL_LIMIT:
+                c = ((i - base) & mask) * k + np.uint64(labels[i])
+                count[c] += 1.0
+                acc[c] += v
+        return
+    has_labels = labels.shape[0] > 0  # empty labels: every agent is class 0
+    base = np.uint64(lo)
+    mask = np.uint64(m)
+    k = np.uint64(K)
+    ud = np.uint64(d)
+    for i in range(base, np.uint64(hi)):
+        b = i * ud
+        if _flat_row_bad(sf, b, ud) == 0:
+            l = np.uint64(labels[i]) if has_labels else _U0
+            c = ((i - base) & mask) * k + l
+            count[c] += 1.0
+            a = c * ud
+            for j in range(ud):
+                acc[a + j] += sf[b + j]
+
+
+@njit(**_jit)
+def _class_row_sums(flat, labels, lo, hi, base, d, K, P, acc, count):
+    """Class sums of rows ``[lo, hi)`` of ``flat`` (``(N, d)`` flattened), in ``P`` interleaved copies.
+
+    Row ``i`` of class ``l = labels[i]`` adds ``flat[i d + j]`` to
+    ``acc[(p K + l) d + j]`` and 1 to ``count[p K + l]``, ``p = (i - base) mod P``
+    (``P`` a power of two, ``base`` the chunk's first row). Flat indices,
+    scalars only; ``d = 4`` is unrolled (a row is four loads and four adds,
+    no inner loop).
+    """
+    m = P - 1
+    if d == 4:
+        for i in range(lo, hi):
+            l = labels[i]
+            p = (i - base) & m
+            count[p * K + l] += 1.0
+            a = (p * K + l) * 4
+            b = i * 4
+            acc[a] += flat[b]
+            acc[a + 1] += flat[b + 1]
+            acc[a + 2] += flat[b + 2]
+            acc[a + 3] += flat[b + 3]
+    else:
+        for i in range(lo, hi):
+            l = labels[i]
+            p = (i - base) & m
+            count[p * K + l] += 1.0
+            a = (p * K + l) * d
+            b = i * d
+            for j in range(d):
+                acc[a + j] += flat[b + j]
+
+
+@njit(**_jit)
+def _fold_copies(acc, K, d, P, out):
+    """``out[l dp + j] = sum_p acc[(p K + l) d + j]``, ``dp = _padded(d)``: the copies of each class sum, folded.
+
+    Four copies are folded as ``(c0 + c1) + (c2 + c3)``.
+    """
+    dp = _padded(d)
+    for l in range(K):
         for j in range(d):
-            row[lay[LAY_SIGNAL] + l * dp + j] = acc_s[l * d + j]
-            if want_states:
-                row[lay[LAY_STATE] + l * dp + j] = acc_x[l * d + j]
+            if P == 4:
+                v = (acc[l * d + j] + acc[(K + l) * d + j]) + (acc[(2 * K + l) * d + j] + acc[(3 * K + l) * d + j])
+            else:
+                v = 0.0
+                for p in range(P):
+                    v += acc[(p * K + l) * d + j]
+            out[l * dp + j] = v
 
 
 @njit(**_jit)
@@ -460,6 +634,19 @@ def _count_over(flat, lo, hi):
     seg = flat[lo:hi]
     for k in range(seg.shape[0]):
         bad += 0 if abs(seg[k]) <= SIGNAL_LIMIT else 1
+    return bad
+
+
+@njit(**_jit)
+def _flat_row_bad(sf, b, d):
+    """How many of ``sf[b:b + d]`` are not at most ``SIGNAL_LIMIT`` in magnitude (NaN counts).
+
+    Indexes the flat array instead of slicing it: a slice per agent would cost
+    a reference-count update (an atomic) per agent.
+    """
+    bad = 0
+    for j in range(d):
+        bad += 0 if abs(sf[b + j]) <= SIGNAL_LIMIT else 1
     return bad
 
 
@@ -600,8 +787,8 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
     The block loop is element-wise over ``L = R d`` contiguous values; the
     per-coordinate offset and centre are replicated once into length-``L``
     patterns and the five coefficients stay scalars, so LLVM vectorises it
-    (per-value coefficient patterns, as a K-class version would need, stop
-    that: several classes take :func:`_move_rows_classes`).
+    (per-value coefficient patterns, as a K-class version would need, cost
+    more to fill than they save: several classes take :func:`_move_rows_classes`).
     """
     n, d = x.shape
     R = _block_rows(d)
@@ -665,49 +852,217 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
 
 
 @njit(**_jit)
-def _move_rows_classes(x, s, labels, J, lay, coef, field, half_discount, lo, hi, acc, all_valid):
+def _class_table(lay, coef, field, K, d, table):
+    """Each class's policy and cost coefficients in one contiguous row of ``table`` (``K x (5 + d)``).
+
+    Row ``l``: ``gain_l, signal_l, q_l, kappa_l, r_l`` and the ``d`` values of
+    ``field[offset + l]``, so an agent's coefficients are one short run of
+    memory (one cache line for ``d <= 3``, two for ``d <= 11``).
+    """
+    w = 5 + d
+    for l in range(K):
+        table[l * w] = coef[l, GAIN]
+        table[l * w + 1] = coef[l, SIGNAL]
+        table[l * w + 2] = coef[l, Q]
+        table[l * w + 3] = coef[l, KAPPA]
+        table[l * w + 4] = coef[l, R_]
+        for j in range(d):
+            table[l * w + 5 + j] = field[lay[LAY_OFFSET] + l, j]
+
+
+@njit(**_jit)
+def _move_rows_classes(x, s, labels, J, lay, field, half_discount, lo, hi, table, P, acc, all_valid):
     """:func:`_move_rows` for several classes, agent by agent, also summing the moved states per class.
 
-    Reads ``labels[i]`` (the class ``l`` of agent ``i``), row ``l`` of ``coef``
-    and ``field[offset + l]``; writes ``x`` and ``J`` in place and adds each
-    moved state to ``acc[l d : (l + 1) d]`` (agent order: deterministic). One
+    Reads ``labels[i]`` (the class ``l`` of agent ``i``; empty: class 0) and
+    row ``l`` of ``table`` (:func:`_class_table`); writes ``x`` and ``J`` in
+    place and adds each moved state to ``acc[(p K + l) d : (p K + l + 1) d]``,
+    ``p = (i - lo) mod P`` (:func:`_copies`; agent order: deterministic). One
     loop over the rows, so the class sums cost no second read of the chunk.
     ``all_valid``: pass 1 found every signal of these rows valid (no per-row check).
+
+    The stage cost is summed per kind, ``J_i += gamma^t/2 (q_l E + kappa_l F + r_l U)``
+    with ``E = sum_j (x_ij - s_ij)^2``, ``F = sum_j (x_ij - m_j)^2``,
+    ``U = sum_j u_ij^2``: three multiplications by the class's weights per
+    agent instead of three per coordinate. ``d = 1`` and ``d = 4`` with labels
+    and every signal valid have their own loops (:func:`_move_rows_classes1`,
+    :func:`_move_rows_classes4`).
     """
     d = x.shape[1]
-    off0 = lay[LAY_OFFSET]
+    K = lay[LAY_N_CLASSES]
     fs = lay[LAY_FIELD_STATE]
-    # Scalars and 2-D indexing only inside the loop: a row view per agent would cost
-    # a reference-count update (an atomic) per agent.
     has_labels = labels.shape[0] > 0  # empty labels: every agent is class 0
-    for i in range(lo, hi):
-        l = labels[i] if has_labels else 0
-        gain = coef[l, GAIN]
-        weight = coef[l, SIGNAL]
-        q = coef[l, Q]
-        kappa = coef[l, KAPPA]
-        r = coef[l, R_]
-        ol = off0 + l
-        a = l * d
-        cost = 0.0
-        if all_valid or _row_valid(s, i, d):
-            for j in range(d):
-                xi = x[i, j]
-                si = s[i, j]
-                u = -gain * (xi - weight * si - field[ol, j])
-                e_s = xi - si
-                e_m = xi - field[fs, j]
-                cost += q * e_s * e_s + kappa * e_m * e_m + r * u * u
-                xi += u
-                x[i, j] = xi
-                acc[a + j] += xi
+    if d == 1 and has_labels and all_valid:
+        _move_rows_classes1(x.reshape(-1), s.reshape(-1), labels, J, field[fs, 0], half_discount, lo, hi, table, K, P, acc)
+        return
+    if d == 4 and has_labels and all_valid:
+        _move_rows_classes4(x.reshape(-1), s.reshape(-1), labels, J, field[fs], half_discount, lo, hi, table, K, P, acc)
+        return
+    xf = x.reshape(-1)
+    sf = s.reshape(-1)
+    centre = field[fs]
+    # Unsigned indices (see _move_rows_classes4); scalars and flat indexing only inside the
+    # loop: a row view per agent would cost a reference-count update (an atomic) per agent.
+    base = np.uint64(lo)
+    mask = np.uint64(P - 1)
+    k = np.uint64(K)
+    ud = np.uint64(d)
+    w = np.uint64(5 + d)
+    for i in range(base, np.uint64(hi)):
+        l = np.uint64(labels[i]) if has_labels else _U0
+        t = l * w
+        a = (((i - base) & mask) * k + l) * ud
+        b = i * ud
+        if all_valid or _flat_row_bad(sf, b, ud) == 0:
+            gain = table[t]
+            weight = table[t + _U1]
+            o = t + _U5
+            # four partial sums per kind (coordinates j mod 4), added as (p0 + p1) + (p2 + p3): one running sum
+            # per kind would chain d dependent additions per agent
+            E0 = F0 = U0 = E1 = F1 = U1 = E2 = F2 = U2 = E3 = F3 = U3 = 0.0
+            j = _U0
+            while j + _U4 <= ud:
+                e, f, u = _class_coordinate(xf, sf, b + j, table[o + j], centre[j], gain, weight, acc, a + j)
+                E0 += e
+                F0 += f
+                U0 += u
+                e, f, u = _class_coordinate(xf, sf, b + j + _U1, table[o + j + _U1], centre[j + _U1], gain, weight, acc,
+                                            a + j + _U1)
+                E1 += e
+                F1 += f
+                U1 += u
+                e, f, u = _class_coordinate(xf, sf, b + j + _U2, table[o + j + _U2], centre[j + _U2], gain, weight, acc,
+                                            a + j + _U2)
+                E2 += e
+                F2 += f
+                U2 += u
+                e, f, u = _class_coordinate(xf, sf, b + j + _U3, table[o + j + _U3], centre[j + _U3], gain, weight, acc,
+                                            a + j + _U3)
+                E3 += e
+                F3 += f
+                U3 += u
+                j += _U4
+            while j < ud:
+                e, f, u = _class_coordinate(xf, sf, b + j, table[o + j], centre[j], gain, weight, acc, a + j)
+                E0 += e
+                F0 += f
+                U0 += u
+                j += _U1
+            E = (E0 + E1) + (E2 + E3)
+            F = (F0 + F1) + (F2 + F3)
+            U = (U0 + U1) + (U2 + U3)
+            J[i] += half_discount * (table[t + _U2] * E + table[t + _U3] * F + table[t + _U4] * U)
         else:  # an agent without a valid signal holds and pays only the kappa term
-            for j in range(d):
-                xi = x[i, j]
-                e_m = xi - field[fs, j]
-                cost += kappa * e_m * e_m
+            F = 0.0
+            for j in range(ud):
+                xi = xf[b + j]
+                e_m = xi - centre[j]
+                F += e_m * e_m
                 acc[a + j] += xi
-        J[i] += half_discount * cost
+            J[i] += half_discount * (table[t + _U3] * F)
+
+
+@njit(**_jit)
+def _class_coordinate(xf, sf, v, offset, centre, gain, weight, acc, a):
+    """Coordinate ``v`` of the flat states: move it, add it to ``acc[a]``; returns ``(e^2, f^2, u^2)``.
+
+    ``u = -gain (x - weight s - offset)``, ``e = x - s``, ``f = x - centre``
+    (``x`` before the move), then ``x += u``.
+    """
+    xi = xf[v]
+    si = sf[v]
+    u = -gain * (xi - weight * si - offset)
+    e = xi - si
+    f = xi - centre
+    xi += u
+    xf[v] = xi
+    acc[a] += xi
+    return e * e, f * f, u * u
+
+
+@njit(**_jit)
+def _move_rows_classes1(xf, sf, labels, J, centre, half_discount, lo, hi, table, K, P, acc):
+    """:func:`_move_rows_classes` for ``d = 1``, every signal valid (``centre``: ``m(t)``, a number).
+
+    No coordinate loop; unsigned indices (see :func:`_move_rows_classes4`).
+    """
+    base = np.uint64(lo)
+    mask = np.uint64(P - 1)
+    k = np.uint64(K)
+    for i in range(base, np.uint64(hi)):
+        l = np.uint64(labels[i])
+        t = l * _U6
+        x0 = xf[i]
+        s0 = sf[i]
+        u = -table[t] * (x0 - table[t + _U1] * s0 - table[t + _U5])
+        e = x0 - s0
+        f = x0 - centre
+        J[i] += half_discount * (table[t + _U2] * (e * e) + table[t + _U3] * (f * f) + table[t + _U4] * (u * u))
+        x0 += u
+        xf[i] = x0
+        acc[((i - base) & mask) * k + l] += x0
+
+
+@njit(**_jit)
+def _move_rows_classes4(xf, sf, labels, J, centre, half_discount, lo, hi, table, K, P, acc):
+    """:func:`_move_rows_classes` for ``d = 4``, every signal valid: the coordinate loop unrolled.
+
+    Same formulas; the per-kind sums are ``(v_0 + v_1) + (v_2 + v_3)``.
+    ``xf``, ``sf``: the flat states and signals; ``centre``: ``m(t)``. Every
+    index is unsigned (``_U*`` constants): Numba then drops its negative-index
+    wrap-around (a sign test and a select per access), a fifth of the loop's
+    instructions, and this loop is bound by instructions, not memory.
+    """
+    m0 = centre[0]
+    m1 = centre[1]
+    m2 = centre[2]
+    m3 = centre[3]
+    base = np.uint64(lo)
+    mask = np.uint64(P - 1)
+    k = np.uint64(K)
+    for i in range(base, np.uint64(hi)):
+        l = np.uint64(labels[i])
+        t = l * _U9
+        gain = table[t]
+        weight = table[t + _U1]
+        b = i * _U4
+        x0 = xf[b]
+        x1 = xf[b + _U1]
+        x2 = xf[b + _U2]
+        x3 = xf[b + _U3]
+        s0 = sf[b]
+        s1 = sf[b + _U1]
+        s2 = sf[b + _U2]
+        s3 = sf[b + _U3]
+        u0 = -gain * (x0 - weight * s0 - table[t + _U5])
+        u1 = -gain * (x1 - weight * s1 - table[t + _U6])
+        u2 = -gain * (x2 - weight * s2 - table[t + _U7])
+        u3 = -gain * (x3 - weight * s3 - table[t + _U8])
+        e0 = x0 - s0
+        e1 = x1 - s1
+        e2 = x2 - s2
+        e3 = x3 - s3
+        f0 = x0 - m0
+        f1 = x1 - m1
+        f2 = x2 - m2
+        f3 = x3 - m3
+        E = (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+        F = (f0 * f0 + f1 * f1) + (f2 * f2 + f3 * f3)
+        U = (u0 * u0 + u1 * u1) + (u2 * u2 + u3 * u3)
+        J[i] += half_discount * (table[t + _U2] * E + table[t + _U3] * F + table[t + _U4] * U)
+        x0 += u0
+        x1 += u1
+        x2 += u2
+        x3 += u3
+        xf[b] = x0
+        xf[b + _U1] = x1
+        xf[b + _U2] = x2
+        xf[b + _U3] = x3
+        a = (((i - base) & mask) * k + l) * _U4
+        acc[a] += x0
+        acc[a + _U1] += x1
+        acc[a + _U2] += x2
+        acc[a + _U3] += x3
 
 
 @njit(**_jit)
@@ -722,7 +1077,6 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     """
     n, d = x.shape
     K = lay[LAY_N_CLASSES]
-    dp = _padded(d)
     R = _block_rows(d)
     L = R * d
     lo, hi = _chunk_bounds(n, c)
@@ -730,14 +1084,16 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     if K == 1 and labels.shape[0] == 0:
         _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, row[lay[LAY_COUNT]] == hi - lo)
     else:
-        acc = np.zeros(K * d)
+        P = _copies(K)
+        space = _zeros_aligned(P * K * d + K * (5 + d))
+        acc = space[:P * K * d]
+        table = space[P * K * d:]
+        _class_table(lay, coef, field, K, d, table)
         valid = 0.0
         for l in range(K):
             valid += row[lay[LAY_COUNT] + l]
-        _move_rows_classes(x, s, labels, J, lay, coef, field, half_discount, lo, hi, acc, valid == hi - lo)
-        for l in range(K):
-            for j in range(d):
-                row[lay[LAY_STATE] + l * dp + j] = acc[l * d + j]
+        _move_rows_classes(x, s, labels, J, lay, field, half_discount, lo, hi, table, P, acc, valid == hi - lo)
+        _fold_copies(acc, K, d, P, row[lay[LAY_STATE]:])
     predict = log_p.shape[0] == n
     extra = 3 * _exp_rows(R) if predict else 0
     scratch = np.empty(L + 2 * MAX_LANES + extra)

@@ -125,6 +125,65 @@ def magnitudes(P, have_mean):
     return mag_field, mag_x, mag_J, next_rows
 
 
+def check_step(mod, P, have_mean, predict, discount, threads):
+    """One population step of ``mod`` against the reference: two-pass API and fused_step, bitwise equal to each other."""
+    lay = P["lay"]
+    K = lay.n_classes
+    got = two_pass(mod, P, have_mean, predict, discount, threads)
+    one = fused(mod, P, have_mean, predict, discount, threads)
+    ref = two_pass(_reference, P, have_mean, predict, discount, 1)
+
+    # fused_step runs the same chunk and merge functions as the two-pass API
+    assert one["stats"] == got["stats"]
+    for key in ("x", "J", "field", "yhat", "work"):
+        assert one[key].tobytes() == got[key].tobytes(), f"fused_step and the two-pass API differ in {key}"
+
+    n_valid, max_j, arg = got["stats"]
+    assert type(n_valid) is int and type(max_j) is float and type(arg) is int
+    assert n_valid == ref["stats"][0] == int(_reference.valid_rows(P["s"]).sum())
+    counts = slice(lay.count, lay.count + K)
+    assert got["work"][:, counts].tobytes() == ref["work"][:, counts].tobytes(), "per-chunk valid counts"
+
+    mag_field, mag_x, mag_J, next_rows = magnitudes(P, have_mean)
+    f, rf = got["field"], ref["field"]
+    rows = [("class signal means", slice(lay.class_signal, lay.class_signal + K)),
+            ("signal mean", slice(lay.field_signal, lay.field_signal + 1)),
+            ("class state means m_l(t)", slice(lay.class_state, lay.class_state + K)),
+            ("state mean m(t)", slice(lay.field_state, lay.field_state + 1)),
+            ("class offsets", slice(lay.offset, lay.offset + K))]
+    for what, r in rows:
+        assert_close(f[r], rf[r], mag_field[r], what)
+    if n_valid == 0:  # no valid signal: the signal means are left as they were, bit for bit
+        sig = slice(lay.class_signal, lay.class_signal + K)
+        assert f[sig].tobytes() == P["field"][sig].tobytes()
+        assert f[lay.field_signal].tobytes() == P["field"][lay.field_signal].tobytes()
+    if have_mean:
+        r = slice(lay.class_state, lay.class_state + K)
+        assert f[r].tobytes() == P["field"][r].tobytes(), "m_l(t) was given: it must not change"
+
+    ok = _reference.valid_rows(P["s"])
+    assert_close(got["x"], ref["x"], mag_x, "x(t+1)")
+    assert (got["x"][~ok] == P["x"][~ok]).all(), "an agent without a valid signal holds"
+    assert_close(got["J"], ref["J"], mag_J, "J(t+1)")
+    assert np.isfinite(got["x"]).all() and np.isfinite(got["J"]).all(), "a bad signal reached a state or a cost"
+    assert np.isfinite(f[lay.class_signal:lay.field_rows]).all()
+    cls_next = slice(lay.class_next, lay.class_next + K)
+    assert_close(f[cls_next], rf[cls_next], next_rows, "class means m_l(t+1)")
+    assert_close(f[lay.field_next], rf[lay.field_next], mag_x.mean(0), "m(t+1)")
+    if predict:
+        assert_close(got["yhat"], ref["yhat"], np.exp(P["log_p"]) @ mag_x, "yhat(t+1)")
+    else:
+        assert np.isnan(got["yhat"]).all(), "no log-weights: yhat must be left alone"
+    assert arg == int(np.argmax(got["J"])) and max_j == got["J"][arg], "worst agent: first on ties"
+    assert_close(np.float64(max_j), np.float64(ref["stats"][1]), mag_J.max(), "max J")
+    # fold_rows: sums of the rows in row order, and the worst row
+    expected = np.full(lay.width, np.nan)
+    _reference.fold_rows(got["work"], lay, expected)
+    assert_close(got["folded"], expected, np.abs(got["work"]).sum(0), "fold_rows")
+    assert got["folded"][lay.arg_cost] == arg
+
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", SIZES)
 def test_population_kernels_match_reference(backend, n):
@@ -139,61 +198,35 @@ def test_population_kernels_match_reference(backend, n):
         threads = _threads(data, backend)
         empty_labels = K > 1 and data.draw(st.integers(0, 5), label="labels") == 0
         P = population(seed, n, d, K, bad_fraction, empty_labels)
-        lay = P["lay"]
-        got = two_pass(mod, P, have_mean, predict, discount, threads)
-        one = fused(mod, P, have_mean, predict, discount, threads)
-        ref = two_pass(_reference, P, have_mean, predict, discount, 1)
-
-        # fused_step runs the same chunk and merge functions as the two-pass API
-        assert one["stats"] == got["stats"]
-        for key in ("x", "J", "field", "yhat", "work"):
-            assert one[key].tobytes() == got[key].tobytes(), f"fused_step and the two-pass API differ in {key}"
-
-        n_valid, max_j, arg = got["stats"]
-        assert type(n_valid) is int and type(max_j) is float and type(arg) is int
-        assert n_valid == ref["stats"][0] == int(_reference.valid_rows(P["s"]).sum())
-        counts = slice(lay.count, lay.count + K)
-        assert got["work"][:, counts].tobytes() == ref["work"][:, counts].tobytes(), "per-chunk valid counts"
-
-        mag_field, mag_x, mag_J, next_rows = magnitudes(P, have_mean)
-        f, rf = got["field"], ref["field"]
-        rows = [("class signal means", slice(lay.class_signal, lay.class_signal + K)),
-                ("signal mean", slice(lay.field_signal, lay.field_signal + 1)),
-                ("class state means m_l(t)", slice(lay.class_state, lay.class_state + K)),
-                ("state mean m(t)", slice(lay.field_state, lay.field_state + 1)),
-                ("class offsets", slice(lay.offset, lay.offset + K))]
-        for what, r in rows:
-            assert_close(f[r], rf[r], mag_field[r], what)
-        if n_valid == 0:  # no valid signal: the signal means are left as they were, bit for bit
-            sig = slice(lay.class_signal, lay.class_signal + K)
-            assert f[sig].tobytes() == P["field"][sig].tobytes()
-            assert f[lay.field_signal].tobytes() == P["field"][lay.field_signal].tobytes()
-        if have_mean:
-            r = slice(lay.class_state, lay.class_state + K)
-            assert f[r].tobytes() == P["field"][r].tobytes(), "m_l(t) was given: it must not change"
-
-        ok = _reference.valid_rows(P["s"])
-        assert_close(got["x"], ref["x"], mag_x, "x(t+1)")
-        assert (got["x"][~ok] == P["x"][~ok]).all(), "an agent without a valid signal holds"
-        assert_close(got["J"], ref["J"], mag_J, "J(t+1)")
-        assert np.isfinite(got["x"]).all() and np.isfinite(got["J"]).all(), "a bad signal reached a state or a cost"
-        assert np.isfinite(f[lay.class_signal:lay.field_rows]).all()
-        cls_next = slice(lay.class_next, lay.class_next + K)
-        assert_close(f[cls_next], rf[cls_next], next_rows, "class means m_l(t+1)")
-        assert_close(f[lay.field_next], rf[lay.field_next], mag_x.mean(0), "m(t+1)")
-        if predict:
-            assert_close(got["yhat"], ref["yhat"], np.exp(P["log_p"]) @ mag_x, "yhat(t+1)")
-        else:
-            assert np.isnan(got["yhat"]).all(), "no log-weights: yhat must be left alone"
-        assert arg == int(np.argmax(got["J"])) and max_j == got["J"][arg], "worst agent: first on ties"
-        assert_close(np.float64(max_j), np.float64(ref["stats"][1]), mag_J.max(), "max J")
-        # fold_rows: sums of the rows in row order, and the worst row
-        expected = np.full(lay.width, np.nan)
-        _reference.fold_rows(got["work"], lay, expected)
-        assert_close(got["folded"], expected, np.abs(got["work"]).sum(0), "fold_rows")
-        assert got["folded"][lay.arg_cost] == arg
+        check_step(mod, P, have_mean, predict, discount, threads)
 
     check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [16, 70])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("order", ["random", "sorted"])
+@pytest.mark.parametrize("bad_fraction", [0.0, 0.05])
+def test_class_paths_match_reference(backend, K, d, order, bad_fraction):
+    """Every K-class path against the reference, each drawn for sure (the hypothesis test samples them).
+
+    K = 16 (interleaved class accumulators) and 70 (one copy), every d (d = 4
+    has its own unrolled loops), labels in random order and sorted (long runs
+    of one class), every signal valid (the chunk-wide fast paths) or 5% invalid
+    (the per-row checks); one and two threads, the second bitwise equal to the first.
+    """
+    mod = BACKENDS[backend]
+    P = population(K * 1000 + d, 3 * CHUNK + 1, d, K, bad_fraction)
+    if order == "sorted":
+        P["labels"] = np.sort(P["labels"])
+    for have_mean in (False, True):
+        check_step(mod, P, have_mean, predict=have_mean, discount=0.7, threads=1)
+    counts = thread_counts(backend, mod)
+    if counts != (1,):
+        one, two = fused(mod, P, True, False, 0.7, 1), fused(mod, P, True, False, 0.7, max(counts))
+        for key in ("x", "J", "field", "work"):
+            assert one[key].tobytes() == two[key].tobytes(), f"{key}: threads={max(counts)} differs from threads=1"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
