@@ -348,6 +348,7 @@ def test_drivers_agree():
             steps[f"old-numba-{threads}"] = OldStep(old_kernels(), data, threads)
         if cython_kernels() is not None:
             steps[f"cython-{threads}"] = KernelStep(cython_kernels(), data, GAME, none, threads)
+            steps[f"cython-{threads}-k16"] = KernelStep(cython_kernels(), data, GAME16, data.labels, threads)
     servers = {"reference": KernelServer(_reference, data, 1), "numba": KernelServer(numba_kernels(), data, TWO)}
     for _ in range(3):
         for step in steps.values():
@@ -442,7 +443,7 @@ def _triad_calls(machine):
 def test_interleaved(summary, machine, group, d):
     """Every contender at N = 10^6 called in turn (a, b, c, ..., a, b, c, ...), medians: the headline ratios.
 
-    ``step``: the peers, Numba K = 1 and K = 16 (issue 10: K = 16 <= 1.5x K = 1
+    ``step``: the peers, Numba and Cython K = 1 and K = 16 (issue 10: K = 16 <= 1.5x K = 1
     at d = 4) and the old K = 1 kernel (issue 10: new <= 1.1x old), 1 and 2
     threads; ``server``: the peers and Numba. The STREAM triad is one more
     contender, so every %triad compares calls made under the same load.
@@ -463,6 +464,7 @@ def test_interleaved(summary, machine, group, d):
         calls[f"numba-k16-{threads}"] = KernelStep(numba_kernels(), data, GAME16, data.labels, threads)
         if cython_kernels() is not None:
             calls[f"cython-{threads}"] = KernelStep(cython_kernels(), data, GAME, none, threads)
+            calls[f"cython-k16-{threads}"] = KernelStep(cython_kernels(), data, GAME16, data.labels, threads)
         if old_kernels() is not None:
             calls[f"old-numba-{threads}"] = OldStep(old_kernels(), data, threads)
     calls.update(_triad_calls(machine))
@@ -483,8 +485,9 @@ def test_interleaved(summary, machine, group, d):
             kernel = "step_k16" if "k16" in k else group
             row["triad_fraction"][k] = bytes_per_call(kernel, n, d) / v / 1e9 / triad_gbs[int(k.rsplit("-", 1)[1])]
     for threads in sorted({1, TWO}):
-        if f"numba-k16-{threads}" in med:
-            row[f"k16_over_k1-{threads}"] = med[f"numba-k16-{threads}"] / med[f"numba-{threads}"]
+        for backend in ("numba", "cython"):
+            if f"{backend}-k16-{threads}" in med:
+                row[f"{backend}_k16_over_k1-{threads}"] = med[f"{backend}-k16-{threads}"] / med[f"{backend}-{threads}"]
         if f"old-numba-{threads}" in med:
             row[f"new_over_old-{threads}"] = med[f"numba-{threads}"] / med[f"old-numba-{threads}"]
     INTERLEAVED[(group, d)] = row
@@ -571,7 +574,7 @@ class _Summary:
                     text += f" ({r['x_best_peer'][k]:.1f}x, {100 * r['triad_fraction'][k]:.0f}%)"
                 parts.append(text)
             tr.write_line("    " + "; ".join(parts))
-            extra = [f"K=16/K=1 {r[k]:.2f} ({k.rsplit('-', 1)[1]}T)" for k in r if k.startswith("k16_over")]
+            extra = [f"{k.split('_')[0]} K=16/K=1 {r[k]:.2f} ({k.rsplit('-', 1)[1]}T)" for k in r if "_k16_over_" in k]
             extra += [f"new/old {r[k]:.2f} ({k.rsplit('-', 1)[1]}T)" for k in r if k.startswith("new_over")]
             if extra:
                 tr.write_line("    " + "; ".join(extra) + "   (issue 10: K=16/K=1 <= 1.5 at d = 4, new/old <= 1.10)")
