@@ -46,7 +46,8 @@ this module's cache (``__pycache__/_pipeline_numba*.nb*``).
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
@@ -160,141 +161,102 @@ def _chunk_bounds(n, c):
 
 
 # --------------------------------------------------------------------------- vector math
-@njit(**_jit)
-def _exp_into(src, dst, tmp):
-    """``dst[k] = exp(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s."""
-    m = src.shape[0]
-    tb = tmp[:m]
-    sb = tmp[m:2 * m]
-    for k in range(m):
-        x = src[k]
-        x = -745.5 if x < -745.5 else x
-        x = 710.0 if x > 710.0 else x
-        t = x * _LOG2E + _SHIFT
-        nf = t - _SHIFT
-        r = (x - nf * _LN2_HI) - nf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        dst[k] = p * r + 1.0
-        tb[k] = t
-    ti = tb.view(np.int64)
-    si = sb.view(np.int64)
-    for k in range(m):
-        n = ti[k] - _SHIFT_BITS
-        half = n >> 1
-        ti[k] = (half + 1023) << 52
-        si[k] = (n - half + 1023) << 52
-    for k in range(m):
-        dst[k] = dst[k] * tb[k] * sb[k]
+@intrinsic
+def _as_int(typingctx, x):
+    """The bits of a float64 as an int64 (an LLVM ``bitcast``: no memory, so loops that use it vectorise)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _as_float(typingctx, x):
+    """The float64 whose bits are an int64 (an LLVM ``bitcast``)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+    return sig, codegen
 
 
 @njit(**_jit)
-def _exp_shifted_into(src, shift, dst, tmp):
-    """``dst[k] = exp(src[k] - shift)``: :func:`_exp_into` with the subtraction in its first loop."""
-    m = src.shape[0]
-    tb = tmp[:m]
-    sb = tmp[m:2 * m]
-    for k in range(m):
-        x = src[k] - shift
-        x = -745.5 if x < -745.5 else x
-        x = 710.0 if x > 710.0 else x
-        t = x * _LOG2E + _SHIFT
-        nf = t - _SHIFT
-        r = (x - nf * _LN2_HI) - nf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        dst[k] = p * r + 1.0
-        tb[k] = t
-    ti = tb.view(np.int64)
-    si = sb.view(np.int64)
-    for k in range(m):
-        n = ti[k] - _SHIFT_BITS
-        half = n >> 1
-        ti[k] = (half + 1023) << 52
-        si[k] = (n - half + 1023) << 52
-    for k in range(m):
-        dst[k] = dst[k] * tb[k] * sb[k]
+def _exp1(x):
+    """``exp(x)``, branch-free (inlined into the loops that call it; see :func:`_exp_into`).
+
+    Cody-Waite: ``n = round(x / ln 2)``, ``r = (x - n ln2_hi) - n ln2_lo``,
+    ``|r| <= ln(2)/2``, Taylor to ``r^13``, times ``2^(n - n//2) 2^(n//2)``
+    (two factors, so ``2^n`` below the normal range stays exact until the
+    last product). ``x`` is clamped to ``[-745.5, 710]`` (0 and ``inf`` at the ends).
+    """
+    x = -745.5 if x < -745.5 else x
+    x = 710.0 if x > 710.0 else x
+    t = x * _LOG2E + _SHIFT
+    nf = t - _SHIFT
+    r = (x - nf * _LN2_HI) - nf * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    n = _as_int(t) - _SHIFT_BITS
+    half = n >> 1
+    return p * _as_float((half + 1023) << 52) * _as_float((n - half + 1023) << 52)
 
 
 @njit(**_jit)
-def _log_unit_into(src, dst, tmp):
-    """:func:`_log_into` for inputs known to be positive normal numbers (the uniforms in ``[2^-53, 1]``): no fix-up."""
-    m = src.shape[0]
-    zb = tmp[:m]
-    eb = tmp[m:2 * m]
-    xi = src.view(np.int64)
-    zi = zb.view(np.int64)
-    ei = eb.view(np.int64)
-    for k in range(m):
-        ix = xi[k]
-        t = ix - _LOG_OFF
-        zi[k] = ix - (t & _EXP_FIELD)
-        ei[k] = (t >> 52) + _SHIFT_BITS
-    for k in range(m):
-        e = eb[k] - _SHIFT
-        f = zb[k] - 1.0
-        s = f / (2.0 + f)
-        z = s * s
-        w = z * z
-        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
-        hfsq = 0.5 * f * f
-        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+def _log1(x):
+    """``log(x)`` for a positive normal finite ``x`` (branch-free; see :func:`_log_into`).
+
+    musl's split ``x = 2^e z``, ``z`` in ``[sqrt(2)/2, sqrt(2))``, ``f = z - 1``,
+    ``s = f / (2 + f)``, fdlibm's ``R(s^2)``.
+    """
+    ix = _as_int(x)
+    t = ix - _LOG_OFF
+    z = _as_float(ix - (t & _EXP_FIELD))
+    e = _as_float((t >> 52) + _SHIFT_BITS) - _SHIFT
+    f = z - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+    hfsq = 0.5 * f * f
+    return e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
 
 
 @njit(**_jit)
-def _log_into(src, dst, tmp):
-    """``dst[k] = log(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s.
+def _exp_into(src, dst):
+    """``dst[k] = exp(src[k])``, vectorised; the same bits as ``kernels/_numba.py``'s ``_exp_into``."""
+    for k in range(src.shape[0]):
+        dst[k] = _exp1(src[k])
+
+
+@njit(**_jit)
+def _log_into(src, dst):
+    """``dst[k] = log(src[k])``, vectorised; the same bits as ``kernels/_numba.py``'s ``_log_into``.
 
     Positive normal finite inputs take the polynomial path (within 1 ulp of
     ``numpy.log``); any other input is redone with ``math.log``.
     """
-    m = src.shape[0]
-    zb = tmp[:m]
-    eb = tmp[m:2 * m]
-    xi = src.view(np.int64)
-    zi = zb.view(np.int64)
-    ei = eb.view(np.int64)
-    for k in range(m):
-        ix = xi[k]
-        t = ix - _LOG_OFF
-        zi[k] = ix - (t & _EXP_FIELD)
-        ei[k] = (t >> 52) + _SHIFT_BITS
     bad = 0
-    for k in range(m):
+    for k in range(src.shape[0]):
         x = src[k]
         bad += 0 if (x >= _TINY and x <= _HUGE) else 1
-        e = eb[k] - _SHIFT
-        f = zb[k] - 1.0
-        s = f / (2.0 + f)
-        z = s * s
-        w = z * z
-        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
-        hfsq = 0.5 * f * f
-        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+        dst[k] = _log1(x)
     if bad:
-        for k in range(m):
+        for k in range(src.shape[0]):
             x = src[k]
             if not (x >= _TINY and x <= _HUGE):
                 dst[k] = math.log(x)
@@ -362,21 +324,20 @@ def _round_key(key, t):
 
 
 @njit(**_jit)
-def _normals_into(kt, q0, m, u1, u2, lu, tmp, out):
+def _normals_into(kt, q0, m, out):
     """Normals of the pairs ``q0 .. q0 + m - 1`` of round key ``kt`` into ``out[0:2m]`` (even, odd flat index).
 
-    Scratch: ``u1``, ``u2``, ``lu`` (``m`` each), ``tmp`` (``2 m``).
+    One loop: both hashes, both uniforms, ``sqrt(-2 log u1)`` and ``cos``,
+    ``sin`` of ``2 pi u2`` per pair, inlined (vectorised over the pairs).
     """
     base = np.uint64(q0 + 1)
     for k in range(m):
         h1 = _mix64(kt + _GOLDEN * (base + np.uint64(k)))
         h2 = _mix64(h1 + _GOLDEN)
-        u1[k] = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
-        u2[k] = np.float64(h2 >> _S11) * _TWO_M53
-    _log_unit_into(u1[:m], lu[:m], tmp[:2 * m])
-    for k in range(m):
-        radius = math.sqrt(-2.0 * lu[k])
-        c, s = _sincos_2pi(u2[k])
+        u1 = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
+        u2 = np.float64(h2 >> _S11) * _TWO_M53
+        radius = math.sqrt(-2.0 * _log1(u1))
+        c, s = _sincos_2pi(u2)
         out[2 * k] = radius * c
         out[2 * k + 1] = radius * s
 
@@ -584,7 +545,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     step_server = reweight and eta != 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(9 * L + 7 * H + 8 * R)
+    scratch = np.empty(8 * L + 2 * H + 6 * R)
     yr = scratch[:L]
     gr = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
@@ -593,16 +554,11 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     zb = scratch[5 * L:6 * L]
     pred = scratch[6 * L:7 * L]
     norm = scratch[7 * L:8 * L]
-    u1 = scratch[9 * L:9 * L + H]
-    u2 = scratch[9 * L + H:9 * L + 2 * H]
-    lu = scratch[9 * L + 2 * H:9 * L + 3 * H]
-    ltmp = scratch[9 * L + 3 * H:9 * L + 5 * H]
-    noise = scratch[9 * L + 5 * H:9 * L + 7 * H]
-    base = 9 * L + 7 * H
+    noise = scratch[8 * L:8 * L + 2 * H]
+    base = 8 * L + 2 * H
     rowerr = scratch[base:base + R]
     shifted = scratch[base + R:base + 2 * R]
-    etmp = scratch[base + 2 * R:base + 4 * R]
-    tmax = scratch[base + 4 * R:base + 5 * R]
+    tmax = scratch[base + 2 * R:base + 3 * R]
     for k in range(R):
         tmax[k] = -np.inf
         for j in range(d):
@@ -611,9 +567,9 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     for v in range(L):
         lanes[v] = 0.0
     # per-row lanes of the chunk's totals (element-wise adds vectorise; a running scalar sum would not)
-    err_l = scratch[base + 5 * R:base + 6 * R]
-    sig_l = scratch[base + 6 * R:base + 7 * R]
-    exp_l = scratch[base + 7 * R:base + 8 * R]
+    err_l = scratch[base + 3 * R:base + 4 * R]
+    sig_l = scratch[base + 4 * R:base + 5 * R]
+    exp_l = scratch[base + 5 * R:base + 6 * R]
     for k in range(R):
         err_l[k] = 0.0
         sig_l[k] = 0.0
@@ -680,9 +636,10 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                 for k in range(rows):
                     ex[k] = 0.0
                 continue
-            _exp_shifted_into(lp, top, ex, etmp[:2 * rows])
             for k in range(rows):
-                exp_l[k] += ex[k]
+                e = _exp1(lp[k] - top)
+                ex[k] = e
+                exp_l[k] += e
     err_total = _sum4(err_l)
     sig_total = _sum4(sig_l)
     scaled = _sum4(exp_l)
@@ -696,7 +653,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         g0 = (first + rb) * d
         q0 = g0 >> 1
         m = ((g0 + nv + 1) >> 1) - q0
-        _normals_into(kt, q0, m, u1, u2, lu, ltmp, noise)
+        _normals_into(kt, q0, m, noise)
         off = g0 - 2 * q0
         eps = noise[off:off + nv]
         scales = sigma[rb:rb + rows]  # d = 1: the clients' scales as they are
@@ -808,18 +765,16 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         top, log_total = 0.0, 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(5 * L + 7 * R)
+    scratch = np.empty(5 * L + 4 * R)
     offset = scratch[:L]
     centre = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
     lane_x = scratch[3 * L:4 * L]
     lane_m = scratch[4 * L:5 * L]
     w = scratch[5 * L:5 * L + R]
-    # scratch[5 L + R : 5 L + 2 R] is unused (kept so the offsets below stay as documented)
-    tmp = scratch[5 * L + 2 * R:5 * L + 4 * R]
-    cost_row = scratch[5 * L + 4 * R:5 * L + 5 * R]
-    jmax_l = scratch[5 * L + 5 * R:5 * L + 6 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
-    jarg_l = scratch[5 * L + 6 * R:5 * L + 7 * R]
+    cost_row = scratch[5 * L + R:5 * L + 2 * R]
+    jmax_l = scratch[5 * L + 2 * R:5 * L + 3 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
+    jarg_l = scratch[5 * L + 3 * R:5 * L + 4 * R]
     for k in range(R):
         jmax_l[k] = -np.inf
         jarg_l[k] = -1.0
@@ -844,7 +799,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         wb = w[:rows]
         # 5. normalise and share the weights; wb = the new p
         if not reweight:
-            _exp_into(lp, wb, tmp[:2 * rows])
+            _exp_into(lp, wb)
         elif alpha == 0.0:
             for k in range(rows):
                 lp[k] = (lp[k] - top) - log_total
@@ -852,7 +807,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         elif alpha == 1.0:
             for k in range(rows):
                 lp[k] = uniform
-            _exp_into(lp, wb, tmp[:2 * rows])
+            _exp_into(lp, wb)
         elif floor < _SHARE_FLOOR_MIN:
             lkeep = math.log1p(-alpha)
             spread = math.log(floor)
@@ -860,11 +815,11 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                 a = lkeep + ((lp[k] - top) - log_total)
                 big = max(a, spread)
                 lp[k] = big + math.log1p(math.exp(-abs(a - spread)))
-            _exp_into(lp, wb, tmp[:2 * rows])
+            _exp_into(lp, wb)
         else:
             for k in range(rows):
                 wb[k] = keep * (eb[k] * scale) + floor
-            _log_into(wb, lp, tmp[:2 * rows])
+            _log_into(wb, lp)
         # 6. move and pay
         xb = xf[v0:v0 + nv]
         sb = sf[v0:v0 + nv]
@@ -1026,24 +981,24 @@ def _normals_rows(key, first, t, out):
     g0 = first * d
     q0 = g0 >> 1
     m = ((g0 + n * d + 1) >> 1) - q0
-    buf = np.empty(7 * m)
-    _normals_into(kt, q0, m, buf[:m], buf[m:2 * m], buf[2 * m:3 * m], buf[3 * m:5 * m], buf[5 * m:])
+    buf = np.empty(2 * m)
+    _normals_into(kt, q0, m, buf)
     flat = out.reshape(-1)
     off = g0 - 2 * q0
     for k in range(n * d):
-        flat[k] = buf[5 * m + off + k]
+        flat[k] = buf[off + k]
 
 
 @njit(**_jit)
 def _exp_public(src, dst):
     """Jitted entry to the vectorised exp, for the accuracy tests."""
-    _exp_into(src, dst, np.empty(2 * src.shape[0]))
+    _exp_into(src, dst)
 
 
 @njit(**_jit)
 def _log_public(src, dst):
     """Jitted entry to the vectorised log, for the accuracy tests."""
-    _log_into(src, dst, np.empty(2 * src.shape[0]))
+    _log_into(src, dst)
 
 
 # --------------------------------------------------------------------------- public (semantics: _pipeline_reference)
