@@ -53,6 +53,7 @@ from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
 from ._pipeline_reference import (
     F_FIRST,
+    F_LINEAR,
     F_RECORD,
     F_REWEIGHT,
     F_RULE,
@@ -63,6 +64,7 @@ from ._pipeline_reference import (
     FIELD_ROWS,
     FIELD_SIGNAL,
     FIELD_STATE,
+    LINEAR_FLOOR,
     N_FLAGS,
     N_PARAMS,
     N_STATS,
@@ -93,8 +95,8 @@ from ._pipeline_reference import (
 from ._threads import Threads, max_threads
 
 __all__ = [
-    "F_FIRST", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_NEXT", "FIELD_OFFSET", "FIELD_ROWS",
-    "FIELD_SIGNAL", "FIELD_STATE", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
+    "F_FIRST", "F_LINEAR", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_NEXT", "FIELD_OFFSET", "FIELD_ROWS",
+    "FIELD_SIGNAL", "FIELD_STATE", "LINEAR_FLOOR", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
     "P_HALF_DISCOUNT", "P_KAPPA", "P_MIX_SIGNAL", "P_MIX_STATE", "P_MU", "P_Q", "P_R", "P_SIGNAL", "S_ARG_COST",
     "S_ERR", "S_LOG_TOTAL", "S_MAX_COST", "S_SIG_ERR", "S_TOP", "S_VALID", "noise_scales", "round_key", "seed_keys",
     "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "round_step", "normals", "exp", "log",
@@ -106,7 +108,7 @@ _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", bou
 # Values per block: R = max(1, LANES // d) whole clients.
 LANES = 512
 # Below this alpha / N the share keeps its scalar log1p(exp(.)) form (subnormal sums would lose bits).
-_SHARE_FLOOR_MIN = 1e-290
+_SHARE_FLOOR_MIN = LINEAR_FLOOR
 
 # ``work`` columns, for dp = d rounded up to PAD: signal sums [0, dp), state sums [dp, 2dp), mixture [2dp, 3dp),
 # then the scalars at 3 dp + (COUNT, TOP, SUM, MAX, ARG, ERR, SIG_ERR).
@@ -539,6 +541,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     reweight = flags[F_REWEIGHT] != 0
     record = flags[F_RECORD] != 0
     update = flags[F_UPDATE] != 0
+    linear = flags[F_LINEAR] != 0
     first = flags[F_FIRST]
     eta = params[P_ETA]
     mu = params[P_MU]
@@ -617,8 +620,15 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                             pred[v] = gr[v] * xb[v]
                         _row_sums(pred, rows, d, rowerr)
                         err = rowerr[:rows]
+                    if linear:  # log_p: this round's -step only (the weights are in ebuf)
+                        for k in range(rows):
+                            lp[k] = -_clip_step(eta * err[k])
+                    else:
+                        for k in range(rows):
+                            lp[k] -= _clip_step(eta * err[k])
+                elif linear:
                     for k in range(rows):
-                        lp[k] -= _clip_step(eta * err[k])
+                        lp[k] = 0.0
                 for k in range(rows):
                     v = lp[k]
                     m = tmax[k]
@@ -636,10 +646,16 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                 for k in range(rows):
                     ex[k] = 0.0
                 continue
-            for k in range(rows):
-                e = _exp1(lp[k] - top)
-                ex[k] = e
-                exp_l[k] += e
+            if linear:  # p_i exp(-step_i - top_c), top_c = -(the chunk's smallest step)
+                for k in range(rows):
+                    e = ex[k] * _exp1(lp[k] - top)
+                    ex[k] = e
+                    exp_l[k] += e
+            else:
+                for k in range(rows):
+                    e = _exp1(lp[k] - top)
+                    ex[k] = e
+                    exp_l[k] += e
     err_total = _sum4(err_l)
     sig_total = _sum4(sig_l)
     scaled = _sum4(exp_l)
@@ -754,6 +770,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     row = work[c]
     all_valid = row[scal + W_COUNT] == hi - lo
     reweight = flags[F_REWEIGHT] != 0
+    linear = flags[F_LINEAR] != 0
     alpha = params[P_ALPHA]
     gain = params[P_GAIN]
     weight = params[P_SIGNAL]
@@ -798,7 +815,17 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         eb = ebuf[rb:rb + rows]
         wb = w[:rows]
         # 5. normalise and share the weights; wb = the new p
-        if not reweight:
+        if linear:  # the weights live in ebuf: no log, no exp
+            wb = eb
+            if not reweight:
+                pass
+            elif alpha == 1.0:
+                for k in range(rows):
+                    eb[k] = floor
+            else:
+                for k in range(rows):
+                    eb[k] = keep * (eb[k] * scale) + floor
+        elif not reweight:
             _exp_into(lp, wb)
         elif alpha == 0.0:
             for k in range(rows):

@@ -80,13 +80,15 @@ def test_compiled_round_matches_reference(n, d, p, rule, alpha, threads):
     assert math.isclose(float(np.exp(fast.log_weights).sum()), 1.0, rel_tol=1e-12)
 
 
-def test_eta_zero_and_a_huge_step_keep_weights_normalised():
+@pytest.mark.parametrize("rule,alpha", [("hedge", 0.0), ("hedge", 0.01), ("eg", 0.01)])
+def test_eta_zero_and_a_huge_step_keep_weights_normalised(rule, alpha):
     # 1e60: eta * loss overflows (the step is clipped: weights stay finite or -inf, never NaN), and the
-    # forecasts pass SIGNAL_LIMIT (those clients hold)
+    # forecasts pass SIGNAL_LIMIT (those clients hold); alpha > 0 runs the linear weights (steps of +-1e300)
     y = series(5, 1) * 1e60
     for eta in (0.0, 1e200):
-        a = Pipeline(CHUNK + 3, game=GAME, eta=eta, alpha=0.0, backend="numba", threads=1)
-        b = Pipeline(CHUNK + 3, game=GAME, eta=eta, alpha=0.0, backend="numpy")
+        a = Pipeline(CHUNK + 3, game=GAME, rule=rule, eta=eta, alpha=alpha, backend="numba", threads=1)
+        b = Pipeline(CHUNK + 3, game=GAME, rule=rule, eta=eta, alpha=alpha, backend="numpy")
+        assert a._linear == (alpha > 0)
         for v in y:
             a.round(v)
             b.round(v)
