@@ -613,6 +613,13 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         err_l[k] = 0.0
         sig_l[k] = 0.0
         exp_l[k] = 0.0
+    # the stepped log-weights: log_p itself, or (linear weights) this round's -step_i in an L2-sized scratch
+    if linear:
+        steps = np.empty(hi - lo)
+        slo = lo
+    else:
+        steps = log_p
+        slo = 0
     # sweep 1: the clients' errors against y(t), the server's step on x(t), the running maximum
     if d == 1 and record and step_server and rule != RULE_EG:
         # the benchmarked case in one loop per block (one pass through L1 instead of eight)
@@ -620,7 +627,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
             _sweep1_d1(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
-                       log_p[rb:rb + rows], y0, eta, linear, err_l, sig_l, tmax)
+                       steps[rb - slo:rb - slo + rows], y0, eta, linear, err_l, sig_l, tmax)
     elif record or reweight:
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
@@ -656,7 +663,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                 for k in range(rows):
                     sig_l[k] += sig[k]
             if reweight:
-                lp = log_p[rb:rb + rows]
+                lp = steps[rb - slo:rb - slo + rows]
                 if step_server:
                     if rule == RULE_EG:
                         for v in range(nv):
@@ -683,7 +690,7 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
             top = tmax[k] if tmax[k] > top else top
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
-            lp = log_p[rb:rb + rows]
+            lp = steps[rb - slo:rb - slo + rows]
             ex = ebuf[rb:rb + rows]
             if top == -np.inf:
                 for k in range(rows):
