@@ -453,8 +453,13 @@ def _sweep1_d1(xb, sb, qe, qs, lp, y0, eta, linear, err_l, sig_l, tmax):
 
 
 @njit(**_jit)
-def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
-    """NLMS with ``p = 2`` on values ``[v0, v0 + nv)`` (planes ``W[f]``, ``A[k]``); ``sb`` gets the forecasts."""
+def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb, lanes):
+    """NLMS with ``p = 2`` on values ``[v0, v0 + nv)`` (planes ``W[f]``, ``A[k]``), one loop.
+
+    ``sb`` gets the forecasts, ``lanes[v]`` adds them; returns how many are
+    not valid signals (``|s| > SIGNAL_LIMIT`` or NaN).
+    """
+    bad = 0
     W0 = W[0, v0:v0 + nv]
     W1 = W[1, v0:v0 + nv]
     W2 = W[2, v0:v0 + nv]
@@ -489,14 +494,21 @@ def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
             W4[v] = w4
             A1[v] = a
             A0[v] = z
-            sb[v] = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+            val = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+            sb[v] = val
+            lanes[v] += val
+            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
     else:
         for v in range(nv):
             z = yr[v] + sv[v] * eps[v]
             a = A0[v]
             A1[v] = a
             A0[v] = z
-            sb[v] = W4[v] + W0[v] * z + W2[v] * (z * z) + W1[v] * a + W3[v] * (a * a)
+            val = W4[v] + W0[v] * z + W2[v] * (z * z) + W1[v] * a + W3[v] * (a * a)
+            sb[v] = val
+            lanes[v] += val
+            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
+    return bad
 
 
 @njit(**_jit)
@@ -729,13 +741,13 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                     sv[k * d + j] = sigma[rb + k]
             scales = sv[:nv]
         if p == 2:
-            _forecast_block_p2(yr, scales, eps, W, A, nv, v0, mu, update, sb)
+            bad += _forecast_block_p2(yr, scales, eps, W, A, nv, v0, mu, update, sb, lanes)
         else:
             _forecast_block(yr, scales, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm)
-        for v in range(nv):
-            val = sb[v]
-            lanes[v] += val
-            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
+            for v in range(nv):
+                val = sb[v]
+                lanes[v] += val
+                bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
     dp = _pad(d)
     row = work[c]
     scal = 3 * dp
