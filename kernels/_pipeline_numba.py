@@ -10,23 +10,38 @@ in chunk order, so every result is bitwise the same on any thread count:
   normals, the NLMS update and forecast, the valid-signal sums;
 - merge A (:func:`_merge_a`): ``(top, log_total)``, ``sbar``, the policy offset;
 - pass B (:func:`_pass_b_chunk`): normalisation and fixed share of the
-  log-weights, the population move and costs, the sums of the moved states,
+  weights, the population move and costs, the sums of the moved states,
   the worst client and the mixture ``sum_i p_i x_i(t+1)`` with the new weights;
 - merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i``.
+
+Linear weights (``flags[F_LINEAR]``, whenever ``alpha / N >= LINEAR_FLOOR``):
+the weights ``p`` live in ``ebuf``. Pass A writes ``q_i = p_i exp(-step_i -
+top_c)`` there (``top_c`` the chunk's largest ``-step``, so ``q_i <= p_i``;
+``-step_i`` waits in a chunk-sized scratch between its two sweeps, ``log_p``
+is not touched), pass B writes ``keep q_i scale + alpha / N`` (``scale =
+exp((top_c - top) - log_total)``, one ``exp`` per chunk). One ``exp`` per
+client and round, no ``log``: the log-domain path needs a ``log`` per client
+in pass B to store ``log p``. It stays for ``alpha = 0`` (weights may
+underflow there).
 
 Speed
 -----
 Each chunk is walked in blocks of ``R = max(1, LANES // d)`` whole clients
 (``R d`` values, in L1). Every loop over a block is element-wise over
 contiguous values (the forecaster's weights and lags are stored as planes,
-``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it; the
-transcendental functions are written out as polynomials in such loops:
+``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it (AVX-512 here);
+the benchmarked case (``d = 1``, hedge, recording, linear weights, ``p = 2``)
+runs one loop per block and sweep: :func:`_sweep1_d1` (errors, records, step,
+lane maxima), the ``exp`` sweep, :func:`_normals_into` then
+:func:`_forecast_block_p2` (NLMS, forecast, signal sums), and in pass B
+:func:`_pass_b_block_d1` (share, move, cost, sums, mixture). The
+transcendental functions are scalar, branch-free and inlined into those
+loops; the float/int reinterpretations they need are LLVM bitcasts
+(:func:`_as_int`, :func:`_as_float`), not round trips through memory:
 
-- :func:`_exp_into`, :func:`_log_into`: copies of ``kernels/_numba.py``'s
-  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``),
-  with two variants, :func:`_exp_shifted_into` (``exp(x - shift)``, the
-  subtraction in the first loop) and :func:`_log_unit_into` (no fix-up loop,
-  for the uniforms, always positive normal numbers);
+- :func:`_exp1`, :func:`_log1` (:func:`_exp_into`, :func:`_log_into`): the
+  same operations as ``kernels/_numba.py``'s vectorised ``exp`` and ``log``
+  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``);
 - :func:`_sincos_2pi`: ``cos`` and ``sin`` of ``2 pi u`` for ``u`` in
   ``[0, 1)``: an exact reduction of ``u`` to ``r`` in ``[-1/8, 1/8]`` plus a
   quadrant (``u`` is a multiple of ``2^-53``, so ``u - round(4u)/4`` is
@@ -569,7 +584,9 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     Reads ``x`` (the states ``x(t)``), ``y``, ``yhat`` (``yhat(t)``, eg only),
     ``sigma``, ``params`` and ``flags``. Modified in place on the chunk's rows:
     ``log_p`` (stepped, not normalised), ``ebuf`` (``exp(log_p_i - top_c)``,
-    ``top_c`` the chunk's largest stepped log-weight, for pass B), ``W`` and
+    ``top_c`` the chunk's largest stepped log-weight, for pass B; with linear
+    weights ``log_p`` is left alone and ``ebuf`` goes from ``p_i`` to
+    ``p_i exp(-step_i - top_c)``, ``top_c`` the largest ``-step_i``), ``W`` and
     ``A`` (planes ``(2p+1, N d)`` and ``(p, N d)``), ``s`` (``s(t)``),
     ``sq_err``/``sq_sig`` (when recording). Row ``c`` of ``work`` gets the
     signal sums (valid rows) and their count, ``(top_c, sum_i exp(log_p_i -
@@ -812,10 +829,11 @@ def _merge_a(work, field, params, flags, stats, d):
 # --------------------------------------------------------------------------- pass B
 @njit(**_jit)
 def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, n_total, c):
-    """Pass B on chunk ``c``: share the log-weights, move and pay, then the chunk's sums for ``t + 1``.
+    """Pass B on chunk ``c``: share the weights, move and pay, then the chunk's sums for ``t + 1``.
 
     Modified in place on the chunk's rows: ``log_p`` (normalised and shared
-    when ``flags[F_REWEIGHT]``), ``x`` (``x(t+1)``), ``J``. Reads ``s``,
+    when ``flags[F_REWEIGHT]``; with linear weights ``ebuf`` instead gets the
+    shared ``p``), ``x`` (``x(t+1)``), ``J``. Reads ``s``,
     ``ebuf`` and the chunk's ``top_c`` (pass A's exponentials: the normalised
     weight is ``ebuf_i exp((top_c - top) - log_total)``, no ``exp`` per client),
     ``field[FIELD_OFFSET]``, ``field[FIELD_STATE]`` and the chunk's valid

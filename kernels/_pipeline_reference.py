@@ -34,7 +34,7 @@ Pass B
    mixture ``yhat(t+1) = sum_i p_i x_i(t+1)`` with the new weights.
 
 Linear weights: with ``flags[F_LINEAR]`` the weights between rounds are
-kept as ``p`` in ``ebuf`` (``log_p`` is then only scratch of the round), which
+kept as ``p`` in ``ebuf`` (``log_p`` is then scratch: the compiled kernel does not touch it), which
 spares the compiled kernel one ``log`` per client and round (pass A needs an
 ``exp`` of the step anyway). Allowed only when ``alpha / N >=``
 :data:`LINEAR_FLOOR`: every weight is then at least the share's floor

@@ -2,7 +2,7 @@
 
 - the Numba kernel against ``_pipeline_reference`` to ``RTOL = 1e-12`` (relative
   to each array's largest entry) over N around ``CHUNK``, d in {1, 3},
-  p in {1, 2, 3}, both rules, alpha 0 and > 0, 1 and 2 threads;
+  p in {1, 2, 3}, both rules, alpha 0 (log-domain weights) and > 0 (linear weights), 1 and 2 threads;
 - bitwise the same on 1 and 2 threads;
 - the noise: a function of (seed, client, round, coordinate) only (any slice
   of clients reproduces those rows bitwise), standard normal, and the very
