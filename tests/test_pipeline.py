@@ -100,19 +100,28 @@ def test_eta_zero_and_a_huge_step_keep_weights_normalised(rule, alpha):
         assert close(a.states, b.states) and close(a.costs, b.costs) and a.n_valid_signals == b.n_valid_signals
 
 
-def test_thread_count_does_not_change_a_bit():
+@pytest.mark.parametrize("rule,d,alpha", [("eg", 2, 0.02), ("hedge", 1, 0.01), ("hedge", 1, 0.0)])
+def test_thread_count_does_not_change_a_bit(rule, d, alpha):
+    """Also for the fused loops of ``d = 1`` (hedge), with linear (alpha > 0) and log-domain weights."""
     if TWO_THREADS == 1:
         pytest.skip("Numba has one thread here")
-    n, d = 3 * CHUNK + 11, 2
+    n = 3 * CHUNK + 11
     y = series(5, d)
-    one = Pipeline(n, d, game=GAME, rule="eg", alpha=0.02, threads=1)
-    two = Pipeline(n, d, game=GAME, rule="eg", alpha=0.02, threads=2, parallel_threshold=1)
+    one = Pipeline(n, d, game=GAME, rule=rule, alpha=alpha, threads=1)
+    two = Pipeline(n, d, game=GAME, rule=rule, alpha=alpha, threads=2, parallel_threshold=1)
     for v in y:
         a, b = one.round(v).copy(), two.round(v).copy()
         assert np.array_equal(a, b)
     for name in ARRAYS:
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
     assert np.array_equal(one.mean_state, two.mean_state) and one.worst_client == two.worst_client
+
+
+def test_parallel_chunk_order_is_a_permutation_with_the_short_chunk_in_the_middle():
+    for chunks in range(1, 60):
+        order = [kern._chunk_order(i, chunks) for i in range(chunks)]
+        assert sorted(order) == list(range(chunks))
+        assert order[(chunks + 1) // 2 - 1] == chunks - 1
 
 
 # --------------------------------------------------------------------------- the noise
