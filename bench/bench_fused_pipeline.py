@@ -14,7 +14,8 @@ the per-client squared errors recorded every round, three ways:
     over the clients per round, the noise drawn inside the kernel);
 ``numpy``
     an idiomatic NumPy-only pipeline: preallocated arrays, in-place ufuncs,
-    ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``.
+    ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``; its
+    BLAS on one thread (``OPENBLAS_NUM_THREADS=1`` unless set), like its ufuncs.
 
 The contenders run interleaved (one timed run of each per repetition, a fresh
 object each time, JIT warmed before); the table gives the medians of whole
@@ -40,6 +41,13 @@ import math
 import os
 import statistics
 import time
+
+# The NumPy contender runs on one core, like its ufuncs (as in bench/guard.py): with a multithreaded
+# OpenBLAS its one BLAS call per round (the mixture's dot product) waits for a second thread, and on a
+# loaded 2-core machine its rounds took 150-225 ns per client instead of 44-62 ns (measured 2026-11-29,
+# load 2.7). Set before NumPy loads OpenBLAS; a value the user set wins.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import numpy as np
 import pytest
