@@ -670,13 +670,23 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         steps = log_p
         slo = 0
     # sweep 1: the clients' errors against y(t), the server's step on x(t), the running maximum
-    if d == 1 and record and step_server and rule != RULE_EG:
-        # the benchmarked case in one loop per block (one pass through L1 instead of eight)
+    # the chunk's normals, flat values [g_lo, g_hi) = pairs [Q0, ...): drawn here in the fused sweep 1
+    # (compute-bound work next to memory-bound work), else block by block in sweep 3
+    g_lo = (first + lo) * d
+    Q0 = g_lo >> 1
+    pre_noise = d == 1 and record and step_server and rule != RULE_EG
+    eps_c = noise
+    if pre_noise:
         y0 = y[0]
+        eps_c = np.empty(2 * (((g_lo + (hi - lo) * d + 1) >> 1) - Q0))
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
             _sweep1_d1(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
                        steps[rb - slo:rb - slo + rows], y0, eta, linear, err_l, sig_l, tmax)
+            g0 = (first + rb) * d
+            q0 = g0 >> 1
+            m = ((g0 + rows * d + 1) >> 1) - q0
+            _normals_into(kt, q0, m, eps_c[2 * (q0 - Q0):2 * (q0 - Q0 + m)])
     elif record or reweight:
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
@@ -767,10 +777,13 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         sb = sf[v0:v0 + nv]
         g0 = (first + rb) * d
         q0 = g0 >> 1
-        m = ((g0 + nv + 1) >> 1) - q0
-        _normals_into(kt, q0, m, noise)
-        off = g0 - 2 * q0
-        eps = noise[off:off + nv]
+        if pre_noise:
+            eps = eps_c[g0 - 2 * Q0:g0 - 2 * Q0 + nv]
+        else:
+            m = ((g0 + nv + 1) >> 1) - q0
+            _normals_into(kt, q0, m, noise)
+            off = g0 - 2 * q0
+            eps = noise[off:off + nv]
         scales = sigma[rb:rb + rows]  # d = 1: the clients' scales as they are
         if d != 1:
             for k in range(rows):

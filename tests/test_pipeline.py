@@ -80,6 +80,28 @@ def test_compiled_round_matches_reference(n, d, p, rule, alpha, threads):
     assert math.isclose(float(np.exp(fast.log_weights).sum()), 1.0, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("first,d", [(777, 1), (4096 + 3, 1), (12, 1), (5, 3)])
+def test_a_shard_offset_draws_its_own_clients_noise(first, d):
+    """``flags[F_FIRST]`` (a shard's first client; odd starts split a Box-Muller pair): kernel = reference."""
+    n, T = CHUNK + 300, 4
+    y = series(T, d)
+    args = dict(game=GAME, rule="hedge", eta=0.7, alpha=0.01, lags=2, seed=5)
+    fast = Pipeline(n, d, backend="numba", threads=TWO_THREADS, parallel_threshold=1, **args)
+    slow = Pipeline(n, d, backend="numpy", **args)
+    for pipe in (fast, slow):
+        pipe._flags[pipe._kern.F_FIRST] = first
+    for t in range(T):
+        assert close(fast.round(y[t]).copy(), slow.round(y[t]).copy())
+    for name in ARRAYS:
+        assert close(getattr(fast, name), getattr(slow, name)), name
+    # round 0's forecast is the first noisy value: the noise of clients first .. first + n - 1
+    key, _ = kern.seed_keys(5)
+    fresh = Pipeline(n, d, backend="numba", threads=1, **args)
+    fresh._flags[fresh._kern.F_FIRST] = first
+    fresh.round(y[0])
+    assert close(fresh.signals, y[0] + fresh.noise_scales[:, None] * kern.normals(key, first, 0, n, d), rtol=4e-16)
+
+
 @pytest.mark.parametrize("rule,alpha", [("hedge", 0.0), ("hedge", 0.01), ("eg", 0.01)])
 def test_eta_zero_and_a_huge_step_keep_weights_normalised(rule, alpha):
     # 1e60: eta * loss overflows (the step is clipped: weights stay finite or -inf, never NaN), and the
