@@ -32,8 +32,9 @@ contiguous values (the forecaster's weights and lags are stored as planes,
 ``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it (AVX-512 here);
 the benchmarked case (``d = 1``, hedge, recording, linear weights, ``p = 2``)
 runs one loop per block and sweep: :func:`_sweep1_d1` (errors, records, step,
-lane maxima), the ``exp`` sweep, :func:`_normals_into` then
-:func:`_forecast_block_p2` (NLMS, forecast, signal sums), and in pass B
+lane maxima) followed by :func:`_normals_into` on the same block (the chunk's
+normals, compute-bound, drawn while the records stream from memory), the
+``exp`` sweep, :func:`_forecast_block_p2` (NLMS, forecast, signal sums), and in pass B
 :func:`_pass_b_block_d1` (share, move, cost, sums, mixture). The
 transcendental functions are scalar, branch-free and inlined into those
 loops; the float/int reinterpretations they need are LLVM bitcasts
@@ -613,8 +614,9 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     top_c))`` and the two error totals.
 
     Three sweeps over the chunk (its rows stay in L2): the server's step and
-    the errors, block by block, with a lane-wise running maximum; the
-    exponentials against the chunk's maximum; the forecasters, block by block.
+    the errors, block by block, with a lane-wise running maximum (and, in the
+    fused ``d = 1`` case, the chunk's normals); the exponentials against the
+    chunk's maximum; the forecasters, block by block.
     """
     n, d = x.shape
     p = A.shape[0]
