@@ -453,6 +453,35 @@ def _row_valid(s, i, d):
 
 # --------------------------------------------------------------------------- pass A
 @njit(**_jit)
+def _sweep1_d1_exp(xb, sb, qe, qs, lp, eb, pb, y0, eta, err_l, sig_l, tmax, exp_l):
+    """:func:`_sweep1_d1` with linear weights and the exponentials in the same loop, against reference 0.
+
+    ``eb`` (``ebuf``): ``p_i`` in, ``q_i = p_i exp(-step_i)`` out (``<= p_i``:
+    hedge steps are ``>= 0``); ``pb`` keeps ``p_i`` in case the chunk's
+    smallest step is so large that ``q`` would lose bits to underflow (then
+    :func:`_pass_a_chunk` redoes the chunk against ``top_c``).
+    """
+    for k in range(xb.shape[0]):
+        e = xb[k] - y0
+        err = e * e
+        qe[k] += err
+        err_l[k] += err
+        es = sb[k] - y0
+        sig = es * es
+        qs[k] += sig
+        sig_l[k] += sig
+        v = -_clip_step(eta * err)
+        lp[k] = v
+        m = tmax[k]
+        tmax[k] = v if v > m else m
+        p = eb[k]
+        pb[k] = p
+        q = p * _exp1(v)
+        eb[k] = q
+        exp_l[k] += q
+
+
+@njit(**_jit)
 def _sweep1_d1(xb, sb, qe, qs, lp, y0, eta, linear, err_l, sig_l, tmax):
     """Sweep 1 for ``d = 1``, recording, hedge step: errors, both records, the step, the lane maxima; one loop.
 
@@ -677,14 +706,24 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     g_lo = (first + lo) * d
     Q0 = g_lo >> 1
     pre_noise = d == 1 and record and step_server and rule != RULE_EG
+    # linear weights there: the exponentials too, against reference 0 instead of top_c (sweep 2 then only checks)
+    pre_exp = pre_noise and linear
     eps_c = noise
+    pbuf = noise
+    if pre_exp:
+        pbuf = np.empty(hi - lo)
     if pre_noise:
         y0 = y[0]
         eps_c = np.empty(2 * (((g_lo + (hi - lo) * d + 1) >> 1) - Q0))
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
-            _sweep1_d1(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
-                       steps[rb - slo:rb - slo + rows], y0, eta, linear, err_l, sig_l, tmax)
+            if pre_exp:
+                _sweep1_d1_exp(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
+                               steps[rb - slo:rb - slo + rows], ebuf[rb:rb + rows], pbuf[rb - lo:rb - lo + rows], y0, eta,
+                               err_l, sig_l, tmax, exp_l)
+            else:
+                _sweep1_d1(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
+                           steps[rb - slo:rb - slo + rows], y0, eta, linear, err_l, sig_l, tmax)
             g0 = (first + rb) * d
             q0 = g0 >> 1
             m = ((g0 + rows * d + 1) >> 1) - q0
@@ -749,6 +788,25 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     if reweight:
         for k in range(R):
             top = tmax[k] if tmax[k] > top else top
+    if pre_exp:
+        # Sweep 1's q_i = p_i exp(-step_i) stand if every q_i that can matter is a normal number: q_i / sum q
+        # >= 2^-60 floor (floor = alpha / n, the least shared weight) with sum q >= floor e^top_c needs
+        # floor^2 e^top_c 2^-60 >= 2^-1022, i.e. top_c >= -666.8 - 2 log(floor); -650 keeps a factor 2e7.
+        if top >= -650.0 - 2.0 * math.log(params[P_ALPHA] / n):
+            top = 0.0  # the chunk's reference point: its partials are sum_i p_i exp(-step_i - 0)
+        else:
+            for k in range(R):
+                exp_l[k] = 0.0
+            for rb in range(lo, hi, R):
+                rows = min(R, hi - rb)
+                lp = steps[rb - slo:rb - slo + rows]
+                pb = pbuf[rb - lo:rb - lo + rows]
+                ex = ebuf[rb:rb + rows]
+                for k in range(rows):
+                    e = pb[k] * _exp1(lp[k] - top)
+                    ex[k] = e
+                    exp_l[k] += e
+    elif reweight:
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
             lp = steps[rb - slo:rb - slo + rows]
