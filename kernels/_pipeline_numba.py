@@ -192,19 +192,6 @@ def _chunk_order(i, chunks):
 
 
 @njit(**_jit)
-def _chunk_order_back(i, chunks):
-    """Pass B's chunk at iteration ``i``: each thread's chunks of :func:`_chunk_order`, last first.
-
-    A thread ends pass A with its last chunks in its L2; starting pass B there
-    reuses them (the serial pass B walks all chunks last first for the same reason).
-    """
-    i = np.int64(i)
-    h = (np.int64(chunks) + 1) // 2
-    j = h - 1 - i if i < h else chunks - 1 - (i - h)
-    return _chunk_order(j, chunks)
-
-
-@njit(**_jit)
 def _chunk_bounds(n, c):
     """Clients ``[lo, hi)`` of chunk ``c`` among ``n``."""
     lo = c * CHUNK
@@ -1178,8 +1165,8 @@ def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, sta
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
     chunks = work.shape[0]
-    for i in prange(chunks):  # each thread gets back the chunks it had in pass A (its L2), last first
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order_back(i, chunks))
+    for i in prange(chunks):  # pass A's order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order(i, chunks))
     _merge_b(work, field, yhat, stats, n, x.shape[1])
 
 
@@ -1200,8 +1187,8 @@ def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, 
         _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, _chunk_order(i, chunks))
     _merge_a(work, field, params, flags, stats, d)
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for i in prange(chunks):  # each thread gets back the chunks it had in pass A (its L2), last first
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order_back(i, chunks))
+    for i in prange(chunks):  # pass A's order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order(i, chunks))
     _merge_b(work, field, yhat, stats, n, d)
 
 
