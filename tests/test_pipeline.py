@@ -146,6 +146,13 @@ def test_thread_count_does_not_change_a_bit(rule, d, alpha):
     assert np.array_equal(one.mean_state, two.mean_state) and one.worst_client == two.worst_client
 
 
+def test_parallel_chunk_order_is_a_permutation_with_the_short_chunk_in_the_middle():
+    for chunks in range(1, 60):
+        order = [kern._chunk_order(i, chunks) for i in range(chunks)]
+        assert sorted(order) == list(range(chunks))
+        assert order[(chunks + 1) // 2 - 1] == chunks - 1
+
+
 # --------------------------------------------------------------------------- the noise
 @pytest.mark.parametrize("d", [1, 3])
 def test_noise_depends_on_client_round_coordinate_only(d):
