@@ -14,7 +14,8 @@ the per-client squared errors recorded every round, three ways:
     over the clients per round, the noise drawn inside the kernel);
 ``numpy``
     an idiomatic NumPy-only pipeline: preallocated arrays, in-place ufuncs,
-    ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``.
+    ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``; its
+    BLAS on one thread (``OPENBLAS_NUM_THREADS=1`` unless set), like its ufuncs.
 
 The contenders run interleaved (one timed run of each per repetition, a fresh
 object each time, JIT warmed before); the table gives the medians of whole
@@ -40,6 +41,13 @@ import math
 import os
 import statistics
 import time
+
+# The NumPy contender runs on one core, like its ufuncs (as in bench/guard.py): with a multithreaded
+# OpenBLAS its one BLAS call per round (the mixture's dot product) waits for a second thread, and on a
+# loaded 2-core machine its rounds took 150-225 ns per client instead of 44-62 ns (measured 2026-11-29,
+# load 2.7). Set before NumPy loads OpenBLAS; a value the user set wins.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import numpy as np
 import pytest
@@ -356,7 +364,8 @@ def test_fused_beats_today_and_numpy(warmed):
     med = {name: statistics.median(v) for name, v in rates.items()}
     print({k: f"{v:.3g}" for k, v in med.items()})
     assert med["fused-1"] > 1.5 * med["today"], med
-    assert med["fused-1"] > 5.0 * med["numpy"], med
+    # measured 5.3-5.8x (10^4 and 10^5 clients, loaded machine) since the NumPy contender's BLAS runs on one thread
+    assert med["fused-1"] > 4.0 * med["numpy"], med
 
 
 if __name__ == "__main__":

@@ -10,23 +10,39 @@ in chunk order, so every result is bitwise the same on any thread count:
   normals, the NLMS update and forecast, the valid-signal sums;
 - merge A (:func:`_merge_a`): ``(top, log_total)``, ``sbar``, the policy offset;
 - pass B (:func:`_pass_b_chunk`): normalisation and fixed share of the
-  log-weights, the population move and costs, the sums of the moved states,
+  weights, the population move and costs, the sums of the moved states,
   the worst client and the mixture ``sum_i p_i x_i(t+1)`` with the new weights;
 - merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i``.
+
+Linear weights (``flags[F_LINEAR]``, whenever ``alpha / N >= LINEAR_FLOOR``):
+the weights ``p`` live in ``ebuf``. Pass A writes ``q_i = p_i exp(-step_i -
+top_c)`` there (``top_c`` the chunk's largest ``-step``, so ``q_i <= p_i``;
+``-step_i`` waits in a chunk-sized scratch between its two sweeps, ``log_p``
+is not touched), pass B writes ``keep q_i scale + alpha / N`` (``scale =
+exp((top_c - top) - log_total)``, one ``exp`` per chunk). One ``exp`` per
+client and round, no ``log``: the log-domain path needs a ``log`` per client
+in pass B to store ``log p``. It stays for ``alpha = 0`` (weights may
+underflow there).
 
 Speed
 -----
 Each chunk is walked in blocks of ``R = max(1, LANES // d)`` whole clients
 (``R d`` values, in L1). Every loop over a block is element-wise over
 contiguous values (the forecaster's weights and lags are stored as planes,
-``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it; the
-transcendental functions are written out as polynomials in such loops:
+``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it (AVX-512 here);
+the benchmarked case (``d = 1``, hedge, recording, linear weights, ``p = 2``)
+runs one loop per block and sweep: :func:`_sweep1_d1` (errors, records, step,
+lane maxima) followed by :func:`_normals_into` on the same block (the chunk's
+normals, compute-bound, drawn while the records stream from memory), the
+``exp`` sweep, :func:`_forecast_block_p2` (NLMS, forecast, signal sums), and in pass B
+:func:`_pass_b_block_d1` (share, move, cost, sums, mixture). The
+transcendental functions are scalar, branch-free and inlined into those
+loops; the float/int reinterpretations they need are LLVM bitcasts
+(:func:`_as_int`, :func:`_as_float`), not round trips through memory:
 
-- :func:`_exp_into`, :func:`_log_into`: copies of ``kernels/_numba.py``'s
-  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``),
-  with two variants, :func:`_exp_shifted_into` (``exp(x - shift)``, the
-  subtraction in the first loop) and :func:`_log_unit_into` (no fix-up loop,
-  for the uniforms, always positive normal numbers);
+- :func:`_exp1`, :func:`_log1` (:func:`_exp_into`, :func:`_log_into`): the
+  same operations as ``kernels/_numba.py``'s vectorised ``exp`` and ``log``
+  (within 1.01 ulp of ``numpy.exp`` on [-745, 709], 1 ulp of ``numpy.log``);
 - :func:`_sincos_2pi`: ``cos`` and ``sin`` of ``2 pi u`` for ``u`` in
   ``[0, 1)``: an exact reduction of ``u`` to ``r`` in ``[-1/8, 1/8]`` plus a
   quadrant (``u`` is a multiple of ``2^-53``, so ``u - round(4u)/4`` is
@@ -46,12 +62,14 @@ this module's cache (``__pycache__/_pipeline_numba*.nb*``).
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
 from ._pipeline_reference import (
     F_FIRST,
+    F_LINEAR,
     F_RECORD,
     F_REWEIGHT,
     F_RULE,
@@ -62,6 +80,7 @@ from ._pipeline_reference import (
     FIELD_ROWS,
     FIELD_SIGNAL,
     FIELD_STATE,
+    LINEAR_FLOOR,
     N_FLAGS,
     N_PARAMS,
     N_STATS,
@@ -92,8 +111,8 @@ from ._pipeline_reference import (
 from ._threads import Threads, max_threads
 
 __all__ = [
-    "F_FIRST", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_NEXT", "FIELD_OFFSET", "FIELD_ROWS",
-    "FIELD_SIGNAL", "FIELD_STATE", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
+    "F_FIRST", "F_LINEAR", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_NEXT", "FIELD_OFFSET", "FIELD_ROWS",
+    "FIELD_SIGNAL", "FIELD_STATE", "LINEAR_FLOOR", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
     "P_HALF_DISCOUNT", "P_KAPPA", "P_MIX_SIGNAL", "P_MIX_STATE", "P_MU", "P_Q", "P_R", "P_SIGNAL", "S_ARG_COST",
     "S_ERR", "S_LOG_TOTAL", "S_MAX_COST", "S_SIG_ERR", "S_TOP", "S_VALID", "noise_scales", "round_key", "seed_keys",
     "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "round_step", "normals", "exp", "log",
@@ -102,10 +121,11 @@ __all__ = [
 
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
 
-# Values per block: R = max(1, LANES // d) whole clients.
-LANES = 512
+# Values per block: R = max(1, LANES // d) whole clients. 256 (2 KB per array) beat 512 and 1024 by 8-10% on pass A
+# and B at 32768 clients (a block's dozen scratch and state rows stay in L1); 128 was no better than 256.
+LANES = 256
 # Below this alpha / N the share keeps its scalar log1p(exp(.)) form (subnormal sums would lose bits).
-_SHARE_FLOOR_MIN = 1e-290
+_SHARE_FLOOR_MIN = LINEAR_FLOOR
 
 # ``work`` columns, for dp = d rounded up to PAD: signal sums [0, dp), state sums [dp, 2dp), mixture [2dp, 3dp),
 # then the scalars at 3 dp + (COUNT, TOP, SUM, MAX, ARG, ERR, SIG_ERR).
@@ -153,6 +173,25 @@ def _block_rows(d):
 
 
 @njit(**_jit)
+def _chunk_order(i, chunks):
+    """The chunk a parallel loop runs at iteration ``i``: the short last chunk moves to the middle.
+
+    Numba splits ``prange(chunks)`` into contiguous runs, the first thread
+    getting ``ceil(chunks / 2)`` on two threads; giving it the last (short)
+    chunk evens the two threads' clients (10^5 clients: 50848 and 49152
+    instead of 53248 and 46752). Only the order of work changes: the partials
+    are merged in chunk order, so the results are the same bits.
+    """
+    i = np.int64(i)  # a prange index may be unsigned: keep the arithmetic in int64
+    h = (np.int64(chunks) + 1) // 2
+    if i < h - 1:
+        return i
+    if i == h - 1:
+        return chunks - 1
+    return i - 1
+
+
+@njit(**_jit)
 def _chunk_bounds(n, c):
     """Clients ``[lo, hi)`` of chunk ``c`` among ``n``."""
     lo = c * CHUNK
@@ -160,141 +199,102 @@ def _chunk_bounds(n, c):
 
 
 # --------------------------------------------------------------------------- vector math
-@njit(**_jit)
-def _exp_into(src, dst, tmp):
-    """``dst[k] = exp(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s."""
-    m = src.shape[0]
-    tb = tmp[:m]
-    sb = tmp[m:2 * m]
-    for k in range(m):
-        x = src[k]
-        x = -745.5 if x < -745.5 else x
-        x = 710.0 if x > 710.0 else x
-        t = x * _LOG2E + _SHIFT
-        nf = t - _SHIFT
-        r = (x - nf * _LN2_HI) - nf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        dst[k] = p * r + 1.0
-        tb[k] = t
-    ti = tb.view(np.int64)
-    si = sb.view(np.int64)
-    for k in range(m):
-        n = ti[k] - _SHIFT_BITS
-        half = n >> 1
-        ti[k] = (half + 1023) << 52
-        si[k] = (n - half + 1023) << 52
-    for k in range(m):
-        dst[k] = dst[k] * tb[k] * sb[k]
+@intrinsic
+def _as_int(typingctx, x):
+    """The bits of a float64 as an int64 (an LLVM ``bitcast``: no memory, so loops that use it vectorise)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _as_float(typingctx, x):
+    """The float64 whose bits are an int64 (an LLVM ``bitcast``)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+    return sig, codegen
 
 
 @njit(**_jit)
-def _exp_shifted_into(src, shift, dst, tmp):
-    """``dst[k] = exp(src[k] - shift)``: :func:`_exp_into` with the subtraction in its first loop."""
-    m = src.shape[0]
-    tb = tmp[:m]
-    sb = tmp[m:2 * m]
-    for k in range(m):
-        x = src[k] - shift
-        x = -745.5 if x < -745.5 else x
-        x = 710.0 if x > 710.0 else x
-        t = x * _LOG2E + _SHIFT
-        nf = t - _SHIFT
-        r = (x - nf * _LN2_HI) - nf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        dst[k] = p * r + 1.0
-        tb[k] = t
-    ti = tb.view(np.int64)
-    si = sb.view(np.int64)
-    for k in range(m):
-        n = ti[k] - _SHIFT_BITS
-        half = n >> 1
-        ti[k] = (half + 1023) << 52
-        si[k] = (n - half + 1023) << 52
-    for k in range(m):
-        dst[k] = dst[k] * tb[k] * sb[k]
+def _exp1(x):
+    """``exp(x)``, branch-free (inlined into the loops that call it; see :func:`_exp_into`).
+
+    Cody-Waite: ``n = round(x / ln 2)``, ``r = (x - n ln2_hi) - n ln2_lo``,
+    ``|r| <= ln(2)/2``, Taylor to ``r^13``, times ``2^(n - n//2) 2^(n//2)``
+    (two factors, so ``2^n`` below the normal range stays exact until the
+    last product). ``x`` is clamped to ``[-745.5, 710]`` (0 and ``inf`` at the ends).
+    """
+    x = -745.5 if x < -745.5 else x
+    x = 710.0 if x > 710.0 else x
+    t = x * _LOG2E + _SHIFT
+    nf = t - _SHIFT
+    r = (x - nf * _LN2_HI) - nf * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    n = _as_int(t) - _SHIFT_BITS
+    half = n >> 1
+    return p * _as_float((half + 1023) << 52) * _as_float((n - half + 1023) << 52)
 
 
 @njit(**_jit)
-def _log_unit_into(src, dst, tmp):
-    """:func:`_log_into` for inputs known to be positive normal numbers (the uniforms in ``[2^-53, 1]``): no fix-up."""
-    m = src.shape[0]
-    zb = tmp[:m]
-    eb = tmp[m:2 * m]
-    xi = src.view(np.int64)
-    zi = zb.view(np.int64)
-    ei = eb.view(np.int64)
-    for k in range(m):
-        ix = xi[k]
-        t = ix - _LOG_OFF
-        zi[k] = ix - (t & _EXP_FIELD)
-        ei[k] = (t >> 52) + _SHIFT_BITS
-    for k in range(m):
-        e = eb[k] - _SHIFT
-        f = zb[k] - 1.0
-        s = f / (2.0 + f)
-        z = s * s
-        w = z * z
-        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
-        hfsq = 0.5 * f * f
-        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+def _log1(x):
+    """``log(x)`` for a positive normal finite ``x`` (branch-free; see :func:`_log_into`).
+
+    musl's split ``x = 2^e z``, ``z`` in ``[sqrt(2)/2, sqrt(2))``, ``f = z - 1``,
+    ``s = f / (2 + f)``, fdlibm's ``R(s^2)``.
+    """
+    ix = _as_int(x)
+    t = ix - _LOG_OFF
+    z = _as_float(ix - (t & _EXP_FIELD))
+    e = _as_float((t >> 52) + _SHIFT_BITS) - _SHIFT
+    f = z - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+    hfsq = 0.5 * f * f
+    return e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
 
 
 @njit(**_jit)
-def _log_into(src, dst, tmp):
-    """``dst[k] = log(src[k])``, vectorised (``tmp``: ``2 len(src)``); a copy of ``kernels/_numba.py``'s.
+def _exp_into(src, dst):
+    """``dst[k] = exp(src[k])``, vectorised; the same bits as ``kernels/_numba.py``'s ``_exp_into``."""
+    for k in range(src.shape[0]):
+        dst[k] = _exp1(src[k])
+
+
+@njit(**_jit)
+def _log_into(src, dst):
+    """``dst[k] = log(src[k])``, vectorised; the same bits as ``kernels/_numba.py``'s ``_log_into``.
 
     Positive normal finite inputs take the polynomial path (within 1 ulp of
     ``numpy.log``); any other input is redone with ``math.log``.
     """
-    m = src.shape[0]
-    zb = tmp[:m]
-    eb = tmp[m:2 * m]
-    xi = src.view(np.int64)
-    zi = zb.view(np.int64)
-    ei = eb.view(np.int64)
-    for k in range(m):
-        ix = xi[k]
-        t = ix - _LOG_OFF
-        zi[k] = ix - (t & _EXP_FIELD)
-        ei[k] = (t >> 52) + _SHIFT_BITS
     bad = 0
-    for k in range(m):
+    for k in range(src.shape[0]):
         x = src[k]
         bad += 0 if (x >= _TINY and x <= _HUGE) else 1
-        e = eb[k] - _SHIFT
-        f = zb[k] - 1.0
-        s = f / (2.0 + f)
-        z = s * s
-        w = z * z
-        r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
-        hfsq = 0.5 * f * f
-        dst[k] = e * _LN2_HI - ((hfsq - (s * (hfsq + r) + e * _LN2_LO)) - f)
+        dst[k] = _log1(x)
     if bad:
-        for k in range(m):
+        for k in range(src.shape[0]):
             x = src[k]
             if not (x >= _TINY and x <= _HUGE):
                 dst[k] = math.log(x)
@@ -362,21 +362,20 @@ def _round_key(key, t):
 
 
 @njit(**_jit)
-def _normals_into(kt, q0, m, u1, u2, lu, tmp, out):
+def _normals_into(kt, q0, m, out):
     """Normals of the pairs ``q0 .. q0 + m - 1`` of round key ``kt`` into ``out[0:2m]`` (even, odd flat index).
 
-    Scratch: ``u1``, ``u2``, ``lu`` (``m`` each), ``tmp`` (``2 m``).
+    One loop: both hashes, both uniforms, ``sqrt(-2 log u1)`` and ``cos``,
+    ``sin`` of ``2 pi u2`` per pair, inlined (vectorised over the pairs).
     """
     base = np.uint64(q0 + 1)
     for k in range(m):
         h1 = _mix64(kt + _GOLDEN * (base + np.uint64(k)))
         h2 = _mix64(h1 + _GOLDEN)
-        u1[k] = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
-        u2[k] = np.float64(h2 >> _S11) * _TWO_M53
-    _log_unit_into(u1[:m], lu[:m], tmp[:2 * m])
-    for k in range(m):
-        radius = math.sqrt(-2.0 * lu[k])
-        c, s = _sincos_2pi(u2[k])
+        u1 = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
+        u2 = np.float64(h2 >> _S11) * _TWO_M53
+        radius = math.sqrt(-2.0 * _log1(u1))
+        c, s = _sincos_2pi(u2)
         out[2 * k] = radius * c
         out[2 * k + 1] = radius * s
 
@@ -454,8 +453,78 @@ def _row_valid(s, i, d):
 
 # --------------------------------------------------------------------------- pass A
 @njit(**_jit)
-def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
-    """NLMS with ``p = 2`` on values ``[v0, v0 + nv)`` (planes ``W[f]``, ``A[k]``); ``sb`` gets the forecasts."""
+def _sweep1_d1_exp(xb, sb, qe, qs, lp, eb, pb, y0, eta, err_l, sig_l, tmax, exp_l):
+    """:func:`_sweep1_d1` with linear weights and the exponentials in the same loop, against reference 0.
+
+    ``eb`` (``ebuf``): ``p_i`` in, ``q_i = p_i exp(-step_i)`` out (``<= p_i``:
+    hedge steps are ``>= 0``); ``pb`` keeps ``p_i`` in case the chunk's
+    smallest step is so large that ``q`` would lose bits to underflow (then
+    :func:`_pass_a_chunk` redoes the chunk against ``top_c``).
+    """
+    for k in range(xb.shape[0]):
+        e = xb[k] - y0
+        err = e * e
+        qe[k] += err
+        err_l[k] += err
+        es = sb[k] - y0
+        sig = es * es
+        qs[k] += sig
+        sig_l[k] += sig
+        v = -_clip_step(eta * err)
+        lp[k] = v
+        m = tmax[k]
+        tmax[k] = v if v > m else m
+        p = eb[k]
+        pb[k] = p
+        q = p * _exp1(v)
+        eb[k] = q
+        exp_l[k] += q
+
+
+@njit(**_jit)
+def _sweep1_d1(xb, sb, qe, qs, lp, y0, eta, linear, err_l, sig_l, tmax):
+    """Sweep 1 for ``d = 1``, recording, hedge step: errors, both records, the step, the lane maxima; one loop.
+
+    The same operations in the same order as the general sweep (the same bits).
+    """
+    if linear:
+        for k in range(xb.shape[0]):
+            e = xb[k] - y0
+            err = e * e
+            qe[k] += err
+            err_l[k] += err
+            es = sb[k] - y0
+            sig = es * es
+            qs[k] += sig
+            sig_l[k] += sig
+            v = -_clip_step(eta * err)
+            lp[k] = v
+            m = tmax[k]
+            tmax[k] = v if v > m else m
+    else:
+        for k in range(xb.shape[0]):
+            e = xb[k] - y0
+            err = e * e
+            qe[k] += err
+            err_l[k] += err
+            es = sb[k] - y0
+            sig = es * es
+            qs[k] += sig
+            sig_l[k] += sig
+            v = lp[k] - _clip_step(eta * err)
+            lp[k] = v
+            m = tmax[k]
+            tmax[k] = v if v > m else m
+
+
+@njit(**_jit)
+def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb, lanes):
+    """NLMS with ``p = 2`` on values ``[v0, v0 + nv)`` (planes ``W[f]``, ``A[k]``), one loop.
+
+    ``sb`` gets the forecasts, ``lanes[v]`` adds them; returns how many are
+    not valid signals (``|s| > SIGNAL_LIMIT`` or NaN).
+    """
+    bad = 0
     W0 = W[0, v0:v0 + nv]
     W1 = W[1, v0:v0 + nv]
     W2 = W[2, v0:v0 + nv]
@@ -490,14 +559,21 @@ def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
             W4[v] = w4
             A1[v] = a
             A0[v] = z
-            sb[v] = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+            val = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+            sb[v] = val
+            lanes[v] += val
+            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
     else:
         for v in range(nv):
             z = yr[v] + sv[v] * eps[v]
             a = A0[v]
             A1[v] = a
             A0[v] = z
-            sb[v] = W4[v] + W0[v] * z + W2[v] * (z * z) + W1[v] * a + W3[v] * (a * a)
+            val = W4[v] + W0[v] * z + W2[v] * (z * z) + W1[v] * a + W3[v] * (a * a)
+            sb[v] = val
+            lanes[v] += val
+            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
+    return bad
 
 
 @njit(**_jit)
@@ -558,15 +634,18 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     Reads ``x`` (the states ``x(t)``), ``y``, ``yhat`` (``yhat(t)``, eg only),
     ``sigma``, ``params`` and ``flags``. Modified in place on the chunk's rows:
     ``log_p`` (stepped, not normalised), ``ebuf`` (``exp(log_p_i - top_c)``,
-    ``top_c`` the chunk's largest stepped log-weight, for pass B), ``W`` and
+    ``top_c`` the chunk's largest stepped log-weight, for pass B; with linear
+    weights ``log_p`` is left alone and ``ebuf`` goes from ``p_i`` to
+    ``p_i exp(-step_i - top_c)``, ``top_c`` the largest ``-step_i``), ``W`` and
     ``A`` (planes ``(2p+1, N d)`` and ``(p, N d)``), ``s`` (``s(t)``),
     ``sq_err``/``sq_sig`` (when recording). Row ``c`` of ``work`` gets the
     signal sums (valid rows) and their count, ``(top_c, sum_i exp(log_p_i -
     top_c))`` and the two error totals.
 
     Three sweeps over the chunk (its rows stay in L2): the server's step and
-    the errors, block by block, with a lane-wise running maximum; the
-    exponentials against the chunk's maximum; the forecasters, block by block.
+    the errors, block by block, with a lane-wise running maximum (and, in the
+    fused ``d = 1`` case, the chunk's normals); the exponentials against the
+    chunk's maximum; the forecasters, block by block.
     """
     n, d = x.shape
     p = A.shape[0]
@@ -578,13 +657,14 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     reweight = flags[F_REWEIGHT] != 0
     record = flags[F_RECORD] != 0
     update = flags[F_UPDATE] != 0
+    linear = flags[F_LINEAR] != 0
     first = flags[F_FIRST]
     eta = params[P_ETA]
     mu = params[P_MU]
     step_server = reweight and eta != 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(9 * L + 7 * H + 8 * R)
+    scratch = np.empty(8 * L + 2 * H + 6 * R)
     yr = scratch[:L]
     gr = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
@@ -593,16 +673,11 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     zb = scratch[5 * L:6 * L]
     pred = scratch[6 * L:7 * L]
     norm = scratch[7 * L:8 * L]
-    u1 = scratch[9 * L:9 * L + H]
-    u2 = scratch[9 * L + H:9 * L + 2 * H]
-    lu = scratch[9 * L + 2 * H:9 * L + 3 * H]
-    ltmp = scratch[9 * L + 3 * H:9 * L + 5 * H]
-    noise = scratch[9 * L + 5 * H:9 * L + 7 * H]
-    base = 9 * L + 7 * H
+    noise = scratch[8 * L:8 * L + 2 * H]
+    base = 8 * L + 2 * H
     rowerr = scratch[base:base + R]
     shifted = scratch[base + R:base + 2 * R]
-    etmp = scratch[base + 2 * R:base + 4 * R]
-    tmax = scratch[base + 4 * R:base + 5 * R]
+    tmax = scratch[base + 2 * R:base + 3 * R]
     for k in range(R):
         tmax[k] = -np.inf
         for j in range(d):
@@ -611,15 +686,49 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     for v in range(L):
         lanes[v] = 0.0
     # per-row lanes of the chunk's totals (element-wise adds vectorise; a running scalar sum would not)
-    err_l = scratch[base + 5 * R:base + 6 * R]
-    sig_l = scratch[base + 6 * R:base + 7 * R]
-    exp_l = scratch[base + 7 * R:base + 8 * R]
+    err_l = scratch[base + 3 * R:base + 4 * R]
+    sig_l = scratch[base + 4 * R:base + 5 * R]
+    exp_l = scratch[base + 5 * R:base + 6 * R]
     for k in range(R):
         err_l[k] = 0.0
         sig_l[k] = 0.0
         exp_l[k] = 0.0
+    # the stepped log-weights: log_p itself, or (linear weights) this round's -step_i in an L2-sized scratch
+    if linear:
+        steps = np.empty(hi - lo)
+        slo = lo
+    else:
+        steps = log_p
+        slo = 0
     # sweep 1: the clients' errors against y(t), the server's step on x(t), the running maximum
-    if record or reweight:
+    # the chunk's normals, flat values [g_lo, g_hi) = pairs [Q0, ...): drawn here in the fused sweep 1
+    # (compute-bound work next to memory-bound work), else block by block in sweep 3
+    g_lo = (first + lo) * d
+    Q0 = g_lo >> 1
+    pre_noise = d == 1 and record and step_server and rule != RULE_EG
+    # linear weights there: the exponentials too, against reference 0 instead of top_c (sweep 2 then only checks)
+    pre_exp = pre_noise and linear
+    eps_c = noise
+    pbuf = noise
+    if pre_exp:
+        pbuf = np.empty(hi - lo)
+    if pre_noise:
+        y0 = y[0]
+        eps_c = np.empty(2 * (((g_lo + (hi - lo) * d + 1) >> 1) - Q0))
+        for rb in range(lo, hi, R):
+            rows = min(R, hi - rb)
+            if pre_exp:
+                _sweep1_d1_exp(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
+                               steps[rb - slo:rb - slo + rows], ebuf[rb:rb + rows], pbuf[rb - lo:rb - lo + rows], y0, eta,
+                               err_l, sig_l, tmax, exp_l)
+            else:
+                _sweep1_d1(xf[rb:rb + rows], sf[rb:rb + rows], sq_err[rb:rb + rows], sq_sig[rb:rb + rows],
+                           steps[rb - slo:rb - slo + rows], y0, eta, linear, err_l, sig_l, tmax)
+            g0 = (first + rb) * d
+            q0 = g0 >> 1
+            m = ((g0 + rows * d + 1) >> 1) - q0
+            _normals_into(kt, q0, m, eps_c[2 * (q0 - Q0):2 * (q0 - Q0 + m)])
+    elif record or reweight:
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
             v0 = rb * d
@@ -654,15 +763,22 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                 for k in range(rows):
                     sig_l[k] += sig[k]
             if reweight:
-                lp = log_p[rb:rb + rows]
+                lp = steps[rb - slo:rb - slo + rows]
                 if step_server:
                     if rule == RULE_EG:
                         for v in range(nv):
                             pred[v] = gr[v] * xb[v]
                         _row_sums(pred, rows, d, rowerr)
                         err = rowerr[:rows]
+                    if linear:  # log_p: this round's -step only (the weights are in ebuf)
+                        for k in range(rows):
+                            lp[k] = -_clip_step(eta * err[k])
+                    else:
+                        for k in range(rows):
+                            lp[k] -= _clip_step(eta * err[k])
+                elif linear:
                     for k in range(rows):
-                        lp[k] -= _clip_step(eta * err[k])
+                        lp[k] = 0.0
                 for k in range(rows):
                     v = lp[k]
                     m = tmax[k]
@@ -672,33 +788,78 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
     if reweight:
         for k in range(R):
             top = tmax[k] if tmax[k] > top else top
+    if pre_exp:
+        # Sweep 1's q_i = p_i exp(-step_i) stand if every q_i that can matter is a normal number: q_i / sum q
+        # >= 2^-60 floor (floor = alpha / n, the least shared weight) with sum q >= floor e^top_c needs
+        # floor^2 e^top_c 2^-60 >= 2^-1022, i.e. top_c >= -666.8 - 2 log(floor); -650 keeps a factor 2e7.
+        if top >= -650.0 - 2.0 * math.log(params[P_ALPHA] / n):
+            top = 0.0  # the chunk's reference point: its partials are sum_i p_i exp(-step_i - 0)
+        else:
+            for k in range(R):
+                exp_l[k] = 0.0
+            for rb in range(lo, hi, R):
+                rows = min(R, hi - rb)
+                lp = steps[rb - slo:rb - slo + rows]
+                pb = pbuf[rb - lo:rb - lo + rows]
+                ex = ebuf[rb:rb + rows]
+                for k in range(rows):
+                    e = pb[k] * _exp1(lp[k] - top)
+                    ex[k] = e
+                    exp_l[k] += e
+    elif reweight:
         for rb in range(lo, hi, R):
             rows = min(R, hi - rb)
-            lp = log_p[rb:rb + rows]
+            lp = steps[rb - slo:rb - slo + rows]
             ex = ebuf[rb:rb + rows]
             if top == -np.inf:
                 for k in range(rows):
                     ex[k] = 0.0
                 continue
-            _exp_shifted_into(lp, top, ex, etmp[:2 * rows])
-            for k in range(rows):
-                exp_l[k] += ex[k]
+            if linear:  # p_i exp(-step_i - top_c), top_c = -(the chunk's smallest step)
+                for k in range(rows):
+                    e = ex[k] * _exp1(lp[k] - top)
+                    ex[k] = e
+                    exp_l[k] += e
+            else:
+                for k in range(rows):
+                    e = _exp1(lp[k] - top)
+                    ex[k] = e
+                    exp_l[k] += e
     err_total = _sum4(err_l)
     sig_total = _sum4(sig_l)
     scaled = _sum4(exp_l)
     # sweep 3: noise, the forecasters, the signal sums
     bad = 0
-    for rb in range(lo, hi, R):
+    whole = pre_noise and p == 2  # d = 1, normals drawn: one forecaster call on the whole chunk (its setup, with
+    if whole:  # the run-time alias checks of 11 arrays, costs ~20% of a 256-value call)
+        nc = hi - lo
+        span = np.empty(2 * nc)
+        yc = span[:nc]
+        lanes_c = span[nc:]
+        for k in range(nc):
+            yc[k] = y0
+            lanes_c[k] = 0.0
+        bad = _forecast_block_p2(yc, sigma[lo:hi], eps_c[g_lo - 2 * Q0:g_lo - 2 * Q0 + nc], W, A, nc, lo, mu, update,
+                                 sf[lo:hi], lanes_c)
+        for b in range(0, nc, R):  # into the block lanes, as the block-wise loop sums them
+            rows = min(R, nc - b)
+            lb = lanes_c[b:b + rows]
+            for k in range(rows):
+                lanes[k] += lb[k]
+    for rb in range(lo, hi if not whole else lo, R):
         rows = min(R, hi - rb)
         v0 = rb * d
         nv = rows * d
         sb = sf[v0:v0 + nv]
         g0 = (first + rb) * d
         q0 = g0 >> 1
-        m = ((g0 + nv + 1) >> 1) - q0
-        _normals_into(kt, q0, m, u1, u2, lu, ltmp, noise)
-        off = g0 - 2 * q0
-        eps = noise[off:off + nv]
+        if pre_noise:
+            eps = eps_c[g0 - 2 * Q0:g0 - 2 * Q0 + nv]
+        else:
+            m = ((g0 + nv + 1) >> 1) - q0
+            _normals_into(kt, q0, m, noise)
+            off = g0 - 2 * q0
+            eps = noise[off:off + nv]
         scales = sigma[rb:rb + rows]  # d = 1: the clients' scales as they are
         if d != 1:
             for k in range(rows):
@@ -706,13 +867,13 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                     sv[k * d + j] = sigma[rb + k]
             scales = sv[:nv]
         if p == 2:
-            _forecast_block_p2(yr, scales, eps, W, A, nv, v0, mu, update, sb)
+            bad += _forecast_block_p2(yr, scales, eps, W, A, nv, v0, mu, update, sb, lanes)
         else:
             _forecast_block(yr, scales, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm)
-        for v in range(nv):
-            val = sb[v]
-            lanes[v] += val
-            bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
+            for v in range(nv):
+                val = sb[v]
+                lanes[v] += val
+                bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
     dp = _pad(d)
     row = work[c]
     scal = 3 * dp
@@ -777,10 +938,11 @@ def _merge_a(work, field, params, flags, stats, d):
 # --------------------------------------------------------------------------- pass B
 @njit(**_jit)
 def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, n_total, c):
-    """Pass B on chunk ``c``: share the log-weights, move and pay, then the chunk's sums for ``t + 1``.
+    """Pass B on chunk ``c``: share the weights, move and pay, then the chunk's sums for ``t + 1``.
 
     Modified in place on the chunk's rows: ``log_p`` (normalised and shared
-    when ``flags[F_REWEIGHT]``), ``x`` (``x(t+1)``), ``J``. Reads ``s``,
+    when ``flags[F_REWEIGHT]``; with linear weights ``ebuf`` instead gets the
+    shared ``p``), ``x`` (``x(t+1)``), ``J``. Reads ``s``,
     ``ebuf`` and the chunk's ``top_c`` (pass A's exponentials: the normalised
     weight is ``ebuf_i exp((top_c - top) - log_total)``, no ``exp`` per client),
     ``field[FIELD_OFFSET]``, ``field[FIELD_STATE]`` and the chunk's valid
@@ -797,6 +959,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     row = work[c]
     all_valid = row[scal + W_COUNT] == hi - lo
     reweight = flags[F_REWEIGHT] != 0
+    linear = flags[F_LINEAR] != 0
     alpha = params[P_ALPHA]
     gain = params[P_GAIN]
     weight = params[P_SIGNAL]
@@ -808,18 +971,16 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         top, log_total = 0.0, 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(5 * L + 7 * R)
+    scratch = np.empty(5 * L + 4 * R)
     offset = scratch[:L]
     centre = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
     lane_x = scratch[3 * L:4 * L]
     lane_m = scratch[4 * L:5 * L]
     w = scratch[5 * L:5 * L + R]
-    # scratch[5 L + R : 5 L + 2 R] is unused (kept so the offsets below stay as documented)
-    tmp = scratch[5 * L + 2 * R:5 * L + 4 * R]
-    cost_row = scratch[5 * L + 4 * R:5 * L + 5 * R]
-    jmax_l = scratch[5 * L + 5 * R:5 * L + 6 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
-    jarg_l = scratch[5 * L + 6 * R:5 * L + 7 * R]
+    cost_row = scratch[5 * L + R:5 * L + 2 * R]
+    jmax_l = scratch[5 * L + 2 * R:5 * L + 3 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
+    jarg_l = scratch[5 * L + 3 * R:5 * L + 4 * R]
     for k in range(R):
         jmax_l[k] = -np.inf
         jarg_l[k] = -1.0
@@ -843,8 +1004,18 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         eb = ebuf[rb:rb + rows]
         wb = w[:rows]
         # 5. normalise and share the weights; wb = the new p
-        if not reweight:
-            _exp_into(lp, wb, tmp[:2 * rows])
+        if linear:  # the weights live in ebuf: no log, no exp
+            wb = eb
+            if not reweight:
+                pass
+            elif alpha == 1.0:
+                for k in range(rows):
+                    eb[k] = floor
+            else:
+                for k in range(rows):
+                    eb[k] = keep * (eb[k] * scale) + floor
+        elif not reweight:
+            _exp_into(lp, wb)
         elif alpha == 0.0:
             for k in range(rows):
                 lp[k] = (lp[k] - top) - log_total
@@ -852,7 +1023,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         elif alpha == 1.0:
             for k in range(rows):
                 lp[k] = uniform
-            _exp_into(lp, wb, tmp[:2 * rows])
+            _exp_into(lp, wb)
         elif floor < _SHARE_FLOOR_MIN:
             lkeep = math.log1p(-alpha)
             spread = math.log(floor)
@@ -860,11 +1031,11 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                 a = lkeep + ((lp[k] - top) - log_total)
                 big = max(a, spread)
                 lp[k] = big + math.log1p(math.exp(-abs(a - spread)))
-            _exp_into(lp, wb, tmp[:2 * rows])
+            _exp_into(lp, wb)
         else:
             for k in range(rows):
                 wb[k] = keep * (eb[k] * scale) + floor
-            _log_into(wb, lp, tmp[:2 * rows])
+            _log_into(wb, lp)
         # 6. move and pay
         xb = xf[v0:v0 + nv]
         sb = sf[v0:v0 + nv]
@@ -971,8 +1142,9 @@ def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, fiel
 def _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
     """Pass A with the chunks spread over the threads (the same bits)."""
     kt = _round_key(key, flags[F_T])
-    for c in prange(work.shape[0]):
-        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+    chunks = work.shape[0]
+    for i in prange(chunks):
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, _chunk_order(i, chunks))
     _merge_a(work, field, params, flags, stats, x.shape[1])
 
 
@@ -992,8 +1164,9 @@ def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, sta
     """Pass B with the chunks spread over the threads (the same bits)."""
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), c)
+    chunks = work.shape[0]
+    for i in prange(chunks):  # pass A's order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order(i, chunks))
     _merge_b(work, field, yhat, stats, n, x.shape[1])
 
 
@@ -1009,12 +1182,13 @@ def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, 
     """A whole round with each pass's chunks spread over the threads."""
     kt = _round_key(key, flags[F_T])
     n, d = x.shape
-    for c in prange(work.shape[0]):
-        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+    chunks = work.shape[0]
+    for i in prange(chunks):
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, _chunk_order(i, chunks))
     _merge_a(work, field, params, flags, stats, d)
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for c in prange(work.shape[0]):  # in order: each thread gets back the chunks it had in pass A (its L2)
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), c)
+    for i in prange(chunks):  # pass A's order: each thread gets back the chunks it had in pass A (its L2)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order(i, chunks))
     _merge_b(work, field, yhat, stats, n, d)
 
 
@@ -1026,24 +1200,24 @@ def _normals_rows(key, first, t, out):
     g0 = first * d
     q0 = g0 >> 1
     m = ((g0 + n * d + 1) >> 1) - q0
-    buf = np.empty(7 * m)
-    _normals_into(kt, q0, m, buf[:m], buf[m:2 * m], buf[2 * m:3 * m], buf[3 * m:5 * m], buf[5 * m:])
+    buf = np.empty(2 * m)
+    _normals_into(kt, q0, m, buf)
     flat = out.reshape(-1)
     off = g0 - 2 * q0
     for k in range(n * d):
-        flat[k] = buf[5 * m + off + k]
+        flat[k] = buf[off + k]
 
 
 @njit(**_jit)
 def _exp_public(src, dst):
     """Jitted entry to the vectorised exp, for the accuracy tests."""
-    _exp_into(src, dst, np.empty(2 * src.shape[0]))
+    _exp_into(src, dst)
 
 
 @njit(**_jit)
 def _log_public(src, dst):
     """Jitted entry to the vectorised log, for the accuracy tests."""
-    _log_into(src, dst, np.empty(2 * src.shape[0]))
+    _log_into(src, dst)
 
 
 # --------------------------------------------------------------------------- public (semantics: _pipeline_reference)

@@ -33,6 +33,15 @@ Pass B
 7. ``m(t+1)``, the worst client ``max_i J_i`` (first on ties) and the
    mixture ``yhat(t+1) = sum_i p_i x_i(t+1)`` with the new weights.
 
+Linear weights: with ``flags[F_LINEAR]`` the weights between rounds are
+kept as ``p`` in ``ebuf`` (``log_p`` is then scratch: the compiled kernel does not touch it), which
+spares the compiled kernel one ``log`` per client and round (pass A needs an
+``exp`` of the step anyway). Allowed only when ``alpha / N >=``
+:data:`LINEAR_FLOOR`: every weight is then at least the share's floor
+``alpha / N``, so no weight underflows and ``log p`` is recovered as
+``log(ebuf)`` to a few ulps. Here (the specification) it only means
+``log_p = log(ebuf)`` before pass A and ``ebuf = exp(log_p)`` after pass B.
+
 Arrays (C-contiguous float64 unless said; the caller checks shapes):
 ``x``, ``s`` (N, d); ``J``, ``log_p``, ``ebuf`` (scratch kept from pass A to pass
 B), ``sigma``, ``sq_err``, ``sq_sig`` (N,);
@@ -52,9 +61,12 @@ from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT
 # ``params``: the float settings of a round.
 P_ETA, P_ALPHA, P_MU, P_HALF_DISCOUNT, P_GAIN, P_SIGNAL, P_Q, P_KAPPA, P_R, P_MIX_SIGNAL, P_MIX_STATE = range(11)
 N_PARAMS = 11
-# ``flags``: the integer settings of a round. FIRST is the global index of row 0 (a shard's offset).
-F_T, F_RULE, F_REWEIGHT, F_RECORD, F_UPDATE, F_FIRST = range(6)
-N_FLAGS = 6
+# ``flags``: the integer settings of a round. FIRST is the global index of row 0 (a shard's offset);
+# LINEAR: the weights live in ``ebuf`` as p (see the module docstring).
+F_T, F_RULE, F_REWEIGHT, F_RECORD, F_UPDATE, F_FIRST, F_LINEAR = range(7)
+N_FLAGS = 7
+# Linear weights need alpha / N at least this (every weight stays a normal number well above underflow).
+LINEAR_FLOOR = 1e-290
 # ``field`` rows: m(t) (read), sbar (kept when no signal is valid), the policy offset, m(t+1) (written).
 FIELD_STATE, FIELD_SIGNAL, FIELD_OFFSET, FIELD_NEXT = range(4)
 FIELD_ROWS = 4
@@ -71,7 +83,7 @@ _MASK = (1 << 64) - 1
 __all__ = [
     "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "STEP_LIMIT", "CHUNK", "P_ETA", "P_ALPHA", "P_MU", "P_HALF_DISCOUNT",
     "P_GAIN", "P_SIGNAL", "P_Q", "P_KAPPA", "P_R", "P_MIX_SIGNAL", "P_MIX_STATE", "N_PARAMS", "F_T", "F_RULE",
-    "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "N_FLAGS", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
+    "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "F_LINEAR", "N_FLAGS", "LINEAR_FLOOR", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
     "FIELD_NEXT", "FIELD_ROWS", "S_VALID", "S_MAX_COST", "S_ARG_COST", "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
     "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b",
     "round_step", "max_threads",
@@ -173,8 +185,14 @@ def _valid(s):
 
 
 def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
-    """Steps 1-4 and the merge (see the module docstring); ``ebuf`` (a compiled kernel's scratch) and ``threads`` are ignored."""
+    """Steps 1-4 and the merge (see the module docstring); ``threads`` is ignored.
+
+    ``ebuf`` holds the weights ``p`` when ``flags[F_LINEAR]`` (read here into
+    ``log_p``), else it is a compiled kernel's scratch and is ignored.
+    """
     n, d = x.shape
+    if flags[F_LINEAR]:
+        log_p[:] = np.log(ebuf)
     t, rule = int(flags[F_T]), int(flags[F_RULE])
     eta = params[P_ETA]
     err = ((x - y[None, :]) ** 2).sum(axis=1)
@@ -216,7 +234,7 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
 
 
 def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
-    """Steps 5-7 (see the module docstring); writes ``yhat`` and ``field[FIELD_NEXT]``; ``threads`` is ignored."""
+    """Steps 5-7 (see the module docstring); writes ``yhat``, ``field[FIELD_NEXT]`` (and ``ebuf = p`` when ``flags[F_LINEAR]``)."""
     n, d = x.shape
     if flags[F_REWEIGHT]:
         top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
@@ -242,6 +260,8 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
     stats[S_MAX_COST] = J[worst]
     stats[S_ARG_COST] = worst
     yhat[:] = np.exp(log_p) @ x
+    if flags[F_LINEAR]:
+        ebuf[:] = np.exp(log_p)
 
 
 def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,

@@ -2,7 +2,7 @@
 
 - the Numba kernel against ``_pipeline_reference`` to ``RTOL = 1e-12`` (relative
   to each array's largest entry) over N around ``CHUNK``, d in {1, 3},
-  p in {1, 2, 3}, both rules, alpha 0 and > 0, 1 and 2 threads;
+  p in {1, 2, 3}, both rules, alpha 0 (log-domain weights) and > 0 (linear weights), 1 and 2 threads;
 - bitwise the same on 1 and 2 threads;
 - the noise: a function of (seed, client, round, coordinate) only (any slice
   of clients reproduces those rows bitwise), standard normal, and the very
@@ -37,9 +37,16 @@ def series(T, d, seed=0):
     return np.sin(0.3 * t + phase) + 0.5 * np.cos(0.11 * t * (1 + phase)) + noise
 
 
-def close(a, b, rtol=RTOL):
-    scale = max(float(np.max(np.abs(b))), 1e-300) if np.size(b) else 1.0
+def close(a, b, rtol=RTOL, floor=1e-300):
+    scale = max(float(np.max(np.abs(b))), floor) if np.size(b) else 1.0
     return float(np.max(np.abs(a - b))) <= rtol * scale if np.size(b) else True
+
+
+def close_array(name, a, b):
+    """``close``; log-weights on a scale of at least 1 (an error of ``log p`` is ``p``'s relative error, so
+    one client's ``log p = 0`` may come out as ``-1.1e-16``: the weight 1 to an ulp).
+    """
+    return close(a, b, floor=1.0 if name == "log_weights" else 1e-300)
 
 
 def run_pair(n, d, p, rule, alpha, threads, rounds=6, **kw):
@@ -71,7 +78,7 @@ CASES = [
 def test_compiled_round_matches_reference(n, d, p, rule, alpha, threads):
     fast, slow = run_pair(n, d, p, rule, alpha, threads)
     for name in ARRAYS:
-        assert close(getattr(fast, name), getattr(slow, name)), name
+        assert close_array(name, getattr(fast, name), getattr(slow, name)), name
     assert close(fast.forecaster_weights, slow.forecaster_weights)
     assert close(fast.mean_state, slow.mean_state) and close(fast.mean_signal, slow.mean_signal)
     assert fast.worst_client == slow.worst_client == int(np.argmax(slow.costs))
@@ -80,13 +87,37 @@ def test_compiled_round_matches_reference(n, d, p, rule, alpha, threads):
     assert math.isclose(float(np.exp(fast.log_weights).sum()), 1.0, rel_tol=1e-12)
 
 
-def test_eta_zero_and_a_huge_step_keep_weights_normalised():
+@pytest.mark.parametrize("first,d", [(777, 1), (4096 + 3, 1), (12, 1), (5, 3)])
+def test_a_shard_offset_draws_its_own_clients_noise(first, d):
+    """``flags[F_FIRST]`` (a shard's first client; odd starts split a Box-Muller pair): kernel = reference."""
+    n, T = CHUNK + 300, 4
+    y = series(T, d)
+    args = dict(game=GAME, rule="hedge", eta=0.7, alpha=0.01, lags=2, seed=5)
+    fast = Pipeline(n, d, backend="numba", threads=TWO_THREADS, parallel_threshold=1, **args)
+    slow = Pipeline(n, d, backend="numpy", **args)
+    for pipe in (fast, slow):
+        pipe._flags[pipe._kern.F_FIRST] = first
+    for t in range(T):
+        assert close(fast.round(y[t]).copy(), slow.round(y[t]).copy())
+    for name in ARRAYS:
+        assert close_array(name, getattr(fast, name), getattr(slow, name)), name
+    # round 0's forecast is the first noisy value: the noise of clients first .. first + n - 1
+    key, _ = kern.seed_keys(5)
+    fresh = Pipeline(n, d, backend="numba", threads=1, **args)
+    fresh._flags[fresh._kern.F_FIRST] = first
+    fresh.round(y[0])
+    assert close(fresh.signals, y[0] + fresh.noise_scales[:, None] * kern.normals(key, first, 0, n, d), rtol=4e-16)
+
+
+@pytest.mark.parametrize("rule,alpha", [("hedge", 0.0), ("hedge", 0.01), ("eg", 0.01)])
+def test_eta_zero_and_a_huge_step_keep_weights_normalised(rule, alpha):
     # 1e60: eta * loss overflows (the step is clipped: weights stay finite or -inf, never NaN), and the
-    # forecasts pass SIGNAL_LIMIT (those clients hold)
+    # forecasts pass SIGNAL_LIMIT (those clients hold); alpha > 0 runs the linear weights (steps of +-1e300)
     y = series(5, 1) * 1e60
     for eta in (0.0, 1e200):
-        a = Pipeline(CHUNK + 3, game=GAME, eta=eta, alpha=0.0, backend="numba", threads=1)
-        b = Pipeline(CHUNK + 3, game=GAME, eta=eta, alpha=0.0, backend="numpy")
+        a = Pipeline(CHUNK + 3, game=GAME, rule=rule, eta=eta, alpha=alpha, backend="numba", threads=1)
+        b = Pipeline(CHUNK + 3, game=GAME, rule=rule, eta=eta, alpha=alpha, backend="numpy")
+        assert a._linear == (alpha > 0)
         for v in y:
             a.round(v)
             b.round(v)
@@ -98,19 +129,28 @@ def test_eta_zero_and_a_huge_step_keep_weights_normalised():
         assert close(a.states, b.states) and close(a.costs, b.costs) and a.n_valid_signals == b.n_valid_signals
 
 
-def test_thread_count_does_not_change_a_bit():
+@pytest.mark.parametrize("rule,d,alpha", [("eg", 2, 0.02), ("hedge", 1, 0.01), ("hedge", 1, 0.0)])
+def test_thread_count_does_not_change_a_bit(rule, d, alpha):
+    """Also for the fused loops of ``d = 1`` (hedge), with linear (alpha > 0) and log-domain weights."""
     if TWO_THREADS == 1:
         pytest.skip("Numba has one thread here")
-    n, d = 3 * CHUNK + 11, 2
+    n = 3 * CHUNK + 11
     y = series(5, d)
-    one = Pipeline(n, d, game=GAME, rule="eg", alpha=0.02, threads=1)
-    two = Pipeline(n, d, game=GAME, rule="eg", alpha=0.02, threads=2, parallel_threshold=1)
+    one = Pipeline(n, d, game=GAME, rule=rule, alpha=alpha, threads=1)
+    two = Pipeline(n, d, game=GAME, rule=rule, alpha=alpha, threads=2, parallel_threshold=1)
     for v in y:
         a, b = one.round(v).copy(), two.round(v).copy()
         assert np.array_equal(a, b)
     for name in ARRAYS:
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
     assert np.array_equal(one.mean_state, two.mean_state) and one.worst_client == two.worst_client
+
+
+def test_parallel_chunk_order_is_a_permutation_with_the_short_chunk_in_the_middle():
+    for chunks in range(1, 60):
+        order = [kern._chunk_order(i, chunks) for i in range(chunks)]
+        assert sorted(order) == list(range(chunks))
+        assert order[(chunks + 1) // 2 - 1] == chunks - 1
 
 
 # --------------------------------------------------------------------------- the noise

@@ -170,6 +170,9 @@ class Pipeline:
         prm[k.P_Q], prm[k.P_KAPPA], prm[k.P_R] = table.coef[0, Q], table.coef[0, KAPPA], table.coef[0, R]
         prm[k.P_MIX_SIGNAL], prm[k.P_MIX_STATE] = table.mix[MIX_SIGNAL, 0, 0], table.mix[MIX_STATE, 0, 0]
         self._flags[k.F_RULE] = _RULES[self.rule]
+        # with a share floor alpha / N no weight can underflow: keep p itself (the kernel then needs no log per client)
+        self._linear = self.alpha / n >= k.LINEAR_FLOOR
+        self._flags[k.F_LINEAR] = self._linear
         self._views = {name: _readonly(getattr(self, name)) for name in ("_x", "_s", "_J", "_log_p", "_sq_err",
                                                                           "_sq_sig", "_sigma", "_yhat")}
         self.reset()
@@ -181,6 +184,7 @@ class Pipeline:
         self._s[...] = 0.0
         self._J[...] = 0.0
         self._log_p[...] = -math.log(self.n_clients)
+        self._ebuf[...] = np.exp(self._log_p)  # the weights themselves when self._linear
         self._weights[...] = 0.0
         self._weights[0] = 1.0  # persistence: the first forecast is the first noisy observation
         self._lag_buf[...] = 0.0
@@ -260,13 +264,21 @@ class Pipeline:
 
     @property
     def log_weights(self) -> np.ndarray:
-        """The server's ``log p``, shape (N,): read-only live view."""
+        """The server's ``log p``, shape (N,): a read-only live view, or a new array when ``alpha > 0``.
+
+        With a positive share (``alpha / N >= 1e-290``) the kernel keeps the
+        weights ``p`` themselves (no weight can underflow), and this is ``log p``.
+        """
+        if self._linear:
+            out = np.log(self._ebuf)
+            out.flags.writeable = False
+            return out
         return self._views["_log_p"]
 
     @property
     def weights(self) -> np.ndarray:
         """``p = exp(log p)`` (a new array)."""
-        return np.exp(self._log_p)
+        return self._ebuf.copy() if self._linear else np.exp(self._log_p)
 
     @property
     def mixture(self) -> np.ndarray:
