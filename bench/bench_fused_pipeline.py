@@ -14,8 +14,10 @@ the per-client squared errors recorded every round, three ways:
     over the clients per round, the noise drawn inside the kernel);
 ``numpy``
     an idiomatic NumPy-only pipeline: preallocated arrays, in-place ufuncs,
-    ``Generator.standard_normal(out=...)``, ``scipy.special.logsumexp``; its
-    BLAS on one thread (``OPENBLAS_NUM_THREADS=1`` unless set), like its ufuncs.
+    ``Generator.standard_normal(out=...)``, the hedge weights kept as ``p``
+    (one ``exp`` per client, as the fused kernel does when ``alpha > 0``;
+    ``scipy.special.logsumexp`` only in a round where every weight
+    underflows); its BLAS on one thread (``OPENBLAS_NUM_THREADS=1`` unless set), like its ufuncs.
 
 The contenders run interleaved (one timed run of each per repetition, a fresh
 object each time, JIT warmed before); the table gives the medians of whole
@@ -131,7 +133,7 @@ class NumpyPipeline:
         self.lag = np.zeros((2, n))
         self.x = np.zeros(n)
         self.J = np.zeros(n)
-        self.log_p = np.full(n, -math.log(n))
+        self.p = np.full(n, 1.0 / n)  # weights kept as p: with alpha > 0, p >= alpha / N never underflows
         self.sq_err = np.zeros(n)
         self.sq_sig = np.zeros(n)
         self.eps = np.empty(n)
@@ -149,10 +151,10 @@ class NumpyPipeline:
         clock = time.perf_counter
         w0, w1, w2, w3, w4 = self.w
         A0, A1 = self.lag
-        x, J, lp, s, z, eps = self.x, self.J, self.log_p, self.s, self.z, self.eps
+        x, J, p, s, z, eps = self.x, self.J, self.p, self.s, self.z, self.eps
         t0, t1, t2, t3, t4, t5 = self.a
         q, kappa, r = GAME.q, GAME.kappa, GAME.r
-        keep, spread = math.log1p(-ALPHA), math.log(ALPHA / self.n)
+        share = ALPHA / self.n
         err = 0.0
         for t in range(len(yv) - 1):
             t_start = clock()
@@ -210,17 +212,25 @@ class NumpyPipeline:
             J += t4
             x += t5
             # server: predict, score, hedge update with fixed share
-            np.exp(lp, out=t0)
-            yhat = float(t0 @ x)
+            yhat = float(p @ x)
             err += (yhat - target) ** 2
             np.subtract(x, target, out=t1)
             np.square(t1, out=t1)
             self.sq_err += t1
-            t1 *= ETA
-            lp -= t1
-            lp -= logsumexp(lp)
-            lp += keep
-            np.logaddexp(lp, spread, out=lp)
+            # hedge in the probability domain, one exp per client: p <- (1 - alpha) p e^{-eta l} / sum + alpha / N
+            np.multiply(t1, -ETA, out=t0)
+            np.exp(t0, out=t0)
+            t0 *= p
+            total = float(t0.sum())
+            if total > 0.0:
+                np.multiply(t0, (1.0 - ALPHA) / total, out=p)
+            else:  # every weight underflowed this round (a huge loss): the same update through the logs
+                np.log(p, out=t0)
+                t0 -= ETA * t1
+                t0 -= logsumexp(t0)
+                np.exp(t0, out=p)
+                p *= 1.0 - ALPHA
+            p += share
             self.t += 1
             self.discount *= GAME.gamma
             if times is not None:
