@@ -172,3 +172,37 @@ def test_trust_population_bad_arguments(kwargs, words):
 
     with pytest.raises(ValueError, match=words):
         TrustPopulation(20, 1, n_classes=2, **kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_no_feedforward_moves_lie_in_the_family_bench_trust_bound_bounds(k, seed):
+    """bench/trust_bound.py's floor rests on this: without feed-forward, every move is
+    ``x_i(t+1) = a x_i(t) + b s_i(t) + sum_l c_l sbar_l(t)`` with ``a, b, c_l >= 0`` summing to 1,
+    whatever the class weights and shares.
+    """
+    from memoa_fast import Game, Population
+
+    rng = np.random.default_rng(seed)
+    q = rng.choice([0.0, 1.0], k) * np.exp(rng.uniform(-6, 6, k))
+    q[0] = max(q[0], 1e-3)  # some class must follow its signal
+    kappa = np.exp(rng.uniform(-4, 3, k))
+    r = np.exp(rng.uniform(-3, 2, k))
+    shares = rng.dirichlet(np.ones(k))
+    game = Game(q=q, kappa=kappa, r=r, gamma=0.9, shares=shares, feedforward=False)
+    gain, lam = game.classes.k, game.classes.lam
+    a = 1.0 - gain
+    b = gain * game.q / game.w
+    c = (gain * game.kappa / game.w)[:, None] * lam[None, :]
+    assert np.all((a >= 0) & (a < 1) & (b >= 0)) and np.all(c >= 0) and np.all(lam >= 0)
+    np.testing.assert_allclose(a + b + c.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    n, d = 50 * k, 2
+    labels = np.arange(n) % k
+    pop = Population(game, n, d, labels=labels, threads=1)
+    x = rng.normal(size=(n, d))
+    pop.step(x)  # an arbitrary state to start from
+    x = pop.states.copy()
+    s = rng.normal(size=(n, d))
+    sbar = np.stack([s[labels == j].mean(axis=0) for j in range(k)])
+    want = a[labels, None] * x + b[labels, None] * s + c[labels] @ sbar
+    np.testing.assert_allclose(pop.step(s), want, rtol=1e-11, atol=1e-11)
