@@ -150,6 +150,9 @@ _HUGE = 1.7976931348623157e308         # largest finite double
 SHARE_ROWS = 512
 # Below this alpha / N the share pass keeps its scalar log1p(exp(.)) form (subnormal sums would lose bits).
 _SHARE_FLOOR_MIN = 1e-290
+# One class, pass 1: a chunk whose signals are all at most this in magnitude passes the exact test of
+# _lane_sums_abs (each lane adds at most CHUNK of them, so its sum of magnitudes stays below SIGNAL_LIMIT).
+_SIGNAL_SAFE = SIGNAL_LIMIT / (2.0 * CHUNK)
 
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
 
@@ -401,11 +404,12 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
 
     Notes
     -----
-    One class: the signals are summed in lanes (vectorised) while the lanes
-    also keep the largest ``|s|``; the chunk is all valid when every lane sum
-    is finite and every lane maximum is at most ``SIGNAL_LIMIT``, the common
-    case; otherwise the chunk is summed again row by row, skipping invalid
-    rows. Several classes: one row-by-row pass (:func:`_class_signal_sums`)
+    One class: the signals are summed in lanes (vectorised) while a register
+    counts those over ``_SIGNAL_SAFE`` (:func:`_lane_sums_safe`); none, the
+    common case, proves the chunk all valid. Otherwise the exact test runs
+    (:func:`_lane_sums_abs`: every lane sum finite and every lane's sum of
+    magnitudes at most ``SIGNAL_LIMIT``), and a chunk that fails it is summed
+    again row by row, skipping invalid rows. Several classes: one row-by-row pass (:func:`_class_signal_sums`)
     that tests each row and adds a valid one to its class, in ``P``
     interleaved copies of the class sums (:func:`_copies`) folded at the end
     (:func:`_fold_copies`); the order of additions is fixed by the agents'
@@ -421,8 +425,13 @@ def _signal_chunk(x, s, labels, work, lay, c, want_states):
         scratch = np.empty(2 * L)
         lanes = scratch[:L]
         magnitude = scratch[L:]
-        _lane_sums_abs(s.reshape(-1), lo * d, hi * d, L, lanes, magnitude)
-        if _count_nonfinite(lanes, 0, L) == 0 and _count_over(magnitude, 0, L) == 0:
+        sf = s.reshape(-1)
+        if _lane_sums_safe(sf, lo * d, hi * d, L, lanes) == 0:
+            valid = True
+        else:  # the exact test (rare: the chunk is in cache now)
+            _lane_sums_abs(sf, lo * d, hi * d, L, lanes, magnitude)
+            valid = _count_nonfinite(lanes, 0, L) == 0 and _count_over(magnitude, 0, L) == 0
+        if valid:
             count = hi - lo
             _lane_columns(lanes, d, R, row[lay[LAY_SIGNAL]:lay[LAY_SIGNAL] + d])
         else:
@@ -625,6 +634,28 @@ def _lane_sums_abs(flat, lo, hi, L, lanes, magnitude):
             v = seg[l]
             lanes[l] += v
             magnitude[l] += abs(v)
+
+
+@njit(**_jit)
+def _lane_sums_safe(flat, lo, hi, L, lanes):
+    """:func:`_lane_sums` of ``flat[lo:hi]``; returns how many values are not at most ``_SIGNAL_SAFE`` in magnitude (NaN counts).
+
+    A return of 0 implies :func:`_lane_sums_abs`'s test (every lane sum finite,
+    every lane's sum of magnitudes at most ``SIGNAL_LIMIT``): a lane adds at most
+    ``CHUNK`` values, each at most ``SIGNAL_LIMIT / (2 CHUNK)``. The count is a
+    register reduction, where the magnitudes' lanes cost a load and a store per
+    value (measured: pass 1 at ``d = 1`` 1.75x the plain lane sums, with this 1.0-1.1x).
+    """
+    for l in range(L):
+        lanes[l] = 0.0
+    bad = 0
+    for b in range(lo, hi, L):
+        seg = flat[b:min(b + L, hi)]
+        for l in range(seg.shape[0]):
+            v = seg[l]
+            lanes[l] += v
+            bad += 0 if abs(v) <= _SIGNAL_SAFE else 1
+    return bad
 
 
 @njit(**_jit)
