@@ -806,7 +806,7 @@ def _fold_rows(work, lay, out):
 
 # --------------------------------------------------------------------------- move pass
 @njit(**_jit)
-def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_valid):
+def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_valid, lanes):
     """One class: policy step and stage cost of rows ``[lo, hi)``, in place (``x`` and ``J`` written).
 
     Reads row 0 of ``coef`` (gain, signal weight, q, kappa, r), ``field[offset]``
@@ -820,6 +820,10 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
     patterns and the five coefficients stay scalars, so LLVM vectorises it
     (per-value coefficient patterns, as a K-class version would need, cost
     more to fill than they save: several classes take :func:`_move_rows_classes`).
+
+    ``lanes`` (``L`` values) gets :func:`_lane_sums` of the moved states of
+    these rows, block by block as each block is moved: the same additions in the
+    same order as a sweep after the move, without reading the rows again.
     """
     n, d = x.shape
     R = _block_rows(d)
@@ -839,6 +843,8 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
         for j in range(d):
             offset[k * d + j] = field[lay[LAY_OFFSET], j]
             centre[k * d + j] = field[lay[LAY_FIELD_STATE], j]
+    for v in range(L):
+        lanes[v] = 0.0
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
         xb = xf[rb * d:(rb + rows) * d]
@@ -851,7 +857,9 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
                 e_s = xi - si
                 e_m = xi - centre[v]
                 terms[v] = q * e_s * e_s + kappa * e_m * e_m + r * u * u
-                xb[v] = xi + u
+                xn = xi + u
+                xb[v] = xn
+                lanes[v] += xn
             Jb = J[rb:rb + rows]
             if d == 1:
                 for k in range(rows):
@@ -880,6 +888,8 @@ def _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, all_val
                         e_m = x[i, j] - centre[j]
                         cost += kappa * e_m * e_m
                 J[i] += half_discount * cost
+            for v in range(xb.shape[0]):
+                lanes[v] += xb[v]
 
 
 @njit(**_jit)
@@ -1112,8 +1122,14 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     L = R * d
     lo, hi = _chunk_bounds(n, c)
     row = work[c]
+    predict = log_p.shape[0] == n
+    extra = 3 * _exp_rows(R) if predict else 0
+    scratch = np.empty(L + 2 * MAX_LANES + extra)
+    lanes = scratch[:L]
+    xf = x.reshape(-1)
     if K == 1 and labels.shape[0] == 0:
-        _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, row[lay[LAY_COUNT]] == hi - lo)
+        _move_rows(x, s, labels, J, lay, coef, field, half_discount, lo, hi, row[lay[LAY_COUNT]] == hi - lo, lanes)
+        _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
     else:
         P = _copies(K)
         space = _zeros_aligned(P * K * d + K * (5 + d))
@@ -1125,14 +1141,6 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
             valid += row[lay[LAY_COUNT] + l]
         _move_rows_classes(x, s, labels, J, lay, field, half_discount, lo, hi, table, P, acc, valid == hi - lo)
         _fold_copies(acc, K, d, P, row[lay[LAY_STATE]:])
-    predict = log_p.shape[0] == n
-    extra = 3 * _exp_rows(R) if predict else 0
-    scratch = np.empty(L + 2 * MAX_LANES + extra)
-    lanes = scratch[:L]
-    xf = x.reshape(-1)
-    if K == 1 and labels.shape[0] == 0:
-        _lane_sums(xf, lo * d, hi * d, L, lanes)
-        _lane_columns(lanes, d, R, row[lay[LAY_STATE]:lay[LAY_STATE] + d])
     jmax, jarg = _max_arg(J, lo, hi, scratch[L:L + MAX_LANES], scratch[L + MAX_LANES:L + 2 * MAX_LANES])
     row[lay[LAY_MAX_COST]] = jmax
     row[lay[LAY_ARG_COST]] = jarg
