@@ -259,6 +259,30 @@ def test_signal_limit_keeps_the_mean_field_finite(backend):
     assert np.isfinite(got["yhat"]).all() and lay.n_classes == 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [1, 4, 16])
+def test_one_class_valid_signals_near_the_limit(backend, d):
+    """K = 1: valid signals between ``SIGNAL_LIMIT / (2 CHUNK)`` and ``SIGNAL_LIMIT`` count, and match the reference.
+
+    The Numba pass 1 proves a chunk valid with a cheap bound (every ``|s|`` at
+    most ``SIGNAL_LIMIT / (2 CHUNK)``) and runs the exact lane test only when
+    that fails: chunk 0 holds one such signal (the exact test passes), chunk 1
+    several hundred in one column (a lane's magnitudes sum over the limit: row by
+    row), chunk 2 one signal exactly at the limit.
+    """
+    mod = BACKENDS[backend]
+    n = 3 * CHUNK + 1
+    P = population(7 + d, n, d, 1, 0.0, empty_labels=True)
+    P["s"][5, d - 1] = -1e48
+    P["s"][CHUNK:CHUNK + 700, 0] = 0.9e50 * np.where(np.arange(700) % 2 == 0, 1.0, -1.0)
+    P["s"][2 * CHUNK + 9, 0] = 1e50
+    assert _reference.valid_rows(P["s"]).all()
+    for threads in thread_counts(backend, mod):
+        for have_mean in (False, True):
+            check_step(mod, P, have_mean, True, 0.9, threads)
+            assert fused(mod, P, have_mean, False, 0.9, threads)["stats"][0] == n
+
+
 # --------------------------------------------------------------------------- server
 def _server_reference(log_p, x, y, yhat, rule, eta, alpha, lay):
     """The reference update in its three steps; returns (stepped log-weights, top, log_total, final)."""
