@@ -96,22 +96,32 @@ class TrustClasses:
         call. Ties are broken by client index (a stable sort), so the classes
         are a deterministic function of the errors.
         """
-        power = self.power if power is None else check_real("power", power, low=0.0)
+        labels, (q,), shares = self.classes_for((self.power if power is None else power,))
+        return labels, q, shares
+
+    def classes_for(self, powers) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """``(labels, [q for each power], shares)``: :meth:`classes` for several exponents, ranking the clients once."""
+        powers = [check_real("power", p, low=0.0) for p in powers]
         K, n = self.n_classes, self.n_clients
         order = np.argsort(self.errors, kind="stable")
         labels = np.empty(n, dtype=np.int64)
         bounds = [(j * n) // K for j in range(K + 1)]
-        q = np.empty(K)
-        median = float(np.median(self.errors))
-        low, high = self.q_range
+        means = np.empty(K)
         for j in range(K):
             members = order[bounds[j]:bounds[j + 1]]
             labels[members] = j
-            mean = float(self.errors[members].mean())
-            ratio = (median / mean) ** power if mean > 0 and math.isfinite(mean) else 1.0
-            q[j] = self.q * min(max(ratio, low), high)
+            means[j] = self.errors[members].mean()
+        median = float(np.median(self.errors))
+        low, high = self.q_range
+        weights = []
+        for power in powers:
+            q = np.empty(K)
+            for j, mean in enumerate(means):
+                ratio = (median / mean) ** power if mean > 0 and math.isfinite(mean) else 1.0
+                q[j] = self.q * min(max(ratio, low), high)
+            weights.append(q)
         shares = np.diff(bounds) / n
-        return labels, q, shares
+        return labels, weights, shares
 
     def __repr__(self) -> str:
         return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
@@ -242,8 +252,8 @@ class TrustPopulation:
             self._measure_class_costs(target)
         self.t += 1
         if self.trust.due(self.t):
-            for c, power in enumerate(self.powers):
-                labels, q_j, shares = self.trust.classes(power)
+            labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
+            for c, q_j in enumerate(weights):
                 self.games[c] = self.games[c].with_weights(q=q_j, shares=shares)
                 self.populations[c].set_game(self.games[c])
                 self.populations[c].set_labels(labels)
