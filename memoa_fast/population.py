@@ -32,7 +32,7 @@ def population_shape(game, n_agents, dim, initial_states) -> tuple[int, int]:
 
 
 def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
-    """Return ``labels`` as an int64 array of shape (N,) with values in ``[0, K)``; an empty array when K = 1."""
+    """Return a private int64 copy of ``labels``, shape (N,), values in ``[0, K)``; an empty array when K = 1."""
     if n_classes == 1:
         if labels is None:
             return np.empty(0, dtype=np.int64)
@@ -48,7 +48,9 @@ def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
         raise ValueError(f"labels must be in [0, {n_classes}) (the game's classes), got {int(arr[bad])} at index {bad}")
     if n_classes == 1:
         return np.empty(0, dtype=np.int64)
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    # Always a private copy: the kernels index class tables by these labels without bounds checks, so a caller
+    # who edits the array after passing it must not reach them.
+    return np.array(arr, dtype=np.int64, order="C", copy=True)
 
 
 class MeanFieldSummary:

@@ -295,6 +295,23 @@ def test_k_class_needs_labels_in_range(rng):
         pop.set_game(GAME)
 
 
+@pytest.mark.parametrize("backend", ["numba", "cython", "numpy"])
+def test_labels_are_copied_so_a_later_edit_cannot_reach_the_kernels(rng, backend):
+    """The kernels index class tables by label without bounds checks: the population keeps its own copy."""
+    n, d = 40, 2
+    labels = np.arange(n, dtype=np.int64) % 3
+    pop = Population(K_GAME, n, d, labels=labels, backend=backend, threads=1)
+    twin = Population(K_GAME, n, d, labels=labels.copy(), backend=backend, threads=1)
+    labels[:] = 10**9  # out of range for a 3-class table
+    s = rng.normal(size=(n, d))
+    np.testing.assert_array_equal(pop.step(s), twin.step(s))
+    assert pop.labels.max() == 2
+    fresh = np.zeros(n, dtype=np.int64)
+    pop.set_labels(fresh)
+    fresh[:] = 10**9
+    assert pop.labels.max() == 0
+
+
 def test_state_round_trip_pickle_and_deepcopy_for_k_classes(rng):
     import copy
     import pickle
