@@ -342,7 +342,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     planned_rounds = args.rounds or DEFAULTS["rounds"]
     if stream == "csv" and args.rounds is None:
         planned_rounds = 0  # the file decides; checked again once it is read
-    _check_memory(run, args, planned_rounds, len(policies), len(rules))
+    _check_memory(run, args, planned_rounds, policies, len(rules))
 
     if stream == "csv":
         if args.rounds is not None and args.rounds < args.warmup + 1:
@@ -367,18 +367,18 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         series = make_stream(stream, planned_rounds + 1, seed=args.seed)
         name = stream
     n_rounds = len(series) - 1
-    _check_memory(run, args, n_rounds, len(policies), len(rules))
+    _check_memory(run, args, n_rounds, policies, len(rules))
     if args.burn_in is not None and args.burn_in >= n_rounds:
         run.error(f"argument --burn-in: must be smaller than the number of rounds ({n_rounds}), got {args.burn_in}")
     return series, name, policies, rules
 
 
-def _check_memory(run, args, n_rounds: int, n_policies: int, n_rules: int) -> None:
+def _check_memory(run, args, n_rounds: int, policies: list, n_rules: int) -> None:
     available = _available_memory()
     if available is None:
         return
-    trust = "memoa-trust" in (p.strip() for p in args.policies.split(","))
-    extra = len(MINIMAX_POWERS) - 1 if args.trust_rule == "minimax" and trust else 0
+    n_policies = len(policies)
+    extra = len(MINIMAX_POWERS) - 1 if args.trust_rule == "minimax" and "memoa-trust" in policies else 0
     fewer = "--policies or --trust-rule error" if extra else "--policies"
     clients_b, rounds_b = memory_estimate(args.clients, n_rounds, n_policies, n_rules, args.lags, extra_populations=extra)
     if clients_b + rounds_b > 0.8 * available:
