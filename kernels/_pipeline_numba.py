@@ -485,36 +485,25 @@ def _sweep1_d1_exp(xb, sb, qe, qs, lp, eb, pb, y0, eta, err_l, sig_l, tmax, exp_
 def _sweep1_d1(xb, sb, qe, qs, lp, y0, eta, linear, err_l, sig_l, tmax):
     """Sweep 1 for ``d = 1``, recording, hedge step: errors, both records, the step, the lane maxima; one loop.
 
-    The same operations in the same order as the general sweep (the same bits).
+    The same operations in the same order as the general sweep (the same bits). With linear weights
+    ``lp`` gets ``-step``; with log weights ``log p - step`` (written ``log p + (-step)``, the same IEEE
+    result). ``linear`` does not change inside the loop, so LLVM unswitches it into two loops.
     """
-    if linear:
-        for k in range(xb.shape[0]):
-            e = xb[k] - y0
-            err = e * e
-            qe[k] += err
-            err_l[k] += err
-            es = sb[k] - y0
-            sig = es * es
-            qs[k] += sig
-            sig_l[k] += sig
-            v = -_clip_step(eta * err)
-            lp[k] = v
-            m = tmax[k]
-            tmax[k] = v if v > m else m
-    else:
-        for k in range(xb.shape[0]):
-            e = xb[k] - y0
-            err = e * e
-            qe[k] += err
-            err_l[k] += err
-            es = sb[k] - y0
-            sig = es * es
-            qs[k] += sig
-            sig_l[k] += sig
-            v = lp[k] - _clip_step(eta * err)
-            lp[k] = v
-            m = tmax[k]
-            tmax[k] = v if v > m else m
+    for k in range(xb.shape[0]):
+        e = xb[k] - y0
+        err = e * e
+        qe[k] += err
+        err_l[k] += err
+        es = sb[k] - y0
+        sig = es * es
+        qs[k] += sig
+        sig_l[k] += sig
+        v = -_clip_step(eta * err)
+        if not linear:
+            v = lp[k] + v
+        lp[k] = v
+        m = tmax[k]
+        tmax[k] = v if v > m else m
 
 
 @njit(**_jit)
