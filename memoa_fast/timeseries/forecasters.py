@@ -44,6 +44,7 @@ import numpy as np
 from .. import _backends
 from .._state import check_source_state
 from .._validation import as_float_array, check_choice, check_int, check_real
+from ..population import _readonly
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -446,12 +447,6 @@ def _check_noise_range(noise_range) -> tuple[float, float]:
     if hi < lo:
         raise ValueError(f"noise_range must have low <= high, got ({lo!r}, {hi!r})")
     return lo, hi
-
-
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    view = arr.view()
-    view.flags.writeable = False
-    return view
 
 
 class ForecasterSignals:

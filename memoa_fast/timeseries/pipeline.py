@@ -18,6 +18,8 @@ from .. import _backends
 from .._validation import as_float_array, check_choice, check_int, check_real
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
+from ..population import _readonly
+from .forecasters import _check_noise_range
 
 __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
 
@@ -341,21 +343,3 @@ class Pipeline:
             f"eta={self.eta!r}, alpha={self.alpha!r}, lags={self.lags}, noise_range={self.noise_range}, mu={self.mu!r}, "
             f"seed={self.seed}, backend={self.backend!r}, threads={self.threads}, t={self.t})"
         )
-
-
-def _check_noise_range(noise_range) -> tuple[float, float]:
-    try:
-        lo, hi = noise_range
-    except (TypeError, ValueError):
-        raise TypeError(f"noise_range must be a pair (low, high) of positive numbers, got {noise_range!r}") from None
-    lo = check_real("noise_range low", lo, low=0.0, low_open=True)
-    hi = check_real("noise_range high", hi, low=0.0, low_open=True)
-    if hi < lo:
-        raise ValueError(f"noise_range must have low <= high, got ({lo!r}, {hi!r})")
-    return lo, hi
-
-
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    view = arr.view()
-    view.flags.writeable = False
-    return view
