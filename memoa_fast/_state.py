@@ -280,6 +280,15 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
 
 
 # =========================================================================== server
+def server_state(log_weights: np.ndarray, n_updates: int, rule: str, eta: float, alpha: float) -> dict:
+    """A server's ``state_dict()``: the log-weights (a copy) and what :func:`check_server_state` checks them against.
+
+    One builder for :class:`~memoa_fast.Server` and the Dask server, so that the two cannot drift apart.
+    """
+    return {"log_weights": np.array(log_weights, dtype=np.float64), "n_updates": n_updates, "rule": rule, "eta": eta,
+            "alpha": alpha}
+
+
 def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: float) -> dict:
     r"""Check a server state against a server of ``n_agents`` clients with this ``rule``, ``eta`` and ``alpha``.
 

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from . import _backends
-from ._state import RULES, check_server_state
+from ._state import RULES, check_server_state, server_state
 from ._validation import as_float_array, check_choice, check_int, check_real, check_sizes
 from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 
@@ -143,13 +143,7 @@ class Server:
 
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (copies)."""
-        return {
-            "log_weights": self._log_p.copy(),
-            "n_updates": self.n_updates,
-            "rule": self.rule,
-            "eta": self.eta,
-            "alpha": self.alpha,
-        }
+        return server_state(self._log_p, self.n_updates, self.rule, self.eta, self.alpha)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""

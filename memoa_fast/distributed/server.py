@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 
-from .._state import check_server_state
+from .._state import check_server_state, server_state
 from .._validation import as_float_array, check_choice, check_real
 from ..population import _readonly
 from ..server import RULE_CODES, RULES
@@ -112,13 +112,7 @@ class DaskServer:
 
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (:meth:`Server.state_dict`'s keys, gathered)."""
-        return {
-            "log_weights": self.log_weights.copy(),
-            "n_updates": self.n_updates,
-            "rule": self.rule,
-            "eta": self.eta,
-            "alpha": self.alpha,
-        }
+        return server_state(self.log_weights, self.n_updates, self.rule, self.eta, self.alpha)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
