@@ -312,17 +312,6 @@ def make_call(kernel, who, data: Data):
     raise ValueError(who)
 
 
-def median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("peer", PEERS)
 def test_peer_self_check(peer):
@@ -377,9 +366,9 @@ def test_stream_triad(benchmark, machine, threads):
 def test_kernel(benchmark, machine, summary, kernel, n, d, who):
     data = dataset(n, d)
     call = data.get((kernel, who), lambda: make_call(kernel, who, data))
-    estimate = median_seconds(call, 1, warmup=2)  # JIT (Numba, XLA) compiles or loads its cache here
+    estimate = machine.median_seconds(call, 1, warmup=2)  # JIT (Numba, XLA) compiles or loads its cache here
     if estimate < 0.2:
-        estimate = median_seconds(call, 3, warmup=0)
+        estimate = machine.median_seconds(call, 3, warmup=0)
     rounds = int(min(500, max(3, TARGET_SECONDS / max(estimate, 1e-9))))
     benchmark.group = f"{kernel} N={n:.0e} d={d}"
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1 if estimate < 0.2 else 0)
@@ -477,7 +466,7 @@ def test_interleaved(summary, machine, group, d):
         if old_kernels() is not None:
             calls[f"old-numba-{threads}"] = OldStep(old_kernels(), data, threads)
     calls.update(_triad_calls(machine))
-    probe = sum(median_seconds(fn, 1, warmup=2) for fn in calls.values())  # warms every JIT too
+    probe = sum(machine.median_seconds(fn, 1, warmup=2) for fn in calls.values())  # warms every JIT too
     repeats = int(min(21, max(5, math.ceil(10.0 / probe))))
     load_before = os.getloadavg()[0]
     med = _interleaved(calls, repeats)
