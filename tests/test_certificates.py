@@ -192,6 +192,29 @@ def test_gamma_one_uses_an_automatic_horizon():
 # --------------------------------------------------------------------------- exact Nash
 
 
+def _best_response(K, i, signal, q, kappa, r, gamma):
+    """Player ``i``'s exact best response to the others' gains ``K`` (rows of ``[x, 1]`` feedback), by scipy's DARE.
+
+    State ``[x_1..x_N, 1]``; player ``i`` pays ``q (x_i - signal)^2 + kappa (x_i - mean x)^2 + r u_i^2``.
+    Returns its optimal gain row and the DARE solution ``P``.
+    """
+    n = K.shape[0]
+    sg = np.sqrt(gamma)
+    A = np.eye(n + 1)
+    A[:n] -= K
+    A[i] += K[i]  # the others play K, player i's own move is the control
+    e = np.zeros((n + 1, 1))
+    e[i] = 1.0
+    h = np.zeros(n + 1)
+    h[i], h[n] = 1.0, -signal
+    f = np.zeros(n + 1)
+    f[:n] = -1.0 / n
+    f[i] += 1.0
+    Q = q * np.outer(h, h) + kappa * np.outer(f, f)
+    P = sla.solve_discrete_are(sg * A, sg * e, Q, np.array([[r]]))
+    return gamma * (P[i] @ A) / (r + gamma * P[i, i]), P
+
+
 def test_nash_fixed_point_solves_every_players_riccati():
     """At the equilibrium, each player's gain is its exact best response to the
     others' gains, checked with scipy.linalg.solve_discrete_are.
@@ -200,24 +223,10 @@ def test_nash_fixed_point_solves_every_players_riccati():
     n, d = 5, 2
     s, _ = population(n, d=d, seed=9)
     ne = nash_equilibrium(game, n, s)
-    sg = np.sqrt(game.gamma)
     for c in range(d):
         K = ne.gains[c]
-        Acl = np.eye(n + 1)
-        Acl[:n] -= K
         for i in range(n):
-            Ami = Acl.copy()
-            Ami[i] += K[i]
-            e = np.zeros((n + 1, 1))
-            e[i] = 1.0
-            h = np.zeros(n + 1)
-            h[i], h[n] = 1.0, -s[i, c]
-            f = np.zeros(n + 1)
-            f[:n] = -1.0 / n
-            f[i] += 1.0
-            Q = game.q * np.outer(h, h) + game.kappa * np.outer(f, f)
-            P = sla.solve_discrete_are(sg * Ami, sg * e, Q, np.array([[game.r]]))
-            Ki = game.gamma * (P[i] @ Ami) / (game.r + game.gamma * P[i, i])
+            Ki, P = _best_response(K, i, s[i, c], game.q, game.kappa, game.r, game.gamma)
             np.testing.assert_allclose(Ki, K[i], atol=1e-10)
             np.testing.assert_allclose(ne.values[c, i], P, rtol=1e-9, atol=1e-9 * np.abs(P).max())
     # Signals only enter the affine column.
@@ -497,24 +506,10 @@ def test_class_nash_solves_every_players_riccati():
     labels, s, _ = class_population(TRUST, 6, seed=4)
     n = 6
     ne = nash_equilibrium(TRUST, n, s, labels=labels)
-    co = TRUST.table.coef[labels]
-    sg = np.sqrt(TRUST.gamma)
     K = ne.gains[0]
-    Acl = np.eye(n + 1)
-    Acl[:n] -= K
     for i in range(n):
-        Ami = Acl.copy()
-        Ami[i] += K[i]
-        e = np.zeros((n + 1, 1))
-        e[i] = 1.0
-        h = np.zeros(n + 1)
-        h[i], h[n] = 1.0, -s[i, 0]
-        f = np.zeros(n + 1)
-        f[:n] = -1.0 / n
-        f[i] += 1.0
-        Q = co[i, 2] * np.outer(h, h) + co[i, 3] * np.outer(f, f)
-        P = sla.solve_discrete_are(sg * Ami, sg * e, Q, np.array([[co[i, 4]]]))
-        Ki = TRUST.gamma * (P[i] @ Ami) / (co[i, 4] + TRUST.gamma * P[i, i])
+        j = labels[i]
+        Ki, _ = _best_response(K, i, s[i, 0], TRUST.q[j], TRUST.kappa[j], TRUST.r[j], TRUST.gamma)
         np.testing.assert_allclose(Ki, K[i], atol=1e-10)
 
 
