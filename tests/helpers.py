@@ -162,3 +162,13 @@ def log_weights(rng, n, spread):
 def classes(labels, n):
     """Every agent's class: ``labels``, or zeros when it is empty."""
     return np.zeros(n, np.int64) if labels.shape[0] == 0 else labels
+
+
+def reap(proc) -> None:
+    """Kill ``proc`` if it still runs, wait for it and close its pipes (the ``finally`` of a subprocess test)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

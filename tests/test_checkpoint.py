@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ from memoa_fast.checkpoint import (
     save_checkpoint,
 )
 from memoa_fast.kernels import SIGNAL_LIMIT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest's importlib mode leaves tests/ off sys.path
+from helpers import reap  # noqa: E402
 
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
 N, D = 300, 2
@@ -812,11 +816,7 @@ def _kill_a_writer(path, mode):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
+        reap(proc)
 
 
 @pytest.mark.parametrize("mode", ["midwrite", "before-rename"])

@@ -6,9 +6,14 @@ Skipped with a reason where dask.distributed is not installed.
 import functools
 import os
 import signal
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest's importlib mode leaves tests/ off sys.path
+from helpers import reap  # noqa: E402
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install 'memoa-fast[dask]')")
 
@@ -582,11 +587,7 @@ def test_killed_sharded_save_leaves_a_loadable_checkpoint(client, tmp_path, mode
         proc.wait(timeout=30)
         assert line.strip() == "stalled", proc.stderr.read()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
+        reap(proc)
     folder = tmp_path / "job.ckpt.shards"
     assert len(_files(folder)) > 2  # debris of the killed save (or the previous set) is there
     assert load_checkpoint(path).t == survivor
