@@ -893,17 +893,6 @@ cdef void _fold_copies(const double* acc, Py_ssize_t K, Py_ssize_t d, Py_ssize_t
             out[l * dp + j] = v
 
 
-cdef void _signal_sweep(const Pop* P, int threads) noexcept nogil:
-    """:c:func:`_signal_chunk` on every chunk: serially, or on ``threads`` OpenMP threads (static schedule)."""
-    cdef Py_ssize_t c
-    if threads <= 1:
-        for c in range(P.n_chunks):
-            _signal_chunk(P, c, P.scratch)
-    else:
-        for c in prange(P.n_chunks, schedule="static", num_threads=threads):
-            _signal_chunk(P, c, _thread_scratch(P.scratch, P.scratch_size))
-
-
 # --------------------------------------------------------------------------- merges (serial, chunk order)
 cdef inline double _column_sum(const double* work, Py_ssize_t n_chunks, Py_ssize_t width, Py_ssize_t col) noexcept nogil:
     """``sum_c work[c, col]`` in chunk order."""
@@ -1165,15 +1154,19 @@ cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogi
         _lane_columns(lanes, d, R, row + L.mixture)
 
 
-cdef void _move_sweep(const Pop* P, int threads) noexcept nogil:
-    """:c:func:`_move_chunk` on every chunk: serially, or on ``threads`` OpenMP threads (static schedule)."""
+ctypedef void (*ChunkPass)(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogil
+
+
+cdef void _sweep(const Pop* P, int threads, ChunkPass chunk_pass) noexcept nogil:
+    """``chunk_pass`` (:c:func:`_signal_chunk` or :c:func:`_move_chunk`) on every chunk: serially, or on
+    ``threads`` OpenMP threads (static schedule), each with its own scratch."""
     cdef Py_ssize_t c
     if threads <= 1:
         for c in range(P.n_chunks):
-            _move_chunk(P, c, P.scratch)
+            chunk_pass(P, c, P.scratch)
     else:
         for c in prange(P.n_chunks, schedule="static", num_threads=threads):
-            _move_chunk(P, c, _thread_scratch(P.scratch, P.scratch_size))
+            chunk_pass(P, c, _thread_scratch(P.scratch, P.scratch_size))
 
 
 # --------------------------------------------------------------------------- population API
@@ -1209,7 +1202,7 @@ def signal_pass(const double[:, ::1] x, const double[:, ::1] s, const int64_t[::
     keep = _population(&P, x, s, labels, work, lay, threads)
     P.want_states = want_states
     with nogil:
-        _signal_sweep(&P, threads)
+        _sweep(&P, threads, _signal_chunk)
 
 
 def merge_signals(const double[:, ::1] work, lay, const double[:, ::1] coef, const double[:, :, ::1] mix,
@@ -1235,7 +1228,7 @@ def move_pass(double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] label
     P.half_discount = 0.5 * discount
     P.log_p = <double*>&log_p[0] if (log_p.shape[0] == x.shape[0] and x.shape[0] > 0) else NULL
     with nogil:
-        _move_sweep(&P, threads)
+        _sweep(&P, threads, _move_chunk)
 
 
 def merge_move(const double[:, ::1] work, lay, const double[:, ::1] coef, double[:, ::1] field, bint predict,
@@ -1287,9 +1280,9 @@ def fused_step(double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] labe
     P.log_p = <double*>&log_p[0] if (log_p.shape[0] == x.shape[0] and x.shape[0] > 0) else NULL
     cdef double* out = &yhat[0] if (P.log_p != NULL and yhat.shape[0] > 0) else NULL
     with nogil:
-        _signal_sweep(&P, threads)
+        _sweep(&P, threads, _signal_chunk)
         n_valid = _merge_signals(&P.lay, P.work, P.n_chunks, P.coef, &mix[0, 0, 0], P.field, P.want_states)
-        _move_sweep(&P, threads)
+        _sweep(&P, threads, _move_chunk)
         _merge_move(&P.lay, P.work, P.n_chunks, P.coef, P.field, out != NULL, out, &max_j, &arg_j)
     return int(n_valid), float(max_j), int(arg_j)
 
