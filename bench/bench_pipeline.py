@@ -58,7 +58,7 @@ GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
 ETA, ALPHA = 0.5, 0.01
 
 
-class MemoaPipeline:
+class MemoaPipeline(peers.StagedPipeline):
     """Forecasters + population + hedge server of ``n`` clients through memoa_fast's public API."""
 
     def __init__(self, n: int, *, threads: int | None = None, seed: int = 0):
@@ -69,24 +69,11 @@ class MemoaPipeline:
         self.yhat = np.zeros(1)
         self.stage_s = dict.fromkeys(STAGES, 0.0)
 
-    def run(self, y: np.ndarray, *, timed_stages: bool = False):
-        """Play ``len(y) - 1`` rounds; returns the last mixture forecast."""
-        fc, pop, server, yhat = self.forecasters, self.population, self.server, self.yhat
-        clock = time.perf_counter
-        for t in range(len(y) - 1):
-            t0 = clock()
-            s = fc.observe(y[t])
-            t1 = clock()
-            x = pop.step(s)
-            t2 = clock()
-            server.predict(x, out=yhat)
-            server.update(x, y[t + 1])
-            if timed_stages:
-                t3 = clock()
-                self.stage_s["forecast"] += t1 - t0
-                self.stage_s["step"] += t2 - t1
-                self.stage_s["server"] += t3 - t2
-        return yhat
+    def server_round(self, x, y):
+        """Predict (into the preallocated ``yhat``), then update on ``y``; returns the prediction."""
+        self.server.predict(x, out=self.yhat)
+        self.server.update(x, y)
+        return self.yhat
 
 
 def make_pipeline(kind: str, n: int):

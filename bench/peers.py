@@ -266,20 +266,18 @@ class NumpyForecasters:
         return self.out.reshape(self.n, self.d)
 
 
-class NumpyPipeline:
-    """Forecasters, population and hedge server of ``n`` clients, NumPy only; ``run(y)`` plays the stream."""
+class StagedPipeline:
+    """A pipeline round in three timed stages: ``forecasters.observe``, ``population.step``, ``server_round``.
 
-    def __init__(self, n, game, *, d=1, seed=0, eta=0.5, alpha=0.01, forecaster_kwargs=None):
-        self.forecasters = NumpyForecasters(n, d, seed=seed, **(forecaster_kwargs or {}))
-        self.population = NumpyPopulation(np.zeros((n, d)), **coefficients(game))
-        self.server = NumpyServer(n, d, eta=eta, alpha=alpha)
-        self.stage_s = {"forecast": 0.0, "step": 0.0, "server": 0.0}
+    Subclasses set ``forecasters``, ``population``, ``stage_s`` and ``server_round(x, y) -> mixture``; the
+    NumPy peer here and memoa_fast's public API (``bench_pipeline.MemoaPipeline``) share this loop.
+    """
 
     def run(self, y, *, timed_stages=False):
         """Play ``len(y) - 1`` rounds of the stream ``y`` (shape (T,) or (T, d)); returns the last mixture."""
         import time
 
-        fc, pop, server = self.forecasters, self.population, self.server
+        fc, pop, server_round = self.forecasters, self.population, self.server_round
         yhat = None
         clock = time.perf_counter
         for t in range(len(y) - 1):
@@ -288,13 +286,24 @@ class NumpyPipeline:
             t1 = clock()
             x = pop.step(s)
             t2 = clock()
-            yhat = server.round(x, y[t + 1])
+            yhat = server_round(x, y[t + 1])
             if timed_stages:
                 t3 = clock()
                 self.stage_s["forecast"] += t1 - t0
                 self.stage_s["step"] += t2 - t1
                 self.stage_s["server"] += t3 - t2
         return yhat
+
+
+class NumpyPipeline(StagedPipeline):
+    """Forecasters, population and hedge server of ``n`` clients, NumPy only; ``run(y)`` plays the stream."""
+
+    def __init__(self, n, game, *, d=1, seed=0, eta=0.5, alpha=0.01, forecaster_kwargs=None):
+        self.forecasters = NumpyForecasters(n, d, seed=seed, **(forecaster_kwargs or {}))
+        self.population = NumpyPopulation(np.zeros((n, d)), **coefficients(game))
+        self.server = NumpyServer(n, d, eta=eta, alpha=alpha)
+        self.server_round = self.server.round
+        self.stage_s = {"forecast": 0.0, "step": 0.0, "server": 0.0}
 
 
 # --------------------------------------------------------------------------- JAX
