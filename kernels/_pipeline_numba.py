@@ -115,7 +115,7 @@ __all__ = [
     "FIELD_SIGNAL", "FIELD_STATE", "LINEAR_FLOOR", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
     "P_HALF_DISCOUNT", "P_KAPPA", "P_MIX_SIGNAL", "P_MIX_STATE", "P_MU", "P_Q", "P_R", "P_SIGNAL", "S_ARG_COST",
     "S_ERR", "S_LOG_TOTAL", "S_MAX_COST", "S_SIG_ERR", "S_TOP", "S_VALID", "noise_scales", "round_key", "seed_keys",
-    "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "round_step", "normals", "exp", "log",
+    "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "round_step", "run_rounds", "normals", "exp", "log",
     "sincos_2pi",
 ]
 
@@ -1182,6 +1182,72 @@ def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, 
 
 
 @njit(**_jit)
+def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags, halves,
+            stats, threads):
+    """Rounds ``ys[0], ys[1], ...`` (see :func:`run_rounds`): pass B of round ``k`` and pass A of round ``k + 1`` in one sweep.
+
+    Both passes touch only their own chunk's rows (and ``work[c]``'s disjoint
+    columns), and pass A needs nothing from pass B's merge unless the rule is
+    eg (its loss uses ``yhat(t+1)``): so with hedge each chunk runs pass B of
+    round ``k`` then pass A of round ``k + 1`` while its rows are in L2, and the
+    merges follow the sweep. Every client's arithmetic and every merge is the
+    one a :func:`round_step` per target does, in the same order: the same bits.
+    One sweep and (on two threads) one parallel region per round instead of two.
+    """
+    T = ys.shape[0]
+    n, d = x.shape
+    chunks = work.shape[0]
+    fuse = flags[0, F_RULE] != RULE_EG
+    _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[0], yhat, field, work, params, key, flags[0], stats,
+                   threads)
+    for k in range(T):
+        params[P_HALF_DISCOUNT] = halves[k]
+        top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
+        nxt = k + 1 < T and fuse
+        kt = _round_key(key, flags[k + 1, F_T]) if nxt else np.uint64(0)
+        if threads == 1:
+            for c in range(chunks):
+                _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags[k], top, log_total, float(n), c)
+                if nxt:
+                    _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt,
+                                  flags[k + 1], c)
+        else:
+            _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, flags,
+                                  top, log_total, kt, k, nxt)
+        _merge_b(work, field, yhat, stats, n, d)
+        for j in range(d):
+            field[FIELD_STATE, j] = field[FIELD_NEXT, j]
+            yhats[k, j] = yhat[j]
+        if nxt:
+            _merge_a(work, field, params, flags[k + 1], stats, d)
+        elif k + 1 < T:  # eg: pass A of round k + 1 needs yhat(k + 1), merged above
+            _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key,
+                           flags[k + 1], stats, threads)
+
+
+@njit(**_jit)
+def _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
+    """Pass A alone, on ``threads`` (1: serial)."""
+    if threads == 1:
+        _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+    else:
+        _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+
+
+@njit(parallel=True, **_jit)
+def _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, flags, top,
+                          log_total, kt, k, nxt):
+    """Pass B of round ``k`` and (``nxt``) pass A of round ``k + 1`` chunk by chunk, the chunks spread over the threads."""
+    n = x.shape[0]
+    chunks = work.shape[0]
+    for i in prange(chunks):
+        c = _chunk_order(i, chunks)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags[k], top, log_total, float(n), c)
+        if nxt:
+            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, flags[k + 1], c)
+
+
+@njit(**_jit)
 def _normals_rows(key, first, t, out):
     """``out[r, j]`` = the normal of client ``first + r``, coordinate ``j``, round ``t``."""
     n, d = out.shape
@@ -1247,6 +1313,23 @@ def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yh
     with Threads(threads):
         return _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
                                stats)
+
+
+def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
+               flags, halves, stats, threads):
+    """Rounds on the targets ``ys`` (T, d) in one compiled call; semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`.
+
+    ``flags`` (T, N_FLAGS) and ``halves`` (T,) are each round's flags and
+    ``gamma^t / 2``; ``yhats`` (T, d) gets each round's ``yhat(t+1)``.
+    """
+    W, A = _flat(weights, lags)
+    key = np.uint64(key)
+    if threads == 1:
+        return _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags,
+                       halves, stats, 1)
+    with Threads(threads):
+        return _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags,
+                       halves, stats, threads)
 
 
 def normals(key, first, t, n, d):

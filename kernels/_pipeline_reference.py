@@ -86,7 +86,7 @@ __all__ = [
     "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "F_LINEAR", "N_FLAGS", "LINEAR_FLOOR", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
     "FIELD_NEXT", "FIELD_ROWS", "S_VALID", "S_MAX_COST", "S_ARG_COST", "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
     "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b",
-    "round_step", "max_threads",
+    "round_step", "run_rounds", "max_threads",
 ]
 
 
@@ -270,3 +270,20 @@ def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yh
     pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
            threads)
     pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads)
+
+
+def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
+               flags, halves, stats, threads):
+    """:func:`round_step` on each target ``ys[k]`` (shape (T, d)) in turn: the specification of a batch of rounds.
+
+    Round ``k`` runs with the flags ``flags[k]`` (shape (T, N_FLAGS)) and the
+    half discount ``params[P_HALF_DISCOUNT] = halves[k]``; after it
+    ``yhats[k] = yhat`` (``yhat(t+1)``) and ``m(t+1)`` becomes the state mean
+    ``field[FIELD_STATE]``, as :meth:`memoa_fast.timeseries.pipeline.Pipeline.round` does.
+    """
+    for k in range(ys.shape[0]):
+        params[P_HALF_DISCOUNT] = halves[k]
+        round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys[k], yhat, field, work, params, key,
+                   flags[k], stats, threads)
+        field[FIELD_STATE] = field[FIELD_NEXT]
+        yhats[k] = yhat

@@ -274,7 +274,8 @@ def test_round_returns_a_live_read_only_buffer_and_run_steps_a_series():
     pipe = Pipeline(50, 2, game=GAME, backend="numpy")
     out = pipe.round([0.1, 0.2])
     assert out.shape == (2,) and not out.flags.writeable
-    assert pipe.run(series(4, 2)) is pipe.mixture and pipe.t == 5
+    predictions = pipe.run(series(4, 2))
+    assert predictions.shape == (4, 2) and np.array_equal(predictions[-1], pipe.mixture) and pipe.t == 5
     assert not pipe.states.flags.writeable and pipe.forecaster_weights.shape == (50, 2, 5)
     pipe.reset()
     assert pipe.t == 0 and not pipe.costs.any() and math.isclose(pipe.weights.sum(), 1.0)
@@ -306,6 +307,78 @@ def test_record_false_leaves_the_scores_alone():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Pipeline(**kwargs)
+
+
+RUN_CASES = [
+    # n, d, p, rule, alpha, threads: hedge fuses pass B and the next pass A, eg cannot (its loss needs yhat(t+1))
+    (3 * CHUNK + 11, 1, 2, "hedge", 0.01, 1),
+    (3 * CHUNK + 11, 1, 2, "hedge", 0.01, TWO_THREADS),
+    (2 * CHUNK + 5, 1, 2, "hedge", 0.0, TWO_THREADS),
+    (CHUNK + 9, 3, 3, "hedge", 0.05, TWO_THREADS),
+    (CHUNK + 9, 2, 1, "eg", 0.02, TWO_THREADS),
+    (700, 1, 2, "eg", 0.0, 1),
+    (5, 1, 2, "hedge", 1.0, 1),
+]
+
+
+@pytest.mark.parametrize("n,d,p,rule,alpha,threads", RUN_CASES)
+def test_run_is_bitwise_a_round_per_target(n, d, p, rule, alpha, threads):
+    """``run`` (one compiled call, pass B and the next pass A fused for hedge) = ``round`` on each target, bit for bit.
+
+    Also split into calls of 0, 1 and several targets, across round 0 (which neither reweights nor
+    records), with ``record=False`` on one call, and the predictions of every round.
+    """
+    y = series(13, d)
+    args = dict(game=GAME, rule=rule, eta=0.7, alpha=alpha, lags=p, seed=3, threads=threads, parallel_threshold=1)
+    one, batch = Pipeline(n, d, **args), Pipeline(n, d, **args)
+    parts = [(0, 1, True), (1, 1, True), (1, 6, True), (6, 9, False), (9, 13, True)]
+    expected, got = [], []
+    for lo, hi, record in parts:
+        expected += [one.round(v, record=record).copy() for v in y[lo:hi]]
+        got.append(batch.run(y[lo:hi], record=record))
+    assert np.array_equal(np.concatenate(got), np.array(expected))
+    for name in ARRAYS + ("forecaster_weights", "mean_state", "mean_signal"):
+        assert np.array_equal(getattr(one, name), getattr(batch, name)), name
+    assert (one.t, one.n_recorded, one.worst_client, one.n_valid_signals, one.last_error_sum) == (
+        batch.t, batch.n_recorded, batch.worst_client, batch.n_valid_signals, batch.last_error_sum)
+    assert one._discount == batch._discount
+    # and the next round after a batch is the next round
+    assert np.array_equal(one.round(y[0]), batch.round(y[0]))
+
+
+@pytest.mark.parametrize("rule,alpha,d", [("hedge", 0.01, 1), ("eg", 0.0, 2)])
+def test_compiled_run_matches_reference_run(rule, alpha, d):
+    y = series(7, d)
+    args = dict(game=GAME, rule=rule, eta=0.7, alpha=alpha, lags=2, seed=4)
+    fast = Pipeline(CHUNK + 33, d, backend="numba", threads=TWO_THREADS, parallel_threshold=1, **args)
+    slow = Pipeline(CHUNK + 33, d, backend="numpy", **args)
+    out = np.empty((7, d))
+    assert fast.run(y, out=out) is out
+    assert close(out, slow.run(y))
+    for name in ARRAYS:
+        assert close_array(name, getattr(fast, name), getattr(slow, name)), name
+    assert fast.worst_client == slow.worst_client
+
+
+def test_bad_series_and_out_are_named():
+    pipe = Pipeline(10, 2, game=GAME)
+    before = pipe.states.copy()
+    with pytest.raises(ValueError, match=r"series must have shape \(3, 2\)"):
+        pipe.run(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="series must have shape"):
+        pipe.run(1.5)
+    with pytest.raises(ValueError, match="series must be finite; first non-finite entry at index \\(1, 0\\)"):
+        pipe.run([[0.0, 1.0], [np.inf, 0.0]])
+    with pytest.raises(TypeError, match="series"):
+        pipe.run(np.zeros((2, 2), dtype=complex))
+    for bad in (np.zeros((2, 3)), np.zeros((2, 2), dtype=np.float32), np.zeros((2, 4))[:, ::2], np.zeros((2, 2)).T.copy()[:1]):
+        with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float64 array of shape \(2, 2\)"):
+            pipe.run(np.zeros((2, 2)), out=bad)
+    shared = np.zeros((2, 2))
+    with pytest.raises(ValueError, match="out must not share memory with series"):
+        pipe.run(shared, out=shared)
+    assert pipe.t == 0 and np.array_equal(pipe.states, before)  # nothing ran
+    assert pipe.run(np.zeros((0, 2))).shape == (0, 2) and pipe.t == 0
 
 
 def test_bad_targets_are_named():

@@ -4,8 +4,10 @@ MODEL.md sections 5 and 6 for one policy and one server rule, with every
 client's noise drawn inside the kernel. :meth:`Pipeline.round` does in two
 passes over the clients what ``ClientForecasters.observe``,
 ``Population.step``, ``Server.predict`` and ``Server.update`` do in six or
-more (see :mod:`memoa_fast.kernels` ``_pipeline_reference`` for the exact
-semantics, and ``bench/bench_fused_pipeline.py`` for the speed).
+more; :meth:`Pipeline.run` does a whole series in one compiled call, with
+one pass per round for the hedge rule, and the same bits (see
+:mod:`memoa_fast.kernels` ``_pipeline_reference`` for the exact semantics,
+and ``bench/bench_fused_pipeline.py`` for the speed).
 """
 from __future__ import annotations
 
@@ -99,10 +101,11 @@ class Pipeline:
     >>> from memoa_fast.pipeline import Pipeline
     >>> pipe = Pipeline(1000, seed=1, backend="numpy")
     >>> y = np.sin(np.arange(50) / 3.0)
-    >>> for value in y:
+    >>> for value in y[:40]:
     ...     yhat = pipe.round(value)
-    >>> pipe.t, yhat.shape
-    (50, (1,))
+    >>> predictions = pipe.run(y[40:])  # the other ten rounds in one call, the same bits
+    >>> pipe.t, yhat.shape, predictions.shape
+    (50, (1,), (10, 1))
     """
 
     def __init__(
@@ -221,32 +224,83 @@ class Pipeline:
         """
         k = self._kern
         self._y[...] = as_float_array("y", y, (self.dim,))
-        flags, t = self._flags, self.t
-        first_round = t == 0
-        flags[k.F_T] = t
-        flags[k.F_REWEIGHT] = not first_round
-        flags[k.F_UPDATE] = not first_round
-        flags[k.F_RECORD] = bool(record) and not first_round
+        flags = self._flags
+        self._set_round_flags(flags, self.t, record)
         self._params[k.P_HALF_DISCOUNT] = 0.5 * self._discount
         k.round_step(self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
                      self._sq_sig, self._y, self._yhat, self._field, self._work, self._params, self._key, flags,
                      self._stats, self._threads_used)
         self._field[k.FIELD_STATE] = self._field[k.FIELD_NEXT]
         self.n_recorded += int(flags[k.F_RECORD])
-        self.t = t + 1
+        self.t += 1
         self._discount *= self.game.gamma
         return self._views["_yhat"]
 
-    def run(self, series) -> np.ndarray:
-        """:meth:`round` on every value of ``series`` (shape (T,) or (T, d)); returns the last ``yhat``."""
-        y = np.asarray(series, dtype=np.float64)
-        if y.ndim == 1 and self.dim == 1:
-            y = y[:, None]
-        if y.ndim != 2 or y.shape[1] != self.dim:
-            raise ValueError(f"series must have shape (T, {self.dim}), got shape {np.shape(series)}")
-        for value in y:
-            self.round(value)
-        return self._views["_yhat"]
+    def _set_round_flags(self, flags, t: int, record: bool) -> None:
+        """Round ``t``'s flags into ``flags`` (a copy of :attr:`_flags`): round 0 neither reweights, updates nor records."""
+        k = self._kern
+        first_round = t == 0
+        flags[k.F_T] = t
+        flags[k.F_REWEIGHT] = not first_round
+        flags[k.F_UPDATE] = not first_round
+        flags[k.F_RECORD] = bool(record) and not first_round
+
+    def run(self, series, record: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`round` on every value of ``series``, in one compiled call; returns every ``yhat(t+1)``.
+
+        The same bits as calling :meth:`round` on each value in turn, only
+        faster: with the hedge rule, pass B of one round and pass A of the next
+        run in one sweep over the clients (see ``run_rounds`` in
+        ``memoa_fast.kernels._pipeline_numba``), and Python is entered once.
+
+        Parameters
+        ----------
+        series : array_like, shape (T, d) or (T,) when d = 1
+            The targets ``y(t), y(t+1), ...``; finite. ``T = 0`` does nothing.
+        record : bool, default True
+            As for :meth:`round`, for every round of the series.
+        out : numpy.ndarray, optional
+            C-contiguous float64 array of shape (T, d) for the predictions
+            (spares the allocation when a caller runs many series).
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (T, d): row ``k`` is the ``yhat(t+1)`` that :meth:`round`
+            returns for ``series[k]`` (``out`` when given).
+        """
+        k = self._kern
+        try:
+            T = len(series)
+        except TypeError:  # a scalar, a 0-d array
+            raise ValueError(f"series must have shape (T, {self.dim}), got {type(series).__name__} "
+                             f"of shape {np.shape(series)}") from None
+        ys = as_float_array("series", series, (T, self.dim))
+        if out is None:
+            out = np.empty((T, self.dim))
+        elif not (isinstance(out, np.ndarray) and out.dtype == np.float64 and out.flags.c_contiguous
+                  and out.flags.writeable and out.shape == (T, self.dim)):
+            raise ValueError(f"out must be a writeable C-contiguous float64 array of shape ({T}, {self.dim}), got "
+                             f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
+        elif np.shares_memory(out, ys):
+            raise ValueError("out must not share memory with series (the targets are read while out is written)")
+        if T == 0:
+            return out
+        flags = np.repeat(self._flags[None, :], T, axis=0)
+        halves = np.empty(T)
+        discount = self._discount
+        for i in range(T):
+            self._set_round_flags(flags[i], self.t + i, record)
+            halves[i] = 0.5 * discount
+            discount *= self.game.gamma
+        k.run_rounds(self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf,
+                     self._sq_err, self._sq_sig, ys, self._yhat, out, self._field, self._work, self._params, self._key,
+                     flags, halves, self._stats, self._threads_used)
+        self._flags[...] = flags[-1]
+        self.n_recorded += int(flags[:, k.F_RECORD].sum())
+        self.t += T
+        self._discount = discount
+        return out
 
     # ------------------------------------------------------------------ views
     @property
