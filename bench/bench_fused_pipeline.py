@@ -35,7 +35,11 @@ Where the fused round's time goes: ``--passes`` times pass A (server step,
 errors, noise, forecasters, signal sums) and pass B (share, move, mixture)
 separately, and the in-kernel normals alone. ``--floor`` times a sweep that
 only reads and writes the round's state (13 rows of N doubles read, 12
-written): no round can take less.
+written): no round can take less. ``--parts`` times, on one thread with
+4096 clients (everything in L2), three of the kernel's loops alone (the
+``exp``, the normals, the NLMS update): their arithmetic, without the memory
+traffic; and what a second thread gives on pure arithmetic (two exp loops in
+L1, one after the other against both at once).
 
 Run from the repository root, against the installed package::
 
@@ -64,6 +68,7 @@ import pytest
 from scipy.special import logsumexp
 
 from memoa_fast import Game, Population, Server
+from memoa_fast.kernels import _pipeline_numba as _pipe
 from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
 from memoa_fast.timeseries.streams import make_stream
@@ -382,6 +387,81 @@ def state_traffic_floor(n: int, threads: int, reps: int = 200) -> float:
     return statistics.median(times)
 
 
+@numba.njit(cache=False)
+def _loop_parts(reps, x, out, eps, sigma, W, A, s, lanes, which):
+    """``reps`` times one of the kernel's own loops over 4096 clients (their rows stay in L2)."""
+    n = x.shape[0]
+    bad = 0
+    for r in range(reps):
+        if which == 0:
+            _pipe._exp_into(x, out)
+        elif which == 1:
+            _pipe._normals_into(np.uint64(r), 0, n // 2, eps)
+        else:
+            bad += _pipe._forecast_block_p2(out, sigma, eps, W, A, n, 0, MU, True, s, lanes)
+    return bad
+
+
+@numba.njit(parallel=True, cache=False)
+def _exp_on_threads(src, dst, reps, parts):
+    """``reps`` times the kernel's exp loop on each row of ``src`` (its own 2048 values), the rows over the threads."""
+    for h in numba.prange(parts):
+        for _ in range(reps):
+            _pipe._exp_into(src[h], dst[h])
+
+
+def two_thread_scaling(reps: int = 20000) -> float:
+    """The machine's two-thread speed-up on pure arithmetic.
+
+    Time of two exp loops one after the other over time of both at once on two threads, each on its own 2048
+    values (in its core's L1): the most a compute-bound round can gain from a second thread.
+    """
+    src = -np.random.default_rng(0).uniform(0.0, 5.0, (2, 2048))
+    dst = np.empty_like(src)
+    previous = numba.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            _exp_on_threads(src, dst, 1, 2)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                _exp_on_threads(src, dst, reps, 2)
+                times.append(time.perf_counter() - t0)
+            out[threads] = statistics.median(times)
+    finally:
+        numba.set_num_threads(previous)
+    return out[1] / out[2]
+
+
+def time_parts(reps: int = 2000) -> dict:
+    """Nanoseconds per client of three of the round's loops alone, one thread, 4096 clients (in L2)."""
+    n = 4096
+    rng = np.random.default_rng(0)
+    x = -rng.uniform(0.0, 5.0, n)
+    out = np.full(n, 0.3)
+    eps = np.zeros(n)
+    sigma = np.exp(rng.uniform(math.log(NOISE[0]), math.log(NOISE[1]), n))
+    W = np.zeros((5, n))
+    W[0] = 1.0
+    A = rng.normal(size=(2, n)) * 0.1
+    s = np.zeros(n)
+    lanes = np.zeros(n)
+    res = {}
+    for which, name in enumerate(("exp", "normals", "NLMS update and forecast")):
+        _loop_parts(1, x, out, eps, sigma, W, A, s, lanes, which)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            _loop_parts(reps, x, out, eps, sigma, W, A, s, lanes, which)
+            times.append(time.perf_counter() - t0)
+        res[name] = 1e9 * statistics.median(times) / (reps * n)
+        if which == 0:
+            out[:] = 0.3  # the targets of the NLMS loop
+    return res
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100_000)
@@ -390,6 +470,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--passes", action="store_true", help="also time pass A and pass B separately")
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
+    parser.add_argument("--parts", action="store_true", help="also time three of the round's loops at 4096 clients (L2)")
     args = parser.parse_args(argv)
     n, rounds = args.clients, args.rounds
     numpy_rounds = args.numpy_rounds or rounds
@@ -424,6 +505,9 @@ def main(argv=None):
                   f"pass B {tb * 1e3:.3f} ms ({1e9 * tb / n:.2f} ns/client, {100 * tb / total:.0f}%); "
                   f"normals alone (1 thread) {1e9 * tn / n:.2f} ns/client")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.parts:
+        print("one thread, 4096 clients (in L2), ns per client: " + ", ".join(f"{k} {v:.2f}" for k, v in time_parts().items()))
+        print(f"two threads on pure arithmetic (the exp loop in L1): {two_thread_scaling():.2f}x one thread")
     if args.floor:
         for threads in (1, 2):
             sec = state_traffic_floor(n, threads)
