@@ -1182,8 +1182,18 @@ def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, 
 
 
 @njit(**_jit)
-def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags, halves,
-            stats, threads):
+def _round_flags(flags, t, record):
+    """Round ``t``'s flags (see :func:`memoa_fast.kernels._pipeline_reference.round_flags`)."""
+    later = 1 if t > 0 else 0
+    flags[F_T] = t
+    flags[F_REWEIGHT] = later
+    flags[F_UPDATE] = later
+    flags[F_RECORD] = later if record else 0
+
+
+@njit(**_jit)
+def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags, stats,
+            threads, record, gamma, discount):
     """Rounds ``ys[0], ys[1], ...`` (see :func:`run_rounds`): pass B of round ``k`` and pass A of round ``k + 1`` in one sweep.
 
     Both passes touch only their own chunk's rows (and ``work[c]``'s disjoint
@@ -1197,32 +1207,42 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
     T = ys.shape[0]
     n, d = x.shape
     chunks = work.shape[0]
-    fuse = flags[0, F_RULE] != RULE_EG
-    _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[0], yhat, field, work, params, key, flags[0], stats,
+    fuse = flags[F_RULE] != RULE_EG
+    t0 = flags[F_T]
+    fa = flags.copy()  # the flags of the round whose pass A runs next
+    fb = flags.copy()  # the flags of the round whose pass B runs next
+    _round_flags(fa, t0, record)
+    _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[0], yhat, field, work, params, key, fa, stats,
                    threads)
     for k in range(T):
-        params[P_HALF_DISCOUNT] = halves[k]
+        fb[:] = fa
+        params[P_HALF_DISCOUNT] = 0.5 * discount
         top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
         nxt = k + 1 < T and fuse
-        kt = _round_key(key, flags[k + 1, F_T]) if nxt else np.uint64(0)
+        if k + 1 < T:
+            _round_flags(fa, t0 + k + 1, record)
+        kt = _round_key(key, fa[F_T]) if nxt else np.uint64(0)
         if threads == 1:
             for c in range(chunks):
-                _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags[k], top, log_total, float(n), c)
+                _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
                 if nxt:
-                    _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt,
-                                  flags[k + 1], c)
+                    _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, fa,
+                                  c)
         else:
-            _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, flags,
+            _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, fa, fb,
                                   top, log_total, kt, k, nxt)
         _merge_b(work, field, yhat, stats, n, d)
         for j in range(d):
             field[FIELD_STATE, j] = field[FIELD_NEXT, j]
             yhats[k, j] = yhat[j]
+        discount *= gamma
         if nxt:
-            _merge_a(work, field, params, flags[k + 1], stats, d)
+            _merge_a(work, field, params, fa, stats, d)
         elif k + 1 < T:  # eg: pass A of round k + 1 needs yhat(k + 1), merged above
-            _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key,
-                           flags[k + 1], stats, threads)
+            _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key, fa,
+                           stats, threads)
+    flags[:] = fb
+    return discount
 
 
 @njit(**_jit)
@@ -1235,16 +1255,16 @@ def _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, fiel
 
 
 @njit(parallel=True, **_jit)
-def _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, flags, top,
+def _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, fa, fb, top,
                           log_total, kt, k, nxt):
-    """Pass B of round ``k`` and (``nxt``) pass A of round ``k + 1`` chunk by chunk, the chunks spread over the threads."""
+    """Pass B of round ``k`` (flags ``fb``) and (``nxt``) pass A of round ``k + 1`` (``fa``) chunk by chunk, over the threads."""
     n = x.shape[0]
     chunks = work.shape[0]
     for i in prange(chunks):
         c = _chunk_order(i, chunks)
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags[k], top, log_total, float(n), c)
+        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
         if nxt:
-            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, flags[k + 1], c)
+            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, fa, c)
 
 
 @njit(**_jit)
@@ -1316,20 +1336,19 @@ def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yh
 
 
 def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
-               flags, halves, stats, threads):
-    """Rounds on the targets ``ys`` (T, d) in one compiled call; semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`.
+               flags, stats, threads, record, gamma, discount):
+    """Rounds on the targets ``ys`` (T >= 1, d) in one compiled call; returns the discount after them.
 
-    ``flags`` (T, N_FLAGS) and ``halves`` (T,) are each round's flags and
-    ``gamma^t / 2``; ``yhats`` (T, d) gets each round's ``yhat(t+1)``.
+    Semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`.
     """
     W, A = _flat(weights, lags)
     key = np.uint64(key)
     if threads == 1:
         return _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags,
-                       halves, stats, 1)
+                       stats, 1, record, gamma, discount)
     with Threads(threads):
         return _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key, flags,
-                       halves, stats, threads)
+                       stats, threads, record, gamma, discount)
 
 
 def normals(key, first, t, n, d):

@@ -86,7 +86,7 @@ __all__ = [
     "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "F_LINEAR", "N_FLAGS", "LINEAR_FLOOR", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
     "FIELD_NEXT", "FIELD_ROWS", "S_VALID", "S_MAX_COST", "S_ARG_COST", "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
     "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b",
-    "round_step", "run_rounds", "max_threads",
+    "round_step", "round_flags", "run_rounds", "max_threads",
 ]
 
 
@@ -272,18 +272,40 @@ def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yh
     pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads)
 
 
-def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
-               flags, halves, stats, threads):
-    """:func:`round_step` on each target ``ys[k]`` (shape (T, d)) in turn: the specification of a batch of rounds.
 
-    Round ``k`` runs with the flags ``flags[k]`` (shape (T, N_FLAGS)) and the
-    half discount ``params[P_HALF_DISCOUNT] = halves[k]``; after it
-    ``yhats[k] = yhat`` (``yhat(t+1)``) and ``m(t+1)`` becomes the state mean
-    ``field[FIELD_STATE]``, as :meth:`memoa_fast.timeseries.pipeline.Pipeline.round` does.
+def round_flags(flags, t, record):
+    """Round ``t``'s flags: ``F_T = t``; round 0 neither reweights, updates the forecasters nor records.
+
+    Round 0 has no states to score (``x(0)`` are the zeros the population
+    starts from) and no forecast of ``y(0)``; every later round reweights,
+    updates and (if ``record``) records.
     """
+    later = int(t > 0)
+    flags[F_T] = t
+    flags[F_REWEIGHT] = later
+    flags[F_UPDATE] = later
+    flags[F_RECORD] = later if record else 0
+
+
+def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
+               flags, stats, threads, record, gamma, discount):
+    """:func:`round_step` on each target ``ys[k]`` (shape (T, d), T >= 1) in turn; returns the discount after them.
+
+    Round ``k`` is round ``t = flags[F_T] + k`` of the pipeline: its flags
+    are :func:`round_flags` of ``t`` (the others, rule, first client and
+    linear weights, stay as ``flags`` has them) and its half discount is
+    ``params[P_HALF_DISCOUNT] = discount / 2``, with ``discount *= gamma``
+    after it. After round ``k``, ``yhats[k] = yhat`` (``yhat(t+1)``) and
+    ``m(t+1)`` becomes the state mean ``field[FIELD_STATE]``. ``flags`` ends
+    as the last round's.
+    """
+    t0 = int(flags[F_T])
     for k in range(ys.shape[0]):
-        params[P_HALF_DISCOUNT] = halves[k]
+        round_flags(flags, t0 + k, record)
+        params[P_HALF_DISCOUNT] = 0.5 * discount
         round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys[k], yhat, field, work, params, key,
-                   flags[k], stats, threads)
+                   flags, stats, threads)
         field[FIELD_STATE] = field[FIELD_NEXT]
         yhats[k] = yhat
+        discount *= gamma
+    return discount

@@ -88,3 +88,28 @@ def test_server_steady_state_leaves_nothing_behind(backend, rule, signals):
     # The peak is not asserted: Server checks that the states are finite with
     # a temporary boolean mask (N d bytes, freed at once).
     assert net < NET_LIMIT, f"{STEPS} predict/update rounds left {net} bytes allocated"
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_pipeline_round_and_run_allocate_nothing_of_their_size(threads):
+    """``Pipeline.round`` per step, and ``Pipeline.run`` with ``out``, hold nothing of the population's or the series' size.
+
+    A run of 4000 rounds used to build its per-round flags and discounts in Python (256 KiB here): now the
+    kernel derives them, so the traced peak (the kernels' per-chunk scratch) does not grow with T.
+    """
+    from memoa_fast import Pipeline
+
+    pipe = Pipeline(N, 1, game=GAME, threads=threads)
+    y = np.sin(np.arange(4000) * 0.1)[:, None]
+    out = np.empty_like(y)
+    pipe.run(y[:3], out=out[:3])  # warm-up: compiled or loaded, both calls
+    pipe.round(0.1)
+    net, peak = traced(lambda t: pipe.round(y[t]), STEPS)
+    assert net < NET_LIMIT, f"{STEPS} rounds left {net} bytes allocated"
+    assert peak < PEAK_LIMIT, f"a round briefly held {peak} bytes"
+    # the kernels' per-chunk scratch is the same for any T: a run of 4000 rounds holds what a run of 40 does
+    _, short_peak = traced(lambda t: pipe.run(y[:40], out=out[:40]), 1)
+    net, peak = traced(lambda t: pipe.run(y, out=out), 1)
+    assert net < NET_LIMIT, f"a run of {len(y)} rounds left {net} bytes allocated"
+    assert peak < PEAK_LIMIT, f"a run of {len(y)} rounds briefly held {peak} bytes"
+    assert peak - short_peak < NET_LIMIT, f"a run of {len(y)} rounds held {peak} bytes, of 40 rounds {short_peak}"

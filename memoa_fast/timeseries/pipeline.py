@@ -163,6 +163,7 @@ class Pipeline:
         self._sq_sig = np.zeros(n)
         self._y = np.zeros(d)
         self._yhat = np.zeros(d)
+        self._y_rows, self._yhat_rows = self._y.reshape(1, d), self._yhat.reshape(1, d)  # round(): a series of one
         self._field = np.zeros((k.FIELD_ROWS, d))
         self._work = np.zeros(k.work_shape(n, d))
         self._params = np.zeros(k.N_PARAMS)
@@ -222,28 +223,9 @@ class Pipeline:
             ``yhat(t+1)``, shape (d,): the read-only live buffer, overwritten
             by the next round (copy it to keep it).
         """
-        k = self._kern
         self._y[...] = as_float_array("y", y, (self.dim,))
-        flags = self._flags
-        self._set_round_flags(flags, self.t, record)
-        self._params[k.P_HALF_DISCOUNT] = 0.5 * self._discount
-        k.round_step(self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
-                     self._sq_sig, self._y, self._yhat, self._field, self._work, self._params, self._key, flags,
-                     self._stats, self._threads_used)
-        self._field[k.FIELD_STATE] = self._field[k.FIELD_NEXT]
-        self.n_recorded += int(flags[k.F_RECORD])
-        self.t += 1
-        self._discount *= self.game.gamma
+        self._rounds(self._y_rows, self._yhat_rows, record)
         return self._views["_yhat"]
-
-    def _set_round_flags(self, flags, t: int, record: bool) -> None:
-        """Round ``t``'s flags into ``flags`` (a copy of :attr:`_flags`): round 0 neither reweights, updates nor records."""
-        k = self._kern
-        first_round = t == 0
-        flags[k.F_T] = t
-        flags[k.F_REWEIGHT] = not first_round
-        flags[k.F_UPDATE] = not first_round
-        flags[k.F_RECORD] = bool(record) and not first_round
 
     def run(self, series, record: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         """:meth:`round` on every value of ``series``, in one compiled call; returns every ``yhat(t+1)``.
@@ -252,6 +234,7 @@ class Pipeline:
         faster: with the hedge rule, pass B of one round and pass A of the next
         run in one sweep over the clients (see ``run_rounds`` in
         ``memoa_fast.kernels._pipeline_numba``), and Python is entered once.
+        Nothing of size T is allocated besides the predictions (none with ``out``).
 
         Parameters
         ----------
@@ -269,7 +252,6 @@ class Pipeline:
             Shape (T, d): row ``k`` is the ``yhat(t+1)`` that :meth:`round`
             returns for ``series[k]`` (``out`` when given).
         """
-        k = self._kern
         try:
             T = len(series)
         except TypeError:  # a scalar, a 0-d array
@@ -284,23 +266,26 @@ class Pipeline:
                              f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
         elif np.shares_memory(out, ys):
             raise ValueError("out must not share memory with series (the targets are read while out is written)")
-        if T == 0:
-            return out
-        flags = np.repeat(self._flags[None, :], T, axis=0)
-        halves = np.empty(T)
-        discount = self._discount
-        for i in range(T):
-            self._set_round_flags(flags[i], self.t + i, record)
-            halves[i] = 0.5 * discount
-            discount *= self.game.gamma
-        k.run_rounds(self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf,
-                     self._sq_err, self._sq_sig, ys, self._yhat, out, self._field, self._work, self._params, self._key,
-                     flags, halves, self._stats, self._threads_used)
-        self._flags[...] = flags[-1]
-        self.n_recorded += int(flags[:, k.F_RECORD].sum())
-        self.t += T
-        self._discount = discount
+        if T:
+            self._rounds(ys, out, record)
         return out
+
+    def _rounds(self, ys: np.ndarray, yhats: np.ndarray, record: bool) -> None:
+        """The kernel's ``run_rounds`` on the targets ``ys`` (T >= 1, d), predictions into ``yhats``, and the bookkeeping.
+
+        :meth:`round` is this with one target (``ys`` and ``yhats`` views of its
+        buffers): one code path for both calls.
+        """
+        k = self._kern
+        record = bool(record)
+        T, t0 = ys.shape[0], self.t
+        self._flags[k.F_T] = t0
+        self._discount = k.run_rounds(
+            self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
+            self._sq_sig, ys, self._yhat, yhats, self._field, self._work, self._params, self._key, self._flags,
+            self._stats, self._threads_used, record, self.game.gamma, self._discount)
+        self.n_recorded += (T - (t0 == 0)) if record else 0  # round 0 records nothing (no forecast of y(0))
+        self.t = t0 + T
 
     # ------------------------------------------------------------------ views
     @property
