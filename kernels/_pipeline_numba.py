@@ -14,6 +14,11 @@ in chunk order, so every result is bitwise the same on any thread count:
   the worst client and the mixture ``sum_i p_i x_i(t+1)`` with the new weights;
 - merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i``.
 
+:func:`run_rounds` runs T rounds in one call (``Pipeline.round`` is T = 1).
+With the hedge rule pass A needs nothing from merge B, so each chunk runs
+pass B of round ``k`` and then pass A of round ``k + 1`` in one sweep
+(:func:`_rounds`): one pass over the clients per round, the same bits.
+
 Linear weights (``flags[F_LINEAR]``, whenever ``alpha / N >= LINEAR_FLOOR``):
 the weights ``p`` live in ``ebuf``. Pass A writes ``q_i = p_i exp(-step_i -
 top_c)`` there (``top_c`` the chunk's largest ``-step``, so ``q_i <= p_i``;
@@ -115,7 +120,7 @@ __all__ = [
     "FIELD_SIGNAL", "FIELD_STATE", "LINEAR_FLOOR", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
     "P_HALF_DISCOUNT", "P_KAPPA", "P_MIX_SIGNAL", "P_MIX_STATE", "P_MU", "P_Q", "P_R", "P_SIGNAL", "S_ARG_COST",
     "S_ERR", "S_LOG_TOTAL", "S_MAX_COST", "S_SIG_ERR", "S_TOP", "S_VALID", "noise_scales", "round_key", "seed_keys",
-    "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "round_step", "run_rounds", "normals", "exp", "log",
+    "work_shape", "work_width", "max_threads", "pass_a", "pass_b", "run_rounds", "normals", "exp", "log",
     "sincos_2pi",
 ]
 
@@ -1160,28 +1165,6 @@ def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, sta
 
 
 @njit(**_jit)
-def _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
-    """A whole round (pass A, merge, pass B, merge) on one thread."""
-    _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
-    _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
-
-
-@njit(parallel=True, **_jit)
-def _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
-    """A whole round with each pass's chunks spread over the threads."""
-    kt = _round_key(key, flags[F_T])
-    n, d = x.shape
-    chunks = work.shape[0]
-    for i in prange(chunks):
-        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, _chunk_order(i, chunks))
-    _merge_a(work, field, params, flags, stats, d)
-    top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    for i in prange(chunks):  # pass A's order: each thread gets back the chunks it had in pass A (its L2)
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order(i, chunks))
-    _merge_b(work, field, yhat, stats, n, d)
-
-
-@njit(**_jit)
 def _round_flags(flags, t, record):
     """Round ``t``'s flags (see :func:`memoa_fast.kernels._pipeline_reference.round_flags`)."""
     later = 1 if t > 0 else 0
@@ -1201,7 +1184,7 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
     eg (its loss uses ``yhat(t+1)``): so with hedge each chunk runs pass B of
     round ``k`` then pass A of round ``k + 1`` while its rows are in L2, and the
     merges follow the sweep. Every client's arithmetic and every merge is the
-    one a :func:`round_step` per target does, in the same order: the same bits.
+    one a round per target does (pass A, merge, pass B, merge), in the same order: the same bits.
     One sweep and (on two threads) one parallel region per round instead of two.
     """
     T = ys.shape[0]
@@ -1320,19 +1303,6 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
         return _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
     with Threads(threads):
         return _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
-
-
-def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
-               threads):
-    """One whole round in one compiled call; semantics: :func:`memoa_fast.kernels._pipeline_reference.round_step`."""
-    W, A = _flat(weights, lags)
-    key = np.uint64(key)
-    if threads == 1:
-        return _round_serial(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
-                             stats)
-    with Threads(threads):
-        return _round_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
-                               stats)
 
 
 def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
