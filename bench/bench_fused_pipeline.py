@@ -388,7 +388,7 @@ def state_traffic_floor(n: int, threads: int, reps: int = 200) -> float:
 
 
 @numba.njit(cache=False)
-def _loop_parts(reps, x, out, eps, sigma, W, A, s, lanes, which):
+def _loop_parts(reps, x, out, eps, sigma, W, A, s, which):
     """``reps`` times one of the kernel's own loops over 4096 clients (their rows stay in L2)."""
     n = x.shape[0]
     bad = 0
@@ -398,7 +398,7 @@ def _loop_parts(reps, x, out, eps, sigma, W, A, s, lanes, which):
         elif which == 1:
             _pipe._normals_into(np.uint64(r), 0, n // 2, eps)
         else:
-            bad += _pipe._forecast_block_p2(out, sigma, eps, W, A, n, 0, MU, True, s, lanes)
+            bad += _pipe._forecast_block_p2(out, sigma, eps, W, A, n, 0, MU, True, s)
     return bad
 
 
@@ -447,14 +447,13 @@ def time_parts(reps: int = 2000) -> dict:
     W[0] = 1.0
     A = rng.normal(size=(2, n)) * 0.1
     s = np.zeros(n)
-    lanes = np.zeros(n)
     res = {}
     for which, name in enumerate(("exp", "normals", "NLMS update and forecast")):
-        _loop_parts(1, x, out, eps, sigma, W, A, s, lanes, which)
+        _loop_parts(1, x, out, eps, sigma, W, A, s, which)
         times = []
         for _ in range(7):
             t0 = time.perf_counter()
-            _loop_parts(reps, x, out, eps, sigma, W, A, s, lanes, which)
+            _loop_parts(reps, x, out, eps, sigma, W, A, s, which)
             times.append(time.perf_counter() - t0)
         res[name] = 1e9 * statistics.median(times) / (reps * n)
         if which == 0:
