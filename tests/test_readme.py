@@ -53,3 +53,25 @@ def test_checkpoint_example_runs_without_a_cluster(tmp_path, monkeypatch, rng):
     exec(block, {"mf": mf, "game": game, "pop": pop, "server": server})
     np.testing.assert_array_equal(pop.states, before)
     assert (tmp_path / "run.npz").is_file()
+
+
+def package_modules():
+    """Every module of the installed package but ``__main__`` (importing it runs the CLI)."""
+    import pkgutil
+
+    names = ["memoa_fast"] + [m.name for m in pkgutil.walk_packages(mf.__path__, "memoa_fast.")]
+    return [name for name in names if not name.endswith("__main__")]
+
+
+@pytest.mark.parametrize("name", package_modules())
+def test_docstring_examples_run(name):
+    """The ``>>>`` examples of every docstring give what they show.
+
+    ``python -m pytest --doctest-modules`` found one that imported a module that does not exist.
+    """
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=False)
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} docstring examples failed"

@@ -98,7 +98,7 @@ class Pipeline:
     Examples
     --------
     >>> import numpy as np
-    >>> from memoa_fast.pipeline import Pipeline
+    >>> from memoa_fast import Pipeline
     >>> pipe = Pipeline(1000, seed=1, backend="numpy")
     >>> y = np.sin(np.arange(50) / 3.0)
     >>> for value in y[:40]:
