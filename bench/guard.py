@@ -72,8 +72,11 @@ REPEAT = 3  # runs per case whose medians make the stored median
 # The kernels' contract: kernels/_layout.py (named offsets, grouped coefficients) and
 # kernels/_reference.py (the NumPy reference, same arguments as the compiled kernels).
 
-KERNELS = ("fused_step", "fused_step+mixture", "fused_step_k16", "mixture_predict", "mixture_update")
+KERNELS = ("fused_step", "fused_step+mixture", "fused_step_k16", "mixture_predict", "mixture_update", "pipeline_run")
 DIMS = (1, 4, 16)
+# Kernels checked at d = 1 only: the fused pipeline's benchmarked case (its NumPy reference is slow at d = 16).
+D1_ONLY = ("pipeline_run",)
+PIPELINE_ROUNDS = 4  # targets per timed Pipeline.run call
 
 # Cases that the compiled code need not beat NumPy on, by case-name prefix
 # ("kernel", "kernel/backend", "kernel/backend-threads/N1e+05/d1"), with the reason.
@@ -116,6 +119,8 @@ def make_call(kernel, kern, n, d, threads, seed=0):
     if not hasattr(kern, "signal_pass"):
         return None
     rng = np.random.default_rng(seed)
+    if kernel == "pipeline_run":
+        return _pipeline_call(kern, n, d, threads, rng)
     x, s = rng.standard_normal((n, d)), rng.standard_normal((n, d))
     J, yhat, y = np.zeros(n), np.zeros(d), rng.standard_normal(d)
     log_p, empty = np.full(n, -math.log(n)), np.empty(0)
@@ -142,6 +147,22 @@ def make_call(kernel, kern, n, d, threads, seed=0):
     if kernel == "mixture_update":
         return lambda: kern.mixture_update(log_p, x, y, yhat, 1, 0.5, 0.01, work, lay, threads)
     raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+
+
+def _pipeline_call(kern, n, d, threads, rng):
+    """``Pipeline.run`` on :data:`PIPELINE_ROUNDS` targets, the backend matching ``kern`` (None for Cython: it has none)."""
+    from memoa_fast import Game, Pipeline
+    from memoa_fast.kernels import _numba, _reference
+
+    backend = {_numba: "numba", _reference: "numpy"}.get(kern)
+    if backend is None:
+        return None
+    pipe = Pipeline(n, d, game=Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95), backend=backend,
+                    threads=threads if backend == "numba" else None)
+    ys = rng.standard_normal((PIPELINE_ROUNDS, d))
+    out = np.empty_like(ys)
+    pipe.run(ys, out=out)  # round 0 (no reweight, no update) out of the way: every timed round is a full one
+    return lambda: pipe.run(ys, out=out)
 
 
 # The default thread choice must never be more than this much slower than threads=1, alone or with a
@@ -238,6 +259,8 @@ def cases(short, only=None):
     for n, threads_list in sizes:
         for d in DIMS:
             for kernel in KERNELS:
+                if kernel in D1_ONLY and d != 1:
+                    continue
                 for name, kern, threads in backends(threads_list):
                     if only is None or only in key(kernel, n, d, name, threads):
                         yield kernel, n, d, name, kern, threads
