@@ -1,11 +1,13 @@
 """Two runs at once on one machine: the default thread choice must never lose to ``threads=1``.
 
 A parameter sweep runs several ``memoa`` processes side by side. Each process
-here times the population step (N agents, dimension d) with the default
-thread choice and with ``threads=1`` (and ``threads=2``), interleaved, medians
-of many steps; the script runs one such process alone, then two at once, and
-prints the ratio default / threads=1 for each case (lower is better; the
-guard fails above ``LIMIT``).
+here times the population step (N agents, dimension d) and the fused
+pipeline's round (``Pipeline.round``, N clients, d = 1: its default goes
+parallel from far fewer values, see ``memoa_fast/_backends.py``) with the
+default thread choice and with ``threads=1`` (and ``threads=2``),
+interleaved, medians of many calls; the script runs one such process alone,
+then two at once, and prints the ratio default / threads=1 for each case
+(lower is better; the guard fails above ``LIMIT``).
 
     python3 bench/concurrent_threads.py            # alone, then two at once
     python3 bench/concurrent_threads.py --json out.json
@@ -22,33 +24,46 @@ import sys
 import time
 
 CASES = [(10_000, 1), (10_000, 4), (100_000, 1), (100_000, 4)]
+PIPELINE_CASES = [32_768, 100_000]  # clients, d = 1: at and above the pipeline's default parallel work
 MODES = ("default", 1, 2)
 LIMIT = 1.5
+
+
+def _time_modes(calls: dict, seconds: float) -> dict:
+    """Median seconds of each mode's call, the modes interleaved for ``seconds`` (after three warm calls each)."""
+    import numpy as np
+
+    for call in calls.values():  # compile (or load) and warm
+        for _ in range(3):
+            call()
+    times = {m: [] for m in calls}
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for m, call in calls.items():  # interleaved: the same conditions for every mode
+            t0 = time.perf_counter()
+            call()
+            times[m].append(time.perf_counter() - t0)
+    return {str(m): float(np.median(v)) for m, v in times.items()}, len(times[1])
 
 
 def worker(seconds: float) -> dict:
     import numpy as np
 
-    from memoa_fast import Game, Population
+    from memoa_fast import Game, Pipeline, Population
 
     out = {}
     rng = np.random.default_rng(0)
     for n, d in CASES:
         signals = rng.normal(size=(n, d))
         pops = {m: Population(Game(), n, d, threads=None if m == "default" else m) for m in MODES}
-        for pop in pops.values():  # compile and warm
-            for _ in range(3):
-                pop.step(signals)
-        times = {m: [] for m in MODES}
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            for m, pop in pops.items():  # interleaved: the same conditions for every mode
-                t0 = time.perf_counter()
-                pop.step(signals)
-                times[m].append(time.perf_counter() - t0)
-        med = {str(m): float(np.median(v)) for m, v in times.items()}
+        med, count = _time_modes({m: (lambda pop=pop: pop.step(signals)) for m, pop in pops.items()}, seconds)
         out[f"{n}x{d}"] = {"median_s": med, "threads_used": pops["default"]._threads_used,
-                           "default_over_one": med["default"] / med["1"], "steps": len(times[1])}
+                           "default_over_one": med["default"] / med["1"], "steps": count}
+    for n in PIPELINE_CASES:
+        pipes = {m: Pipeline(n, threads=None if m == "default" else m) for m in MODES}
+        med, count = _time_modes({m: (lambda pipe=pipe: pipe.round(0.5)) for m, pipe in pipes.items()}, seconds)
+        out[f"pipeline {n}x1"] = {"median_s": med, "threads_used": pipes["default"]._threads_used,
+                                  "default_over_one": med["default"] / med["1"], "steps": count}
     return out
 
 
@@ -74,7 +89,7 @@ def main() -> int:
         for k, res in enumerate(results[label]):
             for case, r in res.items():
                 ms = {m: f"{v * 1e3:.3f}" for m, v in r["median_s"].items()}
-                print(f"{label:12s} proc {k} {case:>9s}: default uses {r['threads_used']} thread(s); "
+                print(f"{label:12s} proc {k} {case:>18s}: default uses {r['threads_used']} thread(s); "
                       f"median ms {ms}; default / threads=1 = {r['default_over_one']:.2f}")
                 worst = max(worst, r["default_over_one"])
     print(f"worst default / threads=1: {worst:.2f} (limit {LIMIT})")

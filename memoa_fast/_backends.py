@@ -30,6 +30,17 @@ PARALLEL_THRESHOLD = 8_192
 # always honoured (above parallel_threshold agents).
 DEFAULT_PARALLEL_WORK = 1 << 20
 
+# The same for the fused pipeline round (Pipeline): its default uses every
+# thread from 2**15 values (N x d) per round. A round is compute-bound (the
+# exp, the normals, the NLMS update: about 8 ns per client on one core, 4-6x a
+# step's time per value), so two processes at once cost it little where they
+# cost the memory-bound step 2-4x. Measured on 2 cores, Pipeline.round and
+# Pipeline.run, time on two threads over time on one: alone 0.7-0.9 at 32768
+# clients and 0.5-0.7 at 10^5; two processes at once 1.03-1.14 at both
+# (within the 1.5 the guard allows); at 16384 clients two threads lost alone
+# (1.27), at 8192 by 1.5-2.2x. bench/concurrent_threads.py checks it.
+PIPELINE_PARALLEL_WORK = 1 << 15
+
 
 SOURCE_TREE_HINT = (
     "memoa_fast.kernels is missing: this memoa_fast was imported from a source checkout, where the "
@@ -39,7 +50,8 @@ SOURCE_TREE_HINT = (
 )
 
 
-__all__ = ["DEFAULT_PARALLEL_WORK", "PARALLEL_THRESHOLD", "available_threads", "load", "load_noise", "resolve_threads"]
+__all__ = ["DEFAULT_PARALLEL_WORK", "PARALLEL_THRESHOLD", "PIPELINE_PARALLEL_WORK", "available_threads", "load", "load_noise",
+           "resolve_threads"]
 
 
 def load(backend: str) -> ModuleType:
@@ -65,18 +77,20 @@ def load_noise() -> ModuleType:
 
 
 def resolve_threads(threads, n_agents: int, parallel_threshold: int = PARALLEL_THRESHOLD,
-                    dim: int = 1) -> tuple[int, int]:
+                    dim: int = 1, default_work: int = DEFAULT_PARALLEL_WORK) -> tuple[int, int]:
     """Return ``(threads_requested, threads_used)`` for kernels over ``n_agents`` x ``dim`` values.
 
     ``threads=None`` (the default) asks for every thread this process may use
     (its CPU affinity, capped by Numba's limit) but uses them only for a
-    region of at least :data:`DEFAULT_PARALLEL_WORK` values; an explicit
-    ``threads`` is used as given for at least ``parallel_threshold`` agents.
-    Fewer agents than ``parallel_threshold`` always run on one thread.
+    region of at least ``default_work`` values (:data:`DEFAULT_PARALLEL_WORK`
+    for the population step and the server, :data:`PIPELINE_PARALLEL_WORK`
+    for the fused pipeline); an explicit ``threads`` is used as given for at least
+    ``parallel_threshold`` agents. Fewer agents than ``parallel_threshold``
+    always run on one thread.
     """
     requested = check_threads(threads)
     if n_agents < parallel_threshold:
         return requested, 1
-    if threads is None and n_agents * dim < DEFAULT_PARALLEL_WORK:
+    if threads is None and n_agents * dim < default_work:
         return requested, 1
     return requested, requested

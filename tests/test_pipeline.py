@@ -360,6 +360,20 @@ def test_compiled_run_matches_reference_run(rule, alpha, d):
     assert fast.worst_client == slow.worst_client
 
 
+def test_default_threads_start_at_the_pipelines_own_work_size():
+    """A pipeline round is compute-bound: its default goes parallel from 2**15 values, a step's from 2**20."""
+    from memoa_fast import _backends
+
+    work = _backends.PIPELINE_PARALLEL_WORK
+    assert work < _backends.DEFAULT_PARALLEL_WORK
+    requested = _backends.resolve_threads(None, 10)[0]
+    assert Pipeline(work, game=GAME)._threads_used == requested
+    assert Pipeline(work // 4, 4, game=GAME)._threads_used == requested  # N x d counts
+    assert Pipeline(work - 1, game=GAME)._threads_used == 1
+    assert Pipeline(work - 1, game=GAME, threads=requested)._threads_used == requested  # explicit threads honoured
+    assert Population(GAME, work, 1)._threads_used == 1  # the step keeps its own threshold
+
+
 def test_bad_series_and_out_are_named():
     pipe = Pipeline(10, 2, game=GAME)
     before = pipe.states.copy()

@@ -67,7 +67,10 @@ class Pipeline:
         ``numpy`` runs the slow reference.
     threads : int, optional
         Kernel threads (as for :class:`~memoa_fast.Population`): the default
-        uses every core for rounds of at least ``2**20`` values (N x d).
+        uses every core for rounds of at least ``2**15`` values (N x d: a
+        round is compute-bound, so two threads pay off, even with a second
+        process running, from fewer values than a population step's
+        ``2**20``).
     parallel_threshold : int, default 8192
         Fewer clients always run on one thread.
 
@@ -147,7 +150,7 @@ class Pipeline:
         self._kern = load_pipeline_kernels(self.backend)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.threads, self._threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold,
-                                                                     self.dim)
+                                                                     self.dim, default_work=_backends.PIPELINE_PARALLEL_WORK)
         k = self._kern
         n, d, p = self.n_clients, self.dim, self.lags
         self._key, scale_key = k.seed_keys(self.seed)
