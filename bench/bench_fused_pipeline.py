@@ -528,9 +528,11 @@ def test_fused_beats_today_and_numpy(warmed):
     med = {name: statistics.median(v) for name, v in rates.items()}
     print({k: f"{v:.3g}" for k, v in med.items()})
     assert med["round-1"] > 1.5 * med["today"], med
-    # measured 5.3-5.8x (10^4 and 10^5 clients, loaded machine) since the NumPy contender's BLAS runs on one thread
-    assert med["round-1"] > 4.0 * med["numpy"], med
-    assert med["fused-1"] > 4.0 * med["numpy"], med
+    # At 10^4 clients the NumPy contender (p kept as weights, BLAS on one thread, argmax J) is 3.3-3.4x slower than
+    # round-1 and 3.8x slower than fused-1 (2026-11-29, four runs). This asserted 4.0x, written against the
+    # log-weight contender; it failed since that contender was made honest, unnoticed (bench only, not in CI).
+    assert med["round-1"] > 2.5 * med["numpy"], med
+    assert med["fused-1"] > 2.5 * med["numpy"], med
 
 
 if __name__ == "__main__":
