@@ -1206,7 +1206,9 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
             _round_flags(fa, t0 + k + 1, record)
         kt = _round_key(key, fa[F_T]) if nxt else np.uint64(0)
         if threads == 1:
-            for c in range(chunks):
+            for i in range(chunks):
+                # pass B alone goes last chunk first (pass A's last chunks are still in cache); the merge is in chunk order
+                c = i if nxt else chunks - 1 - i
                 _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
                 if nxt:
                     _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, fa,
