@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
 from . import _backends
+from ._exclusive import Exclusive
 from ._state import check_population_state
 from ._validation import as_float_array, check_int, check_sizes
 from .game import Game
@@ -285,7 +285,7 @@ class Population(MeanFieldSummary):
         self._no_weights = np.empty(0)
         self._x_view = _readonly(self._x)
         self._J_view = _readonly(self._J)
-        self._lock = threading.Lock()
+        self._exclusive = Exclusive("Population")
         self._fresh = True  # the arrays are still np.zeros: reset() need not write N x d zeros again
         self.reset(initial_states)
 
@@ -401,9 +401,7 @@ class Population(MeanFieldSummary):
 
     def _step(self, s, log_p) -> None:
         """One step: the backend's ``fused_step`` (two passes over memory; see :mod:`memoa_fast.kernels`)."""
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this Population is being stepped by another thread: a Population is not thread-safe")
-        try:
+        with self._exclusive:
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
                 self._mean_ready, self._discount, log_p, self._yhat, self._threads_used,
@@ -417,8 +415,6 @@ class Population(MeanFieldSummary):
             self._worst = worst if math.isfinite(max_cost) else -1
             self.t += 1
             self._discount *= self.game.gamma
-        finally:
-            self._lock.release()
 
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d); returns the last states."""

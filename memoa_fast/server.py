@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
 from . import _backends
+from ._exclusive import Exclusive
 from ._state import RULES, check_server_state, server_state
 from ._validation import as_float_array, check_choice, check_int, check_real, check_sizes
 from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
@@ -86,7 +86,7 @@ class Server:
         self._y = np.zeros(self.dim)
         self._log_p_view = self._log_p.view()
         self._log_p_view.flags.writeable = False
-        self._lock = threading.Lock()
+        self._exclusive = Exclusive("Server")
         self.reset()
 
     def reset(self) -> None:
@@ -116,7 +116,7 @@ class Server:
         """
         out = _check_out(out, self.dim)
         x = as_float_array("states", states, (self.n_agents, self.dim))
-        with self._guard():
+        with self._exclusive:
             self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, out, self._threads_used)
         return out
 
@@ -128,18 +128,13 @@ class Server:
         x = as_float_array("states", states, (self.n_agents, self.dim))
         y = as_float_array("target", target, (self.dim,))
         kern, threads, lay = self._kernels, self._threads_used, self._lay
-        with self._guard():
+        with self._exclusive:
             if self.rule == "eg":  # the gradient needs the mixture of these very states
                 kern.mixture_predict(self._log_p, x, self._work, lay, self._yhat, threads)
             self._y[...] = y
             kern.mixture_update(self._log_p, x, self._y, self._yhat, RULE_CODES[self.rule], self.eta, self.alpha,
                                 self._work, lay, threads)
             self.n_updates += 1
-
-    def _guard(self):
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this Server is being used by another thread: a Server is not thread-safe")
-        return _Release(self._lock)
 
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (copies)."""
@@ -166,21 +161,6 @@ class Server:
             f"Server(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, "
             f"alpha={self.alpha!r}, backend={self.backend!r})"
         )
-
-
-class _Release:
-    """Context manager releasing an already acquired lock."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        self.lock.release()
 
 
 def _rebuild_server(n_agents, dim, config, state):

@@ -172,3 +172,29 @@ def reap(proc) -> None:
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+
+
+def call_from_two_threads(call, times: int):
+    """Run ``call()`` up to ``times`` times in each of two threads at once; returns ``(errors, completed calls)``.
+
+    A thread stops at its first ``RuntimeError`` (kept in ``errors``): the objects that own compiled state raise
+    one when a second thread calls them while the first is inside a call.
+    """
+    import threading
+
+    errors, done = [], []
+
+    def go():
+        try:
+            for _ in range(times):
+                call()
+                done.append(1)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return errors, len(done)

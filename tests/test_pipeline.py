@@ -24,6 +24,8 @@ from memoa_fast.kernels import _pipeline_numba as kern
 from memoa_fast.kernels import _pipeline_reference as ref
 from memoa_fast.timeseries.pipeline import Pipeline
 
+from .helpers import call_from_two_threads
+
 RTOL = 1e-12
 TWO_THREADS = 2 if numba.config.NUMBA_NUM_THREADS >= 2 else 1
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
@@ -372,6 +374,17 @@ def test_default_threads_start_at_the_pipelines_own_work_size():
     assert Pipeline(work - 1, game=GAME)._threads_used == 1
     assert Pipeline(work - 1, game=GAME, threads=requested)._threads_used == requested  # explicit threads honoured
     assert Population(GAME, work, 1)._threads_used == 1  # the step keeps its own threshold
+
+
+def test_rounds_from_two_threads_raise_instead_of_racing():
+    """The kernel releases the GIL: two threads calling one Pipeline get RuntimeError, never a mixed state."""
+    pipe = Pipeline(200_000, game=GAME, threads=1)
+    pipe.round(0.1)
+    errors, done = call_from_two_threads(lambda: pipe.run(np.full(3, 0.2)), 20)
+    assert errors and "not thread-safe" in str(errors[0])
+    # every refused call changed nothing: the rounds counted are those of the calls that ran
+    assert pipe.t == 1 + 3 * done and pipe.n_recorded == 3 * done
+    assert np.isfinite(pipe.states).all()
 
 
 def test_bad_series_and_out_are_named():

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from memoa_fast import Game, Population
 
 from .conftest import available_backends
+from .helpers import call_from_two_threads
 
 BACKENDS = available_backends()
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
@@ -333,26 +334,11 @@ def test_state_round_trip_pickle_and_deepcopy_for_k_classes(rng):
 
 
 def test_concurrent_steps_from_two_threads_raise(rng):
-    import threading
-
     pop = Population(GAME, 200_000, 1, threads=1)
     s = rng.normal(size=(200_000, 1))
-    errors = []
-
-    def go():
-        try:
-            for _ in range(30):
-                pop.step(s)
-        except RuntimeError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=go) for _ in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors, done = call_from_two_threads(lambda: pop.step(s), 30)
     assert errors and "not thread-safe" in str(errors[0])
-    assert np.isfinite(pop.states).all()
+    assert pop.t == done and np.isfinite(pop.states).all()
 
 
 def test_default_threads_depend_on_the_work_size():

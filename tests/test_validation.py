@@ -245,3 +245,41 @@ def test_numba_limit_is_read_from_numba_once_imported(monkeypatch):
     for raw in ("", "zero", "0"):
         monkeypatch.setenv("NUMBA_NUM_THREADS", raw)
         assert numba_thread_limit() is None
+
+
+# --------------------------------------------------------------------------- one caller at a time
+def _stateful_calls():
+    """``(name, object, call, arrays)``: every public object whose calls write compiled state, one writing call each,
+    and what that call would change.
+    """
+    from memoa_fast import ClientForecasters, Game, Pipeline, Population, Server
+    from memoa_fast.timeseries.forecasters import SquaredErrors
+
+    n, d = 64, 2
+    pop, server, pipe = Population(Game(), n, d), Server(n, d), Pipeline(n, d)
+    fc, scores = ClientForecasters(n, d), SquaredErrors(n, d)
+    s, y = np.full((n, d), 0.5), np.array([0.1, 0.2])
+    return [
+        ("Population", pop, lambda: pop.step(s), lambda: (pop.states, pop.costs)),
+        ("Server", server, lambda: server.update(s, y), lambda: (server.log_weights,)),
+        ("Pipeline", pipe, lambda: pipe.round(y), lambda: (pipe.states, pipe.signals, pipe.costs)),
+        ("Pipeline", pipe, lambda: pipe.run(np.tile(y, (3, 1))), lambda: (pipe.states, pipe.signals)),
+        ("Pipeline", pipe, pipe.reset, lambda: (pipe.states,)),
+        ("ClientForecasters", fc, lambda: fc.observe(y), lambda: (fc.signals, fc.weights)),
+        ("SquaredErrors", scores, lambda: scores.add(s, y), lambda: (scores.totals,)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_a_second_caller_is_refused_and_changes_nothing(case):
+    """The kernels release the GIL: while one thread is inside an object's call, a second call raises at once
+    instead of writing the same arrays (simulated by holding the object's lock).
+    """
+    name, obj, call, arrays = _stateful_calls()[case]
+    call()  # compiled (or loaded) and stepped once, so a change would show
+    before = [a.copy() for a in arrays()]
+    with obj._exclusive:  # another thread is inside a call
+        with pytest.raises(RuntimeError, match=f"this {name} is being used by another thread: a {name} is not thread-safe"):
+            call()
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, arrays()))
+    call()  # released: usable again

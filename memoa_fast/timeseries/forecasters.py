@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import _backends
+from .._exclusive import Exclusive
 from .._state import check_source_state
 from .._validation import as_float_array, check_choice, check_int, check_real
 from ..population import _readonly
@@ -174,6 +175,7 @@ class ClientForecasters:
             )
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
+        self._exclusive = Exclusive("ClientForecasters")
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
 
@@ -254,13 +256,14 @@ class ClientForecasters:
             stays), so the caller may skip the value or stop.
         """
         y = check_target("y", y, self.dim)
-        self._y[...] = y
-        self._draw_noise()
-        self._kernels.forecast_step(
-            self._y, self._eps, self._sigma, self._weights, self._lags, self._out, self.mu, self.t > 0,
-            self.threads_used,
-        )
-        self.t += 1
+        with self._exclusive:
+            self._y[...] = y
+            self._draw_noise()
+            self._kernels.forecast_step(
+                self._y, self._eps, self._sigma, self._weights, self._lags, self._out, self.mu, self.t > 0,
+                self.threads_used,
+            )
+            self.t += 1
         return self._out_view
 
     def _draw_noise(self) -> None:
@@ -364,6 +367,7 @@ class SquaredErrors:
         self.dim = check_int("dim", dim, low=1)
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
+        self._exclusive = Exclusive("SquaredErrors")
         parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, parallel_threshold)
         self._totals = np.zeros(self.n_clients)
@@ -403,8 +407,9 @@ class SquaredErrors:
         # Not checked for finiteness (one pass saved per round): a non-finite state gives non-finite scores only.
         x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
         y = as_float_array("target", target, (self.dim,))
-        total, self.max_total = self._kernels.score_step(x, y, bool(record), self._totals, self._work, self._mean,
-                                                         self.threads_used)
+        with self._exclusive:
+            total, self.max_total = self._kernels.score_step(x, y, bool(record), self._totals, self._work, self._mean,
+                                                             self.threads_used)
         return total, self._mean_view, self._totals_view
 
     def reset(self) -> None:

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .. import _backends
+from .._exclusive import Exclusive
 from .._validation import as_float_array, check_choice, check_int, check_real
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
@@ -97,6 +98,9 @@ class Pipeline:
     (SplitMix64): the same on any thread count, and any slice of clients
     reproduces those clients' draws. It differs from
     :class:`~memoa_fast.forecasters.ClientForecasters`' PCG64 stream.
+
+    A Pipeline is not thread-safe: a call while another thread is inside one
+    raises ``RuntimeError`` and changes nothing (one object per thread).
 
     Examples
     --------
@@ -182,6 +186,7 @@ class Pipeline:
         # with a share floor alpha / N no weight can underflow: keep p itself (the kernel then needs no log per client)
         self._linear = self.alpha / n >= k.LINEAR_FLOOR
         self._flags[k.F_LINEAR] = self._linear
+        self._exclusive = Exclusive("Pipeline")
         self._views = {name: _readonly(getattr(self, name)) for name in ("_x", "_s", "_J", "_log_p", "_sq_err",
                                                                           "_sq_sig", "_sigma", "_yhat")}
         self.reset()
@@ -189,6 +194,10 @@ class Pipeline:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Back to round 0: states, costs, errors and forecasters zeroed, uniform weights; same noise."""
+        with self._exclusive:
+            self._reset()
+
+    def _reset(self) -> None:
         self._x[...] = 0.0
         self._s[...] = 0.0
         self._J[...] = 0.0
@@ -226,8 +235,10 @@ class Pipeline:
             ``yhat(t+1)``, shape (d,): the read-only live buffer, overwritten
             by the next round (copy it to keep it).
         """
-        self._y[...] = as_float_array("y", y, (self.dim,))
-        self._rounds(self._y_rows, self._yhat_rows, record)
+        y = as_float_array("y", y, (self.dim,))
+        with self._exclusive:
+            self._y[...] = y
+            self._rounds(self._y_rows, self._yhat_rows, record)
         return self._views["_yhat"]
 
     def run(self, series, record: bool = True, out: np.ndarray | None = None) -> np.ndarray:
@@ -270,14 +281,15 @@ class Pipeline:
         elif np.shares_memory(out, ys):
             raise ValueError("out must not share memory with series (the targets are read while out is written)")
         if T:
-            self._rounds(ys, out, record)
+            with self._exclusive:
+                self._rounds(ys, out, record)
         return out
 
     def _rounds(self, ys: np.ndarray, yhats: np.ndarray, record: bool) -> None:
         """The kernel's ``run_rounds`` on the targets ``ys`` (T >= 1, d), predictions into ``yhats``, and the bookkeeping.
 
         :meth:`round` is this with one target (``ys`` and ``yhats`` views of its
-        buffers): one code path for both calls.
+        buffers): one code path for both calls. The caller holds ``_exclusive``.
         """
         k = self._kern
         record = bool(record)
