@@ -458,6 +458,23 @@ def _row_valid(s, i, d):
 
 # --------------------------------------------------------------------------- pass A
 @njit(**_jit)
+def _record_and_step(xb, sb, qe, qs, err_l, sig_l, k, y0, eta):
+    """Client ``k`` of a ``d = 1`` block: both squared errors against ``y0`` into the records and lanes; returns ``-step``.
+
+    Inlined into the sweeps below (one copy of the arithmetic, the same bits in both).
+    """
+    e = xb[k] - y0
+    err = e * e
+    qe[k] += err
+    err_l[k] += err
+    es = sb[k] - y0
+    sig = es * es
+    qs[k] += sig
+    sig_l[k] += sig
+    return -_clip_step(eta * err)
+
+
+@njit(**_jit)
 def _sweep1_d1_exp(xb, sb, qe, qs, lp, eb, pb, y0, eta, err_l, sig_l, tmax, exp_l):
     """:func:`_sweep1_d1` with linear weights and the exponentials in the same loop, against reference 0.
 
@@ -467,15 +484,7 @@ def _sweep1_d1_exp(xb, sb, qe, qs, lp, eb, pb, y0, eta, err_l, sig_l, tmax, exp_
     :func:`_pass_a_chunk` redoes the chunk against ``top_c``).
     """
     for k in range(xb.shape[0]):
-        e = xb[k] - y0
-        err = e * e
-        qe[k] += err
-        err_l[k] += err
-        es = sb[k] - y0
-        sig = es * es
-        qs[k] += sig
-        sig_l[k] += sig
-        v = -_clip_step(eta * err)
+        v = _record_and_step(xb, sb, qe, qs, err_l, sig_l, k, y0, eta)
         lp[k] = v
         m = tmax[k]
         tmax[k] = v if v > m else m
@@ -495,15 +504,7 @@ def _sweep1_d1(xb, sb, qe, qs, lp, y0, eta, linear, err_l, sig_l, tmax):
     result). ``linear`` does not change inside the loop, so LLVM unswitches it into two loops.
     """
     for k in range(xb.shape[0]):
-        e = xb[k] - y0
-        err = e * e
-        qe[k] += err
-        err_l[k] += err
-        es = sb[k] - y0
-        sig = es * es
-        qs[k] += sig
-        sig_l[k] += sig
-        v = -_clip_step(eta * err)
+        v = _record_and_step(xb, sb, qe, qs, err_l, sig_l, k, y0, eta)
         if not linear:
             v = lp[k] + v
         lp[k] = v
