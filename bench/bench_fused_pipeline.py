@@ -53,7 +53,9 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 # The NumPy contender runs on one core, like its ufuncs (as in bench/guard.py): with a multithreaded
 # OpenBLAS its one BLAS call per round (the mixture's dot product) waits for a second thread, and on a
@@ -69,9 +71,13 @@ from scipy.special import logsumexp
 
 from memoa_fast import Game, Population, Server
 from memoa_fast.kernels import _pipeline_numba as _pipe
+from memoa_fast.kernels._threads import Threads
 from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
 from memoa_fast.timeseries.streams import make_stream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script with -P, bench/ is not on sys.path
+from conftest import median_seconds  # noqa: E402
 
 GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
 ETA, ALPHA, MU, LAGS, NOISE = 0.5, 0.01, 0.1, 2, (0.02, 1.0)
@@ -373,18 +379,8 @@ def _touch_state(state, c, parts):
 def state_traffic_floor(n: int, threads: int, reps: int = 200) -> float:
     """Seconds per sweep (median) that only reads and writes the round's state: the memory floor of any round."""
     state = np.ones((STATE_ROWS, n))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        _touch_state(state, 0.999, threads)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            _touch_state(state, 0.999, threads)
-            times.append(time.perf_counter() - t0)
-    finally:
-        numba.set_num_threads(previous)
-    return statistics.median(times)
+    with Threads(threads):
+        return median_seconds(lambda: _touch_state(state, 0.999, threads), reps)
 
 
 @numba.njit(cache=False)
@@ -418,20 +414,11 @@ def two_thread_scaling(reps: int = 20000) -> float:
     """
     src = -np.random.default_rng(0).uniform(0.0, 5.0, (2, 2048))
     dst = np.empty_like(src)
-    previous = numba.get_num_threads()
+    _exp_on_threads(src, dst, 1, 2)  # compiled
     out = {}
-    try:
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            _exp_on_threads(src, dst, 1, 2)
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                _exp_on_threads(src, dst, reps, 2)
-                times.append(time.perf_counter() - t0)
-            out[threads] = statistics.median(times)
-    finally:
-        numba.set_num_threads(previous)
+    for threads in (1, 2):
+        with Threads(threads):
+            out[threads] = median_seconds(lambda: _exp_on_threads(src, dst, reps, 2), 5)
     return out[1] / out[2]
 
 
@@ -449,13 +436,8 @@ def time_parts(reps: int = 2000) -> dict:
     s = np.zeros(n)
     res = {}
     for which, name in enumerate(("exp", "normals", "NLMS update and forecast")):
-        _loop_parts(1, x, out, eps, sigma, W, A, s, which)
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            _loop_parts(reps, x, out, eps, sigma, W, A, s, which)
-            times.append(time.perf_counter() - t0)
-        res[name] = 1e9 * statistics.median(times) / (reps * n)
+        seconds = median_seconds(lambda: _loop_parts(reps, x, out, eps, sigma, W, A, s, which), 7)
+        res[name] = 1e9 * seconds / (reps * n)
         if which == 0:
             out[:] = 0.3  # the targets of the NLMS loop
     return res

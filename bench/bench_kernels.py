@@ -64,6 +64,7 @@ import pytest
 
 from memoa_fast import Game
 from memoa_fast.kernels import RULE_HEDGE, SIZE, layout, work_shape
+from memoa_fast.kernels._threads import Threads
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -421,16 +422,8 @@ def _triad_calls(machine):
         kern = machine.triad_kernel(threads)
 
         def call(kern=kern, threads=threads):
-            if threads == 1:
+            with Threads(threads):
                 return kern(a, b, c, 3.0)
-            import numba
-
-            previous = numba.get_num_threads()
-            numba.set_num_threads(threads)
-            try:
-                return kern(a, b, c, 3.0)
-            finally:
-                numba.set_num_threads(previous)
 
         calls[f"triad-{threads}"] = call
     return calls

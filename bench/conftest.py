@@ -66,20 +66,12 @@ def median_seconds(fn, repeats, warmup=1):
 
 def triad_bandwidth(n_doubles: int, threads: int, repeats: int = 9) -> float:
     """Median STREAM-triad bandwidth in GB/s (24 bytes per element: two reads, one write)."""
-    import numba
+    from memoa_fast.kernels._threads import Threads
 
-    kern = _triad_kernels()
+    kern = _triad_kernels()["serial" if threads == 1 else "parallel"]
     a, b, c = np.zeros(n_doubles), np.ones(n_doubles), np.full(n_doubles, 2.0)
-    previous = numba.get_num_threads()
-    try:
-        if threads == 1:
-            fn = lambda: kern["serial"](a, b, c, 3.0)  # noqa: E731
-        else:
-            numba.set_num_threads(threads)
-            fn = lambda: kern["parallel"](a, b, c, 3.0)  # noqa: E731
-        seconds = median_seconds(fn, repeats, warmup=2)
-    finally:
-        numba.set_num_threads(previous)
+    with Threads(threads):
+        seconds = median_seconds(lambda: kern(a, b, c, 3.0), repeats, warmup=2)
     return 24.0 * n_doubles / seconds / 1e9
 
 
