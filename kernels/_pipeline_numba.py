@@ -1195,6 +1195,7 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
     t0 = flags[F_T]
     fa = flags.copy()  # the flags of the round whose pass A runs next
     fb = flags.copy()  # the flags of the round whose pass B runs next
+    recorded = 0  # rounds that recorded their errors
     _round_flags(fa, t0, record)
     _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[0], yhat, field, work, params, key, fa, stats,
                    threads)
@@ -1222,13 +1223,14 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
             field[FIELD_STATE, j] = field[FIELD_NEXT, j]
             yhats[k, j] = yhat[j]
         discount *= gamma
+        recorded += fb[F_RECORD]
         if nxt:
             _merge_a(work, field, params, fa, stats, d)
         elif k + 1 < T:  # eg: pass A of round k + 1 needs yhat(k + 1), merged above
             _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key, fa,
                            stats, threads)
     flags[:] = fb
-    return discount
+    return discount, recorded
 
 
 @njit(**_jit)
@@ -1310,7 +1312,7 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
 
 def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
                flags, stats, threads, record, gamma, discount):
-    """Rounds on the targets ``ys`` (T >= 1, d) in one compiled call; returns the discount after them.
+    """Rounds on the targets ``ys`` (T >= 1, d) in one compiled call; returns ``(discount, rounds recorded)``.
 
     Semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`.
     """

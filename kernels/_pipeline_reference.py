@@ -289,7 +289,7 @@ def round_flags(flags, t, record):
 
 def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,
                flags, stats, threads, record, gamma, discount):
-    """:func:`round_step` on each target ``ys[k]`` (shape (T, d), T >= 1) in turn; returns the discount after them.
+    """:func:`round_step` on each target ``ys[k]`` (shape (T, d), T >= 1) in turn; returns ``(discount, recorded)``.
 
     Round ``k`` is round ``t = flags[F_T] + k`` of the pipeline: its flags
     are :func:`round_flags` of ``t`` (the others, rule, first client and
@@ -297,9 +297,11 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
     ``params[P_HALF_DISCOUNT] = discount / 2``, with ``discount *= gamma``
     after it. After round ``k``, ``yhats[k] = yhat`` (``yhat(t+1)``) and
     ``m(t+1)`` becomes the state mean ``field[FIELD_STATE]``. ``flags`` ends
-    as the last round's.
+    as the last round's. Returns the discount after the last round and how
+    many of the rounds recorded their errors.
     """
     t0 = int(flags[F_T])
+    recorded = 0
     for k in range(ys.shape[0]):
         round_flags(flags, t0 + k, record)
         params[P_HALF_DISCOUNT] = 0.5 * discount
@@ -308,4 +310,5 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
         field[FIELD_STATE] = field[FIELD_NEXT]
         yhats[k] = yhat
         discount *= gamma
-    return discount
+        recorded += int(flags[F_RECORD])
+    return discount, recorded

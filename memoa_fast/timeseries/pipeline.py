@@ -295,11 +295,11 @@ class Pipeline:
         record = bool(record)
         T, t0 = ys.shape[0], self.t
         self._flags[k.F_T] = t0
-        self._discount = k.run_rounds(
+        self._discount, recorded = k.run_rounds(
             self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
             self._sq_sig, ys, self._yhat, yhats, self._field, self._work, self._params, self._key, self._flags,
             self._stats, self._threads_used, record, self.game.gamma, self._discount)
-        self.n_recorded += (T - (t0 == 0)) if record else 0  # round 0 records nothing (no forecast of y(0))
+        self.n_recorded += int(recorded)
         self.t = t0 + T
 
     # ------------------------------------------------------------------ views
