@@ -45,6 +45,7 @@ Run from the repository root, against the installed package::
 
     python -P bench/bench_fused_pipeline.py                          # 10^5 clients x 1000 rounds
     python -P bench/bench_fused_pipeline.py --rounds 100 --reps 5    # the short variant
+    python -P bench/bench_fused_pipeline.py --passes --budget        # and where the time goes
     python -P -m pytest bench/bench_fused_pipeline.py -p no:cacheprovider   # the ratio guard, seconds
 """
 from __future__ import annotations
@@ -422,6 +423,46 @@ def two_thread_scaling(reps: int = 20000) -> float:
     return out[1] / out[2]
 
 
+@numba.njit(parallel=True, cache=False)
+def _empty_region(a):
+    """A parallel region with one add per thread: its time is the cost of waking the threads and joining them."""
+    for h in numba.prange(a.shape[0]):
+        a[h] += 1.0
+
+
+def region_wake_seconds(calls: int = 400, gap: float = 300e-6) -> float:
+    """Median seconds of an empty two-thread parallel region entered every ``gap`` seconds (as rounds are).
+
+    With the project's passive OpenMP wait (``OMP_WAIT_POLICY=PASSIVE``, set by ``memoa_fast``) the second
+    thread sleeps between regions, so each region first wakes it; a round of ``N`` clients on two threads can
+    end no sooner than this after it starts (Numba splits the chunks statically: the woken thread's half ends last).
+    """
+    a = np.zeros(2)
+    with Threads(2):
+        _empty_region(a)  # compiled
+        times = []
+        for _ in range(calls):
+            t1 = time.perf_counter()
+            while time.perf_counter() - t1 < gap:
+                pass
+            t0 = time.perf_counter()
+            _empty_region(a)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def round_in_l2_seconds(rounds: int = 2000) -> float:
+    """Seconds per client-step of ``Pipeline.run`` on one thread with 4096 clients (one chunk, every row in L2).
+
+    The whole round's arithmetic with hardly any memory traffic: what one thread needs per client at best.
+    """
+    n = 4096
+    pipe = Fused(n, 1, batch=True).pipe
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
+    pipe.run(y[:3])
+    return median_seconds(lambda: pipe.run(y), 5) / (len(y) * n)
+
+
 def time_parts(reps: int = 2000) -> dict:
     """Nanoseconds per client of three of the round's loops alone, one thread, 4096 clients (in L2)."""
     n = 4096
@@ -452,7 +493,11 @@ def main(argv=None):
     parser.add_argument("--passes", action="store_true", help="also time pass A and pass B separately")
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
     parser.add_argument("--parts", action="store_true", help="also time three of the round's loops at 4096 clients (L2)")
+    parser.add_argument("--budget", action="store_true",
+                        help="--parts and --floor, the wake of a parallel region, and the floors against 15x numpy")
     args = parser.parse_args(argv)
+    if args.budget:
+        args.parts = args.floor = True
     n, rounds = args.clients, args.rounds
     numpy_rounds = args.numpy_rounds or rounds
     warm()
@@ -487,15 +532,35 @@ def main(argv=None):
                   f"normals alone (1 thread) {1e9 * tn / n:.2f} ns/client")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.parts:
-        print("one thread, 4096 clients (in L2), ns per client: " + ", ".join(f"{k} {v:.2f}" for k, v in time_parts().items()))
-        print(f"two threads on pure arithmetic (the exp loop in L1): {two_thread_scaling():.2f}x one thread")
+        parts = time_parts()
+        scaling = two_thread_scaling()
+        print("one thread, 4096 clients (in L2), ns per client: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+        print(f"two threads on pure arithmetic (the exp loop in L1): {scaling:.2f}x one thread")
+    floors = {}
     if args.floor:
         for threads in (1, 2):
-            sec = state_traffic_floor(n, threads)
+            sec = floors[threads] = state_traffic_floor(n, threads)
             best = med[f"fused-{threads}"]
             print(f"state traffic floor, {threads} thread(s): {1e9 * sec / n:.2f} ns/client "
                   f"({(2 * STATE_ROWS - 1) * 8 * n / sec / 1e9:.0f} GB/s); fused-{threads} takes {1e9 / best:.2f} ns, "
                   f"{1e9 / best / (1e9 * sec / n):.1f}x the floor; 15x numpy would need {1e9 / med['numpy'] / 15:.2f} ns")
+    if args.budget:
+        # Lower bounds of a two-thread round, each measured above in this run: the region's wake (it cannot
+        # overlap the woken thread's half), then the larger of the state traffic and the three loops' arithmetic
+        # over the two-thread speed-up (the round's other loops, errors, records, move, mixture, left out).
+        wake = region_wake_seconds()
+        arithmetic = sum(parts.values()) / scaling
+        traffic = 1e9 * floors[2] / n
+        bound = 1e9 * wake / n + max(traffic, arithmetic)
+        need = 1e9 / med["numpy"] / 15
+        whole = 1e9 * round_in_l2_seconds()
+        whole_bound = whole / scaling + 1e9 * wake / n
+        print(f"budget, 2 threads, {n} clients: 15x numpy needs <= {need:.2f} ns/client-step; lower bounds: "
+              f"region wake {1e6 * wake:.1f} us = {1e9 * wake / n:.2f} ns, state traffic {traffic:.2f} ns, "
+              f"arithmetic of exp + normals + NLMS {arithmetic:.2f} ns; wake + max(traffic, arithmetic) = {bound:.2f} ns "
+              f"({bound / need:.2f}x the budget); fused-2 takes {1e9 / med['fused-2']:.2f} ns")
+        print(f"  the whole round in L2 (4096 clients, 1 thread): {whole:.2f} ns/client-step; over the two-thread "
+              f"speed-up, plus the wake: {whole_bound:.2f} ns ({whole_bound / need:.2f}x the budget)")
 
 
 # --------------------------------------------------------------------------- pytest
