@@ -430,12 +430,13 @@ def _empty_region(a):
         a[h] += 1.0
 
 
-def region_wake_seconds(calls: int = 400, gap: float = 300e-6) -> float:
-    """Median seconds of an empty two-thread parallel region entered every ``gap`` seconds (as rounds are).
+def region_seconds(gap: float, calls: int = 400) -> float:
+    """Median seconds of an empty two-thread parallel region entered ``gap`` seconds after the previous one ended.
 
-    With the project's passive OpenMP wait (``OMP_WAIT_POLICY=PASSIVE``, set by ``memoa_fast``) the second
-    thread sleeps between regions, so each region first wakes it; a round of ``N`` clients on two threads can
-    end no sooner than this after it starts (Numba splits the chunks statically: the woken thread's half ends last).
+    Back to back (``gap`` of a few microseconds, as ``Pipeline.run``'s rounds are, with the merges between
+    them) the second thread is still spinning (``GOMP_SPINCOUNT``, kernels/_config.py) and the region costs
+    little; after a longer gap it sleeps, and the region first wakes it. A round of ``N`` clients on two threads
+    ends no sooner than this after it starts (Numba splits the chunks statically: the woken thread's half ends last).
     """
     a = np.zeros(2)
     with Threads(2):
@@ -494,7 +495,7 @@ def main(argv=None):
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
     parser.add_argument("--parts", action="store_true", help="also time three of the round's loops at 4096 clients (L2)")
     parser.add_argument("--budget", action="store_true",
-                        help="--parts and --floor, the wake of a parallel region, and the floors against 15x numpy")
+                        help="--parts and --floor, the cost of a parallel region, and the floors against 15x numpy")
     args = parser.parse_args(argv)
     if args.budget:
         args.parts = args.floor = True
@@ -545,22 +546,24 @@ def main(argv=None):
                   f"({(2 * STATE_ROWS - 1) * 8 * n / sec / 1e9:.0f} GB/s); fused-{threads} takes {1e9 / best:.2f} ns, "
                   f"{1e9 / best / (1e9 * sec / n):.1f}x the floor; 15x numpy would need {1e9 / med['numpy'] / 15:.2f} ns")
     if args.budget:
-        # Lower bounds of a two-thread round, each measured above in this run: the region's wake (it cannot
-        # overlap the woken thread's half), then the larger of the state traffic and the three loops' arithmetic
+        # Lower bounds of a two-thread round, each measured above in this run: the region's cost (it cannot
+        # overlap the second thread's half), then the larger of the state traffic and the three loops' arithmetic
         # over the two-thread speed-up (the round's other loops, errors, records, move, mixture, left out).
-        wake = region_wake_seconds()
+        region = region_seconds(0.0)  # run's regions follow each other after the merges (microseconds)
+        asleep = region_seconds(300e-6)
         arithmetic = sum(parts.values()) / scaling
         traffic = 1e9 * floors[2] / n
-        bound = 1e9 * wake / n + max(traffic, arithmetic)
+        bound = 1e9 * region / n + max(traffic, arithmetic)
         need = 1e9 / med["numpy"] / 15
         whole = 1e9 * round_in_l2_seconds()
-        whole_bound = whole / scaling + 1e9 * wake / n
+        whole_bound = whole / scaling + 1e9 * region / n
         print(f"budget, 2 threads, {n} clients: 15x numpy needs <= {need:.2f} ns/client-step; lower bounds: "
-              f"region wake {1e6 * wake:.1f} us = {1e9 * wake / n:.2f} ns, state traffic {traffic:.2f} ns, "
-              f"arithmetic of exp + normals + NLMS {arithmetic:.2f} ns; wake + max(traffic, arithmetic) = {bound:.2f} ns "
+              f"parallel region {1e6 * region:.1f} us = {1e9 * region / n:.2f} ns (after 300 us asleep: {1e6 * asleep:.1f} us), "
+              f"state traffic {traffic:.2f} ns, arithmetic of exp + normals + NLMS {arithmetic:.2f} ns; "
+              f"region + max(traffic, arithmetic) = {bound:.2f} ns "
               f"({bound / need:.2f}x the budget); fused-2 takes {1e9 / med['fused-2']:.2f} ns")
         print(f"  the whole round in L2 (4096 clients, 1 thread): {whole:.2f} ns/client-step; over the two-thread "
-              f"speed-up, plus the wake: {whole_bound:.2f} ns ({whole_bound / need:.2f}x the budget)")
+              f"speed-up, plus the region: {whole_bound:.2f} ns ({whole_bound / need:.2f}x the budget)")
 
 
 # --------------------------------------------------------------------------- pytest

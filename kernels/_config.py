@@ -27,11 +27,33 @@ CHUNK = 4096
 # (8 doubles), so two threads never write the same line (no false sharing).
 PAD = 8
 
-# OpenMP threads that finish a parallel region sleep at once instead of
-# spinning (GNU libgomp spins first by default). On a shared machine a
+# OpenMP threads that finish a parallel region sleep almost at once instead of
+# spinning for milliseconds (GNU libgomp's default). On a shared machine a
 # spinning thread steals the core another process's thread needs, and a
 # parallel region then waits for a descheduled thread: 50-390x slower steps
 # with two processes at once (bench/concurrent_threads.py), 2-4x with the
-# passive policy. Read by libgomp when it loads (Numba's omp layer, the Cython
-# extension), so it is set here, before any backend; a value the user set wins.
+# passive policy.
+#
+# Waking a sleeping thread is not free either: an empty two-thread region
+# takes 45-70 us here when its second thread sleeps (its virtual CPU halts),
+# 1.6 us when it is still awake, and a pipeline round on two threads takes
+# 0.3-0.6 ms. So a thread first spins SPIN_COUNT turns of libgomp's wait loop
+# (3-10 us here; a turn is one pause instruction and a load, ~10-40 ns): long
+# enough to catch the region that follows at once (Pipeline.run's next round,
+# Pipeline.round's pass B), too short to hold a core another process needs.
+# Measured against sleeping at once, in alternating processes (ratios within
+# each run; bench_fused_pipeline.py, concurrent_threads.py): Pipeline.run on
+# two threads over one, median 1.80 against 1.70 (six runs each); the
+# Pipeline's default over threads=1 at 32768 clients, alone 0.59-0.85 against
+# 0.84-0.95, two processes at once 1.13-1.18 against 0.90-1.09 (the limit is
+# 1.5); an explicit threads=2 step of 10^4 agents under two processes, 0.07 ms
+# against 0.04 (one thread: 0.02). 1000 turns cost up to 1.35 under two
+# processes, 3000-10000 turns 1.6-3.3x.
+#
+# Read by libgomp when it loads (Numba's omp layer, the Cython extension), so
+# set here, before any backend. A user who sets either variable gets exactly
+# what they set (OMP_WAIT_POLICY=PASSIVE alone: no spinning).
+SPIN_COUNT = 300
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

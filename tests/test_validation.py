@@ -1,5 +1,6 @@
 """Input checks of the public layer: real dtypes only, sizes checked up front, threads from what the process may use."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -231,6 +232,37 @@ def test_taskset_one_cpu_makes_the_default_one_thread():
         assert report["population"] == [1, 1, True]
     if (os.cpu_count() or 1) >= 2:
         assert "this process may use 1 CPU(s) (affinity mask)" in report["two"]
+
+
+def _libgomp_settings(env_extra):
+    """The wait policy and spin count libgomp reports (``OMP_DISPLAY_ENV``) in a process that imports the kernels."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(env_extra, OMP_DISPLAY_ENV="VERBOSE")
+    code = "import memoa_fast.kernels._cython"  # the extension links libgomp: it loads here, after kernels/_config.py
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shown = dict(re.findall(r"^\s*(OMP_WAIT_POLICY|GOMP_SPINCOUNT) = '([^']*)'", out.stderr, re.M))
+    if not shown:
+        pytest.skip("this OpenMP runtime is not GNU libgomp (it printed no GOMP_SPINCOUNT): the settings are libgomp's")
+    return shown
+
+
+@pytest.mark.parametrize(
+    "user, expected",
+    [
+        ({}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300"}),  # ours: a short spin, then sleep
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}),  # the user's: no spin
+        ({"GOMP_SPINCOUNT": "5"}, {"GOMP_SPINCOUNT": "5"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ],
+)
+def test_openmp_waits_passively_after_a_short_spin_unless_the_user_chose(user, expected):
+    """The wait policy libgomp itself reports is the one kernels/_config.py chose, unless the user set one."""
+    shown = _libgomp_settings(user)
+    for name, value in expected.items():
+        assert shown[name] == value, shown
+    if user == {"OMP_WAIT_POLICY": "ACTIVE"}:
+        assert int(shown["GOMP_SPINCOUNT"]) > 10**6, shown  # libgomp's own active spin, not our 300
 
 
 def test_numba_limit_is_read_from_numba_once_imported(monkeypatch):
