@@ -43,7 +43,8 @@ PAD = 8
 # Pipeline.round's pass B), too short to hold a core another process needs.
 # Measured against sleeping at once, in alternating processes (ratios within
 # each run; bench_fused_pipeline.py, concurrent_threads.py): Pipeline.run on
-# two threads over one, median 1.80 against 1.70 (six runs each); the
+# two threads over one, median 1.79 against 1.64 (nine and ten runs, spread
+# 1.32-2.03 and 1.46-1.79: the machine's noise is as large as the gain); the
 # Pipeline's default over threads=1 at 32768 clients, alone 0.59-0.85 against
 # 0.84-0.95, two processes at once 1.13-1.18 against 0.90-1.09 (the limit is
 # 1.5); an explicit threads=2 step of 10^4 agents under two processes, 0.07 ms
