@@ -932,6 +932,37 @@ def _merge_a(work, field, params, flags, stats, d):
 
 # --------------------------------------------------------------------------- pass B
 @njit(**_jit)
+def _pass_b_block_d1(xb, sb, Jb, eb, first, keep, scale, floor, gain, weight, off, ctr, q, kappa, r, half, jmax_l, jarg_l,
+                     lane_x, lane_m):
+    """Pass B on a ``d = 1`` block of valid signals with linear weights: share, move, cost, worst client, sums; one loop.
+
+    The same operations in the same order as :func:`_pass_b_chunk`'s general block (the same bits), with the
+    policy offset ``off`` and the mean state ``ctr`` as scalars: ``p_i = keep (q_i scale) + alpha / N`` into
+    ``eb``, ``u_i = -g (x_i - w s_i - off)``, ``J_i += half (q (x_i - s_i)^2 + kappa (x_i - ctr)^2 + r u_i^2)``,
+    ``x_i += u_i``, then lane ``k`` adds ``x_i`` and ``p_i x_i`` and keeps its largest ``J_i`` with its row.
+    """
+    for k in range(xb.shape[0]):
+        pk = keep * (eb[k] * scale) + floor
+        eb[k] = pk
+        xi = xb[k]
+        si = sb[k]
+        u = -gain * (xi - weight * si - off)
+        e_s = xi - si
+        e_m = xi - ctr
+        cost = q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
+        xn = xi + u
+        xb[k] = xn
+        j = Jb[k] + half * cost
+        Jb[k] = j
+        m = jmax_l[k]
+        up = j > m
+        jmax_l[k] = j if up else m
+        jarg_l[k] = float(first + k) if up else jarg_l[k]
+        lane_x[k] += xn
+        lane_m[k] += pk * xn
+
+
+@njit(**_jit)
 def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, n_total, c):
     """Pass B on chunk ``c``: share the weights, move and pay, then the chunk's sums for ``t + 1``.
 
@@ -991,10 +1022,18 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     uniform = -math.log(n_total)
     top_c = row[scal + W_TOP]
     scale = math.exp((top_c - top) - log_total) if top_c != -np.inf else 0.0
+    # the benchmarked case (d = 1, every signal valid, linear weights shared): one loop per block
+    fused_d1 = d == 1 and all_valid and linear and reweight and alpha != 1.0
+    off0 = field[FIELD_OFFSET, 0]
+    ctr0 = field[FIELD_STATE, 0]
     for rb in range(lo, hi, R):
         rows = min(R, hi - rb)
         v0 = rb * d
         nv = rows * d
+        if fused_d1:
+            _pass_b_block_d1(xf[rb:rb + rows], sf[rb:rb + rows], J[rb:rb + rows], ebuf[rb:rb + rows], rb, keep, scale, floor,
+                             gain, weight, off0, ctr0, q, kappa, r, half, jmax_l, jarg_l, lane_x, lane_m)
+            continue
         lp = log_p[rb:rb + rows]
         eb = ebuf[rb:rb + rows]
         wb = w[:rows]
