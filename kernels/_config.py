@@ -38,7 +38,8 @@ PAD = 8
 # takes 45-70 us here when its second thread sleeps (its virtual CPU halts),
 # 1.6 us when it is still awake, and a pipeline round on two threads takes
 # 0.3-0.6 ms. So a thread first spins SPIN_COUNT turns of libgomp's wait loop
-# (3-10 us here; a turn is one pause instruction and a load, ~10-40 ns): long
+# (under 10 us here: a region entered 10 us after the last found the thread
+# asleep; a turn is one pause instruction and a load): long
 # enough to catch the region that follows at once (Pipeline.run's next round,
 # Pipeline.round's pass B), too short to hold a core another process needs.
 # Measured against sleeping at once, in alternating processes (ratios within
