@@ -302,3 +302,10 @@ def as_real_scalar(name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
+
+
+def readonly_view(arr: np.ndarray) -> np.ndarray:
+    """A read-only view of ``arr``: the live buffer a property hands out, which callers cannot write through."""
+    view = arr.view()
+    view.flags.writeable = False
+    return view

@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import check_population_state
-from ._validation import as_float_array, check_int, check_sizes
+from ._validation import as_float_array, check_int, check_sizes, readonly_view
 from .game import Game
 from .kernels import N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server, _check_out
@@ -135,8 +135,8 @@ class MeanFieldSummary:
     def labels(self) -> np.ndarray:
         """The class of every agent, shape (N,), read-only (zeros when K = 1)."""
         if self._labels.shape[0] == 0:
-            return _readonly(np.zeros(self.n_agents, dtype=np.int64))
-        return _readonly(self._labels)
+            return readonly_view(np.zeros(self.n_agents, dtype=np.int64))
+        return readonly_view(self._labels)
 
     def _summary_state(self, states: np.ndarray, costs: np.ndarray) -> dict:
         """The state dict of either engine around its (copied or gathered) ``states`` and ``costs``."""
@@ -283,8 +283,8 @@ class Population(MeanFieldSummary):
         self._field = np.zeros((self._lay.field_rows, self.dim))
         self._yhat = np.zeros(self.dim)
         self._no_weights = np.empty(0)
-        self._x_view = _readonly(self._x)
-        self._J_view = _readonly(self._J)
+        self._x_view = readonly_view(self._x)
+        self._J_view = readonly_view(self._J)
         self._exclusive = Exclusive("Population")
         self._fresh = True  # the arrays are still np.zeros: reset() need not write N x d zeros again
         self.reset(initial_states)
@@ -477,9 +477,3 @@ def _check_magnitude(name: str, arr: np.ndarray) -> None:
     top = float(np.max(np.abs(arr))) if arr.size else 0.0
     if top > SIGNAL_LIMIT:
         raise ValueError(f"{name} must be at most {SIGNAL_LIMIT:g} in magnitude (so that no cost can overflow), got {top!r}")
-
-
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    view = arr.view()
-    view.flags.writeable = False
-    return view

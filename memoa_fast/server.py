@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import RULES, check_server_state, server_state
-from ._validation import as_float_array, check_choice, check_int, check_real, check_sizes
+from ._validation import as_float_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 
 RULE_CODES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
@@ -84,8 +84,7 @@ class Server:
         self._work = np.zeros(work_shape(self.n_agents, self._lay))
         self._yhat = np.zeros(self.dim)
         self._y = np.zeros(self.dim)
-        self._log_p_view = self._log_p.view()
-        self._log_p_view.flags.writeable = False
+        self._log_p_view = readonly_view(self._log_p)
         self._exclusive = Exclusive("Server")
         self.reset()
 

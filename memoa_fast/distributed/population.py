@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, check_int, check_real
+from .._validation import as_float_array, check_int, check_real, readonly_view
 from ..checkpoint import (
     CheckpointError,
     _remove_stale_temporaries,
@@ -31,7 +31,7 @@ from ..checkpoint import (
 )
 from ..game import Game
 from ..kernels import CHUNK, N_COEF, layout, used_columns
-from ..population import MeanFieldSummary, _check_magnitude, _readonly, check_labels, population_shape
+from ..population import MeanFieldSummary, _check_magnitude, check_labels, population_shape
 from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
 from ._shard import Shard
 
@@ -440,7 +440,7 @@ class DaskPopulation(MeanFieldSummary):
     @property
     def states(self) -> np.ndarray:
         """``x(t)``, shape (N, d), gathered from the workers (a read-only copy: N x d x 8 bytes cross the network)."""
-        return _readonly(self._handle.gather())
+        return readonly_view(self._handle.gather())
 
     @property
     def resident_states(self) -> "ShardedStates":
@@ -450,7 +450,7 @@ class DaskPopulation(MeanFieldSummary):
     @property
     def costs(self) -> np.ndarray:
         """Discounted online costs ``J_i``, gathered (a read-only copy)."""
-        return _readonly(self._gather_agents("costs", (self.n_agents,)))
+        return readonly_view(self._gather_agents("costs", (self.n_agents,)))
 
     def _worst(self) -> tuple[float, int]:
         best, arg = -np.inf, -1

@@ -8,8 +8,7 @@ import weakref
 import numpy as np
 
 from .._state import check_server_state, server_state
-from .._validation import as_float_array, check_choice, check_real
-from ..population import _readonly
+from .._validation import as_float_array, check_choice, check_real, readonly_view
 from ..server import RULE_CODES, RULES
 from .population import DaskPopulation, ShardedStates
 
@@ -74,7 +73,7 @@ class DaskServer:
     @property
     def log_weights(self) -> np.ndarray:
         """``log p``, gathered from the workers (a read-only copy)."""
-        return _readonly(self.population._gather_agents("log_p", (self.n_agents,), sid=self.sid))
+        return readonly_view(self.population._gather_agents("log_p", (self.n_agents,), sid=self.sid))
 
     @property
     def weights(self) -> np.ndarray:

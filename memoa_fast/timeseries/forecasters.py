@@ -44,8 +44,7 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._state import check_source_state
-from .._validation import as_float_array, check_choice, check_int, check_real
-from ..population import _readonly
+from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -191,8 +190,8 @@ class ClientForecasters:
         self._y = np.zeros(d)
         self._blocks: list = []
         self._pool = None
-        self._sigma_view = _readonly(self._sigma)
-        self._out_view = _readonly(self._out)
+        self._sigma_view = readonly_view(self._sigma)
+        self._out_view = readonly_view(self._out)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -373,8 +372,8 @@ class SquaredErrors:
         self._totals = np.zeros(self.n_clients)
         self._mean = np.zeros(self.dim)
         self._work = np.zeros(self._kernels.score_work_shape(self.n_clients, self.dim))
-        self._totals_view = _readonly(self._totals)
-        self._mean_view = _readonly(self._mean)
+        self._totals_view = readonly_view(self._totals)
+        self._mean_view = readonly_view(self._mean)
         self.max_total = 0.0
 
     @property

@@ -18,10 +18,9 @@ import numpy as np
 
 from .. import _backends
 from .._exclusive import Exclusive
-from .._validation import as_float_array, check_choice, check_int, check_real
+from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
-from ..population import _readonly
 from .forecasters import _check_noise_range
 
 __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
@@ -187,7 +186,7 @@ class Pipeline:
         self._linear = self.alpha / n >= k.LINEAR_FLOOR
         self._flags[k.F_LINEAR] = self._linear
         self._exclusive = Exclusive("Pipeline")
-        self._views = {name: _readonly(getattr(self, name)) for name in ("_x", "_s", "_J", "_log_p", "_sq_err",
+        self._views = {name: readonly_view(getattr(self, name)) for name in ("_x", "_s", "_J", "_log_p", "_sq_err",
                                                                           "_sq_sig", "_sigma", "_yhat")}
         self.reset()
 

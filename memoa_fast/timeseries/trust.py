@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .._validation import as_float_array, check_choice, check_int, check_real
+from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
 from ..game import Game
 from ..population import Population
 
@@ -287,9 +287,7 @@ class TrustPopulation:
         """
         if self.rule == "error":
             return self.population.costs
-        view = self._published_costs.view()
-        view.flags.writeable = False
-        return view
+        return readonly_view(self._published_costs)
 
     @property
     def regret(self) -> float:
