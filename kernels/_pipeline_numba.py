@@ -436,14 +436,19 @@ def _lane_columns(lanes, d, R, out):
 
 
 @njit(**_jit)
+def _keep_max(vmax, varg, k, v, row):
+    """Lane ``k`` keeps the larger of ``v`` and its own, with ``v``'s row (the earlier row on ties). Inlined."""
+    m = vmax[k]
+    up = v > m
+    vmax[k] = v if up else m
+    varg[k] = float(row) if up else varg[k]
+
+
+@njit(**_jit)
 def _track_max(Jb, first, rows, vmax, varg):
     """Lane ``k`` keeps the largest of ``Jb[k]`` and its own, with its row ``first + k`` (first on ties)."""
     for k in range(rows):
-        v = Jb[k]
-        m = vmax[k]
-        up = v > m
-        vmax[k] = v if up else m
-        varg[k] = float(first + k) if up else varg[k]
+        _keep_max(vmax, varg, k, Jb[k], first + k)
 
 
 @njit(**_jit)
@@ -932,6 +937,18 @@ def _merge_a(work, field, params, flags, stats, d):
 
 # --------------------------------------------------------------------------- pass B
 @njit(**_jit)
+def _move_and_pay(xi, si, off, ctr, gain, weight, q, kappa, r):
+    """One coordinate's move and stage cost: ``(x + u, q (x - s)^2 + kappa (x - ctr)^2 + r u^2)``, ``u = -g (x - w s - off)``.
+
+    Inlined into every pass B loop (one copy of the arithmetic, the same bits in each).
+    """
+    u = -gain * (xi - weight * si - off)
+    e_s = xi - si
+    e_m = xi - ctr
+    return xi + u, q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
+
+
+@njit(**_jit)
 def _pass_b_block_d1(xb, sb, Jb, eb, first, keep, scale, floor, gain, weight, off, ctr, q, kappa, r, half, jmax_l, jarg_l,
                      lane_x, lane_m):
     """Pass B on a ``d = 1`` block of valid signals with linear weights: share, move, cost, worst client, sums; one loop.
@@ -944,20 +961,11 @@ def _pass_b_block_d1(xb, sb, Jb, eb, first, keep, scale, floor, gain, weight, of
     for k in range(xb.shape[0]):
         pk = keep * (eb[k] * scale) + floor
         eb[k] = pk
-        xi = xb[k]
-        si = sb[k]
-        u = -gain * (xi - weight * si - off)
-        e_s = xi - si
-        e_m = xi - ctr
-        cost = q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
-        xn = xi + u
+        xn, cost = _move_and_pay(xb[k], sb[k], off, ctr, gain, weight, q, kappa, r)
         xb[k] = xn
         j = Jb[k] + half * cost
         Jb[k] = j
-        m = jmax_l[k]
-        up = j > m
-        jmax_l[k] = j if up else m
-        jarg_l[k] = float(first + k) if up else jarg_l[k]
+        _keep_max(jmax_l, jarg_l, k, j, first + k)
         lane_x[k] += xn
         lane_m[k] += pk * xn
 
@@ -1082,13 +1090,7 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                     block_ok = False
         if block_ok:
             for v in range(nv):
-                xi = xb[v]
-                si = sb[v]
-                u = -gain * (xi - weight * si - offset[v])
-                e_s = xi - si
-                e_m = xi - centre[v]
-                terms[v] = q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
-                xb[v] = xi + u
+                xb[v], terms[v] = _move_and_pay(xb[v], sb[v], offset[v], centre[v], gain, weight, q, kappa, r)
             cost = terms[:rows]
             if d != 1:
                 _row_sums(terms, rows, d, cost_row)
@@ -1102,13 +1104,9 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                 cost = 0.0
                 if _row_valid(s, i, d):
                     for j in range(d):
-                        xi = x[i, j]
-                        si = s[i, j]
-                        u = -gain * (xi - weight * si - offset[k * d + j])
-                        e_s = xi - si
-                        e_m = xi - centre[k * d + j]
-                        cost += q * (e_s * e_s) + kappa * (e_m * e_m) + r * (u * u)
-                        x[i, j] = xi + u
+                        x[i, j], c_ij = _move_and_pay(x[i, j], s[i, j], offset[k * d + j], centre[k * d + j], gain, weight,
+                                                      q, kappa, r)
+                        cost += c_ij
                 else:
                     for j in range(d):
                         e_m = x[i, j] - centre[k * d + j]
