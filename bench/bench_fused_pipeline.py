@@ -72,6 +72,7 @@ from scipy.special import logsumexp
 
 from memoa_fast import Game, Population, Server
 from memoa_fast.kernels import _pipeline_numba as _pipe
+from memoa_fast.kernels import _pipeline_reference as _pipe_ref
 from memoa_fast.kernels._threads import Threads
 from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
@@ -330,7 +331,7 @@ def time_passes(n: int, rounds: int, threads: int):
     for t in range(1, rounds + 1):
         pipe._y[...] = y[t]
         f = pipe._flags
-        f[k.F_T], f[k.F_REWEIGHT], f[k.F_UPDATE], f[k.F_RECORD] = pipe.t, 1, 1, 1
+        _pipe_ref.round_flags(f, pipe.t, True)  # the kernels' own rule for round t >= 1: reweight, update, record
         pipe._params[k.P_HALF_DISCOUNT] = 0.5 * pipe._discount
         t0 = clock()
         k.pass_a(pipe._x, pipe._s, pipe._log_p, pipe._ebuf, pipe._sigma, pipe._weights, pipe._lag_buf, pipe._sq_err,

@@ -272,7 +272,6 @@ def round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yh
     pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads)
 
 
-
 def round_flags(flags, t, record):
     """Round ``t``'s flags: ``F_T = t``; round 0 neither reweights, updates the forecasters nor records.
 
