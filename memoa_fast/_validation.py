@@ -309,3 +309,24 @@ def readonly_view(arr: np.ndarray) -> np.ndarray:
     view = arr.view()
     view.flags.writeable = False
     return view
+
+
+def check_out(out, shape: tuple[int, ...], *, contiguous: bool = False) -> np.ndarray:
+    """The array a result of ``shape`` is written into: a new one when ``out`` is None, else ``out`` checked.
+
+    TypeError when ``out`` is not a float64 NumPy array, ValueError when it is one of the wrong shape, read-only
+    or (with ``contiguous``) not C-contiguous, as NumPy's own ``out=`` arguments; both messages name what is
+    accepted and what came.
+    """
+    if out is None:
+        return np.empty(shape)
+    layout = " C-contiguous" if contiguous else ""
+    accepted = f"out must be a writeable{layout} float64 numpy array of shape {shape}"
+    got = f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}".strip()
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float64):
+        raise TypeError(f"{accepted}, got {got}")
+    if out.shape != shape or not out.flags.writeable or (contiguous and not out.flags.c_contiguous):
+        flags = "" if out.flags.writeable else ", read-only"
+        flags += "" if out.flags.c_contiguous or not contiguous else ", not C-contiguous"
+        raise ValueError(f"{accepted}, got {got}{flags}")
+    return out

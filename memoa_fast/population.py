@@ -8,10 +8,10 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import check_population_state
-from ._validation import as_float_array, check_int, check_sizes, readonly_view
+from ._validation import as_float_array, check_int, check_out, check_sizes, readonly_view
 from .game import Game
 from .kernels import N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
-from .server import Server, _check_out
+from .server import Server
 
 
 def population_shape(game, n_agents, dim, initial_states) -> tuple[int, int]:
@@ -393,7 +393,7 @@ class Population(MeanFieldSummary):
                 f"server mixes {server.n_agents} agents of dimension {server.dim}, this population has "
                 f"{self.n_agents} of dimension {self.dim}: build the Server with the same n_agents and dim"
             )
-        out = _check_out(out, self.dim)
+        out = check_out(out, (self.dim,))
         s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
         self._step(s, server.log_weights)
         out[...] = self._yhat

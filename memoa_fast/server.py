@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import RULES, check_server_state, server_state
-from ._validation import as_float_array, check_choice, check_int, check_real, check_sizes, readonly_view
+from ._validation import as_float_array, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
 from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 
 RULE_CODES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
@@ -113,7 +113,7 @@ class Server:
         out : numpy.ndarray, shape (d,), optional
             Where to write the mixture (no allocation); a new array otherwise.
         """
-        out = _check_out(out, self.dim)
+        out = check_out(out, (self.dim,))
         x = as_float_array("states", states, (self.n_agents, self.dim))
         with self._exclusive:
             self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, out, self._threads_used)
@@ -167,11 +167,3 @@ def _rebuild_server(n_agents, dim, config, state):
     server.load_state_dict(state)
     return server
 
-
-def _check_out(out, dim: int) -> np.ndarray:
-    if out is None:
-        return np.empty(dim)
-    if not (isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (dim,) and out.flags.writeable):
-        got = f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}".strip()
-        raise TypeError(f"out must be a writable float64 numpy array of shape ({dim},), got {got}")
-    return out

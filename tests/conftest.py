@@ -66,15 +66,3 @@ def datasets_dir():
         pytest.skip(f"shared datasets not found at {DATASETS} (they sit beside the checkout as ../shared in CI)")
     return DATASETS
 
-
-def available_backends():
-    """Compiled backends importable here; 'cython' is absent only if the extension was not built."""
-    names = ["numpy", "numba"]
-    try:
-        import memoa_fast.kernels._cython as cy  # noqa: F401
-
-        if hasattr(cy, "signal_pass"):  # the current kernel contract
-            names.append("cython")
-    except ImportError:
-        pass
-    return names

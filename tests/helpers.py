@@ -1,8 +1,7 @@
 """The one module of test helpers: backend discovery, population and weight generators, tolerant comparison.
 
-Import it from a test module as ``from helpers import ...`` (``tests/`` is put
-on ``sys.path`` by the importing module: pytest's ``importlib`` import mode
-does not do it).
+Import it from a test module as ``from helpers import ...`` (``pyproject.toml``
+puts ``tests/`` on ``sys.path``: pytest's ``importlib`` import mode does not).
 
 Tolerance
 ---------
@@ -52,6 +51,11 @@ def kernel_backends(names=("numba", "cython")):
         if hasattr(mod, "signal_pass"):
             found[name] = mod
     return found
+
+
+def available_backends():
+    """Backend names a public class accepts here: ``"numpy"`` (the reference) and the compiled ones of :func:`kernel_backends`."""
+    return ["numpy", *kernel_backends()]
 
 
 def thread_counts(name, mod):

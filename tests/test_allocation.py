@@ -14,10 +14,9 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from helpers import available_backends
 
 from memoa_fast import Game, Population, Server
-
-from .conftest import available_backends
 
 COMPILED = [b for b in available_backends() if b != "numpy"]  # the reference allocates on purpose
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)

@@ -14,10 +14,10 @@ import sys
 import textwrap
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import reap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,9 +33,6 @@ from memoa_fast.checkpoint import (
     save_checkpoint,
 )
 from memoa_fast.kernels import SIGNAL_LIMIT
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest's importlib mode leaves tests/ off sys.path
-from helpers import reap  # noqa: E402
 
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
 N, D = 300, 2

@@ -7,13 +7,10 @@ import functools
 import os
 import signal
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest's importlib mode leaves tests/ off sys.path
-from helpers import reap  # noqa: E402
+from helpers import reap
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install 'memoa-fast[dask]')")
 
@@ -253,6 +250,11 @@ def test_handles_and_errors(client, rng):
     dserver = DaskServer(dpop)
     with pytest.raises(TypeError, match="resident on its population's workers"):
         dserver.predict(np.zeros((N, 1)))
+    out = np.full(1, 7.0)
+    assert dserver.predict(out=out) is out and np.isfinite(out).all()
+    for bad, error in ((np.zeros(2), ValueError), (np.zeros(1, dtype=np.float32), TypeError)):
+        with pytest.raises(error, match=r"out must be a writeable float64 numpy array of shape \(1,\)"):
+            dserver.predict(out=bad)
     with pytest.raises(ValueError, match="n_shards <= 4"):
         DaskPopulation(GAME, N, 1, client=client, n_shards=5)
     with pytest.raises(TypeError, match="dask.distributed.Client"):
@@ -576,7 +578,6 @@ def test_killed_sharded_save_leaves_a_loadable_checkpoint(client, tmp_path, mode
     switches); restoring works, and the next save removes the debris.
     """
     import subprocess
-    import sys
 
     path = tmp_path / "job.ckpt"
     proc = subprocess.Popen([sys.executable, "-P", "-c", _KILLED_SAVER, str(path), mode], stdout=subprocess.PIPE,

@@ -19,16 +19,10 @@ from 1e-300 to 1e308 in magnitude, including the reproducers of issue 8
 (items 1-3). The vectorised ``exp``/``log`` of each backend are checked in
 ulps against NumPy.
 """
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest's importlib mode leaves tests/ off sys.path
-from helpers import (  # noqa: E402
+from helpers import (
     CLASSES,
     DIMS,
     EDGE_N,
@@ -43,8 +37,10 @@ from helpers import (  # noqa: E402
     thread_counts,
     ulps,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from memoa_fast.kernels import CHUNK, GAIN, KAPPA, SIGNAL, SIZE, Q, R, _reference, layout  # noqa: E402
+from memoa_fast.kernels import CHUNK, GAIN, KAPPA, SIGNAL, SIZE, Q, R, _reference, layout
 
 BACKENDS = kernel_backends()
 if not BACKENDS:  # pragma: no cover

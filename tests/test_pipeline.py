@@ -16,6 +16,7 @@ import math
 import numba
 import numpy as np
 import pytest
+from helpers import call_from_two_threads
 from scipy import stats
 
 from memoa_fast import Game, Population, Server
@@ -23,8 +24,6 @@ from memoa_fast.kernels import CHUNK, _forecast_reference
 from memoa_fast.kernels import _pipeline_numba as kern
 from memoa_fast.kernels import _pipeline_reference as ref
 from memoa_fast.timeseries.pipeline import Pipeline
-
-from .helpers import call_from_two_threads
 
 RTOL = 1e-12
 TWO_THREADS = 2 if numba.config.NUMBA_NUM_THREADS >= 2 else 1
@@ -398,8 +397,14 @@ def test_bad_series_and_out_are_named():
         pipe.run([[0.0, 1.0], [np.inf, 0.0]])
     with pytest.raises(TypeError, match="series"):
         pipe.run(np.zeros((2, 2), dtype=complex))
-    for bad in (np.zeros((2, 3)), np.zeros((2, 2), dtype=np.float32), np.zeros((2, 4))[:, ::2], np.zeros((2, 2)).T.copy()[:1]):
-        with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float64 array of shape \(2, 2\)"):
+    read_only = np.zeros((2, 2))
+    read_only.flags.writeable = False
+    accepted = r"out must be a writeable C-contiguous float64 numpy array of shape \(2, 2\), got "
+    for bad in (np.zeros((2, 3)), np.zeros((2, 4))[:, ::2], np.zeros((2, 2)).T.copy()[:1], read_only):
+        with pytest.raises(ValueError, match=accepted):
+            pipe.run(np.zeros((2, 2)), out=bad)
+    for bad in (np.zeros((2, 2), dtype=np.float32), [[0.0, 0.0], [0.0, 0.0]]):
+        with pytest.raises(TypeError, match=accepted):
             pipe.run(np.zeros((2, 2)), out=bad)
     shared = np.zeros((2, 2))
     with pytest.raises(ValueError, match="out must not share memory with series"):

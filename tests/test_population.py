@@ -2,13 +2,11 @@
 import numba
 import numpy as np
 import pytest
+from helpers import available_backends, call_from_two_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memoa_fast import Game, Population
-
-from .conftest import available_backends
-from .helpers import call_from_two_threads
 
 BACKENDS = available_backends()
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
@@ -360,8 +358,10 @@ def test_step_predict_out_is_written_and_returned(rng):
     got = pop.step_predict(rng.normal(size=(30, 2)), server, out=out)
     assert got is out and np.isfinite(out).all()
     np.testing.assert_allclose(out, server.predict(pop.states), rtol=1e-12)
-    with pytest.raises(TypeError, match="out must be"):
+    with pytest.raises(ValueError, match=r"out must be a writeable float64 numpy array of shape \(2,\), got ndarray float64 \(3,\)"):
         pop.step_predict(rng.normal(size=(30, 2)), server, out=np.zeros(3))
+    with pytest.raises(TypeError, match=r"out must be .* got list"):
+        pop.step_predict(rng.normal(size=(30, 2)), server, out=[0.0, 0.0])
 
 
 @pytest.mark.parametrize("magnitude", [1e51, 1e200, 1e308])

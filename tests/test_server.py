@@ -1,12 +1,11 @@
 """Server mixture: closed forms for hedge, a plain-weights oracle for eg, underflow safety."""
 import numpy as np
 import pytest
+from helpers import available_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memoa_fast import Server
-
-from .conftest import available_backends
 
 BACKENDS = available_backends()
 
@@ -178,6 +177,13 @@ def test_predict_returns_fresh_arrays_or_writes_out(rng):
     out = np.empty(2)
     assert s.predict(np.ones((5, 2)), out=out) is out
     np.testing.assert_allclose(out, 1.0)
+    read_only = np.empty(2)
+    read_only.flags.writeable = False
+    for bad, error, got in ((np.empty(3), ValueError, r"ndarray float64 \(3,\)"), (read_only, ValueError, "read-only"),
+                            (np.empty(2, dtype=np.float32), TypeError, "float32"), ((0.0, 0.0), TypeError, "tuple")):
+        with pytest.raises(error, match=rf"out must be a writeable float64 numpy array of shape \(2,\), got .*{got}"):
+            s.predict(np.ones((5, 2)), out=bad)
+    np.testing.assert_allclose(out, 1.0)  # nothing written by the refused calls
 
 
 def test_pickle_and_deepcopy(rng):

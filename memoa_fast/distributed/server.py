@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 
 from .._state import check_server_state, server_state
-from .._validation import as_float_array, check_choice, check_real, readonly_view
+from .._validation import as_float_array, check_choice, check_out, check_real, readonly_view
 from ..server import RULE_CODES, RULES
 from .population import DaskPopulation, ShardedStates
 
@@ -81,7 +81,9 @@ class DaskServer:
         return np.exp(self.log_weights)
 
     def predict(self, states=None, out: np.ndarray | None = None) -> np.ndarray:
-        """The mixture ``yhat = sum_i p_i x_i`` of the population's current states, shape (d,)."""
+        """The mixture ``yhat = sum_i p_i x_i`` of the population's current states, shape (d,) (written into ``out`` when given)."""
+        if out is not None:
+            check_out(out, (self.dim,))  # before any work: a bad out changes nothing
         self._states(states)
         pop = self.population
         rows = pop._unpack(pop._call(("predict", (self.sid,))), "mixture")

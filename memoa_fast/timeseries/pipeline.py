@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _backends
 from .._exclusive import Exclusive
-from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
+from .._validation import as_float_array, check_choice, check_int, check_out, check_real, readonly_view
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
 from .forecasters import _check_noise_range
@@ -271,13 +271,8 @@ class Pipeline:
             raise ValueError(f"series must have shape (T, {self.dim}), got {type(series).__name__} "
                              f"of shape {np.shape(series)}") from None
         ys = as_float_array("series", series, (T, self.dim))
-        if out is None:
-            out = np.empty((T, self.dim))
-        elif not (isinstance(out, np.ndarray) and out.dtype == np.float64 and out.flags.c_contiguous
-                  and out.flags.writeable and out.shape == (T, self.dim)):
-            raise ValueError(f"out must be a writeable C-contiguous float64 array of shape ({T}, {self.dim}), got "
-                             f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
-        elif np.shares_memory(out, ys):
+        out = check_out(out, (T, self.dim), contiguous=True)
+        if np.shares_memory(out, ys):
             raise ValueError("out must not share memory with series (the targets are read while out is written)")
         if T:
             with self._exclusive:
