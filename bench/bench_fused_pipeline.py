@@ -39,7 +39,11 @@ written): no round can take less. ``--parts`` times, on one thread with
 4096 clients (everything in L2), three of the kernel's loops alone (the
 ``exp``, the normals, the NLMS update): their arithmetic, without the memory
 traffic; and what a second thread gives on pure arithmetic (two exp loops in
-L1, one after the other against both at once).
+L1, one after the other against both at once). ``--budget`` adds the cost of
+a parallel region and the round with its transcendental functions taken out
+(:func:`probe_kernel`: the kernel's own source with ``exp`` and the normals'
+``log``, ``sqrt``, ``sin`` and ``cos`` replaced by one FMA each), against the
+budget that 15x NumPy leaves.
 
 Run from the repository root, against the installed package::
 
@@ -51,6 +55,7 @@ Run from the repository root, against the installed package::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import statistics
@@ -486,6 +491,55 @@ def time_parts(reps: int = 2000) -> dict:
     return res
 
 
+# The probe's edits of the kernel's source: (text, replacement), each text found exactly once. exp becomes
+# 1 + x^2 (one FMA; positive and finite, so the weights stay valid and every round takes the kernel's usual
+# paths), the normals' radius and angle one FMA each (the hashes stay), and the probe is not cached.
+_PROBE_EDITS = (
+    ("    x = -745.5 if x < -745.5 else x\n", "    return x * x + 1.0  # probe\n    x = -745.5 if x < -745.5 else x\n"),
+    ("        radius = math.sqrt(-2.0 * _log1(u1))\n        c, s = _sincos_2pi(u2)\n",
+     "        radius = u1 * 0.5 + 0.25  # probe\n        c, s = u2 * 0.5 - 0.25, u2 * 0.25 + 0.125\n"),
+    ("_jit = dict(cache=CACHE,", "_jit = dict(cache=False,"),
+)
+
+
+def probe_kernel():
+    """The pipeline kernel without its transcendental functions: a bound that no faster ``exp`` or normal can beat.
+
+    Built from the installed kernel's own source with :data:`_PROBE_EDITS` (the same loops, the same memory
+    traffic), in memory only; its numbers are meaningless, its time is the point.
+    """
+    name = "memoa_fast.kernels._pipeline_probe"
+    if name in sys.modules:
+        return sys.modules[name]
+    src = Path(_pipe.__file__).read_text()
+    for old, new in _PROBE_EDITS:
+        if src.count(old) != 1:
+            raise RuntimeError(f"the probe's edit no longer fits the kernel (found {src.count(old)} times): {old!r}")
+        src = src.replace(old, new)
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "memoa_fast.kernels"
+    exec(compile(src, f"<{name}>", "exec"), mod.__dict__)
+    sys.modules[name] = mod
+    return mod
+
+
+def time_probe(n: int, threads: int, rounds: int, reps: int = 5) -> tuple[float, float]:
+    """Median ns per client-step of ``Pipeline.run`` with the real kernel and with :func:`probe_kernel`, interleaved."""
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
+    pipes = {"real": Fused(n, threads, batch=True).pipe, "probe": Fused(n, threads, batch=True).pipe}
+    pipes["probe"]._kern = probe_kernel()
+    for pipe in pipes.values():
+        pipe.run(y[:3])  # compiled
+    times = {k: [] for k in pipes}
+    for _ in range(reps):
+        for k, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.run(y)
+            times[k].append(1e9 * (time.perf_counter() - t0) / (len(y) * n))
+    return statistics.median(times["real"]), statistics.median(times["probe"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100_000)
@@ -496,7 +550,8 @@ def main(argv=None):
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
     parser.add_argument("--parts", action="store_true", help="also time three of the round's loops at 4096 clients (L2)")
     parser.add_argument("--budget", action="store_true",
-                        help="--parts and --floor, the cost of a parallel region, and the floors against 15x numpy")
+                        help="--parts and --floor, the cost of a parallel region, the round without its transcendental "
+                             "functions, and the floors against 15x numpy")
     args = parser.parse_args(argv)
     if args.budget:
         args.parts = args.floor = True
@@ -565,6 +620,12 @@ def main(argv=None):
               f"({bound / need:.2f}x the budget); fused-2 takes {1e9 / med['fused-2']:.2f} ns")
         print(f"  the whole round in L2 (4096 clients, 1 thread): {whole:.2f} ns/client-step; over the two-thread "
               f"speed-up, plus the region: {whole_bound:.2f} ns ({whole_bound / need:.2f}x the budget)")
+        for n_probe, threads, probe_rounds in ((4096, 1, 3000), (n, 2, min(rounds, 300))):
+            real, free = time_probe(n_probe, threads, probe_rounds)
+            print(f"  without exp and the normals' log, sqrt, sin, cos ({n_probe} clients, {threads} thread(s)): "
+                  f"{free:.2f} against {real:.2f} ns/client-step ({free / real:.2f}x)"
+                  + (f"; fused-2 at that ratio: {free / real * 1e9 / med['fused-2']:.2f} ns "
+                     f"({free / real * 1e9 / med['fused-2'] / need:.2f}x the budget)" if threads == 2 else ""))
 
 
 # --------------------------------------------------------------------------- pytest
@@ -588,3 +649,11 @@ def test_fused_beats_today_and_numpy(warmed):
 
 if __name__ == "__main__":
     main()
+
+
+def test_probe_kernel_fits_and_takes_the_usual_paths():
+    """The probe's edits still fit the kernel, and its rounds stay valid (every signal valid, finite weights)."""
+    pipe = Fused(256, 1, batch=True).pipe
+    pipe._kern = probe_kernel()
+    out = pipe.run(make_stream("logistic", 20, seed=0)[:, None])
+    assert np.isfinite(out).all() and pipe.n_valid_signals == 256 and np.isfinite(pipe.weights).all()
