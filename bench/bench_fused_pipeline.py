@@ -43,7 +43,10 @@ L1, one after the other against both at once). ``--budget`` adds the cost of
 a parallel region and the round with its transcendental functions taken out
 (:func:`probe_kernel`: the kernel's own source with ``exp`` and the normals'
 ``log``, ``sqrt``, ``sin`` and ``cos`` replaced by one FMA each), against the
-budget that 15x NumPy leaves.
+budget that 15x NumPy leaves. ``--placement`` times the ``Pipeline`` with its
+state as built (each array on its own cache line of a page,
+:mod:`memoa_fast._memory`) against the same values all at one page offset and
+as ``np.zeros`` happened to place them (the same bits).
 
 Run from the repository root, against the installed package::
 
@@ -540,6 +543,52 @@ def time_probe(n: int, threads: int, rounds: int, reps: int = 5) -> tuple[float,
     return statistics.median(times["real"]), statistics.median(times["probe"])
 
 
+# The arrays one round streams through together (Pipeline's attributes), placed by memoa_fast._memory.
+PIPELINE_STATE = ("_x", "_s", "_J", "_log_p", "_ebuf", "_sigma", "_sq_err", "_sq_sig", "_weights", "_lag_buf")
+
+
+def _move_state(pipe, page_offset: int | None) -> list[int]:
+    """Copy the Pipeline's state arrays to new storage: all at ``page_offset`` bytes into a page, or (None) ``np.zeros``.
+
+    Returns the arrays' new offsets in their pages. The values, and so the bits of every later round, are the same.
+    """
+    keep = []
+    for name in PIPELINE_STATE:
+        old = getattr(pipe, name)
+        if page_offset is None:
+            new = np.zeros(old.shape)
+        else:
+            raw = np.zeros(old.nbytes + 8192, dtype=np.uint8)
+            start = -raw.ctypes.data % 4096 + page_offset
+            new = raw[start:start + old.nbytes].view(np.float64).reshape(old.shape)
+            keep.append(raw)
+        new[...] = old
+        setattr(pipe, name, new)
+    pipe._bench_keep = keep
+    return [getattr(pipe, name).ctypes.data % 4096 for name in PIPELINE_STATE]
+
+
+def time_placement(n: int, threads: int, rounds: int, reps: int = 5) -> dict:
+    """Median ns per client-step of ``Pipeline.run`` with its state as placed, all at one page offset, and as ``np.zeros`` put it."""
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
+    pipes = {name: Fused(n, threads, batch=True).pipe for name in ("staggered", "one page offset", "np.zeros")}
+    _move_state(pipes["one page offset"], 16)  # where glibc puts a fresh mmap'ed block
+    offsets = _move_state(pipes["np.zeros"], None)
+    for pipe in pipes.values():
+        pipe.run(y[:3])  # compiled
+    times = {k: [] for k in pipes}
+    for _ in range(reps):
+        for k, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.run(y)
+            times[k].append(1e9 * (time.perf_counter() - t0) / (len(y) * n))
+    outs = [pipe.run(y[:5]) for pipe in pipes.values()]
+    assert all(np.array_equal(outs[0], o) for o in outs[1:]), "the placement changed the bits"
+    res = {k: statistics.median(v) for k, v in times.items()}
+    res["np.zeros offsets"] = offsets
+    return res
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100_000)
@@ -549,6 +598,8 @@ def main(argv=None):
     parser.add_argument("--passes", action="store_true", help="also time pass A and pass B separately")
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
     parser.add_argument("--parts", action="store_true", help="also time three of the round's loops at 4096 clients (L2)")
+    parser.add_argument("--placement", action="store_true",
+                        help="also time the Pipeline with its state staggered (as built), at one page offset, and as np.zeros put it")
     parser.add_argument("--budget", action="store_true",
                         help="--parts and --floor, the cost of a parallel region, the round without its transcendental "
                              "functions, and the floors against 15x numpy")
@@ -593,6 +644,14 @@ def main(argv=None):
         scaling = two_thread_scaling()
         print("one thread, 4096 clients (in L2), ns per client: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         print(f"two threads on pure arithmetic (the exp loop in L1): {scaling:.2f}x one thread")
+    if args.placement:
+        for n_place, threads, place_rounds in ((n, 1, min(rounds, 100)), (n, 2, min(rounds, 200)), (131072, 1, 100),
+                                               (131072, 2, 200)):
+            res = time_placement(n_place, threads, place_rounds)
+            base = res["staggered"]
+            print(f"placement, {n_place} clients, {threads} thread(s): staggered {base:.2f} ns/client-step; all at one page "
+                  f"offset {res['one page offset']:.2f} ({base / res['one page offset']:.2f}x); as np.zeros put them "
+                  f"{res['np.zeros']:.2f} ({base / res['np.zeros']:.2f}x; offsets {res['np.zeros offsets']})")
     floors = {}
     if args.floor:
         for threads in (1, 2):

@@ -19,7 +19,7 @@ import pytest
 from helpers import call_from_two_threads
 from scipy import stats
 
-from memoa_fast import Game, Population, Server
+from memoa_fast import Game, Population, Server, _memory
 from memoa_fast.kernels import CHUNK, _forecast_reference
 from memoa_fast.kernels import _pipeline_numba as kern
 from memoa_fast.kernels import _pipeline_reference as ref
@@ -421,3 +421,39 @@ def test_bad_targets_are_named():
         pipe.round([1.0, np.nan])
     with pytest.raises(TypeError, match="game"):
         Pipeline(10, game="memoa")
+
+
+# --------------------------------------------------------------------------- placement of the state
+STATE = ("_x", "_s", "_J", "_log_p", "_ebuf", "_sigma", "_sq_err", "_sq_sig", "_weights", "_lag_buf")
+
+
+def _page_lines(arrays):
+    """The cache line of its page (0..63) at which each array starts."""
+    return [a.ctypes.data % _memory.PAGE // _memory.LINE for a in arrays]
+
+
+@pytest.mark.parametrize("shapes", [[(1,)], [(3, 2), (5,), (7, 1, 3)], [(4096,)] * 12, [(131072,)] * 6 + [(5, 131072, 1)],
+                                    [(100_000, 4)] * 3 + [(1,)] * 70])
+def test_staggered_zeros_are_disjoint_zeroed_and_start_on_distinct_lines(shapes):
+    arrays = _memory.staggered_zeros(shapes)
+    assert [a.shape for a in arrays] == [tuple(s) for s in shapes]
+    for a in arrays:
+        assert a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable and a.flags.aligned and not a.any()
+        a[...] = 1.0  # each may be written whole without touching another
+    assert all(a.all() for a in arrays)
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1:]:
+            assert not np.shares_memory(a, b)
+    lines = _page_lines(arrays)
+    assert all(a.ctypes.data % _memory.LINE == 0 for a in arrays)
+    assert lines[:64] == [(5 * i) % 64 for i in range(min(64, len(arrays)))]  # 64 distinct lines, then round again
+    assert len(set(lines)) == min(64, len(arrays))
+
+
+@pytest.mark.parametrize("n", [1, 4096, 100_000, 131072])
+def test_pipeline_state_starts_on_distinct_lines_of_a_page_whatever_the_allocator(n):
+    """The arrays a round streams through together never share a page offset (the allocator's placement did, at 2^17)."""
+    pipe = Pipeline(n, 2, lags=3, threads=1)
+    arrays = [getattr(pipe, name) for name in STATE]
+    assert len(set(_page_lines(arrays))) == len(STATE)
+    assert all(a.flags.c_contiguous for a in arrays)

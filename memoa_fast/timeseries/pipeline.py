@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import _backends
 from .._exclusive import Exclusive
+from .._memory import staggered_zeros
 from .._validation import as_float_array, check_choice, check_int, check_out, check_real, readonly_view
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
@@ -157,16 +158,10 @@ class Pipeline:
         k = self._kern
         n, d, p = self.n_clients, self.dim, self.lags
         self._key, scale_key = k.seed_keys(self.seed)
-        self._sigma = np.ascontiguousarray(k.noise_scales(scale_key, 0, n, *self.noise_range))
-        self._x = np.zeros((n, d))
-        self._s = np.zeros((n, d))
-        self._J = np.zeros(n)
-        self._log_p = np.zeros(n)
-        self._ebuf = np.zeros(n)
-        self._weights = np.zeros((2 * p + 1, n, d))
-        self._lag_buf = np.zeros((p, n, d))
-        self._sq_err = np.zeros(n)
-        self._sq_sig = np.zeros(n)
+        # the arrays a round streams through together, each starting on its own cache line of a page (_memory.py)
+        (self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._sq_err, self._sq_sig, self._weights,
+         self._lag_buf) = staggered_zeros([(n, d), (n, d), (n,), (n,), (n,), (n,), (n,), (n,), (2 * p + 1, n, d), (p, n, d)])
+        self._sigma[...] = k.noise_scales(scale_key, 0, n, *self.noise_range)
         self._y = np.zeros(d)
         self._yhat = np.zeros(d)
         self._y_rows, self._yhat_rows = self._y.reshape(1, d), self._yhat.reshape(1, d)  # round(): a series of one
