@@ -527,20 +527,26 @@ def probe_kernel():
     return mod
 
 
-def time_probe(n: int, threads: int, rounds: int, reps: int = 5) -> tuple[float, float]:
-    """Median ns per client-step of ``Pipeline.run`` with the real kernel and with :func:`probe_kernel`, interleaved."""
-    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
-    pipes = {"real": Fused(n, threads, batch=True).pipe, "probe": Fused(n, threads, batch=True).pipe}
-    pipes["probe"]._kern = probe_kernel()
+def _interleaved_run_times(pipes: dict, y: np.ndarray, reps: int) -> dict:
+    """Median ns per client-step of ``pipe.run(y)`` for each of ``pipes``, one run of each per repetition (compiled first)."""
     for pipe in pipes.values():
-        pipe.run(y[:3])  # compiled
+        pipe.run(y[:3])
     times = {k: [] for k in pipes}
     for _ in range(reps):
         for k, pipe in pipes.items():
             t0 = time.perf_counter()
             pipe.run(y)
-            times[k].append(1e9 * (time.perf_counter() - t0) / (len(y) * n))
-    return statistics.median(times["real"]), statistics.median(times["probe"])
+            times[k].append(1e9 * (time.perf_counter() - t0) / (len(y) * pipe.n_clients))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_probe(n: int, threads: int, rounds: int, reps: int = 5) -> tuple[float, float]:
+    """Median ns per client-step of ``Pipeline.run`` with the real kernel and with :func:`probe_kernel`, interleaved."""
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None]
+    pipes = {"real": Fused(n, threads, batch=True).pipe, "probe": Fused(n, threads, batch=True).pipe}
+    pipes["probe"]._kern = probe_kernel()
+    times = _interleaved_run_times(pipes, y, reps)
+    return times["real"], times["probe"]
 
 
 # The arrays one round streams through together (Pipeline's attributes), placed by memoa_fast._memory.
@@ -574,17 +580,9 @@ def time_placement(n: int, threads: int, rounds: int, reps: int = 5) -> dict:
     pipes = {name: Fused(n, threads, batch=True).pipe for name in ("staggered", "one page offset", "np.zeros")}
     _move_state(pipes["one page offset"], 16)  # where glibc puts a fresh mmap'ed block
     offsets = _move_state(pipes["np.zeros"], None)
-    for pipe in pipes.values():
-        pipe.run(y[:3])  # compiled
-    times = {k: [] for k in pipes}
-    for _ in range(reps):
-        for k, pipe in pipes.items():
-            t0 = time.perf_counter()
-            pipe.run(y)
-            times[k].append(1e9 * (time.perf_counter() - t0) / (len(y) * n))
+    res = _interleaved_run_times(pipes, y, reps)
     outs = [pipe.run(y[:5]) for pipe in pipes.values()]
     assert all(np.array_equal(outs[0], o) for o in outs[1:]), "the placement changed the bits"
-    res = {k: statistics.median(v) for k, v in times.items()}
     res["np.zeros offsets"] = offsets
     return res
 
