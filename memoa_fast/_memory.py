@@ -8,9 +8,9 @@ pages, they compete for the same cache-line sets of L1 and a load can wait
 behind an unrelated store whose address agrees in its low 12 bits. In one
 process here ``np.zeros`` put the ten state arrays of ``Pipeline(131072)``
 16 bytes apart, one after the other; placed each on its own cache line of
-the page, ``Pipeline.run`` took 0.69x the time on one thread and 0.71x on
-two (``bench/bench_fused_pipeline.py --placement``: the same values, the
-same bits). :func:`staggered_zeros` makes the placement a property of the
+the page, ``Pipeline.run`` took 0.70-0.86x the time on one thread and
+0.73-0.91x on two (six runs of ``bench/bench_fused_pipeline.py
+--placement``: the same values, the same bits). :func:`staggered_zeros` makes the placement a property of the
 code instead of the allocator's history.
 """
 from __future__ import annotations
