@@ -10,8 +10,9 @@ process here ``np.zeros`` put the ten state arrays of ``Pipeline(131072)``
 16 bytes apart, one after the other; placed each on its own cache line of
 the page, ``Pipeline.run`` took 0.70-0.86x the time on one thread and
 0.73-0.91x on two (six runs of ``bench/bench_fused_pipeline.py
---placement``: the same values, the same bits). :func:`staggered_zeros` makes the placement a property of the
-code instead of the allocator's history.
+--placement``: the same values, the same bits). :func:`staggered_zeros`
+makes the placement a property of the code instead of the allocator's
+history.
 """
 from __future__ import annotations
 

@@ -166,4 +166,3 @@ def _rebuild_server(n_agents, dim, config, state):
     server = Server(n_agents, dim, **config)
     server.load_state_dict(state)
     return server
-
