@@ -704,13 +704,13 @@ def test_fused_beats_today_and_numpy(warmed):
     assert med["fused-1"] > 2.5 * med["numpy"], med
 
 
-if __name__ == "__main__":
-    main()
-
-
 def test_probe_kernel_fits_and_takes_the_usual_paths():
     """The probe's edits still fit the kernel, and its rounds stay valid (every signal valid, finite weights)."""
     pipe = Fused(256, 1, batch=True).pipe
     pipe._kern = probe_kernel()
     out = pipe.run(make_stream("logistic", 20, seed=0)[:, None])
     assert np.isfinite(out).all() and pipe.n_valid_signals == 256 and np.isfinite(pipe.weights).all()
+
+
+if __name__ == "__main__":
+    main()
