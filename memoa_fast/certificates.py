@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import check_int, check_real
+from ._validation import check_int, check_real, check_real_dtype
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
 
@@ -182,8 +182,10 @@ class NashEquilibrium:
         """
         n, d = self.signals.shape
         x0 = _as_states("initial_states", initial_states, n, d)
-        z0 = np.concatenate([x0.T, np.ones((d, 1))], axis=1)  # (d, n+1)
-        return 0.5 * np.einsum("ck,cikl,cl->i", z0, self.values, z0)
+        # z0 = 2^e (x0 2^-e, 2^-e): the quadratic form on the scaled z0, times 2^(2e) (see "scale" below).
+        e = _binary_exponent(x0, self.signals)
+        z0 = np.concatenate([np.ldexp(x0.T, -e), np.full((d, 1), math.ldexp(1.0, -e))], axis=1)  # (d, n+1)
+        return _scale_back(0.5 * np.einsum("ck,cikl,cl->i", z0, self.values, z0), e, 2, "costs", _INPUTS)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -195,13 +197,19 @@ def _check_game(game) -> Game:
     return game
 
 
+def _real_array(name: str, value) -> np.ndarray:
+    """``value`` as a new float64 array, refusing what a cast would silently change (complex, bool, strings, objects)."""
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
+    check_real_dtype(name, raw.dtype)
+    return np.array(raw, dtype=np.float64)
+
+
 def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
     """Signals as a float (N, d) array; (N,) means d = 1."""
-    try:
-        s = np.array(signals, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        kind = getattr(signals, "dtype", type(signals).__name__)
-        raise TypeError(f"signals must be an array of real numbers, got {kind}: {exc}") from None
+    s = _real_array("signals", signals)
     if s.ndim == 1:
         s = s[:, None]
     if s.ndim != 2 or s.shape[1] < 1:
@@ -215,11 +223,7 @@ def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
 
 
 def _as_states(name: str, value, n: int, d: int) -> np.ndarray:
-    try:
-        x = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        kind = getattr(value, "dtype", type(value).__name__)
-        raise TypeError(f"{name} must be an array of real numbers, got {kind}: {exc}") from None
+    x = _real_array(name, value)
     if x.shape == (n,) and d == 1:
         x = x[:, None]
     if x.shape != (n, d):
@@ -258,6 +262,45 @@ def _check_horizon(horizon):
     if horizon is None:
         return None
     return check_int("horizon", horizon, low=1)
+
+
+# --------------------------------------------------------------------------- scale
+# The costs are homogeneous of degree 2 in (signals, initial states): scaling both by c scales every J_i and
+# epsilon_i by c^2, the gains' affine column by c, and leaves the state gains and epsilon_i / J_i unchanged. So
+# each function works on the inputs times 2^-e (exact, a power of two), whose largest entry is in [0.5, 1) and
+# whose squares neither overflow nor underflow, and scales its results back.
+_TINY = float(np.finfo(np.float64).tiny)
+_INPUTS = "signals and initial_states"
+
+
+def _binary_exponent(*arrays: np.ndarray) -> int:
+    """``e`` such that the largest ``|entry| * 2^-e`` of ``arrays`` is in ``[0.5, 1)`` (0 when all are zero)."""
+    top = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    return math.frexp(top)[1] if top > 0.0 else 0
+
+
+def _scale_back(values: np.ndarray, e: int, power: int, what: str, inputs: str) -> np.ndarray:
+    """``values * 2^(power e)`` (exact); ``ValueError`` when its largest entry leaves float64's normal range.
+
+    ``what`` names the result and ``inputs`` the arguments it grows with (``power`` 2: with their square, 1: in
+    proportion).
+    """
+    k = power * e
+    values = np.asarray(values)
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    with np.errstate(over="ignore", under="ignore"):
+        out = np.ldexp(values, k)
+    if top > 0.0:
+        big = float(np.max(np.abs(out)))
+        if not math.isfinite(big) or big < _TINY:
+            size = math.log10(top) + k * math.log10(2.0)
+            grow = "with the square of" if power == 2 else "in proportion to"
+            raise ValueError(
+                f"{inputs} of this size give {what} of about 1e{size:.0f}, outside float64's normal range"
+                f" [2.2e-308, 1.8e+308]: {what} grow {grow} {inputs} (epsilon / J does not depend on their scale),"
+                " so rescale them"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- horizon
@@ -356,11 +399,13 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     x0 = _as_states("initial_states", initial_states, n, d)
     tol = _check_tol(tol)
     labels, sizes = _check_labels(game, labels, n)
+    e = _binary_exponent(s, x0)  # see "scale" above: costs * 2^(-2e) from inputs * 2^-e
+    s, x0 = np.ldexp(s, -e), np.ldexp(x0, -e)
     if labels is not None:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
         if horizon is None:
             horizon = _tail_horizon(game.gamma)
-        return _simulate_class_costs(game, labels, sizes, s, x0, horizon)
+        return _scale_back(_simulate_class_costs(game, labels, sizes, s, x0, horizon), e, 2, "costs", _INPUTS)
     horizon = _resolve_horizon(game, horizon, tol)
     co = game.coefficients
     g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
@@ -393,7 +438,7 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     c2 = -kappa * eps
     lin = c1 * (WT[0, 0] * y1 + WT[0, 1] * y2) + c2 * (WT[1, 0] * y1 + WT[1, 1] * y2)
     const = q * delta * delta + kappa * eps * eps
-    return (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
+    return _scale_back((0.5 * quad + lin + 0.5 * ST * const).sum(axis=1), e, 2, "costs", _INPUTS)
 
 
 def _lyapunov_dense(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
@@ -558,8 +603,11 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     Raises
     ------
     ValueError
-        On bad inputs, on non-convergence, or if the identity
-        ``epsilon = J(policy) - J(BR)`` fails beyond rounding.
+        On bad inputs, on non-convergence, if the identity
+        ``epsilon = J(policy) - J(BR)`` fails beyond rounding, or if the costs
+        are outside float64's normal range (they grow with the square of the
+        signals and states; ``epsilon / J`` does not depend on their scale:
+        the inputs are scaled by a power of two, exactly, before solving).
 
     Examples
     --------
@@ -584,6 +632,8 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     else:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
+    e = _binary_exponent(s, x0)  # see "scale" above: costs * 2^(-2e) from inputs * 2^-e, the same epsilon / J
+    s, x0 = np.ldexp(s, -e), np.ldexp(x0, -e)
     if agents is None:
         costs = policy_costs(game, s, x0, horizon=horizon, tol=tol, labels=labels)
         k = min(DEFAULT_WORST_AGENTS, n)
@@ -622,6 +672,8 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
         )
     # A cost at the rounding level of its own terms is zero (then so is epsilon).
     rel = np.divide(ep, cp, out=np.zeros_like(ep), where=cp > 1e-12 * mag)
+    cp = _scale_back(cp, e, 2, "costs", _INPUTS)  # 0 <= epsilon, J(BR) <= J(policy): they fit where it does
+    cb, ep = np.ldexp(cb, 2 * e), np.ldexp(ep, 2 * e)
     for arr in (agents, cp, cb, ep, rel):
         arr.setflags(write=False)
     return EpsilonNashResult(
@@ -1022,6 +1074,9 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
     if game.gamma >= 1.0:
         raise ValueError(f"nash_equilibrium needs gamma < 1 (with gamma = 1 the stationary costs are infinite), got gamma={game.gamma!r}")
     labels, sizes = _check_labels(game, labels, n)
+    signals = s
+    e = _binary_exponent(s)  # see "scale" above: solved for signals * 2^-e, then scaled back
+    s = np.ldexp(s, -e)
     gamma = game.gamma
     if labels is None:
         q, kappa, r = game.q, game.kappa, game.r
@@ -1068,13 +1123,18 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
     Acl = _joint_closed_loop(K)
     C = Qm + _r_players(rp) * K[..., :, None] * K[..., None, :]
     P = _stein(np.sqrt(gamma) * np.broadcast_to(Acl[:, None], C.shape), C)
+    # Back to the given signals: the affine column of K and the cross terms of P scale with them, P's corner
+    # with their square; the state blocks do not.
+    K[..., n] = _scale_back(K[..., n], e, 1, "the gains' affine terms", "signals")
+    P[..., :n, n] = P[..., n, :n] = _scale_back(P[..., n, :n], e, 1, "the values' cross terms", "signals")
+    P[..., n, n] = _scale_back(P[..., n, n], e, 2, "the values' constant terms", "signals")
     for arr in (K, P):
         arr.setflags(write=False)
     return NashEquilibrium(
         gains=K,
         values=P,
         own_gain=np.diagonal(K[0, :, :n]).copy(),
-        signals=s,
+        signals=signals,
         iterations=it,
         residual=diff,
         q=q,

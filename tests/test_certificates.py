@@ -314,8 +314,80 @@ def test_bad_inputs_raise_clear_errors():
     ne = nash_equilibrium(GAME, 5, s)
     with pytest.raises(ValueError, match=r"initial_states must have shape \(5, 2\)"):
         ne.costs(np.zeros(5))
-    with pytest.raises(TypeError, match="signals must be an array of real numbers"):
+    with pytest.raises(TypeError, match=r"signals must hold real numbers .*got dtype <U1 \(string\)"):
         policy_costs(GAME, [["a", "b"]], [[0.0, 0.0]])
+    # A cast would drop the imaginary part or turn True into 1.0: refused, naming the argument.
+    with pytest.raises(TypeError, match=r"signals must hold real numbers .*got dtype complex128 \(complex\)"):
+        epsilon_nash(GAME, 5, s + 1j, x0)
+    with pytest.raises(TypeError, match=r"initial_states must hold real numbers .*got dtype bool"):
+        epsilon_nash(GAME, 5, s, x0 > 0)
+    with pytest.raises(TypeError, match=r"signals must hold real numbers .*complex"):
+        nash_equilibrium(GAME, 5, s + 0j)
+    with pytest.raises(TypeError, match=r"initial_states must hold real numbers .*complex"):
+        ne.costs(x0 + 0j)
+    with pytest.raises(TypeError, match=r"signals must be an array of real numbers, got list"):
+        policy_costs(GAME, [[1.0, 2.0], [3.0]], x0[:2])
+
+
+@pytest.mark.parametrize("labels", [None, "classes"])
+def test_certificates_are_exactly_scale_free(labels):
+    """Signals and initial states times 2^k: J and epsilon times 2^(2k), epsilon / J the same bits.
+
+    The costs are homogeneous of degree 2 in (signals, initial states). A power of two scales without
+    rounding, so every result must be exactly the scaled one, until the costs leave float64's normal
+    range, where a clear error is due (not a silent 0 or inf, nor a non-convergence message).
+    """
+    game, lab = (GAME, None) if labels is None else (TRUST, class_population(TRUST, 12)[0])
+    n = 12
+    s, x0 = population(n, d=2, seed=3)
+    base = epsilon_nash(game, n, s, x0, labels=lab)
+    costs = policy_costs(game, s, x0, labels=lab)
+    for k in (-480, -200, -37, 1, 90, 480):
+        got = epsilon_nash(game, n, np.ldexp(s, k), np.ldexp(x0, k), labels=lab)
+        np.testing.assert_array_equal(got.agents, base.agents)
+        np.testing.assert_array_equal(got.relative_epsilon, base.relative_epsilon)
+        np.testing.assert_array_equal(got.cost_policy, np.ldexp(base.cost_policy, 2 * k))
+        np.testing.assert_array_equal(got.cost_best_response, np.ldexp(base.cost_best_response, 2 * k))
+        np.testing.assert_array_equal(got.epsilon, np.ldexp(base.epsilon, 2 * k))
+        np.testing.assert_array_equal(policy_costs(game, np.ldexp(s, k), np.ldexp(x0, k), labels=lab), np.ldexp(costs, 2 * k))
+    # Not a power of two: the same up to rounding.
+    got = epsilon_nash(game, n, 3.7e100 * s, 3.7e100 * x0, labels=lab)
+    np.testing.assert_allclose(got.relative_epsilon, base.relative_epsilon, rtol=1e-12)
+    np.testing.assert_allclose(got.cost_policy, 3.7e100**2 * base.cost_policy, rtol=1e-12)
+    # Costs beyond float64 (about 1e400 and 1e-600): one clear error from each entry point, not a silent 0 or inf.
+    beyond = r"signals and initial_states of this size give costs of about 1e{}\d\d, outside float64's normal range"
+    for scale, size in ((1e200, "4"), (1e-300, "-5")):
+        with pytest.raises(ValueError, match=beyond.format(size)):
+            epsilon_nash(game, n, scale * s, scale * x0, labels=lab)
+        with pytest.raises(ValueError, match=beyond.format(size)):
+            policy_costs(game, scale * s, scale * x0, labels=lab)
+    with pytest.raises(ValueError, match=beyond.format("4")):
+        epsilon_nash(game, n, s, 1e200 * x0, labels=lab)
+
+
+@pytest.mark.parametrize("labels", [None, "classes"])
+def test_nash_equilibrium_is_exactly_scale_free(labels):
+    """Signals times 2^k: the state gains are the same bits, the affine gains and the values' cross terms times 2^k.
+
+    The values' constant terms are times 2^(2k), and the costs from states times 2^k are times 2^(2k).
+    """
+    game, lab = (GAME, None) if labels is None else (TRUST, class_population(TRUST, 12)[0])
+    n = 12
+    s, x0 = population(n, d=2, seed=4)
+    base = nash_equilibrium(game, n, s, labels=lab)
+    for k in (-300, -20, 3, 300):
+        ne = nash_equilibrium(game, n, np.ldexp(s, k), labels=lab)
+        np.testing.assert_array_equal(ne.gains[..., :n], base.gains[..., :n])
+        np.testing.assert_array_equal(ne.gains[..., n], np.ldexp(base.gains[..., n], k))
+        np.testing.assert_array_equal(ne.values[..., :n, :n], base.values[..., :n, :n])
+        np.testing.assert_array_equal(ne.values[..., :n, n], np.ldexp(base.values[..., :n, n], k))
+        np.testing.assert_array_equal(ne.values[..., n, n], np.ldexp(base.values[..., n, n], 2 * k))
+        np.testing.assert_array_equal(ne.signals, np.ldexp(s, k))
+        np.testing.assert_array_equal(ne.costs(np.ldexp(x0, k)), np.ldexp(base.costs(x0), 2 * k))
+    with pytest.raises(ValueError, match=r"signals of this size give the values' constant terms of about 1e6\d\d"):
+        nash_equilibrium(game, n, 1e300 * s, labels=lab)
+    with pytest.raises(ValueError, match=r"signals and initial_states of this size give costs of about 1e4\d\d"):
+        base.costs(1e200 * x0)
 
 
 def test_model_md_epsilon_figures_are_reproduced():
