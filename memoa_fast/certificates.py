@@ -478,10 +478,16 @@ def policy_gain_matrix(game, signals, labels=None) -> np.ndarray:
     game = _check_game(game)
     s = _as_signals(signals)
     labels, sizes = _check_labels(game, labels, s.shape[0])
+    e = _binary_exponent(s)  # see "scale" above: the affine column grows with the signals, the sums stay finite
+    s = np.ldexp(s, -e)
     if labels is not None:
-        return _class_gain_matrix(game, labels, sizes, s)
-    co = game.coefficients
-    return _gain_matrix(co.gain, co.signal, co.signal_mean, co.state_mean, s)
+        K = _class_gain_matrix(game, labels, sizes, s)
+    else:
+        co = game.coefficients
+        K = _gain_matrix(co.gain, co.signal, co.signal_mean, co.state_mean, s)
+    n = s.shape[0]
+    K[..., n] = _scale_back(K[..., n], e, 1, "the gains' affine terms", "signals")
+    return K
 
 
 def _gain_matrix(g, al, be, mu, s):

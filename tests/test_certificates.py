@@ -384,6 +384,14 @@ def test_nash_equilibrium_is_exactly_scale_free(labels):
         np.testing.assert_array_equal(ne.values[..., n, n], np.ldexp(base.values[..., n, n], 2 * k))
         np.testing.assert_array_equal(ne.signals, np.ldexp(s, k))
         np.testing.assert_array_equal(ne.costs(np.ldexp(x0, k)), np.ldexp(base.costs(x0), 2 * k))
+        gm = policy_gain_matrix(game, np.ldexp(s, k), labels=lab)
+        np.testing.assert_array_equal(gm[..., :n], policy_gain_matrix(game, s, labels=lab)[..., :n])
+        np.testing.assert_array_equal(gm[..., n], np.ldexp(policy_gain_matrix(game, s, labels=lab)[..., n], k))
+    # Signals of 1.7e308 overflow a plain sum (their mean), not the scaled one: the gains are finite.
+    top = np.full((n, 2), 1.7e308)
+    gm = policy_gain_matrix(game, top, labels=lab)
+    assert np.isfinite(gm).all()
+    np.testing.assert_allclose(gm[..., n], 1.7e308 * policy_gain_matrix(game, np.ones((n, 2)), labels=lab)[..., n], rtol=1e-15)
     with pytest.raises(ValueError, match=r"signals of this size give the values' constant terms of about 1e6\d\d"):
         nash_equilibrium(game, n, 1e300 * s, labels=lab)
     with pytest.raises(ValueError, match=r"signals and initial_states of this size give costs of about 1e4\d\d"):
