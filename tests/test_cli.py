@@ -340,3 +340,41 @@ def test_closed_stdout_is_not_a_traceback():
         proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("how", ["same", "hardlink", "symlink", "relative"])
+def test_an_output_never_overwrites_the_input_csv(tmp_path, capsys, monkeypatch, option, how):
+    """--json/--plot naming the --csv file (by any path: the same, a link, a relative path) is refused before the run."""
+    calls = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: calls.append(1))
+    data = tmp_path / "data.png" if option == "--plot" else tmp_path / "data.json"  # a valid output suffix
+    text = "t,value\n" + "".join(f"{i},{(i * 37 % 101) / 10}\n" for i in range(400))
+    data.write_text(text)
+    out = data
+    if how == "hardlink":
+        out = tmp_path / ("link" + data.suffix)
+        os.link(data, out)
+    elif how == "symlink":
+        out = tmp_path / ("sym" + data.suffix)
+        out.symlink_to(data)
+    elif how == "relative":
+        monkeypatch.chdir(tmp_path)
+        out = Path(data.name)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--csv", str(data), "--column", "value", "--warmup", "100", *FAST, option, str(out)])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"argument {option}: ")
+    assert calls == [] and data.read_text() == text
+
+
+@pytest.mark.parametrize("clients", [1, 2, 7])
+def test_fewer_clients_than_the_default_classes_runs(clients, capsys):
+    """--classes defaults to min(8, --clients): a small run needs no --classes; an explicit K > N is still refused."""
+    code, out, _ = _run(["run", "--clients", str(clients), "--rounds", "40", "--quiet", "--policies", "memoa,memoa-trust"],
+                        capsys)
+    assert code == 0 and f"memoa-trust K={clients} " in out
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--clients", str(clients), "--rounds", "40", "--quiet", "--classes", str(clients + 1)])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"argument --classes: must be at most --clients={clients}")

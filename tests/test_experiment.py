@@ -258,3 +258,51 @@ def test_memoa_trust_arguments_are_checked(kwargs, words):
     y = np.sin(np.arange(50) / 3.0)
     with pytest.raises(ValueError, match=words):
         run_experiment(y, **{"n_clients": 20, **kwargs})
+
+
+@pytest.mark.parametrize("series,kind", [
+    (np.array([0.1, 0.5, -0.2, 0.3, 0.0, 0.4]) + 1j, "complex"),
+    (np.array([True, False, True, True, False, True]), "bool"),
+    (["0.1", "0.5", "-0.2", "0.3", "0.0", "0.4"], "string"),
+    (np.array([0.1, None, -0.2, 0.3, 0.0, 0.4], dtype=object), "object"),
+    (np.arange(6).astype("datetime64[D]"), "datetime64"),
+])
+def test_series_of_non_real_dtype_is_refused_not_cast(series, kind):
+    """Complex (imaginary part dropped), bool, strings, objects, datetimes: refused by dtype, as the README promises."""
+    with pytest.raises(TypeError, match=rf"series must hold real numbers .*{kind}"):
+        run_experiment(series, n_clients=4, policies=("memoa",))
+
+
+def test_integer_series_and_lists_of_floats_are_real():
+    res = run_experiment([1, 3, 2, 5, 4, 6, 5, 8], n_clients=4, policies=("memoa",), rules=("eg",))
+    assert res.n_rounds == 7 and math.isfinite(res.scores["memoa"].mixture_rmse["eg"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(trust_feedforward="no"), "trust_feedforward must be True or False, got 'no'"),
+    (dict(trust_feedforward=None), "trust_feedforward must be True or False, got None"),
+    (dict(progress="yes"), "progress must be True or False, got 'yes'"),
+    (dict(stream=5), "stream must be a str"),
+    (dict(policies=["memoa", 3]), "policy must be one of"),
+])
+def test_flags_and_names_are_checked_not_coerced(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, **kwargs)
+
+
+def test_a_single_name_is_one_policy_or_rule_not_its_letters():
+    """policies="memoa" means ("memoa",), rules="eg" means ("eg",): a string is never iterated letter by letter."""
+    res = run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memoa", rules="eg")
+    assert list(res.scores) == ["memoa"] and list(res.scores["memoa"].mixture_rmse) == ["eg"]
+    with pytest.raises(ValueError, match="policy must be one of .*; got 'memo'"):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memo")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_default_classes_fit_a_small_population(n):
+    """With the default policies (memoa-trust included), N < 8 clients run: K defaults to min(8, N)."""
+    res = run_experiment(np.sin(np.arange(60.0) * 0.3), n_clients=n)
+    assert res.config["classes"] == n and set(res.scores) == {"memoa", "greedy", "local", "consensus", "memoa-trust"}
+    assert all(math.isfinite(s.worst_client_rmse) for s in res.scores.values())
+    with pytest.raises(ValueError, match=f"classes must be at most n_clients={n}, got {n + 1}"):
+        run_experiment(np.sin(np.arange(60.0)), n_clients=n, classes=n + 1)

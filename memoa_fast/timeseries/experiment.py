@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_choice, check_int
+from .._validation import check_choice, check_int, check_real_dtype
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -232,6 +232,8 @@ def _finite_or_none(obj):
 
 # The policies of an experiment: the game's four, and memoa-trust (MODEL.md section 7, trust.py).
 POLICIES = (*GAME_POLICIES, "memoa-trust")
+#: memoa-trust's default number of classes K (fewer when there are fewer clients).
+DEFAULT_CLASSES = 8
 
 
 def run_experiment(
@@ -244,7 +246,7 @@ def run_experiment(
     r: float = 0.1,
     gamma: float = 0.9,
     policies=POLICIES,
-    classes: int = 8,
+    classes: int | None = None,
     reclass: int = 50,
     trust_feedforward: bool = False,
     trust_power: float = 1.5,
@@ -266,7 +268,9 @@ def run_experiment(
     Parameters
     ----------
     series : array_like, shape (T,) or (T, d)
-        The stream ``y(0..T-1)``, finite with ``|y| <= 1e30``, ``T >= 2``
+        The stream ``y(0..T-1)``: real numbers (an integer or floating
+        dtype; bool, complex, strings and objects are refused, not cast),
+        finite with ``|y| <= 1e30``, ``T >= 2``
         (z-scored streams from :mod:`memoa_fast.streams` are the intended
         input; see :data:`memoa_fast.forecasters.TARGET_LIMIT`).
     stream : str
@@ -275,14 +279,15 @@ def run_experiment(
         Clients N.
     q, kappa, r, gamma : float
         Weights of the game (see :class:`~memoa_fast.Game`).
-    policies : sequence of str
-        Subset of ``("memoa", "greedy", "local", "consensus", "memoa-trust")``,
+    policies : str or sequence of str
+        One name, or a subset of ``("memoa", "greedy", "local", "consensus", "memoa-trust")``,
         in table order. ``memoa-trust`` is the K-class MEMOA policy whose
         classes follow each client's measured forecast error
         (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
     classes, reclass : int
-        memoa-trust's number of quantile classes K (default 8) and the rounds
-        between two re-formings R (default 50).
+        memoa-trust's number of quantile classes K (default
+        ``min(8, n_clients)``; at most ``n_clients``) and the rounds between
+        two re-formings R (default 50).
     trust_feedforward : bool
         Keep memoa-trust's feed-forward term ``C (m_l - m_l*)``; off by default
         (lower worst, average and mixture RMSE on the mean over 20 series:
@@ -296,8 +301,8 @@ def run_experiment(
         mixture RMSE on the mean over 20 series: ``bench/trust_minimax.txt``),
         or the one exponent ``trust_power``
         (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
-    rules : sequence of str
-        Server rules to score, subset of ``("eg", "hedge")``.
+    rules : str or sequence of str
+        Server rule(s) to score: one name, or a subset of ``("eg", "hedge")``.
     eta, alpha : float
         Server learning rate and fixed share (see :class:`~memoa_fast.Server`).
     seed : int
@@ -321,7 +326,9 @@ def run_experiment(
         RMSE of each server rule's mixture, of the uniform mean, of the worst
         and the average client, and ``max_i J_i``, for each policy.
     """
-    y = np.asarray(series, dtype=np.float64)
+    raw = np.asarray(series)
+    check_real_dtype("series", raw.dtype)  # complex, bool, strings, objects, datetimes: refused, never cast
+    y = raw.astype(np.float64, copy=False)
     if y.ndim == 1:
         y = y[:, None]
     if y.ndim != 2 or y.shape[0] < 2:
@@ -336,8 +343,13 @@ def run_experiment(
     y = np.ascontiguousarray(y)
     T, d = y.shape
     n_rounds = T - 1
-    policies = tuple(check_choice("policy", p, POLICIES) for p in policies)
-    rules = tuple(check_choice("rule", rr, RULES) for rr in rules)
+    if not isinstance(stream, str):
+        raise TypeError(f"stream must be a str (a name for the tables), got {stream!r} of type {type(stream).__name__}")
+    trust_feedforward = _check_flag("trust_feedforward", trust_feedforward)
+    progress = _check_flag("progress", progress)
+    # A single name is one policy (rule), never its letters.
+    policies = tuple(check_choice("policy", p, POLICIES) for p in ((policies,) if isinstance(policies, str) else policies))
+    rules = tuple(check_choice("rule", rr, RULES) for rr in ((rules,) if isinstance(rules, str) else rules))
     trust_rule = check_choice("trust_rule", trust_rule, TRUST_RULES)
     if not policies or not rules:
         raise ValueError("give at least one policy and one server rule")
@@ -352,7 +364,7 @@ def run_experiment(
     forecasters = ClientForecasters(
         n_clients, d, lags=lags, noise_range=noise_range, mu=mu, seed=seed, backend=backend, threads=threads
     )
-    classes = check_int("classes", classes, low=1)
+    classes = min(DEFAULT_CLASSES, n_clients) if classes is None else check_int("classes", classes, low=1)
     reclass = check_int("reclass", reclass, low=1)
     if "memoa-trust" in policies and classes > n_clients:
         raise ValueError(f"classes must be at most n_clients={n_clients}, got {classes}")
@@ -360,7 +372,7 @@ def run_experiment(
     def make(p):
         if p == "memoa-trust":
             return TrustPopulation(n_clients, d, n_classes=classes, reclass=reclass, q=q, kappa=kappa, r=r, gamma=gamma,
-                                   feedforward=bool(trust_feedforward), power=trust_power, rule=trust_rule,
+                                   feedforward=trust_feedforward, power=trust_power, rule=trust_rule,
                                    backend=backend, threads=threads)
         return Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads)
 
@@ -432,7 +444,7 @@ def run_experiment(
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
-        "trust_feedforward": bool(trust_feedforward), "trust_power": float(trust_power), "trust_rule": trust_rule,
+        "trust_feedforward": trust_feedforward, "trust_power": float(trust_power), "trust_rule": trust_rule,
         "rules": list(rules),
         "eta": float(eta), "alpha": float(alpha), "seed": seed,
         "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
@@ -445,6 +457,13 @@ def run_experiment(
 
 
 QUANTILES = (0, 0.1, 0.5, 0.9, 1)
+
+
+def _check_flag(name: str, value) -> bool:
+    """A bool (Python or NumPy); anything else (``"no"``, ``None``, 0) is refused rather than read as truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
