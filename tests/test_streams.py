@@ -68,6 +68,56 @@ def test_unknown_stream_and_bad_length():
         make_stream("logistic", 1)
 
 
+@pytest.mark.parametrize("name,params", [
+    ("periodic", dict(amplitudes=(1e308, 1.0, 1.0))),  # the sum overflows: was a NaN series
+    ("periodic", dict(noise=1e308)),  # was "constant series"
+    ("concept", dict(radius=0.99999999, noise=1e300)),  # finite but the std overflowed: was all zeros
+    ("concept-drift", dict(level=1e300, noise=1e300)),  # was an OverflowError from NumPy
+    ("concept-drift", dict(noise=1e307, radius=(0.999, 0.999))),
+])
+def test_synthetic_stream_is_finite_and_zscored_or_a_named_error(name, params):
+    """Property: a stream is finite with mean 0 and std 1, or ValueError naming the parameters; never NaN or zeros."""
+    try:
+        y = make_stream(name, 2000, seed=1, **params)
+    except ValueError as exc:
+        assert "overflows float64" in str(exc) and all(k in str(exc) for k in params), str(exc)
+        return
+    assert np.isfinite(y).all() and abs(y.mean()) < 1e-9 and abs(y.std() - 1.0) < 1e-9
+
+
+def test_zscore_of_huge_finite_values_is_exact_not_zero():
+    from memoa_fast.timeseries.streams import zscore
+
+    v = np.array([1.0, 2.0, 3.0, 4.0]) * 1e300
+    np.testing.assert_allclose(zscore(v), (np.arange(4.0) - 1.5) / np.std(np.arange(4.0)), rtol=1e-14)
+    with pytest.raises(ValueError, match="finite"):
+        zscore(np.array([1.0, np.nan, 2.0]))
+
+
+@pytest.mark.parametrize("name,params,exc,match", [
+    ("periodic", dict(amplitudes=(float("nan"), 1.0, 1.0)), ValueError, "amplitudes must be finite"),
+    ("periodic", dict(periods=17.0, amplitudes=1.0), TypeError, "periods must be a sequence of numbers, got 17.0"),
+    ("periodic", dict(periods=(10.0, 20.0), amplitudes=(1.0,)), ValueError, "periods and amplitudes must be non-empty"),
+    ("periodic", dict(normalize="no"), TypeError, "normalize must be True or False, got 'no'"),
+    ("logistic", dict(normalize=0), TypeError, "normalize must be True or False, got 0"),
+    ("concept", dict(angles=(0.1,)), ValueError, r"angles must be a pair \(low, high\), got \(0.1,\)"),
+    ("concept-drift", dict(segment=(1,)), ValueError, r"segment must be a pair \(low, high\), got \(1,\)"),
+    ("concept-drift", dict(segment=(900, 300)), ValueError, "segment must have low <= high, got"),
+    ("concept-drift", dict(radius=(1.5, 2.0)), ValueError, r"radius must be in \[0, 1\)"),  # explosive: was zeros
+    ("concept-drift", dict(radius=(float("nan"), 0.5)), ValueError, "radius must be finite"),
+    ("concept-drift", dict(angles=(float("nan"), 0.5)), ValueError, "angles must be finite"),
+    ("concept-drift", dict(angles=(1.0, 0.5)), ValueError, "angles must have low <= high"),
+])
+def test_synthetic_parameters_are_checked_with_their_names(name, params, exc, match):
+    with pytest.raises(exc, match=match):
+        make_stream(name, 100, seed=0, **params)
+
+
+def test_stream_name_must_be_a_string():
+    with pytest.raises(TypeError, match=r"stream must be one of .*; got \['logistic'\]"):
+        make_stream(["logistic"], 100)
+
+
 # --------------------------------------------------------------------------- CSV
 def _write(tmp_path, text, name="series.csv"):
     path = tmp_path / name

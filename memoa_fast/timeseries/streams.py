@@ -45,6 +45,7 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     n_steps, seed = _check_length_seed(n_steps, seed)
     r = check_real("r", r, low=3.57, high=4.0, high_open=True)
     transient = check_int("transient", transient, low=0)
+    normalize = _check_flag("normalize", normalize)
     x = np.random.default_rng(seed).uniform(0.1, 0.9)
     out = np.empty(n_steps)
     for _ in range(transient):
@@ -52,7 +53,7 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     for t in range(n_steps):
         out[t] = x
         x = r * x * (1.0 - x)
-    return zscore(out) if normalize else out
+    return _finish(out, normalize, r=r)
 
 
 def periodic(
@@ -69,17 +70,21 @@ def periodic(
     .. math:: y(t) = \\sum_k a_k \\sin(2\\pi t / P_k + \\varphi_k) + \\sigma \\varepsilon(t)
     """
     n_steps, seed = _check_length_seed(n_steps, seed)
+    periods = _reals("periods", periods, low=0.0, low_open=True)
+    amplitudes = _reals("amplitudes", amplitudes)
     if len(periods) != len(amplitudes) or not periods:
         raise ValueError(f"periods and amplitudes must be non-empty and of equal length, got {periods!r}, {amplitudes!r}")
     noise = check_real("noise", noise, low=0.0)
+    normalize = _check_flag("normalize", normalize)
     rng = np.random.default_rng(seed)
     phases = rng.uniform(0.0, 2.0 * math.pi, size=len(periods))
     t = np.arange(n_steps, dtype=np.float64)
     y = np.zeros(n_steps)
-    for P, a, phi in zip(periods, amplitudes, phases):
-        y += a * np.sin(2.0 * math.pi * t / check_real("period", P, low=0.0, low_open=True) + phi)
-    y += noise * rng.standard_normal(n_steps)
-    return zscore(y) if normalize else y
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by _finish, naming the parameters
+        for P, a, phi in zip(periods, amplitudes, phases):
+            y += a * np.sin(2.0 * math.pi * t / P + phi)
+        y += noise * rng.standard_normal(n_steps)
+    return _finish(y, normalize, amplitudes=amplitudes, noise=noise)
 
 
 def concept(
@@ -107,13 +112,15 @@ def concept(
     radius = check_real("radius", radius, low=0.0, high=1.0, high_open=True)
     drift_period = check_real("drift_period", drift_period, low=0.0, low_open=True)
     noise = check_real("noise", noise, low=0.0, low_open=True)
-    w0, w1 = (check_real("angle", a, low=0.0, high=math.pi) for a in angles)
+    w0, w1 = _pair("angles", angles, low=0.0, high=math.pi, ordered=False)
+    normalize = _check_flag("normalize", normalize)
     rng = np.random.default_rng(seed)
     psi = rng.uniform(0.0, 2.0 * math.pi)
     t = np.arange(n_steps, dtype=np.float64)
     omega = w0 + (w1 - w0) * 0.5 * (1.0 - np.cos(2.0 * math.pi * t / drift_period + psi))
     eps = noise * rng.standard_normal(n_steps)
-    return _ar2(2.0 * radius * np.cos(omega), np.full(n_steps, -radius * radius), np.zeros(n_steps), eps, normalize)
+    y = _ar2(2.0 * radius * np.cos(omega), np.full(n_steps, -radius * radius), np.zeros(n_steps), eps)
+    return _finish(y, normalize, radius=radius, noise=noise)
 
 
 def concept_drift(
@@ -129,42 +136,86 @@ def concept_drift(
 ) -> np.ndarray:
     """AR(2) around a level, with abrupt regime switches at change points.
 
-    Regime lengths are uniform on ``segment``; each regime draws a pole
-    radius in ``radius``, an angle in ``angles`` and a level in
+    Regime lengths are uniform on ``segment`` (integers, low <= high); each
+    regime draws a pole radius in ``radius`` (within ``[0, 1)``: a stable
+    process), an angle in ``angles`` (within ``[0, pi]``) and a level in
     ``[-level, level]`` (all seeded); the process keeps its deviation from
     the level across a switch, so the level jumps.
+
+    Every generator checks its parameters (ValueError or TypeError naming
+    the parameter) and returns a finite series; one that overflows float64
+    raises ValueError naming its scale parameters, never a NaN or all-zero
+    series.
     """
     n_steps, seed = _check_length_seed(n_steps, seed)
-    lo, hi = (check_int("segment", s, low=1) for s in segment)
+    lo, hi = _pair("segment", segment, integer=True)
+    radius = _pair("radius", radius, low=0.0, high=1.0, high_open=True)  # |poles| < 1: the process is stable
+    angles = _pair("angles", angles, low=0.0, high=math.pi)
     noise = check_real("noise", noise, low=0.0, low_open=True)
     level = check_real("level", level, low=0.0)
+    normalize = _check_flag("normalize", normalize)
     rng = np.random.default_rng(seed)
     phi1 = np.empty(n_steps)
     phi2 = np.empty(n_steps)
     mean = np.empty(n_steps)
     start = 0
     while start < n_steps:
-        stop = min(n_steps, start + int(rng.integers(lo, max(lo, hi) + 1)))
+        stop = min(n_steps, start + int(rng.integers(lo, hi + 1)))
         rho = rng.uniform(*radius)
         omega = rng.uniform(*angles)
         phi1[start:stop] = 2.0 * rho * math.cos(omega)
         phi2[start:stop] = -rho * rho
         mean[start:stop] = rng.uniform(-level, level)
         start = stop
-    eps = noise * rng.standard_normal(n_steps)
-    return _ar2(phi1, phi2, mean, eps, normalize)
+    with np.errstate(over="ignore", invalid="ignore"):
+        eps = noise * rng.standard_normal(n_steps)
+        y = _ar2(phi1, phi2, mean, eps)
+    return _finish(y, normalize, radius=radius, level=level, noise=noise)
 
 
-def _ar2(phi1, phi2, mean, eps, normalize):
+def _ar2(phi1, phi2, mean, eps):
     n = eps.shape[0]
     dev = np.zeros(n)
     a, b = 0.0, 0.0  # deviations at t-1, t-2
-    for t in range(n):
-        v = phi1[t] * a + phi2[t] * b + eps[t]
-        dev[t] = v
-        a, b = v, a
-    y = mean + dev
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by _finish
+        for t in range(n):
+            v = phi1[t] * a + phi2[t] * b + eps[t]
+            dev[t] = v
+            a, b = v, a
+        return mean + dev
+
+
+def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
+    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64."""
+    if not np.isfinite(y).all():
+        given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
+        raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
+                         "lower these parameters (the stream is z-scored anyway)")
     return zscore(y) if normalize else y
+
+
+def _check_flag(name: str, value) -> bool:
+    """A bool (Python or NumPy); ``"no"``, ``0`` or ``None`` are refused rather than read as truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+def _reals(name: str, values, **bounds) -> tuple[float, ...]:
+    """A sequence of finite real numbers (each within ``bounds``, as :func:`check_real`), as a tuple."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a sequence of numbers, got {values!r} of type {type(values).__name__}")
+    return tuple(check_real(name, v, **bounds) for v in values)
+
+
+def _pair(name: str, value, *, integer: bool = False, ordered: bool = True, **bounds):
+    """A pair ``(low, high)`` of finite reals (or integers >= 1) within ``bounds``; ``low <= high`` if ``ordered``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    lo, hi = (check_int(name, v, low=1) if integer else check_real(name, v, **bounds) for v in value)
+    if ordered and hi < lo:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return lo, hi
 
 
 _GENERATORS = {"logistic": logistic_map, "periodic": periodic, "concept": concept, "concept-drift": concept_drift}
@@ -184,18 +235,39 @@ def make_stream(name: str, n_steps: int, *, seed: int = 0, **params) -> np.ndarr
         Passed on to the generator (:func:`logistic_map`, :func:`periodic`,
         :func:`concept`, :func:`concept_drift`).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"stream must be one of {', '.join(map(repr, SYNTHETIC_STREAMS))}; got {name!r} of type "
+                        f"{type(name).__name__}")
     if name not in _GENERATORS:
         raise ValueError(f"stream must be one of {', '.join(map(repr, SYNTHETIC_STREAMS))}; got {name!r}")
     return _GENERATORS[name](n_steps, seed=seed, **params)
 
 
 def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
-    """``(values - mean) / std`` with mean and std taken over ``values[fit]`` (all by default)."""
+    """``(values - mean) / std`` with mean and std taken over ``values[fit]`` (all by default).
+
+    Both are computed on the values divided by a power of two at least their
+    largest magnitude (exact), so no square overflows: any finite float64
+    series with spread gives a finite result (not zeros). Non-finite values
+    and a constant reference raise ValueError.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"cannot z-score a series with non-finite values (first at index {i}: {float(values[i])!r})")
     ref = values if fit is None else values[fit]
-    std = float(ref.std())
-    if not std > 0.0:
+    largest = float(np.max(np.abs(ref))) if ref.size else 0.0
+    scale = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    ref_u = ref / scale
+    std_u = float(ref_u.std())
+    if not std_u > 0.0:
         raise ValueError("cannot z-score a constant series (standard deviation 0)")
-    return (values - float(ref.mean())) / std
+    with np.errstate(over="ignore"):
+        out = (values / scale - float(ref_u.mean())) / std_u
+    if not np.isfinite(out).all():
+        raise ValueError("cannot z-score this series: a value lies beyond 1e308 standard deviations of the reference")
+    return out
 
 
 def _check_length_seed(n_steps, seed):
