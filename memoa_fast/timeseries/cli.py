@@ -152,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which series to forecast (default {D['stream']}; 'csv' needs --csv and --column). "
                         "Synthetic streams are seeded by --seed and z-scored.")
     g.add_argument("--csv", metavar="PATH", type=Path,
-                   help="a UTF-8 CSV file with a header row (implies --stream csv); see the README for the "
+                   help="a UTF-8 CSV file with a header row, delimited by ',', tab, ';' or '|' (implies --stream "
+                        "csv); see the README for the "
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
     g.add_argument("--missing", choices=("error", "drop"), default="error",
-                   help="CSV only: an empty cell is an error (default) or a row to drop (FRED's holidays)")
+                   help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', ...) is an error "
+                        "(default) or a row to drop (FRED's holidays)")
     g.add_argument("--warmup", type=_number(int, "--warmup"), default=D["warmup"], metavar="ROWS",
                    help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "
                         f"(default {D['warmup']})")

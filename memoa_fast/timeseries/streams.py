@@ -287,6 +287,26 @@ CSV_MAX_LINE_BYTES = 1 << 20
 # non-ASCII digits, no words). Python's float() alone accepts "1_001" and "١".
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "infinity"))
+#: Cells that mark a missing value (lower-cased): R's NA, pandas' NaN and <NA>, Excel's #N/A, SQL's NULL,
+#: Python's None, FRED's ".". A gap, like an empty cell: an error, or a row dropped with ``missing="drop"``.
+MISSING_MARKERS = frozenset((
+    "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".",
+))
+#: Delimiters a file may use, read from its header row: the first of these that the header holds.
+CSV_DELIMITERS = (",", "\t", ";", "|")
+# Signatures of files that are not UTF-8 text (checked on the first bytes, before decoding).
+_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd)"),
+    (b"PK\x03\x04", "a zip archive", "extract the CSV file from it first (unzip)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text", "save it as UTF-8"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text", "save it as UTF-8"),
+    (b"\xff\xfe", "UTF-16 text", "save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text", "save it as UTF-8"),
+)
+_BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 
 
 def load_csv_series(
@@ -308,9 +328,11 @@ def load_csv_series(
     are computed on the warm-up divided by a power of two at least its
     largest magnitude (exact, and no square can overflow), so any finite
     float64 cells give a finite scaling. Works on the ETT files (``OT``), on
-    ``exchange_rate.csv`` (``CAD``) and on any comma-separated UTF-8 file with
-    one header row (a byte-order mark, quoted fields and CRLF line ends are
-    fine).
+    ``exchange_rate.csv`` (``CAD``) and on any UTF-8 file with one header row
+    (a byte-order mark, quoted fields and CRLF line ends are fine) delimited
+    by ``,``, tab, ``;`` or ``|``: the first of these (:data:`CSV_DELIMITERS`)
+    that the header row holds outside quotes. Every data row must have the
+    header's number of fields, so a column is never read from a shifted row.
 
     The file is read in blocks of :data:`CSV_BLOCK_BYTES` into a growing
     float64 array (no Python list of floats): memory is about 8 bytes per row
@@ -329,10 +351,12 @@ def load_csv_series(
     return_scaling : bool, default False
         Also return ``(mean, std)`` of the warm-up prefix.
     missing : {"error", "drop"}, default "error"
-        What an empty or missing cell, or a blank line, means: an error (a
-        gap in the series), or a row to drop, so that the series is the
-        column's values in order with the gaps closed (FRED's H.10 file has
-        market holidays and columns that start late).
+        What an empty or missing cell, a missing-value marker
+        (:data:`MISSING_MARKERS`: ``NA``, ``N/A``, ``nan``, ``NULL``,
+        ``None``, ``.``, ``#N/A``, ..., any case) or a blank line means: an
+        error (a gap in the series), or a row to drop, so that the series is
+        the column's values in order with the gaps closed (FRED's H.10 file
+        has market holidays and columns that start late).
 
     Returns
     -------
@@ -346,7 +370,12 @@ def load_csv_series(
         No such file.
     CsvSeriesError (a ValueError)
         The message names the file, the line and the column. Raised for: an
-        empty file; no such column (the message lists the columns); a cell
+        empty file; a compressed (gzip, bzip2, xz, zstd, zip) or UTF-16/32
+        file, named as such; line ends of a lone ``\\r``; no such column (the
+        message lists the columns, and says when the first line looks like
+        data rather than a header); the column named twice in the header; a
+        row whose number of fields differs from the header's; a missing-value
+        marker (with ``missing="error"``); a cell
         that is empty or missing, or a blank line inside the data (a gap); a
         cell that is not a plain decimal number (``1_001``, ``0x10``, words);
         a cell that is not finite (``nan``, ``inf``, ``1e400``); a byte that
@@ -370,9 +399,10 @@ def load_csv_series(
     need = warmup + 2
     if n < need:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: {n} data rows, too few: need at least {need} "
-            f"(a warm-up of {warmup} rows to fit the z-score, then at least 2 to forecast); "
-            "use a longer file or a shorter warm-up"
+            f"{path}, column {column!r}: {n} data rows"
+            + (" (every cell of the column is empty or a missing-value marker)" if n == 0 and missing == "drop" else "")
+            + f", too few: need at least {need} (a warm-up of {warmup} rows to fit the z-score, then at least 2 to "
+            "forecast); use a longer file or a shorter warm-up (warmup=, memoa run --warmup)"
         )
     head = arr[:warmup]
     largest = float(np.max(np.abs(head)))
@@ -382,7 +412,7 @@ def load_csv_series(
     mean_u, std_u = float(head_u.mean()), float(head_u.std())
     if not std_u > 0.0:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {head[0]!r}); "
+            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}); "
             "the z-score needs spread, use a longer warm-up"
         )
     mean, std = mean_u * scale, std_u * scale
@@ -425,6 +455,7 @@ class _ColumnReader:
         self.n = 0
         self.buf = np.empty(0)
         self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
+        self.sep = ","  # the delimiter, read from the header row
 
     # ------------------------------------------------------------------ driver
     def read(self) -> np.ndarray:
@@ -489,26 +520,50 @@ class _ColumnReader:
         path = self.path
         if not raw:
             raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)")
+        for magic, what, fix in _SIGNATURES:
+            if raw.startswith(magic):
+                raise CsvSeriesError(f"{path}: the file is {what}, not UTF-8 CSV text; {fix}")
+        if _BZIP2.match(raw):
+            raise CsvSeriesError(f"{path}: the file is bzip2-compressed, not UTF-8 CSV text; decompress it first (bunzip2)")
         try:
             text = raw.decode("utf-8-sig").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise CsvSeriesError(f"{path}, line 1: the header row is not UTF-8 text ({_byte(raw, exc)})") from None
+        if not text.strip():
+            raise CsvSeriesError(f"{path}, line 1: the first line is empty (expected a header row naming the columns)")
+        if "\r" in text:
+            raise CsvSeriesError(
+                f"{path}, line 1: the line ends are \\r alone (classic Mac OS), so the file reads as one line; "
+                "accepted: \\n or \\r\\n line ends (convert the file, e.g. tr '\\r' '\\n')"
+            )
+        # The delimiter is the first of CSV_DELIMITERS that the header holds (outside quotes): ',' by default.
+        bare = re.sub(r'"[^"]*"', "", text)
+        self.sep = next((d for d in CSV_DELIMITERS if d in bare), ",")
         names = [h.strip() for h in self._fields(text, 1)]
         if self.column not in names:
             hint = difflib.get_close_matches(self.column, names, n=1)
             shown = ", ".join(_short(nm, 30) for nm in names[:50]) + (f", ... ({len(names)} columns)" if len(names) > 50 else "")
+            data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
             raise CsvSeriesError(
                 f"{path}: no column {self.column!r} in the header row; the columns are {shown}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + ("; the first line looks like data, not a header row: the file needs a first line naming the columns"
+                   if data_like else "")
             )
-        self.col = names.index(self.column)
+        at = [i for i, nm in enumerate(names) if nm == self.column]
+        if len(at) > 1:
+            raise CsvSeriesError(
+                f"{path}: column {self.column!r} appears {len(at)} times in the header row (fields "
+                f"{', '.join(str(i + 1) for i in at)}); which one is meant is unknown: rename the others"
+            )
+        self.col = at[0]
         self.n_fields = len(names)
 
     def _fields(self, text: str, line: int) -> list[str]:
         if '"' not in text:
-            return text.split(",")
+            return text.split(self.sep)
         try:
-            return next(csv.reader([text], strict=True))
+            return next(csv.reader([text], strict=True, delimiter=self.sep))
         except csv.Error as exc:
             what = "a quoted field is not closed on this line" if "end of data" in str(exc) else f"malformed quoting ({exc})"
             raise CsvSeriesError(
@@ -529,13 +584,16 @@ class _ColumnReader:
             raise CsvSeriesError(
                 f"{self.path}, line {line}: not UTF-8 text ({_byte(chunk, exc)}); save the file as UTF-8"
             ) from None
-        if self.blank_at is None and b'"' not in chunk and b"_" not in chunk:
+        sep = self.sep.encode()
+        # Fast path only where every line has the header's field count (one count over the block, in C).
+        if (self.blank_at is None and b'"' not in chunk and b"_" not in chunk
+                and chunk.count(sep) == len(lines) * (self.n_fields - 1)):
             try:
                 if self.n_fields == 1:
                     cells = lines
                 else:
                     col = self.col
-                    cells = [ln.split(b",", col + 1)[col] for ln in lines]
+                    cells = [ln.split(sep, col + 1)[col] for ln in lines]
                 values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
             except (ValueError, IndexError):
                 values = None
@@ -554,7 +612,8 @@ class _ColumnReader:
             line = first_line + k
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
             row = self._fields(text, line)
-            if self.drop_missing and (self.col >= len(row) or not row[self.col].strip()):
+            if self.drop_missing and (self.col >= len(row) or row[self.col].strip().lower() in MISSING_MARKERS
+                                      or not row[self.col].strip()):
                 continue
             if all(not cell.strip() for cell in row):
                 if self.blank_at is None:
@@ -571,16 +630,31 @@ class _ColumnReader:
                     f"{where}: missing cell (the row has {len(row)} fields, the header {self.n_fields}); "
                     "the series has a gap there"
                 )
+            if len(row) != self.n_fields:
+                raise CsvSeriesError(
+                    f"{path}, line {line} (data row {self.n + len(out) + 1}): {len(row)} fields, the header row has "
+                    f"{self.n_fields} (delimiter {self.sep!r}); the columns cannot be matched: a field is missing, or a "
+                    "field holds the delimiter without quotes (quote it)"
+                )
             cell = row[self.col].strip()
             if not cell:
-                raise CsvSeriesError(f"{where}: empty cell (a gap in the series); fill it or drop the row")
+                raise CsvSeriesError(
+                    f"{where}: empty cell (a gap in the series); fill it, or drop such rows with missing='drop' "
+                    "(memoa run --missing drop)"
+                )
+            if cell.lower() in MISSING_MARKERS:
+                raise CsvSeriesError(
+                    f"{where}: {_short(cell)} marks a missing value (a gap in the series); fill it, or drop such rows "
+                    "with missing='drop' (memoa run --missing drop)"
+                )
             if cell.lower() in _NON_FINITE:
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} is not a finite number (treat it as a gap: fill it or drop the row)"
                 )
             if not _NUMBER.fullmatch(cell):
+                comma = " (a decimal comma? write 12.5, not 12,5)" if _DECIMAL_COMMA.fullmatch(cell) else ""
                 raise CsvSeriesError(
-                    f"{where}: {_short(cell)} is not a number (a plain decimal such as 12.5 or -3e-4 is expected; "
+                    f"{where}: {_short(cell)} is not a number{comma} (a plain decimal such as 12.5 or -3e-4 is expected; "
                     "no digit separators, no hexadecimal)"
                 )
             v = float(cell)
