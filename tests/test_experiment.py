@@ -306,3 +306,56 @@ def test_default_classes_fit_a_small_population(n):
     assert all(math.isfinite(s.worst_client_rmse) for s in res.scores.values())
     with pytest.raises(ValueError, match=f"classes must be at most n_clients={n}, got {n + 1}"):
         run_experiment(np.sin(np.arange(60.0)), n_clients=n, classes=n + 1)
+
+
+def _scores_of(res):
+    return {p: [*s.mixture_rmse.values(), s.uniform_rmse, s.worst_client_rmse, s.average_client_rmse] for p, s in res.scores.items()}
+
+
+@pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
+def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
+    """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.
+
+    With the default (scale=None) the clients' noise, their forecasters' features and the server's learning rate are
+    absolute, so the same series at another scale gives other relative errors (the property fails: see below).
+    """
+    y = make_stream("concept-drift", 400, seed=2)
+    kw = dict(n_clients=30, seed=1, scale="burn-in", policies=("memoa", "local", "memoa-trust"), classes=4)
+    base = run_experiment(y, **kw)
+    other = run_experiment(shift + factor * y, **kw)
+    for p, vals in _scores_of(base).items():
+        np.testing.assert_allclose(_scores_of(other)[p], factor * np.asarray(vals), rtol=1e-6)
+        np.testing.assert_allclose(other.scores[p].max_cost, factor**2 * base.scores[p].max_cost, rtol=1e-6)
+        np.testing.assert_allclose(other.client_rmse[p], factor * base.client_rmse[p], rtol=1e-6)
+        np.testing.assert_allclose(other.round_errors[p]["uniform"], factor**2 * base.round_errors[p]["uniform"], rtol=1e-6,
+                                   atol=1e-12 * factor**2)
+    np.testing.assert_allclose(other.signal_rmse, factor * base.signal_rmse, rtol=1e-6)
+    assert other.config["scale"] == "burn-in" and other.config["scale_fit"][1] == pytest.approx(factor * base.config["scale_fit"][1])
+
+
+def test_scale_burn_in_is_the_run_on_the_series_zscored_on_its_burn_in():
+    y = 40.0 + 3.0 * make_stream("logistic", 300, seed=0)
+    burn = 50
+    head = y[: burn + 1]
+    z = (y - head.mean()) / head.std()
+    a = run_experiment(y, n_clients=20, burn_in=burn, scale="burn-in", policies=("memoa",))
+    b = run_experiment(z, n_clients=20, burn_in=burn, policies=("memoa",))
+    np.testing.assert_allclose(_scores_of(a)["memoa"], head.std() * np.asarray(_scores_of(b)["memoa"]), rtol=1e-9)
+    # the default leaves the series as it is: a raw series is not z-scored behind the caller's back
+    c = run_experiment(y, n_clients=20, burn_in=burn, policies=("memoa",))
+    assert "scale" not in c.config and _scores_of(c)["memoa"] != _scores_of(a)["memoa"]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(scale="auto"), ValueError, "scale must be None or 'burn-in'; got 'auto'"),
+    (dict(scale="burn-in", burn_in=0), ValueError, r"scale='burn-in' fits .* y\(0\)..y\(burn_in\).*burn_in=0"),
+])
+def test_scale_arguments_are_checked(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memoa", **kwargs)
+
+
+def test_scale_burn_in_refuses_a_constant_burn_in():
+    y = np.concatenate([np.ones(20), np.sin(np.arange(40.0))])
+    with pytest.raises(ValueError, match=r"constant over y\(0\)..y\(10\)"):
+        run_experiment(y, n_clients=4, policies="memoa", burn_in=10, scale="burn-in")

@@ -259,6 +259,7 @@ def run_experiment(
     noise_range: tuple[float, float] = (0.02, 1.0),
     mu: float = 0.1,
     burn_in: int | None = None,
+    scale: str | None = None,
     backend: str = "numba",
     threads: int | None = None,
     progress: bool = False,
@@ -311,6 +312,21 @@ def run_experiment(
         The clients' forecasters (see :class:`ClientForecasters`).
     burn_in : int, optional
         Rounds left out of the RMSEs; default ``min(500, (T-1) // 5)``.
+    scale : {None, "burn-in"}
+        The unit of the run. ``None`` (default): the series as given; the
+        clients' noise scales (``noise_range``), their forecasters' features
+        (lags, their squares, a constant) and the server's ``eta`` are in
+        absolute units, so give a z-scored series (the streams of
+        :mod:`~memoa_fast.timeseries.streams` are) or the scores depend on
+        the series' scale and level. ``"burn-in"``: the run is made on
+        ``(y - mu_B) / sigma_B``, with ``mu_B, sigma_B`` the mean and the
+        (root-mean-square over coordinates) standard deviation of
+        ``y(0), ..., y(burn_in)``, values no scored forecast is measured
+        against, and the scores are given back in the series' units (RMSEs
+        times ``sigma_B``, costs times ``sigma_B^2``): every score of
+        ``a + c y`` is then ``c`` (or ``c^2``) times that of ``y`` for any
+        ``a`` and ``c > 0``. Needs ``burn_in >= 1`` and spread in that
+        prefix.
     backend : {"numba", "cython", "numpy"}
         Kernels of the populations, servers, forecasters and scoring. The
         forecasters and the scoring have no Cython kernel: with ``"cython"``
@@ -333,16 +349,32 @@ def run_experiment(
         y = y[:, None]
     if y.ndim != 2 or y.shape[0] < 2:
         raise ValueError(f"series must have shape (T,) or (T, d) with T >= 2, got shape {np.shape(series)}")
-    bad = ~(np.abs(y) <= TARGET_LIMIT)  # catches NaN too
+    if scale is not None and not (isinstance(scale, str) and scale == "burn-in"):
+        raise ValueError(f"scale must be None or 'burn-in'; got {scale!r}")
+    T, d = y.shape
+    n_rounds = T - 1
+    burn_in = min(500, n_rounds // 5) if burn_in is None else check_int("burn_in", burn_in, low=0)
+    if burn_in >= n_rounds:
+        raise ValueError(f"burn_in must be smaller than the number of rounds {n_rounds} (series length - 1), got {burn_in}")
+    nonfinite = ~np.isfinite(y)
+    if nonfinite.any():
+        t_bad = int(np.argwhere(nonfinite)[0, 0])
+        raise ValueError(
+            f"series must be finite with |y| <= {TARGET_LIMIT:g} (z-score it first); first bad value at round {t_bad}: "
+            f"{float(y[nonfinite][0]):g}"
+        )
+    scale_fit = None
+    if scale == "burn-in":
+        y, scale_fit = _zscore_on_burn_in(y, burn_in)
+    bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
         raise ValueError(
             f"series must be finite with |y| <= {TARGET_LIMIT:g} (z-score it first); first bad value at round {t_bad}: "
             f"{float(y[bad][0]):g}"
+            + (" after the burn-in z-score" if scale_fit is not None else " (or pass scale='burn-in')")
         )
     y = np.ascontiguousarray(y)
-    T, d = y.shape
-    n_rounds = T - 1
     if not isinstance(stream, str):
         raise TypeError(f"stream must be a str (a name for the tables), got {stream!r} of type {type(stream).__name__}")
     trust_feedforward = _check_flag("trust_feedforward", trust_feedforward)
@@ -355,9 +387,6 @@ def run_experiment(
         raise ValueError("give at least one policy and one server rule")
     if len(set(policies)) != len(policies) or len(set(rules)) != len(rules):
         raise ValueError(f"policies and rules must not repeat, got {policies!r} and {rules!r}")
-    burn_in = min(500, n_rounds // 5) if burn_in is None else check_int("burn_in", burn_in, low=0)
-    if burn_in >= n_rounds:
-        raise ValueError(f"burn_in must be smaller than the number of rounds {n_rounds} (series length - 1), got {burn_in}")
     n_clients = check_int("n_clients", n_clients, low=1)
 
     game = Game(q, kappa, r, gamma)
@@ -424,9 +453,15 @@ def run_experiment(
 
     n_scored = n_rounds - burn_in
     scored = slice(burn_in, n_rounds)
+    u = 1.0  # the unit: RMSEs are given back times u, squared errors and costs times u^2 (exact when u = 1)
+    if scale_fit is not None:
+        u = scale_fit[1]
+        for p in policies:
+            for k, v in errs[p].items():
+                v *= u if k == "worst_client" else u * u
     scores, client_rmse = {}, {}
     for p in policies:
-        rmse_i = np.sqrt(scorers[p].totals / n_scored)
+        rmse_i = np.sqrt(scorers[p].totals / n_scored) * u
         client_rmse[p] = rmse_i
         worst = int(np.argmax(rmse_i))
         e = errs[p]
@@ -437,7 +472,7 @@ def run_experiment(
             worst_client_rmse=float(rmse_i[worst]),
             worst_client=worst,
             average_client_rmse=float(rmse_i.mean()),
-            max_cost=pops[p].regret,
+            max_cost=pops[p].regret * (u * u),
             max_cost_client=pops[p].worst_agent,
             client_rmse_quantiles={str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(rmse_i, QUANTILES))},
         )
@@ -450,13 +485,40 @@ def run_experiment(
         "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
         "backend": backend, "threads": forecasters.threads,
     }
+    if scale_fit is not None:
+        config["scale"] = scale
+        config["scale_fit"] = [float(v) for v in scale_fit]
     return ExperimentResult(
         stream=stream, config=config, n_rounds=n_rounds, n_scored=n_scored, scores=scores, client_rmse=client_rmse,
-        round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored), elapsed_s=elapsed,
+        round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored) * u, elapsed_s=elapsed,
     )
 
 
 QUANTILES = (0, 0.1, 0.5, 0.9, 1)
+
+
+def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
+    """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
+
+    Computed on values divided by a power of two at least their largest
+    magnitude (exact), so no square overflows.
+    """
+    if burn_in < 1:
+        raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
+                         "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")
+    head = y[: burn_in + 1]
+    largest = float(np.max(np.abs(head)))
+    p2 = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    head_u = head / p2
+    mean_u = head_u.mean(axis=0)
+    sigma_u = math.sqrt(float(np.mean(head_u.var(axis=0))))
+    if not sigma_u > 0.0:
+        raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in, so it gives no "
+                         "unit; use a longer burn_in, or scale=None with a series you have z-scored")
+    with np.errstate(over="ignore"):
+        z = (y / p2 - mean_u) / sigma_u
+    mu = mean_u * p2
+    return z, (float(mu[0]) if mu.shape[0] == 1 else mu.tolist(), sigma_u * p2)
 
 
 def _check_flag(name: str, value) -> bool:
