@@ -359,3 +359,14 @@ def test_scale_burn_in_refuses_a_constant_burn_in():
     y = np.concatenate([np.ones(20), np.sin(np.arange(40.0))])
     with pytest.raises(ValueError, match=r"constant over y\(0\)..y\(10\)"):
         run_experiment(y, n_clients=4, policies="memoa", burn_in=10, scale="burn-in")
+
+
+def test_plot_of_a_one_round_run_gives_no_warning(tmp_path):
+    pytest.importorskip("matplotlib")
+    import warnings
+
+    res = run_experiment(make_stream("logistic", 2), n_clients=3, policies=("memoa",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_result(res, tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 0

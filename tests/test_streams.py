@@ -1,5 +1,6 @@
 """Streams: seeded synthetic series and the CSV loader (z-score on a warm-up prefix, clear errors)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -531,3 +532,12 @@ def test_csv_empty_first_line_and_all_missing_column_are_named(tmp_path):
     text = "date,value\n" + "".join(f"2020-{i},{'NA' if i % 2 else ''}\n" for i in range(20))
     with pytest.raises(CsvSeriesError, match=r"0 data rows \(every cell of the column is empty or a missing-value marker\)"):
         load_csv_series(_write(tmp_path, text, "m.csv"), "value", warmup=5, missing="drop")
+
+
+def test_csv_path_that_is_not_a_regular_file_is_named(tmp_path):
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(CsvSeriesError, match=r"pipe.csv' is not a regular file \(a pipe, socket or device\)"):
+        load_csv_series(fifo, "value")
+    with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
+        load_csv_series(tmp_path, "value")

@@ -635,7 +635,7 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
     for p, e in result.round_errors.items():
         ax_cost.plot(t_axis, e["max_cost"], color=colours[p], lw=1.2)
     ax_cost.set_xscale("log")  # the discounted cost is made in the first ~1 / (1 - gamma) rounds
-    ax_cost.set_xlim(1, n_rounds)
+    ax_cost.set_xlim(1, max(n_rounds, 2))  # one round: a log axis needs two distinct limits
     ax_cost.set_ylabel("max$_i$ J$_i$")
     ax_cost.set_title(f"under-performer cost max$_i$ J$_i$ (discount {c['gamma']:g}, from round 1)")
 

@@ -392,6 +392,8 @@ def load_csv_series(
     if max_rows is not None:
         max_rows = check_int("max_rows", max_rows, low=1)
     if not path.is_file():
+        if path.exists() and not path.is_dir():
+            raise CsvSeriesError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give a CSV file")
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
     reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop")
     arr = reader.read()
