@@ -541,3 +541,11 @@ def test_csv_path_that_is_not_a_regular_file_is_named(tmp_path):
         load_csv_series(fifo, "value")
     with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
         load_csv_series(tmp_path, "value")
+
+
+def test_csv_quoted_fields_after_a_space_are_unquoted(tmp_path):
+    """'"date", "value"' (a space after each delimiter, as many writers emit) reads like '"date","value"'."""
+    rows = _series_rows(30)
+    ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value", warmup=5)
+    text = '"date", "value", "other"\n' + "".join(", ".join(f'"{c}"' for c in r) + "\n" for r in rows)
+    np.testing.assert_array_equal(load_csv_series(_write(tmp_path, text, "s.csv"), "value", warmup=5), ref)

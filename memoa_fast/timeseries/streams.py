@@ -565,7 +565,7 @@ class _ColumnReader:
         if '"' not in text:
             return text.split(self.sep)
         try:
-            return next(csv.reader([text], strict=True, delimiter=self.sep))
+            return next(csv.reader([text], strict=True, delimiter=self.sep, skipinitialspace=True))
         except csv.Error as exc:
             what = "a quoted field is not closed on this line" if "end of data" in str(exc) else f"malformed quoting ({exc})"
             raise CsvSeriesError(
