@@ -549,3 +549,13 @@ def test_csv_quoted_fields_after_a_space_are_unquoted(tmp_path):
     ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value", warmup=5)
     text = '"date", "value", "other"\n' + "".join(", ".join(f'"{c}"' for c in r) + "\n" for r in rows)
     np.testing.assert_array_equal(load_csv_series(_write(tmp_path, text, "s.csv"), "value", warmup=5), ref)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(column=3), TypeError, "column must be a str .* got 3 of type int"),
+    (dict(column=None), TypeError, "column must be a str .* got None"),
+    (dict(column="value", return_scaling="yes"), TypeError, "return_scaling must be True or False, got 'yes'"),
+])
+def test_csv_arguments_are_checked_by_type(tmp_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        load_csv_series(_write(tmp_path, _csv(range(20))), warmup=5, **kwargs)

@@ -386,6 +386,9 @@ def load_csv_series(
         of ordinary values).
     """
     path = Path(path)
+    if not isinstance(column, str):
+        raise TypeError(f"column must be a str (a name in the header row), got {column!r} of type {type(column).__name__}")
+    return_scaling = _check_flag("return_scaling", return_scaling)
     warmup = check_int("warmup", warmup, low=2)
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
