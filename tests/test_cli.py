@@ -271,7 +271,7 @@ def test_csv_errors_exit_2_naming_file_line_and_column(tmp_path, capsys):
     cases = [
         (["--csv", str(path), "--column", "value", "--warmup", "5"], f"{path}, line 32 (data row 31), column 'value': 'oops' is not a number"),
         (["--csv", str(path), "--column", "Value", "--warmup", "5"], "no column 'Value'"),
-        (["--csv", str(path), "--warmup", "5"], "--csv needs --column NAME, the column to forecast; " + f"{path} has columns t,value"),
+        (["--csv", str(path), "--warmup", "5"], "--csv needs --column NAME, the column to forecast; " + f"{path} has columns 't', 'value'"),
         (["--csv", str(tmp_path / "missing.csv"), "--column", "v"], "argument --csv: CSV file not found"),
         (["--csv", str(path), "--column", "value", "--rounds", "10"], "needs more rounds than the z-score warm-up"),
     ]
@@ -378,3 +378,21 @@ def test_fewer_clients_than_the_default_classes_runs(clients, capsys):
         main(["run", "--clients", str(clients), "--rounds", "40", "--quiet", "--classes", str(clients + 1)])
     assert exc.value.code == 2
     _one_line_error(capsys.readouterr().err, f"argument --classes: must be at most --clients={clients}")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, "the file is gzip-compressed, not UTF-8 CSV text"),
+    (b"date;value\r" + b"2020-1;3\r" * 50, r"the line ends are \r alone"),
+    (b"date;value\n" + b"2020-1;3\n" * 5, "s.csv has columns 'date', 'value'"),
+    (b'\xef\xbb\xbf"date"\t"OT"\n1\t2\n', "s.csv has columns 'date', 'OT'"),
+], ids=["gzip", "cr", "semicolon", "bom-tab-quoted"])
+def test_csv_without_column_lists_the_columns_or_says_what_the_file_is(tmp_path, capsys, content, needle):
+    """--csv without --column: the columns as the reader parses them, or why there are none; one printable line."""
+    path = tmp_path / "s.csv"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--csv", str(path), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, needle)
+    assert err[:-1].isprintable(), repr(err)

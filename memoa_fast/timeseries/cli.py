@@ -27,7 +27,7 @@ from .. import _backends
 from .._version import __version__
 from . import experiment
 from .experiment import DEFAULT_CLASSES, PLOT_FORMATS, POLICIES, require_matplotlib
-from .streams import CsvSeriesError, load_csv_series, make_stream
+from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
 from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
@@ -314,9 +314,11 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         if args.csv is None:
             run.error("--stream csv needs --csv PATH (a CSV file with a header row) and --column NAME")
         if args.column is None:
-            columns = _header(args.csv)
-            run.error("--csv needs --column NAME, the column to forecast"
-                      + (f"; {args.csv} has columns {columns}" if columns else ""))
+            try:
+                columns = column_list(csv_columns(args.csv))
+            except (CsvSeriesError, OSError) as exc:
+                run.error(f"--csv needs --column NAME, the column to forecast; and argument --csv: {exc}")
+            run.error(f"--csv needs --column NAME, the column to forecast; {args.csv} has columns {columns}")
     else:
         if args.csv is not None:
             run.error(f"--csv is only for --stream csv, not --stream {stream}")
@@ -412,15 +414,6 @@ def _check_memory(run, args, n_rounds: int, policies: list, n_rules: int) -> Non
                       f"with {n_policies} policies, {_gib(available)} is available; use fewer clients or {fewer}")
         run.error(f"argument --rounds: {n_rounds} rounds need about {_gib(clients_b + rounds_b)} of memory "
                   f"with {n_policies} policies, {_gib(available)} is available; use fewer rounds or {fewer}")
-
-
-def _header(path: Path):
-    try:
-        with open(path, "rb") as fh:
-            line = fh.readline(4096).decode("utf-8-sig", errors="replace").strip()
-    except OSError:
-        return None
-    return line if len(line) <= 200 else line[:200] + "..."
 
 
 class _PendingFile:

@@ -436,6 +436,29 @@ def load_csv_series(
     return (arr, mean, std) if return_scaling else arr
 
 
+def csv_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of a CSV file's header row, as :func:`load_csv_series` reads them.
+
+    Raises FileNotFoundError, or CsvSeriesError when the file is not CSV
+    text (compressed, UTF-16, lone ``\\r`` line ends, an empty first line,
+    an over-long first line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+    reader = _ColumnReader(path, "", None)
+    with path.open("rb") as fh:
+        raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
+    if len(raw) > CSV_MAX_LINE_BYTES:
+        reader._too_long(1)
+    return reader._names(raw)
+
+
+def column_list(names: list[str], limit: int = 50) -> str:
+    """``'a', 'b', ...``: the names quoted (each cut to 30 characters), at most ``limit`` of them."""
+    return ", ".join(_short(nm, 30) for nm in names[:limit]) + (f", ... ({len(names)} columns)" if len(names) > limit else "")
+
+
 def _short(text: str, limit: int = 40) -> str:
     """``repr`` of a cell, cut to ``limit`` characters (a message never echoes a file)."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
@@ -523,6 +546,21 @@ class _ColumnReader:
     # ------------------------------------------------------------------ header
     def _header(self, raw: bytes) -> None:
         path = self.path
+        names = self._names(raw)
+        if self.column not in names:
+            self._missing_column(names)
+        at = [i for i, nm in enumerate(names) if nm == self.column]
+        if len(at) > 1:
+            raise CsvSeriesError(
+                f"{path}: column {self.column!r} appears {len(at)} times in the header row (fields "
+                f"{', '.join(str(i + 1) for i in at)}); which one is meant is unknown: rename the others"
+            )
+        self.col = at[0]
+        self.n_fields = len(names)
+
+    def _names(self, raw: bytes) -> list[str]:
+        """The header row's names (stripped); sets the delimiter. CsvSeriesError if the file is not CSV text."""
+        path = self.path
         if not raw:
             raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)")
         for magic, what, fix in _SIGNATURES:
@@ -544,25 +582,17 @@ class _ColumnReader:
         # The delimiter is the first of CSV_DELIMITERS that the header holds (outside quotes): ',' by default.
         bare = re.sub(r'"[^"]*"', "", text)
         self.sep = next((d for d in CSV_DELIMITERS if d in bare), ",")
-        names = [h.strip() for h in self._fields(text, 1)]
-        if self.column not in names:
-            hint = difflib.get_close_matches(self.column, names, n=1)
-            shown = ", ".join(_short(nm, 30) for nm in names[:50]) + (f", ... ({len(names)} columns)" if len(names) > 50 else "")
-            data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
-            raise CsvSeriesError(
-                f"{path}: no column {self.column!r} in the header row; the columns are {shown}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + ("; the first line looks like data, not a header row: the file needs a first line naming the columns"
-                   if data_like else "")
-            )
-        at = [i for i, nm in enumerate(names) if nm == self.column]
-        if len(at) > 1:
-            raise CsvSeriesError(
-                f"{path}: column {self.column!r} appears {len(at)} times in the header row (fields "
-                f"{', '.join(str(i + 1) for i in at)}); which one is meant is unknown: rename the others"
-            )
-        self.col = at[0]
-        self.n_fields = len(names)
+        return [h.strip() for h in self._fields(text, 1)]
+
+    def _missing_column(self, names: list[str]):
+        hint = difflib.get_close_matches(self.column, names, n=1)
+        data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
+        raise CsvSeriesError(
+            f"{self.path}: no column {self.column!r} in the header row; the columns are {column_list(names)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + ("; the first line looks like data, not a header row: the file needs a first line naming the columns"
+               if data_like else "")
+        )
 
     def _fields(self, text: str, line: int) -> list[str]:
         if '"' not in text:
