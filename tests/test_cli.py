@@ -271,7 +271,7 @@ def test_csv_errors_exit_2_naming_file_line_and_column(tmp_path, capsys):
     cases = [
         (["--csv", str(path), "--column", "value", "--warmup", "5"], f"{path}, line 32 (data row 31), column 'value': 'oops' is not a number"),
         (["--csv", str(path), "--column", "Value", "--warmup", "5"], "no column 'Value'"),
-        (["--csv", str(path), "--warmup", "5"], "--csv needs --column NAME, the column to forecast; " + f"{path} has columns t,value"),
+        (["--csv", str(path), "--warmup", "5"], "--csv needs --column NAME, the column to forecast; " + f"{path} has columns 't', 'value'"),
         (["--csv", str(tmp_path / "missing.csv"), "--column", "v"], "argument --csv: CSV file not found"),
         (["--csv", str(path), "--column", "value", "--rounds", "10"], "needs more rounds than the z-score warm-up"),
     ]
@@ -340,3 +340,59 @@ def test_closed_stdout_is_not_a_traceback():
         proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("how", ["same", "hardlink", "symlink", "relative"])
+def test_an_output_never_overwrites_the_input_csv(tmp_path, capsys, monkeypatch, option, how):
+    """--json/--plot naming the --csv file (by any path: the same, a link, a relative path) is refused before the run."""
+    calls = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: calls.append(1))
+    data = tmp_path / "data.png" if option == "--plot" else tmp_path / "data.json"  # a valid output suffix
+    text = "t,value\n" + "".join(f"{i},{(i * 37 % 101) / 10}\n" for i in range(400))
+    data.write_text(text)
+    out = data
+    if how == "hardlink":
+        out = tmp_path / ("link" + data.suffix)
+        os.link(data, out)
+    elif how == "symlink":
+        out = tmp_path / ("sym" + data.suffix)
+        out.symlink_to(data)
+    elif how == "relative":
+        monkeypatch.chdir(tmp_path)
+        out = Path(data.name)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--csv", str(data), "--column", "value", "--warmup", "100", *FAST, option, str(out)])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"argument {option}: ")
+    assert calls == [] and data.read_text() == text
+
+
+@pytest.mark.parametrize("clients", [1, 2, 7])
+def test_fewer_clients_than_the_default_classes_runs(clients, capsys):
+    """--classes defaults to min(8, --clients): a small run needs no --classes; an explicit K > N is still refused."""
+    code, out, _ = _run(["run", "--clients", str(clients), "--rounds", "40", "--quiet", "--policies", "memoa,memoa-trust"],
+                        capsys)
+    assert code == 0 and f"memoa-trust K={clients} " in out
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--clients", str(clients), "--rounds", "40", "--quiet", "--classes", str(clients + 1)])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"argument --classes: must be at most --clients={clients}")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, "the file is gzip-compressed, not UTF-8 CSV text"),
+    (b"date;value\r" + b"2020-1;3\r" * 50, r"the line ends are \r alone"),
+    (b"date;value\n" + b"2020-1;3\n" * 5, "s.csv has columns 'date', 'value'"),
+    (b'\xef\xbb\xbf"date"\t"OT"\n1\t2\n', "s.csv has columns 'date', 'OT'"),
+], ids=["gzip", "cr", "semicolon", "bom-tab-quoted"])
+def test_csv_without_column_lists_the_columns_or_says_what_the_file_is(tmp_path, capsys, content, needle):
+    """--csv without --column: the columns as the reader parses them, or why there are none; one printable line."""
+    path = tmp_path / "s.csv"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--csv", str(path), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, needle)
+    assert err[:-1].isprintable(), repr(err)

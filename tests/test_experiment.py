@@ -258,3 +258,115 @@ def test_memoa_trust_arguments_are_checked(kwargs, words):
     y = np.sin(np.arange(50) / 3.0)
     with pytest.raises(ValueError, match=words):
         run_experiment(y, **{"n_clients": 20, **kwargs})
+
+
+@pytest.mark.parametrize("series,kind", [
+    (np.array([0.1, 0.5, -0.2, 0.3, 0.0, 0.4]) + 1j, "complex"),
+    (np.array([True, False, True, True, False, True]), "bool"),
+    (["0.1", "0.5", "-0.2", "0.3", "0.0", "0.4"], "string"),
+    (np.array([0.1, None, -0.2, 0.3, 0.0, 0.4], dtype=object), "object"),
+    (np.arange(6).astype("datetime64[D]"), "datetime64"),
+])
+def test_series_of_non_real_dtype_is_refused_not_cast(series, kind):
+    """Complex (imaginary part dropped), bool, strings, objects, datetimes: refused by dtype, as the README promises."""
+    with pytest.raises(TypeError, match=rf"series must hold real numbers .*{kind}"):
+        run_experiment(series, n_clients=4, policies=("memoa",))
+
+
+def test_integer_series_and_lists_of_floats_are_real():
+    res = run_experiment([1, 3, 2, 5, 4, 6, 5, 8], n_clients=4, policies=("memoa",), rules=("eg",))
+    assert res.n_rounds == 7 and math.isfinite(res.scores["memoa"].mixture_rmse["eg"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(trust_feedforward="no"), "trust_feedforward must be True or False, got 'no'"),
+    (dict(trust_feedforward=None), "trust_feedforward must be True or False, got None"),
+    (dict(progress="yes"), "progress must be True or False, got 'yes'"),
+    (dict(stream=5), "stream must be a str"),
+    (dict(policies=["memoa", 3]), "policy must be one of"),
+])
+def test_flags_and_names_are_checked_not_coerced(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, **kwargs)
+
+
+def test_a_single_name_is_one_policy_or_rule_not_its_letters():
+    """policies="memoa" means ("memoa",), rules="eg" means ("eg",): a string is never iterated letter by letter."""
+    res = run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memoa", rules="eg")
+    assert list(res.scores) == ["memoa"] and list(res.scores["memoa"].mixture_rmse) == ["eg"]
+    with pytest.raises(ValueError, match="policy must be one of .*; got 'memo'"):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memo")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_default_classes_fit_a_small_population(n):
+    """With the default policies (memoa-trust included), N < 8 clients run: K defaults to min(8, N)."""
+    res = run_experiment(np.sin(np.arange(60.0) * 0.3), n_clients=n)
+    assert res.config["classes"] == n and set(res.scores) == {"memoa", "greedy", "local", "consensus", "memoa-trust"}
+    assert all(math.isfinite(s.worst_client_rmse) for s in res.scores.values())
+    with pytest.raises(ValueError, match=f"classes must be at most n_clients={n}, got {n + 1}"):
+        run_experiment(np.sin(np.arange(60.0)), n_clients=n, classes=n + 1)
+
+
+def _scores_of(res):
+    return {p: [*s.mixture_rmse.values(), s.uniform_rmse, s.worst_client_rmse, s.average_client_rmse] for p, s in res.scores.items()}
+
+
+@pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
+def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
+    """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.
+
+    With the default (scale=None) the clients' noise, their forecasters' features and the server's learning rate are
+    absolute, so the same series at another scale gives other relative errors (the property fails: see below).
+    """
+    y = make_stream("concept-drift", 400, seed=2)
+    kw = dict(n_clients=30, seed=1, scale="burn-in", policies=("memoa", "local", "memoa-trust"), classes=4)
+    base = run_experiment(y, **kw)
+    other = run_experiment(shift + factor * y, **kw)
+    for p, vals in _scores_of(base).items():
+        np.testing.assert_allclose(_scores_of(other)[p], factor * np.asarray(vals), rtol=1e-6)
+        np.testing.assert_allclose(other.scores[p].max_cost, factor**2 * base.scores[p].max_cost, rtol=1e-6)
+        np.testing.assert_allclose(other.client_rmse[p], factor * base.client_rmse[p], rtol=1e-6)
+        np.testing.assert_allclose(other.round_errors[p]["uniform"], factor**2 * base.round_errors[p]["uniform"], rtol=1e-6,
+                                   atol=1e-12 * factor**2)
+    np.testing.assert_allclose(other.signal_rmse, factor * base.signal_rmse, rtol=1e-6)
+    assert other.config["scale"] == "burn-in" and other.config["scale_fit"][1] == pytest.approx(factor * base.config["scale_fit"][1])
+
+
+def test_scale_burn_in_is_the_run_on_the_series_zscored_on_its_burn_in():
+    y = 40.0 + 3.0 * make_stream("logistic", 300, seed=0)
+    burn = 50
+    head = y[: burn + 1]
+    z = (y - head.mean()) / head.std()
+    a = run_experiment(y, n_clients=20, burn_in=burn, scale="burn-in", policies=("memoa",))
+    b = run_experiment(z, n_clients=20, burn_in=burn, policies=("memoa",))
+    np.testing.assert_allclose(_scores_of(a)["memoa"], head.std() * np.asarray(_scores_of(b)["memoa"]), rtol=1e-9)
+    # the default leaves the series as it is: a raw series is not z-scored behind the caller's back
+    c = run_experiment(y, n_clients=20, burn_in=burn, policies=("memoa",))
+    assert "scale" not in c.config and _scores_of(c)["memoa"] != _scores_of(a)["memoa"]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(scale="auto"), ValueError, "scale must be None or 'burn-in'; got 'auto'"),
+    (dict(scale="burn-in", burn_in=0), ValueError, r"scale='burn-in' fits .* y\(0\)..y\(burn_in\).*burn_in=0"),
+])
+def test_scale_arguments_are_checked(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memoa", **kwargs)
+
+
+def test_scale_burn_in_refuses_a_constant_burn_in():
+    y = np.concatenate([np.ones(20), np.sin(np.arange(40.0))])
+    with pytest.raises(ValueError, match=r"constant over y\(0\)..y\(10\)"):
+        run_experiment(y, n_clients=4, policies="memoa", burn_in=10, scale="burn-in")
+
+
+def test_plot_of_a_one_round_run_gives_no_warning(tmp_path):
+    pytest.importorskip("matplotlib")
+    import warnings
+
+    res = run_experiment(make_stream("logistic", 2), n_clients=3, policies=("memoa",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_result(res, tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 0

@@ -1,5 +1,6 @@
 """Streams: seeded synthetic series and the CSV loader (z-score on a warm-up prefix, clear errors)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +69,56 @@ def test_unknown_stream_and_bad_length():
         make_stream("logistic", 1)
 
 
+@pytest.mark.parametrize("name,params", [
+    ("periodic", dict(amplitudes=(1e308, 1.0, 1.0))),  # the sum overflows: was a NaN series
+    ("periodic", dict(noise=1e308)),  # was "constant series"
+    ("concept", dict(radius=0.99999999, noise=1e300)),  # finite but the std overflowed: was all zeros
+    ("concept-drift", dict(level=1e300, noise=1e300)),  # was an OverflowError from NumPy
+    ("concept-drift", dict(noise=1e307, radius=(0.999, 0.999))),
+])
+def test_synthetic_stream_is_finite_and_zscored_or_a_named_error(name, params):
+    """Property: a stream is finite with mean 0 and std 1, or ValueError naming the parameters; never NaN or zeros."""
+    try:
+        y = make_stream(name, 2000, seed=1, **params)
+    except ValueError as exc:
+        assert "overflows float64" in str(exc) and all(k in str(exc) for k in params), str(exc)
+        return
+    assert np.isfinite(y).all() and abs(y.mean()) < 1e-9 and abs(y.std() - 1.0) < 1e-9
+
+
+def test_zscore_of_huge_finite_values_is_exact_not_zero():
+    from memoa_fast.timeseries.streams import zscore
+
+    v = np.array([1.0, 2.0, 3.0, 4.0]) * 1e300
+    np.testing.assert_allclose(zscore(v), (np.arange(4.0) - 1.5) / np.std(np.arange(4.0)), rtol=1e-14)
+    with pytest.raises(ValueError, match="finite"):
+        zscore(np.array([1.0, np.nan, 2.0]))
+
+
+@pytest.mark.parametrize("name,params,exc,match", [
+    ("periodic", dict(amplitudes=(float("nan"), 1.0, 1.0)), ValueError, "amplitudes must be finite"),
+    ("periodic", dict(periods=17.0, amplitudes=1.0), TypeError, "periods must be a sequence of numbers, got 17.0"),
+    ("periodic", dict(periods=(10.0, 20.0), amplitudes=(1.0,)), ValueError, "periods and amplitudes must be non-empty"),
+    ("periodic", dict(normalize="no"), TypeError, "normalize must be True or False, got 'no'"),
+    ("logistic", dict(normalize=0), TypeError, "normalize must be True or False, got 0"),
+    ("concept", dict(angles=(0.1,)), ValueError, r"angles must be a pair \(low, high\), got \(0.1,\)"),
+    ("concept-drift", dict(segment=(1,)), ValueError, r"segment must be a pair \(low, high\), got \(1,\)"),
+    ("concept-drift", dict(segment=(900, 300)), ValueError, "segment must have low <= high, got"),
+    ("concept-drift", dict(radius=(1.5, 2.0)), ValueError, r"radius must be in \[0, 1\)"),  # explosive: was zeros
+    ("concept-drift", dict(radius=(float("nan"), 0.5)), ValueError, "radius must be finite"),
+    ("concept-drift", dict(angles=(float("nan"), 0.5)), ValueError, "angles must be finite"),
+    ("concept-drift", dict(angles=(1.0, 0.5)), ValueError, "angles must have low <= high"),
+])
+def test_synthetic_parameters_are_checked_with_their_names(name, params, exc, match):
+    with pytest.raises(exc, match=match):
+        make_stream(name, 100, seed=0, **params)
+
+
+def test_stream_name_must_be_a_string():
+    with pytest.raises(TypeError, match=r"stream must be one of .*; got \['logistic'\]"):
+        make_stream(["logistic"], 100)
+
+
 # --------------------------------------------------------------------------- CSV
 def _write(tmp_path, text, name="series.csv"):
     path = tmp_path / name
@@ -113,12 +164,12 @@ def test_csv_missing_column_names_file_and_columns(tmp_path):
 
 def test_csv_non_numeric_cell_names_line_and_column(tmp_path):
     vals = [str(i) for i in range(20)]
-    vals[7] = "n/a"
+    vals[7] = "n/b"
     path = _write(tmp_path, _csv(vals))
     with pytest.raises(CsvSeriesError) as err:
         load_csv_series(path, "value", warmup=5)
     msg = str(err.value)
-    assert f"{path}, line 9 (data row 8), column 'value'" in msg and "'n/a' is not a number" in msg
+    assert f"{path}, line 9 (data row 8), column 'value'" in msg and "'n/b' is not a number" in msg
 
 
 @pytest.mark.parametrize("cell", ["", "  ", "nan", "inf"])
@@ -130,7 +181,8 @@ def test_csv_gap_names_line_and_column(tmp_path, cell):
         load_csv_series(path, "value", warmup=5)
     msg = str(err.value)
     assert f"{path}, line 5 (data row 4), column 'value'" in msg
-    assert ("empty cell" in msg) if not cell.strip() else ("not a finite number" in msg)
+    assert ("empty cell" in msg) if not cell.strip() else ("not a finite number" in msg) if cell == "inf" else (
+        "'nan' marks a missing value" in msg)
 
 
 def test_csv_short_row_and_blank_line_are_gaps(tmp_path):
@@ -364,3 +416,146 @@ def test_missing_cells_can_be_dropped(tmp_path):
     np.testing.assert_allclose(a[0] * a[2] + a[1], values, rtol=1e-12)
     with pytest.raises(ValueError, match="missing must be"):
         load_csv_series(path, "A", missing="fill")
+
+
+# --------------------------------------------------------------------------- CSV files we have not seen
+def _series_rows(n=40):
+    return [(f"2020-{i:04d}", f"{(i * 37 % 101) / 10}", f"{i % 5}") for i in range(n)]
+
+
+def test_csv_duplicate_column_name_is_refused_not_picked(tmp_path):
+    """Two columns named like the target: which one is meant is unknown, so it is an error naming both positions."""
+    text = "date,value,value\n" + "".join(f"{d},{v},{o}\n" for d, v, o in _series_rows())
+    path = _write(tmp_path, text)
+    with pytest.raises(CsvSeriesError, match=rf"{path}: column 'value' appears 2 times in the header row \(fields 2, 3\)"):
+        load_csv_series(path, "value", warmup=5)
+    # a duplicate elsewhere does not matter
+    text = "x,value,x\n" + "".join(f"{d},{v},{o}\n" for d, v, o in _series_rows())
+    assert load_csv_series(_write(tmp_path, text, "ok.csv"), "value", warmup=5).shape == (40,)
+
+
+@pytest.mark.parametrize("row,fields", [
+    ("2020-0007,Paris, France,3.1,1", 5),  # an unquoted comma in a text field: every later column shifts
+    ("2020-0007,3.1,1", 3),  # a field missing before the target: the target would be read from the next column
+])
+def test_csv_row_with_another_field_count_is_refused_not_shifted(tmp_path, row, fields):
+    lines = ["date,place,value,other"] + [f"{d},here,{v},{o}" for d, v, o in _series_rows()]
+    lines[8] = row
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(CsvSeriesError, match=rf"{path}, line 9 \(data row 8\): {fields} fields, the header row has 4"):
+        load_csv_series(path, "value", warmup=5)
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+@pytest.mark.parametrize("crlf", [False, True])
+def test_csv_semicolon_tab_and_pipe_delimiters_are_read_from_the_header(tmp_path, sep, crlf):
+    """A file delimited by ';', tab or '|' (no comma in the header) loads to the same series as the comma file."""
+    rows = _series_rows(60)
+    end = "\r\n" if crlf else "\n"
+    ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value",
+                          warmup=5)
+    text = sep.join(("date", "value", "other")) + end + "".join(sep.join(r) + end for r in rows)
+    got = load_csv_series(_write(tmp_path, text, "sep.csv"), "value", warmup=5)
+    np.testing.assert_array_equal(got, ref)
+    quoted = sep.join(('"date"', '"value"', '"other"')) + end + "".join(sep.join(f'"{c}"' for c in r) + end for r in rows)
+    np.testing.assert_array_equal(load_csv_series(_write(tmp_path, quoted, "q.csv"), "value", warmup=5), ref)
+
+
+def test_csv_decimal_comma_in_a_semicolon_file_is_named(tmp_path):
+    text = "date;value\n" + "".join(f"2020-{i};{i % 7},5\n" for i in range(20))
+    path = _write(tmp_path, text)
+    with pytest.raises(CsvSeriesError, match=r"line 2 \(data row 1\), column 'value': '0,5' is not a number .*decimal comma"):
+        load_csv_series(path, "value", warmup=5)
+
+
+@pytest.mark.parametrize("marker", ["NA", "N/A", "nan", "NaN", "null", "NULL", "None", ".", "#N/A", "<NA>"])
+def test_csv_missing_value_markers_are_gaps_dropped_with_missing_drop(tmp_path, marker):
+    """R's NA, pandas' NaN, FRED's '.', SQL's NULL: a gap, an error naming missing='drop' by default, dropped with it."""
+    vals = [str((i * 37 % 101) / 10) for i in range(30)]
+    vals[12] = marker
+    path = _write(tmp_path, _csv(vals))
+    with pytest.raises(CsvSeriesError, match=r"line 14 \(data row 13\), column 'value': .* marks a missing value.*missing='drop'"):
+        load_csv_series(path, "value", warmup=5)
+    got, mean, std = load_csv_series(path, "value", warmup=5, missing="drop", return_scaling=True)
+    kept = [float(v) for i, v in enumerate(vals) if i != 12]
+    np.testing.assert_allclose(got * std + mean, kept, rtol=1e-12)
+    vals[12] = "inf"  # not a missing value: still refused
+    with pytest.raises(CsvSeriesError, match="'inf' is not a finite number"):
+        load_csv_series(_write(tmp_path, _csv(vals), "inf.csv"), "value", warmup=5, missing="drop")
+
+
+@pytest.mark.parametrize("data,what", [
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "gzip-compressed"),
+    (b"BZh91AY&SY", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00\x00", "xz-compressed"),
+    (b"PK\x03\x04\x14\x00", "a zip archive"),
+    ("date,value\n1,2\n".encode("utf-16"), "UTF-16 text"),
+])
+def test_csv_compressed_or_utf16_file_is_named_as_such(tmp_path, data, what):
+    path = tmp_path / "s.csv"
+    path.write_bytes(data + b"\x00\x01\x02" * 10)
+    with pytest.raises(CsvSeriesError, match=rf"{path}: the file is {what}, not UTF-8 CSV text"):
+        load_csv_series(path, "value", warmup=5)
+
+
+def test_csv_classic_mac_line_ends_are_named(tmp_path):
+    path = tmp_path / "mac.csv"
+    path.write_bytes(("date,value\r" + "".join(f"2020-{i},{i % 7}\r" for i in range(20))).encode())
+    with pytest.raises(CsvSeriesError, match=r"line ends are \\r alone .*accepted: \\n or \\r\\n"):
+        load_csv_series(path, "value", warmup=5)
+
+
+def test_csv_without_a_header_row_says_so(tmp_path):
+    path = _write(tmp_path, "".join(f"2020-01-{i:02d},{i % 7}.5\n" for i in range(1, 20)))
+    with pytest.raises(CsvSeriesError, match="the first line looks like data, not a header row"):
+        load_csv_series(path, "value", warmup=5)
+
+
+def test_csv_constant_warmup_message_shows_a_plain_number(tmp_path):
+    with pytest.raises(CsvSeriesError) as err:
+        load_csv_series(_write(tmp_path, _csv([5.0] * 10 + [6.0] * 5)), "value", warmup=5)
+    assert "(value 5.0)" in str(err.value) and "np.float64" not in str(err.value)
+
+
+def test_csv_real_files_keep_their_field_counts(datasets_dir):
+    """The shared files pass the field-count check as they are (FRED's holidays have every field, empty)."""
+    for rel, column, kw in [("ett/ETTm2.csv", "OT", {}), ("exchange_rate/exchange_rate.csv", "SGD", {}),
+                            ("exchange_rate/fred_h10_daily_1971_2017.csv", "Japan", {"missing": "drop"}),
+                            ("airline_passengers/airline-passengers.csv", "Passengers", {"warmup": 24})]:
+        y = load_csv_series(datasets_dir / rel, column, **kw)
+        assert np.isfinite(y).all() and y.shape[0] > 100
+
+
+def test_csv_empty_first_line_and_all_missing_column_are_named(tmp_path):
+    with pytest.raises(CsvSeriesError, match="line 1: the first line is empty"):
+        load_csv_series(_write(tmp_path, "\n" + _csv(range(20))), "value", warmup=5)
+    text = "date,value\n" + "".join(f"2020-{i},{'NA' if i % 2 else ''}\n" for i in range(20))
+    with pytest.raises(CsvSeriesError, match=r"0 data rows \(every cell of the column is empty or a missing-value marker\)"):
+        load_csv_series(_write(tmp_path, text, "m.csv"), "value", warmup=5, missing="drop")
+
+
+def test_csv_path_that_is_not_a_regular_file_is_named(tmp_path):
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(CsvSeriesError, match=r"pipe.csv' is not a regular file \(a pipe, socket or device\)"):
+        load_csv_series(fifo, "value")
+    with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
+        load_csv_series(tmp_path, "value")
+
+
+def test_csv_quoted_fields_after_a_space_are_unquoted(tmp_path):
+    """'"date", "value"' (a space after each delimiter, as many writers emit) reads like '"date","value"'."""
+    rows = _series_rows(30)
+    ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value", warmup=5)
+    text = '"date", "value", "other"\n' + "".join(", ".join(f'"{c}"' for c in r) + "\n" for r in rows)
+    np.testing.assert_array_equal(load_csv_series(_write(tmp_path, text, "s.csv"), "value", warmup=5), ref)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(column=3), TypeError, "column must be a str .* got 3 of type int"),
+    (dict(column=None), TypeError, "column must be a str .* got None"),
+    (dict(column="value", return_scaling="yes"), TypeError, "return_scaling must be True or False, got 'yes'"),
+])
+def test_csv_arguments_are_checked_by_type(tmp_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        load_csv_series(_write(tmp_path, _csv(range(20))), warmup=5, **kwargs)

@@ -26,8 +26,8 @@ from pathlib import Path
 from .. import _backends
 from .._version import __version__
 from . import experiment
-from .experiment import PLOT_FORMATS, POLICIES, require_matplotlib
-from .streams import CsvSeriesError, load_csv_series, make_stream
+from .experiment import DEFAULT_CLASSES, PLOT_FORMATS, POLICIES, require_matplotlib
+from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
 from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
@@ -152,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which series to forecast (default {D['stream']}; 'csv' needs --csv and --column). "
                         "Synthetic streams are seeded by --seed and z-scored.")
     g.add_argument("--csv", metavar="PATH", type=Path,
-                   help="a UTF-8 CSV file with a header row (implies --stream csv); see the README for the "
+                   help="a UTF-8 CSV file with a header row, delimited by ',', tab, ';' or '|' (implies --stream "
+                        "csv); see the README for the "
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
     g.add_argument("--missing", choices=("error", "drop"), default="error",
-                   help="CSV only: an empty cell is an error (default) or a row to drop (FRED's holidays)")
+                   help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', ...) is an error "
+                        "(default) or a row to drop (FRED's holidays)")
     g.add_argument("--warmup", type=_number(int, "--warmup"), default=D["warmup"], metavar="ROWS",
                    help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "
                         f"(default {D['warmup']})")
@@ -191,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated policies to compare (default {','.join(POLICIES)})")
 
     g = run.add_argument_group("memoa-trust (K quantile classes by each client's measured error, MODEL.md section 7)")
-    g.add_argument("--classes", type=_number(int, "--classes"), default=8, metavar="K",
-                   help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8)")
+    g.add_argument("--classes", type=_number(int, "--classes"), default=None, metavar="K",
+                   help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8, or --clients "
+                        "if that is smaller)")
     g.add_argument("--reclass", type=_number(int, "--reclass"), default=50, metavar="R",
                    help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default 50)")
     betas = ", ".join(f"{p:g}" for p in MINIMAX_POWERS)
@@ -286,6 +289,24 @@ def _check_output(run, option: str, target) -> Path:
     return path
 
 
+def same_file(a, b) -> bool:
+    """Whether two paths name one file: the same inode where both exist (hard and symbolic links), else the same resolved path."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _not_the_input(run, option: str, target, csv_path) -> None:
+    """Refuse an output path that names the input CSV file (writing the result would replace the user's data)."""
+    if csv_path is not None and same_file(target, csv_path):
+        run.error(f"argument {option}: {str(target)!r} is the input file --csv {str(csv_path)!r}; writing the result "
+                  "there would replace the data: give another file name")
+
+
 def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     """Check every option and combination and load the stream; ``run.error`` (exit 2) on bad input."""
     stream = args.stream or ("csv" if args.csv is not None else DEFAULTS["stream"])
@@ -293,9 +314,11 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         if args.csv is None:
             run.error("--stream csv needs --csv PATH (a CSV file with a header row) and --column NAME")
         if args.column is None:
-            columns = _header(args.csv)
-            run.error("--csv needs --column NAME, the column to forecast"
-                      + (f"; {args.csv} has columns {columns}" if columns else ""))
+            try:
+                columns = column_list(csv_columns(args.csv))
+            except (CsvSeriesError, OSError) as exc:
+                run.error(f"--csv needs --column NAME, the column to forecast; and argument --csv: {exc}")
+            run.error(f"--csv needs --column NAME, the column to forecast; {args.csv} has columns {columns}")
     else:
         if args.csv is not None:
             run.error(f"--csv is only for --stream csv, not --stream {stream}")
@@ -305,6 +328,8 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
         run.error(f"argument --policies: expected distinct names among {', '.join(POLICIES)}, got {_short(args.policies)}")
+    if args.classes is None:
+        args.classes = min(DEFAULT_CLASSES, args.clients)
     if "memoa-trust" in policies and args.classes > args.clients:
         run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
     if args.q + args.kappa <= 0:
@@ -317,16 +342,18 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         run.error(f"argument --threads: must be in [1, {cpus}] (the CPUs this process may use), got {args.threads}")
     rules = ("eg", "hedge") if args.rule == "both" else (args.rule,)
 
-    # Outputs first: nothing runs if a result could not be written.
+    # Outputs first: nothing runs if a result could not be written, and no output may replace an input.
     if args.json not in (None, "-"):
         _check_output(run, "--json", args.json)
+        _not_the_input(run, "--json", args.json, args.csv)
     if args.plot is not None:
         suffix = args.plot.suffix.lower().lstrip(".")
         if suffix not in PLOT_FORMATS:
             run.error(f"argument --plot: the file name must end in one of {', '.join('.' + f for f in PLOT_FORMATS)}, "
                       f"got {_short(str(args.plot))}")
         _check_output(run, "--plot", args.plot)
-        if args.json not in (None, "-") and Path(args.json).resolve() == args.plot.resolve():
+        _not_the_input(run, "--plot", args.plot, args.csv)
+        if args.json not in (None, "-") and same_file(args.json, args.plot):
             run.error(f"arguments --json and --plot: give two different files, got {str(args.plot)!r} for both")
         try:
             require_matplotlib()
@@ -387,15 +414,6 @@ def _check_memory(run, args, n_rounds: int, policies: list, n_rules: int) -> Non
                       f"with {n_policies} policies, {_gib(available)} is available; use fewer clients or {fewer}")
         run.error(f"argument --rounds: {n_rounds} rounds need about {_gib(clients_b + rounds_b)} of memory "
                   f"with {n_policies} policies, {_gib(available)} is available; use fewer rounds or {fewer}")
-
-
-def _header(path: Path):
-    try:
-        with open(path, "rb") as fh:
-            line = fh.readline(4096).decode("utf-8-sig", errors="replace").strip()
-    except OSError:
-        return None
-    return line if len(line) <= 200 else line[:200] + "..."
 
 
 class _PendingFile:

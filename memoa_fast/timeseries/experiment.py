@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_choice, check_int
+from .._validation import check_choice, check_int, check_real_dtype
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -232,6 +232,8 @@ def _finite_or_none(obj):
 
 # The policies of an experiment: the game's four, and memoa-trust (MODEL.md section 7, trust.py).
 POLICIES = (*GAME_POLICIES, "memoa-trust")
+#: memoa-trust's default number of classes K (fewer when there are fewer clients).
+DEFAULT_CLASSES = 8
 
 
 def run_experiment(
@@ -244,7 +246,7 @@ def run_experiment(
     r: float = 0.1,
     gamma: float = 0.9,
     policies=POLICIES,
-    classes: int = 8,
+    classes: int | None = None,
     reclass: int = 50,
     trust_feedforward: bool = False,
     trust_power: float = 1.5,
@@ -257,6 +259,7 @@ def run_experiment(
     noise_range: tuple[float, float] = (0.02, 1.0),
     mu: float = 0.1,
     burn_in: int | None = None,
+    scale: str | None = None,
     backend: str = "numba",
     threads: int | None = None,
     progress: bool = False,
@@ -266,7 +269,9 @@ def run_experiment(
     Parameters
     ----------
     series : array_like, shape (T,) or (T, d)
-        The stream ``y(0..T-1)``, finite with ``|y| <= 1e30``, ``T >= 2``
+        The stream ``y(0..T-1)``: real numbers (an integer or floating
+        dtype; bool, complex, strings and objects are refused, not cast),
+        finite with ``|y| <= 1e30``, ``T >= 2``
         (z-scored streams from :mod:`memoa_fast.streams` are the intended
         input; see :data:`memoa_fast.forecasters.TARGET_LIMIT`).
     stream : str
@@ -275,14 +280,15 @@ def run_experiment(
         Clients N.
     q, kappa, r, gamma : float
         Weights of the game (see :class:`~memoa_fast.Game`).
-    policies : sequence of str
-        Subset of ``("memoa", "greedy", "local", "consensus", "memoa-trust")``,
+    policies : str or sequence of str
+        One name, or a subset of ``("memoa", "greedy", "local", "consensus", "memoa-trust")``,
         in table order. ``memoa-trust`` is the K-class MEMOA policy whose
         classes follow each client's measured forecast error
         (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
     classes, reclass : int
-        memoa-trust's number of quantile classes K (default 8) and the rounds
-        between two re-formings R (default 50).
+        memoa-trust's number of quantile classes K (default
+        ``min(8, n_clients)``; at most ``n_clients``) and the rounds between
+        two re-formings R (default 50).
     trust_feedforward : bool
         Keep memoa-trust's feed-forward term ``C (m_l - m_l*)``; off by default
         (lower worst, average and mixture RMSE on the mean over 20 series:
@@ -296,8 +302,8 @@ def run_experiment(
         mixture RMSE on the mean over 20 series: ``bench/trust_minimax.txt``),
         or the one exponent ``trust_power``
         (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
-    rules : sequence of str
-        Server rules to score, subset of ``("eg", "hedge")``.
+    rules : str or sequence of str
+        Server rule(s) to score: one name, or a subset of ``("eg", "hedge")``.
     eta, alpha : float
         Server learning rate and fixed share (see :class:`~memoa_fast.Server`).
     seed : int
@@ -306,6 +312,21 @@ def run_experiment(
         The clients' forecasters (see :class:`ClientForecasters`).
     burn_in : int, optional
         Rounds left out of the RMSEs; default ``min(500, (T-1) // 5)``.
+    scale : {None, "burn-in"}
+        The unit of the run. ``None`` (default): the series as given; the
+        clients' noise scales (``noise_range``), their forecasters' features
+        (lags, their squares, a constant) and the server's ``eta`` are in
+        absolute units, so give a z-scored series (the streams of
+        :mod:`~memoa_fast.timeseries.streams` are) or the scores depend on
+        the series' scale and level. ``"burn-in"``: the run is made on
+        ``(y - mu_B) / sigma_B``, with ``mu_B, sigma_B`` the mean and the
+        (root-mean-square over coordinates) standard deviation of
+        ``y(0), ..., y(burn_in)``, values no scored forecast is measured
+        against, and the scores are given back in the series' units (RMSEs
+        times ``sigma_B``, costs times ``sigma_B^2``): every score of
+        ``a + c y`` is then ``c`` (or ``c^2``) times that of ``y`` for any
+        ``a`` and ``c > 0``. Needs ``burn_in >= 1`` and spread in that
+        prefix.
     backend : {"numba", "cython", "numpy"}
         Kernels of the populations, servers, forecasters and scoring. The
         forecasters and the scoring have no Cython kernel: with ``"cython"``
@@ -321,38 +342,58 @@ def run_experiment(
         RMSE of each server rule's mixture, of the uniform mean, of the worst
         and the average client, and ``max_i J_i``, for each policy.
     """
-    y = np.asarray(series, dtype=np.float64)
+    raw = np.asarray(series)
+    check_real_dtype("series", raw.dtype)  # complex, bool, strings, objects, datetimes: refused, never cast
+    y = raw.astype(np.float64, copy=False)
     if y.ndim == 1:
         y = y[:, None]
     if y.ndim != 2 or y.shape[0] < 2:
         raise ValueError(f"series must have shape (T,) or (T, d) with T >= 2, got shape {np.shape(series)}")
-    bad = ~(np.abs(y) <= TARGET_LIMIT)  # catches NaN too
+    if scale is not None and not (isinstance(scale, str) and scale == "burn-in"):
+        raise ValueError(f"scale must be None or 'burn-in'; got {scale!r}")
+    T, d = y.shape
+    n_rounds = T - 1
+    burn_in = min(500, n_rounds // 5) if burn_in is None else check_int("burn_in", burn_in, low=0)
+    if burn_in >= n_rounds:
+        raise ValueError(f"burn_in must be smaller than the number of rounds {n_rounds} (series length - 1), got {burn_in}")
+    nonfinite = ~np.isfinite(y)
+    if nonfinite.any():
+        t_bad = int(np.argwhere(nonfinite)[0, 0])
+        raise ValueError(
+            f"series must be finite with |y| <= {TARGET_LIMIT:g} (z-score it first); first bad value at round {t_bad}: "
+            f"{float(y[nonfinite][0]):g}"
+        )
+    scale_fit = None
+    if scale == "burn-in":
+        y, scale_fit = _zscore_on_burn_in(y, burn_in)
+    bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
         raise ValueError(
             f"series must be finite with |y| <= {TARGET_LIMIT:g} (z-score it first); first bad value at round {t_bad}: "
             f"{float(y[bad][0]):g}"
+            + (" after the burn-in z-score" if scale_fit is not None else " (or pass scale='burn-in')")
         )
     y = np.ascontiguousarray(y)
-    T, d = y.shape
-    n_rounds = T - 1
-    policies = tuple(check_choice("policy", p, POLICIES) for p in policies)
-    rules = tuple(check_choice("rule", rr, RULES) for rr in rules)
+    if not isinstance(stream, str):
+        raise TypeError(f"stream must be a str (a name for the tables), got {stream!r} of type {type(stream).__name__}")
+    trust_feedforward = _check_flag("trust_feedforward", trust_feedforward)
+    progress = _check_flag("progress", progress)
+    # A single name is one policy (rule), never its letters.
+    policies = tuple(check_choice("policy", p, POLICIES) for p in ((policies,) if isinstance(policies, str) else policies))
+    rules = tuple(check_choice("rule", rr, RULES) for rr in ((rules,) if isinstance(rules, str) else rules))
     trust_rule = check_choice("trust_rule", trust_rule, TRUST_RULES)
     if not policies or not rules:
         raise ValueError("give at least one policy and one server rule")
     if len(set(policies)) != len(policies) or len(set(rules)) != len(rules):
         raise ValueError(f"policies and rules must not repeat, got {policies!r} and {rules!r}")
-    burn_in = min(500, n_rounds // 5) if burn_in is None else check_int("burn_in", burn_in, low=0)
-    if burn_in >= n_rounds:
-        raise ValueError(f"burn_in must be smaller than the number of rounds {n_rounds} (series length - 1), got {burn_in}")
     n_clients = check_int("n_clients", n_clients, low=1)
 
     game = Game(q, kappa, r, gamma)
     forecasters = ClientForecasters(
         n_clients, d, lags=lags, noise_range=noise_range, mu=mu, seed=seed, backend=backend, threads=threads
     )
-    classes = check_int("classes", classes, low=1)
+    classes = min(DEFAULT_CLASSES, n_clients) if classes is None else check_int("classes", classes, low=1)
     reclass = check_int("reclass", reclass, low=1)
     if "memoa-trust" in policies and classes > n_clients:
         raise ValueError(f"classes must be at most n_clients={n_clients}, got {classes}")
@@ -360,7 +401,7 @@ def run_experiment(
     def make(p):
         if p == "memoa-trust":
             return TrustPopulation(n_clients, d, n_classes=classes, reclass=reclass, q=q, kappa=kappa, r=r, gamma=gamma,
-                                   feedforward=bool(trust_feedforward), power=trust_power, rule=trust_rule,
+                                   feedforward=trust_feedforward, power=trust_power, rule=trust_rule,
                                    backend=backend, threads=threads)
         return Population(game.with_policy(p), n_clients, d, backend=backend, threads=threads)
 
@@ -412,9 +453,15 @@ def run_experiment(
 
     n_scored = n_rounds - burn_in
     scored = slice(burn_in, n_rounds)
+    u = 1.0  # the unit: RMSEs are given back times u, squared errors and costs times u^2 (exact when u = 1)
+    if scale_fit is not None:
+        u = scale_fit[1]
+        for p in policies:
+            for k, v in errs[p].items():
+                v *= u if k == "worst_client" else u * u
     scores, client_rmse = {}, {}
     for p in policies:
-        rmse_i = np.sqrt(scorers[p].totals / n_scored)
+        rmse_i = np.sqrt(scorers[p].totals / n_scored) * u
         client_rmse[p] = rmse_i
         worst = int(np.argmax(rmse_i))
         e = errs[p]
@@ -425,26 +472,60 @@ def run_experiment(
             worst_client_rmse=float(rmse_i[worst]),
             worst_client=worst,
             average_client_rmse=float(rmse_i.mean()),
-            max_cost=pops[p].regret,
+            max_cost=pops[p].regret * (u * u),
             max_cost_client=pops[p].worst_agent,
             client_rmse_quantiles={str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(rmse_i, QUANTILES))},
         )
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
-        "trust_feedforward": bool(trust_feedforward), "trust_power": float(trust_power), "trust_rule": trust_rule,
+        "trust_feedforward": trust_feedforward, "trust_power": float(trust_power), "trust_rule": trust_rule,
         "rules": list(rules),
         "eta": float(eta), "alpha": float(alpha), "seed": seed,
         "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
         "backend": backend, "threads": forecasters.threads,
     }
+    if scale_fit is not None:
+        config["scale"] = scale
+        config["scale_fit"] = [float(v) for v in scale_fit]
     return ExperimentResult(
         stream=stream, config=config, n_rounds=n_rounds, n_scored=n_scored, scores=scores, client_rmse=client_rmse,
-        round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored), elapsed_s=elapsed,
+        round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored) * u, elapsed_s=elapsed,
     )
 
 
 QUANTILES = (0, 0.1, 0.5, 0.9, 1)
+
+
+def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
+    """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
+
+    Computed on values divided by a power of two at least their largest
+    magnitude (exact), so no square overflows.
+    """
+    if burn_in < 1:
+        raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
+                         "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")
+    head = y[: burn_in + 1]
+    largest = float(np.max(np.abs(head)))
+    p2 = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    head_u = head / p2
+    mean_u = head_u.mean(axis=0)
+    sigma_u = math.sqrt(float(np.mean(head_u.var(axis=0))))
+    if not sigma_u > 0.0:
+        raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in, so it gives no "
+                         "unit; use a longer burn_in, or scale=None with a series you have z-scored")
+    with np.errstate(over="ignore"):
+        z = (y / p2 - mean_u) / sigma_u
+    mu = mean_u * p2
+    return z, (float(mu[0]) if mu.shape[0] == 1 else mu.tolist(), sigma_u * p2)
+
+
+def _check_flag(name: str, value) -> bool:
+    """A bool (Python or NumPy); anything else (``"no"``, ``None``, 0) is refused rather than read as truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -554,7 +635,7 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
     for p, e in result.round_errors.items():
         ax_cost.plot(t_axis, e["max_cost"], color=colours[p], lw=1.2)
     ax_cost.set_xscale("log")  # the discounted cost is made in the first ~1 / (1 - gamma) rounds
-    ax_cost.set_xlim(1, n_rounds)
+    ax_cost.set_xlim(1, max(n_rounds, 2))  # one round: a log axis needs two distinct limits
     ax_cost.set_ylabel("max$_i$ J$_i$")
     ax_cost.set_title(f"under-performer cost max$_i$ J$_i$ (discount {c['gamma']:g}, from round 1)")
 

@@ -45,6 +45,7 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     n_steps, seed = _check_length_seed(n_steps, seed)
     r = check_real("r", r, low=3.57, high=4.0, high_open=True)
     transient = check_int("transient", transient, low=0)
+    normalize = _check_flag("normalize", normalize)
     x = np.random.default_rng(seed).uniform(0.1, 0.9)
     out = np.empty(n_steps)
     for _ in range(transient):
@@ -52,7 +53,7 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     for t in range(n_steps):
         out[t] = x
         x = r * x * (1.0 - x)
-    return zscore(out) if normalize else out
+    return _finish(out, normalize, r=r)
 
 
 def periodic(
@@ -69,17 +70,21 @@ def periodic(
     .. math:: y(t) = \\sum_k a_k \\sin(2\\pi t / P_k + \\varphi_k) + \\sigma \\varepsilon(t)
     """
     n_steps, seed = _check_length_seed(n_steps, seed)
+    periods = _reals("periods", periods, low=0.0, low_open=True)
+    amplitudes = _reals("amplitudes", amplitudes)
     if len(periods) != len(amplitudes) or not periods:
         raise ValueError(f"periods and amplitudes must be non-empty and of equal length, got {periods!r}, {amplitudes!r}")
     noise = check_real("noise", noise, low=0.0)
+    normalize = _check_flag("normalize", normalize)
     rng = np.random.default_rng(seed)
     phases = rng.uniform(0.0, 2.0 * math.pi, size=len(periods))
     t = np.arange(n_steps, dtype=np.float64)
     y = np.zeros(n_steps)
-    for P, a, phi in zip(periods, amplitudes, phases):
-        y += a * np.sin(2.0 * math.pi * t / check_real("period", P, low=0.0, low_open=True) + phi)
-    y += noise * rng.standard_normal(n_steps)
-    return zscore(y) if normalize else y
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by _finish, naming the parameters
+        for P, a, phi in zip(periods, amplitudes, phases):
+            y += a * np.sin(2.0 * math.pi * t / P + phi)
+        y += noise * rng.standard_normal(n_steps)
+    return _finish(y, normalize, amplitudes=amplitudes, noise=noise)
 
 
 def concept(
@@ -107,13 +112,15 @@ def concept(
     radius = check_real("radius", radius, low=0.0, high=1.0, high_open=True)
     drift_period = check_real("drift_period", drift_period, low=0.0, low_open=True)
     noise = check_real("noise", noise, low=0.0, low_open=True)
-    w0, w1 = (check_real("angle", a, low=0.0, high=math.pi) for a in angles)
+    w0, w1 = _pair("angles", angles, low=0.0, high=math.pi, ordered=False)
+    normalize = _check_flag("normalize", normalize)
     rng = np.random.default_rng(seed)
     psi = rng.uniform(0.0, 2.0 * math.pi)
     t = np.arange(n_steps, dtype=np.float64)
     omega = w0 + (w1 - w0) * 0.5 * (1.0 - np.cos(2.0 * math.pi * t / drift_period + psi))
     eps = noise * rng.standard_normal(n_steps)
-    return _ar2(2.0 * radius * np.cos(omega), np.full(n_steps, -radius * radius), np.zeros(n_steps), eps, normalize)
+    y = _ar2(2.0 * radius * np.cos(omega), np.full(n_steps, -radius * radius), np.zeros(n_steps), eps)
+    return _finish(y, normalize, radius=radius, noise=noise)
 
 
 def concept_drift(
@@ -129,42 +136,86 @@ def concept_drift(
 ) -> np.ndarray:
     """AR(2) around a level, with abrupt regime switches at change points.
 
-    Regime lengths are uniform on ``segment``; each regime draws a pole
-    radius in ``radius``, an angle in ``angles`` and a level in
+    Regime lengths are uniform on ``segment`` (integers, low <= high); each
+    regime draws a pole radius in ``radius`` (within ``[0, 1)``: a stable
+    process), an angle in ``angles`` (within ``[0, pi]``) and a level in
     ``[-level, level]`` (all seeded); the process keeps its deviation from
     the level across a switch, so the level jumps.
+
+    Every generator checks its parameters (ValueError or TypeError naming
+    the parameter) and returns a finite series; one that overflows float64
+    raises ValueError naming its scale parameters, never a NaN or all-zero
+    series.
     """
     n_steps, seed = _check_length_seed(n_steps, seed)
-    lo, hi = (check_int("segment", s, low=1) for s in segment)
+    lo, hi = _pair("segment", segment, integer=True)
+    radius = _pair("radius", radius, low=0.0, high=1.0, high_open=True)  # |poles| < 1: the process is stable
+    angles = _pair("angles", angles, low=0.0, high=math.pi)
     noise = check_real("noise", noise, low=0.0, low_open=True)
     level = check_real("level", level, low=0.0)
+    normalize = _check_flag("normalize", normalize)
     rng = np.random.default_rng(seed)
     phi1 = np.empty(n_steps)
     phi2 = np.empty(n_steps)
     mean = np.empty(n_steps)
     start = 0
     while start < n_steps:
-        stop = min(n_steps, start + int(rng.integers(lo, max(lo, hi) + 1)))
+        stop = min(n_steps, start + int(rng.integers(lo, hi + 1)))
         rho = rng.uniform(*radius)
         omega = rng.uniform(*angles)
         phi1[start:stop] = 2.0 * rho * math.cos(omega)
         phi2[start:stop] = -rho * rho
         mean[start:stop] = rng.uniform(-level, level)
         start = stop
-    eps = noise * rng.standard_normal(n_steps)
-    return _ar2(phi1, phi2, mean, eps, normalize)
+    with np.errstate(over="ignore", invalid="ignore"):
+        eps = noise * rng.standard_normal(n_steps)
+        y = _ar2(phi1, phi2, mean, eps)
+    return _finish(y, normalize, radius=radius, level=level, noise=noise)
 
 
-def _ar2(phi1, phi2, mean, eps, normalize):
+def _ar2(phi1, phi2, mean, eps):
     n = eps.shape[0]
     dev = np.zeros(n)
     a, b = 0.0, 0.0  # deviations at t-1, t-2
-    for t in range(n):
-        v = phi1[t] * a + phi2[t] * b + eps[t]
-        dev[t] = v
-        a, b = v, a
-    y = mean + dev
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by _finish
+        for t in range(n):
+            v = phi1[t] * a + phi2[t] * b + eps[t]
+            dev[t] = v
+            a, b = v, a
+        return mean + dev
+
+
+def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
+    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64."""
+    if not np.isfinite(y).all():
+        given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
+        raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
+                         "lower these parameters (the stream is z-scored anyway)")
     return zscore(y) if normalize else y
+
+
+def _check_flag(name: str, value) -> bool:
+    """A bool (Python or NumPy); ``"no"``, ``0`` or ``None`` are refused rather than read as truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+def _reals(name: str, values, **bounds) -> tuple[float, ...]:
+    """A sequence of finite real numbers (each within ``bounds``, as :func:`check_real`), as a tuple."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a sequence of numbers, got {values!r} of type {type(values).__name__}")
+    return tuple(check_real(name, v, **bounds) for v in values)
+
+
+def _pair(name: str, value, *, integer: bool = False, ordered: bool = True, **bounds):
+    """A pair ``(low, high)`` of finite reals (or integers >= 1) within ``bounds``; ``low <= high`` if ``ordered``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    lo, hi = (check_int(name, v, low=1) if integer else check_real(name, v, **bounds) for v in value)
+    if ordered and hi < lo:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return lo, hi
 
 
 _GENERATORS = {"logistic": logistic_map, "periodic": periodic, "concept": concept, "concept-drift": concept_drift}
@@ -184,18 +235,39 @@ def make_stream(name: str, n_steps: int, *, seed: int = 0, **params) -> np.ndarr
         Passed on to the generator (:func:`logistic_map`, :func:`periodic`,
         :func:`concept`, :func:`concept_drift`).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"stream must be one of {', '.join(map(repr, SYNTHETIC_STREAMS))}; got {name!r} of type "
+                        f"{type(name).__name__}")
     if name not in _GENERATORS:
         raise ValueError(f"stream must be one of {', '.join(map(repr, SYNTHETIC_STREAMS))}; got {name!r}")
     return _GENERATORS[name](n_steps, seed=seed, **params)
 
 
 def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
-    """``(values - mean) / std`` with mean and std taken over ``values[fit]`` (all by default)."""
+    """``(values - mean) / std`` with mean and std taken over ``values[fit]`` (all by default).
+
+    Both are computed on the values divided by a power of two at least their
+    largest magnitude (exact), so no square overflows: any finite float64
+    series with spread gives a finite result (not zeros). Non-finite values
+    and a constant reference raise ValueError.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"cannot z-score a series with non-finite values (first at index {i}: {float(values[i])!r})")
     ref = values if fit is None else values[fit]
-    std = float(ref.std())
-    if not std > 0.0:
+    largest = float(np.max(np.abs(ref))) if ref.size else 0.0
+    scale = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    ref_u = ref / scale
+    std_u = float(ref_u.std())
+    if not std_u > 0.0:
         raise ValueError("cannot z-score a constant series (standard deviation 0)")
-    return (values - float(ref.mean())) / std
+    with np.errstate(over="ignore"):
+        out = (values / scale - float(ref_u.mean())) / std_u
+    if not np.isfinite(out).all():
+        raise ValueError("cannot z-score this series: a value lies beyond 1e308 standard deviations of the reference")
+    return out
 
 
 def _check_length_seed(n_steps, seed):
@@ -215,6 +287,26 @@ CSV_MAX_LINE_BYTES = 1 << 20
 # non-ASCII digits, no words). Python's float() alone accepts "1_001" and "١".
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "infinity"))
+#: Cells that mark a missing value (lower-cased): R's NA, pandas' NaN and <NA>, Excel's #N/A, SQL's NULL,
+#: Python's None, FRED's ".". A gap, like an empty cell: an error, or a row dropped with ``missing="drop"``.
+MISSING_MARKERS = frozenset((
+    "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".",
+))
+#: Delimiters a file may use, read from its header row: the first of these that the header holds.
+CSV_DELIMITERS = (",", "\t", ";", "|")
+# Signatures of files that are not UTF-8 text (checked on the first bytes, before decoding).
+_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd)"),
+    (b"PK\x03\x04", "a zip archive", "extract the CSV file from it first (unzip)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text", "save it as UTF-8"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text", "save it as UTF-8"),
+    (b"\xff\xfe", "UTF-16 text", "save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text", "save it as UTF-8"),
+)
+_BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
 
 
 def load_csv_series(
@@ -236,9 +328,11 @@ def load_csv_series(
     are computed on the warm-up divided by a power of two at least its
     largest magnitude (exact, and no square can overflow), so any finite
     float64 cells give a finite scaling. Works on the ETT files (``OT``), on
-    ``exchange_rate.csv`` (``CAD``) and on any comma-separated UTF-8 file with
-    one header row (a byte-order mark, quoted fields and CRLF line ends are
-    fine).
+    ``exchange_rate.csv`` (``CAD``) and on any UTF-8 file with one header row
+    (a byte-order mark, quoted fields and CRLF line ends are fine) delimited
+    by ``,``, tab, ``;`` or ``|``: the first of these (:data:`CSV_DELIMITERS`)
+    that the header row holds outside quotes. Every data row must have the
+    header's number of fields, so a column is never read from a shifted row.
 
     The file is read in blocks of :data:`CSV_BLOCK_BYTES` into a growing
     float64 array (no Python list of floats): memory is about 8 bytes per row
@@ -257,10 +351,12 @@ def load_csv_series(
     return_scaling : bool, default False
         Also return ``(mean, std)`` of the warm-up prefix.
     missing : {"error", "drop"}, default "error"
-        What an empty or missing cell, or a blank line, means: an error (a
-        gap in the series), or a row to drop, so that the series is the
-        column's values in order with the gaps closed (FRED's H.10 file has
-        market holidays and columns that start late).
+        What an empty or missing cell, a missing-value marker
+        (:data:`MISSING_MARKERS`: ``NA``, ``N/A``, ``nan``, ``NULL``,
+        ``None``, ``.``, ``#N/A``, ..., any case) or a blank line means: an
+        error (a gap in the series), or a row to drop, so that the series is
+        the column's values in order with the gaps closed (FRED's H.10 file
+        has market holidays and columns that start late).
 
     Returns
     -------
@@ -274,7 +370,12 @@ def load_csv_series(
         No such file.
     CsvSeriesError (a ValueError)
         The message names the file, the line and the column. Raised for: an
-        empty file; no such column (the message lists the columns); a cell
+        empty file; a compressed (gzip, bzip2, xz, zstd, zip) or UTF-16/32
+        file, named as such; line ends of a lone ``\\r``; no such column (the
+        message lists the columns, and says when the first line looks like
+        data rather than a header); the column named twice in the header; a
+        row whose number of fields differs from the header's; a missing-value
+        marker (with ``missing="error"``); a cell
         that is empty or missing, or a blank line inside the data (a gap); a
         cell that is not a plain decimal number (``1_001``, ``0x10``, words);
         a cell that is not finite (``nan``, ``inf``, ``1e400``); a byte that
@@ -285,12 +386,17 @@ def load_csv_series(
         of ordinary values).
     """
     path = Path(path)
+    if not isinstance(column, str):
+        raise TypeError(f"column must be a str (a name in the header row), got {column!r} of type {type(column).__name__}")
+    return_scaling = _check_flag("return_scaling", return_scaling)
     warmup = check_int("warmup", warmup, low=2)
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
     if max_rows is not None:
         max_rows = check_int("max_rows", max_rows, low=1)
     if not path.is_file():
+        if path.exists() and not path.is_dir():
+            raise CsvSeriesError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give a CSV file")
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
     reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop")
     arr = reader.read()
@@ -298,9 +404,10 @@ def load_csv_series(
     need = warmup + 2
     if n < need:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: {n} data rows, too few: need at least {need} "
-            f"(a warm-up of {warmup} rows to fit the z-score, then at least 2 to forecast); "
-            "use a longer file or a shorter warm-up"
+            f"{path}, column {column!r}: {n} data rows"
+            + (" (every cell of the column is empty or a missing-value marker)" if n == 0 and missing == "drop" else "")
+            + f", too few: need at least {need} (a warm-up of {warmup} rows to fit the z-score, then at least 2 to "
+            "forecast); use a longer file or a shorter warm-up (warmup=, memoa run --warmup)"
         )
     head = arr[:warmup]
     largest = float(np.max(np.abs(head)))
@@ -310,7 +417,7 @@ def load_csv_series(
     mean_u, std_u = float(head_u.mean()), float(head_u.std())
     if not std_u > 0.0:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {head[0]!r}); "
+            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}); "
             "the z-score needs spread, use a longer warm-up"
         )
     mean, std = mean_u * scale, std_u * scale
@@ -327,6 +434,29 @@ def load_csv_series(
         i = int(np.argmax(~(np.abs(arr) <= TARGET_LIMIT)))
         reader.refuse_scale(i, float(arr[i]) * std + mean, float(arr[i]), mean, std, TARGET_LIMIT)
     return (arr, mean, std) if return_scaling else arr
+
+
+def csv_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of a CSV file's header row, as :func:`load_csv_series` reads them.
+
+    Raises FileNotFoundError, or CsvSeriesError when the file is not CSV
+    text (compressed, UTF-16, lone ``\\r`` line ends, an empty first line,
+    an over-long first line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+    reader = _ColumnReader(path, "", None)
+    with path.open("rb") as fh:
+        raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
+    if len(raw) > CSV_MAX_LINE_BYTES:
+        reader._too_long(1)
+    return reader._names(raw)
+
+
+def column_list(names: list[str], limit: int = 50) -> str:
+    """``'a', 'b', ...``: the names quoted (each cut to 30 characters), at most ``limit`` of them."""
+    return ", ".join(_short(nm, 30) for nm in names[:limit]) + (f", ... ({len(names)} columns)" if len(names) > limit else "")
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -353,6 +483,7 @@ class _ColumnReader:
         self.n = 0
         self.buf = np.empty(0)
         self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
+        self.sep = ","  # the delimiter, read from the header row
 
     # ------------------------------------------------------------------ driver
     def read(self) -> np.ndarray:
@@ -415,28 +546,59 @@ class _ColumnReader:
     # ------------------------------------------------------------------ header
     def _header(self, raw: bytes) -> None:
         path = self.path
+        names = self._names(raw)
+        if self.column not in names:
+            self._missing_column(names)
+        at = [i for i, nm in enumerate(names) if nm == self.column]
+        if len(at) > 1:
+            raise CsvSeriesError(
+                f"{path}: column {self.column!r} appears {len(at)} times in the header row (fields "
+                f"{', '.join(str(i + 1) for i in at)}); which one is meant is unknown: rename the others"
+            )
+        self.col = at[0]
+        self.n_fields = len(names)
+
+    def _names(self, raw: bytes) -> list[str]:
+        """The header row's names (stripped); sets the delimiter. CsvSeriesError if the file is not CSV text."""
+        path = self.path
         if not raw:
             raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)")
+        for magic, what, fix in _SIGNATURES:
+            if raw.startswith(magic):
+                raise CsvSeriesError(f"{path}: the file is {what}, not UTF-8 CSV text; {fix}")
+        if _BZIP2.match(raw):
+            raise CsvSeriesError(f"{path}: the file is bzip2-compressed, not UTF-8 CSV text; decompress it first (bunzip2)")
         try:
             text = raw.decode("utf-8-sig").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise CsvSeriesError(f"{path}, line 1: the header row is not UTF-8 text ({_byte(raw, exc)})") from None
-        names = [h.strip() for h in self._fields(text, 1)]
-        if self.column not in names:
-            hint = difflib.get_close_matches(self.column, names, n=1)
-            shown = ", ".join(_short(nm, 30) for nm in names[:50]) + (f", ... ({len(names)} columns)" if len(names) > 50 else "")
+        if not text.strip():
+            raise CsvSeriesError(f"{path}, line 1: the first line is empty (expected a header row naming the columns)")
+        if "\r" in text:
             raise CsvSeriesError(
-                f"{path}: no column {self.column!r} in the header row; the columns are {shown}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                f"{path}, line 1: the line ends are \\r alone (classic Mac OS), so the file reads as one line; "
+                "accepted: \\n or \\r\\n line ends (convert the file, e.g. tr '\\r' '\\n')"
             )
-        self.col = names.index(self.column)
-        self.n_fields = len(names)
+        # The delimiter is the first of CSV_DELIMITERS that the header holds (outside quotes): ',' by default.
+        bare = re.sub(r'"[^"]*"', "", text)
+        self.sep = next((d for d in CSV_DELIMITERS if d in bare), ",")
+        return [h.strip() for h in self._fields(text, 1)]
+
+    def _missing_column(self, names: list[str]):
+        hint = difflib.get_close_matches(self.column, names, n=1)
+        data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
+        raise CsvSeriesError(
+            f"{self.path}: no column {self.column!r} in the header row; the columns are {column_list(names)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + ("; the first line looks like data, not a header row: the file needs a first line naming the columns"
+               if data_like else "")
+        )
 
     def _fields(self, text: str, line: int) -> list[str]:
         if '"' not in text:
-            return text.split(",")
+            return text.split(self.sep)
         try:
-            return next(csv.reader([text], strict=True))
+            return next(csv.reader([text], strict=True, delimiter=self.sep, skipinitialspace=True))
         except csv.Error as exc:
             what = "a quoted field is not closed on this line" if "end of data" in str(exc) else f"malformed quoting ({exc})"
             raise CsvSeriesError(
@@ -457,13 +619,16 @@ class _ColumnReader:
             raise CsvSeriesError(
                 f"{self.path}, line {line}: not UTF-8 text ({_byte(chunk, exc)}); save the file as UTF-8"
             ) from None
-        if self.blank_at is None and b'"' not in chunk and b"_" not in chunk:
+        sep = self.sep.encode()
+        # Fast path only where every line has the header's field count (one count over the block, in C).
+        if (self.blank_at is None and b'"' not in chunk and b"_" not in chunk
+                and chunk.count(sep) == len(lines) * (self.n_fields - 1)):
             try:
                 if self.n_fields == 1:
                     cells = lines
                 else:
                     col = self.col
-                    cells = [ln.split(b",", col + 1)[col] for ln in lines]
+                    cells = [ln.split(sep, col + 1)[col] for ln in lines]
                 values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
             except (ValueError, IndexError):
                 values = None
@@ -482,7 +647,8 @@ class _ColumnReader:
             line = first_line + k
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
             row = self._fields(text, line)
-            if self.drop_missing and (self.col >= len(row) or not row[self.col].strip()):
+            if self.drop_missing and (self.col >= len(row) or row[self.col].strip().lower() in MISSING_MARKERS
+                                      or not row[self.col].strip()):
                 continue
             if all(not cell.strip() for cell in row):
                 if self.blank_at is None:
@@ -499,16 +665,31 @@ class _ColumnReader:
                     f"{where}: missing cell (the row has {len(row)} fields, the header {self.n_fields}); "
                     "the series has a gap there"
                 )
+            if len(row) != self.n_fields:
+                raise CsvSeriesError(
+                    f"{path}, line {line} (data row {self.n + len(out) + 1}): {len(row)} fields, the header row has "
+                    f"{self.n_fields} (delimiter {self.sep!r}); the columns cannot be matched: a field is missing, or a "
+                    "field holds the delimiter without quotes (quote it)"
+                )
             cell = row[self.col].strip()
             if not cell:
-                raise CsvSeriesError(f"{where}: empty cell (a gap in the series); fill it or drop the row")
+                raise CsvSeriesError(
+                    f"{where}: empty cell (a gap in the series); fill it, or drop such rows with missing='drop' "
+                    "(memoa run --missing drop)"
+                )
+            if cell.lower() in MISSING_MARKERS:
+                raise CsvSeriesError(
+                    f"{where}: {_short(cell)} marks a missing value (a gap in the series); fill it, or drop such rows "
+                    "with missing='drop' (memoa run --missing drop)"
+                )
             if cell.lower() in _NON_FINITE:
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} is not a finite number (treat it as a gap: fill it or drop the row)"
                 )
             if not _NUMBER.fullmatch(cell):
+                comma = " (a decimal comma? write 12.5, not 12,5)" if _DECIMAL_COMMA.fullmatch(cell) else ""
                 raise CsvSeriesError(
-                    f"{where}: {_short(cell)} is not a number (a plain decimal such as 12.5 or -3e-4 is expected; "
+                    f"{where}: {_short(cell)} is not a number{comma} (a plain decimal such as 12.5 or -3e-4 is expected; "
                     "no digit separators, no hexadecimal)"
                 )
             v = float(cell)
