@@ -52,6 +52,16 @@ def check_int(name: str, value, *, low: int = 1) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool after checking it is one (Python's or NumPy's); ``1``, ``"no"``, ``None`` refused.
+
+    A flag is never read for its truthiness: ``record="no"`` would otherwise mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
@@ -271,6 +281,39 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if not allow_nonfinite and not _sum_is_finite(arr) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite; first non-finite entry at index {tuple(int(b) for b in bad)}: {arr[tuple(bad)]!r}")
+    return arr
+
+
+#: The largest magnitude a stream's value (a target) may have: the forecasters square their lagged
+#: observations, so beyond about 1e154 their features overflow; 1e30 leaves room for the noise and the sums.
+TARGET_LIMIT = 1e30
+
+
+def check_bounded(name: str, arr: np.ndarray, limit: float, why: str) -> None:
+    """Raise ``ValueError`` unless every entry of the finite array ``arr`` has ``|entry| <= limit``.
+
+    Two passes (min, max) and no N-sized temporary when every entry is within
+    the limit; the message names the first entry beyond it, and ``why``.
+    """
+    if arr.size == 0 or max(-float(arr.min()), float(arr.max())) <= limit:
+        return
+    bad = np.argwhere(~(np.abs(arr) <= limit))[0]
+    where = f"coordinate {int(bad[0])}" if arr.ndim == 1 else f"index {tuple(int(b) for b in bad)}"
+    entries = "coordinate" if arr.ndim == 1 else "entry"
+    raise ValueError(f"{name} must have |{name}| <= {limit:g} in every {entries} ({why}); "
+                     f"got {float(arr[tuple(bad)]):g} at {where}. Z-score the stream first.")
+
+
+def as_target_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
+    """A stream's value(s) as :func:`as_float_array` returns them, finite and with every ``|entry| <= TARGET_LIMIT``.
+
+    Every object that learns from a stream (the forecasters, the fused
+    pipeline, the trust classes) checks its targets here, so that one
+    value that would overflow a forecaster's squared features, or poison an
+    error average with NaN, is refused before anything changes.
+    """
+    arr = as_float_array(name, value, shape)
+    check_bounded(name, arr, TARGET_LIMIT, "larger values would overflow the clients' squared features")
     return arr
 
 

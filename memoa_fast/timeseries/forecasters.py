@@ -44,13 +44,13 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._state import check_source_state
-from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
+from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
+from .._validation import as_float_array, as_target_array, check_bool, check_choice, check_int, check_real, readonly_view
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
 
-#: Largest accepted ``|y(t)|`` of a target (see the module docstring, "Magnitudes").
-TARGET_LIMIT = 1e30
+#: Largest accepted ``|y(t)|`` of a target (see the module docstring, "Magnitudes"): ``TARGET_LIMIT``, imported above.
 #: Largest accepted noise scale.
 NOISE_LIMIT = 1e30
 
@@ -406,8 +406,9 @@ class SquaredErrors:
         # Not checked for finiteness (one pass saved per round): a non-finite state gives non-finite scores only.
         x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
         y = as_float_array("target", target, (self.dim,))
+        record = check_bool("record", record)
         with self._exclusive:
-            total, self.max_total = self._kernels.score_step(x, y, bool(record), self._totals, self._work, self._mean,
+            total, self.max_total = self._kernels.score_step(x, y, record, self._totals, self._work, self._mean,
                                                              self.threads_used)
         return total, self._mean_view, self._totals_view
 
@@ -423,15 +424,7 @@ class SquaredErrors:
 
 def check_target(name: str, value, dim: int) -> np.ndarray:
     """``value`` as a (dim,) float64 array, finite with every ``|entry| <= TARGET_LIMIT``, else ValueError."""
-    y = as_float_array(name, value, (dim,))
-    big = np.abs(y) > TARGET_LIMIT
-    if big.any():
-        j = int(np.argmax(big))
-        raise ValueError(
-            f"{name} must have |{name}| <= {TARGET_LIMIT:g} in every coordinate (larger values would overflow the "
-            f"clients' squared features); got {float(y[j]):g} at coordinate {j}. Z-score the stream first."
-        )
-    return y
+    return as_target_array(name, value, (dim,))
 
 
 def _draw_block(block, offset: int) -> None:

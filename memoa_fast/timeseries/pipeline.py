@@ -19,7 +19,7 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._memory import staggered_zeros
-from .._validation import as_float_array, check_choice, check_int, check_out, check_real, readonly_view
+from .._validation import as_target_array, check_bool, check_choice, check_int, check_out, check_real, readonly_view
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
 from .forecasters import _check_noise_range
@@ -216,7 +216,9 @@ class Pipeline:
         Parameters
         ----------
         y : float or array_like, shape (d,)
-            The stream's value at this round; finite.
+            The stream's value at this round: finite, ``|y| <= TARGET_LIMIT`` (``1e30``) in every
+            coordinate, as for :meth:`ClientForecasters.observe <memoa_fast.timeseries.forecasters.ClientForecasters.observe>`
+            (beyond it the forecasters' squared features overflow); otherwise ``ValueError`` and nothing changes.
         record : bool, default True
             Add this round's squared errors of the states ``x(t)`` and of the
             raw forecasts ``s(t-1)`` against ``y(t)`` to :attr:`squared_errors`
@@ -229,7 +231,8 @@ class Pipeline:
             ``yhat(t+1)``, shape (d,): the read-only live buffer, overwritten
             by the next round (copy it to keep it).
         """
-        y = as_float_array("y", y, (self.dim,))
+        y = as_target_array("y", y, (self.dim,))
+        record = check_bool("record", record)
         with self._exclusive:
             self._y[...] = y
             self._rounds(self._y_rows, self._yhat_rows, record)
@@ -247,7 +250,8 @@ class Pipeline:
         Parameters
         ----------
         series : array_like, shape (T, d) or (T,) when d = 1
-            The targets ``y(t), y(t+1), ...``; finite. ``T = 0`` does nothing.
+            The targets ``y(t), y(t+1), ...``; finite with ``|y| <= 1e30``, all checked before the first
+            round (one bad value: ``ValueError``, nothing changes). ``T = 0`` does nothing.
         record : bool, default True
             As for :meth:`round`, for every round of the series.
         out : numpy.ndarray, optional
@@ -265,7 +269,8 @@ class Pipeline:
         except TypeError:  # a scalar, a 0-d array
             raise ValueError(f"series must have shape (T, {self.dim}), got {type(series).__name__} "
                              f"of shape {np.shape(series)}") from None
-        ys = as_float_array("series", series, (T, self.dim))
+        ys = as_target_array("series", series, (T, self.dim))
+        record = check_bool("record", record)
         out = check_out(out, (T, self.dim), contiguous=True)
         if np.shares_memory(out, ys):
             raise ValueError("out must not share memory with series (the targets are read while out is written)")
@@ -281,7 +286,6 @@ class Pipeline:
         buffers): one code path for both calls. The caller holds ``_exclusive``.
         """
         k = self._kern
-        record = bool(record)
         T, t0 = ys.shape[0], self.t
         self._flags[k.F_T] = t0
         self._discount, recorded = k.run_rounds(
