@@ -291,17 +291,31 @@ class ClientForecasters:
             "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()},
         }
 
+    def validate_state_dict(self, state: dict) -> dict:
+        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; return a clean copy.
+
+        The validator of a checkpoint's signal-source state
+        (:func:`memoa_fast._state.check_source_state`): exactly the keys
+        :meth:`state_dict` writes, real arrays of these clients' shapes, all
+        finite, and ``t`` an integer >= 0 (a float, a string or a bool is
+        refused, not rounded). ``ValueError`` names the key.
+        """
+        d, p = self.dim, self.lags
+        return check_source_state(
+            state, n_agents=self.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
+            shared={"t": "count", "y": (d,)},
+        )
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first."""
-        agents, shared = state["agents"], state["shared"]
-        n, d, p = self.n_clients, self.dim, self.lags
-        weights = as_float_array("state['agents']['weights']", agents["weights"], (n, d, 2 * p + 1))
-        lags = as_float_array("state['agents']['lags']", agents["lags"], (n, d, p))
-        signals = as_float_array("state['agents']['signals']", agents["signals"], (n, d))
-        y = as_float_array("state['shared']['y']", shared["y"], (d,))
-        t = check_int("state['shared']['t']", int(shared["t"]), low=0)
-        self._weights[...], self._lags[...], self._out[...], self._y[...] = weights, lags, signals, y
-        self.t = t
+        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
+
+        Raises ``ValueError`` (see :meth:`validate_state_dict`) and changes nothing if any part is wrong.
+        """
+        clean = self.validate_state_dict(state)
+        agents, shared = clean["agents"], clean["shared"]
+        self._weights[...], self._lags[...], self._out[...] = agents["weights"], agents["lags"], agents["signals"]
+        self._y[...] = shared["y"]
+        self.t = int(shared["t"])
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -500,13 +514,8 @@ class ForecasterSignals:
 
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
-        f = self.forecasters
-        d, p = f.dim, f.lags
-        return check_source_state(
-            state, n_agents=f.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
-            shared={"t": "count", "y": (d,)},
-        )
+        return self.forecasters.validate_state_dict(state)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the forecasters' state (all checked first)."""
-        self.forecasters.load_state_dict(self.validate_state_dict(state))
+        self.forecasters.load_state_dict(state)
