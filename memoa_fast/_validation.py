@@ -16,6 +16,7 @@ the machine has:
 """
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import os
@@ -27,7 +28,14 @@ BACKENDS = ("numba", "cython", "numpy")
 
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
-    """Return ``value`` as a float after checking it is a finite real in the given range."""
+    """Return ``value`` as a float after checking it is a finite real in the given range.
+
+    Python and NumPy reals and 0-d arrays of a real integer or floating dtype
+    (as read from a file) are accepted; bool, strings, complex numbers and
+    anything else raise ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     value = float(value)
@@ -44,7 +52,9 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
 
 
 def check_int(name: str, value, *, low: int = 1) -> int:
-    """Return ``value`` as an int after checking it is an integer >= ``low``."""
+    """Return ``value`` as an int after checking it is an integer >= ``low`` (Python, NumPy, or a 0-d integer array)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= {low}, got {value!r} of type {type(value).__name__}")
     if value < low:
@@ -242,6 +252,41 @@ _KIND_NAMES = {
     "b": "bool", "c": "complex", "U": "string", "S": "bytes", "O": "object: Python objects, e.g. None",
     "M": "datetime64", "m": "timedelta64", "V": "void/structured",
 }
+
+
+def as_real_values(name: str, value, accepted: str) -> np.ndarray:
+    """``value`` (a real number, or a sequence or array of them) as a new float64 array, its dtype checked first.
+
+    For the small per-class arguments (weights, shares). Refused with
+    ``TypeError`` naming ``name`` and ``accepted``, instead of being cast:
+    strings (also numeric ones, and string arrays), ``None``, bools, complex
+    numbers (an imaginary part would be dropped), datetimes, and object
+    arrays holding anything but real numbers (``None`` would become NaN).
+    ``fractions.Fraction``, ``decimal.Decimal`` and NumPy scalars are real
+    numbers and accepted.
+    """
+    def refuse(detail):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}{detail}")
+
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+        refuse(f" of type {type(value).__name__}")
+    if isinstance(value, np.ndarray) and value.dtype.kind != "O":
+        raw = value
+    else:  # a sequence: look at every element, so that [True, 0.5] is not read as [1.0, 0.5]
+        try:
+            raw = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+        except (TypeError, ValueError) as exc:  # ragged
+            refuse(f": {exc}")
+        for item in raw.reshape(-1):
+            if isinstance(item, (bool, np.bool_)) or not isinstance(item, (numbers.Real, decimal.Decimal)):
+                refuse(f": {item!r} of type {type(item).__name__} is not a real number")
+        try:
+            raw = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            refuse(f": {exc}")
+    if raw.dtype.kind not in "iuf":
+        refuse(f" of dtype {raw.dtype} ({_KIND_NAMES.get(raw.dtype.kind, 'other')})")
+    return np.array(raw, dtype=np.float64)
 
 
 def _sum_is_finite(arr: np.ndarray) -> bool:

@@ -315,3 +315,37 @@ def test_a_second_caller_is_refused_and_changes_nothing(case):
             call()
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, arrays()))
     call()  # released: usable again
+
+
+def test_scalar_checks_take_numpy_zero_d_arrays_of_the_right_kind_only():
+    from memoa_fast._validation import check_int, check_real
+
+    assert check_real("x", np.array(0.25)) == 0.25 and check_real("x", np.array(3, dtype=np.uint8)) == 3.0
+    assert check_int("n", np.array(7)) == 7 and type(check_int("n", np.array(7))) is int
+    for bad in (np.array(True), np.array("1"), np.array(1 + 0j), np.array([1.0]), np.array(None, dtype=object)):
+        with pytest.raises(TypeError, match="^x must be a real number"):
+            check_real("x", bad)
+    for bad in (np.array(7.0), np.array(True), np.array([7])):
+        with pytest.raises(TypeError, match="^n must be an integer"):
+            check_int("n", bad)
+
+
+@pytest.mark.parametrize("bad", [[True, 0.5], [0.5, None], [0.5, "1"], np.array([1j, 1.0]), np.array(["1"]), np.array([None], dtype=object),
+                                 [[0.5], [0.5, 0.5]], "0.5", None, np.bool_(True)])
+def test_as_real_values_refuses_what_it_would_otherwise_cast(bad):
+    from memoa_fast._validation import as_real_values
+
+    with pytest.raises(TypeError, match="^w must be real numbers"):
+        as_real_values("w", bad, "real numbers")
+
+
+def test_as_real_values_keeps_numbers():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from memoa_fast._validation import as_real_values
+
+    got = as_real_values("w", [Fraction(1, 2), Decimal("0.25"), np.float32(2.0), 3], "real numbers")
+    assert got.dtype == np.float64 and got.tolist() == [0.5, 0.25, 2.0, 3.0]
+    src = np.array([1, 2], dtype=np.int16)
+    assert not np.shares_memory(as_real_values("w", src, "real numbers"), src)
