@@ -336,3 +336,27 @@ def test_squared_errors_record_must_be_true_or_false(record):
     with pytest.raises(TypeError, match="record must be True or False"):
         scorer.add(np.ones((3, 1)), [0.0], record=record)
     np.testing.assert_array_equal(scorer.totals, np.ones(3))
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_forecasters_and_scores_copy_independently(how):
+    """Pickle and deepcopy used to fail with "cannot pickle 'module' object"; copy.copy shared the buffers."""
+    import copy
+    import pickle
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    fc = ClientForecasters(7, 2, seed=3, block_size=4, threads=1)
+    fc.observe([0.1, 0.2])
+    fc.observe([0.3, 0.1])
+    clone = clone_of(fc)
+    a = clone.observe([0.2, 0.2]).copy()
+    assert fc.t == 2
+    np.testing.assert_array_equal(fc.observe([0.2, 0.2]), a)
+    np.testing.assert_array_equal(fc.weights, clone.weights)
+    assert repr(clone) == repr(fc)
+    scorer = SquaredErrors(4, 2, backend="numpy", parallel_threshold=2)
+    scorer.add(np.ones((4, 2)), [0.0, 0.5])
+    twin = clone_of(scorer)
+    twin.add(np.ones((4, 2)), [0.0, 0.0])
+    np.testing.assert_array_equal(scorer.totals, np.full(4, 1.25))
+    assert twin.max_total == 3.25 and scorer.max_total == 1.25 and twin.parallel_threshold == 2

@@ -514,3 +514,26 @@ def test_record_must_be_true_or_false(record):
     pipe.round(0.5, record=np.bool_(False))  # NumPy's bool is a bool
     pipe.round(0.5, record=np.bool_(True))
     assert pipe.n_recorded == before["n"] + 1
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_copy_is_independent_and_continues_bitwise(backend, how):
+    """Pickle and deepcopy used to fail with "cannot pickle 'module' object"; copy.copy shared every buffer
+    with the original, so stepping the copy silently moved the original's states (its counters did not).
+    """
+    import copy
+    import pickle
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    y = series(12, 2)
+    pipe = Pipeline(30, 2, game=GAME, rule="eg", alpha=0.0, seed=4, backend=backend, threads=1)
+    pipe.run(y[:5])
+    before = _pipeline_state(pipe)
+    clone = clone_of(pipe)
+    _assert_same_state(before, _pipeline_state(clone))
+    got = clone.run(y[5:])
+    _assert_same_state(before, _pipeline_state(pipe))  # the original did not move
+    np.testing.assert_array_equal(pipe.run(y[5:]), got)  # and it makes the same bits as the clone did
+    _assert_same_state(_pipeline_state(pipe), _pipeline_state(clone))
+    assert repr(clone) == repr(pipe)

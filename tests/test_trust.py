@@ -269,3 +269,24 @@ def test_powers_are_checked_whatever_the_rule():
 
     with pytest.raises(ValueError, match="powers must be"):
         TrustPopulation(6, n_classes=2, rule="error", powers=[float("nan")])
+
+
+def test_a_shallow_copy_of_a_trust_population_is_independent():
+    """copy.copy shared the populations, the class records and the costs with the original."""
+    import copy
+
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    rng = np.random.default_rng(2)
+    tp = TrustPopulation(8, 1, n_classes=2, reclass=2, backend="numpy")
+    for _ in range(3):
+        tp.step(rng.normal(size=(8, 1)))
+        tp.observe([0.2])
+    before = _trust_state(tp)
+    clone = copy.copy(tp)
+    clone.step(np.ones((8, 1)))
+    clone.observe([0.3])
+    after = _trust_state(tp)
+    for a, b in zip(before[:6], after[:6]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(tp.population.states, before[6][tp.leader]["states"])

@@ -317,6 +317,15 @@ class ClientForecasters:
         self._y[...] = shared["y"]
         self.t = int(shared["t"])
 
+    def __reduce__(self):
+        """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object."""
+        config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
+                      block_size=self.block_size, backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        with self._exclusive:
+            state = self.state_dict()
+        return (_rebuild_forecasters, (self.n_clients, self.dim, config, state))
+
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
         if self._pool is not None:
@@ -381,8 +390,8 @@ class SquaredErrors:
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
         self._exclusive = Exclusive("SquaredErrors")
-        parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, parallel_threshold)
+        self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
+        self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
         self._totals = np.zeros(self.n_clients)
         self._mean = np.zeros(self.dim)
         self._work = np.zeros(self._kernels.score_work_shape(self.n_clients, self.dim))
@@ -426,6 +435,13 @@ class SquaredErrors:
                                                              self.threads_used)
         return total, self._mean_view, self._totals_view
 
+    def __reduce__(self):
+        """Pickle and copies build a new object with the same arguments and copy the totals in: independent."""
+        config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
+        with self._exclusive:
+            arrays = (self._totals.copy(), self._mean.copy(), self.max_total)
+        return (_rebuild_squared_errors, (self.n_clients, self.dim, config, arrays))
+
     def reset(self) -> None:
         """Totals back to zero."""
         self._totals[...] = 0.0
@@ -434,6 +450,23 @@ class SquaredErrors:
 
     def __repr__(self) -> str:
         return f"SquaredErrors(n_clients={self.n_clients}, dim={self.dim}, backend={self.backend!r})"
+
+
+def _rebuild_forecasters(n_clients, dim, config, state):
+    """Unpickle :class:`ClientForecasters`: build it, then load its state (validated like any other)."""
+    forecasters = ClientForecasters(n_clients, dim, **config)
+    forecasters.load_state_dict(state)
+    return forecasters
+
+
+def _rebuild_squared_errors(n_clients, dim, config, arrays):
+    """Unpickle :class:`SquaredErrors`: build it, then copy its totals in (shapes checked, finite or not)."""
+    scorer = SquaredErrors(n_clients, dim, **config)
+    totals, mean, max_total = arrays
+    scorer._totals[...] = as_float_array("totals", totals, (n_clients,), allow_nonfinite=True)
+    scorer._mean[...] = as_float_array("mean", mean, (dim,), allow_nonfinite=True)
+    scorer.max_total = float(max_total)
+    return scorer
 
 
 def check_target(name: str, value, dim: int) -> np.ndarray:

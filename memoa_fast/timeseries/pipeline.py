@@ -384,9 +384,43 @@ class Pipeline:
         """Under-performer regret ``max_i J_i``."""
         return float(self._J.max())
 
+    # ------------------------------------------------------------------ copies
+    def __reduce__(self):
+        """Pickle, ``copy.copy`` and ``copy.deepcopy``: a new, independent Pipeline that continues this one bitwise.
+
+        Each builds a Pipeline with the same arguments and copies every state array into it.
+        """
+        config = dict(game=self.game, rule=self.rule, eta=self.eta, alpha=self.alpha, lags=self.lags,
+                      noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
+            arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
+        counters = {"t": self.t, "n_recorded": self.n_recorded, "_discount": self._discount}
+        return (_rebuild_pipeline, (self.n_clients, self.dim, config, arrays, counters))
+
     def __repr__(self) -> str:
         return (
             f"Pipeline(n_clients={self.n_clients}, dim={self.dim}, game={self.game!r}, rule={self.rule!r}, "
             f"eta={self.eta!r}, alpha={self.alpha!r}, lags={self.lags}, noise_range={self.noise_range}, mu={self.mu!r}, "
             f"seed={self.seed}, backend={self.backend!r}, threads={self.threads}, t={self.t})"
         )
+
+
+#: Every array a Pipeline's rounds read or write (besides the noise key, a function of the seed).
+_STATE_ARRAYS = ("_x", "_s", "_J", "_log_p", "_ebuf", "_sigma", "_sq_err", "_sq_sig", "_weights", "_lag_buf", "_y", "_yhat",
+                 "_field", "_work", "_params", "_flags", "_stats")
+
+
+def _rebuild_pipeline(n_clients, dim, config, arrays, counters):
+    """Unpickle a :class:`Pipeline`: build it from its arguments, then copy its arrays in (shapes checked)."""
+    pipe = Pipeline(n_clients, dim, **config)
+    if set(arrays) != set(_STATE_ARRAYS):
+        raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
+    for name in _STATE_ARRAYS:
+        target, value = getattr(pipe, name), np.asarray(arrays[name])
+        if value.shape != target.shape or value.dtype != target.dtype:
+            raise ValueError(f"a pickled Pipeline's {name} must be {target.dtype} of shape {target.shape}, "
+                             f"got {value.dtype} of shape {value.shape}")
+        target[...] = value
+    pipe.t, pipe.n_recorded, pipe._discount = int(counters["t"]), int(counters["n_recorded"]), float(counters["_discount"])
+    return pipe

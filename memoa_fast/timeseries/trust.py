@@ -17,6 +17,7 @@ per agent.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -310,6 +311,10 @@ class TrustPopulation:
     def worst_agent(self) -> int:
         """The client with the largest online cost along the published path."""
         return self.population.worst_agent if self.rule == "error" else int(np.argmax(self._published_costs))
+
+    def __copy__(self):
+        """A copy is independent of the original (as for :class:`~memoa_fast.Population`): a deep copy."""
+        return copy.deepcopy(self)
 
     def __repr__(self) -> str:
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"
