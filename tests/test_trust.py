@@ -290,3 +290,13 @@ def test_a_shallow_copy_of_a_trust_population_is_independent():
     for a, b in zip(before[:6], after[:6]):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(tp.population.states, before[6][tp.leader]["states"])
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), ("50", TypeError), (True, TypeError), (None, TypeError)])
+def test_due_takes_a_round_number(bad, error):
+    """due(-1) and due(1.5) used to answer False instead of naming the argument."""
+    trust = TrustClasses(6, 2, reclass=3)
+    with pytest.raises(error, match="^t must be an integer >= 0"):
+        trust.due(bad)
+    assert [trust.due(t) for t in range(7)] == [False, False, False, True, False, False, True]
+    assert trust.due(np.int64(3))

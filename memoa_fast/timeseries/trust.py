@@ -94,6 +94,7 @@ class TrustClasses:
 
     def due(self, t: int) -> bool:
         """Whether round ``t`` (counted from 0) re-forms the classes: every ``reclass`` rounds, from ``reclass`` on."""
+        t = check_int("t", t, low=0)
         return t > 0 and t % self.reclass == 0
 
     def classes(self, power: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
