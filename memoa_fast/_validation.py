@@ -187,7 +187,8 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population") -> tuple[int, int]:
+def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population",
+                names: tuple[str, str] = ("n_agents", "dim"), extra_bytes: int = 0, detail: str = "") -> tuple[int, int]:
     r"""Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
 
     The arrays are ``per_agent_vectors`` float64 arrays of shape (N, d) and
@@ -204,6 +205,12 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         How many (N, d) and (N,) 8-byte arrays the object allocates.
     what : str
         What is being built, for the message.
+    names : (str, str)
+        The caller's names of the two counts (e.g. ``("n_clients", "dim")``), for the messages.
+    extra_bytes : int
+        Bytes allocated besides the per-agent arrays (e.g. a random block), added to the total.
+    detail : str
+        Other arguments that set the size (e.g. ``", lags=2"``), shown after the counts in the message.
 
     Raises
     ------
@@ -215,19 +222,20 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         before anything is allocated, instead of NumPy's ``MemoryError`` or
         the kernel's out-of-memory killer.
     """
-    for name, value in (("n_agents", n_agents), ("dim", dim)):
+    for name, value in zip(names, (n_agents, dim)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")
         if value < 1 or value > MAX_COUNT:
             raise ValueError(f"{name} must be an integer in [1, 2**63 - 1], got {value!r}")
     n, d = int(n_agents), int(dim)
     if n * d > MAX_COUNT:
-        raise ValueError(f"n_agents * dim must be < 2**63 (NumPy's largest array), got n_agents={n}, dim={d}")
-    needed = 8 * n * (per_agent_vectors * d + per_agent_scalars)
+        raise ValueError(f"{names[0]} * {names[1]} must be < 2**63 (NumPy's largest array), got {names[0]}={n}, {names[1]}={d}")
+    needed = 8 * n * (per_agent_vectors * d + per_agent_scalars) + extra_bytes
     available = available_memory()
     if available is not None and needed > available:
+        owner = f"{what}'" if what.endswith("s") else f"{what}'s"
         raise ValueError(
-            f"n_agents={n}, dim={d}: the {what}'s arrays need {needed:,} bytes ({needed / 2**30:.3g} GiB), more than "
+            f"{names[0]}={n}, {names[1]}={d}{detail}: the {owner} arrays need {needed:,} bytes ({needed / 2**30:.3g} GiB), more than "
             f"the {available:,} bytes ({available / 2**30:.3g} GiB) this process may use (physical memory, cgroup "
             f"and RLIMIT_AS limits); use fewer agents, or shard the population over several machines"
         )

@@ -360,3 +360,20 @@ def test_forecasters_and_scores_copy_independently(how):
     twin.add(np.ones((4, 2)), [0.0, 0.0])
     np.testing.assert_array_equal(scorer.totals, np.full(4, 1.25))
     assert twin.max_total == 3.25 and scorer.max_total == 1.25 and twin.parallel_threshold == 2
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: ClientForecasters(20_000, backend="numpy"), r"n_clients=20000, dim=1, lags=2, block_size=4096: the forecasters' arrays need"),
+    (lambda: ClientForecasters(10, lags=10**12, backend="numpy"), r"lags=1000000000000, block_size=4096: the forecasters' arrays need"),
+    (lambda: ClientForecasters(10, block_size=10**12, backend="numpy"), r"block_size=1000000000000: the forecasters' arrays need"),
+    (lambda: SquaredErrors(200_000, backend="numpy"), r"n_clients=200000, dim=1: the squared errors' arrays need"),
+])
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypatch, make, words):
+    """Only integer checks used to stand between a size and NumPy's MemoryError (or the out-of-memory killer)."""
+    from memoa_fast import _validation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=words):
+        make()
+    ClientForecasters(10, backend="numpy")
+    SquaredErrors(10, backend="numpy")

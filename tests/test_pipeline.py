@@ -537,3 +537,20 @@ def test_a_copy_is_independent_and_continues_bitwise(backend, how):
     np.testing.assert_array_equal(pipe.run(y[5:]), got)  # and it makes the same bits as the clone did
     _assert_same_state(_pipeline_state(pipe), _pipeline_state(clone))
     assert repr(clone) == repr(pipe)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"n_clients": 20_000}, r"n_clients=20000, dim=1, lags=2: the pipeline's arrays need [\d,]+ bytes"),
+    ({"n_clients": 10, "dim": 20_000}, r"n_clients=10, dim=20000, lags=2: the pipeline's arrays need"),
+    ({"n_clients": 10, "lags": 10**12}, r"n_clients=10, dim=1, lags=1000000000000: the pipeline's arrays need"),
+])
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypatch, kwargs, words):
+    """Pipeline checked n_clients, dim and lags only as integers: a size beyond memory raised NumPy's MemoryError
+    (or, with overcommit, met the out-of-memory killer) instead of the ValueError a Population gives.
+    """
+    from memoa_fast import _validation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=words):
+        Pipeline(**kwargs, backend="numpy")
+    Pipeline(10, 1, backend="numpy")  # ~1 kB fits

@@ -300,3 +300,17 @@ def test_due_takes_a_round_number(bad, error):
         trust.due(bad)
     assert [trust.due(t) for t in range(7)] == [False, False, False, True, False, False, True]
     assert trust.due(np.int64(3))
+
+
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypatch):
+    """The minimax rule runs one population per exponent: each fitted alone, so six together were never checked."""
+    from memoa_fast import _validation
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=r"n_clients=100000, dim=1: the trust classes' arrays need"):
+        TrustClasses(100_000, 2)
+    # 6 populations of 5000 x 2 need ~1.2 MiB together, each alone ~0.2 MiB
+    with pytest.raises(ValueError, match=r"n_clients=5000, dim=2, 6 exponents: the trust population's arrays need"):
+        TrustPopulation(5000, 2, n_classes=2, backend="numpy")
+    TrustPopulation(500, 2, n_classes=2, backend="numpy")

@@ -45,7 +45,7 @@ from .. import _backends
 from .._exclusive import Exclusive
 from .._state import check_source_state
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
-from .._validation import as_float_array, as_target_array, check_bool, check_choice, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_target_array, check_bool, check_choice, check_int, check_real, check_sizes, readonly_view
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -172,6 +172,10 @@ class ClientForecasters:
                 f"first_client must be a multiple of block_size={self.block_size} (shards start on a block), "
                 f"got {self.first_client}"
             )
+        # weights (N, d, 2p + 1), lags (N, d, p), signals and noise (N, d), sigma (N,), and one block's uniforms
+        check_sizes(self.n_clients, self.dim, per_agent_vectors=3 * self.lags + 3, per_agent_scalars=1,
+                    extra_bytes=16 * self.block_size, what="forecasters", names=("n_clients", "dim"),
+                    detail=f", lags={self.lags}, block_size={self.block_size}")
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
         self._exclusive = Exclusive("ClientForecasters")
@@ -385,8 +389,8 @@ class SquaredErrors:
 
     def __init__(self, n_clients: int, dim: int = 1, *, backend: str = "numba", threads: int | None = None,
                  parallel_threshold: int = _backends.PARALLEL_THRESHOLD):
-        self.n_clients = check_int("n_clients", n_clients, low=1)
-        self.dim = check_int("dim", dim, low=1)
+        self.n_clients, self.dim = check_sizes(n_clients, dim, per_agent_vectors=0, per_agent_scalars=1, what="squared errors",
+                                               names=("n_clients", "dim"))
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
         self._exclusive = Exclusive("SquaredErrors")

@@ -19,7 +19,7 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._memory import staggered_zeros
-from .._validation import as_target_array, check_bool, check_choice, check_int, check_out, check_real, readonly_view
+from .._validation import as_target_array, check_bool, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
 from .forecasters import _check_noise_range
@@ -145,6 +145,9 @@ class Pipeline:
         self.eta = check_real("eta", eta, low=0.0)
         self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
         self.lags = check_int("lags", lags, low=1)
+        # x, s (N, d); the forecasters' weights (2p + 1, N, d) and lags (p, N, d); six (N,) arrays: before allocating
+        check_sizes(self.n_clients, self.dim, per_agent_vectors=3 * self.lags + 3, per_agent_scalars=6, what="pipeline",
+                    names=("n_clients", "dim"), detail=f", lags={self.lags}")
         self.noise_range = _check_noise_range(noise_range)
         self.mu = check_real("mu", mu, low=0.0, high=2.0, low_open=True, high_open=True)
         self.seed = check_int("seed", seed, low=0)

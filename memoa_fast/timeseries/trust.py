@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from ..game import Game
 from ..population import Population
 
@@ -72,6 +72,7 @@ class TrustClasses:
             raise ValueError(f"q_range must contain 1 (the median client keeps q), got {q_range!r}")
         self.q_range = (low, high)
         self.power = check_real("power", power, low=0.0)
+        check_sizes(self.n_clients, 1, per_agent_vectors=0, per_agent_scalars=2, what="trust classes", names=("n_clients", "dim"))
         self.weight = 1.0 - 2.0 ** (-1.0 / self.half_life)
         self.errors = np.zeros(self.n_clients)
         self._sq = np.empty(self.n_clients)
@@ -201,6 +202,12 @@ class TrustPopulation:
                  feedforward: bool = True, power: float = 1.5, rule: str = "minimax", powers=MINIMAX_POWERS,
                  cost_half_life: float = 200.0, backend: str = "numba", threads: int | None = None):
         self.rule = check_choice("rule", rule, TRUST_RULES)
+        n_pops = 1 if self.rule == "error" else len(_check_powers(powers))
+        # every population's states, costs and labels, the signals and a scratch (N, d), the trust classes' and the
+        # published path's (N,) arrays: all together, before any is allocated (each population alone would fit)
+        check_sizes(check_int("n_clients", n_clients, low=1), check_int("dim", dim, low=1), per_agent_vectors=n_pops + 2,
+                    per_agent_scalars=2 * n_pops + 5, what="trust population", names=("n_clients", "dim"),
+                    detail=f", {n_pops} exponent{'s' if n_pops > 1 else ''}")
         self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q, power=power)
         candidates = _check_powers(powers)  # checked whatever the rule: an argument is never accepted unchecked
         if self.rule == "error":
