@@ -377,3 +377,14 @@ def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypat
         make()
     ClientForecasters(10, backend="numpy")
     SquaredErrors(10, backend="numpy")
+
+
+@pytest.mark.parametrize("bad", [1e31, -1e200, 1e308])
+def test_squared_errors_refuse_a_target_beyond_the_limit(bad):
+    """A finite target of 1e200 used to overflow every |x_i - y|^2 to inf and leave the totals inf for good."""
+    scorer = SquaredErrors(4, 2, backend="numpy")
+    scorer.add(np.ones((4, 2)), [0.0, 0.5])
+    with pytest.raises(ValueError, match=r"^target must have \|target\| <= 1e\+30"):
+        scorer.add(np.ones((4, 2)), [0.0, bad])
+    np.testing.assert_array_equal(scorer.totals, np.full(4, 1.25))
+    assert scorer.max_total == 1.25

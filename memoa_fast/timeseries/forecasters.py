@@ -418,7 +418,8 @@ class SquaredErrors:
             round's sum, that client's total and the mean non-finite; nothing
             else is affected).
         target : float or array_like, shape (d,)
-            ``y``; finite.
+            ``y``; finite with ``|y| <= TARGET_LIMIT`` (``1e30``), as every target (else ``ValueError``,
+            nothing changes).
         record : bool, default True
             Add ``|x_i - y|^2`` to the totals (False: burn-in rounds, scored
             for the round's sum and mean only).
@@ -432,7 +433,7 @@ class SquaredErrors:
         """
         # Not checked for finiteness (one pass saved per round): a non-finite state gives non-finite scores only.
         x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
-        y = as_float_array("target", target, (self.dim,))
+        y = as_target_array("target", target, (self.dim,))  # |y| <= 1e30: a finite y cannot overflow |x_i - y|^2
         record = check_bool("record", record)
         with self._exclusive:
             total, self.max_total = self._kernels.score_step(x, y, record, self._totals, self._work, self._mean,
