@@ -222,6 +222,7 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         before anything is allocated, instead of NumPy's ``MemoryError`` or
         the kernel's out-of-memory killer.
     """
+    n_agents, dim = (v[()] if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iu" else v for v in (n_agents, dim))
     for name, value in zip(names, (n_agents, dim)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")

@@ -322,6 +322,9 @@ def test_scalar_checks_take_numpy_zero_d_arrays_of_the_right_kind_only():
 
     assert check_real("x", np.array(0.25)) == 0.25 and check_real("x", np.array(3, dtype=np.uint8)) == 3.0
     assert check_int("n", np.array(7)) == 7 and type(check_int("n", np.array(7))) is int
+    assert check_sizes(np.array(3), np.array(2, dtype=np.uint8)) == (3, 2)  # as check_int: Server(np.array(3)) was refused
+    with pytest.raises(TypeError, match="n_agents must be an integer"):
+        check_sizes(np.array(3.0), 1)
     for bad in (np.array(True), np.array("1"), np.array(1 + 0j), np.array([1.0]), np.array(None, dtype=object)):
         with pytest.raises(TypeError, match="^x must be a real number"):
             check_real("x", bad)
