@@ -343,13 +343,20 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
 TARGET_LIMIT = 1e30
 
 
+def _within(arr: np.ndarray, limit: float) -> bool:
+    """Whether every entry has ``|entry| <= limit`` (False for NaN): no temporary, ~0.3 us for a few entries."""
+    if arr.size <= 64:  # a target of a few coordinates: Python floats beat two ufunc reductions by ~2 us
+        return all(-limit <= v <= limit for v in arr.ravel().tolist())
+    return max(-float(np.minimum.reduce(arr, axis=None)), float(np.maximum.reduce(arr, axis=None))) <= limit
+
+
 def check_bounded(name: str, arr: np.ndarray, limit: float, why: str) -> None:
     """Raise ``ValueError`` unless every entry of the finite array ``arr`` has ``|entry| <= limit``.
 
-    Two passes (min, max) and no N-sized temporary when every entry is within
-    the limit; the message names the first entry beyond it, and ``why``.
+    No temporary when every entry is within the limit; the message names the
+    first entry beyond it, and ``why``.
     """
-    if arr.size == 0 or max(-float(arr.min()), float(arr.max())) <= limit:
+    if arr.size == 0 or _within(arr, limit):
         return
     bad = np.argwhere(~(np.abs(arr) <= limit))[0]
     where = f"coordinate {int(bad[0])}" if arr.ndim == 1 else f"index {tuple(int(b) for b in bad)}"
@@ -358,16 +365,24 @@ def check_bounded(name: str, arr: np.ndarray, limit: float, why: str) -> None:
                      f"got {float(arr[tuple(bad)]):g} at {where}. Z-score the stream first.")
 
 
+#: Why a target is bounded, for the messages.
+_TARGET_WHY = "larger values would overflow the clients' squared features"
+
+
 def as_target_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
     """A stream's value(s) as :func:`as_float_array` returns them, finite and with every ``|entry| <= TARGET_LIMIT``.
 
     Every object that learns from a stream (the forecasters, the fused
-    pipeline, the trust classes) checks its targets here, so that one
-    value that would overflow a forecaster's squared features, or poison an
-    error average with NaN, is refused before anything changes.
+    pipeline, the trust classes, the squared errors) checks its targets here,
+    so that one value that would overflow a forecaster's squared features,
+    or poison an error average with NaN, is refused before anything changes.
+    One check covers both (NaN fails ``|y| <= limit``); the messages are
+    built only on failure: "must be finite" for NaN or inf, else the limit.
     """
-    arr = as_float_array(name, value, shape)
-    check_bounded(name, arr, TARGET_LIMIT, "larger values would overflow the clients' squared features")
+    arr = as_float_array(name, value, shape, allow_nonfinite=True)
+    if not _within(arr, TARGET_LIMIT):
+        as_float_array(name, arr, shape)  # NaN or inf: the "must be finite" message
+        check_bounded(name, arr, TARGET_LIMIT, _TARGET_WHY)
     return arr
 
 

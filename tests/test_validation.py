@@ -352,3 +352,19 @@ def test_as_real_values_keeps_numbers():
     assert got.dtype == np.float64 and got.tolist() == [0.5, 0.25, 2.0, 3.0]
     src = np.array([1, 2], dtype=np.int16)
     assert not np.shares_memory(as_real_values("w", src, "real numbers"), src)
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 65, 1000])
+@pytest.mark.parametrize("bad, words", [(np.nan, "must be finite"), (np.inf, "must be finite"), (-np.inf, "must be finite"),
+                                        (1e31, r"must have \|y\| <= 1e\+30"), (-1e300, r"must have \|y\| <= 1e\+30")])
+def test_as_target_array_refuses_every_bad_entry_wherever_it_is(size, bad, words):
+    """One check serves NaN, inf and the limit, by Python floats for a few entries and by reductions for more."""
+    from memoa_fast._validation import TARGET_LIMIT, as_target_array
+
+    good = np.linspace(-TARGET_LIMIT, TARGET_LIMIT, size)
+    assert as_target_array("y", good, (size,)) is good  # nothing copied
+    for where in {0, size // 2, size - 1}:
+        y = good.copy()
+        y[where] = bad
+        with pytest.raises(ValueError, match=f"^y {words}"):
+            as_target_array("y", y, (size,))
