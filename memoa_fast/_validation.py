@@ -16,6 +16,7 @@ the machine has:
 """
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import os
@@ -27,7 +28,14 @@ BACKENDS = ("numba", "cython", "numpy")
 
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
-    """Return ``value`` as a float after checking it is a finite real in the given range."""
+    """Return ``value`` as a float after checking it is a finite real in the given range.
+
+    Python and NumPy reals and 0-d arrays of a real integer or floating dtype
+    (as read from a file) are accepted; bool, strings, complex numbers and
+    anything else raise ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     value = float(value)
@@ -44,12 +52,24 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
 
 
 def check_int(name: str, value, *, low: int = 1) -> int:
-    """Return ``value`` as an int after checking it is an integer >= ``low``."""
+    """Return ``value`` as an int after checking it is an integer >= ``low`` (Python, NumPy, or a 0-d integer array)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value[()]
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= {low}, got {value!r} of type {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool after checking it is one (Python's or NumPy's); ``1``, ``"no"``, ``None`` refused.
+
+    A flag is never read for its truthiness: ``record="no"`` would otherwise mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
 
 
 def check_choice(name: str, value, choices) -> str:
@@ -167,7 +187,8 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population") -> tuple[int, int]:
+def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population",
+                names: tuple[str, str] = ("n_agents", "dim"), extra_bytes: int = 0, detail: str = "") -> tuple[int, int]:
     r"""Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
 
     The arrays are ``per_agent_vectors`` float64 arrays of shape (N, d) and
@@ -184,6 +205,12 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         How many (N, d) and (N,) 8-byte arrays the object allocates.
     what : str
         What is being built, for the message.
+    names : (str, str)
+        The caller's names of the two counts (e.g. ``("n_clients", "dim")``), for the messages.
+    extra_bytes : int
+        Bytes allocated besides the per-agent arrays (e.g. a random block), added to the total.
+    detail : str
+        Other arguments that set the size (e.g. ``", lags=2"``), shown after the counts in the message.
 
     Raises
     ------
@@ -195,19 +222,21 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         before anything is allocated, instead of NumPy's ``MemoryError`` or
         the kernel's out-of-memory killer.
     """
-    for name, value in (("n_agents", n_agents), ("dim", dim)):
+    n_agents, dim = (v[()] if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iu" else v for v in (n_agents, dim))
+    for name, value in zip(names, (n_agents, dim)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")
         if value < 1 or value > MAX_COUNT:
             raise ValueError(f"{name} must be an integer in [1, 2**63 - 1], got {value!r}")
     n, d = int(n_agents), int(dim)
     if n * d > MAX_COUNT:
-        raise ValueError(f"n_agents * dim must be < 2**63 (NumPy's largest array), got n_agents={n}, dim={d}")
-    needed = 8 * n * (per_agent_vectors * d + per_agent_scalars)
+        raise ValueError(f"{names[0]} * {names[1]} must be < 2**63 (NumPy's largest array), got {names[0]}={n}, {names[1]}={d}")
+    needed = 8 * n * (per_agent_vectors * d + per_agent_scalars) + extra_bytes
     available = available_memory()
     if available is not None and needed > available:
+        owner = f"{what}'" if what.endswith("s") else f"{what}'s"
         raise ValueError(
-            f"n_agents={n}, dim={d}: the {what}'s arrays need {needed:,} bytes ({needed / 2**30:.3g} GiB), more than "
+            f"{names[0]}={n}, {names[1]}={d}{detail}: the {owner} arrays need {needed:,} bytes ({needed / 2**30:.3g} GiB), more than "
             f"the {available:,} bytes ({available / 2**30:.3g} GiB) this process may use (physical memory, cgroup "
             f"and RLIMIT_AS limits); use fewer agents, or shard the population over several machines"
         )
@@ -232,6 +261,41 @@ _KIND_NAMES = {
     "b": "bool", "c": "complex", "U": "string", "S": "bytes", "O": "object: Python objects, e.g. None",
     "M": "datetime64", "m": "timedelta64", "V": "void/structured",
 }
+
+
+def as_real_values(name: str, value, accepted: str) -> np.ndarray:
+    """``value`` (a real number, or a sequence or array of them) as a new float64 array, its dtype checked first.
+
+    For the small per-class arguments (weights, shares). Refused with
+    ``TypeError`` naming ``name`` and ``accepted``, instead of being cast:
+    strings (also numeric ones, and string arrays), ``None``, bools, complex
+    numbers (an imaginary part would be dropped), datetimes, and object
+    arrays holding anything but real numbers (``None`` would become NaN).
+    ``fractions.Fraction``, ``decimal.Decimal`` and NumPy scalars are real
+    numbers and accepted.
+    """
+    def refuse(detail):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}{detail}")
+
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+        refuse(f" of type {type(value).__name__}")
+    if isinstance(value, np.ndarray) and value.dtype.kind != "O":
+        raw = value
+    else:  # a sequence: look at every element, so that [True, 0.5] is not read as [1.0, 0.5]
+        try:
+            raw = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+        except (TypeError, ValueError) as exc:  # ragged
+            refuse(f": {exc}")
+        for item in raw.reshape(-1):
+            if isinstance(item, (bool, np.bool_)) or not isinstance(item, (numbers.Real, decimal.Decimal)):
+                refuse(f": {item!r} of type {type(item).__name__} is not a real number")
+        try:
+            raw = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            refuse(f": {exc}")
+    if raw.dtype.kind not in "iuf":
+        refuse(f" of dtype {raw.dtype} ({_KIND_NAMES.get(raw.dtype.kind, 'other')})")
+    return np.array(raw, dtype=np.float64)
 
 
 def _sum_is_finite(arr: np.ndarray) -> bool:
@@ -271,6 +335,54 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if not allow_nonfinite and not _sum_is_finite(arr) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite; first non-finite entry at index {tuple(int(b) for b in bad)}: {arr[tuple(bad)]!r}")
+    return arr
+
+
+#: The largest magnitude a stream's value (a target) may have: the forecasters square their lagged
+#: observations, so beyond about 1e154 their features overflow; 1e30 leaves room for the noise and the sums.
+TARGET_LIMIT = 1e30
+
+
+def _within(arr: np.ndarray, limit: float) -> bool:
+    """Whether every entry has ``|entry| <= limit`` (False for NaN): no temporary, ~0.3 us for a few entries."""
+    if arr.size <= 64:  # a target of a few coordinates: Python floats beat two ufunc reductions by ~2 us
+        return all(-limit <= v <= limit for v in arr.ravel().tolist())
+    return max(-float(np.minimum.reduce(arr, axis=None)), float(np.maximum.reduce(arr, axis=None))) <= limit
+
+
+def check_bounded(name: str, arr: np.ndarray, limit: float, why: str) -> None:
+    """Raise ``ValueError`` unless every entry of the finite array ``arr`` has ``|entry| <= limit``.
+
+    No temporary when every entry is within the limit; the message names the
+    first entry beyond it, and ``why``.
+    """
+    if arr.size == 0 or _within(arr, limit):
+        return
+    bad = np.argwhere(~(np.abs(arr) <= limit))[0]
+    where = f"coordinate {int(bad[0])}" if arr.ndim == 1 else f"index {tuple(int(b) for b in bad)}"
+    entries = "coordinate" if arr.ndim == 1 else "entry"
+    raise ValueError(f"{name} must have |{name}| <= {limit:g} in every {entries} ({why}); "
+                     f"got {float(arr[tuple(bad)]):g} at {where}. Z-score the stream first.")
+
+
+#: Why a target is bounded, for the messages.
+_TARGET_WHY = "larger values would overflow the clients' squared features"
+
+
+def as_target_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
+    """A stream's value(s) as :func:`as_float_array` returns them, finite and with every ``|entry| <= TARGET_LIMIT``.
+
+    Every object that learns from a stream (the forecasters, the fused
+    pipeline, the trust classes, the squared errors) checks its targets here,
+    so that one value that would overflow a forecaster's squared features,
+    or poison an error average with NaN, is refused before anything changes.
+    One check covers both (NaN fails ``|y| <= limit``); the messages are
+    built only on failure: "must be finite" for NaN or inf, else the limit.
+    """
+    arr = as_float_array(name, value, shape, allow_nonfinite=True)
+    if not _within(arr, TARGET_LIMIT):
+        as_float_array(name, arr, shape)  # NaN or inf: the "must be finite" message
+        check_bounded(name, arr, TARGET_LIMIT, _TARGET_WHY)
     return arr
 
 

@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from ._state import RULES, check_population_state, check_server_state, check_source_layout, n_classes_of
-from ._validation import available_memory
+from ._validation import available_memory, check_int
 from .game import POLICIES, Game
 
 __all__ = [
@@ -266,6 +266,12 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     deleted. Two processes saving to the same path at the same time are not
     supported.
     """
+    if sharded is not None and not isinstance(sharded, (bool, np.bool_)):
+        raise TypeError(f"sharded must be True, False or None, got {sharded!r} of type {type(sharded).__name__}")
+    _check_engines(population, server, source, saving=True)
+    if Path(os.path.realpath(Path(path))).is_dir():
+        raise IsADirectoryError(f"cannot write checkpoint {str(path)!r}: it is a folder, not a file; give a file name "
+                                f"such as {os.path.join(path, 'run.npz')!r}")
     writer = getattr(population, "_save_shards", None)
     if sharded is None:
         sharded = writer is not None
@@ -414,6 +420,7 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
     this process may use. Only then is the data read, exactly that many
     bytes per member, with the zip CRC checked.
     """
+    n_agents, dim = _wanted_size(n_agents, dim)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -441,6 +448,41 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
 
 def _fail(where, message):
     raise CheckpointError(f"{where}: {message}")
+
+
+def _wanted_size(n_agents, dim) -> tuple[int | None, int | None]:
+    """The caller's ``n_agents`` and ``dim`` (each optional), checked as integers >= 1."""
+    return (None if n_agents is None else check_int("n_agents", n_agents, low=1),
+            None if dim is None else check_int("dim", dim, low=1))
+
+
+def _check_size(where, n, d, n_agents, dim) -> None:
+    """Refuse a checkpoint of ``n`` agents of dimension ``d`` when the caller asked for another ``n_agents`` or ``dim``."""
+    if (n_agents is None or n == n_agents) and (dim is None or d == dim):
+        return
+    if n_agents is not None and dim is not None:
+        raise CheckpointError(f"{where} holds {n} agents of dimension {d}, the population has {n_agents} of dimension {dim}")
+    asked = f"n_agents={n_agents}" if dim is None else f"dim={dim}"
+    raise CheckpointError(f"{where} holds {n} agents of dimension {d}, not the {asked} asked for")
+
+
+def _check_engine(name: str, obj, attributes: tuple[str, ...], accepted: str) -> None:
+    """``TypeError`` naming ``name`` unless ``obj`` has every attribute a checkpoint uses (instead of AttributeError later)."""
+    missing = [a for a in attributes if not hasattr(obj, a)]
+    if missing:
+        raise TypeError(f"{name} must be {accepted}, got {type(obj).__name__} (it has no {', '.join(missing)})")
+
+
+def _check_engines(population, server, source, *, saving: bool) -> None:
+    """What :func:`save_checkpoint` (``saving``) or :func:`restore_checkpoint` will call on each object, checked first."""
+    method = "state_dict" if saving else "load_state_dict"
+    _check_engine("population", population, ("game", "n_agents", "dim", method),
+                  f"a population engine (Population, DaskPopulation: game, n_agents, dim, {method})")
+    if server is not None:
+        needs = ("n_agents", "dim", "rule", "eta", "alpha") + (("state_dict",) if saving else ())
+        _check_engine("server", server, needs, f"None or a Server ({', '.join(needs)})")
+    if source is not None:
+        _check_engine("source", source, (method,), f"None or a signal source (with {method})")
 
 
 def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
@@ -488,10 +530,7 @@ def _read_members(fh, where, n_agents, dim) -> dict:
         shape, dtype = header("states")
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
             _fail(where, f"entry 'states' must have shape (n_agents, dim), got {shape}")
-        if n_agents is not None and dim is not None and shape != (n_agents, dim):
-            raise CheckpointError(
-                f"{where} holds {shape[0]} agents of dimension {shape[1]}, the population has {n_agents} of dimension {dim}"
-            )
+        _check_size(where, shape[0], shape[1], n_agents, dim)
         sizes = {"N": shape[0], "d": shape[1]}
 
         data = {}
@@ -978,8 +1017,7 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
     n, d = _scalar(data, "n_agents", "int", where), _scalar(data, "dim", "int", where)
     if n < 1 or d < 1:
         _fail(where, f"entries 'n_agents' and 'dim' must be >= 1, got {n} and {d}")
-    if n_agents is not None and dim is not None and (n, d) != (n_agents, dim):
-        raise CheckpointError(f"{where} holds {n} agents of dimension {d}, the population has {n_agents} of dimension {dim}")
+    _check_size(where, n, d, n_agents, dim)
     shapes = {"mean_state": (d,), "mean_signal": (d,), "class_mean_signal": (K, d), "class_mean_state": (K, d)}
     for key, shape in shapes.items():
         if key not in data:
@@ -1318,6 +1356,7 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     previous state back (from its ``state_dict()``), the population and the
     server are not touched, and :class:`CheckpointError` is raised.
     """
+    _check_engines(population, server, source, saving=False)
     if isinstance(checkpoint, Checkpoint):
         ckpt = checkpoint
     elif getattr(population, "_restore_shards", None) is not None and is_manifest(checkpoint):

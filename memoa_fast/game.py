@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_choice, check_real
+from ._validation import as_real_values, check_bool, check_choice, check_int, check_real
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL, SIZE, Q, R
 
 POLICIES = ("memoa", "greedy", "local", "consensus")
@@ -329,18 +329,10 @@ def _as_weight_vector(name, value, low_open):
     if isinstance(value, (str, bytes)) or value is None or isinstance(value, bool):
         raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
     if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
-        return check_real(name, float(value) if isinstance(value, np.ndarray) else value, low=0.0, low_open=low_open)
-    try:
-        arr = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be {accepted}, got {value!r}") from None
-    raw = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+        return check_real(name, value, low=0.0, low_open=low_open)  # 0-d arrays of a non-real dtype: TypeError
+    arr = as_real_values(name, value, accepted)  # the dtype (or every element) checked: nothing is cast
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be {accepted}, got shape {arr.shape}")
-    if raw.dtype == object and any(isinstance(v, (bool, np.bool_, str, bytes)) for v in raw.reshape(-1)):
-        raise TypeError(f"{name} must be {accepted}, got {value!r}")
-    if raw.dtype == bool:
-        raise TypeError(f"{name} must be {accepted}, got booleans {value!r}")
     with np.errstate(invalid="ignore"):
         fine = np.isfinite(arr) & ((arr > 0.0) if low_open else (arr >= 0.0))
     if not fine.all():
@@ -360,14 +352,9 @@ def _check_class_weights(q, kappa, r, gamma, shares):
     if shares is not None:
         if isinstance(shares, (str, bytes, numbers.Real)) or isinstance(shares, bool):
             raise TypeError(f"shares must be None or a 1-D sequence of K positive reals summing to 1, got {shares!r}")
-        try:
-            sh = np.array(shares, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"shares must be None or a 1-D sequence of K positive reals summing to 1, got {shares!r}") from None
+        sh = as_real_values("shares", shares, "None or a 1-D sequence of K positive reals summing to 1")
         if sh.ndim != 1 or sh.size == 0:
             raise ValueError(f"shares must be a 1-D sequence of K positive reals summing to 1, got shape {sh.shape}")
-        if np.asarray(shares).dtype == bool:
-            raise TypeError(f"shares must be a 1-D sequence of K positive reals summing to 1, got booleans {shares!r}")
         lengths["shares"] = len(sh)
     sizes = set(lengths.values())
     if len(sizes) > 1:
@@ -483,8 +470,7 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
     """
     method = check_choice("method", method, ("qz", "iterate"))
     tol = check_real("tol", tol, low=0.0, low_open=True)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    max_iter = check_int("max_iter", max_iter, low=1)
     K, q, kappa, r, gamma, shares = _check_class_weights(q, kappa, r, gamma, shares)
     return _solve_checked(K, q, kappa, r, gamma, shares, method, tol, int(max_iter))
 
@@ -668,9 +654,7 @@ class Game:
     def __init__(self, q=1.0, kappa=1.0, r=0.1, gamma: float = 0.9, policy: str = "memoa", *, shares=None, feedforward: bool = True):
         K, q, kappa, r, gamma, shares = _check_class_weights(q, kappa, r, gamma, shares)
         policy = check_choice("policy", policy, POLICIES)
-        if not isinstance(feedforward, (bool, np.bool_)):
-            raise TypeError(f"feedforward must be True or False, got {feedforward!r} of type {type(feedforward).__name__}")
-        feedforward = bool(feedforward)
+        feedforward = check_bool("feedforward", feedforward)
         if not feedforward and policy != "memoa":
             raise ValueError(f"feedforward=False applies to the 'memoa' policy only, got policy={policy!r}")
         self._assign(K, q, kappa, r, gamma, policy, shares, feedforward, None)

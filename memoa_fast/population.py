@@ -417,8 +417,18 @@ class Population(MeanFieldSummary):
             self._discount *= self.game.gamma
 
     def run(self, signals) -> np.ndarray:
-        """Step through ``signals`` of shape (T, N, d); returns the last states."""
-        signals = np.asarray(signals)
+        """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.
+
+        The dtype and the shape of every step are checked before the first step (one array).
+        """
+        try:
+            signals = np.asarray(signals)
+        except (TypeError, ValueError) as exc:  # ragged lists and the like
+            raise TypeError(f"signals must be an array of real numbers of shape (T, n_agents, dim), got "
+                            f"{type(signals).__name__}: {exc}") from None
+        if signals.dtype.kind == "O":
+            raise TypeError(f"signals must be an array of real numbers of shape (T, n_agents, dim), got dtype object "
+                            f"({type(signals).__name__})")
         if signals.ndim not in (2, 3):
             raise ValueError(f"signals must have shape (T, n_agents, dim), got shape {signals.shape}")
         for s in signals:

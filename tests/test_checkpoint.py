@@ -971,3 +971,57 @@ def test_sharded_needs_a_population_that_writes_its_own_files(run, tmp_path):
     with pytest.raises(ValueError, match="sharded=True needs a population whose shards write their own files"):
         save_checkpoint(tmp_path / "x.ckpt", pop, server, sharded=True)
     assert not (tmp_path / "x.ckpt").exists()
+
+
+# =========================================================================== arguments of the checkpoint functions
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"n_agents": N + 1}, CheckpointError, f"holds {N} agents of dimension {D}"),   # used to be ignored without dim=
+    ({"dim": D + 1}, CheckpointError, f"holds {N} agents of dimension {D}"),        # used to be ignored without n_agents=
+    ({"n_agents": "300"}, TypeError, "n_agents must be"),                          # used to be ignored
+    ({"n_agents": 0}, ValueError, "n_agents must be"),
+    ({"dim": True}, TypeError, "dim must be"),
+    ({"n_agents": float(N), "dim": D}, TypeError, "n_agents must be"),
+])
+def test_load_checkpoint_checks_n_agents_and_dim_each(tmp_path, rng, kwargs, error, match):
+    from memoa_fast import Population
+
+    path = save_checkpoint(tmp_path / "run.npz", Population(GAME, N, D))
+    with pytest.raises(error, match=match):
+        load_checkpoint(path, **kwargs)
+    assert load_checkpoint(path, n_agents=np.int64(N)).n_agents == N  # a NumPy integer is an integer
+    assert load_checkpoint(path, dim=D).dim == D
+
+
+def test_save_checkpoint_refuses_a_folder_as_the_file(tmp_path, monkeypatch):
+    """The path "" (the working folder) or a folder used to fail in os.replace with a temporary's name in the message."""
+    from memoa_fast import Population
+
+    pop = Population(GAME, 4, 1)
+    monkeypatch.chdir(tmp_path)
+    for path in (tmp_path, "", "."):
+        with pytest.raises(IsADirectoryError, match="is a folder, not a file"):
+            save_checkpoint(path, pop)
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+@pytest.mark.parametrize("which", ["population", "server", "source"])
+def test_checkpoint_functions_name_a_wrong_object(tmp_path, which):
+    """An object without the methods a checkpoint needs used to raise AttributeError from deep inside."""
+    from memoa_fast import Population, Server
+
+    pop, server = Population(GAME, 4, 1), Server(4, 1)
+    path = save_checkpoint(tmp_path / "run.npz", pop, server)
+    args = {"population": pop, "server": server, "source": None}
+    args[which] = "not an engine"
+    with pytest.raises(TypeError, match=f"^{which} must be"):
+        save_checkpoint(tmp_path / "other.npz", args["population"], args["server"], source=args["source"])
+    with pytest.raises(TypeError, match=f"^{which} must be"):
+        restore_checkpoint(path, args["population"], args["server"], source=args["source"])
+    assert not (tmp_path / "other.npz").exists()
+
+
+def test_sharded_must_be_a_bool_or_none(tmp_path):
+    from memoa_fast import Population
+
+    with pytest.raises(TypeError, match="sharded must be True, False or None"):
+        save_checkpoint(tmp_path / "run.npz", Population(GAME, 4, 1), sharded="no")

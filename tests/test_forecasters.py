@@ -200,7 +200,7 @@ def test_state_dict_resumes_exactly():
     c = ClientForecasters(300 - 128, seed=2, block_size=128, first_client=128)
     c.load_state_dict({"agents": {k: v[128:] for k, v in state["agents"].items()}, "shared": state["shared"]})
     np.testing.assert_array_equal(_run(c, ys[20:]), rest_a[:, 128:])
-    with pytest.raises(ValueError, match=r"state\['agents'\]\['lags'\] must have shape \(300, 1, 2\)"):
+    with pytest.raises(ValueError, match=r"state\['source/agents/lags'\] must have shape \(300, 1, 2\)"):
         b.load_state_dict({"agents": dict(state["agents"], lags=np.zeros((300, 1, 3))), "shared": state["shared"]})
 
 
@@ -288,3 +288,103 @@ def test_a_target_beyond_the_limit_is_refused_and_changes_nothing(before, bad, w
 def test_noise_scales_are_bounded():
     with pytest.raises(ValueError, match=r"noise_range high must be in \(0, 1e\+30\]"):
         ClientForecasters(3, noise_range=(0.1, 1e31))
+
+
+def _bad_forecaster_states(state):
+    agents, shared = state["agents"], state["shared"]
+    return [
+        ({"agents": agents, "shared": dict(shared, t=3.7)}, ValueError),       # used to be truncated to 3
+        ({"agents": agents, "shared": dict(shared, t="5")}, ValueError),       # used to be read as 5
+        ({"agents": agents, "shared": dict(shared, t=True)}, ValueError),      # used to be read as 1
+        ({"agents": agents, "shared": dict(shared, t=-1)}, ValueError),
+        ({"agents": agents, "shared": dict(shared, t=float("nan"))}, ValueError),
+        ({"agents": agents}, ValueError),                                     # used to be KeyError
+        (5, ValueError),                                                      # used to be "'int' object is not subscriptable"
+        ({"agents": dict(agents, weights=agents["weights"][:, :, :-1]), "shared": shared}, ValueError),
+        ({"agents": dict(agents, lags=np.full_like(agents["lags"], np.nan)), "shared": shared}, ValueError),
+        ({"agents": dict(agents, extra=agents["signals"]), "shared": shared}, ValueError),
+        ({"agents": agents, "shared": dict(shared, y=np.array(["a", "b"]))}, ValueError),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_load_state_dict_refuses_a_malformed_state_and_changes_nothing(case):
+    """ClientForecasters.load_state_dict checks with the same validator as a checkpoint's source state."""
+    fc = ClientForecasters(5, 2, seed=1, backend="numpy")
+    fc.observe([0.1, 0.2])
+    good = fc.state_dict()
+    fc.observe([0.3, 0.4])
+    before = fc.state_dict()
+    bad, error = _bad_forecaster_states(good)[case]
+    with pytest.raises(error, match=r"state|source"):
+        fc.load_state_dict(bad)
+    after = fc.state_dict()
+    assert fc.t == 2
+    for part in ("agents", "shared"):
+        for key in before[part]:
+            np.testing.assert_array_equal(after[part][key], before[part][key])
+    fc.load_state_dict(good)  # a good state still loads: t as a 0-d array, a Python int or a NumPy int
+    fc.load_state_dict(dict(good, shared=dict(good["shared"], t=np.int32(1))))
+    fc.load_state_dict(dict(good, shared=dict(good["shared"], t=1)))
+    assert fc.t == 1
+
+
+@pytest.mark.parametrize("record", ["no", None, 1, 0.0])
+def test_squared_errors_record_must_be_true_or_false(record):
+    scorer = SquaredErrors(3, 1, backend="numpy")
+    scorer.add(np.ones((3, 1)), [0.0])
+    with pytest.raises(TypeError, match="record must be True or False"):
+        scorer.add(np.ones((3, 1)), [0.0], record=record)
+    np.testing.assert_array_equal(scorer.totals, np.ones(3))
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_forecasters_and_scores_copy_independently(how):
+    """Pickle and deepcopy used to fail with "cannot pickle 'module' object"; copy.copy shared the buffers."""
+    import copy
+    import pickle
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    fc = ClientForecasters(7, 2, seed=3, block_size=4, threads=1)
+    fc.observe([0.1, 0.2])
+    fc.observe([0.3, 0.1])
+    clone = clone_of(fc)
+    a = clone.observe([0.2, 0.2]).copy()
+    assert fc.t == 2
+    np.testing.assert_array_equal(fc.observe([0.2, 0.2]), a)
+    np.testing.assert_array_equal(fc.weights, clone.weights)
+    assert repr(clone) == repr(fc)
+    scorer = SquaredErrors(4, 2, backend="numpy", parallel_threshold=2)
+    scorer.add(np.ones((4, 2)), [0.0, 0.5])
+    twin = clone_of(scorer)
+    twin.add(np.ones((4, 2)), [0.0, 0.0])
+    np.testing.assert_array_equal(scorer.totals, np.full(4, 1.25))
+    assert twin.max_total == 3.25 and scorer.max_total == 1.25 and twin.parallel_threshold == 2
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: ClientForecasters(20_000, backend="numpy"), r"n_clients=20000, dim=1, lags=2, block_size=4096: the forecasters' arrays need"),
+    (lambda: ClientForecasters(10, lags=10**12, backend="numpy"), r"lags=1000000000000, block_size=4096: the forecasters' arrays need"),
+    (lambda: ClientForecasters(10, block_size=10**12, backend="numpy"), r"block_size=1000000000000: the forecasters' arrays need"),
+    (lambda: SquaredErrors(200_000, backend="numpy"), r"n_clients=200000, dim=1: the squared errors' arrays need"),
+])
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypatch, make, words):
+    """Only integer checks used to stand between a size and NumPy's MemoryError (or the out-of-memory killer)."""
+    from memoa_fast import _validation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=words):
+        make()
+    ClientForecasters(10, backend="numpy")
+    SquaredErrors(10, backend="numpy")
+
+
+@pytest.mark.parametrize("bad", [1e31, -1e200, 1e308])
+def test_squared_errors_refuse_a_target_beyond_the_limit(bad):
+    """A finite target of 1e200 used to overflow every |x_i - y|^2 to inf and leave the totals inf for good."""
+    scorer = SquaredErrors(4, 2, backend="numpy")
+    scorer.add(np.ones((4, 2)), [0.0, 0.5])
+    with pytest.raises(ValueError, match=r"^target must have \|target\| <= 1e\+30"):
+        scorer.add(np.ones((4, 2)), [0.0, bad])
+    np.testing.assert_array_equal(scorer.totals, np.full(4, 1.25))
+    assert scorer.max_total == 1.25

@@ -272,3 +272,49 @@ def test_feedforward_false_single_class():
     assert (c.gain, c.signal, c.signal_mean, c.state_mean) == (game.gains.k, 1 / 3, 2 / 3, 0.0)
     assert repr(game) == "Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95, policy='memoa', feedforward=False)"
     assert Game(**game.to_dict()) == game
+
+
+# --------------------------------------------------------------------------- weights: dtypes are checked, not cast
+@pytest.mark.parametrize("name", ["q", "kappa", "r", "shares"])
+@pytest.mark.parametrize("bad", [
+    np.array([1 + 2j, 1.0]),                      # used to drop the imaginary part (a ComplexWarning at most)
+    np.array(["0.5", "0.5"]),                     # used to be parsed as numbers
+    np.array("1"),                                # a 0-d string array, too
+    np.array([np.datetime64(1, "s"), np.datetime64(1, "s")]),
+    np.array([None, 0.5], dtype=object),          # used to say "must be finite, got nan"
+    [0.5, "0.5"],
+    [True, 0.5],
+])
+def test_weights_of_a_non_real_dtype_are_refused_naming_the_argument(name, bad):
+    kwargs = {"q": [1.0, 2.0]} if name == "shares" else {}
+    with pytest.raises(TypeError, match=f"^{name} must"):
+        Game(**kwargs, **{name: bad})
+
+
+def test_weights_of_real_dtypes_and_numbers_still_work():
+    from fractions import Fraction
+
+    want = Game(q=[0.5, 1.0], kappa=2.0, r=[0.25, 0.25], shares=[0.25, 0.75])
+    assert Game(q=np.array([0.5, 1.0], dtype=np.float32), kappa=np.int8(2), r=np.array(0.25), shares=np.array([1, 3]) / 4) == want
+    assert Game(q=[Fraction(1, 2), 1], kappa=np.array([2, 2], dtype=np.uint16), r=0.25, shares=(0.25, np.float64(0.75))) == want
+
+
+@pytest.mark.parametrize("value", [np.array(0.9), np.float32(0.9), np.array(9, dtype=np.int8) / 10])
+def test_gamma_and_scalar_arguments_accept_numpy_zero_d_reals(value):
+    """Weights accepted a 0-d array but gamma, solve_gains' arguments and the scalar checks did not."""
+    assert Game(gamma=value) == Game(gamma=float(value))
+    assert solve_gains(np.array(1.0), np.array(1.0), np.array(0.1), value) == solve_gains(1.0, 1.0, 0.1, float(value))
+
+
+@pytest.mark.parametrize("bad, error", [(np.array(True), TypeError), (np.array("0.9"), TypeError), (np.array([0.9]), TypeError),
+                                        (np.array(0.9 + 0j), TypeError), (np.array(np.nan), ValueError)])
+def test_gamma_refuses_other_arrays(bad, error):
+    with pytest.raises(error, match="^gamma must"):
+        Game(gamma=bad)
+
+
+def test_max_iter_bool_is_a_type_error():
+    from memoa_fast.game import solve_classes
+
+    with pytest.raises(TypeError, match="max_iter must be an integer >= 1, got True"):
+        solve_classes([1.0, 2.0], 1.0, 0.1, 0.9, method="iterate", max_iter=True)

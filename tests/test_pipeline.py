@@ -112,10 +112,11 @@ def test_a_shard_offset_draws_its_own_clients_noise(first, d):
 
 @pytest.mark.parametrize("rule,alpha", [("hedge", 0.0), ("hedge", 0.01), ("eg", 0.01)])
 def test_eta_zero_and_a_huge_step_keep_weights_normalised(rule, alpha):
-    # 1e60: eta * loss overflows (the step is clipped: weights stay finite or -inf, never NaN), and the
-    # forecasts pass SIGNAL_LIMIT (those clients hold); alpha > 0 runs the linear weights (steps of +-1e300)
-    y = series(5, 1) * 1e60
-    for eta in (0.0, 1e200):
+    # targets near TARGET_LIMIT (1e30, the largest a Pipeline accepts) and eta = 1e300: eta * loss overflows
+    # (the step is clipped: weights stay finite or -inf, never NaN); alpha > 0 runs the linear weights (steps
+    # of +-1e300). Targets beyond 1e30 (which made the forecasts pass SIGNAL_LIMIT) are refused (test_a_target_beyond_the_limit_...).
+    y = series(5, 1) * (0.5e30 / np.abs(series(5, 1)).max())
+    for eta in (0.0, 1e300):
         a = Pipeline(CHUNK + 3, game=GAME, rule=rule, eta=eta, alpha=alpha, backend="numba", threads=1)
         b = Pipeline(CHUNK + 3, game=GAME, rule=rule, eta=eta, alpha=alpha, backend="numpy")
         assert a._linear == (alpha > 0)
@@ -457,3 +458,99 @@ def test_pipeline_state_starts_on_distinct_lines_of_a_page_whatever_the_allocato
     arrays = [getattr(pipe, name) for name in STATE]
     assert len(set(_page_lines(arrays))) == len(STATE)
     assert all(a.flags.c_contiguous for a in arrays)
+
+
+def _pipeline_state(pipe):
+    """Every array and counter a Pipeline round changes (copies)."""
+    names = ("_x", "_s", "_J", "_log_p", "_ebuf", "_weights", "_lag_buf", "_sq_err", "_sq_sig", "_yhat", "_field", "_stats")
+    return {name: getattr(pipe, name).copy() for name in names} | {"t": pipe.t, "n": pipe.n_recorded, "disc": pipe._discount}
+
+
+def _assert_same_state(before, after):
+    for key, value in before.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(after[key], value, err_msg=key)
+        else:
+            assert after[key] == value, key
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("bad", [1e31, -1e200, 1e308])
+def test_a_target_beyond_the_limit_is_refused_and_changes_nothing(backend, bad):
+    """The forecasters' squared features overflow beyond TARGET_LIMIT = 1e30: one such target used to turn
+    every client's NLMS weights into NaN for good (no valid signal ever again); it is refused, as
+    ClientForecasters.observe refuses it, whether it comes through round() or run().
+    """
+    from memoa_fast.timeseries.forecasters import TARGET_LIMIT
+
+    pipe = Pipeline(40, 2, seed=3, backend=backend, threads=1)
+    pipe.run(np.sin(np.arange(10.0))[:, None] * [1.0, 0.5])
+    before = _pipeline_state(pipe)
+    with pytest.raises(ValueError, match=r"y must have \|y\| <= 1e\+30.*coordinate 1"):
+        pipe.round([0.1, bad])
+    _assert_same_state(before, _pipeline_state(pipe))
+    series = np.zeros((5, 2))
+    series[3, 0] = bad
+    with pytest.raises(ValueError, match=r"series must have \|series\| <= 1e\+30.*index \(3, 0\)"):
+        pipe.run(series)
+    _assert_same_state(before, _pipeline_state(pipe))
+    pipe.round([TARGET_LIMIT, -TARGET_LIMIT])  # the limit itself is accepted
+    for _ in range(5):
+        pipe.round([0.1, 0.2])
+    assert pipe.n_valid_signals == 40 and np.isfinite(pipe.forecaster_weights).all()
+
+
+@pytest.mark.parametrize("record", ["no", None, 0, 1, 1.0, np.array([True])])
+def test_record_must_be_true_or_false(record):
+    """record='no' used to be taken as True (any truthy value): now only bools, and nothing changes."""
+    pipe = Pipeline(10, 1, seed=0, backend="numpy")
+    pipe.round(0.5)
+    before = _pipeline_state(pipe)
+    with pytest.raises(TypeError, match="record must be True or False"):
+        pipe.round(0.5, record=record)
+    with pytest.raises(TypeError, match="record must be True or False"):
+        pipe.run(np.zeros(3), record=record)
+    _assert_same_state(before, _pipeline_state(pipe))
+    pipe.round(0.5, record=np.bool_(False))  # NumPy's bool is a bool
+    pipe.round(0.5, record=np.bool_(True))
+    assert pipe.n_recorded == before["n"] + 1
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_copy_is_independent_and_continues_bitwise(backend, how):
+    """Pickle and deepcopy used to fail with "cannot pickle 'module' object"; copy.copy shared every buffer
+    with the original, so stepping the copy silently moved the original's states (its counters did not).
+    """
+    import copy
+    import pickle
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    y = series(12, 2)
+    pipe = Pipeline(30, 2, game=GAME, rule="eg", alpha=0.0, seed=4, backend=backend, threads=1)
+    pipe.run(y[:5])
+    before = _pipeline_state(pipe)
+    clone = clone_of(pipe)
+    _assert_same_state(before, _pipeline_state(clone))
+    got = clone.run(y[5:])
+    _assert_same_state(before, _pipeline_state(pipe))  # the original did not move
+    np.testing.assert_array_equal(pipe.run(y[5:]), got)  # and it makes the same bits as the clone did
+    _assert_same_state(_pipeline_state(pipe), _pipeline_state(clone))
+    assert repr(clone) == repr(pipe)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"n_clients": 20_000}, r"n_clients=20000, dim=1, lags=2: the pipeline's arrays need [\d,]+ bytes"),
+    ({"n_clients": 10, "dim": 20_000}, r"n_clients=10, dim=20000, lags=2: the pipeline's arrays need"),
+    ({"n_clients": 10, "lags": 10**12}, r"n_clients=10, dim=1, lags=1000000000000: the pipeline's arrays need"),
+])
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypatch, kwargs, words):
+    """Pipeline checked n_clients, dim and lags only as integers: a size beyond memory raised NumPy's MemoryError
+    (or, with overcommit, met the out-of-memory killer) instead of the ValueError a Population gives.
+    """
+    from memoa_fast import _validation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=words):
+        Pipeline(**kwargs, backend="numpy")
+    Pipeline(10, 1, backend="numpy")  # ~1 kB fits

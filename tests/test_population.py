@@ -404,3 +404,15 @@ def test_any_float64_signal_keeps_mean_field_and_costs_finite(backend, seed, log
     scale = 1.0 + np.abs(ref.states)
     assert np.all(np.abs(got.states - ref.states) <= 1e-12 * scale * 10)
     np.testing.assert_allclose(got.costs, ref.costs, rtol=1e-11, atol=1e-300)
+
+
+def test_run_names_signals_that_are_not_an_array():
+    """A ragged list used to raise NumPy's "inhomogeneous shape" ValueError without naming the argument."""
+    pop = Population(Game(), 3, 2, backend="numpy")
+    with pytest.raises(TypeError, match="^signals must be an array of real numbers"):
+        pop.run([np.zeros((3, 2)), np.zeros((3, 3))])
+    with pytest.raises(TypeError, match="^signals must be an array of real numbers"):
+        pop.run(None)
+    assert pop.t == 0
+    pop.run([np.zeros((3, 2)), np.ones((3, 2))])
+    assert pop.t == 2

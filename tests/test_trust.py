@@ -206,3 +206,111 @@ def test_no_feedforward_moves_lie_in_the_family_bench_trust_bound_bounds(k, seed
     sbar = np.stack([s[labels == j].mean(axis=0) for j in range(k)])
     want = a[labels, None] * x + b[labels, None] * s + c[labels] @ sbar
     np.testing.assert_allclose(pop.step(s), want, rtol=1e-11, atol=1e-11)
+
+
+def _trust_state(tp):
+    """Everything a TrustPopulation's observe() may change (copies)."""
+    return (tp.class_costs.copy(), tp.trust.errors.copy(), tp.trust.n_observed, tp.t, tp.n_reclassed, tp.leader,
+            [pop.state_dict() for pop in tp.populations], list(tp.games))
+
+
+@pytest.mark.parametrize("bad, error", [
+    ([float("nan")], ValueError), ([float("inf")], ValueError), ([1e31], ValueError), ([-1e308], ValueError),
+    (None, TypeError), ("abc", TypeError), (1 + 1j, TypeError), ([0.1, 0.2], ValueError), ([[0.1]], ValueError),
+])
+def test_trust_population_refuses_a_bad_target_and_changes_nothing(bad, error):
+    """One NaN (or overflowing) target used to send every minimax candidate's measured cost to inf for good,
+    freezing the leader, and still count the round; None was taken as NaN. Now: refused first, nothing changes.
+    """
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    rng = np.random.default_rng(5)
+    tp = TrustPopulation(12, 1, n_classes=3, reclass=2, backend="numpy")
+    for _ in range(3):
+        tp.step(rng.normal(size=(12, 1)))
+        tp.observe([0.1])
+    tp.step(rng.normal(size=(12, 1)))
+    before = _trust_state(tp)
+    assert np.isfinite(before[0]).all()
+    with pytest.raises(error, match="^target must"):
+        tp.observe(bad)
+    after = _trust_state(tp)
+    for a, b in zip(before[:6], after[:6]):
+        np.testing.assert_array_equal(a, b)
+    for sa, sb in zip(before[6], after[6]):
+        for key in ("states", "costs", "labels"):
+            np.testing.assert_array_equal(sa[key], sb[key])
+    assert before[7] == after[7]
+    tp.observe([0.1])  # and it goes on: every candidate still in the race
+    assert np.isfinite(tp.class_costs).all() and tp.t == before[3] + 1
+
+
+@pytest.mark.parametrize("bad, error", [([float("nan")], ValueError), (None, TypeError), ([1e31], ValueError), ([0.1, 0.2], ValueError)])
+def test_trust_classes_refuse_a_bad_target_and_change_nothing(bad, error):
+    trust = TrustClasses(6, 2)
+    trust.observe(np.ones((6, 1)), [0.5])
+    errors, n = trust.errors.copy(), trust.n_observed
+    with pytest.raises(error, match="^(target|forecasts) must"):  # TrustClasses reads d from the target
+        trust.observe(np.ones((6, 1)), bad)
+    np.testing.assert_array_equal(trust.errors, errors)
+    assert trust.n_observed == n
+
+
+@pytest.mark.parametrize("q_range, error", [(5.0, TypeError), ((0.5,), TypeError), ((0.5, 2.0, 3.0), TypeError), ("ab", TypeError),
+                                             ((float("nan"), 2.0), ValueError)])
+def test_q_range_must_be_a_pair(q_range, error):
+    with pytest.raises(error, match="q_range"):
+        TrustClasses(6, 2, q_range=q_range)
+
+
+def test_powers_are_checked_whatever_the_rule():
+    """powers=[nan] used to be accepted (and ignored) with rule='error'."""
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    with pytest.raises(ValueError, match="powers must be"):
+        TrustPopulation(6, n_classes=2, rule="error", powers=[float("nan")])
+
+
+def test_a_shallow_copy_of_a_trust_population_is_independent():
+    """copy.copy shared the populations, the class records and the costs with the original."""
+    import copy
+
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    rng = np.random.default_rng(2)
+    tp = TrustPopulation(8, 1, n_classes=2, reclass=2, backend="numpy")
+    for _ in range(3):
+        tp.step(rng.normal(size=(8, 1)))
+        tp.observe([0.2])
+    before = _trust_state(tp)
+    clone = copy.copy(tp)
+    clone.step(np.ones((8, 1)))
+    clone.observe([0.3])
+    after = _trust_state(tp)
+    for a, b in zip(before[:6], after[:6]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(tp.population.states, before[6][tp.leader]["states"])
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), ("50", TypeError), (True, TypeError), (None, TypeError)])
+def test_due_takes_a_round_number(bad, error):
+    """due(-1) and due(1.5) used to answer False instead of naming the argument."""
+    trust = TrustClasses(6, 2, reclass=3)
+    with pytest.raises(error, match="^t must be an integer >= 0"):
+        trust.due(bad)
+    assert [trust.due(t) for t in range(7)] == [False, False, False, True, False, False, True]
+    assert trust.due(np.int64(3))
+
+
+def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypatch):
+    """The minimax rule runs one population per exponent: each fitted alone, so six together were never checked."""
+    from memoa_fast import _validation
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    monkeypatch.setattr(_validation, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(ValueError, match=r"n_clients=100000, dim=1: the trust classes' arrays need"):
+        TrustClasses(100_000, 2)
+    # 6 populations of 5000 x 2 need ~1.2 MiB together, each alone ~0.2 MiB
+    with pytest.raises(ValueError, match=r"n_clients=5000, dim=2, 6 exponents: the trust population's arrays need"):
+        TrustPopulation(5000, 2, n_classes=2, backend="numpy")
+    TrustPopulation(500, 2, n_classes=2, backend="numpy")

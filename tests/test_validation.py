@@ -315,3 +315,56 @@ def test_a_second_caller_is_refused_and_changes_nothing(case):
             call()
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, arrays()))
     call()  # released: usable again
+
+
+def test_scalar_checks_take_numpy_zero_d_arrays_of_the_right_kind_only():
+    from memoa_fast._validation import check_int, check_real
+
+    assert check_real("x", np.array(0.25)) == 0.25 and check_real("x", np.array(3, dtype=np.uint8)) == 3.0
+    assert check_int("n", np.array(7)) == 7 and type(check_int("n", np.array(7))) is int
+    assert check_sizes(np.array(3), np.array(2, dtype=np.uint8)) == (3, 2)  # as check_int: Server(np.array(3)) was refused
+    with pytest.raises(TypeError, match="n_agents must be an integer"):
+        check_sizes(np.array(3.0), 1)
+    for bad in (np.array(True), np.array("1"), np.array(1 + 0j), np.array([1.0]), np.array(None, dtype=object)):
+        with pytest.raises(TypeError, match="^x must be a real number"):
+            check_real("x", bad)
+    for bad in (np.array(7.0), np.array(True), np.array([7])):
+        with pytest.raises(TypeError, match="^n must be an integer"):
+            check_int("n", bad)
+
+
+@pytest.mark.parametrize("bad", [[True, 0.5], [0.5, None], [0.5, "1"], np.array([1j, 1.0]), np.array(["1"]), np.array([None], dtype=object),
+                                 [[0.5], [0.5, 0.5]], "0.5", None, np.bool_(True)])
+def test_as_real_values_refuses_what_it_would_otherwise_cast(bad):
+    from memoa_fast._validation import as_real_values
+
+    with pytest.raises(TypeError, match="^w must be real numbers"):
+        as_real_values("w", bad, "real numbers")
+
+
+def test_as_real_values_keeps_numbers():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from memoa_fast._validation import as_real_values
+
+    got = as_real_values("w", [Fraction(1, 2), Decimal("0.25"), np.float32(2.0), 3], "real numbers")
+    assert got.dtype == np.float64 and got.tolist() == [0.5, 0.25, 2.0, 3.0]
+    src = np.array([1, 2], dtype=np.int16)
+    assert not np.shares_memory(as_real_values("w", src, "real numbers"), src)
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 65, 1000])
+@pytest.mark.parametrize("bad, words", [(np.nan, "must be finite"), (np.inf, "must be finite"), (-np.inf, "must be finite"),
+                                        (1e31, r"must have \|y\| <= 1e\+30"), (-1e300, r"must have \|y\| <= 1e\+30")])
+def test_as_target_array_refuses_every_bad_entry_wherever_it_is(size, bad, words):
+    """One check serves NaN, inf and the limit, by Python floats for a few entries and by reductions for more."""
+    from memoa_fast._validation import TARGET_LIMIT, as_target_array
+
+    good = np.linspace(-TARGET_LIMIT, TARGET_LIMIT, size)
+    assert as_target_array("y", good, (size,)) is good  # nothing copied
+    for where in {0, size // 2, size - 1}:
+        y = good.copy()
+        y[where] = bad
+        with pytest.raises(ValueError, match=f"^y {words}"):
+            as_target_array("y", y, (size,))

@@ -44,13 +44,13 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._state import check_source_state
-from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
+from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
+from .._validation import as_float_array, as_target_array, check_bool, check_choice, check_int, check_real, check_sizes, readonly_view
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
 
-#: Largest accepted ``|y(t)|`` of a target (see the module docstring, "Magnitudes").
-TARGET_LIMIT = 1e30
+#: Largest accepted ``|y(t)|`` of a target (see the module docstring, "Magnitudes"): ``TARGET_LIMIT``, imported above.
 #: Largest accepted noise scale.
 NOISE_LIMIT = 1e30
 
@@ -172,6 +172,10 @@ class ClientForecasters:
                 f"first_client must be a multiple of block_size={self.block_size} (shards start on a block), "
                 f"got {self.first_client}"
             )
+        # weights (N, d, 2p + 1), lags (N, d, p), signals and noise (N, d), sigma (N,), and one block's uniforms
+        check_sizes(self.n_clients, self.dim, per_agent_vectors=3 * self.lags + 3, per_agent_scalars=1,
+                    extra_bytes=16 * self.block_size, what="forecasters", names=("n_clients", "dim"),
+                    detail=f", lags={self.lags}, block_size={self.block_size}")
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
         self._exclusive = Exclusive("ClientForecasters")
@@ -291,17 +295,40 @@ class ClientForecasters:
             "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()},
         }
 
+    def validate_state_dict(self, state: dict) -> dict:
+        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; return a clean copy.
+
+        The validator of a checkpoint's signal-source state
+        (:func:`memoa_fast._state.check_source_state`): exactly the keys
+        :meth:`state_dict` writes, real arrays of these clients' shapes, all
+        finite, and ``t`` an integer >= 0 (a float, a string or a bool is
+        refused, not rounded). ``ValueError`` names the key.
+        """
+        d, p = self.dim, self.lags
+        return check_source_state(
+            state, n_agents=self.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
+            shared={"t": "count", "y": (d,)},
+        )
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first."""
-        agents, shared = state["agents"], state["shared"]
-        n, d, p = self.n_clients, self.dim, self.lags
-        weights = as_float_array("state['agents']['weights']", agents["weights"], (n, d, 2 * p + 1))
-        lags = as_float_array("state['agents']['lags']", agents["lags"], (n, d, p))
-        signals = as_float_array("state['agents']['signals']", agents["signals"], (n, d))
-        y = as_float_array("state['shared']['y']", shared["y"], (d,))
-        t = check_int("state['shared']['t']", int(shared["t"]), low=0)
-        self._weights[...], self._lags[...], self._out[...], self._y[...] = weights, lags, signals, y
-        self.t = t
+        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
+
+        Raises ``ValueError`` (see :meth:`validate_state_dict`) and changes nothing if any part is wrong.
+        """
+        clean = self.validate_state_dict(state)
+        agents, shared = clean["agents"], clean["shared"]
+        self._weights[...], self._lags[...], self._out[...] = agents["weights"], agents["lags"], agents["signals"]
+        self._y[...] = shared["y"]
+        self.t = int(shared["t"])
+
+    def __reduce__(self):
+        """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object."""
+        config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
+                      block_size=self.block_size, backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        with self._exclusive:
+            state = self.state_dict()
+        return (_rebuild_forecasters, (self.n_clients, self.dim, config, state))
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -362,13 +389,13 @@ class SquaredErrors:
 
     def __init__(self, n_clients: int, dim: int = 1, *, backend: str = "numba", threads: int | None = None,
                  parallel_threshold: int = _backends.PARALLEL_THRESHOLD):
-        self.n_clients = check_int("n_clients", n_clients, low=1)
-        self.dim = check_int("dim", dim, low=1)
+        self.n_clients, self.dim = check_sizes(n_clients, dim, per_agent_vectors=0, per_agent_scalars=1, what="squared errors",
+                                               names=("n_clients", "dim"))
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
         self._exclusive = Exclusive("SquaredErrors")
-        parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, parallel_threshold)
+        self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
+        self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
         self._totals = np.zeros(self.n_clients)
         self._mean = np.zeros(self.dim)
         self._work = np.zeros(self._kernels.score_work_shape(self.n_clients, self.dim))
@@ -391,7 +418,8 @@ class SquaredErrors:
             round's sum, that client's total and the mean non-finite; nothing
             else is affected).
         target : float or array_like, shape (d,)
-            ``y``; finite.
+            ``y``; finite with ``|y| <= TARGET_LIMIT`` (``1e30``), as every target (else ``ValueError``,
+            nothing changes).
         record : bool, default True
             Add ``|x_i - y|^2`` to the totals (False: burn-in rounds, scored
             for the round's sum and mean only).
@@ -405,11 +433,19 @@ class SquaredErrors:
         """
         # Not checked for finiteness (one pass saved per round): a non-finite state gives non-finite scores only.
         x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
-        y = as_float_array("target", target, (self.dim,))
+        y = as_target_array("target", target, (self.dim,))  # |y| <= 1e30: a finite y cannot overflow |x_i - y|^2
+        record = check_bool("record", record)
         with self._exclusive:
-            total, self.max_total = self._kernels.score_step(x, y, bool(record), self._totals, self._work, self._mean,
+            total, self.max_total = self._kernels.score_step(x, y, record, self._totals, self._work, self._mean,
                                                              self.threads_used)
         return total, self._mean_view, self._totals_view
+
+    def __reduce__(self):
+        """Pickle and copies build a new object with the same arguments and copy the totals in: independent."""
+        config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
+        with self._exclusive:
+            arrays = (self._totals.copy(), self._mean.copy(), self.max_total)
+        return (_rebuild_squared_errors, (self.n_clients, self.dim, config, arrays))
 
     def reset(self) -> None:
         """Totals back to zero."""
@@ -421,17 +457,26 @@ class SquaredErrors:
         return f"SquaredErrors(n_clients={self.n_clients}, dim={self.dim}, backend={self.backend!r})"
 
 
+def _rebuild_forecasters(n_clients, dim, config, state):
+    """Unpickle :class:`ClientForecasters`: build it, then load its state (validated like any other)."""
+    forecasters = ClientForecasters(n_clients, dim, **config)
+    forecasters.load_state_dict(state)
+    return forecasters
+
+
+def _rebuild_squared_errors(n_clients, dim, config, arrays):
+    """Unpickle :class:`SquaredErrors`: build it, then copy its totals in (shapes checked, finite or not)."""
+    scorer = SquaredErrors(n_clients, dim, **config)
+    totals, mean, max_total = arrays
+    scorer._totals[...] = as_float_array("totals", totals, (n_clients,), allow_nonfinite=True)
+    scorer._mean[...] = as_float_array("mean", mean, (dim,), allow_nonfinite=True)
+    scorer.max_total = float(max_total)
+    return scorer
+
+
 def check_target(name: str, value, dim: int) -> np.ndarray:
     """``value`` as a (dim,) float64 array, finite with every ``|entry| <= TARGET_LIMIT``, else ValueError."""
-    y = as_float_array(name, value, (dim,))
-    big = np.abs(y) > TARGET_LIMIT
-    if big.any():
-        j = int(np.argmax(big))
-        raise ValueError(
-            f"{name} must have |{name}| <= {TARGET_LIMIT:g} in every coordinate (larger values would overflow the "
-            f"clients' squared features); got {float(y[j]):g} at coordinate {j}. Z-score the stream first."
-        )
-    return y
+    return as_target_array(name, value, (dim,))
 
 
 def _draw_block(block, offset: int) -> None:
@@ -507,13 +552,8 @@ class ForecasterSignals:
 
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
-        f = self.forecasters
-        d, p = f.dim, f.lags
-        return check_source_state(
-            state, n_agents=f.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
-            shared={"t": "count", "y": (d,)},
-        )
+        return self.forecasters.validate_state_dict(state)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the forecasters' state (all checked first)."""
-        self.forecasters.load_state_dict(self.validate_state_dict(state))
+        self.forecasters.load_state_dict(state)

@@ -19,7 +19,7 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._memory import staggered_zeros
-from .._validation import as_float_array, check_choice, check_int, check_out, check_real, readonly_view
+from .._validation import as_target_array, check_bool, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
 from .forecasters import _check_noise_range
@@ -145,6 +145,9 @@ class Pipeline:
         self.eta = check_real("eta", eta, low=0.0)
         self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
         self.lags = check_int("lags", lags, low=1)
+        # x, s (N, d); the forecasters' weights (2p + 1, N, d) and lags (p, N, d); six (N,) arrays: before allocating
+        check_sizes(self.n_clients, self.dim, per_agent_vectors=3 * self.lags + 3, per_agent_scalars=6, what="pipeline",
+                    names=("n_clients", "dim"), detail=f", lags={self.lags}")
         self.noise_range = _check_noise_range(noise_range)
         self.mu = check_real("mu", mu, low=0.0, high=2.0, low_open=True, high_open=True)
         self.seed = check_int("seed", seed, low=0)
@@ -216,7 +219,9 @@ class Pipeline:
         Parameters
         ----------
         y : float or array_like, shape (d,)
-            The stream's value at this round; finite.
+            The stream's value at this round: finite, ``|y| <= TARGET_LIMIT`` (``1e30``) in every
+            coordinate, as for :meth:`ClientForecasters.observe <memoa_fast.timeseries.forecasters.ClientForecasters.observe>`
+            (beyond it the forecasters' squared features overflow); otherwise ``ValueError`` and nothing changes.
         record : bool, default True
             Add this round's squared errors of the states ``x(t)`` and of the
             raw forecasts ``s(t-1)`` against ``y(t)`` to :attr:`squared_errors`
@@ -229,7 +234,8 @@ class Pipeline:
             ``yhat(t+1)``, shape (d,): the read-only live buffer, overwritten
             by the next round (copy it to keep it).
         """
-        y = as_float_array("y", y, (self.dim,))
+        y = as_target_array("y", y, (self.dim,))
+        record = check_bool("record", record)
         with self._exclusive:
             self._y[...] = y
             self._rounds(self._y_rows, self._yhat_rows, record)
@@ -247,7 +253,8 @@ class Pipeline:
         Parameters
         ----------
         series : array_like, shape (T, d) or (T,) when d = 1
-            The targets ``y(t), y(t+1), ...``; finite. ``T = 0`` does nothing.
+            The targets ``y(t), y(t+1), ...``; finite with ``|y| <= 1e30``, all checked before the first
+            round (one bad value: ``ValueError``, nothing changes). ``T = 0`` does nothing.
         record : bool, default True
             As for :meth:`round`, for every round of the series.
         out : numpy.ndarray, optional
@@ -265,7 +272,8 @@ class Pipeline:
         except TypeError:  # a scalar, a 0-d array
             raise ValueError(f"series must have shape (T, {self.dim}), got {type(series).__name__} "
                              f"of shape {np.shape(series)}") from None
-        ys = as_float_array("series", series, (T, self.dim))
+        ys = as_target_array("series", series, (T, self.dim))
+        record = check_bool("record", record)
         out = check_out(out, (T, self.dim), contiguous=True)
         if np.shares_memory(out, ys):
             raise ValueError("out must not share memory with series (the targets are read while out is written)")
@@ -281,7 +289,6 @@ class Pipeline:
         buffers): one code path for both calls. The caller holds ``_exclusive``.
         """
         k = self._kern
-        record = bool(record)
         T, t0 = ys.shape[0], self.t
         self._flags[k.F_T] = t0
         self._discount, recorded = k.run_rounds(
@@ -380,9 +387,43 @@ class Pipeline:
         """Under-performer regret ``max_i J_i``."""
         return float(self._J.max())
 
+    # ------------------------------------------------------------------ copies
+    def __reduce__(self):
+        """Pickle, ``copy.copy`` and ``copy.deepcopy``: a new, independent Pipeline that continues this one bitwise.
+
+        Each builds a Pipeline with the same arguments and copies every state array into it.
+        """
+        config = dict(game=self.game, rule=self.rule, eta=self.eta, alpha=self.alpha, lags=self.lags,
+                      noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
+            arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
+        counters = {"t": self.t, "n_recorded": self.n_recorded, "_discount": self._discount}
+        return (_rebuild_pipeline, (self.n_clients, self.dim, config, arrays, counters))
+
     def __repr__(self) -> str:
         return (
             f"Pipeline(n_clients={self.n_clients}, dim={self.dim}, game={self.game!r}, rule={self.rule!r}, "
             f"eta={self.eta!r}, alpha={self.alpha!r}, lags={self.lags}, noise_range={self.noise_range}, mu={self.mu!r}, "
             f"seed={self.seed}, backend={self.backend!r}, threads={self.threads}, t={self.t})"
         )
+
+
+#: Every array a Pipeline's rounds read or write (besides the noise key, a function of the seed).
+_STATE_ARRAYS = ("_x", "_s", "_J", "_log_p", "_ebuf", "_sigma", "_sq_err", "_sq_sig", "_weights", "_lag_buf", "_y", "_yhat",
+                 "_field", "_work", "_params", "_flags", "_stats")
+
+
+def _rebuild_pipeline(n_clients, dim, config, arrays, counters):
+    """Unpickle a :class:`Pipeline`: build it from its arguments, then copy its arrays in (shapes checked)."""
+    pipe = Pipeline(n_clients, dim, **config)
+    if set(arrays) != set(_STATE_ARRAYS):
+        raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
+    for name in _STATE_ARRAYS:
+        target, value = getattr(pipe, name), np.asarray(arrays[name])
+        if value.shape != target.shape or value.dtype != target.dtype:
+            raise ValueError(f"a pickled Pipeline's {name} must be {target.dtype} of shape {target.shape}, "
+                             f"got {value.dtype} of shape {value.shape}")
+        target[...] = value
+    pipe.t, pipe.n_recorded, pipe._discount = int(counters["t"]), int(counters["n_recorded"]), float(counters["_discount"])
+    return pipe

@@ -17,11 +17,12 @@ per agent.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 
-from .._validation import as_float_array, check_choice, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from ..game import Game
 from ..population import Population
 
@@ -63,20 +64,27 @@ class TrustClasses:
         self.reclass = check_int("reclass", reclass, low=1)
         self.half_life = check_real("half_life", half_life, low=0.0, low_open=True)
         self.q = check_real("q", q, low=0.0, low_open=True)
+        if isinstance(q_range, (str, bytes)) or np.ndim(q_range) != 1 or len(q_range) != 2:
+            raise TypeError(f"q_range must be a pair (low, high) of positive numbers with low <= 1 <= high, got {q_range!r}")
         low, high = (check_real("q_range[0]", q_range[0], low=0.0, low_open=True),
                      check_real("q_range[1]", q_range[1], low=0.0, low_open=True))
         if low > 1.0 or high < 1.0:
             raise ValueError(f"q_range must contain 1 (the median client keeps q), got {q_range!r}")
         self.q_range = (low, high)
         self.power = check_real("power", power, low=0.0)
+        check_sizes(self.n_clients, 1, per_agent_vectors=0, per_agent_scalars=2, what="trust classes", names=("n_clients", "dim"))
         self.weight = 1.0 - 2.0 ** (-1.0 / self.half_life)
         self.errors = np.zeros(self.n_clients)
         self._sq = np.empty(self.n_clients)
         self.n_observed = 0
 
     def observe(self, forecasts, target) -> None:
-        """Fold in each client's squared error ``|forecast_i - target|^2`` (forecasts shape (N, d), target (d,))."""
-        target = np.atleast_1d(np.asarray(target, dtype=np.float64))
+        """Fold in each client's squared error ``|forecast_i - target|^2`` (forecasts shape (N, d), target (d,)).
+
+        ``target`` must be finite with ``|target| <= 1e30`` (a scalar when d = 1), else ``ValueError``
+        (``TypeError`` for a non-number) and nothing changes. Invalid forecasts are allowed (see the class).
+        """
+        target = _check_target(target)
         f = as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True)
         with np.errstate(over="ignore", invalid="ignore"):
             sq = ((f - target) ** 2).sum(axis=1)
@@ -87,6 +95,7 @@ class TrustClasses:
 
     def due(self, t: int) -> bool:
         """Whether round ``t`` (counted from 0) re-forms the classes: every ``reclass`` rounds, from ``reclass`` on."""
+        t = check_int("t", t, low=0)
         return t > 0 and t % self.reclass == 0
 
     def classes(self, power: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,11 +202,18 @@ class TrustPopulation:
                  feedforward: bool = True, power: float = 1.5, rule: str = "minimax", powers=MINIMAX_POWERS,
                  cost_half_life: float = 200.0, backend: str = "numba", threads: int | None = None):
         self.rule = check_choice("rule", rule, TRUST_RULES)
+        n_pops = 1 if self.rule == "error" else len(_check_powers(powers))
+        # every population's states, costs and labels, the signals and a scratch (N, d), the trust classes' and the
+        # published path's (N,) arrays: all together, before any is allocated (each population alone would fit)
+        check_sizes(check_int("n_clients", n_clients, low=1), check_int("dim", dim, low=1), per_agent_vectors=n_pops + 2,
+                    per_agent_scalars=2 * n_pops + 5, what="trust population", names=("n_clients", "dim"),
+                    detail=f", {n_pops} exponent{'s' if n_pops > 1 else ''}")
         self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q, power=power)
+        candidates = _check_powers(powers)  # checked whatever the rule: an argument is never accepted unchecked
         if self.rule == "error":
             self.powers = (self.trust.power,)
         else:
-            self.powers = _check_powers(powers)
+            self.powers = candidates
             if self.trust.power not in self.powers:
                 raise ValueError(f"power must be one of powers={self.powers} with rule='minimax', got {power!r}")
         self.cost_half_life = check_real("cost_half_life", cost_half_life, low=0.0, low_open=True)
@@ -246,7 +262,13 @@ class TrustPopulation:
         return states[self.leader]
 
     def observe(self, target) -> None:
-        """The target of the last step's forecasts arrived: measure, and re-form the classes when due."""
+        """The target of the last step's forecasts arrived: measure, and re-form the classes when due.
+
+        ``target`` has shape (d,) (a scalar when d = 1) and must be finite with ``|target| <= 1e30``;
+        otherwise ``ValueError`` (``TypeError`` for a non-number) and nothing changes: one NaN would
+        otherwise disqualify every ``"minimax"`` candidate for good.
+        """
+        target = as_target_array("target", target, (self._signals.shape[1],))
         self.trust.observe(self._signals, target)
         if self.rule == "minimax":
             self._measure_class_costs(target)
@@ -263,8 +285,7 @@ class TrustPopulation:
             self.n_reclassed += 1
 
     def _measure_class_costs(self, target) -> None:
-        """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost."""
-        target = np.atleast_1d(np.asarray(target, dtype=np.float64))
+        """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost (``target`` checked)."""
         K = self.trust.n_classes
         labels = self.population.labels  # the same classes in every candidate
         sizes = np.maximum(np.bincount(labels, minlength=K), 1)
@@ -299,6 +320,10 @@ class TrustPopulation:
         """The client with the largest online cost along the published path."""
         return self.population.worst_agent if self.rule == "error" else int(np.argmax(self._published_costs))
 
+    def __copy__(self):
+        """A copy is independent of the original (as for :class:`~memoa_fast.Population`): a deep copy."""
+        return copy.deepcopy(self)
+
     def __repr__(self) -> str:
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"
         return f"TrustPopulation({self.trust!r}, {self.game!r}{rule})"
@@ -313,3 +338,9 @@ def _check_powers(powers) -> tuple[float, ...]:
     if not values or len(set(values)) != len(values) or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"powers must be distinct finite numbers >= 0, at least one; got {powers!r}")
     return values
+
+
+def _check_target(target) -> np.ndarray:
+    """``target`` as a 1-D float64 array (a scalar for d = 1), finite with ``|target| <= 1e30``."""
+    shape = np.shape(target) if not isinstance(target, (str, bytes)) else ()
+    return as_target_array("target", target, (shape[0],) if len(shape) == 1 else (1,))
