@@ -386,6 +386,25 @@ def as_target_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
+def as_steps(name: str, value) -> np.ndarray:
+    """``value`` as an array of steps, shape (T, N, d) or (T, N), for a ``run(signals)``; no copy of an array.
+
+    Each step is checked by ``step`` itself; here, what NumPy would report without
+    the argument's name: ragged lists, objects, and the wrong number of dimensions.
+    """
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of real numbers of shape (T, n_agents, dim), got "
+                        f"{type(value).__name__}: {exc}") from None
+    if arr.dtype.kind == "O":
+        raise TypeError(f"{name} must be an array of real numbers of shape (T, n_agents, dim), got dtype object "
+                        f"({type(value).__name__})")
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (T, n_agents, dim), got shape {arr.shape}")
+    return arr
+
+
 def as_int_scalar(name: str, value, *, low: int = 0, high: int | None = None) -> int:
     """Return ``value`` as an int after checking it is an integer in ``[low, high]``.
 

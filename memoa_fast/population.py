@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import check_population_state
-from ._validation import as_float_array, check_int, check_out, check_sizes, readonly_view
+from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, readonly_view
 from .game import Game
 from .kernels import N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server
@@ -421,17 +421,7 @@ class Population(MeanFieldSummary):
 
         The dtype and the shape of every step are checked before the first step (one array).
         """
-        try:
-            signals = np.asarray(signals)
-        except (TypeError, ValueError) as exc:  # ragged lists and the like
-            raise TypeError(f"signals must be an array of real numbers of shape (T, n_agents, dim), got "
-                            f"{type(signals).__name__}: {exc}") from None
-        if signals.dtype.kind == "O":
-            raise TypeError(f"signals must be an array of real numbers of shape (T, n_agents, dim), got dtype object "
-                            f"({type(signals).__name__})")
-        if signals.ndim not in (2, 3):
-            raise ValueError(f"signals must have shape (T, n_agents, dim), got shape {signals.shape}")
-        for s in signals:
+        for s in as_steps("signals", signals):
             self.step(s)
         return self._x_view
 

@@ -264,6 +264,17 @@ def test_handles_and_errors(client, rng):
     dpop.load_state_dict(state)
     np.testing.assert_array_equal(dpop.states, state["states"])
     assert dpop.t == 1
+    # run(): signals or steps, exactly one (either used to be ignored silently); a ragged list is named.
+    t = dpop.t
+    with pytest.raises(ValueError, match="exactly one of them; got both"):
+        dpop.run(np.zeros((2, N, 1)), steps=5)
+    with pytest.raises(ValueError, match="exactly one of them; got neither"):
+        dpop.run()
+    with pytest.raises(TypeError, match=r"signals must be an array of real numbers of shape \(T, n_agents, dim\), got list"):
+        dpop.run([np.zeros(N), np.zeros(N - 1)])
+    assert dpop.t == t
+    dpop.run(np.zeros((2, N)))
+    assert dpop.t == t + 2
     dpop.close()
 
 

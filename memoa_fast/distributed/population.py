@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_steps, check_int, check_real, readonly_view
 from ..checkpoint import (
     CheckpointError,
     _remove_stale_temporaries,
@@ -519,15 +519,18 @@ class DaskPopulation(MeanFieldSummary):
         self._queue(("observe", (y.copy(),)))
 
     def run(self, signals=None, *, steps: int | None = None) -> "ShardedStates":
-        """Step through ``signals`` of shape (T, N, d), or ``steps`` times on worker-side signals."""
+        """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1), or ``steps`` times on worker-side signals.
+
+        Exactly one of the two is given (both, or neither, is a ``ValueError``: one would be ignored).
+        """
+        if (signals is None) == (steps is None):
+            raise ValueError("run() takes signals of shape (T, n_agents, dim) or steps= (a count of steps on worker-side "
+                             f"signals), exactly one of them; got {'both' if steps is not None else 'neither'}")
         if signals is not None:
-            signals = np.asarray(signals)
-            if signals.ndim not in (2, 3):
-                raise ValueError(f"signals must have shape (T, n_agents, dim), got shape {signals.shape}")
-            for s in signals:
+            for s in as_steps("signals", signals):
                 self.step(s)
         else:
-            for _ in range(check_int("steps", steps if steps is not None else 0, low=0)):
+            for _ in range(check_int("steps", steps, low=0)):
                 self.step()
         return self._handle
 
