@@ -40,13 +40,36 @@ def test_weights_follow_the_formula():
     np.testing.assert_allclose(q, 2.0 * median / np.array([v[:2].mean(), v[2:].mean()]))
 
 
-def test_invalid_forecasts_leave_the_error_alone():
-    trust = TrustClasses(3, 1, half_life=2.0)
-    trust.observe([[1.0], [1.0], [1.0]], [0.0])
+def test_an_invalid_forecast_counts_as_the_rounds_worst_valid_one():
+    """A client that never forecasts validly ranks with the least accurate (its error used to stay at 0: the most trusted)."""
+    rng = np.random.default_rng(5)
+    n = 40
+    trust = TrustClasses(n, 4, half_life=5.0)
+    scale = np.exp(rng.uniform(-3, 1, n))
+    y = rng.normal(size=60)
+    for t in range(60):
+        f = y[t] + scale * rng.normal(size=n)
+        f[3], f[17] = np.nan, 1e60  # never valid
+        if t % 2:
+            f[29] = np.inf  # valid every other round
+        trust.observe(f[:, None], y[t])
+    valid = np.ones(n, dtype=bool)
+    valid[[3, 17, 29]] = False
+    # Each round's worst valid squared error is at least every valid client's, so the EWMA is too.
+    assert trust.errors[3] == trust.errors[17] >= trust.errors[valid].max() > 0
+    labels, _, _ = trust.classes()
+    assert labels[3] == labels[17] == 3
+    # Client 29's invalid rounds count as the worst: its error is above what its valid rounds alone gave.
+    assert trust.errors[29] > np.median(trust.errors[valid])
+    # A round with no valid forecast changes nothing.
     before = trust.errors.copy()
-    trust.observe([[np.nan], [1e200], [1.0]], [0.0])
-    assert trust.errors[0] == before[0] and trust.errors[1] == before[1]
-    assert trust.errors[2] > before[2]
+    trust.observe(np.full((n, 1), np.nan), 0.0)
+    np.testing.assert_array_equal(trust.errors, before)
+    # All valid: the plain update, the same bits as before this rule.
+    f = rng.normal(size=(n, 1))
+    want = before + trust.weight * (((f - 0.5) ** 2).sum(axis=1) - before)
+    trust.observe(f, 0.5)
+    np.testing.assert_array_equal(trust.errors, want)
 
 
 def test_due_every_reclass_rounds():

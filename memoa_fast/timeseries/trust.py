@@ -51,8 +51,11 @@ class TrustClasses:
 
     Notes
     -----
-    An invalid forecast (NaN, infinite, or beyond ``1e50`` in magnitude) leaves
-    that client's ``v_i`` as it was; the next valid one updates it as usual.
+    An invalid forecast (NaN, infinite, or beyond ``1e50`` in magnitude) counts
+    as the worst valid forecast of its round: its squared error is the round's
+    largest valid one, so a client that never forecasts validly ranks with the
+    least accurate, never (at its starting ``v_i = 0``) as the most accurate.
+    A round with no valid forecast leaves every ``v_i`` as it was.
     """
 
     def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
@@ -90,7 +93,12 @@ class TrustClasses:
             sq = ((f - target) ** 2).sum(axis=1)
         ok = np.isfinite(sq) & (np.abs(f) <= 1e50).all(axis=1)
         w = self.weight
-        self.errors[ok] += w * (sq[ok] - self.errors[ok])
+        if not ok.all():
+            if not ok.any():
+                self.n_observed += 1
+                return
+            sq[~ok] = sq[ok].max()  # an invalid forecast is as bad as the round's worst valid one (see the class)
+        self.errors += w * (sq - self.errors)
         self.n_observed += 1
 
     def due(self, t: int) -> bool:
