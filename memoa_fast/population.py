@@ -171,17 +171,26 @@ class MeanFieldSummary:
 
     def _refresh_means(self, states) -> None:
         """``m_l(t)`` and ``m(t)`` of ``states`` into the field (a cheap NumPy pass: construction, labels, restore)."""
+        class_sums = None
+        if self._lay.n_classes > 1:
+            class_sums = np.zeros((self._lay.n_classes, states.shape[1]))
+            np.add.at(class_sums, self._labels, states)
+        self._means_from_sums(states.sum(axis=0), class_sums)
+
+    def _means_from_sums(self, total, class_sums) -> None:
+        """``m(t) = total / N`` and ``m_l(t) = class_sums[l] / n_l`` (0 for an empty class) into the field.
+
+        ``class_sums`` is ignored (may be None) when K = 1: then ``m_0 = m``.
+        """
         lay, K = self._lay, self._lay.n_classes
+        mean = total / self.n_agents
         if K == 1:
-            self._field[lay.class_state] = states.mean(axis=0)
+            self._field[lay.class_state] = mean
         else:
-            sums = np.zeros((K, states.shape[1]))
-            np.add.at(sums, self._labels, states)
             sizes = self._coef[:, SIZE]
             self._field[lay.class_state:lay.class_state + K] = np.where(
-                sizes[:, None] > 0, sums / np.maximum(sizes, 1.0)[:, None], 0.0)
-        self._field[lay.field_state] = states.mean(axis=0)
-        self._stale_means = False
+                sizes[:, None] > 0, class_sums / np.maximum(sizes, 1.0)[:, None], 0.0)
+        self._field[lay.field_state] = mean
 
 
 class Population(MeanFieldSummary):

@@ -222,7 +222,14 @@ class Shard:
             clean = _ckpt.check_rows_state(rows, manifest.population, manifest.game, d)
             staged = {"states": clean["states"], "costs": clean["costs"],
                       "labels": clean["labels"] if "labels" in rows else None, "log_p": None, "source": None}
-            answer = {"lse": None}
+            # The sums of the rows' states: the client's m(t) and m_l(t) after the restore come from the states
+            # themselves, never from the manifest's copy of the means.
+            labels = staged["labels"] if staged["labels"] is not None else self.labels
+            class_sums = None
+            if self.lay.n_classes > 1:
+                class_sums = np.zeros((self.lay.n_classes, d))
+                np.add.at(class_sums, labels, clean["states"])
+            answer = {"lse": None, "sum": clean["states"].sum(axis=0), "class_sums": class_sums}
             if sid is not None:
                 answer["lse"] = _ckpt.check_log_weight_rows(rows["server_log_weights"])
                 staged["log_p"] = rows["server_log_weights"]

@@ -784,8 +784,10 @@ class DaskPopulation(MeanFieldSummary):
         self._field[...] = 0.0
         self._field[lay.field_signal] = pop["mean_signal"]
         self._field[lay.class_signal:lay.class_signal + K] = pop["class_mean_signal"]
-        self._field[lay.field_state] = pop["mean_state"]
-        self._field[lay.class_state:lay.class_state + K] = pop["class_mean_state"]
+        # m(t) and m_l(t) from the shards' sums of the rows they installed (as one machine does from its states):
+        # the manifest's copies are not trusted to match the rows.
+        class_sums = None if K == 1 else sum(a["class_sums"] for a in answers)
+        self._means_from_sums(sum(a["sum"] for a in answers), class_sums)
         self._stale_means = False
         self._n_valid = pop["n_valid_signals"]
         self.t = pop["t"]
