@@ -53,6 +53,20 @@ def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
     return np.array(arr, dtype=np.int64, order="C", copy=True)
 
 
+def state_sums(states: np.ndarray, labels: np.ndarray, n_classes: int):
+    """``(sum_i x_i, class sums)`` of ``states`` (N, d): the sums behind ``m(t)`` and ``m_l(t)``.
+
+    The class sums ``sum_{i: label_i = l} x_i`` (K, d) are None when K = 1. One
+    machine sums all its states; each Dask shard sums its own rows, and the
+    client adds the shards' sums (a few numbers per shard, never the states).
+    """
+    class_sums = None
+    if n_classes > 1:
+        class_sums = np.zeros((n_classes, states.shape[1]))
+        np.add.at(class_sums, labels, states)
+    return states.sum(axis=0), class_sums
+
+
 class MeanFieldSummary:
     """The small mean-field summary every population engine keeps beside its agents.
 
@@ -171,11 +185,7 @@ class MeanFieldSummary:
 
     def _refresh_means(self, states) -> None:
         """``m_l(t)`` and ``m(t)`` of ``states`` into the field (a cheap NumPy pass: construction, labels, restore)."""
-        class_sums = None
-        if self._lay.n_classes > 1:
-            class_sums = np.zeros((self._lay.n_classes, states.shape[1]))
-            np.add.at(class_sums, self._labels, states)
-        self._means_from_sums(states.sum(axis=0), class_sums)
+        self._means_from_sums(*state_sums(states, self._labels, self._lay.n_classes))
 
     def _means_from_sums(self, total, class_sums) -> None:
         """``m(t) = total / N`` and ``m_l(t) = class_sums[l] / n_l`` (0 for an empty class) into the field.

@@ -18,7 +18,7 @@ from .. import checkpoint as _ckpt
 from .._state import check_source_layout
 from .._validation import as_float_array
 from ..kernels import used_columns, work_shape
-from ..population import check_labels
+from ..population import check_labels, state_sums
 
 
 def shard_threads(threads):
@@ -141,7 +141,11 @@ class Shard:
 
     # ------------------------------------------------------------------ bulk state
     def _load(self, states, costs, labels, log_p, source_state):
-        """Replace what is given (all checked by the client); the mean field is re-summed at the next step."""
+        """Replace what is given (all checked by the client); the mean field is re-summed at the next step.
+
+        Answers ``{"sum", "class_sums"}`` of the states it now holds (:func:`state_sums`), for the
+        client's means after new labels.
+        """
         if states is not None:
             self.x[...] = states
         if costs is not None:
@@ -157,6 +161,8 @@ class Shard:
             self.source.load_state_dict(source_state)
         if states is not None or labels is not None:
             self.mean_ready = False
+        total, class_sums = state_sums(self.x, self.labels, self.lay.n_classes)
+        return {"sum": total, "class_sums": class_sums}
 
     def _gather(self, what, sid=None):
         if what == "states":
@@ -225,11 +231,8 @@ class Shard:
             # The sums of the rows' states: the client's m(t) and m_l(t) after the restore come from the states
             # themselves, never from the manifest's copy of the means.
             labels = staged["labels"] if staged["labels"] is not None else self.labels
-            class_sums = None
-            if self.lay.n_classes > 1:
-                class_sums = np.zeros((self.lay.n_classes, d))
-                np.add.at(class_sums, labels, clean["states"])
-            answer = {"lse": None, "sum": clean["states"].sum(axis=0), "class_sums": class_sums}
+            total, class_sums = state_sums(clean["states"], labels, self.lay.n_classes)
+            answer = {"lse": None, "sum": total, "class_sums": class_sums}
             if sid is not None:
                 answer["lse"] = _ckpt.check_log_weight_rows(rows["server_log_weights"])
                 staged["log_p"] = rows["server_log_weights"]

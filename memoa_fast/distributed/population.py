@@ -55,6 +55,12 @@ def shard_bounds(n_agents: int, n_shards: int) -> list[tuple[int, int]]:
     return [(a * CHUNK, min(b * CHUNK, n_agents)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def _added_sums(answers, n_classes: int):
+    """The shards' ``state_sums`` answers added up in shard order: ``(sum_i x_i, class sums or None)``."""
+    total = sum(a["sum"] for a in answers)
+    return total, (None if n_classes == 1 else sum(a["class_sums"] for a in answers))
+
+
 class ShardedStates:
     """A handle on a :class:`DaskPopulation`'s states, which stay on the workers.
 
@@ -431,11 +437,16 @@ class DaskPopulation(MeanFieldSummary):
         self._call(("load", None), per_shard_args=args)
 
     def set_labels(self, labels) -> None:
-        """Move agents between classes (K-class games); takes effect at the next step (N labels are sent)."""
+        """Move agents between classes (K-class games); takes effect at the next step.
+
+        The N labels are sent; the class means come back as each shard's class sums (K d numbers per shard).
+        """
         self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
         self._set_sizes()
-        self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None) for lo, hi in self.bounds])
-        self._refresh_means(self._handle.gather())
+        answers = self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None)
+                                                             for lo, hi in self.bounds])
+        self._means_from_sums(*_added_sums(answers, self._lay.n_classes))
+        self._stale_means = False  # the shards' rows still hold the old classes' sums: the field is the truth now
 
     @property
     def states(self) -> np.ndarray:
@@ -786,8 +797,7 @@ class DaskPopulation(MeanFieldSummary):
         self._field[lay.class_signal:lay.class_signal + K] = pop["class_mean_signal"]
         # m(t) and m_l(t) from the shards' sums of the rows they installed (as one machine does from its states):
         # the manifest's copies are not trusted to match the rows.
-        class_sums = None if K == 1 else sum(a["class_sums"] for a in answers)
-        self._means_from_sums(sum(a["sum"] for a in answers), class_sums)
+        self._means_from_sums(*_added_sums(answers, K))
         self._stale_means = False
         self._n_valid = pop["n_valid_signals"]
         self.t = pop["t"]
