@@ -42,8 +42,11 @@ class Shard:
     its own signal source.
     """
 
+    #: Ops that change nothing a step, a gather or a save reads: when one of them fails, and it is the
+    #: message's last op (every queued op before it completed), the shard is as consistent as before.
+    READ_ONLY = frozenset(["rows", "worst", "gather", "info", "save_file", "stage", "discard"])
     _OPS = frozenset(
-        ["signal_pass", "move", "rows", "observe", "predict", "reweight", "share", "add_server", "drop_server", "load",
+        ["signal_pass", "move", "rows", "observe", "predict", "reweight", "share", "add_server", "drop_server", "load", "reset",
          "gather", "worst", "info", "save_file", "stage", "commit", "discard"]
     )
 
@@ -65,12 +68,20 @@ class Shard:
         self._staged = None  # a checkpoint's rows, checked, waiting for "commit"
 
     def run(self, ops):
-        """Execute ``ops`` in order; returns the last op's result."""
+        """Execute ``ops`` in order; returns the last op's result.
+
+        An exception carries ``shard_ops_done``, how many ops had completed
+        before it (the client tells from it whether the live state changed).
+        """
         result = None
-        for name, args in ops:
-            if name not in self._OPS:
-                raise ValueError(f"unknown shard op {name!r}")
-            result = getattr(self, "_" + name)(*args)
+        for done, (name, args) in enumerate(ops):
+            try:
+                if name not in self._OPS:
+                    raise ValueError(f"unknown shard op {name!r}")
+                result = getattr(self, "_" + name)(*args)
+            except Exception as exc:
+                exc.shard_ops_done = done
+                raise
         return result
 
     def _partials(self, work, part="step"):
@@ -157,6 +168,15 @@ class Shard:
             self.source.load_state_dict(source_state)
         if states is not None or labels is not None:
             self.mean_ready = False
+
+    def _reset(self, states):
+        """Round 0: states to ``states`` (zeros if None, written here: nothing of size N is sent), costs to 0."""
+        if states is None:
+            self.x[...] = 0.0
+        else:
+            self.x[...] = states
+        self.J[...] = 0.0
+        self.mean_ready = False
 
     def _gather(self, what, sid=None):
         if what == "states":

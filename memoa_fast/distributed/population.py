@@ -269,23 +269,32 @@ class DaskPopulation(MeanFieldSummary):
         self._pending = []
 
     def _build(self, n_shards, x0) -> None:
-        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources."""
-        self._release_shards()
+        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
+
+        The new shards are made (``n_shards`` checked) before the current ones
+        are released: a refused call leaves the population as it was.
+        """
         try:
             spawned = self._spawn(n_shards)
         except Exception as exc:
-            self._broken = f"shards could not be created: {exc}"
+            if not self._actors:
+                self._broken = f"shards could not be created: {exc}"
             raise
+        self._release_shards()
         self._install(spawned)
         labels = self._labels
         args = [(None if x0 is None else x0[lo:hi], None, labels[lo:hi] if labels.shape[0] else None, {}, None)
                 for lo, hi in self.bounds]
         self._call(("load", None), per_shard_args=args)
-        for sid in list(self._servers):
-            self._queue(("add_server", (sid,)))
+        self._restart_servers()
         self._field[...] = 0.0
         if x0 is not None:
             self._refresh_means(x0)
+
+    def _restart_servers(self) -> None:
+        """Every server of this population back to round 0 (uniform weights on the new shards, update count 0)."""
+        for server in list(self._servers.values()):
+            server.reset()
 
     @property
     def n_shards(self) -> int:
@@ -336,20 +345,24 @@ class DaskPopulation(MeanFieldSummary):
             futures = [actor.run(msg) for actor, msg in zip(self._actors, messages)]
         except RuntimeError as exc:  # the proxy refuses calls once its worker is known lost
             self._lost(0, exc, find_lost=True)
-        results, failure = [], None
+        results, failures = [], []
         deadline = time.monotonic() + self.timeout
         for k, fut in enumerate(futures):
             try:
                 results.append(fut.result(timeout=max(deadline - time.monotonic(), 0.001)))
-            except BaseException as exc:  # noqa: BLE001 - every failure makes the shards inconsistent
-                if failure is None:
-                    failure = (k, exc)
+            except BaseException as exc:  # noqa: BLE001 - a failure may leave the shards inconsistent
+                failures.append((k, exc))
                 results.append(None)
-        if failure is not None:
-            k, exc = failure
+        if failures:
+            k, exc = failures[0]
             if is_loss(exc, self.shard_workers[k] in self._workers_or_empty()):
                 self._lost(k, exc)
-            self._broken = f"shard {k} failed: {type(exc).__name__}: {exc}"
+            # A read-only op that failed after every queued op completed (on every shard that failed) changed nothing
+            # live: the population stays usable (a save that a worker could not write does not end the run).
+            harmless = op[0] in Shard.READ_ONLY and all(
+                getattr(e, "shard_ops_done", None) == len(ops) for _, e in failures)
+            if not harmless:
+                self._broken = f"shard {k} failed: {type(exc).__name__}: {exc}"
             if isinstance(exc, Exception):
                 lo, hi = self.bounds[k]
                 exc.add_note(f"in shard {k} (agents [{lo}, {hi})) on worker {self.shard_workers[k]}, step {self.t}")
@@ -408,14 +421,17 @@ class DaskPopulation(MeanFieldSummary):
     # ------------------------------------------------------------------ state
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0 (servers are left alone)."""
-        if initial_states is None:
-            x0 = np.zeros((self.n_agents, self.dim))
-        else:
+        x0 = None
+        if initial_states is not None:
             x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
             _check_magnitude("initial_states", x0)
-        self._load_all(x0, np.zeros(self.n_agents))
+        # Zeros are written by the shards: only given states cross the network.
+        self._call(("reset", None), per_shard_args=[(None if x0 is None else x0[lo:hi],) for lo, hi in self.bounds])
+        self._version += 1
         self._field[...] = 0.0
-        self._refresh_means(x0)
+        self._stale_means = False
+        if x0 is not None:
+            self._refresh_means(x0)
         self._n_valid = 0
         self.t = 0
         self._discount = 1.0
@@ -514,6 +530,11 @@ class DaskPopulation(MeanFieldSummary):
 
     def observe(self, target) -> None:
         """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message)."""
+        if self.signal_factory is None:
+            raise ValueError(
+                "observe() feeds the worker-side signal sources, and this population has none: create it with "
+                "signals=factory (called on each worker as factory(lo, hi, seed)) to use observe()"
+            )
         y = as_float_array("target", target, (self.dim,))
         self._check_usable()
         self._queue(("observe", (y.copy(),)))
@@ -533,6 +554,11 @@ class DaskPopulation(MeanFieldSummary):
             for _ in range(check_int("steps", steps, low=0)):
                 self.step()
         return self._handle
+
+    def _means_from_sums(self, total, class_sums) -> None:
+        """As on one machine; the field then holds the means of the current states (not of the last move pass's)."""
+        super()._means_from_sums(total, class_sums)
+        self._stale_means = False
 
     @property
     def mean_state(self) -> np.ndarray:
@@ -562,8 +588,8 @@ class DaskPopulation(MeanFieldSummary):
         With a worker-side source that has ``state_dict``, also ``source``:
         ``{"agents": {...}, "shared": {...}}`` concatenated over the shards.
         """
+        # m(t) as the kernels merged it (re-deriving it here from the gathered states would round differently).
         states = self._gather_agents("states", (self.n_agents, self.dim))
-        self._refresh_means(states)
         state = self._summary_state(states, self._gather_agents("costs", (self.n_agents,)))
         source = self._gather_source()
         if source is not None:
@@ -773,8 +799,7 @@ class DaskPopulation(MeanFieldSummary):
         if rebuild:
             self._release_shards()
             self._install(spawned)
-            for other in list(self._servers):
-                self._queue(("add_server", (other,)))
+            self._restart_servers()
         self._call(("commit", (sid,)))
         if labels is not None:
             self._labels = labels
