@@ -855,3 +855,46 @@ def test_a_failed_save_keeps_the_previous_set_and_the_population(thread_client, 
     _assert_close(dpop, dserver, pop, server, rtol=1e-12, atol=1e-13)
     assert dpop.save(path, dserver) == path and load_checkpoint(path).t == 4
     dpop.close()
+
+
+class _SourceThatCannotResume:
+    """A worker-side source without load_state_dict (zeros as signals)."""
+
+    def __init__(self, lo, hi, seed):
+        self.out = np.zeros((hi - lo, 1))
+
+    def next(self):
+        return self.out
+
+
+@pytest.mark.parametrize("factory", [functools.partial(ForecasterSignals, lags=2), _SourceThatCannotResume],
+                         ids=["another kind of source", "a source without load_state_dict"])
+@pytest.mark.parametrize("how", ["restore_checkpoint single", "restore single", "load_state_dict", "restore_checkpoint set",
+                                 "restore set"])
+def test_a_source_state_the_shards_refuse_changes_nothing(thread_client, tmp_path, factory, how):
+    """Every shard's source is asked before anything is loaded: a refused source state leaves the population as it
+    was and usable (the shards loaded their states, then one source refused: a half-loaded, unusable population).
+    """
+    saved = DaskPopulation(GAME, N, 1, client=thread_client, signals=NoisyLastValueSignals, seed=1, timeout=TIMEOUT)
+    saved.observe(np.ones(1))
+    saved.step()
+    state = saved.state_dict()
+    single = saved.save(tmp_path / "one.npz", sharded=False)
+    sharded = saved.save(tmp_path / "set.ckpt")
+    saved.close()
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=factory, seed=1, timeout=TIMEOUT)
+    dpop.step()
+    dpop.step()
+    states, t = dpop.states, dpop.t
+    load = {"restore_checkpoint single": lambda: restore_checkpoint(single, dpop),
+            "restore single": lambda: dpop.restore(single, n_shards=3),
+            "load_state_dict": lambda: dpop.load_state_dict(state),
+            "restore_checkpoint set": lambda: restore_checkpoint(sharded, dpop),
+            "restore set": lambda: dpop.restore(sharded, n_shards=3)}[how]
+    with pytest.raises(ValueError, match=r"shard 0 \(agents \[0, \d+\)\): .*(must hold exactly|has no load_state_dict)"):
+        load()
+    assert dpop.t == t and dpop.n_shards == 2
+    np.testing.assert_array_equal(dpop.states, states)
+    dpop.step()
+    assert dpop.t == t + 1
+    dpop.close()

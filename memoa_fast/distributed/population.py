@@ -268,14 +268,17 @@ class DaskPopulation(MeanFieldSummary):
         self._broken = self._lost_shard = None
         self._pending = []
 
-    def _build(self, n_shards, x0) -> None:
+    def _build(self, n_shards, x0, source=None) -> None:
         """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
 
-        The new shards are made (``n_shards`` checked) before the current ones
-        are released: a refused call leaves the population as it was.
+        The new shards are made (``n_shards`` checked) and their sources asked
+        whether they take ``source`` (a saved state about to be loaded) before
+        the current ones are released: a refused call leaves the population as it was.
         """
         try:
             spawned = self._spawn(n_shards)
+            if source is not None and self.signal_factory is not None:
+                self._check_sources(source, spawned)
         except Exception as exc:
             if not self._actors:
                 self._broken = f"shards could not be created: {exc}"
@@ -618,9 +621,23 @@ class DaskPopulation(MeanFieldSummary):
             source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
+            self._check_sources(source)
         labels = clean["labels"] if self._lay.n_classes > 1 else None
         self._load_all(clean["states"], clean["costs"], labels, source)
         self._apply_summary(clean)
+
+    def _check_sources(self, source, spawned=None) -> None:
+        """Every shard's source (of ``spawned`` shards, else of ours) asked whether it takes its slice of ``source``.
+
+        A round trip that changes nothing; ``ValueError`` naming the first shard that refuses.
+        """
+        bounds = self.bounds if spawned is None else spawned[0]
+        args = [(_slice_source(source, lo, hi),) for lo, hi in bounds]
+        answers = self._call(("check_source", None), per_shard_args=args) if spawned is None else \
+            self._run_on(spawned, "check_source", args)
+        refused = [a for a in answers if a is not None]
+        if refused:
+            raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
@@ -639,7 +656,7 @@ class DaskPopulation(MeanFieldSummary):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
-        self._build(n_shards, None)
+        self._build(n_shards, None, source=ckpt.source)
         return restore_checkpoint(ckpt, self, server)
 
     def save(self, path, server=None, *, sharded: bool = True):
