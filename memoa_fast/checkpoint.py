@@ -481,6 +481,10 @@ def _check_engines(population, server, source, *, saving: bool) -> None:
     if server is not None:
         needs = ("n_agents", "dim", "rule", "eta", "alpha") + (("state_dict",) if saving else ())
         _check_engine("server", server, needs, f"None or a Server ({', '.join(needs)})")
+        owner = getattr(server, "population", None)  # a server bound to a population (DaskServer) mixes that one's states
+        if owner is not None and owner is not population:
+            raise TypeError(f"server must be a {type(server).__name__} of this population (or None), got one of another "
+                            "population")
     if source is not None:
         _check_engine("source", source, (method,), f"None or a signal source (with {method})")
 

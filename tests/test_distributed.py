@@ -898,3 +898,39 @@ def test_a_source_state_the_shards_refuse_changes_nothing(thread_client, tmp_pat
     dpop.step()
     assert dpop.t == t + 1
     dpop.close()
+
+
+def test_a_server_of_another_population_is_refused_by_every_save_and_restore(client, tmp_path, rng):
+    """A DaskServer of another population (same N and d) is refused before anything is written or loaded, on the
+    single-file paths too (they saved its weights beside this population's states, or loaded them into it).
+    """
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    single = dpop.save(tmp_path / "one.npz", dserver, sharded=False)
+    sharded = dpop.save(tmp_path / "set.ckpt", dserver)
+    other_pop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    other = DaskServer(other_pop, rule="hedge", eta=0.5)
+    before = (single.read_bytes(), sharded.read_bytes(), other.log_weights.copy(), dpop.states.copy())
+    for action in (lambda: dpop.save(single, other, sharded=False), lambda: save_checkpoint(single, dpop, other, sharded=False),
+                   lambda: dpop.save(sharded, other), lambda: dpop.restore(single, other, n_shards=3),
+                   lambda: restore_checkpoint(single, dpop, other), lambda: dpop.restore(sharded, other),
+                   lambda: restore_checkpoint(sharded, dpop, other)):
+        with pytest.raises(TypeError, match="server must be a DaskServer of this population"):
+            action()
+        after = (single.read_bytes(), sharded.read_bytes(), other.log_weights, dpop.states)
+        assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(before, after))
+        assert dpop.n_shards == 2 and other.n_updates == 0
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    other_pop.close()
+    dpop.close()
+
+
+def test_a_shard_folder_that_is_a_file_is_named(client, tmp_path):
+    dpop = DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT)
+    (tmp_path / "c.ckpt.shards").write_text("not a folder")
+    with pytest.raises(FileExistsError, match=r"c\.ckpt\.shards is a file: a sharded checkpoint keeps its shard files in a "
+                                              r"folder of that name"):
+        dpop.save(tmp_path / "c.ckpt")
+    assert not (tmp_path / "c.ckpt").exists()
+    dpop.close()

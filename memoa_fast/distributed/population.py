@@ -652,6 +652,7 @@ class DaskPopulation(MeanFieldSummary):
         :class:`~memoa_fast.checkpoint.Manifest` of a sharded checkpoint, the
         :class:`~memoa_fast.checkpoint.Checkpoint` of a single file.
         """
+        self._check_own_server(server)
         if is_manifest(path):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
@@ -683,13 +684,14 @@ class DaskPopulation(MeanFieldSummary):
         refused (``ValueError``) before the manifest is written, and the
         files already written for it are deleted.
         """
+        self._check_own_server(server)
         return save_checkpoint(path, self, server, sharded=sharded)
 
     def _check_own_server(self, server) -> None:
+        """``TypeError`` unless ``server`` is None or a :class:`DaskServer` of this population (its weights live on our shards)."""
         if server is not None and getattr(server, "population", None) is not self:
-            raise TypeError(
-                f"server must be a DaskServer of this population for a sharded checkpoint, got {type(server).__name__}"
-            )
+            got = "one of another population" if hasattr(server, "population") else f"a {type(server).__name__}"
+            raise TypeError(f"server must be a DaskServer of this population (or None), got {got}")
 
     def _save_shards(self, path, server=None):
         """The sharded save (see :meth:`save`)."""
@@ -699,6 +701,9 @@ class DaskPopulation(MeanFieldSummary):
         if not target.parent.is_dir():
             raise FileNotFoundError(f"cannot write checkpoint {target}: folder {target.parent} does not exist")
         folder = shard_folder(target)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"cannot write checkpoint {target}: {folder} is a file: a sharded checkpoint keeps its "
+                                  "shard files in a folder of that name (move the file, or save with sharded=False)")
         folder.mkdir(exist_ok=True)
         started = time.time()
         token = new_token()
