@@ -934,3 +934,33 @@ def test_a_shard_folder_that_is_a_file_is_named(client, tmp_path):
         dpop.save(tmp_path / "c.ckpt")
     assert not (tmp_path / "c.ckpt").exists()
     dpop.close()
+
+
+def test_observe_refuses_a_target_the_sources_would_refuse(client):
+    """observe() checks the target as every object that learns from a stream does (finite, |y| <= TARGET_LIMIT), at
+    the call: the worker-side sources refused it later, on the next message, which left the population unusable.
+    """
+    from memoa_fast._validation import TARGET_LIMIT
+
+    dpop = DaskPopulation(GAME, N, 1, client=client, signals=functools.partial(ForecasterSignals, lags=2), timeout=TIMEOUT)
+    dpop.observe(np.ones(1))
+    dpop.step()
+    for bad in (np.array([10 * TARGET_LIMIT]), -1e300):
+        with pytest.raises(ValueError, match=r"target must .*1e\+30"):
+            dpop.observe(bad)
+    dpop.observe(np.ones(1))
+    dpop.step()
+    assert dpop.t == 2
+    source = NoisyLastValueSignals(0, 10, 0)
+    with pytest.raises(ValueError, match=r"y must .*1e\+30"):
+        source.observe(10 * TARGET_LIMIT)
+    dpop.close()
+
+
+def test_flags_are_bools(client):
+    for flag in ("exact", "direct"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no' of type str"):
+            DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT, **{flag: "no"})
+    dpop = DaskPopulation(GAME, N, 1, client=client, exact=np.True_, direct=np.False_, timeout=TIMEOUT)
+    assert dpop.exact is True and dpop._own_client is None
+    dpop.close()

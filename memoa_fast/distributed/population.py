@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, as_steps, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_real, readonly_view
 from ..checkpoint import (
     CheckpointError,
     _remove_stale_temporaries,
@@ -196,9 +196,8 @@ class DaskPopulation(MeanFieldSummary):
         self.seed = check_int("seed", seed, low=0)
         self.threads = None if threads is None else check_int("threads", threads, low=1)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        if not isinstance(exact, bool):
-            raise TypeError(f"exact must be True or False, got {exact!r}")
-        self.exact = exact
+        self.exact = check_bool("exact", exact)
+        direct = check_bool("direct", direct)
         self.timeout = check_real("timeout", timeout, low=0.0, low_open=True)
         self._kernels = _backends.load("numba")  # the client merges with the kernels' own merges
         self.client = default_client(client)
@@ -532,13 +531,18 @@ class DaskPopulation(MeanFieldSummary):
         return self._handle
 
     def observe(self, target) -> None:
-        """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message)."""
+        """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message).
+
+        ``target`` has shape (d,) and is finite with ``|y| <= TARGET_LIMIT`` (``1e30``), as for every object that
+        learns from a stream; a population without a ``signals=`` factory refuses the call (``ValueError``).
+        """
         if self.signal_factory is None:
             raise ValueError(
                 "observe() feeds the worker-side signal sources, and this population has none: create it with "
                 "signals=factory (called on each worker as factory(lo, hi, seed)) to use observe()"
             )
-        y = as_float_array("target", target, (self.dim,))
+        # The rule of every object that learns from a stream: a value the sources refuse is refused here, before it is queued.
+        y = as_target_array("target", target, (self.dim,))
         self._check_usable()
         self._queue(("observe", (y.copy(),)))
 
