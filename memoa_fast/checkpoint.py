@@ -269,7 +269,8 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     if sharded is not None and not isinstance(sharded, (bool, np.bool_)):
         raise TypeError(f"sharded must be True, False or None, got {sharded!r} of type {type(sharded).__name__}")
     _check_engines(population, server, source, saving=True)
-    if Path(os.path.realpath(Path(path))).is_dir():
+    path = _checkpoint_path("path", path, reading=False)
+    if Path(os.path.realpath(path)).is_dir():
         raise IsADirectoryError(f"cannot write checkpoint {str(path)!r}: it is a folder, not a file; give a file name "
                                 f"such as {os.path.join(path, 'run.npz')!r}")
     writer = getattr(population, "_save_shards", None)
@@ -421,7 +422,7 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
     bytes per member, with the zip CRC checked.
     """
     n_agents, dim = _wanted_size(n_agents, dim)
-    path = Path(path)
+    path = _checkpoint_path("path", path, reading=True)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if is_manifest(path):
@@ -444,6 +445,20 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
             "Use an earlier checkpoint."
         ) from exc
     return _parse(data, where)
+
+
+def _checkpoint_path(name: str, path, *, reading: bool) -> Path:
+    """``path`` as a :class:`~pathlib.Path`: a ``str`` or ``os.PathLike``, and not a folder when ``reading``.
+
+    Raises ``TypeError`` naming ``name``, or ``IsADirectoryError``.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"{name} must be a str or os.PathLike naming the checkpoint file, got {path!r} of type "
+                        f"{type(path).__name__}")
+    path = Path(path)
+    if reading and path.is_dir():
+        raise IsADirectoryError(f"cannot read checkpoint {str(path)!r}: it is a folder, not a checkpoint file")
+    return path
 
 
 def _fail(where, message):
@@ -481,6 +496,10 @@ def _check_engines(population, server, source, *, saving: bool) -> None:
     if server is not None:
         needs = ("n_agents", "dim", "rule", "eta", "alpha") + (("state_dict",) if saving else ())
         _check_engine("server", server, needs, f"None or a Server ({', '.join(needs)})")
+        owner = getattr(server, "population", None)  # a server bound to a population (DaskServer) mixes that one's states
+        if owner is not None and owner is not population:
+            raise TypeError(f"server must be a {type(server).__name__} of this population (or None), got one of another "
+                            "population")
     if source is not None:
         _check_engine("source", source, (method,), f"None or a signal source (with {method})")
 
@@ -983,7 +1002,7 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
     server's parameters, the sources' shared state, and the list of shard
     files: names of this save, ``[lo, hi)`` ranges covering ``[0, N)`` in order.
     """
-    path = Path(path)
+    path = _checkpoint_path("path", path, reading=True)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     where = str(path)
@@ -1357,6 +1376,8 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     server are not touched, and :class:`CheckpointError` is raised.
     """
     _check_engines(population, server, source, saving=False)
+    if not isinstance(checkpoint, Checkpoint):
+        _checkpoint_path("checkpoint", checkpoint, reading=True)
     if isinstance(checkpoint, Checkpoint):
         ckpt = checkpoint
     elif getattr(population, "_restore_shards", None) is not None and is_manifest(checkpoint):

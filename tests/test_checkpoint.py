@@ -8,6 +8,7 @@ checkpoints the same way.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1025,3 +1026,28 @@ def test_sharded_must_be_a_bool_or_none(tmp_path):
 
     with pytest.raises(TypeError, match="sharded must be True, False or None"):
         save_checkpoint(tmp_path / "run.npz", Population(GAME, 4, 1), sharded="no")
+
+
+@pytest.mark.parametrize("bad", [None, 123, b"run.npz", 1.5])
+def test_a_path_that_is_not_a_path_is_named(tmp_path, bad):
+    """None, a number or bytes used to raise Python's "expected str, bytes or os.PathLike object" from Path()."""
+    from memoa_fast import Population
+    from memoa_fast.checkpoint import read_manifest
+
+    pop = Population(GAME, 4, 1)
+    for call, name in ((lambda: save_checkpoint(bad, pop), "path"), (lambda: load_checkpoint(bad), "path"),
+                       (lambda: read_manifest(bad), "path"), (lambda: restore_checkpoint(bad, pop), "checkpoint")):
+        with pytest.raises(TypeError, match=rf"^{name} must be a str or os.PathLike naming the checkpoint file, got "
+                                            rf"{re.escape(repr(bad))} of type {type(bad).__name__}"):
+            call()
+
+
+def test_reading_a_folder_is_named(tmp_path):
+    """A folder given to a reader used to be reported as "no checkpoint file at" the folder."""
+    from memoa_fast import Population
+    from memoa_fast.checkpoint import read_manifest
+
+    pop = Population(GAME, 4, 1)
+    for call in (lambda: load_checkpoint(tmp_path), lambda: read_manifest(tmp_path), lambda: restore_checkpoint(tmp_path, pop)):
+        with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint file"):
+            call()

@@ -681,3 +681,290 @@ def test_killed_worker_names_shard_and_checkpoint_and_the_run_resumes(own_cluste
         _round(pop, server, forecasters.observe(targets[t]), targets[t + 1])
     _assert_close(dpop, dserver, pop, server, rtol=1e-12, atol=1e-13)
     dpop.close()
+
+
+# --------------------------------------------------------------------------- audit: refused calls, orders, bytes, failed saves
+@pytest.fixture(scope="module")
+def thread_client():
+    """Workers as threads of this process, so that a test can make a worker's file write fail."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    client = Client(cluster, timeout=TIMEOUT)
+    try:
+        yield client
+    finally:
+        _stop_cluster(cluster, client)
+
+
+@pytest.mark.parametrize("action", ["reset", "load_state_dict", "restore"])
+def test_means_after_a_reload_that_follows_a_step_are_those_of_the_new_states(client, tmp_path, rng, action):
+    """reset, load_state_dict and a single-file restore right after a step: m(t) is the new states' mean, as on one
+    machine (it was the mean of the states the step moved, read from the shards' last move pass).
+    """
+    x0 = rng.normal(size=(N, 2)) + 5.0
+    pop = Population(GAME, N, 2, initial_states=x0, threads=1)
+    dpop = DaskPopulation(GAME, N, 2, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    state = pop.state_dict()
+    path = save_checkpoint(tmp_path / "x0.npz", pop)
+    s = rng.normal(size=(N, 2))
+    dpop.step(s)
+    {"reset": lambda: dpop.reset(x0), "load_state_dict": lambda: dpop.load_state_dict(state),
+     "restore": lambda: restore_checkpoint(path, dpop)}[action]()
+    np.testing.assert_array_equal(dpop.mean_state, pop.mean_state)
+    np.testing.assert_array_equal(dpop.class_mean_state, pop.class_mean_state)
+    pop.step(s)
+    dpop.step(s)
+    np.testing.assert_array_equal(dpop.mean_state, pop.mean_state)
+    np.testing.assert_array_equal(dpop.states, pop.states)
+    dpop.close()
+
+
+def test_state_dict_and_a_single_file_save_keep_the_mean_field_bitwise(client, tmp_path, rng):
+    """Gathering the state must not re-derive m(t) on the client (NumPy sums round differently from the kernels)."""
+    pop = Population(GAME, N, 2, threads=1)
+    dpop = DaskPopulation(GAME, N, 2, client=client, n_shards=3, exact=True, timeout=TIMEOUT)
+    for _ in range(3):
+        s = rng.normal(size=(N, 2))
+        pop.step(s)
+        dpop.step(s)
+    a, b = pop.state_dict(), dpop.state_dict()
+    for key in ("states", "costs", "mean_state", "mean_signal"):
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    np.testing.assert_array_equal(dpop.mean_state, pop.mean_state)
+    one = load_checkpoint(save_checkpoint(tmp_path / "one.npz", pop)).population
+    two = load_checkpoint(dpop.save(tmp_path / "two.npz", sharded=False)).population
+    np.testing.assert_array_equal(two["mean_state"], one["mean_state"])
+    dpop.close()
+
+
+def test_a_refused_restore_leaves_the_shards_in_place(client, tmp_path, rng):
+    """A restore refused for its arguments changes nothing, from a single file as from a manifest (a single-file
+    restore released the shards before checking n_shards, leaving an unusable population).
+    """
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    single = dpop.save(tmp_path / "one.npz", dserver, sharded=False)
+    sharded = dpop.save(tmp_path / "set.ckpt", dserver)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    states, weights = dpop.states, dserver.log_weights
+    for path in (single, sharded):
+        for n_shards, error, match in ((0, ValueError, "n_shards must be an integer >= 1, got 0"),
+                                       (5, ValueError, "n_shards <= 4"), (True, TypeError, "got True of type bool")):
+            with pytest.raises(error, match=match):
+                dpop.restore(path, dserver, n_shards=n_shards)
+            assert (dpop.t, dpop.n_shards, dserver.n_updates) == (2, 2, 2)
+            np.testing.assert_array_equal(dpop.states, states)
+            np.testing.assert_array_equal(dserver.log_weights, weights)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    assert dpop.t == 3
+    dpop.close()
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded"])
+def test_servers_not_restored_restart_from_round_zero(client, tmp_path, rng, kind):
+    """A restore that rebuilds the shards gives the other servers uniform weights: their update count restarts too."""
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    kept, other = DaskServer(dpop, rule="hedge", eta=0.5), DaskServer(dpop, rule="eg", eta=0.3)
+    for _ in range(2):
+        x = dpop.step(rng.normal(size=N))
+        kept.update(x, np.ones(1))
+        other.update(x, np.ones(1))
+    path = dpop.save(tmp_path / "c.npz", kept, sharded=kind == "sharded")
+    dpop.restore(path, kept, n_shards=3)
+    assert kept.n_updates == 2 and other.n_updates == 0
+    np.testing.assert_array_equal(other.log_weights, np.full(N, -np.log(N)))
+    fresh = Server(N, 1, rule="eg", eta=0.3, threads=1)
+    fresh.load_state_dict(other.state_dict())  # a consistent state: a one-machine server at round 0
+    assert fresh.n_updates == 0
+    dpop.close()
+
+
+def test_reset_moves_bytes_that_do_not_grow_with_n(client):
+    """reset() to zeros sends no agent array (it sent N x d zeros and N zero costs); results as on one machine."""
+    used = []
+    for n in (2 * CHUNK, 40 * CHUNK):
+        dpop = DaskPopulation(GAME, n, 3, client=client, n_shards=2, timeout=TIMEOUT)
+        pop = Population(GAME, n, 3, threads=1)
+        s = np.linspace(-1.0, 1.0, n * 3).reshape(n, 3)
+        for engine in (pop, dpop):
+            engine.step(s)
+            engine.step(s)
+        dpop.comm.reset()
+        dpop.reset()
+        used.append(dpop.comm.bytes_sent + dpop.comm.bytes_received)
+        pop.reset()
+        assert dpop.t == 0 and dpop.discount == 1.0 and not dpop.states.any() and not dpop.costs.any()
+        for engine in (pop, dpop):
+            engine.step(s)
+        np.testing.assert_allclose(dpop.states, pop.states, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(dpop.costs, pop.costs, rtol=1e-12, atol=1e-14)
+        dpop.close()
+    assert used[0] == used[1] and used[0] < 2000
+
+
+def test_observe_without_a_signal_source_is_refused(client):
+    dpop = DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT)
+    with pytest.raises(ValueError, match=r"observe\(\) feeds the worker-side signal sources, and this population has none"):
+        dpop.observe(np.ones(1))
+    assert dpop._pending == []
+    dpop.close()
+
+
+@pytest.mark.parametrize("failure", ["worker raises", "worker disk full", "manifest disk full"])
+def test_a_failed_save_keeps_the_previous_set_and_the_population(thread_client, tmp_path, rng, monkeypatch, failure):
+    """A save that fails on a worker or at the manifest: the previous checkpoint is intact, the new files are gone,
+    and the population keeps running (a worker's exception made it unusable, losing the run since the last save).
+    """
+    import memoa_fast.checkpoint as ckpt
+    import memoa_fast.distributed.population as dpm
+
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+    pop, server = Population(GAME, N, 1, threads=1), Server(N, 1, rule="hedge", eta=0.5, alpha=0.01, threads=1)
+    signals = rng.normal(size=(4, N))
+    for s in signals[:2]:
+        _round(pop, server, s, np.ones(1))
+        _round(dpop, dserver, s, np.ones(1))
+    path = dpop.save(tmp_path / "c.ckpt", dserver)
+    folder = tmp_path / "c.ckpt.shards"
+    before = (path.read_bytes(), _files(folder))
+    _round(pop, server, signals[2], np.ones(1))
+    _round(dpop, dserver, signals[2], np.ones(1))
+    real = ckpt.write_shard_file
+
+    def write(folder, token, index, *args, **kwargs):
+        if index == 1:
+            if failure == "worker raises":
+                raise RuntimeError("the disk controller failed")
+            raise OSError(28, "No space left on device")
+        return real(folder, token, index, *args, **kwargs)
+
+    def manifest(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if failure == "manifest disk full":
+        monkeypatch.setattr(dpm, "write_manifest", manifest)
+    else:
+        monkeypatch.setattr(ckpt, "write_shard_file", write)
+    error, match = (RuntimeError, "disk controller") if failure == "worker raises" else (OSError, "No space left")
+    with pytest.raises(error, match=match):
+        dpop.save(path, dserver)
+    monkeypatch.undo()
+    assert (path.read_bytes(), _files(folder)) == before
+    assert dpop.last_checkpoint_step == 2
+    _round(pop, server, signals[3], np.ones(1))
+    _round(dpop, dserver, signals[3], np.ones(1))
+    _assert_close(dpop, dserver, pop, server, rtol=1e-12, atol=1e-13)
+    assert dpop.save(path, dserver) == path and load_checkpoint(path).t == 4
+    dpop.close()
+
+
+class _SourceThatCannotResume:
+    """A worker-side source without load_state_dict (zeros as signals)."""
+
+    def __init__(self, lo, hi, seed):
+        self.out = np.zeros((hi - lo, 1))
+
+    def next(self):
+        return self.out
+
+
+@pytest.mark.parametrize("factory", [functools.partial(ForecasterSignals, lags=2), _SourceThatCannotResume],
+                         ids=["another kind of source", "a source without load_state_dict"])
+@pytest.mark.parametrize("how", ["restore_checkpoint single", "restore single", "load_state_dict", "restore_checkpoint set",
+                                 "restore set"])
+def test_a_source_state_the_shards_refuse_changes_nothing(thread_client, tmp_path, factory, how):
+    """Every shard's source is asked before anything is loaded: a refused source state leaves the population as it
+    was and usable (the shards loaded their states, then one source refused: a half-loaded, unusable population).
+    """
+    saved = DaskPopulation(GAME, N, 1, client=thread_client, signals=NoisyLastValueSignals, seed=1, timeout=TIMEOUT)
+    saved.observe(np.ones(1))
+    saved.step()
+    state = saved.state_dict()
+    single = saved.save(tmp_path / "one.npz", sharded=False)
+    sharded = saved.save(tmp_path / "set.ckpt")
+    saved.close()
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=factory, seed=1, timeout=TIMEOUT)
+    dpop.step()
+    dpop.step()
+    states, t = dpop.states, dpop.t
+    load = {"restore_checkpoint single": lambda: restore_checkpoint(single, dpop),
+            "restore single": lambda: dpop.restore(single, n_shards=3),
+            "load_state_dict": lambda: dpop.load_state_dict(state),
+            "restore_checkpoint set": lambda: restore_checkpoint(sharded, dpop),
+            "restore set": lambda: dpop.restore(sharded, n_shards=3)}[how]
+    with pytest.raises(ValueError, match=r"shard 0 \(agents \[0, \d+\)\): .*(must hold exactly|has no load_state_dict)"):
+        load()
+    assert dpop.t == t and dpop.n_shards == 2
+    np.testing.assert_array_equal(dpop.states, states)
+    dpop.step()
+    assert dpop.t == t + 1
+    dpop.close()
+
+
+def test_a_server_of_another_population_is_refused_by_every_save_and_restore(client, tmp_path, rng):
+    """A DaskServer of another population (same N and d) is refused before anything is written or loaded, on the
+    single-file paths too (they saved its weights beside this population's states, or loaded them into it).
+    """
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    single = dpop.save(tmp_path / "one.npz", dserver, sharded=False)
+    sharded = dpop.save(tmp_path / "set.ckpt", dserver)
+    other_pop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, timeout=TIMEOUT)
+    other = DaskServer(other_pop, rule="hedge", eta=0.5)
+    before = (single.read_bytes(), sharded.read_bytes(), other.log_weights.copy(), dpop.states.copy())
+    for action in (lambda: dpop.save(single, other, sharded=False), lambda: save_checkpoint(single, dpop, other, sharded=False),
+                   lambda: dpop.save(sharded, other), lambda: dpop.restore(single, other, n_shards=3),
+                   lambda: restore_checkpoint(single, dpop, other), lambda: dpop.restore(sharded, other),
+                   lambda: restore_checkpoint(sharded, dpop, other)):
+        with pytest.raises(TypeError, match="server must be a DaskServer of this population"):
+            action()
+        after = (single.read_bytes(), sharded.read_bytes(), other.log_weights, dpop.states)
+        assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(before, after))
+        assert dpop.n_shards == 2 and other.n_updates == 0
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    other_pop.close()
+    dpop.close()
+
+
+def test_a_shard_folder_that_is_a_file_is_named(client, tmp_path):
+    dpop = DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT)
+    (tmp_path / "c.ckpt.shards").write_text("not a folder")
+    with pytest.raises(FileExistsError, match=r"c\.ckpt\.shards is a file: a sharded checkpoint keeps its shard files in a "
+                                              r"folder of that name"):
+        dpop.save(tmp_path / "c.ckpt")
+    assert not (tmp_path / "c.ckpt").exists()
+    dpop.close()
+
+
+def test_observe_refuses_a_target_the_sources_would_refuse(client):
+    """observe() checks the target as every object that learns from a stream does (finite, |y| <= TARGET_LIMIT), at
+    the call: the worker-side sources refused it later, on the next message, which left the population unusable.
+    """
+    from memoa_fast._validation import TARGET_LIMIT
+
+    dpop = DaskPopulation(GAME, N, 1, client=client, signals=functools.partial(ForecasterSignals, lags=2), timeout=TIMEOUT)
+    dpop.observe(np.ones(1))
+    dpop.step()
+    for bad in (np.array([10 * TARGET_LIMIT]), -1e300):
+        with pytest.raises(ValueError, match=r"target must .*1e\+30"):
+            dpop.observe(bad)
+    dpop.observe(np.ones(1))
+    dpop.step()
+    assert dpop.t == 2
+    source = NoisyLastValueSignals(0, 10, 0)
+    with pytest.raises(ValueError, match=r"y must .*1e\+30"):
+        source.observe(10 * TARGET_LIMIT)
+    dpop.close()
+
+
+def test_flags_are_bools(client):
+    for flag in ("exact", "direct"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no' of type str"):
+            DaskPopulation(GAME, N, 1, client=client, timeout=TIMEOUT, **{flag: "no"})
+    dpop = DaskPopulation(GAME, N, 1, client=client, exact=np.True_, direct=np.False_, timeout=TIMEOUT)
+    assert dpop.exact is True and dpop._own_client is None
+    dpop.close()

@@ -42,9 +42,12 @@ class Shard:
     its own signal source.
     """
 
+    #: Ops that change nothing a step, a gather or a save reads: when one of them fails, and it is the
+    #: message's last op (every queued op before it completed), the shard is as consistent as before.
+    READ_ONLY = frozenset(["rows", "worst", "gather", "info", "save_file", "stage", "discard", "check_source"])
     _OPS = frozenset(
-        ["signal_pass", "move", "rows", "observe", "predict", "reweight", "share", "add_server", "drop_server", "load",
-         "gather", "worst", "info", "save_file", "stage", "commit", "discard"]
+        ["signal_pass", "move", "rows", "observe", "predict", "reweight", "share", "add_server", "drop_server", "load", "reset",
+         "gather", "worst", "info", "save_file", "stage", "commit", "discard", "check_source"]
     )
 
     def __init__(self, index, lo, hi, n_agents, lay, threads, parallel_threshold, exact, factory, seed):
@@ -65,12 +68,20 @@ class Shard:
         self._staged = None  # a checkpoint's rows, checked, waiting for "commit"
 
     def run(self, ops):
-        """Execute ``ops`` in order; returns the last op's result."""
+        """Execute ``ops`` in order; returns the last op's result.
+
+        An exception carries ``shard_ops_done``, how many ops had completed
+        before it (the client tells from it whether the live state changed).
+        """
         result = None
-        for name, args in ops:
-            if name not in self._OPS:
-                raise ValueError(f"unknown shard op {name!r}")
-            result = getattr(self, "_" + name)(*args)
+        for done, (name, args) in enumerate(ops):
+            try:
+                if name not in self._OPS:
+                    raise ValueError(f"unknown shard op {name!r}")
+                result = getattr(self, "_" + name)(*args)
+            except Exception as exc:
+                exc.shard_ops_done = done
+                raise
         return result
 
     def _partials(self, work, part="step"):
@@ -164,6 +175,15 @@ class Shard:
         total, class_sums = state_sums(self.x, self.labels, self.lay.n_classes)
         return {"sum": total, "class_sums": class_sums}
 
+    def _reset(self, states):
+        """Round 0: states to ``states`` (zeros if None, written here: nothing of size N is sent), costs to 0."""
+        if states is None:
+            self.x[...] = 0.0
+        else:
+            self.x[...] = states
+        self.J[...] = 0.0
+        self.mean_ready = False
+
     def _gather(self, what, sid=None):
         if what == "states":
             return self.x
@@ -239,12 +259,30 @@ class Shard:
             if manifest.source_agents is not None and self.source is not None:
                 agents = {name: rows[_ckpt._SOURCE_AGENTS + name] for name in manifest.source_agents}
                 state = check_source_layout({"agents": agents, "shared": manifest.source_shared}, n_agents=n)
-                validate = getattr(self.source, "validate_state_dict", None)
-                staged["source"] = validate(state) if validate is not None else state
+                staged["source"] = self._checked_source_state(state)
         except (ValueError, KeyError, TypeError) as exc:  # CheckpointError is a ValueError
             return {"error": f"{self._where()}: {exc}"}
         self._staged = staged
         return answer
+
+    def _checked_source_state(self, state):
+        """``state`` as this shard's source will load it (through its ``validate_state_dict`` if it has one); changes nothing.
+
+        Raises ``TypeError`` when the source cannot load a state at all, or what its validator raises.
+        """
+        if not hasattr(self.source, "load_state_dict"):
+            raise TypeError(f"its signal source {type(self.source).__name__} has no load_state_dict(): it cannot resume "
+                            "from a saved state")
+        validate = getattr(self.source, "validate_state_dict", None)
+        return validate(state) if validate is not None else state
+
+    def _check_source(self, state):
+        """Would this shard's source take ``state`` (its slice)? Changes nothing; answers an error message or None."""
+        try:
+            self._checked_source_state(check_source_layout(state, n_agents=self.hi - self.lo))
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"{self._where()}: {exc}"
+        return None
 
     def _commit(self, sid):
         """Install the staged checkpoint rows (the client checked every shard's first)."""

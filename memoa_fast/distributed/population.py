@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, as_steps, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_real, readonly_view
 from ..checkpoint import (
     CheckpointError,
     _remove_stale_temporaries,
@@ -202,9 +202,8 @@ class DaskPopulation(MeanFieldSummary):
         self.seed = check_int("seed", seed, low=0)
         self.threads = None if threads is None else check_int("threads", threads, low=1)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
-        if not isinstance(exact, bool):
-            raise TypeError(f"exact must be True or False, got {exact!r}")
-        self.exact = exact
+        self.exact = check_bool("exact", exact)
+        direct = check_bool("direct", direct)
         self.timeout = check_real("timeout", timeout, low=0.0, low_open=True)
         self._kernels = _backends.load("numba")  # the client merges with the kernels' own merges
         self.client = default_client(client)
@@ -274,24 +273,36 @@ class DaskPopulation(MeanFieldSummary):
         self._broken = self._lost_shard = None
         self._pending = []
 
-    def _build(self, n_shards, x0) -> None:
-        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources."""
-        self._release_shards()
+    def _build(self, n_shards, x0, source=None) -> None:
+        """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
+
+        The new shards are made (``n_shards`` checked) and their sources asked
+        whether they take ``source`` (a saved state about to be loaded) before
+        the current ones are released: a refused call leaves the population as it was.
+        """
         try:
             spawned = self._spawn(n_shards)
+            if source is not None and self.signal_factory is not None:
+                self._check_sources(source, spawned)
         except Exception as exc:
-            self._broken = f"shards could not be created: {exc}"
+            if not self._actors:
+                self._broken = f"shards could not be created: {exc}"
             raise
+        self._release_shards()
         self._install(spawned)
         labels = self._labels
         args = [(None if x0 is None else x0[lo:hi], None, labels[lo:hi] if labels.shape[0] else None, {}, None)
                 for lo, hi in self.bounds]
         self._call(("load", None), per_shard_args=args)
-        for sid in list(self._servers):
-            self._queue(("add_server", (sid,)))
+        self._restart_servers()
         self._field[...] = 0.0
         if x0 is not None:
             self._refresh_means(x0)
+
+    def _restart_servers(self) -> None:
+        """Every server of this population back to round 0 (uniform weights on the new shards, update count 0)."""
+        for server in list(self._servers.values()):
+            server.reset()
 
     @property
     def n_shards(self) -> int:
@@ -342,20 +353,24 @@ class DaskPopulation(MeanFieldSummary):
             futures = [actor.run(msg) for actor, msg in zip(self._actors, messages)]
         except RuntimeError as exc:  # the proxy refuses calls once its worker is known lost
             self._lost(0, exc, find_lost=True)
-        results, failure = [], None
+        results, failures = [], []
         deadline = time.monotonic() + self.timeout
         for k, fut in enumerate(futures):
             try:
                 results.append(fut.result(timeout=max(deadline - time.monotonic(), 0.001)))
-            except BaseException as exc:  # noqa: BLE001 - every failure makes the shards inconsistent
-                if failure is None:
-                    failure = (k, exc)
+            except BaseException as exc:  # noqa: BLE001 - a failure may leave the shards inconsistent
+                failures.append((k, exc))
                 results.append(None)
-        if failure is not None:
-            k, exc = failure
+        if failures:
+            k, exc = failures[0]
             if is_loss(exc, self.shard_workers[k] in self._workers_or_empty()):
                 self._lost(k, exc)
-            self._broken = f"shard {k} failed: {type(exc).__name__}: {exc}"
+            # A read-only op that failed after every queued op completed (on every shard that failed) changed nothing
+            # live: the population stays usable (a save that a worker could not write does not end the run).
+            harmless = op[0] in Shard.READ_ONLY and all(
+                getattr(e, "shard_ops_done", None) == len(ops) for _, e in failures)
+            if not harmless:
+                self._broken = f"shard {k} failed: {type(exc).__name__}: {exc}"
             if isinstance(exc, Exception):
                 lo, hi = self.bounds[k]
                 exc.add_note(f"in shard {k} (agents [{lo}, {hi})) on worker {self.shard_workers[k]}, step {self.t}")
@@ -414,14 +429,17 @@ class DaskPopulation(MeanFieldSummary):
     # ------------------------------------------------------------------ state
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0 (servers are left alone)."""
-        if initial_states is None:
-            x0 = np.zeros((self.n_agents, self.dim))
-        else:
+        x0 = None
+        if initial_states is not None:
             x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
             _check_magnitude("initial_states", x0)
-        self._load_all(x0, np.zeros(self.n_agents))
+        # Zeros are written by the shards: only given states cross the network.
+        self._call(("reset", None), per_shard_args=[(None if x0 is None else x0[lo:hi],) for lo, hi in self.bounds])
+        self._version += 1
         self._field[...] = 0.0
-        self._refresh_means(x0)
+        self._stale_means = False
+        if x0 is not None:
+            self._refresh_means(x0)
         self._n_valid = 0
         self.t = 0
         self._discount = 1.0
@@ -524,8 +542,18 @@ class DaskPopulation(MeanFieldSummary):
         return self._handle
 
     def observe(self, target) -> None:
-        """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message)."""
-        y = as_float_array("target", target, (self.dim,))
+        """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message).
+
+        ``target`` has shape (d,) and is finite with ``|y| <= TARGET_LIMIT`` (``1e30``), as for every object that
+        learns from a stream; a population without a ``signals=`` factory refuses the call (``ValueError``).
+        """
+        if self.signal_factory is None:
+            raise ValueError(
+                "observe() feeds the worker-side signal sources, and this population has none: create it with "
+                "signals=factory (called on each worker as factory(lo, hi, seed)) to use observe()"
+            )
+        # The rule of every object that learns from a stream: a value the sources refuse is refused here, before it is queued.
+        y = as_target_array("target", target, (self.dim,))
         self._check_usable()
         self._queue(("observe", (y.copy(),)))
 
@@ -544,6 +572,11 @@ class DaskPopulation(MeanFieldSummary):
             for _ in range(check_int("steps", steps, low=0)):
                 self.step()
         return self._handle
+
+    def _means_from_sums(self, total, class_sums) -> None:
+        """As on one machine; the field then holds the means of the current states (not of the last move pass's)."""
+        super()._means_from_sums(total, class_sums)
+        self._stale_means = False
 
     @property
     def mean_state(self) -> np.ndarray:
@@ -573,8 +606,8 @@ class DaskPopulation(MeanFieldSummary):
         With a worker-side source that has ``state_dict``, also ``source``:
         ``{"agents": {...}, "shared": {...}}`` concatenated over the shards.
         """
+        # m(t) as the kernels merged it (re-deriving it here from the gathered states would round differently).
         states = self._gather_agents("states", (self.n_agents, self.dim))
-        self._refresh_means(states)
         state = self._summary_state(states, self._gather_agents("costs", (self.n_agents,)))
         source = self._gather_source()
         if source is not None:
@@ -603,9 +636,23 @@ class DaskPopulation(MeanFieldSummary):
             source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
+            self._check_sources(source)
         labels = clean["labels"] if self._lay.n_classes > 1 else None
         self._load_all(clean["states"], clean["costs"], labels, source)
         self._apply_summary(clean)
+
+    def _check_sources(self, source, spawned=None) -> None:
+        """Every shard's source (of ``spawned`` shards, else of ours) asked whether it takes its slice of ``source``.
+
+        A round trip that changes nothing; ``ValueError`` naming the first shard that refuses.
+        """
+        bounds = self.bounds if spawned is None else spawned[0]
+        args = [(_slice_source(source, lo, hi),) for lo, hi in bounds]
+        answers = self._call(("check_source", None), per_shard_args=args) if spawned is None else \
+            self._run_on(spawned, "check_source", args)
+        refused = [a for a in answers if a is not None]
+        if refused:
+            raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
@@ -620,11 +667,12 @@ class DaskPopulation(MeanFieldSummary):
         :class:`~memoa_fast.checkpoint.Manifest` of a sharded checkpoint, the
         :class:`~memoa_fast.checkpoint.Checkpoint` of a single file.
         """
+        self._check_own_server(server)
         if is_manifest(path):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
-        self._build(n_shards, None)
+        self._build(n_shards, None, source=ckpt.source)
         return restore_checkpoint(ckpt, self, server)
 
     def save(self, path, server=None, *, sharded: bool = True):
@@ -651,13 +699,14 @@ class DaskPopulation(MeanFieldSummary):
         refused (``ValueError``) before the manifest is written, and the
         files already written for it are deleted.
         """
+        self._check_own_server(server)
         return save_checkpoint(path, self, server, sharded=sharded)
 
     def _check_own_server(self, server) -> None:
+        """``TypeError`` unless ``server`` is None or a :class:`DaskServer` of this population (its weights live on our shards)."""
         if server is not None and getattr(server, "population", None) is not self:
-            raise TypeError(
-                f"server must be a DaskServer of this population for a sharded checkpoint, got {type(server).__name__}"
-            )
+            got = "one of another population" if hasattr(server, "population") else f"a {type(server).__name__}"
+            raise TypeError(f"server must be a DaskServer of this population (or None), got {got}")
 
     def _save_shards(self, path, server=None):
         """The sharded save (see :meth:`save`)."""
@@ -667,6 +716,9 @@ class DaskPopulation(MeanFieldSummary):
         if not target.parent.is_dir():
             raise FileNotFoundError(f"cannot write checkpoint {target}: folder {target.parent} does not exist")
         folder = shard_folder(target)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"cannot write checkpoint {target}: {folder} is a file: a sharded checkpoint keeps its "
+                                  "shard files in a folder of that name (move the file, or save with sharded=False)")
         folder.mkdir(exist_ok=True)
         started = time.time()
         token = new_token()
@@ -784,8 +836,7 @@ class DaskPopulation(MeanFieldSummary):
         if rebuild:
             self._release_shards()
             self._install(spawned)
-            for other in list(self._servers):
-                self._queue(("add_server", (other,)))
+            self._restart_servers()
         self._call(("commit", (sid,)))
         if labels is not None:
             self._labels = labels

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_source_state
-from .._validation import as_float_array, check_int, check_real
+from .._validation import as_target_array, check_int, check_real
 
 
 class NoisyLastValueSignals:
@@ -87,8 +87,8 @@ class NoisyLastValueSignals:
         return self._out
 
     def observe(self, y) -> None:
-        """The stream's newest value ``y``, shape (d,)."""
-        self._y[...] = as_float_array("y", y, (self.dim,))
+        """The stream's newest value ``y``, shape (d,): finite, ``|y| <= TARGET_LIMIT`` (``1e30``)."""
+        self._y[...] = as_target_array("y", y, (self.dim,))
 
     def state_dict(self) -> dict:
         """The round counter and the last value (the draws are a function of them)."""
