@@ -463,8 +463,7 @@ class DaskPopulation(MeanFieldSummary):
         self._set_sizes()
         answers = self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None)
                                                              for lo, hi in self.bounds])
-        self._means_from_sums(*_added_sums(answers, self._lay.n_classes))
-        self._stale_means = False  # the shards' rows still hold the old classes' sums: the field is the truth now
+        self._means_from_sums(*_added_sums(answers, self._lay.n_classes))  # marks the field current (the rows are stale)
 
     @property
     def states(self) -> np.ndarray:
@@ -849,7 +848,6 @@ class DaskPopulation(MeanFieldSummary):
         # m(t) and m_l(t) from the shards' sums of the rows they installed (as one machine does from its states):
         # the manifest's copies are not trusted to match the rows.
         self._means_from_sums(*_added_sums(answers, K))
-        self._stale_means = False
         self._n_valid = pop["n_valid_signals"]
         self.t = pop["t"]
         self._discount = pop["discount"]
