@@ -206,6 +206,11 @@ def _gains_arrays(q, kappa, r, gamma):
         \\rho = \\frac{2(1-k)}{B + S}, \\qquad 1 - \\rho = \\frac{2 c_0}{D_1 + S},
         \\qquad c = \\frac{\\kappa}{w}\\,\\frac{\\rho (1-a)}{(1-a) + a(1-\\rho)}.
 
+    ``c0``, ``D1`` and ``S`` all carry the factor ``1 - a`` (``= k`` at gamma = 1,
+    as small as 1e-154 when ``w/r`` is 1e-308: its square underflows), so they are
+    evaluated divided by it; and ``c`` takes the quotient ``(1-a)/((1-a) + a(1-rho))``
+    before multiplying by ``kappa/w``.
+
     Returns ``(P, k, e, a, rho, c)`` with ``e = 1 - k``.
     """
     with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
@@ -224,12 +229,14 @@ def _gains_arrays(q, kappa, r, gamma):
         a = gamma * e
         oma = omg + gamma * k
         P = w / oma
-        c0 = k * oma * qw
-        D1 = oma * (omg * e + k * qw) + (gamma * omg) * e * e
-        S = np.hypot(D1, 2.0 * np.sqrt(a) * np.sqrt(c0))
-        rho = 2.0 * e / (D1 + 2.0 * a + S)
-        y = np.where(c0 > 0.0, 2.0 * c0 / (D1 + S), 0.0)  # 1 - rho
-        c = kw * rho * oma / (oma + a * y)
+        # c0, D1 and S carry a factor 1 - a (= k at gamma = 1, which may be 1e-160: its square underflows),
+        # so they are computed divided by it: c0s = c0/(1-a), D1s = D1/(1-a), Ss = S/(1-a).
+        c0s = k * qw
+        D1s = omg * e + k * qw + gamma * e * e * (omg / oma)
+        Ss = np.hypot(D1s, 2.0 * np.sqrt(a) * np.sqrt(k / oma) * np.sqrt(qw))
+        rho = 2.0 * e / (oma * (D1s + Ss) + 2.0 * a)
+        y = np.where(c0s > 0.0, 2.0 * c0s / (D1s + Ss), 0.0)  # 1 - rho
+        c = kw * rho * (oma / (oma + a * y))  # the quotient first: kappa/w * rho * (1-a) alone may underflow
         # q = 0: nothing anchors the mean, rho = 1 is an exact root (the
         # quadratic's roots are 1 and 1/gamma), and then c = 1. Exact, not rounded.
         anchorless = q == 0.0

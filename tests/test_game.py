@@ -228,6 +228,13 @@ def test_gains_are_accurate_for_any_weights(q, kappa, r, gamma):
         (1e-300, 0.0, 1e300, 0.5),  # k ~ 1e-600: not representable
         (1.0, 1.0, 1.0, 1e-300),
         (0.0, 1e300, 1e-300, 0.9),
+        # gamma = 1 and (q+kappa)/r < 1e-300: c's product kappa/w * rho * (1-a) underflowed before its division
+        # (a ValueError "c = 0.0" where c = 5.8e-257), and the mean-field quadratic's terms (of order k^2) underflowed,
+        # so 1 - rho was taken as 0 and c came out twice too large (the numerical audit)
+        (126.38148091724337, 1.4724031462150992e-254, 7.484035172066521e161, 1.0),
+        (6.978664952858547e-186, 5.362960920236335e-299, 2.130908391469481e170, 1.0),
+        (1e-10, 1e-10, 1e300, 1.0),
+        (1e-10, 1e-300, 1e300, 1.0),
     ],
 )
 def test_extreme_weight_reproducers(q, kappa, r, gamma):
