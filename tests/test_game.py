@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from memoa_fast import Game, solve_gains
+from memoa_fast import Game, solve_classes, solve_gains
 
 WEIGHT_GRID = list(
     itertools.product(
@@ -325,3 +325,27 @@ def test_max_iter_bool_is_a_type_error():
 
     with pytest.raises(TypeError, match="max_iter must be an integer >= 1, got True"):
         solve_classes([1.0, 2.0], 1.0, 0.1, 0.9, method="iterate", max_iter=True)
+
+
+@pytest.mark.parametrize("r_slow", [1e15, 1e16, 1e17])
+def test_class_equilibrium_with_a_nearly_unit_class(r_slow):
+    """A class with 1 - k_j within a few ulps of 1 (r_j/w_j = 1e17/3.25 at gamma = 0.9, k_j = 3e-16).
+
+    The equilibrium exists (spectral radius 1 - 1.1e-16, representable) and the plain iteration finds it
+    in 44 steps; the default direct (QZ) solve returned a garbage A (spectral radius 50) and raised "no
+    stable K-class equilibrium" (the numerical audit).
+    """
+    args = ([2.0, 1.0, 0.25], 3.0, [0.1, 0.1, r_slow], 0.9, [0.2, 0.5, 0.3])
+    eq = solve_classes(*args)
+    ref = solve_classes(*args, method="iterate")
+    assert eq.spectral_radius < 1.0 and eq.residual <= 1e-14
+    np.testing.assert_allclose(eq.A, ref.A, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(eq.C, ref.C, rtol=0, atol=1e-14)
+    assert Game(*args[:4], shares=args[4]).classes.A.shape == (3, 3)
+
+
+def test_class_equilibrium_with_a_unit_class_names_the_class():
+    # k_3 = 2.9e-17: 1 - k_3 rounds to 1, so A would have the eigenvalue 1; the message said "no unique stable
+    # equilibrium" (the pencil's count), not why.
+    with pytest.raises(ValueError, match=r"1 - k of class 2 rounds to 1 \(k = 2.92.*e-17\)"):
+        solve_classes([2.0, 1.0, 0.25], 3.0, [0.1, 0.1, 1e18], 0.9, [0.2, 0.5, 0.3])
