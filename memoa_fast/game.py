@@ -460,7 +460,7 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
         ``method="iterate"``: stop when the estimated error left,
         ``change * ratio / (1 - ratio)`` (``change = max |A^{n+1} - A^n|``,
         ``ratio`` its last contraction), is at most ``tol``, or when ``change``
-        reaches the rounding floor (4 eps).
+        reaches the rounding floor (``4 eps max |A|``).
     max_iter : int, default 10000
         ``method="iterate"``: steps before giving up.
 
@@ -553,14 +553,15 @@ def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
     """The plain iteration ``A <- F(A)`` from ``diag(1 - k)``; returns ``(A, V, radius, residual, iterations)``."""
     A = np.diag(e)
     change = prev = np.inf
-    floor = 4.0 * np.finfo(np.float64).eps
     for iterations in range(1, max_iter + 1):
         FA, V = _fixed_point_map(A, e, a, beta, shares)
         change = float(np.max(np.abs(FA - A)))
         A = FA
         if not np.isfinite(change):
             break
-        # Linear convergence: the error left is about change * ratio / (1 - ratio).
+        # Linear convergence: the error left is about change * ratio / (1 - ratio). The rounding floor is
+        # relative to A: when A's entries are 1e-19, a change of 1e-20 per step is no convergence.
+        floor = 4.0 * np.finfo(np.float64).eps * float(np.max(np.abs(A)))
         ratio = change / prev if 0.0 < prev < np.inf else 1.0
         if change <= floor or (ratio < 1.0 and change * ratio / (1.0 - ratio) <= tol):
             break
