@@ -395,3 +395,22 @@ def test_ill_conditioned_iteration_does_not_stop_on_an_absolute_floor():
 def test_ill_conditioned_direct_solve_finds_the_secular_root():
     eq = solve_classes(*ILL_CONDITIONED)
     assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(secular_root(*ILL_CONDITIONED), rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 1.0])
+def test_model_md_root_in_unit_interval_does_not_exist_at_q_zero(gamma):
+    """MODEL.md section 2 defines rho as "the root in [0, 1)" of the consistency quadratic, and allows q = 0.
+
+    At q = 0 there is no such root: f(1) = a - B + (1 - k) = -k (1-a) q/w = 0 and the product of the roots is
+    (1 - k)/a = 1/gamma, so the roots are exactly 1 and 1/gamma (a double root 1 at gamma = 1). The library
+    takes rho = 1 (and c = 1), the limit of the root in [0, 1) as q -> 0+ (checked here at q = 1e-12).
+    """
+    kappa, r = 2.0, 0.5
+    g = solve_gains(0.0, kappa, r, gamma)
+    k, a = g.k, g.a
+    roots = np.sort(np.roots([a, -(1 + a * (1 - k) - k * (1 - a)), 1 - k]).real)
+    np.testing.assert_allclose(roots, [1.0, 1.0 / gamma], rtol=1e-7)
+    assert not any(0.0 <= x < 1.0 - 1e-7 for x in roots)
+    assert (g.rho, g.c) == (1.0, 1.0)
+    near = solve_gains(1e-12, kappa, r, gamma)
+    assert near.rho < 1.0 and near.rho == pytest.approx(1.0, abs=1e-5) and near.c == pytest.approx(1.0, abs=1e-5)
