@@ -157,6 +157,9 @@ class NashEquilibrium:
     r: float
     gamma: float
     labels: np.ndarray | None = None
+    #: ``(centre, values, e)``: the equilibrium was solved for the signals minus ``centre`` (d,), times ``2^-e``;
+    #: ``values`` are that problem's value matrices, which :meth:`costs` reads (see :func:`nash_equilibrium`).
+    _shifted: tuple | None = field(default=None, repr=False, compare=False)
     n_agents: int = field(init=False)
 
     def __post_init__(self):
@@ -182,10 +185,17 @@ class NashEquilibrium:
         """
         n, d = self.signals.shape
         x0 = _as_states("initial_states", initial_states, n, d)
-        # z0 = 2^e (x0 2^-e, 2^-e): the quadratic form on the scaled z0, times 2^(2e) (see "scale" below).
-        e = _binary_exponent(x0, self.signals)
-        z0 = np.concatenate([np.ldexp(x0.T, -e), np.full((d, 1), math.ldexp(1.0, -e))], axis=1)  # (d, n+1)
-        return _scale_back(0.5 * np.einsum("ck,cikl,cl->i", z0, self.values, z0), e, 2, "costs", _INPUTS)
+        if self._shifted is None:  # built by hand from values in the given coordinates
+            centre, values, e_solve = np.zeros(d), self.values, 0
+        else:
+            centre, values, e_solve = self._shifted
+        # In the coordinates the equilibrium was solved in (the costs depend on x - centre only, with no
+        # cancellation of terms of size |x|^2), z = (x0 - centre, 1) = 2^e (x 2^-e, 2^(e_solve - e)), and the
+        # shifted values are those of signals times 2^-e_solve: the quadratic form, times 2^(2e) (see "scale" below).
+        x = (x0 - centre) if self._shifted is not None else x0
+        e = max(_binary_exponent(x), e_solve) if x.any() else e_solve
+        z0 = np.concatenate([np.ldexp(x.T, -e), np.full((d, 1), math.ldexp(1.0, e_solve - e))], axis=1)  # (d, n+1)
+        return _scale_back(0.5 * np.einsum("ck,cikl,cl->i", z0, values, z0), e, 2, "costs", _INPUTS)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -268,7 +278,10 @@ def _check_horizon(horizon):
 # The costs are homogeneous of degree 2 in (signals, initial states): scaling both by c scales every J_i and
 # epsilon_i by c^2, the gains' affine column by c, and leaves the state gains and epsilon_i / J_i unchanged. So
 # each function works on the inputs times 2^-e (exact, a power of two), whose largest entry is in [0.5, 1) and
-# whose squares neither overflow nor underflow, and scales its results back.
+# whose squares neither overflow nor underflow, and scales its results back. The costs are also invariant under a
+# common shift of every signal and state (they see differences only, and every policy's coefficients sum to 1), so
+# the inputs are first shifted by the signals' mean (_centred_and_scaled): far from 0 (1e8 with a spread of 1) the
+# absolute coordinates would cancel every digit of epsilon.
 _TINY = float(np.finfo(np.float64).tiny)
 _INPUTS = "signals and initial_states"
 
@@ -277,6 +290,26 @@ def _binary_exponent(*arrays: np.ndarray) -> int:
     """``e`` such that the largest ``|entry| * 2^-e`` of ``arrays`` is in ``[0.5, 1)`` (0 when all are zero)."""
     top = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
     return math.frexp(top)[1] if top > 0.0 else 0
+
+
+def _centred_and_scaled(s: np.ndarray, *states: np.ndarray):
+    """``(s', states', e, c)``: the inputs minus the signals' mean ``2^e c`` (per coordinate), then times ``2^-e``.
+
+    The costs see only ``x_i - s_i``, ``x_i - m``, ``u_i`` and every policy's coefficients sum to 1, so
+    shifting every signal and state of a coordinate by the same constant changes no cost and no epsilon
+    (``MODEL.md`` section 1). Solving in absolute coordinates would cancel terms of size ``|s|^2``
+    (inputs near 1e8 with a spread of 1 lost every digit of epsilon); the shift is the signals' mean,
+    so the solvers see the spread only. It is taken on the inputs times ``2^-e1`` (largest entry in
+    ``[0.5, 1)``: no overflow whatever their size), and the shifted inputs are scaled again by an
+    exact power of two; scaling both inputs by ``2^k`` scales the shift, so results stay exactly
+    homogeneous (see "scale" above).
+    """
+    e1 = _binary_exponent(s, *states)
+    s, states = np.ldexp(s, -e1), [np.ldexp(x, -e1) for x in states]
+    centre = s.mean(axis=0)
+    s, states = s - centre, [x - centre for x in states]
+    e2 = _binary_exponent(s, *states)
+    return np.ldexp(s, -e2), [np.ldexp(x, -e2) for x in states], e1 + e2, np.ldexp(centre, -e2)
 
 
 def _scale_back(values: np.ndarray, e: int, power: int, what: str, inputs: str) -> np.ndarray:
@@ -399,8 +432,7 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     x0 = _as_states("initial_states", initial_states, n, d)
     tol = _check_tol(tol)
     labels, sizes = _check_labels(game, labels, n)
-    e = _binary_exponent(s, x0)  # see "scale" above: costs * 2^(-2e) from inputs * 2^-e
-    s, x0 = np.ldexp(s, -e), np.ldexp(x0, -e)
+    s, (x0,), e, _ = _centred_and_scaled(s, x0)  # see "scale" above: costs * 2^(-2e) from shifted inputs * 2^-e
     if labels is not None:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
         if horizon is None:
@@ -638,8 +670,7 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     else:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
-    e = _binary_exponent(s, x0)  # see "scale" above: costs * 2^(-2e) from inputs * 2^-e, the same epsilon / J
-    s, x0 = np.ldexp(s, -e), np.ldexp(x0, -e)
+    s, (x0,), e, _ = _centred_and_scaled(s, x0)  # see "scale" above: costs * 2^(-2e) from shifted inputs * 2^-e
     if agents is None:
         costs = policy_costs(game, s, x0, horizon=horizon, tol=tol, labels=labels)
         k = min(DEFAULT_WORST_AGENTS, n)
@@ -1081,8 +1112,9 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
         raise ValueError(f"nash_equilibrium needs gamma < 1 (with gamma = 1 the stationary costs are infinite), got gamma={game.gamma!r}")
     labels, sizes = _check_labels(game, labels, n)
     signals = s
-    e = _binary_exponent(s)  # see "scale" above: solved for signals * 2^-e, then scaled back
-    s = np.ldexp(s, -e)
+    # Solved for the signals minus their mean (the costs see differences only: a common shift changes no state
+    # gain, see _centred_and_scaled), times 2^-e; shifted and scaled back at the end.
+    s, _, e, centre = _centred_and_scaled(s)  # the given signals are 2^e (s + centre)
     gamma = game.gamma
     if labels is None:
         q, kappa, r = game.q, game.kappa, game.r
@@ -1129,8 +1161,18 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
     Acl = _joint_closed_loop(K)
     C = Qm + _r_players(rp) * K[..., :, None] * K[..., None, :]
     P = _stein(np.sqrt(gamma) * np.broadcast_to(Acl[:, None], C.shape), C)
-    # Back to the given signals: the affine column of K and the cross terms of P scale with them, P's corner
-    # with their square; the state blocks do not.
+    # The shifted problem's values (read by costs), then back to the given signals. With z' = (x - c, 1) = T z,
+    # T = [[I, -c 1], [0, 1]]: the affine gains become k' - c K_x 1 and the values T' P T; the affine column of K
+    # and the cross terms of P scale with the signals, P's corner with their square; the state blocks do not.
+    shifted_values = P.copy()
+    shifted_values.setflags(write=False)
+    c = centre[:, None]
+    K[..., n] -= c * K[..., :n].sum(axis=-1)
+    row = P[..., :n, :n].sum(axis=-1)  # (d, n, n): P_xx 1
+    corner = P[..., n, n] - 2.0 * c * P[..., :n, n].sum(axis=-1) + c * c * row.sum(axis=-1)
+    cross = P[..., :n, n] - c[..., None] * row
+    P[..., :n, n] = P[..., n, :n] = cross
+    P[..., n, n] = corner
     K[..., n] = _scale_back(K[..., n], e, 1, "the gains' affine terms", "signals")
     P[..., :n, n] = P[..., n, :n] = _scale_back(P[..., n, :n], e, 1, "the values' cross terms", "signals")
     P[..., n, n] = _scale_back(P[..., n, n], e, 2, "the values' constant terms", "signals")
@@ -1148,6 +1190,7 @@ def nash_equilibrium(game, n_agents, signals, tol: float = 1e-12, max_iter: int 
         r=r,
         gamma=gamma,
         labels=labels,
+        _shifted=(np.ldexp(centre, e), shifted_values, e),
     )
 
 

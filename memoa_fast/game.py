@@ -206,6 +206,11 @@ def _gains_arrays(q, kappa, r, gamma):
         \\rho = \\frac{2(1-k)}{B + S}, \\qquad 1 - \\rho = \\frac{2 c_0}{D_1 + S},
         \\qquad c = \\frac{\\kappa}{w}\\,\\frac{\\rho (1-a)}{(1-a) + a(1-\\rho)}.
 
+    ``c0``, ``D1`` and ``S`` all carry the factor ``1 - a`` (``= k`` at gamma = 1,
+    as small as 1e-154 when ``w/r`` is 1e-308: its square underflows), so they are
+    evaluated divided by it; and ``c`` takes the quotient ``(1-a)/((1-a) + a(1-rho))``
+    before multiplying by ``kappa/w``.
+
     Returns ``(P, k, e, a, rho, c)`` with ``e = 1 - k``.
     """
     with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
@@ -224,12 +229,14 @@ def _gains_arrays(q, kappa, r, gamma):
         a = gamma * e
         oma = omg + gamma * k
         P = w / oma
-        c0 = k * oma * qw
-        D1 = oma * (omg * e + k * qw) + (gamma * omg) * e * e
-        S = np.hypot(D1, 2.0 * np.sqrt(a) * np.sqrt(c0))
-        rho = 2.0 * e / (D1 + 2.0 * a + S)
-        y = np.where(c0 > 0.0, 2.0 * c0 / (D1 + S), 0.0)  # 1 - rho
-        c = kw * rho * oma / (oma + a * y)
+        # c0, D1 and S carry a factor 1 - a (= k at gamma = 1, which may be 1e-160: its square underflows),
+        # so they are computed divided by it: c0s = c0/(1-a), D1s = D1/(1-a), Ss = S/(1-a).
+        c0s = k * qw
+        D1s = omg * e + k * qw + gamma * e * e * (omg / oma)
+        Ss = np.hypot(D1s, 2.0 * np.sqrt(a) * np.sqrt(k / oma) * np.sqrt(qw))
+        rho = 2.0 * e / (oma * (D1s + Ss) + 2.0 * a)
+        y = np.where(c0s > 0.0, 2.0 * c0s / (D1s + Ss), 0.0)  # 1 - rho
+        c = kw * rho * (oma / (oma + a * y))  # the quotient first: kappa/w * rho * (1-a) alone may underflow
         # q = 0: nothing anchors the mean, rho = 1 is an exact root (the
         # quadratic's roots are 1 and 1/gamma), and then c = 1. Exact, not rounded.
         anchorless = q == 0.0
@@ -430,7 +437,10 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
     ``sum_j pi_j beta_j lam / ((lam - 1 + k_j)(1 - a_j lam)) = 1``). The ordered
     QZ decomposition gives an orthonormal basis ``[Z11; Z21]`` of the stable
     deflating subspace, ``V = Z21 Z11^{-1}`` and ``A = diag(1-k) + diag(beta) V``
-    (backward stable; residual ``|F(A) - A|`` about 1e-16 for K up to 64).
+    (backward stable; residual ``|F(A) - A|`` about 1e-16 for K up to 64). When a class's ``1 - k_j``
+    is within a few ulps of 1 (``k_j`` about 1e-16: an eigenvalue ``1 - 1e-16``) the ordering can pick the
+    wrong subspace; a result that fails the checks (spectral radius < 1, residual <= 1e-10) then falls back
+    to the iteration below, and the result says ``method="iterate"``.
     ``method="iterate"``: the plain iteration ``A <- F(A)`` from
     ``diag(1 - k_j)`` (linear convergence; 30-60 steps to 1e-15 for ordinary
     weights, slower when ``q_j/w_j`` is small and gamma near 1).
@@ -450,7 +460,7 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
         ``method="iterate"``: stop when the estimated error left,
         ``change * ratio / (1 - ratio)`` (``change = max |A^{n+1} - A^n|``,
         ``ratio`` its last contraction), is at most ``tol``, or when ``change``
-        reaches the rounding floor (4 eps).
+        reaches the rounding floor (``4 eps max |A|``).
     max_iter : int, default 10000
         ``method="iterate"``: steps before giving up.
 
@@ -500,47 +510,79 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
             f"no stable K-class equilibrium: every q_j is 0, so nothing anchors the mean (A has the eigenvalue 1 "
             f"and m* is undefined); give at least one class q_j > 0. Got {_weights_text(q, kappa, r, gamma, shares)}"
         )
+    if (e == 1.0).any():
+        j = int(np.argmax(e == 1.0))
+        raise ValueError(
+            f"no representable K-class equilibrium: 1 - k of class {j} rounds to 1 (k = {float(k[j])!r}), so its class "
+            f"mean would decay by less than an ulp per step (A has the eigenvalue 1 in float64); bring r_j/(q_j+kappa_j) "
+            f"closer to 1. Got {_weights_text(q, kappa, r, gamma, shares)}"
+        )
     oma = (1.0 - gamma) + gamma * k  # 1 - a without cancellation
     beta = k * oma * kw
     iterations = 0
     if method == "qz":
-        A, radius = _solve_qz(e, a, beta, shares, q, kappa, r, gamma)
-        FA, V = _fixed_point_map(A, e, a, beta, shares)
-        residual = float(np.max(np.abs(FA - A)))
-    else:
-        A = np.diag(e)
-        change = prev = np.inf
-        floor = 4.0 * np.finfo(np.float64).eps
-        for iterations in range(1, max_iter + 1):
+        try:
+            A, radius = _solve_qz(e, a, beta, shares, q, kappa, r, gamma)
             FA, V = _fixed_point_map(A, e, a, beta, shares)
-            change = float(np.max(np.abs(FA - A)))
-            A = FA
-            if not np.isfinite(change):
-                break
-            # Linear convergence: the error left is about change * ratio / (1 - ratio).
-            ratio = change / prev if 0.0 < prev < np.inf else 1.0
-            if change <= floor or (ratio < 1.0 and change * ratio / (1.0 - ratio) <= tol):
-                break
-            prev = change
-        else:
-            raise ValueError(
-                f"the K-class fixed point did not converge in max_iter={max_iter} steps (last change {change:.3g}, "
-                f"tol={tol:g}) for {_weights_text(q, kappa, r, gamma, shares)}; try method='qz'"
-            )
-        FA, V = _fixed_point_map(A, e, a, beta, shares)
-        residual = float(np.max(np.abs(FA - A)))
-        radius = float(np.max(np.abs(np.linalg.eigvals(A)))) if np.isfinite(A).all() else np.inf
-    if not (np.isfinite(A).all() and radius < 1.0 and residual <= 1e-10):
-        raise ValueError(
-            f"no stable K-class equilibrium (spectral radius {radius:.6g}, fixed-point residual {residual:.3g}) "
-            f"for {_weights_text(q, kappa, r, gamma, shares)}"
-        )
+            residual = float(np.max(np.abs(FA - A)))
+            _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
+        except ValueError:
+            # The pencil's ordering breaks down when a class's 1 - k_j is within a few ulps of 1 (an eigenvalue
+            # 1 - 1e-16 next to the unit circle): then the iteration, which converges there, decides.
+            try:
+                A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
+                _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
+            except ValueError:
+                pass
+            else:
+                method = "iterate"
+            if method == "qz":
+                raise
+    else:
+        A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
+        _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
     C = (kw * oma)[:, None] * V
     lam = shares * qw
     lam = lam / lam.sum()
     P, k, a, e, A, C, lam = _readonly(*(np.array(x, dtype=np.float64) for x in (P, k, a, e, A, C, lam)))
     return ClassEquilibrium(P=P, k=k, a=a, one_minus_k=e, A=A, C=C, lam=lam, shares=shares,
                             spectral_radius=float(radius), residual=residual, iterations=iterations, method=method)
+
+
+def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
+    """The plain iteration ``A <- F(A)`` from ``diag(1 - k)``; returns ``(A, V, radius, residual, iterations)``."""
+    A = np.diag(e)
+    change = prev = np.inf
+    for iterations in range(1, max_iter + 1):
+        FA, V = _fixed_point_map(A, e, a, beta, shares)
+        change = float(np.max(np.abs(FA - A)))
+        A = FA
+        if not np.isfinite(change):
+            break
+        # Linear convergence: the error left is about change * ratio / (1 - ratio). The rounding floor is
+        # relative to A: when A's entries are 1e-19, a change of 1e-20 per step is no convergence.
+        floor = 4.0 * np.finfo(np.float64).eps * float(np.max(np.abs(A)))
+        ratio = change / prev if 0.0 < prev < np.inf else 1.0
+        if change <= floor or (ratio < 1.0 and change * ratio / (1.0 - ratio) <= tol):
+            break
+        prev = change
+    else:
+        raise ValueError(
+            f"the K-class fixed point did not converge in max_iter={max_iter} steps (last change {change:.3g}, "
+            f"tol={tol:g}) for {_weights_text(q, kappa, r, gamma, shares)}; try method='qz'"
+        )
+    FA, V = _fixed_point_map(A, e, a, beta, shares)
+    residual = float(np.max(np.abs(FA - A)))
+    radius = float(np.max(np.abs(np.linalg.eigvals(A)))) if np.isfinite(A).all() else np.inf
+    return A, V, radius, residual, iterations
+
+
+def _check_stable(A, radius, residual, q, kappa, r, gamma, shares):
+    if not (np.isfinite(A).all() and radius < 1.0 and residual <= 1e-10):
+        raise ValueError(
+            f"no stable K-class equilibrium (spectral radius {radius:.6g}, fixed-point residual {residual:.3g}) "
+            f"for {_weights_text(q, kappa, r, gamma, shares)}"
+        )
 
 
 def _solve_qz(e, a, beta, pi, q, kappa, r, gamma):

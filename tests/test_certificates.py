@@ -605,3 +605,50 @@ def test_class_inputs_are_checked():
         policy_costs(TRUST, s, x0, labels=labels.astype(float))
     with pytest.raises(ValueError, match="class 1 has none"):
         nash_equilibrium(TRUST, 12, s, labels=np.where(labels == 1, 0, labels))
+
+
+@pytest.mark.parametrize("labels", [None, "classes"])
+@pytest.mark.parametrize("feedforward", [True, False])
+def test_certificates_are_translation_invariant(labels, feedforward):
+    """Signals and initial states plus a common constant: the same costs and epsilon (MODEL.md section 1).
+
+    The stage cost sees only x_i - s_i, x_i - m and u_i, and every policy's coefficients sum to 1, so
+    a common shift c of every signal and state changes nothing. The certificates used to solve in
+    absolute coordinates, where the costs' terms grow like c^2 and cancel: at c = 1e8 epsilon was
+    off by 10% to 500% (the numerical audit). ``(s + c) - c`` is exactly the translated signals, so
+    the comparison is exact up to the solvers' rounding.
+    """
+    game, lab = (GAME, None) if labels is None else (TRUST, class_population(TRUST, 12)[0])
+    if not feedforward:
+        game = Game(game.q, game.kappa, game.r, game.gamma, shares=game.shares, feedforward=False)
+    n = 12
+    s, x0 = population(n, d=2, seed=3)
+    for c in (np.array([1e3, -2.5e3]), np.array([1e8, -3e8]), np.array([2.0**60, 1e15])):
+        s_far, x_far = s + c, x0 + c
+        base = epsilon_nash(game, n, s_far - c, x_far - c, labels=lab, agents="all")
+        got = epsilon_nash(game, n, s_far, x_far, labels=lab, agents="all")
+        np.testing.assert_allclose(got.cost_policy, base.cost_policy, rtol=1e-10)
+        np.testing.assert_allclose(got.epsilon, base.epsilon, rtol=1e-9)
+        np.testing.assert_allclose(got.relative_epsilon, base.relative_epsilon, rtol=1e-9)
+        np.testing.assert_allclose(policy_costs(game, s_far, x_far, labels=lab), policy_costs(game, s_far - c, x_far - c, labels=lab),
+                                   rtol=1e-10)
+
+
+@pytest.mark.parametrize("labels", [None, "classes"])
+def test_nash_equilibrium_is_translation_invariant(labels):
+    """Signals plus a common constant c: the same state gains, the affine gains minus c times the row sums, the same costs.
+
+    The equilibrium's costs used to be evaluated in absolute coordinates: at c = 1e8 they were off by a factor
+    165 (the numerical audit).
+    """
+    game, lab = (GAME, None) if labels is None else (TRUST, class_population(TRUST, 12)[0])
+    n = 12
+    s, x0 = population(n, d=2, seed=3)
+    for c in (np.array([1e3, -2.5e3]), np.array([1e8, -3e8])):
+        s_far, x_far = s + c, x0 + c
+        base = nash_equilibrium(game, n, s_far - c, labels=lab)
+        got = nash_equilibrium(game, n, s_far, labels=lab)
+        np.testing.assert_allclose(got.gains[..., :n], base.gains[..., :n], rtol=1e-9, atol=1e-12)
+        shifted = base.gains[..., n] - c[:, None] * base.gains[..., :n].sum(axis=-1)
+        np.testing.assert_allclose(got.gains[..., n], shifted, rtol=1e-9, atol=1e-9 * np.abs(c).max())
+        np.testing.assert_allclose(got.costs(x_far), base.costs(x_far - c), rtol=1e-9)

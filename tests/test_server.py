@@ -197,3 +197,20 @@ def test_pickle_and_deepcopy(rng):
         x = rng.normal(size=(50, 2))
         clone.update(x, np.ones(2))
     assert s.n_updates == 1  # the clones are independent
+
+
+@pytest.mark.xfail(strict=True, reason="each step eta*g_i is clipped to 1e300, so clients whose steps all exceed it tie (numerical audit, "
+                                       "notes/num.md)")
+@pytest.mark.parametrize("rule", ["hedge", "eg"])
+def test_steps_beyond_the_clip_still_rank_the_clients(rule):
+    # MODEL.md section 5: p_i <- p_i exp(-eta g_i), normalised. A common shift of every g_i changes nothing, so when
+    # every step exceeds 1e300 (clients at 1e150-1e151 from the target, eta = 1e3) the client with the smallest step
+    # still takes the weight (the others are exp(-1e301) times smaller). The clip made them tie: uniform weights,
+    # the previous leader's weight erased.
+    n = 5
+    srv = Server(n, 1, rule=rule, eta=1e3, alpha=0.0, backend="numpy")
+    x = np.array([[3e150], [1e150], [2e150], [4e150], [5e150]])
+    y = np.zeros(1)
+    srv.update(x, y)
+    # hedge: g_i = x_i^2; eg: g_i = 2 yhat x_i with yhat = mean x > 0. Either way client 1 has the smallest step.
+    np.testing.assert_allclose(srv.weights, np.eye(n)[1], atol=1e-300)
