@@ -935,7 +935,8 @@ cdef Py_ssize_t _merge_signals(const Lay* L, const double* work, Py_ssize_t n_ch
     signal), ``field[field_signal]`` (left alone when none is valid), with
     ``want_states`` ``field[class_state + l]`` and ``field[field_state]``
     (:c:func:`_merge_states`), and always the offsets ``field[offset + j] =
-    sum_l mix[0, j, l] sbar_l + mix[1, j, l] m_l``.
+    sum_l mix[0, j, l] sbar_l + mix[1, j, l] m_l + mix[0, j, K] sbar + mix[1, j, K] m``
+    (``mix`` is (2, K, K + 1): column K weighs the means over all agents).
     """
     cdef Py_ssize_t K = L.K, d = L.d, l, j, col
     cdef double total = 0.0, count, s, g, a, b
@@ -958,9 +959,12 @@ cdef Py_ssize_t _merge_signals(const Lay* L, const double* work, Py_ssize_t n_ch
             a = 0.0
             b = 0.0
             for l in range(K):
-                a += mix[j * K + l] * field[(L.class_signal + l) * d + col]
-                b += mix[K * K + j * K + l] * field[(L.class_state + l) * d + col]
-            field[(L.offset + j) * d + col] = a + b
+                a += mix[j * (K + 1) + l] * field[(L.class_signal + l) * d + col]
+                b += mix[K * (K + 1) + j * (K + 1) + l] * field[(L.class_state + l) * d + col]
+            a = a + b
+            a = a + (mix[j * (K + 1) + K] * field[L.field_signal * d + col]
+                     + mix[K * (K + 1) + j * (K + 1) + K] * field[L.field_state * d + col])
+            field[(L.offset + j) * d + col] = a
     return <Py_ssize_t>total
 
 

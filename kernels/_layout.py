@@ -9,9 +9,13 @@ own ``x`` (states), ``s`` (signals), ``J`` (costs) and ``labels`` (classes):
     ``q_j, kappa_j, r_j``; column ``SIZE`` is the number of agents in the class.
     Columns: ``GAIN, SIGNAL, Q, KAPPA, R, SIZE``.
 
-``mix`` (2, K, K), float64, read only
-    The offset of class ``j`` is linear in the class means:
-    ``offset_j = sum_l mix[MIX_SIGNAL, j, l] sbar_l + mix[MIX_STATE, j, l] m_l``.
+``mix`` (2, K, K + 1), float64, read only
+    The offset of class ``j`` is linear in the class means and the global means:
+    ``offset_j = sum_l mix[MIX_SIGNAL, j, l] sbar_l + mix[MIX_STATE, j, l] m_l
+    + mix[MIX_SIGNAL, j, K] sbar + mix[MIX_STATE, j, K] m``, ``l < K``. Column
+    ``K`` weighs the means over all agents (``m``, and ``sbar`` over every valid
+    signal), which no fixed weighting of the class means gives when the
+    classes' sizes or valid counts differ from the game's shares.
 
 ``field`` (``Layout.field_rows``, d), float64: the mean field, in rows
     ``class_state + l``: ``m_l(t)``, the mean state of class ``l``;

@@ -761,6 +761,8 @@ def _merge_signals(work, lay, coef, mix, field, want_states):
                 sbar_l = field[lay[LAY_CLASS_SIGNAL] + l, j]
                 m_l = field[lay[LAY_CLASS_STATE] + l, j]
                 acc += mix[MIX_SIGNAL, k, l] * sbar_l + mix[MIX_STATE, k, l] * m_l
+            # Column K: the means over all agents (see _layout); added after the classes' terms, as the reference does.
+            acc += mix[MIX_SIGNAL, k, K] * field[lay[LAY_FIELD_SIGNAL], j] + mix[MIX_STATE, k, K] * field[lay[LAY_FIELD_STATE], j]
             field[lay[LAY_OFFSET] + k, j] = acc
     return int(total_count)
 

@@ -16,7 +16,7 @@ them, the same for one machine (:func:`fused_step`) and for a Dask shard
    entry finite and ``|s| <= SIGNAL_LIMIT``) and, when the mean state is not
    known yet, the sum of the states;
 2. merge: class means, the global means and the policy offset of each class,
-   ``offset_j = sum_l mix[0, j, l] sbar_l + mix[1, j, l] m_l``;
+   ``offset_j = sum_l mix[0, j, l] sbar_l + mix[1, j, l] m_l + mix[0, j, K] sbar + mix[1, j, K] m``;
 3. move pass: ``u_i = -gain_j (x_i - signal_j s_i - offset_j)`` for an agent
    of class ``j`` with a valid signal (others hold, ``u_i = 0``), the cost
    ``J_i += gamma^t/2 (q_j |x_i - s_i|^2 + kappa_j |x_i - m|^2 + r_j |u_i|^2)``
@@ -92,7 +92,9 @@ def merge_signals(work, lay, coef, mix, field, want_states):
         _merge_states(work, lay, coef, field, lay.class_state, lay.field_state)
     sbar = field[lay.class_signal:lay.class_signal + K]
     m = field[lay.class_state:lay.class_state + K]
-    field[lay.offset:lay.offset + K] = mix[MIX_SIGNAL] @ sbar + mix[MIX_STATE] @ m
+    on_classes = mix[MIX_SIGNAL, :, :K] @ sbar + mix[MIX_STATE, :, :K] @ m
+    on_all = np.outer(mix[MIX_SIGNAL, :, K], field[lay.field_signal]) + np.outer(mix[MIX_STATE, :, K], field[lay.field_state])
+    field[lay.offset:lay.offset + K] = on_classes + on_all
     return int(total)
 
 

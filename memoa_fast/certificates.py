@@ -890,11 +890,25 @@ def _check_labels(game: Game, labels, n: int):
     return arr.astype(np.intp), sizes
 
 
-def _class_closed_loop(game: Game) -> np.ndarray:
+def _class_mix(game: Game, sizes) -> tuple[np.ndarray, np.ndarray]:
+    """``(M^s, M^m)``, each (K, K): the table's weights on the class means, its column K folded in.
+
+    Column K of ``game.table.mix`` weighs the means over all agents (the
+    baselines). With constant signals every signal is valid, so
+    ``sbar = sum_l (n_l / N) sbar_l`` and ``m = sum_l (n_l / N) m_l``: exact
+    for these class sizes, whatever the game's shares.
+    """
+    mix = game.table.mix
+    K = mix.shape[1]
+    frac = sizes / sizes.sum()
+    return (mix[MIX_SIGNAL, :, :K] + np.outer(mix[MIX_SIGNAL, :, K], frac),
+            mix[MIX_STATE, :, :K] + np.outer(mix[MIX_STATE, :, K], frac))
+
+
+def _class_closed_loop(game: Game, sizes) -> np.ndarray:
     """Class means under the table: ``m(t+1) = diag(1-g) m + diag(g) M^m m + const`` (exact for any N)."""
-    coef, mix = game.table.coef, game.table.mix
-    g = coef[:, GAIN]
-    return np.diag(1.0 - g) + g[:, None] * mix[MIX_STATE]
+    g = game.table.coef[:, GAIN]
+    return np.diag(1.0 - g) + g[:, None] * _class_mix(game, sizes)[1]
 
 
 def _resolve_class_horizon(game: Game, sizes, horizon, tol: float):
@@ -902,7 +916,7 @@ def _resolve_class_horizon(game: Game, sizes, horizon, tol: float):
     if horizon is not None or game.gamma < 1.0:
         return horizon
     g = game.table.coef[:, GAIN]
-    lam = max(float(np.max(np.abs(np.linalg.eigvals(_class_closed_loop(game))))), float(np.max(np.abs(1.0 - g))))
+    lam = max(float(np.max(np.abs(np.linalg.eigvals(_class_closed_loop(game, sizes))))), float(np.max(np.abs(1.0 - g))))
     if lam >= 1.0:
         raise ValueError(f"the {game.policy!r} policy does not converge (closed-loop radius {lam:g} >= 1); pass a finite horizon")
     t = 2 if lam == 0.0 else int(math.ceil(math.log(tol) / math.log(lam))) + 1
@@ -934,13 +948,14 @@ def _class_signal_means(labels, sizes, s):
 
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
     """Every agent on ``game.table`` with the true class means, costs summed over t < T."""
-    coef, mix = game.table.coef, game.table.mix
+    coef = game.table.coef
+    Ms, Mm = _class_mix(game, sizes)
     onehot, sbar = _class_signal_means(labels, sizes, s)
     weights = sizes / sizes.sum()
     g = coef[labels, GAIN][:, None]
     sig = coef[labels, SIGNAL][:, None]
     q, kappa, r = coef[labels, Q], coef[labels, KAPPA], coef[labels, R]
-    fixed = mix[MIX_SIGNAL] @ sbar  # (K, d)
+    fixed = Ms @ sbar  # (K, d)
     target = sig * s
     x = x0.copy()
     J = np.zeros(x.shape[0])
@@ -948,7 +963,7 @@ def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarra
     for _ in range(T):
         mcls = (onehot @ x) / sizes[:, None]
         m = weights @ mcls
-        u = -g * (x - target - (fixed + mix[MIX_STATE] @ mcls)[labels])
+        u = -g * (x - target - (fixed + Mm @ mcls)[labels])
         track = ((x - s) ** 2).sum(axis=1)
         J += disc * 0.5 * (q * track + kappa * ((x - m) ** 2).sum(axis=1) + r * (u**2).sum(axis=1))
         x += u
@@ -958,8 +973,8 @@ def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarra
 
 def _class_deviation_problem(game: Game, labels, sizes, s, x0, agents):
     """Batched (agent, coordinate) problems in z = (x_i, M_1..M_K, 1): A, F, Q, z0 and r (one per item)."""
-    coef, mix = game.table.coef, game.table.mix
-    Mm, Ms = mix[MIX_STATE], mix[MIX_SIGNAL]
+    coef = game.table.coef
+    Ms, Mm = _class_mix(game, sizes)
     K = coef.shape[0]
     n, d = s.shape
     dim = K + 2
@@ -1025,13 +1040,14 @@ def _class_deviation_problem(game: Game, labels, sizes, s, x0, agents):
 
 
 def _class_gain_matrix(game: Game, labels, sizes, s) -> np.ndarray:
-    coef, mix = game.table.coef, game.table.mix
+    coef = game.table.coef
+    Ms, Mm = _class_mix(game, sizes)
     n, d = s.shape
     _, sbar = _class_signal_means(labels, sizes, s)
     g = coef[labels, GAIN]
     K = np.empty((d, n, n + 1))
-    K[:, :, :n] = g[:, None] * (np.eye(n) - mix[MIX_STATE][labels][:, labels] / sizes[labels][None, :])
-    K[:, :, n] = (-g[:, None] * (coef[labels, SIGNAL][:, None] * s + (mix[MIX_SIGNAL] @ sbar)[labels])).T
+    K[:, :, :n] = g[:, None] * (np.eye(n) - Mm[labels][:, labels] / sizes[labels][None, :])
+    K[:, :, n] = (-g[:, None] * (coef[labels, SIGNAL][:, None] * s + (Ms @ sbar)[labels])).T
     return K
 
 

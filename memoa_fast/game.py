@@ -99,8 +99,11 @@ class PolicyTable:
         Columns ``GAIN, SIGNAL, Q, KAPPA, R, SIZE`` (:mod:`memoa_fast.kernels`);
         ``SIZE`` holds the class share ``pi_j`` (a population replaces it by its
         class sizes). Read-only.
-    mix : numpy.ndarray, shape (2, K, K)
-        ``mix[MIX_SIGNAL] = M^s``, ``mix[MIX_STATE] = M^m``. Read-only.
+    mix : numpy.ndarray, shape (2, K, K + 1)
+        ``mix[MIX_SIGNAL, :, :K] = M^s``, ``mix[MIX_STATE, :, :K] = M^m``;
+        column ``K`` weighs the means over all agents, ``sbar`` and ``m``
+        (the baselines' ``greedy`` and ``consensus``, MODEL.md section 4).
+        Read-only.
     """
 
     coef: np.ndarray
@@ -677,10 +680,12 @@ class Game:
         ``u = -k_j (x - (q_j s + kappa_j m*)/w_j - sum_l C_jl (m_l - m_l*))``, i.e.
         ``GAIN = k_j``, ``SIGNAL = q_j/w_j``, ``mix[MIX_STATE] = C`` and
         ``mix[MIX_SIGNAL]_jl = (kappa_j/w_j) lam_l - C_jl q_l/w_l - (sum_i C_ji kappa_i/w_i) lam_l``.
-        Baselines: greedy ``GAIN = w_j/(w_j+r_j)``, ``SIGNAL = q_j/w_j``,
-        ``mix[MIX_STATE]_jl = (kappa_j/w_j) pi_l`` (``m = sum_l pi_l m_l``); local
-        ``GAIN = k_j``, ``SIGNAL = 1``; consensus ``GAIN = k_j``,
-        ``mix[MIX_SIGNAL]_jl = pi_l``.
+        Baselines read the means over all agents (column ``K`` of ``mix``),
+        whatever the classes' sizes and valid counts: greedy ``GAIN =
+        w_j/(w_j+r_j)``, ``SIGNAL = q_j/w_j``, ``mix[MIX_STATE]_jK =
+        kappa_j/w_j`` (the true ``m``); local ``GAIN = k_j``, ``SIGNAL = 1``;
+        consensus ``GAIN = k_j``, ``mix[MIX_SIGNAL]_jK = 1`` (the mean of every
+        valid signal).
 
     Examples
     --------
@@ -688,7 +693,7 @@ class Game:
     >>> round(game.gains.k, 6), round(game.gains.rho, 6)  # doctest: +SKIP
     >>> trust = Game(q=[2.0, 1.0, 0.25], kappa=3.0, r=0.1, gamma=0.9, shares=[0.2, 0.5, 0.3])
     >>> trust.n_classes, trust.table.mix.shape
-    (3, (2, 3, 3))
+    (3, (2, 3, 4))
     """
 
     __slots__ = _SLOTS
@@ -860,7 +865,7 @@ def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: G
 def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: float) -> PolicyTable:
     row = np.zeros((1, N_COEF))
     row[0, GAIN], row[0, SIGNAL], row[0, Q], row[0, KAPPA], row[0, R], row[0, SIZE] = coef.gain, coef.signal, q, kappa, r, 1.0
-    mix = np.zeros((2, 1, 1))
+    mix = np.zeros((2, 1, 2))  # K = 1: the class means are the global means; column 1 (the global means) stays 0
     mix[MIX_SIGNAL, 0, 0], mix[MIX_STATE, 0, 0] = coef.signal_mean, coef.state_mean
     row.flags.writeable = False
     mix.flags.writeable = False
@@ -879,7 +884,7 @@ def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> Po
         _check_representable(gains, q, kappa, r, gamma, index=True, n_checked=4)
         k = gains[1]
     coef = np.zeros((K, N_COEF))
-    mix = np.zeros((2, K, K))
+    mix = np.zeros((2, K, K + 1))  # column K: the means over all agents
     coef[:, Q], coef[:, KAPPA], coef[:, R], coef[:, SIZE] = q, kappa, r, shares
     coef[:, GAIN] = k
     if policy == "memoa":
@@ -887,18 +892,18 @@ def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> Po
         lam = classes.lam
         if feedforward:
             C = classes.C
-            mix[MIX_STATE] = C
-            mix[MIX_SIGNAL] = np.outer(kw - C @ kw, lam) - C * qw[None, :]
+            mix[MIX_STATE, :, :K] = C
+            mix[MIX_SIGNAL, :, :K] = np.outer(kw - C @ kw, lam) - C * qw[None, :]
         else:
-            mix[MIX_SIGNAL] = np.outer(kw, lam)
+            mix[MIX_SIGNAL, :, :K] = np.outer(kw, lam)
     elif policy == "greedy":
         coef[:, GAIN] = w / (w + r)
         coef[:, SIGNAL] = qw
-        mix[MIX_STATE] = np.outer(kw, shares)
+        mix[MIX_STATE, :, K] = kw  # the true m (MODEL.md section 4), not sum_l pi_l m_l with the game's shares
     elif policy == "local":
         coef[:, SIGNAL] = 1.0
-    else:  # consensus
-        mix[MIX_SIGNAL] = np.outer(np.ones(K), shares)
+    else:  # consensus: the mean of every valid signal
+        mix[MIX_SIGNAL, :, K] = 1.0
     coef.flags.writeable = False
     mix.flags.writeable = False
     return PolicyTable(coef, mix)

@@ -121,10 +121,38 @@ class MeanFieldSummary:
         self._coef[:, SIZE] = sizes
         self._mix = np.ascontiguousarray(table.mix)
         self.game = game
+        self._check_classes_read()
 
     def _set_sizes(self) -> None:
         K = self._lay.n_classes
         self._coef[:, SIZE] = np.bincount(self._labels, minlength=K) if K > 1 else self.n_agents
+        self._check_classes_read()
+
+    def _check_classes_read(self) -> None:
+        """Set ``_empty_read``: why a step must be refused, or None (see :meth:`_refuse_empty_classes`).
+
+        A class with no agent has no mean state or signal; the kernels would read 0 and a stale value in its place,
+        so a policy whose offsets weigh that class's means would drift (agents at a common signal would leave it).
+        Computed when the game or the labels change, so a step pays nothing for it.
+        """
+        self._empty_read = None
+        K = self._lay.n_classes
+        if K == 1 or not hasattr(self, "_mix"):
+            return
+        empty = self._coef[:, SIZE] == 0
+        read = (self._mix[:, :, :K] != 0).any(axis=(0, 1))
+        bad = np.flatnonzero(empty & read)
+        if bad.size:
+            self._empty_read = (
+                f"class {int(bad[0])} has no agent, but the {self.game.policy!r} policy of this game reads every class's "
+                f"mean state and signal (its shares are {[float(v) for v in self.game.shares]}): give every class an "
+                "agent (labels, set_labels), or play a game without that class"
+            )
+
+    def _refuse_empty_classes(self) -> None:
+        """``ValueError`` before a step that would read the means of a class with no agent (nothing changes)."""
+        if self._empty_read is not None:
+            raise ValueError(self._empty_read)
 
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
@@ -420,6 +448,7 @@ class Population(MeanFieldSummary):
 
     def _step(self, s, log_p) -> None:
         """One step: the backend's ``fused_step`` (two passes over memory; see :mod:`memoa_fast.kernels`)."""
+        self._refuse_empty_classes()
         with self._exclusive:
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,

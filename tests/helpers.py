@@ -145,11 +145,12 @@ def population(seed, n, d, K, bad_fraction, empty_labels=False):
     coef[:, :SIZE] = rng.uniform(0.0, 1.0, (K, SIZE))
     coef[:, 1] = rng.uniform(-1.0, 1.0, K)  # the signal weight may be negative
     coef[:, SIZE] = sizes
-    mix = rng.normal(0.0, 0.5, (2, K, K))
+    mix = rng.normal(0.0, 0.5, (2, K, K + 1))  # column K: the weights on the means over all agents
     lay = layout(K, d)
     field = np.full((lay.field_rows, d), 123.25)
     field[lay.class_state:lay.class_state + K] = rng.normal(size=(K, d)) * scale
     field[lay.field_state] = rng.normal(size=d) * scale
+    field[lay.field_signal] = rng.normal(size=d) * scale  # kept when no signal is valid
     log_p = rng.normal(0.0, 3.0, n)
     log_p -= np.log(np.exp(log_p - log_p.max()).sum()) + log_p.max()
     return dict(rng=rng, x=x, s=s, J=J, labels=labels, coef=coef, mix=mix, lay=lay, field=field, log_p=log_p,

@@ -106,12 +106,16 @@ def test_identical_classes_are_one_class(policy, K, rng):
     for col in (GAIN, SIGNAL, Q, KAPPA, R):
         np.testing.assert_allclose(tk.coef[:, col], t1.coef[0, col], rtol=1e-12, atol=1e-15)
     np.testing.assert_array_equal(tk.coef[:, SIZE], shares)
-    # Offsets collapse: every class's mix row is the single-class one spread over the shares.
+    # Offsets collapse: with the global means pooled by the shares (column K), every class's mix row is the
+    # single-class one spread over the shares (memoa weighs the class means, greedy and consensus the global ones).
+    assert tk.mix.shape == (2, K, K + 1) and t1.mix.shape == (2, 1, 2) and not t1.mix[:, :, 1].any()
     for plane in (MIX_SIGNAL, MIX_STATE):
-        np.testing.assert_allclose(tk.mix[plane], t1.mix[plane, 0, 0] * np.outer(np.ones(K), shares), atol=1e-12)
+        pooled = tk.mix[plane, :, :K] + np.outer(tk.mix[plane, :, K], shares)
+        np.testing.assert_allclose(pooled, t1.mix[plane, 0, 0] * np.outer(np.ones(K), shares), atol=1e-12)
     # So for any class means the offsets are the single-class offset of the pooled means.
     m, sbar = rng.normal(size=K), rng.normal(size=K)
-    off_k = tk.mix[MIX_SIGNAL] @ sbar + tk.mix[MIX_STATE] @ m
+    off_k = (tk.mix[MIX_SIGNAL, :, :K] @ sbar + tk.mix[MIX_STATE, :, :K] @ m
+             + tk.mix[MIX_SIGNAL, :, K] * (shares @ sbar) + tk.mix[MIX_STATE, :, K] * (shares @ m))
     off_1 = t1.mix[MIX_SIGNAL, 0, 0] * (shares @ sbar) + t1.mix[MIX_STATE, 0, 0] * (shares @ m)
     np.testing.assert_allclose(off_k, off_1, atol=1e-12)
     if policy == "memoa":
@@ -186,16 +190,17 @@ def test_memoa_table_is_the_policy(rng):
     M_star = (q * sbar + kappa * m_star) / w
     for j in range(3):
         u_spec = -eq.k[j] * (x - (q[j] * s + kappa[j] * m_star) / w[j] - eq.C[j] @ (m - M_star))
-        u_tab = -t.coef[j, GAIN] * (x - t.coef[j, SIGNAL] * s - t.mix[MIX_SIGNAL, j] @ sbar - t.mix[MIX_STATE, j] @ m)
+        u_tab = -t.coef[j, GAIN] * (x - t.coef[j, SIGNAL] * s - t.mix[MIX_SIGNAL, j, :3] @ sbar - t.mix[MIX_STATE, j, :3] @ m)
         assert u_tab == pytest.approx(u_spec, rel=1e-13, abs=1e-15)
+        assert not t.mix[:, j, 3].any()  # memoa reads the class means only
         # At rest (every class on its target) nobody moves.
         assert t.coef[j, SIGNAL] + t.mix[:, j].sum() == pytest.approx(1.0, abs=1e-14)
     np.testing.assert_array_equal(t.coef[:, SIZE], THREE["shares"])
     assert not t.coef.flags.writeable and not t.mix.flags.writeable
 
     nff = Game(**THREE, feedforward=False).table
-    assert (nff.mix[MIX_STATE] == 0).all()
-    np.testing.assert_allclose(nff.mix[MIX_SIGNAL], np.outer(kappa / w, eq.lam), rtol=1e-15)
+    assert (nff.mix[MIX_STATE] == 0).all() and not nff.mix[:, :, 3].any()
+    np.testing.assert_allclose(nff.mix[MIX_SIGNAL, :, :3], np.outer(kappa / w, eq.lam), rtol=1e-15)
     np.testing.assert_array_equal(nff.coef, t.coef)
 
 
@@ -208,15 +213,19 @@ def test_baseline_tables(policy, rng):
     k = np.array([solve_gains(q[j], kappa[j], r[j], 0.9).k for j in range(3)])
     x, s = rng.normal(size=2)
     m, sbar = rng.normal(size=3), rng.normal(size=3)
+    m_all, sbar_all = rng.normal(size=2)  # the means over all agents (column 3), not a fixed mix of the class means
     for j in range(3):
         if policy == "greedy":
-            u_spec = -(w[j] / (w[j] + r[j])) * (x - (q[j] * s + kappa[j] * (pi @ m)) / w[j])
+            u_spec = -(w[j] / (w[j] + r[j])) * (x - (q[j] * s + kappa[j] * m_all) / w[j])
         elif policy == "local":
             u_spec = -k[j] * (x - s)
         else:
-            u_spec = -k[j] * (x - pi @ sbar)
-        u_tab = -t.coef[j, GAIN] * (x - t.coef[j, SIGNAL] * s - t.mix[MIX_SIGNAL, j] @ sbar - t.mix[MIX_STATE, j] @ m)
+            u_spec = -k[j] * (x - sbar_all)
+        offset = t.mix[MIX_SIGNAL, j, :3] @ sbar + t.mix[MIX_STATE, j, :3] @ m + t.mix[MIX_SIGNAL, j, 3] * sbar_all
+        offset += t.mix[MIX_STATE, j, 3] * m_all
+        u_tab = -t.coef[j, GAIN] * (x - t.coef[j, SIGNAL] * s - offset)
         assert u_tab == pytest.approx(u_spec, rel=1e-13, abs=1e-15)
+    assert not t.mix[:, :, :3].any()  # the class means play no part (whatever the shares)
 
 
 # --------------------------------------------------------------------------- the population
@@ -297,7 +306,7 @@ def test_each_class_best_responds_to_the_equilibrium_path(seed):
     for j in range(3):
         for x0, s in rng.normal(size=(2, 2)):
             u_br = best_response_first_move(q[j], kappa[j], r[j], gamma, s, x0, path)
-            u_pol = -t.coef[j, GAIN] * (x0 - t.coef[j, SIGNAL] * s - t.mix[MIX_SIGNAL, j] @ sbar - t.mix[MIX_STATE, j] @ M0)
+            u_pol = -t.coef[j, GAIN] * (x0 - t.coef[j, SIGNAL] * s - t.mix[MIX_SIGNAL, j, :3] @ sbar - t.mix[MIX_STATE, j, :3] @ M0)
             assert abs(u_br - u_pol) <= 1e-10 * (1 + abs(u_br)), (j, u_br, u_pol)
 
 

@@ -246,11 +246,12 @@ def naive_k_step(game, x, s, labels, discount):
     m = x.mean(axis=0)
     m_l = np.array([x[labels == l].mean(axis=0) if (labels == l).any() else np.zeros(d) for l in range(K)])
     sbar_l = np.array([s[(labels == l) & ok].mean(axis=0) for l in range(K)])
+    sbar = s[ok].mean(axis=0)
     x_new, cost = x.copy(), np.zeros(n)
     for i in range(n):
         j = labels[i]
         gain, c_s, q, kappa, r = coef[j, :5]
-        offset = mix[0, j] @ sbar_l + mix[1, j] @ m_l
+        offset = mix[0, j, :K] @ sbar_l + mix[1, j, :K] @ m_l + mix[0, j, K] * sbar + mix[1, j, K] * m
         if ok[i]:
             u = -gain * (x[i] - c_s * s[i] - offset)
             cost[i] = q * ((x[i] - s[i]) ** 2).sum() + kappa * ((x[i] - m) ** 2).sum() + r * (u**2).sum()
@@ -389,7 +390,8 @@ def test_any_float64_signal_keeps_mean_field_and_costs_finite(backend, seed, log
     """Issue 8: for every float64 signal the mean field and every cost stay finite, and every backend agrees."""
     rng = np.random.default_rng(seed)
     game = GAME if k_classes == 1 else K_GAME
-    labels = None if k_classes == 1 else rng.integers(0, 3, n)
+    n = max(n, k_classes)  # every class has an agent (memoa refuses to read the means of an empty class)
+    labels = None if k_classes == 1 else rng.permutation(np.arange(n) % 3)
     pops = [Population(game, n, d, labels=labels, backend=b) for b in (backend, "numpy")]
     for _ in range(3):
         mags = 10.0 ** rng.uniform(log_low, log_high, size=(n, d))
@@ -418,10 +420,9 @@ def test_run_names_signals_that_are_not_an_array():
     assert pop.t == 2
 
 
-@pytest.mark.xfail(strict=True, reason="K-class greedy/consensus read m and sbar as sum_l pi_l m_l and sum_l pi_l sbar_l with the "
-                                       "game's shares, not the true means (numerical audit, notes/num.md)")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("policy", ["greedy", "consensus"])
-def test_k_class_baselines_use_the_true_means(policy, rng):
+def test_k_class_baselines_use_the_true_means(policy, backend, rng):
     # MODEL.md section 4: greedy tracks (q_j s_i + kappa_j m)/w_j with m the mean of all states, consensus the mean of
     # all valid signals sbar, whatever the class shares of the game. Here the game's shares (equal, the default) differ
     # from the classes' fractions (12/30/18 of 60), and invalid rows fall in class 0 only.
@@ -431,7 +432,7 @@ def test_k_class_baselines_use_the_true_means(policy, rng):
     x = 3.0 * rng.normal(size=(n, d))
     signals = rng.normal(size=(20, n, d)) + 2.0
     signals[:, np.flatnonzero(labels == 0)[:6], 0] = np.nan
-    pop = Population(game, initial_states=x, labels=labels, backend="numpy")
+    pop = Population(game, initial_states=x, labels=labels, backend=backend)
     q, kappa, r, w, k = (np.asarray(v)[labels] for v in (game.q, game.kappa, game.r, game.w, game.classes.k))
     for s in signals:
         ok = np.isfinite(s).all(axis=1)
@@ -444,19 +445,22 @@ def test_k_class_baselines_use_the_true_means(policy, rng):
     np.testing.assert_allclose(pop.states, x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="an empty class enters the offsets as m_l = 0 and sbar_l = its stale value (0): a population "
-                                       "at a common signal drifts (numerical audit, notes/num.md)")
-@pytest.mark.parametrize("policy", ["memoa", "greedy", "consensus"])
-def test_an_empty_class_is_refused_or_leaves_a_common_signal_at_rest(policy):
-    # Every policy has signal + signal_mean + state_mean = 1: agents sitting on a common signal stay there. With a
-    # K-class game and a class without agents, either the labels are refused (as the certificates refuse them) or
-    # that must still hold. (It did not: consensus moved every agent from 5 to 3.33 = (5 + 5 + 0)/3.)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", ["memoa", "greedy", "consensus", "local"])
+def test_an_empty_class_is_refused_or_leaves_a_common_signal_at_rest(policy, backend):
+    # Every policy has signal + signal_mean + state_mean = 1: agents sitting on a common signal stay there. A class
+    # without agents has no means; the kernels would read 0 and a stale value for them (consensus moved every agent
+    # from 5 to 3.33 = (5 + 5 + 0)/3). So a policy that reads the class means (memoa) refuses the step, naming the
+    # class, and changes nothing; the others (which read the means over all agents, or none) keep the rest point.
     game = Game([2.0, 1.0, 0.25], 3.0, 0.1, 0.9, policy)
     labels = np.repeat([0, 1], [10, 20])  # class 2 is empty
-    try:
-        pop = Population(game, initial_states=np.full((30, 1), 5.0), labels=labels, backend="numpy")
-    except ValueError:
-        return
+    pop = Population(game, initial_states=np.full((30, 1), 5.0), labels=labels, backend=backend)
+    signals = np.full((30, 1), 5.0)
+    if policy == "memoa":
+        with pytest.raises(ValueError, match=r"class 2 has no agent, but the 'memoa' policy of this game reads"):
+            pop.step(signals)
+        assert pop.t == 0 and (pop.states == 5.0).all() and (pop.costs == 0.0).all()
+        pop.set_labels(np.repeat([0, 1, 2], [10, 10, 10]))  # every class has an agent: it steps, and stays at rest
     for _ in range(5):
-        pop.step(np.full((30, 1), 5.0))
+        pop.step(signals)
     np.testing.assert_allclose(pop.states, 5.0, rtol=1e-14)
