@@ -110,7 +110,11 @@ def test_pipeline_round_and_run_allocate_nothing_of_their_size(threads):
         assert net < NET_LIMIT, f"{STEPS} rounds of {n} clients left {net} bytes allocated"
         assert peak < pipe._threads_used * 2 * 1024 * 1024 // 8, f"a round of {n} clients briefly held {peak} bytes"
         peaks.append(peak)
-    assert peaks[1] - peaks[0] < NET_LIMIT, f"a round held {peaks[0]} bytes with {N} clients, {peaks[1]} with {4 * N}"
+    # Each thread's scratch is held while it runs its chunks; whether two threads' scratch overlap in time is up to
+    # the scheduler (a loaded machine ran them one after the other at N and together at 4N: 132192 against
+    # 261696 bytes). So the difference may be one thread's scratch per extra thread, never anything of N's size.
+    overlap = (pipe._threads_used - 1) * 2 * 1024 * 1024 // 8
+    assert peaks[1] - peaks[0] < NET_LIMIT + overlap, f"a round held {peaks[0]} bytes with {N} clients, {peaks[1]} with {4 * N}"
     # a run of 4000 rounds holds what a run of 40 does (on a pipeline of one chunk, so that it takes 0.1 s)
     pipe = Pipeline(4096, 1, game=GAME, threads=threads)
     pipe.run(y[:3], out=out[:3])
