@@ -287,6 +287,8 @@ def as_real_values(name: str, value, accepted: str) -> np.ndarray:
         except (TypeError, ValueError) as exc:  # ragged
             refuse(f": {exc}")
         for item in raw.reshape(-1):
+            if isinstance(item, np.ndarray) and item.ndim == 0 and item.dtype.kind in "iuf":
+                continue  # a 0-d array of a real dtype (an npz entry) is a number, as np.array(value, float) reads it
             if isinstance(item, (bool, np.bool_)) or not isinstance(item, (numbers.Real, decimal.Decimal)):
                 refuse(f": {item!r} of type {type(item).__name__} is not a real number")
         try:

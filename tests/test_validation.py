@@ -368,3 +368,17 @@ def test_as_target_array_refuses_every_bad_entry_wherever_it_is(size, bad, words
         y[where] = bad
         with pytest.raises(ValueError, match=f"^y {words}"):
             as_target_array("y", y, (size,))
+
+
+def test_as_real_values_keeps_zero_d_arrays_of_reals_as_elements():
+    """A list of 0-d arrays (``[f["q0"], f["q1"]]`` of an npz file) was a list of numbers before as_real_values: still is."""
+    from memoa_fast import Game
+    from memoa_fast._validation import as_real_values
+
+    got = as_real_values("w", [np.array(0.5), np.array(2, dtype=np.int32), np.float32(1.0)], "real numbers")
+    assert got.dtype == np.float64 and got.tolist() == [0.5, 2.0, 1.0]
+    game = Game(q=[np.array(1.0), np.array(2.0)], shares=[np.array(0.25), np.array(0.75)])
+    assert game.q.tolist() == [1.0, 2.0] and game.shares.tolist() == [0.25, 0.75]
+    for bad in ([np.array(True), 0.5], [np.array("1"), 0.5], [np.array(1j), 0.5]):  # 0-d arrays of other kinds: still refused
+        with pytest.raises(TypeError, match="^w must be real numbers"):
+            as_real_values("w", bad, "real numbers")
