@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_choice, check_int, check_real_dtype
+from .._validation import check_bool, check_choice, check_int, check_real_dtype
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -377,8 +377,8 @@ def run_experiment(
     y = np.ascontiguousarray(y)
     if not isinstance(stream, str):
         raise TypeError(f"stream must be a str (a name for the tables), got {stream!r} of type {type(stream).__name__}")
-    trust_feedforward = _check_flag("trust_feedforward", trust_feedforward)
-    progress = _check_flag("progress", progress)
+    trust_feedforward = check_bool("trust_feedforward", trust_feedforward)
+    progress = check_bool("progress", progress)
     # A single name is one policy (rule), never its letters.
     policies = tuple(check_choice("policy", p, POLICIES) for p in ((policies,) if isinstance(policies, str) else policies))
     rules = tuple(check_choice("rule", rr, RULES) for rr in ((rules,) if isinstance(rules, str) else rules))
@@ -519,13 +519,6 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
         z = (y / p2 - mean_u) / sigma_u
     mu = mean_u * p2
     return z, (float(mu[0]) if mu.shape[0] == 1 else mu.tolist(), sigma_u * p2)
-
-
-def _check_flag(name: str, value) -> bool:
-    """A bool (Python or NumPy); anything else (``"no"``, ``None``, 0) is refused rather than read as truthy."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
-    return bool(value)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import check_int, check_real
+from .._validation import check_bool, check_int, check_real
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -45,7 +45,7 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     n_steps, seed = _check_length_seed(n_steps, seed)
     r = check_real("r", r, low=3.57, high=4.0, high_open=True)
     transient = check_int("transient", transient, low=0)
-    normalize = _check_flag("normalize", normalize)
+    normalize = check_bool("normalize", normalize)
     x = np.random.default_rng(seed).uniform(0.1, 0.9)
     out = np.empty(n_steps)
     for _ in range(transient):
@@ -75,7 +75,7 @@ def periodic(
     if len(periods) != len(amplitudes) or not periods:
         raise ValueError(f"periods and amplitudes must be non-empty and of equal length, got {periods!r}, {amplitudes!r}")
     noise = check_real("noise", noise, low=0.0)
-    normalize = _check_flag("normalize", normalize)
+    normalize = check_bool("normalize", normalize)
     rng = np.random.default_rng(seed)
     phases = rng.uniform(0.0, 2.0 * math.pi, size=len(periods))
     t = np.arange(n_steps, dtype=np.float64)
@@ -113,7 +113,7 @@ def concept(
     drift_period = check_real("drift_period", drift_period, low=0.0, low_open=True)
     noise = check_real("noise", noise, low=0.0, low_open=True)
     w0, w1 = _pair("angles", angles, low=0.0, high=math.pi, ordered=False)
-    normalize = _check_flag("normalize", normalize)
+    normalize = check_bool("normalize", normalize)
     rng = np.random.default_rng(seed)
     psi = rng.uniform(0.0, 2.0 * math.pi)
     t = np.arange(n_steps, dtype=np.float64)
@@ -153,7 +153,7 @@ def concept_drift(
     angles = _pair("angles", angles, low=0.0, high=math.pi)
     noise = check_real("noise", noise, low=0.0, low_open=True)
     level = check_real("level", level, low=0.0)
-    normalize = _check_flag("normalize", normalize)
+    normalize = check_bool("normalize", normalize)
     rng = np.random.default_rng(seed)
     phi1 = np.empty(n_steps)
     phi2 = np.empty(n_steps)
@@ -192,13 +192,6 @@ def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
         raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
                          "lower these parameters (the stream is z-scored anyway)")
     return zscore(y) if normalize else y
-
-
-def _check_flag(name: str, value) -> bool:
-    """A bool (Python or NumPy); ``"no"``, ``0`` or ``None`` are refused rather than read as truthy."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
-    return bool(value)
 
 
 def _reals(name: str, values, **bounds) -> tuple[float, ...]:
@@ -388,7 +381,7 @@ def load_csv_series(
     path = Path(path)
     if not isinstance(column, str):
         raise TypeError(f"column must be a str (a name in the header row), got {column!r} of type {type(column).__name__}")
-    return_scaling = _check_flag("return_scaling", return_scaling)
+    return_scaling = check_bool("return_scaling", return_scaling)
     warmup = check_int("warmup", warmup, low=2)
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
