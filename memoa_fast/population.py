@@ -10,7 +10,7 @@ from ._exclusive import Exclusive
 from ._state import check_population_state
 from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, readonly_view
 from .game import Game
-from .kernels import N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
+from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server
 
 
@@ -140,13 +140,15 @@ class MeanFieldSummary:
         if K == 1 or not hasattr(self, "_mix"):
             return
         empty = self._coef[:, SIZE] == 0
-        read = (self._mix[:, :, :K] != 0).any(axis=(0, 1))
-        bad = np.flatnonzero(empty & read)
+        reads_signal, reads_state = ((self._mix[plane, :, :K] != 0).any(axis=0) for plane in (MIX_SIGNAL, MIX_STATE))
+        bad = np.flatnonzero(empty & (reads_signal | reads_state))
         if bad.size:
+            cls = int(bad[0])
+            what = " and ".join(name for name, read in (("signal", reads_signal[cls]), ("state", reads_state[cls])) if read)
             self._empty_read = (
-                f"class {int(bad[0])} has no agent, but the {self.game.policy!r} policy of this game reads every class's "
-                f"mean state and signal (its shares are {[float(v) for v in self.game.shares]}): give every class an "
-                "agent (labels, set_labels), or play a game without that class"
+                f"class {cls} has no agent, but the {self.game.policy!r} policy of this game reads that class's mean {what} "
+                f"(its shares are {[float(v) for v in self.game.shares]}): give every class an agent (labels, "
+                "set_labels), or play a game without that class"
             )
 
     def _refuse_empty_classes(self) -> None:

@@ -457,7 +457,7 @@ def test_an_empty_class_is_refused_or_leaves_a_common_signal_at_rest(policy, bac
     pop = Population(game, initial_states=np.full((30, 1), 5.0), labels=labels, backend=backend)
     signals = np.full((30, 1), 5.0)
     if policy == "memoa":
-        with pytest.raises(ValueError, match=r"class 2 has no agent, but the 'memoa' policy of this game reads"):
+        with pytest.raises(ValueError, match=r"class 2 has no agent, but the 'memoa' policy of this game reads that class's mean signal and state"):
             pop.step(signals)
         assert pop.t == 0 and (pop.states == 5.0).all() and (pop.costs == 0.0).all()
         pop.set_labels(np.repeat([0, 1, 2], [10, 10, 10]))  # every class has an agent: it steps, and stays at rest
