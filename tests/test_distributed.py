@@ -282,6 +282,28 @@ def test_handles_and_errors(client, rng):
     dpop.close()
 
 
+def test_an_empty_class_is_refused_by_memoa_and_harmless_to_consensus_on_shards(client):
+    """As on one machine: a memoa step that would read an empty class's means is refused before any shard moves.
+
+    Consensus (which reads the means over all agents) keeps a population on a common signal at rest.
+    """
+    labels = np.repeat([0, 1], [N // 2, N - N // 2])  # class 2 is empty
+    at_rest = np.full((N, 1), 5.0)
+    for policy in ("memoa", "consensus"):
+        game = Game([2.0, 1.0, 0.25], 3.0, 0.1, 0.9, policy)
+        dpop = DaskPopulation(game, N, 1, labels=labels, client=client, n_shards=2, initial_states=at_rest, timeout=TIMEOUT)
+        if policy == "memoa":
+            dpop.comm.reset()
+            with pytest.raises(ValueError, match=r"class 2 has no agent, but the 'memoa' policy"):
+                dpop.step(at_rest)
+            assert dpop.t == 0 and dpop.comm.round_trips == 0
+            dpop.set_labels(np.arange(N) % 3)
+        for _ in range(3):
+            dpop.step(at_rest)
+        np.testing.assert_allclose(dpop.states, 5.0, rtol=1e-14)
+        dpop.close()
+
+
 def test_a_failing_shard_names_itself_and_blocks_the_population(client):
     wrong_dim = functools.partial(NoisyLastValueSignals, dim=3)  # the population has d = 2
     dpop = DaskPopulation(GAME, N, 2, client=client, signals=wrong_dim, timeout=TIMEOUT)
