@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._validation import scalar_of
 from .kernels import SIGNAL_LIMIT
 
 __all__ = [
@@ -120,8 +121,7 @@ def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True
 
 def _int(key, value, *, low=0, high=None) -> int:
     """A Python int: Python or NumPy integers and 0-d integer arrays; never bool, float or str."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
-        value = value[()]
+    value = scalar_of(value, "iu")
     top = "inf" if high is None else "2**63 - 1" if high == _MAX_INT64 else str(high)
     accepted = f"an integer in [{low}, {top}]"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -134,8 +134,7 @@ def _int(key, value, *, low=0, high=None) -> int:
 
 def _real(key, value) -> float:
     """A finite Python float: Python or NumPy reals and 0-d real arrays; never bool or str."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
-        value = value[()]
+    value = scalar_of(value, "iuf")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         _fail(key, f"must be a finite real number, got {_short(value)} of type {type(value).__name__}")
     value = float(value)

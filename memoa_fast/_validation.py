@@ -27,6 +27,16 @@ import numpy as np
 BACKENDS = ("numba", "cython", "numpy")
 
 
+def scalar_of(value, kinds: str):
+    """A 0-d NumPy array whose dtype kind is in ``kinds`` (``"iu"``, ``"iuf"``), as read from a file, as its scalar.
+
+    Anything else is returned unchanged, for the caller's own type check.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in kinds:
+        return value[()]
+    return value
+
+
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
     """Return ``value`` as a float after checking it is a finite real in the given range.
 
@@ -34,8 +44,7 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     (as read from a file) are accepted; bool, strings, complex numbers and
     anything else raise ``TypeError`` naming ``name``.
     """
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
-        value = value[()]
+    value = scalar_of(value, "iuf")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     value = float(value)
@@ -53,8 +62,7 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
 
 def check_int(name: str, value, *, low: int = 1) -> int:
     """Return ``value`` as an int after checking it is an integer >= ``low`` (Python, NumPy, or a 0-d integer array)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
-        value = value[()]
+    value = scalar_of(value, "iu")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= {low}, got {value!r} of type {type(value).__name__}")
     if value < low:
@@ -222,7 +230,7 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         before anything is allocated, instead of NumPy's ``MemoryError`` or
         the kernel's out-of-memory killer.
     """
-    n_agents, dim = (v[()] if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iu" else v for v in (n_agents, dim))
+    n_agents, dim = scalar_of(n_agents, "iu"), scalar_of(dim, "iu")
     for name, value in zip(names, (n_agents, dim)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}")
@@ -287,8 +295,7 @@ def as_real_values(name: str, value, accepted: str) -> np.ndarray:
         except (TypeError, ValueError) as exc:  # ragged
             refuse(f": {exc}")
         for item in raw.reshape(-1):
-            if isinstance(item, np.ndarray) and item.ndim == 0 and item.dtype.kind in "iuf":
-                continue  # a 0-d array of a real dtype (an npz entry) is a number, as np.array(value, float) reads it
+            item = scalar_of(item, "iuf")  # a 0-d array of a real dtype (an npz entry) is a number
             if isinstance(item, (bool, np.bool_)) or not isinstance(item, (numbers.Real, decimal.Decimal)):
                 refuse(f": {item!r} of type {type(item).__name__} is not a real number")
         try:
@@ -414,8 +421,7 @@ def as_int_scalar(name: str, value, *, low: int = 0, high: int | None = None) ->
     are accepted; bool, floats (even ``3.0``), strings and anything else raise
     ``TypeError`` naming ``name``.
     """
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
-        value = value[()]
+    value = scalar_of(value, "iu")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         accepted = f"an integer in [{low}, {'inf' if high is None else high}]"
         raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
@@ -427,8 +433,7 @@ def as_int_scalar(name: str, value, *, low: int = 0, high: int | None = None) ->
 
 def as_real_scalar(name: str, value) -> float:
     """Return ``value`` as a float: a finite real number (Python, NumPy, or a 0-d real array); bool refused."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
-        value = value[()]
+    value = scalar_of(value, "iuf")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a finite real number, got {value!r} of type {type(value).__name__}")
     value = float(value)
