@@ -32,6 +32,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
+from .streams import unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -507,8 +508,7 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
                          "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")
     head = y[: burn_in + 1]
-    largest = float(np.max(np.abs(head)))
-    p2 = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    p2 = unit_scale(head)
     head_u = head / p2
     mean_u = head_u.mean(axis=0)
     sigma_u = math.sqrt(float(np.mean(head_u.var(axis=0))))

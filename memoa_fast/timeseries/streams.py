@@ -250,8 +250,7 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
         i = int(np.argmax(bad))
         raise ValueError(f"cannot z-score a series with non-finite values (first at index {i}: {float(values[i])!r})")
     ref = values if fit is None else values[fit]
-    largest = float(np.max(np.abs(ref))) if ref.size else 0.0
-    scale = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    scale = unit_scale(ref)
     ref_u = ref / scale
     std_u = float(ref_u.std())
     if not std_u > 0.0:
@@ -261,6 +260,16 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
     if not np.isfinite(out).all():
         raise ValueError("cannot z-score this series: a value lies beyond 1e308 standard deviations of the reference")
     return out
+
+
+def unit_scale(values: np.ndarray) -> float:
+    """A power of two at least half the largest ``|value|`` (at most ``2**1023``; 1 when all are 0).
+
+    Dividing by it is exact and leaves every value at most 2 in magnitude, so a
+    mean or a standard deviation taken on the quotients cannot overflow.
+    """
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    return math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
 
 
 def _check_length_seed(n_steps, seed):
@@ -403,9 +412,7 @@ def load_csv_series(
             "forecast); use a longer file or a shorter warm-up (warmup=, memoa run --warmup)"
         )
     head = arr[:warmup]
-    largest = float(np.max(np.abs(head)))
-    # a power of two >= largest / 2 (2**1023 at most): scaled values are at most 2 in magnitude
-    scale = math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    scale = unit_scale(head)
     head_u = head / scale
     mean_u, std_u = float(head_u.mean()), float(head_u.std())
     if not std_u > 0.0:
