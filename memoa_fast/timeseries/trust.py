@@ -88,7 +88,10 @@ class TrustClasses:
         (``TypeError`` for a non-number) and nothing changes. Invalid forecasts are allowed (see the class).
         """
         target = _check_target(target)
-        f = as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True)
+        self._fold(as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True), target)
+
+    def _fold(self, f: np.ndarray, target: np.ndarray) -> None:
+        """:meth:`observe` on checked arguments: forecasts ``f`` (N, d), ``target`` (d,)."""
         with np.errstate(over="ignore", invalid="ignore"):
             sq = ((f - target) ** 2).sum(axis=1)
         ok = np.isfinite(sq) & (np.abs(f) <= 1e50).all(axis=1)
@@ -210,14 +213,14 @@ class TrustPopulation:
                  feedforward: bool = True, power: float = 1.5, rule: str = "minimax", powers=MINIMAX_POWERS,
                  cost_half_life: float = 200.0, backend: str = "numba", threads: int | None = None):
         self.rule = check_choice("rule", rule, TRUST_RULES)
-        n_pops = 1 if self.rule == "error" else len(_check_powers(powers))
+        candidates = _check_powers(powers)  # checked whatever the rule: an argument is never accepted unchecked
+        n_pops = 1 if self.rule == "error" else len(candidates)
         # every population's states, costs and labels, the signals and a scratch (N, d), the trust classes' and the
         # published path's (N,) arrays: all together, before any is allocated (each population alone would fit)
         check_sizes(check_int("n_clients", n_clients, low=1), check_int("dim", dim, low=1), per_agent_vectors=n_pops + 2,
                     per_agent_scalars=2 * n_pops + 5, what="trust population", names=("n_clients", "dim"),
                     detail=f", {n_pops} exponent{'s' if n_pops > 1 else ''}")
         self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q, power=power)
-        candidates = _check_powers(powers)  # checked whatever the rule: an argument is never accepted unchecked
         if self.rule == "error":
             self.powers = (self.trust.power,)
         else:
@@ -277,7 +280,7 @@ class TrustPopulation:
         otherwise disqualify every ``"minimax"`` candidate for good.
         """
         target = as_target_array("target", target, (self._signals.shape[1],))
-        self.trust.observe(self._signals, target)
+        self.trust._fold(self._signals, target)  # both checked: the signals are ours
         if self.rule == "minimax":
             self._measure_class_costs(target)
         self.t += 1
