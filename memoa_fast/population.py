@@ -137,7 +137,7 @@ class MeanFieldSummary:
         """
         self._empty_read = None
         K = self._lay.n_classes
-        if K == 1 or not hasattr(self, "_mix"):
+        if K == 1:
             return
         empty = self._coef[:, SIZE] == 0
         reads_signal, reads_state = ((self._mix[plane, :, :K] != 0).any(axis=0) for plane in (MIX_SIGNAL, MIX_STATE))
