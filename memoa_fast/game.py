@@ -529,18 +529,15 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
             FA, V = _fixed_point_map(A, e, a, beta, shares)
             residual = float(np.max(np.abs(FA - A)))
             _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
-        except ValueError:
+        except ValueError as qz_error:
             # The pencil's ordering breaks down when a class's 1 - k_j is within a few ulps of 1 (an eigenvalue
             # 1 - 1e-16 next to the unit circle): then the iteration, which converges there, decides.
             try:
                 A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
                 _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
             except ValueError:
-                pass
-            else:
-                method = "iterate"
-            if method == "qz":
-                raise
+                raise qz_error from None  # neither solved it: the direct solve's error
+            method = "iterate"
     else:
         A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
         _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
