@@ -270,9 +270,6 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
         raise TypeError(f"sharded must be True, False or None, got {sharded!r} of type {type(sharded).__name__}")
     _check_engines(population, server, source, saving=True)
     path = _checkpoint_path("path", path, reading=False)
-    if Path(os.path.realpath(path)).is_dir():
-        raise IsADirectoryError(f"cannot write checkpoint {str(path)!r}: it is a folder, not a file; give a file name "
-                                f"such as {os.path.join(path, 'run.npz')!r}")
     writer = getattr(population, "_save_shards", None)
     if sharded is None:
         sharded = writer is not None
@@ -448,16 +445,20 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
 
 
 def _checkpoint_path(name: str, path, *, reading: bool) -> Path:
-    """``path`` as a :class:`~pathlib.Path`: a ``str`` or ``os.PathLike``, and not a folder when ``reading``.
+    """``path`` as a :class:`~pathlib.Path`: a ``str`` or ``os.PathLike``, and not a folder (nor a link to one).
 
-    Raises ``TypeError`` naming ``name``, or ``IsADirectoryError``.
+    Raises ``TypeError`` naming ``name``, or ``IsADirectoryError`` (its message says whether a checkpoint was
+    to be read or written there).
     """
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise TypeError(f"{name} must be a str or os.PathLike naming the checkpoint file, got {path!r} of type "
                         f"{type(path).__name__}")
     path = Path(path)
-    if reading and path.is_dir():
-        raise IsADirectoryError(f"cannot read checkpoint {str(path)!r}: it is a folder, not a checkpoint file")
+    if path.is_dir():  # follows links
+        if reading:
+            raise IsADirectoryError(f"cannot read checkpoint {str(path)!r}: it is a folder, not a checkpoint file")
+        raise IsADirectoryError(f"cannot write checkpoint {str(path)!r}: it is a folder, not a file; give a file name "
+                                f"such as {os.path.join(path, 'run.npz')!r}")
     return path
 
 
