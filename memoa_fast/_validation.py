@@ -70,6 +70,30 @@ def check_int(name: str, value, *, low: int = 1) -> int:
     return int(value)
 
 
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(name: str, value) -> int:
+    """Return ``value`` as an int after checking it is a seed: an integer in ``[0, SEED_MAX]`` (``SEED_MAX = 2**63 - 1``).
+
+    The one seed domain of every seeded object (``ClientForecasters``,
+    ``ForecasterSignals``, ``Pipeline``, ``NoisyLastValueSignals``,
+    ``DaskPopulation``, the synthetic streams, ``run_experiment`` and the
+    CLI's ``--seed``): the counter-based noise keys take a signed 64-bit seed,
+    so the largest domain every seeded object can honour is that of an int64
+    >= 0. Python and NumPy integers and 0-d integer arrays are accepted; a
+    bool, a float (even ``3.0``) or anything else is a ``TypeError``, a
+    negative or larger integer a ``ValueError``, both with the same message.
+    """
+    value = scalar_of(value, "iu")
+    message = f"{name} must be an integer in [0, 2**63 - 1], got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{message} of type {type(value).__name__}")
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(message)
+    return int(value)
+
+
 def check_bool(name: str, value) -> bool:
     """Return ``value`` as a bool after checking it is one (Python's or NumPy's); ``1``, ``"no"``, ``None`` refused.
 

@@ -382,3 +382,93 @@ def test_as_real_values_keeps_zero_d_arrays_of_reals_as_elements():
     for bad in ([np.array(True), 0.5], [np.array("1"), 0.5], [np.array(1j), 0.5]):  # 0-d arrays of other kinds: still refused
         with pytest.raises(TypeError, match="^w must be real numbers"):
             as_real_values("w", bad, "real numbers")
+
+
+# ---- one seed domain for every seeded object -------------------------------------------------------------------------
+
+def _seed_takers():
+    """Every public callable of the package that takes a ``seed``, called with the smallest arguments."""
+    from memoa_fast import Game
+    from memoa_fast.timeseries import experiment, forecasters, pipeline, streams
+
+    series = streams.make_stream("logistic", 12, seed=0)
+    takers = {
+        "ClientForecasters": lambda seed: forecasters.ClientForecasters(2, seed=seed),
+        "ForecasterSignals": lambda seed: forecasters.ForecasterSignals(0, 2, seed),
+        "Pipeline": lambda seed: pipeline.Pipeline(2, seed=seed, backend="numpy"),
+        "run_experiment": lambda seed: experiment.run_experiment(series, n_clients=2, policies=("memoa",), burn_in=2, seed=seed,
+                                                                 backend="numpy", threads=1, lags=1),
+        "make_stream": lambda seed: streams.make_stream("periodic", 4, seed=seed),
+    }
+    for name, generator in streams._GENERATORS.items():
+        takers[generator.__name__] = lambda seed, generator=generator: generator(4, seed=seed)
+    try:
+        from memoa_fast.distributed import DaskPopulation, NoisyLastValueSignals
+    except ImportError:  # pragma: no cover - dask is a test dependency
+        return takers
+    takers["NoisyLastValueSignals"] = lambda seed: NoisyLastValueSignals(0, 2, seed)
+    # refused before any client is looked for; an accepted seed meets client=False, refused by the client lookup
+    takers["DaskPopulation"] = lambda seed: DaskPopulation(Game(), 4, seed=seed, client=False)
+    return takers
+
+
+def _public_seed_takers():
+    """The names of the package's public classes and functions whose signature has a ``seed`` parameter."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import memoa_fast
+
+    names = set()
+    for info in pkgutil.walk_packages(memoa_fast.__path__, "memoa_fast."):
+        if any(part.startswith("_") for part in info.name.split(".")[1:]) or info.name.endswith(("cli", "__main__")):
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # pragma: no cover - an optional dependency
+            continue
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__ or not callable(obj):
+                continue
+            try:
+                params = inspect.signature(obj).parameters
+            except (TypeError, ValueError):
+                continue
+            if "seed" in params:
+                names.add(attr)
+    return names
+
+
+def test_every_public_seed_taker_is_checked_here():
+    assert _public_seed_takers() <= set(_seed_takers()), "a seeded object is missing from _seed_takers"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63 - 1, np.int64(5), np.uint64(2**63 - 1), np.array(3, dtype=np.int32)])
+def test_every_seeded_object_accepts_the_same_seeds(seed):
+    for name, make in _seed_takers().items():
+        if name == "DaskPopulation":
+            with pytest.raises((TypeError, ValueError)) as info:
+                make(seed)
+            assert "seed" not in str(info.value), (name, info.value)
+        else:
+            make(seed)
+
+
+@pytest.mark.parametrize("seed, error", [
+    (-1, ValueError), (2**63, ValueError), (2**64, ValueError), (-(2**63), ValueError), (np.uint64(2**63), ValueError),
+    (True, TypeError), (np.True_, TypeError), (3.0, TypeError), (np.float64(1), TypeError), ("1", TypeError), (None, TypeError),
+    (np.array([1]), TypeError),
+])
+def test_every_seeded_object_refuses_the_same_seeds_with_the_same_message(seed, error):
+    expected = f"seed must be an integer in [0, 2**63 - 1], got {_validation.scalar_of(seed, 'iu')!r}"
+    for name, make in _seed_takers().items():
+        with pytest.raises(error) as info:
+            make(seed)
+        assert str(info.value).startswith(expected), (name, str(info.value))
+
+
+def test_the_cli_takes_the_same_seed_domain():
+    from memoa_fast.timeseries import cli
+
+    assert cli.RANGES["--seed"][:2] == (0, _validation.SEED_MAX) == (0, 2**63 - 1)

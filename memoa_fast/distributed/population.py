@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_real, readonly_view
+from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_real, check_seed, readonly_view
 from ..checkpoint import (
     CheckpointError,
     _remove_stale_temporaries,
@@ -131,7 +131,7 @@ class DaskPopulation(MeanFieldSummary):
         make the shard's signal source (:mod:`memoa_fast.distributed.signals`);
         then ``step()`` takes no signals.
     seed : int, default 0
-        Passed to the signal factory.
+        Passed to the signal factory; an integer in ``[0, 2**63 - 1]`` (every seeded object's domain).
     threads : int, optional
         Kernel threads per shard; default: the worker's thread count.
     parallel_threshold : int, default 8192
@@ -199,7 +199,7 @@ class DaskPopulation(MeanFieldSummary):
         self._set_game(game)
         self._set_sizes()
         self.signal_factory = signals
-        self.seed = check_int("seed", seed, low=0)
+        self.seed = check_seed("seed", seed)
         self.threads = None if threads is None else check_int("threads", threads, low=1)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.exact = check_bool("exact", exact)

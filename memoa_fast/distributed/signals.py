@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_source_state
-from .._validation import as_target_array, check_int, check_real
+from .._validation import as_target_array, check_int, check_real, check_seed
 
 
 class NoisyLastValueSignals:
@@ -43,7 +43,7 @@ class NoisyLastValueSignals:
     lo, hi : int
         The clients ``[lo, hi)`` this object serves.
     seed : int
-        Seed in ``[0, 2**63)``.
+        Seed, an integer in ``[0, 2**63 - 1]``.
     dim : int, default 1
         Dimension d of the stream.
     low, high : float, default 0.02, 1.0
@@ -65,9 +65,7 @@ class NoisyLastValueSignals:
     ):
         self.lo = check_int("lo", lo, low=0)
         self.hi = check_int("hi", hi, low=self.lo + 1)
-        self.seed = check_int("seed", seed, low=0)
-        if self.seed >= 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed!r}")
+        self.seed = check_seed("seed", seed)
         self.dim = check_int("dim", dim, low=1)
         self.threads = check_int("threads", threads, low=1)
         low = check_real("low", low, low=0.0, low_open=True)

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from .. import _backends
+from .._validation import SEED_MAX
 from .._version import __version__
 from . import experiment
 from .experiment import DEFAULT_CLASSES, PLOT_FORMATS, POLICIES, require_matplotlib
@@ -77,7 +78,7 @@ RANGES = {
     "--gamma": (0.0, 1.0, True, False),
     "--eta": (0.0, 1e3, False, False),
     "--alpha": (0.0, 1.0, False, False),
-    "--seed": (0, 2**63 - 1, False, False),
+    "--seed": (0, SEED_MAX, False, False),
     "--burn-in": (0, 10**7, False, False),
     "--threads": (1, 1024, False, False),  # and at most the CPUs this process may use
     "--classes": (1, 1024, False, False),  # and at most --clients

@@ -45,7 +45,17 @@ from .. import _backends
 from .._exclusive import Exclusive
 from .._state import check_source_state
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
-from .._validation import as_float_array, as_target_array, check_bool, check_choice, check_int, check_real, check_sizes, readonly_view
+from .._validation import (
+    as_float_array,
+    as_target_array,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    check_seed,
+    check_sizes,
+    readonly_view,
+)
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -92,7 +102,8 @@ class ClientForecasters:
     mu : float, default 0.1
         NLMS step size, in (0, 2) (the stable range of NLMS).
     seed : int, default 0
-        Seed of every random draw (noise scales and noise), ``>= 0``.
+        Seed of every random draw (noise scales and noise), an integer in ``[0, 2**63 - 1]``
+        (the one seed domain of every seeded object).
     first_client : int, default 0
         Global index of the first client covered; a multiple of ``block_size``.
     block_size : int, default 4096
@@ -164,7 +175,7 @@ class ClientForecasters:
         self.lags = check_int("lags", lags, low=1)
         self.noise_range = _check_noise_range(noise_range)
         self.mu = check_real("mu", mu, low=0.0, high=2.0, low_open=True, high_open=True)
-        self.seed = check_int("seed", seed, low=0)
+        self.seed = check_seed("seed", seed)
         self.block_size = check_int("block_size", block_size, low=1)
         self.first_client = check_int("first_client", first_client, low=0)
         if self.first_client % self.block_size:

@@ -19,7 +19,17 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._memory import staggered_zeros
-from .._validation import as_target_array, check_bool, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
+from .._validation import (
+    as_target_array,
+    check_bool,
+    check_choice,
+    check_int,
+    check_out,
+    check_real,
+    check_seed,
+    check_sizes,
+    readonly_view,
+)
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
 from .forecasters import _check_noise_range
@@ -63,7 +73,7 @@ class Pipeline:
     mu : float, default 0.1
         NLMS step size, in ``(0, 2)``.
     seed : int, default 0
-        Seed of the noise scales and of the noise, ``>= 0``.
+        Seed of the noise scales and of the noise, an integer in ``[0, 2**63 - 1]``.
     backend : {"numba", "numpy"}, default "numba"
         ``numpy`` runs the slow reference.
     threads : int, optional
@@ -150,9 +160,7 @@ class Pipeline:
                     names=("n_clients", "dim"), detail=f", lags={self.lags}")
         self.noise_range = _check_noise_range(noise_range)
         self.mu = check_real("mu", mu, low=0.0, high=2.0, low_open=True, high_open=True)
-        self.seed = check_int("seed", seed, low=0)
-        if self.seed >= 2**63:
-            raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        self.seed = check_seed("seed", seed)
         self.backend = check_choice("backend", backend, PIPELINE_BACKENDS)
         self._kern = load_pipeline_kernels(self.backend)
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)

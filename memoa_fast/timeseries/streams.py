@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import check_bool, check_int, check_real
+from .._validation import check_bool, check_int, check_real, check_seed
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -223,7 +223,7 @@ def make_stream(name: str, n_steps: int, *, seed: int = 0, **params) -> np.ndarr
     n_steps : int
         Length of the series, ``>= 2``.
     seed : int
-        Same seed, same series (bitwise).
+        Same seed, same series (bitwise); an integer in ``[0, 2**63 - 1]``.
     **params
         Passed on to the generator (:func:`logistic_map`, :func:`periodic`,
         :func:`concept`, :func:`concept_drift`).
@@ -273,7 +273,7 @@ def unit_scale(values: np.ndarray) -> float:
 
 
 def _check_length_seed(n_steps, seed):
-    return check_int("n_steps", n_steps, low=2), check_int("seed", seed, low=0)
+    return check_int("n_steps", n_steps, low=2), check_seed("seed", seed)
 
 
 # --------------------------------------------------------------------------- CSV
