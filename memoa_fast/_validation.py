@@ -383,11 +383,11 @@ def _within(arr: np.ndarray, limit: float) -> bool:
     return max(-float(np.minimum.reduce(arr, axis=None)), float(np.maximum.reduce(arr, axis=None))) <= limit
 
 
-def check_bounded(name: str, arr: np.ndarray, limit: float, why: str) -> None:
+def check_bounded(name: str, arr: np.ndarray, limit: float, why: str, advice: str = "Z-score the stream first.") -> None:
     """Raise ``ValueError`` unless every entry of the finite array ``arr`` has ``|entry| <= limit``.
 
     No temporary when every entry is within the limit; the message names the
-    first entry beyond it, and ``why``.
+    first entry beyond it, ``why``, and ``advice``.
     """
     if arr.size == 0 or _within(arr, limit):
         return
@@ -395,7 +395,7 @@ def check_bounded(name: str, arr: np.ndarray, limit: float, why: str) -> None:
     where = f"coordinate {int(bad[0])}" if arr.ndim == 1 else f"index {tuple(int(b) for b in bad)}"
     entries = "coordinate" if arr.ndim == 1 else "entry"
     raise ValueError(f"{name} must have |{name}| <= {limit:g} in every {entries} ({why}); "
-                     f"got {float(arr[tuple(bad)]):g} at {where}. Z-score the stream first.")
+                     f"got {float(arr[tuple(bad)]):g} at {where}. {advice}")
 
 
 #: Why a target is bounded, for the messages.

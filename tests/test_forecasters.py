@@ -390,3 +390,67 @@ def test_squared_errors_refuse_a_target_beyond_the_limit(bad):
         scorer.add(np.ones((4, 2)), [0.0, bad])
     np.testing.assert_array_equal(scorer.totals, np.full(4, 1.25))
     assert scorer.max_total == 1.25
+
+
+# ---- saved states: the magnitudes a forecaster can reach ----------------------------------------------------------------
+
+def _extreme_run(backend, rounds=12, seed=3):
+    """A forecaster driven to its largest reachable magnitudes: targets of +-1e30 and noise scales of 1e30."""
+    fc = ClientForecasters(6, 2, lags=3, noise_range=(1e30, 1e30), mu=1.99, seed=seed, backend=backend)
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(rounds, 2))
+    for s in signs:
+        fc.observe(s * TARGET_LIMIT)
+    return fc
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_states_a_forecaster_reaches_load_and_the_limits_keep_it_finite(backend):
+    from memoa_fast.timeseries.forecasters import LAG_LIMIT, signal_limit, weight_limit
+
+    fc = _extreme_run(backend)
+    state = fc.state_dict()
+    fc.validate_state_dict(state)  # every reachable state is accepted
+    assert np.abs(state["agents"]["lags"]).max() <= LAG_LIMIT
+    for t in (fc.t, 2**40, 2**62):  # a state at every limit: the next rounds stay finite
+        rng = np.random.default_rng(t % 1000)
+        edge = {
+            "agents": {
+                "weights": rng.choice([-1.0, 1.0], state["agents"]["weights"].shape) * weight_limit(t),
+                "lags": rng.choice([-1.0, 1.0], state["agents"]["lags"].shape) * LAG_LIMIT,
+                "signals": rng.choice([-1.0, 1.0], state["agents"]["signals"].shape) * signal_limit(t, fc.lags),
+            },
+            "shared": {"t": np.array(t), "y": np.array([TARGET_LIMIT, -TARGET_LIMIT])},
+        }
+        fc.load_state_dict(edge)
+        scores = SquaredErrors(fc.n_clients, fc.dim)
+        for y in ([TARGET_LIMIT, -TARGET_LIMIT], [-TARGET_LIMIT, TARGET_LIMIT], [TARGET_LIMIT, TARGET_LIMIT]):
+            s = fc.observe(y)
+            assert np.isfinite(s).all() and np.isfinite(fc.weights).all()
+            assert np.isfinite(scores.add(s, y)[0])
+
+
+@pytest.mark.parametrize("key", ["weights", "lags", "signals", "y"])
+@pytest.mark.parametrize("t", [2, 7, 2**62])
+def test_a_saved_state_beyond_the_reachable_magnitudes_is_refused_naming_the_key(key, t):
+    from memoa_fast.timeseries.forecasters import LAG_LIMIT, signal_limit, weight_limit
+
+    fc = ClientForecasters(4, 2, lags=2, seed=1, backend="numpy")
+    fc.observe([0.1, 0.2])
+    fc.observe([0.3, 0.4])
+    before = fc.state_dict()
+    limit = {"weights": weight_limit(t), "lags": LAG_LIMIT, "signals": signal_limit(t, 2), "y": TARGET_LIMIT}[key]
+    for value in (np.nextafter(limit, np.inf), -np.nextafter(limit, np.inf), 1e300):
+        bad = fc.state_dict()
+        bad["shared"]["t"] = np.array(t)
+        part = "shared" if key == "y" else "agents"
+        bad[part][key] = bad[part][key].copy()
+        bad[part][key].flat[-1] = value
+        with pytest.raises(ValueError, match=re.escape(f"state['source/{part}/{key}']") + ".*" + re.escape(f"<= {limit:g}")):
+            fc.load_state_dict(bad)
+        after = fc.state_dict()
+        assert fc.t == 2
+        for p in ("agents", "shared"):
+            for k in before[p]:
+                np.testing.assert_array_equal(after[p][k], before[p][k])
+        bad[part][key].flat[-1] = np.sign(value) * limit  # at the limit: accepted
+        fc.validate_state_dict(bad)

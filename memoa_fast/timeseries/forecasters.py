@@ -23,10 +23,13 @@ must be finite with ``|y(t)| <= TARGET_LIMIT = 1e30`` (z-scored streams are
 of order 1; :func:`memoa_fast.streams.load_csv_series` refuses cells that
 would z-score beyond it), and the noise scales are at most ``1e30``. With
 these limits a noisy observation is below about ``1e31``, its features
-below ``1e63``, the NLMS weights below ``1 + 2 mu t max|z|`` (the NLMS update
+below ``1e63``, the NLMS weights below ``1 + mu t max|z|`` (the NLMS update
 never increases the distance to any fixed weight vector by more than
 ``mu |z|/|phi|``), so every forecast stays below about ``1e107`` and its
 square below ``1e214`` for up to ``10**12`` rounds: no overflow anywhere.
+A saved state (:meth:`ClientForecasters.load_state_dict`, a checkpoint) is
+held to the same bounds (:data:`LAG_LIMIT`, :func:`weight_limit`), so a
+restored forecaster stays finite too.
 
 **Backends.** ``numba`` (the default) runs the compiled kernels of
 ``memoa_fast.kernels._forecast_numba``; ``numpy`` and ``cython`` run the
@@ -49,6 +52,7 @@ from .._validation import (
     as_float_array,
     as_target_array,
     check_bool,
+    check_bounded,
     check_choice,
     check_int,
     check_real,
@@ -61,6 +65,28 @@ from .._validation import (
 BLOCK_SIZE = 4096
 
 #: Largest accepted ``|y(t)|`` of a target (see the module docstring, "Magnitudes"): ``TARGET_LIMIT``, imported above.
+
+#: Largest ``|z|`` a saved lag buffer may hold: ``100 * TARGET_LIMIT``. A lag is a noisy observation
+#: ``z = y + sigma eps`` with ``|y| <= TARGET_LIMIT``, ``sigma <= 1e30`` and ``|eps| < 14`` (NumPy's
+#: ziggurat normal cannot exceed ``3.66 + 53 ln 2 / 3.66``), so every lag a forecaster reaches is below
+#: ``1.5e31``: the limit leaves a margin of 6.
+LAG_LIMIT = 100 * TARGET_LIMIT
+
+
+def weight_limit(t: int) -> float:
+    """Largest ``|w|`` (each weight) of a forecaster saved after ``t`` rounds: ``1 + 2 t LAG_LIMIT``.
+
+    The weights start as persistence (``|w(0)| = 1``) and the NLMS update, a
+    relaxed projection (``0 < mu < 2``), moves them by at most
+    ``mu |z| / |phi| <= 2 LAG_LIMIT`` a round (``|phi| >= 1``), so no reachable
+    state has a weight beyond this; it is at most ``1.9e51`` (``t < 2**63``).
+    """
+    return 1.0 + 2.0 * float(t) * LAG_LIMIT
+
+
+def signal_limit(t: int, lags: int) -> float:
+    """Largest ``|s|`` of a saved forecast: ``(2 p + 1) weight_limit(t) LAG_LIMIT**2`` (each feature is at most ``LAG_LIMIT**2``)."""
+    return (2 * lags + 1) * weight_limit(t) * LAG_LIMIT**2
 #: Largest accepted noise scale.
 NOISE_LIMIT = 1e30
 
@@ -314,12 +340,34 @@ class ClientForecasters:
         :meth:`state_dict` writes, real arrays of these clients' shapes, all
         finite, and ``t`` an integer >= 0 (a float, a string or a bool is
         refused, not rounded). ``ValueError`` names the key.
+
+        The magnitudes are those a forecaster can reach (module docstring,
+        "Magnitudes"), so that a restored one stays finite: ``|y| <=
+        TARGET_LIMIT`` (``1e30``, the last target), every lag ``|z| <=
+        LAG_LIMIT`` (``1e32``), every weight ``|w| <= weight_limit(t) = 1 + 2 t
+        LAG_LIMIT`` and every forecast ``|s| <= signal_limit(t, p) = (2 p + 1)
+        weight_limit(t) LAG_LIMIT**2``. Within them the next rounds cannot
+        overflow: features at most ``1e64``, ``|phi|^2`` at most ``(2p+1)
+        1e128``, forecasts and errors at most ``(2p+1) 1.9e115`` and their
+        squares (the scores) far below ``1.8e308`` for any ``p`` that fits in
+        memory; beyond them (e.g. a weight of ``1e300``) the next forecasts
+        were ``inf`` or NaN.
         """
         d, p = self.dim, self.lags
-        return check_source_state(
+        clean = check_source_state(
             state, n_agents=self.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
             shared={"t": "count", "y": (d,)},
         )
+        agents, shared = clean["agents"], clean["shared"]
+        t = int(shared["t"])
+        for key, arr, limit, why in (
+            ("shared/y", shared["y"], TARGET_LIMIT, "the last target, checked as every target"),
+            ("agents/lags", agents["lags"], LAG_LIMIT, "a lag is a noisy observation of a target"),
+            ("agents/weights", agents["weights"], weight_limit(t), f"the NLMS weights reach at most 1 + 2 t LAG_LIMIT after t={t} rounds"),
+            ("agents/signals", agents["signals"], signal_limit(t, p), f"a forecast is at most (2p+1) weight_limit(t) LAG_LIMIT**2, t={t}"),
+        ):
+            check_bounded(f"state['source/{key}']", arr, limit, why, advice="This state was not saved by a ClientForecasters.")
+        return clean
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
