@@ -209,6 +209,13 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
           string, datetime or object), the exact shape, finite;
         - ``states``, ``mean_state``, ``mean_signal``, ``class_mean_signal``:
           ``|x| <= SIGNAL_LIMIT``; ``costs >= 0``;
+          ``mean_state`` is not compared with the states: it is derived data, and
+          every engine derives ``m(t)`` and ``m_l(t)`` from the states it
+          installs (one machine from its states, a Dask population from its
+          shards' sums), on every path (``load_state_dict``, a single-file or
+          a sharded restore), so a saved copy out of step with the states has
+          no effect (comparing it would cost a pass over the states, or on
+          Dask a round of shard sums, to refuse what is recomputed anyway);
         - ``labels``: an integer dtype, shape (N,) (or (0,) when K = 1), values in [0, K);
         - ``t``: an integer in [0, 2**63) (``1.7``, ``True``, ``"3"`` and
           ``3.0`` are refused; NumPy integers are accepted);

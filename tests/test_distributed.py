@@ -990,3 +990,68 @@ def test_flags_are_bools(client):
     dpop = DaskPopulation(GAME, N, 1, client=client, exact=np.True_, direct=np.False_, timeout=TIMEOUT)
     assert dpop.exact is True and dpop._own_client is None
     dpop.close()
+
+
+# --------------------------------------------------------------------------- saved mean fields: derived, never trusted
+K2_GAME = Game(q=[1.0, 0.3], kappa=[2.0, 1.0], r=[0.5, 0.2], gamma=0.95, shares=[0.5, 0.5])
+
+
+def _saved_pair(client, tmp_path, rng, how):
+    """Two saved states of one population, ``(good, bad)``: the second's mean fields are out of step with its states."""
+    labels = rng.integers(0, 2, N)
+    src = Population(K2_GAME, N, 2, labels=labels, threads=1)
+    for _ in range(2):
+        src.step(rng.normal(size=(N, 2)))
+    if how == "load_state_dict":
+        good = src.state_dict()
+        return labels, good, dict(good, mean_state=good["mean_state"] + 3.0)
+    engine = src
+    if how == "sharded":
+        engine = DaskPopulation(K2_GAME, N, 2, labels=labels, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+        engine.load_state_dict(src.state_dict())
+    suffix = ".ckpt" if how == "sharded" else ".npz"
+    good = save_checkpoint(tmp_path / f"good{suffix}", engine)
+    lay = engine._lay
+    engine._field[lay.field_state] += 3.0  # what an engine bug or an edited file could write
+    engine._field[lay.class_state:lay.class_state + 2] -= 2.0
+    bad = save_checkpoint(tmp_path / f"bad{suffix}", engine)
+    if how == "sharded":
+        engine.close()
+    return labels, good, bad
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "single file", "sharded"])
+@pytest.mark.parametrize("kind", ["one machine", "dask"])
+def test_a_saved_mean_field_out_of_step_with_the_states_has_no_effect_on_either_engine(thread_client, tmp_path, rng, how, kind):
+    """The rule of both engines: m(t) and m_l(t) are derived from the states they install (one machine: its states;
+    Dask: the shards' sums), never taken from a saved copy. Restoring a state whose means were written wrong gives
+    bitwise the means, and the next step, of the same state written right.
+    """
+    labels, good, bad = _saved_pair(thread_client, tmp_path, rng, how)
+    signals = rng.normal(size=(N, 2))
+    results = []
+    for saved in (good, bad):
+        if kind == "one machine":
+            engine = Population(K2_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), threads=1)
+        else:
+            engine = DaskPopulation(K2_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), client=thread_client, n_shards=2,
+                                    exact=True, timeout=TIMEOUT)
+        if how == "load_state_dict":
+            engine.load_state_dict(saved)
+        elif kind == "dask":
+            engine.restore(saved, n_shards=3)
+        else:
+            restore_checkpoint(saved, engine)
+        states = np.array(engine.states)
+        np.testing.assert_array_equal(engine.labels, labels)
+        np.testing.assert_allclose(engine.mean_state, states.mean(axis=0), rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(engine.class_mean_state, [states[labels == j].mean(axis=0) for j in range(2)],
+                                   rtol=1e-13, atol=1e-15)
+        got = [engine.mean_state, engine.class_mean_state]
+        engine.step(signals)
+        got += [engine.mean_state, engine.class_mean_state, np.array(engine.states), np.array(engine.costs)]
+        results.append(got)
+        if kind == "dask":
+            engine.close()
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(b, a)
