@@ -23,7 +23,7 @@ from memoa_fast.distributed import (  # noqa: E402
     ShardLostError,
     shard_bounds,
 )
-from memoa_fast.kernels import CHUNK  # noqa: E402
+from memoa_fast.kernels import CHUNK, SIZE  # noqa: E402
 from memoa_fast.timeseries.forecasters import ForecasterSignals  # noqa: E402
 
 pytestmark = pytest.mark.dask
@@ -1055,3 +1055,58 @@ def test_a_saved_mean_field_out_of_step_with_the_states_has_no_effect_on_either_
             engine.close()
     for a, b in zip(*results):
         np.testing.assert_array_equal(b, a)
+
+
+# --------------------------------------------------------------------------- K-class sharded restore: labels stay on the shards
+K3_GAME = Game(q=[1.0, 0.3, 2.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.2, 1.0], gamma=0.95, shares=[0.5, 0.3, 0.2])
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_a_k_class_sharded_restore_reads_no_rows_on_the_client(client, tmp_path, rng, monkeypatch, rebuild):
+    """The client moves O(shards) bytes: the class sizes come from the shards' answers, never from the N labels
+    (the workers are processes here, so the patch below is the client's alone). The calls that move O(N) numbers
+    anyway (labels, state_dict, reset to given states) gather the labels once and agree with one machine.
+    """
+    import memoa_fast.checkpoint as ckpt
+    import memoa_fast.distributed.population as dpop_module
+
+    labels = rng.integers(0, 3, N)
+    labels[labels == 2] = 1 if rebuild else 2  # with rebuild, class 2 is empty: the sizes must say so
+    dpop = DaskPopulation(K3_GAME, N, 2, labels=labels, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    if not rebuild:
+        dpop.step(rng.normal(size=(N, 2)))
+    path = dpop.save(tmp_path / "k.ckpt")
+    dpop.close()
+    pop = Population(K3_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), threads=1)
+    restore_checkpoint(path, pop)
+
+    def no_rows_here(*args, **kwargs):
+        raise AssertionError("the client read shard rows")
+
+    other = DaskPopulation(K3_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), client=client, n_shards=2, exact=True,
+                           timeout=TIMEOUT)
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "read_shard_rows", no_rows_here)
+        m.setattr(dpop_module, "read_shard_rows", no_rows_here, raising=False)
+        if rebuild:
+            other.restore(path, n_shards=3)
+        else:
+            restore_checkpoint(path, other)
+    np.testing.assert_array_equal(other._coef[:, SIZE], np.bincount(labels, minlength=3))
+    if rebuild:  # memoa reads every class's means: the empty class is refused, as on one machine
+        for engine in (pop, other):
+            with pytest.raises(ValueError, match="class 2 has no agent"):
+                engine.step(np.zeros((N, 2)))
+    else:
+        s = rng.normal(size=(N, 2))
+        pop.step(s)
+        other.step(s)
+        np.testing.assert_array_equal(other.states, pop.states)
+        np.testing.assert_array_equal(other.costs, pop.costs)
+    np.testing.assert_array_equal(other.labels, labels)
+    np.testing.assert_array_equal(other.state_dict()["labels"], pop.state_dict()["labels"])
+    x0 = rng.normal(size=(N, 2))
+    for engine in (pop, other):
+        engine.reset(x0)
+    np.testing.assert_array_equal(other.class_mean_state, pop.class_mean_state)
+    other.close()

@@ -189,6 +189,8 @@ class Shard:
             return self.x
         if what == "costs":
             return self.J
+        if what == "labels":
+            return self.labels
         if what == "log_p":
             return self.log_p[sid]
         if what == "source":
@@ -238,8 +240,10 @@ class Shard:
     def _stage(self, manifest, sid):
         """Read this shard's rows of a sharded checkpoint and check them; keep them for :meth:`_commit`.
 
-        Nothing live changes. Answers ``{"lse": pieces or None}``, or
-        ``{"error": message}`` when a file or a row does not pass.
+        Nothing live changes. Answers ``{"lse": pieces or None, "sum", "class_sums", "sizes"}`` (the
+        sums of the rows' states, and for a K-class game how many of its rows are in each class:
+        the client's class sizes, so that the N labels never travel to it), or ``{"error": message}``
+        when a file or a row does not pass.
         """
         self._staged = None
         n, d = self.x.shape
@@ -252,7 +256,8 @@ class Shard:
             # themselves, never from the manifest's copy of the means.
             labels = staged["labels"] if staged["labels"] is not None else self.labels
             total, class_sums = state_sums(clean["states"], labels, self.lay.n_classes)
-            answer = {"lse": None, "sum": total, "class_sums": class_sums}
+            sizes = np.bincount(labels, minlength=self.lay.n_classes) if self.lay.n_classes > 1 else None
+            answer = {"lse": None, "sum": total, "class_sums": class_sums, "sizes": sizes}
             if sid is not None:
                 answer["lse"] = _ckpt.check_log_weight_rows(rows["server_log_weights"])
                 staged["log_p"] = rows["server_log_weights"]

@@ -22,7 +22,6 @@ from ..checkpoint import (
     load_checkpoint,
     new_token,
     read_manifest,
-    read_shard_rows,
     remove_shard_files,
     restore_checkpoint,
     save_checkpoint,
@@ -30,7 +29,7 @@ from ..checkpoint import (
     write_manifest,
 )
 from ..game import Game
-from ..kernels import CHUNK, N_COEF, layout, used_columns
+from ..kernels import CHUNK, N_COEF, SIZE, layout, used_columns
 from ..population import MeanFieldSummary, _check_magnitude, check_labels, population_shape
 from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
 from ._shard import Shard
@@ -273,12 +272,13 @@ class DaskPopulation(MeanFieldSummary):
         self._broken = self._lost_shard = None
         self._pending = []
 
-    def _build(self, n_shards, x0, source=None) -> None:
+    def _build(self, n_shards, x0, source=None, labels=None) -> None:
         """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
 
         The new shards are made (``n_shards`` checked) and their sources asked
         whether they take ``source`` (a saved state about to be loaded) before
         the current ones are released: a refused call leaves the population as it was.
+        They get ``labels`` (a single-file restore's, about to be loaded), else the client's.
         """
         try:
             spawned = self._spawn(n_shards)
@@ -288,9 +288,10 @@ class DaskPopulation(MeanFieldSummary):
             if not self._actors:
                 self._broken = f"shards could not be created: {exc}"
             raise
+        if labels is None:
+            labels = self._client_labels()  # before the release: the labels of a sharded restore are on the shards
         self._release_shards()
         self._install(spawned)
-        labels = self._labels
         args = [(None if x0 is None else x0[lo:hi], None, labels[lo:hi] if labels.shape[0] else None, {}, None)
                 for lo, hi in self.bounds]
         self._call(("load", None), per_shard_args=args)
@@ -573,6 +574,35 @@ class DaskPopulation(MeanFieldSummary):
                 self.step()
         return self._handle
 
+    def _client_labels(self) -> np.ndarray:
+        """The labels on the client: after a sharded restore of a K-class game they are only on the shards.
+
+        The client holds a copy of the labels whenever it had them anyway (given
+        to the constructor or :meth:`set_labels`, or in a state it loaded); a
+        sharded restore leaves them where the shards read them (the client
+        moves ``O(shards)`` bytes: the class sizes come from the shards'
+        answers). The calls that need them on the client move ``O(N)`` numbers
+        anyway (:attr:`labels`, :meth:`state_dict`, :meth:`reset` to given
+        states, a single-file save): the first of them gathers them (N x 8
+        bytes), once.
+        """
+        if self._labels is None:
+            labels = np.empty(self.n_agents, dtype=np.int64)
+            for (lo, hi), part in zip(self.bounds, self._call(("gather", ("labels", None)))):
+                labels[lo:hi] = part
+            self._labels = labels
+        return self._labels
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The class of every agent, shape (N,), read-only (zeros when K = 1); after a sharded restore, gathered once."""
+        self._client_labels()
+        return MeanFieldSummary.labels.fget(self)
+
+    def _refresh_means(self, states) -> None:
+        self._client_labels()
+        super()._refresh_means(states)
+
     def _means_from_sums(self, total, class_sums) -> None:
         """As on one machine; the field then holds the means of the current states (not of the last move pass's)."""
         super()._means_from_sums(total, class_sums)
@@ -608,6 +638,7 @@ class DaskPopulation(MeanFieldSummary):
         """
         # m(t) as the kernels merged it (re-deriving it here from the gathered states would round differently).
         states = self._gather_agents("states", (self.n_agents, self.dim))
+        self._client_labels()
         state = self._summary_state(states, self._gather_agents("costs", (self.n_agents,)))
         source = self._gather_source()
         if source is not None:
@@ -672,7 +703,7 @@ class DaskPopulation(MeanFieldSummary):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
-        self._build(n_shards, None, source=ckpt.source)
+        self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))
         return restore_checkpoint(ckpt, self, server)
 
     def save(self, path, server=None, *, sharded: bool = True):
@@ -792,6 +823,9 @@ class DaskPopulation(MeanFieldSummary):
         client checks the server's normalisation from the shards'
         log-sum-exp pieces. Any failure discards the staged rows (and the new
         shards) and raises :class:`CheckpointError`. Phase 2 installs them.
+        The client reads only the manifest: the means come from the shards'
+        sums and, for a K-class game, the class sizes from their counts of
+        the labels they read, which stay on the shards (see :meth:`_client_labels`).
         """
         self._check_own_server(server)
         manifest = read_manifest(path, n_agents=self.n_agents, dim=self.dim)
@@ -810,9 +844,6 @@ class DaskPopulation(MeanFieldSummary):
         if manifest.source_agents is not None and self.signal_factory is None:
             raise CheckpointError(f"{where} holds the state of worker-side signal sources, but this population has no "
                                   "signals= factory")
-        labels = None
-        if self._lay.n_classes > 1:  # the client keeps the labels (K-class games): read from the files, not the shards
-            labels = read_shard_rows(manifest, 0, self.n_agents, {"labels": ((), "int")})["labels"]
         sid = None if server is None else server.sid
         spawned = self._spawn(n_shards) if rebuild else None
         bounds = spawned[0] if rebuild else self.bounds
@@ -838,10 +869,11 @@ class DaskPopulation(MeanFieldSummary):
             self._install(spawned)
             self._restart_servers()
         self._call(("commit", (sid,)))
-        if labels is not None:
-            self._labels = labels
-            self._set_sizes()
         lay, K = self._lay, self._lay.n_classes
+        if K > 1:  # the labels stay on the shards (fetched only by a call that moves O(N) anyway)
+            self._labels = None
+            self._coef[:, SIZE] = sum(a["sizes"] for a in answers)
+            self._check_classes_read()
         pop = manifest.population
         self._field[...] = 0.0
         self._field[lay.field_signal] = pop["mean_signal"]
