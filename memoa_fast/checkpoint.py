@@ -490,17 +490,27 @@ def _check_engine(name: str, obj, attributes: tuple[str, ...], accepted: str) ->
 
 
 def _check_engines(population, server, source, *, saving: bool) -> None:
-    """What :func:`save_checkpoint` (``saving``) or :func:`restore_checkpoint` will call on each object, checked first."""
+    """What :func:`save_checkpoint` (``saving``) or :func:`restore_checkpoint` will call on each object, checked first.
+
+    The one check of the server on every save and restore path: a population
+    that binds its servers (a ``DaskPopulation``, whose servers' weights live
+    on its shards) says which it takes through its ``_check_own_server``, and
+    its own ``save``/``restore`` come here rather than checking beside it.
+    """
     method = "state_dict" if saving else "load_state_dict"
     _check_engine("population", population, ("game", "n_agents", "dim", method),
                   f"a population engine (Population, DaskPopulation: game, n_agents, dim, {method})")
     if server is not None:
-        needs = ("n_agents", "dim", "rule", "eta", "alpha") + (("state_dict",) if saving else ())
-        _check_engine("server", server, needs, f"None or a Server ({', '.join(needs)})")
-        owner = getattr(server, "population", None)  # a server bound to a population (DaskServer) mixes that one's states
-        if owner is not None and owner is not population:
-            raise TypeError(f"server must be a {type(server).__name__} of this population (or None), got one of another "
-                            "population")
+        own_check = getattr(population, "_check_own_server", None)
+        if own_check is not None:
+            own_check(server)
+        else:
+            needs = ("n_agents", "dim", "rule", "eta", "alpha") + (("state_dict",) if saving else ())
+            _check_engine("server", server, needs, f"None or a Server ({', '.join(needs)})")
+            owner = getattr(server, "population", None)  # a server bound to a population (DaskServer) mixes that one's states
+            if owner is not None and owner is not population:
+                raise TypeError(f"server must be a {type(server).__name__} of this population (or None), got one of "
+                                "another population")
     if source is not None:
         _check_engine("source", source, (method,), f"None or a signal source (with {method})")
 
@@ -1377,6 +1387,11 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     server are not touched, and :class:`CheckpointError` is raised.
     """
     _check_engines(population, server, source, saving=False)
+    return _restore_checked(checkpoint, population, server, source)
+
+
+def _restore_checked(checkpoint, population, server, source) -> Checkpoint:
+    """:func:`restore_checkpoint` after its engine checks (for a caller that made them itself, once)."""
     if not isinstance(checkpoint, Checkpoint):
         _checkpoint_path("checkpoint", checkpoint, reading=True)
     if isinstance(checkpoint, Checkpoint):

@@ -1110,3 +1110,62 @@ def test_a_k_class_sharded_restore_reads_no_rows_on_the_client(client, tmp_path,
         engine.reset(x0)
     np.testing.assert_array_equal(other.class_mean_state, pop.class_mean_state)
     other.close()
+
+
+# --------------------------------------------------------------------------- one server-ownership check per call
+def test_every_save_and_restore_checks_the_server_once_with_the_same_messages(thread_client, tmp_path, rng, monkeypatch):
+    """The population says which servers it takes (its own DaskServers), once per call, whichever way it is called."""
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5)
+    dserver.update(dpop.step(rng.normal(size=N)), np.ones(1))
+    single, sharded = tmp_path / "one.npz", tmp_path / "set.ckpt"
+    import memoa_fast.checkpoint as ckpt
+    import memoa_fast.distributed.population as dpop_module
+
+    # An ownership check is a call of the population's own check, or of the checkpoint functions' engine check
+    # with a server (which holds one, its own or the population's): counted once either way.
+    calls, inside = [], []
+    own_check, engines_check = DaskPopulation._check_own_server, ckpt._check_engines
+
+    def counted_own(self, server):
+        if not inside:
+            calls.append("own")
+        return own_check(self, server)
+
+    def counted_engines(population, server, source, *, saving):
+        if server is not None:
+            calls.append("engines")
+        inside.append(1)
+        try:
+            return engines_check(population, server, source, saving=saving)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(DaskPopulation, "_check_own_server", counted_own)
+    monkeypatch.setattr(ckpt, "_check_engines", counted_engines)
+    monkeypatch.setattr(dpop_module, "_check_engines", counted_engines, raising=False)
+    paths = {
+        "dpop.save single": lambda s: dpop.save(single, s, sharded=False),
+        "save_checkpoint single": lambda s: save_checkpoint(single, dpop, s, sharded=False),
+        "dpop.save sharded": lambda s: dpop.save(sharded, s),
+        "save_checkpoint sharded": lambda s: save_checkpoint(sharded, dpop, s),
+        "dpop.restore single": lambda s: dpop.restore(single, s, n_shards=2),
+        "restore_checkpoint single": lambda s: restore_checkpoint(single, dpop, s),
+        "dpop.restore sharded": lambda s: dpop.restore(sharded, s, n_shards=2),
+        "restore_checkpoint sharded": lambda s: restore_checkpoint(sharded, dpop, s),
+    }
+    for name, call in paths.items():
+        calls.clear()
+        call(dserver)
+        assert len(calls) == 1, (name, calls)
+    other = DaskServer(DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT), rule="hedge", eta=0.5)
+    plain = Server(N, 1, rule="hedge", eta=0.5)
+    for name, call in paths.items():
+        for server, got in ((other, "one of another population"), (plain, "a Server")):
+            calls.clear()
+            with pytest.raises(TypeError) as info:
+                call(server)
+            assert str(info.value) == f"server must be a DaskServer of this population (or None), got {got}", name
+            assert len(calls) == 1, (name, calls)
+    other.population.close()
+    dpop.close()

@@ -16,14 +16,15 @@ from .._state import check_population_state, check_source_layout
 from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_real, check_seed, readonly_view
 from ..checkpoint import (
     CheckpointError,
+    _check_engines,
     _remove_stale_temporaries,
+    _restore_checked,
     check_merged_server,
     is_manifest,
     load_checkpoint,
     new_token,
     read_manifest,
     remove_shard_files,
-    restore_checkpoint,
     save_checkpoint,
     shard_folder,
     write_manifest,
@@ -698,13 +699,13 @@ class DaskPopulation(MeanFieldSummary):
         :class:`~memoa_fast.checkpoint.Manifest` of a sharded checkpoint, the
         :class:`~memoa_fast.checkpoint.Checkpoint` of a single file.
         """
-        self._check_own_server(server)
+        _check_engines(self, server, None, saving=False)  # the one check of the server on either path
         if is_manifest(path):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
         self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))
-        return restore_checkpoint(ckpt, self, server)
+        return _restore_checked(ckpt, self, server, None)
 
     def save(self, path, server=None, *, sharded: bool = True):
         """Write a checkpoint of this population (and ``server``, a :class:`DaskServer` of it) atomically.
@@ -730,18 +731,20 @@ class DaskPopulation(MeanFieldSummary):
         refused (``ValueError``) before the manifest is written, and the
         files already written for it are deleted.
         """
-        self._check_own_server(server)
-        return save_checkpoint(path, self, server, sharded=sharded)
+        return save_checkpoint(path, self, server, sharded=sharded)  # which checks the server (once)
 
     def _check_own_server(self, server) -> None:
-        """``TypeError`` unless ``server`` is None or a :class:`DaskServer` of this population (its weights live on our shards)."""
+        """``TypeError`` unless ``server`` is None or a :class:`DaskServer` of this population (its weights live on our shards).
+
+        Called once per save or restore, by the checkpoint functions' engine check
+        (:meth:`save` and :meth:`restore` go through it; the shard paths do not check again).
+        """
         if server is not None and getattr(server, "population", None) is not self:
             got = "one of another population" if hasattr(server, "population") else f"a {type(server).__name__}"
             raise TypeError(f"server must be a DaskServer of this population (or None), got {got}")
 
     def _save_shards(self, path, server=None):
-        """The sharded save (see :meth:`save`)."""
-        self._check_own_server(server)
+        """The sharded save (see :meth:`save`); ``server`` was checked by :func:`~memoa_fast.checkpoint.save_checkpoint`."""
         given = Path(path)
         target = Path(os.path.realpath(given))
         if not target.parent.is_dir():
@@ -823,11 +826,11 @@ class DaskPopulation(MeanFieldSummary):
         client checks the server's normalisation from the shards'
         log-sum-exp pieces. Any failure discards the staged rows (and the new
         shards) and raises :class:`CheckpointError`. Phase 2 installs them.
+        ``server`` was checked by the caller (:meth:`restore`, :func:`~memoa_fast.checkpoint.restore_checkpoint`).
         The client reads only the manifest: the means come from the shards'
         sums and, for a K-class game, the class sizes from their counts of
         the labels they read, which stay on the shards (see :meth:`_client_labels`).
         """
-        self._check_own_server(server)
         manifest = read_manifest(path, n_agents=self.n_agents, dim=self.dim)
         where = manifest.path
         if manifest.game != self.game:
