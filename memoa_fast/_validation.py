@@ -104,6 +104,20 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def binary_exponent(*arrays: np.ndarray) -> int:
+    """``e`` such that the largest ``|entry|`` of ``arrays``, times ``2**-e``, is in ``[0.5, 1)`` (0 when all are 0).
+
+    The one power-of-two scaling of the package: dividing by ``2**e`` is exact
+    (no digit is lost, whatever the magnitude), and the quotients are at most 1
+    in magnitude, so their squares, sums and means cannot overflow. The
+    certificates solve on inputs times ``2**-e`` and scale their results back;
+    :func:`memoa_fast.timeseries.streams.unit_scale` z-scores under ``2**e``.
+    A NaN or infinite largest entry gives 0 (``math.frexp``'s exponent of inf).
+    """
+    top = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    return math.frexp(top)[1] if top > 0.0 else 0
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import check_int, check_real, check_real_dtype
+from ._validation import binary_exponent, check_int, check_real, check_real_dtype
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
 
@@ -193,7 +193,7 @@ class NashEquilibrium:
         # cancellation of terms of size |x|^2), z = (x0 - centre, 1) = 2^e (x 2^-e, 2^(e_solve - e)), and the
         # shifted values are those of signals times 2^-e_solve: the quadratic form, times 2^(2e) (see "scale" below).
         x = (x0 - centre) if self._shifted is not None else x0
-        e = max(_binary_exponent(x), e_solve) if x.any() else e_solve
+        e = max(binary_exponent(x), e_solve) if x.any() else e_solve
         z0 = np.concatenate([np.ldexp(x.T, -e), np.full((d, 1), math.ldexp(1.0, e_solve - e))], axis=1)  # (d, n+1)
         return _scale_back(0.5 * np.einsum("ck,cikl,cl->i", z0, values, z0), e, 2, "costs", _INPUTS)
 
@@ -286,12 +286,6 @@ _TINY = float(np.finfo(np.float64).tiny)
 _INPUTS = "signals and initial_states"
 
 
-def _binary_exponent(*arrays: np.ndarray) -> int:
-    """``e`` such that the largest ``|entry| * 2^-e`` of ``arrays`` is in ``[0.5, 1)`` (0 when all are zero)."""
-    top = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
-    return math.frexp(top)[1] if top > 0.0 else 0
-
-
 def _centred_and_scaled(s: np.ndarray, *states: np.ndarray):
     """``(s', states', e, c)``: the inputs minus the signals' mean ``2^e c`` (per coordinate), then times ``2^-e``.
 
@@ -304,11 +298,11 @@ def _centred_and_scaled(s: np.ndarray, *states: np.ndarray):
     exact power of two; scaling both inputs by ``2^k`` scales the shift, so results stay exactly
     homogeneous (see "scale" above).
     """
-    e1 = _binary_exponent(s, *states)
+    e1 = binary_exponent(s, *states)
     s, states = np.ldexp(s, -e1), [np.ldexp(x, -e1) for x in states]
     centre = s.mean(axis=0)
     s, states = s - centre, [x - centre for x in states]
-    e2 = _binary_exponent(s, *states)
+    e2 = binary_exponent(s, *states)
     return np.ldexp(s, -e2), [np.ldexp(x, -e2) for x in states], e1 + e2, np.ldexp(centre, -e2)
 
 
@@ -432,13 +426,25 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     x0 = _as_states("initial_states", initial_states, n, d)
     tol = _check_tol(tol)
     labels, sizes = _check_labels(game, labels, n)
-    s, (x0,), e, _ = _centred_and_scaled(s, x0)  # see "scale" above: costs * 2^(-2e) from shifted inputs * 2^-e
-    if labels is not None:
+    if labels is None:
+        horizon = _resolve_horizon(game, horizon, tol)
+    else:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
+    s, (x0,), e, _ = _centred_and_scaled(s, x0)  # see "scale" above: costs * 2^(-2e) from shifted inputs * 2^-e
+    return _scale_back(_centred_policy_costs(game, s, x0, horizon, labels, sizes), e, 2, "costs", _INPUTS)
+
+
+def _centred_policy_costs(game: Game, s: np.ndarray, x0: np.ndarray, horizon, labels, sizes) -> np.ndarray:
+    """:func:`policy_costs` of checked inputs already centred and scaled (:func:`_centred_and_scaled`), in their units.
+
+    ``horizon`` is resolved (``_resolve_horizon``, or ``_resolve_class_horizon`` with ``labels``). For
+    :func:`policy_costs` (which scales the costs back) and :func:`epsilon_nash` (which ranks them), so that
+    each centres its inputs once.
+    """
+    if labels is not None:
         if horizon is None:
             horizon = _tail_horizon(game.gamma)
-        return _scale_back(_simulate_class_costs(game, labels, sizes, s, x0, horizon), e, 2, "costs", _INPUTS)
-    horizon = _resolve_horizon(game, horizon, tol)
+        return _simulate_class_costs(game, labels, sizes, s, x0, horizon)
     co = game.coefficients
     g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
     q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
@@ -470,7 +476,7 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     c2 = -kappa * eps
     lin = c1 * (WT[0, 0] * y1 + WT[0, 1] * y2) + c2 * (WT[1, 0] * y1 + WT[1, 1] * y2)
     const = q * delta * delta + kappa * eps * eps
-    return _scale_back((0.5 * quad + lin + 0.5 * ST * const).sum(axis=1), e, 2, "costs", _INPUTS)
+    return (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
 
 
 def _lyapunov_dense(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
@@ -510,7 +516,7 @@ def policy_gain_matrix(game, signals, labels=None) -> np.ndarray:
     game = _check_game(game)
     s = _as_signals(signals)
     labels, sizes = _check_labels(game, labels, s.shape[0])
-    e = _binary_exponent(s)  # see "scale" above: the affine column grows with the signals, the sums stay finite
+    e = binary_exponent(s)  # see "scale" above: the affine column grows with the signals, the sums stay finite
     s = np.ldexp(s, -e)
     if labels is not None:
         K = _class_gain_matrix(game, labels, sizes, s)
@@ -671,8 +677,8 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
     s, (x0,), e, _ = _centred_and_scaled(s, x0)  # see "scale" above: costs * 2^(-2e) from shifted inputs * 2^-e
-    if agents is None:
-        costs = policy_costs(game, s, x0, horizon=horizon, tol=tol, labels=labels)
+    if agents is None:  # ranked in the centred, scaled units (a positive factor 2^(2e) from the costs)
+        costs = _centred_policy_costs(game, s, x0, horizon, labels, sizes)
         k = min(DEFAULT_WORST_AGENTS, n)
         agents = np.sort(np.argsort(-costs, kind="stable")[:k]).astype(np.intp)
     elif isinstance(agents, str):

@@ -655,3 +655,82 @@ def test_nash_equilibrium_is_translation_invariant(labels):
         shifted = base.gains[..., n] - c[:, None] * base.gains[..., :n].sum(axis=-1)
         np.testing.assert_allclose(got.gains[..., n], shifted, rtol=1e-9, atol=1e-9 * np.abs(c).max())
         np.testing.assert_allclose(got.costs(x_far), base.costs(x_far - c), rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- one power-of-two scaling, one centring
+def _frozen_binary_exponent(*arrays):
+    """The certificates' ``_binary_exponent`` as it was written before it moved to ``_validation.binary_exponent``."""
+    import math
+
+    top = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    return math.frexp(top)[1] if top > 0.0 else 0
+
+
+def _frozen_unit_scale(values):
+    """``streams.unit_scale`` as it was written before it used ``binary_exponent``."""
+    import math
+
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    return math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+
+
+def _frozen_centred_and_scaled(s, *states):
+    """``_centred_and_scaled`` as it was written (the formula epsilon_nash's agent ranking went through twice)."""
+    e1 = _frozen_binary_exponent(s, *states)
+    s, states = np.ldexp(s, -e1), [np.ldexp(x, -e1) for x in states]
+    centre = s.mean(axis=0)
+    s, states = s - centre, [x - centre for x in states]
+    e2 = _frozen_binary_exponent(s, *states)
+    return np.ldexp(s, -e2), [np.ldexp(x, -e2) for x in states], e1 + e2, np.ldexp(centre, -e2)
+
+
+def test_binary_exponent_and_unit_scale_keep_the_bits_of_the_formulas_they_replace():
+    from memoa_fast._validation import binary_exponent
+    from memoa_fast.timeseries.streams import unit_scale
+
+    rng = np.random.default_rng(7)
+    special = [np.zeros(0), np.zeros(3), np.array([5e-324]), np.array([1.7e308, -1.8e308]), np.array([np.inf, 1.0]),
+               np.array([np.nan, 2.0]), np.array([0.5]), np.array([1.0]), np.array([-0.75, 0.0])]
+    randoms = [rng.normal(size=int(rng.integers(0, 20))) * 10.0 ** rng.uniform(-320, 308) for _ in range(500)]
+    for v in special + randoms:
+        assert binary_exponent(v) == _frozen_binary_exponent(v)
+        assert unit_scale(v) == _frozen_unit_scale(v)
+    for a, b in zip(randoms[::2], randoms[1::2]):
+        assert binary_exponent(a, b) == _frozen_binary_exponent(a, b)
+        assert binary_exponent(a, np.zeros(0), b) == _frozen_binary_exponent(a, np.zeros(0), b)
+
+
+CERT_GAMES = [Game(1.0, 2.0, 0.5, 0.95), Game(0.3, 1.0, 0.2, 1.0),
+              Game(q=[1.0, 0.3], kappa=[2.0, 1.0], r=[0.5, 0.2], gamma=0.95, shares=[0.5, 0.5])]
+
+
+@pytest.mark.parametrize("game", CERT_GAMES, ids=["memoa", "gamma1", "two-class"])
+def test_epsilon_nash_centres_its_inputs_once_and_keeps_its_bits(game, monkeypatch):
+    """One centring per call (policy_costs centred again inside), and the same certificate, bit for bit, as the
+    agents the old ranking (policy_costs of the centred inputs, frozen above) selected give.
+    """
+    import memoa_fast.certificates as cert
+    from memoa_fast.certificates import DEFAULT_WORST_AGENTS
+
+    rng = np.random.default_rng(11)
+    calls = []
+    centre = cert._centred_and_scaled
+    monkeypatch.setattr(cert, "_centred_and_scaled", lambda *a: (calls.append(1), centre(*a))[1])
+    for trial in range(12):
+        n, d = int(rng.integers(2, 40)), int(rng.integers(1, 3))
+        scale, shift = 10.0 ** rng.uniform(-100, 100), float(rng.choice([0.0, 1e8, -3e4]))
+        s = (rng.normal(size=(n, d)) + shift) * scale
+        x0 = (rng.normal(size=(n, d)) + shift) * scale
+        labels = None if game.n_classes == 1 else np.arange(n) % 2
+        horizon = None if trial % 3 else int(rng.integers(2, 30))
+        calls.clear()
+        got = epsilon_nash(game, n, s, x0, horizon=horizon, labels=labels)
+        assert len(calls) == 1
+        cs, (cx,), _, _ = _frozen_centred_and_scaled(s, x0)
+        old_costs = policy_costs(game, cs, cx, horizon=horizon, labels=labels)  # the old ranking: centred twice
+        old_agents = np.sort(np.argsort(-old_costs, kind="stable")[:min(DEFAULT_WORST_AGENTS, n)])
+        np.testing.assert_array_equal(got.agents, old_agents)
+        want = epsilon_nash(game, n, s, x0, agents=old_agents, horizon=horizon, labels=labels)
+        for field in ("cost_policy", "cost_best_response", "epsilon", "relative_epsilon"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+        assert got.max_relative == want.max_relative

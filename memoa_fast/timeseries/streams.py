@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import check_bool, check_int, check_real, check_seed
+from .._validation import binary_exponent, check_bool, check_int, check_real, check_seed
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -268,8 +268,7 @@ def unit_scale(values: np.ndarray) -> float:
     Dividing by it is exact and leaves every value at most 2 in magnitude, so a
     mean or a standard deviation taken on the quotients cannot overflow.
     """
-    largest = float(np.max(np.abs(values))) if values.size else 0.0
-    return math.ldexp(1.0, min(math.frexp(largest)[1], 1023)) if largest > 0 else 1.0
+    return math.ldexp(1.0, min(binary_exponent(values), 1023))  # the package's one power-of-two scaling
 
 
 def _check_length_seed(n_steps, seed):
