@@ -559,3 +559,44 @@ def test_csv_quoted_fields_after_a_space_are_unquoted(tmp_path):
 def test_csv_arguments_are_checked_by_type(tmp_path, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         load_csv_series(_write(tmp_path, _csv(range(20))), warmup=5, **kwargs)
+
+
+class _CountedCell(str):
+    """A cell that counts its ``strip`` calls (a str subclass: the reader cannot tell)."""
+
+    def strip(self, *args):
+        self.strips += 1
+        return str.strip(self, *args)
+
+
+@pytest.mark.parametrize("missing", ["error", "drop"])
+def test_csv_slow_path_strips_each_cell_once(tmp_path, monkeypatch, missing):
+    """Every row of this file goes through the strict line-by-line path (quoted fields); each cell is stripped at
+    most once, and the values are the column's.
+    """
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=400)
+    # (every other row without a date: a blank first cell, then the value, is not a blank line)
+    rows = [f'{"" if i % 2 else f"2020-01-{i % 28 + 1:02d}"}, {float(v)!r} ,"x"' for i, v in enumerate(values)]
+    keep = np.ones(values.size, dtype=bool)
+    if missing == "drop":
+        for i in (5, 77, 300):
+            rows[i] = f'"2020-02-01", {["NA", "", " nan "][i % 3]} ,"x"'
+            keep[i] = False
+    path = tmp_path / "quoted.csv"
+    path.write_text("date,value,note\n" + "\n".join(rows) + "\n\n\n")
+    cells = []
+    fields = streams._ColumnReader._fields
+
+    def counted(self, text, line):
+        row = [_CountedCell(c) for c in fields(self, text, line)]
+        for c in row:
+            c.strips = 0
+        cells.extend(row)
+        return row
+
+    monkeypatch.setattr(streams._ColumnReader, "_fields", counted)
+    got = load_csv_series(path, "value", warmup=10, missing=missing, return_scaling=True)
+    assert max(c.strips for c in cells) == 1
+    y, mean, std = got
+    np.testing.assert_allclose(y * std + mean, values[keep], rtol=1e-12, atol=1e-12)

@@ -637,8 +637,12 @@ class _ColumnReader:
         self._slow(lines, first_line)
 
     def _slow(self, lines: list[bytes], first_line: int) -> None:
-        """Line by line, with the strict checks; raises at the first bad line."""
-        path, column = self.path, self.column
+        """Line by line, with the strict checks; raises at the first bad line.
+
+        Each cell is stripped at most once: the column's cell (and lowered once) up front, the others only
+        while telling a blank line (every cell empty) from a row with an empty cell.
+        """
+        path, column, col = self.path, self.column, self.col
         out = []
         for k, raw in enumerate(lines):
             if self.max_rows is not None and self.n + len(out) >= self.max_rows:
@@ -646,10 +650,11 @@ class _ColumnReader:
             line = first_line + k
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
             row = self._fields(text, line)
-            if self.drop_missing and (self.col >= len(row) or row[self.col].strip().lower() in MISSING_MARKERS
-                                      or not row[self.col].strip()):
+            cell = row[col].strip() if col < len(row) else ""  # a missing cell reads as an empty one
+            folded = cell.lower()
+            if self.drop_missing and (not cell or folded in MISSING_MARKERS):
                 continue
-            if all(not cell.strip() for cell in row):
+            if not cell and not any(other.strip() for i, other in enumerate(row) if i != col):
                 if self.blank_at is None:
                     self.blank_at = line
                 continue
@@ -659,7 +664,7 @@ class _ColumnReader:
                     "remove it or fill in the missing row"
                 )
             where = f"{path}, line {line} (data row {self.n + len(out) + 1}), column {column!r}"
-            if self.col >= len(row):
+            if col >= len(row):
                 raise CsvSeriesError(
                     f"{where}: missing cell (the row has {len(row)} fields, the header {self.n_fields}); "
                     "the series has a gap there"
@@ -670,18 +675,17 @@ class _ColumnReader:
                     f"{self.n_fields} (delimiter {self.sep!r}); the columns cannot be matched: a field is missing, or a "
                     "field holds the delimiter without quotes (quote it)"
                 )
-            cell = row[self.col].strip()
             if not cell:
                 raise CsvSeriesError(
                     f"{where}: empty cell (a gap in the series); fill it, or drop such rows with missing='drop' "
                     "(memoa run --missing drop)"
                 )
-            if cell.lower() in MISSING_MARKERS:
+            if folded in MISSING_MARKERS:
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} marks a missing value (a gap in the series); fill it, or drop such rows "
                     "with missing='drop' (memoa run --missing drop)"
                 )
-            if cell.lower() in _NON_FINITE:
+            if folded in _NON_FINITE:
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} is not a finite number (treat it as a gap: fill it or drop the row)"
                 )
