@@ -309,6 +309,15 @@ def _bad_forecaster_states(state):
     ]
 
 
+def _assert_unchanged(fc, before, *, t):
+    """``fc`` holds the state ``before`` (every array bitwise) at round ``t``."""
+    after = fc.state_dict()
+    assert fc.t == t
+    for part in ("agents", "shared"):
+        for key in before[part]:
+            np.testing.assert_array_equal(after[part][key], before[part][key])
+
+
 @pytest.mark.parametrize("case", range(11))
 def test_load_state_dict_refuses_a_malformed_state_and_changes_nothing(case):
     """ClientForecasters.load_state_dict checks with the same validator as a checkpoint's source state."""
@@ -320,11 +329,7 @@ def test_load_state_dict_refuses_a_malformed_state_and_changes_nothing(case):
     bad, error = _bad_forecaster_states(good)[case]
     with pytest.raises(error, match=r"state|source"):
         fc.load_state_dict(bad)
-    after = fc.state_dict()
-    assert fc.t == 2
-    for part in ("agents", "shared"):
-        for key in before[part]:
-            np.testing.assert_array_equal(after[part][key], before[part][key])
+    _assert_unchanged(fc, before, t=2)
     fc.load_state_dict(good)  # a good state still loads: t as a 0-d array, a Python int or a NumPy int
     fc.load_state_dict(dict(good, shared=dict(good["shared"], t=np.int32(1))))
     fc.load_state_dict(dict(good, shared=dict(good["shared"], t=1)))
@@ -447,10 +452,6 @@ def test_a_saved_state_beyond_the_reachable_magnitudes_is_refused_naming_the_key
         bad[part][key].flat[-1] = value
         with pytest.raises(ValueError, match=re.escape(f"state['source/{part}/{key}']") + ".*" + re.escape(f"<= {limit:g}")):
             fc.load_state_dict(bad)
-        after = fc.state_dict()
-        assert fc.t == 2
-        for p in ("agents", "shared"):
-            for k in before[p]:
-                np.testing.assert_array_equal(after[p][k], before[p][k])
+        _assert_unchanged(fc, before, t=2)
         bad[part][key].flat[-1] = np.sign(value) * limit  # at the limit: accepted
         fc.validate_state_dict(bad)
