@@ -409,7 +409,7 @@ def check_bounded(name: str, arr: np.ndarray, limit: float, why: str, advice: st
     where = f"coordinate {int(bad[0])}" if arr.ndim == 1 else f"index {tuple(int(b) for b in bad)}"
     entries = "coordinate" if arr.ndim == 1 else "entry"
     raise ValueError(f"{name} must have |{name}| <= {limit:g} in every {entries} ({why}); "
-                     f"got {float(arr[tuple(bad)]):g} at {where}. {advice}")
+                     f"got {float(arr[tuple(bad)])!r} at {where}. {advice}")
 
 
 #: Why a target is bounded, for the messages.

@@ -17,6 +17,7 @@ from memoa_fast._validation import (
     as_float_array,
     available_memory,
     available_threads,
+    check_bounded,
     check_real_dtype,
     check_sizes,
     check_threads,
@@ -472,3 +473,15 @@ def test_the_cli_takes_the_same_seed_domain():
     from memoa_fast.timeseries import cli
 
     assert cli.RANGES["--seed"][:2] == (0, _validation.SEED_MAX) == (0, 2**63 - 1)
+
+
+@pytest.mark.parametrize("limit", [1e30, 4e32, 123456789.0])
+def test_a_value_just_beyond_a_bound_is_printed_apart_from_the_bound(limit):
+    # The message printed both with "%g": one ulp beyond 4e32 read "<= 4e+32 ... got 4e+32". The value is now its repr.
+    beyond = np.nextafter(limit, np.inf)
+    with pytest.raises(ValueError) as info:
+        check_bounded("y", np.array([0.0, -beyond]), limit, "a reason")
+    message = str(info.value)
+    assert repr(float(-beyond)) in message and "at coordinate 1" in message and "a reason" in message
+    assert float(message.split("got ")[1].split(" at ")[0]) == -beyond
+    check_bounded("y", np.array([limit, -limit]), limit, "a reason")  # the bound itself is accepted
