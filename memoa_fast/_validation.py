@@ -345,8 +345,20 @@ def as_real_values(name: str, value, accepted: str) -> np.ndarray:
     return np.array(raw, dtype=np.float64)
 
 
-def _sum_is_finite(arr: np.ndarray) -> bool:
-    """The sum is finite when every entry is (one pass, no N-sized mask); an overflow just takes the exact check."""
+#: Up to this many entries, :func:`_probably_finite` checks them one by one in Python (~0.5 us for 16), which
+#: beats entering ``np.errstate`` for a ufunc reduction (~3 us): the per-call cost of a small population's step.
+_FEW = 32
+
+
+def _probably_finite(arr: np.ndarray) -> bool:
+    """True when every entry is finite, False when not sure, with no N-sized temporary.
+
+    A few entries are checked exactly; more by their sum, which is finite when
+    every entry is (one pass, no mask); an overflowing sum just sends the
+    caller to the exact check.
+    """
+    if arr.size <= _FEW:
+        return all(map(math.isfinite, arr.ravel().tolist()))
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.isfinite(np.add.reduce(arr, axis=None)))
 
@@ -379,7 +391,7 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
             raise ValueError(f"{name} must have shape {shape} (ndim {len(shape)}), got shape {arr.shape} (ndim {arr.ndim})")
     # The sum is finite when every entry is (bar overflow, checked exactly
     # below): one pass and no N-sized mask in the common case.
-    if not allow_nonfinite and not _sum_is_finite(arr) and not np.isfinite(arr).all():
+    if not allow_nonfinite and not _probably_finite(arr) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite; first non-finite entry at index {tuple(int(b) for b in bad)}: {arr[tuple(bad)]!r}")
     return arr

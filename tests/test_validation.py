@@ -485,3 +485,17 @@ def test_a_value_just_beyond_a_bound_is_printed_apart_from_the_bound(limit):
     assert repr(float(-beyond)) in message and "at coordinate 1" in message and "a reason" in message
     assert float(message.split("got ")[1].split(" at ")[0]) == -beyond
     check_bounded("y", np.array([limit, -limit]), limit, "a reason")  # the bound itself is accepted
+
+
+@pytest.mark.parametrize("n", [1, 2, _validation._FEW - 1, _validation._FEW, _validation._FEW + 1, 257])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_as_float_array_finds_a_non_finite_entry_anywhere_on_both_sides_of_the_small_array_path(n, bad):
+    # Small arrays are checked entry by entry in Python, larger ones by their sum: both must refuse any non-finite
+    # entry at any position, and accept finite entries whose sum overflows.
+    for where in sorted({0, n // 2, n - 1}):
+        arr = np.zeros((n, 1))
+        arr[where, 0] = bad
+        with pytest.raises(ValueError, match=rf"x must be finite; first non-finite entry at index \({where}, 0\)"):
+            as_float_array("x", arr, (n, 1))
+    huge = np.full((n, 1), 1.7e308)
+    assert as_float_array("x", huge, (n, 1)) is huge
