@@ -510,3 +510,20 @@ def test_a_loaded_state_stays_loadable_round_after_round(noise, target, p):
                 fc.validate_state_dict(fc.state_dict())
                 assert np.isfinite(fc.signals).all()
     assert accepted >= 6  # the states of norm at the limit are accepted: the check above is not vacuous
+
+
+def test_the_round_counter_stops_at_the_largest_savable_round():
+    """``t`` is saved as an int64: a forecaster at round 2**63 - 1 (a loaded state) refuses the next round, changing
+    nothing, instead of reaching a round no state_dict, copy or checkpoint can hold (OverflowError).
+    """
+    fc = ClientForecasters(3, 1, lags=2, seed=4, backend="numpy")
+    fc.observe(0.3)
+    state = fc.state_dict()
+    state["shared"]["t"] = np.array(2**63 - 2)
+    fc.load_state_dict(state)
+    fc.observe(0.1)  # the last round: 2**63 - 1 is still an int64
+    fc.validate_state_dict(fc.state_dict())
+    before = fc.state_dict()
+    with pytest.raises(ValueError, match=re.escape("round 2**63 - 1")):
+        fc.observe(0.2)
+    _assert_unchanged(fc, before, t=2**63 - 1)

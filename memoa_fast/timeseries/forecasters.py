@@ -307,10 +307,15 @@ class ClientForecasters:
         ValueError
             ``y`` is not finite or ``|y| > 1e30`` somewhere; nothing is
             changed (no noise drawn, no weight learned, the round counter
-            stays), so the caller may skip the value or stop.
+            stays), so the caller may skip the value or stop. Also (nothing
+            changed) at round ``t = 2**63 - 1``, the last a state can hold
+            (``t`` is saved as an int64; only a loaded state gets there).
         """
         y = check_target("y", y, self.dim)
         with self._exclusive:
+            if self.t >= _LAST_ROUND:
+                raise ValueError(f"this forecaster is at round 2**63 - 1 = {_LAST_ROUND}, the last its state can hold "
+                                 "(t is saved as an int64): it observes no further round")
             self._y[...] = y
             self._draw_noise()
             self._kernels.forecast_step(
@@ -554,6 +559,9 @@ def _rebuild_squared_errors(n_clients, dim, config, arrays):
 
 
 _NOT_SAVED = "This state was not saved by a ClientForecasters."
+
+#: The last round counter a state can hold (``state_dict`` saves ``t`` as an int64).
+_LAST_ROUND = 2**63 - 1
 
 
 def _check_weight_norms(weights: np.ndarray, limit: float, t: int) -> None:
