@@ -1169,3 +1169,18 @@ def test_every_save_and_restore_checks_the_server_once_with_the_same_messages(th
             assert len(calls) == 1, (name, calls)
     other.population.close()
     dpop.close()
+
+
+# --------------------------------------------------------------------------- round counters a state can hold
+def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
+    """``t`` is saved as an int64: at round 2**63 - 1 (a loaded state) ``next`` refuses, changing nothing, instead of
+    reaching a round no state_dict or checkpoint can hold (OverflowError), as ClientForecasters.observe does.
+    """
+    source = NoisyLastValueSignals(0, 3, 1)
+    source.load_state_dict({"agents": {}, "shared": {"t": np.array(2**63 - 2), "y": np.array([0.5])}})
+    source.next()
+    source.validate_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match=r"round 2\*\*63 - 1"):
+        source.next()
+    assert source.t == 2**63 - 1
+    source.validate_state_dict(source.state_dict())
