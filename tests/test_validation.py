@@ -485,3 +485,18 @@ def test_a_value_just_beyond_a_bound_is_printed_apart_from_the_bound(limit):
     assert repr(float(-beyond)) in message and "at coordinate 1" in message and "a reason" in message
     assert float(message.split("got ")[1].split(" at ")[0]) == -beyond
     check_bounded("y", np.array([limit, -limit]), limit, "a reason")  # the bound itself is accepted
+
+
+@pytest.mark.parametrize("seed", [np.int64(5), np.uint64(2**63 - 1), np.array(3, dtype=np.int32)])
+def test_run_experiment_records_an_accepted_numpy_seed_as_an_int(seed):
+    # A NumPy seed was accepted but recorded as given: the result's to_json() then raised "not JSON serializable".
+    import json
+
+    result = _seed_takers()["run_experiment"](seed)
+    assert type(result.config["seed"]) is int and result.config["seed"] == int(seed)
+    assert json.loads(result.to_json())["config"]["seed"] == int(seed)
+    from memoa_fast.timeseries import experiment, streams  # the same for the other integer recorded as given, lags
+
+    result = experiment.run_experiment(streams.make_stream("logistic", 12, seed=0), n_clients=2, policies=("memoa",),
+                                       burn_in=2, seed=seed, backend="numpy", threads=1, lags=np.int64(1))
+    assert json.loads(result.to_json())["config"]["lags"] == 1
