@@ -500,3 +500,15 @@ def test_run_experiment_records_an_accepted_numpy_seed_as_an_int(seed):
     result = experiment.run_experiment(streams.make_stream("logistic", 12, seed=0), n_clients=2, policies=("memoa",),
                                        burn_in=2, seed=seed, backend="numpy", threads=1, lags=np.int64(1))
     assert json.loads(result.to_json())["config"]["lags"] == 1
+
+
+def test_binary_exponent_of_several_arrays_does_not_depend_on_their_order():
+    # A NaN gives 0, as for one array, wherever it stands (Python's max kept a finite top found before it).
+    from memoa_fast._validation import binary_exponent
+
+    cases = [(np.array([4.0]), np.array([np.nan])), (np.array([4.0, 1.0]), np.array([1.0, np.nan]), np.zeros(0)),
+             (np.array([np.inf]), np.array([np.nan])), (np.array([3e300]), np.array([np.inf]))]
+    for arrays in cases:
+        assert binary_exponent(*arrays) == binary_exponent(*arrays[::-1]) == 0
+    assert binary_exponent(np.array([4.0]), np.array([-9.0]), np.zeros(0)) == binary_exponent(np.array([-9.0]), np.array([4.0])) == 4
+    assert binary_exponent(np.array([5e-324]), np.zeros(2)) == -1073  # subnormal: 5e-324 = 0.5 * 2**-1073
