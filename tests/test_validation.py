@@ -1,4 +1,5 @@
 """Input checks of the public layer: real dtypes only, sizes checked up front, threads from what the process may use."""
+import argparse
 import os
 import re
 import shutil
@@ -473,6 +474,12 @@ def test_the_cli_takes_the_same_seed_domain():
     from memoa_fast.timeseries import cli
 
     assert cli.RANGES["--seed"][:2] == (0, _validation.SEED_MAX) == (0, 2**63 - 1)
+    seed = next(a for a in cli.build_parser().run_parser._actions if "--seed" in a.option_strings)
+    assert "[0, 2**63 - 1]" in seed.help  # it said "an integer >= 0"
+    assert seed.type("9223372036854775807") == 2**63 - 1
+    for bad in ("-1", "9223372036854775808", "3.0", "True"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape("[0, 9223372036854775807]")):
+            seed.type(bad)
 
 
 @pytest.mark.parametrize("limit", [1e30, 4e32, 123456789.0])
