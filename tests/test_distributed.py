@@ -1085,6 +1085,7 @@ def test_a_k_class_sharded_restore_reads_no_rows_on_the_client(client, tmp_path,
 
     other = DaskPopulation(K3_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), client=client, n_shards=2, exact=True,
                            timeout=TIMEOUT)
+    received = other.comm.bytes_received
     with monkeypatch.context() as m:
         m.setattr(ckpt, "read_shard_rows", no_rows_here)
         m.setattr(dpop_module, "read_shard_rows", no_rows_here, raising=False)
@@ -1092,6 +1093,7 @@ def test_a_k_class_sharded_restore_reads_no_rows_on_the_client(client, tmp_path,
             other.restore(path, n_shards=3)
         else:
             restore_checkpoint(path, other)
+    assert other.comm.bytes_received - received < N  # nor through the shards' answers (the labels are 8 N bytes)
     np.testing.assert_array_equal(other._coef[:, SIZE], np.bincount(labels, minlength=3))
     if rebuild:  # memoa reads every class's means: the empty class is refused, as on one machine
         for engine in (pop, other):
