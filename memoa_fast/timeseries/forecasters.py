@@ -23,9 +23,9 @@ must be finite with ``|y(t)| <= TARGET_LIMIT = 1e30`` (z-scored streams are
 of order 1; :func:`memoa_fast.streams.load_csv_series` refuses cells that
 would z-score beyond it), and the noise scales are at most ``1e30``. With
 these limits a noisy observation is below about ``1e31``, its features
-below ``1e63``, the NLMS weights below ``1 + mu t max|z|`` (the NLMS update
-never increases the distance to any fixed weight vector by more than
-``mu |z|/|phi|``), so every forecast stays below about ``1e107`` and its
+below ``1e63``, the NLMS weights below ``1 + mu t max|z|`` in Euclidean norm
+(the NLMS update, a relaxed projection, never increases the norm by more
+than ``mu |z|/|phi|``: see :func:`weight_limit`), so every forecast stays below about ``1e107`` and its
 square below ``1e214`` for up to ``10**12`` rounds: no overflow anywhere.
 A saved state (:meth:`ClientForecasters.load_state_dict`, a checkpoint) is
 held to the same bounds (:data:`LAG_LIMIT`, :func:`weight_limit` on the norm
