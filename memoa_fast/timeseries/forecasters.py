@@ -617,7 +617,7 @@ class ForecasterSignals:
     lo, hi : int
         The clients served; ``lo`` a multiple of 4096 (shards always are).
     seed : int
-        Seed of every draw.
+        Seed of every draw, an integer in ``[0, 2**63 - 1]`` (as for ``ClientForecasters``).
     dim : int, default 1
         Dimension d of the stream.
     threads : int, default 1
