@@ -463,7 +463,7 @@ def test_a_saved_state_beyond_the_reachable_magnitudes_is_refused_naming_the_key
 def _states_at_the_limits(fc, t, rng):
     """States of ``fc``'s shapes at round ``t``, at or beyond the weight limits in the ways a bound could be read:
     every weight entry at ``weight_limit(t)`` (mixed signs, the lags 1 so that every feature is 1: the NLMS step then
-    pushes one entry to ``(1 + 2 mu / (2p+1)) weight_limit(t)``), and each weight vector of norm just below it (random
+    pushes one entry to ``(1 + mu (2p-1)/(2p+1)) weight_limit(t)``), and each weight vector of norm just below it (random
     directions, and the same mixed-sign direction).
     """
     from memoa_fast.timeseries.forecasters import LAG_LIMIT, signal_limit, weight_limit

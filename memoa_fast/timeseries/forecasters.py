@@ -87,7 +87,7 @@ def weight_limit(t: int) -> float:
     also covers the rounding of the update, about ``1e-16 |w|``, while ``t <
     10**15``). It is at most ``1.9e51`` (``t < 2**63``). A bound
     on each entry would not be kept: entries of ``weight_limit(t)`` with mixed
-    signs can give an entry of ``(1 + 2 mu / (2p+1)) weight_limit(t)`` one
+    signs (lags of 1) give an entry of ``(1 + mu (2p-1)/(2p+1)) weight_limit(t)`` one
     round later.
     """
     return 1.0 + 2.0 * float(t) * LAG_LIMIT
