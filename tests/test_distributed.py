@@ -1186,3 +1186,46 @@ def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
         source.next()
     assert source.t == 2**63 - 1
     source.validate_state_dict(source.state_dict())
+
+
+def test_a_k_class_population_restored_from_shards_saves_and_restores_again_without_its_labels(thread_client, tmp_path, rng):
+    """Labels left on the shards by a sharded restore serve every later call that does not need them on the client
+    (set_game, steps, reset to zeros, a sharded save, a sharded restore onto another shard count): the client never
+    receives them (fewer than N bytes per call), and the states follow one machine's bitwise.
+    """
+    labels = rng.integers(0, 3, N)
+    pop = Population(K3_GAME, N, 2, labels=labels, threads=1)
+    dpop = DaskPopulation(K3_GAME, N, 2, labels=labels, client=thread_client, n_shards=2, exact=True, timeout=TIMEOUT)
+    signals = rng.normal(size=(5, N, 2))
+    pop.step(signals[0])
+    dpop.step(signals[0])
+    first = dpop.save(tmp_path / "first.ckpt")
+    other = DaskPopulation(K3_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), client=thread_client, n_shards=3,
+                           exact=True, timeout=TIMEOUT)
+    game = Game(q=[1.5, 0.3, 2.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.2, 1.0], gamma=0.95, shares=[0.5, 0.3, 0.2])
+    calls = [
+        lambda: other.restore(first, n_shards=3),
+        lambda: other.set_game(game),
+        lambda: other.step(signals[1]),
+        lambda: other.save(tmp_path / "second.ckpt"),
+        lambda: other.restore(tmp_path / "second.ckpt", n_shards=2),
+        lambda: other.step(signals[2]),
+    ]
+    for call in calls:
+        received = other.comm.bytes_received
+        call()
+        assert other.comm.bytes_received - received < N
+    pop.set_game(game)
+    pop.step(signals[1])
+    pop.step(signals[2])
+    np.testing.assert_array_equal(other.states, pop.states)
+    np.testing.assert_array_equal(other.costs, pop.costs)
+    np.testing.assert_array_equal(other._coef[:, SIZE], np.bincount(labels, minlength=3))
+    np.testing.assert_array_equal(other.labels, labels)  # gathered once, when asked for
+    np.testing.assert_array_equal(other.state_dict()["labels"], labels)
+    other.reset()
+    pop.reset()
+    np.testing.assert_array_equal(other.class_mean_state, pop.class_mean_state)
+    assert other.n_shards == 2
+    other.close()
+    dpop.close()
