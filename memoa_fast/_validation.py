@@ -107,14 +107,21 @@ def check_bool(name: str, value) -> bool:
 def binary_exponent(*arrays: np.ndarray) -> int:
     """``e`` such that the largest ``|entry|`` of ``arrays``, times ``2**-e``, is in ``[0.5, 1)`` (0 when all are 0).
 
-    The one power-of-two scaling of the package: dividing by ``2**e`` is exact
-    (no digit is lost, whatever the magnitude), and the quotients are at most 1
-    in magnitude, so their squares, sums and means cannot overflow. The
-    certificates solve on inputs times ``2**-e`` and scale their results back;
-    :func:`memoa_fast.timeseries.streams.unit_scale` z-scores under ``2**e``.
-    A NaN or infinite largest entry gives 0 (``math.frexp``'s exponent of inf).
+    The one power-of-two scaling of the package: dividing by ``2**e`` changes
+    only the exponents (no digit is lost, whatever the magnitude, unless a
+    quotient falls below ``2**-1022``, into the subnormal range: an entry more
+    than about ``2**1021`` times smaller than the largest), and the quotients
+    are below 1 in magnitude, so their squares, sums and means cannot overflow.
+    The certificates solve on inputs times ``2**-e`` and scale their results
+    back; :func:`memoa_fast.timeseries.streams.unit_scale` z-scores under
+    ``2**e``. The callers pass finite arrays; a NaN or an infinite entry
+    anywhere gives 0 (``math.frexp``'s exponent of inf), in any order of the
+    arrays.
     """
-    top = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    tops = [float(np.max(np.abs(a))) for a in arrays if a.size]
+    top = max(tops, default=0.0)
+    if any(math.isnan(v) for v in tops):  # max() keeps a number met before a NaN: NaN is 0 wherever it stands
+        return 0
     return math.frexp(top)[1] if top > 0.0 else 0
 
 

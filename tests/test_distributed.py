@@ -1085,6 +1085,7 @@ def test_a_k_class_sharded_restore_reads_no_rows_on_the_client(client, tmp_path,
 
     other = DaskPopulation(K3_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), client=client, n_shards=2, exact=True,
                            timeout=TIMEOUT)
+    received = other.comm.bytes_received
     with monkeypatch.context() as m:
         m.setattr(ckpt, "read_shard_rows", no_rows_here)
         m.setattr(dpop_module, "read_shard_rows", no_rows_here, raising=False)
@@ -1092,6 +1093,7 @@ def test_a_k_class_sharded_restore_reads_no_rows_on_the_client(client, tmp_path,
             other.restore(path, n_shards=3)
         else:
             restore_checkpoint(path, other)
+    assert other.comm.bytes_received - received < N  # nor through the shards' answers (the labels are 8 N bytes)
     np.testing.assert_array_equal(other._coef[:, SIZE], np.bincount(labels, minlength=3))
     if rebuild:  # memoa reads every class's means: the empty class is refused, as on one machine
         for engine in (pop, other):
@@ -1168,4 +1170,62 @@ def test_every_save_and_restore_checks_the_server_once_with_the_same_messages(th
             assert str(info.value) == f"server must be a DaskServer of this population (or None), got {got}", name
             assert len(calls) == 1, (name, calls)
     other.population.close()
+    dpop.close()
+
+
+# --------------------------------------------------------------------------- round counters a state can hold
+def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
+    """``t`` is saved as an int64: at round 2**63 - 1 (a loaded state) ``next`` refuses, changing nothing, instead of
+    reaching a round no state_dict or checkpoint can hold (OverflowError), as ClientForecasters.observe does.
+    """
+    source = NoisyLastValueSignals(0, 3, 1)
+    source.load_state_dict({"agents": {}, "shared": {"t": np.array(2**63 - 2), "y": np.array([0.5])}})
+    source.next()
+    source.validate_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match=r"round 2\*\*63 - 1"):
+        source.next()
+    assert source.t == 2**63 - 1
+    source.validate_state_dict(source.state_dict())
+
+
+def test_a_k_class_population_restored_from_shards_saves_and_restores_again_without_its_labels(thread_client, tmp_path, rng):
+    """Labels left on the shards by a sharded restore serve every later call that does not need them on the client
+    (set_game, steps, reset to zeros, a sharded save, a sharded restore onto another shard count): the client never
+    receives them (fewer than N bytes per call), and the states follow one machine's bitwise.
+    """
+    labels = rng.integers(0, 3, N)
+    pop = Population(K3_GAME, N, 2, labels=labels, threads=1)
+    dpop = DaskPopulation(K3_GAME, N, 2, labels=labels, client=thread_client, n_shards=2, exact=True, timeout=TIMEOUT)
+    signals = rng.normal(size=(5, N, 2))
+    pop.step(signals[0])
+    dpop.step(signals[0])
+    first = dpop.save(tmp_path / "first.ckpt")
+    other = DaskPopulation(K3_GAME, N, 2, labels=np.zeros(N, dtype=np.int64), client=thread_client, n_shards=3,
+                           exact=True, timeout=TIMEOUT)
+    game = Game(q=[1.5, 0.3, 2.0], kappa=[2.0, 1.0, 0.5], r=[0.5, 0.2, 1.0], gamma=0.95, shares=[0.5, 0.3, 0.2])
+    calls = [
+        lambda: other.restore(first, n_shards=3),
+        lambda: other.set_game(game),
+        lambda: other.step(signals[1]),
+        lambda: other.save(tmp_path / "second.ckpt"),
+        lambda: other.restore(tmp_path / "second.ckpt", n_shards=2),
+        lambda: other.step(signals[2]),
+    ]
+    for call in calls:
+        received = other.comm.bytes_received
+        call()
+        assert other.comm.bytes_received - received < N
+    pop.set_game(game)
+    pop.step(signals[1])
+    pop.step(signals[2])
+    np.testing.assert_array_equal(other.states, pop.states)
+    np.testing.assert_array_equal(other.costs, pop.costs)
+    np.testing.assert_array_equal(other._coef[:, SIZE], np.bincount(labels, minlength=3))
+    np.testing.assert_array_equal(other.labels, labels)  # gathered once, when asked for
+    np.testing.assert_array_equal(other.state_dict()["labels"], labels)
+    other.reset()
+    pop.reset()
+    np.testing.assert_array_equal(other.class_mean_state, pop.class_mean_state)
+    assert other.n_shards == 2
+    other.close()
     dpop.close()

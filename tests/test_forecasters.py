@@ -1,4 +1,5 @@
 """Client forecasters: kernel against its NumPy reference, shard reproducibility, learning, checks."""
+import math
 import re
 
 import numba
@@ -420,7 +421,9 @@ def test_states_a_forecaster_reaches_load_and_the_limits_keep_it_finite(backend)
         rng = np.random.default_rng(t % 1000)
         edge = {
             "agents": {
-                "weights": rng.choice([-1.0, 1.0], state["agents"]["weights"].shape) * weight_limit(t),
+                # each weight vector (2p+1 entries) of norm the limit, up to rounding
+                "weights": rng.choice([-1.0, 1.0], state["agents"]["weights"].shape) * (weight_limit(t) / (1 + 2**-40))
+                / math.sqrt(2 * fc.lags + 1),
                 "lags": rng.choice([-1.0, 1.0], state["agents"]["lags"].shape) * LAG_LIMIT,
                 "signals": rng.choice([-1.0, 1.0], state["agents"]["signals"].shape) * signal_limit(t, fc.lags),
             },
@@ -455,3 +458,72 @@ def test_a_saved_state_beyond_the_reachable_magnitudes_is_refused_naming_the_key
         _assert_unchanged(fc, before, t=2)
         bad[part][key].flat[-1] = np.sign(value) * limit  # at the limit: accepted
         fc.validate_state_dict(bad)
+
+
+def _states_at_the_limits(fc, t, rng):
+    """States of ``fc``'s shapes at round ``t``, at or beyond the weight limits in the ways a bound could be read:
+    every weight entry at ``weight_limit(t)`` (mixed signs, the lags 1 so that every feature is 1: the NLMS step then
+    pushes one entry to ``(1 + mu (2p-1)/(2p+1)) weight_limit(t)``), and each weight vector of norm just below it (random
+    directions, and the same mixed-sign direction).
+    """
+    from memoa_fast.timeseries.forecasters import LAG_LIMIT, signal_limit, weight_limit
+
+    n, d, p = fc.n_clients, fc.dim, fc.lags
+    limit, f = weight_limit(t), 2 * p + 1
+    mixed = np.ones((n, d, f))
+    mixed[..., -1] = -1.0
+    random = rng.normal(size=(n, d, f))
+    random /= np.sqrt((random**2).sum(axis=-1, keepdims=True))
+    shrink = 1.0 - 2.0**-40
+    cases = [
+        (mixed * limit, np.ones((n, d, p))),
+        (mixed * limit * shrink / math.sqrt(f), np.ones((n, d, p))),
+        (random * limit * shrink, rng.uniform(-LAG_LIMIT, LAG_LIMIT, (n, d, p))),
+    ]
+    for weights, lags in cases:
+        yield {"agents": {"weights": weights, "lags": lags, "signals": np.full((n, d), signal_limit(t, p))},
+               "shared": {"t": np.array(t), "y": np.zeros(d)}}
+
+
+@pytest.mark.parametrize("noise, target", [((0.02, 0.02), 0.0), ((1e30, 1e30), TARGET_LIMIT)])
+@pytest.mark.parametrize("p", [1, 3])
+def test_a_loaded_state_stays_loadable_round_after_round(noise, target, p):
+    """The accepted states are closed under the forecaster's own rounds: whatever load_state_dict takes, the states
+    the forecaster then reaches load again (a copy, a pickle, a checkpoint restore all validate). A bound on each weight
+    entry was not: weights at the limit with mixed signs, lags of 1, and one round later an entry was 1.66 times the
+    next round's limit, so the forecaster could no longer be copied ("This state was not saved by a ClientForecasters").
+    """
+    accepted = 0
+    for t in (10, 10**6, 10**12):
+        fc = ClientForecasters(3, 2, lags=p, noise_range=noise, mu=1.99, seed=t % 97, backend="numpy")
+        for state in _states_at_the_limits(fc, t, np.random.default_rng(t % 89)):
+            before, t_before = fc.state_dict(), fc.t
+            try:
+                fc.load_state_dict(state)
+            except ValueError as exc:  # only the mixed-sign entries at the limit are beyond it: their norm is
+                assert re.match(re.escape("state['source/agents/weights'] must have a Euclidean norm <= "), str(exc))
+                _assert_unchanged(fc, before, t=t_before)
+                continue
+            accepted += 1
+            for sign in (1.0, -1.0, 1.0, 1.0):
+                fc.observe([sign * target, -sign * target])
+                fc.validate_state_dict(fc.state_dict())
+                assert np.isfinite(fc.signals).all()
+    assert accepted >= 6  # the states of norm at the limit are accepted: the check above is not vacuous
+
+
+def test_the_round_counter_stops_at_the_largest_savable_round():
+    """``t`` is saved as an int64: a forecaster at round 2**63 - 1 (a loaded state) refuses the next round, changing
+    nothing, instead of reaching a round no state_dict, copy or checkpoint can hold (OverflowError).
+    """
+    fc = ClientForecasters(3, 1, lags=2, seed=4, backend="numpy")
+    fc.observe(0.3)
+    state = fc.state_dict()
+    state["shared"]["t"] = np.array(2**63 - 2)
+    fc.load_state_dict(state)
+    fc.observe(0.1)  # the last round: 2**63 - 1 is still an int64
+    fc.validate_state_dict(fc.state_dict())
+    before = fc.state_dict()
+    with pytest.raises(ValueError, match=re.escape("round 2**63 - 1")):
+        fc.observe(0.2)
+    _assert_unchanged(fc, before, t=2**63 - 1)

@@ -1,4 +1,5 @@
 """Input checks of the public layer: real dtypes only, sizes checked up front, threads from what the process may use."""
+import argparse
 import os
 import re
 import shutil
@@ -473,6 +474,12 @@ def test_the_cli_takes_the_same_seed_domain():
     from memoa_fast.timeseries import cli
 
     assert cli.RANGES["--seed"][:2] == (0, _validation.SEED_MAX) == (0, 2**63 - 1)
+    seed = next(a for a in cli.build_parser().run_parser._actions if "--seed" in a.option_strings)
+    assert "[0, 2**63 - 1]" in seed.help  # it said "an integer >= 0"
+    assert seed.type("9223372036854775807") == 2**63 - 1
+    for bad in ("-1", "9223372036854775808", "3.0", "True"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape("[0, 9223372036854775807]")):
+            seed.type(bad)
 
 
 @pytest.mark.parametrize("limit", [1e30, 4e32, 123456789.0])
@@ -499,3 +506,30 @@ def test_as_float_array_finds_a_non_finite_entry_anywhere_on_both_sides_of_the_s
             as_float_array("x", arr, (n, 1))
     huge = np.full((n, 1), 1.7e308)
     assert as_float_array("x", huge, (n, 1)) is huge
+
+
+@pytest.mark.parametrize("seed", [np.int64(5), np.uint64(2**63 - 1), np.array(3, dtype=np.int32)])
+def test_run_experiment_records_an_accepted_numpy_seed_as_an_int(seed):
+    # A NumPy seed was accepted but recorded as given: the result's to_json() then raised "not JSON serializable".
+    import json
+
+    result = _seed_takers()["run_experiment"](seed)
+    assert type(result.config["seed"]) is int and result.config["seed"] == int(seed)
+    assert json.loads(result.to_json())["config"]["seed"] == int(seed)
+    from memoa_fast.timeseries import experiment, streams  # the same for the other integer recorded as given, lags
+
+    result = experiment.run_experiment(streams.make_stream("logistic", 12, seed=0), n_clients=2, policies=("memoa",),
+                                       burn_in=2, seed=seed, backend="numpy", threads=1, lags=np.int64(1))
+    assert json.loads(result.to_json())["config"]["lags"] == 1
+
+
+def test_binary_exponent_of_several_arrays_does_not_depend_on_their_order():
+    # A NaN gives 0, as for one array, wherever it stands (Python's max kept a finite top found before it).
+    from memoa_fast._validation import binary_exponent
+
+    cases = [(np.array([4.0]), np.array([np.nan])), (np.array([4.0, 1.0]), np.array([1.0, np.nan]), np.zeros(0)),
+             (np.array([np.inf]), np.array([np.nan])), (np.array([3e300]), np.array([np.inf]))]
+    for arrays in cases:
+        assert binary_exponent(*arrays) == binary_exponent(*arrays[::-1]) == 0
+    assert binary_exponent(np.array([4.0]), np.array([-9.0]), np.zeros(0)) == binary_exponent(np.array([-9.0]), np.array([4.0])) == 4
+    assert binary_exponent(np.array([5e-324]), np.zeros(2)) == -1073  # subnormal: 5e-324 = 0.5 * 2**-1073

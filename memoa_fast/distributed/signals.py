@@ -79,7 +79,14 @@ class NoisyLastValueSignals:
         self.t = 0
 
     def next(self) -> np.ndarray:
-        """The signals of this round, shape (hi - lo, d); the buffer is reused by the next call."""
+        """The signals of this round, shape (hi - lo, d); the buffer is reused by the next call.
+
+        ``ValueError`` (nothing changed) at round ``t = 2**63 - 1``, the last a state can hold (``t`` is saved as an
+        int64; only a loaded state gets there).
+        """
+        if self.t >= 2**63 - 1:
+            raise ValueError(f"this signal source is at round 2**63 - 1 = {self.t}, the last its state can hold (t is "
+                             "saved as an int64): it makes no further round")
         self._noise.noisy_last_value(self.lo, self._key, self.t, self._y, self.sigma, self._out, self.threads)
         self.t += 1
         return self._out

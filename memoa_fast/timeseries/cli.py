@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = run.add_argument_group("run")
     g.add_argument("--seed", type=_number(int, "--seed"), default=D["seed"],
-                   help="seed of the stream and the clients' noise, an integer >= 0 (default 0)")
+                   help="seed of the stream and the clients' noise, an integer in [0, 2**63 - 1] (default 0)")
     g.add_argument("--burn-in", type=_number(int, "--burn-in"), default=None, metavar="ROUNDS",
                    help="rounds left out of the scores, smaller than the rounds (default min(500, rounds/5))")
     g.add_argument("--threads", type=_number(int, "--threads"), default=None,

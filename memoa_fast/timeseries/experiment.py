@@ -482,8 +482,8 @@ def run_experiment(
         "policies": list(policies), "classes": classes, "reclass": reclass,
         "trust_feedforward": trust_feedforward, "trust_power": float(trust_power), "trust_rule": trust_rule,
         "rules": list(rules),
-        "eta": float(eta), "alpha": float(alpha), "seed": seed,
-        "lags": lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
+        "eta": float(eta), "alpha": float(alpha), "seed": forecasters.seed,  # as checked: an int (JSON), not a NumPy one
+        "lags": forecasters.lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
         "backend": backend, "threads": forecasters.threads,
     }
     if scale_fit is not None:

@@ -23,13 +23,14 @@ must be finite with ``|y(t)| <= TARGET_LIMIT = 1e30`` (z-scored streams are
 of order 1; :func:`memoa_fast.streams.load_csv_series` refuses cells that
 would z-score beyond it), and the noise scales are at most ``1e30``. With
 these limits a noisy observation is below about ``1e31``, its features
-below ``1e63``, the NLMS weights below ``1 + mu t max|z|`` (the NLMS update
-never increases the distance to any fixed weight vector by more than
-``mu |z|/|phi|``), so every forecast stays below about ``1e107`` and its
+below ``1e63``, the NLMS weights below ``1 + mu t max|z|`` in Euclidean norm
+(the NLMS update, a relaxed projection, never increases the norm by more
+than ``mu |z|/|phi|``: see :func:`weight_limit`), so every forecast stays below about ``1e107`` and its
 square below ``1e214`` for up to ``10**12`` rounds: no overflow anywhere.
 A saved state (:meth:`ClientForecasters.load_state_dict`, a checkpoint) is
-held to the same bounds (:data:`LAG_LIMIT`, :func:`weight_limit`), so a
-restored forecaster stays finite too.
+held to the same bounds (:data:`LAG_LIMIT`, :func:`weight_limit` on the norm
+of each weight vector), which the rounds keep, so a restored forecaster stays
+finite and its later states load too.
 
 **Backends.** ``numba`` (the default) runs the compiled kernels of
 ``memoa_fast.kernels._forecast_numba``; ``numpy`` and ``cython`` run the
@@ -74,19 +75,32 @@ LAG_LIMIT = 100 * TARGET_LIMIT
 
 
 def weight_limit(t: int) -> float:
-    """Largest ``|w|`` (each weight) of a forecaster saved after ``t`` rounds: ``1 + 2 t LAG_LIMIT``.
+    """Largest Euclidean norm ``|w|`` of a client's weights of one coordinate (``2 p + 1`` numbers) after ``t`` rounds.
 
-    The weights start as persistence (``|w(0)| = 1``) and the NLMS update, a
-    relaxed projection (``0 < mu < 2``), moves them by at most
-    ``mu |z| / |phi| <= 2 LAG_LIMIT`` a round (``|phi| >= 1``), so no reachable
-    state has a weight beyond this; it is at most ``1.9e51`` (``t < 2**63``).
+    ``1 + 2 t LAG_LIMIT``. The weights start as persistence (``|w(0)| = 1``)
+    and the NLMS update, a relaxed projection (``0 < mu < 2``), changes ``w``
+    only along ``phi``, where it maps the component ``a`` to ``(1 - mu) a + mu
+    z / |phi|``: the norm grows by at most ``mu |z| / |phi| <= 2 LAG_LIMIT`` a
+    round (``|phi| >= 1``). So no reachable state has a norm beyond this, and a
+    state within it stays within it round after round (the new ``z`` is a
+    reachable observation, ``|z| < 1.5e31``; the margin of ``1.7e32`` a round
+    also covers the rounding of the update, about ``1e-16 |w|``, while ``t <
+    10**15``). It is at most ``1.9e51`` (``t < 2**63``). A bound
+    on each entry would not be kept: entries of ``weight_limit(t)`` with mixed
+    signs (lags of 1) give an entry of ``(1 + mu (2p-1)/(2p+1)) weight_limit(t)`` one
+    round later.
     """
     return 1.0 + 2.0 * float(t) * LAG_LIMIT
 
 
 def signal_limit(t: int, lags: int) -> float:
-    """Largest ``|s|`` of a saved forecast: ``(2 p + 1) weight_limit(t) LAG_LIMIT**2`` (each feature is at most ``LAG_LIMIT**2``)."""
+    """Largest ``|s|`` of a saved forecast: ``(2 p + 1) weight_limit(t) LAG_LIMIT**2``.
+
+    ``|s| = |w^T phi| <= |w| |phi|`` and ``|phi| <= (2 p + 1) LAG_LIMIT**2`` (each feature is at most ``LAG_LIMIT**2``).
+    """
     return (2 * lags + 1) * weight_limit(t) * LAG_LIMIT**2
+
+
 #: Largest accepted noise scale.
 NOISE_LIMIT = 1e30
 
@@ -293,10 +307,15 @@ class ClientForecasters:
         ValueError
             ``y`` is not finite or ``|y| > 1e30`` somewhere; nothing is
             changed (no noise drawn, no weight learned, the round counter
-            stays), so the caller may skip the value or stop.
+            stays), so the caller may skip the value or stop. Also (nothing
+            changed) at round ``t = 2**63 - 1``, the last a state can hold
+            (``t`` is saved as an int64; only a loaded state gets there).
         """
         y = check_target("y", y, self.dim)
         with self._exclusive:
+            if self.t >= _LAST_ROUND:
+                raise ValueError(f"this forecaster is at round 2**63 - 1 = {_LAST_ROUND}, the last its state can hold "
+                                 "(t is saved as an int64): it observes no further round")
             self._y[...] = y
             self._draw_noise()
             self._kernels.forecast_step(
@@ -344,9 +363,13 @@ class ClientForecasters:
         The magnitudes are those a forecaster can reach (module docstring,
         "Magnitudes"), so that a restored one stays finite: ``|y| <=
         TARGET_LIMIT`` (``1e30``, the last target), every lag ``|z| <=
-        LAG_LIMIT`` (``1e32``), every weight ``|w| <= weight_limit(t) = 1 + 2 t
-        LAG_LIMIT`` and every forecast ``|s| <= signal_limit(t, p) = (2 p + 1)
-        weight_limit(t) LAG_LIMIT**2``. Within them the next rounds cannot
+        LAG_LIMIT`` (``1e32``), the Euclidean norm of every client's weights of
+        one coordinate ``|w| <= weight_limit(t) = 1 + 2 t LAG_LIMIT`` (so every
+        entry too) and every forecast ``|s| <= signal_limit(t, p) = (2 p + 1)
+        weight_limit(t) LAG_LIMIT**2``. Every state a forecaster reaches is
+        within them, and so is every state it reaches from one within them
+        (see :func:`weight_limit`): what this accepts, a copy of it, later,
+        accepts again. Within them the next rounds cannot
         overflow: features at most ``1e64``, ``|phi|^2`` at most ``(2p+1)
         1e128``, forecasts and errors at most ``(2p+1) 1.9e115`` and their
         squares (the scores) far below ``1.8e308`` for any ``p`` that fits in
@@ -363,10 +386,12 @@ class ClientForecasters:
         for key, arr, limit, why in (
             ("shared/y", shared["y"], TARGET_LIMIT, "the last target, checked as every target"),
             ("agents/lags", agents["lags"], LAG_LIMIT, "a lag is a noisy observation of a target"),
-            ("agents/weights", agents["weights"], weight_limit(t), f"the NLMS weights reach at most 1 + 2 t LAG_LIMIT after t={t} rounds"),
+            ("agents/weights", agents["weights"], weight_limit(t),
+             f"each is within its weight vector's norm, at most 1 + 2 t LAG_LIMIT after t={t} rounds"),
             ("agents/signals", agents["signals"], signal_limit(t, p), f"a forecast is at most (2p+1) weight_limit(t) LAG_LIMIT**2, t={t}"),
         ):
-            check_bounded(f"state['source/{key}']", arr, limit, why, advice="This state was not saved by a ClientForecasters.")
+            check_bounded(f"state['source/{key}']", arr, limit, why, advice=_NOT_SAVED)
+        _check_weight_norms(agents["weights"], weight_limit(t), t)  # entries within the limit: no square overflows
         return clean
 
     def load_state_dict(self, state: dict) -> None:
@@ -533,6 +558,27 @@ def _rebuild_squared_errors(n_clients, dim, config, arrays):
     return scorer
 
 
+_NOT_SAVED = "This state was not saved by a ClientForecasters."
+
+#: The last round counter a state can hold (``state_dict`` saves ``t`` as an int64).
+_LAST_ROUND = 2**63 - 1
+
+
+def _check_weight_norms(weights: np.ndarray, limit: float, t: int) -> None:
+    """``ValueError`` unless every client's weights of one coordinate, ``weights[i, c]``, have Euclidean norm <= ``limit``.
+
+    ``weights`` is finite with every entry within ``limit`` (``<= 1.9e51``): the squares cannot overflow.
+    """
+    norms = np.sqrt(np.einsum("ndf,ndf->nd", weights, weights))
+    if not (norms <= limit).all():
+        i, c = (int(k) for k in np.argwhere(~(norms <= limit))[0])
+        raise ValueError(
+            f"state['source/agents/weights'] must have a Euclidean norm <= {limit:g} for every client and coordinate "
+            f"(the NLMS weights start at norm 1 and move by at most 2 LAG_LIMIT a round: 1 + 2 t LAG_LIMIT after t={t} "
+            f"rounds); got {float(norms[i, c])!r} for client {i}, coordinate {c}. {_NOT_SAVED}"
+        )
+
+
 def check_target(name: str, value, dim: int) -> np.ndarray:
     """``value`` as a (dim,) float64 array, finite with every ``|entry| <= TARGET_LIMIT``, else ValueError."""
     return as_target_array(name, value, (dim,))
@@ -571,7 +617,7 @@ class ForecasterSignals:
     lo, hi : int
         The clients served; ``lo`` a multiple of 4096 (shards always are).
     seed : int
-        Seed of every draw.
+        Seed of every draw, an integer in ``[0, 2**63 - 1]`` (as for ``ClientForecasters``).
     dim : int, default 1
         Dimension d of the stream.
     threads : int, default 1
