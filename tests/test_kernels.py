@@ -28,6 +28,7 @@ from helpers import (
     EDGE_N,
     LARGE_N,
     assert_close,
+    assert_server_step,
     classes,
     invalidate_rows,
     kernel_backends,
@@ -325,7 +326,7 @@ def _step_magnitude(x, y, yhat, rule, eta):
             loss = 2.0 * (np.abs(x) @ np.abs(yhat - y))
         else:
             loss = ((np.abs(x) + np.abs(y)) ** 2).sum(1)
-        return np.minimum(eta * loss, 1e300)
+        return np.minimum(eta * loss, _reference.STEP_LIMIT)  # an overflowing step is applied as the largest double
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -391,6 +392,30 @@ def test_server_weights_stay_normalised_for_any_loss(backend, seed, k, d, rule, 
             assert_close(got, np.full(n, -np.log(n)), 1.0, "tied losses keep uniform weights (issue 8 item 1)")
         log_p = got
         x = rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=seeds, n=st.sampled_from([3, CHUNK + 5, 2 * CHUNK + 1]), rule=st.sampled_from(["hedge", "eg"]),
+       alpha=st.sampled_from([0.0, 0.01]), log_step=st.floats(295.0, 309.0), spread=st.sampled_from([0.01, 1.0, 20.0]))
+def test_server_kernels_rank_steps_up_to_the_largest_double(backend, data, seed, n, rule, alpha, log_step, spread):
+    """Steps of 10^(log_step - spread) .. 10^log_step (past the largest double: overflow), eg's of both signs,
+    over several chunks (chunk tops of +-1.8e308: top_c - top and log p - top overflow to -inf, never NaN), 1 or 2
+    threads: MODEL.md's update in exact arithmetic to the rounding of each step (:func:`helpers.assert_server_step`)."""
+    mod = _reference if backend == "reference" else BACKENDS[backend]
+    threads = 1 if backend == "reference" else _threads(data, backend)
+    rng = np.random.default_rng(seed)
+    lay = layout(1, 1)
+    e = log_step - rng.uniform(0.0, spread, (n, 1))
+    if rule == "eg":  # g_i = 2 (yhat - y) x_i = x_i, of either sign
+        x, y, yhat = rng.choice([-1.0, 1.0], (n, 1)) * np.minimum(10.0**e, 1.7e308), np.zeros(1), np.full(1, 0.5)
+    else:
+        x, y, yhat = 10.0 ** (e / 2), np.zeros(1), np.zeros(1)
+    log_p = log_weights(rng, n, 5.0)
+    got = log_p.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        mod.mixture_update(got, x, y, yhat, 0 if rule == "eg" else 1, 1.0, alpha, new_work(n, lay), lay, threads)
+    assert_server_step(log_p, x, y, yhat, rule, 1.0, alpha, got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
