@@ -401,7 +401,8 @@ def test_server_weights_stay_normalised_for_any_loss(backend, seed, k, d, rule, 
 def test_server_kernels_rank_steps_up_to_the_largest_double(backend, data, seed, n, rule, alpha, log_step, spread):
     """Steps of 10^(log_step - spread) .. 10^log_step (past the largest double: overflow), eg's of both signs,
     over several chunks (chunk tops of +-1.8e308: top_c - top and log p - top overflow to -inf, never NaN), 1 or 2
-    threads: MODEL.md's update in exact arithmetic to the rounding of each step (:func:`helpers.assert_server_step`)."""
+    threads: MODEL.md's update in exact arithmetic to the rounding of each step (:func:`helpers.assert_server_step`).
+    """
     mod = _reference if backend == "reference" else BACKENDS[backend]
     threads = 1 if backend == "reference" else _threads(data, backend)
     rng = np.random.default_rng(seed)
