@@ -601,11 +601,12 @@ def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
 
 
 def _secular_classes(k, e, a, qw, beta, pi):
-    """``(A, roots)`` from the K roots of the secular equation, or None where its brackets fail (tied ``1 - k_j``).
+    """``(A, roots)`` from the K roots of the secular equation, or None where its brackets fail.
 
     The stable eigenvalues of ``A`` are the roots in (0, 1) of
     ``g(lam) = sum_j pi_j beta_j lam / ((lam - e_j)(1 - a_j lam)) = 1`` (``e = 1 - k``), one between each two
-    neighbouring distinct poles ``e_j`` and one in ``(max e_j, 1)``: ``g - 1`` goes from ``+inf`` to ``-inf``
+    neighbouring distinct poles ``e_j`` and one in ``(max e_j, 1)``, and each pole shared by m classes,
+    m - 1 times: ``g - 1`` goes from ``+inf`` to ``-inf``
     there (and ``g(1) = sum_j pi_j k_j kappa_j / ((1 - e_j) w_j) < 1`` when some ``q_j > 0``). ``g - 1`` is
     evaluated without the cancellation of ``1 - sum_j pi_j beta_j`` (which may be 1e-14 when every ``beta_j``
     is about 1), as
@@ -621,8 +622,8 @@ def _secular_classes(k, e, a, qw, beta, pi):
     of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))`` (the stable mode
     of the pencil with ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``.
     """
-    poles = np.sort(e)
-    if not (poles[0] >= 0.0 and (np.diff(poles) > 0.0).all() and poles[-1] < 1.0):
+    poles, first, group = np.unique(e, return_index=True, return_inverse=True)
+    if not (poles[0] >= 0.0 and poles[-1] < 1.0):
         return None
     lo = poles.copy()
     hi = np.append(poles[1:], 1.0)
@@ -651,6 +652,16 @@ def _secular_classes(k, e, a, qw, beta, pi):
         X = beta[:, None] * roots[None, :] / ((roots[None, :] - e[:, None]) * (1.0 - a[:, None] * roots[None, :]))
     if not np.isfinite(X).all():
         return None
+    # Classes with the same 1 - k_j (same pole): the pole itself is an eigenvalue, once less than the classes
+    # sharing it, with the eigenvectors d on those classes with pi'd = 0 (then Phi = 0): d = e_j0/pi_j0 - e_j/pi_j.
+    tied = [j for j in range(e.shape[0]) if j != first[group[j]]]
+    if tied:
+        extra = np.zeros((e.shape[0], len(tied)))
+        for col, j in enumerate(tied):
+            j0 = first[group[j]]
+            extra[j0, col], extra[j, col] = 1.0 / pi[j0], -1.0 / pi[j]
+        X = np.hstack([X, extra])
+        roots = np.append(roots, e[tied])
     try:
         A = np.linalg.solve(X.T, (X * roots[None, :]).T).T
     except np.linalg.LinAlgError:
