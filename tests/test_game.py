@@ -400,8 +400,9 @@ def test_ill_conditioned_direct_solve_finds_the_secular_root():
 
 
 def secular_roots(q, kappa, r, gamma, shares):
-    """Every root in (0, 1) of the secular equation above (one per gap between the sorted poles 1 - k_j, and one in
-    (max 1 - k_j, 1)), bisected in 90 digits; None where a bracket does not change sign (no stable equilibrium).
+    """Every root in (0, 1) of the secular equation above (one per gap between the sorted distinct poles 1 - k_j, one
+    in (max 1 - k_j, 1), and a pole shared by m classes m - 1 times), bisected in 90 digits; None where a bracket
+    does not change sign (no stable equilibrium).
     """
     g = [solve_gains(qj, kj, rj, gamma) for qj, kj, rj in zip(q, kappa, r)]
     with localcontext() as ctx:
@@ -414,8 +415,8 @@ def secular_roots(q, kappa, r, gamma, shares):
         def f(lam):
             return sum(p * b * lam / ((lam - ej) * (1 - aj * lam)) for p, b, ej, aj in zip(pi, beta, e, a)) - 1
 
-        poles = sorted(e)
-        roots = []
+        poles = sorted(set(e))
+        roots = [float(p) for p in poles for _ in range(e.count(p) - 1)]
         for lo, hi in zip(poles, [*poles[1:], Decimal(1)]):
             lo, hi = lo + (hi - lo) * Decimal("1e-60"), hi - (hi - lo) * Decimal("1e-60")
             if not f(lo) > 0 > f(hi):
@@ -456,6 +457,21 @@ def test_direct_solve_finds_every_secular_root(seed, K, gamma, ill):
     assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (eq.method, got, want)
     if not ill:
         assert eq.method == "qz"
+
+
+@pytest.mark.parametrize("args, method", [
+    (([1e-4, 0.0, 2e-4], [1e12] * 3, [1e-10] * 3, 0.5, [0.3, 0.3, 0.4]), "secular"),  # one pole 2e-22 for all three
+    (([1e-4, 3e-4, 2e-4, 1e-3], [1e12, 1e12, 4e13, 4e13], [1e-10, 1e-10, 3e-9, 3e-9], 0.9, [0.1, 0.2, 0.3, 0.4]), "secular"),
+    (([2.0, 0.5, 1.0], [1.0, 2.5, 2.0], [0.3] * 3, 0.9, [0.2, 0.5, 0.3]), "qz"),  # w/r the same: ordinary, tied
+])
+def test_classes_sharing_a_pole_are_solved(args, method):
+    # Classes with the same w/r share 1 - k_j: that pole is an eigenvalue of A (m - 1 times for m classes); the secular
+    # solve deflates it. In the ill-conditioned regime (1 - k near 1e-22) only it finds the largest root.
+    eq = solve_classes(*args)
+    want = secular_roots(*args)
+    got = np.sort(np.abs(np.linalg.eigvals(eq.A)))
+    assert eq.method == method
+    assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (got, want)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 1.0])
