@@ -54,8 +54,9 @@ class Server:
     Only a step whose computation overflows (``g_i`` or ``eta g_i`` beyond
     the largest double, or eg's ``inf - inf``) is clipped, to the largest
     double ``1.8e308`` (``-1.8e308`` for ``-inf``): such a client's weight
-    becomes 0 beside any client whose step is at most half that, and clients
-    whose steps all overflow tie (their previous weights are forgotten). The
+    becomes 0 beside any client with a nonzero weight whose step is at most
+    half that, and clients whose steps all overflow tie (their previous
+    weights are forgotten). The
     log-weights are rounded to the precision of the steps: with steps near
     ``1e20`` their differences below about ``1e4`` are lost. So the weights
     always sum to 1 (within rounding) and are never NaN, whatever finite
