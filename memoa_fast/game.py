@@ -604,18 +604,17 @@ def _secular_classes(k, e, a, qw, beta, pi):
     """``(A, roots)`` from the K roots of the secular equation, or None where its brackets fail.
 
     The stable eigenvalues of ``A`` are the roots in (0, 1) of
-    ``g(lam) = sum_j pi_j beta_j lam / ((lam - e_j)(1 - a_j lam)) = 1`` (``e = 1 - k``), one between each two
-    neighbouring distinct poles ``e_j`` and one in ``(max e_j, 1)``, and each pole shared by m classes,
-    m - 1 times: ``g - 1`` goes from ``+inf`` to ``-inf``
-    there (and ``g(1) = sum_j pi_j k_j kappa_j / ((1 - e_j) w_j) < 1`` when some ``q_j > 0``). ``g - 1`` is
-    evaluated without the cancellation of ``1 - sum_j pi_j beta_j`` (which may be 1e-14 when every ``beta_j``
-    is about 1), as
+    ``g(lam) = sum_j pi_j beta_j lam / ((lam - e_j)(1 - a_j lam)) = 1`` (``e = 1 - k``): one between each two
+    neighbouring distinct poles ``e_j`` and one in ``(max e_j, 1)`` (``g - 1`` goes from ``+inf`` to ``-inf``
+    across each such bracket, and ``g(1) = sum_j pi_j k_j kappa_j / ((1 - e_j) w_j) < 1`` when some
+    ``q_j > 0``), and a pole shared by m classes, m - 1 times. ``g - 1`` is evaluated without the
+    cancellation of ``1 - sum_j pi_j beta_j`` (which may be 1e-14 when every ``beta_j`` is about 1), as
 
     .. math::
 
-        g(\lambda) - 1 = \sum_j \pi_j \frac{e_j - \lambda(\epsilon_j + a_j e_j) + a_j\lambda^2}
-        {(\lambda - e_j)(1 - a_j\lambda)} + \Big(\sum_j \pi_j - 1\Big),\qquad
-        \epsilon_j = 1 - \beta_j = (1 - k_j) + k_j a_j + k_j (1 - a_j) \frac{q_j}{w_j},
+        g(\\lambda) - 1 = \\sum_j \\pi_j \\frac{e_j - \\lambda(\\epsilon_j + a_j e_j) + a_j\\lambda^2}
+        {(\\lambda - e_j)(1 - a_j\\lambda)} + \\Big(\\sum_j \\pi_j - 1\\Big),\\qquad
+        \\epsilon_j = 1 - \\beta_j = (1 - k_j) + k_j a_j + k_j (1 - a_j) \\frac{q_j}{w_j},
 
     a sum of positive terms (``1 - k_j`` from the float ``k_j``, exact for ``k_j >= 1/2``). Each root is
     bisected to the last bit (geometric steps while its bracket spans more than a factor 4). The eigenvector
