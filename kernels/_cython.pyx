@@ -64,6 +64,7 @@ The kernels trust their inputs: C-contiguous float64 arrays, int64 labels in
 ``[0, K)``, shapes as the reference documents (checked by the caller).
 """
 from cython.parallel cimport prange
+from libc.float cimport DBL_MAX
 from libc.math cimport INFINITY, fabs, isfinite, log, log1p, exp
 from libc.stdint cimport int64_t
 cimport openmp
@@ -208,7 +209,8 @@ cdef extern from *:
         }
     }
 
-    /* log_p[k] -= clip(eta (scale loss[k])) (NaN or over limit -> limit, under -limit -> -limit) when eta != 0;
+    /* log_p[k] -= clip(eta (scale loss[k])) (NaN or over limit -> limit, under -limit -> -limit; limit = DBL_MAX: only
+       an overflow is clipped) when eta != 0;
        then mx[k] = max(mx[k], log_p[k]). */
     MEMOA_CLONES static void memoa_step(ptrdiff_t nr, double *MEMOA_R lp, const double *MEMOA_R loss, double eta,
                                         double scale, double limit, double *MEMOA_R mx) {
@@ -525,7 +527,7 @@ cdef enum:
     _COPIES_MAX_K = 64
 
 cdef double _SIGNAL_LIMIT = 1e50
-cdef double _STEP_LIMIT = 1e300
+cdef double _STEP_LIMIT = DBL_MAX  # only an overflowing step is clipped (see _layout.STEP_LIMIT)
 # Below this alpha / N the fixed share keeps the scalar logaddexp form (subnormal sums would lose bits).
 cdef double _SHARE_FLOOR_MIN = 1e-290
 

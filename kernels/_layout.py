@@ -59,11 +59,14 @@ RULE_EG, RULE_HEDGE = 0, 1
 # is finite for every float64 input.
 SIGNAL_LIMIT = 1e50
 
-# The largest |eta * loss| one server update applies: a larger (or
-# overflowing) step is clipped to it, which still sends that client's weight
-# to 0 next to any client with an ordinary loss, and keeps every log-weight
-# finite or -inf (never NaN).
-STEP_LIMIT = 1e300
+# The largest |eta * loss| one server update applies: the largest finite
+# double, so only a step that overflows is clipped (+-inf to +-STEP_LIMIT, and
+# NaN, an inf - inf in eg's dot product, to +STEP_LIMIT). Every finite step is
+# applied as it is, so any finite steps keep their order (MODEL.md section 5:
+# the smallest step keeps the weight however large all the steps are), and
+# ``log p_i - step_i`` stays in [-inf, STEP_LIMIT], never NaN: the largest
+# log-weight before a step is >= -log N, so the largest after it is finite.
+STEP_LIMIT = 1.7976931348623157e308  # sys.float_info.max
 
 
 def padded(d: int) -> int:

@@ -1223,7 +1223,10 @@ def _predict_parallel(log_p, x, work, lay, out):
 
 @njit(**_jit)
 def _clip_step(v):
-    """``eta * loss`` clipped to ``[-STEP_LIMIT, STEP_LIMIT]``; NaN (an overflow, inf - inf) becomes ``STEP_LIMIT``."""
+    """``eta * loss`` clipped to ``[-STEP_LIMIT, STEP_LIMIT]``, the finite doubles (only +-inf is clipped).
+
+    NaN (an overflow, inf - inf) becomes ``STEP_LIMIT``.
+    """
     if v > STEP_LIMIT or v != v:
         return STEP_LIMIT
     return -STEP_LIMIT if v < -STEP_LIMIT else v

@@ -9,7 +9,7 @@ Pass A (needs ``y(t)``)
 
 1. if ``reweight``: the server's update on ``x(t)``, ``log p_i -= clip(eta
    loss_i)`` with ``loss_i = |x_i(t) - y(t)|^2`` (hedge) or
-   ``2 <yhat(t) - y(t), x_i(t)>`` (eg), the clip of :data:`STEP_LIMIT` as in
+   ``2 <yhat(t) - y(t), x_i(t)>`` (eg), an overflow clipped to :data:`STEP_LIMIT` as in
    :func:`memoa_fast.kernels._reference.mixture_reweight`;
 2. if ``record``: ``sq_err_i += |x_i(t) - y(t)|^2`` and ``sq_sig_i +=
    |s_i(t-1) - y(t)|^2`` (the raw forecasts' errors), with their totals;
@@ -210,10 +210,12 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
                 loss = 2.0 * (x @ (yhat - y)) if rule == RULE_EG else err
                 step = eta * loss
             step = np.where(np.isnan(step), STEP_LIMIT, step)
-            log_p -= np.clip(step, -STEP_LIMIT, STEP_LIMIT)
+            with np.errstate(over="ignore"):  # to -inf (a zero weight) beside a step near 1.8e308: never NaN
+                log_p -= np.clip(step, -STEP_LIMIT, STEP_LIMIT)
         top = log_p.max()
         stats[S_TOP] = top
-        stats[S_LOG_TOTAL] = np.log(np.exp(log_p - top).sum()) if np.isfinite(top) else 0.0
+        with np.errstate(over="ignore"):
+            stats[S_LOG_TOTAL] = np.log(np.exp(log_p - top).sum()) if np.isfinite(top) else 0.0
     # the forecasters: forecast_step on structure-of-arrays buffers
     eps = normals(key, int(flags[F_FIRST]), t, n, d)
     z = y[None, :] + sigma[:, None] * eps
@@ -240,7 +242,8 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
         top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
         if not np.isfinite(top):
             top, log_total = 0.0, 0.0
-        log_p -= top
+        with np.errstate(over="ignore"):  # log p - top may overflow to -inf: a zero weight
+            log_p -= top
         log_p -= log_total
         alpha = params[P_ALPHA]
         if alpha == 1.0:

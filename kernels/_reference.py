@@ -181,6 +181,13 @@ def mixture_predict(log_p, x, work, lay, out, threads):
 
 
 def _steps(log_p, x, y, yhat, rule, eta):
+    """The server steps ``eta loss_i``, only overflows clipped (see :data:`STEP_LIMIT`).
+
+    A finite step is applied as it is (``|step| <= STEP_LIMIT``, the largest
+    double), so finite steps keep their order however large they are; ``+-inf``
+    becomes ``+-STEP_LIMIT`` and NaN (``inf - inf`` in eg's dot product, an
+    overflow of either sign) ``+STEP_LIMIT``.
+    """
     if eta == 0.0:
         return np.zeros(log_p.shape[0])
     with np.errstate(over="ignore", invalid="ignore"):
@@ -193,24 +200,27 @@ def _steps(log_p, x, y, yhat, rule, eta):
 def mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads):
     """``log_p_i -= clip(eta loss_i)`` in place; each chunk's log-sum-exp pieces go to ``work``.
 
+    ``clip`` only maps an overflow to the largest double (see :func:`_steps`).
     ``eg``: ``loss_i = 2 <yhat - y, x_i>``; ``hedge``: ``loss_i = |x_i - y|^2``.
     Row ``c`` gets ``lse_top`` = the chunk's largest stepped log-weight and
     ``lse_sum`` = ``sum exp(log_p_i - lse_top)`` over the chunk (``-inf`` and 0
     when every weight of the chunk is 0).
     """
-    log_p -= _steps(log_p, x, y, yhat, rule, eta)
-    n = log_p.shape[0]
-    for c in range(work.shape[0]):
-        seg = log_p[c * CHUNK:min((c + 1) * CHUNK, n)]
-        top = seg.max()
-        work[c, lay.lse_top] = top
-        work[c, lay.lse_sum] = np.exp(seg - top).sum() if np.isfinite(top) else 0.0
+    with np.errstate(over="ignore"):  # log p - step, and that - top, may overflow to -inf (a zero weight): never NaN
+        log_p -= _steps(log_p, x, y, yhat, rule, eta)
+        n = log_p.shape[0]
+        for c in range(work.shape[0]):
+            seg = log_p[c * CHUNK:min((c + 1) * CHUNK, n)]
+            top = seg.max()
+            work[c, lay.lse_top] = top
+            work[c, lay.lse_sum] = np.exp(seg - top).sum() if np.isfinite(top) else 0.0
 
 
 def merge_log_sum_exp(work, lay):
     """``(top, log_total)`` with ``log sum_i exp(log_p_i) = top + log_total``, from the chunk pieces."""
     top = work[:, lay.lse_top].max()
-    total = (work[:, lay.lse_sum] * np.exp(work[:, lay.lse_top] - top)).sum()
+    with np.errstate(over="ignore"):  # top_c - top may overflow to -inf (with top_c, steps of both signs near 1.8e308)
+        total = (work[:, lay.lse_sum] * np.exp(work[:, lay.lse_top] - top)).sum()
     return float(top), float(np.log(total))
 
 
@@ -221,7 +231,8 @@ def mixture_share(log_p, top, log_total, alpha, n_total, threads):
     log-weights are large and nearly tied. ``n_total`` is the whole
     population's N (a Dask shard holds a slice of it).
     """
-    log_p -= top
+    with np.errstate(over="ignore"):  # log p - top may overflow to -inf: a zero weight
+        log_p -= top
     log_p -= log_total
     if alpha == 1.0:
         log_p[:] = -np.log(n_total)

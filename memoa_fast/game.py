@@ -159,7 +159,7 @@ class ClassEquilibrium:
         Fixed-point steps taken (0 for the direct solution, ``method="qz"``,
         and for the closed form at K = 1).
     method : str
-        ``"closed-form"`` (K = 1), ``"qz"`` or ``"iterate"``.
+        ``"closed-form"`` (K = 1), ``"qz"``, ``"secular"`` or ``"iterate"`` (see :func:`solve_classes`).
     """
 
     P: np.ndarray
@@ -443,7 +443,14 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
     (backward stable; residual ``|F(A) - A|`` about 1e-16 for K up to 64). When a class's ``1 - k_j``
     is within a few ulps of 1 (``k_j`` about 1e-16: an eigenvalue ``1 - 1e-16``) the ordering can pick the
     wrong subspace; a result that fails the checks (spectral radius < 1, residual <= 1e-10) then falls back
-    to the iteration below, and the result says ``method="iterate"``.
+    to the iteration below, and the result says ``method="iterate"``. The pencil is formed in float64, where
+    ``beta_j ~ 1`` has lost ``1 - beta_j``: when ``1 - sum_j pi_j beta_j`` is near 1e-14 and the ``1 - k_j``
+    near 1e-19, its stable eigenvalues are wrong (6.6e-20 and 1.8e-12 for 6.1e-6), though the residual is
+    1e-20. So the K roots of the secular equation are also found, each by bisection in its bracket with
+    ``g - 1`` evaluated without that cancellation (:func:`_secular_classes`); when ``A``'s eigenvalues differ
+    from them by more than 1e-9 of the largest, ``A = X diag(lam) X^{-1}`` from the roots' eigenvectors
+    replaces it (``method="secular"``), as it does where QZ and the iteration both fail. Ordinary weights
+    keep QZ's result bit for bit.
     ``method="iterate"``: the plain iteration ``A <- F(A)`` from
     ``diag(1 - k_j)`` (linear convergence; 30-60 steps to 1e-15 for ordinary
     weights, slower when ``q_j/w_j`` is small and gamma near 1).
@@ -459,6 +466,7 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
         Class shares ``pi_j > 0`` summing to 1 (within 1e-12); default equal.
         K is the common length of the sequences among ``q, kappa, r, shares``.
     method : {"qz", "iterate"}
+        ``"qz"``: the direct solve (checked against the secular roots, see above).
     tol : float, default 1e-14
         ``method="iterate"``: stop when the estimated error left,
         ``change * ratio / (1 - ratio)`` (``change = max |A^{n+1} - A^n|``,
@@ -524,6 +532,7 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
     beta = k * oma * kw
     iterations = 0
     if method == "qz":
+        secular = _secular_classes(k, e, a, qw, beta, shares)
         try:
             A, radius = _solve_qz(e, a, beta, shares, q, kappa, r, gamma)
             FA, V = _fixed_point_map(A, e, a, beta, shares)
@@ -531,13 +540,27 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
             _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
         except ValueError as qz_error:
             # The pencil's ordering breaks down when a class's 1 - k_j is within a few ulps of 1 (an eigenvalue
-            # 1 - 1e-16 next to the unit circle): then the iteration, which converges there, decides.
+            # 1 - 1e-16 next to the unit circle): then the iteration, which converges there, decides; where it
+            # does not converge (1 - sum_j pi_j beta_j near 1e-14), the secular roots.
             try:
                 A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
                 _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
+                method = "iterate"
             except ValueError:
-                raise qz_error from None  # neither solved it: the direct solve's error
-            method = "iterate"
+                try:
+                    A, V, radius, residual = _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares)
+                except ValueError:
+                    raise qz_error from None  # none solved it: the direct solve's error
+                method = "secular"
+        else:
+            if secular is not None and not _same_spectrum(A, secular[1]):
+                # The pencil, formed in float64, lost an eigenvalue (1 - sum_j pi_j beta_j near 1e-14 with 1 - k_j
+                # near 1e-19): the roots of the secular equation, evaluated without that cancellation, decide.
+                try:
+                    A, V, radius, residual = _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares)
+                    method = "secular"
+                except ValueError:
+                    pass  # the secular A fails the checks: the direct solve stands
     else:
         A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
         _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
@@ -575,6 +598,94 @@ def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
     residual = float(np.max(np.abs(FA - A)))
     radius = float(np.max(np.abs(np.linalg.eigvals(A)))) if np.isfinite(A).all() else np.inf
     return A, V, radius, residual, iterations
+
+
+def _secular_classes(k, e, a, qw, beta, pi):
+    """``(A, roots)`` from the K roots of the secular equation, or None where its brackets fail.
+
+    The stable eigenvalues of ``A`` are the roots in (0, 1) of
+    ``g(lam) = sum_j pi_j beta_j lam / ((lam - e_j)(1 - a_j lam)) = 1`` (``e = 1 - k``): one between each two
+    neighbouring distinct poles ``e_j`` and one in ``(max e_j, 1)`` (``g - 1`` goes from ``+inf`` to ``-inf``
+    across each such bracket, and ``g(1) = sum_j pi_j k_j kappa_j / ((1 - e_j) w_j) < 1`` when some
+    ``q_j > 0``), and a pole shared by m classes, m - 1 times. ``g - 1`` is evaluated without the
+    cancellation of ``1 - sum_j pi_j beta_j`` (which may be 1e-14 when every ``beta_j`` is about 1), as
+
+    .. math::
+
+        g(\\lambda) - 1 = \\sum_j \\pi_j \\frac{e_j - \\lambda(\\epsilon_j + a_j e_j) + a_j\\lambda^2}
+        {(\\lambda - e_j)(1 - a_j\\lambda)} + \\Big(\\sum_j \\pi_j - 1\\Big),\\qquad
+        \\epsilon_j = 1 - \\beta_j = (1 - k_j) + k_j a_j + k_j (1 - a_j) \\frac{q_j}{w_j},
+
+    a sum of positive terms (``1 - k_j`` from the float ``k_j``, exact for ``k_j >= 1/2``). Each root is
+    bisected to the last bit (geometric steps while its bracket spans more than a factor 4). The eigenvector
+    of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))`` (the stable mode
+    of the pencil with ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``.
+    """
+    poles, first, group = np.unique(e, return_index=True, return_inverse=True)
+    if not (poles[0] >= 0.0 and poles[-1] < 1.0):
+        return None
+    lo = poles.copy()
+    hi = np.append(poles[1:], 1.0)
+    eps = (1.0 - k) + k * a + k * (1.0 - a) * qw
+    share_gap = math.fsum([*pi.tolist(), -1.0])
+
+    def g_minus_one(lam):
+        L = lam[:, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            terms = pi * (e - L * (eps + a * e) + a * L * L) / ((L - e) * (1.0 - a * L))
+        return terms.sum(axis=1) + share_gap
+
+    if not (g_minus_one(np.array([1.0]))[0] < 0.0):
+        return None
+    for _ in range(400):
+        geometric = (lo > 0.0) & (hi > 4.0 * lo)
+        mid = np.where(geometric, np.sqrt(lo) * np.sqrt(hi), lo + 0.5 * (hi - lo))
+        done = (mid <= lo) | (mid >= hi)
+        if done.all():
+            break
+        up = g_minus_one(mid) > 0.0
+        lo = np.where(~done & up, mid, lo)
+        hi = np.where(~done & ~up, mid, hi)
+    roots = 0.5 * (lo + hi)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        X = beta[:, None] * roots[None, :] / ((roots[None, :] - e[:, None]) * (1.0 - a[:, None] * roots[None, :]))
+    if not np.isfinite(X).all():
+        return None
+    # Classes with the same 1 - k_j (same pole): the pole itself is an eigenvalue, once less than the classes
+    # sharing it, with the eigenvectors d on those classes with pi'd = 0 (then Phi = 0): d = e_j0/pi_j0 - e_j/pi_j.
+    tied = [j for j in range(e.shape[0]) if j != first[group[j]]]
+    if tied:
+        extra = np.zeros((e.shape[0], len(tied)))
+        for col, j in enumerate(tied):
+            j0 = first[group[j]]
+            extra[j0, col], extra[j, col] = 1.0 / pi[j0], -1.0 / pi[j]
+        X = np.hstack([X, extra])
+        roots = np.append(roots, e[tied])
+    try:
+        A = np.linalg.solve(X.T, (X * roots[None, :]).T).T
+    except np.linalg.LinAlgError:
+        return None
+    if not np.isfinite(A).all():
+        return None
+    return A, roots
+
+
+def _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares):
+    """``(A, V, radius, residual)`` of :func:`_secular_classes`' result, checked; ``ValueError`` when there is none or it fails."""
+    if secular is None:
+        raise ValueError("no secular solution (tied 1 - k_j)")
+    A, roots = secular
+    FA, V = _fixed_point_map(A, e, a, beta, shares)
+    residual = float(np.max(np.abs(FA - A)))
+    radius = float(np.max(roots))
+    _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
+    return A, V, radius, residual
+
+
+def _same_spectrum(A, roots):
+    """Whether ``A``'s eigenvalues are the secular roots to ``1e-9`` of the largest (both sorted by modulus)."""
+    mine = np.sort(np.abs(np.linalg.eigvals(A)))
+    return bool(np.max(np.abs(mine - np.sort(roots))) <= 1e-9 * float(np.max(roots)))
 
 
 def _check_stable(A, radius, residual, q, kappa, r, gamma, shares):

@@ -48,11 +48,20 @@ class Server:
     with the normalisation by log-sum-exp, so that weights never underflow
     (plain weights do at N = 10^7), computed as ``(log p - top) - log total``
     so that it stays exact when the log-weights are huge and nearly tied.
-    A step ``eta g_i`` beyond ``1e300`` in magnitude (or one that overflows)
-    is clipped to it: that client's weight becomes 0 beside any client with
-    an ordinary loss. So the weights always sum to 1 (within rounding) and
-    are never NaN, whatever finite states and targets arrive; a weight may
-    be exactly 0 (log-weight ``-inf``) when ``alpha = 0``.
+    Every finite step ``eta g_i`` is applied as it is, however large, so the
+    steps keep their order (a common shift of the ``g_i`` changes nothing:
+    with every step beyond ``1e300`` the smallest still takes the weight).
+    Only a step whose computation overflows (``g_i`` or ``eta g_i`` beyond
+    the largest double, or eg's ``inf - inf``) is clipped, to the largest
+    double ``1.8e308`` (``-1.8e308`` for ``-inf``): such a client's weight
+    becomes 0 beside any client with a nonzero weight whose step is at most
+    half that, and clients whose steps all overflow tie (their previous
+    weights are forgotten). The
+    log-weights are rounded to the precision of the steps: with steps near
+    ``1e20`` their differences below about ``1e4`` are lost. So the weights
+    always sum to 1 (within rounding) and are never NaN, whatever finite
+    states and targets arrive; a weight may be exactly 0 (log-weight
+    ``-inf``) when ``alpha = 0``.
 
     A Server is not thread-safe (concurrent calls raise ``RuntimeError``); it
     can be pickled and deep-copied.

@@ -203,3 +203,84 @@ def call_from_two_threads(call, times: int):
     for th in threads:
         th.join()
     return errors, len(done)
+
+
+# --------------------------------------------------------------------------- the server step, exactly
+def _step_interval(x_i, y, yhat, rule, eta):
+    """Where a kernel's applied step ``eta g_i`` (an exact Fraction pair) lies, whatever its summation order.
+
+    The exact step ``eta g_i`` with ``g_i = |x_i - y|^2`` (hedge) or ``2 <yhat - y, x_i>`` (eg), widened
+    by ``2^-46 eta sum_j |term_j|`` (the rounding of every order of the sum), then clipped to the finite
+    doubles as the kernels clip an overflow (STEP_LIMIT, the largest double). Where an intermediate may
+    overflow (``eta sum |term| >= DBL_MAX / 4``) the kernel may give ``+-DBL_MAX`` (inf, or NaN from
+    inf - inf, which counts as ``+DBL_MAX``): the interval then reaches that end.
+    """
+    from fractions import Fraction
+    big = Fraction(np.finfo(np.float64).max)
+    fy = [Fraction(float(v)) for v in y]
+    if rule == "eg":
+        terms = [2 * Fraction(float(a)) * (Fraction(float(h)) - b) for a, h, b in zip(x_i, yhat, fy)]
+    else:
+        terms = [(Fraction(float(a)) - b) ** 2 for a, b in zip(x_i, fy)]
+    fe = Fraction(float(eta))
+    step = fe * sum(terms)
+    size = fe * sum(abs(t) for t in terms)
+    lo, hi = step - size / 2**46, step + size / 2**46
+    if size >= big / 4 or max(abs(t) for t in terms) * max(fe, 1) >= big / 4:
+        if all(t >= 0 for t in terms):
+            hi = big
+        elif all(t <= 0 for t in terms):
+            lo = -big
+        else:
+            lo, hi = -big, big
+    return max(min(lo, big), -big), max(min(hi, big), -big)
+
+
+def assert_server_step(lp, x, y, yhat, rule, eta, alpha, new_lp):
+    """One server update ``lp -> new_lp`` against MODEL.md section 5 in exact arithmetic, to the rounding of each step.
+
+    ``p_i <- p_i exp(-eta g_i)``, normalised, then fixed share; a step whose
+    computation overflows counts as ``+-DBL_MAX`` (the only clip). With
+    ``v_i = log p_i - eta g_i`` known to lie in ``[lo_i, hi_i]`` (exact,
+    :func:`_step_interval`, widened by the rounding of the subtraction):
+
+    - the new weights are a law (no NaN, no +inf log-weight, sum 1 within 1e-12);
+    - order: ``lo_i > hi_j + 1e-6`` (i's score beats j's beyond rounding) implies ``p_i >= p_j``;
+    - far behind: ``hi_j < max_i lo_i - 800`` implies ``p_j = alpha / N`` (exactly 0 when ``alpha = 0``):
+      however large every step is, only the differences count (a common shift changes nothing);
+    - ratios (``alpha = 0``): where both scores are known to 1e-3 and within 600 of the best,
+      ``log p_i - log p_j = v_i - v_j`` to the rounding of the scores' magnitudes.
+    """
+    from fractions import Fraction
+    n = len(lp)
+    assert not np.isnan(new_lp).any() and not (new_lp == np.inf).any(), new_lp
+    p = np.exp(new_lp)
+    assert abs(p.sum() - 1.0) <= 1e-12, p.sum()
+    lo, hi, mid = [], [], []
+    for i in range(n):
+        if lp[i] == -np.inf:
+            lo.append(None), hi.append(None), mid.append(None)
+            continue
+        slo, shi = _step_interval(x[i], y, yhat, rule, eta)
+        a, b = Fraction(float(lp[i])) - shi, Fraction(float(lp[i])) - slo
+        lo.append(a - abs(a) / 2**51), hi.append(b + abs(b) / 2**51), mid.append((a + b) / 2)
+    live = [i for i in range(n) if lo[i] is not None]
+    best = max(lo[i] for i in live)
+    floor = alpha / n
+    for j in range(n):
+        if lo[j] is None or hi[j] < best - 800:
+            assert p[j] <= floor * (1 + 1e-12), (j, p[j], "a client far behind the best must get only the fixed share")
+    by_lo = sorted(live, key=lambda i: lo[i], reverse=True)  # order, in O(N log N): the least weight of every client
+    least, k = np.inf, 0                                        # whose score beats hi_j + 1e-6 is >= p_j
+    for j in sorted(live, key=lambda i: hi[i], reverse=True):
+        while k < len(by_lo) and lo[by_lo[k]] > hi[j] + Fraction(1, 10**6):
+            least = min(least, p[by_lo[k]])
+            k += 1
+        assert least >= p[j], (j, p[j], least, "a better score got a smaller weight")
+    if alpha == 0.0:
+        sure = [i for i in live if hi[i] - lo[i] < Fraction(1, 1000) and hi[i] > best - 600]
+        for i in sure:  # against the first of them (every pair follows)
+            j = sure[0]
+            want = float(mid[i] - mid[j])
+            tol = float(hi[i] - lo[i] + hi[j] - lo[j]) + 1e-12 * (1.0 + abs(want)) + 2**-50 * float(abs(mid[i]) + abs(best))
+            assert abs((new_lp[i] - new_lp[j]) - want) <= tol, (i, j, new_lp[i] - new_lp[j], want)

@@ -20,6 +20,8 @@ from 1e-300 to 1e308 in magnitude, including the reproducers of issue 8
 ulps against NumPy.
 """
 
+import math
+
 import numpy as np
 import pytest
 from helpers import (
@@ -28,6 +30,7 @@ from helpers import (
     EDGE_N,
     LARGE_N,
     assert_close,
+    assert_server_step,
     classes,
     invalidate_rows,
     kernel_backends,
@@ -325,7 +328,7 @@ def _step_magnitude(x, y, yhat, rule, eta):
             loss = 2.0 * (np.abs(x) @ np.abs(yhat - y))
         else:
             loss = ((np.abs(x) + np.abs(y)) ** 2).sum(1)
-        return np.minimum(eta * loss, 1e300)
+        return np.minimum(eta * loss, _reference.STEP_LIMIT)  # an overflowing step is applied as the largest double
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -386,11 +389,41 @@ def test_server_weights_stay_normalised_for_any_loss(backend, seed, k, d, rule, 
         _assert_normalised(got, alpha, f"update {step}")
         if d == 1:  # one term per loss: no summation order, so the reference must agree
             r_stepped, r_top, _, ref = _server_reference(log_p, x, y, yhat, rule, eta, alpha, lay)
-            assert_close(got, ref, np.abs(r_stepped) + abs(r_top) + 1.0, "log-weights")
+            with np.errstate(over="ignore"):  # steps up to 1.8e308 (only an overflow is clipped): the scale may be inf
+                scale = np.abs(r_stepped) + abs(r_top) + 1.0
+            assert_close(got, ref, scale, "log-weights")
         if tied and step == 0:
             assert_close(got, np.full(n, -np.log(n)), 1.0, "tied losses keep uniform weights (issue 8 item 1)")
         log_p = got
         x = rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=seeds, n=st.sampled_from([3, CHUNK + 5, 2 * CHUNK + 1]), rule=st.sampled_from(["hedge", "eg"]),
+       alpha=st.sampled_from([0.0, 0.01]), log_step=st.floats(295.0, 309.0), spread=st.sampled_from([0.01, 1.0, 20.0]))
+def test_server_kernels_rank_steps_up_to_the_largest_double(backend, data, seed, n, rule, alpha, log_step, spread):
+    """Steps of 10^(log_step - spread) .. 10^log_step (past the largest double: overflow), eg's of both signs,
+    over several chunks (chunk tops of +-1.8e308: top_c - top and log p - top overflow to -inf, never NaN), 1 or 2
+    threads: MODEL.md's update in exact arithmetic to the rounding of each step (:func:`helpers.assert_server_step`),
+    through ``mixture_update`` and through the Dask shard's reweight + merge + share.
+    """
+    mod = _reference if backend == "reference" else BACKENDS[backend]
+    threads = 1 if backend == "reference" else _threads(data, backend)
+    rng = np.random.default_rng(seed)
+    lay = layout(1, 1)
+    e = log_step - rng.uniform(0.0, spread, (n, 1))
+    if rule == "eg":  # g_i = 2 (yhat - y) x_i = 2 x_i, of either sign (overflowing past 1.8e308)
+        x, y, yhat = rng.choice([-1.0, 1.0], (n, 1)) * 10.0 ** np.minimum(e - math.log10(2.0), 308.2), np.zeros(1), np.ones(1)
+    else:
+        x, y, yhat = 10.0 ** (e / 2), np.zeros(1), np.zeros(1)
+    log_p = log_weights(rng, n, 5.0)
+    code = _reference.RULE_EG if rule == "eg" else _reference.RULE_HEDGE
+    if backend == "reference":
+        got = _server_reference(log_p, x, y, yhat, code, 1.0, alpha, lay)[3]
+    else:  # also the Dask shard's path (reweight, merge, share), bitwise the same
+        got = _server_both_ways(mod, log_p, x, y, yhat, code, 1.0, alpha, lay, threads)[3]
+    assert_server_step(log_p, x, y, yhat, rule, 1.0, alpha, got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,7 +16,7 @@ import math
 import numba
 import numpy as np
 import pytest
-from helpers import call_from_two_threads
+from helpers import assert_server_step, call_from_two_threads
 from scipy import stats
 
 from memoa_fast import Game, Population, Server, _memory
@@ -129,6 +129,31 @@ def test_eta_zero_and_a_huge_step_keep_weights_normalised(rule, alpha):
         assert close(a.log_weights[finite], b.log_weights[finite])
         assert math.isclose(float(a.weights.sum()), 1.0, rel_tol=1e-12)
         assert close(a.states, b.states) and close(a.costs, b.costs) and a.n_valid_signals == b.n_valid_signals
+
+
+# the reference runs the same code for every d; the kernel has d = 1 loops of its own
+BEYOND = [(b, t, rule, d) for b, t in [("numpy", 1), ("numba", 1), ("numba", TWO_THREADS)]
+          for rule, d in [("hedge", 1), ("hedge", 2), ("eg", 1)] if b == "numba" or d == 1]
+
+
+@pytest.mark.parametrize("backend,threads,rule,d", BEYOND)
+@pytest.mark.parametrize("alpha", [0.0, 0.01])
+def test_server_steps_beyond_1e300_keep_their_order(backend, threads, rule, d, alpha):
+    # Client noise 1e22..1e26 on targets near 1e26 and eta = 1e250: every step in 4e300..1e304 (the 1e300 clip made
+    # them tie), a few overflowing; eta = 1e255: steps 4e305..8e306, then every one overflowing. Each reweighting round is MODEL.md section 5's update
+    # in exact arithmetic to the rounding of each step (helpers.assert_server_step): the log-domain path
+    # (alpha = 0) and the linear weights (alpha > 0: exp(-step - top_c), with top_c near -1.8e308); on 2 threads
+    # over two chunks (their merge: top_c - top).
+    y = series(4, d) * 1e26
+    for eta in (1e250, 1e255):
+        pipe = Pipeline(CHUNK + 3 if threads > 1 else 300, d, game=GAME, rule=rule, eta=eta, alpha=alpha,
+                        noise_range=(1e22, 1e26), seed=4, backend=backend, threads=threads, parallel_threshold=1)
+        assert pipe._linear == (alpha > 0)
+        for t, v in enumerate(y):
+            x, lp, yhat = pipe.states.copy(), pipe.log_weights.copy(), pipe.mixture.copy()
+            pipe.round(v)
+            if t > 0:  # round 0 does not reweight
+                assert_server_step(lp, x, v, yhat, rule, eta, alpha, pipe.log_weights)
 
 
 @pytest.mark.parametrize("rule,d,alpha", [("eg", 2, 0.02), ("hedge", 1, 0.01), ("hedge", 1, 0.0)])
