@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import check_population_state
-from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, readonly_view
+from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
 from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server
@@ -38,7 +38,7 @@ def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
             return np.empty(0, dtype=np.int64)
     elif labels is None:
         raise TypeError(f"the game has {n_classes} classes: give labels, an integer array of shape ({n_agents},)")
-    arr = np.asarray(labels)
+    arr = np.asarray(plain_array("labels", labels))
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"labels must be an integer array of class indices, got dtype {arr.dtype}")
     if arr.shape != (n_agents,):
@@ -454,7 +454,7 @@ class Population(MeanFieldSummary):
         with self._exclusive:
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
-                self._mean_ready, self._discount, log_p, self._yhat, self._threads_used,
+                self._mean_ready, self._discount, log_p, self._yhat, _backends.usable_threads(self._threads_used),
             )
             # m(t+1) becomes the next step's m(t): no pass over the states needed for it.
             lay, K = self._lay, self._lay.n_classes
