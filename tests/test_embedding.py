@@ -288,3 +288,18 @@ def test_a_process_forked_after_parallel_steps_steps_on_one_thread(backend, tmp_
         if preds is not None:
             np.testing.assert_array_equal(preds, parent[1])
         assert any("forked after OpenMP threads had started" in m for m in messages), messages
+
+
+def test_an_interrupted_output_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while ``memoa run`` plots: exit 130 and one line, as during the run; no ``.r.json.*.tmp`` left behind."""
+    import memoa_fast.timeseries.experiment as experiment
+    from memoa_fast.timeseries.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "plot_result", interrupted)
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(["run", "--clients", "10", "--rounds", "50", "--quiet", "--policies", "memoa", "--json", str(js), "--plot", str(png)])
+    assert code == 130 and capsys.readouterr().err.strip() == "memoa: interrupted"
+    assert list(tmp_path.iterdir()) == []
