@@ -298,7 +298,11 @@ class Population(MeanFieldSummary):
     same two passes run on each Dask shard.
 
     A Population is not thread-safe: stepping one object from two threads at
-    once raises ``RuntimeError``. It can be pickled and deep-copied.
+    once raises ``RuntimeError``, and so does reading or replacing its state
+    (:meth:`state_dict`, pickle, copies, :meth:`load_state_dict`,
+    :meth:`reset`, :meth:`set_labels`, :meth:`set_game`) while another thread
+    is inside a step, instead of a snapshot that mixes two rounds. It can be
+    pickled and deep-copied.
     """
 
     def __init__(
@@ -341,19 +345,26 @@ class Population(MeanFieldSummary):
     # ------------------------------------------------------------------ state
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0."""
-        if initial_states is None:
+        x0 = None
+        if initial_states is not None:
+            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
+            _check_magnitude("initial_states", x0)
+        with self._exclusive:
+            self._reset(x0)
+
+    def _reset(self, x0) -> None:
+        """:meth:`reset` to the checked ``x0`` (None: zeros); the caller holds the lock."""
+        if x0 is None:
             if not self._fresh:
                 self._x[...] = 0.0
         else:
-            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
-            _check_magnitude("initial_states", x0)
             self._x[...] = x0
         if not self._fresh:
             self._J[...] = 0.0
         self._fresh = False
         self._field[...] = 0.0
         self._mean_ready = False  # m(t) is computed by the next step's signal pass
-        if initial_states is not None:
+        if x0 is not None:
             self._refresh_means(self._x)
         self._n_valid = 0
         self._worst = -1
@@ -368,10 +379,20 @@ class Population(MeanFieldSummary):
         labels : array_like of int, shape (N,)
             The new class of every agent, in ``[0, K)``.
         """
-        self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
-        self._set_sizes()
-        self._mean_ready = False
-        self._refresh_means(self._x)
+        labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        with self._exclusive:
+            self._labels = labels
+            self._set_sizes()
+            self._mean_ready = False
+            self._refresh_means(self._x)
+
+    def set_game(self, game: Game) -> None:
+        """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
+
+        Costs already paid are kept; later stage costs use the new weights.
+        """
+        with self._exclusive:
+            super().set_game(game)
 
     @property
     def states(self) -> np.ndarray:
@@ -482,13 +503,17 @@ class Population(MeanFieldSummary):
         Keys: ``states``, ``costs``, ``labels`` (K > 1 only), ``mean_state``,
         ``mean_signal``, ``class_mean_signal`` (arrays), ``t``, ``discount``,
         ``n_valid_signals`` and ``game`` (a dict of weights and policy).
+        Taken under the object's lock: while another thread is inside a step it raises ``RuntimeError``
+        (a copy taken then would mix rows of two rounds), as do pickle and :func:`copy.copy`.
         """
-        return self._summary_state(self._x.copy(), self._J.copy())
+        with self._exclusive:
+            return self._summary_state(self._x.copy(), self._J.copy())
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
         clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
-        self._apply_state(clean)
+        with self._exclusive:
+            self._apply_state(clean)
 
     def _apply_state(self, clean: dict) -> None:
         self._x[...] = clean["states"]
