@@ -322,3 +322,15 @@ def test_population_state_is_not_read_or_replaced_during_a_step(signals):
     _assert_same(pop.state_dict(), before)
     for call in calls.values():  # and every one works once the step is over
         call()
+
+
+def test_trust_classes_blame_the_argument_of_the_wrong_size():
+    """Forecasts of N clients set d: a target of another size is the target's error (it used to name the forecasts)."""
+    tc = TrustClasses(N, 2)
+    for target in (0.5, np.ones(1), np.ones(N), np.ones(2 * D)):
+        with pytest.raises(ValueError, match=r"^target must have shape \(3,\)"):
+            tc.observe(np.ones((N, D)), target)
+    for forecasts in (np.ones((N + 1, D)), np.ones((D, N)), np.ones((1, N, D))):
+        with pytest.raises(ValueError, match=r"^forecasts must have shape"):
+            tc.observe(forecasts, np.ones(D))
+    assert tc.n_observed == 0 and not tc.errors.any()

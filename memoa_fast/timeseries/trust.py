@@ -92,7 +92,14 @@ class TrustClasses:
         ``target`` must be finite with ``|target| <= 1e30`` (a scalar when d = 1), else ``ValueError``
         (``TypeError`` for a non-number) and nothing changes. Invalid forecasts are allowed (see the class).
         """
-        target = _check_target(target)
+        try:
+            shape = np.shape(forecasts)
+        except ValueError:  # ragged: as_float_array names it below
+            shape = ()
+        if len(shape) in (1, 2) and shape[0] == self.n_clients:  # forecasts of N clients set d: a target of
+            target = as_target_array("target", target, shape[1:] or (1,))  # another size is the target's error
+        else:  # the forecasts' shape is wrong: the error names them, with d from the target
+            target = _check_target(target)
         f = as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True)
         if self._diff.shape != f.shape:
             self._diff = np.empty(f.shape)
