@@ -123,9 +123,13 @@ def usable_threads(threads: int) -> int:
 
     An object calls this with its thread count (:func:`resolve_threads` at
     construction, and again at every call, so that an object inherited through
-    ``fork`` also runs on one thread in the child). The first such process
-    warns once (``RuntimeWarning``): for parallel kernels in worker processes,
-    use the ``"spawn"`` or ``"forkserver"`` start method of :mod:`multiprocessing`.
+    ``fork`` also runs on one thread in the child). A count above 1 marks this
+    process as one whose OpenMP threads may have started (so an object that
+    will run parallel kernels marks it when it is built: a child forked after
+    that runs on one thread even if no parallel kernel ran yet; the results are
+    the same). A child warns once (``RuntimeWarning``): for parallel kernels
+    in worker processes, use the ``"spawn"`` or ``"forkserver"`` start method
+    of :mod:`multiprocessing`.
     """
     if threads > 1:
         if _OPENMP["forked"]:
