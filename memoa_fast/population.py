@@ -490,9 +490,14 @@ class Population(MeanFieldSummary):
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.
 
-        The dtype and the shape of every step are checked before the first step (one array).
+        The dtype and the shape of every step are checked before the first step (one array). A view of
+        this population's own arrays (``np.broadcast_to(pop.states, (T, N, d))``) is copied first, so every
+        step reads the values it had when the call began.
         """
-        for s in as_steps("signals", signals):
+        steps = as_steps("signals", signals)
+        if np.may_share_memory(steps, self._x) or np.may_share_memory(steps, self._J):
+            steps = steps.copy()
+        for s in steps:
             self.step(s)
         return self._x_view
 

@@ -334,3 +334,14 @@ def test_trust_classes_blame_the_argument_of_the_wrong_size():
         with pytest.raises(ValueError, match=r"^forecasts must have shape"):
             tc.observe(forecasts, np.ones(D))
     assert tc.n_observed == 0 and not tc.errors.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_population_run_on_a_view_of_its_own_states(backend, signals):
+    a, b = Population(GAME, N, D, backend=backend), Population(GAME, N, D, backend=backend)
+    a.step(signals)
+    b.step(signals)
+    a.run(np.broadcast_to(a.states, (3, N, D)))
+    b.run(np.broadcast_to(b.states.copy(), (3, N, D)))
+    np.testing.assert_array_equal(a.states, b.states)
+    np.testing.assert_array_equal(a.costs, b.costs)
