@@ -6,6 +6,8 @@ Numba's import nor any JIT, and the Cython backend never touches Numba.
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 from types import ModuleType
 
 from ._validation import available_threads, check_backend, check_threads
@@ -51,7 +53,7 @@ SOURCE_TREE_HINT = (
 
 
 __all__ = ["DEFAULT_PARALLEL_WORK", "PARALLEL_THRESHOLD", "PIPELINE_PARALLEL_WORK", "available_threads", "load", "load_noise",
-           "resolve_threads"]
+           "resolve_threads", "usable_threads"]
 
 
 def load(backend: str) -> ModuleType:
@@ -93,4 +95,51 @@ def resolve_threads(threads, n_agents: int, parallel_threshold: int = PARALLEL_T
         return requested, 1
     if threads is None and n_agents * dim < default_work:
         return requested, 1
-    return requested, requested
+    return requested, usable_threads(requested)
+
+
+# --------------------------------------------------------------------------- fork safety
+# GNU OpenMP (libgomp) runs every parallel kernel here: Numba's default threading layer on Linux is "omp" (no TBB),
+# and the Cython kernels are built with -fopenmp. It cannot run a parallel region in a child forked after its
+# threads started: Numba's layer kills the child (SIGTERM, "Terminating: fork() called from a process already using
+# GNU OpenMP, this is unsafe."), and the Cython kernels' region waits forever for threads the child does not have.
+# multiprocessing's default start method on Linux is fork, so a pool of workers started after a parallel step would
+# die or hang. Every thread count a kernel gets goes through usable_threads: in such a child it is 1, which gives the
+# same bits (the kernels reduce in a fixed chunk order, whatever the thread count) on one core.
+_OPENMP = {"started": False, "forked": False}
+
+
+def _after_fork_in_child() -> None:
+    if _OPENMP["started"]:
+        _OPENMP["forked"] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def usable_threads(threads: int) -> int:
+    """The threads a kernel call may run on: ``threads``, or 1 in a process forked after OpenMP threads started.
+
+    An object calls this with its thread count (:func:`resolve_threads` at
+    construction, and again at every call, so that an object inherited through
+    ``fork`` also runs on one thread in the child). A count above 1 marks this
+    process as one whose OpenMP threads may have started (so an object that
+    will run parallel kernels marks it when it is built: a child forked after
+    that runs on one thread even if no parallel kernel ran yet; the results are
+    the same). A child warns once (``RuntimeWarning``): for parallel kernels
+    in worker processes, use the ``"spawn"`` or ``"forkserver"`` start method
+    of :mod:`multiprocessing`.
+    """
+    if threads > 1:
+        if _OPENMP["forked"]:
+            if not _OPENMP.get("warned"):
+                _OPENMP["warned"] = True
+                warnings.warn(
+                    "memoa_fast: this process was forked after OpenMP threads had started in its parent, and GNU OpenMP "
+                    "cannot run in such a child: its kernels run on one thread (the same results). For parallel "
+                    "kernels in worker processes, use multiprocessing's 'spawn' or 'forkserver' start method.",
+                    RuntimeWarning, stacklevel=3)
+            return 1
+        _OPENMP["started"] = True
+    return threads

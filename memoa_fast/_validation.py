@@ -525,3 +525,28 @@ def check_out(out, shape: tuple[int, ...], *, contiguous: bool = False) -> np.nd
         flags += "" if out.flags.c_contiguous or not contiguous else ", not C-contiguous"
         raise ValueError(f"{accepted}, got {got}{flags}")
     return out
+
+
+def plain_array(name: str, value):
+    """``value`` with NumPy's array subclasses unwrapped (no copy), before any array check reads it.
+
+    - a masked array (:mod:`numpy.ma`) with no masked entry: its data; with a
+      masked entry, ``TypeError`` naming ``name``: ``np.asarray`` would read
+      the hidden values underneath the mask as data;
+    - ``np.matrix`` and every other ``ndarray`` subclass: a plain ndarray view
+      of it (for a matrix ``**`` is a matrix power and ``*`` a product, and a
+      row is 2-D);
+
+    anything else (plain arrays included) is returned unchanged. One type test
+    for a plain array.
+    """
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        if isinstance(value, np.ma.MaskedArray):
+            if np.ma.is_masked(value):
+                raise TypeError(
+                    f"{name} is a masked array with {int(np.ma.count_masked(value))} masked entries, which would be "
+                    f"read as the values beneath the mask: fill them first (e.g. {name}.filled(np.nan), where a NaN "
+                    "is accepted), or pass a plain array")
+            return value.data.view(np.ndarray)
+        return value.view(np.ndarray)
+    return value

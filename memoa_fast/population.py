@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import check_population_state
-from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, readonly_view
+from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
 from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server
@@ -38,7 +38,7 @@ def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
             return np.empty(0, dtype=np.int64)
     elif labels is None:
         raise TypeError(f"the game has {n_classes} classes: give labels, an integer array of shape ({n_agents},)")
-    arr = np.asarray(labels)
+    arr = np.asarray(plain_array("labels", labels))
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"labels must be an integer array of class indices, got dtype {arr.dtype}")
     if arr.shape != (n_agents,):
@@ -298,7 +298,11 @@ class Population(MeanFieldSummary):
     same two passes run on each Dask shard.
 
     A Population is not thread-safe: stepping one object from two threads at
-    once raises ``RuntimeError``. It can be pickled and deep-copied.
+    once raises ``RuntimeError``, and so does reading or replacing its state
+    (:meth:`state_dict`, pickle, copies, :meth:`load_state_dict`,
+    :meth:`reset`, :meth:`set_labels`, :meth:`set_game`) while another thread
+    is inside a step, instead of a snapshot that mixes two rounds. It can be
+    pickled and deep-copied.
     """
 
     def __init__(
@@ -341,19 +345,26 @@ class Population(MeanFieldSummary):
     # ------------------------------------------------------------------ state
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0."""
-        if initial_states is None:
+        x0 = None
+        if initial_states is not None:
+            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
+            _check_magnitude("initial_states", x0)
+        with self._exclusive:
+            self._reset(x0)
+
+    def _reset(self, x0) -> None:
+        """:meth:`reset` to the checked ``x0`` (None: zeros); the caller holds the lock."""
+        if x0 is None:
             if not self._fresh:
                 self._x[...] = 0.0
         else:
-            x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
-            _check_magnitude("initial_states", x0)
             self._x[...] = x0
         if not self._fresh:
             self._J[...] = 0.0
         self._fresh = False
         self._field[...] = 0.0
         self._mean_ready = False  # m(t) is computed by the next step's signal pass
-        if initial_states is not None:
+        if x0 is not None:
             self._refresh_means(self._x)
         self._n_valid = 0
         self._worst = -1
@@ -368,10 +379,20 @@ class Population(MeanFieldSummary):
         labels : array_like of int, shape (N,)
             The new class of every agent, in ``[0, K)``.
         """
-        self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
-        self._set_sizes()
-        self._mean_ready = False
-        self._refresh_means(self._x)
+        labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        with self._exclusive:
+            self._labels = labels
+            self._set_sizes()
+            self._mean_ready = False
+            self._refresh_means(self._x)
+
+    def set_game(self, game: Game) -> None:
+        """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
+
+        Costs already paid are kept; later stage costs use the new weights.
+        """
+        with self._exclusive:
+            super().set_game(game)
 
     @property
     def states(self) -> np.ndarray:
@@ -454,7 +475,7 @@ class Population(MeanFieldSummary):
         with self._exclusive:
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
-                self._mean_ready, self._discount, log_p, self._yhat, self._threads_used,
+                self._mean_ready, self._discount, log_p, self._yhat, _backends.usable_threads(self._threads_used),
             )
             # m(t+1) becomes the next step's m(t): no pass over the states needed for it.
             lay, K = self._lay, self._lay.n_classes
@@ -469,9 +490,14 @@ class Population(MeanFieldSummary):
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.
 
-        The dtype and the shape of every step are checked before the first step (one array).
+        The dtype and the shape of every step are checked before the first step (one array). A view of
+        this population's own arrays (``np.broadcast_to(pop.states, (T, N, d))``) is copied first, so every
+        step reads the values it had when the call began.
         """
-        for s in as_steps("signals", signals):
+        steps = as_steps("signals", signals)
+        if np.may_share_memory(steps, self._x) or np.may_share_memory(steps, self._J):
+            steps = steps.copy()
+        for s in steps:
             self.step(s)
         return self._x_view
 
@@ -482,13 +508,17 @@ class Population(MeanFieldSummary):
         Keys: ``states``, ``costs``, ``labels`` (K > 1 only), ``mean_state``,
         ``mean_signal``, ``class_mean_signal`` (arrays), ``t``, ``discount``,
         ``n_valid_signals`` and ``game`` (a dict of weights and policy).
+        Taken under the object's lock: while another thread is inside a step it raises ``RuntimeError``
+        (a copy taken then would mix rows of two rounds), as do pickle and :func:`copy.copy`.
         """
-        return self._summary_state(self._x.copy(), self._J.copy())
+        with self._exclusive:
+            return self._summary_state(self._x.copy(), self._J.copy())
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
         clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
-        self._apply_state(clean)
+        with self._exclusive:
+            self._apply_state(clean)
 
     def _apply_state(self, clean: dict) -> None:
         self._x[...] = clean["states"]

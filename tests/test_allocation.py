@@ -122,3 +122,40 @@ def test_pipeline_round_and_run_allocate_nothing_of_their_size(threads):
     net, peak = traced(lambda t: pipe.run(y, out=out), 1)
     assert net < NET_LIMIT, f"a run of {len(y)} rounds left {net} bytes allocated"
     assert peak - short_peak < NET_LIMIT, f"a run of {len(y)} rounds held {peak} bytes, of 40 rounds {short_peak}"
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_class_games_and_every_policy_step_without_allocating(backend, signals):
+    """A K-class step (labels, class tables) and every policy take the same allocation-free path as one class."""
+    from memoa_fast import POLICIES
+
+    k3 = Game(q=[1.0, 2.0, 3.0], kappa=[1.0, 1.0, 1.0], r=[0.1, 0.1, 0.1], gamma=0.9, shares=[0.3, 0.3, 0.4])
+    labels = np.arange(N) % 3
+    for game, lab in [(GAME.with_policy(p), None) for p in POLICIES if p != "memoa"] + [(k3, labels)]:
+        pop = Population(game, N, D, labels=lab, backend=backend, threads=1)
+        pop.step(signals[0])
+        net, peak = traced(lambda t: pop.step(signals[t % 4]), 20)
+        assert net < NET_LIMIT and peak < PEAK_LIMIT, (game.policy, game.n_classes, net, peak)
+
+
+@pytest.mark.parametrize("rule", ["error", "minimax"])
+def test_trust_population_round_holds_nothing_of_its_size(rule, signals):
+    """``TrustPopulation.step`` and ``observe`` (and so ``TrustClasses``) work in their own buffers.
+
+    ``observe`` used to build ``(f - y)**2``, ``|f|``, their masks and ``np.bincount`` of read-only labels
+    (which copies them): 540 KB a round at 20000 x 2, 2.2 MB at 80000 x 2. What is left is NumPy's reduction
+    buffer (~66 KB, the same for any N).
+    """
+    from memoa_fast import TrustPopulation
+
+    n, d = N // 2, 2
+    s, target = np.ascontiguousarray(signals[:, :n, :d]), np.full(d, 0.3)
+    tp = TrustPopulation(n, d, n_classes=4, reclass=1000, rule=rule, powers=(1.0, 1.5), threads=1)
+
+    def round_(t):
+        tp.step(s[t % 4])
+        tp.observe(target)
+
+    round_(0)
+    net, peak = traced(round_, 20)
+    assert net < NET_LIMIT and peak < PEAK_LIMIT, (net, peak)

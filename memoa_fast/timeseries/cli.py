@@ -487,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
             f.discard()
         option = pending[-1][0] if pending else "--json"
         run.error(f"argument {option}: cannot write the result: {exc}")
+    except KeyboardInterrupt:  # while plotting or writing: no temporary file is left behind, as for an error
+        for _, f in pending:
+            f.discard()
+        print("memoa: interrupted", file=sys.stderr)
+        return 130
     try:
         print(text if args.json == "-" else result.table(), flush=True)
     except BrokenPipeError:  # `memoa run | head`: the reader left; the files are already in place

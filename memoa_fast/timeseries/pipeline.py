@@ -267,7 +267,10 @@ class Pipeline:
             As for :meth:`round`, for every round of the series.
         out : numpy.ndarray, optional
             C-contiguous float64 array of shape (T, d) for the predictions
-            (spares the allocation when a caller runs many series).
+            (spares the allocation when a caller runs many series). It may
+            not overlap ``series``. A ``series`` that is a view of this
+            pipeline's own arrays (:attr:`signals`, :attr:`states`, ...) is
+            copied first, so it reads the values it had when the call began.
 
         Returns
         -------
@@ -285,6 +288,8 @@ class Pipeline:
         out = check_out(out, (T, self.dim), contiguous=True)
         if np.shares_memory(out, ys):
             raise ValueError("out must not share memory with series (the targets are read while out is written)")
+        if any(np.may_share_memory(ys, getattr(self, name)) for name in _STATE_ARRAYS):
+            ys = ys.copy()  # a view of this pipeline's own arrays (run(pipe.signals[:, 0])): the kernel writes them
         if T:
             with self._exclusive:
                 self._rounds(ys, out, record)
@@ -302,7 +307,7 @@ class Pipeline:
         self._discount, recorded = k.run_rounds(
             self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
             self._sq_sig, ys, self._yhat, yhats, self._field, self._work, self._params, self._key, self._flags,
-            self._stats, self._threads_used, record, self.game.gamma, self._discount)
+            self._stats, _backends.usable_threads(self._threads_used), record, self.game.gamma, self._discount)
         self.n_recorded += int(recorded)
         self.t = t0 + T
 

@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from .._exclusive import Exclusive
 from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from ..game import Game
 from ..population import Population
@@ -75,10 +76,14 @@ class TrustClasses:
             raise ValueError(f"q_range must contain 1 (the median client keeps q), got {q_range!r}")
         self.q_range = (low, high)
         self.power = check_real("power", power, low=0.0)
-        check_sizes(self.n_clients, 1, per_agent_vectors=0, per_agent_scalars=2, what="trust classes", names=("n_clients", "dim"))
+        # errors, the squared errors, the rows' largest |forecast| and their validity (1 byte, counted as 8)
+        check_sizes(self.n_clients, 1, per_agent_vectors=0, per_agent_scalars=4, what="trust classes", names=("n_clients", "dim"))
         self.weight = 1.0 - 2.0 ** (-1.0 / self.half_life)
         self.errors = np.zeros(self.n_clients)
         self._sq = np.empty(self.n_clients)
+        self._top = np.empty(self.n_clients)
+        self._ok = np.empty(self.n_clients, dtype=bool)
+        self._diff = np.empty((self.n_clients, 0))  # the (N, d) scratch of observe, allocated at its first d
         self.n_observed = 0
 
     def observe(self, forecasts, target) -> None:
@@ -87,21 +92,46 @@ class TrustClasses:
         ``target`` must be finite with ``|target| <= 1e30`` (a scalar when d = 1), else ``ValueError``
         (``TypeError`` for a non-number) and nothing changes. Invalid forecasts are allowed (see the class).
         """
-        target = _check_target(target)
-        self._fold(as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True), target)
+        try:
+            shape = np.shape(forecasts)
+        except ValueError:  # ragged: as_float_array names it below
+            shape = ()
+        if len(shape) in (1, 2) and shape[0] == self.n_clients:  # forecasts of N clients set d: a target of
+            target = as_target_array("target", target, shape[1:] or (1,))  # another size is the target's error
+        else:  # the forecasts' shape is wrong: the error names them, with d from the target
+            target = _check_target(target)
+        f = as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True)
+        if self._diff.shape != f.shape:
+            self._diff = np.empty(f.shape)
+        self._fold(f, target, self._diff)
 
-    def _fold(self, f: np.ndarray, target: np.ndarray) -> None:
-        """:meth:`observe` on checked arguments: forecasts ``f`` (N, d), ``target`` (d,)."""
+    def _fold(self, f: np.ndarray, target: np.ndarray, diff: np.ndarray) -> None:
+        """:meth:`observe` on checked arguments: forecasts ``f`` (N, d), ``target`` (d,), a scratch ``diff`` (N, d).
+
+        Every temporary is one of this object's buffers or ``diff`` (no allocation per round).
+        ``sq_i = sum_k (f_ik - y_k)^2``; a row is valid when ``max_k |f_ik| <= 1e50`` (NaN fails), and then
+        ``sq_i`` is finite (``|y| <= 1e30``). ``v <- v + w (sq - v)``.
+        """
+        sq, top, ok = self._sq, self._top, self._ok
+        np.abs(f, out=diff)
+        np.maximum.reduce(diff, axis=1, out=top)  # NaN propagates: a row with a NaN is invalid
+        np.less_equal(top, 1e50, out=ok)
         with np.errstate(over="ignore", invalid="ignore"):
-            sq = ((f - target) ** 2).sum(axis=1)
-        ok = np.isfinite(sq) & (np.abs(f) <= 1e50).all(axis=1)
-        w = self.weight
-        if not ok.all():
-            if not ok.any():
+            np.subtract(f, target, out=diff)
+            np.square(diff, out=diff)
+            np.add.reduce(diff, axis=1, out=sq)
+        n_valid = int(np.count_nonzero(ok))
+        if n_valid < self.n_clients:
+            if n_valid == 0:
                 self.n_observed += 1
                 return
-            sq[~ok] = sq[ok].max()  # an invalid forecast is as bad as the round's worst valid one (see the class)
-        self.errors += w * (sq - self.errors)
+            # an invalid forecast is as bad as the round's worst valid one (see the class)
+            worst = np.maximum.reduce(sq, where=ok, initial=-np.inf)
+            np.logical_not(ok, out=ok)
+            np.copyto(sq, worst, where=ok)
+        np.subtract(sq, self.errors, out=sq)
+        sq *= self.weight
+        self.errors += sq
         self.n_observed += 1
 
     def due(self, t: int) -> bool:
@@ -218,7 +248,7 @@ class TrustPopulation:
         # every population's states, costs and labels, the signals and a scratch (N, d), the trust classes' and the
         # published path's (N,) arrays: all together, before any is allocated (each population alone would fit)
         check_sizes(check_int("n_clients", n_clients, low=1), check_int("dim", dim, low=1), per_agent_vectors=n_pops + 2,
-                    per_agent_scalars=2 * n_pops + 5, what="trust population", names=("n_clients", "dim"),
+                    per_agent_scalars=2 * n_pops + 8, what="trust population", names=("n_clients", "dim"),
                     detail=f", {n_pops} exponent{'s' if n_pops > 1 else ''}")
         self.trust = TrustClasses(n_clients, n_classes, reclass=reclass, half_life=half_life, q=q, power=power)
         if self.rule == "error":
@@ -239,12 +269,14 @@ class TrustPopulation:
         self.class_costs = np.zeros(len(self.powers))
         self.leader = self.powers.index(self.trust.power)
         self._signals = np.zeros((n_clients, dim))
-        self._diff = np.empty((n_clients, dim))  # scratch of the class costs: no allocation per round
+        self._diff = np.empty((n_clients, dim))  # scratch of step, observe and the class costs: no allocation per round
         self._sq = np.empty(n_clients)
         self._published_costs = np.zeros(n_clients)  # "minimax": J_i along the published path
         self._round_cost = np.empty(n_clients)
+        self._zeros = np.zeros(n_clients if K == 1 and self.rule == "minimax" else 0, dtype=np.int64)  # K = 1's labels
         self.t = 0
         self.n_reclassed = 0
+        self._exclusive = Exclusive("TrustPopulation")
 
     @property
     def population(self) -> Population:
@@ -262,43 +294,59 @@ class TrustPopulation:
         return self.powers[self.leader]
 
     def step(self, signals) -> np.ndarray:
-        """Move every client one round; returns the published live read-only states (see :meth:`Population.step`)."""
-        if self.rule == "minimax":
-            np.copyto(self._round_cost, self.population.costs)
-        states = [pop.step(signals) for pop in self.populations]
-        if self.rule == "minimax":  # the published path's cost: this round's loss in the leader's game
-            np.subtract(self.population.costs, self._round_cost, out=self._round_cost)
-            self._published_costs += self._round_cost
-        self._signals[...] = signals if np.ndim(signals) == 2 else np.reshape(signals, self._signals.shape)
-        return states[self.leader]
+        """Move every client one round; returns the published live read-only states (see :meth:`Population.step`).
+
+        ``signals`` (shape (N, d), or (N,) when d = 1) is checked and copied once, before any population
+        moves: every population steps on the same private copy, also when ``signals`` is a view of this
+        object's own states (``step(tp.population.states)``), and a refused argument changes nothing.
+        """
+        n, d = self._signals.shape
+        s = as_float_array("signals", signals, (n, d), allow_nonfinite=True)
+        with self._exclusive:
+            incoming = self._diff  # the scratch becomes this round's signals; the last round's become the scratch
+            np.copyto(incoming, s)
+            if self.rule == "minimax":
+                np.copyto(self._round_cost, self.population.costs)
+            for pop in self.populations:
+                pop.step(incoming)
+            if self.rule == "minimax":  # the published path's cost: this round's loss in the leader's game
+                np.subtract(self.population.costs, self._round_cost, out=self._round_cost)
+                self._published_costs += self._round_cost
+            self._diff, self._signals = self._signals, incoming
+        return self.population.states
 
     def observe(self, target) -> None:
         """The target of the last step's forecasts arrived: measure, and re-form the classes when due.
 
         ``target`` has shape (d,) (a scalar when d = 1) and must be finite with ``|target| <= 1e30``;
         otherwise ``ValueError`` (``TypeError`` for a non-number) and nothing changes: one NaN would
-        otherwise disqualify every ``"minimax"`` candidate for good.
+        otherwise disqualify every ``"minimax"`` candidate for good. A re-classing builds every new
+        game before any population changes (a failure leaves every population as it was).
         """
         target = as_target_array("target", target, (self._signals.shape[1],))
-        self.trust._fold(self._signals, target)  # both checked: the signals are ours
-        if self.rule == "minimax":
-            self._measure_class_costs(target)
-        self.t += 1
-        if self.trust.due(self.t):
-            labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
-            for c, q_j in enumerate(weights):
-                self.games[c] = self.games[c].with_weights(q=q_j, shares=shares)
-                self.populations[c].set_game(self.games[c])
-                self.populations[c].set_labels(labels)
-            # Follow the leader; ties keep the lower index (np.argmin); an infinite cost never leads.
-            if self.rule == "minimax" and np.isfinite(self.class_costs).any():
-                self.leader = int(np.argmin(self.class_costs))
-            self.n_reclassed += 1
+        with self._exclusive:
+            self.trust._fold(self._signals, target, self._diff)  # both checked: the signals are ours
+            if self.rule == "minimax":
+                self._measure_class_costs(target)
+            self.t += 1
+            if self.trust.due(self.t):
+                labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
+                games = [game.with_weights(q=q_j, shares=shares) for game, q_j in zip(self.games, weights)]
+                for pop, game in zip(self.populations, games):
+                    pop.set_game(game)
+                    pop.set_labels(labels)
+                self.games = games
+                # Follow the leader; ties keep the lower index (np.argmin); an infinite cost never leads.
+                if self.rule == "minimax" and np.isfinite(self.class_costs).any():
+                    self.leader = int(np.argmin(self.class_costs))
+                self.n_reclassed += 1
 
     def _measure_class_costs(self, target) -> None:
         """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost (``target`` checked)."""
         K = self.trust.n_classes
-        labels = self.population.labels  # the same classes in every candidate
+        # The same classes in every candidate. The population's own (writeable) labels: np.bincount copies a
+        # read-only array (an (N,) allocation per round); one class keeps no labels, so zeros of our own.
+        labels = self.population._labels if K > 1 else self._zeros
         sizes = np.maximum(np.bincount(labels, minlength=K), 1)
         for c, pop in enumerate(self.populations):
             with np.errstate(over="ignore", invalid="ignore"):
@@ -334,6 +382,16 @@ class TrustPopulation:
     def __copy__(self):
         """A copy is independent of the original (as for :class:`~memoa_fast.Population`): a deep copy."""
         return copy.deepcopy(self)
+
+    def __getstate__(self) -> dict:
+        """Pickle and copies: every attribute but the lock (a copy gets its own)."""
+        state = self.__dict__.copy()
+        del state["_exclusive"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._exclusive = Exclusive("TrustPopulation")
 
     def __repr__(self) -> str:
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"
