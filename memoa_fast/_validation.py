@@ -370,6 +370,28 @@ def _probably_finite(arr: np.ndarray) -> bool:
         return bool(np.isfinite(np.add.reduce(arr, axis=None)))
 
 
+def _kernel_ready(arr: np.ndarray) -> np.ndarray:
+    """A read-only or unaligned C-contiguous float64 array as an array of the type the compiled kernels were built for.
+
+    Numba compiles every kernel again for each new array type, and a read-only
+    array (``Population.states``, ``np.broadcast_to``, ``flags.writeable =
+    False``) is one: its first step took 9 s more with an empty cache, and
+    every parallel and K-class variant again. The arrays this module returns
+    are only read (every object copies what it keeps), so a read-only array
+    whose memory is writeable comes back as a writeable view of the same
+    memory (no copy, the caller's array keeps its flag); read-only memory
+    (``np.frombuffer`` of bytes) and an unaligned array come back as a copy.
+    """
+    if arr.flags.aligned:
+        view = arr.view()
+        try:
+            view.flags.writeable = True
+            return view
+        except ValueError:  # the memory itself is read-only
+            pass
+    return arr.copy()
+
+
 def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite: bool = False) -> np.ndarray:
     """Return ``value`` as a C-contiguous float64 array of exactly ``shape``.
 
@@ -380,8 +402,10 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     arrays raise ``TypeError`` naming ``name`` and the dtype, instead of being
     cast.
     """
+    value = plain_array(name, value)
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and value.flags.c_contiguous:
-        arr = value
+        flags = value.flags
+        arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
         try:
             raw = np.asarray(value)
@@ -459,7 +483,7 @@ def as_steps(name: str, value) -> np.ndarray:
     the argument's name: ragged lists, objects, and the wrong number of dimensions.
     """
     try:
-        arr = np.asarray(value)
+        arr = np.asarray(plain_array(name, value))
     except (TypeError, ValueError) as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be an array of real numbers of shape (T, n_agents, dim), got "
                         f"{type(value).__name__}: {exc}") from None

@@ -125,7 +125,7 @@ class Server:
         out = check_out(out, (self.dim,))
         x = as_float_array("states", states, (self.n_agents, self.dim))
         with self._exclusive:
-            self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, out, self._threads_used)
+            self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, out, _backends.usable_threads(self._threads_used))
         return out
 
     def update(self, states, target) -> None:
@@ -135,7 +135,7 @@ class Server:
         """
         x = as_float_array("states", states, (self.n_agents, self.dim))
         y = as_float_array("target", target, (self.dim,))
-        kern, threads, lay = self._kernels, self._threads_used, self._lay
+        kern, threads, lay = self._kernels, _backends.usable_threads(self._threads_used), self._lay
         with self._exclusive:
             if self.rule == "eg":  # the gradient needs the mixture of these very states
                 kern.mixture_predict(self._log_p, x, self._work, lay, self._yhat, threads)

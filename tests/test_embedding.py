@@ -18,27 +18,14 @@ import pytest
 from helpers import available_backends
 
 from memoa_fast import Game, Pipeline, Population, Server, TrustClasses, TrustPopulation
-from memoa_fast._validation import as_float_array, available_threads
+from memoa_fast._validation import available_threads
+from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 
 BACKENDS = available_backends()
 THREADS = (1, 2) if available_threads() >= 2 else (1,)
 N, D = 10, 3
 GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
 TARGET = np.array([0.3, -0.2, 0.1])
-
-
-def _unwraps_subclasses() -> bool:
-    """Whether the shared array check reads a masked array's mask (the patch proposed in the audit note)."""
-    try:
-        as_float_array("x", np.ma.masked_array([1.0], mask=[True]), (1,))
-    except TypeError:
-        return True
-    return False
-
-
-#: Cases that go through ``_validation.as_float_array`` itself (not this branch's file to change).
-needs_unwrap = pytest.mark.xfail(not _unwraps_subclasses(), strict=True,
-                                 reason="needs as_float_array to call plain_array first (notes/audit.md, class A)")
 
 
 def forms(a: np.ndarray) -> dict:
@@ -104,7 +91,6 @@ def test_masked_labels_are_refused_naming_the_argument():
     np.testing.assert_array_equal(pop.labels, np.arange(N) % 2)
 
 
-@needs_unwrap
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_masked_entry_is_refused_everywhere_and_nothing_changes(backend, signals):
     """``np.asarray`` drops the mask: the hidden value under it would be stepped on as data."""
@@ -123,7 +109,6 @@ def test_a_masked_entry_is_refused_everywhere_and_nothing_changes(backend, signa
     assert pop.t == 0 and server.n_updates == 0 and not pop.states.any()
 
 
-@needs_unwrap
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_a_matrix_is_a_plain_array_to_every_method(signals):
     """``np.matrix`` makes ``**`` a matrix power and rows 2-D: every method reads it as the plain array."""
@@ -345,3 +330,78 @@ def test_population_run_on_a_view_of_its_own_states(backend, signals):
     b.run(np.broadcast_to(b.states.copy(), (3, N, D)))
     np.testing.assert_array_equal(a.states, b.states)
     np.testing.assert_array_equal(a.costs, b.costs)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or available_threads() < 2, reason="needs fork and two threads")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_servers_forecasters_and_scores_inherited_through_fork_run_on_one_thread(backend, tmp_path):
+    """A Server (Cython: libgomp hung the child; Numba: killed it), ClientForecasters and SquaredErrors built with two
+    threads in the parent, used in a child forked after the parent's OpenMP threads ran: the parent's bits, one thread.
+    """
+    n = 2 * 4096 + 3
+    x = np.cos(np.arange(n * 2.0)).reshape(n, 2)
+    y = np.array([0.25, -0.5])
+
+    def use(server, forecasters, scores):
+        server.update(x, y)
+        mix = server.predict(x)
+        signals = forecasters.observe(y).copy()
+        total, mean, totals = scores.add(x, y)
+        return server.log_weights.copy(), mix.copy(), signals, total, totals.copy()
+
+    def build():
+        return (Server(n, 2, backend=backend, threads=2, parallel_threshold=1),
+                ClientForecasters(n, 2, backend=backend, threads=2, parallel_threshold=1),
+                SquaredErrors(n, 2, backend=backend, threads=2, parallel_threshold=1))
+
+    inherited = build()
+    parent = use(*build())  # the parent's OpenMP threads start here
+    _, messages = _in_child(lambda: None, tmp_path)
+    result, messages = _in_child(lambda: use(*inherited), tmp_path)
+    for got, want in zip(result, parent):
+        np.testing.assert_array_equal(got, want)
+    assert any("forked after OpenMP threads had started" in m for m in messages), messages
+
+
+def _numba_signatures() -> int:
+    """How many specialisations the Numba kernels of the public objects have compiled (or loaded) in this process."""
+    from numba.core.registry import CPUDispatcher
+
+    from memoa_fast.kernels import _forecast_numba, _numba, _pipeline_numba
+
+    return sum(len(f.signatures) for module in (_numba, _forecast_numba, _pipeline_numba)
+               for f in vars(module).values() if isinstance(f, CPUDispatcher))
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="needs Numba")
+def test_read_only_and_unaligned_inputs_use_the_kernels_already_compiled(signals):
+    # Numba compiles every kernel again for each array type: a read-only array (Population.states, broadcast_to) cost
+    # 9 s more on its first step with an empty cache (and again per parallel variant). Such inputs now reach the kernels
+    # as the writeable aligned type (a view, or a copy of read-only memory), with the same bits and no new compilation.
+    series = np.sin(np.arange(7.0))
+
+    def use(step_signals, server_states, targets):
+        pop, srv, pipe = Population(GAME, N, D, threads=1), Server(N, D, threads=1), Pipeline(N, 1, threads=1)
+        pop.step(step_signals)
+        srv.update(server_states, TARGET)
+        pipe.run(targets)
+        return pop.states.copy(), srv.log_weights.copy(), pipe.squared_errors.copy()
+
+    plain = use(signals, signals, series)
+    before = _numba_signatures()
+    odd = use(*_odd_forms(signals, series))
+    assert _numba_signatures() == before
+    for got, want in zip(odd, plain):
+        np.testing.assert_array_equal(got, want)
+
+
+def _odd_forms(signals, series):
+    """``signals`` read-only (a view), the server's states as read-only memory, the series unaligned."""
+    readonly = signals.view()
+    readonly.flags.writeable = False
+    frozen = np.frombuffer(signals.tobytes(), dtype=np.float64).reshape(signals.shape)
+    raw = np.zeros(series.size * 8 + 1, dtype=np.uint8)[1:]
+    unaligned = raw.view(np.float64)
+    unaligned[:] = series
+    assert not unaligned.flags.aligned and not frozen.flags.writeable
+    return readonly, frozen, unaligned

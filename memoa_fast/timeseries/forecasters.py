@@ -320,7 +320,7 @@ class ClientForecasters:
             self._draw_noise()
             self._kernels.forecast_step(
                 self._y, self._eps, self._sigma, self._weights, self._lags, self._out, self.mu, self.t > 0,
-                self.threads_used,
+                _backends.usable_threads(self.threads_used),
             )
             self.t += 1
         return self._out_view
@@ -328,7 +328,7 @@ class ClientForecasters:
     def _draw_noise(self) -> None:
         # Round t of block b: the block's PCG64 stream from position (t + 1) * 2**64 (an O(log) jump).
         offset = (self.t + 1) << 64
-        if self.threads_used > 1 and len(self._blocks) > 1:
+        if _backends.usable_threads(self.threads_used) > 1 and len(self._blocks) > 1:
             # Generator fills release the GIL; each block has its own generator and rows.
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads_used, thread_name_prefix="memoa-noise")
@@ -521,7 +521,7 @@ class SquaredErrors:
         record = check_bool("record", record)
         with self._exclusive:
             total, self.max_total = self._kernels.score_step(x, y, record, self._totals, self._work, self._mean,
-                                                             self.threads_used)
+                                                             _backends.usable_threads(self.threads_used))
         return total, self._mean_view, self._totals_view
 
     def __reduce__(self):
