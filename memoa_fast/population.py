@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import check_population_state
-from ._validation import as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
+from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
 from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 from .server import Server
@@ -129,7 +129,7 @@ class MeanFieldSummary:
         self._check_classes_read()
 
     def _check_classes_read(self) -> None:
-        """Set ``_empty_read``: why a step must be refused, or None (see :meth:`_refuse_empty_classes`).
+        """Set ``_empty_read``: why a step must be refused, or None (see :meth:`_refuse_step`).
 
         A class with no agent has no mean state or signal; the kernels would read 0 and a stale value in its place,
         so a policy whose offsets weigh that class's means would drift (agents at a common signal would leave it).
@@ -151,10 +151,19 @@ class MeanFieldSummary:
                 "set_labels), or play a game without that class"
             )
 
-    def _refuse_empty_classes(self) -> None:
-        """``ValueError`` before a step that would read the means of a class with no agent (nothing changes)."""
+    def _refuse_step(self) -> None:
+        """``ValueError`` before a step that cannot be taken (nothing changes).
+
+        A step that would read the means of a class with no agent; and one past
+        round ``2**63 - 1``, whose round counter no state could hold (a saved
+        state's ``t`` is an int64: the population could no longer be saved,
+        copied or pickled; only a loaded state gets there).
+        """
         if self._empty_read is not None:
             raise ValueError(self._empty_read)
+        if self.t >= MAX_COUNT:
+            raise ValueError(f"this population is at round t = {self.t} = 2**63 - 1, the last a saved state can hold "
+                             "(t is saved as an int64): it steps no further")
 
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
@@ -471,7 +480,7 @@ class Population(MeanFieldSummary):
 
     def _step(self, s, log_p) -> None:
         """One step: the backend's ``fused_step`` (two passes over memory; see :mod:`memoa_fast.kernels`)."""
-        self._refuse_empty_classes()
+        self._refuse_step()
         with self._exclusive:
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,

@@ -99,8 +99,9 @@ class Server:
 
     def reset(self) -> None:
         """Uniform weights ``p = 1/N``; the update counter back to 0."""
-        self._log_p[...] = -math.log(self.n_agents)
-        self.n_updates = 0
+        with self._exclusive:  # never under another thread's update (its kernel reads these weights)
+            self._log_p[...] = -math.log(self.n_agents)
+            self.n_updates = 0
 
     @property
     def log_weights(self) -> np.ndarray:
@@ -145,14 +146,16 @@ class Server:
             self.n_updates += 1
 
     def state_dict(self) -> dict:
-        """Everything needed to resume this server exactly (copies)."""
-        return server_state(self._log_p, self.n_updates, self.rule, self.eta, self.alpha)
+        """Everything needed to resume this server exactly (copies); never a snapshot taken during another thread's update."""
+        with self._exclusive:
+            return server_state(self._log_p, self.n_updates, self.rule, self.eta, self.alpha)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
         clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
-        self._log_p[...] = clean["log_weights"]
-        self.n_updates = clean["n_updates"]
+        with self._exclusive:
+            self._log_p[...] = clean["log_weights"]
+            self.n_updates = clean["n_updates"]
 
     def __reduce__(self):
         config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,

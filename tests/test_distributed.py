@@ -1229,3 +1229,27 @@ def test_a_k_class_population_restored_from_shards_saves_and_restores_again_with
     assert other.n_shards == 2
     other.close()
     dpop.close()
+
+
+def test_no_step_past_the_last_round_a_state_can_hold_on_either_engine(client, rng):
+    """A loaded state at t = 2**63 - 1 stepped once more gave t = 2**63: no save, copy or pickle could hold it."""
+    s = rng.normal(size=(N, 2))
+    pop = Population(GAME, N, 2, threads=1)
+    dpop = DaskPopulation(GAME, N, 2, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    state = pop.state_dict()
+    state["t"], state["discount"] = 2**63 - 1, 0.0  # gamma**t underflows to 0
+    for engine in (pop, dpop):
+        engine.load_state_dict(state)
+        before = engine.state_dict()
+        with pytest.raises(ValueError, match=r"round t = 9223372036854775807 = 2\*\*63 - 1.*steps no further"):
+            engine.step(s)
+        after = engine.state_dict()
+        assert after["t"] == 2**63 - 1
+        for key in ("states", "costs", "mean_state"):
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+        state["t"] = 2**63 - 2
+        engine.load_state_dict(state)
+        engine.step(s)  # the last round is still taken
+        assert engine.t == 2**63 - 1 and engine.state_dict()["t"] == 2**63 - 1
+        state["t"] = 2**63 - 1
+    dpop.close()

@@ -405,3 +405,29 @@ def _odd_forms(signals, series):
     unaligned[:] = series
     assert not unaligned.flags.aligned and not frozen.flags.writeable
     return readonly, frozen, unaligned
+
+
+@pytest.mark.parametrize("kind", ["Server", "ClientForecasters", "SquaredErrors"])
+def test_server_forecasters_and_scores_are_not_read_or_replaced_during_a_call(kind, signals):
+    """As for a Population: state_dict, pickle, copies, load_state_dict and reset never run under another thread's call."""
+    if kind == "Server":
+        obj = Server(N, D, backend="numpy")
+        obj.update(signals, TARGET)
+    elif kind == "ClientForecasters":
+        obj = ClientForecasters(N, D, backend="numpy")
+        obj.observe(TARGET)
+    else:
+        obj = SquaredErrors(N, D, backend="numpy")
+        obj.add(signals, TARGET)
+    before = pickle.dumps(obj)
+    calls = {"pickle": lambda: pickle.dumps(obj), "copy": lambda: copy.copy(obj), "reset": obj.reset}
+    if kind != "SquaredErrors":
+        saved = obj.state_dict()
+        calls.update(state_dict=obj.state_dict, load_state_dict=lambda: obj.load_state_dict(saved))
+    with obj._exclusive:  # another thread is inside a call
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match=f"{kind} is being used by another thread"):
+                call()
+    assert pickle.dumps(obj) == before  # nothing changed
+    for call in calls.values():  # and every one works once the call is over
+        call()

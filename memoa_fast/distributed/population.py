@@ -521,7 +521,7 @@ class DaskPopulation(MeanFieldSummary):
             The live states, a handle on the workers.
         """
         self._check_usable()
-        self._refuse_empty_classes()
+        self._refuse_step()
         if signals is None:
             if self.signal_factory is None:
                 raise ValueError(

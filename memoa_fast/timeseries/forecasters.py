@@ -252,6 +252,10 @@ class ClientForecasters:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Back to before the first observation: same noise scales, same noise sequence."""
+        with self._exclusive:  # never under another thread's observe (its kernel reads these arrays)
+            self._reset()
+
+    def _reset(self) -> None:
         B = self.block_size
         lo, hi = self.noise_range
         log_lo, log_span = math.log(lo), math.log(hi) - math.log(lo)
@@ -346,10 +350,11 @@ class ClientForecasters:
         the noise are functions of ``(seed, client, t)``: they need no saving.
         Per-client arrays of shards concatenate into the whole population's.
         """
-        return {
-            "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
-            "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()},
-        }
+        with self._exclusive:  # a snapshot of one round, never of two (another thread may be observing)
+            return {
+                "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
+                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()},
+            }
 
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; return a clean copy.
@@ -401,18 +406,17 @@ class ClientForecasters:
         """
         clean = self.validate_state_dict(state)
         agents, shared = clean["agents"], clean["shared"]
-        self._weights[...], self._lags[...], self._out[...] = agents["weights"], agents["lags"], agents["signals"]
-        self._y[...] = shared["y"]
-        self.t = int(shared["t"])
+        with self._exclusive:
+            self._weights[...], self._lags[...], self._out[...] = agents["weights"], agents["lags"], agents["signals"]
+            self._y[...] = shared["y"]
+            self.t = int(shared["t"])
 
     def __reduce__(self):
         """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object."""
         config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
                       block_size=self.block_size, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        with self._exclusive:
-            state = self.state_dict()
-        return (_rebuild_forecasters, (self.n_clients, self.dim, config, state))
+        return (_rebuild_forecasters, (self.n_clients, self.dim, config, self.state_dict()))
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -533,9 +537,10 @@ class SquaredErrors:
 
     def reset(self) -> None:
         """Totals back to zero."""
-        self._totals[...] = 0.0
-        self._mean[...] = 0.0
-        self.max_total = 0.0
+        with self._exclusive:  # never under another thread's add
+            self._totals[...] = 0.0
+            self._mean[...] = 0.0
+            self.max_total = 0.0
 
     def __repr__(self) -> str:
         return f"SquaredErrors(n_clients={self.n_clients}, dim={self.dim}, backend={self.backend!r})"
