@@ -532,7 +532,6 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
     beta = k * oma * kw
     iterations = 0
     if method == "qz":
-        secular = _secular_classes(k, e, a, qw, beta, shares)
         try:
             A, radius = _solve_qz(e, a, beta, shares, q, kappa, r, gamma)
             FA, V = _fixed_point_map(A, e, a, beta, shares)
@@ -548,11 +547,15 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
                 method = "iterate"
             except ValueError:
                 try:
-                    A, V, radius, residual = _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares)
+                    A, V, radius, residual = _from_secular(_secular_classes(k, e, a, qw, beta, shares), e, a, beta, q, kappa,
+                                                           r, gamma, shares)
                 except ValueError:
                     raise qz_error from None  # none solved it: the direct solve's error
                 method = "secular"
         else:
+            # QZ's eigenvalues checked against the secular equation's sign changes (two evaluations); the bisection
+            # of every root only where that check fails (ordinary games: 0.1 ms instead of 3-4 ms at K = 8)
+            secular = None if _secular_confirms(A, k, e, a, qw, beta, shares) else _secular_classes(k, e, a, qw, beta, shares)
             if secular is not None and not _same_spectrum(A, secular[1]):
                 # The pencil, formed in float64, lost an eigenvalue (1 - sum_j pi_j beta_j near 1e-14 with 1 - k_j
                 # near 1e-19): the roots of the secular equation, evaluated without that cancellation, decide.
@@ -619,24 +622,16 @@ def _secular_classes(k, e, a, qw, beta, pi):
     a sum of positive terms (``1 - k_j`` from the float ``k_j``, exact for ``k_j >= 1/2``). Each root is
     bisected to the last bit (geometric steps while its bracket spans more than a factor 4). The eigenvector
     of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))`` (the stable mode
-    of the pencil with ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``.
+    of the pencil with ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``. A class with ``beta_j = 0`` (``kappa_j = 0``)
+    has no pole (its term is ``-pi_j`` for every ``lam``): the brackets are those of the other classes, and its
+    ``e_j`` is an eigenvalue of its own (see :func:`_secular_setup`).
     """
-    poles, first, group = np.unique(e, return_index=True, return_inverse=True)
-    if not (poles[0] >= 0.0 and poles[-1] < 1.0):
+    setup = _secular_setup(k, e, a, qw, beta, pi)
+    if setup is None:
         return None
+    live, poles, first, group, g_minus_one = setup
     lo = poles.copy()
     hi = np.append(poles[1:], 1.0)
-    eps = (1.0 - k) + k * a + k * (1.0 - a) * qw
-    share_gap = math.fsum([*pi.tolist(), -1.0])
-
-    def g_minus_one(lam):
-        L = lam[:, None]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            terms = pi * (e - L * (eps + a * e) + a * L * L) / ((L - e) * (1.0 - a * L))
-        return terms.sum(axis=1) + share_gap
-
-    if not (g_minus_one(np.array([1.0]))[0] < 0.0):
-        return None
     for _ in range(400):
         geometric = (lo > 0.0) & (hi > 4.0 * lo)
         mid = np.where(geometric, np.sqrt(lo) * np.sqrt(hi), lo + 0.5 * (hi - lo))
@@ -653,14 +648,27 @@ def _secular_classes(k, e, a, qw, beta, pi):
         return None
     # Classes with the same 1 - k_j (same pole): the pole itself is an eigenvalue, once less than the classes
     # sharing it, with the eigenvectors d on those classes with pi'd = 0 (then Phi = 0): d = e_j0/pi_j0 - e_j/pi_j.
-    tied = [j for j in range(e.shape[0]) if j != first[group[j]]]
+    tied = [j for g_j, j in zip(group.tolist(), live.tolist()) if j != first[g_j]]
     if tied:
         extra = np.zeros((e.shape[0], len(tied)))
         for col, j in enumerate(tied):
-            j0 = first[group[j]]
+            j0 = first[group[np.searchsorted(live, j)]]
             extra[j0, col], extra[j, col] = 1.0 / pi[j0], -1.0 / pi[j]
         X = np.hstack([X, extra])
         roots = np.append(roots, e[tied])
+    # A class z without a pole (beta_z = 0: kappa_z = 0) keeps its own mean's decay e_z as an eigenvalue: d_i as
+    # above on the other classes (pi'd = Phi = 1), and d_z = (1 - g(e_z)) / pi_z, the rest of Phi
+    dead = np.flatnonzero(beta <= 0.0)
+    if dead.shape[0]:
+        lam = e[dead]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            extra = beta[:, None] * lam[None, :] / ((lam[None, :] - e[:, None]) * (1.0 - a[:, None] * lam[None, :]))
+        extra[dead, :] = 0.0
+        extra[dead, np.arange(dead.shape[0])] = -g_minus_one(lam) / pi[dead]
+        if not np.isfinite(extra).all():
+            return None
+        X = np.hstack([X, extra])
+        roots = np.append(roots, lam)
     try:
         A = np.linalg.solve(X.T, (X * roots[None, :]).T).T
     except np.linalg.LinAlgError:
@@ -668,6 +676,75 @@ def _secular_classes(k, e, a, qw, beta, pi):
     if not np.isfinite(A).all():
         return None
     return A, roots
+
+
+def _secular_setup(k, e, a, qw, beta, pi):
+    """``(live, poles, first, group, g_minus_one)`` of :func:`_secular_classes`, or None where its brackets fail.
+
+    ``live``: the indices of the classes with ``beta_j > 0`` (a class with ``beta_j = 0``, ``kappa_j = 0``, has no
+    pole: its term of ``g - 1`` is ``-pi_j``). ``poles``, ``first``, ``group``: :func:`numpy.unique` of their
+    ``e_j`` (sorted distinct poles, each one's first class as an index into ``e``, every live class's pole);
+    ``g_minus_one(lam)``: ``g - 1`` at each entry of the array ``lam``, without the cancellation of
+    ``1 - sum_j pi_j beta_j``. None unless ``0 <= e_j < 1`` and ``g(1) < 1``.
+    """
+    live = np.flatnonzero(beta > 0.0)
+    if live.shape[0] == 0:
+        return None
+    poles, first, group = np.unique(e[live], return_index=True, return_inverse=True)
+    if not (poles[0] >= 0.0 and poles[-1] < 1.0):
+        return None
+    first = live[first]
+    kl, el, al, pl = k[live], e[live], a[live], pi[live]
+    eps = (1.0 - kl) + kl * al + kl * (1.0 - al) * qw[live]
+    share_gap = math.fsum([*pl.tolist(), -1.0])  # the classes without a pole: their -pi_j, exactly
+
+    def g_minus_one(lam):
+        L = lam[:, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            terms = pl * (el - L * (eps + al * el) + al * L * L) / ((L - el) * (1.0 - al * L))
+        return terms.sum(axis=1) + share_gap
+
+    if not (g_minus_one(np.array([1.0]))[0] < 0.0):
+        return None
+    return live, poles, first, group, g_minus_one
+
+
+def _secular_confirms(A, k, e, a, qw, beta, pi):
+    """Whether ``A``'s eigenvalues are the secular roots to ``1e-9`` of the largest, without bisecting them.
+
+    True also where :func:`_secular_classes` would give None (its brackets fail: QZ stands). Sorted, the
+    roots are known to come, for each distinct pole ``p_i`` in turn, as ``m_i - 1`` copies of ``p_i`` (a pole
+    shared by ``m_i`` classes) and then the root in ``(p_i, p_{i+1})`` (``p_{D+1} = 1``). So with ``A``'s sorted
+    eigenvalue moduli ``mu`` and ``delta = 1e-9 max mu``, a copy must be within ``delta`` of its pole, and
+    a bracket's root lies within ``delta`` of its ``mu`` exactly when ``g - 1`` (the bisection's sign) is
+    ``> 0`` at ``mu - delta`` and ``<= 0`` at ``mu + delta`` (the bracket's ends count as ``+inf`` at the
+    pole and ``<= 0`` at its upper end). One evaluation of ``g - 1`` at ``2 D`` points.
+    """
+    setup = _secular_setup(k, e, a, qw, beta, pi)
+    if setup is None:
+        return True
+    live, poles, _, group, g_minus_one = setup
+    if live.shape[0] < e.shape[0]:
+        return False  # classes without a pole (kappa_j = 0): their e_j are eigenvalues too; the full solve decides
+    mu = np.sort(np.abs(np.linalg.eigvals(A)))
+    delta = 1e-9 * float(mu[-1])
+    counts = np.bincount(group, minlength=poles.shape[0])
+    at, copies = [], []
+    i = 0
+    for p, m in zip(poles.tolist(), counts.tolist()):
+        copies.extend(abs(float(mu[i + c]) - p) <= delta for c in range(m - 1))
+        i += m - 1
+        at.append(i)
+        i += 1
+    if not all(copies):
+        return False
+    lo = poles
+    hi = np.append(poles[1:], 1.0)
+    roots = mu[at]
+    left, right = roots - delta, roots + delta
+    sign = g_minus_one(np.concatenate([left, right]))
+    D = poles.shape[0]
+    return bool(np.all((left <= lo) | (sign[:D] > 0.0)) and np.all((right >= hi) | (sign[D:] <= 0.0)))
 
 
 def _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares):
