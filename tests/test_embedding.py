@@ -431,3 +431,27 @@ def test_server_forecasters_and_scores_are_not_read_or_replaced_during_a_call(ki
     assert pickle.dumps(obj) == before  # nothing changed
     for call in calls.values():  # and every one works once the call is over
         call()
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="needs Numba (its typeof names the compiled specialisation)")
+def test_step_and_step_predict_hand_the_kernel_the_same_array_types(signals):
+    """Numba compiles ``fused_step`` once per tuple of argument types: ``step`` and ``step_predict`` (whose log-weights,
+    ``Server.log_weights``, are a read-only view) must agree, or the first ``step_predict`` after ``step`` compiles the
+    whole fused step again (4.5 s serial, as much again parallel, with an empty cache).
+    """
+    import numba
+
+    pop, srv = Population(GAME, N, D, backend="numpy"), Server(N, D, backend="numpy")
+    seen = []
+    fused = pop._kernels.fused_step
+
+    class Recording:
+        def fused_step(self, *args):
+            seen.append(tuple(numba.typeof(a) for a in args if isinstance(a, np.ndarray)))
+            return fused(*args)
+
+    pop._kernels = Recording()
+    pop.step(signals)
+    pop.step_predict(signals, srv)
+    pop.step(pop.states)
+    assert len(set(seen)) == 1, seen
