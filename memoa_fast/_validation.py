@@ -381,7 +381,20 @@ def _kernel_ready(arr: np.ndarray) -> np.ndarray:
     whose memory is writeable comes back as a writeable view of the same
     memory (no copy, the caller's array keeps its flag); read-only memory
     (``np.frombuffer`` of bytes) and an unaligned array come back as a copy.
+
+    The commonest such argument is an object's live read-only view of a whole
+    buffer of its own (``server.update(pop.states, y)``, ``pop.step(forecasters.observe(y))``):
+    then the base itself is returned, with no new view (making a view writeable
+    costs NumPy ~0.6 us, a tenth of a small population's step). A C-contiguous
+    view with the same dtype and shape as its C-contiguous ndarray base spans
+    the same bytes (a view lies within its base), so it starts where the base
+    does: it is the base.
     """
+    base = arr.base
+    if type(base) is np.ndarray:
+        flags = base.flags
+        if flags.c_contiguous and flags.writeable and flags.aligned and base.shape == arr.shape and base.dtype is arr.dtype:
+            return base
     if arr.flags.aligned:
         view = arr.view()
         try:
@@ -402,9 +415,9 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     arrays raise ``TypeError`` naming ``name`` and the dtype, instead of being
     cast.
     """
-    value = plain_array(name, value)
-    if isinstance(value, np.ndarray) and value.dtype == np.float64 and value.flags.c_contiguous:
-        flags = value.flags
+    if type(value) is not np.ndarray:  # one type test for a plain array (the call costs more than the test)
+        value = plain_array(name, value)
+    if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
         arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
         try:
