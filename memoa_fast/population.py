@@ -344,7 +344,9 @@ class Population(MeanFieldSummary):
         self._work = np.zeros(work_shape(self.n_agents, self._lay))
         self._field = np.zeros((self._lay.field_rows, self.dim))
         self._yhat = np.zeros(self.dim)
-        self._no_weights = np.empty(0)
+        # No server: log_p is empty. Read-only like Server.log_weights (step_predict's), so that Numba compiles the
+        # fused step once for both calls (a writeable array is another type: the whole step compiled again).
+        self._no_weights = readonly_view(np.empty(0))
         self._x_view = readonly_view(self._x)
         self._J_view = readonly_view(self._J)
         self._exclusive = Exclusive("Population")

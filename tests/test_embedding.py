@@ -431,3 +431,57 @@ def test_server_forecasters_and_scores_are_not_read_or_replaced_during_a_call(ki
     assert pickle.dumps(obj) == before  # nothing changed
     for call in calls.values():  # and every one works once the call is over
         call()
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="needs Numba (its typeof names the compiled specialisation)")
+def test_step_and_step_predict_hand_the_kernel_the_same_array_types(signals):
+    """Numba compiles ``fused_step`` once per tuple of argument types: ``step`` and ``step_predict`` (whose log-weights,
+    ``Server.log_weights``, are a read-only view) must agree, or the first ``step_predict`` after ``step`` compiles the
+    whole fused step again (4.5 s serial, as much again parallel, with an empty cache).
+    """
+    import numba
+
+    pop, srv = Population(GAME, N, D, backend="numpy"), Server(N, D, backend="numpy")
+    seen = []
+    fused = pop._kernels.fused_step
+
+    class Recording:
+        def fused_step(self, *args):
+            seen.append(tuple(numba.typeof(a) for a in args if isinstance(a, np.ndarray)))
+            return fused(*args)
+
+    pop._kernels = Recording()
+    pop.step(signals)
+    pop.step_predict(signals, srv)
+    pop.step(pop.states)
+    assert len(set(seen)) == 1, seen
+
+
+def test_a_read_only_view_of_a_whole_buffer_reaches_the_kernels_as_that_buffer(signals):
+    """``server.update(pop.states, y)``, ``pop.step(forecasters.observe(y))``: the live read-only view of an object's
+    whole buffer is passed on as the buffer itself (no new writeable view: NumPy takes ~0.6 us to make one, a tenth
+    of a small step); any other read-only view still reads its own values, and the caller's array keeps its flag.
+    """
+    from memoa_fast._validation import as_float_array
+
+    pop = Population(GAME, N, D, backend="numpy")
+    pop.step(signals)
+    for _ in range(2):  # the second call recognises the view
+        assert as_float_array("states", pop.states, (N, D)) is pop._x
+    assert not pop.states.flags.writeable
+    for k in range(50):  # views die and their ids are reused: each is the buffer of its own values
+        own = np.full((N, D), float(k))
+        view = own.view()
+        view.flags.writeable = False
+        assert as_float_array("x", view, (N, D)) is own
+        del own, view
+    square = np.asfortranarray(signals[:D] + 1.0)  # its transpose is C-contiguous, of the same shape, other bytes
+    base = np.zeros((2 * N, D))
+    base[:N] = signals
+    for view, want in ((square.T, square.T.copy()), (base[:N], signals), (base[N:], np.zeros((N, D))),
+                       (base.reshape(N, 2 * D)[:, :D].copy(), base.reshape(N, 2 * D)[:, :D])):
+        view = view.view()
+        view.flags.writeable = False
+        got = as_float_array("x", view, view.shape)
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.writeable and not view.flags.writeable
