@@ -21,7 +21,6 @@ import math
 import numbers
 import os
 import sys
-import weakref
 
 import numpy as np
 
@@ -371,12 +370,6 @@ def _probably_finite(arr: np.ndarray) -> bool:
         return bool(np.isfinite(np.add.reduce(arr, axis=None)))
 
 
-#: The read-only views :func:`_kernel_ready` found to span a whole writeable buffer, by id (weak references: a view
-#: is only recognised while it lives). ``Population.states`` and the like are the same view object call after call:
-#: the next call takes its base in ~0.1 us instead of testing it again (~0.5 us).
-_WHOLE_VIEWS: dict[int, weakref.ref] = {}
-
-
 def _kernel_ready(arr: np.ndarray) -> np.ndarray:
     """A read-only or unaligned C-contiguous float64 array as an array of the type the compiled kernels were built for.
 
@@ -401,9 +394,6 @@ def _kernel_ready(arr: np.ndarray) -> np.ndarray:
     if type(base) is np.ndarray:
         flags = base.flags
         if flags.c_contiguous and flags.writeable and flags.aligned and base.shape == arr.shape and base.dtype is arr.dtype:
-            if len(_WHOLE_VIEWS) >= 64:  # a few objects' views in use; dead ones are dropped here
-                _WHOLE_VIEWS.clear()
-            _WHOLE_VIEWS[id(arr)] = weakref.ref(arr)
             return base
     if arr.flags.aligned:
         view = arr.view()
@@ -428,11 +418,7 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if type(value) is not np.ndarray:  # one type test for a plain array (the call costs more than the test)
         value = plain_array(name, value)
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
-        if flags.writeable and flags.aligned:
-            arr = value
-        else:
-            known = _WHOLE_VIEWS.get(id(value))
-            arr = value.base if known is not None and known() is value else _kernel_ready(value)
+        arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
         try:
             raw = np.asarray(value)
