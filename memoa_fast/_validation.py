@@ -407,6 +407,24 @@ def _kernel_ready(arr: np.ndarray) -> np.ndarray:
     return arr.copy()
 
 
+def real_array(name: str, value) -> np.ndarray:
+    """``value`` as a NumPy array of a real integer or floating dtype, not cast yet (any shape; no copy of an array).
+
+    The one reading of "an array of real numbers" that the public arguments go
+    through: NumPy subclasses unwrapped first (:func:`plain_array`: a masked
+    entry is refused, not read beneath its mask), ragged sequences and every
+    dtype a cast would change (:func:`check_real_dtype`) refused with
+    ``TypeError`` naming ``name``.
+    """
+    value = plain_array(name, value)
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
+    check_real_dtype(name, raw.dtype)
+    return raw
+
+
 def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite: bool = False) -> np.ndarray:
     """Return ``value`` as a C-contiguous float64 array of exactly ``shape``.
 
@@ -422,12 +440,7 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
         arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
-        try:
-            raw = np.asarray(value)
-        except (TypeError, ValueError) as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
-        check_real_dtype(name, raw.dtype)
-        arr = np.ascontiguousarray(raw, dtype=np.float64)
+        arr = np.ascontiguousarray(real_array(name, value), dtype=np.float64)
     if arr.shape != shape:
         if len(shape) == 2 and shape[1] == 1 and arr.shape == shape[:1]:
             arr = arr.reshape(shape)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import binary_exponent, check_int, check_real, check_real_dtype
+from ._validation import binary_exponent, check_int, check_real, plain_array, real_array
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
 
@@ -207,19 +207,9 @@ def _check_game(game) -> Game:
     return game
 
 
-def _real_array(name: str, value) -> np.ndarray:
-    """``value`` as a new float64 array, refusing what a cast would silently change (complex, bool, strings, objects)."""
-    try:
-        raw = np.asarray(value)
-    except (TypeError, ValueError) as exc:  # ragged lists and the like
-        raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
-    check_real_dtype(name, raw.dtype)
-    return np.array(raw, dtype=np.float64)
-
-
 def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
     """Signals as a float (N, d) array; (N,) means d = 1."""
-    s = _real_array("signals", signals)
+    s = np.array(real_array("signals", signals), dtype=np.float64)  # a copy: the results keep it
     if s.ndim == 1:
         s = s[:, None]
     if s.ndim != 2 or s.shape[1] < 1:
@@ -233,7 +223,7 @@ def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
 
 
 def _as_states(name: str, value, n: int, d: int) -> np.ndarray:
-    x = _real_array(name, value)
+    x = np.array(real_array(name, value), dtype=np.float64)
     if x.shape == (n,) and d == 1:
         x = x[:, None]
     if x.shape != (n, d):
@@ -253,7 +243,7 @@ def _check_agents(agents, n: int):
         return agents
     if isinstance(agents, str):
         raise ValueError(f"agents must be None, 'all' or a sequence of indices in [0, {n - 1}], got {agents!r}")
-    arr = np.asarray(agents)
+    arr = np.asarray(plain_array("agents", agents))
     if arr.ndim == 0:
         arr = arr[None]
     if arr.ndim != 1 or arr.size == 0:
@@ -879,6 +869,7 @@ def _check_labels(game: Game, labels, n: int):
         if K > 1:
             raise ValueError(f"labels (the class of every agent, ints in [0, {K - 1}]) are required for a game with {K} classes")
         return None, None
+    labels = plain_array("labels", labels)
     try:
         arr = np.asarray(labels)
     except (TypeError, ValueError):

@@ -478,3 +478,35 @@ def test_a_read_only_view_of_a_whole_buffer_reaches_the_kernels_as_that_buffer(s
         got = as_float_array("x", view, view.shape)
         np.testing.assert_array_equal(got, want)
         assert got.flags.writeable and not view.flags.writeable
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_the_certificates_and_run_experiment_refuse_masked_entries_and_read_subclasses_as_plain_arrays():
+    # plain_array was called by as_float_array, as_steps and the labels' check, but the certificates and
+    # run_experiment read their arrays with np.asarray: a masked entry was read beneath its mask, silently.
+    from memoa_fast.certificates import epsilon_nash, policy_costs, policy_gain_matrix
+    from memoa_fast.timeseries.experiment import run_experiment
+
+    s = np.linspace(-1.0, 1.0, 2 * N).reshape(N, 2)
+    hidden = s.copy()
+    hidden[3, 1] = 1e6  # the value beneath the mask
+    masked = np.ma.masked_array(hidden, mask=np.arange(2 * N).reshape(N, 2) == 7)
+    game = Game(q=[1.0, 2.0], kappa=[1.0, 1.0], r=[0.1, 0.1], gamma=0.9, shares=[0.5, 0.5])
+    labels = np.arange(N) % 2
+    masked_labels = np.ma.masked_array(labels, mask=np.arange(N) == 2)
+    calls = {
+        "signals": lambda: policy_costs(GAME, masked, s, horizon=5),
+        "initial_states": lambda: policy_costs(GAME, s, masked, horizon=5),
+        "agents": lambda: epsilon_nash(GAME, N, s, s, agents=np.ma.masked_array([0, 1], mask=[False, True]), horizon=5),
+        "labels": lambda: policy_gain_matrix(game, s, labels=masked_labels),
+        "series": lambda: run_experiment(np.ma.masked_array(np.sin(np.arange(12.0)), mask=np.arange(12) == 4), n_clients=2,
+                                         policies="memoa", burn_in=2, backend="numpy", threads=1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name} is a masked array with 1 masked entries"):
+            call()
+    # np.matrix and a masked array with nothing masked are their plain arrays
+    np.testing.assert_array_equal(policy_costs(GAME, np.asmatrix(s), np.ma.masked_array(s), horizon=5),
+                                  policy_costs(GAME, s, s, horizon=5))
+    np.testing.assert_array_equal(policy_gain_matrix(game, s, labels=np.ma.masked_array(labels)),
+                                  policy_gain_matrix(game, s, labels=labels))

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_bool, check_choice, check_int, check_real_dtype
+from .._validation import check_bool, check_choice, check_int, real_array
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -343,9 +343,8 @@ def run_experiment(
         RMSE of each server rule's mixture, of the uniform mean, of the worst
         and the average client, and ``max_i J_i``, for each policy.
     """
-    raw = np.asarray(series)
-    check_real_dtype("series", raw.dtype)  # complex, bool, strings, objects, datetimes: refused, never cast
-    y = raw.astype(np.float64, copy=False)
+    # complex, bool, strings, objects, datetimes: refused, never cast; a masked entry refused, not read beneath its mask
+    y = real_array("series", series).astype(np.float64, copy=False)
     if y.ndim == 1:
         y = y[:, None]
     if y.ndim != 2 or y.shape[0] < 2:
