@@ -53,11 +53,12 @@ class Server:
     with every step beyond ``1e300`` the smallest still takes the weight).
     Only a step whose computation overflows (``g_i`` or ``eta g_i`` beyond
     the largest double, or eg's ``inf - inf``) is clipped, to the largest
-    double ``1.8e308`` (``-1.8e308`` for ``-inf``): such a client's weight
-    becomes 0 beside any client with a nonzero weight whose step is at most
-    half that, and clients whose steps all overflow tie (their previous
-    weights are forgotten). The
-    log-weights are rounded to the precision of the steps: with steps near
+    double ``1.8e308`` (``-1.8e308`` for ``-inf``): such a client keeps only
+    the fixed share ``alpha / N`` (0 at ``alpha = 0``) beside any client with
+    a nonzero weight whose step is at most half that, and the clients with
+    nonzero weights whose steps all overflow tie (their previous weights are
+    forgotten; a zero weight stays 0). The log-weights are rounded to the
+    precision of the steps: with steps near
     ``1e20`` their differences below about ``1e4`` are lost. So the weights
     always sum to 1 (within rounding) and are never NaN, whatever finite
     states and targets arrive; a weight may be exactly 0 (log-weight
