@@ -25,6 +25,7 @@ import numpy as np
 from .._exclusive import Exclusive
 from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from ..game import Game
+from ..kernels import SIZE
 from ..population import Population
 
 
@@ -347,7 +348,7 @@ class TrustPopulation:
         # The same classes in every candidate. The population's own (writeable) labels: np.bincount copies a
         # read-only array (an (N,) allocation per round); one class keeps no labels, so zeros of our own.
         labels = self.population._labels if K > 1 else self._zeros
-        sizes = np.maximum(np.bincount(labels, minlength=K), 1)
+        sizes = np.maximum(self.population._coef[:, SIZE], 1.0)  # the class sizes the population keeps (labels set)
         for c, pop in enumerate(self.populations):
             with np.errstate(over="ignore", invalid="ignore"):
                 np.subtract(pop.states, target, out=self._diff)
