@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import scalar_of
+from ._validation import MAX_COUNT, scalar_of
 from .kernels import SIGNAL_LIMIT
 
 __all__ = [
@@ -50,7 +50,6 @@ POPULATION_KEYS = (
 SERVER_KEYS = ("log_weights", "n_updates", "rule", "eta", "alpha")
 
 _LSE_TOL = 1e-9
-_MAX_INT64 = 2**63 - 1
 _DISCOUNT_TOL = 1e-9
 
 
@@ -122,7 +121,7 @@ def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True
 def _int(key, value, *, low=0, high=None) -> int:
     """A Python int: Python or NumPy integers and 0-d integer arrays; never bool, float or str."""
     value = scalar_of(value, "iu")
-    top = "inf" if high is None else "2**63 - 1" if high == _MAX_INT64 else str(high)
+    top = "inf" if high is None else "2**63 - 1" if high == MAX_COUNT else str(high)
     accepted = f"an integer in [{low}, {top}]"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         _fail(key, f"must be {accepted}, got {_short(value)} of type {type(value).__name__}")
@@ -252,7 +251,7 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
     else:
         class_mean_signal = mean_signal.reshape(1, d).copy()
 
-    t = _int("t", state["t"], low=0, high=_MAX_INT64)
+    t = _int("t", state["t"], low=0, high=MAX_COUNT)
     discount = _real("discount", state["discount"])
     gamma = float(game.gamma)
     expected = gamma**t
@@ -351,7 +350,7 @@ def check_server_state(state, *, n_agents: int, rule: str, eta: float, alpha: fl
     total = top + math.log(float(np.exp(log_p - top).sum()))
     if not abs(total) <= _LSE_TOL:
         _fail("log_weights", f"are not normalised: log-sum-exp is {total!r}, accepted: within {_LSE_TOL:g} of 0")
-    n_updates = _int("n_updates", state["n_updates"], low=0, high=_MAX_INT64)
+    n_updates = _int("n_updates", state["n_updates"], low=0, high=MAX_COUNT)
     return {"log_weights": log_p, "n_updates": n_updates, "rule": rule, "eta": float(eta), "alpha": float(alpha)}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_source_state
-from .._validation import as_target_array, check_int, check_real, check_seed
+from .._validation import MAX_COUNT, as_target_array, check_int, check_real, check_seed
 
 
 class NoisyLastValueSignals:
@@ -84,7 +84,7 @@ class NoisyLastValueSignals:
         ``ValueError`` (nothing changed) at round ``t = 2**63 - 1``, the last a state can hold (``t`` is saved as an
         int64; only a loaded state gets there).
         """
-        if self.t >= 2**63 - 1:
+        if self.t >= MAX_COUNT:
             raise ValueError(f"this signal source is at round 2**63 - 1 = {self.t}, the last its state can hold (t is "
                              "saved as an int64): it makes no further round")
         self._noise.noisy_last_value(self.lo, self._key, self.t, self._y, self.sigma, self._out, self.threads)

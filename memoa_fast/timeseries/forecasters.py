@@ -48,8 +48,8 @@ import numpy as np
 from .. import _backends
 from .._exclusive import Exclusive
 from .._state import check_source_state
-from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
 from .._validation import (
+    MAX_COUNT,
     as_float_array,
     as_target_array,
     check_bool,
@@ -61,6 +61,7 @@ from .._validation import (
     check_sizes,
     readonly_view,
 )
+from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -317,8 +318,8 @@ class ClientForecasters:
         """
         y = check_target("y", y, self.dim)
         with self._exclusive:
-            if self.t >= _LAST_ROUND:
-                raise ValueError(f"this forecaster is at round 2**63 - 1 = {_LAST_ROUND}, the last its state can hold "
+            if self.t >= MAX_COUNT:  # the last round counter a state can hold (t is saved as an int64)
+                raise ValueError(f"this forecaster is at round 2**63 - 1 = {MAX_COUNT}, the last its state can hold "
                                  "(t is saved as an int64): it observes no further round")
             self._y[...] = y
             self._draw_noise()
@@ -564,10 +565,6 @@ def _rebuild_squared_errors(n_clients, dim, config, arrays):
 
 
 _NOT_SAVED = "This state was not saved by a ClientForecasters."
-
-#: The last round counter a state can hold (``state_dict`` saves ``t`` as an int64).
-_LAST_ROUND = 2**63 - 1
-
 
 def _check_weight_norms(weights: np.ndarray, limit: float, t: int) -> None:
     """``ValueError`` unless every client's weights of one coordinate, ``weights[i, c]``, have Euclidean norm <= ``limit``.
