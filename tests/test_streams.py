@@ -446,6 +446,49 @@ def test_csv_row_with_another_field_count_is_refused_not_shifted(tmp_path, row, 
         load_csv_series(path, "value", warmup=5)
 
 
+@pytest.mark.parametrize("sep", [",", ";", "\t", "|"])
+@pytest.mark.parametrize("missing", ["error", "drop"])
+def test_csv_field_count_is_checked_row_by_row_whatever_the_others(tmp_path, sep, missing):
+    """Rows with one field too many and one too few balance in a block's delimiter count: each is still refused
+    at its line, in the block fast path as in the line-by-line one, and with missing='drop' (a gap is an empty cell
+    of a well-formed row, not a row cut short), whichever column is read.
+    """
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        lines = [sep.join(("date", "a", "b", "c"))] + [sep.join((f"2020-{i}", f"{i % 7}.5", f"{i % 5}.25", f"{i % 3}.125"))
+                                                        for i in range(60)]
+        long_at, short_at = sorted(rng.choice(np.arange(1, 61), size=2, replace=False))
+        cells = lines[long_at].split(sep)
+        extra = int(rng.integers(0, 4))
+        lines[long_at] = sep.join(cells[:extra] + ["1e3"] + cells[extra:])  # e.g. 'Jan 5, 2020' unquoted
+        cells = lines[short_at].split(sep)
+        lines[short_at] = sep.join(cells[:-1] if rng.random() < 0.5 else cells[:1] + cells[2:])
+        path = _write(tmp_path, "\n".join(lines) + "\n", f"f{trial}.csv")
+        first = min(long_at, short_at)
+        for column in ("a", "b", "c"):
+            with pytest.raises(CsvSeriesError, match=rf"line {first + 1} \(data row {first}\)(, column '{column}')?: "):
+                load_csv_series(path, column, warmup=5, missing=missing)
+    # one row cut short (its last field lost), alone: not a gap to drop
+    lines = ["date,a,b"] + [f"2020-{i},{i % 7}.5,{i % 5}" for i in range(30)]
+    lines[12] = "2020-11,4.5"
+    with pytest.raises(CsvSeriesError, match=r"line 13 \(data row 12\)(, column 'b')?: "):
+        load_csv_series(_write(tmp_path, "\n".join(lines) + "\n", "cut.csv"), "b", warmup=5, missing=missing)
+
+
+def test_csv_missing_drop_counts_the_dropped_rows(tmp_path):
+    """return_dropped: the rows dropped as gaps (empty cells, markers, blank lines inside the data, not at its end)."""
+    lines = ["date,value"] + [f"2020-{i},{i % 7}" for i in range(30)]
+    lines[4] = "2020-3,"
+    lines[9] = "2020-8,NA"
+    lines.insert(15, "")
+    path = _write(tmp_path, "\n".join(lines) + "\n\n\n")
+    got, n = load_csv_series(path, "value", warmup=5, missing="drop", return_dropped=True)
+    assert (got.shape, n) == ((28,), 3)
+    y, mean, std, n = load_csv_series(path, "value", warmup=5, missing="drop", return_dropped=True, return_scaling=True)
+    assert n == 3 and np.array_equal(y, got)
+    assert load_csv_series(_write(tmp_path, _csv(range(30)), "ok.csv"), "value", warmup=5, return_dropped=True)[1] == 0
+
+
 @pytest.mark.parametrize("sep", [";", "\t", "|"])
 @pytest.mark.parametrize("crlf", [False, True])
 def test_csv_semicolon_tab_and_pipe_delimiters_are_read_from_the_header(tmp_path, sep, crlf):

@@ -318,6 +318,7 @@ def load_csv_series(
     max_rows: int | None = None,
     return_scaling: bool = False,
     missing: str = "error",
+    return_dropped: bool = False,
 ):
     """One numeric column of a CSV file with a header row, z-scored on a warm-up prefix.
 
@@ -352,17 +353,22 @@ def load_csv_series(
     return_scaling : bool, default False
         Also return ``(mean, std)`` of the warm-up prefix.
     missing : {"error", "drop"}, default "error"
-        What an empty or missing cell, a missing-value marker
+        What an empty cell, a missing-value marker
         (:data:`MISSING_MARKERS`: ``NA``, ``N/A``, ``nan``, ``NULL``,
         ``None``, ``.``, ``#N/A``, ..., any case) or a blank line means: an
         error (a gap in the series), or a row to drop, so that the series is
         the column's values in order with the gaps closed (FRED's H.10 file
-        has market holidays and columns that start late).
+        has market holidays and columns that start late). Either way, a row
+        whose number of fields differs from the header's is an error.
+    return_dropped : bool, default False
+        Also return, last, the number of rows dropped as gaps
+        (``missing="drop"``; blank lines after the last row do not count).
 
     Returns
     -------
     numpy.ndarray, shape (n_rows,)
-        (or ``(values, mean, std)`` with ``return_scaling``); every value is
+        (or ``(values, mean, std)`` with ``return_scaling``, and
+        ``n_dropped`` after them with ``return_dropped``); every value is
         finite with ``|y| <= 1e30`` (:data:`memoa_fast.forecasters.TARGET_LIMIT`).
 
     Raises
@@ -390,6 +396,7 @@ def load_csv_series(
     if not isinstance(column, str):
         raise TypeError(f"column must be a str (a name in the header row), got {column!r} of type {type(column).__name__}")
     return_scaling = check_bool("return_scaling", return_scaling)
+    return_dropped = check_bool("return_dropped", return_dropped)
     warmup = check_int("warmup", warmup, low=2)
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
@@ -432,7 +439,10 @@ def load_csv_series(
     if not max(-float(arr.min()), float(arr.max())) <= TARGET_LIMIT:  # rounding at the very edge of the limit
         i = int(np.argmax(~(np.abs(arr) <= TARGET_LIMIT)))
         reader.refuse_scale(i, float(arr[i]) * std + mean, float(arr[i]), mean, std, TARGET_LIMIT)
-    return (arr, mean, std) if return_scaling else arr
+    out = (arr, mean, std) if return_scaling else (arr,)
+    if return_dropped:
+        out += (reader.n_dropped,)
+    return out if len(out) > 1 else arr
 
 
 def csv_columns(path: str | os.PathLike) -> list[str]:
@@ -483,6 +493,8 @@ class _ColumnReader:
         self.buf = np.empty(0)
         self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
         self.sep = ","  # the delimiter, read from the header row
+        self.n_dropped = 0  # rows dropped as gaps (missing="drop"); blank lines count once a row follows them
+        self.blank_run = 0
 
     # ------------------------------------------------------------------ driver
     def read(self) -> np.ndarray:
@@ -619,9 +631,8 @@ class _ColumnReader:
                 f"{self.path}, line {line}: not UTF-8 text ({_byte(chunk, exc)}); save the file as UTF-8"
             ) from None
         sep = self.sep.encode()
-        # Fast path only where every line has the header's field count (one count over the block, in C).
-        if (self.blank_at is None and b'"' not in chunk and b"_" not in chunk
-                and chunk.count(sep) == len(lines) * (self.n_fields - 1)):
+        # Fast path only where every line has the header's field count (counted line by line, in C).
+        if self.blank_at is None and b'"' not in chunk and b"_" not in chunk and self._uniform_fields(chunk, len(lines)):
             try:
                 if self.n_fields == 1:
                     cells = lines
@@ -635,6 +646,25 @@ class _ColumnReader:
                 self._append(values)
                 return
         self._slow(lines, first_line)
+
+    def _uniform_fields(self, chunk: bytes, n_lines: int) -> bool:
+        """Whether every one of the block's ``n_lines`` lines holds exactly ``n_fields - 1`` delimiters.
+
+        Counted per line, not over the block: a row with one field too many and another with one too few
+        balance in a block total, and the fast path would then read a shifted column from the first.
+        """
+        want = self.n_fields - 1
+        if want == 0:
+            return self.sep.encode() not in chunk
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        at = np.flatnonzero(data == ord(self.sep))
+        if at.shape[0] != n_lines * want:
+            return False
+        # With n_lines * want delimiters in all, every line holds exactly want of them iff the want delimiters
+        # that would be line i's (numbers i * want .. i * want + want - 1, in order) lie inside line i.
+        at = at.reshape(n_lines, want)
+        ends = np.append(np.flatnonzero(data == 10), len(chunk))  # where each line ends (the last at the block's end)
+        return bool((at[1:, 0] > ends[:-1]).all() and (at[:, -1] < ends).all())
 
     def _slow(self, lines: list[bytes], first_line: int) -> None:
         """Line by line, with the strict checks; raises at the first bad line.
@@ -652,10 +682,10 @@ class _ColumnReader:
             row = self._fields(text, line)
             cell = row[col].strip() if col < len(row) else ""  # a missing cell reads as an empty one
             folded = cell.lower()
-            if self.drop_missing and (not cell or folded in MISSING_MARKERS):
-                continue
             if not cell and not any(other.strip() for i, other in enumerate(row) if i != col):
-                if self.blank_at is None:
+                if self.drop_missing:  # a blank line is a row to drop (counted once a row follows it)
+                    self.blank_run += 1
+                elif self.blank_at is None:
                     self.blank_at = line
                 continue
             if self.blank_at is not None:
@@ -663,8 +693,12 @@ class _ColumnReader:
                     f"{path}, line {self.blank_at}, column {column!r}: empty line inside the data (a gap in the series); "
                     "remove it or fill in the missing row"
                 )
+            if self.blank_run:  # blank lines inside the data, dropped (blank lines at the end are not rows)
+                self.n_dropped += self.blank_run
+                self.blank_run = 0
             where = f"{path}, line {line} (data row {self.n + len(out) + 1}), column {column!r}"
-            if col >= len(row):
+            # A row of another field count is refused in both modes (missing='drop' drops gaps, not malformed rows).
+            if col >= len(row) and not self.drop_missing:
                 raise CsvSeriesError(
                     f"{where}: missing cell (the row has {len(row)} fields, the header {self.n_fields}); "
                     "the series has a gap there"
@@ -675,6 +709,9 @@ class _ColumnReader:
                     f"{self.n_fields} (delimiter {self.sep!r}); the columns cannot be matched: a field is missing, or a "
                     "field holds the delimiter without quotes (quote it)"
                 )
+            if self.drop_missing and (not cell or folded in MISSING_MARKERS):
+                self.n_dropped += 1
+                continue
             if not cell:
                 raise CsvSeriesError(
                     f"{where}: empty cell (a gap in the series); fill it, or drop such rows with missing='drop' "
