@@ -97,6 +97,23 @@ def test_csv_run(tmp_path, capsys):
     assert code == 0 and "RMSE on stream s.csv:value: 60 clients, 399 rounds" in out
 
 
+def test_missing_drop_says_how_many_rows_it_dropped(tmp_path, capsys, monkeypatch):
+    """--missing drop closes the gaps as asked, and says so on stderr (how many rows, of how many): never silently."""
+    got, run = [], experiment.run_experiment
+    monkeypatch.setattr(experiment, "run_experiment", lambda series, **k: got.append(series) or run(series[:3], n_clients=1))
+    rows = [f"{i},{(i * 37 % 101) / 10}" for i in range(300)]
+    rows[150], rows[160] = "150,", "160,NA"
+    path = tmp_path / "s.csv"
+    path.write_text("t,value\n" + "\n".join(rows) + "\n\n")
+    code, _, err = _run(["run", "--csv", str(path), "--column", "value", "--warmup", "100", "--missing", "drop", *FAST[:2],
+                         "--quiet"], capsys)
+    assert code == 0 and got[0].shape == (298,)
+    assert "memoa: note: --missing drop dropped 2 of 300 rows read from" in err and err.count("\n") == 1, err
+    path.write_text("t,value\n" + "\n".join(rows[:150]) + "\n\n")  # nothing to drop: nothing said
+    assert _run(["run", "--csv", str(path), "--column", "value", "--warmup", "100", "--missing", "drop", "--quiet"],
+                capsys)[2] == ""
+
+
 def _one_line_error(err: str, needle: str) -> None:
     assert needle in err, err
     assert "Traceback" not in err

@@ -378,8 +378,9 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                       f"(--warmup {args.warmup}), got --rounds {args.rounds}; lower --warmup or raise --rounds")
         limit = RANGES["--rounds"][1]
         try:
-            series = load_csv_series(args.csv, args.column, warmup=args.warmup, missing=args.missing,
-                                     max_rows=(limit if args.rounds is None else args.rounds) + 1)
+            series, dropped = load_csv_series(args.csv, args.column, warmup=args.warmup, missing=args.missing,
+                                              max_rows=(limit if args.rounds is None else args.rounds) + 1,
+                                              return_dropped=True)
         except FileNotFoundError as exc:
             run.error(f"argument --csv: {exc}")
         except (CsvSeriesError, OSError) as exc:
@@ -387,6 +388,10 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         if args.rounds is not None and len(series) < args.rounds + 1:
             run.error(f"argument --rounds: {args.csv} has {len(series)} rows in column {args.column!r}, "
                       f"enough for {len(series) - 1} rounds, asked for {args.rounds}")
+        if dropped:  # asked for, but never silent: the series is shorter, and its rows no longer equally spaced
+            print(f"memoa: note: --missing drop dropped {dropped} of {dropped + len(series)} rows read from {args.csv} "
+                  f"(an empty cell, a missing-value marker or a blank line in column {args.column!r}); the series has the "
+                  f"other {len(series)} values, in order", file=sys.stderr)
         if args.rounds is None and len(series) == limit + 1:
             print(f"memoa: note: --csv has more rows than the largest run; using the first {limit + 1} "
                   f"({limit} rounds)", file=sys.stderr)
