@@ -385,6 +385,34 @@ def test_an_output_never_overwrites_the_input_csv(tmp_path, capsys, monkeypatch,
     assert calls == [] and data.read_text() == text
 
 
+@pytest.mark.parametrize("option,name", [("--json", "r.json"), ("--plot", "r.png")])
+def test_an_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path, capsys, monkeypatch, option, name):
+    """A symlinked output path is followed (as checkpoints do): the file it points to, in another folder (maybe
+    another file system), is replaced by a rename inside that folder; the link stays; an existing file keeps its mode.
+    """
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    target, link = there / name, here / name
+    target.write_text("old")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    replace = os.replace
+
+    def same_folder_only(src, dst):  # a rename across folders may cross file systems (EXDEV): after the whole run
+        assert Path(src).parent == Path(dst).parent, (src, dst)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", same_folder_only)
+    code, _, err = _run(["run", "--clients", "5", "--rounds", "30", "--quiet", "--policies", "memoa", option, str(link)],
+                        capsys)
+    assert code == 0 and err == ""
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() != b"old" and (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["here", "there", name, name])  # no temporary left
+
+
 @pytest.mark.parametrize("clients", [1, 2, 7])
 def test_fewer_clients_than_the_default_classes_runs(clients, capsys):
     """--classes defaults to min(8, --clients): a small run needs no --classes; an explicit K > N is still refused."""

@@ -9,7 +9,9 @@ path exits with status 2 and one line on stderr naming the option, the value
 and what is accepted, never a traceback, and **before** the run starts.
 Output files (``--json PATH``, ``--plot PATH``) are written to a temporary
 file in the same folder and renamed into place only when the run and every
-output succeeded, so a failure leaves no partial file. JSON output is strict
+output succeeded, so a failure leaves no partial file; an existing file is
+replaced (keeping its permissions), and a symbolic link is followed (the file
+it points to is replaced, the link kept). JSON output is strict
 (no ``NaN``/``Infinity``; a non-finite score would be ``null``).
 """
 from __future__ import annotations
@@ -228,10 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: numba (default), cython (needs the compiled extension; never imports Numba), "
                         "numpy (slow reference)")
     g.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="also write the results as strict JSON to PATH; without PATH, print JSON instead of the table")
+                   help="also write the results as strict JSON to PATH (an existing file is replaced once the run succeeded; "
+                        "a symbolic link is followed); without PATH, print JSON instead of the table")
     g.add_argument("--plot", type=Path, default=None, metavar="FILE",
                    help="write a figure (.png, .pdf, .svg, ...; needs the plot extra: pip install \"memoa-fast[plot]\"): "
-                        "per-client RMSE distribution, rolling mixture error, worst client and max_i J_i over time")
+                        "per-client RMSE distribution, rolling mixture error, worst client and max_i J_i over time (an existing "
+                        "file is replaced once the run succeeded)")
     g.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is off anyway when stderr is not a terminal or tqdm is not installed)")
     parser.run_parser = run
@@ -272,11 +276,14 @@ def _gib(n: float) -> str:
 
 
 def _check_output(run, option: str, target) -> Path:
-    """Check an output path before the run: its folder exists and takes a new file; returns it."""
+    """Check an output path before the run: its folder exists and takes a new file; returns it.
+
+    The folder is the one of the file written: a symbolic link's target's (see :class:`_PendingFile`).
+    """
     path = Path(target)
     if path.is_dir():
         run.error(f"argument {option}: {str(path)!r} is a folder, give a file name")
-    folder = path.resolve().parent
+    folder = Path(os.path.realpath(path)).parent
     if not folder.is_dir():
         run.error(f"argument {option}: folder {str(folder)!r} does not exist (for {str(path)!r})")
     try:
@@ -423,18 +430,27 @@ def _check_memory(run, args, n_rounds: int, policies: list, n_rules: int) -> Non
 
 
 class _PendingFile:
-    """A result file written to a temporary file in its folder, renamed into place by :meth:`commit`."""
+    """A result file written to a temporary file in its folder, renamed into place by :meth:`commit`.
+
+    A symbolic link is followed, as checkpoints do: the file it points to is replaced (the temporary file is made
+    in that file's folder, so the rename never crosses file systems) and the link is kept. An existing file keeps
+    its permissions.
+    """
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=self.path.resolve().parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.path = Path(os.path.realpath(path))
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         os.close(fd)
         self.tmp = Path(tmp)
 
     def commit(self) -> None:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
+        try:
+            mode = self.path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o666 & ~mask  # mkstemp makes 0600; give a new file the usual permissions
+        os.chmod(self.tmp, mode)
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
