@@ -337,3 +337,35 @@ def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypat
     with pytest.raises(ValueError, match=r"n_clients=5000, dim=2, 6 exponents: the trust population's arrays need"):
         TrustPopulation(5000, 2, n_classes=2, backend="numpy")
     TrustPopulation(500, 2, n_classes=2, backend="numpy")
+
+
+@pytest.mark.parametrize("q, kappa, r, gamma", [
+    (1e-10, 0.0, 1e4, 0.9),  # q_j = 1e-3 q: 1 - k_j rounds to 1
+    (1e-12, 0.0, 1e4, 0.9),
+    (1e-10, 1e-12, 1e4, 0.5),
+    (1e-9, 0.0, 1e4, 0.9),  # every reachable class weight is fine
+    (1e4, 0.0, 1e-4, 0.9),  # q_j = 1e3 q: k_j near 1
+    (1.0, 3.0, 0.1, 0.9),
+])
+def test_weights_a_reforming_cannot_solve_are_refused_up_front_not_mid_run(q, kappa, r, gamma):
+    """Weights a re-forming cannot solve are refused when the population is made, or every re-forming succeeds.
+
+    A re-forming gives a class any q_j in [q low, q high] (q_range): either the population is refused when it is
+    made, naming q and that range, or every re-forming succeeds, even one that sends the classes to both ends.
+    (It used to run until the first re-forming that reached an unsolvable class weight, and stop there.)
+    """
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    n = 16
+    try:
+        tp = TrustPopulation(n, 1, n_classes=4, reclass=2, q=q, kappa=kappa, r=r, gamma=gamma, rule="minimax")
+    except ValueError as exc:
+        assert str(exc).startswith(f"memoa-trust: q={q!r} ") and "q_range=(0.001, 1000.0)" in str(exc), exc
+        return
+    spread = np.geomspace(1e-12, 1e12, n)  # errors far apart: the ratios reach both clipping ends at beta = 1..6
+    for t in range(6):
+        tp.step(spread * (-1) ** t)
+        tp.observe(0.0)
+    assert tp.n_reclassed == 3
+    q_all = np.concatenate([np.asarray(g.q) for g in tp.games])
+    assert q_all.min() == pytest.approx(q * 1e-3) and q_all.max() == pytest.approx(q * 1e3)

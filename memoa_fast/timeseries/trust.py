@@ -263,6 +263,7 @@ class TrustPopulation:
         K = self.trust.n_classes
         labels, q_j, shares = self.trust.classes()  # no error measured yet: every class at q, whatever beta
         game = Game(q=q_j, kappa=[kappa] * K, r=[r] * K, gamma=gamma, shares=shares, feedforward=feedforward)
+        _check_reachable_weights(game, self.trust)
         self.games = [game] * len(self.powers)
         self.populations = [Population(game, n_clients, dim, labels=labels, backend=backend, threads=threads)
                             for _ in self.powers]
@@ -397,6 +398,28 @@ class TrustPopulation:
     def __repr__(self) -> str:
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"
         return f"TrustPopulation({self.trust!r}, {self.game!r}{rule})"
+
+
+def _check_reachable_weights(game: Game, trust: TrustClasses) -> None:
+    """Refuse, up front, weights whose K-class game a later re-forming of the classes could not solve.
+
+    A re-forming gives class ``j`` a weight ``q_j`` anywhere in ``[q low, q high]`` (``q_range``), the other
+    weights shared. Whether a class's gains are representable (``P_j``, ``k_j``, ``1 - k_j``, ``a_j`` normal
+    floats, ``1 - k_j < 1``) depends on its own weights only, monotonically in ``(q_j + kappa)/r``, so the
+    games with every class at either end decide it for every reachable game. Without this check such weights
+    ran until the first re-forming that reached them (after any number of rounds) and stopped there.
+    """
+    K = trust.n_classes
+    for bound in trust.q_range:
+        q_j = trust.q * bound
+        try:
+            game.with_weights(q=[q_j] * K)
+        except ValueError as exc:
+            raise ValueError(
+                f"memoa-trust: q={trust.q!r} with these weights cannot be run: a re-forming of the classes may give a "
+                f"class any weight q_j in [{trust.q * trust.q_range[0]:g}, {trust.q * trust.q_range[1]:g}] (q times "
+                f"q_range={trust.q_range!r}), and at q_j = {q_j:g} {exc}"
+            ) from None
 
 
 def _check_powers(powers) -> tuple[float, ...]:
