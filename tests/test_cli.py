@@ -138,6 +138,8 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--noise", "0.1", "1e300"], "argument --noise: must be in [1e-06, 1000], got '1e300'"),
     (["--lags", "1000"], "argument --lags: must be in [1, 64]"),
     (["--q", "0", "--kappa", "0"], "--q and --kappa: q + kappa must be > 0"),
+    (["--q", "0"], "argument --q: memoa-trust needs q > 0"),  # in --q's range, but not memoa-trust's
+    (["--q", "1e-10", "--kappa", "0", "--r", "1e4"], "memoa-trust: q=1e-10 with these weights cannot be run"),  # not mid-run
     (["--rule", "median"], "argument --rule: invalid choice"),
     (["--trust-rule", "best"], "argument --trust-rule: invalid choice: 'best' (choose from 'error', 'minimax')"),
     (["--noise", "0.5", "0.1"], "argument --noise: LOW must be <= HIGH"),

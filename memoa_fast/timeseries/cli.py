@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = run.add_argument_group("game (cost q|x-s|^2 + kappa|x-m|^2 + r|u|^2, discount gamma)")
     g.add_argument("--q", type=_number(float, "--q"), default=D["q"],
-                   help=f"weight on following the client's own forecast, in {iv('--q')} (default {D['q']:g})")
+                   help=f"weight on following the client's own forecast, in {iv('--q')}, > 0 with memoa-trust (default {D['q']:g})")
     g.add_argument("--kappa", type=_number(float, "--kappa"), default=D["kappa"],
                    help=f"weight on staying near the population mean, in {iv('--kappa')} (default {D['kappa']:g})")
     g.add_argument("--r", type=_number(float, "--r"), default=D["r"],
@@ -342,6 +342,9 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
     if args.q + args.kappa <= 0:
         run.error("arguments --q and --kappa: q + kappa must be > 0 (a client must care about something)")
+    if "memoa-trust" in policies and args.q == 0:
+        run.error("argument --q: memoa-trust needs q > 0 (its class weights are q (median v / mean_j v)^beta), got "
+                  f"{args.q:g}; give --q > 0, or leave memoa-trust out of --policies")
     lo, hi = args.noise
     if hi < lo:
         run.error(f"argument --noise: LOW must be <= HIGH, got {lo:g} {hi:g}")
