@@ -260,6 +260,19 @@ def test_memoa_trust_arguments_are_checked(kwargs, words):
         run_experiment(y, **{"n_clients": 20, **kwargs})
 
 
+@pytest.mark.parametrize("power, exc", [("abc", TypeError), (True, TypeError), (None, TypeError), (-1.0, ValueError),
+                                        (float("nan"), ValueError)])
+def test_trust_power_is_checked_before_the_run_whatever_the_policies(power, exc, monkeypatch):
+    """trust_power is in every result's config: checked up front, also without memoa-trust (it was not checked then:
+    'abc' failed after the whole run, True was recorded as 1.0, -1 as -1.0).
+    """
+    import memoa_fast.timeseries.experiment as ex
+
+    monkeypatch.setattr(ex, "ClientForecasters", None)  # nothing may be built (a run would fail here)
+    with pytest.raises(exc, match="trust_power"):
+        run_experiment(np.sin(np.arange(40.0)), n_clients=4, policies="memoa", trust_power=power)
+
+
 @pytest.mark.parametrize("series,kind", [
     (np.array([0.1, 0.5, -0.2, 0.3, 0.0, 0.4]) + 1j, "complex"),
     (np.array([True, False, True, True, False, True]), "bool"),

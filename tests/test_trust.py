@@ -369,3 +369,15 @@ def test_weights_a_reforming_cannot_solve_are_refused_up_front_not_mid_run(q, ka
     assert tp.n_reclassed == 3
     q_all = np.concatenate([np.asarray(g.q) for g in tp.games])
     assert q_all.min() == pytest.approx(q * 1e-3) and q_all.max() == pytest.approx(q * 1e3)
+
+
+@pytest.mark.parametrize("powers, error", [("15", ValueError), (b"15", ValueError), ([True, 1.5], TypeError),
+                                           (["1", "1.5"], TypeError), ([1.5, 2 + 0j], TypeError), (1.5, ValueError)])
+def test_powers_are_real_numbers_never_cast(powers, error):
+    """powers='15' was read as (1.0, 5.0), [True, 1.5] as (1.0, 1.5) and ['1', '1.5'] as numbers: refused now."""
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    with pytest.raises(error, match="powers must be"):
+        TrustPopulation(6, n_classes=2, power=1.0 if powers in ("15", b"15") else 1.5, powers=powers)
+    tp = TrustPopulation(6, n_classes=2, powers=np.array([1.0, 1.5], dtype=np.float32))  # real arrays are fine
+    assert tp.powers == (1.0, 1.5) and all(type(p) is float for p in tp.powers)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_bool, check_choice, check_int, real_array
+from .._validation import check_bool, check_choice, check_int, check_real, real_array
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -383,6 +383,7 @@ def run_experiment(
     policies = tuple(check_choice("policy", p, POLICIES) for p in ((policies,) if isinstance(policies, str) else policies))
     rules = tuple(check_choice("rule", rr, RULES) for rr in ((rules,) if isinstance(rules, str) else rules))
     trust_rule = check_choice("trust_rule", trust_rule, TRUST_RULES)
+    trust_power = check_real("trust_power", trust_power, low=0.0)  # whatever the policies: it is in the config
     if not policies or not rules:
         raise ValueError("give at least one policy and one server rule")
     if len(set(policies)) != len(policies) or len(set(rules)) != len(rules):
@@ -479,7 +480,7 @@ def run_experiment(
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
-        "trust_feedforward": trust_feedforward, "trust_power": float(trust_power), "trust_rule": trust_rule,
+        "trust_feedforward": trust_feedforward, "trust_power": trust_power, "trust_rule": trust_rule,
         "rules": list(rules),
         "eta": float(eta), "alpha": float(alpha), "seed": forecasters.seed,  # as checked: an int (JSON), not a NumPy one
         "lags": forecasters.lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,

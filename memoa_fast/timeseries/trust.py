@@ -423,11 +423,23 @@ def _check_reachable_weights(game: Game, trust: TrustClasses) -> None:
 
 
 def _check_powers(powers) -> tuple[float, ...]:
-    """``powers`` as a tuple of distinct finite floats ``>= 0``, at least one."""
-    try:
-        values = tuple(float(v) for v in powers)
-    except (TypeError, ValueError):
-        raise ValueError(f"powers must be a sequence of numbers >= 0, got {powers!r}") from None
+    """``powers`` as a tuple of distinct finite floats ``>= 0``, at least one.
+
+    Each element is read as every number of the package is (:func:`check_real`): a string (also a numeric one, and
+    a string is not read as a sequence of its characters), a bool or a complex number is a ``TypeError``, never cast.
+    """
+    if isinstance(powers, (str, bytes)) or not hasattr(powers, "__iter__"):
+        raise ValueError(f"powers must be a sequence of numbers >= 0, got {powers!r}")
+    values = []
+    for v in powers:
+        try:
+            values.append(check_real("powers", v))
+        except TypeError:
+            raise TypeError(f"powers must be a sequence of real numbers >= 0, got {v!r} of type {type(v).__name__} in "
+                            f"{powers!r}") from None
+        except ValueError:
+            values.append(math.nan)  # named with the whole sequence below
+    values = tuple(values)
     if not values or len(set(values)) != len(values) or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"powers must be distinct finite numbers >= 0, at least one; got {powers!r}")
     return values
