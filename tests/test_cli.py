@@ -151,6 +151,8 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--stream", "csv"], "--stream csv needs --csv PATH"),
     (["--csv", "x.csv", "--stream", "logistic"], "--csv is only for --stream csv"),
     (["--column", "OT"], "--column is only for CSV streams"),
+    (["--warmup", "24"], "--warmup is only for CSV streams"),  # was ignored without a word, as --missing was
+    (["--stream", "periodic", "--missing", "drop"], "--missing is only for CSV streams (give --csv PATH); --stream periodic"),
     (["--burn-in", "300"], "argument --burn-in: must be smaller than the number of rounds (300)"),
     (["--json", "/nonexistent/dir/r.json"], "argument --json: folder '/nonexistent/dir' does not exist"),
     (["--json", "/proc/x.json"], "argument --json: cannot create a file in folder '/proc'"),
@@ -305,6 +307,16 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "choose a command (run)" in err and "memoa run --help" in err
+
+
+@pytest.mark.parametrize("argv", [["--clients", "10"], ["--csv=x.csv", "--column", "OT"], ["--quiet"]])
+def test_an_option_of_run_before_the_command_is_named(argv, capsys):
+    """`memoa --clients 10` said "argument COMMAND: invalid choice: '10'": now it names the option and the fix."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"memoa: error: {argv[0].split('=')[0]} is an option of the command run, which "
+                                             f"comes first: memoa run {' '.join(argv)}")
 
 
 def test_help_is_for_newcomers(capsys):

@@ -159,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "csv); see the README for the "
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
-    g.add_argument("--missing", choices=("error", "drop"), default="error",
+    g.add_argument("--missing", choices=("error", "drop"), default=None,
                    help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', ...) is an error "
                         "(default) or a row to drop (FRED's holidays)")
-    g.add_argument("--warmup", type=_number(int, "--warmup"), default=D["warmup"], metavar="ROWS",
+    g.add_argument("--warmup", type=_number(int, "--warmup"), default=None, metavar="ROWS",
                    help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "
                         f"(default {D['warmup']})")
     g.add_argument("--rounds", "--steps", dest="rounds", type=_number(int, "--rounds"), default=None, metavar="T",
@@ -332,6 +332,12 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
             run.error(f"--csv is only for --stream csv, not --stream {stream}")
         if args.column is not None:
             run.error("--column is only for CSV streams (give --csv PATH)")
+        for option, value in (("--warmup", args.warmup), ("--missing", args.missing)):  # not silently ignored
+            if value is not None:
+                run.error(f"{option} is only for CSV streams (give --csv PATH); --stream {stream} is z-scored whole "
+                          "and has no gaps")
+    args.warmup = DEFAULTS["warmup"] if args.warmup is None else args.warmup
+    args.missing = args.missing or "error"
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
@@ -466,6 +472,10 @@ class _PendingFile:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``memoa`` console script; returns the exit status."""
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else list(argv)
+    option = given[0].split("=", 1)[0] if given else ""
+    if option not in ("-h", "--help") and option in parser.run_parser._option_string_actions:  # `memoa --clients 10`
+        parser.error(f"{option} is an option of the command run, which comes first: memoa run {shlex.join(given)}")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
