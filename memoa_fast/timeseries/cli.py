@@ -412,14 +412,17 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
             print(f"memoa: note: --csv has more rows than the largest run; using the first {limit + 1} "
                   f"({limit} rounds)", file=sys.stderr)
         name = f"{args.csv.name}:{args.column}"
+        source = {"csv": str(args.csv), "column": args.column, "warmup": args.warmup, "missing": args.missing,
+                  "rows": len(series), "rows_dropped": dropped}
     else:
         series = make_stream(stream, planned_rounds + 1, seed=args.seed)
         name = stream
+        source = {"stream": stream, "length": len(series), "seed": args.seed}
     n_rounds = len(series) - 1
     _check_memory(run, args, n_rounds, policies, len(rules))
     if args.burn_in is not None and args.burn_in >= n_rounds:
         run.error(f"argument --burn-in: must be smaller than the number of rounds ({n_rounds}), got {args.burn_in}")
-    return series, name, policies, rules
+    return series, name, policies, rules, source
 
 
 def _check_memory(run, args, n_rounds: int, policies: list, n_rules: int) -> None:
@@ -482,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmemoa: error: choose a command (run)", file=sys.stderr)
         return 2
     run = parser.run_parser
-    series, name, policies, rules = _resolve(run, args)
+    series, name, policies, rules, source = _resolve(run, args)
 
     progress = not args.quiet and sys.stderr.isatty()
     try:
@@ -503,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError) as exc:
         run.error(str(exc))
     payload = result.to_dict()
+    payload["source"] = source  # how the series was made: with the config, the run's every input (defaults included)
     payload["command"] = shlex.join(["memoa", *(sys.argv[1:] if argv is None else argv)])
     text = json.dumps(payload, indent=2, allow_nan=False)
 
