@@ -30,6 +30,17 @@ def test_synthetic_stream_is_seeded_and_zscored(name):
     assert abs(a.mean()) < 1e-12 and abs(a.std() - 1.0) < 1e-12
 
 
+@pytest.mark.parametrize("kwargs", [dict(amplitudes=(0.0,), periods=(5.0,), noise=0.0),
+                                    dict(amplitudes=(1.0,), periods=(1e300,), noise=0.0)])
+def test_a_constant_synthetic_stream_is_refused_naming_its_parameters(kwargs):
+    """The README: every synthetic stream is finite and z-scored, or raises naming its parameters (a constant one
+    said only "cannot z-score a constant series").
+    """
+    with pytest.raises(ValueError, match=r"the generated series is constant .* with amplitudes=\(.*noise=0.0"):
+        make_stream("periodic", 50, **kwargs)
+    assert np.ptp(make_stream("periodic", 50, normalize=False, **kwargs)) == 0.0  # unnormalised: returned as is
+
+
 def test_logistic_follows_the_map():
     x = logistic_map(500, seed=3, normalize=False)
     assert np.all((x > 0) & (x < 1))

@@ -186,11 +186,14 @@ def _ar2(phi1, phi2, mean, eps):
 
 
 def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
-    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64."""
+    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64 or is constant."""
+    given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
     if not np.isfinite(y).all():
-        given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
         raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
                          "lower these parameters (the stream is z-scored anyway)")
+    if normalize and not y.max() > y.min():
+        raise ValueError(f"the generated series is constant (every value {float(y[0])!r}) with {given}, so it cannot be "
+                         "z-scored; give it an amplitude or noise > 0")
     return zscore(y) if normalize else y
 
 
