@@ -522,9 +522,13 @@ def test_csv_decimal_comma_in_a_semicolon_file_is_named(tmp_path):
         load_csv_series(path, "value", warmup=5)
 
 
-@pytest.mark.parametrize("marker", ["NA", "N/A", "nan", "NaN", "null", "NULL", "None", ".", "#N/A", "<NA>"])
+@pytest.mark.parametrize("marker", ["NA", "N/A", "nan", "NaN", "null", "NULL", "None", ".", "#N/A", "<NA>", "?", "-", "--",
+                                    "n.a."])
 def test_csv_missing_value_markers_are_gaps_dropped_with_missing_drop(tmp_path, marker):
-    """R's NA, pandas' NaN, FRED's '.', SQL's NULL: a gap, an error naming missing='drop' by default, dropped with it."""
+    """R's NA, pandas' NaN, FRED's '.', SQL's NULL, UCI's '?', a dash: a gap, an error naming missing='drop' by default,
+    dropped with it ('?' and '-' were "not a number" even with missing='drop': the UCI household power file could not
+    be read).
+    """
     vals = [str((i * 37 % 101) / 10) for i in range(30)]
     vals[12] = marker
     path = _write(tmp_path, _csv(vals))

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
     g.add_argument("--missing", choices=("error", "drop"), default=None,
-                   help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', ...) is an error "
+                   help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', '?', ...) is an error "
                         "(default) or a row to drop (FRED's holidays)")
     g.add_argument("--warmup", type=_number(int, "--warmup"), default=None, metavar="ROWS",
                    help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "

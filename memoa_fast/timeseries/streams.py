@@ -292,9 +292,10 @@ CSV_MAX_LINE_BYTES = 1 << 20
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "infinity"))
 #: Cells that mark a missing value (lower-cased): R's NA, pandas' NaN and <NA>, Excel's #N/A, SQL's NULL,
-#: Python's None, FRED's ".". A gap, like an empty cell: an error, or a row dropped with ``missing="drop"``.
+#: Python's None, FRED's ".", the UCI repository's "?" (its household power series), a dash or two (statistics
+#: offices' tables). A gap, like an empty cell: an error, or a row dropped with ``missing="drop"``.
 MISSING_MARKERS = frozenset((
-    "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".",
+    "na", "n/a", "n.a.", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".", "?", "-", "--",
 ))
 #: Delimiters a file may use, read from its header row: the first of these that the header holds.
 CSV_DELIMITERS = (",", "\t", ";", "|")
