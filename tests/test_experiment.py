@@ -383,3 +383,15 @@ def test_plot_of_a_one_round_run_gives_no_warning(tmp_path):
         warnings.simplefilter("error")
         plot_result(res, tmp_path / "one.png")
     assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_plot_window_is_checked(tmp_path):
+    """window=-5 raised NumPy's 'negative dimensions', 2.5 and '10' NumPy's or Python's TypeErrors, 0 meant the default."""
+    pytest.importorskip("matplotlib")
+    res = run_experiment(make_stream("logistic", 30), n_clients=3, policies=("memoa",))
+    for window, error in [(-5, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError)]:
+        with pytest.raises(error, match="window must be an integer >= 1"):
+            plot_result(res, tmp_path / "w.png", window=window)
+        assert not (tmp_path / "w.png").exists()
+    plot_result(res, tmp_path / "w.png", window=10**9)  # longer than the run: the whole run
+    assert (tmp_path / "w.png").stat().st_size > 0

@@ -569,9 +569,9 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
 
     - the distribution (CDF) of the per-client RMSE, log-scaled, with the raw
       forecasts ``s_i`` (no game) for reference;
-    - the rolling RMSE over ``window`` rounds (default ``n_rounds // 50``, at
-      least 10) of each policy's hedge (else eg) mixture, and of the first
-      policy's uniform mean;
+    - the rolling RMSE over ``window`` rounds (an integer >= 1, at most
+      ``n_rounds`` used; default ``n_rounds // 50``, at least 10) of each
+      policy's hedge (else eg) mixture, and of the first policy's uniform mean;
     - the worst client's RMSE over the scored rounds so far,
       ``max_i RMSE_i(t)`` (it ends at the table's "worst client");
     - the under-performer's cost ``max_i J_i`` after each round (it ends at
@@ -585,7 +585,7 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
 
     c = result.config
     n, n_rounds, burn = c["n_clients"], result.n_rounds, c["burn_in"]
-    window = window or max(10, n_rounds // 50)
+    window = max(10, n_rounds // 50) if window is None else check_int("window", window, low=1)
     window = min(window, n_rounds)
     rule = "hedge" if "hedge" in c["rules"] else c["rules"][0]
     colours = {p: f"C{i}" for i, p in enumerate(POLICIES)}
