@@ -658,3 +658,12 @@ def test_csv_slow_path_strips_each_cell_once(tmp_path, monkeypatch, missing):
     assert max(c.strips for c in cells) == 1
     y, mean, std = got
     np.testing.assert_allclose(y * std + mean, values[keep], rtol=1e-12, atol=1e-12)
+
+
+def test_csv_too_few_rows_because_of_max_rows_says_so(tmp_path):
+    """A long file read with a small max_rows: the message named only the file's length as the cause."""
+    path = _write(tmp_path, _csv([str(i % 7) for i in range(100)]))
+    with pytest.raises(CsvSeriesError, match=r"20 data rows \(read up to max_rows=20\), too few: .*or a larger max_rows"):
+        load_csv_series(path, "value", warmup=50, max_rows=20)
+    with pytest.raises(CsvSeriesError, match=r"100 data rows, too few: need at least 202 .*memoa run --warmup\)$"):
+        load_csv_series(path, "value", warmup=200, max_rows=150)
