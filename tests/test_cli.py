@@ -180,6 +180,11 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--csv", "x.csv", "--stream", "logistic"], "--csv is only for --stream csv"),
     (["--column", "OT"], "--column is only for CSV streams"),
     (["--warmup", "24"], "--warmup is only for CSV streams"),  # was ignored without a word, as --missing was
+    (["--policies", "memoa,local", "--classes", "4"], "--classes is only for the policy memoa-trust, which --policies "
+                                                      "'memoa,local' leaves out"),  # and so were memoa-trust's options
+    (["--policies", "memoa", "--reclass", "10"], "--reclass is only for the policy memoa-trust"),
+    (["--policies", "memoa", "--trust-rule", "error"], "--trust-rule is only for the policy memoa-trust"),
+    (["--policies", "greedy", "--trust-feedforward"], "--trust-feedforward is only for the policy memoa-trust"),
     (["--stream", "periodic", "--missing", "drop"], "--missing is only for CSV streams (give --csv PATH); --stream periodic"),
     (["--burn-in", "300"], "argument --burn-in: must be smaller than the number of rounds (300)"),
     (["--json", "/nonexistent/dir/r.json"], "argument --json: folder '/nonexistent/dir' does not exist"),

@@ -199,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=_number(int, "--classes"), default=None, metavar="K",
                    help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8, or --clients "
                         "if that is smaller)")
-    g.add_argument("--reclass", type=_number(int, "--reclass"), default=50, metavar="R",
+    g.add_argument("--reclass", type=_number(int, "--reclass"), default=None, metavar="R",
                    help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default 50)")
     betas = ", ".join(f"{p:g}" for p in MINIMAX_POWERS)
-    g.add_argument("--trust-rule", choices=TRUST_RULES, default="minimax",
+    g.add_argument("--trust-rule", choices=TRUST_RULES, default=None,
                    help="memoa-trust's class weights q_j = q (median v / mean_j v)^beta: 'error' uses beta = 1.5; "
                         f"'minimax' (default) runs one population per beta in {betas} and publishes the one whose "
                         "worst class has the lowest measured cost, chosen again at every re-forming (see the README)")
@@ -342,8 +342,17 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
         run.error(f"argument --policies: expected distinct names among {', '.join(POLICIES)}, got {_short(args.policies)}")
+    if "memoa-trust" not in policies:  # its options would be ignored without a word, as --column without --csv
+        given = [option for option, value in (("--classes", args.classes), ("--reclass", args.reclass),
+                                              ("--trust-rule", args.trust_rule), ("--trust-feedforward", args.trust_feedforward or None))
+                 if value is not None]
+        if given:
+            run.error(f"{given[0]} is only for the policy memoa-trust, which --policies {_short(args.policies)} leaves out; "
+                      f"add memoa-trust to --policies or drop {given[0]}")
     if args.classes is None:
         args.classes = min(DEFAULT_CLASSES, args.clients)
+    args.reclass = 50 if args.reclass is None else args.reclass
+    args.trust_rule = args.trust_rule or "minimax"
     if "memoa-trust" in policies and args.classes > args.clients:
         run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
     if args.q + args.kappa <= 0:
