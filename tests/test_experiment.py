@@ -222,6 +222,8 @@ def test_bad_arguments(kwargs, match):
 def test_bad_series():
     with pytest.raises(ValueError, match="T >= 2"):
         run_experiment([1.0])
+    with pytest.raises(ValueError, match=r"series must have shape .* d >= 1, got shape \(10, 0\)"):  # said: dim must be
+        run_experiment(np.zeros((10, 0)))
     with pytest.raises(ValueError, match=r"finite with \|y\| <= 1e\+30 \(z-score it first\); first bad value at round 3: inf"):
         run_experiment([0.0, 1.0, 2.0, np.inf, 1.0])
     with pytest.raises(ValueError, match="first bad value at round 1: 1e\\+200"):

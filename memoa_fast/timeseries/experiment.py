@@ -347,8 +347,8 @@ def run_experiment(
     y = real_array("series", series).astype(np.float64, copy=False)
     if y.ndim == 1:
         y = y[:, None]
-    if y.ndim != 2 or y.shape[0] < 2:
-        raise ValueError(f"series must have shape (T,) or (T, d) with T >= 2, got shape {np.shape(series)}")
+    if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 1:
+        raise ValueError(f"series must have shape (T,) or (T, d) with T >= 2 and d >= 1, got shape {np.shape(series)}")
     if scale is not None and not (isinstance(scale, str) and scale == "burn-in"):
         raise ValueError(f"scale must be None or 'burn-in'; got {scale!r}")
     T, d = y.shape
