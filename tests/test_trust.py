@@ -371,6 +371,19 @@ def test_weights_a_reforming_cannot_solve_are_refused_up_front_not_mid_run(q, ka
     assert q_all.min() == pytest.approx(q * 1e-3) and q_all.max() == pytest.approx(q * 1e3)
 
 
+def test_beta_zero_reaches_only_q_and_is_not_refused():
+    """With beta = 0 every class keeps q whatever the errors: weights whose ends of q_range fail are still fine."""
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    with pytest.raises(ValueError, match="memoa-trust: q=1e-10"):
+        TrustPopulation(8, n_classes=2, reclass=1, q=1e-10, kappa=0.0, r=1e4, rule="error", power=1.0)
+    tp = TrustPopulation(8, n_classes=2, reclass=1, q=1e-10, kappa=0.0, r=1e4, rule="error", power=0.0)
+    for t in range(3):
+        tp.step(np.geomspace(1e-6, 1e6, 8))
+        tp.observe(0.0)
+    assert tp.n_reclassed == 3 and np.all(np.asarray(tp.game.q) == 1e-10)
+
+
 @pytest.mark.parametrize("powers, error", [("15", ValueError), (b"15", ValueError), ([True, 1.5], TypeError),
                                            (["1", "1.5"], TypeError), ([1.5, 2 + 0j], TypeError), (1.5, ValueError)])
 def test_powers_are_real_numbers_never_cast(powers, error):

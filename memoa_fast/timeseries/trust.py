@@ -263,7 +263,8 @@ class TrustPopulation:
         K = self.trust.n_classes
         labels, q_j, shares = self.trust.classes()  # no error measured yet: every class at q, whatever beta
         game = Game(q=q_j, kappa=[kappa] * K, r=[r] * K, gamma=gamma, shares=shares, feedforward=feedforward)
-        _check_reachable_weights(game, self.trust)
+        if max(self.powers) > 0:  # beta = 0 keeps every class at q: nothing else is reachable
+            _check_reachable_weights(game, self.trust)
         self.games = [game] * len(self.powers)
         self.populations = [Population(game, n_clients, dim, labels=labels, backend=backend, threads=threads)
                             for _ in self.powers]
