@@ -667,3 +667,14 @@ def test_csv_too_few_rows_because_of_max_rows_says_so(tmp_path):
         load_csv_series(path, "value", warmup=50, max_rows=20)
     with pytest.raises(CsvSeriesError, match=r"100 data rows, too few: need at least 202 .*memoa run --warmup\)$"):
         load_csv_series(path, "value", warmup=200, max_rows=150)
+
+
+@pytest.mark.parametrize("column, needle", [
+    ("3", r"\(a column is chosen by its name in the header row, not by its position: field 3 is 'other'\)"),
+    ("9", r"\(a column is chosen by its name in the header row, not by its position\)$"),
+    ("VALUE", r"\(did you mean 'value'\?\)"),  # difflib is case-sensitive: no hint was given
+])
+def test_csv_column_by_position_or_in_another_case_gets_a_hint(tmp_path, column, needle):
+    path = _write(tmp_path, _csv([str(i % 7) for i in range(20)]))
+    with pytest.raises(CsvSeriesError, match=rf"no column '{column}' in the header row; the columns are .*{needle}"):
+        load_csv_series(path, column, warmup=5)

@@ -602,11 +602,18 @@ class _ColumnReader:
         return [h.strip() for h in self._fields(text, 1)]
 
     def _missing_column(self, names: list[str]):
-        hint = difflib.get_close_matches(self.column, names, n=1)
         data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
+        same = [nm for nm in names if nm.casefold() == self.column.strip().casefold()]  # ' ot' for 'OT'
+        hint = same[:1] or difflib.get_close_matches(self.column, names, n=1)
+        if hint:
+            hint = f" (did you mean {hint[0]!r}?)"
+        elif re.fullmatch(r"[0-9]+", self.column.strip()) and not data_like:  # a position, not a name
+            k = int(self.column)
+            at = f": field {k} is {names[k - 1]!r}" if 1 <= k <= len(names) else ""
+            hint = f" (a column is chosen by its name in the header row, not by its position{at})"
         raise CsvSeriesError(
             f"{self.path}: no column {self.column!r} in the header row; the columns are {column_list(names)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + (hint or "")
             + ("; the first line looks like data, not a header row: the file needs a first line naming the columns"
                if data_like else "")
         )
