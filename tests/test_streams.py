@@ -673,8 +673,11 @@ def test_csv_too_few_rows_because_of_max_rows_says_so(tmp_path):
     ("3", r"\(a column is chosen by its name in the header row, not by its position: field 3 is 'other'\)"),
     ("9", r"\(a column is chosen by its name in the header row, not by its position\)$"),
     ("VALUE", r"\(did you mean 'value'\?\)"),  # difflib is case-sensitive: no hint was given
+    ("value", r"'date value other'; the header row holds none of the delimiters .*delimited by spaces is not read"),
 ])
 def test_csv_column_by_position_or_in_another_case_gets_a_hint(tmp_path, column, needle):
     path = _write(tmp_path, _csv([str(i % 7) for i in range(20)]))
+    if column == "value":
+        path = _write(tmp_path, _csv([str(i % 7) for i in range(20)], "date value other", lambda i, v: f"d{i} {v} 1"))
     with pytest.raises(CsvSeriesError, match=rf"no column '{column}' in the header row; the columns are .*{needle}"):
         load_csv_series(path, column, warmup=5)

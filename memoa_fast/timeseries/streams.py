@@ -605,7 +605,10 @@ class _ColumnReader:
         data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
         same = [nm for nm in names if nm.casefold() == self.column.strip().casefold()]  # ' ot' for 'OT'
         hint = same[:1] or difflib.get_close_matches(self.column, names, n=1)
-        if hint:
+        if len(names) == 1 and self.column.strip() in names[0].split():  # 'year value': spaces are not a delimiter
+            hint = (f"; the header row holds none of the delimiters {', '.join(map(repr, CSV_DELIMITERS))}: a file "
+                    "delimited by spaces is not read (convert it, e.g. tr -s ' ' ',')")
+        elif hint:
             hint = f" (did you mean {hint[0]!r}?)"
         elif re.fullmatch(r"[0-9]+", self.column.strip()) and not data_like:  # a position, not a name
             k = int(self.column)
