@@ -337,3 +337,33 @@ def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypat
     with pytest.raises(ValueError, match=r"n_clients=5000, dim=2, 6 exponents: the trust population's arrays need"):
         TrustPopulation(5000, 2, n_classes=2, backend="numpy")
     TrustPopulation(500, 2, n_classes=2, backend="numpy")
+
+
+@pytest.mark.parametrize("rule", ["error", "minimax"])
+def test_a_reclassing_that_cannot_be_solved_changes_nothing(rule):
+    """observe() at a re-classing whose new game has no representable equilibrium raises and leaves everything as it was.
+
+    It used to fold the round's errors, advance the round counter past the re-classing and keep the old classes:
+    a retry counted the errors twice and the classes waited another ``reclass`` rounds.
+    """
+    import pickle
+
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    # r far beyond q + kappa: at q_j = 1e-3 q (the clip) 1 - k_j rounds to 1, which Game refuses
+    tp = TrustPopulation(8, 1, n_classes=4, reclass=2, q=1.0, kappa=0.0, r=1e16, gamma=0.9, rule=rule, backend="numpy",
+                         powers=(1.0, 1.5))
+    signals = np.repeat([1.0, 3.16, 10.0, 100.0], 2)[:, None]  # errors 1 ... 1e4: the worst class is clipped
+    tp.step(signals)
+    tp.observe(0.0)  # round 1: no re-classing
+    tp.step(signals)
+    before = pickle.loads(pickle.dumps(tp))
+    with pytest.raises(ValueError, match="no representable K-class equilibrium"):
+        tp.observe(0.0)  # round 2 re-forms the classes
+    assert (tp.t, tp.n_reclassed, tp.trust.n_observed, tp.leader) == (before.t, before.n_reclassed, before.trust.n_observed,
+                                                                      before.leader)
+    assert np.array_equal(tp.trust.errors, before.trust.errors)
+    assert np.array_equal(tp.class_costs, before.class_costs)
+    assert [g.to_dict() for g in tp.games] == [g.to_dict() for g in before.games]
+    for pop, old in zip(tp.populations, before.populations):
+        assert np.array_equal(pop.labels, old.labels) and pop.t == old.t
