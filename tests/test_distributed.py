@@ -1253,3 +1253,22 @@ def test_no_step_past_the_last_round_a_state_can_hold_on_either_engine(client, r
         assert engine.t == 2**63 - 1 and engine.state_dict()["t"] == 2**63 - 1
         state["t"] = 2**63 - 1
     dpop.close()
+
+
+def test_no_update_past_the_last_count_a_state_can_hold_on_the_dask_server(client, rng):
+    """As ``Server``: at n_updates = 2**63 - 1 (a loaded state) update refuses and changes nothing (2**63 could not be saved)."""
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    server = DaskServer(dpop, rule="hedge", eta=0.5)
+    state = server.state_dict()
+    state["n_updates"] = 2**63 - 1
+    server.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"n_updates = 9223372036854775807 = 2\*\*63 - 1.*updates no further"):
+        server.update(None, [0.5])
+    after = server.state_dict()
+    assert after["n_updates"] == 2**63 - 1
+    np.testing.assert_array_equal(after["log_weights"], state["log_weights"])
+    state["n_updates"] = 2**63 - 2
+    server.load_state_dict(state)
+    server.update(None, [0.5])  # the last update is still made
+    assert server.state_dict()["n_updates"] == 2**63 - 1
+    dpop.close()
