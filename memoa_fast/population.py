@@ -7,10 +7,10 @@ import numpy as np
 
 from . import _backends
 from ._exclusive import Exclusive
-from ._state import check_population_state
+from ._state import STATE_LIMIT, check_population_state
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
-from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
+from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, work_shape
 from .server import Server
 
 
@@ -564,7 +564,12 @@ def _rebuild(cls, args, config, state):
 
 
 def _check_magnitude(name: str, arr: np.ndarray) -> None:
-    """Refuse states beyond ``SIGNAL_LIMIT``: a cost built from them could overflow (and a checkpoint refuses them)."""
+    """Refuse states beyond ``STATE_LIMIT``: a cost built from them could overflow (and a checkpoint refuses them).
+
+    ``STATE_LIMIT`` is ``SIGNAL_LIMIT`` (1e50) with a margin of ``2**-20`` for rounding, the limit of a saved
+    state's states (:data:`memoa_fast._state.STATE_LIMIT`): the states a population reaches are accepted here too.
+    """
     top = float(np.max(np.abs(arr))) if arr.size else 0.0
-    if top > SIGNAL_LIMIT:
-        raise ValueError(f"{name} must be at most {SIGNAL_LIMIT:g} in magnitude (so that no cost can overflow), got {top!r}")
+    if top > STATE_LIMIT:
+        raise ValueError(f"{name} must be at most 1e+50 in magnitude (SIGNAL_LIMIT, with a margin of 2**-20 for rounding: "
+                         f"{STATE_LIMIT!r}; so that no cost can overflow), got {top!r}")
