@@ -95,8 +95,15 @@ class MeanFieldSummary:
 
     @property
     def class_mean_signal(self) -> np.ndarray:
-        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy."""
+        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy.
+
+        With one class this is :attr:`mean_signal` (shape (1, d)), the same bits: the compiled step may round its
+        own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
+        it as the mean signal (the two then differed after a restore).
+        """
         lay = self._lay
+        if lay.n_classes == 1:
+            return self._field[lay.field_signal:lay.field_signal + 1].copy()
         return self._field[lay.class_signal:lay.class_signal + lay.n_classes].copy()
 
     @property

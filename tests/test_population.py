@@ -473,6 +473,24 @@ def test_every_state_reached_from_states_and_signals_within_the_limit_saves(seed
     assert np.abs(pop.states).max() <= 1e50 * (1 + 1e-14)  # only rounding beyond the limit
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_class_mean_signal_is_the_mean_signal_and_restores_as_it_was(backend, tmp_path):
+    """K = 1: ``class_mean_signal`` is ``mean_signal``, bitwise, so a checkpoint (which does not save it) restores it.
+
+    Numba's step rounded the class mean an ulp apart from the mean (0.21134933608179116 against
+    0.21134933608179113 for these signals), and a restored population reported the other one.
+    """
+    from memoa_fast import restore_checkpoint, save_checkpoint
+
+    pop = Population(GAME, 3, 1, backend=backend)
+    pop.step([0.1257302210933933, -0.1321048632913019, 0.6404226504432821])
+    np.testing.assert_array_equal(pop.class_mean_signal, pop.mean_signal.reshape(1, 1))
+    restored = Population(GAME, 3, 1, backend=backend)
+    restore_checkpoint(save_checkpoint(tmp_path / "run.npz", pop), restored)
+    for key, value in pop.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+
+
 def test_run_names_signals_that_are_not_an_array():
     """A ragged list used to raise NumPy's "inhomogeneous shape" ValueError without naming the argument."""
     pop = Population(Game(), 3, 2, backend="numpy")
