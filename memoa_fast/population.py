@@ -172,6 +172,19 @@ class MeanFieldSummary:
             raise ValueError(f"this population is at round t = {self.t} = 2**63 - 1, the last a saved state can hold "
                              "(t is saved as an int64): it steps no further")
 
+    def _refuse_steps(self, n_steps: int) -> None:
+        """``ValueError`` before a run of ``n_steps`` steps that could not all be taken (nothing changes).
+
+        :meth:`_refuse_step` for the whole run at once: a run that would pass round ``2**63 - 1`` is refused
+        before its first step, not stopped in its middle (it used to take the steps up to that round, then raise).
+        """
+        if n_steps == 0:
+            return
+        self._refuse_step()
+        if self.t + n_steps > MAX_COUNT:
+            raise ValueError(f"this population is at round t = {self.t}: a run of {n_steps} steps would pass round "
+                             f"2**63 - 1, the last a saved state can hold (t is saved as an int64); nothing was stepped")
+
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
 
@@ -508,11 +521,13 @@ class Population(MeanFieldSummary):
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.
 
-        The dtype and the shape of every step are checked before the first step (one array). A view of
+        The dtype and the shape of every step are checked before the first step (one array), and so is the round
+        counter (a run that would pass round ``2**63 - 1`` is refused whole, nothing stepped). A view of
         this population's own arrays (``np.broadcast_to(pop.states, (T, N, d))``) is copied first, so every
         step reads the values it had when the call began.
         """
         steps = as_steps("signals", signals)
+        self._refuse_steps(steps.shape[0])  # a run that cannot be taken whole is not begun
         if np.may_share_memory(steps, self._x) or np.may_share_memory(steps, self._J):
             steps = steps.copy()
         for s in steps:

@@ -1255,6 +1255,27 @@ def test_no_step_past_the_last_round_a_state_can_hold_on_either_engine(client, r
     dpop.close()
 
 
+def test_a_run_past_the_last_round_is_refused_whole_on_either_engine(client, rng):
+    """run() from t = 2**63 - 2 over three steps took one step, then raised: now it is refused before the first."""
+    s = rng.normal(size=(3, N, 1))
+    pop = Population(GAME, N, 1, threads=1)
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    state = pop.state_dict()
+    state["t"], state["discount"] = 2**63 - 2, 0.0
+    for engine, run in ((pop, lambda: pop.run(s)), (dpop, lambda: dpop.run(s))):
+        engine.load_state_dict(state)
+        before = engine.state_dict()
+        with pytest.raises(ValueError, match="a run of 3 steps would pass round 2\\*\\*63 - 1.*nothing was stepped"):
+            run()
+        after = engine.state_dict()
+        assert after["t"] == 2**63 - 2
+        np.testing.assert_array_equal(after["states"], before["states"])
+        engine.run(s[:1])  # the last round is still taken
+        assert engine.t == 2**63 - 1
+        engine.run(s[:0])  # an empty run is nothing to refuse
+    dpop.close()
+
+
 def test_no_update_past_the_last_count_a_state_can_hold_on_the_dask_server(client, rng):
     """As ``Server``: at n_updates = 2**63 - 1 (a loaded state) update refuses and changes nothing (2**63 could not be saved)."""
     dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, exact=True, timeout=TIMEOUT)

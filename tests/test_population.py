@@ -491,6 +491,19 @@ def test_one_class_mean_signal_is_the_mean_signal_and_restores_as_it_was(backend
         np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
 
 
+def test_a_run_past_the_last_round_is_refused_before_its_first_step():
+    """From t = 2**63 - 2, run() over three steps took one and raised (half a run); now nothing is stepped."""
+    pop = Population(GAME, 3, 1)
+    state = pop.state_dict()
+    state["t"], state["discount"] = 2**63 - 2, 0.0
+    pop.load_state_dict(state)
+    with pytest.raises(ValueError, match="a run of 3 steps would pass round 2\\*\\*63 - 1"):
+        pop.run(np.ones((3, 3, 1)))
+    assert pop.t == 2**63 - 2 and not pop.states.any()
+    pop.run(np.ones((1, 3, 1)))
+    assert pop.t == 2**63 - 1
+
+
 def test_run_names_signals_that_are_not_an_array():
     """A ragged list used to raise NumPy's "inhomogeneous shape" ValueError without naming the argument."""
     pop = Population(Game(), 3, 2, backend="numpy")

@@ -568,10 +568,14 @@ class DaskPopulation(MeanFieldSummary):
             raise ValueError("run() takes signals of shape (T, n_agents, dim) or steps= (a count of steps on worker-side "
                              f"signals), exactly one of them; got {'both' if steps is not None else 'neither'}")
         if signals is not None:
-            for s in as_steps("signals", signals):
+            signals = as_steps("signals", signals)
+            self._refuse_steps(signals.shape[0])  # a run that cannot be taken whole is not begun
+            for s in signals:
                 self.step(s)
         else:
-            for _ in range(check_int("steps", steps, low=0)):
+            steps = check_int("steps", steps, low=0)
+            self._refuse_steps(steps)
+            for _ in range(steps):
                 self.step()
         return self._handle
 
