@@ -1255,6 +1255,17 @@ def test_no_step_past_the_last_round_a_state_can_hold_on_either_engine(client, r
     dpop.close()
 
 
+def test_set_labels_on_a_population_that_cannot_send_them_changes_nothing(client):
+    """A closed (or broken) population refused set_labels after replacing its labels and class sizes on the client."""
+    game = Game(q=[1.0, 2.0], kappa=1.0, r=0.5, gamma=0.9)
+    labels = np.arange(N) % 2
+    dpop = DaskPopulation(game, N, 1, client=client, labels=labels, timeout=TIMEOUT)
+    dpop.close()
+    with pytest.raises(RuntimeError, match="unusable"):
+        dpop.set_labels(1 - labels)
+    np.testing.assert_array_equal(dpop.labels, labels)
+
+
 def test_a_run_past_the_last_round_is_refused_whole_on_either_engine(client, rng):
     """run() from t = 2**63 - 2 over three steps took one step, then raised: now it is refused before the first."""
     s = rng.normal(size=(3, N, 1))

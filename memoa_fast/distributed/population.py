@@ -461,7 +461,9 @@ class DaskPopulation(MeanFieldSummary):
 
         The N labels are sent; the class means come back as each shard's class sums (K d numbers per shard).
         """
-        self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        self._check_usable()  # a population that cannot send them keeps its labels (they were replaced, then refused)
+        self._labels = labels
         self._set_sizes()
         answers = self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None)
                                                              for lo, hi in self.bounds])
