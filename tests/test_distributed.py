@@ -1188,6 +1188,18 @@ def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
     source.validate_state_dict(source.state_dict())
 
 
+def test_noisy_last_value_signals_refuse_a_saved_target_observe_would_refuse():
+    """A saved ``y`` beyond TARGET_LIMIT (1e30) loaded although observe() refuses it; now refused, nothing changes."""
+    source = NoisyLastValueSignals(0, 3, 1)
+    source.observe([0.5])
+    for y in (1e300, -1e31):
+        with pytest.raises(ValueError, match=r"source/shared/y.*<= 1e\+30"):
+            source.load_state_dict({"agents": {}, "shared": {"t": np.array(4), "y": np.array([y])}})
+        assert source.t == 0 and source.state_dict()["shared"]["y"][0] == 0.5
+    source.load_state_dict({"agents": {}, "shared": {"t": np.array(4), "y": np.array([1e30])}})  # the limit itself
+    assert source.t == 4
+
+
 def test_a_k_class_population_restored_from_shards_saves_and_restores_again_without_its_labels(thread_client, tmp_path, rng):
     """Labels left on the shards by a sharded restore serve every later call that does not need them on the client
     (set_game, steps, reset to zeros, a sharded save, a sharded restore onto another shard count): the client never
