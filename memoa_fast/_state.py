@@ -31,7 +31,7 @@ from ._validation import MAX_COUNT, scalar_of
 from .kernels import SIGNAL_LIMIT
 
 __all__ = [
-    "RULES", "POPULATION_KEYS", "SERVER_KEYS", "check_population_state", "check_server_state",
+    "RULES", "POPULATION_KEYS", "SERVER_KEYS", "STATE_LIMIT", "check_population_state", "check_server_state",
     "check_source_layout", "check_source_state", "n_classes_of",
 ]
 
@@ -51,6 +51,16 @@ SERVER_KEYS = ("log_weights", "n_updates", "rule", "eta", "alpha")
 
 _LSE_TOL = 1e-9
 _DISCOUNT_TOL = 1e-9
+
+#: Largest ``|x|`` of a saved state's states and mean fields: ``SIGNAL_LIMIT`` (``1e50``) with a margin of
+#: ``2**-20`` relative for rounding. Every policy moves a state to a combination of states and valid signals
+#: with nonnegative weights summing to 1 (:attr:`memoa_fast.Game.table`), so in exact arithmetic the states
+#: never leave ``max(max |x(0)|, SIGNAL_LIMIT)``; in floating point each step may round a few ulps beyond it
+#: (three states and signals at ``-1e50`` gave ``-1.0000000000000003e50`` in one step of
+#: ``Game(q=1, kappa=30, r=0.1, gamma=0.9)``), and a mean of valid signals likewise. The states and means a
+#: population reaches must save and load: the margin is about ``4e9`` ulps, and costs built from states within
+#: it are as finite as from states within ``SIGNAL_LIMIT``.
+STATE_LIMIT = SIGNAL_LIMIT * (1.0 + 2.0**-20)
 
 
 # =========================================================================== small checks
@@ -109,7 +119,8 @@ def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True
         over = np.abs(out) > limit
         if over.any():
             at = tuple(int(i) for i in np.argwhere(over)[0])
-            _fail(key, f"must be at most {limit:g} in magnitude (SIGNAL_LIMIT); entry {at} is {out[at].item()!r}")
+            _fail(key, f"must be at most {SIGNAL_LIMIT:g} in magnitude (SIGNAL_LIMIT, with a margin of 2**-20 for rounding: "
+                       f"{limit!r}); entry {at} is {out[at].item()!r}")
     if nonnegative:
         neg = out < 0
         if neg.any():
@@ -207,7 +218,8 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
         - every array: a real integer or floating dtype (no bool, complex,
           string, datetime or object), the exact shape, finite;
         - ``states``, ``mean_state``, ``mean_signal``, ``class_mean_signal``:
-          ``|x| <= SIGNAL_LIMIT``; ``costs >= 0``;
+          ``|x| <= STATE_LIMIT`` (``SIGNAL_LIMIT`` with a margin of ``2**-20``
+          for rounding: see :data:`STATE_LIMIT`); ``costs >= 0``;
           ``mean_state`` is not compared with the states: it is derived data, and
           every engine derives ``m(t)`` and ``m_l(t)`` from the states it
           installs (one machine from its states, a Dask population from its
@@ -238,16 +250,16 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
     if not isinstance(saved_game, Mapping) or dict(saved_game) != expected_game:
         _fail("game", f"is {_short(saved_game)}, but this population plays {expected_game!r}")
 
-    states = _real_array("states", state["states"], (n, d), limit=SIGNAL_LIMIT)
+    states = _real_array("states", state["states"], (n, d), limit=STATE_LIMIT)
     costs = _real_array("costs", state["costs"], (n,), nonnegative=True)
     if "labels" in state:
         labels = _labels(state["labels"], n, K)
     else:
         labels = np.empty(0, dtype=np.int64)
-    mean_state = _real_array("mean_state", state["mean_state"], (d,), limit=SIGNAL_LIMIT)
-    mean_signal = _real_array("mean_signal", state["mean_signal"], (d,), limit=SIGNAL_LIMIT)
+    mean_state = _real_array("mean_state", state["mean_state"], (d,), limit=STATE_LIMIT)
+    mean_signal = _real_array("mean_signal", state["mean_signal"], (d,), limit=STATE_LIMIT)
     if "class_mean_signal" in state:
-        class_mean_signal = _real_array("class_mean_signal", state["class_mean_signal"], (K, d), limit=SIGNAL_LIMIT)
+        class_mean_signal = _real_array("class_mean_signal", state["class_mean_signal"], (K, d), limit=STATE_LIMIT)
     else:
         class_mean_signal = mean_signal.reshape(1, d).copy()
 

@@ -7,10 +7,10 @@ import numpy as np
 
 from . import _backends
 from ._exclusive import Exclusive
-from ._state import check_population_state
+from ._state import STATE_LIMIT, check_population_state
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
-from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
+from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, work_shape
 from .server import Server
 
 
@@ -95,8 +95,15 @@ class MeanFieldSummary:
 
     @property
     def class_mean_signal(self) -> np.ndarray:
-        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy."""
+        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy.
+
+        With one class this is :attr:`mean_signal` (shape (1, d)), the same bits: the compiled step may round its
+        own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
+        it as the mean signal (the two then differed after a restore).
+        """
         lay = self._lay
+        if lay.n_classes == 1:
+            return self._field[lay.field_signal:lay.field_signal + 1].copy()
         return self._field[lay.class_signal:lay.class_signal + lay.n_classes].copy()
 
     @property
@@ -164,6 +171,19 @@ class MeanFieldSummary:
         if self.t >= MAX_COUNT:
             raise ValueError(f"this population is at round t = {self.t} = 2**63 - 1, the last a saved state can hold "
                              "(t is saved as an int64): it steps no further")
+
+    def _refuse_steps(self, n_steps: int) -> None:
+        """``ValueError`` before a run of ``n_steps`` steps that could not all be taken (nothing changes).
+
+        :meth:`_refuse_step` for the whole run at once: a run that would pass round ``2**63 - 1`` is refused
+        before its first step, not stopped in its middle (it used to take the steps up to that round, then raise).
+        """
+        if n_steps == 0:
+            return
+        self._refuse_step()
+        if self.t + n_steps > MAX_COUNT:
+            raise ValueError(f"this population is at round t = {self.t}: a run of {n_steps} steps would pass round "
+                             f"2**63 - 1, the last a saved state can hold (t is saved as an int64); nothing was stepped")
 
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
@@ -501,11 +521,13 @@ class Population(MeanFieldSummary):
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.
 
-        The dtype and the shape of every step are checked before the first step (one array). A view of
+        The dtype and the shape of every step are checked before the first step (one array), and so is the round
+        counter (a run that would pass round ``2**63 - 1`` is refused whole, nothing stepped). A view of
         this population's own arrays (``np.broadcast_to(pop.states, (T, N, d))``) is copied first, so every
         step reads the values it had when the call began.
         """
         steps = as_steps("signals", signals)
+        self._refuse_steps(steps.shape[0])  # a run that cannot be taken whole is not begun
         if np.may_share_memory(steps, self._x) or np.may_share_memory(steps, self._J):
             steps = steps.copy()
         for s in steps:
@@ -564,7 +586,12 @@ def _rebuild(cls, args, config, state):
 
 
 def _check_magnitude(name: str, arr: np.ndarray) -> None:
-    """Refuse states beyond ``SIGNAL_LIMIT``: a cost built from them could overflow (and a checkpoint refuses them)."""
+    """Refuse states beyond ``STATE_LIMIT``: a cost built from them could overflow (and a checkpoint refuses them).
+
+    ``STATE_LIMIT`` is ``SIGNAL_LIMIT`` (1e50) with a margin of ``2**-20`` for rounding, the limit of a saved
+    state's states (:data:`memoa_fast._state.STATE_LIMIT`): the states a population reaches are accepted here too.
+    """
     top = float(np.max(np.abs(arr))) if arr.size else 0.0
-    if top > SIGNAL_LIMIT:
-        raise ValueError(f"{name} must be at most {SIGNAL_LIMIT:g} in magnitude (so that no cost can overflow), got {top!r}")
+    if top > STATE_LIMIT:
+        raise ValueError(f"{name} must be at most 1e+50 in magnitude (SIGNAL_LIMIT, with a margin of 2**-20 for rounding: "
+                         f"{STATE_LIMIT!r}; so that no cost can overflow), got {top!r}")

@@ -8,7 +8,7 @@ import numpy as np
 from . import _backends
 from ._exclusive import Exclusive
 from ._state import RULES, check_server_state, server_state
-from ._validation import as_float_array, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
+from ._validation import MAX_COUNT, as_float_array, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
 from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 
 RULE_CODES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
@@ -133,12 +133,16 @@ class Server:
     def update(self, states, target) -> None:
         """Reweight the clients once the target ``y`` of ``states`` (N, d) is known.
 
-        ``target`` has shape (d,) (a scalar is accepted when d = 1) and must be finite.
+        ``target`` has shape (d,) (a scalar is accepted when d = 1) and must be finite. After update
+        ``2**63 - 1``, the last count a saved state holds (``n_updates`` is saved as an int64; only a loaded
+        state gets there), ``ValueError`` and nothing changes: one more would leave a server that could no
+        longer be saved, copied or pickled.
         """
         x = as_float_array("states", states, (self.n_agents, self.dim))
         y = as_float_array("target", target, (self.dim,))
         kern, threads, lay = self._kernels, _backends.usable_threads(self._threads_used), self._lay
         with self._exclusive:
+            check_update_count(self.n_updates)
             if self.rule == "eg":  # the gradient needs the mixture of these very states
                 kern.mixture_predict(self._log_p, x, self._work, lay, self._yhat, threads)
             self._y[...] = y
@@ -173,6 +177,16 @@ class Server:
             f"Server(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, "
             f"alpha={self.alpha!r}, backend={self.backend!r})"
         )
+
+
+def check_update_count(n_updates: int) -> None:
+    """``ValueError`` before an update that would count past ``2**63 - 1`` (``MAX_COUNT``), the last a saved state holds.
+
+    Shared by :class:`Server` and the Dask server, as the populations share their last round (``_refuse_step``).
+    """
+    if n_updates >= MAX_COUNT:
+        raise ValueError(f"this server has made n_updates = {n_updates} = 2**63 - 1 updates, the last count a saved state "
+                         "can hold (n_updates is saved as an int64): it updates no further")
 
 
 def _rebuild_server(n_agents, dim, config, state):

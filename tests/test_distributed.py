@@ -1188,6 +1188,18 @@ def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
     source.validate_state_dict(source.state_dict())
 
 
+def test_noisy_last_value_signals_refuse_a_saved_target_observe_would_refuse():
+    """A saved ``y`` beyond TARGET_LIMIT (1e30) loaded although observe() refuses it; now refused, nothing changes."""
+    source = NoisyLastValueSignals(0, 3, 1)
+    source.observe([0.5])
+    for y in (1e300, -1e31):
+        with pytest.raises(ValueError, match=r"source/shared/y.*<= 1e\+30"):
+            source.load_state_dict({"agents": {}, "shared": {"t": np.array(4), "y": np.array([y])}})
+        assert source.t == 0 and source.state_dict()["shared"]["y"][0] == 0.5
+    source.load_state_dict({"agents": {}, "shared": {"t": np.array(4), "y": np.array([1e30])}})  # the limit itself
+    assert source.t == 4
+
+
 def test_a_k_class_population_restored_from_shards_saves_and_restores_again_without_its_labels(thread_client, tmp_path, rng):
     """Labels left on the shards by a sharded restore serve every later call that does not need them on the client
     (set_game, steps, reset to zeros, a sharded save, a sharded restore onto another shard count): the client never
@@ -1252,4 +1264,55 @@ def test_no_step_past_the_last_round_a_state_can_hold_on_either_engine(client, r
         engine.step(s)  # the last round is still taken
         assert engine.t == 2**63 - 1 and engine.state_dict()["t"] == 2**63 - 1
         state["t"] = 2**63 - 1
+    dpop.close()
+
+
+def test_set_labels_on_a_population_that_cannot_send_them_changes_nothing(client):
+    """A closed (or broken) population refused set_labels after replacing its labels and class sizes on the client."""
+    game = Game(q=[1.0, 2.0], kappa=1.0, r=0.5, gamma=0.9)
+    labels = np.arange(N) % 2
+    dpop = DaskPopulation(game, N, 1, client=client, labels=labels, timeout=TIMEOUT)
+    dpop.close()
+    with pytest.raises(RuntimeError, match="unusable"):
+        dpop.set_labels(1 - labels)
+    np.testing.assert_array_equal(dpop.labels, labels)
+
+
+def test_a_run_past_the_last_round_is_refused_whole_on_either_engine(client, rng):
+    """run() from t = 2**63 - 2 over three steps took one step, then raised: now it is refused before the first."""
+    s = rng.normal(size=(3, N, 1))
+    pop = Population(GAME, N, 1, threads=1)
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    state = pop.state_dict()
+    state["t"], state["discount"] = 2**63 - 2, 0.0
+    for engine, run in ((pop, lambda: pop.run(s)), (dpop, lambda: dpop.run(s))):
+        engine.load_state_dict(state)
+        before = engine.state_dict()
+        with pytest.raises(ValueError, match="a run of 3 steps would pass round 2\\*\\*63 - 1.*nothing was stepped"):
+            run()
+        after = engine.state_dict()
+        assert after["t"] == 2**63 - 2
+        np.testing.assert_array_equal(after["states"], before["states"])
+        engine.run(s[:1])  # the last round is still taken
+        assert engine.t == 2**63 - 1
+        engine.run(s[:0])  # an empty run is nothing to refuse
+    dpop.close()
+
+
+def test_no_update_past_the_last_count_a_state_can_hold_on_the_dask_server(client, rng):
+    """As ``Server``: at n_updates = 2**63 - 1 (a loaded state) update refuses and changes nothing (2**63 could not be saved)."""
+    dpop = DaskPopulation(GAME, N, 1, client=client, n_shards=2, exact=True, timeout=TIMEOUT)
+    server = DaskServer(dpop, rule="hedge", eta=0.5)
+    state = server.state_dict()
+    state["n_updates"] = 2**63 - 1
+    server.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"n_updates = 9223372036854775807 = 2\*\*63 - 1.*updates no further"):
+        server.update(None, [0.5])
+    after = server.state_dict()
+    assert after["n_updates"] == 2**63 - 1
+    np.testing.assert_array_equal(after["log_weights"], state["log_weights"])
+    state["n_updates"] = 2**63 - 2
+    server.load_state_dict(state)
+    server.update(None, [0.5])  # the last update is still made
+    assert server.state_dict()["n_updates"] == 2**63 - 1
     dpop.close()

@@ -1,9 +1,11 @@
 """Population: the policy's dynamics, cost accounting, bad signals, bad input."""
+import math
+
 import numba
 import numpy as np
 import pytest
 from helpers import available_backends, call_from_two_threads
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from memoa_fast import Game, Population
@@ -406,6 +408,100 @@ def test_any_float64_signal_keeps_mean_field_and_costs_finite(backend, seed, log
     scale = 1.0 + np.abs(ref.states)
     assert np.all(np.abs(got.states - ref.states) <= 1e-12 * scale * 10)
     np.testing.assert_allclose(got.costs, ref.costs, rtol=1e-11, atol=1e-300)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_states_and_means_at_the_signal_limit_save_and_load(backend, tmp_path):
+    """States and signals within SIGNAL_LIMIT (1e50) can round a few ulps beyond it; the saved state must load.
+
+    One step of three agents at -1e50 on signals of -1e50 left states of -1.0000000000000003e50, and the mean of
+    twenty valid signals of 1e50 (one an ulp below) was 1.0000000000000003e50 (numba, numpy): state_dict, pickle, copies and
+    checkpoints refused them (``must be at most 1e+50``), so the run could no longer be saved.
+    """
+    import copy
+    import pickle
+
+    from memoa_fast import load_checkpoint, restore_checkpoint, save_checkpoint
+
+    game = Game(q=1.0, kappa=30.0, r=0.1, gamma=0.9)
+    reached = Population(game, initial_states=np.full((3, 1), -1e50), backend=backend)
+    reached.step(np.full((3, 1), -1e50))
+    means = Population(game, 20, 1, backend=backend)
+    s = np.full((20, 1), 1e50)
+    s[0] = np.nextafter(1e50, 0.0)
+    means.step(s)
+    assert reached.states.min() < -1e50  # the rounding this is about (the means' too with numba and numpy: 1e50 + 2 ulps)
+    for pop in (reached, means):
+        state = pop.state_dict()
+        other = Population(game, pop.n_agents, 1, backend=backend)
+        other.load_state_dict(state)
+        for copied in (other, pickle.loads(pickle.dumps(pop)), copy.deepcopy(pop)):
+            np.testing.assert_array_equal(copied.states, pop.states)
+        path = save_checkpoint(tmp_path / "run.npz", pop)
+        restore_checkpoint(load_checkpoint(path), other)
+        np.testing.assert_array_equal(other.states, pop.states)
+        np.testing.assert_array_equal(other.mean_signal, pop.mean_signal)
+        Population(game, initial_states=pop.states, backend=backend)  # a state reached is a valid initial state
+    with pytest.raises(ValueError, match="initial_states must be at most"):
+        Population(game, initial_states=np.full((3, 1), -1.000001e50))  # beyond the rounding margin
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k_classes=st.sampled_from([1, 2, 3]),
+       policy=st.sampled_from(["memoa", "greedy", "local", "consensus"]), log_kappa=st.floats(-4, 4), mixed=st.booleans())
+@example(seed=0, k_classes=1, policy="memoa", log_kappa=math.log(30.0), mixed=False)  # the reproducer above
+def test_every_state_reached_from_states_and_signals_within_the_limit_saves(seed, k_classes, policy, log_kappa, mixed):
+    """The class of the test above: any game, states and signals at +-1e50 (or an ulp below), a few steps; every state loads."""
+    rng = np.random.default_rng(seed)
+    K = k_classes
+    q, r, gamma = (list(np.exp(rng.uniform(-4, 2, K))), list(np.exp(rng.uniform(-4, 2, K))), float(rng.uniform(0.3, 1.0)))
+    if seed == 0:
+        q, r, gamma = [1.0], [0.1], 0.9
+    kappa = [math.exp(log_kappa)] * K
+    game = Game(q=q, kappa=kappa, r=r, gamma=gamma, policy=policy, shares=list(rng.dirichlet(np.ones(K)))) if K > 1 else \
+        Game(q=q[0], kappa=kappa[0], r=r[0], gamma=gamma, policy=policy)
+    n = 3 * K
+    labels = None if K == 1 else np.arange(n) % K
+    sign = -1.0 if seed % 2 == 0 else 1.0
+    limit = np.full((n, 1), 1e50)
+    if mixed:  # some an ulp below the limit, some of the other sign
+        limit *= rng.choice([1.0, np.nextafter(1.0, 0.0)], size=(n, 1))
+    pop = Population(game, initial_states=sign * limit, labels=labels, threads=1)
+    for _ in range(4):
+        pop.step(sign * limit * (rng.choice([1.0, -1.0], size=(n, 1)) if mixed else 1.0))
+        Population(game, n, 1, labels=labels).load_state_dict(pop.state_dict())
+    assert np.abs(pop.states).max() <= 1e50 * (1 + 1e-14)  # only rounding beyond the limit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_class_mean_signal_is_the_mean_signal_and_restores_as_it_was(backend, tmp_path):
+    """K = 1: ``class_mean_signal`` is ``mean_signal``, bitwise, so a checkpoint (which does not save it) restores it.
+
+    Numba's step rounded the class mean an ulp apart from the mean (0.21134933608179116 against
+    0.21134933608179113 for these signals), and a restored population reported the other one.
+    """
+    from memoa_fast import restore_checkpoint, save_checkpoint
+
+    pop = Population(GAME, 3, 1, backend=backend)
+    pop.step([0.1257302210933933, -0.1321048632913019, 0.6404226504432821])
+    np.testing.assert_array_equal(pop.class_mean_signal, pop.mean_signal.reshape(1, 1))
+    restored = Population(GAME, 3, 1, backend=backend)
+    restore_checkpoint(save_checkpoint(tmp_path / "run.npz", pop), restored)
+    for key, value in pop.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+
+
+def test_a_run_past_the_last_round_is_refused_before_its_first_step():
+    """From t = 2**63 - 2, run() over three steps took one and raised (half a run); now nothing is stepped."""
+    pop = Population(GAME, 3, 1)
+    state = pop.state_dict()
+    state["t"], state["discount"] = 2**63 - 2, 0.0
+    pop.load_state_dict(state)
+    with pytest.raises(ValueError, match="a run of 3 steps would pass round 2\\*\\*63 - 1"):
+        pop.run(np.ones((3, 3, 1)))
+    assert pop.t == 2**63 - 2 and not pop.states.any()
+    pop.run(np.ones((1, 3, 1)))
+    assert pop.t == 2**63 - 1
 
 
 def test_run_names_signals_that_are_not_an_array():

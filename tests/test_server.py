@@ -119,6 +119,28 @@ def test_bad_update_input_leaves_weights_alone(rng):
     np.testing.assert_array_equal(srv.log_weights, before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_update_past_the_last_count_a_state_can_hold(backend, rng):
+    """A loaded state at n_updates = 2**63 - 1 updated once more gave 2**63: no save, copy or pickle could hold it."""
+    import pickle
+
+    srv = Server(4, 2, rule="eg", alpha=0.1, backend=backend)
+    x, y = rng.normal(size=(4, 2)), rng.normal(size=2)
+    srv.update(x, y)
+    state = srv.state_dict()
+    state["n_updates"] = 2**63 - 1
+    srv.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"n_updates = 9223372036854775807 = 2\*\*63 - 1.*updates no further"):
+        srv.update(x, y)
+    assert srv.n_updates == 2**63 - 1
+    np.testing.assert_array_equal(srv.log_weights, state["log_weights"])
+    assert pickle.loads(pickle.dumps(srv)).n_updates == 2**63 - 1  # still saved, copied, pickled
+    state["n_updates"] = 2**63 - 2
+    srv.load_state_dict(state)
+    srv.update(x, y)  # the last update is still made
+    assert srv.n_updates == 2**63 - 1 and srv.state_dict()["n_updates"] == 2**63 - 1
+
+
 # --------------------------------------------------------------------------- issue 8: any loss, any size
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)

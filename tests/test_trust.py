@@ -394,3 +394,45 @@ def test_powers_are_real_numbers_never_cast(powers, error):
         TrustPopulation(6, n_classes=2, power=1.0 if powers in ("15", b"15") else 1.5, powers=powers)
     tp = TrustPopulation(6, n_classes=2, powers=np.array([1.0, 1.5], dtype=np.float32))  # real arrays are fine
     assert tp.powers == (1.0, 1.5) and all(type(p) is float for p in tp.powers)
+
+@pytest.mark.parametrize("rule", ["error", "minimax"])
+def test_a_reclassing_that_fails_changes_nothing(rule, monkeypatch):
+    """observe() at a re-classing whose new games cannot be built raises and leaves everything as it was.
+
+    It used to fold the round's errors, advance the round counter past the re-classing and keep the old classes:
+    a retry counted the errors twice and the classes waited another ``reclass`` rounds. Weights whose re-formed
+    games have no representable equilibrium are now refused when the object is made (test above), so the failure
+    is injected into the re-forming's solve: the property is the same for any exception raised there.
+    """
+    import pickle
+
+    from memoa_fast.game import Game
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    tp = TrustPopulation(8, 1, n_classes=4, reclass=2, q=1.0, kappa=0.0, r=10.0, gamma=0.9, rule=rule, backend="numpy",
+                         powers=(1.0, 1.5))
+    signals = np.repeat([1.0, 3.16, 10.0, 100.0], 2)[:, None]  # errors 1 ... 1e4
+    tp.step(signals)
+    tp.observe(0.0)  # round 1: no re-classing
+    tp.step(signals)
+    before = pickle.loads(pickle.dumps(tp))
+
+    def unsolvable(self, **kw):
+        raise ValueError("no representable K-class equilibrium (injected)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Game, "with_weights", unsolvable)
+        with pytest.raises(ValueError, match="no representable K-class equilibrium"):
+            tp.observe(0.0)  # round 2 re-forms the classes
+    assert (tp.t, tp.n_reclassed, tp.trust.n_observed, tp.leader) == (before.t, before.n_reclassed, before.trust.n_observed,
+                                                                      before.leader)
+    assert np.array_equal(tp.trust.errors, before.trust.errors)
+    assert np.array_equal(tp.class_costs, before.class_costs)
+    assert [g.to_dict() for g in tp.games] == [g.to_dict() for g in before.games]
+    for pop, old in zip(tp.populations, before.populations):
+        assert np.array_equal(pop.labels, old.labels) and pop.t == old.t
+    # the call may be repeated: the same round once, re-formed as the uninterrupted object does it
+    tp.observe(0.0)
+    before.observe(0.0)
+    assert (tp.t, tp.n_reclassed) == (before.t, before.n_reclassed) == (2, 1)
+    assert np.array_equal(tp.trust.errors, before.trust.errors) and np.array_equal(tp.class_costs, before.class_costs)

@@ -461,7 +461,9 @@ class DaskPopulation(MeanFieldSummary):
 
         The N labels are sent; the class means come back as each shard's class sums (K d numbers per shard).
         """
-        self._labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        labels = check_labels(labels, self.n_agents, self._lay.n_classes)
+        self._check_usable()  # a population that cannot send them keeps its labels (they were replaced, then refused)
+        self._labels = labels
         self._set_sizes()
         answers = self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None)
                                                              for lo, hi in self.bounds])
@@ -568,10 +570,14 @@ class DaskPopulation(MeanFieldSummary):
             raise ValueError("run() takes signals of shape (T, n_agents, dim) or steps= (a count of steps on worker-side "
                              f"signals), exactly one of them; got {'both' if steps is not None else 'neither'}")
         if signals is not None:
-            for s in as_steps("signals", signals):
+            signals = as_steps("signals", signals)
+            self._refuse_steps(signals.shape[0])  # a run that cannot be taken whole is not begun
+            for s in signals:
                 self.step(s)
         else:
-            for _ in range(check_int("steps", steps, low=0)):
+            steps = check_int("steps", steps, low=0)
+            self._refuse_steps(steps)
+            for _ in range(steps):
                 self.step()
         return self._handle
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._state import check_server_state, server_state
 from .._validation import as_float_array, check_choice, check_out, check_real, readonly_view
-from ..server import RULE_CODES, RULES
+from ..server import RULE_CODES, RULES, check_update_count
 from .population import DaskPopulation, ShardedStates
 
 
@@ -97,9 +97,14 @@ class DaskServer:
         return out
 
     def update(self, states, target) -> None:
-        """Reweight the clients once the target ``y`` of the current states is known (shape (d,))."""
+        """Reweight the clients once the target ``y`` of the current states is known (shape (d,)).
+
+        As :meth:`Server.update <memoa_fast.Server.update>`: after update ``2**63 - 1`` (a loaded state's count),
+        ``ValueError`` and nothing changes.
+        """
         self._states(states)
         y = as_float_array("target", target, (self.dim,))
+        check_update_count(self.n_updates)
         pop = self.population
         if self.rule == "eg" and self._yhat_version != (pop._version, self._weights_version):
             self.predict()

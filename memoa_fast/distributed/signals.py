@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_source_state
-from .._validation import MAX_COUNT, as_target_array, check_int, check_real, check_seed
+from .._validation import MAX_COUNT, TARGET_LIMIT, as_target_array, check_bounded, check_int, check_real, check_seed
 
 
 class NoisyLastValueSignals:
@@ -100,8 +100,15 @@ class NoisyLastValueSignals:
         return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()}}
 
     def validate_state_dict(self, state: dict) -> dict:
-        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
-        return check_source_state(state, n_agents=self.hi - self.lo, agents={}, shared={"t": "count", "y": (self.dim,)})
+        """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy.
+
+        ``y`` is held to what :meth:`observe` accepts (finite, ``|y| <= TARGET_LIMIT``): a state this source
+        cannot reach is refused, as every target beyond the limit is.
+        """
+        clean = check_source_state(state, n_agents=self.hi - self.lo, agents={}, shared={"t": "count", "y": (self.dim,)})
+        check_bounded("state['source/shared/y']", clean["shared"]["y"], TARGET_LIMIT, "the last target, checked as every target",
+                      advice="This state was not saved by a NoisyLastValueSignals.")
+        return clean
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (all checked first)."""

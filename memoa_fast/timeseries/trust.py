@@ -324,17 +324,29 @@ class TrustPopulation:
         ``target`` has shape (d,) (a scalar when d = 1) and must be finite with ``|target| <= 1e30``;
         otherwise ``ValueError`` (``TypeError`` for a non-number) and nothing changes: one NaN would
         otherwise disqualify every ``"minimax"`` candidate for good. A re-classing builds every new
-        game before any population changes (a failure leaves every population as it was).
+        game before anything changes: a class weight whose game has no representable equilibrium
+        (e.g. ``r`` far beyond ``q_j + kappa``) raises that ``ValueError`` and leaves this object as it
+        was (errors, round counter, class costs and every population), so the call may be repeated.
         """
         target = as_target_array("target", target, (self._signals.shape[1],))
         with self._exclusive:
+            due = self.trust.due(self.t + 1)
+            if due:  # the new games are solved from the new errors: keep the old ones until every game is built
+                kept = (self.trust.errors.copy(), self.trust.n_observed, self.class_costs.copy())
             self.trust._fold(self._signals, target, self._diff)  # both checked: the signals are ours
             if self.rule == "minimax":
                 self._measure_class_costs(target)
+            if due:
+                try:
+                    labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
+                    games = [game.with_weights(q=q_j, shares=shares) for game, q_j in zip(self.games, weights)]
+                except BaseException:
+                    # e.g. a class weight with no representable equilibrium: the round is refused whole, not half
+                    # folded (its errors counted, the classes not re-formed, the round counter past the re-classing)
+                    self.trust.errors[...], self.trust.n_observed, self.class_costs[...] = kept
+                    raise
             self.t += 1
-            if self.trust.due(self.t):
-                labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
-                games = [game.with_weights(q=q_j, shares=shares) for game, q_j in zip(self.games, weights)]
+            if due:
                 for pop, game in zip(self.populations, games):
                     pop.set_game(game)
                     pop.set_labels(labels)
