@@ -524,6 +524,89 @@ def test_classes_sharing_a_pole_are_solved(args, method):
     assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (got, want)
 
 
+def slow_root_y(q, kappa, r, gamma, shares):
+    """``1 - lam`` of the largest root of the secular equation, from the exact weights: MODEL.md's closed form for
+    P and k in 80 digits (not the float gains), bisected in y = 1 - lam (no cancellation of 1 - lam).
+    """
+    with localcontext() as ctx:
+        ctx.prec = 80
+        gm = Decimal(gamma)
+        e, a, beta = [], [], []
+        for qj, kj, rj in zip(q, kappa, r):
+            qj, kj, rj = Decimal(qj), Decimal(kj), Decimal(rj)
+            w = qj + kj
+            b = w * gm - rj * (1 - gm)
+            P = (b + (b * b + 4 * gm * w * rj).sqrt()) / (2 * gm)
+            k = gm * P / (rj + gm * P)
+            e.append(1 - k)
+            a.append(gm * (1 - k))
+            beta.append(k * (1 - gm * (1 - k)) * kj / w)
+        pi = [Decimal(p) for p in shares]
+
+        def g_minus_one(y):
+            lam = 1 - y
+            return sum(p * bj * lam / ((lam - ej) * (1 - aj * lam)) for p, bj, ej, aj in zip(pi, beta, e, a)) - 1
+
+        lo, hi = Decimal(0), 1 - max(e)
+        for _ in range(300):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if g_minus_one(mid) > 0 else (mid, hi)
+        return float(lo)
+
+
+EXACT_SHARES = [[0.5, 0.5], [0.25, 0.75], [0.5, 0.25, 0.25], [0.25] * 4, [0.125, 0.375, 0.5]]  # sums exactly 1 in float64
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), shares=st.sampled_from(EXACT_SHARES), gamma=st.sampled_from([1.0, 0.999999, 0.99]),
+       tied=st.booleans())
+def test_a_slow_mean_keeps_its_relative_decay(seed, shares, gamma, tied):
+    """With q_j/w_j tiny (1e-30..1e-6) the class means relax by only y = 1 - lam per step (about sqrt(q/w)): A's
+    slowest eigenvalue must keep y to 1e-9 of itself (+ a few ulps of 1), and a y below half an ulp of 1 (no float64
+    A has that eigenvalue) is refused. The secular equation was evaluated in lam, where 1 - lam cancels: y came out
+    84% off at q/w = 1e-16 (1.84e-8 for 1e-8), identical at every q/w below (a mean relaxing 1e10 times too fast at
+    1e-20), and QZ's y at q/w = 1e-12 was off by 2e-5 of itself (1.8e-11), within the 1e-9-of-1 check then.
+    """
+    rng = np.random.default_rng(seed)
+    K = len(shares)
+    kappa = 10.0 ** rng.uniform(-2, 2, K)
+    q = kappa * 10.0 ** rng.uniform(-30, -6, K)
+    r = (q + kappa) * 10.0 ** rng.uniform(-2, 2, K)
+    if tied:  # identical classes: MODEL.md section 7, "the result equals K = 1"
+        q, kappa, r = (np.full(K, x[0]) for x in (q, kappa, r))
+    args = (q.tolist(), kappa.tolist(), r.tolist(), gamma, shares)
+    y = slow_root_y(*args)
+    eps = np.finfo(np.float64).eps
+    if y < eps / 4:
+        with pytest.raises(ValueError, match=r"rounds to 1 in float64.*q=\["):
+            solve_classes(*args)
+        return
+    if y < 2 * eps:
+        return  # 1 - y rounds to 1 - eps/2 or to 1: either answer is right
+    eq = solve_classes(*args)
+    tol = 1e-9 * y + 16 * eps
+    assert abs((1.0 - eq.spectral_radius) - y) <= tol, (eq.method, 1.0 - eq.spectral_radius, y)
+    assert abs(np.max(np.abs(np.linalg.eigvals(eq.A))) - (1.0 - y)) <= tol, eq.method
+    if tied:
+        assert abs((1.0 - solve_gains(q[0], kappa[0], r[0], gamma).rho) - y) <= tol
+
+
+@pytest.mark.parametrize("ratio", [1e-12, 1e-16, 1e-24, 1e-30])
+def test_identical_slow_classes_are_one_class(ratio):
+    # The reproducer of the test above: two identical classes with q/w = 1e-16 gave 1 - lam = 1.84e-8 for the closed
+    # form's 1.0e-8, and so did every smaller q/w.
+    one = solve_gains(ratio, 1.0, 1.0, 1.0)
+    eq = solve_classes([ratio, ratio], 1.0, 1.0, 1.0)
+    assert abs((1.0 - eq.spectral_radius) - (1.0 - one.rho)) <= 4 * np.finfo(np.float64).eps
+    assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(one.rho, abs=1e-15)
+
+
+def test_a_mean_slower_than_an_ulp_is_refused():
+    # 1 - lam = 1e-20: no float64 A has that eigenvalue; it returned a wrong one (1 - 1.84e-8) silently.
+    with pytest.raises(ValueError, match=r"eigenvalue 1\.0 rounds to 1 in float64.*q=\[1e-40, 1e-40\]"):
+        solve_classes([1e-40, 1e-40], 1.0, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 1.0])
 def test_model_md_root_in_unit_interval_does_not_exist_at_q_zero(gamma):
     """MODEL.md section 2 defines rho as "the root in [0, 1)" of the consistency quadratic, and allows q = 0.
