@@ -448,7 +448,7 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
     near 1e-19, its stable eigenvalues are wrong (6.6e-20 and 1.8e-12 for 6.1e-6), though the residual is
     1e-20. So the K roots of the secular equation are also found, each by bisection in its bracket with
     ``g - 1`` evaluated without that cancellation (:func:`_secular_classes`); when ``A``'s eigenvalues differ
-    from them by more than 1e-9 of the largest, or a root ``lam`` near 1 by more than ``1e-9 (1 - lam) + 4 eps``
+    from them by more than 1e-9 of the largest, or a root ``lam`` near 1 by more than ``1e-9 (1 - lam) + 64 eps``
     (``q_j/w_j`` tiny: a slow mean, ``1 - lam`` about ``sqrt(q_j/w_j)``, found in ``y = 1 - lam`` without
     cancellation), ``A = X diag(lam) X^{-1}`` from the roots' eigenvectors replaces it (``method="secular"``),
     as it does where QZ and the iteration both fail. A slowest root that rounds to 1 (``1 - lam`` below half
@@ -780,14 +780,20 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     return live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi
 
 
+def _slow_root_tol(roots):
+    """``1e-9 (1 - lam) + 64 eps``: how far from a root ``lam`` near 1 an eigenvalue of ``A`` may be."""
+    return 1e-9 * (1.0 - roots) + 64.0 * np.finfo(np.float64).eps
+
+
 def _root_tolerance(roots):
     """How far an eigenvalue of ``A`` may be from each secular root.
 
-    ``1e-9`` of the largest root, and at most ``1e-9 (1 - lam) + 4 eps`` (a root near 1 is a slow mean: its
-    ``1 - lam`` must keep its relative accuracy).
+    ``1e-9`` of the largest root, and at most ``1e-9 (1 - lam) + 64 eps`` (a root near 1 is a
+    slow mean: its ``1 - lam`` must keep its relative accuracy; 64 eps is the rounding of the eigenvalues of an ``A``
+    accurate to an ulp, 1.4e-15 off for 5e-9 at K = 16).
     """
     roots = np.asarray(roots, dtype=np.float64)
-    return np.minimum(1e-9 * float(np.max(roots)), 1e-9 * (1.0 - roots) + 4.0 * np.finfo(np.float64).eps)
+    return np.minimum(1e-9 * float(np.max(roots)), _slow_root_tol(roots))
 
 
 def _secular_confirms(A, k, e, a, oma, qw, beta, pi, gamma):
@@ -822,7 +828,7 @@ def _secular_confirms(A, k, e, a, oma, qw, beta, pi, gamma):
     if not all(copies):
         return False
     roots = mu[at]
-    tol = np.minimum(delta, 1e-9 * (1.0 - roots) + 4.0 * np.finfo(np.float64).eps)
+    tol = np.minimum(delta, _slow_root_tol(roots))
     D = poles.shape[0]
     own = np.where(upper, 1.0 - roots, roots)  # each root in its bracket's variable
     left, right = own - tol, own + tol
