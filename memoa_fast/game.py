@@ -381,7 +381,8 @@ def _check_class_weights(q, kappa, r, gamma, shares):
     q, kappa, r = (np.broadcast_to(np.asarray(x, dtype=np.float64), (K,)).copy() for x in (q, kappa, r))
     for x in (q, kappa, r):
         x.flags.writeable = False
-    w = q + kappa
+    with np.errstate(over="ignore"):  # q_j + kappa_j = inf: refused below, with the weights named (not a warning)
+        w = q + kappa
     if (w <= 0.0).any():
         j = int(np.argmax(w <= 0.0))
         raise ValueError(
@@ -1136,10 +1137,25 @@ def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: G
         return PolicyCoefficients(gains.k, q / w, kappa / w - gains.c, gains.c)
     if policy == "greedy":
         # u = (q s + kappa m - w x)/(w + r) = -(w/(w+r)) (x - (q s + kappa m)/w)
-        return PolicyCoefficients(w / (w + r), q / w, 0.0, kappa / w)
+        return PolicyCoefficients(float(_greedy_gain(w, r)), q / w, 0.0, kappa / w)
     if policy == "local":
         return PolicyCoefficients(gains.k, 1.0, 0.0, 0.0)
     return PolicyCoefficients(gains.k, 0.0, 1.0, 0.0)  # consensus
+
+
+def _greedy_gain(w, r):
+    """The greedy baseline's gain ``w / (w + r)`` (scalar or per class), also where ``w + r`` overflows.
+
+    ``w + r`` exceeds the largest double when both are near it (``w = r = 1e308``: the gain is 1/2, and
+    ``w / (w + r)`` gave 0, a population that never moves). There the gain is taken as
+    ``1 / (1 + r/w)`` or ``(w/r) / (1 + w/r)``, whichever ratio is at most 1; elsewhere it is ``w / (w + r)``
+    as before, to the bit.
+    """
+    w, r = np.asarray(w, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = w + r
+        safe = np.where(r <= w, 1.0 / (1.0 + r / w), (w / r) / (1.0 + w / r))
+        return np.where(np.isfinite(total), w / total, safe)
 
 
 def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: float) -> PolicyTable:
@@ -1155,8 +1171,9 @@ def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: flo
 def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> PolicyTable:
     """The K-class :class:`PolicyTable` (see :class:`Game`, attribute ``table``)."""
     K = shares.shape[0]
-    w = q + kappa
-    qw, kw = q / w, kappa / w
+    with np.errstate(over="ignore", invalid="ignore"):  # q_j + kappa_j = inf: refused below by _check_representable
+        w = q + kappa
+        qw, kw = q / w, kappa / w
     if classes is not None:
         k = classes.k
     else:
@@ -1177,7 +1194,7 @@ def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> Po
         else:
             mix[MIX_SIGNAL, :, :K] = np.outer(kw, lam)
     elif policy == "greedy":
-        coef[:, GAIN] = w / (w + r)
+        coef[:, GAIN] = _greedy_gain(w, r)
         coef[:, SIGNAL] = qw
         mix[MIX_STATE, :, K] = kw  # the true m (MODEL.md section 4), not sum_l pi_l m_l with the game's shares
     elif policy == "local":

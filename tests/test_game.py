@@ -525,6 +525,42 @@ def test_classes_sharing_a_pole_are_solved(args, method):
     assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (got, want)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), K=st.sampled_from([1, 3]), policy=st.sampled_from(["memoa", "greedy", "local", "consensus"]),
+       e=st.sampled_from([-1020, -600, 600, 1000, 1022]), anchorless=st.booleans())
+def test_every_table_depends_on_the_weights_ratios_only(seed, K, policy, e, anchorless):
+    """Scaling q, kappa, r by 2^e (e even: exact, and exact under the square roots) changes no policy table, to the
+    bit, wherever the scaled game is accepted, and warns of nothing (warnings are errors in this suite). The greedy
+    gain w/(w + r) was 0 when w + r overflowed (q = r = 1e308: a population that never moves, for 1/2), and
+    K-class weights with q_j + kappa_j = inf warned of an overflow before the ValueError naming them.
+    """
+    rng = np.random.default_rng(seed)
+    q, kappa, r = (rng.uniform(1.0, 3.9, K) for _ in range(3))  # times 2^1022: up to 0.97 of the largest double
+    if anchorless:
+        kappa[0] = 0.0
+    shares = {} if K == 1 else {"shares": [0.25, 0.25, 0.5]}
+
+    def game(scale):
+        weights = [x * scale for x in (q, kappa, r)]
+        return Game(*(float(x[0]) for x in weights) if K == 1 else weights, 0.9, policy, **shares)
+
+    base = game(1.0)
+    try:
+        scaled = game(math.ldexp(1.0, e))
+    except ValueError as exc:  # a gain outside the normal range (P ~ w / (1 - a) at 2^1022)
+        assert "not representable" in str(exc)
+        return
+    assert np.array_equal(scaled.table.coef[:, :2], base.table.coef[:, :2])
+    assert np.array_equal(scaled.table.mix, base.table.mix)
+
+
+def test_greedy_gain_where_w_plus_r_overflows():
+    assert Game(1e308, 0.0, 1e308, 0.9, "greedy").coefficients.gain == 0.5
+    assert Game([1e308, 1.0], 0.0, [1e308, 1.0], 0.9, "greedy").table.coef[:, 0].tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"class 0 are not representable.*q=1e\+308, kappa=1e\+308"):
+        Game([1e308, 1.0], [1e308, 1.0], 1.0, 0.9, "greedy")
+
+
 def slow_root_y(q, kappa, r, gamma, shares):
     """``1 - lam`` of the largest root of the secular equation, from the exact weights: MODEL.md's closed form for
     P and k in 80 digits (not the float gains), bisected in y = 1 - lam (no cancellation of 1 - lam).
