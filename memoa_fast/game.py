@@ -645,7 +645,7 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
         {(\\lambda - e_j)(1 - a_j\\lambda)} + \\Big(\\sum_j \\pi_j - 1\\Big),\\qquad
         \\epsilon_j = 1 - \\beta_j = (1 - k_j) + k_j a_j + k_j (1 - a_j) \\frac{q_j}{w_j},
 
-    a sum of positive terms (``1 - k_j`` from the float ``k_j``, exact for ``k_j >= 1/2``). A root above 1/2
+    a sum of positive terms (``1 - k_j`` taken as the float ``e_j``, accurate where ``k_j`` has rounded to 1). A root above 1/2
     is found as ``y = 1 - lam`` (``g - 1`` at 1/2 says on which side a root is), with the same function
     written in ``y`` (:func:`_secular_setup`), so that ``1 - lam`` keeps its relative accuracy when it is
     tiny (``q_j/w_j`` small: the mean relaxes slowly).
@@ -747,10 +747,12 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
         return None
     first = live[first]
     kl, el, al, ol, pl, ql = k[live], e[live], a[live], oma[live], pi[live], qw[live]
-    eps = (1.0 - kl) + kl * al + kl * ol * ql
+    eps = el + kl * al + kl * ol * ql  # e_j, not 1 - k_j: the float k_j may have rounded to 1 (e_j = 4e-17)
     n0 = kl * ol * ql
     n1 = (1.0 - gamma) * el + ol * kl * ql
-    share_gap = math.fsum([*pl.tolist(), -1.0])  # the classes without a pole: their -pi_j, exactly
+    # The classes without a pole: their -pi_j (sum_j pi_j = 1, MODEL.md section 7; not the float shares' own sum,
+    # whose last bits, 1e-17, would outweigh the anchor sum_j pi_j q_j/w_j when that is 1e-12 or less)
+    share_gap = -math.fsum(np.delete(pi, live).tolist())
 
     def g_minus_one(lam):
         L = lam[:, None]

@@ -365,7 +365,7 @@ def secular_root(q, kappa, r, gamma, shares):
         ctx.prec = 80
         e = [Decimal(x.a) / Decimal(gamma) for x in g]
         a = [Decimal(x.a) for x in g]
-        beta = [Decimal(x.k) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for x, aj, qj, kj in zip(g, a, q, kappa)]
+        beta = [(1 - ej) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for ej, aj, qj, kj in zip(e, a, q, kappa)]
         pi = [Decimal(p) for p in shares]
 
         def f(lam):
@@ -400,18 +400,21 @@ def test_ill_conditioned_direct_solve_finds_the_secular_root():
     assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(secular_root(*ILL_CONDITIONED), rel=1e-6)
 
 
-def secular_roots(q, kappa, r, gamma, shares):
+def secular_roots(q, kappa, r, gamma, shares, total=None):
     """Every root in (0, 1) of the secular equation above (one per gap between the sorted distinct poles 1 - k_j, one
     in (max 1 - k_j, 1), and a pole shared by m classes m - 1 times), bisected in 90 digits; None where a bracket
-    does not change sign (no stable equilibrium).
+    does not change sign (no stable equilibrium). The shares are taken as summing to 1 (MODEL.md section 7): divided
+    by their exact sum, or by ``total`` (the sum of every class's share, when ``shares`` leaves some classes out).
     """
     g = [solve_gains(qj, kj, rj, gamma) for qj, kj, rj in zip(q, kappa, r)]
     with localcontext() as ctx:
         ctx.prec = 90
         a = [Decimal(x.a) for x in g]
         e = [aj / Decimal(gamma) for aj in a]
-        beta = [Decimal(x.k) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for x, aj, qj, kj in zip(g, a, q, kappa)]
-        pi = [Decimal(p) for p in shares]
+        # k = 1 - e from the accurate a: the float k rounds to 1 where e is 4e-17 (and 1 - k matters: 1 - beta ~ 1e-16)
+        beta = [(1 - ej) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for ej, aj, qj, kj in zip(e, a, q, kappa)]
+        norm = sum(Decimal(p) for p in shares) if total is None else Decimal(total)
+        pi = [Decimal(p) / norm for p in shares]
 
         def f(lam):
             return sum(p * b * lam / ((lam - ej) * (1 - aj * lam)) for p, b, ej, aj in zip(pi, beta, e, a)) - 1
@@ -449,16 +452,29 @@ def test_direct_solve_finds_every_secular_root(seed, K, gamma, ill):
     shares = rng.dirichlet(np.ones(K))
     args = (q.tolist(), kappa.tolist(), r.tolist(), gamma, (shares / shares.sum()).tolist())
     want = secular_roots(*args)
-    if want is None:  # the shares' rounding (sum 1 +- 1e-16) outweighs the anchoring: no stable equilibrium
-        with pytest.raises(ValueError, match="stable"):
-            solve_classes(*args)
-        return
+    # The shares sum to 1 (MODEL.md): q_0 > 0 anchors the mean, so there is a stable equilibrium however small the
+    # anchor is next to the shares' own rounding (sum 1 +- 1e-16), which was refused ("no stable equilibrium").
+    assert want is not None
     eq = solve_classes(*args)
     got = np.sort(np.abs(np.linalg.eigvals(eq.A)))
     assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (eq.method, got, want)
     if not ill:
         assert eq.method == "qz"
 
+
+
+# k_j rounds to 1 in float64 in both classes (1 - k_j = 3.8e-17 and 1.1e-15), and 1 - sum_j pi_j beta_j is 1e-16, so the
+# largest root (0.7538617236, 80-digit closed form of the exact weights, shares summing to 1) hinges on 1 - k_j: the
+# secular function took it as 1 - float(k_j) = 0 and found 0.856 (so did this file's 90-digit oracle, which built
+# beta from the float k); the shares' own sum, 1 + 5.6e-17, moved it too (to 0.8166, with 1 - k_j exact).
+K_ROUNDS_TO_ONE = ([0.002651439305462128, 1.952157233585824e-06], [12465034893647.64, 14397719560.836327],
+                   [0.00023731369848950263, 8.170571633540893e-06], 0.5, [0.31740082050285306, 0.682599179497147])
+
+
+def test_secular_root_where_k_rounds_to_one():
+    eq = solve_classes(*K_ROUNDS_TO_ONE)
+    assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(0.7538617236, rel=1e-9)
+    assert secular_roots(*K_ROUNDS_TO_ONE).max() == pytest.approx(0.7538617236, rel=1e-9)
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), K=st.integers(3, 4), gamma=st.sampled_from([0.5, 0.9, 0.999, 1.0]))
@@ -478,9 +494,9 @@ def test_direct_solve_with_a_class_without_signal_weight(seed, K, gamma):
     r[z] = q[z] * 10.0 ** rng.uniform(-20, -4)
     shares = rng.dirichlet(np.ones(K)).tolist()
     keep = [j for j in range(K) if j != z]
-    others = secular_roots(*([v[j] for j in keep] for v in (q, kappa, r)), gamma, [shares[j] for j in keep])
-    if others is None:  # the shares' rounding outweighs the anchoring: no stable equilibrium
-        return
+    total = sum(Decimal(p) for p in shares)  # the pole-free class keeps its share of the mean
+    others = secular_roots(*([v[j] for j in keep] for v in (q, kappa, r)), gamma, [shares[j] for j in keep], total)
+    assert others is not None  # the shares sum to 1 and q_0 > 0: a stable equilibrium (see above)
     eq = solve_classes(q.tolist(), kappa.tolist(), r.tolist(), gamma, shares)
     want = np.sort(np.append(others, eq.one_minus_k[z]))
     got = np.sort(np.abs(np.linalg.eigvals(eq.A)))
@@ -626,12 +642,15 @@ def test_a_slow_mean_keeps_its_relative_decay(seed, shares, gamma, tied):
         assert abs((1.0 - solve_gains(q[0], kappa[0], r[0], gamma).rho) - y) <= tol
 
 
+@pytest.mark.parametrize("shares", [[0.5, 0.5], [0.1, 0.2, 0.7], [1 / 3] * 3])
 @pytest.mark.parametrize("ratio", [1e-12, 1e-16, 1e-24, 1e-30])
-def test_identical_slow_classes_are_one_class(ratio):
+def test_identical_slow_classes_are_one_class(ratio, shares):
     # The reproducer of the test above: two identical classes with q/w = 1e-16 gave 1 - lam = 1.84e-8 for the closed
-    # form's 1.0e-8, and so did every smaller q/w.
+    # form's 1.0e-8, and so did every smaller q/w. The shares sum to 1 (MODEL.md section 7), also where the floats
+    # do not: 0.1 + 0.2 + 0.7 is 1 - 2.8e-17 exactly, which outweighed the anchor sum_j pi_j q_j/w_j (1e-12 and
+    # less) in the secular equation, 1 - lam off by 1.3e-5 of itself at q/w = 1e-12 and 50 times too large at 1e-20.
     one = solve_gains(ratio, 1.0, 1.0, 1.0)
-    eq = solve_classes([ratio, ratio], 1.0, 1.0, 1.0)
+    eq = solve_classes([ratio] * len(shares), 1.0, 1.0, 1.0, shares)
     assert abs((1.0 - eq.spectral_radius) - (1.0 - one.rho)) <= 64 * np.finfo(np.float64).eps
     assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(one.rho, abs=64 * np.finfo(np.float64).eps)
 
