@@ -645,10 +645,11 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
         {(\\lambda - e_j)(1 - a_j\\lambda)} + \\Big(\\sum_j \\pi_j - 1\\Big),\\qquad
         \\epsilon_j = 1 - \\beta_j = (1 - k_j) + k_j a_j + k_j (1 - a_j) \\frac{q_j}{w_j},
 
-    a sum of positive terms (``1 - k_j`` taken as the float ``e_j``, accurate where ``k_j`` has rounded to 1). A root above 1/2
-    is found as ``y = 1 - lam`` (``g - 1`` at 1/2 says on which side a root is), with the same function
-    written in ``y`` (:func:`_secular_setup`), so that ``1 - lam`` keeps its relative accuracy when it is
-    tiny (``q_j/w_j`` small: the mean relaxes slowly).
+    a sum of positive terms (``1 - k_j`` taken as the float ``e_j``, accurate where ``k_j`` has rounded to 1;
+    the sums over the classes with a pole, ``sum_j pi_j - 1`` the pole-free classes' ``-pi_j``: the shares sum
+    to 1, whatever the floats' last bits). A root above 1/2 is found as ``y = 1 - lam`` (``g - 1`` at 1/2 says
+    on which side a root is), with the same function written in ``y`` (:func:`_secular_setup`), so that
+    ``1 - lam`` keeps its relative accuracy when it is tiny (``q_j/w_j`` small: the mean relaxes slowly).
     Each root is bisected to the last bit (geometric steps while its bracket spans more than a factor 4).
     The eigenvector of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))``
     (``= beta_j (1 - y_i) / ((k_j - y_i)((1 - a_j) + a_j y_i))``; the stable mode of the pencil with
