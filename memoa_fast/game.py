@@ -381,7 +381,8 @@ def _check_class_weights(q, kappa, r, gamma, shares):
     q, kappa, r = (np.broadcast_to(np.asarray(x, dtype=np.float64), (K,)).copy() for x in (q, kappa, r))
     for x in (q, kappa, r):
         x.flags.writeable = False
-    w = q + kappa
+    with np.errstate(over="ignore"):  # q_j + kappa_j = inf: refused below, with the weights named (not a warning)
+        w = q + kappa
     if (w <= 0.0).any():
         j = int(np.argmax(w <= 0.0))
         raise ValueError(
@@ -448,9 +449,11 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
     near 1e-19, its stable eigenvalues are wrong (6.6e-20 and 1.8e-12 for 6.1e-6), though the residual is
     1e-20. So the K roots of the secular equation are also found, each by bisection in its bracket with
     ``g - 1`` evaluated without that cancellation (:func:`_secular_classes`); when ``A``'s eigenvalues differ
-    from them by more than 1e-9 of the largest, ``A = X diag(lam) X^{-1}`` from the roots' eigenvectors
-    replaces it (``method="secular"``), as it does where QZ and the iteration both fail. Ordinary weights
-    keep QZ's result bit for bit.
+    from them by more than 1e-9 of the largest, or a root ``lam`` near 1 by more than ``1e-9 (1 - lam) + 64 eps``
+    (``q_j/w_j`` tiny: a slow mean, ``1 - lam`` about ``sqrt(q_j/w_j)``, found in ``y = 1 - lam`` without
+    cancellation), ``A = X diag(lam) X^{-1}`` from the roots' eigenvectors replaces it (``method="secular"``),
+    as it does where QZ and the iteration both fail. A slowest root that rounds to 1 (``1 - lam`` below half
+    an ulp: no float64 ``A`` has it) is refused. Ordinary weights keep QZ's result bit for bit.
     ``method="iterate"``: the plain iteration ``A <- F(A)`` from
     ``diag(1 - k_j)`` (linear convergence; 30-60 steps to 1e-15 for ordinary
     weights, slower when ``q_j/w_j`` is small and gamma near 1).
@@ -487,7 +490,8 @@ def solve_classes(q, kappa, r, gamma, shares=None, *, method: str = "qz", tol: f
     ValueError
         On bad weights, or when there is no stable equilibrium (every
         ``q_j = 0`` with K > 1: nothing anchors the mean, ``A`` has the
-        eigenvalue 1 and ``m*`` is undefined), naming the weights.
+        eigenvalue 1 and ``m*`` is undefined; or ``q_j/w_j`` so small that the
+        slowest mode's ``1 - lam`` is below half an ulp of 1), naming the weights.
     """
     method = check_choice("method", method, ("qz", "iterate"))
     tol = check_real("tol", tol, low=0.0, low_open=True)
@@ -546,24 +550,30 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
                 _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
                 method = "iterate"
             except ValueError:
+                secular = _secular_classes(k, e, a, oma, qw, beta, shares, gamma)
                 try:
-                    A, V, radius, residual = _from_secular(_secular_classes(k, e, a, qw, beta, shares), e, a, beta, q, kappa,
-                                                           r, gamma, shares)
+                    A, V, radius, residual = _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares)
                 except ValueError:
+                    if secular is not None:
+                        _refuse_unit_root(secular[1], q, kappa, r, gamma, shares)
                     raise qz_error from None  # none solved it: the direct solve's error
                 method = "secular"
-        else:
-            # QZ's eigenvalues checked against the secular equation's sign changes (two evaluations); the bisection
-            # of every root only where that check fails (ordinary games: 0.1 ms instead of 3-4 ms at K = 8)
-            secular = None if _secular_confirms(A, k, e, a, qw, beta, shares) else _secular_classes(k, e, a, qw, beta, shares)
+        if method != "secular":
+            # QZ's (or the fallback iteration's) eigenvalues checked against the secular equation's sign changes (two
+            # evaluations); the bisection of every root only where that check fails (ordinary games: 0.1 ms instead
+            # of 3-4 ms at K = 8)
+            secular = (None if _secular_confirms(A, k, e, a, oma, qw, beta, shares, gamma)
+                       else _secular_classes(k, e, a, oma, qw, beta, shares, gamma))
             if secular is not None and not _same_spectrum(A, secular[1]):
                 # The pencil, formed in float64, lost an eigenvalue (1 - sum_j pi_j beta_j near 1e-14 with 1 - k_j
-                # near 1e-19): the roots of the secular equation, evaluated without that cancellation, decide.
+                # near 1e-19, or 1 - lam near 1e-8 when q_j/w_j is tiny): the roots of the secular equation,
+                # evaluated without those cancellations, decide.
                 try:
                     A, V, radius, residual = _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares)
                     method = "secular"
                 except ValueError:
-                    pass  # the secular A fails the checks: the direct solve stands
+                    _refuse_unit_root(secular[1], q, kappa, r, gamma, shares)  # an eigenvalue below 1 is wrong then
+                    # otherwise the secular A fails the checks: the direct solve stands
     else:
         A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
         _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
@@ -573,6 +583,22 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
     P, k, a, e, A, C, lam = _readonly(*(np.array(x, dtype=np.float64) for x in (P, k, a, e, A, C, lam)))
     return ClassEquilibrium(P=P, k=k, a=a, one_minus_k=e, A=A, C=C, lam=lam, shares=shares,
                             spectral_radius=float(radius), residual=residual, iterations=iterations, method=method)
+
+
+def _refuse_unit_root(roots, q, kappa, r, gamma, shares):
+    """``ValueError`` when the slowest secular root rounds to 1: no float64 ``A`` has that eigenvalue below 1.
+
+    With ``q_j/w_j`` tiny (1e-40 with gamma = 1), the class means relax by ``1 - lam`` about ``sqrt(q_j/w_j)``
+    per step, less than an ulp of 1: ``A`` would have the eigenvalue 1 in float64 (and a QZ result's largest
+    eigenvalue, off by more than that, would be wrong silently).
+    """
+    top = float(np.max(roots))
+    if top >= 1.0:
+        raise ValueError(
+            f"no representable K-class equilibrium: the slowest mode of the class means decays by less than an ulp "
+            f"per step (its eigenvalue {top!r} rounds to 1 in float64), as nothing anchors the mean strongly enough; "
+            f"bring q_j/(q_j+kappa_j) closer to 1 in some class. Got {_weights_text(q, kappa, r, gamma, shares)}"
+        )
 
 
 def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
@@ -603,7 +629,7 @@ def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
     return A, V, radius, residual, iterations
 
 
-def _secular_classes(k, e, a, qw, beta, pi):
+def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
     """``(A, roots)`` from the K roots of the secular equation, or None where its brackets fail.
 
     The stable eigenvalues of ``A`` are the roots in (0, 1) of
@@ -619,31 +645,37 @@ def _secular_classes(k, e, a, qw, beta, pi):
         {(\\lambda - e_j)(1 - a_j\\lambda)} + \\Big(\\sum_j \\pi_j - 1\\Big),\\qquad
         \\epsilon_j = 1 - \\beta_j = (1 - k_j) + k_j a_j + k_j (1 - a_j) \\frac{q_j}{w_j},
 
-    a sum of positive terms (``1 - k_j`` from the float ``k_j``, exact for ``k_j >= 1/2``). Each root is
-    bisected to the last bit (geometric steps while its bracket spans more than a factor 4). The eigenvector
-    of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))`` (the stable mode
-    of the pencil with ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``. A class with ``beta_j = 0`` (``kappa_j = 0``)
+    a sum of positive terms (``1 - k_j`` taken as the float ``e_j``, accurate where ``k_j`` has rounded to 1;
+    the sums over the classes with a pole, ``sum_j pi_j - 1`` the pole-free classes' ``-pi_j``: the shares sum
+    to 1, whatever the floats' last bits). A root above 1/2 is found as ``y = 1 - lam`` (``g - 1`` at 1/2 says
+    on which side a root is), with the same function written in ``y`` (:func:`_secular_setup`), so that
+    ``1 - lam`` keeps its relative accuracy when it is tiny (``q_j/w_j`` small: the mean relaxes slowly).
+    Each root is bisected to the last bit (geometric steps while its bracket spans more than a factor 4).
+    The eigenvector of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))``
+    (``= beta_j (1 - y_i) / ((k_j - y_i)((1 - a_j) + a_j y_i))``; the stable mode of the pencil with
+    ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``. A class with ``beta_j = 0`` (``kappa_j = 0``)
     has no pole (its term is ``-pi_j`` for every ``lam``): the brackets are those of the other classes, and its
-    ``e_j`` is an eigenvalue of its own (see :func:`_secular_setup`).
+    ``e_j`` is an eigenvalue of its own (see :func:`_secular_setup`). ``oma = 1 - a`` without cancellation.
     """
-    setup = _secular_setup(k, e, a, qw, beta, pi)
+    setup = _secular_setup(k, e, a, oma, qw, beta, pi, gamma)
     if setup is None:
         return None
-    live, poles, first, group, g_minus_one = setup
-    lo = poles.copy()
-    hi = np.append(poles[1:], 1.0)
+    live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi = setup
+    # Roots below 1/2 are bisected in lam, the others in y = 1 - lam (the same loop: lo, hi in each one's own
+    # variable; g - 1 falls as lam grows, so it rises as y grows).
     for _ in range(400):
         geometric = (lo > 0.0) & (hi > 4.0 * lo)
         mid = np.where(geometric, np.sqrt(lo) * np.sqrt(hi), lo + 0.5 * (hi - lo))
         done = (mid <= lo) | (mid >= hi)
         if done.all():
             break
-        up = g_minus_one(mid) > 0.0
+        up = np.where(upper, g_minus_one_y(mid) <= 0.0, g_minus_one(mid) > 0.0)
         lo = np.where(~done & up, mid, lo)
         hi = np.where(~done & ~up, mid, hi)
-    roots = 0.5 * (lo + hi)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        X = beta[:, None] * roots[None, :] / ((roots[None, :] - e[:, None]) * (1.0 - a[:, None] * roots[None, :]))
+    found = 0.5 * (lo + hi)
+    y = np.where(upper, found, 1.0 - found)
+    roots = np.where(upper, 1.0 - found, found)
+    X = _secular_vectors(beta, k, e, a, oma, roots, y, upper)
     if not np.isfinite(X).all():
         return None
     # Classes with the same 1 - k_j (same pole): the pole itself is an eigenvalue, once less than the classes
@@ -661,10 +693,12 @@ def _secular_classes(k, e, a, qw, beta, pi):
     dead = np.flatnonzero(beta <= 0.0)
     if dead.shape[0]:
         lam = e[dead]
+        high = lam > 0.5
+        extra = _secular_vectors(beta, k, e, a, oma, lam, k[dead], high)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            extra = beta[:, None] * lam[None, :] / ((lam[None, :] - e[:, None]) * (1.0 - a[:, None] * lam[None, :]))
+            rest = np.where(high, g_minus_one_y(k[dead]), g_minus_one(lam))
         extra[dead, :] = 0.0
-        extra[dead, np.arange(dead.shape[0])] = -g_minus_one(lam) / pi[dead]
+        extra[dead, np.arange(dead.shape[0])] = -rest / pi[dead]
         if not np.isfinite(extra).all():
             return None
         X = np.hstack([X, extra])
@@ -678,14 +712,33 @@ def _secular_classes(k, e, a, qw, beta, pi):
     return A, roots
 
 
-def _secular_setup(k, e, a, qw, beta, pi):
-    """``(live, poles, first, group, g_minus_one)`` of :func:`_secular_classes`, or None where its brackets fail.
+def _secular_vectors(beta, k, e, a, oma, lam, y, high):
+    """Columns ``d_j = beta_j lam / ((lam - e_j)(1 - a_j lam))``, in ``y = 1 - lam`` where ``high`` (may be inf or NaN)."""
+    L, Y = lam[None, :], y[None, :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        low_form = beta[:, None] * L / ((L - e[:, None]) * (1.0 - a[:, None] * L))
+        high_form = beta[:, None] * L / ((k[:, None] - Y) * (oma[:, None] + a[:, None] * Y))
+    return np.where(high[None, :], high_form, low_form)
+
+
+def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
+    """``(live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi)`` of :func:`_secular_classes`, or None.
 
     ``live``: the indices of the classes with ``beta_j > 0`` (a class with ``beta_j = 0``, ``kappa_j = 0``, has no
     pole: its term of ``g - 1`` is ``-pi_j``). ``poles``, ``first``, ``group``: :func:`numpy.unique` of their
     ``e_j`` (sorted distinct poles, each one's first class as an index into ``e``, every live class's pole);
     ``g_minus_one(lam)``: ``g - 1`` at each entry of the array ``lam``, without the cancellation of
-    ``1 - sum_j pi_j beta_j``. None unless ``0 <= e_j < 1`` and ``g(1) < 1``.
+    ``1 - sum_j pi_j beta_j``; ``g_minus_one_y(y)``: the same at ``lam = 1 - y``, without the cancellation of
+    ``1 - lam`` either: with ``lam = 1 - y`` the numerator of class j is exactly
+
+    .. math::
+
+        -k_j (1 - a_j) \\frac{q_j}{w_j} + y\\Big((1 - \\gamma) e_j + (1 - a_j) k_j \\frac{q_j}{w_j}\\Big) + a_j y^2
+
+    and the denominator ``(k_j - y)((1 - a_j) + a_j y)``. ``upper``: the brackets whose root is above 1/2
+    (bisected in ``y``; a bracket holding 1/2 is cut there, on its root's side); ``lo``, ``hi``: every
+    bracket's ends in its own variable (in ``y``: the largest ``k`` of the next pole's classes, 0 for the
+    top bracket, and the smallest ``k`` of this pole's classes). None unless ``0 <= e_j < 1`` and ``g(1) < 1``.
     """
     live = np.flatnonzero(beta > 0.0)
     if live.shape[0] == 0:
@@ -694,9 +747,13 @@ def _secular_setup(k, e, a, qw, beta, pi):
     if not (poles[0] >= 0.0 and poles[-1] < 1.0):
         return None
     first = live[first]
-    kl, el, al, pl = k[live], e[live], a[live], pi[live]
-    eps = (1.0 - kl) + kl * al + kl * (1.0 - al) * qw[live]
-    share_gap = math.fsum([*pl.tolist(), -1.0])  # the classes without a pole: their -pi_j, exactly
+    kl, el, al, ol, pl, ql = k[live], e[live], a[live], oma[live], pi[live], qw[live]
+    eps = el + kl * al + kl * ol * ql  # e_j, not 1 - k_j: the float k_j may have rounded to 1 (e_j = 4e-17)
+    n0 = kl * ol * ql
+    n1 = (1.0 - gamma) * el + ol * kl * ql
+    # The classes without a pole: their -pi_j (sum_j pi_j = 1, MODEL.md section 7; not the float shares' own sum,
+    # whose last bits, 1e-17, would outweigh the anchor sum_j pi_j q_j/w_j when that is 1e-12 or less)
+    share_gap = -math.fsum(np.delete(pi, live).tolist())
 
     def g_minus_one(lam):
         L = lam[:, None]
@@ -704,26 +761,62 @@ def _secular_setup(k, e, a, qw, beta, pi):
             terms = pl * (el - L * (eps + al * el) + al * L * L) / ((L - el) * (1.0 - al * L))
         return terms.sum(axis=1) + share_gap
 
-    if not (g_minus_one(np.array([1.0]))[0] < 0.0):
+    def g_minus_one_y(y):
+        Y = y[:, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            terms = pl * ((al * Y + n1) * Y - n0) / ((kl - Y) * (ol + al * Y))
+        return terms.sum(axis=1) + share_gap
+
+    if not (g_minus_one_y(np.array([0.0]))[0] < 0.0):
         return None
-    return live, poles, first, group, g_minus_one
+    D = poles.shape[0]
+    kmin = np.full(D, np.inf)
+    kmax = np.full(D, -np.inf)
+    np.minimum.at(kmin, group, kl)
+    np.maximum.at(kmax, group, kl)
+    top = np.append(poles[1:], 1.0)
+    # A bracket holding 1/2 is cut there, on the side of its root (g - 1 > 0 at 1/2: the root is above it).
+    straddle = (poles < 0.5) & (top > 0.5)
+    above = bool(straddle.any()) and bool(g_minus_one(np.array([0.5]))[0] > 0.0)
+    upper = (poles >= 0.5) | (straddle & above)
+    lo = np.where(upper, np.append(kmax[1:], 0.0), poles)
+    hi = np.where(upper, np.where(straddle, 0.5, kmin), np.where(straddle, 0.5, top))
+    return live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi
 
 
-def _secular_confirms(A, k, e, a, qw, beta, pi):
-    """Whether ``A``'s eigenvalues are the secular roots to ``1e-9`` of the largest, without bisecting them.
+def _slow_root_tol(roots):
+    """``1e-9 (1 - lam) + 64 eps``: how far from a root ``lam`` near 1 an eigenvalue of ``A`` may be."""
+    return 1e-9 * (1.0 - roots) + 64.0 * np.finfo(np.float64).eps
+
+
+def _root_tolerance(roots):
+    """How far an eigenvalue of ``A`` may be from each secular root.
+
+    ``1e-9`` of the largest root, and at most ``1e-9 (1 - lam) + 64 eps`` (a root near 1 is a
+    slow mean: its ``1 - lam`` must keep its relative accuracy; 64 eps is the rounding of the eigenvalues of an ``A``
+    accurate to an ulp, 1.4e-15 off for 5e-9 at K = 16).
+    """
+    roots = np.asarray(roots, dtype=np.float64)
+    return np.minimum(1e-9 * float(np.max(roots)), _slow_root_tol(roots))
+
+
+def _secular_confirms(A, k, e, a, oma, qw, beta, pi, gamma):
+    """Whether ``A``'s eigenvalues are the secular roots to :func:`_root_tolerance`, without bisecting them.
 
     True also where :func:`_secular_classes` would give None (its brackets fail: QZ stands). Sorted, the
     roots are known to come, for each distinct pole ``p_i`` in turn, as ``m_i - 1`` copies of ``p_i`` (a pole
     shared by ``m_i`` classes) and then the root in ``(p_i, p_{i+1})`` (``p_{D+1} = 1``). So with ``A``'s sorted
     eigenvalue moduli ``mu`` and ``delta = 1e-9 max mu``, a copy must be within ``delta`` of its pole, and
-    a bracket's root lies within ``delta`` of its ``mu`` exactly when ``g - 1`` (the bisection's sign) is
-    ``> 0`` at ``mu - delta`` and ``<= 0`` at ``mu + delta`` (the bracket's ends count as ``+inf`` at the
-    pole and ``<= 0`` at its upper end). One evaluation of ``g - 1`` at ``2 D`` points.
+    a bracket's root lies within its tolerance ``delta_i`` (:func:`_root_tolerance` of ``mu_i``) of its ``mu``
+    exactly when ``g - 1`` (the bisection's sign) is ``> 0`` at ``mu - delta_i`` and ``<= 0`` at
+    ``mu + delta_i`` (the bracket's ends count as ``+inf`` at the pole and ``<= 0`` at its upper end); a
+    bracket above 1/2 is checked in ``y = 1 - lam``, as it is bisected. One evaluation of ``g - 1`` at
+    ``2 D`` points.
     """
-    setup = _secular_setup(k, e, a, qw, beta, pi)
+    setup = _secular_setup(k, e, a, oma, qw, beta, pi, gamma)
     if setup is None:
         return True
-    live, poles, _, group, g_minus_one = setup
+    live, poles, _, group, g_minus_one, g_minus_one_y, upper, lo, hi = setup
     if live.shape[0] < e.shape[0]:
         return False  # classes without a pole (kappa_j = 0): their e_j are eigenvalues too; the full solve decides
     mu = np.sort(np.abs(np.linalg.eigvals(A)))
@@ -738,13 +831,18 @@ def _secular_confirms(A, k, e, a, qw, beta, pi):
         i += 1
     if not all(copies):
         return False
-    lo = poles
-    hi = np.append(poles[1:], 1.0)
     roots = mu[at]
-    left, right = roots - delta, roots + delta
-    sign = g_minus_one(np.concatenate([left, right]))
+    tol = np.minimum(delta, _slow_root_tol(roots))
     D = poles.shape[0]
-    return bool(np.all((left <= lo) | (sign[:D] > 0.0)) and np.all((right >= hi) | (sign[D:] <= 0.0)))
+    own = np.where(upper, 1.0 - roots, roots)  # each root in its bracket's variable
+    left, right = own - tol, own + tol
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        at_lam = g_minus_one(np.concatenate([left, right]))
+        at_y = g_minus_one_y(np.concatenate([left, right]))
+    # In lam, g - 1 > 0 left of the root and <= 0 right of it; in y the other way round.
+    left_ok = np.where(upper, at_y[:D] <= 0.0, at_lam[:D] > 0.0) | (left <= lo)
+    right_ok = np.where(upper, at_y[D:] > 0.0, at_lam[D:] <= 0.0) | (right >= hi)
+    return bool(np.all(left_ok) and np.all(right_ok))
 
 
 def _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares):
@@ -760,9 +858,10 @@ def _from_secular(secular, e, a, beta, q, kappa, r, gamma, shares):
 
 
 def _same_spectrum(A, roots):
-    """Whether ``A``'s eigenvalues are the secular roots to ``1e-9`` of the largest (both sorted by modulus)."""
+    """Whether ``A``'s eigenvalues are the secular roots to :func:`_root_tolerance` (both sorted by modulus)."""
     mine = np.sort(np.abs(np.linalg.eigvals(A)))
-    return bool(np.max(np.abs(mine - np.sort(roots))) <= 1e-9 * float(np.max(roots)))
+    roots = np.sort(roots)
+    return bool(np.all(np.abs(mine - roots) <= _root_tolerance(roots)))
 
 
 def _check_stable(A, radius, residual, q, kappa, r, gamma, shares):
@@ -1041,10 +1140,25 @@ def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: G
         return PolicyCoefficients(gains.k, q / w, kappa / w - gains.c, gains.c)
     if policy == "greedy":
         # u = (q s + kappa m - w x)/(w + r) = -(w/(w+r)) (x - (q s + kappa m)/w)
-        return PolicyCoefficients(w / (w + r), q / w, 0.0, kappa / w)
+        return PolicyCoefficients(float(_greedy_gain(w, r)), q / w, 0.0, kappa / w)
     if policy == "local":
         return PolicyCoefficients(gains.k, 1.0, 0.0, 0.0)
     return PolicyCoefficients(gains.k, 0.0, 1.0, 0.0)  # consensus
+
+
+def _greedy_gain(w, r):
+    """The greedy baseline's gain ``w / (w + r)`` (scalar or per class), also where ``w + r`` overflows.
+
+    ``w + r`` exceeds the largest double when both are near it (``w = r = 1e308``: the gain is 1/2, and
+    ``w / (w + r)`` gave 0, a population that never moves). There the gain is taken as
+    ``1 / (1 + r/w)`` or ``(w/r) / (1 + w/r)``, whichever ratio is at most 1; elsewhere it is ``w / (w + r)``
+    as before, to the bit.
+    """
+    w, r = np.asarray(w, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = w + r
+        safe = np.where(r <= w, 1.0 / (1.0 + r / w), (w / r) / (1.0 + w / r))
+        return np.where(np.isfinite(total), w / total, safe)
 
 
 def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: float) -> PolicyTable:
@@ -1060,8 +1174,9 @@ def _single_class_table(coef: PolicyCoefficients, q: float, kappa: float, r: flo
 def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> PolicyTable:
     """The K-class :class:`PolicyTable` (see :class:`Game`, attribute ``table``)."""
     K = shares.shape[0]
-    w = q + kappa
-    qw, kw = q / w, kappa / w
+    with np.errstate(over="ignore", invalid="ignore"):  # q_j + kappa_j = inf: refused below by _check_representable
+        w = q + kappa
+        qw, kw = q / w, kappa / w
     if classes is not None:
         k = classes.k
     else:
@@ -1082,7 +1197,7 @@ def _class_table(policy, q, kappa, r, gamma, shares, classes, feedforward) -> Po
         else:
             mix[MIX_SIGNAL, :, :K] = np.outer(kw, lam)
     elif policy == "greedy":
-        coef[:, GAIN] = w / (w + r)
+        coef[:, GAIN] = _greedy_gain(w, r)
         coef[:, SIGNAL] = qw
         mix[MIX_STATE, :, K] = kw  # the true m (MODEL.md section 4), not sum_l pi_l m_l with the game's shares
     elif policy == "local":

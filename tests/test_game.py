@@ -1,6 +1,7 @@
 """The closed-form gains against independent oracles (MODEL.md section 2)."""
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -364,7 +365,7 @@ def secular_root(q, kappa, r, gamma, shares):
         ctx.prec = 80
         e = [Decimal(x.a) / Decimal(gamma) for x in g]
         a = [Decimal(x.a) for x in g]
-        beta = [Decimal(x.k) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for x, aj, qj, kj in zip(g, a, q, kappa)]
+        beta = [(1 - ej) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for ej, aj, qj, kj in zip(e, a, q, kappa)]
         pi = [Decimal(p) for p in shares]
 
         def f(lam):
@@ -399,18 +400,21 @@ def test_ill_conditioned_direct_solve_finds_the_secular_root():
     assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(secular_root(*ILL_CONDITIONED), rel=1e-6)
 
 
-def secular_roots(q, kappa, r, gamma, shares):
+def secular_roots(q, kappa, r, gamma, shares, total=None):
     """Every root in (0, 1) of the secular equation above (one per gap between the sorted distinct poles 1 - k_j, one
     in (max 1 - k_j, 1), and a pole shared by m classes m - 1 times), bisected in 90 digits; None where a bracket
-    does not change sign (no stable equilibrium).
+    does not change sign (no stable equilibrium). The shares are taken as summing to 1 (MODEL.md section 7): divided
+    by their exact sum, or by ``total`` (the sum of every class's share, when ``shares`` leaves some classes out).
     """
     g = [solve_gains(qj, kj, rj, gamma) for qj, kj, rj in zip(q, kappa, r)]
     with localcontext() as ctx:
         ctx.prec = 90
         a = [Decimal(x.a) for x in g]
         e = [aj / Decimal(gamma) for aj in a]
-        beta = [Decimal(x.k) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for x, aj, qj, kj in zip(g, a, q, kappa)]
-        pi = [Decimal(p) for p in shares]
+        # k = 1 - e from the accurate a: the float k rounds to 1 where e is 4e-17 (and 1 - k matters: 1 - beta ~ 1e-16)
+        beta = [(1 - ej) * (1 - aj) * Decimal(kj) / (Decimal(qj) + Decimal(kj)) for ej, aj, qj, kj in zip(e, a, q, kappa)]
+        norm = sum(Decimal(p) for p in shares) if total is None else Decimal(total)
+        pi = [Decimal(p) / norm for p in shares]
 
         def f(lam):
             return sum(p * b * lam / ((lam - ej) * (1 - aj * lam)) for p, b, ej, aj in zip(pi, beta, e, a)) - 1
@@ -448,16 +452,29 @@ def test_direct_solve_finds_every_secular_root(seed, K, gamma, ill):
     shares = rng.dirichlet(np.ones(K))
     args = (q.tolist(), kappa.tolist(), r.tolist(), gamma, (shares / shares.sum()).tolist())
     want = secular_roots(*args)
-    if want is None:  # the shares' rounding (sum 1 +- 1e-16) outweighs the anchoring: no stable equilibrium
-        with pytest.raises(ValueError, match="stable"):
-            solve_classes(*args)
-        return
+    # The shares sum to 1 (MODEL.md): q_0 > 0 anchors the mean, so there is a stable equilibrium however small the
+    # anchor is next to the shares' own rounding (sum 1 +- 1e-16), which was refused ("no stable equilibrium").
+    assert want is not None
     eq = solve_classes(*args)
     got = np.sort(np.abs(np.linalg.eigvals(eq.A)))
     assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (eq.method, got, want)
     if not ill:
         assert eq.method == "qz"
 
+
+
+# k_j rounds to 1 in float64 in both classes (1 - k_j = 3.8e-17 and 1.1e-15), and 1 - sum_j pi_j beta_j is 1e-16, so the
+# largest root (0.7538617236, 80-digit closed form of the exact weights, shares summing to 1) hinges on 1 - k_j: the
+# secular function took it as 1 - float(k_j) = 0 and found 0.856 (so did this file's 90-digit oracle, which built
+# beta from the float k); the shares' own sum, 1 + 5.6e-17, moved it too (to 0.8166, with 1 - k_j exact).
+K_ROUNDS_TO_ONE = ([0.002651439305462128, 1.952157233585824e-06], [12465034893647.64, 14397719560.836327],
+                   [0.00023731369848950263, 8.170571633540893e-06], 0.5, [0.31740082050285306, 0.682599179497147])
+
+
+def test_secular_root_where_k_rounds_to_one():
+    eq = solve_classes(*K_ROUNDS_TO_ONE)
+    assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(0.7538617236, rel=1e-9)
+    assert secular_roots(*K_ROUNDS_TO_ONE).max() == pytest.approx(0.7538617236, rel=1e-9)
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), K=st.integers(3, 4), gamma=st.sampled_from([0.5, 0.9, 0.999, 1.0]))
@@ -477,9 +494,9 @@ def test_direct_solve_with_a_class_without_signal_weight(seed, K, gamma):
     r[z] = q[z] * 10.0 ** rng.uniform(-20, -4)
     shares = rng.dirichlet(np.ones(K)).tolist()
     keep = [j for j in range(K) if j != z]
-    others = secular_roots(*([v[j] for j in keep] for v in (q, kappa, r)), gamma, [shares[j] for j in keep])
-    if others is None:  # the shares' rounding outweighs the anchoring: no stable equilibrium
-        return
+    total = sum(Decimal(p) for p in shares)  # the pole-free class keeps its share of the mean
+    others = secular_roots(*([v[j] for j in keep] for v in (q, kappa, r)), gamma, [shares[j] for j in keep], total)
+    assert others is not None  # the shares sum to 1 and q_0 > 0: a stable equilibrium (see above)
     eq = solve_classes(q.tolist(), kappa.tolist(), r.tolist(), gamma, shares)
     want = np.sort(np.append(others, eq.one_minus_k[z]))
     got = np.sort(np.abs(np.linalg.eigvals(eq.A)))
@@ -522,6 +539,127 @@ def test_classes_sharing_a_pole_are_solved(args, method):
     got = np.sort(np.abs(np.linalg.eigvals(eq.A)))
     assert eq.method == method
     assert np.max(np.abs(got - np.sort(want))) <= 1e-9 * want.max(), (got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), K=st.sampled_from([1, 3]), policy=st.sampled_from(["memoa", "greedy", "local", "consensus"]),
+       e=st.sampled_from([-1020, -600, 600, 1000, 1022]), anchorless=st.booleans())
+def test_every_table_depends_on_the_weights_ratios_only(seed, K, policy, e, anchorless):
+    """Scaling q, kappa, r by 2^e (e even: exact, and exact under the square roots) changes no policy table, to the
+    bit, wherever the scaled game is accepted, and warns of nothing (warnings are errors in this suite). The greedy
+    gain w/(w + r) was 0 when w + r overflowed (q = r = 1e308: a population that never moves, for 1/2), and
+    K-class weights with q_j + kappa_j = inf warned of an overflow before the ValueError naming them.
+    """
+    rng = np.random.default_rng(seed)
+    q, kappa, r = (rng.uniform(1.0, 3.9, K) for _ in range(3))  # times 2^1022: up to 0.97 of the largest double
+    if anchorless:
+        kappa[0] = 0.0
+    shares = {} if K == 1 else {"shares": [0.25, 0.25, 0.5]}
+
+    def game(scale):
+        weights = [x * scale for x in (q, kappa, r)]
+        return Game(*(float(x[0]) for x in weights) if K == 1 else weights, 0.9, policy, **shares)
+
+    base = game(1.0)
+    try:
+        scaled = game(math.ldexp(1.0, e))
+    except ValueError as exc:  # a gain outside the normal range (P ~ w / (1 - a) at 2^1022)
+        assert "not representable" in str(exc)
+        return
+    assert np.array_equal(scaled.table.coef[:, :2], base.table.coef[:, :2])
+    assert np.array_equal(scaled.table.mix, base.table.mix)
+
+
+def test_greedy_gain_where_w_plus_r_overflows():
+    assert Game(1e308, 0.0, 1e308, 0.9, "greedy").coefficients.gain == 0.5
+    assert Game([1e308, 1.0], 0.0, [1e308, 1.0], 0.9, "greedy").table.coef[:, 0].tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"class 0 are not representable.*q=1e\+308, kappa=1e\+308"):
+        Game([1e308, 1.0], [1e308, 1.0], 1.0, 0.9, "greedy")
+
+
+def slow_root_y(q, kappa, r, gamma, shares):
+    """``1 - lam`` of the largest root of the secular equation, from the exact weights: MODEL.md's closed form for
+    P and k in 80 digits (not the float gains), bisected in y = 1 - lam (no cancellation of 1 - lam).
+    """
+    with localcontext() as ctx:
+        ctx.prec = 80
+        gm = Decimal(gamma)
+        e, a, beta = [], [], []
+        for qj, kj, rj in zip(q, kappa, r):
+            qj, kj, rj = Decimal(qj), Decimal(kj), Decimal(rj)
+            w = qj + kj
+            b = w * gm - rj * (1 - gm)
+            P = (b + (b * b + 4 * gm * w * rj).sqrt()) / (2 * gm)
+            k = gm * P / (rj + gm * P)
+            e.append(1 - k)
+            a.append(gm * (1 - k))
+            beta.append(k * (1 - gm * (1 - k)) * kj / w)
+        pi = [Decimal(p) for p in shares]
+
+        def g_minus_one(y):
+            lam = 1 - y
+            return sum(p * bj * lam / ((lam - ej) * (1 - aj * lam)) for p, bj, ej, aj in zip(pi, beta, e, a)) - 1
+
+        lo, hi = Decimal(0), 1 - max(e)
+        for _ in range(300):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if g_minus_one(mid) > 0 else (mid, hi)
+        return float(lo)
+
+
+EXACT_SHARES = [[0.5, 0.5], [0.25, 0.75], [0.5, 0.25, 0.25], [0.25] * 4, [0.125, 0.375, 0.5]]  # sums exactly 1 in float64
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), shares=st.sampled_from(EXACT_SHARES), gamma=st.sampled_from([1.0, 0.999999, 0.99]),
+       tied=st.booleans())
+def test_a_slow_mean_keeps_its_relative_decay(seed, shares, gamma, tied):
+    """With q_j/w_j tiny (1e-30..1e-6) the class means relax by only y = 1 - lam per step (about sqrt(q/w)): A's
+    slowest eigenvalue must keep y to 1e-9 of itself (+ 64 ulps of 1), and a y below half an ulp of 1 (no float64
+    A has that eigenvalue) is refused. The secular equation was evaluated in lam, where 1 - lam cancels: y came out
+    84% off at q/w = 1e-16 (1.84e-8 for 1e-8), identical at every q/w below (a mean relaxing 1e10 times too fast at
+    1e-20), and QZ's y at q/w = 1e-12 was off by 2e-5 of itself (1.8e-11), within the 1e-9-of-1 check then.
+    """
+    rng = np.random.default_rng(seed)
+    K = len(shares)
+    kappa = 10.0 ** rng.uniform(-2, 2, K)
+    q = kappa * 10.0 ** rng.uniform(-30, -6, K)
+    r = (q + kappa) * 10.0 ** rng.uniform(-2, 2, K)
+    if tied:  # identical classes: MODEL.md section 7, "the result equals K = 1"
+        q, kappa, r = (np.full(K, x[0]) for x in (q, kappa, r))
+    args = (q.tolist(), kappa.tolist(), r.tolist(), gamma, shares)
+    y = slow_root_y(*args)
+    eps = np.finfo(np.float64).eps
+    tol = 1e-9 * y + 64 * eps  # QZ's result stands within this (an A accurate to an ulp has eigenvalues 6 ulps off)
+    try:
+        eq = solve_classes(*args)
+    except ValueError as exc:  # only where 1 - y rounds to 1 (then no float64 A has the root)
+        assert y < eps / 2 and re.search(r"rounds to 1 in float64.*q=\[", str(exc)), (y, str(exc))
+        return
+    assert abs((1.0 - eq.spectral_radius) - y) <= tol, (eq.method, 1.0 - eq.spectral_radius, y)
+    assert abs(np.max(np.abs(np.linalg.eigvals(eq.A))) - (1.0 - y)) <= tol, eq.method
+    if tied:
+        assert abs((1.0 - solve_gains(q[0], kappa[0], r[0], gamma).rho) - y) <= tol
+
+
+@pytest.mark.parametrize("shares", [[0.5, 0.5], [0.1, 0.2, 0.7], [1 / 3] * 3])
+@pytest.mark.parametrize("ratio", [1e-12, 1e-16, 1e-24, 1e-30])
+def test_identical_slow_classes_are_one_class(ratio, shares):
+    # The reproducer of the test above: two identical classes with q/w = 1e-16 gave 1 - lam = 1.84e-8 for the closed
+    # form's 1.0e-8, and so did every smaller q/w. The shares sum to 1 (MODEL.md section 7), also where the floats
+    # do not: 0.1 + 0.2 + 0.7 is 1 - 2.8e-17 exactly, which outweighed the anchor sum_j pi_j q_j/w_j (1e-12 and
+    # less) in the secular equation, 1 - lam off by 1.3e-5 of itself at q/w = 1e-12 and 50 times too large at 1e-20.
+    one = solve_gains(ratio, 1.0, 1.0, 1.0)
+    eq = solve_classes([ratio] * len(shares), 1.0, 1.0, 1.0, shares)
+    assert abs((1.0 - eq.spectral_radius) - (1.0 - one.rho)) <= 64 * np.finfo(np.float64).eps
+    assert np.max(np.abs(np.linalg.eigvals(eq.A))) == pytest.approx(one.rho, abs=64 * np.finfo(np.float64).eps)
+
+
+def test_a_mean_slower_than_an_ulp_is_refused():
+    # 1 - lam = 1e-20: no float64 A has that eigenvalue; it returned a wrong one (1 - 1.84e-8) silently. (QZ's within
+    # 64 ulps of 1 may stand, see above; here QZ and the iteration fail.)
+    with pytest.raises(ValueError, match=r"eigenvalue 1\.0 rounds to 1 in float64.*q=\[1e-40, 1e-40\]"):
+        solve_classes([1e-40, 1e-40], 1.0, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 1.0])
