@@ -596,6 +596,7 @@ def test_a_state_saved_before_the_settings_were_recorded_loads_and_continues_as_
     deleting them, and a real pickle written by main 99c2a56) loads and continues bitwise; such a state cannot tell
     its settings, so it is taken on trust as before.
     """
+    import importlib.util
     import pickle
     from pathlib import Path
 
@@ -608,6 +609,8 @@ def test_a_state_saved_before_the_settings_were_recorded_loads_and_continues_as_
     twin.load_state_dict(old)
     np.testing.assert_array_equal(_forecast(twin, _YS[3:]), rest)
     ClientForecasters(6, 2, **dict(_BASE, seed=1)).load_state_dict(old)  # as before: nothing to compare with
+    if importlib.util.find_spec("numpy._core") is None:  # NumPy 1.x cannot read NumPy 2's pickles of arrays at all
+        return
     unpickled = pickle.loads((Path(__file__).parent / "data" / "old_sources" / "forecasters.pkl").read_bytes())
     assert unpickled.t == 3 and repr(unpickled) == repr(twin).replace("t=12", "t=3")
     for key, value in state["agents"].items():
