@@ -13,8 +13,9 @@ second, and an object is never left half-changed.
 - :func:`check_server_state`: a server's log-weights and update counter;
 - :func:`check_source_layout`: the generic ``{"agents": ..., "shared": ...}``
   form of a signal source's state, and :func:`check_source_state`, the
-  same against a declared list of arrays (what a source's own
-  ``validate_state_dict`` calls).
+  same against a declared list of arrays and the source's own settings
+  (what a source's own ``validate_state_dict`` calls); :func:`source_settings`,
+  the form in which a source's ``state_dict`` records those settings.
 
 Only the core is imported here (no engine, no population or server class),
 so that every engine can import this module.
@@ -32,7 +33,7 @@ from .kernels import SIGNAL_LIMIT
 
 __all__ = [
     "RULES", "POPULATION_KEYS", "SERVER_KEYS", "STATE_LIMIT", "check_population_state", "check_server_state",
-    "check_source_layout", "check_source_state", "n_classes_of",
+    "check_source_layout", "check_source_state", "n_classes_of", "source_settings",
 ]
 
 #: Server rules (the names; the kernels' codes are ``RULE_EG``, ``RULE_HEDGE``).
@@ -397,8 +398,83 @@ def check_source_layout(state, *, n_agents: int) -> dict:
     return out
 
 
-def check_source_state(state, *, n_agents: int, agents: Mapping, shared: Mapping) -> dict:
-    """Check a signal source's state against its declared arrays; return a clean copy.
+def source_settings(settings: Mapping) -> dict:
+    """The saved form of a signal source's settings, for the ``"shared"`` part of its ``state_dict()``.
+
+    A source's later rounds depend on some of its constructor's arguments
+    (its seed, its noise range...): a saved state continues the run only in
+    a source made with the same ones. The source records them in its state
+    with this function and hands the same mapping to
+    :func:`check_source_state` (``settings=``), which refuses a state saved
+    with other values.
+
+    Parameters
+    ----------
+    settings : mapping
+        ``{name: value}``, each value one of: an integer in ``[0, 2**63 -
+        1]`` (a seed, a block size), a finite float, or a tuple of finite
+        floats (a range). Not a bool.
+
+    Returns
+    -------
+    dict
+        ``{name: array}``: an integer as a 0-d ``int64`` array (exact: a
+        seed up to ``2**63 - 1`` is never rounded through a float), a float
+        as a 0-d ``float64`` array, a tuple as a ``float64`` array of its
+        length.
+    """
+    out = {}
+    for name, value in settings.items():
+        kind = _setting_kind(name, value)
+        if kind == "int":
+            out[name] = np.array(int(value), dtype=np.int64)
+        else:
+            out[name] = np.array(value, dtype=np.float64)
+    return out
+
+
+def _setting_kind(name, value) -> str:
+    """``"int"``, ``"float"`` or ``"floats"``: the kind of a source's own setting (a programming error otherwise)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"source setting {name!r} must be an int, a float or a tuple of floats, got the bool {value!r}")
+    if isinstance(value, numbers.Integral):
+        if not 0 <= int(value) <= MAX_COUNT:
+            raise ValueError(f"source setting {name!r} must be an integer in [0, 2**63 - 1], got {value!r}")
+        return "int"
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        return "float"
+    if isinstance(value, tuple) and all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                                        and math.isfinite(float(v)) for v in value):
+        return "floats"
+    raise TypeError(f"source setting {name!r} must be an int, a finite float or a tuple of finite floats, got {value!r}")
+
+
+def _check_setting(name, saved, own):
+    """The saved value of setting ``name`` in its exact type, equal to the source's own ``own``; its saved form."""
+    key = f"source/shared/{name}"
+    kind = _setting_kind(name, own)
+    if kind == "int":
+        got = _int(key, saved, low=0, high=MAX_COUNT)  # a float (even 3.0) or a bool is refused, never rounded
+        same, shown, mine = got == int(own), repr(got), repr(int(own))
+        form = np.array(got, dtype=np.int64)
+    elif kind == "float":
+        got = _real(key, saved)
+        same, shown, mine = got == float(own), repr(got), repr(float(own))
+        form = np.array(got, dtype=np.float64)
+    else:
+        mine_t = tuple(float(v) for v in own)
+        form = _real_array(key, saved, (len(mine_t),))
+        got_t = tuple(float(v) for v in form)
+        same, shown, mine = got_t == mine_t, repr(got_t), repr(mine_t)
+    if not same:
+        _fail(key, f"is {shown}, but this source has {name}={mine}: the state was saved by a source with other "
+                   f"settings, and its later rounds would differ from the run that saved it (make the source with "
+                   f"{name}={shown} to continue that run)")
+    return form
+
+
+def check_source_state(state, *, n_agents: int, agents: Mapping, shared: Mapping, settings: Mapping | None = None) -> dict:
+    """Check a signal source's state against its declared arrays and its own settings; return a clean copy.
 
     For a source's ``validate_state_dict``. ``agents`` maps each per-agent
     array's name to its shape without the leading N; ``shared`` maps each
@@ -406,21 +482,70 @@ def check_source_state(state, *, n_agents: int, agents: Mapping, shared: Mapping
     >= 0 (a 0-d integer array or a Python/NumPy integer). Float arrays must
     be finite. The names must match exactly.
 
+    ``settings`` maps the name of each constructor argument the source's
+    later rounds depend on (its seed, its noise range, ...) to the source's
+    own value; its ``state_dict`` records them in ``"shared"`` with
+    :func:`source_settings`. A state that records them must record all of
+    them, each in its exact type (an integer setting as an integer, never a
+    float, so that a seed up to ``2**63 - 1`` compares exactly) and equal to
+    the source's own: a state saved by a source with another seed would
+    continue with other noise, silently. A state that records none of them
+    (written before the settings were saved) is accepted as before: nothing
+    a user saved is lost.
+
+    Parameters
+    ----------
+    state : dict
+        ``{"agents": {...}, "shared": {...}}``, as the source's ``state_dict`` wrote it.
+    n_agents : int
+        The source's N (rows of every per-agent array).
+    agents, shared : mapping
+        The declared arrays (see above).
+    settings : mapping, optional
+        ``{name: own value}`` (see :func:`source_settings` for the kinds);
+        none by default.
+
+    Returns
+    -------
+    dict
+        ``{"agents": {...}, "shared": {...}}``: owned C-contiguous copies,
+        float64 arrays, counts as 0-d int64 arrays, and the settings (when
+        the state records them) in the form :func:`source_settings` gives.
+
+    Raises
+    ------
+    ValueError
+        Naming the key (``state['source/shared/seed']``, ...) and what is
+        accepted: a missing or unknown name, a wrong dtype or shape, a
+        non-finite value, some settings recorded but not all, or a setting
+        whose saved value differs from the source's own (the message gives
+        both). Nothing is changed.
+
     Examples
     --------
     :class:`~memoa_fast.ClientForecasters` with N clients, dimension d and
     p lags::
 
         check_source_state(state, n_agents=N, agents={"weights": (d, 2 * p + 1), "lags": (d, p),
-                           "signals": (d,)}, shared={"y": (d,), "t": "count"})
+                           "signals": (d,)}, shared={"y": (d,), "t": "count"},
+                           settings={"seed": seed, "noise_range": (low, high), "mu": mu, "block_size": B})
     """
+    settings = {} if settings is None else dict(settings)
+    clash = sorted(set(settings) & (set(shared) | set(agents)))
+    if clash:
+        raise TypeError(f"source settings {clash} are also declared as arrays")
     layout = check_source_layout(state, n_agents=n_agents)
     out = {"agents": {}, "shared": {}}
     for part, spec in (("agents", agents), ("shared", shared)):
         got = layout[part]
-        if set(got) != set(spec):
+        names = set(got)
+        if part == "shared":
+            names -= set(settings)
+        if names != set(spec):
+            also = f" and the settings {sorted(settings)} (or none of them, in a state saved before they were recorded)" \
+                if part == "shared" and settings else ""
             raise ValueError(
-                f"source state[{part!r}] must hold exactly {sorted(spec)}, got {sorted(got)}"
+                f"source state[{part!r}] must hold exactly {sorted(spec)}{also}, got {sorted(got)}"
             )
         for name, shape in spec.items():
             key = f"source/{part}/{name}"
@@ -429,5 +554,13 @@ def check_source_state(state, *, n_agents: int, agents: Mapping, shared: Mapping
                 continue
             full = ((int(n_agents),) if part == "agents" else ()) + tuple(shape)
             out[part][name] = _real_array(key, got[name], full)
+    saved = [name for name in settings if name in layout["shared"]]
+    if saved and len(saved) != len(settings):
+        missing = sorted(set(settings) - set(saved))
+        raise ValueError(
+            f"source state['shared'] records the settings {sorted(saved)} but not {missing}: a source's state records "
+            f"all of its settings {sorted(settings)}, or none of them (a state saved before they were recorded)"
+        )
+    for name in saved:
+        out["shared"][name] = _check_setting(name, layout["shared"][name], settings[name])
     return out
-

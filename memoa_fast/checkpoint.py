@@ -1381,6 +1381,12 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     before any shard installs them, and the :class:`Manifest` is returned.
     Onto any other population it is read whole here.
 
+    A source's state records the settings its later draws depend on (its
+    seed, its noise range...): a source made with other ones refuses it
+    (:func:`memoa_fast._state.check_source_state`), naming the setting, on
+    every path (single file or sharded, onto any shard count). A checkpoint
+    written before the settings were recorded restores as it always did.
+
     A source without ``validate_state_dict`` cannot be checked in advance: its
     ``load_state_dict`` then runs first, and if it fails the source gets its
     previous state back (from its ``state_dict()``), the population and the

@@ -1051,3 +1051,88 @@ def test_reading_a_folder_is_named(tmp_path):
     for call in (lambda: load_checkpoint(tmp_path), lambda: read_manifest(tmp_path), lambda: restore_checkpoint(tmp_path, pop)):
         with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint file"):
             call()
+
+
+# =========================================================================== the settings a source's state records
+def _forecaster_source(**changes):
+    from memoa_fast.timeseries.forecasters import ForecasterSignals
+
+    return ForecasterSignals(0, N, **{**dict(seed=2**63 - 1, dim=D, lags=2, noise_range=(0.1, 2.0), mu=0.3, block_size=128,
+                                             backend="numpy"), **changes})
+
+
+def _noisy_source(**changes):
+    from memoa_fast.distributed import NoisyLastValueSignals
+
+    return NoisyLastValueSignals(0, N, **{**dict(seed=7, dim=D, low=0.1, high=3.0), **changes})
+
+
+@pytest.mark.parametrize("make, name, other, saved", [
+    (_forecaster_source, "seed", 2**63 - 2, "9223372036854775807"),
+    (_forecaster_source, "noise_range", (0.1, 2.5), r"\(0.1, 2.0\)"),
+    (_noisy_source, "seed", 8, "7"),
+    (_noisy_source, "low", 0.2, "0.1"),
+])
+def test_a_source_restored_with_other_settings_is_refused_naming_them_and_changes_nothing(tmp_path, rng, make, name, other, saved):
+    """A checkpoint's source state restored into a source made with another seed or noise range is refused (it was
+    loaded silently, and the run continued with other noise); with the same settings it resumes bitwise.
+    """
+    targets = rng.normal(size=(6, D))
+    pop, server = _make()
+    source = make()
+    _advance(pop, server, source, targets[:3])
+    path = save_checkpoint(tmp_path / "c.npz", pop, server, source=source)
+    _advance(pop, server, source, targets[3:])  # the run that never stopped
+    pop2, server2 = _make()
+    wrong = make(**{name: other})
+    wrong.observe(np.ones(D))
+    before = _fingerprint(pop2, server2, wrong)
+    with pytest.raises(CheckpointError, match=rf"refuses the saved state: ValueError: state\['source/shared/{name}'\] is "
+                                              rf"{saved}, but this source has {name}="):
+        restore_checkpoint(path, pop2, server2, source=wrong)
+    _assert_same(_fingerprint(pop2, server2, wrong), before)
+    source2 = make()
+    restore_checkpoint(path, pop2, server2, source=source2)
+    _advance(pop2, server2, source2, targets[3:])
+    _assert_same(_snapshot(pop, server, source), _snapshot(pop2, server2, source2))
+
+
+def test_a_checkpoint_saved_before_the_settings_were_recorded_restores_as_before(tmp_path, rng):
+    """Nothing a user saved is lost: a checkpoint without the sources' settings (a real file written by main 99c2a56,
+    and one of today's with them deleted) restores and continues bitwise; it cannot tell its settings, so its source
+    state is taken on trust, as before.
+    """
+    from pathlib import Path
+
+    from memoa_fast import ClientForecasters
+
+    old = Path(__file__).parent / "data" / "old_sources" / "forecasters.npz"
+    ckpt = load_checkpoint(old)
+    assert ckpt.t == 3 and sorted(ckpt.source["shared"]) == ["t", "y"]
+    base = dict(lags=2, noise_range=(0.1, 2.0), mu=0.3, seed=2**63 - 1, block_size=4, backend="numpy", threads=1)
+    ys = np.sin(0.7 * np.arange(12.0))[:, None] * np.array([1.0, -0.5])  # the run of make_old_sources.py
+    uninterrupted = ClientForecasters(6, 2, **base)
+    for y in ys[:3]:
+        uninterrupted.observe(y)
+    pop, server, source = StatePopulation(GAME, 6, 2), StateServer(6, 2, rule="hedge", eta=0.5, alpha=0.01), ClientForecasters(6, 2, **base)
+    restore_checkpoint(old, pop, server, source=source)
+    with np.load(old) as npz:
+        np.testing.assert_array_equal(pop.states, npz["states"])
+        np.testing.assert_array_equal(server.log_weights, npz["server_log_weights"])
+    _assert_same([source.state_dict()], [uninterrupted.state_dict()])
+    for y in ys[3:]:
+        np.testing.assert_array_equal(source.observe(y), uninterrupted.observe(y))
+    restore_checkpoint(old, pop, server, source=ClientForecasters(6, 2, **dict(base, seed=1)))  # as before
+
+    targets = rng.normal(size=(4, D))
+    pop, server = _make()
+    source = _noisy_source()
+    _advance(pop, server, source, targets[:2])
+    path = save_checkpoint(tmp_path / "c.npz", pop, server, source=source)
+    _rewrite(path, source_shared__seed=None, source_shared__low=None, source_shared__high=None)
+    _advance(pop, server, source, targets[2:])
+    pop2, server2, source2 = *_make(), _noisy_source()
+    restore_checkpoint(path, pop2, server2, source=source2)
+    _advance(pop2, server2, source2, targets[2:])
+    _assert_same(_snapshot(pop, server), _snapshot(pop2, server2))
+    np.testing.assert_array_equal(source2.next(), source.next())

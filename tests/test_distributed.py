@@ -1316,3 +1316,151 @@ def test_no_update_past_the_last_count_a_state_can_hold_on_the_dask_server(clien
     server.update(None, [0.5])  # the last update is still made
     assert server.state_dict()["n_updates"] == 2**63 - 1
     dpop.close()
+
+
+# --------------------------------------------------------------------------- the settings a source's state records
+@pytest.mark.parametrize("name, other, saved", [("seed", 2**63 - 2, "9223372036854775807"), ("low", 0.2, "0.1"),
+                                                ("high", 2.0, "3.0")])
+def test_noisy_last_value_signals_refuse_a_state_saved_with_other_settings(name, other, saved):
+    """A state of a source with another seed or noise range would continue with other noise: refused naming the key,
+    the saved value and this source's, nothing changed; with the same settings it continues bitwise on any slice.
+    """
+    settings = dict(seed=2**63 - 1, low=0.1, high=3.0)
+    whole = NoisyLastValueSignals(0, 10, **settings)
+    whole.observe([0.5])
+    whole.next()
+    state = whole.state_dict()
+    assert state["shared"]["seed"].dtype == np.int64 and int(state["shared"]["seed"]) == 2**63 - 1
+    wrong = NoisyLastValueSignals(0, 10, **dict(settings, **{name: other}))
+    for load in (wrong.load_state_dict, wrong.validate_state_dict):
+        with pytest.raises(ValueError, match=rf"state\['source/shared/{name}'\] is {saved}, but this source has {name}="):
+            load(state)
+        assert wrong.t == 0 and wrong.state_dict()["shared"]["y"][0] == 0.0
+    part = NoisyLastValueSignals(4, 10, **settings)  # another slice: lo is rightly not a setting
+    part.load_state_dict(state)
+    np.testing.assert_array_equal(part.next(), whole.next()[4:])
+
+
+def _settings_run(dpop, dserver, ts, source=None):
+    for t in ts:
+        if source is None:
+            dpop.observe(_TARGETS[t])
+            x = dpop.step()
+        else:
+            x = dpop.step(source.observe(_TARGETS[t]))
+        dserver.update(x, _TARGETS[t + 1])
+
+
+@pytest.mark.parametrize("factory, other", [
+    (functools.partial(NoisyLastValueSignals, low=0.1), dict(seed=5)),
+    (functools.partial(ForecasterSignals, lags=2, mu=0.3, backend="numpy"), dict(mu=0.2)),
+], ids=["noisy, another seed", "forecasters, another mu"])
+def test_worker_side_sources_with_other_settings_refuse_every_restore_onto_any_shard_count(thread_client, tmp_path, factory, other):
+    """A sharded or single-file checkpoint, or a state, of worker-side sources restored onto sources made with another
+    seed or mu, on another shard count, is refused before anything changes (it used to continue with other noise).
+    """
+    make = functools.partial(DaskPopulation, GAME, N, 1, client=thread_client, exact=True, timeout=TIMEOUT)
+    saved = make(n_shards=2, signals=factory, seed=4)
+    saved_server = DaskServer(saved, rule="eg", eta=0.5, alpha=0.01)
+    _settings_run(saved, saved_server, range(3))
+    sharded, single, state = saved.save(tmp_path / "set.ckpt", saved_server), saved.save(tmp_path / "one.npz", sharded=False), \
+        saved.state_dict()
+    _settings_run(saved, saved_server, range(3, 5))
+    other_factory = functools.partial(factory, **{k: v for k, v in other.items() if k != "seed"})
+    dpop = make(n_shards=3, signals=other_factory, seed=other.get("seed", 4))
+    dserver = DaskServer(dpop, rule="eg", eta=0.5, alpha=0.01)
+    _settings_run(dpop, dserver, range(1))
+    states, t = dpop.states, dpop.t
+    name = next(iter(other))
+    for load in (lambda: restore_checkpoint(sharded, dpop, dserver), lambda: dpop.restore(sharded, dserver, n_shards=2),
+                 lambda: restore_checkpoint(single, dpop), lambda: dpop.restore(single, n_shards=1),
+                 lambda: dpop.load_state_dict(state)):
+        with pytest.raises(ValueError, match=rf"shard 0 \(agents \[0, \d+\)\): .*state\['source/shared/{name}'\] is"):
+            load()
+        assert dpop.t == t and dpop.n_shards == 3
+        np.testing.assert_array_equal(dpop.states, states)
+    dpop.close()
+    twin = make(n_shards=1, signals=factory, seed=4)  # the same settings, another shard count: bitwise
+    twin_server = DaskServer(twin, rule="eg", eta=0.5, alpha=0.01)
+    restore_checkpoint(sharded, twin, twin_server)
+    _settings_run(twin, twin_server, range(3, 5))
+    _assert_bitwise(twin, twin_server, saved, saved_server)
+    twin.close()
+    saved.close()
+
+
+def test_client_side_forecasters_with_other_settings_are_refused_by_a_restore_onto_other_shards(thread_client, tmp_path):
+    """Without worker-side sources: the client's forecasters saved beside a Dask population; restored onto another
+    shard count with forecasters of another seed, refused and nothing changed; with the same, bitwise.
+    """
+    from memoa_fast import ClientForecasters
+
+    make_source = functools.partial(ClientForecasters, N, 1, lags=2, noise_range=(0.1, 2.0), backend="numpy", threads=1)
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, exact=True, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+    source = make_source(seed=2**63 - 1)
+    _settings_run(dpop, dserver, range(3), source)
+    path = save_checkpoint(tmp_path / "c.npz", dpop, dserver, source=source, sharded=False)
+    _settings_run(dpop, dserver, range(3, 5), source)
+    other = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=3, exact=True, timeout=TIMEOUT)
+    other_server = DaskServer(other, rule="hedge", eta=0.5, alpha=0.01)
+    wrong = make_source(seed=2**63 - 2)
+    before = wrong.state_dict()
+    with pytest.raises(CheckpointError, match=r"state\['source/shared/seed'\] is 9223372036854775807, but this source has "
+                                              r"seed=9223372036854775806"):
+        restore_checkpoint(path, other, other_server, source=wrong)
+    assert other.t == 0 and other_server.n_updates == 0 and wrong.t == 0
+    np.testing.assert_array_equal(wrong.state_dict()["agents"]["weights"], before["agents"]["weights"])
+    right = make_source(seed=2**63 - 1)
+    restore_checkpoint(path, other, other_server, source=right)
+    _settings_run(other, other_server, range(3, 5), right)
+    _assert_bitwise(other, other_server, dpop, dserver)
+    other.close()
+    dpop.close()
+
+
+def test_sharded_checkpoints_saved_before_the_settings_were_recorded_restore_as_before(thread_client, tmp_path, monkeypatch):
+    """Nothing a user saved is lost: a sharded set whose sources recorded no settings (a real one written by main
+    99c2a56, and one of today's written without them) restores onto any shard count and onto one machine, bitwise.
+    """
+    from pathlib import Path
+
+    old = Path(__file__).parent / "data" / "old_sources" / "noisy.ckpt"
+    factory = functools.partial(NoisyLastValueSignals, low=0.1, high=3.0)
+    restored = DaskPopulation(GAME, 50, 1, client=thread_client, exact=True, signals=factory, seed=5, timeout=TIMEOUT)
+    restored_server = DaskServer(restored, rule="eg", eta=0.5, alpha=0.01)
+    restore_checkpoint(old, restored, restored_server)
+    assert restored.t == 3 and sorted(restored.state_dict()["source"]["shared"]) == ["high", "low", "seed", "t", "y"]
+    pop, server = _single(n=50)
+    source = NoisyLastValueSignals(0, 50, 5, low=0.1, high=3.0)
+    restore_checkpoint(old, pop, server, source=source)
+    uninterrupted = NoisyLastValueSignals(0, 50, 5, low=0.1, high=3.0)
+    for t in range(3):
+        uninterrupted.observe([np.sin(0.7 * t)])  # the targets of make_old_sources.py
+        uninterrupted.next()
+    assert source.t == 3
+    np.testing.assert_array_equal(source.next(), uninterrupted.next())
+    restore_checkpoint(old, pop, server, source=source)
+    _advance(restored, restored_server, range(3, 6))
+    _advance(pop, server, range(3, 6), source)
+    _assert_bitwise(pop, server, restored, restored_server)
+    restored.close()
+
+    with monkeypatch.context() as patch:  # today's sources, saving no settings (the workers are threads of this process)
+        patch.setattr(NoisyLastValueSignals, "settings", lambda self: {})
+        saved = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, exact=True, signals=factory, seed=5,
+                               timeout=TIMEOUT)
+        saved_server = DaskServer(saved, rule="eg", eta=0.5, alpha=0.01)
+        _advance(saved, saved_server, range(3))
+        path = saved.save(tmp_path / "set.ckpt", saved_server)
+        _advance(saved, saved_server, range(3, 6))
+    assert sorted(load_checkpoint(path).source["shared"]) == ["t", "y"]
+    for n_shards in (1, 3):
+        other = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=n_shards, exact=True, signals=factory, seed=5,
+                               timeout=TIMEOUT)
+        other_server = DaskServer(other, rule="eg", eta=0.5, alpha=0.01)
+        restore_checkpoint(path, other, other_server)
+        _advance(other, other_server, range(3, 6))
+        _assert_bitwise(other, other_server, saved, saved_server)
+        other.close()
+    saved.close()

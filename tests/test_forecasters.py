@@ -527,3 +527,92 @@ def test_the_round_counter_stops_at_the_largest_savable_round():
     with pytest.raises(ValueError, match=re.escape("round 2**63 - 1")):
         fc.observe(0.2)
     _assert_unchanged(fc, before, t=2**63 - 1)
+
+
+# --------------------------------------------------------------------------- the settings a saved state records
+_BASE = dict(lags=2, noise_range=(0.1, 2.0), mu=0.3, seed=2**63 - 1, block_size=4, backend="numpy", threads=1)
+_OTHER = {"seed": (2**63 - 2, "9223372036854775806"), "noise_range": ((0.1, 2.5), r"\(0.1, 2.5\)"),
+          "mu": (0.35, "0.35"), "block_size": (2, "2")}
+_YS = np.sin(0.7 * np.arange(12.0))[:, None] * np.array([1.0, -0.5])  # the targets of tests/data/old_sources
+
+
+def _forecast(fc, ys):
+    return np.array([fc.observe(y).copy() for y in ys])
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER))
+def test_a_state_of_forecasters_with_another_setting_is_refused_naming_it_and_changes_nothing(name):
+    """A state saved with another seed, noise range, mu or block size would continue with other noise or other
+    updates than the run that saved it: load_state_dict, validate_state_dict and the unpickler refuse it, naming the
+    key, the saved value and this object's, and change nothing (they accepted it silently).
+    """
+    from memoa_fast.timeseries.forecasters import _rebuild_forecasters
+
+    saved = ClientForecasters(6, 2, **_BASE)
+    _forecast(saved, _YS[:3])
+    state = saved.state_dict()
+    value, shown = _OTHER[name]
+    other = ClientForecasters(6, 2, **dict(_BASE, **{name: value}))
+    other.observe(_YS[0])
+    before = other.state_dict()
+    mine = re.escape(repr(tuple(_BASE[name]) if name == "noise_range" else _BASE[name]))
+    match = rf"state\['source/shared/{name}'\] is {mine}, but this source has {name}={shown}"
+    for load in (other.load_state_dict, other.validate_state_dict):
+        with pytest.raises(ValueError, match=match):
+            load(state)
+        _assert_unchanged(other, before, t=1)
+    with pytest.raises(ValueError, match=match):  # what pickle.loads calls, given another configuration
+        _rebuild_forecasters(6, 2, dict(_BASE, **{name: value}), state)
+
+
+def test_the_settings_are_saved_exactly_and_the_same_settings_restore_bitwise_on_any_shard():
+    """The largest seed is saved as an int64 (a float would round it to 2**63); the same settings restore bitwise, by
+    load_state_dict, pickle and copy, also onto other shards (another first_client: the draws depend on the global
+    client index, so first_client is rightly not a setting).
+    """
+    import copy
+    import pickle
+
+    whole = ClientForecasters(6, 2, **_BASE)
+    _forecast(whole, _YS[:3])
+    state = whole.state_dict()
+    shared = state["shared"]
+    assert shared["seed"].dtype == np.int64 and int(shared["seed"]) == 2**63 - 1
+    assert shared["block_size"].dtype == np.int64 and int(shared["block_size"]) == 4
+    assert float(shared["mu"]) == 0.3 and tuple(shared["noise_range"]) == (0.1, 2.0)
+    rest = _forecast(whole, _YS[3:])
+    twin = ClientForecasters(6, 2, **_BASE)
+    twin.load_state_dict(state)
+    np.testing.assert_array_equal(_forecast(twin, _YS[3:]), rest)
+    shard = ClientForecasters(2, 2, first_client=4, **_BASE)  # clients [4, 6): the second block
+    shard.load_state_dict({"agents": {k: v[4:] for k, v in state["agents"].items()}, "shared": shared})
+    np.testing.assert_array_equal(_forecast(shard, _YS[3:]), rest[:, 4:])
+    for clone in (pickle.loads(pickle.dumps(twin)), copy.deepcopy(twin), copy.copy(twin)):
+        np.testing.assert_array_equal(clone.state_dict()["shared"]["seed"], shared["seed"])
+
+
+def test_a_state_saved_before_the_settings_were_recorded_loads_and_continues_as_before():
+    """Nothing a user saved is lost: a state without the settings (the form of every state saved before, here by
+    deleting them, and a real pickle written by main 99c2a56) loads and continues bitwise; such a state cannot tell
+    its settings, so it is taken on trust as before.
+    """
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    whole = ClientForecasters(6, 2, **_BASE)
+    _forecast(whole, _YS[:3])
+    state = whole.state_dict()
+    rest = _forecast(whole, _YS[3:])
+    old = {"agents": state["agents"], "shared": {"t": state["shared"]["t"], "y": state["shared"]["y"]}}
+    twin = ClientForecasters(6, 2, **_BASE)
+    twin.load_state_dict(old)
+    np.testing.assert_array_equal(_forecast(twin, _YS[3:]), rest)
+    ClientForecasters(6, 2, **dict(_BASE, seed=1)).load_state_dict(old)  # as before: nothing to compare with
+    if importlib.util.find_spec("numpy._core") is None:  # NumPy 1.x cannot read NumPy 2's pickles of arrays at all
+        return
+    unpickled = pickle.loads((Path(__file__).parent / "data" / "old_sources" / "forecasters.pkl").read_bytes())
+    assert unpickled.t == 3 and repr(unpickled) == repr(twin).replace("t=12", "t=3")
+    for key, value in state["agents"].items():
+        np.testing.assert_array_equal(unpickled.state_dict()["agents"][key], value)
+    np.testing.assert_array_equal(_forecast(unpickled, _YS[3:]), rest)

@@ -1,6 +1,7 @@
 """The saved-state validators: every valid state passes as a clean copy, every corruption is a ValueError naming its key."""
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from memoa_fast._state import (
     check_server_state,
     check_source_layout,
     check_source_state,
+    source_settings,
 )
 from memoa_fast.kernels import SIGNAL_LIMIT
 
@@ -318,6 +320,72 @@ def test_source_layout_and_declared_state():
         with pytest.raises(ValueError, match=match):
             check_source_state(bad, n_agents=5, agents={"w": (2, 3)}, shared={"t": "count", "y": (2,)})
     assert check_source_layout({"agents": {}, "shared": {}}, n_agents=1) == {"agents": {}, "shared": {}}
+
+
+# A source's settings: an integer (a seed, up to 2**63 - 1), a float, a range of floats.
+_OWN = {"seed": 2**63 - 1, "mu": 0.1, "noise_range": (0.02, 1.0)}
+_SPEC = dict(n_agents=3, agents={"w": (2,)}, shared={"t": "count", "y": (2,)})
+
+
+def _source_state(**settings):
+    return {"agents": {"w": np.ones((3, 2))}, "shared": {"t": np.array(4), "y": np.zeros(2), **source_settings(settings)}}
+
+
+def test_source_settings_are_saved_in_their_exact_types_and_checked_against_the_sources():
+    """The settings a source's later rounds depend on round-trip exactly (the largest seed as an int64, never a float)
+    and a state saved with another value of any of them is refused, naming the key, the saved value and the source's.
+    """
+    saved = source_settings(_OWN)
+    assert saved["seed"].dtype == np.int64 and saved["seed"].shape == () and int(saved["seed"]) == 2**63 - 1
+    assert saved["mu"].dtype == np.float64 and saved["noise_range"].shape == (2,)
+    clean = check_source_state(_source_state(**_OWN), **_SPEC, settings=_OWN)
+    assert int(clean["shared"]["seed"]) == 2**63 - 1 and clean["shared"]["seed"].dtype == np.int64
+    np.testing.assert_array_equal(clean["shared"]["noise_range"], [0.02, 1.0])
+    for name, other, shown in (("seed", 2**63 - 2, "9223372036854775806"), ("mu", math.nextafter(0.1, 1.0), "0.10000000000000002"),
+                               ("noise_range", (0.02, 1.5), r"\(0.02, 1.5\)")):
+        state = _source_state(**dict(_OWN, **{name: other}))
+        frozen = copy.deepcopy(state)
+        with pytest.raises(ValueError, match=rf"state\['source/shared/{name}'\] is {shown}, but this source has {name}="
+                                             rf"{re.escape(repr(_OWN[name]))}"):
+            check_source_state(state, **_SPEC, settings=_OWN)
+        for part in ("agents", "shared"):  # the validator changes nothing, not even its input
+            for key, value in frozen[part].items():
+                np.testing.assert_array_equal(state[part][key], value)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"seed": np.array(float(2**63 - 1))}, r"'source/shared/seed'\] must be an integer"),  # never read through a float
+    ({"seed": np.array(2.0)}, r"'source/shared/seed'\] must be an integer"),
+    ({"seed": True}, "must hold real numbers"),
+    ({"seed": np.array([2**63 - 1])}, r"'source/shared/seed'\] must be an integer"),
+    ({"mu": np.array(np.nan)}, r"'source/shared/mu'\] must be finite"),
+    ({"noise_range": np.array([0.02])}, r"'source/shared/noise_range'\] must have shape \(2,\)"),
+    ({"seed": None}, r"records the settings \['mu', 'noise_range'\] but not \['seed'\]"),
+    ({"other": np.array(1)}, r"must hold exactly \['t', 'y'\] and the settings \['mu', 'noise_range', 'seed'\]"),
+])
+def test_a_setting_in_another_type_shape_or_missing_is_refused(bad, match):
+    state = _source_state(**_OWN)
+    for name, value in bad.items():
+        if value is None:
+            del state["shared"][name]
+        else:
+            state["shared"][name] = value
+    with pytest.raises(ValueError, match=match):
+        check_source_state(state, **_SPEC, settings=_OWN)
+
+
+def test_a_state_saved_before_the_settings_were_recorded_loads_as_before():
+    """Nothing a user saved is lost: a state without any setting (what sources wrote before) passes, unchanged."""
+    old = _source_state()
+    clean = check_source_state(old, **_SPEC, settings=_OWN)
+    assert clean["shared"].keys() == {"t", "y"}
+    assert check_source_state(old, **_SPEC)["shared"].keys() == {"t", "y"}
+    with pytest.raises(ValueError, match=r"must hold exactly \['t', 'y'\], got"):  # a source without settings takes none
+        check_source_state(_source_state(**_OWN), **_SPEC)
+    with pytest.raises((TypeError, ValueError), match="setting 'seed'"):
+        source_settings({"seed": True})
+    with pytest.raises(ValueError, match="setting 'seed'"):
+        source_settings({"seed": 2**63})
 
 
 def test_keys_are_documented():

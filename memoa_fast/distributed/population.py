@@ -132,6 +132,10 @@ class DaskPopulation(MeanFieldSummary):
         then ``step()`` takes no signals.
     seed : int, default 0
         Passed to the signal factory; an integer in ``[0, 2**63 - 1]`` (every seeded object's domain).
+        The sources of this package record it (and their noise settings) in
+        their saved state, so a checkpoint or state of their sources restores
+        only onto a population whose sources have the same ones (any shard
+        count): another seed is a ``ValueError`` naming it, before anything changes.
     threads : int, optional
         Kernel threads per shard; default: the worker's thread count.
     parallel_threshold : int, default 8192

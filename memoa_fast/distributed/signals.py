@@ -12,7 +12,15 @@ It has
 - ``state_dict()`` / ``load_state_dict(state)`` (optional, for checkpoints):
   ``{"agents": {name: array (hi - lo, ...)}, "shared": {name: array}}``; per-agent
   arrays are concatenated across shards in a checkpoint and re-split on
-  restore, shared ones must agree across shards.
+  restore, shared ones must agree across shards;
+- ``validate_state_dict(state)`` (optional): the same checks as
+  ``load_state_dict``, changing nothing (every shard's source is asked before
+  any loads). The sources here record in ``"shared"`` the settings their later
+  draws depend on (the seed, the noise range: not ``lo`` and ``hi``, since the
+  draws depend on the global client index) with
+  :func:`memoa_fast._state.source_settings`, and their validator refuses a
+  state saved with other ones (:func:`memoa_fast._state.check_source_state`,
+  ``settings=``), as a population refuses a state of another game.
 
 The time-series application's forecasters come as such a source too:
 :class:`memoa_fast.timeseries.forecasters.ForecasterSignals`.
@@ -24,7 +32,7 @@ import math
 import numpy as np
 
 from .. import _backends
-from .._state import check_source_state
+from .._state import check_source_state, source_settings
 from .._validation import MAX_COUNT, TARGET_LIMIT, as_target_array, check_bounded, check_int, check_real, check_seed
 
 
@@ -68,8 +76,8 @@ class NoisyLastValueSignals:
         self.seed = check_seed("seed", seed)
         self.dim = check_int("dim", dim, low=1)
         self.threads = check_int("threads", threads, low=1)
-        low = check_real("low", low, low=0.0, low_open=True)
-        high = check_real("high", high, low=low)
+        self.low = low = check_real("low", low, low=0.0, low_open=True)
+        self.high = high = check_real("high", high, low=low)
         self._noise = _backends.load_noise()
         self._key, scale_key = self._noise.seed_keys(self.seed)
         self.sigma = np.empty(self.hi - self.lo)
@@ -95,23 +103,41 @@ class NoisyLastValueSignals:
         """The stream's newest value ``y``, shape (d,): finite, ``|y| <= TARGET_LIMIT`` (``1e30``)."""
         self._y[...] = as_target_array("y", y, (self.dim,))
 
+    def settings(self) -> dict:
+        """The arguments the draws depend on, which a restored state must have been saved with.
+
+        ``{"seed": int, "low": float, "high": float}``. Not ``lo`` and ``hi``: the draws are a function of the
+        *global* client index, so a state restores onto any sharding bitwise; nor ``dim`` (the shape of ``y``
+        checks it) and ``threads`` (the draws do not depend on it).
+        """
+        return {"seed": self.seed, "low": self.low, "high": self.high}
+
     def state_dict(self) -> dict:
-        """The round counter and the last value (the draws are a function of them)."""
-        return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()}}
+        """The round counter and the last value (the draws are a function of them), and the :meth:`settings`.
+
+        ``{"agents": {}, "shared": {"t": int64 scalar array, "y": (d,), "seed": int64 scalar array,
+        "low": float64 scalar array, "high": float64 scalar array}}``.
+        """
+        return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(),
+                                         **source_settings(self.settings())}}
 
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy.
 
         ``y`` is held to what :meth:`observe` accepts (finite, ``|y| <= TARGET_LIMIT``): a state this source
-        cannot reach is refused, as every target beyond the limit is.
+        cannot reach is refused, as every target beyond the limit is. The saved ``seed``, ``low`` and ``high``
+        must equal this source's (``seed`` an integer, never a float): a state saved by a source with other
+        ones would continue with other noise. The ``ValueError`` names the key, the saved value and this
+        source's. A state that records no settings (saved before they were recorded) is accepted as before.
         """
-        clean = check_source_state(state, n_agents=self.hi - self.lo, agents={}, shared={"t": "count", "y": (self.dim,)})
+        clean = check_source_state(state, n_agents=self.hi - self.lo, agents={}, shared={"t": "count", "y": (self.dim,)},
+                                   settings=self.settings())
         check_bounded("state['source/shared/y']", clean["shared"]["y"], TARGET_LIMIT, "the last target, checked as every target",
                       advice="This state was not saved by a NoisyLastValueSignals.")
         return clean
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (all checked first)."""
+        """Restore :meth:`state_dict` output (all checked first: :meth:`validate_state_dict`; nothing changes on an error)."""
         clean = self.validate_state_dict(state)["shared"]
         self._y[...] = clean["y"]
         self.t = int(clean["t"])

@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import _backends
 from .._exclusive import Exclusive
-from .._state import check_source_state
+from .._state import check_source_state, source_settings
 from .._validation import (
     MAX_COUNT,
     as_float_array,
@@ -343,18 +343,33 @@ class ClientForecasters:
                 _draw_block(blk, offset)
 
     # ------------------------------------------------------------------ persistence
+    def settings(self) -> dict:
+        """The arguments the later rounds depend on, which a restored state must have been saved with.
+
+        ``{"seed": int, "noise_range": (low, high), "mu": float, "block_size": int}``: the noise scales and the noise
+        of client ``g`` at round ``t`` are a function of ``(seed, noise_range, block_size, g, t)`` (class Notes,
+        "Shard reproducibility") and the learning of ``mu``. Not ``first_client``: the draws depend on the *global*
+        client index, so a state restored onto other shards (another ``first_client``) continues bitwise; nor
+        ``n_clients``, ``dim`` and ``lags``, which the shapes of the saved arrays check; nor ``backend`` and
+        ``threads``, a choice of how to compute the same rounds.
+        """
+        return {"seed": self.seed, "noise_range": tuple(self.noise_range), "mu": self.mu, "block_size": self.block_size}
+
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (copies), split per client and shared.
 
         ``{"agents": {"weights": (n, d, 2p+1), "lags": (n, d, p), "signals": (n, d)},
-        "shared": {"t": int64 scalar array, "y": (d,)}}``. The noise scales and
-        the noise are functions of ``(seed, client, t)``: they need no saving.
-        Per-client arrays of shards concatenate into the whole population's.
+        "shared": {"t": int64 scalar array, "y": (d,), "seed": int64 scalar array, "noise_range": (2,),
+        "mu": float64 scalar array, "block_size": int64 scalar array}}``. The noise scales and the noise are
+        functions of ``(seed, client, t)`` (and the settings): they need no saving. The settings
+        (:meth:`settings`) are recorded so that a restore into forecasters made with other ones is refused
+        (:meth:`validate_state_dict`). Per-client arrays of shards concatenate into the whole population's;
+        the shared part is the same on every shard.
         """
         with self._exclusive:  # a snapshot of one round, never of two (another thread may be observing)
             return {
                 "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
-                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy()},
+                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings())},
             }
 
     def validate_state_dict(self, state: dict) -> dict:
@@ -365,6 +380,17 @@ class ClientForecasters:
         :meth:`state_dict` writes, real arrays of these clients' shapes, all
         finite, and ``t`` an integer >= 0 (a float, a string or a bool is
         refused, not rounded). ``ValueError`` names the key.
+
+        **Settings.** The saved ``seed``, ``noise_range``, ``mu`` and
+        ``block_size`` (:meth:`settings`) must equal this object's, ``seed``
+        and ``block_size`` as integers (never floats): a state saved by
+        forecasters with another seed would continue with other noise, and
+        the run that saved it would not. The ``ValueError`` names the key, the
+        saved value and this object's, e.g. ``state['source/shared/seed'] is
+        1, but this source has seed=2``. ``first_client`` is not compared
+        (the draws depend on the global client index, so the clients'
+        rows restore onto any shards), and a state that records no settings
+        (saved before they were recorded) is accepted as before.
 
         The magnitudes are those a forecaster can reach (module docstring,
         "Magnitudes"), so that a restored one stays finite: ``|y| <=
@@ -385,7 +411,7 @@ class ClientForecasters:
         d, p = self.dim, self.lags
         clean = check_source_state(
             state, n_agents=self.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
-            shared={"t": "count", "y": (d,)},
+            shared={"t": "count", "y": (d,)}, settings=self.settings(),
         )
         agents, shared = clean["agents"], clean["shared"]
         t = int(shared["t"])
@@ -403,7 +429,9 @@ class ClientForecasters:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
 
-        Raises ``ValueError`` (see :meth:`validate_state_dict`) and changes nothing if any part is wrong.
+        Raises ``ValueError`` (see :meth:`validate_state_dict`) and changes nothing if any part is wrong,
+        also when the state was saved by forecasters with another ``seed``, ``noise_range``, ``mu`` or
+        ``block_size``.
         """
         clean = self.validate_state_dict(state)
         agents, shared = clean["agents"], clean["shared"]
