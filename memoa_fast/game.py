@@ -577,6 +577,12 @@ def _solve_checked(K, q, kappa, r, gamma, shares, method="qz", tol=1e-14, max_it
     else:
         A, V, radius, residual, iterations = _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma)
         _check_stable(A, radius, residual, q, kappa, r, gamma, shares)
+    if radius > 1.0 - 1e-12 and _slowest_root_rounds_to_one(k, e, a, oma, qw, beta, shares, gamma):
+        # Whatever the method found A: QZ's eigenvalue within 64 ulps of 1 stood where the exact one rounds to 1
+        # (1 - lam = 4.4e-16 for an exact 1e-40 at gamma = 0.55), so such games were accepted or refused by the last
+        # bits of the weights and by K. (An accepted eigenvalue is within 64 ulps of its root: only a radius this
+        # close to 1 can hide such a root, so ordinary games skip the check.)
+        _refuse_unit_root(np.array([1.0]), q, kappa, r, gamma, shares)
     C = (kw * oma)[:, None] * V
     lam = shares * qw
     lam = lam / lam.sum()
@@ -782,6 +788,19 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     lo = np.where(upper, np.append(kmax[1:], 0.0), poles)
     hi = np.where(upper, np.where(straddle, 0.5, kmin), np.where(straddle, 0.5, top))
     return live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi
+
+
+def _slowest_root_rounds_to_one(k, e, a, oma, qw, beta, pi, gamma) -> bool:
+    """Whether the largest secular root ``lam = 1 - y`` rounds to 1 in float64 (``y <= 2**-54``), by one sign.
+
+    ``g - 1`` in ``y`` (:func:`_secular_setup`, no cancellation) rises through its root as ``y`` grows from 0, so
+    the root lies at or below ``2**-54`` (half the spacing of the floats below 1) exactly when ``g - 1 >= 0`` there.
+    """
+    setup = _secular_setup(k, e, a, oma, qw, beta, pi, gamma)
+    if setup is None:
+        return False
+    upper, g_minus_one_y = setup[6], setup[5]
+    return bool(upper[-1]) and bool(g_minus_one_y(np.array([2.0**-54]))[0] >= 0.0)
 
 
 def _slow_root_tol(roots):

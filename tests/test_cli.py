@@ -460,6 +460,27 @@ def test_an_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["here", "there", name, name])  # no temporary left
 
 
+@pytest.mark.parametrize("option,name", [("--json", "r.json"), ("--plot", "r.png")])
+@pytest.mark.parametrize("how", ["fifo", "fifo-through-a-symlink"])
+def test_an_output_that_is_not_a_regular_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch, option, name, how):
+    """A named pipe (or a device: ``--json /dev/null`` run as root) was replaced by a regular file, since the result is
+    written to a new file renamed into place (/dev/null itself would be gone). Refused before the run, named.
+    """
+    calls = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: calls.append(1))
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    target = fifo
+    if how == "fifo-through-a-symlink":
+        target = tmp_path / f"link-{name}"
+        target.symlink_to(fifo)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", *FAST, option, str(target)])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"argument {option}: {str(target)!r} is a named pipe, not a regular file")
+    assert calls == [] and fifo.is_fifo()
+
+
 @pytest.mark.parametrize("clients", [1, 2, 7])
 def test_fewer_clients_than_the_default_classes_runs(clients, capsys):
     """--classes defaults to min(8, --clients): a small run needs no --classes; an explicit K > N is still refused."""

@@ -662,6 +662,28 @@ def test_a_mean_slower_than_an_ulp_is_refused():
         solve_classes([1e-40, 1e-40], 1.0, 1.0, 1.0)
 
 
+@pytest.mark.parametrize("K", [2, 3, 8])
+@pytest.mark.parametrize("gamma", [0.5453841753434214, 0.9, 0.99])
+@pytest.mark.parametrize("ratio", [1e-15, 1e-17, 1e-20, 1e-40])
+def test_a_mean_slower_than_an_ulp_is_refused_whatever_the_path(K, gamma, ratio):
+    """Refused exactly where the exact slowest root's 1 - lam rounds to 1 (y <= 2**-54), whichever solve found A.
+
+    With gamma < 1 (1 - lam about q/w, not sqrt(q/w)) QZ's eigenvalue within 64 ulps of 1 stood: eight identical
+    classes with q/w = 1e-40 at gamma = 0.545 were accepted with 1 - lam = 4.4e-16 (exact 1e-40), three were refused,
+    and a memoa-trust population's up-front check (the games at both ends of q_range) could pass or fail on that.
+    """
+    kappa, r = 0.003188615666889869, 0.09529630571034957
+    q = ratio * kappa
+    shares = {2: [0.5, 0.5], 3: [0.25, 0.25, 0.5], 8: [0.125] * 8}[K]  # summing to 1 exactly, as the oracle needs
+    y = slow_root_y([q] * K, [kappa] * K, [r] * K, gamma, shares)
+    try:
+        eq = solve_classes([q] * K, kappa, r, gamma, shares)
+    except ValueError as exc:
+        assert y <= 2.0**-54 * (1 + 1e-6) and "rounds to 1 in float64" in str(exc), (y, str(exc))
+        return
+    assert y >= 2.0**-54 * (1 - 1e-6), (y, eq.method, 1.0 - eq.spectral_radius)
+
+
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 1.0])
 def test_model_md_root_in_unit_interval_does_not_exist_at_q_zero(gamma):
     """MODEL.md section 2 defines rho as "the root in [0, 1)" of the consistency quadratic, and allows q = 0.

@@ -473,6 +473,37 @@ def test_every_state_reached_from_states_and_signals_within_the_limit_saves(seed
     assert np.abs(pop.states).max() <= 1e50 * (1 + 1e-14)  # only rounding beyond the limit
 
 
+def _largest_accepted_initial_state(game) -> float:
+    """The largest magnitude ``Population`` accepts as an initial state (bisected over the float64 bit patterns)."""
+    bits = (lambda x: int(np.float64(x).view(np.int64)))
+    lo, hi = bits(1e50), bits(2e50)  # accepted, refused
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            Population(game, initial_states=np.full((1, 1), np.int64(mid).view(np.float64)), backend="numpy")
+            lo = mid
+        except ValueError:
+            hi = mid
+    return float(np.int64(lo).view(np.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy, q, kappa, r", [("greedy", 1e-11, 10.0, 0.1), ("greedy", 1e-11, 5.0, 1.0),
+                                                 ("memoa", 1e-11, 10.0, 15.0)])
+def test_every_accepted_initial_state_steps_to_states_that_save(backend, policy, q, kappa, r):
+    """The saved states' limit (STATE_LIMIT, 1e50 (1 + 2**-20)) keeps a margin for rounding beyond any state a
+    population reaches. Initial states up to STATE_LIMIT itself were accepted: one step of these games on signals of
+    -1e50 from -STATE_LIMIT rounded an ulp beyond it, and the population could no longer be saved (nor copied).
+    """
+    game = Game(q=q, kappa=kappa, r=r, gamma=0.9, policy=policy)
+    top = _largest_accepted_initial_state(game)
+    for sign in (-1.0, 1.0):
+        pop = Population(game, initial_states=np.full((3, 1), sign * top), backend=backend)
+        for _ in range(3):
+            pop.step(np.full((3, 1), sign * 1e50))
+            Population(game, 3, 1, backend=backend).load_state_dict(pop.state_dict())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_class_mean_signal_is_the_mean_signal_and_restores_as_it_was(backend, tmp_path):
     """K = 1: ``class_mean_signal`` is ``mean_signal``, bitwise, so a checkpoint (which does not save it) restores it.

@@ -385,9 +385,13 @@ def test_beta_zero_reaches_only_q_and_is_not_refused():
 
 
 @pytest.mark.parametrize("powers, error", [("15", ValueError), (b"15", ValueError), ([True, 1.5], TypeError),
-                                           (["1", "1.5"], TypeError), ([1.5, 2 + 0j], TypeError), (1.5, ValueError)])
+                                           (["1", "1.5"], TypeError), ([1.5, 2 + 0j], TypeError), (1.5, ValueError),
+                                           (np.array(1.5), ValueError)])
 def test_powers_are_real_numbers_never_cast(powers, error):
-    """powers='15' was read as (1.0, 5.0), [True, 1.5] as (1.0, 1.5) and ['1', '1.5'] as numbers: refused now."""
+    """powers='15' was read as (1.0, 5.0), [True, 1.5] as (1.0, 1.5) and ['1', '1.5'] as numbers: refused now.
+
+    A 0-d array (iterable by its type, not by its value) is named as a number is, not NumPy's "iteration over a 0-d array".
+    """
     from memoa_fast.timeseries.trust import TrustPopulation
 
     with pytest.raises(error, match="powers must be"):

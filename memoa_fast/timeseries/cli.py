@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -283,6 +284,11 @@ def _check_output(run, option: str, target) -> Path:
     path = Path(target)
     if path.is_dir():
         run.error(f"argument {option}: {str(path)!r} is a folder, give a file name")
+    kind = _special_file(path)
+    if kind:  # the result is renamed into place: /dev/null (as root) or a named pipe would be replaced by a file
+        run.error(f"argument {option}: {str(path)!r} is {kind}, not a regular file; the result is written to a new file "
+                  "and renamed into place, which would replace it: give a file name"
+                  + (" (or --json without PATH to print the JSON)" if option == "--json" else ""))
     folder = Path(os.path.realpath(path)).parent
     if not folder.is_dir():
         run.error(f"argument {option}: folder {str(folder)!r} does not exist (for {str(path)!r})")
@@ -295,6 +301,19 @@ def _check_output(run, option: str, target) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         run.error(f"argument {option}: {str(path)!r} exists and is not writable")
     return path
+
+
+def _special_file(path: Path) -> str:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (a link followed), else ``""``."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # no such file (a new one), or not reachable: the folder checks name it
+        return ""
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return ""
 
 
 def same_file(a, b) -> bool:

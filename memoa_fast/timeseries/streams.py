@@ -660,6 +660,10 @@ class _ColumnReader:
                 values = None
             if values is not None and np.isfinite(values).all():
                 self._append(values)
+                # Blank lines that ended the last block lie inside the data (missing='drop'): count them now, as _slow
+                # does at the row that follows them (this block's first line is one)
+                self.n_dropped += self.blank_run
+                self.blank_run = 0
                 return
         self._slow(lines, first_line)
 

@@ -441,10 +441,14 @@ def _check_powers(powers) -> tuple[float, ...]:
     Each element is read as every number of the package is (:func:`check_real`): a string (also a numeric one, and
     a string is not read as a sequence of its characters), a bool or a complex number is a ``TypeError``, never cast.
     """
-    if isinstance(powers, (str, bytes)) or not hasattr(powers, "__iter__"):
+    try:
+        items = None if isinstance(powers, (str, bytes)) else list(powers)
+    except TypeError:  # not iterable (a number, a 0-d array)
+        items = None
+    if items is None:
         raise ValueError(f"powers must be a sequence of numbers >= 0, got {powers!r}")
     values = []
-    for v in powers:
+    for v in items:
         try:
             values.append(check_real("powers", v))
         except TypeError:
