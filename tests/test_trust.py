@@ -401,12 +401,12 @@ def test_powers_are_real_numbers_never_cast(powers, error):
 
 @pytest.mark.parametrize("rule", ["error", "minimax"])
 def test_a_reclassing_that_fails_changes_nothing(rule, monkeypatch):
-    """observe() at a re-classing whose new games cannot be built raises and leaves everything as it was.
+    """observe() at a re-classing that fails other than in the solver raises and leaves everything as it was.
 
     It used to fold the round's errors, advance the round counter past the re-classing and keep the old classes:
-    a retry counted the errors twice and the classes waited another ``reclass`` rounds. Weights whose re-formed
-    games have no representable equilibrium are now refused when the object is made (test above), so the failure
-    is injected into the re-forming's solve: the property is the same for any exception raised there.
+    a retry counted the errors twice and the classes waited another ``reclass`` rounds. (A game the solver cannot
+    solve, its ``ValueError``, keeps the previous classes instead: next test.) The failure is injected into the
+    re-forming: the property is the same for any exception raised there.
     """
     import pickle
 
@@ -421,12 +421,12 @@ def test_a_reclassing_that_fails_changes_nothing(rule, monkeypatch):
     tp.step(signals)
     before = pickle.loads(pickle.dumps(tp))
 
-    def unsolvable(self, **kw):
-        raise ValueError("no representable K-class equilibrium (injected)")
+    def interrupted(self, **kw):
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the re-forming's solves
 
     with monkeypatch.context() as patch:
-        patch.setattr(Game, "with_weights", unsolvable)
-        with pytest.raises(ValueError, match="no representable K-class equilibrium"):
+        patch.setattr(Game, "with_weights", interrupted)
+        with pytest.raises(KeyboardInterrupt):
             tp.observe(0.0)  # round 2 re-forms the classes
     assert (tp.t, tp.n_reclassed, tp.trust.n_observed, tp.leader) == (before.t, before.n_reclassed, before.trust.n_observed,
                                                                       before.leader)
@@ -440,3 +440,55 @@ def test_a_reclassing_that_fails_changes_nothing(rule, monkeypatch):
     before.observe(0.0)
     assert (tp.t, tp.n_reclassed) == (before.t, before.n_reclassed) == (2, 1)
     assert np.array_equal(tp.trust.errors, before.trust.errors) and np.array_equal(tp.class_costs, before.class_costs)
+
+
+@pytest.mark.parametrize("rule", ["error", "minimax"])
+def test_a_reforming_the_solver_cannot_solve_keeps_the_previous_classes(rule, monkeypatch):
+    """A re-formed game with no equilibrium found (the solver's ValueError): the round counts, the classes stay.
+
+    The run goes on with the classes of the last solved game (a run used to stop there, after the weights passed
+    the check made when the object is built), ``n_reforms_kept`` counts it and a RuntimeWarning names the weights.
+    """
+    import pickle
+
+    from memoa_fast.game import Game
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    tp = TrustPopulation(8, 1, n_classes=4, reclass=2, q=1.0, kappa=0.0, r=10.0, gamma=0.9, rule=rule, backend="numpy",
+                         powers=(1.0, 1.5))
+    signals = np.repeat([1.0, 3.16, 10.0, 100.0], 2)[:, None]
+    tp.step(signals)
+    tp.observe(0.0)
+    tp.step(signals)
+    before = pickle.loads(pickle.dumps(tp))
+    labels = [pop.labels.copy() for pop in tp.populations]
+
+    def unsolvable(self, **kw):
+        raise ValueError("no unique stable K-class equilibrium (injected)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Game, "with_weights", unsolvable)
+        with pytest.warns(RuntimeWarning, match="previous classes are kept"):
+            tp.observe(0.0)  # round 2 re-forms the classes
+    assert (tp.t, tp.n_reclassed, tp.n_reforms_kept) == (2, 0, 1)
+    assert [g.to_dict() for g in tp.games] == [g.to_dict() for g in before.games]
+    assert all(np.array_equal(pop.labels, old) for pop, old in zip(tp.populations, labels))
+    before.observe(0.0)  # the round itself is measured as the uninterrupted object measures it
+    assert np.array_equal(tp.trust.errors, before.trust.errors) and np.array_equal(tp.class_costs, before.class_costs)
+    tp.step(signals)  # and the run goes on with the kept classes
+    assert np.isfinite(tp.population.states).all()
+
+
+def test_memoa_trust_keeps_its_classes_where_a_reformed_game_ties_its_gains():
+    """The review's reproducer: memoa-trust's job goes on where a re-formed game cannot be solved.
+
+    q_j far below kappa gives every class the same gain in float64 and an anchor near 1e-17, a game QZ and the
+    secular roots (tied poles) cannot solve; every option is in its documented range, the weights pass the check
+    made up front, and the job used to stop at that re-forming (exit 2).
+    """
+    from memoa_fast.timeseries.cli import main
+
+    argv = ["run", "--clients", "40", "--rounds", "300", "--policies", "memoa-trust", "--q", "1.1e-14", "--kappa", "5900",
+            "--r", "0.012", "--gamma", "0.95"]
+    with pytest.warns(RuntimeWarning, match="previous classes are kept"):
+        assert main(argv) in (0, None)

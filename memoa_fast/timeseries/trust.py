@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 
@@ -279,6 +280,8 @@ class TrustPopulation:
         self._zeros = np.zeros(n_clients if K == 1 and self.rule == "minimax" else 0, dtype=np.int64)  # K = 1's labels
         self.t = 0
         self.n_reclassed = 0
+        #: Re-formings whose games the solver could not solve, so the previous classes were kept (see :meth:`observe`).
+        self.n_reforms_kept = 0
         self._exclusive = Exclusive("TrustPopulation")
 
     @property
@@ -324,9 +327,14 @@ class TrustPopulation:
         ``target`` has shape (d,) (a scalar when d = 1) and must be finite with ``|target| <= 1e30``;
         otherwise ``ValueError`` (``TypeError`` for a non-number) and nothing changes: one NaN would
         otherwise disqualify every ``"minimax"`` candidate for good. A re-classing builds every new
-        game before anything changes: a class weight whose game has no representable equilibrium
-        (e.g. ``r`` far beyond ``q_j + kappa``) raises that ``ValueError`` and leaves this object as it
-        was (errors, round counter, class costs and every population), so the call may be repeated.
+        game before anything changes. When the K-class solver cannot solve one of them (its
+        ``ValueError``: no representable or no stable equilibrium found, e.g. classes whose gains tie in
+        float64 while the anchor ``sum_j pi_j q_j/w_j`` is near 1e-17), the round is measured as any
+        other and the classes and games stay as they were: ``n_reforms_kept`` counts such re-formings
+        and a ``RuntimeWarning`` names the weights (a run never stops half-way for it; the weights
+        whose games at both ends of ``q_range`` fail are refused when the object is made). Any other
+        exception there leaves this object as it was (errors, round counter, class costs and every
+        population), so the call may be repeated.
         """
         target = as_target_array("target", target, (self._signals.shape[1],))
         with self._exclusive:
@@ -336,25 +344,36 @@ class TrustPopulation:
             self.trust._fold(self._signals, target, self._diff)  # both checked: the signals are ours
             if self.rule == "minimax":
                 self._measure_class_costs(target)
+            games = None
             if due:
                 try:
                     labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
-                    games = [game.with_weights(q=q_j, shares=shares) for game, q_j in zip(self.games, weights)]
+                    try:
+                        games = [game.with_weights(q=q_j, shares=shares) for game, q_j in zip(self.games, weights)]
+                    except ValueError as exc:
+                        # The solver found no equilibrium for a re-formed game: keep the classes that play a solved
+                        # one (a failure is a property of the new weights, not of this round's data).
+                        warnings.warn(f"memoa-trust: the classes re-formed at round {self.t + 1} are not used, their "
+                                      f"game could not be solved ({exc}); the previous classes are kept "
+                                      f"({self.n_reforms_kept + 1} re-forming(s) kept so far)", RuntimeWarning, stacklevel=2)
+                        self.n_reforms_kept += 1
                 except BaseException:
-                    # e.g. a class weight with no representable equilibrium: the round is refused whole, not half
-                    # folded (its errors counted, the classes not re-formed, the round counter past the re-classing)
+                    # anything else: the round is refused whole, not half folded (its errors counted, the classes
+                    # not re-formed, the round counter past the re-classing), so the call may be repeated
                     self.trust.errors[...], self.trust.n_observed, self.class_costs[...] = kept
                     raise
             self.t += 1
             if due:
-                for pop, game in zip(self.populations, games):
-                    pop.set_game(game)
-                    pop.set_labels(labels)
-                self.games = games
+                if games is not None:
+                    for pop, game in zip(self.populations, games):
+                        pop.set_game(game)
+                        pop.set_labels(labels)
+                    self.games = games
                 # Follow the leader; ties keep the lower index (np.argmin); an infinite cost never leads.
                 if self.rule == "minimax" and np.isfinite(self.class_costs).any():
                     self.leader = int(np.argmin(self.class_costs))
-                self.n_reclassed += 1
+                if games is not None:
+                    self.n_reclassed += 1
 
     def _measure_class_costs(self, target) -> None:
         """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost (``target`` checked)."""
@@ -405,6 +424,7 @@ class TrustPopulation:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("n_reforms_kept", 0)  # pickled before the count existed
         self.__dict__.update(state)
         self._exclusive = Exclusive("TrustPopulation")
 
