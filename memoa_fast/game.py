@@ -727,6 +727,10 @@ def _secular_vectors(beta, k, e, a, oma, lam, y, high):
     return np.where(high[None, :], high_form, low_form)
 
 
+#: Poles of the secular equation this close (relative) are taken as one (see :func:`_secular_setup`).
+_TIED_POLES = 1e-12
+
+
 def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     """``(live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi)`` of :func:`_secular_classes`, or None.
 
@@ -752,6 +756,14 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     poles, first, group = np.unique(e[live], return_index=True, return_inverse=True)
     if not (poles[0] >= 0.0 and poles[-1] < 1.0):
         return None
+    # Poles within 1e-12 of each other (relative) are one pole: between two such poles hardly a float holds the
+    # root of their bracket, and its eigenvector (entries 1/(lam - e_j)) is lost to rounding (classes whose gains
+    # tie up to their last bits, e.g. q_j << kappa_j). They share the pole as exactly tied classes do (its
+    # eigenvalue m - 1 times, eigenvectors on those classes with pi'd = 0): an eigenvalue off by at most 1e-12 of
+    # itself, while every other root, the slow one too, is still bisected from every class's own term.
+    new = np.ones(poles.shape[0], dtype=bool)
+    new[1:] = np.diff(poles) > _TIED_POLES * poles[1:]
+    poles, first, group = poles[new], first[new], (np.cumsum(new) - 1)[group]
     first = live[first]
     kl, el, al, ol, pl, ql = k[live], e[live], a[live], oma[live], pi[live], qw[live]
     eps = el + kl * al + kl * ol * ql  # e_j, not 1 - k_j: the float k_j may have rounded to 1 (e_j = 4e-17)
@@ -781,11 +793,13 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     np.minimum.at(kmin, group, kl)
     np.maximum.at(kmax, group, kl)
     top = np.append(poles[1:], 1.0)
+    pmax = np.full(D, -np.inf)  # a bracket in lam starts above its group's largest pole
+    np.maximum.at(pmax, group, el)
     # A bracket holding 1/2 is cut there, on the side of its root (g - 1 > 0 at 1/2: the root is above it).
     straddle = (poles < 0.5) & (top > 0.5)
     above = bool(straddle.any()) and bool(g_minus_one(np.array([0.5]))[0] > 0.0)
     upper = (poles >= 0.5) | (straddle & above)
-    lo = np.where(upper, np.append(kmax[1:], 0.0), poles)
+    lo = np.where(upper, np.append(kmax[1:], 0.0), pmax)
     hi = np.where(upper, np.where(straddle, 0.5, kmin), np.where(straddle, 0.5, top))
     return live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi
 

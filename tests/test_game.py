@@ -124,7 +124,7 @@ def test_bad_weights_have_clear_errors(kwargs, exc, words):
 # --------------------------------------------------------------------------- extreme weights (issue 8 item 5)
 from decimal import Decimal, localcontext  # noqa: E402
 
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 TINY = np.finfo(np.float64).tiny
@@ -640,6 +640,44 @@ def test_a_slow_mean_keeps_its_relative_decay(seed, shares, gamma, tied):
     assert abs(np.max(np.abs(np.linalg.eigvals(eq.A))) - (1.0 - y)) <= tol, eq.method
     if tied:
         assert abs((1.0 - solve_gains(q[0], kappa[0], r[0], gamma).rho) - y) <= tol
+
+
+# The review's game (memoa-trust re-formed to it and stopped: exit 2): every gain ties with the others up to its last bits
+NEAR_TIED = ([7.575376595806819e-13, 3.494050947935713e-13, 6.811150000754127e-14, 2.3541846426051537e-14,
+              2.3038533797178366e-15, 2.938092240871028e-16, 2.0453943070582773e-17, 1.1e-17], [5900.0] * 8, [0.012] * 8,
+             0.95, [0.125] * 8)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), shares=st.sampled_from(EXACT_SHARES), gamma=st.sampled_from([1.0, 0.95, 0.6]))
+@example(seed=0, shares=[0.125] * 8, gamma=0.95)  # the review's game (NEAR_TIED)
+def test_classes_whose_gains_tie_to_the_last_bits_are_solved(seed, shares, gamma):
+    """q_j far below one kappa and r: the poles 1 - k_j differ by an ulp or two, so no float lies between two of them
+    for the root of their bracket. The secular solve returned nothing there and QZ lost the slow root (7 stable
+    eigenvalues found, 8 needed), so such games were refused although they have an equilibrium. Poles a few ulps
+    apart are now one pole: its eigenvalue m - 1 times, and the slowest root kept to 1e-9 of itself (+ 64 ulps).
+    """
+    if len(shares) == 8:
+        q, kappa, r, gamma, shares = NEAR_TIED
+    else:
+        rng = np.random.default_rng(seed)
+        K = len(shares)
+        kappa0 = 10.0 ** rng.uniform(0, 4)
+        kappa, r = [kappa0] * K, [kappa0 * 10.0 ** rng.uniform(-6, -2)] * K
+        q = (kappa0 * 10.0 ** rng.uniform(-20, -15, K)).tolist()
+    k = np.array([solve_gains(qj, kj, rj, gamma).k for qj, kj, rj in zip(q, kappa, r)])
+    assert np.ptp(1.0 - k) <= 8 * np.spacing(np.max(1.0 - k))  # the gains tie in float64 (the class under test)
+    y = slow_root_y(q, kappa, r, gamma, shares)
+    eps = np.finfo(np.float64).eps
+    try:
+        eq = solve_classes(q, kappa, r, gamma, shares)
+    except ValueError as exc:  # only where 1 - y rounds to 1 (then no float64 A has the root)
+        assert y < eps / 2 and "rounds to 1" in str(exc), (y, str(exc))
+        return
+    assert eq.residual <= 1e-15
+    assert abs((1.0 - eq.spectral_radius) - y) <= 1e-9 * y + 64 * eps, (eq.method, 1.0 - eq.spectral_radius, y)
+    others = np.sort(np.abs(np.linalg.eigvals(eq.A)))[:-1]
+    np.testing.assert_allclose(others, np.max(1.0 - k), rtol=1e-9)
 
 
 @pytest.mark.parametrize("shares", [[0.5, 0.5], [0.1, 0.2, 0.7], [1 / 3] * 3])
