@@ -29,6 +29,27 @@ def test_classes_are_quantiles_of_the_error(n, k, seed):
     assert np.all((q >= 1e-3) & (q <= 1e3))
 
 
+@pytest.mark.parametrize("power", [1.0, 6.0])
+def test_class_weights_beyond_float64_are_clipped_without_a_warning(power):
+    """A ratio median/mean_j (or its power) beyond float64 is clipped to q_range like any other, silently.
+
+    Errors a few hundred decades apart (a near-exact forecaster and a poor one) overflowed ``(median/mean_j)**beta``
+    and NumPy warned "overflow encountered": with warnings as errors a TrustPopulation's re-forming raised, rolled
+    back and raised again at every retry. The weights are the clipped ones: compared in log space.
+    """
+    import warnings
+
+    trust = TrustClasses(6, 3, reclass=1, q=2.0, power=power)
+    trust.errors[:] = [5e-324, 5e-324, 1.0, 1.0, 1e300, 1e300]  # the first class mean: 1/mean overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, q, _ = trust.classes()
+    means = np.array([5e-324, 1.0, 1e300])
+    log_ratio = power * (np.log(np.median(trust.errors)) - np.log(means))
+    want = 2.0 * np.exp(np.clip(log_ratio, np.log(1e-3), np.log(1e3)))
+    np.testing.assert_allclose(q, want, rtol=1e-12)
+
+
 def test_weights_follow_the_formula():
     trust = TrustClasses(4, 2, reclass=1, half_life=1.0, q=2.0)
     trust.observe(np.array([[1.0], [2.0], [3.0], [4.0]]), [0.0])

@@ -169,7 +169,8 @@ class TrustClasses:
         for power in powers:
             q = np.empty(K)
             for j, mean in enumerate(means):
-                ratio = (median / mean) ** power if mean > 0 and math.isfinite(mean) else 1.0
+                with np.errstate(over="ignore", divide="ignore"):  # a ratio beyond float64 is clipped below, not warned
+                    ratio = (median / mean) ** power if mean > 0 and math.isfinite(mean) else 1.0
                 q[j] = self.q * min(max(ratio, low), high)
             weights.append(q)
         shares = np.diff(bounds) / n
