@@ -795,10 +795,11 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     top = np.append(poles[1:], 1.0)
     pmax = np.full(D, -np.inf)  # a bracket in lam starts above its group's largest pole
     np.maximum.at(pmax, group, el)
-    # A bracket holding 1/2 is cut there, on the side of its root (g - 1 > 0 at 1/2: the root is above it).
-    straddle = (poles < 0.5) & (top > 0.5)
+    # A bracket holding 1/2 is cut there, on the side of its root (g - 1 > 0 at 1/2: the root is above it). The
+    # bracket is (pmax, top): a merged group whose poles straddle 1/2 holds no root above its smallest pole there.
+    straddle = (pmax < 0.5) & (top > 0.5)
     above = bool(straddle.any()) and bool(g_minus_one(np.array([0.5]))[0] > 0.0)
-    upper = (poles >= 0.5) | (straddle & above)
+    upper = (pmax >= 0.5) | (straddle & above)
     lo = np.where(upper, np.append(kmax[1:], 0.0), pmax)
     hi = np.where(upper, np.where(straddle, 0.5, kmin), np.where(straddle, 0.5, top))
     return live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi

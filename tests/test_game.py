@@ -680,6 +680,55 @@ def test_classes_whose_gains_tie_to_the_last_bits_are_solved(seed, shares, gamma
     np.testing.assert_allclose(others, np.max(1.0 - k), rtol=1e-9)
 
 
+def _tied_setup(q, kappa, r, gamma, shares):
+    """The arguments of ``_secular_classes`` / ``_secular_confirms`` for a game, as solve_classes forms them."""
+    import memoa_fast.game as game_module
+
+    q, kappa, r = (np.asarray(x, dtype=np.float64) for x in (q, kappa, r))
+    _, k, e, a, _, _ = game_module._gains_arrays(q, kappa, r, gamma)
+    oma = (1.0 - gamma) + gamma * k
+    w = q + kappa
+    return k, e, a, oma, q / w, k * oma * kappa / w, np.asarray(shares, dtype=np.float64), gamma
+
+
+@pytest.mark.parametrize("shares", [[0.5, 0.5], [0.1, 0.9], [0.9, 0.1]])
+@pytest.mark.parametrize("gamma", [0.9, 0.6])
+def test_a_tied_pole_group_across_one_half_keeps_its_bracket(shares, gamma):
+    """Two classes whose poles 1 - k_j are an ulp or two either side of 1/2 are one pole group; its bracket is
+    (largest pole, 1), so 1/2 does not cut it. It was cut at 1/2 from the group's smallest pole: with g - 1 < 0 at
+    1/2 (which lies between the two poles) the bracket was (0.5 + 1e-16, 0.5), the secular root came out as 1/2
+    for 0.995 (A off by 0.45), and a QZ root anywhere above the pole passed the check (its right end counted as
+    the bracket's).
+    """
+    import memoa_fast.game as game_module
+
+    def pole(r):
+        return float(game_module._gains_arrays(np.array([1e-3]), np.array([1.0]), np.array([r]), gamma)[2][0])
+
+    lo, hi = 1e-6, 1e6  # r with 1 - k just below / above 1/2 (1 - k grows with r)
+    while np.nextafter(lo, hi) < hi:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if pole(mid) < 0.5 else (lo, mid)
+    while pole(hi) <= 0.5:
+        hi = float(np.nextafter(hi, np.inf))
+    args = _tied_setup([1e-3] * 2, [1.0] * 2, [lo, hi], gamma, shares)
+    e = args[1]
+    assert e[0] < 0.5 < e[1] and e[1] - e[0] <= 1e-12  # one pole group across 1/2 (the class under test)
+    eq = solve_classes([1e-3] * 2, [1.0] * 2, [lo, hi], gamma, shares)
+    assert eq.method == "qz"  # ordinary weights: QZ's A is accurate to its last bits
+    A, roots = game_module._secular_classes(*args)
+    np.testing.assert_allclose(np.sort(roots), np.sort(np.abs(np.linalg.eigvals(eq.A))), rtol=1e-12)
+    np.testing.assert_allclose(A, eq.A, rtol=0, atol=1e-12)
+    assert game_module._secular_confirms(eq.A, *args)
+    lam, X = np.linalg.eig(eq.A)
+    lam = lam.real.copy()
+    lam[np.argmax(lam)] = 0.5 + 0.5 * np.max(lam)  # a slow root far off
+    wrong = (X * lam[None, :]) @ np.linalg.inv(X)
+    assert not game_module._secular_confirms(wrong.real, *args)
+
+
 @pytest.mark.parametrize("shares", [[0.5, 0.5], [0.1, 0.2, 0.7], [1 / 3] * 3])
 @pytest.mark.parametrize("ratio", [1e-12, 1e-16, 1e-24, 1e-30])
 def test_identical_slow_classes_are_one_class(ratio, shares):
