@@ -656,7 +656,9 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
     to 1, whatever the floats' last bits). A root above 1/2 is found as ``y = 1 - lam`` (``g - 1`` at 1/2 says
     on which side a root is), with the same function written in ``y`` (:func:`_secular_setup`), so that
     ``1 - lam`` keeps its relative accuracy when it is tiny (``q_j/w_j`` small: the mean relaxes slowly).
-    Each root is bisected to the last bit (geometric steps while its bracket spans more than a factor 4).
+    Each root is bisected to the last bit (geometric steps while its bracket spans more than a factor 4), then
+    as an offset ``t`` from its bracket's nearer end (``lam - e_j = (origin - e_j) + t``, in ``y`` with ``k_j``),
+    so that its distances to poles a few ulps away, and the eigenvector, keep their relative accuracy.
     The eigenvector of ``A`` for the root ``lam_i`` is ``d_j = beta_j lam_i / ((lam_i - e_j)(1 - a_j lam_i))``
     (``= beta_j (1 - y_i) / ((k_j - y_i)((1 - a_j) + a_j y_i))``; the stable mode of the pencil with
     ``pi'd = 1``), so ``A = X diag(lam) X^{-1}``. A class with ``beta_j = 0`` (``kappa_j = 0``)
@@ -667,6 +669,7 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
     if setup is None:
         return None
     live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi = setup
+    lo0, hi0 = lo, hi
     # Roots below 1/2 are bisected in lam, the others in y = 1 - lam (the same loop: lo, hi in each one's own
     # variable; g - 1 falls as lam grows, so it rises as y grows).
     for _ in range(400):
@@ -678,10 +681,29 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
         up = np.where(upper, g_minus_one_y(mid) <= 0.0, g_minus_one(mid) > 0.0)
         lo = np.where(~done & up, mid, lo)
         hi = np.where(~done & ~up, mid, hi)
+    # Each root as an offset t from its bracket's nearer end (a pole): the float root is only within an ulp of the
+    # exact one, so its distances to poles an ulp or a few apart (classes whose gains nearly tie) would be off by
+    # up to 100% (eps / gap relative), and so would the eigenvector entries 1/(lam - e_j). The offset is bisected
+    # between the two floats that bracket the root, g - 1 evaluated with lam - e_j = (origin - e_j) + t.
     found = 0.5 * (lo + hi)
+    origin = np.where(found - lo0 <= hi0 - found, lo0, hi0)
+    t_lo, t_hi = lo - origin, hi - origin
+    for _ in range(400):
+        with np.errstate(invalid="ignore"):
+            mid = np.where((t_lo > 0.0) & (t_hi > 4.0 * t_lo), np.sqrt(t_lo) * np.sqrt(t_hi),
+                           np.where((t_hi < 0.0) & (t_lo < 4.0 * t_hi), -np.sqrt(-t_lo) * np.sqrt(-t_hi), t_lo + 0.5 * (t_hi - t_lo)))
+        done = (mid <= t_lo) | (mid >= t_hi)
+        if done.all():
+            break
+        point = origin + mid
+        up = np.where(upper, g_minus_one_y(point, origin, mid) <= 0.0, g_minus_one(point, origin, mid) > 0.0)
+        t_lo = np.where(~done & up, mid, t_lo)
+        t_hi = np.where(~done & ~up, mid, t_hi)
+    t = 0.5 * (t_lo + t_hi)
+    found = origin + t
     y = np.where(upper, found, 1.0 - found)
     roots = np.where(upper, 1.0 - found, found)
-    X = _secular_vectors(beta, k, e, a, oma, roots, y, upper)
+    X = _secular_vectors(beta, k, e, a, oma, roots, y, upper, origin, t)
     if not np.isfinite(X).all():
         return None
     # Classes with the same 1 - k_j (same pole): the pole itself is an eigenvalue, once less than the classes
@@ -718,12 +740,18 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
     return A, roots
 
 
-def _secular_vectors(beta, k, e, a, oma, lam, y, high):
-    """Columns ``d_j = beta_j lam / ((lam - e_j)(1 - a_j lam))``, in ``y = 1 - lam`` where ``high`` (may be inf or NaN)."""
+def _secular_vectors(beta, k, e, a, oma, lam, y, high, origin=None, t=None):
+    """Columns ``d_j = beta_j lam / ((lam - e_j)(1 - a_j lam))``, in ``y = 1 - lam`` where ``high`` (may be inf or NaN).
+
+    With ``origin`` and ``t`` (each root as ``origin + t`` in its own variable): ``lam - e_j = (origin - e_j) + t``,
+    ``k_j - y = (k_j - origin) - t``.
+    """
     L, Y = lam[None, :], y[None, :]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        low_form = beta[:, None] * L / ((L - e[:, None]) * (1.0 - a[:, None] * L))
-        high_form = beta[:, None] * L / ((k[:, None] - Y) * (oma[:, None] + a[:, None] * Y))
+        low_gap = L - e[:, None] if origin is None else (origin[None, :] - e[:, None]) + t[None, :]
+        high_gap = k[:, None] - Y if origin is None else (k[:, None] - origin[None, :]) - t[None, :]
+        low_form = beta[:, None] * L / (low_gap * (1.0 - a[:, None] * L))
+        high_form = beta[:, None] * L / (high_gap * (oma[:, None] + a[:, None] * Y))
     return np.where(high[None, :], high_form, low_form)
 
 
@@ -773,16 +801,19 @@ def _secular_setup(k, e, a, oma, qw, beta, pi, gamma):
     # whose last bits, 1e-17, would outweigh the anchor sum_j pi_j q_j/w_j when that is 1e-12 or less)
     share_gap = -math.fsum(np.delete(pi, live).tolist())
 
-    def g_minus_one(lam):
+    def g_minus_one(lam, origin=None, t=None):
+        # With origin and t (lam = origin + t): lam - e_j as (origin - e_j) + t, exact to a rounding of t next to a pole
         L = lam[:, None]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            terms = pl * (el - L * (eps + al * el) + al * L * L) / ((L - el) * (1.0 - al * L))
+            gap = L - el if origin is None else (origin[:, None] - el) + t[:, None]
+            terms = pl * (el - L * (eps + al * el) + al * L * L) / (gap * (1.0 - al * L))
         return terms.sum(axis=1) + share_gap
 
-    def g_minus_one_y(y):
+    def g_minus_one_y(y, origin=None, t=None):
         Y = y[:, None]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            terms = pl * ((al * Y + n1) * Y - n0) / ((kl - Y) * (ol + al * Y))
+            gap = kl - Y if origin is None else (kl - origin[:, None]) - t[:, None]
+            terms = pl * ((al * Y + n1) * Y - n0) / (gap * (ol + al * Y))
         return terms.sum(axis=1) + share_gap
 
     if not (g_minus_one_y(np.array([0.0]))[0] < 0.0):

@@ -680,6 +680,27 @@ def test_classes_whose_gains_tie_to_the_last_bits_are_solved(seed, shares, gamma
     np.testing.assert_allclose(others, np.max(1.0 - k), rtol=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_classes_whose_gains_nearly_tie_keep_the_slow_root(seed):
+    """Poles 1 - k_j 1e-13..1e-11 apart (relative; q_j << kappa): the secular roots between them are floats, within
+    an ulp of the exact ones, so their distances to the poles, and the eigenvector entries 1/(lam - e_j), were off
+    by eps/gap (1e-4): the secular A failed the residual check and QZ's A stood with 1 - lam off by 1e-5..1e-3 of
+    itself (documented: 1e-9 + 64 eps). Each root is now refined as an offset from its nearer pole.
+    """
+    rng = np.random.default_rng(seed)
+    shares = [[0.25, 0.75], [0.125, 0.125, 0.25, 0.5], [0.125] * 8][seed % 3]  # summing to 1 in floats too
+    K = len(shares)
+    kappa0 = 10.0 ** rng.uniform(0, 4)
+    kappa, r = [kappa0] * K, [kappa0 * 10.0 ** rng.uniform(-6, -2)] * K
+    q = (kappa0 * 10.0 ** rng.uniform(-13, -11, K)).tolist()
+    gamma = 1.0
+    y = slow_root_y(q, kappa, r, gamma, shares)
+    eq = solve_classes(q, kappa, r, gamma, shares)
+    assert eq.residual <= 1e-13
+    eps = np.finfo(np.float64).eps
+    assert abs((1.0 - eq.spectral_radius) - y) <= 1e-9 * y + 64 * eps, (eq.method, 1.0 - eq.spectral_radius, y)
+
+
 def _tied_setup(q, kappa, r, gamma, shares):
     """The arguments of ``_secular_classes`` / ``_secular_confirms`` for a game, as solve_classes forms them."""
     import memoa_fast.game as game_module
