@@ -670,35 +670,17 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
         return None
     live, poles, first, group, g_minus_one, g_minus_one_y, upper, lo, hi = setup
     lo0, hi0 = lo, hi
-    # Roots below 1/2 are bisected in lam, the others in y = 1 - lam (the same loop: lo, hi in each one's own
-    # variable; g - 1 falls as lam grows, so it rises as y grows).
-    for _ in range(400):
-        geometric = (lo > 0.0) & (hi > 4.0 * lo)
-        mid = np.where(geometric, np.sqrt(lo) * np.sqrt(hi), lo + 0.5 * (hi - lo))
-        done = (mid <= lo) | (mid >= hi)
-        if done.all():
-            break
-        up = np.where(upper, g_minus_one_y(mid) <= 0.0, g_minus_one(mid) > 0.0)
-        lo = np.where(~done & up, mid, lo)
-        hi = np.where(~done & ~up, mid, hi)
+    # Roots below 1/2 are bisected in lam, the others in y = 1 - lam (lo, hi in each one's own variable; g - 1
+    # falls as lam grows, so it rises as y grows).
+    lo, hi = _bisect(lo, hi, lambda mid: np.where(upper, g_minus_one_y(mid) <= 0.0, g_minus_one(mid) > 0.0))
     # Each root as an offset t from its bracket's nearer end (a pole): the float root is only within an ulp of the
     # exact one, so its distances to poles an ulp or a few apart (classes whose gains nearly tie) would be off by
     # up to 100% (eps / gap relative), and so would the eigenvector entries 1/(lam - e_j). The offset is bisected
     # between the two floats that bracket the root, g - 1 evaluated with lam - e_j = (origin - e_j) + t.
     found = 0.5 * (lo + hi)
     origin = np.where(found - lo0 <= hi0 - found, lo0, hi0)
-    t_lo, t_hi = lo - origin, hi - origin
-    for _ in range(400):
-        with np.errstate(invalid="ignore"):
-            mid = np.where((t_lo > 0.0) & (t_hi > 4.0 * t_lo), np.sqrt(t_lo) * np.sqrt(t_hi),
-                           np.where((t_hi < 0.0) & (t_lo < 4.0 * t_hi), -np.sqrt(-t_lo) * np.sqrt(-t_hi), t_lo + 0.5 * (t_hi - t_lo)))
-        done = (mid <= t_lo) | (mid >= t_hi)
-        if done.all():
-            break
-        point = origin + mid
-        up = np.where(upper, g_minus_one_y(point, origin, mid) <= 0.0, g_minus_one(point, origin, mid) > 0.0)
-        t_lo = np.where(~done & up, mid, t_lo)
-        t_hi = np.where(~done & ~up, mid, t_hi)
+    t_lo, t_hi = _bisect(lo - origin, hi - origin, lambda t: np.where(
+        upper, g_minus_one_y(origin + t, origin, t) <= 0.0, g_minus_one(origin + t, origin, t) > 0.0))
     t = 0.5 * (t_lo + t_hi)
     found = origin + t
     y = np.where(upper, found, 1.0 - found)
@@ -738,6 +720,24 @@ def _secular_classes(k, e, a, oma, qw, beta, pi, gamma):
     if not np.isfinite(A).all():
         return None
     return A, roots
+
+
+def _bisect(lo, hi, rises):
+    """Every bracket ``[lo, hi]`` bisected to the last bit; ``rises(mid)`` is True where the root lies above ``mid``.
+
+    Geometric steps while a bracket of one sign spans more than a factor 4 (on either side of 0), else halving.
+    """
+    for _ in range(400):
+        with np.errstate(invalid="ignore"):
+            mid = np.where((lo > 0.0) & (hi > 4.0 * lo), np.sqrt(lo) * np.sqrt(hi),
+                           np.where((hi < 0.0) & (lo < 4.0 * hi), -np.sqrt(-lo) * np.sqrt(-hi), lo + 0.5 * (hi - lo)))
+        done = (mid <= lo) | (mid >= hi)
+        if done.all():
+            break
+        up = rises(mid)
+        lo = np.where(~done & up, mid, lo)
+        hi = np.where(~done & ~up, mid, hi)
+    return lo, hi
 
 
 def _secular_vectors(beta, k, e, a, oma, lam, y, high, origin=None, t=None):
