@@ -364,17 +364,16 @@ class TrustPopulation:
                     self.trust.errors[...], self.trust.n_observed, self.class_costs[...] = kept
                     raise
             self.t += 1
-            if due:
-                if games is not None:
-                    for pop, game in zip(self.populations, games):
-                        pop.set_game(game)
-                        pop.set_labels(labels)
-                    self.games = games
-                # Follow the leader; ties keep the lower index (np.argmin); an infinite cost never leads.
-                if self.rule == "minimax" and np.isfinite(self.class_costs).any():
-                    self.leader = int(np.argmin(self.class_costs))
-                if games is not None:
-                    self.n_reclassed += 1
+            if games is not None:
+                for pop, game in zip(self.populations, games):
+                    pop.set_game(game)
+                    pop.set_labels(labels)
+                self.games = games
+                self.n_reclassed += 1
+            # Follow the leader at every re-forming, kept or not; ties keep the lower index (np.argmin); an
+            # infinite cost never leads.
+            if due and self.rule == "minimax" and np.isfinite(self.class_costs).any():
+                self.leader = int(np.argmin(self.class_costs))
 
     def _measure_class_costs(self, target) -> None:
         """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost (``target`` checked)."""
