@@ -36,7 +36,7 @@ from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
-                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500)
+                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=50, trust_rule="minimax")
 
 DESCRIPTION = """\
 Run the MEMOA time-series experiment (MODEL.md section 6) and print a table.
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8, or --clients "
                         "if that is smaller)")
     g.add_argument("--reclass", type=_number(int, "--reclass"), default=None, metavar="R",
-                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default 50)")
+                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default {D['reclass']})")
     betas = ", ".join(f"{p:g}" for p in MINIMAX_POWERS)
     g.add_argument("--trust-rule", choices=TRUST_RULES, default=None,
                    help="memoa-trust's class weights q_j = q (median v / mean_j v)^beta: 'error' uses beta = 1.5; "
@@ -356,7 +356,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                 run.error(f"{option} is only for CSV streams (give --csv PATH); --stream {stream} is z-scored whole "
                           "and has no gaps")
     args.warmup = DEFAULTS["warmup"] if args.warmup is None else args.warmup
-    args.missing = args.missing or "error"
+    args.missing = args.missing or DEFAULTS["missing"]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
@@ -370,8 +370,8 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                       f"add memoa-trust to --policies or drop {given[0]}")
     if args.classes is None:
         args.classes = min(DEFAULT_CLASSES, args.clients)
-    args.reclass = 50 if args.reclass is None else args.reclass
-    args.trust_rule = args.trust_rule or "minimax"
+    args.reclass = DEFAULTS["reclass"] if args.reclass is None else args.reclass
+    args.trust_rule = args.trust_rule or DEFAULTS["trust_rule"]
     if "memoa-trust" in policies and args.classes > args.clients:
         run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
     if args.q + args.kappa <= 0:
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         run.error(str(exc))
     payload = result.to_dict()
     payload["source"] = source  # how the series was made: with the config, the run's every input (defaults included)
-    payload["command"] = shlex.join(["memoa", *(sys.argv[1:] if argv is None else argv)])
+    payload["command"] = shlex.join(["memoa", *given])
     text = json.dumps(payload, indent=2, allow_nan=False)
 
     pending = []
