@@ -415,13 +415,14 @@ def load_csv_series(
     n = arr.shape[0]
     need = warmup + 2
     if n < need:
+        capped = max_rows is not None and n == max_rows  # too few because of max_rows: say so
         raise CsvSeriesError(
             f"{path}, column {column!r}: {n} data rows"
             + (" (every cell of the column is empty or a missing-value marker)" if n == 0 and missing == "drop" else "")
-            + (f" (read up to max_rows={max_rows})" if max_rows is not None and n == max_rows else "")
+            + (f" (read up to max_rows={max_rows})" if capped else "")
             + f", too few: need at least {need} (a warm-up of {warmup} rows to fit the z-score, then at least 2 to "
             "forecast); use a longer file or a shorter warm-up (warmup=, memoa run --warmup)"
-            + (", or a larger max_rows" if max_rows is not None and n == max_rows else "")
+            + (", or a larger max_rows" if capped else "")
         )
     head = arr[:warmup]
     scale = unit_scale(head)
