@@ -32,7 +32,7 @@ from ._validation import MAX_COUNT, scalar_of
 from .kernels import SIGNAL_LIMIT
 
 __all__ = [
-    "RULES", "POPULATION_KEYS", "SERVER_KEYS", "STATE_LIMIT", "check_population_state", "check_server_state",
+    "INITIAL_LIMIT", "RULES", "POPULATION_KEYS", "SERVER_KEYS", "STATE_LIMIT", "check_population_state", "check_server_state",
     "check_source_layout", "check_source_state", "n_classes_of", "source_settings",
 ]
 
@@ -62,6 +62,14 @@ _DISCOUNT_TOL = 1e-9
 #: population reaches must save and load: the margin is about ``4e9`` ulps, and costs built from states within
 #: it are as finite as from states within ``SIGNAL_LIMIT``.
 STATE_LIMIT = SIGNAL_LIMIT * (1.0 + 2.0**-20)
+
+#: Largest ``|x|`` of initial states (``Population(initial_states=...)``, :meth:`Population.reset`, the Dask engine's):
+#: ``SIGNAL_LIMIT`` with half the margin of a saved state's (:data:`STATE_LIMIT`, ``2**-20``).
+#: Every policy moves a state to a weighted mean of states and valid signals, but each step may round a few ulps
+#: beyond the largest: states that start at ``STATE_LIMIT`` itself stepped beyond it and could no longer be saved.
+#: From within this limit a population stays within ``STATE_LIMIT`` (a gap of 2**31 ulps), and the states it reaches
+#: from within ``SIGNAL_LIMIT`` (a few ulps beyond it) are accepted here as initial states.
+INITIAL_LIMIT = SIGNAL_LIMIT * (1.0 + 2.0**-21)
 
 
 # =========================================================================== small checks

@@ -7,10 +7,10 @@ import numpy as np
 
 from . import _backends
 from ._exclusive import Exclusive
-from ._state import check_population_state
+from ._state import INITIAL_LIMIT, check_population_state
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
-from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
+from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, work_shape
 from .server import Server
 
 
@@ -583,15 +583,6 @@ def _rebuild(cls, args, config, state):
     obj = cls(*args, labels=labels, **config)
     obj.load_state_dict(state)
     return obj
-
-
-#: Largest ``|x|`` of initial states (``Population(initial_states=...)``, :meth:`Population.reset`, the Dask engine's):
-#: ``SIGNAL_LIMIT`` with half the margin of a saved state's (:data:`memoa_fast._state.STATE_LIMIT`, ``2**-20``).
-#: Every policy moves a state to a weighted mean of states and valid signals, but each step may round a few ulps
-#: beyond the largest: states that start at ``STATE_LIMIT`` itself stepped beyond it and could no longer be saved.
-#: From within this limit a population stays within ``STATE_LIMIT`` (a gap of 2**31 ulps), and the states it reaches
-#: from within ``SIGNAL_LIMIT`` (a few ulps beyond it) are accepted here as initial states.
-INITIAL_LIMIT = SIGNAL_LIMIT * (1.0 + 2.0**-21)
 
 
 def _check_magnitude(name: str, arr: np.ndarray) -> None:
