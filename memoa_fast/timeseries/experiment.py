@@ -32,7 +32,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .streams import unit_scale
+from .streams import ROUNDING_SPREAD, spread, unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -454,12 +454,10 @@ def run_experiment(
 
     n_scored = n_rounds - burn_in
     scored = slice(burn_in, n_rounds)
-    u = 1.0  # the unit: RMSEs are given back times u, squared errors and costs times u^2 (exact when u = 1)
-    if scale_fit is not None:
-        u = scale_fit[1]
-        for p in policies:
-            for k, v in errs[p].items():
-                v *= u if k == "worst_client" else u * u
+    # The unit: RMSEs are given back times u, squared errors and costs times u^2 (exact when u = 1). Every RMSE is
+    # taken in the run's unit and then scaled, so it is c times the one of y for a + c y wherever c times it is a
+    # float64 (scaling the squared errors first overflowed to inf beyond u ~ 1e154 and underflowed to 0 below 1e-162).
+    u = 1.0 if scale_fit is None else scale_fit[1]
     scores, client_rmse = {}, {}
     for p in policies:
         rmse_i = np.sqrt(scorers[p].totals / n_scored) * u
@@ -468,8 +466,8 @@ def run_experiment(
         e = errs[p]
         scores[p] = PolicyScores(
             policy=p,
-            mixture_rmse={rr: _rmse(e[rr][scored]) for rr in rules},
-            uniform_rmse=_rmse(e["uniform"][scored]),
+            mixture_rmse={rr: _rmse(e[rr][scored]) * u for rr in rules},
+            uniform_rmse=_rmse(e["uniform"][scored]) * u,
             worst_client_rmse=float(rmse_i[worst]),
             worst_client=worst,
             average_client_rmse=float(rmse_i.mean()),
@@ -477,6 +475,13 @@ def run_experiment(
             max_cost_client=pops[p].worst_agent,
             client_rmse_quantiles={str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(rmse_i, QUANTILES))},
         )
+    if scale_fit is not None:  # the per-round records in the series' units (squared: may leave float64's range)
+        with np.errstate(over="ignore", under="ignore"):
+            for p in policies:
+                for k, v in errs[p].items():
+                    v *= u
+                    if k != "worst_client":
+                        v *= u  # twice, not u * u: an error of 0 stays 0 when u * u overflows
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
@@ -488,7 +493,7 @@ def run_experiment(
     }
     if scale_fit is not None:
         config["scale"] = scale
-        config["scale_fit"] = [float(v) for v in scale_fit]
+        config["scale_fit"] = list(scale_fit)  # [mu, sigma]: mu a float, or a list of d floats for a (T, d) series
     return ExperimentResult(
         stream=stream, config=config, n_rounds=n_rounds, n_scored=n_scored, scores=scores, client_rmse=client_rmse,
         round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored) * u, elapsed_s=elapsed,
@@ -502,7 +507,9 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
     """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
 
     Computed on values divided by a power of two at least their largest
-    magnitude (exact), so no square overflows.
+    magnitude (exact), so no square overflows. A coordinate whose spread over
+    the burn-in is rounding only (:func:`~memoa_fast.timeseries.streams.spread`)
+    counts as constant.
     """
     if burn_in < 1:
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
@@ -511,10 +518,12 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
     p2 = unit_scale(head)
     head_u = head / p2
     mean_u = head_u.mean(axis=0)
-    sigma_u = math.sqrt(float(np.mean(head_u.var(axis=0))))
+    # a coordinate whose values differ by rounding only (0.3 and 0.1 + 0.2) is constant: it adds nothing to the unit
+    sigma_u = math.sqrt(float(np.mean(spread(head_u, axis=0) ** 2)))
     if not sigma_u > 0.0:
-        raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in, so it gives no "
-                         "unit; use a longer burn_in, or scale=None with a series you have z-scored")
+        raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in (up to rounding: "
+                         f"every coordinate's spread there is at most {ROUNDING_SPREAD:.3g} times its largest value), so it "
+                         "gives no unit; use a longer burn_in, or scale=None with a series you have z-scored")
     with np.errstate(over="ignore"):
         z = (y / p2 - mean_u) / sigma_u
     mu = mean_u * p2

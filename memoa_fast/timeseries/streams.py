@@ -84,7 +84,10 @@ def periodic(
         for P, a, phi in zip(periods, amplitudes, phases):
             y += a * np.sin(2.0 * math.pi * t / P + phi)
         y += noise * rng.standard_normal(n_steps)
-    return _finish(y, normalize, amplitudes=amplitudes, noise=noise)
+        # What rounding alone can spread: sin of an argument up to 2 pi n / P + 2 pi, rounded to 2^-52 of it, and the sum.
+        # A sinusoid sampled once or k times per period (P = 1/k) is constant in exact arithmetic: its series is this.
+        rounding = sum(abs(a) * 2.0**-52 * (2.0 * math.pi * (n_steps / P + 1.0) + 1.0) for P, a in zip(periods, amplitudes))
+    return _finish(y, normalize, rounding=64.0 * rounding, amplitudes=amplitudes, periods=periods, noise=noise)
 
 
 def concept(
@@ -185,8 +188,12 @@ def _ar2(phi1, phi2, mean, eps):
         return mean + dev
 
 
-def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
-    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64 or is constant."""
+def _finish(y: np.ndarray, normalize: bool, rounding: float = 0.0, **scales) -> np.ndarray:
+    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64 or is constant.
+
+    Constant means: every value equal, or a spread (:func:`spread`) of at most ``rounding``, what the generator's
+    rounding alone can make; z-scoring that would return the rounding errors at unit variance.
+    """
     given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
     if not np.isfinite(y).all():
         raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
@@ -194,6 +201,13 @@ def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
     if normalize and not y.max() > y.min():
         raise ValueError(f"the generated series is constant (every value {float(y[0])!r}) with {given}, so it cannot be "
                          "z-scored; give it an amplitude or noise > 0")
+    if normalize:
+        p2 = unit_scale(y)
+        if not spread(y / p2) > rounding / p2:
+            raise ValueError(f"the generated series is constant up to rounding (every value within {float(np.ptp(y)):.3g} "
+                             f"of {float(y[0])!r}) with {given}, so it cannot be z-scored; give it an amplitude or noise > 0"
+                             + (" (a period of 1/k samples, k = 1, 2, ..., makes a sinusoid constant)" if "periods" in scales
+                                else ""))
     return zscore(y) if normalize else y
 
 
@@ -245,7 +259,8 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
     Both are computed on the values divided by a power of two at least their
     largest magnitude (exact), so no square overflows: any finite float64
     series with spread gives a finite result (not zeros). Non-finite values
-    and a constant reference raise ValueError.
+    and a constant reference raise ValueError, and so does one whose values
+    differ by rounding only (:func:`spread`).
     """
     values = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(values)
@@ -255,14 +270,35 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
     ref = values if fit is None else values[fit]
     scale = unit_scale(ref)
     ref_u = ref / scale
-    std_u = float(ref_u.std())
+    std_u = spread(ref_u)
     if not std_u > 0.0:
-        raise ValueError("cannot z-score a constant series (standard deviation 0)")
+        raise ValueError(f"cannot z-score a constant series (standard deviation 0, or at most {ROUNDING_SPREAD:.3g} times "
+                         "its largest value: rounding only)")
     with np.errstate(over="ignore"):
         out = (values / scale - float(ref_u.mean())) / std_u
     if not np.isfinite(out).all():
         raise ValueError("cannot z-score this series: a value lies beyond 1e308 standard deviations of the reference")
     return out
+
+
+#: A reference whose standard deviation is at most this fraction of its largest magnitude (64 units in the last place)
+#: is constant up to rounding: its values differ in their last bits only (0.3 and 0.1 + 0.2), and a z-score on it
+#: would blow that rounding up to values of order 1e14 and more.
+ROUNDING_SPREAD = 2.0**-46
+
+
+def spread(values: np.ndarray, axis: int | None = None):
+    """The standard deviation of ``values`` (along ``axis``), 0 where it is rounding only.
+
+    .. math:: \\operatorname{spread}(v) = \\operatorname{std}(v) \\text{ if } \\operatorname{std}(v) > 2^{-46} \\max |v|, \\text{ else } 0
+
+    ``values`` must be finite and at most about 1e300 in magnitude (the
+    callers pass them divided by :func:`unit_scale`).
+    """
+    std = np.std(values, axis=axis)
+    top = np.max(np.abs(values), axis=axis)
+    out = np.where(std > ROUNDING_SPREAD * top, std, 0.0)
+    return float(out) if out.ndim == 0 else out
 
 
 def unit_scale(values: np.ndarray) -> float:
@@ -427,11 +463,12 @@ def load_csv_series(
     head = arr[:warmup]
     scale = unit_scale(head)
     head_u = head / scale
-    mean_u, std_u = float(head_u.mean()), float(head_u.std())
+    mean_u, std_u = float(head_u.mean()), spread(head_u)
     if not std_u > 0.0:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}); "
-            "the z-score needs spread, use a longer warm-up"
+            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}"
+            + (", the others differing from it by rounding only" if float(head.max()) > float(head.min()) else "")
+            + "); the z-score needs spread, use a longer warm-up"
         )
     mean, std = mean_u * scale, std_u * scale
     # Refuse a value that would z-score beyond the limit, naming it (checked on the raw values).
