@@ -187,6 +187,11 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--policies", "greedy", "--trust-feedforward"], "--trust-feedforward is only for the policy memoa-trust"),
     (["--stream", "periodic", "--missing", "drop"], "--missing is only for CSV streams (give --csv PATH); --stream periodic"),
     (["--burn-in", "300"], "argument --burn-in: must be smaller than the number of rounds (300)"),
+    # memoa-trust would never re-form its classes (it was MEMOA with equal classes, without a word)
+    (["--reclass", "300"], "argument --reclass: memoa-trust re-forms its classes every R rounds, the first time after "
+                           "round R; with --reclass 300 and 300 rounds it never would (it would run as MEMOA with equal "
+                           "classes): give --reclass in [1, 299], or more rounds"),
+    (["--reclass", "10000000"], "with --reclass 10000000 and 300 rounds it never would"),
     (["--json", "/nonexistent/dir/r.json"], "argument --json: folder '/nonexistent/dir' does not exist"),
     (["--json", "/proc/x.json"], "argument --json: cannot create a file in folder '/proc'"),
     (["--plot", "out.xyz"], "argument --plot: the file name must end in one of .png"),
@@ -509,3 +514,16 @@ def test_csv_without_column_lists_the_columns_or_says_what_the_file_is(tmp_path,
     err = capsys.readouterr().err
     _one_line_error(err, needle)
     assert err[:-1].isprintable(), repr(err)
+
+
+def test_reclass_at_the_rounds_or_beyond_is_named(capsys):
+    """--reclass >= the rounds is refused above (the user asked for re-formings that cannot happen); the default 50 on a
+    shorter run is not an error, but the table says memoa-trust never re-formed. --reclass 29 on 30 rounds re-forms once.
+    """
+    base = ["run", "--clients", "5", "--rounds", "30", "--quiet", "--policies", "memoa,memoa-trust"]
+    code, out, err = _run(base, capsys)
+    assert code == 0 and err == ""
+    assert "note: memoa-trust re-forms its classes every reclass rounds, the first time after round 50, so with " \
+           "reclass=50 and 30 rounds it never does" in out
+    code, out, err = _run([*base, "--reclass", "29"], capsys)
+    assert code == 0 and err == "" and "never does" not in out

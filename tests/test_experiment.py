@@ -440,3 +440,23 @@ def test_scale_burn_in_refuses_a_burn_in_constant_up_to_rounding():
         run_experiment(y, n_clients=4, policies="memoa", burn_in=10, scale="burn-in")
     res = run_experiment(np.c_[y, np.sin(np.arange(y.size))], n_clients=4, policies="memoa", burn_in=10, scale="burn-in")
     assert all(np.isfinite(v).all() for v in _scores_of(res).values()) and max(_scores_of(res)["memoa"]) < 10
+
+
+def test_reclass_that_never_reforms_is_named():
+    """memoa-trust re-forms after round R, so reclass >= T - 1 rounds means no re-forming: it ran as MEMOA with equal
+    classes without a word. A reclass given warns naming both numbers, the table notes it whatever R; the default
+    (50) on a short series only notes it (no warning), and a reclass that re-forms says nothing.
+    """
+    import warnings
+
+    y = make_stream("concept", 31, seed=0)
+    kw = dict(n_clients=4, policies=("memoa-trust",), classes=2)
+    for reclass in (30, 31, 10**6):
+        with pytest.warns(UserWarning, match=rf"reclass={reclass} and 30 rounds it never does: .* a reclass in \[1, 29\]"):
+            res = run_experiment(y, reclass=reclass, **kw)
+        assert "note: memoa-trust re-forms its classes every reclass rounds" in res.table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = run_experiment(y, **kw)
+        assert res.config["reclass"] == 50 and "reclass=50 and 30 rounds it never does" in res.table()
+        assert "never does" not in run_experiment(y, reclass=29, **kw).table()

@@ -30,13 +30,13 @@ from .. import _backends
 from .._validation import SEED_MAX
 from .._version import __version__
 from . import experiment
-from .experiment import DEFAULT_CLASSES, PLOT_FORMATS, POLICIES, require_matplotlib
+from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
 from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
-                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=50, trust_rule="minimax")
+                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=DEFAULT_RECLASS, trust_rule="minimax")
 
 DESCRIPTION = """\
 Run the MEMOA time-series experiment (MODEL.md section 6) and print a table.
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8, or --clients "
                         "if that is smaller)")
     g.add_argument("--reclass", type=_number(int, "--reclass"), default=None, metavar="R",
-                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default {D['reclass']})")
+                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} and below the number of rounds "
+                        f"(default {D['reclass']})")
     betas = ", ".join(f"{p:g}" for p in MINIMAX_POWERS)
     g.add_argument("--trust-rule", choices=TRUST_RULES, default=None,
                    help="memoa-trust's class weights q_j = q (median v / mean_j v)^beta: 'error' uses beta = 1.5; "
@@ -370,7 +371,8 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                       f"add memoa-trust to --policies or drop {given[0]}")
     if args.classes is None:
         args.classes = min(DEFAULT_CLASSES, args.clients)
-    args.reclass = DEFAULTS["reclass"] if args.reclass is None else args.reclass
+    # --reclass stays None when not given: run_experiment takes its default (DEFAULTS["reclass"]) and notes below the
+    # table when it never re-forms; a --reclass given that never re-forms is an error (below, once the rounds are known)
     args.trust_rule = args.trust_rule or DEFAULTS["trust_rule"]
     if "memoa-trust" in policies and args.classes > args.clients:
         run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
@@ -450,6 +452,10 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     _check_memory(run, args, n_rounds, policies, len(rules))
     if args.burn_in is not None and args.burn_in >= n_rounds:
         run.error(f"argument --burn-in: must be smaller than the number of rounds ({n_rounds}), got {args.burn_in}")
+    if args.reclass is not None and "memoa-trust" in policies and args.reclass >= n_rounds:  # the default: a note under the table
+        run.error(f"argument --reclass: memoa-trust re-forms its classes every R rounds, the first time after round R; "
+                  f"with --reclass {args.reclass} and {n_rounds} rounds it never would (it would run as MEMOA with equal "
+                  f"classes): give --reclass in [1, {n_rounds - 1}], or more rounds")
     return series, name, policies, rules, source
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -191,6 +192,8 @@ class ExperimentResult:
             f"average client {_fmt(float(self.signal_rmse.mean()))}; {self.elapsed_s:.1f} s"
         )
         lines = [title, "", line(head), rule, *map(line, rows), "", foot]
+        if "memoa-trust" in c["policies"] and c["reclass"] >= self.n_rounds:
+            lines.append(f"note: {never_reformed(c['reclass'], self.n_rounds)}")
         if any("n/a" in cell for row in rows for cell in row):
             lines.append("n/a: not a finite number (the score overflowed float64; lower --eta or check the stream)")
         return "\n".join(lines)
@@ -235,6 +238,15 @@ def _finite_or_none(obj):
 POLICIES = (*GAME_POLICIES, "memoa-trust")
 #: memoa-trust's default number of classes K (fewer when there are fewer clients).
 DEFAULT_CLASSES = 8
+#: memoa-trust's default rounds between two re-formings of the classes.
+DEFAULT_RECLASS = 50
+
+
+def never_reformed(reclass: int, n_rounds: int) -> str:
+    """What memoa-trust is when ``reclass >= n_rounds``: its first re-forming would follow round ``reclass``."""
+    return (f"memoa-trust re-forms its classes every reclass rounds, the first time after round {reclass}, so with "
+            f"reclass={reclass} and {n_rounds} rounds it never does: it runs as MEMOA with equal classes; a reclass "
+            f"in [1, {n_rounds - 1}] re-forms them")
 
 
 def run_experiment(
@@ -248,7 +260,7 @@ def run_experiment(
     gamma: float = 0.9,
     policies=POLICIES,
     classes: int | None = None,
-    reclass: int = 50,
+    reclass: int | None = None,
     trust_feedforward: bool = False,
     trust_power: float = 1.5,
     trust_rule: str = "minimax",
@@ -289,7 +301,10 @@ def run_experiment(
     classes, reclass : int
         memoa-trust's number of quantile classes K (default
         ``min(8, n_clients)``; at most ``n_clients``) and the rounds between
-        two re-formings R (default 50).
+        two re-formings R (default 50). The first re-forming follows round R,
+        so memoa-trust needs ``R < T - 1`` to re-form at all: a ``reclass``
+        given at ``T - 1`` or more warns (``UserWarning``, naming both), and
+        the table says so below it whatever R.
     trust_feedforward : bool
         Keep memoa-trust's feed-forward term ``C (m_l - m_l*)``; off by default
         (lower worst, average and mixture RMSE on the mean over 20 series:
@@ -395,7 +410,10 @@ def run_experiment(
         n_clients, d, lags=lags, noise_range=noise_range, mu=mu, seed=seed, backend=backend, threads=threads
     )
     classes = min(DEFAULT_CLASSES, n_clients) if classes is None else check_int("classes", classes, low=1)
-    reclass = check_int("reclass", reclass, low=1)
+    reclass_given = reclass is not None
+    reclass = DEFAULT_RECLASS if reclass is None else check_int("reclass", reclass, low=1)
+    if reclass_given and "memoa-trust" in policies and reclass >= n_rounds:
+        warnings.warn(never_reformed(reclass, n_rounds), UserWarning, stacklevel=2)
     if "memoa-trust" in policies and classes > n_clients:
         raise ValueError(f"classes must be at most n_clients={n_clients}, got {classes}")
 
