@@ -21,14 +21,18 @@ import json
 import os
 import re
 import shlex
+import signal
 import stat
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .. import _backends
 from .._validation import SEED_MAX
 from .._version import __version__
+from ..checkpoint import _remove_stale_temporaries
 from . import experiment
 from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
@@ -481,6 +485,10 @@ class _PendingFile:
     A symbolic link is followed, as checkpoints do: the file it points to is replaced (the temporary file is made
     in that file's folder, so the rename never crosses file systems) and the link is kept. An existing file keeps
     its permissions.
+
+    Its name is ``.<name>.XXXXXXXX.tmp``, as a checkpoint's: a run killed while writing (SIGKILL, a power cut) leaves
+    one, and the next run that writes the same file removes those last modified before it started (SIGTERM and
+    Ctrl-C discard their own).
     """
 
     def __init__(self, path: Path):
@@ -489,7 +497,8 @@ class _PendingFile:
         os.close(fd)
         self.tmp = Path(tmp)
 
-    def commit(self) -> None:
+    def commit(self, started: float) -> None:
+        """Rename the temporary file into place, then remove stale ones of runs killed before ``started``."""
         try:
             mode = self.path.stat().st_mode & 0o7777
         except FileNotFoundError:
@@ -498,12 +507,21 @@ class _PendingFile:
             mode = 0o666 & ~mask  # mkstemp makes 0600; give a new file the usual permissions
         os.chmod(self.tmp, mode)
         os.replace(self.tmp, self.path)
+        _remove_stale_temporaries(self.path, started)
 
     def discard(self) -> None:
         try:
             self.tmp.unlink()
         except FileNotFoundError:
             pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while the result is written: handled as Ctrl-C (the temporary files discarded), exit 128 + 15."""
+
+
+def _interrupt(signum, frame):
+    raise _Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmemoa: error: choose a command (run)", file=sys.stderr)
         return 2
     run = parser.run_parser
+    started = time.time()  # a temporary output file older than this is a killed run's (see _PendingFile)
     series, name, policies, rules, source = _resolve(run, args)
 
     progress = not args.quiet and sys.stderr.isatty()
@@ -545,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(payload, indent=2, allow_nan=False)
 
     pending = []
+    # SIGTERM (kill, a job scheduler's time limit) while writing: discard the temporary files as for Ctrl-C
+    on_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         if args.json not in (None, "-"):
             pending.append(("--json", _PendingFile(args.json)))
@@ -553,17 +574,20 @@ def main(argv: list[str] | None = None) -> int:
             pending.append(("--plot", _PendingFile(args.plot)))
             experiment.plot_result(result, pending[-1][1].tmp, format=args.plot.suffix.lower().lstrip("."))
         for _, f in pending:
-            f.commit()
+            f.commit(started)
     except (OSError, ValueError, ImportError) as exc:
         for _, f in pending:
             f.discard()
         option = pending[-1][0] if pending else "--json"
         run.error(f"argument {option}: cannot write the result: {exc}")
-    except KeyboardInterrupt:  # while plotting or writing: no temporary file is left behind, as for an error
+    except KeyboardInterrupt as exc:  # while plotting or writing: no temporary file is left behind, as for an error
         for _, f in pending:
             f.discard()
-        print("memoa: interrupted", file=sys.stderr)
-        return 130
+        print("memoa: terminated" if isinstance(exc, _Terminated) else "memoa: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     try:
         print(text if args.json == "-" else result.table(), flush=True)
     except BrokenPipeError:  # `memoa run | head`: the reader left; the files are already in place
