@@ -120,7 +120,11 @@ def concept(
     rng = np.random.default_rng(seed)
     psi = rng.uniform(0.0, 2.0 * math.pi)
     t = np.arange(n_steps, dtype=np.float64)
-    omega = w0 + (w1 - w0) * 0.5 * (1.0 - np.cos(2.0 * math.pi * t / drift_period + psi))
+    with np.errstate(over="ignore", invalid="ignore"):
+        omega = w0 + (w1 - w0) * 0.5 * (1.0 - np.cos(2.0 * math.pi * t / drift_period + psi))
+    if not np.isfinite(omega).all():
+        raise ValueError(f"drift_period={drift_period!r} is too short for {n_steps} steps: the drift's phase 2 pi t / "
+                         "drift_period overflows float64; give a drift period of a few samples or more")
     eps = noise * rng.standard_normal(n_steps)
     y = _ar2(2.0 * radius * np.cos(omega), np.full(n_steps, -radius * radius), np.zeros(n_steps), eps)
     return _finish(y, normalize, radius=radius, noise=noise)
@@ -168,7 +172,9 @@ def concept_drift(
         omega = rng.uniform(*angles)
         phi1[start:stop] = 2.0 * rho * math.cos(omega)
         phi2[start:stop] = -rho * rho
-        mean[start:stop] = rng.uniform(-level, level)
+        # uniform(-level, level) draws -level + 2 level u: beyond 8.9e307, 2 level overflows (NumPy's OverflowError);
+        # the same number is 2 (-level/2 + level u), exactly, from the same draw
+        mean[start:stop] = rng.uniform(-level, level) if level <= 8.9e307 else 2.0 * rng.uniform(-level / 2.0, level / 2.0)
         start = stop
     with np.errstate(over="ignore", invalid="ignore"):
         eps = noise * rng.standard_normal(n_steps)
@@ -195,6 +201,10 @@ def _finish(y: np.ndarray, normalize: bool, rounding: float = 0.0, **scales) -> 
     rounding alone can make; z-scoring that would return the rounding errors at unit variance.
     """
     given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
+    hint = " (a period of 1/k samples, k = 1, 2, ..., makes a sinusoid constant)" if "periods" in scales else ""
+    if not np.isfinite(y).all() and not math.isfinite(rounding):  # sin(2 pi t / P) with t / P beyond float64: no phase
+        raise ValueError(f"the generated series is rounding error only (the phases overflow float64) with {given}; "
+                         f"give periods of a few samples or more{hint}")
     if not np.isfinite(y).all():
         raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
                          "lower these parameters (the stream is z-scored anyway)")
@@ -204,10 +214,10 @@ def _finish(y: np.ndarray, normalize: bool, rounding: float = 0.0, **scales) -> 
     if normalize:
         p2 = unit_scale(y)
         if not spread(y / p2) > rounding / p2:
-            raise ValueError(f"the generated series is constant up to rounding (every value within {float(np.ptp(y)):.3g} "
-                             f"of {float(y[0])!r}) with {given}, so it cannot be z-scored; give it an amplitude or noise > 0"
-                             + (" (a period of 1/k samples, k = 1, 2, ..., makes a sinusoid constant)" if "periods" in scales
-                                else ""))
+            raise ValueError(f"the generated series is rounding error only (its spread {float(np.std(y)):.3g} is within the "
+                             f"{rounding:.3g} that rounding can make) with {given}, so it cannot be z-scored: it is constant "
+                             f"up to rounding, or its phases are rounding; give it an amplitude or noise > 0, or periods of a "
+                             f"few samples or more{hint}")
     return zscore(y) if normalize else y
 
 
