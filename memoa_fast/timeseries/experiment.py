@@ -284,7 +284,8 @@ def run_experiment(
     series : array_like, shape (T,) or (T, d)
         The stream ``y(0..T-1)``: real numbers (an integer or floating
         dtype; bool, complex, strings and objects are refused, not cast),
-        finite with ``|y| <= 1e30``, ``T >= 2``
+        finite with ``|y| <= 1e30`` (with ``scale="burn-in"``: any finite
+        values whose z-score on the burn-in is within 1e30), ``T >= 2``
         (z-scored streams from :mod:`memoa_fast.streams` are the intended
         input; see :data:`memoa_fast.forecasters.TARGET_LIMIT`).
     stream : str
@@ -341,8 +342,12 @@ def run_experiment(
         against, and the scores are given back in the series' units (RMSEs
         times ``sigma_B``, costs times ``sigma_B^2``): every score of
         ``a + c y`` is then ``c`` (or ``c^2``) times that of ``y`` for any
-        ``a`` and ``c > 0``. Needs ``burn_in >= 1`` and spread in that
-        prefix.
+        ``a`` and ``c > 0`` (RMSEs wherever ``c`` times them is a float64;
+        costs and the per-round squared errors are in squared units, so
+        beyond ``c ~ 1e154`` they overflow: ``n/a`` in the table, ``null``
+        in JSON). Needs ``burn_in >= 1`` and spread in that prefix: a
+        coordinate whose values there differ by rounding only (at most
+        ``2**-46`` times their largest) counts as constant.
     backend : {"numba", "cython", "numpy"}
         Kernels of the populations, servers, forecasters and scoring. The
         forecasters and the scoring have no Cython kernel: with ``"cython"``
