@@ -195,7 +195,9 @@ class ExperimentResult:
         if "memoa-trust" in c["policies"] and c["reclass"] >= self.n_rounds:
             lines.append(f"note: {never_reformed(c['reclass'], self.n_rounds)}")
         if any("n/a" in cell for row in rows for cell in row):
-            lines.append("n/a: not a finite number (the score overflowed float64; lower --eta or check the stream)")
+            lines.append("n/a: not a finite number (the score overflowed float64; lower --eta or check the stream)"
+                         + (f"; with scale='burn-in' the costs are in the series' units squared (sigma_B = {c['scale_fit'][1]:.4g})"
+                            if "scale_fit" in c else ""))
         return "\n".join(lines)
 
 
