@@ -187,6 +187,11 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--policies", "greedy", "--trust-feedforward"], "--trust-feedforward is only for the policy memoa-trust"),
     (["--stream", "periodic", "--missing", "drop"], "--missing is only for CSV streams (give --csv PATH); --stream periodic"),
     (["--burn-in", "300"], "argument --burn-in: must be smaller than the number of rounds (300)"),
+    # memoa-trust would never re-form its classes (it was MEMOA with equal classes, without a word)
+    (["--reclass", "300"], "argument --reclass: memoa-trust re-forms its classes every R rounds, the first time after "
+                           "round R; with --reclass 300 and 300 rounds it never would (it would run as MEMOA with equal "
+                           "classes): give --reclass in [1, 299], or more rounds"),
+    (["--reclass", "10000000"], "with --reclass 10000000 and 300 rounds it never would"),
     (["--json", "/nonexistent/dir/r.json"], "argument --json: folder '/nonexistent/dir' does not exist"),
     (["--json", "/proc/x.json"], "argument --json: cannot create a file in folder '/proc'"),
     (["--plot", "out.xyz"], "argument --plot: the file name must end in one of .png"),
@@ -509,3 +514,47 @@ def test_csv_without_column_lists_the_columns_or_says_what_the_file_is(tmp_path,
     err = capsys.readouterr().err
     _one_line_error(err, needle)
     assert err[:-1].isprintable(), repr(err)
+
+
+def test_reclass_at_the_rounds_or_beyond_is_named(capsys):
+    """--reclass >= the rounds is refused above (the user asked for re-formings that cannot happen); the default 50 on a
+    shorter run is not an error, but the table says memoa-trust never re-formed. --reclass 29 on 30 rounds re-forms once.
+    """
+    base = ["run", "--clients", "5", "--rounds", "30", "--quiet", "--policies", "memoa,memoa-trust"]
+    code, out, err = _run(base, capsys)
+    assert code == 0 and err == ""
+    assert "note: memoa-trust re-forms its classes every reclass rounds, the first time after round 50, so with " \
+           "reclass=50 and 30 rounds it never does" in out
+    code, out, err = _run([*base, "--reclass", "29"], capsys)
+    assert code == 0 and err == "" and "never does" not in out
+
+
+def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, capsys, monkeypatch):
+    """A run killed while writing --json/--plot (SIGKILL) leaves .NAME.XXXXXXXX.tmp beside the output; no later run removed
+    it (a plot's can be large). The next run that writes that file removes those older than its start, as a checkpoint
+    does (another file's, or a temporary made after the run started, is left alone). SIGTERM while writing discards the
+    run's own temporary files, as Ctrl-C does, and exits 143.
+    """
+    import signal
+
+    out = tmp_path / "r.json"
+    stale, other, young = (tmp_path / n for n in (".r.json.k1ll3d00.tmp", ".s.json.k1ll3d00.tmp", ".r.json.young000.tmp"))
+    for f in (stale, other, young):
+        f.write_text("partial")
+    os.utime(stale, (1e9, 1e9))
+    os.utime(other, (1e9, 1e9))
+    os.utime(young, (4e9, 4e9))  # modified after the run started: not a killed run's
+    base = ["run", "--clients", "4", "--rounds", "20", "--quiet", "--policies", "memoa"]
+    code, _, _ = _run([*base, "--json", str(out)], capsys)
+    assert code == 0 and json.loads(out.read_text())["n_rounds"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, other.name, young.name])
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: pytest.fail("SIGTERM was not handled by memoa run"))
+    try:
+        # the temporary file is written, not yet renamed into place: the window in which a kill leaves it behind
+        monkeypatch.setattr(cli._PendingFile, "commit", lambda self, started: os.kill(os.getpid(), signal.SIGTERM))
+        code, _, err = _run([*base, "--json", str(tmp_path / "t.json")], capsys)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "memoa: terminated" in err
+    assert not list(tmp_path.glob(".t.json.*")) and not (tmp_path / "t.json").exists()

@@ -397,3 +397,68 @@ def test_plot_window_is_checked(tmp_path):
         assert not (tmp_path / "w.png").exists()
     plot_result(res, tmp_path / "w.png", window=10**9)  # longer than the run: the whole run
     assert (tmp_path / "w.png").stat().st_size > 0
+
+
+def test_scale_burn_in_takes_a_vector_series():
+    """A (T, d) series with scale="burn-in" crashed in the config (float() of the d means); it runs, records
+    scale_fit = [[mu_1..mu_d], sigma], writes JSON, and scores a + c y at c times those of y (a a vector).
+    One coordinate constant over the burn-in is fine (sigma is the RMS over coordinates).
+    """
+    base = np.c_[make_stream("concept", 200, seed=1), np.ones(200)]
+    kw = dict(n_clients=6, seed=2, scale="burn-in", policies=("memoa", "memoa-trust"), classes=2, burn_in=40)
+    res = run_experiment(base, **kw)
+    mu, sigma = res.config["scale_fit"]
+    assert len(mu) == 2 and mu[1] == 1.0 and sigma > 0
+    assert json.loads(res.to_json())["config"]["scale_fit"] == res.config["scale_fit"]
+    other = run_experiment(np.array([-3.0, 1e4]) + 0.01 * base, **kw)
+    for p, vals in _scores_of(res).items():
+        np.testing.assert_allclose(_scores_of(other)[p], 0.01 * np.asarray(vals), rtol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [1e-300, 1e-200, 1e200, 1e300])
+def test_scale_burn_in_rmses_are_equivariant_to_the_ends_of_float64(factor):
+    """scale="burn-in": the RMSEs of c y are c times those of y wherever that is a float64. The mixture and uniform RMSEs
+    were taken from squared errors scaled by c^2: inf (n/a) from c ~ 1e154, 0.0 (a perfect score) below c ~ 1e-162.
+    Costs are in squared units: c^2 times, which leaves float64 there (inf or 0), as documented.
+    """
+    y = make_stream("logistic", 120, seed=0)
+    kw = dict(n_clients=5, seed=1, scale="burn-in", policies=("memoa",))
+    base, other = run_experiment(y, **kw), run_experiment(factor * y, **kw)
+    got = np.asarray(_scores_of(other)["memoa"])
+    assert np.isfinite(got).all() and (got > 0).all()
+    np.testing.assert_allclose(got / factor, _scores_of(base)["memoa"], rtol=1e-12)
+    if factor > 1e154:  # the costs (squared units) overflow: n/a, and the note says why
+        assert "n/a" in other.table() and "in the series' units squared (sigma_B = " in other.table()
+
+
+def test_scale_burn_in_refuses_a_burn_in_constant_up_to_rounding():
+    """A burn-in of 0.3 and 0.1 + 0.2 (one unit in the last place apart) gave a unit of 3e-17: the run's values were
+    1e16 and its RMSEs 1e30 on a series of size 1. Refused as a constant burn-in; a coordinate constant up to rounding
+    beside one with spread is fine.
+    """
+    rest = 0.3 + 0.1 * np.sin(np.arange(40.0))
+    y = np.concatenate([np.tile([0.3, 0.1 + 0.2], 6), rest])
+    with pytest.raises(ValueError, match=r"constant over y\(0\)..y\(10\), the burn-in \(up to rounding"):
+        run_experiment(y, n_clients=4, policies="memoa", burn_in=10, scale="burn-in")
+    res = run_experiment(np.c_[y, np.sin(np.arange(y.size))], n_clients=4, policies="memoa", burn_in=10, scale="burn-in")
+    assert all(np.isfinite(v).all() for v in _scores_of(res).values()) and max(_scores_of(res)["memoa"]) < 10
+
+
+def test_reclass_that_never_reforms_is_named():
+    """memoa-trust re-forms after round R, so reclass >= T - 1 rounds means no re-forming: it ran as MEMOA with equal
+    classes without a word. A reclass given warns naming both numbers, the table notes it whatever R; the default
+    (50) on a short series only notes it (no warning), and a reclass that re-forms says nothing.
+    """
+    import warnings
+
+    y = make_stream("concept", 31, seed=0)
+    kw = dict(n_clients=4, policies=("memoa-trust",), classes=2)
+    for reclass in (30, 31, 10**6):
+        with pytest.warns(UserWarning, match=rf"reclass={reclass} and 30 rounds it never does: .* a reclass in \[1, 29\]"):
+            res = run_experiment(y, reclass=reclass, **kw)
+        assert "note: memoa-trust re-forms its classes every reclass rounds" in res.table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = run_experiment(y, **kw)
+        assert res.config["reclass"] == 50 and "reclass=50 and 30 rounds it never does" in res.table()
+        assert "never does" not in run_experiment(y, reclass=29, **kw).table()

@@ -698,3 +698,59 @@ def test_csv_column_by_position_or_in_another_case_gets_a_hint(tmp_path, column,
         path = _write(tmp_path, _csv([str(i % 7) for i in range(20)], "date value other", lambda i, v: f"d{i} {v} 1"))
     with pytest.raises(CsvSeriesError, match=rf"no column '{column}' in the header row; the columns are .*{needle}"):
         load_csv_series(path, column, warmup=5)
+
+
+# --------------------------------------------------------------------------- constant up to rounding
+@pytest.mark.parametrize("period", [1.0, 0.5, 1.0 / 3.0, 0.25, 1.0 / 7.0])
+@pytest.mark.parametrize("n_steps", [3, 50, 3001])
+def test_a_sinusoid_sampled_once_per_period_is_constant_not_a_zscored_rounding_error(period, n_steps):
+    """Property: periodic(periods=(1/k,), noise=0) is constant in exact arithmetic (sin(2 pi k t + phi)), so it is refused
+    naming its periods; it used to return its rounding errors (1e-14) z-scored to unit variance, a ramp.
+    Periods 2 and 3 (an alternating and a 3-cycle series) are real series and stay accepted.
+    """
+    with pytest.raises(ValueError, match=r"rounding error only .*periods=\(.*constant up to rounding.*a period of 1/k samples"):
+        make_stream("periodic", n_steps, periods=(period,), amplitudes=(1.0,), noise=0.0)
+    for ok in (2.0, 3.0):
+        y = make_stream("periodic", n_steps, periods=(ok,), amplitudes=(1.0,), noise=0.0)
+        assert np.isfinite(y).all() and abs(y.std() - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("warm", [[0.3, 0.1 + 0.2] * 5, [1e6, 1e6 + 2.0**-33] * 5, [-0.0, 0.0] * 5])
+def test_a_warmup_constant_up_to_rounding_is_refused_not_blown_up(tmp_path, warm):
+    """0.3 and 0.30000000000000004 (a float printed after 0.1 + 0.2) differ by one unit in the last place: z-scored on them,
+    the later values became 1e16 and more and the run's RMSEs 1e30. A constant warm-up was refused; one constant up to
+    rounding is too (zscore as well). A warm-up with real spread at a large level still loads.
+    """
+    rest = [0.3 + 0.1 * math.sin(i) for i in range(20)]
+    path = _write(tmp_path, _csv(warm + rest, fmt=lambda i, v: f"2020-01-{i:04d},{v!r},1"))
+    with pytest.raises(CsvSeriesError, match="constant over the first 10 rows of the warm-up"):
+        load_csv_series(path, "value", warmup=10)
+    from memoa_fast.timeseries.streams import zscore
+
+    with pytest.raises(ValueError, match="cannot z-score a constant series"):
+        zscore(np.array(warm + rest), fit=slice(0, 10))
+    level = [1e6 + 1e-6 * i for i in range(30)]  # spread 1e-12 of the level: 4 digits, not rounding
+    z = load_csv_series(_write(tmp_path, _csv(level, fmt=lambda i, v: f"2020-01-{i:04d},{v!r},1"), "l.csv"), "value", warmup=10)
+    assert np.isfinite(z).all() and abs(z[:10].std() - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("name,params,match", [
+    # a period far below one sample: sin of phases whose rounding exceeds a cycle (was a pseudo-random series, z-scored)
+    ("periodic", dict(periods=(1e-300,), amplitudes=(1.0,), noise=0.0), r"rounding error only .*periods=\(1e-300,\)"),
+    ("periodic", dict(periods=(5e-324,), amplitudes=(1.0,), noise=0.0), r"rounding error only \(the phases overflow"),  # was "overflows"
+    ("concept", dict(drift_period=5e-324), r"drift_period=5e-324 is too short"),  # was NumPy's RuntimeWarning, then NaN
+    ("concept-drift", dict(level=1e308), r"constant .* level=1e\+308"),  # was NumPy's OverflowError: high - low range
+    ("concept-drift", dict(level=1e308, noise=1e306, segment=(1, 2)), None),  # a new level each step: finite, z-scored
+])
+def test_synthetic_streams_at_the_ends_of_their_accepted_parameters(name, params, match):
+    """Every accepted parameter gives a finite z-scored stream or a ValueError naming it, never NumPy's error or a warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if match is None:
+            y = make_stream(name, 50, seed=2, **params)
+            assert np.isfinite(y).all() and abs(y.std() - 1.0) < 1e-9
+            return
+        with pytest.raises(ValueError, match=match):
+            make_stream(name, 50, seed=2, **params)

@@ -21,22 +21,26 @@ import json
 import os
 import re
 import shlex
+import signal
 import stat
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .. import _backends
 from .._validation import SEED_MAX
 from .._version import __version__
+from ..checkpoint import _remove_stale_temporaries
 from . import experiment
-from .experiment import DEFAULT_CLASSES, PLOT_FORMATS, POLICIES, require_matplotlib
+from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
 from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
-                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=50, trust_rule="minimax")
+                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=DEFAULT_RECLASS, trust_rule="minimax")
 
 DESCRIPTION = """\
 Run the MEMOA time-series experiment (MODEL.md section 6) and print a table.
@@ -201,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trust classes K, in {iv('--classes')} and at most --clients (default 8, or --clients "
                         "if that is smaller)")
     g.add_argument("--reclass", type=_number(int, "--reclass"), default=None, metavar="R",
-                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} (default {D['reclass']})")
+                   help=f"rounds between two re-formings of the classes, in {iv('--reclass')} and below the number of rounds "
+                        f"(default {D['reclass']})")
     betas = ", ".join(f"{p:g}" for p in MINIMAX_POWERS)
     g.add_argument("--trust-rule", choices=TRUST_RULES, default=None,
                    help="memoa-trust's class weights q_j = q (median v / mean_j v)^beta: 'error' uses beta = 1.5; "
@@ -370,7 +375,8 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                       f"add memoa-trust to --policies or drop {given[0]}")
     if args.classes is None:
         args.classes = min(DEFAULT_CLASSES, args.clients)
-    args.reclass = DEFAULTS["reclass"] if args.reclass is None else args.reclass
+    # --reclass stays None when not given: run_experiment takes its default (DEFAULTS["reclass"]) and notes below the
+    # table when it never re-forms; a --reclass given that never re-forms is an error (below, once the rounds are known)
     args.trust_rule = args.trust_rule or DEFAULTS["trust_rule"]
     if "memoa-trust" in policies and args.classes > args.clients:
         run.error(f"argument --classes: must be at most --clients={args.clients}, got {args.classes}")
@@ -450,6 +456,10 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     _check_memory(run, args, n_rounds, policies, len(rules))
     if args.burn_in is not None and args.burn_in >= n_rounds:
         run.error(f"argument --burn-in: must be smaller than the number of rounds ({n_rounds}), got {args.burn_in}")
+    if args.reclass is not None and "memoa-trust" in policies and args.reclass >= n_rounds:  # the default: a note under the table
+        run.error(f"argument --reclass: memoa-trust re-forms its classes every R rounds, the first time after round R; "
+                  f"with --reclass {args.reclass} and {n_rounds} rounds it never would (it would run as MEMOA with equal "
+                  f"classes): give --reclass in [1, {n_rounds - 1}], or more rounds")
     return series, name, policies, rules, source
 
 
@@ -475,6 +485,10 @@ class _PendingFile:
     A symbolic link is followed, as checkpoints do: the file it points to is replaced (the temporary file is made
     in that file's folder, so the rename never crosses file systems) and the link is kept. An existing file keeps
     its permissions.
+
+    Its name is ``.<name>.XXXXXXXX.tmp``, as a checkpoint's: a run killed while writing (SIGKILL, a power cut) leaves
+    one, and the next run that writes the same file removes those last modified before it started (SIGTERM and
+    Ctrl-C discard their own).
     """
 
     def __init__(self, path: Path):
@@ -483,7 +497,8 @@ class _PendingFile:
         os.close(fd)
         self.tmp = Path(tmp)
 
-    def commit(self) -> None:
+    def commit(self, started: float) -> None:
+        """Rename the temporary file into place, then remove stale ones of runs killed before ``started``."""
         try:
             mode = self.path.stat().st_mode & 0o7777
         except FileNotFoundError:
@@ -492,12 +507,21 @@ class _PendingFile:
             mode = 0o666 & ~mask  # mkstemp makes 0600; give a new file the usual permissions
         os.chmod(self.tmp, mode)
         os.replace(self.tmp, self.path)
+        _remove_stale_temporaries(self.path, started)
 
     def discard(self) -> None:
         try:
             self.tmp.unlink()
         except FileNotFoundError:
             pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while the result is written: handled as Ctrl-C (the temporary files discarded), exit 128 + 15."""
+
+
+def _interrupt(signum, frame):
+    raise _Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmemoa: error: choose a command (run)", file=sys.stderr)
         return 2
     run = parser.run_parser
+    started = time.time()  # a temporary output file older than this is a killed run's (see _PendingFile)
     series, name, policies, rules, source = _resolve(run, args)
 
     progress = not args.quiet and sys.stderr.isatty()
@@ -539,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(payload, indent=2, allow_nan=False)
 
     pending = []
+    # SIGTERM (kill, a job scheduler's time limit) while writing: discard the temporary files as for Ctrl-C
+    on_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         if args.json not in (None, "-"):
             pending.append(("--json", _PendingFile(args.json)))
@@ -547,17 +574,20 @@ def main(argv: list[str] | None = None) -> int:
             pending.append(("--plot", _PendingFile(args.plot)))
             experiment.plot_result(result, pending[-1][1].tmp, format=args.plot.suffix.lower().lstrip("."))
         for _, f in pending:
-            f.commit()
+            f.commit(started)
     except (OSError, ValueError, ImportError) as exc:
         for _, f in pending:
             f.discard()
         option = pending[-1][0] if pending else "--json"
         run.error(f"argument {option}: cannot write the result: {exc}")
-    except KeyboardInterrupt:  # while plotting or writing: no temporary file is left behind, as for an error
+    except KeyboardInterrupt as exc:  # while plotting or writing: no temporary file is left behind, as for an error
         for _, f in pending:
             f.discard()
-        print("memoa: interrupted", file=sys.stderr)
-        return 130
+        print("memoa: terminated" if isinstance(exc, _Terminated) else "memoa: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     try:
         print(text if args.json == "-" else result.table(), flush=True)
     except BrokenPipeError:  # `memoa run | head`: the reader left; the files are already in place

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .streams import unit_scale
+from .streams import ROUNDING_SPREAD, spread, unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -191,8 +192,12 @@ class ExperimentResult:
             f"average client {_fmt(float(self.signal_rmse.mean()))}; {self.elapsed_s:.1f} s"
         )
         lines = [title, "", line(head), rule, *map(line, rows), "", foot]
+        if "memoa-trust" in c["policies"] and c["reclass"] >= self.n_rounds:
+            lines.append(f"note: {never_reformed(c['reclass'], self.n_rounds)}")
         if any("n/a" in cell for row in rows for cell in row):
-            lines.append("n/a: not a finite number (the score overflowed float64; lower --eta or check the stream)")
+            lines.append("n/a: not a finite number (the score overflowed float64; lower --eta or check the stream)"
+                         + (f"; with scale='burn-in' the costs are in the series' units squared (sigma_B = {c['scale_fit'][1]:.4g})"
+                            if "scale_fit" in c else ""))
         return "\n".join(lines)
 
 
@@ -235,6 +240,15 @@ def _finite_or_none(obj):
 POLICIES = (*GAME_POLICIES, "memoa-trust")
 #: memoa-trust's default number of classes K (fewer when there are fewer clients).
 DEFAULT_CLASSES = 8
+#: memoa-trust's default rounds between two re-formings of the classes.
+DEFAULT_RECLASS = 50
+
+
+def never_reformed(reclass: int, n_rounds: int) -> str:
+    """What memoa-trust is when ``reclass >= n_rounds``: its first re-forming would follow round ``reclass``."""
+    return (f"memoa-trust re-forms its classes every reclass rounds, the first time after round {reclass}, so with "
+            f"reclass={reclass} and {n_rounds} rounds it never does: it runs as MEMOA with equal classes; a reclass "
+            f"in [1, {n_rounds - 1}] re-forms them")
 
 
 def run_experiment(
@@ -248,7 +262,7 @@ def run_experiment(
     gamma: float = 0.9,
     policies=POLICIES,
     classes: int | None = None,
-    reclass: int = 50,
+    reclass: int | None = None,
     trust_feedforward: bool = False,
     trust_power: float = 1.5,
     trust_rule: str = "minimax",
@@ -272,7 +286,8 @@ def run_experiment(
     series : array_like, shape (T,) or (T, d)
         The stream ``y(0..T-1)``: real numbers (an integer or floating
         dtype; bool, complex, strings and objects are refused, not cast),
-        finite with ``|y| <= 1e30``, ``T >= 2``
+        finite with ``|y| <= 1e30`` (with ``scale="burn-in"``: any finite
+        values whose z-score on the burn-in is within 1e30), ``T >= 2``
         (z-scored streams from :mod:`memoa_fast.streams` are the intended
         input; see :data:`memoa_fast.forecasters.TARGET_LIMIT`).
     stream : str
@@ -289,7 +304,10 @@ def run_experiment(
     classes, reclass : int
         memoa-trust's number of quantile classes K (default
         ``min(8, n_clients)``; at most ``n_clients``) and the rounds between
-        two re-formings R (default 50).
+        two re-formings R (default 50). The first re-forming follows round R,
+        so memoa-trust needs ``R < T - 1`` to re-form at all: a ``reclass``
+        given at ``T - 1`` or more warns (``UserWarning``, naming both), and
+        the table says so below it whatever R.
     trust_feedforward : bool
         Keep memoa-trust's feed-forward term ``C (m_l - m_l*)``; off by default
         (lower worst, average and mixture RMSE on the mean over 20 series:
@@ -326,8 +344,12 @@ def run_experiment(
         against, and the scores are given back in the series' units (RMSEs
         times ``sigma_B``, costs times ``sigma_B^2``): every score of
         ``a + c y`` is then ``c`` (or ``c^2``) times that of ``y`` for any
-        ``a`` and ``c > 0``. Needs ``burn_in >= 1`` and spread in that
-        prefix.
+        ``a`` and ``c > 0`` (RMSEs wherever ``c`` times them is a float64;
+        costs and the per-round squared errors are in squared units, so
+        beyond ``c ~ 1e154`` they overflow: ``n/a`` in the table, ``null``
+        in JSON). Needs ``burn_in >= 1`` and spread in that prefix: a
+        coordinate whose values there differ by rounding only (at most
+        ``2**-46`` times their largest) counts as constant.
     backend : {"numba", "cython", "numpy"}
         Kernels of the populations, servers, forecasters and scoring. The
         forecasters and the scoring have no Cython kernel: with ``"cython"``
@@ -395,7 +417,10 @@ def run_experiment(
         n_clients, d, lags=lags, noise_range=noise_range, mu=mu, seed=seed, backend=backend, threads=threads
     )
     classes = min(DEFAULT_CLASSES, n_clients) if classes is None else check_int("classes", classes, low=1)
-    reclass = check_int("reclass", reclass, low=1)
+    reclass_given = reclass is not None
+    reclass = DEFAULT_RECLASS if reclass is None else check_int("reclass", reclass, low=1)
+    if reclass_given and "memoa-trust" in policies and reclass >= n_rounds:
+        warnings.warn(never_reformed(reclass, n_rounds), UserWarning, stacklevel=2)
     if "memoa-trust" in policies and classes > n_clients:
         raise ValueError(f"classes must be at most n_clients={n_clients}, got {classes}")
 
@@ -454,12 +479,10 @@ def run_experiment(
 
     n_scored = n_rounds - burn_in
     scored = slice(burn_in, n_rounds)
-    u = 1.0  # the unit: RMSEs are given back times u, squared errors and costs times u^2 (exact when u = 1)
-    if scale_fit is not None:
-        u = scale_fit[1]
-        for p in policies:
-            for k, v in errs[p].items():
-                v *= u if k == "worst_client" else u * u
+    # The unit: RMSEs are given back times u, squared errors and costs times u^2 (exact when u = 1). Every RMSE is
+    # taken in the run's unit and then scaled, so it is c times the one of y for a + c y wherever c times it is a
+    # float64 (scaling the squared errors first overflowed to inf beyond u ~ 1e154 and underflowed to 0 below 1e-162).
+    u = 1.0 if scale_fit is None else scale_fit[1]
     scores, client_rmse = {}, {}
     for p in policies:
         rmse_i = np.sqrt(scorers[p].totals / n_scored) * u
@@ -468,8 +491,8 @@ def run_experiment(
         e = errs[p]
         scores[p] = PolicyScores(
             policy=p,
-            mixture_rmse={rr: _rmse(e[rr][scored]) for rr in rules},
-            uniform_rmse=_rmse(e["uniform"][scored]),
+            mixture_rmse={rr: _rmse(e[rr][scored]) * u for rr in rules},
+            uniform_rmse=_rmse(e["uniform"][scored]) * u,
             worst_client_rmse=float(rmse_i[worst]),
             worst_client=worst,
             average_client_rmse=float(rmse_i.mean()),
@@ -477,6 +500,13 @@ def run_experiment(
             max_cost_client=pops[p].worst_agent,
             client_rmse_quantiles={str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(rmse_i, QUANTILES))},
         )
+    if scale_fit is not None:  # the per-round records in the series' units (squared: may leave float64's range)
+        with np.errstate(over="ignore", under="ignore"):
+            for p in policies:
+                for k, v in errs[p].items():
+                    v *= u
+                    if k != "worst_client":
+                        v *= u  # twice, not u * u: an error of 0 stays 0 when u * u overflows
     config = {
         "n_clients": n_clients, "dim": d, "q": game.q, "kappa": game.kappa, "r": game.r, "gamma": game.gamma,
         "policies": list(policies), "classes": classes, "reclass": reclass,
@@ -488,7 +518,7 @@ def run_experiment(
     }
     if scale_fit is not None:
         config["scale"] = scale
-        config["scale_fit"] = [float(v) for v in scale_fit]
+        config["scale_fit"] = list(scale_fit)  # [mu, sigma]: mu a float, or a list of d floats for a (T, d) series
     return ExperimentResult(
         stream=stream, config=config, n_rounds=n_rounds, n_scored=n_scored, scores=scores, client_rmse=client_rmse,
         round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored) * u, elapsed_s=elapsed,
@@ -502,7 +532,9 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
     """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
 
     Computed on values divided by a power of two at least their largest
-    magnitude (exact), so no square overflows.
+    magnitude (exact), so no square overflows. A coordinate whose spread over
+    the burn-in is rounding only (:func:`~memoa_fast.timeseries.streams.spread`)
+    counts as constant.
     """
     if burn_in < 1:
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
@@ -511,10 +543,12 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
     p2 = unit_scale(head)
     head_u = head / p2
     mean_u = head_u.mean(axis=0)
-    sigma_u = math.sqrt(float(np.mean(head_u.var(axis=0))))
+    # a coordinate whose values differ by rounding only (0.3 and 0.1 + 0.2) is constant: it adds nothing to the unit
+    sigma_u = math.sqrt(float(np.mean(spread(head_u, axis=0) ** 2)))
     if not sigma_u > 0.0:
-        raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in, so it gives no "
-                         "unit; use a longer burn_in, or scale=None with a series you have z-scored")
+        raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in (up to rounding: "
+                         f"every coordinate's spread there is at most {ROUNDING_SPREAD:.3g} times its largest value), so it "
+                         "gives no unit; use a longer burn_in, or scale=None with a series you have z-scored")
     with np.errstate(over="ignore"):
         z = (y / p2 - mean_u) / sigma_u
     mu = mean_u * p2

@@ -84,7 +84,10 @@ def periodic(
         for P, a, phi in zip(periods, amplitudes, phases):
             y += a * np.sin(2.0 * math.pi * t / P + phi)
         y += noise * rng.standard_normal(n_steps)
-    return _finish(y, normalize, amplitudes=amplitudes, noise=noise)
+        # What rounding alone can spread: sin of an argument up to 2 pi n / P + 2 pi, rounded to 2^-52 of it, and the sum.
+        # A sinusoid sampled once or k times per period (P = 1/k) is constant in exact arithmetic: its series is this.
+        rounding = sum(abs(a) * 2.0**-52 * (2.0 * math.pi * (n_steps / P + 1.0) + 1.0) for P, a in zip(periods, amplitudes))
+    return _finish(y, normalize, rounding=64.0 * rounding, amplitudes=amplitudes, periods=periods, noise=noise)
 
 
 def concept(
@@ -117,7 +120,11 @@ def concept(
     rng = np.random.default_rng(seed)
     psi = rng.uniform(0.0, 2.0 * math.pi)
     t = np.arange(n_steps, dtype=np.float64)
-    omega = w0 + (w1 - w0) * 0.5 * (1.0 - np.cos(2.0 * math.pi * t / drift_period + psi))
+    with np.errstate(over="ignore", invalid="ignore"):
+        omega = w0 + (w1 - w0) * 0.5 * (1.0 - np.cos(2.0 * math.pi * t / drift_period + psi))
+    if not np.isfinite(omega).all():
+        raise ValueError(f"drift_period={drift_period!r} is too short for {n_steps} steps: the drift's phase 2 pi t / "
+                         "drift_period overflows float64; give a drift period of a few samples or more")
     eps = noise * rng.standard_normal(n_steps)
     y = _ar2(2.0 * radius * np.cos(omega), np.full(n_steps, -radius * radius), np.zeros(n_steps), eps)
     return _finish(y, normalize, radius=radius, noise=noise)
@@ -165,7 +172,9 @@ def concept_drift(
         omega = rng.uniform(*angles)
         phi1[start:stop] = 2.0 * rho * math.cos(omega)
         phi2[start:stop] = -rho * rho
-        mean[start:stop] = rng.uniform(-level, level)
+        # uniform(-level, level) draws -level + 2 level u: beyond 8.9e307, 2 level overflows (NumPy's OverflowError);
+        # the same number is 2 (-level/2 + level u), exactly, from the same draw
+        mean[start:stop] = rng.uniform(-level, level) if level <= 8.9e307 else 2.0 * rng.uniform(-level / 2.0, level / 2.0)
         start = stop
     with np.errstate(over="ignore", invalid="ignore"):
         eps = noise * rng.standard_normal(n_steps)
@@ -185,15 +194,30 @@ def _ar2(phi1, phi2, mean, eps):
         return mean + dev
 
 
-def _finish(y: np.ndarray, normalize: bool, **scales) -> np.ndarray:
-    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64 or is constant."""
+def _finish(y: np.ndarray, normalize: bool, rounding: float = 0.0, **scales) -> np.ndarray:
+    """The generated series, z-scored if asked; ValueError naming ``scales`` if it overflowed float64 or is constant.
+
+    Constant means: every value equal, or a spread (:func:`spread`) of at most ``rounding``, what the generator's
+    rounding alone can make; z-scoring that would return the rounding errors at unit variance.
+    """
     given = ", ".join(f"{k}={v!r}" for k, v in scales.items())
+    hint = " (a period of 1/k samples, k = 1, 2, ..., makes a sinusoid constant)" if "periods" in scales else ""
+    if not np.isfinite(y).all() and not math.isfinite(rounding):  # sin(2 pi t / P) with t / P beyond float64: no phase
+        raise ValueError(f"the generated series is rounding error only (the phases overflow float64) with {given}; "
+                         f"give periods of a few samples or more{hint}")
     if not np.isfinite(y).all():
         raise ValueError(f"the generated series overflows float64 (|y| > 1.8e308) with {given}; "
                          "lower these parameters (the stream is z-scored anyway)")
     if normalize and not y.max() > y.min():
         raise ValueError(f"the generated series is constant (every value {float(y[0])!r}) with {given}, so it cannot be "
                          "z-scored; give it an amplitude or noise > 0")
+    if normalize:
+        p2 = unit_scale(y)
+        if not spread(y / p2) > rounding / p2:
+            raise ValueError(f"the generated series is rounding error only (its spread {float(np.std(y)):.3g} is within the "
+                             f"{rounding:.3g} that rounding can make) with {given}, so it cannot be z-scored: it is constant "
+                             f"up to rounding, or its phases are rounding; give it an amplitude or noise > 0, or periods of a "
+                             f"few samples or more{hint}")
     return zscore(y) if normalize else y
 
 
@@ -245,7 +269,8 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
     Both are computed on the values divided by a power of two at least their
     largest magnitude (exact), so no square overflows: any finite float64
     series with spread gives a finite result (not zeros). Non-finite values
-    and a constant reference raise ValueError.
+    and a constant reference raise ValueError, and so does one whose values
+    differ by rounding only (:func:`spread`).
     """
     values = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(values)
@@ -255,14 +280,35 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
     ref = values if fit is None else values[fit]
     scale = unit_scale(ref)
     ref_u = ref / scale
-    std_u = float(ref_u.std())
+    std_u = spread(ref_u)
     if not std_u > 0.0:
-        raise ValueError("cannot z-score a constant series (standard deviation 0)")
+        raise ValueError(f"cannot z-score a constant series (standard deviation 0, or at most {ROUNDING_SPREAD:.3g} times "
+                         "its largest value: rounding only)")
     with np.errstate(over="ignore"):
         out = (values / scale - float(ref_u.mean())) / std_u
     if not np.isfinite(out).all():
         raise ValueError("cannot z-score this series: a value lies beyond 1e308 standard deviations of the reference")
     return out
+
+
+#: A reference whose standard deviation is at most this fraction of its largest magnitude (64 units in the last place)
+#: is constant up to rounding: its values differ in their last bits only (0.3 and 0.1 + 0.2), and a z-score on it
+#: would blow that rounding up to values of order 1e14 and more.
+ROUNDING_SPREAD = 2.0**-46
+
+
+def spread(values: np.ndarray, axis: int | None = None):
+    """The standard deviation of ``values`` (along ``axis``), 0 where it is rounding only.
+
+    .. math:: \\operatorname{spread}(v) = \\operatorname{std}(v) \\text{ if } \\operatorname{std}(v) > 2^{-46} \\max |v|, \\text{ else } 0
+
+    ``values`` must be finite and at most about 1e300 in magnitude (the
+    callers pass them divided by :func:`unit_scale`).
+    """
+    std = np.std(values, axis=axis)
+    top = np.max(np.abs(values), axis=axis)
+    out = np.where(std > ROUNDING_SPREAD * top, std, 0.0)
+    return float(out) if out.ndim == 0 else out
 
 
 def unit_scale(values: np.ndarray) -> float:
@@ -427,11 +473,12 @@ def load_csv_series(
     head = arr[:warmup]
     scale = unit_scale(head)
     head_u = head / scale
-    mean_u, std_u = float(head_u.mean()), float(head_u.std())
+    mean_u, std_u = float(head_u.mean()), spread(head_u)
     if not std_u > 0.0:
         raise CsvSeriesError(
-            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}); "
-            "the z-score needs spread, use a longer warm-up"
+            f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}"
+            + (", the others differing from it by rounding only" if float(head.max()) > float(head.min()) else "")
+            + "); the z-score needs spread, use a longer warm-up"
         )
     mean, std = mean_u * scale, std_u * scale
     # Refuse a value that would z-score beyond the limit, naming it (checked on the raw values).
