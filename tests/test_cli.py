@@ -558,3 +558,25 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, cap
         signal.signal(signal.SIGTERM, previous)
     assert code == 143 and "memoa: terminated" in err
     assert not list(tmp_path.glob(".t.json.*")) and not (tmp_path / "t.json").exists()
+
+
+def test_a_live_runs_temporary_output_is_never_removed(tmp_path, capsys):
+    """The stale-temporary cleanup removed every .NAME.XXXXXXXX.tmp older than this run's start, so a run still writing
+    the same file (its --json temporary written, its --plot being drawn) lost it: its rename then failed (exit 2, both
+    outputs gone). A writer holds a lock on its temporary file while writing; only unlocked ones (a killed run's) go.
+    """
+    import time
+
+    out = tmp_path / "r.json"
+    live = cli._PendingFile(out)  # another run's output, written, not yet renamed into place
+    live.tmp.write_text('{"other": 1}\n')
+    os.utime(live.tmp, (time.time() - 60, time.time() - 60))  # written a minute ago: its plot takes long
+    killed = tmp_path / ".r.json.k1ll3d00.tmp"
+    killed.write_text("partial")
+    os.utime(killed, (1e9, 1e9))
+    code, _, _ = _run(["run", "--clients", "4", "--rounds", "20", "--quiet", "--policies", "memoa", "--json", str(out)], capsys)
+    assert code == 0 and json.loads(out.read_text())["n_rounds"] == 20
+    assert live.tmp.exists() and not killed.exists()
+    live.commit(time.time())  # the other run finishes: its result replaces this one's, as without the cleanup
+    assert json.loads(out.read_text()) == {"other": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
