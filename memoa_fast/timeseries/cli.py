@@ -576,8 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(payload, indent=2, allow_nan=False)
 
     pending = []
-    # SIGTERM (kill, a job scheduler's time limit) while writing: discard the temporary files as for Ctrl-C
-    on_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    # SIGTERM (kill, a job scheduler's time limit) while writing: discard the temporary files as for Ctrl-C. Only where
+    # its action is the default (die, leaving them behind): an ignored SIGTERM stays ignored, and the handler of a
+    # program that calls main() is its own (whatever it raises, the temporary files are discarded below).
+    on_term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        on_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.json not in (None, "-"):
             pending.append(("--json", _PendingFile(args.json)))
@@ -597,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
             f.discard()
         print("memoa: terminated" if isinstance(exc, _Terminated) else "memoa: interrupted", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
+    except BaseException:  # SystemExit from the calling program's signal handler, ...: the same, then on
+        for _, f in pending:
+            f.discard()
+        raise
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
