@@ -399,7 +399,12 @@ def _remove_stale_temporaries(path: Path, started: float) -> list[str]:
                         fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
                         try:
                             if fcntl is not None:
-                                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its writer is alive
+                                try:
+                                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                                except BlockingIOError:  # its writer is alive
+                                    continue
+                                except OSError:  # a file system without locks: the age alone decides
+                                    pass
                             os.unlink(entry.path)
                         finally:
                             os.close(fd)
@@ -414,7 +419,8 @@ def _lock_temporary(fd: int) -> None:
     is stale. Where there is no ``fcntl`` (Windows), an open file cannot be deleted anyway.
     """
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):  # a file system without locks: unprotected, as without this mark
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # =========================================================================== load

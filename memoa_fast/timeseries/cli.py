@@ -496,11 +496,7 @@ class _PendingFile:
         self.path = Path(os.path.realpath(path))
         self.fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self.tmp = Path(tmp)
-        try:
-            _lock_temporary(self.fd)
-        except BaseException:
-            self.discard()
-            raise
+        _lock_temporary(self.fd)
 
     def commit(self, started: float) -> None:
         """Rename the temporary file into place, then remove stale ones of runs killed before ``started``."""
