@@ -617,3 +617,25 @@ def test_sigterm_while_writing_keeps_an_ignored_or_the_programs_handling(tmp_pat
         assert signal.getsignal(signal.SIGTERM) == (signal.SIG_IGN if handler == "ignore" else program)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_output_is_written_where_the_file_system_has_no_locks(tmp_path, capsys, monkeypatch):
+    """Guard for the lock above: where flock fails (some network or FUSE file systems) the result is still written and a
+    killed run's temporary file is removed by its age, as before the lock.
+    """
+    import errno
+
+    import memoa_fast.checkpoint as checkpoint
+
+    if checkpoint.fcntl is None:
+        pytest.skip("no fcntl")
+
+    def no_locks(fd, op):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    killed = tmp_path / ".r.json.k1ll3d00.tmp"
+    killed.write_text("partial")
+    os.utime(killed, (1e9, 1e9))
+    code, _, _ = _run(["run", "--clients", "4", "--rounds", "20", "--quiet", "--policies", "memoa", "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["r.json"]
