@@ -77,6 +77,11 @@ from ._state import RULES, check_population_state, check_server_state, check_sou
 from ._validation import available_memory, check_int
 from .game import POLICIES, Game
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST_VERSION", "Checkpoint", "CheckpointError", "Manifest", "load_checkpoint",
     "read_manifest", "restore_checkpoint", "save_checkpoint",
@@ -377,7 +382,11 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
 
 
 def _remove_stale_temporaries(path: Path, started: float) -> list[str]:
-    """Delete ``.<name>.XXXXXXXX.tmp`` files beside ``path`` last modified before ``started``; return their names."""
+    """Delete ``.<name>.XXXXXXXX.tmp`` files beside ``path`` last modified before ``started``; return their names.
+
+    A file that a live process holds a lock on (:func:`_lock_temporary`: a writer still writing it, however long
+    ago it started) is not stale and is kept; so is one this process cannot open (another user's).
+    """
     pattern = re.compile(_TMP_NAME.format(name=re.escape(path.name)) + r"\Z")
     removed = []
     with contextlib.suppress(OSError):
@@ -387,9 +396,31 @@ def _remove_stale_temporaries(path: Path, started: float) -> list[str]:
                     continue
                 with contextlib.suppress(OSError):
                     if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < started:
-                        os.unlink(entry.path)
+                        fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                        try:
+                            if fcntl is not None:
+                                try:
+                                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                                except BlockingIOError:  # its writer is alive
+                                    continue
+                                except OSError:  # a file system without locks: the age alone decides
+                                    pass
+                            os.unlink(entry.path)
+                        finally:
+                            os.close(fd)
                         removed.append(entry.name)
     return removed
+
+
+def _lock_temporary(fd: int) -> None:
+    """Mark the temporary file open at ``fd`` as being written, until ``fd`` is closed.
+
+    :func:`_remove_stale_temporaries` keeps it meanwhile; the lock ends with the process, so a killed writer's file
+    is stale. Where there is no ``fcntl`` (Windows), an open file cannot be deleted anyway.
+    """
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a file system without locks: unprotected, as without this mark
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # =========================================================================== load

@@ -754,3 +754,25 @@ def test_synthetic_streams_at_the_ends_of_their_accepted_parameters(name, params
             return
         with pytest.raises(ValueError, match=match):
             make_stream(name, 50, seed=2, **params)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("periodic", dict(periods=(1.0,), amplitudes=(1e200,), noise=0.0)),  # was NumPy's overflow warning, then "spread inf"
+    ("periodic", dict(periods=(1.0, 17.0), amplitudes=(1e200, 1.0), noise=0.0)),
+    ("periodic", dict(periods=(1.0,), amplitudes=(1e-200,), noise=0.0)),  # was "its spread 0"
+    ("concept-drift", dict(level=1e14, segment=(900, 900))),  # noise 0.3 at a level of 1e14: was "within the 0"
+])
+def test_a_series_refused_as_rounding_names_its_spread_and_the_bound_it_is_within(name, params):
+    """Property: the refusal of a generated series constant up to rounding gives its spread and the bound, both finite,
+    the spread positive and within the bound, at any scale; never NumPy's warning (its spread was np.std of the raw
+    values, whose squares overflow from 1e154 and underflow below 1e-154, and the bound named only periodic's own).
+    """
+    import re
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="rounding error only") as info:
+            make_stream(name, 50, seed=2, **params)
+    spread, bound = map(float, re.search(r"its spread (\S+) is within the (\S+) that rounding", str(info.value)).groups())
+    assert 0.0 < spread <= bound < math.inf, str(info.value)

@@ -32,7 +32,7 @@ from pathlib import Path
 from .. import _backends
 from .._validation import SEED_MAX
 from .._version import __version__
-from ..checkpoint import _remove_stale_temporaries
+from ..checkpoint import _lock_temporary, _remove_stale_temporaries
 from . import experiment
 from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
@@ -488,14 +488,15 @@ class _PendingFile:
 
     Its name is ``.<name>.XXXXXXXX.tmp``, as a checkpoint's: a run killed while writing (SIGKILL, a power cut) leaves
     one, and the next run that writes the same file removes those last modified before it started (SIGTERM and
-    Ctrl-C discard their own).
+    Ctrl-C discard their own). The run holds a lock on it until it is renamed or discarded, so a concurrent run
+    writing the same file never removes it (the lock ends with the process: a killed run's is removed).
     """
 
     def __init__(self, path: Path):
         self.path = Path(os.path.realpath(path))
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
+        self.fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self.tmp = Path(tmp)
+        _lock_temporary(self.fd)
 
     def commit(self, started: float) -> None:
         """Rename the temporary file into place, then remove stale ones of runs killed before ``started``."""
@@ -507,6 +508,7 @@ class _PendingFile:
             mode = 0o666 & ~mask  # mkstemp makes 0600; give a new file the usual permissions
         os.chmod(self.tmp, mode)
         os.replace(self.tmp, self.path)
+        self._close()
         _remove_stale_temporaries(self.path, started)
 
     def discard(self) -> None:
@@ -514,6 +516,12 @@ class _PendingFile:
             self.tmp.unlink()
         except FileNotFoundError:
             pass
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Terminated(KeyboardInterrupt):
@@ -564,8 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(payload, indent=2, allow_nan=False)
 
     pending = []
-    # SIGTERM (kill, a job scheduler's time limit) while writing: discard the temporary files as for Ctrl-C
-    on_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    # SIGTERM (kill, a job scheduler's time limit) while writing: discard the temporary files as for Ctrl-C. Only where
+    # its action is the default (die, leaving them behind): an ignored SIGTERM stays ignored, and the handler of a
+    # program that calls main() is its own (whatever it raises, the temporary files are discarded below).
+    on_term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        on_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.json not in (None, "-"):
             pending.append(("--json", _PendingFile(args.json)))
@@ -585,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
             f.discard()
         print("memoa: terminated" if isinstance(exc, _Terminated) else "memoa: interrupted", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
+    except BaseException:  # SystemExit from the calling program's signal handler, ...: the same, then on
+        for _, f in pending:
+            f.discard()
+        raise
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)

@@ -213,11 +213,15 @@ def _finish(y: np.ndarray, normalize: bool, rounding: float = 0.0, **scales) -> 
                          "z-scored; give it an amplitude or noise > 0")
     if normalize:
         p2 = unit_scale(y)
-        if not spread(y / p2) > rounding / p2:
-            raise ValueError(f"the generated series is rounding error only (its spread {float(np.std(y)):.3g} is within the "
-                             f"{rounding:.3g} that rounding can make) with {given}, so it cannot be z-scored: it is constant "
-                             f"up to rounding, or its phases are rounding; give it an amplitude or noise > 0, or periods of a "
-                             f"few samples or more{hint}")
+        y_u = y / p2  # exact; no square of it overflows or underflows
+        if not spread(y_u) > rounding / p2:
+            # the bound it is within: the generator's own (periodic's phases), or ROUNDING_SPREAD of its largest value
+            std, bound = float(np.std(y_u)) * p2, max(rounding, ROUNDING_SPREAD * float(np.max(np.abs(y_u))) * p2)
+            phases = ", or its phases are rounding" if "periods" in scales else ""
+            periods = ", or periods of a few samples or more" if "periods" in scales else ""
+            raise ValueError(f"the generated series is rounding error only (its spread {std:.3g} is within the {bound:.3g} "
+                             f"that rounding can make) with {given}, so it cannot be z-scored: it is constant up to "
+                             f"rounding{phases}; give it a larger amplitude or noise{periods}{hint}")
     return zscore(y) if normalize else y
 
 
