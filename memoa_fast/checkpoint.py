@@ -362,12 +362,18 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write checkpoint {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    # Locked while written, so a concurrent save of the same checkpoint (its stale-file cleanup) keeps it; renamed
+    # before the lock ends (POSIX renames an open file; where there is no fcntl, after closing it).
+    _lock_temporary(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:
+                os.replace(tmp, path)
+        if fcntl is None:  # pragma: no cover - Windows
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -850,6 +850,27 @@ def test_only_stale_temporaries_of_this_checkpoint_are_removed(run):
         assert (folder / name).exists() is not removed, name
 
 
+def test_a_save_in_progress_keeps_its_temporary_when_a_concurrent_save_cleans_up(run, monkeypatch):
+    """Two saves of one checkpoint at once: the one finishing first (its cleanup: every temporary of this checkpoint
+    older than its start) must not remove the other's file while that one is still writing, however old it is.
+    """
+    import memoa_fast.checkpoint as ck
+
+    pop, server, _, _, path = run
+    real_savez = np.savez
+
+    def savez_then_a_concurrent_cleanup(f, **arrays):
+        real_savez(f, **arrays)
+        os.utime(f.name, (time.time() - 3600, time.time() - 3600))  # a long save: its file looks old
+        ck._remove_stale_temporaries(path, time.time() + 10)  # another save of `path` finishes now
+
+    monkeypatch.setattr(ck.np, "savez", savez_then_a_concurrent_cleanup)
+    save_checkpoint(path, pop, server)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_checkpoint(path).population["states"], pop.states)
+    assert _tmp_files(path.parent) == []
+
+
 def test_symlinked_checkpoint_path_is_followed(run, tmp_path):
     """Saving through a symlink replaces the file it points to and keeps the link; loading follows it too."""
     pop, server, _, _, path = run
