@@ -13,6 +13,7 @@ rules, ``alpha = 0`` and ``> 0``, records on and off. Small sizes, fixed example
 """
 import copy
 import pickle
+import threading
 
 import numpy as np
 from helpers import available_backends
@@ -341,3 +342,56 @@ def test_certificates_relative_epsilon_same_bits_at_any_scale_and_one_class_by_e
         general = epsilon_nash(game, n, s, x0, agents="all", labels=np.zeros(n, dtype=np.int64))
         np.testing.assert_allclose(general.cost_policy, base.cost_policy, rtol=1e-9)
         np.testing.assert_allclose(general.cost_best_response, base.cost_best_response, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- threads of the caller
+def test_separate_objects_stepping_at_once_in_separate_threads_give_the_bits_of_one_after_the_other():
+    """README: "Separate objects step concurrently in separate threads with the same bits as one after the other".
+
+    Every kind of object at once, each with two kernel threads (Numba's thread count is set per call and
+    restored; the OpenMP regions of two Python threads overlap), against the same calls made in turn.
+    """
+    n, d, T = CHUNK + 1, 2, 4
+    rng = np.random.default_rng(7)
+    game = Game(q=[1.0, 2.0], kappa=[0.5, 1.5], r=0.3, gamma=0.9)
+    labels, x0 = np.arange(n) % 2, rng.normal(size=(n, d))
+    s = random_signals(rng, T, n, d, near_limit=False)
+    y = rng.normal(size=(T, d))
+
+    def population_job(backend):
+        def run():
+            pop = Population(game, initial_states=x0, labels=labels, backend=backend, threads=2, parallel_threshold=1)
+            server = Server(n, d, rule="eg", eta=0.5, alpha=0.01, backend=backend, threads=2, parallel_threshold=1)
+            out = []
+            for t in range(T):
+                out.append(pop.step_predict(s[t], server).copy())
+                server.update(pop.states, y[t])
+            return [np.array(out), pop.states.copy(), pop.costs.copy(), server.log_weights.copy()]
+        return run
+
+    def pipeline_job():
+        pipe = Pipeline(n, d, seed=3, threads=2, parallel_threshold=1)
+        return [pipe.run(y).copy(), pipe.states.copy(), pipe.log_weights.copy()]
+
+    def forecaster_job():
+        fc = ClientForecasters(n, d, seed=5, threads=2, parallel_threshold=1)
+        return [np.array([np.array(fc.observe(v)) for v in y])]
+
+    jobs = [population_job(b) for b in COMPILED] + [pipeline_job, forecaster_job]
+    in_turn = [job() for job in jobs]
+    at_once = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def go(k):
+        start.wait()
+        at_once[k] = jobs[k]()
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, (alone, together) in enumerate(zip(in_turn, at_once)):
+        assert together is not None, f"job {k} raised"
+        for a, b in zip(alone, together):
+            np.testing.assert_array_equal(b, a)
