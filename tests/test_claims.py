@@ -14,6 +14,7 @@ rules, ``alpha = 0`` and ``> 0``, records on and off. Small sizes, fixed example
 import copy
 import pickle
 import threading
+import warnings
 
 import numpy as np
 from helpers import available_backends
@@ -395,3 +396,42 @@ def test_separate_objects_stepping_at_once_in_separate_threads_give_the_bits_of_
         assert together is not None, f"job {k} raised"
         for a, b in zip(alone, together):
             np.testing.assert_array_equal(b, a)
+
+
+# --------------------------------------------------------------------------- the reference as a backend
+def test_the_reference_backend_gives_the_compiled_results_without_warning_at_a_tiny_share_and_overflowing_costs():
+    """Every backend, the same result: the NumPy reference warned where the compiled kernels return the documented value.
+
+    ``alpha = 5e-324`` is a valid fixed share, but ``alpha / N`` rounds to 0: the share is ``log 0 = -inf``, no
+    share (``log(alpha / N)`` warned "divide by zero"). A cost past the largest double is ``inf`` (the README's
+    bound on finite costs; it warned "overflow"). Under warnings-as-errors (as this suite runs) the Server then
+    stopped between its reweight and its share (weights moved, ``n_updates`` not), the Population after its
+    signal pass (mean signal moved, ``t`` not), and ``Pipeline(backend="numpy")`` in its pass B.
+    """
+    x = np.array([[0.0], [1.0], [2.0]])
+    heavy = Game(q=[2.0, 3.77e243], kappa=[2.18, 0.11], r=[2.17, 2.27], gamma=0.5, policy="local", shares=[0.5, 0.5])
+    costly = Game(1e250, 1e250, 1e250, 0.9)
+    series = np.array([1e30, -1e30, 1e30, 0.5])
+    got = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in BACKENDS:
+            server = Server(3, 1, rule="hedge", eta=1.0, alpha=5e-324, backend=backend)
+            server.update(x, [0.5])
+            pop = Population(heavy, 3, 1, labels=[0, 1, 0], backend=backend)
+            pop.step(np.array([[1.0], [1e40], [0.0]]))
+            got[backend] = (server.log_weights.copy(), server.n_updates, pop.states.copy(), pop.costs.copy(), pop.t)
+        for backend in ("numba", "numpy"):
+            pipes = [Pipeline(3, 1, alpha=5e-324, seed=1, backend=backend), Pipeline(3, 1, game=costly, seed=1, backend=backend)]
+            got["pipeline", backend] = [(pipe.run(series).copy(), pipe.costs.copy(), pipe.log_weights.copy()) for pipe in pipes]
+    for backend in BACKENDS:
+        log_w, n_updates, states, costs, t = got[backend]
+        np.testing.assert_allclose(log_w, got["numpy"][0], rtol=1e-12)
+        assert n_updates == 1 and t == 1
+        np.testing.assert_allclose(states, got["numpy"][2], rtol=1e-12)
+        assert np.isinf(costs[1]) and np.isfinite(costs[[0, 2]]).all(), costs
+    for (yhat, costs, log_w), (yhat_ref, costs_ref, log_w_ref) in zip(got["pipeline", "numba"], got["pipeline", "numpy"]):
+        np.testing.assert_allclose(yhat, yhat_ref, rtol=1e-9)
+        np.testing.assert_array_equal(np.isinf(costs), np.isinf(costs_ref))
+        np.testing.assert_allclose(log_w, log_w_ref, rtol=1e-9)
+    assert np.isinf(got["pipeline", "numpy"][1][1]).all()
