@@ -1,8 +1,10 @@
 """Slow, obviously correct NumPy references of every kernel: the specification.
 
 Every backend module (``_numba``, ``_cython``, this one) has the same public
-functions with the same signatures and the same semantics; the compiled
-ones are tested against these, and ``backend="numpy"`` runs them. ``work``
+functions with the same signatures and the same semantics (all of ``__all__``
+here but :func:`valid_rows`, this module's definition of a valid row, which
+the tests use); the compiled ones are tested against these, and
+``backend="numpy"`` runs them. ``work``
 and ``threads`` are accepted (and ``work`` is written where the semantics
 say so, so a sharded run can merge this backend's partials too). The names
 of the small arrays' rows and columns are in :mod:`._layout`.

@@ -12,6 +12,8 @@ random places and at the first, last and chunk-border rows, valid values near ``
 rules, ``alpha = 0`` and ``> 0``, records on and off. Small sizes, fixed example counts: a few seconds.
 """
 import copy
+import importlib
+import inspect
 import pickle
 import threading
 import warnings
@@ -21,7 +23,7 @@ from helpers import available_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memoa_fast import ClientForecasters, Game, Pipeline, Population, Server, restore_checkpoint, save_checkpoint
+from memoa_fast import ClientForecasters, Game, Pipeline, Population, Server, _backends, restore_checkpoint, save_checkpoint
 from memoa_fast.certificates import epsilon_nash
 from memoa_fast.distributed import NoisyLastValueSignals
 from memoa_fast.kernels import CHUNK, SIGNAL_LIMIT
@@ -435,3 +437,26 @@ def test_the_reference_backend_gives_the_compiled_results_without_warning_at_a_t
         np.testing.assert_array_equal(np.isinf(costs), np.isinf(costs_ref))
         np.testing.assert_allclose(log_w, log_w_ref, rtol=1e-9)
     assert np.isinf(got["pipeline", "numpy"][1][1]).all()
+
+
+def test_every_backend_module_has_the_references_functions_with_its_signatures():
+    """``kernels/_reference.py``: "Every backend module has the same public functions with the same signatures".
+
+    (All of the reference's ``__all__`` but ``valid_rows``, its definition of a valid row, which the tests use.)
+    """
+    reference = importlib.import_module(_backends._MODULES["numpy"])
+    for backend in COMPILED:
+        module = importlib.import_module(_backends._MODULES[backend])
+        for name in reference.__all__:
+            if name == "valid_rows":
+                continue
+            ours, theirs = getattr(reference, name), getattr(module, name, None)
+            assert theirs is not None, f"{backend} has no {name}"
+            if not callable(ours):
+                assert theirs == ours, f"{backend}.{name}"
+                continue
+            try:
+                signature = inspect.signature(theirs)
+            except (TypeError, ValueError):  # a compiled function without a Python signature
+                continue
+            assert list(signature.parameters) == list(inspect.signature(ours).parameters), f"{backend}.{name}"
