@@ -249,14 +249,17 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
         if alpha == 1.0:
             log_p[:] = -np.log(n)
         elif alpha > 0.0:
-            log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, np.log(alpha / n))
+            with np.errstate(divide="ignore"):  # a share alpha / N below the smallest double is 0: log 0 = -inf
+                log_share = np.log(alpha / n)
+            log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, log_share)
     ok = _valid(s)
     s_ok = np.where(ok[:, None], s, 0.0)
     m = field[FIELD_STATE]
     u = np.where(ok[:, None], -params[P_GAIN] * (x - params[P_SIGNAL] * s_ok - field[FIELD_OFFSET]), 0.0)
     track = np.where(ok, ((x - s_ok) ** 2).sum(axis=1), 0.0)
-    cost = params[P_Q] * track + params[P_KAPPA] * ((x - m) ** 2).sum(axis=1) + params[P_R] * (u**2).sum(axis=1)
-    J += params[P_HALF_DISCOUNT] * cost
+    with np.errstate(over="ignore", invalid="ignore"):  # a cost past the largest double is inf, as in the Numba kernel
+        cost = params[P_Q] * track + params[P_KAPPA] * ((x - m) ** 2).sum(axis=1) + params[P_R] * (u**2).sum(axis=1)
+        J += params[P_HALF_DISCOUNT] * cost
     x += u
     field[FIELD_NEXT] = x.sum(axis=0) / n
     worst = int(np.argmax(J))

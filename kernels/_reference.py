@@ -1,8 +1,10 @@
 """Slow, obviously correct NumPy references of every kernel: the specification.
 
 Every backend module (``_numba``, ``_cython``, this one) has the same public
-functions with the same signatures and the same semantics; the compiled
-ones are tested against these, and ``backend="numpy"`` runs them. ``work``
+functions with the same signatures and the same semantics (all of ``__all__``
+here but :func:`valid_rows`, this module's definition of a valid row, which
+the tests use); the compiled ones are tested against these, and
+``backend="numpy"`` runs them. ``work``
 and ``threads`` are accepted (and ``work`` is written where the semantics
 say so, so a sharded run can merge this backend's partials too). The names
 of the small arrays' rows and columns are in :mod:`._layout`.
@@ -127,8 +129,11 @@ def move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads)
     gain = table[:, GAIN:GAIN + 1]
     u = np.where(ok[:, None], -gain * (x - table[:, SIGNAL:SIGNAL + 1] * s_ok - offset), 0.0)
     track = np.where(ok, ((x - s_ok) ** 2).sum(axis=1), 0.0)
-    cost = table[:, Q] * track + table[:, KAPPA] * ((x - m) ** 2).sum(axis=1) + table[:, R] * (u**2).sum(axis=1)
-    J += 0.5 * discount * cost
+    # A cost past the largest double is inf (README: finite while (q + kappa + r) (2 max|x|, max|s|)^2 rounds < 1e308),
+    # as in the compiled kernels, which do not warn: neither does the reference (under -W error it stopped mid-step).
+    with np.errstate(over="ignore", invalid="ignore"):
+        cost = table[:, Q] * track + table[:, KAPPA] * ((x - m) ** 2).sum(axis=1) + table[:, R] * (u**2).sum(axis=1)
+        J += 0.5 * discount * cost
     x += u
     predict = log_p.shape[0] == n
     for c in range(work.shape[0]):
@@ -237,7 +242,9 @@ def mixture_share(log_p, top, log_total, alpha, n_total, threads):
     if alpha == 1.0:
         log_p[:] = -np.log(n_total)
     elif alpha > 0.0:
-        log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, np.log(alpha / n_total))
+        with np.errstate(divide="ignore"):  # a share alpha / N below the smallest double is 0: log 0 = -inf, no share
+            log_share = np.log(alpha / n_total)
+        log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, log_share)
 
 
 def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):

@@ -470,8 +470,11 @@ class Population(MeanFieldSummary):
         """:meth:`step`, then the mixture ``server`` would publish for the new states.
 
         The same as ``step(signals)`` followed by ``server.predict(states)``
-        (to ``1e-12`` relative), but the step sums ``sum_i p_i x_i(t+1)``
-        inside its pass over the states, while they are in cache.
+        to ``1e-12`` of ``sum_i p_i |x_i(t+1)|`` in each coordinate (not of the
+        mixture itself: the two sums round apart, so a mixture that cancels to
+        near 0 may differ from ``predict``'s by more than itself), but the step
+        sums ``sum_i p_i x_i(t+1)`` inside its pass over the states, while they
+        are in cache.
 
         Parameters
         ----------

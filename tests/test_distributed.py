@@ -196,6 +196,37 @@ def test_exact_mode_is_bitwise_single_process(client):
     dpop.close()
 
 
+def test_step_predict_is_step_then_the_servers_mixture_as_on_one_machine(client, rng):
+    """``DaskPopulation.step_predict`` (the API is Population's: it was missing) = step, then ``server.predict()``.
+
+    Against one machine's ``Population.step_predict`` to its documented precision, on shards with
+    ``exact=True``; the server and ``out`` are checked before the step.
+    """
+    d, x0 = 2, rng.normal(size=(N, 2))
+    pop, server = _single(d=d, x0=x0)
+    dpop = DaskPopulation(GAME, N, d, client=client, initial_states=x0, n_shards=3, exact=True, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="eg", eta=0.5, alpha=0.01)
+    out = np.empty(d)
+    for _ in range(3):
+        s = rng.normal(size=(N, d))
+        s[rng.integers(N)] = np.nan
+        a = pop.step_predict(s, server)
+        b = dpop.step_predict(s, dserver, out=out)
+        assert b is out
+        assert (np.abs(b - a) <= 1e-12 * (server.weights @ np.abs(pop.states))).all()
+        np.testing.assert_array_equal(dserver.predict(), b)
+        np.testing.assert_array_equal(dpop.states, pop.states)
+        target = rng.normal(size=d)
+        server.update(pop.states, target)
+        dserver.update(None, target)
+    with pytest.raises(TypeError, match="DaskServer"):
+        dpop.step_predict(s, server)
+    with pytest.raises(ValueError, match="out"):
+        dpop.step_predict(s, dserver, out=np.empty(d + 1))
+    assert dpop.t == 3
+    dpop.close()
+
+
 def test_forecasters_on_the_workers_match_the_single_process_pipeline(client):
     """MODEL.md section 6 with the client forecasters running on the workers, fed d numbers per round."""
     from memoa_fast.timeseries.forecasters import ClientForecasters

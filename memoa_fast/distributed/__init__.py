@@ -21,7 +21,8 @@ of ``CHUNK``. With ``exact=True`` the client gathers one partial row per
 chunk and merges them with the kernels' own merge functions, so a sharded run
 is bitwise the single-process Numba one. By default each shard folds its
 chunks into one row: sums then round differently in the last bit (results
-agree to about ``1e-15`` relative; the tests require ``1e-12``).
+agree to about ``1e-15`` of the summands' magnitudes; the tests require
+``1e-12``; a mean that cancels to near 0 may differ by more than itself).
 
 Checkpoints are written by the workers: :meth:`DaskPopulation.save` has
 each shard write its own file and the client write a small manifest last,

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_real, check_seed, readonly_view
+from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_out, check_real, check_seed, readonly_view
 from ..checkpoint import (
     CheckpointError,
     _check_engines,
@@ -548,6 +548,35 @@ class DaskPopulation(MeanFieldSummary):
         self._discount *= self.game.gamma
         self._version += 1
         return self._handle
+
+    def step_predict(self, signals, server, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`step`, then the mixture ``server`` would publish for the new states, as on one machine.
+
+        :meth:`step` followed by ``server.predict()`` (one more round trip of ``O(d)`` numbers per shard; one
+        machine sums the mixture inside the step's pass, and the two agree to ``1e-12`` of
+        ``sum_i p_i |x_i(t+1)|``: see :meth:`Population.step_predict <memoa_fast.Population.step_predict>`).
+        The server and ``out`` are checked before the step: a refused call changes nothing.
+
+        Parameters
+        ----------
+        signals : array_like, shape (N, d), or None
+            As for :meth:`step` (None with a worker-side signal source).
+        server : DaskServer
+            A server of this population (:class:`~memoa_fast.distributed.DaskServer`); only read.
+        out : numpy.ndarray, shape (d,), optional
+            Where to write ``yhat(t+1)`` (no allocation); a new array otherwise.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``yhat(t+1)``, shape (d,).
+        """
+        if getattr(server, "population", None) is not self:  # a DaskServer knows its population (server.py imports this)
+            raise TypeError(f"server must be a DaskServer built on this population (DaskServer(population)), got {server!r}")
+        if out is not None:
+            check_out(out, (self.dim,))
+        self.step(signals)
+        return server.predict(None, out=out)
 
     def observe(self, target) -> None:
         """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message).
