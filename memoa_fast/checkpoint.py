@@ -391,7 +391,7 @@ def _remove_stale_temporaries(path: Path, started: float) -> list[str]:
     """Delete ``.<name>.XXXXXXXX.tmp`` files beside ``path`` last modified before ``started``; return their names.
 
     A file that a live process holds a lock on (:func:`_lock_temporary`: a writer still writing it, however long
-    ago it started) is not stale and is kept; so is one this process cannot open (another user's).
+    ago it started) is not stale and is kept; so is one this process cannot open for writing (another user's).
     """
     pattern = re.compile(_TMP_NAME.format(name=re.escape(path.name)) + r"\Z")
     removed = []
@@ -402,7 +402,9 @@ def _remove_stale_temporaries(path: Path, started: float) -> list[str]:
                     continue
                 with contextlib.suppress(OSError):
                     if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < started:
-                        fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                        # Opened for writing: where flock is emulated by byte-range locks (NFS, SMB) an exclusive
+                        # lock needs it (else EBADF, which would read as "no locks" and delete a live file).
+                        fd = os.open(entry.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
                         try:
                             if fcntl is not None:
                                 try:

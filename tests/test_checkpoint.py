@@ -6,6 +6,7 @@ server reduced to their state, loading it through the same validators as the
 real engines (``memoa_fast._state``). Every engine that keeps that contract
 checkpoints the same way.
 """
+import errno
 import json
 import os
 import re
@@ -864,6 +865,36 @@ def test_a_save_in_progress_keeps_its_temporary_when_a_concurrent_save_cleans_up
         os.utime(f.name, (time.time() - 3600, time.time() - 3600))  # a long save: its file looks old
         ck._remove_stale_temporaries(path, time.time() + 10)  # another save of `path` finishes now
 
+    monkeypatch.setattr(ck.np, "savez", savez_then_a_concurrent_cleanup)
+    save_checkpoint(path, pop, server)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_checkpoint(path).population["states"], pop.states)
+    assert _tmp_files(path.parent) == []
+
+
+def test_a_save_in_progress_keeps_its_temporary_where_exclusive_locks_need_a_writable_descriptor(run, monkeypatch):
+    """NFS (and SMB) emulate flock with byte-range locks: an exclusive lock needs the file open for writing, else
+    EBADF (flock(2), "NFS details"). The cleanup's probe must still see a live writer's lock there, not take the
+    error for a file system without locks and delete the file mid-write.
+    """
+    import memoa_fast.checkpoint as ck
+
+    if ck.fcntl is None:
+        pytest.skip("no fcntl")
+    pop, server, _, _, path = run
+    real_flock, real_savez = ck.fcntl.flock, np.savez
+
+    def nfs_flock(fd, op):
+        if op & ck.fcntl.LOCK_EX and os.O_RDONLY == ck.fcntl.fcntl(fd, ck.fcntl.F_GETFL) & os.O_ACCMODE:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(fd, op)
+
+    def savez_then_a_concurrent_cleanup(f, **arrays):
+        real_savez(f, **arrays)
+        os.utime(f.name, (time.time() - 3600, time.time() - 3600))
+        ck._remove_stale_temporaries(path, time.time() + 10)
+
+    monkeypatch.setattr(ck.fcntl, "flock", nfs_flock)
     monkeypatch.setattr(ck.np, "savez", savez_then_a_concurrent_cleanup)
     save_checkpoint(path, pop, server)
     monkeypatch.undo()
