@@ -268,8 +268,10 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     ``fsync``-ed and renamed with ``os.replace``, then the folder is
     ``fsync``-ed. After the rename, temporary files of the same target name
     that are older than this save (left by saves that were killed) are
-    deleted. Two processes saving to the same path at the same time are not
-    supported.
+    deleted; a temporary file (or a sharded save's set) still being written
+    is kept, where the file system supports locks. Two processes saving to
+    the same path at the same time are not supported: the last to finish
+    wins.
     """
     if sharded is not None and not isinstance(sharded, (bool, np.bool_)):
         raise TypeError(f"sharded must be True, False or None, got {sharded!r} of type {type(sharded).__name__}")
@@ -761,6 +763,7 @@ SHARD_FORMAT_VERSION = 1
 _TOKEN = re.compile(r"[0-9a-f]{16}\Z")
 _SHARD_FILE = re.compile(r"(?P<token>[0-9a-f]{16})\.(?P<index>[0-9]{5,})\.npz\Z")
 _SHARD_TMP = re.compile(r"\.[0-9a-f]{16}\.[0-9]{5,}\.npz\.[A-Za-z0-9_]{8}\.tmp\Z")
+_SHARD_LIVE = re.compile(r"\.[0-9a-f]{16}\.live\Z")  # mark_save_live
 _SHARD_SCALARS = {
     "format": "str", "format_version": "int", "token": "str", "shard": "int", "lo": "int", "hi": "int",
     "n_agents": "int", "dim": "int",
@@ -835,27 +838,98 @@ def remove_shard_files(folder, *, keep: str | None = None, token: str | None = N
     """Delete shard files (and their temporaries) in ``folder``; return the names deleted.
 
     Deletes the files of save ``token`` if given, else those of every save
-    but ``keep`` last modified before ``before``.
+    but ``keep`` last modified before ``before`` - except the files of a save
+    still in progress (:func:`mark_save_live`: its shard files wait for its
+    manifest, however old they look) and those the current manifest names
+    (a concurrent save that switched to its set after this one did).
     """
-    removed = []
+    found = []
     with contextlib.suppress(OSError):
         with os.scandir(folder) as entries:
             for entry in entries:
                 m = _SHARD_FILE.match(entry.name)
-                name_token = m.group("token") if m else entry.name[1:17] if _SHARD_TMP.match(entry.name) else None
-                if name_token is None:
-                    continue
-                if token is not None:
-                    doomed = name_token == token
-                else:
-                    doomed = name_token != keep
-                    with contextlib.suppress(OSError):
-                        doomed = doomed and (before is None or entry.stat(follow_symlinks=False).st_mtime < before)
-                if doomed:
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                        removed.append(entry.name)
+                debris = _SHARD_TMP.match(entry.name) or _SHARD_LIVE.match(entry.name)
+                name_token = m.group("token") if m else entry.name[1:17] if debris else None
+                if name_token is not None:
+                    found.append((entry, name_token))
+    if token is None:
+        # Live saves first, then the manifest: a save that ends in between switched the manifest before it ended.
+        kept = {name_token for name_token in {t for _, t in found} if name_token != keep and _save_is_live(folder, name_token)}
+        kept |= {keep, _manifest_token(folder)}
+    removed = []
+    for entry, name_token in found:
+        if token is not None:
+            doomed = name_token == token
+        else:
+            doomed = name_token not in kept
+            with contextlib.suppress(OSError):
+                doomed = doomed and (before is None or entry.stat(follow_symlinks=False).st_mtime < before)
+        if doomed:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
     return removed
+
+
+def mark_save_live(folder, token: str) -> int | None:
+    """Create ``folder/.<token>.live``, locked until :func:`end_save_live`: the save ``token`` is in progress.
+
+    :func:`remove_shard_files` keeps a live save's files; the lock ends with the process, so a killed save's files
+    (and this marker) are debris. Returns the descriptor, or None where there are no locks (then the age rule alone
+    decides, as without the mark).
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(Path(folder) / f".{token}.live", os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        return None
+    _lock_temporary(fd)
+    return fd
+
+
+def end_save_live(folder, token: str, fd: int | None) -> None:
+    """Remove the mark of :func:`mark_save_live` (before its lock ends)."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(Path(folder) / f".{token}.live")
+        os.close(fd)
+
+
+def _save_is_live(folder, token: str) -> bool:
+    """Does a live process hold the mark of save ``token`` (:func:`mark_save_live`)? A mark it cannot open counts."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return False
+    try:
+        fd = os.open(Path(folder) / f".{token}.live", os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks: the age alone decides
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def _manifest_token(folder) -> str | None:
+    """The token of the manifest whose shard folder is ``folder`` (``<name>.shards``), or None (none, or not readable)."""
+    folder = Path(folder)
+    if not folder.name.endswith(".shards"):
+        return None
+    try:
+        with zipfile.ZipFile(folder.parent / folder.name[: -len(".shards")]) as zf:
+            if "token.npy" not in zf.namelist() or zf.getinfo("token.npy").file_size > 4096:
+                return None
+            with zf.open("token.npy") as f:
+                return str(np.lib.format.read_array(f, allow_pickle=False))
+    except Exception:  # noqa: BLE001 - anything unreadable names no set
+        return None
 
 
 @dataclass(frozen=True, eq=False)

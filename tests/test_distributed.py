@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -911,6 +912,43 @@ def test_a_failed_save_keeps_the_previous_set_and_the_population(thread_client, 
     _round(dpop, dserver, signals[3], np.ones(1))
     _assert_close(dpop, dserver, pop, server, rtol=1e-12, atol=1e-13)
     assert dpop.save(path, dserver) == path and load_checkpoint(path).t == 4
+    dpop.close()
+
+
+@pytest.mark.parametrize("other", ["single-file save", "sharded save"])
+def test_a_concurrent_save_never_removes_the_files_of_a_sharded_save_in_progress(thread_client, tmp_path, rng, monkeypatch,
+                                                                                other):
+    """Two saves of one checkpoint at once. The one finishing first removes what it takes for debris (shard files of
+    other saves, older than its start); the other's shard files, written and waiting for its manifest, must stay
+    however old they look, or its manifest names deleted files: both saves succeed and nothing can be loaded.
+    """
+    import memoa_fast.distributed.population as dpm
+
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT)
+    dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+    _round(dpop, dserver, rng.normal(size=N), np.ones(1))
+    path, folder = tmp_path / "c.ckpt", tmp_path / "c.ckpt.shards"
+    real, inner = dpm.write_manifest, []
+
+    def manifest_after_a_concurrent_save(target, **kwargs):
+        if not inner:
+            inner.append(True)
+            for f in folder.iterdir():  # a long save: its shard files look old
+                os.utime(f, (time.time() - 3600, time.time() - 3600))
+            if other == "single-file save":
+                save_checkpoint(path, *_single())
+            else:
+                second = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=1, timeout=TIMEOUT)
+                second.save(path)
+                second.close()
+        real(target, **kwargs)
+
+    monkeypatch.setattr(dpm, "write_manifest", manifest_after_a_concurrent_save)
+    dpop.save(path, dserver)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_checkpoint(path).population["states"], dpop.states)
+    dpop.save(path, dserver)  # the next save removes whatever the two left
+    assert len(_files(folder)) == dpop.n_shards
     dpop.close()
 
 

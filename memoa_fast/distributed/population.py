@@ -20,8 +20,10 @@ from ..checkpoint import (
     _remove_stale_temporaries,
     _restore_checked,
     check_merged_server,
+    end_save_live,
     is_manifest,
     load_checkpoint,
+    mark_save_live,
     new_token,
     read_manifest,
     remove_shard_files,
@@ -795,6 +797,14 @@ class DaskPopulation(MeanFieldSummary):
         folder.mkdir(exist_ok=True)
         started = time.time()
         token = new_token()
+        live = mark_save_live(folder, token)  # a concurrent save's cleanup keeps this save's files meanwhile
+        try:
+            return self._save_shards_marked(given, target, folder, started, token, server)
+        finally:
+            end_save_live(folder, token, live)
+
+    def _save_shards_marked(self, given, target, folder, started, token, server):
+        """The sharded save proper, while the save ``token`` is marked live (:func:`~memoa_fast.checkpoint.mark_save_live`)."""
         self.mean_state  # the mean fields of the current states (O(K d) per shard, if stale)
         lay, K = self._lay, self._lay.n_classes
         population = {
