@@ -952,6 +952,22 @@ def test_a_concurrent_save_never_removes_the_files_of_a_sharded_save_in_progress
     dpop.close()
 
 
+def test_a_concurrent_saves_cleanup_keeps_the_set_the_current_manifest_names(thread_client, tmp_path, rng):
+    """Save A's cleanup runs after save B (begun before A) switched the manifest to its set and ended: B's files are
+    older than A's start and no longer in progress, but they are the checkpoint now.
+    """
+    from memoa_fast.checkpoint import remove_shard_files
+
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT)
+    path = dpop.save(tmp_path / "c.ckpt")  # save B
+    folder = tmp_path / "c.ckpt.shards"
+    names = _files(folder)
+    assert remove_shard_files(folder, keep="0" * 16, before=time.time() + 10) == []  # save A's cleanup
+    assert _files(folder) == names
+    np.testing.assert_array_equal(load_checkpoint(path).population["states"], dpop.states)
+    dpop.close()
+
+
 class _SourceThatCannotResume:
     """A worker-side source without load_state_dict (zeros as signals)."""
 
