@@ -235,6 +235,18 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
     work[...] = 0.0
 
 
+def _first_max(J):
+    """``(max, first index)`` over the entries of ``J`` above ``-inf``, a NaN never larger (the compiled kernels' ``>``).
+
+    ``(-inf, -1)`` when there is none (every cost NaN: ``gamma^t`` underflowed to 0 times an infinite cost).
+    """
+    above = J > -np.inf  # False for NaN
+    if not above.any():
+        return -np.inf, -1
+    k = int(np.argmax(np.where(above, J, -np.inf)))
+    return float(J[k]), k
+
+
 def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
     """Steps 5-7 (see the module docstring); writes ``yhat``, ``field[FIELD_NEXT]`` (and ``ebuf = p`` when ``flags[F_LINEAR]``)."""
     n, d = x.shape
@@ -262,9 +274,7 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
         J += params[P_HALF_DISCOUNT] * cost
     x += u
     field[FIELD_NEXT] = x.sum(axis=0) / n
-    worst = int(np.argmax(J))
-    stats[S_MAX_COST] = J[worst]
-    stats[S_ARG_COST] = worst
+    stats[S_MAX_COST], stats[S_ARG_COST] = _first_max(J)
     yhat[:] = np.exp(log_p) @ x
     if flags[F_LINEAR]:
         ebuf[:] = np.exp(log_p)

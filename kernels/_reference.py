@@ -140,11 +140,23 @@ def move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads)
         lo, hi = c * CHUNK, min((c + 1) * CHUNK, n)
         for l in range(K):
             work[c, lay.state + l * dp:lay.state + l * dp + d] = x[lo:hi][cls[lo:hi] == l].sum(axis=0)
-        worst = lo + int(np.argmax(J[lo:hi]))
-        work[c, lay.max_cost] = J[worst]
-        work[c, lay.arg_cost] = worst
+        top, first = _first_max(J[lo:hi])
+        work[c, lay.max_cost] = top
+        work[c, lay.arg_cost] = lo + first if first >= 0 else -1
         if predict:
             work[c, lay.mixture:lay.mixture + d] = np.exp(log_p[lo:hi]) @ x[lo:hi]
+
+
+def _first_max(J):
+    """``(max, first index)`` over the entries of ``J`` above ``-inf``, a NaN never larger (the compiled kernels' ``>``).
+
+    ``(-inf, -1)`` when there is none (every cost NaN: ``gamma^t`` underflowed to 0 times an infinite cost).
+    """
+    above = J > -np.inf  # False for NaN
+    if not above.any():
+        return -np.inf, -1
+    k = int(np.argmax(np.where(above, J, -np.inf)))
+    return float(J[k]), k
 
 
 def merge_move(work, lay, coef, field, predict, yhat):

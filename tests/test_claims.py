@@ -439,6 +439,33 @@ def test_the_reference_backend_gives_the_compiled_results_without_warning_at_a_t
     assert np.isinf(got["pipeline", "numpy"][1][1]).all()
 
 
+def test_every_backend_names_the_same_worst_agent_once_a_discount_of_0_meets_an_infinite_cost():
+    """Past the README's bound on finite costs, ``gamma^t`` underflows to 0 while a cost is ``inf``: ``0 * inf`` makes
+    those costs NaN on every backend (silently). The worst agent is the largest cost's, NaN never compared larger
+    (the compiled kernels' ``>``); the reference's ``argmax`` took the first NaN (Population: agent 0 and regret
+    NaN against 2 and 1e250; Pipeline: 0 against -1).
+    """
+    x = np.array([[0.0], [1.0], [2.0]])
+    costly = Game(1e250, 1e250, 1e250, 0.01, policy="local")
+    got = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in BACKENDS:
+            pop = Population(costly, initial_states=x, backend=backend)
+            pop.run(np.broadcast_to(np.array([[1e30], [-1e30], [1.0]]), (170, 3, 1)))
+            got[backend] = (pop.costs.copy(), pop.worst_agent, pop.regret)
+        for backend in ("numba", "numpy"):
+            pipe = Pipeline(3, 1, game=costly, backend=backend)
+            pipe.run(np.tile([1e30, -1e30, 1.0], 60))
+            got["pipeline", backend] = (pipe.costs.copy(), pipe.worst_client)
+    assert np.isnan(got["numpy"][0][:2]).all() and np.isfinite(got["numpy"][0][2])
+    for backend in BACKENDS:
+        np.testing.assert_array_equal(np.isnan(got[backend][0]), np.isnan(got["numpy"][0]))
+        assert got[backend][1:] == got["numpy"][1:] == (2, got["numpy"][0][2])
+    np.testing.assert_array_equal(got["pipeline", "numba"][0], got["pipeline", "numpy"][0])
+    assert got["pipeline", "numba"][1] == got["pipeline", "numpy"][1]
+
+
 def test_every_backend_module_has_the_references_functions_with_its_signatures():
     """``kernels/_reference.py``: "Every backend module has the same public functions with the same signatures".
 

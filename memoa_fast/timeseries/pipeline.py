@@ -392,7 +392,7 @@ class Pipeline:
 
     @property
     def worst_client(self) -> int:
-        """The client with the largest online cost (first on ties; -1 before the first round)."""
+        """The client with the largest online cost (first on ties, NaN never larger; -1 before the first round or if every cost is NaN)."""
         return int(self._stats[self._kern.S_ARG_COST])
 
     @property
