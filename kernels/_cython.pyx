@@ -707,12 +707,13 @@ cdef inline bint _row_valid(const double* row, Py_ssize_t d) noexcept nogil:
 
 cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes, double* out_max,
                    double* out_arg) noexcept nogil:
-    """Largest ``J[i]`` over ``[lo, hi)`` and its first index (as ``numpy.argmax``), written to ``out_max``/``out_arg``.
+    """Largest ``J[i]`` over ``[lo, hi)`` and its first index, written to ``out_max``/``out_arg``; a NaN is never larger.
 
     Reads ``J[lo:hi]``; uses ``lanes[0:3 MAX_LANES]`` as scratch: lane ``k``
     keeps the largest value seen at positions ``k mod MAX_LANES`` and its
     first index (element-wise, vectorised: C ``memoa_max_lanes``). An all
-    ``-inf`` (or NaN) range gives ``(J[lo], lo)``.
+    ``-inf`` (or NaN) range gives ``(-inf, -1)``, as the Numba kernel and the
+    reference (``_first_max``): :func:`_worst` then skips that chunk.
     """
     cdef double* vmax = lanes
     cdef double* varg = lanes + _MAX_LANES
@@ -732,9 +733,6 @@ cdef void _max_arg(const double* J, Py_ssize_t lo, Py_ssize_t hi, double* lanes,
         if vmax[k] > best or (vmax[k] == best and varg[k] < arg and varg[k] >= 0.0):
             best = vmax[k]
             arg = varg[k]
-    if arg < 0.0:
-        best = J[lo]
-        arg = <double>lo
     out_max[0] = best
     out_arg[0] = arg
 
@@ -971,11 +969,11 @@ cdef Py_ssize_t _merge_signals(const Lay* L, const double* work, Py_ssize_t n_ch
 
 
 cdef void _worst(const Lay* L, const double* work, Py_ssize_t n_chunks, double* max_j, double* arg_j) noexcept nogil:
-    """Largest ``work[c, max_cost]`` (first chunk on ties) and that row's ``arg_cost``."""
+    """Largest ``work[c, max_cost]`` (first chunk on ties, NaN never larger) and that row's ``arg_cost``; ``(-inf, -1)`` if none."""
     cdef Py_ssize_t c
-    max_j[0] = work[L.max_cost]
-    arg_j[0] = work[L.arg_cost]
-    for c in range(1, n_chunks):
+    max_j[0] = -INFINITY
+    arg_j[0] = -1.0
+    for c in range(n_chunks):
         if work[c * L.width + L.max_cost] > max_j[0]:
             max_j[0] = work[c * L.width + L.max_cost]
             arg_j[0] = work[c * L.width + L.arg_cost]

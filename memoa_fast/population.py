@@ -1,8 +1,6 @@
 """A population of online agents stepped in place by the compiled kernels (the one-machine engine)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _backends
@@ -51,6 +49,11 @@ def check_labels(labels, n_agents: int, n_classes: int) -> np.ndarray:
     # Always a private copy: the kernels index class tables by these labels without bounds checks, so a caller
     # who edits the array after passing it must not reach them.
     return np.array(arr, dtype=np.int64, order="C", copy=True)
+
+
+def first_max(J) -> int:
+    """The first index of the largest entry of ``J``, a NaN never larger (the kernels' ``>``); 0 if every entry is NaN."""
+    return int(np.argmax(np.where(J > -np.inf, J, -np.inf)))
 
 
 def state_sums(states: np.ndarray, labels: np.ndarray, n_classes: int):
@@ -437,10 +440,10 @@ class Population(MeanFieldSummary):
 
     @property
     def worst_agent(self) -> int:
-        """Index of the agent with the largest online cost (first one on ties)."""
+        """Index of the agent with the largest online cost (first one on ties, a NaN never larger; 0 if every cost is NaN)."""
         if self._worst >= 0:  # tracked by the step
             return self._worst
-        return int(np.argmax(self._J))
+        return first_max(self._J)
 
     @property
     def regret(self) -> float:
@@ -517,7 +520,7 @@ class Population(MeanFieldSummary):
             self._field[lay.field_state] = self._field[lay.field_next]
             self._mean_ready = True
             self._n_valid = n_valid
-            self._worst = worst if math.isfinite(max_cost) else -1
+            self._worst = worst if worst >= 0 else -1  # -1: no cost above -inf (every one NaN), see worst_agent
             self.t += 1
             self._discount *= self.game.gamma
 

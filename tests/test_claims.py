@@ -470,6 +470,40 @@ def test_every_backend_names_the_same_worst_agent_once_a_discount_of_0_meets_an_
     assert got["pipeline", "numba"][1] == got["pipeline", "numpy"][1]
 
 
+def _first_largest(costs):
+    """The first index of the largest non-NaN cost (0 if every cost is NaN): the worst-agent rule, written independently."""
+    finite = costs[~np.isnan(costs)]
+    return int(np.flatnonzero(costs == finite.max())[0]) if finite.size else 0
+
+
+def test_every_backend_and_thread_count_names_the_same_worst_agent_when_a_whole_chunk_of_costs_is_nan():
+    """The same NaN costs as above, filling the first chunk (then the second one's first agents): Cython's chunk
+    maximum fell back to ``(J[lo], lo)`` on an all-NaN chunk and its merge started from chunk 0's row, so it named
+    agent 0 with regret NaN where Numba and the reference name the largest finite cost (agent CHUNK + 1).
+    Also a NaN before an infinite cost: the inf is the worst (Population fell back to ``argmax``, the first NaN).
+    """
+    costly = Game(1e250, 1e250, 1e250, 0.01, policy="local")
+    n = CHUNK + 4
+    x = (np.arange(n, dtype=float) % 3)[:, None]
+    for n_nan in (CHUNK, CHUNK + 2, n):
+        s = np.ones((n, 1))
+        s[:n_nan:2], s[1:n_nan:2] = 1e30, -1e30  # pairs that cancel in the mean field
+        signals = np.broadcast_to(s, (170, n, 1))
+        for backend in BACKENDS:
+            for threads in (1, 2):
+                pop = Population(costly, initial_states=x, backend=backend, threads=threads)
+                pop.run(signals)
+                costs = pop.costs
+                assert np.isnan(costs[:n_nan]).all() and np.isfinite(costs[n_nan:]).all()
+                assert pop.worst_agent == _first_largest(costs), (n_nan, backend, threads)
+                np.testing.assert_array_equal(pop.regret, costs[pop.worst_agent])
+    for backend in BACKENDS:
+        pop = Population(Game(1.0, 1.0, 1.0, 0.9), initial_states=np.zeros((3, 1)), backend=backend)
+        pop._J[:] = [np.nan, np.inf, 1.0]  # no public way to this pattern without overflowing every cost
+        pop.step(np.ones((3, 1)))
+        assert (pop.worst_agent, pop.regret) == (1, np.inf), backend
+
+
 def test_every_backend_module_has_the_references_functions_with_its_signatures():
     """``kernels/_reference.py``: "Every backend module has the same public functions with the same signatures".
 
