@@ -751,6 +751,25 @@ def thread_client():
         _stop_cluster(cluster, client)
 
 
+@pytest.mark.parametrize("signals", [[1e30, -1e30, 1.0], [1e30, 1.0, -1e30], [1e30, -1e30, 1e30]], ids=["nan-nan-1", "nan-1-nan", "all-nan"])
+def test_the_worst_agent_with_nan_costs_is_the_one_machine_populations(thread_client, signals):
+    """``gamma^t`` underflowing to 0 times an infinite cost makes costs NaN (as on one machine). The shards took
+    ``numpy.argmax`` (the first NaN) and the merge skipped a NaN: worst agent -1, regret -inf, where the one-machine
+    Population names the largest cost (NaN never larger; agent 0 with regret NaN if every cost is NaN).
+    """
+    game = Game(1e250, 1e250, 1e250, 1e-200, policy="local")  # the discount is 0 from round 2
+    x0 = np.array([[0.0], [1.0], [2.0]])
+    s = np.broadcast_to(np.array(signals)[:, None], (3, 3, 1))
+    pop = Population(game, initial_states=x0, threads=1)
+    pop.run(s)
+    dpop = DaskPopulation(game, initial_states=x0, client=thread_client, timeout=TIMEOUT)
+    dpop.run(s)
+    np.testing.assert_array_equal(dpop.costs, pop.costs)
+    assert np.isnan(pop.costs).any()
+    assert dpop.worst_agent == pop.worst_agent
+    np.testing.assert_array_equal(dpop.regret, pop.regret)
+
+
 @pytest.mark.parametrize("action", ["reset", "load_state_dict", "restore"])
 def test_means_after_a_reload_that_follows_a_step_are_those_of_the_new_states(client, tmp_path, rng, action):
     """reset, load_state_dict and a single-file restore right after a step: m(t) is the new states' mean, as on one

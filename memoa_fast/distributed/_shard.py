@@ -18,7 +18,7 @@ from .. import checkpoint as _ckpt
 from .._state import check_source_layout
 from .._validation import as_float_array
 from ..kernels import used_columns, work_shape
-from ..population import check_labels, state_sums
+from ..population import check_labels, first_max, state_sums
 
 
 def shard_threads(threads):
@@ -123,7 +123,10 @@ class Shard:
             self.source.observe(y)
 
     def _worst(self):
-        i = int(np.argmax(self.J))
+        """The shard's largest cost and its first agent, a NaN never larger (the kernels' rule); ``(-inf, -1)`` if none."""
+        if not (self.J > -np.inf).any():
+            return -math.inf, -1
+        i = first_max(self.J)
         return float(self.J[i]), self.lo + i
 
     # ------------------------------------------------------------------ server

@@ -33,7 +33,7 @@ from ..checkpoint import (
 )
 from ..game import Game
 from ..kernels import CHUNK, N_COEF, SIZE, layout, used_columns
-from ..population import MeanFieldSummary, _check_magnitude, check_labels, population_shape
+from ..population import MeanFieldSummary, _check_magnitude, check_labels, first_max, population_shape
 from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
 from ._shard import Shard
 
@@ -491,10 +491,15 @@ class DaskPopulation(MeanFieldSummary):
         return readonly_view(self._gather_agents("costs", (self.n_agents,)))
 
     def _worst(self) -> tuple[float, int]:
+        """The largest cost and its first agent as :attr:`Population.worst_agent`: a NaN never larger; every cost NaN: ``numpy.argmax``."""
         best, arg = -np.inf, -1
         for value, index in self._call(("worst", ())):
             if value > best:
                 best, arg = value, index
+        if arg < 0:  # no cost above -inf (every one NaN): as the one-machine fallback
+            costs = self.costs
+            arg = first_max(costs)
+            best = float(costs[arg])
         return best, arg
 
     @property
