@@ -579,3 +579,20 @@ def test_sizes_are_checked_against_memory_before_anything_is_allocated(monkeypat
     with pytest.raises(ValueError, match=words):
         Pipeline(**kwargs, backend="numpy")
     Pipeline(10, 1, backend="numpy")  # ~1 kB fits
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_regret_is_the_worst_clients_cost_when_some_costs_are_nan(backend):
+    """``worst_client`` never names a NaN cost (the kernels' ``>``); ``regret`` was ``J.max()``, NaN as soon as one cost
+    is NaN (past the README's bound: ``gamma^t`` underflowed to 0 times an infinite cost), so the two disagreed.
+    """
+    pipe = Pipeline(3, 1, backend=backend)
+    assert (pipe.worst_client, pipe.regret) == (-1, 0.0)
+    pipe._J[:] = [np.nan, 5.0, 1.0]  # no cheap public way to a partly NaN state (every cost overflows alike)
+    pipe.run(np.zeros(3))
+    costs = pipe.costs
+    assert np.isnan(costs[0]) and pipe.worst_client == 1
+    assert pipe.regret == costs[1]
+    pipe._J[:] = np.nan
+    pipe.run(np.zeros(2))
+    assert pipe.worst_client == -1 and np.isnan(pipe.regret)

@@ -397,8 +397,9 @@ class Pipeline:
 
     @property
     def regret(self) -> float:
-        """Under-performer regret ``max_i J_i``."""
-        return float(self._J.max())
+        """Under-performer regret ``max_i J_i``: the cost of :attr:`worst_client` (NaN never larger; NaN if every cost is)."""
+        worst = self.worst_client
+        return float(self._J[worst]) if worst >= 0 else float(self._J.max())
 
     # ------------------------------------------------------------------ copies
     def __reduce__(self):
