@@ -517,3 +517,21 @@ def test_memoa_trust_runs_where_a_reformed_game_ties_its_gains(capsys):
         warnings.simplefilter("error", RuntimeWarning)  # no re-forming kept
         assert main(argv) in (0, None)
     assert "memoa-trust" in capsys.readouterr().out
+
+
+def test_minimax_worst_agent_and_regret_never_name_a_nan_cost():
+    """An infinite cost minus itself makes the published path's round loss NaN (``inf - inf``); ``worst_agent`` took
+    ``numpy.argmax`` (the first NaN) and ``regret`` the NaN, where Population (and the "error" rule) name the largest
+    cost, a NaN never larger.
+    """
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    kw = dict(n_classes=1, q=1e250, kappa=1e250, r=1e250, gamma=0.9)
+    minimax = TrustPopulation(3, 1, rule="minimax", **kw)
+    with np.errstate(invalid="ignore"):
+        for s in ([1e30, -1e30, 1.0], [1e30, -1e30, 1.0], [1.0, 1.0, 1e30]):  # costs 0 and 1 inf, then inf - inf
+            minimax.step(np.array(s))
+            minimax.observe(np.ones(1))
+    costs = minimax.costs
+    assert np.isnan(costs[:2]).all() and costs[2] == np.inf
+    assert (minimax.worst_agent, minimax.regret) == (2, np.inf)

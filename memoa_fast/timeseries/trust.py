@@ -27,7 +27,7 @@ from .._exclusive import Exclusive
 from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from ..game import Game
 from ..kernels import SIZE
-from ..population import Population
+from ..population import Population, first_max
 
 
 class TrustClasses:
@@ -406,12 +406,12 @@ class TrustPopulation:
     @property
     def regret(self) -> float:
         """``max_i J_i`` along the published path (the under-performer regret)."""
-        return self.population.regret if self.rule == "error" else float(self._published_costs.max())
+        return self.population.regret if self.rule == "error" else float(self._published_costs[self.worst_agent])
 
     @property
     def worst_agent(self) -> int:
-        """The client with the largest online cost along the published path."""
-        return self.population.worst_agent if self.rule == "error" else int(np.argmax(self._published_costs))
+        """The client with the largest online cost along the published path (first on ties, a NaN never larger, as Population)."""
+        return self.population.worst_agent if self.rule == "error" else first_max(self._published_costs)
 
     def __copy__(self):
         """A copy is independent of the original (as for :class:`~memoa_fast.Population`): a deep copy."""
