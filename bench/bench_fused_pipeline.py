@@ -27,9 +27,10 @@ the per-client squared errors recorded every round, three ways:
     the same round with ``jax.jit`` in float64 (only when JAX is importable): the whole series as one jitted
     ``jax.lax.scan``, the state donated, normals from ``jax.random.normal`` (JAX's default PRNG, threefry),
     compiled for the series' length before the timed runs (the compile time is printed apart); XLA may use both
-    cores. :func:`check_jax_pipeline` runs it beside ``numpy`` on the same normals (to 1e-10) before the timing.
-    ``--jax-variants`` adds ``jax-round`` (one jitted round per target, its prediction read back each round:
-    slower) and ``jax-rbg`` (the ``'rbg'`` PRNG: faster on a quiet machine, bench/README.md); the best peer
+    cores. :func:`check_jax_pipeline` runs it beside ``numpy`` on the same normals (to 1e-10) before the timing;
+``jax-rbg``
+    the same with the ``'rbg'`` PRNG (XLA's RngBitGenerator), faster on a quiet machine. ``--jax-variants`` adds
+    ``jax-round`` (one jitted round per target, its prediction read back each round: slower). The best peer
     printed is the fastest of ``numpy`` and the JAX contenders timed.
 
 The contenders run interleaved (one timed run of each per repetition, a fresh
@@ -61,7 +62,7 @@ Run from the repository root, against the installed package::
     python -P bench/bench_fused_pipeline.py                          # 10^5 clients x 1000 rounds
     python -P bench/bench_fused_pipeline.py --rounds 100 --reps 5    # the short variant
     python -P bench/bench_fused_pipeline.py --passes --budget        # and where the time goes
-    python -P bench/bench_fused_pipeline.py --jax-variants           # and the JAX pipeline's slower variants
+    python -P bench/bench_fused_pipeline.py --jax-variants           # and the JAX pipeline's slower variant
     python -P -m pytest bench/bench_fused_pipeline.py -p no:cacheprovider   # the ratio guard, seconds
 """
 from __future__ import annotations
@@ -102,8 +103,10 @@ from conftest import median_seconds  # noqa: E402
 GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
 ETA, ALPHA, MU, LAGS, NOISE = 0.5, 0.01, 0.1, 2, (0.02, 1.0)
 CONTENDERS = ("today", "round-1", "round-2", "fused-1", "fused-2", "numpy")
-JAX_CONTENDERS = ("jax",)  # added when JAX is importable (a benchmark-only extra, absent on CI)
-JAX_VARIANTS = ("jax-round", "jax-rbg")  # --jax-variants: one jitted call per round; the 'rbg' PRNG (bench/README.md)
+# Added when JAX is importable (a benchmark-only extra, absent on CI): JAX's default PRNG and the 'rbg' one, 1.15-1.17x
+# faster on a quiet machine (bench/README.md). --jax-variants adds one jitted call per round (slower than one scan).
+JAX_CONTENDERS = ("jax", "jax-rbg")
+JAX_VARIANTS = ("jax-round",)
 
 
 def all_contenders(jax_variants: bool = False) -> tuple:
@@ -867,7 +870,7 @@ def main(argv=None):
     parser.add_argument("--numpy-rounds", type=int, default=None, help="rounds of the NumPy pipeline (default: --rounds)")
     parser.add_argument("--jax-rounds", type=int, default=None, help="rounds of the JAX pipeline (default: --rounds)")
     parser.add_argument("--jax-variants", action="store_true",
-                        help="also time the JAX pipeline with one jitted call per round (jax-round) and with the 'rbg' PRNG (jax-rbg)")
+                        help="also time the JAX pipeline with one jitted call per round (jax-round)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--passes", action="store_true", help="also time pass A and pass B separately")
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
@@ -920,7 +923,7 @@ def main(argv=None):
             print(f"  jax ratios, {label}: fused-2/jax {rate['fused-2'] / rate['jax']:.2f}, fused-1/jax "
                   f"{rate['fused-1'] / rate['jax']:.2f}, round-2/jax {rate['round-2'] / rate['jax']:.2f}, round-1/jax "
                   f"{rate['round-1'] / rate['jax']:.2f}, jax/numpy {rate['jax'] / rate['numpy']:.2f}"
-                  + "".join(f", {v}/jax {rate[v] / rate['jax']:.2f}" for v in JAX_VARIANTS if v in rate)
+                  + "".join(f", {v}/jax {rate[v] / rate['jax']:.2f}" for v in JAX_CONTENDERS[1:] + JAX_VARIANTS if v in rate)
                   + f"; best peer: {best} (fused-2/{best} {rate['fused-2'] / rate[best]:.2f}, "
                   f"fused-1/{best} {rate['fused-1'] / rate[best]:.2f})")
     for kind in ("round", "fused"):
