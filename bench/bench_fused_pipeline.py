@@ -22,7 +22,16 @@ the per-client squared errors recorded every round, three ways:
     (one ``exp`` per client, as the fused kernel does when ``alpha > 0``;
     ``scipy.special.logsumexp`` only in a round where every weight
     underflows), the worst client ``argmax J`` every round (the step's
-    definition, as the kernels report it); its BLAS on one thread (``OPENBLAS_NUM_THREADS=1`` unless set), like its ufuncs.
+    definition, as the kernels report it); its BLAS on one thread (``OPENBLAS_NUM_THREADS=1`` unless set), like its ufuncs;
+``jax``
+    the same round with ``jax.jit`` in float64 (only when JAX is importable): the whole series as one jitted
+    ``jax.lax.scan``, the state donated, normals from ``jax.random.normal`` (JAX's default PRNG, threefry),
+    compiled for the series' length before the timed runs (the compile time is printed apart); XLA may use both
+    cores. :func:`check_jax_pipeline` runs it beside ``numpy`` on the same normals (to 1e-10) before the timing;
+``jax-rbg``
+    the same with the ``'rbg'`` PRNG (XLA's RngBitGenerator), faster on a quiet machine. ``--jax-variants`` adds
+    ``jax-round`` (one jitted round per target, its prediction read back each round: slower). The best peer
+    printed is the fastest of ``numpy`` and the JAX contenders timed.
 
 The contenders run interleaved (one timed run of each per repetition, a fresh
 object each time, JIT warmed before); the table gives the medians of whole
@@ -53,6 +62,7 @@ Run from the repository root, against the installed package::
     python -P bench/bench_fused_pipeline.py                          # 10^5 clients x 1000 rounds
     python -P bench/bench_fused_pipeline.py --rounds 100 --reps 5    # the short variant
     python -P bench/bench_fused_pipeline.py --passes --budget        # and where the time goes
+    python -P bench/bench_fused_pipeline.py --jax-variants           # and the JAX pipeline's slower variant
     python -P -m pytest bench/bench_fused_pipeline.py -p no:cacheprovider   # the ratio guard, seconds
 """
 from __future__ import annotations
@@ -87,11 +97,23 @@ from memoa_fast.timeseries.pipeline import Pipeline
 from memoa_fast.timeseries.streams import make_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script with -P, bench/ is not on sys.path
+import peers  # noqa: E402
 from conftest import median_seconds  # noqa: E402
 
 GAME = Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
 ETA, ALPHA, MU, LAGS, NOISE = 0.5, 0.01, 0.1, 2, (0.02, 1.0)
 CONTENDERS = ("today", "round-1", "round-2", "fused-1", "fused-2", "numpy")
+# Added when JAX is importable (a benchmark-only extra, absent on CI): JAX's default PRNG and the 'rbg' one, 1.15-1.17x
+# faster on a quiet machine (bench/README.md). --jax-variants adds one jitted call per round (slower than one scan).
+JAX_CONTENDERS = ("jax", "jax-rbg")
+JAX_VARIANTS = ("jax-round",)
+
+
+def all_contenders(jax_variants: bool = False) -> tuple:
+    """:data:`CONTENDERS`, then the JAX ones when JAX can be imported."""
+    if not peers.have_jax():
+        return CONTENDERS
+    return CONTENDERS + JAX_CONTENDERS + (JAX_VARIANTS if jax_variants else ())
 
 
 # --------------------------------------------------------------------------- today (experiment.py, one policy)
@@ -281,6 +303,248 @@ class NumpyPipeline:
         return err
 
 
+# --------------------------------------------------------------------------- JAX
+_JAX = {}
+
+
+def _jax_functions() -> dict:
+    """The JAX pipeline's jitted functions, built once per process (so each shape compiles once).
+
+    ``run`` / ``run_given``: the whole series as one ``jax.lax.scan`` (normals drawn with ``jax.random``, or
+    given as a ``(T, N)`` array); ``round`` / ``round_given``: one round. The state ``(w0, ..., w4, a0, a1, x, J,
+    p, sq_err, sq_sig, t, discount)`` is donated, so XLA updates it in place.
+    """
+    if _JAX:
+        return _JAX
+    jax = peers._jax()  # float64 (jax_enable_x64)
+    import jax.numpy as jnp
+    from jax.scipy.special import logsumexp as jlse
+
+    g = GAME.table
+    gain, csig = float(g.coef[0, 0]), float(g.coef[0, 1])
+    mix_s, mix_m = float(g.mix[0, 0, 0]), float(g.mix[1, 0, 0])
+    q, kappa, r, gamma = GAME.q, GAME.kappa, GAME.r, GAME.gamma
+    keep = 1.0 - ALPHA
+
+    def argmax(J):
+        """``np.argmax(J)`` (the first maximum, or the first NaN) as two plain reductions.
+
+        ``jnp.argmax`` is one (value, index) reduction, 5.1 ns per client here against 2.6 for this form (alone),
+        about a tenth of the round (16.5 against 12.1 ns per client-step, the normals given): we give the peer
+        the faster form.
+        """
+        first = (J == J.max()) | jnp.isnan(J)
+        return jnp.where(first, jnp.arange(J.shape[0]), J.shape[0]).min()
+
+    def step(state, sigma, eps, y_t, target):
+        """One round, what :meth:`NumpyPipeline.run` does per round; returns the state, yhat, worst client, underflow."""
+        w0, w1, w2, w3, w4, a0, a1, x, J, p, sq_err, sq_sig, t, discount = state
+        # forecasters on phi = [a0, a1, a0^2, a1^2, 1]: observe z, NLMS update on the last forecast's error (from the
+        # second round on), shift z into the lags, forecast. Written out term by term: the (5, N) form
+        # (w * phi).sum(axis=0), or einsum("fr,fr->r"), took 42-46 ns per client on XLA's CPU backend, the
+        # written-out sum 1.1 ns.
+        z = sigma * eps + y_t
+        b0, b1 = a0 * a0, a1 * a1
+        e = z - (w0 * a0 + w4 + w2 * b0 + w1 * a1 + w3 * b1)
+        g = jnp.where(t > 0, MU * (e / (b0 * b0 + b0 + b1 + b1 * b1 + 1.0)), 0.0)
+        w0, w1, w2, w3, w4 = w0 + g * a0, w1 + g * a1, w2 + g * b0, w3 + g * b1, w4 + g
+        a0, a1 = z, a0
+        s = w0 * z + w4 + w2 * (z * z) + w1 * a1 + w3 * (a1 * a1)
+        sq_sig = sq_sig + (s - target) ** 2
+        # population step (MEMOA, one class)
+        sbar, m = s.mean(), x.mean()
+        u = -gain * (x - csig * s - (mix_s * sbar + mix_m * m))
+        J = J + (0.5 * discount) * (q * (x - s) ** 2 + kappa * (x - m) ** 2 + r * u * u)
+        worst = argmax(J)
+        x = x + u
+        # server: predict, score, hedge with fixed share in the probability domain (logs if every weight underflows)
+        yhat = p @ x
+        loss = (x - target) ** 2
+        sq_err = sq_err + loss
+        pe = jnp.exp(-ETA * loss) * p
+        total = pe.sum()
+
+        def through_logs(_):
+            lp = jnp.log(p) - ETA * loss
+            return keep * jnp.exp(lp - jlse(lp))
+
+        p = jax.lax.cond(total > 0.0, lambda _: pe * (keep / total), through_logs, None) + ALPHA / x.shape[0]
+        return (w0, w1, w2, w3, w4, a0, a1, x, J, p, sq_err, sq_sig, t + 1, discount * gamma), (yhat, worst, total == 0.0)
+
+    def normal(key, n):
+        key, sub = jax.random.split(key)
+        return key, jax.random.normal(sub, (n,), dtype=jnp.float64)
+
+    def run(state, sigma, key, y):
+        def body(carry, yy):
+            state, key = carry
+            key, eps = normal(key, sigma.shape[0])
+            state, out = step(state, sigma, eps, yy[0], yy[1])
+            return (state, key), out
+
+        (state, key), out = jax.lax.scan(body, (state, key), (y[:-1], y[1:]))
+        return state, key, out
+
+    def run_given(state, sigma, normals, y):
+        def body(state, xs):
+            eps, y_t, target = xs
+            return step(state, sigma, eps, y_t, target)
+
+        return jax.lax.scan(body, state, (normals, y[:-1], y[1:]))
+
+    def round_(state, sigma, key, y_t, target):
+        key, eps = normal(key, sigma.shape[0])
+        state, out = step(state, sigma, eps, y_t, target)
+        return state, key, out
+
+    _JAX.update(jax=jax, jnp=jnp, run=jax.jit(run, donate_argnums=(0,)), run_given=jax.jit(run_given, donate_argnums=(0,)),
+                round=jax.jit(round_, donate_argnums=(0,)), round_given=jax.jit(step, donate_argnums=(0,)))
+    return _JAX
+
+
+class JaxPipeline:
+    """The same round as :class:`NumpyPipeline` with ``jax.jit`` in float64, as a competent JAX user writes it.
+
+    ``batch``: the whole series as one jitted ``jax.lax.scan`` (one call per series; its per-round time is the mean
+    round); else one jitted round per target, whose prediction is read back each round (the embedding user's
+    call, like ``round-1``). Normals from ``jax.random.normal`` with the PRNG ``impl`` (``None``: JAX's default,
+    threefry; ``"rbg"``: XLA's RngBitGenerator), keys split in the loop. ``sigma``: the noise scales (default:
+    log-uniform on ``NOISE`` from ``jax.random``). After a run, ``yhat``, ``worst`` and ``underflow`` (every
+    weight underflowed: the log-domain branch ran) hold one entry per round; ``x``, ``J``, ``p``, ``w``, ``lag``,
+    ``sq_err``, ``sq_sig`` the state. XLA may use both cores.
+    """
+
+    def __init__(self, n: int, seed: int = 0, *, batch: bool = True, impl: str | None = None, sigma=None):
+        fns = self.fns = _jax_functions()
+        jax, jnp = fns["jax"], fns["jnp"]
+        self.n, self.batch = n, batch
+        key, sub = jax.random.split(jax.random.key(seed, impl=impl))
+        if sigma is None:
+            lo, hi = NOISE
+            sigma = jnp.exp(jax.random.uniform(sub, (n,), jnp.float64, math.log(lo), math.log(hi)))
+        self.sigma = jnp.asarray(sigma, dtype=jnp.float64)
+        self.key = key
+        f64 = jnp.float64  # every entry strongly typed, as the rounds return them: no second compile from round 2 on
+        self.state = (jnp.ones(n, f64),) + tuple(jnp.zeros(n, f64) for _ in range(8)) + (
+            jnp.full(n, 1.0 / n, f64), jnp.zeros(n, f64), jnp.zeros(n, f64), jnp.asarray(0, jnp.int64), jnp.asarray(1.0, f64))
+
+    def __getattr__(self, name):
+        """The state as NumPy arrays: ``w`` (5, N) and ``lag`` (2, N) as :class:`NumpyPipeline` keeps them, ``x``, ..."""
+        names = ("x", "J", "p", "sq_err", "sq_sig")
+        if name == "w":
+            return np.array(self.state[:5])
+        if name == "lag":
+            return np.array(self.state[5:7])
+        if name in names:
+            return np.asarray(self.state[7 + names.index(name)])
+        raise AttributeError(name)
+
+    def compile(self, y: np.ndarray) -> float:
+        """Trace and compile what :meth:`run` calls on ``y`` (drawn normals), ahead of time; returns the seconds.
+
+        The compiled function lands in ``jax.jit``'s cache, so the next ``run`` on a series of that length (on any
+        pipeline of this size, PRNG and mode) does not compile again.
+        """
+        fns, jnp = self.fns, self.fns["jnp"]
+        yv = np.ascontiguousarray(y[:, 0], dtype=np.float64)
+        t0 = time.perf_counter()
+        if self.batch:
+            fns["run"].lower(self.state, self.sigma, self.key, jnp.asarray(yv)).compile()
+        else:
+            fns["round"].lower(self.state, self.sigma, self.key, yv[0], yv[1]).compile()
+        return time.perf_counter() - t0
+
+    def run(self, y: np.ndarray, times: list | None = None, normals: np.ndarray | None = None) -> float:
+        """Play ``len(y) - 1`` rounds; returns the mixture's summed squared error. ``normals``: (rounds, N), given."""
+        fns, jnp = self.fns, self.fns["jnp"]
+        clock = time.perf_counter
+        yv = np.ascontiguousarray(y[:, 0], dtype=np.float64)
+        rounds = len(yv) - 1
+        t0 = clock()
+        if self.batch:
+            if normals is None:
+                self.state, self.key, out = fns["run"](self.state, self.sigma, self.key, jnp.asarray(yv))
+            else:
+                self.state, out = fns["run_given"](self.state, self.sigma, jnp.asarray(normals), jnp.asarray(yv))
+            yhat, worst, under = (np.asarray(o) for o in out)  # waits for the scan
+            if times is not None:
+                times.extend([(clock() - t0) / rounds] * rounds)
+        else:
+            yhat, worst, under = np.empty(rounds), np.empty(rounds, dtype=np.int64), np.empty(rounds, dtype=bool)
+            for t in range(rounds):
+                t1 = clock()
+                if normals is None:
+                    self.state, self.key, out = fns["round"](self.state, self.sigma, self.key, yv[t], yv[t + 1])
+                else:
+                    self.state, out = fns["round_given"](self.state, self.sigma, jnp.asarray(normals[t]), yv[t], yv[t + 1])
+                yhat[t] = float(out[0])  # the embedding user reads the prediction every round: this waits for it
+                worst[t], under[t] = out[1], out[2]
+                if times is not None:
+                    times.append(clock() - t1)
+        self.yhat, self.worst, self.underflow = yhat, worst, under
+        diff = yhat - yv[1:]
+        return float(diff @ diff)
+
+
+class _GivenNormals:
+    """Stands in for :class:`NumpyPipeline`'s generator: ``standard_normal(out=)`` copies the next given row."""
+
+    def __init__(self, normals: np.ndarray):
+        self.normals, self.t = normals, 0
+
+    def standard_normal(self, out):
+        out[...] = self.normals[self.t]
+        self.t += 1
+
+
+def _agree(name: str, got, want) -> float:
+    """Largest difference of ``got`` (JAX) from ``want`` (NumPy) relative to ``max(1, max |want|)``; raise beyond 1e-10."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    err = float(np.max(np.abs(got - want))) / max(1.0, float(np.max(np.abs(want))))
+    if not err <= peers.TOLERANCE:
+        raise AssertionError(f"{name}: the JAX pipeline differs from the NumPy one by {err:.3g} (relative), more than "
+                             f"{peers.TOLERANCE:g}")
+    return err
+
+
+def check_jax_pipeline(n: int = 3000, rounds: int = 40, batch: bool = True, seed: int = 3) -> float:
+    """:class:`JaxPipeline` beside :class:`NumpyPipeline` on the same normals and noise scales; raise beyond 1e-10.
+
+    Two ``run`` calls of ``rounds / 2`` rounds each (the state carries over); the stream has a spike of 50 as one
+    round's target, where every hedge weight underflows (``exp(-eta loss)`` with ``eta loss > 1000``) and the
+    log-domain branch runs (checked; it runs in the next few rounds too, while the forecasts chase the spike).
+    Per round: the mixture's squared error and the worst client; after each call: states, costs, weights, NLMS
+    weights and lags, both error records. Returns the largest difference, relative to the largest magnitude (at
+    least 1).
+    """
+    y = make_stream("logistic", rounds + 1, seed=0)[:, None].copy()
+    spike = rounds // 2 + 5
+    y[spike, 0] = 50.0
+    normals = np.random.default_rng(seed).standard_normal((rounds, n))
+    ref = NumpyPipeline(n)
+    ref.rng = _GivenNormals(normals)
+    mine = JaxPipeline(n, batch=batch, sigma=ref.sigma)
+    worst_err = 0.0
+    half = rounds // 2
+    for lo, hi in ((0, half), (half, rounds)):
+        sq_mix, worst = [], []
+        for t in range(lo, hi):
+            sq_mix.append(ref.run(y[t:t + 2]))  # one round: its mixture's squared error
+            worst.append(ref.worst)
+        mine.run(y[lo:hi + 1], normals=normals[lo:hi])
+        sq_mix_jax = (mine.yhat - y[lo + 1:hi + 1, 0]) ** 2
+        worst_err = max(worst_err, _agree(f"mixture squared errors, rounds {lo}-{hi - 1}", sq_mix_jax, sq_mix))
+        if not np.array_equal(mine.worst, worst):
+            raise AssertionError(f"worst clients, rounds {lo}-{hi - 1}: jax {mine.worst.tolist()}, numpy {worst}")
+        for name, want in (("x", ref.x), ("J", ref.J), ("p", ref.p), ("w", ref.w), ("lag", ref.lag), ("sq_err", ref.sq_err),
+                           ("sq_sig", ref.sq_sig)):
+            worst_err = max(worst_err, _agree(f"{name} after round {hi - 1}", getattr(mine, name), want))
+    if not mine.underflow[spike - 1 - half] or mine.underflow.all():
+        raise AssertionError(f"the log-domain branch ran in rounds {np.flatnonzero(mine.underflow) + half} of {half}-{rounds - 1}: "
+                             f"it should in round {spike - 1} (the spike), and not in every round")
+    return worst_err
+
+
 # --------------------------------------------------------------------------- running
 def build(name: str, n: int):
     if name == "today":
@@ -289,6 +553,8 @@ def build(name: str, n: int):
         return Fused(n, threads=int(name[-1]), batch=name.startswith("fused"))
     if name == "numpy":
         return NumpyPipeline(n)
+    if name.startswith("jax"):
+        return JaxPipeline(n, batch=name != "jax-round", impl="rbg" if name == "jax-rbg" else None)
     raise ValueError(name)
 
 
@@ -307,20 +573,30 @@ def time_once(name: str, n: int, y: np.ndarray, times: list | None = None) -> fl
     return time.perf_counter() - t0
 
 
-def compare(n: int, rounds: int, reps: int, numpy_rounds: int, contenders=CONTENDERS):
+def compare(n: int, rounds: int, reps: int, numpy_rounds: int, contenders=CONTENDERS, jax_rounds: int | None = None,
+            compile_s: dict | None = None):
     """Interleaved repetitions.
 
     Returns ``({name: [client-steps/s of each whole run]}, {name: client-steps/s
     of the median round over all runs})``. The median round is robust to the
-    preemptions of a shared machine, which a whole run's time is not.
+    preemptions of a shared machine, which a whole run's time is not. The JAX
+    contenders play ``jax_rounds`` rounds (default ``rounds``) and are compiled
+    for that shape first, untimed; ``compile_s`` receives those seconds.
     """
     y = make_stream("logistic", rounds + 1, seed=0)[:, None]
     y_np = y[: numpy_rounds + 1]
+    y_jax = make_stream("logistic", (jax_rounds or rounds) + 1, seed=0)[:, None]
+    series_of = {name: y_np if name == "numpy" else y_jax if name.startswith("jax") else y for name in contenders}
+    for name in contenders:
+        if name.startswith("jax"):
+            sec = build(name, n).compile(series_of[name])
+            if compile_s is not None:
+                compile_s[name] = sec
     rates = {name: [] for name in contenders}
     rounds_s = {name: [] for name in contenders}
     for _ in range(reps):
         for name in contenders:
-            series = y_np if name == "numpy" else y
+            series = series_of[name]
             sec = time_once(name, n, series, rounds_s[name])
             rates[name].append(n * (len(series) - 1) / sec)
     per_round = {name: n / statistics.median(v) for name, v in rounds_s.items()}
@@ -592,6 +868,9 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=1000)
     parser.add_argument("--numpy-rounds", type=int, default=None, help="rounds of the NumPy pipeline (default: --rounds)")
+    parser.add_argument("--jax-rounds", type=int, default=None, help="rounds of the JAX pipeline (default: --rounds)")
+    parser.add_argument("--jax-variants", action="store_true",
+                        help="also time the JAX pipeline with one jitted call per round (jax-round)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--passes", action="store_true", help="also time pass A and pass B separately")
     parser.add_argument("--floor", action="store_true", help="also time a sweep that only reads and writes the state")
@@ -606,12 +885,25 @@ def main(argv=None):
         args.parts = args.floor = True
     n, rounds = args.clients, args.rounds
     numpy_rounds = args.numpy_rounds or rounds
+    jax_rounds = args.jax_rounds or rounds
+    contenders = all_contenders(args.jax_variants)
+    if "jax" in contenders:
+        import jax
+
+        print(f"jax {jax.__version__}: the JAX pipeline agrees with the NumPy one on the same normals to "
+              f"{check_jax_pipeline():.1e} (one scan per series) and {check_jax_pipeline(batch=False):.1e} (one call per round)")
+    else:
+        print("jax: not importable, no JAX contender (pip install jax: benchmark-only)")
     warm()
     load0 = os.getloadavg()
-    rates, per_round = compare(n, rounds, args.reps, numpy_rounds)
+    compile_s = {}
+    rates, per_round = compare(n, rounds, args.reps, numpy_rounds, contenders, jax_rounds, compile_s)
     load1 = os.getloadavg()
-    print(f"{n} clients x {rounds} rounds (numpy: {numpy_rounds}), {args.reps} interleaved repetitions, "
+    print(f"{n} clients x {rounds} rounds (numpy: {numpy_rounds}, jax: {jax_rounds}), {args.reps} interleaved repetitions, "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after ({os.cpu_count()} cores)")
+    if compile_s:
+        print("jax compile (trace, lower, compile; before the timed runs, not in them): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in compile_s.items()))
     med = {name: statistics.median(v) for name, v in rates.items()}
     top = {name: max(v) for name, v in rates.items()}
     print(f"{'contender':<9} {'median client-steps/s':>22} {'ns/client-step':>15} {'vs today':>9} {'vs numpy':>9} "
@@ -625,6 +917,15 @@ def main(argv=None):
     print("  ratios of median rounds: " + ", ".join(
         f"{name}/today {r / per_round['today']:.2f}, {name}/numpy {r / per_round['numpy']:.2f}"
         for name, r in per_round.items() if name.startswith(("fused", "round"))))
+    if "jax" in med:
+        for label, rate in (("whole runs (medians)", med), ("median rounds", per_round)):
+            best = max((k for k in rate if k == "numpy" or k.startswith("jax")), key=rate.get)
+            print(f"  jax ratios, {label}: fused-2/jax {rate['fused-2'] / rate['jax']:.2f}, fused-1/jax "
+                  f"{rate['fused-1'] / rate['jax']:.2f}, round-2/jax {rate['round-2'] / rate['jax']:.2f}, round-1/jax "
+                  f"{rate['round-1'] / rate['jax']:.2f}, jax/numpy {rate['jax'] / rate['numpy']:.2f}"
+                  + "".join(f", {v}/jax {rate[v] / rate['jax']:.2f}" for v in JAX_CONTENDERS[1:] + JAX_VARIANTS if v in rate)
+                  + f"; best peer: {best} (fused-2/{best} {rate['fused-2'] / rate[best]:.2f}, "
+                  f"fused-1/{best} {rate['fused-1'] / rate[best]:.2f})")
     for kind in ("round", "fused"):
         best = max(med[f"{kind}-1"], med[f"{kind}-2"])
         print(f"{kind} (best of 1 and 2 threads) / today: {best / med['today']:.2f}x; / numpy: {best / med['numpy']:.2f}x; "
@@ -702,6 +1003,14 @@ def test_fused_beats_today_and_numpy(warmed):
     # log-weight contender; it failed since that contender was made honest, unnoticed (bench only, not in CI).
     assert med["round-1"] > 2.5 * med["numpy"], med
     assert med["fused-1"] > 2.5 * med["numpy"], med
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["scan", "per-round"])
+def test_jax_pipeline_agrees_with_numpy(batch):
+    """The JAX contender computes what the NumPy one computes, on the same normals (to 1e-10), log branch included."""
+    if not peers.have_jax():
+        pytest.skip("JAX is not installed (pip install jax: benchmark-only)")
+    assert check_jax_pipeline(batch=batch) <= peers.TOLERANCE
 
 
 def test_probe_kernel_fits_and_takes_the_usual_paths():
