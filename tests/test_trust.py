@@ -1,4 +1,6 @@
 """Trust classes from measured error: quantile classes and class weights (MODEL.md section 7)."""
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -519,19 +521,29 @@ def test_memoa_trust_runs_where_a_reformed_game_ties_its_gains(capsys):
     assert "memoa-trust" in capsys.readouterr().out
 
 
-def test_minimax_worst_agent_and_regret_never_name_a_nan_cost():
-    """An infinite cost minus itself makes the published path's round loss NaN (``inf - inf``); ``worst_agent`` took
-    ``numpy.argmax`` (the first NaN) and ``regret`` the NaN, where Population (and the "error" rule) name the largest
-    cost, a NaN never larger.
+@pytest.mark.parametrize("gamma", [0.9, 1e-200], ids=["inf", "underflow"])
+def test_minimax_published_costs_overflow_as_the_leaders_and_never_name_a_nan_worst_agent(gamma):
+    """Past float64's range the published path's costs are the leader's: inf stays inf (``J_i`` only grows), NaN only
+    once ``gamma^t`` underflows (``0 * inf``), and ``worst_agent``/``regret`` name the largest non-NaN cost, as the
+    "error" rule (its Population) does. The round loss ``J_after - J_before`` was ``inf - inf = NaN`` (with a
+    RuntimeWarning): at gamma 0.9 an inf published cost became NaN, and worst_agent moved from 0 to agent 2.
+    Before ``first_max``, ``worst_agent`` took ``numpy.argmax``, the first NaN.
     """
     from memoa_fast.timeseries.trust import TrustPopulation
 
-    kw = dict(n_classes=1, q=1e250, kappa=1e250, r=1e250, gamma=0.9)
-    minimax = TrustPopulation(3, 1, rule="minimax", **kw)
-    with np.errstate(invalid="ignore"):
-        for s in ([1e30, -1e30, 1.0], [1e30, -1e30, 1.0], [1.0, 1.0, 1e30]):  # costs 0 and 1 inf, then inf - inf
-            minimax.step(np.array(s))
-            minimax.observe(np.ones(1))
-    costs = minimax.costs
-    assert np.isnan(costs[:2]).all() and costs[2] == np.inf
-    assert (minimax.worst_agent, minimax.regret) == (2, np.inf)
+    got = {}
+    for rule in ("minimax", "error"):
+        tp = TrustPopulation(3, 1, rule=rule, n_classes=1, q=1e250, kappa=1e250, r=1e250, gamma=gamma)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(3):  # clients 0 and 1 overflow in round 1; the discount is 0 in round 3 when gamma = 1e-200
+                tp.step(np.array([1e30, -1e30, 1.0]))
+                tp.observe(np.ones(1))
+        got[rule] = tp.costs.copy(), tp.worst_agent, tp.regret
+    (costs, worst, regret), (ref_costs, ref_worst, ref_regret) = got["minimax"], got["error"]
+    assert np.isfinite(costs[2]) and (np.isinf(costs[:2]).all() if gamma == 0.9 else np.isnan(costs[:2]).all())
+    np.testing.assert_array_equal(np.isnan(costs), np.isnan(ref_costs))
+    np.testing.assert_array_equal(np.isinf(costs), np.isinf(ref_costs))
+    assert worst == ref_worst == (0 if gamma == 0.9 else 2)
+    np.testing.assert_allclose(regret, ref_regret, rtol=1e-12)
+    assert regret == costs[worst]

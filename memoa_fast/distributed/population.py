@@ -504,12 +504,15 @@ class DaskPopulation(MeanFieldSummary):
 
     @property
     def worst_agent(self) -> int:
-        """Index of the agent with the largest online cost (first one on ties); 2 numbers per shard."""
+        """Index of the agent with the largest online cost (first one on ties, a NaN never larger; 0 if every cost is NaN).
+
+        2 numbers per shard (every cost gathered when every cost is NaN).
+        """
         return self._worst()[1]
 
     @property
     def regret(self) -> float:
-        """Under-performer regret ``max_i J_i``: the worst client's online cost; 2 numbers per shard."""
+        """Under-performer regret ``max_i J_i``: the cost of :attr:`worst_agent`; 2 numbers per shard (see there)."""
         return float(self._worst()[0])
 
     def _gather_agents(self, what, shape, sid=None) -> np.ndarray:

@@ -314,10 +314,21 @@ class TrustPopulation:
             np.copyto(incoming, s)
             if self.rule == "minimax":
                 np.copyto(self._round_cost, self.population.costs)
+                overflowed = self.population.regret == math.inf  # a leader's cost is inf already (O(1): the step tracks it)
             for pop in self.populations:
                 pop.step(incoming)
             if self.rule == "minimax":  # the published path's cost: this round's loss in the leader's game
-                np.subtract(self.population.costs, self._round_cost, out=self._round_cost)
+                after = self.population.costs
+                if overflowed:
+                    # The leader's cost was already inf (past float64), so its growth is unknown (inf - inf), but it
+                    # is >= 0: a published cost that is inf stays inf (it only grows), as the leader's own does. NaN
+                    # is left only where the leader's is NaN (0 * inf once gamma^t underflows) or the published
+                    # cost is still finite.
+                    with np.errstate(invalid="ignore"):
+                        np.subtract(after, self._round_cost, out=self._round_cost)
+                    self._round_cost[np.isnan(self._round_cost) & (after == np.inf) & (self._published_costs == np.inf)] = 0.0
+                else:
+                    np.subtract(after, self._round_cost, out=self._round_cost)
                 self._published_costs += self._round_cost
             self._diff, self._signals = self._signals, incoming
         return self.population.states
@@ -397,7 +408,10 @@ class TrustPopulation:
 
         For ``"error"`` this is the population's :attr:`~memoa_fast.Population.costs`.
         For ``"minimax"`` each round adds that round's discounted loss of the
-        leader of that round (in the leader's game), so ``J_i`` only grows.
+        leader of that round (in the leader's game), so ``J_i`` only grows:
+        an ``inf`` stays ``inf`` while the leader's cost is ``inf`` (its growth
+        ``inf - inf`` is unknown but not negative), NaN as the leader's once
+        ``gamma^t`` underflows (``0 * inf``).
         """
         if self.rule == "error":
             return self.population.costs
