@@ -57,6 +57,7 @@ import numpy as np
 
 from ._config import CHUNK, PAD
 from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT
+from ._reference import _first_max  # the compiled kernels' worst-agent rule, one definition
 
 # ``params``: the float settings of a round.
 P_ETA, P_ALPHA, P_MU, P_HALF_DISCOUNT, P_GAIN, P_SIGNAL, P_Q, P_KAPPA, P_R, P_MIX_SIGNAL, P_MIX_STATE = range(11)
@@ -233,18 +234,6 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
         field[FIELD_SIGNAL] = s[ok].sum(axis=0) / count
     field[FIELD_OFFSET] = params[P_MIX_SIGNAL] * field[FIELD_SIGNAL] + params[P_MIX_STATE] * field[FIELD_STATE]
     work[...] = 0.0
-
-
-def _first_max(J):
-    """``(max, first index)`` over the entries of ``J`` above ``-inf``, a NaN never larger (the compiled kernels' ``>``).
-
-    ``(-inf, -1)`` when there is none (every cost NaN: ``gamma^t`` underflowed to 0 times an infinite cost).
-    """
-    above = J > -np.inf  # False for NaN
-    if not above.any():
-        return -np.inf, -1
-    k = int(np.argmax(np.where(above, J, -np.inf)))
-    return float(J[k]), k
 
 
 def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):

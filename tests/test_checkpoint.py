@@ -851,30 +851,13 @@ def test_only_stale_temporaries_of_this_checkpoint_are_removed(run):
         assert (folder / name).exists() is not removed, name
 
 
-def test_a_save_in_progress_keeps_its_temporary_when_a_concurrent_save_cleans_up(run, monkeypatch):
+@pytest.mark.parametrize("locks", ["local", "nfs"])
+def test_a_save_in_progress_keeps_its_temporary_when_a_concurrent_save_cleans_up(run, monkeypatch, locks):
     """Two saves of one checkpoint at once: the one finishing first (its cleanup: every temporary of this checkpoint
     older than its start) must not remove the other's file while that one is still writing, however old it is.
-    """
-    import memoa_fast.checkpoint as ck
 
-    pop, server, _, _, path = run
-    real_savez = np.savez
-
-    def savez_then_a_concurrent_cleanup(f, **arrays):
-        real_savez(f, **arrays)
-        os.utime(f.name, (time.time() - 3600, time.time() - 3600))  # a long save: its file looks old
-        ck._remove_stale_temporaries(path, time.time() + 10)  # another save of `path` finishes now
-
-    monkeypatch.setattr(ck.np, "savez", savez_then_a_concurrent_cleanup)
-    save_checkpoint(path, pop, server)
-    monkeypatch.undo()
-    np.testing.assert_array_equal(load_checkpoint(path).population["states"], pop.states)
-    assert _tmp_files(path.parent) == []
-
-
-def test_a_save_in_progress_keeps_its_temporary_where_exclusive_locks_need_a_writable_descriptor(run, monkeypatch):
-    """NFS (and SMB) emulate flock with byte-range locks: an exclusive lock needs the file open for writing, else
-    EBADF (flock(2), "NFS details"). The cleanup's probe must still see a live writer's lock there, not take the
+    ``nfs``: NFS (and SMB) emulate flock with byte-range locks: an exclusive lock needs the file open for writing,
+    else EBADF (flock(2), "NFS details"). The cleanup's probe must still see a live writer's lock there, not take the
     error for a file system without locks and delete the file mid-write.
     """
     import memoa_fast.checkpoint as ck
@@ -891,10 +874,11 @@ def test_a_save_in_progress_keeps_its_temporary_where_exclusive_locks_need_a_wri
 
     def savez_then_a_concurrent_cleanup(f, **arrays):
         real_savez(f, **arrays)
-        os.utime(f.name, (time.time() - 3600, time.time() - 3600))
-        ck._remove_stale_temporaries(path, time.time() + 10)
+        os.utime(f.name, (time.time() - 3600, time.time() - 3600))  # a long save: its file looks old
+        ck._remove_stale_temporaries(path, time.time() + 10)  # another save of `path` finishes now
 
-    monkeypatch.setattr(ck.fcntl, "flock", nfs_flock)
+    if locks == "nfs":
+        monkeypatch.setattr(ck.fcntl, "flock", nfs_flock)
     monkeypatch.setattr(ck.np, "savez", savez_then_a_concurrent_cleanup)
     save_checkpoint(path, pop, server)
     monkeypatch.undo()
