@@ -403,23 +403,38 @@ def _remove_stale_temporaries(path: Path, started: float) -> list[str]:
                 if not pattern.match(entry.name):
                     continue
                 with contextlib.suppress(OSError):
-                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < started:
-                        # Opened for writing: where flock is emulated by byte-range locks (NFS, SMB) an exclusive
-                        # lock needs it (else EBADF, which would read as "no locks" and delete a live file).
-                        fd = os.open(entry.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-                        try:
-                            if fcntl is not None:
-                                try:
-                                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                                except BlockingIOError:  # its writer is alive
-                                    continue
-                                except OSError:  # a file system without locks: the age alone decides
-                                    pass
-                            os.unlink(entry.path)
-                        finally:
-                            os.close(fd)
+                    if (entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < started
+                            and not _held_by_a_live_process(entry.path)):
+                        os.unlink(entry.path)
                         removed.append(entry.name)
     return removed
+
+
+def _held_by_a_live_process(path) -> bool:
+    """Whether the file at ``path`` is not debris: a live process holds its :func:`_lock_temporary` lock.
+
+    So is a file this process cannot open for writing (another user's). False where it is gone, or unlocked, or
+    the file system has no locks (then the age alone decides). The temporaries' cleanup and the sharded saves'
+    live marks (:func:`_save_is_live`) ask the same question.
+    """
+    try:
+        # Opened for writing: where flock is emulated by byte-range locks (NFS, SMB) an exclusive lock needs it
+        # (else EBADF, which would read as "no locks" and delete a live file).
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # its writer is alive
+        return True
+    except OSError:  # a file system without locks
+        pass
+    finally:
+        os.close(fd)
+    return False
 
 
 def _lock_temporary(fd: int) -> None:
@@ -898,23 +913,7 @@ def end_save_live(folder, token: str, fd: int | None) -> None:
 
 def _save_is_live(folder, token: str) -> bool:
     """Does a live process hold the mark of save ``token`` (:func:`mark_save_live`)? A mark it cannot open counts."""
-    if fcntl is None:  # pragma: no cover - Windows
-        return False
-    try:
-        fd = os.open(Path(folder) / f".{token}.live", os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # a file system without locks: the age alone decides
-        return False
-    finally:
-        os.close(fd)
-    return False
+    return _held_by_a_live_process(Path(folder) / f".{token}.live")
 
 
 def _manifest_token(folder) -> str | None:
