@@ -520,7 +520,7 @@ class Population(MeanFieldSummary):
             self._field[lay.field_state] = self._field[lay.field_next]
             self._mean_ready = True
             self._n_valid = n_valid
-            self._worst = worst if worst >= 0 else -1  # -1: no cost above -inf (every one NaN), see worst_agent
+            self._worst = worst  # -1 from every kernel when no cost is above -inf (every one NaN): see worst_agent
             self.t += 1
             self._discount *= self.game.gamma
 
