@@ -319,16 +319,14 @@ class TrustPopulation:
                 pop.step(incoming)
             if self.rule == "minimax":  # the published path's cost: this round's loss in the leader's game
                 after = self.population.costs
+                with np.errstate(invalid="ignore"):  # inf - inf: only where the leader's cost was inf already
+                    np.subtract(after, self._round_cost, out=self._round_cost)
                 if overflowed:
                     # The leader's cost was already inf (past float64), so its growth is unknown (inf - inf), but it
                     # is >= 0: a published cost that is inf stays inf (it only grows), as the leader's own does. NaN
                     # is left only where the leader's is NaN (0 * inf once gamma^t underflows) or the published
                     # cost is still finite.
-                    with np.errstate(invalid="ignore"):
-                        np.subtract(after, self._round_cost, out=self._round_cost)
                     self._round_cost[np.isnan(self._round_cost) & (after == np.inf) & (self._published_costs == np.inf)] = 0.0
-                else:
-                    np.subtract(after, self._round_cost, out=self._round_cost)
                 self._published_costs += self._round_cost
             self._diff, self._signals = self._signals, incoming
         return self.population.states
