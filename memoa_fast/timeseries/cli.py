@@ -587,20 +587,16 @@ def main(argv: list[str] | None = None) -> int:
             experiment.plot_result(result, pending[-1][1].tmp, format=args.plot.suffix.lower().lstrip("."))
         for _, f in pending:
             f.commit(started)
-    except (OSError, ValueError, ImportError) as exc:
+    except BaseException as exc:  # whatever stopped the plotting or writing, no temporary file is left behind
         for _, f in pending:
             f.discard()
-        option = pending[-1][0] if pending else "--json"
-        run.error(f"argument {option}: cannot write the result: {exc}")
-    except KeyboardInterrupt as exc:  # while plotting or writing: no temporary file is left behind, as for an error
-        for _, f in pending:
-            f.discard()
-        print("memoa: terminated" if isinstance(exc, _Terminated) else "memoa: interrupted", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
-    except BaseException:  # SystemExit from the calling program's signal handler, ...: the same, then on
-        for _, f in pending:
-            f.discard()
-        raise
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (_Terminated)
+            print("memoa: terminated" if isinstance(exc, _Terminated) else "memoa: interrupted", file=sys.stderr)
+            return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
+        if isinstance(exc, (OSError, ValueError, ImportError)):
+            option = pending[-1][0] if pending else "--json"
+            run.error(f"argument {option}: cannot write the result: {exc}")
+        raise  # SystemExit from the calling program's signal handler, ...
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
