@@ -47,6 +47,7 @@ import datetime
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -281,8 +282,22 @@ def read_floors(path):
     return data["cases"]
 
 
+def timed_case(case):
+    """Whether ``case``, a ``floors.json`` key, names a case this guard can time.
+
+    One of its kernels, sizes and dimensions on a compiled backend (the fused Pipeline is Numba's only).
+    """
+    match = re.fullmatch(r"([\w+]+)/(numba|cython)-([12])/N(1e\+0[56])/d(\d+)", case)
+    if match is None:
+        return False
+    kernel, name, _, _, d = match.groups()
+    return kernel in KERNELS and int(d) in DIMS and not (kernel in D1_ONLY and int(d) != 1) and not (
+        kernel == "pipeline_run" and name != "numba")
+
+
 def write_floors(path, table, margin):
-    """Write the floors with the policy that produced them."""
+    """Write the floors with the policy that produced them; floors of cases the guard no longer times are dropped."""
+    table = {case: entry for case, entry in table.items() if timed_case(case)}
     payload = {
         "policy": (f"floor = median / margin (margin {margin} at the last update), rounded down; never below 1.0 "
                    "unless the case is in bench/guard.py's MAY_TRAIL_NUMPY. median = median over --repeat runs of "

@@ -516,6 +516,27 @@ def test_the_constants_bench_readme_quotes_are_the_codes():
     assert set(guard.MAY_TRAIL_NUMPY) == {exempt}
 
 
+def test_every_stored_floor_names_a_case_the_guard_times(tmp_path):
+    """``bench/floors.json`` holds a floor only for cases ``guard.py`` times; rewriting the floors drops any other.
+
+    It once kept 12 floors of kernels long gone.
+    """
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import guard
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    timed = {guard.key(*c[:4], c[5]) for c in guard.cases(short=False) if guard.timed_case(guard.key(*c[:4], c[5]))}
+    assert {"fused_step/numba-1/N1e+05/d4", "pipeline_run/numba-1/N1e+05/d1"} <= timed
+    assert not any(guard.timed_case(k) for k in ("pipeline_run/cython-1/N1e+05/d1", "mean_field/numba-1/N1e+05/d1"))
+    stored = guard.read_floors(ROOT / "bench" / "floors.json")
+    assert set(stored) <= timed, sorted(set(stored) - timed)
+    guard.write_floors(tmp_path / "floors.json", {**stored, "policy_update/numba-1/N1e+05/d1": {"floor": 1.0}}, guard.MARGIN)
+    assert guard.read_floors(tmp_path / "floors.json") == stored
+
+
 # --------------------------------------------------------------------------- the results the prose restates
 def _results_sections(text):
     """``{series: (values, command, table)}`` of ``### name (N values)`` / ``#### ...`` sections."""
