@@ -54,8 +54,9 @@ PAD = 8
 #
 # Read by libgomp when it loads (Numba's omp layer, the Cython extension), so
 # set here, before any backend. A user who sets either variable gets exactly
-# what they set (OMP_WAIT_POLICY=PASSIVE alone: no spinning).
+# what they set, and the environment their child processes inherit is theirs
+# (OMP_WAIT_POLICY=PASSIVE alone: no spinning; GOMP_SPINCOUNT alone: that spin).
 SPIN_COUNT = 300
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -1,5 +1,6 @@
 """Input checks of the public layer: real dtypes only, sizes checked up front, threads from what the process may use."""
 import argparse
+import ast
 import os
 import re
 import shutil
@@ -265,6 +266,17 @@ def test_openmp_waits_passively_after_a_short_spin_unless_the_user_chose(user, e
         assert shown[name] == value, shown
     if user == {"OMP_WAIT_POLICY": "ACTIVE"}:
         assert int(shown["GOMP_SPINCOUNT"]) > 10**6, shown  # libgomp's own active spin, not our 300
+
+
+@pytest.mark.parametrize("user", [{"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "ACTIVE"}])
+def test_a_user_s_openmp_setting_leaves_the_environment_as_the_user_set_it(user):
+    """Only where the user set neither variable does importing the kernels add them (child processes inherit it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user)
+    code = "import os, memoa_fast.kernels; print({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')})"
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ast.literal_eval(out.stdout) == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, **user}
 
 
 def test_numba_limit_is_read_from_numba_once_imported(monkeypatch):
