@@ -189,6 +189,27 @@ def test_gamma_one_uses_an_automatic_horizon():
     np.testing.assert_allclose(policy_costs(game, s, x0), brute, rtol=1e-12)
 
 
+@pytest.mark.parametrize("labels", [None, [0, 1, 0]], ids=["one class", "two classes"])
+def test_a_horizon_beyond_a_round_count_is_refused_naming_it(labels):
+    """A horizon is a round count in [1, 2**63 - 1]: beyond it ``gamma**T`` and ``float(T)`` raised ``OverflowError``.
+
+    And a finite-horizon certificate keeps every round's gains: a horizon whose gains cannot fit in memory is a
+    ``ValueError`` naming it before anything is allocated (it was NumPy's ``MemoryError`` for 2**31).
+    """
+    game = GAME if labels is None else Game(q=[1.0, 2.0], kappa=[2.0, 1.0], r=[0.5, 0.5], gamma=0.95)
+    s, x0 = population(3, seed=2)
+    for horizon in (2**63, 10**400):
+        for certificate in (lambda: policy_costs(game, s, x0, horizon=horizon, labels=labels),
+                            lambda: epsilon_nash(game, 3, s, x0, agents=[0], horizon=horizon, labels=labels)):
+            with pytest.raises(ValueError, match=r"horizon must be an integer in \[1, 2\*\*63 - 1\], got"):
+                certificate()
+    with pytest.raises(ValueError, match=r"horizon=1099511627776: the finite-horizon certificate keeps .* more than"):
+        epsilon_nash(game, 3, s, x0, agents=[0], horizon=2**40, labels=labels)
+    if labels is None:  # the one-class costs are a closed form in T: the largest round count is fine
+        last = policy_costs(game, s, x0, horizon=2**63 - 1)
+        np.testing.assert_allclose(last, policy_costs(game, s, x0), rtol=1e-12)
+
+
 # --------------------------------------------------------------------------- exact Nash
 
 

@@ -1292,6 +1292,18 @@ def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
     source.validate_state_dict(source.state_dict())
 
 
+def test_noisy_last_value_signals_serve_client_indices_up_to_the_largest_count():
+    """Clients ``[lo, hi)`` of a population (N <= 2**63 - 1): the last ones draw; an index beyond is a ValueError naming
+    ``lo`` or ``hi`` (it was an ``OverflowError``, "int too big to convert", from the hash's 64-bit words).
+    """
+    last = NoisyLastValueSignals(2**63 - 3, 2**63 - 1, 1)
+    last.observe([0.5])
+    assert np.isfinite(last.next()).all()
+    for lo, hi, name in ((2**63 - 1, 2**63, "lo"), (2**63, 2**63 + 1, "lo"), (0, 2**63, "hi"), (2**64, 2**64 + 2, "lo")):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer in \[.*, 2\*\*63 - [12]\], got"):
+            NoisyLastValueSignals(lo, hi, 1)
+
+
 def test_noisy_last_value_signals_refuse_a_saved_target_observe_would_refuse():
     """A saved ``y`` beyond TARGET_LIMIT (1e30) loaded although observe() refuses it; now refused, nothing changes."""
     source = NoisyLastValueSignals(0, 3, 1)
