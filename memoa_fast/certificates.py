@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._state import next_discount
 from ._validation import MAX_COUNT, available_memory, binary_exponent, check_int, check_real, plain_array, real_array
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
@@ -871,7 +872,7 @@ def _finite_deviation(A, F, Q, z0, r, gamma, T):
         du = np.einsum("bi,bi->b", F - Gs[t], z)
         eps += disc * 0.5 * Hs[t] * du * du
         z = np.einsum("bij,bj->bi", AF, z)
-        disc *= gamma
+        disc = next_discount(disc, gamma, t + 1)  # gamma^(t+1); a running product stalls at a subnormal
     mag = np.maximum(mag_pol, 0.5 * _quad(np.abs(z0), np.abs(P)))
     return cost_pol, cost_br, eps, mag, eps  # eps is a sum of squares: no cancellation
 
@@ -961,7 +962,13 @@ def _class_signal_means(labels, sizes, s):
 
 
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
-    """Every agent on ``game.table`` with the true class means, costs summed over t < T."""
+    """Every agent on ``game.table`` with the true class means, costs summed over t < T.
+
+    The discount is ``gamma^t`` (:func:`~memoa_fast._state.next_discount`: a running product stalled at a subnormal
+    for ``gamma > 1/2``). Once it underflows to 0 (``gamma < 1``: after about 745 / -ln(gamma) rounds) no later round
+    adds to any cost, so the sum stops there: the same bits for every longer horizon (a horizon of 2**63 - 1 used to
+    loop for ever).
+    """
     coef = game.table.coef
     Ms, Mm = _class_mix(game, sizes)
     onehot, sbar = _class_signal_means(labels, sizes, s)
@@ -974,14 +981,16 @@ def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarra
     x = x0.copy()
     J = np.zeros(x.shape[0])
     disc = 1.0
-    for _ in range(T):
+    for t in range(T):
+        if disc == 0.0:
+            break
         mcls = (onehot @ x) / sizes[:, None]
         m = weights @ mcls
         u = -g * (x - target - (fixed + Mm @ mcls)[labels])
         track = ((x - s) ** 2).sum(axis=1)
         J += disc * 0.5 * (q * track + kappa * ((x - m) ** 2).sum(axis=1) + r * (u**2).sum(axis=1))
         x += u
-        disc *= game.gamma
+        disc = next_discount(disc, game.gamma, t + 1)
     return J
 
 

@@ -4,6 +4,7 @@ Two worker processes on the loopback interface, started and closed here.
 Skipped with a reason where dask.distributed is not installed.
 """
 import functools
+import math
 import os
 import signal
 import sys
@@ -1356,6 +1357,27 @@ def test_a_k_class_population_restored_from_shards_saves_and_restores_again_with
     np.testing.assert_array_equal(other.class_mean_state, pop.class_mean_state)
     assert other.n_shards == 2
     other.close()
+    dpop.close()
+
+
+def test_the_discount_is_gamma_to_the_t_down_to_zero_on_either_engine(client, rng):
+    """The discount is ``gamma**t`` where that is subnormal too, and reaches 0 (a running product stalled at 5e-324
+    for gamma = 0.6, weighing every later cost for ever); the engines agree bitwise (loaded just before the stall).
+    """
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.6)
+    discount, t = 1.0, 0
+    while discount * game.gamma >= 1e-307:
+        discount, t = discount * game.gamma, t + 1
+    pop = Population(game, 10, 1, threads=1)
+    dpop = DaskPopulation(game, 10, 1, client=client, n_shards=1, exact=True, timeout=TIMEOUT)
+    state = pop.state_dict()
+    state["t"], state["discount"] = t, discount
+    signals = rng.normal(size=(80, 10, 1))  # 0.6**t falls from 1e-307 to 0 in 72 rounds
+    for engine in (pop, dpop):
+        engine.load_state_dict(state)
+        engine.run(signals)
+        assert engine.discount == 0.0 == math.pow(game.gamma, engine.t)
+    np.testing.assert_array_equal(dpop.costs, pop.costs)
     dpop.close()
 
 
