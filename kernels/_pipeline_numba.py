@@ -1256,6 +1256,8 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
             field[FIELD_STATE, j] = field[FIELD_NEXT, j]
             yhats[k, j] = yhat[j]
         discount *= gamma
+        if discount > 0.0 and discount < _TINY:  # the product stalls at a subnormal for gamma > 1/2: pow from there
+            discount = math.pow(gamma, np.float64(t0 + k + 1))
         recorded += fb[F_RECORD]
         if nxt:
             _merge_a(work, field, params, fa, stats, d)

@@ -60,14 +60,25 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     return value
 
 
-def check_int(name: str, value, *, low: int = 1) -> int:
-    """Return ``value`` as an int after checking it is an integer >= ``low`` (Python, NumPy, or a 0-d integer array)."""
+def check_int(name: str, value, *, low: int = 1, high: int | None = None) -> int:
+    """Return ``value`` as an int after checking it is an integer >= ``low`` (Python, NumPy, or a 0-d integer array).
+
+    With ``high``, also ``<= high`` (``2**63 - 1`` is named as such in the message): for counts that later
+    become an int64 or a float64, so that a larger one is this ``ValueError`` naming ``name``, not an
+    ``OverflowError`` (or NumPy's unnamed error) wherever it is first converted.
+    """
     value = scalar_of(value, "iu")
+    span = f">= {low}" if high is None else f"in [{low}, {_bound_text(high)}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {low}, got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise TypeError(f"{name} must be an integer {span}, got {value!r} of type {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
     return int(value)
+
+
+def _bound_text(high: int) -> str:
+    """``high`` for a message: the int64 limits by name (``2**63 - 1``, ``2**63 - 2``), others as digits."""
+    return {2**63 - 1: "2**63 - 1", 2**63 - 2: "2**63 - 2"}.get(high, str(high))
 
 
 SEED_MAX = 2**63 - 1

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import binary_exponent, check_int, check_real, plain_array, real_array
+from ._state import next_discount
+from ._validation import MAX_COUNT, available_memory, binary_exponent, check_int, check_real, plain_array, real_array
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
 
@@ -259,9 +260,10 @@ def _check_agents(agents, n: int):
 
 
 def _check_horizon(horizon):
+    """``None``, or a round count in ``[1, 2**63 - 1]`` (beyond it ``gamma**T`` and ``float(T)`` overflowed: ``OverflowError``)."""
     if horizon is None:
         return None
-    return check_int("horizon", horizon, low=1)
+    return check_int("horizon", horizon, low=1, high=MAX_COUNT)
 
 
 # --------------------------------------------------------------------------- scale
@@ -392,7 +394,7 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
     initial_states : array_like, same shape as ``signals``
         ``x_i(0)``.
     horizon : int, optional
-        Finite horizon T (sum over t = 0..T-1). Default: infinite for
+        Finite horizon T (sum over t = 0..T-1), in ``[1, 2**63 - 1]``. Default: infinite for
         ``gamma < 1``; for ``gamma = 1`` (the infinite sum diverges as soon as
         the rest point has a positive cost) the T at which the closed loop's
         transient ``radius^T`` falls below ``tol``.
@@ -606,8 +608,11 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
         :func:`policy_costs`); ``'all'``: every agent (O(N d), fine up to
         N ~ 10^6).
     horizon : int, optional
-        Finite horizon T; default infinite (``gamma < 1``) or automatic
-        (``gamma = 1``, see above).
+        Finite horizon T in ``[1, 2**63 - 1]``; default infinite (``gamma < 1``) or automatic
+        (``gamma = 1``, see above). The gains of every round are kept
+        (``8 T b (n + 1)`` bytes for ``b`` certified (agent, coordinate) pairs
+        of state size ``n``, 3 or ``K + 2``): a T whose gains exceed the memory
+        this process may use is a ``ValueError``.
     tol : float, default 1e-13
         Relative tolerance of the policy iteration on the gains (and of the
         transient when choosing T for ``gamma = 1``), in (0, 1e-3].
@@ -823,8 +828,21 @@ def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
 
 
 def _finite_deviation(A, F, Q, z0, r, gamma, T):
-    """Finite-horizon best response by the backward Riccati recursion (P_T = 0)."""
+    """Finite-horizon best response by the backward Riccati recursion (P_T = 0).
+
+    The gains of every round are kept for the forward pass: ``8 T b (n + 1)`` bytes, checked against the memory this
+    process may use before they are allocated (a ``ValueError`` naming ``horizon``, not NumPy's ``MemoryError`` or the
+    out-of-memory killer).
+    """
     b, n = A.shape[0], A.shape[1]
+    needed, available = 8 * T * b * (n + 1), available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"horizon={T}: the finite-horizon certificate keeps each round's gains for {b} (agent, coordinate) "
+            f"problem(s) of size {n}, {needed:,} bytes ({needed / 2**30:.3g} GiB), more than the {available:,} bytes "
+            f"({available / 2**30:.3g} GiB) this process may use; certify fewer agents, or give a shorter horizon "
+            "(with gamma < 1, horizon=None is the exact infinite sum)"
+        )
     Gs = np.empty((T, b, n))
     Hs = np.empty((T, b))
     P = np.zeros((b, n, n))
@@ -854,7 +872,7 @@ def _finite_deviation(A, F, Q, z0, r, gamma, T):
         du = np.einsum("bi,bi->b", F - Gs[t], z)
         eps += disc * 0.5 * Hs[t] * du * du
         z = np.einsum("bij,bj->bi", AF, z)
-        disc *= gamma
+        disc = next_discount(disc, gamma, t + 1)  # gamma^(t+1); a running product stalls at a subnormal
     mag = np.maximum(mag_pol, 0.5 * _quad(np.abs(z0), np.abs(P)))
     return cost_pol, cost_br, eps, mag, eps  # eps is a sum of squares: no cancellation
 
@@ -944,7 +962,13 @@ def _class_signal_means(labels, sizes, s):
 
 
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
-    """Every agent on ``game.table`` with the true class means, costs summed over t < T."""
+    """Every agent on ``game.table`` with the true class means, costs summed over t < T.
+
+    The discount is ``gamma^t`` (:func:`~memoa_fast._state.next_discount`: a running product stalled at a subnormal
+    for ``gamma > 1/2``). Once it underflows to 0 (``gamma < 1``: after about 745 / -ln(gamma) rounds) no later round
+    adds to any cost, so the sum stops there: the same bits for every longer horizon (a horizon of 2**63 - 1 used to
+    loop for ever).
+    """
     coef = game.table.coef
     Ms, Mm = _class_mix(game, sizes)
     onehot, sbar = _class_signal_means(labels, sizes, s)
@@ -957,14 +981,16 @@ def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarra
     x = x0.copy()
     J = np.zeros(x.shape[0])
     disc = 1.0
-    for _ in range(T):
+    for t in range(T):
+        if disc == 0.0:
+            break
         mcls = (onehot @ x) / sizes[:, None]
         m = weights @ mcls
         u = -g * (x - target - (fixed + Mm @ mcls)[labels])
         track = ((x - s) ** 2).sum(axis=1)
         J += disc * 0.5 * (q * track + kappa * ((x - m) ** 2).sum(axis=1) + r * (u**2).sum(axis=1))
         x += u
-        disc *= game.gamma
+        disc = next_discount(disc, game.gamma, t + 1)
     return J
 
 

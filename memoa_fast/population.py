@@ -5,7 +5,7 @@ import numpy as np
 
 from . import _backends
 from ._exclusive import Exclusive
-from ._state import INITIAL_LIMIT, check_population_state
+from ._state import INITIAL_LIMIT, check_population_state, next_discount
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
 from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, work_shape
@@ -522,7 +522,7 @@ class Population(MeanFieldSummary):
             self._n_valid = n_valid
             self._worst = worst  # -1 from every kernel when no cost is above -inf (every one NaN): see worst_agent
             self.t += 1
-            self._discount *= self.game.gamma
+            self._discount = next_discount(self._discount, self.game.gamma, self.t)
 
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.

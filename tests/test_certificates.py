@@ -189,6 +189,29 @@ def test_gamma_one_uses_an_automatic_horizon():
     np.testing.assert_allclose(policy_costs(game, s, x0), brute, rtol=1e-12)
 
 
+@pytest.mark.parametrize("labels", [None, [0, 1, 0]], ids=["one class", "two classes"])
+def test_a_horizon_beyond_a_round_count_is_refused_naming_it(labels):
+    """A horizon is a round count in [1, 2**63 - 1]: beyond it ``gamma**T`` and ``float(T)`` raised ``OverflowError``.
+
+    And a finite-horizon certificate keeps every round's gains: a horizon whose gains cannot fit in memory is a
+    ``ValueError`` naming it before anything is allocated (it was NumPy's ``MemoryError`` for 2**31).
+    """
+    game = GAME if labels is None else Game(q=[1.0, 2.0], kappa=[2.0, 1.0], r=[0.5, 0.5], gamma=0.95)
+    s, x0 = population(3, seed=2)
+    for horizon in (2**63, 10**400):
+        for certificate in (lambda: policy_costs(game, s, x0, horizon=horizon, labels=labels),
+                            lambda: epsilon_nash(game, 3, s, x0, agents=[0], horizon=horizon, labels=labels)):
+            with pytest.raises(ValueError, match=r"horizon must be an integer in \[1, 2\*\*63 - 1\], got"):
+                certificate()
+    with pytest.raises(ValueError, match=r"horizon=1099511627776: the finite-horizon certificate keeps .* more than"):
+        epsilon_nash(game, 3, s, x0, agents=[0], horizon=2**40, labels=labels)
+    # the largest round count is fine: one class has a closed form in T; K classes sum until gamma^t underflows to 0
+    last = policy_costs(game, s, x0, horizon=2**63 - 1, labels=labels)
+    np.testing.assert_allclose(last, policy_costs(game, s, x0, labels=labels), rtol=1e-12)
+    if labels is not None:  # the same bits as the horizon where gamma^t reaches 0 (0.95^14528 is the last > 0)
+        np.testing.assert_array_equal(last, policy_costs(game, s, x0, horizon=15000, labels=labels))
+
+
 # --------------------------------------------------------------------------- exact Nash
 
 
@@ -297,7 +320,7 @@ def test_bad_inputs_raise_clear_errors():
         epsilon_nash(GAME, 5, s, x0, agents=[0.0, 1.0])
     with pytest.raises(ValueError, match="agents must be None, 'all'"):
         epsilon_nash(GAME, 5, s, x0, agents="worst")
-    with pytest.raises(ValueError, match="horizon must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"horizon must be an integer in \[1, 2\*\*63 - 1\], got 0"):
         epsilon_nash(GAME, 5, s, x0, horizon=0)
     with pytest.raises(ValueError, match=r"tol must be in \(0, 0.001\]"):
         epsilon_nash(GAME, 5, s, x0, tol=0.0)

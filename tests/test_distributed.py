@@ -4,6 +4,7 @@ Two worker processes on the loopback interface, started and closed here.
 Skipped with a reason where dask.distributed is not installed.
 """
 import functools
+import math
 import os
 import signal
 import sys
@@ -1292,6 +1293,18 @@ def test_noisy_last_value_signals_stop_at_the_largest_savable_round():
     source.validate_state_dict(source.state_dict())
 
 
+def test_noisy_last_value_signals_serve_client_indices_up_to_the_largest_count():
+    """Clients ``[lo, hi)`` of a population (N <= 2**63 - 1): the last ones draw; an index beyond is a ValueError naming
+    ``lo`` or ``hi`` (it was an ``OverflowError``, "int too big to convert", from the hash's 64-bit words).
+    """
+    last = NoisyLastValueSignals(2**63 - 3, 2**63 - 1, 1)
+    last.observe([0.5])
+    assert np.isfinite(last.next()).all()
+    for lo, hi, name in ((2**63 - 1, 2**63, "lo"), (2**63, 2**63 + 1, "lo"), (0, 2**63, "hi"), (2**64, 2**64 + 2, "lo")):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer in \[.*, 2\*\*63 - [12]\], got"):
+            NoisyLastValueSignals(lo, hi, 1)
+
+
 def test_noisy_last_value_signals_refuse_a_saved_target_observe_would_refuse():
     """A saved ``y`` beyond TARGET_LIMIT (1e30) loaded although observe() refuses it; now refused, nothing changes."""
     source = NoisyLastValueSignals(0, 3, 1)
@@ -1344,6 +1357,27 @@ def test_a_k_class_population_restored_from_shards_saves_and_restores_again_with
     np.testing.assert_array_equal(other.class_mean_state, pop.class_mean_state)
     assert other.n_shards == 2
     other.close()
+    dpop.close()
+
+
+def test_the_discount_is_gamma_to_the_t_down_to_zero_on_either_engine(client, rng):
+    """The discount is ``gamma**t`` where that is subnormal too, and reaches 0 (a running product stalled at 5e-324
+    for gamma = 0.6, weighing every later cost for ever); the engines agree bitwise (loaded just before the stall).
+    """
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.6)
+    discount, t = 1.0, 0
+    while discount * game.gamma >= 1e-307:
+        discount, t = discount * game.gamma, t + 1
+    pop = Population(game, 10, 1, threads=1)
+    dpop = DaskPopulation(game, 10, 1, client=client, n_shards=1, exact=True, timeout=TIMEOUT)
+    state = pop.state_dict()
+    state["t"], state["discount"] = t, discount
+    signals = rng.normal(size=(80, 10, 1))  # 0.6**t falls from 1e-307 to 0 in 72 rounds
+    for engine in (pop, dpop):
+        engine.load_state_dict(state)
+        engine.run(signals)
+        assert engine.discount == 0.0 == math.pow(game.gamma, engine.t)
+    np.testing.assert_array_equal(dpop.costs, pop.costs)
     dpop.close()
 
 

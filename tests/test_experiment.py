@@ -462,3 +462,27 @@ def test_reclass_that_never_reforms_is_named():
         res = run_experiment(y, **kw)
         assert res.config["reclass"] == 50 and "reclass=50 and 30 rounds it never does" in res.table()
         assert "never does" not in run_experiment(y, reclass=29, **kw).table()
+
+
+def test_every_text_of_the_plot_is_inside_the_figure(logistic_result, tmp_path, monkeypatch):
+    """The parameters line (about 230 characters with memoa-trust's) ran past both edges of the figure: "200 clients,"
+    and "rule minimax" were cut off in every plot. Now the suptitle, the legend and the panel titles lie within it.
+    """
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    plot_result(logistic_result, tmp_path / "f.png")
+    (fig,) = figures
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the layout as saved (constrained layout ran in savefig)
+    title = fig.get_suptitle()
+    assert "200 clients" in title and "rule minimax" in title
+    width, height = fig.bbox.width, fig.bbox.height
+    texts = [fig._suptitle, *(t for legend in fig.legends for t in legend.get_texts()), *(ax.title for ax in fig.axes)]
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, (text.get_text()[:60], box)

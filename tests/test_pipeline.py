@@ -596,3 +596,29 @@ def test_regret_is_the_worst_clients_cost_when_some_costs_are_nan(backend):
     pipe._J[:] = np.nan
     pipe.run(np.zeros(2))
     assert pipe.worst_client == -1 and np.isnan(pipe.regret)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_the_discount_is_gamma_to_the_t_down_to_zero(backend):
+    """The pipeline's discount is ``gamma**t`` also where that is subnormal, and reaches 0 (as Population's).
+
+    ``run_rounds`` multiplied ``discount *= gamma``, which stalls at ``k 2**-1074`` once ``k (1 - gamma) < 1/2``
+    (here at 5e-324 for ever), so every later round's cost kept a weight that ``gamma**t`` no longer has. One
+    ``run`` and the same rounds one by one end with the same discount and costs.
+    """
+    gamma, T = 0.6, 1500  # 0.6**t is subnormal from t = 1387 and 0 from t = 1459
+    y = np.sin(np.arange(T) * 0.3)
+    game = Game(q=1.0, kappa=2.0, r=0.5, gamma=gamma)
+    whole = Pipeline(3, 1, game=game, seed=1, backend=backend)
+    whole.run(y)
+    pipe = Pipeline(3, 1, game=game, seed=1, backend=backend)
+    pipe.run(y[:1380])
+    for value in y[1380:]:
+        before = pipe.costs.copy()
+        pipe.round(value)
+        if pipe._discount < 2.2250738585072014e-308:
+            assert pipe._discount == math.pow(gamma, pipe.t), (pipe.t, pipe._discount)
+        if pipe.t > 1460:  # the round's cost was weighed by gamma**(t-1) = 0
+            np.testing.assert_array_equal(pipe.costs, before)
+    assert pipe._discount == 0.0 == whole._discount
+    np.testing.assert_array_equal(pipe.costs, whole.costs)

@@ -591,3 +591,34 @@ def test_an_empty_class_is_refused_or_leaves_a_common_signal_at_rest(policy, bac
     for _ in range(5):
         pop.step(signals)
     np.testing.assert_allclose(pop.states, 5.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [0.6, 0.95])
+def test_the_discount_is_gamma_to_the_t_down_to_zero(backend, gamma):
+    """``discount`` is ``gamma**t``, also where that is subnormal, and reaches 0: no later cost is added.
+
+    A running product ``discount *= gamma`` stalls: ``k 2**-1074 * gamma`` rounds back to ``k 2**-1074`` once
+    ``k (1 - gamma) < 1/2``, so for every ``gamma > 1/2`` the discount stayed at a subnormal for ever (4.4e-323 for
+    0.95) and kept weighing every later round's cost, while ``gamma**t`` is 0. Starts from a loaded state a few
+    rounds before the product leaves the normal range (cheap: no 10^4 steps).
+    """
+    discount, t = 1.0, 0
+    while discount * gamma >= 1e-307:
+        discount, t = discount * gamma, t + 1
+    pop = Population(Game(q=1.0, kappa=2.0, r=0.5, gamma=gamma), 3, 1, backend=backend)
+    state = pop.state_dict()
+    state["t"], state["discount"] = t, discount
+    pop.load_state_dict(state)
+    signals = np.array([[1.0], [-2.0], [3.0]])
+    while pop.discount > 0.0:
+        before = pop.discount
+        pop.step(signals)
+        assert pop.discount <= before, (pop.t, pop.discount)
+        if pop.discount < 2.2250738585072014e-308:
+            assert pop.discount == math.pow(gamma, pop.t), (pop.t, pop.discount)
+        assert pop.t - t < 1000  # 0.95 ** t falls from 1e-307 to 0 in 746 rounds
+    costs = pop.costs.copy()
+    pop.step(-signals)  # a nonzero stage cost, weighed by gamma**t = 0
+    np.testing.assert_array_equal(pop.costs, costs)
+    Population(pop.game, 3, 1).load_state_dict(pop.state_dict())

@@ -115,6 +115,8 @@ def test_zscore_of_huge_finite_values_is_exact_not_zero():
     ("concept", dict(angles=(0.1,)), ValueError, r"angles must be a pair \(low, high\), got \(0.1,\)"),
     ("concept-drift", dict(segment=(1,)), ValueError, r"segment must be a pair \(low, high\), got \(1,\)"),
     ("concept-drift", dict(segment=(900, 300)), ValueError, "segment must have low <= high, got"),
+    # a segment length is drawn as an int64: beyond 2**63 - 1, NumPy's unnamed "high is out of bounds for int64"
+    ("concept-drift", dict(segment=(1, 2**63)), ValueError, r"segment must be an integer in \[1, 2\*\*63 - 1\], got 9223"),
     ("concept-drift", dict(radius=(1.5, 2.0)), ValueError, r"radius must be in \[0, 1\)"),  # explosive: was zeros
     ("concept-drift", dict(radius=(float("nan"), 0.5)), ValueError, "radius must be finite"),
     ("concept-drift", dict(angles=(float("nan"), 0.5)), ValueError, "angles must be finite"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _backends
-from .._state import check_population_state, check_source_layout
+from .._state import check_population_state, check_source_layout, next_discount
 from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_out, check_real, check_seed, readonly_view
 from ..checkpoint import (
     CheckpointError,
@@ -555,7 +555,7 @@ class DaskPopulation(MeanFieldSummary):
         self._queue(("move", (self._coef.copy(), self._field.copy(), self._discount)))
         self._stale_means = True
         self.t += 1
-        self._discount *= self.game.gamma
+        self._discount = next_discount(self._discount, self.game.gamma, self.t)
         self._version += 1
         return self._handle
 

@@ -49,7 +49,7 @@ class NoisyLastValueSignals:
     Parameters
     ----------
     lo, hi : int
-        The clients ``[lo, hi)`` this object serves.
+        The clients ``[lo, hi)`` this object serves, ``0 <= lo < hi <= 2**63 - 1``.
     seed : int
         Seed, an integer in ``[0, 2**63 - 1]``.
     dim : int, default 1
@@ -71,8 +71,9 @@ class NoisyLastValueSignals:
     def __init__(
         self, lo: int, hi: int, seed: int = 0, *, dim: int = 1, low: float = 0.02, high: float = 1.0, threads: int = 1
     ):
-        self.lo = check_int("lo", lo, low=0)
-        self.hi = check_int("hi", hi, low=self.lo + 1)
+        # client indices of a population (N <= 2**63 - 1): the counter-based draws hash them as 64-bit words
+        self.lo = check_int("lo", lo, low=0, high=MAX_COUNT - 1)
+        self.hi = check_int("hi", hi, low=self.lo + 1, high=MAX_COUNT)
         self.seed = check_seed("seed", seed)
         self.dim = check_int("dim", dim, low=1)
         self.threads = check_int("threads", threads, low=1)

@@ -555,6 +555,18 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
     return z, (float(mu[0]) if mu.shape[0] == 1 else mu.tolist(), sigma_u * p2)
 
 
+def _wrap_parts(text: str, width: int) -> str:
+    """``text`` broken after its ``"; "`` separators into lines of at most ``width`` characters where the parts allow."""
+    lines = [""]
+    for part in text.split("; "):
+        if lines[-1] and len(lines[-1]) + 2 + len(part) > width:
+            lines[-1] += ";"
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]}; {part}" if lines[-1] else part
+    return "\n".join(lines)
+
+
 def _progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar on stderr, or ``None`` when disabled or when tqdm is not installed (it is optional)."""
     if not enabled:
@@ -625,7 +637,10 @@ def plot_result(result: ExperimentResult, path, *, window: int | None = None, fo
     colours = {p: f"C{i}" for i, p in enumerate(POLICIES)}
 
     fig = Figure(figsize=(12, 8.6), layout="constrained")
-    fig.suptitle(f"MEMOA on stream {result.stream}\n" + describe_config(c, n_rounds, result.n_scored), fontsize=10)
+    # The parameters wrapped at their "; " (one line of about 230 characters ran past both edges of the figure:
+    # "4000 clients," and the end of memoa-trust's "R=50 rule minimax" were cut off).
+    fig.suptitle(f"MEMOA on stream {result.stream}\n" + _wrap_parts(describe_config(c, n_rounds, result.n_scored), 140),
+                 fontsize=10)
     (ax_cdf, ax_mix), (ax_worst, ax_cost) = fig.subplots(2, 2)
 
     frac = (np.arange(n) + 1) / n

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import binary_exponent, check_bool, check_int, check_real, check_seed
+from .._validation import MAX_COUNT, binary_exponent, check_bool, check_int, check_real, check_seed
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -233,10 +233,14 @@ def _reals(name: str, values, **bounds) -> tuple[float, ...]:
 
 
 def _pair(name: str, value, *, integer: bool = False, ordered: bool = True, **bounds):
-    """A pair ``(low, high)`` of finite reals (or integers >= 1) within ``bounds``; ``low <= high`` if ``ordered``."""
+    """A pair ``(low, high)`` of finite reals (or integers in ``[1, 2**63 - 1]``) within ``bounds``; ``low <= high`` if ``ordered``.
+
+    Integers (segment lengths) end at ``2**63 - 1``, the largest NumPy draws (``integers(low, high + 1)``, an int64):
+    beyond it NumPy's unnamed "high is out of bounds for int64".
+    """
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
-    lo, hi = (check_int(name, v, low=1) if integer else check_real(name, v, **bounds) for v in value)
+    lo, hi = (check_int(name, v, low=1, high=MAX_COUNT) if integer else check_real(name, v, **bounds) for v in value)
     if ordered and hi < lo:
         raise ValueError(f"{name} must have low <= high, got {value!r}")
     return lo, hi
