@@ -838,13 +838,14 @@ def _check_gains_fit(T: int, b: int, n: int) -> None:
     it before any work that grows with ``T`` (ranking the agents of K classes sums ``T`` rounds), so a horizon that
     cannot fit is refused at once, not after that work.
     """
-    needed, available = 8 * T * b * (n + 1), available_memory()
+    per_round, available = 8 * b * (n + 1), available_memory()
+    needed = T * per_round
     if available is not None and needed > available:
         raise ValueError(
             f"horizon={T}: the finite-horizon certificate keeps each round's gains for {b} (agent, coordinate) "
             f"problem(s) of size {n}, {needed:,} bytes ({needed / 2**30:.3g} GiB), more than the {available:,} bytes "
-            f"({available / 2**30:.3g} GiB) this process may use; certify fewer agents, or give a shorter horizon "
-            "(with gamma < 1, horizon=None is the exact infinite sum)"
+            f"({available / 2**30:.3g} GiB) this process may use (a horizon in [1, {available // per_round}] fits); "
+            "certify fewer agents, or give a shorter horizon (with gamma < 1, horizon=None is the exact infinite sum)"
         )
 
 

@@ -6,6 +6,8 @@ scipy.linalg.solve_discrete_are for each player at the Nash fixed point.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg as sla
@@ -233,8 +235,13 @@ def test_a_horizon_whose_gains_cannot_fit_is_refused_before_any_work_that_grows_
 
     monkeypatch.setattr(certificates, "_centred_policy_costs", ranked)
     for agents in (None, "all", [0]):
-        with pytest.raises(ValueError, match=r"horizon=1099511627776: the finite-horizon certificate keeps .* more than"):
+        with pytest.raises(ValueError, match=r"horizon=1099511627776: the finite-horizon certificate keeps .* more than") as err:
             epsilon_nash(game, 3, s, x0, agents=agents, horizon=2**40, labels=labels)
+        fits = int(re.search(r"a horizon in \[1, (\d+)\] fits", str(err.value)).group(1))
+        assert 0 < fits < 2**40
+        if agents is None:  # the largest horizon that fits passes the check: it reaches the (replaced) ranking
+            with pytest.raises(AssertionError, match="ranked"):
+                epsilon_nash(game, 3, s, x0, agents=None, horizon=fits, labels=labels)
 
 
 # --------------------------------------------------------------------------- exact Nash
