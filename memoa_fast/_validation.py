@@ -251,6 +251,18 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
+def gib(n_bytes: int) -> str:
+    """``n_bytes`` in GiB to 3 significant digits, for a message, for any int.
+
+    ``n_bytes / 2**30`` is a float: an ``OverflowError`` beyond about 1.8e308 bytes (which a count such as
+    ``lags=10**400`` reaches), raised in place of the ``ValueError`` the message was for; a ``Decimal`` there.
+    """
+    try:
+        return f"{n_bytes / 2**30:.3g}"
+    except OverflowError:
+        return format(decimal.Decimal(n_bytes) / decimal.Decimal(2**30), ".3g")
+
+
 def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population",
                 names: tuple[str, str] = ("n_agents", "dim"), extra_bytes: int = 0, detail: str = "") -> tuple[int, int]:
     r"""Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
@@ -300,8 +312,8 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
     if available is not None and needed > available:
         owner = f"{what}'" if what.endswith("s") else f"{what}'s"
         raise ValueError(
-            f"{names[0]}={n}, {names[1]}={d}{detail}: the {owner} arrays need {needed:,} bytes ({needed / 2**30:.3g} GiB), more than "
-            f"the {available:,} bytes ({available / 2**30:.3g} GiB) this process may use (physical memory, cgroup "
+            f"{names[0]}={n}, {names[1]}={d}{detail}: the {owner} arrays need {needed:,} bytes ({gib(needed)} GiB), more than "
+            f"the {available:,} bytes ({gib(available)} GiB) this process may use (physical memory, cgroup "
             f"and RLIMIT_AS limits); use fewer agents, or shard the population over several machines"
         )
     return n, d

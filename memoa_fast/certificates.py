@@ -671,6 +671,10 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     else:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
+    if horizon is not None:  # refused before any work that grows with T (ranking K classes sums T rounds)
+        k = min(DEFAULT_WORST_AGENTS, n) if agents is None else n if isinstance(agents, str) else agents.size
+        _check_gains_fit(horizon, k * d, 3 if labels is None else game.n_classes + 2)
+
     s, (x0,), e, _ = _centred_and_scaled(s, x0)  # see "scale" above: costs * 2^(-2e) from shifted inputs * 2^-e
     if agents is None:  # ranked in the centred, scaled units (a positive factor 2^(2e) from the costs)
         costs = _centred_policy_costs(game, s, x0, horizon, labels, sizes)
@@ -827,6 +831,24 @@ def _stationary_deviation(A, F, Q, z0, r, gamma, tol, max_iter):
     return 0.5 * _quad(z0, LF), 0.5 * _quad(z0, P), 0.5 * _quad(z0, E), mag, 0.5 * _quad(az, np.abs(E))
 
 
+def _check_gains_fit(T: int, b: int, n: int) -> None:
+    """``ValueError`` naming ``horizon`` if the gains of ``T`` rounds, ``8 T b (n + 1)`` bytes, exceed the memory this process may use.
+
+    ``b`` (agent, coordinate) problems of state size ``n`` (3, or ``K + 2`` with K classes). :func:`epsilon_nash` calls
+    it before any work that grows with ``T`` (ranking the agents of K classes sums ``T`` rounds), so a horizon that
+    cannot fit is refused at once, not after that work.
+    """
+    per_round, available = 8 * b * (n + 1), available_memory()
+    needed = T * per_round
+    if available is not None and needed > available:
+        raise ValueError(
+            f"horizon={T}: the finite-horizon certificate keeps each round's gains for {b} (agent, coordinate) "
+            f"problem(s) of size {n}, {needed:,} bytes ({needed / 2**30:.3g} GiB), more than the {available:,} bytes "
+            f"({available / 2**30:.3g} GiB) this process may use (a horizon in [1, {available // per_round}] fits); "
+            "certify fewer agents, or give a shorter horizon (with gamma < 1, horizon=None is the exact infinite sum)"
+        )
+
+
 def _finite_deviation(A, F, Q, z0, r, gamma, T):
     """Finite-horizon best response by the backward Riccati recursion (P_T = 0).
 
@@ -835,14 +857,7 @@ def _finite_deviation(A, F, Q, z0, r, gamma, T):
     out-of-memory killer).
     """
     b, n = A.shape[0], A.shape[1]
-    needed, available = 8 * T * b * (n + 1), available_memory()
-    if available is not None and needed > available:
-        raise ValueError(
-            f"horizon={T}: the finite-horizon certificate keeps each round's gains for {b} (agent, coordinate) "
-            f"problem(s) of size {n}, {needed:,} bytes ({needed / 2**30:.3g} GiB), more than the {available:,} bytes "
-            f"({available / 2**30:.3g} GiB) this process may use; certify fewer agents, or give a shorter horizon "
-            "(with gamma < 1, horizon=None is the exact infinite sum)"
-        )
+    _check_gains_fit(T, b, n)
     Gs = np.empty((T, b, n))
     Hs = np.empty((T, b))
     P = np.zeros((b, n, n))

@@ -6,11 +6,14 @@ scipy.linalg.solve_discrete_are for each player at the Nash fixed point.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg as sla
 from scipy.optimize import least_squares
 
+from memoa_fast import certificates
 from memoa_fast.certificates import (
     NASH_MAX_AGENTS,
     epsilon_nash,
@@ -210,6 +213,35 @@ def test_a_horizon_beyond_a_round_count_is_refused_naming_it(labels):
     np.testing.assert_allclose(last, policy_costs(game, s, x0, labels=labels), rtol=1e-12)
     if labels is not None:  # the same bits as the horizon where gamma^t reaches 0 (0.95^14528 is the last > 0)
         np.testing.assert_array_equal(last, policy_costs(game, s, x0, horizon=15000, labels=labels))
+
+
+@pytest.mark.parametrize("labels, gamma", [(None, 1.0), ([0, 1, 0], 1.0), ([0, 1, 0], 0.99999)],
+                         ids=["one class", "two classes", "two classes, gamma < 1"])
+def test_a_horizon_whose_gains_cannot_fit_is_refused_before_any_work_that_grows_with_it(labels, gamma, monkeypatch):
+    """The refusal depends on the horizon, the agents certified and the state size only, so it comes first.
+
+    By default (``agents=None``) the agents are ranked by their costs first, and with K classes that sums the
+    horizon's rounds one by one (until ``gamma^t`` is 0): with gamma = 1 (or 0.99999: 7e7 rounds) and a horizon of
+    2**40, hours before the ``ValueError`` a too-long horizon gets at once with ``agents=[0]``.
+    """
+    if labels is None:
+        game = Game(q=1.0, kappa=2.0, r=0.5, gamma=gamma)
+    else:
+        game = Game(q=[1.0, 2.0], kappa=[2.0, 1.0], r=[0.5, 0.5], gamma=gamma)
+    s, x0 = population(3, seed=2)
+
+    def ranked(*args, **kwargs):
+        raise AssertionError("the agents were ranked before a horizon whose gains cannot fit was refused")
+
+    monkeypatch.setattr(certificates, "_centred_policy_costs", ranked)
+    for agents in (None, "all", [0]):
+        with pytest.raises(ValueError, match=r"horizon=1099511627776: the finite-horizon certificate keeps .* more than") as err:
+            epsilon_nash(game, 3, s, x0, agents=agents, horizon=2**40, labels=labels)
+        fits = int(re.search(r"a horizon in \[1, (\d+)\] fits", str(err.value)).group(1))
+        assert 0 < fits < 2**40
+        if agents is None:  # the largest horizon that fits passes the check: it reaches the (replaced) ranking
+            with pytest.raises(AssertionError, match="ranked"):
+                epsilon_nash(game, 3, s, x0, agents=None, horizon=fits, labels=labels)
 
 
 # --------------------------------------------------------------------------- exact Nash

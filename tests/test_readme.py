@@ -633,3 +633,14 @@ def test_each_cited_trust_study_output_is_what_its_cited_options_make(options, o
     assert [line.split(" worst ")[0].strip() for line in summary if " worst " in line] == list(made), output
     series = re.findall(r"^\S.* \((\d+) rows, [\d.]+ s\) best baseline", text, flags=re.M)
     assert len(series) == int(_find(r"on the mean over (\d+) series").group(1)), output
+
+
+def test_every_trust_study_output_the_readme_names_is_cited_with_its_options():
+    """Each file the README names that ``bench/trust_study.py`` wrote (per-series "best baseline" rows and a "mean over
+    series" summary) is among :func:`_study_outputs`, so the test above checks it: a reworded citation ("is the
+    output of it with ...") left that file without a case, and the READMEs' tests passed whatever options it named.
+    """
+    prose = " ".join(README.read_text().split())
+    named = {name for name in re.findall(r"`(bench/\w+\.txt)`", prose) if (ROOT / name).is_file()
+             and re.search(r"\) best baseline .*mean over series", (ROOT / name).read_text(), flags=re.S)}
+    assert len(named) >= 2 and named == {output for _, output in _study_outputs()}, named

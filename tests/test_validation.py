@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import memoa_fast as mf
 from memoa_fast import _validation
 from memoa_fast._validation import (
     affinity_cpus,
@@ -107,6 +108,20 @@ def test_sizes_that_do_not_fit_in_memory_are_refused_up_front():
     assert check_sizes(n, 1) == (n, 1)
     with pytest.raises(ValueError, match=r"server's arrays need"):
         check_sizes(available // 8 + 1, 1, per_agent_vectors=0, per_agent_scalars=1, what="server")
+
+
+@pytest.mark.parametrize("make", [
+    lambda v: check_sizes(3, 1, per_agent_vectors=v, what="pipeline", detail=f", lags={v}"),
+    lambda v: mf.Pipeline(3, 1, lags=v),
+    lambda v: mf.ClientForecasters(3, 1, lags=v),
+    lambda v: mf.ClientForecasters(3, 1, block_size=v),
+], ids=["check_sizes", "Pipeline lags", "ClientForecasters lags", "ClientForecasters block_size"])
+def test_a_size_beyond_floats_range_is_refused_naming_it(make):
+    """Arrays of more than ~1.8e308 bytes (``lags=10**400``) are refused with the same ``ValueError`` as any other too
+    large: the message's GiB (``needed / 2**30``, a float) raised ``OverflowError`` in its place.
+    """
+    with pytest.raises(ValueError, match=r"(lags|block_size)=10{400}.*arrays need [\d,]+ bytes \(\d\.\d+e\+39\d GiB\), more than"):
+        make(10**400)
 
 
 @pytest.mark.parametrize("bad", [True, 2.0, "3", None, np.float64(4)])
