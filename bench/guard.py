@@ -47,7 +47,6 @@ import datetime
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -253,10 +252,15 @@ def floor_for(case, median, margin):
     return math.floor(floor * 100) / 100  # rounded down: the margin is at least what is stated
 
 
+# (N, thread counts) of the short guard (CI) and of the full one; a machine with one core times one thread only.
+SHORT_SIZES = ((10**5, (1,)),)
+FULL_SIZES = ((10**5, (1,)), (10**6, (1, 2)))
+
+
 def cases(short, only=None):
     """Yield ``(kernel, n, d, backend name, module, threads)`` for every case of this run."""
-    two = 2 if (os.cpu_count() or 1) >= 2 else 1
-    sizes = [(10**5, (1,))] if short else [(10**5, (1,)), (10**6, tuple(sorted({1, two})))]
+    usable = 2 if (os.cpu_count() or 1) >= 2 else 1
+    sizes = [(n, tuple(t for t in threads if t <= usable)) for n, threads in (SHORT_SIZES if short else FULL_SIZES)]
     for n, threads_list in sizes:
         for d in DIMS:
             for kernel in KERNELS:
@@ -287,12 +291,10 @@ def timed_case(case):
 
     One of its kernels, sizes and dimensions on a compiled backend (the fused Pipeline is Numba's only).
     """
-    match = re.fullmatch(r"([\w+]+)/(numba|cython)-([12])/N(1e\+0[56])/d(\d+)", case)
-    if match is None:
-        return False
-    kernel, name, _, _, d = match.groups()
-    return kernel in KERNELS and int(d) in DIMS and not (kernel in D1_ONLY and int(d) != 1) and not (
-        kernel == "pipeline_run" and name != "numba")
+    timed = {key(kernel, n, d, name, threads) for n, threads_list in FULL_SIZES for threads in threads_list
+             for d in DIMS for kernel in KERNELS for name in ("numba", "cython")
+             if not (kernel in D1_ONLY and d != 1) and not (kernel == "pipeline_run" and name != "numba")}
+    return case in timed
 
 
 def write_floors(path, table, margin):
