@@ -264,7 +264,8 @@ def gib(n_bytes: int) -> str:
 
 
 def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalars: int = 1, what: str = "population",
-                names: tuple[str, str] = ("n_agents", "dim"), extra_bytes: int = 0, detail: str = "") -> tuple[int, int]:
+                names: tuple[str, str] = ("n_agents", "dim"), extra_bytes: int = 0, detail: str = "",
+                advice: str = "use fewer agents, or shard the population over several machines") -> tuple[int, int]:
     r"""Check ``n_agents`` and ``dim`` and that the arrays they imply fit in memory; return them as ints.
 
     The arrays are ``per_agent_vectors`` float64 arrays of shape (N, d) and
@@ -281,12 +282,15 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
         How many (N, d) and (N,) 8-byte arrays the object allocates.
     what : str
         What is being built, for the message.
-    names : (str, str)
-        The caller's names of the two counts (e.g. ``("n_clients", "dim")``), for the messages.
+    names : (str, str or None)
+        The caller's names of the two counts (e.g. ``("n_clients", "dim")``), for the messages; ``None``
+        for a second count that is always 1 (left out of the message).
     extra_bytes : int
         Bytes allocated besides the per-agent arrays (e.g. a random block), added to the total.
     detail : str
         Other arguments that set the size (e.g. ``", lags=2"``), shown after the counts in the message.
+    advice : str
+        What the caller can do instead, ending the message.
 
     Raises
     ------
@@ -312,9 +316,10 @@ def check_sizes(n_agents, dim=1, *, per_agent_vectors: int = 1, per_agent_scalar
     if available is not None and needed > available:
         owner = f"{what}'" if what.endswith("s") else f"{what}'s"
         raise ValueError(
-            f"{names[0]}={n}, {names[1]}={d}{detail}: the {owner} arrays need {needed:,} bytes ({gib(needed)} GiB), more than "
+            f"{names[0]}={n}{f', {names[1]}={d}' if names[1] else ''}{detail}: the {owner} arrays need {needed:,} bytes "
+            f"({gib(needed)} GiB), more than "
             f"the {available:,} bytes ({gib(available)} GiB) this process may use (physical memory, cgroup "
-            f"and RLIMIT_AS limits); use fewer agents, or shard the population over several machines"
+            f"and RLIMIT_AS limits); {advice}"
         )
     return n, d
 

@@ -778,3 +778,26 @@ def test_a_series_refused_as_rounding_names_its_spread_and_the_bound_it_is_withi
             make_stream(name, 50, seed=2, **params)
     spread, bound = map(float, re.search(r"its spread (\S+) is within the (\S+) that rounding", str(info.value)).groups())
     assert 0.0 < spread <= bound < math.inf, str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(streams._GENERATORS))
+def test_a_stream_that_cannot_fit_is_refused_naming_n_steps_before_it_is_built(name, monkeypatch):
+    """Each generator counts at least its measured peak: with one byte less available it refuses, naming ``n_steps``.
+
+    ``make_stream("logistic", 10**11)`` raised NumPy's ``MemoryError``, and ``2**63 - 1`` its unnamed "array is too big".
+    """
+    from memoa_fast import _validation
+
+    n = 100_000  # the generators' fixed ~140 KB (0.2 of an array here) is within their margin
+    make_stream(name, n)  # first-call allocations (caches, the generator's own setup) out of the measurement
+    tracemalloc.start()
+    make_stream(name, n)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    monkeypatch.setattr(_validation, "available_memory", lambda: peak - 1)
+    with pytest.raises(ValueError, match=rf"^n_steps={n}: the stream's arrays need .* ask for fewer steps$"):
+        make_stream(name, n)
+    monkeypatch.setattr(_validation, "available_memory", lambda: 16 * peak)
+    assert make_stream(name, n).shape == (n,)  # refused only when it does not fit
+    with pytest.raises(ValueError, match=r"n_steps must be an integer in \[2, 2\*\*63 - 1\], got 9223372036854775808"):
+        make_stream(name, 2**63)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import MAX_COUNT, binary_exponent, check_bool, check_int, check_real, check_seed
+from .._validation import MAX_COUNT, binary_exponent, check_bool, check_int, check_real, check_seed, check_sizes
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -42,7 +42,7 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     The first ``transient`` iterates are discarded. ``r`` must be in
     ``[3.57, 4)`` (chaotic, and the orbit stays in (0, 1)).
     """
-    n_steps, seed = _check_length_seed(n_steps, seed)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=5)
     r = check_real("r", r, low=3.57, high=4.0, high_open=True)
     transient = check_int("transient", transient, low=0)
     normalize = check_bool("normalize", normalize)
@@ -69,7 +69,7 @@ def periodic(
 
     .. math:: y(t) = \\sum_k a_k \\sin(2\\pi t / P_k + \\varphi_k) + \\sigma \\varepsilon(t)
     """
-    n_steps, seed = _check_length_seed(n_steps, seed)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=6)
     periods = _reals("periods", periods, low=0.0, low_open=True)
     amplitudes = _reals("amplitudes", amplitudes)
     if len(periods) != len(amplitudes) or not periods:
@@ -111,7 +111,7 @@ def concept(
     so the oscillation frequency sweeps between ``angles`` every
     ``drift_period`` steps (phase ``psi`` seeded).
     """
-    n_steps, seed = _check_length_seed(n_steps, seed)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=9)
     radius = check_real("radius", radius, low=0.0, high=1.0, high_open=True)
     drift_period = check_real("drift_period", drift_period, low=0.0, low_open=True)
     noise = check_real("noise", noise, low=0.0, low_open=True)
@@ -154,7 +154,7 @@ def concept_drift(
     raises ValueError naming its scale parameters, never a NaN or all-zero
     series.
     """
-    n_steps, seed = _check_length_seed(n_steps, seed)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=9)
     lo, hi = _pair("segment", segment, integer=True)
     radius = _pair("radius", radius, low=0.0, high=1.0, high_open=True)  # |poles| < 1: the process is stable
     angles = _pair("angles", angles, low=0.0, high=math.pi)
@@ -328,8 +328,16 @@ def unit_scale(values: np.ndarray) -> float:
     return math.ldexp(1.0, min(binary_exponent(values), 1023))  # the package's one power-of-two scaling
 
 
-def _check_length_seed(n_steps, seed):
-    return check_int("n_steps", n_steps, low=2), check_seed("seed", seed)
+def _check_length_seed(n_steps, seed, arrays):
+    """``n_steps >= 2`` and the seed, checked; ``arrays`` float64 arrays of ``n_steps`` values must fit in memory.
+
+    ``arrays`` is the generator's peak (measured), so a stream too long is refused naming ``n_steps`` before
+    NumPy's ``MemoryError``.
+    """
+    n_steps = check_int("n_steps", n_steps, low=2, high=MAX_COUNT)
+    check_sizes(n_steps, 1, per_agent_vectors=0, per_agent_scalars=arrays, what="stream", names=("n_steps", None),
+                advice="ask for fewer steps")
+    return n_steps, check_seed("seed", seed)
 
 
 # --------------------------------------------------------------------------- CSV
