@@ -2,7 +2,10 @@
 
 ``MEMOA_FAST_CACHE=0`` turns Numba's on-disk cache off (it is on by default:
 import plus first call then costs milliseconds instead of seconds). For a
-read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder.
+read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder. The cache
+never needs clearing: each jitted module's cached code is tied to the
+contents of its file and of every file it imports values from, this one
+included (:mod:`._seal`).
 """
 import os
 
