@@ -9,6 +9,12 @@ What the package may use from here is re-exported below: the names of the
 small arrays' rows and columns (:mod:`._layout`) and the compilation
 settings. Nothing outside ``kernels/`` imports a private module by name;
 :mod:`memoa_fast._backends` loads a backend module by its backend's name.
+
+Numba's on-disk cache (``CACHE``) never needs clearing by hand: every jitted
+module ends with ``seal(globals())`` (:mod:`._seal`), which ties its cached
+code to the contents of its own file and of every file it imports values
+from (``_config``, ``_layout``, ``_pipeline_reference``, ...), wherever
+Numba keeps the cache.
 """
 from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import (

@@ -2,15 +2,20 @@
 
 ``MEMOA_FAST_CACHE=0`` turns Numba's on-disk cache off (it is on by default:
 import plus first call then costs milliseconds instead of seconds). For a
-read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder.
+read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder. The cache
+never needs clearing: each jitted module's cached code is tied to the
+contents of its file and of every file it imports values from, this one
+included (:mod:`._seal`).
 """
 import os
 
-# Numba's cache checks only each kernel's own source file: a kernel compiled
-# with an old value of a constant below (or with an old version of a jitted
-# function from another file) is not recompiled by itself. After changing
-# this file, clear the caches (``__pycache__/*.nbi``, ``*.nbc``) or touch the
-# kernel files; and keep every cached jitted call inside one file (_numba.py).
+# Numba freezes the values below into the machine code, and its own cache
+# checks only each kernel's source file; every jitted module therefore ends
+# with ``seal(globals())`` (_seal.py), which makes its cache also check the
+# files it imports values from, this one included: after an edit or a git
+# checkout the stale code is ignored and recompiled, with no cache to clear.
+# A jitted function from another file is not covered (its code is not a
+# value): keep every cached jitted call inside one file (Numba cache rule).
 CACHE = os.environ.get("MEMOA_FAST_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 # No blanket fastmath: 'nnan'/'ninf' would let LLVM delete the isfinite checks

@@ -23,6 +23,7 @@ The NumPy reference of each kernel is in :mod:`._forecast_reference`.
 from numba import njit, prange
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
+from ._seal import seal
 from ._threads import Threads as _Threads
 
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
@@ -221,3 +222,7 @@ def score_step(x, y, record, sq_err, work, out_mean, threads):
         return _score_serial(x, y, record, sq_err, work, out_mean)
     with _Threads(threads):
         return _score_parallel(x, y, record, sq_err, work, out_mean)
+
+
+# Numba's cache of this module also checks the files it takes values from (kernels/_seal.py).
+seal(globals())

@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import CACHE, FASTMATH
+from ._seal import seal
 from ._threads import Threads
 
 _jit = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", boundscheck=False)
@@ -105,3 +106,7 @@ def noisy_last_value(lo, key, t, y, sigma, out, threads):
     else:
         with Threads(threads):
             _noisy_last_value_parallel(lo, key, t, y, sigma, out)
+
+
+# Numba's cache of this module also checks the files it takes values from (kernels/_seal.py).
+seal(globals())

@@ -105,6 +105,7 @@ from ._layout import (
     Q,
 )
 from ._layout import R as R_
+from ._seal import seal
 from ._threads import Threads, max_threads
 
 # The kernel API, the same in every backend module (see _reference.py).
@@ -1485,3 +1486,7 @@ def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):
     mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads)
     top, log_total = _merge_log_sum_exp(work, lay[:])
     mixture_share(log_p, top, log_total, alpha, log_p.shape[0], threads)
+
+
+# Numba's cache of this module also checks the files it takes values from (kernels/_seal.py).
+seal(globals())

@@ -62,8 +62,9 @@ per pair and Box-Muller with both outputs, so each normal depends on
 
 Every jitted helper used here is defined in this file (Numba's cache checks
 only the file of the function it compiles). The index constants come from
-:mod:`._pipeline_reference` (plain Python): after changing them there, clear
-this module's cache (``__pycache__/_pipeline_numba*.nb*``).
+:mod:`._pipeline_reference` (plain Python); :func:`._seal.seal` on the last
+line makes this module's cache check that file too (and every other file it
+imports values from), so a changed index recompiles: no cache to clear.
 """
 import math
 
@@ -114,6 +115,7 @@ from ._pipeline_reference import (
     work_shape,
     work_width,
 )
+from ._seal import seal
 from ._threads import Threads, max_threads
 
 __all__ = [
@@ -1390,3 +1392,7 @@ def sincos_2pi(u):
     c, s = np.empty_like(u), np.empty_like(u)
     _sincos_into(u, c, s)
     return c, s
+
+
+# Numba's cache of this module also checks the files it takes values from (kernels/_seal.py).
+seal(globals())

@@ -1,0 +1,153 @@
+"""Numba's on-disk cache made to see the files a jitted module takes values from.
+
+Numba compiles a module-level value a jitted function reads (``CHUNK``, an
+index of :mod:`._layout`, the ``fastmath`` flags) into the machine code as a
+constant, and its cache (``cache=True``) decides whether cached code is fresh
+from the stamp of the function's own source file and its bytecode only. A
+change to a file the module imports values from (``git checkout``, an edited
+constant) then leaves stale code in use: wrong indices, with bounds checks off
+a crash.
+
+:func:`seal`, called on the last line of every jitted module, adds to the
+stamp Numba stores in each cache index (``*.nbi``) and compares before it
+loads anything (``IndexDataCacheFile._source_stamp``) a SHA-256 digest of the
+module's own source and of every sibling module it imports from, transitively
+(``from .x import ...``, ``from . import x``). A cache written under other
+contents of any of these files no longer matches: Numba ignores it, compiles
+and overwrites it, as it does for an edit of the module itself. Nothing is
+deleted and nothing but Numba writes the cache, so every locator
+(``__pycache__``, ``NUMBA_CACHE_DIR``, the user-wide folder) and two
+processes starting at once behave as Numba makes them (at worst both
+compile). Unchanged files give the same digest: warm starts stay warm. The
+cost is reading the few files once per process (well under a millisecond).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+
+# ``from .name import ...`` (a sibling module) and ``from . import a, b`` (sibling
+# modules, or names of the package's __init__), at the start of a line. Only
+# relative imports can reach the kernels' own files; tests/test_cache.py checks
+# this reading against the AST. The literal prefix keeps the scan fast (~0.1 ms
+# for _numba.py; a line-anchored pattern takes 0.6 ms).
+_FROM_RELATIVE = re.compile(rb"from[ \t]+\.(\w*)[ \t]+import\b")
+_NAMES = re.compile(rb"[ \t]*\(?([\w \t,\\\n]+)")
+
+
+def _read(path: str, loader) -> bytes:
+    """The bytes of ``path``, read afresh (through the module's loader when it has one: zip archives)."""
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _imported_siblings(source: bytes, folder: str) -> list[str]:
+    """The files of the sibling modules ``source`` imports from (``__init__.py`` for names of the package)."""
+    found = []
+    for m in _FROM_RELATIVE.finditer(source):
+        if source[source.rfind(b"\n", 0, m.start()) + 1:m.start()].strip():
+            continue  # not at the start of a line
+        if m.group(1):
+            found.append(m.group(1).decode())
+            continue
+        for name in re.split(r"[\s,\\()]+", _NAMES.match(source, m.end()).group(1).decode()):
+            if name.isidentifier() and name != "as":
+                found.append(name if os.path.exists(os.path.join(folder, name + ".py")) else "__init__")
+    return [os.path.join(folder, name + ".py") for name in found]
+
+
+def dependencies(path: str, loader=None) -> list[str]:
+    """``path`` and the files of every sibling module it imports from, transitively, sorted.
+
+    Parameters
+    ----------
+    path : str
+        A module's source file.
+    loader : importlib loader, optional
+        The module's loader (reads files inside a zip archive too).
+
+    Returns
+    -------
+    list of str
+        Absolute paths.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    seen, todo = set(), [path]
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        todo.extend(_imported_siblings(_read(file, loader), folder))
+    return sorted(seen)
+
+
+def digest(path: str, loader=None) -> str:
+    """SHA-256 over the names and contents of :func:`dependencies` of ``path``."""
+    h = hashlib.sha256()
+    for file in dependencies(path, loader):
+        data = _read(file, loader)
+        h.update(os.path.basename(file).encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+def sealed_stamp(dispatcher):
+    """The stamp a sealed dispatcher's cache compares with its index's, or None when not sealed (or caching is off)."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    stamp = getattr(cache_file, "_source_stamp", None)
+    return stamp if isinstance(stamp, tuple) and len(stamp) == 3 and stamp[0] == "memoa_fast.kernels" else None
+
+
+def seal(namespace: dict) -> int:
+    """Make every cached dispatcher defined in a jitted module depend on its dependency files.
+
+    Call on the module's last line, ``seal(globals())``, before any of its
+    functions runs (a first call loads or compiles).
+
+    Parameters
+    ----------
+    namespace : dict
+        The module's ``globals()``.
+
+    Returns
+    -------
+    int
+        How many dispatchers were sealed (0 with the cache off).
+    """
+    from numba.core.dispatcher import Dispatcher
+
+    path = namespace["__file__"]
+    spec = namespace.get("__spec__")
+    try:
+        key = digest(path, getattr(spec, "loader", None))
+    except OSError:  # a source file cannot be read: no way to tell stale code, so no cache
+        key = None
+    sealed, off = 0, False
+    for value in list(namespace.values()):
+        if not isinstance(value, Dispatcher) or getattr(value.py_func, "__module__", None) != namespace["__name__"]:
+            continue
+        cache = getattr(value, "_cache", None)
+        cache_file = getattr(cache, "_cache_file", None)
+        if cache_file is None and type(cache).__name__ == "NullCache":
+            continue  # cache=False
+        if value.overloads:
+            raise RuntimeError(f"seal() must run before any call of {value.py_func.__qualname__}: its code is already loaded")
+        if key is not None and hasattr(cache_file, "_source_stamp"):
+            cache_file._source_stamp = ("memoa_fast.kernels", cache_file._source_stamp, key)
+            sealed += 1
+        else:  # another Numba's layout, or an unreadable file: never risk stale code
+            cache.disable()
+            off = True
+    if off:
+        warnings.warn(
+            f"memoa_fast: cannot tie Numba's cache of {namespace['__name__']} to the files it takes values from; "
+            "its on-disk cache is off (every process compiles)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return sealed

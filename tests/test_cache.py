@@ -1,0 +1,214 @@
+"""Numba's on-disk cache never serves code compiled with old values of another file (kernels/_seal.py).
+
+Numba freezes the module-level values a jitted function reads into its machine
+code, and its cache checks only the function's own file. The reproducer is a
+tiny package built like ``kernels/``: a jitted module with ``cache=True`` that
+imports a constant from a sibling file. Changing the sibling alone used to
+leave the old constant in use (the unsealed control below still shows it);
+``seal(globals())`` on the jitted module's last line makes Numba see the change.
+"""
+import ast
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from memoa_fast.kernels import _seal
+
+KERNELS = Path(_seal.__file__).parent
+ROOT = KERNELS.parent
+
+# One process runs every case: numba.config.CACHE_DIR is read each time a
+# dispatcher's cache is made, and re-importing a purged module builds new
+# dispatchers that read the index files from disk, as a new process would.
+SCRIPT = textwrap.dedent(
+    r"""
+    import importlib, json, sys
+    import numba
+    sys.path.insert(0, sys.argv[1])
+    out = {}
+
+    def run(pkg):
+        for name in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        mod = importlib.import_module(pkg + "._kern")
+        value = int(mod.get())
+        stats = mod.get.stats
+        return value, sum(stats.cache_hits.values()), sum(stats.cache_misses.values())
+
+    def write_const(pkg, value):
+        with open(f"{sys.argv[1]}/{pkg}/_const.py", "w") as f:
+            f.write(f"VALUE = {value}\n")  # the same size for every digit: a stamp of (mtime, size) cannot tell
+
+    for cache_dir in ("", sys.argv[2]):
+        numba.config.CACHE_DIR = cache_dir
+        for pkg in sys.argv[3:]:
+            if not pkg.endswith("_" + ("dir" if cache_dir else "tree")):
+                continue
+            write_const(pkg, 1)
+            first = run(pkg)
+            write_const(pkg, 2)
+            changed = run(pkg)
+            same = run(pkg)
+            out[pkg] = [first, changed, same]
+    print(json.dumps(out))
+    """
+)
+
+KERN = textwrap.dedent(
+    """
+    from numba import njit
+
+    from ._const import VALUE
+
+
+    @njit(cache=True)
+    def get():
+        return VALUE
+    """
+)
+
+
+def _package(root, name, sealed):
+    folder = root / name
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "_const.py").write_text("VALUE = 0\n")
+    tail = "\nfrom memoa_fast.kernels._seal import seal\n\nseal(globals())\n" if sealed else ""
+    (folder / "_kern.py").write_text(KERN + tail)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "MEMOA_FAST_CACHE", "NUMBA_DISABLE_JIT")}
+    env.update(extra)
+    return env
+
+
+def test_a_changed_sibling_constant_is_never_served_stale_by_the_cache(tmp_path):
+    """A constant imported from another file changes: sealed code recompiles (in-tree and NUMBA_CACHE_DIR), unsealed is stale."""
+    import json
+
+    names = ["plain_tree", "sealed_tree", "plain_dir", "sealed_dir"]
+    for name in names:
+        _package(tmp_path, name, sealed=name.startswith("sealed"))
+    cache_dir = tmp_path / "numba-cache"
+    cache_dir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path), str(cache_dir), *names],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # (value, cache hits, cache misses) for: first import, after the sibling changed, again unchanged
+    for where in ("tree", "dir"):
+        first, changed, same = out[f"plain_{where}"]
+        assert first == [1, 0, 1]
+        # The defect class in Numba itself: the old constant is loaded from the cache.
+        assert changed == [1, 1, 0], f"Numba now notices a changed sibling by itself ({where}): {changed}"
+        first, changed, same = out[f"sealed_{where}"]
+        assert first == [1, 0, 1]
+        assert changed == [2, 0, 1], f"stale code served after the sibling changed ({where})"
+        assert same == [2, 1, 0], f"recompiled although nothing changed ({where})"
+    assert (tmp_path / "sealed_tree" / "__pycache__").is_dir()
+    assert any(cache_dir.rglob("_kern.get-*.nbi"))
+
+
+def test_two_processes_starting_at_once_after_a_change_both_get_the_new_value(tmp_path):
+    """Both compile or load without a crash or an error, and neither runs the old constant."""
+    _package(tmp_path, "pair", sealed=True)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import pair._kern as k; print(k.get())"
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_env(), capture_output=True, text=True).stdout.split() == ["0"]
+    (tmp_path / "pair" / "_const.py").write_text("VALUE = 7\n")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    for stdout, stderr, rc in results:
+        assert rc == 0, stderr
+        assert stdout.split() == ["7"]
+        assert "Warning" not in stderr and "Error" not in stderr, stderr
+
+
+def _jitted_modules():
+    """The kernels' modules that cache compiled code (``cache=`` in a jit option)."""
+    return sorted(p for p in KERNELS.glob("*.py") if "cache=" in p.read_text() and p.name != "_seal.py")
+
+
+def _ast_dependencies(path):
+    """What the interpreter imports: every relative ``from`` import's file, transitively (the AST, not _seal's regex)."""
+    seen, todo = set(), [path.resolve()]
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1, f"{file.name}: a jitted module's values must come from kernels/ itself"
+                if node.module:
+                    todo.append(file.parent / (node.module.replace(".", "/") + ".py"))
+                else:
+                    todo.extend(
+                        file.parent / (a.name + ".py") if (file.parent / (a.name + ".py")).exists() else file.parent / "__init__.py"
+                        for a in node.names
+                    )
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    assert not a.name.startswith("memoa_fast"), f"{file.name}: absolute import of the package's own {a.name}"
+    return sorted(str(p) for p in seen)
+
+
+def test_the_seal_covers_every_file_a_jitted_module_imports_from():
+    """For each jitted module, _seal's dependency list is the AST's: every sibling it (transitively) imports a name from."""
+    modules = _jitted_modules()
+    assert {p.name for p in modules} >= {"_numba.py", "_pipeline_numba.py", "_noise.py", "_forecast_numba.py"}
+    for path in modules:
+        deps = _seal.dependencies(str(path))
+        assert deps == _ast_dependencies(path), path.name
+        assert len(deps) >= 2, path.name  # the module and at least _config (CACHE, FASTMATH)
+
+
+def test_every_cached_kernel_is_sealed_with_the_digest_of_its_files():
+    """Importing the jitted modules seals each cached dispatcher, before any call, with the current digest."""
+    from numba.core.dispatcher import Dispatcher
+
+    from memoa_fast.kernels import CACHE
+
+    for path in _jitted_modules():
+        module = importlib.import_module(f"memoa_fast.kernels.{path.stem}")
+        tree = ast.parse(path.read_text())
+        last = tree.body[-1]
+        assert ast.unparse(last) == "seal(globals())", f"{path.name} must end with seal(globals())"
+        dispatchers = [v for v in vars(module).values() if isinstance(v, Dispatcher) and v.py_func.__module__ == module.__name__]
+        assert dispatchers, path.name
+        for d in dispatchers:
+            stamp = _seal.sealed_stamp(d)
+            if CACHE:
+                assert stamp is not None and stamp[2] == _seal.digest(str(path)), f"{path.name}: {d.py_func.__name__} not sealed"
+            else:
+                assert stamp is None
+
+
+def test_the_digest_follows_each_dependency_and_nothing_else(tmp_path):
+    """Any byte of the module or of a file it imports from changes the digest; an unrelated sibling does not."""
+    (tmp_path / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "_a.py").write_text("from ._b import B\nfrom . import X\nA = 1\n")
+    (tmp_path / "_b.py").write_text("B = 2\n")
+    (tmp_path / "_other.py").write_text("C = 3\n")
+    (tmp_path / "_k.py").write_text("from ._a import (\n    A,\n)\nfrom . import _b\n")
+    path = str(tmp_path / "_k.py")
+    assert [Path(p).name for p in _seal.dependencies(path)] == ["__init__.py", "_a.py", "_b.py", "_k.py"]
+    before = _seal.digest(path)
+    assert _seal.digest(path) == before
+    (tmp_path / "_other.py").write_text("C = 4\n")
+    assert _seal.digest(path) == before
+    for name in ("__init__.py", "_a.py", "_b.py", "_k.py"):
+        text = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(text + "#\n")
+        assert _seal.digest(path) != before, name
+        (tmp_path / name).write_text(text)
+        assert _seal.digest(path) == before
