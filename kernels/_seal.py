@@ -45,7 +45,18 @@ def _read(path: str, loader) -> bytes:
         return f.read()
 
 
-def _imported_siblings(source: bytes, folder: str) -> list[str]:
+def _exists(path: str, loader) -> bool:
+    """Whether ``path`` can be read as :func:`_read` reads it (inside a zip archive too, where ``os.path`` sees nothing)."""
+    if loader is not None and hasattr(loader, "get_data"):
+        try:
+            loader.get_data(path)
+        except OSError:
+            return False
+        return True
+    return os.path.isfile(path)
+
+
+def _imported_siblings(source: bytes, folder: str, loader=None) -> list[str]:
     """The files of the sibling modules ``source`` imports from (``__init__.py`` for names of the package)."""
     found = []
     for m in _FROM_RELATIVE.finditer(source):
@@ -56,7 +67,7 @@ def _imported_siblings(source: bytes, folder: str) -> list[str]:
             continue
         for name in re.split(r"[\s,\\()]+", _NAMES.match(source, m.end()).group(1).decode()):
             if name.isidentifier() and name != "as":
-                found.append(name if os.path.exists(os.path.join(folder, name + ".py")) else "__init__")
+                found.append(name if _exists(os.path.join(folder, name + ".py"), loader) else "__init__")
     return [os.path.join(folder, name + ".py") for name in found]
 
 
@@ -83,7 +94,7 @@ def dependencies(path: str, loader=None) -> list[str]:
         if file in seen:
             continue
         seen.add(file)
-        todo.extend(_imported_siblings(_read(file, loader), folder))
+        todo.extend(_imported_siblings(_read(file, loader), folder, loader))
     return sorted(seen)
 
 

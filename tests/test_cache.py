@@ -212,3 +212,29 @@ def test_the_digest_follows_each_dependency_and_nothing_else(tmp_path):
         assert _seal.digest(path) != before, name
         (tmp_path / name).write_text(text)
         assert _seal.digest(path) == before
+
+
+def test_a_sibling_module_imported_by_name_is_a_dependency_inside_a_zip_archive_too(tmp_path):
+    """``from . import _const`` in a zip-imported package: the digest reads ``_const.py`` (os.path sees no file there).
+
+    Numba caches zip-imported functions (its ZipCacheLocator); the scan took ``_const`` for a name of the package's
+    ``__init__`` there, so a changed ``_const.py`` was served stale.
+    """
+    import zipfile
+    import zipimport
+
+    def archive(value):
+        path = tmp_path / f"pkg{value}.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("pkg/__init__.py", "")
+            z.writestr("pkg/_const.py", f"VALUE = {value}\n")
+            z.writestr("pkg/_kern.py", "from . import _const\n")
+        return str(path), zipimport.zipimporter(str(path))
+
+    digests = []
+    for value in (1, 2):
+        path, loader = archive(value)
+        deps = _seal.dependencies(f"{path}/pkg/_kern.py", loader)
+        assert [os.path.basename(p) for p in deps] == ["_const.py", "_kern.py"]
+        digests.append(_seal.digest(f"{path}/pkg/_kern.py", loader))
+    assert digests[0] != digests[1]  # the archive's own name is not hashed: the change in _const.py is what counts
