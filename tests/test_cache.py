@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from memoa_fast.kernels import _seal
 
 KERNELS = Path(_seal.__file__).parent
@@ -133,13 +135,39 @@ def test_two_processes_starting_at_once_after_a_change_both_get_the_new_value(tm
         assert "Warning" not in stderr and "Error" not in stderr, stderr
 
 
-def _jitted_modules():
-    """The kernels' modules that cache compiled code (``cache=`` in a jit option)."""
-    return sorted(p for p in KERNELS.glob("*.py") if "cache=" in p.read_text() and p.name != "_seal.py")
+def _jitted_modules(folder=KERNELS, package="memoa_fast.kernels"):
+    """The package's modules that define a Numba dispatcher (found by importing them all, not by their text).
+
+    A module whose jit options come from elsewhere (``@njit(**options)``) has no ``cache=`` in its text; every
+    dispatcher object alive is looked at (:func:`_dispatchers`), those kept in a dict or a list included.
+    """
+    names = {f"{package}.{p.stem}": p for p in folder.glob("*.py") if p.name not in ("__init__.py", "_seal.py")}
+    for name in names:
+        importlib.import_module(name)
+    return sorted(names[m] for m in {d.py_func.__module__ for d in _dispatchers()} & names.keys())
+
+
+def _dispatchers(module_name=None):
+    """Every Numba dispatcher object in this process (of ``module_name`` only, if given): module globals or not."""
+    import gc
+
+    from numba.core.dispatcher import Dispatcher
+
+    return [o for o in gc.get_objects() if isinstance(o, Dispatcher) and module_name in (None, o.py_func.__module__)]
+
+
+# Absolute imports of these reach the package's own files, which the seal does not follow (it reads relative imports).
+FIRST_PARTY = ("memoa_fast", "kernels")
 
 
 def _ast_dependencies(path):
-    """What the interpreter imports: every relative ``from`` import's file, transitively (the AST, not _seal's regex)."""
+    """What the interpreter imports: every relative ``from`` import's file, transitively (the AST, not _seal's regex).
+
+    AssertionError for every form the seal cannot follow, in the module and in each file it reaches: an import
+    of the package's own modules by absolute name (``import memoa_fast.kernels._layout``,
+    ``from memoa_fast.kernels._layout import X``, ``from memoa_fast.kernels import _layout``), a relative import
+    from outside the folder (``from ..``) or from a sub-package, and an import by a call (``import_module``).
+    """
     seen, todo = set(), [path.resolve()]
     while todo:
         file = todo.pop()
@@ -150,15 +178,21 @@ def _ast_dependencies(path):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1, f"{file.name}: a jitted module's values must come from kernels/ itself"
                 if node.module:
-                    todo.append(file.parent / (node.module.replace(".", "/") + ".py"))
+                    assert "." not in node.module and not (file.parent / node.module).is_dir(), (
+                        f"{file.name}: from .{node.module}: a sub-package, which the seal does not read")
+                    todo.append(file.parent / (node.module + ".py"))
                 else:
-                    todo.extend(
-                        file.parent / (a.name + ".py") if (file.parent / (a.name + ".py")).exists() else file.parent / "__init__.py"
-                        for a in node.names
-                    )
-            elif isinstance(node, ast.Import):
-                for a in node.names:
-                    assert not a.name.startswith("memoa_fast"), f"{file.name}: absolute import of the package's own {a.name}"
+                    for a in node.names:
+                        assert not (file.parent / a.name).is_dir(), f"{file.name}: from . import {a.name}: a sub-package"
+                        sibling = file.parent / (a.name + ".py")
+                        todo.append(sibling if sibling.exists() else file.parent / "__init__.py")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for name in [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]:
+                    assert name.split(".")[0] not in FIRST_PARTY, (
+                        f"{file.name}: absolute import of the package's own {name}; import it relatively (from .x import)")
+            elif isinstance(node, ast.Call):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                assert called not in ("import_module", "__import__"), f"{file.name}: an import by a call, which the seal cannot see"
     return sorted(str(p) for p in seen)
 
 
@@ -174,23 +208,22 @@ def test_the_seal_covers_every_file_a_jitted_module_imports_from():
 
 def test_every_cached_kernel_is_sealed_with_the_digest_of_its_files():
     """Importing the jitted modules seals each cached dispatcher, before any call, with the current digest."""
-    from numba.core.dispatcher import Dispatcher
-
-    from memoa_fast.kernels import CACHE
-
     for path in _jitted_modules():
-        module = importlib.import_module(f"memoa_fast.kernels.{path.stem}")
         tree = ast.parse(path.read_text())
         last = tree.body[-1]
         assert ast.unparse(last) == "seal(globals())", f"{path.name} must end with seal(globals())"
-        dispatchers = [v for v in vars(module).values() if isinstance(v, Dispatcher) and v.py_func.__module__ == module.__name__]
+        dispatchers = _dispatchers(f"memoa_fast.kernels.{path.stem}")
         assert dispatchers, path.name
         for d in dispatchers:
-            stamp = _seal.sealed_stamp(d)
-            if CACHE:
-                assert stamp is not None and stamp[2] == _seal.digest(str(path)), f"{path.name}: {d.py_func.__name__} not sealed"
-            else:
-                assert stamp is None
+            assert _unsealed(d, _seal.digest(str(path))) is None, f"{path.name}: {d.py_func.__name__} not sealed"
+
+
+def _unsealed(dispatcher, digest):
+    """None when ``dispatcher`` cannot serve stale code: no on-disk cache, or one sealed with ``digest``; else its stamp."""
+    if type(dispatcher._cache).__name__ == "NullCache":  # cache=False, or MEMOA_FAST_CACHE=0
+        return None
+    stamp = _seal.sealed_stamp(dispatcher)
+    return None if stamp is not None and stamp[2] == digest else dispatcher._cache._cache_file._source_stamp
 
 
 def test_the_digest_follows_each_dependency_and_nothing_else(tmp_path):
@@ -238,3 +271,56 @@ def test_a_sibling_module_imported_by_name_is_a_dependency_inside_a_zip_archive_
         assert [os.path.basename(p) for p in deps] == ["_const.py", "_kern.py"]
         digests.append(_seal.digest(f"{path}/pkg/_kern.py", loader))
     assert digests[0] != digests[1]  # the archive's own name is not hashed: the change in _const.py is what counts
+
+
+@pytest.mark.parametrize("where", ["module", "dependency"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "import memoa_fast.kernels._layout",
+        "from memoa_fast.kernels._layout import Q",
+        "from memoa_fast.kernels import _layout",
+        "from .._validation import MAX_COUNT",
+        "from .sub import X",
+        "from . import sub",
+        "L = importlib.import_module('memoa_fast.kernels._layout')",
+    ],
+)
+def test_the_guard_refuses_every_import_the_seal_cannot_follow(tmp_path, line, where):
+    """The AST side of the seal's check fails on each import form the seal's scan does not read.
+
+    It refused only ``import memoa_fast...``: ``from memoa_fast.kernels._layout import Q`` in a jitted module passed
+    the check, and a change to ``_layout.py`` was then served stale.
+    """
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "_dep.py").write_text("import math\n\nfrom numba import njit\n" + (line + "\n" if where == "dependency" else ""))
+    (tmp_path / "_k.py").write_text("from ._dep import math\n" + (line + "\n" if where == "module" else ""))
+    try:
+        _ast_dependencies(tmp_path / "_k.py")
+    except AssertionError:
+        return
+    raise AssertionError(f"the guard let through {line!r} in the {where}")
+
+
+def test_the_guard_finds_a_cached_dispatcher_by_its_object_wherever_it_is_kept(tmp_path, monkeypatch):
+    """A module whose jit options come from another file and whose dispatcher sits in a dict is found and unsealed.
+
+    The check looked for ``cache=`` in a module's text and at the dispatchers bound to its names: this module has
+    neither, so its unsealed cache (stale after a change of ``_opts.py``) passed.
+    """
+    folder = tmp_path / "hidden_jit_pkg"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "_opts.py").write_text("OPTS = {'cache': True}\n")  # no 'cache=' in any text
+    (folder / "_kern.py").write_text(
+        "from numba import njit\n\nfrom ._opts import OPTS\n\n\ndef _get():\n    return 1\n\n\nKERNELS = {'get': njit(**OPTS)(_get)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert [p.name for p in _jitted_modules(folder, "hidden_jit_pkg")] == ["_kern.py"]
+        (found,) = _dispatchers("hidden_jit_pkg._kern")
+        assert _unsealed(found, _seal.digest(str(folder / "_kern.py"))) is not None
+    finally:
+        for name in [m for m in sys.modules if m.startswith("hidden_jit_pkg")]:
+            del sys.modules[name]
