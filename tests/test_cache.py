@@ -208,11 +208,13 @@ def test_the_seal_covers_every_file_a_jitted_module_imports_from():
 
 def test_every_cached_kernel_is_sealed_with_the_digest_of_its_files():
     """Importing the jitted modules seals each cached dispatcher, before any call, with the current digest."""
-    for path in _jitted_modules():
+    modules = _jitted_modules()  # imports them all
+    alive = _dispatchers()  # one walk over the process's objects (tens of ms in a long test session)
+    for path in modules:
         tree = ast.parse(path.read_text())
         last = tree.body[-1]
         assert ast.unparse(last) == "seal(globals())", f"{path.name} must end with seal(globals())"
-        dispatchers = _dispatchers(f"memoa_fast.kernels.{path.stem}")
+        dispatchers = [d for d in alive if d.py_func.__module__ == f"memoa_fast.kernels.{path.stem}"]
         assert dispatchers, path.name
         for d in dispatchers:
             assert _unsealed(d, _seal.digest(str(path))) is None, f"{path.name}: {d.py_func.__name__} not sealed"
