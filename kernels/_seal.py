@@ -34,7 +34,6 @@ import warnings
 # this reading against the AST. The literal prefix keeps the scan fast (~0.1 ms
 # for _numba.py; a line-anchored pattern takes 0.6 ms).
 _FROM_RELATIVE = re.compile(rb"from[ \t]+\.(\w*)[ \t]+import\b")
-_NAMES = re.compile(rb"[ \t]*\(?([\w \t,\\\n]+)")
 
 
 def _read(path: str, loader) -> bytes:
@@ -65,10 +64,38 @@ def _imported_siblings(source: bytes, folder: str, loader=None) -> list[str]:
         if m.group(1):
             found.append(m.group(1).decode())
             continue
-        for name in re.split(r"[\s,\\()]+", _NAMES.match(source, m.end()).group(1).decode()):
-            if name.isidentifier() and name != "as":
-                found.append(name if _exists(os.path.join(folder, name + ".py"), loader) else "__init__")
+        for name in _imported_names(source, m.end()):
+            found.append(name if _exists(os.path.join(folder, name + ".py"), loader) else "__init__")
     return [os.path.join(folder, name + ".py") for name in found]
+
+
+def _imported_names(source: bytes, start: int) -> list[str]:
+    """The names of ``from . import a as b, c`` whose ``import`` ends at ``start`` (``a``, ``c``), as Python reads them.
+
+    Parenthesised (up to the closing parenthesis) or the logical line (backslash continuations); comments dropped.
+    """
+    j = start
+    while source[j:j + 1] in (b" ", b"\t"):
+        j += 1
+    if source[j:j + 1] == b"(":
+        body = source[j + 1:source.find(b")", j)]
+    else:
+        end = start
+        while True:
+            end = source.find(b"\n", end)
+            if end < 0:
+                end = len(source)
+                break
+            if not source[max(0, end - 2):end].rstrip(b"\r").endswith(b"\\"):
+                break
+            end += 1
+        body = source[start:end]
+    names = []
+    for item in re.sub(rb"#[^\n]*", b"", body).split(b","):
+        words = item.replace(b"\\", b" ").split()  # "a as b": the module is "a"
+        if words and words[0].decode().isidentifier():
+            names.append(words[0].decode())
+    return names
 
 
 def dependencies(path: str, loader=None) -> list[str]:

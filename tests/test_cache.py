@@ -326,3 +326,19 @@ def test_the_guard_finds_a_cached_dispatcher_by_its_object_wherever_it_is_kept(t
     finally:
         for name in [m for m in sys.modules if m.startswith("hidden_jit_pkg")]:
             del sys.modules[name]
+
+
+def test_the_scan_reads_every_form_of_from_dot_import_as_the_ast_does(tmp_path):
+    """``as`` aliases, comments in parentheses, backslash continuations, a statement on the next line: the AST's files.
+
+    The scan took ``B`` of ``from . import _b as B`` and ``VALUE`` of the next line for names of ``__init__``
+    (a digest over a file the module does not read), and missed ``_d`` after a comment.
+    """
+    (tmp_path / "__init__.py").write_text("X = 1\n")
+    for name in "bcdef":
+        (tmp_path / f"_{name}.py").write_text(f"{name.upper()} = 1\n")
+    (tmp_path / "_k.py").write_text(
+        "from . import _b as B\nfrom . import (\n    _c,  # a comment, _x\n    _d as D,\n)\nfrom . import _e, \\\n    _f\nVALUE = 1\n")
+    deps = _seal.dependencies(str(tmp_path / "_k.py"))
+    assert deps == _ast_dependencies(tmp_path / "_k.py")
+    assert [Path(p).name for p in deps] == ["_b.py", "_c.py", "_d.py", "_e.py", "_f.py", "_k.py"]
