@@ -342,3 +342,60 @@ def test_the_scan_reads_every_form_of_from_dot_import_as_the_ast_does(tmp_path):
     deps = _seal.dependencies(str(tmp_path / "_k.py"))
     assert deps == _ast_dependencies(tmp_path / "_k.py")
     assert [Path(p).name for p in deps] == ["_b.py", "_c.py", "_d.py", "_e.py", "_f.py", "_k.py"]
+
+
+RACE = textwrap.dedent(
+    r"""
+    import importlib, json, sys, warnings
+    sys.path.insert(0, sys.argv[1])
+    import race  # `import memoa_fast`: the package and the sibling the kernel takes a value from, VALUE = 1
+
+    with open(sys.argv[1] + "/race/_const.py", "w") as f:
+        f.write("VALUE = 2\n")  # a git checkout while the process runs, before the kernel's first use
+    out = []
+    for _ in range(2):  # in this process (its old _const), then as a fresh process would (a new import of all)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mod = importlib.import_module("race._kern")
+            value = int(mod.get())
+        stats = mod.get.stats
+        out.append([value, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), [str(w.message) for w in caught]])
+        for m in [m for m in sys.modules if m == "race" or m.startswith("race.")]:
+            del sys.modules[m]
+        importlib.invalidate_caches()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_sibling_changed_after_the_package_was_imported_never_poisons_the_cache(tmp_path):
+    """A kernel first used after a git checkout in a running process: the old values are not saved for the new files.
+
+    ``import memoa_fast`` reads _config and _layout, the jitted modules are read on first use: after a checkout in
+    between, the process compiled the old constants and saved them under the digest of the new files, and every
+    later process loaded them (hits, the old value) until a file changed again.
+    """
+    import json
+
+    folder = tmp_path / "race"
+    folder.mkdir()
+    # Built like kernels/__init__.py: the files' state recorded before any sibling is read (getattr: the test also
+    # runs against a _seal without snapshot(), where it shows the old value loaded by the later process).
+    (folder / "__init__.py").write_text(
+        "from memoa_fast.kernels import _seal\n\ngetattr(_seal, 'snapshot', id)(__file__)\nfrom ._const import VALUE  # noqa\n")
+    (folder / "_const.py").write_text("VALUE = 1\n")
+    (folder / "_kern.py").write_text(KERN + "\nfrom memoa_fast.kernels._seal import seal\n\nseal(globals())\n")
+    done = subprocess.run([sys.executable, "-c", RACE, str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    (in_process, later) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert later == [2, 0, 1, []], f"code compiled from the old value was saved under the new files' digest: {later}"
+    assert in_process[:3] == [1, 0, 1]  # Python's own semantics: the module holds the old value
+    assert len(in_process[3]) == 1 and "_const.py changed since memoa_fast.kernels was imported" in in_process[3][0]
+
+
+def test_the_kernels_package_records_its_files_before_reading_any():
+    """``kernels/__init__.py`` imports _seal (which records the files' state) before any other sibling."""
+    body = ast.parse((KERNELS / "__init__.py").read_text()).body
+    first = next(node for node in body if isinstance(node, (ast.Import, ast.ImportFrom)))
+    assert ast.unparse(first).startswith("from . import _seal"), ast.unparse(first)
+    assert str(KERNELS / "_layout.py") in _seal._LOADED
