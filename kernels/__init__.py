@@ -16,6 +16,7 @@ code to the contents of its own file and of every file it imports values
 from (``_config``, ``_layout``, ``_pipeline_reference``, ...), wherever
 Numba keeps the cache.
 """
+from . import _seal as _seal  # first: records the state of the files before any module is read from them (_seal.snapshot)
 from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import (
     GAIN,

@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from memoa_fast.kernels import _seal
 
 KERNELS = Path(_seal.__file__).parent
@@ -133,13 +135,39 @@ def test_two_processes_starting_at_once_after_a_change_both_get_the_new_value(tm
         assert "Warning" not in stderr and "Error" not in stderr, stderr
 
 
-def _jitted_modules():
-    """The kernels' modules that cache compiled code (``cache=`` in a jit option)."""
-    return sorted(p for p in KERNELS.glob("*.py") if "cache=" in p.read_text() and p.name != "_seal.py")
+def _jitted_modules(folder=KERNELS, package="memoa_fast.kernels"):
+    """The package's modules that define a Numba dispatcher (found by importing them all, not by their text).
+
+    A module whose jit options come from elsewhere (``@njit(**options)``) has no ``cache=`` in its text; every
+    dispatcher object alive is looked at (:func:`_dispatchers`), those kept in a dict or a list included.
+    """
+    names = {f"{package}.{p.stem}": p for p in folder.glob("*.py") if p.name not in ("__init__.py", "_seal.py")}
+    for name in names:
+        importlib.import_module(name)
+    return sorted(names[m] for m in {d.py_func.__module__ for d in _dispatchers()} & names.keys())
+
+
+def _dispatchers(module_name=None):
+    """Every Numba dispatcher object in this process (of ``module_name`` only, if given): module globals or not."""
+    import gc
+
+    from numba.core.dispatcher import Dispatcher
+
+    return [o for o in gc.get_objects() if isinstance(o, Dispatcher) and module_name in (None, o.py_func.__module__)]
+
+
+# Absolute imports of these reach the package's own files, which the seal does not follow (it reads relative imports).
+FIRST_PARTY = ("memoa_fast", "kernels")
 
 
 def _ast_dependencies(path):
-    """What the interpreter imports: every relative ``from`` import's file, transitively (the AST, not _seal's regex)."""
+    """What the interpreter imports: every relative ``from`` import's file, transitively (the AST, not _seal's regex).
+
+    AssertionError for every form the seal cannot follow, in the module and in each file it reaches: an import
+    of the package's own modules by absolute name (``import memoa_fast.kernels._layout``,
+    ``from memoa_fast.kernels._layout import X``, ``from memoa_fast.kernels import _layout``), a relative import
+    from outside the folder (``from ..``) or from a sub-package, and an import by a call (``import_module``).
+    """
     seen, todo = set(), [path.resolve()]
     while todo:
         file = todo.pop()
@@ -150,15 +178,21 @@ def _ast_dependencies(path):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1, f"{file.name}: a jitted module's values must come from kernels/ itself"
                 if node.module:
-                    todo.append(file.parent / (node.module.replace(".", "/") + ".py"))
+                    assert "." not in node.module and not (file.parent / node.module).is_dir(), (
+                        f"{file.name}: from .{node.module}: a sub-package, which the seal does not read")
+                    todo.append(file.parent / (node.module + ".py"))
                 else:
-                    todo.extend(
-                        file.parent / (a.name + ".py") if (file.parent / (a.name + ".py")).exists() else file.parent / "__init__.py"
-                        for a in node.names
-                    )
-            elif isinstance(node, ast.Import):
-                for a in node.names:
-                    assert not a.name.startswith("memoa_fast"), f"{file.name}: absolute import of the package's own {a.name}"
+                    for a in node.names:
+                        assert not (file.parent / a.name).is_dir(), f"{file.name}: from . import {a.name}: a sub-package"
+                        sibling = file.parent / (a.name + ".py")
+                        todo.append(sibling if sibling.exists() else file.parent / "__init__.py")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for name in [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]:
+                    assert name.split(".")[0] not in FIRST_PARTY, (
+                        f"{file.name}: absolute import of the package's own {name}; import it relatively (from .x import)")
+            elif isinstance(node, ast.Call):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                assert called not in ("import_module", "__import__"), f"{file.name}: an import by a call, which the seal cannot see"
     return sorted(str(p) for p in seen)
 
 
@@ -174,23 +208,24 @@ def test_the_seal_covers_every_file_a_jitted_module_imports_from():
 
 def test_every_cached_kernel_is_sealed_with_the_digest_of_its_files():
     """Importing the jitted modules seals each cached dispatcher, before any call, with the current digest."""
-    from numba.core.dispatcher import Dispatcher
-
-    from memoa_fast.kernels import CACHE
-
-    for path in _jitted_modules():
-        module = importlib.import_module(f"memoa_fast.kernels.{path.stem}")
+    modules = _jitted_modules()  # imports them all
+    alive = _dispatchers()  # one walk over the process's objects (tens of ms in a long test session)
+    for path in modules:
         tree = ast.parse(path.read_text())
         last = tree.body[-1]
         assert ast.unparse(last) == "seal(globals())", f"{path.name} must end with seal(globals())"
-        dispatchers = [v for v in vars(module).values() if isinstance(v, Dispatcher) and v.py_func.__module__ == module.__name__]
+        dispatchers = [d for d in alive if d.py_func.__module__ == f"memoa_fast.kernels.{path.stem}"]
         assert dispatchers, path.name
         for d in dispatchers:
-            stamp = _seal.sealed_stamp(d)
-            if CACHE:
-                assert stamp is not None and stamp[2] == _seal.digest(str(path)), f"{path.name}: {d.py_func.__name__} not sealed"
-            else:
-                assert stamp is None
+            assert _unsealed(d, _seal.digest(str(path))) is None, f"{path.name}: {d.py_func.__name__} not sealed"
+
+
+def _unsealed(dispatcher, digest):
+    """None when ``dispatcher`` cannot serve stale code: no on-disk cache, or one sealed with ``digest``; else its stamp."""
+    if type(dispatcher._cache).__name__ == "NullCache":  # cache=False, or MEMOA_FAST_CACHE=0
+        return None
+    stamp = _seal.sealed_stamp(dispatcher)
+    return None if stamp is not None and stamp[2] == digest else dispatcher._cache._cache_file._source_stamp
 
 
 def test_the_digest_follows_each_dependency_and_nothing_else(tmp_path):
@@ -212,3 +247,155 @@ def test_the_digest_follows_each_dependency_and_nothing_else(tmp_path):
         assert _seal.digest(path) != before, name
         (tmp_path / name).write_text(text)
         assert _seal.digest(path) == before
+
+
+def test_a_sibling_module_imported_by_name_is_a_dependency_inside_a_zip_archive_too(tmp_path):
+    """``from . import _const`` in a zip-imported package: the digest reads ``_const.py`` (os.path sees no file there).
+
+    Numba caches zip-imported functions (its ZipCacheLocator); the scan took ``_const`` for a name of the package's
+    ``__init__`` there, so a changed ``_const.py`` was served stale.
+    """
+    import zipfile
+    import zipimport
+
+    def archive(value):
+        path = tmp_path / f"pkg{value}.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("pkg/__init__.py", "")
+            z.writestr("pkg/_const.py", f"VALUE = {value}\n")
+            z.writestr("pkg/_kern.py", "from . import _const\n")
+        return str(path), zipimport.zipimporter(str(path))
+
+    digests = []
+    for value in (1, 2):
+        path, loader = archive(value)
+        deps = _seal.dependencies(f"{path}/pkg/_kern.py", loader)
+        assert [os.path.basename(p) for p in deps] == ["_const.py", "_kern.py"]
+        digests.append(_seal.digest(f"{path}/pkg/_kern.py", loader))
+    assert digests[0] != digests[1]  # the archive's own name is not hashed: the change in _const.py is what counts
+
+
+@pytest.mark.parametrize("where", ["module", "dependency"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "import memoa_fast.kernels._layout",
+        "from memoa_fast.kernels._layout import Q",
+        "from memoa_fast.kernels import _layout",
+        "from .._validation import MAX_COUNT",
+        "from .sub import X",
+        "from . import sub",
+        "L = importlib.import_module('memoa_fast.kernels._layout')",
+    ],
+)
+def test_the_guard_refuses_every_import_the_seal_cannot_follow(tmp_path, line, where):
+    """The AST side of the seal's check fails on each import form the seal's scan does not read.
+
+    It refused only ``import memoa_fast...``: ``from memoa_fast.kernels._layout import Q`` in a jitted module passed
+    the check, and a change to ``_layout.py`` was then served stale.
+    """
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "_dep.py").write_text("import math\n\nfrom numba import njit\n" + (line + "\n" if where == "dependency" else ""))
+    (tmp_path / "_k.py").write_text("from ._dep import math\n" + (line + "\n" if where == "module" else ""))
+    try:
+        _ast_dependencies(tmp_path / "_k.py")
+    except AssertionError:
+        return
+    raise AssertionError(f"the guard let through {line!r} in the {where}")
+
+
+def test_the_guard_finds_a_cached_dispatcher_by_its_object_wherever_it_is_kept(tmp_path, monkeypatch):
+    """A module whose jit options come from another file and whose dispatcher sits in a dict is found and unsealed.
+
+    The check looked for ``cache=`` in a module's text and at the dispatchers bound to its names: this module has
+    neither, so its unsealed cache (stale after a change of ``_opts.py``) passed.
+    """
+    folder = tmp_path / "hidden_jit_pkg"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "_opts.py").write_text("OPTS = {'cache': True}\n")  # no 'cache=' in any text
+    (folder / "_kern.py").write_text(
+        "from numba import njit\n\nfrom ._opts import OPTS\n\n\ndef _get():\n    return 1\n\n\nKERNELS = {'get': njit(**OPTS)(_get)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert [p.name for p in _jitted_modules(folder, "hidden_jit_pkg")] == ["_kern.py"]
+        (found,) = _dispatchers("hidden_jit_pkg._kern")
+        assert _unsealed(found, _seal.digest(str(folder / "_kern.py"))) is not None
+    finally:
+        for name in [m for m in sys.modules if m.startswith("hidden_jit_pkg")]:
+            del sys.modules[name]
+
+
+def test_the_scan_reads_every_form_of_from_dot_import_as_the_ast_does(tmp_path):
+    """``as`` aliases, comments in parentheses, backslash continuations, a statement on the next line: the AST's files.
+
+    The scan took ``B`` of ``from . import _b as B`` and ``VALUE`` of the next line for names of ``__init__``
+    (a digest over a file the module does not read), and missed ``_d`` after a comment.
+    """
+    (tmp_path / "__init__.py").write_text("X = 1\n")
+    for name in "bcdef":
+        (tmp_path / f"_{name}.py").write_text(f"{name.upper()} = 1\n")
+    (tmp_path / "_k.py").write_text(
+        "from . import _b as B\nfrom . import (\n    _c,  # a comment, _x\n    _d as D,\n)\nfrom . import _e, \\\n    _f\nVALUE = 1\n")
+    deps = _seal.dependencies(str(tmp_path / "_k.py"))
+    assert deps == _ast_dependencies(tmp_path / "_k.py")
+    assert [Path(p).name for p in deps] == ["_b.py", "_c.py", "_d.py", "_e.py", "_f.py", "_k.py"]
+
+
+RACE = textwrap.dedent(
+    r"""
+    import importlib, json, sys, warnings
+    sys.path.insert(0, sys.argv[1])
+    import race  # `import memoa_fast`: the package and the sibling the kernel takes a value from, VALUE = 1
+
+    with open(sys.argv[1] + "/race/_const.py", "w") as f:
+        f.write("VALUE = 2\n")  # a git checkout while the process runs, before the kernel's first use
+    out = []
+    for _ in range(2):  # in this process (its old _const), then as a fresh process would (a new import of all)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mod = importlib.import_module("race._kern")
+            value = int(mod.get())
+        stats = mod.get.stats
+        out.append([value, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), [str(w.message) for w in caught]])
+        for m in [m for m in sys.modules if m == "race" or m.startswith("race.")]:
+            del sys.modules[m]
+        importlib.invalidate_caches()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_sibling_changed_after_the_package_was_imported_never_poisons_the_cache(tmp_path):
+    """A kernel first used after a git checkout in a running process: the old values are not saved for the new files.
+
+    ``import memoa_fast`` reads _config and _layout, the jitted modules are read on first use: after a checkout in
+    between, the process compiled the old constants and saved them under the digest of the new files, and every
+    later process loaded them (hits, the old value) until a file changed again.
+    """
+    import json
+
+    folder = tmp_path / "race"
+    folder.mkdir()
+    # Built like kernels/__init__.py: the files' state recorded before any sibling is read (getattr: the test also
+    # runs against a _seal without snapshot(), where it shows the old value loaded by the later process).
+    (folder / "__init__.py").write_text(
+        "from memoa_fast.kernels import _seal\n\ngetattr(_seal, 'snapshot', id)(__file__)\nfrom ._const import VALUE  # noqa\n")
+    (folder / "_const.py").write_text("VALUE = 1\n")
+    (folder / "_kern.py").write_text(KERN + "\nfrom memoa_fast.kernels._seal import seal\n\nseal(globals())\n")
+    done = subprocess.run([sys.executable, "-c", RACE, str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    (in_process, later) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert later == [2, 0, 1, []], f"code compiled from the old value was saved under the new files' digest: {later}"
+    assert in_process[:3] == [1, 0, 1]  # Python's own semantics: the module holds the old value
+    assert len(in_process[3]) == 1 and "_const.py changed since memoa_fast.kernels was imported" in in_process[3][0]
+
+
+def test_the_kernels_package_records_its_files_before_reading_any():
+    """``kernels/__init__.py`` imports _seal (which records the files' state) before any other sibling."""
+    body = ast.parse((KERNELS / "__init__.py").read_text()).body
+    first = next(node for node in body if isinstance(node, (ast.Import, ast.ImportFrom)))
+    assert ast.unparse(first).startswith("from . import _seal"), ast.unparse(first)
+    assert str(KERNELS / "_layout.py") in _seal._LOADED

@@ -780,24 +780,27 @@ def test_a_series_refused_as_rounding_names_its_spread_and_the_bound_it_is_withi
     assert 0.0 < spread <= bound < math.inf, str(info.value)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("name", sorted(streams._GENERATORS))
-def test_a_stream_that_cannot_fit_is_refused_naming_n_steps_before_it_is_built(name, monkeypatch):
+def test_a_stream_that_cannot_fit_is_refused_naming_n_steps_before_it_is_built(name, normalize, monkeypatch):
     """Each generator counts at least its measured peak: with one byte less available it refuses, naming ``n_steps``.
 
     ``make_stream("logistic", 10**11)`` raised NumPy's ``MemoryError``, and ``2**63 - 1`` its unnamed "array is too big".
+    And at most its peak and a margin of 1.5 arrays: with ``normalize=False`` (no z-scoring) the count of the
+    z-scored stream refused streams that fit (logistic 5 arrays for a peak of 1.1, periodic 6 for 4, concept-drift 9 for 6).
     """
     from memoa_fast import _validation
 
     n = 100_000  # the generators' fixed ~140 KB (0.2 of an array here) is within their margin
-    make_stream(name, n)  # first-call allocations (caches, the generator's own setup) out of the measurement
+    make_stream(name, n, normalize=normalize)  # first-call allocations (caches, the generator's own setup) out of the measurement
     tracemalloc.start()
-    make_stream(name, n)
+    make_stream(name, n, normalize=normalize)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     monkeypatch.setattr(_validation, "available_memory", lambda: peak - 1)
     with pytest.raises(ValueError, match=rf"^n_steps={n}: the stream's arrays need .* ask for fewer steps$"):
-        make_stream(name, n)
-    monkeypatch.setattr(_validation, "available_memory", lambda: 16 * peak)
-    assert make_stream(name, n).shape == (n,)  # refused only when it does not fit
+        make_stream(name, n, normalize=normalize)
+    monkeypatch.setattr(_validation, "available_memory", lambda: peak + 12 * n)
+    assert make_stream(name, n, normalize=normalize).shape == (n,)  # refused only when it does not fit
     with pytest.raises(ValueError, match=r"n_steps must be an integer in \[2, 2\*\*63 - 1\], got 9223372036854775808"):
-        make_stream(name, 2**63)
+        make_stream(name, 2**63, normalize=normalize)

@@ -42,10 +42,10 @@ def logistic_map(n_steps: int, *, seed: int = 0, r: float = 3.8, transient: int 
     The first ``transient`` iterates are discarded. ``r`` must be in
     ``[3.57, 4)`` (chaotic, and the orbit stays in (0, 1)).
     """
-    n_steps, seed = _check_length_seed(n_steps, seed, arrays=5)
+    normalize = check_bool("normalize", normalize)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=5 if normalize else 2)
     r = check_real("r", r, low=3.57, high=4.0, high_open=True)
     transient = check_int("transient", transient, low=0)
-    normalize = check_bool("normalize", normalize)
     x = np.random.default_rng(seed).uniform(0.1, 0.9)
     out = np.empty(n_steps)
     for _ in range(transient):
@@ -69,13 +69,13 @@ def periodic(
 
     .. math:: y(t) = \\sum_k a_k \\sin(2\\pi t / P_k + \\varphi_k) + \\sigma \\varepsilon(t)
     """
-    n_steps, seed = _check_length_seed(n_steps, seed, arrays=6)
+    normalize = check_bool("normalize", normalize)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=6 if normalize else 5)
     periods = _reals("periods", periods, low=0.0, low_open=True)
     amplitudes = _reals("amplitudes", amplitudes)
     if len(periods) != len(amplitudes) or not periods:
         raise ValueError(f"periods and amplitudes must be non-empty and of equal length, got {periods!r}, {amplitudes!r}")
     noise = check_real("noise", noise, low=0.0)
-    normalize = check_bool("normalize", normalize)
     rng = np.random.default_rng(seed)
     phases = rng.uniform(0.0, 2.0 * math.pi, size=len(periods))
     t = np.arange(n_steps, dtype=np.float64)
@@ -154,13 +154,13 @@ def concept_drift(
     raises ValueError naming its scale parameters, never a NaN or all-zero
     series.
     """
-    n_steps, seed = _check_length_seed(n_steps, seed, arrays=9)
+    normalize = check_bool("normalize", normalize)
+    n_steps, seed = _check_length_seed(n_steps, seed, arrays=9 if normalize else 7)
     lo, hi = _pair("segment", segment, integer=True)
     radius = _pair("radius", radius, low=0.0, high=1.0, high_open=True)  # |poles| < 1: the process is stable
     angles = _pair("angles", angles, low=0.0, high=math.pi)
     noise = check_real("noise", noise, low=0.0, low_open=True)
     level = check_real("level", level, low=0.0)
-    normalize = check_bool("normalize", normalize)
     rng = np.random.default_rng(seed)
     phi1 = np.empty(n_steps)
     phi2 = np.empty(n_steps)
@@ -331,8 +331,8 @@ def unit_scale(values: np.ndarray) -> float:
 def _check_length_seed(n_steps, seed, arrays):
     """``n_steps >= 2`` and the seed, checked; ``arrays`` float64 arrays of ``n_steps`` values must fit in memory.
 
-    ``arrays`` is the generator's peak (measured), so a stream too long is refused naming ``n_steps`` before
-    NumPy's ``MemoryError``.
+    ``arrays`` is the generator's peak (measured, with ``normalize`` as given: z-scoring holds up to four arrays more),
+    so a stream too long is refused naming ``n_steps`` before NumPy's ``MemoryError``, and one that fits is not.
     """
     n_steps = check_int("n_steps", n_steps, low=2, high=MAX_COUNT)
     check_sizes(n_steps, 1, per_agent_vectors=0, per_agent_scalars=arrays, what="stream", names=("n_steps", None),
