@@ -86,8 +86,18 @@ def _imported_names(source: bytes, start: int) -> list[str]:
     j = start
     while source[j:j + 1] in (b" ", b"\t"):
         j += 1
-    if source[j:j + 1] == b"(":
-        body = source[j + 1:source.find(b")", j)]
+    if source[j:j + 1] == b"(":  # up to the first ')' outside a comment ("_c,  # see f(x)" does not end it)
+        lines, k = [], j + 1
+        while True:
+            end = source.find(b"\n", k)
+            line = (source[k:] if end < 0 else source[k:end]).split(b"#", 1)[0]
+            close = line.find(b")")
+            if close >= 0 or end < 0:
+                lines.append(line if close < 0 else line[:close])
+                break
+            lines.append(line)
+            k = end + 1
+        body = b"\n".join(lines)
     else:
         end = start
         while True:

@@ -153,7 +153,39 @@ def _dispatchers(module_name=None):
 
     from numba.core.dispatcher import Dispatcher
 
-    return [o for o in gc.get_objects() if isinstance(o, Dispatcher) and module_name in (None, o.py_func.__module__)]
+    # type(o), not isinstance(o, ...): isinstance reads o.__class__ of every other object, which raises for a dead
+    # weakref.proxy and executes a module made lazy by importlib.util.LazyLoader.
+    return [o for o in gc.get_objects() if issubclass(type(o), Dispatcher) and module_name in (None, o.py_func.__module__)]
+
+
+def test_the_walk_over_the_process_objects_reads_nothing_of_the_other_objects(tmp_path, monkeypatch):
+    """A dead ``weakref.proxy`` or a lazily loaded module anywhere in the process: the walk neither fails nor imports it.
+
+    ``isinstance`` looked up ``__class__`` on every object: ReferenceError for the proxy (the guard tests failed
+    for an object of another test), and the lazy module's code ran (an import with side effects, from a test).
+    """
+    import importlib.util
+    import weakref
+
+    class Gone:
+        pass
+
+    target = Gone()
+    proxy = weakref.proxy(target)
+    del target
+    (tmp_path / "lazy_side_effect.py").write_text("import sys\n\nsys.lazy_side_effect_ran = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.find_spec("lazy_side_effect")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    lazy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lazy)
+    try:
+        assert all(type(d).__name__ != "weakproxy" for d in _dispatchers())
+        assert not hasattr(sys, "lazy_side_effect_ran"), "the walk executed a lazily loaded module"
+    finally:
+        del proxy, lazy
+        if hasattr(sys, "lazy_side_effect_ran"):
+            del sys.lazy_side_effect_ran
 
 
 # Absolute imports of these reach the package's own files, which the seal does not follow (it reads relative imports).
@@ -342,6 +374,11 @@ def test_the_scan_reads_every_form_of_from_dot_import_as_the_ast_does(tmp_path):
     deps = _seal.dependencies(str(tmp_path / "_k.py"))
     assert deps == _ast_dependencies(tmp_path / "_k.py")
     assert [Path(p).name for p in deps] == ["_b.py", "_c.py", "_d.py", "_e.py", "_f.py", "_k.py"]
+    # A ')' inside a comment does not close the parentheses: the scan ended at "f(x)" and missed _d.
+    (tmp_path / "_k.py").write_text("from . import (  # the (two) modules\n    _c,  # see f(x)\n    _d)\n")
+    deps = _seal.dependencies(str(tmp_path / "_k.py"))
+    assert deps == _ast_dependencies(tmp_path / "_k.py")
+    assert [Path(p).name for p in deps] == ["_c.py", "_d.py", "_k.py"]
 
 
 RACE = textwrap.dedent(
