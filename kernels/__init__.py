@@ -21,6 +21,7 @@ from ._config import CACHE, CHUNK, FASTMATH, PAD
 from ._layout import (
     GAIN,
     KAPPA,
+    MIN_NORMAL,
     MIX_SIGNAL,
     MIX_STATE,
     N_COEF,
@@ -34,6 +35,7 @@ from ._layout import (
     R,
     layout,
     n_chunks,
+    next_discount,
     padded,
     used_columns,
     work_shape,
@@ -42,4 +44,5 @@ from ._layout import (
 __all__ = [
     "CACHE", "CHUNK", "FASTMATH", "PAD", "GAIN", "SIGNAL", "Q", "KAPPA", "R", "SIZE", "N_COEF", "MIX_SIGNAL",
     "MIX_STATE", "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "Layout", "layout", "n_chunks", "padded", "used_columns", "work_shape",
+    "MIN_NORMAL", "next_discount",
 ]

@@ -39,6 +39,7 @@ Numba and Cython read as plain integers), so no kernel repeats an offset.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from ._config import CHUNK, PAD
@@ -67,6 +68,26 @@ SIGNAL_LIMIT = 1e50
 # ``log p_i - step_i`` stays in [-inf, STEP_LIMIT], never NaN: the largest
 # log-weight before a step is >= -log N, so the largest after it is finite.
 STEP_LIMIT = 1.7976931348623157e308  # sys.float_info.max
+
+#: The smallest normal double: below it a running product ``discount * gamma`` loses its precision.
+MIN_NORMAL = 2.2250738585072014e-308
+
+
+def next_discount(discount: float, gamma: float, t: int) -> float:
+    """``gamma**t`` from ``discount = gamma**(t - 1)``: the running product, or ``pow`` once it is subnormal.
+
+    The product alone stalls: ``k 2**-1074 * gamma`` rounds back to ``k 2**-1074`` once ``k (1 - gamma) < 1/2``,
+    so for every ``gamma > 1/2`` the discount stopped at a subnormal (``4.4e-323`` for 0.95, ``2.5e-321`` for 0.999)
+    and weighed every later round's cost for ever, while ``gamma**t`` reaches 0. Below :data:`MIN_NORMAL` the
+    discount is ``pow(gamma, t)``, which does reach 0; above it the product's bits are kept as they were. The
+    engines, the certificates' sums and the pipeline reference call this; the compiled pipeline (``_rounds`` in
+    ``_pipeline_numba``) inlines the same two lines.
+    """
+    discount *= gamma
+    if 0.0 < discount < MIN_NORMAL:
+        discount = math.pow(gamma, float(t))
+    return discount
+
 
 
 def padded(d: int) -> int:

@@ -73,7 +73,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
-from ._layout import RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
+from ._layout import MIN_NORMAL, RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
 from ._pipeline_reference import (
     F_FIRST,
     F_LINEAR,
@@ -1257,8 +1257,8 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
         for j in range(d):
             field[FIELD_STATE, j] = field[FIELD_NEXT, j]
             yhats[k, j] = yhat[j]
-        discount *= gamma
-        if discount > 0.0 and discount < _TINY:  # the product stalls at a subnormal for gamma > 1/2: pow from there
+        discount *= gamma  # _layout.next_discount, inlined: below MIN_NORMAL the product stalls for gamma > 1/2
+        if discount > 0.0 and discount < MIN_NORMAL:
             discount = math.pow(gamma, np.float64(t0 + k + 1))
         recorded += fb[F_RECORD]
         if nxt:

@@ -53,16 +53,11 @@ run unit-stride): features ordered ``[lags, lags^2, 1]``, lags newest first;
 ``params`` (:data:`N_PARAMS`,) float64; ``flags`` (:data:`N_FLAGS`,) int64;
 ``stats`` (:data:`N_STATS`,) float64, written.
 """
-import math
-
 import numpy as np
 
 from ._config import CHUNK, PAD
-from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT
+from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT, next_discount
 from ._reference import _first_max  # the compiled kernels' worst-agent rule, one definition
-
-#: The smallest normal double (``memoa_fast._state.MIN_NORMAL``): below it the running discount is ``gamma^t`` by pow.
-MIN_NORMAL = 2.2250738585072014e-308
 
 # ``params``: the float settings of a round.
 P_ETA, P_ALPHA, P_MU, P_HALF_DISCOUNT, P_GAIN, P_SIGNAL, P_Q, P_KAPPA, P_R, P_MIX_SIGNAL, P_MIX_STATE = range(11)
@@ -306,7 +301,7 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
     ``params[P_HALF_DISCOUNT] = discount / 2``, with ``discount *= gamma``
     after it, or ``discount = gamma^(t+1)`` (pow) where that product is subnormal
     (the product alone stalls there for ``gamma > 1/2``; see
-    ``memoa_fast._state.next_discount``). After round ``k``, ``yhats[k] = yhat`` (``yhat(t+1)``) and
+    ``kernels._layout.next_discount``). After round ``k``, ``yhats[k] = yhat`` (``yhat(t+1)``) and
     ``m(t+1)`` becomes the state mean ``field[FIELD_STATE]``. ``flags`` ends
     as the last round's. Returns the discount after the last round and how
     many of the rounds recorded their errors.
@@ -320,8 +315,6 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
                    flags, stats, threads)
         field[FIELD_STATE] = field[FIELD_NEXT]
         yhats[k] = yhat
-        discount *= gamma
-        if 0.0 < discount < MIN_NORMAL:  # the product stalls at a subnormal for gamma > 1/2: gamma^t by pow from there
-            discount = math.pow(gamma, float(t0 + k + 1))
+        discount = next_discount(discount, gamma, t0 + k + 1)
         recorded += int(flags[F_RECORD])
     return discount, recorded

@@ -52,23 +52,6 @@ SERVER_KEYS = ("log_weights", "n_updates", "rule", "eta", "alpha")
 
 _LSE_TOL = 1e-9
 _DISCOUNT_TOL = 1e-9
-#: The smallest normal double: below it a running product ``discount * gamma`` loses its precision.
-MIN_NORMAL = 2.2250738585072014e-308
-
-
-def next_discount(discount: float, gamma: float, t: int) -> float:
-    """``gamma**t`` from ``discount = gamma**(t - 1)``: the running product, or ``pow`` once it is subnormal.
-
-    The product alone stalls: ``k 2**-1074 * gamma`` rounds back to ``k 2**-1074`` once ``k (1 - gamma) < 1/2``,
-    so for every ``gamma > 1/2`` the discount stopped at a subnormal (``4.4e-323`` for 0.95, ``2.5e-321`` for 0.999)
-    and weighed every later round's cost for ever, while ``gamma**t`` reaches 0. Below :data:`MIN_NORMAL` the
-    discount is ``pow(gamma, t)``, which does reach 0; above it the product's bits are kept as they were. The
-    compiled pipeline (``run_rounds``), the engines and the certificates' sums all follow this rule.
-    """
-    discount *= gamma
-    if 0.0 < discount < MIN_NORMAL:
-        discount = math.pow(gamma, float(t))
-    return discount
 
 #: Largest ``|x|`` of a saved state's states and mean fields: ``SIGNAL_LIMIT`` (``1e50``) with a margin of
 #: ``2**-20`` relative for rounding. Every policy moves a state to a combination of states and valid signals

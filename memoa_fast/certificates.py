@@ -48,10 +48,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._state import next_discount
 from ._validation import MAX_COUNT, available_memory, binary_exponent, check_int, check_real, plain_array, real_array
 from .game import Game
-from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R
+from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R, next_discount
 
 __all__ = [
     "EpsilonNashResult",
@@ -979,7 +978,7 @@ def _class_signal_means(labels, sizes, s):
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
     """Every agent on ``game.table`` with the true class means, costs summed over t < T.
 
-    The discount is ``gamma^t`` (:func:`~memoa_fast._state.next_discount`: a running product stalled at a subnormal
+    The discount is ``gamma^t`` (:func:`~memoa_fast.kernels.next_discount`: a running product stalled at a subnormal
     for ``gamma > 1/2``). Once it underflows to 0 (``gamma < 1``: after about 745 / -ln(gamma) rounds) no later round
     adds to any cost, so the sum stops there: the same bits for every longer horizon (a horizon of 2**63 - 1 used to
     loop for ever).

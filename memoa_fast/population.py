@@ -5,10 +5,10 @@ import numpy as np
 
 from . import _backends
 from ._exclusive import Exclusive
-from ._state import INITIAL_LIMIT, check_population_state, next_discount
+from ._state import INITIAL_LIMIT, check_population_state
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
-from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, work_shape
+from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, next_discount, work_shape
 from .server import Server
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _backends
-from .._state import check_population_state, check_source_layout, next_discount
+from .._state import check_population_state, check_source_layout
 from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_out, check_real, check_seed, readonly_view
 from ..checkpoint import (
     CheckpointError,
@@ -32,7 +32,7 @@ from ..checkpoint import (
     write_manifest,
 )
 from ..game import Game
-from ..kernels import CHUNK, N_COEF, SIZE, layout, used_columns
+from ..kernels import CHUNK, N_COEF, SIZE, layout, next_discount, used_columns
 from ..population import MeanFieldSummary, _check_magnitude, check_labels, first_max, population_shape
 from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
 from ._shard import Shard
