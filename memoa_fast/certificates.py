@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import MAX_COUNT, available_memory, binary_exponent, check_int, check_real, plain_array, real_array
+from ._validation import MAX_COUNT, available_memory, binary_exponent, check_int, check_real, gib, plain_array, real_array
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R, next_discount
 
@@ -842,8 +842,8 @@ def _check_gains_fit(T: int, b: int, n: int) -> None:
     if available is not None and needed > available:
         raise ValueError(
             f"horizon={T}: the finite-horizon certificate keeps each round's gains for {b} (agent, coordinate) "
-            f"problem(s) of size {n}, {needed:,} bytes ({needed / 2**30:.3g} GiB), more than the {available:,} bytes "
-            f"({available / 2**30:.3g} GiB) this process may use (a horizon in [1, {available // per_round}] fits); "
+            f"problem(s) of size {n}, {needed:,} bytes ({gib(needed)} GiB), more than the {available:,} bytes "
+            f"({gib(available)} GiB) this process may use (a horizon in [1, {available // per_round}] fits); "
             "certify fewer agents, or give a shorter horizon (with gamma < 1, horizon=None is the exact infinite sum)"
         )
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .. import _backends
-from .._validation import SEED_MAX
+from .._validation import SEED_MAX, gib
 from .._version import __version__
 from ..checkpoint import _lock_temporary, _remove_stale_temporaries
 from . import experiment
@@ -278,7 +278,7 @@ def memory_estimate(n_clients: int, n_rounds: int, n_policies: int, n_rules: int
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB"
+    return f"{gib(n)} GiB"
 
 
 def _check_output(run, option: str, target) -> Path:
