@@ -363,10 +363,9 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write checkpoint {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     # Locked while written, so a concurrent save of the same checkpoint (its stale-file cleanup) keeps it; renamed
     # before the lock ends (POSIX renames an open file; where there is no fcntl, after closing it).
-    _lock_temporary(fd)
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -435,6 +434,17 @@ def _held_by_a_live_process(path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _new_temporary(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file beside ``path``, open and locked (:func:`_lock_temporary`).
+
+    Named ``.<name>.XXXXXXXX.tmp`` (``_TMP_NAME``), the names :func:`_remove_stale_temporaries` looks for: checkpoint
+    saves and ``memoa run``'s output files make theirs here.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _lock_temporary(fd)
+    return fd, tmp
 
 
 def _lock_temporary(fd: int) -> None:

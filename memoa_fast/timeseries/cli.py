@@ -32,7 +32,7 @@ from pathlib import Path
 from .. import _backends
 from .._validation import SEED_MAX, gib
 from .._version import __version__
-from ..checkpoint import _lock_temporary, _remove_stale_temporaries
+from ..checkpoint import _new_temporary, _remove_stale_temporaries
 from . import experiment
 from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
@@ -494,9 +494,8 @@ class _PendingFile:
 
     def __init__(self, path: Path):
         self.path = Path(os.path.realpath(path))
-        self.fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.fd, tmp = _new_temporary(self.path)
         self.tmp = Path(tmp)
-        _lock_temporary(self.fd)
 
     def commit(self, started: float) -> None:
         """Rename the temporary file into place, then remove stale ones of runs killed before ``started``."""
