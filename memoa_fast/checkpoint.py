@@ -358,8 +358,25 @@ def _created_by() -> str:
     return f"memoa-fast {version}"
 
 
+def _write_npz(fileobj, arrays: dict) -> None:
+    """Write ``arrays`` to ``fileobj`` as ``np.savez`` does, and close the archive whatever happens.
+
+    The format is ``np.savez``'s: one stored member ``<key>.npy`` per array, zip64 headers. ``np.savez``
+    itself is not used because NumPy before 2.0 leaves its ``ZipFile`` open when a member's write fails
+    (a full disk): that object's finaliser then raises into ``sys.unraisablehook`` at some later garbage
+    collection, an error under ``-W error``. No array here is an object array, so pickles are refused.
+    """
+    archive = zipfile.ZipFile(fileobj, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    try:
+        for key, value in arrays.items():
+            with archive.open(key + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    finally:
+        archive.close()
+
+
 def _atomic_savez(path: Path, arrays: dict) -> None:
-    """``np.savez`` to a temporary file in ``path``'s folder, fsync, then ``os.replace`` over ``path``."""
+    """:func:`_write_npz` to a temporary file in ``path``'s folder, fsync, then ``os.replace`` over ``path``."""
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write checkpoint {path}: folder {folder} does not exist")
@@ -368,7 +385,7 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
     fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            _write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
             if fcntl is not None:

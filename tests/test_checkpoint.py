@@ -743,11 +743,21 @@ def test_failed_write_keeps_the_previous_checkpoint(run, monkeypatch):
             raise OSError("simulated crash mid-write (disk full)")
         return real(fp, array, *args, **kwargs)
 
+    opened = []
+
+    class TrackedZipFile(zipfile.ZipFile):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
     monkeypatch.setattr(np.lib.format, "write_array", half_then_crash)
+    monkeypatch.setattr(zipfile, "ZipFile", TrackedZipFile)
     with pytest.raises(OSError, match="mid-write"):
         save_checkpoint(path, pop, server)
     assert path.read_bytes() == before
     assert _tmp_files(path.parent) == []
+    # and the archive is closed: NumPy < 2's np.savez left its ZipFile open, to fail again in its finaliser
+    assert opened and all(archive.fp is None for archive in opened)
 
 
 def test_unsaveable_state_writes_nothing(run):
