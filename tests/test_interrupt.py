@@ -301,3 +301,81 @@ def test_an_interrupted_reset_or_load_refuses_until_one_completes():
         _interrupt_at(k, lambda: obj.load_state_dict(saved))
         check(obj, k)
     assert reset_hits > 0 and len(hits) > reset_hits
+
+
+# --------------------------------------------------------------------------- the other stateful objects
+def _plain(value):
+    """A comparable form of a state: nested dicts, arrays (by their bytes), numbers."""
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+def _trust_state(tp):
+    copy.copy(tp)  # refused (RuntimeError) after an interrupted call, as pickle
+    own = {name: getattr(tp, name) for name in ("_signals", "_published_costs", "class_costs", "t", "leader")}
+    return {"own": own, "errors": tp.trust.errors, "n": tp.trust.n_observed, "pops": [p.state_dict() for p in tp.populations]}
+
+
+def _stateful_cases():
+    from memoa_fast import Server
+    from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
+    from memoa_fast.timeseries.trust import TrustPopulation
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 6, 2))
+    srv = Server(6, 2, rule="eg", eta=0.3, alpha=0.01, threads=1)
+    srv.update(x[0], [0.1, 0.2])
+    fc = ClientForecasters(6, 2, seed=3, threads=1)
+    fc.observe([0.3, 0.1])
+    sq = SquaredErrors(6, 2, threads=1)
+    sq.add(x[0], [0.1, 0.2])
+    tp = TrustPopulation(6, 2, n_classes=2, reclass=1000, rule="error", threads=1)
+    tp.step(x[0])
+    tp.observe([0.1, 0.2])
+    return {
+        # object, its call (i = which round's inputs), its state (RuntimeError when refused), the way back (None: a copy)
+        "Server.update": (srv, lambda o, i: o.update(x[i], [0.2, -0.1]), lambda o: o.state_dict(),
+                          lambda o, base: o.load_state_dict(base.state_dict())),
+        "ClientForecasters.observe": (fc, lambda o, i: o.observe([0.2 * i, -0.1]), lambda o: o.state_dict(),
+                                      lambda o, base: o.load_state_dict(base.state_dict())),
+        "SquaredErrors.add": (sq, lambda o, i: o.add(x[i], [0.2, -0.1]), lambda o: o.__reduce__()[1][3], None),
+        "TrustPopulation.step": (tp, lambda o, i: o.step(x[i]), _trust_state, None),
+        "TrustPopulation.observe": (tp, lambda o, i: o.observe([0.2 * i, -0.1]), _trust_state, None),
+    }
+
+
+@pytest.mark.parametrize("case", ["Server.update", "ClientForecasters.observe", "SquaredErrors.add", "TrustPopulation.step",
+                                  "TrustPopulation.observe"])
+def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case):
+    """The same property for every other stateful object's mutating call (their counters: ``n_updates``, ``t``, ``max_total``)."""
+    base, call, state, recover = _stateful_cases()[case]
+    base = copy.copy(base)  # a copy's mean state is summed again from its states (the step's own sum may round apart)
+    after = [copy.copy(base)]
+    call(after[0], 1)
+    then = copy.copy(after[0])
+    call(then, 2)
+    before, after, final = _plain(state(base)), _plain(state(after[0])), _plain(state(then))
+
+    def check(obj, k):
+        try:
+            now = _plain(state(obj))
+        except RuntimeError as exc:
+            assert INTERRUPTED in str(exc), k
+            with pytest.raises(RuntimeError, match=INTERRUPTED):
+                call(obj, 1)
+            if recover is None:  # no load_state_dict: a copy taken before is the way back
+                return
+            recover(obj, base)
+            now = _plain(state(obj))
+        assert now in (before, after), f"interrupted at bytecode {k}: matches no round boundary"
+        if now == before:
+            call(obj, 1)
+        call(obj, 2)
+        assert _plain(state(obj)) == final, k
+
+    assert _every_interrupt(lambda: copy.copy(base), lambda o: call(o, 1), check) > 20

@@ -373,7 +373,8 @@ class Pipeline:
         buffers): one code path for both calls. The caller holds ``_exclusive``.
         A long series runs in segments of ``_segment_rounds`` rounds, one compiled call each (Python in between).
         """
-        self._settle()
+        if self._pending is not None:
+            self._settle()
         T, step = ys.shape[0], self._segment_rounds
         if T <= step:
             self._segment(ys, yhats, record)
