@@ -311,8 +311,10 @@ class Pipeline:
         y = as_target_array("y", y, (self.dim,))
         record = check_bool("record", record)
         with self._exclusive:
+            if self._pending is not None:
+                self._settle()
             self._y[...] = y
-            self._rounds(self._y_rows, self._yhat_rows, record)
+            self._segment(self._y_rows, self._yhat_rows, record)  # _rounds of one target, without its loop
         return self._views["_yhat"]
 
     def run(self, series, record: bool = True, out: np.ndarray | None = None) -> np.ndarray:
@@ -370,7 +372,7 @@ class Pipeline:
         """The kernel's ``run_rounds`` on the targets ``ys`` (T >= 1, d), predictions into ``yhats``, and the bookkeeping.
 
         :meth:`round` is this with one target (``ys`` and ``yhats`` views of its
-        buffers): one code path for both calls. The caller holds ``_exclusive``.
+        buffers; it calls :meth:`_segment` directly): one code path for both calls. The caller holds ``_exclusive``.
         A long series runs in segments of ``_segment_rounds`` rounds, one compiled call each (Python in between).
         """
         if self._pending is not None:
@@ -391,19 +393,20 @@ class Pipeline:
         can stop inside a round: it marks ``_exclusive.interrupted`` for the length of the call (set after
         ``_pending``, cleared before it, so a marked pipeline always has ``_pending`` set).
         """
-        k, flags, ex = self._kern, self._flags, self._exclusive
+        k, flags = self._kern, self._flags
         T, t0, n0, discount = ys.shape[0], self._t, self._n_recorded, self._discount
         flags[k.F_RECORD] = _UNFINISHED
         flags[k.F_T] = t0
         self._pending = (t0, T, record, n0, discount)
         if self._reference:
-            ex.interrupted = "a round"
+            self._exclusive.interrupted = "a round"
         discount, recorded = k.run_rounds(
             self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
             self._sq_sig, ys, self._yhat, yhats, self._field, self._work, self._params, self._key, flags,
             self._stats, _backends.usable_threads(self._threads_used), record, self.game.gamma, discount)
-        self._t, self._n_recorded, self._discount = t0 + T, n0 + int(recorded), discount
-        ex.interrupted = None
+        self._t, self._n_recorded, self._discount = t0 + T, n0 + recorded, discount
+        if self._reference:
+            self._exclusive.interrupted = None
         self._pending = None
 
     # ------------------------------------------------------------------ views
