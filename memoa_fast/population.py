@@ -335,6 +335,14 @@ class Population(MeanFieldSummary):
     :meth:`reset`, :meth:`set_labels`, :meth:`set_game`) while another thread
     is inside a step, instead of a snapshot that mixes two rounds. It can be
     pickled and deep-copied.
+
+    Interrupts (Ctrl-C, or an exception from a signal handler): an interrupt
+    that lands between a step's kernel and its last counter (where Ctrl-C
+    during a long step lands) leaves a population that refuses every call
+    but :meth:`load_state_dict` and :meth:`reset` with a ``RuntimeError``
+    saying so, never one whose round counter, discount or mean field lag
+    its states; anywhere else (between the steps of :meth:`run`, in the
+    checks) it is at the end of the last step done.
     """
 
     def __init__(

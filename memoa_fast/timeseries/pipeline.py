@@ -124,6 +124,15 @@ class Pipeline:
     A Pipeline is not thread-safe: a call while another thread is inside one
     raises ``RuntimeError`` and changes nothing (one object per thread).
 
+    Interrupts (Ctrl-C, or an exception from a signal handler): :meth:`run`
+    returns to Python between segments of about 0.1-0.2 s, so an interrupt
+    acts within that; afterwards the pipeline is at the end of the last
+    round done (:attr:`t`), whatever bytecode the interrupt landed on, and
+    continues with the same bits. With ``backend="numpy"`` (Python, which
+    an interrupt can stop inside a round) a pipeline interrupted inside its
+    kernel refuses every call but :meth:`reset` with a ``RuntimeError``
+    saying so; restore a copy or pickle taken before.
+
     Examples
     --------
     >>> import numpy as np
