@@ -71,7 +71,7 @@ class Exclusive:
     def interrupted_message(self) -> str:
         """The ``RuntimeError`` message of a call refused after an interrupted update."""
         return (f"this {self._what} was interrupted in the middle of {self.interrupted} (KeyboardInterrupt, or another "
-                f"exception, between its first and last write): its state is partly updated, so it refuses every call "
+                f"exception, between its first and last write): its state may be partly updated, so it refuses every call "
                 f"until restored: {self._recover}")
 
     def _take_over(self, held) -> None:
