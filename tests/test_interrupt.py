@@ -379,3 +379,21 @@ def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case
         assert _plain(state(obj)) == final, k
 
     assert _every_interrupt(lambda: copy.copy(base), lambda o: call(o, 1), check) > 20
+
+
+def test_pipeline_progress_is_readable_from_another_thread_during_a_run():
+    """``t`` read by a monitoring thread during a ``run``: the rounds of the segments done, never an error (as before segments)."""
+    import threading
+
+    pipe = Pipeline(20_000, seed=1, threads=1)
+    pipe._segment_rounds = 10
+    y = np.sin(np.arange(300) / 7.0)
+    pipe.run(y[:1])
+    worker = threading.Thread(target=pipe.run, args=(y[1:],))
+    seen = []
+    worker.start()
+    while worker.is_alive():
+        seen.append(pipe.t)
+    worker.join()
+    assert seen == sorted(seen) and len(set(seen)) > 1 and pipe.t == 300
+    assert all((t - 1) % 10 == 0 or t == 300 for t in seen)  # segment ends (the last segment is 9 rounds)

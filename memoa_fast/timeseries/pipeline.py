@@ -252,7 +252,10 @@ class Pipeline:
     # ------------------------------------------------------------------ counters
     @property
     def t(self) -> int:
-        """The round counter: rounds done since construction or :meth:`reset` (also after an interrupted :meth:`run`)."""
+        """The round counter: rounds done since construction or :meth:`reset` (also after an interrupted :meth:`run`).
+
+        Read from another thread during a :meth:`run`, the rounds of the segments done so far.
+        """
         if self._pending is not None:
             self._settle_locked()
         return self._t
@@ -273,8 +276,13 @@ class Pipeline:
         self._n_recorded = value
 
     def _settle_locked(self) -> None:
-        with self._exclusive:
-            self._settle()
+        """:meth:`_settle` under the lock; while another thread is inside a call, nothing (its counters are its own)."""
+        try:
+            with self._exclusive:
+                self._settle()
+        except RuntimeError:
+            if self._exclusive.interrupted is not None:
+                raise
 
     def _settle(self) -> None:
         """Finish the bookkeeping of a compiled call that an interrupt cut off (the caller holds ``_exclusive``).
