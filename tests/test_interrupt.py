@@ -13,6 +13,7 @@ import copy
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,9 +21,11 @@ import pytest
 
 import memoa_fast
 import memoa_fast.kernels
-from memoa_fast import Game, Population
+from memoa_fast import Game, Population, Server
 from memoa_fast.timeseries import pipeline as pipeline_module
+from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
+from memoa_fast.timeseries.trust import TrustPopulation
 
 _PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (memoa_fast, memoa_fast.kernels))
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
@@ -322,10 +325,6 @@ def _trust_state(tp):
 
 
 def _stateful_cases():
-    from memoa_fast import Server
-    from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
-    from memoa_fast.timeseries.trust import TrustPopulation
-
     rng = np.random.default_rng(7)
     x = rng.normal(size=(3, 6, 2))
     srv = Server(6, 2, rule="eg", eta=0.3, alpha=0.01, threads=1)
@@ -383,8 +382,6 @@ def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case
 
 def test_pipeline_progress_is_readable_from_another_thread_during_a_run():
     """``t`` read by a monitoring thread during a ``run``: the rounds of the segments done, never an error (as before segments)."""
-    import threading
-
     pipe = Pipeline(20_000, seed=1, threads=1)
     pipe._segment_rounds = 10
     y = np.sin(np.arange(300) / 7.0)
