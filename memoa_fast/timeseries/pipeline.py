@@ -42,9 +42,9 @@ _RULES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
 # Pipeline.run returns to Python after at most this much work per compiled call, counted in client-coordinates x rounds
 # (N d per round, plus _ROUND_VALUES for a round's fixed cost): Python acts on Ctrl-C (or any signal) only between
 # two bytecodes, never inside a compiled call, so one call for a whole series of 1e6 clients x 1e5 rounds was
-# minutes with Ctrl-C dead. 2**24 is 0.1-0.2 s on one thread (10-15 ns per client-round measured, 2026-11, this
-# machine); a new call costs one unfused round (pass A and pass B each alone: about one extra sweep), 1 in >= 160
-# rounds at 1e5 clients. The bits do not depend on it (run == round on each value).
+# minutes with Ctrl-C dead. 2**24 is 0.1-0.25 s on one thread (6.5-15 ns per client-round measured, 2026-11, this
+# shared machine); a new call costs one unfused round (pass A and pass B each alone: about one extra sweep), 1 in
+# >= 160 rounds at 1e5 clients, within noise (ratio 0.97-1.00 at 1e5 x 1000). The bits do not depend on it.
 _SEGMENT_WORK = 2**24
 # A round's fixed cost (merges, flags, a parallel region) in client-round equivalents: 4.5 us at N = 1, about 400 x 12 ns.
 _ROUND_VALUES = 512
