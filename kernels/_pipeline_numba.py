@@ -1351,7 +1351,10 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
                flags, stats, threads, record, gamma, discount):
     """Rounds on the targets ``ys`` (T >= 1, d) in one compiled call; returns ``(discount, rounds recorded)``.
 
-    Semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`.
+    Semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`. The call runs whole or not at all
+    (Python cannot interrupt compiled code), and ``flags[:] = ...`` (the last round's flags) is its last write:
+    ``Pipeline`` tells from ``flags[F_RECORD]`` whether an interrupted call had run. One call's work is bounded
+    by the caller (``Pipeline.run`` splits a long series), so that Ctrl-C acts soon.
     """
     W, A = _flat(weights, lags)
     key = np.uint64(key)

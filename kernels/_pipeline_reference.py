@@ -305,16 +305,23 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
     ``m(t+1)`` becomes the state mean ``field[FIELD_STATE]``. ``flags`` ends
     as the last round's. Returns the discount after the last round and how
     many of the rounds recorded their errors.
+
+    ``flags`` itself is written once, last (the rounds run on a copy), as the
+    compiled kernel does: until the call completes, whatever the caller left
+    in ``flags`` stays there (``Pipeline`` leaves a marker in ``F_RECORD`` to
+    tell a completed call from an interrupted one).
     """
     t0 = int(flags[F_T])
     recorded = 0
+    f = flags.copy()
     for k in range(ys.shape[0]):
-        round_flags(flags, t0 + k, record)
+        round_flags(f, t0 + k, record)
         params[P_HALF_DISCOUNT] = 0.5 * discount
         round_step(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys[k], yhat, field, work, params, key,
-                   flags, stats, threads)
+                   f, stats, threads)
         field[FIELD_STATE] = field[FIELD_NEXT]
         yhats[k] = yhat
         discount = next_discount(discount, gamma, t0 + k + 1)
-        recorded += int(flags[F_RECORD])
+        recorded += int(f[F_RECORD])
+    flags[:] = f
     return discount, recorded

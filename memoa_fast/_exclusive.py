@@ -1,9 +1,12 @@
-"""One caller at a time: the objects that own compiled state raise instead of racing."""
+"""One caller at a time: the objects that own compiled state raise instead of racing, or after an interrupted update."""
 from __future__ import annotations
 
-import threading
+import sys
+from threading import get_ident
 
 __all__ = ["Exclusive"]
+
+_getframe = sys._getframe
 
 
 class Exclusive:
@@ -15,22 +18,96 @@ class Exclusive:
     (it never waits: sharing one object between threads is a bug to fix, not
     a queue to join; one object per thread is the supported use).
 
+    Interrupts. Python raises an asynchronous exception (``KeyboardInterrupt``
+    from Ctrl-C, or a signal handler's) between any two bytecodes, also
+    between a kernel's return and the Python bookkeeping after it. Two
+    things make that safe:
+
+    - the hold is recorded in one atomic step, ``dict.setdefault`` of
+      ``(thread, frame of the caller)``, so a hold left behind by an
+      interrupt inside ``__enter__``/``__exit__`` (or the ``with``
+      statement's own exit) is recognised: its thread is this one and its
+      frame is no longer running. It is taken over instead of refusing
+      every later call as if another thread held it. A call made again
+      while the holding frame still runs (a signal handler or a callback
+      calling the object from inside one of its calls) is refused.
+    - :attr:`interrupted`: a mutating call sets it (a plain attribute
+      store) before its first write and clears it after its last, so a call
+      cut short in between leaves it set, and every later ``with`` on this
+      lock raises ``RuntimeError`` saying so and how to recover. Only
+      :attr:`restoring` (used by ``load_state_dict`` and ``reset``) enters
+      regardless; those calls clear the mark when they complete.
+
     Parameters
     ----------
     what : str
-        The class name used in the error message.
+        The class name used in the error messages.
+    recover : str, default "load_state_dict(...) from a state_dict or checkpoint taken before, or reset()"
+        How to recover, for the message after an interrupted update.
     """
 
-    __slots__ = ("_lock", "_what")
+    __slots__ = ("_slot", "_what", "_recover", "interrupted", "restoring")
 
-    def __init__(self, what: str):
-        self._lock = threading.Lock()
+    def __init__(self, what: str, recover: str = "load_state_dict(...) from a state_dict or checkpoint taken before, or reset()"):
+        self._slot: dict = {}
         self._what = what
+        self._recover = recover
+        #: None, or the name of the call that was cut short between its first and last write (see the class docstring).
+        self.interrupted: str | None = None
+        #: ``with lock.restoring:``: the same lock, entered even after an interrupted update (load_state_dict, reset).
+        self.restoring = _Restoring(self)
 
     def __enter__(self) -> None:
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError(f"this {self._what} is being used by another thread: a {self._what} is not thread-safe "
-                               "(use one object per thread)")
+        held = (get_ident(), _getframe(1))
+        if self._slot.setdefault(0, held) is not held:
+            self._take_over(held)
+        if self.interrupted is not None:
+            self._slot.pop(0, None)
+            raise RuntimeError(self.interrupted_message())
 
     def __exit__(self, *exc) -> None:
-        self._lock.release()
+        self._slot.pop(0, None)
+
+    def interrupted_message(self) -> str:
+        """The ``RuntimeError`` message of a call refused after an interrupted update."""
+        return (f"this {self._what} was interrupted in the middle of {self.interrupted} (KeyboardInterrupt, or another "
+                f"exception, between its first and last write): its state may be partly updated, so it refuses every call "
+                f"until restored: {self._recover}")
+
+    def _take_over(self, held) -> None:
+        """The lock is held: take over a hold left by an interrupt in this thread, else ``RuntimeError``."""
+        owner = self._slot.get(0)
+        if owner is None:  # released in between
+            if self._slot.setdefault(0, held) is held:
+                return
+            owner = self._slot.get(0)
+        busy = (f"this {self._what} is being used by another thread: a {self._what} is not thread-safe "
+                "(use one object per thread)")
+        if owner is not None and owner[0] == held[0]:
+            frame = held[1]
+            while frame is not None:
+                if frame is owner[1]:
+                    raise RuntimeError(f"{busy}; here by a call of this very thread that has not returned (a signal "
+                                       "handler or a callback calling it from inside one of its calls: not re-entrant either)")
+                frame = frame.f_back
+            self._slot[0] = held  # the holding frame has ended: an interrupt left the hold behind (this thread only)
+            return
+        raise RuntimeError(busy)
+
+
+class _Restoring:
+    """``with exclusive.restoring:``: :class:`Exclusive` without the refusal after an interrupted update."""
+
+    __slots__ = ("_ex",)
+
+    def __init__(self, ex: Exclusive):
+        self._ex = ex
+
+    def __enter__(self) -> None:
+        ex = self._ex
+        held = (get_ident(), _getframe(1))
+        if ex._slot.setdefault(0, held) is not held:
+            ex._take_over(held)
+
+    def __exit__(self, *exc) -> None:
+        self._ex._slot.pop(0, None)

@@ -335,6 +335,14 @@ class Population(MeanFieldSummary):
     :meth:`reset`, :meth:`set_labels`, :meth:`set_game`) while another thread
     is inside a step, instead of a snapshot that mixes two rounds. It can be
     pickled and deep-copied.
+
+    Interrupts (Ctrl-C, or an exception from a signal handler): an interrupt
+    that lands between a step's kernel and its last counter (where Ctrl-C
+    during a long step lands) leaves a population that refuses every call
+    but :meth:`load_state_dict` and :meth:`reset` with a ``RuntimeError``
+    saying so, never one whose round counter, discount or mean field lag
+    its states; anywhere else (between the steps of :meth:`run`, in the
+    checks) it is at the end of the last step done.
     """
 
     def __init__(
@@ -383,8 +391,11 @@ class Population(MeanFieldSummary):
         if initial_states is not None:
             x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
             _check_magnitude("initial_states", x0)
-        with self._exclusive:
+        ex = self._exclusive
+        with ex.restoring:  # also after an interrupted update: reset is a way back
+            ex.interrupted = "reset"
             self._reset(x0)
+            ex.interrupted = None
 
     def _reset(self, x0) -> None:
         """:meth:`reset` to the checked ``x0`` (None: zeros); the caller holds the lock."""
@@ -414,19 +425,25 @@ class Population(MeanFieldSummary):
             The new class of every agent, in ``[0, K)``.
         """
         labels = check_labels(labels, self.n_agents, self._lay.n_classes)
-        with self._exclusive:
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "set_labels"
             self._labels = labels
             self._set_sizes()
             self._mean_ready = False
             self._refresh_means(self._x)
+            ex.interrupted = None
 
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (for example re-solved weights); same classes and discount.
 
         Costs already paid are kept; later stage costs use the new weights.
         """
-        with self._exclusive:
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "set_game"
             super().set_game(game)
+            ex.interrupted = None
 
     @property
     def states(self) -> np.ndarray:
@@ -507,9 +524,17 @@ class Population(MeanFieldSummary):
         return out
 
     def _step(self, s, log_p) -> None:
-        """One step: the backend's ``fused_step`` (two passes over memory; see :mod:`memoa_fast.kernels`)."""
+        """One step: the backend's ``fused_step`` (two passes over memory; see :mod:`memoa_fast.kernels`).
+
+        Interrupts: ``_exclusive.interrupted`` is set before the kernel and cleared after the last counter, so an
+        exception anywhere in between (Ctrl-C lands right after the kernel returns, its results lost) leaves a
+        population that refuses every call but ``load_state_dict``/``reset``, never one whose counters (``t``,
+        the discount, ``n_valid_signals``, ``m(t)``) are a round behind its states.
+        """
         self._refuse_step()
-        with self._exclusive:
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "a step"
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
                 self._mean_ready, self._discount, log_p, self._yhat, _backends.usable_threads(self._threads_used),
@@ -523,6 +548,7 @@ class Population(MeanFieldSummary):
             self._worst = worst  # -1 from every kernel when no cost is above -inf (every one NaN): see worst_agent
             self.t += 1
             self._discount = next_discount(self._discount, self.game.gamma, self.t)
+            ex.interrupted = None
 
     def run(self, signals) -> np.ndarray:
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1); returns the last states.
@@ -556,8 +582,11 @@ class Population(MeanFieldSummary):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
         clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
-        with self._exclusive:
+        ex = self._exclusive
+        with ex.restoring:  # also after an interrupted update: this is the way back
+            ex.interrupted = "load_state_dict"
             self._apply_state(clean)
+            ex.interrupted = None
 
     def _apply_state(self, clean: dict) -> None:
         self._x[...] = clean["states"]

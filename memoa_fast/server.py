@@ -110,9 +110,12 @@ class Server:
 
     def reset(self) -> None:
         """Uniform weights ``p = 1/N``; the update counter back to 0."""
-        with self._exclusive:  # never under another thread's update (its kernel reads these weights)
+        ex = self._exclusive
+        with ex.restoring:  # never under another thread's update (its kernel reads these weights); also after an interrupt
+            ex.interrupted = "reset"
             self._log_p[...] = -math.log(self.n_agents)
             self.n_updates = 0
+            ex.interrupted = None
 
     @property
     def log_weights(self) -> np.ndarray:
@@ -150,15 +153,17 @@ class Server:
         """
         x = as_float_array("states", states, (self.n_agents, self.dim))
         y = as_float_array("target", target, (self.dim,))
-        kern, threads, lay = self._kernels, _backends.usable_threads(self._threads_used), self._lay
-        with self._exclusive:
+        kern, threads, lay, ex = self._kernels, _backends.usable_threads(self._threads_used), self._lay, self._exclusive
+        with ex:
             check_update_count(self.n_updates)
             if self.rule == "eg":  # the gradient needs the mixture of these very states
                 kern.mixture_predict(self._log_p, x, self._work, lay, self._yhat, threads)
             self._y[...] = y
+            ex.interrupted = "update"  # until n_updates counts it: an interrupt in between is refused later, not lost
             kern.mixture_update(self._log_p, x, self._y, self._yhat, RULE_CODES[self.rule], self.eta, self.alpha,
                                 self._work, lay, threads)
             self.n_updates += 1
+            ex.interrupted = None
 
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (copies); never a snapshot taken during another thread's update."""
@@ -168,9 +173,12 @@ class Server:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
         clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
-        with self._exclusive:
+        ex = self._exclusive
+        with ex.restoring:  # also after an interrupted update: this is the way back
+            ex.interrupted = "load_state_dict"
             self._log_p[...] = clean["log_weights"]
             self.n_updates = clean["n_updates"]
+            ex.interrupted = None
 
     def __reduce__(self):
         config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,

@@ -253,8 +253,11 @@ class ClientForecasters:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Back to before the first observation: same noise scales, same noise sequence."""
-        with self._exclusive:  # never under another thread's observe (its kernel reads these arrays)
+        ex = self._exclusive
+        with ex.restoring:  # never under another thread's observe (its kernel reads these arrays); also after an interrupt
+            ex.interrupted = "reset"
             self._reset()
+            ex.interrupted = None
 
     def _reset(self) -> None:
         B = self.block_size
@@ -321,6 +324,8 @@ class ClientForecasters:
             if self.t >= MAX_COUNT:  # the last round counter a state can hold (t is saved as an int64)
                 raise ValueError(f"this forecaster is at round 2**63 - 1 = {MAX_COUNT}, the last its state can hold "
                                  "(t is saved as an int64): it observes no further round")
+            ex = self._exclusive
+            ex.interrupted = "observe"  # until t counts the round: an interrupt in between is refused later, not lost
             self._y[...] = y
             self._draw_noise()
             self._kernels.forecast_step(
@@ -328,6 +333,7 @@ class ClientForecasters:
                 _backends.usable_threads(self.threads_used),
             )
             self.t += 1
+            ex.interrupted = None
         return self._out_view
 
     def _draw_noise(self) -> None:
@@ -435,10 +441,13 @@ class ClientForecasters:
         """
         clean = self.validate_state_dict(state)
         agents, shared = clean["agents"], clean["shared"]
-        with self._exclusive:
+        ex = self._exclusive
+        with ex.restoring:  # also after an interrupted observe: this is the way back
+            ex.interrupted = "load_state_dict"
             self._weights[...], self._lags[...], self._out[...] = agents["weights"], agents["lags"], agents["signals"]
             self._y[...] = shared["y"]
             self.t = int(shared["t"])
+            ex.interrupted = None
 
     def __reduce__(self):
         """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object."""
@@ -510,7 +519,7 @@ class SquaredErrors:
                                                names=("n_clients", "dim"))
         self.backend = check_choice("backend", backend, FORECAST_BACKENDS)
         self._kernels = _load_kernels(backend)
-        self._exclusive = Exclusive("SquaredErrors")
+        self._exclusive = Exclusive("SquaredErrors", recover="reset(), or continue from a copy or pickle taken before")
         self.parallel_threshold = check_int("parallel_threshold", parallel_threshold, low=1)
         self.threads, self.threads_used = _backends.resolve_threads(threads, self.n_clients, self.parallel_threshold)
         self._totals = np.zeros(self.n_clients)
@@ -552,9 +561,12 @@ class SquaredErrors:
         x = as_float_array("states", states, (self.n_clients, self.dim), allow_nonfinite=True)
         y = as_target_array("target", target, (self.dim,))  # |y| <= 1e30: a finite y cannot overflow |x_i - y|^2
         record = check_bool("record", record)
-        with self._exclusive:
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "add"  # until max_total is stored: an interrupt in between is refused later, not lost
             total, self.max_total = self._kernels.score_step(x, y, record, self._totals, self._work, self._mean,
                                                              _backends.usable_threads(self.threads_used))
+            ex.interrupted = None
         return total, self._mean_view, self._totals_view
 
     def __reduce__(self):
@@ -566,10 +578,13 @@ class SquaredErrors:
 
     def reset(self) -> None:
         """Totals back to zero."""
-        with self._exclusive:  # never under another thread's add
+        ex = self._exclusive
+        with ex.restoring:  # never under another thread's add; also after an interrupted one
+            ex.interrupted = "reset"
             self._totals[...] = 0.0
             self._mean[...] = 0.0
             self.max_total = 0.0
+            ex.interrupted = None
 
     def __repr__(self) -> str:
         return f"SquaredErrors(n_clients={self.n_clients}, dim={self.dim}, backend={self.backend!r})"

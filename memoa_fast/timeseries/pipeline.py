@@ -31,7 +31,7 @@ from .._validation import (
     readonly_view,
 )
 from ..game import Game
-from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R
+from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R, next_discount
 from .forecasters import _check_noise_range
 
 __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
@@ -39,6 +39,18 @@ __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
 PIPELINE_BACKENDS = ("numba", "numpy")
 _MODULES = {"numba": "memoa_fast.kernels._pipeline_numba", "numpy": "memoa_fast.kernels._pipeline_reference"}
 _RULES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
+# Pipeline.run returns to Python after at most this much work per compiled call, counted in client-coordinates x rounds
+# (N d per round, plus _ROUND_VALUES for a round's fixed cost): Python acts on Ctrl-C (or any signal) only between
+# two bytecodes, never inside a compiled call, so one call for a whole series of 1e6 clients x 1e5 rounds was
+# minutes with Ctrl-C dead. 2**24 is 0.1-0.25 s on one thread (6.5-15 ns per client-round measured, 2026-11, this
+# shared machine); a new call costs one unfused round (pass A and pass B each alone: about one extra sweep), 1 in
+# >= 160 rounds at 1e5 clients, within noise (ratio 0.97-1.00 at 1e5 x 1000). The bits do not depend on it.
+_SEGMENT_WORK = 2**24
+# A round's fixed cost (merges, flags, a parallel region) in client-round equivalents: 4.5 us at N = 1, about 400 x 12 ns.
+_ROUND_VALUES = 512
+# flags[F_RECORD] from before a compiled call until its end: a finished run_rounds leaves the last round's 0 or 1 there
+# (its last write, flags[:] = the last round's flags), so the marker tells whether a call that was interrupted had run.
+_UNFINISHED = -1
 
 
 def load_pipeline_kernels(backend: str):
@@ -111,6 +123,15 @@ class Pipeline:
 
     A Pipeline is not thread-safe: a call while another thread is inside one
     raises ``RuntimeError`` and changes nothing (one object per thread).
+
+    Interrupts (Ctrl-C, or an exception from a signal handler): :meth:`run`
+    returns to Python between segments of about 0.1-0.2 s, so an interrupt
+    acts within that; afterwards the pipeline is at the end of the last
+    round done (:attr:`t`), whatever bytecode the interrupt landed on, and
+    continues with the same bits. With ``backend="numpy"`` (Python, which
+    an interrupt can stop inside a round) a pipeline interrupted inside its
+    kernel refuses every call but :meth:`reset` with a ``RuntimeError``
+    saying so; restore a copy or pickle taken before.
 
     Examples
     --------
@@ -191,7 +212,10 @@ class Pipeline:
         # with a share floor alpha / N no weight can underflow: keep p itself (the kernel then needs no log per client)
         self._linear = self.alpha / n >= k.LINEAR_FLOOR
         self._flags[k.F_LINEAR] = self._linear
-        self._exclusive = Exclusive("Pipeline")
+        self._exclusive = Exclusive("Pipeline", recover="reset(), or continue from a copy or pickle taken before")
+        self._reference = self.backend == "numpy"  # Python: an interrupt can stop it inside a round
+        self._segment_rounds = max(1, _SEGMENT_WORK // (n * d + _ROUND_VALUES))  # rounds per compiled call of run()
+        self._pending = None
         self._views = {name: readonly_view(getattr(self, name)) for name in ("_x", "_s", "_J", "_log_p", "_sq_err",
                                                                           "_sq_sig", "_sigma", "_yhat")}
         self.reset()
@@ -199,8 +223,11 @@ class Pipeline:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Back to round 0: states, costs, errors and forecasters zeroed, uniform weights; same noise."""
-        with self._exclusive:
+        ex = self._exclusive
+        with ex.restoring:  # also after an interrupted round: reset is a way back
+            ex.interrupted = "reset"
             self._reset()
+            ex.interrupted = None
 
     def _reset(self) -> None:
         self._x[...] = 0.0
@@ -217,9 +244,65 @@ class Pipeline:
         self._field[...] = 0.0  # m(0) = mean of the zero states
         self._stats[...] = 0.0
         self._stats[self._kern.S_ARG_COST] = -1.0
-        self.t = 0
-        self.n_recorded = 0
+        self._t = 0
+        self._n_recorded = 0
         self._discount = 1.0
+        self._pending = None
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def t(self) -> int:
+        """The round counter: rounds done since construction or :meth:`reset` (also after an interrupted :meth:`run`).
+
+        Read from another thread during a :meth:`run`, the rounds of the segments done so far.
+        """
+        if self._pending is not None:
+            self._settle_locked()
+        return self._t
+
+    @t.setter
+    def t(self, value: int) -> None:
+        self._t = value
+
+    @property
+    def n_recorded(self) -> int:
+        """How many rounds added their squared errors (``record=True``, round >= 1)."""
+        if self._pending is not None:
+            self._settle_locked()
+        return self._n_recorded
+
+    @n_recorded.setter
+    def n_recorded(self, value: int) -> None:
+        self._n_recorded = value
+
+    def _settle_locked(self) -> None:
+        """:meth:`_settle` under the lock; while another thread is inside a call, nothing (its counters are its own)."""
+        try:
+            with self._exclusive:
+                self._settle()
+        except RuntimeError:
+            if self._exclusive.interrupted is not None:
+                raise
+
+    def _settle(self) -> None:
+        """Finish the bookkeeping of a compiled call that an interrupt cut off (the caller holds ``_exclusive``).
+
+        ``_pending`` is set before each compiled call and cleared after its counters: when it is still set, an
+        exception came in between. The call's own last write tells whether it ran: ``flags[F_RECORD]`` is
+        ``_UNFINISHED`` until then (a compiled call runs whole or not at all). If it ran, the counters are computed
+        from ``_pending`` (absolute values: settling twice is harmless); if not, nothing moved. The reference
+        backend marks ``_exclusive.interrupted`` instead (it may have stopped inside a round).
+        """
+        pending = self._pending
+        if pending is None or self._exclusive.interrupted is not None:
+            return
+        if self._flags[self._kern.F_RECORD] != _UNFINISHED:
+            t0, T, record, n0, discount = pending
+            gamma = self.game.gamma
+            for j in range(1, T + 1):  # the kernel's rule (run_rounds), round by round
+                discount = next_discount(discount, gamma, t0 + j)
+            self._t, self._n_recorded, self._discount = t0 + T, n0 + (T - (t0 == 0) if record else 0), discount
+        self._pending = None
 
     def round(self, y, record: bool = True) -> np.ndarray:
         """One round on the target ``y(t)``; returns ``yhat(t+1)``.
@@ -245,17 +328,24 @@ class Pipeline:
         y = as_target_array("y", y, (self.dim,))
         record = check_bool("record", record)
         with self._exclusive:
+            if self._pending is not None:
+                self._settle()
             self._y[...] = y
-            self._rounds(self._y_rows, self._yhat_rows, record)
+            self._segment(self._y_rows, self._yhat_rows, record)  # _rounds of one target, without its loop
         return self._views["_yhat"]
 
     def run(self, series, record: bool = True, out: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`round` on every value of ``series``, in one compiled call; returns every ``yhat(t+1)``.
+        """:meth:`round` on every value of ``series``, in a few compiled calls; returns every ``yhat(t+1)``.
 
         The same bits as calling :meth:`round` on each value in turn, only
         faster: with the hedge rule, pass B of one round and pass A of the next
         run in one sweep over the clients (see ``run_rounds`` in
-        ``memoa_fast.kernels._pipeline_numba``), and Python is entered once.
+        ``memoa_fast.kernels._pipeline_numba``), and Python is entered once per
+        segment of rounds of bounded work (about 0.1-0.2 s: ``_SEGMENT_WORK``),
+        so Ctrl-C acts within a fraction of a second. An interrupt leaves the
+        pipeline at the end of the last segment done: :attr:`t` says which
+        round, the rows of the predictions up to there are written, and a
+        further call continues from there with the same bits.
         Nothing of size T is allocated besides the predictions (none with ``out``).
 
         Parameters
@@ -299,17 +389,42 @@ class Pipeline:
         """The kernel's ``run_rounds`` on the targets ``ys`` (T >= 1, d), predictions into ``yhats``, and the bookkeeping.
 
         :meth:`round` is this with one target (``ys`` and ``yhats`` views of its
-        buffers): one code path for both calls. The caller holds ``_exclusive``.
+        buffers; it calls :meth:`_segment` directly): one code path for both calls. The caller holds ``_exclusive``.
+        A long series runs in segments of ``_segment_rounds`` rounds, one compiled call each (Python in between).
         """
-        k = self._kern
-        T, t0 = ys.shape[0], self.t
-        self._flags[k.F_T] = t0
-        self._discount, recorded = k.run_rounds(
+        if self._pending is not None:
+            self._settle()
+        T, step = ys.shape[0], self._segment_rounds
+        if T <= step:
+            self._segment(ys, yhats, record)
+            return
+        for a in range(0, T, step):
+            self._segment(ys[a:a + step], yhats[a:a + step], record)
+
+    def _segment(self, ys: np.ndarray, yhats: np.ndarray, record: bool) -> None:
+        """One compiled ``run_rounds`` call and its counters, in an order that an interrupt anywhere cannot tear.
+
+        The marker first (``flags[F_RECORD] = _UNFINISHED``: the kernel's last write replaces it), then
+        ``_pending`` (what :meth:`_settle` needs to finish the bookkeeping if the counters below are never
+        reached), the kernel, the counters, and ``_pending = None`` last. The reference backend, being Python,
+        can stop inside a round: it marks ``_exclusive.interrupted`` for the length of the call (set after
+        ``_pending``, cleared before it, so a marked pipeline always has ``_pending`` set).
+        """
+        k, flags = self._kern, self._flags
+        T, t0, n0, discount = ys.shape[0], self._t, self._n_recorded, self._discount
+        flags[k.F_RECORD] = _UNFINISHED
+        flags[k.F_T] = t0
+        self._pending = (t0, T, record, n0, discount)
+        if self._reference:
+            self._exclusive.interrupted = "a round"
+        discount, recorded = k.run_rounds(
             self._x, self._s, self._J, self._log_p, self._ebuf, self._sigma, self._weights, self._lag_buf, self._sq_err,
-            self._sq_sig, ys, self._yhat, yhats, self._field, self._work, self._params, self._key, self._flags,
-            self._stats, _backends.usable_threads(self._threads_used), record, self.game.gamma, self._discount)
-        self.n_recorded += int(recorded)
-        self.t = t0 + T
+            self._sq_sig, ys, self._yhat, yhats, self._field, self._work, self._params, self._key, flags,
+            self._stats, _backends.usable_threads(self._threads_used), record, self.game.gamma, discount)
+        self._t, self._n_recorded, self._discount = t0 + T, n0 + recorded, discount
+        if self._reference:
+            self._exclusive.interrupted = None
+        self._pending = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -411,15 +526,16 @@ class Pipeline:
                       noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
         with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
+            self._settle()
             arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
-        counters = {"t": self.t, "n_recorded": self.n_recorded, "_discount": self._discount}
+            counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount}
         return (_rebuild_pipeline, (self.n_clients, self.dim, config, arrays, counters))
 
     def __repr__(self) -> str:
         return (
             f"Pipeline(n_clients={self.n_clients}, dim={self.dim}, game={self.game!r}, rule={self.rule!r}, "
             f"eta={self.eta!r}, alpha={self.alpha!r}, lags={self.lags}, noise_range={self.noise_range}, mu={self.mu!r}, "
-            f"seed={self.seed}, backend={self.backend!r}, threads={self.threads}, t={self.t})"
+            f"seed={self.seed}, backend={self.backend!r}, threads={self.threads}, t={self._t})"
         )
 
 

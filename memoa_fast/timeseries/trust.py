@@ -183,6 +183,8 @@ class TrustClasses:
 
 #: memoa-trust's rules for the class weights: ``"error"`` (one exponent ``beta``) and ``"minimax"`` (``beta`` chosen online).
 TRUST_RULES = ("error", "minimax")
+# A TrustPopulation has no load_state_dict: after an interrupted step or observe, a copy taken before is the way back.
+_RECOVER = "continue from a copy or pickle taken before"
 #: The exponents the ``"minimax"`` rule chooses among.
 MINIMAX_POWERS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -283,7 +285,7 @@ class TrustPopulation:
         self.n_reclassed = 0
         #: Re-formings whose games the solver could not solve, so the previous classes were kept (see :meth:`observe`).
         self.n_reforms_kept = 0
-        self._exclusive = Exclusive("TrustPopulation")
+        self._exclusive = Exclusive("TrustPopulation", recover=_RECOVER)
 
     @property
     def population(self) -> Population:
@@ -309,7 +311,9 @@ class TrustPopulation:
         """
         n, d = self._signals.shape
         s = as_float_array("signals", signals, (n, d), allow_nonfinite=True)
-        with self._exclusive:
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "step"  # until the last population and array moved: an interrupt in between is refused later
             incoming = self._diff  # the scratch becomes this round's signals; the last round's become the scratch
             np.copyto(incoming, s)
             if self.rule == "minimax":
@@ -329,6 +333,7 @@ class TrustPopulation:
                     self._round_cost[np.isnan(self._round_cost) & (after == np.inf) & (self._published_costs == np.inf)] = 0.0
                 self._published_costs += self._round_cost
             self._diff, self._signals = self._signals, incoming
+            ex.interrupted = None
         return self.population.states
 
     def observe(self, target) -> None:
@@ -347,7 +352,9 @@ class TrustPopulation:
         population), so the call may be repeated.
         """
         target = as_target_array("target", target, (self._signals.shape[1],))
-        with self._exclusive:
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "observe"  # until the last write below: an interrupt in between is refused later
             due = self.trust.due(self.t + 1)
             if due:  # the new games are solved from the new errors: keep the old ones until every game is built
                 kept = (self.trust.errors.copy(), self.trust.n_observed, self.class_costs.copy())
@@ -371,6 +378,7 @@ class TrustPopulation:
                     # anything else: the round is refused whole, not half folded (its errors counted, the classes
                     # not re-formed, the round counter past the re-classing), so the call may be repeated
                     self.trust.errors[...], self.trust.n_observed, self.class_costs[...] = kept
+                    ex.interrupted = None  # restored whole: as before the call
                     raise
             self.t += 1
             if games is not None:
@@ -383,6 +391,7 @@ class TrustPopulation:
             # infinite cost never leads.
             if due and self.rule == "minimax" and np.isfinite(self.class_costs).any():
                 self.leader = int(np.argmin(self.class_costs))
+            ex.interrupted = None
 
     def _measure_class_costs(self, target) -> None:
         """Fold ``max_j mean_{i in j} |x_i - y|^2`` of every candidate into its exponentially weighted cost (``target`` checked)."""
@@ -430,7 +439,9 @@ class TrustPopulation:
         return copy.deepcopy(self)
 
     def __getstate__(self) -> dict:
-        """Pickle and copies: every attribute but the lock (a copy gets its own)."""
+        """Pickle and copies: every attribute but the lock (a copy gets its own); refused after an interrupted call."""
+        if self._exclusive.interrupted is not None:
+            raise RuntimeError(self._exclusive.interrupted_message())
         state = self.__dict__.copy()
         del state["_exclusive"]
         return state
@@ -438,7 +449,7 @@ class TrustPopulation:
     def __setstate__(self, state: dict) -> None:
         state.setdefault("n_reforms_kept", 0)  # pickled before the count existed
         self.__dict__.update(state)
-        self._exclusive = Exclusive("TrustPopulation")
+        self._exclusive = Exclusive("TrustPopulation", recover=_RECOVER)
 
     def __repr__(self) -> str:
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"

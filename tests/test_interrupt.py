@@ -1,0 +1,396 @@
+"""Ctrl-C (or any asynchronous exception) during a call: it acts soon, and it never leaves an object silently wrong.
+
+- ``Pipeline.run`` returns to Python between segments of bounded work (an interrupt acted only at the end of
+  the whole series: 100 s after Ctrl-C at 1e6 clients x 2e4 rounds), with the bits of one round per value;
+- a ``KeyboardInterrupt`` injected at every bytecode of the package's frames during ``Pipeline.round``,
+  ``Pipeline.run`` and ``Population.step`` (``sys.settrace`` with opcode events): afterwards the object is either
+  (a) at a round boundary (its state that of an uninterrupted object after some rounds, and continuing gives
+  the same bits), or (b) refuses every call but ``reset``/``load_state_dict`` with a ``RuntimeError`` that says
+  it was interrupted, and works again after one. Python raises an asynchronous exception at a bytecode boundary,
+  the likeliest right after a kernel returns, before the counters after it were updated.
+"""
+import copy
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import memoa_fast
+import memoa_fast.kernels
+from memoa_fast import Game, Population, Server
+from memoa_fast.timeseries import pipeline as pipeline_module
+from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
+from memoa_fast.timeseries.pipeline import Pipeline
+from memoa_fast.timeseries.trust import TrustPopulation
+
+_PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (memoa_fast, memoa_fast.kernels))
+GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
+INTERRUPTED = "was interrupted in the middle of"
+
+
+_KERNEL_DIR = os.path.dirname(memoa_fast.kernels.__file__) + os.sep
+
+
+def _interrupt_at(k, call, where=None):
+    """Run ``call()`` with ``KeyboardInterrupt`` raised at the ``k``-th bytecode run in the package's files.
+
+    Returns True if it was raised (``call`` ran at least ``k`` of them), False if ``call`` completed first.
+    ``where``, a list, receives for every bytecode run whether it is in a kernel module's frame.
+    """
+    count = 0
+
+    def opcode(frame, event, arg):
+        nonlocal count
+        if event == "opcode":
+            count += 1
+            if where is not None:
+                where.append(frame.f_code.co_filename.startswith(_KERNEL_DIR))
+            if count == k:
+                raise KeyboardInterrupt
+        return opcode
+
+    def enter(frame, event, arg):
+        if frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+            frame.f_trace_opcodes = True
+            return opcode
+        return None
+
+    sys.settrace(enter)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
+def _every_interrupt(make, call, check, kernel_stride=1):
+    """``check(obj, k)`` after ``call(obj)`` on a fresh ``make()`` interrupted at its k-th bytecode, for every k.
+
+    Returns how many bytecodes ``call`` runs. ``kernel_stride`` > 1 (the NumPy reference backends, thousands of
+    bytecodes, every one inside the kernel call and so equivalent for the object) interrupts at every bytecode
+    outside the kernel modules and at every ``kernel_stride``-th one inside them: the test stays within a second.
+    """
+    where, obj = [], make()
+    _interrupt_at(0, lambda: call(obj), where)
+    for k, in_kernel in enumerate(where, start=1):
+        if in_kernel and k % kernel_stride:
+            continue
+        obj = make()
+        assert _interrupt_at(k, lambda: call(obj))
+        check(obj, k)
+    obj = make()
+    assert not _interrupt_at(len(where) + 1, lambda: call(obj))
+    return len(where)
+
+
+# --------------------------------------------------------------------------- Pipeline
+def _pipe_state(pipe):
+    """Everything a pipeline carries from one call to the next (its pickle), without the inputs each call rewrites.
+
+    ``_y`` (round's copy of its target) and the round flags ``F_T``, ``F_REWEIGHT``, ``F_UPDATE``, ``F_RECORD``
+    are written before they are read by every call; the kernel keeps the others (rule, first client, linear).
+    """
+    _, (_, _, _, arrays, counters) = pipe.__reduce__()
+    k = pipe._kern
+    arrays = dict(arrays)
+    del arrays["_y"]
+    arrays["_flags"] = np.delete(arrays["_flags"], [k.F_T, k.F_REWEIGHT, k.F_UPDATE, k.F_RECORD])
+    return arrays, counters
+
+
+def _same_pipe_state(a, b):
+    return a[1] == b[1] and all(np.array_equal(a[0][name], b[0][name]) for name in a[0])
+
+
+def _refuses_pipeline(pipe, y):
+    for call in (lambda: pipe.round(y[0]), lambda: pipe.run(y), lambda: copy.copy(pipe), lambda: pipe.t):
+        with pytest.raises(RuntimeError, match=INTERRUPTED):
+            call()
+
+
+@pytest.mark.parametrize("backend, how", [("numba", "round"), ("numba", "run"), ("numpy", "round")])
+def test_a_pipeline_interrupted_at_any_bytecode_is_at_a_round_or_refuses(backend, how):
+    """(a) or (b) after a KeyboardInterrupt at every bytecode of ``round`` / ``run`` (segments of 2 rounds)."""
+    n_rounds = 1 if how == "round" else 5
+    y = np.sin(np.arange(2 + n_rounds + 2) / 3.0)
+    base = Pipeline(5, seed=2, backend=backend, threads=1)
+    base.run(y[:2])
+    path = [copy.copy(base)]  # the uninterrupted states after j more rounds
+    for v in y[2:]:
+        nxt = copy.copy(path[-1])
+        nxt.round(v)
+        path.append(nxt)
+    states = [_pipe_state(p) for p in path]
+    final = states[-1]
+    ys = y[2:2 + n_rounds]
+    seen = set()
+
+    def make():
+        pipe = copy.copy(base)
+        pipe._segment_rounds = 2
+        return pipe
+
+    def call(pipe):
+        if how == "round":
+            pipe.round(ys[0])
+        else:
+            pipe.run(ys)
+
+    def check(pipe, k):
+        try:
+            state = _pipe_state(pipe)
+        except RuntimeError as exc:
+            assert INTERRUPTED in str(exc), k
+            _refuses_pipeline(pipe, ys)
+            pipe.reset()  # (b): the way back
+            pipe.run(y[:2])
+            assert _same_pipe_state(_pipe_state(pipe), states[0]), k
+            seen.add("b")
+            return
+        done = [j for j, s in enumerate(states[:n_rounds + 1]) if _same_pipe_state(state, s)]
+        assert done, f"interrupted at bytecode {k}: the pipeline matches no round boundary"
+        assert pipe.t == base.t + done[0]
+        pipe.run(y[2 + done[0]:])  # continuing gives the same bits
+        assert _same_pipe_state(_pipe_state(pipe), final), k
+        seen.add(done[0])
+
+    total = _every_interrupt(make, call, check, kernel_stride=1 if backend == "numba" else 10)
+    assert total > 20
+    if backend == "numba":  # every boundary is reached: before, between the segments, after
+        assert seen >= set(range(0, n_rounds + 1, 2)) | {n_rounds}, seen
+
+
+def test_pipeline_run_in_segments_is_one_round_per_value():
+    """Segments of 1, 2 and 3 rounds (as a long series gets), across round 0 and a burn-in: the bits of ``round``."""
+    y = np.sin(np.arange(11)[:, None] / 3.0 + np.arange(2)[None, :])
+    one = Pipeline(300, 2, seed=5, threads=1)
+    expected = np.array([one.round(v, record=t > 3).copy() for t, v in enumerate(y)])
+    for step in (1, 2, 3):
+        seg = Pipeline(300, 2, seed=5, threads=1)
+        seg._segment_rounds = step
+        got = np.concatenate([seg.run(y[:4], record=False), seg.run(y[4:])])
+        assert np.array_equal(got, expected)
+        assert _same_pipe_state(_pipe_state(seg), _pipe_state(one))
+
+
+def test_pipeline_segments_bound_the_work_of_one_compiled_call(monkeypatch):
+    """``run`` calls the kernel once per ``_SEGMENT_WORK / (N d + _ROUND_VALUES)`` rounds, and returns to Python in between."""
+    calls = []
+    kern = memoa_fast.kernels._pipeline_numba
+    inner = kern.run_rounds
+    monkeypatch.setattr(kern, "run_rounds", lambda *a: calls.append(a[10].shape[0]) or inner(*a))
+    monkeypatch.setattr(pipeline_module, "_SEGMENT_WORK", 10 * (40 * 3 + pipeline_module._ROUND_VALUES))
+    pipe = Pipeline(40, 3, seed=1, threads=1)
+    pipe.run(np.zeros((25, 3)))
+    assert calls == [10, 10, 5]
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
+def test_ctrl_c_stops_a_long_pipeline_run_soon_and_it_continues():
+    """A signal during a long ``run`` acts within a segment; the pipeline then continues with the same bits.
+
+    On the old code the interrupt surfaced only after the whole series (here about 2 s at 1e5 clients, 10x the delay allowed).
+    """
+    n, T = 100_000, 2000
+    y = np.sin(np.arange(T) / 7.0)
+    pipe = Pipeline(n, seed=1, threads=1)
+    pipe.run(y[:1])  # compiled and warm
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    out = np.full((T - 1, 1), np.nan)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.15)
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            pipe.run(y[1:], out=out)
+        late = time.perf_counter() - start - 0.15
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    done = pipe.t - 1
+    assert late < 0.6 and 0 < done < T - 1, (late, done)
+    assert not np.isnan(out[:done]).any() and np.isnan(out[done:]).all()
+    # the rounds done are the rounds one call makes; the pipeline continues from there
+    whole = Pipeline(n, seed=1, threads=1)
+    np.testing.assert_array_equal(whole.run(y[:1 + done + 3])[1:1 + done], out[:done])
+    pipe.run(y[1 + done:1 + done + 3])
+    assert _same_pipe_state(_pipe_state(pipe), _pipe_state(whole))
+
+
+# --------------------------------------------------------------------------- Population
+def _pop_state(pop):
+    state = pop.state_dict()
+    return state, pop.worst_agent
+
+
+def _same_pop_state(a, b):
+    (sa, wa), (sb, wb) = a, b
+    if wa != wb or sa.keys() != sb.keys():
+        return False
+    return all(np.array_equal(sa[key], sb[key]) if isinstance(sa[key], np.ndarray) else sa[key] == sb[key] for key in sa)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_a_population_interrupted_at_any_bytecode_is_at_a_round_or_refuses(backend):
+    """(a) or (b) after a KeyboardInterrupt at every bytecode of ``Population.step`` (and ``run`` of one step)."""
+    rng = np.random.default_rng(4)
+    signals = rng.normal(size=(4, 6, 2))
+    signals[2, 1, 0] = np.nan
+    base = Population(GAME, 6, 2, backend=backend, threads=1)
+    base.step(signals[0])
+    saved = base.state_dict()
+    path = [copy.copy(base)]
+    for s in signals[1:]:
+        nxt = copy.copy(path[-1])
+        nxt.step(s)
+        path.append(nxt)
+    states = [_pop_state(p) for p in path]
+
+    def check(pop, k):
+        try:
+            state = _pop_state(pop)
+        except RuntimeError as exc:
+            assert INTERRUPTED in str(exc), k
+            for call in (lambda: pop.step(signals[1]), lambda: pop.run(signals[1:2]), pop.state_dict,
+                         lambda: copy.copy(pop), lambda: pop.set_game(GAME)):
+                with pytest.raises(RuntimeError, match=INTERRUPTED):
+                    call()
+            pop.load_state_dict(saved)  # (b): the way back
+            state = _pop_state(pop)
+        done = [j for j, s in enumerate(states[:2]) if _same_pop_state(state, s)]
+        assert done, f"interrupted at bytecode {k}: the population matches no round boundary"
+        pop.run(signals[1 + done[0]:])
+        assert _same_pop_state(_pop_state(pop), states[-1]), k
+
+    calls = [lambda pop: pop.step(signals[1])] + ([lambda pop: pop.run(signals[1:2])] if backend == "numba" else [])
+    for call in calls:
+        assert _every_interrupt(lambda: copy.copy(base), call, check, kernel_stride=1 if backend == "numba" else 10) > 20
+
+
+def test_an_interrupted_reset_or_load_refuses_until_one_completes():
+    """``reset`` and ``load_state_dict`` cut short are marked themselves (at every bytecode of their writes); completing either clears it."""
+    pop = Population(GAME, 6, 2, threads=1)
+    pop.step(np.ones((6, 2)))
+    saved = pop.state_dict()
+    fresh = Population(GAME, 6, 2, threads=1)
+    hits = []
+
+    def check(obj, k):
+        try:
+            state = _pop_state(obj)
+        except RuntimeError as exc:
+            assert INTERRUPTED in str(exc), k
+            hits.append(k)
+            obj.reset()
+            state = _pop_state(obj)
+        assert _same_pop_state(state, _pop_state(fresh)) or _same_pop_state(state, (saved, pop.worst_agent)), k
+
+    assert _every_interrupt(lambda: copy.copy(pop), lambda obj: obj.reset(), check) > 20
+    reset_hits = len(hits)
+    # load_state_dict: its checks (a thousand bytecodes, nothing written) are not the point; its writes are
+    where, obj = [], copy.copy(fresh)
+    _interrupt_at(0, lambda: obj.load_state_dict(saved), where)
+    for k in range(len(where) - 150, len(where) + 1):
+        obj = copy.copy(fresh)
+        _interrupt_at(k, lambda: obj.load_state_dict(saved))
+        check(obj, k)
+    assert reset_hits > 0 and len(hits) > reset_hits
+
+
+# --------------------------------------------------------------------------- the other stateful objects
+def _plain(value):
+    """A comparable form of a state: nested dicts, arrays (by their bytes), numbers."""
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+def _trust_state(tp):
+    copy.copy(tp)  # refused (RuntimeError) after an interrupted call, as pickle
+    own = {name: getattr(tp, name) for name in ("_signals", "_published_costs", "class_costs", "t", "leader")}
+    return {"own": own, "errors": tp.trust.errors, "n": tp.trust.n_observed, "pops": [p.state_dict() for p in tp.populations]}
+
+
+def _stateful_cases():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 6, 2))
+    srv = Server(6, 2, rule="eg", eta=0.3, alpha=0.01, threads=1)
+    srv.update(x[0], [0.1, 0.2])
+    fc = ClientForecasters(6, 2, seed=3, threads=1)
+    fc.observe([0.3, 0.1])
+    sq = SquaredErrors(6, 2, threads=1)
+    sq.add(x[0], [0.1, 0.2])
+    tp = TrustPopulation(6, 2, n_classes=2, reclass=1000, rule="error", threads=1)
+    tp.step(x[0])
+    tp.observe([0.1, 0.2])
+    return {
+        # object, its call (i = which round's inputs), its state (RuntimeError when refused), the way back (None: a copy)
+        "Server.update": (srv, lambda o, i: o.update(x[i], [0.2, -0.1]), lambda o: o.state_dict(),
+                          lambda o, base: o.load_state_dict(base.state_dict())),
+        "ClientForecasters.observe": (fc, lambda o, i: o.observe([0.2 * i, -0.1]), lambda o: o.state_dict(),
+                                      lambda o, base: o.load_state_dict(base.state_dict())),
+        "SquaredErrors.add": (sq, lambda o, i: o.add(x[i], [0.2, -0.1]), lambda o: o.__reduce__()[1][3], None),
+        "TrustPopulation.step": (tp, lambda o, i: o.step(x[i]), _trust_state, None),
+        "TrustPopulation.observe": (tp, lambda o, i: o.observe([0.2 * i, -0.1]), _trust_state, None),
+    }
+
+
+@pytest.mark.parametrize("case", ["Server.update", "ClientForecasters.observe", "SquaredErrors.add", "TrustPopulation.step",
+                                  "TrustPopulation.observe"])
+def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case):
+    """The same property for every other stateful object's mutating call (their counters: ``n_updates``, ``t``, ``max_total``)."""
+    base, call, state, recover = _stateful_cases()[case]
+    base = copy.copy(base)  # a copy's mean state is summed again from its states (the step's own sum may round apart)
+    after = [copy.copy(base)]
+    call(after[0], 1)
+    then = copy.copy(after[0])
+    call(then, 2)
+    before, after, final = _plain(state(base)), _plain(state(after[0])), _plain(state(then))
+
+    def check(obj, k):
+        try:
+            now = _plain(state(obj))
+        except RuntimeError as exc:
+            assert INTERRUPTED in str(exc), k
+            with pytest.raises(RuntimeError, match=INTERRUPTED):
+                call(obj, 1)
+            if recover is None:  # no load_state_dict: a copy taken before is the way back
+                return
+            recover(obj, base)
+            now = _plain(state(obj))
+        assert now in (before, after), f"interrupted at bytecode {k}: matches no round boundary"
+        if now == before:
+            call(obj, 1)
+        call(obj, 2)
+        assert _plain(state(obj)) == final, k
+
+    assert _every_interrupt(lambda: copy.copy(base), lambda o: call(o, 1), check) > 20
+
+
+def test_pipeline_progress_is_readable_from_another_thread_during_a_run():
+    """``t`` read by a monitoring thread during a ``run``: the rounds of the segments done, never an error (as before segments)."""
+    pipe = Pipeline(20_000, seed=1, threads=1)
+    pipe._segment_rounds = 10
+    y = np.sin(np.arange(300) / 7.0)
+    pipe.run(y[:1])
+    worker = threading.Thread(target=pipe.run, args=(y[1:],))
+    seen = []
+    worker.start()
+    while worker.is_alive():
+        seen.append(pipe.t)
+    worker.join()
+    assert seen == sorted(seen) and len(set(seen)) > 1 and pipe.t == 300
+    assert all((t - 1) % 10 == 0 or t == 300 for t in seen)  # segment ends (the last segment is 9 rounds)
