@@ -285,7 +285,7 @@ def _warn_once(cause: str, message: str, stacklevel: int) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
-_FIX = ("point NUMBA_CACHE_DIR at a writable folder to keep the compiled kernels between runs, "
+_FIX = ("point NUMBA_CACHE_DIR at a writable folder with free space to keep the compiled kernels between runs, "
         "or set MEMOA_FAST_CACHE=0 to compile in memory without this warning")
 
 
@@ -328,7 +328,7 @@ def cache_usable(path: str) -> bool:
             from numba.misc.appdirs import AppDirs
 
             tried.append(AppDirs(appname="numba", appauthor=False).user_cache_dir)
-        except Exception:  # noqa: BLE001 (only for the message)
+        except Exception:  # the folder is only named in the message
             pass
         if getattr(config, "CACHE_LOCATOR_CLASSES", None):
             tried.append(f"NUMBA_CACHE_LOCATOR_CLASSES={config.CACHE_LOCATOR_CLASSES!r}")
@@ -344,7 +344,7 @@ def cache_usable(path: str) -> bool:
 # A CRC, not a cryptographic hash: it finds accidental damage (a torn copy, zeroed blocks) at 1/7 of SHA-256's cost
 # (0.2 against 1.2 ms for the largest kernel's 0.8 MB), and the cache folder is trusted as Numba trusts it.
 _MAGIC = b"memoa_fast.kernels cached code v1\n"
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, type], tuple[type, type] | None] = {}
 
 
 def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | None:
@@ -395,7 +395,7 @@ def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | N
                 return None
             try:
                 stamp, saved_key, data = pickle.loads(body)
-            except Exception:  # noqa: BLE001 (intact but unreadable here: a miss)
+            except Exception:  # intact but unreadable by this Python or Numba: a miss
                 return None
             return data if stamp == self._source_stamp and saved_key == key else None
 
@@ -417,13 +417,13 @@ def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | N
         def load_overload(self, sig, target_context):
             try:
                 return super().load_overload(sig, target_context)
-            except Exception:  # noqa: BLE001 (a cache that cannot be read is a miss: compiled, then overwritten)
+            except Exception:  # a cache that cannot be read is a miss: compiled, then overwritten
                 return None
 
         def save_overload(self, sig, data):
             try:
                 super().save_overload(sig, data)
-            except Exception as e:  # noqa: BLE001 (the compiled code is in memory: the run goes on)
+            except Exception as e:  # the compiled code is in memory: the run goes on
                 _warn_once("cache", f"memoa_fast: Numba's on-disk cache could not be written in {self._cache_path} "
                                     f"({type(e).__name__}: {e}): the kernels compiled in this process are kept in "
                                     f"memory only; {_FIX}", stacklevel=2)
