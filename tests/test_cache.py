@@ -459,6 +459,11 @@ TINY_KERN = textwrap.dedent(
         return VALUE
 
 
+    @njit(cache=CACHE)
+    def twice(x):
+        return 2 * x
+
+
     seal(globals())
     """
 )
@@ -606,6 +611,17 @@ BROKEN = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     out["a failed write"] = [failed, run()]
     print(json.dumps(out), flush=True)
+    # Another signature's data under this signature's name (two processes saving different signatures at once).
+    mod = sys.modules["broken._kern"]
+    mod.twice(1), mod.twice(0.5)  # int64 -> .1.nbc, float64 -> .2.nbc
+    (int_data,) = glob.glob(f"{cache}/*/_kern.twice-*.1.nbc")
+    shutil.copyfile(int_data.replace(".1.nbc", ".2.nbc"), int_data)
+    run()
+    mod = sys.modules["broken._kern"]
+    value = mod.twice(3)
+    stats = mod.twice.stats
+    out["another signature's data"] = [repr(value), sum(stats.cache_hits.values()), sum(stats.cache_misses.values())]
+    print(json.dumps(out), flush=True)
     """
 )
 
@@ -654,6 +670,13 @@ def test_a_cache_file_that_cannot_be_written_warns_once_and_runs(broken_cache_ru
         assert [value, hits, misses] == [2, 0, 1]
         (warning,) = caught
         assert "could not be written" in warning and ".nbc" in warning and "NUMBA_CACHE_DIR" in warning, warning
+
+
+def test_the_data_of_another_signature_is_never_loaded(broken_cache_runs):
+    """``twice(3)``'s data file holding the float64 signature's code: a miss, and the integer 6 (not 6.0)."""
+    out, done = broken_cache_runs
+    assert "another signature's data" in out, done.stderr[-2000:]
+    assert out["another signature's data"] == ["6", 0, 1]
 
 
 def test_a_failed_write_never_leaves_the_old_code_for_the_next_process(broken_cache_runs):
