@@ -526,7 +526,7 @@ def test_no_writable_cache_folder_compiles_in_memory_with_one_warning(tmp_path):
 
 BROKEN = textwrap.dedent(
     r"""
-    import glob, importlib, json, os, resource, shutil, sys, warnings
+    import glob, importlib, json, os, resource, shutil, signal, sys, warnings
     root, cache = sys.argv[1], sys.argv[2]
     sys.path.insert(0, root)
 
@@ -605,6 +605,7 @@ BROKEN = textwrap.dedent(
     # A write that fails after the files changed (a full disk; here a file size limit): the old index and data
     # stay, and must not be taken for the new files' code.
     restore("old")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails (EFBIG) instead of killing the process
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(index) + 200, hard))
     failed = run()
@@ -630,7 +631,6 @@ BROKEN = textwrap.dedent(
 def broken_cache_runs(tmp_path_factory):
     """One subprocess: each way a cache file can be broken, then the same import again (see BROKEN)."""
     import json
-    import signal
 
     root = tmp_path_factory.mktemp("broken")
     _tiny_package(root, "broken")
@@ -638,7 +638,7 @@ def broken_cache_runs(tmp_path_factory):
     cache.mkdir()
     done = subprocess.run(
         [sys.executable, "-c", BROKEN, str(root), str(cache)], capture_output=True, text=True, env=_env(NUMBA_CACHE_DIR=str(cache)),
-        timeout=120, preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),  # a write over the limit fails (EFBIG)
+        timeout=120,
     )
     lines = done.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else {}, done
