@@ -17,7 +17,7 @@ from (``_config``, ``_layout``, ``_pipeline_reference``, ...), wherever
 Numba keeps the cache.
 """
 from . import _seal as _seal  # first: records the state of the files before any module is read from them (_seal.snapshot)
-from ._config import CACHE, CHUNK, FASTMATH, PAD
+from ._config import CHUNK, FASTMATH, PAD
 from ._layout import (
     GAIN,
     KAPPA,
@@ -46,3 +46,11 @@ __all__ = [
     "MIX_STATE", "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "Layout", "layout", "n_chunks", "padded", "used_columns", "work_shape",
     "MIN_NORMAL", "next_discount",
 ]
+
+
+def __getattr__(name: str):
+    if name == "CACHE":  # asked when read (it imports Numba): see kernels/_config.py
+        from . import _config
+
+        return _config.CACHE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,10 +2,12 @@
 
 ``MEMOA_FAST_CACHE=0`` turns Numba's on-disk cache off (it is on by default:
 import plus first call then costs milliseconds instead of seconds). For a
-read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder. The cache
-never needs clearing: each jitted module's cached code is tied to the
-contents of its file and of every file it imports values from, this one
-included (:mod:`._seal`).
+read-only install, point ``NUMBA_CACHE_DIR`` at a writable folder; with no
+writable folder at all the kernels are compiled in memory, with one
+warning (``CACHE`` is then False). The cache never needs clearing: each
+jitted module's cached code is tied to the contents of its file and of
+every file it imports values from, this one included (:mod:`._seal`), and a
+broken cache file is a miss that is compiled and overwritten.
 """
 import os
 
@@ -16,7 +18,24 @@ import os
 # checkout the stale code is ignored and recompiled, with no cache to clear.
 # A jitted function from another file is not covered (its code is not a
 # value): keep every cached jitted call inside one file (Numba cache rule).
-CACHE = os.environ.get("MEMOA_FAST_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+#
+# CACHE (the ``cache=`` of every kernel) is computed each time a jitted module
+# imports it, just before its kernels are decorated: the user's choice
+# (MEMOA_FAST_CACHE), and whether Numba finds a writable cache folder for this
+# folder's files (_seal.cache_usable; Numba raised at decoration when it found
+# none). Asked lazily, so that ``import memoa_fast`` does not import Numba.
+WANT_CACHE = os.environ.get("MEMOA_FAST_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def __getattr__(name: str):
+    if name == "CACHE":
+        if not WANT_CACHE:
+            return False
+        from ._seal import cache_usable
+
+        return cache_usable(__file__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # No blanket fastmath: 'nnan'/'ninf' would let LLVM delete the isfinite checks
 # that keep a bad signal out of the mean field. 'reassoc' is left out so each

@@ -29,13 +29,31 @@ its files first thing (:func:`snapshot`), and a module sealed after one of
 its dependencies changed (a ``git checkout`` in a running notebook) gets no
 on-disk cache in that process, with a warning to restart it: the old
 values are never saved under the new files' digest.
+
+The cache is also made safe in the places Numba's is not (:func:`seal`
+installs :func:`_checked_classes` on each sealed dispatcher's cache, and
+``_config.CACHE`` asks :func:`cache_usable` before any kernel is
+decorated). Where Numba finds no writable cache folder (a read-only install
+and home, an unusable ``NUMBA_CACHE_DIR``) it raised at import; the kernels
+are now compiled in memory instead, with one warning per process naming
+``NUMBA_CACHE_DIR`` and ``MEMOA_FAST_CACHE=0``. A cache file that cannot be
+read or does not hold what its name promises (truncated, empty, random
+bytes, a directory, zeros inside, written by another version of the files
+or for another signature) is a miss: compiled, then overwritten. A write
+that fails (a full disk, a folder made read-only) keeps the code in memory,
+with that one warning, and never leaves an index that points at old code:
+each data file carries a CRC-32 of its contents, the stamp and the key it
+was written for, and is written before the index that names it.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import pickle
 import re
 import warnings
+import zlib
 
 # ``from .name import ...`` (a sibling module) and ``from . import a, b`` (sibling
 # modules, or names of the package's __init__), at the start of a line. Only
@@ -244,8 +262,10 @@ def seal(namespace: dict) -> int:
             continue  # cache=False
         if value.overloads:
             raise RuntimeError(f"seal() must run before any call of {value.py_func.__qualname__}: its code is already loaded")
-        if key is not None and hasattr(cache_file, "_source_stamp"):
+        checked = _checked_classes(type(cache), type(cache_file)) if hasattr(cache_file, "_source_stamp") else None
+        if key is not None and checked is not None:
             cache_file._source_stamp = ("memoa_fast.kernels", cache_file._source_stamp, key)
+            cache.__class__, cache_file.__class__ = checked
             sealed += 1
         else:  # another Numba's layout, or an unreadable file: never risk stale code
             cache.disable()
@@ -253,6 +273,163 @@ def seal(namespace: dict) -> int:
     if off:
         warnings.warn(f"memoa_fast: {reason.format(namespace['__name__'])}", RuntimeWarning, stacklevel=2)
     return sealed
+
+
+# Causes already warned about in this process: at most one warning per cause, whatever the number of kernels.
+_WARNED: set[str] = set()
+
+
+def _warn_once(cause: str, message: str, stacklevel: int) -> None:
+    if cause not in _WARNED:
+        _WARNED.add(cause)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+_FIX = ("point NUMBA_CACHE_DIR at a writable folder with free space to keep the compiled kernels between runs, "
+        "or set MEMOA_FAST_CACHE=0 to compile in memory without this warning")
+
+
+def cache_usable(path: str) -> bool:
+    """Whether Numba can keep an on-disk cache for the functions of the file ``path``; warns once if not.
+
+    Numba looks for a writable folder (``NUMBA_CACHE_DIR``, ``__pycache__``
+    beside the file, the user-wide cache folder) when a function is decorated
+    with ``cache=True`` and raises ``RuntimeError: cannot cache function ...:
+    no locator available`` when there is none (a read-only install used with
+    a read-only home): the import of every kernel failed. Numba itself is
+    asked here, for a function of that file, before its kernels are decorated
+    (``_config.CACHE``): ``False`` lets them compile in memory.
+
+    Parameters
+    ----------
+    path : str
+        A source file of the jitted modules' folder (all its files share the answer).
+
+    Returns
+    -------
+    bool
+        True when Numba found a cache folder (or cannot be asked: it decides then, as it always did).
+    """
+    try:
+        from numba.core import config
+        from numba.core.caching import FunctionCache
+    except ImportError:  # another Numba's layout: decorate as before
+        return True
+    if config.DISABLE_JIT:  # no dispatcher, no cache: nothing to ask
+        return True
+    namespace: dict = {}
+    exec(compile("def _probe():\n    pass\n", path, "exec"), namespace)  # a function "of" that file
+    try:
+        FunctionCache(namespace["_probe"])
+    except Exception as e:  # RuntimeError: no locator; OSError: the file cannot be read
+        tried = [f"NUMBA_CACHE_DIR={config.CACHE_DIR!r}" if config.CACHE_DIR else "NUMBA_CACHE_DIR (unset)",
+                 os.path.join(os.path.dirname(os.path.abspath(path)), "__pycache__")]
+        try:
+            from numba.misc.appdirs import AppDirs
+
+            tried.append(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+        except Exception:  # the folder is only named in the message
+            pass
+        if getattr(config, "CACHE_LOCATOR_CLASSES", None):
+            tried.append(f"NUMBA_CACHE_LOCATOR_CLASSES={config.CACHE_LOCATOR_CLASSES!r}")
+        cause = "no writable folder" if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        _warn_once("cache", f"memoa_fast: Numba cannot keep its on-disk cache of the kernels here ({cause}; tried "
+                            f"{', '.join(tried)}): they are compiled in memory, again in every process (seconds "
+                            f"at first use); {_FIX}", stacklevel=3)  # the jitted module's ``from ._config import CACHE``
+        return False
+    return True
+
+
+# Marks a data file written by _checked_classes()'s cache file: MAGIC, the CRC-32 of the body (4 bytes, big-endian), the body.
+# A CRC, not a cryptographic hash: it finds accidental damage (a torn copy, zeroed blocks) at 1/7 of SHA-256's cost
+# (0.2 against 1.2 ms for the largest kernel's 0.8 MB), and the cache folder is trusted as Numba trusts it.
+_MAGIC = b"memoa_fast.kernels cached code v1\n"
+_CLASSES: dict[tuple[type, type], tuple[type, type] | None] = {}
+
+
+def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | None:
+    """Subclasses of a dispatcher's cache class and of its cache file class that tolerate what Numba's do not.
+
+    - The index (``*.nbi``) that cannot be read or unpickled is empty (Numba raised from ``_load_index``:
+      every later run died until the file was deleted by hand); the next save overwrites it.
+    - A data file (``*.nbc``) is ``MAGIC + crc32(body) + body``, the body the pickled ``(stamp, key, data)``:
+      it is loaded only if intact and written for this very stamp and key. Numba loaded whatever the file
+      held: zeros inside gave a segmentation fault, a file another process (other files, another signature)
+      wrote between the index and the data gave its code.
+    - The data file is written before the index that names it: a write that fails (a full disk) leaves the
+      old index, whose stamp no longer matches. Numba wrote the index first: after a failed data write the
+      new index named the old file, and the old constants were loaded by every later process.
+    - Any error while loading is a miss; any error while saving keeps the compiled code in memory, with one
+      warning per process (Numba raised both out of the kernel's first call).
+
+    None when Numba's classes lack what the subclasses use (another Numba's layout).
+    """
+    key = (cache_type, file_type)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    needed = {file_type: ("_load_index", "_save_index", "_data_name", "_data_path", "_dump", "_open_for_write", "load", "save"),
+              cache_type: ("load_overload", "save_overload")}
+    if not all(callable(getattr(t, name, None)) for t, names in needed.items() for name in names):
+        _CLASSES[key] = None
+        return None
+
+    class CheckedCacheFile(file_type):
+        def _load_index(self):
+            try:
+                overloads = super()._load_index()
+            except Exception:  # truncated, empty, garbage, a directory, unreadable: nothing cached
+                return {}
+            return overloads if isinstance(overloads, dict) else {}
+
+        def load(self, key):
+            name = self._load_index().get(key)
+            if name is None:
+                return None
+            try:
+                with open(self._data_path(name), "rb") as f:
+                    raw = f.read()
+            except OSError:
+                return None
+            body = raw[len(_MAGIC) + 4:]
+            if raw[:len(_MAGIC)] != _MAGIC or raw[len(_MAGIC):len(_MAGIC) + 4] != zlib.crc32(body).to_bytes(4, "big"):
+                return None
+            try:
+                stamp, saved_key, data = pickle.loads(body)
+            except Exception:  # intact but unreadable by this Python or Numba: a miss
+                return None
+            return data if stamp == self._source_stamp and saved_key == key else None
+
+        def save(self, key, data):
+            overloads = self._load_index()
+            name = overloads.get(key)
+            new = name is None
+            if new:
+                used = set(overloads.values())
+                name = next(n for n in map(self._data_name, itertools.count(1)) if n not in used)
+                overloads[key] = name
+            body = self._dump((self._source_stamp, key, data))
+            with self._open_for_write(self._data_path(name)) as f:
+                f.write(_MAGIC + zlib.crc32(body).to_bytes(4, "big") + body)
+            if new:
+                self._save_index(overloads)
+
+    class CheckedCache(cache_type):
+        def load_overload(self, sig, target_context):
+            try:
+                return super().load_overload(sig, target_context)
+            except Exception:  # a cache that cannot be read is a miss: compiled, then overwritten
+                return None
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except Exception as e:  # the compiled code is in memory: the run goes on
+                _warn_once("cache", f"memoa_fast: Numba's on-disk cache could not be written in {self._cache_path} "
+                                    f"({type(e).__name__}: {e}): the kernels compiled in this process are kept in "
+                                    f"memory only; {_FIX}", stacklevel=2)
+
+    _CLASSES[key] = (CheckedCache, CheckedCacheFile)
+    return _CLASSES[key]
 
 
 snapshot(__file__)  # kernels/__init__.py imports this module before any other

@@ -253,11 +253,15 @@ def test_every_cached_kernel_is_sealed_with_the_digest_of_its_files():
 
 
 def _unsealed(dispatcher, digest):
-    """None when ``dispatcher`` cannot serve stale code: no on-disk cache, or one sealed with ``digest``; else its stamp."""
+    """None when ``dispatcher`` cannot serve stale code: no on-disk cache, or one sealed with ``digest``; else its stamp.
+
+    Sealed means both: the stamp, and the cache classes that check each data file and survive broken files.
+    """
     if type(dispatcher._cache).__name__ == "NullCache":  # cache=False, or MEMOA_FAST_CACHE=0
         return None
     stamp = _seal.sealed_stamp(dispatcher)
-    return None if stamp is not None and stamp[2] == digest else dispatcher._cache._cache_file._source_stamp
+    checked = (type(dispatcher._cache).__name__, type(dispatcher._cache._cache_file).__name__) == ("CheckedCache", "CheckedCacheFile")
+    return None if stamp is not None and stamp[2] == digest and checked else dispatcher._cache._cache_file._source_stamp
 
 
 def test_the_digest_follows_each_dependency_and_nothing_else(tmp_path):
@@ -436,3 +440,312 @@ def test_the_kernels_package_records_its_files_before_reading_any():
     first = next(node for node in body if isinstance(node, (ast.Import, ast.ImportFrom)))
     assert ast.unparse(first).startswith("from . import _seal"), ast.unparse(first)
     assert str(KERNELS / "_layout.py") in _seal._LOADED
+
+
+# Environments where Numba's on-disk cache cannot be used as it expects: the kernels still run, correct, with at
+# most one warning per process; never a crash, never stale or wrong code. Tiny packages built like kernels/ with
+# copies of the real _config.py and _seal.py (what kernels/__init__.py and a jitted module do, in a few lines).
+TINY_KERN = textwrap.dedent(
+    """
+    from numba import njit
+
+    from ._config import CACHE
+    from ._const import VALUE
+    from ._seal import seal
+
+
+    @njit(cache=CACHE)
+    def get():
+        return VALUE
+
+
+    @njit(cache=CACHE)
+    def twice(x):
+        return 2 * x
+
+
+    seal(globals())
+    """
+)
+
+
+def _tiny_package(root, name, kern_modules=("_kern",)):
+    folder = root / name
+    folder.mkdir()
+    (folder / "__init__.py").write_text("from . import _seal as _seal\n")
+    for file in ("_config.py", "_seal.py"):
+        (folder / file).write_text((KERNELS / file).read_text())
+    (folder / "_const.py").write_text("VALUE = 1\n")
+    for module in kern_modules:
+        (folder / f"{module}.py").write_text(TINY_KERN)
+    return folder
+
+
+NO_FOLDER = textwrap.dedent(
+    r"""
+    import json, sys, warnings
+    sys.path.insert(0, sys.argv[1])
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            import nofolder._kern as a, nofolder._kern2 as b
+            out["values"] = [int(a.get()), int(b.get())]
+            out["caches"] = [type(a.get._cache).__name__, type(b.get._cache).__name__]
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+    out["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_no_writable_cache_folder_compiles_in_memory_with_one_warning(tmp_path):
+    """No folder Numba could cache in (read-only install and home, NUMBA_CACHE_DIR unusable): no crash at import.
+
+    Numba raised ``RuntimeError: cannot cache function ...: no locator available`` when a kernel module was
+    decorated, so ``memoa run`` died. Here ``__pycache__``, ``NUMBA_CACHE_DIR`` and the user-wide folder's parent
+    are regular files (as unusable as read-only folders, without root); two jitted modules, one warning.
+    """
+    import json
+
+    folder = _tiny_package(tmp_path, "nofolder", ("_kern", "_kern2"))
+    (folder / "__pycache__").write_text("")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    env = _env(NUMBA_CACHE_DIR=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"), HOME=str(blocker))
+    done = subprocess.run([sys.executable, "-c", NO_FOLDER, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out["error"]
+    assert out["values"] == [1, 1] and out["caches"] == ["NullCache", "NullCache"]
+    (warning,) = out["warnings"]  # one per process, not one per module
+    assert warning.startswith("RuntimeWarning: memoa_fast: Numba cannot keep its on-disk cache"), warning
+    assert "NUMBA_CACHE_DIR" in warning and "MEMOA_FAST_CACHE=0" in warning and str(blocker) in warning, warning
+
+
+BROKEN = textwrap.dedent(
+    r"""
+    import glob, importlib, json, os, resource, shutil, signal, sys, warnings
+    root, cache = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, root)
+
+    def run():
+        for name in [m for m in sys.modules if m == "broken" or m.startswith("broken.")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                mod = importlib.import_module("broken._kern")
+                value = int(mod.get())
+            except Exception as e:
+                return f"{type(e).__name__}: {e}"
+        stats = mod.get.stats
+        return [value, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), [str(w.message) for w in caught]]
+
+    def files():
+        (index,) = glob.glob(f"{cache}/*/_kern.get-*.nbi")
+        (data,) = glob.glob(f"{cache}/*/_kern.get-*.1.nbc")
+        return index, data
+
+    def keep(tag):
+        for path in files():
+            shutil.copyfile(path, f"{root}/{tag}{os.path.splitext(path)[1]}")
+
+    def restore(tag):
+        for path in files():
+            if os.path.isdir(path):
+                os.rmdir(path)
+            shutil.copyfile(f"{root}/{tag}{os.path.splitext(path)[1]}", path)
+
+    def write_const(value):
+        with open(f"{root}/broken/_const.py", "w") as f:
+            f.write(f"VALUE = {value}\n")
+
+    def truncate(path, size):
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:size])
+
+    def zeros(path):
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        n = len(data) // 3
+        data[n:n + 512] = bytes(512)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def as_folder(path):
+        os.remove(path)
+        os.mkdir(path)
+
+    out = {}
+    run(); keep("old")  # VALUE = 1
+    write_const(2)
+    run(); keep("new")  # VALUE = 2: what every case below must return
+    index, data = files()
+    cases = {
+        "truncated index": lambda: truncate(index, 20),
+        "empty index": lambda: truncate(index, 0),
+        "garbage index": lambda: open(index, "wb").write(os.urandom(300)),
+        "truncated data": lambda: truncate(data, 200),
+        "empty data": lambda: truncate(data, 0),
+        "garbage data": lambda: open(data, "wb").write(os.urandom(3000)),
+        "a folder as data": lambda: as_folder(data),
+        "the old files' data under the new index": lambda: shutil.copyfile(f"{root}/old.nbc", data),
+        "zeros inside the data": lambda: zeros(data),  # last: a segmentation fault on Numba's cache
+    }
+    for name, corrupt in cases.items():
+        restore("new")
+        corrupt()
+        out[name] = [run(), run()]
+        print(json.dumps(out), flush=True)
+    # A write that fails after the files changed (a full disk; here a file size limit): the old index and data
+    # stay, and must not be taken for the new files' code.
+    restore("old")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails (EFBIG) instead of killing the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(index) + 200, hard))
+    failed = run()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    out["a failed write"] = [failed, run()]
+    print(json.dumps(out), flush=True)
+    # Another signature's data under this signature's name (two processes saving different signatures at once).
+    mod = sys.modules["broken._kern"]
+    mod.twice(1), mod.twice(0.5)  # int64 -> .1.nbc, float64 -> .2.nbc
+    (int_data,) = glob.glob(f"{cache}/*/_kern.twice-*.1.nbc")
+    shutil.copyfile(int_data.replace(".1.nbc", ".2.nbc"), int_data)
+    run()
+    mod = sys.modules["broken._kern"]
+    value = mod.twice(3)
+    stats = mod.twice.stats
+    out["another signature's data"] = [repr(value), sum(stats.cache_hits.values()), sum(stats.cache_misses.values())]
+    print(json.dumps(out), flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def broken_cache_runs(tmp_path_factory):
+    """One subprocess: each way a cache file can be broken, then the same import again (see BROKEN)."""
+    import json
+
+    root = tmp_path_factory.mktemp("broken")
+    _tiny_package(root, "broken")
+    cache = root / "numba-cache"
+    cache.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", BROKEN, str(root), str(cache)], capture_output=True, text=True, env=_env(NUMBA_CACHE_DIR=str(cache)),
+        timeout=120,
+    )
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}, done
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["truncated index", "empty index", "garbage index", "truncated data", "empty data", "garbage data",
+     "the old files' data under the new index", "zeros inside the data"],
+)
+def test_a_broken_cache_file_is_a_miss_that_is_compiled_and_overwritten(broken_cache_runs, case):
+    """Truncated, empty or random bytes, zeros inside, or another version's data under the index: the new value.
+
+    Numba raised from ``_load_index``/``_load_data`` (UnpicklingError, EOFError, ValueError) in every later run
+    until the file was deleted by hand, loaded the old files' code, or ran zeroed machine code (a segfault).
+    """
+    out, done = broken_cache_runs
+    assert case in out, f"the subprocess ended before this case (exit {done.returncode}): {done.stderr[-2000:]}"
+    broken, again = out[case]
+    assert broken == [2, 0, 1, []], f"{case}: {broken}"  # a miss, compiled, without a word
+    assert again == [2, 1, 0, []], f"{case}: not overwritten: {again}"
+
+
+def test_a_cache_file_that_cannot_be_written_warns_once_and_runs(broken_cache_runs):
+    """A folder where the data file should be: every run compiles in memory, with one warning naming the path."""
+    out, done = broken_cache_runs
+    assert "a folder as data" in out, done.stderr[-2000:]
+    for value, hits, misses, caught in out["a folder as data"]:
+        assert [value, hits, misses] == [2, 0, 1]
+        (warning,) = caught
+        assert "could not be written" in warning and ".nbc" in warning and "NUMBA_CACHE_DIR" in warning, warning
+
+
+def test_the_data_of_another_signature_is_never_loaded(broken_cache_runs):
+    """``twice(3)``'s data file holding the float64 signature's code: a miss, and the integer 6 (not 6.0)."""
+    out, done = broken_cache_runs
+    assert "another signature's data" in out, done.stderr[-2000:]
+    assert out["another signature's data"] == ["6", 0, 1]
+
+
+def test_a_failed_write_never_leaves_the_old_code_for_the_next_process(broken_cache_runs):
+    """The files changed and the cache write fails (a full disk): the next process must not load the old code.
+
+    Numba wrote the new index first: it named the old data file when the data write failed, and every later
+    process loaded the old value (1 where the file says 2), a cache hit.
+    """
+    out, done = broken_cache_runs
+    assert "a failed write" in out, done.stderr[-2000:]
+    failed, later = out["a failed write"]
+    assert failed[:3] == [2, 0, 1] and len(failed[3]) == 1 and "could not be written" in failed[3][0], failed
+    assert later == [2, 0, 1, []], f"the old code was loaded after a failed write: {later}"
+
+
+REAL = textwrap.dedent(
+    r"""
+    import json, warnings
+    import numpy as np
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from numba.core.dispatcher import Dispatcher
+        from memoa_fast import kernels
+        import memoa_fast.kernels._noise as noise
+        caches = sorted({type(d._cache).__name__ for d in vars(noise).values() if isinstance(d, Dispatcher)})
+        mixed = int(noise._mix64(np.uint64(123456789)))
+    print(json.dumps([caches, mixed, bool(kernels.CACHE), [f"{w.category.__name__}: {w.message}" for w in caught]]))
+    """
+)
+
+
+def _mix64(z):
+    """SplitMix64's finaliser in Python integers (the specification of kernels._noise._mix64)."""
+    m = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_the_real_kernels_import_and_run_read_only_with_no_cache_folder(tmp_path):
+    """A read-only install whose user has no writable cache folder: the kernel modules import and run, one warning.
+
+    The reported failure: ``memoa run`` died with ``RuntimeError: cannot cache function '_forecast_chunk': no locator
+    available``. kernels/ is made read-only by a bind mount in a private mount namespace (``unshare``; as root a
+    chmod does not stop writes); without it, where Numba has ``NUMBA_CACHE_LOCATOR_CLASSES``, its in-tree locator
+    is left out instead. ``NUMBA_CACHE_DIR`` and the user-wide folder are unusable (regular files in the way).
+    """
+    import json
+    import shutil
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    env = _env(NUMBA_CACHE_DIR=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"), HOME=str(blocker), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-c", REAL]
+    unshare = shutil.which("unshare")
+    mounted = f"mount --bind {KERNELS} {KERNELS} && mount -o remount,bind,ro {KERNELS}"
+    if unshare and subprocess.run([unshare, "-rm", "sh", "-c", mounted], capture_output=True).returncode == 0:
+        command = [unshare, "-rm", "sh", "-c", mounted + ' && exec "$0" "$@"', *command]
+    else:
+        import numba.core.config
+
+        if not hasattr(numba.core.config, "CACHE_LOCATOR_CLASSES"):
+            pytest.skip("no way to make kernels/__pycache__ unusable here: unshare -rm is not permitted and this Numba "
+                        "has no NUMBA_CACHE_LOCATOR_CLASSES")
+        env["NUMBA_CACHE_LOCATOR_CLASSES"] = "UserProvidedCacheLocator,UserWideCacheLocator"
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    caches, mixed, cache_flag, caught = json.loads(done.stdout.strip().splitlines()[-1])
+    assert caches == ["NullCache"] and cache_flag is False
+    assert mixed == _mix64(123456789)
+    (warning,) = caught
+    assert "Numba cannot keep its on-disk cache" in warning and "NUMBA_CACHE_DIR" in warning, warning
