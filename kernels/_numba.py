@@ -279,8 +279,8 @@ def _exp_into(src, dst, tmp):
     LLVM cannot vectorise a call to libm's ``exp`` (Numba has no vector math
     library here), which costs 5 ns per call on this machine; this one runs
     at about 1.4 ns (NumPy's AVX-512 ``exp``: 0.9 ns). Cody-Waite reduction and a degree-13 Taylor polynomial on
-    ``|r| <= ln(2)/2``: within 1.01 ulp of ``numpy.exp`` on [-745, 709]
-    (measured on 10^6 draws per range), 0 below -745.5 (and at -inf),
+    ``|r| <= ln(2)/2``: within 0.85 ulp of the exact value on [-745, 709]
+    (measured against ``numpy.longdouble`` on 5.5e5 draws; tested < 1 ulp), 0 below -745.5 (and at -inf),
     ``inf`` above 709.79, NaN for NaN. The scale ``2^n`` is built from its
     bits in two halves, ``2^(n//2) 2^(n - n//2)``, so subnormal results round once.
     """
@@ -328,7 +328,7 @@ def _log_into(src, dst, tmp):
     positive normal finite inputs: the exponent/mantissa split is integer work
     (musl's: ``x = 2^k z``, ``z`` in ``[sqrt(1/2), sqrt(2))``), then fdlibm's
     ``log(1 + f) = f - (hfsq - s (hfsq + R(s^2)))``, ``s = f / (2 + f)``, plus
-    ``k ln 2`` in Cody-Waite halves: within 1 ulp of ``numpy.log``. Any other
+    ``k ln 2`` in Cody-Waite halves: within 0.81 ulp of the exact value (tested < 1 ulp). Any other
     input (0, subnormal, negative, inf, NaN) is redone with ``math.log`` in a
     scalar fix-up loop, run only when a vectorised count finds one, so each
     ``dst[k]`` depends on ``src[k]`` alone (not on its neighbours).

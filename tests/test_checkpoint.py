@@ -19,7 +19,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from helpers import reap
+from helpers import assert_as_saved, reap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1165,9 +1165,10 @@ def test_a_checkpoint_saved_before_the_settings_were_recorded_restores_as_before
     with np.load(old) as npz:
         np.testing.assert_array_equal(pop.states, npz["states"])
         np.testing.assert_array_equal(server.log_weights, npz["server_log_weights"])
-    _assert_same([source.state_dict()], [uninterrupted.state_dict()])
+    for key, value in _flat(source.state_dict()).items():  # the file's run against this one's (NumPy 1.26: to rounding)
+        assert_as_saved(value, _flat(uninterrupted.state_dict())[key], err_msg=key)
     for y in ys[3:]:
-        np.testing.assert_array_equal(source.observe(y), uninterrupted.observe(y))
+        assert_as_saved(source.observe(y), uninterrupted.observe(y))
     restore_checkpoint(old, pop, server, source=ClientForecasters(6, 2, **dict(base, seed=1)))  # as before
 
     targets = rng.normal(size=(4, D))

@@ -848,7 +848,7 @@ def test_servers_not_restored_restart_from_round_zero(client, tmp_path, rng, kin
     path = dpop.save(tmp_path / "c.npz", kept, sharded=kind == "sharded")
     dpop.restore(path, kept, n_shards=3)
     assert kept.n_updates == 2 and other.n_updates == 0
-    np.testing.assert_array_equal(other.log_weights, np.full(N, -np.log(N)))
+    np.testing.assert_array_equal(other.log_weights, np.full(N, -math.log(N)))  # libm's log, as the shards (NumPy's varies by version)
     fresh = Server(N, 1, rule="eg", eta=0.3, threads=1)
     fresh.load_state_dict(other.state_dict())  # a consistent state: a one-machine server at round 0
     assert fresh.n_updates == 0

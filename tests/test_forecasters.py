@@ -5,6 +5,7 @@ import re
 import numba
 import numpy as np
 import pytest
+from helpers import assert_as_saved
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -614,5 +615,5 @@ def test_a_state_saved_before_the_settings_were_recorded_loads_and_continues_as_
     unpickled = pickle.loads((Path(__file__).parent / "data" / "old_sources" / "forecasters.pkl").read_bytes())
     assert unpickled.t == 3 and repr(unpickled) == repr(twin).replace("t=12", "t=3")
     for key, value in state["agents"].items():
-        np.testing.assert_array_equal(unpickled.state_dict()["agents"][key], value)
-    np.testing.assert_array_equal(_forecast(unpickled, _YS[3:]), rest)
+        assert_as_saved(value, unpickled.state_dict()["agents"][key], err_msg=key)  # NumPy 1.26: to rounding
+    assert_as_saved(_forecast(unpickled, _YS[3:]), rest)

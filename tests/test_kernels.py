@@ -17,7 +17,7 @@ runs) equals ``fused_step``; one thread equals two.
 The server: weights sum to 1 within 1e-12 and are never NaN, for losses
 from 1e-300 to 1e308 in magnitude, including the reproducers of issue 8
 (items 1-3). The vectorised ``exp``/``log`` of each backend are checked in
-ulps against NumPy.
+ulps against the exact value (``numpy.longdouble``).
 """
 
 import math
@@ -28,6 +28,7 @@ from helpers import (
     CLASSES,
     DIMS,
     EDGE_N,
+    EXTENDED,
     LARGE_N,
     assert_close,
     assert_server_step,
@@ -38,7 +39,7 @@ from helpers import (
     new_work,
     population,
     thread_counts,
-    ulps,
+    ulps_from_exact,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -509,19 +510,24 @@ def _math_backends():
     return {name: f for name, mod in BACKENDS.items() if (f := _vector_math(mod)) is not None}
 
 
+@pytest.mark.skipif(not EXTENDED, reason="numpy.longdouble is no wider than float64 here: no exact reference")
 @pytest.mark.parametrize("backend", _math_backends())
-def test_vectorised_exp_within_one_ulp_of_numpy(backend):
-    """Exp within 1 ulp of ``numpy.exp`` where the result is normal, within one subnormal step below; specials exact."""
+def test_vectorised_exp_within_one_ulp_of_the_exact_value(backend):
+    """Exp within 1 ulp of the exact value (``numpy.longdouble``) where the result is normal.
+
+    Within one subnormal step below that; specials as ``numpy.exp``. Measured: 0.85 ulp. Against ``numpy.exp``
+    itself the distance depends on NumPy's version (NumPy 1.26's ``exp`` is 1.5 ulp off: the two differ by up to 2).
+    """
     exp, _ = _math_backends()[backend]
     rng = np.random.default_rng(31)
     x = np.concatenate([rng.uniform(-745.1, 709.78, 400_000), rng.uniform(-1.0, 1.0, 100_000),
                         rng.uniform(-708.5, -700.0, 50_000), [0.0, -0.0, 1.0, -1.0, 709.78, -708.39]])
     out = np.empty_like(x)
     exp(x, out)
-    ref = np.exp(x)
-    normal = ref >= np.finfo(np.float64).tiny
-    assert ulps(out[normal], ref[normal]).max() <= 1.0
-    assert np.abs(out[~normal] - ref[~normal]).max() <= 5e-324
+    exact = np.exp(x.astype(np.longdouble))
+    normal = exact >= np.finfo(np.float64).tiny
+    assert ulps_from_exact(out[normal], exact[normal]).max() < 1.0
+    assert np.abs(out[~normal].astype(np.longdouble) - exact[~normal]).max() <= 5e-324
     special = np.array([-np.inf, np.inf, np.nan, 709.8, 710.0, 1e300, -745.2, -746.0, -1e300])
     out = np.empty_like(special)
     exp(special, out)
@@ -529,9 +535,13 @@ def test_vectorised_exp_within_one_ulp_of_numpy(backend):
         np.testing.assert_array_equal(out, np.exp(special))
 
 
+@pytest.mark.skipif(not EXTENDED, reason="numpy.longdouble is no wider than float64 here: no exact reference")
 @pytest.mark.parametrize("backend", _math_backends())
-def test_vectorised_log_within_one_ulp_of_numpy(backend):
-    """Log within 1 ulp of ``numpy.log`` on positive normal numbers; others as numpy; each result its own input's."""
+def test_vectorised_log_within_one_ulp_of_the_exact_value(backend):
+    """Log within 1 ulp of the exact value (``numpy.longdouble``) on positive normal numbers.
+
+    Measured: 0.80 ulp (NumPy 1.26's own ``log`` is 1.7 ulp off). Others as ``numpy.log``; each result its own input's.
+    """
     _, log = _math_backends()[backend]
     rng = np.random.default_rng(12)
     x = np.concatenate([10.0 ** rng.uniform(-307, 308, 400_000), 1.0 + rng.uniform(-0.3, 0.42, 100_000),
@@ -539,7 +549,7 @@ def test_vectorised_log_within_one_ulp_of_numpy(backend):
                         np.nextafter(np.sqrt([0.5, 2.0]), 0.0), [2.2250738585072014e-308, 1.7976931348623157e308]])
     out = np.empty_like(x)
     log(x, out)
-    assert ulps(out, np.log(x)).max() <= 1.0
+    assert ulps_from_exact(out, np.log(x.astype(np.longdouble))).max() < 1.0
     special = np.array([0.0, -0.0, 5e-324, 1e-310, -1.0, -np.inf, np.inf, np.nan])
     mixed = np.concatenate([x[:100], special, x[100:200]])
     out = np.empty_like(mixed)
