@@ -279,10 +279,15 @@ class Pipeline:
         the reference backend (marked, and no call running). See :meth:`_settle`.
         """
         pending, ex = self._pending, self._exclusive
-        if pending is not None and ex.interrupted is not None:
-            if not ex._slot:  # marked with no call inside: an interrupted reference round (a running one holds the lock)
+        if pending is None:
+            return self._t, self._n_recorded
+        if ex.interrupted is not None:
+            # Marked: a reference round running in another thread (it holds the lock), or one an interrupt cut off:
+            # no call holds the lock and _pending is still this call's (a call that ended or began since would have
+            # replaced it: every call sets _pending before its mark and clears it after, all under the lock).
+            if not ex._slot and ex.interrupted is not None and self._pending is pending:
                 raise RuntimeError(ex.interrupted_message())
-        elif pending is not None and self._flags[self._kern.F_RECORD] != _UNFINISHED:
+        elif self._flags[self._kern.F_RECORD] != _UNFINISHED:
             t0, T, record, n0, _ = pending
             return t0 + T, n0 + (T - (t0 == 0) if record else 0)
         return self._t, self._n_recorded
