@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import sys
-from threading import get_ident
+import threading
 
 __all__ = ["Exclusive"]
 
 _getframe = sys._getframe
+# The hold names its thread by this thread-local's dictionary, not by threading.get_ident(): an ident is reused by
+# the next thread the OS starts once its thread is gone, also in a forked child, where the threads of the parent
+# that were inside a call are gone mid-call (their objects possibly half-updated) and a new thread very often gets
+# one of their idents. The hold keeps the dictionary alive, so no other thread can ever be given the same one.
+_thread = threading.local()
 
 
 class Exclusive:
@@ -27,7 +32,8 @@ class Exclusive:
       ``(thread, frame of the caller)``, so a hold left behind by an
       interrupt inside ``__enter__``/``__exit__`` (or the ``with``
       statement's own exit) is recognised: its thread is this one and its
-      frame is no longer running. It is taken over instead of refusing
+      frame is no longer running. It is taken over (by that very thread
+      only, never by a later thread given the same ident) instead of refusing
       every later call as if another thread held it. A call made again
       while the holding frame still runs (a signal handler or a callback
       calling the object from inside one of its calls) is refused.
@@ -58,7 +64,7 @@ class Exclusive:
         self.restoring = _Restoring(self)
 
     def __enter__(self) -> None:
-        held = (get_ident(), _getframe(1))
+        held = (_thread.__dict__, _getframe(1))
         if self._slot.setdefault(0, held) is not held:
             self._take_over(held)
         if self.interrupted is not None:
@@ -83,7 +89,7 @@ class Exclusive:
             owner = self._slot.get(0)
         busy = (f"this {self._what} is being used by another thread: a {self._what} is not thread-safe "
                 "(use one object per thread)")
-        if owner is not None and owner[0] == held[0]:
+        if owner is not None and owner[0] is held[0]:  # this very thread (see _thread)
             frame = held[1]
             while frame is not None:
                 if frame is owner[1]:
@@ -105,7 +111,7 @@ class _Restoring:
 
     def __enter__(self) -> None:
         ex = self._ex
-        held = (get_ident(), _getframe(1))
+        held = (_thread.__dict__, _getframe(1))
         if ex._slot.setdefault(0, held) is not held:
             ex._take_over(held)
 

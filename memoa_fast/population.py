@@ -193,6 +193,11 @@ class MeanFieldSummary:
 
         Costs already paid are kept; later stage costs use the new weights.
         """
+        self._check_new_game(game)
+        self._set_game(game)
+
+    def _check_new_game(self, game: Game) -> None:
+        """:meth:`set_game`'s checks of ``game`` (``TypeError``, ``ValueError``); nothing changes."""
         if not isinstance(game, Game):
             raise TypeError(f"game must be a memoa_fast.Game, got {type(game).__name__}")
         if game.n_classes != self._lay.n_classes or game.gamma != self.game.gamma:
@@ -200,7 +205,6 @@ class MeanFieldSummary:
                 f"the new game must have the same classes and discount: it has n_classes={game.n_classes}, "
                 f"gamma={game.gamma!r}; this population has n_classes={self._lay.n_classes}, gamma={self.game.gamma!r}"
             )
-        self._set_game(game)
 
     @property
     def n_classes(self) -> int:
@@ -441,8 +445,9 @@ class Population(MeanFieldSummary):
         """
         ex = self._exclusive
         with ex:
+            self._check_new_game(game)  # a refused game changes nothing: checked before the mark (not an interrupted update)
             ex.interrupted = "set_game"
-            super().set_game(game)
+            self._set_game(game)
             ex.interrupted = None
 
     @property

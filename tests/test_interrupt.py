@@ -15,11 +15,13 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 
 import memoa_fast
+import memoa_fast._exclusive
 import memoa_fast.kernels
 from memoa_fast import Game, Population, Server
 from memoa_fast.timeseries import pipeline as pipeline_module
@@ -380,9 +382,14 @@ def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case
     assert _every_interrupt(lambda: copy.copy(base), lambda o: call(o, 1), check) > 20
 
 
-def test_pipeline_progress_is_readable_from_another_thread_during_a_run():
-    """``t`` read by a monitoring thread during a ``run``: the rounds of the segments done, never an error (as before segments)."""
-    pipe = Pipeline(20_000, seed=1, threads=1)
+@pytest.mark.parametrize("backend, n", [("numba", 20_000), ("numpy", 400)])
+def test_pipeline_progress_is_readable_from_another_thread_during_a_run(backend, n):
+    """``t`` read by a monitoring thread during a ``run``: the rounds of the segments done, never an error (as before segments).
+
+    Also with ``backend="numpy"``, whose rounds are marked for the length of the call (it raised "being used by another
+    thread" there).
+    """
+    pipe = Pipeline(n, seed=1, backend=backend, threads=1)
     pipe._segment_rounds = 10
     y = np.sin(np.arange(300) / 7.0)
     pipe.run(y[:1])
@@ -394,3 +401,133 @@ def test_pipeline_progress_is_readable_from_another_thread_during_a_run():
     worker.join()
     assert seen == sorted(seen) and len(set(seen)) > 1 and pipe.t == 300
     assert all((t - 1) % 10 == 0 or t == 300 for t in seen)  # segment ends (the last segment is 9 rounds)
+
+
+def test_reading_the_pipeline_counters_never_takes_its_lock():
+    """``t`` and ``n_recorded`` are reads: they never hold the lock, also with a compiled call's counters left to settle.
+
+    A reader holding it (it settled the counters under the lock) made the writer's call that came meanwhile fail
+    with "being used by another thread" (a thread monitoring a run; the window is wide after an interrupt).
+    """
+    y = np.sin(np.arange(8) / 3.0)
+    where, pipe = [], Pipeline(5, seed=2, threads=1)
+    _interrupt_at(0, lambda: pipe.round(y[0]), where)
+    after_kernel = max(k for k, in_kernel in enumerate(where, start=1) if in_kernel) + 1
+    for k in (after_kernel, after_kernel + 1):  # right after the kernel returned: its counters not stored yet
+        pipe = Pipeline(5, seed=2, threads=1)
+        assert _interrupt_at(k, lambda: pipe.round(y[0]))
+        held = []
+
+        def opcode(frame, event, arg):
+            if event == "opcode":
+                held.append(bool(pipe._exclusive._slot))
+            return opcode
+
+        def enter(frame, event, arg):
+            if frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+                frame.f_trace_opcodes = True
+                return opcode
+            return None
+
+        sys.settrace(enter)
+        try:
+            counts = (pipe.t, pipe.n_recorded)
+        finally:
+            sys.settrace(None)
+        assert held and not any(held), k
+        assert counts == (1, 0), k
+        pipe.run(y[1:])
+        whole = Pipeline(5, seed=2, threads=1)
+        whole.run(y)
+        assert (pipe.t, pipe.n_recorded) == (8, 7) and _same_pipe_state(_pipe_state(pipe), _pipe_state(whole)), k
+
+
+def _refused_arguments():
+    """A call of every stateful object refused by its argument checks (``TypeError``/``ValueError``), and a call that must work after."""
+    pop = Population(Game(q=[1.0, 2.0], kappa=1.0, r=0.5, gamma=0.95, shares=[0.5, 0.5]), 4, 1, labels=[0, 1, 0, 1], threads=1)
+    srv = Server(4, 1, threads=1)
+    fc = ClientForecasters(4, 1, seed=3, threads=1)
+    sq = SquaredErrors(4, 1, threads=1)
+    tp = TrustPopulation(4, 1, n_classes=2, reclass=1000, threads=1)
+    pipe = Pipeline(4, seed=1, threads=1)
+    ok_pop = lambda: pop.step(np.ones(4))  # noqa: E731
+    return [
+        (pop, lambda: pop.set_game(GAME), ok_pop),  # one class instead of two
+        (pop, lambda: pop.set_game(Game(q=[1.0, 2.0], kappa=1.0, r=0.5, gamma=0.5, shares=[0.5, 0.5])), ok_pop),  # another gamma
+        (pop, lambda: pop.set_game("a game"), ok_pop),
+        (pop, lambda: pop.set_labels([0, 1, 2, 0]), ok_pop),
+        (pop, lambda: pop.step(np.ones(3)), ok_pop),
+        (pop, lambda: pop.reset(np.full(4, np.nan)), ok_pop),
+        (pop, lambda: pop.load_state_dict({}), ok_pop),
+        (srv, lambda: srv.update(np.ones(3), 0.0), lambda: srv.update(np.ones(4), 0.0)),
+        (srv, lambda: srv.load_state_dict({}), lambda: srv.update(np.ones(4), 0.0)),
+        (fc, lambda: fc.observe(np.nan), lambda: fc.observe(0.5)),
+        (fc, lambda: fc.load_state_dict({}), lambda: fc.observe(0.5)),
+        (sq, lambda: sq.add(np.ones(3), 0.0), lambda: sq.add(np.ones(4), 0.0)),
+        (tp, lambda: tp.step(np.ones(3)), lambda: tp.step(np.ones(4))),
+        (tp, lambda: tp.observe(np.nan), lambda: tp.observe(0.5)),
+        (pipe, lambda: pipe.round(np.nan), lambda: pipe.round(0.5)),
+        (pipe, lambda: pipe.run(np.ones((2, 2))), lambda: pipe.run(np.ones(2))),
+    ]
+
+
+def test_a_call_refused_by_its_argument_checks_leaves_the_object_usable():
+    """A refused argument changes nothing, so it never marks the object as interrupted (``set_game`` marked it for good)."""
+    for obj, refused, works in _refused_arguments():
+        with pytest.raises((TypeError, ValueError)):
+            refused()
+        assert obj._exclusive.interrupted is None, type(obj).__name__
+        works()
+        copy.copy(obj)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_hold_of_a_thread_gone_in_a_fork_is_never_taken_over():
+    """In a forked child, the threads that were inside a call are gone mid-call: no thread there may enter the object.
+
+    A new thread of the child is very often given the ident of a parent thread that is gone (glibc reuses its
+    stack): the hold was taken over by its ident, a torn state used as a clean one (a Pipeline whose kernel was
+    half way settled as "nothing moved"). The child's threads must get ``RuntimeError``, as its main thread does.
+    """
+    ex = memoa_fast._exclusive.Exclusive("Thing")
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with ex:
+            inside.set()
+            leave.wait(30)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    inside.wait(30)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (Python >= 3.12)
+            pid = os.fork()
+        if pid == 0:  # the child: exit code 0 if nobody got in, 1 if a thread did, 3 on any other error
+            code = 3
+            try:
+                entered = []
+
+                def enter():
+                    try:
+                        with ex:
+                            entered.append(threading.get_ident())
+                    except RuntimeError:
+                        pass
+
+                for _ in range(4):  # a few threads: one of them usually gets the worker's ident
+                    th = threading.Thread(target=enter)
+                    th.start()
+                    th.join()
+                enter()
+                code = 1 if entered else 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        worker.join()
+    with ex:  # in this process the hold ended with the call
+        pass

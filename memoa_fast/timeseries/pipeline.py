@@ -256,9 +256,7 @@ class Pipeline:
 
         Read from another thread during a :meth:`run`, the rounds of the segments done so far.
         """
-        if self._pending is not None:
-            self._settle_locked()
-        return self._t
+        return self._t if self._pending is None else self._counts()[0]
 
     @t.setter
     def t(self, value: int) -> None:
@@ -267,22 +265,32 @@ class Pipeline:
     @property
     def n_recorded(self) -> int:
         """How many rounds added their squared errors (``record=True``, round >= 1)."""
-        if self._pending is not None:
-            self._settle_locked()
-        return self._n_recorded
+        return self._n_recorded if self._pending is None else self._counts()[1]
 
     @n_recorded.setter
     def n_recorded(self, value: int) -> None:
         self._n_recorded = value
 
-    def _settle_locked(self) -> None:
-        """:meth:`_settle` under the lock; while another thread is inside a call, nothing (its counters are its own)."""
-        try:
-            with self._exclusive:
-                self._settle()
-        except RuntimeError:
-            if self._exclusive.interrupted is not None:
-                raise
+    def _counts(self) -> tuple:
+        """``(t, n_recorded)`` with a compiled call that an interrupt cut off counted if it ran; nothing is written.
+
+        A read, so it never takes the lock: a reader (a thread monitoring a :meth:`run`) must never make the
+        writer's next call fail as "being used by another thread". ``RuntimeError`` after an interrupted round of
+        the reference backend (marked, and no call running). See :meth:`_settle`.
+        """
+        pending, ex = self._pending, self._exclusive
+        if pending is None:
+            return self._t, self._n_recorded
+        if ex.interrupted is not None:
+            # Marked: a reference round running in another thread (it holds the lock), or one an interrupt cut off:
+            # no call holds the lock and _pending is still this call's (a call that ended or began since would have
+            # replaced it: every call sets _pending before its mark and clears it after, all under the lock).
+            if not ex._slot and ex.interrupted is not None and self._pending is pending:
+                raise RuntimeError(ex.interrupted_message())
+        elif self._flags[self._kern.F_RECORD] != _UNFINISHED:
+            t0, T, record, n0, _ = pending
+            return t0 + T, n0 + (T - (t0 == 0) if record else 0)
+        return self._t, self._n_recorded
 
     def _settle(self) -> None:
         """Finish the bookkeeping of a compiled call that an interrupt cut off (the caller holds ``_exclusive``).
@@ -297,11 +305,11 @@ class Pipeline:
         if pending is None or self._exclusive.interrupted is not None:
             return
         if self._flags[self._kern.F_RECORD] != _UNFINISHED:
-            t0, T, record, n0, discount = pending
+            t0, T, _, _, discount = pending
             gamma = self.game.gamma
             for j in range(1, T + 1):  # the kernel's rule (run_rounds), round by round
                 discount = next_discount(discount, gamma, t0 + j)
-            self._t, self._n_recorded, self._discount = t0 + T, n0 + (T - (t0 == 0) if record else 0), discount
+            (self._t, self._n_recorded), self._discount = self._counts(), discount
         self._pending = None
 
     def round(self, y, record: bool = True) -> np.ndarray:
