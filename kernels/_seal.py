@@ -334,7 +334,8 @@ def cache_usable(path: str) -> bool:
             pass
         if getattr(config, "CACHE_LOCATOR_CLASSES", None):
             tried.append(f"NUMBA_CACHE_LOCATOR_CLASSES={config.CACHE_LOCATOR_CLASSES!r}")
-        cause = "no writable folder" if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        # Numba's own words unless it found no folder (an unknown class in NUMBA_CACHE_LOCATOR_CLASSES is not a folder)
+        cause = "no writable folder" if "no locator available" in str(e) else f"{type(e).__name__}: {e}"
         _warn_once("cache", f"memoa_fast: Numba cannot keep its on-disk cache of the kernels here ({cause}; tried "
                             f"{', '.join(tried)}): they are compiled in memory, again in every process (seconds "
                             f"at first use); {_FIX}", stacklevel=3)  # the jitted module's ``from ._config import CACHE``

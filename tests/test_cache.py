@@ -524,6 +524,23 @@ def test_no_writable_cache_folder_compiles_in_memory_with_one_warning(tmp_path):
     assert "NUMBA_CACHE_DIR" in warning and "MEMOA_FAST_CACHE=0" in warning and str(blocker) in warning, warning
 
 
+def test_the_warning_names_numbas_reason_when_it_is_not_a_missing_folder(monkeypatch):
+    """An unknown class in NUMBA_CACHE_LOCATOR_CLASSES is not 'no writable folder': the warning says what Numba said.
+
+    The probe took any RuntimeError for "no writable folder" (and advised a writable NUMBA_CACHE_DIR, which cannot help).
+    """
+    from numba.core import config
+
+    if not hasattr(config, "CACHE_LOCATOR_CLASSES"):
+        pytest.skip("this Numba has no NUMBA_CACHE_LOCATOR_CLASSES")
+    monkeypatch.setattr(config, "CACHE_LOCATOR_CLASSES", "NoSuchLocator")
+    monkeypatch.setattr(_seal, "_WARNED", set())
+    with pytest.warns(RuntimeWarning) as caught:
+        assert _seal.cache_usable(str(KERNELS / "_config.py")) is False
+    (warning,) = [str(w.message) for w in caught]
+    assert "NoSuchLocator" in warning and "no writable folder" not in warning, warning
+
+
 BROKEN = textwrap.dedent(
     r"""
     import glob, importlib, json, os, resource, shutil, signal, sys, warnings
