@@ -39,15 +39,17 @@ are now compiled in memory instead, with one warning per process naming
 ``NUMBA_CACHE_DIR`` and ``MEMOA_FAST_CACHE=0``. A cache file that cannot be
 read or does not hold what its name promises (truncated, empty, random
 bytes, a directory, zeros inside, written by another version of the files
-or for another signature) is a miss: compiled, then overwritten. A write
+or of Numba, or for another signature) is a miss: compiled, then overwritten. A write
 that fails (a full disk, a folder made read-only) keeps the code in memory,
 with that one warning, and never leaves an index that points at old code:
-each data file carries a CRC-32 of its contents, the stamp and the key it
-was written for, and is written before the index that names it.
+each data file carries a CRC-32 of its contents, the Numba version, the
+stamp and the key it was written for, and is written before the index that
+names it.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import pickle
@@ -332,7 +334,8 @@ def cache_usable(path: str) -> bool:
             pass
         if getattr(config, "CACHE_LOCATOR_CLASSES", None):
             tried.append(f"NUMBA_CACHE_LOCATOR_CLASSES={config.CACHE_LOCATOR_CLASSES!r}")
-        cause = "no writable folder" if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        # Numba's own words unless it found no folder (an unknown class in NUMBA_CACHE_LOCATOR_CLASSES is not a folder)
+        cause = "no writable folder" if "no locator available" in str(e) else f"{type(e).__name__}: {e}"
         _warn_once("cache", f"memoa_fast: Numba cannot keep its on-disk cache of the kernels here ({cause}; tried "
                             f"{', '.join(tried)}): they are compiled in memory, again in every process (seconds "
                             f"at first use); {_FIX}", stacklevel=3)  # the jitted module's ``from ._config import CACHE``
@@ -343,7 +346,7 @@ def cache_usable(path: str) -> bool:
 # Marks a data file written by _checked_classes()'s cache file: MAGIC, the CRC-32 of the body (4 bytes, big-endian), the body.
 # A CRC, not a cryptographic hash: it finds accidental damage (a torn copy, zeroed blocks) at 1/7 of SHA-256's cost
 # (0.2 against 1.2 ms for the largest kernel's 0.8 MB), and the cache folder is trusted as Numba trusts it.
-_MAGIC = b"memoa_fast.kernels cached code v1\n"
+_MAGIC = b"memoa_fast.kernels cached code v2\n"
 _CLASSES: dict[tuple[type, type], tuple[type, type] | None] = {}
 
 
@@ -352,10 +355,12 @@ def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | N
 
     - The index (``*.nbi``) that cannot be read or unpickled is empty (Numba raised from ``_load_index``:
       every later run died until the file was deleted by hand); the next save overwrites it.
-    - A data file (``*.nbc``) is ``MAGIC + crc32(body) + body``, the body the pickled ``(stamp, key, data)``:
-      it is loaded only if intact and written for this very stamp and key. Numba loaded whatever the file
-      held: zeros inside gave a segmentation fault, a file another process (other files, another signature)
-      wrote between the index and the data gave its code.
+    - A data file (``*.nbc``) is ``MAGIC + crc32(body) + body``, the body three pickles: the Numba version,
+      ``(stamp, key)``, the data. It is loaded only if intact and written by this Numba for this very stamp
+      and key (all that the index is checked for, and the key it names the file under), each read before
+      the next is unpickled. Numba loaded whatever the file held: zeros inside gave a segmentation fault, a
+      file another process (other files, another signature, another Numba sharing the folder) wrote between
+      the index and the data gave its code.
     - The data file is written before the index that names it: a write that fails (a full disk) leaves the
       old index, whose stamp no longer matches. Numba wrote the index first: after a failed data write the
       new index named the old file, and the old constants were loaded by every later process.
@@ -394,10 +399,12 @@ def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | N
             if raw[:len(_MAGIC)] != _MAGIC or raw[len(_MAGIC):len(_MAGIC) + 4] != zlib.crc32(body).to_bytes(4, "big"):
                 return None
             try:
-                stamp, saved_key, data = pickle.loads(body)
+                f = io.BytesIO(body)
+                if pickle.load(f) != self._version or pickle.load(f) != (self._source_stamp, key):
+                    return None  # another Numba's code (its stamps may be equal: content hashes), other files, another key
+                return pickle.load(f)
             except Exception:  # intact but unreadable by this Python or Numba: a miss
                 return None
-            return data if stamp == self._source_stamp and saved_key == key else None
 
         def save(self, key, data):
             overloads = self._load_index()
@@ -407,7 +414,7 @@ def _checked_classes(cache_type: type, file_type: type) -> tuple[type, type] | N
                 used = set(overloads.values())
                 name = next(n for n in map(self._data_name, itertools.count(1)) if n not in used)
                 overloads[key] = name
-            body = self._dump((self._source_stamp, key, data))
+            body = pickle.dumps(self._version, protocol=-1) + self._dump((self._source_stamp, key)) + self._dump(data)
             with self._open_for_write(self._data_path(name)) as f:
                 f.write(_MAGIC + zlib.crc32(body).to_bytes(4, "big") + body)
             if new:

@@ -524,13 +524,30 @@ def test_no_writable_cache_folder_compiles_in_memory_with_one_warning(tmp_path):
     assert "NUMBA_CACHE_DIR" in warning and "MEMOA_FAST_CACHE=0" in warning and str(blocker) in warning, warning
 
 
+def test_the_warning_names_numbas_reason_when_it_is_not_a_missing_folder(monkeypatch):
+    """An unknown class in NUMBA_CACHE_LOCATOR_CLASSES is not 'no writable folder': the warning says what Numba said.
+
+    The probe took any RuntimeError for "no writable folder" (and advised a writable NUMBA_CACHE_DIR, which cannot help).
+    """
+    from numba.core import config
+
+    if not hasattr(config, "CACHE_LOCATOR_CLASSES"):
+        pytest.skip("this Numba has no NUMBA_CACHE_LOCATOR_CLASSES")
+    monkeypatch.setattr(config, "CACHE_LOCATOR_CLASSES", "NoSuchLocator")
+    monkeypatch.setattr(_seal, "_WARNED", set())
+    with pytest.warns(RuntimeWarning) as caught:
+        assert _seal.cache_usable(str(KERNELS / "_config.py")) is False
+    (warning,) = [str(w.message) for w in caught]
+    assert "NoSuchLocator" in warning and "no writable folder" not in warning, warning
+
+
 BROKEN = textwrap.dedent(
     r"""
     import glob, importlib, json, os, resource, shutil, signal, sys, warnings
     root, cache = sys.argv[1], sys.argv[2]
     sys.path.insert(0, root)
 
-    def run():
+    def run(numba_version=None):
         for name in [m for m in sys.modules if m == "broken" or m.startswith("broken.")]:
             del sys.modules[name]
         importlib.invalidate_caches()
@@ -538,6 +555,8 @@ BROKEN = textwrap.dedent(
             warnings.simplefilter("always")
             try:
                 mod = importlib.import_module("broken._kern")
+                if numba_version is not None:  # what the cache file of a process of another Numba version is
+                    mod.get._cache._cache_file._version = numba_version
                 value = int(mod.get())
             except Exception as e:
                 return f"{type(e).__name__}: {e}"
@@ -581,6 +600,13 @@ BROKEN = textwrap.dedent(
         os.remove(path)
         os.mkdir(path)
 
+    def another_numba():
+        # A process of another Numba version (content-hash stamps since 0.68: the same stamp) shares the folder:
+        # it refuses this index, compiles, writes its data file, then its index; this process read its own
+        # index before that (or the other process stopped between its two writes): the index names its file.
+        run(numba_version="0.0.other")
+        shutil.copyfile(f"{root}/new.nbi", index)
+
     out = {}
     run(); keep("old")  # VALUE = 1
     write_const(2)
@@ -595,6 +621,7 @@ BROKEN = textwrap.dedent(
         "garbage data": lambda: open(data, "wb").write(os.urandom(3000)),
         "a folder as data": lambda: as_folder(data),
         "the old files' data under the new index": lambda: shutil.copyfile(f"{root}/old.nbc", data),
+        "another Numba's data under this Numba's index": another_numba,
         "zeros inside the data": lambda: zeros(data),  # last: a segmentation fault on Numba's cache
     }
     for name, corrupt in cases.items():
@@ -647,10 +674,10 @@ def broken_cache_runs(tmp_path_factory):
 @pytest.mark.parametrize(
     "case",
     ["truncated index", "empty index", "garbage index", "truncated data", "empty data", "garbage data",
-     "the old files' data under the new index", "zeros inside the data"],
+     "the old files' data under the new index", "another Numba's data under this Numba's index", "zeros inside the data"],
 )
 def test_a_broken_cache_file_is_a_miss_that_is_compiled_and_overwritten(broken_cache_runs, case):
-    """Truncated, empty or random bytes, zeros inside, or another version's data under the index: the new value.
+    """Truncated, empty or random bytes, zeros inside, or another version's (files, Numba) data under the index: the new value.
 
     Numba raised from ``_load_index``/``_load_data`` (UnpicklingError, EOFError, ValueError) in every later run
     until the file was deleted by hand, loaded the old files' code, or ran zeroed machine code (a segfault).
