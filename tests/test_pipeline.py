@@ -620,3 +620,24 @@ def test_the_discount_is_gamma_to_the_t_down_to_zero(backend):
             np.testing.assert_array_equal(pipe.costs, before)
     assert pipe._discount == 0.0 == whole._discount
     np.testing.assert_array_equal(pipe.costs, whole.costs)
+
+
+def test_the_benchmarks_probe_still_builds_from_the_kernel(monkeypatch):
+    """``bench/bench_fused_pipeline.py``'s probe (this kernel's own source, its transcendental functions edited out:
+    the bound that issue 9's argument rests on) still fits the kernel and executes, not compiled (the bench does that).
+
+    The bench's own test of it is not part of CI, and the probe broke unseen once (``seal()`` needs a file).
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the bench module puts bench/ first
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # and imports bench/conftest.py, peers.py, the probe
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_fused_pipeline.py"
+    spec = importlib.util.spec_from_file_location("_bench_fused_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    probe = bench.probe_kernel()
+    assert probe is not kern and probe._rounds is not kern._rounds
+    assert type(probe._rounds._cache).__name__ == "NullCache"  # never cached: it must not pass for the kernel
