@@ -37,22 +37,11 @@ INTERRUPTED = "was interrupted in the middle of"
 _KERNEL_DIR = os.path.dirname(memoa_fast.kernels.__file__) + os.sep
 
 
-def _interrupt_at(k, call, where=None):
-    """Run ``call()`` with ``KeyboardInterrupt`` raised at the ``k``-th bytecode run in the package's files.
-
-    Returns True if it was raised (``call`` ran at least ``k`` of them), False if ``call`` completed first.
-    ``where``, a list, receives for every bytecode run whether it is in a kernel module's frame.
-    """
-    count = 0
-
+def _trace_package(call, on_opcode):
+    """Run ``call()`` with ``on_opcode(frame)`` at every bytecode run in the package's files; returns what it returns."""
     def opcode(frame, event, arg):
-        nonlocal count
         if event == "opcode":
-            count += 1
-            if where is not None:
-                where.append(frame.f_code.co_filename.startswith(_KERNEL_DIR))
-            if count == k:
-                raise KeyboardInterrupt
+            on_opcode(frame)
         return opcode
 
     def enter(frame, event, arg):
@@ -63,12 +52,45 @@ def _interrupt_at(k, call, where=None):
 
     sys.settrace(enter)
     try:
-        call()
-    except KeyboardInterrupt:
-        return True
+        return call()
     finally:
         sys.settrace(None)
+
+
+def _interrupt_at(k, call, where=None):
+    """Run ``call()`` with ``KeyboardInterrupt`` raised at the ``k``-th bytecode run in the package's files.
+
+    Returns True if it was raised (``call`` ran at least ``k`` of them), False if ``call`` completed first.
+    ``where``, a list, receives for every bytecode run whether it is in a kernel module's frame.
+    """
+    count = 0
+
+    def on_opcode(frame):
+        nonlocal count
+        count += 1
+        if where is not None:
+            where.append(frame.f_code.co_filename.startswith(_KERNEL_DIR))
+        if count == k:
+            raise KeyboardInterrupt
+
+    try:
+        _trace_package(call, on_opcode)
+    except KeyboardInterrupt:
+        return True
     return False
+
+
+def _bytecodes(make, call):
+    """For every bytecode ``call(make())`` runs in the package's files, whether it is in a kernel module's frame.
+
+    Counted on the second of two runs: Python 3.12.1 sends no opcode events to a frame of a code object that had
+    never been traced for them before (it sends them from the next call on).
+    """
+    for _ in range(2):
+        where, obj = [], make()
+        _interrupt_at(0, lambda: call(obj), where)
+    assert where, "the tracer saw none of the call's bytecodes"
+    return where
 
 
 def _every_interrupt(make, call, check, kernel_stride=1):
@@ -78,12 +100,7 @@ def _every_interrupt(make, call, check, kernel_stride=1):
     bytecodes, every one inside the kernel call and so equivalent for the object) interrupts at every bytecode
     outside the kernel modules and at every ``kernel_stride``-th one inside them: the test stays within a second.
     """
-    # Counted on the second of two runs: Python 3.12.1 sends no opcode events to a frame of a code object that
-    # had never been traced for them before (it then sends them from the next call on).
-    for _ in range(2):
-        where, obj = [], make()
-        _interrupt_at(0, lambda: call(obj), where)
-    assert where, "the tracer saw none of the call's bytecodes"
+    where = _bytecodes(make, call)
     for k, in_kernel in enumerate(where, start=1):
         if in_kernel and k % kernel_stride:
             continue
@@ -414,30 +431,13 @@ def test_reading_the_pipeline_counters_never_takes_its_lock():
     with "being used by another thread" (a thread monitoring a run; the window is wide after an interrupt).
     """
     y = np.sin(np.arange(8) / 3.0)
-    where, pipe = [], Pipeline(5, seed=2, threads=1)
-    _interrupt_at(0, lambda: pipe.round(y[0]), where)
+    where = _bytecodes(lambda: Pipeline(5, seed=2, threads=1), lambda pipe: pipe.round(y[0]))
     after_kernel = max(k for k, in_kernel in enumerate(where, start=1) if in_kernel) + 1
     for k in (after_kernel, after_kernel + 1):  # right after the kernel returned: its counters not stored yet
         pipe = Pipeline(5, seed=2, threads=1)
         assert _interrupt_at(k, lambda: pipe.round(y[0]))
         held = []
-
-        def opcode(frame, event, arg):
-            if event == "opcode":
-                held.append(bool(pipe._exclusive._slot))
-            return opcode
-
-        def enter(frame, event, arg):
-            if frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
-                frame.f_trace_opcodes = True
-                return opcode
-            return None
-
-        sys.settrace(enter)
-        try:
-            counts = (pipe.t, pipe.n_recorded)
-        finally:
-            sys.settrace(None)
+        counts = _trace_package(lambda: (pipe.t, pipe.n_recorded), lambda frame: held.append(bool(pipe._exclusive._slot)))
         assert held and not any(held), k
         assert counts == (1, 0), k
         pipe.run(y[1:])
