@@ -1608,6 +1608,7 @@ def test_sharded_checkpoints_saved_before_the_settings_were_recorded_restore_as_
 # --------------------------------------------------------------------------- an interrupt at any bytecode of a step or an update
 _INTERRUPTED = "was interrupted in the middle of"
 _OWN_FRAMES = ("step", "update", "_call", "_exchange", "_queue")
+_EVERY_NTH_LINE = {"_call": 2, "_exchange": 4}  # most of their lines are in the round trip, where only restore() recovers
 
 
 def _where(frame, _ops={}):
@@ -1618,21 +1619,21 @@ def _where(frame, _ops={}):
     return code.co_name, frame.f_lineno, _ops[code].get(frame.f_lasti, "")
 
 
-def _interrupt_points(where, method, stride=250):
+def _interrupt_points(where, method, stride=500):
     """Which of a call's bytecodes to interrupt at (1-based), from ``_where`` of each.
 
-    In the engine's own functions (``method``, ``_call``, ``_queue``): the first bytecode of each line, and in
-    ``method``'s frame after its first round trip (its bookkeeping) also every bytecode that follows a write or a
-    call (the others change nothing: the state there is that at the one before); in the round trip's wait
-    (``_exchange``, where the population only reads answers) the first bytecode of every third line; every
-    ``stride``-th bytecode elsewhere (argument checks, message sizes). About 45 of 2000-2700.
+    In the engine's own functions (``method``, ``_queue``): the first bytecode of each line, and in ``method``'s
+    frame after its first round trip (its bookkeeping) also every bytecode that follows a write or a call (the
+    others change nothing: the state there is that at the one before); in ``_call`` and its wait (``_exchange``,
+    where the population only sends and reads answers) the first bytecode of every second or fourth line; every
+    ``stride``-th bytecode elsewhere (argument checks, message sizes). About 40 of 2000-2700.
     """
     points, seen, after_trip = [], set(), False
     for k, (name, line, _) in enumerate(where, start=1):
         after_trip = after_trip or name == "_exchange"
         first = name in _OWN_FRAMES and (name, line) not in seen
-        if first and name == "_exchange":
-            first = sum(n == name for n, _ in seen) % 3 == 0
+        if first and name in _EVERY_NTH_LINE:
+            first = sum(n == name for n, _ in seen) % _EVERY_NTH_LINE[name] == 0
         seen.add((name, line))
         prev = where[k - 2] if k > 1 else ("", 0, "")
         after_write = prev[0] == name and prev[2].startswith(("STORE", "CALL", "DELETE"))

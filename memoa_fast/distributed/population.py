@@ -282,8 +282,9 @@ class DaskPopulation(MeanFieldSummary):
     def _install(self, spawned) -> None:
         self._interrupted = "a restore"  # until the restore (or construction) has written everything
         self.bounds, self.shard_workers, self._futures, self._actors = spawned
-        self._broken = self._lost_shard = self._in_flight = None
         self._pending = []
+        self._broken = self._lost_shard = None
+        self._in_flight = None  # last: until here (from _release_shards) only a restore goes on
 
     def _build(self, n_shards, x0, source=None, labels=None) -> None:
         """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
@@ -329,6 +330,7 @@ class DaskPopulation(MeanFieldSummary):
         return self.client if self._own_client is None else self._own_client
 
     def _release_shards(self) -> None:
+        self._in_flight = "a replacement of its shards"  # only a restore (or construction) installs new ones
         self._actors = []
         self._futures = []
 
@@ -369,7 +371,7 @@ class DaskPopulation(MeanFieldSummary):
             last = op if per_shard_args is None else (op[0], per_shard_args[k])
             messages.append(ops + [last])
         self.comm.bytes_sent += sum(payload_nbytes(m) for m in messages)
-        self._in_flight = op[0]
+        self._in_flight = f"a message to its shards ({op[0]!r})"
         results = self._exchange(op, ops, messages)
         del self._pending[:len(ops)]  # a finalizer may have queued more meanwhile
         self._in_flight = None
@@ -432,9 +434,9 @@ class DaskPopulation(MeanFieldSummary):
             raise RuntimeError(f"this DaskPopulation is unusable ({self._broken}); {self._resume_hint()}")
         if self._in_flight is not None:
             raise RuntimeError(
-                f"this DaskPopulation was interrupted in the middle of a message to its shards ({self._in_flight!r}; "
-                "KeyboardInterrupt, or another exception on the client): the shards may have run it, part of it or "
-                f"not, not all alike, so it refuses every call until restore() rebuilds them; {self._resume_hint()}"
+                f"this DaskPopulation was interrupted in the middle of {self._in_flight} (KeyboardInterrupt, or "
+                "another exception on the client): its shards may have run it, part of it or not, not all alike, so it "
+                f"refuses every call until restore() rebuilds them; {self._resume_hint()}"
             )
         if self._interrupted is not None and not marked:
             raise RuntimeError(
@@ -484,6 +486,7 @@ class DaskPopulation(MeanFieldSummary):
             _check_magnitude("initial_states", x0)
         self._check_usable(marked=True)  # before the mark: a population that cannot reset keeps its mark
         self._interrupted = "a reset"
+        self._switch_game(self.game)
         # Zeros are written by the shards: only given states cross the network.
         self._call(("reset", None), per_shard_args=[(None if x0 is None else x0[lo:hi],) for lo, hi in self.bounds],
                    marked=True)
@@ -525,10 +528,22 @@ class DaskPopulation(MeanFieldSummary):
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (as :meth:`Population.set_game <memoa_fast.Population.set_game>`); client-side only."""
         self._check_new_game(game)
-        before = self._interrupted  # a population already marked stays marked
+        before = self._interrupted  # a population marked by another call stays marked
         self._interrupted = before or "set_game"
-        self._set_game(game)
-        self._interrupted = before
+        self._switch_game(game)
+        self._interrupted = None if before == "set_game" else before
+
+    def _switch_game(self, game: Game) -> None:
+        """``_set_game`` by rebinding whole attributes (the new ones made first): an interrupt leaves each one old or new.
+
+        :meth:`reset` and :meth:`load_state_dict` call it with the current game, which makes a game switch cut
+        short whole again (the class sizes are never touched).
+        """
+        coef = np.array(game.table.coef, dtype=np.float64)
+        coef[:, SIZE] = self._coef[:, SIZE]
+        mix = np.ascontiguousarray(game.table.mix)
+        self._coef, self._mix, self.game = coef, mix, game
+        self._check_classes_read()
 
     @property
     def states(self) -> np.ndarray:
@@ -779,6 +794,7 @@ class DaskPopulation(MeanFieldSummary):
         labels = clean["labels"] if self._lay.n_classes > 1 else None
         self._check_usable(marked=True)  # before the mark: a population that cannot load keeps its mark
         self._interrupted = "a load_state_dict"
+        self._switch_game(self.game)
         self._load_all(clean["states"], clean["costs"], labels, source)
         self._apply_summary(clean)
         self._interrupted = None
