@@ -16,9 +16,13 @@ cancels can only be compared relative to its terms; no real bug hides under
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import numpy as np
 
+import memoa_fast
+import memoa_fast.kernels
 from memoa_fast.kernels import CHUNK, N_COEF, SIGNAL_LIMIT, SIZE, layout, work_shape
 
 # Relative tolerance per dtype of the expected value.
@@ -320,3 +324,65 @@ def assert_server_step(lp, x, y, yhat, rule, eta, alpha, new_lp):
             want = float(mid[i] - mid[j])
             tol = float(hi[i] - lo[i] + hi[j] - lo[j]) + 1e-12 * (1.0 + abs(want)) + 2**-50 * float(abs(mid[i]) + abs(best))
             assert abs((new_lp[i] - new_lp[j]) - want) <= tol, (i, j, new_lp[i] - new_lp[j], want)
+
+
+# --------------------------------------------------------------------------- asynchronous exceptions at any bytecode
+_PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (memoa_fast, memoa_fast.kernels))
+_KERNEL_DIR = os.path.dirname(memoa_fast.kernels.__file__) + os.sep
+
+
+def _trace_package(call, on_opcode):
+    """Run ``call()`` with ``on_opcode(frame)`` at every bytecode run in the package's files; returns what it returns."""
+    def opcode(frame, event, arg):
+        if event == "opcode":
+            on_opcode(frame)
+        return opcode
+
+    def enter(frame, event, arg):
+        if frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+            frame.f_trace_opcodes = True
+            return opcode
+        return None
+
+    sys.settrace(enter)
+    try:
+        return call()
+    finally:
+        sys.settrace(None)
+
+
+def _interrupt_at(k, call, where=None, classify=None):
+    """Run ``call()`` with ``KeyboardInterrupt`` raised at the ``k``-th bytecode run in the package's files.
+
+    Returns True if it was raised (``call`` ran at least ``k`` of them), False if ``call`` completed first.
+    ``where``, a list, receives for every bytecode run ``classify(frame)``: by default whether it is in a
+    kernel module's frame.
+    """
+    count = 0
+
+    def on_opcode(frame):
+        nonlocal count
+        count += 1
+        if where is not None:
+            where.append(frame.f_code.co_filename.startswith(_KERNEL_DIR) if classify is None else classify(frame))
+        if count == k:
+            raise KeyboardInterrupt
+
+    try:
+        _trace_package(call, on_opcode)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _bytecodes(make, call, classify=None):
+    """For every bytecode ``call(make())`` runs in the package's files, whether it is in a kernel module's frame (or ``classify(frame)``).
+
+    Counted on the second of two runs: Python 3.12.1 sends no opcode events to a frame of a code object that had
+    never been traced for them before (it sends them from the next call on).
+    """
+    for _ in range(2):
+        where, obj = [], make()
+        _interrupt_at(0, lambda: call(obj), where, classify)
+    assert where, "the tracer saw none of the call's bytecodes"
+    return where

@@ -3,6 +3,7 @@
 Two worker processes on the loopback interface, started and closed here.
 Skipped with a reason where dask.distributed is not installed.
 """
+import dis
 import functools
 import math
 import os
@@ -12,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import reap
+from helpers import _bytecodes, _interrupt_at, reap
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install 'memoa-fast[dask]')")
 
@@ -1602,3 +1603,143 @@ def test_sharded_checkpoints_saved_before_the_settings_were_recorded_restore_as_
         _assert_bitwise(other, other_server, saved, saved_server)
         other.close()
     saved.close()
+
+
+# --------------------------------------------------------------------------- an interrupt at any bytecode of a step or an update
+_INTERRUPTED = "was interrupted in the middle of"
+_OWN_FRAMES = ("step", "update", "_call", "_exchange", "_queue")
+_EVERY_NTH_LINE = {"_call": 2, "_exchange": 4}  # most of their lines are in the round trip, where only restore() recovers
+
+
+def _where(frame, _ops={}):
+    """``(function, line, instruction name)`` of the bytecode ``frame`` is about to run."""
+    code = frame.f_code
+    if code not in _ops:
+        _ops[code] = {i.offset: i.opname for i in dis.get_instructions(code)}
+    return code.co_name, frame.f_lineno, _ops[code].get(frame.f_lasti, "")
+
+
+def _interrupt_points(where, method, stride=500):
+    """Which of a call's bytecodes to interrupt at (1-based), from ``_where`` of each.
+
+    In the engine's own functions (``method``, ``_queue``): the first bytecode of each line, and in ``method``'s
+    frame after its first round trip (its bookkeeping) also every bytecode that follows a write or a call (the
+    others change nothing: the state there is that at the one before); in ``_call`` and its wait (``_exchange``,
+    where the population only sends and reads answers) the first bytecode of every second or fourth line; every
+    ``stride``-th bytecode elsewhere (argument checks, message sizes). About 40 of 2000-2700.
+    """
+    points, seen, after_trip = [], set(), False
+    for k, (name, line, _) in enumerate(where, start=1):
+        after_trip = after_trip or name == "_exchange"
+        first = name in _OWN_FRAMES and (name, line) not in seen
+        if first and name in _EVERY_NTH_LINE:
+            first = sum(n == name for n, _ in seen) % _EVERY_NTH_LINE[name] == 0
+        seen.add((name, line))
+        prev = where[k - 2] if k > 1 else ("", 0, "")
+        after_write = prev[0] == name and prev[2].startswith(("STORE", "CALL", "DELETE"))
+        if first or (name == method and after_trip and after_write) or k % stride == 0:
+            points.append(k)
+    return points
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _same_state(a[key], b[key])
+        elif key in ("mean_state", "class_mean_state"):  # a load sums the loaded states on the client, in another order
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-15, err_msg=key)
+        else:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+@pytest.mark.parametrize("method", ["step", "update"])
+def test_a_dask_population_or_server_interrupted_at_any_bytecode_is_at_a_round_or_refuses(thread_client, tmp_path, method):
+    """A ``KeyboardInterrupt`` at (a sample of) every bytecode the client runs in ``DaskPopulation.step`` or
+    ``DaskServer.update``: afterwards each object is either at a round boundary of an uninterrupted twin (its state,
+    worker-side sources included, that of the twin before or after the call) and continues with the twin's bits, or it
+    refuses every call with a ``RuntimeError`` saying it was interrupted, until ``load_state_dict``/``reset`` (an
+    interrupt after the shards answered) or ``restore`` (during the round trip). On main an interrupt between the
+    round trip and the counters after it left the population a round apart (the move queued, ``t`` and the discount
+    behind; or the move lost) and the server's weights unnormalised or its count behind, silently.
+    """
+    factory = functools.partial(NoisyLastValueSignals, low=0.1, high=3.0)
+    pop = DaskPopulation(GAME, CHUNK + 100, 1, client=thread_client, n_shards=2, threads=1, signals=factory, seed=5,
+                         timeout=TIMEOUT)
+    server = DaskServer(pop, rule="eg", eta=0.5, alpha=0.01)
+    calls = []
+    for t in range(3):
+        calls += [lambda t=t: pop.observe(_TARGETS[t]), lambda: pop.step(), lambda t=t: server.update(None, _TARGETS[t + 1])]
+    j = 4 if method == "step" else 5  # the call interrupted: round 1's
+    snaps = {}  # after calls[:i]
+    for i, call in enumerate(calls[:j + 2], start=1):
+        call()
+        if i >= j - 2:
+            snaps[i] = (pop.state_dict(), server.state_dict())
+        if i == j:
+            saved = pop.save(tmp_path / "before.ckpt", server, sharded=False)
+
+    def start():
+        pop.load_state_dict(snaps[j - 2][0])
+        server.load_state_dict(snaps[j - 2][1])
+        calls[j - 2]()  # the queue holds what a run's holds: the last update's share and an observe, or a move
+        calls[j - 1]()
+
+    def continue_from(i, k):
+        for call in calls[i:j + 2]:
+            call()
+        try:
+            _same_state(pop.state_dict(), snaps[j + 2][0])
+            _same_state(server.state_dict(), snaps[j + 2][1])
+        except AssertionError as exc:
+            raise AssertionError(f"interrupted at bytecode {k} {where[k - 1]}, continued from call {i}: not the "
+                                 f"uninterrupted run's state: {exc}") from None
+
+    def usable(read):
+        """Whether ``read()`` (a call that changes nothing) is taken; if not, the reason says it was interrupted."""
+        try:
+            read()
+        except RuntimeError as exc:
+            assert _INTERRUPTED in str(exc)
+            return False
+        return True
+
+    where = _bytecodes(lambda: start() or pop, lambda _: calls[j](), classify=_where)
+    points = _interrupt_points(where, method)
+    seen = set()
+    for k in points:
+        start()
+        assert _interrupt_at(k, calls[j])
+        pop_usable, server_usable = usable(lambda: pop.costs), usable(lambda: server.log_weights)
+        if pop_usable and server_usable:
+            # t (a step) or the update count (an update) says which boundary; continuing checks the rest bitwise
+            done = (pop.t, server.n_updates) == (snaps[j + 1][0]["t"], snaps[j + 1][1]["n_updates"])
+            assert done or (pop.t, server.n_updates) == (snaps[j][0]["t"], snaps[j][1]["n_updates"])
+            seen.add(j + done)
+            continue_from(j + done, k)
+            continue
+        refusing = [lambda: server.update(None, _TARGETS[0]), server.predict, lambda: server.log_weights, server.state_dict]
+        if not pop_usable:
+            refusing += [pop.step, lambda: pop.observe(_TARGETS[0]), lambda: pop.states, lambda: pop.costs,
+                         pop.state_dict, lambda: pop.save(tmp_path / "no.ckpt")]
+        else:
+            _same_state(pop.state_dict(), snaps[j][0])  # only the server was cut short
+        for call in refusing:
+            with pytest.raises(RuntimeError, match=_INTERRUPTED):
+                call()
+        seen.add("refused")
+        if pop._in_flight is not None:  # the shards may disagree: only a restore
+            with pytest.raises(RuntimeError, match=_INTERRUPTED):
+                pop.reset()
+            seen.add("restore")
+            pop.restore(saved, server)
+        else:
+            if not pop_usable:
+                pop.load_state_dict(snaps[j][0])
+            server.load_state_dict(snaps[j][1])
+        continue_from(j, k)
+    start()
+    assert not _interrupt_at(len(where) + 1, calls[j])
+    assert seen == {j, j + 1, "refused", "restore"}, seen
+    pop.close()
+

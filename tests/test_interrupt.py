@@ -12,13 +12,13 @@
 import copy
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
 
 import numpy as np
 import pytest
+from helpers import _bytecodes, _interrupt_at, _trace_package
 
 import memoa_fast
 import memoa_fast._exclusive
@@ -29,68 +29,8 @@ from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
 from memoa_fast.timeseries.trust import TrustPopulation
 
-_PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (memoa_fast, memoa_fast.kernels))
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
 INTERRUPTED = "was interrupted in the middle of"
-
-
-_KERNEL_DIR = os.path.dirname(memoa_fast.kernels.__file__) + os.sep
-
-
-def _trace_package(call, on_opcode):
-    """Run ``call()`` with ``on_opcode(frame)`` at every bytecode run in the package's files; returns what it returns."""
-    def opcode(frame, event, arg):
-        if event == "opcode":
-            on_opcode(frame)
-        return opcode
-
-    def enter(frame, event, arg):
-        if frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
-            frame.f_trace_opcodes = True
-            return opcode
-        return None
-
-    sys.settrace(enter)
-    try:
-        return call()
-    finally:
-        sys.settrace(None)
-
-
-def _interrupt_at(k, call, where=None):
-    """Run ``call()`` with ``KeyboardInterrupt`` raised at the ``k``-th bytecode run in the package's files.
-
-    Returns True if it was raised (``call`` ran at least ``k`` of them), False if ``call`` completed first.
-    ``where``, a list, receives for every bytecode run whether it is in a kernel module's frame.
-    """
-    count = 0
-
-    def on_opcode(frame):
-        nonlocal count
-        count += 1
-        if where is not None:
-            where.append(frame.f_code.co_filename.startswith(_KERNEL_DIR))
-        if count == k:
-            raise KeyboardInterrupt
-
-    try:
-        _trace_package(call, on_opcode)
-    except KeyboardInterrupt:
-        return True
-    return False
-
-
-def _bytecodes(make, call):
-    """For every bytecode ``call(make())`` runs in the package's files, whether it is in a kernel module's frame.
-
-    Counted on the second of two runs: Python 3.12.1 sends no opcode events to a frame of a code object that had
-    never been traced for them before (it sends them from the next call on).
-    """
-    for _ in range(2):
-        where, obj = [], make()
-        _interrupt_at(0, lambda: call(obj), where)
-    assert where, "the tracer saw none of the call's bytecodes"
-    return where
 
 
 def _every_interrupt(make, call, check, kernel_stride=1):

@@ -223,6 +223,10 @@ class DaskPopulation(MeanFieldSummary):
         self._pending: list = []
         self._broken: str | None = None
         self._lost_shard: int | None = None
+        # Set for the length of a message to the shards (the op's name) and of a mutating call (what it does):
+        # left set by an interrupt, it makes every call refuse (see _check_usable).
+        self._in_flight: str | None = None
+        self._interrupted: str | None = None
         self._handle = ShardedStates(self)
         self._field = np.zeros((self._lay.field_rows, self.dim))
         self._stale_means = False
@@ -236,6 +240,7 @@ class DaskPopulation(MeanFieldSummary):
         except BaseException:
             self.close()
             raise
+        self._interrupted = None
 
     def _unpack(self, parts, part) -> np.ndarray:
         """The shards' compact rows (:func:`memoa_fast.kernels.used_columns`) back in a full-width work array."""
@@ -275,9 +280,11 @@ class DaskPopulation(MeanFieldSummary):
         return bounds, shard_workers, futures, actors
 
     def _install(self, spawned) -> None:
+        self._interrupted = "a restore"  # until the restore (or construction) has written everything
         self.bounds, self.shard_workers, self._futures, self._actors = spawned
-        self._broken = self._lost_shard = None
         self._pending = []
+        self._broken = self._lost_shard = None
+        self._in_flight = None  # last: until here (from _release_shards) only a restore goes on
 
     def _build(self, n_shards, x0, source=None, labels=None) -> None:
         """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
@@ -296,12 +303,12 @@ class DaskPopulation(MeanFieldSummary):
                 self._broken = f"shards could not be created: {exc}"
             raise
         if labels is None:
-            labels = self._client_labels()  # before the release: the labels of a sharded restore are on the shards
+            labels = self._client_labels(marked=True)  # before the release: the labels of a sharded restore are on the shards
         self._release_shards()
         self._install(spawned)
         args = [(None if x0 is None else x0[lo:hi], None, labels[lo:hi] if labels.shape[0] else None, {}, None)
                 for lo, hi in self.bounds]
-        self._call(("load", None), per_shard_args=args)
+        self._call(("load", None), per_shard_args=args, marked=True)
         self._restart_servers()
         self._field[...] = 0.0
         if x0 is not None:
@@ -323,6 +330,7 @@ class DaskPopulation(MeanFieldSummary):
         return self.client if self._own_client is None else self._own_client
 
     def _release_shards(self) -> None:
+        self._in_flight = "a replacement of its shards"  # only a restore (or construction) installs new ones
         self._actors = []
         self._futures = []
 
@@ -345,18 +353,34 @@ class DaskPopulation(MeanFieldSummary):
         """An op for every shard that needs no answer: it travels with the next message."""
         self._pending.append(op)
 
-    def _call(self, op, per_shard_args=None) -> list:
+    def _call(self, op, per_shard_args=None, *, marked: bool = False) -> list:
         """Send the queued ops plus ``op`` to every shard and return each shard's answer, in shard order.
 
-        ``per_shard_args[k]`` replaces ``op``'s arguments for shard k.
+        ``per_shard_args[k]`` replaces ``op``'s arguments for shard k. ``marked``: the caller is a mutating call
+        that has set (or, as a restore, may clear) the mark :attr:`_interrupted`, so the mark does not refuse it.
+
+        From the first message sent until every answer is in and the queue is cleared, ``_in_flight`` names
+        ``op``: an interrupt (or any exception from here, not from a shard) leaves it set, and the population
+        refuses every call until :meth:`restore`, since the shards may have run the message, part of it, or
+        not, and not all alike (the queued ops would be sent again, or lost).
         """
-        self._check_usable()
-        ops, self._pending = self._pending, []
+        self._check_usable(marked)
+        ops = list(self._pending)
         messages = []
         for k in range(len(self._actors)):
             last = op if per_shard_args is None else (op[0], per_shard_args[k])
             messages.append(ops + [last])
         self.comm.bytes_sent += sum(payload_nbytes(m) for m in messages)
+        self._in_flight = f"a message to its shards ({op[0]!r})"
+        results = self._exchange(op, ops, messages)
+        del self._pending[:len(ops)]  # a finalizer may have queued more meanwhile
+        self._in_flight = None
+        self.comm.round_trips += 1
+        self.comm.bytes_received += sum(payload_nbytes(r) for r in results)
+        return results
+
+    def _exchange(self, op, ops, messages) -> list:
+        """:meth:`_call`'s round trip: the answers, or the first shard's failure raised."""
         try:
             futures = [actor.run(msg) for actor, msg in zip(self._actors, messages)]
         except RuntimeError as exc:  # the proxy refuses calls once its worker is known lost
@@ -371,6 +395,8 @@ class DaskPopulation(MeanFieldSummary):
                 results.append(None)
         if failures:
             k, exc = failures[0]
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: _in_flight stays set
+                raise exc
             if is_loss(exc, self.shard_workers[k] in self._workers_or_empty()):
                 self._lost(k, exc)
             # A read-only op that failed after every queued op completed (on every shard that failed) changed nothing
@@ -379,12 +405,12 @@ class DaskPopulation(MeanFieldSummary):
                 getattr(e, "shard_ops_done", None) == len(ops) for _, e in failures)
             if not harmless:
                 self._broken = f"shard {k} failed: {type(exc).__name__}: {exc}"
-            if isinstance(exc, Exception):
-                lo, hi = self.bounds[k]
-                exc.add_note(f"in shard {k} (agents [{lo}, {hi})) on worker {self.shard_workers[k]}, step {self.t}")
+            lo, hi = self.bounds[k]
+            exc.add_note(f"in shard {k} (agents [{lo}, {hi})) on worker {self.shard_workers[k]}, step {self.t}")
+            if harmless:
+                del self._pending[:len(ops)]
+                self._in_flight = None
             raise exc
-        self.comm.round_trips += 1
-        self.comm.bytes_received += sum(payload_nbytes(r) for r in results)
         return results
 
     def flush(self) -> None:
@@ -392,7 +418,11 @@ class DaskPopulation(MeanFieldSummary):
         if self._pending:
             self._call(("info", ()))
 
-    def _check_usable(self) -> None:
+    def _check_usable(self, marked: bool = False) -> None:
+        """Raise unless the population can take a call: not lost, broken, or left mid-message or mid-update by an interrupt.
+
+        ``marked``: the caller holds (or restores over) the mark of a mutating call, which then does not refuse it.
+        """
         if self._lost_shard is not None:
             k = self._lost_shard
             lo, hi = self.bounds[k]
@@ -402,6 +432,19 @@ class DaskPopulation(MeanFieldSummary):
             )
         if self._broken is not None:
             raise RuntimeError(f"this DaskPopulation is unusable ({self._broken}); {self._resume_hint()}")
+        if self._in_flight is not None:
+            raise RuntimeError(
+                f"this DaskPopulation was interrupted in the middle of {self._in_flight} (KeyboardInterrupt, or "
+                "another exception on the client): its shards may have run it, part of it or not, not all alike, so it "
+                f"refuses every call until restore() rebuilds them; {self._resume_hint()}"
+            )
+        if self._interrupted is not None and not marked:
+            raise RuntimeError(
+                f"this DaskPopulation was interrupted in the middle of {self._interrupted} (KeyboardInterrupt, or "
+                "another exception, between its first and last write): its state may be partly updated, so it refuses "
+                "every call until restored: load_state_dict(...) of a state_dict taken before, reset(), or restore(); "
+                f"{self._resume_hint()}"
+            )
 
     def _resume_hint(self) -> str:
         if self.last_checkpoint is None:
@@ -441,8 +484,12 @@ class DaskPopulation(MeanFieldSummary):
         if initial_states is not None:
             x0 = as_float_array("initial_states", initial_states, (self.n_agents, self.dim))
             _check_magnitude("initial_states", x0)
+        self._check_usable(marked=True)  # before the mark: a population that cannot reset keeps its mark
+        self._interrupted = "a reset"
+        self._switch_game(self.game)
         # Zeros are written by the shards: only given states cross the network.
-        self._call(("reset", None), per_shard_args=[(None if x0 is None else x0[lo:hi],) for lo, hi in self.bounds])
+        self._call(("reset", None), per_shard_args=[(None if x0 is None else x0[lo:hi],) for lo, hi in self.bounds],
+                   marked=True)
         self._version += 1
         self._field[...] = 0.0
         self._stale_means = False
@@ -451,6 +498,7 @@ class DaskPopulation(MeanFieldSummary):
         self._n_valid = 0
         self.t = 0
         self._discount = 1.0
+        self._interrupted = None
 
     def _load_all(self, states, costs, labels=None, source=None) -> None:
         """Scatter full arrays (checked by the caller) to the shards."""
@@ -460,7 +508,7 @@ class DaskPopulation(MeanFieldSummary):
             for lo, hi in self.bounds
         ]
         self._version += 1
-        self._call(("load", None), per_shard_args=args)
+        self._call(("load", None), per_shard_args=args, marked=True)
 
     def set_labels(self, labels) -> None:
         """Move agents between classes (K-class games); takes effect at the next step.
@@ -469,11 +517,33 @@ class DaskPopulation(MeanFieldSummary):
         """
         labels = check_labels(labels, self.n_agents, self._lay.n_classes)
         self._check_usable()  # a population that cannot send them keeps its labels (they were replaced, then refused)
+        self._interrupted = "set_labels"
         self._labels = labels
         self._set_sizes()
         answers = self._call(("load", None), per_shard_args=[(None, None, self._labels[lo:hi], {}, None)
-                                                             for lo, hi in self.bounds])
+                                                             for lo, hi in self.bounds], marked=True)
         self._means_from_sums(*_added_sums(answers, self._lay.n_classes))  # marks the field current (the rows are stale)
+        self._interrupted = None
+
+    def set_game(self, game: Game) -> None:
+        """Play ``game`` from the next step on (as :meth:`Population.set_game <memoa_fast.Population.set_game>`); client-side only."""
+        self._check_new_game(game)
+        before = self._interrupted  # a population marked by another call stays marked
+        self._interrupted = before or "set_game"
+        self._switch_game(game)
+        self._interrupted = None if before == "set_game" else before
+
+    def _switch_game(self, game: Game) -> None:
+        """``_set_game`` by rebinding whole attributes (the new ones made first): an interrupt leaves each one old or new.
+
+        :meth:`reset` and :meth:`load_state_dict` call it with the current game, which makes a game switch cut
+        short whole again (the class sizes are never touched).
+        """
+        coef = np.array(game.table.coef, dtype=np.float64)
+        coef[:, SIZE] = self._coef[:, SIZE]
+        mix = np.ascontiguousarray(game.table.mix)
+        self._coef, self._mix, self.game = coef, mix, game
+        self._check_classes_read()
 
     @property
     def states(self) -> np.ndarray:
@@ -544,10 +614,12 @@ class DaskPopulation(MeanFieldSummary):
                     "step() without signals needs a worker-side signal source: create the population with "
                     "signals=factory (called on each worker as factory(lo, hi, seed)), or pass signals of shape (N, d)"
                 )
-            rows = self._call(("signal_pass", (None,)))
+            self._interrupted = "a step"
+            rows = self._call(("signal_pass", (None,)), marked=True)
         else:
             s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
-            rows = self._call(("signal_pass", None), per_shard_args=[(s[lo:hi],) for lo, hi in self.bounds])
+            self._interrupted = "a step"
+            rows = self._call(("signal_pass", None), per_shard_args=[(s[lo:hi],) for lo, hi in self.bounds], marked=True)
         work = self._unpack(rows, "step")
         # The state columns hold the sums of the current states (the shards' last move pass, or a fresh
         # sum after a load): the same numbers one machine's merge_move turns into m(t).
@@ -557,6 +629,7 @@ class DaskPopulation(MeanFieldSummary):
         self.t += 1
         self._discount = next_discount(self._discount, self.game.gamma, self.t)
         self._version += 1
+        self._interrupted = None  # the last write: an interrupt before it leaves the population refusing
         return self._handle
 
     def step_predict(self, signals, server, out: np.ndarray | None = None) -> np.ndarray:
@@ -624,7 +697,7 @@ class DaskPopulation(MeanFieldSummary):
                 self.step()
         return self._handle
 
-    def _client_labels(self) -> np.ndarray:
+    def _client_labels(self, marked: bool = False) -> np.ndarray:
         """The labels on the client: after a sharded restore of a K-class game they are only on the shards.
 
         The client holds a copy of the labels whenever it had them anyway (given
@@ -638,7 +711,7 @@ class DaskPopulation(MeanFieldSummary):
         """
         if self._labels is None:
             labels = np.empty(self.n_agents, dtype=np.int64)
-            for (lo, hi), part in zip(self.bounds, self._call(("gather", ("labels", None)))):
+            for (lo, hi), part in zip(self.bounds, self._call(("gather", ("labels", None)), marked=marked)):
                 labels[lo:hi] = part
             self._labels = labels
         return self._labels
@@ -650,7 +723,7 @@ class DaskPopulation(MeanFieldSummary):
         return MeanFieldSummary.labels.fget(self)
 
     def _refresh_means(self, states) -> None:
-        self._client_labels()
+        self._client_labels(marked=True)  # within a reset, load or restore (which hold the mark)
         super()._refresh_means(states)
 
     def _means_from_sums(self, total, class_sums) -> None:
@@ -719,8 +792,12 @@ class DaskPopulation(MeanFieldSummary):
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
             self._check_sources(source)
         labels = clean["labels"] if self._lay.n_classes > 1 else None
+        self._check_usable(marked=True)  # before the mark: a population that cannot load keeps its mark
+        self._interrupted = "a load_state_dict"
+        self._switch_game(self.game)
         self._load_all(clean["states"], clean["costs"], labels, source)
         self._apply_summary(clean)
+        self._interrupted = None
 
     def _check_sources(self, source, spawned=None) -> None:
         """Every shard's source (of ``spawned`` shards, else of ours) asked whether it takes its slice of ``source``.
@@ -729,7 +806,7 @@ class DaskPopulation(MeanFieldSummary):
         """
         bounds = self.bounds if spawned is None else spawned[0]
         args = [(_slice_source(source, lo, hi),) for lo, hi in bounds]
-        answers = self._call(("check_source", None), per_shard_args=args) if spawned is None else \
+        answers = self._call(("check_source", None), per_shard_args=args, marked=True) if spawned is None else \
             self._run_on(spawned, "check_source", args)
         refused = [a for a in answers if a is not None]
         if refused:
@@ -753,8 +830,12 @@ class DaskPopulation(MeanFieldSummary):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
-        self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))
-        return _restore_checked(ckpt, self, server, None)
+        self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
+        if server is not None:
+            server._interrupted = "a restore"  # _build reset it to round 0: marked until its state is loaded
+        result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
+        self._interrupted = None
+        return result
 
     def save(self, path, server=None, *, sharded: bool = True):
         """Write a checkpoint of this population (and ``server``, a :class:`DaskServer` of it) atomically.
@@ -813,6 +894,8 @@ class DaskPopulation(MeanFieldSummary):
 
     def _save_shards_marked(self, given, target, folder, started, token, server):
         """The sharded save proper, while the save ``token`` is marked live (:func:`~memoa_fast.checkpoint.mark_save_live`)."""
+        if server is not None:
+            server._check_usable()  # a server left mid-update by an interrupt is not saved
         self.mean_state  # the mean fields of the current states (O(K d) per shard, if stale)
         lay, K = self._lay, self._lay.n_classes
         population = {
@@ -909,7 +992,8 @@ class DaskPopulation(MeanFieldSummary):
         bounds = spawned[0] if rebuild else self.bounds
         args = [(replace(manifest, shards=manifest.files_for(lo, hi)), sid) for lo, hi in bounds]
         try:
-            answers = self._run_on(spawned, "stage", args) if rebuild else self._call(("stage", None), per_shard_args=args)
+            answers = (self._run_on(spawned, "stage", args) if rebuild
+                       else self._call(("stage", None), per_shard_args=args, marked=True))
             failed = [a["error"] for a in answers if "error" in a]
             if failed:
                 raise CheckpointError(f"{where}: {failed[0]}")
@@ -922,13 +1006,18 @@ class DaskPopulation(MeanFieldSummary):
         except BaseException:
             if not rebuild:
                 with contextlib.suppress(Exception):
-                    self._call(("discard", ()))
+                    self._call(("discard", ()), marked=True)
             raise
+        self._interrupted = "a restore"  # from here until the last write (a refused restore above changed nothing)
+        if server is not None:
+            server._interrupted = "a restore"
         if rebuild:
             self._release_shards()
             self._install(spawned)
             self._restart_servers()
-        self._call(("commit", (sid,)))
+            if server is not None:
+                server._interrupted = "a restore"
+        self._call(("commit", (sid,)), marked=True)
         lay, K = self._lay, self._lay.n_classes
         if K > 1:  # the labels stay on the shards (fetched only by a call that moves O(N) anyway)
             self._labels = None
@@ -949,6 +1038,9 @@ class DaskPopulation(MeanFieldSummary):
             server.n_updates = manifest.server["n_updates"]
             server._weights_version += 1
         self._record_checkpoint(path, manifest.t)
+        if server is not None:
+            server._interrupted = None
+        self._interrupted = None
         return manifest
 
     def _run_on(self, spawned, op, per_shard_args) -> list:

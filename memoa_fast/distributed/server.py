@@ -46,6 +46,7 @@ class DaskServer:
         self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
         self.sid = uuid.uuid4().hex
         self.n_updates = 0
+        self._interrupted: str | None = None  # set from a mutating call's first write to its last (see _check_usable)
         self._lay = population._lay
         self._yhat = np.zeros(self.dim)
         self._yhat_version = None
@@ -57,9 +58,21 @@ class DaskServer:
 
     def reset(self) -> None:
         """Uniform weights ``p = 1/N``; the update counter back to 0."""
+        self._interrupted = "a reset"
         self.population._queue(("add_server", (self.sid,)))
         self.n_updates = 0
         self._weights_version += 1
+        self._interrupted = None
+
+    def _check_usable(self) -> None:
+        """``RuntimeError`` while a mutating call of this server was cut short by an interrupt (between its first and last write)."""
+        if self._interrupted is not None:
+            raise RuntimeError(
+                f"this DaskServer was interrupted in the middle of {self._interrupted} (KeyboardInterrupt, or another "
+                "exception, between its first and last write): its weights and update count may be a round apart, so it "
+                "refuses every call until restored: load_state_dict(...) of a state_dict taken before, reset(), or its "
+                "population's restore(checkpoint, server=...)"
+            )
 
     def _states(self, states) -> None:
         pop = self.population
@@ -73,6 +86,7 @@ class DaskServer:
     @property
     def log_weights(self) -> np.ndarray:
         """``log p``, gathered from the workers (a read-only copy)."""
+        self._check_usable()
         return readonly_view(self.population._gather_agents("log_p", (self.n_agents,), sid=self.sid))
 
     @property
@@ -85,6 +99,7 @@ class DaskServer:
         if out is not None:
             check_out(out, (self.dim,))  # before any work: a bad out changes nothing
         self._states(states)
+        self._check_usable()
         pop = self.population
         rows = pop._unpack(pop._call(("predict", (self.sid,))), "mixture")
         folded = np.empty(rows.shape[1])
@@ -105,9 +120,12 @@ class DaskServer:
         self._states(states)
         y = as_float_array("target", target, (self.dim,))
         check_update_count(self.n_updates)
+        self._check_usable()
         pop = self.population
         if self.rule == "eg" and self._yhat_version != (pop._version, self._weights_version):
             self.predict()
+        pop._check_usable()  # before the mark: an update its population refuses changes nothing
+        self._interrupted = "an update"
         parts = pop._call(("reweight", (self.sid, y.copy(), self._yhat.copy(), RULE_CODES[self.rule], self.eta)))
         top, log_total = pop._kernels.merge_log_sum_exp(pop._unpack(parts, "lse"), self._lay)
         if top == -math.inf:  # cannot happen from normalised weights; keep them rather than divide by 0
@@ -115,6 +133,7 @@ class DaskServer:
         pop._queue(("share", (self.sid, top, log_total, self.alpha)))
         self.n_updates += 1
         self._weights_version += 1
+        self._interrupted = None  # the last write: an interrupt before it leaves the server refusing
 
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (:meth:`Server.state_dict`'s keys, gathered)."""
@@ -125,9 +144,12 @@ class DaskServer:
         clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
         pop = self.population
         args = [(None, None, None, {self.sid: clean["log_weights"][lo:hi]}, None) for lo, hi in pop.bounds]
+        pop._check_usable()  # before the mark: a server whose population refuses keeps its mark
+        self._interrupted = "a load_state_dict"
         pop._call(("load", None), per_shard_args=args)
         self.n_updates = clean["n_updates"]
         self._weights_version += 1
+        self._interrupted = None
 
     def __repr__(self) -> str:
         return f"DaskServer(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, alpha={self.alpha!r})"
