@@ -20,6 +20,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 import memoa_fast
 import memoa_fast.kernels
@@ -329,6 +330,14 @@ def assert_server_step(lp, x, y, yhat, rule, eta, alpha, new_lp):
 # --------------------------------------------------------------------------- asynchronous exceptions at any bytecode
 _PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (memoa_fast, memoa_fast.kernels))
 _KERNEL_DIR = os.path.dirname(memoa_fast.kernels.__file__) + os.sep
+
+
+# Python 3.13.0 does not deliver every exception a trace function raises at an opcode event: of the 236 bytecodes of
+# a Population.step, 54 let the call complete in a plain script, and under pytest even the second did. The injection
+# tests need every one, so they run on 3.11 (CI) and 3.12; the code they check is the same Python there.
+needs_opcode_injection = pytest.mark.skipif(
+    sys.version_info >= (3, 13), reason="Python 3.13 drops some exceptions raised by a trace function at opcode events: "
+                                        "the bytecode-injection tests cannot run here (they run on 3.11 and 3.12)")
 
 
 def _trace_package(call, on_opcode):

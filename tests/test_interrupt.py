@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import _bytecodes, _interrupt_at, _trace_package
+from helpers import _bytecodes, _interrupt_at, _trace_package, needs_opcode_injection
 
 import memoa_fast
 import memoa_fast._exclusive
@@ -77,6 +77,7 @@ def _refuses_pipeline(pipe, y):
             call()
 
 
+@needs_opcode_injection
 @pytest.mark.parametrize("backend, how", [("numba", "round"), ("numba", "run"), ("numpy", "round")])
 def test_a_pipeline_interrupted_at_any_bytecode_is_at_a_round_or_refuses(backend, how):
     """(a) or (b) after a KeyboardInterrupt at every bytecode of ``round`` / ``run`` (segments of 2 rounds)."""
@@ -202,6 +203,7 @@ def _same_pop_state(a, b):
     return all(np.array_equal(sa[key], sb[key]) if isinstance(sa[key], np.ndarray) else sa[key] == sb[key] for key in sa)
 
 
+@needs_opcode_injection
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 def test_a_population_interrupted_at_any_bytecode_is_at_a_round_or_refuses(backend):
     """(a) or (b) after a KeyboardInterrupt at every bytecode of ``Population.step`` (and ``run`` of one step)."""
@@ -239,6 +241,7 @@ def test_a_population_interrupted_at_any_bytecode_is_at_a_round_or_refuses(backe
         assert _every_interrupt(lambda: copy.copy(base), call, check, kernel_stride=1 if backend == "numba" else 10) > 20
 
 
+@needs_opcode_injection
 def test_an_interrupted_reset_or_load_refuses_until_one_completes():
     """``reset`` and ``load_state_dict`` cut short are marked themselves (at every bytecode of their writes); completing either clears it."""
     pop = Population(GAME, 6, 2, threads=1)
@@ -260,8 +263,7 @@ def test_an_interrupted_reset_or_load_refuses_until_one_completes():
     assert _every_interrupt(lambda: copy.copy(pop), lambda obj: obj.reset(), check) > 20
     reset_hits = len(hits)
     # load_state_dict: its checks (a thousand bytecodes, nothing written) are not the point; its writes are
-    where, obj = [], copy.copy(fresh)
-    _interrupt_at(0, lambda: obj.load_state_dict(saved), where)
+    where = _bytecodes(lambda: copy.copy(fresh), lambda obj: obj.load_state_dict(saved))
     for k in range(len(where) - 150, len(where) + 1):
         obj = copy.copy(fresh)
         _interrupt_at(k, lambda: obj.load_state_dict(saved))
@@ -311,6 +313,7 @@ def _stateful_cases():
     }
 
 
+@needs_opcode_injection
 @pytest.mark.parametrize("case", ["Server.update", "ClientForecasters.observe", "SquaredErrors.add", "TrustPopulation.step",
                                   "TrustPopulation.observe"])
 def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case):
@@ -364,6 +367,7 @@ def test_pipeline_progress_is_readable_from_another_thread_during_a_run(backend,
     assert all((t - 1) % 10 == 0 or t == 300 for t in seen)  # segment ends (the last segment is 9 rounds)
 
 
+@needs_opcode_injection
 def test_reading_the_pipeline_counters_never_takes_its_lock():
     """``t`` and ``n_recorded`` are reads: they never hold the lock, also with a compiled call's counters left to settle.
 
