@@ -608,7 +608,7 @@ from memoa_fast.distributed import DaskPopulation, DaskServer
 import memoa_fast.distributed.population as dpm
 
 path, mode = sys.argv[1], sys.argv[2]
-cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address='127.0.0.1:0')
 client = Client(cluster)
 pop = DaskPopulation(Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95), 3 * 4096, 1, client=client, n_shards=2)
 server = DaskServer(pop, rule="hedge", eta=0.5)
@@ -745,7 +745,9 @@ def thread_client():
     """Workers as threads of this process, so that a test can make a worker's file write fail."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    # a random port: None means the default 8787, taken whenever another Dask cluster runs here (a second test
+    # session, a user's notebook): Dask's 'Port 8787 is already in use' warning then failed every test using it
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0")
     client = Client(cluster, timeout=TIMEOUT)
     try:
         yield client
