@@ -403,9 +403,6 @@ class Pipeline:
         if self._pending is not None:
             self._settle()
         T, step = ys.shape[0], self._segment_rounds
-        if T <= step:
-            self._segment(ys, yhats, record)
-            return
         for a in range(0, T, step):
             self._segment(ys[a:a + step], yhats[a:a + step], record)
 
