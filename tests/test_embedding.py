@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import available_backends
+from helpers import available_backends, call_from_two_threads
 
 from memoa_fast import Game, Pipeline, Population, Server, TrustClasses, TrustPopulation
 from memoa_fast._validation import available_threads
@@ -183,6 +183,77 @@ def test_trust_population_refused_or_concurrent_calls_change_nothing(signals):
         obj.step(signals * 2)
         obj.observe(signals[1])
     _assert_same(_trust_snapshot(clone), _trust_snapshot(tp))
+
+
+def test_trust_classes_refused_or_concurrent_calls_change_nothing(signals):
+    """TrustClasses as every other object that owns state: a second thread's call (observe, the classes it ranks, a
+    copy or pickle) raises ``RuntimeError`` while an observe runs, instead of racing with it; nothing changes.
+    """
+    import threading
+
+    tc = TrustClasses(N, 2, reclass=1)
+    tc.observe(signals, TARGET)
+    before = pickle.dumps(tc)
+    calls = {"observe": lambda: tc.observe(signals * 2, TARGET), "classes": tc.classes, "classes_for": lambda: tc.classes_for([1.0, 2.0]),
+             "pickle": lambda: pickle.dumps(tc), "copy": lambda: copy.copy(tc), "deepcopy": lambda: copy.deepcopy(tc)}
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():  # another thread inside a call
+        try:
+            with tc._exclusive:
+                inside.set()
+                leave.wait(30)
+        finally:
+            inside.set()
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    try:
+        assert inside.wait(30)
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
+                call()
+    finally:
+        leave.set()
+        worker.join()
+    assert pickle.dumps(tc) == before  # nothing changed
+    with tc._exclusive:  # this thread inside a call (a callback calling the object): not re-entrant either
+        with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
+            tc.observe(signals, TARGET)
+    clone = pickle.loads(before)  # the lock is not pickled: the clone has its own, free
+    for obj in (tc, clone, copy.copy(tc), copy.deepcopy(tc)):
+        for call in ("observe", "classes", "classes_for"):  # every one works once the call is over
+            getattr(obj, call)(*{"observe": (signals * 2, TARGET), "classes_for": ([1.0],)}.get(call, ()))
+        np.testing.assert_array_equal(obj.errors, tc.errors)
+        assert obj.n_observed == tc.n_observed == 2
+
+
+def test_trust_classes_copies_are_independent(signals):
+    """``copy.copy`` (as pickle and ``deepcopy``) gives its own arrays: the copy's observe left the original's errors
+    moved while its count stayed, since the shallow copy shared them.
+    """
+    tc = TrustClasses(N, 2)
+    tc.observe(signals, TARGET)
+    before = tc.errors.copy()
+    for other in (copy.copy(tc), copy.deepcopy(tc), pickle.loads(pickle.dumps(tc))):
+        other.observe(signals * 3, TARGET)
+        assert not np.shares_memory(other.errors, tc.errors) and other.n_observed == 2
+        np.testing.assert_array_equal(tc.errors, before)
+    assert tc.n_observed == 1
+
+
+def test_trust_classes_observe_from_two_threads_raises_instead_of_racing():
+    """NumPy releases the GIL inside each pass of ``observe``: two threads folding at once shared its scratch rows."""
+    n = 200_000
+    forecasts = np.random.default_rng(5).normal(size=(n, 1))
+    tc = TrustClasses(n, 4)
+    errors, done = call_from_two_threads(lambda: tc.observe(forecasts, 0.25), 30)
+    assert errors and "not thread-safe" in str(errors[0])
+    serial = TrustClasses(n, 4)
+    for _ in range(done):
+        serial.observe(forecasts, 0.25)
+    assert tc.n_observed == done  # every refused call changed nothing
+    np.testing.assert_array_equal(tc.errors, serial.errors)
 
 
 def test_trust_classes_fold_is_the_formula(signals):

@@ -27,7 +27,7 @@ from memoa_fast import Game, Population, Server
 from memoa_fast.timeseries import pipeline as pipeline_module
 from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 from memoa_fast.timeseries.pipeline import Pipeline
-from memoa_fast.timeseries.trust import TrustPopulation
+from memoa_fast.timeseries.trust import TrustClasses, TrustPopulation
 
 GAME = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95)
 INTERRUPTED = "was interrupted in the middle of"
@@ -301,6 +301,8 @@ def _stateful_cases():
     tp = TrustPopulation(6, 2, n_classes=2, reclass=1000, rule="error", threads=1)
     tp.step(x[0])
     tp.observe([0.1, 0.2])
+    tc = TrustClasses(6, 2, reclass=1)
+    tc.observe(x[0], [0.1, 0.2])
     return {
         # object, its call (i = which round's inputs), its state (RuntimeError when refused), the way back (None: a copy)
         "Server.update": (srv, lambda o, i: o.update(x[i], [0.2, -0.1]), lambda o: o.state_dict(),
@@ -310,12 +312,18 @@ def _stateful_cases():
         "SquaredErrors.add": (sq, lambda o, i: o.add(x[i], [0.2, -0.1]), lambda o: o.__reduce__()[1][3], None),
         "TrustPopulation.step": (tp, lambda o, i: o.step(x[i]), _trust_state, None),
         "TrustPopulation.observe": (tp, lambda o, i: o.observe([0.2 * i, -0.1]), _trust_state, None),
+        "TrustClasses.observe": (tc, lambda o, i: o.observe(x[i], [0.2 * i, -0.1]), _trust_classes_state, None),
     }
+
+
+def _trust_classes_state(tc):
+    copy.copy(tc)  # refused (RuntimeError) after an interrupted call, as pickle
+    return {"errors": tc.errors, "n": tc.n_observed, "classes": tc.classes()}
 
 
 @needs_opcode_injection
 @pytest.mark.parametrize("case", ["Server.update", "ClientForecasters.observe", "SquaredErrors.add", "TrustPopulation.step",
-                                  "TrustPopulation.observe"])
+                                  "TrustPopulation.observe", "TrustClasses.observe"])
 def test_other_objects_interrupted_at_any_bytecode_are_at_a_round_or_refuse(case):
     """The same property for every other stateful object's mutating call (their counters: ``n_updates``, ``t``, ``max_total``)."""
     base, call, state, recover = _stateful_cases()[case]
@@ -397,6 +405,7 @@ def _refused_arguments():
     fc = ClientForecasters(4, 1, seed=3, threads=1)
     sq = SquaredErrors(4, 1, threads=1)
     tp = TrustPopulation(4, 1, n_classes=2, reclass=1000, threads=1)
+    tc = TrustClasses(4, 2)
     pipe = Pipeline(4, seed=1, threads=1)
     ok_pop = lambda: pop.step(np.ones(4))  # noqa: E731
     return [
@@ -414,6 +423,8 @@ def _refused_arguments():
         (sq, lambda: sq.add(np.ones(3), 0.0), lambda: sq.add(np.ones(4), 0.0)),
         (tp, lambda: tp.step(np.ones(3)), lambda: tp.step(np.ones(4))),
         (tp, lambda: tp.observe(np.nan), lambda: tp.observe(0.5)),
+        (tc, lambda: tc.observe(np.ones(4), np.nan), lambda: tc.observe(np.ones(4), 0.5)),
+        (tc, lambda: tc.observe(np.ones(3), 0.5), lambda: tc.observe(np.ones(4), 0.5)),
         (pipe, lambda: pipe.round(np.nan), lambda: pipe.round(0.5)),
         (pipe, lambda: pipe.run(np.ones((2, 2))), lambda: pipe.run(np.ones(2))),
     ]

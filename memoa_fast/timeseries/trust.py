@@ -29,6 +29,9 @@ from ..game import Game
 from ..kernels import SIZE
 from ..population import Population, first_max
 
+# TrustClasses and TrustPopulation have no load_state_dict: after an interrupted call, a copy taken before is the way back.
+_RECOVER = "continue from a copy or pickle taken before"
+
 
 class TrustClasses:
     """Online error of every client and its quantile trust class.
@@ -87,12 +90,18 @@ class TrustClasses:
         self._ok = np.empty(self.n_clients, dtype=bool)
         self._diff = np.empty((self.n_clients, 0))  # the (N, d) scratch of observe, allocated at its first d
         self.n_observed = 0
+        self._exclusive = Exclusive("TrustClasses", recover=_RECOVER)
 
     def observe(self, forecasts, target) -> None:
         """Fold in each client's squared error ``|forecast_i - target|^2`` (forecasts shape (N, d), target (d,)).
 
         ``target`` must be finite with ``|target| <= 1e30`` (a scalar when d = 1), else ``ValueError``
         (``TypeError`` for a non-number) and nothing changes. Invalid forecasts are allowed (see the class).
+
+        One caller at a time (as every object of the package that owns state): a call made while another
+        thread's call of this object runs raises ``RuntimeError`` at once, and so does every call after one
+        cut short between its first and last write (``KeyboardInterrupt``); a copy or pickle taken before is
+        the way back.
         """
         try:
             shape = np.shape(forecasts)
@@ -103,12 +112,18 @@ class TrustClasses:
         else:  # the forecasts' shape is wrong: the error names them, with d from the target
             target = _check_target(target)
         f = as_float_array("forecasts", forecasts, (self.n_clients, target.shape[0]), allow_nonfinite=True)
-        if self._diff.shape != f.shape:
-            self._diff = np.empty(f.shape)
-        self._fold(f, target, self._diff)
+        ex = self._exclusive
+        with ex:
+            ex.interrupted = "observe"  # until the errors and the count are both updated: an interrupt between is refused later
+            if self._diff.shape != f.shape:
+                self._diff = np.empty(f.shape)
+            self._fold(f, target, self._diff)
+            ex.interrupted = None
 
     def _fold(self, f: np.ndarray, target: np.ndarray, diff: np.ndarray) -> None:
         """:meth:`observe` on checked arguments: forecasts ``f`` (N, d), ``target`` (d,), a scratch ``diff`` (N, d).
+
+        Takes no lock: the caller holds one (:meth:`observe` this object's, :class:`TrustPopulation` its own).
 
         Every temporary is one of this object's buffers or ``diff`` (no allocation per round).
         ``sq_i = sum_k (f_ik - y_k)^2``; a row is valid when ``max_k |f_ik| <= 1e50`` (NaN fails), and then
@@ -152,8 +167,17 @@ class TrustClasses:
         return labels, q, shares
 
     def classes_for(self, powers) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """``(labels, [q for each power], shares)``: :meth:`classes` for several exponents, ranking the clients once."""
+        """``(labels, [q for each power], shares)``: :meth:`classes` for several exponents, ranking the clients once.
+
+        Refused (``RuntimeError``) while another thread's :meth:`observe` runs and after an interrupted one: the
+        errors it ranks would be those of no round.
+        """
         powers = [check_real("power", p, low=0.0) for p in powers]
+        with self._exclusive:
+            return self._classes_for(powers)
+
+    def _classes_for(self, powers: list[float]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """:meth:`classes_for` on checked exponents, under the lock."""
         K, n = self.n_classes, self.n_clients
         order = np.argsort(self.errors, kind="stable")
         labels = np.empty(n, dtype=np.int64)
@@ -176,6 +200,19 @@ class TrustClasses:
         shares = np.diff(bounds) / n
         return labels, weights, shares
 
+    def __getstate__(self) -> dict:
+        """Pickle and copies: every attribute but the lock (a copy gets its own), the arrays copied under it.
+
+        Refused (``RuntimeError``) while another thread's :meth:`observe` runs and after an interrupted one.
+        """
+        with self._exclusive:
+            return {name: value.copy() if isinstance(value, np.ndarray) else value
+                    for name, value in self.__dict__.items() if name != "_exclusive"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._exclusive = Exclusive("TrustClasses", recover=_RECOVER)  # also for a pickle made before the lock existed
+
     def __repr__(self) -> str:
         return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
                 f"half_life={self.half_life!r}, q={self.q!r})")
@@ -183,8 +220,6 @@ class TrustClasses:
 
 #: memoa-trust's rules for the class weights: ``"error"`` (one exponent ``beta``) and ``"minimax"`` (``beta`` chosen online).
 TRUST_RULES = ("error", "minimax")
-# A TrustPopulation has no load_state_dict: after an interrupted step or observe, a copy taken before is the way back.
-_RECOVER = "continue from a copy or pickle taken before"
 #: The exponents the ``"minimax"`` rule chooses among.
 MINIMAX_POWERS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
