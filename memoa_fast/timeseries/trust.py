@@ -123,7 +123,7 @@ class TrustClasses:
     def _fold(self, f: np.ndarray, target: np.ndarray, diff: np.ndarray) -> None:
         """:meth:`observe` on checked arguments: forecasts ``f`` (N, d), ``target`` (d,), a scratch ``diff`` (N, d).
 
-        Takes no lock: the caller holds one (:meth:`observe` this object's, :class:`TrustPopulation` its own).
+        Takes no lock: the caller holds this object's (:meth:`observe`, or :meth:`TrustPopulation.observe` with its own).
 
         Every temporary is one of this object's buffers or ``diff`` (no allocation per round).
         ``sq_i = sum_k (f_ik - y_k)^2``; a row is valid when ``max_k |f_ik| <= 1e50`` (NaN fails), and then
@@ -385,11 +385,17 @@ class TrustPopulation:
         whose games at both ends of ``q_range`` fail are refused when the object is made). Any other
         exception there leaves this object as it was (errors, round counter, class costs and every
         population), so the call may be repeated.
+
+        It holds the lock of :attr:`trust` too: a call of ``tp.trust`` (``observe``, ``classes``, a copy) from
+        another thread meanwhile raises ``RuntimeError``, and after an interrupted call both objects refuse.
         """
         target = as_target_array("target", target, (self._signals.shape[1],))
-        ex = self._exclusive
-        with ex:
-            ex.interrupted = "observe"  # until the last write below: an interrupt in between is refused later
+        # Both locks: this object's, and that of its TrustClasses (``tp.trust``), whose errors this call folds and
+        # ranks, so that a call of ``tp.trust`` from another thread meanwhile is refused instead of racing with it.
+        ex, trust_ex = self._exclusive, self.trust._exclusive
+        with ex, trust_ex:
+            # until the last write below: an interrupt in between is refused later, by both objects
+            ex.interrupted = trust_ex.interrupted = "observe"
             due = self.trust.due(self.t + 1)
             if due:  # the new games are solved from the new errors: keep the old ones until every game is built
                 kept = (self.trust.errors.copy(), self.trust.n_observed, self.class_costs.copy())
@@ -399,7 +405,8 @@ class TrustPopulation:
             games = None
             if due:
                 try:
-                    labels, weights, shares = self.trust.classes_for(self.powers)  # one ranking for every candidate
+                    # one ranking for every candidate (the lock-free ranking: this call holds the lock of self.trust)
+                    labels, weights, shares = self.trust._classes_for(list(self.powers))
                     try:
                         games = [game.with_weights(q=q_j, shares=shares) for game, q_j in zip(self.games, weights)]
                     except ValueError as exc:
@@ -413,7 +420,8 @@ class TrustPopulation:
                     # anything else: the round is refused whole, not half folded (its errors counted, the classes
                     # not re-formed, the round counter past the re-classing), so the call may be repeated
                     self.trust.errors[...], self.trust.n_observed, self.class_costs[...] = kept
-                    ex.interrupted = None  # restored whole: as before the call
+                    trust_ex.interrupted = None  # restored whole: as before the call (the inner mark first)
+                    ex.interrupted = None
                     raise
             self.t += 1
             if games is not None:
@@ -426,6 +434,7 @@ class TrustPopulation:
             # infinite cost never leads.
             if due and self.rule == "minimax" and np.isfinite(self.class_costs).any():
                 self.leader = int(np.argmin(self.class_costs))
+            trust_ex.interrupted = None  # the inner mark first: an interrupt between the two leaves this object refusing
             ex.interrupted = None
 
     def _measure_class_costs(self, target) -> None:
@@ -474,11 +483,20 @@ class TrustPopulation:
         return copy.deepcopy(self)
 
     def __getstate__(self) -> dict:
-        """Pickle and copies: every attribute but the lock (a copy gets its own); refused after an interrupted call."""
-        if self._exclusive.interrupted is not None:
-            raise RuntimeError(self._exclusive.interrupted_message())
-        state = self.__dict__.copy()
-        del state["_exclusive"]
+        """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot taken under it.
+
+        The arrays, the populations and the trust classes are copied under the lock, so the snapshot is of one
+        round even if another thread calls this object right after (the pickler writes the state after this
+        returns). Refused (``RuntimeError``) while another thread's call of this object (or of ``self.trust``)
+        runs, and after an interrupted one: a copy taken then would mix two rounds (the populations step one
+        after the other).
+        """
+        with self._exclusive:
+            state = {name: value.copy() if isinstance(value, np.ndarray) else value
+                     for name, value in self.__dict__.items() if name != "_exclusive"}
+            state["trust"] = copy.copy(self.trust)  # under its own lock too
+            state["populations"] = [copy.copy(pop) for pop in self.populations]  # each from its state_dict
+            state["games"] = list(self.games)
         return state
 
     def __setstate__(self, state: dict) -> None:
