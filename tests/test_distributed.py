@@ -793,6 +793,41 @@ def test_the_worst_agent_with_nan_costs_is_the_one_machine_populations(thread_cl
         np.testing.assert_array_equal(dpop.regret, pop.regret)
 
 
+def test_a_population_dropped_without_close_closes_the_client_it_opened(thread_client):
+    """A DaskPopulation (``direct=True``) dropped without ``close()`` closes the client it opened when collected;
+    a client passed in stays open. The client stayed connected, and once its cluster closed it kept reconnecting
+    from its IO-loop thread, drawing from the global ``random`` (a hypothesis test of a later module then failed).
+    """
+    import gc
+    import weakref
+
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, timeout=TIMEOUT)
+    own, dropped = dpop._own_client, weakref.ref(dpop)
+    assert own is not None and own is not thread_client and own.status == "running"
+    del dpop
+    gc.collect()  # (a population is in a reference cycle with its states' handle: only the collector frees it)
+    assert dropped() is None
+    assert own.status == "closed"
+    assert thread_client.status == "running" and thread_client.submit(abs, -3).result(timeout=TIMEOUT) == 3
+    with DaskPopulation(GAME, N, 1, client=thread_client, timeout=TIMEOUT) as dpop:  # closed: the finalizer is spent
+        own = dpop._own_client
+    assert own.status == "closed" and not dpop._own_client_closer.alive
+
+
+def test_the_finalizer_closes_the_client_from_its_own_event_loop_thread(thread_client):
+    """The collector may run the finalizer on the client's own IO-loop thread: a blocking close there would wait for
+    the loop it blocks (until its timeout); the close is handed to a short thread instead.
+    """
+    from memoa_fast.distributed._comm import close_own_client, direct_client
+
+    own = direct_client(thread_client, TIMEOUT)
+    own.loop.add_callback(close_own_client, own, TIMEOUT)
+    deadline = time.monotonic() + 20
+    while own.status != "closed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert own.status == "closed"
+
+
 @pytest.mark.parametrize("action", ["reset", "load_state_dict", "restore"])
 def test_means_after_a_reload_that_follows_a_step_are_those_of_the_new_states(client, tmp_path, rng, action):
     """reset, load_state_dict and a single-file restore right after a step: m(t) is the new states' mean, as on one

@@ -1,8 +1,10 @@
 """Client-side plumbing of the Dask engine: the client, message sizes, lost-worker detection."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +101,30 @@ def direct_client(client, timeout):
         client.scheduler.address, direct_to_workers=True, security=client.security, set_as_default=False,
         timeout=timeout,
     )
+
+
+def close_own_client(client, timeout: float) -> None:
+    """Close a client a population opened itself (never one it was given), when the population is collected.
+
+    The finalizer of a :class:`DaskPopulation` dropped without ``close()``: left open, that client stays
+    connected and, once its cluster closes, keeps reconnecting from its event-loop thread in the background.
+    The garbage collector runs the finalizer in whatever thread it runs in, also an event loop's (the client's
+    own included, where a blocking close would wait for the very loop it blocks): there a short thread of its
+    own closes the client instead. Errors are ignored (there is no caller to give them to).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no event loop runs in this thread: close here
+        _close_quietly(client, timeout)
+    else:
+        threading.Thread(target=_close_quietly, args=(client, timeout), name="memoa-close-client", daemon=True).start()
+
+
+def _close_quietly(client, timeout: float) -> None:
+    try:
+        client.close(timeout=timeout)
+    except Exception:  # noqa: BLE001 - in a finalizer: nobody to report to
+        pass
 
 
 def is_loss(exc, worker_alive: bool) -> bool:

@@ -34,7 +34,7 @@ from ..checkpoint import (
 from ..game import Game
 from ..kernels import CHUNK, N_COEF, SIZE, layout, next_discount, used_columns
 from ..population import MeanFieldSummary, _check_magnitude, check_labels, first_max, population_shape
-from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, default_client, direct_client, is_loss, payload_nbytes
+from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, close_own_client, default_client, direct_client, is_loss, payload_nbytes
 from ._shard import Shard
 
 
@@ -151,8 +151,9 @@ class DaskPopulation(MeanFieldSummary):
         Talk to the shards' workers directly rather than through the
         scheduler (Dask's ``direct_to_workers``): when ``client`` does not
         already, the population opens its own client on the same scheduler
-        (closed by :meth:`close`). Use False where the client cannot reach
-        the workers.
+        (closed by :meth:`close`, or when the population is garbage-collected
+        without it; a client passed in is never closed). Use False where the
+        client cannot reach the workers.
 
     Notes
     -----
@@ -214,8 +215,13 @@ class DaskPopulation(MeanFieldSummary):
         self._kernels = _backends.load("numba")  # the client merges with the kernels' own merges
         self.client = default_client(client)
         self._own_client = None
+        self._own_client_closer = None
         if direct and not self.client.direct_to_workers:
             self._own_client = direct_client(self.client, self.timeout)
+            # Dropped without close(), the population closes the client it opened when it is collected (never one
+            # it was given): left open, that client reconnects in the background once its cluster is gone.
+            self._own_client_closer = weakref.finalize(self, close_own_client, self._own_client, min(self.timeout, 30.0))
+            self._own_client_closer.atexit = False  # not at interpreter exit: no blocking close while it shuts down
         self.comm = CommStats()
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
@@ -339,6 +345,7 @@ class DaskPopulation(MeanFieldSummary):
         self._release_shards()
         if self._own_client is not None:
             self._own_client.close(timeout=self.timeout)
+            self._own_client_closer.detach()
             self._own_client = None
         self._broken = self._broken or "closed"
 
