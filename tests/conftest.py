@@ -72,14 +72,52 @@ def datasets_dir():
 
 
 
-# Threads a test module may leave behind: distributed's process-wide executor (one daemon worker, idle on its queue,
-# made at the first use of a Dask client and kept for the process's life by distributed itself).
-_PROCESS_WIDE_THREADS = ("Dask-Offload",)
+_ROOT_PREFIX = str(ROOT) + os.sep  # the code of this checkout (tests/, and memoa_fast/ when installed editable)
+_THREAD_MACHINERY = (threading.__file__, os.path.join(os.path.dirname(os.__file__), "concurrent", "futures", ""))
+_thread_start = threading.Thread.start
 
 
-def _left_running(before: set) -> list:
-    """Threads alive now that were not in ``before``, but the process-wide ones."""
-    return [t for t in threading.enumerate() if t not in before and not t.name.startswith(_PROCESS_WIDE_THREADS)]
+def _start_recording_the_starter(self, *args, **kwargs):
+    """``Thread.start``, recording the file of the code that started the thread (past threading and concurrent.futures).
+
+    A test's ``Thread(target=event.wait)`` runs a library's code but was started here; a ThreadPoolExecutor's
+    worker is started by the code that submitted the first job to it; distributed's threads by distributed.
+    """
+    frame = sys._getframe().f_back  # (None when started from C)
+    while frame is not None and frame.f_code.co_filename.startswith(_THREAD_MACHINERY):
+        frame = frame.f_back
+    self._memoa_started_in = frame.f_code.co_filename if frame is not None else ""
+    return _thread_start(self, *args, **kwargs)
+
+
+threading.Thread.start = _start_recording_the_starter
+
+
+def _ours(thread: threading.Thread) -> bool:
+    """Whether a thread is this repository's: named ``memoa*`` (memoa_fast names its threads: the ``memoa-noise``
+    pools of ClientForecasters, ``memoa-close-client``) or started by code of this checkout (a test's thread).
+    """
+    return thread.name.startswith("memoa") or getattr(thread, "_memoa_started_in", "").startswith(_ROOT_PREFIX)
+
+
+def _ours_left_running(before: set) -> list:
+    """Threads alive now, not in ``before``, that are this repository's (:func:`_ours`).
+
+    Other libraries' threads are theirs to keep: process-wide workers made at a first use and kept for the
+    process's life (distributed's ``Dask-Offload`` and ``Dask-Callback-Thread`` executors, hypothesis's
+    background database writer, tqdm's monitor), event loops and executors that end on their own schedule
+    (``IO loop``, ``asyncio_*``, a closed LocalCluster's, possibly seconds later on a loaded machine), dummy
+    entries of foreign threads. (Numba's and OpenMP's native workers are no Python threads.) A Dask client left
+    open is found by itself (:func:`_open_dask_clients`), whatever its threads.
+    """
+    return [t for t in threading.enumerate() if t not in before and t.is_alive() and _ours(t)]
+
+
+def _open_dask_clients() -> list:
+    """The Dask clients of this process not closed (none when distributed was never imported)."""
+    if "distributed" not in sys.modules:
+        return []
+    return [c for c in list(sys.modules["distributed"].Client._instances) if c.status not in ("closed", "newly-created")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,21 +128,22 @@ def _no_thread_outlives_its_module(request):
     DaskPopulation not closed) kept reconnecting to its closed cluster from its IO-loop thread, drawing each backoff
     from the global ``random``, and hypothesis, which checks that the global random state does not change during a
     draw, failed a later module's test at random (FlakyFailure, "Do not use the random module inside strategies").
-    Left-over Dask clients are closed here (so the next modules run clean) and named.
+    Left-over Dask clients are closed here (so the next modules run clean) and named. Only this repository's
+    threads count (see :func:`_ours_left_running`): a library's own threads must not fail a module by timing.
+    Nothing is waited for when nothing is left (one thread list per module).
     """
     before = set(threading.enumerate())
     yield
-    clients = []
-    if "distributed" in sys.modules:
-        Client = sys.modules["distributed"].Client
-        clients = [c for c in list(Client._instances) if c.status not in ("closed", "newly-created")]
-        for c in clients:
-            c.close(timeout=30)
-    if _left_running(before):
-        gc.collect()  # objects dropped in a cycle stop their threads when collected (ClientForecasters' noise pool)
-        deadline = time.monotonic() + 5.0  # a thread told to stop may take a moment to end
-        while _left_running(before) and time.monotonic() < deadline:
+    clients, left = _open_dask_clients(), _ours_left_running(before)
+    if clients or left:
+        # Objects dropped in a reference cycle stop their threads and close their clients when collected: a
+        # ClientForecasters' noise pool, a DaskPopulation's own client (its finalizer, in this thread: at once).
+        gc.collect()
+        deadline = time.monotonic() + 10.0  # a thread told to stop may take a moment to end (more on a loaded machine)
+        while _ours_left_running(before) and time.monotonic() < deadline:
             time.sleep(0.05)
-    left = _left_running(before)
+        clients, left = _open_dask_clients(), _ours_left_running(before)
+    for c in clients:
+        c.close(timeout=30)
     assert not clients and not left, (f"{request.node.nodeid} left {len(clients)} Dask client(s) open and these threads "
                                       f"running: {[t.name for t in left]}")
