@@ -6,8 +6,9 @@ The public API is small:
   gains (:func:`solve_gains`) and the policy (``memoa`` or a baseline);
 - :class:`Population` owns N agents' states and costs and steps them in place;
 - :class:`Server` mixes the agents' predictions with online weights;
-- :class:`ClientForecasters`, :func:`make_stream`, :func:`load_csv_series` and
-  :func:`run_experiment` make the time-series job (``memoa run``);
+- :class:`ClientForecasters`, :func:`make_stream`, :func:`load_csv_series`,
+  :func:`clip_outliers` and :func:`run_experiment` make the time-series job
+  (``memoa run``);
 - submodules :mod:`memoa_fast.certificates` (epsilon-Nash, exact Nash),
   :mod:`memoa_fast.checkpoint` and :mod:`memoa_fast.distributed` (Dask) are
   imported on demand.
@@ -19,7 +20,7 @@ from .server import RULES, Server
 from .timeseries.experiment import ExperimentResult, run_experiment
 from .timeseries.forecasters import ClientForecasters
 from .timeseries.pipeline import Pipeline
-from .timeseries.streams import load_csv_series, make_stream
+from .timeseries.streams import clip_outliers, load_csv_series, make_stream
 from .timeseries.trust import TrustClasses, TrustPopulation
 
 # Imported on first use: dask is optional and heavy, checkpoints need neither.
@@ -52,6 +53,7 @@ __all__ = [
     "run_experiment",
     "make_stream",
     "load_csv_series",
+    "clip_outliers",
     "solve_gains",
     "solve_classes",
     "PolicyTable",

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import memoa_fast.timeseries.experiment as experiment
 from memoa_fast.timeseries import cli
 from memoa_fast.timeseries.cli import RANGES, build_parser, main
+from memoa_fast.timeseries.experiment import held_feed
+from memoa_fast.timeseries.streams import OUTLIER_BOUND, make_stream
 
 FAST = ["--clients", "60", "--rounds", "300", "--quiet"]
 
@@ -43,6 +45,16 @@ def test_json_on_stdout_parses(capsys):
     assert d["stream"] == "concept-drift" and d["config"]["rules"] == ["hedge"] and d["n_rounds"] == 300
     assert set(d["policies"]["memoa"]["mixture_rmse"]) == {"hedge"}
     assert d["command"].startswith("memoa run --clients 60")
+
+
+def test_outlier_bound_reaches_the_run(capsys):
+    """--outlier-bound SD is the run's outlier_bound, 'none' (any case) is None; the JSON records it and the count held."""
+    for text, want in (("none", None), ("NONE", None), ("2.5", 2.5), (None, OUTLIER_BOUND)):
+        argv = ["run", "--clients", "10", "--rounds", "100", "--quiet", "--policies", "memoa", "--json"]
+        _, out, _ = _run(argv + ([] if text is None else ["--outlier-bound", text]), capsys)
+        d = json.loads(out)
+        assert d["config"]["outlier_bound"] == want
+        assert d["outliers_held"] == (0 if want is None else held_feed(make_stream("logistic", 101, seed=0)[:, None], 20, want)[1])
 
 
 def test_steps_is_an_alias_of_rounds(capsys):
@@ -172,6 +184,8 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--trust-rule", "best"], "argument --trust-rule: invalid choice: 'best' (choose from 'error', 'minimax')"),
     (["--noise", "0.5", "0.1"], "argument --noise: LOW must be <= HIGH"),
     (["--mu", "2"], "argument --mu: must be in (0, 2)"),
+    (["--outlier-bound", "0"], "argument --outlier-bound: expected a number in (0, 1e+06] or 'none', got '0'"),
+    (["--outlier-bound", "off"], "argument --outlier-bound: expected a number in (0, 1e+06] or 'none', got 'off'"),
     (["--threads", "100000"], "argument --threads: must be in [1, 1024]"),
     (["--threads", "1000"], "argument --threads: must be in [1, "),
     (["--backend", "cuda"], "argument --backend: invalid choice"),

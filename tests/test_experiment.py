@@ -10,7 +10,7 @@ import pytest
 from memoa_fast import Game, Population, Server
 from memoa_fast.timeseries.experiment import ExperimentResult, plot_result, run_experiment
 from memoa_fast.timeseries.forecasters import ClientForecasters
-from memoa_fast.timeseries.streams import load_csv_series, make_stream
+from memoa_fast.timeseries.streams import OUTLIER_BOUND, load_csv_series, make_stream
 
 SMALL = dict(n_clients=200, seed=0)
 
@@ -486,3 +486,71 @@ def test_every_text_of_the_plot_is_inside_the_figure(logistic_result, tmp_path, 
     for text in texts:
         box = text.get_window_extent(renderer)
         assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, (text.get_text()[:60], box)
+
+
+# --------------------------------------------------------------------------- outlier_bound: what learns is fed held values
+SPIKE_RUN = dict(n_clients=30, seed=0, policies=("memoa", "greedy"), rules=("hedge",), threads=1)
+
+
+def test_outlier_bound_changes_nothing_where_it_holds_nothing():
+    """The default on a clean stream: nothing held, every score and record the very bits of outlier_bound=None."""
+    y = make_stream("periodic", 601, seed=0)
+    held, plain = run_experiment(y, **SPIKE_RUN), run_experiment(y, outlier_bound=None, **SPIKE_RUN)
+    assert held.outliers_held == 0 and held.config["outlier_bound"] == OUTLIER_BOUND and plain.config["outlier_bound"] is None
+    a, b = held.to_dict(), plain.to_dict()
+    for d in (a, b):
+        del d["config"]["outlier_bound"], d["elapsed_s"]
+    assert a == b
+    for p in SPIKE_RUN["policies"]:
+        for k, v in held.round_errors[p].items():
+            np.testing.assert_array_equal(v, plain.round_errors[p][k])
+
+
+@pytest.mark.parametrize("height", [30.0, -1e3, 1e6])
+def test_a_spike_costs_about_its_own_error_only(height):
+    """The class: one value of any height, anywhere after the burn-in. No forecast can foresee it, so each client's RMSE
+    is at least about sqrt(clean^2 + h^2 / n_scored); held, the spike costs little more than that (without the hold
+    the quadratic features amplify it about cubically: 900 RMSE for h = 100 where the floor is 3.6). The scores are
+    taken against the series itself: the uniform mean's error at the spike is about h^2.
+    """
+    y = make_stream("logistic", 601, seed=0)
+    clean = run_experiment(y, **SPIKE_RUN)
+    rng = np.random.default_rng(int(abs(height)))
+    t = int(rng.integers(200, 590))
+    spiked = y.copy()
+    spiked[t] += height
+    held, plain = run_experiment(spiked, **SPIKE_RUN), run_experiment(spiked, outlier_bound=None, **SPIKE_RUN)
+    assert held.outliers_held == clean.outliers_held + 1  # (the logistic map's first steps: the range is still narrow)
+    for p in SPIKE_RUN["policies"]:
+        floor = math.sqrt(clean.scores[p].worst_client_rmse ** 2 + height**2 / held.n_scored)
+        assert held.scores[p].worst_client_rmse <= 1.5 * floor, (p, held.scores[p].worst_client_rmse, floor)
+        assert plain.scores[p].worst_client_rmse > 2 * floor  # the test can fail: without the hold it does
+        assert held.round_errors[p]["uniform"][t - 1] >= (abs(height) - 5) ** 2
+    assert f"outliers: {held.outliers_held} value(s) of the series lay more than {OUTLIER_BOUND:g} burn-in standard" in held.table()
+    assert held.to_dict()["outliers_held"] == held.outliers_held
+
+
+def test_held_values_follow_the_series_unit_and_are_recorded_per_coordinate():
+    """The bound is in standard deviations of the burn-in, per coordinate: a + c y (c > 0) holds the same values,
+    with scale="burn-in" every score is then c times; a (T, 2) series with a spike in one coordinate holds one value.
+    """
+    y = make_stream("concept-drift", 401, seed=2)
+    y[300] += 40.0
+    kw = dict(n_clients=20, seed=1, policies=("memoa",), rules=("hedge",), scale="burn-in", threads=1)
+    base, other = run_experiment(y, **kw), run_experiment(7.0 + 1e3 * y, **kw)
+    assert base.outliers_held == other.outliers_held == 1
+    np.testing.assert_allclose(other.scores["memoa"].worst_client_rmse, 1e3 * base.scores["memoa"].worst_client_rmse, rtol=1e-6)
+    two = np.column_stack([y, make_stream("logistic", 401, seed=3)])
+    assert run_experiment(two, **kw).outliers_held == 1
+
+
+@pytest.mark.parametrize("bound, exc, words", [
+    (0.0, ValueError, r"outlier_bound must be in \(0, inf\), got 0.0"),
+    (-8.0, ValueError, "outlier_bound must be in"),
+    (float("nan"), ValueError, "outlier_bound must be finite"),
+    ("8", TypeError, "outlier_bound must be a real number"),
+    (True, TypeError, "outlier_bound must be a real number"),
+])
+def test_outlier_bound_is_checked(bound, exc, words):
+    with pytest.raises(exc, match=words):
+        run_experiment(make_stream("logistic", 100, seed=0), n_clients=3, outlier_bound=bound)

@@ -644,3 +644,20 @@ def test_every_trust_study_output_the_readme_names_is_cited_with_its_options():
     named = {name for name in re.findall(r"`(bench/\w+\.txt)`", prose) if (ROOT / name).is_file()
              and re.search(r"\) best baseline .*mean over series", (ROOT / name).read_text(), flags=re.S)}
     assert len(named) >= 2 and named == {output for _, output in _study_outputs()}, named
+
+
+def test_the_outlier_bound_default_is_the_studys_best():
+    """``OUTLIER_BOUND`` is the bound with the lowest mean of the three columns in ``bench/outlier_study.txt``, and that
+    file is what ``outlier_study.py --summary`` prints from the saved JSON (the README quotes both).
+    """
+    import subprocess
+    import sys
+
+    from memoa_fast.timeseries.streams import OUTLIER_BOUND
+
+    text = (ROOT / "bench" / "outlier_study.txt").read_text()
+    means = {float(b): float(m) for b, m in re.findall(r"^  b=([\d.]+): .*; the three: ([\d.]+);", text, flags=re.M)}
+    assert len(means) >= 5 and min(means, key=means.get) == OUTLIER_BOUND
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "outlier_study.py"), "--summary",
+                              str(ROOT / "bench" / "outlier_study.json")], capture_output=True, text=True, check=True).stdout
+    assert printed == text

@@ -804,3 +804,86 @@ def test_a_stream_that_cannot_fit_is_refused_naming_n_steps_before_it_is_built(n
     assert make_stream(name, n, normalize=normalize).shape == (n,)  # refused only when it does not fit
     with pytest.raises(ValueError, match=r"n_steps must be an integer in \[2, 2\*\*63 - 1\], got 9223372036854775808"):
         make_stream(name, 2**63, normalize=normalize)
+
+
+# --------------------------------------------------------------------------- clip_outliers: the feed's causal hold
+def _held_reference(y, bound, start=1):
+    """clip_outliers written the obvious way: one row at a time, the range of the held rows before it."""
+    y = np.array(y, dtype=np.float64).reshape(len(y), -1)
+    low, high = y[:start].min(axis=0), y[:start].max(axis=0)
+    for t in range(start, len(y)):
+        y[t] = np.minimum(np.maximum(y[t], low - bound), high + bound)
+        low, high = np.minimum(low, y[t]), np.maximum(high, y[t])
+    return y
+
+
+def _spiky(rng, T, d):
+    """A random walk of random scale with spikes (up to 1e6 times it) at a random rate, and a level shift."""
+    y = rng.standard_normal((T, d)).cumsum(axis=0) * rng.uniform(0.01, 3.0)
+    spikes = rng.random((T, d)) < rng.uniform(0.0, 0.05)
+    y[spikes] += rng.standard_normal(int(spikes.sum())) * 10.0 ** rng.uniform(1, 6)
+    y[rng.integers(0, T):] += rng.normal(0, 50)
+    return y
+
+
+def test_clip_outliers_is_the_row_by_row_reference():
+    """Exactly (bit for bit) the one-row-at-a-time definition, on series long enough for the blocks to grow (> 1024
+    rows) and to restart after each held value, with several coordinates and a coordinate never held (bound inf).
+    """
+    rng = np.random.default_rng(20261130)
+    for _ in range(40):
+        T, d = int(rng.integers(1, 3000)), int(rng.integers(1, 4))
+        y = _spiky(rng, T, d)
+        bound = rng.uniform(0.05, 10.0, size=d)
+        if rng.random() < 0.3:
+            bound[0] = np.inf
+        start = int(rng.integers(1, 40))
+        got = streams.clip_outliers(y, bound, start=start)
+        assert got.shape == y.shape and got is not y
+        np.testing.assert_array_equal(got, _held_reference(y, bound, start))
+        np.testing.assert_array_equal(got[:start], y[:start])
+        if d == 1:
+            np.testing.assert_array_equal(streams.clip_outliers(y[:, 0], float(bound[0]), start), got[:, 0])
+
+
+def test_clip_outliers_is_causal_odd_and_bounded():
+    """Causal: the held prefix is the prefix held. Odd: holding -y gives minus holding y (negation is exact). Bounded:
+    no held value lies more than the bound beyond the range of the held values before it; a value within is kept.
+    """
+    rng = np.random.default_rng(7)
+    y = _spiky(rng, 2500, 2)
+    bound = np.array([0.5, 3.0])
+    held = streams.clip_outliers(y, bound)
+    for k in (1, 2, 17, 1024, 1025, 2048, 2499):
+        np.testing.assert_array_equal(streams.clip_outliers(y[:k], bound), held[:k])
+    np.testing.assert_array_equal(streams.clip_outliers(-y, bound), -held)
+    low = np.minimum.accumulate(held, axis=0)[:-1]
+    high = np.maximum.accumulate(held, axis=0)[:-1]
+    assert (held[1:] >= low - bound).all() and (held[1:] <= high + bound).all()
+    inside = (y[1:] >= low - bound) & (y[1:] <= high + bound)
+    np.testing.assert_array_equal(held[1:][inside], y[1:][inside])
+
+
+def test_clip_outliers_holds_a_recurring_sentinel_every_time():
+    """The range grows by the held values, not the raw ones: a sentinel 99999 every 50 rows is held each time."""
+    y = np.sin(np.arange(600) / 7.0)
+    y[10::50] = 99999.0
+    held = streams.clip_outliers(y, 2.0)
+    assert held.max() <= 1.0 + 2.0 * 12 + 1e-12  # at most the bound more per sentinel (12 of them), never 99999
+    np.testing.assert_array_equal(held[y != 99999.0], y[y != 99999.0])
+
+
+@pytest.mark.parametrize("series, bound, exc, words", [
+    ([1.0, 2.0], 0.0, ValueError, "bound must be > 0"),
+    ([1.0, 2.0], -1.0, ValueError, "bound must be > 0"),
+    ([1.0, 2.0], float("nan"), ValueError, "bound must be > 0"),
+    ([1.0, 2.0], [1.0, 2.0], ValueError, r"bound must be a number or one per coordinate, shape \(1,\)"),
+    ([1.0, 2.0], "1", TypeError, "bound"),
+    ([1.0, 2.0], 1.0, ValueError, "start must be an integer >= 1", ),
+    ([1.0, float("nan")], 1.0, ValueError, "series must be finite; first non-finite value at row 1"),
+    ([], 1.0, ValueError, "series must have shape"),
+    ([[True, False]], 1.0, TypeError, "series"),
+])
+def test_clip_outliers_refuses_bad_input_naming_it(series, bound, exc, words):
+    with pytest.raises(exc, match=words):
+        streams.clip_outliers(series, bound, start=0 if "start" in words else 1)

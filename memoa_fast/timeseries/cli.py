@@ -35,12 +35,13 @@ from .._version import __version__
 from ..checkpoint import _new_temporary, _remove_stale_temporaries
 from . import experiment
 from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
-from .streams import CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
+from .streams import OUTLIER_BOUND, CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
 from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
-                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=DEFAULT_RECLASS, trust_rule="minimax")
+                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=DEFAULT_RECLASS, trust_rule="minimax",
+                outlier_bound=OUTLIER_BOUND)
 
 DESCRIPTION = """\
 Run the MEMOA time-series experiment (MODEL.md section 6) and print a table.
@@ -79,6 +80,7 @@ RANGES = {
     "--noise": (1e-6, 1e3, False, False),
     "--lags": (1, 64, False, False),
     "--mu": (0.0, 2.0, True, True),
+    "--outlier-bound": (0.0, 1e6, True, False),  # or "none"
     "--q": (0.0, 1e4, False, False),
     "--kappa": (0.0, 1e4, False, False),
     "--r": (1e-4, 1e4, False, False),
@@ -135,6 +137,16 @@ def _number(kind, option: str):
     return parse
 
 
+def _bound_or_none(text: str):
+    """``--outlier-bound``: a number in its range, or ``none`` (feed the series as it is)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return _number(float, "--outlier-bound")(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number in {_interval('--outlier-bound')} or 'none', got {_short(text)}") from None
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask), not the machine's count."""
     try:
@@ -187,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {D['lags']})")
     g.add_argument("--mu", type=_number(float, "--mu"), default=D["mu"],
                    help=f"step size of the clients' normalised LMS, in {iv('--mu')} (default {D['mu']:g})")
+    g.add_argument("--outlier-bound", type=_bound_or_none, default=D["outlier_bound"], metavar="SD",
+                   help="the clients and servers learn from the series with each value held within SD standard deviations "
+                        "of the burn-in of the range before it (spikes, sentinel values); the scores are against the series "
+                        f"as it is. In {iv('--outlier-bound')}, or 'none' (default {D['outlier_bound']:g})")
 
     g = run.add_argument_group("game (cost q|x-s|^2 + kappa|x-m|^2 + r|u|^2, discount gamma)")
     g.add_argument("--q", type=_number(float, "--q"), default=D["q"],
@@ -554,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
             policies=policies, classes=args.classes, reclass=args.reclass, trust_feedforward=args.trust_feedforward,
             trust_rule=args.trust_rule,
             rules=rules, eta=args.eta, alpha=args.alpha, seed=args.seed, lags=args.lags,
-            noise_range=tuple(args.noise), mu=args.mu, burn_in=args.burn_in, backend=args.backend,
+            noise_range=tuple(args.noise), mu=args.mu, burn_in=args.burn_in, outlier_bound=args.outlier_bound,
+            backend=args.backend,
             threads=args.threads, progress=progress,
         )
     except KeyboardInterrupt:

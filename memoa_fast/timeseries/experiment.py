@@ -33,7 +33,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .streams import ROUNDING_SPREAD, spread, unit_scale
+from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, hold_outliers, spread, unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -93,7 +93,8 @@ class ExperimentResult:
       ``scores[policy].max_cost``.
 
     ``signal_rmse`` is the per-client RMSE of the raw forecasts ``s_i`` (no
-    game) as a reference.
+    game) as a reference. ``outliers_held`` counts the values of the series
+    that what learns was fed held (``run_experiment``'s ``outlier_bound``).
 
     Non-finite numbers: every score is finite for the documented option
     ranges. Should one overflow (for example a server learning rate so large
@@ -111,6 +112,7 @@ class ExperimentResult:
     round_errors: dict
     signal_rmse: np.ndarray
     elapsed_s: float
+    outliers_held: int = 0
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (no per-client or per-round arrays); non-finite numbers become ``None``."""
@@ -125,6 +127,7 @@ class ExperimentResult:
                 "average_client_rmse": float(self.signal_rmse.mean()),
             },
             "elapsed_s": self.elapsed_s,
+            "outliers_held": self.outliers_held,
         })
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -192,6 +195,10 @@ class ExperimentResult:
             f"average client {_fmt(float(self.signal_rmse.mean()))}; {self.elapsed_s:.1f} s"
         )
         lines = [title, "", line(head), rule, *map(line, rows), "", foot]
+        if self.outliers_held:
+            lines.append(f"outliers: {self.outliers_held} value(s) of the series lay more than {c['outlier_bound']:g} burn-in "
+                         "standard deviations beyond the range before them; the clients and servers learned from them held "
+                         "there, every score is against the series as it is")
         if "memoa-trust" in c["policies"] and c["reclass"] >= self.n_rounds:
             lines.append(f"note: {never_reformed(c['reclass'], self.n_rounds)}")
         if any("n/a" in cell for row in rows for cell in row):
@@ -275,6 +282,7 @@ def run_experiment(
     mu: float = 0.1,
     burn_in: int | None = None,
     scale: str | None = None,
+    outlier_bound: float | None = OUTLIER_BOUND,
     backend: str = "numba",
     threads: int | None = None,
     progress: bool = False,
@@ -350,6 +358,21 @@ def run_experiment(
         in JSON). Needs ``burn_in >= 1`` and spread in that prefix: a
         coordinate whose values there differ by rounding only (at most
         ``2**-46`` times their largest) counts as constant.
+    outlier_bound : float or None
+        What learns (the clients' forecasters, the servers, memoa-trust's
+        classes) is fed the series with each value held within
+        ``outlier_bound`` standard deviations of the burn-in (per
+        coordinate: of ``y(0..burn_in)``) of the range of the values fed
+        before it (:func:`~memoa_fast.timeseries.streams.clip_outliers`);
+        every score is still taken against the series itself. So a spike or
+        a sentinel value reaches the forecasters, whose quadratic features
+        amplify it about cubically, as a value at most that far beyond the
+        range, and a real shift of the level is let in over a few rounds. The
+        first 20 values make the first range and are never held; a
+        coordinate constant over the burn-in is never held, nor is anything
+        with a burn-in of fewer than 20 values. ``None``: the series is fed
+        as it is. The default is chosen on the mean over
+        every series we have (README, "Outliers").
     backend : {"numba", "cython", "numpy"}
         Kernels of the populations, servers, forecasters and scoring. The
         forecasters and the scoring have no Cython kernel: with ``"cython"``
@@ -385,6 +408,8 @@ def run_experiment(
             f"series must be finite with |y| <= {TARGET_LIMIT:g} (z-score it first); first bad value at round {t_bad}: "
             f"{float(y[nonfinite][0]):g}"
         )
+    if outlier_bound is not None:
+        outlier_bound = check_real("outlier_bound", outlier_bound, low=0.0, low_open=True)
     scale_fit = None
     if scale == "burn-in":
         y, scale_fit = _zscore_on_burn_in(y, burn_in)
@@ -397,6 +422,8 @@ def run_experiment(
             + (" after the burn-in z-score" if scale_fit is not None else " (or pass scale='burn-in')")
         )
     y = np.ascontiguousarray(y)
+    # what learns is fed y held within the bound of the range before it; the scores are taken against y
+    feed, n_held = held_feed(y, burn_in, outlier_bound)
     if not isinstance(stream, str):
         raise TypeError(f"stream must be a str (a name for the tables), got {stream!r} of type {type(stream).__name__}")
     trust_feedforward = check_bool("trust_feedforward", trust_feedforward)
@@ -447,8 +474,9 @@ def run_experiment(
     start = time.perf_counter()
     try:
         for t in range(n_rounds):
-            s = forecasters.observe(y[t])
+            s = forecasters.observe(feed[t])
             target = y[t + 1]
+            fed = feed[t + 1]
             record = t >= burn_in
             score_signals.add(s, target, record)
             for p in policies:
@@ -466,9 +494,9 @@ def run_experiment(
                     e["worst_client"][t] = math.sqrt(scorer.max_total / (t + 1 - burn_in))
                 e["max_cost"][t] = pops[p].regret
                 for server in servers[p].values():
-                    server.update(x, target)
+                    server.update(x, fed)
                 if p == "memoa-trust":  # each client measures its own forecast error, classes re-formed every R rounds
-                    pops[p].observe(target)
+                    pops[p].observe(fed)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -514,7 +542,7 @@ def run_experiment(
         "rules": list(rules),
         "eta": float(eta), "alpha": float(alpha), "seed": forecasters.seed,  # as checked: an int (JSON), not a NumPy one
         "lags": forecasters.lags, "noise_range": [float(v) for v in forecasters.noise_range], "mu": float(mu), "burn_in": burn_in,
-        "backend": backend, "threads": forecasters.threads,
+        "outlier_bound": outlier_bound, "backend": backend, "threads": forecasters.threads,
     }
     if scale_fit is not None:
         config["scale"] = scale
@@ -522,10 +550,40 @@ def run_experiment(
     return ExperimentResult(
         stream=stream, config=config, n_rounds=n_rounds, n_scored=n_scored, scores=scores, client_rmse=client_rmse,
         round_errors=errs, signal_rmse=np.sqrt(score_signals.totals / n_scored) * u, elapsed_s=elapsed,
+        outliers_held=n_held,
     )
 
 
 QUANTILES = (0, 0.1, 0.5, 0.9, 1)
+#: The fewest values ``y(0..burn_in)`` whose standard deviation sets ``outlier_bound``'s unit (fewer: nothing is held; from
+#: 20 values a standard deviation is within about 16% of the true one, one standard error), and the rows that make the
+#: first range (held from the row after them).
+OUTLIER_MIN_VALUES = 20
+
+
+def held_feed(y: np.ndarray, burn_in: int, outlier_bound: float | None) -> tuple[np.ndarray, int]:
+    """``(feed, held)``: ``y`` (T, d) as what learns is fed it, and how many values were held (``y`` itself if none).
+
+    Each coordinate ``j`` through :func:`~memoa_fast.timeseries.streams.clip_outliers`
+    with ``b_j = outlier_bound * sd_j``, ``sd_j`` the standard deviation of
+    ``y(0..burn_in, j)`` (:func:`~memoa_fast.timeseries.streams.spread`:
+    0 for a constant, and then ``b_j = inf``). Taken on values divided by a
+    power of two (exact), so it cannot overflow. A burn-in of fewer than
+    :data:`OUTLIER_MIN_VALUES` values measures no spread to trust: nothing
+    is held; nor are the first ``OUTLIER_MIN_VALUES`` rows, which make the
+    first range (the range of a few values is narrow).
+    """
+    if outlier_bound is None or burn_in + 1 < OUTLIER_MIN_VALUES:
+        return y, 0
+    head = y[: burn_in + 1]
+    p2 = unit_scale(head)
+    sd = spread(head / p2, axis=0)
+    with np.errstate(over="ignore"):  # a bound beyond float64's range is inf: nothing held
+        bound = (outlier_bound * sd) * p2
+    bound[~(bound > 0.0)] = np.inf  # a constant coordinate (sd 0), or one whose bound underflowed: never held
+    feed = y.copy()
+    held = hold_outliers(feed, bound, start=OUTLIER_MIN_VALUES)
+    return (feed, held) if held else (y, 0)
 
 
 def _zscore_on_burn_in(y: np.ndarray, burn_in: int):

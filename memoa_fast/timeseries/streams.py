@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import MAX_COUNT, binary_exponent, check_bool, check_int, check_real, check_seed, check_sizes
+from .._validation import MAX_COUNT, binary_exponent, check_bool, check_int, check_real, check_seed, check_sizes, real_array
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -326,6 +326,97 @@ def unit_scale(values: np.ndarray) -> float:
     mean or a standard deviation taken on the quotients cannot overflow.
     """
     return math.ldexp(1.0, min(binary_exponent(values), 1023))  # the package's one power-of-two scaling
+
+
+#: ``run_experiment``'s and ``memoa run``'s default ``outlier_bound``, in standard deviations of the burn-in.
+OUTLIER_BOUND = 2.0
+
+
+def clip_outliers(series, bound, start: int = 1) -> np.ndarray:
+    r"""The series with each value held within ``bound`` of the range of the values before it (as held), per coordinate.
+
+    .. math::
+
+        \tilde y(t) = y(t) \ (t < t_0), \qquad
+        \tilde y(t) = \min\Bigl(\max\bigl(y(t),\ \min_{s<t} \tilde y(s) - b\bigr),\
+                                  \max_{s<t} \tilde y(s) + b\Bigr) \ (t \ge t_0)
+
+    Causal (``y~(t)`` reads ``y(0..t)`` only), so it can feed an online
+    forecaster: a spike of any height reaches it as a value at most ``b``
+    beyond the range before it, and so does a sentinel such as ``99999``
+    every time it recurs (the range grows by the held values, never the raw
+    ones). A real shift of the level by ``D`` is let in over about ``D / b``
+    steps. :func:`~memoa_fast.run_experiment` feeds what learns ``y~`` and
+    scores every forecast against ``y``.
+
+    Parameters
+    ----------
+    series : array_like, shape (T,) or (T, d)
+        Finite real values, ``T >= 1``.
+    bound : float or array_like, shape (d,)
+        ``b > 0`` (``inf``: that coordinate is never held), in the series'
+        units; one per coordinate, or one for all.
+    start : int
+        ``t_0 >= 1``: the first row that can be held; the rows before it are
+        taken as they are and make the first range (a range of a few values
+        is narrow: ``run_experiment`` starts at row 20).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``y~``, float64, a new array of the shape of ``series``.
+    """
+    y = real_array("series", series).astype(np.float64, copy=True)  # a copy: the result is new
+    if y.ndim not in (1, 2) or y.shape[0] < 1 or y.size == 0:
+        raise ValueError(f"series must have shape (T,) or (T, d) with T >= 1 and d >= 1, got shape {y.shape}")
+    y2 = y.reshape(len(y), -1)
+    if not np.isfinite(y2).all():
+        raise ValueError(f"series must be finite; first non-finite value at row {int(np.argmax(~np.isfinite(y2).all(axis=1)))}")
+    b = real_array("bound", bound).astype(np.float64)
+    if b.ndim > 1 or (b.ndim == 1 and b.shape != (y2.shape[1],)):
+        raise ValueError(f"bound must be a number or one per coordinate, shape ({y2.shape[1]},); got shape {b.shape}")
+    if not (b > 0).all() or np.isnan(b).any():
+        raise ValueError(f"bound must be > 0 (inf: never held), got {bound!r}")
+    hold_outliers(y2, np.broadcast_to(b, (y2.shape[1],)), check_int("start", start, low=1))
+    return y
+
+
+def hold_outliers(y: np.ndarray, bound: np.ndarray, start: int = 1) -> int:
+    """:func:`clip_outliers` in place on a C-contiguous (T, d) float64 array, bound shape (d,); returns the values held.
+
+    Vectorised: the running range is found a block of rows at a time (1024,
+    doubling while no value is held); a held value restarts the search just
+    after it, so the cost is about ``T d`` plus ``1024 d`` per held row.
+    """
+    T = y.shape[0]
+    if T <= start:
+        return 0
+    low = y[:start].min(axis=0)
+    high = y[:start].max(axis=0)
+    held = 0
+    t, width = start, 1024
+    while t < T:
+        block = y[t : t + width]
+        # the range before each row of the block: the running extremes up to the row before it (none held in it yet)
+        before_low = np.concatenate((low[None], np.minimum(np.minimum.accumulate(block[:-1], axis=0), low)))
+        before_high = np.concatenate((high[None], np.maximum(np.maximum.accumulate(block[:-1], axis=0), high)))
+        beyond = (block < before_low - bound) | (block > before_high + bound)
+        rows = np.flatnonzero(beyond.any(axis=1))
+        if rows.size == 0:
+            np.minimum(before_low[-1], block[-1], out=low)
+            np.maximum(before_high[-1], block[-1], out=high)
+            t += block.shape[0]
+            width *= 2
+            continue
+        k = int(rows[0])
+        row = block[k]
+        held += int(beyond[k].sum())
+        np.clip(row, before_low[k] - bound, before_high[k] + bound, out=row)
+        np.minimum(before_low[k], row, out=low)
+        np.maximum(before_high[k], row, out=high)
+        t += k + 1
+        width = 1024
+    return held
 
 
 def _check_length_seed(n_steps, seed, arrays):

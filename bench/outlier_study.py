@@ -1,0 +1,128 @@
+"""``outlier_bound``'s default: every series we have, run with each bound and with none (the README's "Outliers").
+
+For every series (the 22 of ``results_tables.py``, the other 24 ETT columns
+and every other FRED column that loads with ``--missing drop``) and every
+bound ``b``: how many values ``run_experiment`` holds, and where it holds
+any, the run with ``outlier_bound=b`` against the run with ``None`` (1000
+clients, every policy, the hedge mixture, one thread; the scores do not
+depend on the thread count). A series where ``b`` holds nothing gives the
+very bits of ``None`` (``tests/test_experiment.py`` checks it), so its ratio
+is 1 without a run. Each column's ratio ``b / None`` is the geometric mean
+over the five policies; the summary is the arithmetic mean over all series,
+and the default is the bound with the lowest mean of the three columns.
+
+    python3 bench/outlier_study.py --json bench/outlier_study.json      # about 40 minutes on 2 cores
+    python3 bench/outlier_study.py --summary bench/outlier_study.json   # the summary of a saved run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from memoa_fast import run_experiment
+from memoa_fast.timeseries.experiment import held_feed
+from memoa_fast.timeseries.streams import csv_columns, load_csv_series
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_tables import DATA, series_list  # noqa: E402
+
+COLUMNS = ("worst", "average", "hedge")
+
+
+def every_series() -> dict[str, np.ndarray]:
+    """The 22 series of the README's tables, then every other ETT column and FRED column we have."""
+    out = {name: load() for name, _, load in series_list()}
+    if not DATA.is_dir():
+        return out
+    for name in ("ETTh1", "ETTh2", "ETTm1", "ETTm2"):
+        path = DATA / "ett" / f"{name}.csv"
+        for column in csv_columns(path):
+            if column not in ("date", "OT"):
+                out[f"{name}/{column}"] = load_csv_series(path, column, max_rows=100_001)
+    path = DATA / "exchange_rate" / "fred_h10_daily_1971_2017.csv"
+    for column in csv_columns(path):
+        if f"FRED/{column}" not in out:
+            try:
+                out[f"FRED/{column}"] = load_csv_series(path, column, missing="drop")
+            except ValueError:  # the date column, and the euro-area columns that end in 1999 (too few rows)
+                pass
+    return out
+
+
+def scores(result) -> dict:
+    return {p: {"worst": s.worst_client_rmse, "average": s.average_client_rmse, "hedge": s.mixture_rmse["hedge"]}
+            for p, s in result.scores.items()}
+
+
+def study(bounds: list[float], n_clients: int) -> dict:
+    out = {}
+    start = time.perf_counter()
+    for name, y in every_series().items():
+        y2 = np.ascontiguousarray(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
+        burn_in = min(500, (len(y2) - 1) // 5)  # run_experiment's default
+        held = {str(b): held_feed(y2, burn_in, b)[1] for b in bounds}
+        out[name] = {"rows": len(y2), "held": held}
+        touched = [b for b in bounds if held[str(b)]]
+        if touched:
+            kw = dict(n_clients=n_clients, rules=("hedge",), threads=1)
+            out[name]["none"] = scores(run_experiment(y, outlier_bound=None, **kw))
+            for b in touched:
+                out[name][str(b)] = scores(run_experiment(y, outlier_bound=b, **kw))
+        print(f"{name:28s} {time.perf_counter() - start:7.1f} s; held {held}", file=sys.stderr, flush=True)
+    return out
+
+
+def summary(results: dict) -> str:
+    """Per series where any bound holds a value: held count and worst/average/hedge ratios; then the means over all."""
+    bounds = sorted({b for v in results.values() for b in v["held"]}, key=float)
+    ratios = {b: {c: [] for c in COLUMNS} for b in bounds}
+    lines = ["per series (held values; worst / average / hedge RMSE with the bound over without it, geometric mean over "
+             "the policies); series where no bound holds anything are left out:"]
+    for name, v in results.items():
+        cells = []
+        for b in bounds:
+            r = {c: 1.0 for c in COLUMNS}
+            if b in v and v["held"][b]:
+                r = {c: math.exp(np.mean([math.log(v[b][p][c] / v["none"][p][c]) for p in v["none"]])) for c in COLUMNS}
+                cells.append(f"b={float(b):g} [{v['held'][b]}] {r['worst']:.3f}/{r['average']:.3f}/{r['hedge']:.3f}")
+            for c in COLUMNS:
+                ratios[b][c].append(r[c])
+        if cells:
+            lines.append(f"  {name} ({v['rows']} rows): " + "; ".join(cells))
+    lines.append(f"mean over {len(results)} series of the ratio with the bound over without it (lower is better; "
+                 "in brackets the smallest and the largest ratio, and the series where a column is more than 1% worse):")
+    for b in bounds:
+        worse = sum(any(ratios[b][c][i] > 1.01 for c in COLUMNS) for i in range(len(results)))
+        touched = sum(bool(v["held"][b]) for v in results.values())
+        lines.append(f"  b={float(b):g}: " + ", ".join(
+            f"{c} {np.mean(ratios[b][c]):.4f} ({min(ratios[b][c]):.3f}-{max(ratios[b][c]):.3f})" for c in COLUMNS)
+            + f"; the three: {np.mean([np.mean(ratios[b][c]) for c in COLUMNS]):.4f}"
+            + f"; holds values in {touched} series; {worse} series more than 1% worse")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bounds", default="1,2,3,4,6,8,12", help="comma-separated bounds, in burn-in standard deviations")
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--summary", metavar="JSON", help="print the summary of a saved run instead of running")
+    args = ap.parse_args()
+    if args.summary:
+        print(summary(json.loads(Path(args.summary).read_text())))
+        return 0
+    results = study([float(b) for b in args.bounds.split(",")], args.clients)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
