@@ -554,3 +554,53 @@ def test_held_values_follow_the_series_unit_and_are_recorded_per_coordinate():
 def test_outlier_bound_is_checked(bound, exc, words):
     with pytest.raises(exc, match=words):
         run_experiment(make_stream("logistic", 100, seed=0), n_clients=3, outlier_bound=bound)
+
+
+def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes():
+    """Each coordinate's unit is its own burn-in spread: beside a coordinate up to 1e330 times larger or smaller (|y| <= 1e30 both),
+    a coordinate holds exactly what it holds alone (one shared power of two made its squares underflow: sd 0, never held).
+    """
+    from memoa_fast.timeseries.experiment import held_feed
+
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal(300), rng.standard_normal(300)
+    v[[150, 220]] += 40.0
+    for big, small in ((1e20, 1e-150), (1e30, 1e-300), (1.0, 1e-200), (1e-200, 1.0)):
+        two = np.column_stack([big * u, small * v])
+        feed, held = held_feed(two, 100, OUTLIER_BOUND)
+        alone = [held_feed(two[:, [j]], 100, OUTLIER_BOUND) for j in (0, 1)]
+        assert held == alone[0][1] + alone[1][1] >= 2, (big, small, held)
+        np.testing.assert_array_equal(feed, np.column_stack([alone[0][0], alone[1][0]]))
+
+
+def test_held_feed_holds_no_less_with_a_smaller_bound():
+    """The class: outlier_bound anywhere in (0, inf) and series of any magnitude. A smaller bound holds no fewer values
+    (a bound that underflowed to 0 used to mean never held: 1e-300 held nothing where 1e-290 held 36 values).
+    """
+    from memoa_fast.timeseries.experiment import held_feed
+
+    v = np.random.default_rng(0).standard_normal(300)[:, None]
+    for scale in (1e-300, 1e-30, 1.0, 1e30):
+        counts = [held_feed(scale * v, 100, b)[1] for b in (1e6, 8.0, 2.0, 1e-10, 1e-290, 1e-300, 1e-320, 5e-324)]
+        assert counts == sorted(counts) and counts[-1] > counts[0], (scale, counts)
+
+
+def test_held_feed_copies_the_series_only_when_it_holds_a_value():
+    """A clean series is fed as it is, with no (T, d) copy nor block temporaries of its size (tracemalloc peak of a
+    few blocks: it was 2.7 times the series); with a held value the feed is a copy and the series is untouched.
+    """
+    import tracemalloc
+
+    from memoa_fast.timeseries.experiment import held_feed
+
+    y = np.sin(np.arange(1 << 21) / 40.0)[:, None]
+    tracemalloc.start()
+    try:
+        feed, held = held_feed(y, 500, OUTLIER_BOUND)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert feed is y and held == 0 and peak < y.nbytes / 8, peak
+    y[1_000_000] = 50.0
+    feed, held = held_feed(y, 500, OUTLIER_BOUND)
+    assert held == 1 and feed is not y and y[1_000_000, 0] == 50.0 and feed[1_000_000, 0] < 5.0

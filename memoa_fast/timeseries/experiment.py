@@ -33,7 +33,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, hold_outliers, spread, unit_scale
+from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, _hold, spread, unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -567,23 +567,28 @@ def held_feed(y: np.ndarray, burn_in: int, outlier_bound: float | None) -> tuple
     Each coordinate ``j`` through :func:`~memoa_fast.timeseries.streams.clip_outliers`
     with ``b_j = outlier_bound * sd_j``, ``sd_j`` the standard deviation of
     ``y(0..burn_in, j)`` (:func:`~memoa_fast.timeseries.streams.spread`:
-    0 for a constant, and then ``b_j = inf``). Taken on values divided by a
-    power of two (exact), so it cannot overflow. A burn-in of fewer than
-    :data:`OUTLIER_MIN_VALUES` values measures no spread to trust: nothing
-    is held; nor are the first ``OUTLIER_MIN_VALUES`` rows, which make the
-    first range (the range of a few values is narrow).
+    0 for a constant, and then ``b_j = inf``). Each ``sd_j`` is taken on the
+    coordinate's values divided by its own power of two (exact), so it can
+    neither overflow nor underflow, whatever the magnitudes of the other
+    coordinates; a ``b_j`` beyond float64's range is ``inf`` (nothing lies
+    beyond it) and one below it the smallest float (a smaller bound never
+    holds less). A burn-in of fewer than :data:`OUTLIER_MIN_VALUES` values
+    measures no spread to trust: nothing is held; nor are the first
+    ``OUTLIER_MIN_VALUES`` rows, which make the first range (the range of a
+    few values is narrow). The copy is made only once a value is held: for a
+    series with none, no (T, d) array is made.
     """
     if outlier_bound is None or burn_in + 1 < OUTLIER_MIN_VALUES:
         return y, 0
     head = y[: burn_in + 1]
-    p2 = unit_scale(head)
+    # per coordinate, a power of two at least half its largest |value| (unit_scale's, one per coordinate)
+    p2 = np.ldexp(1.0, np.minimum(np.frexp(np.abs(head).max(axis=0))[1], 1023))
     sd = spread(head / p2, axis=0)
-    with np.errstate(over="ignore"):  # a bound beyond float64's range is inf: nothing held
-        bound = (outlier_bound * sd) * p2
-    bound[~(bound > 0.0)] = np.inf  # a constant coordinate (sd 0), or one whose bound underflowed: never held
-    feed = y.copy()
-    held = hold_outliers(feed, bound, start=OUTLIER_MIN_VALUES)
-    return (feed, held) if held else (y, 0)
+    with np.errstate(over="ignore", under="ignore"):
+        bound = outlier_bound * sd * p2
+    bound = np.where(sd > 0.0, np.maximum(bound, np.nextafter(0.0, 1.0)), np.inf)  # constant (sd 0): never held
+    feed, held, _ = _hold(y, bound, OUTLIER_MIN_VALUES, copy=True)
+    return feed, held
 
 
 def _zscore_on_burn_in(y: np.ndarray, burn_in: int):

@@ -382,41 +382,84 @@ def clip_outliers(series, bound, start: int = 1) -> np.ndarray:
 
 
 def hold_outliers(y: np.ndarray, bound: np.ndarray, start: int = 1) -> int:
-    """:func:`clip_outliers` in place on a C-contiguous (T, d) float64 array, bound shape (d,); returns the values held.
+    """:func:`clip_outliers` in place on a (T, d) float64 array, bound shape (d,); returns the values held.
 
-    Vectorised: the running range is found a block of rows at a time (1024,
-    doubling while no value is held); a held value restarts the search just
-    after it, so the cost is about ``T d`` plus ``1024 d`` per held row.
+    Vectorised: the running range is found a block of rows at a time (from
+    16 rows, doubling while no value is held, up to ``2**15`` values). After
+    a held row the rows are taken one at a time while they are held (a
+    level shift let in over many rows), then in blocks again from 16 rows.
+    So the cost is at most ``3 T d`` values plus ``16 d`` per held row,
+    whatever the pattern of held rows, and the temporaries are a few blocks,
+    whatever ``T``.
     """
-    T = y.shape[0]
+    return _hold(y, bound, start, copy=False)[1]
+
+
+#: The fewest rows of a block of :func:`hold_outliers` (the first, and after held rows) and the most values of one.
+_HOLD_MIN_ROWS = 16
+_HOLD_BLOCK_VALUES = 1 << 15
+
+
+def _hold(y: np.ndarray, bound: np.ndarray, start: int, copy: bool) -> tuple[np.ndarray, int, int]:
+    """``(held, n_held, scanned)``: :func:`hold_outliers` on ``y``, or with ``copy`` on a copy made at the first held value.
+
+    With ``copy``, ``held`` is ``y`` itself when no value is held (no (T, d)
+    copy is ever made for a clean series). ``scanned``: the values compared
+    with the range, at most ``d (3 T + 16 (rows held + 1))``: a block has at
+    most twice the rows the block before it went past, or 16 after held
+    rows, and each row after a held one is compared once more on its own.
+    """
+    T, d = y.shape
     if T <= start:
-        return 0
+        return y, 0, 0
     low = y[:start].min(axis=0)
     high = y[:start].max(axis=0)
-    held = 0
-    t, width = start, 1024
-    while t < T:
-        block = y[t : t + width]
-        # the range before each row of the block: the running extremes up to the row before it (none held in it yet)
-        before_low = np.concatenate((low[None], np.minimum(np.minimum.accumulate(block[:-1], axis=0), low)))
-        before_high = np.concatenate((high[None], np.maximum(np.maximum.accumulate(block[:-1], axis=0), high)))
-        beyond = (block < before_low - bound) | (block > before_high + bound)
-        rows = np.flatnonzero(beyond.any(axis=1))
-        if rows.size == 0:
-            np.minimum(before_low[-1], block[-1], out=low)
-            np.maximum(before_high[-1], block[-1], out=high)
-            t += block.shape[0]
-            width *= 2
-            continue
-        k = int(rows[0])
-        row = block[k]
-        held += int(beyond[k].sum())
-        np.clip(row, before_low[k] - bound, before_high[k] + bound, out=row)
-        np.minimum(before_low[k], row, out=low)
-        np.maximum(before_high[k], row, out=high)
-        t += k + 1
-        width = 1024
-    return held
+    most = max(_HOLD_MIN_ROWS, _HOLD_BLOCK_VALUES // d)
+    held = scanned = 0
+    t, width, after_held = start, _HOLD_MIN_ROWS, False
+    with np.errstate(over="ignore"):  # a range plus a bound beyond float64's is inf: nothing lies beyond it
+        while t < T:
+            if after_held:  # the row after a held one, on its own: most likely held too in a shift of the level
+                row = y[t]
+                lo, hi = low - bound, high + bound
+                n_out = int(np.count_nonzero((row < lo) | (row > hi)))
+                scanned += d
+                if n_out:
+                    held += n_out
+                    np.clip(row, lo, hi, out=row)
+                    np.minimum(low, row, out=low)
+                    np.maximum(high, row, out=high)
+                    t += 1
+                    continue
+                after_held, width = False, _HOLD_MIN_ROWS  # within: blocks again, from this row
+            block = y[t : t + width]
+            n = block.shape[0]
+            scanned += n * d
+            # the range before each row of the block (the running extremes up to the row before it: none held in it
+            # yet), widened by the bound: what lies beyond it is held
+            lo = np.concatenate((low[None], np.minimum(np.minimum.accumulate(block[:-1], axis=0), low)))
+            hi = np.concatenate((high[None], np.maximum(np.maximum.accumulate(block[:-1], axis=0), high)))
+            lo -= bound
+            hi += bound
+            beyond = (block < lo) | (block > hi)
+            rows = np.flatnonzero(beyond.any(axis=1))
+            if rows.size == 0:
+                np.minimum(low, block.min(axis=0), out=low)
+                np.maximum(high, block.max(axis=0), out=high)
+                t += n
+                width = min(2 * n, most)
+                continue
+            k = int(rows[0])
+            if copy:  # the first held value: the rest is held in the copy
+                y, copy = y.copy(), False
+            row = y[t + k]
+            held += int(np.count_nonzero(beyond[k]))
+            np.clip(row, lo[k], hi[k], out=row)
+            np.minimum(low, y[t : t + k + 1].min(axis=0), out=low)
+            np.maximum(high, y[t : t + k + 1].max(axis=0), out=high)
+            t += k + 1
+            after_held = True
+    return y, held, scanned
 
 
 def _check_length_seed(n_steps, seed, arrays):
