@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mu", type=_number(float, "--mu"), default=D["mu"],
                    help=f"step size of the clients' normalised LMS, in {iv('--mu')} (default {D['mu']:g})")
     g.add_argument("--outlier-bound", type=_bound_or_none, default=D["outlier_bound"], metavar="SD",
-                   help="the clients and servers learn from the series with each value held within SD standard deviations "
-                        "of the burn-in of the range before it (spikes, sentinel values); the scores are against the series "
-                        f"as it is. In {iv('--outlier-bound')}, or 'none' (default {D['outlier_bound']:g})")
+                   help="what learns (the clients' forecasters, the servers, memoa-trust's classes) is fed each value held "
+                        "within SD standard deviations of the burn-in beyond the range of the values fed before it (spikes, "
+                        "sentinel values; from row 20, and only with a burn-in of 19 rounds or more); every score is against "
+                        f"the series as it is. In {iv('--outlier-bound')}, or 'none' (default {D['outlier_bound']:g})")
 
     g = run.add_argument_group("game (cost q|x-s|^2 + kappa|x-m|^2 + r|u|^2, discount gamma)")
     g.add_argument("--q", type=_number(float, "--q"), default=D["q"],
