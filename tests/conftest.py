@@ -137,7 +137,8 @@ def _no_thread_outlives_its_module(request):
     clients, left = _open_dask_clients(), _ours_left_running(before)
     if clients or left:
         # Objects dropped in a reference cycle stop their threads and close their clients when collected: a
-        # ClientForecasters' noise pool, a DaskPopulation's own client (its finalizer, in this thread: at once).
+        # ClientForecasters' noise pool, a DaskPopulation's own client (its finalizer queues it for the
+        # memoa-close-client thread, which ends once it has closed every queued client: waited for below).
         gc.collect()
         deadline = time.monotonic() + 10.0  # a thread told to stop may take a moment to end (more on a loaded machine)
         while _ours_left_running(before) and time.monotonic() < deadline:

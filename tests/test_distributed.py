@@ -793,6 +793,14 @@ def test_the_worst_agent_with_nan_costs_is_the_one_machine_populations(thread_cl
         np.testing.assert_array_equal(dpop.regret, pop.regret)
 
 
+def _closed_soon(client, seconds=20):
+    """Whether ``client`` is closed within ``seconds`` (the finalizer's close runs in a thread of its own)."""
+    deadline = time.monotonic() + seconds
+    while client.status != "closed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return client.status == "closed"
+
+
 def test_a_population_dropped_without_close_closes_the_client_it_opened(thread_client):
     """A DaskPopulation (``direct=True``) dropped without ``close()`` closes the client it opened when collected;
     a client passed in stays open. The client stayed connected, and once its cluster closed it kept reconnecting
@@ -801,27 +809,68 @@ def test_a_population_dropped_without_close_closes_the_client_it_opened(thread_c
     import gc
     import weakref
 
+    from memoa_fast.distributed import _comm
+
     dpop = DaskPopulation(GAME, N, 1, client=thread_client, timeout=TIMEOUT)
     own, dropped = dpop._own_client, weakref.ref(dpop)
     assert own is not None and own is not thread_client and own.status == "running"
     del dpop
     gc.collect()  # (a population is in a reference cycle with its states' handle: only the collector frees it)
     assert dropped() is None
-    assert own.status == "closed"
+    assert _closed_soon(own)
     assert thread_client.status == "running" and thread_client.submit(abs, -3).result(timeout=TIMEOUT) == 3
     with DaskPopulation(GAME, N, 1, client=thread_client, timeout=TIMEOUT) as dpop:  # closed: the finalizer is spent
         own = dpop._own_client
     assert own.status == "closed" and not dpop._own_client_closer.alive
+    deadline = time.monotonic() + 20  # no client left to close: the closing thread ends
+    while _comm._closer is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _comm._closer is None
 
 
-def test_the_finalizer_closes_the_client_from_its_own_event_loop_thread(thread_client):
-    """The collector may run the finalizer on the client's own IO-loop thread: a blocking close there would wait for
-    the loop it blocks (until its timeout); the close is handed to a short thread instead.
+def test_a_population_collected_on_its_clients_event_loop_thread_closes_it(thread_client):
+    """The collector may run the finalizer on the client's own IO-loop thread, where a blocking close would wait
+    for the loop it blocks (until its timeout): the client is closed all the same, soon.
     """
-    from memoa_fast.distributed._comm import close_own_client, direct_client
+    import gc
 
-    own = direct_client(thread_client, TIMEOUT)
-    own.loop.add_callback(close_own_client, own, TIMEOUT)
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, timeout=TIMEOUT)
+    own = dpop._own_client
+    del dpop
+    own.loop.add_callback(gc.collect)
+    assert _closed_soon(own)
+
+
+def test_a_population_collected_under_a_lock_of_distributed_does_not_deadlock(thread_client):
+    """The collector runs a finalizer in whatever thread allocates, under whatever lock that thread holds: e.g.
+    inside ``Client(...)``, where ``LoopRunner.start`` holds distributed's process-wide ``LoopRunner._lock``
+    (seen: a script that made a new DaskPopulation after dropping one hung there for good). Closing the client
+    there (``Client.close`` -> ``LoopRunner.stop`` takes that lock) waited for itself; the finalizer only queues it.
+    """
+    import gc
+    import threading
+
+    from distributed.utils import LoopRunner
+
+    dpop = DaskPopulation(GAME, N, 1, client=thread_client, timeout=TIMEOUT)
+    own = dpop._own_client
+    del dpop
+
+    def collect_under_the_lock():
+        try:
+            with LoopRunner._lock:  # as a collection triggered by an allocation inside LoopRunner.start or stop
+                gc.collect()
+        except RuntimeError:  # (the lock released below, to free a deadlocked collector)
+            pass
+
+    collector = threading.Thread(target=collect_under_the_lock, name="collector", daemon=True)
+    collector.start()
+    collector.join(10)
+    deadlocked = collector.is_alive()
+    if deadlocked:
+        LoopRunner._lock.release()  # free it, and distributed with it, for the rest of the session
+        collector.join(TIMEOUT)
+    assert not deadlocked, "the finalizer blocked the collecting thread on a lock that thread held"
     deadline = time.monotonic() + 20
     while own.status != "closed" and time.monotonic() < deadline:
         time.sleep(0.02)

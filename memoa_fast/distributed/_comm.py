@@ -1,10 +1,11 @@
 """Client-side plumbing of the Dask engine: the client, message sizes, lost-worker detection."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
+import queue
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,27 +104,69 @@ def direct_client(client, timeout):
     )
 
 
-def close_own_client(client, timeout: float) -> None:
-    """Close a client a population opened itself (never one it was given), when the population is collected.
+# The clients of populations collected without close(), to be closed by a thread of ours (see closes_when_collected).
+_to_close: queue.SimpleQueue = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: threading.Thread | None = None
+_n_registered = 0  # populations whose client is not yet closed, nor handed back by release_closer
 
-    The finalizer of a :class:`DaskPopulation` dropped without ``close()``: left open, that client stays
-    connected and, once its cluster closes, keeps reconnecting from its event-loop thread in the background.
-    The garbage collector runs the finalizer in whatever thread it runs in, also an event loop's (the client's
-    own included, where a blocking close would wait for the very loop it blocks): there a short thread of its
-    own closes the client instead. Errors are ignored (there is no caller to give them to).
+
+def closes_when_collected(owner, client, timeout: float) -> weakref.finalize:
+    """Close ``client`` (one ``owner`` opened itself, never one it was given) once ``owner`` is garbage-collected.
+
+    Left open, such a client stays connected and, once its cluster closes, keeps reconnecting from its event-loop
+    thread in the background. The collector runs a finalizer in whatever thread happens to allocate, in the middle
+    of whatever that thread is doing: its client's own event loop (where a blocking close would wait for the loop
+    it blocks), or distributed's ``Client(...)`` holding ``LoopRunner._lock``, which ``Client.close`` takes again
+    (a blocking close there waits for itself for good). So the finalizer only puts the client on a
+    :class:`queue.SimpleQueue` (reentrant: made for finalizers); a daemon thread ``memoa-close-client``, started
+    here (never from a finalizer: starting a thread takes a lock of ``threading``), closes it, and ends once no
+    registered client is left. Not at interpreter exit (``atexit`` off: no close while it shuts down). The owner's
+    own close must call :func:`release_closer` after closing the client itself.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # no event loop runs in this thread: close here
-        _close_quietly(client, timeout)
-    else:
-        threading.Thread(target=_close_quietly, args=(client, timeout), name="memoa-close-client", daemon=True).start()
+    global _closer, _n_registered
+    closer = weakref.finalize(owner, _to_close.put, (client, timeout))
+    closer.atexit = False
+    with _closer_lock:
+        if _closer is None or not _closer.is_alive():  # (not alive: gone with its process in a forked child)
+            thread = threading.Thread(target=_close_collected, name="memoa-close-client", daemon=True)
+            try:
+                thread.start()
+            except BaseException:
+                closer.detach()
+                raise
+            _closer = thread
+        _n_registered += 1
+    return closer
+
+
+def release_closer(closer: weakref.finalize) -> None:
+    """The owner closed its client itself: its finalizer is dropped (the closing thread ends when none is left)."""
+    if closer.detach() is not None:
+        _to_close.put((None, 0.0))
+
+
+def _close_collected() -> None:
+    """The ``memoa-close-client`` thread: close the queued clients until no registered one is left."""
+    global _closer, _n_registered
+    while True:
+        client, timeout = _to_close.get()
+        if client is not None:
+            _close_quietly(client, timeout)
+            del client
+        with _closer_lock:
+            _n_registered -= 1
+            if _n_registered <= 0:
+                _n_registered = 0
+                if _closer is threading.current_thread():
+                    _closer = None
+                return
 
 
 def _close_quietly(client, timeout: float) -> None:
     try:
         client.close(timeout=timeout)
-    except Exception:  # noqa: BLE001 - in a finalizer: nobody to report to
+    except Exception:  # noqa: BLE001 - of a collected object: nobody to report to
         pass
 
 

@@ -34,7 +34,17 @@ from ..checkpoint import (
 from ..game import Game
 from ..kernels import CHUNK, N_COEF, SIZE, layout, next_discount, used_columns
 from ..population import MeanFieldSummary, _check_magnitude, check_labels, first_max, population_shape
-from ._comm import DEFAULT_TIMEOUT, CommStats, ShardLostError, close_own_client, default_client, direct_client, is_loss, payload_nbytes
+from ._comm import (
+    DEFAULT_TIMEOUT,
+    CommStats,
+    ShardLostError,
+    closes_when_collected,
+    default_client,
+    direct_client,
+    is_loss,
+    payload_nbytes,
+    release_closer,
+)
 from ._shard import Shard
 
 
@@ -217,11 +227,15 @@ class DaskPopulation(MeanFieldSummary):
         self._own_client = None
         self._own_client_closer = None
         if direct and not self.client.direct_to_workers:
-            self._own_client = direct_client(self.client, self.timeout)
+            own = direct_client(self.client, self.timeout)
             # Dropped without close(), the population closes the client it opened when it is collected (never one
             # it was given): left open, that client reconnects in the background once its cluster is gone.
-            self._own_client_closer = weakref.finalize(self, close_own_client, self._own_client, min(self.timeout, 30.0))
-            self._own_client_closer.atexit = False  # not at interpreter exit: no blocking close while it shuts down
+            try:
+                self._own_client_closer = closes_when_collected(self, own, min(self.timeout, 30.0))
+            except BaseException:
+                own.close(timeout=self.timeout)
+                raise
+            self._own_client = own
         self.comm = CommStats()
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
@@ -345,7 +359,7 @@ class DaskPopulation(MeanFieldSummary):
         self._release_shards()
         if self._own_client is not None:
             self._own_client.close(timeout=self.timeout)
-            self._own_client_closer.detach()
+            release_closer(self._own_client_closer)
             self._own_client = None
         self._broken = self._broken or "closed"
 
