@@ -7,6 +7,7 @@ an argument that is a view of the object's own buffers reads the values it had
 when the call began; a refused call changes nothing; a process forked from one
 whose OpenMP threads ran still steps (on one thread, the same bits).
 """
+import contextlib
 import copy
 import os
 import pickle
@@ -256,9 +257,10 @@ def test_trust_classes_observe_from_two_threads_raises_instead_of_racing():
     np.testing.assert_array_equal(tc.errors, serial.errors)
 
 
+@contextlib.contextmanager
 def _paused_in_another_thread(obj, name, call):
     """Run ``call()`` in another thread, paused inside it where it calls ``obj.<name>`` (an instance attribute
-    shadows the method): ``(inside, leave, worker, errors)``; ``leave.set()`` then ``worker.join()`` let it finish.
+    shadows the method) for the ``with`` block; on leaving it the call finishes. Yields the list of its errors.
     """
     import threading
 
@@ -281,8 +283,13 @@ def _paused_in_another_thread(obj, name, call):
     setattr(obj, name, paused)
     worker = threading.Thread(target=run)
     worker.start()
-    assert inside.wait(30)
-    return leave, worker, errors, lambda: delattr(obj, name)
+    try:
+        assert inside.wait(30)
+        yield errors
+    finally:
+        leave.set()
+        worker.join()
+        delattr(obj, name)
 
 
 def test_trust_population_observe_refuses_its_trust_classes_to_another_thread(signals):
@@ -296,8 +303,7 @@ def test_trust_population_observe_refuses_its_trust_classes_to_another_thread(si
         obj.step(signals)
         obj.observe(signals[0])
         obj.step(signals * 2)
-    leave, worker, errors, unpatch = _paused_in_another_thread(tp, "_measure_class_costs", lambda: tp.observe(signals[1]))
-    try:
+    with _paused_in_another_thread(tp, "_measure_class_costs", lambda: tp.observe(signals[1])) as errors:
         for call in (lambda: tp.trust.observe(signals, TARGET), tp.trust.classes, lambda: tp.trust.classes_for([1.0]),
                      lambda: pickle.dumps(tp.trust), lambda: copy.copy(tp.trust)):
             with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
@@ -305,10 +311,6 @@ def test_trust_population_observe_refuses_its_trust_classes_to_another_thread(si
         for call in (lambda: pickle.dumps(tp), lambda: copy.copy(tp)):
             with pytest.raises(RuntimeError, match="TrustPopulation is being used by another thread"):
                 call()
-    finally:
-        leave.set()
-        worker.join()
-        unpatch()
     assert not errors
     twin.observe(signals[1])  # the same round alone: the refused calls changed nothing
     assert tp.n_reclassed == twin.n_reclassed == 1
@@ -321,15 +323,10 @@ def test_trust_population_is_not_copied_while_another_thread_steps_it(signals):
     """
     tp = TrustPopulation(N, D, n_classes=2, reclass=2, powers=(1.0, 1.5), backend="numpy")
     tp.step(signals)
-    leave, worker, errors, unpatch = _paused_in_another_thread(tp.populations[1], "step", lambda: tp.step(signals * 2))
-    try:
+    with _paused_in_another_thread(tp.populations[1], "step", lambda: tp.step(signals * 2)) as errors:
         for call in (lambda: pickle.dumps(tp), lambda: copy.copy(tp), lambda: copy.deepcopy(tp)):
             with pytest.raises(RuntimeError, match="TrustPopulation is being used by another thread"):
                 call()
-    finally:
-        leave.set()
-        worker.join()
-        unpatch()
     assert not errors
     clone = pickle.loads(pickle.dumps(tp))
     assert [p.t for p in clone.populations] == [p.t for p in tp.populations] == [2, 2]

@@ -360,9 +360,9 @@ def run_experiment(
         ``2**-46`` times their largest) counts as constant.
     outlier_bound : float or None
         What learns (the clients' forecasters, the servers, memoa-trust's
-        classes) is fed the series with each value held within
+        classes) is fed the series with each value held at most
         ``outlier_bound`` standard deviations of the burn-in (per
-        coordinate: of ``y(0..burn_in)``) of the range of the values fed
+        coordinate: of ``y(0..burn_in)``) beyond the range of the values fed
         before it (:func:`~memoa_fast.timeseries.streams.clip_outliers`);
         every score is still taken against the series itself. So a spike or
         a sentinel value reaches the forecasters, whose quadratic features
@@ -371,8 +371,9 @@ def run_experiment(
         first 20 values make the first range and are never held; a
         coordinate constant over the burn-in is never held, nor is anything
         with a burn-in of fewer than 20 values. ``None``: the series is fed
-        as it is. The default is chosen on the mean over
-        every series we have (README, "Outliers").
+        as it is (MODEL.md section 6's feed). The default has the lowest
+        mean ratio of the scores, held over unheld, over every series we
+        have (``bench/outlier_study.py``; README, "Outliers are held").
     backend : {"numba", "cython", "numpy"}
         Kernels of the populations, servers, forecasters and scoring. The
         forecasters and the scoring have no Cython kernel: with ``"cython"``
