@@ -828,6 +828,79 @@ def test_a_population_dropped_without_close_closes_the_client_it_opened(thread_c
     assert _comm._closer is None
 
 
+class _FakeClient:
+    """What the closing thread needs of a client: ``close(timeout=...)``, counted."""
+
+    def __init__(self):
+        self.closed = 0
+
+    def close(self, timeout=None):
+        self.closed += 1
+
+
+def _interrupted_at_line(function, line, call):
+    """``call()`` with a KeyboardInterrupt raised when ``function`` reaches its source line ``line``; whether it was."""
+    import sys
+
+    hit = []
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not hit:
+            hit.append(line)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is function.__code__ else None
+
+    sys.settrace(tracer)
+    try:
+        call()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return bool(hit)
+
+
+@pytest.mark.parametrize("where", ["closes_when_collected", "release_closer"])
+def test_an_interrupted_registration_never_loses_a_close_nor_keeps_the_closing_thread(where):
+    """Ctrl-C at any line of registering (or handing back) a population's own client: every client of a collected
+    population is still closed, once, and the closing thread still ends when nothing is left. A count of the
+    registrations drifted there: the thread ended while a client was registered, which then stayed open for good.
+    """
+    import gc
+    import inspect
+
+    from memoa_fast.distributed import _comm
+
+    function = getattr(_comm, where)
+    source, first = inspect.getsourcelines(function)
+    body = [first + i for i, text in enumerate(source) if text.strip() and not text.strip().startswith(("def ", '"""', "#"))]
+    for line in body:
+        class Owner:
+            pass
+
+        a, a_client, b, b_client = Owner(), _FakeClient(), Owner(), _FakeClient()
+        _comm.closes_when_collected(a, a_client, 1.0)
+        if where == "closes_when_collected":
+            _interrupted_at_line(function, line, lambda owner=b: _comm.closes_when_collected(owner, b_client, 1.0))
+        else:
+            b_closer = _comm.closes_when_collected(b, b_client, 1.0)
+            b_client.close()  # the population closes its client itself, then hands the registration back
+            _interrupted_at_line(function, line, lambda: _comm.release_closer(b_closer))
+        del b
+        gc.collect()
+        del a
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while (_comm._closer is not None or a_client.closed == 0) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert a_client.closed == 1, line
+        assert b_client.closed <= (2 if where == "release_closer" else 1), line  # (closed again: harmless)
+        assert _comm._closer is None and not _comm._registered, line
+
+
 def test_a_population_collected_on_its_clients_event_loop_thread_closes_it(thread_client):
     """The collector may run the finalizer on the client's own IO-loop thread, where a blocking close would wait
     for the loop it blocks (until its timeout): the client is closed all the same, soon.

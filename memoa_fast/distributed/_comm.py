@@ -105,10 +105,14 @@ def direct_client(client, timeout):
 
 
 # The clients of populations collected without close(), to be closed by a thread of ours (see closes_when_collected).
+# Items are (client, timeout, close): close=False only hands a registration back (the population closed it itself).
 _to_close: queue.SimpleQueue = queue.SimpleQueue()
 _closer_lock = threading.Lock()
 _closer: threading.Thread | None = None
-_n_registered = 0  # populations whose client is not yet closed, nor handed back by release_closer
+# id(client) -> client for every client whose population may still be collected. Kept by identity, not counted: an
+# item handled twice, or one of an interrupted registration, changes nothing (a count drifted, and the thread then
+# ended while a client was still registered, leaving it open for good). Strong references keep the ids unique.
+_registered: dict = {}
 
 
 def closes_when_collected(owner, client, timeout: float) -> weakref.finalize:
@@ -121,43 +125,44 @@ def closes_when_collected(owner, client, timeout: float) -> weakref.finalize:
     (a blocking close there waits for itself for good). So the finalizer only puts the client on a
     :class:`queue.SimpleQueue` (reentrant: made for finalizers); a daemon thread ``memoa-close-client``, started
     here (never from a finalizer: starting a thread takes a lock of ``threading``), closes it, and ends once no
-    registered client is left. Not at interpreter exit (``atexit`` off: no close while it shuts down). The owner's
-    own close must call :func:`release_closer` after closing the client itself.
+    registered client is left and nothing is queued. Not at interpreter exit (``atexit`` off: no close while it
+    shuts down). The owner's own close must call :func:`release_closer` after closing the client itself.
+
+    The finalizer exists before the registration: an interrupt between the two leaves a client that is still closed
+    when its owner is collected (by this thread, or by the next one started), never a registration without one.
     """
-    global _closer, _n_registered
-    closer = weakref.finalize(owner, _to_close.put, (client, timeout))
+    global _closer
+    closer = weakref.finalize(owner, _to_close.put, (client, timeout, True))
     closer.atexit = False
     with _closer_lock:
+        _registered[id(client)] = client
         if _closer is None or not _closer.is_alive():  # (not alive: gone with its process in a forked child)
-            thread = threading.Thread(target=_close_collected, name="memoa-close-client", daemon=True)
-            try:
-                thread.start()
-            except BaseException:
-                closer.detach()
-                raise
-            _closer = thread
-        _n_registered += 1
+            _closer = threading.Thread(target=_close_collected, name="memoa-close-client", daemon=True)
+            _closer.start()  # set first: a start cut short leaves a thread not alive, replaced next time
     return closer
 
 
 def release_closer(closer: weakref.finalize) -> None:
-    """The owner closed its client itself: its finalizer is dropped (the closing thread ends when none is left)."""
-    if closer.detach() is not None:
-        _to_close.put((None, 0.0))
+    """The owner closed its client itself: its registration is handed back (first) and its finalizer dropped."""
+    info = closer.peek()
+    if info is not None:
+        client = info[2][0][0]
+        _to_close.put((client, 0.0, False))
+        closer.detach()
 
 
 def _close_collected() -> None:
-    """The ``memoa-close-client`` thread: close the queued clients until no registered one is left."""
-    global _closer, _n_registered
+    """The ``memoa-close-client`` thread: close the queued clients until none is registered and none is queued."""
+    global _closer
     while True:
-        client, timeout = _to_close.get()
-        if client is not None:
+        client, timeout, close = _to_close.get()
+        if close:
             _close_quietly(client, timeout)
-            del client
         with _closer_lock:
-            _n_registered -= 1
-            if _n_registered <= 0:
-                _n_registered = 0
+            if _registered.get(id(client)) is client:
+                del _registered[id(client)]
+            del client
+            if not _registered and _to_close.empty():
                 if _closer is threading.current_thread():
                     _closer = None
                 return
