@@ -934,7 +934,7 @@ def _held_rows(y, bound, start=1):
 
 
 @pytest.mark.parametrize("pattern", ["every row", "every other row", "every 17th row", "runs of 40", "spikes", "none"])
-def test_hold_outliers_costs_about_t_d_plus_16_d_per_held_row(pattern):
+def test_the_hold_costs_about_t_d_plus_16_d_per_held_row(pattern):
     """The class: any pattern of held rows. The values the blocks compare with the range stay within
     d (3 T + 16 (rows held + 1)) (a block restarted at 1024 rows after each held one cost 1024 d per held row: 65536
     values per row at d = 64, so dense holds were far slower than the row-by-row definition), and the rows are held

@@ -582,8 +582,7 @@ def held_feed(y: np.ndarray, burn_in: int, outlier_bound: float | None) -> tuple
     if outlier_bound is None or burn_in + 1 < OUTLIER_MIN_VALUES:
         return y, 0
     head = y[: burn_in + 1]
-    # per coordinate, a power of two at least half its largest |value| (unit_scale's, one per coordinate)
-    p2 = np.ldexp(1.0, np.minimum(np.frexp(np.abs(head).max(axis=0))[1], 1023))
+    p2 = np.array([unit_scale(column) for column in head.T])  # the package's power-of-two scaling, per coordinate
     sd = spread(head / p2, axis=0)
     with np.errstate(over="ignore", under="ignore"):
         bound = outlier_bound * sd * p2

@@ -375,14 +375,22 @@ def clip_outliers(series, bound, start: int = 1) -> np.ndarray:
     b = real_array("bound", bound).astype(np.float64)
     if b.ndim > 1 or (b.ndim == 1 and b.shape != (y2.shape[1],)):
         raise ValueError(f"bound must be a number or one per coordinate, shape ({y2.shape[1]},); got shape {b.shape}")
-    if not (b > 0).all() or np.isnan(b).any():
+    if not (b > 0).all():  # (NaN too)
         raise ValueError(f"bound must be > 0 (inf: never held), got {bound!r}")
-    hold_outliers(y2, np.broadcast_to(b, (y2.shape[1],)), check_int("start", start, low=1))
+    _hold(y2, np.broadcast_to(b, (y2.shape[1],)), check_int("start", start, low=1), copy=False)
     return y
 
 
-def hold_outliers(y: np.ndarray, bound: np.ndarray, start: int = 1) -> int:
-    """:func:`clip_outliers` in place on a (T, d) float64 array, bound shape (d,); returns the values held.
+#: The fewest rows of a block of :func:`_hold` (the first, and after held rows) and the most values of one.
+_HOLD_MIN_ROWS = 16
+_HOLD_BLOCK_VALUES = 1 << 15
+
+
+def _hold(y: np.ndarray, bound: np.ndarray, start: int, copy: bool) -> tuple[np.ndarray, int, int]:
+    """``(held, n_held, scanned)``: :func:`clip_outliers` in place on a (T, d) float64 ``y`` (or on a copy: ``copy``).
+
+    ``bound`` has shape (d,); rows before ``start`` are not held. With
+    ``copy`` the copy is made at the first held value.
 
     Vectorised: the running range is found a block of rows at a time (from
     16 rows, doubling while no value is held, up to ``2**15`` values). After
@@ -390,20 +398,7 @@ def hold_outliers(y: np.ndarray, bound: np.ndarray, start: int = 1) -> int:
     level shift let in over many rows), then in blocks again from 16 rows.
     So the cost is at most ``3 T d`` values plus ``16 d`` per held row,
     whatever the pattern of held rows, and the temporaries are a few blocks,
-    whatever ``T``.
-    """
-    return _hold(y, bound, start, copy=False)[1]
-
-
-#: The fewest rows of a block of :func:`hold_outliers` (the first, and after held rows) and the most values of one.
-_HOLD_MIN_ROWS = 16
-_HOLD_BLOCK_VALUES = 1 << 15
-
-
-def _hold(y: np.ndarray, bound: np.ndarray, start: int, copy: bool) -> tuple[np.ndarray, int, int]:
-    """``(held, n_held, scanned)``: :func:`hold_outliers` on ``y``, or with ``copy`` on a copy made at the first held value.
-
-    With ``copy``, ``held`` is ``y`` itself when no value is held (no (T, d)
+    whatever ``T``. With ``copy``, ``held`` is ``y`` itself when no value is held (no (T, d)
     copy is ever made for a clean series). ``scanned``: the values compared
     with the range, at most ``d (3 T + 16 (rows held + 1))``: a block has at
     most twice the rows the block before it went past, or 16 after held

@@ -33,6 +33,12 @@ from ..population import Population, first_max
 _RECOVER = "continue from a copy or pickle taken before"
 
 
+def _state_copy(obj) -> dict:
+    """The state a pickle or copy of ``obj`` takes: every attribute but its lock, the arrays copied (call it under the lock)."""
+    return {name: value.copy() if isinstance(value, np.ndarray) else value
+            for name, value in obj.__dict__.items() if name != "_exclusive"}
+
+
 class TrustClasses:
     """Online error of every client and its quantile trust class.
 
@@ -206,8 +212,7 @@ class TrustClasses:
         Refused (``RuntimeError``) while another thread's :meth:`observe` runs and after an interrupted one.
         """
         with self._exclusive:
-            return {name: value.copy() if isinstance(value, np.ndarray) else value
-                    for name, value in self.__dict__.items() if name != "_exclusive"}
+            return _state_copy(self)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -492,8 +497,7 @@ class TrustPopulation:
         after the other).
         """
         with self._exclusive:
-            state = {name: value.copy() if isinstance(value, np.ndarray) else value
-                     for name, value in self.__dict__.items() if name != "_exclusive"}
+            state = _state_copy(self)
             state["trust"] = copy.copy(self.trust)  # under its own lock too
             state["populations"] = [copy.copy(pop) for pop in self.populations]  # each from its state_dict
             state["games"] = list(self.games)
