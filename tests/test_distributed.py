@@ -901,6 +901,49 @@ def test_an_interrupted_registration_never_loses_a_close_nor_keeps_the_closing_t
         assert _comm._closer is None and not _comm._registered, line
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_child_forked_while_the_registry_lock_is_held_can_still_register():
+    """A fork copies ``_closer_lock`` as it is, held when another thread (the closing thread) was inside it: in the
+    child no thread ever releases it, and the child's first population with its own client waited for it for good.
+    The child now starts with a fresh lock (``os.register_at_fork``) and registers at once.
+    """
+    import threading
+    import warnings
+
+    from memoa_fast.distributed import _comm
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with _comm._closer_lock:
+            inside.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork() in a process with threads: the case under test
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: registration must not wait; SIGALRM ends it (not 0) if it does
+            try:
+                signal.alarm(5)
+
+                class Owner:
+                    pass
+
+                _comm.closes_when_collected(Owner(), _FakeClient(), 1.0)
+                os._exit(0)
+            except BaseException:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        leave.set()
+        holder.join()
+    assert os.waitstatus_to_exitcode(status) == 0, status
+
+
 def test_a_population_collected_on_its_clients_event_loop_thread_closes_it(thread_client):
     """The collector may run the finalizer on the client's own IO-loop thread, where a blocking close would wait
     for the loop it blocks (until its timeout): the client is closed all the same, soon.

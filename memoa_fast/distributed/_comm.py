@@ -115,6 +115,17 @@ _closer: threading.Thread | None = None
 _registered: dict = {}
 
 
+def _after_fork_in_child() -> None:
+    """A fresh ``_closer_lock`` in a forked child: the fork may have copied it held by a thread the child lacks."""
+    global _closer_lock, _closer
+    _closer_lock = threading.Lock()
+    _closer = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def closes_when_collected(owner, client, timeout: float) -> weakref.finalize:
     """Close ``client`` (one ``owner`` opened itself, never one it was given) once ``owner`` is garbage-collected.
 
