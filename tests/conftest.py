@@ -86,11 +86,14 @@ def _start_recording_the_starter(self, *args, **kwargs):
     frame = sys._getframe().f_back  # (None when started from C)
     while frame is not None and frame.f_code.co_filename.startswith(_THREAD_MACHINERY):
         frame = frame.f_back
-    self._memoa_started_in = frame.f_code.co_filename if frame is not None else ""
+    # resolved like ROOT: a checkout reached through a symlink names its files by the link
+    self._memoa_started_in = os.path.realpath(frame.f_code.co_filename) if frame is not None else ""
     return _thread_start(self, *args, **kwargs)
 
 
-threading.Thread.start = _start_recording_the_starter
+_start_recording_the_starter.recording = True
+if not getattr(threading.Thread.start, "recording", False):  # once, even if this file is imported again
+    threading.Thread.start = _start_recording_the_starter
 
 
 def _ours(thread: threading.Thread) -> bool:
