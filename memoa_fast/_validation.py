@@ -449,6 +449,15 @@ def real_array(name: str, value) -> np.ndarray:
         raw = np.asarray(value)
     except (TypeError, ValueError) as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
+    if raw.dtype.kind == "O":
+        # NumPy stores Python ints beyond int64 as objects: name the value, which "e.g. None" would not describe.
+        big = next((v for v in raw.flat if type(v) is int and not -2**63 <= v < 2**63), None)
+        if big is not None:
+            shown = f"{big!r}" if len(str(big)) <= 40 else f"of {len(str(abs(big)))} digits"
+            advice = f"e.g. {float(big)!r}" if abs(big) <= _LARGEST else "beyond float64 too"
+            raise TypeError(f"{name} must hold real numbers (an integer or floating dtype), got dtype object (object: "
+                            f"the Python int {shown} is beyond int64, so NumPy stores Python objects): pass floats "
+                            f"({advice}) or an array of a float dtype")
     check_real_dtype(name, raw.dtype)
     return raw
 

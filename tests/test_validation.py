@@ -68,6 +68,17 @@ def test_bad_inputs_are_refused_not_cast(value, kind):
         as_float_array("x", value, (2,))
 
 
+def test_an_int_beyond_int64_is_named_in_the_refusal():
+    """``[2**70, 1]`` is stored as objects by NumPy: refused as before, but the message names the int (it said
+    "Python objects, e.g. None") and what to pass instead.
+    """
+    with pytest.raises(TypeError, match=r"x must hold real numbers .*\(object: the Python int 1180591620717411303424 is "
+                                        r"beyond int64.*e\.g\. 1\.1805916207174113e\+21"):
+        as_float_array("x", [2**70, 1], (2,))
+    with pytest.raises(TypeError, match="the Python int of 401 digits is beyond int64.*beyond float64 too"):
+        as_float_array("x", [[-10**400], [1]], (2, 1))
+
+
 def test_python_numbers_and_lists_keep_working():
     np.testing.assert_array_equal(as_float_array("x", [1, 2, 3], (3,)), [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(as_float_array("x", [[1.5], [2]], (2, 1)), [[1.5], [2.0]])
