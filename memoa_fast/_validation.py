@@ -477,7 +477,12 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
         arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
-        arr = np.ascontiguousarray(real_array(name, value), dtype=np.float64)
+        raw = real_array(name, value)
+        if raw.dtype.itemsize > 8 and raw.dtype.kind == "f":  # long double: beyond float64 it becomes inf, checked
+            with np.errstate(over="ignore"):                 # below by name (NumPy's cast warning names nothing)
+                arr = np.ascontiguousarray(raw, dtype=np.float64)
+        else:
+            arr = np.ascontiguousarray(raw, dtype=np.float64)
     if arr.shape != shape:
         if len(shape) == 2 and shape[1] == 1 and arr.shape == shape[:1]:
             arr = arr.reshape(shape)
