@@ -58,10 +58,20 @@ def score_step(x, y, record, sq_err, work, out_mean, threads):
         \\text{if record: } E_i \\leftarrow E_i + e_i
 
     ``out_mean`` receives ``xbar``; ``sq_err`` (``E``) is modified in place.
-    Returns ``(sum_i e_i, max_i E_i)``, the latter after the update.
+    Returns ``(sum_i e_i, max_i E_i)``, the latter after the update: the largest
+    total that is not NaN, and at least 0 (0 when every total is NaN), as the
+    compiled kernel's running ``if E_i > top``.
+
+    The states are not checked for finiteness, so a NaN, an ``inf`` or a state
+    near the largest double is accepted and only makes its own scores
+    non-finite: the arithmetic is silent about it (``np.errstate``), as the
+    compiled kernel's is, so that a caller with warnings as errors gets the
+    scores, not an exception between the first write and the last.
     """
-    out_mean[:] = x.mean(axis=0)
-    e2 = ((x - y[None, :]) ** 2).sum(axis=1)
-    if record:
-        sq_err += e2
-    return float(e2.sum()), float(max(sq_err.max(), 0.0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out_mean[:] = x.mean(axis=0)
+        e2 = ((x - y[None, :]) ** 2).sum(axis=1)
+        if record:
+            sq_err += e2
+        total = float(e2.sum())
+    return total, float(np.fmax.reduce(sq_err, initial=0.0))

@@ -449,6 +449,15 @@ def real_array(name: str, value) -> np.ndarray:
         raw = np.asarray(value)
     except (TypeError, ValueError) as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__}: {exc}") from None
+    if raw.dtype.kind == "O":
+        # NumPy stores Python ints beyond int64 as objects: name the value, which "e.g. None" would not describe.
+        big = next((v for v in raw.flat if type(v) is int and not -2**63 <= v < 2**63), None)
+        if big is not None:
+            shown = f"{big!r}" if len(str(big)) <= 40 else f"of {len(str(abs(big)))} digits"
+            advice = f"e.g. {float(big)!r}" if abs(big) <= _LARGEST else "beyond float64 too"
+            raise TypeError(f"{name} must hold real numbers (an integer or floating dtype), got dtype object (object: "
+                            f"the Python int {shown} is beyond int64, so NumPy stores Python objects): pass floats "
+                            f"({advice}) or an array of a float dtype")
     check_real_dtype(name, raw.dtype)
     return raw
 
@@ -468,7 +477,12 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
         arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
-        arr = np.ascontiguousarray(real_array(name, value), dtype=np.float64)
+        raw = real_array(name, value)
+        if raw.dtype.itemsize > 8 and raw.dtype.kind == "f":  # long double: beyond float64 it becomes inf, checked
+            with np.errstate(over="ignore"):                 # below by name (NumPy's cast warning names nothing)
+                arr = np.ascontiguousarray(raw, dtype=np.float64)
+        else:
+            arr = np.ascontiguousarray(raw, dtype=np.float64)
     if arr.shape != shape:
         if len(shape) == 2 and shape[1] == 1 and arr.shape == shape[:1]:
             arr = arr.reshape(shape)

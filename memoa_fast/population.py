@@ -506,7 +506,9 @@ class Population(MeanFieldSummary):
         signals : array_like, shape (N, d) (or (N,) when d = 1)
             As for :meth:`step`.
         server : Server
-            A server over the same N agents and dimension d; only read.
+            A server over the same N agents and dimension d; only read, under its lock: while another thread is
+            inside one of its calls, or after an interrupted update, ``RuntimeError`` (the server's) and nothing
+            changes, as for :meth:`Server.predict`.
         out : numpy.ndarray, shape (d,), optional
             Where to write ``yhat(t+1)`` (no allocation); a new array otherwise.
 
@@ -524,7 +526,11 @@ class Population(MeanFieldSummary):
             )
         out = check_out(out, (self.dim,))
         s = as_float_array("signals", signals, (self.n_agents, self.dim), allow_nonfinite=True)
-        self._step(s, server.log_weights)
+        # The step reads the server's log-weights: under the server's lock too, so that another thread's update
+        # (whose two passes leave them unnormalised in between: a mixture 0.7 off, seen) or an interrupted one is
+        # refused with the server's RuntimeError, before this population moves, instead of mixed in.
+        with server._exclusive:
+            self._step(s, server.log_weights)
         out[...] = self._yhat
         return out
 

@@ -102,7 +102,8 @@ class Server:
         self._lay = layout(1, self.dim)
         self._log_p = np.empty(self.n_agents)
         self._work = np.zeros(work_shape(self.n_agents, self._lay))
-        self._yhat = np.zeros(self.dim)
+        self._yhat = np.zeros(self.dim)  # update's mixture (eg)
+        self._mixture = np.zeros(self.dim)  # predict's, copied to its out: any writeable float64 (d,) array, one kernel type
         self._y = np.zeros(self.dim)
         self._log_p_view = readonly_view(self._log_p)
         self._exclusive = Exclusive("Server")
@@ -135,12 +136,18 @@ class Server:
         states : array_like, shape (N, d)
             Finite predictions of the clients.
         out : numpy.ndarray, shape (d,), optional
-            Where to write the mixture (no allocation); a new array otherwise.
+            Where to write the mixture (no allocation): any writeable float64 array of that shape (strided,
+            unaligned, a view), on every backend; a new array otherwise.
         """
         out = check_out(out, (self.dim,))
         x = as_float_array("states", states, (self.n_agents, self.dim))
         with self._exclusive:
-            self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, out, _backends.usable_threads(self._threads_used))
+            # The kernel writes a buffer of ours, then d numbers are copied, as Population.step_predict does: a strided
+            # out was refused by the Cython kernel ("ndarray is not C-contiguous", naming no argument) and made Numba
+            # compile the predict kernel again for its type (1.1 s).
+            self._kernels.mixture_predict(self._log_p, x, self._work, self._lay, self._mixture,
+                                          _backends.usable_threads(self._threads_used))
+            out[...] = self._mixture
         return out
 
     def update(self, states, target) -> None:

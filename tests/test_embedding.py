@@ -488,6 +488,28 @@ def test_population_state_is_not_read_or_replaced_during_a_step(signals):
         call()
 
 
+def test_step_predict_reads_the_server_under_its_lock(signals):
+    """``step_predict`` reads the server's log-weights: never while another thread updates them, nor after an
+    interrupted update (unnormalised between the update's two passes). It used to read them anyway: beside a thread
+    updating the server, mixtures of states all 1 came out as far as 0.7 from 1. Now the server's ``RuntimeError``,
+    and the population has not moved.
+    """
+    pop, server = Population(GAME, N, D), Server(N, D)
+    pop.step_predict(signals, server)
+    before = pop.state_dict()
+    with server._exclusive:  # another thread is inside an update
+        with pytest.raises(RuntimeError, match="Server is being used by another thread"):
+            pop.step_predict(signals, server)
+    _assert_same(pop.state_dict(), before)
+    server._exclusive.interrupted = "update"  # as an interrupt between update's kernel and its counter leaves it
+    with pytest.raises(RuntimeError, match="this Server was interrupted in the middle of update"):
+        pop.step_predict(signals, server)
+    _assert_same(pop.state_dict(), before)
+    server.reset()  # the way back
+    pop.step_predict(signals, server)
+    assert pop.t == before["t"] + 1
+
+
 def test_trust_classes_blame_the_argument_of_the_wrong_size():
     """Forecasts of N clients set d: a target of another size is the target's error (it used to name the forecasts)."""
     tc = TrustClasses(N, 2)

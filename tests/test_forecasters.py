@@ -238,6 +238,32 @@ def test_squared_errors_is_the_formula(backend, n, d, threads):
     assert scorer.max_total == 0.0 and not scorer.totals.any()
 
 
+def test_squared_errors_score_any_states_alike_on_every_backend_and_silently():
+    """States beyond float64's square (1e300, the largest double), NaN and inf are scores, on every backend alike.
+
+    The reference (``numpy``, and ``cython``, which runs it) used to warn on the overflow, and with warnings as
+    errors (this suite's setting) raise inside ``add`` after its first write: the scorer then refused every call.
+    Its ``max_total`` was NaN once a total was, where the compiled kernel's is the largest total that is not NaN.
+    """
+    x = np.array([[1e300, 0.5], [1.7e308, -1.7e308], [np.nan, 1.0], [np.inf, 2.0], [-1.7e308, 0.25], [0.5, 0.5]])
+    results = {}
+    for backend in ("numba", "numpy", "cython"):
+        scorer = SquaredErrors(6, 2, backend=backend)
+        rounds = []
+        for rows, y, record in ((x, [0.0, 1.0], True), (x[::-1], [1.0, 0.0], False), (x[[2, 5]], [0.0, 0.0], True)):
+            scorer = scorer if len(rows) == 6 else SquaredErrors(2, 2, backend=backend)
+            total, mean, totals = scorer.add(rows, y, record)
+            rounds.append((total, mean.copy(), totals.copy(), scorer.max_total))
+        results[backend] = rounds
+        # the largest total that is not NaN: inf (rows 0, 1, 3, 4), then 0.5 (the NaN row beside [0.5, 0.5])
+        assert [r[3] for r in rounds] == [math.inf, math.inf, 0.5]
+    for backend in ("numpy", "cython"):
+        for (total, mean, totals, _), (total_c, mean_c, totals_c, _) in zip(results[backend], results["numba"]):
+            assert total == total_c or (math.isnan(total) and math.isnan(total_c))
+            np.testing.assert_allclose(mean, mean_c, rtol=RTOL)  # summed in another order
+            np.testing.assert_array_equal(totals, totals_c)
+
+
 # --------------------------------------------------------------------------- magnitudes
 MAGNITUDES = st.one_of(
     st.floats(min_value=-TARGET_LIMIT, max_value=TARGET_LIMIT, allow_nan=False),

@@ -208,6 +208,24 @@ def test_predict_returns_fresh_arrays_or_writes_out(rng):
     np.testing.assert_allclose(out, 1.0)  # nothing written by the refused calls
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predict_writes_any_writeable_float64_out_on_every_backend(backend, rng):
+    """``out`` may be strided, reversed, a column of a 2-D array or unaligned: the same bits as ``out=None``.
+
+    The kernel writes the server's own buffer and predict copies d numbers out, as ``Population.step_predict``
+    does. The Cython kernel refused a strided ``out`` with "ndarray is not C-contiguous" (naming no argument),
+    and Numba compiled the kernel again for its type.
+    """
+    s = Server(7, 3, rule="eg", eta=0.4, backend=backend)
+    x = rng.normal(size=(7, 3))
+    s.update(x, np.ones(3))
+    expected = s.predict(x)
+    unaligned = np.frombuffer(bytearray(8 * 3 + 1), dtype=np.float64, count=3, offset=1)
+    for out in (np.zeros(6)[::2], np.zeros(3)[::-1], np.zeros((3, 2))[:, 1], unaligned):
+        assert s.predict(x, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+
+
 def test_pickle_and_deepcopy(rng):
     import copy
     import pickle

@@ -68,6 +68,30 @@ def test_bad_inputs_are_refused_not_cast(value, kind):
         as_float_array("x", value, (2,))
 
 
+def test_an_int_beyond_int64_is_named_in_the_refusal():
+    """``[2**70, 1]`` is stored as objects by NumPy: refused as before, but the message names the int (it said
+    "Python objects, e.g. None") and what to pass instead.
+    """
+    with pytest.raises(TypeError, match=r"x must hold real numbers .*\(object: the Python int 1180591620717411303424 is "
+                                        r"beyond int64.*e\.g\. 1\.1805916207174113e\+21"):
+        as_float_array("x", [2**70, 1], (2,))
+    with pytest.raises(TypeError, match="the Python int of 401 digits is beyond int64.*beyond float64 too"):
+        as_float_array("x", [[-10**400], [1]], (2, 1))
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max, reason="long double is float64 here")
+def test_a_long_double_beyond_float64_is_refused_by_name_or_held():
+    """A long double beyond float64 becomes inf: "x must be finite" where it must be, an agent that holds for a
+    signal. NumPy's "overflow encountered in cast" warning came first (an exception naming nothing under -W error).
+    """
+    big = np.array([1.0, np.longdouble("1e400")], dtype=np.longdouble)
+    with pytest.raises(ValueError, match=r"x must be finite; first non-finite entry at index \(1,\): np.float64\(inf\)"):
+        as_float_array("x", big, (2,))
+    pop = mf.Population(mf.Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9), 2, 1)
+    pop.step(big)
+    assert pop.n_valid_signals == 1
+
+
 def test_python_numbers_and_lists_keep_working():
     np.testing.assert_array_equal(as_float_array("x", [1, 2, 3], (3,)), [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(as_float_array("x", [[1.5], [2]], (2, 1)), [[1.5], [2.0]])

@@ -345,6 +345,11 @@ class TrustPopulation:
     def step(self, signals) -> np.ndarray:
         """Move every client one round; returns the published live read-only states (see :meth:`Population.step`).
 
+        That is the leader's :attr:`Population.states` (:attr:`population`): with ``rule="minimax"`` a
+        re-forming in :meth:`observe` may change the leader, after which an array returned before is the
+        states of a population no longer published (still stepped, so still live). Take the states from each
+        call's return (or :attr:`population`), not from an array kept across rounds.
+
         ``signals`` (shape (N, d), or (N,) when d = 1) is checked and copied once, before any population
         moves: every population steps on the same private copy, also when ``signals`` is a view of this
         object's own states (``step(tp.population.states)``), and a refused argument changes nothing.
