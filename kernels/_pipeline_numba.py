@@ -34,7 +34,7 @@ Speed
 Each chunk is walked in blocks of ``R = max(1, LANES // d)`` whole clients
 (``R d`` values, in L1). Every loop over a block is element-wise over
 contiguous values (the forecaster's weights and lags are stored as planes,
-``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it (AVX-512 here);
+``(2p + 1, N, d)`` and ``(p, N, d)``), so LLVM vectorises it for the CPU it runs on (AVX2 or AVX-512);
 the benchmarked case (``d = 1``, hedge, recording, linear weights, ``p = 2``)
 runs one loop per block and sweep: :func:`_sweep1_d1` (errors, records, step,
 lane maxima) followed by :func:`_normals_into` on the same block (the chunk's
