@@ -462,6 +462,9 @@ def test_reclass_that_never_reforms_is_named():
         res = run_experiment(y, **kw)
         assert res.config["reclass"] == 50 and "reclass=50 and 30 rounds it never does" in res.table()
         assert "never does" not in run_experiment(y, reclass=29, **kw).table()
+    # one round: the range of reclass values that re-form is empty; the note named it as "[1, 0]"
+    note = run_experiment(y[:2], **kw).table()
+    assert "with 1 round no reclass re-forms the classes: that needs 2 rounds or more" in note and "[1, 0]" not in note
 
 
 def test_every_text_of_the_plot_is_inside_the_figure(logistic_result, tmp_path, monkeypatch):

@@ -254,8 +254,15 @@ DEFAULT_RECLASS = 50
 def never_reformed(reclass: int, n_rounds: int) -> str:
     """What memoa-trust is when ``reclass >= n_rounds``: its first re-forming would follow round ``reclass``."""
     return (f"memoa-trust re-forms its classes every reclass rounds, the first time after round {reclass}, so with "
-            f"reclass={reclass} and {n_rounds} rounds it never does: it runs as MEMOA with equal classes; a reclass "
-            f"in [1, {n_rounds - 1}] re-forms them")
+            f"reclass={reclass} and {n_rounds} rounds it never does: it runs as MEMOA with equal classes; "
+            + reclass_range(n_rounds, "a reclass", " re-forms them"))
+
+
+def reclass_range(n_rounds: int, name: str, tail: str) -> str:
+    """``'{name} in [1, n_rounds - 1]{tail}'``; with one round that range is empty: say that re-forming needs 2 rounds."""
+    if n_rounds < 2:  # the first re-forming follows round R >= 1, so it needs at least 2 rounds
+        return f"with {n_rounds} round no {name.split()[-1]} re-forms the classes: that needs 2 rounds or more"
+    return f"{name} in [1, {n_rounds - 1}]{tail}"
 
 
 def run_experiment(
