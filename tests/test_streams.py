@@ -564,6 +564,20 @@ def test_csv_excel_delimiter_line_sets_the_delimiter(tmp_path, sep, bom_crlf):
         load_csv_series(_write(tmp_path, "sep=:\ndate:value\n", "colon.csv"), "value", warmup=5)
 
 
+@pytest.mark.parametrize("sep, name", [("\t", "Price, USD"), (";", "Price, USD"), ("|", "v;w"), (",", "v\tw|x")])
+def test_csv_delimiter_in_a_name_does_not_choose_the_delimiter(tmp_path, sep, name):
+    """The delimiter was the first of ',', tab, ';', '|' in the header row, so a name holding an earlier one (a tab file
+    with 'Price, USD') split the header on it: no such column. It is now the first held that splits the first data row
+    into as many fields as the header row (any delimiter of a name is unquoted in the header row only).
+    """
+    rows = _series_rows(60)
+    ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value",
+                          warmup=5)
+    path = _write(tmp_path, sep.join(("date", name, "other")) + "\n" + "".join(sep.join(r) + "\n" for r in rows), "s.csv")
+    assert streams.csv_columns(path) == ["date", name, "other"]
+    np.testing.assert_array_equal(load_csv_series(path, name, warmup=5), ref)
+
+
 def test_csv_numpy_comment_header_and_trailing_delimiter_are_named(tmp_path):
     """numpy.savetxt writes its header as a comment ('# value'): the message blamed a space-delimited file. A row ending
     in a delimiter the header row lacks now says so.

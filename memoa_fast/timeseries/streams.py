@@ -530,7 +530,8 @@ def load_csv_series(
     ``exchange_rate.csv`` (``CAD``) and on any UTF-8 file with one header row
     (a byte-order mark, quoted fields and CRLF line ends are fine) delimited
     by ``,``, tab, ``;`` or ``|``: the first of these (:data:`CSV_DELIMITERS`)
-    that the header row holds outside quotes, or the one that a first line
+    that the header row holds outside quotes and that splits the first data
+    row into as many fields (a name may hold another), or the one that a first line
     ``sep=X`` names (Excel's delimiter line; the header row follows it). Every data row must have the
     header's number of fields, so a column is never read from a shifted row.
 
@@ -694,6 +695,7 @@ class _ColumnReader:
         self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
         self.sep = ","  # the delimiter, read from the header row
         self.forced_sep = None  # the delimiter named by a first line sep=X (Excel's), if any
+        self.first_row = b""  # the line after the header row (see _delimiter)
         self.n_dropped = 0  # rows dropped as gaps (missing="drop"); blank lines count once a row follows them
         self.blank_run = 0
 
@@ -765,6 +767,7 @@ class _ColumnReader:
             self._too_long(1)
         hint = _SEP_LINE.fullmatch(raw)
         if hint is None:
+            self._peek(fh)
             return raw, 1
         sep = hint.group(1).decode("utf-8", errors="replace")
         if sep not in CSV_DELIMITERS:
@@ -776,7 +779,14 @@ class _ColumnReader:
         raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
         if len(raw) > CSV_MAX_LINE_BYTES:
             self._too_long(2)
+        self._peek(fh)
         return raw, 2
+
+    def _peek(self, fh) -> None:
+        """Keep the line after the header row (the first data row) without consuming it: it settles the delimiter."""
+        at = fh.tell()
+        self.first_row = fh.readline(CSV_MAX_LINE_BYTES + 1)
+        fh.seek(at)
 
     def _header(self, raw: bytes, line: int = 1) -> None:
         path = self.path
@@ -816,9 +826,25 @@ class _ColumnReader:
                 "accepted: \\n or \\r\\n line ends (convert the file, e.g. tr '\\r' '\\n')"
             )
         # The delimiter is the first of CSV_DELIMITERS that the header holds (outside quotes): ',' by default.
-        bare = re.sub(r'"[^"]*"', "", text)
-        self.sep = self.forced_sep or next((d for d in CSV_DELIMITERS if d in bare), ",")
+        self.sep = self.forced_sep or self._delimiter(text)
         return [h.strip() for h in self._fields(text, line)]
+
+    def _delimiter(self, header: str) -> str:
+        """The delimiter: the first that the header row holds (outside quotes) and that splits the first data row alike.
+
+        Of :data:`CSV_DELIMITERS` that the header row holds, the first that splits the first data row into as many
+        fields as the header row; if none does (or there is no data row), the first held; ``','`` if none is held.
+
+        So a name holding another delimiter does not choose it: a tab-delimited header row ``date<TAB>Price, USD``
+        is split on tabs (its first data row holds no comma), where the first delimiter held, ``','``, split it in two.
+        """
+        held = [d for d in CSV_DELIMITERS if d in _outside_quotes(header)]
+        if len(held) > 1:
+            row = _outside_quotes(self.first_row.decode("utf-8", errors="replace").rstrip("\r\n"))
+            same = [d for d in held if row.count(d) == _outside_quotes(header).count(d)]
+            if same:
+                return same[0]
+        return held[0] if held else ","
 
     def _missing_column(self, names: list[str]):
         data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
@@ -991,6 +1017,11 @@ class _ColumnReader:
             f"deviations from the warm-up mean (mean {mean:g}, std {std:g}); a z-scored value must stay within "
             f"+-{limit:g}. Check that cell, or fit the z-score on a longer warm-up"
         )
+
+
+def _outside_quotes(text: str) -> str:
+    """``text`` without its quoted fields (what lies between two double quotes)."""
+    return re.sub(r'"[^"]*"', "", text)
 
 
 def _byte(data: bytes, exc: UnicodeDecodeError) -> str:
