@@ -206,6 +206,9 @@ def _one_line_error(err: str, needle: str) -> None:
                            "round R; with --reclass 300 and 300 rounds it never would (it would run as MEMOA with equal "
                            "classes): give --reclass in [1, 299], or more rounds"),
     (["--reclass", "10000000"], "with --reclass 10000000 and 300 rounds it never would"),
+    # one round: no reclass re-forms, and the range it named was the empty "[1, 0]"
+    (["--rounds", "1", "--reclass", "1"], "it never would (it would run as MEMOA with equal classes): with 1 round no "
+                                          "--reclass re-forms the classes: that needs 2 rounds or more"),
     (["--json", "/nonexistent/dir/r.json"], "argument --json: folder '/nonexistent/dir' does not exist"),
     (["--json", "/proc/x.json"], "argument --json: cannot create a file in folder '/proc'"),
     (["--plot", "out.xyz"], "argument --plot: the file name must end in one of .png"),

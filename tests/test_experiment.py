@@ -327,6 +327,22 @@ def _scores_of(res):
     return {p: [*s.mixture_rmse.values(), s.uniform_rmse, s.worst_client_rmse, s.average_client_rmse] for p, s in res.scores.items()}
 
 
+@pytest.mark.parametrize("level", [2**62, -(2**62), 2**63 - 10**6, "uint64"])
+def test_scale_burn_in_of_an_integer_series_ignores_its_level_exactly(level):
+    """Property, scale="burn-in": an integer series a + y (int64 or uint64, a any integer the dtype holds) scores the
+    same as y, bit for bit. Cast to float64 first, a counter near 2**62 was rounded to multiples of 1024: its burn-in was
+    "constant up to rounding" (ValueError) though every value was exact. The z-score is now taken on exact differences.
+    """
+    y = np.round(np.cumsum(np.random.default_rng(7).standard_normal(150)) * 1000).astype(np.int64)
+    kw = dict(n_clients=6, policies=("memoa", "local"), rules="hedge", scale="burn-in")
+    ref = run_experiment(y, **kw)
+    shifted = (y - y.min()).astype(np.uint64) + np.uint64(2**63) if level == "uint64" else y + np.int64(level)
+    res = run_experiment(shifted, **kw)
+    assert _scores_of(res) == _scores_of(ref)
+    assert res.config["scale_fit"][1] == ref.config["scale_fit"][1]
+    assert res.config["scale_fit"][0] == pytest.approx(float(shifted[0]) + (ref.config["scale_fit"][0] - float(y[0])), rel=1e-15)
+
+
 @pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
 def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
     """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.
@@ -462,6 +478,9 @@ def test_reclass_that_never_reforms_is_named():
         res = run_experiment(y, **kw)
         assert res.config["reclass"] == 50 and "reclass=50 and 30 rounds it never does" in res.table()
         assert "never does" not in run_experiment(y, reclass=29, **kw).table()
+    # one round: the range of reclass values that re-form is empty; the note named it as "[1, 0]"
+    note = run_experiment(y[:2], **kw).table()
+    assert "with 1 round no reclass re-forms the classes: that needs 2 rounds or more" in note and "[1, 0]" not in note
 
 
 def test_every_text_of_the_plot_is_inside_the_figure(logistic_result, tmp_path, monkeypatch):

@@ -541,6 +541,58 @@ def test_csv_decimal_comma_in_a_semicolon_file_is_named(tmp_path):
         load_csv_series(path, "value", warmup=5)
 
 
+@pytest.mark.parametrize("sep", [",", ";", "\t", "|"])
+@pytest.mark.parametrize("bom_crlf", [False, True])
+def test_csv_excel_delimiter_line_sets_the_delimiter(tmp_path, sep, bom_crlf):
+    """A first line 'sep=X' (Excel's delimiter line) names the delimiter and the header row follows it; it was read as
+    the header row ("no column 'value'; the columns are 'sep=', ''"). Lines are still counted from the file's first.
+    """
+    rows = _series_rows(60)
+    ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value",
+                          warmup=5)
+    end = "\r\n" if bom_crlf else "\n"
+    body = sep.join(("date", "value, in m", "other")) + end + "".join(sep.join(r) + end for r in rows)
+    if sep != ",":  # a delimiter other than the comma, named by the sep= line, whatever the names hold
+        path = _write(tmp_path, ("\ufeff" if bom_crlf else "") + f"sep={sep}{end}" + body, "excel.csv")
+        assert streams.csv_columns(path) == ["date", "value, in m", "other"]
+        np.testing.assert_array_equal(load_csv_series(path, "value, in m", warmup=5), ref)
+    path = _write(tmp_path, f"sep={sep}{end}" + sep.join(("date", "value", "other")) + end
+                  + "".join(sep.join(r) + end for r in rows) + sep.join(("x", "oops", "1")) + end, "bad.csv")
+    with pytest.raises(CsvSeriesError, match=r"line 63 \(data row 61\), column 'value': 'oops' is not a number"):
+        load_csv_series(path, "value", warmup=5)
+    with pytest.raises(CsvSeriesError, match=r"line 1: the delimiter line 'sep=:' names ':'; accepted delimiters: ','"):
+        load_csv_series(_write(tmp_path, "sep=:\ndate:value\n", "colon.csv"), "value", warmup=5)
+
+
+@pytest.mark.parametrize("sep, name", [("\t", "Price, USD"), (";", "Price, USD"), ("|", "v;w"), (",", "v\tw|x")])
+def test_csv_delimiter_in_a_name_does_not_choose_the_delimiter(tmp_path, sep, name):
+    """The delimiter was the first of ',', tab, ';', '|' in the header row, so a name holding an earlier one (a tab file
+    with 'Price, USD') split the header on it: no such column. It is now the first held that splits the first data row
+    into as many fields as the header row (any delimiter of a name is unquoted in the header row only).
+    """
+    rows = _series_rows(60)
+    ref = load_csv_series(_write(tmp_path, "date,value,other\n" + "".join(",".join(r) + "\n" for r in rows)), "value",
+                          warmup=5)
+    path = _write(tmp_path, sep.join(("date", name, "other")) + "\n" + "".join(sep.join(r) + "\n" for r in rows), "s.csv")
+    assert streams.csv_columns(path) == ["date", name, "other"]
+    np.testing.assert_array_equal(load_csv_series(path, name, warmup=5), ref)
+
+
+def test_csv_numpy_comment_header_and_trailing_delimiter_are_named(tmp_path):
+    """numpy.savetxt writes its header as a comment ('# value'): the message blamed a space-delimited file. A row ending
+    in a delimiter the header row lacks now says so.
+    """
+    text = "# value\n" + "".join(f"{(i * 37 % 101) / 10}\n" for i in range(30))
+    with pytest.raises(CsvSeriesError, match=r"the columns are '# value' \(did you mean '# value'\? the header row starts "
+                                             r"with '#', a comment marker as numpy.savetxt writes it"):
+        load_csv_series(_write(tmp_path, text), "value", warmup=5)
+    assert load_csv_series(_write(tmp_path, text), "# value", warmup=5).shape == (30,)
+    text = "date,value\n" + "".join(f"{d},{v},\n" for d, v, _ in _series_rows())
+    with pytest.raises(CsvSeriesError, match=r"line 2 \(data row 1\): 3 fields, the header row has 2 .*the row ends with "
+                                             r"the delimiter and the header row does not"):
+        load_csv_series(_write(tmp_path, text), "value", warmup=5)
+
+
 @pytest.mark.parametrize("marker", ["NA", "N/A", "nan", "NaN", "null", "NULL", "None", ".", "#N/A", "<NA>", "?", "-", "--",
                                     "n.a."])
 def test_csv_missing_value_markers_are_gaps_dropped_with_missing_drop(tmp_path, marker):

@@ -476,7 +476,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
     if args.reclass is not None and "memoa-trust" in policies and args.reclass >= n_rounds:  # the default: a note under the table
         run.error(f"argument --reclass: memoa-trust re-forms its classes every R rounds, the first time after round R; "
                   f"with --reclass {args.reclass} and {n_rounds} rounds it never would (it would run as MEMOA with equal "
-                  f"classes): give --reclass in [1, {n_rounds - 1}], or more rounds")
+                  f"classes): " + experiment.reclass_range(n_rounds, "give --reclass", ", or more rounds"))
     return series, name, policies, rules, source
 
 

@@ -254,8 +254,15 @@ DEFAULT_RECLASS = 50
 def never_reformed(reclass: int, n_rounds: int) -> str:
     """What memoa-trust is when ``reclass >= n_rounds``: its first re-forming would follow round ``reclass``."""
     return (f"memoa-trust re-forms its classes every reclass rounds, the first time after round {reclass}, so with "
-            f"reclass={reclass} and {n_rounds} rounds it never does: it runs as MEMOA with equal classes; a reclass "
-            f"in [1, {n_rounds - 1}] re-forms them")
+            f"reclass={reclass} and {n_rounds} rounds it never does: it runs as MEMOA with equal classes; "
+            + reclass_range(n_rounds, "a reclass", " re-forms them"))
+
+
+def reclass_range(n_rounds: int, name: str, tail: str) -> str:
+    """``'{name} in [1, n_rounds - 1]{tail}'``; with one round that range is empty: say that re-forming needs 2 rounds."""
+    if n_rounds < 2:  # the first re-forming follows round R >= 1, so it needs at least 2 rounds
+        return f"with {n_rounds} round no {name.split()[-1]} re-forms the classes: that needs 2 rounds or more"
+    return f"{name} in [1, {n_rounds - 1}]{tail}"
 
 
 def run_experiment(
@@ -355,7 +362,9 @@ def run_experiment(
         ``a`` and ``c > 0`` (RMSEs wherever ``c`` times them is a float64;
         costs and the per-round squared errors are in squared units, so
         beyond ``c ~ 1e154`` they overflow: ``n/a`` in the table, ``null``
-        in JSON). Needs ``burn_in >= 1`` and spread in that prefix: a
+        in JSON; an integer series is z-scored on its exact differences
+        from ``y(0)``, so any integer level ``a`` gives the same scores, bit
+        for bit). Needs ``burn_in >= 1`` and spread in that prefix: a
         coordinate whose values there differ by rounding only (at most
         ``2**-46`` times their largest) counts as constant.
     outlier_bound : float or None
@@ -390,9 +399,10 @@ def run_experiment(
         and the average client, and ``max_i J_i``, for each policy.
     """
     # complex, bool, strings, objects, datetimes: refused, never cast; a masked entry refused, not read beneath its mask
-    y = real_array("series", series).astype(np.float64, copy=False)
+    raw = real_array("series", series)
+    y = raw.astype(np.float64, copy=False)
     if y.ndim == 1:
-        y = y[:, None]
+        y, raw = y[:, None], raw[:, None]
     if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 1:
         raise ValueError(f"series must have shape (T,) or (T, d) with T >= 2 and d >= 1, got shape {np.shape(series)}")
     if scale is not None and not (isinstance(scale, str) and scale == "burn-in"):
@@ -413,7 +423,7 @@ def run_experiment(
         outlier_bound = check_real("outlier_bound", outlier_bound, low=0.0, low_open=True)
     scale_fit = None
     if scale == "burn-in":
-        y, scale_fit = _zscore_on_burn_in(y, burn_in)
+        y, scale_fit = _zscore_on_burn_in(_relative_integers(raw) if raw.dtype.kind in "iu" else y, burn_in)
     bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
@@ -591,14 +601,34 @@ def held_feed(y: np.ndarray, burn_in: int, outlier_bound: float | None) -> tuple
     return feed, held
 
 
-def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
+def _relative_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(y - y(0), y(0))`` for a (T, d) integer series: the differences exact (then float64), the first row as it is.
+
+    A series of large integers (a counter, nanoseconds) has spread far below its magnitude: cast to float64 first, its
+    values are rounded to a multiple of their spacing there (of 1024 near ``2**62``) and the level ``a`` in ``a + y``
+    changes the result, or leaves the burn-in "constant up to rounding". Its differences are exact integers (taken
+    modulo ``2**64``, exact while each is below ``2**63`` in magnitude), and so their float64 casts are as exact as
+    those of ``y`` itself. Where a difference is that large, the casts of ``y`` lose nothing of its spread: ``(y, 0)``.
+    """
+    approx = raw.astype(np.float64) - raw[:1].astype(np.float64)
+    if not (np.abs(approx) < 2.0**62).all():  # a difference that may not fit an int64
+        return raw.astype(np.float64), np.zeros(raw.shape[1])
+    diff = (raw.astype(np.uint64) - raw[:1].astype(np.uint64)).view(np.int64)  # modulo 2**64 (no overflow warning)
+    return diff.astype(np.float64), raw[0]
+
+
+def _zscore_on_burn_in(y, burn_in: int):
     """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
+
+    ``y`` is a (T, d) float64 series, or ``(y - base, base)`` (:func:`_relative_integers`): the z-score is then taken
+    on the differences, and ``mu`` is ``base`` plus their mean.
 
     Computed on values divided by a power of two at least their largest
     magnitude (exact), so no square overflows. A coordinate whose spread over
     the burn-in is rounding only (:func:`~memoa_fast.timeseries.streams.spread`)
     counts as constant.
     """
+    y, base = y if isinstance(y, tuple) else (y, None)
     if burn_in < 1:
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
                          "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")
@@ -615,6 +645,8 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int):
     with np.errstate(over="ignore"):
         z = (y / p2 - mean_u) / sigma_u
     mu = mean_u * p2
+    if base is not None:  # the level of an integer series: its first row plus the mean difference (a float64 to report)
+        mu = base.astype(np.float64) + mu
     return z, (float(mu[0]) if mu.shape[0] == 1 else mu.tolist(), sigma_u * p2)
 
 

@@ -503,6 +503,8 @@ _SIGNATURES = (
 )
 _BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
+# Excel's delimiter line: a first line "sep=X" (after a byte-order mark, if any) names the delimiter.
+_SEP_LINE = re.compile(rb"(?:\xef\xbb\xbf)?sep=([^\r\n]|[\xc0-\xff][\x80-\xbf]+)\r?\n?")
 
 
 def load_csv_series(
@@ -528,7 +530,9 @@ def load_csv_series(
     ``exchange_rate.csv`` (``CAD``) and on any UTF-8 file with one header row
     (a byte-order mark, quoted fields and CRLF line ends are fine) delimited
     by ``,``, tab, ``;`` or ``|``: the first of these (:data:`CSV_DELIMITERS`)
-    that the header row holds outside quotes. Every data row must have the
+    that the header row holds outside quotes and that splits the first data
+    row into as many fields (a name may hold another), or the one that a first line
+    ``sep=X`` names (Excel's delimiter line; the header row follows it). Every data row must have the
     header's number of fields, so a column is never read from a shifted row.
 
     The file is read in blocks of :data:`CSV_BLOCK_BYTES` into a growing
@@ -656,10 +660,8 @@ def csv_columns(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
     reader = _ColumnReader(path, "", None)
     with path.open("rb") as fh:
-        raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
-    if len(raw) > CSV_MAX_LINE_BYTES:
-        reader._too_long(1)
-    return reader._names(raw)
+        raw, line = reader._header_line(fh)
+    return reader._names(raw, line)
 
 
 def column_list(names: list[str], limit: int = 50) -> str:
@@ -692,6 +694,8 @@ class _ColumnReader:
         self.buf = np.empty(0)
         self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
         self.sep = ","  # the delimiter, read from the header row
+        self.forced_sep = None  # the delimiter named by a first line sep=X (Excel's), if any
+        self.first_row = b""  # the line after the header row (see _delimiter)
         self.n_dropped = 0  # rows dropped as gaps (missing="drop"); blank lines count once a row follows them
         self.blank_run = 0
 
@@ -699,11 +703,9 @@ class _ColumnReader:
     def read(self) -> np.ndarray:
         size = self.path.stat().st_size
         with self.path.open("rb") as fh:
-            raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
-            if len(raw) > CSV_MAX_LINE_BYTES:
-                self._too_long(1)
-            self._header(raw)
-            line = 2
+            raw, line = self._header_line(fh)
+            self._header(raw, line)
+            line += 1
             pending = b""
             while not self._full():
                 block = fh.read(CSV_BLOCK_BYTES)
@@ -754,9 +756,41 @@ class _ColumnReader:
         self.n += values.shape[0]
 
     # ------------------------------------------------------------------ header
-    def _header(self, raw: bytes) -> None:
+    def _header_line(self, fh) -> tuple[bytes, int]:
+        """``(raw, line)``: the header row's bytes and its line number.
+
+        A first line ``sep=X`` (the delimiter line that Excel reads, and that tools writing for Excel put first)
+        sets the delimiter, and the header row is the line after it.
+        """
+        raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
+        if len(raw) > CSV_MAX_LINE_BYTES:
+            self._too_long(1)
+        hint = _SEP_LINE.fullmatch(raw)
+        if hint is None:
+            self._peek(fh)
+            return raw, 1
+        sep = hint.group(1).decode("utf-8", errors="replace")
+        if sep not in CSV_DELIMITERS:
+            raise CsvSeriesError(
+                f"{self.path}, line 1: the delimiter line 'sep={sep}' names {sep!r}; accepted delimiters: "
+                f"{', '.join(map(repr, CSV_DELIMITERS))}"
+            )
+        self.forced_sep = sep
+        raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
+        if len(raw) > CSV_MAX_LINE_BYTES:
+            self._too_long(2)
+        self._peek(fh)
+        return raw, 2
+
+    def _peek(self, fh) -> None:
+        """Keep the line after the header row (the first data row) without consuming it: it settles the delimiter."""
+        at = fh.tell()
+        self.first_row = fh.readline(CSV_MAX_LINE_BYTES + 1)
+        fh.seek(at)
+
+    def _header(self, raw: bytes, line: int = 1) -> None:
         path = self.path
-        names = self._names(raw)
+        names = self._names(raw, line)
         if self.column not in names:
             self._missing_column(names)
         at = [i for i, nm in enumerate(names) if nm == self.column]
@@ -768,11 +802,12 @@ class _ColumnReader:
         self.col = at[0]
         self.n_fields = len(names)
 
-    def _names(self, raw: bytes) -> list[str]:
-        """The header row's names (stripped); sets the delimiter. CsvSeriesError if the file is not CSV text."""
+    def _names(self, raw: bytes, line: int = 1) -> list[str]:
+        """The header row's names (stripped), read from line ``line``; sets the delimiter. CsvSeriesError if the file is not CSV text."""
         path = self.path
         if not raw:
-            raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)")
+            raise CsvSeriesError(f"{path}: the file is empty (expected a header row naming the columns)"
+                                 if line == 1 else f"{path}: no header row after the delimiter line (line 1)")
         for magic, what, fix in _SIGNATURES:
             if raw.startswith(magic):
                 raise CsvSeriesError(f"{path}: the file is {what}, not UTF-8 CSV text; {fix}")
@@ -781,24 +816,45 @@ class _ColumnReader:
         try:
             text = raw.decode("utf-8-sig").rstrip("\r\n")
         except UnicodeDecodeError as exc:
-            raise CsvSeriesError(f"{path}, line 1: the header row is not UTF-8 text ({_byte(raw, exc)})") from None
+            raise CsvSeriesError(f"{path}, line {line}: the header row is not UTF-8 text ({_byte(raw, exc)})") from None
         if not text.strip():
-            raise CsvSeriesError(f"{path}, line 1: the first line is empty (expected a header row naming the columns)")
+            raise CsvSeriesError(f"{path}, line {line}: the {'first ' if line == 1 else ''}line is empty (expected a header "
+                                 "row naming the columns)")
         if "\r" in text:
             raise CsvSeriesError(
-                f"{path}, line 1: the line ends are \\r alone (classic Mac OS), so the file reads as one line; "
+                f"{path}, line {line}: the line ends are \\r alone (classic Mac OS), so the file reads as one line; "
                 "accepted: \\n or \\r\\n line ends (convert the file, e.g. tr '\\r' '\\n')"
             )
         # The delimiter is the first of CSV_DELIMITERS that the header holds (outside quotes): ',' by default.
-        bare = re.sub(r'"[^"]*"', "", text)
-        self.sep = next((d for d in CSV_DELIMITERS if d in bare), ",")
-        return [h.strip() for h in self._fields(text, 1)]
+        self.sep = self.forced_sep or self._delimiter(text)
+        return [h.strip() for h in self._fields(text, line)]
+
+    def _delimiter(self, header: str) -> str:
+        """The delimiter: the first that the header row holds (outside quotes) and that splits the first data row alike.
+
+        Of :data:`CSV_DELIMITERS` that the header row holds, the first that splits the first data row into as many
+        fields as the header row; if none does (or there is no data row), the first held; ``','`` if none is held.
+
+        So a name holding another delimiter does not choose it: a tab-delimited header row ``date<TAB>Price, USD``
+        is split on tabs (its first data row holds no comma), where the first delimiter held, ``','``, split it in two.
+        """
+        held = [d for d in CSV_DELIMITERS if d in _outside_quotes(header)]
+        if len(held) > 1:
+            row = _outside_quotes(self.first_row.decode("utf-8", errors="replace").rstrip("\r\n"))
+            same = [d for d in held if row.count(d) == _outside_quotes(header).count(d)]
+            if same:
+                return same[0]
+        return held[0] if held else ","
 
     def _missing_column(self, names: list[str]):
         data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
         same = [nm for nm in names if nm.casefold() == self.column.strip().casefold()]  # ' ot' for 'OT'
         hint = same[:1] or difflib.get_close_matches(self.column, names, n=1)
-        if len(names) == 1 and self.column.strip() in names[0].split():  # 'year value': spaces are not a delimiter
+        commented = [nm for nm in names if nm.startswith("#") and nm.lstrip("#").strip() == self.column.strip()]
+        if commented:  # numpy.savetxt writes its header as a comment: '# v', or '# a,b' (that is not a delimiter line)
+            hint = (f" (did you mean {commented[0]!r}? the header row starts with '#', a comment marker as numpy.savetxt "
+                    f"writes it: ask for column {commented[0]!r}, or write the file without it, savetxt(..., comments=''))")
+        elif len(names) == 1 and self.column.strip() in names[0].split():  # 'year value': spaces are not a delimiter
             hint = (f"; the header row holds none of the delimiters {', '.join(map(repr, CSV_DELIMITERS))}: a file "
                     "delimited by spaces is not read (convert it, e.g. tr -s ' ' ',')")
         elif hint:
@@ -917,10 +973,12 @@ class _ColumnReader:
                     "the series has a gap there"
                 )
             if len(row) != self.n_fields:
+                trailing = ("; the row ends with the delimiter and the header row does not: end both alike"
+                            if len(row) == self.n_fields + 1 and not row[-1].strip() else "")
                 raise CsvSeriesError(
                     f"{path}, line {line} (data row {self.n + len(out) + 1}): {len(row)} fields, the header row has "
                     f"{self.n_fields} (delimiter {self.sep!r}); the columns cannot be matched: a field is missing, or a "
-                    "field holds the delimiter without quotes (quote it)"
+                    f"field holds the delimiter without quotes (quote it){trailing}"
                 )
             if self.drop_missing and (not cell or folded in MISSING_MARKERS):
                 self.n_dropped += 1
@@ -959,6 +1017,11 @@ class _ColumnReader:
             f"deviations from the warm-up mean (mean {mean:g}, std {std:g}); a z-scored value must stay within "
             f"+-{limit:g}. Check that cell, or fit the z-score on a longer warm-up"
         )
+
+
+def _outside_quotes(text: str) -> str:
+    """``text`` without its quoted fields (what lies between two double quotes)."""
+    return re.sub(r'"[^"]*"', "", text)
 
 
 def _byte(data: bytes, exc: UnicodeDecodeError) -> str:
