@@ -20,7 +20,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 
 import memoa_fast
 import memoa_fast.kernels
@@ -332,14 +331,6 @@ _PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (memoa_fast,
 _KERNEL_DIR = os.path.dirname(memoa_fast.kernels.__file__) + os.sep
 
 
-# Python 3.13.0 does not deliver every exception a trace function raises at an opcode event: of the 236 bytecodes of
-# a Population.step, 54 let the call complete in a plain script, and under pytest even the second did. The injection
-# tests need every one, so they run on 3.11 (CI) and 3.12; the code they check is the same Python there.
-needs_opcode_injection = pytest.mark.skipif(
-    sys.version_info >= (3, 13), reason="Python 3.13 drops some exceptions raised by a trace function at opcode events: "
-                                        "the bytecode-injection tests cannot run here (they run on 3.11 and 3.12)")
-
-
 def _trace_package(call, on_opcode):
     """Run ``call()`` with ``on_opcode(frame)`` at every bytecode run in the package's files; returns what it returns."""
     def opcode(frame, event, arg):
@@ -349,6 +340,12 @@ def _trace_package(call, on_opcode):
 
     def enter(frame, event, arg):
         if frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+            # f_trace first. Python 3.13 sends opcode events to a code object instrumented for them, and setting
+            # f_trace_opcodes instruments it only if the frame already has f_trace (which the interpreter sets from
+            # our return value, after this call). It also removes that instrumentation when a frame runs a bytecode
+            # after the tracer raised (a `with` block's __exit__, a `finally`): without f_trace here, the next call
+            # of that code object got no opcode event at all, and an interrupt at its k-th bytecode never came.
+            frame.f_trace = opcode
             frame.f_trace_opcodes = True
             return opcode
         return None

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import _bytecodes, _interrupt_at, needs_opcode_injection, reap
+from helpers import _bytecodes, _interrupt_at, reap
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install 'memoa-fast[dask]')")
 
@@ -1874,7 +1874,6 @@ def _same_state(a, b):
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
 
 
-@needs_opcode_injection
 @pytest.mark.parametrize("method", ["step", "update"])
 def test_a_dask_population_or_server_interrupted_at_any_bytecode_is_at_a_round_or_refuses(thread_client, tmp_path, method):
     """A ``KeyboardInterrupt`` at (a sample of) every bytecode the client runs in ``DaskPopulation.step`` or
