@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_bool, check_choice, check_int, check_real, real_array
+from .._validation import as_float64, check_bool, check_choice, check_int, check_real, real_array
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -402,7 +402,7 @@ def run_experiment(
     """
     # complex, bool, strings, objects, datetimes: refused, never cast; a masked entry refused, not read beneath its mask
     raw = real_array("series", series)
-    y = raw.astype(np.float64, copy=False)
+    y = as_float64(raw)
     if y.ndim == 1:
         y, raw = y[:, None], raw[:, None]
     if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 1:
