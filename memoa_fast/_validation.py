@@ -490,7 +490,7 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
         arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
-        arr = as_float64(real_array(name, value))
+        arr = np.ascontiguousarray(as_float64(real_array(name, value)))  # (a scalar as shape (1,): read as (1, 1) too)
     if arr.shape != shape:
         if len(shape) == 2 and shape[1] == 1 and arr.shape == shape[:1]:
             arr = arr.reshape(shape)

@@ -126,6 +126,8 @@ def test_python_numbers_and_lists_keep_working():
     np.testing.assert_array_equal(as_float_array("x", [1, 2, 3], (3,)), [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(as_float_array("x", [[1.5], [2]], (2, 1)), [[1.5], [2.0]])
     np.testing.assert_array_equal(as_float_array("x", 2.5, (1,)), [2.5])
+    for scalar in (2.5, np.float32(2.5), np.int64(2)):  # one agent of dimension 1: a number is its (1, 1) array
+        assert as_float_array("x", scalar, (1, 1)).shape == (1, 1)
     np.testing.assert_array_equal(as_float_array("x", [1, 2], (2, 1)), [[1.0], [2.0]])
     arr = np.zeros((3, 2))
     assert as_float_array("x", arr, (3, 2)) is arr  # no copy in the common case
