@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import MAX_COUNT, scalar_of
+from ._validation import MAX_COUNT, as_float64, scalar_of
 from .kernels import SIGNAL_LIMIT
 
 __all__ = [
@@ -112,7 +112,7 @@ def _real_array(key, value, shape, *, limit=None, nonnegative=False, finite=True
     arr = np.asarray(value)
     if arr.shape != shape:
         _fail(key, f"must have shape {shape}, got shape {arr.shape}")
-    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    out = as_float64(arr, copy=True)
     if out.size == 0:
         return out
     # Fast path, one pass: the largest magnitude is NaN if any entry is.

@@ -462,6 +462,19 @@ def real_array(name: str, value) -> np.ndarray:
     return raw
 
 
+def as_float64(raw: np.ndarray, *, copy: bool = False) -> np.ndarray:
+    """The real array ``raw`` (:func:`real_array`'s) as a C-contiguous float64 array; a new one if ``copy``.
+
+    The one cast of the checked arrays: a long double beyond float64 becomes ``inf`` silently, for the caller's
+    finiteness check to name with its argument, index and value (NumPy's "overflow encountered in cast" names
+    nothing, and with warnings as errors it was raised first, as the exception).
+    """
+    if raw.dtype.kind == "f" and raw.dtype.itemsize > 8:  # long double: the only real dtype a float64 cast overflows
+        with np.errstate(over="ignore"):
+            return np.array(raw, dtype=np.float64, order="C", copy=True)
+    return np.array(raw, dtype=np.float64, order="C", copy=True if copy else None)
+
+
 def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite: bool = False) -> np.ndarray:
     """Return ``value`` as a C-contiguous float64 array of exactly ``shape``.
 
@@ -477,12 +490,7 @@ def as_float_array(name: str, value, shape: tuple[int, ...], *, allow_nonfinite:
     if isinstance(value, np.ndarray) and value.dtype == np.float64 and (flags := value.flags).c_contiguous:
         arr = value if flags.writeable and flags.aligned else _kernel_ready(value)
     else:
-        raw = real_array(name, value)
-        if raw.dtype.itemsize > 8 and raw.dtype.kind == "f":  # long double: beyond float64 it becomes inf, checked
-            with np.errstate(over="ignore"):                 # below by name (NumPy's cast warning names nothing)
-                arr = np.ascontiguousarray(raw, dtype=np.float64)
-        else:
-            arr = np.ascontiguousarray(raw, dtype=np.float64)
+        arr = np.ascontiguousarray(as_float64(real_array(name, value)))  # (a scalar as shape (1,): read as (1, 1) too)
     if arr.shape != shape:
         if len(shape) == 2 and shape[1] == 1 and arr.shape == shape[:1]:
             arr = arr.reshape(shape)

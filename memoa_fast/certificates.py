@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import MAX_COUNT, available_memory, binary_exponent, check_int, check_real, gib, plain_array, real_array
+from ._validation import MAX_COUNT, as_float64, available_memory, binary_exponent, check_int, check_real, gib, plain_array, real_array
 from .game import Game
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, SIGNAL, Q, R, next_discount
 
@@ -209,7 +209,7 @@ def _check_game(game) -> Game:
 
 def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
     """Signals as a float (N, d) array; (N,) means d = 1."""
-    s = np.array(real_array("signals", signals), dtype=np.float64)  # a copy: the results keep it
+    s = as_float64(real_array("signals", signals), copy=True)  # a copy: the results keep it
     if s.ndim == 1:
         s = s[:, None]
     if s.ndim != 2 or s.shape[1] < 1:
@@ -223,7 +223,7 @@ def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
 
 
 def _as_states(name: str, value, n: int, d: int) -> np.ndarray:
-    x = np.array(real_array(name, value), dtype=np.float64)
+    x = as_float64(real_array(name, value), copy=True)
     if x.shape == (n,) and d == 1:
         x = x[:, None]
     if x.shape != (n, d):

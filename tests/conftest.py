@@ -86,8 +86,10 @@ def _start_recording_the_starter(self, *args, **kwargs):
     frame = sys._getframe().f_back  # (None when started from C)
     while frame is not None and frame.f_code.co_filename.startswith(_THREAD_MACHINERY):
         frame = frame.f_back
-    # resolved like ROOT: a checkout reached through a symlink names its files by the link
-    self._memoa_started_in = os.path.realpath(frame.f_code.co_filename) if frame is not None else ""
+    # resolved like ROOT: a checkout reached through a symlink names its files by the link. Only a path: "<string>"
+    # (exec'd code) or "<frozen ...>" is no file, and realpath would put it in the working directory (the checkout's)
+    name = frame.f_code.co_filename if frame is not None else ""
+    self._memoa_started_in = os.path.realpath(name) if os.path.isabs(name) else ""
     return _thread_start(self, *args, **kwargs)
 
 

@@ -53,3 +53,18 @@ def test_the_guard_counts_a_thread_started_through_a_symlink_to_the_checkout(tmp
     finally:
         stop.set()
         thread.join()
+
+
+def test_the_guard_does_not_count_a_thread_started_by_execd_code(monkeypatch):
+    """Code compiled from a string is named "<string>", no file: not this checkout's, whatever the working directory.
+    Resolved as a path, it was put in the working directory, so from the checkout (where pytest runs) it counted.
+    """
+    monkeypatch.chdir(conftest.ROOT)
+    before = set(threading.enumerate())
+    stop = threading.Event()
+    thread = _started_from("<string>", stop.wait)
+    try:
+        assert thread not in conftest._ours_left_running(before)
+    finally:
+        stop.set()
+        thread.join()

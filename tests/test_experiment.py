@@ -329,11 +329,13 @@ def _scores_of(res):
 
 @pytest.mark.parametrize("level", [2**62, -(2**62), 2**63 - 10**6, "uint64"])
 def test_scale_burn_in_of_an_integer_series_ignores_its_level_exactly(level):
-    """Property, scale="burn-in": an integer series a + y (int64 or uint64, a any integer the dtype holds) scores the
-    same as y, bit for bit. Cast to float64 first, a counter near 2**62 was rounded to multiples of 1024: its burn-in was
-    "constant up to rounding" (ValueError) though every value was exact. The z-score is now taken on exact differences.
+    """Property, scale="burn-in": an integer series a + y (int64 or uint64, a any integer the dtype holds, here one that
+    float64 rounds) scores as its differences from y(0), bit for bit. Cast to float64 first, a counter near 2**62 was
+    rounded to multiples of 1024: its burn-in was "constant up to rounding" (ValueError) though every value was exact.
+    The z-score is now taken on exact differences.
     """
     y = np.round(np.cumsum(np.random.default_rng(7).standard_normal(150)) * 1000).astype(np.int64)
+    y -= y[0]  # (the differences from y(0): small integers, their own float64 array)
     kw = dict(n_clients=6, policies=("memoa", "local"), rules="hedge", scale="burn-in")
     ref = run_experiment(y, **kw)
     shifted = (y - y.min()).astype(np.uint64) + np.uint64(2**63) if level == "uint64" else y + np.int64(level)
@@ -341,6 +343,20 @@ def test_scale_burn_in_of_an_integer_series_ignores_its_level_exactly(level):
     assert _scores_of(res) == _scores_of(ref)
     assert res.config["scale_fit"][1] == ref.config["scale_fit"][1]
     assert res.config["scale_fit"][0] == pytest.approx(float(shifted[0]) + (ref.config["scale_fit"][0] - float(y[0])), rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype, level", [(np.int64, 1000), (np.int32, -7), (np.uint16, 500), (np.int64, -(2**53) + 1)])
+def test_scale_burn_in_of_an_integer_series_is_that_of_its_float64_array(dtype, level):
+    """Property, scale="burn-in": an integer series within 2**53 (every value a float64) scores as its float64 array, bit
+    for bit, as every other real form does. The z-score on differences from y(0), meant for integers float64 rounds, was
+    taken for every integer series: 1000 + y as int64 scored an ulp away from the same numbers as floats (a CSV file's)
+    and from the release before.
+    """
+    y = np.round(np.cumsum(np.random.default_rng(7).standard_normal(150)) * 1000).astype(np.int64)  # in [-25678, 300]
+    y = (y - y.min() + level).astype(dtype)
+    kw = dict(n_clients=6, policies=("memoa", "local"), rules="hedge", scale="burn-in")
+    res, ref = run_experiment(y, **kw), run_experiment(y.astype(np.float64), **kw)
+    assert _scores_of(res) == _scores_of(ref) and res.config["scale_fit"] == ref.config["scale_fit"]
 
 
 @pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])

@@ -92,10 +92,42 @@ def test_a_long_double_beyond_float64_is_refused_by_name_or_held():
     assert pop.n_valid_signals == 1
 
 
+def _long_double_calls():
+    from memoa_fast import certificates
+    from memoa_fast.timeseries import streams
+    from memoa_fast.timeseries.experiment import run_experiment
+
+    big = np.array([1.0, 2.0] * 3 + [np.longdouble("1e400")], dtype=np.longdouble)
+    game = mf.Game(q=1.0, kappa=1.0, r=0.1, gamma=0.9)
+    state = mf.Population(game, 2, 1).state_dict()
+    state["states"] = big[-2:, None]
+    return [
+        (lambda: run_experiment(big, n_clients=2, policies=("local",)), r"series must be finite .*at round 6: inf"),
+        (lambda: streams.clip_outliers(big, 3.0), "series must be finite; first non-finite value at row 6"),
+        (lambda: certificates.policy_costs(game, big[-2:], np.zeros(2)), r"signals must be finite; .* index \(1, 0\)"),
+        (lambda: certificates.policy_costs(game, np.ones(2), big[-2:]), r"initial_states must be finite; .* index \(1, 0\)"),
+        (lambda: mf.Population(game, 2, 1).load_state_dict(state), r"state\['states'\] must be finite; entry \(1, 0\) is inf"),
+    ]
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max, reason="long double is float64 here")
+def test_every_checked_array_refuses_a_long_double_beyond_float64_by_name():
+    """Every entry point that reads a real array casts it to float64 in one place (``as_float64``): a long double beyond
+    float64 becomes inf there, silently, and the argument's finiteness check names it. Only ``as_float_array`` did;
+    ``run_experiment``, ``clip_outliers``, the certificates and ``load_state_dict`` raised NumPy's "overflow encountered
+    in cast" under warnings as errors (this suite's setting), naming nothing.
+    """
+    for call, message in _long_double_calls():
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_python_numbers_and_lists_keep_working():
     np.testing.assert_array_equal(as_float_array("x", [1, 2, 3], (3,)), [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(as_float_array("x", [[1.5], [2]], (2, 1)), [[1.5], [2.0]])
     np.testing.assert_array_equal(as_float_array("x", 2.5, (1,)), [2.5])
+    for scalar in (2.5, np.float32(2.5), np.int64(2)):  # one agent of dimension 1: a number is its (1, 1) array
+        assert as_float_array("x", scalar, (1, 1)).shape == (1, 1)
     np.testing.assert_array_equal(as_float_array("x", [1, 2], (2, 1)), [[1.0], [2.0]])
     arr = np.zeros((3, 2))
     assert as_float_array("x", arr, (3, 2)) is arr  # no copy in the common case

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._validation import check_bool, check_choice, check_int, check_real, real_array
+from .._validation import as_float64, check_bool, check_choice, check_int, check_real, real_array
 from ..game import POLICIES as GAME_POLICIES
 from ..game import Game
 from ..population import Population
@@ -362,9 +362,11 @@ def run_experiment(
         ``a`` and ``c > 0`` (RMSEs wherever ``c`` times them is a float64;
         costs and the per-round squared errors are in squared units, so
         beyond ``c ~ 1e154`` they overflow: ``n/a`` in the table, ``null``
-        in JSON; an integer series is z-scored on its exact differences
-        from ``y(0)``, so any integer level ``a`` gives the same scores, bit
-        for bit). Needs ``burn_in >= 1`` and spread in that prefix: a
+        in JSON). An integer series within ``2**53`` (where every integer
+        is a float64) gives the scores of its float64 array, bit for bit;
+        one beyond, where float64 rounds integers (a counter near ``2**62``),
+        is z-scored on its exact differences from ``y(0)``, so every such
+        level ``a`` gives the same scores, bit for bit. Needs ``burn_in >= 1`` and spread in that prefix: a
         coordinate whose values there differ by rounding only (at most
         ``2**-46`` times their largest) counts as constant.
     outlier_bound : float or None
@@ -400,7 +402,7 @@ def run_experiment(
     """
     # complex, bool, strings, objects, datetimes: refused, never cast; a masked entry refused, not read beneath its mask
     raw = real_array("series", series)
-    y = raw.astype(np.float64, copy=False)
+    y = as_float64(raw)
     if y.ndim == 1:
         y, raw = y[:, None], raw[:, None]
     if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 1:
@@ -423,7 +425,7 @@ def run_experiment(
         outlier_bound = check_real("outlier_bound", outlier_bound, low=0.0, low_open=True)
     scale_fit = None
     if scale == "burn-in":
-        y, scale_fit = _zscore_on_burn_in(_relative_integers(raw) if raw.dtype.kind in "iu" else y, burn_in)
+        y, scale_fit = _zscore_on_burn_in(y if _float64_holds(raw, y) else _relative_integers(raw), burn_in)
     bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
@@ -599,6 +601,17 @@ def held_feed(y: np.ndarray, burn_in: int, outlier_bound: float | None) -> tuple
     bound = np.where(sd > 0.0, np.maximum(bound, np.nextafter(0.0, 1.0)), np.inf)  # constant (sd 0): never held
     feed, held, _ = _hold(y, bound, OUTLIER_MIN_VALUES, copy=True)
     return feed, held
+
+
+def _float64_holds(raw: np.ndarray, y: np.ndarray) -> bool:
+    """Whether ``raw`` is a float series, or an integer one within ``2**53`` in magnitude (``y``: its float64 cast).
+
+    Up to ``2**53`` every integer is a float64: the series is then its float64 array, and gets that array's scores bit
+    for bit (ordinary integers score as the same numbers read as floats, from a CSV file). Beyond, float64 rounds
+    integers (to multiples of 1024 near ``2**62``), and the z-score is taken on exact differences instead
+    (:func:`_relative_integers`), the same for every such level.
+    """
+    return raw.dtype.kind not in "iu" or bool((np.abs(y) <= 2.0**53).all())
 
 
 def _relative_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import MAX_COUNT, binary_exponent, check_bool, check_int, check_real, check_seed, check_sizes, real_array
+from .._validation import MAX_COUNT, as_float64, binary_exponent, check_bool, check_int, check_real, check_seed, check_sizes, real_array
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -366,13 +366,13 @@ def clip_outliers(series, bound, start: int = 1) -> np.ndarray:
     numpy.ndarray
         ``y~``, float64, a new array of the shape of ``series``.
     """
-    y = real_array("series", series).astype(np.float64, copy=True)  # a copy: the result is new
+    y = as_float64(real_array("series", series), copy=True)  # a copy: the result is new
     if y.ndim not in (1, 2) or y.shape[0] < 1 or y.size == 0:
         raise ValueError(f"series must have shape (T,) or (T, d) with T >= 1 and d >= 1, got shape {y.shape}")
     y2 = y.reshape(len(y), -1)
     if not np.isfinite(y2).all():
         raise ValueError(f"series must be finite; first non-finite value at row {int(np.argmax(~np.isfinite(y2).all(axis=1)))}")
-    b = real_array("bound", bound).astype(np.float64)
+    b = as_float64(real_array("bound", bound))
     if b.ndim > 1 or (b.ndim == 1 and b.shape != (y2.shape[1],)):
         raise ValueError(f"bound must be a number or one per coordinate, shape ({y2.shape[1]},); got shape {b.shape}")
     if not (b > 0).all():  # (NaN too)
