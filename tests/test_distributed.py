@@ -245,6 +245,9 @@ def test_step_predict_is_step_then_the_servers_mixture_as_on_one_machine(client,
         dpop.step_predict(s, server)
     with pytest.raises(ValueError, match="out"):
         dpop.step_predict(s, dserver, out=np.empty(d + 1))
+    dserver._interrupted = "an update"  # as an interrupt between an update's first and last write leaves it
+    with pytest.raises(RuntimeError, match="interrupted"):  # before the step (it moved the population first)
+        dpop.step_predict(s, dserver)
     assert dpop.t == 3
     dpop.close()
 

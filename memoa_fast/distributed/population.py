@@ -659,7 +659,8 @@ class DaskPopulation(MeanFieldSummary):
         :meth:`step` followed by ``server.predict()`` (one more round trip of ``O(d)`` numbers per shard; one
         machine sums the mixture inside the step's pass, and the two agree to ``1e-12`` of
         ``sum_i p_i |x_i(t+1)|``: see :meth:`Population.step_predict <memoa_fast.Population.step_predict>`).
-        The server and ``out`` are checked before the step: a refused call changes nothing.
+        The server (also whether an interrupted update left it refusing) and ``out`` are checked before the step: a
+        refused call changes nothing.
 
         Parameters
         ----------
@@ -679,6 +680,7 @@ class DaskPopulation(MeanFieldSummary):
             raise TypeError(f"server must be a DaskServer built on this population (DaskServer(population)), got {server!r}")
         if out is not None:
             check_out(out, (self.dim,))
+        server._check_usable()  # an interrupted server refuses now, before the population moves (as on one machine)
         self.step(signals)
         return server.predict(None, out=out)
 
