@@ -947,6 +947,52 @@ def test_a_child_forked_while_the_registry_lock_is_held_can_still_register():
     assert os.waitstatus_to_exitcode(status) == 0, status
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_never_closes_a_copy_of_its_parents_client():
+    """A child forked while a population's own client is registered copies the population, its finalizer and the
+    queue: collected there, the copy's client was queued and closed by the child's closing thread, a close of a
+    client whose connections the child shares with its parent. The child now closes only the clients it registered.
+    """
+    import gc
+    import warnings
+
+    from memoa_fast.distributed import _comm
+
+    class Owner:
+        pass
+
+    parents_owner, parents_client = Owner(), _FakeClient()
+    _comm.closes_when_collected(parents_owner, parents_client, 1.0)
+    try:
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork() in a process with threads (the closing thread)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: 0 if its own client is closed and the parent's copy is not
+            try:
+                signal.alarm(10)
+                del parents_owner  # collected in the child: its finalizer queues the copy of the parent's client
+                gc.collect()
+                childs_owner, childs_client = Owner(), _FakeClient()
+                _comm.closes_when_collected(childs_owner, childs_client, 1.0)
+                del childs_owner
+                gc.collect()
+                deadline = time.monotonic() + 5
+                while childs_client.closed == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os._exit(0 if (childs_client.closed, parents_client.closed) == (1, 0) else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    finally:
+        del parents_owner
+        gc.collect()
+    deadline = time.monotonic() + 10
+    while (parents_client.closed == 0 or _comm._closer is not None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert parents_client.closed == 1 and _comm._closer is None  # the parent still closes its own
+
+
 def test_a_population_collected_on_its_clients_event_loop_thread_closes_it(thread_client):
     """The collector may run the finalizer on the client's own IO-loop thread, where a blocking close would wait
     for the loop it blocks (until its timeout): the client is closed all the same, soon.

@@ -116,10 +116,18 @@ _registered: dict = {}
 
 
 def _after_fork_in_child() -> None:
-    """A fresh ``_closer_lock`` in a forked child: the fork may have copied it held by a thread the child lacks."""
-    global _closer_lock, _closer
+    """A forked child starts the closing machinery afresh: a new lock, queue and registry, no thread.
+
+    The fork may have copied ``_closer_lock`` held by a thread the child lacks (its first registration then waited
+    for good). And the parent's clients are the parent's: the finalizers of the populations the child copied put
+    their clients on the parent's queue, which no thread of the child reads, so the child never closes a copy of a
+    client (whose connections it shares with the parent).
+    """
+    global _closer_lock, _closer, _to_close, _registered
     _closer_lock = threading.Lock()
     _closer = None
+    _to_close = queue.SimpleQueue()
+    _registered = {}
 
 
 if hasattr(os, "register_at_fork"):
