@@ -425,7 +425,8 @@ def run_experiment(
         outlier_bound = check_real("outlier_bound", outlier_bound, low=0.0, low_open=True)
     scale_fit = None
     if scale == "burn-in":
-        y, scale_fit = _zscore_on_burn_in(y if _float64_holds(raw, y) else _relative_integers(raw), burn_in)
+        fit, base = (y, None) if _float64_holds(raw, y) else _relative_integers(raw)
+        y, scale_fit = _zscore_on_burn_in(fit, burn_in, base)
     bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
@@ -630,18 +631,17 @@ def _relative_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return diff.astype(np.float64), raw[0]
 
 
-def _zscore_on_burn_in(y, burn_in: int):
+def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = None):
     """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
 
-    ``y`` is a (T, d) float64 series, or ``(y - base, base)`` (:func:`_relative_integers`): the z-score is then taken
-    on the differences, and ``mu`` is ``base`` plus their mean.
+    ``y`` is a (T, d) float64 series; with ``base`` it is the differences of an integer series from its first row
+    ``base`` (:func:`_relative_integers`), and the reported ``mu`` is ``base`` plus their mean.
 
     Computed on values divided by a power of two at least their largest
     magnitude (exact), so no square overflows. A coordinate whose spread over
     the burn-in is rounding only (:func:`~memoa_fast.timeseries.streams.spread`)
     counts as constant.
     """
-    y, base = y if isinstance(y, tuple) else (y, None)
     if burn_in < 1:
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
                          "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")

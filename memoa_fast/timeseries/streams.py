@@ -762,25 +762,26 @@ class _ColumnReader:
         A first line ``sep=X`` (the delimiter line that Excel reads, and that tools writing for Excel put first)
         sets the delimiter, and the header row is the line after it.
         """
-        raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
-        if len(raw) > CSV_MAX_LINE_BYTES:
-            self._too_long(1)
+        raw, line = self._line(fh, 1), 1
         hint = _SEP_LINE.fullmatch(raw)
-        if hint is None:
-            self._peek(fh)
-            return raw, 1
-        sep = hint.group(1).decode("utf-8", errors="replace")
-        if sep not in CSV_DELIMITERS:
-            raise CsvSeriesError(
-                f"{self.path}, line 1: the delimiter line 'sep={sep}' names {sep!r}; accepted delimiters: "
-                f"{', '.join(map(repr, CSV_DELIMITERS))}"
-            )
-        self.forced_sep = sep
+        if hint is not None:
+            sep = hint.group(1).decode("utf-8", errors="replace")
+            if sep not in CSV_DELIMITERS:
+                raise CsvSeriesError(
+                    f"{self.path}, line 1: the delimiter line 'sep={sep}' names {sep!r}; accepted delimiters: "
+                    f"{', '.join(map(repr, CSV_DELIMITERS))}"
+                )
+            self.forced_sep = sep
+            raw, line = self._line(fh, 2), 2
+        self._peek(fh)
+        return raw, line
+
+    def _line(self, fh, line: int) -> bytes:
+        """The next line of ``fh`` (line number ``line``), refused when longer than :data:`CSV_MAX_LINE_BYTES`."""
         raw = fh.readline(CSV_MAX_LINE_BYTES + 1)
         if len(raw) > CSV_MAX_LINE_BYTES:
-            self._too_long(2)
-        self._peek(fh)
-        return raw, 2
+            self._too_long(line)
+        return raw
 
     def _peek(self, fh) -> None:
         """Keep the line after the header row (the first data row) without consuming it: it settles the delimiter."""
@@ -838,10 +839,11 @@ class _ColumnReader:
         So a name holding another delimiter does not choose it: a tab-delimited header row ``date<TAB>Price, USD``
         is split on tabs (its first data row holds no comma), where the first delimiter held, ``','``, split it in two.
         """
-        held = [d for d in CSV_DELIMITERS if d in _outside_quotes(header)]
+        bare = _outside_quotes(header)
+        held = [d for d in CSV_DELIMITERS if d in bare]
         if len(held) > 1:
             row = _outside_quotes(self.first_row.decode("utf-8", errors="replace").rstrip("\r\n"))
-            same = [d for d in held if row.count(d) == _outside_quotes(header).count(d)]
+            same = [d for d in held if row.count(d) == bare.count(d)]
             if same:
                 return same[0]
         return held[0] if held else ","
