@@ -598,17 +598,54 @@ def _check_engines(population, server, source, *, saving: bool) -> None:
         _check_engine("source", source, (method,), f"None or a signal source (with {method})")
 
 
+# The .npy header is a Python dict literal. NumPy reads it with ast.literal_eval, and CPython's AST constructor
+# counts its depth in one per-interpreter field: two threads parsing at once (shards restored by a Dask worker's
+# threads) can fail with "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905), which a
+# reader can only report as a corrupt file. So the header is matched here, with no ast: the three keys NumPy
+# writes, each once, a dtype string, a bool and a tuple of integers (anything else is no checkpoint member).
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10_000  # bytes: NumPy's own limit on an untrusted header (np.lib.format._MAX_HEADER_SIZE)
+_NPY_SHAPE = r"\(\s*(?:\d+\s*,\s*(?:\d+\s*,\s*)*(?:\d+\s*)?)?\)"  # (), (n,), (n, m), (n, m,): a tuple, never "(n)"
+_NPY_TYPED_ITEM = rf"'descr'\s*:\s*'[^'\\]*'|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
+_NPY_ITEM = rf"'(descr|fortran_order|shape)'\s*:\s*('[^'\\]*'|True|False|{_NPY_SHAPE})"  # (key, value), once matched typed
+_NPY_DICT = re.compile(rf"\{{\s*(?:(?:{_NPY_TYPED_ITEM})\s*,\s*)*(?:{_NPY_TYPED_ITEM})\s*(?:,\s*)?\}}\s*")
+
+
+def _npy_header(f) -> tuple:
+    """``(shape, fortran_order, dtype, header_bytes)`` of the ``.npy`` stream ``f``, read without :mod:`ast`.
+
+    Versions 1.0 and 2.0 (what NumPy writes for these arrays); the header is a
+    dict of exactly ``'descr'`` (a dtype string), ``'fortran_order'`` (a bool)
+    and ``'shape'`` (a tuple of integers). Anything else raises ValueError.
+    """
+    magic = f.read(8)
+    if len(magic) != 8 or magic[:6] != _NPY_MAGIC:
+        raise ValueError(f"a member is not a .npy array: it starts {magic!r}, not {_NPY_MAGIC!r}")
+    version = (magic[6], magic[7])
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} is not supported (1.0 and 2.0 are)")
+    width = 2 if version == (1, 0) else 4
+    size_bytes = f.read(width)
+    size = int.from_bytes(size_bytes, "little")
+    if len(size_bytes) != width or size > _NPY_MAX_HEADER:
+        raise ValueError(f"a .npy header of {size} bytes: more than {_NPY_MAX_HEADER}, or cut short")
+    raw = f.read(size)
+    text = raw.decode("latin1")
+    if len(raw) != size or _NPY_DICT.fullmatch(text) is None:
+        raise ValueError(f"a .npy header {text[:200]!r} is not one NumPy writes for a plain array")
+    pairs = re.findall(_NPY_ITEM, text)
+    items = dict(pairs)
+    if len(items) != 3 or len(pairs) != 3:
+        raise ValueError(f"a .npy header {text[:200]!r} must name descr, fortran_order and shape once each")
+    shape = tuple(int(n) for n in re.findall(r"\d+", items["shape"]))
+    return shape, items["fortran_order"] == "True", np.dtype(items["descr"][1:-1]), 8 + width + size
+
+
 def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
     """``(shape, dtype, fortran_order, header_bytes)`` of one ``.npy`` member, inflating only its first bytes."""
     with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f".npy format version {version} is not supported (1.0 and 2.0 are)")
-        return shape, dtype, fortran, f.tell()
+        shape, fortran, dtype, offset = _npy_header(f)
+        return shape, dtype, fortran, offset
 
 
 def _read_members(fh, where, n_agents, dim) -> dict:
@@ -952,8 +989,12 @@ def _manifest_token(folder) -> str | None:
         with zipfile.ZipFile(folder.parent / folder.name[: -len(".shards")]) as zf:
             if "token.npy" not in zf.namelist() or zf.getinfo("token.npy").file_size > 4096:
                 return None
+            shape, dtype, _, offset = _member_header(zf, zf.getinfo("token.npy"))
+            if shape != () or dtype.kind != "U":
+                return None
             with zf.open("token.npy") as f:
-                return str(np.lib.format.read_array(f, allow_pickle=False))
+                f.read(offset)
+                return str(np.frombuffer(f.read(dtype.itemsize), dtype=dtype).reshape(())[()])
     except Exception:  # noqa: BLE001 - anything unreadable names no set
         return None
 

@@ -675,6 +675,74 @@ def test_restore_refuses_a_bombed_states_member_from_its_header(tmp_path, monkey
     assert all(0 <= n < 4096 for n in reads), reads  # only headers were read
 
 
+def test_a_checkpoint_is_read_without_ast(run, monkeypatch):
+    """Reading never parses Python: CPython's AST constructor counts its depth in one per-interpreter field, and two
+    threads parsing .npy headers at once (shards restored by a Dask worker's threads) failed a valid set as "not
+    readable (truncated or corrupt?): SystemError: AST constructor recursion depth mismatch" (CPython gh-106905).
+    """
+    import ast
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint reader parsed with ast, as NumPy's .npy reader does")
+
+    pop, server, source, _, path = run
+    again, again_server = _make()
+    again_source = CheckedSource(N, D)
+    with monkeypatch.context() as patch:  # only around the read: pytest's report of a failure parses
+        patch.setattr(ast, "literal_eval", refuse)
+        patch.setattr(ast, "parse", refuse)
+        restore_checkpoint(path, again, again_server, source=again_source)
+    _assert_same(_snapshot(pop, server, source), _snapshot(again, again_server, again_source))
+
+
+_HEADERS = {  # arrays NumPy writes (its header text, as np.lib.format.write_array pads it)
+    "float64": np.zeros(3), "fortran": np.zeros((2, 3), order="F"), "empty": np.zeros(0), "3-d uint32": np.zeros((4, 1, 2), np.uint32),
+    "str scalar": np.array("token"), "int scalar": np.array(5), "bool": np.array([True]), "big-endian": np.zeros(2, ">f8"),
+}
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+@pytest.mark.parametrize("name", list(_HEADERS))
+def test_the_npy_header_reads_as_numpy_reads_it(name, version):
+    import io
+
+    from memoa_fast.checkpoint import _npy_header
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, _HEADERS[name], version=version)
+    buffer.seek(0)
+    shape, fortran, dtype, offset = _npy_header(buffer)
+    buffer.seek(0)
+    assert np.lib.format.read_magic(buffer) == version
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    assert (shape, fortran, dtype) == read(buffer) and offset == buffer.tell()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{'descr': '<f8', 'fortran_order': False}", "once each"),
+    ("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), 'shape': (3,)}", "once each"),
+    ("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), 'extra': 1}", "not one NumPy writes"),
+    ("{'descr': '<f8', 'fortran_order': False, 'shape': (3)}", "not one NumPy writes"),  # an int, not a tuple
+    ("{'descr': '<f8', 'fortran_order': 0, 'shape': (3,)}", "not one NumPy writes"),
+    ("{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (3,)}", "not one NumPy writes"),  # structured
+    ("{'descr': '<f8', 'fortran_order': False, 'shape': True}", "not one NumPy writes"),
+    ("{'descr': '<f8', 'fortran_order': False, 'shape': (3,)" + " " * 5000, "not one NumPy writes"),  # no brace
+    ("__import__('os')", "not one NumPy writes"),
+])
+def test_an_npy_header_numpy_would_not_write_is_refused(text, match):
+    import io
+
+    from memoa_fast.checkpoint import _npy_header
+
+    raw = text.encode()
+    with pytest.raises(ValueError, match=match):
+        _npy_header(io.BytesIO(b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw))
+    with pytest.raises(ValueError, match="version .3, 0. is not supported"):
+        _npy_header(io.BytesIO(b"\x93NUMPY\x03\x00" + len(raw).to_bytes(4, "little") + raw))
+    with pytest.raises(ValueError, match="more than 10000"):
+        _npy_header(io.BytesIO(b"\x93NUMPY\x02\x00" + (10_001).to_bytes(4, "little") + raw))
+
+
 def test_member_whose_size_disagrees_with_its_header(tmp_path):
     """A header that claims fewer bytes than the zip directory says (or more) is refused before reading data."""
     pop = StatePopulation(GAME, N, D)

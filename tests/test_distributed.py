@@ -777,6 +777,36 @@ def thread_client():
         _stop_cluster(cluster, client)
 
 
+def test_a_sharded_set_is_read_and_restored_without_ast(thread_client, tmp_path, monkeypatch):
+    """The shards' files and the manifest are read with no ast parse (its constructor is not thread-safe: two worker
+    threads reading .npy headers at once failed a valid set as corrupt; test_checkpoint.py's single-file test says why).
+    """
+    factory = functools.partial(NoisyLastValueSignals, low=0.1)
+    with (DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, exact=True, signals=factory, seed=4,
+                         timeout=TIMEOUT) as dpop,
+          DaskPopulation(GAME, N, 1, client=thread_client, n_shards=3, exact=True, signals=factory, seed=4,
+                         timeout=TIMEOUT) as other):
+        dserver, other_server = DaskServer(dpop, rule="eg", eta=0.5, alpha=0.01), DaskServer(other, rule="eg", eta=0.5, alpha=0.01)
+        _advance(dpop, dserver, range(3))
+        path = dpop.save(tmp_path / "run.ckpt", dserver)
+        import ast
+        import traceback
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("parsed with ast:\n" + "".join(traceback.format_stack(limit=12)))
+
+        with monkeypatch.context() as patch:  # only around the reads: pytest's own report of a failure parses
+            patch.setattr(ast, "literal_eval", refuse)
+            patch.setattr(ast, "parse", refuse)
+            ckpt = load_checkpoint(path)  # here: every shard file, then the manifest's token
+            restore_checkpoint(path, other, other_server)  # on the workers' threads, in this process
+        np.testing.assert_array_equal(ckpt.population["states"], dpop.states)
+        for name in ("states", "costs"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(dpop, name), err_msg=name)
+        assert other.t == dpop.t == 3 and other_server.n_updates == 3
+        np.testing.assert_array_equal(other_server.weights, dserver.weights)
+
+
 @pytest.mark.parametrize("signals", [[1e30, -1e30, 1.0], [1e30, 1.0, -1e30], [1e30, -1e30, 1e30]], ids=["nan-nan-1", "nan-1-nan", "all-nan"])
 def test_the_worst_agent_with_nan_costs_is_the_one_machine_populations(thread_client, signals):
     """``gamma^t`` underflowing to 0 times an infinite cost makes costs NaN (as on one machine). The shards took
