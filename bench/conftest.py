@@ -19,8 +19,13 @@ import numpy as np
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "big: N >= 10^6 agents (skip with -m 'not big' for a short run)")
+    # A benchmark times one process alone: the test suite's two xdist workers (pyproject's addopts "-n 2") are
+    # turned off here, before xdist starts them and before pytest-benchmark would disable every benchmark for them.
+    if getattr(config.option, "dist", "no") != "no":
+        config.option.dist, config.option.numprocesses, config.option.tx = "no", 0, []
 
 
 def pytest_addoption(parser):

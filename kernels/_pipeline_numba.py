@@ -1232,10 +1232,11 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
     fb = flags.copy()  # the flags of the round whose pass B runs next
     recorded = 0  # rounds that recorded their errors
     _round_flags(fa, t0, record)
-    _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[0], yhat, field, work, params, key, fa, stats,
+    _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[0], yhat, field, work, params, key, fa, fb, stats,
                    threads)
     for k in range(T):
-        fb[:] = fa
+        for j in range(fa.shape[0]):  # not fb[:] = fa: its shape check's error message costs 3 s of compile
+            fb[j] = fa[j]
         params[P_HALF_DISCOUNT] = 0.5 * discount
         top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
         nxt = k + 1 < T and fuse
@@ -1251,8 +1252,8 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
                     _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, fa,
                                   c)
         else:
-            _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, fa, fb,
-                                  top, log_total, kt, k, nxt)
+            _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1] if nxt else ys[k], yhat, work,
+                            field, params, fa, fb, top, log_total, kt, threads > 1, nxt)  # a bool, see _rounds_pass_a
         _merge_b(work, field, yhat, stats, n, d)
         for j in range(d):
             field[FIELD_STATE, j] = field[FIELD_NEXT, j]
@@ -1264,32 +1265,50 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
         if nxt:
             _merge_a(work, field, params, fa, stats, d)
         elif k + 1 < T:  # eg: pass A of round k + 1 needs yhat(k + 1), merged above
-            _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key, fa,
-                           stats, threads)
-    flags[:] = fb
+            _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key, fa,
+                           fb, stats, threads)
+    for j in range(fb.shape[0]):
+        flags[j] = fb[j]
     return discount, recorded
 
 
-@njit(**_jit)
-def _rounds_pass_a(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats, threads):
-    """Pass A alone, on ``threads`` (1: serial)."""
+# Compile time: Numba builds each jitted function as one LLVM module holding every function it calls, optimised and
+# compiled again there; pass A's chunk function is the largest (about 6.5 s of LLVM each time, here). So _rounds
+# reaches the chunk functions through as few jitted functions as possible: directly (one thread), or through the one
+# parallel sweep below, and _rounds_pass_a is inlined into _rounds as Numba IR (no module of its own). A module for
+# each of _pass_a_serial, _pass_a_parallel, _rounds_pass_a and a second sweep took the first Pipeline.run's compile
+# from 35-40 s to 66 s of CPU (no disk cache).
+@njit(inline="always", **_jit)
+def _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, fa, fb, stats,
+                   threads):
+    """Pass A alone (flags ``fa``; ``fb`` only fills the sweep's arguments), on ``threads`` (1: serial), then its merge."""
+    kt = _round_key(key, fa[F_T])
     if threads == 1:
-        _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+        for c in range(work.shape[0]):
+            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, fa, c)
     else:
-        _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
+        # do_b, do_a as bools computed at run time (False, True here): literal ones would type as Literal[bool] and
+        # compile a second sweep (about 19 s of CPU)
+        _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, field, params, fa, fb,
+                        stats[S_TOP], stats[S_LOG_TOTAL], kt, threads < 1, threads > 1)
+    _merge_a(work, field, params, fa, stats, x.shape[1])
 
 
 @njit(parallel=True, **_jit)
-def _fused_sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, work, field, params, fa, fb, top,
-                          log_total, kt, k, nxt):
-    """Pass B of round ``k`` (flags ``fb``) and (``nxt``) pass A of round ``k + 1`` (``fa``) chunk by chunk, over the threads."""
+def _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, field, params, fa, fb, top,
+                    log_total, kt, do_b, do_a):
+    """Chunk by chunk over the threads: (``do_b``) pass B with flags ``fb``, then (``do_a``) pass A on ``y``.
+
+    Pass B of round ``k`` and pass A of round ``k + 1`` (flags ``fa``) fused, or either alone (the same bits).
+    """
     n = x.shape[0]
     chunks = work.shape[0]
     for i in prange(chunks):
         c = _chunk_order(i, chunks)
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
-        if nxt:
-            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, fa, c)
+        if do_b:
+            _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
+        if do_a:
+            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, fa, c)
 
 
 @njit(**_jit)
@@ -1352,7 +1371,7 @@ def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, y
     """Rounds on the targets ``ys`` (T >= 1, d) in one compiled call; returns ``(discount, rounds recorded)``.
 
     Semantics: :func:`memoa_fast.kernels._pipeline_reference.run_rounds`. The call runs whole or not at all
-    (Python cannot interrupt compiled code), and ``flags[:] = ...`` (the last round's flags) is its last write:
+    (Python cannot interrupt compiled code), and copying the last round's flags into ``flags`` is its last write:
     ``Pipeline`` tells from ``flags[F_RECORD]`` whether an interrupted call had run. One call's work is bounded
     by the caller (``Pipeline.run`` splits a long series), so that Ctrl-C acts soon.
     """

@@ -84,14 +84,26 @@ def two_pass(mod, P, have_mean, predict, discount, threads):
     return dict(stats=(n_valid, max_j, arg), x=x, J=J, field=field, yhat=yhat, work=work, folded=folded)
 
 
+def _read_only(a):
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def fused(mod, P, have_mean, predict, discount, threads):
-    """``fused_step`` on copies."""
+    """``fused_step`` on copies, with the array types a Population hands it.
+
+    The mixing table and the log-weights are read-only there (``Game.table``, ``Server.log_weights``): Numba
+    compiles one specialisation per tuple of argument types, so writeable ones here would compile a second
+    fused step that no user runs (13-21 s of the suite's cold start) and leave the users' one untested.
+    """
     x, J, field, lay = P["x"].copy(), P["J"].copy(), P["field"].copy(), P["lay"]
     n, d = x.shape
     yhat = np.full(d, np.nan)
     work = new_work(n, lay)
-    stats = mod.fused_step(x, P["s"], P["labels"], J, work, lay, P["coef"], P["mix"], field, have_mean, discount,
-                           P["log_p"] if predict else np.empty(0), yhat, threads)
+    log_p = P["log_p"] if predict else np.empty(0)
+    stats = mod.fused_step(x, P["s"], P["labels"], J, work, lay, P["coef"], _read_only(P["mix"]), field, have_mean, discount,
+                           _read_only(log_p), yhat, threads)
     return dict(stats=stats, x=x, J=J, field=field, yhat=yhat, work=work)
 
 
