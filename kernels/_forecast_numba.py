@@ -20,6 +20,7 @@ never enters a kernel: the caller passes standard normal draws in.
 
 The NumPy reference of each kernel is in :mod:`._forecast_reference`.
 """
+import numpy as np
 from numba import njit, prange
 
 from ._config import CACHE, CHUNK, FASTMATH, PAD
@@ -118,14 +119,14 @@ def _forecast_rows(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
 def _forecast_serial(y, eps, sigma, weights, lags, out, mu, update):
     """Every chunk of :func:`forecast_step` on one thread."""
     for c in range((weights.shape[0] + CHUNK - 1) // CHUNK):
-        _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, c)
+        _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, np.int64(c))
 
 
 @njit(parallel=True, **_jit)
 def _forecast_parallel(y, eps, sigma, weights, lags, out, mu, update):
     """Every chunk of :func:`forecast_step` spread over the threads (the same bits)."""
     for c in prange((weights.shape[0] + CHUNK - 1) // CHUNK):
-        _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, c)
+        _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, np.int64(c))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -186,7 +187,7 @@ def _score_merge(work, n, d, out_mean):
 def _score_serial(x, y, record, sq_err, work, out_mean):
     """Every chunk of :func:`score_step` on one thread, then the chunk partials merged in order."""
     for c in range(work.shape[0]):
-        _score_chunk(x, y, record, sq_err, work, c)
+        _score_chunk(x, y, record, sq_err, work, np.int64(c))
     return _score_merge(work, x.shape[0], x.shape[1], out_mean)
 
 
@@ -194,7 +195,7 @@ def _score_serial(x, y, record, sq_err, work, out_mean):
 def _score_parallel(x, y, record, sq_err, work, out_mean):
     """:func:`_score_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
-        _score_chunk(x, y, record, sq_err, work, c)
+        _score_chunk(x, y, record, sq_err, work, np.int64(c))
     return _score_merge(work, x.shape[0], x.shape[1], out_mean)
 
 

@@ -697,14 +697,14 @@ def _row_valid(s, i, d):
 def _signal_serial(x, s, labels, work, lay, want_states):
     """Pass 1 on one thread: :func:`_signal_chunk` for every chunk, in order (writes ``work``)."""
     for c in range(work.shape[0]):
-        _signal_chunk(x, s, labels, work, lay, c, want_states)
+        _signal_chunk(x, s, labels, work, lay, np.int64(c), want_states)
 
 
 @njit(parallel=True, **_jit)
 def _signal_parallel(x, s, labels, work, lay, want_states):
     """Pass 1 with the chunks spread over the threads (``prange``); the same rows as :func:`_signal_serial`."""
     for c in prange(work.shape[0]):
-        _signal_chunk(x, s, labels, work, lay, c, want_states)
+        _signal_chunk(x, s, labels, work, lay, np.int64(c), want_states)
 
 
 # --------------------------------------------------------------------------- merges
@@ -1164,7 +1164,7 @@ def _move_serial(x, s, labels, J, work, lay, coef, field, half_discount, log_p):
 def _move_parallel(x, s, labels, J, work, lay, coef, field, half_discount, log_p):
     """Pass 2 with the chunks spread over the threads; bitwise the same as :func:`_move_serial`."""
     for c in prange(work.shape[0]):
-        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
+        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, np.int64(c))
 
 
 @njit(**_jit)
@@ -1183,10 +1183,10 @@ def _fused_serial(x, s, labels, J, work, lay, coef, mix, field, have_mean, half_
 def _fused_parallel(x, s, labels, J, work, lay, coef, mix, field, have_mean, half_discount, log_p, yhat):
     """:func:`_fused_serial` with each pass's chunks spread over the threads."""
     for c in prange(work.shape[0]):
-        _signal_chunk(x, s, labels, work, lay, c, not have_mean)
+        _signal_chunk(x, s, labels, work, lay, np.int64(c), not have_mean)
     n_valid = _merge_signals(work, lay, coef, mix, field, not have_mean)
     for c in prange(work.shape[0]):
-        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c)
+        _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, np.int64(c))
     jmax, jarg = _merge_move(work, lay, coef, field, log_p.shape[0] == x.shape[0], yhat)
     return n_valid, jmax, jarg
 
@@ -1217,7 +1217,7 @@ def _predict_serial(log_p, x, work, lay, out):
 def _predict_parallel(log_p, x, work, lay, out):
     """:func:`_predict_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
-        _predict_chunk(log_p, x, work, lay, c)
+        _predict_chunk(log_p, x, work, lay, np.int64(c))
     for j in range(x.shape[1]):
         out[j] = _column_sum(work, lay[LAY_MIXTURE] + j)
 
@@ -1371,21 +1371,21 @@ def _share_range(log_p, top, log_total, alpha, n_total, lo, hi):
 def _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay):
     """The server's gradient step on every chunk (:func:`_reweight_chunk`): writes ``log_p`` and ``work``."""
     for c in range(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, np.int64(c))
 
 
 @njit(parallel=True, **_jit)
 def _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay):
     """:func:`_reweight_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, np.int64(c))
 
 
 @njit(**_jit)
 def _share_serial(log_p, top, log_total, alpha, n_total):
     """Normalise and fixed-share every chunk of ``log_p`` in place (:func:`_share_range`)."""
     for c in range(-(-log_p.shape[0] // CHUNK)):
-        lo, hi = _chunk_bounds(log_p.shape[0], c)
+        lo, hi = _chunk_bounds(log_p.shape[0], np.int64(c))
         _share_range(log_p, top, log_total, alpha, n_total, lo, hi)
 
 
@@ -1393,7 +1393,7 @@ def _share_serial(log_p, top, log_total, alpha, n_total):
 def _share_parallel(log_p, top, log_total, alpha, n_total):
     """:func:`_share_serial` with the chunks spread over the threads (element-wise: the same bits)."""
     for c in prange(-(-log_p.shape[0] // CHUNK)):
-        lo, hi = _chunk_bounds(log_p.shape[0], c)
+        lo, hi = _chunk_bounds(log_p.shape[0], np.int64(c))
         _share_range(log_p, top, log_total, alpha, n_total, lo, hi)
 
 
