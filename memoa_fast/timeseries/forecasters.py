@@ -70,7 +70,7 @@ from .._validation import (
     readonly_view,
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
-from ..kernels._config import SQUARE_CAP as SQUARE_CAP  # re-exported: the cap of the squared features (the kernels')
+from ..kernels import SQUARE_CAP as SQUARE_CAP  # re-exported: the cap of the squared features (the kernels')
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
