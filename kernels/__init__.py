@@ -17,7 +17,7 @@ from (``_config``, ``_layout``, ``_pipeline_reference``, ...), wherever
 Numba keeps the cache.
 """
 from . import _seal as _seal  # first: records the state of the files before any module is read from them (_seal.snapshot)
-from ._config import CHUNK, FASTMATH, PAD
+from ._config import CHUNK, FASTMATH, PAD, SQUARE_CAP
 from ._layout import (
     GAIN,
     KAPPA,
@@ -42,7 +42,7 @@ from ._layout import (
 )
 
 __all__ = [
-    "CACHE", "CHUNK", "FASTMATH", "PAD", "GAIN", "SIGNAL", "Q", "KAPPA", "R", "SIZE", "N_COEF", "MIX_SIGNAL",
+    "CACHE", "CHUNK", "FASTMATH", "PAD", "SQUARE_CAP", "GAIN", "SIGNAL", "Q", "KAPPA", "R", "SIZE", "N_COEF", "MIX_SIGNAL",
     "MIX_STATE", "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "Layout", "layout", "n_chunks", "padded", "used_columns", "work_shape",
     "MIN_NORMAL", "next_discount",
 ]

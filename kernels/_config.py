@@ -42,6 +42,13 @@ def __getattr__(name: str):
 # kernel sums in the order the code says (bitwise reproducible, see CHUNK).
 FASTMATH = {"nsz", "arcp", "contract"}
 
+# The forecasters' squared features are capped: a lag v enters as (v, min(v^2, SQUARE_CAP), ...). In a run's unit
+# (the series z-scored on its burn-in) that is 8 standard deviations: within it the features are the plain squares,
+# bit for bit; beyond it the squares, which grow fastest, would dominate |phi|^2, so the NLMS step on the linear weights
+# (about mu e / v^2 in forecast units) all but stops and the forecast becomes a quadratic in v fitted at one level, far
+# off as soon as the series moves (a series that leaves its burn-in's scale: a pegged currency that moves, a growth).
+SQUARE_CAP = 64.0
+
 # Rows per reduction chunk. Every reduction sums each chunk serially, then the
 # chunk partials serially in chunk order, so results do not depend on how many
 # threads ran the chunks.

@@ -23,7 +23,7 @@ The NumPy reference of each kernel is in :mod:`._forecast_reference`.
 import numpy as np
 from numba import njit, prange
 
-from ._config import CACHE, CHUNK, FASTMATH, PAD
+from ._config import CACHE, CHUNK, FASTMATH, PAD, SQUARE_CAP
 from ._seal import seal
 from ._threads import Threads as _Threads
 
@@ -55,19 +55,21 @@ def _forecast_rows_p2(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
             b = lags[i, j, 1]
             a2 = a * a
             b2 = b * b
+            qa = min(a2, SQUARE_CAP)  # the capped squares (the plain ones within 8: same bits)
+            qb = min(b2, SQUARE_CAP)
             w0 = weights[i, j, 0]
             w1 = weights[i, j, 1]
             w2 = weights[i, j, 2]
             w3 = weights[i, j, 3]
             w4 = weights[i, j, 4]
             if update:
-                pred = w4 + w0 * a + w2 * a2 + w1 * b + w3 * b2
-                norm = 1.0 + (a2 + a2 * a2) + (b2 + b2 * b2)
+                pred = w4 + w0 * a + w2 * qa + w1 * b + w3 * qb
+                norm = 1.0 + (a2 + qa * qa) + (b2 + qb * qb)
                 step = mu * (z - pred) / norm
                 w0 += step * a
                 w1 += step * b
-                w2 += step * a2
-                w3 += step * b2
+                w2 += step * qa
+                w3 += step * qb
                 w4 += step
                 weights[i, j, 0] = w0
                 weights[i, j, 1] = w1
@@ -76,7 +78,7 @@ def _forecast_rows_p2(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
                 weights[i, j, 4] = w4
             lags[i, j, 1] = a
             lags[i, j, 0] = z
-            out[i, j] = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+            out[i, j] = w4 + w0 * z + w2 * min(z * z, SQUARE_CAP) + w1 * a + w3 * qa
 
 
 @njit(**_jit)
@@ -97,13 +99,14 @@ def _forecast_rows(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
                 for k in range(p):
                     v = lag[k]
                     v2 = v * v
-                    pred += w[k] * v + w[p + k] * v2
-                    norm += v2 + v2 * v2
+                    q = min(v2, SQUARE_CAP)
+                    pred += w[k] * v + w[p + k] * q
+                    norm += v2 + q * q
                 step = mu * (z - pred) / norm
                 for k in range(p):
                     v = lag[k]
                     w[k] += step * v
-                    w[p + k] += step * (v * v)
+                    w[p + k] += step * min(v * v, SQUARE_CAP)
                 w[F - 1] += step
             for k in range(p - 1, 0, -1):
                 lag[k] = lag[k - 1]
@@ -111,7 +114,7 @@ def _forecast_rows(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
             f = w[F - 1]
             for k in range(p):
                 v = lag[k]
-                f += w[k] * v + w[p + k] * (v * v)
+                f += w[k] * v + w[p + k] * min(v * v, SQUARE_CAP)
             out[i, j] = f
 
 

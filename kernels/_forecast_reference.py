@@ -6,13 +6,13 @@ pipeline; the tests compare the compiled kernels against these.
 """
 import numpy as np
 
-from ._config import CHUNK, PAD
+from ._config import CHUNK, PAD, SQUARE_CAP
 
 
 def features(lags):
-    """Feature map of the lag buffer ``(n, d, p)``: ``[lags, lags**2, 1]``, shape ``(n, d, 2p + 1)``."""
+    """Feature map of the lag buffer ``(n, d, p)``: ``[lags, min(lags**2, SQUARE_CAP), 1]``, shape ``(n, d, 2p + 1)``."""
     ones = np.ones(lags.shape[:-1] + (1,))
-    return np.concatenate([lags, lags**2, ones], axis=-1)
+    return np.concatenate([lags, np.minimum(lags**2, SQUARE_CAP), ones], axis=-1)
 
 
 def forecast_step(y, eps, sigma, weights, lags, out, mu, update, threads):

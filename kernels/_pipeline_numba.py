@@ -72,7 +72,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._config import CACHE, CHUNK, FASTMATH, PAD
+from ._config import CACHE, CHUNK, FASTMATH, PAD, SQUARE_CAP
 from ._layout import MIN_NORMAL, RULE_EG, SIGNAL_LIMIT, STEP_LIMIT
 from ._pipeline_reference import (
     F_FIRST,
@@ -540,18 +540,20 @@ def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
             b = A1[v]
             a2 = a * a
             b2 = b * b
+            qa = min(a2, SQUARE_CAP)  # the capped squares (the plain ones within 8: same bits)
+            qb = min(b2, SQUARE_CAP)
             w0 = W0[v]
             w1 = W1[v]
             w2 = W2[v]
             w3 = W3[v]
             w4 = W4[v]
-            pred = w4 + w0 * a + w2 * a2 + w1 * b + w3 * b2
-            norm = 1.0 + (a2 + a2 * a2) + (b2 + b2 * b2)
+            pred = w4 + w0 * a + w2 * qa + w1 * b + w3 * qb
+            norm = 1.0 + (a2 + qa * qa) + (b2 + qb * qb)
             step = mu * (z - pred) / norm
             w0 += step * a
             w1 += step * b
-            w2 += step * a2
-            w3 += step * b2
+            w2 += step * qa
+            w3 += step * qb
             w4 += step
             W0[v] = w0
             W1[v] = w1
@@ -560,7 +562,7 @@ def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
             W4[v] = w4
             A1[v] = a
             A0[v] = z
-            val = w4 + w0 * z + w2 * (z * z) + w1 * a + w3 * a2
+            val = w4 + w0 * z + w2 * min(z * z, SQUARE_CAP) + w1 * a + w3 * qa
             sb[v] = val
             bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
     else:
@@ -569,7 +571,7 @@ def _forecast_block_p2(yr, sv, eps, W, A, nv, v0, mu, update, sb):
             a = A0[v]
             A1[v] = a
             A0[v] = z
-            val = W4[v] + W0[v] * z + W2[v] * (z * z) + W1[v] * a + W3[v] * (a * a)
+            val = W4[v] + W0[v] * z + W2[v] * min(z * z, SQUARE_CAP) + W1[v] * a + W3[v] * min(a * a, SQUARE_CAP)
             sb[v] = val
             bad += 0 if abs(val) <= SIGNAL_LIMIT else 1
     return bad
@@ -594,8 +596,9 @@ def _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm):
             for v in range(nv):
                 a = Ak[v]
                 a2 = a * a
-                pred[v] += Wk[v] * a + Wq[v] * a2
-                norm[v] += a2 + a2 * a2
+                qa = min(a2, SQUARE_CAP)
+                pred[v] += Wk[v] * a + Wq[v] * qa
+                norm[v] += a2 + qa * qa
         for v in range(nv):
             pred[v] = mu * (zb[v] - pred[v]) / norm[v]  # the step
         for k in range(p):
@@ -605,7 +608,7 @@ def _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm):
             for v in range(nv):
                 a = Ak[v]
                 Wk[v] += pred[v] * a
-                Wq[v] += pred[v] * (a * a)
+                Wq[v] += pred[v] * min(a * a, SQUARE_CAP)
         for v in range(nv):
             Wc[v] += pred[v]
     for k in range(p - 1, 0, -1):
@@ -623,7 +626,7 @@ def _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm):
         Wq = W[p + k, v0:v0 + nv]
         for v in range(nv):
             a = Ak[v]
-            sb[v] += Wk[v] * a + Wq[v] * (a * a)
+            sb[v] += Wk[v] * a + Wq[v] * min(a * a, SQUARE_CAP)
 
 
 @njit(**_jit)

@@ -55,7 +55,7 @@ run unit-stride): features ordered ``[lags, lags^2, 1]``, lags newest first;
 """
 import numpy as np
 
-from ._config import CHUNK, PAD
+from ._config import CHUNK, PAD, SQUARE_CAP
 from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT, next_discount
 from ._reference import _first_max  # the compiled kernels' worst-agent rule, one definition
 
@@ -178,7 +178,7 @@ def normals(key, first, t, n, d):
 
 def _features(lags):
     """``[lags, lags^2, 1]`` of a lag buffer ``(p, N, d)``, shape ``(2p + 1, N, d)``."""
-    return np.concatenate([lags, lags**2, np.ones((1,) + lags.shape[1:])], axis=0)
+    return np.concatenate([lags, np.minimum(lags**2, SQUARE_CAP), np.ones((1,) + lags.shape[1:])], axis=0)
 
 
 def _valid(s):

@@ -541,6 +541,35 @@ def test_outlier_bound_changes_nothing_where_it_holds_nothing():
             np.testing.assert_array_equal(v, plain.round_errors[p][k])
 
 
+def _leaves_its_scale(kind):
+    """Series that leave their burn-in's scale (z-scored values of 30 to 1000): ``(series, scale)``."""
+    rng = np.random.default_rng(0)
+    if kind == "peg-then-walk":  # a pegged rate (constant over the burn-in, then 0.01 noise) drops by 35 sd, then walks
+        y = np.full(1000, 8.27)
+        y[200:700] += 0.01 * rng.standard_normal(500)
+        y[700:] = 8.0 + np.cumsum(0.01 * rng.standard_normal(300))
+        return (y - y[:500].mean()) / y[:500].std(), None  # as memoa run --warmup 500 reads it
+    if kind == "peg-then-jump":  # 0.001 noise on a peg, then a jump of 500 sd
+        y = 7.8 + 0.001 * rng.standard_normal(1500)
+        y[900:] += 0.5
+        return y, "burn-in"
+    return np.exp(0.005 * np.arange(1500)) * (1 + 0.01 * rng.standard_normal(1500)), "burn-in"  # a growth
+
+
+@pytest.mark.parametrize("kind,factor", [("peg-then-walk", 3.0), ("peg-then-jump", 4.0), ("growth", 2.0)])
+def test_a_series_that_leaves_its_burn_in_scale_is_forecast_about_as_well_as_by_its_last_value(kind, factor):
+    """The class: the series moves far beyond its burn-in's scale. Plain squared features (|phi|^2 ~ v^4) stopped the
+    linear weights learning, and a hold with a fixed reach let a shift or a growth in at 2 sd a round: MEMOA's mixture was
+    27.6, 8.3 and 20.8 times the last-value forecast's RMSE (200 clients); now 1.5, 2.7 and 1.2 (the squares capped at 64,
+    the hold's reach doubled while it holds).
+    """
+    y, scale = _leaves_its_scale(kind)
+    res = run_experiment(y, n_clients=50, policies="memoa", rules="hedge", scale=scale, threads=1)
+    burn = res.config["burn_in"]
+    naive = float(np.sqrt(np.mean(np.diff(y[burn:]) ** 2)))  # the last value as the forecast, over the scored rounds
+    assert res.scores["memoa"].mixture_rmse["hedge"] <= factor * naive
+
+
 @pytest.mark.parametrize("height", [30.0, -1e3, 1e6])
 def test_a_spike_costs_about_its_own_error_only(height):
     """The class: one value of any height, anywhere after the burn-in. No forecast can foresee it, so each client's RMSE
@@ -559,7 +588,8 @@ def test_a_spike_costs_about_its_own_error_only(height):
     for p in SPIKE_RUN["policies"]:
         floor = math.sqrt(clean.scores[p].worst_client_rmse ** 2 + height**2 / held.n_scored)
         assert held.scores[p].worst_client_rmse <= 1.5 * floor, (p, held.scores[p].worst_client_rmse, floor)
-        assert plain.scores[p].worst_client_rmse > 2 * floor  # the test can fail: without the hold it does
+        # the test can fail: without the hold it does (at 30 sd less: the squares are capped at 8 sd, 2.6 against 1.7)
+        assert plain.scores[p].worst_client_rmse > (1.3 if abs(height) < 100 else 2.0) * floor
         assert held.round_errors[p]["uniform"][t - 1] >= (abs(height) - 5) ** 2
     assert f"outliers: {held.outliers_held} value(s) of the series lay more than {OUTLIER_BOUND:g} burn-in standard" in held.table()
     assert held.to_dict()["outliers_held"] == held.outliers_held

@@ -64,6 +64,28 @@ def test_forecast_reference_is_the_formula():
         assert oo[0, 0] == pytest.approx(w_new @ phi_new, rel=1e-14)
 
 
+@pytest.mark.parametrize("p", [2, 3])  # the p = 2 fast path and the general one
+def test_squares_are_capped_at_8_squared(p):
+    """A lag beyond 8 in magnitude enters as ``min(v**2, 64)``; within 8 the feature is the plain square.
+
+    Plain squares at |v| = 30 made |phi|^2 ~ v^4, so the linear weights all but stopped learning.
+    """
+    lags = np.array([[[30.0, -7.5, -12.0][:p]]])
+    w = np.array([[[0.9, -0.2, 0.1][:p] + [0.05, 0.01, -0.02][:p] + [0.3]]])
+    z = 40.0
+    q = lambda v: np.minimum(np.square(v), 64.0)  # noqa: E731
+    phi = np.concatenate([lags[0, 0], q(lags[0, 0]), [1.0]])
+    np.testing.assert_array_equal(phi[p:2 * p], [64.0, 56.25, 64.0][:p])
+    w_new = w[0, 0] + 0.25 * (z - w[0, 0] @ phi) * phi / (phi @ phi)
+    new_lags = np.concatenate([[z], lags[0, 0, :-1]])
+    phi_new = np.concatenate([new_lags, q(new_lags), [1.0]])
+    for kern in (_forecast_reference, _forecast_numba):
+        ww, ll, oo = w.copy(), lags.copy(), np.zeros((1, 1))
+        kern.forecast_step(np.array([z]), np.zeros((1, 1)), np.array([0.1]), ww, ll, oo, 0.25, True, 1)
+        np.testing.assert_allclose(ww[0, 0], w_new, rtol=1e-14)
+        assert oo[0, 0] == pytest.approx(w_new @ phi_new, rel=1e-14)
+
+
 @pytest.mark.parametrize("n,d", [(1, 1), (CHUNK + 3, 2), (2 * CHUNK + 1, 1)])
 @pytest.mark.parametrize("threads", [1, pytest.param(2, marks=TWO_THREADS)])
 def test_score_kernel_matches_reference(n, d, threads):

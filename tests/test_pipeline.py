@@ -206,6 +206,30 @@ def test_the_forecasters_see_that_noise():
     assert pipe.noise_scales.min() >= 0.02 and pipe.noise_scales.max() <= 1.0
 
 
+@pytest.mark.parametrize("p", [2, 3])  # the p = 2 fast path and the general one
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_the_forecasters_squares_are_capped_beyond_8(backend, p):
+    """The forecasters' features are ``(lags, min(lags**2, 64), 1)``, as ``ClientForecasters``': NLMS written out on the
+    pipeline's own noise, for targets near 30 (the plain squares, 900, let the linear weights all but stop learning).
+    """
+    n, d, y = 3, 1, np.array([30.0, -12.0, 31.0, 7.0, 29.0])
+    pipe = Pipeline(n, d, game=GAME, lags=p, seed=11, backend=backend, threads=1)
+    key, _ = kern.seed_keys(11)
+    w = np.zeros((n, 2 * p + 1))
+    w[:, 0] = 1.0
+    lags = np.zeros((n, p))
+    phi = lambda v: np.concatenate([v, np.minimum(v * v, 64.0), np.ones((n, 1))], axis=1)  # noqa: E731
+    for t, target in enumerate(y):
+        z = target + pipe.noise_scales * kern.normals(key, 0, t, n, d)[:, 0]
+        if t:
+            f = phi(lags)
+            w += (0.1 * (z - (w * f).sum(axis=1)) / (f * f).sum(axis=1))[:, None] * f
+        lags = np.concatenate([z[:, None], lags[:, :-1]], axis=1)
+        pipe.round(np.array([target]))
+        assert close(pipe.signals[:, 0], (w * phi(lags)).sum(axis=1), rtol=1e-13), t
+    assert close(pipe.forecaster_weights[:, 0], w, rtol=1e-13)
+
+
 def test_noise_is_standard_normal():
     key, _ = kern.seed_keys(2026)
     z = kern.normals(key, 0, 3, 100_000, 2)

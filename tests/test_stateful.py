@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from memoa_fast import Game, Pipeline, Population, Server, restore_checkpoint, save_checkpoint
-from memoa_fast.timeseries.forecasters import ClientForecasters
+from memoa_fast.timeseries.forecasters import SQUARE_CAP, ClientForecasters
 from memoa_fast.timeseries.trust import TrustPopulation
 
 BACKENDS = available_backends()
@@ -283,7 +283,7 @@ class ForecasterMachine(RuleBasedStateMachine):
         self.lags, self.out, self.t = np.zeros((self.n, self.d, self.p)), np.zeros((self.n, self.d)), 0
 
     def _phi(self):
-        return np.concatenate([self.lags, self.lags**2, np.ones((self.n, self.d, 1))], axis=2)
+        return np.concatenate([self.lags, np.minimum(self.lags**2, SQUARE_CAP), np.ones((self.n, self.d, 1))], axis=2)
 
     @rule(y=values)
     def observe(self, y):

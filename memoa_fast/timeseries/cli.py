@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"step size of the clients' normalised LMS, in {iv('--mu')} (default {D['mu']:g})")
     g.add_argument("--outlier-bound", type=_bound_or_none, default=D["outlier_bound"], metavar="SD",
                    help="what learns (the clients' forecasters, the servers, memoa-trust's classes) is fed each value held "
-                        "within SD standard deviations of the burn-in beyond the range of the values fed before it (spikes, "
-                        "sentinel values; from row 20, and only with a burn-in of 19 rounds or more); every score is against "
+                        "within SD standard deviations of the burn-in beyond the range of the values fed before it, a reach "
+                        "doubled each row it holds (spikes, sentinel values; from row 20, and only with a burn-in of 19 "
+                        "rounds or more); every score is against "
                         f"the series as it is. In {iv('--outlier-bound')}, or 'none' (default {D['outlier_bound']:g})")
 
     g = run.add_argument_group("game (cost q|x-s|^2 + kappa|x-m|^2 + r|u|^2, discount gamma)")

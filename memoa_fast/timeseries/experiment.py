@@ -349,7 +349,7 @@ def run_experiment(
     scale : {None, "burn-in"}
         The unit of the run. ``None`` (default): the series as given; the
         clients' noise scales (``noise_range``), their forecasters' features
-        (lags, their squares, a constant) and the server's ``eta`` are in
+        (lags, their squares capped at 64, a constant) and the server's ``eta`` are in
         absolute units, so give a z-scored series (the streams of
         :mod:`~memoa_fast.timeseries.streams` are) or the scores depend on
         the series' scale and level. ``"burn-in"``: the run is made on
@@ -375,10 +375,13 @@ def run_experiment(
         ``outlier_bound`` standard deviations of the burn-in (per
         coordinate: of ``y(0..burn_in)``) beyond the range of the values fed
         before it (:func:`~memoa_fast.timeseries.streams.clip_outliers`);
-        every score is still taken against the series itself. So a spike or
-        a sentinel value reaches the forecasters, whose quadratic features
-        amplify it about cubically, as a value at most that far beyond the
-        range, and a real shift of the level is let in over a few rounds. The
+        every score is still taken against the series itself; the reach
+        doubles each row it holds (per coordinate) and is ``outlier_bound``
+        again after a value within it. So a spike or a sentinel value
+        reaches the forecasters, whose quadratic features amplify it, as a
+        value at most that far beyond the range, and a real shift of the
+        level by ``D`` is let in over about ``log2(D / outlier_bound)``
+        rounds, a growth at its own pace. The
         first 20 values make the first range and are never held; a
         coordinate constant over the burn-in is never held, nor is anything
         with a burn-in of fewer than 20 values. ``None``: the series is fed

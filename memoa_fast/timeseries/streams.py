@@ -338,16 +338,24 @@ def clip_outliers(series, bound, start: int = 1) -> np.ndarray:
     .. math::
 
         \tilde y(t) = y(t) \ (t < t_0), \qquad
-        \tilde y(t) = \min\Bigl(\max\bigl(y(t),\ \min_{s<t} \tilde y(s) - b\bigr),\
-                                  \max_{s<t} \tilde y(s) + b\Bigr) \ (t \ge t_0)
+        \tilde y(t) = \min\Bigl(\max\bigl(y(t),\ \min_{s<t} \tilde y(s) - 2^k b\bigr),\
+                                  \max_{s<t} \tilde y(s) + 2^k b\Bigr) \ (t \ge t_0)
+
+    with ``k`` the number of rows just before ``t`` (from ``t_0`` on) whose
+    value of the coordinate was held: the reach doubles while the values are
+    held, and is ``b`` again after a value within it.
 
     Causal (``y~(t)`` reads ``y(0..t)`` only), so it can feed an online
     forecaster: a spike of any height reaches it as a value at most ``b``
     beyond the range before it, and so does a sentinel such as ``99999``
-    every time it recurs (the range grows by the held values, never the raw
-    ones). A real shift of the level by ``D`` is let in over about ``D / b``
-    steps. :func:`~memoa_fast.run_experiment` feeds what learns ``y~`` and
-    scores every forecast against ``y``.
+    every time it recurs among values within the range (the range grows by
+    the held values, never the raw ones). A real shift of the level by ``D``
+    is let in over about ``log2(D / b)`` steps (the fed values lag it by at
+    most ``D`` meanwhile), and a series that moves by more than ``b`` every
+    step (a growth) is let in at its pace, not at ``b`` a step, which left
+    the fed values ever further behind it (with a fixed reach, a shift took
+    ``D / b`` steps). :func:`~memoa_fast.run_experiment` feeds what learns
+    ``y~`` and scores every forecast against ``y``.
 
     Parameters
     ----------
@@ -395,7 +403,8 @@ def _hold(y: np.ndarray, bound: np.ndarray, start: int, copy: bool) -> tuple[np.
     Vectorised: the running range is found a block of rows at a time (from
     16 rows, doubling while no value is held, up to ``2**15`` values). After
     a held row the rows are taken one at a time while they are held (a
-    level shift let in over many rows), then in blocks again from 16 rows.
+    level shift let in over several rows, each coordinate's reach doubled
+    for each held row before it), then in blocks again from 16 rows.
     So the cost is at most ``3 T d`` values plus ``16 d`` per held row,
     whatever the pattern of held rows, and the temporaries are a few blocks,
     whatever ``T``. With ``copy``, ``held`` is ``y`` itself when no value is held (no (T, d)
@@ -412,21 +421,29 @@ def _hold(y: np.ndarray, bound: np.ndarray, start: int, copy: bool) -> tuple[np.
     most = max(_HOLD_MIN_ROWS, _HOLD_BLOCK_VALUES // d)
     held = scanned = 0
     t, width, after_held = start, _HOLD_MIN_ROWS, False
+    reach = bound  # 2**k bound for a coordinate held in the k rows just before (bound in blocks: nothing held there)
     with np.errstate(over="ignore"):  # a range plus a bound beyond float64's is inf: nothing lies beyond it
         while t < T:
             if after_held:  # the row after a held one, on its own: most likely held too in a shift of the level
                 row = y[t]
-                lo, hi = low - bound, high + bound
-                n_out = int(np.count_nonzero((row < lo) | (row > hi)))
+                lo, hi = low - reach, high + reach
+                out = (row < lo) | (row > hi)
+                n_out = int(np.count_nonzero(out))
                 scanned += d
                 if n_out:
                     held += n_out
                     np.clip(row, lo, hi, out=row)
                     np.minimum(low, row, out=low)
                     np.maximum(high, row, out=high)
+                    reach = np.where(out, 2.0 * reach, bound)  # doubled, not bound times 2**k: that overflows first
                     t += 1
                     continue
-                after_held, width = False, _HOLD_MIN_ROWS  # within: blocks again, from this row
+                # within the widened reach: taken as it is (a block would hold it at the plain bound); blocks again after it
+                np.minimum(low, row, out=low)
+                np.maximum(high, row, out=high)
+                t += 1
+                after_held, width = False, _HOLD_MIN_ROWS
+                continue
             block = y[t : t + width]
             n = block.shape[0]
             scanned += n * d
@@ -449,6 +466,7 @@ def _hold(y: np.ndarray, bound: np.ndarray, start: int, copy: bool) -> tuple[np.
                 y, copy = y.copy(), False
             row = y[t + k]
             held += int(np.count_nonzero(beyond[k]))
+            reach = np.where(beyond[k], 2.0 * bound, bound)
             np.clip(row, lo[k], hi[k], out=row)
             np.minimum(low, y[t : t + k + 1].min(axis=0), out=low)
             np.maximum(high, y[t : t + k + 1].max(axis=0), out=high)
