@@ -89,6 +89,7 @@ import pytest
 from scipy.special import logsumexp
 
 from memoa_fast import Game, Population, Server
+from memoa_fast.kernels import SQUARE_CAP
 from memoa_fast.kernels import _pipeline_numba as _pipe
 from memoa_fast.kernels import _pipeline_reference as _pipe_ref
 from memoa_fast.kernels._threads import Threads
@@ -339,17 +340,18 @@ def _jax_functions() -> dict:
     def step(state, sigma, eps, y_t, target):
         """One round, what :meth:`NumpyPipeline.run` does per round; returns the state, yhat, worst client, underflow."""
         w0, w1, w2, w3, w4, a0, a1, x, J, p, sq_err, sq_sig, t, discount = state
-        # forecasters on phi = [a0, a1, a0^2, a1^2, 1]: observe z, NLMS update on the last forecast's error (from the
-        # second round on), shift z into the lags, forecast. Written out term by term: the (5, N) form
-        # (w * phi).sum(axis=0), or einsum("fr,fr->r"), took 42-46 ns per client on XLA's CPU backend, the
+        # forecasters on phi = [a0, a1, b0, b1, 1] (b: the squares capped at SQUARE_CAP): observe z, NLMS update on the
+        # last forecast's error (from the second round on), shift z into the lags, forecast. Written out term by
+        # term: the (5, N) form (w * phi).sum(axis=0), or einsum("fr,fr->r"), took 42-46 ns per client on XLA's CPU backend, the
         # written-out sum 1.1 ns.
         z = sigma * eps + y_t
-        b0, b1 = a0 * a0, a1 * a1
+        s0, s1 = a0 * a0, a1 * a1
+        b0, b1 = jnp.minimum(s0, SQUARE_CAP), jnp.minimum(s1, SQUARE_CAP)  # the capped squares, as the kernels
         e = z - (w0 * a0 + w4 + w2 * b0 + w1 * a1 + w3 * b1)
-        g = jnp.where(t > 0, MU * (e / (b0 * b0 + b0 + b1 + b1 * b1 + 1.0)), 0.0)
+        g = jnp.where(t > 0, MU * (e / (b0 * b0 + s0 + s1 + b1 * b1 + 1.0)), 0.0)
         w0, w1, w2, w3, w4 = w0 + g * a0, w1 + g * a1, w2 + g * b0, w3 + g * b1, w4 + g
         a0, a1 = z, a0
-        s = w0 * z + w4 + w2 * (z * z) + w1 * a1 + w3 * (a1 * a1)
+        s = w0 * z + w4 + w2 * jnp.minimum(z * z, SQUARE_CAP) + w1 * a1 + w3 * jnp.minimum(a1 * a1, SQUARE_CAP)
         sq_sig = sq_sig + (s - target) ** 2
         # population step (MEMOA, one class)
         sbar, m = s.mean(), x.mean()

@@ -29,7 +29,7 @@ What each peer does (MODEL.md sections 1, 2, 5 and 6):
 :class:`NumpyForecasters`, :class:`NumpyPipeline`
     The time-series pipeline (MODEL.md section 6) in NumPy only: noisy
     observations from one ``numpy.random.Generator``, a normalised-LMS
-    forecaster on ``[lags, lags^2, 1]`` per client and coordinate, then the
+    forecaster on ``[lags, min(lags^2, SQUARE_CAP), 1]`` per client and coordinate, then the
     population step and the server round above.
 :func:`jax_population`, :func:`jax_server`
     The same step and server round as ``jax.jit`` functions in float64
@@ -49,10 +49,10 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-try:  # the one constant shared with the package (a signal beyond it is treated as missing)
-    from memoa_fast.kernels import SIGNAL_LIMIT
+try:  # the constants shared with the package (a signal beyond SIGNAL_LIMIT is treated as missing; the capped squares)
+    from memoa_fast.kernels import SIGNAL_LIMIT, SQUARE_CAP
 except ImportError:  # pragma: no cover - peers stay usable without the package
-    SIGNAL_LIMIT = 1e50
+    SIGNAL_LIMIT, SQUARE_CAP = 1e50, 64.0
 
 TOLERANCE = 1e-10
 
@@ -214,7 +214,7 @@ class NumpyForecasters:
     on ``noise_range``), updates ``w_i += mu e_i phi_i / |phi_i|^2`` on the
     a-priori error of its last forecast (from the second call on), shifts
     ``z_i`` into its lags and forecasts ``s_i = w_i . phi_i`` with
-    ``phi = [lags, lags^2, 1]`` (newest lag first; persistence weights and
+    ``phi = [lags, min(lags^2, SQUARE_CAP), 1]`` (newest lag first; persistence weights and
     zero lags at start). Each (client, coordinate) pair is an independent
     row, sharing its client's ``sigma``. The arrays are stored feature-major,
     ``(2p + 1, n d)``, so every operation runs over long contiguous rows
@@ -261,6 +261,7 @@ class NumpyForecasters:
             phi[p + 1:2 * p] = phi[p:2 * p - 1]
         phi[0] = z
         np.multiply(z, z, out=phi[p])
+        np.minimum(phi[p], SQUARE_CAP, out=phi[p])  # the capped squares, as the kernels (memoa_fast.kernels.SQUARE_CAP)
         np.einsum("fr,fr->r", self.w, phi, out=self.out)
         self.t += 1
         return self.out.reshape(self.n, self.d)
