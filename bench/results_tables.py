@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def main() -> int:
               + ", ".join(f"{c}: {within[c]}" for c in COLS), flush=True)
     md.append(f"memoa-trust within 10% of the best other policy, over {n_series} series: worst client "
               f"{summary['worst_client_rmse']}, average client {summary['average_client_rmse']}, hedge mixture "
-              f"{summary['hedge']}; its worst client / MEMOA's: median {sorted(worst_ratio)[len(worst_ratio) // 2]:.2f}, "
+              f"{summary['hedge']}; its worst client / MEMOA's: median {statistics.median(worst_ratio):.2f}, "
               f"largest {max(worst_ratio):.2f}; at most 0.75x on {sum(r <= 0.75 for r in worst_ratio)} of {n_series}.")
     text = "\n".join(md)
     print(text)
