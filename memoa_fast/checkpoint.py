@@ -638,7 +638,11 @@ def _npy_header(f) -> tuple:
     if len(items) != 3 or len(pairs) != 3:
         raise ValueError(f"a .npy header {text[:200]!r} must name descr, fortran_order and shape once each")
     shape = tuple(int(n) for n in re.findall(r"\d+", items["shape"]))
-    return shape, items["fortran_order"] == "True", np.dtype(items["descr"][1:-1]), 8 + width + size
+    try:
+        dtype = np.dtype(items["descr"][1:-1])
+    except TypeError as exc:  # np.dtype("foo"): TypeError (NumPy's own reader says ValueError too)
+        raise ValueError(f"a .npy header's descr {items['descr'][:100]} is not a dtype: {exc}") from None
+    return shape, items["fortran_order"] == "True", dtype, 8 + width + size
 
 
 def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):

@@ -728,6 +728,7 @@ def test_the_npy_header_reads_as_numpy_reads_it(name, version):
     ("{'descr': '<f8', 'fortran_order': False, 'shape': True}", "not one NumPy writes"),
     ("{'descr': '<f8', 'fortran_order': False, 'shape': (3,)" + " " * 5000, "not one NumPy writes"),  # no brace
     ("__import__('os')", "not one NumPy writes"),
+    ("{'descr': 'foo', 'fortran_order': False, 'shape': (3,)}", "descr 'foo' is not a dtype"),  # np.dtype: TypeError
 ])
 def test_an_npy_header_numpy_would_not_write_is_refused(text, match):
     import io
