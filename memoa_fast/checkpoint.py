@@ -606,7 +606,10 @@ def _check_engines(population, server, source, *, saving: bool) -> None:
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_MAX_HEADER = 10_000  # bytes: NumPy's own limit on an untrusted header (np.lib.format._MAX_HEADER_SIZE)
 _NPY_SHAPE = r"\(\s*(?:\d+\s*,\s*(?:\d+\s*,\s*)*(?:\d+\s*)?)?\)"  # (), (n,), (n, m), (n, m,): a tuple, never "(n)"
-_NPY_TYPED_ITEM = rf"'descr'\s*:\s*'[^'\\]*'|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
+# a plain dtype's str, as NumPy writes it ('<f8', '|b1', '<U5', '<M8[ns]'): np.dtype of a subarray string such as
+# '(2,)<f8' parses its shape with ast.literal_eval, and a checkpoint holds no subarray
+_NPY_DESCR = r"'[<>|][A-Za-z][0-9]*(?:\[[A-Za-z0-9]+\])?'"
+_NPY_TYPED_ITEM = rf"'descr'\s*:\s*{_NPY_DESCR}|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
 _NPY_ITEM = rf"'(descr|fortran_order|shape)'\s*:\s*('[^'\\]*'|True|False|{_NPY_SHAPE})"  # (key, value), once matched typed
 _NPY_DICT = re.compile(rf"\{{\s*(?:(?:{_NPY_TYPED_ITEM})\s*,\s*)*(?:{_NPY_TYPED_ITEM})\s*(?:,\s*)?\}}\s*")
 
@@ -615,7 +618,7 @@ def _npy_header(f) -> tuple:
     """``(shape, fortran_order, dtype, header_bytes)`` of the ``.npy`` stream ``f``, read without :mod:`ast`.
 
     Versions 1.0 and 2.0 (what NumPy writes for these arrays); the header is a
-    dict of exactly ``'descr'`` (a dtype string), ``'fortran_order'`` (a bool)
+    dict of exactly ``'descr'`` (a plain dtype's string), ``'fortran_order'`` (a bool)
     and ``'shape'`` (a tuple of integers). Anything else raises ValueError.
     """
     magic = f.read(8)
