@@ -608,7 +608,8 @@ _NPY_MAX_HEADER = 10_000  # bytes: NumPy's own limit on an untrusted header (np.
 _NPY_SHAPE = r"\(\s*(?:\d+\s*,\s*(?:\d+\s*,\s*)*(?:\d+\s*)?)?\)"  # (), (n,), (n, m), (n, m,): a tuple, never "(n)"
 # a plain dtype's str, as NumPy writes it ('<f8', '|b1', '<U5', '<M8[ns]'): np.dtype of a subarray string such as
 # '(2,)<f8' parses its shape with ast.literal_eval, and a checkpoint holds no subarray
-_NPY_DESCR = r"'[<>|][A-Za-z][0-9]*(?:\[[A-Za-z0-9]+\])?'"
+_DTYPE_STR = r"[<>|][A-Za-z][0-9]*(?:\[[A-Za-z0-9]+\])?"
+_NPY_DESCR = f"'{_DTYPE_STR}'"
 _NPY_TYPED_ITEM = rf"'descr'\s*:\s*{_NPY_DESCR}|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
 _NPY_ITEM = rf"'(descr|fortran_order|shape)'\s*:\s*('[^'\\]*'|True|False|{_NPY_SHAPE})"  # (key, value), once matched typed
 _NPY_DICT = re.compile(rf"\{{\s*(?:(?:{_NPY_TYPED_ITEM})\s*,\s*)*(?:{_NPY_TYPED_ITEM})\s*(?:,\s*)?\}}\s*")
@@ -1286,10 +1287,13 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
                   and all(isinstance(s, int) and s >= 0 for s in value[1]))
             if not ok or not name or "/" in name:
                 _fail(where, f"entry 'source_agents' has an invalid entry {name!r}: {value!r}")
-            try:
-                dtype = np.dtype(value[0])
+            try:  # a plain dtype's name first: np.dtype("(2,)<f8") would parse its shape with ast (see _DTYPE_STR)
+                dtype = np.dtype(value[0]) if re.fullmatch(r"[<>|=]?[A-Za-z][A-Za-z0-9]*", value[0]) else None
             except TypeError:
-                _fail(where, f"entry 'source_agents' names an unknown dtype {value[0]!r}")
+                dtype = None
+            if dtype is None:
+                _fail(where, f"entry 'source_agents' names an unknown dtype {value[0]!r} (accepted: a NumPy dtype's "
+                             "name, such as '<f8' or 'float64')")
             if dtype.kind not in "iuf" or math.prod(value[1]) > _SOURCE_PER_AGENT_MAX:
                 _fail(where, f"signal-source entry 'agents/{name}' must hold at most {_SOURCE_PER_AGENT_MAX} numbers per "
                              f"agent, got dtype {dtype} and shape {value[1]}")

@@ -1053,6 +1053,30 @@ def test_shard_rows_come_from_every_file_that_holds_them(tmp_path, rng, monkeypa
     np.testing.assert_array_equal(server.log_weights, whole["log_p"])
 
 
+@pytest.mark.parametrize("dtype", ["(1,)<f8", "(1,)float64", "f8,(2,)f8"])
+def test_a_manifest_naming_no_plain_dtype_for_a_source_is_refused_without_ast(tmp_path, rng, monkeypatch, dtype):
+    """The manifest's source dtypes are NumPy dtype strs ('<f8'); np.dtype("(1,)<f8") parsed its shape with
+    ast.literal_eval (not thread-safe, see test_a_checkpoint_is_read_without_ast) before refusing the subarray.
+    """
+    import ast
+
+    from memoa_fast import checkpoint as ck
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the manifest was read with ast")
+
+    target, _, _ = _write_set(tmp_path, [(0, 300)], rng)
+    manifest = ck.read_manifest(target)
+    ck.write_manifest(target, game=GAME, n_agents=300, dim=D, population=manifest.population, server=manifest.server,
+                      source_shared=manifest.source_shared, source_agents={"offsets": (dtype, (D,))},
+                      token=manifest.token, shards=manifest.shards)
+    with pytest.raises(CheckpointError, match=f"names an unknown dtype '{re.escape(dtype)}'"):
+        with monkeypatch.context() as patch:  # only around the read: pytest's report of a failure parses
+            patch.setattr(ast, "literal_eval", refuse)
+            patch.setattr(ast, "parse", refuse)
+            ck.read_manifest(target)
+
+
 @pytest.mark.parametrize("damage, match", [
     ("gap", r"must cover \[0, 300\) in order"),
     ("other token", "not shard 1 of save"),
