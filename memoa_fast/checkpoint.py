@@ -606,7 +606,11 @@ def _check_engines(population, server, source, *, saving: bool) -> None:
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_MAX_HEADER = 10_000  # bytes: NumPy's own limit on an untrusted header (np.lib.format._MAX_HEADER_SIZE)
 _NPY_SHAPE = r"\(\s*(?:\d+\s*,\s*(?:\d+\s*,\s*)*(?:\d+\s*)?)?\)"  # (), (n,), (n, m), (n, m,): a tuple, never "(n)"
-_NPY_TYPED_ITEM = rf"'descr'\s*:\s*'[^'\\]*'|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
+# a plain dtype's str, as NumPy writes it ('<f8', '|b1', '<U5', '<M8[ns]'): np.dtype of a subarray string such as
+# '(2,)<f8' parses its shape with ast.literal_eval, and a checkpoint holds no subarray
+_DTYPE_STR = r"[<>|][A-Za-z][0-9]*(?:\[[A-Za-z0-9]+\])?"
+_NPY_DESCR = f"'{_DTYPE_STR}'"
+_NPY_TYPED_ITEM = rf"'descr'\s*:\s*{_NPY_DESCR}|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
 _NPY_ITEM = rf"'(descr|fortran_order|shape)'\s*:\s*('[^'\\]*'|True|False|{_NPY_SHAPE})"  # (key, value), once matched typed
 _NPY_DICT = re.compile(rf"\{{\s*(?:(?:{_NPY_TYPED_ITEM})\s*,\s*)*(?:{_NPY_TYPED_ITEM})\s*(?:,\s*)?\}}\s*")
 
@@ -615,7 +619,7 @@ def _npy_header(f) -> tuple:
     """``(shape, fortran_order, dtype, header_bytes)`` of the ``.npy`` stream ``f``, read without :mod:`ast`.
 
     Versions 1.0 and 2.0 (what NumPy writes for these arrays); the header is a
-    dict of exactly ``'descr'`` (a dtype string), ``'fortran_order'`` (a bool)
+    dict of exactly ``'descr'`` (a plain dtype's string), ``'fortran_order'`` (a bool)
     and ``'shape'`` (a tuple of integers). Anything else raises ValueError.
     """
     magic = f.read(8)
@@ -638,7 +642,11 @@ def _npy_header(f) -> tuple:
     if len(items) != 3 or len(pairs) != 3:
         raise ValueError(f"a .npy header {text[:200]!r} must name descr, fortran_order and shape once each")
     shape = tuple(int(n) for n in re.findall(r"\d+", items["shape"]))
-    return shape, items["fortran_order"] == "True", np.dtype(items["descr"][1:-1]), 8 + width + size
+    try:
+        dtype = np.dtype(items["descr"][1:-1])
+    except TypeError as exc:  # np.dtype("foo"): TypeError (NumPy's own reader says ValueError too)
+        raise ValueError(f"a .npy header's descr {items['descr'][:100]} is not a dtype: {exc}") from None
+    return shape, items["fortran_order"] == "True", dtype, 8 + width + size
 
 
 def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
@@ -1279,10 +1287,13 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
                   and all(isinstance(s, int) and s >= 0 for s in value[1]))
             if not ok or not name or "/" in name:
                 _fail(where, f"entry 'source_agents' has an invalid entry {name!r}: {value!r}")
-            try:
-                dtype = np.dtype(value[0])
+            try:  # a plain dtype's name first: np.dtype("(2,)<f8") would parse its shape with ast (see _DTYPE_STR)
+                dtype = np.dtype(value[0]) if re.fullmatch(r"[<>|=]?[A-Za-z][A-Za-z0-9]*", value[0]) else None
             except TypeError:
-                _fail(where, f"entry 'source_agents' names an unknown dtype {value[0]!r}")
+                dtype = None
+            if dtype is None:
+                _fail(where, f"entry 'source_agents' names an unknown dtype {value[0]!r} (accepted: a NumPy dtype's "
+                             "name, such as '<f8' or 'float64')")
             if dtype.kind not in "iuf" or math.prod(value[1]) > _SOURCE_PER_AGENT_MAX:
                 _fail(where, f"signal-source entry 'agents/{name}' must hold at most {_SOURCE_PER_AGENT_MAX} numbers per "
                              f"agent, got dtype {dtype} and shape {value[1]}")

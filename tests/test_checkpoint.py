@@ -728,15 +728,24 @@ def test_the_npy_header_reads_as_numpy_reads_it(name, version):
     ("{'descr': '<f8', 'fortran_order': False, 'shape': True}", "not one NumPy writes"),
     ("{'descr': '<f8', 'fortran_order': False, 'shape': (3,)" + " " * 5000, "not one NumPy writes"),  # no brace
     ("__import__('os')", "not one NumPy writes"),
+    ("{'descr': '<x8', 'fortran_order': False, 'shape': (3,)}", "descr '<x8' is not a dtype"),  # np.dtype: TypeError
+    ("{'descr': '(2,)<f8', 'fortran_order': False, 'shape': (3,)}", "not one NumPy writes"),  # np.dtype: ast.literal_eval
 ])
-def test_an_npy_header_numpy_would_not_write_is_refused(text, match):
+def test_an_npy_header_numpy_would_not_write_is_refused(text, match, monkeypatch):
+    import ast
     import io
 
     from memoa_fast.checkpoint import _npy_header
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("a .npy header was parsed with ast")
+
     raw = text.encode()
     with pytest.raises(ValueError, match=match):
-        _npy_header(io.BytesIO(b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw))
+        with monkeypatch.context() as patch:  # only around the read: pytest's report of a failure parses
+            patch.setattr(ast, "literal_eval", refuse)
+            patch.setattr(ast, "parse", refuse)
+            _npy_header(io.BytesIO(b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw))
     with pytest.raises(ValueError, match="version .3, 0. is not supported"):
         _npy_header(io.BytesIO(b"\x93NUMPY\x03\x00" + len(raw).to_bytes(4, "little") + raw))
     with pytest.raises(ValueError, match="more than 10000"):
@@ -1042,6 +1051,30 @@ def test_shard_rows_come_from_every_file_that_holds_them(tmp_path, rng, monkeypa
     restore_checkpoint(target, pop, server, source=source)
     np.testing.assert_array_equal(pop.states, whole["states"])
     np.testing.assert_array_equal(server.log_weights, whole["log_p"])
+
+
+@pytest.mark.parametrize("dtype", ["(1,)<f8", "(1,)float64", "f8,(2,)f8"])
+def test_a_manifest_naming_no_plain_dtype_for_a_source_is_refused_without_ast(tmp_path, rng, monkeypatch, dtype):
+    """The manifest's source dtypes are NumPy dtype strs ('<f8'); np.dtype("(1,)<f8") parsed its shape with
+    ast.literal_eval (not thread-safe, see test_a_checkpoint_is_read_without_ast) before refusing the subarray.
+    """
+    import ast
+
+    from memoa_fast import checkpoint as ck
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the manifest was read with ast")
+
+    target, _, _ = _write_set(tmp_path, [(0, 300)], rng)
+    manifest = ck.read_manifest(target)
+    ck.write_manifest(target, game=GAME, n_agents=300, dim=D, population=manifest.population, server=manifest.server,
+                      source_shared=manifest.source_shared, source_agents={"offsets": (dtype, (D,))},
+                      token=manifest.token, shards=manifest.shards)
+    with pytest.raises(CheckpointError, match=f"names an unknown dtype '{re.escape(dtype)}'"):
+        with monkeypatch.context() as patch:  # only around the read: pytest's report of a failure parses
+            patch.setattr(ast, "literal_eval", refuse)
+            patch.setattr(ast, "parse", refuse)
+            ck.read_manifest(target)
 
 
 @pytest.mark.parametrize("damage, match", [
