@@ -1275,12 +1275,11 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
     return discount, recorded
 
 
-# Compile time: Numba builds each jitted function as one LLVM module holding every function it calls, optimised and
-# compiled again there; pass A's chunk function is the largest (about 6.5 s of LLVM each time, here). So _rounds
-# reaches the chunk functions through as few jitted functions as possible: directly (one thread), or through the one
-# parallel sweep below, and _rounds_pass_a is inlined into _rounds as Numba IR (no module of its own). A module for
-# each of _pass_a_serial, _pass_a_parallel, _rounds_pass_a and a second sweep took the first Pipeline.run's compile
-# from 35-40 s to 66 s of CPU (no disk cache).
+# Compile time: a parallel function compiles its prange body with the chunk functions inlined into it, about 18-19 s of
+# CPU here for pass A and B. So _rounds has one parallel sweep, for pass B + A fused and for pass A alone, and
+# _rounds_pass_a is inlined into _rounds as Numba IR (no compiled function of its own). The first Pipeline.run compiled
+# for 63-66 s of CPU through two (_fused_sweep_parallel, and _pass_a_parallel, which only pass_a now calls) and one
+# more specialisation, and for 39-42 s now (MEMOA_FAST_CACHE=0; the CPU time of the first call).
 @njit(inline="always", **_jit)
 def _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, fa, fb, stats,
                    threads):
