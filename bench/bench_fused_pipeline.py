@@ -230,15 +230,16 @@ class NumpyPipeline:
             np.multiply(A0, A0, out=t0)  # a^2
             np.multiply(A1, A1, out=t1)  # b^2
             if self.t > 0:
+                np.add(t0, t1, out=t3)  # |phi|^2: a^2 + b^2, then the capped squares' squares and 1
+                np.minimum(t0, SQUARE_CAP, out=t0)  # the capped squares, as the kernels
+                np.minimum(t1, SQUARE_CAP, out=t1)
                 np.multiply(w0, A0, out=t2)
                 t2 += w4
                 t2 += w2 * t0
                 t2 += w1 * A1
                 t2 += w3 * t1
                 np.subtract(z, t2, out=t2)  # error
-                np.multiply(t0, t0, out=t3)
-                t3 += t0
-                t3 += t1
+                t3 += t0 * t0
                 t3 += t1 * t1
                 t3 += 1.0
                 np.divide(t2, t3, out=t2)
@@ -252,9 +253,9 @@ class NumpyPipeline:
             A0[:] = z
             np.multiply(w0, z, out=s)
             s += w4
-            s += w2 * (z * z)
+            s += w2 * np.minimum(z * z, SQUARE_CAP)
             s += w1 * A1
-            s += w3 * (A1 * A1)
+            s += w3 * np.minimum(A1 * A1, SQUARE_CAP)
             target = yv[t + 1]
             np.subtract(s, target, out=t4)
             np.square(t4, out=t4)
