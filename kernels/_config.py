@@ -53,8 +53,9 @@ SQUARE_CAP = 64.0
 # chunk partials serially in chunk order, so results do not depend on how many
 # threads ran the chunks.
 CHUNK = 4096
-# A prange index reaches its loop body as uint64; the drivers hand each chunk function np.int64(c), so that the
-# serial and parallel drivers share one compiled specialisation of it (a second one cost 2-7 s of compile each).
+# A prange index reaches its loop body as uint64; the parallel drivers hand each chunk function np.int64(c), the type
+# of a serial driver's range index, so that both share one compiled specialisation of it (a second one cost 2-7 s of
+# compile each).
 
 # Partial sums of different chunks sit in different 64-byte cache lines
 # (8 doubles), so two threads never write the same line (no false sharing).

@@ -122,7 +122,7 @@ def _forecast_rows(y, eps, sigma, weights, lags, out, mu, update, lo, hi):
 def _forecast_serial(y, eps, sigma, weights, lags, out, mu, update):
     """Every chunk of :func:`forecast_step` on one thread."""
     for c in range((weights.shape[0] + CHUNK - 1) // CHUNK):
-        _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, np.int64(c))
+        _forecast_chunk(y, eps, sigma, weights, lags, out, mu, update, c)
 
 
 @njit(parallel=True, **_jit)
@@ -190,7 +190,7 @@ def _score_merge(work, n, d, out_mean):
 def _score_serial(x, y, record, sq_err, work, out_mean):
     """Every chunk of :func:`score_step` on one thread, then the chunk partials merged in order."""
     for c in range(work.shape[0]):
-        _score_chunk(x, y, record, sq_err, work, np.int64(c))
+        _score_chunk(x, y, record, sq_err, work, c)
     return _score_merge(work, x.shape[0], x.shape[1], out_mean)
 
 

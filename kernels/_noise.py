@@ -72,7 +72,7 @@ def _noisy_last_value(lo, key, t, y, sigma, out):
     key = np.uint64(key)  # a key below 2**63 arrives as int64, and int64 ^ uint64 would be float64
     kt = _mix64(key ^ (_GOLDEN * np.uint64(t + 1)))
     for r in range(out.shape[0]):
-        _noisy_row(np.int64(r), lo, kt, y, sigma, out)
+        _noisy_row(r, lo, kt, y, sigma, out)
 
 
 @njit(parallel=True, **_jit)

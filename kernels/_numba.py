@@ -697,7 +697,7 @@ def _row_valid(s, i, d):
 def _signal_serial(x, s, labels, work, lay, want_states):
     """Pass 1 on one thread: :func:`_signal_chunk` for every chunk, in order (writes ``work``)."""
     for c in range(work.shape[0]):
-        _signal_chunk(x, s, labels, work, lay, np.int64(c), want_states)
+        _signal_chunk(x, s, labels, work, lay, c, want_states)
 
 
 @njit(parallel=True, **_jit)
@@ -1371,7 +1371,7 @@ def _share_range(log_p, top, log_total, alpha, n_total, lo, hi):
 def _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay):
     """The server's gradient step on every chunk (:func:`_reweight_chunk`): writes ``log_p`` and ``work``."""
     for c in range(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, np.int64(c))
+        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
 
 
 @njit(parallel=True, **_jit)
@@ -1385,7 +1385,7 @@ def _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay):
 def _share_serial(log_p, top, log_total, alpha, n_total):
     """Normalise and fixed-share every chunk of ``log_p`` in place (:func:`_share_range`)."""
     for c in range(-(-log_p.shape[0] // CHUNK)):
-        lo, hi = _chunk_bounds(log_p.shape[0], np.int64(c))
+        lo, hi = _chunk_bounds(log_p.shape[0], c)
         _share_range(log_p, top, log_total, alpha, n_total, lo, hi)
 
 

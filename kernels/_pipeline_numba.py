@@ -1279,13 +1279,15 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
 # CPU here for pass A and B. So _rounds has one parallel sweep, for pass B + A fused and for pass A alone, and
 # _rounds_pass_a is inlined into _rounds as Numba IR (no compiled function of its own). The first Pipeline.run compiled
 # for 63-66 s of CPU through two (_fused_sweep_parallel, and _pass_a_parallel, which only pass_a now calls) and one
-# more specialisation, and for 39-42 s now (MEMOA_FAST_CACHE=0; the CPU time of the first call).
+# more specialisation, and for 39-47 s now (four runs; MEMOA_FAST_CACHE=0; the CPU time of the first call).
 @njit(inline="always", **_jit)
 def _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, fa, fb, stats,
                    threads):
     """Pass A alone (flags ``fa``; ``fb`` only fills the sweep's arguments), on ``threads`` (1: serial), then its merge."""
     kt = _round_key(key, fa[F_T])
     if threads == 1:
+        # _pass_a_serial's loop, written here: calling it compiled it with pass A inlined once more (the first
+        # Pipeline.run then compiled for 51-53 s of CPU, against 45-47 measured beside it)
         for c in range(work.shape[0]):
             _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, fa, c)
     else:

@@ -609,6 +609,7 @@ _NPY_SHAPE = r"\(\s*(?:\d+\s*,\s*(?:\d+\s*,\s*)*(?:\d+\s*)?)?\)"  # (), (n,), (n
 # a plain dtype's str, as NumPy writes it ('<f8', '|b1', '<U5', '<M8[ns]'): np.dtype of a subarray string such as
 # '(2,)<f8' parses its shape with ast.literal_eval, and a checkpoint holds no subarray
 _DTYPE_STR = r"[<>|][A-Za-z][0-9]*(?:\[[A-Za-z0-9]+\])?"
+_DTYPE_NAME = r"[<>|=]?[A-Za-z][A-Za-z0-9]*"  # a dtype's name in a manifest's JSON: '<f8', 'float64' (no subarray either)
 _NPY_DESCR = f"'{_DTYPE_STR}'"
 _NPY_TYPED_ITEM = rf"'descr'\s*:\s*{_NPY_DESCR}|'fortran_order'\s*:\s*(?:True|False)|'shape'\s*:\s*{_NPY_SHAPE}"
 _NPY_ITEM = rf"'(descr|fortran_order|shape)'\s*:\s*('[^'\\]*'|True|False|{_NPY_SHAPE})"  # (key, value), once matched typed
@@ -997,12 +998,11 @@ def _manifest_token(folder) -> str | None:
         with zipfile.ZipFile(folder.parent / folder.name[: -len(".shards")]) as zf:
             if "token.npy" not in zf.namelist() or zf.getinfo("token.npy").file_size > 4096:
                 return None
-            shape, dtype, _, offset = _member_header(zf, zf.getinfo("token.npy"))
-            if shape != () or dtype.kind != "U":
+            info = zf.getinfo("token.npy")
+            header = _member_header(zf, info)
+            if header[0] != () or header[1].kind != "U":
                 return None
-            with zf.open("token.npy") as f:
-                f.read(offset)
-                return str(np.frombuffer(f.read(dtype.itemsize), dtype=dtype).reshape(())[()])
+            return str(_read_member(zf, info, header, "token", str(folder))[()])
     except Exception:  # noqa: BLE001 - anything unreadable names no set
         return None
 
@@ -1288,7 +1288,7 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
             if not ok or not name or "/" in name:
                 _fail(where, f"entry 'source_agents' has an invalid entry {name!r}: {value!r}")
             try:  # a plain dtype's name first: np.dtype("(2,)<f8") would parse its shape with ast (see _DTYPE_STR)
-                dtype = np.dtype(value[0]) if re.fullmatch(r"[<>|=]?[A-Za-z][A-Za-z0-9]*", value[0]) else None
+                dtype = np.dtype(value[0]) if re.fullmatch(_DTYPE_NAME, value[0]) else None
             except TypeError:
                 dtype = None
             if dtype is None:

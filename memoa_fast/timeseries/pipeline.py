@@ -492,7 +492,7 @@ class Pipeline:
 
     @property
     def forecaster_weights(self) -> np.ndarray:
-        """NLMS weights, shape (N, d, 2p + 1), ordered ``[lags, min(lags^2, 64), 1]`` (a copy)."""
+        """NLMS weights, shape (N, d, 2p + 1), ordered ``[lags, min(lags^2, SQUARE_CAP), 1]`` (a copy)."""
         return np.ascontiguousarray(np.moveaxis(self._weights, 0, -1))
 
     @property
