@@ -144,7 +144,10 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S1, _S30, _S27, _S31, _S11 = np.uint64(1), np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_S12 = np.uint64(12)
 _TWO_M53 = 1.0 / 9007199254740992.0
+_TWO_52 = 4503599627370496.0
+_TWO_52_BITS = int(np.float64(_TWO_52).view(np.int64))  # 0x4330000000000000
 
 # ---- exp (kernels/_numba.py): Cody-Waite, degree-13 Taylor on |r| <= ln(2)/2
 _LOG2E = 1.4426950408889634
@@ -323,14 +326,15 @@ def _sincos_2pi(u):
     pair fewer than Taylor polynomials of the same accuracy), then the swap and signs of
     quadrant ``k mod 4`` (selects, no branch, so the loops that call it vectorise).
     """
-    kf = (4.0 * u + _SHIFT) - _SHIFT  # round(4 u), in {0, ..., 4}
+    shifted = 4.0 * u + _SHIFT  # round(4 u) in its low bits (no float-to-int conversion: AVX2 has no vector one)
+    kf = shifted - _SHIFT  # round(4 u), in {0, ..., 4}
     a = (u - 0.25 * kf) * _TWO_PI
     z = a * a
     sp = _SIN2 + z * (_SIN3 + z * (_SIN4 + z * (_SIN5 + z * _SIN6)))
     sn = a + (z * a) * (_SIN1 + z * sp)
     cp = z * (_COS1 + z * (_COS2 + z * (_COS3 + z * (_COS4 + z * (_COS5 + z * _COS6)))))
     cs = 1.0 - 0.5 * z + z * cp
-    quadrant = np.int64(kf) & 3
+    quadrant = _as_int(shifted) & 3
     c = sn if (quadrant & 1) != 0 else cs
     s = cs if (quadrant & 1) != 0 else sn
     c = -c if ((quadrant + 1) & 2) != 0 else c
@@ -362,6 +366,22 @@ def _round_key(key, t):
 
 
 @njit(**_jit)
+def _unit53(h):
+    """``(h >> 11) 2^-53``, a uniform in ``[0, 1)``: the same value as ``np.float64(h >> 11) * 2^-53``.
+
+    AVX2 has no vector conversion of a 64-bit integer to a double, so that
+    form made LLVM convert each lane in a scalar register. Here both halves of
+    ``h >> 11 = 2 hi + bit`` (``hi = h >> 12 < 2^52``, ``bit`` its low bit) are
+    converted exactly by the ``2^52`` trick (the double whose bits are those of
+    ``2^52`` or'ed with ``x < 2^52`` is ``2^52 + x``), and ``2 hi + bit < 2^53``
+    is exact: the same bits, in vector registers.
+    """
+    hi = _as_float(np.int64(h >> _S12) | _TWO_52_BITS) - _TWO_52
+    bit = _as_float(np.int64((h >> _S11) & _S1) | _TWO_52_BITS) - _TWO_52
+    return (2.0 * hi + bit) * _TWO_M53
+
+
+@njit(**_jit)
 def _normals_into(kt, q0, m, out):
     """Normals of the pairs ``q0 .. q0 + m - 1`` of round key ``kt`` into ``out[0:2m]`` (even, odd flat index).
 
@@ -372,8 +392,8 @@ def _normals_into(kt, q0, m, out):
     for k in range(m):
         h1 = _mix64(kt + _GOLDEN * (base + np.uint64(k)))
         h2 = _mix64(h1 + _GOLDEN)
-        u1 = 1.0 - np.float64(h1 >> _S11) * _TWO_M53
-        u2 = np.float64(h2 >> _S11) * _TWO_M53
+        u1 = 1.0 - _unit53(h1)
+        u2 = _unit53(h2)
         radius = math.sqrt(-2.0 * _log1(u1))
         c, s = _sincos_2pi(u2)
         out[2 * k] = radius * c
@@ -434,12 +454,18 @@ def _lane_columns(lanes, d, R, out):
 
 
 @njit(**_jit)
+def _index_as_float(i):
+    """``float(i)`` for ``0 <= i < 2^52``, by the ``2^52`` trick of :func:`_unit53` (vectorises on AVX2; the same value)."""
+    return _as_float(i | _TWO_52_BITS) - _TWO_52
+
+
+@njit(**_jit)
 def _keep_max(vmax, varg, k, v, row):
     """Lane ``k`` keeps the larger of ``v`` and its own, with ``v``'s row (the earlier row on ties). Inlined."""
     m = vmax[k]
     up = v > m
     vmax[k] = v if up else m
-    varg[k] = float(row) if up else varg[k]
+    varg[k] = _index_as_float(row) if up else varg[k]
 
 
 @njit(**_jit)
