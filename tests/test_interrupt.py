@@ -183,31 +183,45 @@ def test_pipeline_segments_bound_the_work_of_one_compiled_call(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
 def test_ctrl_c_stops_a_long_pipeline_run_soon_and_it_continues():
-    """A signal during a long ``run`` acts within a segment; the pipeline then continues with the same bits.
+    """A signal during a long ``run`` acts at the end of the segment it arrives in; the pipeline continues with the same bits.
 
-    On the old code the interrupt surfaced only after the whole series (here about 2 s at 1e5 clients, 10x the delay allowed).
+    Counted in segments, not seconds (a loaded machine stretches seconds, not segments): a thread watches
+    ``pipe.t`` from outside the run, sends the signal once the first segment is done (at ``seen``), and the run
+    must stop at most two segments later (the one running when the signal arrives, plus one if the run crossed
+    a segment boundary between the watcher's read and its signal). On the old code the interrupt surfaced only
+    after the whole series (here 20 segments).
     """
-    n, T = 100_000, 2000
-    y = np.sin(np.arange(T) / 7.0)
+    n = 100_000
     pipe = Pipeline(n, seed=1, threads=1)
+    seg = pipe._segment_rounds
+    T = 20 * seg + 1
+    y = np.sin(np.arange(T) / 7.0)
     pipe.run(y[:1])  # compiled and warm
+    t0 = pipe.t
+    seen = []
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGALRM, interrupt)
+    def watch():
+        while pipe.t < t0 + seg:
+            time.sleep(1e-4)
+        seen.append(pipe.t - t0)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
     out = np.full((T - 1, 1), np.nan)
+    watcher = threading.Thread(target=watch, daemon=True)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.15)
-        start = time.perf_counter()
+        watcher.start()
         with pytest.raises(KeyboardInterrupt):
             pipe.run(y[1:], out=out)
-        late = time.perf_counter() - start - 0.15
+        watcher.join(10)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.signal(signal.SIGUSR1, old)
+    moved = pipe.t - t0  # rounds of this run, whole segments
+    assert seen and seg <= seen[0] <= moved <= seen[0] + 2 * seg and moved % seg == 0, (seg, seen, moved)
     done = pipe.t - 1
-    assert late < 0.6 and 0 < done < T - 1, (late, done)
     assert not np.isnan(out[:done]).any() and np.isnan(out[done:]).all()
     # the rounds done are the rounds one call makes; the pipeline continues from there
     whole = Pipeline(n, seed=1, threads=1)
