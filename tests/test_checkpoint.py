@@ -1252,6 +1252,7 @@ def test_a_checkpoint_saved_before_the_settings_were_recorded_restores_as_before
     from pathlib import Path
 
     from memoa_fast import ClientForecasters
+    from memoa_fast.timeseries.forecasters import UncappedStateWarning
 
     old = Path(__file__).parent / "data" / "old_sources" / "forecasters.npz"
     ckpt = load_checkpoint(old)
@@ -1262,7 +1263,8 @@ def test_a_checkpoint_saved_before_the_settings_were_recorded_restores_as_before
     for y in ys[:3]:
         uninterrupted.observe(y)
     pop, server, source = StatePopulation(GAME, 6, 2), StateServer(6, 2, rule="hedge", eta=0.5, alpha=0.01), ClientForecasters(6, 2, **base)
-    restore_checkpoint(old, pop, server, source=source)
+    with pytest.warns(UncappedStateWarning):  # the file was written before the squared features were capped, too
+        restore_checkpoint(old, pop, server, source=source)
     with np.load(old) as npz:
         np.testing.assert_array_equal(pop.states, npz["states"])
         np.testing.assert_array_equal(server.log_weights, npz["server_log_weights"])
@@ -1270,7 +1272,8 @@ def test_a_checkpoint_saved_before_the_settings_were_recorded_restores_as_before
         assert_as_saved(value, _flat(uninterrupted.state_dict())[key], err_msg=key)
     for y in ys[3:]:
         assert_as_saved(source.observe(y), uninterrupted.observe(y))
-    restore_checkpoint(old, pop, server, source=ClientForecasters(6, 2, **dict(base, seed=1)))  # as before
+    with pytest.warns(UncappedStateWarning):
+        restore_checkpoint(old, pop, server, source=ClientForecasters(6, 2, **dict(base, seed=1)))  # as before
 
     targets = rng.normal(size=(4, D))
     pop, server = _make()

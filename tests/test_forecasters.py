@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memoa_fast.kernels import CHUNK, _forecast_numba, _forecast_reference
-from memoa_fast.timeseries.forecasters import BLOCK_SIZE, TARGET_LIMIT, ClientForecasters, SquaredErrors
+from memoa_fast.timeseries.forecasters import (
+    BLOCK_SIZE,
+    CAP_RECORD,
+    SQUARE_CAP,
+    TARGET_LIMIT,
+    ClientForecasters,
+    SquaredErrors,
+    UncappedStateWarning,
+)
 from memoa_fast.timeseries.streams import make_stream
 
 RTOL = 1e-12
@@ -476,7 +484,7 @@ def test_states_a_forecaster_reaches_load_and_the_limits_keep_it_finite(backend)
                 "lags": rng.choice([-1.0, 1.0], state["agents"]["lags"].shape) * LAG_LIMIT,
                 "signals": rng.choice([-1.0, 1.0], state["agents"]["signals"].shape) * signal_limit(t, fc.lags),
             },
-            "shared": {"t": np.array(t), "y": np.array([TARGET_LIMIT, -TARGET_LIMIT])},
+            "shared": {"t": np.array(t), "y": np.array([TARGET_LIMIT, -TARGET_LIMIT]), CAP_RECORD: np.array(SQUARE_CAP)},
         }
         fc.load_state_dict(edge)
         scores = SquaredErrors(fc.n_clients, fc.dim)
@@ -531,7 +539,7 @@ def _states_at_the_limits(fc, t, rng):
     ]
     for weights, lags in cases:
         yield {"agents": {"weights": weights, "lags": lags, "signals": np.full((n, d), signal_limit(t, p))},
-               "shared": {"t": np.array(t), "y": np.zeros(d)}}
+               "shared": {"t": np.array(t), "y": np.zeros(d), CAP_RECORD: np.array(SQUARE_CAP)}}
 
 
 @pytest.mark.parametrize("noise, target", [((0.02, 0.02), 0.0), ((1e30, 1e30), TARGET_LIMIT)])
@@ -655,13 +663,70 @@ def test_a_state_saved_before_the_settings_were_recorded_loads_and_continues_as_
     rest = _forecast(whole, _YS[3:])
     old = {"agents": state["agents"], "shared": {"t": state["shared"]["t"], "y": state["shared"]["y"]}}
     twin = ClientForecasters(6, 2, **_BASE)
-    twin.load_state_dict(old)
+    with pytest.warns(UncappedStateWarning):  # saved before the cap too (the lags here are within 8: the same bits)
+        twin.load_state_dict(old)
     np.testing.assert_array_equal(_forecast(twin, _YS[3:]), rest)
-    ClientForecasters(6, 2, **dict(_BASE, seed=1)).load_state_dict(old)  # as before: nothing to compare with
+    with pytest.warns(UncappedStateWarning):
+        ClientForecasters(6, 2, **dict(_BASE, seed=1)).load_state_dict(old)  # as before: nothing to compare with
     if importlib.util.find_spec("numpy._core") is None:  # NumPy 1.x cannot read NumPy 2's pickles of arrays at all
         return
-    unpickled = pickle.loads((Path(__file__).parent / "data" / "old_sources" / "forecasters.pkl").read_bytes())
+    with pytest.warns(UncappedStateWarning):
+        unpickled = pickle.loads((Path(__file__).parent / "data" / "old_sources" / "forecasters.pkl").read_bytes())
     assert unpickled.t == 3 and repr(unpickled) == repr(twin).replace("t=12", "t=3")
     for key, value in state["agents"].items():
         assert_as_saved(value, unpickled.state_dict()["agents"][key], err_msg=key)  # NumPy 1.26: to rounding
     assert_as_saved(_forecast(unpickled, _YS[3:]), rest)
+
+
+# --------------------------------------------------------------------------- the squared features' cap in saved states
+def _loud_state():
+    """A state whose lags reach beyond sqrt(SQUARE_CAP) = 8 (targets of 30): capped and plain features differ there."""
+    fc = ClientForecasters(4, 1, lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy")
+    for y in (30.0, -25.0, 28.0):
+        fc.observe(y)
+    assert np.abs(fc.state_dict()["agents"]["lags"]).max() > math.sqrt(SQUARE_CAP)
+    return fc
+
+
+def test_a_state_records_the_cap_of_the_squared_features_and_another_cap_is_refused():
+    """state_dict records SQUARE_CAP; a state recorded with another cap (or a cap that is not a real number) is
+    refused by load_state_dict, validate_state_dict and pickle's rebuild, naming the key and both values, and the
+    forecaster is unchanged: its later rounds would differ from the run that saved it.
+    """
+    from memoa_fast.timeseries.forecasters import _rebuild_forecasters
+
+    fc = _loud_state()
+    state = fc.state_dict()
+    assert float(state["shared"][CAP_RECORD]) == SQUARE_CAP
+    for bad, match in ((np.array(100.0), r"is 100\.0, but this memoa-fast caps the squared features at SQUARE_CAP=64"),
+                       (np.array(np.inf), "must be finite"), (True, "must be a finite real number"),
+                       ("64", "must be a finite real number, got '64' of type str")):
+        other = {"agents": state["agents"], "shared": {**state["shared"], CAP_RECORD: bad}}
+        target = ClientForecasters(4, 1, lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy")
+        target.observe(1.0)
+        before = target.state_dict()
+        for load in (target.load_state_dict, target.validate_state_dict):
+            with pytest.raises(ValueError, match=rf"state\['source/shared/{CAP_RECORD}'\] {match}"):
+                load(other)
+            _assert_unchanged(target, before, t=1)
+        with pytest.raises(ValueError, match=match):
+            _rebuild_forecasters(4, 1, dict(lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy"), other)
+
+
+def test_a_state_saved_before_the_cap_loads_with_a_warning_and_continues_with_capped_features():
+    """Nothing a user saved is lost: a state without the cap's record (the form of every state saved before the cap)
+    loads with an UncappedStateWarning that names the key and the cap, continues exactly as a forecaster of today
+    would from the same arrays, and its next state_dict records the cap (loads again without a warning).
+    """
+    fc = _loud_state()
+    state = fc.state_dict()
+    old = {"agents": state["agents"], "shared": {k: v for k, v in state["shared"].items() if k != CAP_RECORD}}
+    twin = ClientForecasters(4, 1, lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy")
+    with pytest.warns(UncappedStateWarning, match=rf"state\['source/shared/{CAP_RECORD}'\] is missing: this state was "
+                      r"saved before memoa-fast capped the squared features at SQUARE_CAP=64.*exceeds 8 in magnitude"):
+        twin.load_state_dict(old)
+    for y in (29.0, -31.0, 27.0):
+        np.testing.assert_array_equal(twin.observe(y), fc.observe(y))
+    again = ClientForecasters(4, 1, lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy")
+    again.load_state_dict(twin.state_dict())  # filterwarnings = error: no warning here
+    assert float(twin.state_dict()["shared"][CAP_RECORD]) == SQUARE_CAP

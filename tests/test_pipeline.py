@@ -586,6 +586,27 @@ def test_a_copy_is_independent_and_continues_bitwise(backend, how):
     assert repr(clone) == repr(pipe)
 
 
+def test_a_pickle_records_the_squared_features_cap_one_made_before_it_loads_with_a_warning():
+    """A Pipeline's pickle records SQUARE_CAP: one with another cap is refused naming the key and both values, and one
+    made before the cap (no record) loads with an UncappedStateWarning and continues as the pickled object does.
+    """
+    from memoa_fast.timeseries.forecasters import CAP_RECORD, SQUARE_CAP, UncappedStateWarning
+    from memoa_fast.timeseries.pipeline import _rebuild_pipeline
+
+    y = series(12, 1)
+    pipe = Pipeline(30, 1, game=GAME, seed=4, threads=1)
+    pipe.run(y[:5])
+    rebuild, (n, d, config, arrays, counters) = pipe.__reduce__()
+    assert rebuild is _rebuild_pipeline and counters[CAP_RECORD] == SQUARE_CAP
+    with pytest.raises(ValueError, match=rf"state\['pipeline/counters/{CAP_RECORD}'\] is 81\.0, but this memoa-fast caps "
+                                         r"the squared features at SQUARE_CAP=64"):
+        _rebuild_pipeline(n, d, config, arrays, {**counters, CAP_RECORD: 81.0})
+    old = {k: v for k, v in counters.items() if k != CAP_RECORD}
+    with pytest.warns(UncappedStateWarning, match=rf"state\['pipeline/counters/{CAP_RECORD}'\] is missing"):
+        clone = _rebuild_pipeline(n, d, config, arrays, old)
+    np.testing.assert_array_equal(clone.run(y[5:]), pipe.run(y[5:]))
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"n_clients": 20_000}, r"n_clients=20000, dim=1, lags=2: the pipeline's arrays need [\d,]+ bytes"),
     ({"n_clients": 10, "dim": 20_000}, r"n_clients=10, dim=20000, lags=2: the pipeline's arrays need"),

@@ -52,13 +52,15 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import _backends
 from .._exclusive import Exclusive
-from .._state import check_source_state, source_settings
+from .._state import _real, check_source_state, source_settings
 from .._validation import (
     MAX_COUNT,
     as_float_array,
@@ -74,6 +76,42 @@ from .._validation import (
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
 from ..kernels import SQUARE_CAP as SQUARE_CAP  # re-exported: the cap of the squared features (the kernels')
+
+#: The name under which a saved state records its squared features' cap (:data:`SQUARE_CAP`); see :func:`check_square_cap`.
+CAP_RECORD = "square_cap"
+
+
+class UncappedStateWarning(UserWarning):
+    """A saved forecaster state without :data:`CAP_RECORD`: saved before the squared features were capped.
+
+    It loads, and its forecasters continue with the capped features: their
+    forecasts and updates differ from those of the version that saved it
+    wherever a lag exceeds ``sqrt(SQUARE_CAP) = 8`` in magnitude (elsewhere
+    they are the same bits).
+    """
+
+
+def check_square_cap(record, key: str) -> None:
+    """Refuse a saved state recorded with another cap of the squared features; warn on one saved before the cap.
+
+    ``record[CAP_RECORD]`` must be a real number equal to :data:`SQUARE_CAP`:
+    otherwise ``ValueError`` names ``state[key]`` and both values, since the state's
+    later rounds would differ from the run that saved it. A ``record`` without
+    it was saved before the squared features were capped: it is accepted
+    (nothing a user saved is lost) with an :class:`UncappedStateWarning`.
+    """
+    if CAP_RECORD not in record:
+        warnings.warn(UncappedStateWarning(
+            f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
+            f"SQUARE_CAP={SQUARE_CAP} (its forecasters used the plain squares). It loads and continues with the capped "
+            f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
+            f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=3)
+        return
+    got = _real(key, record[CAP_RECORD])
+    if got != float(SQUARE_CAP):
+        raise ValueError(f"state[{key!r}] is {got!r}, but this memoa-fast caps the squared features at SQUARE_CAP={SQUARE_CAP}: the "
+                         f"state was saved with other features, and its later rounds would differ from the run that saved it")
+
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
 BLOCK_SIZE = 4096
@@ -378,7 +416,8 @@ class ClientForecasters:
 
         ``{"agents": {"weights": (n, d, 2p+1), "lags": (n, d, p), "signals": (n, d)},
         "shared": {"t": int64 scalar array, "y": (d,), "seed": int64 scalar array, "noise_range": (2,),
-        "mu": float64 scalar array, "block_size": int64 scalar array}}``. The noise scales and the noise are
+        "mu": float64 scalar array, "block_size": int64 scalar array, "square_cap": float64 scalar array}}``
+        (``square_cap``: :data:`SQUARE_CAP`, the features' cap, see :func:`check_square_cap`). The noise scales and the noise are
         functions of ``(seed, client, t)`` (and the settings): they need no saving. The settings
         (:meth:`settings`) are recorded so that a restore into forecasters made with other ones is refused
         (:meth:`validate_state_dict`). Per-client arrays of shards concatenate into the whole population's;
@@ -387,7 +426,8 @@ class ClientForecasters:
         with self._exclusive:  # a snapshot of one round, never of two (another thread may be observing)
             return {
                 "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
-                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings())},
+                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings()),
+                           CAP_RECORD: np.array(float(SQUARE_CAP))},
             }
 
     def validate_state_dict(self, state: dict) -> dict:
@@ -410,6 +450,10 @@ class ClientForecasters:
         rows restore onto any shards), and a state that records no settings
         (saved before they were recorded) is accepted as before.
 
+        **Features.** ``square_cap`` must equal :data:`SQUARE_CAP`; a state
+        without it (saved before the squared features were capped) loads with
+        an :class:`UncappedStateWarning` (:func:`check_square_cap`).
+
         The magnitudes are those a forecaster can reach (module docstring,
         "Magnitudes"), so that a restored one stays finite: ``|y| <=
         TARGET_LIMIT`` (``1e30``, the last target), every lag ``|z| <=
@@ -427,10 +471,16 @@ class ClientForecasters:
         were ``inf`` or NaN.
         """
         d, p = self.dim, self.lags
+        shared = state.get("shared") if isinstance(state, Mapping) else None
+        recorded = isinstance(shared, Mapping) and CAP_RECORD in shared
+        if recorded:  # checked below, after the rest: the state without it is the form check_source_state knows
+            state = {**state, "shared": {k: v for k, v in shared.items() if k != CAP_RECORD}}
         clean = check_source_state(
             state, n_agents=self.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
             shared={"t": "count", "y": (d,)}, settings=self.settings(),
         )
+        check_square_cap(shared if recorded else {}, f"source/shared/{CAP_RECORD}")
+        clean["shared"][CAP_RECORD] = np.array(float(SQUARE_CAP))
         agents, shared = clean["agents"], clean["shared"]
         t = int(shared["t"])
         for key, arr, limit, why in (

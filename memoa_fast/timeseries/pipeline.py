@@ -31,8 +31,8 @@ from .._validation import (
     readonly_view,
 )
 from ..game import Game
-from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, Q, R, next_discount
-from .forecasters import _check_noise_range
+from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, SQUARE_CAP, Q, R, next_discount
+from .forecasters import CAP_RECORD, _check_noise_range, check_square_cap
 
 __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
 
@@ -533,7 +533,7 @@ class Pipeline:
         with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
             self._settle()
             arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
-            counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount}
+            counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount, CAP_RECORD: float(SQUARE_CAP)}
         return (_rebuild_pipeline, (self.n_clients, self.dim, config, arrays, counters))
 
     def __repr__(self) -> str:
@@ -550,7 +550,12 @@ _STATE_ARRAYS = ("_x", "_s", "_J", "_log_p", "_ebuf", "_sigma", "_sq_err", "_sq_
 
 
 def _rebuild_pipeline(n_clients, dim, config, arrays, counters):
-    """Unpickle a :class:`Pipeline`: build it from its arguments, then copy its arrays in (shapes checked)."""
+    """Unpickle a :class:`Pipeline`: build it from its arguments, then copy its arrays in (shapes checked).
+
+    The counters record the squared features' cap (:func:`~memoa_fast.timeseries.forecasters.check_square_cap`):
+    another one is refused, none (a pickle made before the cap) loads with an ``UncappedStateWarning``.
+    """
+    check_square_cap(counters, f"pipeline/counters/{CAP_RECORD}")
     pipe = Pipeline(n_clients, dim, **config)
     if set(arrays) != set(_STATE_ARRAYS):
         raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
