@@ -1842,7 +1842,8 @@ def _without_cap(path):
 
 def test_worker_side_forecasters_saved_before_the_cap_warn_once_in_the_client_on_every_restore(client, tmp_path):
     """A state or checkpoint of worker-side forecasters without the cap's record warns once per restore, in the client
-    (the shards' validators warned in the workers: twice per shard, and never where the user is), on every path.
+    (the shards' validators warned in the workers: twice per shard, and never where the user is), on every path,
+    at the line that restores.
     """
     import warnings
 
@@ -1864,7 +1865,7 @@ def test_worker_side_forecasters_saved_before_the_cap_warn_once_in_the_client_on
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 load()
-            assert [w.category for w in caught] == [UncappedStateWarning], [str(w.message) for w in caught]
+            assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)], [str(w) for w in caught]
             assert dpop.t == 3
 
 

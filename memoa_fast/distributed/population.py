@@ -14,7 +14,18 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_out, check_real, check_seed, readonly_view
+from .._validation import (
+    as_float_array,
+    as_steps,
+    as_target_array,
+    check_bool,
+    check_int,
+    check_out,
+    check_real,
+    check_seed,
+    outside_stacklevel,
+    readonly_view,
+)
 from ..checkpoint import (
     CheckpointError,
     _check_engines,
@@ -78,7 +89,7 @@ def _issue_warnings(answers) -> None:
         for category, message in answer.get("warnings", ()):
             if (category, message) not in issued:
                 issued.append((category, message))
-                warnings.warn(message, category, stacklevel=3)
+                warnings.warn(message, category, stacklevel=outside_stacklevel())
 
 
 def _added_sums(answers, n_classes: int):

@@ -72,6 +72,7 @@ from .._validation import (
     check_real,
     check_seed,
     check_sizes,
+    outside_stacklevel,
     readonly_view,
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
@@ -110,16 +111,16 @@ def check_square_cap(record, key: str) -> bool:
     return True
 
 
-def warn_uncapped(key: str, stacklevel: int = 2) -> None:
+def warn_uncapped(key: str) -> None:
     """Warn that a state without ``state[key]`` loads (:class:`UncappedStateWarning`; see :func:`check_square_cap`).
 
-    ``stacklevel`` as :func:`warnings.warn`'s, counted from this function's caller (2: the caller's caller).
+    At the line outside memoa_fast that loads it (:func:`~memoa_fast._validation.outside_stacklevel`).
     """
     warnings.warn(UncappedStateWarning(
         f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
         f"SQUARE_CAP={SQUARE_CAP} (its forecasters used the plain squares). It loads and continues with the capped "
         f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
-        f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=stacklevel + 1)
+        f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=outside_stacklevel())
 
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
@@ -503,7 +504,7 @@ class ClientForecasters:
             check_bounded(f"state['source/{key}']", arr, limit, why, advice=_NOT_SAVED)
         _check_weight_norms(agents["weights"], weight_limit(t), t)  # entries within the limit: no square overflows
         if not recorded:  # last: the warning says the state loads
-            warn_uncapped(cap_key, stacklevel=2)
+            warn_uncapped(cap_key)
         return clean
 
     def load_state_dict(self, state: dict) -> None:
