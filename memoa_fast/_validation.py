@@ -624,3 +624,16 @@ def plain_array(name: str, value):
             return value.data.view(np.ndarray)
         return value.view(np.ndarray)
     return value
+
+
+def outside_stacklevel() -> int:
+    """``stacklevel`` for the caller's :func:`warnings.warn`: the first frame outside memoa_fast (the user's line).
+
+    A warning about what the user passed should point at the user's line, whichever path inside the package led
+    to it: the default filter shows a warning once per location, so one placed inside the package was shown for
+    the first call from anywhere only.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "memoa_fast":
+        frame, level = frame.f_back, level + 1
+    return level

@@ -1828,6 +1828,47 @@ def test_worker_side_sources_with_other_settings_refuse_every_restore_onto_any_s
     saved.close()
 
 
+def _without_cap(path):
+    """The checkpoint at ``path`` (a single file or a manifest) rewritten as saved before the cap: no square_cap."""
+    from memoa_fast.timeseries.forecasters import CAP_RECORD
+
+    with np.load(path) as npz:
+        kept = {k: npz[k] for k in npz.files if k != "source_shared__" + CAP_RECORD}
+    assert len(kept) < len(npz.files)
+    with open(path, "wb") as f:
+        np.savez(f, **kept)
+    return path
+
+
+def test_worker_side_forecasters_saved_before_the_cap_warn_once_in_the_client_on_every_restore(client, tmp_path):
+    """A state or checkpoint of worker-side forecasters without the cap's record warns once per restore, in the client
+    (the shards' validators warned in the workers: twice per shard, and never where the user is), on every path,
+    at the line that restores.
+    """
+    import warnings
+
+    from memoa_fast.timeseries.forecasters import CAP_RECORD, UncappedStateWarning
+
+    make = functools.partial(DaskPopulation, GAME, N, 1, client=client, signals=functools.partial(ForecasterSignals, lags=2),
+                             seed=4, timeout=TIMEOUT)
+    with make(n_shards=2) as dpop:
+        dserver = DaskServer(dpop, rule="eg", eta=0.5, alpha=0.01)
+        _settings_run(dpop, dserver, range(3))
+        state = dpop.state_dict()
+        shared = {k: v for k, v in state["source"]["shared"].items() if k != CAP_RECORD}
+        old = {**state, "source": {"agents": state["source"]["agents"], "shared": shared}}
+        sharded = _without_cap(dpop.save(tmp_path / "old.ckpt", dserver))
+        single = _without_cap(dpop.save(tmp_path / "old.npz", sharded=False))
+        for load in (lambda: dpop.load_state_dict(old), lambda: restore_checkpoint(single, dpop),
+                     lambda: restore_checkpoint(sharded, dpop, dserver), lambda: dpop.restore(sharded, dserver, n_shards=1),
+                     lambda: dpop.restore(single, n_shards=2)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                load()
+            assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)], [str(w) for w in caught]
+            assert dpop.t == 3
+
+
 def test_client_side_forecasters_with_other_settings_are_refused_by_a_restore_onto_other_shards(thread_client, tmp_path):
     """Without worker-side sources: the client's forecasters saved beside a Dask population; restored onto another
     shard count with forecasters of another seed, refused and nothing changed; with the same, bitwise.

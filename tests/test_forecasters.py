@@ -730,3 +730,40 @@ def test_a_state_saved_before_the_cap_loads_with_a_warning_and_continues_with_ca
     again = ClientForecasters(4, 1, lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy")
     again.load_state_dict(twin.state_dict())  # filterwarnings = error: no warning here
     assert float(twin.state_dict()["shared"][CAP_RECORD]) == SQUARE_CAP
+
+
+def test_a_state_saved_before_the_cap_that_is_refused_gives_no_warning():
+    """The UncappedStateWarning says the state loads: a state without the record that is refused for another
+    reason (a lag beyond LAG_LIMIT) gets only the ValueError (under filterwarnings=error the warning took its place).
+    """
+    from memoa_fast.timeseries.forecasters import LAG_LIMIT
+
+    fc = _loud_state()
+    state = fc.state_dict()
+    lags = state["agents"]["lags"].copy()
+    lags[0, 0, 0] = 2 * LAG_LIMIT
+    old = {"agents": {**state["agents"], "lags": lags}, "shared": {k: v for k, v in state["shared"].items() if k != CAP_RECORD}}
+    for load in (fc.validate_state_dict, fc.load_state_dict):
+        with pytest.raises(ValueError, match=r"state\['source/agents/lags'\]"):
+            load(old)
+
+
+def test_the_uncapped_state_warning_points_at_the_callers_line():
+    """The warning's location is the line that loads (load_state_dict, validate_state_dict, an unpickle), not a line
+    of memoa_fast: the default filter shows a warning once per location, so one inside the library showed only the
+    first old state a session loaded, from wherever it came.
+    """
+    import pickle
+    import warnings
+
+    fc = _loud_state()
+    state = fc.state_dict()
+    old = {"agents": state["agents"], "shared": {k: v for k, v in state["shared"].items() if k != CAP_RECORD}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fc.load_state_dict(old)
+        fc.validate_state_dict(old)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fc, "state_dict", lambda: old)
+            pickle.loads(pickle.dumps(fc))
+    assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)] * 3

@@ -686,3 +686,15 @@ def test_the_benchmarks_probe_still_builds_from_the_kernel(monkeypatch):
     probe = bench.probe_kernel()
     assert probe is not kern and probe._rounds is not kern._rounds
     assert type(probe._rounds._cache).__name__ == "NullCache"  # never cached: it must not pass for the kernel
+
+
+def test_a_pickle_made_before_the_cap_that_is_refused_gives_no_warning():
+    """A pickle without the cap's record whose arrays are refused gets only the ValueError, not a warning that it loads."""
+    from memoa_fast.timeseries.forecasters import CAP_RECORD
+    from memoa_fast.timeseries.pipeline import _rebuild_pipeline
+
+    pipe = Pipeline(30, 1, game=GAME, seed=4, threads=1)
+    _, (n, d, config, arrays, counters) = pipe.__reduce__()
+    old = {k: v for k, v in counters.items() if k != CAP_RECORD}
+    with pytest.raises(ValueError, match="a pickled Pipeline's _x must be float64 of shape"):
+        _rebuild_pipeline(n, d, config, {**arrays, "_x": arrays["_x"][:1]}, old)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import warnings
 
 import numpy as np
 
@@ -32,6 +34,23 @@ def shard_threads(threads):
         return max(1, min(getattr(worker, "state", worker).nthreads, _backends.available_threads()))
     except (ImportError, ValueError):
         return 1
+
+
+#: One capture at a time in a worker process: ``warnings.catch_warnings`` swaps the module's state for every thread.
+_CAPTURE = threading.Lock()
+
+
+def _capturing(fn, *args):
+    """``fn(*args)`` and the warnings it issued, as ``(category, message)`` pairs, instead of shown here.
+
+    A source's validator warns about the state it is given (an old format that still loads): in a worker the
+    warning would reach only the worker's stderr, once per shard (or, with workers as threads, turn into the
+    shard's exception under an ``error`` filter). The shard answers them, and the client issues each once.
+    """
+    with _CAPTURE, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args)
+    return result, [(w.category, str(w.message)) for w in caught]
 
 
 class Shard:
@@ -171,8 +190,8 @@ class Shard:
                 self._add_server(sid)
             else:
                 self.log_p[sid] = np.array(value, dtype=np.float64)
-        if source_state is not None:
-            self.source.load_state_dict(source_state)
+        if source_state is not None:  # checked by _check_source first, whose warnings the client issued
+            _capturing(self.source.load_state_dict, source_state)
         if states is not None or labels is not None:
             self.mean_ready = False
         total, class_sums = state_sums(self.x, self.labels, self.lay.n_classes)
@@ -267,7 +286,7 @@ class Shard:
             if manifest.source_agents is not None and self.source is not None:
                 agents = {name: rows[_ckpt._SOURCE_AGENTS + name] for name in manifest.source_agents}
                 state = check_source_layout({"agents": agents, "shared": manifest.source_shared}, n_agents=n)
-                staged["source"] = self._checked_source_state(state)
+                staged["source"], answer["warnings"] = _capturing(self._checked_source_state, state)
         except (ValueError, KeyError, TypeError) as exc:  # CheckpointError is a ValueError
             return {"error": f"{self._where()}: {exc}"}
         self._staged = staged
@@ -285,12 +304,16 @@ class Shard:
         return validate(state) if validate is not None else state
 
     def _check_source(self, state):
-        """Would this shard's source take ``state`` (its slice)? Changes nothing; answers an error message or None."""
+        """Would this shard's source take ``state`` (its slice)? Changes nothing.
+
+        Answers ``{"error": message}``, or ``{"warnings": [(category, message), ...]}`` (those of the source's
+        validator, for the client to issue: :func:`_capturing`).
+        """
         try:
-            self._checked_source_state(check_source_layout(state, n_agents=self.hi - self.lo))
+            _, caught = _capturing(self._checked_source_state, check_source_layout(state, n_agents=self.hi - self.lo))
         except (ValueError, KeyError, TypeError) as exc:
-            return f"{self._where()}: {exc}"
-        return None
+            return {"error": f"{self._where()}: {exc}"}
+        return {"warnings": caught}
 
     def _commit(self, sid):
         """Install the staged checkpoint rows (the client checked every shard's first)."""

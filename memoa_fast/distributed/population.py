@@ -5,6 +5,7 @@ import contextlib
 import os
 import time
 import uuid
+import warnings
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,18 @@ import numpy as np
 
 from .. import _backends
 from .._state import check_population_state, check_source_layout
-from .._validation import as_float_array, as_steps, as_target_array, check_bool, check_int, check_out, check_real, check_seed, readonly_view
+from .._validation import (
+    as_float_array,
+    as_steps,
+    as_target_array,
+    check_bool,
+    check_int,
+    check_out,
+    check_real,
+    check_seed,
+    outside_stacklevel,
+    readonly_view,
+)
 from ..checkpoint import (
     CheckpointError,
     _check_engines,
@@ -65,6 +77,19 @@ def shard_bounds(n_agents: int, n_shards: int) -> list[tuple[int, int]]:
         )
     edges = [(k * n_chunks) // n_shards for k in range(n_shards + 1)]
     return [(a * CHUNK, min(b * CHUNK, n_agents)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _issue_warnings(answers) -> None:
+    """Issue, once each, the warnings the shards' sources gave about a state they accepted (``answers[k]["warnings"]``).
+
+    Every shard checks its own slice, so every shard gives the same warning about the shared part: one is enough.
+    """
+    issued = []
+    for answer in answers:
+        for category, message in answer.get("warnings", ()):
+            if (category, message) not in issued:
+                issued.append((category, message))
+                warnings.warn(message, category, stacklevel=outside_stacklevel())
 
 
 def _added_sums(answers, n_classes: int):
@@ -241,6 +266,7 @@ class DaskPopulation(MeanFieldSummary):
         self.last_checkpoint_step: int | None = None
         self._servers: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
         self._pending: list = []
+        self._sources_warned = False  # set by restore() while its load checks sources whose warnings it issued
         self._broken: str | None = None
         self._lost_shard: int | None = None
         # Set for the length of a message to the shards (the op's name) and of a mutating call (what it does):
@@ -825,15 +851,19 @@ class DaskPopulation(MeanFieldSummary):
     def _check_sources(self, source, spawned=None) -> None:
         """Every shard's source (of ``spawned`` shards, else of ours) asked whether it takes its slice of ``source``.
 
-        A round trip that changes nothing; ``ValueError`` naming the first shard that refuses.
+        A round trip that changes nothing; ``ValueError`` naming the first shard that refuses. When every shard
+        accepts, their sources' warnings (an old format that still loads) are issued here, once each (not again
+        by the load of a :meth:`restore` that checked the same state before rebuilding the shards).
         """
         bounds = self.bounds if spawned is None else spawned[0]
         args = [(_slice_source(source, lo, hi),) for lo, hi in bounds]
         answers = self._call(("check_source", None), per_shard_args=args, marked=True) if spawned is None else \
             self._run_on(spawned, "check_source", args)
-        refused = [a for a in answers if a is not None]
+        refused = [a["error"] for a in answers if "error" in a]
         if refused:
             raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
+        if not self._sources_warned:
+            _issue_warnings(answers)
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
@@ -856,7 +886,11 @@ class DaskPopulation(MeanFieldSummary):
         self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
         if server is not None:
             server._interrupted = "a restore"  # _build reset it to round 0: marked until its state is loaded
-        result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
+        self._sources_warned = True  # by _build's check, before the old shards went: not again by the load's
+        try:
+            result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
+        finally:
+            self._sources_warned = False
         self._interrupted = None
         return result
 
@@ -1026,6 +1060,7 @@ class DaskPopulation(MeanFieldSummary):
                                         alpha=server.alpha)
                 except ValueError as exc:
                     raise CheckpointError(f"{where}: server {exc}") from None
+            _issue_warnings(answers)  # last of the checks: the state loads
         except BaseException:
             if not rebuild:
                 with contextlib.suppress(Exception):

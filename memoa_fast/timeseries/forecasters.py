@@ -72,6 +72,7 @@ from .._validation import (
     check_real,
     check_seed,
     check_sizes,
+    outside_stacklevel,
     readonly_view,
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
@@ -91,26 +92,35 @@ class UncappedStateWarning(UserWarning):
     """
 
 
-def check_square_cap(record, key: str) -> None:
-    """Refuse a saved state recorded with another cap of the squared features; warn on one saved before the cap.
+def check_square_cap(record, key: str) -> bool:
+    """Refuse a saved state recorded with another cap of the squared features; whether it records the cap at all.
 
     ``record[CAP_RECORD]`` must be a real number equal to :data:`SQUARE_CAP`:
     otherwise ``ValueError`` names ``state[key]`` and both values, since the state's
     later rounds would differ from the run that saved it. A ``record`` without
     it was saved before the squared features were capped: it is accepted
-    (nothing a user saved is lost) with an :class:`UncappedStateWarning`.
+    (nothing a user saved is lost) and this returns False; the loader then calls
+    :func:`warn_uncapped` once every other check has passed (a refused state does not load).
     """
     if CAP_RECORD not in record:
-        warnings.warn(UncappedStateWarning(
-            f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
-            f"SQUARE_CAP={SQUARE_CAP} (its forecasters used the plain squares). It loads and continues with the capped "
-            f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
-            f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=3)
-        return
+        return False
     got = _real(key, record[CAP_RECORD])
     if got != float(SQUARE_CAP):
         raise ValueError(f"state[{key!r}] is {got!r}, but this memoa-fast caps the squared features at SQUARE_CAP={SQUARE_CAP}: the "
                          f"state was saved with other features, and its later rounds would differ from the run that saved it")
+    return True
+
+
+def warn_uncapped(key: str) -> None:
+    """Warn that a state without ``state[key]`` loads (:class:`UncappedStateWarning`; see :func:`check_square_cap`).
+
+    At the line outside memoa_fast that loads it (:func:`~memoa_fast._validation.outside_stacklevel`).
+    """
+    warnings.warn(UncappedStateWarning(
+        f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
+        f"SQUARE_CAP={SQUARE_CAP} (its forecasters used the plain squares). It loads and continues with the capped "
+        f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
+        f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=outside_stacklevel())
 
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
@@ -479,7 +489,8 @@ class ClientForecasters:
             state, n_agents=self.n_clients, agents={"weights": (d, 2 * p + 1), "lags": (d, p), "signals": (d,)},
             shared={"t": "count", "y": (d,)}, settings=self.settings(),
         )
-        check_square_cap(shared if recorded else {}, f"source/shared/{CAP_RECORD}")
+        cap_key = f"source/shared/{CAP_RECORD}"
+        check_square_cap(shared if recorded else {}, cap_key)
         clean["shared"][CAP_RECORD] = np.array(float(SQUARE_CAP))
         agents, shared = clean["agents"], clean["shared"]
         t = int(shared["t"])
@@ -492,6 +503,8 @@ class ClientForecasters:
         ):
             check_bounded(f"state['source/{key}']", arr, limit, why, advice=_NOT_SAVED)
         _check_weight_norms(agents["weights"], weight_limit(t), t)  # entries within the limit: no square overflows
+        if not recorded:  # last: the warning says the state loads
+            warn_uncapped(cap_key)
         return clean
 
     def load_state_dict(self, state: dict) -> None:

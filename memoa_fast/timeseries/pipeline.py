@@ -32,7 +32,7 @@ from .._validation import (
 )
 from ..game import Game
 from ..kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, RULE_EG, RULE_HEDGE, SIGNAL, SQUARE_CAP, Q, R, next_discount
-from .forecasters import CAP_RECORD, _check_noise_range, check_square_cap
+from .forecasters import CAP_RECORD, _check_noise_range, check_square_cap, warn_uncapped
 
 __all__ = ["Pipeline", "PIPELINE_BACKENDS"]
 
@@ -555,7 +555,8 @@ def _rebuild_pipeline(n_clients, dim, config, arrays, counters):
     The counters record the squared features' cap (:func:`~memoa_fast.timeseries.forecasters.check_square_cap`):
     another one is refused, none (a pickle made before the cap) loads with an ``UncappedStateWarning``.
     """
-    check_square_cap(counters, f"pipeline/counters/{CAP_RECORD}")
+    cap_key = f"pipeline/counters/{CAP_RECORD}"
+    recorded = check_square_cap(counters, cap_key)
     pipe = Pipeline(n_clients, dim, **config)
     if set(arrays) != set(_STATE_ARRAYS):
         raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
@@ -566,4 +567,6 @@ def _rebuild_pipeline(n_clients, dim, config, arrays, counters):
                              f"got {value.dtype} of shape {value.shape}")
         target[...] = value
     pipe.t, pipe.n_recorded, pipe._discount = int(counters["t"]), int(counters["n_recorded"]), float(counters["_discount"])
+    if not recorded:  # last: the warning says the pickle loads
+        warn_uncapped(cap_key)
     return pipe
