@@ -698,7 +698,7 @@ def test_a_state_records_the_cap_of_the_squared_features_and_another_cap_is_refu
     fc = _loud_state()
     state = fc.state_dict()
     assert float(state["shared"][CAP_RECORD]) == SQUARE_CAP
-    for bad, match in ((np.array(100.0), r"is 100\.0, but this memoa-fast caps the squared features at SQUARE_CAP=64"),
+    for bad, match in ((np.array(100.0), r"is 100\.0, but this memoa-fast caps the squared features at SQUARE_CAP=64: the state"),
                        (np.array(np.inf), "must be finite"), (True, "must be a finite real number"),
                        ("64", "must be a finite real number, got '64' of type str")):
         other = {"agents": state["agents"], "shared": {**state["shared"], CAP_RECORD: bad}}
@@ -723,7 +723,7 @@ def test_a_state_saved_before_the_cap_loads_with_a_warning_and_continues_with_ca
     old = {"agents": state["agents"], "shared": {k: v for k, v in state["shared"].items() if k != CAP_RECORD}}
     twin = ClientForecasters(4, 1, lags=2, noise_range=(0.1, 0.2), seed=5, backend="numpy")
     with pytest.warns(UncappedStateWarning, match=rf"state\['source/shared/{CAP_RECORD}'\] is missing: this state was "
-                      r"saved before memoa-fast capped the squared features at SQUARE_CAP=64.*exceeds 8 in magnitude"):
+                      r"saved before memoa-fast capped the squared features at SQUARE_CAP=64 \(its.*exceeds 8 in magnitude"):
         twin.load_state_dict(old)
     for y in (29.0, -31.0, 27.0):
         np.testing.assert_array_equal(twin.observe(y), fc.observe(y))

@@ -599,7 +599,7 @@ def test_a_pickle_records_the_squared_features_cap_one_made_before_it_loads_with
     rebuild, (n, d, config, arrays, counters) = pipe.__reduce__()
     assert rebuild is _rebuild_pipeline and counters[CAP_RECORD] == SQUARE_CAP
     with pytest.raises(ValueError, match=rf"state\['pipeline/counters/{CAP_RECORD}'\] is 81\.0, but this memoa-fast caps "
-                                         r"the squared features at SQUARE_CAP=64"):
+                                         r"the squared features at SQUARE_CAP=64: the state"):
         _rebuild_pipeline(n, d, config, arrays, {**counters, CAP_RECORD: 81.0})
     old = {k: v for k, v in counters.items() if k != CAP_RECORD}
     with pytest.warns(UncappedStateWarning, match=rf"state\['pipeline/counters/{CAP_RECORD}'\] is missing"):

@@ -106,7 +106,7 @@ def check_square_cap(record, key: str) -> bool:
         return False
     got = _real(key, record[CAP_RECORD])
     if got != float(SQUARE_CAP):
-        raise ValueError(f"state[{key!r}] is {got!r}, but this memoa-fast caps the squared features at SQUARE_CAP={SQUARE_CAP}: the "
+        raise ValueError(f"state[{key!r}] is {got!r}, but this memoa-fast caps the squared features at SQUARE_CAP={SQUARE_CAP:g}: the "
                          f"state was saved with other features, and its later rounds would differ from the run that saved it")
     return True
 
@@ -118,7 +118,7 @@ def warn_uncapped(key: str) -> None:
     """
     warnings.warn(UncappedStateWarning(
         f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
-        f"SQUARE_CAP={SQUARE_CAP} (its forecasters used the plain squares). It loads and continues with the capped "
+        f"SQUARE_CAP={SQUARE_CAP:g} (its forecasters used the plain squares). It loads and continues with the capped "
         f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
         f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=outside_stacklevel())
 
