@@ -18,7 +18,7 @@ from .game import POLICIES, Gains, Game, PolicyCoefficients, PolicyTable, solve_
 from .population import Population
 from .server import RULES, Server
 from .timeseries.experiment import ExperimentResult, run_experiment
-from .timeseries.forecasters import ClientForecasters
+from .timeseries.forecasters import ClientForecasters, UncappedStateWarning
 from .timeseries.pipeline import Pipeline
 from .timeseries.streams import clip_outliers, load_csv_series, make_stream
 from .timeseries.trust import TrustClasses, TrustPopulation
@@ -49,6 +49,7 @@ __all__ = [
     "Population",
     "Server",
     "ClientForecasters",
+    "UncappedStateWarning",
     "ExperimentResult",
     "run_experiment",
     "make_stream",
