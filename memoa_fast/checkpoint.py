@@ -996,11 +996,12 @@ def _manifest_token(folder) -> str | None:
         return None
     try:
         with zipfile.ZipFile(folder.parent / folder.name[: -len(".shards")]) as zf:
-            if "token.npy" not in zf.namelist() or zf.getinfo("token.npy").file_size > 4096:
+            info = zf.getinfo("token.npy") if "token.npy" in zf.namelist() else None
+            if info is None or info.file_size > 4096:
                 return None
-            info = zf.getinfo("token.npy")
             header = _member_header(zf, info)
-            if header[0] != () or header[1].kind != "U":
+            shape, dtype = header[:2]
+            if shape != () or dtype.kind != "U":
                 return None
             return str(_read_member(zf, info, header, "token", str(folder))[()])
     except Exception:  # noqa: BLE001 - anything unreadable names no set

@@ -490,7 +490,8 @@ class ClientForecasters:
             shared={"t": "count", "y": (d,)}, settings=self.settings(),
         )
         cap_key = f"source/shared/{CAP_RECORD}"
-        check_square_cap(shared if recorded else {}, cap_key)
+        if recorded:
+            check_square_cap(shared, cap_key)
         clean["shared"][CAP_RECORD] = np.array(float(SQUARE_CAP))
         agents, shared = clean["agents"], clean["shared"]
         t = int(shared["t"])
