@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -637,3 +638,19 @@ def outside_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "memoa_fast":
         frame, level = frame.f_back, level + 1
     return level
+
+
+def issue_notices(notices) -> None:
+    """Issue each distinct ``(category, message)`` of ``notices`` once, in order, at the user's line (:func:`outside_stacklevel`).
+
+    The package's validators report what they would warn about (a saved state in an old format that still loads) as
+    such pairs, and the code that has the user issues them: a Dask shard's check runs in a worker thread, where a
+    warning would be shown on the worker (or, with workers as threads, under the user's filters, as the shard's
+    exception with an ``error`` filter), and where capturing it (``warnings.catch_warnings``) would swap the warning
+    filters of the whole process, every thread's, which is not thread-safe.
+    """
+    issued = []
+    for category, message in notices:
+        if (category, message) not in issued:
+            issued.append((category, message))
+            warnings.warn(message, category, stacklevel=outside_stacklevel())

@@ -9,7 +9,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -1867,6 +1869,134 @@ def test_worker_side_forecasters_saved_before_the_cap_warn_once_in_the_client_on
                 load()
             assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)], [str(w) for w in caught]
             assert dpop.t == 3
+
+
+class _Gate:
+    """Holds a shard's source check until the test's other thread has done its part (open unless a test closes it)."""
+
+    entered = threading.Event()  # a shard's check has started
+    release = threading.Event()  # it may go on
+    release.set()
+
+    @classmethod
+    def wait(cls):
+        cls.entered.set()
+        if not cls.release.wait(TIMEOUT):
+            raise RuntimeError("the test's other thread never released the shard's check")
+
+
+class _GatedSource(NoisyLastValueSignals):
+    """A user's worker-side source, with only validate_state_dict, whose check waits at the gate."""
+
+    def validate_state_dict(self, state):
+        _Gate.wait()
+        return super().validate_state_dict(state)
+
+
+class _ElsewhereWarning(UserWarning):
+    pass
+
+
+def _gated_load(thread_client, monkeypatch, kind, other, started=None):
+    """``dpop.load_state_dict`` of a worker-side source's state (``kind``), with ``other()`` run in another thread while
+    the shards' checks wait at the gate (and the load starts once ``started`` is set, if given); returns the warnings
+    shown meanwhile, as ``(message, category, thread)``, and the other thread.
+
+    The workers are threads of this process, as with ``processes=False``: the shards' checks run in the user's process.
+    ``"forecasters"``: the package's own source, with a state saved before the cap (one UncappedStateWarning to issue).
+    Whatever the other thread does, the user's warning filters and ``showwarning`` are those of before.
+    """
+    from memoa_fast.timeseries import forecasters
+
+    factory = functools.partial(ForecasterSignals, lags=2) if kind == "forecasters" else _GatedSource
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=factory, seed=1, timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        state = dpop.state_dict()
+        if kind == "forecasters":
+            shared = {k: v for k, v in state["source"]["shared"].items() if k != forecasters.CAP_RECORD}
+            state["source"] = {"agents": state["source"]["agents"], "shared": shared}
+            check = forecasters.check_source_state
+            monkeypatch.setattr(forecasters, "check_source_state", lambda *a, **k: (_Gate.wait(), check(*a, **k))[1])
+        warnings.simplefilter("always")  # the user's filters (pytest's catch_warnings around the test restores them)
+        shown = []
+        monkeypatch.setattr(warnings, "showwarning", lambda message, category, *a, **k: shown.append(
+            (str(message), category, threading.current_thread())))
+        filters, showwarning = list(warnings.filters), warnings.showwarning
+        thread = threading.Thread(target=other)
+        _Gate.entered.clear()
+        _Gate.release.clear()
+        try:
+            thread.start()
+            assert started is None or started.wait(TIMEOUT)
+            dpop.load_state_dict(state)
+        finally:
+            _Gate.release.set()
+            thread.join(TIMEOUT)
+        assert (warnings.filters, warnings.showwarning) == (filters, showwarning), warnings.filters[:2]
+        assert dpop.t == 1
+        assert _Gate.entered.is_set()  # the checks did wait for the other thread
+    uncapped = [(c, t) for _, c, t in shown if c.__name__ == "UncappedStateWarning"]
+    assert uncapped == [(forecasters.UncappedStateWarning, threading.current_thread())] * (kind == "forecasters"), shown
+    return shown, thread
+
+
+@pytest.mark.parametrize("kind", ["forecasters", "a user's source"])
+def test_a_shards_source_check_leaves_the_process_warning_state_alone(thread_client, monkeypatch, kind):
+    """A shard checks its source's state without swapping the process's warning filters or ``showwarning``: with workers as
+    threads they are the user's. It captured the validator's warnings in ``warnings.catch_warnings``, which swaps them for
+    every thread and is not thread-safe: another thread's ``catch_warnings``, entered before the check and left during
+    it, had the shard restore, at its own exit, that thread's filters ("ignore") in place of the user's, for good.
+    """
+    inside = threading.Event()
+
+    def other():  # e.g. another library's catch_warnings in another thread
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inside.set()
+            _Gate.entered.wait(TIMEOUT)
+        _Gate.release.set()
+
+    _gated_load(thread_client, monkeypatch, kind, other, started=inside)  # asserts the filters and the warnings
+
+
+@pytest.mark.parametrize("kind", ["forecasters", "a user's source"])
+def test_a_warning_another_thread_issues_during_a_shards_source_check_is_not_forwarded(thread_client, monkeypatch, kind):
+    """A warning of another thread of the process, issued while a shard checks its source's state, is shown where it was
+    issued, once, and not taken for the source's (it was captured with it, and issued again at the line that loads).
+    """
+    def other():
+        _Gate.entered.wait(TIMEOUT)
+        warnings.warn("another thread's warning", _ElsewhereWarning)
+        _Gate.release.set()
+
+    shown, thread = _gated_load(thread_client, monkeypatch, kind, other)
+    assert [w for w in shown if w[1] is _ElsewhereWarning] == [("another thread's warning", _ElsewhereWarning, thread)]
+
+
+class _StricterForecasters(ForecasterSignals):
+    """A user's subclass of the package's source whose validator checks more."""
+
+    def validate_state_dict(self, state):
+        if int(state["shared"]["t"]) > 0:
+            raise ValueError("this source resumes only at t=0")
+        return super().validate_state_dict(state)
+
+
+def test_a_subclass_that_overrides_the_validator_keeps_it_on_the_shards(thread_client):
+    """The shards ask the package's sources for their warnings as data (``_validated``, which the subclass inherits)
+    only when that is the validator: one a subclass overrides is the one called, and its refusal is the restore's.
+    """
+    factory = functools.partial(_StricterForecasters, lags=2)
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=factory, seed=1, timeout=TIMEOUT) as dpop:
+        fresh = dpop.state_dict()
+        dpop.observe(np.ones(1))
+        dpop.step()
+        with pytest.raises(ValueError, match=r"shard 0 \(agents \[0, \d+\)\): this source resumes only at t=0"):
+            dpop.load_state_dict(dpop.state_dict())
+        assert dpop.t == 1
+        dpop.load_state_dict(fresh)
+        assert dpop.t == 0
 
 
 def test_client_side_forecasters_with_other_settings_are_refused_by_a_restore_onto_other_shards(thread_client, tmp_path):

@@ -774,3 +774,23 @@ def test_the_uncapped_state_warning_points_at_the_callers_line():
             mp.setattr(fc, "state_dict", lambda: old)
             pickle.loads(pickle.dumps(fc))
     assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)] * 3
+
+
+def test_the_quiet_validator_returns_the_warning_it_would_issue():
+    """``_validated`` (what a Dask shard asks: a worker thread may neither issue nor capture a warning, see
+    :func:`memoa_fast._validation.issue_notices`) issues nothing and returns the ``(category, message)`` that
+    validate_state_dict issues, with the same clean copy, which loads without a warning.
+    """
+    fc = _loud_state()
+    state = fc.state_dict()
+    old = {"agents": state["agents"], "shared": {k: v for k, v in state["shared"].items() if k != CAP_RECORD}}
+    clean, notices = fc._validated(old)  # filterwarnings = error: no warning here
+    with pytest.warns(UncappedStateWarning) as issued:
+        checked = fc.validate_state_dict(old)
+    assert notices == [(w.category, str(w.message)) for w in issued] and len(notices) == 1
+    for part in ("agents", "shared"):
+        assert clean[part].keys() == checked[part].keys() == state[part].keys()
+        for key in clean[part]:
+            np.testing.assert_array_equal(clean[part][key], checked[part][key])
+    assert fc._validated(state)[1] == []
+    fc.load_state_dict(clean)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
-import warnings
 
 import numpy as np
 
@@ -36,21 +34,16 @@ def shard_threads(threads):
         return 1
 
 
-#: One capture at a time in a worker process: ``warnings.catch_warnings`` swaps the module's state for every thread.
-_CAPTURE = threading.Lock()
+def _quiet_validator(source):
+    """``source._validated`` (its validator's warnings as data, issued by nobody), if it checks what ``validate_state_dict`` does.
 
-
-def _capturing(fn, *args):
-    """``fn(*args)`` and the warnings it issued, as ``(category, message)`` pairs, instead of shown here.
-
-    A source's validator warns about the state it is given (an old format that still loads): in a worker the
-    warning would reach only the worker's stderr, once per shard (or, with workers as threads, turn into the
-    shard's exception under an ``error`` filter). The shard answers them, and the client issues each once.
+    Only when the class that defines ``validate_state_dict`` defines ``_validated`` too: a subclass of one of the
+    package's sources that overrides ``validate_state_dict`` (more checks) keeps its validator, called plainly.
     """
-    with _CAPTURE, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fn(*args)
-    return result, [(w.category, str(w.message)) for w in caught]
+    if source is None or not hasattr(source, "_validated"):
+        return None
+    defined = [next((k for k in type(source).__mro__ if name in vars(k)), None) for name in ("_validated", "validate_state_dict")]
+    return source._validated if defined[0] is defined[1] else None
 
 
 class Shard:
@@ -191,7 +184,10 @@ class Shard:
             else:
                 self.log_p[sid] = np.array(value, dtype=np.float64)
         if source_state is not None:  # checked by _check_source first, whose warnings the client issued
-            _capturing(self.source.load_state_dict, source_state)
+            validated = _quiet_validator(self.source)
+            if validated is not None:  # its clean copy, which loads without issuing them again here
+                source_state = validated(source_state)[0]
+            self.source.load_state_dict(source_state)
         if states is not None or labels is not None:
             self.mean_ready = False
         total, class_sums = state_sums(self.x, self.labels, self.lay.n_classes)
@@ -286,34 +282,45 @@ class Shard:
             if manifest.source_agents is not None and self.source is not None:
                 agents = {name: rows[_ckpt._SOURCE_AGENTS + name] for name in manifest.source_agents}
                 state = check_source_layout({"agents": agents, "shared": manifest.source_shared}, n_agents=n)
-                staged["source"], answer["warnings"] = _capturing(self._checked_source_state, state)
+                staged["source"], answer["warnings"] = self._checked_source_state(state)
         except (ValueError, KeyError, TypeError) as exc:  # CheckpointError is a ValueError
             return {"error": f"{self._where()}: {exc}"}
         self._staged = staged
         return answer
 
     def _checked_source_state(self, state):
-        """``state`` as this shard's source will load it (through its ``validate_state_dict`` if it has one); changes nothing.
+        """``state`` as this shard's source will load it, and the warnings to issue about it; changes nothing.
+
+        ``(clean, [(category, message), ...])``. A source of this package reports its validator's warnings as
+        data (its ``_validated``: :func:`_quiet_validator`), for the client to issue (:func:`~memoa_fast._validation.issue_notices`). A
+        source with only ``validate_state_dict`` is called plainly: what it warns is issued here, on the worker
+        (see :mod:`memoa_fast.distributed.signals`). Never captured: ``warnings.catch_warnings`` swaps the warning
+        filters and ``showwarning`` of the whole process, and is not thread-safe; a worker runs tasks in threads,
+        in the user's process with ``processes=False``, where another thread's warnings were taken for the
+        source's and interleaved captures left the user's filters replaced.
 
         Raises ``TypeError`` when the source cannot load a state at all, or what its validator raises.
         """
         if not hasattr(self.source, "load_state_dict"):
             raise TypeError(f"its signal source {type(self.source).__name__} has no load_state_dict(): it cannot resume "
                             "from a saved state")
+        validated = _quiet_validator(self.source)
+        if validated is not None:
+            return validated(state)
         validate = getattr(self.source, "validate_state_dict", None)
-        return validate(state) if validate is not None else state
+        return (validate(state) if validate is not None else state), []
 
     def _check_source(self, state):
         """Would this shard's source take ``state`` (its slice)? Changes nothing.
 
-        Answers ``{"error": message}``, or ``{"warnings": [(category, message), ...]}`` (those of the source's
-        validator, for the client to issue: :func:`_capturing`).
+        Answers ``{"error": message}``, or ``{"warnings": [(category, message), ...]}`` (its source's, for the client
+        to issue: :meth:`_checked_source_state`).
         """
         try:
-            _, caught = _capturing(self._checked_source_state, check_source_layout(state, n_agents=self.hi - self.lo))
+            _, notices = self._checked_source_state(check_source_layout(state, n_agents=self.hi - self.lo))
         except (ValueError, KeyError, TypeError) as exc:
             return {"error": f"{self._where()}: {exc}"}
-        return {"warnings": caught}
+        return {"warnings": notices}
 
     def _commit(self, sid):
         """Install the staged checkpoint rows (the client checked every shard's first)."""

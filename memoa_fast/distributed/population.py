@@ -5,7 +5,6 @@ import contextlib
 import os
 import time
 import uuid
-import warnings
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from .._validation import (
     check_out,
     check_real,
     check_seed,
-    outside_stacklevel,
+    issue_notices,
     readonly_view,
 )
 from ..checkpoint import (
@@ -84,12 +83,7 @@ def _issue_warnings(answers) -> None:
 
     Every shard checks its own slice, so every shard gives the same warning about the shared part: one is enough.
     """
-    issued = []
-    for answer in answers:
-        for category, message in answer.get("warnings", ()):
-            if (category, message) not in issued:
-                issued.append((category, message))
-                warnings.warn(message, category, stacklevel=outside_stacklevel())
+    issue_notices(notice for answer in answers for notice in answer.get("warnings", ()))
 
 
 def _added_sums(answers, n_classes: int):

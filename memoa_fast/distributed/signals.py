@@ -20,7 +20,16 @@ It has
   draws depend on the global client index) with
   :func:`memoa_fast._state.source_settings`, and their validator refuses a
   state saved with other ones (:func:`memoa_fast._state.check_source_state`,
-  ``settings=``), as a population refuses a state of another game.
+  ``settings=``), as a population refuses a state of another game. A warning
+  it issues (e.g. a state in an old format that still loads) is issued where
+  it runs, on the worker, once per shard and per check: shown in the worker's
+  log, or, with workers as threads (``processes=False``), under the user's
+  process's filters (an ``error`` filter makes it the shard's exception). It
+  is not captured and sent to the client: capturing
+  (``warnings.catch_warnings``) swaps the warning state of the whole process,
+  and is not thread-safe. The sources of this package report theirs as data
+  instead (a private ``_validated(state) -> (clean, [(category, message)])``),
+  and the client issues each once, at the line that restores.
 
 The time-series application's forecasters come as such a source too:
 :class:`memoa_fast.timeseries.forecasters.ForecasterSignals`.

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,7 +71,7 @@ from .._validation import (
     check_real,
     check_seed,
     check_sizes,
-    outside_stacklevel,
+    issue_notices,
     readonly_view,
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
@@ -111,16 +110,25 @@ def check_square_cap(record, key: str) -> bool:
     return True
 
 
+def uncapped_notice(key: str) -> tuple[type[Warning], str]:
+    """The :class:`UncappedStateWarning` that a state without ``state[key]`` loads with, as ``(category, message)``.
+
+    A validator returns it, issued by nobody, from where no warning may be issued (see
+    :func:`~memoa_fast._validation.issue_notices`); :func:`warn_uncapped` issues it.
+    """
+    return UncappedStateWarning, (
+        f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
+        f"SQUARE_CAP={SQUARE_CAP:g} (its forecasters used the plain squares). It loads and continues with the capped "
+        f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
+        f"in magnitude, and are the same bits elsewhere. Saving it again records the cap.")
+
+
 def warn_uncapped(key: str) -> None:
     """Warn that a state without ``state[key]`` loads (:class:`UncappedStateWarning`; see :func:`check_square_cap`).
 
     At the line outside memoa_fast that loads it (:func:`~memoa_fast._validation.outside_stacklevel`).
     """
-    warnings.warn(UncappedStateWarning(
-        f"state[{key!r}] is missing: this state was saved before memoa-fast capped the squared features at "
-        f"SQUARE_CAP={SQUARE_CAP:g} (its forecasters used the plain squares). It loads and continues with the capped "
-        f"features: the forecasts differ from the saving version's wherever a lag exceeds {math.sqrt(SQUARE_CAP):g} "
-        f"in magnitude, and are the same bits elsewhere. Saving it again records the cap."), stacklevel=outside_stacklevel())
+    issue_notices([uncapped_notice(key)])
 
 
 #: Clients per random-number block (see :class:`ClientForecasters`).
@@ -480,6 +488,16 @@ class ClientForecasters:
         memory; beyond them (e.g. a weight of ``1e300``) the next forecasts
         were ``inf`` or NaN.
         """
+        clean, notices = self._validated(state)
+        issue_notices(notices)
+        return clean
+
+    def _validated(self, state: dict) -> tuple[dict, list]:
+        """:meth:`validate_state_dict`'s clean copy and the warnings it issues, as ``[(category, message)]``, issued by nobody.
+
+        For a caller in whose thread no warning may be issued nor captured: a Dask shard, which answers them to the
+        client (:func:`~memoa_fast._validation.issue_notices`). The clean copy records the cap: loading it issues nothing.
+        """
         d, p = self.dim, self.lags
         shared = state.get("shared") if isinstance(state, Mapping) else None
         recorded = isinstance(shared, Mapping) and CAP_RECORD in shared
@@ -504,9 +522,8 @@ class ClientForecasters:
         ):
             check_bounded(f"state['source/{key}']", arr, limit, why, advice=_NOT_SAVED)
         _check_weight_norms(agents["weights"], weight_limit(t), t)  # entries within the limit: no square overflows
-        if not recorded:  # last: the warning says the state loads
-            warn_uncapped(cap_key)
-        return clean
+        # reached only by a state that passed every check: the warning says it loads
+        return clean, ([] if recorded else [uncapped_notice(cap_key)])
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
@@ -779,6 +796,13 @@ class ForecasterSignals:
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
         return self.forecasters.validate_state_dict(state)
+
+    def _validated(self, state: dict) -> tuple[dict, list]:
+        """The clean copy and the warnings to issue about it, issued by nobody (:meth:`ClientForecasters._validated`).
+
+        What a shard asks (its worker issues no warning): the client issues them once, at the user's line.
+        """
+        return self.forecasters._validated(state)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the forecasters' state (all checked first)."""
