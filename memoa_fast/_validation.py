@@ -654,3 +654,40 @@ def issue_notices(notices) -> None:
         if (category, message) not in issued:
             issued.append((category, message))
             warnings.warn(message, category, stacklevel=outside_stacklevel())
+
+
+#: The package's ``validate_state_dict`` functions that issue exactly what ``self._validated(state)`` returns
+#: (:func:`issues_what_validated_returns`): for them, and only them, ``_validated`` is the same check, quiet.
+_ISSUING_VALIDATORS: set = set()
+
+
+def issues_what_validated_returns(fn):
+    """Mark ``fn``, a ``validate_state_dict`` that is ``clean, notices = self._validated(state)``, :func:`issue_notices`, ``clean``.
+
+    :func:`quietly_validated` calls a source's ``_validated`` only when its ``validate_state_dict`` is such a function:
+    ``_validated`` is a private name, which a user's class may define for its own purpose.
+    """
+    _ISSUING_VALIDATORS.add(fn)
+    return fn
+
+
+def quietly_validated(source, state):
+    """``source.validate_state_dict(state)`` without issuing its warnings: ``(clean, [(category, message), ...])``.
+
+    A source whose ``validate_state_dict`` is one of the package's that issue what ``source._validated`` returns
+    (:func:`issues_what_validated_returns`) is asked ``_validated``, which issues nothing: the same check, the same
+    clean copy, its notices as data, for the caller to issue (:func:`issue_notices`). Any other validator (a user's
+    source, or a subclass that overrides ``validate_state_dict``) is called plainly, its own checks kept: what it warns
+    is issued where it runs, and the notices are ``[]``. The rule is the function ``validate_state_dict`` resolves to
+    on this object, not where ``_validated`` is defined: a subclass's ``_validated`` is then what both paths run.
+    """
+    return source._validated(state) if validates_quietly(source) else (source.validate_state_dict(state), [])
+
+
+def validates_quietly(source) -> bool:
+    """Whether ``source.validate_state_dict`` is one of the package's that issue what ``source._validated`` returns.
+
+    Then ``source._validated`` is the same check, quiet (:func:`quietly_validated`).
+    """
+    validate = getattr(source, "validate_state_dict", None)
+    return getattr(validate, "__func__", None) in _ISSUING_VALIDATORS and getattr(validate, "__self__", None) is source

@@ -1,6 +1,7 @@
 """Client forecasters: kernel against its NumPy reference, shard reproducibility, learning, checks."""
 import math
 import re
+import warnings
 
 import numba
 import numpy as np
@@ -9,6 +10,7 @@ from helpers import assert_as_saved
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memoa_fast.distributed.signals import NoisyLastValueSignals
 from memoa_fast.kernels import CHUNK, _forecast_numba, _forecast_reference
 from memoa_fast.timeseries.forecasters import (
     BLOCK_SIZE,
@@ -16,6 +18,7 @@ from memoa_fast.timeseries.forecasters import (
     SQUARE_CAP,
     TARGET_LIMIT,
     ClientForecasters,
+    ForecasterSignals,
     SquaredErrors,
     UncappedStateWarning,
 )
@@ -794,3 +797,77 @@ def test_the_quiet_validator_returns_the_warning_it_would_issue():
             np.testing.assert_array_equal(clean[part][key], checked[part][key])
     assert fc._validated(state)[1] == []
     fc.load_state_dict(clean)
+
+
+class _StricterForecasters(ClientForecasters):
+    """A user's forecasters whose validator checks more."""
+
+    def validate_state_dict(self, state):
+        if int(state["shared"]["t"]) > 0:
+            raise ValueError("these forecasters resume only at t=0")
+        return super().validate_state_dict(state)
+
+
+class _WithStricterForecasters(ForecasterSignals):
+    """A user's source of the package's class, holding forecasters whose validator checks more."""
+
+    def __init__(self, lo, hi, seed=0, **kwargs):
+        self.forecasters = _StricterForecasters(hi - lo, 1, seed=seed, first_client=lo, **kwargs)
+
+
+class _OneMoreNotice(ForecasterSignals):
+    """A subclass that adds a notice where the package's validators make theirs (their validate_state_dict issues it)."""
+
+    def _validated(self, state):
+        clean, notices = super()._validated(state)
+        return clean, [*notices, (UserWarning, "one more")]
+
+
+class _OwnHelper(NoisyLastValueSignals):
+    """A user's source with a helper of its own that happens to be called ``_validated`` (the clean copy only)."""
+
+    def _validated(self, state):
+        return NoisyLastValueSignals.validate_state_dict(self, state)
+
+    def validate_state_dict(self, state):
+        return self._validated(state)
+
+
+@pytest.mark.parametrize("make", [_WithStricterForecasters, _OneMoreNotice, _OwnHelper])
+def test_a_shards_check_of_a_source_is_its_validate_state_dict_less_the_warnings(make):
+    """What a Dask shard's check gives (``(clean, notices)``, issuing nothing) is what the source's own
+    ``validate_state_dict`` returns and issues, for any class: the package's quiet ``_validated`` is used only where
+    ``validate_state_dict`` is the package's, which issues exactly what ``self._validated`` returns. It was used
+    whenever the class that defined validate_state_dict defined ``_validated`` too: forecasters that check more, held
+    by a ForecasterSignals, were skipped (a state they refuse loaded), a subclass's ``_validated`` was bypassed (its
+    notices issued on the worker), and a user's own ``_validated`` helper was taken for the package's (the restore failed
+    unpacking its answer).
+    """
+    from types import SimpleNamespace
+
+    from memoa_fast.distributed._shard import Shard
+
+    kwargs = dict(low=0.1) if make is _OwnHelper else dict(lags=2, backend="numpy")
+    source = make(0, 8, seed=3, **kwargs)
+    source.observe(np.ones(1))
+    source.next()
+    state = source.state_dict()
+    state["shared"].pop(CAP_RECORD, None)  # a state saved before the cap: the package's validators warn
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        try:
+            expected = source.validate_state_dict(state), None
+        except ValueError as exc:
+            expected = None, str(exc)
+    notices = [(w.category, str(w.message)) for w in issued]
+    shard = SimpleNamespace(source=source)  # the check reads only the shard's source
+    if expected[1] is not None:
+        with pytest.raises(ValueError, match=re.escape(expected[1])):
+            Shard._checked_source_state(shard, state)
+        return
+    clean, answered = Shard._checked_source_state(shard, state)  # filterwarnings = error: nothing issued here
+    assert answered == notices
+    for part in ("agents", "shared"):
+        assert clean[part].keys() == expected[0][part].keys()
+        for key in clean[part]:
+            np.testing.assert_array_equal(clean[part][key], expected[0][part][key])

@@ -16,7 +16,7 @@ import numpy as np
 from .. import _backends
 from .. import checkpoint as _ckpt
 from .._state import check_source_layout
-from .._validation import as_float_array
+from .._validation import as_float_array, quietly_validated, validates_quietly
 from ..kernels import used_columns, work_shape
 from ..population import check_labels, first_max, state_sums
 
@@ -32,18 +32,6 @@ def shard_threads(threads):
         return max(1, min(getattr(worker, "state", worker).nthreads, _backends.available_threads()))
     except (ImportError, ValueError):
         return 1
-
-
-def _quiet_validator(source):
-    """``source._validated`` (its validator's warnings as data, issued by nobody), if it checks what ``validate_state_dict`` does.
-
-    Only when the class that defines ``validate_state_dict`` defines ``_validated`` too: a subclass of one of the
-    package's sources that overrides ``validate_state_dict`` (more checks) keeps its validator, called plainly.
-    """
-    if source is None or not hasattr(source, "_validated"):
-        return None
-    defined = [next((k for k in type(source).__mro__ if name in vars(k)), None) for name in ("_validated", "validate_state_dict")]
-    return source._validated if defined[0] is defined[1] else None
 
 
 class Shard:
@@ -184,9 +172,8 @@ class Shard:
             else:
                 self.log_p[sid] = np.array(value, dtype=np.float64)
         if source_state is not None:  # checked by _check_source first, whose warnings the client issued
-            validated = _quiet_validator(self.source)
-            if validated is not None:  # its clean copy, which loads without issuing them again here
-                source_state = validated(source_state)[0]
+            if validates_quietly(self.source):  # its clean copy, which loads without issuing them again here
+                source_state = self.source._validated(source_state)[0]
             self.source.load_state_dict(source_state)
         if states is not None or labels is not None:
             self.mean_ready = False
@@ -292,8 +279,9 @@ class Shard:
         """``state`` as this shard's source will load it, and the warnings to issue about it; changes nothing.
 
         ``(clean, [(category, message), ...])``. A source of this package reports its validator's warnings as
-        data (its ``_validated``: :func:`_quiet_validator`), for the client to issue (:func:`~memoa_fast._validation.issue_notices`). A
-        source with only ``validate_state_dict`` is called plainly: what it warns is issued here, on the worker
+        data (its ``_validated``: :func:`~memoa_fast._validation.quietly_validated`), for the client to issue
+        (:func:`~memoa_fast._validation.issue_notices`). Any other validator (a user's source, a subclass that
+        overrides ``validate_state_dict``) is called plainly: what it warns is issued here, on the worker
         (see :mod:`memoa_fast.distributed.signals`). Never captured: ``warnings.catch_warnings`` swaps the warning
         filters and ``showwarning`` of the whole process, and is not thread-safe; a worker runs tasks in threads,
         in the user's process with ``processes=False``, where another thread's warnings were taken for the
@@ -304,11 +292,9 @@ class Shard:
         if not hasattr(self.source, "load_state_dict"):
             raise TypeError(f"its signal source {type(self.source).__name__} has no load_state_dict(): it cannot resume "
                             "from a saved state")
-        validated = _quiet_validator(self.source)
-        if validated is not None:
-            return validated(state)
-        validate = getattr(self.source, "validate_state_dict", None)
-        return (validate(state) if validate is not None else state), []
+        if not hasattr(self.source, "validate_state_dict"):
+            return state, []
+        return quietly_validated(self.source, state)
 
     def _check_source(self, state):
         """Would this shard's source take ``state`` (its slice)? Changes nothing.

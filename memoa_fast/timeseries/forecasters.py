@@ -72,6 +72,8 @@ from .._validation import (
     check_seed,
     check_sizes,
     issue_notices,
+    issues_what_validated_returns,
+    quietly_validated,
     readonly_view,
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
@@ -448,6 +450,7 @@ class ClientForecasters:
                            CAP_RECORD: np.array(float(SQUARE_CAP))},
             }
 
+    @issues_what_validated_returns
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; return a clean copy.
 
@@ -793,16 +796,21 @@ class ForecasterSignals:
         """The forecasters' state."""
         return self.forecasters.state_dict()
 
+    @issues_what_validated_returns
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy."""
-        return self.forecasters.validate_state_dict(state)
+        clean, notices = self._validated(state)
+        issue_notices(notices)
+        return clean
 
     def _validated(self, state: dict) -> tuple[dict, list]:
         """The clean copy and the warnings to issue about it, issued by nobody (:meth:`ClientForecasters._validated`).
 
-        What a shard asks (its worker issues no warning): the client issues them once, at the user's line.
+        What a shard asks (its worker issues no warning): the client issues them once, at the user's line. The
+        forecasters' own ``validate_state_dict`` decides (:func:`~memoa_fast._validation.quietly_validated`): one
+        that checks more (a user's subclass) is called, never bypassed.
         """
-        return self.forecasters._validated(state)
+        return quietly_validated(self.forecasters, state)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the forecasters' state (all checked first)."""
