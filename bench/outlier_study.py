@@ -11,14 +11,20 @@ is 1 without a run. Each column's ratio ``b / None`` is the geometric mean
 over the five policies; the summary is the arithmetic mean over all series,
 and the default is the bound with the lowest mean of the three columns.
 
-    python3 bench/outlier_study.py --json bench/outlier_study.json      # about 40 minutes on 2 cores
+    python3 bench/outlier_study.py --json bench/outlier_study.json      # about 100 minutes of CPU (one core)
     python3 bench/outlier_study.py --summary bench/outlier_study.json   # the summary of a saved run
+
+With ``--json PATH`` every finished series is also saved to ``PATH.partial``
+(replaced whole, never half written), and a run started again with the same
+bounds and clients skips the series saved there: a stopped run resumes where
+it stopped. The partial file is removed once ``PATH`` is written.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,10 +66,32 @@ def scores(result) -> dict:
             for p, s in result.scores.items()}
 
 
-def study(bounds: list[float], n_clients: int) -> dict:
-    out = {}
+def load_partial(path: Path, bounds: list[float], n_clients: int) -> dict:
+    """The series a stopped run saved to ``path`` (``{}`` if there is none); ValueError if it ran other settings."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("bounds") != bounds or saved.get("clients") != n_clients:
+        raise ValueError(f"{path} holds a run with bounds={saved.get('bounds')} and clients={saved.get('clients')}, "
+                         f"not bounds={bounds} and clients={n_clients}: run with those, or remove the file")
+    return saved["series"]
+
+
+def save_partial(path: Path, bounds: list[float], n_clients: int, series: dict) -> None:
+    """Write the finished series to ``path`` through a temporary file and a rename (a kill leaves the old file whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"bounds": bounds, "clients": n_clients, "series": series}, indent=1))
+    os.replace(tmp, path)
+
+
+def study(bounds: list[float], n_clients: int, partial: Path | None = None) -> dict:
+    out = load_partial(partial, bounds, n_clients) if partial else {}
+    if out:
+        print(f"resuming: {len(out)} series from {partial}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     for name, y in every_series().items():
+        if name in out:
+            continue
         y2 = np.ascontiguousarray(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
         burn_in = min(500, (len(y2) - 1) // 5)  # run_experiment's default
         held = {str(b): held_feed(y2, burn_in, b)[1] for b in bounds}
@@ -74,8 +102,10 @@ def study(bounds: list[float], n_clients: int) -> dict:
             out[name]["none"] = scores(run_experiment(y, outlier_bound=None, **kw))
             for b in touched:
                 out[name][str(b)] = scores(run_experiment(y, outlier_bound=b, **kw))
+        if partial:
+            save_partial(partial, bounds, n_clients, out)
         print(f"{name:28s} {time.perf_counter() - start:7.1f} s; held {held}", file=sys.stderr, flush=True)
-    return out
+    return out  # in every_series()'s order: the partial file keeps it, and new series come after
 
 
 def summary(results: dict) -> str:
@@ -117,9 +147,11 @@ def main() -> int:
     if args.summary:
         print(summary(json.loads(Path(args.summary).read_text())))
         return 0
-    results = study([float(b) for b in args.bounds.split(",")], args.clients)
+    partial = Path(args.json + ".partial") if args.json else None
+    results = study([float(b) for b in args.bounds.split(",")], args.clients, partial)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+        partial.unlink(missing_ok=True)
     print(summary(results))
     return 0
 

@@ -665,3 +665,28 @@ def test_the_outlier_bound_default_is_the_studys_best():
     printed = subprocess.run([sys.executable, str(ROOT / "bench" / "outlier_study.py"), "--summary",
                               str(ROOT / "bench" / "outlier_study.json")], capture_output=True, text=True, check=True).stdout
     assert printed == text
+
+
+def test_a_stopped_outlier_study_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """``outlier_study.py --json`` saves each finished series to ``PATH.partial``: a run started again with the same
+    bounds and clients measures only the series not saved there, and one with other settings is refused, naming both.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("outlier_study_under_test", ROOT / "bench" / "outlier_study.py")
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec.loader.exec_module(study)
+    series = {"a": np.arange(300.0), "b": np.sin(np.arange(300.0))}
+    measured = []
+    monkeypatch.setattr(study, "every_series", lambda: dict(series))
+    monkeypatch.setattr(study, "held_feed", lambda y, burn_in, b: (measured.append(float(y[1, 0])), (y, 0))[1])
+    partial = tmp_path / "study.json.partial"
+    first = study.study([2.0], 10, partial)
+    assert list(first) == ["a", "b"] and measured == [1.0, np.sin(1.0)]
+    series["c"] = np.cos(np.arange(300.0))
+    measured.clear()
+    again = study.study([2.0], 10, partial)
+    assert list(again) == ["a", "b", "c"] and again["a"] == first["a"] and measured == [np.cos(1.0)]
+    with pytest.raises(ValueError, match=r"bounds=\[2\.0\] and clients=10, not bounds=\[3\.0\] and clients=10"):
+        study.study([3.0], 10, partial)
