@@ -89,7 +89,8 @@ def study(bounds: list[float], n_clients: int, partial: Path | None = None) -> d
     if out:
         print(f"resuming: {len(out)} series from {partial}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    for name, y in every_series().items():
+    series = every_series()
+    for name, y in series.items():
         if name in out:
             continue
         y2 = np.ascontiguousarray(np.asarray(y, dtype=np.float64).reshape(len(y), -1))
@@ -105,7 +106,7 @@ def study(bounds: list[float], n_clients: int, partial: Path | None = None) -> d
         if partial:
             save_partial(partial, bounds, n_clients, out)
         print(f"{name:28s} {time.perf_counter() - start:7.1f} s; held {held}", file=sys.stderr, flush=True)
-    return out  # in every_series()'s order: the partial file keeps it, and new series come after
+    return {name: out[name] for name in series}  # every_series()'s order, and only its series
 
 
 def summary(results: dict) -> str:
