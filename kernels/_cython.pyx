@@ -126,6 +126,28 @@ cdef extern from *:
         return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
 
+    /* lanes[l] += v[b L + l] for every block b of L values of v[0:m], block after block; returns 1 when one of
+       v[0:m] is not at most limit in magnitude (NaN, inf, too large: memoa_count_invalid's test), else 0. One read
+       of each value for both (the signal pass's common case, a chunk of valid signals); the flag is an integer or,
+       which vectorises (a float count would be one add latency per value: no reassociation here). */
+    MEMOA_CLONES static int64_t memoa_lane_add_any_invalid(const double *MEMOA_R v, ptrdiff_t m, ptrdiff_t L,
+                                                           double *MEMOA_R lanes, double limit) {
+        int64_t bad = 0;
+        ptrdiff_t b = 0;
+        for (; b + L <= m; b += L)
+            for (ptrdiff_t l = 0; l < L; l++) {
+                double x = v[b + l];
+                lanes[l] += x;
+                bad |= fabs(x) <= limit ? 0 : 1;
+            }
+        for (ptrdiff_t l = 0; l < m - b; l++) {
+            double x = v[b + l];
+            lanes[l] += x;
+            bad |= fabs(x) <= limit ? 0 : 1;
+        }
+        return bad;
+    }
+
     /* lanes[l] += v[b L + l] for every block b of L values of v[0:m], block after block. */
     MEMOA_CLONES static void memoa_lane_add(const double *MEMOA_R v, ptrdiff_t m, ptrdiff_t L, double *MEMOA_R lanes) {
         ptrdiff_t b = 0;
@@ -153,17 +175,20 @@ cdef extern from *:
     }
 
     /* The policy on m values whose signals are all valid: u = -gain (x - weight s - offset), x += u,
-       terms = q (x - s)^2 + kappa (x - centre)^2 + r u^2 (x before the move). */
+       terms = q (x - s)^2 + kappa (x - centre)^2 + r u^2 (x before the move), and lanes[l] += the moved x
+       (the state sums while the block is in registers: no second sweep of the chunk). */
     MEMOA_CLONES static void memoa_policy_block(ptrdiff_t m, double *MEMOA_R xb, const double *MEMOA_R sb,
                                                 const double *MEMOA_R offset, const double *MEMOA_R centre,
                                                 double *MEMOA_R terms, double gain, double weight, double q,
-                                                double kappa, double r) {
+                                                double kappa, double r, double *MEMOA_R lanes) {
         for (ptrdiff_t l = 0; l < m; l++) {
             double xi = xb[l], si = sb[l];
             double u = -gain * (xi - weight * si - offset[l]);
             double es = xi - si, em = xi - centre[l];
+            double moved = xi + u;
             terms[l] = q * es * es + kappa * em * em + r * u * u;
-            xb[l] = xi + u;
+            xb[l] = moved;
+            lanes[l] += moved;
         }
     }
 
@@ -472,11 +497,13 @@ cdef extern from *:
     """
     double memoa_count_invalid(const double* v, Py_ssize_t m, double limit) noexcept nogil
     void memoa_lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil
+    int64_t memoa_lane_add_any_invalid(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes, double limit) noexcept nogil
     void memoa_weighted_add(Py_ssize_t m, const double* w, const double* x, double* lanes) noexcept nogil
     void memoa_max_lanes(Py_ssize_t m, const double* J, double* vmax, double* varg, double* index,
                          double step) noexcept nogil
     void memoa_policy_block(Py_ssize_t m, double* xb, const double* sb, const double* offset, const double* centre,
-                            double* terms, double gain, double weight, double q, double kappa, double r) noexcept nogil
+                            double* terms, double gain, double weight, double q, double kappa, double r,
+                            double* lanes) noexcept nogil
     void memoa_row_sums(Py_ssize_t nr, Py_ssize_t d, const double* terms, double* out) noexcept nogil
     void memoa_pay(Py_ssize_t nr, double* J, const double* cost, double hd) noexcept nogil
     void memoa_loss_terms(Py_ssize_t m, int hedge, const double* x, const double* ref, double* terms) noexcept nogil
@@ -814,15 +841,13 @@ cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept no
     states), for every class ``l``.
     """
     cdef Lay L = P.lay
-    cdef Py_ssize_t d = L.d, K = L.K, lo, hi, R, rb, nr, k, j, l, i, count, Pc
+    cdef Py_ssize_t d = L.d, K = L.K, lo, hi, R, k, j, l, count, Pc
     cdef double total
     cdef double* row = P.work + c * L.width
     cdef double* lanes = scratch
     cdef double* sums
     cdef double* xsums
     cdef double* counts
-    cdef const double* sb
-    cdef const double* si
     _bounds(P.n, c, &lo, &hi)
     if P.labels == NULL:
         for l in range(1, K):  # classes 1.. are empty
@@ -833,21 +858,9 @@ cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept no
                     row[L.state + l * L.dp + j] = 0.0
         R = _block_rows(d)
         _zero(lanes, R * d)
-        count = 0
-        rb = lo
-        while rb < hi:
-            nr = hi - rb if hi - rb < R else R
-            sb = P.s + rb * d
-            if _count_invalid(sb, nr * d) == 0:
-                memoa_lane_add(sb, nr * d, R * d, lanes)
-                count += nr
-            else:
-                for k in range(nr):
-                    if _row_valid(sb + k * d, d):
-                        count += 1
-                        for j in range(d):
-                            lanes[k * d + j] += sb[k * d + j]
-            rb += R
+        count = hi - lo
+        if memoa_lane_add_any_invalid(P.s + lo * d, (hi - lo) * d, R * d, lanes, _SIGNAL_LIMIT):
+            count = _signal_rows_checked(P.s, lo, hi, d, R, lanes)
         _lane_columns(lanes, d, R, row + L.signal)
         row[L.count] = <double>count
         if P.want_states:
@@ -872,6 +885,34 @@ cdef void _signal_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept no
     _fold_copies(sums, K, d, Pc, row + L.signal, L.dp)
     if P.want_states:
         _fold_copies(xsums, K, d, Pc, row + L.state, L.dp)
+
+
+cdef Py_ssize_t _signal_rows_checked(const double* s, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t d, Py_ssize_t R,
+                                     double* lanes) noexcept nogil:
+    """Lane sums of the valid signal rows of ``[lo, hi)`` into ``lanes[0:R d]`` (zeroed here); returns their number.
+
+    The signal pass's path for a chunk holding an invalid value (found by ``memoa_lane_add_any_invalid``): block by
+    block, a block of valid rows is added whole, otherwise its valid rows one by one (lane ``k d + j`` takes
+    coordinate ``j`` of the block's row ``k``, as in the fused sweep).
+    """
+    cdef Py_ssize_t count = 0, rb, nr, k, j
+    cdef const double* sb
+    _zero(lanes, R * d)
+    rb = lo
+    while rb < hi:
+        nr = hi - rb if hi - rb < R else R
+        sb = s + rb * d
+        if _count_invalid(sb, nr * d) == 0:
+            memoa_lane_add(sb, nr * d, R * d, lanes)
+            count += nr
+        else:
+            for k in range(nr):
+                if _row_valid(sb + k * d, d):
+                    count += 1
+                    for j in range(d):
+                        lanes[k * d + j] += sb[k * d + j]
+        rb += R
+    return count
 
 
 cdef void _fold_copies(const double* acc, Py_ssize_t K, Py_ssize_t d, Py_ssize_t Pc, double* out,
@@ -999,8 +1040,9 @@ cdef void _merge_move(const Lay* L, const double* work, Py_ssize_t n_chunks, con
 # --------------------------------------------------------------------------- pass 2: move
 
 
-cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* scratch) noexcept nogil:
-    """Policy and stage cost of rows ``[lo, hi)`` of a one-class population, in place.
+cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, bint all_valid, double* scratch,
+                           double* lanes) noexcept nogil:
+    """Policy and stage cost of rows ``[lo, hi)`` of a one-class population, in place, and the lane sums of the moved states.
 
     Reads ``coef[0]``, ``field[offset]`` (the policy offset) and
     ``field[field_state]`` (``m(t)``), ``s``; writes ``x`` and ``J`` of the rows.
@@ -1009,7 +1051,11 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
     (only the kappa terms for an invalid row), ``x_i += u_i``. Per block of
     ``R`` rows: one element-wise loop (``memoa_policy_block``, patterns
     ``offset`` and ``centre``), the per-row sums over ``j`` in order
-    (``memoa_row_sums``), then ``memoa_pay``. Scratch: ``3 L`` values from
+    (``memoa_row_sums``), then ``memoa_pay``. ``all_valid`` (pass 1's count):
+    every signal of the rows is valid, and no block is checked. ``lanes``
+    (``L`` values, zeroed here) gets ``lanes[l] += x[b L + l]`` of the moved
+    states block after block, as the block is moved (the sums of ``memoa_lane_add``
+    over the moved rows, without reading them again). Scratch: ``3 L`` values from
     ``scratch`` and ``R`` from ``scratch + 6 L``.
     """
     cdef Py_ssize_t d = P.lay.d, R = _block_rows(d), Lb = R * d, rb, nr, m, k, j, l
@@ -1026,24 +1072,26 @@ cdef void _move_block_rows(const Pop* P, Py_ssize_t lo, Py_ssize_t hi, double* s
         for j in range(d):
             offset[k * d + j] = P.field[P.lay.offset * d + j]
             centre[k * d + j] = P.field[P.lay.field_state * d + j]
+    _zero(lanes, Lb)
     rb = lo
     while rb < hi:
         nr = hi - rb if hi - rb < R else R
         m = nr * d
         xb = P.x + rb * d
         sb = P.s + rb * d
-        if _count_invalid(sb, m) == 0:
-            memoa_policy_block(m, xb, sb, offset, centre, terms, gain, weight, q, kappa, r)
+        if all_valid or _count_invalid(sb, m) == 0:
+            memoa_policy_block(m, xb, sb, offset, centre, terms, gain, weight, q, kappa, r, lanes)
         else:  # a row without a valid signal holds and pays the kappa term only
             for k in range(nr):
                 if _row_valid(sb + k * d, d):
                     memoa_policy_block(d, xb + k * d, sb + k * d, offset, centre, terms + k * d, gain, weight, q, kappa,
-                                       r)
+                                       r, lanes + k * d)
                 else:
                     for j in range(d):
                         l = k * d + j
                         em = xb[l] - centre[l]
                         terms[l] = kappa * em * em
+                        lanes[l] += xb[l]
         if d == 1:
             memoa_pay(nr, P.J + rb, terms, hd)
         else:
@@ -1142,9 +1190,7 @@ cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogi
         for l in range(1, K):  # classes 1.. are empty
             for j in range(d):
                 row[L.state + l * L.dp + j] = 0.0
-        _move_block_rows(P, lo, hi, scratch)
-        _zero(lanes, Lb)
-        _lane_add(P.x + lo * d, (hi - lo) * d, Lb, lanes)
+        _move_block_rows(P, lo, hi, row[L.count] == <double>(hi - lo), scratch, lanes)
         _lane_columns(lanes, d, R, row + L.state)
     else:
         valid = 0.0

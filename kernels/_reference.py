@@ -116,6 +116,10 @@ def move_pass(x, s, labels, J, work, lay, coef, field, discount, log_p, threads)
     (``m(t)``) are read. Per chunk, ``work`` gets the class sums of the moved
     states, the largest updated cost and its first agent, and (when ``log_p``
     has one entry per agent) ``sum_i exp(log_p_i) x_i(t+1)``.
+
+    Call it after :func:`signal_pass` on the same ``s`` and ``work``: the
+    compiled kernels read the valid counts pass 1 wrote there, and move a
+    chunk whose count is its number of rows without checking its rows again.
     """
     n, d = x.shape
     K = lay.n_classes
