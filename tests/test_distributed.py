@@ -1999,6 +1999,119 @@ def test_a_subclass_that_overrides_the_validator_keeps_it_on_the_shards(thread_c
         assert dpop.t == 0
 
 
+def _restores(dpop, tmp_path):
+    """Every way to restore ``dpop`` from its current state, by name: ``{name: restore()}``."""
+    state = dpop.state_dict()
+    single = dpop.save(tmp_path / "one.npz", sharded=False)
+    sharded = dpop.save(tmp_path / "set.ckpt")
+    return {"load_state_dict": lambda: dpop.load_state_dict(state),
+            "restore_checkpoint single": lambda: restore_checkpoint(single, dpop),
+            "restore single": lambda: dpop.restore(single, n_shards=2),
+            "restore_checkpoint set": lambda: restore_checkpoint(sharded, dpop),
+            "restore set": lambda: dpop.restore(sharded, n_shards=2)}
+
+
+def test_every_restore_checks_each_shards_forecasters_once_per_check_and_installs_without_another(thread_client, tmp_path,
+                                                                                                  monkeypatch):
+    """Each shard checks its slice of the forecasters' state (O(N) arrays) in the op that asks (``check_source``,
+    ``stage``), and the op that installs it checks it at most once more: the load checks the slice it is sent, once,
+    and installs that clean copy; the commit installs the staged clean copy as it is. The load checked its slice twice
+    (``_validated`` for the clean copy, then ``load_state_dict``'s own check), the commit once. Per shard:
+    ``check_source`` + the load for a state and a single file; restore() of a single file asks the new shards and
+    then the load's ``check_source`` asks them again; ``stage`` alone for a sharded set.
+    """
+    from memoa_fast.timeseries.forecasters import ClientForecasters
+
+    checks = []
+    validated = ClientForecasters._validated
+    monkeypatch.setattr(ClientForecasters, "_validated", lambda self, state: (checks.append(self.first_client),
+                                                                             validated(self, state))[1])
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(ForecasterSignals, lags=2),
+                        seed=1, timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        restores = _restores(dpop, tmp_path)
+        expected = {"load_state_dict": 2, "restore_checkpoint single": 2, "restore single": 3, "restore_checkpoint set": 1,
+                    "restore set": 1}
+        counted = {}
+        for name, restore in restores.items():
+            checks.clear()
+            restore()
+            assert dpop.t == 1 and dpop.n_shards == 2
+            counted[name] = {lo: checks.count(lo) for lo, _ in dpop.bounds}
+            assert sorted(set(checks)) == [lo for lo, _ in dpop.bounds]
+        assert counted == {name: {lo: k for lo, _ in dpop.bounds} for name, k in expected.items()}
+
+
+class _OwnLoad(ForecasterSignals):
+    """A user's subclass that overrides ``load_state_dict`` only (it records each load, then loads as the package's)."""
+
+    loaded = []
+
+    def load_state_dict(self, state):
+        _OwnLoad.loaded.append(self.forecasters.first_client)
+        super().load_state_dict(state)
+
+
+class _OwnInstaller(ForecasterSignals):
+    """A user's subclass with a method of its own that happens to be called ``_install_checked``."""
+
+    def _install_checked(self, clean):
+        raise AssertionError("a user's own _install_checked was called for the package's")
+
+
+class _RefusingNow(ForecasterSignals):
+    """A user's subclass whose validator refuses any state once ``refuse`` is set."""
+
+    refuse = False
+
+    def validate_state_dict(self, state):
+        if _RefusingNow.refuse:
+            raise ValueError("this source refuses every state now")
+        return super().validate_state_dict(state)
+
+
+@pytest.mark.parametrize("make", [_OwnLoad, _OwnInstaller, _RefusingNow])
+def test_a_subclass_of_the_package_source_keeps_its_own_load_and_check_on_every_restore(thread_client, tmp_path, make):
+    """The shards install a checked state through the package's installer only where ``validate_state_dict`` and
+    ``load_state_dict`` both are the package's: a subclass's own ``load_state_dict`` is called on every shard, on every
+    path; a method of its own named as the installer is never taken for it; a stricter validator refuses every
+    restore, and nothing is installed.
+    """
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(make, lags=2), seed=1,
+                        timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        saved = dpop.state_dict()["source"]
+        restores = _restores(dpop, tmp_path)
+        dpop.observe(2 * np.ones(1))
+        dpop.step()
+        before = dpop.state_dict()["source"]
+        for name, restore in restores.items():
+            _OwnLoad.loaded.clear()
+            if make is _RefusingNow:
+                _RefusingNow.refuse = True
+                try:
+                    with pytest.raises(ValueError, match=r"shard 0 \(agents \[0, \d+\)\): .*refuses every state now"):
+                        restore()
+                finally:
+                    _RefusingNow.refuse = False
+                assert dpop.t == 2, name
+                expected = before
+            else:
+                restore()
+                assert dpop.t == 1, name
+                expected = saved
+            assert sorted(_OwnLoad.loaded) == ([lo for lo, _ in dpop.bounds] if make is _OwnLoad else []), name
+            got = dpop.state_dict()["source"]
+            for part in ("agents", "shared"):
+                for key, value in expected[part].items():
+                    np.testing.assert_array_equal(got[part][key], value, err_msg=f"{name}: {part}/{key}")
+            if make is not _RefusingNow:
+                dpop.observe(2 * np.ones(1))
+                dpop.step()
+
+
 def test_client_side_forecasters_with_other_settings_are_refused_by_a_restore_onto_other_shards(thread_client, tmp_path):
     """Without worker-side sources: the client's forecasters saved beside a Dask population; restored onto another
     shard count with forecasters of another seed, refused and nothing changed; with the same, bitwise.
