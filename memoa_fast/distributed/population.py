@@ -260,7 +260,7 @@ class DaskPopulation(MeanFieldSummary):
         self.last_checkpoint_step: int | None = None
         self._servers: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
         self._pending: list = []
-        self._sources_warned = False  # set by restore() while its load checks sources whose warnings it issued
+        self._sources_checked = False  # set by restore() while its load gets the state its new shards' sources checked
         self._broken: str | None = None
         self._lost_shard: int | None = None
         # Set for the length of a message to the shards (the op's name) and of a mutating call (what it does):
@@ -833,7 +833,8 @@ class DaskPopulation(MeanFieldSummary):
             source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
-            self._check_sources(source)
+            if not self._sources_checked:  # (restore's new shards checked this very state: not again, it is O(N))
+                self._check_sources(source)
         labels = clean["labels"] if self._lay.n_classes > 1 else None
         self._check_usable(marked=True)  # before the mark: a population that cannot load keeps its mark
         self._interrupted = "a load_state_dict"
@@ -846,8 +847,8 @@ class DaskPopulation(MeanFieldSummary):
         """Every shard's source (of ``spawned`` shards, else of ours) asked whether it takes its slice of ``source``.
 
         A round trip that changes nothing; ``ValueError`` naming the first shard that refuses. When every shard
-        accepts, their sources' warnings (an old format that still loads) are issued here, once each (not again
-        by the load of a :meth:`restore` that checked the same state before rebuilding the shards).
+        accepts, their sources' warnings (an old format that still loads) are issued here, once each (the load of a
+        :meth:`restore` that checked the same state before rebuilding the shards does not ask again).
         """
         bounds = self.bounds if spawned is None else spawned[0]
         args = [(_slice_source(source, lo, hi),) for lo, hi in bounds]
@@ -856,8 +857,7 @@ class DaskPopulation(MeanFieldSummary):
         refused = [a["error"] for a in answers if "error" in a]
         if refused:
             raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
-        if not self._sources_warned:
-            _issue_warnings(answers)
+        _issue_warnings(answers)
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
@@ -880,11 +880,11 @@ class DaskPopulation(MeanFieldSummary):
         self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
         if server is not None:
             server._interrupted = "a restore"  # _build reset it to round 0: marked until its state is loaded
-        self._sources_warned = True  # by _build's check, before the old shards went: not again by the load's
+        self._sources_checked = True  # by _build's check, before the old shards went: not again by the load
         try:
             result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
         finally:
-            self._sources_warned = False
+            self._sources_checked = False
         self._interrupted = None
         return result
 
