@@ -915,3 +915,22 @@ def test_the_installer_of_a_checked_state_is_the_packages_only_where_its_check_a
     holder.load_state_dict(state)
     assert holder.forecasters.loads == 2 and holder.forecasters.t == 1
 
+
+def test_a_restore_with_client_side_forecasters_checks_their_state_once(tmp_path, monkeypatch):
+    """``restore_checkpoint(..., source=forecasters)`` checks the forecasters' state (O(n_clients) arrays) with the
+    rest of the checkpoint, then installs that clean copy: their ``load_state_dict`` checked it a second time.
+    """
+    from memoa_fast import Game, Population
+    from memoa_fast.checkpoint import restore_checkpoint, save_checkpoint
+
+    game, make = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95), dict(lags=2, seed=3, backend="numpy", threads=1)
+    pop, fc = Population(game, 8, 1, threads=1), ClientForecasters(8, 1, **make)
+    pop.step(fc.observe(np.ones(1)))
+    path = save_checkpoint(tmp_path / "c.npz", pop, source=fc)
+    checks = []
+    validated = ClientForecasters._validated
+    monkeypatch.setattr(ClientForecasters, "_validated", lambda self, state: (checks.append(self), validated(self, state))[1])
+    other = ClientForecasters(8, 1, **make)
+    restore_checkpoint(path, Population(game, 8, 1, threads=1), source=other)
+    assert checks == [other] and other.t == 1
+    np.testing.assert_array_equal(other.state_dict()["agents"]["weights"], fc.state_dict()["agents"]["weights"])
