@@ -2071,12 +2071,21 @@ class _RefusingNow(ForecasterSignals):
         return super().validate_state_dict(state)
 
 
-@pytest.mark.parametrize("make", [_OwnLoad, _OwnInstaller, _RefusingNow])
+class _OneMoreNotice(ForecasterSignals):
+    """A user's subclass that adds a notice where the package's validators make theirs."""
+
+    def _validated(self, state):
+        clean, notices = super()._validated(state)
+        return clean, [*notices, (UserWarning, "one more")]
+
+
+@pytest.mark.parametrize("make", [_OwnLoad, _OwnInstaller, _RefusingNow, _OneMoreNotice])
 def test_a_subclass_of_the_package_source_keeps_its_own_load_and_check_on_every_restore(thread_client, tmp_path, make):
     """The shards install a checked state through the package's installer only where ``validate_state_dict`` and
     ``load_state_dict`` both are the package's: a subclass's own ``load_state_dict`` is called on every shard, on every
     path; a method of its own named as the installer is never taken for it; a stricter validator refuses every
-    restore, and nothing is installed.
+    restore, and nothing is installed; the notices of its own ``_validated`` are issued once per restore, by the client
+    (the shards' load does not issue them again).
     """
     with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(make, lags=2), seed=1,
                         timeout=TIMEOUT) as dpop:
@@ -2099,7 +2108,10 @@ def test_a_subclass_of_the_package_source_keeps_its_own_load_and_check_on_every_
                 assert dpop.t == 2, name
                 expected = before
             else:
-                restore()
+                with warnings.catch_warnings(record=True) as caught:  # the workers are threads: theirs are caught too
+                    warnings.simplefilter("always")
+                    restore()
+                assert [str(w.message) for w in caught] == ["one more"] * (make is _OneMoreNotice), name
                 assert dpop.t == 1, name
                 expected = saved
             assert sorted(_OwnLoad.loaded) == ([lo for lo, _ in dpop.bounds] if make is _OwnLoad else []), name
