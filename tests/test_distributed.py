@@ -2045,6 +2045,32 @@ def test_every_restore_checks_each_shards_forecasters_state_once(thread_client, 
         assert counted == {name: {lo: k for lo, _ in dpop.bounds} for name, k in expected.items()}
 
 
+def test_a_source_state_one_shard_refuses_leaves_no_kept_copy_on_the_others(thread_client, monkeypatch):
+    """A shard that accepts its slice keeps its clean copy for the load; when another shard refuses, the copies go (the
+    shards are told to discard them), and the next load sends and checks its own slices.
+    """
+    from memoa_fast.distributed._shard import Shard
+
+    discarded = []
+    discard = Shard._discard
+    monkeypatch.setattr(Shard, "_discard", lambda self: (discarded.append((self.lo, self._kept is not None)), discard(self))[1])
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(ForecasterSignals, lags=2),
+                        seed=1, timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        state = dpop.state_dict()
+        bad = {**state, "source": {"agents": {**state["source"]["agents"]}, "shared": state["source"]["shared"]}}
+        bad["source"]["agents"]["lags"] = lags = state["source"]["agents"]["lags"].copy()
+        lags[-1] = np.nan  # in the last shard's slice only
+        with pytest.raises(ValueError, match=rf"shard 1 \(agents \[{dpop.bounds[1][0]}, {N}\)\): .*lags"):
+            dpop.load_state_dict(bad)
+        assert sorted(discarded) == [(0, True), (dpop.bounds[1][0], False)]
+        dpop.observe(2 * np.ones(1))
+        dpop.step()
+        dpop.load_state_dict(state)
+        assert dpop.t == 1
+
+
 class _OwnLoad(ForecasterSignals):
     """A user's subclass that overrides ``load_state_dict`` only (it records each load, then loads as the package's)."""
 

@@ -871,6 +871,9 @@ class DaskPopulation(MeanFieldSummary):
             self._run_on(spawned, "check_source", args)
         refused = [a["error"] for a in answers if "error" in a]
         if refused:
+            if spawned is None and any(a.get("kept") for a in answers):  # the copies the shards that accepted kept go
+                with contextlib.suppress(Exception):
+                    self._call(("discard", ()), marked=True)
             raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
         _issue_warnings(answers)
         return [a["kept"] for a in answers]
