@@ -691,3 +691,41 @@ def validates_quietly(source) -> bool:
     """
     validate = getattr(source, "validate_state_dict", None)
     return getattr(validate, "__func__", None) in _ISSUING_VALIDATORS and getattr(validate, "__self__", None) is source
+
+
+#: The package's ``load_state_dict`` functions, each mapped to the function that installs a checked clean copy for it
+#: (:func:`installs_checked`, :func:`checked_installer`).
+_CHECKED_LOADERS: dict = {}
+
+
+def installs_checked(install):
+    """Mark a ``load_state_dict`` that is ``install(self, self.validate_state_dict(state))``, and nothing else.
+
+    ``install(source, clean)`` installs a clean copy as the source's validator returned it, checking nothing:
+    :func:`checked_installer` hands it to a caller that validated the state already (a Dask shard, a restore),
+    so that an O(N) state is checked once per restore, not once more by the load.
+    """
+    def mark(fn):
+        _CHECKED_LOADERS[fn] = install
+        return fn
+
+    return mark
+
+
+def checked_installer(source):
+    """The package function that installs on ``source`` a clean copy of :func:`quietly_validated`, else ``None``.
+
+    ``install(source, clean)`` does what ``source.load_state_dict(state)`` does once its own check has returned
+    ``clean``. Given only when both hold on this object (bound to it, as :func:`validates_quietly`): its
+    ``validate_state_dict`` is one of the package's quiet ones, so ``clean`` is what the load's own check returns,
+    and its ``load_state_dict`` is one of the package's marked with :func:`installs_checked`, so the installer is all
+    the load does besides. A subclass that overrides either (a stricter check, a load that does more) gets ``None``:
+    its own ``load_state_dict`` is the one to call. The installer is the registered function, never looked up by
+    name on ``source``: a user's method of the same private name is not taken for it.
+    """
+    if not validates_quietly(source):
+        return None
+    load = getattr(source, "load_state_dict", None)
+    if getattr(load, "__self__", None) is not source:
+        return None
+    return _CHECKED_LOADERS.get(getattr(load, "__func__", None))

@@ -1999,6 +1999,159 @@ def test_a_subclass_that_overrides_the_validator_keeps_it_on_the_shards(thread_c
         assert dpop.t == 0
 
 
+def _restores(dpop, tmp_path):
+    """Every way to restore ``dpop`` from its current state, by name: ``{name: restore()}``."""
+    state = dpop.state_dict()
+    single = dpop.save(tmp_path / "one.npz", sharded=False)
+    sharded = dpop.save(tmp_path / "set.ckpt")
+    return {"load_state_dict": lambda: dpop.load_state_dict(state),
+            "restore_checkpoint single": lambda: restore_checkpoint(single, dpop),
+            "restore single": lambda: dpop.restore(single, n_shards=2),
+            "restore_checkpoint set": lambda: restore_checkpoint(sharded, dpop),
+            "restore set": lambda: dpop.restore(sharded, n_shards=2)}
+
+
+def test_every_restore_checks_each_shards_forecasters_state_once(thread_client, tmp_path, monkeypatch):
+    """Each shard checks its slice of the forecasters' state (O(N) arrays) once per restore, in the op that asks
+    (``check_source``, ``stage``), and installs the clean copy of that check: the load is sent no slice and checks
+    nothing, the commit installs its staged copy as it is. The load checked its slice twice (``_validated`` for the
+    clean copy, then ``load_state_dict``'s own check), the commit once more, and restore() of a single file asked the
+    new shards and then, in its load, the same shards again: 3 (and 4) checks per shard for a state or a single file,
+    2 for a sharded set.
+    """
+    from memoa_fast.timeseries.forecasters import ClientForecasters
+
+    checks = []
+    validated = ClientForecasters._validated
+    monkeypatch.setattr(ClientForecasters, "_validated", lambda self, state: (checks.append(self.first_client),
+                                                                             validated(self, state))[1])
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(ForecasterSignals, lags=2),
+                        seed=1, timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        restores = _restores(dpop, tmp_path)
+        expected = dict.fromkeys(restores, 1)
+        source_bytes = sum(v.nbytes for v in dpop.state_dict()["source"]["agents"].values())
+        counted = {}
+        for name, restore in restores.items():
+            checks.clear()
+            sent = dpop.comm.bytes_sent
+            restore()
+            if name == "load_state_dict":  # the slices travel once (with the check), plus the states and costs
+                assert source_bytes < dpop.comm.bytes_sent - sent < 2 * source_bytes
+            assert dpop.t == 1 and dpop.n_shards == 2
+            counted[name] = {lo: checks.count(lo) for lo, _ in dpop.bounds}
+            assert sorted(set(checks)) == [lo for lo, _ in dpop.bounds]
+        assert counted == {name: {lo: k for lo, _ in dpop.bounds} for name, k in expected.items()}
+
+
+def test_a_source_state_one_shard_refuses_leaves_no_kept_copy_on_the_others(thread_client, monkeypatch):
+    """A shard that accepts its slice keeps its clean copy for the load; when another shard refuses, the copies go (the
+    shards are told to discard them), and the next load sends and checks its own slices.
+    """
+    from memoa_fast.distributed._shard import Shard
+
+    discarded = []
+    discard = Shard._discard
+    monkeypatch.setattr(Shard, "_discard", lambda self: (discarded.append((self.lo, self._kept is not None)), discard(self))[1])
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(ForecasterSignals, lags=2),
+                        seed=1, timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        state = dpop.state_dict()
+        bad = {**state, "source": {"agents": {**state["source"]["agents"]}, "shared": state["source"]["shared"]}}
+        bad["source"]["agents"]["lags"] = lags = state["source"]["agents"]["lags"].copy()
+        lags[-1] = np.nan  # in the last shard's slice only
+        with pytest.raises(ValueError, match=rf"shard 1 \(agents \[{dpop.bounds[1][0]}, {N}\)\): .*lags"):
+            dpop.load_state_dict(bad)
+        assert sorted(discarded) == [(0, True), (dpop.bounds[1][0], False)]
+        dpop.observe(2 * np.ones(1))
+        dpop.step()
+        dpop.load_state_dict(state)
+        assert dpop.t == 1
+
+
+class _OwnLoad(ForecasterSignals):
+    """A user's subclass that overrides ``load_state_dict`` only (it records each load, then loads as the package's)."""
+
+    loaded = []
+
+    def load_state_dict(self, state):
+        _OwnLoad.loaded.append(self.forecasters.first_client)
+        super().load_state_dict(state)
+
+
+class _OwnInstaller(ForecasterSignals):
+    """A user's subclass with a method of its own that happens to be called ``_install_checked``."""
+
+    def _install_checked(self, clean):
+        raise AssertionError("a user's own _install_checked was called for the package's")
+
+
+class _RefusingNow(ForecasterSignals):
+    """A user's subclass whose validator refuses any state once ``refuse`` is set."""
+
+    refuse = False
+
+    def validate_state_dict(self, state):
+        if _RefusingNow.refuse:
+            raise ValueError("this source refuses every state now")
+        return super().validate_state_dict(state)
+
+
+class _OneMoreNotice(ForecasterSignals):
+    """A user's subclass that adds a notice where the package's validators make theirs."""
+
+    def _validated(self, state):
+        clean, notices = super()._validated(state)
+        return clean, [*notices, (UserWarning, "one more")]
+
+
+@pytest.mark.parametrize("make", [_OwnLoad, _OwnInstaller, _RefusingNow, _OneMoreNotice])
+def test_a_subclass_of_the_package_source_keeps_its_own_load_and_check_on_every_restore(thread_client, tmp_path, make):
+    """The shards install a checked state through the package's installer only where ``validate_state_dict`` and
+    ``load_state_dict`` both are the package's: a subclass's own ``load_state_dict`` is called on every shard, on every
+    path; a method of its own named as the installer is never taken for it; a stricter validator refuses every
+    restore, and nothing is installed; the notices of its own ``_validated`` are issued once per restore, by the client
+    (the shards' load does not issue them again).
+    """
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(make, lags=2), seed=1,
+                        timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        saved = dpop.state_dict()["source"]
+        restores = _restores(dpop, tmp_path)
+        dpop.observe(2 * np.ones(1))
+        dpop.step()
+        before = dpop.state_dict()["source"]
+        for name, restore in restores.items():
+            _OwnLoad.loaded.clear()
+            if make is _RefusingNow:
+                _RefusingNow.refuse = True
+                try:
+                    with pytest.raises(ValueError, match=r"shard 0 \(agents \[0, \d+\)\): .*refuses every state now"):
+                        restore()
+                finally:
+                    _RefusingNow.refuse = False
+                assert dpop.t == 2, name
+                expected = before
+            else:
+                with warnings.catch_warnings(record=True) as caught:  # the workers are threads: theirs are caught too
+                    warnings.simplefilter("always")
+                    restore()
+                assert [str(w.message) for w in caught] == ["one more"] * (make is _OneMoreNotice), name
+                assert dpop.t == 1, name
+                expected = saved
+            assert sorted(_OwnLoad.loaded) == ([lo for lo, _ in dpop.bounds] if make is _OwnLoad else []), name
+            got = dpop.state_dict()["source"]
+            for part in ("agents", "shared"):
+                for key, value in expected[part].items():
+                    np.testing.assert_array_equal(got[part][key], value, err_msg=f"{name}: {part}/{key}")
+            if make is not _RefusingNow:
+                dpop.observe(2 * np.ones(1))
+                dpop.step()
+
+
 def test_client_side_forecasters_with_other_settings_are_refused_by_a_restore_onto_other_shards(thread_client, tmp_path):
     """Without worker-side sources: the client's forecasters saved beside a Dask population; restored onto another
     shard count with forecasters of another seed, refused and nothing changed; with the same, bitwise.

@@ -871,3 +871,66 @@ def test_a_shards_check_of_a_source_is_its_validate_state_dict_less_the_warnings
         assert clean[part].keys() == expected[0][part].keys()
         for key in clean[part]:
             np.testing.assert_array_equal(clean[part][key], expected[0][part][key])
+
+
+class _OwnLoadForecasters(ClientForecasters):
+    """A user's forecasters whose ``load_state_dict`` does more (it records each load)."""
+
+    def load_state_dict(self, state):
+        self.loads = getattr(self, "loads", 0) + 1
+        super().load_state_dict(state)
+
+
+class _WithOwnLoadForecasters(ForecasterSignals):
+    """A user's source of the package's class, holding forecasters with a load of their own."""
+
+    def __init__(self, lo, hi, seed=0, **kwargs):
+        self.forecasters = _OwnLoadForecasters(hi - lo, 1, seed=seed, first_client=lo, **kwargs)
+
+
+def test_the_installer_of_a_checked_state_is_the_packages_only_where_its_check_and_load_are():
+    """:func:`checked_installer` (what a shard or a restore installs an already checked state with, not checking it
+    again) is given only where ``validate_state_dict`` and ``load_state_dict`` are both the package's, on the object:
+    a subclass's own check or load, or a load set on the instance, is what loads; forecasters with a load of their own,
+    held by the package's source, get theirs called through it, once per load.
+    """
+    from memoa_fast._validation import checked_installer
+
+    make = dict(lags=2, backend="numpy", threads=1)
+    fc, signals = ClientForecasters(8, 1, seed=3, **make), ForecasterSignals(0, 8, 3, **make)
+    assert checked_installer(fc) is ClientForecasters._install_checked
+    assert checked_installer(signals) is ForecasterSignals._install_checked
+    assert checked_installer(NoisyLastValueSignals(0, 8, 3)) is None  # no quiet check: loads as it always did
+    assert checked_installer(_StricterForecasters(8, 1, seed=3, **make)) is None
+    assert checked_installer(_OwnLoadForecasters(8, 1, seed=3, **make)) is None
+    fc.load_state_dict = lambda state: None
+    assert checked_installer(fc) is None
+    holder = _WithOwnLoadForecasters(0, 8, 3, **make)
+    holder.observe(np.ones(1))
+    state = holder.state_dict()
+    holder.observe(np.ones(1))
+    install = checked_installer(holder)
+    assert install is ForecasterSignals._install_checked
+    install(holder, holder._validated(state)[0])
+    holder.load_state_dict(state)
+    assert holder.forecasters.loads == 2 and holder.forecasters.t == 1
+
+
+def test_a_restore_with_client_side_forecasters_checks_their_state_once(tmp_path, monkeypatch):
+    """``restore_checkpoint(..., source=forecasters)`` checks the forecasters' state (O(n_clients) arrays) with the
+    rest of the checkpoint, then installs that clean copy: their ``load_state_dict`` checked it a second time.
+    """
+    from memoa_fast import Game, Population
+    from memoa_fast.checkpoint import restore_checkpoint, save_checkpoint
+
+    game, make = Game(q=1.0, kappa=2.0, r=0.5, gamma=0.95), dict(lags=2, seed=3, backend="numpy", threads=1)
+    pop, fc = Population(game, 8, 1, threads=1), ClientForecasters(8, 1, **make)
+    pop.step(fc.observe(np.ones(1)))
+    path = save_checkpoint(tmp_path / "c.npz", pop, source=fc)
+    checks = []
+    validated = ClientForecasters._validated
+    monkeypatch.setattr(ClientForecasters, "_validated", lambda self, state: (checks.append(self), validated(self, state))[1])
+    other = ClientForecasters(8, 1, **make)
+    restore_checkpoint(path, Population(game, 8, 1, threads=1), source=other)
+    assert checks == [other] and other.t == 1
+    np.testing.assert_array_equal(other.state_dict()["agents"]["weights"], fc.state_dict()["agents"]["weights"])

@@ -16,9 +16,12 @@ import numpy as np
 from .. import _backends
 from .. import checkpoint as _ckpt
 from .._state import check_source_layout
-from .._validation import as_float_array, quietly_validated, validates_quietly
+from .._validation import as_float_array, checked_installer, quietly_validated, validates_quietly
 from ..kernels import used_columns, work_shape
 from ..population import check_labels, first_max, state_sums
+
+#: What a "load" sends in place of a source-state slice that the shard's last "check_source" kept (its clean copy).
+KEPT = "kept"
 
 
 def shard_threads(threads):
@@ -66,6 +69,7 @@ class Shard:
         self.log_p: dict[str, np.ndarray] = {}
         self.source = None if factory is None else factory(lo, hi, seed)
         self._staged = None  # a checkpoint's rows, checked, waiting for "commit"
+        self._kept = None  # the clean copy of a source state "check_source" kept, waiting for "load" (sent as KEPT)
 
     def run(self, ops):
         """Execute ``ops`` in order; returns the last op's result.
@@ -157,6 +161,9 @@ class Shard:
     def _load(self, states, costs, labels, log_p, source_state):
         """Replace what is given (all checked by the client); the mean field is re-summed at the next step.
 
+        ``source_state``: this shard's slice, checked by "check_source" first, or :data:`KEPT` for the clean copy
+        that check kept.
+
         Answers ``{"sum", "class_sums"}`` of the states it now holds (:func:`state_sums`), for the
         client's means after new labels.
         """
@@ -171,10 +178,19 @@ class Shard:
                 self._add_server(sid)
             else:
                 self.log_p[sid] = np.array(value, dtype=np.float64)
-        if source_state is not None:  # checked by _check_source first, whose warnings the client issued
-            if validates_quietly(self.source):  # its clean copy, which loads without issuing them again here
-                source_state = self.source._validated(source_state)[0]
-            self.source.load_state_dict(source_state)
+        if isinstance(source_state, str) and source_state == KEPT:  # the clean copy of the last check, not sent again
+            clean, self._kept = self._kept, None
+            if clean is None:
+                raise RuntimeError(f"{self._where()} has no checked source state to load")
+            checked_installer(self.source)(self.source, clean)
+        elif source_state is not None:  # checked by _check_source first, whose warnings the client issued
+            install = checked_installer(self.source)
+            if install is not None:  # the package's source: checked once here, its clean copy installed unchecked
+                install(self.source, self.source._validated(source_state)[0])
+            elif validates_quietly(self.source):  # its own load: the clean copy, which loads without issuing them again
+                self.source.load_state_dict(self.source._validated(source_state)[0])
+            else:
+                self.source.load_state_dict(source_state)
         if states is not None or labels is not None:
             self.mean_ready = False
         total, class_sums = state_sums(self.x, self.labels, self.lay.n_classes)
@@ -296,17 +312,23 @@ class Shard:
             return state, []
         return quietly_validated(self.source, state)
 
-    def _check_source(self, state):
-        """Would this shard's source take ``state`` (its slice)? Changes nothing.
+    def _check_source(self, state, keep=False):
+        """Would this shard's source take ``state`` (its slice)? Changes nothing live.
 
-        Answers ``{"error": message}``, or ``{"warnings": [(category, message), ...]}`` (its source's, for the client
-        to issue: :meth:`_checked_source_state`).
+        Answers ``{"error": message}``, or ``{"warnings": [(category, message), ...], "kept": bool}`` (its source's
+        warnings, for the client to issue: :meth:`_checked_source_state`). With ``keep``, the clean copy of a source
+        that installs one unchecked (:func:`~memoa_fast._validation.checked_installer`) is kept for the next "load",
+        which the client then sends :data:`KEPT` in place of the slice (``"kept": True``): the O(N) slice is checked
+        once and travels once. Any earlier kept copy goes.
         """
+        self._kept = None
         try:
-            _, notices = self._checked_source_state(check_source_layout(state, n_agents=self.hi - self.lo))
+            clean, notices = self._checked_source_state(check_source_layout(state, n_agents=self.hi - self.lo))
         except (ValueError, KeyError, TypeError) as exc:
             return {"error": f"{self._where()}: {exc}"}
-        return {"warnings": notices}
+        if keep and checked_installer(self.source) is not None:
+            self._kept = clean
+        return {"warnings": notices, "kept": self._kept is not None}
 
     def _commit(self, sid):
         """Install the staged checkpoint rows (the client checked every shard's first)."""
@@ -319,9 +341,13 @@ class Shard:
             self.labels = staged["labels"]
         if sid is not None:
             self.log_p[sid] = staged["log_p"]
-        if staged["source"] is not None:
-            self.source.load_state_dict(staged["source"])
+        if staged["source"] is not None:  # the clean copy _stage's check returned
+            install = checked_installer(self.source)
+            if install is None:
+                self.source.load_state_dict(staged["source"])
+            else:  # the package's source: not checked a second time
+                install(self.source, staged["source"])
         self.mean_ready = False
 
     def _discard(self):
-        self._staged = None
+        self._staged = self._kept = None

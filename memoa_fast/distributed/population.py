@@ -56,7 +56,7 @@ from ._comm import (
     payload_nbytes,
     release_closer,
 )
-from ._shard import Shard
+from ._shard import KEPT, Shard
 
 
 def shard_bounds(n_agents: int, n_shards: int) -> list[tuple[int, int]]:
@@ -260,7 +260,7 @@ class DaskPopulation(MeanFieldSummary):
         self.last_checkpoint_step: int | None = None
         self._servers: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
         self._pending: list = []
-        self._sources_warned = False  # set by restore() while its load checks sources whose warnings it issued
+        self._sources_checked = None  # set by restore() while its load gets the state its new shards' sources checked
         self._broken: str | None = None
         self._lost_shard: int | None = None
         # Set for the length of a message to the shards (the op's name) and of a mutating call (what it does):
@@ -326,18 +326,20 @@ class DaskPopulation(MeanFieldSummary):
         self._broken = self._lost_shard = None
         self._in_flight = None  # last: until here (from _release_shards) only a restore goes on
 
-    def _build(self, n_shards, x0, source=None, labels=None) -> None:
+    def _build(self, n_shards, x0, source=None, labels=None) -> list | None:
         """(Re)create the shards on the live workers: zero costs, uniform weights, fresh sources.
 
         The new shards are made (``n_shards`` checked) and their sources asked
         whether they take ``source`` (a saved state about to be loaded) before
         the current ones are released: a refused call leaves the population as it was.
         They get ``labels`` (a single-file restore's, about to be loaded), else the client's.
+        Returns which new shards kept their checked copy of ``source`` (:meth:`_check_sources`), None if not asked.
         """
+        kept = None
         try:
             spawned = self._spawn(n_shards)
             if source is not None and self.signal_factory is not None:
-                self._check_sources(source, spawned)
+                kept = self._check_sources(source, spawned)
         except Exception as exc:
             if not self._actors:
                 self._broken = f"shards could not be created: {exc}"
@@ -353,6 +355,7 @@ class DaskPopulation(MeanFieldSummary):
         self._field[...] = 0.0
         if x0 is not None:
             self._refresh_means(x0)
+        return kept
 
     def _restart_servers(self) -> None:
         """Every server of this population back to round 0 (uniform weights on the new shards, update count 0)."""
@@ -541,12 +544,16 @@ class DaskPopulation(MeanFieldSummary):
         self._discount = 1.0
         self._interrupted = None
 
-    def _load_all(self, states, costs, labels=None, source=None) -> None:
-        """Scatter full arrays (checked by the caller) to the shards."""
+    def _load_all(self, states, costs, labels=None, source=None, kept=None) -> None:
+        """Scatter full arrays (checked by the caller) to the shards.
+
+        ``kept[k]``: shard k kept its checked copy of its slice of ``source`` (:meth:`_check_sources`), which it is
+        not sent again.
+        """
         args = [
             (states[lo:hi], costs[lo:hi], None if labels is None else labels[lo:hi], {},
-             None if source is None else _slice_source(source, lo, hi))
-            for lo, hi in self.bounds
+             None if source is None else KEPT if kept is not None and kept[k] else _slice_source(source, lo, hi))
+            for k, (lo, hi) in enumerate(self.bounds)
         ]
         self._version += 1
         self._call(("load", None), per_shard_args=args, marked=True)
@@ -828,36 +835,48 @@ class DaskPopulation(MeanFieldSummary):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (of this class or of :class:`Population`); checks everything first."""
         clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
-        source = state.get("source")
+        source, kept = state.get("source"), None
         if source is not None:
             source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
-            self._check_sources(source)
+            # (restore's new shards checked this very state: not again, it is O(N))
+            kept = self._check_sources(source) if self._sources_checked is None else self._sources_checked
         labels = clean["labels"] if self._lay.n_classes > 1 else None
-        self._check_usable(marked=True)  # before the mark: a population that cannot load keeps its mark
-        self._interrupted = "a load_state_dict"
-        self._switch_game(self.game)
-        self._load_all(clean["states"], clean["costs"], labels, source)
+        try:
+            self._check_usable(marked=True)  # before the mark: a population that cannot load keeps its mark
+            self._interrupted = "a load_state_dict"
+            self._switch_game(self.game)
+        except BaseException:
+            if kept is not None and any(kept):  # the shards' kept copies go
+                with contextlib.suppress(Exception):
+                    self._call(("discard", ()), marked=True)
+            raise
+        self._load_all(clean["states"], clean["costs"], labels, source, kept)
         self._apply_summary(clean)
         self._interrupted = None
 
-    def _check_sources(self, source, spawned=None) -> None:
+    def _check_sources(self, source, spawned=None) -> list:
         """Every shard's source (of ``spawned`` shards, else of ours) asked whether it takes its slice of ``source``.
 
-        A round trip that changes nothing; ``ValueError`` naming the first shard that refuses. When every shard
-        accepts, their sources' warnings (an old format that still loads) are issued here, once each (not again
-        by the load of a :meth:`restore` that checked the same state before rebuilding the shards).
+        A round trip that changes nothing live; ``ValueError`` naming the first shard that refuses. When every shard
+        accepts, their sources' warnings (an old format that still loads) are issued here, once each (the load of a
+        :meth:`restore` that checked the same state before rebuilding the shards does not ask again). Returns, per
+        shard, whether it kept its clean copy for the load that follows (the package's sources: ``Shard._check_source``),
+        which is then sent :data:`~memoa_fast.distributed._shard.KEPT`, not the slice: checked once, sent once.
         """
         bounds = self.bounds if spawned is None else spawned[0]
-        args = [(_slice_source(source, lo, hi),) for lo, hi in bounds]
+        args = [(_slice_source(source, lo, hi), True) for lo, hi in bounds]
         answers = self._call(("check_source", None), per_shard_args=args, marked=True) if spawned is None else \
             self._run_on(spawned, "check_source", args)
         refused = [a["error"] for a in answers if "error" in a]
         if refused:
+            if spawned is None and any(a.get("kept") for a in answers):  # the copies the shards that accepted kept go
+                with contextlib.suppress(Exception):
+                    self._call(("discard", ()), marked=True)
             raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
-        if not self._sources_warned:
-            _issue_warnings(answers)
+        _issue_warnings(answers)
+        return [a["kept"] for a in answers]
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
@@ -877,14 +896,14 @@ class DaskPopulation(MeanFieldSummary):
             return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
-        self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
+        kept = self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
         if server is not None:
             server._interrupted = "a restore"  # _build reset it to round 0: marked until its state is loaded
-        self._sources_warned = True  # by _build's check, before the old shards went: not again by the load's
+        self._sources_checked = kept  # by _build's check, before the old shards went: not again by the load
         try:
             result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
         finally:
-            self._sources_warned = False
+            self._sources_checked = None
         self._interrupted = None
         return result
 

@@ -29,7 +29,10 @@ It has
   (``warnings.catch_warnings``) swaps the warning state of the whole process,
   and is not thread-safe. The sources of this package report theirs as data
   instead (a private ``_validated(state) -> (clean, [(category, message)])``),
-  and the client issues each once, at the line that restores.
+  and the client issues each once, at the line that restores. They also
+  install a clean copy without checking it again (a private installer,
+  :func:`memoa_fast._validation.checked_installer`): a shard checks its O(N)
+  slice once where the restore asks it and at most once where it loads it.
 
 The time-series application's forecasters come as such a source too:
 :class:`memoa_fast.timeseries.forecasters.ForecasterSignals`.

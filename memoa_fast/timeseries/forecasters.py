@@ -71,6 +71,8 @@ from .._validation import (
     check_real,
     check_seed,
     check_sizes,
+    checked_installer,
+    installs_checked,
     issue_notices,
     issues_what_validated_returns,
     quietly_validated,
@@ -528,14 +530,12 @@ class ClientForecasters:
         # reached only by a state that passed every check: the warning says it loads
         return clean, ([] if recorded else [uncapped_notice(cap_key)])
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
+    def _install_checked(self, clean: dict) -> None:
+        """Install ``clean``, a state :meth:`validate_state_dict` (or :meth:`_validated`) returned; checks nothing.
 
-        Raises ``ValueError`` (see :meth:`validate_state_dict`) and changes nothing if any part is wrong,
-        also when the state was saved by forecasters with another ``seed``, ``noise_range``, ``mu`` or
-        ``block_size``.
+        For a caller that checked the state already (:func:`~memoa_fast._validation.checked_installer`): the
+        check is O(n_clients), and done once per restore.
         """
-        clean = self.validate_state_dict(state)
         agents, shared = clean["agents"], clean["shared"]
         ex = self._exclusive
         with ex.restoring:  # also after an interrupted observe: this is the way back
@@ -544,6 +544,17 @@ class ClientForecasters:
             self._y[...] = shared["y"]
             self.t = int(shared["t"])
             ex.interrupted = None
+
+    @installs_checked(_install_checked)
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (of the same clients and settings); checks everything first.
+
+        Raises ``ValueError`` (see :meth:`validate_state_dict`) and changes nothing if any part is wrong,
+        also when the state was saved by forecasters with another ``seed``, ``noise_range``, ``mu`` or
+        ``block_size``.
+        """
+        # The class's own installer, not self's: a subclass's method of that private name may be anything.
+        ClientForecasters._install_checked(self, self.validate_state_dict(state))
 
     def __reduce__(self):
         """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object."""
@@ -812,6 +823,22 @@ class ForecasterSignals:
         """
         return quietly_validated(self.forecasters, state)
 
+    def _install_checked(self, clean: dict) -> None:
+        """Install ``clean``, a state :meth:`validate_state_dict` (or :meth:`_validated`) returned, into the forecasters.
+
+        Through their installer when they have the package's (:func:`~memoa_fast._validation.checked_installer`):
+        nothing checked again. Forecasters with a check or a load of their own get their ``load_state_dict``.
+        """
+        install = checked_installer(self.forecasters)
+        if install is None:
+            self.forecasters.load_state_dict(clean)
+        else:
+            install(self.forecasters, clean)
+
+    @installs_checked(_install_checked)
     def load_state_dict(self, state: dict) -> None:
-        """Restore the forecasters' state (all checked first)."""
-        self.forecasters.load_state_dict(state)
+        """Restore the forecasters' state (all checked first; nothing changes on an error)."""
+        if checked_installer(self.forecasters) is None:  # forecasters with their own check or load: theirs, as given
+            self.forecasters.load_state_dict(state)
+        else:
+            ForecasterSignals._install_checked(self, self.validate_state_dict(state))
