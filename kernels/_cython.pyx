@@ -31,8 +31,13 @@ whole rows (``L = R d`` values, in L1):
   block: element-wise, so it vectorises without reassociation); column ``j``
   is then ``lane[j] + lane[d + j] + ... + lane[(R-1) d + j]`` in that order;
 - the largest cost is tracked in ``MAX_LANES`` lanes of (value, first index);
-- a block's signals are checked for validity by a vectorised count first;
-  only a block holding an invalid row is done row by row;
+- one class: pass 1 adds a chunk's signals into the lanes and tests them in
+  the same read (an integer-or flag); only a chunk holding an invalid value
+  is summed again block by block, and there only a block holding an invalid
+  row row by row. Pass 2 moves a chunk that pass 1 counted all valid without
+  checking it, and adds the moved states into the lanes in the same loop
+  (measured at N = 10^6, d = 16, one thread: the step went from 1.46x to
+  about 1.0x Numba's, which does the same);
 - ``exp`` and ``log`` of the server are element-wise polynomial kernels
   (:c:func:`_exp_into`, :c:func:`_log_into`) that vectorise, where libm's
   scalar calls do not.

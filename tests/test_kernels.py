@@ -295,6 +295,36 @@ def test_one_class_valid_signals_near_the_limit(backend, d):
             assert fused(mod, P, have_mean, False, 0.9, threads)["stats"][0] == n
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [1, 3, 16])
+def test_one_class_chunks_all_valid_beside_chunks_with_an_invalid_row(backend, d):
+    """K = 1: each chunk takes its own path, and the step matches the reference whatever its neighbours do.
+
+    The compiled passes prove a chunk all valid in the read that sums it, and pass 2 then moves it
+    without checking its rows (pass 1's count); a chunk holding one invalid value is summed and moved
+    block by block. Chunk 0 is all valid; chunk 1 has one NaN in the last row of a block; chunk 2 one
+    signal just over the limit in its first row; the short last chunk is all valid. One and two
+    threads, the second bitwise equal to the first.
+    """
+    mod = BACKENDS[backend]
+    n = 3 * CHUNK + 5
+    P = population(40 + d, n, d, 1, 0.0, empty_labels=True)
+    block = max(1, 256 // d)
+    P["s"][CHUNK + block - 1, d - 1] = np.nan
+    P["s"][2 * CHUNK, 0] = -1.0000001e50
+    ok = _reference.valid_rows(P["s"])
+    assert ok.sum() == n - 2
+    for have_mean in (False, True):
+        check_step(mod, P, have_mean, True, 0.8, 1)
+    counts = thread_counts(backend, mod)
+    one = fused(mod, P, True, True, 0.8, 1)
+    assert one["stats"][0] == n - 2
+    for threads in counts:
+        other = fused(mod, P, True, True, 0.8, threads)
+        for key in ("x", "J", "field", "yhat", "work"):
+            assert one[key].tobytes() == other[key].tobytes(), f"{key}: threads={threads} differs from threads=1"
+
+
 # --------------------------------------------------------------------------- server
 def _server_reference(log_p, x, y, yhat, rule, eta, alpha, lay):
     """The reference update in its three steps; returns (stepped log-weights, top, log_total, final)."""
