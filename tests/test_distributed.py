@@ -2071,6 +2071,72 @@ def test_a_source_state_one_shard_refuses_leaves_no_kept_copy_on_the_others(thre
         assert dpop.t == 1
 
 
+def test_a_load_installs_only_the_source_copies_its_own_check_kept(thread_client, tmp_path, monkeypatch):
+    """A shard's kept copy of a source state is named by the check that kept it, and a load installs only its own.
+
+    A second caller (another thread) may check its state between a load's check and its load: the shards then held
+    the other state's copy and the load installed it with its own states and costs (a population at t = 1 with its
+    sources at t = 2; the other caller, refused while that load was in flight, never loaded). A single-file restore
+    handed its check to whichever load_state_dict ran while it was in progress, in any thread: another thread's state
+    was loaded with the checkpoint's sources. Now the load refuses, before any shard writes, and the other thread's
+    load checks its own state.
+    """
+    import memoa_fast.distributed.population as dpop_module
+    from memoa_fast._state import check_source_layout
+
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, signals=functools.partial(ForecasterSignals, lags=2),
+                        seed=1, timeout=TIMEOUT) as dpop:
+        dpop.observe(np.ones(1))
+        dpop.step()
+        first = dpop.state_dict()
+        single = dpop.save(tmp_path / "one.npz", sharded=False)
+        dpop.observe(2 * np.ones(1))
+        dpop.step()
+        second = dpop.state_dict()
+        check = dpop._check_sources
+
+        def then_another_check(source, spawned=None):  # another thread's load_state_dict(second) checks now
+            kept = check(source, spawned)
+            check(check_source_layout(second["source"], n_agents=N))
+            return kept
+
+        monkeypatch.setattr(dpop, "_check_sources", then_another_check)
+        with pytest.raises(RuntimeError, match="another call checked its own"):
+            dpop.load_state_dict(first)
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="unusable"):  # nothing mixed is served: restore() is the way back
+            dpop.state_dict()
+        dpop.restore(single, n_shards=2)
+        assert dpop.t == 1 and int(dpop.state_dict()["source"]["shared"]["t"]) == 1
+
+        restore_checked = dpop_module._restore_checked
+
+        def another_thread_loads_first(*args):
+            failed = []
+            worker = threading.Thread(target=lambda: _record_failure(failed, dpop.load_state_dict, second))
+            worker.start()
+            worker.join()
+            assert not failed, failed
+            return restore_checked(*args)
+
+        monkeypatch.setattr(dpop_module, "_restore_checked", another_thread_loads_first)
+        with pytest.raises(RuntimeError, match="another call checked its own"):
+            dpop.restore(single, n_shards=2)
+        monkeypatch.undo()
+        dpop.restore(single, n_shards=2)
+        dpop.load_state_dict(second)
+        got = dpop.state_dict()
+        assert dpop.t == 2 and int(got["source"]["shared"]["t"]) == 2
+        np.testing.assert_array_equal(got["source"]["agents"]["weights"], second["source"]["agents"]["weights"])
+
+
+def _record_failure(failed, fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported by the test's thread
+        failed.append(repr(exc))
+
+
 class _OwnLoad(ForecasterSignals):
     """A user's subclass that overrides ``load_state_dict`` only (it records each load, then loads as the package's)."""
 

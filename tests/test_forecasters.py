@@ -916,6 +916,33 @@ def test_the_installer_of_a_checked_state_is_the_packages_only_where_its_check_a
     assert holder.forecasters.loads == 2 and holder.forecasters.t == 1
 
 
+class _StricterSignalsOwnLoad(ForecasterSignals):
+    """A user's source of the package's class that checks more, holding forecasters with a load of their own."""
+
+    def __init__(self, lo, hi, seed=0, **kwargs):
+        self.forecasters = _OwnLoadForecasters(hi - lo, 1, seed=seed, first_client=lo, **kwargs)
+
+    def validate_state_dict(self, state):
+        if int(state["shared"]["t"]) > 0:
+            raise ValueError("this source resumes only at t=0")
+        return super().validate_state_dict(state)
+
+
+def test_a_source_subclass_with_its_own_check_loads_through_it_whatever_forecasters_it_holds():
+    """``load_state_dict`` of a ForecasterSignals subclass with a stricter ``validate_state_dict`` runs that check first,
+    also when its forecasters have a load of their own (it loaded theirs directly, unchecked by the source's own
+    validator); the forecasters' own load is then called with the clean copy, once.
+    """
+    source = _StricterSignalsOwnLoad(0, 8, 3, lags=2, backend="numpy", threads=1)
+    at_zero = source.state_dict()
+    source.observe(np.ones(1))
+    with pytest.raises(ValueError, match="resumes only at t=0"):
+        source.load_state_dict(source.state_dict())
+    assert source.forecasters.t == 1 and getattr(source.forecasters, "loads", 0) == 0
+    source.load_state_dict(at_zero)
+    assert source.forecasters.t == 0 and source.forecasters.loads == 1
+
+
 def test_a_restore_with_client_side_forecasters_checks_their_state_once(tmp_path, monkeypatch):
     """``restore_checkpoint(..., source=forecasters)`` checks the forecasters' state (O(n_clients) arrays) with the
     rest of the checkpoint, then installs that clean copy: their ``load_state_dict`` checked it a second time.

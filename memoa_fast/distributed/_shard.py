@@ -20,8 +20,22 @@ from .._validation import as_float_array, checked_installer, quietly_validated, 
 from ..kernels import used_columns, work_shape
 from ..population import check_labels, first_max, state_sums
 
-#: What a "load" sends in place of a source-state slice that the shard's last "check_source" kept (its clean copy).
-KEPT = "kept"
+
+class Kept:
+    """What a "load" sends in place of a source-state slice: the clean copy that the "check_source" given ``token`` kept.
+
+    The token names the check: a load installs the copy of its own check only. Another call's check in between (a
+    second thread's load) replaces the shard's kept copy, and the load then refuses (:meth:`Shard._take_kept`) rather
+    than install that other state's copy beside its own states and costs.
+    """
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __reduce__(self):
+        return Kept, (self.token,)
 
 
 def shard_threads(threads):
@@ -69,7 +83,7 @@ class Shard:
         self.log_p: dict[str, np.ndarray] = {}
         self.source = None if factory is None else factory(lo, hi, seed)
         self._staged = None  # a checkpoint's rows, checked, waiting for "commit"
-        self._kept = None  # the clean copy of a source state "check_source" kept, waiting for "load" (sent as KEPT)
+        self._kept = None  # (token, clean copy) of a source state "check_source" kept, waiting for "load" (sent Kept(token))
 
     def run(self, ops):
         """Execute ``ops`` in order; returns the last op's result.
@@ -161,12 +175,13 @@ class Shard:
     def _load(self, states, costs, labels, log_p, source_state):
         """Replace what is given (all checked by the client); the mean field is re-summed at the next step.
 
-        ``source_state``: this shard's slice, checked by "check_source" first, or :data:`KEPT` for the clean copy
-        that check kept.
+        ``source_state``: this shard's slice, checked by "check_source" first, or :class:`Kept` for the clean copy
+        that check kept (taken first: a load whose check's copy is gone writes nothing).
 
         Answers ``{"sum", "class_sums"}`` of the states it now holds (:func:`state_sums`), for the
         client's means after new labels.
         """
+        kept = self._take_kept(source_state.token) if isinstance(source_state, Kept) else None
         if states is not None:
             self.x[...] = states
         if costs is not None:
@@ -178,11 +193,8 @@ class Shard:
                 self._add_server(sid)
             else:
                 self.log_p[sid] = np.array(value, dtype=np.float64)
-        if isinstance(source_state, str) and source_state == KEPT:  # the clean copy of the last check, not sent again
-            clean, self._kept = self._kept, None
-            if clean is None:
-                raise RuntimeError(f"{self._where()} has no checked source state to load")
-            checked_installer(self.source)(self.source, clean)
+        if kept is not None:  # the clean copy of this load's check, not sent again
+            checked_installer(self.source)(self.source, kept)
         elif source_state is not None:  # checked by _check_source first, whose warnings the client issued
             install = checked_installer(self.source)
             if install is not None:  # the package's source: checked once here, its clean copy installed unchecked
@@ -312,22 +324,32 @@ class Shard:
             return state, []
         return quietly_validated(self.source, state)
 
-    def _check_source(self, state, keep=False):
+    def _take_kept(self, token):
+        """The clean copy the check ``token`` kept (:meth:`_check_source`), taken; ``RuntimeError`` if another call's replaced it."""
+        kept, self._kept = self._kept, None
+        if kept is None or kept[0] != token:
+            raise RuntimeError(
+                f"{self._where()} no longer holds the source state this load's check kept: another call checked its own "
+                "since, or discarded it (a DaskPopulation serves one call at a time, not calls from two threads at "
+                "once); this shard loaded nothing")
+        return kept[1]
+
+    def _check_source(self, state, keep=None):
         """Would this shard's source take ``state`` (its slice)? Changes nothing live.
 
         Answers ``{"error": message}``, or ``{"warnings": [(category, message), ...], "kept": bool}`` (its source's
-        warnings, for the client to issue: :meth:`_checked_source_state`). With ``keep``, the clean copy of a source
-        that installs one unchecked (:func:`~memoa_fast._validation.checked_installer`) is kept for the next "load",
-        which the client then sends :data:`KEPT` in place of the slice (``"kept": True``): the O(N) slice is checked
-        once and travels once. Any earlier kept copy goes.
+        warnings, for the client to issue: :meth:`_checked_source_state`). With ``keep`` (a token naming this check), the
+        clean copy of a source that installs one unchecked (:func:`~memoa_fast._validation.checked_installer`) is kept
+        for the load of the same call, which the client then sends ``Kept(keep)`` in place of the slice
+        (``"kept": True``): the O(N) slice is checked once and travels once. Any earlier kept copy goes.
         """
         self._kept = None
         try:
             clean, notices = self._checked_source_state(check_source_layout(state, n_agents=self.hi - self.lo))
         except (ValueError, KeyError, TypeError) as exc:
             return {"error": f"{self._where()}: {exc}"}
-        if keep and checked_installer(self.source) is not None:
-            self._kept = clean
+        if keep is not None and checked_installer(self.source) is not None:
+            self._kept = (keep, clean)
         return {"warnings": notices, "kept": self._kept is not None}
 
     def _commit(self, sid):

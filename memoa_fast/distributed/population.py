@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -56,7 +57,7 @@ from ._comm import (
     payload_nbytes,
     release_closer,
 )
-from ._shard import KEPT, Shard
+from ._shard import Kept, Shard
 
 
 def shard_bounds(n_agents: int, n_shards: int) -> list[tuple[int, int]]:
@@ -260,7 +261,8 @@ class DaskPopulation(MeanFieldSummary):
         self.last_checkpoint_step: int | None = None
         self._servers: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
         self._pending: list = []
-        self._sources_checked = None  # set by restore() while its load gets the state its new shards' sources checked
+        # (thread, tokens) set by restore() for its own load (in its thread) of the state its new shards' sources checked
+        self._sources_checked = None
         self._broken: str | None = None
         self._lost_shard: int | None = None
         # Set for the length of a message to the shards (the op's name) and of a mutating call (what it does):
@@ -333,7 +335,7 @@ class DaskPopulation(MeanFieldSummary):
         whether they take ``source`` (a saved state about to be loaded) before
         the current ones are released: a refused call leaves the population as it was.
         They get ``labels`` (a single-file restore's, about to be loaded), else the client's.
-        Returns which new shards kept their checked copy of ``source`` (:meth:`_check_sources`), None if not asked.
+        Returns the tokens of the new shards' kept copies of ``source`` (:meth:`_check_sources`), None if not asked.
         """
         kept = None
         try:
@@ -547,12 +549,13 @@ class DaskPopulation(MeanFieldSummary):
     def _load_all(self, states, costs, labels=None, source=None, kept=None) -> None:
         """Scatter full arrays (checked by the caller) to the shards.
 
-        ``kept[k]``: shard k kept its checked copy of its slice of ``source`` (:meth:`_check_sources`), which it is
-        not sent again.
+        ``kept[k]``: the token of shard k's kept copy of its slice of ``source`` (:meth:`_check_sources`), which it is
+        not sent again, or None.
         """
         args = [
             (states[lo:hi], costs[lo:hi], None if labels is None else labels[lo:hi], {},
-             None if source is None else KEPT if kept is not None and kept[k] else _slice_source(source, lo, hi))
+             None if source is None else Kept(kept[k]) if kept is not None and kept[k] is not None
+             else _slice_source(source, lo, hi))
             for k, (lo, hi) in enumerate(self.bounds)
         ]
         self._version += 1
@@ -840,8 +843,10 @@ class DaskPopulation(MeanFieldSummary):
             source = check_source_layout(source, n_agents=self.n_agents)
             if self.signal_factory is None:
                 raise ValueError("state has a signal source's state but this population has no signals= factory")
-            # (restore's new shards checked this very state: not again, it is O(N))
-            kept = self._check_sources(source) if self._sources_checked is None else self._sources_checked
+            # (restore's new shards checked this very state: not again, it is O(N); only restore's own load, in its
+            # thread, takes that check: another thread's load_state_dict meanwhile loads another state)
+            handed = self._sources_checked
+            kept = handed[1] if handed is not None and handed[0] == threading.get_ident() else self._check_sources(source)
         labels = clean["labels"] if self._lay.n_classes > 1 else None
         try:
             self._check_usable(marked=True)  # before the mark: a population that cannot load keeps its mark
@@ -862,11 +867,14 @@ class DaskPopulation(MeanFieldSummary):
         A round trip that changes nothing live; ``ValueError`` naming the first shard that refuses. When every shard
         accepts, their sources' warnings (an old format that still loads) are issued here, once each (the load of a
         :meth:`restore` that checked the same state before rebuilding the shards does not ask again). Returns, per
-        shard, whether it kept its clean copy for the load that follows (the package's sources: ``Shard._check_source``),
-        which is then sent :data:`~memoa_fast.distributed._shard.KEPT`, not the slice: checked once, sent once.
+        shard, the token of the clean copy it kept for the load that follows (the package's sources:
+        ``Shard._check_source``), else None; that load sends :class:`~memoa_fast.distributed._shard.Kept` of it, not the
+        slice: checked once, sent once. The token is this call's: a load installs the copy of its own check, never
+        the one another call's check (another thread's) left on the shard.
         """
         bounds = self.bounds if spawned is None else spawned[0]
-        args = [(_slice_source(source, lo, hi), True) for lo, hi in bounds]
+        token = uuid.uuid4().hex
+        args = [(_slice_source(source, lo, hi), token) for lo, hi in bounds]
         answers = self._call(("check_source", None), per_shard_args=args, marked=True) if spawned is None else \
             self._run_on(spawned, "check_source", args)
         refused = [a["error"] for a in answers if "error" in a]
@@ -876,7 +884,7 @@ class DaskPopulation(MeanFieldSummary):
                     self._call(("discard", ()), marked=True)
             raise ValueError(f"state['source'] is refused by this population's signal sources: {refused[0]}")
         _issue_warnings(answers)
-        return [a["kept"] for a in answers]
+        return [token if a["kept"] else None for a in answers]
 
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
@@ -899,7 +907,7 @@ class DaskPopulation(MeanFieldSummary):
         kept = self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
         if server is not None:
             server._interrupted = "a restore"  # _build reset it to round 0: marked until its state is loaded
-        self._sources_checked = kept  # by _build's check, before the old shards went: not again by the load
+        self._sources_checked = (threading.get_ident(), kept)  # by _build's check, before the old shards went: not again
         try:
             result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
         finally:

@@ -77,6 +77,7 @@ from .._validation import (
     issues_what_validated_returns,
     quietly_validated,
     readonly_view,
+    validates_quietly,
 )
 from .._validation import TARGET_LIMIT as TARGET_LIMIT  # re-exported: the stream's limit lives with the other checks
 from ..kernels import SQUARE_CAP as SQUARE_CAP  # re-exported: the cap of the squared features (the kernels')
@@ -837,8 +838,9 @@ class ForecasterSignals:
 
     @installs_checked(_install_checked)
     def load_state_dict(self, state: dict) -> None:
-        """Restore the forecasters' state (all checked first; nothing changes on an error)."""
-        if checked_installer(self.forecasters) is None:  # forecasters with their own check or load: theirs, as given
+        """Restore the forecasters' state (all checked first, by this object's ``validate_state_dict``; nothing changes on an error)."""
+        if checked_installer(self.forecasters) is None and validates_quietly(self):
+            # forecasters with their own check or load, which is all this class's check is: theirs, as given
             self.forecasters.load_state_dict(state)
-        else:
+        else:  # a subclass's own check too, whatever forecasters it holds (then their own load, with its clean copy)
             ForecasterSignals._install_checked(self, self.validate_state_dict(state))
