@@ -2137,6 +2137,70 @@ def _record_failure(failed, fn, *args):
         failed.append(repr(exc))
 
 
+_SECOND_CALLS = {
+    "load_state_dict": lambda pop, server, before, path: pop.load_state_dict(before),
+    "reset": lambda pop, server, before, path: pop.reset(),
+    "restore": lambda pop, server, before, path: pop.restore(path, server),
+    "step": lambda pop, server, before, path: pop.step(np.full(N, 7.0)),
+    "server update": lambda pop, server, before, path: server.update(None, np.ones(1)),
+}
+
+
+@pytest.mark.parametrize("second", list(_SECOND_CALLS))
+def test_a_second_caller_between_a_steps_signal_pass_and_its_move_is_refused_and_changes_nothing(thread_client, tmp_path,
+                                                                                                  second):
+    """One caller at a time, for the whole length of a call: a step is several messages (the signal pass, the client's
+    merge, the move queued for the next message), and another thread's call landing in between is refused at once
+    (``RuntimeError`` naming the population and the call in progress) and changes nothing; the step completes as
+    without it. On main another thread's ``load_state_dict`` (or ``reset``, ``restore``) there went through: its new
+    states were moved with the mean field of the old ones (silent corruption); a ``step`` or an update was refused
+    only as if the population had been interrupted.
+    """
+    rng = np.random.default_rng(18)
+    signals = rng.normal(size=(3, N))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, initial_states=rng.normal(size=N),
+                        timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="hedge", eta=0.5)
+        pop.step(signals[0])
+        server.update(None, np.ones(1))
+        before, server_before = pop.state_dict(), server.state_dict()
+        path = pop.save(tmp_path / "before.ckpt", server)
+        pop.step(signals[1])  # what the second caller would go back from
+        at_1, server_at_1 = pop.state_dict(), server.state_dict()
+        refused = []
+        unpack = pop._unpack
+
+        def second_caller_between_the_passes(rows, part):  # the client merges the signal pass's rows here
+            if part == "step" and not refused:
+                def call():
+                    try:
+                        _SECOND_CALLS[second](pop, server, before, path)
+                    except RuntimeError as exc:
+                        refused.append(exc)
+                    else:
+                        refused.append(None)
+                other = threading.Thread(target=call)
+                other.start()
+                other.join(TIMEOUT)
+            return unpack(rows, part)
+
+        pop._unpack = second_caller_between_the_passes
+        try:
+            pop.step(signals[2])
+        finally:
+            del pop._unpack
+        assert refused and refused[0] is not None, f"another thread's {second} was taken in the middle of a step"
+        message = str(refused[0])
+        assert "DaskPopulation" in message and "another thread" in message and "DaskPopulation.step" in message, message
+        got, server_got = pop.state_dict(), server.state_dict()
+        pop.load_state_dict(at_1)  # the same step without the second caller
+        server.load_state_dict(server_at_1)
+        pop.step(signals[2])
+        _same_state(got, pop.state_dict())
+        _same_state(server_got, server.state_dict())
+        assert pop.t == 3 and server.n_updates == 1 and server_before["n_updates"] == 1
+
+
 class _OwnLoad(ForecasterSignals):
     """A user's subclass that overrides ``load_state_dict`` only (it records each load, then loads as the package's)."""
 
