@@ -2078,8 +2078,8 @@ def test_a_load_installs_only_the_source_copies_its_own_check_kept(thread_client
     the other state's copy and the load installed it with its own states and costs (a population at t = 1 with its
     sources at t = 2; the other caller, refused while that load was in flight, never loaded). A single-file restore
     handed its check to whichever load_state_dict ran while it was in progress, in any thread: another thread's state
-    was loaded with the checkpoint's sources. Now the load refuses, before any shard writes, and the other thread's
-    load checks its own state.
+    was loaded with the checkpoint's sources. Now the load refuses, before any shard writes; and since one caller at a
+    time is served, another thread's load during a restore is refused at once (the restore loads its checkpoint).
     """
     import memoa_fast.distributed.population as dpop_module
     from memoa_fast._state import check_source_layout
@@ -2116,14 +2116,14 @@ def test_a_load_installs_only_the_source_copies_its_own_check_kept(thread_client
             worker = threading.Thread(target=lambda: _record_failure(failed, dpop.load_state_dict, second))
             worker.start()
             worker.join()
-            assert not failed, failed
+            # one caller at a time: the other thread is refused at once (on 1644d71 it loaded, and this restore refused)
+            assert len(failed) == 1 and "refused, nothing changed" in failed[0] and "DaskPopulation.restore" in failed[0]
             return restore_checked(*args)
 
         monkeypatch.setattr(dpop_module, "_restore_checked", another_thread_loads_first)
-        with pytest.raises(RuntimeError, match="another call checked its own"):
-            dpop.restore(single, n_shards=2)
-        monkeypatch.undo()
         dpop.restore(single, n_shards=2)
+        monkeypatch.undo()
+        assert dpop.t == 1 and int(dpop.state_dict()["source"]["shared"]["t"]) == 1
         dpop.load_state_dict(second)
         got = dpop.state_dict()
         assert dpop.t == 2 and int(got["source"]["shared"]["t"]) == 2
@@ -2199,6 +2199,57 @@ def test_a_second_caller_between_a_steps_signal_pass_and_its_move_is_refused_and
         _same_state(got, pop.state_dict())
         _same_state(server_got, server.state_dict())
         assert pop.t == 3 and server.n_updates == 1 and server_before["n_updates"] == 1
+
+
+@pytest.mark.parametrize("outer", ["run", "step_predict", "save", "restore"])
+def test_the_calls_a_call_makes_itself_are_served_and_a_callback_inside_them_is_refused(thread_client, tmp_path, outer):
+    """A call that calls public methods itself (run's steps, step_predict's step and predict, save's state_dicts,
+    restore's load_state_dicts) lends them its hold, in its thread, each for its own length: they are served, while a
+    callback that calls in from inside one of them (here from a step's merge, or a load's) is refused at once, and the
+    lend ends with the call (a later call of another thread is served).
+    """
+    rng = np.random.default_rng(5)
+    signals = rng.normal(size=(2, N))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="eg", eta=0.5)
+        _round(pop, server, signals[0], np.ones(1))
+        path = pop.save(tmp_path / "c.npz", server, sharded=False)
+        refused = []
+
+        def callback():
+            try:
+                pop.state_dict()
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+        def hooked(real):
+            def inner(*args, **kwargs):
+                callback()
+                return real(*args, **kwargs)
+            return inner
+
+        pop._unpack = hooked(pop._unpack)  # inside every step (and predict)
+        pop._apply_summary = hooked(pop._apply_summary)  # inside every load_state_dict
+        pop._gather_agents = hooked(pop._gather_agents)  # inside every state_dict
+        try:
+            if outer == "run":
+                pop.run(signals)
+            elif outer == "step_predict":
+                pop.step_predict(signals[1], server)
+            elif outer == "save":
+                pop.save(tmp_path / "d.npz", server, sharded=False)
+            else:
+                pop.restore(path, server)
+        finally:
+            del pop._unpack, pop._apply_summary, pop._gather_agents
+        assert refused and all("a call of this very thread that has not returned" in r for r in refused), refused
+        assert pop._lent is None and pop._calling is None
+        later = []
+        other = threading.Thread(target=lambda: _record_failure(later, pop.step, signals[1]))
+        other.start()
+        other.join(TIMEOUT)
+        assert not later, later
+        assert pop.t == {"run": 4, "step_predict": 3, "save": 2, "restore": 2}[outer]
 
 
 class _OwnLoad(ForecasterSignals):
