@@ -2252,6 +2252,46 @@ def test_the_calls_a_call_makes_itself_are_served_and_a_callback_inside_them_is_
         assert pop.t == {"run": 4, "step_predict": 3, "save": 2, "restore": 2}[outer]
 
 
+@pytest.mark.parametrize("function", ["save_checkpoint", "restore_checkpoint"])
+def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(thread_client, tmp_path, function):
+    """``save_checkpoint``/``restore_checkpoint`` of a single file over a DaskPopulation and its server gather (load)
+    the population's state, then the server's: another thread's step in between is refused, and the checkpoint (the
+    restored pair) is of one round. It used to be served: a file holding the population at t and the server at the
+    next round's weights.
+    """
+    rng = np.random.default_rng(7)
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="hedge", eta=0.5)
+        _round(pop, server, rng.normal(size=N), np.ones(1))
+        path = save_checkpoint(tmp_path / "a.npz", pop, server, sharded=False)
+        before, server_before = pop.state_dict(), server.state_dict()
+        refused = []
+        name = "state_dict" if function == "save_checkpoint" else "load_state_dict"
+        real = getattr(server, name)
+
+        def after_the_population(*args):
+            other = threading.Thread(target=lambda: _record_failure(
+                refused, lambda: _round(pop, server, rng.normal(size=N), np.ones(1))))
+            other.start()
+            other.join(TIMEOUT)
+            return real(*args)
+
+        setattr(server, name, after_the_population)
+        try:
+            if function == "save_checkpoint":
+                path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
+            else:
+                restore_checkpoint(path, pop, server)
+        finally:
+            delattr(server, name)
+        assert len(refused) == 1 and f"inside {function}" in refused[0], refused
+        assert pop.t == 1 and server.n_updates == 1
+        saved = load_checkpoint(path)
+        assert saved.t == 1 and saved.server["n_updates"] == 1
+        _same_state(pop.state_dict(), before)
+        _same_state(server.state_dict(), server_before)
+
+
 class _OwnLoad(ForecasterSignals):
     """A user's subclass that overrides ``load_state_dict`` only (it records each load, then loads as the package's)."""
 

@@ -467,6 +467,17 @@ class DaskPopulation(MeanFieldSummary):
             self._calling = None
             ex.__exit__()
 
+    def _checkpoint_call(self, call, body, *args):
+        """``body(*args)``, :func:`~memoa_fast.checkpoint.save_checkpoint`'s or ``restore_checkpoint``'s, as one call.
+
+        Under the guard for its whole length (the population's and the server's state, gathered or loaded one after
+        the other, never with another thread's call in between), lent to the calls it makes of them.
+        """
+        def lent(_):
+            with self._lend():
+                return body(*args)
+        return self._held(call, lent, self, (), {})
+
     @contextlib.contextmanager
     def _lend(self):
         """Within a call that holds the guard: lend its hold to the public calls it makes itself, in this thread.
