@@ -58,7 +58,8 @@ class DaskServer:
         self._yhat_version = None
         self._weights_version = 0
         self._register()
-        # When this object goes, its weights leave the workers with the next message.
+        # When this object goes, its weights leave the workers with the next message. Not under the guard: the
+        # collector runs the finalizer in any thread, also inside a call (_call keeps an op queued meanwhile).
         weakref.finalize(self, population._queue, ("drop_server", (self.sid,)))
 
     @_one_caller("DaskServer()", of_population=True)
@@ -106,6 +107,7 @@ class DaskServer:
         return self._log_weights()
 
     def _log_weights(self) -> np.ndarray:
+        """:attr:`log_weights`, for a caller that holds the population's guard."""
         self._check_usable()
         return readonly_view(self.population._gather_agents("log_p", (self.n_agents,), sid=self.sid))
 
