@@ -74,6 +74,15 @@ class Exclusive:
     def __exit__(self, *exc) -> None:
         self._slot.pop(0, None)
 
+    def held_here(self):
+        """The current hold (an opaque token) if this thread holds the lock, else None.
+
+        For an object whose call makes calls of its own public methods (which take the lock): it lends this token
+        to them (:class:`memoa_fast.distributed.DaskPopulation`); a token of an earlier hold never matches a later one.
+        """
+        owner = self._slot.get(0)
+        return owner if owner is not None and owner[0] is _thread.__dict__ else None
+
     def interrupted_message(self) -> str:
         """The ``RuntimeError`` message of a call refused after an interrupted update."""
         return (f"this {self._what} was interrupted in the middle of {self.interrupted} (KeyboardInterrupt, or another "

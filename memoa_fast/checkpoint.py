@@ -273,6 +273,14 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     the same path at the same time are not supported: the last to finish
     wins.
     """
+    held = getattr(population, "_checkpoint_call", None)  # a DaskPopulation: one caller for the whole save
+    if held is not None:
+        return held("save_checkpoint", _save_checkpoint, path, population, server, source, sharded)
+    return _save_checkpoint(path, population, server, source, sharded)
+
+
+def _save_checkpoint(path, population, server, source, sharded) -> Path:
+    """:func:`save_checkpoint`'s body."""
     if sharded is not None and not isinstance(sharded, (bool, np.bool_)):
         raise TypeError(f"sharded must be True, False or None, got {sharded!r} of type {type(sharded).__name__}")
     _check_engines(population, server, source, saving=True)
@@ -1584,6 +1592,14 @@ def restore_checkpoint(checkpoint, population, server=None, *, source=None) -> C
     previous state back (from its ``state_dict()``), the population and the
     server are not touched, and :class:`CheckpointError` is raised.
     """
+    held = getattr(population, "_checkpoint_call", None)  # a DaskPopulation: one caller for the whole restore
+    if held is not None:
+        return held("restore_checkpoint", _restore_checkpoint, checkpoint, population, server, source)
+    return _restore_checkpoint(checkpoint, population, server, source)
+
+
+def _restore_checkpoint(checkpoint, population, server, source) -> Checkpoint:
+    """:func:`restore_checkpoint`'s body."""
     _check_engines(population, server, source, saving=False)
     return _restore_checked(checkpoint, population, server, source)
 

@@ -2078,8 +2078,8 @@ def test_a_load_installs_only_the_source_copies_its_own_check_kept(thread_client
     the other state's copy and the load installed it with its own states and costs (a population at t = 1 with its
     sources at t = 2; the other caller, refused while that load was in flight, never loaded). A single-file restore
     handed its check to whichever load_state_dict ran while it was in progress, in any thread: another thread's state
-    was loaded with the checkpoint's sources. Now the load refuses, before any shard writes, and the other thread's
-    load checks its own state.
+    was loaded with the checkpoint's sources. Now the load refuses, before any shard writes; and since one caller at a
+    time is served, another thread's load during a restore is refused at once (the restore loads its checkpoint).
     """
     import memoa_fast.distributed.population as dpop_module
     from memoa_fast._state import check_source_layout
@@ -2116,14 +2116,14 @@ def test_a_load_installs_only_the_source_copies_its_own_check_kept(thread_client
             worker = threading.Thread(target=lambda: _record_failure(failed, dpop.load_state_dict, second))
             worker.start()
             worker.join()
-            assert not failed, failed
+            # one caller at a time: the other thread is refused at once (on 1644d71 it loaded, and this restore refused)
+            assert len(failed) == 1 and "refused, nothing changed" in failed[0] and "DaskPopulation.restore" in failed[0]
             return restore_checked(*args)
 
         monkeypatch.setattr(dpop_module, "_restore_checked", another_thread_loads_first)
-        with pytest.raises(RuntimeError, match="another call checked its own"):
-            dpop.restore(single, n_shards=2)
-        monkeypatch.undo()
         dpop.restore(single, n_shards=2)
+        monkeypatch.undo()
+        assert dpop.t == 1 and int(dpop.state_dict()["source"]["shared"]["t"]) == 1
         dpop.load_state_dict(second)
         got = dpop.state_dict()
         assert dpop.t == 2 and int(got["source"]["shared"]["t"]) == 2
@@ -2135,6 +2135,161 @@ def _record_failure(failed, fn, *args):
         fn(*args)
     except Exception as exc:  # noqa: BLE001 - reported by the test's thread
         failed.append(repr(exc))
+
+
+_SECOND_CALLS = {
+    "load_state_dict": lambda pop, server, before, path: pop.load_state_dict(before),
+    "reset": lambda pop, server, before, path: pop.reset(),
+    "restore": lambda pop, server, before, path: pop.restore(path, server),
+    "step": lambda pop, server, before, path: pop.step(np.full(N, 7.0)),
+    "server update": lambda pop, server, before, path: server.update(None, np.ones(1)),
+}
+
+
+@pytest.mark.parametrize("second", list(_SECOND_CALLS))
+def test_a_second_caller_between_a_steps_signal_pass_and_its_move_is_refused_and_changes_nothing(thread_client, tmp_path,
+                                                                                                  second):
+    """One caller at a time, for the whole length of a call: a step is several messages (the signal pass, the client's
+    merge, the move queued for the next message), and another thread's call landing in between is refused at once
+    (``RuntimeError`` naming the population and the call in progress) and changes nothing; the step completes as
+    without it. On main another thread's ``load_state_dict`` (or ``reset``, ``restore``) there went through: its new
+    states were moved with the mean field of the old ones (silent corruption); a ``step`` or an update was refused
+    only as if the population had been interrupted.
+    """
+    rng = np.random.default_rng(18)
+    signals = rng.normal(size=(3, N))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, initial_states=rng.normal(size=N),
+                        timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="hedge", eta=0.5)
+        pop.step(signals[0])
+        server.update(None, np.ones(1))
+        before, server_before = pop.state_dict(), server.state_dict()
+        path = pop.save(tmp_path / "before.ckpt", server)
+        pop.step(signals[1])  # what the second caller would go back from
+        at_1, server_at_1 = pop.state_dict(), server.state_dict()
+        refused = []
+        unpack = pop._unpack
+
+        def second_caller_between_the_passes(rows, part):  # the client merges the signal pass's rows here
+            if part == "step" and not refused:
+                def call():
+                    try:
+                        _SECOND_CALLS[second](pop, server, before, path)
+                    except RuntimeError as exc:
+                        refused.append(exc)
+                    else:
+                        refused.append(None)
+                other = threading.Thread(target=call)
+                other.start()
+                other.join(TIMEOUT)
+            return unpack(rows, part)
+
+        pop._unpack = second_caller_between_the_passes
+        try:
+            pop.step(signals[2])
+        finally:
+            del pop._unpack
+        assert refused and refused[0] is not None, f"another thread's {second} was taken in the middle of a step"
+        message = str(refused[0])
+        assert "DaskPopulation" in message and "another thread" in message and "DaskPopulation.step" in message, message
+        got, server_got = pop.state_dict(), server.state_dict()
+        pop.load_state_dict(at_1)  # the same step without the second caller
+        server.load_state_dict(server_at_1)
+        pop.step(signals[2])
+        _same_state(got, pop.state_dict())
+        _same_state(server_got, server.state_dict())
+        assert pop.t == 3 and server.n_updates == 1 and server_before["n_updates"] == 1
+
+
+@pytest.mark.parametrize("outer", ["run", "step_predict", "save", "restore"])
+def test_the_calls_a_call_makes_itself_are_served_and_a_callback_inside_them_is_refused(thread_client, tmp_path, outer):
+    """A call that calls public methods itself (run's steps, step_predict's step and predict, save's state_dicts,
+    restore's load_state_dicts) lends them its hold, in its thread, each for its own length: they are served, while a
+    callback that calls in from inside one of them (here from a step's merge, or a load's) is refused at once, and the
+    lend ends with the call (a later call of another thread is served).
+    """
+    rng = np.random.default_rng(5)
+    signals = rng.normal(size=(2, N))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="eg", eta=0.5)
+        _round(pop, server, signals[0], np.ones(1))
+        path = pop.save(tmp_path / "c.npz", server, sharded=False)
+        refused = []
+
+        def callback():
+            try:
+                pop.state_dict()
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+        def hooked(real):
+            def inner(*args, **kwargs):
+                callback()
+                return real(*args, **kwargs)
+            return inner
+
+        pop._unpack = hooked(pop._unpack)  # inside every step (and predict)
+        pop._apply_summary = hooked(pop._apply_summary)  # inside every load_state_dict
+        pop._gather_agents = hooked(pop._gather_agents)  # inside every state_dict
+        try:
+            if outer == "run":
+                pop.run(signals)
+            elif outer == "step_predict":
+                pop.step_predict(signals[1], server)
+            elif outer == "save":
+                pop.save(tmp_path / "d.npz", server, sharded=False)
+            else:
+                pop.restore(path, server)
+        finally:
+            del pop._unpack, pop._apply_summary, pop._gather_agents
+        assert refused and all("a call of this very thread that has not returned" in r for r in refused), refused
+        assert pop._lent is None and pop._calling is None
+        later = []
+        other = threading.Thread(target=lambda: _record_failure(later, pop.step, signals[1]))
+        other.start()
+        other.join(TIMEOUT)
+        assert not later, later
+        assert pop.t == {"run": 4, "step_predict": 3, "save": 2, "restore": 2}[outer]
+
+
+@pytest.mark.parametrize("function", ["save_checkpoint", "restore_checkpoint"])
+def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(thread_client, tmp_path, function):
+    """``save_checkpoint``/``restore_checkpoint`` of a single file over a DaskPopulation and its server gather (load)
+    the population's state, then the server's: another thread's step in between is refused, and the checkpoint (the
+    restored pair) is of one round. It used to be served: a file holding the population at t and the server at the
+    next round's weights.
+    """
+    rng = np.random.default_rng(7)
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="hedge", eta=0.5)
+        _round(pop, server, rng.normal(size=N), np.ones(1))
+        path = save_checkpoint(tmp_path / "a.npz", pop, server, sharded=False)
+        before, server_before = pop.state_dict(), server.state_dict()
+        refused = []
+        name = "state_dict" if function == "save_checkpoint" else "load_state_dict"
+        real = getattr(server, name)
+
+        def after_the_population(*args):
+            other = threading.Thread(target=lambda: _record_failure(
+                refused, lambda: _round(pop, server, rng.normal(size=N), np.ones(1))))
+            other.start()
+            other.join(TIMEOUT)
+            return real(*args)
+
+        setattr(server, name, after_the_population)
+        try:
+            if function == "save_checkpoint":
+                path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
+            else:
+                restore_checkpoint(path, pop, server)
+        finally:
+            delattr(server, name)
+        assert len(refused) == 1 and f"inside {function}" in refused[0], refused
+        assert pop.t == 1 and server.n_updates == 1
+        saved = load_checkpoint(path)
+        assert saved.t == 1 and saved.server["n_updates"] == 1
+        _same_state(pop.state_dict(), before)
+        _same_state(server.state_dict(), server_before)
 
 
 class _OwnLoad(ForecasterSignals):

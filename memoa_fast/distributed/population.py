@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _backends
+from .._exclusive import Exclusive
 from .._state import check_population_state, check_source_layout
 from .._validation import (
     as_float_array,
@@ -93,6 +95,20 @@ def _added_sums(answers, n_classes: int):
     return total, (None if n_classes == 1 else sum(a["class_sums"] for a in answers))
 
 
+def _one_caller(call: str, *, of_population: bool = False):
+    """Make a public method hold its population's guard for its whole length (:class:`DaskPopulation`: "One caller").
+
+    ``call`` names it in the messages; ``of_population``: a method of an object that belongs to a population (a
+    :class:`ShardedStates`, a :class:`~memoa_fast.distributed.DaskServer`), whose ``population`` holds the guard.
+    """
+    def decorate(method):
+        @functools.wraps(method)
+        def held(self, *args, **kwargs):
+            return (self.population if of_population else self)._held(call, method, self, args, kwargs)
+        return held
+    return decorate
+
+
 class ShardedStates:
     """A handle on a :class:`DaskPopulation`'s states, which stay on the workers.
 
@@ -122,6 +138,7 @@ class ShardedStates:
     def __len__(self) -> int:
         return self.population.n_agents
 
+    @_one_caller("ShardedStates.gather", of_population=True)
     def gather(self) -> np.ndarray:
         """The states, copied to the client (N x d x 8 bytes)."""
         return self.population._gather_agents("states", (self.population.n_agents, self.population.dim))
@@ -201,6 +218,27 @@ class DaskPopulation(MeanFieldSummary):
     :class:`ShardLostError` naming the shard, its agents, its worker, the
     step and the last checkpoint; the population then refuses to step until
     :meth:`restore` rebuilds the shards on the live workers.
+
+    One caller at a time: a DaskPopulation is not thread-safe, and neither
+    are its servers (:class:`~memoa_fast.distributed.DaskServer`), which send
+    their messages through it. A step is several messages (the signal pass,
+    the client's merge, the move queued for the next message), an update
+    too; a call of another thread landing in between (a load, reset or
+    restore whose new states the queued move would move with the old
+    states' mean field, another step, a server's update) would corrupt the
+    run silently. So every public method of the population, of its servers
+    and of :class:`ShardedStates` that sends messages or changes the
+    client's state holds one guard (:class:`memoa_fast._exclusive.Exclusive`)
+    for its whole length, and a second caller, of another thread (or a
+    signal handler or callback of the same thread, inside a call), gets
+    ``RuntimeError`` at once, naming the call in progress, and nothing
+    changes: it never waits (one object per thread is the supported use). A
+    call that calls public methods itself (:meth:`run`, :meth:`restore`,
+    :meth:`save`...) lends them its hold. A move queued by a step is sent
+    with the next call, whichever it is: by then the step has returned. The
+    interrupt marks are unchanged: a call cut short between its first and
+    last write still leaves a population that refuses every call until
+    :meth:`load_state_dict`, :meth:`reset` or :meth:`restore`.
     """
 
     backend = "numba"
@@ -223,6 +261,11 @@ class DaskPopulation(MeanFieldSummary):
         timeout: float = DEFAULT_TIMEOUT,
         direct: bool = True,
     ):
+        # One caller at a time (see the class docstring): the hold of the call in progress, the name of that call,
+        # and the hold it lends to the public calls it makes itself (_lend).
+        self._exclusive = Exclusive("DaskPopulation")
+        self._calling: str | None = None
+        self._lent = None
         self.n_agents, self.dim = population_shape(game, n_agents, dim, initial_states)
         x0 = None
         if initial_states is not None:
@@ -362,7 +405,7 @@ class DaskPopulation(MeanFieldSummary):
     def _restart_servers(self) -> None:
         """Every server of this population back to round 0 (uniform weights on the new shards, update count 0)."""
         for server in list(self._servers.values()):
-            server.reset()
+            server._reset()
 
     @property
     def n_shards(self) -> int:
@@ -379,6 +422,7 @@ class DaskPopulation(MeanFieldSummary):
         self._actors = []
         self._futures = []
 
+    @_one_caller("DaskPopulation.close")
     def close(self) -> None:
         """Release the shards (the workers drop their arrays) and our own client, if any. Safe to call twice."""
         self._release_shards()
@@ -393,6 +437,60 @@ class DaskPopulation(MeanFieldSummary):
 
     def __exit__(self, *exc):
         self.close()
+
+    # ------------------------------------------------------------------ one caller
+    def _held(self, call, method, obj, args, kwargs):
+        """``method(obj, *args, **kwargs)`` under the guard (:func:`_one_caller`); ``RuntimeError`` at once if it is held.
+
+        The guard is entered here, in this frame, which runs for the whole call: :class:`~memoa_fast._exclusive.Exclusive`
+        tells a hold left behind by an interrupt (its frame gone) from a call in progress by it.
+        """
+        ex = self._exclusive
+        lent = self._lent
+        if lent is not None and lent is ex.held_here():
+            # A call that this thread's call in progress makes itself (run's step, restore's load_state_dict): under
+            # its hold, lent to this one call only, so that what this call runs (a callback) cannot call in again.
+            self._lent = None
+            try:
+                return method(obj, *args, **kwargs)
+            finally:
+                self._lent = lent
+        try:
+            ex.__enter__()
+        except RuntimeError as exc:
+            raise RuntimeError(f"{call} refused, nothing changed: {exc}; it is inside {self._calling or 'a call'}, and "
+                               "one caller at a time is served (a DaskPopulation and its servers share one guard)") from None
+        try:
+            self._calling = call
+            return method(obj, *args, **kwargs)
+        finally:
+            self._calling = None
+            ex.__exit__()
+
+    def _checkpoint_call(self, call, body, *args):
+        """``body(*args)``, :func:`~memoa_fast.checkpoint.save_checkpoint`'s or ``restore_checkpoint``'s, as one call.
+
+        Under the guard for its whole length (the population's and the server's state, gathered or loaded one after
+        the other, never with another thread's call in between), lent to the calls it makes of them.
+        """
+        def lent(_):
+            with self._lend():
+                return body(*args)
+        return self._held(call, lent, self, (), {})
+
+    @contextlib.contextmanager
+    def _lend(self):
+        """Within a call that holds the guard: lend its hold to the public calls it makes itself, in this thread.
+
+        Each of them takes it for its own length only (see :meth:`_held`); a token of another hold (one left by an
+        interrupt, another thread's) never matches.
+        """
+        before = self._lent
+        self._lent = self._exclusive.held_here()
+        try:
+            yield
+        finally:
+            self._lent = before
 
     # ------------------------------------------------------------------ messaging
     def _queue(self, op) -> None:
@@ -459,6 +557,7 @@ class DaskPopulation(MeanFieldSummary):
             raise exc
         return results
 
+    @_one_caller("DaskPopulation.flush")
     def flush(self) -> None:
         """Send the queued ops now (they are sent with the next call anyway)."""
         if self._pending:
@@ -524,6 +623,7 @@ class DaskPopulation(MeanFieldSummary):
 
 
     # ------------------------------------------------------------------ state
+    @_one_caller("DaskPopulation.reset")
     def reset(self, initial_states=None) -> None:
         """Back to round 0: states to ``initial_states`` (zeros if None), costs to 0 (servers are left alone)."""
         x0 = None
@@ -561,6 +661,7 @@ class DaskPopulation(MeanFieldSummary):
         self._version += 1
         self._call(("load", None), per_shard_args=args, marked=True)
 
+    @_one_caller("DaskPopulation.set_labels")
     def set_labels(self, labels) -> None:
         """Move agents between classes (K-class games); takes effect at the next step.
 
@@ -576,6 +677,7 @@ class DaskPopulation(MeanFieldSummary):
         self._means_from_sums(*_added_sums(answers, self._lay.n_classes))  # marks the field current (the rows are stale)
         self._interrupted = None
 
+    @_one_caller("DaskPopulation.set_game")
     def set_game(self, game: Game) -> None:
         """Play ``game`` from the next step on (as :meth:`Population.set_game <memoa_fast.Population.set_game>`); client-side only."""
         self._check_new_game(game)
@@ -597,9 +699,10 @@ class DaskPopulation(MeanFieldSummary):
         self._check_classes_read()
 
     @property
+    @_one_caller("DaskPopulation.states")
     def states(self) -> np.ndarray:
         """``x(t)``, shape (N, d), gathered from the workers (a read-only copy: N x d x 8 bytes cross the network)."""
-        return readonly_view(self._handle.gather())
+        return readonly_view(self._gather_agents("states", (self.n_agents, self.dim)))
 
     @property
     def resident_states(self) -> "ShardedStates":
@@ -607,6 +710,7 @@ class DaskPopulation(MeanFieldSummary):
         return self._handle
 
     @property
+    @_one_caller("DaskPopulation.costs")
     def costs(self) -> np.ndarray:
         """Discounted online costs ``J_i``, gathered (a read-only copy)."""
         return readonly_view(self._gather_agents("costs", (self.n_agents,)))
@@ -618,12 +722,13 @@ class DaskPopulation(MeanFieldSummary):
             if value > best:
                 best, arg = value, index
         if arg < 0:  # no cost above -inf (every one NaN): as the one-machine fallback
-            costs = self.costs
+            costs = self._gather_agents("costs", (self.n_agents,))
             arg = first_max(costs)
             best = float(costs[arg])
         return best, arg
 
     @property
+    @_one_caller("DaskPopulation.worst_agent")
     def worst_agent(self) -> int:
         """Index of the agent with the largest online cost (first one on ties, a NaN never larger; 0 if every cost is NaN).
 
@@ -632,6 +737,7 @@ class DaskPopulation(MeanFieldSummary):
         return self._worst()[1]
 
     @property
+    @_one_caller("DaskPopulation.regret")
     def regret(self) -> float:
         """Under-performer regret ``max_i J_i``: the cost of :attr:`worst_agent`; 2 numbers per shard (see there)."""
         return float(self._worst()[0])
@@ -643,6 +749,7 @@ class DaskPopulation(MeanFieldSummary):
         return out
 
     # ------------------------------------------------------------------ step
+    @_one_caller("DaskPopulation.step")
     def step(self, signals=None) -> "ShardedStates":
         """Advance every agent one round.
 
@@ -683,6 +790,7 @@ class DaskPopulation(MeanFieldSummary):
         self._interrupted = None  # the last write: an interrupt before it leaves the population refusing
         return self._handle
 
+    @_one_caller("DaskPopulation.step_predict")
     def step_predict(self, signals, server, out: np.ndarray | None = None) -> np.ndarray:
         """:meth:`step`, then the mixture ``server`` would publish for the new states, as on one machine.
 
@@ -711,9 +819,11 @@ class DaskPopulation(MeanFieldSummary):
         if out is not None:
             check_out(out, (self.dim,))
         server._check_usable()  # an interrupted server refuses now, before the population moves (as on one machine)
-        self.step(signals)
-        return server.predict(None, out=out)
+        with self._lend():
+            self.step(signals)
+        return server._predict(out)
 
+    @_one_caller("DaskPopulation.observe")
     def observe(self, target) -> None:
         """Give the worker-side signal sources the stream's newest value (d numbers per shard, sent with the next message).
 
@@ -730,6 +840,7 @@ class DaskPopulation(MeanFieldSummary):
         self._check_usable()
         self._queue(("observe", (y.copy(),)))
 
+    @_one_caller("DaskPopulation.run")
     def run(self, signals=None, *, steps: int | None = None) -> "ShardedStates":
         """Step through ``signals`` of shape (T, N, d) (or (T, N) when d = 1), or ``steps`` times on worker-side signals.
 
@@ -738,16 +849,17 @@ class DaskPopulation(MeanFieldSummary):
         if (signals is None) == (steps is None):
             raise ValueError("run() takes signals of shape (T, n_agents, dim) or steps= (a count of steps on worker-side "
                              f"signals), exactly one of them; got {'both' if steps is not None else 'neither'}")
-        if signals is not None:
-            signals = as_steps("signals", signals)
-            self._refuse_steps(signals.shape[0])  # a run that cannot be taken whole is not begun
-            for s in signals:
-                self.step(s)
-        else:
-            steps = check_int("steps", steps, low=0)
-            self._refuse_steps(steps)
-            for _ in range(steps):
-                self.step()
+        with self._lend():
+            if signals is not None:
+                signals = as_steps("signals", signals)
+                self._refuse_steps(signals.shape[0])  # a run that cannot be taken whole is not begun
+                for s in signals:
+                    self.step(s)
+            else:
+                steps = check_int("steps", steps, low=0)
+                self._refuse_steps(steps)
+                for _ in range(steps):
+                    self.step()
         return self._handle
 
     def _client_labels(self, marked: bool = False) -> np.ndarray:
@@ -770,6 +882,7 @@ class DaskPopulation(MeanFieldSummary):
         return self._labels
 
     @property
+    @_one_caller("DaskPopulation.labels")
     def labels(self) -> np.ndarray:
         """The class of every agent, shape (N,), read-only (zeros when K = 1); after a sharded restore, gathered once."""
         self._client_labels()
@@ -785,8 +898,13 @@ class DaskPopulation(MeanFieldSummary):
         self._stale_means = False
 
     @property
+    @_one_caller("DaskPopulation.mean_state")
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean of the current states; after a step, one round trip of ``O(K d)`` numbers per shard."""
+        return self._current_means()
+
+    def _current_means(self) -> np.ndarray:
+        """:attr:`mean_state` (the field made current first, if stale), for the caller that holds the guard."""
         if self._stale_means:
             # The shards' last move pass left the sums of the moved states in their rows: the kernels'
             # merge_move turns them into m(t+1), as on one machine.
@@ -799,13 +917,15 @@ class DaskPopulation(MeanFieldSummary):
         return self._field[self._lay.field_state].copy()
 
     @property
+    @_one_caller("DaskPopulation.class_mean_state")
     def class_mean_state(self) -> np.ndarray:
         """``m_l(t)``, the mean state of each class, shape (K, d) (see :attr:`mean_state`)."""
-        self.mean_state
+        self._current_means()
         lay = self._lay
         return self._field[lay.class_state:lay.class_state + lay.n_classes].copy()
 
     # ------------------------------------------------------------------ persistence
+    @_one_caller("DaskPopulation.state_dict")
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: :meth:`Population.state_dict`'s keys, gathered.
 
@@ -815,7 +935,10 @@ class DaskPopulation(MeanFieldSummary):
         # m(t) as the kernels merged it (re-deriving it here from the gathered states would round differently).
         states = self._gather_agents("states", (self.n_agents, self.dim))
         self._client_labels()
-        state = self._summary_state(states, self._gather_agents("costs", (self.n_agents,)))
+        costs = self._gather_agents("costs", (self.n_agents,))
+        self._current_means()
+        with self._lend():  # the summary reads the mean_state property (current now: no message); nothing else
+            state = self._summary_state(states, costs)
         source = self._gather_source()
         if source is not None:
             state["source"] = source
@@ -835,6 +958,7 @@ class DaskPopulation(MeanFieldSummary):
                     raise RuntimeError(f"signal sources disagree on shared state {name!r} (shard 0 vs shard {k})")
         return {"agents": agents, "shared": shared}
 
+    @_one_caller("DaskPopulation.load_state_dict")
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (of this class or of :class:`Population`); checks everything first."""
         clean = check_population_state(state, game=self.game, n_agents=self.n_agents, dim=self.dim)
@@ -886,6 +1010,7 @@ class DaskPopulation(MeanFieldSummary):
         _issue_warnings(answers)
         return [token if a["kept"] else None for a in answers]
 
+    @_one_caller("DaskPopulation.restore")
     def restore(self, path, server=None, *, n_shards: int | None = None):
         """Rebuild the shards on the live workers and load the checkpoint at ``path``.
 
@@ -901,7 +1026,8 @@ class DaskPopulation(MeanFieldSummary):
         """
         _check_engines(self, server, None, saving=False)  # the one check of the server on either path
         if is_manifest(path):
-            return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
+            with self._lend():
+                return self._restore_shards(path, server, rebuild=True, n_shards=n_shards)
         ckpt = load_checkpoint(path)
         ckpt.check_compatible(self, server)
         kept = self._build(n_shards, None, source=ckpt.source, labels=ckpt.population.get("labels"))  # marks: "a restore"
@@ -909,12 +1035,14 @@ class DaskPopulation(MeanFieldSummary):
             server._interrupted = "a restore"  # _build reset it to round 0: marked until its state is loaded
         self._sources_checked = (threading.get_ident(), kept)  # by _build's check, before the old shards went: not again
         try:
-            result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
+            with self._lend():  # to the load_state_dicts
+                result = _restore_checked(ckpt, self, server, None)  # whose load_state_dicts clear the marks last
         finally:
             self._sources_checked = None
         self._interrupted = None
         return result
 
+    @_one_caller("DaskPopulation.save")
     def save(self, path, server=None, *, sharded: bool = True):
         """Write a checkpoint of this population (and ``server``, a :class:`DaskServer` of it) atomically.
 
@@ -939,7 +1067,8 @@ class DaskPopulation(MeanFieldSummary):
         refused (``ValueError``) before the manifest is written, and the
         files already written for it are deleted.
         """
-        return save_checkpoint(path, self, server, sharded=sharded)  # which checks the server (once)
+        with self._lend():  # to the state_dicts, or to _save_shards
+            return save_checkpoint(path, self, server, sharded=sharded)  # which checks the server (once)
 
     def _check_own_server(self, server) -> None:
         """``TypeError`` unless ``server`` is None or a :class:`DaskServer` of this population (its weights live on our shards).
@@ -951,6 +1080,7 @@ class DaskPopulation(MeanFieldSummary):
             got = "one of another population" if hasattr(server, "population") else f"a {type(server).__name__}"
             raise TypeError(f"server must be a DaskServer of this population (or None), got {got}")
 
+    @_one_caller("save_checkpoint")  # also called by save_checkpoint(path, population) directly
     def _save_shards(self, path, server=None):
         """The sharded save (see :meth:`save`); ``server`` was checked by :func:`~memoa_fast.checkpoint.save_checkpoint`."""
         given = Path(path)
@@ -974,7 +1104,7 @@ class DaskPopulation(MeanFieldSummary):
         """The sharded save proper, while the save ``token`` is marked live (:func:`~memoa_fast.checkpoint.mark_save_live`)."""
         if server is not None:
             server._check_usable()  # a server left mid-update by an interrupt is not saved
-        self.mean_state  # the mean fields of the current states (O(K d) per shard, if stale)
+        self._current_means()  # the mean fields of the current states (O(K d) per shard, if stale)
         lay, K = self._lay, self._lay.n_classes
         population = {
             "mean_state": self._field[lay.field_state].copy(),
@@ -1034,6 +1164,7 @@ class DaskPopulation(MeanFieldSummary):
                 raise RuntimeError(f"signal sources disagree on their shared state (shard 0 vs shard {k})")
         return first["source_shared"], first["source_agents"]
 
+    @_one_caller("restore_checkpoint")  # also called by restore_checkpoint(path, population) directly
     def _restore_shards(self, path, server=None, *, rebuild: bool = False, n_shards: int | None = None):
         """Load a sharded checkpoint: every shard reads and checks its own rows, then all install them.
 
@@ -1137,6 +1268,7 @@ class DaskPopulation(MeanFieldSummary):
     def _record_checkpoint(self, path, t) -> None:
         self.last_checkpoint, self.last_checkpoint_step = str(path), int(t)
 
+    @_one_caller("DaskPopulation.info")
     def info(self) -> list[dict]:
         """Per shard: agents ``[lo, hi)``, worker address, process id and kernel threads."""
         return [dict(shard=k, worker=w, **i) for k, (w, i) in enumerate(zip(self.shard_workers, self._call(("info", ()))))]

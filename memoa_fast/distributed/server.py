@@ -10,7 +10,7 @@ import numpy as np
 from .._state import check_server_state, server_state
 from .._validation import as_float_array, check_choice, check_out, check_real, readonly_view
 from ..server import RULE_CODES, RULES, check_update_count
-from .population import DaskPopulation, ShardedStates
+from .population import DaskPopulation, ShardedStates, _one_caller
 
 
 class DaskServer:
@@ -34,6 +34,12 @@ class DaskServer:
     population's N) for the next message. Rule ``eg`` needs ``yhat`` of the
     states being scored: it reuses the last :meth:`predict` when nothing
     changed since, else costs one more round trip.
+
+    One caller at a time: a server sends its messages through its
+    population and shares its guard (see :class:`DaskPopulation`): a call
+    while another thread is inside a call of the server, of the population
+    or of another of its servers raises ``RuntimeError`` at once and changes
+    nothing.
     """
 
     def __init__(self, population: DaskPopulation, *, rule: str = "hedge", eta: float = 1.0, alpha: float = 0.0):
@@ -51,13 +57,24 @@ class DaskServer:
         self._yhat = np.zeros(self.dim)
         self._yhat_version = None
         self._weights_version = 0
-        population._servers[self.sid] = self
-        population._queue(("add_server", (self.sid,)))
-        # When this object goes, its weights leave the workers with the next message.
+        self._register()
+        # When this object goes, its weights leave the workers with the next message. Not under the guard: the
+        # collector runs the finalizer in any thread, also inside a call (_call keeps an op queued meanwhile).
         weakref.finalize(self, population._queue, ("drop_server", (self.sid,)))
 
+    @_one_caller("DaskServer()", of_population=True)
+    def _register(self) -> None:
+        """Give this server weights on the population's shards (with the next message)."""
+        self.population._servers[self.sid] = self
+        self.population._queue(("add_server", (self.sid,)))
+
+    @_one_caller("DaskServer.reset", of_population=True)
     def reset(self) -> None:
         """Uniform weights ``p = 1/N``; the update counter back to 0."""
+        self._reset()
+
+    def _reset(self) -> None:
+        """:meth:`reset`, for a caller that holds the population's guard (its restore)."""
         self._interrupted = "a reset"
         self.population._queue(("add_server", (self.sid,)))
         self.n_updates = 0
@@ -84,21 +101,32 @@ class DaskServer:
         )
 
     @property
+    @_one_caller("DaskServer.log_weights", of_population=True)
     def log_weights(self) -> np.ndarray:
         """``log p``, gathered from the workers (a read-only copy)."""
+        return self._log_weights()
+
+    def _log_weights(self) -> np.ndarray:
+        """:attr:`log_weights`, for a caller that holds the population's guard."""
         self._check_usable()
         return readonly_view(self.population._gather_agents("log_p", (self.n_agents,), sid=self.sid))
 
     @property
+    @_one_caller("DaskServer.weights", of_population=True)
     def weights(self) -> np.ndarray:
         """``p = exp(log p)`` (a new array)."""
-        return np.exp(self.log_weights)
+        return np.exp(self._log_weights())
 
+    @_one_caller("DaskServer.predict", of_population=True)
     def predict(self, states=None, out: np.ndarray | None = None) -> np.ndarray:
         """The mixture ``yhat = sum_i p_i x_i`` of the population's current states, shape (d,) (written into ``out`` when given)."""
         if out is not None:
             check_out(out, (self.dim,))  # before any work: a bad out changes nothing
         self._states(states)
+        return self._predict(out)
+
+    def _predict(self, out=None) -> np.ndarray:
+        """:meth:`predict` of the resident states, for a caller that holds the population's guard (``out`` checked)."""
         self._check_usable()
         pop = self.population
         rows = pop._unpack(pop._call(("predict", (self.sid,))), "mixture")
@@ -111,6 +139,7 @@ class DaskServer:
         out[...] = self._yhat
         return out
 
+    @_one_caller("DaskServer.update", of_population=True)
     def update(self, states, target) -> None:
         """Reweight the clients once the target ``y`` of the current states is known (shape (d,)).
 
@@ -123,7 +152,7 @@ class DaskServer:
         self._check_usable()
         pop = self.population
         if self.rule == "eg" and self._yhat_version != (pop._version, self._weights_version):
-            self.predict()
+            self._predict()
         pop._check_usable()  # before the mark: an update its population refuses changes nothing
         self._interrupted = "an update"
         parts = pop._call(("reweight", (self.sid, y.copy(), self._yhat.copy(), RULE_CODES[self.rule], self.eta)))
@@ -135,10 +164,12 @@ class DaskServer:
         self._weights_version += 1
         self._interrupted = None  # the last write: an interrupt before it leaves the server refusing
 
+    @_one_caller("DaskServer.state_dict", of_population=True)
     def state_dict(self) -> dict:
         """Everything needed to resume this server exactly (:meth:`Server.state_dict`'s keys, gathered)."""
-        return server_state(self.log_weights, self.n_updates, self.rule, self.eta, self.alpha)
+        return server_state(self._log_weights(), self.n_updates, self.rule, self.eta, self.alpha)
 
+    @_one_caller("DaskServer.load_state_dict", of_population=True)
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
         clean = check_server_state(state, n_agents=self.n_agents, rule=self.rule, eta=self.eta, alpha=self.alpha)
