@@ -2252,6 +2252,32 @@ def test_the_calls_a_call_makes_itself_are_served_and_a_callback_inside_them_is_
         assert pop.t == {"run": 4, "step_predict": 3, "save": 2, "restore": 2}[outer]
 
 
+def test_the_populations_own_states_are_taken_as_an_array_argument_of_its_calls(thread_client):
+    """``pop.step(pop.resident_states)``, ``pop.reset(pop.step(s))``, a state dict whose states are the handle: the
+    handle of the population's own states is an array (``__array__``), read as ``np.asarray(handle)`` before the call.
+    Since the one-caller guard (aafa181) its ``gather`` ran inside the call and was refused as a re-entrant call of
+    this very thread: ``RuntimeError`` for a single-threaded program that worked before.
+    """
+    rng = np.random.default_rng(3)
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, initial_states=rng.normal(size=N),
+                        timeout=TIMEOUT) as pop:
+        pop.step(rng.normal(size=N))
+        before = pop.state_dict()
+        x = pop.states
+        pop.step(x)
+        expected = pop.state_dict()
+        pop.load_state_dict(before)
+        _same_state(pop.state_dict(), before)
+        pop.step(pop.resident_states)  # signals = the current states, as above
+        _same_state(pop.state_dict(), expected)
+        pop.reset(pop.resident_states)  # round 0 at the current states
+        assert pop.t == 0
+        np.testing.assert_array_equal(pop.states, expected["states"])
+        pop.load_state_dict(dict(before, states=pop.resident_states))
+        np.testing.assert_array_equal(pop.states, expected["states"])
+        assert pop.t == before["t"]
+
+
 @pytest.mark.parametrize("function", ["save_checkpoint", "restore_checkpoint"])
 def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(thread_client, tmp_path, function):
     """``save_checkpoint``/``restore_checkpoint`` of a single file over a DaskPopulation and its server gather (load)

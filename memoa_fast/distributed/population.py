@@ -102,9 +102,16 @@ def _one_caller(call: str, *, of_population: bool = False):
     :class:`ShardedStates`, a :class:`~memoa_fast.distributed.DaskServer`), whose ``population`` holds the guard.
     """
     def decorate(method):
-        @functools.wraps(method)
-        def held(self, *args, **kwargs):
-            return (self.population if of_population else self)._held(call, method, self, args, kwargs)
+        if of_population:
+            @functools.wraps(method)
+            def held(self, *args, **kwargs):
+                return self.population._held(call, method, self, args, kwargs)
+        else:
+            @functools.wraps(method)
+            def held(self, *args, **kwargs):
+                if args or kwargs:  # the population's own states as an argument: read before the guard (_gather_own)
+                    args, kwargs = self._gather_own(args, kwargs)
+                return self._held(call, method, self, args, kwargs)
         return held
     return decorate
 
@@ -466,6 +473,24 @@ class DaskPopulation(MeanFieldSummary):
         finally:
             self._calling = None
             ex.__exit__()
+
+    def _gather_own(self, args, kwargs):
+        """``args``, ``kwargs`` with each :class:`ShardedStates` of this population gathered, before the guard.
+
+        At the top, or one level down in a dict, list or tuple (a state dict's ``"states"``). The handle is an array
+        (``__array__``) that a call would otherwise convert inside itself, where its ``gather`` is refused as a
+        re-entrant call of this very thread: ``pop.step(pop.resident_states)``, ``pop.reset(pop.step(s))``. Read
+        here, it is what ``np.asarray(handle)`` before the call reads.
+        """
+        def plain(value):
+            if isinstance(value, ShardedStates):
+                return value.gather() if value.population is self else value
+            if type(value) is dict and any(isinstance(v, ShardedStates) for v in value.values()):
+                return {k: plain(v) for k, v in value.items()}
+            if type(value) in (list, tuple) and any(isinstance(v, ShardedStates) for v in value):
+                return type(value)(plain(v) for v in value)
+            return value
+        return tuple(plain(a) for a in args), {k: plain(v) for k, v in kwargs.items()}
 
     def _checkpoint_call(self, call, body, *args):
         """``body(*args)``, :func:`~memoa_fast.checkpoint.save_checkpoint`'s or ``restore_checkpoint``'s, as one call.
