@@ -482,6 +482,12 @@ class DaskPopulation(MeanFieldSummary):
         re-entrant call of this very thread: ``pop.step(pop.resident_states)``, ``pop.reset(pop.step(s))``. Read
         here, it is what ``np.asarray(handle)`` before the call reads.
         """
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, (ShardedStates, dict, list, tuple)):
+                break
+        else:
+            return args, kwargs  # the common case (arrays, numbers, None): nothing to read, no copy
+
         def plain(value):
             if isinstance(value, ShardedStates):
                 return value.gather() if value.population is self else value
