@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 import time
 import uuid
@@ -446,15 +447,16 @@ class DaskPopulation(MeanFieldSummary):
         self.close()
 
     # ------------------------------------------------------------------ one caller
-    def _held(self, call, method, obj, args, kwargs):
+    def _held(self, call, method, obj, args, kwargs, depth: int = 2):
         """``method(obj, *args, **kwargs)`` under the guard (:func:`_one_caller`); ``RuntimeError`` at once if it is held.
 
         The guard is entered here, in this frame, which runs for the whole call: :class:`~memoa_fast._exclusive.Exclusive`
-        tells a hold left behind by an interrupt (its frame gone) from a call in progress by it.
+        tells a hold left behind by an interrupt (its frame gone) from a call in progress by it. ``depth``: how many
+        frames up from here the caller of the public call is (its wrapper's caller).
         """
         ex = self._exclusive
         lent = self._lent
-        if lent is not None and lent is ex.held_here():
+        if lent is not None and lent is ex.held_here() and self._lends_to(sys._getframe(depth)):
             # A call that this thread's call in progress makes itself (run's step, restore's load_state_dict): under
             # its hold, lent to this one call only, so that what this call runs (a callback) cannot call in again.
             self._lent = None
@@ -473,6 +475,20 @@ class DaskPopulation(MeanFieldSummary):
         finally:
             self._calling = None
             ex.__exit__()
+
+    def _lends_to(self, caller) -> bool:
+        """Whether a public call made by the frame ``caller`` during a lend is one the call in progress makes itself.
+
+        The package's own code (run's loop, restore's and the checkpoint functions' bodies), or a method of this
+        population or of one of its servers (a subclass's override calling ``super()``). Not code that merely runs
+        in between: a signal handler, or a callback of a user's object (a source's ``state_dict``, an ``__array__``),
+        which would otherwise be served in the middle of a save (the population's state of round t, the server's of
+        the next) or a restore.
+        """
+        if caller.f_globals.get("__name__", "").partition(".")[0] == "memoa_fast":
+            return True
+        owner = caller.f_locals.get("self") if caller.f_code.co_argcount else None
+        return owner is self or any(owner is server for server in self._servers.values())
 
     def _gather_own(self, args, kwargs):
         """``args``, ``kwargs`` with each :class:`ShardedStates` of this population gathered, before the guard.
@@ -507,7 +523,7 @@ class DaskPopulation(MeanFieldSummary):
         def lent(_):
             with self._lend():
                 return body(*args)
-        return self._held(call, lent, self, (), {})
+        return self._held(call, lent, self, (), {}, depth=3)  # the caller of save_checkpoint / restore_checkpoint
 
     @contextlib.contextmanager
     def _lend(self):
