@@ -2253,7 +2253,73 @@ def test_the_calls_a_call_makes_itself_are_served_and_a_callback_inside_them_is_
 
 
 @pytest.mark.parametrize("function", ["save_checkpoint", "restore_checkpoint"])
-def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(thread_client, tmp_path, function):
+def test_a_callback_of_this_thread_inside_a_checkpoint_call_is_refused(thread_client, tmp_path, function, monkeypatch):
+    """A save (restore) lends its hold to the population's and the server's own calls it makes, not to code that
+    runs in between in the same thread: a signal handler, a user object's method. Here such a callback steps the
+    population and updates the server (in a save, between the population's state and the server's): refused at once,
+    nothing changes. On aafa181 it was served (lent the hold): a file of the population at round 1 and the server after its
+    second update, the very mix the checkpoint's guard is for.
+    """
+    rng = np.random.default_rng(9)
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="hedge", eta=0.5)
+        _round(pop, server, rng.normal(size=N), np.ones(1))
+        path = save_checkpoint(tmp_path / "a.npz", pop, server, sharded=False)
+        refused = []
+        # run by the save after the population's state_dict, by the restore in its checks (reading the file's server)
+        module = sys.modules["memoa_fast.checkpoint"]
+        name = "check_population_state" if function == "save_checkpoint" else "check_server_state"
+        real = getattr(module, name)
+
+        def in_between(*args, **kwargs):  # as a signal handler run at this point would
+            if not refused:
+                _record_failure(refused, lambda: _round(pop, server, rng.normal(size=N), np.ones(1)))
+                refused.append(refused.pop() if refused else "served")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, in_between)
+        if function == "save_checkpoint":
+            path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
+        else:
+            restore_checkpoint(path, pop, server)
+        monkeypatch.undo()
+        assert len(refused) == 1 and "a call of this very thread that has not returned" in refused[0], refused
+        assert pop.t == 1 and server.n_updates == 1 and pop._lent is None and pop._calling is None
+        saved = load_checkpoint(path)
+        assert saved.t == 1 and saved.server["n_updates"] == 1
+        _round(pop, server, rng.normal(size=N), np.ones(1))  # served after the call
+        assert pop.t == 2 and server.n_updates == 2
+
+
+def test_the_populations_own_states_are_taken_as_an_array_argument_of_its_calls(thread_client):
+    """``pop.step(pop.resident_states)``, ``pop.reset(pop.step(s))``, a state dict whose states are the handle: the
+    handle of the population's own states is an array (``__array__``), read as ``np.asarray(handle)`` before the call.
+    Since the one-caller guard (aafa181) its ``gather`` ran inside the call and was refused as a re-entrant call of
+    this very thread: ``RuntimeError`` for a single-threaded program that worked before.
+    """
+    rng = np.random.default_rng(3)
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, initial_states=rng.normal(size=N),
+                        timeout=TIMEOUT) as pop:
+        pop.step(rng.normal(size=N))
+        before = pop.state_dict()
+        x = pop.states
+        pop.step(x)
+        expected = pop.state_dict()
+        pop.load_state_dict(before)
+        _same_state(pop.state_dict(), before)
+        pop.step(pop.resident_states)  # signals = the current states, as above
+        _same_state(pop.state_dict(), expected)
+        pop.reset(pop.resident_states)  # round 0 at the current states
+        assert pop.t == 0
+        np.testing.assert_array_equal(pop.states, expected["states"])
+        pop.load_state_dict(dict(before, states=pop.resident_states))
+        np.testing.assert_array_equal(pop.states, expected["states"])
+        assert pop.t == before["t"]
+
+
+@pytest.mark.parametrize("function", ["save_checkpoint", "restore_checkpoint"])
+def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(thread_client, tmp_path, function,
+                                                                                  monkeypatch):
     """``save_checkpoint``/``restore_checkpoint`` of a single file over a DaskPopulation and its server gather (load)
     the population's state, then the server's: another thread's step in between is refused, and the checkpoint (the
     restored pair) is of one round. It used to be served: a file holding the population at t and the server at the
@@ -2266,24 +2332,24 @@ def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(
         path = save_checkpoint(tmp_path / "a.npz", pop, server, sharded=False)
         before, server_before = pop.state_dict(), server.state_dict()
         refused = []
-        name = "state_dict" if function == "save_checkpoint" else "load_state_dict"
-        real = getattr(server, name)
+        # what the save runs after the population's state_dict, or the restore's server.load_state_dict first
+        module, name = ((sys.modules["memoa_fast.checkpoint"], "check_population_state") if function == "save_checkpoint" else
+                        (sys.modules["memoa_fast.distributed.server"], "check_server_state"))
+        real = getattr(module, name)
 
-        def after_the_population(*args):
+        def after_the_population(*args, **kwargs):
             other = threading.Thread(target=lambda: _record_failure(
                 refused, lambda: _round(pop, server, rng.normal(size=N), np.ones(1))))
             other.start()
             other.join(TIMEOUT)
-            return real(*args)
+            return real(*args, **kwargs)
 
-        setattr(server, name, after_the_population)
-        try:
-            if function == "save_checkpoint":
-                path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
-            else:
-                restore_checkpoint(path, pop, server)
-        finally:
-            delattr(server, name)
+        monkeypatch.setattr(module, name, after_the_population)
+        if function == "save_checkpoint":
+            path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
+        else:
+            restore_checkpoint(path, pop, server)
+        monkeypatch.undo()
         assert len(refused) == 1 and f"inside {function}" in refused[0], refused
         assert pop.t == 1 and server.n_updates == 1
         saved = load_checkpoint(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 import time
 import uuid
@@ -102,9 +103,16 @@ def _one_caller(call: str, *, of_population: bool = False):
     :class:`ShardedStates`, a :class:`~memoa_fast.distributed.DaskServer`), whose ``population`` holds the guard.
     """
     def decorate(method):
-        @functools.wraps(method)
-        def held(self, *args, **kwargs):
-            return (self.population if of_population else self)._held(call, method, self, args, kwargs)
+        if of_population:
+            @functools.wraps(method)
+            def held(self, *args, **kwargs):
+                return self.population._held(call, method, self, args, kwargs)
+        else:
+            @functools.wraps(method)
+            def held(self, *args, **kwargs):
+                if args or kwargs:  # the population's own states as an argument: read before the guard (_gather_own)
+                    args, kwargs = self._gather_own(args, kwargs)
+                return self._held(call, method, self, args, kwargs)
         return held
     return decorate
 
@@ -439,15 +447,16 @@ class DaskPopulation(MeanFieldSummary):
         self.close()
 
     # ------------------------------------------------------------------ one caller
-    def _held(self, call, method, obj, args, kwargs):
+    def _held(self, call, method, obj, args, kwargs, depth: int = 2):
         """``method(obj, *args, **kwargs)`` under the guard (:func:`_one_caller`); ``RuntimeError`` at once if it is held.
 
         The guard is entered here, in this frame, which runs for the whole call: :class:`~memoa_fast._exclusive.Exclusive`
-        tells a hold left behind by an interrupt (its frame gone) from a call in progress by it.
+        tells a hold left behind by an interrupt (its frame gone) from a call in progress by it. ``depth``: how many
+        frames up from here the caller of the public call is (its wrapper's caller).
         """
         ex = self._exclusive
         lent = self._lent
-        if lent is not None and lent is ex.held_here():
+        if lent is not None and lent is ex.held_here() and self._lends_to(sys._getframe(depth)):
             # A call that this thread's call in progress makes itself (run's step, restore's load_state_dict): under
             # its hold, lent to this one call only, so that what this call runs (a callback) cannot call in again.
             self._lent = None
@@ -467,6 +476,44 @@ class DaskPopulation(MeanFieldSummary):
             self._calling = None
             ex.__exit__()
 
+    def _lends_to(self, caller) -> bool:
+        """Whether a public call made by the frame ``caller`` during a lend is one the call in progress makes itself.
+
+        The package's own code (run's loop, restore's and the checkpoint functions' bodies), or a method of this
+        population or of one of its servers (a subclass's override calling ``super()``). Not code that merely runs
+        in between: a signal handler, or a callback of a user's object (a source's ``state_dict``, an ``__array__``),
+        which would otherwise be served in the middle of a save (the population's state of round t, the server's of
+        the next) or a restore.
+        """
+        if caller.f_globals.get("__name__", "").partition(".")[0] == "memoa_fast":
+            return True
+        owner = caller.f_locals.get("self") if caller.f_code.co_argcount else None
+        return owner is self or any(owner is server for server in self._servers.values())
+
+    def _gather_own(self, args, kwargs):
+        """``args``, ``kwargs`` with each :class:`ShardedStates` of this population gathered, before the guard.
+
+        At the top, or one level down in a dict, list or tuple (a state dict's ``"states"``). The handle is an array
+        (``__array__``) that a call would otherwise convert inside itself, where its ``gather`` is refused as a
+        re-entrant call of this very thread: ``pop.step(pop.resident_states)``, ``pop.reset(pop.step(s))``. Read
+        here, it is what ``np.asarray(handle)`` before the call reads.
+        """
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, (ShardedStates, dict, list, tuple)):
+                break
+        else:
+            return args, kwargs  # the common case (arrays, numbers, None): nothing to read, no copy
+
+        def plain(value):
+            if isinstance(value, ShardedStates):
+                return value.gather() if value.population is self else value
+            if type(value) is dict and any(isinstance(v, ShardedStates) for v in value.values()):
+                return {k: plain(v) for k, v in value.items()}
+            if type(value) in (list, tuple) and any(isinstance(v, ShardedStates) for v in value):
+                return type(value)(plain(v) for v in value)
+            return value
+        return tuple(plain(a) for a in args), {k: plain(v) for k, v in kwargs.items()}
+
     def _checkpoint_call(self, call, body, *args):
         """``body(*args)``, :func:`~memoa_fast.checkpoint.save_checkpoint`'s or ``restore_checkpoint``'s, as one call.
 
@@ -476,7 +523,7 @@ class DaskPopulation(MeanFieldSummary):
         def lent(_):
             with self._lend():
                 return body(*args)
-        return self._held(call, lent, self, (), {})
+        return self._held(call, lent, self, (), {}, depth=3)  # the caller of save_checkpoint / restore_checkpoint
 
     @contextlib.contextmanager
     def _lend(self):
