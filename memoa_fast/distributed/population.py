@@ -117,6 +117,28 @@ def _one_caller(call: str, *, of_population: bool = False):
     return decorate
 
 
+class _Lend:
+    """``with population._lend():`` (:meth:`DaskPopulation._lend`), restoring the previous lend on exit.
+
+    A plain context manager, not a generator one: a ``KeyboardInterrupt`` arriving inside
+    ``contextlib``'s exit before the generator resumed would leave its ``finally`` to run later, at the
+    generator's collection, possibly in the middle of another lend, which it would then end.
+    """
+
+    __slots__ = ("population", "before")
+
+    def __init__(self, population):
+        self.population = population
+        self.before = None
+
+    def __enter__(self):
+        self.before = self.population._lent
+        self.population._lent = self.population._exclusive.held_here()
+
+    def __exit__(self, *exc) -> None:
+        self.population._lent = self.before
+
+
 class ShardedStates:
     """A handle on a :class:`DaskPopulation`'s states, which stay on the workers.
 
@@ -525,19 +547,13 @@ class DaskPopulation(MeanFieldSummary):
                 return body(*args)
         return self._held(call, lent, self, (), {}, depth=3)  # the caller of save_checkpoint / restore_checkpoint
 
-    @contextlib.contextmanager
-    def _lend(self):
+    def _lend(self) -> "_Lend":
         """Within a call that holds the guard: lend its hold to the public calls it makes itself, in this thread.
 
         Each of them takes it for its own length only (see :meth:`_held`); a token of another hold (one left by an
         interrupt, another thread's) never matches.
         """
-        before = self._lent
-        self._lent = self._exclusive.held_here()
-        try:
-            yield
-        finally:
-            self._lent = before
+        return _Lend(self)
 
     # ------------------------------------------------------------------ messaging
     def _queue(self, op) -> None:
