@@ -268,7 +268,11 @@ class DaskPopulation(MeanFieldSummary):
     with the next call, whichever it is: by then the step has returned. The
     interrupt marks are unchanged: a call cut short between its first and
     last write still leaves a population that refuses every call until
-    :meth:`load_state_dict`, :meth:`reset` or :meth:`restore`.
+    :meth:`load_state_dict`, :meth:`reset` or :meth:`restore`. :meth:`close`
+    is refused too while another thread is inside a call, so is the exit of
+    a ``with`` block then: its ``RuntimeError`` replaces an exception the
+    block raised (which stays its ``__context__``), and the shards stay until
+    a later :meth:`close` or the collection of the population.
     """
 
     backend = "numba"
