@@ -667,6 +667,24 @@ def test_the_outlier_bound_default_is_the_studys_best():
     assert printed == text
 
 
+def test_the_round18_outlier_study_is_its_jsons_summary_and_the_readme_quotes_it():
+    """``bench/outlier_study_round18.txt`` is what ``--summary`` prints from its JSON, and the README's means for bounds 2,
+    8 and 12 (worst / average / hedge, to 3 decimals) are that file's: the re-measurement the default has not followed yet.
+    """
+    import subprocess
+    import sys
+
+    text = (ROOT / "bench" / "outlier_study_round18.txt").read_text()
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "outlier_study.py"), "--summary",
+                              str(ROOT / "bench" / "outlier_study_round18.json")], capture_output=True, text=True, check=True).stdout
+    assert printed == text
+    readme = " ".join(README.read_text().split())
+    for bound in ("2", "8", "12"):
+        cols = re.search(rf"^  b={bound}: worst ([\d.]+) .*average ([\d.]+) .*hedge ([\d.]+) ", text, flags=re.M).groups()
+        quoted = f"bound {bound} " + " / ".join(f"{float(c):.3f}" for c in cols)
+        assert quoted in readme, quoted
+
+
 def test_a_stopped_outlier_study_resumes_where_it_stopped(tmp_path, monkeypatch):
     """``outlier_study.py --json`` saves each finished series to ``PATH.partial``: a run started again with the same
     bounds and clients measures only the series not saved there, and one with other settings is refused, naming both.
