@@ -2252,6 +2252,14 @@ def test_the_calls_a_call_makes_itself_are_served_and_a_callback_inside_them_is_
         assert pop.t == {"run": 4, "step_predict": 3, "save": 2, "restore": 2}[outer]
 
 
+def _checkpoint_function(function, pop, server, path, tmp_path):
+    """``save_checkpoint`` of ``pop`` and ``server`` to a new file (returns it), or ``restore_checkpoint`` of ``path`` (returns it)."""
+    if function == "save_checkpoint":
+        return save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
+    restore_checkpoint(path, pop, server)
+    return path
+
+
 @pytest.mark.parametrize("function", ["save_checkpoint", "restore_checkpoint"])
 def test_a_callback_of_this_thread_inside_a_checkpoint_call_is_refused(thread_client, tmp_path, function, monkeypatch):
     """A save (restore) lends its hold to the population's and the server's own calls it makes, not to code that
@@ -2278,10 +2286,7 @@ def test_a_callback_of_this_thread_inside_a_checkpoint_call_is_refused(thread_cl
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, in_between)
-        if function == "save_checkpoint":
-            path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
-        else:
-            restore_checkpoint(path, pop, server)
+        path = _checkpoint_function(function, pop, server, path, tmp_path)
         monkeypatch.undo()
         assert len(refused) == 1 and "a call of this very thread that has not returned" in refused[0], refused
         assert pop.t == 1 and server.n_updates == 1 and pop._lent is None and pop._calling is None
@@ -2345,10 +2350,7 @@ def test_the_checkpoint_functions_hold_a_dask_population_for_their_whole_length(
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, after_the_population)
-        if function == "save_checkpoint":
-            path = save_checkpoint(tmp_path / "b.npz", pop, server, sharded=False)
-        else:
-            restore_checkpoint(path, pop, server)
+        path = _checkpoint_function(function, pop, server, path, tmp_path)
         monkeypatch.undo()
         assert len(refused) == 1 and f"inside {function}" in refused[0], refused
         assert pop.t == 1 and server.n_updates == 1
