@@ -621,9 +621,11 @@ def test_outlier_bound_is_checked(bound, exc, words):
         run_experiment(make_stream("logistic", 100, seed=0), n_clients=3, outlier_bound=bound)
 
 
-def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes():
+@pytest.mark.parametrize("bound", [OUTLIER_BOUND, 12.0])
+def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes(bound):
     """Each coordinate's unit is its own burn-in spread: beside a coordinate up to 1e330 times larger or smaller (|y| <= 1e30 both),
-    a coordinate holds exactly what it holds alone (one shared power of two made its squares underflow: sd 0, never held).
+    a coordinate holds exactly what it holds alone (one shared power of two made its squares underflow: sd 0, never held;
+    at bound 12, NumPy's summation across the rows made its spread, and so the held values, an ulp apart).
     """
     from memoa_fast.timeseries.experiment import held_feed
 
@@ -632,8 +634,8 @@ def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes():
     v[[150, 220]] += 40.0
     for big, small in ((1e20, 1e-150), (1e30, 1e-300), (1.0, 1e-200), (1e-200, 1.0)):
         two = np.column_stack([big * u, small * v])
-        feed, held = held_feed(two, 100, OUTLIER_BOUND)
-        alone = [held_feed(two[:, [j]], 100, OUTLIER_BOUND) for j in (0, 1)]
+        feed, held = held_feed(two, 100, bound)
+        alone = [held_feed(two[:, [j]], 100, bound) for j in (0, 1)]
         assert held == alone[0][1] + alone[1][1] >= 2, (big, small, held)
         np.testing.assert_array_equal(feed, np.column_stack([alone[0][0], alone[1][0]]))
 

@@ -1079,3 +1079,19 @@ def test_hold_copies_only_once_a_value_is_held(copy):
     feed, held, _ = streams._hold(spiked, np.array([0.5]), 20, copy=copy)
     assert held == 1 and feed[2_000_000, 0] == before[:2_000_000].max() + 0.5 and (feed is spiked) is (not copy)
     np.testing.assert_array_equal(spiked, before if copy else feed)
+
+
+def test_spread_along_an_axis_is_each_slice_alone_bit_for_bit():
+    """The class: any (T, d) or (d, T) array of finite values, any magnitudes. ``spread(a, axis)[j]`` is ``spread`` of
+    slice ``j`` alone, whatever the other slices hold (NumPy's reduction across rows summed in another order: an ulp).
+    """
+    from memoa_fast.timeseries.streams import spread
+
+    rng = np.random.default_rng(11)
+    for T, d in ((101, 2), (257, 7), (4096, 3)):
+        a = rng.standard_normal((T, d)) * 10.0 ** rng.uniform(-200, 200, d) + rng.normal(0, 1e3, d)
+        a = a / 2.0 ** np.ceil(np.log2(np.abs(a).max(axis=0)))  # each column within [-1, 1], as the callers pass them
+        along_rows, along_columns = spread(a, axis=0), spread(np.ascontiguousarray(a.T), axis=1)
+        for j in range(d):
+            alone = spread(np.ascontiguousarray(a[:, j]))
+            assert along_rows[j] == alone == along_columns[j], (T, d, j)

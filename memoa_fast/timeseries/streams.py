@@ -311,8 +311,15 @@ def spread(values: np.ndarray, axis: int | None = None):
     .. math:: \\operatorname{spread}(v) = \\operatorname{std}(v) \\text{ if } \\operatorname{std}(v) > 2^{-46} \\max |v|, \\text{ else } 0
 
     ``values`` must be finite and at most about 1e300 in magnitude (the
-    callers pass them divided by :func:`unit_scale`).
+    callers pass them divided by :func:`unit_scale`). Along an axis, each
+    slice's spread is the very bits of that slice's alone: the slices are
+    made contiguous rows first, since NumPy sums a reduction across the
+    rows of a 2-D array in another order than along one (a coordinate's
+    spread, and so what it holds, moved by an ulp with its neighbours).
     """
+    if axis is not None:
+        values = np.ascontiguousarray(np.moveaxis(np.asarray(values), axis, -1))
+        axis = -1
     std = np.std(values, axis=axis)
     top = np.max(np.abs(values), axis=axis)
     out = np.where(std > ROUNDING_SPREAD * top, std, 0.0)
