@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from ._state import RULES, check_population_state, check_server_state, check_source_layout, n_classes_of
-from ._validation import available_memory, check_int, checked_installer
+from ._validation import available_memory, check_int, load_checked
 from .game import POLICIES, Game
 
 try:
@@ -1635,12 +1635,8 @@ def _restore_checked(checkpoint, population, server, source) -> Checkpoint:
     population.load_state_dict(pop_state)
     if server is not None:
         server.load_state_dict(server_state)
-    if source is not None:  # source_state is its validator's clean copy (check_compatible)
-        install = checked_installer(source)
-        if install is None:
-            source.load_state_dict(source_state)
-        else:  # the package's source: installed without a second O(N) check
-            install(source, source_state)
+    if source is not None:  # source_state is its validator's clean copy (check_compatible): not checked a second time
+        load_checked(source, source_state)
     record = getattr(population, "_record_checkpoint", None)
     if record is not None and ckpt.path is not None:
         record(ckpt.path, ckpt.t)

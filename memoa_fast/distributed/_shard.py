@@ -16,7 +16,7 @@ import numpy as np
 from .. import _backends
 from .. import checkpoint as _ckpt
 from .._state import check_source_layout
-from .._validation import as_float_array, checked_installer, quietly_validated, validates_quietly
+from .._validation import as_float_array, checked_installer, load_checked, quietly_validated, validates_quietly
 from ..kernels import used_columns, work_shape
 from ..population import check_labels, first_max, state_sums
 
@@ -194,13 +194,10 @@ class Shard:
             else:
                 self.log_p[sid] = np.array(value, dtype=np.float64)
         if kept is not None:  # the clean copy of this load's check, not sent again
-            checked_installer(self.source)(self.source, kept)
+            load_checked(self.source, kept)
         elif source_state is not None:  # checked by _check_source first, whose warnings the client issued
-            install = checked_installer(self.source)
-            if install is not None:  # the package's source: checked once here, its clean copy installed unchecked
-                install(self.source, self.source._validated(source_state)[0])
-            elif validates_quietly(self.source):  # its own load: the clean copy, which loads without issuing them again
-                self.source.load_state_dict(self.source._validated(source_state)[0])
+            if validates_quietly(self.source):  # the clean copy, which loads without issuing them again (and unchecked, ours)
+                load_checked(self.source, self.source._validated(source_state)[0])
             else:
                 self.source.load_state_dict(source_state)
         if states is not None or labels is not None:
@@ -364,11 +361,7 @@ class Shard:
         if sid is not None:
             self.log_p[sid] = staged["log_p"]
         if staged["source"] is not None:  # the clean copy _stage's check returned
-            install = checked_installer(self.source)
-            if install is None:
-                self.source.load_state_dict(staged["source"])
-            else:  # the package's source: not checked a second time
-                install(self.source, staged["source"])
+            load_checked(self.source, staged["source"])
         self.mean_ready = False
 
     def _discard(self):

@@ -75,6 +75,7 @@ from .._validation import (
     installs_checked,
     issue_notices,
     issues_what_validated_returns,
+    load_checked,
     quietly_validated,
     readonly_view,
     validates_quietly,
@@ -830,11 +831,7 @@ class ForecasterSignals:
         Through their installer when they have the package's (:func:`~memoa_fast._validation.checked_installer`):
         nothing checked again. Forecasters with a check or a load of their own get their ``load_state_dict``.
         """
-        install = checked_installer(self.forecasters)
-        if install is None:
-            self.forecasters.load_state_dict(clean)
-        else:
-            install(self.forecasters, clean)
+        load_checked(self.forecasters, clean)
 
     @installs_checked(_install_checked)
     def load_state_dict(self, state: dict) -> None:
