@@ -779,6 +779,30 @@ def thread_client():
         _stop_cluster(cluster, client)
 
 
+def test_a_dask_population_and_server_refuse_pickle_and_copies(thread_client):
+    """A copy of a DaskPopulation drove the very same shards with its own round count (copy.copy succeeded: two handles,
+    one set of states, a silent fork), and pickle failed on a module object. All three are refused, naming what to do
+    instead, and the population runs on unchanged.
+    """
+    import copy
+    import pickle
+
+    signals = np.random.default_rng(3).standard_normal((N, 1))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, seed=3, timeout=TIMEOUT) as dpop:
+        dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+        dpop.step(signals)
+        before = dpop.state_dict()
+        for obj, name in ((dpop, "DaskPopulation"), (dserver, "DaskServer")):
+            for how in (pickle.dumps, copy.copy, copy.deepcopy):
+                with pytest.raises(TypeError, match=rf"^a {name} cannot be pickled or copied: .* save"):
+                    how(obj)
+        after = dpop.state_dict()
+        assert after["t"] == before["t"] == 1
+        np.testing.assert_array_equal(after["states"], before["states"])
+        dpop.step(signals)
+        assert dpop.t == 2
+
+
 def test_a_sharded_set_is_read_and_restored_without_ast(thread_client, tmp_path, monkeypatch):
     """The shards' files and the manifest are read with no ast parse (its constructor is not thread-safe: two worker
     threads reading .npy headers at once failed a valid set as corrupt; test_checkpoint.py's single-file test says why).

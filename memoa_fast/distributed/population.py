@@ -273,6 +273,11 @@ class DaskPopulation(MeanFieldSummary):
     a ``with`` block then: its ``RuntimeError`` replaces an exception the
     block raised (which stays its ``__context__``), and the shards stay until
     a later :meth:`close` or the collection of the population.
+
+    Not picklable nor copyable (``TypeError``, as for its servers): a copy
+    would drive the same shards with its own round count. Save it
+    (:meth:`save`, :func:`~memoa_fast.save_checkpoint`) and restore the file
+    into a new population instead.
     """
 
     backend = "numba"
@@ -471,6 +476,13 @@ class DaskPopulation(MeanFieldSummary):
 
     def __exit__(self, *exc):
         self.close()
+
+    def __reduce_ex__(self, protocol):
+        # A copy would drive the same shards with its own round count and mean field, a silent fork; a pickle has no
+        # shards to point to. Refused for pickle, copy.copy and copy.deepcopy alike (all three ask for a reduction).
+        raise TypeError(f"a {type(self).__name__} cannot be pickled or copied: its states live on the workers' shards, "
+                        "which a copy would share; save it with population.save(path) or mf.save_checkpoint(path, "
+                        "population), and restore that into a new DaskPopulation")
 
     # ------------------------------------------------------------------ one caller
     def _held(self, call, method, obj, args, kwargs, depth: int = 2):

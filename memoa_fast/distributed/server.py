@@ -182,5 +182,11 @@ class DaskServer:
         self._weights_version += 1
         self._interrupted = None
 
+    def __reduce_ex__(self, protocol):
+        # As DaskPopulation's: its log-weights live on the population's shards, which a copy would share.
+        raise TypeError(f"a {type(self).__name__} cannot be pickled or copied: its log-weights live on the workers' shards, "
+                        "which a copy would share; save it with mf.save_checkpoint(path, population, server) and restore "
+                        "that into a new DaskServer")
+
     def __repr__(self) -> str:
         return f"DaskServer(n_agents={self.n_agents}, dim={self.dim}, rule={self.rule!r}, eta={self.eta!r}, alpha={self.alpha!r})"
