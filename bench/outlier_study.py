@@ -11,8 +11,9 @@ is 1 without a run. Each column's ratio ``b / None`` is the geometric mean
 over the five policies; the summary is the arithmetic mean over all series,
 and the default is the bound with the lowest mean of the three columns.
 
-    python3 bench/outlier_study.py --json bench/outlier_study.json      # about 100 minutes of CPU (one core)
+    python3 bench/outlier_study.py --json bench/outlier_study.json      # about 110 minutes of CPU (one core)
     python3 bench/outlier_study.py --summary bench/outlier_study.json   # the summary of a saved run
+    python3 bench/outlier_study.py --merge OUT.json A.json B.json         # runs of other bounds, as one study
 
 With ``--json PATH`` every finished series is also saved to ``PATH.partial``
 (replaced whole, never half written), and a run started again with the same
@@ -109,6 +110,40 @@ def study(bounds: list[float], n_clients: int, partial: Path | None = None) -> d
     return {name: out[name] for name in series}  # every_series()'s order, and only its series
 
 
+def merge(*runs: dict) -> dict:
+    """Saved runs of the same series with other bounds, as one run (its bounds in increasing order).
+
+    The runs must agree wherever they overlap: the same series in the same order with the same rows, and for a bound
+    in two runs, or the unbounded run in two, the same numbers (so the same clients and code). ValueError otherwise,
+    naming the series and the bound.
+    """
+    names = list(runs[0])
+    for run in runs[1:]:
+        if list(run) != names:
+            raise ValueError(f"the runs hold other series: {names} against {list(run)}")
+    out = {}
+    for name in names:
+        held, scored = {}, {}
+        for run in runs:
+            v = run[name]
+            if v["rows"] != runs[0][name]["rows"]:
+                raise ValueError(f"{name}: {v['rows']} rows in one run, {runs[0][name]['rows']} in another")
+            _agree(held, v["held"], name, "values held")
+            _agree(scored, {k: s for k, s in v.items() if k not in ("rows", "held")}, name, "scores")
+        order = sorted(held, key=float)
+        out[name] = {"rows": runs[0][name]["rows"], "held": {b: held[b] for b in order}}
+        out[name].update({k: scored[k] for k in ["none", *order] if k in scored})
+    return out
+
+
+def _agree(into: dict, new: dict, name: str, what: str) -> None:
+    """Add ``new``'s entries to ``into``; ValueError where a key in both has two values."""
+    for key, value in new.items():
+        if key in into and into[key] != value:
+            raise ValueError(f"{name}: the runs disagree at bound {key} ({what}): {into[key]} against {value}")
+        into[key] = value
+
+
 def summary(results: dict) -> str:
     """Per series where any bound holds a value: held count and worst/average/hedge ratios; then the means over all."""
     bounds = sorted({b for v in results.values() for b in v["held"]}, key=float)
@@ -140,11 +175,19 @@ def summary(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bounds", default="1,2,3,4,6,8,12", help="comma-separated bounds, in burn-in standard deviations")
+    ap.add_argument("--bounds", default="1,2,3,4,6,8,12,16,24,32,48,64", help="comma-separated bounds, in burn-in standard deviations")
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--json", help="write the raw numbers here")
     ap.add_argument("--summary", metavar="JSON", help="print the summary of a saved run instead of running")
+    ap.add_argument("--merge", nargs="+", metavar=("OUT", "JSON"), help="write the saved runs JSON... as one run to OUT")
     args = ap.parse_args()
+    if args.merge:
+        if len(args.merge) < 3:
+            ap.error(f"--merge takes OUT and at least two saved runs, got {args.merge}")
+        merged = merge(*(json.loads(Path(p).read_text()) for p in args.merge[1:]))
+        Path(args.merge[0]).write_text(json.dumps(merged, indent=1))
+        print(summary(merged))
+        return 0
     if args.summary:
         print(summary(json.loads(Path(args.summary).read_text())))
         return 0
