@@ -570,20 +570,22 @@ def test_a_series_that_leaves_its_burn_in_scale_is_forecast_about_as_well_as_by_
     assert res.scores["memoa"].mixture_rmse["hedge"] <= factor * naive
 
 
-@pytest.mark.parametrize("height", [30.0, -1e3, 1e6])
-def test_a_spike_costs_about_its_own_error_only(height):
-    """The class: one value of any height, anywhere after the burn-in. No forecast can foresee it, so each client's RMSE
-    is at least about sqrt(clean^2 + h^2 / n_scored); held, the spike costs little more than that (without the hold
-    the quadratic features amplify it about cubically: 900 RMSE for h = 100 where the floor is 3.6). The scores are
-    taken against the series itself: the uniform mean's error at the spike is about h^2.
+@pytest.mark.parametrize("bound, height", [(2.0, 30.0), (2.0, -1e3), (OUTLIER_BOUND, 2.5 * OUTLIER_BOUND),
+                                           (OUTLIER_BOUND, -1e3), (OUTLIER_BOUND, 1e6)])
+def test_a_spike_costs_about_its_own_error_only(bound, height):
+    """The class: one value of any height beyond the bound, anywhere after the burn-in. No forecast can foresee it, so
+    each client's RMSE is at least about sqrt(clean^2 + h^2 / n_scored); held, the spike costs little more than that
+    (without the hold the quadratic features amplify it about cubically: 900 RMSE for h = 100 where the floor is 3.6).
+    The scores are taken against the series itself: the uniform mean's error at the spike is about h^2.
     """
     y = make_stream("logistic", 601, seed=0)
-    clean = run_experiment(y, **SPIKE_RUN)
+    run = dict(SPIKE_RUN, outlier_bound=bound)
+    clean = run_experiment(y, **run)
     rng = np.random.default_rng(int(abs(height)))
     t = int(rng.integers(200, 590))
     spiked = y.copy()
     spiked[t] += height
-    held, plain = run_experiment(spiked, **SPIKE_RUN), run_experiment(spiked, outlier_bound=None, **SPIKE_RUN)
+    held, plain = run_experiment(spiked, **run), run_experiment(spiked, **dict(run, outlier_bound=None))
     assert held.outliers_held == clean.outliers_held + 1  # (the logistic map's first steps: the range is still narrow)
     for p in SPIKE_RUN["policies"]:
         floor = math.sqrt(clean.scores[p].worst_client_rmse ** 2 + height**2 / held.n_scored)
@@ -591,7 +593,7 @@ def test_a_spike_costs_about_its_own_error_only(height):
         # the test can fail: without the hold it does (at 30 sd less: the squares are capped at 8 sd, 2.6 against 1.7)
         assert plain.scores[p].worst_client_rmse > (1.3 if abs(height) < 100 else 2.0) * floor
         assert held.round_errors[p]["uniform"][t - 1] >= (abs(height) - 5) ** 2
-    assert f"outliers: {held.outliers_held} value(s) of the series lay more than {OUTLIER_BOUND:g} burn-in standard" in held.table()
+    assert f"outliers: {held.outliers_held} value(s) of the series lay more than {bound:g} burn-in standard" in held.table()
     assert held.to_dict()["outliers_held"] == held.outliers_held
 
 
@@ -600,7 +602,7 @@ def test_held_values_follow_the_series_unit_and_are_recorded_per_coordinate():
     with scale="burn-in" every score is then c times; a (T, 2) series with a spike in one coordinate holds one value.
     """
     y = make_stream("concept-drift", 401, seed=2)
-    y[300] += 40.0
+    y[300] += 4.0 * OUTLIER_BOUND + 40.0  # beyond the default bound
     kw = dict(n_clients=20, seed=1, policies=("memoa",), rules=("hedge",), scale="burn-in", threads=1)
     base, other = run_experiment(y, **kw), run_experiment(7.0 + 1e3 * y, **kw)
     assert base.outliers_held == other.outliers_held == 1
@@ -621,7 +623,7 @@ def test_outlier_bound_is_checked(bound, exc, words):
         run_experiment(make_stream("logistic", 100, seed=0), n_clients=3, outlier_bound=bound)
 
 
-@pytest.mark.parametrize("bound", [OUTLIER_BOUND, 12.0])
+@pytest.mark.parametrize("bound", sorted({2.0, 12.0, OUTLIER_BOUND}))
 def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes(bound):
     """Each coordinate's unit is its own burn-in spread: beside a coordinate up to 1e330 times larger or smaller (|y| <= 1e30 both),
     a coordinate holds exactly what it holds alone (one shared power of two made its squares underflow: sd 0, never held;
@@ -631,7 +633,7 @@ def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes(bound):
 
     rng = np.random.default_rng(5)
     u, v = rng.standard_normal(300), rng.standard_normal(300)
-    v[[150, 220]] += 40.0
+    v[[150, 220]] += 4.0 * bound + 30.0  # held: beyond the bound
     for big, small in ((1e20, 1e-150), (1e30, 1e-300), (1.0, 1e-200), (1e-200, 1.0)):
         two = np.column_stack([big * u, small * v])
         feed, held = held_feed(two, 100, bound)
@@ -668,6 +670,7 @@ def test_held_feed_copies_the_series_only_when_it_holds_a_value():
     finally:
         tracemalloc.stop()
     assert feed is y and held == 0 and peak < y.nbytes / 8, peak
-    y[1_000_000] = 50.0
+    spike = 1.0 + 3.0 * OUTLIER_BOUND  # the sine's burn-in sd is about 0.7: beyond the bound, held to within it
+    y[1_000_000] = spike
     feed, held = held_feed(y, 500, OUTLIER_BOUND)
-    assert held == 1 and feed is not y and y[1_000_000, 0] == 50.0 and feed[1_000_000, 0] < 5.0
+    assert held == 1 and feed is not y and y[1_000_000, 0] == spike and feed[1_000_000, 0] < 1.0 + OUTLIER_BOUND

@@ -336,7 +336,7 @@ def unit_scale(values: np.ndarray) -> float:
 
 
 #: ``run_experiment``'s and ``memoa run``'s default ``outlier_bound``, in standard deviations of the burn-in.
-OUTLIER_BOUND = 2.0
+OUTLIER_BOUND = 24.0
 
 
 def clip_outliers(series, bound, start: int = 1) -> np.ndarray:
