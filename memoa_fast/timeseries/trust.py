@@ -273,7 +273,7 @@ class TrustPopulation:
     rule : {"minimax", "error"}, default "minimax"
         ``"minimax"`` is the time-series job's default: on the mean over 20
         series its worst client, average client and hedge mixture were all
-        lower than with one exponent (``bench/trust_minimax.txt``); ``"error"``
+        lower than with one exponent (``bench/trust_study.txt``); ``"error"``
         runs one population instead of ``len(powers)``.
     powers : sequence of float, default :data:`MINIMAX_POWERS`
         The exponents ``"minimax"`` chooses among (distinct, ``>= 0``).
