@@ -688,6 +688,7 @@ def test_outlier_study_runs_of_other_bounds_merge_into_one_and_must_agree_where_
     """
     import copy
     import importlib.util
+    import json
 
     spec = importlib.util.spec_from_file_location("outlier_study_under_test", ROOT / "bench" / "outlier_study.py")
     study = importlib.util.module_from_spec(spec)
@@ -720,6 +721,12 @@ def test_outlier_study_runs_of_other_bounds_merge_into_one_and_must_agree_where_
         study.merge(low, other)
     with pytest.raises(ValueError, match="the runs hold other series"):
         study.merge(low, {"b": high["b"], "a": high["a"]})
+    # the bounds in increasing order whatever the order of the runs (the JSON too), and the row counts checked
+    assert json.dumps(study.merge(high, low)) == json.dumps(merged)
+    other = copy.deepcopy(high)
+    other["b"]["rows"] = 201
+    with pytest.raises(ValueError, match=r"^b: 201 rows in one run, 200 in another"):
+        study.merge(low, other)
 
 
 def test_a_stopped_outlier_study_resumes_where_it_stopped(tmp_path, monkeypatch):
