@@ -651,8 +651,8 @@ def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes(bound):
 @pytest.mark.parametrize("bound", sorted({2.0, OUTLIER_BOUND}))
 def test_held_feed_holds_what_lies_beyond_the_bound_and_feeds_it_at_the_bound(bound):
     """The bound itself: a value 1% more than ``bound`` burn-in standard deviations beyond the range of the values before
-    it is held and fed at ``bound`` sd beyond that range; one 1% less is fed as it is, on either side. (The other tests
-    hold spikes several times the bound: a hold at half the bound, or 1.3 times it, passed them all).
+    it is held and fed at ``bound`` sd beyond that range; one 1% less is fed as it is, on either side. The other tests
+    hold spikes several times the bound: a hold at half the bound, or 1.3 times it, passed them all.
     """
     from memoa_fast.timeseries.experiment import held_feed
     from memoa_fast.timeseries.streams import spread
