@@ -803,6 +803,25 @@ def test_a_dask_population_and_server_refuse_pickle_and_copies(thread_client):
         assert dpop.t == 2
 
 
+def test_a_handle_on_the_resident_states_refuses_pickle_and_copies(thread_client):
+    """copy.copy of the handle step() returns gave another handle that followed the live states (a "snapshot" that
+    changed at the next step, where a copy of Population.states keeps its round), and deepcopy and pickle failed
+    naming the population's save. All three are refused, naming np.asarray / gather; np.asarray still copies.
+    """
+    import copy
+    import pickle
+
+    signals = np.random.default_rng(4).standard_normal((N, 1))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, seed=4, timeout=TIMEOUT) as dpop:
+        handle = dpop.step(signals)
+        for how in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"^a ShardedStates cannot be pickled or copied: .* np\.asarray\(handle\)"):
+                how(handle)
+        kept = np.asarray(handle)
+        dpop.step(signals)
+        assert not np.array_equal(np.asarray(dpop.resident_states), kept) and dpop.t == 2
+
+
 def test_a_sharded_set_is_read_and_restored_without_ast(thread_client, tmp_path, monkeypatch):
     """The shards' files and the manifest are read with no ast parse (its constructor is not thread-safe: two worker
     threads reading .npy headers at once failed a valid set as corrupt; test_checkpoint.py's single-file test says why).

@@ -648,6 +648,31 @@ def test_held_feed_is_per_coordinate_whatever_the_others_magnitudes(bound):
         np.testing.assert_array_equal(feed, np.column_stack([alone[0][0], alone[1][0]]))
 
 
+@pytest.mark.parametrize("bound", sorted({2.0, OUTLIER_BOUND}))
+def test_held_feed_holds_what_lies_beyond_the_bound_and_feeds_it_at_the_bound(bound):
+    """The bound itself: a value 1% more than ``bound`` burn-in standard deviations beyond the range of the values before
+    it is held and fed at ``bound`` sd beyond that range; one 1% less is fed as it is, on either side. The other tests
+    hold spikes several times the bound: a hold at half the bound, or 1.3 times it, passed them all.
+    """
+    from memoa_fast.timeseries.experiment import held_feed
+    from memoa_fast.timeseries.streams import spread
+
+    y = np.random.default_rng(6).standard_normal(300)[:, None]
+    sd = float(spread(y[:101, 0]))
+    assert held_feed(y, 100, bound)[1] == 0
+    t = 250
+    low, high = float(y[:t].min()), float(y[:t].max())
+    for edge, sign in ((high, 1.0), (low, -1.0)):
+        for times, held in ((1.01, 1), (0.99, 0)):
+            spiked = y.copy()
+            spiked[t] = edge + sign * times * bound * sd
+            feed, n = held_feed(spiked, 100, bound)
+            assert n == held, (edge, times, n)
+            want = edge + sign * bound * sd if held else spiked[t, 0]
+            np.testing.assert_allclose(feed[t, 0], want, rtol=1e-12)
+            np.testing.assert_array_equal(np.delete(feed, t, axis=0), np.delete(y, t, axis=0))
+
+
 def test_held_feed_holds_no_less_with_a_smaller_bound():
     """The class: outlier_bound anywhere in (0, inf) and series of any magnitude. A smaller bound holds no fewer values
     (a bound that underflowed to 0 used to mean never held: 1e-300 held nothing where 1e-290 held 36 values).

@@ -430,6 +430,36 @@ def test_forecasters_and_scores_copy_independently(how):
     assert twin.max_total == 3.25 and scorer.max_total == 1.25 and twin.parallel_threshold == 2
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+@pytest.mark.parametrize("make", [lambda: NoisyLastValueSignals(4096, 4103, seed=3, dim=2, low=0.1, high=2.0),
+                                  lambda: ForecasterSignals(4096, 4103, seed=3, dim=2, block_size=4, threads=1)],
+                         ids=["NoisyLastValueSignals", "ForecasterSignals"])
+def test_signal_sources_copy_independently(make, how):
+    """The worker-side sources, as the forecasters above: NoisyLastValueSignals failed pickle and deepcopy ("cannot
+    pickle 'module' object") and its copy.copy shared the last value (observing one changed the other's draws);
+    ForecasterSignals' copy.copy shared the forecasters (observing one moved both). A clone continues bitwise.
+    """
+    import copy
+    import pickle
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    source = make()
+    source.observe([0.1, 0.2])
+    source.next()
+    clone = clone_of(source)
+    clone.observe([0.3, 0.1])
+    source.observe([5.0, -3.0])  # after the clone's: a shared buffer would now hold this value for both
+    ahead = source.next().copy()
+    mine = clone.next().copy()
+    twin = make()
+    for y in ([0.1, 0.2], [0.3, 0.1]):
+        twin.observe(y)
+        want = twin.next()
+    np.testing.assert_array_equal(mine, want)  # the clone went on from its own round, untouched by the original's
+    assert not np.array_equal(ahead, mine)
+    np.testing.assert_array_equal(source.state_dict()["shared"]["t"], clone.state_dict()["shared"]["t"])
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda: ClientForecasters(20_000, backend="numpy"), r"n_clients=20000, dim=1, lags=2, block_size=4096: the forecasters' arrays need"),
     (lambda: ClientForecasters(10, lags=10**12, backend="numpy"), r"lags=1000000000000, block_size=4096: the forecasters' arrays need"),

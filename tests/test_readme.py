@@ -598,6 +598,42 @@ def test_the_summary_table_and_its_prose_restate_bench_results():
         assert abs(float(quoted) - ratios[name]) <= 5e-3, f"{name}: {quoted} vs {ratios[name]:.4f}"
 
 
+def _series_quoted(text):
+    """``{series: number}`` of a list such as "CAD (0.84), FRED Canada (0.82) and the airline series (0.95)", named as
+    ``bench/results.md`` names them ("CAD" is exchange/CAD, "FRED Canada" FRED/Canada).
+    """
+    out = {}
+    for name, value in re.findall(r"([\w ]+?) \(([\d.]+)\)", text):
+        name = re.sub(r"^(?:and |nor on |the )+", "", name.strip()).removesuffix(" series")
+        out[name.replace("FRED ", "FRED/") if name.startswith("FRED ") else f"exchange/{name}" if name.isupper() else name] = float(value)
+    return out
+
+
+def test_the_prose_names_each_series_beyond_075x_and_its_floor_as_bench_gives_them():
+    """The series where memoa-trust's worst client is more than 0.75x MEMOA's (``bench/results.md``) are those the
+    prose names, each with its ratio; those ``bench/trust_bound.txt`` finds unreachable ("no") are those it says the
+    floor is above 0.75x on, and the rest of them below, each with its floor / MEMOA. This prose went stale once:
+    "periodic is the only one above 0.75x" outlived the run that said so.
+    """
+    made = {name: _table(table) for name, (_, _, table) in _results_sections(RESULTS.read_text()).items()}
+    ratios = {n: t["memoa-trust"]["worst client"] / t["memoa"]["worst client"] for n, t in made.items()}
+    named = _series_quoted(_find(r"but not on (.+?)\. Before the squares").group(1))
+    assert set(named) == {n for n, r in ratios.items() if r > 0.75}, named
+    for name, value in named.items():
+        assert abs(value - ratios[name]) <= 5e-3, (name, value, ratios[name])
+    rows = re.findall(r"^\| (.+?) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| (yes|no) \|$",
+                      (ROOT / "bench" / "trust_bound.txt").read_text(), flags=re.M)
+    floor = {name: (float(r), ok == "yes") for name, r, ok in rows}
+    assert len(floor) == len(made)
+    prose = _find(r"it is above 0\.75x MEMOA's worst client on (.+?), so no static setting .*?; on (.+?) it is below").groups()
+    for text, reachable in zip(prose, (False, True)):
+        said = _series_quoted(text)
+        want = {n for n, (_, ok) in floor.items() if ok == reachable and (not reachable or n in named)}
+        assert set(said) == want, (said, want)
+        for name, value in said.items():
+            assert abs(value - floor[name][0]) <= 5e-3, (name, value, floor[name])
+
+
 def _study_outputs():
     """``(options, output file)`` of each ``bench/trust_study.py`` output the README cites."""
     prose = " ".join(README.read_text().split())
@@ -688,6 +724,7 @@ def test_outlier_study_runs_of_other_bounds_merge_into_one_and_must_agree_where_
     """
     import copy
     import importlib.util
+    import json
 
     spec = importlib.util.spec_from_file_location("outlier_study_under_test", ROOT / "bench" / "outlier_study.py")
     study = importlib.util.module_from_spec(spec)
@@ -720,6 +757,12 @@ def test_outlier_study_runs_of_other_bounds_merge_into_one_and_must_agree_where_
         study.merge(low, other)
     with pytest.raises(ValueError, match="the runs hold other series"):
         study.merge(low, {"b": high["b"], "a": high["a"]})
+    # the bounds in increasing order whatever the order of the runs (the JSON too), and the row counts checked
+    assert json.dumps(study.merge(high, low)) == json.dumps(merged)
+    other = copy.deepcopy(high)
+    other["b"]["rows"] = 201
+    with pytest.raises(ValueError, match=r"^b: 201 rows in one run, 200 in another"):
+        study.merge(low, other)
 
 
 def test_a_stopped_outlier_study_resumes_where_it_stopped(tmp_path, monkeypatch):

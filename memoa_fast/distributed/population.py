@@ -145,6 +145,9 @@ class ShardedStates:
     What :meth:`DaskPopulation.step` returns (the live states, like
     :attr:`Population.states`). A :class:`DaskServer` mixes them where they
     are; ``np.asarray(handle)`` (or :meth:`gather`) copies them to the client.
+    Not picklable nor copyable (``TypeError``): a copy of the handle would
+    follow the live states, where a copy of :attr:`Population.states` keeps
+    the round it was taken at.
     """
 
     def __init__(self, population: "DaskPopulation"):
@@ -176,6 +179,13 @@ class ShardedStates:
     def __array__(self, dtype=None, copy=None):
         arr = self.gather()
         return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __reduce_ex__(self, protocol):
+        # copy.copy gave another handle on the same live states (not a snapshot of this round, as a copy of
+        # Population.states is), and deepcopy and pickle named the population's save: the states are what is wanted.
+        raise TypeError(f"a {type(self).__name__} cannot be pickled or copied: it is a handle on the states that live on "
+                        "the workers' shards, which a copy would follow round after round; np.asarray(handle) or "
+                        "handle.gather() copies this round's states to the client")
 
     def __repr__(self) -> str:
         return f"<ShardedStates shape={self.shape} on {self.population.n_shards} shards>"

@@ -154,3 +154,19 @@ class NoisyLastValueSignals:
         clean = self.validate_state_dict(state)["shared"]
         self._y[...] = clean["y"]
         self.t = int(clean["t"])
+
+    def __reduce__(self):
+        """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent source.
+
+        The default failed for pickle and deepcopy (the noise kernels are a module), and copy.copy shared the
+        last value ``y``: observing one of the two changed the other's draws.
+        """
+        config = dict(dim=self.dim, low=self.low, high=self.high, threads=self.threads)
+        return (_rebuild_noisy_last_value, (self.lo, self.hi, self.seed, config, self.state_dict()))
+
+
+def _rebuild_noisy_last_value(lo, hi, seed, config, state):
+    """Unpickle :class:`NoisyLastValueSignals`: build it, then load its state (validated like any other)."""
+    source = NoisyLastValueSignals(lo, hi, seed, **config)
+    source.load_state_dict(state)
+    return source

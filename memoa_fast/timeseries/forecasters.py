@@ -50,6 +50,7 @@ Cython forecaster, and the Cython path never imports Numba).
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from collections.abc import Mapping
@@ -802,6 +803,13 @@ class ForecasterSignals:
     def next(self) -> np.ndarray:
         """The clients' forecasts of the next value: this round's signals."""
         return self.forecasters.signals
+
+    def __copy__(self):
+        """A copy is independent of the original (as a copy of :class:`ClientForecasters` is): a deep copy.
+
+        The default shared the forecasters: observing one of the two moved both.
+        """
+        return copy.deepcopy(self)
 
     # The forecasters' state (NLMS weights, lag buffers, last forecasts, round
     # counter, last value); the noise is a function of (seed, client, round).
