@@ -177,9 +177,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bounds", default="1,2,3,4,6,8,12,16,24,32,48,64", help="comma-separated bounds, in burn-in standard deviations")
     ap.add_argument("--clients", type=int, default=1000)
-    ap.add_argument("--json", help="write the raw numbers here")
-    ap.add_argument("--summary", metavar="JSON", help="print the summary of a saved run instead of running")
-    ap.add_argument("--merge", nargs="+", metavar=("OUT", "JSON"), help="write the saved runs JSON... as one run to OUT")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--json", help="write the raw numbers here")
+    what.add_argument("--summary", metavar="JSON", help="print the summary of a saved run instead of running")
+    what.add_argument("--merge", nargs="+", metavar=("OUT", "RUN"),
+                      help="instead of running, write two or more saved runs (RUN RUN ...) as one run to OUT, and print its summary")
     args = ap.parse_args()
     if args.merge:
         if len(args.merge) < 3:

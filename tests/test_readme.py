@@ -448,8 +448,8 @@ def test_the_defaults_the_readme_quotes_are_the_codes():
     quoted = _find(r"with `memoa run`'s defaults \(([^)]*)\)").group(1)
     pairs = dict(re.findall(r"(\w+) = ([\d.]+)", quoted))
     assert {k: float(v) for k, v in pairs.items()} == {k: float(D[k]) for k in pairs} and len(pairs) == 6
-    low, high = _find(r"noise ([\d.]+)\.\.([\d.]+), lags (\d+)\)").groups()[:2]
-    assert (float(low), float(high)) == D["noise"] and int(_find(r"lags (\d+)\)").group(1)) == D["lags"]
+    low, high, lags, bound = _find(r"noise ([\d.]+)\.\.([\d.]+), lags (\d+), outlier bound ([\d.]+)\)").groups()
+    assert (float(low), float(high), int(lags), float(bound)) == (*D["noise"], D["lags"], D["outlier_bound"])
     clients, rounds = _find(r"# built-in default: logistic map, (\d+) clients, (\d+) rounds").groups()
     assert (int(clients), int(rounds), D["stream"]) == (D["clients"], D["rounds"], "logistic")
     assert int(_find(r"a logistic-map stream forecast by (\d+) clients").group(1)) == D["clients"]
@@ -701,6 +701,32 @@ def test_the_outlier_bound_default_is_the_studys_best():
     printed = subprocess.run([sys.executable, str(ROOT / "bench" / "outlier_study.py"), "--summary",
                               str(ROOT / "bench" / "outlier_study.json")], capture_output=True, text=True, check=True).stdout
     assert printed == text
+
+
+def test_the_readmes_spike_table_is_what_run_experiment_gives():
+    """Each row of the README's spike table (MEMOA's worst client on ``make_stream("logistic", 1001, seed=0)``, 30
+    clients, value 600 raised by h): unheld, held at the default, held at 2 (to 3 significant digits), and the floor
+    ``sqrt(0.437^2 + h^2 / 800)``; a "(not held)" cell is one where the default holds nothing.
+    """
+    import math
+
+    from memoa_fast import run_experiment
+    from memoa_fast.timeseries.streams import OUTLIER_BOUND, make_stream
+
+    text = README.read_text()
+    assert f"| h | unheld | held at {OUTLIER_BOUND:g} (default) | held at 2 | floor |" in text
+    rows = re.findall(r"^  \| (\d+) sd \| ([\d.]+) \| ([\d.]+)( \(not held\))? \| ([\d.]+) \| ([\d.]+) \|$", text, flags=re.M)
+    assert len(rows) >= 3, rows
+    y = make_stream("logistic", 1001, seed=0)
+    kw = dict(n_clients=30, policies=("memoa",), rules=("hedge",), threads=1)
+    for h, unheld, held, not_held, held2, floor in rows:
+        spiked = y.copy()
+        spiked[600] += float(h)
+        runs = {b: run_experiment(spiked, outlier_bound=b, **kw) for b in (None, OUTLIER_BOUND, 2.0)}
+        worst = {b: f"{r.scores['memoa'].worst_client_rmse:.3g}" for b, r in runs.items()}
+        assert (worst[None], worst[OUTLIER_BOUND], worst[2.0]) == (unheld, held, held2), (h, worst)
+        assert (runs[OUTLIER_BOUND].outliers_held == 0) == bool(not_held), h
+        assert f"{math.sqrt(0.437**2 + float(h) ** 2 / 800):.3g}" == floor
 
 
 def test_the_readme_quotes_the_outlier_studys_means():

@@ -180,7 +180,7 @@ class ShardedStates:
         arr = self.gather()
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
-    def __reduce_ex__(self, protocol):
+    def __reduce__(self):
         # copy.copy gave another handle on the same live states (not a snapshot of this round, as a copy of
         # Population.states is), and deepcopy and pickle named the population's save: the states are what is wanted.
         raise TypeError(f"a {type(self).__name__} cannot be pickled or copied: it is a handle on the states that live on "
@@ -487,7 +487,7 @@ class DaskPopulation(MeanFieldSummary):
     def __exit__(self, *exc):
         self.close()
 
-    def __reduce_ex__(self, protocol):
+    def __reduce__(self):
         # A copy would drive the same shards with its own round count and mean field, a silent fork; a pickle has no
         # shards to point to. Refused for pickle, copy.copy and copy.deepcopy alike (all three ask for a reduction).
         raise TypeError(f"a {type(self).__name__} cannot be pickled or copied: its states live on the workers' shards, "

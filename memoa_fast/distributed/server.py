@@ -182,7 +182,7 @@ class DaskServer:
         self._weights_version += 1
         self._interrupted = None
 
-    def __reduce_ex__(self, protocol):
+    def __reduce__(self):
         # As DaskPopulation's: its log-weights live on the population's shards, which a copy would share.
         raise TypeError(f"a {type(self).__name__} cannot be pickled or copied: its log-weights live on the workers' shards, "
                         "which a copy would share; save it with mf.save_checkpoint(path, population, server) and restore "
