@@ -126,7 +126,7 @@ def test_missing_drop_says_how_many_rows_it_dropped(tmp_path, capsys, monkeypatc
                 capsys)[2] == ""
 
 
-@pytest.mark.parametrize("kind", ["csv", "synthetic"])
+@pytest.mark.parametrize("kind", ["csv", "csv with decimal commas", "synthetic"])
 def test_the_json_record_reproduces_the_run(tmp_path, capsys, kind):
     """The JSON holds every input of the run, defaults included: its config and source rebuild the same scores
     (the CSV's --warmup and --missing were not recorded: a default left out of the command was lost).
@@ -134,18 +134,25 @@ def test_the_json_record_reproduces_the_run(tmp_path, capsys, kind):
     from memoa_fast.timeseries.streams import load_csv_series
 
     argv = ["run", "--clients", "6", "--rounds", "150", "--quiet", "--policies", "memoa,memoa-trust", "--json"]
-    if kind == "csv":
-        rows = [f"{i},{(i * 37 % 101) / 10}" for i in range(700)]
-        rows[300] = "300,NA"
+    comma = kind == "csv with decimal commas"
+    if kind != "synthetic":
+        sep, mark = (";", ",") if comma else (",", ".")
+        rows = [f"{i}{sep}{(i * 37 % 101) / 10}".replace(".", mark) for i in range(700)]
+        rows[300] = f"300{sep}NA"
         path = tmp_path / "s.csv"
-        path.write_text("t,value\n" + "\n".join(rows) + "\n")
-        argv[3:5] = ["--csv", str(path), "--column", "value", "--missing", "drop"]
+        path.write_text(f"t{sep}value\n" + "\n".join(rows) + "\n")
+        argv[3:5] = ["--csv", str(path), "--column", "value", "--missing", "drop"] + (["--decimal", ","] if comma else [])
     code, out, _ = _run(argv, capsys)
     record = json.loads(out)
     src, config = record["source"], dict(record["config"])
-    if kind == "csv":
-        assert src == {"csv": str(path), "column": "value", "warmup": 500, "missing": "drop", "rows": 699, "rows_dropped": 1}
-        series = load_csv_series(src["csv"], src["column"], warmup=src["warmup"], missing=src["missing"])
+    if kind != "synthetic":
+        assert src == {"csv": str(path), "column": "value", "warmup": 500, "missing": "drop", "decimal": mark, "rows": 699,
+                       "rows_dropped": 1}
+        series = load_csv_series(src["csv"], src["column"], warmup=src["warmup"], missing=src["missing"], decimal=src["decimal"])
+        if comma:  # the same numbers as the file written with points
+            dotted = tmp_path / "dotted.csv"
+            dotted.write_text(path.read_text().replace(",", ".").replace(";", ","))
+            np.testing.assert_array_equal(series, load_csv_series(dotted, "value", missing="drop"))
     else:
         assert src == {"stream": "logistic", "length": 151, "seed": 0}
         series = cli.make_stream(src["stream"], src["length"], seed=src["seed"])
@@ -200,6 +207,8 @@ def _one_line_error(err: str, needle: str) -> None:
     (["--policies", "memoa", "--trust-rule", "error"], "--trust-rule is only for the policy memoa-trust"),
     (["--policies", "greedy", "--trust-feedforward"], "--trust-feedforward is only for the policy memoa-trust"),
     (["--stream", "periodic", "--missing", "drop"], "--missing is only for CSV streams (give --csv PATH); --stream periodic"),
+    (["--decimal", ","], "--decimal is only for CSV streams (give --csv PATH); --stream logistic"),
+    (["--csv", "x.csv", "--column", "v", "--decimal", ";"], "argument --decimal: invalid choice: ';'"),
     (["--burn-in", "300"], "argument --burn-in: must be smaller than the number of rounds (300)"),
     # memoa-trust would never re-form its classes (it was MEMOA with equal classes, without a word)
     (["--reclass", "300"], "argument --reclass: memoa-trust re-forms its classes every R rounds, the first time after "

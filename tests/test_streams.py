@@ -1,6 +1,7 @@
 """Streams: seeded synthetic series and the CSV loader (z-score on a warm-up prefix, clear errors)."""
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -539,6 +540,62 @@ def test_csv_decimal_comma_in_a_semicolon_file_is_named(tmp_path):
     path = _write(tmp_path, text)
     with pytest.raises(CsvSeriesError, match=r"line 2 \(data row 1\), column 'value': '0,5' is not a number .*decimal comma"):
         load_csv_series(path, "value", warmup=5)
+
+
+def test_csv_decimal_comma_in_a_semicolon_file_says_how_to_read_it(tmp_path):
+    text = "date;value\n" + "".join(f"2020-{i};{i % 7},5\n" for i in range(20))
+    with pytest.raises(CsvSeriesError, match=r"'0,5' is not a number \(a decimal comma\? .* decimal=','"):
+        load_csv_series(_write(tmp_path, text), "value", warmup=5)
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|", "sep=; line", "one column"])
+@pytest.mark.parametrize("block", [1 << 20, 64])
+def test_csv_with_decimal_commas_reads_the_numbers_of_the_same_file_with_points(tmp_path, monkeypatch, sep, block):
+    """The class: a European-locale file (decimal commas; dates such as 01.02.2020 and a header name holding a comma in
+    other fields). decimal=',' reads exactly the values of the file written with points, in the fast path (one block)
+    and beside the strict one (64-byte blocks, one holding a quoted cell).
+    """
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal(300) * 10.0 ** rng.integers(-3, 4, 300)
+    dots = [repr(float(v)) for v in values]
+    if block < 1024:  # small blocks: most take the fast path, the one with a quote the strict one; one block: all fast
+        dots[7] = '"' + dots[7] + '"'
+    commas = [c.replace(".", ",") for c in dots]
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", block)
+    dotted = "value\n" + "".join(f"{c}\n" for c in dots)
+    if sep == "one column":  # no delimiter in the header row: the default one is not ','
+        comma = "value\n" + "".join(f"{c}\n" for c in commas)
+    else:
+        d = ";" if sep == "sep=; line" else sep
+        comma = (("sep=;\n" if sep == "sep=; line" else "") + f"Datum{d}value{d}Wert (EUR, netto)\n"
+                 + "".join(f"{i % 28 + 1:02d}.02.2020{d}{c}{d}x\n" for i, c in enumerate(commas)))
+    want = load_csv_series(_write(tmp_path, dotted, "dotted.csv"), "value", warmup=20)
+    got = load_csv_series(_write(tmp_path, comma, "comma.csv"), "value", warmup=20, decimal=",")
+    np.testing.assert_array_equal(got, want)
+    if sep != "one column":
+        assert streams.csv_columns(tmp_path / "comma.csv", decimal=",") == ["Datum", "value", "Wert (EUR, netto)"]
+
+
+@pytest.mark.parametrize("cell, why", [("12.5", "no point"), ("1.234,5", "no point"), ("1,234,5", "not a number"),
+                                       ("12,5e", "not a number"), ("0x1,0", "not a number")])
+def test_csv_decimal_comma_refuses_a_cell_with_a_point_or_not_a_number(tmp_path, cell, why):
+    rows = [f"{i};{i % 5},25" for i in range(40)]
+    rows[30] = f"30;{cell}"
+    path = _write(tmp_path, "t;value\n" + "\n".join(rows) + "\n")
+    with pytest.raises(CsvSeriesError, match=rf"line 32 \(data row 31\), column 'value': '{re.escape(cell)}' is not a number "
+                                             r"with a decimal comma \(decimal=','"):
+        load_csv_series(path, "value", warmup=5, decimal=",")
+
+
+def test_csv_decimal_mark_is_checked_and_a_comma_delimiter_line_refused_with_it(tmp_path):
+    path = _write(tmp_path, "sep=,\nt,value\n" + "".join(f"{i},{i % 3}\n" for i in range(30)))
+    with pytest.raises(CsvSeriesError, match=r"line 1: the delimiter line 'sep=,' names the decimal mark \(decimal=','\)"):
+        load_csv_series(path, "value", warmup=5, decimal=",")
+    for bad in ("", ";", "comma", None, 1):
+        with pytest.raises(ValueError, match=rf"decimal must be '\.' or ',' \(the numbers' decimal mark\), got {re.escape(repr(bad))}"):
+            load_csv_series(path, "value", warmup=5, decimal=bad)
+        with pytest.raises(ValueError, match="decimal must be"):
+            streams.csv_columns(path, decimal=bad)
 
 
 @pytest.mark.parametrize("sep", [",", ";", "\t", "|"])

@@ -40,8 +40,8 @@ from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
 DEFAULTS = dict(stream="logistic", clients=4000, rounds=3000, q=1.0, kappa=3.0, r=0.1, gamma=0.9, eta=0.5, alpha=0.01,
-                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", reclass=DEFAULT_RECLASS, trust_rule="minimax",
-                outlier_bound=OUTLIER_BOUND)
+                seed=0, lags=2, noise=(0.02, 1.0), mu=0.1, warmup=500, missing="error", decimal=".", reclass=DEFAULT_RECLASS,
+                trust_rule="minimax", outlier_bound=OUTLIER_BOUND)
 
 DESCRIPTION = """\
 Run the MEMOA time-series experiment (MODEL.md section 6) and print a table.
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--missing", choices=("error", "drop"), default=None,
                    help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', '?', ...) is an error "
                         "(default) or a row to drop (FRED's holidays)")
+    g.add_argument("--decimal", choices=(".", ","), default=None,
+                   help="CSV only: the numbers' decimal mark (default '.'); with ',' (12,5) the delimiter is tab, ';' or "
+                        "'|', never ','")
     g.add_argument("--warmup", type=_number(int, "--warmup"), default=None, metavar="ROWS",
                    help=f"CSV only: rows the z-score is fitted on, no look-ahead, in {iv('--warmup')} "
                         f"(default {D['warmup']})")
@@ -365,7 +368,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
             run.error("--stream csv needs --csv PATH (a CSV file with a header row) and --column NAME")
         if args.column is None:
             try:
-                columns = column_list(csv_columns(args.csv))
+                columns = column_list(csv_columns(args.csv, decimal=args.decimal or DEFAULTS["decimal"]))
             except (CsvSeriesError, OSError) as exc:
                 run.error(f"--csv needs --column NAME, the column to forecast; and argument --csv: {exc}")
             run.error(f"--csv needs --column NAME, the column to forecast; {args.csv} has columns {columns}")
@@ -374,12 +377,14 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
             run.error(f"--csv is only for --stream csv, not --stream {stream}")
         if args.column is not None:
             run.error("--column is only for CSV streams (give --csv PATH)")
-        for option, value in (("--warmup", args.warmup), ("--missing", args.missing)):  # not silently ignored
+        csv_only = (("--warmup", args.warmup), ("--missing", args.missing), ("--decimal", args.decimal))
+        for option, value in csv_only:  # not silently ignored
             if value is not None:
                 run.error(f"{option} is only for CSV streams (give --csv PATH); --stream {stream} is z-scored whole "
                           "and has no gaps")
     args.warmup = DEFAULTS["warmup"] if args.warmup is None else args.warmup
     args.missing = args.missing or DEFAULTS["missing"]
+    args.decimal = args.decimal or DEFAULTS["decimal"]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies or len(set(policies)) != len(policies):
@@ -448,7 +453,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         try:
             series, dropped = load_csv_series(args.csv, args.column, warmup=args.warmup, missing=args.missing,
                                               max_rows=(limit if args.rounds is None else args.rounds) + 1,
-                                              return_dropped=True)
+                                              return_dropped=True, decimal=args.decimal)
         except FileNotFoundError as exc:
             run.error(f"argument --csv: {exc}")
         except (CsvSeriesError, OSError) as exc:
@@ -465,7 +470,7 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                   f"({limit} rounds)", file=sys.stderr)
         name = f"{args.csv.name}:{args.column}"
         source = {"csv": str(args.csv), "column": args.column, "warmup": args.warmup, "missing": args.missing,
-                  "rows": len(series), "rows_dropped": dropped}
+                  "decimal": args.decimal, "rows": len(series), "rows_dropped": dropped}
     else:
         series = make_stream(stream, planned_rounds + 1, seed=args.seed)
         name = stream

@@ -541,6 +541,7 @@ def load_csv_series(
     return_scaling: bool = False,
     missing: str = "error",
     return_dropped: bool = False,
+    decimal: str = ".",
 ):
     """One numeric column of a CSV file with a header row, z-scored on a warm-up prefix.
 
@@ -587,6 +588,13 @@ def load_csv_series(
     return_dropped : bool, default False
         Also return, last, the number of rows dropped as gaps
         (``missing="drop"``; blank lines after the last row do not count).
+    decimal : {".", ","}, default "."
+        The decimal mark of the column's numbers. With ``","`` (the files of
+        many European locales: ``12,5``) a cell holds no point (``1.234,5``
+        and ``12.5`` are refused, naming the cell), and the delimiter is
+        never ``,``: it is read from the header row among ``\t``, ``;``
+        and ``|`` (``;`` if the header holds none), and a delimiter line
+        ``sep=,`` is refused.
 
     Returns
     -------
@@ -624,13 +632,14 @@ def load_csv_series(
     warmup = check_int("warmup", warmup, low=2)
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
+    _check_decimal(decimal)
     if max_rows is not None:
         max_rows = check_int("max_rows", max_rows, low=1)
     if not path.is_file():
         if path.exists() and not path.is_dir():
             raise CsvSeriesError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give a CSV file")
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
-    reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop")
+    reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop", decimal=decimal)
     arr = reader.read()
     n = arr.shape[0]
     need = warmup + 2
@@ -673,20 +682,26 @@ def load_csv_series(
     return out if len(out) > 1 else arr
 
 
-def csv_columns(path: str | os.PathLike) -> list[str]:
-    """The column names of a CSV file's header row, as :func:`load_csv_series` reads them.
+def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
+    """The column names of a CSV file's header row, as :func:`load_csv_series` reads them (with the same ``decimal``).
 
     Raises FileNotFoundError, or CsvSeriesError when the file is not CSV
     text (compressed, UTF-16, lone ``\\r`` line ends, an empty first line,
     an over-long first line).
     """
     path = Path(path)
+    _check_decimal(decimal)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
-    reader = _ColumnReader(path, "", None)
+    reader = _ColumnReader(path, "", None, decimal=decimal)
     with path.open("rb") as fh:
         raw, line = reader._header_line(fh)
     return reader._names(raw, line)
+
+
+def _check_decimal(decimal) -> None:
+    if not isinstance(decimal, str) or decimal not in (".", ","):
+        raise ValueError(f"decimal must be '.' or ',' (the numbers' decimal mark), got {decimal!r}")
 
 
 def column_list(names: list[str], limit: int = 50) -> str:
@@ -710,9 +725,10 @@ class _ColumnReader:
     quoted field must close on the line where it opens.
     """
 
-    def __init__(self, path: Path, column: str, max_rows: int | None, drop_missing: bool = False):
+    def __init__(self, path: Path, column: str, max_rows: int | None, drop_missing: bool = False, decimal: str = "."):
         self.path, self.column, self.max_rows = path, column, max_rows
         self.drop_missing = drop_missing  # empty/missing cells and blank lines are rows to skip
+        self.decimal = decimal  # the numbers' decimal mark: '.' or ',' (then ',' is never the delimiter)
         self.col = 0
         self.n_fields = 0
         self.n = 0
@@ -796,6 +812,11 @@ class _ColumnReader:
                     f"{self.path}, line 1: the delimiter line 'sep={sep}' names {sep!r}; accepted delimiters: "
                     f"{', '.join(map(repr, CSV_DELIMITERS))}"
                 )
+            if sep == self.decimal:
+                raise CsvSeriesError(
+                    f"{self.path}, line 1: the delimiter line 'sep={sep}' names the decimal mark (decimal={sep!r}): "
+                    "a number's comma would split its cell; read it with decimal='.', or write the file with ';'"
+                )
             self.forced_sep = sep
             raw, line = self._line(fh, 2), 2
         self._peek(fh)
@@ -865,13 +886,14 @@ class _ColumnReader:
         is split on tabs (its first data row holds no comma), where the first delimiter held, ``','``, split it in two.
         """
         bare = _outside_quotes(header)
-        held = [d for d in CSV_DELIMITERS if d in bare]
+        candidates = [d for d in CSV_DELIMITERS if d != self.decimal]  # with decimal ',', a comma is in the numbers
+        held = [d for d in candidates if d in bare]
         if len(held) > 1:
             row = _outside_quotes(self.first_row.decode("utf-8", errors="replace").rstrip("\r\n"))
             same = [d for d in held if row.count(d) == bare.count(d)]
             if same:
                 return same[0]
-        return held[0] if held else ","
+        return held[0] if held else candidates[0]
 
     def _missing_column(self, names: list[str]):
         data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
@@ -931,6 +953,8 @@ class _ColumnReader:
                 else:
                     col = self.col
                     cells = [ln.split(sep, col + 1)[col] for ln in lines]
+                if self.decimal == ",":  # a cell holding a point is left to the strict checks (they refuse it)
+                    cells = [c.replace(b",", b".") if b"." not in c else b"x" for c in cells]
                 values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
             except (ValueError, IndexError):
                 values = None
@@ -1024,13 +1048,21 @@ class _ColumnReader:
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} is not a finite number (treat it as a gap: fill it or drop the row)"
                 )
-            if not _NUMBER.fullmatch(cell):
-                comma = " (a decimal comma? write 12.5, not 12,5)" if _DECIMAL_COMMA.fullmatch(cell) else ""
+            if self.decimal == ",":
+                number = cell.replace(",", ".") if "." not in cell else ""
+                if not _NUMBER.fullmatch(number):
+                    raise CsvSeriesError(
+                        f"{where}: {_short(cell)} is not a number with a decimal comma (decimal=','; a plain decimal such "
+                        "as 12,5 or -3e-4 is expected; no point, no digit separators, no hexadecimal)"
+                    )
+            elif not _NUMBER.fullmatch(number := cell):
+                comma = (" (a decimal comma? write 12.5, not 12,5, or read it with decimal=',', memoa run --decimal ,)"
+                         if _DECIMAL_COMMA.fullmatch(cell) else "")
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} is not a number{comma} (a plain decimal such as 12.5 or -3e-4 is expected; "
                     "no digit separators, no hexadecimal)"
                 )
-            v = float(cell)
+            v = float(number)
             if not math.isfinite(v):
                 raise CsvSeriesError(f"{where}: {_short(cell)} is too large for a float64 (it overflows to infinity)")
             out.append(v)
