@@ -499,6 +499,50 @@ def test_a_subclassed_source_copies_as_itself(how):
     assert set(vars(NoisyLastValueSignals(0, 1))) == signals._BUILT_BY_INIT
 
 
+class _TaggedForecasters(ClientForecasters):
+    """A user's forecasters: their own constructor, their own state (a list)."""
+
+    def __init__(self, n_clients, *, tag, **kwargs):
+        super().__init__(n_clients, 1, **kwargs)
+        self.tag, self.fed = tag, []
+
+    def observe(self, y):
+        self.fed.append(float(np.asarray(y).ravel()[0]))
+        return super().observe(y)
+
+
+class _TaggedSignals(ForecasterSignals):
+    """ForecasterSignals holding the forecasters above (its copy.copy is a deep copy since bab6ac2)."""
+
+    def __init__(self, lo, hi, seed=0):
+        self.forecasters = _TaggedForecasters(hi - lo, tag="mine", seed=seed, first_client=lo, block_size=4, threads=1)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_subclassed_forecasters_copy_as_themselves(how):
+    """A ClientForecasters subclass's copy (and that of a ForecasterSignals holding one) is of its class, with its own
+    attributes, independent: on 672db22 it was a plain ClientForecasters (no ``tag``, no ``fed``, the base class's
+    ``observe``), which bab6ac2's copy.copy of ForecasterSignals now reached too.
+    """
+    import copy
+    import pickle
+
+    from memoa_fast.timeseries import forecasters
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    source = _TaggedSignals(0, 7, seed=3)
+    source.observe([0.5])
+    clone = clone_of(source)
+    fc = clone.forecasters
+    assert type(clone) is _TaggedSignals and type(fc) is _TaggedForecasters and fc.tag == "mine" and fc.fed == [0.5]
+    clone.observe([0.25])
+    source.observe([0.25])
+    np.testing.assert_array_equal(clone.next(), source.next())
+    source.observe([1.0])
+    assert fc.fed == [0.5, 0.25] and source.forecasters.fed == [0.5, 0.25, 1.0] and fc.t == 2
+    assert set(vars(ClientForecasters(5, 2, threads=1))) == forecasters._FORECASTERS_BUILT_BY_INIT
+
+
 def test_a_source_pickled_before_subclasses_were_kept_loads():
     """672db22's pickles call the rebuild with the state and no class: a NoisyLastValueSignals, its state loaded."""
     from memoa_fast.distributed.signals import _rebuild_noisy_last_value
