@@ -899,7 +899,8 @@ def test_the_uncapped_state_warning_points_at_the_callers_line():
         fc.load_state_dict(old)
         fc.validate_state_dict(old)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(fc, "state_dict", lambda: old)
+            # on the class: an attribute set on the object is its own, and pickled with it (a lambda cannot be)
+            mp.setattr(ClientForecasters, "state_dict", lambda self: old)
             pickle.loads(pickle.dumps(fc))
     assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)] * 3
 
