@@ -460,6 +460,101 @@ def test_signal_sources_copy_independently(make, how):
     np.testing.assert_array_equal(source.state_dict()["shared"]["t"], clone.state_dict()["shared"]["t"])
 
 
+class _CountingSource(NoisyLastValueSignals):
+    """A user's source: its own constructor arguments, its own state (a list), a bound method of itself, another next."""
+
+    def __init__(self, lo, hi, seed=0, *, tag):
+        super().__init__(lo, hi, seed, dim=2, low=0.1, high=2.0)
+        self.tag, self.seen, self.draw = tag, [], self.next
+
+    def next(self):
+        self.seen.append(self.t)
+        return super().next() * 2.0
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_subclassed_source_copies_as_itself(how):
+    """A subclass's copy is of its class, with its own attributes, independent, and continues bitwise: bab6ac2's
+    copies were plain NoisyLastValueSignals (no ``tag``, the base class's ``next``: other draws), where copy.copy had
+    kept the class before it.
+    """
+    import copy
+    import pickle
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    source = _CountingSource(4096, 4103, 3, tag="mine")
+    source.observe([0.1, 0.2])
+    source.next()
+    clone = clone_of(source)
+    assert type(clone) is _CountingSource and clone.tag == "mine" and clone.seen == [0]
+    assert clone.draw.__self__ is clone  # the copy's own method, not the original's
+    clone.observe([0.3, 0.1])
+    source.observe([0.3, 0.1])
+    np.testing.assert_array_equal(clone.draw(), source.next())
+    source.next()
+    assert clone.seen == [0, 1] and source.seen == [0, 1, 2]  # not shared
+    from memoa_fast.distributed import signals
+
+    # every attribute __init__ sets is built again, none is taken for a subclass's own
+    assert set(vars(NoisyLastValueSignals(0, 1))) == signals._BUILT_BY_INIT
+
+
+class _TaggedForecasters(ClientForecasters):
+    """A user's forecasters: their own constructor, their own state (a list)."""
+
+    def __init__(self, n_clients, *, tag, **kwargs):
+        super().__init__(n_clients, 1, **kwargs)
+        self.tag, self.fed = tag, []
+
+    def observe(self, y):
+        self.fed.append(float(np.asarray(y).ravel()[0]))
+        return super().observe(y)
+
+
+class _TaggedSignals(ForecasterSignals):
+    """ForecasterSignals holding the forecasters above (its copy.copy is a deep copy since bab6ac2)."""
+
+    def __init__(self, lo, hi, seed=0):
+        self.forecasters = _TaggedForecasters(hi - lo, tag="mine", seed=seed, first_client=lo, block_size=4, threads=1)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_subclassed_forecasters_copy_as_themselves(how):
+    """A ClientForecasters subclass's copy (and that of a ForecasterSignals holding one) is of its class, with its own
+    attributes, independent: on 672db22 it was a plain ClientForecasters (no ``tag``, no ``fed``, the base class's
+    ``observe``), which bab6ac2's copy.copy of ForecasterSignals now reached too.
+    """
+    import copy
+    import pickle
+
+    from memoa_fast.timeseries import forecasters
+
+    clone_of = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    source = _TaggedSignals(0, 7, seed=3)
+    source.observe([0.5])
+    clone = clone_of(source)
+    fc = clone.forecasters
+    assert type(clone) is _TaggedSignals and type(fc) is _TaggedForecasters and fc.tag == "mine" and fc.fed == [0.5]
+    clone.observe([0.25])
+    source.observe([0.25])
+    np.testing.assert_array_equal(clone.next(), source.next())
+    source.observe([1.0])
+    assert fc.fed == [0.5, 0.25] and source.forecasters.fed == [0.5, 0.25, 1.0] and fc.t == 2
+    assert set(vars(ClientForecasters(5, 2, threads=1))) == forecasters._FORECASTERS_BUILT_BY_INIT
+
+
+def test_a_source_pickled_before_subclasses_were_kept_loads():
+    """672db22's pickles call the rebuild with the state and no class: a NoisyLastValueSignals, its state loaded."""
+    from memoa_fast.distributed.signals import _rebuild_noisy_last_value
+
+    source = NoisyLastValueSignals(5, 9, 2, dim=2)
+    source.observe([1.0, -1.0])
+    source.next()
+    old = _rebuild_noisy_last_value(5, 9, 2, dict(dim=2, low=0.02, high=1.0, threads=1), source.state_dict())
+    assert type(old) is NoisyLastValueSignals and old.t == 1
+    np.testing.assert_array_equal(old.next(), source.next())
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda: ClientForecasters(20_000, backend="numpy"), r"n_clients=20000, dim=1, lags=2, block_size=4096: the forecasters' arrays need"),
     (lambda: ClientForecasters(10, lags=10**12, backend="numpy"), r"lags=1000000000000, block_size=4096: the forecasters' arrays need"),
@@ -804,7 +899,8 @@ def test_the_uncapped_state_warning_points_at_the_callers_line():
         fc.load_state_dict(old)
         fc.validate_state_dict(old)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(fc, "state_dict", lambda: old)
+            # on the class: an attribute set on the object is its own, and pickled with it (a lambda cannot be)
+            mp.setattr(ClientForecasters, "state_dict", lambda self: old)
             pickle.loads(pickle.dumps(fc))
     assert [(w.category, w.filename) for w in caught] == [(UncappedStateWarning, __file__)] * 3
 

@@ -816,3 +816,62 @@ def test_a_stopped_outlier_study_resumes_where_it_stopped(tmp_path, monkeypatch)
     assert list(study.study([2.0], 10, partial)) == ["b", "c"]
     with pytest.raises(ValueError, match=r"bounds=\[2\.0\] and clients=10, not bounds=\[3\.0\] and clients=10"):
         study.study([3.0], 10, partial)
+
+
+def _trust_summary(name):
+    """``{variant: ([worst, average, hedge] as printed, (within-10% counts))}`` of a ``bench/trust_study.py`` output."""
+    text = (ROOT / "bench" / name).read_text()
+    rows = re.findall(r"^  (\S.*?)\s+worst ([\d.]+)  average ([\d.]+)  hedge ([\d.]+) .* on (\d+)/(\d+)/(\d+) of 20$", text, flags=re.M)
+    return text, {v: ([w, a, h], (int(i), int(j), int(k))) for v, w, a, h, i, j, k in rows}
+
+
+def test_the_readmes_memoa_trust_numbers_are_the_studys():
+    """Every number the README quotes from ``bench/trust_study.txt`` and ``bench/trust_kappa1.txt`` (the choices of
+    feed-forward off, beta 1.5, the minimax rule and kappa 3, and the 19 of 20 series at most 0.75x MEMOA at kappa 1)
+    is the files'. Passes on 672db22 (the prose is right); a re-run of either study that moves a number fails it.
+    """
+    _, A = _trust_summary("trust_study.txt")
+    text_b, B = _trust_summary("trust_kappa1.txt")
+    prose = " ".join(README.read_text().split())
+
+    def three(v, table=A, sep=" / "):
+        return sep.join(table[v][0])
+
+    def mean3(v, table, digits):
+        return f"{sum(float(x) for x in table[v][0]) / 3:.{digits}f}"
+
+    def two(v, table):
+        return " / ".join(f"{float(x):.2f}" for x in table[v][0])
+
+    on, off = "trust k3 ff ", "trust k3 noff "
+    (w, a, h), (fw, fa, fh) = A[off + "p1.5"][0], A[on + "p1.5"][0]
+    phrases = [
+        f"(beta = 1.5: worst client {w} vs {fw}, average {a} vs {fa}, mixture {h} vs {fh} at kappa = 3; with the minimax rule "
+        f"{three(off + 'minimax')} vs {three(on + 'minimax')})",
+        f"mean ratios {three(off + 'p1.5')} against {three(off + 'p1')} for beta = 1 and {three(off + 'p2')} for beta = 2. beta = 1.5 "
+        f"and 2 tie on the mean of the three columns ({mean3(off + 'p1.5', A, 3)} and {mean3(off + 'p2', A, 3)};",
+        f"mean ratios to the best baseline {three(off + 'minimax')} against {three(off + 'p1.5')} for beta = 1.5, within 10% of the "
+        f"best on {' / '.join(map(str, A[off + 'minimax'][1]))} of 20 series, as beta = 1.5",
+        f"MEMOA's mean ratios to the best baseline are {two('memoa', B)} at kappa = 1 and {two('memoa', A)} at kappa = 3 (mean of "
+        f"the three {mean3('memoa', B, 2)} and {mean3('memoa', A, 2)}), and memoa-trust's (minimax) {two('trust k1 noff minimax', B)} "
+        f"and {two(off + 'minimax', B)} ({mean3('trust k1 noff minimax', B, 3)} and {mean3(off + 'minimax', B, 3)}, both",
+    ]
+    for phrase in phrases:
+        assert phrase in prose, phrase
+    assert A[off + "minimax"][1] == A[off + "p1.5"][1]
+    # every choice the README states: feed-forward off lowers every column at every beta; 1.5's worst client is the lowest
+    for beta in ("p1", "p1.5", "p2", "minimax"):
+        assert all(float(x) < float(y) for x, y in zip(A[off + beta][0], A[on + beta][0])), beta
+    assert min(("p1", "p1.5", "p2"), key=lambda b: float(A[off + b][0][0])) == "p1.5"
+    assert all(float(x) < float(y) for x, y in zip(A[off + "minimax"][0], A[off + "p1.5"][0]))
+    # memoa-trust (minimax, kappa 3) over MEMOA at kappa 1, worst client, per series
+    ratio = {}
+    for block in re.split(r"\n(?=\S)", text_b.split("\n\nmean over series", 1)[0]):
+        name = block.split(" (", 1)[0]
+        worst = dict(re.findall(r"(memoa|trust k3 noff minimax): ([\d.]+)/", block))
+        ratio[name] = float(worst["trust k3 noff minimax"]) / float(worst["memoa"])
+    assert len(ratio) == 20
+    below = sum(r <= 0.75 for r in ratio.values())
+    assert (f"memoa-trust is at most 0.75x on {below} of the study's 20 series (`bench/trust_kappa1.txt`: "
+            f"{min(ratio.values()):.2f}-{max(ratio.values()):.2f}x; the airline series is the one above, at {ratio['airline']:.2f}") in prose
+    assert [n for n, r in ratio.items() if r > 0.75] == ["airline"]

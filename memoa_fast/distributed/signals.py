@@ -39,6 +39,7 @@ The time-series application's forecasters come as such a source too:
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -156,17 +157,41 @@ class NoisyLastValueSignals:
         self.t = int(clean["t"])
 
     def __reduce__(self):
-        """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent source.
+        """Pickle and copies go through :meth:`state_dict` (loaded on the way back): an independent source of the same class.
 
         The default failed for pickle and deepcopy (the noise kernels are a module), and copy.copy shared the
-        last value ``y``: observing one of the two changed the other's draws.
+        last value ``y``: observing one of the two changed the other's draws. A subclass's copy is of its class,
+        with its own attributes (those this class's ``__init__`` does not set), and loads the state with its own
+        ``load_state_dict``; its ``__init__`` is not called (its arguments are not known here).
         """
         config = dict(dim=self.dim, low=self.low, high=self.high, threads=self.threads)
-        return (_rebuild_noisy_last_value, (self.lo, self.hi, self.seed, config, self.state_dict()))
+        own = {name: value for name, value in vars(self).items() if name not in _BUILT_BY_INIT}
+        # The state is set once the copy exists (__setstate__), so an attribute that refers back to this source (a
+        # bound method, say) refers to the copy, not to a copy under construction (endless recursion).
+        return (_rebuild_noisy_last_value, (self.lo, self.hi, self.seed, config, None, type(self)),
+                {"own": own, "state": self.state_dict()})
+
+    def __setstate__(self, saved: dict) -> None:
+        """The second half of an unpickling or a copy: a subclass's own attributes, then the state (validated)."""
+        self.__dict__.update(saved["own"])  # first: the subclass's load_state_dict may read them
+        self.load_state_dict(saved["state"])
+
+    def __copy__(self):
+        """A copy is independent of the original, a subclass's own attributes too: a deep copy (as ForecasterSignals')."""
+        return copy.deepcopy(self)
 
 
-def _rebuild_noisy_last_value(lo, hi, seed, config, state):
-    """Unpickle :class:`NoisyLastValueSignals`: build it, then load its state (validated like any other)."""
-    source = NoisyLastValueSignals(lo, hi, seed, **config)
-    source.load_state_dict(state)
+#: The attributes :meth:`NoisyLastValueSignals.__init__` sets: a copy builds them again; any other is a subclass's own.
+_BUILT_BY_INIT = frozenset({"lo", "hi", "seed", "dim", "threads", "low", "high", "_noise", "_key", "sigma", "_out", "_y", "t"})
+
+
+def _rebuild_noisy_last_value(lo, hi, seed, config, state=None, cls=NoisyLastValueSignals):
+    """Unpickle :class:`NoisyLastValueSignals` or a subclass: build it (its state follows, :meth:`~NoisyLastValueSignals.__setstate__`).
+
+    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
+    """
+    source = cls.__new__(cls)
+    NoisyLastValueSignals.__init__(source, lo, hi, seed, **config)
+    if state is not None:
+        source.load_state_dict(state)
     return source

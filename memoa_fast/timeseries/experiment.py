@@ -333,7 +333,8 @@ def run_experiment(
     trust_rule : {"minimax", "error"}
         memoa-trust's class weights: the exponent tuned online to lower the
         worst class's measured cost (default; lower worst, average and
-        mixture RMSE on the mean over 20 series: ``bench/trust_study.txt``),
+        mixture RMSE than ``trust_power`` 1.5 on the mean over 20 series:
+        ``bench/trust_study.txt``),
         or the one exponent ``trust_power``
         (:class:`~memoa_fast.timeseries.trust.TrustPopulation`).
     rules : str or sequence of str

@@ -560,11 +560,27 @@ class ClientForecasters:
         ClientForecasters._install_checked(self, self.validate_state_dict(state))
 
     def __reduce__(self):
-        """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object."""
+        """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object of the same class.
+
+        A subclass's copy is of its class, with its own attributes (those this class's ``__init__`` does not set;
+        they were dropped, and with them, say, a stricter check), and loads the state with its own
+        ``load_state_dict``; its ``__init__`` is not called (its arguments are not known here).
+        """
         config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
                       block_size=self.block_size, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        return (_rebuild_forecasters, (self.n_clients, self.dim, config, self.state_dict()))
+        own = {name: value for name, value in vars(self).items() if name not in _FORECASTERS_BUILT_BY_INIT}
+        # The state is set once the copy exists (__setstate__): an attribute that refers back to this object refers to the copy.
+        return (_rebuild_forecasters, (self.n_clients, self.dim, config, None, type(self)), {"own": own, "state": self.state_dict()})
+
+    def __setstate__(self, saved: dict) -> None:
+        """The second half of an unpickling or a copy: a subclass's own attributes, then the state (validated)."""
+        self.__dict__.update(saved["own"])  # first: the subclass's load_state_dict may read them
+        self.load_state_dict(saved["state"])
+
+    def __copy__(self):
+        """A copy is independent of the original, a subclass's own attributes too: a deep copy."""
+        return copy.deepcopy(self)
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -700,10 +716,22 @@ class SquaredErrors:
         return f"SquaredErrors(n_clients={self.n_clients}, dim={self.dim}, backend={self.backend!r})"
 
 
-def _rebuild_forecasters(n_clients, dim, config, state):
-    """Unpickle :class:`ClientForecasters`: build it, then load its state (validated like any other)."""
-    forecasters = ClientForecasters(n_clients, dim, **config)
-    forecasters.load_state_dict(state)
+#: The attributes :meth:`ClientForecasters.__init__` sets: a copy builds them again; any other is a subclass's own.
+_FORECASTERS_BUILT_BY_INIT = frozenset({
+    "n_clients", "dim", "lags", "noise_range", "mu", "seed", "first_client", "block_size", "backend", "threads",
+    "parallel_threshold", "threads_used", "t", "_blocks", "_eps", "_exclusive", "_first_block", "_kernels", "_lags",
+    "_n_blocks", "_out", "_out_view", "_pool", "_sigma", "_sigma_view", "_weights", "_y"})
+
+
+def _rebuild_forecasters(n_clients, dim, config, state=None, cls=ClientForecasters):
+    """Unpickle :class:`ClientForecasters` or a subclass: build it (its state follows, :meth:`~ClientForecasters.__setstate__`).
+
+    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
+    """
+    forecasters = cls.__new__(cls)
+    ClientForecasters.__init__(forecasters, n_clients, dim, **config)
+    if state is not None:
+        forecasters.load_state_dict(state)
     return forecasters
 
 
