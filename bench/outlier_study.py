@@ -175,14 +175,16 @@ def summary(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bounds", default="1,2,3,4,6,8,12,16,24,32,48,64", help="comma-separated bounds, in burn-in standard deviations")
-    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--bounds", help="comma-separated bounds, in burn-in standard deviations (default 1,2,3,4,6,8,12,16,24,32,48,64)")
+    ap.add_argument("--clients", type=int, help="clients per run (default 1000)")
     what = ap.add_mutually_exclusive_group()
     what.add_argument("--json", help="write the raw numbers here")
     what.add_argument("--summary", metavar="JSON", help="print the summary of a saved run instead of running")
     what.add_argument("--merge", nargs="+", metavar=("OUT", "RUN"),
                       help="instead of running, write two or more saved runs (RUN RUN ...) as one run to OUT, and print its summary")
     args = ap.parse_args()
+    if (args.merge or args.summary) and (args.bounds or args.clients):
+        ap.error("--bounds and --clients are for a run, not for --summary or --merge (which read saved runs)")
     if args.merge:
         if len(args.merge) < 3:
             ap.error(f"--merge takes OUT and at least two saved runs, got {args.merge}")
@@ -194,7 +196,8 @@ def main() -> int:
         print(summary(json.loads(Path(args.summary).read_text())))
         return 0
     partial = Path(args.json + ".partial") if args.json else None
-    results = study([float(b) for b in args.bounds.split(",")], args.clients, partial)
+    bounds = args.bounds or "1,2,3,4,6,8,12,16,24,32,48,64"
+    results = study([float(b) for b in bounds.split(",")], args.clients or 1000, partial)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
         partial.unlink(missing_ok=True)

@@ -852,7 +852,7 @@ def test_the_readmes_memoa_trust_numbers_are_the_studys():
         f"and 2 tie on the mean of the three columns ({mean3(off + 'p1.5', A, 3)} and {mean3(off + 'p2', A, 3)};",
         f"mean ratios to the best baseline {three(off + 'minimax')} against {three(off + 'p1.5')} for beta = 1.5, within 10% of the "
         f"best on {' / '.join(map(str, A[off + 'minimax'][1]))} of 20 series, as beta = 1.5",
-        f"MEMOA's mean ratios to the best baseline are {two('memoa', B)} at kappa = 1 and {two('memoa', A)} at kappa = 3 (mean of "
+        f"MEMOA's mean ratios to the best baseline (of the run at that kappa) are {two('memoa', B)} at kappa = 1 and {two('memoa', A)} at kappa = 3 (mean of "
         f"the three {mean3('memoa', B, 2)} and {mean3('memoa', A, 2)}), and memoa-trust's (minimax) {two('trust k1 noff minimax', B)} "
         f"and {two(off + 'minimax', B)} ({mean3('trust k1 noff minimax', B, 3)} and {mean3(off + 'minimax', B, 3)}, both",
     ]
