@@ -25,12 +25,18 @@ def own_attributes(obj, built_by_init: frozenset) -> dict:
     return {name: value for name, value in getattr(obj, "__dict__", {}).items() if name not in built_by_init}
 
 
-def build_as(cls, base, *args, **kwargs):
-    """A ``cls`` (``base`` or a subclass of it) built by ``base.__init__(*args, **kwargs)`` alone."""
+def build_as(cls, base, args: tuple, config: dict, state=None):
+    """A ``cls`` (``base`` or a subclass of it) built by ``base.__init__(*args, **config)`` alone.
+
+    ``state`` is given by a pickle made before subclasses were kept (``cls`` is then ``base``): installed at once
+    (:meth:`CopiesKeepTheirClass._load_saved`, validated). Otherwise the state follows (``__setstate__``).
+    """
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"a pickled {base.__name__} must name {base.__name__} or a subclass of it, got {cls!r}")
     obj = cls.__new__(cls)
-    base.__init__(obj, *args, **kwargs)
+    base.__init__(obj, *args, **config)
+    if state is not None:
+        obj._load_saved(state)
     return obj
 
 

@@ -1195,7 +1195,7 @@ class Game:
 
 def _restore_game(d: dict, cls=Game) -> Game:
     """Unpickle a :class:`Game` or a subclass (built by ``Game.__init__``; a pickle made before subclasses were kept names none)."""
-    return build_as(cls, Game, **d)
+    return build_as(cls, Game, (), d)
 
 
 def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: Gains, feedforward: bool = True) -> PolicyCoefficients:

@@ -644,12 +644,9 @@ def _rebuild(cls, args, config, state=None, subclass=None):
     The class comes last (``subclass``); a pickle made before subclasses were kept gives ``cls`` (``Population``) and
     ``state`` only: the state is loaded at once, validated.
     """
-    if state is not None:
+    if state is not None:  # the labels are built with the population (a K-class one needs them)
         config = dict(config, labels=state.get("labels"))
-    obj = build_as(subclass or cls, Population, *args, **config)
-    if state is not None:
-        obj.load_state_dict(state)
-    return obj
+    return build_as(subclass or cls, Population, args, config, state)
 
 
 def _check_magnitude(name: str, arr: np.ndarray) -> None:

@@ -224,11 +224,5 @@ _SERVER_BUILT_BY_INIT = frozenset({
 
 
 def _rebuild_server(n_agents, dim, config, state=None, cls=Server):
-    """Unpickle :class:`Server` or a subclass: build it (its state follows, ``CopiesKeepTheirClass.__setstate__``).
-
-    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
-    """
-    server = build_as(cls, Server, n_agents, dim, **config)
-    if state is not None:
-        server.load_state_dict(state)
-    return server
+    """Unpickle :class:`Server` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``state``)."""
+    return build_as(cls, Server, (n_agents, dim), config, state)

@@ -173,11 +173,5 @@ _BUILT_BY_INIT = frozenset({"lo", "hi", "seed", "dim", "threads", "low", "high",
 
 
 def _rebuild_noisy_last_value(lo, hi, seed, config, state=None, cls=NoisyLastValueSignals):
-    """Unpickle :class:`NoisyLastValueSignals` or a subclass: build it (its state follows, :meth:`~NoisyLastValueSignals.__setstate__`).
-
-    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
-    """
-    source = build_as(cls, NoisyLastValueSignals, lo, hi, seed, **config)
-    if state is not None:
-        source.load_state_dict(state)
-    return source
+    """Unpickle :class:`NoisyLastValueSignals` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``state``)."""
+    return build_as(cls, NoisyLastValueSignals, (lo, hi, seed), config, state)

@@ -722,14 +722,8 @@ _FORECASTERS_BUILT_BY_INIT = frozenset({
 
 
 def _rebuild_forecasters(n_clients, dim, config, state=None, cls=ClientForecasters):
-    """Unpickle :class:`ClientForecasters` or a subclass: build it (its state follows, :meth:`~ClientForecasters.__setstate__`).
-
-    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
-    """
-    forecasters = build_as(cls, ClientForecasters, n_clients, dim, **config)
-    if state is not None:
-        forecasters.load_state_dict(state)
-    return forecasters
+    """Unpickle :class:`ClientForecasters` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``state``)."""
+    return build_as(cls, ClientForecasters, (n_clients, dim), config, state)
 
 
 #: The attributes :meth:`SquaredErrors.__init__` sets: a copy builds them again; any other is a subclass's own.
@@ -739,14 +733,8 @@ _SCORER_BUILT_BY_INIT = frozenset({
 
 
 def _rebuild_squared_errors(n_clients, dim, config, arrays=None, cls=SquaredErrors):
-    """Unpickle :class:`SquaredErrors` or a subclass: build it (its totals follow, :meth:`~SquaredErrors._load_saved`).
-
-    A pickle made before subclasses were kept gives ``arrays`` here (and no ``cls``): copied in at once.
-    """
-    scorer = build_as(cls, SquaredErrors, n_clients, dim, **config)
-    if arrays is not None:
-        SquaredErrors._load_saved(scorer, arrays)
-    return scorer
+    """Unpickle :class:`SquaredErrors` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``arrays``)."""
+    return build_as(cls, SquaredErrors, (n_clients, dim), config, arrays)
 
 
 _NOT_SAVED = "This state was not saved by a ClientForecasters."

@@ -587,7 +587,4 @@ def _rebuild_pipeline(n_clients, dim, config, arrays=None, counters=None, cls=Pi
 
     A pickle made before subclasses were kept gives ``arrays`` and ``counters`` here (and no ``cls``): copied in at once.
     """
-    pipe = build_as(cls, Pipeline, n_clients, dim, **config)
-    if arrays is not None:
-        Pipeline._load_saved(pipe, (arrays, counters))
-    return pipe
+    return build_as(cls, Pipeline, (n_clients, dim), config, None if arrays is None else (arrays, counters))
