@@ -2,7 +2,9 @@
 
 A reduction that rebuilds a hard-coded class turned a subclass's pickle or copy into the base class, its own
 attributes and its overridden methods (a stricter ``validate_state_dict``, its own ``step``) silently dropped.
-Every class here pickles as :meth:`CopiesKeepTheirClass._reduce_keeping_class` writes it:
+Population, Server, Pipeline, SquaredErrors, ClientForecasters and NoisyLastValueSignals mix in
+:class:`CopiesKeepTheirClass` and pickle as :meth:`CopiesKeepTheirClass._reduce_keeping_class` writes it (Game,
+immutable, uses :func:`build_as` and :func:`own_attributes` alone):
 
 - ``rebuild(*args, cls)`` makes the object: ``cls.__new__(cls)`` and the *base* class's ``__init__``
   (:func:`build_as`; a subclass's own ``__init__`` is not called, its arguments are not known here);
