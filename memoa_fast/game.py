@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._copies import build_as, own_attributes
 from ._validation import as_real_values, check_bool, check_choice, check_int, check_real
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL, SIZE, Q, R
 
@@ -1094,7 +1095,8 @@ class Game:
         raise AttributeError(f"Game is immutable: cannot delete {name!r}")
 
     def __reduce__(self):
-        return (_restore_game, (self.to_dict(),))
+        # A subclass's pickle is of its class, with its own attributes (its __dict__): both were dropped. Copies are self.
+        return (_restore_game, (self.to_dict(), type(self)), own_attributes(self, frozenset()) or None)
 
     def __copy__(self):
         return self
@@ -1191,8 +1193,9 @@ class Game:
         return hash(self._key())
 
 
-def _restore_game(d: dict) -> Game:
-    return Game(**d)
+def _restore_game(d: dict, cls=Game) -> Game:
+    """Unpickle a :class:`Game` or a subclass (built by ``Game.__init__``; a pickle made before subclasses were kept names none)."""
+    return build_as(cls, Game, (), d)
 
 
 def _policy_coefficients(policy: str, q: float, kappa: float, r: float, gains: Gains, feedforward: bool = True) -> PolicyCoefficients:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backends
+from ._copies import CopiesKeepTheirClass, build_as
 from ._exclusive import Exclusive
 from ._state import INITIAL_LIMIT, check_population_state
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
@@ -269,7 +270,7 @@ class MeanFieldSummary:
         self._field[lay.field_state] = mean
 
 
-class Population(MeanFieldSummary):
+class Population(CopiesKeepTheirClass, MeanFieldSummary):
     """N online agents sharing one :class:`Game`, stepped in place on this machine.
 
     One object per population (never one per agent). States, costs, the
@@ -608,8 +609,15 @@ class Population(MeanFieldSummary):
         self._fresh = False
 
     def __reduce__(self):
-        config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
-        return (_rebuild, (Population, (self.game, self.n_agents, self.dim), config, self.state_dict()))
+        """Pickle and copies: a new, independent population of the same class (a subclass's own attributes kept), its state loaded.
+
+        Taken under the lock (:meth:`state_dict`): ``RuntimeError`` while another thread is inside a step.
+        """
+        state = self.state_dict()
+        config = dict(labels=state.get("labels"), backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        args = (Population, (self.game, self.n_agents, self.dim), config, None)
+        return self._reduce_keeping_class(_rebuild, args, _POPULATION_BUILT_BY_INIT, state)
 
     @property
     def threads_used(self) -> int:
@@ -623,12 +631,22 @@ class Population(MeanFieldSummary):
         )
 
 
-def _rebuild(cls, args, config, state):
-    """Unpickle an engine: build it, then load its state (validated like any other)."""
-    labels = state.get("labels")
-    obj = cls(*args, labels=labels, **config)
-    obj.load_state_dict(state)
-    return obj
+#: The attributes :meth:`Population.__init__` sets: a copy builds them again; any other is a subclass's own.
+_POPULATION_BUILT_BY_INIT = frozenset({
+    "n_agents", "dim", "_kernels", "backend", "parallel_threshold", "threads", "_threads_used", "_lay", "_labels", "_coef",
+    "game", "_mix", "_empty_read", "_discount", "_x", "_J", "_work", "_field", "_yhat", "_no_weights", "_x_view", "_J_view",
+    "_exclusive", "_fresh", "_mean_ready", "_n_valid", "_worst", "t"})
+
+
+def _rebuild(cls, args, config, state=None, subclass=None):
+    """Unpickle :class:`Population` or a subclass: build it (its state follows, ``CopiesKeepTheirClass.__setstate__``).
+
+    The class comes last (``subclass``); a pickle made before subclasses were kept gives ``cls`` (``Population``) and
+    ``state`` only: the state is loaded at once, validated.
+    """
+    if state is not None:  # the labels are built with the population (a K-class one needs them)
+        config = dict(config, labels=state.get("labels"))
+    return build_as(subclass or cls, Population, args, config, state)
 
 
 def _check_magnitude(name: str, arr: np.ndarray) -> None:

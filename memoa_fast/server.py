@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from . import _backends
+from ._copies import CopiesKeepTheirClass, build_as
 from ._exclusive import Exclusive
 from ._state import RULES, check_server_state, server_state
 from ._validation import MAX_COUNT, as_float_array, check_choice, check_int, check_out, check_real, check_sizes, readonly_view
@@ -14,7 +15,7 @@ from .kernels import RULE_EG, RULE_HEDGE, layout, work_shape
 RULE_CODES = {"eg": RULE_EG, "hedge": RULE_HEDGE}
 
 
-class Server:
+class Server(CopiesKeepTheirClass):
     """Mixes N client predictions with online weights kept in the log domain.
 
     Parameters
@@ -188,9 +189,11 @@ class Server:
             ex.interrupted = None
 
     def __reduce__(self):
+        """Pickle and copies: a new, independent server of the same class (a subclass's own attributes kept), its state loaded."""
         config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        return (_rebuild_server, (self.n_agents, self.dim, config, self.state_dict()))
+        return self._reduce_keeping_class(_rebuild_server, (self.n_agents, self.dim, config, None), _SERVER_BUILT_BY_INIT,
+                                          self.state_dict())
 
     @property
     def threads_used(self) -> int:
@@ -214,7 +217,12 @@ def check_update_count(n_updates: int) -> None:
                          "can hold (n_updates is saved as an int64): it updates no further")
 
 
-def _rebuild_server(n_agents, dim, config, state):
-    server = Server(n_agents, dim, **config)
-    server.load_state_dict(state)
-    return server
+#: The attributes :meth:`Server.__init__` sets: a copy builds them again; any other is a subclass's own.
+_SERVER_BUILT_BY_INIT = frozenset({
+    "n_agents", "dim", "rule", "eta", "alpha", "backend", "_kernels", "parallel_threshold", "threads", "_threads_used", "_lay",
+    "_log_p", "_work", "_yhat", "_mixture", "_y", "_log_p_view", "_exclusive", "n_updates"})
+
+
+def _rebuild_server(n_agents, dim, config, state=None, cls=Server):
+    """Unpickle :class:`Server` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``state``)."""
+    return build_as(cls, Server, (n_agents, dim), config, state)

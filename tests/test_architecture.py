@@ -14,7 +14,7 @@ PACKAGE = ROOT / "memoa_fast"
 # Layer of every module, from the bottom up; a module may import its own layer or lower ones.
 LAYERS = {
     "kernels": 0,
-    "_validation": 1, "_backends": 1, "_state": 1, "_version": 1, "_exclusive": 1, "_memory": 1,
+    "_validation": 1, "_backends": 1, "_state": 1, "_version": 1, "_exclusive": 1, "_memory": 1, "_copies": 1,
     "game": 2, "server": 2, "population": 2, "certificates": 2,
     "checkpoint": 3,
     "distributed": 4,

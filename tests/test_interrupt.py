@@ -85,7 +85,7 @@ def _pipe_state(pipe):
     ``_y`` (round's copy of its target) and the round flags ``F_T``, ``F_REWEIGHT``, ``F_UPDATE``, ``F_RECORD``
     are written before they are read by every call; the kernel keeps the others (rule, first client, linear).
     """
-    _, (_, _, _, arrays, counters) = pipe.__reduce__()
+    arrays, counters = pipe.__reduce__()[2]["state"]
     k = pipe._kern
     arrays = dict(arrays)
     del arrays["_y"]
@@ -355,7 +355,7 @@ def _stateful_cases():
                           lambda o, base: o.load_state_dict(base.state_dict())),
         "ClientForecasters.observe": (fc, lambda o, i: o.observe([0.2 * i, -0.1]), lambda o: o.state_dict(),
                                       lambda o, base: o.load_state_dict(base.state_dict())),
-        "SquaredErrors.add": (sq, lambda o, i: o.add(x[i], [0.2, -0.1]), lambda o: o.__reduce__()[1][3], None),
+        "SquaredErrors.add": (sq, lambda o, i: o.add(x[i], [0.2, -0.1]), lambda o: o.__reduce__()[2]["state"], None),
         "TrustPopulation.step": (tp, lambda o, i: o.step(x[i]), _trust_state, None),
         "TrustPopulation.observe": (tp, lambda o, i: o.observe([0.2 * i, -0.1]), _trust_state, None),
         "TrustClasses.observe": (tc, lambda o, i: o.observe(x[i], [0.2 * i, -0.1]), _trust_classes_state, None),

@@ -596,7 +596,8 @@ def test_a_pickle_records_the_squared_features_cap_one_made_before_it_loads_with
     y = series(12, 1)
     pipe = Pipeline(30, 1, game=GAME, seed=4, threads=1)
     pipe.run(y[:5])
-    rebuild, (n, d, config, arrays, counters) = pipe.__reduce__()
+    rebuild, (n, d, config, *_), saved = pipe.__reduce__()
+    arrays, counters = saved["state"]
     assert rebuild is _rebuild_pipeline and counters[CAP_RECORD] == SQUARE_CAP
     with pytest.raises(ValueError, match=rf"state\['pipeline/counters/{CAP_RECORD}'\] is 81\.0, but this memoa-fast caps "
                                          r"the squared features at SQUARE_CAP=64: the state"):
@@ -694,7 +695,8 @@ def test_a_pickle_made_before_the_cap_that_is_refused_gives_no_warning():
     from memoa_fast.timeseries.pipeline import _rebuild_pipeline
 
     pipe = Pipeline(30, 1, game=GAME, seed=4, threads=1)
-    _, (n, d, config, arrays, counters) = pipe.__reduce__()
+    _, (n, d, config, *_), saved = pipe.__reduce__()
+    arrays, counters = saved["state"]
     old = {k: v for k, v in counters.items() if k != CAP_RECORD}
     with pytest.raises(ValueError, match="a pickled Pipeline's _x must be float64 of shape"):
         _rebuild_pipeline(n, d, config, {**arrays, "_x": arrays["_x"][:1]}, old)

@@ -39,17 +39,17 @@ The time-series application's forecasters come as such a source too:
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 
 from .. import _backends
+from .._copies import CopiesKeepTheirClass, build_as
 from .._state import check_source_state, source_settings
 from .._validation import MAX_COUNT, TARGET_LIMIT, as_target_array, check_bounded, check_int, check_real, check_seed
 
 
-class NoisyLastValueSignals:
+class NoisyLastValueSignals(CopiesKeepTheirClass):
     """Clients that forecast ``y(t+1)`` by their own noisy view of ``y(t)``.
 
     Client i observes ``y(t) + sigma_i z_i(t)``, with ``sigma_i`` log-uniform
@@ -161,24 +161,11 @@ class NoisyLastValueSignals:
 
         The default failed for pickle and deepcopy (the noise kernels are a module), and copy.copy shared the
         last value ``y``: observing one of the two changed the other's draws. A subclass's copy is of its class,
-        with its own attributes (those this class's ``__init__`` does not set), and loads the state with its own
-        ``load_state_dict``; its ``__init__`` is not called (its arguments are not known here).
+        with its own attributes, and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`).
         """
         config = dict(dim=self.dim, low=self.low, high=self.high, threads=self.threads)
-        own = {name: value for name, value in vars(self).items() if name not in _BUILT_BY_INIT}
-        # The state is set once the copy exists (__setstate__), so an attribute that refers back to this source (a
-        # bound method, say) refers to the copy, not to a copy under construction (endless recursion).
-        return (_rebuild_noisy_last_value, (self.lo, self.hi, self.seed, config, None, type(self)),
-                {"own": own, "state": self.state_dict()})
-
-    def __setstate__(self, saved: dict) -> None:
-        """The second half of an unpickling or a copy: a subclass's own attributes, then the state (validated)."""
-        self.__dict__.update(saved["own"])  # first: the subclass's load_state_dict may read them
-        self.load_state_dict(saved["state"])
-
-    def __copy__(self):
-        """A copy is independent of the original, a subclass's own attributes too: a deep copy (as ForecasterSignals')."""
-        return copy.deepcopy(self)
+        return self._reduce_keeping_class(_rebuild_noisy_last_value, (self.lo, self.hi, self.seed, config, None), _BUILT_BY_INIT,
+                                          self.state_dict())
 
 
 #: The attributes :meth:`NoisyLastValueSignals.__init__` sets: a copy builds them again; any other is a subclass's own.
@@ -186,12 +173,5 @@ _BUILT_BY_INIT = frozenset({"lo", "hi", "seed", "dim", "threads", "low", "high",
 
 
 def _rebuild_noisy_last_value(lo, hi, seed, config, state=None, cls=NoisyLastValueSignals):
-    """Unpickle :class:`NoisyLastValueSignals` or a subclass: build it (its state follows, :meth:`~NoisyLastValueSignals.__setstate__`).
-
-    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
-    """
-    source = cls.__new__(cls)
-    NoisyLastValueSignals.__init__(source, lo, hi, seed, **config)
-    if state is not None:
-        source.load_state_dict(state)
-    return source
+    """Unpickle :class:`NoisyLastValueSignals` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``state``)."""
+    return build_as(cls, NoisyLastValueSignals, (lo, hi, seed), config, state)

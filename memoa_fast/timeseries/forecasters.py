@@ -59,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import _backends
+from .._copies import CopiesKeepTheirClass, build_as
 from .._exclusive import Exclusive
 from .._state import _real, check_source_state, source_settings
 from .._validation import (
@@ -200,7 +201,7 @@ def _load_kernels(backend: str):
         raise
 
 
-class ClientForecasters:
+class ClientForecasters(CopiesKeepTheirClass):
     """The normalised-LMS forecasters of clients ``[first_client, first_client + n_clients)``.
 
     Parameters
@@ -562,25 +563,14 @@ class ClientForecasters:
     def __reduce__(self):
         """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object of the same class.
 
-        A subclass's copy is of its class, with its own attributes (those this class's ``__init__`` does not set;
-        they were dropped, and with them, say, a stricter check), and loads the state with its own
-        ``load_state_dict``; its ``__init__`` is not called (its arguments are not known here).
+        A subclass's copy is of its class, with its own attributes (they were dropped, and with them, say, a stricter
+        check), and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`).
         """
         config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
                       block_size=self.block_size, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        own = {name: value for name, value in vars(self).items() if name not in _FORECASTERS_BUILT_BY_INIT}
-        # The state is set once the copy exists (__setstate__): an attribute that refers back to this object refers to the copy.
-        return (_rebuild_forecasters, (self.n_clients, self.dim, config, None, type(self)), {"own": own, "state": self.state_dict()})
-
-    def __setstate__(self, saved: dict) -> None:
-        """The second half of an unpickling or a copy: a subclass's own attributes, then the state (validated)."""
-        self.__dict__.update(saved["own"])  # first: the subclass's load_state_dict may read them
-        self.load_state_dict(saved["state"])
-
-    def __copy__(self):
-        """A copy is independent of the original, a subclass's own attributes too: a deep copy."""
-        return copy.deepcopy(self)
+        return self._reduce_keeping_class(_rebuild_forecasters, (self.n_clients, self.dim, config, None), _FORECASTERS_BUILT_BY_INIT,
+                                          self.state_dict())
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -601,7 +591,7 @@ class ClientForecasters:
         )
 
 
-class SquaredErrors:
+class SquaredErrors(CopiesKeepTheirClass):
     """Running squared errors of ``n_clients`` published forecasts against a stream.
 
     Each call of :meth:`add` with states ``x`` (n, d) and the target ``y``
@@ -696,11 +686,19 @@ class SquaredErrors:
         return total, self._mean_view, self._totals_view
 
     def __reduce__(self):
-        """Pickle and copies build a new object with the same arguments and copy the totals in: independent."""
+        """Pickle and copies: a new, independent object of the same class (a subclass's own attributes kept), the totals copied in."""
         config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
         with self._exclusive:
             arrays = (self._totals.copy(), self._mean.copy(), self.max_total)
-        return (_rebuild_squared_errors, (self.n_clients, self.dim, config, arrays))
+        return self._reduce_keeping_class(_rebuild_squared_errors, (self.n_clients, self.dim, config, None), _SCORER_BUILT_BY_INIT,
+                                          arrays)
+
+    def _load_saved(self, arrays) -> None:
+        """Copy the pickled ``(totals, mean, max_total)`` in (shapes checked, finite or not)."""
+        totals, mean, max_total = arrays
+        totals = as_float_array("totals", totals, (self.n_clients,), allow_nonfinite=True)
+        mean = as_float_array("mean", mean, (self.dim,), allow_nonfinite=True)
+        self._totals[...], self._mean[...], self.max_total = totals, mean, float(max_total)
 
     def reset(self) -> None:
         """Totals back to zero."""
@@ -724,25 +722,19 @@ _FORECASTERS_BUILT_BY_INIT = frozenset({
 
 
 def _rebuild_forecasters(n_clients, dim, config, state=None, cls=ClientForecasters):
-    """Unpickle :class:`ClientForecasters` or a subclass: build it (its state follows, :meth:`~ClientForecasters.__setstate__`).
-
-    A pickle made before subclasses were kept gives ``state`` here (and no ``cls``): loaded at once, validated.
-    """
-    forecasters = cls.__new__(cls)
-    ClientForecasters.__init__(forecasters, n_clients, dim, **config)
-    if state is not None:
-        forecasters.load_state_dict(state)
-    return forecasters
+    """Unpickle :class:`ClientForecasters` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``state``)."""
+    return build_as(cls, ClientForecasters, (n_clients, dim), config, state)
 
 
-def _rebuild_squared_errors(n_clients, dim, config, arrays):
-    """Unpickle :class:`SquaredErrors`: build it, then copy its totals in (shapes checked, finite or not)."""
-    scorer = SquaredErrors(n_clients, dim, **config)
-    totals, mean, max_total = arrays
-    scorer._totals[...] = as_float_array("totals", totals, (n_clients,), allow_nonfinite=True)
-    scorer._mean[...] = as_float_array("mean", mean, (dim,), allow_nonfinite=True)
-    scorer.max_total = float(max_total)
-    return scorer
+#: The attributes :meth:`SquaredErrors.__init__` sets: a copy builds them again; any other is a subclass's own.
+_SCORER_BUILT_BY_INIT = frozenset({
+    "n_clients", "dim", "backend", "_kernels", "_exclusive", "parallel_threshold", "threads", "threads_used", "_totals", "_mean",
+    "_work", "_totals_view", "_mean_view", "max_total"})
+
+
+def _rebuild_squared_errors(n_clients, dim, config, arrays=None, cls=SquaredErrors):
+    """Unpickle :class:`SquaredErrors` or a subclass (:func:`~memoa_fast._copies.build_as`; old pickles give ``arrays``)."""
+    return build_as(cls, SquaredErrors, (n_clients, dim), config, arrays)
 
 
 _NOT_SAVED = "This state was not saved by a ClientForecasters."

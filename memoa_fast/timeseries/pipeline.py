@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .. import _backends
+from .._copies import CopiesKeepTheirClass, build_as
 from .._exclusive import Exclusive
 from .._memory import staggered_zeros
 from .._validation import (
@@ -59,7 +60,7 @@ def load_pipeline_kernels(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
-class Pipeline:
+class Pipeline(CopiesKeepTheirClass):
     """N forecasting clients, their single-class population and a server, stepped one round per call.
 
     Parameters
@@ -525,7 +526,8 @@ class Pipeline:
     def __reduce__(self):
         """Pickle, ``copy.copy`` and ``copy.deepcopy``: a new, independent Pipeline that continues this one bitwise.
 
-        Each builds a Pipeline with the same arguments and copies every state array into it.
+        Each builds a Pipeline with the same arguments and copies every state array into it (:meth:`_load_saved`);
+        a subclass's copy is of its class, with its own attributes (:mod:`memoa_fast._copies`).
         """
         config = dict(game=self.game, rule=self.rule, eta=self.eta, alpha=self.alpha, lags=self.lags,
                       noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
@@ -534,7 +536,31 @@ class Pipeline:
             self._settle()
             arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
             counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount, CAP_RECORD: float(SQUARE_CAP)}
-        return (_rebuild_pipeline, (self.n_clients, self.dim, config, arrays, counters))
+        return self._reduce_keeping_class(_rebuild_pipeline, (self.n_clients, self.dim, config, None, None), _PIPELINE_BUILT_BY_INIT,
+                                          (arrays, counters))
+
+    def _load_saved(self, saved) -> None:
+        """Copy the pickled ``(arrays, counters)`` in: shapes, dtypes and the squared features' cap checked first.
+
+        The counters record the squared features' cap (:func:`~memoa_fast.timeseries.forecasters.check_square_cap`):
+        another one is refused, none (a pickle made before the cap) loads with an ``UncappedStateWarning``.
+        """
+        arrays, counters = saved
+        cap_key = f"pipeline/counters/{CAP_RECORD}"
+        recorded = check_square_cap(counters, cap_key)
+        if set(arrays) != set(_STATE_ARRAYS):
+            raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
+        values = {name: np.asarray(arrays[name]) for name in _STATE_ARRAYS}
+        for name, value in values.items():
+            target = getattr(self, name)
+            if value.shape != target.shape or value.dtype != target.dtype:
+                raise ValueError(f"a pickled Pipeline's {name} must be {target.dtype} of shape {target.shape}, "
+                                 f"got {value.dtype} of shape {value.shape}")
+        for name, value in values.items():
+            getattr(self, name)[...] = value
+        self.t, self.n_recorded, self._discount = int(counters["t"]), int(counters["n_recorded"]), float(counters["_discount"])
+        if not recorded:  # last: the warning says the pickle loads
+            warn_uncapped(cap_key)
 
     def __repr__(self) -> str:
         return (
@@ -549,24 +575,16 @@ _STATE_ARRAYS = ("_x", "_s", "_J", "_log_p", "_ebuf", "_sigma", "_sq_err", "_sq_
                  "_field", "_work", "_params", "_flags", "_stats")
 
 
-def _rebuild_pipeline(n_clients, dim, config, arrays, counters):
-    """Unpickle a :class:`Pipeline`: build it from its arguments, then copy its arrays in (shapes checked).
+#: The attributes :meth:`Pipeline.__init__` sets: a copy builds them again; any other is a subclass's own.
+_PIPELINE_BUILT_BY_INIT = frozenset({
+    "n_clients", "dim", "game", "rule", "eta", "alpha", "lags", "noise_range", "mu", "seed", "backend", "_kern",
+    "parallel_threshold", "threads", "_threads_used", "_key", "_y_rows", "_yhat_rows", "_linear", "_exclusive", "_reference",
+    "_segment_rounds", "_pending", "_views", "_t", "_n_recorded", "_discount", *_STATE_ARRAYS})
 
-    The counters record the squared features' cap (:func:`~memoa_fast.timeseries.forecasters.check_square_cap`):
-    another one is refused, none (a pickle made before the cap) loads with an ``UncappedStateWarning``.
+
+def _rebuild_pipeline(n_clients, dim, config, arrays=None, counters=None, cls=Pipeline):
+    """Unpickle a :class:`Pipeline` or a subclass: build it from its arguments (its arrays follow, :meth:`Pipeline._load_saved`).
+
+    A pickle made before subclasses were kept gives ``arrays`` and ``counters`` here (and no ``cls``): copied in at once.
     """
-    cap_key = f"pipeline/counters/{CAP_RECORD}"
-    recorded = check_square_cap(counters, cap_key)
-    pipe = Pipeline(n_clients, dim, **config)
-    if set(arrays) != set(_STATE_ARRAYS):
-        raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
-    for name in _STATE_ARRAYS:
-        target, value = getattr(pipe, name), np.asarray(arrays[name])
-        if value.shape != target.shape or value.dtype != target.dtype:
-            raise ValueError(f"a pickled Pipeline's {name} must be {target.dtype} of shape {target.shape}, "
-                             f"got {value.dtype} of shape {value.shape}")
-        target[...] = value
-    pipe.t, pipe.n_recorded, pipe._discount = int(counters["t"]), int(counters["n_recorded"]), float(counters["_discount"])
-    if not recorded:  # last: the warning says the pickle loads
-        warn_uncapped(cap_key)
-    return pipe
+    return build_as(cls, Pipeline, (n_clients, dim), config, None if arrays is None else (arrays, counters))
