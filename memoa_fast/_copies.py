@@ -18,13 +18,42 @@ refers to the copy. ``copy.copy`` is a deep copy: a subclass's own attributes ar
 from __future__ import annotations
 
 import copy
+import copyreg
 
-__all__ = ["CopiesKeepTheirClass", "build_as", "own_attributes"]
+__all__ = ["CopiesKeepTheirClass", "build_as", "own_attributes", "set_own_attributes"]
 
 
 def own_attributes(obj, built_by_init: frozenset) -> dict:
-    """The attributes of ``obj`` that its base class's ``__init__`` does not set (``built_by_init``): a subclass's own."""
-    return {name: value for name, value in getattr(obj, "__dict__", {}).items() if name not in built_by_init}
+    """The attributes of ``obj`` that its base class's ``__init__`` does not set (``built_by_init``): a subclass's own.
+
+    Those in its ``__dict__`` and those in the ``__slots__`` a subclass declares (a set slot; they were dropped).
+    """
+    own = {name: value for name, value in getattr(obj, "__dict__", {}).items() if name not in built_by_init}
+    for name in _slot_names(type(obj)):
+        if name not in built_by_init:
+            try:
+                own[name] = object.__getattribute__(obj, name)
+            except AttributeError:  # a slot never set stays unset in the copy
+                pass
+    return own
+
+
+def _slot_names(cls) -> list:
+    """The slot names of ``cls`` and its bases, mangled as stored (``copyreg``'s, as pickle's own default uses them)."""
+    return copyreg._slotnames(cls)
+
+
+def set_own_attributes(obj, own: dict) -> None:
+    """Put back the attributes :func:`own_attributes` took: a slot through its descriptor, any other in ``__dict__``.
+
+    ``object.__setattr__`` for a slot, so an immutable class's ``__setattr__`` (Game's) is not called.
+    """
+    slots = set(_slot_names(type(obj)))
+    for name, value in own.items():
+        if name in slots:
+            object.__setattr__(obj, name, value)
+        else:
+            obj.__dict__[name] = value
 
 
 def build_as(cls, base, args: tuple, config: dict, state=None):
@@ -59,7 +88,7 @@ class CopiesKeepTheirClass:
 
     def __setstate__(self, saved: dict) -> None:
         """The second half of an unpickling or a copy: a subclass's own attributes, then the state (validated)."""
-        self.__dict__.update(saved["own"])  # first: the subclass's load_state_dict may read them
+        set_own_attributes(self, saved["own"])  # first: the subclass's load_state_dict may read them
         self._load_saved(saved["state"])
 
     def _load_saved(self, state) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._copies import build_as, own_attributes
+from ._copies import build_as, own_attributes, set_own_attributes
 from ._validation import as_real_values, check_bool, check_choice, check_int, check_real
 from .kernels import GAIN, KAPPA, MIX_SIGNAL, MIX_STATE, N_COEF, SIGNAL, SIZE, Q, R
 
@@ -1095,8 +1095,13 @@ class Game:
         raise AttributeError(f"Game is immutable: cannot delete {name!r}")
 
     def __reduce__(self):
-        # A subclass's pickle is of its class, with its own attributes (its __dict__): both were dropped. Copies are self.
-        return (_restore_game, (self.to_dict(), type(self)), own_attributes(self, frozenset()) or None)
+        # A subclass's pickle is of its class, with its own attributes (its __dict__ and its own slots): both were dropped.
+        # Copies are self.
+        return (_restore_game, (self.to_dict(), type(self)), own_attributes(self, frozenset(_SLOTS)) or None)
+
+    def __setstate__(self, own: dict) -> None:
+        """A subclass's own attributes, after :func:`_restore_game` built it (its own slots too: Game's ``__setattr__`` refuses)."""
+        set_own_attributes(self, own)
 
     def __copy__(self):
         return self

@@ -117,3 +117,27 @@ def test_pickles_made_before_subclasses_were_kept_load():
     scorer.add([[1.0], [3.0]], [0.0])
     old = forecasters._rebuild_squared_errors(2, 1, dict(backend="numpy"), (scorer.totals, [2.0], 9.0))
     assert type(old) is SquaredErrors and list(old.totals) == [1.0, 9.0] and old.max_total == 9.0
+
+
+class _SlottedPopulation(Population):
+    __slots__ = ("tag", "never_set")
+
+
+class _SlottedGame(Game):
+    __slots__ = ("tag",)
+
+
+@pytest.mark.parametrize("how", sorted(CLONE))
+def test_a_subclass_s_own_slots_are_kept(how):
+    """Own attributes a subclass declares in ``__slots__`` are copied too (not shared), an unset one stays unset; a Game
+    subclass's own slots pickle too. On bd2245e they were dropped silently (only ``__dict__`` was read).
+    """
+    pop = _SlottedPopulation(Game(), 3, 1, backend="numpy")
+    pop.tag = [1]
+    clone = CLONE[how](pop)
+    assert type(clone) is _SlottedPopulation and clone.tag == [1] and clone.tag is not pop.tag
+    assert not hasattr(clone, "never_set")
+    mine = _SlottedGame(q=2.0)
+    object.__setattr__(mine, "tag", [2])
+    back = pickle.loads(pickle.dumps(mine))
+    assert type(back) is _SlottedGame and back.tag == [2] and back == mine
