@@ -598,6 +598,22 @@ def test_csv_decimal_mark_is_checked_and_a_comma_delimiter_line_refused_with_it(
             streams.csv_columns(path, decimal=bad)
 
 
+@pytest.mark.parametrize("text, column, why", [
+    ("date,value\n1,2\n", "value", r"the columns are 'date,value'; with decimal=',' the delimiter is tab, ';' or '\|', never ',', "
+                                   r"and this header row is delimited by commas: read the file with decimal='\.'"),
+    ("date value\n1 2,5\n", "value", r"holds none of the delimiters '\\t', ';', '\|': a file delimited by spaces is not read "
+                                     r"\(convert it, e.g. tr -s ' ' ';'\)"),
+    ("value\n1;2,5\n", "value", r"line 2 \(data row 1\): 2 fields, the header row has 1 \(delimiter ';'\)"),
+])
+def test_csv_decimal_comma_hints_name_the_delimiters_it_accepts(tmp_path, text, column, why):
+    """A comma-delimited file read with decimal=',' is told so; on bd2245e: "did you mean 'date,value'?" (asking for it
+    fails on every row). A space-delimited one is not told to convert its spaces to commas; the delimiter of a one-column
+    header is ';' as documented (it was a tab).
+    """
+    with pytest.raises(CsvSeriesError, match=why):
+        load_csv_series(_write(tmp_path, text), column, warmup=5, decimal=",")
+
+
 @pytest.mark.parametrize("sep", [",", ";", "\t", "|"])
 @pytest.mark.parametrize("bom_crlf", [False, True])
 def test_csv_excel_delimiter_line_sets_the_delimiter(tmp_path, sep, bom_crlf):

@@ -880,7 +880,8 @@ class _ColumnReader:
         """The delimiter: the first that the header row holds (outside quotes) and that splits the first data row alike.
 
         Of :data:`CSV_DELIMITERS` that the header row holds, the first that splits the first data row into as many
-        fields as the header row; if none does (or there is no data row), the first held; ``','`` if none is held.
+        fields as the header row; if none does (or there is no data row), the first held; ``','`` if none is held
+        (``';'`` with ``decimal=','``).
 
         So a name holding another delimiter does not choose it: a tab-delimited header row ``date<TAB>Price, USD``
         is split on tabs (its first data row holds no comma), where the first delimiter held, ``','``, split it in two.
@@ -893,7 +894,7 @@ class _ColumnReader:
             same = [d for d in held if row.count(d) == bare.count(d)]
             if same:
                 return same[0]
-        return held[0] if held else candidates[0]
+        return held[0] if held else ("," if self.decimal == "." else ";")  # ';' is the decimal-comma locales' own
 
     def _missing_column(self, names: list[str]):
         data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
@@ -903,9 +904,15 @@ class _ColumnReader:
         if commented:  # numpy.savetxt writes its header as a comment: '# v', or '# a,b' (that is not a delimiter line)
             hint = (f" (did you mean {commented[0]!r}? the header row starts with '#', a comment marker as numpy.savetxt "
                     f"writes it: ask for column {commented[0]!r}, or write the file without it, savetxt(..., comments=''))")
+        elif self.decimal == "," and not self.forced_sep and any(
+                self.column.strip() == part.strip() for nm in names for part in nm.split(",")):
+            # 'date,value': a comma-delimited file read with decimal=',' (its comma is then never the delimiter)
+            hint = ("; with decimal=',' the delimiter is tab, ';' or '|', never ',', and this header row is delimited by "
+                    "commas: read the file with decimal='.' (memoa run without --decimal), or write it with ';'")
         elif len(names) == 1 and self.column.strip() in names[0].split():  # 'year value': spaces are not a delimiter
-            hint = (f"; the header row holds none of the delimiters {', '.join(map(repr, CSV_DELIMITERS))}: a file "
-                    "delimited by spaces is not read (convert it, e.g. tr -s ' ' ',')")
+            accepted = [d for d in CSV_DELIMITERS if d != self.decimal]
+            hint = (f"; the header row holds none of the delimiters {', '.join(map(repr, accepted))}: a file "
+                    f"delimited by spaces is not read (convert it, e.g. tr -s ' ' '{accepted[0] if self.decimal == '.' else ';'}')")
         elif hint:
             hint = f" (did you mean {hint[0]!r}?)"
         elif re.fullmatch(r"[0-9]+", self.column.strip()) and not data_like:  # a position, not a name
