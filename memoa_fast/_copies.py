@@ -14,6 +14,8 @@ immutable, uses :func:`build_as` and :func:`own_attributes` alone):
 
 The state is set once the copy exists, so an own attribute that refers back to the object (a bound method, say)
 refers to the copy. ``copy.copy`` is a deep copy: a subclass's own attributes are not shared with the original.
+So an own attribute that views the object's arrays (``self.first = self.states[:1]``) is an array of its own in
+the copy, no longer a view of the copy's, and one that cannot be deep-copied (a lock) makes the copy raise.
 """
 from __future__ import annotations
 

@@ -317,6 +317,24 @@ def test_powers_are_checked_whatever_the_rule():
         TrustPopulation(6, n_classes=2, rule="error", powers=[float("nan")])
 
 
+def test_a_shallow_copy_of_a_trust_classes_subclass_shares_nothing():
+    """copy.copy of a TrustClasses subclass shared the subclass's own mutable attributes with the original."""
+    import copy
+
+    from memoa_fast.timeseries.trust import TrustClasses
+
+    class Logged(TrustClasses):
+        pass
+
+    trust = Logged(6, 2, reclass=2)
+    trust.log = [1]
+    trust.observe(np.arange(6.0)[:, None], [0.5])
+    clone = copy.copy(trust)
+    clone.log.append(2)
+    clone.observe(np.ones((6, 1)), [0.1])
+    assert type(clone) is Logged and trust.log == [1] and trust.n_observed == 1 and clone.n_observed == 2
+
+
 def test_a_shallow_copy_of_a_trust_population_is_independent():
     """copy.copy shared the populations, the class records and the costs with the original."""
     import copy

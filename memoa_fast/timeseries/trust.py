@@ -219,6 +219,10 @@ class TrustClasses:
         self.__dict__.update(state)
         self._exclusive = Exclusive("TrustClasses", recover=_RECOVER)  # also for a pickle made before the lock existed
 
+    def __copy__(self):
+        """A copy is independent of the original, a subclass's own attributes too (they were shared): a deep copy."""
+        return copy.deepcopy(self)
+
     def __repr__(self) -> str:
         return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
                 f"half_life={self.half_life!r}, q={self.q!r})")
