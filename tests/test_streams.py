@@ -707,10 +707,12 @@ def test_csv_classic_mac_line_ends_are_named(tmp_path):
         load_csv_series(path, "value", warmup=5)
 
 
-def test_csv_without_a_header_row_says_so(tmp_path):
-    path = _write(tmp_path, "".join(f"2020-01-{i:02d},{i % 7}.5\n" for i in range(1, 20)))
+@pytest.mark.parametrize("decimal", [".", ","])
+def test_csv_without_a_header_row_says_so(tmp_path, decimal):
+    sep = "," if decimal == "." else ";"
+    path = _write(tmp_path, "".join(f"2020-01-{i:02d}{sep}{i % 7}{decimal}5{sep}1{decimal}25\n" for i in range(1, 20)))
     with pytest.raises(CsvSeriesError, match="the first line looks like data, not a header row"):
-        load_csv_series(path, "value", warmup=5)
+        load_csv_series(path, "value", warmup=5, decimal=decimal)
 
 
 def test_csv_constant_warmup_message_shows_a_plain_number(tmp_path):

@@ -897,7 +897,8 @@ class _ColumnReader:
         return held[0] if held else ("," if self.decimal == "." else ";")  # ';' is the decimal-comma locales' own
 
     def _missing_column(self, names: list[str]):
-        data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in names)
+        numbers = [nm.replace(",", ".") if self.decimal == "," and "." not in nm else nm for nm in names]
+        data_like = all(_NUMBER.fullmatch(nm) or re.fullmatch(r"[0-9][0-9:/. T+-]*", nm) for nm in numbers)
         same = [nm for nm in names if nm.casefold() == self.column.strip().casefold()]  # ' ot' for 'OT'
         hint = same[:1] or difflib.get_close_matches(self.column, names, n=1)
         commented = [nm for nm in names if nm.startswith("#") and nm.lstrip("#").strip() == self.column.strip()]
