@@ -729,6 +729,8 @@ class _ColumnReader:
         self.path, self.column, self.max_rows = path, column, max_rows
         self.drop_missing = drop_missing  # empty/missing cells and blank lines are rows to skip
         self.decimal = decimal  # the numbers' decimal mark: '.' or ',' (then ',' is never the delimiter)
+        self.delimiters = tuple(d for d in CSV_DELIMITERS if d != decimal)  # those a header row may choose
+        self.default_sep = "," if decimal == "." else ";"  # a header holding none; ';' is the decimal-comma locales' own
         self.col = 0
         self.n_fields = 0
         self.n = 0
@@ -887,14 +889,13 @@ class _ColumnReader:
         is split on tabs (its first data row holds no comma), where the first delimiter held, ``','``, split it in two.
         """
         bare = _outside_quotes(header)
-        candidates = [d for d in CSV_DELIMITERS if d != self.decimal]  # with decimal ',', a comma is in the numbers
-        held = [d for d in candidates if d in bare]
+        held = [d for d in self.delimiters if d in bare]
         if len(held) > 1:
             row = _outside_quotes(self.first_row.decode("utf-8", errors="replace").rstrip("\r\n"))
             same = [d for d in held if row.count(d) == bare.count(d)]
             if same:
                 return same[0]
-        return held[0] if held else ("," if self.decimal == "." else ";")  # ';' is the decimal-comma locales' own
+        return held[0] if held else self.default_sep
 
     def _missing_column(self, names: list[str]):
         numbers = [nm.replace(",", ".") if self.decimal == "," and "." not in nm else nm for nm in names]
@@ -911,9 +912,8 @@ class _ColumnReader:
             hint = ("; with decimal=',' the delimiter is tab, ';' or '|', never ',', and this header row is delimited by "
                     "commas: read the file with decimal='.' (memoa run without --decimal), or write it with ';'")
         elif len(names) == 1 and self.column.strip() in names[0].split():  # 'year value': spaces are not a delimiter
-            accepted = [d for d in CSV_DELIMITERS if d != self.decimal]
-            hint = (f"; the header row holds none of the delimiters {', '.join(map(repr, accepted))}: a file "
-                    f"delimited by spaces is not read (convert it, e.g. tr -s ' ' '{accepted[0] if self.decimal == '.' else ';'}')")
+            hint = (f"; the header row holds none of the delimiters {', '.join(map(repr, self.delimiters))}: a file "
+                    f"delimited by spaces is not read (convert it, e.g. tr -s ' ' '{self.default_sep}')")
         elif hint:
             hint = f" (did you mean {hint[0]!r}?)"
         elif re.fullmatch(r"[0-9]+", self.column.strip()) and not data_like:  # a position, not a name
