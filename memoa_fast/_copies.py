@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import copyreg
 
-__all__ = ["CopiesKeepTheirClass", "build_as", "own_attributes", "set_own_attributes"]
+__all__ = ["CopiesAreDeep", "CopiesKeepTheirClass", "build_as", "own_attributes", "set_own_attributes"]
 
 
 def own_attributes(obj, built_by_init: frozenset) -> dict:
@@ -73,7 +73,21 @@ def build_as(cls, base, args: tuple, config: dict, state=None):
     return obj
 
 
-class CopiesKeepTheirClass:
+class CopiesAreDeep:
+    """Mixin: ``copy.copy`` is ``copy.deepcopy``, so a copy shares nothing with the original.
+
+    For the stateful objects, whose default shallow copy shared their arrays, sources or a subclass's own attributes
+    (observing one of the two moved both).
+    """
+
+    __slots__ = ()
+
+    def __copy__(self):
+        """A copy is independent of the original, a subclass's own attributes too: a deep copy."""
+        return copy.deepcopy(self)
+
+
+class CopiesKeepTheirClass(CopiesAreDeep):
     """Mixin: pickle, ``copy.copy`` and ``copy.deepcopy`` of a subclass give that subclass, its own attributes kept.
 
     A class defines ``__reduce__`` as ``self._reduce_keeping_class(rebuild, args, BUILT_BY_INIT, state)``, where
@@ -96,7 +110,3 @@ class CopiesKeepTheirClass:
     def _load_saved(self, state) -> None:
         """Install the ``state`` a pickle or copy carries: ``load_state_dict`` (all checked first)."""
         self.load_state_dict(state)
-
-    def __copy__(self):
-        """A copy is independent of the original, a subclass's own attributes too: a deep copy."""
-        return copy.deepcopy(self)

@@ -50,7 +50,6 @@ Cython forecaster, and the Cython path never imports Numba).
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import math
 from collections.abc import Mapping
@@ -59,7 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import _backends
-from .._copies import CopiesKeepTheirClass, build_as
+from .._copies import CopiesAreDeep, CopiesKeepTheirClass, build_as
 from .._exclusive import Exclusive
 from .._state import _real, check_source_state, source_settings
 from .._validation import (
@@ -778,7 +777,7 @@ def _check_noise_range(noise_range) -> tuple[float, float]:
     return lo, hi
 
 
-class ForecasterSignals:
+class ForecasterSignals(CopiesAreDeep):
     """Worker-side signals from :class:`~memoa_fast.forecasters.ClientForecasters` (MODEL.md section 6).
 
     The clients ``[lo, hi)`` of a time-series population: :meth:`observe`
@@ -823,13 +822,6 @@ class ForecasterSignals:
     def next(self) -> np.ndarray:
         """The clients' forecasts of the next value: this round's signals."""
         return self.forecasters.signals
-
-    def __copy__(self):
-        """A copy is independent of the original (as a copy of :class:`ClientForecasters` is): a deep copy.
-
-        The default shared the forecasters: observing one of the two moved both.
-        """
-        return copy.deepcopy(self)
 
     # The forecasters' state (NLMS weights, lag buffers, last forecasts, round
     # counter, last value); the noise is a function of (seed, client, round).

@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 
+from .._copies import CopiesAreDeep
 from .._exclusive import Exclusive
 from .._validation import as_float_array, as_target_array, check_choice, check_int, check_real, check_sizes, readonly_view
 from ..game import Game
@@ -40,7 +41,7 @@ def _state_copy(obj) -> dict:
             for name, value in obj.__dict__.items() if name != "_exclusive"}
 
 
-class TrustClasses:
+class TrustClasses(CopiesAreDeep):
     """Online error of every client and its quantile trust class.
 
     Parameters
@@ -219,10 +220,6 @@ class TrustClasses:
         self.__dict__.update(state)
         self._exclusive = Exclusive("TrustClasses", recover=_RECOVER)  # also for a pickle made before the lock existed
 
-    def __copy__(self):
-        """A copy is independent of the original, a subclass's own attributes too (they were shared): a deep copy."""
-        return copy.deepcopy(self)
-
     def __repr__(self) -> str:
         return (f"TrustClasses(n_clients={self.n_clients}, n_classes={self.n_classes}, reclass={self.reclass}, "
                 f"half_life={self.half_life!r}, q={self.q!r})")
@@ -234,7 +231,7 @@ TRUST_RULES = ("error", "minimax")
 MINIMAX_POWERS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-class TrustPopulation:
+class TrustPopulation(CopiesAreDeep):
     """The ``memoa-trust`` policy: a K-class MEMOA population whose classes follow the clients' measured error.
 
     Every round: :meth:`step` moves the clients on their signals (each
@@ -494,10 +491,6 @@ class TrustPopulation:
     def worst_agent(self) -> int:
         """The client with the largest online cost along the published path (first on ties, a NaN never larger, as Population)."""
         return self.population.worst_agent if self.rule == "error" else first_max(self._published_costs)
-
-    def __copy__(self):
-        """A copy is independent of the original (as for :class:`~memoa_fast.Population`): a deep copy."""
-        return copy.deepcopy(self)
 
     def __getstate__(self) -> dict:
         """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot taken under it.
