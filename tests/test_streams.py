@@ -686,6 +686,32 @@ def test_csv_missing_value_markers_are_gaps_dropped_with_missing_drop(tmp_path, 
         load_csv_series(_write(tmp_path, _csv(vals), "inf.csv"), "value", warmup=5, missing="drop")
 
 
+@pytest.mark.parametrize("error", ["#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#NULL!", "#SPILL!", "#CALC!",
+                                   "#GETTING_DATA!", "#ERROR!", "#div/0!", "Err:502"])
+@pytest.mark.parametrize("decimal", [".", ","])
+def test_csv_spreadsheet_error_values_are_gaps_named_as_such(tmp_path, error, decimal):
+    """A formula's error value saved by Excel, Google Sheets or LibreOffice holds no number: a gap, as a missing-value
+    marker is (an error naming it and missing='drop' by default, dropped with it); it was "not a number" even with
+    missing='drop'. Numbers that merely start like one are still numbers, and a word after '#' is still refused.
+    """
+    sep = "," if decimal == "." else ";"
+    vals = [str((i * 37 % 101) / 10).replace(".", decimal) for i in range(30)]
+    vals[12] = error
+    path = _write(tmp_path, "date" + sep + "value\n" + "".join(f"{i}{sep}{v}\n" for i, v in enumerate(vals)))
+    with pytest.raises(CsvSeriesError, match=rf"line 14 \(data row 13\), column 'value': '{re.escape(error)}' is a "
+                                             r"spreadsheet's error value .*missing='drop'"):
+        load_csv_series(path, "value", warmup=5, decimal=decimal)
+    got, mean, std, dropped = load_csv_series(path, "value", warmup=5, missing="drop", return_scaling=True,
+                                              return_dropped=True, decimal=decimal)
+    kept = [float(v.replace(",", ".")) for i, v in enumerate(vals) if i != 12]
+    np.testing.assert_allclose(got * std + mean, kept, rtol=1e-12)
+    assert dropped == 1
+    vals[12] = "#total"  # no error value's form: still not a number
+    with pytest.raises(CsvSeriesError, match="'#total' is not a number"):
+        load_csv_series(_write(tmp_path, "date" + sep + "value\n" + "".join(f"{i}{sep}{v}\n" for i, v in enumerate(vals)),
+                               "other.csv"), "value", warmup=5, missing="drop", decimal=decimal)
+
+
 @pytest.mark.parametrize("data,what", [
     (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "gzip-compressed"),
     (b"BZh91AY&SY", "bzip2-compressed"),

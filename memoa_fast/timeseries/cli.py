@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
     g.add_argument("--missing", choices=("error", "drop"), default=None,
-                   help="CSV only: an empty cell or a missing-value marker (NA, nan, NULL, '.', '?', ...) is an error "
+                   help="CSV only: an empty cell, a missing-value marker (NA, nan, NULL, '.', '?', ...) or a "
+                        "spreadsheet's error value (#DIV/0!, #VALUE!, ...) is an error "
                         "(default) or a row to drop (FRED's holidays)")
     g.add_argument("--decimal", choices=(".", ","), default=None,
                    help="CSV only: the numbers' decimal mark (default '.'); with ',' (12,5) the delimiter is tab, ';' or "
@@ -463,7 +464,8 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
                       f"enough for {len(series) - 1} rounds, asked for {args.rounds}")
         if dropped:  # asked for, but never silent: the series is shorter, and its rows no longer equally spaced
             print(f"memoa: note: --missing drop dropped {dropped} of {dropped + len(series)} rows read from {args.csv} "
-                  f"(an empty cell, a missing-value marker or a blank line in column {args.column!r}); the series has the "
+                  f"(an empty cell, a missing-value marker, a spreadsheet's error value or a blank line in column "
+                  f"{args.column!r}); the series has the "
                   f"other {len(series)} values, in order", file=sys.stderr)
         if args.rounds is None and len(series) == limit + 1:
             print(f"memoa: note: --csv has more rows than the largest run; using the first {limit + 1} "

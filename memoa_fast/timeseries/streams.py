@@ -513,6 +513,10 @@ _NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "i
 MISSING_MARKERS = frozenset((
     "na", "n/a", "n.a.", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".", "?", "-", "--",
 ))
+#: A spreadsheet's error value (lower-cased): a formula that gave no number, saved as text by Excel
+#: (``#DIV/0!``, ``#VALUE!``, ``#REF!``, ``#NAME?``, ``#NUM!``, ``#NULL!``, ``#SPILL!``, ``#CALC!``, ...), Google Sheets
+#: (``#ERROR!``) or LibreOffice (``Err:502``). The whole family, not a list: a gap, like a missing-value marker.
+_SPREADSHEET_ERROR = re.compile(r"#[a-z][a-z0-9/_.]*[!?]|err:[0-9]{3}")
 #: Delimiters a file may use, read from its header row: the first of these that the header holds.
 CSV_DELIMITERS = (",", "\t", ";", "|")
 # Signatures of files that are not UTF-8 text (checked on the first bytes, before decoding).
@@ -580,7 +584,9 @@ def load_csv_series(
     missing : {"error", "drop"}, default "error"
         What an empty cell, a missing-value marker
         (:data:`MISSING_MARKERS`: ``NA``, ``N/A``, ``nan``, ``NULL``,
-        ``None``, ``.``, ``#N/A``, ..., any case) or a blank line means: an
+        ``None``, ``.``, ``#N/A``, ..., any case), a spreadsheet's error
+        value (``#DIV/0!``, ``#VALUE!``, ``#NAME?``, ``Err:502``, ...) or a
+        blank line means: an
         error (a gap in the series), or a row to drop, so that the series is
         the column's values in order with the gaps closed (FRED's H.10 file
         has market holidays and columns that start late). Either way, a row
@@ -1039,7 +1045,8 @@ class _ColumnReader:
                     f"{self.n_fields} (delimiter {self.sep!r}); the columns cannot be matched: a field is missing, or a "
                     f"field holds the delimiter without quotes (quote it){trailing}"
                 )
-            if self.drop_missing and (not cell or folded in MISSING_MARKERS):
+            spreadsheet_error = folded[:1] in ("#", "e") and _SPREADSHEET_ERROR.fullmatch(folded) is not None
+            if self.drop_missing and (not cell or folded in MISSING_MARKERS or spreadsheet_error):
                 self.n_dropped += 1
                 continue
             if not cell:
@@ -1051,6 +1058,11 @@ class _ColumnReader:
                 raise CsvSeriesError(
                     f"{where}: {_short(cell)} marks a missing value (a gap in the series); fill it, or drop such rows "
                     "with missing='drop' (memoa run --missing drop)"
+                )
+            if spreadsheet_error:
+                raise CsvSeriesError(
+                    f"{where}: {_short(cell)} is a spreadsheet's error value (its formula gave no number: a gap in the "
+                    "series); fix the formula, or drop such rows with missing='drop' (memoa run --missing drop)"
                 )
             if folded in _NON_FINITE:
                 raise CsvSeriesError(
