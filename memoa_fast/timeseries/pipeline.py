@@ -432,10 +432,18 @@ class Pipeline(CopiesKeepTheirClass):
             self._exclusive.interrupted = None
         self._pending = None
 
-    # ------------------------------------------------------------------ views
+    # ------------------------------------------------------------------ views and reads
+    # The views are of the live buffers: they cannot refuse, and read while another thread is inside a round they
+    # show values of two rounds (not a snapshot; copy them between calls, or take a copy or pickle of the pipeline).
+    # Every other read (a copy, a scalar) takes the lock, as the writers do: RuntimeError during another thread's
+    # round (it used to return a mixture of two rounds) and after an interrupted one. Not t and n_recorded: counters
+    # a thread monitoring a run reads, each one value stored at a segment's end (see _counts).
     @property
     def states(self) -> np.ndarray:
-        """``x(t)``, shape (N, d), each client's published forecast of the next value: read-only live view."""
+        """``x(t)``, shape (N, d), each client's published forecast of the next value: read-only live view.
+
+        Not a snapshot while another thread is inside a round (a view cannot refuse): copy it between calls.
+        """
         return self._views["_x"]
 
     @property
@@ -453,18 +461,21 @@ class Pipeline(CopiesKeepTheirClass):
         """The server's ``log p``, shape (N,): a read-only live view, or a new array when ``alpha > 0``.
 
         With a positive share (``alpha / N >= 1e-290``) the kernel keeps the
-        weights ``p`` themselves (no weight can underflow), and this is ``log p``.
+        weights ``p`` themselves (no weight can underflow), and this is ``log p``
+        (computed under the lock: ``RuntimeError`` during another thread's round).
         """
         if self._linear:
-            out = np.log(self._ebuf)
+            with self._exclusive:
+                out = np.log(self._ebuf)
             out.flags.writeable = False
             return out
         return self._views["_log_p"]
 
     @property
     def weights(self) -> np.ndarray:
-        """``p = exp(log p)`` (a new array)."""
-        return self._ebuf.copy() if self._linear else np.exp(self._log_p)
+        """``p = exp(log p)`` (a new array; ``RuntimeError`` during another thread's round)."""
+        with self._exclusive:
+            return self._ebuf.copy() if self._linear else np.exp(self._log_p)
 
     @property
     def mixture(self) -> np.ndarray:
@@ -478,13 +489,14 @@ class Pipeline(CopiesKeepTheirClass):
 
     @property
     def signal_squared_errors(self) -> np.ndarray:
-        """``sum_t |s_i(t-1) - y(t)|^2`` over the recorded rounds (the raw forecasts), shape (N,): read-only."""
+        """``sum_t |s_i(t-1) - y(t)|^2`` over the recorded rounds (the raw forecasts), shape (N,): read-only live view."""
         return self._views["_sq_sig"]
 
     @property
     def last_error_sum(self) -> float:
         """``sum_i |x_i(t) - y(t)|^2`` of the last recorded round (0 when it was not recorded)."""
-        return float(self._stats[self._kern.S_ERR])
+        with self._exclusive:
+            return float(self._stats[self._kern.S_ERR])
 
     @property
     def noise_scales(self) -> np.ndarray:
@@ -494,33 +506,39 @@ class Pipeline(CopiesKeepTheirClass):
     @property
     def forecaster_weights(self) -> np.ndarray:
         """NLMS weights, shape (N, d, 2p + 1), ordered ``[lags, min(lags^2, SQUARE_CAP), 1]`` (a copy)."""
-        return np.ascontiguousarray(np.moveaxis(self._weights, 0, -1))
+        with self._exclusive:
+            return np.ascontiguousarray(np.moveaxis(self._weights, 0, -1))
 
     @property
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean state; a copy."""
-        return self._field[self._kern.FIELD_STATE].copy()
+        with self._exclusive:
+            return self._field[self._kern.FIELD_STATE].copy()
 
     @property
     def mean_signal(self) -> np.ndarray:
         """``sbar``, the mean valid signal of the last round; a copy."""
-        return self._field[self._kern.FIELD_SIGNAL].copy()
+        with self._exclusive:
+            return self._field[self._kern.FIELD_SIGNAL].copy()
 
     @property
     def n_valid_signals(self) -> int:
         """How many clients had a valid signal in the last round."""
-        return int(self._stats[self._kern.S_VALID])
+        with self._exclusive:
+            return int(self._stats[self._kern.S_VALID])
 
     @property
     def worst_client(self) -> int:
         """The client with the largest online cost (first on ties, NaN never larger; -1 before the first round or if every cost is NaN)."""
-        return int(self._stats[self._kern.S_ARG_COST])
+        with self._exclusive:
+            return int(self._stats[self._kern.S_ARG_COST])
 
     @property
     def regret(self) -> float:
         """Under-performer regret ``max_i J_i``: the cost of :attr:`worst_client` (NaN never larger; NaN if every cost is)."""
-        worst = self.worst_client
-        return float(self._J[worst]) if worst >= 0 else float(self._J.max())
+        with self._exclusive:
+            worst = int(self._stats[self._kern.S_ARG_COST])
+            return float(self._J[worst]) if worst >= 0 else float(self._J.max())
 
     # ------------------------------------------------------------------ copies
     def __reduce__(self):
@@ -532,12 +550,12 @@ class Pipeline(CopiesKeepTheirClass):
         config = dict(game=self.game, rule=self.rule, eta=self.eta, alpha=self.alpha, lags=self.lags,
                       noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
+        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError); own attributes too
             self._settle()
             arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
             counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount, CAP_RECORD: float(SQUARE_CAP)}
-        return self._reduce_keeping_class(_rebuild_pipeline, (self.n_clients, self.dim, config, None, None), _PIPELINE_BUILT_BY_INIT,
-                                          (arrays, counters))
+            return self._reduce_keeping_class(_rebuild_pipeline, (self.n_clients, self.dim, config, None, None),
+                                              _PIPELINE_BUILT_BY_INIT, (arrays, counters))
 
     def _load_saved(self, saved) -> None:
         """Copy the pickled ``(arrays, counters)`` in: shapes, dtypes and the squared features' cap checked first.
