@@ -655,15 +655,15 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
     def __reduce__(self):
         """Pickle and copies: a new, independent population of the same class (a subclass's own attributes kept), its state loaded.
 
-        Taken under the lock, in one hold (the state and the game, and a subclass's own attributes): ``RuntimeError``
-        while another thread is inside a step, and after an interrupted one.
+        Taken under the lock (:meth:`state_dict`, a subclass's own if it has one; then a subclass's own attributes,
+        :meth:`~memoa_fast._copies.CopiesKeepTheirClass._reduce_keeping_class`): ``RuntimeError`` while another thread
+        is inside a step, and after an interrupted one.
         """
-        with self._exclusive:
-            state = self._summary_state(self._x.copy(), self._J.copy())
-            config = dict(labels=state.get("labels"), backend=self.backend, threads=self.threads,
-                          parallel_threshold=self.parallel_threshold)
-            args = (Population, (self.game, self.n_agents, self.dim), config, None)
-            return self._reduce_keeping_class(_rebuild, args, _POPULATION_BUILT_BY_INIT, state)
+        state = self.state_dict()
+        config = dict(labels=state.get("labels"), backend=self.backend, threads=self.threads,
+                      parallel_threshold=self.parallel_threshold)
+        args = (Population, (self.game, self.n_agents, self.dim), config, None)
+        return self._reduce_keeping_class(_rebuild, args, _POPULATION_BUILT_BY_INIT, state)
 
     @property
     def threads_used(self) -> int:

@@ -197,14 +197,13 @@ class Server(CopiesKeepTheirClass):
     def __reduce__(self):
         """Pickle and copies: a new, independent server of the same class (a subclass's own attributes kept), its state loaded.
 
-        In one hold of the lock (the state and a subclass's own attributes): ``RuntimeError`` during another thread's call.
+        The state (:meth:`state_dict`) and a subclass's own attributes are read under the lock: ``RuntimeError`` during
+        another thread's call.
         """
         config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        with self._exclusive:
-            state = server_state(self._log_p, self.n_updates, self.rule, self.eta, self.alpha)
-            return self._reduce_keeping_class(_rebuild_server, (self.n_agents, self.dim, config, None), _SERVER_BUILT_BY_INIT,
-                                              state)
+        return self._reduce_keeping_class(_rebuild_server, (self.n_agents, self.dim, config, None), _SERVER_BUILT_BY_INIT,
+                                          self.state_dict())
 
     @property
     def threads_used(self) -> int:

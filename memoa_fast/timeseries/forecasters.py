@@ -454,15 +454,11 @@ class ClientForecasters(CopiesKeepTheirClass):
         the shared part is the same on every shard.
         """
         with self._exclusive:  # a snapshot of one round, never of two (another thread may be observing)
-            return self._state_dict()
-
-    def _state_dict(self) -> dict:
-        """:meth:`state_dict`, for a caller that holds the lock."""
-        return {
-            "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
-            "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings()),
-                       CAP_RECORD: np.array(float(SQUARE_CAP))},
-        }
+            return {
+                "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
+                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings()),
+                           CAP_RECORD: np.array(float(SQUARE_CAP))},
+            }
 
     @issues_what_validated_returns
     def validate_state_dict(self, state: dict) -> dict:
@@ -573,14 +569,13 @@ class ClientForecasters(CopiesKeepTheirClass):
 
         A subclass's copy is of its class, with its own attributes (they were dropped, and with them, say, a stricter
         check), and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`). The state and the
-        own attributes are read in one hold of the lock: ``RuntimeError`` during another thread's call.
+        own attributes are read under the lock: ``RuntimeError`` during another thread's call.
         """
         config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
                       block_size=self.block_size, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        with self._exclusive:
-            return self._reduce_keeping_class(_rebuild_forecasters, (self.n_clients, self.dim, config, None),
-                                              _FORECASTERS_BUILT_BY_INIT, self._state_dict())
+        return self._reduce_keeping_class(_rebuild_forecasters, (self.n_clients, self.dim, config, None), _FORECASTERS_BUILT_BY_INIT,
+                                          self.state_dict())
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -698,10 +693,10 @@ class SquaredErrors(CopiesKeepTheirClass):
     def __reduce__(self):
         """Pickle and copies: a new, independent object of the same class (a subclass's own attributes kept), the totals copied in."""
         config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
-        with self._exclusive:  # the arrays and a subclass's own attributes in one hold
+        with self._exclusive:
             arrays = (self._totals.copy(), self._mean.copy(), self.max_total)
-            return self._reduce_keeping_class(_rebuild_squared_errors, (self.n_clients, self.dim, config, None),
-                                              _SCORER_BUILT_BY_INIT, arrays)
+        return self._reduce_keeping_class(_rebuild_squared_errors, (self.n_clients, self.dim, config, None), _SCORER_BUILT_BY_INIT,
+                                          arrays)
 
     def _load_saved(self, arrays) -> None:
         """Copy the pickled ``(totals, mean, max_total)`` in (shapes checked, finite or not)."""

@@ -550,12 +550,12 @@ class Pipeline(CopiesKeepTheirClass):
         config = dict(game=self.game, rule=self.rule, eta=self.eta, alpha=self.alpha, lags=self.lags,
                       noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError); own attributes too
+        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
             self._settle()
             arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
             counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount, CAP_RECORD: float(SQUARE_CAP)}
-            return self._reduce_keeping_class(_rebuild_pipeline, (self.n_clients, self.dim, config, None, None),
-                                              _PIPELINE_BUILT_BY_INIT, (arrays, counters))
+        return self._reduce_keeping_class(_rebuild_pipeline, (self.n_clients, self.dim, config, None, None), _PIPELINE_BUILT_BY_INIT,
+                                          (arrays, counters))
 
     def _load_saved(self, saved) -> None:
         """Copy the pickled ``(arrays, counters)`` in: shapes, dtypes and the squared features' cap checked first.
