@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import available_backends, call_from_two_threads
+from helpers import available_backends, call_from_two_threads, held_by_another_thread
 
 from memoa_fast import Game, Pipeline, Population, Server, TrustClasses, TrustPopulation
 from memoa_fast._validation import available_threads
@@ -190,33 +190,15 @@ def test_trust_classes_refused_or_concurrent_calls_change_nothing(signals):
     """TrustClasses as every other object that owns state: a second thread's call (observe, the classes it ranks, a
     copy or pickle) raises ``RuntimeError`` while an observe runs, instead of racing with it; nothing changes.
     """
-    import threading
-
     tc = TrustClasses(N, 2, reclass=1)
     tc.observe(signals, TARGET)
     before = pickle.dumps(tc)
     calls = {"observe": lambda: tc.observe(signals * 2, TARGET), "classes": tc.classes, "classes_for": lambda: tc.classes_for([1.0, 2.0]),
              "pickle": lambda: pickle.dumps(tc), "copy": lambda: copy.copy(tc), "deepcopy": lambda: copy.deepcopy(tc)}
-    inside, leave = threading.Event(), threading.Event()
-
-    def hold():  # another thread inside a call
-        try:
-            with tc._exclusive:
-                inside.set()
-                leave.wait(30)
-        finally:
-            inside.set()
-
-    worker = threading.Thread(target=hold)
-    worker.start()
-    try:
-        assert inside.wait(30)
+    with held_by_another_thread(tc._exclusive):  # another thread inside a call
         for name, call in calls.items():
             with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
                 call()
-    finally:
-        leave.set()
-        worker.join()
     assert pickle.dumps(tc) == before  # nothing changed
     with tc._exclusive:  # this thread inside a call (a callback calling the object): not re-entrant either
         with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
@@ -632,6 +614,124 @@ def test_server_forecasters_and_scores_are_not_read_or_replaced_during_a_call(ki
     assert pickle.dumps(obj) == before  # nothing changed
     for call in calls.values():  # and every one works once the call is over
         call()
+
+
+def _readable(kind, signals):
+    """``(object, {read: call})``: a stateful object after a round, and every public read of its state that returns a
+    value (a copy, a scalar, a state dict, a copy or pickle of it); the live views are not reads that can refuse.
+    """
+    copies = {"pickle": lambda o: pickle.dumps(o), "copy": copy.copy, "deepcopy": copy.deepcopy}
+    if kind == "Population":
+        labels = np.arange(N) % 2
+        game = Game(q=[1.0, 2.0], kappa=[1.0, 1.0], r=[0.1, 0.1], gamma=0.9, shares=[0.5, 0.5])
+        obj = Population(game, N, D, labels=labels, backend="numpy")
+        obj.step(signals)
+        names = ("mean_state", "mean_signal", "class_mean_state", "class_mean_signal", "n_valid_signals", "n_finite_signals",
+                 "discount", "worst_agent", "regret")
+    elif kind == "Server":
+        obj = Server(N, D, backend="numpy")
+        obj.update(signals, TARGET)
+        names = ("weights",)
+    elif kind == "Pipeline":
+        obj = Pipeline(N, D, backend="numpy")  # alpha > 0: log_weights is computed (a new array), not a view
+        obj.run(np.tile(TARGET, (3, 1)))
+        names = ("weights", "log_weights", "forecaster_weights", "mean_state", "mean_signal", "n_valid_signals",
+                 "worst_client", "regret", "last_error_sum")
+    elif kind == "ClientForecasters":
+        obj = ClientForecasters(N, D, backend="numpy")
+        obj.observe(TARGET)
+        names = ("weights",)
+    elif kind == "SquaredErrors":
+        obj = SquaredErrors(N, D, backend="numpy")
+        obj.add(signals, TARGET)
+        names = ()
+    elif kind == "TrustClasses":
+        obj = TrustClasses(N, 2, reclass=1)
+        obj.observe(signals, TARGET)
+        names = ()
+        copies.update(classes=lambda o: o.classes(), classes_for=lambda o: o.classes_for([1.0, 2.0]))
+    else:  # TrustPopulation, both rules (the "error" rule reads its one population)
+        obj = TrustPopulation(N, D, n_classes=2, reclass=1, rule="error" if kind.endswith("error") else "minimax",
+                              powers=(1.0, 1.5), power=1.0, backend="numpy")
+        obj.step(signals)
+        obj.observe(TARGET)
+        names = ("population", "game", "power", "regret", "worst_agent")
+    reads = {name: (lambda o, name=name: getattr(o, name)) for name in names}
+    if hasattr(obj, "state_dict"):
+        reads["state_dict"] = lambda o: o.state_dict()
+    reads.update(copies)
+    return obj, reads
+
+
+_READ_KINDS = {"Population": 13, "Server": 5, "Pipeline": 12, "ClientForecasters": 5, "SquaredErrors": 3, "TrustClasses": 5,
+               "TrustPopulation": 8, "TrustPopulation-error": 8}
+
+
+def _comparable(value):
+    """A read's value in a form that compares (a copy or pickle of the object: its pickle; a population: its state)."""
+    if isinstance(value, Population):
+        return value.state_dict()
+    if isinstance(value, (Population, Server, Pipeline, ClientForecasters, SquaredErrors, TrustClasses, TrustPopulation)):
+        return pickle.dumps(value)
+    if isinstance(value, Game):
+        return value.to_dict()
+    return value
+
+
+def test_the_read_cases_list_every_read():
+    """Every kind lists as many reads as ``_READ_KINDS`` says (so that a read added later is added here, and counted)."""
+    assert {kind: len(_readable(kind, np.zeros((N, D)))[1]) for kind in _READ_KINDS} == _READ_KINDS
+
+
+@pytest.mark.parametrize("kind, read", [(kind, read) for kind in _READ_KINDS
+                                        for read in _readable(kind, np.zeros((N, D)))[1]])
+def test_every_read_of_the_state_refuses_during_another_threads_call(kind, read, signals):
+    """A read that returns a value derived from the state (a copy, a scalar, a state dict, a copy or pickle) returns one
+    of a single round, or raises the ``RuntimeError`` a second writer gets: never a mixture of two rounds.
+
+    The kernels release the GIL: on 67547ed the copies and scalars (``Population.mean_state``, ``.discount``,
+    ``.regret``..., ``Server.weights``, ``Pipeline.mean_state``..., ``ClientForecasters.weights``,
+    ``TrustPopulation.regret``...) were read whatever another thread was writing (``t`` of one round with the mean of
+    the other). Another thread holds the object's lock here, as its step would; then an interrupted update's mark: the
+    read refuses, as every call does, until ``load_state_dict``/``reset`` (or a copy taken before). Once the hold
+    ends the read gives what it gave before.
+    """
+    obj, reads = _readable(kind, signals)
+    call = reads[read]
+    name = kind.partition("-")[0]
+    before = _comparable(call(obj))
+    with held_by_another_thread(obj._exclusive):
+        with pytest.raises(RuntimeError, match=f"this {name} is being used by another thread"):
+            call(obj)
+    _assert_same(_comparable(call(obj)), before)
+    obj._exclusive.interrupted = "a step"  # what a step cut short between its first and last write leaves
+    with pytest.raises(RuntimeError, match=f"this {name} was interrupted in the middle of a step"):
+        call(obj)
+    obj._exclusive.interrupted = None
+    _assert_same(_comparable(call(obj)), before)
+
+
+@pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors"])
+def test_a_copy_reads_a_subclass_own_attributes_under_the_lock(kind, signals, monkeypatch):
+    """A pickle or copy reads a subclass's own attributes under the object's lock, as its state (on 67547ed they were
+    read after the lock was left, whatever another thread's call was writing).
+    """
+    import memoa_fast._copies as copies
+
+    obj, _ = _readable(kind, signals)
+    sub = type(f"Own{kind}", (type(obj),), {})
+    obj.__class__ = sub  # a subclass's object, with an attribute of its own
+    obj.history = [1, 2]
+    held = []
+    real = copies.own_attributes
+
+    def own_attributes(o, built_by_init):
+        held.append(o._exclusive.held_here() is not None)
+        return real(o, built_by_init)
+
+    monkeypatch.setattr(copies, "own_attributes", own_attributes)
+    clone = copy.copy(obj)
+    assert held == [True] and type(clone) is sub and clone.history == [1, 2]
 
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="needs Numba (its typeof names the compiled specialisation)")
