@@ -990,6 +990,7 @@ class DaskPopulation(MeanFieldSummary):
     @_one_caller("DaskPopulation.mean_state")
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean of the current states; after a step, one round trip of ``O(K d)`` numbers per shard."""
+        self._refuse_interrupted()  # also when the field is current (no message, whose check would refuse)
         return self._current_means()
 
     def _current_means(self) -> np.ndarray:
@@ -1009,6 +1010,7 @@ class DaskPopulation(MeanFieldSummary):
     @_one_caller("DaskPopulation.class_mean_state")
     def class_mean_state(self) -> np.ndarray:
         """``m_l(t)``, the mean state of each class, shape (K, d) (see :attr:`mean_state`)."""
+        self._refuse_interrupted()
         self._current_means()
         return self._class_mean_state()
 
