@@ -15,13 +15,31 @@ _thread = threading.local()
 
 
 class Exclusive:
-    """A non-blocking lock for ``with self._exclusive:`` around every call that writes an object's arrays.
+    """A non-blocking lock for ``with self._exclusive:`` around every call that writes an object's arrays, and every read of them.
 
     The compiled kernels release the GIL (``nogil``), so two Python threads
     calling one object at once would both write its arrays: a silently
     corrupt state. The second caller gets ``RuntimeError`` instead, at once
     (it never waits: sharing one object between threads is a bug to fix, not
     a queue to join; one object per thread is the supported use).
+
+    Reads. Every public read that returns a value derived from the state (a
+    copy or a scalar: ``mean_state``, ``discount``, ``regret``, ``weights``...,
+    ``state_dict()``, a copy or a pickle) enters the same lock, so it is served
+    or refused exactly as a writer is: while another thread is inside a call,
+    ``RuntimeError`` at once (never a wait, and never a value of a round half
+    taken, such as ``t`` of one round with the mean of the other), and after
+    an interrupted update ``RuntimeError`` too, until ``load_state_dict`` (of
+    a state taken before) or ``reset`` restores the object. An object's own
+    calls hold the lock already and read its private, unlocked helpers (a
+    hold is not re-entrant). Two kinds of reads take no lock: the read-only
+    views of the live buffers (``Population.states``, ``costs``,
+    ``Server.log_weights``...), which cannot refuse, so a view read while
+    another thread steps is not a snapshot (copy it between calls, or take
+    ``state_dict()``); and the round counters (``t``, ``n_updates``,
+    ``n_recorded``...), single values stored once a round is complete, which
+    a thread monitoring a run reads. Several reads are several snapshots: for
+    values of one round together, take ``state_dict()``.
 
     Interrupts. Python raises an asynchronous exception (``KeyboardInterrupt``
     from Ctrl-C, or a signal handler's) between any two bytecodes, also

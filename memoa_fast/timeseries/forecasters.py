@@ -361,7 +361,7 @@ class ClientForecasters(CopiesKeepTheirClass):
 
     @property
     def signals(self) -> np.ndarray:
-        """The last forecasts ``s_i(t)``, shape (n_clients, d): the read-only live buffer."""
+        """The last forecasts ``s_i(t)``, shape (n_clients, d): the read-only live buffer (no snapshot during another thread's observe)."""
         return self._out_view
 
     @property
@@ -627,7 +627,9 @@ class SquaredErrors(CopiesKeepTheirClass):
     Attributes
     ----------
     totals : numpy.ndarray, shape (n_clients,)
-        ``E_i``, a read-only view of the live buffer.
+        ``E_i``, a read-only view of the live buffer (not a snapshot while
+        another thread's :meth:`add` runs: a view cannot refuse; a copy or
+        pickle of this object can, and does).
     max_total : float
         ``max_i E_i`` after the last :meth:`add` (0 before).
     threads_used : int
