@@ -81,12 +81,13 @@ class MeanFieldSummary:
     handled here, once for both engines.
     """
 
-    # The summary's reads. Each public one takes the object's lock (a Population's ``_exclusive``; a DaskPopulation
-    # overrides them with its guard, :func:`~memoa_fast.distributed.population._one_caller`), as the writers do: while
-    # another thread is inside a step it raises ``RuntimeError`` at once, instead of returning a value of a round half
-    # taken (a kernel writes the mean signal in place; the mean state, t and the discount are stored one after the
-    # other after it), and after an interrupted update it raises too (see :class:`~memoa_fast._exclusive.Exclusive`).
-    # The package's own calls, which hold the lock already, read the unlocked ``_``-methods below.
+    # The summary's reads. Each public one is made through the object's lock (a Population's ``_exclusive.read``,
+    # which checks it without taking a hold; a DaskPopulation overrides them with its guard,
+    # :func:`~memoa_fast.distributed.population._one_caller`): while another thread is inside a step it raises the
+    # writers' ``RuntimeError`` at once, instead of returning a value of a round half taken (a kernel writes the mean
+    # signal in place; the mean state, t and the discount are stored one after the other after it), and after an
+    # interrupted update it raises too (see :class:`~memoa_fast._exclusive.Exclusive`). The package's own calls,
+    # which hold the lock, read the unchecked ``_``-methods below.
     def _mean_state(self) -> np.ndarray:
         return self._field[self._lay.field_state].copy()
 
@@ -106,8 +107,7 @@ class MeanFieldSummary:
     @property
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean of the current states; a copy (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return self._mean_state()
+        return self._exclusive.read(self._mean_state)
 
     @property
     def mean_signal(self) -> np.ndarray:
@@ -115,14 +115,12 @@ class MeanFieldSummary:
 
         ``RuntimeError`` during another thread's call.
         """
-        with self._exclusive:
-            return self._mean_signal()
+        return self._exclusive.read(self._mean_signal)
 
     @property
     def class_mean_state(self) -> np.ndarray:
         """``m_l(t)``, the mean state of each class, shape (K, d); a copy (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return self._class_mean_state()
+        return self._exclusive.read(self._class_mean_state)
 
     @property
     def class_mean_signal(self) -> np.ndarray:
@@ -133,26 +131,22 @@ class MeanFieldSummary:
         own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
         it as the mean signal (the two then differed after a restore).
         """
-        with self._exclusive:
-            return self._class_mean_signal()
+        return self._exclusive.read(self._class_mean_signal)
 
     @property
     def n_valid_signals(self) -> int:
         """How many agents had a valid signal in the last step (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return self._n_valid
+        return self._exclusive.read(getattr, self, "_n_valid")
 
     @property
     def n_finite_signals(self) -> int:
         """Alias of :attr:`n_valid_signals` (its name before invalid meant more than non-finite)."""
-        with self._exclusive:
-            return self._n_valid
+        return self._exclusive.read(getattr, self, "_n_valid")
 
     @property
     def discount(self) -> float:
         """``gamma**t``, the weight of the next step's cost (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return self._discount
+        return self._exclusive.read(getattr, self, "_discount")
 
     def _set_game(self, game: Game) -> None:
         table = game.table
@@ -508,14 +502,12 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
 
         ``RuntimeError`` during another thread's call (its costs are being written), as every read of the state.
         """
-        with self._exclusive:
-            return self._worst_agent()
+        return self._exclusive.read(self._worst_agent)
 
     @property
     def regret(self) -> float:
         """Under-performer regret ``max_i J_i``: the worst client's online cost (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return float(self._J[self._worst_agent()])
+        return self._exclusive.read(lambda: float(self._J[self._worst_agent()]))
 
     # ------------------------------------------------------------------ step
     def step(self, signals) -> np.ndarray:

@@ -132,8 +132,7 @@ class Server(CopiesKeepTheirClass):
     @property
     def weights(self) -> np.ndarray:
         """``p = exp(log p)`` (a new array; they sum to 1); ``RuntimeError`` during another thread's call, as every read of the state."""
-        with self._exclusive:
-            return np.exp(self._log_p)
+        return self._exclusive.read(np.exp, self._log_p)
 
     def predict(self, states, out: np.ndarray | None = None) -> np.ndarray:
         """The mixture ``yhat = sum_i p_i x_i`` of ``states`` (N, d).

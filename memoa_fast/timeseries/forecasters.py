@@ -371,8 +371,7 @@ class ClientForecasters(CopiesKeepTheirClass):
         ``RuntimeError`` during another thread's :meth:`observe` (its kernel writes them in place), as every read of
         the state; :attr:`signals` is a view, which cannot refuse (not a snapshot then).
         """
-        with self._exclusive:
-            return self._weights.copy()
+        return self._exclusive.read(self._weights.copy)
 
     # ------------------------------------------------------------------ step
     def observe(self, y) -> np.ndarray:

@@ -181,8 +181,7 @@ class TrustClasses(CopiesAreDeep):
         errors it ranks would be those of no round.
         """
         powers = [check_real("power", p, low=0.0) for p in powers]
-        with self._exclusive:
-            return self._classes_for(powers)
+        return self._exclusive.read(self._classes_for, powers)
 
     def _classes_for(self, powers: list[float]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """:meth:`classes_for` on checked exponents, under the lock."""
@@ -331,30 +330,27 @@ class TrustPopulation(CopiesAreDeep):
         self.n_reforms_kept = 0
         self._exclusive = Exclusive("TrustPopulation", recover=_RECOVER)
 
-    # The reads of the published path (the leader, its game, its costs) take the lock, as the calls do: RuntimeError
-    # while another thread's step or observe runs (observe replaces the games, then may change the leader: a read in
-    # between named a game no round published) and after an interrupted one. This object's own calls, which hold the
-    # lock, read self.populations[self.leader] directly.
+    # The reads of the published path (the leader, its game, its costs) are checked against the lock (Exclusive.read,
+    # no hold taken): RuntimeError while another thread's step or observe runs (observe replaces the games, then may
+    # change the leader: a read in between named a game no round published) and after an interrupted one. This
+    # object's own calls, which hold the lock, read self.populations[self.leader] directly.
     @property
     def population(self) -> Population:
         """The population whose states :meth:`step` publishes (the leader's, for ``"minimax"``).
 
         ``RuntimeError`` during another thread's call, as every read of this object's state.
         """
-        with self._exclusive:
-            return self.populations[self.leader]
+        return self._exclusive.read(lambda: self.populations[self.leader])
 
     @property
     def game(self) -> Game:
         """The published population's K-class game (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return self.games[self.leader]
+        return self._exclusive.read(lambda: self.games[self.leader])
 
     @property
     def power(self) -> float:
         """The exponent ``beta`` of the published population (``RuntimeError`` during another thread's call)."""
-        with self._exclusive:
-            return self.powers[self.leader]
+        return self._exclusive.read(lambda: self.powers[self.leader])
 
     def step(self, signals) -> np.ndarray:
         """Move every client one round; returns the published live read-only states (see :meth:`Population.step`).
@@ -500,10 +496,9 @@ class TrustPopulation(CopiesAreDeep):
     @property
     def regret(self) -> float:
         """``max_i J_i`` along the published path (the under-performer regret); ``RuntimeError`` during another thread's call."""
-        with self._exclusive:
-            if self.rule == "error":
-                return self.populations[self.leader].regret  # under its lock too
-            return float(self._published_costs[first_max(self._published_costs)])
+        if self.rule == "error":
+            return self._exclusive.read(lambda: self.populations[self.leader].regret)  # a read of that population's too
+        return self._exclusive.read(lambda: float(self._published_costs[first_max(self._published_costs)]))
 
     @property
     def worst_agent(self) -> int:
@@ -511,8 +506,9 @@ class TrustPopulation(CopiesAreDeep):
 
         ``RuntimeError`` during another thread's call.
         """
-        with self._exclusive:
-            return self.populations[self.leader].worst_agent if self.rule == "error" else first_max(self._published_costs)
+        if self.rule == "error":
+            return self._exclusive.read(lambda: self.populations[self.leader].worst_agent)
+        return self._exclusive.read(first_max, self._published_costs)
 
     def __getstate__(self) -> dict:
         """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot taken under it.
