@@ -728,6 +728,45 @@ def test_every_read_of_the_state_refuses_during_another_threads_call(kind, read,
     _assert_same(_comparable(call(obj)), before)
 
 
+@pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline"])
+def test_a_read_takes_no_hold_and_refuses_when_a_call_ran_during_it(kind, signals):
+    """A read (``Exclusive.read``) never makes another thread's call refuse: it takes no hold, it checks. A call that
+    began, or began and ended, while the read copied makes the read raise (its copy may mix the two rounds); a call of
+    this very thread still running (a callback inside it) refuses it as it refuses a writer; a hold that an interrupt
+    left behind in this thread (its frame gone, around no write) does not.
+    """
+    import sys
+    import threading
+
+    from memoa_fast import _exclusive
+
+    obj, _ = _readable(kind, signals)
+    write = {"Population": lambda: obj.step(signals), "Server": lambda: obj.update(signals, TARGET),
+             "Pipeline": lambda: obj.round(TARGET)}[kind]
+    ex, done = obj._exclusive, []
+
+    def a_call_meanwhile():  # the read's copy, during which another thread's call runs whole: served
+        worker = threading.Thread(target=lambda: done.append(write()))
+        worker.start()
+        worker.join()
+        return 0.0
+
+    with pytest.raises(RuntimeError, match=f"this {kind} is being used by another thread"):
+        ex.read(a_call_meanwhile)
+    assert len(done) == 1 and not ex._slot and ex.interrupted is None  # the writer was served; no hold left
+    with ex:  # a call of this thread, running
+        with pytest.raises(RuntimeError, match="here by a call of this very thread"):
+            ex.read(float, 1.0)
+
+    def gone():
+        return sys._getframe()
+
+    ex._slot[0] = (_exclusive._thread.__dict__, gone())  # what an interrupt inside __exit__ leaves behind
+    assert ex.read(float, 2.0) == 2.0
+    write()  # the next call takes the hold over (this thread's)
+    assert not ex._slot
+
+
 @pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors"])
 def test_a_copy_reads_a_subclass_own_attributes_under_the_lock(kind, signals, monkeypatch):
     """A pickle or copy reads a subclass's own attributes under the object's lock, as its state (on 67547ed they were
