@@ -19,6 +19,7 @@ the copy, no longer a view of the copy's, and one that cannot be deep-copied (a 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import copyreg
 
@@ -99,8 +100,18 @@ class CopiesKeepTheirClass(CopiesAreDeep):
     __slots__ = ()
 
     def _reduce_keeping_class(self, rebuild, args: tuple, built_by_init: frozenset, state) -> tuple:
-        """``(rebuild, (*args, type(self)), {"own": ..., "state": state})``: see the module's docstring."""
-        return (rebuild, (*args, type(self)), {"own": own_attributes(self, built_by_init), "state": state})
+        """``(rebuild, (*args, type(self)), {"own": ..., "state": state})``: see the module's docstring.
+
+        The own attributes are read under the object's lock (``_exclusive``, when it has one), as ``state`` was: a
+        copy taken while another thread is inside a call raises ``RuntimeError``, as a second writer does, instead
+        of reading them in the middle of that call. (A separate hold from the state's: a subclass's own
+        ``state_dict``, which takes the lock itself, stays the one a copy calls. A subclass that writes its own
+        attributes outside the base class's calls keeps them in step with the state itself.)
+        """
+        ex = getattr(self, "_exclusive", None)
+        with contextlib.nullcontext() if ex is None else ex:
+            own = own_attributes(self, built_by_init)
+        return (rebuild, (*args, type(self)), {"own": own, "state": state})
 
     def __setstate__(self, saved: dict) -> None:
         """The second half of an unpickling or a copy: a subclass's own attributes, then the state (validated)."""

@@ -15,13 +15,34 @@ _thread = threading.local()
 
 
 class Exclusive:
-    """A non-blocking lock for ``with self._exclusive:`` around every call that writes an object's arrays.
+    """A non-blocking lock for ``with self._exclusive:`` around every call that writes an object's arrays; reads check it.
 
     The compiled kernels release the GIL (``nogil``), so two Python threads
     calling one object at once would both write its arrays: a silently
     corrupt state. The second caller gets ``RuntimeError`` instead, at once
     (it never waits: sharing one object between threads is a bug to fix, not
     a queue to join; one object per thread is the supported use).
+
+    Reads. Every public read that returns a value derived from the state (a
+    copy or a scalar: ``mean_state``, ``discount``, ``regret``, ``weights``...)
+    is made through :meth:`read`, which takes no hold but checks the lock
+    before and after the copy: it returns a value of one round, or raises the
+    ``RuntimeError`` a second writer gets, while another thread is inside a
+    call or if one began meanwhile (never a wait, and never a value of a round
+    half taken, such as weights between an update's two passes), and after an
+    interrupted update until ``load_state_dict`` (of a state taken before) or
+    ``reset`` restores the object. Taking no hold, a read never makes another
+    thread's call refuse: a thread monitoring a run cannot stop it. The
+    longer reads, ``state_dict()``, copies and pickles, hold the lock (``with``),
+    so a call of another thread meanwhile is refused. An object's own calls
+    hold the lock already and read its private, unlocked helpers. Two kinds of
+    reads are not checked: the read-only views of the live buffers
+    (``Population.states``, ``costs``, ``Server.log_weights``...), which
+    cannot refuse, so a view read while another thread steps is not a
+    snapshot (copy it between calls, or take ``state_dict()``); and the round
+    counters (``t``, ``n_updates``, ``n_recorded``...), single values stored
+    once a round is complete. Several reads are several snapshots: for values
+    of one round together, take ``state_dict()``.
 
     Interrupts. Python raises an asynchronous exception (``KeyboardInterrupt``
     from Ctrl-C, or a signal handler's) between any two bytecodes, also
@@ -52,10 +73,11 @@ class Exclusive:
         How to recover, for the message after an interrupted update.
     """
 
-    __slots__ = ("_slot", "_what", "_recover", "interrupted", "restoring")
+    __slots__ = ("_slot", "_what", "_recover", "interrupted", "restoring", "_holds")
 
     def __init__(self, what: str, recover: str = "load_state_dict(...) from a state_dict or checkpoint taken before, or reset()"):
         self._slot: dict = {}
+        self._holds = 0  # how many holds were taken: a read compares it before and after (see read)
         self._what = what
         self._recover = recover
         #: None, or the name of the call that was cut short between its first and last write (see the class docstring).
@@ -67,6 +89,7 @@ class Exclusive:
         held = (_thread.__dict__, _getframe(1))
         if self._slot.setdefault(0, held) is not held:
             self._take_over(held)
+        self._holds += 1  # by the holder only: no other thread writes it meanwhile
         if self.interrupted is not None:
             self._slot.pop(0, None)
             raise RuntimeError(self.interrupted_message())
@@ -83,6 +106,44 @@ class Exclusive:
         owner = self._slot.get(0)
         return owner if owner is not None and owner[0] is _thread.__dict__ else None
 
+    def read(self, fn, *args):
+        """``fn(*args)``, a read of the object's state (a copy, a scalar), if no call held the lock meanwhile.
+
+        A read takes no hold: it never makes a writer's call refuse (a thread that monitors a run must not stop
+        it). It checks instead, before and after ``fn``: ``RuntimeError`` if a call held the lock at either moment or
+        began in between (its count of holds moved), with the message a second caller gets, and after an
+        interrupted update. So it returns a value of one round or raises, never a mixture (the kernels release
+        the GIL: ``fn``'s copy may run beside another thread's kernel); it never waits.
+        """
+        holds = self._holds
+        self._refuse_read()
+        value = fn(*args)
+        if self._holds != holds:  # a call began (and maybe ended) while fn read
+            raise RuntimeError(self._busy)
+        self._refuse_read()
+        return value
+
+    def _refuse_read(self) -> None:
+        """``RuntimeError`` if a call holds the lock (another thread's, or one of this thread still running), or after an interrupt."""
+        owner = self._slot.get(0)
+        if owner is not None:
+            if owner[0] is not _thread.__dict__:
+                raise RuntimeError(self._busy)
+            frame = _getframe(2)
+            while frame is not None:  # this very thread: refused while the holding call runs (a callback inside it)
+                if frame is owner[1]:
+                    raise RuntimeError(f"{self._busy}; here by a call of this very thread that has not returned (a "
+                                       "signal handler or a callback calling it from inside one of its calls)")
+                frame = frame.f_back
+            # else a hold an interrupt left behind in this thread, around no write (the mark covers the writes)
+        if self.interrupted is not None:
+            raise RuntimeError(self.interrupted_message())
+
+    @property
+    def _busy(self) -> str:
+        return (f"this {self._what} is being used by another thread: a {self._what} is not thread-safe "
+                "(use one object per thread)")
+
     def interrupted_message(self) -> str:
         """The ``RuntimeError`` message of a call refused after an interrupted update."""
         return (f"this {self._what} was interrupted in the middle of {self.interrupted} (KeyboardInterrupt, or another "
@@ -96,8 +157,7 @@ class Exclusive:
             if self._slot.setdefault(0, held) is held:
                 return
             owner = self._slot.get(0)
-        busy = (f"this {self._what} is being used by another thread: a {self._what} is not thread-safe "
-                "(use one object per thread)")
+        busy = self._busy
         if owner is not None and owner[0] is held[0]:  # this very thread (see _thread)
             frame = held[1]
             while frame is not None:
@@ -123,6 +183,7 @@ class _Restoring:
         held = (_thread.__dict__, _getframe(1))
         if ex._slot.setdefault(0, held) is not held:
             ex._take_over(held)
+        ex._holds += 1
 
     def __exit__(self, *exc) -> None:
         self._ex._slot.pop(0, None)

@@ -81,49 +81,72 @@ class MeanFieldSummary:
     handled here, once for both engines.
     """
 
-    @property
-    def mean_state(self) -> np.ndarray:
-        """``m(t)``, the mean of the current states; a copy."""
+    # The summary's reads. Each public one is made through the object's lock (a Population's ``_exclusive.read``,
+    # which checks it without taking a hold; a DaskPopulation overrides them with its guard,
+    # :func:`~memoa_fast.distributed.population._one_caller`): while another thread is inside a step it raises the
+    # writers' ``RuntimeError`` at once, instead of returning a value of a round half taken (a kernel writes the mean
+    # signal in place; the mean state, t and the discount are stored one after the other after it), and after an
+    # interrupted update it raises too (see :class:`~memoa_fast._exclusive.Exclusive`). The package's own calls,
+    # which hold the lock, read the unchecked ``_``-methods below.
+    def _mean_state(self) -> np.ndarray:
         return self._field[self._lay.field_state].copy()
 
-    @property
-    def mean_signal(self) -> np.ndarray:
-        """``sbar``, the mean of the last step's valid signals (kept when none was valid); a copy."""
+    def _mean_signal(self) -> np.ndarray:
         return self._field[self._lay.field_signal].copy()
 
-    @property
-    def class_mean_state(self) -> np.ndarray:
-        """``m_l(t)``, the mean state of each class, shape (K, d); a copy."""
+    def _class_mean_state(self) -> np.ndarray:
         lay = self._lay
         return self._field[lay.class_state:lay.class_state + lay.n_classes].copy()
 
-    @property
-    def class_mean_signal(self) -> np.ndarray:
-        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy.
-
-        With one class this is :attr:`mean_signal` (shape (1, d)), the same bits: the compiled step may round its
-        own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
-        it as the mean signal (the two then differed after a restore).
-        """
+    def _class_mean_signal(self) -> np.ndarray:
         lay = self._lay
         if lay.n_classes == 1:
             return self._field[lay.field_signal:lay.field_signal + 1].copy()
         return self._field[lay.class_signal:lay.class_signal + lay.n_classes].copy()
 
     @property
+    def mean_state(self) -> np.ndarray:
+        """``m(t)``, the mean of the current states; a copy (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(self._mean_state)
+
+    @property
+    def mean_signal(self) -> np.ndarray:
+        """``sbar``, the mean of the last step's valid signals (kept when none was valid); a copy.
+
+        ``RuntimeError`` during another thread's call.
+        """
+        return self._exclusive.read(self._mean_signal)
+
+    @property
+    def class_mean_state(self) -> np.ndarray:
+        """``m_l(t)``, the mean state of each class, shape (K, d); a copy (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(self._class_mean_state)
+
+    @property
+    def class_mean_signal(self) -> np.ndarray:
+        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy.
+
+        ``RuntimeError`` during another thread's call. With one class this is :attr:`mean_signal` (shape (1, d)),
+        the same bits: the compiled step may round its
+        own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
+        it as the mean signal (the two then differed after a restore).
+        """
+        return self._exclusive.read(self._class_mean_signal)
+
+    @property
     def n_valid_signals(self) -> int:
-        """How many agents had a valid signal in the last step."""
-        return self._n_valid
+        """How many agents had a valid signal in the last step (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(getattr, self, "_n_valid")
 
     @property
     def n_finite_signals(self) -> int:
         """Alias of :attr:`n_valid_signals` (its name before invalid meant more than non-finite)."""
-        return self._n_valid
+        return self._exclusive.read(getattr, self, "_n_valid")
 
     @property
     def discount(self) -> float:
-        """``gamma**t``, the weight of the next step's cost."""
-        return self._discount
+        """``gamma**t``, the weight of the next step's cost (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(getattr, self, "_discount")
 
     def _set_game(self, game: Game) -> None:
         table = game.table
@@ -224,9 +247,9 @@ class MeanFieldSummary:
         state = {
             "states": states,
             "costs": costs,
-            "mean_state": self.mean_state,
-            "mean_signal": self.mean_signal,
-            "class_mean_signal": self.class_mean_signal,
+            "mean_state": self._mean_state(),  # the unlocked reads: the caller holds the lock
+            "mean_signal": self._mean_signal(),
+            "class_mean_signal": self._class_mean_signal(),
             "t": self.t,
             "discount": self._discount,
             "n_valid_signals": self._n_valid,
@@ -453,25 +476,38 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
 
     @property
     def states(self) -> np.ndarray:
-        """``x(t)``, shape (N, d): a read-only view of the live buffer (copy it to keep it)."""
+        """``x(t)``, shape (N, d): a read-only view of the live buffer (copy it to keep it).
+
+        A view cannot refuse: read while another thread is inside a step it shows rows of two rounds (not a
+        snapshot). For one, take :meth:`state_dict` (it raises ``RuntimeError`` then instead).
+        """
         return self._x_view
 
     @property
     def costs(self) -> np.ndarray:
-        """Discounted online costs ``J_i = sum_t gamma^t l_i(t)``: a read-only view."""
+        """Discounted online costs ``J_i = sum_t gamma^t l_i(t)``: a read-only view of the live buffer.
+
+        As :attr:`states`: not a snapshot while another thread steps (:meth:`state_dict` is).
+        """
         return self._J_view
 
-    @property
-    def worst_agent(self) -> int:
-        """Index of the agent with the largest online cost (first one on ties, a NaN never larger; 0 if every cost is NaN)."""
+    def _worst_agent(self) -> int:
         if self._worst >= 0:  # tracked by the step
             return self._worst
         return first_max(self._J)
 
     @property
+    def worst_agent(self) -> int:
+        """Index of the agent with the largest online cost (first one on ties, a NaN never larger; 0 if every cost is NaN).
+
+        ``RuntimeError`` during another thread's call (its costs are being written), as every read of the state.
+        """
+        return self._exclusive.read(self._worst_agent)
+
+    @property
     def regret(self) -> float:
-        """Under-performer regret ``max_i J_i``: the worst client's online cost."""
-        return float(self._J[self.worst_agent])
+        """Under-performer regret ``max_i J_i``: the worst client's online cost (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(lambda: float(self._J[self._worst_agent()]))
 
     # ------------------------------------------------------------------ step
     def step(self, signals) -> np.ndarray:
@@ -611,7 +647,9 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
     def __reduce__(self):
         """Pickle and copies: a new, independent population of the same class (a subclass's own attributes kept), its state loaded.
 
-        Taken under the lock (:meth:`state_dict`): ``RuntimeError`` while another thread is inside a step.
+        Taken under the lock (:meth:`state_dict`, a subclass's own if it has one; then a subclass's own attributes,
+        :meth:`~memoa_fast._copies.CopiesKeepTheirClass._reduce_keeping_class`): ``RuntimeError`` while another thread
+        is inside a step, and after an interrupted one.
         """
         state = self.state_dict()
         config = dict(labels=state.get("labels"), backend=self.backend, threads=self.threads,

@@ -121,13 +121,18 @@ class Server(CopiesKeepTheirClass):
 
     @property
     def log_weights(self) -> np.ndarray:
-        """``log p``, a read-only view of the live buffer."""
+        """``log p``, a read-only view of the live buffer.
+
+        A view cannot refuse: read while another thread is inside an update it shows weights of no round (the
+        update's two passes leave them unnormalised in between). :attr:`weights` and :meth:`state_dict` are
+        snapshots (``RuntimeError`` then instead).
+        """
         return self._log_p_view
 
     @property
     def weights(self) -> np.ndarray:
-        """``p = exp(log p)`` (a new array; they sum to 1)."""
-        return np.exp(self._log_p)
+        """``p = exp(log p)`` (a new array; they sum to 1); ``RuntimeError`` during another thread's call, as every read of the state."""
+        return self._exclusive.read(np.exp, self._log_p)
 
     def predict(self, states, out: np.ndarray | None = None) -> np.ndarray:
         """The mixture ``yhat = sum_i p_i x_i`` of ``states`` (N, d).
@@ -189,7 +194,11 @@ class Server(CopiesKeepTheirClass):
             ex.interrupted = None
 
     def __reduce__(self):
-        """Pickle and copies: a new, independent server of the same class (a subclass's own attributes kept), its state loaded."""
+        """Pickle and copies: a new, independent server of the same class (a subclass's own attributes kept), its state loaded.
+
+        The state (:meth:`state_dict`) and a subclass's own attributes are read under the lock: ``RuntimeError`` during
+        another thread's call.
+        """
         config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
         return self._reduce_keeping_class(_rebuild_server, (self.n_agents, self.dim, config, None), _SERVER_BUILT_BY_INIT,

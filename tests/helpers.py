@@ -15,6 +15,7 @@ cancels can only be compared relative to its terms; no real bug hides under
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -230,6 +231,36 @@ def call_from_two_threads(call, times: int):
     for th in threads:
         th.join()
     return errors, len(done)
+
+
+@contextlib.contextmanager
+def held_by_another_thread(lock):
+    """Another thread inside a call of an object, for the ``with`` block: it holds ``lock`` (the object's
+    ``_exclusive``, an :class:`memoa_fast._exclusive.Exclusive`) and waits; it leaves when the block ends.
+
+    Deterministic: every call of the object made in the block meets a hold of another thread, as a call made while
+    that thread's step (or round, or update) runs would.
+    """
+    import threading
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        try:
+            with lock:
+                inside.set()
+                leave.wait(30)
+        finally:
+            inside.set()
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    try:
+        assert inside.wait(30)
+        yield
+    finally:
+        leave.set()
+        worker.join()
 
 
 # --------------------------------------------------------------------------- the server step, exactly

@@ -779,6 +779,48 @@ def thread_client():
         _stop_cluster(cluster, client)
 
 
+_DASK_READS = ("mean_state", "class_mean_state", "mean_signal", "class_mean_signal", "n_valid_signals", "n_finite_signals",
+               "discount", "worst_agent", "regret", "state_dict", "server.weights", "server.state_dict")
+
+
+def test_every_read_of_a_dask_population_refuses_during_another_threads_call(thread_client):
+    """As on one machine (``test_every_read_of_the_state_refuses_during_another_threads_call``): every read of the
+    state refuses while another thread is inside a call (holding the guard) and after an interrupted step, and reads
+    the same once the hold ends. On 67547ed the summary's reads inherited from the one-machine engine
+    (``mean_signal``, ``class_mean_signal``, ``n_valid_signals``, ``n_finite_signals``, ``discount``) took no guard, and
+    ``mean_state`` after an interrupted step returned the field it had.
+    """
+    from helpers import held_by_another_thread
+
+    signals = np.random.default_rng(4).standard_normal((N, 1))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        server = DaskServer(pop, rule="hedge", eta=0.5)
+        pop.step(signals)
+        server.update(None, np.ones(1))
+        pop.mean_state  # noqa: B018 - the field made current: the reads below send no message
+
+        def read(name):
+            obj, _, attr = name.rpartition(".")
+            value = getattr(server if obj else pop, attr)
+            return value() if callable(value) else value
+
+        before = {name: read(name) for name in _DASK_READS}
+        with held_by_another_thread(pop._exclusive):
+            for name in _DASK_READS:
+                with pytest.raises(RuntimeError, match=r"refused, nothing changed: this DaskPopulation is being used by another thread"):
+                    read(name)
+        for name in _DASK_READS:
+            _same_state({"v": read(name)}, {"v": before[name]})
+        pop._interrupted = "a step"  # what a step cut short between its first and last write leaves
+        try:
+            for name in _DASK_READS:
+                with pytest.raises(RuntimeError, match="was interrupted in the middle of a step"):
+                    read(name)
+        finally:
+            pop._interrupted = None
+        assert pop.discount == before["discount"]
+
+
 def test_a_dask_population_and_server_refuse_pickle_and_copies(thread_client):
     """A copy of a DaskPopulation drove the very same shards with its own round count (copy.copy succeeded: two handles,
     one set of states, a silent fork), and pickle failed on a module object. All three are refused, naming what to do

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import available_backends, call_from_two_threads
+from helpers import available_backends, call_from_two_threads, held_by_another_thread
 
 from memoa_fast import Game, Pipeline, Population, Server, TrustClasses, TrustPopulation
 from memoa_fast._validation import available_threads
@@ -190,33 +190,15 @@ def test_trust_classes_refused_or_concurrent_calls_change_nothing(signals):
     """TrustClasses as every other object that owns state: a second thread's call (observe, the classes it ranks, a
     copy or pickle) raises ``RuntimeError`` while an observe runs, instead of racing with it; nothing changes.
     """
-    import threading
-
     tc = TrustClasses(N, 2, reclass=1)
     tc.observe(signals, TARGET)
     before = pickle.dumps(tc)
     calls = {"observe": lambda: tc.observe(signals * 2, TARGET), "classes": tc.classes, "classes_for": lambda: tc.classes_for([1.0, 2.0]),
              "pickle": lambda: pickle.dumps(tc), "copy": lambda: copy.copy(tc), "deepcopy": lambda: copy.deepcopy(tc)}
-    inside, leave = threading.Event(), threading.Event()
-
-    def hold():  # another thread inside a call
-        try:
-            with tc._exclusive:
-                inside.set()
-                leave.wait(30)
-        finally:
-            inside.set()
-
-    worker = threading.Thread(target=hold)
-    worker.start()
-    try:
-        assert inside.wait(30)
+    with held_by_another_thread(tc._exclusive):  # another thread inside a call
         for name, call in calls.items():
             with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
                 call()
-    finally:
-        leave.set()
-        worker.join()
     assert pickle.dumps(tc) == before  # nothing changed
     with tc._exclusive:  # this thread inside a call (a callback calling the object): not re-entrant either
         with pytest.raises(RuntimeError, match="TrustClasses is being used by another thread"):
@@ -632,6 +614,180 @@ def test_server_forecasters_and_scores_are_not_read_or_replaced_during_a_call(ki
     assert pickle.dumps(obj) == before  # nothing changed
     for call in calls.values():  # and every one works once the call is over
         call()
+
+
+#: Every public read of each kind's state that returns a value (a copy, a scalar, a state dict, a copy or pickle of the
+#: object): the reads that take the object's lock. "TrustPopulation-error" is a TrustPopulation with ``rule="error"``.
+_COPIES = ("pickle", "copy", "deepcopy")
+_READS = {
+    "Population": ("mean_state", "mean_signal", "class_mean_state", "class_mean_signal", "n_valid_signals", "n_finite_signals",
+                   "discount", "worst_agent", "regret", "state_dict", *_COPIES),
+    "Server": ("weights", "state_dict", *_COPIES),
+    "Pipeline": ("weights", "log_weights", "forecaster_weights", "mean_state", "mean_signal", "n_valid_signals",
+                 "worst_client", "regret", "last_error_sum", *_COPIES),
+    "ClientForecasters": ("weights", "state_dict", *_COPIES),
+    "SquaredErrors": _COPIES,
+    "TrustClasses": ("classes", "classes_for", *_COPIES),
+    "TrustPopulation": ("population", "game", "power", "regret", "worst_agent", *_COPIES),
+    "TrustPopulation-error": ("population", "game", "power", "regret", "worst_agent", *_COPIES),
+}
+#: The public properties that take no lock: views of the live buffers (a view cannot refuse: not a snapshot while
+#: another thread steps), the round counters (read by a thread monitoring a run) and settings fixed at construction.
+_NOT_LOCKED = {
+    "Population": {"states", "costs", "labels", "n_classes", "threads_used"},
+    "Server": {"log_weights", "threads_used"},
+    "Pipeline": {"states", "signals", "costs", "mixture", "squared_errors", "signal_squared_errors", "noise_scales", "t",
+                 "n_recorded"},
+    "ClientForecasters": {"signals", "noise_scales"},
+    "SquaredErrors": {"totals"},
+    "TrustClasses": set(),
+    "TrustPopulation": {"costs"},
+    "TrustPopulation-error": {"costs"},
+}
+
+
+def _readable(kind, signals):
+    """``(object, {read: call})``: an object of ``kind`` after a round, and a call for each of its :data:`_READS`."""
+    if kind == "Population":
+        labels = np.arange(N) % 2
+        game = Game(q=[1.0, 2.0], kappa=[1.0, 1.0], r=[0.1, 0.1], gamma=0.9, shares=[0.5, 0.5])
+        obj = Population(game, N, D, labels=labels, backend="numpy")
+        obj.step(signals)
+    elif kind == "Server":
+        obj = Server(N, D, backend="numpy")
+        obj.update(signals, TARGET)
+    elif kind == "Pipeline":
+        obj = Pipeline(N, D, backend="numpy")  # alpha > 0: log_weights is computed (a new array), not a view
+        obj.run(np.tile(TARGET, (3, 1)))
+    elif kind == "ClientForecasters":
+        obj = ClientForecasters(N, D, backend="numpy")
+        obj.observe(TARGET)
+    elif kind == "SquaredErrors":
+        obj = SquaredErrors(N, D, backend="numpy")
+        obj.add(signals, TARGET)
+    elif kind == "TrustClasses":
+        obj = TrustClasses(N, 2, reclass=1)
+        obj.observe(signals, TARGET)
+    else:  # TrustPopulation, both rules (the "error" rule reads its one population)
+        obj = TrustPopulation(N, D, n_classes=2, reclass=1, rule="error" if kind.endswith("error") else "minimax",
+                              powers=(1.0, 1.5), power=1.0, backend="numpy")
+        obj.step(signals)
+        obj.observe(TARGET)
+    calls = {"pickle": pickle.dumps, "copy": copy.copy, "deepcopy": copy.deepcopy, "state_dict": lambda o: o.state_dict(),
+             "classes": lambda o: o.classes(), "classes_for": lambda o: o.classes_for([1.0, 2.0])}
+    return obj, {read: calls.get(read, lambda o, read=read: getattr(o, read)) for read in _READS[kind]}
+
+
+def _comparable(value):
+    """A read's value in a form that compares (a copy of an object: its pickle; a population: its state; a game: its dict)."""
+    if isinstance(value, Population):
+        return value.state_dict()
+    if isinstance(value, (Server, Pipeline, ClientForecasters, SquaredErrors, TrustClasses, TrustPopulation)):
+        return pickle.dumps(value)
+    if isinstance(value, Game):
+        return value.to_dict()
+    return value
+
+
+@pytest.mark.parametrize("kind", list(_READS))
+def test_every_public_property_is_a_locked_read_a_view_a_counter_or_a_setting(kind):
+    """The read cases below cover every public property of each kind but those listed as taking no lock (so that a
+    read added later is either tested here or declared a view, a counter or a setting).
+    """
+    import inspect
+
+    cls = type(_readable(kind, np.zeros((N, D)))[0])
+    props = {name for name, v in inspect.getmembers(cls) if isinstance(v, property) and not name.startswith("_")}
+    assert props - _NOT_LOCKED[kind] == props & set(_READS[kind]) and _NOT_LOCKED[kind] <= props, kind
+
+
+@pytest.mark.parametrize("kind, read", [(kind, read) for kind, reads in _READS.items() for read in reads])
+def test_every_read_of_the_state_refuses_during_another_threads_call(kind, read, signals):
+    """A read that returns a value derived from the state (a copy, a scalar, a state dict, a copy or pickle) returns one
+    of a single round, or raises the ``RuntimeError`` a second writer gets: never a mixture of two rounds.
+
+    The kernels release the GIL: on 67547ed the copies and scalars (``Population.mean_state``, ``.discount``,
+    ``.regret``..., ``Server.weights``, ``Pipeline.mean_state``..., ``ClientForecasters.weights``,
+    ``TrustPopulation.regret``...) were read whatever another thread was writing (``t`` of one round with the mean of
+    the other). Another thread holds the object's lock here, as its step would; then an interrupted update's mark: the
+    read refuses, as every call does, until ``load_state_dict``/``reset`` (or a copy taken before). Once the hold
+    ends the read gives what it gave before.
+    """
+    obj, reads = _readable(kind, signals)
+    call = reads[read]
+    name = kind.partition("-")[0]
+    before = _comparable(call(obj))
+    with held_by_another_thread(obj._exclusive):
+        with pytest.raises(RuntimeError, match=f"this {name} is being used by another thread"):
+            call(obj)
+    _assert_same(_comparable(call(obj)), before)
+    obj._exclusive.interrupted = "a step"  # what a step cut short between its first and last write leaves
+    with pytest.raises(RuntimeError, match=f"this {name} was interrupted in the middle of a step"):
+        call(obj)
+    obj._exclusive.interrupted = None
+    _assert_same(_comparable(call(obj)), before)
+
+
+@pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline"])
+def test_a_read_takes_no_hold_and_refuses_when_a_call_ran_during_it(kind, signals):
+    """A read (``Exclusive.read``) never makes another thread's call refuse: it takes no hold, it checks. A call that
+    began, or began and ended, while the read copied makes the read raise (its copy may mix the two rounds); a call of
+    this very thread still running (a callback inside it) refuses it as it refuses a writer; a hold that an interrupt
+    left behind in this thread (its frame gone, around no write) does not.
+    """
+    import sys
+    import threading
+
+    from memoa_fast import _exclusive
+
+    obj, _ = _readable(kind, signals)
+    write = {"Population": lambda: obj.step(signals), "Server": lambda: obj.update(signals, TARGET),
+             "Pipeline": lambda: obj.round(TARGET)}[kind]
+    ex, done = obj._exclusive, []
+
+    def a_call_meanwhile():  # the read's copy, during which another thread's call runs whole: served
+        worker = threading.Thread(target=lambda: done.append(write()))
+        worker.start()
+        worker.join()
+        return 0.0
+
+    with pytest.raises(RuntimeError, match=f"this {kind} is being used by another thread"):
+        ex.read(a_call_meanwhile)
+    assert len(done) == 1 and not ex._slot and ex.interrupted is None  # the writer was served; no hold left
+    with ex:  # a call of this thread, running
+        with pytest.raises(RuntimeError, match="here by a call of this very thread"):
+            ex.read(float, 1.0)
+
+    def gone():
+        return sys._getframe()
+
+    ex._slot[0] = (_exclusive._thread.__dict__, gone())  # what an interrupt inside __exit__ leaves behind
+    assert ex.read(float, 2.0) == 2.0
+    write()  # the next call takes the hold over (this thread's)
+    assert not ex._slot
+
+
+@pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors"])
+def test_a_copy_reads_a_subclass_own_attributes_under_the_lock(kind, signals, monkeypatch):
+    """A pickle or copy reads a subclass's own attributes under the object's lock, as its state (on 67547ed they were
+    read after the lock was left, whatever another thread's call was writing).
+    """
+    import memoa_fast._copies as copies
+
+    obj, _ = _readable(kind, signals)
+    sub = type(f"Own{kind}", (type(obj),), {})
+    obj.__class__ = sub  # a subclass's object, with an attribute of its own
+    obj.history = [1, 2]
+    held = []
+    real = copies.own_attributes
+
+    def own_attributes(o, built_by_init):
+        held.append(o._exclusive.held_here() is not None)
+        return real(o, built_by_init)
+
+    monkeypatch.setattr(copies, "own_attributes", own_attributes)
+    clone = copy.copy(obj)
+    assert held == [True] and type(clone) is sub and clone.history == [1, 2]
 
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="needs Numba (its typeof names the compiled specialisation)")

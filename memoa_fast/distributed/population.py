@@ -990,6 +990,7 @@ class DaskPopulation(MeanFieldSummary):
     @_one_caller("DaskPopulation.mean_state")
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean of the current states; after a step, one round trip of ``O(K d)`` numbers per shard."""
+        self._refuse_interrupted()  # also when the field is current (no message, whose check would refuse)
         return self._current_means()
 
     def _current_means(self) -> np.ndarray:
@@ -1009,9 +1010,51 @@ class DaskPopulation(MeanFieldSummary):
     @_one_caller("DaskPopulation.class_mean_state")
     def class_mean_state(self) -> np.ndarray:
         """``m_l(t)``, the mean state of each class, shape (K, d) (see :attr:`mean_state`)."""
+        self._refuse_interrupted()
         self._current_means()
-        lay = self._lay
-        return self._field[lay.class_state:lay.class_state + lay.n_classes].copy()
+        return self._class_mean_state()
+
+    # The other reads of the summary, under the guard as every read of this population's state (one machine's take its
+    # lock: see MeanFieldSummary); the guard's message names the call.
+    def _refuse_interrupted(self) -> None:
+        """``RuntimeError`` after an interrupted call (its mark, or a message cut off), as one machine's reads: half updated."""
+        if self._interrupted is not None or self._in_flight is not None:
+            self._check_usable()
+
+    @property
+    @_one_caller("DaskPopulation.mean_signal")
+    def mean_signal(self) -> np.ndarray:
+        """``sbar``, the mean of the last step's valid signals (kept when none was valid); a copy."""
+        self._refuse_interrupted()
+        return self._mean_signal()
+
+    @property
+    @_one_caller("DaskPopulation.class_mean_signal")
+    def class_mean_signal(self) -> np.ndarray:
+        """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy (see :attr:`Population.class_mean_signal`)."""
+        self._refuse_interrupted()
+        return self._class_mean_signal()
+
+    @property
+    @_one_caller("DaskPopulation.n_valid_signals")
+    def n_valid_signals(self) -> int:
+        """How many agents had a valid signal in the last step."""
+        self._refuse_interrupted()
+        return self._n_valid
+
+    @property
+    @_one_caller("DaskPopulation.n_finite_signals")
+    def n_finite_signals(self) -> int:
+        """Alias of :attr:`n_valid_signals` (its name before invalid meant more than non-finite)."""
+        self._refuse_interrupted()
+        return self._n_valid
+
+    @property
+    @_one_caller("DaskPopulation.discount")
+    def discount(self) -> float:
+        """``gamma**t``, the weight of the next step's cost."""
+        self._refuse_interrupted()
+        return self._discount
 
     # ------------------------------------------------------------------ persistence
     @_one_caller("DaskPopulation.state_dict")
@@ -1025,9 +1068,8 @@ class DaskPopulation(MeanFieldSummary):
         states = self._gather_agents("states", (self.n_agents, self.dim))
         self._client_labels()
         costs = self._gather_agents("costs", (self.n_agents,))
-        self._current_means()
-        with self._lend():  # the summary reads the mean_state property (current now: no message); nothing else
-            state = self._summary_state(states, costs)
+        self._current_means()  # the field current: the summary reads it (no message), under this call's guard
+        state = self._summary_state(states, costs)
         source = self._gather_source()
         if source is not None:
             state["source"] = source

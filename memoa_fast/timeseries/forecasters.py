@@ -361,13 +361,17 @@ class ClientForecasters(CopiesKeepTheirClass):
 
     @property
     def signals(self) -> np.ndarray:
-        """The last forecasts ``s_i(t)``, shape (n_clients, d): the read-only live buffer."""
+        """The last forecasts ``s_i(t)``, shape (n_clients, d): the read-only live buffer (no snapshot during another thread's observe)."""
         return self._out_view
 
     @property
     def weights(self) -> np.ndarray:
-        """NLMS weights, shape (n_clients, d, 2 p + 1), ordered ``[lags, min(lags**2, SQUARE_CAP), 1]``; a copy."""
-        return self._weights.copy()
+        """NLMS weights, shape (n_clients, d, 2 p + 1), ordered ``[lags, min(lags**2, SQUARE_CAP), 1]``; a copy.
+
+        ``RuntimeError`` during another thread's :meth:`observe` (its kernel writes them in place), as every read of
+        the state; :attr:`signals` is a view, which cannot refuse (not a snapshot then).
+        """
+        return self._exclusive.read(self._weights.copy)
 
     # ------------------------------------------------------------------ step
     def observe(self, y) -> np.ndarray:
@@ -563,7 +567,8 @@ class ClientForecasters(CopiesKeepTheirClass):
         """Pickle and copies go through :meth:`state_dict` (validated on the way back): an independent object of the same class.
 
         A subclass's copy is of its class, with its own attributes (they were dropped, and with them, say, a stricter
-        check), and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`).
+        check), and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`). The state and the
+        own attributes are read under the lock: ``RuntimeError`` during another thread's call.
         """
         config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
                       block_size=self.block_size, backend=self.backend, threads=self.threads,
@@ -621,7 +626,9 @@ class SquaredErrors(CopiesKeepTheirClass):
     Attributes
     ----------
     totals : numpy.ndarray, shape (n_clients,)
-        ``E_i``, a read-only view of the live buffer.
+        ``E_i``, a read-only view of the live buffer (not a snapshot while
+        another thread's :meth:`add` runs: a view cannot refuse; a copy or
+        pickle of this object can, and does).
     max_total : float
         ``max_i E_i`` after the last :meth:`add` (0 before).
     threads_used : int

@@ -432,10 +432,19 @@ class Pipeline(CopiesKeepTheirClass):
             self._exclusive.interrupted = None
         self._pending = None
 
-    # ------------------------------------------------------------------ views
+    # ------------------------------------------------------------------ views and reads
+    # The views are of the live buffers: they cannot refuse, and read while another thread is inside a round they
+    # show values of two rounds (not a snapshot; copy them between calls, or take a copy or pickle of the pipeline).
+    # Every other read (a copy, a scalar) is checked against the lock (Exclusive.read, no hold taken): the writers'
+    # RuntimeError during another thread's round (it used to return a mixture of two rounds) and after an
+    # interrupted one. Not t and n_recorded: counters a thread monitoring a run reads, each one value stored at a
+    # segment's end (see _counts).
     @property
     def states(self) -> np.ndarray:
-        """``x(t)``, shape (N, d), each client's published forecast of the next value: read-only live view."""
+        """``x(t)``, shape (N, d), each client's published forecast of the next value: read-only live view.
+
+        Not a snapshot while another thread is inside a round (a view cannot refuse): copy it between calls.
+        """
         return self._views["_x"]
 
     @property
@@ -453,18 +462,19 @@ class Pipeline(CopiesKeepTheirClass):
         """The server's ``log p``, shape (N,): a read-only live view, or a new array when ``alpha > 0``.
 
         With a positive share (``alpha / N >= 1e-290``) the kernel keeps the
-        weights ``p`` themselves (no weight can underflow), and this is ``log p``.
+        weights ``p`` themselves (no weight can underflow), and this is ``log p``
+        (computed under the lock: ``RuntimeError`` during another thread's round).
         """
         if self._linear:
-            out = np.log(self._ebuf)
+            out = self._exclusive.read(np.log, self._ebuf)
             out.flags.writeable = False
             return out
         return self._views["_log_p"]
 
     @property
     def weights(self) -> np.ndarray:
-        """``p = exp(log p)`` (a new array)."""
-        return self._ebuf.copy() if self._linear else np.exp(self._log_p)
+        """``p = exp(log p)`` (a new array; ``RuntimeError`` during another thread's round)."""
+        return self._exclusive.read(lambda: self._ebuf.copy() if self._linear else np.exp(self._log_p))
 
     @property
     def mixture(self) -> np.ndarray:
@@ -478,13 +488,13 @@ class Pipeline(CopiesKeepTheirClass):
 
     @property
     def signal_squared_errors(self) -> np.ndarray:
-        """``sum_t |s_i(t-1) - y(t)|^2`` over the recorded rounds (the raw forecasts), shape (N,): read-only."""
+        """``sum_t |s_i(t-1) - y(t)|^2`` over the recorded rounds (the raw forecasts), shape (N,): read-only live view."""
         return self._views["_sq_sig"]
 
     @property
     def last_error_sum(self) -> float:
         """``sum_i |x_i(t) - y(t)|^2`` of the last recorded round (0 when it was not recorded)."""
-        return float(self._stats[self._kern.S_ERR])
+        return self._exclusive.read(lambda: float(self._stats[self._kern.S_ERR]))
 
     @property
     def noise_scales(self) -> np.ndarray:
@@ -494,32 +504,35 @@ class Pipeline(CopiesKeepTheirClass):
     @property
     def forecaster_weights(self) -> np.ndarray:
         """NLMS weights, shape (N, d, 2p + 1), ordered ``[lags, min(lags^2, SQUARE_CAP), 1]`` (a copy)."""
-        return np.ascontiguousarray(np.moveaxis(self._weights, 0, -1))
+        return self._exclusive.read(lambda: np.ascontiguousarray(np.moveaxis(self._weights, 0, -1)))
 
     @property
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean state; a copy."""
-        return self._field[self._kern.FIELD_STATE].copy()
+        return self._exclusive.read(self._field[self._kern.FIELD_STATE].copy)
 
     @property
     def mean_signal(self) -> np.ndarray:
         """``sbar``, the mean valid signal of the last round; a copy."""
-        return self._field[self._kern.FIELD_SIGNAL].copy()
+        return self._exclusive.read(self._field[self._kern.FIELD_SIGNAL].copy)
 
     @property
     def n_valid_signals(self) -> int:
         """How many clients had a valid signal in the last round."""
-        return int(self._stats[self._kern.S_VALID])
+        return self._exclusive.read(lambda: int(self._stats[self._kern.S_VALID]))
 
     @property
     def worst_client(self) -> int:
         """The client with the largest online cost (first on ties, NaN never larger; -1 before the first round or if every cost is NaN)."""
-        return int(self._stats[self._kern.S_ARG_COST])
+        return self._exclusive.read(lambda: int(self._stats[self._kern.S_ARG_COST]))
 
     @property
     def regret(self) -> float:
         """Under-performer regret ``max_i J_i``: the cost of :attr:`worst_client` (NaN never larger; NaN if every cost is)."""
-        worst = self.worst_client
+        return self._exclusive.read(self._regret)
+
+    def _regret(self) -> float:
+        worst = int(self._stats[self._kern.S_ARG_COST])
         return float(self._J[worst]) if worst >= 0 else float(self._J.max())
 
     # ------------------------------------------------------------------ copies

@@ -181,8 +181,7 @@ class TrustClasses(CopiesAreDeep):
         errors it ranks would be those of no round.
         """
         powers = [check_real("power", p, low=0.0) for p in powers]
-        with self._exclusive:
-            return self._classes_for(powers)
+        return self._exclusive.read(self._classes_for, powers)
 
     def _classes_for(self, powers: list[float]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """:meth:`classes_for` on checked exponents, under the lock."""
@@ -331,20 +330,27 @@ class TrustPopulation(CopiesAreDeep):
         self.n_reforms_kept = 0
         self._exclusive = Exclusive("TrustPopulation", recover=_RECOVER)
 
+    # The reads of the published path (the leader, its game, its costs) are checked against the lock (Exclusive.read,
+    # no hold taken): RuntimeError while another thread's step or observe runs (observe replaces the games, then may
+    # change the leader: a read in between named a game no round published) and after an interrupted one. This
+    # object's own calls, which hold the lock, read self.populations[self.leader] directly.
     @property
     def population(self) -> Population:
-        """The population whose states :meth:`step` publishes (the leader's, for ``"minimax"``)."""
-        return self.populations[self.leader]
+        """The population whose states :meth:`step` publishes (the leader's, for ``"minimax"``).
+
+        ``RuntimeError`` during another thread's call, as every read of this object's state.
+        """
+        return self._exclusive.read(lambda: self.populations[self.leader])
 
     @property
     def game(self) -> Game:
-        """The published population's K-class game."""
-        return self.games[self.leader]
+        """The published population's K-class game (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(lambda: self.games[self.leader])
 
     @property
     def power(self) -> float:
-        """The exponent ``beta`` of the published population."""
-        return self.powers[self.leader]
+        """The exponent ``beta`` of the published population (``RuntimeError`` during another thread's call)."""
+        return self._exclusive.read(lambda: self.powers[self.leader])
 
     def step(self, signals) -> np.ndarray:
         """Move every client one round; returns the published live read-only states (see :meth:`Population.step`).
@@ -365,13 +371,14 @@ class TrustPopulation(CopiesAreDeep):
             ex.interrupted = "step"  # until the last population and array moved: an interrupt in between is refused later
             incoming = self._diff  # the scratch becomes this round's signals; the last round's become the scratch
             np.copyto(incoming, s)
+            leader = self.populations[self.leader]
             if self.rule == "minimax":
-                np.copyto(self._round_cost, self.population.costs)
-                overflowed = self.population.regret == math.inf  # a leader's cost is inf already (O(1): the step tracks it)
+                np.copyto(self._round_cost, leader.costs)
+                overflowed = leader.regret == math.inf  # a leader's cost is inf already (O(1): the step tracks it)
             for pop in self.populations:
                 pop.step(incoming)
             if self.rule == "minimax":  # the published path's cost: this round's loss in the leader's game
-                after = self.population.costs
+                after = leader.costs
                 with np.errstate(invalid="ignore"):  # inf - inf: only where the leader's cost was inf already
                     np.subtract(after, self._round_cost, out=self._round_cost)
                 if overflowed:
@@ -383,7 +390,7 @@ class TrustPopulation(CopiesAreDeep):
                 self._published_costs += self._round_cost
             self._diff, self._signals = self._signals, incoming
             ex.interrupted = None
-        return self.population.states
+        return leader.states
 
     def observe(self, target) -> None:
         """The target of the last step's forecasts arrived: measure, and re-form the classes when due.
@@ -456,8 +463,9 @@ class TrustPopulation(CopiesAreDeep):
         K = self.trust.n_classes
         # The same classes in every candidate. The population's own (writeable) labels: np.bincount copies a
         # read-only array (an (N,) allocation per round); one class keeps no labels, so zeros of our own.
-        labels = self.population._labels if K > 1 else self._zeros
-        sizes = np.maximum(self.population._coef[:, SIZE], 1.0)  # the class sizes the population keeps (labels set)
+        leader = self.populations[self.leader]  # the caller holds the lock
+        labels = leader._labels if K > 1 else self._zeros
+        sizes = np.maximum(leader._coef[:, SIZE], 1.0)  # the class sizes the population keeps (labels set)
         for c, pop in enumerate(self.populations):
             with np.errstate(over="ignore", invalid="ignore"):
                 np.subtract(pop.states, target, out=self._diff)
@@ -477,20 +485,30 @@ class TrustPopulation(CopiesAreDeep):
         an ``inf`` stays ``inf`` while the leader's cost is ``inf`` (its growth
         ``inf - inf`` is unknown but not negative), NaN as the leader's once
         ``gamma^t`` underflows (``0 * inf``).
+
+        A view of the live buffer: read while another thread steps it is not a snapshot (:attr:`regret` and
+        :attr:`worst_agent` refuse then instead).
         """
         if self.rule == "error":
-            return self.population.costs
+            return self.populations[self.leader].costs
         return readonly_view(self._published_costs)
 
     @property
     def regret(self) -> float:
-        """``max_i J_i`` along the published path (the under-performer regret)."""
-        return self.population.regret if self.rule == "error" else float(self._published_costs[self.worst_agent])
+        """``max_i J_i`` along the published path (the under-performer regret); ``RuntimeError`` during another thread's call."""
+        if self.rule == "error":
+            return self._exclusive.read(lambda: self.populations[self.leader].regret)  # a read of that population's too
+        return self._exclusive.read(lambda: float(self._published_costs[first_max(self._published_costs)]))
 
     @property
     def worst_agent(self) -> int:
-        """The client with the largest online cost along the published path (first on ties, a NaN never larger, as Population)."""
-        return self.population.worst_agent if self.rule == "error" else first_max(self._published_costs)
+        """The client with the largest online cost along the published path (first on ties, a NaN never larger, as Population).
+
+        ``RuntimeError`` during another thread's call.
+        """
+        if self.rule == "error":
+            return self._exclusive.read(lambda: self.populations[self.leader].worst_agent)
+        return self._exclusive.read(first_max, self._published_costs)
 
     def __getstate__(self) -> dict:
         """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot taken under it.
@@ -514,8 +532,9 @@ class TrustPopulation(CopiesAreDeep):
         self._exclusive = Exclusive("TrustPopulation", recover=_RECOVER)
 
     def __repr__(self) -> str:
-        rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.power:g}"
-        return f"TrustPopulation({self.trust!r}, {self.game!r}{rule})"
+        # the attributes, not the locked reads: a repr (a debugger's, an error message's) never raises
+        rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.powers[self.leader]:g}"
+        return f"TrustPopulation({self.trust!r}, {self.games[self.leader]!r}{rule})"
 
 
 def _check_reachable_weights(game: Game, trust: TrustClasses) -> None:
