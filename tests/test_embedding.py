@@ -20,6 +20,7 @@ from helpers import available_backends, call_from_two_threads, held_by_another_t
 
 from memoa_fast import Game, Pipeline, Population, Server, TrustClasses, TrustPopulation
 from memoa_fast._validation import available_threads
+from memoa_fast.distributed.signals import NoisyLastValueSignals
 from memoa_fast.timeseries.forecasters import ClientForecasters, SquaredErrors
 
 BACKENDS = available_backends()
@@ -616,6 +617,26 @@ def test_server_forecasters_and_scores_are_not_read_or_replaced_during_a_call(ki
         call()
 
 
+def test_noisy_last_value_signals_refuse_a_call_during_another_threads_call(signals):
+    """A signal source owns state as every stateful object does: ``next``, ``observe`` and ``load_state_dict`` from a
+    second thread while one is inside a call raise ``RuntimeError`` and change nothing (on 67547ed it had no lock: two
+    threads' ``next`` drew into one buffer and could count one round twice or lose one), and work once it is over.
+    """
+    src = NoisyLastValueSignals(0, N, 3, dim=D, threads=1)
+    src.observe(TARGET)
+    saved, first = src.state_dict(), src.next().copy()
+    src.load_state_dict(saved)
+    calls = {"next": src.next, "observe": lambda: src.observe(-TARGET), "load_state_dict": lambda: src.load_state_dict(saved)}
+    with held_by_another_thread(src._exclusive):
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match="this NoisyLastValueSignals is being used by another thread"):
+                call()
+    assert src.t == 0 and np.array_equal(src._y, TARGET)  # nothing changed
+    np.testing.assert_array_equal(src.next(), first)  # the same round drawn, bit for bit
+    for call in calls.values():
+        call()
+
+
 #: Every public read of each kind's state that returns a value (a copy, a scalar, a state dict, a copy or pickle of the
 #: object): the reads that take the object's lock. "TrustPopulation-error" is a TrustPopulation with ``rule="error"``.
 _COPIES = ("pickle", "copy", "deepcopy")
@@ -630,6 +651,7 @@ _READS = {
     "TrustClasses": ("classes", "classes_for", *_COPIES),
     "TrustPopulation": ("population", "game", "power", "regret", "worst_agent", *_COPIES),
     "TrustPopulation-error": ("population", "game", "power", "regret", "worst_agent", *_COPIES),
+    "NoisyLastValueSignals": ("state_dict", *_COPIES),
 }
 #: The public properties that take no lock: views of the live buffers (a view cannot refuse: not a snapshot while
 #: another thread steps), the round counters (read by a thread monitoring a run) and settings fixed at construction.
@@ -643,6 +665,7 @@ _NOT_LOCKED = {
     "TrustClasses": set(),
     "TrustPopulation": {"costs"},
     "TrustPopulation-error": {"costs"},
+    "NoisyLastValueSignals": set(),
 }
 
 
@@ -668,6 +691,10 @@ def _readable(kind, signals):
     elif kind == "TrustClasses":
         obj = TrustClasses(N, 2, reclass=1)
         obj.observe(signals, TARGET)
+    elif kind == "NoisyLastValueSignals":
+        obj = NoisyLastValueSignals(0, N, 3, dim=D)
+        obj.observe(TARGET)
+        obj.next()
     else:  # TrustPopulation, both rules (the "error" rule reads its one population)
         obj = TrustPopulation(N, D, n_classes=2, reclass=1, rule="error" if kind.endswith("error") else "minimax",
                               powers=(1.0, 1.5), power=1.0, backend="numpy")
@@ -682,7 +709,8 @@ def _comparable(value):
     """A read's value in a form that compares (a copy of an object: its pickle; a population: its state; a game: its dict)."""
     if isinstance(value, Population):
         return value.state_dict()
-    if isinstance(value, (Server, Pipeline, ClientForecasters, SquaredErrors, TrustClasses, TrustPopulation)):
+    if isinstance(value, (Server, Pipeline, ClientForecasters, SquaredErrors, TrustClasses, TrustPopulation,
+                          NoisyLastValueSignals)):
         return pickle.dumps(value)
     if isinstance(value, Game):
         return value.to_dict()
@@ -767,7 +795,8 @@ def test_a_read_takes_no_hold_and_refuses_when_a_call_ran_during_it(kind, signal
     assert not ex._slot
 
 
-@pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors"])
+@pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors",
+                                  "NoisyLastValueSignals"])
 def test_a_copy_reads_a_subclass_own_attributes_under_the_lock(kind, signals, monkeypatch):
     """A pickle or copy reads a subclass's own attributes under the object's lock, as its state (on 67547ed they were
     read after the lock was left, whatever another thread's call was writing).

@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import _backends
 from .._copies import CopiesKeepTheirClass, build_as
+from .._exclusive import Exclusive
 from .._state import check_source_state, source_settings
 from .._validation import MAX_COUNT, TARGET_LIMIT, as_target_array, check_bounded, check_int, check_real, check_seed
 
@@ -71,6 +72,10 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         Range of the noise scales.
     threads : int, default 1
         Threads drawing the signals (the draws do not depend on it).
+
+    Like every object of the package that owns state, it is not thread-safe: a call while another thread is inside
+    one (``next``, ``observe``, ``state_dict``, ``load_state_dict``, a copy or pickle) raises ``RuntimeError``
+    instead of drawing into the same buffer or losing a round (:class:`~memoa_fast._exclusive.Exclusive`).
 
     Examples
     --------
@@ -99,6 +104,9 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         self._out = np.empty((self.hi - self.lo, self.dim))
         self._y = np.zeros(self.dim)
         self.t = 0
+        # No interrupted mark: a round cut short between the draws and t += 1 is drawn again, the same bits (the draws
+        # are a function of (seed, client, t, y)), so no call can leave a half-updated state.
+        self._exclusive = Exclusive("NoisyLastValueSignals")
 
     def next(self) -> np.ndarray:
         """The signals of this round, shape (hi - lo, d); the buffer is reused by the next call.
@@ -106,16 +114,19 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         ``ValueError`` (nothing changed) at round ``t = 2**63 - 1``, the last a state can hold (``t`` is saved as an
         int64; only a loaded state gets there).
         """
-        if self.t >= MAX_COUNT:
-            raise ValueError(f"this signal source is at round 2**63 - 1 = {self.t}, the last its state can hold (t is "
-                             "saved as an int64): it makes no further round")
-        self._noise.noisy_last_value(self.lo, self._key, self.t, self._y, self.sigma, self._out, self.threads)
-        self.t += 1
-        return self._out
+        with self._exclusive:
+            if self.t >= MAX_COUNT:
+                raise ValueError(f"this signal source is at round 2**63 - 1 = {self.t}, the last its state can hold (t is "
+                                 "saved as an int64): it makes no further round")
+            self._noise.noisy_last_value(self.lo, self._key, self.t, self._y, self.sigma, self._out, self.threads)
+            self.t += 1
+            return self._out
 
     def observe(self, y) -> None:
         """The stream's newest value ``y``, shape (d,): finite, ``|y| <= TARGET_LIMIT`` (``1e30``)."""
-        self._y[...] = as_target_array("y", y, (self.dim,))
+        y = as_target_array("y", y, (self.dim,))
+        with self._exclusive:
+            self._y[...] = y
 
     def settings(self) -> dict:
         """The arguments the draws depend on, which a restored state must have been saved with.
@@ -132,8 +143,9 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         ``{"agents": {}, "shared": {"t": int64 scalar array, "y": (d,), "seed": int64 scalar array,
         "low": float64 scalar array, "high": float64 scalar array}}``.
         """
-        return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(),
-                                         **source_settings(self.settings())}}
+        with self._exclusive:
+            return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(),
+                                             **source_settings(self.settings())}}
 
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy.
@@ -153,8 +165,9 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (all checked first: :meth:`validate_state_dict`; nothing changes on an error)."""
         clean = self.validate_state_dict(state)["shared"]
-        self._y[...] = clean["y"]
-        self.t = int(clean["t"])
+        with self._exclusive:
+            self._y[...] = clean["y"]
+            self.t = int(clean["t"])
 
     def __reduce__(self):
         """Pickle and copies go through :meth:`state_dict` (loaded on the way back): an independent source of the same class.
@@ -169,7 +182,8 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
 
 
 #: The attributes :meth:`NoisyLastValueSignals.__init__` sets: a copy builds them again; any other is a subclass's own.
-_BUILT_BY_INIT = frozenset({"lo", "hi", "seed", "dim", "threads", "low", "high", "_noise", "_key", "sigma", "_out", "_y", "t"})
+_BUILT_BY_INIT = frozenset({"lo", "hi", "seed", "dim", "threads", "low", "high", "_noise", "_key", "sigma", "_out", "_y", "t",
+                            "_exclusive"})
 
 
 def _rebuild_noisy_last_value(lo, hi, seed, config, state=None, cls=NoisyLastValueSignals):
