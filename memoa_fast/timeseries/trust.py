@@ -92,6 +92,8 @@ class TrustClasses(CopiesAreDeep):
         # errors, the squared errors, the rows' largest |forecast| and their validity (1 byte, counted as 8)
         check_sizes(self.n_clients, 1, per_agent_vectors=0, per_agent_scalars=4, what="trust classes", names=("n_clients", "dim"))
         self.weight = 1.0 - 2.0 ** (-1.0 / self.half_life)
+        #: Each client's discounted squared error ``v_i``: the live array :meth:`observe` updates in place (copy it to
+        #: keep it, between calls: read while another thread observes, it is not a snapshot).
         self.errors = np.zeros(self.n_clients)
         self._sq = np.empty(self.n_clients)
         self._top = np.empty(self.n_clients)
@@ -315,7 +317,8 @@ class TrustPopulation(CopiesAreDeep):
         self.games = [game] * len(self.powers)
         self.populations = [Population(game, n_clients, dim, labels=labels, backend=backend, threads=threads)
                             for _ in self.powers]
-        #: Each candidate's exponentially weighted worst-class cost (``"minimax"``; zeros for ``"error"``).
+        #: Each candidate's exponentially weighted worst-class cost (``"minimax"``; zeros for ``"error"``): the live
+        #: array :meth:`observe` updates in place (copy it to keep it; not a snapshot while another thread observes).
         self.class_costs = np.zeros(len(self.powers))
         self.leader = self.powers.index(self.trust.power)
         self._signals = np.zeros((n_clients, dim))
