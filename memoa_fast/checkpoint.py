@@ -116,6 +116,7 @@ _SOURCE_SHARED_MAX = 1 << 20
 _SOURCE_PER_AGENT_MAX = 1 << 16
 _GAME_CHARS = 1 << 24
 _MAX_MEMBERS = 4096
+_EOCD_SIZE = 22  # a zip end-of-central-directory record without its comment
 _TMP_NAME = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
 
 
@@ -672,7 +673,7 @@ def _read_members(fh, where, n_agents, dim) -> dict:
             key in _SCALARS or key in _ARRAYS or key.startswith((_SOURCE_AGENTS, _SOURCE_SHARED)))
 
     with zipfile.ZipFile(fh) as zf:
-        members = _zip_members(zf, where, known)
+        members = _zip_members(fh, zf, where, known)
         headers = {key: _checked_header(zf, info, key, where) for key, info in members.items()}
 
         def header(key):
@@ -1121,18 +1122,65 @@ def is_manifest(path) -> bool:
 def _read_small_npz(fh, where, allowed, max_bytes) -> dict:
     """Every member of a small .npz: names by ``allowed(key)``, headers and declared sizes checked before reading."""
     with zipfile.ZipFile(fh) as zf:
-        members = _zip_members(zf, where, allowed)
+        members = _zip_members(fh, zf, where, allowed)
         if sum(i.file_size for i in members.values()) > max_bytes:
             _fail(where, f"its members declare more than {max_bytes:,} bytes: not a manifest, or tampered with")
         return {key: _read_member(zf, info, _checked_header(zf, info, key, where), key, where)
                 for key, info in members.items()}
 
 
-def _zip_members(zf, where, allowed) -> dict:
+def _end_record_count(fh) -> int | None:
+    """The number of members the zip's end record (zip64's where present) declares; None where there is none.
+
+    Found as :mod:`zipfile` finds it: the last ``PK\\5\\6`` record in the file's final 64 KiB whose comment
+    ends the file, preceded by a zip64 locator and record (``PK\\6\\7``, ``PK\\6\\6``) when there is one.
+    """
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(max(0, size - _EOCD_SIZE - 0xFFFF))
+    tail = fh.read()
+    start = len(tail)
+    while True:
+        start = tail.rfind(b"PK\x05\x06", 0, start)
+        if start < 0 or len(tail) - start < _EOCD_SIZE:
+            return None
+        if start + _EOCD_SIZE + int.from_bytes(tail[start + 20:start + 22], "little") == len(tail):
+            break
+    count = int.from_bytes(tail[start + 10:start + 12], "little")
+    here = size - (len(tail) - start)  # the end record's offset in the file
+    if here >= 20 + 56:
+        fh.seek(here - 20)
+        locator = fh.read(20)
+        if locator[:4] == b"PK\x06\x07":
+            fh.seek(here - 20 - 56)
+            record = fh.read(56)
+            if record[:4] == b"PK\x06\x06":
+                count = int.from_bytes(record[32:40], "little")
+    return count
+
+
+def _check_directory_whole(fh, zf, where) -> None:
+    """Refuse a zip whose directory lists fewer (or more) members than its end record declares.
+
+    :mod:`zipfile` stops reading the central directory once it has read as many bytes as the end record says it
+    holds, without counting entries: one flipped byte (an entry's comment length, say) then swallows the entries
+    after it, and the members they name vanish without an error. A checkpoint's optional members (the server's,
+    the signal source's) would then read as never saved: the saved state lost in silence.
+    """
+    declared = _end_record_count(fh)
+    found = len(zf.infolist())
+    if declared is not None and declared != found:
+        _fail(where, f"its zip directory lists {found} members but its end record declares {declared}: "
+                     "corrupt (a damaged directory entry hides the members after it). Use an earlier checkpoint.")
+
+
+def _zip_members(fh, zf, where, allowed) -> dict:
     """``{key: ZipInfo}`` of every ``<key>.npy`` member: known names only (``allowed(key)``), once each, stored or deflated.
 
-    Reads only the zip directory: nothing is inflated.
+    ``zf`` is the zip open on ``fh``. Reads only the zip directory (checked whole: :func:`_check_directory_whole`):
+    nothing is inflated.
     """
+    _check_directory_whole(fh, zf, where)
     infos = zf.infolist()
     if len(infos) > _MAX_MEMBERS:
         _fail(where, f"holds {len(infos)} members, more than a checkpoint ever has ({_MAX_MEMBERS})")
@@ -1419,6 +1467,7 @@ def _read_one_shard_file(path, where, manifest, entry, lo, hi, outputs, out) -> 
             _fail(where, f"has a zip directory that {stale}")
         fh.seek(0)
         with zipfile.ZipFile(fh) as zf:
+            _check_directory_whole(fh, zf, where)
             members = {}
             for info in zf.infolist():
                 key = info.filename[:-4] if info.filename.endswith(".npy") else None

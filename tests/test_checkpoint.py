@@ -547,6 +547,33 @@ def test_any_flipped_byte_is_caught_or_harmless(run, tmp_path):
     assert caught > 0.9 * len(positions)
 
 
+def test_a_damaged_directory_entry_never_hides_members(run, tmp_path):
+    """A directory entry whose comment length swallows the entries after it: refused, never a checkpoint without them.
+
+    zipfile stops at the end record's directory size without counting entries, so the server's and the source's
+    members (optional: a checkpoint may have none) vanished and the file read as one saved without them.
+    """
+    *_, path = run
+    raw = path.read_bytes()
+    reference = load_checkpoint(path)
+    with zipfile.ZipFile(path) as zf:
+        n_members = len(zf.infolist())
+    starts = [m.start() for m in re.finditer(b"PK\x01\x02", raw)]
+    assert len(starts) == n_members
+    for start in starts:
+        for comment_length in (0x8000, 0xFFFF):
+            corrupt = bytearray(raw)
+            corrupt[start + 32:start + 34] = comment_length.to_bytes(2, "little")
+            bad = tmp_path / "hidden.npz"
+            bad.write_bytes(bytes(corrupt))
+            try:
+                ckpt = load_checkpoint(bad)
+            except CheckpointError:
+                continue
+            _assert_same([ckpt.population, ckpt.server, ckpt.source],
+                         [reference.population, reference.server, reference.source])
+
+
 # =========================================================================== decompression bombs
 def _npy_header(shape, dtype="<f8") -> bytes:
     import io
