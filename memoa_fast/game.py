@@ -342,6 +342,8 @@ def _as_weight_vector(name, value, low_open):
     if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
         return check_real(name, value, low=0.0, low_open=low_open)  # 0-d arrays of a non-real dtype: TypeError
     arr = as_real_values(name, value, accepted)  # the dtype (or every element) checked: nothing is cast
+    if arr.ndim == 0:  # a real number that is not a numbers.Real (decimal.Decimal): a scalar weight, as in a sequence
+        return check_real(name, arr, low=0.0, low_open=low_open)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be {accepted}, got shape {arr.shape}")
     with np.errstate(invalid="ignore"):
