@@ -13,7 +13,8 @@ renamed over the target with ``os.replace``; a crash at any point leaves the
 previous checkpoint whole. Temporary files that a killed save left behind
 are removed by the next successful save to the same path. A checkpoint path
 that is a symbolic link is followed, on writing as on reading: the file it
-points to is replaced and the link is kept.
+points to is replaced and the link is kept. A path that is a device, a named
+pipe or a socket (``/dev/null``) is refused: the rename would replace it.
 
 Reads never inflate a member before checking it. The zip's directory is read
 first; a member with an unknown name, a compression other than stored or
@@ -65,6 +66,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import time
 import zipfile
@@ -261,7 +263,9 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     ------
     ValueError
         If a state does not pass its validator (then the file could not be
-        restored, so none is written); the previous checkpoint is untouched.
+        restored, so none is written), or if ``path`` is a device, a named
+        pipe or a socket (the rename would replace it); the previous
+        checkpoint is untouched.
 
     Notes
     -----
@@ -551,7 +555,31 @@ def _checkpoint_path(name: str, path, *, reading: bool) -> Path:
             raise IsADirectoryError(f"cannot read checkpoint {str(path)!r}: it is a folder, not a checkpoint file")
         raise IsADirectoryError(f"cannot write checkpoint {str(path)!r}: it is a folder, not a file; give a file name "
                                 f"such as {os.path.join(path, 'run.npz')!r}")
+    kind = special_file(path)
+    if kind:
+        if reading:
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is {kind}, not a checkpoint file")
+        # A save renames a new file into place: /dev/null (as root), a named pipe or a socket would be replaced by it.
+        raise ValueError(f"cannot write checkpoint {str(path)!r}: it is {kind}, not a regular file, and a save renames "
+                         f"a new file into place, which would replace it; give a file name such as 'run.npz'")
     return path
+
+
+def special_file(path) -> str:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (a link followed), else ``""``.
+
+    ``"a character device"`` (``/dev/null``), ``"a block device"``, ``"a named pipe"`` or ``"a socket"``: what an atomic
+    write (a new file renamed into place) must not replace. Checkpoints and ``memoa run``'s output files ask it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # no such file (a new one), or not reachable: the folder checks name it
+        return ""
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return ""
 
 
 def _fail(where, message):

@@ -502,6 +502,28 @@ def test_any_corruption_of_any_entry_is_refused_or_harmless(run, entry, how):
     source.validate_state_dict(source.state_dict())
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_device_or_pipe_is_never_replaced_by_a_save(run, tmp_path):
+    """A save renames a new file into place: a named pipe (or /dev/null, as root) was replaced by a regular file.
+
+    Refused before anything is written, naming the path and what it is, also through a symbolic link; reading one
+    says what it is (it said "no checkpoint file").
+    """
+    pop, server, *_ = run
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.npz"
+    link.symlink_to(fifo)
+    for path in (fifo, link):
+        with pytest.raises(ValueError, match=rf"cannot write checkpoint '{re.escape(str(path))}': it is a named pipe, not a "
+                                             r"regular file"):
+            save_checkpoint(path, pop, server)
+        assert fifo.is_fifo() and link.is_symlink()
+        with pytest.raises(CheckpointError, match="it is a named pipe, not a checkpoint file"):
+            restore_checkpoint(path, pop, server)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.npz", "pipe", "run.npz"]
+
+
 # =========================================================================== corrupt files
 def test_truncated_and_garbage_files(run, tmp_path):
     *_, path = run
