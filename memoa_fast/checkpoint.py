@@ -1168,11 +1168,11 @@ def _end_record_count(fh) -> int | None:
     fh.seek(max(0, size - _EOCD_SIZE - 0xFFFF))
     tail = fh.read()
     start = len(tail)
-    while True:
+    while True:  # a signature inside the comment is not the record: the comment must end the file
         start = tail.rfind(b"PK\x05\x06", 0, start)
-        if start < 0 or len(tail) - start < _EOCD_SIZE:
+        if start < 0:
             return None
-        if start + _EOCD_SIZE + int.from_bytes(tail[start + 20:start + 22], "little") == len(tail):
+        if len(tail) - start >= _EOCD_SIZE and start + _EOCD_SIZE + int.from_bytes(tail[start + 20:start + 22], "little") == len(tail):
             break
     count = int.from_bytes(tail[start + 10:start + 12], "little")
     here = size - (len(tail) - start)  # the end record's offset in the file
