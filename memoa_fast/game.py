@@ -1152,7 +1152,16 @@ class Game:
         >>> g.with_weights(q=[2.0, 0.5]).q.tolist()
         [2.0, 0.5]
         """
-        K_new = max((len(x) for x in (q, kappa, r, shares) if x is not None and not isinstance(x, numbers.Real)), default=None)
+        def length(x):
+            # A sequence's length; None for a scalar: a number, a 0-d array, a Decimal (what Game takes as one weight).
+            if x is None or isinstance(x, numbers.Real):
+                return None
+            try:
+                return len(x)
+            except TypeError:  # no length (np.array(3.0) raised "len() of unsized object"): Game checks it
+                return None
+
+        K_new = max((n for n in map(length, (q, kappa, r, shares)) if n is not None), default=None)
 
         def keep(mine):
             # A per-class array of this game must not clash in length with a new K.

@@ -308,6 +308,15 @@ def test_weights_of_real_dtypes_and_numbers_still_work():
     assert Game(q=[Fraction(1, 2), 1], kappa=np.array([2, 2], dtype=np.uint16), r=0.25, shares=(0.25, np.float64(0.75))) == want
 
 
+@pytest.mark.parametrize("value", [np.array(3.0), np.array(3), Fraction(3), np.float32(3.0)])
+def test_with_weights_takes_a_scalar_weight_as_game_does(value):
+    """``with_weights(q=np.array(3.0))`` raised TypeError "len() of unsized object"; Game(q=np.array(3.0)) works."""
+    game = Game(q=[1.0, 2.0], kappa=3.0, r=0.1, gamma=0.9, shares=[0.3, 0.7])
+    assert game.with_weights(q=value) == Game(q=3.0, kappa=3.0, r=0.1, gamma=0.9, shares=[0.3, 0.7]) == Game(
+        q=[3.0, 3.0], kappa=3.0, r=0.1, gamma=0.9, shares=[0.3, 0.7])
+    assert Game(q=1.0).with_weights(kappa=value) == Game(q=1.0, kappa=3.0)
+
+
 def test_a_decimal_weight_is_a_number_alone_as_in_a_sequence():
     """``Game(q=Decimal(1))`` said "got shape ()" while ``Game(q=[Decimal(1), 1])`` worked."""
     from decimal import Decimal
