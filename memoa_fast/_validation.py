@@ -48,15 +48,19 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     value = scalar_of(value, "iuf")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
+    left = "-inf" if low is None else f"{low:g}"
+    right = "inf" if high is None else f"{high:g}"
+    interval = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
+    try:
+        value = float(value)
+    except OverflowError:  # an int or Fraction beyond float64 (10**400): was the unnamed "int too large to convert to float"
+        raise ValueError(f"{name} must be a finite float64 (at most 1.8e308 in magnitude) in {interval}, "
+                         f"got {_short(value)}") from None
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     lo_ok = low is None or (value > low if low_open else value >= low)
     hi_ok = high is None or (value < high if high_open else value <= high)
     if not (lo_ok and hi_ok):
-        left = "-inf" if low is None else f"{low:g}"
-        right = "inf" if high is None else f"{high:g}"
-        interval = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return value
 
@@ -374,11 +378,32 @@ def as_real_values(name: str, value, accepted: str) -> np.ndarray:
                 refuse(f": {item!r} of type {type(item).__name__} is not a real number")
         try:
             raw = np.asarray(value, dtype=np.float64)
+        except OverflowError:  # an int or Fraction beyond float64 (10**400): name the entry, as for inf
+            flat = raw.reshape(-1)
+            j = next(i for i, item in enumerate(flat) if _overflows(item))
+            where = f"{name}[{j}]" if raw.ndim == 1 else name
+            raise ValueError(f"{where} must be a finite float64 (at most 1.8e308 in magnitude), got {_short(flat[j])}; "
+                             f"{name} must be {accepted}") from None
         except (TypeError, ValueError) as exc:
             refuse(f": {exc}")
     if raw.dtype.kind not in "iuf":
         refuse(f" of dtype {raw.dtype} ({_KIND_NAMES.get(raw.dtype.kind, 'other')})")
     return np.array(raw, dtype=np.float64)
+
+
+def _overflows(item) -> bool:
+    """Whether the real number ``item`` (an int or Fraction, say) is beyond float64's range."""
+    try:
+        float(item)
+    except OverflowError:
+        return True
+    return False
+
+
+def _short(value) -> str:
+    """``repr(value)``, its middle cut when long (10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:28]}...{text[-28:]} ({len(text)} characters)"
 
 
 #: Up to this many entries, :func:`_within` and :func:`_probably_finite` check them one by one in Python (~0.5 us

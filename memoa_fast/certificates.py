@@ -212,8 +212,8 @@ def _as_signals(signals, n_agents: int | None = None) -> np.ndarray:
     s = as_float64(real_array("signals", signals), copy=True)  # a copy: the results keep it
     if s.ndim == 1:
         s = s[:, None]
-    if s.ndim != 2 or s.shape[1] < 1:
-        raise ValueError(f"signals must have shape (N, d) or (N,), got shape {np.shape(signals)}")
+    if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < 1:  # N = 0: no agent has a cost (means of nothing were NaN)
+        raise ValueError(f"signals must have shape (N, d) or (N,) with N >= 1 agents and d >= 1, got shape {np.shape(signals)}")
     if n_agents is not None and s.shape[0] != n_agents:
         raise ValueError(f"signals must have shape ({n_agents}, d) (one row per agent, n_agents={n_agents}), got shape {s.shape}")
     if not np.isfinite(s).all():

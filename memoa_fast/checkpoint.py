@@ -13,7 +13,8 @@ renamed over the target with ``os.replace``; a crash at any point leaves the
 previous checkpoint whole. Temporary files that a killed save left behind
 are removed by the next successful save to the same path. A checkpoint path
 that is a symbolic link is followed, on writing as on reading: the file it
-points to is replaced and the link is kept.
+points to is replaced and the link is kept. A path that is a device, a named
+pipe or a socket (``/dev/null``) is refused: the rename would replace it.
 
 Reads never inflate a member before checking it. The zip's directory is read
 first; a member with an unknown name, a compression other than stored or
@@ -65,6 +66,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import time
 import zipfile
@@ -116,6 +118,7 @@ _SOURCE_SHARED_MAX = 1 << 20
 _SOURCE_PER_AGENT_MAX = 1 << 16
 _GAME_CHARS = 1 << 24
 _MAX_MEMBERS = 4096
+_EOCD_SIZE = 22  # a zip end-of-central-directory record without its comment
 _TMP_NAME = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
 
 
@@ -260,7 +263,9 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     ------
     ValueError
         If a state does not pass its validator (then the file could not be
-        restored, so none is written); the previous checkpoint is untouched.
+        restored, so none is written), or if ``path`` is a device, a named
+        pipe or a socket (the rename would replace it); the previous
+        checkpoint is untouched.
 
     Notes
     -----
@@ -550,7 +555,31 @@ def _checkpoint_path(name: str, path, *, reading: bool) -> Path:
             raise IsADirectoryError(f"cannot read checkpoint {str(path)!r}: it is a folder, not a checkpoint file")
         raise IsADirectoryError(f"cannot write checkpoint {str(path)!r}: it is a folder, not a file; give a file name "
                                 f"such as {os.path.join(path, 'run.npz')!r}")
+    kind = special_file(path)
+    if kind:
+        if reading:
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is {kind}, not a checkpoint file")
+        # A save renames a new file into place: /dev/null (as root), a named pipe or a socket would be replaced by it.
+        raise ValueError(f"cannot write checkpoint {str(path)!r}: it is {kind}, not a regular file, and a save renames "
+                         f"a new file into place, which would replace it; give a file name such as 'run.npz'")
     return path
+
+
+def special_file(path) -> str:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (a link followed), else ``""``.
+
+    ``"a character device"`` (``/dev/null``), ``"a block device"``, ``"a named pipe"`` or ``"a socket"``: what an atomic
+    write (a new file renamed into place) must not replace. Checkpoints and ``memoa run``'s output files ask it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # no such file (a new one), or not reachable: the folder checks name it
+        return ""
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return ""
 
 
 def _fail(where, message):
@@ -672,7 +701,7 @@ def _read_members(fh, where, n_agents, dim) -> dict:
             key in _SCALARS or key in _ARRAYS or key.startswith((_SOURCE_AGENTS, _SOURCE_SHARED)))
 
     with zipfile.ZipFile(fh) as zf:
-        members = _zip_members(zf, where, known)
+        members = _zip_members(fh, zf, where, known)
         headers = {key: _checked_header(zf, info, key, where) for key, info in members.items()}
 
         def header(key):
@@ -1121,18 +1150,65 @@ def is_manifest(path) -> bool:
 def _read_small_npz(fh, where, allowed, max_bytes) -> dict:
     """Every member of a small .npz: names by ``allowed(key)``, headers and declared sizes checked before reading."""
     with zipfile.ZipFile(fh) as zf:
-        members = _zip_members(zf, where, allowed)
+        members = _zip_members(fh, zf, where, allowed)
         if sum(i.file_size for i in members.values()) > max_bytes:
             _fail(where, f"its members declare more than {max_bytes:,} bytes: not a manifest, or tampered with")
         return {key: _read_member(zf, info, _checked_header(zf, info, key, where), key, where)
                 for key, info in members.items()}
 
 
-def _zip_members(zf, where, allowed) -> dict:
+def _end_record_count(fh) -> int | None:
+    """The number of members the zip's end record (zip64's where present) declares; None where there is none.
+
+    Found as :mod:`zipfile` finds it: the last ``PK\\5\\6`` record in the file's final 64 KiB whose comment
+    ends the file, preceded by a zip64 locator and record (``PK\\6\\7``, ``PK\\6\\6``) when there is one.
+    """
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(max(0, size - _EOCD_SIZE - 0xFFFF))
+    tail = fh.read()
+    start = len(tail)
+    while True:  # a signature inside the comment is not the record: the comment must end the file
+        start = tail.rfind(b"PK\x05\x06", 0, start)
+        if start < 0:
+            return None
+        if len(tail) - start >= _EOCD_SIZE and start + _EOCD_SIZE + int.from_bytes(tail[start + 20:start + 22], "little") == len(tail):
+            break
+    count = int.from_bytes(tail[start + 10:start + 12], "little")
+    here = size - (len(tail) - start)  # the end record's offset in the file
+    if here >= 20 + 56:
+        fh.seek(here - 20)
+        locator = fh.read(20)
+        if locator[:4] == b"PK\x06\x07":
+            fh.seek(here - 20 - 56)
+            record = fh.read(56)
+            if record[:4] == b"PK\x06\x06":
+                count = int.from_bytes(record[32:40], "little")
+    return count
+
+
+def _check_directory_whole(fh, zf, where) -> None:
+    """Refuse a zip whose directory lists fewer (or more) members than its end record declares.
+
+    :mod:`zipfile` stops reading the central directory once it has read as many bytes as the end record says it
+    holds, without counting entries: one flipped byte (an entry's comment length, say) then swallows the entries
+    after it, and the members they name vanish without an error. A checkpoint's optional members (the server's,
+    the signal source's) would then read as never saved: the saved state lost in silence.
+    """
+    declared = _end_record_count(fh)
+    found = len(zf.infolist())
+    if declared is not None and declared != found:
+        _fail(where, f"its zip directory lists {found} members but its end record declares {declared}: "
+                     "corrupt (a damaged directory entry hides the members after it). Use an earlier checkpoint.")
+
+
+def _zip_members(fh, zf, where, allowed) -> dict:
     """``{key: ZipInfo}`` of every ``<key>.npy`` member: known names only (``allowed(key)``), once each, stored or deflated.
 
-    Reads only the zip directory: nothing is inflated.
+    ``zf`` is the zip open on ``fh``. Reads only the zip directory (checked whole: :func:`_check_directory_whole`):
+    nothing is inflated.
     """
+    _check_directory_whole(fh, zf, where)
     infos = zf.infolist()
     if len(infos) > _MAX_MEMBERS:
         _fail(where, f"holds {len(infos)} members, more than a checkpoint ever has ({_MAX_MEMBERS})")
@@ -1419,6 +1495,7 @@ def _read_one_shard_file(path, where, manifest, entry, lo, hi, outputs, out) -> 
             _fail(where, f"has a zip directory that {stale}")
         fh.seek(0)
         with zipfile.ZipFile(fh) as zf:
+            _check_directory_whole(fh, zf, where)
             members = {}
             for info in zf.infolist():
                 key = info.filename[:-4] if info.filename.endswith(".npy") else None

@@ -342,6 +342,8 @@ def _as_weight_vector(name, value, low_open):
     if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
         return check_real(name, value, low=0.0, low_open=low_open)  # 0-d arrays of a non-real dtype: TypeError
     arr = as_real_values(name, value, accepted)  # the dtype (or every element) checked: nothing is cast
+    if arr.ndim == 0:  # a real number that is not a numbers.Real (decimal.Decimal): a scalar weight, as in a sequence
+        return check_real(name, arr, low=0.0, low_open=low_open)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be {accepted}, got shape {arr.shape}")
     with np.errstate(invalid="ignore"):
@@ -1150,7 +1152,16 @@ class Game:
         >>> g.with_weights(q=[2.0, 0.5]).q.tolist()
         [2.0, 0.5]
         """
-        K_new = max((len(x) for x in (q, kappa, r, shares) if x is not None and not isinstance(x, numbers.Real)), default=None)
+        def length(x):
+            # A sequence's length; None for a scalar: a number, a 0-d array, a Decimal (what Game takes as one weight).
+            if x is None or isinstance(x, numbers.Real):
+                return None
+            try:
+                return len(x)
+            except TypeError:  # no length (np.array(3.0) raised "len() of unsized object"): Game checks it
+                return None
+
+        K_new = max((n for n in map(length, (q, kappa, r, shares)) if n is not None), default=None)
 
         def keep(mine):
             # A per-class array of this game must not clash in length with a new K.

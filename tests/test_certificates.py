@@ -328,6 +328,17 @@ def test_nash_approaches_the_mean_field_policy():
 # --------------------------------------------------------------------------- bad inputs
 
 
+@pytest.mark.parametrize("call", [
+    lambda s: policy_costs(GAME, s, s),
+    lambda s: policy_gain_matrix(GAME, s),
+    lambda s: policy_costs(Game(q=[1.0, 2.0]), s, s, labels=np.zeros(0, dtype=int)),
+])
+def test_signals_of_no_agent_are_refused_naming_them(call):
+    """N = 0 gave empty costs after "Mean of empty slice" warnings, or a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=r"^signals must have shape \(N, d\) or \(N,\) with N >= 1 agents .*got shape \(0, 2\)"):
+        call(np.zeros((0, 2)))
+
+
 def test_bad_inputs_raise_clear_errors():
     s, x0 = population(5, d=2)
     with pytest.raises(TypeError, match="game must be"):

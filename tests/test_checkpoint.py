@@ -502,6 +502,28 @@ def test_any_corruption_of_any_entry_is_refused_or_harmless(run, entry, how):
     source.validate_state_dict(source.state_dict())
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_device_or_pipe_is_never_replaced_by_a_save(run, tmp_path):
+    """A save renames a new file into place: a named pipe (or /dev/null, as root) was replaced by a regular file.
+
+    Refused before anything is written, naming the path and what it is, also through a symbolic link; reading one
+    says what it is (it said "no checkpoint file").
+    """
+    pop, server, *_ = run
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.npz"
+    link.symlink_to(fifo)
+    for path in (fifo, link):
+        with pytest.raises(ValueError, match=rf"cannot write checkpoint '{re.escape(str(path))}': it is a named pipe, not a "
+                                             r"regular file"):
+            save_checkpoint(path, pop, server)
+        assert fifo.is_fifo() and link.is_symlink()
+        with pytest.raises(CheckpointError, match="it is a named pipe, not a checkpoint file"):
+            restore_checkpoint(path, pop, server)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.npz", "pipe", "run.npz"]
+
+
 # =========================================================================== corrupt files
 def test_truncated_and_garbage_files(run, tmp_path):
     *_, path = run
@@ -545,6 +567,33 @@ def test_any_flipped_byte_is_caught_or_harmless(run, tmp_path):
         np.testing.assert_array_equal(ckpt.server["log_weights"], reference.server["log_weights"])
         assert ckpt.t == reference.t
     assert caught > 0.9 * len(positions)
+
+
+def test_a_damaged_directory_entry_never_hides_members(run, tmp_path):
+    """A directory entry whose comment length swallows the entries after it: refused, never a checkpoint without them.
+
+    zipfile stops at the end record's directory size without counting entries, so the server's and the source's
+    members (optional: a checkpoint may have none) vanished and the file read as one saved without them.
+    """
+    *_, path = run
+    raw = path.read_bytes()
+    reference = load_checkpoint(path)
+    with zipfile.ZipFile(path) as zf:
+        n_members = len(zf.infolist())
+    starts = [m.start() for m in re.finditer(b"PK\x01\x02", raw)]
+    assert len(starts) == n_members
+    for start in starts:
+        for comment_length in (0x8000, 0xFFFF):
+            corrupt = bytearray(raw)
+            corrupt[start + 32:start + 34] = comment_length.to_bytes(2, "little")
+            bad = tmp_path / "hidden.npz"
+            bad.write_bytes(bytes(corrupt))
+            try:
+                ckpt = load_checkpoint(bad)
+            except CheckpointError:
+                continue
+            _assert_same([ckpt.population, ckpt.server, ckpt.source],
+                         [reference.population, reference.server, reference.source])
 
 
 # =========================================================================== decompression bombs

@@ -2,6 +2,7 @@
 import itertools
 import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -305,6 +306,35 @@ def test_weights_of_real_dtypes_and_numbers_still_work():
     want = Game(q=[0.5, 1.0], kappa=2.0, r=[0.25, 0.25], shares=[0.25, 0.75])
     assert Game(q=np.array([0.5, 1.0], dtype=np.float32), kappa=np.int8(2), r=np.array(0.25), shares=np.array([1, 3]) / 4) == want
     assert Game(q=[Fraction(1, 2), 1], kappa=np.array([2, 2], dtype=np.uint16), r=0.25, shares=(0.25, np.float64(0.75))) == want
+
+
+@pytest.mark.parametrize("value", [np.array(3.0), np.array(3), Fraction(3), np.float32(3.0)])
+def test_with_weights_takes_a_scalar_weight_as_game_does(value):
+    """``with_weights(q=np.array(3.0))`` raised TypeError "len() of unsized object"; Game(q=np.array(3.0)) works."""
+    game = Game(q=[1.0, 2.0], kappa=3.0, r=0.1, gamma=0.9, shares=[0.3, 0.7])
+    assert game.with_weights(q=value) == Game(q=3.0, kappa=3.0, r=0.1, gamma=0.9, shares=[0.3, 0.7]) == Game(
+        q=[3.0, 3.0], kappa=3.0, r=0.1, gamma=0.9, shares=[0.3, 0.7])
+    assert Game(q=1.0).with_weights(kappa=value) == Game(q=1.0, kappa=3.0)
+
+
+def test_a_decimal_weight_is_a_number_alone_as_in_a_sequence():
+    """``Game(q=Decimal(1))`` said "got shape ()" while ``Game(q=[Decimal(1), 1])`` worked."""
+    from decimal import Decimal
+
+    assert Game(q=Decimal("0.5"), kappa=Decimal(2), r=Decimal("0.25")) == Game(q=0.5, kappa=2.0, r=0.25)
+    with pytest.raises(ValueError, match=r"^r must be in \(0, inf\), got 0.0"):
+        Game(r=Decimal(0))
+
+
+@pytest.mark.parametrize("kwargs, where", [({"q": 10**400}, "q"), ({"kappa": [1.0, -10**400]}, "kappa[1]"),
+                                           ({"gamma": 10**400}, "gamma"), ({"r": Fraction(10**400, 3)}, "r"),
+                                           ({"q": [1.0, 2.0], "shares": [10**400, 1]}, "shares[0]")])
+def test_a_number_beyond_float64_is_refused_naming_it(kwargs, where):
+    """A Python int or Fraction beyond float64 raised OverflowError "int too large to convert to float", naming nothing."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(where)} must be a finite float64 \(at most 1.8e308 in magnitude\)"):
+        Game(**kwargs)
+    with pytest.raises(ValueError, match=r"^q must be a finite float64 .* in \[0, inf\), got 1000.*\.\.\..*0 \(401 characters\)"):
+        solve_gains(10**400, 1.0, 0.1, 0.9)
 
 
 @pytest.mark.parametrize("value", [np.array(0.9), np.float32(0.9), np.array(9, dtype=np.int8) / 10])

@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 from .. import _backends
 from .._validation import SEED_MAX, gib
 from .._version import __version__
-from ..checkpoint import _new_temporary, _remove_stale_temporaries
+from ..checkpoint import _new_temporary, _remove_stale_temporaries, special_file
 from . import experiment
 from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
 from .streams import OUTLIER_BOUND, CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
@@ -311,7 +310,7 @@ def _check_output(run, option: str, target) -> Path:
     path = Path(target)
     if path.is_dir():
         run.error(f"argument {option}: {str(path)!r} is a folder, give a file name")
-    kind = _special_file(path)
+    kind = special_file(path)
     if kind:  # the result is renamed into place: /dev/null (as root) or a named pipe would be replaced by a file
         run.error(f"argument {option}: {str(path)!r} is {kind}, not a regular file; the result is written to a new file "
                   "and renamed into place, which would replace it: give a file name"
@@ -328,19 +327,6 @@ def _check_output(run, option: str, target) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         run.error(f"argument {option}: {str(path)!r} exists and is not writable")
     return path
-
-
-def _special_file(path: Path) -> str:
-    """What ``path`` is when it exists and is neither a regular file nor a folder (a link followed), else ``""``."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:  # no such file (a new one), or not reachable: the folder checks name it
-        return ""
-    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return ""
 
 
 def same_file(a, b) -> bool:
