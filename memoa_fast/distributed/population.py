@@ -274,7 +274,11 @@ class DaskPopulation(MeanFieldSummary):
     ``RuntimeError`` at once, naming the call in progress, and nothing
     changes: it never waits (one object per thread is the supported use). A
     call that calls public methods itself (:meth:`run`, :meth:`restore`,
-    :meth:`save`...) lends them its hold. A move queued by a step is sent
+    :meth:`save`...) lends them its hold. The summary's reads that send no
+    message (``mean_signal``, ``discount``, ``n_valid_signals``...) hold
+    nothing: they check the guard, as one machine's reads check its lock
+    (``RuntimeError`` during another thread's call; never a refusal of that
+    call). A move queued by a step is sent
     with the next call, whichever it is: by then the step has returned. The
     interrupt marks are unchanged: a call cut short between its first and
     last write still leaves a population that refuses every call until
