@@ -821,6 +821,51 @@ def test_every_read_of_a_dask_population_refuses_during_another_threads_call(thr
         assert pop.discount == before["discount"]
 
 
+def test_a_dask_population_read_of_its_client_side_summary_never_makes_another_threads_call_refuse(thread_client):
+    """The summary's reads that send no message (``mean_signal``, ``class_mean_signal``, ``n_valid_signals``,
+    ``n_finite_signals``, ``discount``) take no hold, as one machine's (``Exclusive.read``): a step of another thread
+    during the read is served, and the read raises instead. On 121a9f2 they held the guard, so a thread polling
+    ``pop.discount`` could stop a run's step (lock-free on 67547ed); a call of the package's own, lent the hold, still reads.
+    """
+    import threading
+
+    signals = np.random.default_rng(5).standard_normal((N, 1))
+    with DaskPopulation(GAME, N, 1, client=thread_client, n_shards=2, timeout=TIMEOUT) as pop:
+        pop.step(signals)
+        errors = []
+
+        def step_meanwhile(read):
+            def meanwhile():  # the read's copy, during which another thread's step runs whole
+                worker = threading.Thread(target=lambda: _record(errors, pop.step, signals))
+                worker.start()
+                worker.join()
+                return read()
+            return meanwhile
+
+        for name, private in (("mean_signal", "_mean_signal"), ("class_mean_signal", "_class_mean_signal")):
+            t = pop.t
+            pop.__dict__[private] = step_meanwhile(getattr(pop, private))
+            try:
+                with pytest.raises(RuntimeError, match="refused, nothing changed: this DaskPopulation is being used"):
+                    getattr(pop, name)
+            finally:
+                del pop.__dict__[private]
+            assert errors == [] and pop.t == t + 1  # the step was served
+
+        def inside(self):  # a method of the population (a subclass's override) inside a call lending its hold: served
+            return self.discount, self.n_valid_signals
+
+        with pop._exclusive, pop._lend():
+            assert inside(pop) == (pop._discount, N)
+
+
+def _record(errors, call, *args):
+    try:
+        call(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        errors.append(exc)
+
+
 def test_a_dask_population_and_server_refuse_pickle_and_copies(thread_client):
     """A copy of a DaskPopulation drove the very same shards with its own round count (copy.copy succeeded: two handles,
     one set of states, a silent fork), and pickle failed on a module object. All three are refused, naming what to do

@@ -136,7 +136,7 @@ def test_stream_name_must_be_a_string():
 # --------------------------------------------------------------------------- CSV
 def _write(tmp_path, text, name="series.csv"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -687,7 +687,10 @@ def test_csv_missing_value_markers_are_gaps_dropped_with_missing_drop(tmp_path, 
 
 
 @pytest.mark.parametrize("error", ["#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#NULL!", "#SPILL!", "#CALC!",
-                                   "#GETTING_DATA!", "#ERROR!", "#div/0!", "Err:502"])
+                                   "#GETTING_DATA!", "#ERROR!", "#div/0!", "Err:502",
+                                   # Excel's placeholder while a value loads; localized names (es, ru, sv, pt: decimal-comma
+                                   # locales), which hold non-ASCII letters and Spanish's inverted marks
+                                   "#GETTING_DATA", "#¡DIV/0!", "#¿NOMBRE?", "#ЗНАЧ!", "#VÄRDEFEL!", "#NÚM!"])
 @pytest.mark.parametrize("decimal", [".", ","])
 def test_csv_spreadsheet_error_values_are_gaps_named_as_such(tmp_path, error, decimal):
     """A formula's error value saved by Excel, Google Sheets or LibreOffice holds no number: a gap, as a missing-value

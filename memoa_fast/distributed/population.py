@@ -274,7 +274,11 @@ class DaskPopulation(MeanFieldSummary):
     ``RuntimeError`` at once, naming the call in progress, and nothing
     changes: it never waits (one object per thread is the supported use). A
     call that calls public methods itself (:meth:`run`, :meth:`restore`,
-    :meth:`save`...) lends them its hold. A move queued by a step is sent
+    :meth:`save`...) lends them its hold. The summary's reads that send no
+    message (``mean_signal``, ``discount``, ``n_valid_signals``...) hold
+    nothing: they check the guard, as one machine's reads check its lock
+    (``RuntimeError`` during another thread's call; never a refusal of that
+    call). A move queued by a step is sent
     with the next call, whichever it is: by then the step has returned. The
     interrupt marks are unchanged: a call cut short between its first and
     last write still leaves a population that refuses every call until
@@ -1014,47 +1018,59 @@ class DaskPopulation(MeanFieldSummary):
         self._current_means()
         return self._class_mean_state()
 
-    # The other reads of the summary, under the guard as every read of this population's state (one machine's take its
-    # lock: see MeanFieldSummary); the guard's message names the call.
+    # The other reads of the summary send no message: checked against the guard, as one machine's reads against its
+    # lock (Exclusive.read), never holding it, so that a thread monitoring a run cannot make its step refuse; the
+    # guard's message names the call.
     def _refuse_interrupted(self) -> None:
         """``RuntimeError`` after an interrupted call (its mark, or a message cut off), as one machine's reads: half updated."""
         if self._interrupted is not None or self._in_flight is not None:
             self._check_usable()
 
+    def _read(self, call: str, fn):
+        """``fn()``, a read of the client-side summary: a value of one round, or ``RuntimeError``; takes no hold.
+
+        ``RuntimeError`` if a call held the guard before or after ``fn`` or ran meanwhile (:meth:`Exclusive.read
+        <memoa_fast._exclusive.Exclusive.read>`), and after an interrupted call. A read the call in progress makes
+        itself (a call lent the hold, see :meth:`_held`) is served, as its other calls are.
+        """
+        ex = self._exclusive
+        lent = self._lent
+        if lent is not None and lent is ex.held_here() and self._lends_to(sys._getframe(2)):
+            value = fn()  # under the hold of this thread's call in progress, which made it
+        else:
+            try:
+                value = ex.read(fn)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{call} refused, nothing changed: {exc}; it is inside {self._calling or 'a call'}, "
+                                   "and one caller at a time is served (a DaskPopulation and its servers share one "
+                                   "guard)") from None
+        self._refuse_interrupted()  # a mark set before the read stays (only a restore, a call, clears it)
+        return value
+
     @property
-    @_one_caller("DaskPopulation.mean_signal")
     def mean_signal(self) -> np.ndarray:
         """``sbar``, the mean of the last step's valid signals (kept when none was valid); a copy."""
-        self._refuse_interrupted()
-        return self._mean_signal()
+        return self._read("DaskPopulation.mean_signal", self._mean_signal)
 
     @property
-    @_one_caller("DaskPopulation.class_mean_signal")
     def class_mean_signal(self) -> np.ndarray:
         """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy (see :attr:`Population.class_mean_signal`)."""
-        self._refuse_interrupted()
-        return self._class_mean_signal()
+        return self._read("DaskPopulation.class_mean_signal", self._class_mean_signal)
 
     @property
-    @_one_caller("DaskPopulation.n_valid_signals")
     def n_valid_signals(self) -> int:
         """How many agents had a valid signal in the last step."""
-        self._refuse_interrupted()
-        return self._n_valid
+        return self._read("DaskPopulation.n_valid_signals", lambda: self._n_valid)
 
     @property
-    @_one_caller("DaskPopulation.n_finite_signals")
     def n_finite_signals(self) -> int:
         """Alias of :attr:`n_valid_signals` (its name before invalid meant more than non-finite)."""
-        self._refuse_interrupted()
-        return self._n_valid
+        return self._read("DaskPopulation.n_finite_signals", lambda: self._n_valid)
 
     @property
-    @_one_caller("DaskPopulation.discount")
     def discount(self) -> float:
         """``gamma**t``, the weight of the next step's cost."""
-        self._refuse_interrupted()
-        return self._discount
+        return self._read("DaskPopulation.discount", lambda: self._discount)
 
     # ------------------------------------------------------------------ persistence
     @_one_caller("DaskPopulation.state_dict")

@@ -463,7 +463,7 @@ class Pipeline(CopiesKeepTheirClass):
 
         With a positive share (``alpha / N >= 1e-290``) the kernel keeps the
         weights ``p`` themselves (no weight can underflow), and this is ``log p``
-        (computed under the lock: ``RuntimeError`` during another thread's round).
+        (a checked read, no hold taken: ``RuntimeError`` during another thread's round).
         """
         if self._linear:
             out = self._exclusive.read(np.log, self._ebuf)

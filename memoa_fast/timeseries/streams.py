@@ -516,7 +516,9 @@ MISSING_MARKERS = frozenset((
 #: A spreadsheet's error value (lower-cased): a formula that gave no number, saved as text by Excel
 #: (``#DIV/0!``, ``#VALUE!``, ``#REF!``, ``#NAME?``, ``#NUM!``, ``#NULL!``, ``#SPILL!``, ``#CALC!``, ...), Google Sheets
 #: (``#ERROR!``) or LibreOffice (``Err:502``). The whole family, not a list: a gap, like a missing-value marker.
-_SPREADSHEET_ERROR = re.compile(r"#[a-z][a-z0-9/_.]*[!?]|err:[0-9]{3}")
+#: Letters of any script: the names are localized, and the decimal-comma locales' hold non-ASCII letters and Spanish's
+#: inverted marks (``#¡VALOR!``, ``#¿NOMBRE?``, ``#ЗНАЧ!``, ``#VÄRDEFEL!``); and Excel's ``#GETTING_DATA`` (no mark).
+_SPREADSHEET_ERROR = re.compile(r"#[¡¿]?[^\W\d_][\w/.]*[!?]|#getting_data|err:[0-9]{3}")
 #: Delimiters a file may use, read from its header row: the first of these that the header holds.
 CSV_DELIMITERS = (",", "\t", ";", "|")
 # Signatures of files that are not UTF-8 text (checked on the first bytes, before decoding).

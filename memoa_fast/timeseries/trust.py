@@ -186,7 +186,7 @@ class TrustClasses(CopiesAreDeep):
         return self._exclusive.read(self._classes_for, powers)
 
     def _classes_for(self, powers: list[float]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """:meth:`classes_for` on checked exponents, under the lock."""
+        """:meth:`classes_for` on checked exponents, unchecked: the caller holds the lock or checks it (``Exclusive.read``)."""
         K, n = self.n_classes, self.n_clients
         order = np.argsort(self.errors, kind="stable")
         labels = np.empty(n, dtype=np.int64)
