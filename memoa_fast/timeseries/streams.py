@@ -512,6 +512,7 @@ _NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "i
 #: offices' tables). A gap, like an empty cell: an error, or a row dropped with ``missing="drop"``.
 MISSING_MARKERS = frozenset((
     "na", "n/a", "n.a.", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".", "?", "-", "--",
+    "#nv", "#n/d", "#n/b", "#н/д",  # Excel's #N/A in German, in Italian, Polish and Portuguese, in Dutch, in Russian
 ))
 #: A spreadsheet's error value (lower-cased): a formula that gave no number, saved as text by Excel
 #: (``#DIV/0!``, ``#VALUE!``, ``#REF!``, ``#NAME?``, ``#NUM!``, ``#NULL!``, ``#SPILL!``, ``#CALC!``, ...), Google Sheets
