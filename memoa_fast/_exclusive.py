@@ -116,11 +116,13 @@ class Exclusive:
         the GIL: ``fn``'s copy may run beside another thread's kernel); it never waits.
         """
         holds = self._holds
-        self._refuse_read()
+        if self._slot or self.interrupted is not None:  # (the usual read, no hold and no mark, skips the calls)
+            self._refuse_read()
         value = fn(*args)
         if self._holds != holds:  # a call began (and maybe ended) while fn read
             raise RuntimeError(self._busy)
-        self._refuse_read()
+        if self._slot or self.interrupted is not None:
+            self._refuse_read()
         return value
 
     def _refuse_read(self) -> None:
