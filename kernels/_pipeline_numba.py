@@ -1197,13 +1197,16 @@ def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, fiel
     _merge_a(work, field, params, flags, stats, x.shape[1])
 
 
-@njit(parallel=True, **_jit)
-def _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats):
-    """Pass A with the chunks spread over the threads (the same bits)."""
+# The parallel passes of a round per target are run's parallel sweep with one of its two passes: one prange loop (and
+# one compile of its body, about 18 s of CPU) serves both calls; each had a parallel loop of its own before.
+@njit(**_jit)
+def _pass_a_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats,
+                     threads):
+    """Pass A with the chunks spread over the threads (the same bits): :func:`_sweep_parallel` without pass B."""
     kt = _round_key(key, flags[F_T])
-    chunks = work.shape[0]
-    for i in prange(chunks):
-        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, _chunk_order(i, chunks))
+    # do_b, do_a computed at run time (False, True), as in _rounds_pass_a: the same specialisation as run's sweep
+    _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, field, params, flags, flags,
+                    stats[S_TOP], stats[S_LOG_TOTAL], kt, threads < 1, threads > 1)
     _merge_a(work, field, params, flags, stats, x.shape[1])
 
 
@@ -1218,15 +1221,15 @@ def _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats
     _merge_b(work, field, yhat, stats, n, x.shape[1])
 
 
-@njit(parallel=True, **_jit)
-def _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
-    """Pass B with the chunks spread over the threads (the same bits)."""
-    n = x.shape[0]
-    top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
-    chunks = work.shape[0]
-    for i in prange(chunks):  # pass A's order: each thread gets back the chunks it had in pass A (its L2)
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), _chunk_order(i, chunks))
-    _merge_b(work, field, yhat, stats, n, x.shape[1])
+@njit(**_jit)
+def _pass_b_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, flags, stats, threads):
+    """Pass B with the chunks spread over the threads (the same bits): :func:`_sweep_parallel` without pass A.
+
+    Pass A's chunk order: each thread gets back the chunks it had in pass A (its L2).
+    """
+    _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, field, params, flags, flags,
+                    stats[S_TOP], stats[S_LOG_TOTAL], np.uint64(0), threads > 1, threads < 1)
+    _merge_b(work, field, yhat, stats, x.shape[0], x.shape[1])
 
 
 @njit(**_jit)
@@ -1383,9 +1386,14 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
     key = np.uint64(key)
     if threads == 1:
         return _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags, stats)
-    with Threads(threads):
-        return _pass_a_parallel(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key, flags,
-                                stats)
+    with Threads(threads):  # (pass A reads no cost: ebuf fills the sweep's J, of the same type)
+        return _pass_a_parallel(x, s, ebuf, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, field, work, params, key,
+                                flags, stats, threads)
+
+
+# Pass B reads none of pass A's own arrays: these fill the sweep's places for them, with the same types (so both passes
+# and run share one compiled sweep).
+_NO_ROWS = np.empty((0, 0))
 
 
 def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
@@ -1393,7 +1401,8 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
     if threads == 1:
         return _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
     with Threads(threads):
-        return _pass_b_parallel(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
+        return _pass_b_parallel(x, s, J, log_p, ebuf, ebuf, _NO_ROWS, _NO_ROWS, ebuf, ebuf, y, yhat, field, work, params,
+                                flags, stats, threads)
 
 
 def run_rounds(x, s, J, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, ys, yhat, yhats, field, work, params, key,

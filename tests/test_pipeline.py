@@ -244,6 +244,37 @@ def test_noise_is_standard_normal():
     assert abs(stats.kurtosis(z.ravel())) < 0.1
 
 
+@pytest.mark.parametrize("rule,alpha,d", [("hedge", 0.01, 1), ("eg", 0.05, 2)])
+def test_the_public_passes_are_a_round_bit_for_bit(rule, alpha, d):
+    """``pass_a`` then ``pass_b`` (the compiled kernels' round in two calls, which ``bench_fused_pipeline.py --passes``
+    times) on two threads give ``Pipeline.round``'s bits; each runs ``run``'s parallel sweep
+    with one of its two passes, no parallel loop of its own.
+    """
+    n, T = 2 * CHUNK + 7, 5
+    y = series(T, d, seed=2)
+    args = dict(game=GAME, rule=rule, eta=0.6, alpha=alpha, lags=2, seed=4, threads=TWO_THREADS, parallel_threshold=1)
+    whole, split = Pipeline(n, d, **args), Pipeline(n, d, **args)
+    whole.round(y[0])
+    split.round(y[0])
+    for t in range(1, T):
+        whole.round(y[t])
+        split._y[...] = y[t]
+        f = split._flags
+        ref.round_flags(f, split.t, True)
+        split._params[kern.P_HALF_DISCOUNT] = 0.5 * split._discount
+        kern.pass_a(split._x, split._s, split._log_p, split._ebuf, split._sigma, split._weights, split._lag_buf,
+                    split._sq_err, split._sq_sig, split._y, split._yhat, split._field, split._work, split._params,
+                    split._key, f, split._stats, split._threads_used)
+        kern.pass_b(split._x, split._s, split._J, split._log_p, split._ebuf, split._y, split._yhat, split._field,
+                    split._work, split._params, f, split._stats, split._threads_used)
+        split._field[kern.FIELD_STATE] = split._field[kern.FIELD_NEXT]
+        split.t += 1
+        split._discount *= GAME.gamma
+        assert split._threads_used == TWO_THREADS
+        for name in ("_x", "_s", "_J", "_log_p", "_weights", "_sq_err", "_sq_sig", "_yhat", "_field"):
+            np.testing.assert_array_equal(getattr(split, name), getattr(whole, name), err_msg=f"{name}, round {t}")
+
+
 # --------------------------------------------------------------------------- fused = unfused
 @pytest.mark.parametrize("rule,alpha,d", [("hedge", 0.01, 1), ("eg", 0.0, 2), ("hedge", 0.0, 3)])
 def test_fused_round_is_the_unfused_composition(rule, alpha, d):
