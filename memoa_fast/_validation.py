@@ -379,16 +379,16 @@ def as_real_values(name: str, value, accepted: str) -> np.ndarray:
             item = scalar_of(item, "iuf")  # a 0-d array of a real dtype (an npz entry) is a number
             if isinstance(item, (bool, np.bool_)) or not isinstance(item, (numbers.Real, decimal.Decimal)):
                 refuse(f": {item!r} of type {type(item).__name__} is not a real number")
-        items = raw
         try:
             with np.errstate(over="ignore"):  # a long double beyond float64: named below, not NumPy's RuntimeWarning
-                raw = np.asarray(value, dtype=np.float64)
+                converted = np.asarray(value, dtype=np.float64)
         except OverflowError:  # an int or Fraction beyond float64 (10**400)
-            _refuse_beyond_float64(name, accepted, items)
+            converted = None
         except (TypeError, ValueError) as exc:
             refuse(f": {exc}")
-        if not np.isfinite(raw).all():  # a Decimal or long double 1e400 became inf: name it, not "got inf"
-            _refuse_beyond_float64(name, accepted, items)
+        if converted is None or not np.isfinite(converted).all():  # a Decimal or long double 1e400 is inf: not "got inf"
+            _refuse_beyond_float64(name, accepted, raw)
+        raw = raw if converted is None else converted
     if raw.dtype.kind not in "iuf":
         refuse(f" of dtype {raw.dtype} ({_KIND_NAMES.get(raw.dtype.kind, 'other')})")
     with np.errstate(over="ignore"):
