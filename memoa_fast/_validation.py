@@ -52,10 +52,13 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     right = "inf" if high is None else f"{high:g}"
     interval = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
     try:
-        value = float(value)
+        number = float(value)
     except OverflowError:  # an int or Fraction beyond float64 (10**400): was the unnamed "int too large to convert to float"
+        number = math.inf
+    if math.isinf(number) and _beyond_float64(value):  # also a long double 1e400, which float() makes inf ("got inf")
         raise ValueError(f"{name} must be a finite float64 (at most 1.8e308 in magnitude) in {interval}, "
-                         f"got {_short(value)}") from None
+                         f"got {_short(value)}")
+    value = number
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     lo_ok = low is None or (value > low if low_open else value >= low)
@@ -377,27 +380,44 @@ def as_real_values(name: str, value, accepted: str) -> np.ndarray:
             if isinstance(item, (bool, np.bool_)) or not isinstance(item, (numbers.Real, decimal.Decimal)):
                 refuse(f": {item!r} of type {type(item).__name__} is not a real number")
         try:
-            raw = np.asarray(value, dtype=np.float64)
-        except OverflowError:  # an int or Fraction beyond float64 (10**400): name the entry, as for inf
-            flat = raw.reshape(-1)
-            j = next(i for i, item in enumerate(flat) if _overflows(item))
-            where = f"{name}[{j}]" if raw.ndim == 1 else name
-            raise ValueError(f"{where} must be a finite float64 (at most 1.8e308 in magnitude), got {_short(flat[j])}; "
-                             f"{name} must be {accepted}") from None
+            with np.errstate(over="ignore"):  # a long double beyond float64: named below, not NumPy's RuntimeWarning
+                converted = np.asarray(value, dtype=np.float64)
+        except OverflowError:  # an int or Fraction beyond float64 (10**400)
+            converted = None
         except (TypeError, ValueError) as exc:
             refuse(f": {exc}")
+        if converted is None or not np.isfinite(converted).all():  # a Decimal or long double 1e400 is inf: not "got inf"
+            _refuse_beyond_float64(name, accepted, raw)
+        raw = raw if converted is None else converted
     if raw.dtype.kind not in "iuf":
         refuse(f" of dtype {raw.dtype} ({_KIND_NAMES.get(raw.dtype.kind, 'other')})")
-    return np.array(raw, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        out = np.array(raw, dtype=np.float64)
+    if raw.dtype.itemsize > 8 and not np.isfinite(out).all():  # a long double array
+        _refuse_beyond_float64(name, accepted, raw)
+    return out
 
 
-def _overflows(item) -> bool:
-    """Whether the real number ``item`` (an int or Fraction, say) is beyond float64's range."""
+def _beyond_float64(value) -> bool:
+    """Whether the real number ``value`` is finite but beyond float64's range (10**400, ``Decimal('1e400')``, a long double).
+
+    ``float()`` raises OverflowError for an int or Fraction, and returns ``inf`` for a Decimal or long double.
+    """
     try:
-        float(item)
+        number = float(value)
     except OverflowError:
         return True
-    return False
+    return math.isinf(number) and bool(abs(value) != math.inf)
+
+
+def _refuse_beyond_float64(name: str, accepted: str, values: np.ndarray) -> None:
+    """Raise ValueError naming the first entry of ``values`` (the argument ``name`` as given) beyond float64, if any."""
+    flat = values.reshape(-1)
+    j = next((i for i, item in enumerate(flat) if _beyond_float64(item)), None)
+    if j is not None:
+        where = f"{name}[{j}]" if values.ndim == 1 else name
+        raise ValueError(f"{where} must be a finite float64 (at most 1.8e308 in magnitude), got {_short(flat[j])}; "
+                         f"{name} must be {accepted}")
 
 
 def _short(value) -> str:

@@ -1158,22 +1158,23 @@ def _read_small_npz(fh, where, allowed, max_bytes) -> dict:
 
 
 def _end_record_count(fh) -> int | None:
-    """The number of members the zip's end record (zip64's where present) declares; None where there is none.
+    """The number of members the end record :mod:`zipfile` reads (zip64's where present) declares; None where there is none.
 
-    Found as :mod:`zipfile` finds it: the last ``PK\\5\\6`` record in the file's final 64 KiB whose comment
-    ends the file, preceded by a zip64 locator and record (``PK\\6\\7``, ``PK\\6\\6``) when there is one.
+    Found exactly as ``zipfile`` finds it (``_EndRecData``), so that the count is the one of the record the directory was
+    read by: the file's last 22 bytes when they are a record without a comment, else the last ``PK\\5\\6`` in its final
+    64 KiB, whatever its comment length says (zipfile reads a file with bytes after its end record, a padded copy); then
+    a zip64 locator and record (``PK\\6\\7``, ``PK\\6\\6``) just before it, when there are. Reads only that tail.
     """
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
-    fh.seek(max(0, size - _EOCD_SIZE - 0xFFFF))
+    fh.seek(max(0, size - _EOCD_SIZE - (1 << 16)))  # zipfile's window, or one byte more (it varies by Python version)
     tail = fh.read()
-    start = len(tail)
-    while True:  # a signature inside the comment is not the record: the comment must end the file
-        start = tail.rfind(b"PK\x05\x06", 0, start)
-        if start < 0:
+    if len(tail) >= _EOCD_SIZE and tail[-_EOCD_SIZE:-_EOCD_SIZE + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        start = len(tail) - _EOCD_SIZE  # a signature in the record's own fields must not be taken for it
+    else:
+        start = tail.rfind(b"PK\x05\x06")
+        if start < 0 or len(tail) - start < _EOCD_SIZE:
             return None
-        if len(tail) - start >= _EOCD_SIZE and start + _EOCD_SIZE + int.from_bytes(tail[start + 20:start + 22], "little") == len(tail):
-            break
     count = int.from_bytes(tail[start + 10:start + 12], "little")
     here = size - (len(tail) - start)  # the end record's offset in the file
     if here >= 20 + 56:
@@ -1197,7 +1198,9 @@ def _check_directory_whole(fh, zf, where) -> None:
     """
     declared = _end_record_count(fh)
     found = len(zf.infolist())
-    if declared is not None and declared != found:
+    if declared is None:  # zipfile has just found one, by the same search: the file changed meanwhile
+        _fail(where, "has no zip end record (it changed while read?)")
+    if declared != found:
         _fail(where, f"its zip directory lists {found} members but its end record declares {declared}: "
                      "corrupt (a damaged directory entry hides the members after it). Use an earlier checkpoint.")
 

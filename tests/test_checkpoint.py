@@ -7,10 +7,12 @@ real engines (``memoa_fast._state``). Every engine that keeps that contract
 checkpoints the same way.
 """
 import errno
+import itertools
 import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -574,6 +576,8 @@ def test_a_damaged_directory_entry_never_hides_members(run, tmp_path):
 
     zipfile stops at the end record's directory size without counting entries, so the server's and the source's
     members (optional: a checkpoint may have none) vanished and the file read as one saved without them.
+    Bytes after the end record (a padded copy) change nothing: zipfile reads such a file, so the check must find
+    the end record zipfile reads (it looked only for one whose comment ends the file, and skipped the check).
     """
     *_, path = run
     raw = path.read_bytes()
@@ -582,18 +586,55 @@ def test_a_damaged_directory_entry_never_hides_members(run, tmp_path):
         n_members = len(zf.infolist())
     starts = [m.start() for m in re.finditer(b"PK\x01\x02", raw)]
     assert len(starts) == n_members
-    for start in starts:
-        for comment_length in (0x8000, 0xFFFF):
-            corrupt = bytearray(raw)
-            corrupt[start + 32:start + 34] = comment_length.to_bytes(2, "little")
-            bad = tmp_path / "hidden.npz"
-            bad.write_bytes(bytes(corrupt))
-            try:
-                ckpt = load_checkpoint(bad)
-            except CheckpointError:
-                continue
-            _assert_same([ckpt.population, ckpt.server, ckpt.source],
-                         [reference.population, reference.server, reference.source])
+    padded = tmp_path / "padded.npz"
+    padded.write_bytes(raw + bytes(16))
+    _assert_same(_snapshot_of(load_checkpoint(padded)), _snapshot_of(reference))  # a whole file, padded: as saved
+    for start, comment_length, padding in itertools.product(starts, (0x8000, 0xFFFF), (b"", bytes(16))):
+        corrupt = bytearray(raw)
+        corrupt[start + 32:start + 34] = comment_length.to_bytes(2, "little")
+        bad = tmp_path / "hidden.npz"
+        bad.write_bytes(bytes(corrupt) + padding)
+        try:
+            ckpt = load_checkpoint(bad)
+        except CheckpointError:
+            continue
+        _assert_same(_snapshot_of(ckpt), _snapshot_of(reference))
+
+
+def _snapshot_of(ckpt):
+    return [ckpt.population, ckpt.server, ckpt.source]
+
+
+def _with_zip64_end(raw: bytes) -> bytes:
+    """``raw`` (a zip) with its end record in the zip64 form, as written past 65535 members or 2 GiB (N = 10**9).
+
+    The zip64 end record and its locator hold the counts, sizes and offset; the classic record holds 0xFFFF...
+    """
+    end = raw.rfind(b"PK\x05\x06")
+    n_here, n_total, size, offset = struct.unpack("<2H2L", raw[end + 8:end + 20])
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, n_here, n_total, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1)
+    classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return raw[:end] + record + locator + classic
+
+
+def test_a_zip64_checkpoint_is_read_and_checked_by_its_zip64_count(run, tmp_path):
+    """Checkpoints past 2 GiB end in a zip64 record: the member count is read there, not as 0xFFFF from the classic one.
+
+    Read as saved, and a damaged directory entry still refused (a guard: reading 0xFFFF would refuse every
+    large checkpoint; ignoring it would skip the check).
+    """
+    *_, path = run
+    raw = path.read_bytes()
+    big = tmp_path / "zip64.npz"
+    big.write_bytes(_with_zip64_end(raw))
+    _assert_same(_snapshot_of(load_checkpoint(big)), _snapshot_of(load_checkpoint(path)))
+    last = raw.rfind(b"PK\x01\x02", 0, raw.rfind(b"PK\x01\x02"))  # the next-to-last entry swallows the last
+    corrupt = bytearray(raw)
+    corrupt[last + 32:last + 34] = (0xFFFF).to_bytes(2, "little")
+    big.write_bytes(_with_zip64_end(bytes(corrupt)))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(big))}: its zip directory lists"):
+        load_checkpoint(big)
 
 
 # =========================================================================== decompression bombs

@@ -337,6 +337,25 @@ def test_a_number_beyond_float64_is_refused_naming_it(kwargs, where):
         solve_gains(10**400, 1.0, 0.1, 0.9)
 
 
+_LONG_DOUBLE_IS_WIDER = np.finfo(np.longdouble).max > np.finfo(np.float64).max  # x86-64 Linux; not Windows
+
+
+@pytest.mark.parametrize("kwargs, where, shown", [
+    ({"q": Decimal("1e400")}, "q", "Decimal('1E+400')"),
+    ({"kappa": [1.0, Decimal("-1e400")]}, "kappa[1]", "Decimal('-1E+400')"),
+    *([({"r": np.longdouble("1e400")}, "r", "1e+400"), ({"kappa": [1.0, np.longdouble("-1e400")]}, "kappa[1]", "-1e+400"),
+       ({"q": np.array([np.longdouble(1), np.longdouble("1e400")])}, "q[1]", "1e+400")] if _LONG_DOUBLE_IS_WIDER else [])])
+def test_a_decimal_or_long_double_beyond_float64_is_refused_as_such(kwargs, where, shown):
+    """float() makes these inf without an OverflowError: the message said "got inf", a value never passed, and a long
+    double in a sequence raised NumPy's RuntimeWarning "overflow encountered in cast" first (an error under -W error).
+    """
+    with pytest.raises(ValueError, match=rf"^{re.escape(where)} must be a finite float64 \(at most 1.8e308 in magnitude\).*"
+                                         rf"got [^;]*{re.escape(shown)}"):
+        Game(**kwargs)
+    with pytest.raises(ValueError, match=r"^q must be finite, got inf"):  # infinite as given: said so, as before
+        Game(q=Decimal("Infinity"))
+
+
 @pytest.mark.parametrize("value", [np.array(0.9), np.float32(0.9), np.array(9, dtype=np.int8) / 10])
 def test_gamma_and_scalar_arguments_accept_numpy_zero_d_reals(value):
     """Weights accepted a 0-d array but gamma, solve_gains' arguments and the scalar checks did not."""
