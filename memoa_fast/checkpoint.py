@@ -522,7 +522,7 @@ def load_checkpoint(path, *, n_agents: int | None = None, dim: int | None = None
         return _load_manifest_checkpoint(path, n_agents, dim)
     where = str(path)
     try:
-        with open(path, "rb") as fh:
+        with _open_to_read(path, where) as fh:
             if fh.read(6) == b"\x93NUMPY":
                 raise CheckpointError(f"{path} is a single .npy array, not a memoa-fast checkpoint (.npz)")
             fh.seek(0)
@@ -575,11 +575,37 @@ def special_file(path) -> str:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):  # no such file (a new one), or not reachable: the folder checks name it
         return ""
+    return _special_kind(mode)
+
+
+def _special_kind(mode: int) -> str:
+    """:func:`special_file`'s answer for a file of ``st_mode`` ``mode``."""
     for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return kind
     return ""
+
+
+def _open_to_read(path, where: str):
+    """``path`` opened to read (binary), refused with ``CheckpointError`` unless it is a regular file (a link followed).
+
+    Every file a load opens comes through here (the checkpoint, a manifest, each shard file), so what is checked is
+    the very file read: opened without blocking (a named pipe's plain open waits for a writer, forever), then its
+    ``fstat``; a path checked first could be replaced before its open.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else _special_kind(mode) or "not a regular file"
+            raise CheckpointError(f"{where}: it is {kind}, not a checkpoint file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _fail(where, message):
@@ -1032,7 +1058,8 @@ def _manifest_token(folder) -> str | None:
     if not folder.name.endswith(".shards"):
         return None
     try:
-        with zipfile.ZipFile(folder.parent / folder.name[: -len(".shards")]) as zf:
+        manifest = folder.parent / folder.name[: -len(".shards")]
+        with _open_to_read(manifest, str(manifest)) as fh, zipfile.ZipFile(fh) as zf:
             info = zf.getinfo("token.npy") if "token.npy" in zf.namelist() else None
             if info is None or info.file_size > 4096:
                 return None
@@ -1141,7 +1168,7 @@ def write_manifest(target: Path, *, game, n_agents, dim, population: dict, serve
 def is_manifest(path) -> bool:
     """Is ``path`` the manifest of a sharded checkpoint (a zip with a ``shards`` member)? Never raises."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with _open_to_read(path, str(path)) as fh, zipfile.ZipFile(fh) as zf:
             return "shards.npy" in zf.namelist()
     except Exception:  # noqa: BLE001 - anything unreadable is not a manifest
         return False
@@ -1299,7 +1326,7 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
                 or (key.startswith(_SOURCE_SHARED) and key != _SOURCE_SHARED))
 
     try:
-        with open(path, "rb") as fh:
+        with _open_to_read(path, where) as fh:
             data = _read_small_npz(fh, where, allowed, _MANIFEST_MAX_BYTES)
     except (CheckpointError, MemoryError):
         raise
@@ -1490,7 +1517,7 @@ def read_shard_rows(manifest: Manifest, lo: int, hi: int, members: dict | None =
 
 def _read_one_shard_file(path, where, manifest, entry, lo, hi, outputs, out) -> None:
     stale = f"does not match the manifest {manifest.path} (the manifest is stale, or the file was replaced)"
-    with open(path, "rb") as fh:
+    with _open_to_read(path, where) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size != entry["size"]:
             _fail(where, f"is {size} bytes, the manifest says {entry['size']}: truncated, or it {stale}")

@@ -6,6 +6,7 @@ server reduced to their state, loading it through the same validators as the
 real engines (``memoa_fast._state``). Every engine that keeps that contract
 checkpoints the same way.
 """
+import contextlib
 import errno
 import itertools
 import json
@@ -1165,6 +1166,46 @@ def test_a_manifest_naming_no_plain_dtype_for_a_source_is_refused_without_ast(tm
             patch.setattr(ast, "literal_eval", refuse)
             patch.setattr(ast, "parse", refuse)
             ck.read_manifest(target)
+
+
+@pytest.mark.parametrize("replacement", ["a named pipe", "a folder"])
+def test_a_shard_file_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path, rng, replacement):
+    """Every file a load opens is checked on the very handle it reads: a shard file replaced by a named pipe made the
+    load wait forever in its open (only the manifest's own path was checked), a folder said "not readable". Now each is a
+    CheckpointError naming the shard file and what it is; ``is_manifest`` of a pipe is False, at once.
+    """
+    import threading
+
+    from memoa_fast import checkpoint as ck
+
+    target, folder, _ = _write_set(tmp_path, [(0, 100), (100, 300)], rng)
+    shard = folder / ck.read_manifest(target).shards[1]["file"]
+    shard.unlink()
+    os.mkfifo(shard) if replacement == "a named pipe" else shard.mkdir()
+    outcome = []
+
+    def load():
+        try:
+            outcome.append(load_checkpoint(target))
+        except Exception as exc:  # noqa: BLE001 - the test checks it below
+            outcome.append(exc)
+        try:
+            outcome.append(ck.is_manifest(shard))
+        except Exception as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # blocked in the pipe's open: free it (a writer's open) before failing
+        with contextlib.suppress(OSError):
+            os.close(os.open(shard, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(20)
+        pytest.fail("load_checkpoint waited on a shard file that is a named pipe")
+    error, manifest = outcome
+    assert isinstance(error, CheckpointError), error
+    assert re.search(rf"{re.escape(str(shard))}: it is {replacement}, not a checkpoint file", str(error)), str(error)
+    assert manifest is False
 
 
 @pytest.mark.parametrize("damage, match", [
