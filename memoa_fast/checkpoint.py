@@ -549,6 +549,8 @@ def _checkpoint_path(name: str, path, *, reading: bool) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise TypeError(f"{name} must be a str or os.PathLike naming the checkpoint file, got {path!r} of type "
                         f"{type(path).__name__}")
+    if "\0" in os.fspath(path):  # no file name holds one: the OS calls would raise an unnamed "embedded null byte"
+        raise ValueError(f"{name} must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
     path = Path(path)
     if path.is_dir():  # follows links
         if reading:

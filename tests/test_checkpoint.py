@@ -527,6 +527,16 @@ def test_a_device_or_pipe_is_never_replaced_by_a_save(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.npz", "pipe", "run.npz"]
 
 
+def test_a_path_with_a_nul_character_is_refused_naming_the_argument(run, tmp_path):
+    """``'a\\0b.npz'`` names no file: a ValueError naming the argument (``path``, restore's ``checkpoint``; it was the OS call's unnamed "embedded null byte")."""
+    pop, server, *_ = run
+    bad = str(tmp_path / "a\0b.npz")
+    for call in (lambda: save_checkpoint(bad, pop, server), lambda: load_checkpoint(bad),
+                 lambda: restore_checkpoint(bad, pop, server)):
+        with pytest.raises(ValueError, match=r"(path|checkpoint) must name a file, without a NUL character"):
+            call()
+
+
 # =========================================================================== corrupt files
 def test_truncated_and_garbage_files(run, tmp_path):
     *_, path = run
