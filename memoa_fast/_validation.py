@@ -41,12 +41,14 @@ def scalar_of(value, kinds: str):
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
     """Return ``value`` as a float after checking it is a finite real in the given range.
 
-    Python and NumPy reals and 0-d arrays of a real integer or floating dtype
-    (as read from a file) are accepted; bool, strings, complex numbers and
-    anything else raise ``TypeError`` naming ``name``.
+    Python and NumPy reals (``fractions.Fraction`` and ``decimal.Decimal``
+    too, as the per-class weights take them: :func:`as_real_values`) and 0-d
+    arrays of a real integer or floating dtype (as read from a file) are
+    accepted; bool, strings, complex numbers and anything else raise
+    ``TypeError`` naming ``name``.
     """
     value = scalar_of(value, "iuf")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     left = "-inf" if low is None else f"{low:g}"
     right = "inf" if high is None else f"{high:g}"
@@ -55,6 +57,8 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
         number = float(value)
     except OverflowError:  # an int or Fraction beyond float64 (10**400): was the unnamed "int too large to convert to float"
         number = math.inf
+    except ValueError:  # Decimal('sNaN'), "cannot convert signaling NaN to float": a NaN, refused as one below
+        number = math.nan
     if math.isinf(number) and _beyond_float64(value):  # also a long double 1e400, which float() makes inf ("got inf")
         raise ValueError(f"{name} must be a finite float64 (at most 1.8e308 in magnitude) in {interval}, "
                          f"got {_short(value)}")

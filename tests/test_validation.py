@@ -138,6 +138,24 @@ def test_python_numbers_and_lists_keep_working():
     assert np.isnan(as_float_array("x", [1.0, np.nan], (2,), allow_nonfinite=True)[1])
 
 
+def test_every_scalar_argument_takes_a_fraction_or_decimal_as_the_weights_do():
+    """``Game(q=Decimal("0.5"))`` was accepted and ``Server(eta=Decimal("0.5"))`` refused (TypeError): the scalar check
+    now takes what the weights take (:func:`as_real_values`), with the same refusals of what is not a finite float64.
+    """
+    from decimal import Decimal
+    from fractions import Fraction
+
+    for value in (Decimal("0.5"), Fraction(1, 2)):
+        assert _validation.check_real("eta", value, low=0.0) == 0.5
+        assert mf.Server(3, 1, eta=value).state_dict()["eta"] == mf.Server(3, 1, eta=0.5).state_dict()["eta"]
+    for value, match in ((Decimal("NaN"), "eta must be finite, got nan"), (Decimal("sNaN"), "eta must be finite, got nan"),
+                         (Decimal("-Infinity"), "eta must be finite, got -inf"),
+                         (Decimal("1e400"), r"eta must be a finite float64 .* got Decimal\('1E\+400'\)"),
+                         (Decimal("-1"), r"eta must be in \[0, inf\), got -1.0")):
+        with pytest.raises(ValueError, match=match):
+            _validation.check_real("eta", value, low=0.0)
+
+
 def test_check_real_dtype_names_the_argument():
     check_real_dtype("a", np.float32)
     with pytest.raises(TypeError, match=r"^weights must hold real numbers .* got dtype complex128 \(complex\)$"):
