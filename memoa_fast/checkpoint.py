@@ -596,13 +596,15 @@ def _open_to_read(path, where: str):
     the very file read: opened without blocking (a named pipe's plain open waits for a writer, forever), then its
     ``fstat``; a path checked first could be replaced before its open.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    # O_BINARY where it exists (Windows): os.open's default there is text mode (CR LF read as LF, Ctrl-Z as the end)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else _special_kind(mode) or "not a regular file"
             raise CheckpointError(f"{where}: it is {kind}, not a checkpoint file")
-        if hasattr(os, "set_blocking"):
+        if nonblock:  # only where it was set: Windows has no O_NONBLOCK, and its set_blocking refuses a file (3.12+)
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -1428,3 +1428,33 @@ def test_a_checkpoint_saved_before_the_settings_were_recorded_restores_as_before
     _advance(pop2, server2, source2, targets[2:])
     _assert_same(_snapshot(pop, server), _snapshot(pop2, server2))
     np.testing.assert_array_equal(source2.next(), source.next())
+
+
+def test_a_load_opens_its_files_as_windows_needs(tmp_path, rng, monkeypatch):
+    """On Windows (no ``O_NONBLOCK``; ``os.O_BINARY``; ``os.set_blocking`` an OSError for anything but a pipe since
+    Python 3.12) every load failed: ``_open_to_read`` made its file blocking again (it never was non-blocking there),
+    and opened it without ``O_BINARY``, so in text mode (CR LF read as LF, a Ctrl-Z byte as the end of the file).
+    Simulated here: a plain checkpoint and a sharded one load, each file opened in binary mode.
+    """
+    from memoa_fast import checkpoint as ck
+
+    pop = StatePopulation(GAME, 50, 1)
+    pop.step(rng.normal(size=(50, 1)))
+    plain = save_checkpoint(tmp_path / "p.npz", pop)
+    sharded, _, _ = _write_set(tmp_path, [(0, 100), (100, 300)], rng)
+    binary, real_open, opened = 1 << 30, os.open, []
+
+    def windows_open(path, flags, *args):
+        opened.append(flags & binary)
+        return real_open(path, flags & ~binary, *args)
+
+    def pipes_only(fd, blocking):
+        raise OSError(22, "Invalid argument (os.set_blocking of a file that is not a pipe)")
+
+    monkeypatch.delattr(os, "O_NONBLOCK", raising=False)
+    monkeypatch.setattr(os, "O_BINARY", binary, raising=False)
+    monkeypatch.setattr(os, "set_blocking", pipes_only)
+    monkeypatch.setattr(os, "open", windows_open)
+    assert load_checkpoint(plain).population["t"] == 1
+    ck.read_shard_rows(ck.read_manifest(sharded), 0, 300)
+    assert opened and all(opened), opened
