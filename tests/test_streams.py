@@ -11,6 +11,7 @@ from memoa_fast.timeseries.streams import (
     CsvSeriesError,
     concept,
     concept_drift,
+    csv_columns,
     load_csv_series,
     logistic_map,
     make_stream,
@@ -1199,3 +1200,15 @@ def test_spread_along_an_axis_is_each_slice_alone_bit_for_bit():
         for j in range(d):
             alone = spread(np.ascontiguousarray(a[:, j]))
             assert along_rows[j] == alone == along_columns[j], (T, d, j)
+
+
+@pytest.mark.parametrize("read", [lambda p: load_csv_series(p, "value"), csv_columns])
+def test_a_csv_path_that_names_no_file_is_refused_naming_the_argument(tmp_path, read):
+    """A path holding a NUL character said "CSV file not found" (no file name can hold one), and a path that is
+    not a str or os.PathLike raised pathlib's unnamed TypeError; now each names ``path``, as the checkpoints' do (46144f1).
+    """
+    with pytest.raises(ValueError, match=re.escape("path must name a file, without a NUL character ('\\0'), got 'a\\x00b.csv'")):
+        read("a\0b.csv")
+    for bad in (None, 3, b"a.csv"):
+        with pytest.raises(TypeError, match=rf"path must be a str or os.PathLike naming the CSV file, got {re.escape(repr(bad))}"):
+            read(bad)

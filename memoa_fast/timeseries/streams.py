@@ -633,7 +633,7 @@ def load_csv_series(
         would z-score beyond ``1e30`` (for example ``1e200`` after a warm-up
         of ordinary values).
     """
-    path = Path(path)
+    path = _csv_path(path)
     if not isinstance(column, str):
         raise TypeError(f"column must be a str (a name in the header row), got {column!r} of type {type(column).__name__}")
     return_scaling = check_bool("return_scaling", return_scaling)
@@ -698,7 +698,7 @@ def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
     text (compressed, UTF-16, lone ``\\r`` line ends, an empty first line,
     an over-long first line).
     """
-    path = Path(path)
+    path = _csv_path(path)
     _check_decimal(decimal)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
@@ -706,6 +706,15 @@ def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
     with path.open("rb") as fh:
         raw, line = reader._header_line(fh)
     return reader._names(raw, line)
+
+
+def _csv_path(path) -> Path:
+    """``path`` as a :class:`~pathlib.Path`: a ``str`` or ``os.PathLike`` without a NUL character, else an error naming it."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"path must be a str or os.PathLike naming the CSV file, got {path!r} of type {type(path).__name__}")
+    if "\0" in os.fspath(path):  # no file name holds one: is_file() says False, so it read as "not found"
+        raise ValueError(f"path must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
+    return Path(path)
 
 
 def _check_decimal(decimal) -> None:
