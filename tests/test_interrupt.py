@@ -534,3 +534,39 @@ def test_a_hold_of_a_thread_gone_in_a_fork_is_never_taken_over():
         worker.join()
     with ex:  # in this process the hold ended with the call
         pass
+
+
+def test_noisy_last_value_signals_interrupted_at_any_bytecode_are_at_a_round_or_refuse():
+    """``NoisyLastValueSignals`` (locked since a3341b1, with no interrupted mark): ``next`` and ``observe`` cut short at
+    any bytecode leave it at a round boundary (a round cut short is drawn again, the same bits). Its
+    ``load_state_dict`` wrote ``y``, then ``t``: cut short between the two it held the loaded ``y`` with the old
+    round, neither state, silently. Such a load now marks it: it refuses until a load completes.
+    """
+    from memoa_fast.distributed import NoisyLastValueSignals
+
+    base = NoisyLastValueSignals(3, 9, seed=5, dim=2)
+    base.observe([0.3, -0.2])
+    base.next()
+    other = copy.copy(base)
+    other.observe([1.0, 2.0])
+    other.next()
+    loaded, saved = other.state_dict(), base.state_dict()
+    calls = {"next": lambda o: o.next(), "observe": lambda o: o.observe([0.5, 0.1]),
+             "load_state_dict": lambda o: o.load_state_dict(loaded)}
+    for name, call in calls.items():
+        done = copy.copy(base)
+        call(done)
+        before, after = _plain(saved), _plain(done.state_dict())
+
+        def check(obj, k):
+            try:
+                now = _plain(obj.state_dict())
+            except RuntimeError as exc:
+                assert INTERRUPTED in str(exc) and name == "load_state_dict", (name, k, str(exc))
+                with pytest.raises(RuntimeError, match=INTERRUPTED):
+                    obj.next()
+                obj.load_state_dict(saved)
+                now = _plain(obj.state_dict())
+            assert now in (before, after), f"{name} interrupted at bytecode {k}: matches no round boundary"
+
+        assert _every_interrupt(lambda: copy.copy(base), call, check) > 5

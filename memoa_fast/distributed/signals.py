@@ -76,6 +76,8 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
     Like every object of the package that owns state, it is not thread-safe: a call while another thread is inside
     one (``next``, ``observe``, ``state_dict``, ``load_state_dict``, a copy or pickle) raises ``RuntimeError``
     instead of drawing into the same buffer or losing a round (:class:`~memoa_fast._exclusive.Exclusive`).
+    Interrupted (Ctrl-C) in ``next`` or ``observe``, it is at a round boundary; in ``load_state_dict``, between
+    its writes, it refuses every call until a load completes.
 
     Examples
     --------
@@ -104,9 +106,10 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         self._out = np.empty((self.hi - self.lo, self.dim))
         self._y = np.zeros(self.dim)
         self.t = 0
-        # No interrupted mark: a round cut short between the draws and t += 1 is drawn again, the same bits (the draws
-        # are a function of (seed, client, t, y)), so no call can leave a half-updated state.
-        self._exclusive = Exclusive("NoisyLastValueSignals")
+        # next and observe need no interrupted mark: a round cut short between the draws and t += 1 is drawn again, the
+        # same bits (the draws are a function of (seed, client, t, y)), and observe is one write. load_state_dict
+        # writes two (y, t), so it marks the source around them.
+        self._exclusive = Exclusive("NoisyLastValueSignals", "load_state_dict(...) of a state_dict taken before")
 
     def next(self) -> np.ndarray:
         """The signals of this round, shape (hi - lo, d); the buffer is reused by the next call.
@@ -165,9 +168,13 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (all checked first: :meth:`validate_state_dict`; nothing changes on an error)."""
         clean = self.validate_state_dict(state)["shared"]
-        with self._exclusive:
+        t = int(clean["t"])
+        ex = self._exclusive
+        with ex.restoring:  # (entered after an interrupted load too: a completed one clears the mark)
+            ex.interrupted = "load_state_dict"  # cut short between the two writes, y and t are of two states
             self._y[...] = clean["y"]
-            self.t = int(clean["t"])
+            self.t = t
+            ex.interrupted = None
 
     def __reduce__(self):
         """Pickle and copies go through :meth:`state_dict` (loaded on the way back): an independent source of the same class.
