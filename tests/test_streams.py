@@ -668,7 +668,7 @@ def test_csv_numpy_comment_header_and_trailing_delimiter_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("marker", ["NA", "N/A", "nan", "NaN", "null", "NULL", "None", ".", "#N/A", "<NA>", "?", "-", "--",
-                                    "n.a.", "#NV", "#N/D", "#N/B", "#Н/Д"])
+                                    "n.a.", "#NV", "#N/D", "#N/B", "#Н/Д", "#I/T", "#HIÁNYZIK", "#YOK", "#NENÍ_K_DISPOZICI"])
 def test_csv_missing_value_markers_are_gaps_dropped_with_missing_drop(tmp_path, marker):
     """R's NA, pandas' NaN, FRED's '.', SQL's NULL, UCI's '?', a dash: a gap, an error naming missing='drop' by default,
     dropped with it ('?' and '-' were "not a number" even with missing='drop': the UCI household power file could not

@@ -513,6 +513,7 @@ _NON_FINITE = frozenset(s + w for s in ("", "+", "-") for w in ("nan", "inf", "i
 MISSING_MARKERS = frozenset((
     "na", "n/a", "n.a.", "#n/a", "#n/a n/a", "#na", "<na>", "nan", "-nan", "+nan", "null", "none", ".", "?", "-", "--",
     "#nv", "#n/d", "#n/b", "#н/д",  # Excel's #N/A in German, in Italian, Polish and Portuguese, in Dutch, in Russian
+    "#i/t", "#hiányzik", "#yok", "#není_k_dispozici",  # in Danish and Norwegian, in Hungarian, in Turkish, in Czech
 ))
 #: A spreadsheet's error value (lower-cased): a formula that gave no number, saved as text by Excel
 #: (``#DIV/0!``, ``#VALUE!``, ``#REF!``, ``#NAME?``, ``#NUM!``, ``#NULL!``, ``#SPILL!``, ``#CALC!``, ...), Google Sheets
