@@ -433,9 +433,10 @@ def _centred_policy_costs(game: Game, s: np.ndarray, x0: np.ndarray, horizon, la
     each centres its inputs once.
     """
     if labels is not None:
-        if horizon is None:
-            horizon = _tail_horizon(game.gamma)
-        return _simulate_class_costs(game, labels, sizes, s, x0, horizon)
+        costs = _class_policy_costs(game, labels, sizes, s, x0, horizon)
+        if costs is None:  # not stable under the discount, or no rest point: sum the rounds (finite, or truncated)
+            costs = _simulate_class_costs(game, labels, sizes, s, x0, _tail_horizon(game.gamma) if horizon is None else horizon)
+        return costs
     co = game.coefficients
     g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
     q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
@@ -973,6 +974,105 @@ def _class_signal_means(labels, sizes, s):
     onehot = np.zeros((K, labels.shape[0]))
     onehot[labels, np.arange(labels.shape[0])] = 1.0
     return onehot, (onehot @ s) / sizes[:, None]
+
+
+def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray | None:
+    """:func:`policy_costs` of K classes in closed form, O(N d + K^4); ``None`` where it does not apply.
+
+    Per coordinate the class means obey ``m(t+1) = B m(t) + b`` (:func:`_class_closed_loop`,
+    ``b_l = g_l (c_l sbar_l + (M^s sbar)_l)``), with a rest point ``(I - B) m* = b``, and agent i of class c
+    obeys ``x_i(t+1) - x_i* = (1 - g_c)(x_i - x_i*) + g_c M^m_c. (m - m*)`` with
+    ``x_i* = c_c s_i + (M^s sbar)_c + M^m_c. m*``. So ``y = (x_i - x_i*, m - m*)`` obeys ``y(t+1) = A_c y(t)``,
+    the same ``A_c`` for the whole class, and the stage cost is ``y'Q_c y / 2 + c_i'y + e_i / 2`` with
+    ``Q_c = q_c e_1 e_1' + kappa_c f f' + r_c g_c^2 v v'``, ``f = (1, -pi)``, ``v = (1, -M^m_c.)``,
+    ``c_i = q_c delta_i e_1 + kappa_c eps_i f``, ``e_i = q_c delta_i^2 + kappa_c eps_i^2``,
+    ``delta_i = x_i* - s_i``, ``eps_i = x_i* - pi'm*``; then :func:`policy_costs`'s formula with ``L_c``, ``A_c``.
+
+    ``None`` (the caller sums the rounds instead) when ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not
+    converge, ``L_c`` need not exist) or when ``b`` is not in the range of ``I - B`` (no rest point).
+    """
+    coef = game.table.coef
+    K = sizes.shape[0]
+    n, d = s.shape
+    gamma = game.gamma
+    Ms, Mm = _class_mix(game, sizes)
+    onehot, sbar = _class_signal_means(labels, sizes, s)
+    g, sig = coef[:, GAIN], coef[:, SIGNAL]
+    q, kappa, r = coef[:, Q], coef[:, KAPPA], coef[:, R]
+    pi = sizes / sizes.sum()
+    B = _class_closed_loop(game, sizes)
+    radius = max(float(np.max(np.abs(np.linalg.eigvals(B)))), float(np.max(np.abs(1.0 - g))))
+    if not gamma * radius * radius < 1.0:
+        return None
+    fixed = Ms @ sbar  # (K, d)
+    b = g[:, None] * (sig[:, None] * sbar + fixed)
+    IB = np.eye(K) - B
+    mstar = np.linalg.lstsq(IB, b, rcond=None)[0]  # any rest point will do when I - B is singular (consensus-like tables)
+    resid = np.abs(IB @ mstar - b)
+    if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
+        return None
+    if horizon is None:
+        gT, ST = 0.0, 1.0 / (1.0 - gamma)
+    else:
+        gT = gamma**horizon
+        ST = float(horizon) if gamma == 1.0 else (1.0 - gT) / (1.0 - gamma)
+
+    dm = (onehot @ x0) / sizes[:, None] - mstar  # (K, d): y's class-mean part, the same for every agent
+    xstar = sig[labels][:, None] * s + (fixed + Mm @ mstar)[labels]
+    delta = xstar - s
+    eps = xstar - pi @ mstar
+    y1 = x0 - xstar
+    f = np.concatenate(([1.0], -pi))
+    e1 = np.zeros(K + 1)
+    e1[0] = 1.0
+    eye = np.eye(K + 1)
+    out = np.empty(n)
+    for c in range(K):
+        A = np.zeros((K + 1, K + 1))
+        A[0, 0] = 1.0 - g[c]
+        A[0, 1:] = g[c] * Mm[c]
+        A[1:, 1:] = B
+        v = np.concatenate(([1.0], -Mm[c]))
+        Qc = q[c] * np.outer(e1, e1) + kappa[c] * np.outer(f, f) + r[c] * g[c] ** 2 * np.outer(v, v)
+        L = _stein_schur(A, Qc, gamma)
+        W = np.linalg.inv(eye - gamma * A)  # sum_t (gamma A)^t
+        if gT == 0.0:  # infinite horizon, or gamma^T below the smallest float: the tail terms are exactly 0
+            LT, WT = L, W
+        else:
+            AT = np.linalg.matrix_power(A, horizon)
+            LT = L - gT * AT.T @ L @ AT
+            WT = (eye - gT * AT) @ W
+        rows = labels == c
+        Y1, de, ep = y1[rows], delta[rows], eps[rows]  # (n_c, d)
+        quad = LT[0, 0] * Y1 * Y1 + 2.0 * Y1 * (LT[0, 1:] @ dm) + (dm * (LT[1:, 1:] @ dm)).sum(axis=0)
+        we, wf = WT[0], f @ WT  # c_i' WT y0 = q delta (e_1' WT y0) + kappa eps (f' WT y0)
+        lin = q[c] * de * (we[0] * Y1 + we[1:] @ dm) + kappa[c] * ep * (wf[0] * Y1 + wf[1:] @ dm)
+        const = q[c] * de * de + kappa[c] * ep * ep
+        out[rows] = (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
+    return out
+
+
+def _stein_schur(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
+    """Solve ``P = C + gamma A' P A`` (real A, symmetric C) through A's complex Schur form, O(n^3).
+
+    With ``A = U T U^H`` (T upper triangular), ``X = U^H P U`` obeys ``X = U^H C U + gamma T^H X T``, solved
+    column by column: ``(I - gamma T_jj T^H) X_j = (U^H C U)_j + gamma T^H sum_{l<j} X_l T_lj`` (Bartels-Stewart;
+    the Kronecker form, :func:`_lyapunov_dense`, costs O(n^6)). Needs ``gamma lambda_i lambda_j != 1``.
+    """
+    from scipy.linalg import schur, solve_triangular
+
+    T, U = schur(A, output="complex")
+    UH = U.conj().T
+    Ct = UH @ C @ U
+    TH = T.conj().T  # lower triangular
+    n = A.shape[0]
+    X = np.zeros((n, n), dtype=complex)
+    eye = np.eye(n)
+    for j in range(n):
+        rhs = Ct[:, j] + gamma * (TH @ (X[:, :j] @ T[:j, j]))
+        X[:, j] = solve_triangular(eye - gamma * T[j, j] * TH, rhs, lower=True)
+    P = (U @ X @ UH).real
+    return 0.5 * (P + P.T)
 
 
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
