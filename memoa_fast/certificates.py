@@ -401,10 +401,17 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         Only used to choose T when ``gamma = 1``.
     labels : array_like of int, shape (N,), optional
         Class of every agent (required when ``game.n_classes > 1``). Then
-        every agent plays ``game.table`` with the true class means and the
-        costs are summed by simulating the whole population (O(N d T));
-        with ``horizon=None`` and ``gamma < 1`` over the T steps with
-        ``gamma^T <= 1e-17`` (the tail is below 1e-17 of the cost).
+        every agent plays ``game.table`` with the true class means ``m_l``,
+        which obey ``m(t+1) = B m(t) + b`` (K x K, exact for any N), and the
+        same formula holds for agent i of class c with
+        ``y = (x_i - x_i^inf, m - m^inf)`` of dimension K + 1,
+        ``(I - B) m^inf = b``, one ``A_c`` and ``L_c`` per class (a Stein
+        equation solved through the complex Schur form) and ``pi`` (the class
+        shares) in place of the mean's weights: O(N d + K^4 d). Where
+        ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not converge) or
+        the class means have no rest point, the costs are instead summed by
+        simulating the whole population (O(N d T); with ``horizon=None`` over
+        the T steps with ``gamma^T <= 1e-17``).
 
     Returns
     -------
@@ -671,7 +678,7 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     else:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
-    if horizon is not None:  # refused before any work that grows with T (ranking K classes sums T rounds)
+    if horizon is not None:  # refused before any work that grows with T (ranking K classes may sum T rounds)
         k = min(DEFAULT_WORST_AGENTS, n) if agents is None else n if isinstance(agents, str) else agents.size
         _check_gains_fit(horizon, k * d, 3 if labels is None else game.n_classes + 2)
 
@@ -1077,6 +1084,8 @@ def _stein_schur(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
 
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
     """Every agent on ``game.table`` with the true class means, costs summed over t < T.
+
+    O(N d T): the test oracle of :func:`_class_policy_costs`, and its fallback where that does not apply.
 
     The discount is ``gamma^t`` (:func:`~memoa_fast.kernels.next_discount`: a running product stalled at a subnormal
     for ``gamma > 1/2``). Once it underflows to 0 (``gamma < 1``: after about 745 / -ln(gamma) rounds) no later round
