@@ -1029,57 +1029,87 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     delta = xstar - s
     eps = xstar - pi @ mstar
     y1 = x0 - xstar
+    # Per class c (batched): A_c = [[1 - g_c, v_c'], [0, B]] with v_c = g_c M^m_c., and Q_c.
+    n1 = K + 1
+    a, V = 1.0 - g, g[:, None] * Mm
+    A = np.zeros((K, n1, n1))
+    A[:, 0, 0] = a
+    A[:, 0, 1:] = V
+    A[:, 1:, 1:] = B
     f = np.concatenate(([1.0], -pi))
-    e1 = np.zeros(K + 1)
-    e1[0] = 1.0
-    eye = np.eye(K + 1)
-    out = np.empty(n)
-    for c in range(K):
-        A = np.zeros((K + 1, K + 1))
-        A[0, 0] = 1.0 - g[c]
-        A[0, 1:] = g[c] * Mm[c]
-        A[1:, 1:] = B
-        v = np.concatenate(([1.0], -Mm[c]))
-        Qc = q[c] * np.outer(e1, e1) + kappa[c] * np.outer(f, f) + r[c] * g[c] ** 2 * np.outer(v, v)
-        L = _stein_schur(A, Qc, gamma)
-        W = np.linalg.inv(eye - gamma * A)  # sum_t (gamma A)^t
-        if gT == 0.0:  # infinite horizon, or gamma^T below the smallest float: the tail terms are exactly 0
-            LT, WT = L, W
-        else:
-            AT = np.linalg.matrix_power(A, horizon)
-            LT = L - gT * AT.T @ L @ AT
-            WT = (eye - gT * AT) @ W
-        rows = labels == c
-        Y1, de, ep = y1[rows], delta[rows], eps[rows]  # (n_c, d)
-        quad = LT[0, 0] * Y1 * Y1 + 2.0 * Y1 * (LT[0, 1:] @ dm) + (dm * (LT[1:, 1:] @ dm)).sum(axis=0)
-        we, wf = WT[0], f @ WT  # c_i' WT y0 = q delta (e_1' WT y0) + kappa eps (f' WT y0)
-        lin = q[c] * de * (we[0] * Y1 + we[1:] @ dm) + kappa[c] * ep * (wf[0] * Y1 + wf[1:] @ dm)
-        const = q[c] * de * de + kappa[c] * ep * ep
-        out[rows] = (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
-    return out
+    u = np.concatenate((np.ones((K, 1)), -Mm), axis=1)  # (1, -M^m_c.): u_c = -g_c u'y
+    Qc = kappa[:, None, None] * np.outer(f, f) + (r * g * g)[:, None, None] * u[:, :, None] * u[:, None, :]
+    Qc[:, 0, 0] += q
+    L = _class_stein(B, a, V, Qc, gamma)
+    eye = np.eye(n1)
+    W = np.linalg.inv(eye - gamma * A)  # sum_t (gamma A_c)^t
+    if gT == 0.0:  # infinite horizon, or gamma^T below the smallest float: the tail terms are exactly 0
+        LT, WT = L, W
+    else:
+        AT = np.linalg.matrix_power(A, horizon)
+        LT = L - gT * np.swapaxes(AT, 1, 2) @ L @ AT
+        WT = (eye - gT * AT) @ W
+
+    # Per agent: y0 = (y1_i, dm); c_i' WT y0 = q delta (e_1' WT y0) + kappa eps (f' WT y0).
+    cl = labels
+    Lm = LT[:, 0, 1:] @ dm  # (K, d)
+    Mq = np.einsum("kd,ckl,ld->cd", dm, LT[:, 1:, 1:], dm)  # (K, d): dm' L_c dm
+    we, wf = WT[:, 0, :], np.einsum("i,cij->cj", f, WT)  # rows e_1' WT_c and f' WT_c
+    we_m, wf_m = we[:, 1:] @ dm, wf[:, 1:] @ dm  # (K, d)
+    quad = LT[cl, 0, 0][:, None] * y1 * y1 + 2.0 * y1 * Lm[cl] + Mq[cl]
+    qi, ki = q[cl][:, None], kappa[cl][:, None]
+    lin = qi * delta * (we[cl, 0][:, None] * y1 + we_m[cl]) + ki * eps * (wf[cl, 0][:, None] * y1 + wf_m[cl])
+    const = qi * delta * delta + ki * eps * eps
+    return (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
+
+
+def _class_stein(B: np.ndarray, a: np.ndarray, V: np.ndarray, Qc: np.ndarray, gamma: float) -> np.ndarray:
+    """``L_c = Q_c + gamma A_c' L_c A_c`` for every class, ``A_c = [[a_c, v_c'], [0, B]]``: (K, K+1, K+1), O(K^4).
+
+    By blocks, ``L_c = [[l, h'], [h, M]]``: ``l = Q_11 / (1 - gamma a^2)``,
+    ``(I - gamma a B') h = Q_21 + gamma a l v`` and
+    ``M = R + gamma B' M B``, ``R = Q_22 + gamma (l v v' + v (B'h)' + (B'h) v')``: one K x K Stein equation per
+    class with the same B (:func:`_stein_schur`, one Schur form for all).
+    """
+    K, n1 = Qc.shape[0], Qc.shape[1]
+    l = Qc[:, 0, 0] / (1.0 - gamma * a * a)
+    Mh = np.eye(n1 - 1)[None] - gamma * a[:, None, None] * B.T[None]
+    h = np.linalg.solve(Mh, (Qc[:, 1:, 0] + (gamma * a * l)[:, None] * V)[..., None])[..., 0]
+    Bh = h @ B  # rows (B'h)'
+    R = Qc[:, 1:, 1:] + gamma * (l[:, None, None] * V[:, :, None] * V[:, None, :]
+                                 + V[:, :, None] * Bh[:, None, :] + Bh[:, :, None] * V[:, None, :])
+    L = np.empty((K, n1, n1))
+    L[:, 0, 0] = l
+    L[:, 1:, 0] = h
+    L[:, 0, 1:] = h
+    L[:, 1:, 1:] = _stein_schur(B, R, gamma)
+    return L
 
 
 def _stein_schur(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
-    """Solve ``P = C + gamma A' P A`` (real A, symmetric C) through A's complex Schur form, O(n^3).
+    """Solve ``P = C + gamma A' P A`` (real n x n A; symmetric C, or a stack (..., n, n) of them) via A's Schur form.
 
-    With ``A = U T U^H`` (T upper triangular), ``X = U^H P U`` obeys ``X = U^H C U + gamma T^H X T``, solved
-    column by column: ``(I - gamma T_jj T^H) X_j = (U^H C U)_j + gamma T^H sum_{l<j} X_l T_lj`` (Bartels-Stewart;
-    the Kronecker form, :func:`_lyapunov_dense`, costs O(n^6)). Needs ``gamma lambda_i lambda_j != 1``.
+    With ``A = U T U^H`` (complex Schur, T upper triangular), ``X = U^H P U`` obeys ``X = U^H C U + gamma T^H X T``,
+    solved column by column: ``(I - gamma T_jj T^H) X_j = (U^H C U)_j + gamma T^H sum_{l<j} X_l T_lj``
+    (Bartels-Stewart): O(n^3) per C, where the Kronecker form (:func:`_lyapunov_dense`) costs O(n^6). Needs
+    ``gamma lambda_i lambda_j != 1`` for A's eigenvalues.
     """
     from scipy.linalg import schur, solve_triangular
 
     T, U = schur(A, output="complex")
     UH = U.conj().T
     Ct = UH @ C @ U
-    TH = T.conj().T  # lower triangular
     n = A.shape[0]
-    X = np.zeros((n, n), dtype=complex)
+    cols = np.ascontiguousarray(np.moveaxis(Ct.reshape(-1, n, n), 2, 0))  # cols[j, c] = C~_c[:, j]
+    X = np.zeros_like(cols)  # X[j, c] = column j of X_c, laid out so that sum_{l<j} X_l T_lj is one product
+    TH = T.conj().T  # lower triangular
     eye = np.eye(n)
     for j in range(n):
-        rhs = Ct[:, j] + gamma * (TH @ (X[:, :j] @ T[:j, j]))
-        X[:, j] = solve_triangular(eye - gamma * T[j, j] * TH, rhs, lower=True)
+        rhs = cols[j] + gamma * np.tensordot(T[:j, j], X[:j], axes=(0, 0)) @ TH.T  # one row per C
+        X[j] = solve_triangular(eye - gamma * T[j, j] * TH, rhs.T, lower=True).T
+    X = X.transpose(1, 2, 0).reshape(Ct.shape)  # X[c][:, j]
     P = (U @ X @ UH).real
-    return 0.5 * (P + P.T)
+    return 0.5 * (P + np.swapaxes(P, -1, -2))
 
 
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
