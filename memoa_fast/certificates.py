@@ -1018,13 +1018,24 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     resid = np.abs(IB @ mstar - b)
     if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
         return None
+    m0 = (onehot @ x0) / sizes[:, None]
+    left, sv, right = np.linalg.svd(IB)
+    null = sv <= 64 * K * _EPS * sv[0]
+    if null.any():
+        # The class means conserve W0'm (W0 spans the left null space of I - B): take the rest point they reach,
+        # so that y has no part on the eigenvalue 1, whose sums grow like 1/(1 - gamma) and would amplify rounding.
+        V0, W0 = right[null].T, left[:, null]
+        try:
+            mstar = mstar + V0 @ np.linalg.solve(W0.T @ V0, W0.T @ (m0 - mstar))
+        except np.linalg.LinAlgError:  # eigenvalue 1 not semisimple: the means drift, no rest point
+            return None
     if horizon is None:
         gT, ST = 0.0, 1.0 / (1.0 - gamma)
     else:
         gT = gamma**horizon
         ST = float(horizon) if gamma == 1.0 else (1.0 - gT) / (1.0 - gamma)
 
-    dm = (onehot @ x0) / sizes[:, None] - mstar  # (K, d): y's class-mean part, the same for every agent
+    dm = m0 - mstar  # (K, d): y's class-mean part, the same for every agent
     xstar = sig[labels][:, None] * s + (fixed + Mm @ mstar)[labels]
     delta = xstar - s
     eps = xstar - pi @ mstar
@@ -1094,7 +1105,7 @@ def _stein_schur(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
     (Bartels-Stewart): O(n^3) per C, where the Kronecker form (:func:`_lyapunov_dense`) costs O(n^6). Needs
     ``gamma lambda_i lambda_j != 1`` for A's eigenvalues.
     """
-    from scipy.linalg import schur, solve_triangular
+    from scipy.linalg import schur
 
     T, U = schur(A, output="complex")
     UH = U.conj().T
@@ -1106,7 +1117,7 @@ def _stein_schur(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
     eye = np.eye(n)
     for j in range(n):
         rhs = cols[j] + gamma * np.tensordot(T[:j, j], X[:j], axes=(0, 0)) @ TH.T  # one row per C
-        X[j] = solve_triangular(eye - gamma * T[j, j] * TH, rhs.T, lower=True).T
+        X[j] = np.linalg.solve(eye - gamma * T[j, j] * TH, rhs.T).T  # (scipy's triangular solve threads: slow when busy)
     X = X.transpose(1, 2, 0).reshape(Ct.shape)  # X[c][:, j]
     P = (U @ X @ UH).real
     return 0.5 * (P + np.swapaxes(P, -1, -2))
