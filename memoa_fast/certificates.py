@@ -995,8 +995,10 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     ``c_i = q_c delta_i e_1 + kappa_c eps_i f``, ``e_i = q_c delta_i^2 + kappa_c eps_i^2``,
     ``delta_i = x_i* - s_i``, ``eps_i = x_i* - pi'm*``; then :func:`policy_costs`'s formula with ``L_c``, ``A_c``.
 
+    Where ``I - B`` is singular, ``m*`` is the rest point these initial means reach (``W0'm`` is conserved, ``W0``
+    spanning the left null space), so that ``y`` has no part on the eigenvalue 1.
     ``None`` (the caller sums the rounds instead) when ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not
-    converge, ``L_c`` need not exist) or when ``b`` is not in the range of ``I - B`` (no rest point).
+    converge, ``L_c`` need not exist) or when the class means have no rest point.
     """
     coef = game.table.coef
     K = sizes.shape[0]
@@ -1014,7 +1016,7 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     fixed = Ms @ sbar  # (K, d)
     b = g[:, None] * (sig[:, None] * sbar + fixed)
     IB = np.eye(K) - B
-    mstar = np.linalg.lstsq(IB, b, rcond=None)[0]  # any rest point will do when I - B is singular (consensus-like tables)
+    mstar = np.linalg.lstsq(IB, b, rcond=None)[0]  # I - B may be singular (greedy with every q_l = 0: a line of rest points)
     resid = np.abs(IB @ mstar - b)
     if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
         return None
