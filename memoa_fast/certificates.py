@@ -401,10 +401,17 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         Only used to choose T when ``gamma = 1``.
     labels : array_like of int, shape (N,), optional
         Class of every agent (required when ``game.n_classes > 1``). Then
-        every agent plays ``game.table`` with the true class means and the
-        costs are summed by simulating the whole population (O(N d T));
-        with ``horizon=None`` and ``gamma < 1`` over the T steps with
-        ``gamma^T <= 1e-17`` (the tail is below 1e-17 of the cost).
+        every agent plays ``game.table`` with the true class means ``m_l``,
+        which obey ``m(t+1) = B m(t) + b`` (K x K, exact for any N), and the
+        same formula holds for agent i of class c with
+        ``y = (x_i - x_i^inf, m - m^inf)`` of dimension K + 1,
+        ``(I - B) m^inf = b``, one ``A_c`` and ``L_c`` per class (a Stein
+        equation solved through the complex Schur form) and ``pi`` (the class
+        shares) in place of the mean's weights: O(N d + K^4 d). Where
+        ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not converge) or
+        the class means have no rest point, the costs are instead summed by
+        simulating the whole population (O(N d T); with ``horizon=None`` over
+        the T steps with ``gamma^T <= 1e-17``).
 
     Returns
     -------
@@ -433,9 +440,10 @@ def _centred_policy_costs(game: Game, s: np.ndarray, x0: np.ndarray, horizon, la
     each centres its inputs once.
     """
     if labels is not None:
-        if horizon is None:
-            horizon = _tail_horizon(game.gamma)
-        return _simulate_class_costs(game, labels, sizes, s, x0, horizon)
+        costs = _class_policy_costs(game, labels, sizes, s, x0, horizon)
+        if costs is None:  # not stable under the discount, or no rest point: sum the rounds (finite, or truncated)
+            costs = _simulate_class_costs(game, labels, sizes, s, x0, _tail_horizon(game.gamma) if horizon is None else horizon)
+        return costs
     co = game.coefficients
     g, al, be, mu = co.gain, co.signal, co.signal_mean, co.state_mean
     q, kappa, r, gamma = game.q, game.kappa, game.r, game.gamma
@@ -670,7 +678,7 @@ def epsilon_nash(game, n_agents, signals, initial_states, agents=None, horizon=N
     else:
         horizon = _resolve_class_horizon(game, sizes, horizon, tol)
 
-    if horizon is not None:  # refused before any work that grows with T (ranking K classes sums T rounds)
+    if horizon is not None:  # refused before any work that grows with T (ranking K classes may sum T rounds)
         k = min(DEFAULT_WORST_AGENTS, n) if agents is None else n if isinstance(agents, str) else agents.size
         _check_gains_fit(horizon, k * d, 3 if labels is None else game.n_classes + 2)
 
@@ -975,8 +983,152 @@ def _class_signal_means(labels, sizes, s):
     return onehot, (onehot @ s) / sizes[:, None]
 
 
+def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray | None:
+    """:func:`policy_costs` of K classes in closed form, O(N d + K^4); ``None`` where it does not apply.
+
+    Per coordinate the class means obey ``m(t+1) = B m(t) + b`` (:func:`_class_closed_loop`,
+    ``b_l = g_l (c_l sbar_l + (M^s sbar)_l)``), with a rest point ``(I - B) m* = b``, and agent i of class c
+    obeys ``x_i(t+1) - x_i* = (1 - g_c)(x_i - x_i*) + g_c M^m_c. (m - m*)`` with
+    ``x_i* = c_c s_i + (M^s sbar)_c + M^m_c. m*``. So ``y = (x_i - x_i*, m - m*)`` obeys ``y(t+1) = A_c y(t)``,
+    the same ``A_c`` for the whole class, and the stage cost is ``y'Q_c y / 2 + c_i'y + e_i / 2`` with
+    ``Q_c = q_c e_1 e_1' + kappa_c f f' + r_c g_c^2 v v'``, ``f = (1, -pi)``, ``v = (1, -M^m_c.)``,
+    ``c_i = q_c delta_i e_1 + kappa_c eps_i f``, ``e_i = q_c delta_i^2 + kappa_c eps_i^2``,
+    ``delta_i = x_i* - s_i``, ``eps_i = x_i* - pi'm*``; then :func:`policy_costs`'s formula with ``L_c``, ``A_c``.
+
+    Where ``I - B`` is singular, ``m*`` is the rest point these initial means reach (``W0'm`` is conserved, ``W0``
+    spanning the left null space), so that ``y`` has no part on the eigenvalue 1.
+    ``None`` (the caller sums the rounds instead) when ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not
+    converge, ``L_c`` need not exist) or when the class means have no rest point.
+    """
+    coef = game.table.coef
+    K = sizes.shape[0]
+    n, d = s.shape
+    gamma = game.gamma
+    Ms, Mm = _class_mix(game, sizes)
+    onehot, sbar = _class_signal_means(labels, sizes, s)
+    g, sig = coef[:, GAIN], coef[:, SIGNAL]
+    q, kappa, r = coef[:, Q], coef[:, KAPPA], coef[:, R]
+    pi = sizes / sizes.sum()
+    B = _class_closed_loop(game, sizes)
+    radius = max(float(np.max(np.abs(np.linalg.eigvals(B)))), float(np.max(np.abs(1.0 - g))))
+    if not gamma * radius * radius < 1.0:
+        return None
+    fixed = Ms @ sbar  # (K, d)
+    b = g[:, None] * (sig[:, None] * sbar + fixed)
+    IB = np.eye(K) - B
+    mstar = np.linalg.lstsq(IB, b, rcond=None)[0]  # I - B may be singular (greedy with every q_l = 0: a line of rest points)
+    resid = np.abs(IB @ mstar - b)
+    if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
+        return None
+    m0 = (onehot @ x0) / sizes[:, None]
+    left, sv, right = np.linalg.svd(IB)
+    null = sv <= 64 * K * _EPS * sv[0]
+    if null.any():
+        # The class means conserve W0'm (W0 spans the left null space of I - B): take the rest point they reach,
+        # so that y has no part on the eigenvalue 1, whose sums grow like 1/(1 - gamma) and would amplify rounding.
+        V0, W0 = right[null].T, left[:, null]
+        try:
+            mstar = mstar + V0 @ np.linalg.solve(W0.T @ V0, W0.T @ (m0 - mstar))
+        except np.linalg.LinAlgError:  # eigenvalue 1 not semisimple: the means drift, no rest point
+            return None
+    if horizon is None:
+        gT, ST = 0.0, 1.0 / (1.0 - gamma)
+    else:
+        gT = gamma**horizon
+        ST = float(horizon) if gamma == 1.0 else (1.0 - gT) / (1.0 - gamma)
+
+    dm = m0 - mstar  # (K, d): y's class-mean part, the same for every agent
+    xstar = sig[labels][:, None] * s + (fixed + Mm @ mstar)[labels]
+    delta = xstar - s
+    eps = xstar - pi @ mstar
+    y1 = x0 - xstar
+    # Per class c (batched): A_c = [[1 - g_c, v_c'], [0, B]] with v_c = g_c M^m_c., and Q_c.
+    n1 = K + 1
+    a, V = 1.0 - g, g[:, None] * Mm
+    A = np.zeros((K, n1, n1))
+    A[:, 0, 0] = a
+    A[:, 0, 1:] = V
+    A[:, 1:, 1:] = B
+    f = np.concatenate(([1.0], -pi))
+    u = np.concatenate((np.ones((K, 1)), -Mm), axis=1)  # (1, -M^m_c.): u_c = -g_c u'y
+    Qc = kappa[:, None, None] * np.outer(f, f) + (r * g * g)[:, None, None] * u[:, :, None] * u[:, None, :]
+    Qc[:, 0, 0] += q
+    L = _class_stein(B, a, V, Qc, gamma)
+    eye = np.eye(n1)
+    W = np.linalg.inv(eye - gamma * A)  # sum_t (gamma A_c)^t
+    if gT == 0.0:  # infinite horizon, or gamma^T below the smallest float: the tail terms are exactly 0
+        LT, WT = L, W
+    else:
+        AT = np.linalg.matrix_power(A, horizon)
+        LT = L - gT * np.swapaxes(AT, 1, 2) @ L @ AT
+        WT = (eye - gT * AT) @ W
+
+    # Per agent: y0 = (y1_i, dm); c_i' WT y0 = q delta (e_1' WT y0) + kappa eps (f' WT y0).
+    cl = labels
+    Lm = LT[:, 0, 1:] @ dm  # (K, d)
+    Mq = np.einsum("kd,ckl,ld->cd", dm, LT[:, 1:, 1:], dm)  # (K, d): dm' L_c dm
+    we, wf = WT[:, 0, :], np.einsum("i,cij->cj", f, WT)  # rows e_1' WT_c and f' WT_c
+    we_m, wf_m = we[:, 1:] @ dm, wf[:, 1:] @ dm  # (K, d)
+    quad = LT[cl, 0, 0][:, None] * y1 * y1 + 2.0 * y1 * Lm[cl] + Mq[cl]
+    qi, ki = q[cl][:, None], kappa[cl][:, None]
+    lin = qi * delta * (we[cl, 0][:, None] * y1 + we_m[cl]) + ki * eps * (wf[cl, 0][:, None] * y1 + wf_m[cl])
+    const = qi * delta * delta + ki * eps * eps
+    return (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
+
+
+def _class_stein(B: np.ndarray, a: np.ndarray, V: np.ndarray, Qc: np.ndarray, gamma: float) -> np.ndarray:
+    """``L_c = Q_c + gamma A_c' L_c A_c`` for every class, ``A_c = [[a_c, v_c'], [0, B]]``: (K, K+1, K+1), O(K^4).
+
+    By blocks, ``L_c = [[l, h'], [h, M]]``: ``l = Q_11 / (1 - gamma a^2)``,
+    ``(I - gamma a B') h = Q_21 + gamma a l v`` and
+    ``M = R + gamma B' M B``, ``R = Q_22 + gamma (l v v' + v (B'h)' + (B'h) v')``: one K x K Stein equation per
+    class with the same B (:func:`_stein_schur`, one Schur form for all).
+    """
+    K, n1 = Qc.shape[0], Qc.shape[1]
+    l = Qc[:, 0, 0] / (1.0 - gamma * a * a)
+    Mh = np.eye(n1 - 1)[None] - gamma * a[:, None, None] * B.T[None]
+    h = np.linalg.solve(Mh, (Qc[:, 1:, 0] + (gamma * a * l)[:, None] * V)[..., None])[..., 0]
+    Bh = h @ B  # rows (B'h)'
+    R = Qc[:, 1:, 1:] + gamma * (l[:, None, None] * V[:, :, None] * V[:, None, :]
+                                 + V[:, :, None] * Bh[:, None, :] + Bh[:, :, None] * V[:, None, :])
+    L = np.empty((K, n1, n1))
+    L[:, 0, 0] = l
+    L[:, 1:, 0] = h
+    L[:, 0, 1:] = h
+    L[:, 1:, 1:] = _stein_schur(B, R, gamma)
+    return L
+
+
+def _stein_schur(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
+    """Solve ``P = C + gamma A' P A`` (real n x n A; symmetric C, or a stack (..., n, n) of them) via A's Schur form.
+
+    With ``A = U T U^H`` (complex Schur, T upper triangular), ``X = U^H P U`` obeys ``X = U^H C U + gamma T^H X T``,
+    solved column by column: ``(I - gamma T_jj T^H) X_j = (U^H C U)_j + gamma T^H sum_{l<j} X_l T_lj``
+    (Bartels-Stewart): O(n^3) per C, where the Kronecker form (:func:`_lyapunov_dense`) costs O(n^6). Needs
+    ``gamma lambda_i lambda_j != 1`` for A's eigenvalues.
+    """
+    from scipy.linalg import schur
+
+    T, U = schur(A, output="complex")
+    UH = U.conj().T
+    Ct = UH @ C @ U
+    n = A.shape[0]
+    cols = np.ascontiguousarray(np.moveaxis(Ct.reshape(-1, n, n), 2, 0))  # cols[j, c] = C~_c[:, j]
+    X = np.zeros_like(cols)  # X[j, c] = column j of X_c, laid out so that sum_{l<j} X_l T_lj is one product
+    TH = T.conj().T  # lower triangular
+    eye = np.eye(n)
+    for j in range(n):
+        rhs = cols[j] + gamma * np.tensordot(T[:j, j], X[:j], axes=(0, 0)) @ TH.T  # one row per C
+        X[j] = np.linalg.solve(eye - gamma * T[j, j] * TH, rhs.T).T  # (scipy's triangular solve threads: slow when busy)
+    X = X.transpose(1, 2, 0).reshape(Ct.shape)  # X[c][:, j]
+    P = (U @ X @ UH).real
+    return 0.5 * (P + np.swapaxes(P, -1, -2))
+
+
 def _simulate_class_costs(game: Game, labels, sizes, s, x0, T: int) -> np.ndarray:
     """Every agent on ``game.table`` with the true class means, costs summed over t < T.
+
+    O(N d T): the test oracle of :func:`_class_policy_costs`, and its fallback where that does not apply.
 
     The discount is ``gamma^t`` (:func:`~memoa_fast.kernels.next_discount`: a running product stalled at a subnormal
     for ``gamma > 1/2``). Once it underflows to 0 (``gamma < 1``: after about 745 / -ln(gamma) rounds) no later round
