@@ -716,6 +716,19 @@ def test_csv_spreadsheet_error_values_are_gaps_named_as_such(tmp_path, error, de
                                "other.csv"), "value", warmup=5, missing="drop", decimal=decimal)
 
 
+def test_a_csv_path_that_is_a_pipe_is_named_as_such_by_both_readers(tmp_path):
+    """``memoa run --csv <(zcat data.csv.gz)`` passes a named pipe: load_csv_series said what it is, csv_columns said
+    "not found" (one check now serves both), and neither waits on it.
+    """
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    for call in (lambda: load_csv_series(fifo, "value", warmup=5), lambda: csv_columns(fifo)):
+        with pytest.raises(CsvSeriesError, match=r"is not a regular file \(a pipe, socket or device\); give a CSV file"):
+            call()
+    with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
+        csv_columns(tmp_path)
+
+
 @pytest.mark.parametrize("data,what", [
     (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "gzip-compressed"),
     (b"BZh91AY&SY", "bzip2-compressed"),

@@ -645,10 +645,7 @@ def load_csv_series(
     _check_decimal(decimal)
     if max_rows is not None:
         max_rows = check_int("max_rows", max_rows, low=1)
-    if not path.is_file():
-        if path.exists() and not path.is_dir():
-            raise CsvSeriesError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give a CSV file")
-        raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+    _check_csv_file(path)
     reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop", decimal=decimal)
     arr = reader.read()
     n = arr.shape[0]
@@ -701,8 +698,7 @@ def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
     """
     path = _csv_path(path)
     _check_decimal(decimal)
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+    _check_csv_file(path)
     reader = _ColumnReader(path, "", None, decimal=decimal)
     with path.open("rb") as fh:
         raw, line = reader._header_line(fh)
@@ -716,6 +712,14 @@ def _csv_path(path) -> Path:
     if "\0" in os.fspath(path):  # no file name holds one: is_file() says False, so it read as "not found"
         raise ValueError(f"path must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
     return Path(path)
+
+
+def _check_csv_file(path: Path) -> None:
+    """``FileNotFoundError`` (saying so for a folder) or ``CsvSeriesError`` (a pipe, socket or device) unless ``path`` is a file."""
+    if not path.is_file():
+        if path.exists() and not path.is_dir():
+            raise CsvSeriesError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give a CSV file")
+        raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
 
 
 def _check_decimal(decimal) -> None:
