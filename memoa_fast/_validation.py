@@ -62,13 +62,16 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     if math.isinf(number) and _beyond_float64(value):  # also a long double 1e400, which float() makes inf ("got inf")
         raise ValueError(f"{name} must be a finite float64 (at most 1.8e308 in magnitude) in {interval}, "
                          f"got {_short(value)}")
-    value = number
+    given, value = value, number
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     lo_ok = low is None or (value > low if low_open else value >= low)
     hi_ok = high is None or (value < high if high_open else value <= high)
     if not (lo_ok and hi_ok):
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+        # a nonzero value below float64's smallest (Fraction(1, 10**400), Decimal('1e-400')) is refused as what was
+        # given, not as the 0.0 it rounds to
+        shown = f"{_short(given)}, which is 0.0 in float64" if value == 0.0 and given != 0 else repr(value)
+        raise ValueError(f"{name} must be in {interval}, got {shown}")
     return value
 
 

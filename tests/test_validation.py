@@ -154,6 +154,13 @@ def test_every_scalar_argument_takes_a_fraction_or_decimal_as_the_weights_do():
                          (Decimal("-1"), r"eta must be in \[0, inf\), got -1.0")):
         with pytest.raises(ValueError, match=match):
             _validation.check_real("eta", value, low=0.0)
+    wider = np.finfo(np.longdouble).tiny < np.finfo(np.float64).tiny  # (a long double that is a float64 holds no 1e-4000)
+    for value in (Fraction(1, 10**400), Decimal("1e-400"), *([np.longdouble("1e-4000")] if wider else [])):  # 0.0 as a float64
+        shown = re.escape(_validation._short(value))
+        with pytest.raises(ValueError, match=rf"r must be in \(0, inf\), got {shown}, which is 0.0 in float64"):
+            _validation.check_real("r", value, low=0.0, low_open=True)
+    with pytest.raises(ValueError, match=r"r\[0\] must be in \(0, inf\), got Fraction\(1, 1000.*, which is 0.0 in float64"):
+        mf.Game(q=[1.0, 1.0], kappa=[1.0, 1.0], r=[Fraction(1, 10**400), 1.0], shares=[0.5, 0.5])  # an entry too
 
 
 def test_check_real_dtype_names_the_argument():
