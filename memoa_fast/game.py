@@ -339,8 +339,9 @@ def _as_weight_vector(name, value, low_open):
     accepted = f"a real number {'> 0' if low_open else '>= 0'} or a 1-D sequence of them (one per class)"
     if isinstance(value, (str, bytes)) or value is None or isinstance(value, bool):
         raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
-    if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    if isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype != object):
         return check_real(name, value, low=0.0, low_open=low_open)  # 0-d arrays of a non-real dtype: TypeError
+    # (a 0-d object array goes on, as a sequence of them does: its element checked by as_real_values)
     arr = as_real_values(name, value, accepted)  # the dtype (or every element) checked: nothing is cast
     if arr.ndim == 0:  # a real number that is not a numbers.Real (decimal.Decimal): a scalar weight, as in a sequence
         return check_real(name, arr, low=0.0, low_open=low_open)

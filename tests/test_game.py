@@ -324,6 +324,10 @@ def test_a_decimal_weight_is_a_number_alone_as_in_a_sequence():
     assert Game(q=Decimal("0.5"), kappa=Decimal(2), r=Decimal("0.25")) == Game(q=0.5, kappa=2.0, r=0.25)
     with pytest.raises(ValueError, match=r"^r must be in \(0, inf\), got 0.0"):
         Game(r=Decimal(0))
+    # a 0-d object array is a weight as a one-element object array is (it was a TypeError), its element checked alike
+    assert Game(q=np.array(Decimal("0.5"), dtype=object), kappa=np.array(2.0, dtype=object)) == Game(q=0.5, kappa=2.0)
+    with pytest.raises(TypeError, match=r"None of type NoneType is not a real number"):
+        Game(q=np.array(None, dtype=object))
 
 
 @pytest.mark.parametrize("kwargs, where", [({"q": 10**400}, "q"), ({"kappa": [1.0, -10**400]}, "kappa[1]"),
