@@ -619,6 +619,25 @@ def test_class_costs_fall_back_on_the_simulation_where_the_closed_form_does_not_
         np.testing.assert_allclose(policy_costs(game, s, x0, horizon=horizon, labels=labels), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("r, gamma, horizon", [(1e9, 1.0, 3), (1e12, 1.0, 3), (0.5, 1.0 - 1e-9, 7)])
+def test_short_horizon_costs_keep_their_digits_where_the_dynamics_are_slow(r, gamma, horizon):
+    """A horizon short against the slowest discounted mode (gain 1e-9 or 1e-12 at gamma = 1, or gamma = 1 - 1e-9):
+    ``L - gamma^T A^T' L A^T`` and ``(1 - gamma^T) / (1 - gamma)`` cancelled (K classes: 3e-8 of the cost lost at
+    r = 1e9, 4e-5 at r = 1e12, 4e-10 at gamma = 1 - 1e-9; one class: 3e-9 at gamma = 1 - 1e-9). Against the
+    simulation of these few rounds, exact to rounding.
+    """
+    rng = np.random.default_rng(6)
+    labels = np.array([0, 1, 1, 2, 0, 2, 2])
+    s, x0 = rng.normal(size=(7, 2)) + 0.3, rng.normal(size=(7, 2))
+    sizes = np.bincount(labels)
+    game = Game(q=[1.0, 0.0, 0.3], kappa=[1.0, 2.0, 0.5], r=[r] * 3, gamma=gamma, policy="greedy")
+    want = certificates._simulate_class_costs(game, labels, sizes, s, x0, horizon)
+    np.testing.assert_allclose(policy_costs(game, s, x0, horizon=horizon, labels=labels), want, rtol=1e-13)
+    one = Game(q=1.0, kappa=2.0, r=r, gamma=gamma)
+    want = certificates._simulate_class_costs(one, np.zeros(7, np.intp), np.array([7]), s, x0, horizon)
+    np.testing.assert_allclose(policy_costs(one, s, x0, horizon=horizon), want, rtol=1e-13)
+
+
 def test_stein_schur_matches_scipy_and_the_kronecker_form():
     """The O(n^3) Schur solve of ``P = C + gamma A' P A`` against scipy.linalg.solve_discrete_lyapunov and the
     Kronecker form, on non-normal A with complex eigenvalues, up to n = 17 (K = 16 classes).
