@@ -1058,9 +1058,6 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     b = g[:, None] * (sig[:, None] * sbar + fixed)
     IB = np.eye(K) - B
     mstar = np.linalg.lstsq(IB, b, rcond=None)[0]  # I - B may be singular (greedy with every q_l = 0: a line of rest points)
-    resid = np.abs(IB @ mstar - b)
-    if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
-        return None
     m0 = (onehot @ x0) / sizes[:, None]
     left, sv, right = np.linalg.svd(IB)
     null = sv <= 64 * K * _EPS * sv[0]
@@ -1072,6 +1069,12 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
             mstar = mstar + V0 @ np.linalg.solve(W0.T @ V0, W0.T @ (m0 - mstar))
         except np.linalg.LinAlgError:  # eigenvalue 1 not semisimple: the means drift, no rest point
             return None
+    # Checked on the rest point used: lstsq's least-norm answer is near 0 when it drops a direction that the null
+    # test above keeps (a singular value between eps and 64 K eps of the largest, e.g. greedy with q = 1e-15), and
+    # a residual measured against that scale refused a population with a rest point.
+    resid = np.abs(IB @ mstar - b)
+    if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
+        return None
     if horizon is None:
         gT, ST = 0.0, 1.0 / (1.0 - gamma)
     else:
@@ -1093,7 +1096,10 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     u = np.concatenate((np.ones((K, 1)), -Mm), axis=1)  # (1, -M^m_c.): u_c = -g_c u'y
     Qc = kappa[:, None, None] * np.outer(f, f) + (r * g * g)[:, None, None] * u[:, :, None] * u[:, None, :]
     Qc[:, 0, 0] += q
-    L = _class_stein(B, a, V, Qc, gamma)
+    try:
+        L = _class_stein(B, a, V, Qc, gamma)
+    except np.linalg.LinAlgError:  # gamma lambda_i lambda_j = 1 to the last bit (gamma = 1, I - B singular): no L
+        return None
     eye = np.eye(n1)
     W = np.linalg.inv(eye - gamma * A)  # sum_t (gamma A_c)^t
     if gT == 0.0:  # infinite horizon, or gamma^T below the smallest float: the tail terms are exactly 0
