@@ -382,7 +382,9 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         \\qquad L = Q + \\gamma A' L A,
 
     with ``T = infinity`` (``gamma < 1``, ``horizon=None``) dropping the
-    ``gamma^T`` terms. O(N d).
+    ``gamma^T`` terms. O(N d). Where ``gamma^T A^T`` is near the identity
+    (a horizon short against the slowest discounted mode) these differences
+    would cancel, and the T terms are summed by doubling instead (O(log T)).
 
     Parameters
     ----------
@@ -407,7 +409,7 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         ``y = (x_i - x_i^inf, m - m^inf)`` of dimension K + 1,
         ``(I - B) m^inf = b``, one ``A_c`` and ``L_c`` per class (a Stein
         equation solved through the complex Schur form) and ``pi`` (the class
-        shares) in place of the mean's weights: O(N d + K^4 d). Where
+        shares) in place of the mean's weights: O(N d + K^4 + K^3 d). Where
         ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not converge) or
         the class means have no rest point, the costs are instead summed by
         simulating the whole population (O(N d T); with ``horizon=None`` over
