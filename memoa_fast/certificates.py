@@ -382,7 +382,9 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         \\qquad L = Q + \\gamma A' L A,
 
     with ``T = infinity`` (``gamma < 1``, ``horizon=None``) dropping the
-    ``gamma^T`` terms. O(N d).
+    ``gamma^T`` terms. O(N d). Where ``gamma^T A^T`` is near the identity
+    (a horizon short against the slowest discounted mode) these differences
+    would cancel, and the T terms are summed by doubling instead (O(log T)).
 
     Parameters
     ----------
@@ -407,7 +409,7 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         ``y = (x_i - x_i^inf, m - m^inf)`` of dimension K + 1,
         ``(I - B) m^inf = b``, one ``A_c`` and ``L_c`` per class (a Stein
         equation solved through the complex Schur form) and ``pi`` (the class
-        shares) in place of the mean's weights: O(N d + K^4 d). Where
+        shares) in place of the mean's weights: O(N d + K^4 + K^3 d). Where
         ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not converge) or
         the class means have no rest point, the costs are instead summed by
         simulating the whole population (O(N d T); with ``horizon=None`` over
@@ -456,11 +458,8 @@ def _centred_policy_costs(game: Game, s: np.ndarray, x0: np.ndarray, horizon, la
     if horizon is None:
         LT, WT, ST = L, W, 1.0 / (1.0 - gamma)
     else:
-        AT = np.linalg.matrix_power(A, horizon)
-        gT = gamma**horizon
-        LT = L - gT * AT.T @ L @ AT
-        WT = (np.eye(2) - gT * AT) @ W
-        ST = float(horizon) if gamma == 1.0 else (1.0 - gT) / (1.0 - gamma)
+        LT, WT = (M[0] for M in _finite_sums(A[None], Q[None], L[None], W[None], gamma, horizon))
+        ST = _discount_sum(gamma, horizon)
 
     sbar = s.mean(axis=0)  # (d,)
     m0 = x0.mean(axis=0)
@@ -476,6 +475,50 @@ def _centred_policy_costs(game: Game, s: np.ndarray, x0: np.ndarray, horizon, la
     lin = c1 * (WT[0, 0] * y1 + WT[0, 1] * y2) + c2 * (WT[1, 0] * y1 + WT[1, 1] * y2)
     const = q * delta * delta + kappa * eps * eps
     return (0.5 * quad + lin + 0.5 * ST * const).sum(axis=1)
+
+
+def _discount_sum(gamma: float, T: int) -> float:
+    """``sum_{t<T} gamma^t``: ``T`` at ``gamma = 1``, else ``-expm1(T log1p(gamma - 1)) / (1 - gamma)``.
+
+    ``(1 - gamma^T) / (1 - gamma)`` cancels when ``gamma^T`` is near 1 (``gamma = 1 - 1e-9``, ``T = 7``: 1e-8 of the
+    sum lost); ``gamma - 1`` is exact (Sterbenz), so this form keeps every digit.
+    """
+    if gamma == 1.0:
+        return float(T)
+    return -math.expm1(T * math.log1p(gamma - 1.0)) / (1.0 - gamma)
+
+
+def _finite_sums(A: np.ndarray, Q: np.ndarray, L: np.ndarray, W: np.ndarray, gamma: float, T: int):
+    """``(L_T, W_T)``: ``sum_{t<T} gamma^t A'^t Q A^t`` and ``sum_{t<T} (gamma A)^t`` for a stack (..., n, n).
+
+    ``L_T = L - gamma^T A^T' L A^T`` and ``W_T = (I - gamma^T A^T) W`` (``L``, ``W`` the infinite sums) cancel
+    where ``gamma^T A^T`` is near the identity: a horizon short against the slowest discounted mode (``gamma = 1``
+    with a gain of 1e-9: ``L`` is 1e9 times ``L_3``, and 1e-8 of ``L_3`` was lost). Where the subtracted terms
+    exceed half the sums, the T terms are added instead by doubling (``S_{m+n} = S_m + gamma^m A^m' S_n A^m``):
+    sums of terms, no cancellation, O(n^3 log T) for each matrix of the stack.
+    """
+    AT = np.linalg.matrix_power(A, T)
+    gT = gamma**T
+    tailL = gT * np.swapaxes(AT, -1, -2) @ L @ AT
+    tailW = gT * AT
+    eye = np.eye(A.shape[-1])
+    big = (np.linalg.norm(tailL, axis=(-2, -1)) > 0.5 * np.linalg.norm(L, axis=(-2, -1))) | (np.linalg.norm(tailW, 2, axis=(-2, -1)) > 0.5)
+    if not big.any():
+        return L - tailL, (eye - tailW) @ W
+    # Doubling: the accumulated sums cover the first m rounds, the block the next 2^j.
+    LT, WT, P, gm = np.zeros_like(L), np.zeros_like(W), np.broadcast_to(eye, A.shape).copy(), 1.0
+    Lb, Wb, Pb, gb = Q.copy(), np.broadcast_to(eye, A.shape).copy(), A.copy(), gamma
+    while T:
+        if T & 1:
+            LT = LT + gm * np.swapaxes(P, -1, -2) @ Lb @ P
+            WT = WT + gm * P @ Wb
+            P, gm = P @ Pb, gm * gb
+        T >>= 1
+        if T:
+            Lb = Lb + gb * np.swapaxes(Pb, -1, -2) @ Lb @ Pb
+            Wb = Wb + gb * Pb @ Wb
+            Pb, gb = Pb @ Pb, gb * gb
+    return 0.5 * (LT + np.swapaxes(LT, -1, -2)), WT
 
 
 def _lyapunov_dense(A: np.ndarray, C: np.ndarray, gamma: float) -> np.ndarray:
@@ -1017,9 +1060,6 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     b = g[:, None] * (sig[:, None] * sbar + fixed)
     IB = np.eye(K) - B
     mstar = np.linalg.lstsq(IB, b, rcond=None)[0]  # I - B may be singular (greedy with every q_l = 0: a line of rest points)
-    resid = np.abs(IB @ mstar - b)
-    if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
-        return None
     m0 = (onehot @ x0) / sizes[:, None]
     left, sv, right = np.linalg.svd(IB)
     null = sv <= 64 * K * _EPS * sv[0]
@@ -1031,11 +1071,16 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
             mstar = mstar + V0 @ np.linalg.solve(W0.T @ V0, W0.T @ (m0 - mstar))
         except np.linalg.LinAlgError:  # eigenvalue 1 not semisimple: the means drift, no rest point
             return None
+    # Checked on the rest point used: lstsq's least-norm answer is near 0 when it drops a direction that the null
+    # test above keeps (a singular value between eps and 64 K eps of the largest, e.g. greedy with q = 1e-15), and
+    # a residual measured against that scale refused a population with a rest point.
+    resid = np.abs(IB @ mstar - b)
+    if (resid > 1e3 * _EPS * (np.abs(IB) @ np.abs(mstar) + np.abs(b)) + _TINY).any():
+        return None
     if horizon is None:
         gT, ST = 0.0, 1.0 / (1.0 - gamma)
     else:
-        gT = gamma**horizon
-        ST = float(horizon) if gamma == 1.0 else (1.0 - gT) / (1.0 - gamma)
+        gT, ST = gamma**horizon, _discount_sum(gamma, horizon)
 
     dm = m0 - mstar  # (K, d): y's class-mean part, the same for every agent
     xstar = sig[labels][:, None] * s + (fixed + Mm @ mstar)[labels]
@@ -1053,15 +1098,16 @@ def _class_policy_costs(game: Game, labels, sizes, s, x0, horizon) -> np.ndarray
     u = np.concatenate((np.ones((K, 1)), -Mm), axis=1)  # (1, -M^m_c.): u_c = -g_c u'y
     Qc = kappa[:, None, None] * np.outer(f, f) + (r * g * g)[:, None, None] * u[:, :, None] * u[:, None, :]
     Qc[:, 0, 0] += q
-    L = _class_stein(B, a, V, Qc, gamma)
+    try:
+        L = _class_stein(B, a, V, Qc, gamma)
+    except np.linalg.LinAlgError:  # gamma lambda_i lambda_j = 1 to the last bit (gamma = 1, I - B singular): no L
+        return None
     eye = np.eye(n1)
     W = np.linalg.inv(eye - gamma * A)  # sum_t (gamma A_c)^t
     if gT == 0.0:  # infinite horizon, or gamma^T below the smallest float: the tail terms are exactly 0
         LT, WT = L, W
     else:
-        AT = np.linalg.matrix_power(A, horizon)
-        LT = L - gT * np.swapaxes(AT, 1, 2) @ L @ AT
-        WT = (eye - gT * AT) @ W
+        LT, WT = _finite_sums(A, Qc, L, W, gamma, horizon)
 
     # Per agent: y0 = (y1_i, dm); c_i' WT y0 = q delta (e_1' WT y0) + kappa eps (f' WT y0).
     cl = labels

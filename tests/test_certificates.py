@@ -619,6 +619,48 @@ def test_class_costs_fall_back_on_the_simulation_where_the_closed_form_does_not_
         np.testing.assert_allclose(policy_costs(game, s, x0, horizon=horizon, labels=labels), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("r, gamma, horizon", [(1e9, 1.0, 3), (1e12, 1.0, 3), (0.5, 1.0 - 1e-9, 7)])
+def test_short_horizon_costs_keep_their_digits_where_the_dynamics_are_slow(r, gamma, horizon):
+    """A horizon short against the slowest discounted mode (gain 1e-9 or 1e-12 at gamma = 1, or gamma = 1 - 1e-9):
+    ``L - gamma^T A^T' L A^T`` and ``(1 - gamma^T) / (1 - gamma)`` cancelled (K classes: 3e-8 of the cost lost at
+    r = 1e9, 4e-5 at r = 1e12, 4e-10 at gamma = 1 - 1e-9; one class: 3e-9 at gamma = 1 - 1e-9). Against the
+    simulation of these few rounds, exact to rounding.
+    """
+    rng = np.random.default_rng(6)
+    labels = np.array([0, 1, 1, 2, 0, 2, 2])
+    s, x0 = rng.normal(size=(7, 2)) + 0.3, rng.normal(size=(7, 2))
+    sizes = np.bincount(labels)
+    game = Game(q=[1.0, 0.0, 0.3], kappa=[1.0, 2.0, 0.5], r=[r] * 3, gamma=gamma, policy="greedy")
+    want = certificates._simulate_class_costs(game, labels, sizes, s, x0, horizon)
+    np.testing.assert_allclose(policy_costs(game, s, x0, horizon=horizon, labels=labels), want, rtol=1e-13)
+    one = Game(q=1.0, kappa=2.0, r=r, gamma=gamma)
+    want = certificates._simulate_class_costs(one, np.zeros(7, np.intp), np.array([7]), s, x0, horizon)
+    np.testing.assert_allclose(policy_costs(one, s, x0, horizon=horizon), want, rtol=1e-13)
+
+
+def test_class_costs_in_closed_form_where_i_minus_b_is_singular_to_rounding_only(monkeypatch):
+    """Greedy with q = (1e-15, 0, 0): I - B's smallest singular value (2e-16) is below lstsq's cut (3 eps) but is
+    kept by the null-space test (64 K eps): lstsq's least-norm answer (about 0) made the residual check refuse a
+    population with a rest point, and the rounds were simulated (at gamma = 0.99999 with no horizon: a ValueError,
+    3.9e6 rounds). The closed form now applies, to rounding; at gamma = 1 with q = 1e-16 (eigenvalue 1 to the last
+    bit: no Stein solution) the rounds are summed, as before.
+    """
+    rng = np.random.default_rng(6)
+    labels = np.array([0, 1, 1, 2, 0, 2, 2])
+    sizes = np.bincount(labels)
+    s, x0 = rng.normal(size=(7, 1)) + 0.3, rng.normal(size=(7, 1))
+    game = Game(q=[1e-15, 0.0, 0.0], kappa=[1.0, 2.0, 0.5], r=[0.5, 0.1, 1.0], gamma=0.9, policy="greedy")
+    want = certificates._simulate_class_costs(game, labels, sizes, s, x0, certificates._tail_horizon(0.9))
+    stuck = Game(q=[1e-16, 0.0, 0.0], kappa=[1.0, 2.0, 0.5], r=[0.5, 0.1, 1.0], gamma=1.0, policy="greedy")
+    np.testing.assert_allclose(policy_costs(stuck, s, x0, horizon=50, labels=labels),
+                               certificates._simulate_class_costs(stuck, labels, sizes, s, x0, 50), rtol=1e-13)
+    monkeypatch.setattr(certificates, "_simulate_class_costs", lambda *a: pytest.fail("the rounds were simulated"))
+    np.testing.assert_allclose(policy_costs(game, s, x0, labels=labels), want, rtol=1e-13)
+    slow = Game(q=[1e-15, 0.0, 0.0], kappa=[1.0, 2.0, 0.5], r=[0.5, 0.1, 1.0], gamma=0.99999, policy="greedy")
+    none = Game(q=[0.0, 0.0, 0.0], kappa=[1.0, 2.0, 0.5], r=[0.5, 0.1, 1.0], gamma=0.99999, policy="greedy")
+    np.testing.assert_allclose(policy_costs(slow, s, x0, labels=labels), policy_costs(none, s, x0, labels=labels), rtol=1e-8)
+
+
 def test_stein_schur_matches_scipy_and_the_kronecker_form():
     """The O(n^3) Schur solve of ``P = C + gamma A' P A`` against scipy.linalg.solve_discrete_lyapunov and the
     Kronecker form, on non-normal A with complex eigenvalues, up to n = 17 (K = 16 classes).
