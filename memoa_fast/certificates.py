@@ -413,7 +413,14 @@ def policy_costs(game, signals, initial_states, horizon=None, tol: float = 1e-13
         ``gamma rho(A_c)^2 >= 1`` (the discounted sums need not converge) or
         the class means have no rest point, the costs are instead summed by
         simulating the whole population (O(N d T); with ``horizon=None`` over
-        the T steps with ``gamma^T <= 1e-17``).
+        the T steps with ``gamma^T <= 1e-17``). Conditioning: with a class
+        mean mode ``lambda`` of ``B`` near 1 (a tiny ``q``) and ``gamma`` near 1
+        at an infinite horizon, the costs themselves depend on
+        ``1 - gamma lambda^2``, which ``game.table`` fixes only to its ulps:
+        one ulp of the table moves the exact costs by 1e-8 (``q = 1e-8``,
+        ``gamma = 1 - 1e-9``) to 3e-5 (``q = 1e-12``, ``gamma = 1 - 1e-12``)
+        of their size, and the result is as uncertain (a backward error of a
+        few ulps; measured against 60-digit sums).
 
     Returns
     -------
