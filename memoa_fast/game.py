@@ -351,10 +351,9 @@ def _as_weight_vector(name, value, low_open):
         fine = np.isfinite(arr) & ((arr > 0.0) if low_open else (arr >= 0.0))
     if not fine.all():
         j = int(np.argmin(fine))
-        try:  # the entry as given, so that one below float64's smallest is named as itself, not as the 0.0 it became
-            entry = value[j] if isinstance(value, (list, tuple)) else float(arr[j])
-        except Exception:  # noqa: BLE001 - any other sequence: its float64 value
-            entry = float(arr[j])
+        # the entry as given (a list's or tuple's), so that one below float64's smallest is named as itself, not as the
+        # 0.0 it became; an array's entry is its float64 already
+        entry = value[j] if isinstance(value, (list, tuple)) else float(arr[j])
         check_real(f"{name}[{j}]", entry, low=0.0, low_open=low_open)  # raises, naming the entry
     arr.flags.writeable = False
     return arr
