@@ -22,6 +22,7 @@ import numbers
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +74,19 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
         shown = f"{_short(given)}, which is 0.0 in float64" if value == 0.0 and given != 0 else repr(value)
         raise ValueError(f"{name} must be in {interval}, got {shown}")
     return value
+
+
+def as_file_path(name: str, path, what: str):
+    """``path`` as a :class:`pathlib.Path`: a ``str`` or ``os.PathLike`` naming ``what`` (a file), without a NUL character.
+
+    ``TypeError`` naming ``name`` for another type (pathlib's own named nothing), ``ValueError`` for a NUL (no file
+    name holds one: the OS calls raised an unnamed "embedded null byte", and ``is_file()`` said False, "not found").
+    """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"{name} must be a str or os.PathLike naming {what}, got {path!r} of type {type(path).__name__}")
+    if "\0" in os.fspath(path):
+        raise ValueError(f"{name} must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
+    return Path(path)
 
 
 def check_int(name: str, value, *, low: int = 1, high: int | None = None) -> int:

@@ -76,7 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from ._state import RULES, check_population_state, check_server_state, check_source_layout, n_classes_of
-from ._validation import available_memory, check_int, load_checked
+from ._validation import as_file_path, available_memory, check_int, load_checked
 from .game import POLICIES, Game
 
 try:
@@ -546,12 +546,7 @@ def _checkpoint_path(name: str, path, *, reading: bool) -> Path:
     Raises ``TypeError`` naming ``name``, or ``IsADirectoryError`` (its message says whether a checkpoint was
     to be read or written there).
     """
-    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
-        raise TypeError(f"{name} must be a str or os.PathLike naming the checkpoint file, got {path!r} of type "
-                        f"{type(path).__name__}")
-    if "\0" in os.fspath(path):  # no file name holds one: the OS calls would raise an unnamed "embedded null byte"
-        raise ValueError(f"{name} must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
-    path = Path(path)
+    path = as_file_path(name, path, "the checkpoint file")
     if path.is_dir():  # follows links
         if reading:
             raise IsADirectoryError(f"cannot read checkpoint {str(path)!r}: it is a folder, not a checkpoint file")

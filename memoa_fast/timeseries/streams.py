@@ -27,7 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import MAX_COUNT, as_float64, binary_exponent, check_bool, check_int, check_real, check_seed, check_sizes, real_array
+from .._validation import (
+    MAX_COUNT,
+    as_file_path,
+    as_float64,
+    binary_exponent,
+    check_bool,
+    check_int,
+    check_real,
+    check_seed,
+    check_sizes,
+    real_array,
+)
 from .forecasters import TARGET_LIMIT
 
 SYNTHETIC_STREAMS = ("logistic", "periodic", "concept", "concept-drift")
@@ -634,7 +645,7 @@ def load_csv_series(
         would z-score beyond ``1e30`` (for example ``1e200`` after a warm-up
         of ordinary values).
     """
-    path = _csv_path(path)
+    path = as_file_path("path", path, "the CSV file")
     if not isinstance(column, str):
         raise TypeError(f"column must be a str (a name in the header row), got {column!r} of type {type(column).__name__}")
     return_scaling = check_bool("return_scaling", return_scaling)
@@ -696,22 +707,13 @@ def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
     text (compressed, UTF-16, lone ``\\r`` line ends, an empty first line,
     an over-long first line).
     """
-    path = _csv_path(path)
+    path = as_file_path("path", path, "the CSV file")
     _check_decimal(decimal)
     _check_csv_file(path)
     reader = _ColumnReader(path, "", None, decimal=decimal)
     with path.open("rb") as fh:
         raw, line = reader._header_line(fh)
     return reader._names(raw, line)
-
-
-def _csv_path(path) -> Path:
-    """``path`` as a :class:`~pathlib.Path`: a ``str`` or ``os.PathLike`` without a NUL character, else an error naming it."""
-    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
-        raise TypeError(f"path must be a str or os.PathLike naming the CSV file, got {path!r} of type {type(path).__name__}")
-    if "\0" in os.fspath(path):  # no file name holds one: is_file() says False, so it read as "not found"
-        raise ValueError(f"path must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
-    return Path(path)
 
 
 def _check_csv_file(path: Path) -> None:
