@@ -20,6 +20,7 @@ import decimal
 import math
 import numbers
 import os
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,36 @@ def as_file_path(name: str, path, what: str):
     if "\0" in os.fspath(path):
         raise ValueError(f"{name} must name a file, without a NUL character ('\\0'), got {os.fspath(path)!r}")
     return Path(path)
+
+
+def special_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is when it is a device, a named pipe or a socket (``"a named pipe"``), else ``""``."""
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return ""
+
+
+def open_to_read(path, check):
+    """``(file, st)``: ``path`` opened once to read (binary, a link followed), ``st`` the ``fstat`` of that very handle.
+
+    Opened without blocking (a named pipe's plain open waits for a writer, forever), then ``check(st)`` decides (it
+    raises to refuse the file; the handle is closed), then the handle is made blocking again for the reads. Checking
+    the path first instead would check a file that can be replaced before its open. Checkpoints and CSV files open here.
+    """
+    # O_BINARY where it exists (Windows): os.open's default there is text mode (CR LF read as LF, Ctrl-Z as the end)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        check(st)
+        if nonblock:  # only where it was set: Windows has no O_NONBLOCK, and its set_blocking refuses a file (3.12+)
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_int(name: str, value, *, low: int = 1, high: int | None = None) -> int:

@@ -76,7 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from ._state import RULES, check_population_state, check_server_state, check_source_layout, n_classes_of
-from ._validation import as_file_path, available_memory, check_int, load_checked
+from ._validation import as_file_path, available_memory, check_int, load_checked, open_to_read, special_kind
 from .game import POLICIES, Game
 
 try:
@@ -572,39 +572,21 @@ def special_file(path) -> str:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):  # no such file (a new one), or not reachable: the folder checks name it
         return ""
-    return _special_kind(mode)
-
-
-def _special_kind(mode: int) -> str:
-    """:func:`special_file`'s answer for a file of ``st_mode`` ``mode``."""
-    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return ""
+    return special_kind(mode)
 
 
 def _open_to_read(path, where: str):
     """``path`` opened to read (binary), refused with ``CheckpointError`` unless it is a regular file (a link followed).
 
     Every file a load opens comes through here (the checkpoint, a manifest, each shard file), so what is checked is
-    the very file read: opened without blocking (a named pipe's plain open waits for a writer, forever), then its
-    ``fstat``; a path checked first could be replaced before its open.
+    the very file read (:func:`memoa_fast._validation.open_to_read`: one open, without blocking, then its ``fstat``).
     """
-    # O_BINARY where it exists (Windows): os.open's default there is text mode (CR LF read as LF, Ctrl-Z as the end)
-    nonblock = getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else _special_kind(mode) or "not a regular file"
+    def check(st):
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else special_kind(st.st_mode) or "not a regular file"
             raise CheckpointError(f"{where}: it is {kind}, not a checkpoint file")
-        if nonblock:  # only where it was set: Windows has no O_NONBLOCK, and its set_blocking refuses a file (3.12+)
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+
+    return open_to_read(path, check)[0]
 
 
 def _fail(where, message):

@@ -109,6 +109,85 @@ def test_csv_run(tmp_path, capsys):
     assert code == 0 and "RMSE on stream s.csv:value: 60 clients, 399 rounds" in out
 
 
+STDIN_RUN = ["--column", "value", "--warmup", "20", "--clients", "10", "--policies", "memoa", "--quiet"]
+STDIN_TEXT = "t,value\n" + "".join(f"{i},{(i * 37 % 101) / 10}\n" for i in range(60))
+
+
+def test_csv_dash_reads_standard_input_in_a_subprocess():
+    """``zcat ETTh1.csv.gz | memoa run --csv - --column OT``: '-' was a file name ("CSV file not found: '-'"); it is
+    standard input now, read once (a pipe here), named '<stdin>'.
+    """
+    import importlib.util
+
+    fast = ["--backend", "cython"] if importlib.util.find_spec("memoa_fast.kernels._cython") else []  # no JIT to load: < 1 s
+    proc = subprocess.run([sys.executable, "-P", "-m", "memoa_fast.timeseries.cli", "run", "--csv", "-", *STDIN_RUN, *fast],
+                          input=STDIN_TEXT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RMSE on stream <stdin>:value: 10 clients, 59 rounds" in proc.stdout
+
+
+def test_csv_dash_names_standard_input_and_keeps_it_from_being_overwritten(tmp_path, capsys, monkeypatch):
+    """``--csv -``: messages name '<stdin>', the JSON records '-', an output that is the file standard input reads is
+    refused (``--csv - --json d.json < d.json``), and ``./-`` still names a file '-'.
+    """
+    data = tmp_path / "d.json"
+    data.write_text(STDIN_TEXT.replace("9,", "9,oops"))  # a bad cell on line 11
+
+    def stdin_from(path):
+        handle = open(path, encoding="utf-8")
+        monkeypatch.setattr(sys, "stdin", handle)
+        return handle
+
+    for argv, needle in [(["--column", "value"], "argument --csv/--column: <stdin>, line 11 (data row 10), column "
+                                                 "'value': 'oops3.0' is not a number"),
+                         ([], "--csv needs --column NAME, the column to forecast; <stdin> has columns 't', 'value'"),
+                         (["--column", "value", "--json", str(data)],
+                          f"argument --json: {str(data)!r} is the input file --csv '-' (standard input)")]:
+        with stdin_from(data), pytest.raises(SystemExit) as exc:
+            main(["run", "--csv", "-", "--quiet", *argv])
+        assert exc.value.code == 2
+        _one_line_error(capsys.readouterr().err, needle)
+    data.write_text(STDIN_TEXT)
+    with stdin_from(data):
+        code, out, _ = _run(["run", "--csv", "-", *STDIN_RUN, "--json"], capsys)
+    record = json.loads(out)
+    assert code == 0 and record["stream"] == "<stdin>:value" and record["source"]["csv"] == "-"
+    assert record["source"]["rows"] == 60
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_text(STDIN_TEXT)
+    monkeypatch.setattr(sys, "stdin", None)  # not read
+    code, out, _ = _run(["run", "--csv", "./-", *STDIN_RUN], capsys)
+    assert code == 0 and "RMSE on stream -:value: 10 clients, 59 rounds" in out
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_csv_pipe_is_opened_once_by_the_run(tmp_path, capsys, monkeypatch):
+    """``memoa run --csv <(zcat s.csv.gz) --json out.json``: the pipe (``/dev/fd/N``) was refused; it is read now, opened
+    once (checking the outputs against it reads nothing from it).
+    """
+    import threading
+
+    r, w = os.pipe()
+
+    def write():
+        with os.fdopen(w, "wb") as fh:
+            fh.write(STDIN_TEXT.encode())
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    opened, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
+    pipe, out = f"/dev/fd/{r}", tmp_path / "out.json"
+    try:
+        code, _, _ = _run(["run", "--csv", pipe, *STDIN_RUN, "--json", str(out)], capsys)
+    finally:
+        writer.join(5)
+        os.close(r)
+    assert code == 0 and opened.count(pipe) == 1, opened
+    assert json.loads(out.read_text())["source"] == {"csv": pipe, "column": "value", "warmup": 20, "missing": "error",
+                                                     "decimal": ".", "rows": 60, "rows_dropped": 0}
+
+
 def test_missing_drop_says_how_many_rows_it_dropped(tmp_path, capsys, monkeypatch):
     """--missing drop closes the gaps as asked, and says so on stderr (how many rows, of how many): never silently."""
     got, run = [], experiment.run_experiment

@@ -2,6 +2,11 @@
 import math
 import os
 import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -716,17 +721,156 @@ def test_csv_spreadsheet_error_values_are_gaps_named_as_such(tmp_path, error, de
                                "other.csv"), "value", warmup=5, missing="drop", decimal=decimal)
 
 
-def test_a_csv_path_that_is_a_pipe_is_named_as_such_by_both_readers(tmp_path):
-    """``memoa run --csv <(zcat data.csv.gz)`` passes a named pipe: load_csv_series said what it is, csv_columns said
-    "not found" (one check now serves both), and neither waits on it.
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes (os.mkfifo) here")
+
+
+def _in_time(call, seconds=10.0):
+    """``call()`` in a thread: its result, or its exception raised here; the test fails (rather than hangs) if it waits
+    longer than ``seconds``.
     """
+    box = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the reader still waits after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _writer(target, data: bytes, delay: float = 0.0, pieces: int = 3, silent: float = 0.0) -> threading.Thread:
+    """A thread writing ``data`` to ``target`` (a path: opened for writing, which waits for a reader; or a pipe's fd),
+    after ``delay`` seconds, then ``silent`` more once open, in ``pieces`` pieces with a pause between them (a slow
+    writer), then closing it.
+    """
+    def run():
+        time.sleep(delay)
+        fd = os.open(target, os.O_WRONLY) if isinstance(target, (str, os.PathLike)) else target
+        time.sleep(silent)
+        try:
+            step = max(1, -(-len(data) // pieces))
+            for at in range(0, len(data), step):
+                os.write(fd, data[at:at + step])
+                time.sleep(0.02)
+        except BrokenPipeError:  # the reader had what it needed (csv_columns: the header row)
+            pass
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _join(writer: threading.Thread, fifo) -> None:
+    """Join ``writer``; one still waiting to open ``fifo`` (its reader failed) is let through by a reader opened here."""
+    writer.join(0.5)
+    if writer.is_alive():
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(5)
+        os.close(fd)
+
+
+@needs_fifo
+@pytest.mark.parametrize("when", ["writer first", "writer late", "writer silent"])
+def test_a_named_pipe_is_read_like_the_file(tmp_path, monkeypatch, when):
+    """``mkfifo p; zcat data.csv.gz > p & memoa run --csv p`` was refused ("not a regular file"); a named pipe is now read
+    once, front to back, as its file would be: with its writer waiting for the reader, or opening it after the reader
+    has started (then the reader waits for it), and writing slowly; a writer that has it open and writes nothing for
+    longer than the wait for a writer (:data:`CSV_PIPE_WAIT`) is waited for too.
+    """
+    from memoa_fast.timeseries import streams
+
+    monkeypatch.setattr(streams, "CSV_PIPE_WAIT", 0.05 if when == "writer silent" else 10.0)
+    text = _csv(np.sin(np.arange(300) * 0.1))
+    ref = load_csv_series(_write(tmp_path, text), "value", warmup=5, return_scaling=True)
     fifo = tmp_path / "pipe.csv"
     os.mkfifo(fifo)
-    for call in (lambda: load_csv_series(fifo, "value", warmup=5), lambda: csv_columns(fifo)):
-        with pytest.raises(CsvSeriesError, match=r"is not a regular file \(a pipe, socket or device\); give a CSV file"):
-            call()
-    with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
-        csv_columns(tmp_path)
+    delay = 0.15 if when == "writer late" else 0.0
+    for read, want in ((lambda: load_csv_series(fifo, "value", warmup=5, return_scaling=True), ref),
+                       (lambda: csv_columns(fifo), ["date", "value", "other"])):
+        writer = _writer(fifo, text.encode(), delay, silent=0.25 if when == "writer silent" else 0.0)
+        try:
+            got = _in_time(read)
+        finally:
+            _join(writer, fifo)
+        np.testing.assert_equal(got, want)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_a_pipe_by_its_dev_fd_path_is_read_once_as_the_array_grows(tmp_path, monkeypatch):
+    """``memoa run --csv <(zcat ETTh1.csv.gz)`` passes ``/dev/fd/63``, a pipe: it was refused ("not a regular file").
+    Read now, in blocks, over many of them (small blocks here), into an array that grows geometrically (no size is
+    known ahead): every reallocation at least 1.5 times the last (rounded down), so the copies are linear in the rows.
+    """
+    from memoa_fast.timeseries import streams
+
+    text = _csv(np.cos(np.arange(5000) * 0.01))
+    ref = load_csv_series(_write(tmp_path, text), "value", warmup=5)
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 4096)
+    sizes, grow = [], streams._ColumnReader._grow
+
+    def recorded(self, need):
+        grow(self, need)
+        if not sizes or self.buf.shape[0] != sizes[-1]:
+            sizes.append(self.buf.shape[0])
+
+    monkeypatch.setattr(streams._ColumnReader, "_grow", recorded)
+    r, w = os.pipe()
+    try:
+        writer = _writer(w, text.encode(), pieces=20)
+        got = _in_time(lambda: load_csv_series(f"/dev/fd/{r}", "value", warmup=5))
+    finally:
+        os.close(r)  # a writer still writing (the reader failed) gets a broken pipe
+        writer.join(5)
+    np.testing.assert_array_equal(got, ref)
+    assert len(sizes) > 3 and all(b >= a + a // 2 for a, b in zip(sizes, sizes[1:])), sizes
+
+
+@needs_fifo
+def test_a_named_pipe_without_a_writer_is_refused_in_time(tmp_path, monkeypatch):
+    """A named pipe no process writes: open() waited for a writer, forever (once the path check was passed, or
+    raced). Now it is opened without blocking and its writer waited for :data:`CSV_PIPE_WAIT` seconds, then refused,
+    saying so; a writer that opens it and closes it without a byte leaves an empty file, said at once.
+    """
+    from memoa_fast.timeseries import streams
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(streams, "CSV_PIPE_WAIT", 0.2)
+    for read in (lambda: load_csv_series(fifo, "value", warmup=5), lambda: csv_columns(fifo)):
+        with pytest.raises(CsvSeriesError, match=r"pipe.csv: no process opened this named pipe for writing within 0.2 s"):
+            _in_time(read)
+    monkeypatch.setattr(streams, "CSV_PIPE_WAIT", 60.0)
+    start = time.monotonic()
+    writer = _writer(fifo, b"")
+    try:
+        with pytest.raises(CsvSeriesError, match=r"pipe.csv: the file is empty"):
+            _in_time(lambda: load_csv_series(fifo, "value", warmup=5))
+    finally:
+        _join(writer, fifo)
+    assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize("read", [lambda p: load_csv_series(p, "value", warmup=5), csv_columns])
+def test_the_csv_readers_open_their_path_once_and_never_stat_it(tmp_path, monkeypatch, read):
+    """The path was checked (``is_file``, ``stat``), then opened: a named pipe put in its place in between made the
+    open wait forever. Now the path is opened once (without blocking) and what it is comes from that handle's fstat,
+    so nothing can be swapped in between.
+    """
+    path = _write(tmp_path, _csv(range(20)))
+    opened, stated, real_open, real_stat = [], [], os.open, os.stat
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stated.append(os.fspath(p)) or real_stat(p, *a, **k))
+    read(path)
+    assert opened == [str(path)] and str(path) not in stated, (opened, stated)
 
 
 @pytest.mark.parametrize("data,what", [
@@ -781,13 +925,28 @@ def test_csv_empty_first_line_and_all_missing_column_are_named(tmp_path):
         load_csv_series(_write(tmp_path, text, "m.csv"), "value", warmup=5, missing="drop")
 
 
-def test_csv_path_that_is_not_a_regular_file_is_named(tmp_path):
-    fifo = tmp_path / "pipe.csv"
-    os.mkfifo(fifo)
-    with pytest.raises(CsvSeriesError, match=r"pipe.csv' is not a regular file \(a pipe, socket or device\)"):
-        load_csv_series(fifo, "value")
-    with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
-        load_csv_series(tmp_path, "value")
+def test_csv_path_that_is_a_device_socket_or_folder_is_named(tmp_path):
+    """A device or a socket is refused, saying what it is (it was "not a regular file (a pipe, socket or device)",
+    pipes being refused too); a folder is "not found", as before. A socket cannot be opened: named from the path then.
+    """
+    if os.path.exists(os.devnull) and os.devnull == "/dev/null":
+        for read in (lambda p: load_csv_series(p, "value"), csv_columns):
+            with pytest.raises(CsvSeriesError, match=r"'/dev/null' is a character device, not a CSV file or a pipe"):
+                read(os.devnull)
+    if hasattr(socket, "AF_UNIX"):
+        short = tempfile.mkdtemp(dir="/tmp" if os.path.isdir("/tmp") else None)  # a socket's path is short (108 bytes)
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind(os.path.join(short, "s.csv"))
+                with pytest.raises(CsvSeriesError, match=r"s.csv' is a socket, not a CSV file or a pipe"):
+                    load_csv_series(os.path.join(short, "s.csv"), "value")
+        finally:
+            shutil.rmtree(short)
+    for read in (lambda p: load_csv_series(p, "value"), csv_columns):
+        with pytest.raises(FileNotFoundError, match=r"\(it is a directory\)"):
+            read(tmp_path)
+        with pytest.raises(FileNotFoundError, match=r"CSV file not found: '.*nothing.csv'$"):
+            read(tmp_path / "nothing.csv")
 
 
 def test_csv_quoted_fields_after_a_space_are_unquoted(tmp_path):

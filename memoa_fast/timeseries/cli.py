@@ -34,7 +34,7 @@ from .._version import __version__
 from ..checkpoint import _new_temporary, _remove_stale_temporaries, special_file
 from . import experiment
 from .experiment import DEFAULT_CLASSES, DEFAULT_RECLASS, PLOT_FORMATS, POLICIES, require_matplotlib
-from .streams import OUTLIER_BOUND, CsvSeriesError, column_list, csv_columns, load_csv_series, make_stream
+from .streams import OUTLIER_BOUND, CsvSeriesError, _csv_names, _csv_series, column_list, csv_columns, load_csv_series, make_stream
 from .trust import MINIMAX_POWERS, TRUST_RULES
 
 STREAMS = ("logistic", "periodic", "concept", "concept-drift", "csv")
@@ -66,6 +66,7 @@ examples:
   memoa run                                  # default: logistic map, 4000 clients, 3000 rounds
   memoa run --stream concept-drift --clients 1000 --rounds 5000 --kappa 3
   memoa run --csv ETTh1.csv --column OT --clients 1000   # a downloaded copy of the ETT data
+  zcat ETTh1.csv.gz | memoa run --csv - --column OT      # the CSV text on standard input (or --csv <(zcat ...))
   memoa run --json results.json --plot results.png
   memoa run --json | python -m json.tool     # JSON on stdout instead of the table
 """
@@ -170,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", choices=STREAMS, default=None,
                    help=f"which series to forecast (default {D['stream']}; 'csv' needs --csv and --column). "
                         "Synthetic streams are seeded by --seed and z-scored.")
-    g.add_argument("--csv", metavar="PATH", type=Path,
+    g.add_argument("--csv", metavar="PATH", type=_csv_source,
                    help="a UTF-8 CSV file with a header row, delimited by ',', tab, ';' or '|' (implies --stream "
-                        "csv); see the README for the "
+                        "csv), read once: a pipe serves too (<(zcat ETTh1.csv.gz), a named pipe), and '-' reads "
+                        "standard input (./- names a file '-'); see the README for the "
                         "public datasets (ETT, exchange rates) and where to download them")
     g.add_argument("--column", metavar="NAME", help="the CSV column to forecast, e.g. OT (ETT) or CAD (exchange rate)")
     g.add_argument("--missing", choices=("error", "drop"), default=None,
@@ -340,10 +342,40 @@ def same_file(a, b) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _csv_source(text: str):
+    """``--csv``'s value: ``STDIN`` for ``-`` (standard input), else a path (``./-`` is a file named ``-``)."""
+    return STDIN if text == STDIN else Path(text)
+
+
+#: ``--csv -``: the CSV text is read from standard input, named ``STDIN_NAME`` in messages.
+STDIN, STDIN_NAME = "-", "<stdin>"
+
+
+def _csv_label(csv) -> str:
+    """The --csv source as messages name it."""
+    return STDIN_NAME if csv == STDIN else str(csv)
+
+
+def _stdin(run):
+    """Standard input's binary stream, for ``--csv -``; exit 2 when the process has none (it was closed)."""
+    if sys.stdin is None:
+        run.error("argument --csv: '-' reads standard input, and this process has none (it is closed)")
+    return sys.stdin.buffer
+
+
+def _stdin_is(target) -> bool:
+    """Whether standard input is the file ``target`` (``--csv - < out.json``), by its inode."""
+    try:
+        return os.path.samestat(os.fstat(sys.stdin.fileno()), os.stat(target))
+    except (OSError, ValueError, AttributeError):  # no such file yet, or no standard input with a file behind it
+        return False
+
+
 def _not_the_input(run, option: str, target, csv_path) -> None:
     """Refuse an output path that names the input CSV file (writing the result would replace the user's data)."""
-    if csv_path is not None and same_file(target, csv_path):
-        run.error(f"argument {option}: {str(target)!r} is the input file --csv {str(csv_path)!r}; writing the result "
+    if csv_path is not None and (_stdin_is(target) if csv_path == STDIN else same_file(target, csv_path)):
+        given = "'-' (standard input)" if csv_path == STDIN else repr(str(csv_path))
+        run.error(f"argument {option}: {str(target)!r} is the input file --csv {given}; writing the result "
                   "there would replace the data: give another file name")
 
 
@@ -354,11 +386,13 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
         if args.csv is None:
             run.error("--stream csv needs --csv PATH (a CSV file with a header row) and --column NAME")
         if args.column is None:
+            decimal = args.decimal or DEFAULTS["decimal"]
             try:
-                columns = column_list(csv_columns(args.csv, decimal=args.decimal or DEFAULTS["decimal"]))
+                columns = column_list(_csv_names(_stdin(run), STDIN_NAME, decimal) if args.csv == STDIN
+                                      else csv_columns(args.csv, decimal=decimal))
             except (CsvSeriesError, OSError) as exc:
                 run.error(f"--csv needs --column NAME, the column to forecast; and argument --csv: {exc}")
-            run.error(f"--csv needs --column NAME, the column to forecast; {args.csv} has columns {columns}")
+            run.error(f"--csv needs --column NAME, the column to forecast; {_csv_label(args.csv)} has columns {columns}")
     else:
         if args.csv is not None:
             run.error(f"--csv is only for --stream csv, not --stream {stream}")
@@ -437,26 +471,31 @@ def _resolve(run: argparse.ArgumentParser, args: argparse.Namespace):
             run.error(f"argument --rounds: a CSV stream needs more rounds than the z-score warm-up "
                       f"(--warmup {args.warmup}), got --rounds {args.rounds}; lower --warmup or raise --rounds")
         limit = RANGES["--rounds"][1]
+        max_rows = (limit if args.rounds is None else args.rounds) + 1
+        label = _csv_label(args.csv)
         try:
-            series, dropped = load_csv_series(args.csv, args.column, warmup=args.warmup, missing=args.missing,
-                                              max_rows=(limit if args.rounds is None else args.rounds) + 1,
-                                              return_dropped=True, decimal=args.decimal)
+            if args.csv == STDIN:  # read once, as a file is (the options are checked: argparse did)
+                series, _, _, dropped = _csv_series(_stdin(run), STDIN_NAME, args.column, args.warmup, max_rows,
+                                                    args.missing == "drop", args.decimal)
+            else:
+                series, dropped = load_csv_series(args.csv, args.column, warmup=args.warmup, missing=args.missing,
+                                                  max_rows=max_rows, return_dropped=True, decimal=args.decimal)
         except FileNotFoundError as exc:
             run.error(f"argument --csv: {exc}")
         except (CsvSeriesError, OSError) as exc:
             run.error(f"argument --csv/--column: {exc}")
         if args.rounds is not None and len(series) < args.rounds + 1:
-            run.error(f"argument --rounds: {args.csv} has {len(series)} rows in column {args.column!r}, "
+            run.error(f"argument --rounds: {label} has {len(series)} rows in column {args.column!r}, "
                       f"enough for {len(series) - 1} rounds, asked for {args.rounds}")
         if dropped:  # asked for, but never silent: the series is shorter, and its rows no longer equally spaced
-            print(f"memoa: note: --missing drop dropped {dropped} of {dropped + len(series)} rows read from {args.csv} "
+            print(f"memoa: note: --missing drop dropped {dropped} of {dropped + len(series)} rows read from {label} "
                   f"(an empty cell, a missing-value marker, a spreadsheet's error value or a blank line in column "
                   f"{args.column!r}); the series has the "
                   f"other {len(series)} values, in order", file=sys.stderr)
         if args.rounds is None and len(series) == limit + 1:
             print(f"memoa: note: --csv has more rows than the largest run; using the first {limit + 1} "
                   f"({limit} rounds)", file=sys.stderr)
-        name = f"{args.csv.name}:{args.column}"
+        name = f"{label if args.csv == STDIN else args.csv.name}:{args.column}"
         source = {"csv": str(args.csv), "column": args.column, "warmup": args.warmup, "missing": args.missing,
                   "decimal": args.decimal, "rows": len(series), "rows_dropped": dropped}
     else:

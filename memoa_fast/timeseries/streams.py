@@ -23,6 +23,9 @@ import difflib
 import math
 import os
 import re
+import select
+import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,9 @@ from .._validation import (
     check_real,
     check_seed,
     check_sizes,
+    open_to_read,
     real_array,
+    special_kind,
 )
 from .forecasters import TARGET_LIMIT
 
@@ -514,6 +519,9 @@ class CsvSeriesError(ValueError):
 CSV_BLOCK_BYTES = 1 << 20
 #: Longest accepted line (header included), so memory stays bounded whatever the file holds.
 CSV_MAX_LINE_BYTES = 1 << 20
+#: Seconds a named pipe (made by ``mkfifo``) is waited on for a process to open it for writing, before it is refused;
+#: once a writer has it open, its data is waited for without limit (a slow writer).
+CSV_PIPE_WAIT = 60.0
 # A strict decimal number: what a CSV cell must hold (no underscores, no hex, no
 # non-ASCII digits, no words). Python's float() alone accepts "1_001" and "١".
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -582,12 +590,17 @@ def load_csv_series(
 
     The file is read in blocks of :data:`CSV_BLOCK_BYTES` into a growing
     float64 array (no Python list of floats): memory is about 8 bytes per row
-    plus one block.
+    plus one block. It is opened once and read once, front to back, so a pipe
+    serves as well as a file: a named pipe (``mkfifo``) or a shell's process
+    substitution (``<(zcat ETTh1.csv.gz)``, a path ``/dev/fd/N``). A named
+    pipe that no process opens for writing within :data:`CSV_PIPE_WAIT`
+    seconds is refused; a writer that has it open is waited for.
 
     Parameters
     ----------
     path : path-like
-        The CSV file.
+        The CSV file, or a pipe giving its text (``'-'`` is a file named
+        ``-``; ``memoa run --csv -`` reads standard input).
     column : str
         Header name of the column (exact, case-sensitive).
     warmup : int, default 500
@@ -627,7 +640,7 @@ def load_csv_series(
     Raises
     ------
     FileNotFoundError
-        No such file.
+        No such file, or a folder.
     CsvSeriesError (a ValueError)
         The message names the file, the line and the column. Raised for: an
         empty file; a compressed (gzip, bzip2, xz, zstd, zip) or UTF-16/32
@@ -635,7 +648,8 @@ def load_csv_series(
         message lists the columns, and says when the first line looks like
         data rather than a header); the column named twice in the header; a
         row whose number of fields differs from the header's; a missing-value
-        marker (with ``missing="error"``); a cell
+        marker (with ``missing="error"``); a device or socket; a named pipe
+        that no process opened for writing within :data:`CSV_PIPE_WAIT` s; a cell
         that is empty or missing, or a blank line inside the data (a gap); a
         cell that is not a plain decimal number (``1_001``, ``0x10``, words);
         a cell that is not finite (``nan``, ``inf``, ``1e400``); a byte that
@@ -656,16 +670,29 @@ def load_csv_series(
     _check_decimal(decimal)
     if max_rows is not None:
         max_rows = check_int("max_rows", max_rows, low=1)
-    _check_csv_file(path)
-    reader = _ColumnReader(path, column, max_rows, drop_missing=missing == "drop", decimal=decimal)
-    arr = reader.read()
+    with _open_csv(path) as fh:
+        arr, mean, std, dropped = _csv_series(fh, str(path), column, warmup, max_rows, missing == "drop", decimal)
+    out = (arr, mean, std) if return_scaling else (arr,)
+    if return_dropped:
+        out += (dropped,)
+    return out if len(out) > 1 else arr
+
+
+def _csv_series(fh, path: str, column: str, warmup: int, max_rows: int | None, drop_missing: bool, decimal: str):
+    """``(values, mean, std, n_dropped)`` of :func:`load_csv_series`, read from the open binary file ``fh``.
+
+    ``path`` names the source in messages (``'<stdin>'`` for ``memoa run --csv -``); the other arguments are checked
+    already.
+    """
+    reader = _ColumnReader(path, column, max_rows, drop_missing=drop_missing, decimal=decimal)
+    arr = reader.read(fh)
     n = arr.shape[0]
     need = warmup + 2
     if n < need:
         capped = max_rows is not None and n == max_rows  # too few because of max_rows: say so
         raise CsvSeriesError(
             f"{path}, column {column!r}: {n} data rows"
-            + (" (every cell of the column is empty or a missing-value marker)" if n == 0 and missing == "drop" else "")
+            + (" (every cell of the column is empty or a missing-value marker)" if n == 0 and drop_missing else "")
             + (f" (read up to max_rows={max_rows})" if capped else "")
             + f", too few: need at least {need} (a warm-up of {warmup} rows to fit the z-score, then at least 2 to "
             "forecast); use a longer file or a shorter warm-up (warmup=, memoa run --warmup)"
@@ -694,10 +721,7 @@ def load_csv_series(
     if not max(-float(arr.min()), float(arr.max())) <= TARGET_LIMIT:  # rounding at the very edge of the limit
         i = int(np.argmax(~(np.abs(arr) <= TARGET_LIMIT)))
         reader.refuse_scale(i, float(arr[i]) * std + mean, float(arr[i]), mean, std, TARGET_LIMIT)
-    out = (arr, mean, std) if return_scaling else (arr,)
-    if return_dropped:
-        out += (reader.n_dropped,)
-    return out if len(out) > 1 else arr
+    return arr, mean, std, reader.n_dropped
 
 
 def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
@@ -709,19 +733,78 @@ def csv_columns(path: str | os.PathLike, *, decimal: str = ".") -> list[str]:
     """
     path = as_file_path("path", path, "the CSV file")
     _check_decimal(decimal)
-    _check_csv_file(path)
+    with _open_csv(path) as fh:
+        return _csv_names(fh, str(path), decimal)
+
+
+def _csv_names(fh, path: str, decimal: str) -> list[str]:
+    """:func:`csv_columns` of the open binary file ``fh``, named ``path`` in messages; reads the header row (and the next)."""
     reader = _ColumnReader(path, "", None, decimal=decimal)
-    with path.open("rb") as fh:
-        raw, line = reader._header_line(fh)
+    raw, line = reader._header_line(fh)
     return reader._names(raw, line)
 
 
-def _check_csv_file(path: Path) -> None:
-    """``FileNotFoundError`` (saying so for a folder) or ``CsvSeriesError`` (a pipe, socket or device) unless ``path`` is a file."""
-    if not path.is_file():
-        if path.exists() and not path.is_dir():
-            raise CsvSeriesError(f"{str(path)!r} is not a regular file (a pipe, socket or device); give a CSV file")
-        raise FileNotFoundError(f"CSV file not found: {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+def _open_csv(path: Path):
+    """``path`` opened once to read, in binary: a regular file or a pipe, as the ``fstat`` of the open handle says.
+
+    ``FileNotFoundError`` (saying so for a folder), ``CsvSeriesError`` for a device or a socket. Opened without
+    blocking (:func:`memoa_fast._validation.open_to_read`), so a named pipe never holds the open; then, if it is a
+    pipe, its writer is waited for (:func:`_await_writer`).
+    """
+    try:
+        fh, st = open_to_read(path, lambda st: _refuse(path, st.st_mode))
+    except OSError as exc:
+        if exc.filename is None:  # _refuse's, from the handle's fstat (a folder): not a failed open
+            raise
+        if isinstance(exc, FileNotFoundError):
+            raise FileNotFoundError(f"CSV file not found: {str(path)!r}") from None
+        # A socket cannot be opened (ENXIO), nor a folder on Windows: the path's stat only names what it is
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise exc from None
+        _refuse(path, mode)
+        raise
+    if stat.S_ISFIFO(st.st_mode):
+        try:
+            _await_writer(fh, str(path))
+        except BaseException:
+            fh.close()
+            raise
+    return fh
+
+
+def _refuse(path: Path, mode: int) -> None:
+    """Refuse what cannot hold CSV text: a folder (``FileNotFoundError``, as before) or a device or socket."""
+    if stat.S_ISDIR(mode):
+        raise FileNotFoundError(f"CSV file not found: {str(path)!r} (it is a directory)")
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise CsvSeriesError(f"{str(path)!r} is {special_kind(mode) or 'not a regular file'}, not a CSV file or a pipe; "
+                             "give a CSV file")
+
+
+def _await_writer(fh, path: str) -> None:
+    """Wait, at most :data:`CSV_PIPE_WAIT` seconds, for a process to open the pipe ``fh`` for writing.
+
+    Read with no writer, a pipe ends at once, whether its writer came and closed it (an empty pipe: the end, as read)
+    or none has come yet (a named pipe whose writer is not started: a plain ``open`` would have waited for it, forever).
+    Linux reports a hang-up only once a writer has come, which tells the two apart; where it is reported at once
+    (other systems), the pipe reads as empty. A writer holding the pipe open makes ``peek`` wait for its first bytes,
+    without limit (a slow writer).
+    """
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows, which has no named pipes
+        return
+    poller = select.poll()
+    poller.register(fh.fileno(), select.POLLIN)
+    deadline = time.monotonic() + CSV_PIPE_WAIT
+    while not fh.peek(1):  # b"": no writer has the pipe open now
+        if poller.poll(0):  # hung up: a writer came and went
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CsvSeriesError(f"{path}: no process opened this named pipe for writing within {CSV_PIPE_WAIT:g} s "
+                                 "(it has no data until one does); start the program that writes it")
+        poller.poll(min(left, 0.05) * 1000)  # wakes at a writer's first bytes or its close; one that only opens: next turn
 
 
 def _check_decimal(decimal) -> None:
@@ -750,7 +833,7 @@ class _ColumnReader:
     quoted field must close on the line where it opens.
     """
 
-    def __init__(self, path: Path, column: str, max_rows: int | None, drop_missing: bool = False, decimal: str = "."):
+    def __init__(self, path: str, column: str, max_rows: int | None, drop_missing: bool = False, decimal: str = "."):
         self.path, self.column, self.max_rows = path, column, max_rows
         self.drop_missing = drop_missing  # empty/missing cells and blank lines are rows to skip
         self.decimal = decimal  # the numbers' decimal mark: '.' or ',' (then ',' is never the delimiter)
@@ -763,39 +846,43 @@ class _ColumnReader:
         self.blank_at = None  # line of the first blank line seen (a gap unless only blank lines follow)
         self.sep = ","  # the delimiter, read from the header row
         self.forced_sep = None  # the delimiter named by a first line sep=X (Excel's), if any
-        self.first_row = b""  # the line after the header row (see _delimiter)
+        self.first_row = b""  # the line after the header row (see _delimiter), read by _header_line
         self.n_dropped = 0  # rows dropped as gaps (missing="drop"); blank lines count once a row follows them
         self.blank_run = 0
 
     # ------------------------------------------------------------------ driver
-    def read(self) -> np.ndarray:
-        size = self.path.stat().st_size
-        with self.path.open("rb") as fh:
-            raw, line = self._header_line(fh)
-            self._header(raw, line)
-            line += 1
-            pending = b""
-            while not self._full():
-                block = fh.read(CSV_BLOCK_BYTES)
-                if not block:
-                    if pending:
-                        self._block(pending, [pending], line)
-                    break
-                data = pending + block
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    if len(data) > CSV_MAX_LINE_BYTES:
-                        self._too_long(line)
-                    pending = data
-                    continue
-                if len(data) - cut - 1 > CSV_MAX_LINE_BYTES:
-                    self._too_long(line + data.count(b"\n", 0, cut) + 1)
-                chunk, pending = data[:cut], data[cut + 1:]
-                lines = chunk.split(b"\n")
-                if self.buf.shape[0] == 0:  # size the array from the first block's line length
-                    self._grow(int(size / max(1.0, len(chunk) / len(lines)) * 1.05) + 16)
-                self._block(chunk, lines, line)
-                line += len(lines)
+    def read(self, fh) -> np.ndarray:
+        """The column's values from the open binary file ``fh``, read once, front to back (a pipe too)."""
+        try:
+            st = os.fstat(fh.fileno())
+            size = st.st_size if stat.S_ISREG(st.st_mode) else None  # a pipe's size is unknown: the array grows as it fills
+        except (OSError, ValueError):  # no file behind fh (io.BytesIO)
+            size = None
+        raw, line = self._header_line(fh)
+        self._header(raw, line)
+        line += 1
+        pending = self.first_row  # read already (it settled the delimiter): the data starts with it
+        while not self._full():
+            block = fh.read(CSV_BLOCK_BYTES)
+            if not block:
+                if pending:
+                    self._block(pending, [pending], line)
+                break
+            data = pending + block
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                if len(data) > CSV_MAX_LINE_BYTES:
+                    self._too_long(line)
+                pending = data
+                continue
+            if len(data) - cut - 1 > CSV_MAX_LINE_BYTES:
+                self._too_long(line + data.count(b"\n", 0, cut) + 1)
+            chunk, pending = data[:cut], data[cut + 1:]
+            lines = chunk.split(b"\n")
+            if self.buf.shape[0] == 0 and size is not None:  # size the array from the first block's line length
+                self._grow(int(size / max(1.0, len(chunk) / len(lines)) * 1.05) + 16)
+            self._block(chunk, lines, line)
+            line += len(lines)
         return self.buf[: self.n] if self.n * 5 >= self.buf.shape[0] * 4 else self.buf[: self.n].copy()
 
     def _too_long(self, line: int):
@@ -846,7 +933,7 @@ class _ColumnReader:
                 )
             self.forced_sep = sep
             raw, line = self._line(fh, 2), 2
-        self._peek(fh)
+        self.first_row = fh.readline(CSV_MAX_LINE_BYTES + 1)  # a longer one is refused at its line by read()
         return raw, line
 
     def _line(self, fh, line: int) -> bytes:
@@ -855,12 +942,6 @@ class _ColumnReader:
         if len(raw) > CSV_MAX_LINE_BYTES:
             self._too_long(line)
         return raw
-
-    def _peek(self, fh) -> None:
-        """Keep the line after the header row (the first data row) without consuming it: it settles the delimiter."""
-        at = fh.tell()
-        self.first_row = fh.readline(CSV_MAX_LINE_BYTES + 1)
-        fh.seek(at)
 
     def _header(self, raw: bytes, line: int = 1) -> None:
         path = self.path
