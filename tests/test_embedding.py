@@ -878,6 +878,29 @@ def _snapshot(value):
     return _trust_snapshot(value) if isinstance(value, TrustPopulation) else _comparable(value)
 
 
+def test_an_error_of_a_read_that_met_a_call_is_the_busy_error(signals):
+    """A read that fails while another thread's call ran meanwhile (it read a state being written: a dict that changed
+    size, an index of another round) raises the busy ``RuntimeError``, its error chained; one that overlapped nothing
+    raises its own error. On d36c262 the read's own error came out (as if the state were at fault).
+    """
+    import threading
+
+    pop = Population(GAME, N, D, backend="numpy")
+    ex = pop._exclusive
+
+    def fails_meanwhile():
+        worker = threading.Thread(target=lambda: pop.step(signals))
+        worker.start()
+        worker.join()
+        raise KeyError("read of a state being written")
+
+    with pytest.raises(RuntimeError, match="this Population is being used by another thread") as info:
+        ex.read(fails_meanwhile)
+    assert isinstance(info.value.__cause__, KeyError) and pop.t == 1
+    with pytest.raises(KeyError, match="no call meanwhile"):
+        ex.read(lambda: {}["no call meanwhile"])
+
+
 @pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors",
                                   "NoisyLastValueSignals"])
 def test_a_copy_reads_a_subclass_own_attributes_in_its_checked_read(kind, signals, monkeypatch):
