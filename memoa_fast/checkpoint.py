@@ -389,7 +389,9 @@ def _states_of_one_round(population, server, source) -> tuple:
     try:
         return take()
     except RuntimeError as exc:
-        if any(ex.interrupted is not None for ex in guards):  # refused after an interrupted update: that message says how on
+        # Only a guard's refusal of an overlap is reworded: after an interrupted update its message says how to go
+        # on, and a source's own RuntimeError is its own.
+        if any(ex.interrupted is not None for ex in guards) or not any(str(exc).startswith(ex._busy) for ex in guards):
             raise
         raise RuntimeError(f"save_checkpoint: the state was being changed while it was read ({exc}), so no checkpoint was "
                            "written (a file already at the path is untouched): save between steps, from the thread that "

@@ -361,8 +361,10 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
     once raises ``RuntimeError``, and so does reading or replacing its state
     (:meth:`state_dict`, pickle, copies, :meth:`load_state_dict`,
     :meth:`reset`, :meth:`set_labels`, :meth:`set_game`) while another thread
-    is inside a step, instead of a snapshot that mixes two rounds. It can be
-    pickled and deep-copied.
+    is inside a step, instead of a snapshot that mixes two rounds. The reads
+    (:meth:`state_dict`, pickle, copies) take no hold: one that a step of
+    another thread overlaps raises, and that step is served (a thread that
+    checkpoints a run never stops it). It can be pickled and deep-copied.
 
     Interrupts (Ctrl-C, or an exception from a signal handler): an interrupt
     that lands between a step's kernel and its last counter (where Ctrl-C

@@ -75,8 +75,10 @@ class Server(CopiesKeepTheirClass):
     target differs by an ulp. On one backend the bits never depend on the
     thread count.
 
-    A Server is not thread-safe (concurrent calls raise ``RuntimeError``); it
-    can be pickled and deep-copied.
+    A Server is not thread-safe (concurrent calls raise ``RuntimeError``; its
+    reads, :meth:`state_dict`, pickle and copies too, but they take no hold:
+    one that an update of another thread overlaps raises, and that update is
+    served); it can be pickled and deep-copied.
     """
 
     def __init__(
