@@ -268,6 +268,15 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
         restored, so none is written), or if ``path`` is a device, a named
         pipe or a socket (the rename would replace it); the previous
         checkpoint is untouched.
+    RuntimeError
+        If another thread's call (a step, an update) of the population,
+        server or source began or ran while their states were read: the
+        states are read together in one checked read of the objects' locks,
+        which takes no hold, so that call is served and the save is refused
+        instead, before anything is written (save between steps). Also after
+        an interrupted update, with that object's message. (A
+        ``DaskPopulation`` holds its guard for the whole save instead: its
+        reads message the shards.)
 
     Notes
     -----
