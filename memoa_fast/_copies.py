@@ -19,7 +19,6 @@ the copy, no longer a view of the copy's, and one that cannot be deep-copied (a 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import copyreg
 
@@ -91,26 +90,32 @@ class CopiesAreDeep:
 class CopiesKeepTheirClass(CopiesAreDeep):
     """Mixin: pickle, ``copy.copy`` and ``copy.deepcopy`` of a subclass give that subclass, its own attributes kept.
 
-    A class defines ``__reduce__`` as ``self._reduce_keeping_class(rebuild, args, BUILT_BY_INIT, state)``, where
-    ``rebuild(*args, cls)`` returns :func:`build_as` ``(cls, ThatClass, ...)`` and ``BUILT_BY_INIT`` names every
-    attribute that class's ``__init__`` sets. ``state`` is what :meth:`_load_saved` takes (by default a
-    ``state_dict``, loaded with ``load_state_dict``: a subclass's own, and its own validation, run).
+    A class defines ``__reduce__`` as ``self._reduce_keeping_class(rebuild, BUILT_BY_INIT, take)``, where
+    ``take()`` returns ``(args, state)``, ``rebuild(*args, cls)`` returns :func:`build_as` ``(cls, ThatClass, ...)``
+    and ``BUILT_BY_INIT`` names every attribute that class's ``__init__`` sets. ``state`` is what
+    :meth:`_load_saved` takes (by default a ``state_dict``, loaded with ``load_state_dict``: a subclass's own,
+    and its own validation, run).
     """
 
     __slots__ = ()
 
-    def _reduce_keeping_class(self, rebuild, args: tuple, built_by_init: frozenset, state) -> tuple:
-        """``(rebuild, (*args, type(self)), {"own": ..., "state": state})``: see the module's docstring.
+    def _reduce_keeping_class(self, rebuild, built_by_init: frozenset, take) -> tuple:
+        """``(rebuild, (*args, type(self)), {"own": ..., "state": state})`` with ``(args, state) = take()``: see the module's docstring.
 
-        The own attributes are read under the object's lock (``_exclusive``, when it has one), as ``state`` was: a
-        copy taken while another thread is inside a call raises ``RuntimeError``, as a second writer does, instead
-        of reading them in the middle of that call. (A separate hold from the state's: a subclass's own
-        ``state_dict``, which takes the lock itself, stays the one a copy calls. A subclass that writes its own
-        attributes outside the base class's calls keeps them in step with the state itself.)
+        ``take()`` and the own attributes are one checked read of the object's lock (``_exclusive.read``, when it
+        has one; ``take`` calls ``state_dict()``, itself a checked read, when the state is one: a subclass's own
+        stays the one a copy calls): a copy or pickle is of one round, or raises the ``RuntimeError`` a second
+        writer gets when another thread's call held the lock or began meanwhile (and after an interrupted
+        update). It takes no hold, so it never makes that call refuse. (A subclass that writes its own attributes
+        outside the base class's calls keeps them in step with the state itself.)
         """
         ex = getattr(self, "_exclusive", None)
-        with contextlib.nullcontext() if ex is None else ex:
-            own = own_attributes(self, built_by_init)
+
+        def read():
+            args, state = take()
+            return args, state, own_attributes(self, built_by_init)
+
+        args, state, own = read() if ex is None else ex.read(read)
         return (rebuild, (*args, type(self)), {"own": own, "state": state})
 
     def __setstate__(self, saved: dict) -> None:

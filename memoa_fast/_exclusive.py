@@ -32,10 +32,16 @@ class Exclusive:
     half taken, such as weights between an update's two passes), and after an
     interrupted update until ``load_state_dict`` (of a state taken before) or
     ``reset`` restores the object. Taking no hold, a read never makes another
-    thread's call refuse: a thread monitoring a run cannot stop it. The
-    longer reads, ``state_dict()``, copies and pickles, hold the lock (``with``),
-    so a call of another thread meanwhile is refused. An object's own calls
-    hold the lock already and read its private, unlocked helpers. Two kinds of
+    thread's call refuse: a thread monitoring or checkpointing a run cannot
+    stop it. The longer reads, ``state_dict()``, copies and pickles (and so
+    :func:`~memoa_fast.save_checkpoint`), are checked reads too: one that
+    overlapped a call raises (take it again between calls), the call is served.
+    An object's own calls hold the lock already and read its private, unlocked
+    helpers. Calls that hold another object's lock to read it are writers of
+    their own: ``Population.step_predict`` holds its server's (its kernel reads
+    the weights while it writes the population, which a check after the fact
+    could not undo), and a Dask object's reads that message its shards hold
+    its guard (their messages share the one channel of its calls). Two kinds of
     reads are not checked: the read-only views of the live buffers
     (``Population.states``, ``costs``, ``Server.log_weights``...), which
     cannot refuse, so a view read while another thread steps is not a
@@ -107,18 +113,26 @@ class Exclusive:
         return owner if owner is not None and owner[0] is _thread.__dict__ else None
 
     def read(self, fn, *args):
-        """``fn(*args)``, a read of the object's state (a copy, a scalar), if no call held the lock meanwhile.
+        """``fn(*args)``, a read of the object's state (a copy, a scalar, a state dict), if no call held the lock meanwhile.
 
-        A read takes no hold: it never makes a writer's call refuse (a thread that monitors a run must not stop
-        it). It checks instead, before and after ``fn``: ``RuntimeError`` if a call held the lock at either moment or
-        began in between (its count of holds moved), with the message a second caller gets, and after an
-        interrupted update. So it returns a value of one round or raises, never a mixture (the kernels release
-        the GIL: ``fn``'s copy may run beside another thread's kernel); it never waits.
+        A read takes no hold: it never makes a writer's call refuse (a thread that monitors or checkpoints a run
+        must not stop it). It checks instead, before and after ``fn``: ``RuntimeError`` if a call held the lock at
+        either moment or began in between (its count of holds moved), with the message a second caller gets, and
+        after an interrupted update. So it returns a value of one round or raises, never a mixture (the kernels
+        release the GIL: ``fn``'s copy may run beside another thread's kernel); it never waits. An exception ``fn``
+        raises while a call began meanwhile becomes that ``RuntimeError`` (it read a state being written). Reads
+        nest (one inside another's ``fn``: no hold either). ``fn`` allocates what it returns and nothing more is
+        kept: a refused read's copy is garbage at once.
         """
         holds = self._holds
         if self._slot or self.interrupted is not None:  # (the usual read, no hold and no mark, skips the calls)
             self._refuse_read()
-        value = fn(*args)
+        try:
+            value = fn(*args)
+        except Exception as exc:  # an error of a read that met a state being written is that call's, not the read's
+            if self._holds != holds:
+                raise RuntimeError(self._busy) from exc
+            raise
         if self._holds != holds:  # a call began (and maybe ended) while fn read
             raise RuntimeError(self._busy)
         if self._slot or self.interrupted is not None:

@@ -60,6 +60,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -75,6 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._exclusive import Exclusive
 from ._state import RULES, check_population_state, check_server_state, check_source_layout, n_classes_of
 from ._validation import as_file_path, available_memory, check_int, load_checked, open_to_read, special_kind
 from .game import POLICIES, Game
@@ -266,6 +268,15 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
         restored, so none is written), or if ``path`` is a device, a named
         pipe or a socket (the rename would replace it); the previous
         checkpoint is untouched.
+    RuntimeError
+        If another thread's call (a step, an update) of the population,
+        server or source began or ran while their states were read: the
+        states are read together in one checked read of the objects' locks,
+        which takes no hold, so that call is served and the save is refused
+        instead, before anything is written (save between steps). Also after
+        an interrupted update, with that object's message. (A
+        ``DaskPopulation`` holds its guard for the whole save instead: its
+        reads message the shards.)
 
     Notes
     -----
@@ -280,12 +291,12 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     """
     held = getattr(population, "_checkpoint_call", None)  # a DaskPopulation: one caller for the whole save
     if held is not None:
-        return held("save_checkpoint", _save_checkpoint, path, population, server, source, sharded)
-    return _save_checkpoint(path, population, server, source, sharded)
+        return held("save_checkpoint", _save_checkpoint, path, population, server, source, sharded, False)
+    return _save_checkpoint(path, population, server, source, sharded, True)
 
 
-def _save_checkpoint(path, population, server, source, sharded) -> Path:
-    """:func:`save_checkpoint`'s body."""
+def _save_checkpoint(path, population, server, source, sharded, checked) -> Path:
+    """:func:`save_checkpoint`'s body; ``checked``: take the states in one checked read (:func:`_states_of_one_round`)."""
     if sharded is not None and not isinstance(sharded, (bool, np.bool_)):
         raise TypeError(f"sharded must be True, False or None, got {sharded!r} of type {type(sharded).__name__}")
     _check_engines(population, server, source, saving=True)
@@ -305,7 +316,8 @@ def _save_checkpoint(path, population, server, source, sharded) -> Path:
     given = Path(path)
     target = Path(os.path.realpath(given))  # follow a symlink: replace the file, keep the link
     started = time.time()
-    state = population.state_dict()
+    take = _states_of_one_round if checked else _states
+    state, server_state, source_state = take(population, server, source)
     game = population.game
     try:
         pop = check_population_state(state, game=game, n_agents=population.n_agents, dim=population.dim)
@@ -334,7 +346,7 @@ def _save_checkpoint(path, population, server, source, sharded) -> Path:
                 f"{population.n_agents} of dimension {population.dim}"
             )
         try:
-            sstate = check_server_state(server.state_dict(), n_agents=server.n_agents, rule=server.rule, eta=server.eta, alpha=server.alpha)
+            sstate = check_server_state(server_state, n_agents=server.n_agents, rule=server.rule, eta=server.eta, alpha=server.alpha)
         except ValueError as exc:
             raise ValueError(f"cannot save a checkpoint of this server: {exc}") from None
         arrays.update(
@@ -344,7 +356,8 @@ def _save_checkpoint(path, population, server, source, sharded) -> Path:
             server_n_updates=np.array(sstate["n_updates"], dtype=np.int64),
             server_log_weights=sstate["log_weights"],
         )
-    source_state = source.state_dict() if source is not None else state.get("source")
+    if source_state is None:
+        source_state = state.get("source")
     if source_state is not None:
         try:
             source_state = check_source_layout(source_state, n_agents=population.n_agents)
@@ -361,6 +374,37 @@ def _save_checkpoint(path, population, server, source, sharded) -> Path:
     if record is not None:
         record(given, pop["t"])
     return given
+
+
+def _states(population, server, source) -> tuple:
+    """``(population state, server state or None, source state or None)``, each object's ``state_dict()``."""
+    return (population.state_dict(), None if server is None else server.state_dict(),
+            None if source is None else source.state_dict())
+
+
+def _states_of_one_round(population, server, source) -> tuple:
+    """:func:`_states` in one checked read of every object's lock (nested :meth:`Exclusive.read`, no hold taken).
+
+    A checkpoint saved from another thread than the one that steps never makes that thread's call refuse: if a
+    call of any of these objects began or ran while their states were read (a population of round t with a server
+    of round t + 1, or a state_dict's copy of rows of two rounds), ``RuntimeError`` naming it, before anything is
+    written (the file at the path, if any, is untouched). An object without an :class:`Exclusive` (``_exclusive``)
+    is read as it reads itself.
+    """
+    take = functools.partial(_states, population, server, source)
+    guards = [ex for ex in (getattr(obj, "_exclusive", None) for obj in (population, server, source)) if isinstance(ex, Exclusive)]
+    for ex in guards:
+        take = functools.partial(ex.read, take)
+    try:
+        return take()
+    except RuntimeError as exc:
+        # Only a guard's refusal of an overlap is reworded: after an interrupted update its message says how to go
+        # on, and a source's own RuntimeError is its own.
+        if any(ex.interrupted is not None for ex in guards) or not any(str(exc).startswith(ex._busy) for ex in guards):
+            raise
+        raise RuntimeError(f"save_checkpoint: the state was being changed while it was read ({exc}), so no checkpoint was "
+                           "written (a file already at the path is untouched): save between steps, from the thread that "
+                           "steps these objects or while no thread does") from exc
 
 
 def _created_by() -> str:

@@ -247,7 +247,7 @@ class MeanFieldSummary:
         state = {
             "states": states,
             "costs": costs,
-            "mean_state": self._mean_state(),  # the unlocked reads: the caller holds the lock
+            "mean_state": self._mean_state(),  # the unchecked reads: the caller holds the lock or checks it
             "mean_signal": self._mean_signal(),
             "class_mean_signal": self._class_mean_signal(),
             "t": self.t,
@@ -361,8 +361,10 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
     once raises ``RuntimeError``, and so does reading or replacing its state
     (:meth:`state_dict`, pickle, copies, :meth:`load_state_dict`,
     :meth:`reset`, :meth:`set_labels`, :meth:`set_game`) while another thread
-    is inside a step, instead of a snapshot that mixes two rounds. It can be
-    pickled and deep-copied.
+    is inside a step, instead of a snapshot that mixes two rounds. The reads
+    (:meth:`state_dict`, pickle, copies) take no hold: one that a step of
+    another thread overlaps raises, and that step is served (a thread that
+    checkpoints a run never stops it). It can be pickled and deep-copied.
 
     Interrupts (Ctrl-C, or an exception from a signal handler): an interrupt
     that lands between a step's kernel and its last counter (where Ctrl-C
@@ -621,11 +623,12 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
         Keys: ``states``, ``costs``, ``labels`` (K > 1 only), ``mean_state``,
         ``mean_signal``, ``class_mean_signal`` (arrays), ``t``, ``discount``,
         ``n_valid_signals`` and ``game`` (a dict of weights and policy).
-        Taken under the object's lock: while another thread is inside a step it raises ``RuntimeError``
-        (a copy taken then would mix rows of two rounds), as do pickle and :func:`copy.copy`.
+        A checked read of the object's lock (:meth:`Exclusive.read <memoa_fast._exclusive.Exclusive.read>`, no
+        hold): if another thread's call was inside a step, or began one, while it copied, ``RuntimeError`` (a
+        copy taken then would mix rows of two rounds; take it again between steps), as do pickle and
+        :func:`copy.copy`; that call is served, never refused because of this read.
         """
-        with self._exclusive:
-            return self._summary_state(self._x.copy(), self._J.copy())
+        return self._exclusive.read(lambda: self._summary_state(self._x.copy(), self._J.copy()))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
@@ -647,15 +650,17 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
     def __reduce__(self):
         """Pickle and copies: a new, independent population of the same class (a subclass's own attributes kept), its state loaded.
 
-        Taken under the lock (:meth:`state_dict`, a subclass's own if it has one; then a subclass's own attributes,
-        :meth:`~memoa_fast._copies.CopiesKeepTheirClass._reduce_keeping_class`): ``RuntimeError`` while another thread
-        is inside a step, and after an interrupted one.
+        One checked read (:meth:`state_dict`, a subclass's own if it has one, and a subclass's own attributes,
+        :meth:`~memoa_fast._copies.CopiesKeepTheirClass._reduce_keeping_class`): ``RuntimeError`` if another thread's
+        step overlapped it, and after an interrupted one; that step is served.
         """
-        state = self.state_dict()
-        config = dict(labels=state.get("labels"), backend=self.backend, threads=self.threads,
-                      parallel_threshold=self.parallel_threshold)
-        args = (Population, (self.game, self.n_agents, self.dim), config, None)
-        return self._reduce_keeping_class(_rebuild, args, _POPULATION_BUILT_BY_INIT, state)
+        def take():
+            state = self.state_dict()
+            config = dict(labels=state.get("labels"), backend=self.backend, threads=self.threads,
+                          parallel_threshold=self.parallel_threshold)
+            return (Population, (self.game, self.n_agents, self.dim), config, None), state
+
+        return self._reduce_keeping_class(_rebuild, _POPULATION_BUILT_BY_INIT, take)
 
     @property
     def threads_used(self) -> int:

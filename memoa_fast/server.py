@@ -75,8 +75,10 @@ class Server(CopiesKeepTheirClass):
     target differs by an ulp. On one backend the bits never depend on the
     thread count.
 
-    A Server is not thread-safe (concurrent calls raise ``RuntimeError``); it
-    can be pickled and deep-copied.
+    A Server is not thread-safe (concurrent calls raise ``RuntimeError``; its
+    reads, :meth:`state_dict`, pickle and copies too, but they take no hold:
+    one that an update of another thread overlaps raises, and that update is
+    served); it can be pickled and deep-copied.
     """
 
     def __init__(
@@ -179,9 +181,11 @@ class Server(CopiesKeepTheirClass):
             ex.interrupted = None
 
     def state_dict(self) -> dict:
-        """Everything needed to resume this server exactly (copies); never a snapshot taken during another thread's update."""
-        with self._exclusive:
-            return server_state(self._log_p, self.n_updates, self.rule, self.eta, self.alpha)
+        """Everything needed to resume this server exactly (copies); never a snapshot taken during another thread's update.
+
+        A checked read (no hold): ``RuntimeError`` if another thread's update overlapped it (that update is served).
+        """
+        return self._exclusive.read(lambda: server_state(self._log_p, self.n_updates, self.rule, self.eta, self.alpha))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; checks everything before changing anything."""
@@ -196,13 +200,13 @@ class Server(CopiesKeepTheirClass):
     def __reduce__(self):
         """Pickle and copies: a new, independent server of the same class (a subclass's own attributes kept), its state loaded.
 
-        The state (:meth:`state_dict`) and a subclass's own attributes are read under the lock: ``RuntimeError`` during
-        another thread's call.
+        The state (:meth:`state_dict`) and a subclass's own attributes are one checked read: ``RuntimeError`` if
+        another thread's call overlapped it (that call is served).
         """
         config = dict(rule=self.rule, eta=self.eta, alpha=self.alpha, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        return self._reduce_keeping_class(_rebuild_server, (self.n_agents, self.dim, config, None), _SERVER_BUILT_BY_INIT,
-                                          self.state_dict())
+        return self._reduce_keeping_class(_rebuild_server, _SERVER_BUILT_BY_INIT,
+                                          lambda: ((self.n_agents, self.dim, config, None), self.state_dict()))
 
     @property
     def threads_used(self) -> int:

@@ -795,11 +795,118 @@ def test_a_read_takes_no_hold_and_refuses_when_a_call_ran_during_it(kind, signal
     assert not ex._slot
 
 
+#: One call of each kind that writes its state (a writer, which holds the object's lock).
+_WRITES = {
+    "Population": lambda o, s: o.step(s), "Server": lambda o, s: o.update(s, TARGET), "Pipeline": lambda o, s: o.round(TARGET),
+    "ClientForecasters": lambda o, s: o.observe(TARGET), "SquaredErrors": lambda o, s: o.add(s, TARGET),
+    "TrustClasses": lambda o, s: o.observe(s, TARGET), "TrustPopulation": lambda o, s: o.step(s),
+    "TrustPopulation-error": lambda o, s: o.step(s), "NoisyLastValueSignals": lambda o, s: o.next(),
+}
+
+
+def _inside_the_read(kind, read):
+    """``(owner, name)`` of a function that ``read`` (a state_dict, copy or pickle of ``kind``) calls while it reads the
+    state: on d36c262 under the object's lock, since inside its checked read.
+    """
+    import memoa_fast._copies as copies
+    import memoa_fast.distributed.signals as signals_module
+    import memoa_fast.server as server_module
+    import memoa_fast.timeseries.forecasters as forecasters_module
+    import memoa_fast.timeseries.trust as trust_module
+
+    if read in _COPIES:
+        return (trust_module, "_state_copy") if kind.startswith("Trust") else (copies, "own_attributes")
+    return {"Population": (Population, "_summary_state"), "Server": (server_module, "server_state"),
+            "ClientForecasters": (forecasters_module, "source_settings"),
+            "NoisyLastValueSignals": (signals_module, "source_settings")}[kind]
+
+
+def _a_call_of_another_thread_meanwhile(monkeypatch, owner, name, write):
+    """Make ``owner.name`` run ``write()`` whole in another thread (once) before it goes on; returns what that call met:
+    ``[None]`` if it was served, ``[exception]`` if it was refused.
+    """
+    import threading
+
+    real, met = getattr(owner, name), []
+
+    def meanwhile(*args, **kwargs):
+        if not met:
+            def call():
+                try:
+                    write()
+                    met.append(None)
+                except BaseException as exc:  # noqa: BLE001 - reported by the test
+                    met.append(exc)
+            worker = threading.Thread(target=call)
+            worker.start()
+            worker.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, meanwhile)
+    return met
+
+
+_SNAPSHOTS = [(kind, read) for kind, reads in _READS.items() for read in reads if read in ("state_dict", *_COPIES)]
+
+
+@pytest.mark.parametrize("kind, read", _SNAPSHOTS)
+def test_a_state_dict_copy_or_pickle_never_makes_another_threads_call_refuse(kind, read, signals, monkeypatch):
+    """``state_dict``, pickle, ``copy.copy`` and ``copy.deepcopy`` are checked reads, as the other reads: a call of
+    another thread that runs while one copies is served, and the read raises the ``RuntimeError`` a second writer gets
+    (its copy may mix two rounds). On d36c262 they held the lock: a thread checkpointing or copying an object made the
+    stepping thread's call raise "being used by another thread" (and the read returned). Then the read gives the state
+    of the round after that call, as an object that made the same calls one after the other.
+    """
+    obj, reads = _readable(kind, signals)
+    call, name = reads[read], kind.partition("-")[0]
+    met = _a_call_of_another_thread_meanwhile(monkeypatch, *_inside_the_read(kind, read), lambda: _WRITES[kind](obj, signals))
+    with pytest.raises(RuntimeError, match=f"this {name} is being used by another thread"):
+        call(obj)
+    assert met == [None], met  # the writer was served, never refused because of the read
+    assert not obj._exclusive._slot and obj._exclusive.interrupted is None
+    monkeypatch.undo()
+    twin, _ = _readable(kind, signals)
+    _WRITES[kind](twin, signals)
+    _assert_same(_snapshot(call(obj)), _snapshot(call(twin)))
+
+
+def _snapshot(value):
+    """:func:`_comparable` of a read's value, a pickle loaded first; a TrustPopulation by its state (its scratch arrays
+    are not state: a pickle carries whatever they hold).
+    """
+    value = pickle.loads(value) if isinstance(value, bytes) else value
+    return _trust_snapshot(value) if isinstance(value, TrustPopulation) else _comparable(value)
+
+
+def test_an_error_of_a_read_that_met_a_call_is_the_busy_error(signals):
+    """A read that fails while another thread's call ran meanwhile (it read a state being written: a dict that changed
+    size, an index of another round) raises the busy ``RuntimeError``, its error chained; one that overlapped nothing
+    raises its own error. On d36c262 the read's own error came out (as if the state were at fault).
+    """
+    import threading
+
+    pop = Population(GAME, N, D, backend="numpy")
+    ex = pop._exclusive
+
+    def fails_meanwhile():
+        worker = threading.Thread(target=lambda: pop.step(signals))
+        worker.start()
+        worker.join()
+        raise KeyError("read of a state being written")
+
+    with pytest.raises(RuntimeError, match="this Population is being used by another thread") as info:
+        ex.read(fails_meanwhile)
+    assert isinstance(info.value.__cause__, KeyError) and pop.t == 1
+    with pytest.raises(KeyError, match="no call meanwhile"):
+        ex.read(lambda: {}["no call meanwhile"])
+
+
 @pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors",
                                   "NoisyLastValueSignals"])
-def test_a_copy_reads_a_subclass_own_attributes_under_the_lock(kind, signals, monkeypatch):
-    """A pickle or copy reads a subclass's own attributes under the object's lock, as its state (on 67547ed they were
-    read after the lock was left, whatever another thread's call was writing).
+def test_a_copy_reads_a_subclass_own_attributes_in_its_checked_read(kind, signals, monkeypatch):
+    """A pickle or copy reads a subclass's own attributes in the one checked read of its state (on 67547ed they were
+    read after the lock was left; on d36c262 under a second hold): a call of another thread meanwhile is served and
+    the copy raises; with none, the copy is of the subclass, its own attributes kept.
     """
     import memoa_fast._copies as copies
 
@@ -807,16 +914,125 @@ def test_a_copy_reads_a_subclass_own_attributes_under_the_lock(kind, signals, mo
     sub = type(f"Own{kind}", (type(obj),), {})
     obj.__class__ = sub  # a subclass's object, with an attribute of its own
     obj.history = [1, 2]
-    held = []
-    real = copies.own_attributes
-
-    def own_attributes(o, built_by_init):
-        held.append(o._exclusive.held_here() is not None)
-        return real(o, built_by_init)
-
-    monkeypatch.setattr(copies, "own_attributes", own_attributes)
+    met = _a_call_of_another_thread_meanwhile(monkeypatch, copies, "own_attributes", lambda: _WRITES[kind](obj, signals))
+    with pytest.raises(RuntimeError, match=f"this {kind} is being used by another thread"):
+        copy.copy(obj)
+    assert met == [None]
     clone = copy.copy(obj)
-    assert held == [True] and type(clone) is sub and clone.history == [1, 2]
+    assert type(clone) is sub and clone.history == [1, 2]
+
+
+def test_save_checkpoint_overlapping_a_step_raises_and_writes_nothing(signals, tmp_path, monkeypatch):
+    """A checkpoint saved from another thread than the stepping one never makes its step (or update) refuse: when one
+    overlaps the save's read of the states, the save raises a ``RuntimeError`` that names the object and says to save
+    between steps, before anything is written (the file already there is untouched, no temporary left). On d36c262
+    the step was refused. The population and the server are read as one round: a step of the population while the
+    server's state is read is caught too (a checkpoint of a population of round t + 1 with a server of round t - 1
+    would restore a pair no run went through).
+    """
+    import memoa_fast.server as server_module
+    from memoa_fast import load_checkpoint, save_checkpoint
+
+    pop, srv = Population(GAME, N, D, backend="numpy"), Server(N, D, backend="numpy")
+    pop.step(signals)
+    srv.update(pop.states, TARGET)
+    path = tmp_path / "run.npz"
+    save_checkpoint(path, pop, srv)
+    saved = path.read_bytes()
+    for owner, name, write, what in [(Population, "_summary_state", lambda: pop.step(signals), "Population"),
+                                     (server_module, "server_state", lambda: srv.update(pop.states, TARGET), "Server"),
+                                     (server_module, "server_state", lambda: pop.step(signals), "Population")]:
+        met = _a_call_of_another_thread_meanwhile(monkeypatch, owner, name, write)
+        with pytest.raises(RuntimeError, match=f"save_checkpoint: .*this {what} is being used by another thread.*save "
+                                               "between steps"):
+            save_checkpoint(path, pop, srv)
+        monkeypatch.undo()
+        assert met == [None], met
+        assert path.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
+    save_checkpoint(path, pop, srv)  # between steps
+    ck = load_checkpoint(path)
+    assert (ck.t, ck.server["n_updates"]) == (pop.t, srv.n_updates) == (3, 2)
+    np.testing.assert_array_equal(ck.population["states"], pop.states)
+
+
+def test_a_thread_checkpointing_or_copying_never_stops_the_stepping_thread(tmp_path):
+    """One thread steps a population and updates its server (200 rounds), another takes state_dicts, deep copies,
+    pickles and checkpoints of them meanwhile, switching threads every microsecond. The stepping thread completes every
+    round (on d36c262 it died with "being used by another thread"); every read returns a state of one round (the one
+    the stepping thread recorded for it) or raises ``RuntimeError``; some of each happen (the stepping thread pauses
+    between two rounds four times, for one read of each kind that overlaps nothing).
+    """
+    import sys
+    import threading
+
+    from memoa_fast import load_checkpoint, save_checkpoint
+
+    n, d, rounds = 16, 2, 200
+    rng = np.random.default_rng(5)
+    signals, targets = rng.normal(size=(rounds, n, d)), rng.normal(size=(rounds, d))
+    pop, srv = Population(GAME, n, d, backend="numpy"), Server(n, d, backend="numpy")
+    states, weights = {0: pop.state_dict()["states"]}, {0: srv.state_dict()["log_weights"]}
+    done, writer_errors = threading.Event(), []
+    paused, resume = threading.Event(), threading.Event()
+
+    def step():
+        try:
+            for k in range(rounds):
+                if k % 50 == 25:  # a pause between rounds, for reads that overlap no call (a save takes many rounds' time)
+                    resume.clear()
+                    paused.set()
+                    assert resume.wait(30)
+                pop.step(signals[k])
+                states[pop.t] = pop.states.copy()
+                srv.update(pop.states, targets[k])
+                weights[srv.n_updates] = srv.log_weights.copy()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            writer_errors.append(exc)
+        finally:
+            done.set()
+
+    path = tmp_path / "ck.npz"
+    reads = {"state_dict": lambda: ("pop", pop.state_dict()), "deepcopy": lambda: ("pop", copy.deepcopy(pop).state_dict()),
+             "pickle": lambda: ("srv", pickle.loads(pickle.dumps(srv)).state_dict()),
+             "save_checkpoint": lambda: ("ck", save_checkpoint(path, pop, srv) and load_checkpoint(path))}
+    served, refused, taken = dict.fromkeys(reads, 0), dict.fromkeys(reads, 0), []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        writer = threading.Thread(target=step)
+        writer.start()
+        k = 0
+        while not done.is_set():
+            if paused.is_set():  # the stepping thread waits: one read of each kind, all served
+                for name, read in reads.items():
+                    taken.append(read())
+                    served[name] += 1
+                paused.clear()
+                resume.set()
+            name = list(reads)[k % len(reads)]
+            try:
+                taken.append(reads[name]())
+                served[name] += 1
+            except RuntimeError as exc:
+                assert "is being used by another thread" in str(exc), exc
+                refused[name] += 1
+            k += 1
+        writer.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not writer_errors, writer_errors[0]
+    assert pop.t == srv.n_updates == rounds
+    for what, value in taken:  # each read: the state the stepping thread recorded for its round
+        if what == "pop":
+            np.testing.assert_array_equal(value["states"], states[value["t"]])
+        elif what == "srv":
+            np.testing.assert_array_equal(value["log_weights"], weights[value["n_updates"]])
+        else:
+            np.testing.assert_array_equal(value.population["states"], states[value.t])
+            n_updates = value.server["n_updates"]
+            assert n_updates in (value.t - 1, value.t)  # saved between a step and its update, or after both
+            np.testing.assert_array_equal(value.server["log_weights"], weights[n_updates])
+    assert sum(refused.values()) > 0, (served, refused)  # overlaps happened (hundreds, measured)
 
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="needs Numba (its typeof names the compiled specialisation)")

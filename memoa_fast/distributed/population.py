@@ -278,7 +278,12 @@ class DaskPopulation(MeanFieldSummary):
     message (``mean_signal``, ``discount``, ``n_valid_signals``...) hold
     nothing: they check the guard, as one machine's reads check its lock
     (``RuntimeError`` during another thread's call; never a refusal of that
-    call). A move queued by a step is sent
+    call). Its :meth:`state_dict`, :meth:`save` and
+    :func:`~memoa_fast.save_checkpoint` send messages, so they hold the guard:
+    unlike one machine's objects, whose state_dict, copies and pickles only
+    check their lock, a thread saving a DaskPopulation makes another thread's
+    step meanwhile refuse (save from the thread that steps it, between
+    steps). A move queued by a step is sent
     with the next call, whichever it is: by then the step has returned. The
     interrupt marks are unchanged: a call cut short between its first and
     last write still leaves a population that refuses every call until

@@ -74,8 +74,9 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         Threads drawing the signals (the draws do not depend on it).
 
     Like every object of the package that owns state, it is not thread-safe: a call while another thread is inside
-    one (``next``, ``observe``, ``state_dict``, ``load_state_dict``, a copy or pickle) raises ``RuntimeError``
-    instead of drawing into the same buffer or losing a round (:class:`~memoa_fast._exclusive.Exclusive`).
+    one (``next``, ``observe``, ``load_state_dict``) raises ``RuntimeError`` instead of drawing into the same buffer
+    or losing a round (:class:`~memoa_fast._exclusive.Exclusive`). ``state_dict``, a copy and a pickle are checked
+    reads: they raise ``RuntimeError`` if such a call overlapped them, and never make that call refuse.
     Interrupted (Ctrl-C) in ``next`` or ``observe``, it is at a round boundary; in ``load_state_dict``, between
     its writes, it refuses every call until a load completes.
 
@@ -146,9 +147,8 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         ``{"agents": {}, "shared": {"t": int64 scalar array, "y": (d,), "seed": int64 scalar array,
         "low": float64 scalar array, "high": float64 scalar array}}``.
         """
-        with self._exclusive:
-            return {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(),
-                                             **source_settings(self.settings())}}
+        return self._exclusive.read(lambda: {"agents": {}, "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(),
+                                                                      **source_settings(self.settings())}})
 
     def validate_state_dict(self, state: dict) -> dict:
         """Check ``state`` (the form :meth:`state_dict` writes) without changing anything; returns a clean copy.
@@ -184,8 +184,8 @@ class NoisyLastValueSignals(CopiesKeepTheirClass):
         with its own attributes, and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`).
         """
         config = dict(dim=self.dim, low=self.low, high=self.high, threads=self.threads)
-        return self._reduce_keeping_class(_rebuild_noisy_last_value, (self.lo, self.hi, self.seed, config, None), _BUILT_BY_INIT,
-                                          self.state_dict())
+        return self._reduce_keeping_class(_rebuild_noisy_last_value, _BUILT_BY_INIT,
+                                          lambda: ((self.lo, self.hi, self.seed, config, None), self.state_dict()))
 
 
 #: The attributes :meth:`NoisyLastValueSignals.__init__` sets: a copy builds them again; any other is a subclass's own.

@@ -452,12 +452,13 @@ class ClientForecasters(CopiesKeepTheirClass):
         (:meth:`validate_state_dict`). Per-client arrays of shards concatenate into the whole population's;
         the shared part is the same on every shard.
         """
-        with self._exclusive:  # a snapshot of one round, never of two (another thread may be observing)
-            return {
-                "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
-                "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings()),
-                           CAP_RECORD: np.array(float(SQUARE_CAP))},
-            }
+        # A snapshot of one round, never of two: a checked read (no hold), RuntimeError if another thread's observe
+        # overlapped it (that observe is served).
+        return self._exclusive.read(lambda: {
+            "agents": {"weights": self._weights.copy(), "lags": self._lags.copy(), "signals": self._out.copy()},
+            "shared": {"t": np.array(self.t, dtype=np.int64), "y": self._y.copy(), **source_settings(self.settings()),
+                       CAP_RECORD: np.array(float(SQUARE_CAP))},
+        })
 
     @issues_what_validated_returns
     def validate_state_dict(self, state: dict) -> dict:
@@ -568,13 +569,13 @@ class ClientForecasters(CopiesKeepTheirClass):
 
         A subclass's copy is of its class, with its own attributes (they were dropped, and with them, say, a stricter
         check), and loads the state with its own ``load_state_dict`` (:mod:`memoa_fast._copies`). The state and the
-        own attributes are read under the lock: ``RuntimeError`` during another thread's call.
+        own attributes are one checked read: ``RuntimeError`` if another thread's call overlapped it (that call is served).
         """
         config = dict(lags=self.lags, noise_range=self.noise_range, mu=self.mu, seed=self.seed, first_client=self.first_client,
                       block_size=self.block_size, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        return self._reduce_keeping_class(_rebuild_forecasters, (self.n_clients, self.dim, config, None), _FORECASTERS_BUILT_BY_INIT,
-                                          self.state_dict())
+        return self._reduce_keeping_class(_rebuild_forecasters, _FORECASTERS_BUILT_BY_INIT,
+                                          lambda: ((self.n_clients, self.dim, config, None), self.state_dict()))
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any); the object stays usable."""
@@ -694,10 +695,9 @@ class SquaredErrors(CopiesKeepTheirClass):
     def __reduce__(self):
         """Pickle and copies: a new, independent object of the same class (a subclass's own attributes kept), the totals copied in."""
         config = dict(backend=self.backend, threads=self.threads, parallel_threshold=self.parallel_threshold)
-        with self._exclusive:
-            arrays = (self._totals.copy(), self._mean.copy(), self.max_total)
-        return self._reduce_keeping_class(_rebuild_squared_errors, (self.n_clients, self.dim, config, None), _SCORER_BUILT_BY_INIT,
-                                          arrays)
+        # one checked read (RuntimeError if another thread's add overlapped it; that add is served)
+        return self._reduce_keeping_class(_rebuild_squared_errors, _SCORER_BUILT_BY_INIT, lambda: (
+            (self.n_clients, self.dim, config, None), (self._totals.copy(), self._mean.copy(), self.max_total)))
 
     def _load_saved(self, arrays) -> None:
         """Copy the pickled ``(totals, mean, max_total)`` in (shapes checked, finite or not)."""

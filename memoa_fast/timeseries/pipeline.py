@@ -302,16 +302,24 @@ class Pipeline(CopiesKeepTheirClass):
         from ``_pending`` (absolute values: settling twice is harmless); if not, nothing moved. The reference
         backend marks ``_exclusive.interrupted`` instead (it may have stopped inside a round).
         """
-        pending = self._pending
-        if pending is None or self._exclusive.interrupted is not None:
+        if self._pending is None or self._exclusive.interrupted is not None:
             return
-        if self._flags[self._kern.F_RECORD] != _UNFINISHED:
-            t0, T, _, _, discount = pending
-            gamma = self.game.gamma
-            for j in range(1, T + 1):  # the kernel's rule (run_rounds), round by round
-                discount = next_discount(discount, gamma, t0 + j)
-            (self._t, self._n_recorded), self._discount = self._counts(), discount
+        self._t, self._n_recorded, self._discount = self._settled()
         self._pending = None
+
+    def _settled(self) -> tuple:
+        """``(t, n_recorded, discount)`` as :meth:`_settle` leaves them; writes nothing (a copy's counters).
+
+        For a caller that holds the lock, or checks it (``Exclusive.read``), with no mark set.
+        """
+        pending = self._pending
+        if pending is None or self._flags[self._kern.F_RECORD] == _UNFINISHED:
+            return self._t, self._n_recorded, self._discount
+        t0, T, _, _, discount = pending
+        gamma = self.game.gamma
+        for j in range(1, T + 1):  # the kernel's rule (run_rounds), round by round
+            discount = next_discount(discount, gamma, t0 + j)
+        return (*self._counts(), discount)
 
     def round(self, y, record: bool = True) -> np.ndarray:
         """One round on the target ``y(t)``; returns ``yhat(t+1)``.
@@ -540,17 +548,22 @@ class Pipeline(CopiesKeepTheirClass):
         """Pickle, ``copy.copy`` and ``copy.deepcopy``: a new, independent Pipeline that continues this one bitwise.
 
         Each builds a Pipeline with the same arguments and copies every state array into it (:meth:`_load_saved`);
-        a subclass's copy is of its class, with its own attributes (:mod:`memoa_fast._copies`).
+        a subclass's copy is of its class, with its own attributes (:mod:`memoa_fast._copies`). One checked read
+        (no hold): ``RuntimeError`` if another thread's round overlapped it (that round is served), and after an
+        interrupted one; the counters of a compiled call an interrupt cut off are counted as the next call would
+        (:meth:`_settled`), without writing them.
         """
         config = dict(game=self.game, rule=self.rule, eta=self.eta, alpha=self.alpha, lags=self.lags,
                       noise_range=self.noise_range, mu=self.mu, seed=self.seed, backend=self.backend, threads=self.threads,
                       parallel_threshold=self.parallel_threshold)
-        with self._exclusive:  # not while another thread is inside a round (that raises RuntimeError)
-            self._settle()
+
+        def take():
             arrays = {name: getattr(self, name).copy() for name in _STATE_ARRAYS}
-            counters = {"t": self._t, "n_recorded": self._n_recorded, "_discount": self._discount, CAP_RECORD: float(SQUARE_CAP)}
-        return self._reduce_keeping_class(_rebuild_pipeline, (self.n_clients, self.dim, config, None, None), _PIPELINE_BUILT_BY_INIT,
-                                          (arrays, counters))
+            t, n_recorded, discount = self._settled()
+            counters = {"t": t, "n_recorded": n_recorded, "_discount": discount, CAP_RECORD: float(SQUARE_CAP)}
+            return (self.n_clients, self.dim, config, None, None), (arrays, counters)
+
+        return self._reduce_keeping_class(_rebuild_pipeline, _PIPELINE_BUILT_BY_INIT, take)
 
     def _load_saved(self, saved) -> None:
         """Copy the pickled ``(arrays, counters)`` in: shapes, dtypes and the squared features' cap checked first.

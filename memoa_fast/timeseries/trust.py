@@ -36,7 +36,7 @@ _RECOVER = "continue from a copy or pickle taken before"
 
 
 def _state_copy(obj) -> dict:
-    """The state a pickle or copy of ``obj`` takes: every attribute but its lock, the arrays copied (call it under the lock)."""
+    """The state a pickle or copy of ``obj`` takes: every attribute but its lock, the arrays copied (a checked read of it)."""
     return {name: value.copy() if isinstance(value, np.ndarray) else value
             for name, value in obj.__dict__.items() if name != "_exclusive"}
 
@@ -210,12 +210,12 @@ class TrustClasses(CopiesAreDeep):
         return labels, weights, shares
 
     def __getstate__(self) -> dict:
-        """Pickle and copies: every attribute but the lock (a copy gets its own), the arrays copied under it.
+        """Pickle and copies: every attribute but the lock (a copy gets its own), the arrays copied in a checked read of it.
 
-        Refused (``RuntimeError``) while another thread's :meth:`observe` runs and after an interrupted one.
+        Refused (``RuntimeError``) if another thread's :meth:`observe` overlapped it (that observe is served, never
+        refused because of this read) and after an interrupted one.
         """
-        with self._exclusive:
-            return _state_copy(self)
+        return self._exclusive.read(_state_copy, self)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -516,18 +516,20 @@ class TrustPopulation(CopiesAreDeep):
     def __getstate__(self) -> dict:
         """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot taken under it.
 
-        The arrays, the populations and the trust classes are copied under the lock, so the snapshot is of one
-        round even if another thread calls this object right after (the pickler writes the state after this
-        returns). Refused (``RuntimeError``) while another thread's call of this object (or of ``self.trust``)
-        runs, and after an interrupted one: a copy taken then would mix two rounds (the populations step one
-        after the other).
+        The arrays, the populations and the trust classes are copied in one checked read of the lock (no hold), so
+        the snapshot is of one round even if another thread calls this object right after (the pickler writes the
+        state after this returns). Refused (``RuntimeError``) if another thread's call of this object (or of
+        ``self.trust``) overlapped it, and after an interrupted one: a copy taken then would mix two rounds (the
+        populations step one after the other). That call is served, never refused because of this read.
         """
-        with self._exclusive:
+        def take():
             state = _state_copy(self)
-            state["trust"] = copy.copy(self.trust)  # under its own lock too
+            state["trust"] = copy.copy(self.trust)  # a checked read of its own lock too
             state["populations"] = [copy.copy(pop) for pop in self.populations]  # each from its state_dict
             state["games"] = list(self.games)
-        return state
+            return state
+
+        return self._exclusive.read(take)
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("n_reforms_kept", 0)  # pickled before the count existed
