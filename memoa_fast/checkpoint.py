@@ -109,7 +109,7 @@ _SCALARS = {
 # Arrays, with their shape in terms of N (agents), d (dimension) and K (classes).
 _ARRAYS = {
     "states": ("N", "d"), "costs": ("N",), "labels": ("N",), "mean_state": ("d",), "mean_signal": ("d",),
-    "class_mean_signal": ("K", "d"), "server_log_weights": ("N",),
+    "class_mean_signal": ("K", "d"), "class_signalled": ("K",), "server_log_weights": ("N",),
 }
 _STR_CHARS = 1024
 # A signal source keeps small shared arrays and a few numbers per agent: these
@@ -327,6 +327,8 @@ def _save_checkpoint(path, population, server, source, sharded) -> Path:
     if n_classes_of(game) > 1:
         arrays["labels"] = pop["labels"]
         arrays["class_mean_signal"] = pop["class_mean_signal"]
+        if pop.get("class_signalled") is not None:  # which classes have had a valid signal (else: derived from t)
+            arrays["class_signalled"] = np.asarray(pop["class_signalled"], dtype=np.int64)
     if server is not None:
         if (server.n_agents, server.dim) != (population.n_agents, population.dim):
             raise ValueError(
@@ -775,9 +777,10 @@ def _read_members(fh, where, n_agents, dim) -> dict:
             want = tuple(sizes[s] for s in dims)
             if shape != want:
                 _fail(where, f"entry {key!r} must have shape {want} ({', '.join(dims)}), got {shape}")
-            kind_ok = dtype.kind in "iu" and dtype.itemsize <= 8 if key == "labels" else dtype == np.float64
+            integers = key in ("labels", "class_signalled")
+            kind_ok = dtype.kind in "iu" and dtype.itemsize <= 8 if integers else dtype == np.float64
             if not kind_ok:
-                _fail(where, f"entry {key!r} must be {'an integer array' if key == 'labels' else 'float64'}, got {dtype}")
+                _fail(where, f"entry {key!r} must be {'an integer array' if integers else 'float64'}, got {dtype}")
             total += members[key].file_size
         for key in headers:
             if key.startswith((_SOURCE_AGENTS, _SOURCE_SHARED)):
@@ -853,7 +856,8 @@ def _parse(data: dict, where: str) -> Checkpoint:
         _fail(where, f"format version {version} is not valid")
     game = _make_game(_game_dict(data, where), where)
 
-    population = {key: data[key] for key in ("states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal") if key in data}
+    population = {key: data[key] for key in ("states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal",
+                                             "class_signalled") if key in data}
     population.update(t=data["t"], discount=data["discount"], game=game.to_dict())
     for key in ("n_valid_signals", "n_finite_signals"):
         if key in data:
