@@ -1155,6 +1155,8 @@ def write_manifest(target: Path, *, game, n_agents, dim, population: dict, serve
     }
     for key in _MANIFEST_ARRAYS:
         arrays[key] = np.asarray(population[key], dtype=np.float64)
+    if population.get("class_signalled") is not None:  # which classes have had a valid signal (else derived from t)
+        arrays["class_signalled"] = np.asarray(population["class_signalled"], dtype=np.int64)
     if server is not None:
         arrays.update(
             server_rule=np.array(server["rule"]), server_eta=np.array(server["eta"], dtype=np.float64),
@@ -1325,7 +1327,7 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
     where = str(path)
 
     def allowed(key):
-        return (key in _SCALARS or key in _MANIFEST_EXTRA or key in _MANIFEST_ARRAYS
+        return (key in _SCALARS or key in _MANIFEST_EXTRA or key in _MANIFEST_ARRAYS or key == "class_signalled"
                 or (key.startswith(_SOURCE_SHARED) and key != _SOURCE_SHARED))
 
     try:
@@ -1371,6 +1373,8 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
     }
     if K > 1:
         stand_in["labels"] = np.zeros(1, dtype=np.int64)
+    if "class_signalled" in data:
+        stand_in["class_signalled"] = data["class_signalled"]
     try:
         clean = check_population_state(stand_in, game=game, n_agents=1, dim=d)
         check_population_state(dict(stand_in, mean_state=data["class_mean_state"][0]), game=game, n_agents=1, dim=d)
@@ -1378,7 +1382,8 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
         _fail(where, str(exc))
     if not np.isfinite(data["class_mean_state"]).all():
         _fail(where, "entry 'class_mean_state' must be finite")
-    population = {key: clean[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "t", "discount", "game")}
+    population = {key: clean[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "class_signalled", "t",
+                                              "discount", "game")}
     population.update(class_mean_state=np.array(data["class_mean_state"]), n_valid_signals=n_valid)
 
     server = None
@@ -1647,8 +1652,8 @@ def _load_manifest_checkpoint(path, n_agents, dim) -> Checkpoint:
     manifest = read_manifest(path, n_agents=n_agents, dim=dim)
     rows = read_shard_rows(manifest, 0, manifest.n_agents)
     where, n, d = manifest.path, manifest.n_agents, manifest.dim
-    population = {key: manifest.population[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "t",
-                                                            "discount", "n_valid_signals", "game")}
+    population = {key: manifest.population[key] for key in ("mean_state", "mean_signal", "class_mean_signal",
+                                                            "class_signalled", "t", "discount", "n_valid_signals", "game")}
     population.update(states=rows["states"], costs=rows["costs"])
     if "labels" in rows:
         population["labels"] = rows["labels"]

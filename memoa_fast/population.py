@@ -111,8 +111,8 @@ class MeanFieldSummary:
     def _unsignalled_classes(self):
         """The classes with no valid signal since round 0 (bool (K,)), or None when K = 1.
 
-        Kept by the steps and saved with the state (``class_signalled``); for a state saved without it (older
-        states, a sharded checkpoint's manifest) it is derived from the round counter: every class at round 0, none
+        Kept by the steps and saved with the state (``class_signalled``, also in checkpoints and manifests); for a
+        state saved without it (older ones) it is derived from the round counter: every class at round 0, none
         after (a class still silent then keeps the stand-in its row holds).
         """
         K = self._lay.n_classes

@@ -1266,6 +1266,8 @@ class DaskPopulation(MeanFieldSummary):
             "class_mean_state": self._field[lay.class_state:lay.class_state + K].copy(),
             "t": self.t, "discount": self._discount, "n_valid_signals": self._n_valid,
         }
+        if K > 1:  # which classes have had a valid signal (see MeanFieldSummary._unsignalled_classes)
+            population["class_signalled"] = (~self._unsignalled_classes()).astype(np.int64)
         sid = None if server is None else server.sid
         args = [(str(folder), token, population, self.game, sid) for _ in self.bounds]
         try:
@@ -1391,6 +1393,8 @@ class DaskPopulation(MeanFieldSummary):
         self._unsignalled = None  # see MeanFieldSummary._unsignalled_classes
         self._field[lay.field_signal] = pop["mean_signal"]
         self._field[lay.class_signal:lay.class_signal + K] = pop["class_mean_signal"]
+        flags = pop.get("class_signalled")  # None in a manifest written before it: derived from t
+        self._unsignalled, self._unsignalled_t = (None if flags is None else ~flags), pop["t"]
         # m(t) and m_l(t) from the shards' sums of the rows they installed (as one machine does from its states):
         # the manifest's copies are not trusted to match the rows.
         self._means_from_sums(*_added_sums(answers, K))
