@@ -44,7 +44,7 @@ RULES = ("eg", "hedge")
 #: ``n_valid_signals`` (either is read, one is required); ``source`` (a signal
 #: source's state, see :func:`check_source_layout`) is passed over here.
 POPULATION_KEYS = (
-    "states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal", "t", "discount",
+    "states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal", "class_signalled", "t", "discount",
     "n_valid_signals", "n_finite_signals", "game", "source",
 )
 #: Keys of a server state.
@@ -211,7 +211,9 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
         ``labels`` (int64; shape (N,), or (0,) meaning "every agent in
         class 0", the kernels' convention, when K = 1 and the state had none
         or had (0,)), ``mean_state`` (d,),
-        ``mean_signal`` (d,), ``class_mean_signal`` (K, d), ``t`` (int),
+        ``mean_signal`` (d,), ``class_mean_signal`` (K, d), ``class_signalled``
+        (bool (K,): which classes have had a valid signal; None when the state
+        has none, older states: derived from ``t``), ``t`` (int),
         ``discount`` (float), ``n_valid_signals`` (int) and ``game`` (dict).
         Arrays are float64, C-contiguous and owned by the copy.
 
@@ -237,6 +239,7 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
           no effect (comparing it would cost a pass over the states, or on
           Dask a round of shard sums, to refuse what is recomputed anyway);
         - ``labels``: an integer dtype, shape (N,) (or (0,) when K = 1), values in [0, K);
+        - ``class_signalled`` (optional): K integer or bool flags, each 0 or 1;
         - ``t``: an integer in [0, 2**63) (``1.7``, ``True``, ``"3"`` and
           ``3.0`` are refused; NumPy integers are accepted);
         - ``discount``: equal to ``gamma**t`` within
@@ -271,6 +274,13 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
         class_mean_signal = _real_array("class_mean_signal", state["class_mean_signal"], (K, d), limit=STATE_LIMIT)
     else:
         class_mean_signal = mean_signal.reshape(1, d).copy()
+    class_signalled = None  # absent (states saved before it, K = 1): every class has signalled iff t > 0
+    if state.get("class_signalled") is not None:  # (None: a checked state's "absent")
+        flags = np.asarray(state["class_signalled"])
+        if flags.shape != (K,) or flags.dtype.kind not in "biu" or not np.isin(flags, (0, 1)).all():
+            _fail("class_signalled", f"must be {K} flags (0 or 1, one per class: whether it has had a valid signal), "
+                                     f"got {_short(state['class_signalled'])}")
+        class_signalled = flags.astype(bool)
 
     t = _int("t", state["t"], low=0, high=MAX_COUNT)
     discount = _real("discount", state["discount"])
@@ -298,6 +308,7 @@ def check_population_state(state, *, game, n_agents: int, dim: int) -> dict:
         "mean_state": mean_state,
         "mean_signal": mean_signal,
         "class_mean_signal": class_mean_signal,
+        "class_signalled": class_signalled,
         "t": t,
         "discount": discount,
         "n_valid_signals": n_valid,

@@ -111,7 +111,7 @@ _SCALARS = {
 # Arrays, with their shape in terms of N (agents), d (dimension) and K (classes).
 _ARRAYS = {
     "states": ("N", "d"), "costs": ("N",), "labels": ("N",), "mean_state": ("d",), "mean_signal": ("d",),
-    "class_mean_signal": ("K", "d"), "server_log_weights": ("N",),
+    "class_mean_signal": ("K", "d"), "class_signalled": ("K",), "server_log_weights": ("N",),
 }
 _STR_CHARS = 1024
 # A signal source keeps small shared arrays and a few numbers per agent: these
@@ -339,6 +339,8 @@ def _save_checkpoint(path, population, server, source, sharded, checked) -> Path
     if n_classes_of(game) > 1:
         arrays["labels"] = pop["labels"]
         arrays["class_mean_signal"] = pop["class_mean_signal"]
+        if pop.get("class_signalled") is not None:  # which classes have had a valid signal (else: derived from t)
+            arrays["class_signalled"] = np.asarray(pop["class_signalled"], dtype=np.int64)
     if server is not None:
         if (server.n_agents, server.dim) != (population.n_agents, population.dim):
             raise ValueError(
@@ -801,9 +803,10 @@ def _read_members(fh, where, n_agents, dim) -> dict:
             want = tuple(sizes[s] for s in dims)
             if shape != want:
                 _fail(where, f"entry {key!r} must have shape {want} ({', '.join(dims)}), got {shape}")
-            kind_ok = dtype.kind in "iu" and dtype.itemsize <= 8 if key == "labels" else dtype == np.float64
+            integers = key in ("labels", "class_signalled")
+            kind_ok = dtype.kind in "iu" and dtype.itemsize <= 8 if integers else dtype == np.float64
             if not kind_ok:
-                _fail(where, f"entry {key!r} must be {'an integer array' if key == 'labels' else 'float64'}, got {dtype}")
+                _fail(where, f"entry {key!r} must be {'an integer array' if integers else 'float64'}, got {dtype}")
             total += members[key].file_size
         for key in headers:
             if key.startswith((_SOURCE_AGENTS, _SOURCE_SHARED)):
@@ -879,7 +882,8 @@ def _parse(data: dict, where: str) -> Checkpoint:
         _fail(where, f"format version {version} is not valid")
     game = _make_game(_game_dict(data, where), where)
 
-    population = {key: data[key] for key in ("states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal") if key in data}
+    population = {key: data[key] for key in ("states", "costs", "labels", "mean_state", "mean_signal", "class_mean_signal",
+                                             "class_signalled") if key in data}
     population.update(t=data["t"], discount=data["discount"], game=game.to_dict())
     for key in ("n_valid_signals", "n_finite_signals"):
         if key in data:
@@ -1177,6 +1181,8 @@ def write_manifest(target: Path, *, game, n_agents, dim, population: dict, serve
     }
     for key in _MANIFEST_ARRAYS:
         arrays[key] = np.asarray(population[key], dtype=np.float64)
+    if population.get("class_signalled") is not None:  # which classes have had a valid signal (else derived from t)
+        arrays["class_signalled"] = np.asarray(population["class_signalled"], dtype=np.int64)
     if server is not None:
         arrays.update(
             server_rule=np.array(server["rule"]), server_eta=np.array(server["eta"], dtype=np.float64),
@@ -1347,7 +1353,7 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
     where = str(path)
 
     def allowed(key):
-        return (key in _SCALARS or key in _MANIFEST_EXTRA or key in _MANIFEST_ARRAYS
+        return (key in _SCALARS or key in _MANIFEST_EXTRA or key in _MANIFEST_ARRAYS or key == "class_signalled"
                 or (key.startswith(_SOURCE_SHARED) and key != _SOURCE_SHARED))
 
     try:
@@ -1393,6 +1399,8 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
     }
     if K > 1:
         stand_in["labels"] = np.zeros(1, dtype=np.int64)
+    if "class_signalled" in data:
+        stand_in["class_signalled"] = data["class_signalled"]
     try:
         clean = check_population_state(stand_in, game=game, n_agents=1, dim=d)
         check_population_state(dict(stand_in, mean_state=data["class_mean_state"][0]), game=game, n_agents=1, dim=d)
@@ -1400,7 +1408,8 @@ def read_manifest(path, *, n_agents: int | None = None, dim: int | None = None) 
         _fail(where, str(exc))
     if not np.isfinite(data["class_mean_state"]).all():
         _fail(where, "entry 'class_mean_state' must be finite")
-    population = {key: clean[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "t", "discount", "game")}
+    population = {key: clean[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "class_signalled", "t",
+                                              "discount", "game")}
     population.update(class_mean_state=np.array(data["class_mean_state"]), n_valid_signals=n_valid)
 
     server = None
@@ -1669,8 +1678,8 @@ def _load_manifest_checkpoint(path, n_agents, dim) -> Checkpoint:
     manifest = read_manifest(path, n_agents=n_agents, dim=dim)
     rows = read_shard_rows(manifest, 0, manifest.n_agents)
     where, n, d = manifest.path, manifest.n_agents, manifest.dim
-    population = {key: manifest.population[key] for key in ("mean_state", "mean_signal", "class_mean_signal", "t",
-                                                            "discount", "n_valid_signals", "game")}
+    population = {key: manifest.population[key] for key in ("mean_state", "mean_signal", "class_mean_signal",
+                                                            "class_signalled", "t", "discount", "n_valid_signals", "game")}
     population.update(states=rows["states"], costs=rows["costs"])
     if "labels" in rows:
         population["labels"] = rows["labels"]

@@ -9,7 +9,7 @@ from ._exclusive import Exclusive
 from ._state import INITIAL_LIMIT, check_population_state
 from ._validation import MAX_COUNT, as_float_array, as_steps, check_int, check_out, check_sizes, plain_array, readonly_view
 from .game import Game
-from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, next_discount, work_shape
+from .kernels import MIX_SIGNAL, MIX_STATE, N_COEF, SIZE, layout, next_discount, padded, work_shape
 from .server import Server
 
 
@@ -104,6 +104,49 @@ class MeanFieldSummary:
             return self._field[lay.field_signal:lay.field_signal + 1].copy()
         return self._field[lay.class_signal:lay.class_signal + lay.n_classes].copy()
 
+    # A class whose agents have sent no valid signal since round 0 has no signal mean: the kernels' merge keeps the
+    # row it finds (0 at round 0), and MEMOA's anchor m* = sum_l lam_l sbar_l read that 0 as a class's signal mean, so
+    # a population at rest on a common signal of 100 left it (to 70.7 in one step with two equal classes). Such a
+    # class is left out of the anchor instead: its row gets the anchor of the classes that have a signal mean.
+    def _unsignalled_classes(self):
+        """The classes with no valid signal since round 0 (bool (K,)), or None when K = 1.
+
+        Kept by the steps and saved with the state (``class_signalled``, also in checkpoints and manifests); for a
+        state saved without it (older ones) it is derived from the round counter: every class at round 0, none
+        after (a class still silent then keeps the stand-in its row holds).
+        """
+        K = self._lay.n_classes
+        if K == 1:
+            return None
+        flags = getattr(self, "_unsignalled", None)
+        if flags is None or getattr(self, "_unsignalled_t", -1) != self.t:
+            flags = np.full(K, self.t == 0)
+        return flags
+
+    def _stand_in_for_silent_classes(self, work, flags) -> np.ndarray:
+        """Give each class in ``flags`` with no valid signal in ``work`` the anchor of the others; return the counts.
+
+        ``work`` holds pass 1's partials, before the merge (which keeps the row of a class with no valid signal):
+        the anchor ``sum lam_l sbar_l / sum lam_l`` over the classes with a signal mean is written into the
+        signal-mean row of each such class. Returns the round's valid count of each class.
+        """
+        lay, K, d = self._lay, self._lay.n_classes, self._lay.dim
+        counts = work[:, lay.count:lay.count + K].sum(axis=0)
+        silent = flags & (counts == 0)
+        if silent.any():
+            dp = padded(d)
+            rows = self._field[lay.class_signal:lay.class_signal + K]
+            means = rows.copy()  # a class silent this round but signalled before: its kept mean
+            for l in np.flatnonzero(counts > 0):
+                means[l] = work[:, lay.signal + l * dp:lay.signal + l * dp + d].sum(axis=0) / counts[l]
+            have = ~silent
+            lam = np.asarray(self.game.classes.lam)[have]
+            if lam.sum() > 0:
+                rows[silent] = lam @ means[have] / lam.sum()
+            elif counts.sum() > 0:  # no class with a signal mean weighs in the anchor: the mean of the valid signals
+                rows[silent] = counts @ means / counts.sum()
+        return counts
+
     @property
     def mean_state(self) -> np.ndarray:
         """``m(t)``, the mean of the current states; a copy (``RuntimeError`` during another thread's call)."""
@@ -126,7 +169,9 @@ class MeanFieldSummary:
     def class_mean_signal(self) -> np.ndarray:
         """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy.
 
-        ``RuntimeError`` during another thread's call. With one class this is :attr:`mean_signal` (shape (1, d)),
+        A class with no valid signal in the last step keeps its mean of the step before; one that has had none since
+        round 0 holds the anchor ``m*`` of the others (MEMOA leaves it out of the anchor). ``RuntimeError`` during
+        another thread's call. With one class this is :attr:`mean_signal` (shape (1, d)),
         the same bits: the compiled step may round its
         own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
         it as the mean signal (the two then differed after a restore).
@@ -257,6 +302,7 @@ class MeanFieldSummary:
         }
         if self._lay.n_classes > 1:
             state["labels"] = self._labels.copy()
+            state["class_signalled"] = (~self._unsignalled_classes()).astype(np.int64)
         return state
 
     def _apply_summary(self, clean: dict) -> None:
@@ -266,6 +312,8 @@ class MeanFieldSummary:
             self._labels = clean["labels"]
             self._set_sizes()
         self._field[...] = 0.0
+        flags = clean.get("class_signalled")  # None for a state saved without it: derived from t
+        self._unsignalled, self._unsignalled_t = (None if flags is None else ~flags), clean["t"]
         self._field[lay.field_signal] = clean["mean_signal"]
         self._field[lay.class_signal:lay.class_signal + K] = clean["class_mean_signal"]
         self._refresh_means(clean["states"])
@@ -438,6 +486,7 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
             self._J[...] = 0.0
         self._fresh = False
         self._field[...] = 0.0
+        self._unsignalled, self._unsignalled_t = None, 0
         self._mean_ready = False  # m(t) is computed by the next step's signal pass
         if x0 is not None:
             self._refresh_means(self._x)
@@ -585,9 +634,14 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
         ex = self._exclusive
         with ex:
             ex.interrupted = "a step"
+            threads = _backends.usable_threads(self._threads_used)
+            flags = self._unsignalled_classes()
+            if flags is not None and flags.any():  # until every class has signalled (usually the first step only)
+                self._kernels.signal_pass(self._x, s, self._labels, self._work, self._lay, not self._mean_ready, threads)
+                flags = flags & (self._stand_in_for_silent_classes(self._work, flags) == 0)
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
-                self._mean_ready, self._discount, log_p, self._yhat, _backends.usable_threads(self._threads_used),
+                self._mean_ready, self._discount, log_p, self._yhat, threads,
             )
             # m(t+1) becomes the next step's m(t): no pass over the states needed for it.
             lay, K = self._lay, self._lay.n_classes
@@ -597,6 +651,7 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
             self._n_valid = n_valid
             self._worst = worst  # -1 from every kernel when no cost is above -inf (every one NaN): see worst_agent
             self.t += 1
+            self._unsignalled, self._unsignalled_t = flags, self.t
             self._discount = next_discount(self._discount, self.game.gamma, self.t)
             ex.interrupted = None
 
@@ -678,7 +733,7 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
 _POPULATION_BUILT_BY_INIT = frozenset({
     "n_agents", "dim", "_kernels", "backend", "parallel_threshold", "threads", "_threads_used", "_lay", "_labels", "_coef",
     "game", "_mix", "_empty_read", "_discount", "_x", "_J", "_work", "_field", "_yhat", "_no_weights", "_x_view", "_J_view",
-    "_exclusive", "_fresh", "_mean_ready", "_n_valid", "_worst", "t"})
+    "_exclusive", "_fresh", "_mean_ready", "_n_valid", "_worst", "t", "_unsignalled", "_unsignalled_t"})
 
 
 def _rebuild(cls, args, config, state=None, subclass=None):

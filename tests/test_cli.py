@@ -188,6 +188,37 @@ def test_csv_pipe_is_opened_once_by_the_run(tmp_path, capsys, monkeypatch):
                                                      "decimal": ".", "rows": 60, "rows_dropped": 0}
 
 
+@pytest.mark.parametrize("changed_row", [110, 150])
+def test_a_csv_runs_scores_never_see_a_later_row(tmp_path, capsys, monkeypatch, changed_row):
+    """Property: a scored round's error (in the file's units) never depends on a row after its target. The CSV series is
+    z-scored on its first --warmup rows; the default burn-in min(500, rounds/5) scored rounds whose targets lay in the
+    warm-up, so a later warm-up row moved their forecasts and their unit (row 110 of 200 with --warmup 120: rounds 39..108
+    changed). The default burn-in for --csv is now at least warmup - 1.
+    """
+    results, run = [], experiment.run_experiment
+    monkeypatch.setattr(experiment, "run_experiment", lambda series, **k: results.append(run(series, **k)) or results[-1])
+    values = 20.0 + np.cumsum(np.random.default_rng(3).standard_normal(200))
+    errors = []
+    for bump in (0.0, 5.0):
+        v = values.copy()
+        v[changed_row] += bump
+        path = tmp_path / "s.csv"
+        path.write_text("t,value\n" + "".join(f"{i},{float(x)!r}\n" for i, x in enumerate(v)))
+        assert _run(["run", "--csv", str(path), "--column", "value", "--warmup", "120", "--clients", "5",
+                     "--policies", "memoa", "--quiet"], capsys)[0] == 0
+        head = v[:120]
+        errors.append(results[-1].round_errors["memoa"]["uniform"] * head.var())  # in the file's units squared
+    burn_in = results[-1].config["burn_in"]
+    scored_before = slice(burn_in, max(burn_in, changed_row - 1))  # rounds whose target precedes the changed row
+    np.testing.assert_allclose(errors[1][scored_before], errors[0][scored_before], rtol=1e-12)
+    assert burn_in == 119
+    # a smaller --burn-in given on purpose is kept, and the note says what it scores
+    code, _, err = _run(["run", "--csv", str(path), "--column", "value", "--warmup", "120", "--clients", "5",
+                         "--policies", "memoa", "--burn-in", "50", "--quiet"], capsys)
+    assert code == 0 and results[-1].config["burn_in"] == 50
+    assert "memoa: note: --burn-in 50 scores rounds 50..118, whose targets are rows of the z-score's warm-up" in err
+
+
 def test_missing_drop_says_how_many_rows_it_dropped(tmp_path, capsys, monkeypatch):
     """--missing drop closes the gaps as asked, and says so on stderr (how many rows, of how many): never silently."""
     got, run = [], experiment.run_experiment

@@ -958,6 +958,38 @@ def test_the_worst_agent_with_nan_costs_is_the_one_machine_populations(thread_cl
         np.testing.assert_array_equal(dpop.regret, pop.regret)
 
 
+def test_a_class_with_no_signal_yet_is_left_out_of_the_anchor_as_on_one_machine(thread_client, tmp_path):
+    """A class whose agents have sent no valid signal yet has no signal mean: both engines leave it out of MEMOA's
+    anchor (it read 0: agents at rest on a common signal of 100 left it), with the same bits.
+    """
+    game = Game(q=[1.0, 2.0, 0.5], kappa=[2.0, 1.0, 3.0], r=[0.1, 0.3, 0.2], gamma=0.9, shares=[0.3, 0.3, 0.4])
+    labels = np.arange(12) % 3
+    s = np.full((5, 12, 2), 100.0)
+    s[:3, labels == 1] = np.nan  # class 1 silent for three rounds
+    x0 = np.full((12, 2), 100.0)
+    pop = Population(game, initial_states=x0, labels=labels, threads=1)
+    pop.run(s)
+    with DaskPopulation(game, initial_states=x0, labels=labels, client=thread_client, timeout=TIMEOUT) as dpop:
+        dpop.run(s)
+        np.testing.assert_array_equal(dpop.states, pop.states)
+        np.testing.assert_allclose(pop.states, 100.0, rtol=1e-14)
+    # a sharded checkpoint taken while class 1 is still silent records it: both engines continue as the run did
+    varied = s + np.random.default_rng(1).normal(size=s.shape)
+    whole = Population(game, initial_states=x0, labels=labels, threads=1)
+    whole.run(varied)
+    with DaskPopulation(game, initial_states=x0, labels=labels, client=thread_client, timeout=TIMEOUT) as dpop:
+        dpop.run(varied[:2])
+        save_checkpoint(tmp_path / "silent.npz", dpop, sharded=True)
+        restored = Population(game, initial_states=x0, labels=labels, threads=1)
+        restore_checkpoint(tmp_path / "silent.npz", restored)
+        restored.run(varied[2:])
+        dpop.reset(x0)
+        restore_checkpoint(tmp_path / "silent.npz", dpop)
+        dpop.run(varied[2:])
+        np.testing.assert_array_equal(restored.states, whole.states)
+        np.testing.assert_array_equal(dpop.states, whole.states)
+
+
 def _closed_soon(client, seconds=20):
     """Whether ``client`` is closed within ``seconds`` (the finalizer's close runs in a thread of its own)."""
     deadline = time.monotonic() + seconds

@@ -456,6 +456,7 @@ class DaskPopulation(MeanFieldSummary):
         self._call(("load", None), per_shard_args=args, marked=True)
         self._restart_servers()
         self._field[...] = 0.0
+        self._unsignalled = None  # see MeanFieldSummary._unsignalled_classes
         if x0 is not None:
             self._refresh_means(x0)
         return kept
@@ -736,6 +737,7 @@ class DaskPopulation(MeanFieldSummary):
                    marked=True)
         self._version += 1
         self._field[...] = 0.0
+        self._unsignalled = None  # see MeanFieldSummary._unsignalled_classes
         self._stale_means = False
         if x0 is not None:
             self._refresh_means(x0)
@@ -877,12 +879,16 @@ class DaskPopulation(MeanFieldSummary):
             self._interrupted = "a step"
             rows = self._call(("signal_pass", None), per_shard_args=[(s[lo:hi],) for lo, hi in self.bounds], marked=True)
         work = self._unpack(rows, "step")
+        flags = self._unsignalled_classes()
+        if flags is not None and flags.any():  # a class with no signal yet: left out of the anchor, as on one machine
+            flags = flags & (self._stand_in_for_silent_classes(work, flags) == 0)
         # The state columns hold the sums of the current states (the shards' last move pass, or a fresh
         # sum after a load): the same numbers one machine's merge_move turns into m(t).
         self._n_valid = self._kernels.merge_signals(work, self._lay, self._coef, self._mix, self._field, True)
         self._queue(("move", (self._coef.copy(), self._field.copy(), self._discount)))
         self._stale_means = True
         self.t += 1
+        self._unsignalled, self._unsignalled_t = flags, self.t
         self._discount = next_discount(self._discount, self.game.gamma, self.t)
         self._version += 1
         self._interrupted = None  # the last write: an interrupt before it leaves the population refusing
@@ -1265,6 +1271,8 @@ class DaskPopulation(MeanFieldSummary):
             "class_mean_state": self._field[lay.class_state:lay.class_state + K].copy(),
             "t": self.t, "discount": self._discount, "n_valid_signals": self._n_valid,
         }
+        if K > 1:  # which classes have had a valid signal (see MeanFieldSummary._unsignalled_classes)
+            population["class_signalled"] = (~self._unsignalled_classes()).astype(np.int64)
         sid = None if server is None else server.sid
         args = [(str(folder), token, population, self.game, sid) for _ in self.bounds]
         try:
@@ -1387,8 +1395,11 @@ class DaskPopulation(MeanFieldSummary):
             self._check_classes_read()
         pop = manifest.population
         self._field[...] = 0.0
+        self._unsignalled = None  # see MeanFieldSummary._unsignalled_classes
         self._field[lay.field_signal] = pop["mean_signal"]
         self._field[lay.class_signal:lay.class_signal + K] = pop["class_mean_signal"]
+        flags = pop.get("class_signalled")  # None in a manifest written before it: derived from t
+        self._unsignalled, self._unsignalled_t = (None if flags is None else ~flags), pop["t"]
         # m(t) and m_l(t) from the shards' sums of the rows they installed (as one machine does from its states):
         # the manifest's copies are not trusted to match the rows.
         self._means_from_sums(*_added_sums(answers, K))

@@ -265,6 +265,11 @@ def reclass_range(n_rounds: int, name: str, tail: str) -> str:
     return f"{name} in [1, {n_rounds - 1}]{tail}"
 
 
+def default_burn_in(n_rounds: int) -> int:
+    """The rounds :func:`run_experiment` leaves out of the scores by default: ``min(500, n_rounds // 5)``."""
+    return min(500, n_rounds // 5)
+
+
 def run_experiment(
     series,
     *,
@@ -415,7 +420,7 @@ def run_experiment(
         raise ValueError(f"scale must be None or 'burn-in'; got {scale!r}")
     T, d = y.shape
     n_rounds = T - 1
-    burn_in = min(500, n_rounds // 5) if burn_in is None else check_int("burn_in", burn_in, low=0)
+    burn_in = default_burn_in(n_rounds) if burn_in is None else check_int("burn_in", burn_in, low=0)
     if burn_in >= n_rounds:
         raise ValueError(f"burn_in must be smaller than the number of rounds {n_rounds} (series length - 1), got {burn_in}")
     nonfinite = ~np.isfinite(y)
