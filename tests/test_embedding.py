@@ -955,6 +955,44 @@ def test_save_checkpoint_overlapping_a_step_raises_and_writes_nothing(signals, t
     np.testing.assert_array_equal(ck.population["states"], pop.states)
 
 
+def test_save_checkpoint_takes_the_game_with_the_states(signals, tmp_path, monkeypatch):
+    """The game a checkpoint records is the one its states were played with: read in the save's checked read, not
+    after it. On 4a54a28 it was read after: a ``set_game`` of the stepping thread right after the states were read
+    made the save raise ``ValueError`` ("cannot save a checkpoint of this population": its own state blamed as
+    another game's). A ``set_game`` during the read is an overlap (the busy ``RuntimeError``).
+    """
+    import threading
+
+    import memoa_fast.checkpoint as checkpoint
+    from memoa_fast import load_checkpoint, save_checkpoint
+
+    other = Game(q=2.0, kappa=1.0, r=0.1, gamma=0.9)
+    pop = Population(GAME, N, D, backend="numpy")
+    pop.step(signals)
+    states, path = pop.states.copy(), tmp_path / "run.npz"
+    met = _a_call_of_another_thread_meanwhile(monkeypatch, checkpoint, "_states", lambda: pop.set_game(other))
+    with pytest.raises(RuntimeError, match="save_checkpoint: .*this Population is being used by another thread"):
+        save_checkpoint(path, pop)
+    monkeypatch.undo()
+    assert met == [None] and not path.exists()
+    pop.set_game(GAME)
+    real = checkpoint._states_of_one_round
+
+    def then_set_game(*args):  # the states are read; the stepping thread re-solves its game before the save goes on
+        taken = real(*args)
+        worker = threading.Thread(target=pop.set_game, args=(other,))
+        worker.start()
+        worker.join()
+        return taken
+
+    monkeypatch.setattr(checkpoint, "_states_of_one_round", then_set_game)
+    save_checkpoint(path, pop)
+    assert pop.game is other
+    ck = load_checkpoint(path)
+    assert ck.game.to_dict() == GAME.to_dict() and ck.t == 1
+    np.testing.assert_array_equal(ck.population["states"], states)
+
+
 def test_a_thread_checkpointing_or_copying_never_stops_the_stepping_thread(tmp_path):
     """One thread steps a population and updates its server (200 rounds), another takes state_dicts, deep copies,
     pickles and checkpoints of them meanwhile, switching threads every microsecond. The stepping thread completes every
