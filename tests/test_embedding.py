@@ -901,6 +901,31 @@ def test_an_error_of_a_read_that_met_a_call_is_the_busy_error(signals):
         ex.read(lambda: {}["no call meanwhile"])
 
 
+def test_a_refused_read_keeps_no_copy_alive(signals, monkeypatch):
+    """A read refused after its copy (a call ran meanwhile) drops that copy at once, also while its error is kept (a
+    checkpointing thread that keeps its last error, pytest's ``excinfo``). On 4a54a28 the frame of ``Exclusive.read``,
+    which the error's traceback keeps, still held the whole state copy.
+    """
+    import threading
+    import weakref
+
+    pop = Population(GAME, N, D, backend="numpy")
+    real, copies = Population._summary_state, []
+
+    def summary_state(self, states, costs):  # a whole step of another thread after the copy, before the check
+        copies.append(weakref.ref(states))
+        worker = threading.Thread(target=lambda: pop.step(signals))
+        worker.start()
+        worker.join()
+        return real(self, states, costs)
+
+    monkeypatch.setattr(Population, "_summary_state", summary_state)
+    with pytest.raises(RuntimeError, match="this Population is being used by another thread") as info:
+        pop.state_dict()
+    assert info.value is not None and pop.t == 1
+    assert copies[0]() is None
+
+
 @pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors",
                                   "NoisyLastValueSignals"])
 def test_a_copy_reads_a_subclass_own_attributes_in_its_checked_read(kind, signals, monkeypatch):
