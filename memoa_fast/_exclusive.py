@@ -133,10 +133,17 @@ class Exclusive:
             if self._holds != holds:
                 raise RuntimeError(self._busy) from exc
             raise
+        # Refused: the copy is dropped first, else this frame, which the error's traceback keeps, keeps it too (a
+        # thread that keeps its last error would keep a whole state alive).
         if self._holds != holds:  # a call began (and maybe ended) while fn read
+            del value
             raise RuntimeError(self._busy)
         if self._slot or self.interrupted is not None:
-            self._refuse_read()
+            try:
+                self._refuse_read()  # (returns for a hold an interrupt left in this thread)
+            except RuntimeError:
+                del value
+                raise
         return value
 
     def _refuse_read(self) -> None:

@@ -317,8 +317,7 @@ def _save_checkpoint(path, population, server, source, sharded, checked) -> Path
     target = Path(os.path.realpath(given))  # follow a symlink: replace the file, keep the link
     started = time.time()
     take = _states_of_one_round if checked else _states
-    state, server_state, source_state = take(population, server, source)
-    game = population.game
+    state, game, server_state, source_state = take(population, server, source)
     try:
         pop = check_population_state(state, game=game, n_agents=population.n_agents, dim=population.dim)
     except ValueError as exc:
@@ -379,8 +378,12 @@ def _save_checkpoint(path, population, server, source, sharded, checked) -> Path
 
 
 def _states(population, server, source) -> tuple:
-    """``(population state, server state or None, source state or None)``, each object's ``state_dict()``."""
-    return (population.state_dict(), None if server is None else server.state_dict(),
+    """``(population state, its game, server state or None, source state or None)``: each object's ``state_dict()``.
+
+    The game too: ``set_game`` replaces it between steps, so one read after the states could be of a later round
+    than they are (the save then refused the population's own state as another game's).
+    """
+    return (population.state_dict(), population.game, None if server is None else server.state_dict(),
             None if source is None else source.state_dict())
 
 

@@ -901,6 +901,31 @@ def test_an_error_of_a_read_that_met_a_call_is_the_busy_error(signals):
         ex.read(lambda: {}["no call meanwhile"])
 
 
+def test_a_refused_read_keeps_no_copy_alive(signals, monkeypatch):
+    """A read refused after its copy (a call ran meanwhile) drops that copy at once, also while its error is kept (a
+    checkpointing thread that keeps its last error, pytest's ``excinfo``). On 4a54a28 the frame of ``Exclusive.read``,
+    which the error's traceback keeps, still held the whole state copy.
+    """
+    import threading
+    import weakref
+
+    pop = Population(GAME, N, D, backend="numpy")
+    real, copies = Population._summary_state, []
+
+    def summary_state(self, states, costs):  # a whole step of another thread after the copy, before the check
+        copies.append(weakref.ref(states))
+        worker = threading.Thread(target=lambda: pop.step(signals))
+        worker.start()
+        worker.join()
+        return real(self, states, costs)
+
+    monkeypatch.setattr(Population, "_summary_state", summary_state)
+    with pytest.raises(RuntimeError, match="this Population is being used by another thread") as info:
+        pop.state_dict()
+    assert info.value is not None and pop.t == 1
+    assert copies[0]() is None
+
+
 @pytest.mark.parametrize("kind", ["Population", "Server", "Pipeline", "ClientForecasters", "SquaredErrors",
                                   "NoisyLastValueSignals"])
 def test_a_copy_reads_a_subclass_own_attributes_in_its_checked_read(kind, signals, monkeypatch):
@@ -953,6 +978,44 @@ def test_save_checkpoint_overlapping_a_step_raises_and_writes_nothing(signals, t
     ck = load_checkpoint(path)
     assert (ck.t, ck.server["n_updates"]) == (pop.t, srv.n_updates) == (3, 2)
     np.testing.assert_array_equal(ck.population["states"], pop.states)
+
+
+def test_save_checkpoint_takes_the_game_with_the_states(signals, tmp_path, monkeypatch):
+    """The game a checkpoint records is the one its states were played with: read in the save's checked read, not
+    after it. On 4a54a28 it was read after: a ``set_game`` of the stepping thread right after the states were read
+    made the save raise ``ValueError`` ("cannot save a checkpoint of this population": its own state blamed as
+    another game's). A ``set_game`` during the read is an overlap (the busy ``RuntimeError``).
+    """
+    import threading
+
+    import memoa_fast.checkpoint as checkpoint
+    from memoa_fast import load_checkpoint, save_checkpoint
+
+    other = Game(q=2.0, kappa=1.0, r=0.1, gamma=0.9)
+    pop = Population(GAME, N, D, backend="numpy")
+    pop.step(signals)
+    states, path = pop.states.copy(), tmp_path / "run.npz"
+    met = _a_call_of_another_thread_meanwhile(monkeypatch, checkpoint, "_states", lambda: pop.set_game(other))
+    with pytest.raises(RuntimeError, match="save_checkpoint: .*this Population is being used by another thread"):
+        save_checkpoint(path, pop)
+    monkeypatch.undo()
+    assert met == [None] and not path.exists()
+    pop.set_game(GAME)
+    real = checkpoint._states_of_one_round
+
+    def then_set_game(*args):  # the states are read; the stepping thread re-solves its game before the save goes on
+        taken = real(*args)
+        worker = threading.Thread(target=pop.set_game, args=(other,))
+        worker.start()
+        worker.join()
+        return taken
+
+    monkeypatch.setattr(checkpoint, "_states_of_one_round", then_set_game)
+    save_checkpoint(path, pop)
+    assert pop.game is other
+    ck = load_checkpoint(path)
+    assert ck.game.to_dict() == GAME.to_dict() and ck.t == 1
+    np.testing.assert_array_equal(ck.population["states"], states)
 
 
 def test_a_thread_checkpointing_or_copying_never_stops_the_stepping_thread(tmp_path):

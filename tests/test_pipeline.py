@@ -350,6 +350,25 @@ def test_sincos_2pi_within_two_ulps(rng):
 
 
 # --------------------------------------------------------------------------- the public class
+@pytest.mark.parametrize("n,d", [(1, 1), (1, 2), (3, 1)])
+def test_forecaster_weights_is_a_copy_at_every_shape(n, d):
+    """``forecaster_weights`` is a new (N, d, 2p + 1) array, never the live buffer: writing to it changes nothing.
+
+    On 4a54a28 it was ``np.ascontiguousarray`` of a transposed view, which is that view itself when the view is
+    contiguous already (N = d = 1): a writeable view of the pipeline's weights (its checked read then proved nothing,
+    and a write to it changed the next forecasts).
+    """
+    pipe, twin = Pipeline(n, d, game=GAME, backend="numpy"), Pipeline(n, d, game=GAME, backend="numpy")
+    y = series(4, d)
+    pipe.run(y[:3])
+    twin.run(y[:3])
+    w = pipe.forecaster_weights
+    assert w.shape == (n, d, 5) and w.flags.c_contiguous
+    w[...] = 7.0
+    assert np.array_equal(pipe.forecaster_weights, twin.forecaster_weights)
+    assert np.array_equal(pipe.round(y[3]), twin.round(y[3]))
+
+
 def test_round_returns_a_live_read_only_buffer_and_run_steps_a_series():
     pipe = Pipeline(50, 2, game=GAME, backend="numpy")
     out = pipe.round([0.1, 0.2])

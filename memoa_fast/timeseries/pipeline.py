@@ -512,7 +512,8 @@ class Pipeline(CopiesKeepTheirClass):
     @property
     def forecaster_weights(self) -> np.ndarray:
         """NLMS weights, shape (N, d, 2p + 1), ordered ``[lags, min(lags^2, SQUARE_CAP), 1]`` (a copy)."""
-        return self._exclusive.read(lambda: np.ascontiguousarray(np.moveaxis(self._weights, 0, -1)))
+        # .copy(): np.ascontiguousarray returns the transposed view itself when it is contiguous already (N = d = 1)
+        return self._exclusive.read(lambda: np.moveaxis(self._weights, 0, -1).copy())
 
     @property
     def mean_state(self) -> np.ndarray:

@@ -514,7 +514,7 @@ class TrustPopulation(CopiesAreDeep):
         return self._exclusive.read(first_max, self._published_costs)
 
     def __getstate__(self) -> dict:
-        """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot taken under it.
+        """Pickle and copies: every attribute but the lock (a copy gets its own), as a snapshot of one round (a checked read).
 
         The arrays, the populations and the trust classes are copied in one checked read of the lock (no hold), so
         the snapshot is of one round even if another thread calls this object right after (the pickler writes the
