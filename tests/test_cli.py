@@ -194,6 +194,25 @@ def test_csv_dash_reads_a_non_blocking_standard_input_to_its_end(capsys, monkeyp
     assert json.loads(out)["source"]["rows"] == 60
 
 
+@pytest.mark.parametrize("csv", ["-", "pipe.csv"])
+def test_ctrl_c_while_the_csv_input_is_read_is_an_interruption(tmp_path, capsys, monkeypatch, csv):
+    """Ctrl-C while the CSV input is read (a named pipe's writer waited for, up to CSV_PIPE_WAIT; a slow pipe; standard
+    input from a terminal) escaped main() as a traceback; it ends the command as Ctrl-C during the run does: a line
+    and exit status 130.
+    """
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_csv_series", interrupted)
+    monkeypatch.setattr(cli, "_csv_series", interrupted)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    try:
+        code, _, err = _run(["run", "--csv", csv if csv == "-" else str(tmp_path / csv), *STDIN_RUN], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while the input was read escaped main()")
+    assert code == 130 and err == "memoa: interrupted\n", err
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
 def test_csv_pipe_is_opened_once_by_the_run(tmp_path, capsys, monkeypatch):
     """``memoa run --csv <(zcat s.csv.gz) --json out.json``: the pipe (``/dev/fd/N``) was refused; it is read now, opened

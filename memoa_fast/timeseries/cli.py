@@ -640,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = parser.run_parser
     started = time.time()  # a temporary output file older than this is a killed run's (see _PendingFile)
-    series, name, policies, rules, source = _resolve(run, args)
+    try:
+        series, name, policies, rules, source = _resolve(run, args)
+    except KeyboardInterrupt:  # while the CSV input is read: a named pipe's writer waited for, a slow pipe, a terminal
+        print("memoa: interrupted", file=sys.stderr)
+        return 130
 
     progress = not args.quiet and sys.stderr.isatty()
     try:
