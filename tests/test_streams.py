@@ -925,6 +925,25 @@ def test_csv_empty_first_line_and_all_missing_column_are_named(tmp_path):
         load_csv_series(_write(tmp_path, text, "m.csv"), "value", warmup=5, missing="drop")
 
 
+def test_csv_path_through_a_file_or_a_link_loop_is_not_found_as_before(tmp_path):
+    """A path whose folder is a file (``data.csv/x.csv``) or a loop of symbolic links: "CSV file not found" (a
+    FileNotFoundError), as before the open-once reader, which raised the open's bare NotADirectoryError / OSError
+    ("[Errno 40] Too many levels of symbolic links") instead.
+    """
+    paths = [_write(tmp_path, _csv(range(20))) / "x.csv"]
+    if hasattr(os, "symlink"):
+        loop = tmp_path / "loop.csv"
+        try:
+            os.symlink(loop, loop)
+            paths.append(loop)
+        except OSError:  # no symbolic links for this user (Windows)
+            pass
+    for path in paths:
+        for read in (lambda p: load_csv_series(p, "value"), csv_columns):
+            with pytest.raises(FileNotFoundError, match=rf"^CSV file not found: {re.escape(repr(str(path)))}$"):
+                read(path)
+
+
 def test_csv_path_that_is_a_device_socket_or_folder_is_named(tmp_path):
     """A device or a socket is refused, saying what it is (it was "not a regular file (a pipe, socket or device)",
     pipes being refused too); a folder is "not found", as before. A socket cannot be opened: named from the path then.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import math
 import os
 import re
@@ -756,7 +757,7 @@ def _open_csv(path: Path):
     except OSError as exc:
         if exc.filename is None:  # _refuse's, from the handle's fstat (a folder): not a failed open
             raise
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOTDIR, errno.ELOOP):  # through a file, a link loop
             raise FileNotFoundError(f"CSV file not found: {str(path)!r}") from None
         # A socket cannot be opened (ENXIO), nor a folder on Windows: the path's stat only names what it is
         try:
