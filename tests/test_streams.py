@@ -834,6 +834,35 @@ def test_a_pipe_by_its_dev_fd_path_is_read_once_as_the_array_grows(tmp_path, mon
     assert len(sizes) > 3 and all(b >= a + a // 2 for a, b in zip(sizes, sizes[1:])), sizes
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_a_pipe_read_up_to_max_rows_never_holds_more_than_max_rows(tmp_path, monkeypatch):
+    """A pipe's array grows by half each time (no size known ahead); the growth was capped at ``max_rows`` only for
+    the rows needed, not for the half added: up to 1.5 x ``max_rows`` values were allocated (``memoa run --csv
+    <(...)`` reads up to 10,000,001 rows: 40 MB more, then a trimming copy). Every allocation is at most ``max_rows`` now.
+    """
+    from memoa_fast.timeseries import streams
+
+    text = _csv(np.cos(np.arange(5000) * 0.01))
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 4096)
+    sizes, grow = [], streams._ColumnReader._grow
+
+    def recorded(self, need):
+        grow(self, need)
+        sizes.append(self.buf.shape[0])
+
+    monkeypatch.setattr(streams._ColumnReader, "_grow", recorded)
+    for max_rows in (3000, 4000, 4500):
+        r, w = os.pipe()
+        try:
+            writer = _writer(w, text.encode(), pieces=20)
+            got = _in_time(lambda: load_csv_series(f"/dev/fd/{r}", "value", warmup=5, max_rows=max_rows))
+        finally:
+            os.close(r)  # the writer still writing gets a broken pipe
+            writer.join(5)
+        assert got.shape == (max_rows,) and max(sizes) == max_rows, (max_rows, sizes)
+        sizes.clear()
+
+
 @needs_fifo
 def test_a_named_pipe_without_a_writer_is_refused_in_time(tmp_path, monkeypatch):
     """A named pipe no process writes: open() waited for a writer, forever (once the path check was passed, or

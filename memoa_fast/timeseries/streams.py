@@ -900,7 +900,10 @@ class _ColumnReader:
             need = min(need, self.max_rows)
         if need <= self.buf.shape[0]:
             return
-        new = np.empty(max(need, self.buf.shape[0] + self.buf.shape[0] // 2))
+        size = max(need, self.buf.shape[0] + self.buf.shape[0] // 2)  # by half at least: the copies stay linear
+        if self.max_rows is not None:  # the half added too: never more than max_rows values (a pipe grows to them)
+            size = min(size, self.max_rows)
+        new = np.empty(size)
         new[: self.n] = self.buf[: self.n]
         self.buf = new
 
