@@ -863,6 +863,27 @@ def test_a_pipe_read_up_to_max_rows_never_holds_more_than_max_rows(tmp_path, mon
         sizes.clear()
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_a_pipe_whose_writer_pauses_gives_the_rows_it_has_written(tmp_path):
+    """A pipe was read in whole blocks (1 MiB, or its end): rows written already were held back while its writer
+    paused, and ``<(tail -f live.csv)`` with ``max_rows`` (``memoa run --rounds``) never returned although the rows were
+    there. A pipe is read as its bytes come now; its values are those of its file, a line split across reads too.
+    """
+    text = _csv(np.sin(np.arange(50) * 0.3)).encode()
+    ref = load_csv_series(_write(tmp_path, text.decode()), "value", warmup=5, max_rows=30)
+    r, w = os.pipe()
+    writer = threading.Timer(0.1, os.write, (w, text[700:]))
+    try:
+        os.write(w, text[:700])  # < a pipe's buffer; a line cut in two, the rest after a pause
+        writer.start()
+        got = _in_time(lambda: load_csv_series(f"/dev/fd/{r}", "value", warmup=5, max_rows=30))  # the writer stays open
+    finally:
+        writer.join(5)
+        os.close(w)  # lets a reader still waiting (the test failed) see the end
+        os.close(r)
+    np.testing.assert_array_equal(got, ref)
+
+
 @needs_fifo
 def test_a_named_pipe_without_a_writer_is_refused_in_time(tmp_path, monkeypatch):
     """A named pipe no process writes: open() waited for a writer, forever (once the path check was passed, or

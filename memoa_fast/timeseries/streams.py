@@ -863,19 +863,26 @@ class _ColumnReader:
         self._header(raw, line)
         line += 1
         pending = self.first_row  # read already (it settled the delimiter): the data starts with it
+        # A file is read in whole blocks; a pipe, as its bytes come (read1: what is there, up to a block): its writer may
+        # pause or never end (<(tail -f f.csv)), and rows written already are not held back until a whole block comes
+        read = fh.read if size is not None or not hasattr(fh, "read1") else fh.read1
+        parts, held = [], 0  # pieces of a line read since its start (joined once, at its end: no copy per piece)
         while not self._full():
-            block = fh.read(CSV_BLOCK_BYTES)
+            block = read(CSV_BLOCK_BYTES)
             if not block:
+                pending += b"".join(parts)
                 if pending:
                     self._block(pending, [pending], line)
                 break
-            data = pending + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                if len(data) > CSV_MAX_LINE_BYTES:
+            if b"\n" not in block and pending[-1:] != b"\n":  # pending is first_row (a whole line) or a line's start
+                parts.append(block)
+                held += len(block)
+                if len(pending) + held > CSV_MAX_LINE_BYTES:
                     self._too_long(line)
-                pending = data
                 continue
+            data = pending + b"".join(parts) + block
+            parts, held = [], 0
+            cut = data.rfind(b"\n")
             if len(data) - cut - 1 > CSV_MAX_LINE_BYTES:
                 self._too_long(line + data.count(b"\n", 0, cut) + 1)
             chunk, pending = data[:cut], data[cut + 1:]
