@@ -595,7 +595,10 @@ def load_csv_series(
     serves as well as a file: a named pipe (``mkfifo``) or a shell's process
     substitution (``<(zcat ETTh1.csv.gz)``, a path ``/dev/fd/N``). A named
     pipe that no process opens for writing within :data:`CSV_PIPE_WAIT`
-    seconds is refused; a writer that has it open is waited for.
+    seconds is refused; a writer that has it open is waited for. A pipe is
+    read as its bytes come (at most a block at a time), so with ``max_rows``
+    a writer that pauses or never ends (``<(tail -f live.csv)``) is read only
+    as far as the rows asked for.
 
     Parameters
     ----------
