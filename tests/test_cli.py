@@ -160,6 +160,59 @@ def test_csv_dash_names_standard_input_and_keeps_it_from_being_overwritten(tmp_p
     assert code == 0 and "RMSE on stream -:value: 10 clients, 59 rounds" in out
 
 
+@pytest.mark.skipif(not hasattr(os, "set_blocking") or not hasattr(os, "O_NONBLOCK"), reason="no non-blocking pipes here")
+def test_csv_dash_reads_a_non_blocking_standard_input_to_its_end(capsys, monkeypatch):
+    """``--csv -`` whose standard input is non-blocking (the file description is shared: a parent, a terminal, an event
+    loop left it so): a read finding the pipe empty for a moment returned what had come so far, and that was taken for
+    the end: the run went on with the first rows only, silently (exit 0). Now the reads wait for data, and standard
+    input is left non-blocking (it is not this process's alone).
+    """
+    import threading
+    import time
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    data = STDIN_TEXT.encode()
+
+    def write():  # the first half, a pause (the reader finds the pipe empty), then the rest
+        os.write(w, data[: len(data) // 2])
+        time.sleep(0.3)
+        os.write(w, data[len(data) // 2:])
+        os.close(w)
+
+    writer = threading.Thread(target=write, daemon=True)
+    stdin = io.TextIOWrapper(open(r, "rb"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    writer.start()
+    try:
+        code, out, err = _run(["run", "--csv", "-", *STDIN_RUN, "--json"], capsys)
+    finally:
+        writer.join(5)
+        assert not os.get_blocking(r)
+        stdin.close()
+    assert code == 0, err
+    assert json.loads(out)["source"]["rows"] == 60
+
+
+@pytest.mark.parametrize("csv", ["-", "pipe.csv"])
+def test_ctrl_c_while_the_csv_input_is_read_is_an_interruption(tmp_path, capsys, monkeypatch, csv):
+    """Ctrl-C while the CSV input is read (a named pipe's writer waited for, up to CSV_PIPE_WAIT; a slow pipe; standard
+    input from a terminal) escaped main() as a traceback; it ends the command as Ctrl-C during the run does: a line
+    and exit status 130.
+    """
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_csv_series", interrupted)
+    monkeypatch.setattr(cli, "_csv_series", interrupted)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    try:
+        code, _, err = _run(["run", "--csv", csv if csv == "-" else str(tmp_path / csv), *STDIN_RUN], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while the input was read escaped main()")
+    assert code == 130 and err == "memoa: interrupted\n", err
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
 def test_csv_pipe_is_opened_once_by_the_run(tmp_path, capsys, monkeypatch):
     """``memoa run --csv <(zcat s.csv.gz) --json out.json``: the pipe (``/dev/fd/N``) was refused; it is read now, opened

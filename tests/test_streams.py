@@ -834,6 +834,56 @@ def test_a_pipe_by_its_dev_fd_path_is_read_once_as_the_array_grows(tmp_path, mon
     assert len(sizes) > 3 and all(b >= a + a // 2 for a, b in zip(sizes, sizes[1:])), sizes
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_a_pipe_read_up_to_max_rows_never_holds_more_than_max_rows(tmp_path, monkeypatch):
+    """A pipe's array grows by half each time (no size known ahead); the growth was capped at ``max_rows`` only for
+    the rows needed, not for the half added: up to 1.5 x ``max_rows`` values were allocated (``memoa run --csv
+    <(...)`` reads up to 10,000,001 rows: 40 MB more, then a trimming copy). Every allocation is at most ``max_rows`` now.
+    """
+    from memoa_fast.timeseries import streams
+
+    text = _csv(np.cos(np.arange(5000) * 0.01))
+    monkeypatch.setattr(streams, "CSV_BLOCK_BYTES", 4096)
+    sizes, grow = [], streams._ColumnReader._grow
+
+    def recorded(self, need):
+        grow(self, need)
+        sizes.append(self.buf.shape[0])
+
+    monkeypatch.setattr(streams._ColumnReader, "_grow", recorded)
+    for max_rows in (3000, 4000, 4500):
+        r, w = os.pipe()
+        try:
+            writer = _writer(w, text.encode(), pieces=20)
+            got = _in_time(lambda: load_csv_series(f"/dev/fd/{r}", "value", warmup=5, max_rows=max_rows))
+        finally:
+            os.close(r)  # the writer still writing gets a broken pipe
+            writer.join(5)
+        assert got.shape == (max_rows,) and max(sizes) == max_rows, (max_rows, sizes)
+        sizes.clear()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_a_pipe_whose_writer_pauses_gives_the_rows_it_has_written(tmp_path):
+    """A pipe was read in whole blocks (1 MiB, or its end): rows written already were held back while its writer
+    paused, and ``<(tail -f live.csv)`` with ``max_rows`` (``memoa run --rounds``) never returned although the rows were
+    there. A pipe is read as its bytes come now; its values are those of its file, a line split across reads too.
+    """
+    text = _csv(np.sin(np.arange(50) * 0.3)).encode()
+    ref = load_csv_series(_write(tmp_path, text.decode()), "value", warmup=5, max_rows=30)
+    r, w = os.pipe()
+    writer = threading.Timer(0.1, os.write, (w, text[700:]))
+    try:
+        os.write(w, text[:700])  # < a pipe's buffer; a line cut in two, the rest after a pause
+        writer.start()
+        got = _in_time(lambda: load_csv_series(f"/dev/fd/{r}", "value", warmup=5, max_rows=30))  # the writer stays open
+    finally:
+        writer.join(5)
+        os.close(w)  # lets a reader still waiting (the test failed) see the end
+        os.close(r)
+    np.testing.assert_array_equal(got, ref)
+
+
 @needs_fifo
 def test_a_named_pipe_without_a_writer_is_refused_in_time(tmp_path, monkeypatch):
     """A named pipe no process writes: open() waited for a writer, forever (once the path check was passed, or
@@ -923,6 +973,25 @@ def test_csv_empty_first_line_and_all_missing_column_are_named(tmp_path):
     text = "date,value\n" + "".join(f"2020-{i},{'NA' if i % 2 else ''}\n" for i in range(20))
     with pytest.raises(CsvSeriesError, match=r"0 data rows \(every cell of the column is empty or a missing-value marker\)"):
         load_csv_series(_write(tmp_path, text, "m.csv"), "value", warmup=5, missing="drop")
+
+
+def test_csv_path_through_a_file_or_a_link_loop_is_not_found_as_before(tmp_path):
+    """A path whose folder is a file (``data.csv/x.csv``) or a loop of symbolic links: "CSV file not found" (a
+    FileNotFoundError), as before the open-once reader, which raised the open's bare NotADirectoryError / OSError
+    ("[Errno 40] Too many levels of symbolic links") instead.
+    """
+    paths = [_write(tmp_path, _csv(range(20))) / "x.csv"]
+    if hasattr(os, "symlink"):
+        loop = tmp_path / "loop.csv"
+        try:
+            os.symlink(loop, loop)
+            paths.append(loop)
+        except OSError:  # no symbolic links for this user (Windows)
+            pass
+    for path in paths:
+        for read in (lambda p: load_csv_series(p, "value"), csv_columns):
+            with pytest.raises(FileNotFoundError, match=rf"^CSV file not found: {re.escape(repr(str(path)))}$"):
+                read(path)
 
 
 def test_csv_path_that_is_a_device_socket_or_folder_is_named(tmp_path):

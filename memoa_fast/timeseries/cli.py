@@ -17,9 +17,11 @@ it points to is replaced, the link kept). JSON output is strict
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import sys
@@ -358,10 +360,53 @@ def _csv_label(csv) -> str:
 
 
 def _stdin(run):
-    """Standard input's binary stream, for ``--csv -``; exit 2 when the process has none (it was closed)."""
+    """Standard input's binary stream, for ``--csv -``, its reads blocking; exit 2 when the process has none (it was closed).
+
+    A non-blocking standard input (its file description is shared: a parent, a terminal, an event loop may have left
+    it so) ends a read early whenever the pipe is empty for a moment, which the reader took for the end of the data.
+    It is read through :class:`_WaitingReader` then, and left as it is (making it blocking would change it for the
+    other processes that share it).
+    """
     if sys.stdin is None:
         run.error("argument --csv: '-' reads standard input, and this process has none (it is closed)")
-    return sys.stdin.buffer
+    stream = sys.stdin.buffer
+    try:
+        blocking = os.get_blocking(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a stream a caller put there)
+        return stream
+    return stream if blocking else io.BufferedReader(_WaitingReader(stream.fileno()))
+
+
+class _WaitingReader(io.RawIOBase):
+    """The non-blocking file descriptor ``fd`` read as a blocking one; closing it leaves ``fd`` open.
+
+    A read that would block waits for data (or the end) instead.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self._fd = fd
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                data = os.read(self._fd, len(buffer))
+            except BlockingIOError:
+                if hasattr(select, "poll"):
+                    poller = select.poll()
+                    poller.register(self._fd, select.POLLIN)
+                    poller.poll()  # wakes at data, the writer's close or an error (then the read says which)
+                else:  # pragma: no cover - Windows: a non-blocking pipe, and no poll for it
+                    time.sleep(0.01)
+                continue
+            buffer[: len(data)] = data
+            return len(data)
 
 
 def _stdin_is(target) -> bool:
@@ -617,7 +662,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = parser.run_parser
     started = time.time()  # a temporary output file older than this is a killed run's (see _PendingFile)
-    series, name, policies, rules, source = _resolve(run, args)
+    try:
+        series, name, policies, rules, source = _resolve(run, args)
+    except KeyboardInterrupt:  # while the CSV input is read: a named pipe's writer waited for, a slow pipe, a terminal
+        print("memoa: interrupted", file=sys.stderr)
+        return 130
     burn_in = _csv_burn_in(args.burn_in, len(series) - 1, source)
 
     progress = not args.quiet and sys.stderr.isatty()

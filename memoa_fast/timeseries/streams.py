@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import math
 import os
 import re
@@ -594,7 +595,10 @@ def load_csv_series(
     serves as well as a file: a named pipe (``mkfifo``) or a shell's process
     substitution (``<(zcat ETTh1.csv.gz)``, a path ``/dev/fd/N``). A named
     pipe that no process opens for writing within :data:`CSV_PIPE_WAIT`
-    seconds is refused; a writer that has it open is waited for.
+    seconds is refused; a writer that has it open is waited for. A pipe is
+    read as its bytes come (at most a block at a time), so with ``max_rows``
+    a writer that pauses or never ends (``<(tail -f live.csv)``) is read only
+    as far as the rows asked for.
 
     Parameters
     ----------
@@ -756,7 +760,7 @@ def _open_csv(path: Path):
     except OSError as exc:
         if exc.filename is None:  # _refuse's, from the handle's fstat (a folder): not a failed open
             raise
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOTDIR, errno.ELOOP):  # through a file, a link loop
             raise FileNotFoundError(f"CSV file not found: {str(path)!r}") from None
         # A socket cannot be opened (ENXIO), nor a folder on Windows: the path's stat only names what it is
         try:
@@ -862,19 +866,26 @@ class _ColumnReader:
         self._header(raw, line)
         line += 1
         pending = self.first_row  # read already (it settled the delimiter): the data starts with it
+        # A file is read in whole blocks; a pipe, as its bytes come (read1: what is there, up to a block): its writer may
+        # pause or never end (<(tail -f f.csv)), and rows written already are not held back until a whole block comes
+        read = fh.read if size is not None or not hasattr(fh, "read1") else fh.read1
+        parts, held = [], 0  # pieces of a line read since its start (joined once, at its end: no copy per piece)
         while not self._full():
-            block = fh.read(CSV_BLOCK_BYTES)
+            block = read(CSV_BLOCK_BYTES)
             if not block:
+                pending += b"".join(parts)
                 if pending:
                     self._block(pending, [pending], line)
                 break
-            data = pending + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                if len(data) > CSV_MAX_LINE_BYTES:
+            if b"\n" not in block and pending[-1:] != b"\n":  # pending is first_row (a whole line) or a line's start
+                parts.append(block)
+                held += len(block)
+                if len(pending) + held > CSV_MAX_LINE_BYTES:
                     self._too_long(line)
-                pending = data
                 continue
+            data = pending + b"".join(parts) + block
+            parts, held = [], 0
+            cut = data.rfind(b"\n")
             if len(data) - cut - 1 > CSV_MAX_LINE_BYTES:
                 self._too_long(line + data.count(b"\n", 0, cut) + 1)
             chunk, pending = data[:cut], data[cut + 1:]
@@ -899,7 +910,10 @@ class _ColumnReader:
             need = min(need, self.max_rows)
         if need <= self.buf.shape[0]:
             return
-        new = np.empty(max(need, self.buf.shape[0] + self.buf.shape[0] // 2))
+        size = max(need, self.buf.shape[0] + self.buf.shape[0] // 2)  # by half at least: the copies stay linear
+        if self.max_rows is not None:  # the half added too: never more than max_rows values (a pipe grows to them)
+            size = min(size, self.max_rows)
+        new = np.empty(size)
         new[: self.n] = self.buf[: self.n]
         self.buf = new
 
