@@ -104,11 +104,20 @@ def open_to_read(path, check):
 
     Opened without blocking (a named pipe's plain open waits for a writer, forever), then ``check(st)`` decides (it
     raises to refuse the file; the handle is closed), then the handle is made blocking again for the reads. Checking
-    the path first instead would check a file that can be replaced before its open. Checkpoints and CSV files open here.
+    the path only, instead, would check a file that can be replaced before its open. A device or socket at the path
+    is given to ``check`` before any open, since opening one can act: a serial port resets the board behind it, a
+    watchdog starts (``O_NOCTTY`` too: a terminal never becomes this process's controlling one). That stat may only
+    refuse; what is read is still decided by the handle's own. Checkpoints and CSV files open here.
     """
+    try:
+        before = os.stat(path)
+    except (OSError, ValueError):  # the open below names the failure, as it always did
+        before = None
+    if before is not None and (stat.S_ISCHR(before.st_mode) or stat.S_ISBLK(before.st_mode) or stat.S_ISSOCK(before.st_mode)):
+        check(before)
     # O_BINARY where it exists (Windows): os.open's default there is text mode (CR LF read as LF, Ctrl-Z as the end)
     nonblock = getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0))
     try:
         st = os.fstat(fd)
         check(st)

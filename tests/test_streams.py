@@ -910,17 +910,25 @@ def test_a_named_pipe_without_a_writer_is_refused_in_time(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("read", [lambda p: load_csv_series(p, "value", warmup=5), csv_columns])
-def test_the_csv_readers_open_their_path_once_and_never_stat_it(tmp_path, monkeypatch, read):
+def test_the_csv_readers_open_their_path_once_and_read_what_its_handle_is(tmp_path, monkeypatch, read):
     """The path was checked (``is_file``, ``stat``), then opened: a named pipe put in its place in between made the
-    open wait forever. Now the path is opened once (without blocking) and what it is comes from that handle's fstat,
-    so nothing can be swapped in between.
+    open wait forever. Now the path is opened once (without blocking) and what is read is decided by that handle's
+    fstat: a regular file that a stat of the path saw is read as what the open finds (here a named pipe swapped in
+    between the path's stat and the open, which is read, not waited for forever).
     """
     path = _write(tmp_path, _csv(range(20)))
-    opened, stated, real_open, real_stat = [], [], os.open, os.stat
+    opened, real_open, real_stat = [], os.open, os.stat
     monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
-    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stated.append(os.fspath(p)) or real_stat(p, *a, **k))
     read(path)
-    assert opened == [str(path)] and str(path) not in stated, (opened, stated)
+    assert opened == [str(path)], opened
+    if not hasattr(os, "mkfifo"):
+        return
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(path) if os.fspath(p) == str(fifo) else real_stat(p, *a, **k))
+    monkeypatch.setattr(streams, "CSV_PIPE_WAIT", 0.2)
+    with pytest.raises(CsvSeriesError, match="no process opened this named pipe for writing"):
+        _in_time(lambda: read(fifo))
 
 
 @pytest.mark.parametrize("data,what", [
@@ -992,6 +1000,24 @@ def test_csv_path_through_a_file_or_a_link_loop_is_not_found_as_before(tmp_path)
         for read in (lambda p: load_csv_series(p, "value"), csv_columns):
             with pytest.raises(FileNotFoundError, match=rf"^CSV file not found: {re.escape(repr(str(path)))}$"):
                 read(path)
+
+
+def test_a_device_is_refused_before_it_is_opened(monkeypatch, tmp_path):
+    """Opening a device can act (a serial port resets the board behind it, a watchdog starts, a terminal becomes the
+    controlling one): the readers opened it, then refused it from the handle's fstat. A device at the path is now
+    refused before any open, by the CSV readers and by a checkpoint load alike.
+    """
+    if not (os.path.exists(os.devnull) and os.devnull == "/dev/null"):
+        pytest.skip("no /dev/null character device here")
+    from memoa_fast.checkpoint import CheckpointError, load_checkpoint
+    opened, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
+    for read in (lambda p: load_csv_series(p, "value"), csv_columns):
+        with pytest.raises(CsvSeriesError, match=r"'/dev/null' is a character device"):
+            read(os.devnull)
+    with pytest.raises(CheckpointError, match=r"it is a character device, not a checkpoint file"):
+        load_checkpoint(os.devnull)
+    assert os.devnull not in opened, opened
 
 
 def test_csv_path_that_is_a_device_socket_or_folder_is_named(tmp_path):
