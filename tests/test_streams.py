@@ -796,11 +796,18 @@ def test_a_named_pipe_is_read_like_the_file(tmp_path, monkeypatch, when):
     delay = 0.15 if when == "writer late" else 0.0
     for read, want in ((lambda: load_csv_series(fifo, "value", warmup=5, return_scaling=True), ref),
                        (lambda: csv_columns(fifo), ["date", "value", "other"])):
-        writer = _writer(fifo, text.encode(), delay, silent=0.25 if when == "writer silent" else 0.0)
+        holder = None
+        if when == "writer silent":  # the writer has the pipe open before the read starts: no race with the short wait
+            holder = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that the writer's open returns at once
+            writer = _writer(os.open(fifo, os.O_WRONLY), text.encode(), silent=0.25)
+        else:
+            writer = _writer(fifo, text.encode(), delay)
         try:
             got = _in_time(read)
         finally:
             _join(writer, fifo)
+            if holder is not None:
+                os.close(holder)
         np.testing.assert_equal(got, want)
 
 
