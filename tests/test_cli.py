@@ -153,6 +153,9 @@ def test_csv_dash_names_standard_input_and_keeps_it_from_being_overwritten(tmp_p
     record = json.loads(out)
     assert code == 0 and record["stream"] == "<stdin>:value" and record["source"]["csv"] == "-"
     assert record["source"]["rows"] == 60
+    monkeypatch.setattr(sys, "stdin", io.StringIO(STDIN_TEXT))  # a text stream a caller put there: no buffer, no file
+    code, out, _ = _run(["run", "--csv", "-", *STDIN_RUN, "--json"], capsys)
+    assert code == 0 and json.loads(out)["source"]["rows"] == 60
     monkeypatch.chdir(tmp_path)
     (tmp_path / "-").write_text(STDIN_TEXT)
     monkeypatch.setattr(sys, "stdin", None)  # not read

@@ -369,7 +369,9 @@ def _stdin(run):
     """
     if sys.stdin is None:
         run.error("argument --csv: '-' reads standard input, and this process has none (it is closed)")
-    stream = sys.stdin.buffer
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream a caller put there (io.StringIO): its text, as the UTF-8 a file would hold
+        return io.BytesIO(sys.stdin.read().encode("utf-8", "surrogateescape"))
     try:
         blocking = os.get_blocking(stream.fileno())
     except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a stream a caller put there)
