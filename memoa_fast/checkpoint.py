@@ -295,6 +295,20 @@ def save_checkpoint(path, population, server=None, *, source=None, sharded: bool
     return _save_checkpoint(path, population, server, source, sharded, True)
 
 
+def _class_signalled_member(population: dict):
+    """A population state's ``class_signalled`` as a file's int64 member, or None when ``t`` says as much.
+
+    A file without the member counts every class as signalled past round 0 and none at round 0; only a class
+    still silent past round 0 (or a state loaded with flags at round 0) needs it. Left out otherwise, so that
+    a file is read by the versions before the member (they refuse a member they do not know as tampering).
+    """
+    flags = population.get("class_signalled")
+    if flags is None:
+        return None
+    flags = np.asarray(flags, dtype=np.int64)
+    return None if (flags == int(population["t"] > 0)).all() else flags
+
+
 def _save_checkpoint(path, population, server, source, sharded, checked) -> Path:
     """:func:`save_checkpoint`'s body; ``checked``: take the states in one checked read (:func:`_states_of_one_round`)."""
     if sharded is not None and not isinstance(sharded, (bool, np.bool_)):
@@ -338,8 +352,9 @@ def _save_checkpoint(path, population, server, source, sharded, checked) -> Path
     if n_classes_of(game) > 1:
         arrays["labels"] = pop["labels"]
         arrays["class_mean_signal"] = pop["class_mean_signal"]
-        if pop.get("class_signalled") is not None:  # which classes have had a valid signal (else: derived from t)
-            arrays["class_signalled"] = np.asarray(pop["class_signalled"], dtype=np.int64)
+        flags = _class_signalled_member(pop)
+        if flags is not None:
+            arrays["class_signalled"] = flags
     if server is not None:
         if (server.n_agents, server.dim) != (population.n_agents, population.dim):
             raise ValueError(
@@ -1184,8 +1199,9 @@ def write_manifest(target: Path, *, game, n_agents, dim, population: dict, serve
     }
     for key in _MANIFEST_ARRAYS:
         arrays[key] = np.asarray(population[key], dtype=np.float64)
-    if population.get("class_signalled") is not None:  # which classes have had a valid signal (else derived from t)
-        arrays["class_signalled"] = np.asarray(population["class_signalled"], dtype=np.int64)
+    flags = _class_signalled_member(population)
+    if flags is not None:
+        arrays["class_signalled"] = flags
     if server is not None:
         arrays.update(
             server_rule=np.array(server["rule"]), server_eta=np.array(server["eta"], dtype=np.float64),

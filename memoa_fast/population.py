@@ -107,7 +107,11 @@ class MeanFieldSummary:
     # A class whose agents have sent no valid signal since round 0 has no signal mean: the kernels' merge keeps the
     # row it finds (0 at round 0), and MEMOA's anchor m* = sum_l lam_l sbar_l read that 0 as a class's signal mean, so
     # a population at rest on a common signal of 100 left it (to 70.7 in one step with two equal classes). Such a
-    # class is left out of the anchor instead: its row gets the anchor of the classes that have a signal mean.
+    # class is left out of the anchor instead: its row gets the anchor of the classes that have a signal mean. Only a
+    # class whose signal mean the policy reads (MEMOA's, q_l > 0) needs it: the baselines read none (a baseline game
+    # may have no anchor weights at all, every q_j = 0), and a class nobody reads may stay silent (an empty class) at
+    # no cost. Which classes have signalled is tracked for every policy (a later set_game may read them), from the
+    # valid counts pass 1 leaves in ``work``: no pass of its own.
     def _unsignalled_classes(self):
         """The classes with no valid signal since round 0 (bool (K,)), or None when K = 1.
 
@@ -123,15 +127,28 @@ class MeanFieldSummary:
             flags = np.full(K, self.t == 0)
         return flags
 
-    def _stand_in_for_silent_classes(self, work, flags) -> np.ndarray:
-        """Give each class in ``flags`` with no valid signal in ``work`` the anchor of the others; return the counts.
+    def _silent_and_read(self, flags):
+        """The classes in ``flags`` (:meth:`_unsignalled_classes`) whose signal mean the policy reads, or None if none is."""
+        if flags is None or not flags.any():
+            return None
+        read = flags & self._reads_class_signal
+        return read if read.any() else None
+
+    def _class_counts(self, work) -> np.ndarray:
+        """Each class's valid-signal count of the round, from pass 1's partials in ``work`` (K,)."""
+        lay = self._lay
+        return work[:, lay.count:lay.count + lay.n_classes].sum(axis=0)
+
+    def _stand_in_for_silent_classes(self, work, flags) -> None:
+        """Give each class in ``flags`` with no valid signal in ``work`` the anchor of the others.
 
         ``work`` holds pass 1's partials, before the merge (which keeps the row of a class with no valid signal):
         the anchor ``sum lam_l sbar_l / sum lam_l`` over the classes with a signal mean is written into the
-        signal-mean row of each such class. Returns the round's valid count of each class.
+        signal-mean row of each such class. ``flags`` holds only classes the policy reads (MEMOA's: its game has
+        anchor weights ``lam``).
         """
         lay, K, d = self._lay, self._lay.n_classes, self._lay.dim
-        counts = work[:, lay.count:lay.count + K].sum(axis=0)
+        counts = self._class_counts(work)
         silent = flags & (counts == 0)
         if silent.any():
             dp = padded(d)
@@ -145,7 +162,6 @@ class MeanFieldSummary:
                 rows[silent] = lam @ means[have] / lam.sum()
             elif counts.sum() > 0:  # no class with a signal mean weighs in the anchor: the mean of the valid signals
                 rows[silent] = counts @ means / counts.sum()
-        return counts
 
     @property
     def mean_state(self) -> np.ndarray:
@@ -170,7 +186,8 @@ class MeanFieldSummary:
         """``sbar_l``, each class's mean valid signal of the last step, shape (K, d); a copy.
 
         A class with no valid signal in the last step keeps its mean of the step before; one that has had none since
-        round 0 holds the anchor ``m*`` of the others (MEMOA leaves it out of the anchor). ``RuntimeError`` during
+        round 0 holds the anchor ``m*`` of the others when the policy reads its signal mean (MEMOA, ``q_l > 0``: it is
+        left out of the anchor), else 0. ``RuntimeError`` during
         another thread's call. With one class this is :attr:`mean_signal` (shape (1, d)),
         the same bits: the compiled step may round its
         own copy of the class mean an ulp apart, and a single-class checkpoint, which does not save it, restores
@@ -215,11 +232,13 @@ class MeanFieldSummary:
         Computed when the game or the labels change, so a step pays nothing for it.
         """
         self._empty_read = None
+        self._reads_class_signal = None  # which classes' signal means the policy reads (K > 1): see _silent_and_read
         K = self._lay.n_classes
         if K == 1:
             return
         empty = self._coef[:, SIZE] == 0
         reads_signal, reads_state = ((self._mix[plane, :, :K] != 0).any(axis=0) for plane in (MIX_SIGNAL, MIX_STATE))
+        self._reads_class_signal = reads_signal
         bad = np.flatnonzero(empty & (reads_signal | reads_state))
         if bad.size:
             cls = int(bad[0])
@@ -636,9 +655,10 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
             ex.interrupted = "a step"
             threads = _backends.usable_threads(self._threads_used)
             flags = self._unsignalled_classes()
-            if flags is not None and flags.any():  # until every class has signalled (usually the first step only)
+            read = self._silent_and_read(flags)
+            if read is not None:  # a silent class MEMOA's anchor reads (usually the first step only): pass 1 first
                 self._kernels.signal_pass(self._x, s, self._labels, self._work, self._lay, not self._mean_ready, threads)
-                flags = flags & (self._stand_in_for_silent_classes(self._work, flags) == 0)
+                self._stand_in_for_silent_classes(self._work, read)
             n_valid, max_cost, worst = self._kernels.fused_step(
                 self._x, s, self._labels, self._J, self._work, self._lay, self._coef, self._mix, self._field,
                 self._mean_ready, self._discount, log_p, self._yhat, threads,
@@ -650,6 +670,8 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
             self._mean_ready = True
             self._n_valid = n_valid
             self._worst = worst  # -1 from every kernel when no cost is above -inf (every one NaN): see worst_agent
+            if flags is not None and flags.any():  # pass 1's valid counts are still in work
+                flags = flags & (self._class_counts(self._work) == 0)
             self.t += 1
             self._unsignalled, self._unsignalled_t = flags, self.t
             self._discount = next_discount(self._discount, self.game.gamma, self.t)
@@ -675,7 +697,8 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
     def state_dict(self) -> dict:
         """Everything needed to resume this population exactly (copies).
 
-        Keys: ``states``, ``costs``, ``labels`` (K > 1 only), ``mean_state``,
+        Keys: ``states``, ``costs``, ``labels`` and ``class_signalled`` (K > 1 only: which classes have had a
+        valid signal, K flags 0/1), ``mean_state``,
         ``mean_signal``, ``class_mean_signal`` (arrays), ``t``, ``discount``,
         ``n_valid_signals`` and ``game`` (a dict of weights and policy).
         A checked read of the object's lock (:meth:`Exclusive.read <memoa_fast._exclusive.Exclusive.read>`, no
@@ -733,7 +756,8 @@ class Population(CopiesKeepTheirClass, MeanFieldSummary):
 _POPULATION_BUILT_BY_INIT = frozenset({
     "n_agents", "dim", "_kernels", "backend", "parallel_threshold", "threads", "_threads_used", "_lay", "_labels", "_coef",
     "game", "_mix", "_empty_read", "_discount", "_x", "_J", "_work", "_field", "_yhat", "_no_weights", "_x_view", "_J_view",
-    "_exclusive", "_fresh", "_mean_ready", "_n_valid", "_worst", "t", "_unsignalled", "_unsignalled_t"})
+    "_exclusive", "_fresh", "_mean_ready", "_n_valid", "_worst", "t", "_unsignalled", "_unsignalled_t",
+    "_reads_class_signal"})
 
 
 def _rebuild(cls, args, config, state=None, subclass=None):

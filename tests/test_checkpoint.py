@@ -323,6 +323,32 @@ def test_several_classes_write_and_read_labels(tmp_path, monkeypatch, rng):
         load_checkpoint(path)
 
 
+def test_class_signalled_is_written_only_when_the_round_counter_does_not_say_it(tmp_path):
+    """A file without ``class_signalled`` counts every class as signalled past round 0 and none at round 0; the member
+    is written only when a class is still silent past round 0. It was written in every K-class file, which every
+    reader before the member refuses as tampering ("unknown member"), though it then said nothing t does not.
+    """
+    from memoa_fast import Population
+
+    game = Game(q=[1.0, 1.0], kappa=2.0, r=0.1, gamma=0.9, shares=[0.5, 0.5])
+    labels = np.arange(6) % 2
+    pop = Population(game, initial_states=np.full((6, 1), 100.0), labels=labels, backend="numpy")
+    silent = np.where(labels[:, None] == 1, np.nan, 101.0)
+
+    def members(path):
+        with zipfile.ZipFile(path) as zf:
+            return {name.removesuffix(".npy") for name in zf.namelist()}
+
+    for t, signals in enumerate([silent, np.full((6, 1), 102.0), np.full((6, 1), 99.0)]):
+        path = save_checkpoint(tmp_path / f"k{t}.npz", pop)
+        assert ("class_signalled" in members(path)) == (t == 1), t  # at t = 1 class 1 is still silent
+        twin = Population(game, 6, 1, labels=labels, backend="numpy")
+        restore_checkpoint(path, twin)
+        for engine in (pop, twin):
+            engine.step(signals)
+        np.testing.assert_array_equal(twin.states, pop.states)
+
+
 # =========================================================================== refused, nothing changed
 def _fingerprint(*objects):
     return [o.state_dict() if o is not None else None for o in objects]

@@ -990,6 +990,28 @@ def test_a_class_with_no_signal_yet_is_left_out_of_the_anchor_as_on_one_machine(
         np.testing.assert_array_equal(dpop.states, whole.states)
 
 
+def test_a_silent_class_of_a_baseline_game_without_anchor_weights_steps_as_on_one_machine(thread_client):
+    """A baseline reads no class signal mean: a K-class baseline game with every q_j = 0 (no anchor weights) and a
+    silent class stepped into an AttributeError (the stand-in read lam); both engines now step it, track the silent
+    class, and leave it out of MEMOA's anchor after a switch of game, with the same bits.
+    """
+    labels = np.arange(8) % 2
+    s = np.full((3, 8, 1), 100.0)
+    s[:2, labels == 1] = np.nan
+    baseline = Game(q=[0.0, 0.0], kappa=[2.0, 1.0], r=0.1, gamma=0.9, shares=[0.5, 0.5], policy="greedy")
+    memoa = Game(q=[1.0, 1.0], kappa=[2.0, 1.0], r=0.1, gamma=0.9, shares=[0.5, 0.5])
+    x0 = np.full((8, 1), 100.0)
+    pop = Population(baseline, initial_states=x0, labels=labels, threads=1)
+    with DaskPopulation(baseline, initial_states=x0, labels=labels, client=thread_client, timeout=TIMEOUT) as dpop:
+        for engine in (pop, dpop):
+            engine.step(s[0])
+            engine.set_game(memoa)
+            engine.run(s[1:])
+        np.testing.assert_array_equal(dpop.states, pop.states)
+        np.testing.assert_allclose(pop.states, 100.0, rtol=1e-14)
+        assert list(dpop.state_dict()["class_signalled"]) == [1, 1]
+
+
 def _closed_soon(client, seconds=20):
     """Whether ``client`` is closed within ``seconds`` (the finalizer's close runs in a thread of its own)."""
     deadline = time.monotonic() + seconds

@@ -144,6 +144,51 @@ def test_a_class_with_no_signal_yet_leaves_a_common_signal_at_rest(backend):
         np.testing.assert_array_equal(twin.costs, run.costs)
 
 
+class _CountingKernels:
+    """A backend module whose ``signal_pass`` calls are counted (the extra pass a step may run before its fused one)."""
+
+    def __init__(self, kernels):
+        self._kernels, self.signal_passes = kernels, 0
+
+    def __getattr__(self, name):
+        return getattr(self._kernels, name)
+
+    def signal_pass(self, *args):
+        self.signal_passes += 1
+        return self._kernels.signal_pass(*args)
+
+
+@pytest.mark.parametrize("policy", ["greedy", "local", "consensus"])
+def test_a_silent_class_that_no_policy_reads_costs_no_pass_and_never_stops_a_step(policy):
+    """A class with no valid signal yet gets a stand-in signal mean only when the policy reads class signal means
+    (MEMOA's anchor). The baselines read none: a K-class baseline game with every q_j = 0 has no equilibrium (and no
+    anchor weights), and its first step with a silent class raised AttributeError, leaving the population refusing
+    every call; a class that stays silent (an empty one, which a baseline allows) cost an extra pass over the signals
+    at every step. Which classes have signalled is still tracked, so a later switch to MEMOA leaves them out of its anchor.
+    """
+    labels = np.arange(12) % 2
+    s = np.full((4, 12, 1), 100.0)
+    s[:2, labels == 1] = np.nan  # class 1 silent in the first two rounds
+    baseline = Game(q=[0.0, 0.0], kappa=[2.0, 1.0], r=0.1, gamma=0.9, shares=[0.5, 0.5], policy=policy)
+    pop = Population(baseline, initial_states=np.full((12, 1), 100.0), labels=labels, backend="numpy")
+    pop._kernels = counting = _CountingKernels(pop._kernels)
+    pop.step(s[0])
+    np.testing.assert_allclose(pop.states, 100.0, rtol=1e-14)
+    assert list(pop.state_dict()["class_signalled"]) == [1, 0]
+    pop.set_game(Game(q=[1.0, 1.0], kappa=[2.0, 1.0], r=0.1, gamma=0.9, shares=[0.5, 0.5]))  # MEMOA: class 1 still silent
+    pop.run(s[1:])
+    np.testing.assert_allclose(pop.states, 100.0, rtol=1e-14)
+    assert counting.signal_passes == 2  # MEMOA's steps until class 1's first signal (rounds 1, 2), not round 3
+    assert list(pop.state_dict()["class_signalled"]) == [1, 1]
+    # a class that never signals (here: no agent in it) and that no policy reads: no extra pass, ever
+    empty = Population(Game(q=[1.0, 1.0], kappa=2.0, r=0.1, gamma=0.9, shares=[0.5, 0.5], policy=policy),
+                       initial_states=np.full((12, 1), 100.0), labels=np.zeros(12, dtype=int), backend="numpy")
+    empty._kernels = counting = _CountingKernels(empty._kernels)
+    empty.run(np.full((5, 12, 1), 100.0))
+    assert counting.signal_passes == 0
+    assert list(empty.state_dict()["class_signalled"]) == [1, 0]
+
+
 def test_kappa_zero_agents_track_their_own_signal(rng):
     game = Game(q=1.0, kappa=0.0, r=0.5, gamma=0.95)
     pop = Population(game, 100, 2)

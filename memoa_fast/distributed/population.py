@@ -880,8 +880,11 @@ class DaskPopulation(MeanFieldSummary):
             rows = self._call(("signal_pass", None), per_shard_args=[(s[lo:hi],) for lo, hi in self.bounds], marked=True)
         work = self._unpack(rows, "step")
         flags = self._unsignalled_classes()
-        if flags is not None and flags.any():  # a class with no signal yet: left out of the anchor, as on one machine
-            flags = flags & (self._stand_in_for_silent_classes(work, flags) == 0)
+        read = self._silent_and_read(flags)
+        if read is not None:  # a class with no signal yet that MEMOA's anchor reads: left out of it, as on one machine
+            self._stand_in_for_silent_classes(work, read)
+        if flags is not None and flags.any():
+            flags = flags & (self._class_counts(work) == 0)
         # The state columns hold the sums of the current states (the shards' last move pass, or a fresh
         # sum after a load): the same numbers one machine's merge_move turns into m(t).
         self._n_valid = self._kernels.merge_signals(work, self._lay, self._coef, self._mix, self._field, True)
