@@ -167,6 +167,12 @@ cdef extern from *:
         for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * x[l];
     }
 
+    /* lanes[l] += w[l] (x[l] - c[l]) for l < m (eg's mixture error: differences from the target). */
+    MEMOA_CLONES static void memoa_weighted_diff_add(ptrdiff_t m, const double *MEMOA_R w, const double *MEMOA_R x,
+                                                     const double *MEMOA_R c, double *MEMOA_R lanes) {
+        for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * (x[l] - c[l]);
+    }
+
     /* One block of the (max, first index) tracker: lane k takes J[k] and index[k] when J[k] > vmax[k];
        index[k] += step. The index is blended arithmetically (exact for integers below 2^53). */
     MEMOA_CLONES static void memoa_max_lanes(ptrdiff_t m, const double *MEMOA_R J, double *MEMOA_R vmax,
@@ -229,13 +235,15 @@ cdef extern from *:
         for (ptrdiff_t k = 0; k < nr; k++) J[k] += hd * cost[k];
     }
 
-    /* The server's per-coordinate loss terms: (x - ref)^2 (hedge) or x ref (eg). */
+    /* The server's per-coordinate loss terms: (x - ref)^2 (hedge) or (x - cen) ref (eg: ref = err, cen = the
+       centre, y or 0 where err = 0). */
     MEMOA_CLONES static void memoa_loss_terms(ptrdiff_t m, int hedge, const double *MEMOA_R x,
-                                              const double *MEMOA_R ref, double *MEMOA_R terms) {
+                                              const double *MEMOA_R ref, const double *MEMOA_R cen,
+                                              double *MEMOA_R terms) {
         if (hedge) {
             for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - ref[l]; terms[l] = e * e; }
         } else {
-            for (ptrdiff_t l = 0; l < m; l++) terms[l] = x[l] * ref[l];
+            for (ptrdiff_t l = 0; l < m; l++) terms[l] = (x[l] - cen[l]) * ref[l];
         }
     }
 
@@ -504,6 +512,8 @@ cdef extern from *:
     void memoa_lane_add(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes) noexcept nogil
     int64_t memoa_lane_add_any_invalid(const double* v, Py_ssize_t m, Py_ssize_t L, double* lanes, double limit) noexcept nogil
     void memoa_weighted_add(Py_ssize_t m, const double* w, const double* x, double* lanes) noexcept nogil
+    void memoa_weighted_diff_add(Py_ssize_t m, const double* w, const double* x, const double* c,
+                                 double* lanes) noexcept nogil
     void memoa_max_lanes(Py_ssize_t m, const double* J, double* vmax, double* varg, double* index,
                          double step) noexcept nogil
     void memoa_policy_block(Py_ssize_t m, double* xb, const double* sb, const double* offset, const double* centre,
@@ -511,7 +521,8 @@ cdef extern from *:
                             double* lanes) noexcept nogil
     void memoa_row_sums(Py_ssize_t nr, Py_ssize_t d, const double* terms, double* out) noexcept nogil
     void memoa_pay(Py_ssize_t nr, double* J, const double* cost, double hd) noexcept nogil
-    void memoa_loss_terms(Py_ssize_t m, int hedge, const double* x, const double* ref, double* terms) noexcept nogil
+    void memoa_loss_terms(Py_ssize_t m, int hedge, const double* x, const double* ref, const double* cen,
+                          double* terms) noexcept nogil
     void memoa_step(Py_ssize_t nr, double* lp, const double* loss, double eta, double scale, double limit,
                     double* mx) noexcept nogil
     void memoa_shift(Py_ssize_t m, const double* src, double a, double b, double* dst) noexcept nogil
@@ -609,7 +620,8 @@ cdef struct Mix:
     Py_ssize_t n, n_chunks
     double* log_p          # (n,)
     double* x              # (n, d) (read only)
-    double* ref            # (d,): y (hedge) or yhat - y (eg)
+    double* ref            # (d,): y (hedge) or err = sum_i p_i (x_i - y) (eg)
+    double* cen            # (d,): eg's centre, y_j (0 where err_j = 0); predict's centre (NULL: none)
     int rule
     double eta
     double* work
@@ -799,11 +811,13 @@ cdef inline void _log_into(const double* src, double* dst, Py_ssize_t m) noexcep
     memoa_log_into(src, dst, m)
 
 cdef void _weighted_lanes(const double* log_p, const double* x, Py_ssize_t rows, Py_ssize_t d,
-                          double* lanes, double* pattern, double* p) noexcept nogil:
+                          double* lanes, double* pattern, double* p, const double* centre) noexcept nogil:
     """Lanes (``L = R d``) of ``sum_i exp(log_p[i]) x[i, :]`` over ``rows`` rows.
 
     Reads ``log_p[0:rows]`` and ``x[0:rows d]``; writes ``lanes[0:L]``, and uses
-    ``pattern`` (``L``) and ``p`` (``_exp_rows(R)``) as scratch. The weights
+    ``pattern`` (``L``) and ``p`` (``_exp_rows(R)``) as scratch. With a
+    ``centre`` (``L`` doubles, the point replicated per row; NULL: none) the
+    lanes sum ``exp(log_p[i]) (x[i, :] - centre)``. The weights
     are exponentiated a sweep at a time (:c:func:`_exp_into`), then each
     block's weights are replicated ``d`` times into ``pattern`` so the
     multiply-add is one element-wise loop.
@@ -824,13 +838,15 @@ cdef void _weighted_lanes(const double* log_p, const double* x, Py_ssize_t rows,
             nr = em - rb if em - rb < R else R
             xb = x + (eb + rb) * d
             pb = p + rb
-            if d == 1:
-                memoa_weighted_add(nr, pb, xb, lanes)
-            else:
+            if d != 1:
                 for k in range(nr):
                     for j in range(d):
                         pattern[k * d + j] = pb[k]
-                memoa_weighted_add(nr * d, pattern, xb, lanes)
+                pb = pattern
+            if centre == NULL:
+                memoa_weighted_add(nr * d, pb, xb, lanes)
+            else:
+                memoa_weighted_diff_add(nr * d, pb, xb, centre, lanes)
             rb += R
         eb += E
 
@@ -1205,7 +1221,7 @@ cdef void _move_chunk(const Pop* P, Py_ssize_t c, double* scratch) noexcept nogi
         _fold_copies(tail, K, d, _copies(K), row + L.state, L.dp)
     _max_arg(P.J, lo, hi, tail, row + L.max_cost, row + L.arg_cost)
     if P.log_p != NULL:
-        _weighted_lanes(P.log_p + lo, P.x + lo * d, hi - lo, d, lanes, scratch, tail)
+        _weighted_lanes(P.log_p + lo, P.x + lo * d, hi - lo, d, lanes, scratch, tail, NULL)
         _lane_columns(lanes, d, R, row + L.mixture)
 
 
@@ -1345,18 +1361,25 @@ def fused_step(double[:, ::1] x, const double[:, ::1] s, const int64_t[::1] labe
 # --------------------------------------------------------------------------- server
 cdef void _predict_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept nogil:
     """Chunk ``c``'s mixture: reads ``log_p``, ``x`` over the chunk; writes ``work[c, mixture + j]``."""
-    cdef Py_ssize_t d = M.lay.d, R = _block_rows(d), Lb = R * d, lo, hi
+    cdef Py_ssize_t d = M.lay.d, R = _block_rows(d), Lb = R * d, lo, hi, k, j
+    cdef double* cen = NULL
     _bounds(M.n, c, &lo, &hi)
-    _weighted_lanes(M.log_p + lo, M.x + lo * d, hi - lo, d, scratch, scratch + Lb, scratch + 2 * Lb)
+    if M.cen != NULL:  # replicated after exp's rows
+        cen = scratch + 2 * Lb + _exp_rows(R)
+        for k in range(R):
+            for j in range(d):
+                cen[k * d + j] = M.cen[j]
+    _weighted_lanes(M.log_p + lo, M.x + lo * d, hi - lo, d, scratch, scratch + Lb, scratch + 2 * Lb, cen)
     _lane_columns(scratch, d, R, M.work + c * M.lay.width + M.lay.mixture)
 
 
 cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept nogil:
     """Gradient step on chunk ``c``'s log-weights, in place, and the chunk's log-sum-exp pieces.
 
-    Reads ``x`` over the chunk and ``ref`` (``y`` for hedge, ``yhat - y`` for
-    eg). Updates ``log_p_i -= clip(eta loss_i)`` (no step when ``eta == 0``;
-    eg: ``loss_i = 2 <x_i, yhat - y>``, hedge: ``|x_i - y|^2``). Writes
+    Reads ``x`` over the chunk and ``ref`` (``y`` for hedge, ``err = sum_k p_k
+    (x_k - y)`` for eg) and ``cen`` (eg's centre). Updates ``log_p_i -=
+    clip(eta loss_i)`` (no step when ``eta == 0``; eg: ``loss_i = 2 <err,
+    x_i - cen>``, hedge: ``|x_i - y|^2``). Writes
     ``work[c, lse_top]`` = the chunk's largest stepped log-weight and
     ``work[c, lse_sum]`` = ``sum exp(log_p_i - top)`` over the chunk (``-inf``
     and 0 when every weight is 0): the exponentials in vectorised sweeps,
@@ -1369,19 +1392,21 @@ cdef void _reweight_chunk(const Mix* M, Py_ssize_t c, double* scratch) noexcept 
     cdef double* mx = scratch + 2 * Lb + R
     cdef double* ex = scratch + 2 * Lb + 2 * R
     cdef double* acc = ex + _EXP_ROWS
+    cdef double* cen = acc + _SUM_LANES  # eg's centre, replicated
     cdef double* lp
     cdef double top = -INFINITY, eta = M.eta, scale = 2.0 if M.rule == 0 else 1.0
     _bounds(M.n, c, &lo, &hi)
     for k in range(R):
         for j in range(d):
             ref[k * d + j] = M.ref[j]
+            cen[k * d + j] = M.cen[j]
         mx[k] = -INFINITY
     rb = lo
     while rb < hi:
         nr = hi - rb if hi - rb < R else R
         lp = M.log_p + rb
         if eta != 0.0:
-            memoa_loss_terms(nr * d, M.rule, M.x + rb * d, ref, terms)
+            memoa_loss_terms(nr * d, M.rule, M.x + rb * d, ref, cen, terms)
             memoa_row_sums(nr, d, terms, loss)
         memoa_step(nr, lp, loss, eta, scale, _STEP_LIMIT, mx)  # no step when eta == 0
         rb += R
@@ -1464,22 +1489,28 @@ cdef object _server(Mix* M, const double[::1] log_p, const double[:, ::1] x, dou
     M.x = <double*>&x[0, 0] if x.shape[0] > 0 else NULL
     M.work = &work[0, 0] if work.shape[0] > 0 else NULL
     M.ref = NULL
+    M.cen = NULL
     M.rule = 0
     M.eta = 0.0
     M.scratch_size = _server_scratch(M.lay.d)
-    scratch = np.empty(max(threads, 1) * M.scratch_size + M.lay.d)
+    scratch = np.empty(max(threads, 1) * M.scratch_size + 2 * M.lay.d)
     cdef double[::1] view = scratch
     M.scratch = &view[0]
     return scratch
 
 
 def mixture_predict(const double[::1] log_p, const double[:, ::1] x, double[:, ::1] work, lay, double[::1] out,
-                    int threads):
-    """``out = sum_i exp(log_p_i) x_i``; each chunk's partial sums go to ``work[c, mixture:mixture + d]``."""
+                    int threads, const double[::1] centre=None):
+    """``out = sum_i exp(log_p_i) (x_i - centre)`` (no centre: ``sum_i exp(log_p_i) x_i``); each chunk's partial sums go
+    to ``work[c, mixture:mixture + d]``."""
     cdef Mix M
     cdef Py_ssize_t c
     keep = _server(&M, log_p, x, work, lay, threads)
     cdef Lay* L = &M.lay
+    if centre is not None:
+        M.cen = M.scratch + max(threads, 1) * M.scratch_size
+        for c in range(L.d):
+            M.cen[c] = centre[c]
     with nogil:
         if threads <= 1:
             for c in range(M.n_chunks):
@@ -1515,23 +1546,26 @@ cdef void _share_sweep(double* log_p, Py_ssize_t n, double top, double log_total
                         _thread_scratch(scratch, scratch_size))
 
 
-def mixture_reweight(double[::1] log_p, const double[:, ::1] x, const double[::1] y, const double[::1] yhat, int rule,
+def mixture_reweight(double[::1] log_p, const double[:, ::1] x, const double[::1] y, const double[::1] err, int rule,
                      double eta, double[:, ::1] work, lay, int threads):
     """``log_p_i -= clip(eta loss_i)`` in place; each chunk's log-sum-exp pieces go to ``work``."""
     cdef Mix M
     keep = _server(&M, log_p, x, work, lay, threads)
-    _prepare_ref(&M, keep, y, yhat, rule, eta, threads)
+    _prepare_ref(&M, keep, y, err, rule, eta, threads)
     with nogil:
         _reweight_sweep(&M, threads)
 
 
-cdef void _prepare_ref(Mix* M, scratch, const double[::1] y, const double[::1] yhat, int rule, double eta,
+cdef void _prepare_ref(Mix* M, scratch, const double[::1] y, const double[::1] err, int rule, double eta,
                        int threads) except *:
-    """Write the per-coordinate target (``y``, or ``yhat - y`` for eg) after the threads' scratch; set rule and eta."""
+    """Write the per-coordinate target (``y``, or ``err`` for eg) and eg's centre (``y_j``, 0 where ``err_j = 0``) after
+    the threads' scratch; set rule and eta."""
     cdef Py_ssize_t j, d = M.lay.d
     M.ref = M.scratch + max(threads, 1) * M.scratch_size
+    M.cen = M.ref + d
     for j in range(d):
-        M.ref[j] = (yhat[j] - y[j]) if rule == 0 else y[j]
+        M.ref[j] = err[j] if rule == 0 else y[j]
+        M.cen[j] = (y[j] if err[j] != 0.0 else 0.0) if rule == 0 else 0.0
     M.rule = 0 if rule == 0 else 1
     M.eta = eta
 
@@ -1558,13 +1592,13 @@ def mixture_share(double[::1] log_p, double top, double log_total, double alpha,
         _share_sweep(&log_p[0], log_p.shape[0], top, log_total, alpha, n, &view[0], size, threads)
 
 
-def mixture_update(double[::1] log_p, const double[:, ::1] x, const double[::1] y, const double[::1] yhat, int rule,
+def mixture_update(double[::1] log_p, const double[:, ::1] x, const double[::1] y, const double[::1] err, int rule,
                    double eta, double alpha, double[:, ::1] work, lay, int threads):
     """One server update: :func:`mixture_reweight`, :func:`merge_log_sum_exp`, :func:`mixture_share` in one nogil region."""
     cdef Mix M
     cdef double top, log_total
     keep = _server(&M, log_p, x, work, lay, threads)
-    _prepare_ref(&M, keep, y, yhat, rule, eta, threads)
+    _prepare_ref(&M, keep, y, err, rule, eta, threads)
     with nogil:
         _reweight_sweep(&M, threads)
         _merge_log_sum_exp(&M.lay, M.work, M.n_chunks, &top, &log_total)

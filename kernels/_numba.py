@@ -206,17 +206,21 @@ def _exp_rows(R):
 
 
 @njit(**_jit)
-def _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch):
+def _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch, centre):
     """Lanes of ``sum_i exp(log_p[i]) x[i, :]`` over rows ``[lo, hi)`` (``scratch``: ``3 _exp_rows(R)`` doubles).
 
-    Weights are exponentiated ``_exp_rows(R)`` rows at a time in one
-    vectorised sweep (long loops amortise :func:`_exp_into`'s three passes).
+    With a non-empty ``centre`` (``R d`` doubles, the point replicated per
+    row) the lanes sum ``exp(log_p[i]) (x[i, :] - centre)`` (eg's mixture
+    error, one subtraction per value). Weights are exponentiated
+    ``_exp_rows(R)`` rows at a time in one vectorised sweep (long loops
+    amortise :func:`_exp_into`'s three passes).
     """
     E = _exp_rows(R)
     p = scratch[:E]
     tmp = scratch[E:3 * E]
     for l in range(R * d):
         lanes[l] = 0.0
+    centred = centre.shape[0] != 0
     for eb in range(lo, hi, E):
         e_hi = min(eb + E, hi)
         _exp_into(log_p[eb:e_hi], p, tmp)
@@ -224,7 +228,19 @@ def _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch):
             rows = min(R, e_hi - rb)
             seg = xf[rb * d:(rb + rows) * d]
             pb = p[rb - eb:rb - eb + rows]
-            if d == 1:
+            if centred:
+                if d == 1:
+                    c0 = centre[0]
+                    for k in range(rows):
+                        lanes[k] += pb[k] * (seg[k] - c0)
+                else:
+                    for k in range(rows):
+                        pk = pb[k]
+                        lane = lanes[k * d:(k + 1) * d]
+                        row = seg[k * d:(k + 1) * d]
+                        for j in range(d):
+                            lane[j] += pk * (row[j] - centre[j])
+            elif d == 1:
                 for k in range(rows):
                     lanes[k] += pb[k] * seg[k]
             else:
@@ -1155,7 +1171,7 @@ def _move_chunk(x, s, labels, J, work, lay, coef, field, half_discount, log_p, c
     row[lay[LAY_MAX_COST]] = jmax
     row[lay[LAY_ARG_COST]] = jarg
     if predict:
-        _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch[L + 2 * MAX_LANES:])
+        _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch[L + 2 * MAX_LANES:], scratch[:0])
         _lane_columns(lanes, d, R, row[lay[LAY_MIXTURE]:lay[LAY_MIXTURE] + d])
 
 
@@ -1199,31 +1215,34 @@ def _fused_parallel(x, s, labels, J, work, lay, coef, mix, field, have_mean, hal
 
 # --------------------------------------------------------------------------- server
 @njit(**_jit)
-def _predict_chunk(log_p, x, work, lay, c):
-    """Row ``c`` of ``work`` at ``mixture``: ``sum_i exp(log_p_i) x_i`` over chunk ``c`` (lanes, vectorised exp)."""
+def _predict_chunk(log_p, x, centre, work, lay, c):
+    """Row ``c`` of ``work`` at ``mixture``: ``sum_i exp(log_p_i) (x_i - centre)`` over chunk ``c`` (lanes, vectorised exp).
+
+    ``centre``: (d,), or empty for ``sum_i exp(log_p_i) x_i``.
+    """
     n, d = x.shape
     R = _block_rows(d)
     L = R * d
     lo, hi = _chunk_bounds(n, c)
     scratch = np.empty(L + 3 * _exp_rows(R))
-    _weighted_lane_sums(log_p, x.reshape(-1), lo, hi, d, R, scratch[:L], scratch[L:])
+    _weighted_lane_sums(log_p, x.reshape(-1), lo, hi, d, R, scratch[:L], scratch[L:], centre)
     _lane_columns(scratch[:L], d, R, work[c, lay[LAY_MIXTURE]:lay[LAY_MIXTURE] + d])
 
 
 @njit(**_jit)
-def _predict_serial(log_p, x, work, lay, out):
-    """``out = sum_i exp(log_p_i) x_i``: each chunk's partial into ``work``, then summed in chunk order."""
+def _predict_serial(log_p, x, centre, work, lay, out):
+    """``out = sum_i exp(log_p_i) (x_i - centre)``: each chunk's partial into ``work``, then summed in chunk order."""
     for c in range(work.shape[0]):
-        _predict_chunk(log_p, x, work, lay, c)
+        _predict_chunk(log_p, x, centre, work, lay, c)
     for j in range(x.shape[1]):
         out[j] = _column_sum(work, lay[LAY_MIXTURE] + j)
 
 
 @njit(parallel=True, **_jit)
-def _predict_parallel(log_p, x, work, lay, out):
+def _predict_parallel(log_p, x, centre, work, lay, out):
     """:func:`_predict_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
-        _predict_chunk(log_p, x, work, lay, np.int64(c))
+        _predict_chunk(log_p, x, centre, work, lay, np.int64(c))
     for j in range(x.shape[1]):
         out[j] = _column_sum(work, lay[LAY_MIXTURE] + j)
 
@@ -1240,11 +1259,15 @@ def _clip_step(v):
 
 
 @njit(**_jit)
-def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c):
+def _reweight_chunk(log_p, x, y, err, rule, eta, work, lay, c):
     """Gradient step on the log-weights of chunk ``c`` (in place), and the chunk's log-sum-exp pieces.
 
     ``log_p_i -= clip(eta loss_i)`` (see :func:`_clip_step`; no step when
-    ``eta == 0``). ``work[c, lse_top]`` gets the largest stepped log-weight of
+    ``eta == 0``): hedge ``|x_i - y|^2``, eg ``2 <err, x_i - centre>`` with
+    ``err`` the mixture's error ``sum_k p_k (x_k - y)`` and ``centre`` the
+    reference's ``eg_centre(y, err)`` (``y_j``, 0 where ``err_j = 0``): one
+    subtraction per value more than ``2 <err, x_i>``, and no rounding at
+    the level of the values. ``work[c, lse_top]`` gets the largest stepped log-weight of
     the chunk and ``work[c, lse_sum]`` the sum of ``exp(log_p_i - top)``: per
     block of rows, the block's maximum, then its exponentials (vectorised),
     folded into the chunk's running pair in block order.
@@ -1254,14 +1277,16 @@ def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c):
     L = R * d
     lo, hi = _chunk_bounds(n, c)
     xf = x.reshape(-1)
-    scratch = np.empty(2 * L + 4 * R)
-    ref = scratch[:L]              # y_j (hedge) or 2 (yhat_j - y_j) (eg), replicated
+    scratch = np.empty(3 * L + 4 * R)
+    ref = scratch[:L]              # y_j (hedge) or 2 err_j (eg), replicated
     terms = scratch[L:2 * L]       # per-coordinate losses of the block
-    shifted = scratch[2 * L:2 * L + R]
-    tmp = scratch[2 * L + R:]      # exp's scratch (2 R) and its output (R)
+    cen = scratch[2 * L:3 * L]     # eg's centre, replicated
+    shifted = scratch[3 * L:3 * L + R]
+    tmp = scratch[3 * L + R:]      # exp's scratch (2 R) and its output (R)
     for k in range(R):
         for j in range(d):
-            ref[k * d + j] = 2.0 * (yhat[j] - y[j]) if rule == RULE_EG else y[j]
+            ref[k * d + j] = 2.0 * err[j] if rule == RULE_EG else y[j]
+            cen[k * d + j] = y[j] if err[j] != 0.0 else 0.0
     top = -np.inf
     scaled = 0.0
     for rb in range(lo, hi, R):
@@ -1271,7 +1296,7 @@ def _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c):
             xb = xf[rb * d:(rb + rows) * d]
             if rule == RULE_EG:
                 for v in range(xb.shape[0]):
-                    terms[v] = ref[v] * xb[v]
+                    terms[v] = ref[v] * (xb[v] - cen[v])
             else:
                 for v in range(xb.shape[0]):
                     e = xb[v] - ref[v]
@@ -1374,17 +1399,17 @@ def _share_range(log_p, top, log_total, alpha, n_total, lo, hi):
 
 
 @njit(**_jit)
-def _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay):
+def _reweight_serial(log_p, x, y, err, rule, eta, work, lay):
     """The server's gradient step on every chunk (:func:`_reweight_chunk`): writes ``log_p`` and ``work``."""
     for c in range(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, c)
+        _reweight_chunk(log_p, x, y, err, rule, eta, work, lay, c)
 
 
 @njit(parallel=True, **_jit)
-def _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay):
+def _reweight_parallel(log_p, x, y, err, rule, eta, work, lay):
     """:func:`_reweight_serial` with the chunks spread over the threads (the same bits)."""
     for c in prange(work.shape[0]):
-        _reweight_chunk(log_p, x, y, yhat, rule, eta, work, lay, np.int64(c))
+        _reweight_chunk(log_p, x, y, err, rule, eta, work, lay, np.int64(c))
 
 
 @njit(**_jit)
@@ -1458,20 +1483,24 @@ def fused_step(x, s, labels, J, work, lay, coef, mix, field, have_mean, discount
         return _fused_parallel(x, s, labels, J, work, lay[:], coef, mix, field, bool(have_mean), 0.5 * discount, log_p, yhat)
 
 
-def mixture_predict(log_p, x, work, lay, out, threads):
-    """``out = sum_i exp(log_p_i) x_i``; semantics: :func:`memoa_fast.kernels._reference.mixture_predict`."""
+def mixture_predict(log_p, x, work, lay, out, threads, centre=None):
+    """``out = sum_i exp(log_p_i) (x_i - centre)``; semantics: :func:`memoa_fast.kernels._reference.mixture_predict`."""
+    centre = _NO_CENTRE if centre is None else centre
     if threads == 1:
-        return _predict_serial(log_p, x, work, lay[:], out)
+        return _predict_serial(log_p, x, centre, work, lay[:], out)
     with Threads(threads):
-        return _predict_parallel(log_p, x, work, lay[:], out)
+        return _predict_parallel(log_p, x, centre, work, lay[:], out)
 
 
-def mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads):
+_NO_CENTRE = np.empty(0)  # mixture_predict without a centre: sum_i p_i x_i (no subtraction in the loop)
+
+
+def mixture_reweight(log_p, x, y, err, rule, eta, work, lay, threads):
     """First pass of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_reweight`."""
     if threads == 1:
-        return _reweight_serial(log_p, x, y, yhat, rule, eta, work, lay[:])
+        return _reweight_serial(log_p, x, y, err, rule, eta, work, lay[:])
     with Threads(threads):
-        return _reweight_parallel(log_p, x, y, yhat, rule, eta, work, lay[:])
+        return _reweight_parallel(log_p, x, y, err, rule, eta, work, lay[:])
 
 
 def merge_log_sum_exp(work, lay):
@@ -1487,9 +1516,9 @@ def mixture_share(log_p, top, log_total, alpha, n_total, threads):
         return _share_parallel(log_p, top, log_total, alpha, n_total)
 
 
-def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):
+def mixture_update(log_p, x, y, err, rule, eta, alpha, work, lay, threads):
     """Both passes of a server update; semantics: :func:`memoa_fast.kernels._reference.mixture_update`."""
-    mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads)
+    mixture_reweight(log_p, x, y, err, rule, eta, work, lay, threads)
     top, log_total = _merge_log_sum_exp(work, lay[:])
     mixture_share(log_p, top, log_total, alpha, log_p.shape[0], threads)
 

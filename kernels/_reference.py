@@ -196,39 +196,67 @@ def fused_step(x, s, labels, J, work, lay, coef, mix, field, have_mean, discount
 
 
 # --------------------------------------------------------------------------- server
-def mixture_predict(log_p, x, work, lay, out, threads):
-    """``out = sum_i exp(log_p_i) x_i``."""
-    out[:] = np.exp(log_p) @ x
+def mixture_predict(log_p, x, work, lay, out, threads, centre=None):
+    """``out = sum_i exp(log_p_i) x_i``, or ``sum_i exp(log_p_i) (x_i - centre)`` when ``centre`` (d,) is given.
+
+    The eg update asks for the mixture's error ``yhat - y`` as
+    ``sum_i p_i (x_i - y)`` (``centre = y``): a weighted sum of differences, so
+    no error at the level of the values (``yhat`` rounded, then ``- y``, has
+    one of ``eps |yhat|``). ``x - 0`` is ``x`` exactly: no centre and a zero
+    centre give the same bits.
+    """
+    out[:] = np.exp(log_p) @ (x if centre is None else x - centre)
 
 
-def _steps(log_p, x, y, yhat, rule, eta):
+def eg_centre(y, err):
+    """The point eg's loss measures the states from: ``y_j``, or 0 where ``err_j = 0``.
+
+    Any common point gives the same update (it shifts every loss by one
+    term); ``y`` keeps the loss a sum of differences ``x_i - y``. Where
+    ``err_j = 0`` the coordinate's term is 0 whatever ``x_i``: measured from 0
+    it is ``0 * x_ij = 0``, where ``x_ij - y_j`` could overflow and make it
+    ``0 * inf = NaN``.
+    """
+    return np.where(err != 0.0, y, 0.0)
+
+
+def _steps(log_p, x, y, err, rule, eta):
     """The server steps ``eta loss_i``, only overflows clipped (see :data:`STEP_LIMIT`).
 
+    ``err`` (eg only) is the mixture's error ``yhat - y``, computed as
+    ``sum_i p_i (x_i - y)`` (:func:`mixture_predict` with ``centre = y``).
     A finite step is applied as it is (``|step| <= STEP_LIMIT``, the largest
     double), so finite steps keep their order however large they are; ``+-inf``
     becomes ``+-STEP_LIMIT`` and NaN (``inf - inf`` in eg's dot product, an
-    overflow of either sign) ``+STEP_LIMIT``.
+    overflow of either sign) ``+STEP_LIMIT``. eg's differences ``x_ij - y_j``
+    (and so ``err``) overflow only where a state or the target is beyond
+    half the largest double.
     """
     if eta == 0.0:
         return np.zeros(log_p.shape[0])
     with np.errstate(over="ignore", invalid="ignore"):
-        loss = 2.0 * (x @ (yhat - y)) if rule == RULE_EG else ((x - y) ** 2).sum(axis=1)
+        loss = 2.0 * ((x - eg_centre(y, err)) @ err) if rule == RULE_EG else ((x - y) ** 2).sum(axis=1)
         step = eta * loss
     step = np.where(np.isnan(step), STEP_LIMIT, step)  # inf - inf in a dot product: an overflow too
     return np.clip(step, -STEP_LIMIT, STEP_LIMIT)
 
 
-def mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads):
+def mixture_reweight(log_p, x, y, err, rule, eta, work, lay, threads):
     """``log_p_i -= clip(eta loss_i)`` in place; each chunk's log-sum-exp pieces go to ``work``.
 
     ``clip`` only maps an overflow to the largest double (see :func:`_steps`).
-    ``eg``: ``loss_i = 2 <yhat - y, x_i>``; ``hedge``: ``loss_i = |x_i - y|^2``.
+    ``eg``: ``loss_i = 2 <err, x_i - y>`` with ``err = yhat - y`` given as
+    ``sum_k p_k (x_k - y)`` (where ``err_j = 0``, coordinate j adds 0); in
+    exact arithmetic ``2 <yhat - y, x_i>`` less the common ``2 <yhat - y, y>``,
+    which the normalisation removes, but made of differences only: a common
+    shift of the states and the target changes nothing beyond its own
+    rounding. ``hedge``: ``loss_i = |x_i - y|^2`` (``err`` unused).
     Row ``c`` gets ``lse_top`` = the chunk's largest stepped log-weight and
     ``lse_sum`` = ``sum exp(log_p_i - lse_top)`` over the chunk (``-inf`` and 0
     when every weight of the chunk is 0).
     """
     with np.errstate(over="ignore"):  # log p - step, and that - top, may overflow to -inf (a zero weight): never NaN
-        log_p -= _steps(log_p, x, y, yhat, rule, eta)
+        log_p -= _steps(log_p, x, y, err, rule, eta)
         n = log_p.shape[0]
         for c in range(work.shape[0]):
             seg = log_p[c * CHUNK:min((c + 1) * CHUNK, n)]
@@ -263,8 +291,8 @@ def mixture_share(log_p, top, log_total, alpha, n_total, threads):
         log_p[:] = np.logaddexp(np.log1p(-alpha) + log_p, log_share)
 
 
-def mixture_update(log_p, x, y, yhat, rule, eta, alpha, work, lay, threads):
+def mixture_update(log_p, x, y, err, rule, eta, alpha, work, lay, threads):
     """One server update: :func:`mixture_reweight`, :func:`merge_log_sum_exp`, :func:`mixture_share`."""
-    mixture_reweight(log_p, x, y, yhat, rule, eta, work, lay, threads)
+    mixture_reweight(log_p, x, y, err, rule, eta, work, lay, threads)
     top, log_total = merge_log_sum_exp(work, lay)
     mixture_share(log_p, top, log_total, alpha, log_p.shape[0], threads)

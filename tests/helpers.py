@@ -267,7 +267,8 @@ def held_by_another_thread(lock):
 def _step_interval(x_i, y, yhat, rule, eta):
     """Where a kernel's applied step ``eta g_i`` (an exact Fraction pair) lies, whatever its summation order.
 
-    The exact step ``eta g_i`` with ``g_i = |x_i - y|^2`` (hedge) or ``2 <yhat - y, x_i>`` (eg), widened
+    The exact step ``eta g_i`` with ``g_i = |x_i - y|^2`` (hedge) or ``2 <yhat - y, x_i - y>`` (eg: the
+    kernels' form, the textbook ``2 <yhat - y, x_i>`` less a term common to every client), widened
     by ``2^-46 eta sum_j |term_j|`` (the rounding of every order of the sum), then clipped to the finite
     doubles as the kernels clip an overflow (STEP_LIMIT, the largest double). Where an intermediate may
     overflow (``eta sum |term| >= DBL_MAX / 4``) the kernel may give ``+-DBL_MAX`` (inf, or NaN from
@@ -277,7 +278,7 @@ def _step_interval(x_i, y, yhat, rule, eta):
     big = Fraction(np.finfo(np.float64).max)
     fy = [Fraction(float(v)) for v in y]
     if rule == "eg":
-        terms = [2 * Fraction(float(a)) * (Fraction(float(h)) - b) for a, h, b in zip(x_i, yhat, fy)]
+        terms = [2 * (Fraction(float(a)) - b) * (Fraction(float(h)) - b) for a, h, b in zip(x_i, yhat, fy)]
     else:
         terms = [(Fraction(float(a)) - b) ** 2 for a, b in zip(x_i, fy)]
     fe = Fraction(float(eta))

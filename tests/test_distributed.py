@@ -194,17 +194,20 @@ def test_client_signals_match_single_process(client, rng, rule):
     dpop.close()
 
 
-def test_exact_mode_is_bitwise_single_process(client):
-    """exact=True: chunk partials merged by the kernels' own merge: bitwise, on 3 shards over 2 workers."""
+@pytest.mark.parametrize("rule", ["hedge", "eg"])
+def test_exact_mode_is_bitwise_single_process(client, rule):
+    """exact=True: chunk partials merged by the kernels' own merge: bitwise, on 3 shards over 2 workers (eg: its
+    mixture error sum_i p_i (x_i - y) gathered from the shards as Server computes it).
+    """
     d, T = 2, 10
     targets = np.linspace(-1, 1, T * d).reshape(T, d)
-    pop, server = _single(d=d, rule="hedge")
+    pop, server = _single(d=d, rule=rule)
     source = NoisyLastValueSignals(0, N, 5, dim=d)
     dpop = DaskPopulation(
         GAME, N, d, client=client, n_shards=3, exact=True, signals=functools.partial(NoisyLastValueSignals, dim=d),
         seed=5, timeout=TIMEOUT,
     )
-    dserver = DaskServer(dpop, rule="hedge", eta=0.5, alpha=0.01)
+    dserver = DaskServer(dpop, rule=rule, eta=0.5, alpha=0.01)
     for y in targets:
         source.observe(y)
         dpop.observe(y)

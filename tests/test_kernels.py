@@ -326,26 +326,26 @@ def test_one_class_chunks_all_valid_beside_chunks_with_an_invalid_row(backend, d
 
 
 # --------------------------------------------------------------------------- server
-def _server_reference(log_p, x, y, yhat, rule, eta, alpha, lay):
+def _server_reference(log_p, x, y, err, rule, eta, alpha, lay):
     """The reference update in its three steps; returns (stepped log-weights, top, log_total, final)."""
     out = log_p.copy()
     work = new_work(x.shape[0], lay)
     with np.errstate(all="ignore"):
-        _reference.mixture_reweight(out, x, y, yhat, rule, eta, work, lay, 1)
+        _reference.mixture_reweight(out, x, y, err, rule, eta, work, lay, 1)
         stepped = out.copy()
         top, log_total = _reference.merge_log_sum_exp(work, lay)
         _reference.mixture_share(out, top, log_total, alpha, x.shape[0], 1)
     return stepped, top, log_total, out
 
 
-def _server_both_ways(mod, log_p, x, y, yhat, rule, eta, alpha, lay, threads):
+def _server_both_ways(mod, log_p, x, y, err, rule, eta, alpha, lay, threads):
     """mixture_update, and reweight + merge + share (a shard's path); asserts they agree bitwise."""
     n = x.shape[0]
     one = log_p.copy()
-    mod.mixture_update(one, x, y, yhat, rule, eta, alpha, new_work(n, lay), lay, threads)
+    mod.mixture_update(one, x, y, err, rule, eta, alpha, new_work(n, lay), lay, threads)
     parts = log_p.copy()
     work = new_work(n, lay)
-    mod.mixture_reweight(parts, x, y, yhat, rule, eta, work, lay, threads)
+    mod.mixture_reweight(parts, x, y, err, rule, eta, work, lay, threads)
     stepped = parts.copy()
     top, log_total = mod.merge_log_sum_exp(work, lay)
     assert type(top) is float and type(log_total) is float
@@ -363,12 +363,12 @@ def _assert_normalised(log_p, alpha, what):
         assert log_p.min() >= floor - 1e-12 * abs(floor), f"{what}: fixed share keeps every weight >= alpha/N"
 
 
-def _step_magnitude(x, y, yhat, rule, eta):
+def _step_magnitude(x, y, err, rule, eta):
     if eta == 0.0:
         return np.zeros(x.shape[0])
     with np.errstate(over="ignore"):
         if rule == _reference.RULE_EG:
-            loss = 2.0 * (np.abs(x) @ np.abs(yhat - y))
+            loss = 2.0 * (np.abs(x - y) @ np.abs(err))
         else:
             loss = ((np.abs(x) + np.abs(y)) ** 2).sum(1)
         return np.minimum(eta * loss, _reference.STEP_LIMIT)  # an overflowing step is applied as the largest double
@@ -397,6 +397,12 @@ def test_server_kernels_match_reference(backend, n):
         expected = np.empty(d)
         _reference.mixture_predict(log_p, x, None, lay, expected, 1)
         assert_close(yhat, expected, np.exp(log_p) @ np.abs(x), "mixture_predict")
+        # eg's mixture error sum_i p_i (x_i - y): predict with a centre
+        err = np.full(d, np.nan)
+        mod.mixture_predict(log_p, x, new_work(n, lay), lay, err, threads, y)
+        expected = np.empty(d)
+        _reference.mixture_predict(log_p, x, None, lay, expected, 1, y)
+        assert_close(err, expected, np.exp(log_p) @ np.abs(x - y), "mixture_predict with a centre")
 
         stepped, top, log_total, got = _server_both_ways(mod, log_p, x, y, expected, rule, eta, alpha, lay, threads)
         r_stepped, r_top, r_log_total, ref = _server_reference(log_p, x, y, expected, rule, eta, alpha, lay)
@@ -425,8 +431,8 @@ def test_server_weights_stay_normalised_for_any_loss(backend, seed, k, d, rule, 
     y = np.zeros(d)
     log_p = np.full(n, -np.log(n))
     for step in range(2):  # an overflowing update must not poison the next one (issue 8 item 2)
-        yhat = np.empty(d)
-        mod.mixture_predict(log_p, x, new_work(n, lay), lay, yhat, 1)
+        yhat = np.empty(d)  # eg's mixture error yhat - y (y = 0)
+        mod.mixture_predict(log_p, x, new_work(n, lay), lay, yhat, 1, y)
         assert np.isfinite(yhat).all()
         _, _, _, got = _server_both_ways(mod, log_p, x, y, yhat, rule, eta, alpha, lay, 1)
         _assert_normalised(got, alpha, f"update {step}")
@@ -459,7 +465,7 @@ def test_server_kernels_rank_steps_up_to_the_largest_double(backend, data, seed,
     rng = np.random.default_rng(seed)
     lay = layout(1, 1)
     e = log_step - rng.uniform(0.0, spread, (n, 1))
-    if rule == "eg":  # g_i = 2 (yhat - y) x_i = 2 x_i, of either sign (overflowing past 1.8e308)
+    if rule == "eg":  # g_i = 2 <yhat - y, x_i - y> = 2 x_i, of either sign (overflowing past 1.8e308); err = yhat - y = 1
         x, y, yhat = rng.choice([-1.0, 1.0], (n, 1)) * 10.0 ** np.minimum(e - math.log10(2.0), 308.2), np.zeros(1), np.ones(1)
     else:
         x, y, yhat = 10.0 ** (e / 2), np.zeros(1), np.zeros(1)
@@ -478,10 +484,10 @@ def test_issue8_server_reproducers(backend):
     mod = BACKENDS[backend]
     lay = layout(1, 1)
 
-    def update(log_p, x, y, rule, eta, alpha):
-        yhat = np.empty(x.shape[1])
-        mod.mixture_predict(log_p, x, new_work(x.shape[0], lay), lay, yhat, 1)
-        mod.mixture_update(log_p, x, y, yhat, rule, eta, alpha, new_work(x.shape[0], lay), lay, 1)
+    def update(log_p, x, y, rule, eta, alpha):  # as Server.update
+        err = np.empty(x.shape[1])
+        mod.mixture_predict(log_p, x, new_work(x.shape[0], lay), lay, err, 1, y)
+        mod.mixture_update(log_p, x, y, err, rule, eta, alpha, new_work(x.shape[0], lay), lay, 1)
         _assert_normalised(log_p, alpha, "reproducer")
         return log_p
 
@@ -516,10 +522,13 @@ def _everything(mod, P, threads):
     yhat = np.empty(d)
     mod.mixture_predict(P["log_p"], P["x"], new_work(n, lay), lay, yhat, threads)
     out["predict"] = yhat.tobytes()
+    err = np.empty(d)
+    mod.mixture_predict(P["log_p"], P["x"], new_work(n, lay), lay, err, threads, np.ones(d))
+    out["predict centred"] = err.tobytes()
     for rule in (0, 1):
         for alpha in (0.0, 0.01):
             log_p = P["log_p"].copy()
-            mod.mixture_update(log_p, P["x"], np.ones(d), yhat, rule, 50.0, alpha, new_work(n, lay), lay, threads)
+            mod.mixture_update(log_p, P["x"], np.ones(d), err, rule, 50.0, alpha, new_work(n, lay), lay, threads)
             out["update", rule, alpha] = log_p.tobytes()
     return out
 

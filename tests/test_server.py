@@ -315,13 +315,42 @@ def test_an_overflowing_step_counts_as_the_largest_double(backend):
         np.testing.assert_allclose(srv.weights, 1 / 3, rtol=1e-15)
     # eg: a step of -inf counts as -DBL_MAX (that client takes the weight)
     srv = Server(3, 2, rule="eg", eta=1e308, alpha=0.0, backend=backend)
-    x = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # yhat = 0: g = 2 (yhat - y).x = [2, -2, 0] for y = (1, 0)
-    srv.update(x, np.array([1.0, 0.0]))  # steps inf, -inf, 0
-    np.testing.assert_array_equal(srv.weights, [0.0, 1.0, 0.0])
-    # a dot product with overflowing terms of both signs (+5e599, -5e599 here) has no sign: inf, -inf or NaN (taken
-    # as +inf) by the summation order, so the backends may differ; either way one client takes the weight, never NaN
-    srv = Server(2, 2, rule="eg", eta=1.0, alpha=0.0, backend=backend)
-    x = np.array([[1e300, 1e300], [0.0, 0.0]])  # yhat - y = (5e299, -5e299)
-    srv.update(x, np.array([-1e9, 1e300]))
+    x = np.array([[-1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])  # y = 0: e = yhat - y = (1, 0), g = 2 <e, x_i - y> = [-2, 2, 6]
+    srv.update(x, np.zeros(2))  # steps -inf, inf, inf
+    np.testing.assert_array_equal(srv.weights, [1.0, 0.0, 0.0])
+    # a dot product with overflowing terms of both signs (+-3.3e599 here) has no sign: inf, -inf (a fused multiply-add)
+    # or NaN (taken as +inf) by the summation order, so the backends may differ; never NaN
+    srv = Server(3, 2, rule="eg", eta=1.0, alpha=0.0, backend=backend)
+    x = np.array([[1e300, 1e300], [1e300, -1e300], [-1e300, 1e300]])  # y = 0: e = (1e300 / 3, 1e300 / 3)
+    srv.update(x, np.zeros(2))  # g_1 = 2 (3.3e599 + 3.3e599) = inf; g_2, g_3: 3.3e599 - 3.3e599
     assert not np.isnan(srv.log_weights).any()
-    assert sorted(srv.weights.tolist()) == [0.0, 1.0]
+    assert abs(srv.weights.sum() - 1.0) <= 1e-15, srv.weights  # one client takes the weight (-inf), or they tie
+    # g_i is measured from y: steps that are equal in exact arithmetic (both 1e600 here) overflow alike and tie, where
+    # 2 <yhat - y, x_i> gave the first client inf - inf and the second 0
+    srv = Server(2, 2, rule="eg", eta=1.0, alpha=0.0, backend=backend)
+    x = np.array([[1e300, 1e300], [0.0, 0.0]])  # y = (-1e9, 1e300): e = (5e299, -5e299), x_i - y = (1e300, 0), (1e9, -1e300)
+    srv.update(x, np.array([-1e9, 1e300]))
+    np.testing.assert_array_equal(srv.weights, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["eg", "hedge"])
+def test_a_common_shift_of_states_and_targets_changes_no_weight(backend, rule):
+    """In exact arithmetic the update sees differences only (eg: a shift adds one term to every ``g_i``, which the
+    normalisation removes); with ``x + b`` and ``y + b`` exact (a grid of 2^-10, b a power of two) the weights must
+    not move: bitwise, as the update computes the differences exactly. eg's ``2 <yhat - y, x_i>`` from a rounded
+    ``yhat`` moved the log-weights by 4e-9 at b = 2^20 already.
+    """
+    rng = np.random.default_rng(21)
+    T, n, d = 40, 64, 2
+    truth = np.round(np.cumsum(rng.normal(size=(T, d)), axis=0) * 0.1 * 1024) / 1024
+    x = np.round((truth[:, None, :] + rng.normal(size=(T, n, d)) * np.linspace(0.05, 1, n)[None, :, None]) * 1024) / 1024
+    ref = Server(n, d, rule=rule, eta=0.5, alpha=0.01, backend=backend)
+    for t in range(T - 1):
+        ref.update(x[t], truth[t + 1])
+    for b in (2.0**20, 2.0**40):
+        assert np.array_equal((x + b) - b, x) and np.array_equal((truth + b) - b, truth)  # the shifted inputs are exact
+        srv = Server(n, d, rule=rule, eta=0.5, alpha=0.01, backend=backend)
+        for t in range(T - 1):
+            srv.update(x[t] + b, truth[t + 1] + b)
+        np.testing.assert_array_equal(srv.log_weights, ref.log_weights, err_msg=f"b = {b:g}")  # bitwise

@@ -154,15 +154,18 @@ class Shard:
     def _drop_server(self, sid):
         self.log_p.pop(sid, None)
 
-    def _predict(self, sid):
+    def _predict(self, sid, centre=None):
+        """The shard's partial rows of ``sum_i p_i x_i``, or of ``sum_i p_i (x_i - centre)`` (eg's mixture error)."""
         out = np.empty(self.lay.dim)
-        self.kern.mixture_predict(self.log_p[sid], self.x, self.work, self.lay, out, self._threads_used)
+        if centre is not None:
+            centre = np.array(centre, dtype=np.float64)
+        self.kern.mixture_predict(self.log_p[sid], self.x, self.work, self.lay, out, self._threads_used, centre)
         return self._partials(self.work, "mixture")
 
-    def _reweight(self, sid, y, yhat, rule, eta):
-        """Gradient step on the log-weights; returns the rows holding the log-sum-exp pieces."""
-        y, yhat = np.array(y, dtype=np.float64), np.array(yhat, dtype=np.float64)
-        self.kern.mixture_reweight(self.log_p[sid], self.x, y, yhat, rule, eta, self.work, self.lay, self._threads_used)
+    def _reweight(self, sid, y, err, rule, eta):
+        """Gradient step on the log-weights (``err``: eg's mixture error); returns the rows holding the log-sum-exp pieces."""
+        y, err = np.array(y, dtype=np.float64), np.array(err, dtype=np.float64)
+        self.kern.mixture_reweight(self.log_p[sid], self.x, y, err, rule, eta, self.work, self.lay, self._threads_used)
         if self.exact:
             return self.work[:, self.columns["lse"]]
         top, log_total = self.kern.merge_log_sum_exp(self.work, self.lay)

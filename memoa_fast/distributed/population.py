@@ -376,7 +376,6 @@ class DaskPopulation(MeanFieldSummary):
         self._n_valid = 0
         self.t = 0
         self._discount = 1.0
-        self._version = 0
         self._actors: list = []
         try:
             self._build(n_shards, x0)
@@ -735,7 +734,6 @@ class DaskPopulation(MeanFieldSummary):
         # Zeros are written by the shards: only given states cross the network.
         self._call(("reset", None), per_shard_args=[(None if x0 is None else x0[lo:hi],) for lo, hi in self.bounds],
                    marked=True)
-        self._version += 1
         self._field[...] = 0.0
         self._unsignalled = None  # see MeanFieldSummary._unsignalled_classes
         self._stale_means = False
@@ -758,7 +756,6 @@ class DaskPopulation(MeanFieldSummary):
              else _slice_source(source, lo, hi))
             for k, (lo, hi) in enumerate(self.bounds)
         ]
-        self._version += 1
         self._call(("load", None), per_shard_args=args, marked=True)
 
     @_one_caller("DaskPopulation.set_labels")
@@ -893,7 +890,6 @@ class DaskPopulation(MeanFieldSummary):
         self.t += 1
         self._unsignalled, self._unsignalled_t = flags, self.t
         self._discount = next_discount(self._discount, self.game.gamma, self.t)
-        self._version += 1
         self._interrupted = None  # the last write: an interrupt before it leaves the population refusing
         return self._handle
 
@@ -1409,10 +1405,8 @@ class DaskPopulation(MeanFieldSummary):
         self._n_valid = pop["n_valid_signals"]
         self.t = pop["t"]
         self._discount = pop["discount"]
-        self._version += 1
         if server is not None:
             server.n_updates = manifest.server["n_updates"]
-            server._weights_version += 1
         self._record_checkpoint(path, manifest.t)
         if server is not None:
             server._interrupted = None

@@ -31,9 +31,10 @@ class DaskServer:
     pieces ``(top_k, sum_{i in k} exp(v_i - top_k))``, merges them with the
     kernels' ``merge_log_sum_exp`` into ``(top, log_total)`` and queues the
     normalisation and fixed share (``mixture_share`` over the whole
-    population's N) for the next message. Rule ``eg`` needs ``yhat`` of the
-    states being scored: it reuses the last :meth:`predict` when nothing
-    changed since, else costs one more round trip.
+    population's N) for the next message. Rule ``eg`` needs the mixture's
+    error ``yhat - y`` of the states being scored, gathered as the shards'
+    partial rows of ``sum_i p_i (x_i - y)`` (a sum of differences, as
+    :class:`~memoa_fast.Server` computes it): one more round trip.
 
     One caller at a time: a server sends its messages through its
     population and shares its guard (see :class:`DaskPopulation`): a call
@@ -55,8 +56,6 @@ class DaskServer:
         self._interrupted: str | None = None  # set from a mutating call's first write to its last (see _check_usable)
         self._lay = population._lay
         self._yhat = np.zeros(self.dim)
-        self._yhat_version = None
-        self._weights_version = 0
         self._register()
         # When this object goes, its weights leave the workers with the next message. Not under the guard: the
         # collector runs the finalizer in any thread, also inside a call (_call keeps an op queued meanwhile).
@@ -78,7 +77,6 @@ class DaskServer:
         self._interrupted = "a reset"
         self.population._queue(("add_server", (self.sid,)))
         self.n_updates = 0
-        self._weights_version += 1
         self._interrupted = None
 
     def _check_usable(self) -> None:
@@ -128,16 +126,19 @@ class DaskServer:
     def _predict(self, out=None) -> np.ndarray:
         """:meth:`predict` of the resident states, for a caller that holds the population's guard (``out`` checked)."""
         self._check_usable()
-        pop = self.population
-        rows = pop._unpack(pop._call(("predict", (self.sid,))), "mixture")
-        folded = np.empty(rows.shape[1])
-        pop._kernels.fold_rows(rows, self._lay, folded)  # the chunk sums, in chunk order
-        self._yhat[...] = folded[self._lay.mixture:self._lay.mixture + self.dim]
-        self._yhat_version = (pop._version, self._weights_version)
+        self._yhat[...] = self._gather_mixture(None)
         if out is None:
             return self._yhat.copy()
         out[...] = self._yhat
         return out
+
+    def _gather_mixture(self, centre) -> np.ndarray:
+        """``sum_i p_i (x_i - centre)`` (``centre`` None: ``sum_i p_i x_i``) of the resident states, from the shards' rows."""
+        pop = self.population
+        rows = pop._unpack(pop._call(("predict", (self.sid,) if centre is None else (self.sid, centre.copy()))), "mixture")
+        folded = np.empty(rows.shape[1])
+        pop._kernels.fold_rows(rows, self._lay, folded)  # the chunk sums, in chunk order
+        return folded[self._lay.mixture:self._lay.mixture + self.dim]
 
     @_one_caller("DaskServer.update", of_population=True)
     def update(self, states, target) -> None:
@@ -151,17 +152,16 @@ class DaskServer:
         check_update_count(self.n_updates)
         self._check_usable()
         pop = self.population
-        if self.rule == "eg" and self._yhat_version != (pop._version, self._weights_version):
-            self._predict()
+        # eg's gradient needs the mixture's error yhat - y of these states, as sum_i p_i (x_i - y); hedge ignores it
+        err = self._gather_mixture(y) if self.rule == "eg" else np.zeros(self.dim)
         pop._check_usable()  # before the mark: an update its population refuses changes nothing
         self._interrupted = "an update"
-        parts = pop._call(("reweight", (self.sid, y.copy(), self._yhat.copy(), RULE_CODES[self.rule], self.eta)))
+        parts = pop._call(("reweight", (self.sid, y.copy(), err, RULE_CODES[self.rule], self.eta)))
         top, log_total = pop._kernels.merge_log_sum_exp(pop._unpack(parts, "lse"), self._lay)
         if top == -math.inf:  # cannot happen from normalised weights; keep them rather than divide by 0
             top, log_total = 0.0, 0.0
         pop._queue(("share", (self.sid, top, log_total, self.alpha)))
         self.n_updates += 1
-        self._weights_version += 1
         self._interrupted = None  # the last write: an interrupt before it leaves the server refusing
 
     @_one_caller("DaskServer.state_dict", of_population=True)
@@ -179,7 +179,6 @@ class DaskServer:
         self._interrupted = "a load_state_dict"
         pop._call(("load", None), per_shard_args=args)
         self.n_updates = clean["n_updates"]
-        self._weights_version += 1
         self._interrupted = None
 
     def __reduce__(self):

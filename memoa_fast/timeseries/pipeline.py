@@ -105,7 +105,11 @@ class Pipeline(CopiesKeepTheirClass):
 
     1. (``t >= 1``) the server reweights on ``x(t)`` against ``y(t)``:
        ``log p_i -= eta loss_i`` (hedge: ``|x_i - y|^2``; eg:
-       ``2 <yhat(t) - y(t), x_i>``); each client's squared error is recorded;
+       ``2 <yhat(t) - y(t), x_i>``, from the rounded ``yhat(t)``: the
+       :class:`~memoa_fast.Server`'s update in exact arithmetic, but not its
+       ``2 <sum_k p_k (x_k - y), x_i - y>`` in floating point, so a common
+       shift ``b`` of the data moves eg's weights by about ``eps |b|`` per
+       round here); each client's squared error is recorded;
     2. client ``i`` observes ``z_i = y(t) + sigma_i eps_i(t)`` and runs
        normalised LMS (``w_i += mu e_i phi_i / |phi_i|^2``, ``t >= 1``), then
        forecasts ``s_i(t)``;
