@@ -203,9 +203,17 @@ def mixture_predict(log_p, x, work, lay, out, threads, centre=None):
     ``sum_i p_i (x_i - y)`` (``centre = y``): a weighted sum of differences, so
     no error at the level of the values (``yhat`` rounded, then ``- y``, has
     one of ``eps |yhat|``). ``x - 0`` is ``x`` exactly: no centre and a zero
-    centre give the same bits.
+    centre give the same bits. A client of weight 0 adds 0 either way (not
+    ``0 * inf = NaN`` where ``x_i - centre`` overflows).
     """
-    out[:] = np.exp(log_p) @ (x if centre is None else x - centre)
+    p = np.exp(log_p)
+    if centre is None:
+        out[:] = p @ x
+        return
+    with np.errstate(over="ignore"):  # x_i - centre may overflow (a state or the centre beyond half the largest double)
+        dev = x - centre
+    # a zero weight adds nothing, as to sum_i p_i x_i: 0 (x_i - centre) would be 0 * inf = NaN where that overflows
+    out[:] = p @ np.where(p[:, None] != 0.0, dev, 0.0)
 
 
 def eg_centre(y, err):
@@ -230,7 +238,8 @@ def _steps(log_p, x, y, err, rule, eta):
     becomes ``+-STEP_LIMIT`` and NaN (``inf - inf`` in eg's dot product, an
     overflow of either sign) ``+STEP_LIMIT``. eg's differences ``x_ij - y_j``
     (and so ``err``) overflow only where a state or the target is beyond
-    half the largest double.
+    half the largest double; their product wherever ``|err| |x_ij - y_j|``
+    is (a target far from every state: ``1e160`` from states near 0).
     """
     if eta == 0.0:
         return np.zeros(log_p.shape[0])

@@ -73,7 +73,9 @@ class Server(CopiesKeepTheirClass):
     Only a step whose computation overflows (``g_i`` or ``eta g_i`` beyond
     the largest double, or eg's ``inf - inf``; eg's differences ``x_i - y``
     and ``e`` overflow only where a state or the target is beyond half the
-    largest double) is clipped, to the largest
+    largest double, but ``g_i`` wherever ``|e| |x_i - y|`` is: a target
+    ``1e160`` away from states ``0, 1, 2`` now clips every step alike, where
+    the textbook ``2 <e, x_i>`` kept them apart) is clipped, to the largest
     double ``1.8e308`` (``-1.8e308`` for ``-inf``): such a client keeps only
     the fixed share ``alpha / N`` (0 at ``alpha = 0``) beside any client with
     a nonzero weight whose step is at most half that, and the clients with
