@@ -244,7 +244,8 @@ cdef extern from *:
         if (hedge) {
             for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - ref[l]; terms[l] = e * e; }
         } else {
-            for (ptrdiff_t l = 0; l < m; l++) terms[l] = (x[l] - cen[l]) * ref[l];
+            /* a zero factor, a zero term: x at the centre adds 0 where ref (err) overflowed (not 0 * inf = NaN) */
+            for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - cen[l]; terms[l] = e != 0.0 ? e * ref[l] : 0.0; }
         }
     }
 

@@ -1296,8 +1296,9 @@ def _reweight_chunk(log_p, x, y, err, rule, eta, work, lay, c):
         if eta != 0.0:
             xb = xf[rb * d:(rb + rows) * d]
             if rule == RULE_EG:
-                for v in range(xb.shape[0]):
-                    terms[v] = ref[v] * (xb[v] - cen[v])
+                for v in range(xb.shape[0]):  # a zero factor, a zero term: x at the centre adds 0 (not 0 * inf)
+                    dv = xb[v] - cen[v]
+                    terms[v] = ref[v] * dv if dv != 0.0 else 0.0
             else:
                 for v in range(xb.shape[0]):
                     e = xb[v] - ref[v]

@@ -244,7 +244,14 @@ def _steps(log_p, x, y, err, rule, eta):
     if eta == 0.0:
         return np.zeros(log_p.shape[0])
     with np.errstate(over="ignore", invalid="ignore"):
-        loss = 2.0 * ((x - eg_centre(y, err)) @ err) if rule == RULE_EG else ((x - y) ** 2).sum(axis=1)
+        if rule == RULE_EG:
+            dev = x - eg_centre(y, err)
+            loss = 2.0 * (dev @ err)
+            bad = np.isnan(loss)
+            if bad.any():  # a zero factor gives a zero term: x_ij at the centre adds 0 beside err_j = inf (not NaN)
+                loss[bad] = 2.0 * np.where(dev[bad] != 0.0, dev[bad] * err, 0.0).sum(axis=1)
+        else:
+            loss = ((x - y) ** 2).sum(axis=1)
         step = eta * loss
     step = np.where(np.isnan(step), STEP_LIMIT, step)  # inf - inf in a dot product: an overflow too
     return np.clip(step, -STEP_LIMIT, STEP_LIMIT)
@@ -255,7 +262,8 @@ def mixture_reweight(log_p, x, y, err, rule, eta, work, lay, threads):
 
     ``clip`` only maps an overflow to the largest double (see :func:`_steps`).
     ``eg``: ``loss_i = 2 <err, x_i - y>`` with ``err = yhat - y`` given as
-    ``sum_k p_k (x_k - y)`` (where ``err_j = 0``, coordinate j adds 0); in
+    ``sum_k p_k (x_k - y)`` (where ``err_j = 0`` or ``x_ij = y_j``,
+    coordinate j adds 0, even if the other factor overflowed); in
     exact arithmetic ``2 <yhat - y, x_i>`` less the common ``2 <yhat - y, y>``,
     which the normalisation removes, but made of differences only: a common
     shift of the states and the target changes nothing beyond its own
