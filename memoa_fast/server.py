@@ -65,7 +65,8 @@ class Server(CopiesKeepTheirClass):
     each step carried an error ``eps |b| |yhat - y|``: the weights of 200
     clients of spread 1 moved by 5e-5 in 300 rounds at ``b = 1e12``. A
     coordinate with ``e_j = 0`` adds 0 (it is measured from 0 there, where
-    ``x_ij - y_j`` could overflow).
+    ``x_ij - y_j`` could overflow), so does ``x_ij = y_j`` beside an
+    overflowed ``e_j``, and a client of weight 0 adds nothing to ``e``.
 
     Every finite step ``eta g_i`` is applied as it is, however large, so the
     steps keep their order (a common shift of the ``g_i`` changes nothing:
