@@ -167,10 +167,11 @@ cdef extern from *:
         for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * x[l];
     }
 
-    /* lanes[l] += w[l] (x[l] - c[l]) for l < m (eg's mixture error: differences from the target). */
+    /* lanes[l] += w[l] (x[l] - c[l]) for l < m (eg's mixture error: differences from the target); a zero weight adds
+       0, as in memoa_weighted_add (not 0 * inf = NaN where x - c overflows). */
     MEMOA_CLONES static void memoa_weighted_diff_add(ptrdiff_t m, const double *MEMOA_R w, const double *MEMOA_R x,
                                                      const double *MEMOA_R c, double *MEMOA_R lanes) {
-        for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * (x[l] - c[l]);
+        for (ptrdiff_t l = 0; l < m; l++) lanes[l] += w[l] * (w[l] != 0.0 ? x[l] - c[l] : 0.0);
     }
 
     /* One block of the (max, first index) tracker: lane k takes J[k] and index[k] when J[k] > vmax[k];
@@ -243,7 +244,8 @@ cdef extern from *:
         if (hedge) {
             for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - ref[l]; terms[l] = e * e; }
         } else {
-            for (ptrdiff_t l = 0; l < m; l++) terms[l] = (x[l] - cen[l]) * ref[l];
+            /* a zero factor, a zero term: x at the centre adds 0 where ref (err) overflowed (not 0 * inf = NaN) */
+            for (ptrdiff_t l = 0; l < m; l++) { double e = x[l] - cen[l]; terms[l] = e != 0.0 ? e * ref[l] : 0.0; }
         }
     }
 

@@ -228,18 +228,18 @@ def _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch, centre):
             rows = min(R, e_hi - rb)
             seg = xf[rb * d:(rb + rows) * d]
             pb = p[rb - eb:rb - eb + rows]
-            if centred:
+            if centred:  # a zero weight adds 0, as uncentred: not 0 * inf = NaN where x - centre overflows
                 if d == 1:
                     c0 = centre[0]
                     for k in range(rows):
-                        lanes[k] += pb[k] * (seg[k] - c0)
+                        lanes[k] += pb[k] * (seg[k] - c0 if pb[k] != 0.0 else 0.0)
                 else:
                     for k in range(rows):
                         pk = pb[k]
                         lane = lanes[k * d:(k + 1) * d]
                         row = seg[k * d:(k + 1) * d]
                         for j in range(d):
-                            lane[j] += pk * (row[j] - centre[j])
+                            lane[j] += pk * (row[j] - centre[j] if pk != 0.0 else 0.0)
             elif d == 1:
                 for k in range(rows):
                     lanes[k] += pb[k] * seg[k]
@@ -1278,15 +1278,16 @@ def _reweight_chunk(log_p, x, y, err, rule, eta, work, lay, c):
     lo, hi = _chunk_bounds(n, c)
     xf = x.reshape(-1)
     scratch = np.empty(3 * L + 4 * R)
-    ref = scratch[:L]              # y_j (hedge) or 2 err_j (eg), replicated
+    ref = scratch[:L]              # y_j (hedge) or err_j (eg), replicated
     terms = scratch[L:2 * L]       # per-coordinate losses of the block
     cen = scratch[2 * L:3 * L]     # eg's centre, replicated
     shifted = scratch[3 * L:3 * L + R]
     tmp = scratch[3 * L + R:]      # exp's scratch (2 R) and its output (R)
     for k in range(R):
         for j in range(d):
-            ref[k * d + j] = 2.0 * err[j] if rule == RULE_EG else y[j]
+            ref[k * d + j] = err[j] if rule == RULE_EG else y[j]
             cen[k * d + j] = y[j] if err[j] != 0.0 else 0.0
+    scale = 2.0 if rule == RULE_EG else 1.0
     top = -np.inf
     scaled = 0.0
     for rb in range(lo, hi, R):
@@ -1295,21 +1296,23 @@ def _reweight_chunk(log_p, x, y, err, rule, eta, work, lay, c):
         if eta != 0.0:
             xb = xf[rb * d:(rb + rows) * d]
             if rule == RULE_EG:
-                for v in range(xb.shape[0]):
-                    terms[v] = ref[v] * (xb[v] - cen[v])
+                for v in range(xb.shape[0]):  # a zero factor, a zero term: x at the centre adds 0 (not 0 * inf)
+                    dv = xb[v] - cen[v]
+                    terms[v] = ref[v] * dv if dv != 0.0 else 0.0
             else:
                 for v in range(xb.shape[0]):
                     e = xb[v] - ref[v]
                     terms[v] = e * e
+            # eg's factor 2 after the sum, as the reference and Cython: 2 err_j alone may overflow where the step does not
             if d == 1:
                 for k in range(rows):
-                    lp[k] -= _clip_step(eta * terms[k])
+                    lp[k] -= _clip_step(eta * (scale * terms[k]))
             else:
                 for k in range(rows):
                     loss = 0.0
                     for j in range(d):
                         loss += terms[k * d + j]
-                    lp[k] -= _clip_step(eta * loss)
+                    lp[k] -= _clip_step(eta * (scale * loss))
         block_top = -np.inf
         for k in range(rows):
             block_top = max(block_top, lp[k])

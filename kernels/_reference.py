@@ -203,9 +203,17 @@ def mixture_predict(log_p, x, work, lay, out, threads, centre=None):
     ``sum_i p_i (x_i - y)`` (``centre = y``): a weighted sum of differences, so
     no error at the level of the values (``yhat`` rounded, then ``- y``, has
     one of ``eps |yhat|``). ``x - 0`` is ``x`` exactly: no centre and a zero
-    centre give the same bits.
+    centre give the same bits. A client of weight 0 adds 0 either way (not
+    ``0 * inf = NaN`` where ``x_i - centre`` overflows).
     """
-    out[:] = np.exp(log_p) @ (x if centre is None else x - centre)
+    p = np.exp(log_p)
+    if centre is None:
+        out[:] = p @ x
+        return
+    with np.errstate(over="ignore"):  # x_i - centre may overflow (a state or the centre beyond half the largest double)
+        dev = x - centre
+    # a zero weight adds nothing, as to sum_i p_i x_i: 0 (x_i - centre) would be 0 * inf = NaN where that overflows
+    out[:] = p @ np.where(p[:, None] != 0.0, dev, 0.0)
 
 
 def eg_centre(y, err):
@@ -230,12 +238,20 @@ def _steps(log_p, x, y, err, rule, eta):
     becomes ``+-STEP_LIMIT`` and NaN (``inf - inf`` in eg's dot product, an
     overflow of either sign) ``+STEP_LIMIT``. eg's differences ``x_ij - y_j``
     (and so ``err``) overflow only where a state or the target is beyond
-    half the largest double.
+    half the largest double; their product wherever ``|err| |x_ij - y_j|``
+    is (a target far from every state: ``1e160`` from states near 0).
     """
     if eta == 0.0:
         return np.zeros(log_p.shape[0])
     with np.errstate(over="ignore", invalid="ignore"):
-        loss = 2.0 * ((x - eg_centre(y, err)) @ err) if rule == RULE_EG else ((x - y) ** 2).sum(axis=1)
+        if rule == RULE_EG:
+            dev = x - eg_centre(y, err)
+            loss = 2.0 * (dev @ err)
+            bad = np.isnan(loss)
+            if bad.any():  # a zero factor gives a zero term: x_ij at the centre adds 0 beside err_j = inf (not NaN)
+                loss[bad] = 2.0 * np.where(dev[bad] != 0.0, dev[bad] * err, 0.0).sum(axis=1)
+        else:
+            loss = ((x - y) ** 2).sum(axis=1)
         step = eta * loss
     step = np.where(np.isnan(step), STEP_LIMIT, step)  # inf - inf in a dot product: an overflow too
     return np.clip(step, -STEP_LIMIT, STEP_LIMIT)
@@ -246,7 +262,8 @@ def mixture_reweight(log_p, x, y, err, rule, eta, work, lay, threads):
 
     ``clip`` only maps an overflow to the largest double (see :func:`_steps`).
     ``eg``: ``loss_i = 2 <err, x_i - y>`` with ``err = yhat - y`` given as
-    ``sum_k p_k (x_k - y)`` (where ``err_j = 0``, coordinate j adds 0); in
+    ``sum_k p_k (x_k - y)`` (where ``err_j = 0`` or ``x_ij = y_j``,
+    coordinate j adds 0, even if the other factor overflowed); in
     exact arithmetic ``2 <yhat - y, x_i>`` less the common ``2 <yhat - y, y>``,
     which the normalisation removes, but made of differences only: a common
     shift of the states and the target changes nothing beyond its own

@@ -65,7 +65,8 @@ class Server(CopiesKeepTheirClass):
     each step carried an error ``eps |b| |yhat - y|``: the weights of 200
     clients of spread 1 moved by 5e-5 in 300 rounds at ``b = 1e12``. A
     coordinate with ``e_j = 0`` adds 0 (it is measured from 0 there, where
-    ``x_ij - y_j`` could overflow).
+    ``x_ij - y_j`` could overflow), so does ``x_ij = y_j`` beside an
+    overflowed ``e_j``, and a client of weight 0 adds nothing to ``e``.
 
     Every finite step ``eta g_i`` is applied as it is, however large, so the
     steps keep their order (a common shift of the ``g_i`` changes nothing:
@@ -73,7 +74,9 @@ class Server(CopiesKeepTheirClass):
     Only a step whose computation overflows (``g_i`` or ``eta g_i`` beyond
     the largest double, or eg's ``inf - inf``; eg's differences ``x_i - y``
     and ``e`` overflow only where a state or the target is beyond half the
-    largest double) is clipped, to the largest
+    largest double, but ``g_i`` wherever ``|e| |x_i - y|`` is: a target
+    ``1e160`` away from states ``0, 1, 2`` now clips every step alike, where
+    the textbook ``2 <e, x_i>`` kept them apart) is clipped, to the largest
     double ``1.8e308`` (``-1.8e308`` for ``-inf``): such a client keeps only
     the fixed share ``alpha / N`` (0 at ``alpha = 0``) beside any client with
     a nonzero weight whose step is at most half that, and the clients with

@@ -479,6 +479,28 @@ def test_server_kernels_rank_steps_up_to_the_largest_double(backend, data, seed,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [1, 3])
+def test_centred_predict_adds_nothing_for_a_zero_weight(backend, d):
+    """A client of weight 0 adds 0 to ``sum_i p_i (x_i - centre)`` as it does to ``sum_i p_i x_i``, also where
+    ``x_i - centre`` overflows (``0 * inf`` gave NaN: eg's error, so every step, NaN); two chunks, every thread count.
+    """
+    mod = BACKENDS[backend]
+    n, lay = CHUNK + 3, layout(1, d)
+    x = np.tile(np.arange(n, dtype=float)[:, None] % 7, (1, d))
+    dead = [1, CHUNK + 1]  # one in each chunk: weight 0 (log -inf, and an exp that underflows)
+    x[dead] = 1.7e308
+    log_p = np.full(n, -np.log(n - 2))
+    log_p[dead] = [-np.inf, -800.0]
+    centre = np.full(d, -2e307)  # x - centre = 1.9e308: inf for the dead clients only
+    live = np.exp(log_p) != 0
+    expected = np.exp(log_p[live]) @ (x[live] - centre)
+    for threads in thread_counts(backend, mod):
+        out = np.full(d, np.nan)
+        mod.mixture_predict(log_p, x, new_work(n, lay), lay, out, threads, centre)
+        assert_close(out, expected, np.exp(log_p[live]) @ np.abs(x[live] - centre), f"threads={threads}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_issue8_server_reproducers(backend):
     """Issue 8 items 1-3 at the kernel level (the Server calls exactly these kernels)."""
     mod = BACKENDS[backend]

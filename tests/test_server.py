@@ -334,6 +334,31 @@ def test_an_overflowing_step_counts_as_the_largest_double(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eg_step_overflows_only_where_it_does(backend):
+    """The eg step is clipped only where it overflows: not where a client of weight 0 is beyond the largest double
+    from the target (its ``0 (x_i - y)`` was ``0 * inf = NaN``, so every step NaN, clipped alike), nor where ``2 e_j``
+    alone does (Numba doubled ``e`` before the product), nor where ``e_j`` overflows and ``x_ij = y_j`` (``0 * inf``).
+    """
+    srv = Server(3, 2, rule="eg", eta=1.0, alpha=0.0, backend=backend)
+    state = srv.state_dict()
+    state["log_weights"] = np.array([-800.0, np.log(0.5), np.log(0.5)])  # client 0: weight 0 (exp underflows)
+    srv.load_state_dict(state)
+    x = np.array([[1.7e308, 5.0], [-2e307, 0.0], [-2e307, 1.0]])  # x_0 - y = (inf, 5)
+    srv.update(x, np.array([-2e307, 0.0]))  # e = (0, 0.5): g = (., 0, 1)
+    np.testing.assert_allclose(srv.weights, [0.0, 1 / (1 + np.exp(-1.0)), np.exp(-1.0) / (1 + np.exp(-1.0))], rtol=1e-15)
+    srv = Server(2, 1, rule="eg", eta=1e-300, alpha=0.0, backend=backend)
+    state = srv.state_dict()
+    state["log_weights"] = np.log([0.99, 0.01])
+    srv.load_state_dict(state)
+    srv.update(np.array([[1.7e308], [1e-10]]), np.zeros(1))  # e = 1.68e308: steps inf (clipped) and 3.4e-2
+    np.testing.assert_array_equal(srv.weights, [0.0, 1.0])
+    srv = Server(3, 2, rule="eg", eta=1.0, alpha=0.0, backend=backend)
+    srv.update(np.array([[1.7e308, 1.0], [-2e307, 0.0], [-2e307, 1.0]]), np.array([-2e307, 0.0]))  # e = (inf, 2/3)
+    w = np.exp(-4 / 3)  # g = (inf, 0, 4/3): client 0's step clipped, 1 and 2 kept apart
+    np.testing.assert_allclose(srv.weights, [0.0, 1 / (1 + w), w / (1 + w)], rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule", ["eg", "hedge"])
 def test_a_common_shift_of_states_and_targets_changes_no_weight(backend, rule):
     """In exact arithmetic the update sees differences only (eg: a shift adds one term to every ``g_i``, which the
