@@ -209,8 +209,7 @@ def _exp_rows(R):
 def _weighted_lane_sums(log_p, xf, lo, hi, d, R, lanes, scratch, centre):
     """Lanes of ``sum_i exp(log_p[i]) x[i, :]`` over rows ``[lo, hi)`` (``scratch``: ``3 _exp_rows(R)`` doubles).
 
-    With a non-empty ``centre`` (``R d`` doubles, the point replicated per
-    row) the lanes sum ``exp(log_p[i]) (x[i, :] - centre)`` (eg's mixture
+    With a non-empty ``centre`` (the point, ``d`` doubles) the lanes sum ``exp(log_p[i]) (x[i, :] - centre)`` (eg's mixture
     error, one subtraction per value). Weights are exponentiated
     ``_exp_rows(R)`` rows at a time in one vectorised sweep (long loops
     amortise :func:`_exp_into`'s three passes).

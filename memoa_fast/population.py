@@ -122,8 +122,8 @@ class MeanFieldSummary:
         K = self._lay.n_classes
         if K == 1:
             return None
-        flags = getattr(self, "_unsignalled", None)
-        if flags is None or getattr(self, "_unsignalled_t", -1) != self.t:
+        flags = self._unsignalled  # set with _unsignalled_t, the round it is of (None: derive it)
+        if flags is None or self._unsignalled_t != self.t:
             flags = np.full(K, self.t == 0)
         return flags
 

@@ -762,7 +762,8 @@ def _open_csv(path: Path):
             raise
         if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOTDIR, errno.ELOOP):  # through a file, a link loop
             raise FileNotFoundError(f"CSV file not found: {str(path)!r}") from None
-        # A socket cannot be opened (ENXIO), nor a folder on Windows: the path's stat only names what it is
+        # A socket put there after open_to_read's stat cannot be opened (ENXIO), nor a folder on Windows: the path's
+        # stat only names what it is
         try:
             mode = os.stat(path).st_mode
         except OSError:
