@@ -374,6 +374,22 @@ def test_scale_burn_in_of_an_integer_series_is_that_of_its_float64_array(dtype, 
     assert _scores_of(res) == _scores_of(ref) and res.config["scale_fit"] == ref.config["scale_fit"]
 
 
+@pytest.mark.parametrize("level", [2**52 - 30000, -(2**50), 2**40])
+def test_scale_burn_in_ignores_a_level_the_series_holds_exactly_below_2_53_too(level):
+    """Property, scale="burn-in": a + y with every value exact in float64 (integers within 2**53, or binary fractions)
+    scores as y, bit for bit, as an integer series beyond 2**53 does. The mean of the burn-in was taken on the values
+    themselves, so its rounding (eps |a|) shifted the whole z-scored series: the int64 series 2**52 - 30000 + y, y
+    integers of spread 1000, scored 2.6e-4 away from y, while 2**53 + 5000 + y scored as y exactly. It is now taken
+    on the differences from y(0), exact here.
+    """
+    y = np.round(np.cumsum(np.random.default_rng(7).standard_normal(150)) * 1000).astype(np.int64)  # in [-25678, 300]
+    kw = dict(n_clients=6, policies=("memoa", "local"), rules="hedge", scale="burn-in")
+    ref = run_experiment(y, **kw)
+    assert _scores_of(run_experiment(y + np.int64(level), **kw)) == _scores_of(ref)
+    fractions = y / (64.0 if abs(level) <= 2**45 else 1.0)  # floats of which level + fractions is exact in float64
+    assert _scores_of(run_experiment(float(level) + fractions, **kw)) == _scores_of(run_experiment(fractions, **kw))
+
+
 @pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
 def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
     """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.

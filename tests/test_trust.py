@@ -63,6 +63,26 @@ def test_weights_follow_the_formula():
     np.testing.assert_allclose(q, 2.0 * median / np.array([v[:2].mean(), v[2:].mean()]))
 
 
+@pytest.mark.parametrize("power", [1.0, 1.5])
+def test_a_class_of_exact_forecasters_keeps_the_top_weight_as_in_the_limit(power):
+    """A class whose clients forecast every target exactly (mean v = 0) gets q high, the limit of mean v -> 0+.
+
+    It got q (the median client's weight; the ratio median/0 was read as 1): below the weight of a less accurate
+    class (198 q at beta = 1.5 here, 34 q at beta = 1), while a class error of 5e-324 gets 1000 q. The classes are ranked the same
+    for exact and near-exact forecasters, so the weights must be too.
+    """
+    offsets = np.array([0.0, 0.0, 0.1, 0.1414, 1.0, 1.0, 1.0, 1.0])  # two exact clients, two good ones, four poor ones
+    trust = TrustClasses(8, 4, reclass=1, q=2.0, power=power)
+    for y in (0.5, -1.0, 2.0):
+        trust.observe((y + offsets)[:, None], [y])
+    assert trust.errors[0] == trust.errors[1] == 0.0
+    labels, exact, _ = trust.classes()
+    trust.errors[:2] = 5e-324  # the same ranking, a class error just above 0
+    assert trust.classes()[0].tolist() == labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    np.testing.assert_array_equal(exact, trust.classes()[1])
+    assert exact[0] == 2.0 * 1e3 and np.all(np.diff(exact) <= 0)
+
+
 def test_an_invalid_forecast_counts_as_the_rounds_worst_valid_one():
     """A client that never forecasts validly ranks with the least accurate (its error used to stay at 0: the most trusted)."""
     rng = np.random.default_rng(5)

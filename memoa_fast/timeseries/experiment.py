@@ -368,11 +368,17 @@ def run_experiment(
         ``a`` and ``c > 0`` (RMSEs wherever ``c`` times them is a float64;
         costs and the per-round squared errors are in squared units, so
         beyond ``c ~ 1e154`` they overflow: ``n/a`` in the table, ``null``
-        in JSON). An integer series within ``2**53`` (where every integer
-        is a float64) gives the scores of its float64 array, bit for bit;
-        one beyond, where float64 rounds integers (a counter near ``2**62``),
-        is z-scored on its exact differences from ``y(0)``, so every such
-        level ``a`` gives the same scores, bit for bit. Needs ``burn_in >= 1`` and spread in that prefix: a
+        in JSON). The mean and spread are taken on the differences from
+        ``y(0)``, so a level ``a`` that the values hold exactly (integers
+        within ``2**53``, binary fractions) gives the scores of ``y``, bit
+        for bit, whatever ``a`` (on the values themselves, the mean's
+        rounding ``eps |a|`` shifted the whole series: ``2**52 + y``, ``y``
+        integers of spread 1000, scored 2.6e-4 away from ``y``). An integer
+        series within ``2**53`` (where every integer is a float64) gives the
+        scores of its float64 array, bit for bit; one beyond, where float64
+        rounds integers (a counter near ``2**62``), is z-scored on its exact
+        differences from ``y(0)``, so every such level ``a`` gives the same
+        scores, bit for bit. Needs ``burn_in >= 1`` and spread in that prefix: a
         coordinate whose values there differ by rounding only (at most
         ``2**-46`` times their largest) counts as constant.
     outlier_bound : float or None
@@ -647,7 +653,8 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = No
     ``base`` (:func:`_relative_integers`), and the reported ``mu`` is ``base`` plus their mean.
 
     Computed on values divided by a power of two at least their largest
-    magnitude (exact), so no square overflows. A coordinate whose spread over
+    magnitude (exact), so no square overflows, and on their differences from
+    the first row (exact where the values are), so a level cancels. A coordinate whose spread over
     the burn-in is rounding only (:func:`~memoa_fast.timeseries.streams.spread`)
     counts as constant.
     """
@@ -657,16 +664,24 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = No
     head = y[: burn_in + 1]
     p2 = unit_scale(head)
     head_u = head / p2
-    mean_u = head_u.mean(axis=0)
+    # The mean and the spread are taken on the differences from y(0) (the shifted-data algorithm): a level a far above
+    # the spread then cancels exactly wherever the input holds it exactly (an integer series within 2**53, as beyond it
+    # by _relative_integers), instead of leaving the mean's rounding, eps |a|, as a shift of the whole z-scored series
+    # (2**52 + y, y integers of spread 1000: scores 2.6e-4 away from y's). Each coordinate alone (contiguous rows).
+    origin_u = head_u[0].copy()
+    shifted = np.ascontiguousarray((head_u - origin_u).T)  # |.| <= 4: no overflow
+    mean_u = shifted.mean(axis=1)
     # a coordinate whose values differ by rounding only (0.3 and 0.1 + 0.2) is constant: it adds nothing to the unit
-    sigma_u = math.sqrt(float(np.mean(spread(head_u, axis=0) ** 2)))
+    # (rounding of its level, so judged on the values, not on their differences)
+    sd_u = np.where(spread(head_u, axis=0) > 0.0, spread(shifted, axis=1), 0.0)
+    sigma_u = math.sqrt(float(np.mean(sd_u**2)))
     if not sigma_u > 0.0:
         raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in (up to rounding: "
                          f"every coordinate's spread there is at most {ROUNDING_SPREAD:.3g} times its largest value), so it "
                          "gives no unit; use a longer burn_in, or scale=None with a series you have z-scored")
     with np.errstate(over="ignore"):
-        z = (y / p2 - mean_u) / sigma_u
-    mu = mean_u * p2
+        z = ((y / p2 - origin_u) - mean_u) / sigma_u
+    mu = (origin_u + mean_u) * p2
     if base is not None:  # the level of an integer series: its first row plus the mean difference (a float64 to report)
         mu = base.astype(np.float64) + mu
     return z, (float(mu[0]) if mu.shape[0] == 1 else mu.tolist(), sigma_u * p2)

@@ -70,6 +70,12 @@ class TrustClasses(CopiesAreDeep):
     largest valid one, so a client that never forecasts validly ranks with the
     least accurate, never (at its starting ``v_i = 0``) as the most accurate.
     A round with no valid forecast leaves every ``v_i`` as it was.
+
+    A class whose clients have all forecast exactly (``mean_{i in j} v_i = 0``)
+    below a median error above 0 gets ``q`` times the top of ``q_range``, the
+    limit of a class error tending to 0 (it got ``q``, below the weights of
+    less accurate classes); when the median error is 0 as well, such a class
+    is the median client's and keeps ``q``.
     """
 
     def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
@@ -203,7 +209,15 @@ class TrustClasses(CopiesAreDeep):
             q = np.empty(K)
             for j, mean in enumerate(means):
                 with np.errstate(over="ignore", divide="ignore"):  # a ratio beyond float64 is clipped below, not warned
-                    ratio = (median / mean) ** power if mean > 0 and math.isfinite(mean) else 1.0
+                    if mean > 0 and math.isfinite(mean):
+                        ratio = (median / mean) ** power
+                    elif mean == 0 and median > 0 and power > 0:
+                        # an exact class (every v_i = 0) below a median that is not: the limit of a class error -> 0+,
+                        # the top of q_range as for a class error of 5e-324 (not q, a more accurate class's weight
+                        # below a less accurate one's)
+                        ratio = math.inf
+                    else:  # no error measured, or the median client exact as well: this class is the median's
+                        ratio = 1.0  # (also a non-finite mean, which observe never makes)
                 q[j] = self.q * min(max(ratio, low), high)
             weights.append(q)
         shares = np.diff(bounds) / n
