@@ -12,7 +12,7 @@ in chunk order, so every result is bitwise the same on any thread count:
 - pass B (:func:`_pass_b_chunk`): normalisation and fixed share of the
   weights, the population move and costs, the sums of the moved states,
   the worst client and the mixture ``sum_i p_i x_i(t+1)`` with the new weights;
-- merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i``.
+- merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i`` (eg: the mixture centred on ``y(t)``).
 
 :func:`run_rounds` runs T rounds in one call (``Pipeline.round`` is T = 1).
 With the hedge rule pass A needs nothing from merge B, so each chunk runs
@@ -1355,7 +1355,7 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
         recorded += fb[F_RECORD]
         if nxt:
             _merge_a(work, field, params, fa, stats, d)
-        elif k + 1 < T:  # eg: pass A of round k + 1 needs yhat(k + 1), merged above
+        elif k + 1 < T:  # eg: pass A of round k + 1 needs the centred mixture, merged above
             _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key, fa,
                            fb, stats, threads)
     for j in range(fb.shape[0]):

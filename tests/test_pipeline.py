@@ -409,7 +409,7 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 RUN_CASES = [
-    # n, d, p, rule, alpha, threads: hedge fuses pass B and the next pass A, eg cannot (its loss needs yhat(t+1))
+    # n, d, p, rule, alpha, threads: hedge fuses pass B and the next pass A, eg cannot (its loss needs merge B)
     (3 * CHUNK + 11, 1, 2, "hedge", 0.01, 1),
     (3 * CHUNK + 11, 1, 2, "hedge", 0.01, TWO_THREADS),
     (2 * CHUNK + 5, 1, 2, "hedge", 0.0, TWO_THREADS),
