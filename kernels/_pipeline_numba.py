@@ -12,7 +12,7 @@ in chunk order, so every result is bitwise the same on any thread count:
 - pass B (:func:`_pass_b_chunk`): normalisation and fixed share of the
   weights, the population move and costs, the sums of the moved states,
   the worst client and the mixture ``sum_i p_i x_i(t+1)`` with the new weights;
-- merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i``.
+- merge B (:func:`_merge_b`): ``m(t+1)``, ``yhat(t+1)``, ``max_i J_i`` (eg: the mixture centred on ``y(t)``).
 
 :func:`run_rounds` runs T rounds in one call (``Pipeline.round`` is T = 1).
 With the hedge rule pass A needs nothing from merge B, so each chunk runs
@@ -82,9 +82,12 @@ from ._pipeline_reference import (
     F_RULE,
     F_T,
     F_UPDATE,
+    FIELD_CENTRE,
+    FIELD_DEV,
     FIELD_NEXT,
     FIELD_OFFSET,
     FIELD_ROWS,
+    FIELD_ROWS_BEFORE_CENTRE,
     FIELD_SIGNAL,
     FIELD_STATE,
     LINEAR_FLOOR,
@@ -119,7 +122,8 @@ from ._seal import seal
 from ._threads import Threads, max_threads
 
 __all__ = [
-    "F_FIRST", "F_LINEAR", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_NEXT", "FIELD_OFFSET", "FIELD_ROWS",
+    "F_FIRST", "F_LINEAR", "F_RECORD", "F_REWEIGHT", "F_RULE", "F_T", "F_UPDATE", "FIELD_CENTRE", "FIELD_DEV", "FIELD_NEXT",
+    "FIELD_OFFSET", "FIELD_ROWS", "FIELD_ROWS_BEFORE_CENTRE",
     "FIELD_SIGNAL", "FIELD_STATE", "LINEAR_FLOOR", "N_FLAGS", "N_PARAMS", "N_STATS", "P_ALPHA", "P_ETA", "P_GAIN",
     "P_HALF_DISCOUNT", "P_KAPPA", "P_MIX_SIGNAL", "P_MIX_STATE", "P_MU", "P_Q", "P_R", "P_SIGNAL", "S_ARG_COST",
     "S_ERR", "S_LOG_TOTAL", "S_MAX_COST", "S_SIG_ERR", "S_TOP", "S_VALID", "noise_scales", "round_key", "seed_keys",
@@ -136,7 +140,7 @@ LANES = 256
 _SHARE_FLOOR_MIN = LINEAR_FLOOR
 
 # ``work`` columns, for dp = d rounded up to PAD: signal sums [0, dp), state sums [dp, 2dp), mixture [2dp, 3dp),
-# then the scalars at 3 dp + (COUNT, TOP, SUM, MAX, ARG, ERR, SIG_ERR).
+# then the scalars at 3 dp + (COUNT, TOP, SUM, MAX, ARG, ERR, SIG_ERR), then eg's centred mixture at [3dp + PAD, 4dp + PAD).
 W_COUNT, W_TOP, W_SUM, W_MAX, W_ARG, W_ERR, W_SIG_ERR = range(7)
 
 # ---- SplitMix64 (kernels/_noise.py)
@@ -656,10 +660,11 @@ def _forecast_block(yr, sv, eps, W, A, nv, v0, mu, update, sb, zb, pred, norm):
 
 
 @njit(**_jit)
-def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c):
+def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, field, work, params, kt, flags, c):
     """Pass A on chunk ``c``: server step and log-sum-exp pieces, errors, noise, forecasters, signal sums.
 
-    Reads ``x`` (the states ``x(t)``), ``y``, ``yhat`` (``yhat(t)``, eg only),
+    Reads ``x`` (the states ``x(t)``), ``y``, ``field``'s eg rows (``FIELD_DEV``
+    and ``FIELD_CENTRE``: eg's error ``e = dev - (y - c)``, every chunk the same),
     ``sigma``, ``params`` and ``flags``. Modified in place on the chunk's rows:
     ``log_p`` (stepped, not normalised), ``ebuf`` (``exp(log_p_i - top_c)``,
     ``top_c`` the chunk's largest stepped log-weight, for pass B; with linear
@@ -710,7 +715,15 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
         tmax[k] = -np.inf
         for j in range(d):
             yr[k * d + j] = y[j]
-            gr[k * d + j] = 2.0 * (yhat[j] - y[j])
+    if rule == RULE_EG:
+        # e = yhat(t) - y(t) as sum_i p_i (x_i(t) - c) - (y(t) - c), c = y(t-1): differences only, so a common shift of
+        # the states and targets moves no bit (the rounded yhat(t) carried eps |level|); centre y_j, or 0 where e_j = 0
+        # (then 0 x_ij = 0, not 0 (x_ij - y_j) = 0 inf), as the Server's kernels
+        for j in range(d):
+            e = field[FIELD_DEV, j] - (y[j] - field[FIELD_CENTRE, j])
+            for k in range(R):
+                gr[k * d + j] = e
+                zb[k * d + j] = y[j] if e != 0.0 else 0.0  # the centre, replicated (zb is sweep 3's scratch)
     for v in range(L):
         lanes[v] = 0.0
     # per-row lanes of the chunk's totals (element-wise adds vectorise; a running scalar sum would not)
@@ -794,9 +807,12 @@ def _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work,
                 lp = steps[rb - slo:rb - slo + rows]
                 if step_server:
                     if rule == RULE_EG:
-                        for v in range(nv):
-                            pred[v] = gr[v] * xb[v]
+                        for v in range(nv):  # a zero factor, a zero term: x at the centre adds 0 (not 0 * inf)
+                            dv = xb[v] - zb[v]
+                            pred[v] = gr[v] * dv if dv != 0.0 else 0.0
                         _row_sums(pred, rows, d, rowerr)
+                        for k in range(rows):  # the factor 2 after the sum: 2 e_j alone may overflow where the step does not
+                            rowerr[k] = 2.0 * rowerr[k]
                         err = rowerr[:rows]
                     if linear:  # log_p: this round's -step only (the weights are in ebuf)
                         for k in range(rows):
@@ -998,7 +1014,15 @@ def _pass_b_block_d1(xb, sb, Jb, eb, first, keep, scale, floor, gain, weight, of
 
 
 @njit(**_jit)
-def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, n_total, c):
+def _centred_lanes(xb, wv, yr, lane_d):
+    """eg: ``lane_d[v] += wv[v] (xb[v] - yr[v])``, the mixture centred on the round's target; a weight 0 adds 0 (not ``0 * inf``)."""
+    for v in range(xb.shape[0]):
+        pv = wv[v]
+        lane_d[v] += pv * (xb[v] - yr[v]) if pv != 0.0 else 0.0
+
+
+@njit(**_jit)
+def _pass_b_chunk(x, s, J, log_p, ebuf, y, work, field, params, flags, top, log_total, n_total, c):
     """Pass B on chunk ``c``: share the weights, move and pay, then the chunk's sums for ``t + 1``.
 
     Modified in place on the chunk's rows: ``log_p`` (normalised and shared
@@ -1008,7 +1032,9 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     weight is ``ebuf_i exp((top_c - top) - log_total)``, no ``exp`` per client),
     ``field[FIELD_OFFSET]``, ``field[FIELD_STATE]`` and the chunk's valid
     count from ``work``. Row ``c`` of ``work`` gets the sums of the moved
-    states, ``sum_i p_i x_i(t+1)`` (``p`` the new weights) and the largest
+    states, ``sum_i p_i x_i(t+1)`` (``p`` the new weights), with eg
+    ``sum_i p_i (x_i(t+1) - y)`` (``y`` = this round's target ``y(t)``; a
+    weight 0 adds 0, even beside an overflowed difference) and the largest
     cost with its first client.
     """
     n, d = x.shape
@@ -1032,16 +1058,20 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         top, log_total = 0.0, 0.0
     xf = x.reshape(-1)
     sf = s.reshape(-1)
-    scratch = np.empty(5 * L + 4 * R)
+    eg = flags[F_RULE] == RULE_EG
+    scratch = np.empty(8 * L + 4 * R)
     offset = scratch[:L]
     centre = scratch[L:2 * L]
     terms = scratch[2 * L:3 * L]
     lane_x = scratch[3 * L:4 * L]
     lane_m = scratch[4 * L:5 * L]
-    w = scratch[5 * L:5 * L + R]
-    cost_row = scratch[5 * L + R:5 * L + 2 * R]
-    jmax_l = scratch[5 * L + 2 * R:5 * L + 3 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
-    jarg_l = scratch[5 * L + 3 * R:5 * L + 4 * R]
+    lane_d = scratch[5 * L:6 * L]  # eg: sum_i p_i (x_i - y), the next round's error from differences
+    yr = scratch[6 * L:7 * L]
+    wide = scratch[7 * L:8 * L]
+    w = scratch[8 * L:8 * L + R]
+    cost_row = scratch[8 * L + R:8 * L + 2 * R]
+    jmax_l = scratch[8 * L + 2 * R:8 * L + 3 * R]  # lane k: the largest cost among rows lo + k + R i, and its row
+    jarg_l = scratch[8 * L + 3 * R:8 * L + 4 * R]
     for k in range(R):
         jmax_l[k] = -np.inf
         jarg_l[k] = -1.0
@@ -1052,6 +1082,12 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
     for v in range(L):
         lane_x[v] = 0.0
         lane_m[v] = 0.0
+    if eg:
+        for k in range(R):
+            for j in range(d):
+                yr[k * d + j] = y[j]
+        for v in range(L):
+            lane_d[v] = 0.0
     keep = 1.0 - alpha
     floor = alpha / n_total
     uniform = -math.log(n_total)
@@ -1068,6 +1104,8 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
         if fused_d1:
             _pass_b_block_d1(xf[rb:rb + rows], sf[rb:rb + rows], J[rb:rb + rows], ebuf[rb:rb + rows], rb, keep, scale, floor,
                              gain, weight, off0, ctr0, q, kappa, r, half, jmax_l, jarg_l, lane_x, lane_m)
+            if eg:  # a second loop over the block (in L1): hedge's loop above stays the one it was
+                _centred_lanes(xf[rb:rb + rows], ebuf[rb:rb + rows], yr, lane_d)
             continue
         lp = log_p[rb:rb + rows]
         eb = ebuf[rb:rb + rows]
@@ -1151,8 +1189,19 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
                 pk = wb[k]
                 for j in range(d):
                     lane_m[k * d + j] += pk * xb[k * d + j]
+        if eg:  # d > 1: the weights spread over their values first (a flat loop vectorises)
+            wv = wb
+            if d != 1:
+                wv = wide[:nv]
+                for k in range(rows):
+                    pk = wb[k]
+                    for j in range(d):
+                        wv[k * d + j] = pk
+            _centred_lanes(xb, wv, yr, lane_d)
     _lane_columns(lane_x, d, R, row[dp:dp + d])
     _lane_columns(lane_m, d, R, row[2 * dp:2 * dp + d])
+    if eg:
+        _lane_columns(lane_d, d, R, row[scal + PAD:scal + PAD + d])
     jmax = -np.inf
     jarg = -1.0
     for k in range(R):  # the largest lane, the first client among equal lanes
@@ -1164,8 +1213,11 @@ def _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_tot
 
 
 @njit(**_jit)
-def _merge_b(work, field, yhat, stats, n, d):
-    """Merge pass B's rows in chunk order: ``m(t+1)`` into ``field[FIELD_NEXT]``, ``yhat(t+1)``, the worst client."""
+def _merge_b(work, field, yhat, y, stats, flags, n, d):
+    """Merge pass B's rows in chunk order: ``m(t+1)`` into ``field[FIELD_NEXT]``, ``yhat(t+1)``, the worst client.
+
+    eg: ``field[FIELD_DEV]`` (the centred mixture) and ``field[FIELD_CENTRE] = y``, for the next round's pass A.
+    """
     dp = _pad(d)
     scal = 3 * dp
     chunks = work.shape[0]
@@ -1177,6 +1229,13 @@ def _merge_b(work, field, yhat, stats, n, d):
             mix += work[c, 2 * dp + j]
         field[FIELD_NEXT, j] = acc / n
         yhat[j] = mix
+    if flags[F_RULE] == RULE_EG:
+        for j in range(d):
+            dev = 0.0
+            for c in range(chunks):
+                dev += work[c, scal + PAD + j]
+            field[FIELD_DEV, j] = dev
+            field[FIELD_CENTRE, j] = y[j]
     jmax = -np.inf
     jarg = -1.0
     for c in range(chunks):
@@ -1193,7 +1252,7 @@ def _pass_a_serial(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, fiel
     """Pass A on every chunk, one thread (see :func:`pass_a`)."""
     kt = _round_key(key, flags[F_T])
     for c in range(work.shape[0]):
-        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, flags, c)
+        _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, field, work, params, kt, flags, c)
     _merge_a(work, field, params, flags, stats, x.shape[1])
 
 
@@ -1211,14 +1270,14 @@ def _pass_a_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat,
 
 
 @njit(**_jit)
-def _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats):
+def _pass_b_serial(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats):
     """Pass B on every chunk, one thread (see :func:`pass_b`)."""
     n = x.shape[0]
     top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
     chunks = work.shape[0]
     for k in range(chunks):  # last chunk first: pass A's last chunks are still in cache
-        _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, flags, top, log_total, float(n), chunks - 1 - k)
-    _merge_b(work, field, yhat, stats, n, x.shape[1])
+        _pass_b_chunk(x, s, J, log_p, ebuf, y, work, field, params, flags, top, log_total, float(n), chunks - 1 - k)
+    _merge_b(work, field, yhat, y, stats, flags, n, x.shape[1])
 
 
 @njit(**_jit)
@@ -1229,7 +1288,7 @@ def _pass_b_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat,
     """
     _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, field, params, flags, flags,
                     stats[S_TOP], stats[S_LOG_TOTAL], np.uint64(0), threads > 1, threads < 1)
-    _merge_b(work, field, yhat, stats, x.shape[0], x.shape[1])
+    _merge_b(work, field, yhat, y, stats, flags, x.shape[0], x.shape[1])
 
 
 @njit(**_jit)
@@ -1249,7 +1308,7 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
 
     Both passes touch only their own chunk's rows (and ``work[c]``'s disjoint
     columns), and pass A needs nothing from pass B's merge unless the rule is
-    eg (its loss uses ``yhat(t+1)``): so with hedge each chunk runs pass B of
+    eg (its loss uses the centred mixture ``field[FIELD_DEV]`` that merge B writes): so with hedge each chunk runs pass B of
     round ``k`` then pass A of round ``k + 1`` while its rows are in L2, and the
     merges follow the sweep. Every client's arithmetic and every merge is the
     one a round per target does (pass A, merge, pass B, merge), in the same order: the same bits.
@@ -1279,14 +1338,14 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
             for i in range(chunks):
                 # pass B alone goes last chunk first (pass A's last chunks are still in cache); the merge is in chunk order
                 c = i if nxt else chunks - 1 - i
-                _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
+                _pass_b_chunk(x, s, J, log_p, ebuf, ys[k], work, field, params, fb, top, log_total, float(n), c)
                 if nxt:
-                    _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, work, params, kt, fa,
+                    _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], field, work, params, kt, fa,
                                   c)
         else:
             _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1] if nxt else ys[k], yhat, work,
                             field, params, fa, fb, top, log_total, kt, threads > 1, nxt)  # a bool, see _rounds_pass_a
-        _merge_b(work, field, yhat, stats, n, d)
+        _merge_b(work, field, yhat, ys[k], stats, fb, n, d)
         for j in range(d):
             field[FIELD_STATE, j] = field[FIELD_NEXT, j]
             yhats[k, j] = yhat[j]
@@ -1296,7 +1355,7 @@ def _rounds(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys, yhat, yhats, 
         recorded += fb[F_RECORD]
         if nxt:
             _merge_a(work, field, params, fa, stats, d)
-        elif k + 1 < T:  # eg: pass A of round k + 1 needs yhat(k + 1), merged above
+        elif k + 1 < T:  # eg: pass A of round k + 1 needs the centred mixture, merged above
             _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, ys[k + 1], yhat, field, work, params, key, fa,
                            fb, stats, threads)
     for j in range(fb.shape[0]):
@@ -1318,7 +1377,7 @@ def _rounds_pass_a(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, f
         # _pass_a_serial's loop, written here: calling it compiled it with pass A inlined once more (the first
         # Pipeline.run then compiled for 51-53 s of CPU, against 45-47 measured beside it)
         for c in range(work.shape[0]):
-            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, fa, c)
+            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, field, work, params, kt, fa, c)
     else:
         # do_b, do_a as bools computed at run time (False, True here): literal ones would type as Literal[bool] and
         # compile a second sweep (about 19 s of CPU)
@@ -1332,6 +1391,8 @@ def _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, 
                     log_total, kt, do_b, do_a):
     """Chunk by chunk over the threads: (``do_b``) pass B with flags ``fb``, then (``do_a``) pass A on ``y``.
 
+    Pass B alone (eg) takes ``y`` as its centre, the round's own target; fused with pass A (hedge) it does not read it.
+
     Pass B of round ``k`` and pass A of round ``k + 1`` (flags ``fa``) fused, or either alone (the same bits).
     """
     n = x.shape[0]
@@ -1339,9 +1400,9 @@ def _sweep_parallel(x, s, J, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, 
     for i in prange(chunks):
         c = _chunk_order(i, chunks)
         if do_b:
-            _pass_b_chunk(x, s, J, log_p, ebuf, work, field, params, fb, top, log_total, float(n), c)
+            _pass_b_chunk(x, s, J, log_p, ebuf, y, work, field, params, fb, top, log_total, float(n), c)
         if do_a:
-            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, yhat, work, params, kt, fa, c)
+            _pass_a_chunk(x, s, log_p, ebuf, sigma, W, A, sq_err, sq_sig, y, field, work, params, kt, fa, c)
 
 
 @njit(**_jit)
@@ -1399,7 +1460,7 @@ _NO_ROWS = np.empty((0, 0))
 def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
     """Pass B and its merge; semantics: :func:`memoa_fast.kernels._pipeline_reference.pass_b`."""
     if threads == 1:
-        return _pass_b_serial(x, s, J, log_p, ebuf, yhat, field, work, params, flags, stats)
+        return _pass_b_serial(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats)
     with Threads(threads):
         return _pass_b_parallel(x, s, J, log_p, ebuf, ebuf, _NO_ROWS, _NO_ROWS, ebuf, ebuf, y, yhat, field, work, params,
                                 flags, stats, threads)

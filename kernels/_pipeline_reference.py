@@ -9,8 +9,13 @@ Pass A (needs ``y(t)``)
 
 1. if ``reweight``: the server's update on ``x(t)``, ``log p_i -= clip(eta
    loss_i)`` with ``loss_i = |x_i(t) - y(t)|^2`` (hedge) or
-   ``2 <yhat(t) - y(t), x_i(t)>`` (eg), an overflow clipped to :data:`STEP_LIMIT` as in
-   :func:`memoa_fast.kernels._reference.mixture_reweight`;
+   ``2 <e, x_i(t) - y(t)>`` (eg) with ``e = dev - (y(t) - c)``, ``dev =
+   sum_k p_k (x_k(t) - c)`` and ``c = y(t-1)`` (``field[FIELD_DEV]`` and
+   ``field[FIELD_CENTRE]``, written by the previous round's pass B): the
+   mixture's error ``yhat(t) - y(t)`` from differences only, as
+   :func:`memoa_fast.kernels._reference._steps` takes it (its zero-factor and
+   overflow rules too), so a common shift of the states and the targets
+   changes no weight beyond its own rounding;
 2. if ``record``: ``sq_err_i += |x_i(t) - y(t)|^2`` and ``sq_sig_i +=
    |s_i(t-1) - y(t)|^2`` (the raw forecasts' errors), with their totals;
 3. every client observes ``z_i = y(t) + sigma_i eps_i(t)`` with the
@@ -31,7 +36,10 @@ Pass B
    ``u_i = 0``), ``J_i += gamma^t / 2 (q |x_i - s_i|^2 + kappa |x_i - m|^2 +
    r |u_i|^2)`` (``q`` term only with a valid signal), ``x_i += u_i``;
 7. ``m(t+1)``, the worst client ``max_i J_i`` (first on ties) and the
-   mixture ``yhat(t+1) = sum_i p_i x_i(t+1)`` with the new weights.
+   mixture ``yhat(t+1) = sum_i p_i x_i(t+1)`` with the new weights; eg
+   also ``field[FIELD_DEV] = sum_i p_i (x_i(t+1) - y(t))`` (a client of
+   weight 0 adds 0, even beside an overflowed difference) and
+   ``field[FIELD_CENTRE] = y(t)``, the next round's ``dev`` and ``c``.
 
 Linear weights: with ``flags[F_LINEAR]`` the weights between rounds are
 kept as ``p`` in ``ebuf`` (``log_p`` is then scratch: the compiled kernel does not touch it), which
@@ -48,8 +56,9 @@ B), ``sigma``, ``sq_err``, ``sq_sig`` (N,);
 ``weights`` (2p + 1, N, d) and ``lags`` (p, N, d), *structure of arrays*
 (feature ``f`` of every client is one contiguous plane, so the compiled loops
 run unit-stride): features ordered ``[lags, lags^2, 1]``, lags newest first;
-``y`` (d,), the target; ``yhat`` (d,), ``yhat(t)`` in and ``yhat(t+1)`` out;
-``field`` (:data:`FIELD_ROWS`, d); ``work`` (chunks, :func:`work_width`);
+``y`` (d,), the target; ``yhat`` (d,), ``yhat(t+1)`` out (what it holds in is not read);
+``field`` (:data:`FIELD_ROWS`, d; its eg rows ``FIELD_CENTRE`` and ``FIELD_DEV``
+are state kept between rounds, the others are rewritten each round); ``work`` (chunks, :func:`work_width`);
 ``params`` (:data:`N_PARAMS`,) float64; ``flags`` (:data:`N_FLAGS`,) int64;
 ``stats`` (:data:`N_STATS`,) float64, written.
 """
@@ -57,7 +66,7 @@ import numpy as np
 
 from ._config import CHUNK, PAD, SQUARE_CAP
 from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT, next_discount
-from ._reference import _first_max  # the compiled kernels' worst-agent rule, one definition
+from ._reference import _first_max, _steps  # the worst-agent rule and the server's step (eg's error): one definition each
 
 # ``params``: the float settings of a round.
 P_ETA, P_ALPHA, P_MU, P_HALF_DISCOUNT, P_GAIN, P_SIGNAL, P_Q, P_KAPPA, P_R, P_MIX_SIGNAL, P_MIX_STATE = range(11)
@@ -68,9 +77,12 @@ F_T, F_RULE, F_REWEIGHT, F_RECORD, F_UPDATE, F_FIRST, F_LINEAR = range(7)
 N_FLAGS = 7
 # Linear weights need alpha / N at least this (every weight stays a normal number well above underflow).
 LINEAR_FLOOR = 1e-290
-# ``field`` rows: m(t) (read), sbar (kept when no signal is valid), the policy offset, m(t+1) (written).
-FIELD_STATE, FIELD_SIGNAL, FIELD_OFFSET, FIELD_NEXT = range(4)
-FIELD_ROWS = 4
+# ``field`` rows: m(t) (read), sbar (kept when no signal is valid), the policy offset, m(t+1) (written); eg's centre
+# c = y(t-1) and dev = sum_i p_i (x_i(t) - c), kept from pass B of one round for pass A of the next.
+FIELD_STATE, FIELD_SIGNAL, FIELD_OFFSET, FIELD_NEXT, FIELD_CENTRE, FIELD_DEV = range(6)
+FIELD_ROWS = 6
+# The rows a Pipeline pickled before eg's centre (389e086 and earlier) holds.
+FIELD_ROWS_BEFORE_CENTRE = 4
 # ``stats``: what a round reports besides the arrays.
 (S_VALID, S_MAX_COST, S_ARG_COST, S_ERR, S_SIG_ERR, S_TOP, S_LOG_TOTAL) = range(7)
 N_STATS = 7
@@ -85,7 +97,8 @@ __all__ = [
     "RULE_EG", "RULE_HEDGE", "SIGNAL_LIMIT", "STEP_LIMIT", "CHUNK", "P_ETA", "P_ALPHA", "P_MU", "P_HALF_DISCOUNT",
     "P_GAIN", "P_SIGNAL", "P_Q", "P_KAPPA", "P_R", "P_MIX_SIGNAL", "P_MIX_STATE", "N_PARAMS", "F_T", "F_RULE",
     "F_REWEIGHT", "F_RECORD", "F_UPDATE", "F_FIRST", "F_LINEAR", "N_FLAGS", "LINEAR_FLOOR", "FIELD_STATE", "FIELD_SIGNAL", "FIELD_OFFSET",
-    "FIELD_NEXT", "FIELD_ROWS", "S_VALID", "S_MAX_COST", "S_ARG_COST", "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
+    "FIELD_NEXT", "FIELD_CENTRE", "FIELD_DEV", "FIELD_ROWS", "FIELD_ROWS_BEFORE_CENTRE", "S_VALID", "S_MAX_COST", "S_ARG_COST",
+    "S_ERR", "S_SIG_ERR", "S_TOP", "S_LOG_TOTAL",
     "N_STATS", "work_width", "work_shape", "seed_keys", "noise_scales", "round_key", "normals", "pass_a", "pass_b",
     "round_step", "round_flags", "run_rounds", "max_threads",
 ]
@@ -97,8 +110,8 @@ def max_threads():
 
 
 def work_width(d):
-    """Columns of ``work``: signal sums, state sums and mixture (``d`` each, padded), then 8 scalars."""
-    return 3 * (-(-d // PAD) * PAD) + PAD
+    """Columns of ``work``: signal sums, state sums and mixture (``d`` each, padded), 8 scalars, then eg's ``dev`` (``d``, padded)."""
+    return 4 * (-(-d // PAD) * PAD) + PAD
 
 
 def work_shape(n, d):
@@ -207,12 +220,16 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
     stats[S_TOP], stats[S_LOG_TOTAL] = 0.0, 0.0
     if flags[F_REWEIGHT]:
         if eta != 0.0:
-            with np.errstate(over="ignore", invalid="ignore"):
-                loss = 2.0 * (x @ (yhat - y)) if rule == RULE_EG else err
-                step = eta * loss
-            step = np.where(np.isnan(step), STEP_LIMIT, step)
+            if rule == RULE_EG:
+                with np.errstate(over="ignore", invalid="ignore"):  # e = yhat(t) - y(t), from differences only
+                    e = field[FIELD_DEV] - (y - field[FIELD_CENTRE])
+                step = _steps(log_p, x, y, e, RULE_EG, eta)
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    step = eta * err
+                step = np.clip(np.where(np.isnan(step), STEP_LIMIT, step), -STEP_LIMIT, STEP_LIMIT)
             with np.errstate(over="ignore"):  # to -inf (a zero weight) beside a step near 1.8e308: never NaN
-                log_p -= np.clip(step, -STEP_LIMIT, STEP_LIMIT)
+                log_p -= step
         top = log_p.max()
         stats[S_TOP] = top
         with np.errstate(over="ignore"):
@@ -237,7 +254,10 @@ def pass_a(x, s, log_p, ebuf, sigma, weights, lags, sq_err, sq_sig, y, yhat, fie
 
 
 def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, threads):
-    """Steps 5-7 (see the module docstring); writes ``yhat``, ``field[FIELD_NEXT]`` (and ``ebuf = p`` when ``flags[F_LINEAR]``)."""
+    """Steps 5-7 (see the module docstring); writes ``yhat``, ``field[FIELD_NEXT]`` (and ``ebuf = p`` when ``flags[F_LINEAR]``).
+
+    eg also writes ``field[FIELD_DEV]`` and ``field[FIELD_CENTRE]`` (``y`` is this round's target, their centre).
+    """
     n, d = x.shape
     if flags[F_REWEIGHT]:
         top, log_total = stats[S_TOP], stats[S_LOG_TOTAL]
@@ -265,6 +285,11 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
     field[FIELD_NEXT] = x.sum(axis=0) / n
     stats[S_MAX_COST], stats[S_ARG_COST] = _first_max(J)
     yhat[:] = np.exp(log_p) @ x
+    if flags[F_RULE] == RULE_EG:  # the next round's e, from differences: centred on this round's target
+        p = np.exp(log_p)
+        with np.errstate(over="ignore", invalid="ignore"):
+            field[FIELD_DEV] = p @ np.where(p[:, None] != 0.0, x - y[None, :], 0.0)  # a zero weight adds 0, not 0 * inf
+        field[FIELD_CENTRE] = y
     if flags[F_LINEAR]:
         ebuf[:] = np.exp(log_p)
 

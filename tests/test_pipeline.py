@@ -409,7 +409,7 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 RUN_CASES = [
-    # n, d, p, rule, alpha, threads: hedge fuses pass B and the next pass A, eg cannot (its loss needs yhat(t+1))
+    # n, d, p, rule, alpha, threads: hedge fuses pass B and the next pass A, eg cannot (its loss needs merge B)
     (3 * CHUNK + 11, 1, 2, "hedge", 0.01, 1),
     (3 * CHUNK + 11, 1, 2, "hedge", 0.01, TWO_THREADS),
     (2 * CHUNK + 5, 1, 2, "hedge", 0.0, TWO_THREADS),
@@ -750,3 +750,69 @@ def test_a_pickle_made_before_the_cap_that_is_refused_gives_no_warning():
     old = {k: v for k, v in counters.items() if k != CAP_RECORD}
     with pytest.raises(ValueError, match="a pickled Pipeline's _x must be float64 of shape"):
         _rebuild_pipeline(n, d, config, {**arrays, "_x": arrays["_x"][:1]}, old)
+
+
+@pytest.mark.parametrize("backend,threads,d,alpha", [("numba", 1, 1, 0.01), ("numba", TWO_THREADS, 3, 0.0),
+                                                     ("numba", TWO_THREADS, 1, 0.0), ("numpy", 1, 2, 0.01)])
+def test_a_common_shift_of_states_and_targets_changes_no_eg_weight(backend, threads, d, alpha):
+    """The eg loss from differences only (``Server``'s ``2 <e, x_i - y>``, ``e = sum_k p_k (x_k - y)``): shifting every
+    state and target by ``b`` leaves the weights bitwise as they were, on inputs where the shift itself is exact.
+
+    The Pipeline used ``2 <yhat - y, x_i>`` with the rounded ``yhat``: ``eps |b|`` per round (``log p`` 1e-9 to 1e-8
+    apart at ``b = 2**20`` here). The forecasters are not shift-equivariant (squared lags), so the population's gain
+    is 0: the states stay the grid values they start at, and only the targets move. ``run`` and ``round`` (linear and log weights, one and
+    two threads, chunks of both kinds).
+    """
+    n, T = CHUNK + 37, 24
+    rng = np.random.default_rng(7)
+    x0 = rng.integers(-4096, 4096, size=(n, d)) * 2.0**-10  # a 2**-10 grid: x + b exact up to b = 2**42
+    ys = rng.integers(-2048, 2048, size=(T, d)) * 2.0**-10
+
+    def weights(b):
+        pipe = Pipeline(n, d, game=GAME, rule="eg", eta=0.3, alpha=alpha, seed=1, backend=backend, threads=threads,
+                        parallel_threshold=1)
+        pipe._params[pipe._kern.P_GAIN] = 0.0  # u = -0 (...): x(t+1) = x(t)
+        pipe._x[...] = x0 + b
+        assert np.array_equal(pipe._x - b, x0) and np.array_equal((ys + b) - b, ys)  # the shift is exact
+        pipe.run(ys[:T // 2] + b)
+        for v in ys[T // 2:]:
+            pipe.round(v + b)
+        assert np.array_equal(pipe.states, x0 + b)
+        return pipe.log_weights.copy()
+
+    base = weights(0.0)
+    assert np.ptp(base) > 1.0  # the weights did move
+    for b in (2.0**20, 2.0**40):
+        np.testing.assert_array_equal(weights(b), base, err_msg=f"b = {b}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("rule", ["eg", "hedge"])
+def test_a_pickle_made_before_egs_centred_mixture_loads_and_continues(rule, backend):
+    """A pickle of 389e086 and earlier has a ``_field`` of 4 rows (no eg centre ``y(t-1)``, no centred mixture) and a
+    narrower ``_work``: it loads with centre 0 and the centred mixture ``sum_i p_i (x_i - 0)``, the stored ``yhat(t)``
+    itself. hedge reads neither and continues bitwise; eg's first step after it is measured from 0 (the same step in
+    exact arithmetic), then from the last target.
+    """
+    from memoa_fast.kernels import PAD
+    from memoa_fast.timeseries.pipeline import _rebuild_pipeline
+
+    d = 2
+    y = series(12, d)
+    pipe = Pipeline(30, d, game=GAME, rule=rule, alpha=0.01, seed=4, backend=backend, threads=1)
+    pipe.run(y[:5])
+    _, (n, _, config, *_), saved = pipe.__reduce__()
+    arrays, counters = saved["state"]
+    k = pipe._kern
+    before = {**arrays, "_field": arrays["_field"][:k.FIELD_ROWS_BEFORE_CENTRE], "_work": arrays["_work"][:, :3 * PAD + PAD]}
+    clone = _rebuild_pipeline(n, d, config, before, counters)
+    np.testing.assert_array_equal(clone._field[:k.FIELD_ROWS_BEFORE_CENTRE], arrays["_field"][:k.FIELD_ROWS_BEFORE_CENTRE])
+    np.testing.assert_array_equal(clone._field[k.FIELD_DEV], pipe.mixture)
+    assert not clone._field[k.FIELD_CENTRE].any()
+    got, expected = clone.run(y[5:]), pipe.run(y[5:])
+    if rule == "hedge":
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(clone.log_weights, pipe.log_weights)
+    else:
+        assert close(got, expected) and close_array("log_weights", clone.log_weights, pipe.log_weights)
+        np.testing.assert_array_equal(clone._field[k.FIELD_CENTRE], y[-1])  # from then on, the last target

@@ -105,18 +105,20 @@ class Pipeline(CopiesKeepTheirClass):
 
     1. (``t >= 1``) the server reweights on ``x(t)`` against ``y(t)``:
        ``log p_i -= eta loss_i`` (hedge: ``|x_i - y|^2``; eg:
-       ``2 <yhat(t) - y(t), x_i>``, from the rounded ``yhat(t)``: the
-       :class:`~memoa_fast.Server`'s update in exact arithmetic, but not its
-       ``2 <sum_k p_k (x_k - y), x_i - y>`` in floating point, so a common
-       shift ``b`` of the data moves eg's weights by about ``eps |b|`` per
-       round here); each client's squared error is recorded;
+       ``2 <e, x_i - y(t)>`` with ``e = sum_k p_k (x_k(t) - y(t-1)) -
+       (y(t) - y(t-1))``, the :class:`~memoa_fast.Server`'s
+       ``e = sum_k p_k (x_k - y)`` from differences only: a common shift of
+       the states and targets moves no weight beyond its own rounding; the
+       centred sum is step 4's, done last round, where ``y(t)`` is not yet
+       known); each client's squared error is recorded;
     2. client ``i`` observes ``z_i = y(t) + sigma_i eps_i(t)`` and runs
        normalised LMS (``w_i += mu e_i phi_i / |phi_i|^2``, ``t >= 1``), then
        forecasts ``s_i(t)``;
     3. the log-weights are normalised (log-sum-exp) and shared,
        ``p <- (1 - alpha) p + alpha / N``; the population steps on ``s(t)``
        (``x(t+1)``, the costs, the worst client);
-    4. it returns ``yhat(t+1) = sum_i p_i x_i(t+1)``.
+    4. it returns ``yhat(t+1) = sum_i p_i x_i(t+1)`` (eg also keeps
+       ``sum_i p_i (x_i(t+1) - y(t))`` and ``y(t)`` for the next step 1).
 
     This is exactly ``observe``, ``step``, ``predict`` and ``update`` of the
     unfused objects, with the server's update on ``y(t)`` done at the start
@@ -574,7 +576,8 @@ class Pipeline(CopiesKeepTheirClass):
         """Copy the pickled ``(arrays, counters)`` in: shapes, dtypes and the squared features' cap checked first.
 
         The counters record the squared features' cap (:func:`~memoa_fast.timeseries.forecasters.check_square_cap`):
-        another one is refused, none (a pickle made before the cap) loads with an ``UncappedStateWarning``.
+        another one is refused, none (a pickle made before the cap) loads with an ``UncappedStateWarning``. A pickle
+        made before eg's centred mixture (a ``_field`` of 4 rows) loads too (:meth:`_from_before_centre`).
         """
         arrays, counters = saved
         cap_key = f"pipeline/counters/{CAP_RECORD}"
@@ -582,6 +585,7 @@ class Pipeline(CopiesKeepTheirClass):
         if set(arrays) != set(_STATE_ARRAYS):
             raise ValueError(f"a pickled Pipeline must hold the arrays {sorted(_STATE_ARRAYS)}, got {sorted(arrays)}")
         values = {name: np.asarray(arrays[name]) for name in _STATE_ARRAYS}
+        values = self._from_before_centre(values)
         for name, value in values.items():
             target = getattr(self, name)
             if value.shape != target.shape or value.dtype != target.dtype:
@@ -592,6 +596,29 @@ class Pipeline(CopiesKeepTheirClass):
         self.t, self.n_recorded, self._discount = int(counters["t"]), int(counters["n_recorded"]), float(counters["_discount"])
         if not recorded:  # last: the warning says the pickle loads
             warn_uncapped(cap_key)
+
+    def _from_before_centre(self, values: dict) -> dict:
+        """A pickle made before eg's centred mixture (389e086 and earlier: ``_field`` of 4 rows) in today's shapes.
+
+        eg's loss reads ``field[FIELD_DEV] = sum_i p_i (x_i(t) - c)`` and its centre ``field[FIELD_CENTRE] = c``, which
+        the last round's pass B wrote with ``c = y(t-1)``; such a pickle does not hold ``y(t-1)`` (``run`` never
+        stored it), so they are derived with ``c = 0``: ``dev = sum_i p_i (x_i(t) - 0)`` is the stored ``yhat(t)``
+        itself (``x - 0 = x``: the same products summed in the same order). Its first eg step is then measured from
+        0, as that version's were (``e = yhat(t) - y(t)``), and every later one from the last target. ``_work`` is
+        scratch between rounds (each round's pass A writes what its merges and pass B read): an old one is not copied.
+        """
+        k, field, work = self._kern, values["_field"], values["_work"]
+        old_shape = (k.FIELD_ROWS_BEFORE_CENTRE, self.dim)
+        if field.shape != old_shape or field.dtype != np.float64 or values["_yhat"].shape != (self.dim,):
+            return values  # today's shapes, or refused by the caller's checks
+        new = np.zeros(self._field.shape)
+        new[:k.FIELD_ROWS_BEFORE_CENTRE] = field
+        new[k.FIELD_CENTRE] = 0.0
+        new[k.FIELD_DEV] = values["_yhat"]
+        values = {**values, "_field": new}
+        if work.ndim == 2 and work.shape[0] == self._work.shape[0] and work.shape[1] < self._work.shape[1]:
+            values["_work"] = np.zeros(self._work.shape)
+        return values
 
     def __repr__(self) -> str:
         return (
