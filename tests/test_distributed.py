@@ -1085,6 +1085,25 @@ def _interrupted_at_line(function, line, call):
     return bool(hit)
 
 
+def _wait_until_the_closing_thread_waits(_comm, timeout=10.0):
+    """Return once the closing thread has ended, or waits in its queue's ``get`` with nothing queued."""
+    import inspect
+    import sys
+
+    source, first = inspect.getsourcelines(_comm._close_collected)
+    get_line = first + next(i for i, text in enumerate(source) if "_to_close.get()" in text)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        thread = _comm._closer
+        if thread is None or not thread.is_alive():
+            return
+        frame = sys._current_frames().get(thread.ident)
+        if (_comm._to_close.empty() and frame is not None and frame.f_code is _comm._close_collected.__code__
+                and frame.f_lineno == get_line):
+            return
+        time.sleep(0.002)
+
+
 @pytest.mark.parametrize("where", ["closes_when_collected", "release_closer"])
 def test_an_interrupted_registration_never_loses_a_close_nor_keeps_the_closing_thread(where):
     """Ctrl-C at any line of registering (or handing back) a population's own client: every client of a collected
@@ -1093,6 +1112,7 @@ def test_an_interrupted_registration_never_loses_a_close_nor_keeps_the_closing_t
     """
     import gc
     import inspect
+    import weakref
 
     from memoa_fast.distributed import _comm
 
@@ -1111,10 +1131,18 @@ def test_an_interrupted_registration_never_loses_a_close_nor_keeps_the_closing_t
             b_closer = _comm.closes_when_collected(b, b_client, 1.0)
             b_client.close()  # the population closes its client itself, then hands the registration back
             _interrupted_at_line(function, line, lambda: _comm.release_closer(b_closer))
+        # Each owner is collected as its last reference goes; a full gc.collect() only if a cycle kept it (one took
+        # 0.15-0.5 s in this heap: two for each of 25 lines made this the suite's slowest test). Between the two, the
+        # closing thread handles b's item and ends or waits for the next: a thread that ended too early leaves a open.
+        b_gone = weakref.ref(b)
         del b
-        gc.collect()
+        if b_gone() is not None:
+            gc.collect()
+        _wait_until_the_closing_thread_waits(_comm)
+        a_gone = weakref.ref(a)
         del a
-        gc.collect()
+        if a_gone() is not None:
+            gc.collect()
         deadline = time.monotonic() + 10
         while (_comm._closer is not None or a_client.closed == 0) and time.monotonic() < deadline:
             time.sleep(0.002)
