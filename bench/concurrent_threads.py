@@ -29,11 +29,8 @@ MODES = ("default", 1, 2)
 LIMIT = 1.5
 
 
-MIN_CALLS = 30  # per mode, however long it takes: a median of fewer calls says little on a loaded machine
-
-
 def _time_modes(calls: dict, seconds: float) -> dict:
-    """Median seconds of each mode's call, interleaved for ``seconds`` and at least :data:`MIN_CALLS` calls each."""
+    """Median seconds of each mode's call, the modes interleaved for ``seconds`` (after three warm calls each)."""
     import numpy as np
 
     for call in calls.values():  # compile (or load) and warm
@@ -41,7 +38,7 @@ def _time_modes(calls: dict, seconds: float) -> dict:
             call()
     times = {m: [] for m in calls}
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times[1]) < MIN_CALLS:
+    while time.perf_counter() < deadline:
         for m, call in calls.items():  # interleaved: the same conditions for every mode
             t0 = time.perf_counter()
             call()

@@ -445,9 +445,8 @@ def main(argv=None):
         shown = f"{floor:>8.2f}" if floor is not None else f"{'-':>8}"
         print(f"{k:<46}{ref_med * 1e3:>10.3f}{comp_med * 1e3:>13.4f}{ratio:>8.2f}x{shown}{verdict}")
     if args.only is None or "threads" in args.only:
-        # 0.5 s a case: medians of >= 55 interleaved calls a mode (>= MIN_CALLS on any machine); 1 s cost 6 s of CI
-        worst = check_default_threads(seconds=0.5)
-        if worst > THREADS_LIMIT:  # a load spike? once more, longer
+        worst = check_default_threads(seconds=1.0)
+        if worst > THREADS_LIMIT:  # a load spike? once more
             worst = min(worst, check_default_threads(seconds=2.0))
         verdict = "ok" if worst <= THREADS_LIMIT else "REGRESSION"
         print(f"{'threads/default-vs-1 (alone, two at once)':<46}{'':>10}{'':>13}{worst:>8.2f}x"
