@@ -71,6 +71,12 @@ class TrustClasses(CopiesAreDeep):
     least accurate, never (at its starting ``v_i = 0``) as the most accurate.
     A round with no valid forecast leaves every ``v_i`` as it was.
 
+    The ratio ``median / mean_j`` may lie beyond float64 (errors a few
+    hundred decades apart: a near-exact forecaster and a poor one) while its
+    power does not (``beta < 1``, or a wide ``q_range``): such a power is taken
+    from logarithms, so ``q_j`` follows the formula, clipped to ``q_range``,
+    for every positive class error (it was clipped as if infinite, or 0).
+
     A class whose clients have all forecast exactly (``mean_{i in j} v_i = 0``)
     below a median error above 0 gets ``q`` times the top of ``q_range``, the
     limit of a class error tending to 0 (it got ``q``, below the weights of
@@ -210,11 +216,17 @@ class TrustClasses(CopiesAreDeep):
             for j, mean in enumerate(means):
                 with np.errstate(over="ignore", divide="ignore"):  # a ratio beyond float64 is clipped below, not warned
                     if mean > 0 and math.isfinite(mean):
-                        ratio = (median / mean) ** power
+                        ratio = median / mean
+                        if median > 0 and not _NORMAL_MIN <= ratio < math.inf:
+                            # the quotient left float64's normal range (overflowed to inf, or lost bits as a subnormal
+                            # or 0), not necessarily its power: (1/5e-324)**0.005 is 41, not inf
+                            ratio = _power_from_logs(median, mean, power)
+                        else:
+                            ratio = ratio ** power
                     elif mean == 0 and median > 0 and power > 0:
                         # an exact class (every v_i = 0) below a median that is not: the limit of a class error -> 0+,
-                        # the top of q_range as for a class error of 5e-324 (not q, a more accurate class's weight
-                        # below a less accurate one's)
+                        # the top of q_range for every beta > 0 (not q, a more accurate class's weight below a less
+                        # accurate one's)
                         ratio = math.inf
                     else:  # no error measured, or the median client exact as well: this class is the median's
                         ratio = 1.0  # (also a non-finite mean, which observe never makes)
@@ -554,6 +566,22 @@ class TrustPopulation(CopiesAreDeep):
         # the attributes, not the locked reads: a repr (a debugger's, an error message's) never raises
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.powers[self.leader]:g}"
         return f"TrustPopulation({self.trust!r}, {self.games[self.leader]!r}{rule})"
+
+
+#: float64's smallest normal number: a quotient below it has lost bits.
+_NORMAL_MIN = float(np.finfo(np.float64).tiny)
+
+
+def _power_from_logs(median: float, mean: float, power: float) -> float:
+    """``(median / mean) ** power`` for positive finite ``median`` and ``mean`` whose quotient leaves float64's normal range.
+
+    From ``power (log median - log mean)``: the quotient itself would be inf or lose its bits, though its power may be
+    an ordinary number (``beta < 1``, or a wide ``q_range``). ``inf`` beyond float64, to be clipped as any ratio.
+    """
+    try:
+        return math.exp(power * (math.log(median) - math.log(mean)))
+    except OverflowError:
+        return math.inf
 
 
 def _check_reachable_weights(game: Game, trust: TrustClasses) -> None:
