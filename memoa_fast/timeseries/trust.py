@@ -81,7 +81,10 @@ class TrustClasses(CopiesAreDeep):
     below a median error above 0 gets ``q`` times the top of ``q_range``, the
     limit of a class error tending to 0 (it got ``q``, below the weights of
     less accurate classes); when the median error is 0 as well, such a class
-    is the median client's and keeps ``q``.
+    is the median client's and keeps ``q``. Likewise at the other end (errors
+    that :meth:`observe` never makes, written into :attr:`errors`): a class
+    mean that overflows to inf gets the bottom of ``q_range`` (it got ``q``),
+    one of inf beside a median of inf keeps ``q``; a NaN error keeps ``q``.
     """
 
     def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
@@ -204,32 +207,36 @@ class TrustClasses(CopiesAreDeep):
         labels = np.empty(n, dtype=np.int64)
         bounds = [(j * n) // K for j in range(K + 1)]
         means = np.empty(K)
-        for j in range(K):
-            members = order[bounds[j]:bounds[j + 1]]
-            labels[members] = j
-            means[j] = self.errors[members].mean()
-        median = float(np.median(self.errors))
+        with np.errstate(over="ignore"):  # errors near float64's top (never made by observe): a mean of inf, read below
+            for j in range(K):
+                members = order[bounds[j]:bounds[j + 1]]
+                labels[members] = j
+                means[j] = self.errors[members].mean()
+            median = float(np.median(self.errors))
         low, high = self.q_range
         weights = []
         for power in powers:
             q = np.empty(K)
             for j, mean in enumerate(means):
                 with np.errstate(over="ignore", divide="ignore"):  # a ratio beyond float64 is clipped below, not warned
-                    if mean > 0 and math.isfinite(mean):
+                    if 0 < mean < math.inf and 0 < median < math.inf:
                         ratio = median / mean
-                        if median > 0 and not _NORMAL_MIN <= ratio < math.inf:
+                        if not _NORMAL_MIN <= ratio < math.inf:
                             # the quotient left float64's normal range (overflowed to inf, or lost bits as a subnormal
                             # or 0), not necessarily its power: (1/5e-324)**0.005 is 41, not inf
                             ratio = _power_from_logs(median, mean, power)
                         else:
                             ratio = ratio ** power
-                    elif mean == 0 and median > 0 and power > 0:
-                        # an exact class (every v_i = 0) below a median that is not: the limit of a class error -> 0+,
-                        # the top of q_range for every beta > 0 (not q, a more accurate class's weight below a less
-                        # accurate one's)
-                        ratio = math.inf
-                    else:  # no error measured, or the median client exact as well: this class is the median's
-                        ratio = 1.0  # (also a non-finite mean, which observe never makes)
+                    elif mean == median or math.isnan(mean) or math.isnan(median):
+                        # both 0 (no error measured, or the median client exact as well) or both inf: this class is
+                        # the median's (also a NaN error, which observe never makes)
+                        ratio = 1.0
+                    else:
+                        # one of them at an end of [0, inf]: the limit of the ratio, to the power beta (1 at beta = 0).
+                        # An exact class (every v_i = 0) below a median that is not gets the top of q_range for every
+                        # beta > 0 (not q, a more accurate class's weight below a less accurate one's); a class mean of
+                        # inf (errors near float64's top, never made by observe) the bottom, not q.
+                        ratio = float(median / mean) ** power
                 q[j] = self.q * min(max(ratio, low), high)
             weights.append(q)
         shares = np.diff(bounds) / n
