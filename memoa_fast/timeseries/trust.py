@@ -83,8 +83,9 @@ class TrustClasses(CopiesAreDeep):
     less accurate classes); when the median error is 0 as well, such a class
     is the median client's and keeps ``q``. Likewise at the other end (errors
     that :meth:`observe` never makes, written into :attr:`errors`): a class
-    mean that overflows to inf gets the bottom of ``q_range`` (it got ``q``),
-    one of inf beside a median of inf keeps ``q``; a NaN error keeps ``q``.
+    of an infinite error gets the bottom of ``q_range`` (it got ``q``), one
+    beside a median of inf keeps ``q``; a NaN error keeps ``q``. Finite
+    errors whose sum overflows give their finite mean and median.
     """
 
     def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
@@ -207,12 +208,14 @@ class TrustClasses(CopiesAreDeep):
         labels = np.empty(n, dtype=np.int64)
         bounds = [(j * n) // K for j in range(K + 1)]
         means = np.empty(K)
-        with np.errstate(over="ignore"):  # errors near float64's top (never made by observe): a mean of inf, read below
+        with np.errstate(over="ignore"):  # errors near float64's top (never made by observe): their sum may overflow
             for j in range(K):
                 members = order[bounds[j]:bounds[j + 1]]
                 labels[members] = j
-                means[j] = self.errors[members].mean()
+                means[j] = _mean(self.errors[members])
             median = float(np.median(self.errors))
+            if median == math.inf and n % 2 == 0 and self.errors[order[n // 2]] < math.inf:
+                median = float(self.errors[order[n // 2 - 1]] / 2 + self.errors[order[n // 2]] / 2)  # finite middle two
         low, high = self.q_range
         weights = []
         for power in powers:
@@ -573,6 +576,15 @@ class TrustPopulation(CopiesAreDeep):
         # the attributes, not the locked reads: a repr (a debugger's, an error message's) never raises
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.powers[self.leader]:g}"
         return f"TrustPopulation({self.trust!r}, {self.games[self.leader]!r}{rule})"
+
+
+def _mean(values: np.ndarray) -> float:
+    """``values.mean()``, also where their sum overflows but their mean is a float64 (the largest times a mean <= 1)."""
+    mean = values.mean()
+    if mean == math.inf and np.isfinite(values).all():
+        top = values.max()
+        mean = top * (values / top).mean()  # each ratio <= 1, so is their mean (rounding is monotone): never above top
+    return float(mean)
 
 
 #: float64's smallest normal number: a quotient below it has lost bits.
