@@ -31,7 +31,7 @@ def test_classes_are_quantiles_of_the_error(n, k, seed):
     assert np.all((q >= 1e-3) & (q <= 1e3))
 
 
-@pytest.mark.parametrize("power", [1.0, 6.0])
+@pytest.mark.parametrize("power", [1.0, 6.0, 0.005])
 def test_class_weights_beyond_float64_are_clipped_without_a_warning(power):
     """A ratio median/mean_j (or its power) beyond float64 is clipped to q_range like any other, silently.
 
@@ -81,6 +81,54 @@ def test_a_class_of_exact_forecasters_keeps_the_top_weight_as_in_the_limit(power
     assert trust.classes()[0].tolist() == labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     np.testing.assert_array_equal(exact, trust.classes()[1])
     assert exact[0] == 2.0 * 1e3 and np.all(np.diff(exact) <= 0)
+
+
+@pytest.mark.parametrize("offsets, power, q_range", [
+    ([1e-160, 1e-160, 1.0, 1.0, 1.0, 1.0], 0.005, (1e-3, 1e3)),  # median/mean_0 ~ 1e320: overflowed, was q high
+    ([1e-160] * 4 + [1e45, 1e45], 0.005, (1e-3, 1e3)),  # median/mean_2 ~ 1e-410: underflowed, was q low
+    ([1e-160, 1e-160, 1.0, 1.0, 1.0, 1.0], 0.5, (1e-300, 1e300)),  # a wide q_range: 1e160, not the top 1e300
+])
+def test_a_ratio_beyond_float64_whose_power_is_not_follows_the_formula(offsets, power, q_range):
+    """q_j = q (median/mean_j)^beta, clipped, also where median/mean_j leaves float64 but its power does not.
+
+    The quotient was raised to beta after it overflowed to inf (or underflowed to 0), so a class of error 1e-320 got
+    the top of q_range like an exact class, though its weight is (1e320)^0.005 ~ 40 q: the weight jumped as the class
+    error crossed median/1.8e308, not only at 0. Errors made by ``observe`` (a forecast 1e-160 off: v ~ 2e-322).
+    """
+    offsets = np.array(offsets)
+    trust = TrustClasses(6, 3, reclass=1, q=2.0, power=power, q_range=q_range)
+    trust.observe(offsets[:, None], [0.0])
+    labels, q, _ = trust.classes()
+    v = trust.errors
+    means = np.array([v[labels == j].mean() for j in range(3)])
+    assert np.all(means > 0) and np.all(np.diff(means) >= 0)
+    log_ratio = power * (np.log(np.median(v)) - np.log(means))
+    want = 2.0 * np.exp(np.clip(log_ratio, np.log(q_range[0]), np.log(q_range[1])))
+    assert np.all((want > 2.0 * q_range[0] * 1.01) & (want < 2.0 * q_range[1] / 1.01))  # inside the range, not clipped
+    np.testing.assert_allclose(q, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("errors, want", [
+    ([1.0] * 5 + [1e10, np.inf, np.inf], [1.0, 1.0, 1e-3, 1e-3]),  # a class mean of inf: it got q, above (1, 1e10)'s
+    ([1.0] * 4 + [1.5e308] * 4, [1e3, 1e3, 0.5**1.5, 0.5**1.5]),  # a class sum overflows (it warned, then got q)
+    ([1.0] * 2 + [1.5e308] * 4, [1e3, 1.0, 1.0]),  # and the median's: 1.5e308, the median's class keeps q
+    ([np.inf] * 4 + [1.0, 1.0], [1e3, 1.0, 1.0]),  # median inf: the inf classes are the median's
+])
+def test_class_weights_at_the_far_end_of_the_errors_are_monotone(errors, want):
+    """A class mean of inf (errors written into ``errors``; observe makes none) is the limit mean -> inf: the bottom.
+
+    It was read as the median's ratio 1 (q), above the weight of a better class of finite error, and a class sum past
+    float64 warned "overflow encountered in reduce" (an error with warnings as errors) and read as inf: the mean and
+    median of finite errors are finite now. (The median-inf case passed before; it guards 44071a1's log path.)
+    """
+    trust = TrustClasses(len(errors), len(want), reclass=1, power=1.5)
+    trust.errors[:] = errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, q, _ = trust.classes()
+        _, (q0,), _ = trust.classes_for([0.0])
+    np.testing.assert_allclose(q, want, rtol=1e-14)
+    np.testing.assert_array_equal(q0, 1.0)  # beta = 0: every class at q, whatever the errors
 
 
 def test_an_invalid_forecast_counts_as_the_rounds_worst_valid_one():

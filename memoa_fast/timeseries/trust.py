@@ -71,11 +71,21 @@ class TrustClasses(CopiesAreDeep):
     least accurate, never (at its starting ``v_i = 0``) as the most accurate.
     A round with no valid forecast leaves every ``v_i`` as it was.
 
+    The ratio ``median / mean_j`` may lie beyond float64 (errors a few
+    hundred decades apart: a near-exact forecaster and a poor one) while its
+    power does not (``beta < 1``, or a wide ``q_range``): such a power is taken
+    from logarithms, so ``q_j`` follows the formula, clipped to ``q_range``,
+    for every positive class error (it was clipped as if infinite, or 0).
+
     A class whose clients have all forecast exactly (``mean_{i in j} v_i = 0``)
     below a median error above 0 gets ``q`` times the top of ``q_range``, the
     limit of a class error tending to 0 (it got ``q``, below the weights of
     less accurate classes); when the median error is 0 as well, such a class
-    is the median client's and keeps ``q``.
+    is the median client's and keeps ``q``. Likewise at the other end (errors
+    that :meth:`observe` never makes, written into :attr:`errors`): a class
+    of an infinite error gets the bottom of ``q_range`` (it got ``q``), one
+    beside a median of inf keeps ``q``; a NaN error keeps ``q``. Finite
+    errors whose sum overflows give their finite mean and median.
     """
 
     def __init__(self, n_clients: int, n_classes: int = 8, *, reclass: int = 50, half_life: float = 35.0,
@@ -198,26 +208,38 @@ class TrustClasses(CopiesAreDeep):
         labels = np.empty(n, dtype=np.int64)
         bounds = [(j * n) // K for j in range(K + 1)]
         means = np.empty(K)
-        for j in range(K):
-            members = order[bounds[j]:bounds[j + 1]]
-            labels[members] = j
-            means[j] = self.errors[members].mean()
-        median = float(np.median(self.errors))
+        with np.errstate(over="ignore"):  # errors near float64's top (never made by observe): their sum may overflow
+            for j in range(K):
+                members = order[bounds[j]:bounds[j + 1]]
+                labels[members] = j
+                means[j] = _mean(self.errors[members])
+            median = float(np.median(self.errors))
+            if median == math.inf and n % 2 == 0 and self.errors[order[n // 2]] < math.inf:
+                median = float(self.errors[order[n // 2 - 1]] / 2 + self.errors[order[n // 2]] / 2)  # finite middle two
         low, high = self.q_range
         weights = []
         for power in powers:
             q = np.empty(K)
             for j, mean in enumerate(means):
                 with np.errstate(over="ignore", divide="ignore"):  # a ratio beyond float64 is clipped below, not warned
-                    if mean > 0 and math.isfinite(mean):
-                        ratio = (median / mean) ** power
-                    elif mean == 0 and median > 0 and power > 0:
-                        # an exact class (every v_i = 0) below a median that is not: the limit of a class error -> 0+,
-                        # the top of q_range as for a class error of 5e-324 (not q, a more accurate class's weight
-                        # below a less accurate one's)
-                        ratio = math.inf
-                    else:  # no error measured, or the median client exact as well: this class is the median's
-                        ratio = 1.0  # (also a non-finite mean, which observe never makes)
+                    if 0 < mean < math.inf and 0 < median < math.inf:
+                        ratio = median / mean
+                        if not _NORMAL_MIN <= ratio < math.inf:
+                            # the quotient left float64's normal range (overflowed to inf, or lost bits as a subnormal
+                            # or 0), not necessarily its power: (1/5e-324)**0.005 is 41, not inf
+                            ratio = _power_from_logs(median, mean, power)
+                        else:
+                            ratio = ratio ** power
+                    elif mean == median or math.isnan(mean) or math.isnan(median):
+                        # both 0 (no error measured, or the median client exact as well) or both inf: this class is
+                        # the median's (also a NaN error, which observe never makes)
+                        ratio = 1.0
+                    else:
+                        # one of them at an end of [0, inf]: the limit of the ratio, to the power beta (1 at beta = 0).
+                        # An exact class (every v_i = 0) below a median that is not gets the top of q_range for every
+                        # beta > 0 (not q, a more accurate class's weight below a less accurate one's); a class mean of
+                        # inf (errors near float64's top, never made by observe) the bottom, not q.
+                        ratio = float(median / mean) ** power
                 q[j] = self.q * min(max(ratio, low), high)
             weights.append(q)
         shares = np.diff(bounds) / n
@@ -554,6 +576,31 @@ class TrustPopulation(CopiesAreDeep):
         # the attributes, not the locked reads: a repr (a debugger's, an error message's) never raises
         rule = "" if self.rule == "error" else f", rule='minimax', powers={self.powers}, leader beta={self.powers[self.leader]:g}"
         return f"TrustPopulation({self.trust!r}, {self.games[self.leader]!r}{rule})"
+
+
+def _mean(values: np.ndarray) -> float:
+    """``values.mean()``, also where their sum overflows but their mean is a float64 (the largest times a mean <= 1)."""
+    mean = values.mean()
+    if mean == math.inf and np.isfinite(values).all():
+        top = values.max()
+        mean = top * (values / top).mean()  # each ratio <= 1, so is their mean (rounding is monotone): never above top
+    return float(mean)
+
+
+#: float64's smallest normal number: a quotient below it has lost bits.
+_NORMAL_MIN = float(np.finfo(np.float64).tiny)
+
+
+def _power_from_logs(median: float, mean: float, power: float) -> float:
+    """``(median / mean) ** power`` for positive finite ``median`` and ``mean`` whose quotient leaves float64's normal range.
+
+    From ``power (log median - log mean)``: the quotient itself would be inf or lose its bits, though its power may be
+    an ordinary number (``beta < 1``, or a wide ``q_range``). ``inf`` beyond float64, to be clipped as any ratio.
+    """
+    try:
+        return math.exp(power * (math.log(median) - math.log(mean)))
+    except OverflowError:
+        return math.inf
 
 
 def _check_reachable_weights(game: Game, trust: TrustClasses) -> None:
