@@ -33,7 +33,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, _hold, spread, unit_scale
+from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, _hold, fit_on_differences, spread, unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -661,19 +661,9 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = No
     if burn_in < 1:
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
                          "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")
-    head = y[: burn_in + 1]
-    p2 = unit_scale(head)
-    head_u = head / p2
-    # The mean and the spread are taken on the differences from y(0) (the shifted-data algorithm): a level a far above
-    # the spread then cancels exactly wherever the input holds it exactly (an integer series within 2**53, as beyond it
-    # by _relative_integers), instead of leaving the mean's rounding, eps |a|, as a shift of the whole z-scored series
-    # (2**52 + y, y integers of spread 1000: scores 2.6e-4 away from y's). Each coordinate alone (contiguous rows).
-    origin_u = head_u[0].copy()
-    shifted = np.ascontiguousarray((head_u - origin_u).T)  # |.| <= 4: no overflow
-    mean_u = shifted.mean(axis=1)
-    # a coordinate whose values differ by rounding only (0.3 and 0.1 + 0.2) is constant: it adds nothing to the unit
-    # (rounding of its level, so judged on the values, not on their differences)
-    sd_u = np.where(spread(head_u, axis=0) > 0.0, spread(shifted, axis=1), 0.0)
+    # mean and spread on the differences from y(0), each coordinate alone: a level held exactly cancels (2**52 + y, y
+    # integers of spread 1000, scored 2.6e-4 away from y's when the mean was taken on the values)
+    p2, origin_u, mean_u, sd_u = fit_on_differences(y[: burn_in + 1])
     sigma_u = math.sqrt(float(np.mean(sd_u**2)))
     if not sigma_u > 0.0:
         raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in (up to rounding: "
