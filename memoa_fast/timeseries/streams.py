@@ -317,7 +317,7 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
     return out
 
 
-def fit_on_differences(head: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def fit_on_differences(head: np.ndarray, exact: bool = False) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """``(p2, origin, mean, std)`` of the columns of ``head`` (shape (n, d), finite), in units of ``p2``.
 
     .. math:: o_j = h_{0j} / p_2, \\qquad m_j, s_j = \\text{mean, spread of } h_{tj} / p_2 - o_j \\ (t < n)
@@ -333,7 +333,9 @@ def fit_on_differences(head: np.ndarray) -> tuple[float, np.ndarray, np.ndarray,
     a run 2.6e-4 away). The column's mean is ``p2 (o_j + m_j)``, and a
     z-score ``((y / p2 - o_j) - m_j) / s_j``. A column whose values differ by
     rounding only (:func:`spread` of the values, not of their differences:
-    the rounding of the level) has ``s_j = 0``. Each column alone, on
+    the rounding of the level) has ``s_j = 0``, unless ``exact`` says that
+    the values are exact (an integer series cast to float64 without
+    rounding): then only a constant column has. Each column alone, on
     contiguous rows, so its numbers do not depend on the other columns
     (but for ``p2``, a power of two).
     """
@@ -342,7 +344,9 @@ def fit_on_differences(head: np.ndarray) -> tuple[float, np.ndarray, np.ndarray,
     origin_u = head_u[0].copy()
     shifted = np.ascontiguousarray((head_u - origin_u).T)  # |.| <= 4: no overflow
     mean_u = shifted.mean(axis=1)
-    std_u = np.where(spread(head_u, axis=0) > 0.0, spread(shifted, axis=1), 0.0)
+    std_u = spread(shifted, axis=1)
+    if not exact:  # a level's rounding (0.3 and 0.1 + 0.2) is no spread; integers have none
+        std_u = np.where(spread(head_u, axis=0) > 0.0, std_u, 0.0)
     return p2, origin_u, mean_u, std_u
 
 
