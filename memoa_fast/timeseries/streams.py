@@ -614,7 +614,9 @@ def load_csv_series(
     statistic of the future leaks into the stream. ``mu_W`` and ``sigma_W``
     are computed on the warm-up divided by a power of two at least its
     largest magnitude (exact, and no square can overflow), so any finite
-    float64 cells give a finite scaling. Works on the ETT files (``OT``), on
+    float64 cells give a finite scaling, and on the differences from
+    ``v(0)`` (:func:`fit_on_differences`), so a level the cells hold exactly
+    cancels: a column ``a + v`` gives the series of ``v``, bit for bit. Works on the ETT files (``OT``), on
     ``exchange_rate.csv`` (``CAD``) and on any UTF-8 file with one header row
     (a byte-order mark, quoted fields and CRLF line ends are fine) delimited
     by ``,``, tab, ``;`` or ``|``: the first of these (:data:`CSV_DELIMITERS`)
