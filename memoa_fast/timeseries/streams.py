@@ -341,12 +341,14 @@ def fit_on_differences(head: np.ndarray, exact: bool = False) -> tuple[float, np
     """
     p2 = unit_scale(head)
     head_u = head / p2
+    # a level's rounding (0.3 and 0.1 + 0.2) is no spread; integers have none
+    spread_of_values = np.full(head.shape[1], np.inf) if exact else spread(head_u, axis=0)
     origin_u = head_u[0].copy()
-    shifted = np.ascontiguousarray((head_u - origin_u).T)  # |.| <= 4: no overflow
+    head_u -= origin_u  # in place: a whole stream's z-score holds no more arrays than on the values; |.| <= 4
+    shifted = np.ascontiguousarray(head_u.T)  # each column alone, on contiguous rows (no copy for one column)
+    del head_u
     mean_u = shifted.mean(axis=1)
-    std_u = spread(shifted, axis=1)
-    if not exact:  # a level's rounding (0.3 and 0.1 + 0.2) is no spread; integers have none
-        std_u = np.where(spread(head_u, axis=0) > 0.0, std_u, 0.0)
+    std_u = np.where(spread_of_values > 0.0, spread(shifted, axis=1), 0.0)
     return p2, origin_u, mean_u, std_u
 
 
