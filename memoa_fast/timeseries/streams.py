@@ -328,9 +328,9 @@ def fit_on_differences(head: np.ndarray, exact: bool = False) -> tuple[float, np
     the differences from the first row (the shifted-data algorithm): a level
     ``a`` far above the spread then cancels exactly wherever the values hold
     it exactly, where on the values themselves the mean's rounding, ``eps
-    |a|``, shifted the whole z-scored series (``2**52 + v``, ``v`` integers
-    of spread 1000, z-scored ``1e-13`` away from ``v``'s, and the scores of
-    a run 2.6e-4 away). The column's mean is ``p2 (o_j + m_j)``, and a
+    |a|``, shifted the whole z-scored series (``2**52 - 30000 + v``, ``v``
+    integers of standard deviation 6200, z-scored 4.8e-5 away from ``v``'s;
+    at ``1.7e12 + v``, 7.8e-9). The column's mean is ``p2 (o_j + m_j)``, and a
     z-score ``((y / p2 - o_j) - m_j) / s_j``. A column whose values differ by
     rounding only (:func:`spread` of the values, not of their differences:
     the rounding of the level) has ``s_j = 0``, unless ``exact`` says that
