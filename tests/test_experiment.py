@@ -390,6 +390,20 @@ def test_scale_burn_in_ignores_a_level_the_series_holds_exactly_below_2_53_too(l
     assert _scores_of(run_experiment(float(level) + fractions, **kw)) == _scores_of(run_experiment(fractions, **kw))
 
 
+@pytest.mark.parametrize("level", [2**52, 2**53 - 20000, -(2**53) + 20000])
+def test_scale_burn_in_of_an_integer_series_is_never_constant_up_to_rounding(level):
+    """Property, scale="burn-in": an integer series a + y scores as y, bit for bit, for every level a its dtype holds,
+    however small y's spread beside a. Its values are exact, so none differ "by rounding only"; but within 2**53 the
+    rounding test was made on the values: 2**52 + y (y integers of spread 13) was refused as constant while
+    2**53 + 5000 + y (on differences) scored as y. The floats 2**52 + y are still refused (they may be rounding).
+    """
+    y = np.round(np.cumsum(np.random.default_rng(7).standard_normal(60)) * 5).astype(np.int64)
+    kw = dict(n_clients=4, policies=("memoa",), rules="hedge", scale="burn-in", burn_in=30)
+    assert _scores_of(run_experiment(y + np.int64(level), **kw)) == _scores_of(run_experiment(y, **kw))
+    with pytest.raises(ValueError, match="constant over y"):
+        run_experiment((y + np.int64(level)).astype(np.float64), **kw)
+
+
 @pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
 def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
     """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.

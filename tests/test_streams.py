@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from memoa_fast.timeseries.streams import (
     SYNTHETIC_STREAMS,
@@ -21,6 +23,7 @@ from memoa_fast.timeseries.streams import (
     logistic_map,
     make_stream,
     periodic,
+    zscore,
 )
 
 
@@ -111,6 +114,38 @@ def test_zscore_of_huge_finite_values_is_exact_not_zero():
     np.testing.assert_allclose(zscore(v), (np.arange(4.0) - 1.5) / np.std(np.arange(4.0)), rtol=1e-14)
     with pytest.raises(ValueError, match="finite"):
         zscore(np.array([1.0, np.nan, 2.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.lists(st.integers(-(2**20), 2**20), min_size=2, max_size=40), n_fit=st.integers(2, 40),
+       level=st.sampled_from([1e9, 2.0**52 - 2.0**21, 1.7e12, -(2.0**60), -1e6]), fractions=st.booleans())
+def test_zscore_ignores_a_level_the_values_hold_exactly(k, n_fit, level, fractions):
+    """Property: for v integers (or k/64) and a level a with a + v exact in float64, zscore(a + v) is zscore(v), bit for
+    bit. The mean was taken on the values, so its rounding (eps |a|) shifted every z-score: an integer column read as
+    1.7e12 + v was 7.5e-7 off v's, at 1e9 7.3e-10. It is now taken on the differences from the reference's first value.
+    """
+    # the spacing of the values at the level: k/64 where a + k/64 is exact (|a| < 2**46), multiples of 256 near 2**60
+    step = 256.0 if abs(level) > 2**53 else 1.0 / 64.0 if fractions and abs(level) < 2**46 else 1.0
+    v = np.array(k, dtype=np.float64) * step
+    fit = slice(0, n_fit)
+    assert ((level + v) - level == v).all()  # the level is held exactly
+    assume(np.std(level + v[fit]) > 2.0**-40 * abs(level))  # not a reference constant up to rounding at the level
+    z0, za = zscore(v, fit), zscore(level + v, fit)
+    np.testing.assert_array_equal(za, z0)
+    assert za.tobytes() == z0.tobytes()
+
+
+@pytest.mark.parametrize("level", [10**9, 1_700_000_000_000])
+def test_a_csv_column_read_with_a_level_gives_the_series_without_it(tmp_path, level):
+    """An integer column (millisecond timestamps, a counter) gives the same z-scored series as the column minus its
+    level, bit for bit; the reported mean is the level plus the warm-up's mean.
+    """
+    v = np.round(np.cumsum(np.random.default_rng(3).standard_normal(60)) * 30).astype(np.int64)
+    y0 = load_csv_series(_write(tmp_path, _csv([str(x) for x in v]), "v.csv"), "value", warmup=30)
+    ya, mean, _ = load_csv_series(_write(tmp_path, _csv([str(x + level) for x in v]), "a.csv"), "value", warmup=30,
+                                  return_scaling=True)
+    assert ya.tobytes() == y0.tobytes()
+    assert mean == pytest.approx(level + v[:30].mean(), rel=1e-15)
 
 
 @pytest.mark.parametrize("name,params,exc,match", [

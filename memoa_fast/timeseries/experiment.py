@@ -33,7 +33,7 @@ from ..game import Game
 from ..population import Population
 from ..server import RULES, Server
 from .forecasters import TARGET_LIMIT, ClientForecasters, SquaredErrors
-from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, _hold, spread, unit_scale
+from .streams import OUTLIER_BOUND, ROUNDING_SPREAD, _hold, fit_on_differences, spread, unit_scale
 from .trust import TRUST_RULES, TrustPopulation
 
 
@@ -379,8 +379,11 @@ def run_experiment(
         rounds integers (a counter near ``2**62``), is z-scored on its exact
         differences from ``y(0)``, so every such level ``a`` gives the same
         scores, bit for bit. Needs ``burn_in >= 1`` and spread in that prefix: a
-        coordinate whose values there differ by rounding only (at most
-        ``2**-46`` times their largest) counts as constant.
+        coordinate of floats whose values there differ by rounding only (at
+        most ``2**-46`` times their largest) counts as constant (so the
+        floats ``2**52 + y``, ``y`` of spread below 64, do); the values of an
+        integer series are exact, so only an equal burn-in is constant (the
+        int64 ``2**52 + y`` scores as ``y``).
     outlier_bound : float or None
         What learns (the clients' forecasters, the servers, memoa-trust's
         classes) is fed the series with each value held at most
@@ -441,7 +444,7 @@ def run_experiment(
     scale_fit = None
     if scale == "burn-in":
         fit, base = (y, None) if _float64_holds(raw, y) else _relative_integers(raw)
-        y, scale_fit = _zscore_on_burn_in(fit, burn_in, base)
+        y, scale_fit = _zscore_on_burn_in(fit, burn_in, base, exact=raw.dtype.kind in "iu")
     bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
@@ -646,7 +649,7 @@ def _relative_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return diff.astype(np.float64), raw[0]
 
 
-def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = None):
+def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = None, exact: bool = False):
     """``((y - mu) / sigma, (mu, sigma))`` with ``mu, sigma`` of ``y(0..burn_in)`` (sigma: RMS over coordinates).
 
     ``y`` is a (T, d) float64 series; with ``base`` it is the differences of an integer series from its first row
@@ -654,26 +657,18 @@ def _zscore_on_burn_in(y: np.ndarray, burn_in: int, base: np.ndarray | None = No
 
     Computed on values divided by a power of two at least their largest
     magnitude (exact), so no square overflows, and on their differences from
-    the first row (exact where the values are), so a level cancels. A coordinate whose spread over
-    the burn-in is rounding only (:func:`~memoa_fast.timeseries.streams.spread`)
-    counts as constant.
+    the first row (exact where the values are), so a level cancels
+    (:func:`~memoa_fast.timeseries.streams.fit_on_differences`). A coordinate
+    whose spread over the burn-in is rounding only
+    (:func:`~memoa_fast.timeseries.streams.spread`) counts as constant,
+    unless ``exact`` (an integer series: its values differ by no rounding).
     """
     if burn_in < 1:
         raise ValueError("scale='burn-in' fits the unit on y(0)..y(burn_in), the values no scored forecast is measured "
                          "against; with burn_in=0 there is only one: give burn_in >= 1, or scale=None")
-    head = y[: burn_in + 1]
-    p2 = unit_scale(head)
-    head_u = head / p2
-    # The mean and the spread are taken on the differences from y(0) (the shifted-data algorithm): a level a far above
-    # the spread then cancels exactly wherever the input holds it exactly (an integer series within 2**53, as beyond it
-    # by _relative_integers), instead of leaving the mean's rounding, eps |a|, as a shift of the whole z-scored series
-    # (2**52 + y, y integers of spread 1000: scores 2.6e-4 away from y's). Each coordinate alone (contiguous rows).
-    origin_u = head_u[0].copy()
-    shifted = np.ascontiguousarray((head_u - origin_u).T)  # |.| <= 4: no overflow
-    mean_u = shifted.mean(axis=1)
-    # a coordinate whose values differ by rounding only (0.3 and 0.1 + 0.2) is constant: it adds nothing to the unit
-    # (rounding of its level, so judged on the values, not on their differences)
-    sd_u = np.where(spread(head_u, axis=0) > 0.0, spread(shifted, axis=1), 0.0)
+    # mean and spread on the differences from y(0), each coordinate alone: a level held exactly cancels (2**52 + y, y
+    # integers of spread 1000, scored 2.6e-4 away from y's when the mean was taken on the values)
+    p2, origin_u, mean_u, sd_u = fit_on_differences(y[: burn_in + 1], exact)
     sigma_u = math.sqrt(float(np.mean(sd_u**2)))
     if not sigma_u > 0.0:
         raise ValueError(f"scale='burn-in': the series is constant over y(0)..y({burn_in}), the burn-in (up to rounding: "

@@ -293,9 +293,12 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
 
     Both are computed on the values divided by a power of two at least their
     largest magnitude (exact), so no square overflows: any finite float64
-    series with spread gives a finite result (not zeros). Non-finite values
-    and a constant reference raise ValueError, and so does one whose values
-    differ by rounding only (:func:`spread`).
+    series with spread gives a finite result (not zeros); and on their
+    differences from the reference's first value (:func:`fit_on_differences`),
+    so a level ``a`` that the values hold exactly (integers within ``2**53``,
+    binary fractions) cancels: ``zscore(a + v)`` is ``zscore(v)``, bit for bit.
+    Non-finite values and a constant reference raise ValueError, and so does
+    one whose values differ by rounding only (:func:`spread`).
     """
     values = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(values)
@@ -303,17 +306,50 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
         i = int(np.argmax(bad))
         raise ValueError(f"cannot z-score a series with non-finite values (first at index {i}: {float(values[i])!r})")
     ref = values if fit is None else values[fit]
-    scale = unit_scale(ref)
-    ref_u = ref / scale
-    std_u = spread(ref_u)
-    if not std_u > 0.0:
+    scale, origin_u, mean_u, std_u = fit_on_differences(ref.reshape(-1, 1))
+    if not std_u[0] > 0.0:
         raise ValueError(f"cannot z-score a constant series (standard deviation 0, or at most {ROUNDING_SPREAD:.3g} times "
                          "its largest value: rounding only)")
     with np.errstate(over="ignore"):
-        out = (values / scale - float(ref_u.mean())) / std_u
+        out = ((values / scale - origin_u[0]) - mean_u[0]) / std_u[0]
     if not np.isfinite(out).all():
         raise ValueError("cannot z-score this series: a value lies beyond 1e308 standard deviations of the reference")
     return out
+
+
+def fit_on_differences(head: np.ndarray, exact: bool = False) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """``(p2, origin, mean, std)`` of the columns of ``head`` (shape (n, d), finite), in units of ``p2``.
+
+    .. math:: o_j = h_{0j} / p_2, \\qquad m_j, s_j = \\text{mean, spread of } h_{tj} / p_2 - o_j \\ (t < n)
+
+    ``p2`` is :func:`unit_scale` of all of ``head`` (dividing by it is exact,
+    and leaves every value at most 2 in magnitude, every difference at most 4:
+    no square overflows). The mean and the standard deviation are taken on
+    the differences from the first row (the shifted-data algorithm): a level
+    ``a`` far above the spread then cancels exactly wherever the values hold
+    it exactly, where on the values themselves the mean's rounding, ``eps
+    |a|``, shifted the whole z-scored series (``2**52 - 30000 + v``, ``v``
+    integers of standard deviation 6200, z-scored 4.8e-5 away from ``v``'s;
+    at ``1.7e12 + v``, 7.8e-9). The column's mean is ``p2 (o_j + m_j)``, and a
+    z-score ``((y / p2 - o_j) - m_j) / s_j``. A column whose values differ by
+    rounding only (:func:`spread` of the values, not of their differences:
+    the rounding of the level) has ``s_j = 0``, unless ``exact`` says that
+    the values are exact (an integer series cast to float64 without
+    rounding): then only a constant column has. Each column alone, on
+    contiguous rows, so its numbers do not depend on the other columns
+    (but for ``p2``, a power of two).
+    """
+    p2 = unit_scale(head)
+    head_u = head / p2
+    # a level's rounding (0.3 and 0.1 + 0.2) is no spread; integers have none
+    spread_of_values = np.full(head.shape[1], np.inf) if exact else spread(head_u, axis=0)
+    origin_u = head_u[0].copy()
+    head_u -= origin_u  # in place: a whole stream's z-score holds no more arrays than on the values; |.| <= 4
+    shifted = np.ascontiguousarray(head_u.T)  # each column alone, on contiguous rows (no copy for one column)
+    del head_u
+    mean_u = shifted.mean(axis=1)
+    std_u = np.where(spread_of_values > 0.0, spread(shifted, axis=1), 0.0)
+    return p2, origin_u, mean_u, std_u
 
 
 #: A reference whose standard deviation is at most this fraction of its largest magnitude (64 units in the last place)
@@ -580,7 +616,9 @@ def load_csv_series(
     statistic of the future leaks into the stream. ``mu_W`` and ``sigma_W``
     are computed on the warm-up divided by a power of two at least its
     largest magnitude (exact, and no square can overflow), so any finite
-    float64 cells give a finite scaling. Works on the ETT files (``OT``), on
+    float64 cells give a finite scaling, and on the differences from
+    ``v(0)`` (:func:`fit_on_differences`), so a level the cells hold exactly
+    cancels: a column ``a + v`` gives the series of ``v``, bit for bit. Works on the ETT files (``OT``), on
     ``exchange_rate.csv`` (``CAD``) and on any UTF-8 file with one header row
     (a byte-order mark, quoted fields and CRLF line ends are fine) delimited
     by ``,``, tab, ``;`` or ``|``: the first of these (:data:`CSV_DELIMITERS`)
@@ -703,23 +741,23 @@ def _csv_series(fh, path: str, column: str, warmup: int, max_rows: int | None, d
             + (", or a larger max_rows" if capped else "")
         )
     head = arr[:warmup]
-    scale = unit_scale(head)
-    head_u = head / scale
-    mean_u, std_u = float(head_u.mean()), spread(head_u)
+    scale, *fit = fit_on_differences(head[:, None])
+    origin_u, mean_u, std_u = (float(v[0]) for v in fit)
     if not std_u > 0.0:
         raise CsvSeriesError(
             f"{path}, column {column!r}: constant over the first {warmup} rows of the warm-up (value {float(head[0])!r}"
             + (", the others differing from it by rounding only" if float(head.max()) > float(head.min()) else "")
             + "); the z-score needs spread, use a longer warm-up"
         )
-    mean, std = mean_u * scale, std_u * scale
+    mean, std = (origin_u + mean_u) * scale, std_u * scale
     # Refuse a value that would z-score beyond the limit, naming it (checked on the raw values).
     reach = TARGET_LIMIT * std_u * scale  # may be inf: then nothing is out of reach
     lo, hi = mean - reach, mean + reach
     if float(arr.min()) < lo or float(arr.max()) > hi:
         i = int(np.argmax((arr < lo) | (arr > hi)))
-        reader.refuse_scale(i, float(arr[i]), (float(arr[i]) / scale - mean_u) / std_u, mean, std, TARGET_LIMIT)
+        reader.refuse_scale(i, float(arr[i]), ((float(arr[i]) / scale - origin_u) - mean_u) / std_u, mean, std, TARGET_LIMIT)
     arr /= scale
+    arr -= origin_u  # the differences from v(0) first: a level the cells hold exactly cancels (fit_on_differences)
     arr -= mean_u
     arr /= std_u
     if not max(-float(arr.min()), float(arr.max())) <= TARGET_LIMIT:  # rounding at the very edge of the limit
