@@ -71,7 +71,7 @@ CASES = [
     (2 * CHUNK + 7, 1, 1, "eg", 0.0, TWO_THREADS),
     (CHUNK, 3, 3, "hedge", 0.05, 1),
     (CHUNK + 513, 1, 3, "hedge", 1.0, TWO_THREADS),
-    (700, 3, 1, "eg", 0.01, 1),
+    (700, 1, 1, "eg", 0.01, 1),  # d = 1 with linear weights: pass B's one-loop blocks (eg's centred sum after them)
 ]
 
 
