@@ -37,12 +37,17 @@ def _time_modes(calls: dict, seconds: float) -> dict:
         for _ in range(3):
             call()
     times = {m: [] for m in calls}
+    modes = list(calls)
+    # Interleaved, in a new random order each cycle: a call right after a two-thread call runs beside that region's
+    # OpenMP thread, still spinning (10000x1: 10-20% slower). A fixed order (default, 1, 2) put that cost on the default
+    # every cycle, which measured 1.18x threads=1 while both ran the same one-thread kernel (1.52x in one CI run).
+    rng = np.random.default_rng(0)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        for m, call in calls.items():  # interleaved: the same conditions for every mode
+        for i in rng.permutation(len(modes)):
             t0 = time.perf_counter()
-            call()
-            times[m].append(time.perf_counter() - t0)
+            calls[modes[i]]()
+            times[modes[i]].append(time.perf_counter() - t0)
     return {str(m): float(np.median(v)) for m, v in times.items()}, len(times[1])
 
 
