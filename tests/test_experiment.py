@@ -404,6 +404,18 @@ def test_scale_burn_in_of_an_integer_series_is_never_constant_up_to_rounding(lev
         run_experiment((y + np.int64(level)).astype(np.float64), **kw)
 
 
+@pytest.mark.parametrize("dtype,top,low,far", [(np.uint64, 2**63, 1000, 0), (np.int64, 2**62, 500, -(2**62))])
+def test_scale_burn_in_of_integers_fitted_on_rounded_casts_is_constant_up_to_rounding(dtype, top, low, far):
+    """Property, scale="burn-in": an integer series with a difference from y(0) of 2**62 or more is fitted on its
+    float64 casts, rounded (to multiples of 2048 above 2**63, 1024 above 2**62), and a burn-in whose spread (50) lies
+    below that spacing is constant up to rounding, as for floats. exact=True there took the casts' rounding (top + low
+    and top + low + 100 read as top and top + spacing) for spread: a unit 20 times too large, and the series scored.
+    """
+    y = np.array([top + low, top + low + 100] * 16 + [far], dtype=object).astype(dtype)
+    with pytest.raises(ValueError, match="constant over y"):
+        run_experiment(y, n_clients=4, policies=("memoa",), rules="hedge", scale="burn-in", burn_in=20)
+
+
 @pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
 def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
     """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.

@@ -378,12 +378,14 @@ def run_experiment(
         scores of its float64 array, bit for bit; one beyond, where float64
         rounds integers (a counter near ``2**62``), is z-scored on its exact
         differences from ``y(0)``, so every such level ``a`` gives the same
-        scores, bit for bit. Needs ``burn_in >= 1`` and spread in that prefix: a
-        coordinate of floats whose values there differ by rounding only (at
-        most ``2**-46`` times their largest) counts as constant (so the
-        floats ``2**52 + y``, ``y`` of spread below 64, do); the values of an
-        integer series are exact, so only an equal burn-in is constant (the
-        int64 ``2**52 + y`` scores as ``y``).
+        scores, bit for bit (unless some difference reaches ``2**62``: then
+        on its rounded float64 casts, as floats). Needs ``burn_in >= 1`` and
+        spread in that prefix: a coordinate of floats whose values there
+        differ by rounding only (at most ``2**-46`` times their largest)
+        counts as constant (so the floats ``2**52 + y``, ``y`` of spread
+        below 64, do); the values of an integer series (or its differences)
+        are exact, so only an equal burn-in is constant (the int64 ``2**52 +
+        y`` scores as ``y``).
     outlier_bound : float or None
         What learns (the clients' forecasters, the servers, memoa-trust's
         classes) is fed the series with each value held at most
@@ -443,8 +445,11 @@ def run_experiment(
         outlier_bound = check_real("outlier_bound", outlier_bound, low=0.0, low_open=True)
     scale_fit = None
     if scale == "burn-in":
-        fit, base = (y, None) if _float64_holds(raw, y) else _relative_integers(raw)
-        y, scale_fit = _zscore_on_burn_in(fit, burn_in, base, exact=raw.dtype.kind in "iu")
+        holds = _float64_holds(raw, y)
+        fit, base = (y, None) if holds else _relative_integers(raw)
+        # integers are exact where their float64 casts are (within 2**53) or as differences, not as rounded casts
+        exact = raw.dtype.kind in "iu" and (holds or base is not None)
+        y, scale_fit = _zscore_on_burn_in(fit, burn_in, base, exact=exact)
     bad = ~(np.abs(y) <= TARGET_LIMIT)
     if bad.any():
         t_bad = int(np.argwhere(bad)[0, 0])
@@ -633,18 +638,19 @@ def _float64_holds(raw: np.ndarray, y: np.ndarray) -> bool:
     return raw.dtype.kind not in "iu" or bool((np.abs(y) <= 2.0**53).all())
 
 
-def _relative_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _relative_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(y - y(0), y(0))`` for a (T, d) integer series: the differences exact (then float64), the first row as it is.
 
     A series of large integers (a counter, nanoseconds) has spread far below its magnitude: cast to float64 first, its
     values are rounded to a multiple of their spacing there (of 1024 near ``2**62``) and the level ``a`` in ``a + y``
     changes the result, or leaves the burn-in "constant up to rounding". Its differences are exact integers (taken
     modulo ``2**64``, exact while each is below ``2**63`` in magnitude), and so their float64 casts are as exact as
-    those of ``y`` itself. Where a difference is that large, the casts of ``y`` lose nothing of its spread: ``(y, 0)``.
+    those of ``y`` itself. Where a difference is that large: ``(y, None)``, the float64 casts of ``y``, rounded (so not
+    exact: a burn-in of spread below their spacing is then constant up to rounding, as for floats).
     """
     approx = raw.astype(np.float64) - raw[:1].astype(np.float64)
     if not (np.abs(approx) < 2.0**62).all():  # a difference that may not fit an int64
-        return raw.astype(np.float64), np.zeros(raw.shape[1])
+        return raw.astype(np.float64), None
     diff = (raw.astype(np.uint64) - raw[:1].astype(np.uint64)).view(np.int64)  # modulo 2**64 (no overflow warning)
     return diff.astype(np.float64), raw[0]
 

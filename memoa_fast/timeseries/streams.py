@@ -322,9 +322,11 @@ def fit_on_differences(head: np.ndarray, exact: bool = False) -> tuple[float, np
 
     .. math:: o_j = h_{0j} / p_2, \\qquad m_j, s_j = \\text{mean, spread of } h_{tj} / p_2 - o_j \\ (t < n)
 
-    ``p2`` is :func:`unit_scale` of all of ``head`` (dividing by it is exact,
-    and leaves every value at most 2 in magnitude, every difference at most 4:
-    no square overflows). The mean and the standard deviation are taken on
+    ``p2`` is :func:`unit_scale` of all of ``head`` (dividing by it leaves
+    every value at most 2 in magnitude, every difference at most 4: no square
+    overflows; and is exact). A column some 1e-154 times another's or less
+    has squares that underflow in these units: its spread is then imprecise,
+    down to 0 (constant) near 1e-162. The mean and the standard deviation are taken on
     the differences from the first row (the shifted-data algorithm): a level
     ``a`` far above the spread then cancels exactly wherever the values hold
     it exactly, where on the values themselves the mean's rounding, ``eps
@@ -337,7 +339,7 @@ def fit_on_differences(head: np.ndarray, exact: bool = False) -> tuple[float, np
     the values are exact (an integer series cast to float64 without
     rounding): then only a constant column has. Each column alone, on
     contiguous rows, so its numbers do not depend on the other columns
-    (but for ``p2``, a power of two).
+    (but for ``p2``, a power of two, and that underflow).
     """
     p2 = unit_scale(head)
     head_u = head / p2
