@@ -107,6 +107,13 @@ def test_synthetic_stream_is_finite_and_zscored_or_a_named_error(name, params):
     assert np.isfinite(y).all() and abs(y.mean()) < 1e-9 and abs(y.std() - 1.0) < 1e-9
 
 
+def test_zscore_on_no_values_names_the_fit():
+    with pytest.raises(ValueError, match=r"fit=slice\(3, 3, None\) selects none of the series' 5 values"):
+        zscore(np.arange(5.0), slice(3, 3))
+    with pytest.raises(ValueError, match="fit=None selects none of the series' 0 values"):
+        zscore(np.empty(0))
+
+
 def test_zscore_of_huge_finite_values_is_exact_not_zero():
     from memoa_fast.timeseries.streams import zscore
 

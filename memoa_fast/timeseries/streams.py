@@ -306,6 +306,9 @@ def zscore(values: np.ndarray, fit: slice | None = None) -> np.ndarray:
         i = int(np.argmax(bad))
         raise ValueError(f"cannot z-score a series with non-finite values (first at index {i}: {float(values[i])!r})")
     ref = values if fit is None else values[fit]
+    if ref.size == 0:  # else NumPy's "zero-size array to reduction operation" from deep inside the fit
+        raise ValueError(f"cannot z-score on no values: fit={fit!r} selects none of the series' {values.size} values "
+                         "(give a fit with at least two values)")
     scale, origin_u, mean_u, std_u = fit_on_differences(ref.reshape(-1, 1))
     if not std_u[0] > 0.0:
         raise ValueError(f"cannot z-score a constant series (standard deviation 0, or at most {ROUNDING_SPREAD:.3g} times "
