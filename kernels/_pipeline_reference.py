@@ -66,7 +66,7 @@ import numpy as np
 
 from ._config import CHUNK, PAD, SQUARE_CAP
 from ._layout import RULE_EG, RULE_HEDGE, SIGNAL_LIMIT, STEP_LIMIT, next_discount
-from ._reference import _first_max, _steps  # the worst-agent rule and the server's step (eg's error): one definition each
+from ._reference import _centred_mixture, _first_max, _steps  # the worst-agent rule, the server's step, eg's dev: one each
 
 # ``params``: the float settings of a round.
 P_ETA, P_ALPHA, P_MU, P_HALF_DISCOUNT, P_GAIN, P_SIGNAL, P_Q, P_KAPPA, P_R, P_MIX_SIGNAL, P_MIX_STATE = range(11)
@@ -284,11 +284,11 @@ def pass_b(x, s, J, log_p, ebuf, y, yhat, field, work, params, flags, stats, thr
     x += u
     field[FIELD_NEXT] = x.sum(axis=0) / n
     stats[S_MAX_COST], stats[S_ARG_COST] = _first_max(J)
-    yhat[:] = np.exp(log_p) @ x
+    p = np.exp(log_p)
+    yhat[:] = p @ x
     if flags[F_RULE] == RULE_EG:  # the next round's e, from differences: centred on this round's target
-        p = np.exp(log_p)
-        with np.errstate(over="ignore", invalid="ignore"):
-            field[FIELD_DEV] = p @ np.where(p[:, None] != 0.0, x - y[None, :], 0.0)  # a zero weight adds 0, not 0 * inf
+        with np.errstate(invalid="ignore"):  # inf - inf in a state: NaN, without a warning, as the compiled kernel
+            field[FIELD_DEV] = _centred_mixture(p, x, y)
         field[FIELD_CENTRE] = y
     if flags[F_LINEAR]:
         ebuf[:] = np.exp(log_p)

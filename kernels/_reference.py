@@ -207,13 +207,19 @@ def mixture_predict(log_p, x, work, lay, out, threads, centre=None):
     ``0 * inf = NaN`` where ``x_i - centre`` overflows).
     """
     p = np.exp(log_p)
-    if centre is None:
-        out[:] = p @ x
-        return
-    with np.errstate(over="ignore"):  # x_i - centre may overflow (a state or the centre beyond half the largest double)
+    out[:] = p @ x if centre is None else _centred_mixture(p, x, centre)
+
+
+def _centred_mixture(p, x, centre):
+    """``sum_i p_i (x_i - centre)`` for weights ``p`` (N,), states ``x`` (N, d) and ``centre`` (d,); a weight 0 adds 0.
+
+    As to ``sum_i p_i x_i``, a client of weight 0 adds nothing: ``0 (x_i - centre)`` would be ``0 * inf = NaN`` where
+    that difference overflows (a state or the centre beyond half the largest double). The fused pipeline's reference
+    takes eg's next error from here too (one definition).
+    """
+    with np.errstate(over="ignore"):
         dev = x - centre
-    # a zero weight adds nothing, as to sum_i p_i x_i: 0 (x_i - centre) would be 0 * inf = NaN where that overflows
-    out[:] = p @ np.where(p[:, None] != 0.0, dev, 0.0)
+    return p @ np.where(p[:, None] != 0.0, dev, 0.0)
 
 
 def eg_centre(y, err):
