@@ -862,3 +862,59 @@ def test_model_md_root_in_unit_interval_does_not_exist_at_q_zero(gamma):
     assert (g.rho, g.c) == (1.0, 1.0)
     near = solve_gains(1e-12, kappa, r, gamma)
     assert near.rho < 1.0 and near.rho == pytest.approx(1.0, abs=1e-5) and near.c == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_hopeless_iteration_stops_early_and_says_why(monkeypatch):
+    # Gains that tie to their last bits contract by 1 - 4e-6 per step: 7e6 steps to converge. The QZ fallback ran all
+    # 10,000 of max_iter (1.7 s) before the secular roots solved the game; memoa-trust re-forms such games.
+    import memoa_fast.game as game_module
+
+    calls = []
+    real_map = game_module._fixed_point_map
+    monkeypatch.setattr(game_module, "_fixed_point_map", lambda *args: calls.append(1) or real_map(*args))
+    q, kappa, r, gamma, shares = NEAR_TIED
+    with pytest.raises(ValueError, match=r"did not converge in max_iter=10000 steps: after \d+ its change .* shrinks by "
+                                         r"a factor 0\.99999\d+ per step, so it needs about [0-9.e+]+ more .*stopped early"):
+        solve_classes(q, kappa, r, gamma, shares, method="iterate")
+    assert len(calls) <= 100
+    calls.clear()
+    eq = solve_classes(q, kappa, r, gamma, shares)  # QZ fails, the iteration gives up early, the secular roots solve
+    assert eq.method == "secular" and len(calls) <= 100
+
+
+def test_the_early_stop_cuts_only_iterations_that_would_not_converge(monkeypatch):
+    # Ordinary to slow means and near ties (q_j/w_j 1e-4 to 1e-20), max_iter 600: every game the iteration stops early
+    # is one that the full iteration (the early stop switched off) does not solve in max_iter steps, and every game it
+    # solves is the full iteration's, bitwise and in as many steps.
+    import memoa_fast.game as game_module
+
+    def solve(*args, early_stop):
+        with monkeypatch.context() as m:
+            if not early_stop:
+                m.setattr(game_module, "_HOPELESS", math.inf)
+            try:
+                return solve_classes(*args, method="iterate", max_iter=600)
+            except ValueError as exc:
+                return str(exc)
+
+    rng = np.random.default_rng(5)
+    stopped = solved = 0
+    for trial in range(12):
+        K = int(rng.integers(2, 5))
+        kappa0 = 10.0 ** rng.uniform(-2, 4)
+        low = -20 if trial % 2 else -4
+        q = (kappa0 * 10.0 ** rng.uniform(low, low + 5, K)).tolist()
+        kappa, r = [kappa0] * K, (kappa0 * 10.0 ** rng.uniform(-6, -1, K)).tolist()
+        gamma, shares = [1.0, 0.95, 0.6][trial % 3], rng.dirichlet(np.ones(K)).tolist()
+        shares[-1] = 1.0 - sum(shares[:-1])
+        args = (q, kappa, r, gamma, shares)
+        full, got = solve(*args, early_stop=False), solve(*args, early_stop=True)
+        if isinstance(got, str):
+            assert isinstance(full, str) and "stopped early" not in full, (trial, got[:200])
+            stopped += "stopped early" in got
+        else:
+            assert not isinstance(full, str), (trial, full[:200])
+            assert got.iterations == full.iterations and got.A.tobytes() == full.A.tobytes(), trial
+            assert got.residual <= 1e-13
+            solved += 1
+    assert stopped >= 2 and solved >= 2, (stopped, solved)  # both sides of the rule are exercised
