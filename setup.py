@@ -76,7 +76,6 @@ def extensions() -> list[Extension]:
         Extension(
             f"memoa_fast.kernels.{pyx.stem}",
             [pyx.as_posix()],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for pyx in sorted(KERNELS.glob("*.pyx"))
     ]
@@ -127,7 +126,6 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         """Choose the OpenMP flags (or the serial build), then cythonize and compile every extension."""
-        import numpy as np
         from Cython.Build import cythonize
 
         for ext in self.extensions:  # .pyx -> .c beside it; the Extension objects stay setuptools' own
@@ -161,7 +159,7 @@ class BuildExt(build_ext):
         else:
             print(f"memoa-fast: OpenMP flags: {chosen[0]}")
         for ext in self.extensions:
-            ext.include_dirs = serial_dirs + ext.include_dirs + [np.get_include()]
+            ext.include_dirs = serial_dirs + ext.include_dirs
             if chosen is not None:
                 ext.include_dirs += chosen[3]
                 ext.extra_compile_args = optimise + chosen[1]

@@ -113,3 +113,17 @@ def test_every_package_folder_is_a_regular_package():
     missing = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"
                and any(p.glob("*.py")) and not (p / "__init__.py").is_file()]
     assert not missing, f"package folders without __init__.py: {missing}"
+
+
+def test_numpy_is_a_build_requirement_exactly_when_a_cython_kernel_uses_its_c_api():
+    # The kernels use typed memoryviews, so the isolated build env installs no NumPy (a 16 MB wheel, 4-5 s of CI's
+    # install). A `cimport numpy` added later needs NumPy's headers back in [build-system] requires (and setup.py's
+    # np.get_include()); one removed should take them out.
+    import re
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    numpy_required = any(re.match(r"numpy\b", req) for req in requires)
+    c_api = [pyx.name for pyx in sorted((ROOT / "kernels").glob("*.pyx"))
+             if re.search(r"^\s*(cimport\s+numpy|from\s+numpy\s+cimport)", pyx.read_text(), re.MULTILINE)]
+    assert numpy_required == bool(c_api), (requires, c_api)
