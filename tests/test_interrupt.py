@@ -10,6 +10,7 @@
   the likeliest right after a kernel returns, before the counters after it were updated.
 """
 import copy
+import gc
 import os
 import signal
 import threading
@@ -76,6 +77,35 @@ def test_the_tracer_sees_every_bytecode_of_a_call_after_an_interrupt_inside_a_wi
         again, fresh = [], make()
         _interrupt_at(0, lambda: fresh.step(noise), again, where)
         assert again == every, k
+
+
+def test_a_collection_due_during_a_traced_call_adds_none_of_its_bytecodes():
+    """The tracer counts the call's own bytecodes, whatever garbage waits: a collection inside the call ran the ``__del__``
+    of a ``ClientForecasters`` in a garbage cycle (package code) among them, so the count and where an interrupt landed
+    depended on the heap's history (one full-suite run failed the test above that way).
+    """
+    noise = np.ones((4, 2))
+
+    def make(garbage):
+        gc.set_threshold(10**6)  # no collection until the traced step
+        pop = Population(GAME, 4, 2, threads=1)
+        if garbage:  # a cycle only the collector frees
+            cycle = [ClientForecasters(2, 1, seed=0, threads=1)]
+            cycle.append(cycle)
+            del cycle
+        return pop
+
+    def step(pop):
+        gc.set_threshold(1)  # a collection at the step's first allocation, if the collector runs
+        pop.step(noise)
+
+    threshold = gc.get_threshold()
+    try:
+        clean = _bytecodes(lambda: make(False), step, lambda f: (f.f_code, f.f_lasti))
+        dirty = _bytecodes(lambda: make(True), step, lambda f: (f.f_code, f.f_lasti))
+    finally:
+        gc.set_threshold(*threshold)
+    assert dirty == clean
 
 
 # --------------------------------------------------------------------------- Pipeline
