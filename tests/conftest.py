@@ -23,11 +23,18 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-from hypothesis import settings
+# BLAS on one thread (unless the user chose), set before NumPy loads it; the xdist workers, started after this file
+# is read, inherit it. The suite runs one worker per core: a BLAS thread per core then waits for the core the other
+# worker holds, and small LAPACK calls slow down 100-200x (scipy.linalg.svd of 180 x 60: 0.28 s against 1.3 ms on one
+# thread, on 2 busy cores; least_squares in test_certificates). No test is about BLAS threads. bench/guard.py does the same.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import memoa_fast
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import memoa_fast  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("random", derandomize=False, deadline=None, print_blob=True)

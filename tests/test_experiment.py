@@ -416,16 +416,22 @@ def test_scale_burn_in_of_integers_fitted_on_rounded_casts_is_constant_up_to_rou
         run_experiment(y, n_clients=4, policies=("memoa",), rules="hedge", scale="burn-in", burn_in=20)
 
 
+@pytest.fixture(scope="module")
+def burn_in_base():
+    """run(y) of test_scale_burn_in_makes_every_score_equivariant: the same run for every (a, c), so run once."""
+    y = make_stream("concept-drift", 400, seed=2)
+    kw = dict(n_clients=30, seed=1, scale="burn-in", policies=("memoa", "local", "memoa-trust"), classes=4)
+    return y, kw, run_experiment(y, **kw)
+
+
 @pytest.mark.parametrize("shift,factor", [(0.0, 1e3), (0.0, 1e-3), (250.0, 7.3), (-1e6, 1e4), (3e-8, 1e-9)])
-def test_scale_burn_in_makes_every_score_equivariant(shift, factor):
+def test_scale_burn_in_makes_every_score_equivariant(shift, factor, burn_in_base):
     """Property, scale="burn-in": run(a + c y) gives c times the RMSEs and c^2 times the costs of run(y), for every a, c > 0.
 
     With the default (scale=None) the clients' noise, their forecasters' features and the server's learning rate are
     absolute, so the same series at another scale gives other relative errors (the property fails: see below).
     """
-    y = make_stream("concept-drift", 400, seed=2)
-    kw = dict(n_clients=30, seed=1, scale="burn-in", policies=("memoa", "local", "memoa-trust"), classes=4)
-    base = run_experiment(y, **kw)
+    y, kw, base = burn_in_base
     other = run_experiment(shift + factor * y, **kw)
     for p, vals in _scores_of(base).items():
         np.testing.assert_allclose(_scores_of(other)[p], factor * np.asarray(vals), rtol=1e-6)
