@@ -673,7 +673,8 @@ def _iterate_classes(e, a, beta, shares, tol, max_iter, q, kappa, r, gamma):
                 raise ValueError(
                     f"the K-class fixed point did not converge in max_iter={max_iter} steps: after {iterations} "
                     f"its change ({change:.3g}) shrinks by a factor {per_step:.9g} per step, so it needs about "
-                    f"{needed:.3g} more to reach tol={tol:g}; stopped early, for "
+                    f"{needed:.3g} more to reach tol={tol:g} or the rounding floor ({floor:.3g}), over {_HOPELESS:g} "
+                    f"times the {max_iter - iterations} left; stopped early, for "
                     f"{_weights_text(q, kappa, r, gamma, shares)}; try method='qz'"
                 )
     else:

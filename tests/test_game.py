@@ -901,7 +901,8 @@ def test_a_hopeless_iteration_stops_early_and_says_why(monkeypatch):
     monkeypatch.setattr(game_module, "_fixed_point_map", lambda *args: calls.append(1) or real_map(*args))
     q, kappa, r, gamma, shares = NEAR_TIED
     with pytest.raises(ValueError, match=r"did not converge in max_iter=10000 steps: after \d+ its change .* shrinks by "
-                                         r"a factor 0\.99999\d+ per step, so it needs about [0-9.e+]+ more .*stopped early"):
+                                         r"a factor 0\.99999\d+ per step, so it needs about [0-9.e+]+ more to reach tol=1e-14 or the rounding "
+                                         r"floor \(\S+\), over 16 times the \d+ left; stopped early"):
         solve_classes(q, kappa, r, gamma, shares, method="iterate")
     assert len(calls) <= 100
     calls.clear()
