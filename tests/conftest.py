@@ -25,8 +25,8 @@ from pathlib import Path
 
 # BLAS on one thread (unless the user chose), set before NumPy loads it; the xdist workers, started after this file
 # is read, inherit it. The suite runs one worker per core: a BLAS thread per core then waits for the core the other
-# worker holds, and small LAPACK calls slow down 100-200x (scipy.linalg.svd of 180 x 60: 0.28 s against 1.3 ms on one
-# thread, on 2 busy cores; least_squares in test_certificates). No test is about BLAS threads. bench/guard.py does the same.
+# worker holds (scipy.linalg.svd of 180 x 60, least_squares in test_certificates: 1.3 ms on one thread, 3.2 ms on two
+# beside one busy process, 0.28 s at load 4). No test is about BLAS threads. bench/guard.py does the same.
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
