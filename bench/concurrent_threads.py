@@ -27,10 +27,11 @@ CASES = [(10_000, 1), (10_000, 4), (100_000, 1), (100_000, 4)]
 PIPELINE_CASES = [32_768, 100_000]  # clients, d = 1: at and above the pipeline's default parallel work
 MODES = ("default", 1, 2)
 LIMIT = 1.5
+MIN_CALLS = 30  # per mode, however long it takes: a median of fewer calls says little on a slow or loaded machine
 
 
 def _time_modes(calls: dict, seconds: float) -> dict:
-    """Median seconds of each mode's call, the modes interleaved for ``seconds`` (after three warm calls each)."""
+    """Median seconds of each mode's call, interleaved for ``seconds`` and at least :data:`MIN_CALLS` calls each (after 3 warm calls)."""
     import numpy as np
 
     for call in calls.values():  # compile (or load) and warm
@@ -43,7 +44,7 @@ def _time_modes(calls: dict, seconds: float) -> dict:
     # every cycle, which measured 1.18x threads=1 while both ran the same one-thread kernel (1.52x in one CI run).
     rng = np.random.default_rng(0)
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline or len(times[1]) < MIN_CALLS:
         for i in rng.permutation(len(modes)):
             t0 = time.perf_counter()
             calls[modes[i]]()

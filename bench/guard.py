@@ -445,9 +445,10 @@ def main(argv=None):
         shown = f"{floor:>8.2f}" if floor is not None else f"{'-':>8}"
         print(f"{k:<46}{ref_med * 1e3:>10.3f}{comp_med * 1e3:>13.4f}{ratio:>8.2f}x{shown}{verdict}")
     if args.only is None or "threads" in args.only:
-        # 0.5 s per case and mode (6 cases, alone then two at once: about 10 s, against 16 s at 1 s). The worst ratio, on
-        # a quiet machine: 1.17-1.20 in 6 of 7 runs at 0.5 s, 1.15-1.20 in 3 of 4 at 1 s; one run of each read 1.53, back
-        # to back (a load spike). A failure is re-timed at 2 s.
+        # 0.5 s per case and mode, at least MIN_CALLS calls (6 cases, alone then two at once: about 10 s, against 16 s at
+        # 1 s). afef8cd had reverted this: at 1 s the worst ratio read up to 1.41, and a re-time at 2 s costs about 30 s.
+        # That spread was the fixed mode order's bias (ef48f04); in a random order, on a quiet machine: 1.17-1.20 in 6 of
+        # 7 runs at 0.5 s, 1.15-1.20 in 3 of 4 at 1 s, and one run of each read 1.53, back to back (a load spike).
         worst = check_default_threads(seconds=0.5)
         if worst > THREADS_LIMIT:  # a load spike? once more
             worst = min(worst, check_default_threads(seconds=2.0))
